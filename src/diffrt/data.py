@@ -1,0 +1,161 @@
+"""Training data: image folders, class folders, and the bundled digits.
+
+Datasets here are in-memory tensors in model space [-1, 1]: the small sets diffrt trains on
+fit easily, and a tensor dataset makes batch selection a pure function of (seed, step), which
+is what lets `--resume` continue exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffrt.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+BUNDLED = ("digits",)
+
+
+@dataclass
+class ImageDataset:
+    """images: [N, C, H, W] in [-1, 1]; labels: [N] int64 or None; tint: recolour each draw."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    class_names: list[str] = field(default_factory=list)
+    random_tint: bool = False
+    random_flip: bool = False
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch at `indices`, with this draw's augmentations taken from `generator`."""
+        x = self.images[indices]
+        if self.random_tint:
+            # Digits are white strokes on black: multiply by a colour whose brightest channel is 1.
+            rgb = random_colours(len(indices), generator)
+            x = (x + 1) / 2 * rgb.view(-1, 3, 1, 1) * 2 - 1
+        if self.random_flip:
+            flip = torch.rand(len(indices), generator=generator) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        y = self.labels[indices] if self.labels is not None else None
+        return x, y
+
+
+def random_colours(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n colours of random hue and saturation in [0.35, 1], at full value (brightest channel 1)."""
+    hue = torch.rand(n, generator=generator)
+    sat = 0.35 + 0.65 * torch.rand(n, generator=generator)
+    # HSV -> RGB with V = 1: channel k is 1 - S * clamp(min(m, 4 - m), 0, 1), m = (k + 6H) mod 6.
+    k = torch.tensor([5.0, 3.0, 1.0])
+    m = (k[None, :] + 6 * hue[:, None]) % 6
+    return 1 - sat[:, None] * torch.clamp(torch.minimum(m, 4 - m), 0, 1)
+
+
+def load_digits(size: int = 16, split: str = "train") -> ImageDataset:
+    """scikit-learn's 1797 real 8x8 handwritten digits, upsampled to `size` and tinted per draw.
+
+    split "train" is 80 % of each class, "holdout" the other 20 %: the quality check trains its
+    classifier on the hold-out split, which the diffusion model never sees.
+    """
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise DataError("the bundled digits need scikit-learn: pip install scikit-learn") from None
+    if size < 8:
+        raise DataError(f"digits are 8x8; pick a size >= 8, got {size}")
+    digits = sk_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    holdout = digits_holdout_mask(labels)
+    keep = holdout if split == "holdout" else ~holdout
+    images = F.interpolate(images[keep], size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    images = images.expand(-1, 3, -1, -1) * 2 - 1
+    return ImageDataset(images.contiguous(), labels[keep], [str(i) for i in range(10)], random_tint=True)
+
+
+def digits_holdout_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Every fifth sample of each class, a split fixed by the data alone."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    for c in labels.unique():
+        (idx,) = torch.nonzero(labels == c, as_tuple=True)
+        mask[idx[::5]] = True
+    return mask
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _require_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}; pass a folder of images or one of: {', '.join(BUNDLED)}")
+    return folder
+
+
+def _load_images(files: list[Path], size: int, crop: str) -> torch.Tensor:
+    from diffrt.images import load_image
+
+    out = []
+    for path in files:
+        img = load_image(path)
+        out.append(resize_and_crop(img, size, crop))
+    return torch.stack(out) * 2 - 1
+
+
+def resize_and_crop(img: torch.Tensor, size: int, crop: str = "center") -> torch.Tensor:
+    """Resize the short side to `size`, then crop a square (centre, or a fixed random crop)."""
+    _, h, w = img.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    img = F.interpolate(img[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
+    if crop == "random":
+        g = torch.Generator().manual_seed(nh * 7919 + nw)
+        top = int(torch.randint(nh - size + 1, (1,), generator=g))
+        left = int(torch.randint(nw - size + 1, (1,), generator=g))
+    else:
+        top, left = (nh - size) // 2, (nw - size) // 2
+    return img[:, top : top + size, left : left + size]
+
+
+def load_image_folder(folder: str | Path, size: int, crop: str = "center", random_flip: bool = False) -> ImageDataset:
+    """Every image directly inside `folder`, resized and cropped to size x size, as RGB."""
+    folder = _require_folder(folder)
+    files = list_images(folder)
+    if not files:
+        raise DataError(f"no images in {folder}; expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
+    return ImageDataset(_load_images(files, size, crop), random_flip=random_flip)
+
+
+def load_class_folders(folder: str | Path, size: int, crop: str = "center", random_flip: bool = False) -> ImageDataset:
+    """One sub-folder per class (sorted by name = label order), images inside each."""
+    folder = _require_folder(folder)
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{folder} has no class sub-folders; expected one folder of images per class")
+    images, labels = [], []
+    for label, sub in enumerate(classes):
+        files = list_images(sub)
+        if not files:
+            raise DataError(f"class folder {sub} has no images")
+        images.append(_load_images(files, size, crop))
+        labels += [label] * len(files)
+    return ImageDataset(torch.cat(images), torch.tensor(labels), [p.name for p in classes], random_flip=random_flip)
+
+
+def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False) -> ImageDataset:
+    """A bundled dataset by name, or a folder (flat for unlabelled, class sub-folders for labelled)."""
+    if source in BUNDLED:
+        return load_digits(size=size)
+    if labelled:
+        return load_class_folders(source, size, crop, random_flip)
+    return load_image_folder(source, size, crop, random_flip)

@@ -1,0 +1,33 @@
+"""User-facing errors.
+
+Every `DiffrtError` message is one line that says what was expected, what was found and,
+where there is one, the fix. The CLI prints it without a traceback and exits with status 2.
+"""
+
+
+class DiffrtError(Exception):
+    """A problem with the user's input or environment, not a bug in diffrt."""
+
+
+class BackendUnavailableError(DiffrtError):
+    """The requested backend is unknown or its library is not installed."""
+
+
+class ShapeOutOfRangeError(DiffrtError):
+    """A request shape lies outside what a component (or its engine profile) accepts."""
+
+
+class NonFiniteOutputError(DiffrtError):
+    """A component produced NaN or inf."""
+
+
+class ArtifactError(DiffrtError):
+    """An artifact folder or file is missing, corrupt, stale or built for another machine."""
+
+
+class LoraError(DiffrtError):
+    """A LoRA file cannot be read or does not match the model."""
+
+
+class DataError(DiffrtError):
+    """A dataset folder or file is missing, empty or unreadable."""

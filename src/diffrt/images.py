@@ -1,0 +1,82 @@
+"""Conversions between image tensors, arrays, PIL images and PNG grids."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffrt import atomic
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] -> [0, 1], clamped (as diffusers' VaeImageProcessor.denormalize)."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> float32 [N, H, W, C]."""
+    return images.detach().float().cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    arrays = (to_numpy(images) * 255).round().astype(np.uint8)
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, scale: int = 1) -> torch.Tensor:
+    """Tile [N, C, H, W] images in [0, 1] into one [C, H', W'] image, `nrow` images per row."""
+    n, c, h, w = images.shape
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+        h, w = h * scale, w * scale
+    ncol = nrow
+    rows = (n + ncol - 1) // ncol
+    grid = torch.ones(c, rows * (h + padding) + padding, ncol * (w + padding) + padding, dtype=images.dtype)
+    for i, img in enumerate(images.detach().cpu()):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = img
+    return grid
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """[C, H, W] in [0, 1] -> PNG bytes."""
+    (pil,) = to_pil(image.unsqueeze(0))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid(path: str | os.PathLike, images: torch.Tensor, nrow: int, scale: int = 1) -> Path:
+    """Write a PNG grid atomically and return its path."""
+    path = Path(path)
+    atomic.write_bytes(path, png_bytes(make_grid(images, nrow=nrow, scale=scale)))
+    return path
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None, mode: str = "RGB") -> torch.Tensor:
+    """Read an image file into [C, H, W] float in [0, 1], optionally resized to (height, width)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from diffrt.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if size is not None:
+                im = im.resize((size[1], size[0]), Image.BICUBIC)
+            array = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path} is not a readable image ({exc}); remove it or convert it to PNG/JPEG") from None
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

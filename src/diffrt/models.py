@@ -1,0 +1,249 @@
+"""Loading and saving diffusers models, the small configs used by tests and the demo, and the
+digits model that ships inside the package.
+
+Pixel-space models live in a diffusers pipeline folder:
+
+    model_index.json      DDIMPipeline, so diffusers' own pipeline loads the folder unchanged
+    unet/                 UNet2DModel (config.json + diffusion_pytorch_model.safetensors)
+    scheduler/            scheduler_config.json
+    diffrt.json           how the model is conditioned (none, class embedding, class channels)
+    class_embedding/      only for the "class channels" variant: the label embedding
+
+A class-conditioned model reserves one extra label, `null_class_label`, for the unconditional
+branch of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from diffrt import atomic
+from diffrt.errors import DiffrtError
+from diffrt.runtime.ddim import DDIMConfig
+
+Conditioning = Literal["none", "class_embedding", "class_channels"]
+DIFFRT_CONFIG = "diffrt.json"
+SHIPPED_DIGITS = Path(__file__).parent / "weights" / "digits"
+
+
+@dataclass
+class PixelModelInfo:
+    """diffrt.json: what diffusers' configs do not say about a pixel-space model."""
+
+    conditioning: Conditioning = "none"
+    num_classes: int = 0
+    class_embedding_dim: int = 0  # "class_channels" only
+    class_names: list[str] = field(default_factory=list)
+    training: dict = field(default_factory=dict)  # command, seed, steps, wall time of the run that made it
+
+    @property
+    def null_class_label(self) -> int | None:
+        return self.num_classes if self.conditioning != "none" else None
+
+
+class LabelChannelsUNet(nn.Module):
+    """Class conditioning by input channels: a learned label embedding, broadcast over the image
+    and concatenated to the noisy sample, so the UNet sees the label at every pixel."""
+
+    def __init__(self, unet, num_labels: int, embedding_dim: int):
+        super().__init__()
+        self.unet = unet
+        self.class_embedding = nn.Embedding(num_labels, embedding_dim)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = sample.shape
+        emb = self.class_embedding(class_labels).view(b, -1, 1, 1).expand(b, -1, h, w).to(sample.dtype)
+        return self.unet(torch.cat([sample, emb], dim=1), timestep).sample
+
+
+class PixelUNet(nn.Module):
+    """The `unet` component of a pixel-space model: (sample, timestep[, class_labels]) -> noise_pred,
+    whatever the conditioning variant. This module is what the torch backend runs and ONNX exports."""
+
+    def __init__(self, unet, info: PixelModelInfo, class_embedding: nn.Embedding | None = None):
+        super().__init__()
+        self.info = info
+        if info.conditioning == "class_channels":
+            self.net = LabelChannelsUNet(unet, info.num_classes + 1, info.class_embedding_dim)
+            if class_embedding is not None:
+                self.net.class_embedding.load_state_dict(class_embedding.state_dict())
+        else:
+            self.net = unet
+
+    @property
+    def unet(self):
+        return self.net.unet if isinstance(self.net, LabelChannelsUNet) else self.net
+
+    @property
+    def sample_size(self) -> int:
+        size = self.unet.config.sample_size
+        return size if isinstance(size, int) else size[0]
+
+    @property
+    def out_channels(self) -> int:
+        return self.unet.config.out_channels
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.info.conditioning == "class_channels":
+            return self.net(sample, timestep, class_labels)
+        if self.info.conditioning == "class_embedding":
+            return self.net(sample, timestep, class_labels=class_labels).sample
+        return self.net(sample, timestep).sample
+
+
+@dataclass
+class PixelModel:
+    unet: PixelUNet
+    scheduler: DDIMConfig
+    folder: Path | None = None
+
+    @property
+    def info(self) -> PixelModelInfo:
+        return self.unet.info
+
+
+def small_unet_config(sample_size: int = 16, channels: int = 3, widths=(32, 64, 64), attention: bool = True) -> dict:
+    """A UNet2DModel config small enough to train on a laptop CPU in minutes."""
+    down = ["DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D", "DownBlock2D"][: len(widths)]
+    up = ["UpBlock2D", "AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D"][: len(widths)]
+    return dict(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=list(widths),
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+
+
+def build_pixel_model(
+    unet_config: dict,
+    conditioning: Conditioning = "none",
+    num_classes: int = 0,
+    class_embedding_dim: int = 4,
+    scheduler: DDIMConfig | None = None,
+    class_names: list[str] | None = None,
+) -> PixelModel:
+    """A freshly initialised pixel-space model with the requested conditioning."""
+    from diffusers import UNet2DModel
+
+    cfg = dict(unet_config)
+    if conditioning != "none" and num_classes < 1:
+        raise DiffrtError(f"a class-conditioned model needs num_classes >= 1, got {num_classes}")
+    info = PixelModelInfo(conditioning=conditioning, num_classes=num_classes, class_names=list(class_names or []))
+    if conditioning == "class_embedding":
+        cfg["num_class_embeds"] = num_classes + 1  # + the null label for classifier-free guidance
+    elif conditioning == "class_channels":
+        cfg["in_channels"] = cfg["in_channels"] + class_embedding_dim
+        info.class_embedding_dim = class_embedding_dim
+    unet = UNet2DModel(**cfg)
+    return PixelModel(PixelUNet(unet, info), scheduler or DDIMConfig(clip_sample=True))
+
+
+def is_pixel_model_dir(folder: Path) -> bool:
+    return (folder / "unet" / "config.json").is_file() or (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
+
+
+def load_pixel_model(folder: str | Path) -> PixelModel:
+    """Load a pixel-space model from a pipeline folder (unet/ + scheduler/) or a bare UNet folder."""
+    from diffusers import UNet2DModel
+
+    folder = require_model_dir(folder)
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise DiffrtError(f"{folder} has no unet/config.json; expected a diffusers pipeline folder or a UNet2DModel folder")
+    require_safetensors(unet_dir)
+    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    info = PixelModelInfo()
+    if (folder / DIFFRT_CONFIG).is_file():
+        info = PixelModelInfo(**json.loads((folder / DIFFRT_CONFIG).read_text()))
+    elif unet.config.num_class_embeds:
+        info = PixelModelInfo("class_embedding", num_classes=unet.config.num_class_embeds - 1)
+    class_embedding = None
+    if info.conditioning == "class_channels":
+        from safetensors.torch import load_file
+
+        weights = load_file(folder / "class_embedding" / "model.safetensors")
+        class_embedding = nn.Embedding(*weights["weight"].shape)
+        class_embedding.load_state_dict(weights)
+    scheduler_file = next((p for p in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json") if p.is_file()), None)
+    scheduler = DDIMConfig.from_scheduler_config(json.loads(scheduler_file.read_text())) if scheduler_file else DDIMConfig()
+    model = PixelModel(PixelUNet(unet, info, class_embedding), scheduler, folder)
+    model.unet.eval().requires_grad_(False)
+    return model
+
+
+def save_pixel_model(model: PixelModel, out: str | Path) -> Path:
+    """Write a pipeline folder atomically: built in a temporary sibling, then renamed into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.unet.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        sched = {"_class_name": "DDIMScheduler", **model.scheduler.to_scheduler_config()}
+        atomic.write_json(tmp / "scheduler" / "scheduler_config.json", sched)
+        atomic.write_json(tmp / "model_index.json", {
+            "_class_name": "DDIMPipeline",
+            "unet": ["diffusers", "UNet2DModel"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+        })
+        atomic.write_json(tmp / DIFFRT_CONFIG, asdict(model.info))
+        if model.info.conditioning == "class_channels":
+            emb = model.unet.net.class_embedding.state_dict()
+            atomic.save_safetensors(tmp / "class_embedding" / "model.safetensors", emb)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an old folder at `dst` is swapped out, then removed."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def require_model_dir(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DiffrtError(f"model folder not found: {folder}; pass a diffusers model folder (or leave --model out for the shipped digits model)")
+    if not any((folder / name).is_file() for name in ("model_index.json", "config.json")) and not (folder / "unet").is_dir():
+        raise DiffrtError(f"{folder} is not a diffusers model folder: it has no model_index.json or config.json")
+    return folder
+
+
+def require_safetensors(folder: Path) -> None:
+    """Refuse pickled weights: loading them can run arbitrary code (RELIABILITY #12)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+    if pickled:
+        raise DiffrtError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}); convert them to safetensors "
+            "(diffusers: model.save_pretrained(dir, safe_serialization=True)) from a source you trust"
+        )
+    raise DiffrtError(f"{folder} has no *.safetensors weights")
+
+
+def shipped_digits_model() -> PixelModel:
+    """The small class-conditioned digits model trained by `diffrt train class-cond` and shipped in the package."""
+    if not (SHIPPED_DIGITS / "unet" / "config.json").is_file():
+        raise DiffrtError(f"the shipped digits model is missing from {SHIPPED_DIGITS}; reinstall diffrt")
+    return load_pixel_model(SHIPPED_DIGITS)

@@ -1,0 +1,1 @@
+"""The sampling runtime: DDIM math, guidance, backends and the pipeline that ties them."""

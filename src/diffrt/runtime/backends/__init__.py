@@ -1,0 +1,74 @@
+"""Backends: one small contract for every engine (polygraphy's runner idea, torch tensors in and out).
+
+    backend.run({"sample": x, "timestep": t, ...}) -> {"noise_pred": eps}
+
+Named torch tensors in, named torch tensors out, on the backend's device. Backends are found
+by name; each module imports its engine library lazily so `import diffrt` needs none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from diffrt.components import ComponentSpec
+from diffrt.errors import BackendUnavailableError
+
+# name -> (module, the library it needs, what to install)
+REGISTRY: dict[str, tuple[str, str | None, str]] = {
+    "torch": ("diffrt.runtime.backends.torch_eager", None, ""),
+    "torch-compile": ("diffrt.runtime.backends.torch_eager", None, ""),
+    "onnxruntime": ("diffrt.runtime.backends.onnxruntime", "onnxruntime", "pip install 'diffrt[cpu]' (or diffrt[gpu] for CUDA)"),
+    "tensorrt": ("diffrt.runtime.backends.tensorrt", "tensorrt", "pip install tensorrt --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"),
+}
+EXPORTED = ("tensorrt", "onnxruntime")  # fastest first
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    spec: ComponentSpec
+    device: torch.device
+
+    def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # a broken install (missing CUDA libs) is as unavailable as a missing one
+        return False
+
+
+def backend_available(name: str) -> bool:
+    if name not in REGISTRY:
+        return False
+    _, lib, _ = REGISTRY[name]
+    if name == "tensorrt" and not torch.cuda.is_available():
+        return False
+    return lib is None or _importable(lib)
+
+
+def available_backends() -> list[str]:
+    return [name for name in REGISTRY if backend_available(name)]
+
+
+def require_backend(name: str) -> None:
+    """Raise BackendUnavailableError in one line naming the backends that are available."""
+    if name not in REGISTRY:
+        raise BackendUnavailableError(f"unknown backend {name!r}; available here: {', '.join(available_backends())}")
+    if not backend_available(name):
+        _, lib, hint = REGISTRY[name]
+        why = "it needs a CUDA GPU" if name == "tensorrt" and not torch.cuda.is_available() else f"{lib} is not installed"
+        raise BackendUnavailableError(f"backend {name!r} is not available ({why}; {hint}); available here: {', '.join(available_backends())}")
+
+
+def best_exported_backend() -> str:
+    """The fastest backend that runs exported artifacts on this machine."""
+    for name in EXPORTED:
+        if backend_available(name):
+            return name
+    raise BackendUnavailableError(f"no exported-model backend is installed; pip install 'diffrt[cpu]'; available here: {', '.join(available_backends())}")

@@ -1,0 +1,214 @@
+"""DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models") as pure functions over tensors.
+
+The schedule is data: `make_schedule` turns a scheduler config and a step count into the
+timesteps and the cumulative alphas each step needs, and `ddim_step` applies Eq. (12) of the
+paper to one step. Nothing here keeps state between steps, so the sampler, the fused kernel
+and the tests can all call the same functions. diffusers' `DDIMScheduler` is the test oracle;
+we follow its conventions (timestep spacings of Lin et al. 2023, Table 2; `steps_offset`;
+`set_alpha_to_one`) so that a diffusers `scheduler_config.json` means the same thing here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from diffrt.errors import DiffrtError
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+
+
+@dataclass(frozen=True)
+class DDIMConfig:
+    """The subset of diffusers' scheduler config that defines DDIM sampling."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: BetaSchedule = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: PredictionType = "epsilon"
+    timestep_spacing: TimestepSpacing = "leading"
+    rescale_betas_zero_snr: bool = False
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "DDIMConfig":
+        """Read a diffusers scheduler config (any scheduler class); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in dict(config).items() if k in names}
+        if kwargs.get("trained_betas") is not None:
+            kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
+        if config.get("thresholding"):
+            raise DiffrtError("dynamic thresholding is not supported by diffrt's DDIM; set thresholding=false")
+        cfg = cls(**kwargs)
+        if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise DiffrtError(f"unknown prediction_type {cfg.prediction_type!r}; expected epsilon, v_prediction or sample")
+        if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise DiffrtError(f"unknown timestep_spacing {cfg.timestep_spacing!r}; expected leading, trailing or linspace")
+        return cfg
+
+    def to_scheduler_config(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
+        return out
+
+
+def make_betas(config: DDIMConfig) -> torch.Tensor:
+    """beta_1..beta_T in float32, as the model was trained with."""
+    T = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
+    elif config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
+    elif config.beta_schedule == "scaled_linear":
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
+    elif config.beta_schedule == "squaredcos_cap_v2":
+        # Cosine schedule of Nichol & Dhariwal 2021, Eq. (17), betas capped at 0.999.
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor(
+            [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], dtype=torch.float32
+        )
+    else:
+        raise DiffrtError(f"unknown beta_schedule {config.beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2")
+    if config.rescale_betas_zero_snr:
+        betas = _rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    # Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so that the last step has SNR 0.
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    alpha_bar = sqrt_ab**2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def make_alphas_cumprod(config: DDIMConfig) -> torch.Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), the signal fraction at training step t."""
+    return torch.cumprod(1.0 - make_betas(config), dim=0)
+
+
+def make_timesteps(config: DDIMConfig, num_inference_steps: int) -> torch.Tensor:
+    """The training timesteps visited by an N-step sampler, from noisiest to cleanest."""
+    T = config.num_train_timesteps
+    if not 1 <= num_inference_steps <= T:
+        raise DiffrtError(f"num_inference_steps must be in [1, {T}] (the model's training steps), got {num_inference_steps}")
+    n = num_inference_steps
+    if config.timestep_spacing == "linspace":
+        steps = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
+    elif config.timestep_spacing == "leading":
+        steps = (torch.arange(n, dtype=torch.float64) * (T // n)).round().flip(0) + config.steps_offset
+    else:  # trailing
+        steps = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
+    return steps.to(torch.int64)
+
+
+@dataclass(frozen=True)
+class DDIMSchedule:
+    """Everything the loop needs for N steps: timestep t_i and alpha_bar at t_i and at t_{i-1}."""
+
+    timesteps: torch.Tensor  # int64 [N]
+    alpha_bar: torch.Tensor  # float32 [N]
+    alpha_bar_prev: torch.Tensor  # float32 [N]
+    alphas_cumprod: torch.Tensor  # float32 [T], for noising (img2img) and guidance
+    prediction_type: PredictionType
+    clip_sample_range: float | None  # None: no clipping of predicted x0
+
+    def __len__(self) -> int:
+        return int(self.timesteps.numel())
+
+
+def make_schedule(config: DDIMConfig, num_inference_steps: int) -> DDIMSchedule:
+    alphas_cumprod = make_alphas_cumprod(config)
+    timesteps = make_timesteps(config, num_inference_steps)
+    # diffusers steps back by T // N whatever the spacing; the final step lands on alpha_bar = 1
+    # (set_alpha_to_one) or on alpha_bar_0.
+    prev = timesteps - config.num_train_timesteps // num_inference_steps
+    final = torch.tensor(1.0) if config.set_alpha_to_one else alphas_cumprod[0]
+    alpha_bar_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], final)
+    return DDIMSchedule(
+        timesteps=timesteps,
+        alpha_bar=alphas_cumprod[timesteps],
+        alpha_bar_prev=alpha_bar_prev,
+        alphas_cumprod=alphas_cumprod,
+        prediction_type=config.prediction_type,
+        clip_sample_range=config.clip_sample_range if config.clip_sample else None,
+    )
+
+
+def predict_x0(
+    sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor | float, prediction_type: PredictionType
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x0, eps) from the model output at a step with signal fraction alpha_bar (Eq. 12, "predicted x0")."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=sample.dtype, device=sample.device)
+    sqrt_ab, sqrt_1m_ab = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return (sample - sqrt_1m_ab * model_output) / sqrt_ab, model_output
+    if prediction_type == "v_prediction":
+        # Salimans & Ho 2022: v = sqrt(ab) eps - sqrt(1 - ab) x0.
+        return sqrt_ab * sample - sqrt_1m_ab * model_output, sqrt_ab * model_output + sqrt_1m_ab * sample
+    if prediction_type == "sample":
+        return model_output, (sample - sqrt_ab * model_output) / sqrt_1m_ab
+    raise DiffrtError(f"unknown prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
+
+
+def ddim_sigma(alpha_bar: torch.Tensor | float, alpha_bar_prev: torch.Tensor | float, eta: float) -> torch.Tensor:
+    """sigma_t(eta) of Eq. (16): eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)."""
+    alpha_bar, alpha_bar_prev = torch.as_tensor(alpha_bar), torch.as_tensor(alpha_bar_prev)
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+    return eta * variance.sqrt()
+
+
+def ddim_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_bar: torch.Tensor | float,
+    alpha_bar_prev: torch.Tensor | float,
+    *,
+    prediction_type: PredictionType = "epsilon",
+    clip_sample_range: float | None = None,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    use_clipped_model_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update x_t -> x_{t-1} (Eq. 12). Returns (x_prev, x0).
+
+    `noise` is the standard normal draw for the stochastic part and is required when eta > 0;
+    the caller draws it, so that seeding stays in the caller's hands.
+    """
+    x0, eps = predict_x0(sample, model_output, alpha_bar, prediction_type)
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=sample.dtype, device=sample.device)
+    alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=sample.dtype, device=sample.device)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    sigma = ddim_sigma(alpha_bar, alpha_bar_prev, eta)
+    if use_clipped_model_output:
+        # Re-derive eps from the clipped x0 (as in GLIDE) so direction and x0 agree.
+        eps = (sample - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+    # "direction pointing to x_t" and the deterministic part of x_{t-1}.
+    x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).sqrt() * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step needs `noise` when eta > 0")
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The forward process q(x_t | x_0) = N(sqrt(ab) x0, (1 - ab) I); alpha_bar broadcasts over the batch."""
+    alpha_bar = alpha_bar.to(dtype=x0.dtype, device=x0.device).reshape(-1, *([1] * (x0.dim() - 1)))
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise

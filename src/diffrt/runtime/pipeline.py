@@ -1,0 +1,167 @@
+"""The pixel-space pipeline: unconditional and class-conditioned models (DDPM/DDIM UNet2DModel).
+
+Arguments follow diffusers (`num_inference_steps`, `guidance_scale`, `eta`, `generator`,
+`output_type`); a seed means what it means there: `torch.Generator("cpu").manual_seed(seed)`
+draws the initial noise, so a seed gives the same images as diffusers' DDIMPipeline.
+Classifier-free guidance for class labels runs the null label and the requested labels in
+one 2B batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from diffrt.errors import DiffrtError
+from diffrt.images import to_numpy, to_pil, to_unit_range
+from diffrt.models import PixelModelInfo
+from diffrt.runtime import ddim
+from diffrt.runtime.backends import Backend
+from diffrt.runtime.guidance import Guidance
+from diffrt.runtime.sampling import SamplerOptions, check_finite, randn, sample_ddim
+
+OutputType = Literal["pil", "np", "pt"]
+
+
+@dataclass
+class GenerationResult:
+    """Images plus what produced them: the backend that really ran (RELIABILITY #15) and timings."""
+
+    images: Any
+    backend: str
+    seconds: float
+    num_inference_steps: int
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * self.seconds / max(1, self.num_inference_steps)
+
+
+def convert_output(images01: torch.Tensor, output_type: OutputType):
+    if output_type == "pil":
+        return to_pil(images01)
+    if output_type == "np":
+        return to_numpy(images01)
+    if output_type == "pt":
+        return images01
+    raise DiffrtError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+
+
+def make_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+    if generator is not None and seed is not None:
+        raise DiffrtError("pass either generator or seed, not both")
+    return torch.Generator("cpu").manual_seed(seed) if seed is not None else generator
+
+
+class PixelPipeline:
+    """DDIM sampling of a pixel-space UNet on any backend."""
+
+    def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
+                 channels: int, sample_size: int, torch_unet: torch.nn.Module | None = None,
+                 check_outputs: bool = True):
+        self.unet = unet
+        self.scheduler = scheduler
+        self.info = info
+        self.channels = channels
+        self.sample_size = sample_size
+        self.torch_unet = torch_unet  # for guidance mode "through_unet"
+        self.check_outputs = check_outputs
+
+    @property
+    def backend(self) -> str:
+        return self.unet.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def __call__(self, class_labels: list[int] | torch.Tensor | int | None = None, *, num_images: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
+                 generator: torch.Generator | None = None, seed: int | None = None, guidance: tuple[Guidance, ...] | list = (),
+                 height: int | None = None, width: int | None = None, output_type: OutputType = "pil",
+                 use_fused_kernel: bool = True, progress=None) -> GenerationResult:
+        # 1. Check inputs before any work.
+        labels = self._labels(class_labels, num_images)
+        batch = len(labels) if labels is not None else (num_images or 1)
+        height, width = height or self.sample_size, width or self.sample_size
+        do_cfg = labels is not None and guidance_scale > 1.0
+        if not 0.0 <= eta <= 1.0:
+            raise DiffrtError(f"eta must be in [0, 1], got {eta}")
+        spec = self.unet.spec
+        spec.check_size("batch", batch * (2 if do_cfg else 1),
+                        what=f"batch {batch * 2} ({batch} images x 2 for classifier-free guidance)" if do_cfg else f"batch {batch}")
+        spec.check_size("height", height, what=f"height {height}")
+        spec.check_size("width", width, what=f"width {width}")
+        generator = make_generator(generator, seed)
+        schedule = ddim.make_schedule(self.scheduler, num_inference_steps)
+        t0 = time.perf_counter()
+
+        # 2. Initial noise x_T, drawn on the CPU generator as diffusers does.
+        x = randn((batch, self.channels, height, width), generator, self.device, torch.float32)
+
+        # 3. The denoiser: both CFG branches (null label, requested label) in one 2B batch.
+        model_labels = None
+        if labels is not None:
+            labels = labels.to(self.device)
+            null = torch.full_like(labels, self.info.null_class_label)
+            model_labels = torch.cat([null, labels]) if do_cfg else labels
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor):
+            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
+            feed = {"sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])}
+            if model_labels is not None:
+                feed["class_labels"] = model_labels
+            eps = self.unet.run(feed)["noise_pred"].float()
+            if self.check_outputs:
+                check_finite(eps, "unet")
+            return tuple(eps.chunk(2)) if do_cfg else (None, eps)
+
+        # 4. The guided DDIM loop.
+        options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=tuple(guidance),
+                                 decode=to_unit_range_unclamped, denoise_autograd=self._autograd_denoiser(model_labels, do_cfg),
+                                 use_fused_kernel=use_fused_kernel)
+        x = sample_ddim(denoise, x, schedule, options, progress=progress)
+
+        # 5. Post-process.
+        images = to_unit_range(x)
+        seconds = time.perf_counter() - t0
+        meta = {"class_labels": labels.tolist() if labels is not None else None, "guidance_scale": guidance_scale,
+                "eta": eta, "guidance": [g.name for g in guidance]}
+        return GenerationResult(convert_output(images, output_type), self.backend, seconds, num_inference_steps, meta)
+
+    def _labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:
+        if self.info.conditioning == "none":
+            if class_labels is not None:
+                raise DiffrtError("this model is unconditional; leave out class labels")
+            return None
+        if class_labels is None:
+            raise DiffrtError(f"this model is class-conditioned; pass class labels in [0, {self.info.num_classes - 1}]")
+        labels = torch.as_tensor(class_labels, dtype=torch.int64).reshape(-1)
+        if num_images is not None and labels.numel() == 1:
+            labels = labels.expand(num_images).clone()
+        bad = labels[(labels < 0) | (labels >= self.info.num_classes)]
+        if bad.numel():
+            raise DiffrtError(f"class label {int(bad[0])} is out of range; this model has classes 0..{self.info.num_classes - 1}")
+        return labels
+
+    def _autograd_denoiser(self, model_labels, do_cfg):
+        if self.torch_unet is None:
+            return None
+        unet = self.torch_unet
+
+        def denoise(x_t, t):
+            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
+            ts = t.to(x_t.device, torch.float32).expand(x_in.shape[0])
+            eps = unet(x_in, ts, model_labels) if model_labels is not None else unet(x_in, ts)
+            return tuple(eps.chunk(2)) if do_cfg else (None, eps)
+
+        return denoise
+
+
+def to_unit_range_unclamped(x0: torch.Tensor) -> torch.Tensor:
+    """x0 in [-1, 1] -> [0, 1] without the clamp, so guidance gradients do not vanish at the edges."""
+    return x0 / 2 + 0.5

@@ -1,0 +1,111 @@
+"""The guided DDIM loop, independent of any backend.
+
+The loop sees the model only as `denoise(x, t) -> (eps_uncond, eps_cond)`: eps_uncond is None
+when classifier-free guidance is off. It never learns which backend computed them. Per step:
+
+    1. predict noise (both CFG branches in one 2B batch, inside `denoise`);
+    2. on guided steps, move x_t down the gradient of the guidance losses (guidance.py);
+    3. take the DDIM step (ddim.py), fused with the CFG combine on CUDA (kernels/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffrt.errors import NonFiniteOutputError
+from diffrt.runtime import ddim
+from diffrt.runtime.guidance import Guidance
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
+Decode = Callable[[torch.Tensor], torch.Tensor]  # x0 in model space -> images in [0, 1], differentiable
+
+
+def combine_cfg(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + s * (eps_c - eps_u)."""
+    return eps_cond if eps_uncond is None else eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def randn(shape, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Draw on the generator's device, then move: a seed means the same noise on every device,
+    as with diffusers' `randn_tensor` and a CPU generator."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def check_finite(tensor: torch.Tensor, component: str) -> torch.Tensor:
+    """RELIABILITY #4: NaN/inf (e.g. fp16 overflow) is reported with the component's name."""
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise NonFiniteOutputError(f"{component} produced {bad} non-finite values (NaN/inf); try --precision fp32 for this component")
+    return tensor
+
+
+@dataclass
+class SamplerOptions:
+    guidance_scale: float = 1.0
+    eta: float = 0.0
+    generator: torch.Generator | None = None
+    guidance: tuple[Guidance, ...] = ()
+    decode: Decode | None = None  # needed when guidance is on
+    denoise_autograd: Denoise | None = None  # a PyTorch denoiser for guidance mode "through_unet"
+    use_fused_kernel: bool = True
+
+
+def sample_ddim(denoise: Denoise, x: torch.Tensor, schedule: ddim.DDIMSchedule, options: SamplerOptions,
+                progress: Callable | None = None) -> torch.Tensor:
+    """Run the DDIM loop from x = x_T (already scaled noise) to x_0 and return it."""
+    for i, t in enumerate(schedule.timesteps):
+        alpha_bar, alpha_bar_prev = schedule.alpha_bar[i], schedule.alpha_bar_prev[i]
+        active = [g for g in options.guidance if g.active(i)]
+        if any(g.mode == "through_unet" for g in active):
+            x, eps = _guide_through_unet(x, t, alpha_bar, schedule, options, active)
+            eps_u, eps_c, g = None, eps, 1.0
+        else:
+            eps_u, eps_c = denoise(x, t)
+            g = options.guidance_scale
+            if active:
+                eps_c, eps_u, g = combine_cfg(eps_u, eps_c, g), None, 1.0
+                x = _guide_x0(x, eps_c, alpha_bar, schedule, options.decode, active)
+        noise = randn(x.shape, options.generator, x.device, x.dtype) if options.eta > 0 else None
+        kwargs = dict(prediction_type=schedule.prediction_type, clip_sample_range=schedule.clip_sample_range,
+                      eta=options.eta, noise=noise)
+        if eps_u is not None and options.use_fused_kernel:
+            from diffrt.kernels import cfg_ddim_step  # Triton on CUDA, the PyTorch reference elsewhere
+
+            x, _ = cfg_ddim_step(x, eps_u, eps_c, g, float(alpha_bar), float(alpha_bar_prev), **kwargs)
+        else:
+            x, _ = ddim.ddim_step(x, combine_cfg(eps_u, eps_c, g), alpha_bar, alpha_bar_prev, **kwargs)
+        if progress is not None:
+            progress(i)
+    return x
+
+
+def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, alpha_bar, schedule, decode: Decode, active: list[Guidance]) -> torch.Tensor:
+    x0, _ = ddim.predict_x0(x, eps, alpha_bar, schedule.prediction_type)
+    images = decode(x0)
+    loss = sum(g.scale * g.loss(images) for g in active)
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def _guide_x0(x, eps, alpha_bar, schedule, decode, active) -> torch.Tensor:
+    """Mode x0: eps is a constant, the gradient flows through x0(x_t) and the decoder only."""
+    with torch.enable_grad():
+        x_req = x.detach().requires_grad_(True)
+        grad = _guidance_grad(x_req, eps.detach(), alpha_bar, schedule, decode, active)
+    return (x - grad).detach()
+
+
+def _guide_through_unet(x, t, alpha_bar, schedule, options: SamplerOptions, active):
+    """Mode through_unet: the PyTorch denoiser runs with autograd, so d eps / d x_t counts too."""
+    if options.denoise_autograd is None:
+        raise ValueError("guidance mode 'through_unet' needs a PyTorch denoiser (denoise_autograd)")
+    with torch.enable_grad():
+        x_req = x.detach().requires_grad_(True)
+        eps_u, eps_c = options.denoise_autograd(x_req, t)
+        eps = combine_cfg(eps_u, eps_c, options.guidance_scale)
+        grad = _guidance_grad(x_req, eps, alpha_bar, schedule, options.decode, active)
+    return (x - grad).detach(), eps.detach()

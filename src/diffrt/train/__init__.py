@@ -1,0 +1,1 @@
+"""Training in PyTorch: one loop (loop.py) and the trainers built on it."""

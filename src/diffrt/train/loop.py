@@ -1,0 +1,336 @@
+"""The one training loop every trainer shares.
+
+A trainer hands the loop a module, a loss function of (micro-batch index, generator) and
+callbacks to sample and save; the loop owns devices and precision (accelerate), gradient
+accumulation, clipping, AdamW with a warmup + cosine learning rate, EMA, checkpoints, sample
+grids, logs and progress.
+
+Exact resume. All randomness of step s (batch choice, augmentation, noise, timesteps) comes
+from a generator seeded by (seed, s, process); the learning rate is a pure function of s. A
+checkpoint therefore only needs the weights, the optimizer moments and s, and a resumed run
+computes bit for bit the same next loss as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffrt import atomic
+from diffrt.errors import DiffrtError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    max_steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-2
+    lr_warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0 disables EMA
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 500
+    sample_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise DiffrtError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise DiffrtError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to the peak rate, then constant or cosine decay to zero."""
+    if step < config.lr_warmup_steps:
+        return config.learning_rate * (step + 1) / config.lr_warmup_steps
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    progress = (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
+    """The generator for one micro-batch: a pure function of its coordinates."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + micro) * 1024 + process)
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (kept in fp32)."""
+
+    def __init__(self, named_params: dict[str, nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().float().clone() for k, p in named_params.items()}
+
+    @torch.no_grad()
+    def update(self, named_params: dict[str, nn.Parameter]) -> None:
+        for k, p in named_params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, named_params: dict[str, nn.Parameter]) -> None:
+        for k, p in named_params.items():
+            p.copy_(self.shadow[k].to(p.dtype))
+
+
+LossFn = Callable[[int, torch.Generator], torch.Tensor]
+SampleFn = Callable[[], torch.Tensor]  # images [N, C, H, W] in [0, 1]
+SaveFn = Callable[[Path], None]
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    losses: list[float]
+    seconds: float
+    samples_per_second: float
+
+
+def train(
+    config: TrainConfig,
+    model: nn.Module,
+    loss_fn: LossFn,
+    save_fn: SaveFn,
+    sample_fn: SampleFn | None = None,
+    sample_nrow: int = 8,
+    extra_state: dict | None = None,
+) -> TrainResult:
+    """Run (or resume) training of `model`'s trainable parameters; returns the losses logged."""
+    from accelerate import Accelerator
+
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise DiffrtError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(named.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMA(named, config.ema_decay) if config.ema_decay > 0 else None
+
+    start = 0
+    if config.resume:
+        start = load_latest_checkpoint(out / "checkpoints", named, optimizer, ema)
+        log.info("resumed from step %d", start)
+    losses = _read_loss_log(out / "loss.csv", upto=start)
+    writer = _tensorboard(out / "tensorboard") if accelerator.is_main_process else None
+
+    model.train()
+    t0 = time.perf_counter()
+    progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process)
+    for step in range(start, config.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        total = 0.0
+        for micro in range(config.gradient_accumulation_steps):
+            g = step_generator(config.seed, step, micro, accelerator.process_index)
+            last = micro == config.gradient_accumulation_steps - 1
+            # Gradients are averaged over the accumulated micro-batches: each loss is divided by
+            # their count, and DDP all-reduces only on the last one.
+            with accelerator.autocast(), (accelerator.no_sync(model) if not last else _nullcontext()):
+                loss = loss_fn(micro, g) / config.gradient_accumulation_steps
+                accelerator.backward(loss)
+            total += loss.item()
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(named)
+        done = step + 1
+        losses.append(total)
+        progress.update(1)
+        progress.set_postfix(loss=f"{total:.4f}")
+        if accelerator.is_main_process:
+            _append_loss_log(out / "loss.csv", done, total, lr_at(step, config))
+            if writer is not None:
+                writer.add_scalar("loss", total, done)
+                writer.add_scalar("lr", lr_at(step, config), done)
+            if done % config.checkpoint_every == 0 or done == config.max_steps:
+                save_checkpoint(out / "checkpoints", done, named, optimizer, ema, {"config": asdict(config), **(extra_state or {})})
+            if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
+                _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
+    progress.close()
+    seconds = time.perf_counter() - t0
+    if writer is not None:
+        writer.close()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(named)  # the exported model is the EMA one
+        save_fn(out)
+    steps_run = config.max_steps - start
+    rate = steps_run * config.batch_size * config.gradient_accumulation_steps / seconds if steps_run else 0.0
+    return TrainResult(out, config.max_steps, losses, seconds, rate)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def _save_samples(path: Path, model: nn.Module, named, ema: EMA | None, sample_fn: SampleFn, nrow: int) -> None:
+    from diffrt.images import save_grid
+
+    backup = {k: p.detach().clone() for k, p in named.items()} if ema is not None else None
+    if ema is not None:
+        ema.copy_to(named)
+    model.eval()
+    try:
+        save_grid(path, sample_fn(), nrow=nrow, scale=4 if sample_fn is not None else 1)
+    finally:
+        model.train()
+        if backup is not None:
+            for k, p in named.items():
+                p.copy_(backup[k])
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed; logging the loss to loss.csv only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _append_loss_log(path: Path, step: int, loss: float, lr: float) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", "loss", "lr"])
+        w.writerow([step, f"{loss:.6f}", f"{lr:.6g}"])
+
+
+def _read_loss_log(path: Path, upto: int) -> list[float]:
+    """Losses of steps <= upto; later rows (from a run that died after its checkpoint) are dropped."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr"])
+        for r in rows:
+            w.writerow([r["step"], r["loss"], r["lr"]])
+    return [float(r["loss"]) for r in rows]
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+# A checkpoint is a folder: weights.safetensors, optimizer.safetensors, [ema.safetensors] and
+# state.json, which is written last and holds the sha256 of the others. It is assembled under
+# a temporary name and renamed into place, so a half-written checkpoint is never picked up.
+
+
+def save_checkpoint(folder: Path, step: int, named, optimizer, ema: EMA | None, extra: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=folder))
+    try:
+        files = {"weights.safetensors": {k: p.detach() for k, p in named.items()}}
+        files["optimizer.safetensors"], groups = _optimizer_tensors(named, optimizer)
+        if ema is not None:
+            files["ema.safetensors"] = ema.shadow
+        hashes = {}
+        for name, tensors in files.items():
+            atomic.save_safetensors(tmp / name, tensors)
+            hashes[name] = atomic.sha256_file(tmp / name)
+        atomic.write_json(tmp / "state.json", {"step": step, "files": hashes, "param_groups": groups, **extra})
+        final = folder / f"step-{step:07d}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _optimizer_tensors(named, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW state by parameter name (safetensors cannot hold the nested state_dict as is)."""
+    state = optimizer.state_dict()
+    by_index = {i: k for i, k in enumerate(named)}
+    tensors = {}
+    for idx, st in state["state"].items():
+        for key, value in st.items():
+            tensors[f"{by_index[idx]}::{key}"] = torch.as_tensor(value).detach().clone()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    return tensors, groups
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if CHECKPOINT_DIR.match(p.name)), key=lambda p: p.name)
+
+
+def verify_checkpoint(ckpt: Path) -> dict | None:
+    """The checkpoint's state.json if every file it lists is present with its recorded hash."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        for name, digest in state["files"].items():
+            if atomic.sha256_file(ckpt / name) != digest:
+                return None
+        return state
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None) -> int:
+    from safetensors.torch import load_file
+
+    for ckpt in reversed(list_checkpoints(folder)):
+        state = verify_checkpoint(ckpt)
+        if state is None:
+            log.warning("skipping incomplete or corrupt checkpoint %s", ckpt)
+            continue
+        weights = load_file(ckpt / "weights.safetensors")
+        missing = set(named) - set(weights)
+        if missing:
+            raise DiffrtError(f"checkpoint {ckpt} does not match the model: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(weights[k])
+        opt_tensors = load_file(ckpt / "optimizer.safetensors")
+        names = list(named)
+        opt_state = {"state": {}, "param_groups": []}
+        for key, value in opt_tensors.items():
+            pname, field_name = key.rsplit("::", 1)
+            opt_state["state"].setdefault(names.index(pname), {})[field_name] = value
+        for group in state["param_groups"]:
+            opt_state["param_groups"].append({**group, "params": list(range(len(names)))})
+        optimizer.load_state_dict(opt_state)
+        if ema is not None and (ckpt / "ema.safetensors").exists():
+            ema.shadow = load_file(ckpt / "ema.safetensors")
+        return int(state["step"])
+    raise DiffrtError(f"--resume: no complete checkpoint in {folder}; run without --resume to start afresh")

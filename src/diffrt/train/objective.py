@@ -1,0 +1,32 @@
+"""The DDPM training objective (Ho et al. 2020, Algorithm 1): noise a clean sample to a random
+timestep with q(x_t | x_0) and regress the model's prediction on the noise (or on v)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from diffrt.runtime.ddim import PredictionType, add_noise
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> prediction
+
+
+def diffusion_loss(model_fn: ModelFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator,
+                   prediction_type: PredictionType = "epsilon") -> torch.Tensor:
+    """MSE between the model output and its target at uniformly drawn timesteps."""
+    b = x0.shape[0]
+    t = torch.randint(0, alphas_cumprod.numel(), (b,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    alpha_bar = alphas_cumprod[t].to(x0.device)
+    x_t = add_noise(x0, noise, alpha_bar)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        ab = alpha_bar.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    else:
+        target = x0
+    pred = model_fn(x_t, t.to(x0.device))
+    return F.mse_loss(pred.float(), target.float())
