@@ -57,6 +57,83 @@ def _cmd_train_class_cond(args) -> int:
     return 0
 
 
+def _parse_lora(text: str) -> tuple[str, float]:
+    path, _, scale = text.partition(":")
+    try:
+        return path, float(scale) if scale else 1.0
+    except ValueError:
+        raise DiffrtError(f"--lora {text!r}: the scale after ':' must be a number, e.g. style.safetensors:0.8") from None
+
+
+def _cmd_export(args) -> int:
+    from diffrt.export.artifact import ExportOptions, export_model, parse_range
+
+    options = ExportOptions(
+        backend=args.backend, precision=args.precision, batch=parse_range(args.batch, "batch"),
+        height=parse_range(args.height, "height") if args.height else None,
+        width=parse_range(args.width, "width") if args.width else None,
+        opset=args.opset, loras=[_parse_lora(x) for x in args.lora], verify=not args.no_verify,
+    )
+    result = export_model(args.model, args.out, options, controlnets=args.controlnet)
+    state = "cache hit, nothing rebuilt" if result.cache_hit else f"exported in {result.seconds:.1f} s"
+    print(f"{result.folder}: {state}")
+    for name, comp in result.manifest["components"].items():
+        parity = comp.get("parity", {}).get("onnxruntime")
+        check = f"max rel err {parity['max_rel']:.1e}, cosine {parity['cosine']:.6f}" if parity else "not verified"
+        print(f"  {name:<16} {comp['bytes'] / 1e6:8.2f} MB   {check}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from diffrt.generate import GenerateRequest, generate_to_file
+
+    request = GenerateRequest(
+        model=args.model, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, out=args.out,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+        height=args.height, width=args.width, num_images=args.num_images, eta=args.eta, class_label=args.class_label,
+        controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
+        loras=[_parse_lora(x) for x in args.lora], color=args.color, color_scale=args.color_scale,
+        clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=args.clip_scale,
+        guidance_mode=args.guidance_mode, device=args.device,
+    )
+    result, path = generate_to_file(request)
+    print(f"wrote {path} ({result.backend}, {result.ms_per_step:.1f} ms/step)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    if args.ui:
+        from diffrt.serve.ui import launch_ui
+
+        launch_ui(host=args.host, port=args.port)
+        return 0
+    from diffrt.demo import format_table, run_demo
+
+    path, timings, max_diff = run_demo(args.out, backend=args.backend)
+    print(f"wrote {path.resolve()}: one row per digit 0-9, one column per guidance colour")
+    print(format_table(timings))
+    print(f"max |exported - eager| on the images: {max_diff:.2e}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from diffrt.bench import run_bench
+
+    paths = run_bench(out_dir=args.out, backends=args.backend, repeats=args.repeats, configs=args.config)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from diffrt.serve.app import ServeConfig, serve
+
+    serve(ServeConfig(model=args.model, backend=args.backend, host=args.host, port=args.port,
+                      api_key_env=args.api_key_env, max_batch_size=args.max_batch_size,
+                      max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffrt", description="Train diffusion models in PyTorch, export them to ONNX/TensorRT, and run a guided DDIM loop.")
     parser.add_argument("--version", action="version", version=f"diffrt {__version__}")
@@ -77,6 +154,79 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(cc, "runs/class-cond", steps=2000, batch=64, lr=1e-3)
     cc.set_defaults(func=_cmd_train_class_cond)
     train.set_defaults(func=lambda a: _missing_sub(train))
+
+    # export
+    ex = sub.add_parser("export", help="export a model (+ LoRA) to ONNX / TensorRT with a manifest and parity report")
+    ex.add_argument("--model", default=None, help="diffusers folder (default: the shipped digits model)")
+    ex.add_argument("--out", required=True, help="artifact folder to write")
+    ex.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to bake in (repeatable)")
+    ex.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet folder (repeatable)")
+    ex.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
+    ex.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ex.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="UNet batch range (CFG doubles the image count)")
+    ex.add_argument("--height", default=None, metavar="MIN:OPT:MAX", help="image height range in pixels")
+    ex.add_argument("--width", default=None, metavar="MIN:OPT:MAX", help="image width range in pixels")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
+    ex.set_defaults(func=_cmd_export)
+
+    # generate
+    ge = sub.add_parser("generate", help="generate images with the guided DDIM loop")
+    ge.add_argument("--model", default=None, help="diffusers or artifact folder (default: the shipped digits model)")
+    ge.add_argument("--backend", default="torch", help="torch, torch-compile, onnxruntime or tensorrt")
+    ge.add_argument("--device", default="cpu")
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--steps", type=int, default=25, help="DDIM steps (num_inference_steps)")
+    ge.add_argument("--out", default="out.png", help="PNG grid, or .npy (float32 N x H x W x C in [0, 1])")
+    ge.add_argument("--prompt", default=None)
+    ge.add_argument("--negative-prompt", default=None)
+    ge.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    ge.add_argument("--height", type=int, default=None)
+    ge.add_argument("--width", type=int, default=None)
+    ge.add_argument("--num-images", type=int, default=None)
+    ge.add_argument("--eta", type=float, default=0.0)
+    ge.add_argument("--class-label", type=int, default=None)
+    ge.add_argument("--controlnet", default=None, metavar="DIR")
+    ge.add_argument("--control-image", default=None, metavar="FILE")
+    ge.add_argument("--control-scale", type=float, default=1.0)
+    ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
+    ge.add_argument("--color", default=None, metavar="HEX", help="colour guidance target, e.g. #ff8800")
+    ge.add_argument("--color-scale", type=float, default=60.0)
+    ge.add_argument("--clip-prompt", default=None, help="CLIP guidance toward this text")
+    ge.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIPModel folder for CLIP guidance")
+    ge.add_argument("--clip-scale", type=float, default=10.0)
+    ge.add_argument("--guidance-mode", choices=["x0", "through_unet"], default="x0")
+    ge.set_defaults(func=_cmd_generate)
+
+    # bench
+    be = sub.add_parser("bench", help="latency per component and end to end, per backend, vs eager PyTorch")
+    be.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown table and PNG chart")
+    be.add_argument("--backend", action="append", default=None, help="backends to measure (default: all present)")
+    be.add_argument("--config", action="append", default=None, help="configurations (default: those for this machine)")
+    be.add_argument("--repeats", type=int, default=5)
+    be.set_defaults(func=_cmd_bench)
+
+    # serve
+    se = sub.add_parser("serve", help="HTTP service over the runtime (FastAPI)")
+    se.add_argument("--model", default=None, help="diffusers or artifact folder (default: the shipped digits model)")
+    se.add_argument("--backend", default="onnxruntime")
+    se.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--api-key-env", default="DIFFRT_API_KEY", help="environment variable holding the API key (unset: no key)")
+    se.add_argument("--max-batch-size", type=int, default=8)
+    se.add_argument("--max-queue", type=int, default=64)
+    se.add_argument("--batch-wait-ms", type=float, default=10.0)
+    se.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    se.set_defaults(func=_cmd_serve)
+
+    # demo
+    de = sub.add_parser("demo", help="export the shipped digits model and sample a colour-guided grid (no download)")
+    de.add_argument("--out", default="demo.png")
+    de.add_argument("--backend", default=None, help="exported backend (default: tensorrt with a GPU, else onnxruntime)")
+    de.add_argument("--ui", action="store_true", help="start the Gradio demo instead")
+    de.add_argument("--host", default="127.0.0.1")
+    de.add_argument("--port", type=int, default=7860)
+    de.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -125,3 +125,19 @@ def pixel_unet_spec(channels: int, sample_size: int, conditioned: bool, num_labe
         ranges={"batch": batch, "height": size, "width": size},
         multiple_of={"height": multiple, "width": multiple},
     )
+
+
+def spec_to_dict(spec: ComponentSpec) -> dict:
+    def t(ts: TensorSpec) -> dict:
+        return {"name": ts.name, "dims": list(ts.dims), "dtype": ts.dtype, "high": ts.high}
+
+    return {"name": spec.name, "inputs": [t(x) for x in spec.inputs], "outputs": [t(x) for x in spec.outputs],
+            "ranges": {k: list(v) for k, v in spec.ranges.items()}, "multiple_of": dict(spec.multiple_of)}
+
+
+def spec_from_dict(d: dict) -> ComponentSpec:
+    def t(x: dict) -> TensorSpec:
+        return TensorSpec(x["name"], tuple(x["dims"]), x["dtype"], x.get("high", 10))
+
+    return ComponentSpec(d["name"], tuple(t(x) for x in d["inputs"]), tuple(t(x) for x in d["outputs"]),
+                         {k: tuple(v) for k, v in d["ranges"].items()}, dict(d.get("multiple_of", {})))

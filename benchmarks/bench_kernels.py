@@ -1,0 +1,121 @@
+"""Micro-benchmark: diffrt's fused Triton kernels vs the unfused PyTorch sequence they replace.
+
+    python benchmarks/bench_kernels.py [--device cuda|cpu] [--iters 200]
+
+Sizes are those of one sampler step at batch 1:
+
+* `cfg_ddim_step` at SD-1.5 latent size: sample, eps_uncond and eps_cond of [1, 4, 64, 64]
+  (fp16 on CUDA, fp32 on CPU), eta = 0, epsilon prediction, no clipping, guidance 7.5;
+* `color_guidance_step` on a 64x64 RGB pixel-space image [1, 3, 64, 64].
+
+Each call is timed alone between two synchronisations, after a warm-up that also absorbs Triton's
+JIT compile: the number is the latency one sampler step pays, launch overhead included, which is
+what dominates at these sizes. Without CUDA only the PyTorch reference is timed; the Triton
+interpreter runs on CPU for tests, and its timings say nothing about the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from diffrt.kernels import cfg_ddim, color_guidance, launch
+
+LATENT_SHAPE = (1, 4, 64, 64)
+IMAGE_SHAPE = (1, 3, 64, 64)
+ALPHA_BAR, ALPHA_BAR_PREV = 0.3023, 0.3308  # SD-1.5 schedule, step 25 of 50 (t = 481 -> 461)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> dict:
+    """median / p90 / min of `iters` timed calls, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)  # without it we would time the launch, not the work
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return {"median_ms": statistics.median(samples), "p90_ms": samples[int(0.9 * (len(samples) - 1))], "min_ms": samples[0]}
+
+
+def _cases(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
+    """For each kernel: its input shape and the (reference, triton) calls on fixed inputs."""
+    gen = torch.Generator().manual_seed(0)
+    sample, eps_uncond, eps_cond = (torch.randn(LATENT_SHAPE, generator=gen).to(device, dtype) for _ in range(3))
+    image, eps = (torch.randn(IMAGE_SHAPE, generator=gen).to(device, dtype) for _ in range(2))
+    target = torch.tensor([1.0, 0.5, 0.0], device=device)
+    cfg_args = (sample, eps_uncond, eps_cond, 7.5, ALPHA_BAR, ALPHA_BAR_PREV)
+    color_args = (image, eps, ALPHA_BAR, target, 100.0)
+    return {
+        "cfg_ddim_step": {
+            "shape": LATENT_SHAPE,
+            "reference": lambda: cfg_ddim.cfg_ddim_step_reference(*cfg_args),
+            "triton": lambda: cfg_ddim.cfg_ddim_step_triton(*cfg_args),
+        },
+        "color_guidance_step": {
+            "shape": IMAGE_SHAPE,
+            "reference": lambda: color_guidance.color_guidance_step_reference(*color_args),
+            "triton": lambda: color_guidance.color_guidance_step_triton(*color_args),
+        },
+    }
+
+
+def run(device: str | torch.device = "cuda", *, warmup: int = 20, iters: int = 200) -> dict:
+    """Time every kernel against its reference on `device`; returns plain data, prints nothing."""
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    with_triton = device.type == "cuda" and launch.triton_available()
+    if with_triton:
+        note = "fused Triton kernel vs unfused PyTorch"
+    elif device.type == "cuda":
+        note = "Triton is not installed: PyTorch reference only"
+    else:
+        note = "Triton kernels need CUDA (interpreter timings are meaningless): PyTorch reference only"
+    results = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "note": note, "cases": {}}
+    for name, case in _cases(device, dtype).items():
+        reference = time_ms(case["reference"], device, warmup=warmup, iters=iters)
+        fused = time_ms(case["triton"], device, warmup=warmup, iters=iters) if with_triton else None
+        speedup = reference["median_ms"] / fused["median_ms"] if fused else None
+        results["cases"][name] = {"shape": list(case["shape"]), "reference": reference, "triton": fused, "speedup": speedup}
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [
+        f"device {results['device']}, {results['dtype']}: {results['note']}",
+        f"{'op':<21}{'shape':<12}{'impl':<11}{'median ms':>10}{'p90 ms':>9}{'min ms':>9}{'speed-up':>10}",
+    ]
+    for name, case in results["cases"].items():
+        shape = "x".join(map(str, case["shape"]))
+        for impl in ("reference", "triton"):
+            t = case[impl]
+            if t is None:
+                continue
+            speedup = f"{case['speedup']:.2f}x" if impl == "triton" else ""
+            lines.append(f"{name:<21}{shape:<12}{impl:<11}{t['median_ms']:>10.4f}{t['p90_ms']:>9.4f}{t['min_ms']:>9.4f}{speedup:>10}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    args = parser.parse_args()
+    print(format_table(run(args.device, warmup=args.warmup, iters=args.iters)))
+
+
+if __name__ == "__main__":
+    main()

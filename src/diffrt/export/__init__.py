@@ -1,0 +1,1 @@
+"""Export: diffusers components (+ LoRA) -> ONNX -> TensorRT, with a manifest and parity report."""

@@ -1,0 +1,104 @@
+"""torch -> ONNX for one component, written atomically and checked.
+
+The component's spec names the inputs, outputs and dynamic axes; this module only traces.
+Graphs over 2 GB keep their weights in external data beside the .onnx file, in the
+component's own folder (RELIABILITY #6), and the loader checks those files exist.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffrt.components import ComponentSpec
+from diffrt.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+TWO_GB = 2 * 1024**3
+
+
+def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, opset: int = DEFAULT_OPSET,
+                dtype: torch.dtype = torch.float32, external_data_threshold: int = TWO_GB) -> Path:
+    """Trace `module` into folder/model.onnx (+ model.onnx.data when the weights are large).
+
+    The folder is assembled under a temporary name and renamed into place, so an interrupted
+    export leaves no model.onnx that a later run would trust.
+    """
+    import onnx
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        feed = spec.example_feed("opt", dtype=dtype)
+        args = tuple(feed[name] for name in spec.input_names)
+        if dtype != torch.float32:
+            module = copy.deepcopy(module).to(dtype)  # never change the caller's module
+        module.eval()
+        raw = tmp / "raw.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(
+                module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
+            )
+        model = onnx.load(str(raw), load_external_data=True)
+        model = _infer_shapes(model)
+        large = _weights_nbytes(model) > external_data_threshold
+        out = tmp / "model.onnx"
+        onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        for leftover in tmp.iterdir():
+            if leftover.name not in ("model.onnx", "model.onnx.data"):
+                leftover.unlink()
+        onnx.checker.check_model(str(out))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s to %s (opset %d)", spec.name, folder / "model.onnx", opset)
+    return folder / "model.onnx"
+
+
+def _infer_shapes(model):
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # over 2 GB in memory, or an op inference does not know: keep the graph
+        log.debug("ONNX shape inference skipped: %s", exc)
+        return model
+
+
+def _weights_nbytes(model) -> int:
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        total += n * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return total
+
+
+def check_onnx_files(onnx_path: Path) -> None:
+    """The model file and any external data it names must be present (before ORT or TensorRT see them)."""
+    import onnx
+
+    if not onnx_path.is_file():
+        raise ArtifactError(f"{onnx_path} is missing; re-run `diffrt export`")
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location" and not (onnx_path.parent / entry.value).is_file():
+                raise ArtifactError(f"{onnx_path} needs external data {entry.value} beside it, which is missing; copy the whole component folder")

@@ -1,0 +1,57 @@
+"""Parity: does an exported component compute what PyTorch computes?
+
+Comparison is kept apart from loading and running (polygraphy's comparator idea): the caller
+runs both backends on the same feeds, `compare` judges. Error is reported against the scale of
+the reference output, so one tolerance means the same for a UNet's noise and a VAE's pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from diffrt.errors import ArtifactError
+
+# Per-precision tolerances on max |a - b| / max |ref| (RELIABILITY #17: never pass on a warning).
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+@dataclass
+class Parity:
+    max_abs: float
+    median_abs: float
+    max_rel: float  # max_abs / max |reference|
+    cosine: float
+    shapes: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor, shapes: dict | None = None) -> Parity:
+    ref, cand = reference.detach().double().cpu().flatten(), candidate.detach().double().cpu().flatten()
+    if ref.shape != cand.shape:
+        raise ArtifactError(f"output shapes differ: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}")
+    diff = (ref - cand).abs()
+    scale = ref.abs().max().clamp(min=1e-12)
+    cosine = torch.nn.functional.cosine_similarity(ref, cand, dim=0).item()
+    return Parity(diff.max().item(), diff.median().item(), (diff.max() / scale).item(), cosine, shapes or {})
+
+
+def verify_backends(reference, candidate, feeds: list[dict[str, torch.Tensor]], precision: str = "fp32") -> dict:
+    """Run both backends over the feeds; the worst case decides. Raises when outside tolerance."""
+    worst: Parity | None = None
+    for feed in feeds:
+        ref = reference.run(feed)
+        out = candidate.run(feed)
+        for name in ref:
+            p = compare(ref[name], out[name], {k: list(v.shape) for k, v in feed.items()})
+            if worst is None or p.max_rel > worst.max_rel:
+                worst = p
+    tol = TOLERANCE[precision]
+    result = {**worst.to_dict(), "tolerance": tol, "precision": precision, "passed": worst.max_rel <= tol}
+    if not result["passed"]:
+        raise ArtifactError(f"{candidate.spec.name}: exported output differs from PyTorch by {worst.max_rel:.2e} of its scale "
+                            f"(tolerance {tol:.0e} at {precision}) at shapes {worst.shapes}")
+    return result

@@ -1,0 +1,114 @@
+"""`diffrt generate`: one request, from arguments to an image file.
+
+Pixel-space models (the shipped digits, `train class-cond`/`finetune` outputs) and latent
+text-to-image pipelines share this entry; the model folder decides which pipeline runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffrt import atomic
+from diffrt.errors import DiffrtError
+from diffrt.images import save_grid, to_numpy
+from diffrt.runtime.guidance import Guidance, color_guidance
+
+
+@dataclass
+class GenerateRequest:
+    model: str | None = None
+    backend: str = "torch"
+    seed: int = 0
+    num_inference_steps: int = 25
+    out: str = "out.png"
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    num_images: int | None = None
+    eta: float = 0.0
+    class_label: int | None = None
+    controlnet: str | None = None
+    control_image: str | None = None
+    control_scale: float = 1.0
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    color: str | None = None
+    color_scale: float = 60.0
+    clip_prompt: str | None = None
+    clip_model: str | None = None
+    clip_scale: float = 10.0
+    guidance_mode: str = "x0"
+    device: str = "cpu"
+
+
+def is_text_to_image(model: str | None) -> bool:
+    from diffrt.export.artifact import is_text_to_image_dir
+    from diffrt.export.manifest import MANIFEST, read_manifest
+
+    if model is None:
+        return False
+    folder = Path(model)
+    if (folder / MANIFEST).is_file():
+        return read_manifest(folder).get("kind") == "text-to-image"
+    return is_text_to_image_dir(folder)
+
+
+def build_guidance(req: GenerateRequest) -> list[Guidance]:
+    guidance = []
+    if req.color:
+        guidance.append(color_guidance(req.color, req.color_scale, mode=req.guidance_mode))
+    if req.clip_prompt:
+        if not req.clip_model:
+            raise DiffrtError("--clip-prompt needs --clip-model DIR (a local CLIPModel folder; nothing is downloaded)")
+        from diffrt.runtime.clip_guidance import clip_guidance
+
+        guidance.append(clip_guidance(req.clip_model, req.clip_prompt, req.clip_scale, mode=req.guidance_mode, device=req.device))
+    return guidance
+
+
+def generate(req: GenerateRequest):
+    """Run the request; returns the GenerationResult with images as a [N, C, H, W] tensor in [0, 1]."""
+    if req.num_images is not None and req.num_images < 1:
+        raise DiffrtError(f"--num-images must be >= 1, got {req.num_images}")
+    guidance = build_guidance(req)
+    if is_text_to_image(req.model):
+        from diffrt.runtime.text_to_image import generate_text_to_image
+
+        return generate_text_to_image(req, guidance)
+    if req.prompt or req.controlnet or req.control_image:
+        raise DiffrtError("--prompt/--controlnet need a text-to-image model folder; this is a pixel-space model (use --class-label)")
+    if req.loras:
+        raise DiffrtError("--lora at generation time needs a text-to-image model; bake LoRA into pixel models with `diffrt export --lora`")
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    pipe = open_pixel_pipeline(req.model, req.backend, req.device)
+    labels = None
+    if pipe.info.conditioning != "none":
+        labels = torch.arange(pipe.info.num_classes) if req.class_label is None else torch.tensor([req.class_label])
+        if req.class_label is not None and req.num_images:
+            labels = labels.expand(req.num_images)
+    scale = 3.0 if req.guidance_scale is None else req.guidance_scale
+    return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
+                guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
+                output_type="pt")
+
+
+def generate_to_file(req: GenerateRequest):
+    """Generate and write a PNG grid or a .npy array (float32, N x H x W x C in [0, 1])."""
+    out = Path(req.out)
+    if out.suffix.lower() not in (".png", ".npy"):
+        raise DiffrtError(f"--out {out} must end in .png (a grid) or .npy (float32 N x H x W x C)")
+    result = generate(req)
+    images = result.images
+    if out.suffix.lower() == ".npy":
+        with atomic.atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, to_numpy(images))
+    else:
+        nrow = int(np.ceil(np.sqrt(images.shape[0]))) if images.shape[0] > 10 or images.shape[0] < 4 else images.shape[0]
+        save_grid(out, images, nrow=nrow, scale=max(1, 64 // images.shape[-1]))
+    return result, out

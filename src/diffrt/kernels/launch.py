@@ -1,0 +1,92 @@
+"""When diffrt runs its Triton kernels, and how it turns kernel bodies into Triton functions.
+
+The rule, shared by every kernel in this package:
+
+* tensors on CUDA and Triton importable -> the compiled kernel;
+* `DIFFRT_TRITON_INTERPRET=1` (or Triton's own `TRITON_INTERPRET=1`) -> the kernel runs in
+  Triton's interpreter, which also works on CPU tensors; this is how the CPU test suite checks
+  the kernels' arithmetic without a GPU;
+* otherwise -> the PyTorch reference beside each kernel.
+
+Kernel bodies are plain functions at module level, decorated here on first use rather than at
+import. Triton chooses between compiling and interpreting at decoration time, from
+TRITON_INTERPRET as it reads then, so deferring the decoration lets one process hold both
+versions of a kernel and keeps `import diffrt.kernels` working with no Triton installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+
+INTERPRET_ENV_VARS = ("DIFFRT_TRITON_INTERPRET", "TRITON_INTERPRET")
+BLOCK_SIZE = 1024  # elements per program; these kernels are elementwise and memory-bound
+# Stated rather than left to Triton's default, which 3.9 warns is about to change; a fused
+# multiply-add rounds once where a multiply then an add rounds twice.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when `import triton` succeeds (it needs no GPU to import)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_requested() -> bool:
+    """True when the environment asks for Triton's interpreter instead of compiled kernels."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in INTERPRET_ENV_VARS)
+
+
+def should_use_triton(*tensors: torch.Tensor) -> bool:
+    """The dispatch rule above, for the tensors one kernel call would read and write."""
+    if not triton_available():
+        return False
+    return all(t.is_cuda for t in tensors) or interpreter_requested()
+
+
+def needs_interpreter(tensor: torch.Tensor) -> bool:
+    """CPU tensors can only go through the interpreter; CUDA tensors do when it is asked for."""
+    return not tensor.is_cuda or interpreter_requested()
+
+
+@functools.cache
+def jit_kernel(body: Callable[..., Any], *, interpret: bool) -> Any:
+    """`triton.jit(body)`, compiled or interpreted as asked, cached per (body, mode).
+
+    Setting TRITON_INTERPRET around the decoration is the switch that every Triton since 3.0
+    reads; it is restored at once so the process's environment is left as it was.
+    """
+    import triton
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        return triton.jit(body)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def launch_grid(n_elements: int) -> tuple[int]:
+    """One program per BLOCK_SIZE elements of the flattened tensors."""
+    return ((n_elements + BLOCK_SIZE - 1) // BLOCK_SIZE,)
+
+
+def check_same_shape(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Elementwise kernels read every input at the same flat offset, so shapes and devices must agree."""
+    for name, tensor in others.items():
+        if tensor is None:
+            continue
+        if tensor.shape != reference.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(reference.shape)} like {reference_name}")
+        if tensor.device != reference.device:
+            raise ValueError(f"{name} is on {tensor.device}; expected {reference.device} like {reference_name}")

@@ -1,0 +1,75 @@
+"""The onnxruntime backend: CPU, CUDA or TensorRT execution providers, torch tensors in and out.
+
+IO binding hands ONNX Runtime the torch tensors' memory directly, inputs and pre-allocated
+outputs alike, so a step does not copy through NumPy (nor leave the GPU on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from diffrt.components import ComponentSpec
+from diffrt.errors import BackendUnavailableError
+
+_ELEMENT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
+                  torch.bfloat16: "bfloat16"}
+
+
+def default_providers(device: torch.device) -> list:
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if device.type == "cuda":
+        wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have]
+        if not wanted:
+            raise BackendUnavailableError(f"onnxruntime has no CUDA provider here (providers: {', '.join(have)}); pip install onnxruntime-gpu (not both onnxruntime and onnxruntime-gpu)")
+        return [(p, {"device_id": device.index or 0}) for p in wanted] + ["CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, spec: ComponentSpec, device: str | torch.device = "cpu",
+                 providers: list | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.spec = spec
+        self.device = torch.device(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers or default_providers(self.device))
+        self.providers = self.session.get_providers()
+        self._input_dtypes = {i.name: _onnx_dtype(i.type) for i in self.session.get_inputs()}
+        self._output_dtypes = {o.name: _onnx_dtype(o.type) for o in self.session.get_outputs()}
+
+    def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        sizes: dict[str, int] = {}
+        keep = []  # the bound tensors must outlive the run
+        for spec in self.spec.inputs:
+            t = feed[spec.name].to(self.device, self._input_dtypes[spec.name]).contiguous()
+            keep.append(t)
+            sizes.update({d: s for d, s in zip(spec.dims, t.shape) if isinstance(d, str)})
+            binding.bind_input(spec.name, self.device.type, self.device.index or 0, _ELEMENT_TYPES[t.dtype], list(t.shape), t.data_ptr())
+        outputs = {}
+        for spec in self.spec.outputs:
+            out = torch.empty(spec.shape(sizes), dtype=self._output_dtypes[spec.name], device=self.device)
+            binding.bind_output(spec.name, self.device.type, self.device.index or 0, _ELEMENT_TYPES[out.dtype], list(out.shape), out.data_ptr())
+            outputs[spec.name] = out
+        if self.device.type == "cuda":
+            # ORT runs on its own stream: make it see inputs written on torch's current stream.
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+def _onnx_dtype(type_str: str) -> torch.dtype:
+    # ORT reports "tensor(float)", "tensor(float16)", "tensor(int64)", ...
+    name = type_str[len("tensor("):-1]
+    return {"float": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
+            "bfloat16": torch.bfloat16, "double": torch.float64}[name]
