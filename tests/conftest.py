@@ -1,0 +1,58 @@
+"""Shared fixtures: small real diffusers models built in code (no download)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores: one intra-op thread per test process keeps timings stable and avoids oversubscription.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _save_pixel(tmp_path_factory, name: str, conditioning: str):
+    from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
+    from diffrt.runtime.ddim import DDIMConfig
+
+    torch.manual_seed(0)
+    model = build_pixel_model(small_unet_config(16, 3, (16, 32)), conditioning=conditioning,
+                              num_classes=0 if conditioning == "none" else 4, class_embedding_dim=3,
+                              scheduler=DDIMConfig(clip_sample=True))
+    return save_pixel_model(model, tmp_path_factory.mktemp(name) / "model")
+
+
+@pytest.fixture(scope="session")
+def uncond_model_dir(tmp_path_factory):
+    """A randomly initialised unconditional UNet2DModel pipeline folder (16x16 RGB)."""
+    return _save_pixel(tmp_path_factory, "uncond", "none")
+
+
+@pytest.fixture(scope="session")
+def classemb_model_dir(tmp_path_factory):
+    """Class-conditioned through diffusers' num_class_embeds (4 classes + the null label)."""
+    return _save_pixel(tmp_path_factory, "classemb", "class_embedding")
+
+
+@pytest.fixture(scope="session")
+def classchan_model_dir(tmp_path_factory):
+    """Class-conditioned through label-embedding input channels."""
+    return _save_pixel(tmp_path_factory, "classchan", "class_channels")
+
+
+@pytest.fixture(scope="session")
+def shipped_model_dir():
+    from diffrt.models import SHIPPED_DIGITS
+
+    if not (SHIPPED_DIGITS / "unet" / "config.json").is_file():
+        pytest.fail(f"the shipped digits model is missing from {SHIPPED_DIGITS}")
+    return SHIPPED_DIGITS

@@ -1,0 +1,355 @@
+"""LoRA reading and fusing (RELIABILITY rows 7, 8, 12), checked against diffusers itself.
+
+diffusers is the oracle: `load_lora_weights` + `set_adapters` + `fuse_lora` on the tiny
+pipeline must give the same weights as `diffrt.export.lora.fuse_loras` on the same files.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffrt.atomic import save_safetensors, sha256_file
+from diffrt.errors import LoraError
+from diffrt.export.lora import LoraSpec, fuse_loras, fused_state_dict, lora_deltas, read_lora, read_loras
+from diffrt.tiny import tiny_lora_files, tiny_text_to_image
+
+COMPONENTS = ("unet", "text_encoder")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These models are tiny: a second intra-op thread only adds synchronisation, and on a shared
+    # 2-core machine it makes each call 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory) -> Path:
+    return tiny_text_to_image(tmp_path_factory.mktemp("tiny_sd"), seed=0, controlnet=True)
+
+
+@pytest.fixture(scope="module")
+def lora_a(sd_folder, tmp_path_factory) -> dict[str, Path]:
+    return tiny_lora_files(sd_folder, tmp_path_factory.mktemp("lora_a"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def lora_b(sd_folder, tmp_path_factory) -> dict[str, Path]:
+    return tiny_lora_files(sd_folder, tmp_path_factory.mktemp("lora_b"), seed=2)
+
+
+def load_pipeline(folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_components(folder) -> dict[str, torch.nn.Module]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet"),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder"),
+    }
+
+
+def diffusers_fused(folder, loras: list[tuple[Path, float]]) -> dict[str, dict[str, torch.Tensor]]:
+    """What diffusers makes of the files: load each as an adapter, weight them, fuse, unload."""
+    pipe = load_pipeline(folder)
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        pipe.load_lora_weights(path, adapter_name=name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, drops the peft wrappers
+    return {c: getattr(pipe, c).state_dict() for c in COMPONENTS}
+
+
+def diffrt_fused(folder, loras: list[tuple[Path, float]]):
+    components = load_components(folder)
+    report = fuse_loras(components, [(read_lora(path), scale) for path, scale in loras])
+    return {c: m.state_dict() for c, m in components.items()}, report
+
+
+def base_state(folder) -> dict[str, dict[str, torch.Tensor]]:
+    return {c: m.state_dict() for c, m in load_components(folder).items()}
+
+
+def assert_states_close(actual, expected, atol=1e-6):
+    for component in COMPONENTS:
+        assert actual[component].keys() == expected[component].keys()
+        for name, value in expected[component].items():
+            torch.testing.assert_close(actual[component][name], value, atol=atol, rtol=0, msg=f"{component}.{name}")
+
+
+def changed_params(state, base) -> set[str]:
+    return {f"{c}.{k}" for c in COMPONENTS for k, v in state[c].items() if not torch.equal(v, base[c][k])}
+
+
+def generate(pipe, **kwargs) -> torch.Tensor:
+    return pipe(
+        "a photo of the cat", num_inference_steps=2, height=32, width=32, output_type="pt",
+        generator=torch.Generator().manual_seed(0), **kwargs,
+    ).images
+
+
+# --- the tiny pipeline and its fixtures, judged by diffusers ---------------------------------
+
+
+def test_tiny_pipeline_generates(sd_folder):
+    pipe = load_pipeline(sd_folder)
+    image = generate(pipe)
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    assert torch.equal(image, generate(pipe))  # seeded: deterministic
+    assert pipe.vae_scale_factor == 8 and pipe.tokenizer.model_max_length == 77
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+
+
+def test_tiny_controlnet_changes_output(sd_folder):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    controlnet = ControlNetModel.from_pretrained(sd_folder / "controlnet")
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(sd_folder, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    cond = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    on = generate(pipe, image=cond)
+    off = generate(pipe, image=cond, controlnet_conditioning_scale=0.0)
+    other = generate(pipe, image=1 - cond)
+    assert torch.equal(off, generate(load_pipeline(sd_folder)))  # scale 0 is the plain pipeline
+    assert (on - off).abs().max() > 1e-3 and (on - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_lora_fixture_changes_diffusers_output(sd_folder, lora_a, fmt):
+    pipe = load_pipeline(sd_folder)
+    base = generate(pipe)
+    pipe.load_lora_weights(lora_a[fmt], adapter_name="a")
+    with_lora = generate(pipe)
+    at_zero = generate(pipe, cross_attention_kwargs={"scale": 0.0})
+    assert (with_lora - base).abs().max() > 1e-3
+    torch.testing.assert_close(at_zero, base, atol=1e-5, rtol=0)
+
+
+# --- fusing equals diffusers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, scale", [("peft", 0.7), ("kohya", 1.0)])
+def test_fuse_matches_diffusers(sd_folder, lora_a, fmt, scale):
+    lora = read_lora(lora_a[fmt])
+    assert lora.format == fmt
+    ours, report = diffrt_fused(sd_folder, [(lora_a[fmt], scale)])
+    assert_states_close(ours, diffusers_fused(sd_folder, [(lora_a[fmt], scale)]))
+
+    # Every layer of the file was applied (no unmatched keys) and every patched weight moved.
+    (fused,) = report.loras
+    assert fused.num_modules == len(lora.layers) > 0
+    assert set(fused.modules) == set(COMPONENTS)
+    assert fused.sha256 == sha256_file(lora_a[fmt]) and fused.scale == scale
+    patched = {f"{c}.{m}.weight" for c, names in fused.modules.items() for m in names}
+    assert changed_params(ours, base_state(sd_folder)) == patched
+
+
+def test_diffusers_naming_is_read_in_full(sd_folder, lora_a):
+    """The "diffusers" fixture holds the peft fixture's adapter in diffusers' training-script
+    naming (`to_q.lora.down` for attention, `proj_in.lora_A` elsewhere), without the LoraConfig,
+    so alpha = rank instead of 8/4. Fused at scale 1 it must equal the peft file at scale 0.5.
+    (diffusers itself drops the 32 attention modules of this mixed file with only a warning:
+    the silent mismatch of RELIABILITY row 7.)"""
+    lora = read_lora(lora_a["diffusers"])
+    assert lora.format == "diffusers" and all(layer.alpha is None for layer in lora.layers)
+    ours, report = diffrt_fused(sd_folder, [(lora_a["diffusers"], 1.0)])
+    assert report.loras[0].num_modules == len(read_lora(lora_a["peft"]).layers)
+    assert_states_close(ours, diffusers_fused(sd_folder, [(lora_a["peft"], 0.5)]))
+
+
+def test_two_loras_at_different_scales_match_diffusers(sd_folder, lora_a, lora_b):
+    loras = [(lora_a["peft"], 0.8), (lora_b["kohya"], -0.5)]
+    ours, report = diffrt_fused(sd_folder, loras)
+    assert_states_close(ours, diffusers_fused(sd_folder, loras))
+    assert [f.scale for f in report.loras] == [0.8, -0.5]
+
+
+def test_fp16_weights_fuse_in_fp32_and_cast_back(sd_folder, lora_a):
+    lora = read_lora(lora_a["kohya"])
+    fp32 = load_components(sd_folder)
+    fp16 = {c: m.to(torch.float16) for c, m in load_components(sd_folder).items()}
+    fuse_loras(fp32, [(lora, 1.0)])
+    fuse_loras(fp16, [(lora, 1.0)])
+    base = {c: m.half().state_dict() for c, m in load_components(sd_folder).items()}
+    deltas = lora_deltas(base, [(lora, 1.0)])
+    for component, params in deltas.items():
+        state, ref = fp16[component].state_dict(), fp32[component].state_dict()
+        for name, delta in params.items():
+            expected = (base[component][name].float() + delta).half()
+            assert state[name].dtype == torch.float16 and torch.equal(state[name], expected), name
+            torch.testing.assert_close(state[name].float(), ref[name], atol=2e-3, rtol=1e-3)
+
+
+def test_kohya_text_model_prefix_resolves(sd_folder, lora_a, tmp_path):
+    """Published SD 1.x LoRAs name `lora_te_text_model_encoder_...`; transformers 5's CLIPTextModel
+    has no `text_model` level. The name is still found (diffusers strips the prefix too)."""
+    from safetensors.torch import load_file
+
+    renamed = {k.replace("lora_te_", "lora_te_text_model_"): v for k, v in load_file(lora_a["kohya"]).items()}
+    save_safetensors(tmp_path / "te_prefix.safetensors", renamed)
+    ours, _ = diffrt_fused(sd_folder, [(tmp_path / "te_prefix.safetensors", 1.0)])
+    expected, _ = diffrt_fused(sd_folder, [(lora_a["kohya"], 1.0)])
+    assert_states_close(ours, expected, atol=0)
+
+
+# --- unmatched keys are errors, never no-ops (row 7) ------------------------------------------
+
+
+def _kohya_layer(name: str, rank=2, width=32) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.lora_down.weight": torch.ones(rank, width),
+        f"{name}.lora_up.weight": torch.ones(width, rank),
+        f"{name}.alpha": torch.tensor(1.0),
+    }
+
+
+def test_lora_matching_nothing_is_an_error(sd_folder, tmp_path):
+    state = {}
+    for i in range(3):
+        state |= _kohya_layer(f"lora_unet_input_blocks_{i}_1_proj_in")
+    save_safetensors(tmp_path / "ldm_names.safetensors", state)
+    components = load_components(sd_folder)
+    before = {c: m.state_dict() for c, m in components.items()}
+    with pytest.raises(LoraError, match=r"none of its 3 LoRA modules.*lora_unet_input_blocks_0_1_proj_in\.lora_down\.weight"):
+        fuse_loras(components, [(read_lora(tmp_path / "ldm_names.safetensors"), 1.0)])
+    assert not changed_params({c: m.state_dict() for c, m in components.items()}, before)
+
+
+def test_partly_unmatched_lora_lists_the_keys_and_changes_nothing(sd_folder, lora_a, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(lora_a["kohya"])
+    for i in range(7):
+        state |= _kohya_layer(f"lora_unet_down_blocks_9_attentions_{i}_proj_in")
+    save_safetensors(tmp_path / "partial.safetensors", state)
+    lora = read_lora(tmp_path / "partial.safetensors")
+    components = load_components(sd_folder)
+    before = {c: m.state_dict() for c, m in components.items()}
+    with pytest.raises(LoraError) as error:
+        fuse_loras(components, [(lora, 1.0)])
+    message = str(error.value)
+    assert f"7 of its {len(lora.layers)} LoRA modules match no" in message and "and 2 more" in message
+    assert message.count("lora_unet_down_blocks_9_attentions_") == 5 and "\n" not in message
+    assert not changed_params({c: m.state_dict() for c, m in components.items()}, before)
+
+
+def test_lora_for_a_component_not_given_is_an_error(sd_folder, lora_a):
+    unet_only = {"unet": load_components(sd_folder)["unet"]}
+    with pytest.raises(LoraError, match="text_encoder weights but only unet were given"):
+        fuse_loras(unet_only, [(read_lora(lora_a["peft"]), 1.0)])
+
+
+def test_unsupported_keys_are_named(tmp_path):
+    state = _kohya_layer("lora_unet_conv_in") | {"lora_unet_conv_in.dora_scale": torch.ones(1, 32)}
+    save_safetensors(tmp_path / "dora.safetensors", state)
+    with pytest.raises(LoraError, match="DoRA.*lora_unet_conv_in.dora_scale"):
+        read_lora(tmp_path / "dora.safetensors")
+
+
+def test_shape_mismatch_is_an_error(sd_folder, tmp_path):
+    save_safetensors(tmp_path / "wide.safetensors", _kohya_layer("lora_unet_conv_in", width=48))
+    with pytest.raises(LoraError, match="made for another model"):
+        fuse_loras(load_components(sd_folder), [(read_lora(tmp_path / "wide.safetensors"), 1.0)])
+
+
+# --- refits start from the base (row 8) -------------------------------------------------------
+
+
+def test_refit_a_b_a_equals_a_alone(sd_folder, lora_a, lora_b):
+    base = base_state(sd_folder)
+    base_copy = {c: {k: v.clone() for k, v in s.items()} for c, s in base.items()}
+    a, b = [(read_lora(lora_a["peft"]), 1.0)], [(read_lora(lora_b["kohya"]), 0.5)]
+
+    engine = {c: dict(s) for c, s in base.items()}  # stands in for the weights inside an engine
+    for loras in (a, b, a):
+        for component, state in fused_state_dict(base, loras).items():
+            engine[component].update(state)
+
+    only_a = fused_state_dict(base, a)
+    assert_states_close(engine, only_a, atol=0)
+    assert changed_params(engine, base)
+    assert_states_close(base, base_copy, atol=0)  # the base was not touched
+    both = fused_state_dict(base, a + b)
+    assert changed_params(both, only_a)
+
+
+def test_lora_deltas_are_the_fused_difference(sd_folder, lora_a):
+    base = base_state(sd_folder)
+    loras = [(read_lora(lora_a["kohya"]), 0.3)]
+    deltas = lora_deltas(base, loras)
+    fused = fused_state_dict(base, loras)
+    for component, params in deltas.items():
+        for name, delta in params.items():
+            torch.testing.assert_close(fused[component][name] - base[component][name], delta, atol=1e-6, rtol=0)
+            assert delta.abs().max() > 0
+
+
+# --- files and specs (row 12) -----------------------------------------------------------------
+
+
+class _WritesMarker:
+    """Unpickling this object creates a file: the stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_is_refused_without_unpickling(tmp_path):
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_WritesMarker(probe)))
+    assert probe.exists()  # the payload is live: unpickling it would create the marker
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"lora_unet_conv_in.lora_down.weight": _WritesMarker(marker)})
+    for name in ("lora.bin", "lora.ckpt", "lora.pt", "disguised.safetensors"):
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(LoraError, match="pickle|safetensors"):
+            read_lora(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(LoraError, match="LoRA file not found"):
+        read_lora(tmp_path / "nope.safetensors")
+
+
+def test_folder_with_the_diffusers_weight_name_is_read(lora_a):
+    assert read_lora(lora_a["peft"].parent).path == lora_a["peft"]
+
+
+@pytest.mark.parametrize(
+    "text, path, scale",
+    [("a.safetensors", "a.safetensors", 1.0), ("dir/a.safetensors:0.5", "dir/a.safetensors", 0.5),
+     ("a.safetensors:-1e-1", "a.safetensors", -0.1), ("C:\\loras\\a.safetensors", "C:\\loras\\a.safetensors", 1.0)],
+)
+def test_lora_spec_parse(text, path, scale):
+    assert LoraSpec.parse(text) == LoraSpec(Path(path), scale)
+
+
+@pytest.mark.parametrize("text", ["a.safetensors:strong", "a.safetensors:", "a.safetensors:nan", ":0.5"])
+def test_lora_spec_bad_scale(text):
+    with pytest.raises(LoraError, match="FILE|finite"):
+        LoraSpec.parse(text)
+
+
+def test_read_loras_from_specs(lora_a):
+    ((lora, scale),) = read_loras([f"{lora_a['kohya']}:0.25"])
+    assert lora.format == "kohya" and scale == 0.25
