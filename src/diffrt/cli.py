@@ -57,6 +57,33 @@ def _cmd_train_class_cond(args) -> int:
     return 0
 
 
+def _cmd_train_finetune(args) -> int:
+    from diffrt.train.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(model=args.model, data=args.data, crop=args.crop, random_flip=args.random_flip,
+                         label_dropout=args.label_dropout, train=_train_config(args))
+    result = finetune(cfg)
+    print(f"fine-tuned {result.steps} steps ({result.samples_per_second:.1f} samples/s); model: {Path(args.out) / 'model'}")
+    return 0
+
+
+def _cmd_train_dreambooth_lora(args) -> int:
+    from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth_lora
+
+    cfg = DreamBoothConfig(
+        model=args.model, instance_data=args.instance_data, instance_prompt=args.instance_prompt,
+        class_prompt=args.class_prompt, with_prior_preservation=args.with_prior_preservation, class_data=args.class_data,
+        num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight, rank=args.rank,
+        lora_alpha=args.lora_alpha, target_modules=tuple(args.target_modules), train_text_encoder=args.train_text_encoder,
+        resolution=args.resolution, crop=args.crop, random_flip=args.random_flip, validation_prompt=args.validation_prompt,
+        num_validation_images=args.num_validation_images, inference_steps=args.inference_steps,
+        guidance_scale=args.guidance_scale, train=_train_config(args),
+    )
+    result = train_dreambooth_lora(cfg)
+    print(f"trained {result.steps} steps ({result.samples_per_second:.1f} samples/s); LoRA: {Path(args.out) / LORA_WEIGHT_NAME}")
+    return 0
+
+
 def _parse_lora(text: str) -> tuple[str, float]:
     path, _, scale = text.partition(":")
     try:
@@ -81,6 +108,15 @@ def _cmd_export(args) -> int:
         parity = comp.get("parity", {}).get("onnxruntime")
         check = f"max rel err {parity['max_rel']:.1e}, cosine {parity['cosine']:.6f}" if parity else "not verified"
         print(f"  {name:<16} {comp['bytes'] / 1e6:8.2f} MB   {check}")
+    return 0
+
+
+def _cmd_refit(args) -> int:
+    from diffrt.export.refit import refit_artifact
+
+    report = refit_artifact(args.artifacts, [_parse_lora(x) for x in args.lora])
+    for name, comp in report["components"].items():
+        print(f"{name}: {comp['patched']} weights patched, {comp['set']} set from base; engine sha256 {comp['sha256'][:12]}")
     return 0
 
 
@@ -153,6 +189,39 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--num-classes", type=int, default=None, help="expected class count (checked against the data)")
     _add_train_options(cc, "runs/class-cond", steps=2000, batch=64, lr=1e-3)
     cc.set_defaults(func=_cmd_train_class_cond)
+    ft = tsub.add_parser("finetune", help="fine-tune a pretrained UNet2DModel (diffusers folder) on new images")
+    ft.add_argument("--model", required=True, help="diffusers pipeline folder (unet/ + scheduler/) or UNet2DModel folder")
+    ft.add_argument("--data", required=True, help="a folder of images (any size), or 'digits' (bundled); "
+                    "one sub-folder per class for a class-conditioned model")
+    ft.add_argument("--crop", choices=["center", "random"], default="center", help="crop after resizing the short side")
+    ft.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
+    ft.add_argument("--label-dropout", type=float, default=0.1, help="class-conditioned models: probability of the null label")
+    _add_train_options(ft, "runs/finetune", steps=1000, batch=16, lr=1e-4)
+    ft.set_defaults(func=_cmd_train_finetune)
+    db = tsub.add_parser("dreambooth-lora", help="DreamBooth with LoRA (peft) on a text-to-image pipeline folder")
+    db.add_argument("--model", required=True, help="Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)")
+    db.add_argument("--instance-data", required=True, help="folder with a few images of the subject")
+    db.add_argument("--instance-prompt", required=True, help="prompt naming the subject, e.g. 'a photo of sks cat'")
+    db.add_argument("--class-prompt", default=None, help="prompt for the subject's class, e.g. 'a photo of a cat'")
+    db.add_argument("--with-prior-preservation", action="store_true", help="train on class images too (prior-preservation loss)")
+    db.add_argument("--class-data", default=None, help="folder of class images; filled up by the base model (default: OUT/class_images)")
+    db.add_argument("--num-class-images", type=int, default=100)
+    db.add_argument("--prior-loss-weight", type=float, default=1.0)
+    db.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    db.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    db.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"], help="UNet modules to adapt")
+    db.add_argument("--train-text-encoder", action="store_true", help="also train a LoRA on the CLIP text encoder")
+    db.add_argument("--resolution", type=int, default=512, help="training image size in pixels")
+    db.add_argument("--crop", choices=["center", "random"], default="center")
+    db.add_argument("--random-flip", action="store_true")
+    db.add_argument("--validation-prompt", default=None, help="prompt for validation images (default: the instance prompt)")
+    db.add_argument("--validation-every", type=int, dest="sample_every", default=argparse.SUPPRESS, metavar="N",
+                    help="write a grid of validation images every N steps (same as --sample-every)")
+    db.add_argument("--num-validation-images", type=int, default=4)
+    db.add_argument("--inference-steps", type=int, default=25, help="DDIM steps for validation and class images")
+    db.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for validation and class images")
+    _add_train_options(db, "runs/dreambooth-lora", steps=500, batch=1, lr=1e-4)
+    db.set_defaults(func=_cmd_train_dreambooth_lora, lr_warmup_steps=0)
     train.set_defaults(func=lambda a: _missing_sub(train))
 
     # export
@@ -169,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, default=17)
     ex.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
     ex.set_defaults(func=_cmd_export)
+
+    # refit
+    rf = sub.add_parser("refit", help="swap LoRA weights into an artifact's TensorRT engines from its base weights (no rebuild)")
+    rf.add_argument("artifacts", help="artifact folder from `diffrt export --backend tensorrt`")
+    rf.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="repeatable; none restores the base weights")
+    rf.set_defaults(func=_cmd_refit)
 
     # generate
     ge = sub.add_parser("generate", help="generate images with the guided DDIM loop")

@@ -92,7 +92,14 @@ def digits_holdout_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files in `folder`; any other visible file is an error, not something to skip
+    quietly (a stray .heic or .txt would otherwise shrink the dataset without a word)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for p in files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{p} is not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                            "remove it or move it out of the data folder")
+    return files
 
 
 def _require_folder(folder: str | Path) -> Path:
@@ -139,7 +146,7 @@ def load_image_folder(folder: str | Path, size: int, crop: str = "center", rando
 def load_class_folders(folder: str | Path, size: int, crop: str = "center", random_flip: bool = False) -> ImageDataset:
     """One sub-folder per class (sorted by name = label order), images inside each."""
     folder = _require_folder(folder)
-    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} has no class sub-folders; expected one folder of images per class")
     images, labels = [], []

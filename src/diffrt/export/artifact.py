@@ -90,19 +90,27 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
 
     with atomic.file_lock(out.parent / f".{out.name}.lock"):
         (out / mf.MANIFEST).unlink(missing_ok=True)
-        if options.loras:
+        # TensorRT engines keep base weights and take LoRA by refit (refits then never
+        # accumulate); ONNX-only exports bake LoRA into the graph.
+        bake = bool(options.loras) and options.backend != "tensorrt"
+        if bake:
             _fuse_pixel_loras(model, options.loras)
         components = {"unet": _export_component(model.unet, spec, out, options)}
         manifest = {
             "key": key, "kind": "pixel", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"path": str(src.resolve()), "sha256": atomic.sha256_folder(src)},
-            "loras": [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)],
+            "loras": [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else [],
+            "onnx_loras": [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else [],
             "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
             "pipeline": {"scheduler": model.scheduler.to_scheduler_config(), "info": _info_dict(model),
                          "channels": model.unet.out_channels, "sample_size": size},
             "components": components,
         }
         mf.write_manifest(out, manifest)
+        if options.loras and not bake:
+            from diffrt.export.refit import refit_artifact
+
+            refit_artifact(out, options.loras)
     return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
 
 
@@ -117,15 +125,19 @@ def _cached(out: Path, key: str) -> dict | None:
         return None
 
 
-def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, options: ExportOptions) -> dict:
-    """ONNX (+ engine), parity against PyTorch, and the manifest entry for one component."""
+def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, options: ExportOptions,
+                      precision: Precision | None = None) -> dict:
+    """ONNX (+ engine), parity against PyTorch, and the manifest entry for one component.
+
+    `precision` overrides the export's for this component (a VAE kept in fp32, RELIABILITY #5)."""
     from diffrt.export.verify import verify_backends
     from diffrt.runtime.backends.torch_eager import TorchBackend
 
-    dtype = TORCH_DTYPES[options.precision]
+    precision = precision or options.precision
+    dtype = TORCH_DTYPES[precision]
     t0 = time.perf_counter()
     onnx_path = export_onnx(module, spec, out / spec.name, opset=options.opset, dtype=dtype)
-    entry = {"spec": spec_to_dict(spec), "export_seconds": round(time.perf_counter() - t0, 3)}
+    entry = {"spec": spec_to_dict(spec), "precision": precision, "export_seconds": round(time.perf_counter() - t0, 3)}
     files = [p for p in (onnx_path, onnx_path.with_suffix(".onnx.data")) if p.is_file()]
     if options.verify:
         from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -133,11 +145,11 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
         ref = TorchBackend(module, spec, dtype=torch.float32)
         cand = OnnxRuntimeBackend(onnx_path, spec)
         feeds = [spec.example_feed(w, seed=i) for i, w in enumerate(("min", "opt", "max"))]
-        entry["parity"] = {"onnxruntime": verify_backends(ref, cand, feeds, options.precision)}
+        entry["parity"] = {"onnxruntime": verify_backends(ref, cand, feeds, precision)}
     if options.backend == "tensorrt":
         from diffrt.export.tensorrt import build_engine
 
-        engine = build_engine(onnx_path, spec, out / spec.name / "engine.plan", precision=options.precision)
+        engine = build_engine(onnx_path, spec, out / spec.name / "engine.plan", precision=precision)
         files.append(out / spec.name / "engine.plan")
         entry["engine"] = engine
     entry["files"] = {str(p.relative_to(out)): atomic.sha256_file(p) for p in files}

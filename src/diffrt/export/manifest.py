@@ -30,11 +30,24 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _module_version(module: str) -> str | None:
+    """For libraries installed without pip metadata (e.g. TensorRT from NVIDIA's tarball)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module), "__version__", None)
+    except Exception:
+        return None
+
+
 def library_versions() -> dict[str, str | None]:
     import torch
 
     ort = _version("onnxruntime") or _version("onnxruntime-gpu")
-    trt = _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13")
+    trt = _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13") or _module_version("tensorrt")
     return {"diffrt": __version__, "torch": torch.__version__, "diffusers": _version("diffusers"),
             "onnx": _version("onnx"), "onnxruntime": ort, "tensorrt": trt, "python": platform.python_version()}
 

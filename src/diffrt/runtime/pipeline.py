@@ -83,7 +83,7 @@ class PixelPipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
                  generator: torch.Generator | None = None, seed: int | None = None, guidance: tuple[Guidance, ...] | list = (),
                  height: int | None = None, width: int | None = None, output_type: OutputType = "pil",
-                 use_fused_kernel: bool = True, progress=None) -> GenerationResult:
+                 use_fused_kernel: bool = True, progress=None, latents: torch.Tensor | None = None) -> GenerationResult:
         # 1. Check inputs before any work.
         labels = self._labels(class_labels, num_images)
         batch = len(labels) if labels is not None else (num_images or 1)
@@ -100,8 +100,13 @@ class PixelPipeline:
         schedule = ddim.make_schedule(self.scheduler, num_inference_steps)
         t0 = time.perf_counter()
 
-        # 2. Initial noise x_T, drawn on the CPU generator as diffusers does.
-        x = randn((batch, self.channels, height, width), generator, self.device, torch.float32)
+        # 2. Initial noise x_T, drawn on the CPU generator as diffusers does, unless the caller
+        #    brings its own (diffusers' `latents=`): a server batching requests draws each
+        #    request's noise from its own seed, so a batch equals its requests run alone.
+        shape = (batch, self.channels, height, width)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise DiffrtError(f"latents must have shape {shape} (batch, channels, height, width), got {tuple(latents.shape)}")
+        x = latents.to(self.device, torch.float32) if latents is not None else randn(shape, generator, self.device, torch.float32)
 
         # 3. The denoiser: both CFG branches (null label, requested label) in one 2B batch.
         model_labels = None

@@ -53,11 +53,13 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     dataset = load_source(config.data, config.sample_size, labelled=True)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise DiffrtError(f"--num-classes is {config.num_classes} but {config.data} has {dataset.num_classes} class folders; make them match")
-    model = build_pixel_model(
-        small_unet_config(config.sample_size, dataset.images.shape[1], config.widths),
-        conditioning=config.conditioning, num_classes=dataset.num_classes,
-        class_embedding_dim=config.class_embedding_dim, scheduler=DDIMConfig(), class_names=dataset.class_names,
-    )
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow --seed, so reruns match
+        torch.manual_seed(config.train.seed)
+        model = build_pixel_model(
+            small_unet_config(config.sample_size, dataset.images.shape[1], config.widths),
+            conditioning=config.conditioning, num_classes=dataset.num_classes,
+            class_embedding_dim=config.class_embedding_dim, scheduler=DDIMConfig(), class_names=dataset.class_names,
+        )
     if config.train.gradient_checkpointing:
         model.unet.unet.enable_gradient_checkpointing()
     unet = model.unet.train().requires_grad_(True)

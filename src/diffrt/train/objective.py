@@ -14,8 +14,12 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> pr
 
 
 def diffusion_loss(model_fn: ModelFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator,
-                   prediction_type: PredictionType = "epsilon") -> torch.Tensor:
-    """MSE between the model output and its target at uniformly drawn timesteps."""
+                   prediction_type: PredictionType = "epsilon", weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the model output and its target at uniformly drawn timesteps.
+
+    With `weights` [B] the result is sum_i weights_i * MSE_i over the samples instead of the mean:
+    DreamBooth's prior preservation weighs the instance and class halves of one batch this way.
+    """
     b = x0.shape[0]
     t = torch.randint(0, alphas_cumprod.numel(), (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
@@ -29,4 +33,7 @@ def diffusion_loss(model_fn: ModelFn, x0: torch.Tensor, alphas_cumprod: torch.Te
     else:
         target = x0
     pred = model_fn(x_t, t.to(x0.device))
-    return F.mse_loss(pred.float(), target.float())
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (weights.to(per_sample) * per_sample).sum()

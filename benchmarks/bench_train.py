@@ -1,0 +1,139 @@
+"""Training throughput of each trainer at the small configs the tests use, on the CPU.
+
+    python benchmarks/bench_train.py [--steps 40] [--threads 1] [--out benchmarks/results/train_cpu.json]
+
+Each trainer runs through its library entry point (the same code as `diffrt train ...`): first
+a short warm-up run, which absorbs imports, allocator and oneDNN first-call costs, then a timed
+run of `--steps` optimizer steps. Throughput is the loop's own `samples_per_second`: training
+samples over the time spent in optimizer steps (forward, backward, clip, AdamW, EMA), leaving out
+checkpoints and sample grids, whose cost depends on how often one asks for them. A DreamBooth step
+with prior preservation trains on `batch_size` instance images plus as many class images; its
+samples/s counts the instance images only, as diffusers' `--train_batch_size` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diffrt import atomic
+from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
+from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
+from diffrt.train.dreambooth import DreamBoothConfig, train_dreambooth_lora
+from diffrt.train.finetune import FinetuneConfig, finetune
+from diffrt.train.loop import TrainConfig
+
+RESULTS = Path(__file__).parent / "results" / "train_cpu.json"
+
+
+def _train_config(out: Path, steps: int, batch_size: int, lr: float) -> TrainConfig:
+    return TrainConfig(out=str(out), max_steps=steps, batch_size=batch_size, learning_rate=lr, lr_warmup_steps=0,
+                       lr_schedule="constant", checkpoint_every=steps, seed=0)
+
+
+def _cat_folder(folder: Path) -> Path:
+    """Four crops of scikit-image's chelsea, the subject of the fine-tuning and DreamBooth runs."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True)
+    cat = data.chelsea()
+    for i, (top, left, h, w) in enumerate([(0, 0, 300, 300), (40, 120, 200, 260), (20, 60, 120, 90), (100, 200, 180, 240)]):
+        Image.fromarray(cat[top : top + h, left : left + w]).save(folder / f"chelsea-{i}.png")
+    return folder
+
+
+def _trainers(root: Path) -> dict[str, tuple[str, int, callable]]:
+    """name -> (config in words, batch size, run(out, steps) -> TrainResult)."""
+    from diffrt.tiny import tiny_text_to_image
+
+    cats = _cat_folder(root / "cats")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pixel = save_pixel_model(build_pixel_model(small_unet_config(8, 3, (16, 32))), root / "pixel")
+    sd = tiny_text_to_image(root / "sd", seed=0)
+
+    def class_cond(conditioning):
+        return lambda out, steps: train_class_conditioned(ClassCondConfig(
+            data="digits", conditioning=conditioning, sample_size=8, widths=(16, 32), sample_steps=1,
+            train=_train_config(out, steps, 16, 2e-3)))
+
+    def dreambooth(prior: bool, batch_size: int):
+        return lambda out, steps: train_dreambooth_lora(DreamBoothConfig(
+            model=str(sd), instance_data=str(cats), instance_prompt="a photo of sks cat", class_prompt="a photo of a cat" if prior else None,
+            with_prior_preservation=prior, class_data=str(root / "class_images"), num_class_images=4,
+            train_text_encoder=prior, rank=4, resolution=32, num_validation_images=1, inference_steps=1,
+            train=_train_config(out, steps, batch_size, 1e-3)))
+
+    small = "UNet2DModel 8x8, widths (16, 32)"
+    lora = "tiny SD (diffrt.tiny) 32 px / 4x4 latents, LoRA rank 4 on to_q/k/v/out"
+    return {
+        "class-cond (class_embedding)": (f"{small}, digits", 16, class_cond("class_embedding")),
+        "class-cond (class_channels)": (f"{small}, digits", 16, class_cond("class_channels")),
+        "finetune": (f"{small}, chelsea crops", 16, lambda out, steps: finetune(FinetuneConfig(
+            model=str(pixel), data=str(cats), random_flip=True, num_samples=1, sample_steps=1,
+            train=_train_config(out, steps, 16, 1e-3)))),
+        "dreambooth-lora": (lora, 4, dreambooth(prior=False, batch_size=4)),
+        "dreambooth-lora (prior + text encoder)": (f"{lora}, + text encoder LoRA, 2 instance + 2 class", 2,
+                                                   dreambooth(prior=True, batch_size=2)),
+    }
+
+
+def run(steps: int, warmup: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="diffrt-bench-train-") as tmp:
+        root = Path(tmp)
+        for i, (name, (config, batch_size, fn)) in enumerate(_trainers(root).items()):
+            fn(root / f"warmup-{i}", warmup)
+            t0 = time.perf_counter()
+            result = fn(root / f"run-{i}", steps)
+            rows.append({
+                "trainer": name, "config": config, "batch_size": batch_size, "steps": steps,
+                "samples_per_second": round(result.samples_per_second, 2),
+                "ms_per_step": round(1000 * batch_size / result.samples_per_second, 2),
+                "wall_s": round(time.perf_counter() - t0, 2),
+                "first_loss": round(result.losses[0], 4), "last_loss": round(result.losses[-1], 4),
+            })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'trainer':<40} {'batch':>5} {'samples/s':>10} {'ms/step':>9}  config",
+             f"{'-' * 40} {'-' * 5} {'-' * 10} {'-' * 9}  {'-' * 6}"]
+    for r in rows:
+        lines.append(f"{r['trainer']:<40} {r['batch_size']:>5} {r['samples_per_second']:>10.1f} {r['ms_per_step']:>9.1f}  {r['config']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per trainer")
+    parser.add_argument("--warmup", type=int, default=3, help="steps of the untimed warm-up run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: these tiny models are bound by per-op overhead, "
+                             "and one thread cannot oversubscribe a busy 2-core machine)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rows = run(args.steps, args.warmup)
+    report = {
+        "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "load_average_1min_at_start": load, "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": rows,
+    }
+    atomic.write_json(args.out, report)
+    print(format_table(rows))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

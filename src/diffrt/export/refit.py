@@ -1,0 +1,326 @@
+"""Swap LoRA weights into an artifact's TensorRT engines without rebuilding them.
+
+    diffrt refit ARTIFACT --lora style.safetensors:0.8      # refit_artifact(folder, [(path, 0.8)])
+
+Refits never accumulate (RELIABILITY #8): every weight the engine can refit is set on every
+refit, to base + the new LoRAs' deltas, and the base is always the artifact's ONNX
+initializers, never the engine's current weights. So refitting A, then B, then A gives exactly
+A, and refitting with no LoRA restores the base engine.
+
+The ONNX must therefore hold base weights. The manifest's "onnx_loras" records which LoRAs the
+ONNX holds (before the first refit: the export's "loras"); refit refuses an ONNX with LoRAs
+baked in and says to re-export without them. After a refit, "loras" lists the engine's LoRAs
+and "key" becomes a key of (base key, LoRAs), so an export asking for the base model is a
+cache miss until the artifact is refit back to base.
+
+Names. The TorchScript ONNX exporter keeps parameter names for most initializers
+(`net.unet.down_blocks.0.resnets.0.conv1.weight`), but a Linear applied to a 3-D input becomes
+a MatMul whose weight is constant-folded, transposed and renamed (`onnx::MatMul_1147`). The
+weight map matches initializers to the model's parameters by name suffix where it can, else by
+value (also transposed), and is stored beside the ONNX as weight_map.json. It is made from the
+PyTorch module at export (`write_weight_map`), or on the first refit from the source model the
+manifest names, after checking its hash. TensorRT names refittable weights after the ONNX
+initializers, so that is the only mapping needed. What cannot be mapped is reported; a LoRA that
+patches an unmapped weight is refused, never silently skipped (RELIABILITY #7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from diffrt import atomic
+from diffrt.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_MAP = "weight_map.json"
+MAP_FORMAT = 1
+
+
+# --- ONNX initializers ----------------------------------------------------------------------------
+
+
+def onnx_initializers(onnx_path: str | Path) -> dict[str, torch.Tensor]:
+    """Every constant tensor of the graph by name: initializers and Constant-node values."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    tensors = {init.name: _to_torch(numpy_helper.to_array(init)) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    tensors.setdefault(node.output[0], _to_torch(numpy_helper.to_array(attr.t)))
+    return tensors
+
+
+def _to_torch(array) -> torch.Tensor:
+    import numpy as np
+
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: reinterpret the bits
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _digest(t: torch.Tensor) -> str:
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+# --- weight map -------------------------------------------------------------------------------------
+
+
+def _lora_weights(states: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[tuple[str, str], torch.Tensor]:
+    """The parameters a LoRA can patch: 2-D (Linear) and 4-D (Conv2d) `.weight`s, by (component, name)."""
+    return {(c, p): t.detach().cpu() for c, state in states.items() for p, t in state.items()
+            if p.endswith(".weight") and t.ndim in (2, 4)}
+
+
+def build_weight_map(onnx_path: str | Path, states: Mapping[str, Mapping[str, torch.Tensor]],
+                     initializers: Mapping[str, torch.Tensor] | None = None) -> dict:
+    """Match the ONNX's initializers to parameters of `states` ({lora component: state dict}).
+
+    The ONNX must hold the same (base) weights as `states`: matches are checked by value."""
+    inits = dict(initializers) if initializers is not None else onnx_initializers(onnx_path)
+    params = _lora_weights(states)
+    by_name: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for c, p in params:
+        by_name[p].append((c, p))
+    found: dict[str, dict] = {}
+    ambiguous: dict[str, list[str]] = {}
+
+    # 1. By name: the initializer's name ends with the parameter's, at a '.' boundary, same value.
+    for name, value in inits.items():
+        parts = name.split(".")
+        for i in range(len(parts)):
+            hits = [(c, p) for c, p in by_name.get(".".join(parts[i:]), ())
+                    if params[c, p].shape == value.shape and torch.equal(params[c, p].to(value.dtype), value)]
+            if len(hits) > 1:  # the same weights under two components: the name's prefix decides
+                hits = [(c, p) for c, p in hits if c in parts[:i]] or hits
+            if len(hits) == 1:
+                found[name] = {"component": hits[0][0], "param": hits[0][1], "transpose": False}
+                break
+            if hits:
+                ambiguous[name] = [f"{c}.{p}" for c, p in hits]
+                break
+
+    # 2. By value: constant-folded weights renamed by the exporter (MatMul weights are transposed).
+    rest = {n: v for n, v in inits.items() if n not in found and n not in ambiguous and v.ndim in (2, 4)}
+    index: dict[tuple, list[tuple[str, str, bool]]] = defaultdict(list)
+    for dtype in {v.dtype for v in rest.values()}:
+        for (c, p), t in params.items():
+            t = t.to(dtype)
+            index[dtype, tuple(t.shape), _digest(t)].append((c, p, False))
+            if t.ndim == 2:
+                index[dtype, tuple(t.shape[::-1]), _digest(t.T)].append((c, p, True))
+    for name, value in rest.items():
+        hits = index.get((value.dtype, tuple(value.shape), _digest(value)), [])
+        if len(hits) == 1:
+            c, p, transpose = hits[0]
+            found[name] = {"component": c, "param": p, "transpose": transpose}
+        elif hits:
+            ambiguous[name] = [f"{c}.{p}" for c, p, _ in hits]
+
+    located = {(e["component"], e["param"]) for e in found.values()}
+    unlocated = sorted(f"{c}.{p}" for c, p in params if (c, p) not in located)
+    if unlocated:
+        log.info("%d LoRA-patchable weights have no initializer in %s (a LoRA on them will be refused): %s",
+                 len(unlocated), onnx_path, ", ".join(unlocated[:5]))
+    return {
+        "format": MAP_FORMAT, "onnx_sha256": atomic.sha256_file(onnx_path), "weights": found,
+        "params": {c: {p: list(params[c, p].shape) for cc, p in params if cc == c} for c in states},
+        "unlocated": unlocated, "ambiguous": ambiguous,
+    }
+
+
+def write_weight_map(onnx_path: str | Path, states: Mapping[str, Mapping[str, torch.Tensor]]) -> Path:
+    """Build the weight map and store it beside the ONNX (call at export, while the module is loaded)."""
+    onnx_path = Path(onnx_path)
+    path = onnx_path.parent / WEIGHT_MAP
+    atomic.write_json(path, build_weight_map(onnx_path, states))
+    return path
+
+
+def read_weight_map(onnx_path: str | Path) -> dict | None:
+    """The stored weight map of this ONNX, or None when missing or made for another ONNX."""
+    path = Path(onnx_path).parent / WEIGHT_MAP
+    if not path.is_file():
+        return None
+    try:
+        wmap = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if wmap.get("format") != MAP_FORMAT or wmap.get("onnx_sha256") != atomic.sha256_file(onnx_path):
+        return None
+    return wmap
+
+
+# --- weights for a refit (CPU) ----------------------------------------------------------------------
+
+
+@dataclass
+class RefitWeights:
+    weights: dict[str, torch.Tensor]  # every constant of the ONNX: base, or base + delta where patched
+    patched: list[str] = field(default_factory=list)  # initializer names that differ from base
+
+
+def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple[object, float]],
+                  initializers: Mapping[str, torch.Tensor] | None = None) -> RefitWeights:
+    """Base weights from the ONNX plus the LoRAs' deltas (added in fp32, cast back). `loras` are
+    (LoraFile, scale) pairs from `diffrt.export.lora.read_lora`. Pure: reads the base every time."""
+    from diffrt.export.lora import lora_deltas
+
+    base = dict(initializers) if initializers is not None else onnx_initializers(onnx_path)
+    targets: dict[tuple[str, str], list[tuple[str, bool]]] = defaultdict(list)
+    for name, e in weight_map["weights"].items():
+        targets[e["component"], e["param"]].append((name, e["transpose"]))
+    # LoRA names are resolved against every patchable parameter, mapped or not, so that a LoRA
+    # on an unmapped weight is named below instead of being reported as a foreign key.
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for c, shapes in weight_map["params"].items():
+        state[c] = {}
+        for p, shape in shapes.items():
+            hit = targets.get((c, p))
+            if hit:
+                name, transpose = hit[0]
+                state[c][p] = base[name].T if transpose else base[name]
+            else:
+                state[c][p] = torch.empty(shape, device="meta")
+    deltas = lora_deltas(state, list(loras))
+    out = dict(base)
+    unmapped = []
+    for c, params in deltas.items():
+        for p, delta in params.items():
+            if (c, p) not in targets:
+                unmapped.append(f"{c}.{p}")
+            for name, transpose in targets.get((c, p), ()):
+                init = base[name]
+                out[name] = (init.float() + (delta.T if transpose else delta)).to(init.dtype)
+    if unmapped:
+        raise ArtifactError(f"the LoRA patches {len(unmapped)} weights that {onnx_path} holds under no initializer diffrt "
+                            f"could identify ({', '.join(sorted(unmapped)[:5])}); the engine cannot take this LoRA by refit: "
+                            "export with --lora instead")
+    return RefitWeights(out, sorted(n for n in out if out[n] is not base[n]))
+
+
+# --- engines (GPU) -----------------------------------------------------------------------------------
+
+
+def refit_engine(engine_path: str | Path, weights: RefitWeights, device: str | torch.device = "cuda") -> dict:
+    """Set every refittable weight of the engine from `weights`, then rewrite the engine atomically."""
+    from diffrt.export.tensorrt import trt_logger
+    from diffrt.runtime.backends.tensorrt import load_engine, torch_dtype
+
+    engine_path = Path(engine_path)
+    device = torch.device(device)
+    trt, _runtime, engine = load_engine(engine_path, device)
+    logger = trt_logger()
+    with torch.cuda.device(device):
+        refitter = trt.Refitter(engine, logger)
+        refittable = set(refitter.get_all_weights())
+        absent = sorted(n for n in weights.patched if n not in refittable)
+        if absent:
+            raise ArtifactError(f"{engine_path}: TensorRT folded weights the LoRA patches into others, so they cannot be refit "
+                                f"({', '.join(absent[:5])}); export with --lora instead")
+        keep = []  # TensorRT reads the host weights during refit_cuda_engine: keep them alive until then
+        for name in sorted(refittable & weights.weights.keys()):
+            proto = refitter.get_weights_prototype(name)
+            if proto.size == 0:
+                continue
+            t = weights.weights[name].to(torch_dtype(trt, proto.dtype)).contiguous().cpu()
+            if t.numel() != proto.size:
+                raise ArtifactError(f"{engine_path}: weight {name} has {proto.size} values in the engine, {t.numel()} in the "
+                                    "ONNX; rebuild the engine")
+            keep.append(t)
+            if not refitter.set_named_weights(name, trt.Weights(proto.dtype, t.data_ptr(), t.numel())):
+                raise ArtifactError(f"{engine_path}: TensorRT refused new values for weight {name}")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise ArtifactError(f"{engine_path}: refit needs weights that are not in the ONNX: {', '.join(missing[:5])}; "
+                                "rebuild the engine")
+        if not refitter.refit_cuda_engine():
+            raise ArtifactError(f"{engine_path}: TensorRT could not refit the engine [{' | '.join(logger.errors[-2:])}]")
+        del keep
+        plan = engine.serialize()
+    atomic.write_bytes(engine_path, memoryview(plan))
+    return {"refittable": len(refittable), "set": len(refittable & weights.weights.keys()), "patched": len(weights.patched),
+            "not_in_onnx": sorted(refittable - weights.weights.keys()), "sha256": atomic.sha256_file(engine_path)}
+
+
+# --- artifact ----------------------------------------------------------------------------------------
+
+
+def _source_states(folder: Path, manifest: dict, component: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{lora component: state dict} of the source model, for a weight map made at refit time."""
+    source = Path(manifest["source"]["path"])
+    if manifest.get("kind") != "pixel" or component != "unet":
+        raise ArtifactError(f"{folder / component} has no {WEIGHT_MAP}; re-export the artifact with this diffrt to refit it")
+    if not source.is_dir() or atomic.sha256_folder(source) != manifest["source"]["sha256"]:
+        raise ArtifactError(f"{folder / component} has no {WEIGHT_MAP} and its source model {source} is missing or changed "
+                            "since export; re-export the artifact to refit it")
+    from diffrt.models import load_pixel_model
+
+    return {"unet": load_pixel_model(source).unet.unet.state_dict()}
+
+
+def refit_artifact(folder: str | Path, loras: Sequence[tuple[str | Path, float]], device: str | torch.device = "cuda") -> dict:
+    """Refit every engine of an artifact folder with `loras` [(file, scale)], from the base weights.
+
+    No LoRA restores the base engine. Running backends keep the engine they loaded: reopen them."""
+    from diffrt.export import manifest as mf
+    from diffrt.export.lora import read_lora
+
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    with atomic.file_lock(folder.parent / f".{folder.name}.lock"):  # the lock `diffrt export` takes
+        manifest = mf.read_manifest(folder)
+        mf.verify_files(folder, manifest)
+        baked = manifest.get("onnx_loras", manifest.get("loras", []))
+        if baked:
+            raise ArtifactError(f"{folder}: its ONNX has LoRA {', '.join(Path(x['path']).name for x in baked)} baked in, and a "
+                                "refit must start from base weights; re-export without --lora, then `diffrt refit`")
+        engines = [name for name, comp in manifest["components"].items() if "engine" in comp]
+        if not engines:
+            raise ArtifactError(f"{folder} has no TensorRT engine to refit; export it with `diffrt export --backend tensorrt`")
+        for name in engines:
+            mf.check_engine_compatible(manifest["components"][name]["engine"])
+        files = [(read_lora(path), float(scale)) for path, scale in loras]
+        parts = [{"path": str(f.path), "sha256": f.sha256, "scale": s} for f, s in files]
+
+        # Weights for every engine first (CPU; raises before any engine changes), then refit.
+        plans = {}
+        for name in engines:
+            onnx_path = folder / name / "model.onnx"
+            wmap = read_weight_map(onnx_path)
+            if wmap is None:
+                write_weight_map(onnx_path, _source_states(folder, manifest, name))
+                wmap = read_weight_map(onnx_path)
+            plans[name] = refit_weights(onnx_path, wmap, files)
+        report = {}
+        for name in engines:
+            comp = manifest["components"][name]
+            result = refit_engine(folder / name / "engine.plan", plans[name], device)
+            comp["engine"].update(sha256=result["sha256"], loras=parts)
+            for rel in (f"{name}/engine.plan", f"{name}/{WEIGHT_MAP}"):
+                comp["files"][rel] = atomic.sha256_file(folder / rel)
+            comp["bytes"] = sum((folder / rel).stat().st_size for rel in comp["files"])
+            report[name] = result
+            log.info("refit %s: %d of %d weights patched", folder / name / "engine.plan", result["patched"], result["set"])
+
+        # The manifest last: until it is written the engine's hash differs and the folder is refused.
+        base_key = manifest.get("refit", {}).get("base_key", manifest["key"])
+        lora_key = [{"sha256": p["sha256"], "scale": p["scale"]} for p in parts]
+        manifest.update(onnx_loras=[], loras=parts, key=mf.cache_key({"base": base_key, "loras": lora_key}) if parts else base_key,
+                        refit={"base_key": base_key, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        mf.write_manifest(folder, manifest)
+    return {"folder": str(folder), "loras": parts, "components": report, "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,197 @@
+"""The TensorRT backend: a serialized engine run on torch tensors, on the GPU, with no host copies.
+
+    backend = TensorRTBackend("artifact/unet/engine.plan", spec)
+    backend.run({"sample": x, "timestep": t}) -> {"noise_pred": eps}
+
+Inputs are bound by address (`set_tensor_address(name, tensor.data_ptr())`), outputs are torch
+tensors allocated from the shapes TensorRT infers, and `execute_async_v3` is enqueued on a CUDA
+stream; nothing passes through NumPy or the host.
+
+Threads (RELIABILITY #14). An execution context holds per-run state (input shapes, bound
+addresses, scratch memory), so two threads must never drive one context at once. Each backend
+owns one context and one CUDA stream, and `run` holds a lock: sharing one backend between
+threads is safe but serial. For concurrency give each worker thread its own `backend.clone()`
+(a new context and stream on the same deserialized engine, so the weights are not duplicated).
+
+Streams. `run` waits for the caller's current stream before reading the inputs, and makes the
+caller's stream wait for the engine before the outputs are used, so the caller never syncs.
+
+CUDA graphs (`cuda_graph=True`). Launch overhead is a real share of a small UNet's step. The
+first run for each input-shape key captures the engine's launch into a CUDA graph over static
+input/output buffers; later runs of that shape copy the inputs in, replay, and return copies
+of the outputs (the static buffers are overwritten by the next replay). A graph is only worth
+it where shapes repeat, as in a service with a fixed set of batch sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from diffrt.components import ComponentSpec
+from diffrt.errors import ArtifactError, BackendUnavailableError, ShapeOutOfRangeError
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 16  # shape keys captured per backend; later keys run without a graph
+
+
+def torch_dtype(trt, trt_type) -> torch.dtype:
+    """The torch dtype of a TensorRT DataType."""
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool}
+    for name, dtype in (("BF16", torch.bfloat16), ("INT64", torch.int64), ("UINT8", torch.uint8)):
+        if hasattr(trt.DataType, name):
+            table[getattr(trt.DataType, name)] = dtype
+    if trt_type not in table:
+        raise ArtifactError(f"engine tensor type {trt_type} has no torch equivalent diffrt handles")
+    return table[trt_type]
+
+
+def load_engine(engine_path: str | Path, device: torch.device):
+    """Deserialize an engine file on `device`; a typed error if TensorRT refuses it."""
+    from diffrt.export.tensorrt import import_tensorrt, trt_logger
+
+    trt = import_tensorrt()
+    path = Path(engine_path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; build it with `diffrt export --backend tensorrt`")
+    logger = trt_logger()
+    with torch.cuda.device(device):
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        why = " | ".join(logger.errors[-2:]) or "no error logged"
+        raise ArtifactError(f"TensorRT {trt.__version__} could not load {path} (truncated, or built by another TensorRT "
+                            f"version or GPU) [{why}]; rebuild it with `diffrt export --backend tensorrt`")
+    return trt, runtime, engine
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, spec: ComponentSpec, device: str | torch.device = "cuda",
+                 cuda_graph: bool = False):
+        self.spec = spec
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise BackendUnavailableError(f"the tensorrt backend runs on a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.engine_path = Path(engine_path)
+        self.cuda_graph = cuda_graph
+        # The runtime must outlive the engine, and the engine its contexts: keep all three.
+        self._trt, self._runtime, self.engine = load_engine(engine_path, self.device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == self._trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names if n not in self._inputs]
+        self._check_signature()
+        self._dtypes = {n: torch_dtype(self._trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self._open_context()
+
+    def _check_signature(self) -> None:
+        """The engine must have the spec's tensors and accept at least the spec's ranges."""
+        if sorted(self._inputs) != sorted(self.spec.input_names) or sorted(self._outputs) != sorted(self.spec.output_names):
+            raise ArtifactError(f"{self.engine_path} has inputs {self._inputs} and outputs {self._outputs}; the {self.spec.name} "
+                                f"spec expects {self.spec.input_names} -> {self.spec.output_names}; re-export")
+        from diffrt.export.tensorrt import engine_profile
+
+        for name, shapes in engine_profile(self.spec).items():
+            lo, _, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
+            if any(a < b for a, b in zip(shapes["min"], lo)) or any(a > b for a, b in zip(shapes["max"], hi)):
+                raise ArtifactError(f"{self.engine_path}: the engine's profile for {name} is {lo}..{hi}, narrower than the "
+                                    f"manifest's {shapes['min']}..{shapes['max']}; rebuild the engine")
+
+    def _open_context(self) -> None:
+        with torch.cuda.device(self.device):
+            self.context = self.engine.create_execution_context()
+            if self.context is None:
+                raise ArtifactError(f"TensorRT could not create an execution context for {self.engine_path} (out of GPU memory?)")
+            self.stream = torch.cuda.Stream(self.device)
+        self._lock = threading.Lock()
+        self._graphs: dict[tuple, tuple[dict, dict, torch.cuda.CUDAGraph] | None] = {}
+
+    def clone(self) -> TensorRTBackend:
+        """A backend on the same engine with its own context and stream: one per worker thread."""
+        twin = copy.copy(self)
+        twin._open_context()
+        return twin
+
+    def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Check against the built ranges first (RELIABILITY #3): a typed error naming the range,
+        # never TensorRT's "no valid profile". The pipeline reports CFG's doubled batch itself.
+        self.spec.check(feed)
+        with self._lock, torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)  # inputs written on the caller's stream are ready
+            with torch.cuda.stream(self.stream):
+                inputs = {n: feed[n].to(self.device, self._dtypes[n]).contiguous() for n in self._inputs}
+                outputs = self._run_graph(inputs) if self.cuda_graph else self._execute(inputs)
+                for t in inputs.values():
+                    t.record_stream(self.stream)  # the engine may still be reading them
+            caller.wait_stream(self.stream)
+            for t in outputs.values():
+                t.record_stream(caller)  # allocated on our stream, used on the caller's
+        return outputs
+
+    def _bind(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Set shapes and addresses; allocate the outputs at the shapes TensorRT infers."""
+        ctx = self.context
+        for name, t in inputs.items():
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise ShapeOutOfRangeError(f"{self.spec.name}.{name}: shape {tuple(t.shape)} is outside the engine's profile "
+                                           f"{self.engine.get_tensor_profile_shape(name, 0)}")
+            ctx.set_tensor_address(name, t.data_ptr())
+        outputs = {}
+        for name in self._outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise ArtifactError(f"{self.spec.name}.{name}: TensorRT could not infer the output shape ({shape}) from the inputs")
+            out = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+            ctx.set_tensor_address(name, out.data_ptr())
+            outputs[name] = out
+        return outputs
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run {self.spec.name} ({self.engine_path}); see the TensorRT log above")
+
+    def _execute(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = self._bind(inputs)
+        self._enqueue()
+        return outputs
+
+    def _run_graph(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        key = tuple((n, tuple(t.shape)) for n, t in inputs.items())
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(inputs) if len(self._graphs) < MAX_GRAPHS else None
+        entry = self._graphs[key]
+        if entry is None:
+            return self._execute(inputs)
+        static_in, static_out, graph = entry
+        for name, t in inputs.items():
+            static_in[name].copy_(t)
+        graph.replay()
+        return {name: t.clone() for name, t in static_out.items()}
+
+    def _capture(self, inputs: dict[str, torch.Tensor]):
+        """Capture one launch for this shape key over static buffers; None if it cannot be captured."""
+        static_in = {name: t.clone() for name, t in inputs.items()}
+        static_out = self._bind(static_in)
+        # TensorRT does shape-dependent setup on the first launch after a shape change; that
+        # launch must happen outside the capture.
+        self._enqueue()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self._enqueue()
+        except Exception as exc:  # a layer that cannot be captured: run this shape without a graph
+            log.warning("%s: CUDA graph capture failed for shapes %s (%s); running without a graph", self.spec.name,
+                        {n: tuple(t.shape) for n, t in inputs.items()}, exc)
+            return None
+        log.debug("%s: captured a CUDA graph for %s", self.spec.name, {n: tuple(t.shape) for n, t in inputs.items()})
+        return static_in, static_out, graph

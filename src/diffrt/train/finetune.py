@@ -1,0 +1,140 @@
+"""`diffrt train finetune`: adapt a pretrained pixel-space UNet2DModel to new images.
+
+The model comes from a diffusers folder (a pipeline folder with unet/ + scheduler/, or a bare
+UNet2DModel folder) and keeps everything it was trained with: the noise schedule and the
+prediction type of its own scheduler config define the DDPM objective here (Ho et al. 2020,
+Algorithm 1), and a class-conditioned model keeps its labels (and label dropout, so it stays
+usable with classifier-free guidance). Images of any size are resized and cropped to the
+model's sample size. The result is a pipeline folder (`out/model`) that
+`UNet2DModel.from_pretrained(out/model, subfolder="unet")` and `diffrt export` both read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from diffrt.data import ImageDataset, load_source
+from diffrt.errors import DataError, DiffrtError
+from diffrt.models import PixelModel, load_pixel_model, save_pixel_model
+from diffrt.runtime.ddim import make_alphas_cumprod
+from diffrt.train.loop import TrainConfig, TrainResult, train
+from diffrt.train.objective import diffusion_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    model: str
+    data: str = "digits"
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+    label_dropout: float = 0.1  # class-conditioned models only
+    num_samples: int = 16  # images in each sample grid (per class for a class-conditioned model: 8)
+    sample_steps: int = 25
+    sample_guidance_scale: float = 3.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/finetune", learning_rate=1e-4))
+
+    def validate(self) -> None:
+        if self.crop not in ("center", "random"):
+            raise DiffrtError(f"--crop must be 'center' or 'random', got {self.crop!r}")
+        if not 0 <= self.label_dropout < 1:
+            raise DiffrtError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+        if self.num_samples < 1 or self.sample_steps < 1:
+            raise DiffrtError(f"need num_samples >= 1 and sample_steps >= 1, got {self.num_samples} and {self.sample_steps}")
+        self.train.validate()
+
+
+def finetune(config: FinetuneConfig) -> TrainResult:
+    # 1. Model and data, checked before any step runs.
+    config.validate()
+    _require_unet2d(Path(config.model))
+    model = load_pixel_model(config.model)
+    dataset = _load_data(config, model)
+    if config.train.gradient_checkpointing:
+        model.unet.unet.enable_gradient_checkpointing()
+    unet = model.unet.train().requires_grad_(True)
+    alphas_cumprod = make_alphas_cumprod(model.scheduler)
+    null = model.info.null_class_label
+    n, bs = len(dataset), config.train.batch_size
+    log.info("fine-tuning %s on %d images of %s (%s, prediction_type=%s)", config.model, n, config.data,
+             model.info.conditioning, model.scheduler.prediction_type)
+
+    # 2. The loss of one micro-batch: a pure function of the step's generator.
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        device = next(unet.parameters()).device
+        idx = torch.randint(0, n, (bs,), generator=g)
+        x0, labels = dataset.batch(idx, g)
+        if null is None:
+            return diffusion_loss(lambda x_t, t: unet(x_t, t), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
+        drop = torch.rand(bs, generator=g) < config.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, null), labels).to(device)
+        return diffusion_loss(lambda x_t, t: unet(x_t, t, labels), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
+
+    # 3. A sample grid every N steps (one row per class for a class-conditioned model).
+    def sample_fn() -> torch.Tensor:
+        from diffrt.runtime.loading import torch_pixel_pipeline
+
+        pipe = torch_pixel_pipeline(model, device=next(unet.parameters()).device)
+        if null is None:
+            result = pipe(num_images=config.num_samples, num_inference_steps=config.sample_steps, seed=0,
+                          output_type="pt", use_fused_kernel=False)
+        else:
+            labels = torch.arange(model.info.num_classes).repeat_interleave(8)
+            result = pipe(labels, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale,
+                          seed=0, output_type="pt", use_fused_kernel=False)
+        return result.images
+
+    started = time.time()
+    return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),
+                 sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": asdict(config)})
+
+
+def _require_unet2d(folder: Path) -> None:
+    """A text-to-image folder also has unet/config.json; say which trainer fits it instead."""
+    config_file = folder / "unet" / "config.json" if (folder / "unet").is_dir() else folder / "config.json"
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name", "UNet2DModel")
+    except (OSError, ValueError):
+        return  # load_pixel_model reports a missing or unreadable config
+    if class_name != "UNet2DModel":
+        raise DiffrtError(f"{folder} holds a {class_name}; `diffrt train finetune` fine-tunes a pixel-space UNet2DModel "
+                          "(for a text-to-image pipeline use `diffrt train dreambooth-lora`)")
+
+
+def _load_data(config: FinetuneConfig, model: PixelModel) -> ImageDataset:
+    """The images at the model's sample size and channel count (and its labels, if it has classes)."""
+    info = model.info
+    labelled = info.conditioning != "none"
+    dataset = load_source(config.data, model.unet.sample_size, labelled=labelled, crop=config.crop,
+                          random_flip=config.random_flip)
+    if labelled and dataset.num_classes != info.num_classes:
+        raise DataError(f"{config.model} is conditioned on {info.num_classes} classes but {config.data} has "
+                        f"{dataset.num_classes} ({', '.join(dataset.class_names)}); give one folder per class of the model")
+    channels = model.unet.out_channels
+    if channels == 1:
+        # Greyscale model: average the RGB channels (and a tint would need three of them).
+        dataset.images = dataset.images.mean(dim=1, keepdim=True)
+        dataset.random_tint = False
+    elif channels != 3:
+        raise DataError(f"{config.model} has {channels} image channels; fine-tuning on images supports 1 (grey) or 3 (RGB)")
+    return dataset
+
+
+def _save(model: PixelModel, out: Path, config: FinetuneConfig, started: float) -> None:
+    model.info.training = {
+        "trainer": "finetune", "base_model": str(config.model), "data": config.data,
+        "seed": config.train.seed, "steps": config.train.max_steps, "batch_size": config.train.batch_size,
+        "learning_rate": config.train.learning_rate, "wall_time_s": round(time.time() - started, 1),
+        "torch": torch.__version__,
+    }
+    model.unet.eval()
+    save_pixel_model(model, out / "model")
+    log.info("saved the fine-tuned model to %s", out / "model")

@@ -1,0 +1,421 @@
+"""TensorRT: profiles, the build and engine guards, refit from base weights, and the backend.
+
+CPU tests cover what needs no TensorRT: the profile, typing and failure messages, the manifest
+guards (RELIABILITY #1, #2), the unavailable-backend message, and the refit weights themselves
+(checked by running them through ONNX Runtime against PyTorch with the LoRA fused). `gpu` tests
+build and run real engines and skip without CUDA and TensorRT.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffrt.atomic import save_safetensors
+from diffrt.components import TensorSpec, ComponentSpec, pixel_unet_spec
+from diffrt.errors import ArtifactError, BackendUnavailableError, LoraError, ShapeOutOfRangeError
+from diffrt.export import manifest as mf
+from diffrt.export.tensorrt import (build_engine, engine_entry, engine_profile, explain_build_failure,
+                                    serialize_network, strongly_typed_build)
+from diffrt.runtime.backends import available_backends, backend_available
+
+
+def _tensorrt_ready() -> bool:
+    return backend_available("tensorrt")  # CUDA present and `import tensorrt` works
+
+
+needs_trt = pytest.mark.skipif(not _tensorrt_ready(), reason="needs CUDA and TensorRT")
+BATCH = (1, 2, 4)
+
+
+# --- fixtures: a tiny class-conditioned pixel model, its ONNX, and LoRA files -----------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
+
+    torch.manual_seed(0)
+    model = build_pixel_model(small_unet_config(sample_size=8, widths=(8, 16), attention=True),
+                              conditioning="class_channels", num_classes=3)
+    return save_pixel_model(model, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(model_dir, tmp_path_factory) -> Path:
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+
+    return export_pixel_model(model_dir, tmp_path_factory.mktemp("art") / "onnx", ExportOptions(batch=BATCH, verify=False)).folder
+
+
+# Modules of the UNet2DModel: attention projections (exported as renamed, transposed MatMul
+# weights), a 3x3 resnet conv and a 1x1 shortcut conv (exported under their own names).
+LORA_TARGETS = ["down_blocks.1.attentions.0.to_q", "mid_block.attentions.0.to_v", "up_blocks.1.attentions.1.to_out.0",
+                "down_blocks.0.resnets.0.conv1", "up_blocks.0.resnets.0.conv_shortcut"]
+
+
+def make_lora(model_dir: Path, path: Path, seed: int, targets=LORA_TARGETS, rank: int = 2) -> Path:
+    """A peft-format LoRA file (`unet.<module>.lora_A.weight` / `lora_B.weight`) with random weights."""
+    from diffrt.models import load_pixel_model
+
+    modules = dict(load_pixel_model(model_dir).unet.unet.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in targets:
+        w = modules[name].weight
+        down_shape = (rank, *w.shape[1:]) if w.ndim == 4 else (rank, w.shape[1])
+        up_shape = (w.shape[0], rank, 1, 1) if w.ndim == 4 else (w.shape[0], rank)
+        tensors[f"unet.{name}.lora_A.weight"] = torch.randn(down_shape, generator=g) * 0.3
+        tensors[f"unet.{name}.lora_B.weight"] = torch.randn(up_shape, generator=g) * 0.3
+    save_safetensors(path, tensors)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loras(model_dir, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("loras")
+    return {"A": make_lora(model_dir, folder / "a.safetensors", 1), "B": make_lora(model_dir, folder / "b.safetensors", 2)}
+
+
+def torch_unet(model_dir: Path, lora: list[tuple[Path, float]] = ()):
+    from diffrt.export.lora import fuse_loras, read_lora
+    from diffrt.models import load_pixel_model
+
+    unet = load_pixel_model(model_dir).unet
+    if lora:
+        fuse_loras({"unet": unet.unet}, [(read_lora(p), s) for p, s in lora])
+    return unet
+
+
+# --- profile, typing, build failures (no TensorRT needed) -------------------------------------------
+
+
+def test_engine_profile_covers_every_dynamic_input():
+    spec = pixel_unet_spec(3, 8, conditioned=True, num_labels=4, batch=(1, 2, 4), size=(8, 16, 32))
+    profile = engine_profile(spec)
+    assert profile["sample"] == {"min": (1, 3, 8, 8), "opt": (2, 3, 16, 16), "max": (4, 3, 32, 32)}
+    assert profile["timestep"] == {"min": (1,), "opt": (2,), "max": (4,)}
+    assert profile["class_labels"] == {"min": (1,), "opt": (2,), "max": (4,)}
+
+
+def test_engine_profile_skips_fixed_inputs_and_refuses_missing_ranges():
+    spec = ComponentSpec("vae_decoder", (TensorSpec("latent", (1, 4, 8, 8)), TensorSpec("scale", ("batch",))),
+                         (TensorSpec("image", (1, 3, 64, 64)),), ranges={"batch": (1, 1, 2)})
+    assert list(engine_profile(spec)) == ["scale"]
+    broken = ComponentSpec("unet", (TensorSpec("sample", ("batch", 4, "height", 8)),), (), ranges={"batch": (1, 2, 4)})
+    with pytest.raises(ArtifactError, match="'height' has no"):
+        engine_profile(broken)
+
+
+def test_typing_follows_the_onnx_dtype():
+    assert strongly_typed_build("fp16", "fp16") is True  # fp16 ONNX: types as exported
+    assert strongly_typed_build("fp16", "fp32") is False  # fp32 ONNX: the FP16 flag chooses per layer
+    assert strongly_typed_build("fp32", "fp32") is False
+    assert strongly_typed_build("bf16", "fp32", strongly_typed=True) is True
+    with pytest.raises(ArtifactError, match="fp32 engine"):
+        strongly_typed_build("fp32", "fp16")
+    with pytest.raises(ArtifactError, match="precision"):
+        strongly_typed_build("int8", "fp32")
+
+
+class _EmptyBuilder:
+    """A builder that returns nothing, as TensorRT's does when it runs out of memory, logging what it logs."""
+
+    def __init__(self, errors: list[str], messages: list[str]):
+        self.errors, self.messages = errors, messages
+
+    def build_serialized_network(self, network, config):
+        self.errors.extend(self.messages)
+        return None
+
+
+@pytest.mark.parametrize("messages, cause", [
+    (["Error Code 2: OutOfMemory (Requested size was 8589934592 bytes.)"], "ran out of GPU memory"),
+    (["Error Code 10: Internal Error (Could not find any implementation for node /net/unet/down_blocks.0/resnets.0/conv1/Conv.)"], "most often this is out of GPU memory"),
+    (["Error Code 9: API Usage Error (op GridSample is not supported with these types)"], "does not support a layer"),
+    ([], "built no engine"),
+])
+def test_a_build_that_returns_nothing_names_the_cause(messages, cause):
+    errors: list[str] = ["an older error, from an earlier build"]
+    with pytest.raises(ArtifactError) as info:
+        serialize_network(_EmptyBuilder(errors, messages), None, None, "unet", errors, 2 * 1024**3, 3 * 1024**3)
+    text = str(info.value)
+    assert cause in text and "\n" not in text and "unet" in text
+    assert "earlier build" not in text  # only this build's errors are reported
+    if "conv1" in " ".join(messages):
+        assert "node /net/unet/down_blocks.0/resnets.0/conv1/Conv of unet" in text and "2.00 GiB" in text
+
+
+def test_explain_build_failure_is_one_line():
+    assert "\n" not in explain_build_failure("unet", ["line one\nline two"], 1024**3, None)
+
+
+@pytest.mark.skipif(_tensorrt_ready(), reason="TensorRT is available here")
+def test_build_engine_without_tensorrt_says_so_in_one_line(onnx_artifact, tmp_path):
+    spec = pixel_unet_spec(3, 8, conditioned=True, num_labels=4, batch=BATCH)
+    with pytest.raises(BackendUnavailableError) as info:
+        build_engine(onnx_artifact / "unet" / "model.onnx", spec, tmp_path / "engine.plan", precision="fp32")
+    text = str(info.value)
+    assert "\n" not in text and "tensorrt" in text
+    assert all(name in text for name in available_backends())
+    assert not (tmp_path / "engine.plan").exists()
+
+
+# --- manifest guards (RELIABILITY #1, #2) ------------------------------------------------------------
+
+H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+@pytest.fixture
+def entry(tmp_path, monkeypatch) -> dict:
+    """An engine entry as build_engine writes it, on a machine faked to have TensorRT 10.3.0 on an H100."""
+    versions = {**mf.library_versions(), "tensorrt": "10.3.0"}
+    monkeypatch.setattr(mf, "library_versions", lambda: versions)
+    monkeypatch.setattr(mf, "gpu_identity", lambda: dict(H100))
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"engine")
+    spec = pixel_unet_spec(3, 8, conditioned=False, batch=BATCH)
+    return engine_entry("10.3.0", dict(H100), "fp16", spec, strongly_typed=True, workspace_bytes=1, timing_cache=tmp_path / "t.cache",
+                        timing_cache_loaded=False, build_seconds=1.0, engine_path=plan)
+
+
+def test_engine_built_here_is_accepted(entry):
+    mf.check_engine_compatible(entry)  # the control: the guard can pass
+    assert entry["refittable"] and entry["profiles"]["sample"]["max"] == [4, 3, 8, 8]
+
+
+def test_engine_from_another_tensorrt_is_refused(entry):
+    with pytest.raises(ArtifactError, match=r"TensorRT 10\.0\.1.*10\.3\.0"):
+        mf.check_engine_compatible({**entry, "tensorrt": "10.0.1"})
+
+
+def test_engine_from_another_gpu_is_refused(entry):
+    with pytest.raises(ArtifactError, match="A100"):
+        mf.check_engine_compatible({**entry, "gpu": {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}})
+    with pytest.raises(ArtifactError):  # same name, other compute capability
+        mf.check_engine_compatible({**entry, "gpu": {**H100, "compute_capability": "8.9"}})
+
+
+# --- refit weights (CPU: checked through ONNX Runtime) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weight_map(onnx_artifact, model_dir):
+    from diffrt.export.refit import build_weight_map
+    from diffrt.models import load_pixel_model
+
+    return build_weight_map(onnx_artifact / "unet" / "model.onnx", {"unet": load_pixel_model(model_dir).unet.unet.state_dict()})
+
+
+def test_weight_map_finds_every_lora_patchable_weight(weight_map):
+    assert weight_map["unlocated"] == [] and weight_map["ambiguous"] == {}
+    by_param = {e["param"]: (name, e["transpose"]) for name, e in weight_map["weights"].items()}
+    name, transpose = by_param["down_blocks.1.attentions.0.to_q.weight"]
+    assert transpose and not name.endswith("to_q.weight")  # the exporter renamed and transposed it
+    assert by_param["down_blocks.0.resnets.0.conv1.weight"] == ("net.unet.down_blocks.0.resnets.0.conv1.weight", False)
+
+
+def _onnx_with(onnx_artifact: Path, weights, out: Path) -> Path:
+    """A copy of the artifact's ONNX with these initializer values (what a refit does to an engine)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_artifact / "unet" / "model.onnx"))
+    for init in model.graph.initializer:
+        if init.name in weights.patched:
+            init.CopyFrom(numpy_helper.from_array(weights.weights[init.name].numpy(), init.name))
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out / "model.onnx"))
+    return out / "model.onnx"
+
+
+def _ort_run(onnx_path: Path, feed):
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    spec = pixel_unet_spec(3, 8, conditioned=True, num_labels=4, batch=BATCH)
+    return OnnxRuntimeBackend(onnx_path, spec, threads=1).run(feed)["noise_pred"]
+
+
+def test_refit_weights_match_pytorch_with_the_lora_fused(onnx_artifact, model_dir, weight_map, loras, tmp_path):
+    from diffrt.export.lora import read_lora
+    from diffrt.export.refit import refit_weights
+
+    spec = pixel_unet_spec(3, 8, conditioned=True, num_labels=4, batch=BATCH)
+    feed = spec.example_feed("opt", seed=3)
+    weights = refit_weights(onnx_artifact / "unet" / "model.onnx", weight_map, [(read_lora(loras["A"]), 0.8)])
+    assert len(weights.patched) == len(LORA_TARGETS)
+    got = _ort_run(_onnx_with(onnx_artifact, weights, tmp_path / "a"), feed)
+    with torch.no_grad():
+        want = torch_unet(model_dir, [(loras["A"], 0.8)])(*feed.values())
+        base = torch_unet(model_dir)(*feed.values())
+    assert (want - base).abs().max() > 1e-2  # the LoRA changes the output
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_refits_never_accumulate(onnx_artifact, weight_map, loras, tmp_path):
+    """A, then B, then A on one engine gives exactly A: each refit starts from the ONNX's base weights."""
+    from diffrt.export.lora import read_lora
+    from diffrt.export.refit import refit_weights
+
+    onnx_path = onnx_artifact / "unet" / "model.onnx"
+    engine: dict[str, torch.Tensor] = {}  # stands for the engine's weights, refit in place three times
+    for step, name in enumerate("ABA"):
+        weights = refit_weights(onnx_path, weight_map, [(read_lora(loras[name]), 1.0)])
+        engine.update(weights.weights)
+        if step == 0:
+            first = {n: t.clone() for n, t in engine.items()}
+    assert all(torch.equal(engine[n], first[n]) for n in first)
+    both = refit_weights(onnx_path, weight_map, [(read_lora(loras["A"]), 1.0), (read_lora(loras["B"]), 1.0)])
+    assert any(not torch.equal(both.weights[n], first[n]) for n in both.patched)
+
+
+def test_refit_refuses_a_lora_on_an_unmapped_weight(onnx_artifact, weight_map, model_dir, loras, tmp_path):
+    from diffrt.export.lora import read_lora
+    from diffrt.export.refit import refit_weights
+
+    crippled = {**weight_map, "weights": {n: e for n, e in weight_map["weights"].items()
+                                          if e["param"] != "mid_block.attentions.0.to_v.weight"}}
+    with pytest.raises(ArtifactError, match="mid_block.attentions.0.to_v"):
+        refit_weights(onnx_artifact / "unet" / "model.onnx", crippled, [(read_lora(loras["A"]), 1.0)])
+    foreign = make_lora(model_dir, tmp_path / "foreign.safetensors", 5, targets=["conv_in"])
+    save_safetensors(foreign, {"unet.no_such_block.to_q.lora_A.weight": torch.ones(2, 8),
+                               "unet.no_such_block.to_q.lora_B.weight": torch.ones(8, 2)})
+    with pytest.raises(LoraError, match="no_such_block"):
+        refit_weights(onnx_artifact / "unet" / "model.onnx", weight_map, [(read_lora(foreign), 1.0)])
+
+
+def test_refit_artifact_refusals(onnx_artifact, model_dir, loras, tmp_path):
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.refit import refit_artifact
+
+    with pytest.raises(ArtifactError, match="no TensorRT engine"):
+        refit_artifact(onnx_artifact, [(loras["A"], 1.0)])
+    baked = export_pixel_model(model_dir, tmp_path / "baked", ExportOptions(batch=BATCH, verify=False, loras=[(str(loras["B"]), 1.0)])).folder
+    with pytest.raises(ArtifactError, match="baked in"):
+        refit_artifact(baked, [(loras["A"], 1.0)])
+
+
+# --- GPU: real engines -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trt_artifact(model_dir, tmp_path_factory) -> Path:
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+
+    return export_pixel_model(model_dir, tmp_path_factory.mktemp("trt") / "fp32", ExportOptions(backend="tensorrt", batch=BATCH)).folder
+
+
+def _backend(folder: Path, **kwargs):
+    from diffrt.components import spec_from_dict
+    from diffrt.runtime.backends.tensorrt import TensorRTBackend
+
+    spec = spec_from_dict(mf.read_manifest(folder)["components"]["unet"]["spec"])
+    return TensorRTBackend(folder / "unet" / "engine.plan", spec, device="cuda", **kwargs)
+
+
+def _reference(model_dir: Path, feed, lora=()):
+    with torch.no_grad():
+        return torch_unet(model_dir, lora).cuda()(*(t.cuda() for t in feed.values())).float()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float) -> bool:
+    return bool((got.float() - want).abs().max() <= rel * want.abs().max())
+
+
+@pytest.mark.gpu
+@needs_trt
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_engine_matches_pytorch_fp32(trt_artifact, model_dir, cuda_graph):
+    backend = _backend(trt_artifact, cuda_graph=cuda_graph)
+    for which, seed in (("min", 0), ("opt", 1), ("max", 2), ("opt", 3)):
+        feed = backend.spec.example_feed(which, device="cuda", seed=seed)
+        out = backend.run(feed)["noise_pred"]
+        assert out.device.type == "cuda" and out.dtype == torch.float32
+        assert _close(out, _reference(model_dir, feed), 1e-3)
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_engine_matches_pytorch_fp16(model_dir, tmp_path):
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+
+    folder = export_pixel_model(model_dir, tmp_path / "fp16", ExportOptions(backend="tensorrt", precision="fp16", batch=BATCH)).folder
+    engine = mf.read_manifest(folder)["components"]["unet"]["engine"]
+    assert engine["precision"] == "fp16" and engine["typing"] == "strong"
+    backend = _backend(folder)
+    feed = backend.spec.example_feed("opt", device="cuda", seed=4)
+    assert _close(backend.run(feed)["noise_pred"], _reference(model_dir, feed), 2e-2)
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_out_of_range_shapes_get_the_typed_error(trt_artifact):
+    backend = _backend(trt_artifact)
+    with pytest.raises(ShapeOutOfRangeError, match="batch"):
+        backend.run(backend.spec.example_feed("max", device="cuda", batch=BATCH[2] + 1))
+    with pytest.raises(ShapeOutOfRangeError, match="height"):
+        backend.run(backend.spec.example_feed("opt", device="cuda", height=16, width=16))
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_refit_a_b_a_equals_a(trt_artifact, model_dir, loras, tmp_path):
+    import shutil
+
+    from diffrt.export.refit import refit_artifact
+
+    folder = tmp_path / "refit"
+    shutil.copytree(trt_artifact, folder)
+    feed = _backend(folder).spec.example_feed("opt", device="cuda", seed=5)
+    base = _backend(folder).run(feed)["noise_pred"].clone()
+    outputs = []
+    for name in "ABA":
+        report = refit_artifact(folder, [(loras[name], 0.8)])
+        assert report["components"]["unet"]["patched"] == len(LORA_TARGETS)
+        outputs.append(_backend(folder).run(feed)["noise_pred"].clone())  # a fresh backend on the refit engine
+    a, b, a_again = outputs
+    assert torch.equal(a, a_again)
+    assert not torch.equal(a, b) and not torch.equal(a, base)
+    assert _close(a, _reference(model_dir, feed, [(loras["A"], 0.8)]), 1e-3)
+    manifest = mf.read_manifest(folder)
+    assert [x["sha256"] for x in manifest["loras"]] == [manifest["components"]["unet"]["engine"]["loras"][0]["sha256"]]
+    refit_artifact(folder, [])  # no LoRA: back to base, and to the export's cache key
+    assert torch.equal(_backend(folder).run(feed)["noise_pred"], base)
+    assert mf.read_manifest(folder)["key"] == mf.read_manifest(trt_artifact)["key"]
+
+
+@pytest.mark.gpu
+@needs_trt
+@pytest.mark.parametrize("shared", [True, False])
+def test_concurrent_threads_equal_serial(trt_artifact, shared):
+    backend = _backend(trt_artifact)
+    feeds = [backend.spec.example_feed("opt", device="cuda", seed=s) for s in range(8)]
+    serial = [backend.run(f)["noise_pred"].clone() for f in feeds]
+    results: dict[int, torch.Tensor] = {}
+
+    def worker(i: int, b) -> None:
+        for _ in range(5):
+            results[i] = b.run(feeds[i])["noise_pred"].clone()
+        torch.cuda.current_stream().synchronize()
+
+    threads = [threading.Thread(target=worker, args=(i, backend if shared else backend.clone())) for i in range(len(feeds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(results[i], serial[i]) for i in range(len(feeds)))
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_timing_cache_is_reused_by_a_second_build(onnx_artifact, tmp_path):
+    spec = pixel_unet_spec(3, 8, conditioned=True, num_labels=4, batch=BATCH)
+    cache = tmp_path / "timing.cache"
+    onnx_path = onnx_artifact / "unet" / "model.onnx"
+    first = build_engine(onnx_path, spec, tmp_path / "a.plan", precision="fp32", timing_cache=cache)
+    assert not first["timing_cache_loaded"] and cache.stat().st_size > 0
+    second = build_engine(onnx_path, spec, tmp_path / "b.plan", precision="fp32", timing_cache=cache)
+    assert second["timing_cache_loaded"] and second["timing_cache"] == str(cache)

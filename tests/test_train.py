@@ -1,0 +1,464 @@
+"""The trainers end to end on CPU with small real diffusers components (issue 3).
+
+Every run is a few dozen steps of a tiny model: class-conditioned UNets on 8x8 digits, a
+pixel UNet fine-tuned on crops of scikit-image's `chelsea` photo, and DreamBooth-LoRA on the
+tiny Stable Diffusion folder of `diffrt.tiny` with the same cat as its subject. diffusers is
+the oracle wherever it can be: its scheduler for the v-prediction target, its own
+StableDiffusionPipeline for loading the trained LoRA.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffrt.cli import main
+from diffrt.errors import DiffrtError
+from diffrt.models import build_pixel_model, load_pixel_model, save_pixel_model, small_unet_config
+from diffrt.runtime.ddim import DDIMConfig
+from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
+from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth_lora
+from diffrt.train.finetune import FinetuneConfig, finetune
+from diffrt.train.loop import TrainConfig, list_checkpoints, verify_checkpoint
+
+STEPS = 30  # pixel-model runs: long enough for the loss to fall clearly, short enough for CI
+K = 5  # losses averaged at each end of a run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are dominated by per-op overhead: one thread is as fast as two and does not
+    # oversubscribe a 2-core machine that is busy with something else.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def train_config(out: Path, **overrides) -> TrainConfig:
+    """A constant learning rate, so that a run stopped at N/2 and resumed follows the same
+    schedule as an uninterrupted one (a cosine schedule depends on max_steps)."""
+    base = dict(out=str(out), max_steps=STEPS, batch_size=16, learning_rate=2e-3, lr_warmup_steps=0,
+                lr_schedule="constant", checkpoint_every=STEPS // 2, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def read_loss_csv(out: Path) -> list[tuple[int, float]]:
+    with open(out / "loss.csv", newline="") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def assert_loss_goes_down(losses: list[float], factor: float = 0.85) -> None:
+    first, last = np.mean(losses[:K]), np.mean(losses[-K:])
+    assert last < factor * first, f"loss did not go down: first {K} mean {first:.4f}, last {K} mean {last:.4f}"
+
+
+def assert_run_outputs(out: Path, steps: int, every: int) -> None:
+    assert [s for s, _ in read_loss_csv(out)] == list(range(1, steps + 1))
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in ckpts] == [f"step-{s:07d}" for s in range(every, steps + 1, every)]
+    assert all(verify_checkpoint(p) is not None for p in ckpts)
+    assert (out / "samples" / f"step-{steps:07d}.png").is_file()
+    assert any((out / "tensorboard").iterdir())
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cat_folder(tmp_path_factory) -> Path:
+    """Four crops of different sizes and aspect ratios (PNG and JPEG) of scikit-image's cat."""
+    from PIL import Image
+    from skimage import data
+
+    cat = data.chelsea()  # 300 x 451 RGB
+    folder = tmp_path_factory.mktemp("cat")
+    for i, (top, left, h, w) in enumerate([(0, 0, 300, 300), (40, 120, 200, 260), (20, 60, 120, 90), (100, 200, 180, 240)]):
+        Image.fromarray(cat[top : top + h, left : left + w]).save(folder / f"chelsea-{i}.{'jpg' if i == 3 else 'png'}")
+    return folder
+
+
+# -- class-conditioned ----------------------------------------------------------------------------
+
+
+def class_cond_config(out: Path, conditioning: str, **train) -> ClassCondConfig:
+    return ClassCondConfig(data="digits", conditioning=conditioning, sample_size=8, widths=(16, 32), sample_steps=2,
+                           train=train_config(out, ema_decay=0.9, **train))
+
+
+@pytest.fixture(scope="module")
+def class_cond_runs(tmp_path_factory) -> dict:
+    runs = {}
+    for conditioning in ("class_embedding", "class_channels"):
+        out = tmp_path_factory.mktemp(conditioning)
+        runs[conditioning] = (out, train_class_conditioned(class_cond_config(out, conditioning)))
+    return runs
+
+
+@pytest.mark.parametrize("conditioning", ["class_embedding", "class_channels"])
+def test_class_cond_writes_outputs_and_learns(class_cond_runs, conditioning):
+    out, result = class_cond_runs[conditioning]
+    assert_run_outputs(out, STEPS, STEPS // 2)
+    model = load_pixel_model(out / "model")
+    assert model.info.conditioning == conditioning and model.info.num_classes == 10
+    assert model.info.training["seed"] == 0 and model.info.training["steps"] == STEPS
+    assert_loss_goes_down(result.losses, factor=0.8)
+
+
+@pytest.mark.parametrize("conditioning", ["class_embedding", "class_channels"])
+def test_class_cond_resume_is_exact(class_cond_runs, conditioning, tmp_path):
+    full_out, full = class_cond_runs[conditioning]
+    cfg = class_cond_config(tmp_path, conditioning, max_steps=STEPS // 2)
+    train_class_conditioned(cfg)
+    resumed = train_class_conditioned(replace(cfg, train=replace(cfg.train, max_steps=STEPS, resume=True)))
+    np.testing.assert_allclose(resumed.losses[STEPS // 2 :], full.losses[STEPS // 2 :], rtol=1e-6, atol=0)
+    # The EMA weights that end up in the model folder match too.
+    from safetensors.torch import load_file
+
+    a = load_file(full_out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["state.json missing", "sha256 mismatch"])
+def test_resume_skips_a_damaged_checkpoint(class_cond_runs, damage, tmp_path):
+    full_out, full = class_cond_runs["class_embedding"]
+    out = tmp_path / "run"
+    shutil.copytree(full_out, out)
+    last = out / "checkpoints" / f"step-{STEPS:07d}"
+    if damage == "state.json missing":
+        (last / "state.json").unlink()  # as if the run died before writing it
+    else:
+        weights = last / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    (out / "checkpoints" / ".step-half-written").mkdir()  # an interrupted save: never a candidate
+    resumed = train_class_conditioned(class_cond_config(out, "class_embedding", resume=True))
+    # It went back to the good checkpoint at STEPS/2 and retrained the second half identically.
+    np.testing.assert_allclose(resumed.losses[STEPS // 2 :], full.losses[STEPS // 2 :], rtol=1e-6, atol=0)
+    assert verify_checkpoint(last) is not None  # rewritten whole
+
+
+def test_resume_without_a_good_checkpoint_fails_clearly(class_cond_runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(class_cond_runs["class_embedding"][0], out)
+    for ckpt in list_checkpoints(out / "checkpoints"):
+        (ckpt / "state.json").unlink()
+    with pytest.raises(DiffrtError, match="no complete checkpoint"):
+        train_class_conditioned(class_cond_config(out, "class_embedding", resume=True))
+
+
+# -- fine-tuning --------------------------------------------------------------------------------
+
+
+def save_pretrained_pixel_model(folder: Path, scheduler: DDIMConfig | None = None, channels: int = 3, **kw) -> Path:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_pixel_model(small_unet_config(8, channels, (16, 32)), scheduler=scheduler or DDIMConfig(), **kw)
+    return save_pixel_model(model, folder)
+
+
+def test_finetune_writes_outputs_learns_and_exports(cat_folder, tmp_path):
+    from diffusers import UNet2DModel
+
+    from diffrt.export.artifact import ExportOptions, export_model
+
+    base = save_pretrained_pixel_model(tmp_path / "base")
+    out = tmp_path / "out"
+    result = finetune(FinetuneConfig(model=str(base), data=str(cat_folder), crop="random", random_flip=True,
+                                     sample_steps=2, train=train_config(out, batch_size=8)))
+    assert_run_outputs(out, STEPS, STEPS // 2)
+    assert_loss_goes_down(result.losses)
+    # diffusers reads the output as is, and it holds the trained (not the base) weights.
+    unet = UNet2DModel.from_pretrained(out / "model", subfolder="unet")
+    before = UNet2DModel.from_pretrained(base, subfolder="unet")
+    assert not torch.equal(unet.conv_in.weight, before.conv_in.weight)
+    assert load_pixel_model(out / "model").info.training["trainer"] == "finetune"
+    # ... and so does `diffrt export`, whose parity check runs the exported UNet against it.
+    export = export_model(out / "model", tmp_path / "artifact", ExportOptions(batch=(1, 2, 4)))
+    assert export.manifest["components"]["unet"]["parity"]["onnxruntime"]["cosine"] > 0.9999
+
+
+def test_finetune_bare_unet_folder_in_grey(cat_folder, tmp_path):
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        UNet2DModel(**small_unet_config(8, 1, (16, 32))).save_pretrained(tmp_path / "bare")
+    out = tmp_path / "out"
+    finetune(FinetuneConfig(model=str(tmp_path / "bare"), data=str(cat_folder), num_samples=4, sample_steps=2,
+                            train=train_config(out, max_steps=2, batch_size=4, checkpoint_every=2)))
+    assert UNet2DModel.from_pretrained(out / "model", subfolder="unet").config.in_channels == 1
+
+
+def test_finetune_class_conditioned_model_on_digits(tmp_path):
+    base = save_pretrained_pixel_model(tmp_path / "base", conditioning="class_embedding", num_classes=10)
+    out = tmp_path / "out"
+    finetune(FinetuneConfig(model=str(base), data="digits", sample_steps=2,
+                            train=train_config(out, max_steps=2, batch_size=4, checkpoint_every=2)))
+    assert load_pixel_model(out / "model").info.num_classes == 10
+    wrong = save_pretrained_pixel_model(tmp_path / "three", conditioning="class_embedding", num_classes=3)
+    with pytest.raises(DiffrtError, match="3 classes but digits has 10"):
+        finetune(FinetuneConfig(model=str(wrong), data="digits", train=train_config(tmp_path / "x")))
+
+
+def test_finetune_uses_the_models_prediction_type(cat_folder, tmp_path):
+    """The first logged loss equals the MSE to diffusers' own v target (DDPMScheduler.get_velocity)
+    on the same draws, for a model whose scheduler says v_prediction with a cosine schedule."""
+    from diffusers import DDPMScheduler
+
+    from diffrt.data import load_image_folder
+    from diffrt.train.loop import step_generator
+
+    scheduler = DDIMConfig(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
+    base = save_pretrained_pixel_model(tmp_path / "base", scheduler=scheduler)
+    bs = 4
+    result = finetune(FinetuneConfig(model=str(base), data=str(cat_folder), num_samples=1, sample_steps=1,
+                                     train=train_config(tmp_path / "out", max_steps=1, batch_size=bs, checkpoint_every=1)))
+    # The same draws, in the trainer's order: batch indices, then timesteps, then noise.
+    g = step_generator(0, 0)
+    x0 = load_image_folder(cat_folder, 8).images[torch.randint(0, 4, (bs,), generator=g)]
+    t = torch.randint(0, 1000, (bs,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    oracle = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    assert oracle.config.prediction_type == "v_prediction"
+    unet = load_pixel_model(base).unet
+    with torch.no_grad():
+        pred = unet(oracle.add_noise(x0, noise, t), t)
+    expected = torch.nn.functional.mse_loss(pred, oracle.get_velocity(x0, noise, t)).item()
+    assert result.losses[0] == pytest.approx(expected, rel=1e-4)
+    assert json.loads((tmp_path / "out" / "model" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+# -- DreamBooth-LoRA ----------------------------------------------------------------------------
+
+DB_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def sd_folder(t2i_folder) -> Path:
+    """conftest's tiny Stable Diffusion folder (diffrt.tiny, 32 px images, 4x4 latents)."""
+    return t2i_folder
+
+
+def dreambooth_config(sd_folder: Path, cat_folder: Path, out: Path, class_data: Path, **train) -> DreamBoothConfig:
+    return DreamBoothConfig(
+        model=str(sd_folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
+        class_prompt="a photo of a cat", with_prior_preservation=True, class_data=str(class_data), num_class_images=2,
+        prior_loss_weight=0.5, rank=4, lora_alpha=8, train_text_encoder=True, resolution=32, random_flip=True,
+        num_validation_images=2, inference_steps=2,
+        train=train_config(out, **{**dict(max_steps=DB_STEPS, batch_size=2, learning_rate=1e-2, checkpoint_every=DB_STEPS // 2,
+                                          sample_every=DB_STEPS // 2), **train}),
+    )
+
+
+@pytest.fixture(scope="module")
+def dreambooth_run(sd_folder, cat_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dreambooth")
+    cfg = dreambooth_config(sd_folder, cat_folder, root / "out", root / "class_images")
+    return cfg, train_dreambooth_lora(cfg)
+
+
+def test_dreambooth_writes_outputs(dreambooth_run):
+    cfg, result = dreambooth_run
+    out = Path(cfg.train.out)
+    assert_run_outputs(out, DB_STEPS, DB_STEPS // 2)
+    assert (out / "samples" / f"step-{DB_STEPS // 2:07d}.png").is_file()  # validation every N steps
+    assert (out / LORA_WEIGHT_NAME).is_file() and not list(out.glob(".lora-*"))
+    assert len(list(Path(cfg.class_data).glob("*.png"))) == 2  # generated by the base model
+    # Checkpoints hold the trainable LoRA parameters of both models and nothing of the frozen base.
+    from safetensors.torch import load_file
+
+    keys = load_file(out / "checkpoints" / f"step-{DB_STEPS:07d}" / "weights.safetensors").keys()
+    assert all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder"}
+    assert json.loads((out / "dreambooth.json").read_text())["rank"] == 4
+
+
+def test_dreambooth_resume_is_exact(dreambooth_run, sd_folder, cat_folder, tmp_path):
+    full_cfg, full = dreambooth_run
+    cfg = dreambooth_config(sd_folder, cat_folder, tmp_path / "out", Path(full_cfg.class_data), max_steps=DB_STEPS // 2)
+    train_dreambooth_lora(cfg)
+    resumed = train_dreambooth_lora(replace(cfg, train=replace(cfg.train, max_steps=DB_STEPS, resume=True)))
+    np.testing.assert_allclose(resumed.losses[DB_STEPS // 2 :], full.losses[DB_STEPS // 2 :], rtol=1e-6, atol=0)
+
+
+def _pipeline(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(pipe) -> np.ndarray:
+    return pipe("a photo of sks cat", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def test_dreambooth_lora_loads_in_diffusers(dreambooth_run, sd_folder):
+    from diffrt.export.lora import fuse_loras, read_lora
+
+    cfg, _ = dreambooth_run
+    lora = Path(cfg.train.out) / LORA_WEIGHT_NAME
+    pipe = _pipeline(sd_folder)
+    base = _images(pipe)
+    pipe.load_lora_weights(lora, adapter_name="sks")
+    adapted = _images(pipe)
+    assert np.abs(adapted - base).max() > 1e-3
+    # alpha 8 / rank 4 comes through the file's metadata.
+    assert pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.scaling["sks"] == 2.0
+    pipe.set_adapters(["sks"], [0.0])
+    np.testing.assert_array_equal(_images(pipe), base)
+
+    # `diffrt export --lora` reads the same file to the same weights as diffusers' fuse_lora.
+    pipe.set_adapters(["sks"], [1.0])
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+    pipe.unload_lora_weights()
+    ours = _pipeline(sd_folder)
+    fuse_loras({"unet": ours.unet, "text_encoder": ours.text_encoder}, [(read_lora(lora), 1.0)])
+    for name in ("unet", "text_encoder"):
+        theirs = dict(getattr(pipe, name).state_dict())
+        for key, value in getattr(ours, name).state_dict().items():
+            torch.testing.assert_close(value, theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_dreambooth_loss_goes_down(sd_folder, cat_folder, tmp_path):
+    """Adapting conv_in and conv_out as well as attention (conv LoRA through peft), the subject's
+    loss falls within a few dozen steps; the file still loads in diffusers."""
+    cfg = DreamBoothConfig(
+        model=str(sd_folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat", rank=4, resolution=32,
+        target_modules=("to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out"), num_validation_images=1,
+        inference_steps=1, train=train_config(tmp_path, max_steps=40, batch_size=4, learning_rate=1e-2, checkpoint_every=40),
+    )
+    result = train_dreambooth_lora(cfg)
+    assert_loss_goes_down(result.losses, factor=0.85)
+    pipe = _pipeline(sd_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # peft warns when the file misses layers that its config names
+        pipe.load_lora_weights(tmp_path / LORA_WEIGHT_NAME, adapter_name="sks")
+    adapted = {name: m for name, m in pipe.unet.named_modules() if hasattr(m, "lora_B")}
+    assert "conv_in" in adapted and "conv_out" in adapted and len(adapted) == 2 + 4 * 2 * 4  # 4 transformer blocks
+    assert all(m.lora_B["sks"].weight.abs().max() > 0 for m in adapted.values())  # every layer arrived trained
+
+
+@pytest.mark.gpu
+def test_dreambooth_on_gpu_keeps_the_base_in_half_and_lora_in_fp32(sd_folder, cat_folder, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import diffrt.train.dreambooth as dreambooth
+
+    loaded, load_components = {}, dreambooth.load_components
+
+    def spy(*args):
+        loaded["c"] = load_components(*args)  # keep the components to inspect their dtypes
+        return loaded["c"]
+
+    monkeypatch.setattr(dreambooth, "load_components", spy)
+    cfg = DreamBoothConfig(model=str(sd_folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
+                           resolution=32, num_validation_images=1, inference_steps=2,
+                           train=train_config(tmp_path, max_steps=2, batch_size=2, mixed_precision="fp16", checkpoint_every=2))
+    result = train_dreambooth_lora(cfg)
+    c = loaded["c"]
+    assert c.device.type == "cuda" and c.unet.conv_in.weight.dtype == torch.float16
+    assert c.vae.dtype == torch.float16 and c.text_encoder.dtype == torch.float16
+    lora = [p for name, p in c.unet.named_parameters() if ".lora_" in name]
+    assert lora and all(p.dtype == torch.float32 and p.is_cuda and p.requires_grad for p in lora)
+    assert all(np.isfinite(result.losses))
+    weights = load_file(tmp_path / "checkpoints" / "step-0000002" / "weights.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    _pipeline(sd_folder).load_lora_weights(tmp_path / LORA_WEIGHT_NAME)
+
+
+def test_cli_runs_each_trainer(sd_folder, cat_folder, tmp_path, capsys):
+    pixel = save_pretrained_pixel_model(tmp_path / "pixel")
+    common = ["--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "2", "--lr-warmup-steps", "0"]
+    assert main(["train", "finetune", "--model", str(pixel), "--data", str(cat_folder), "--out", str(tmp_path / "ft"),
+                 "--random-flip", *common]) == 0
+    assert (tmp_path / "ft" / "model" / "unet" / "config.json").is_file()
+    assert main(["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", str(cat_folder),
+                 "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--rank", "2",
+                 "--validation-every", "1", "--num-validation-images", "1", "--inference-steps", "1",
+                 "--out", str(tmp_path / "db"), *common]) == 0
+    assert (tmp_path / "db" / LORA_WEIGHT_NAME).is_file()
+    assert sorted(p.name for p in (tmp_path / "db" / "samples").iterdir()) == ["step-0000001.png", "step-0000002.png"]
+    assert "samples/s" in capsys.readouterr().out
+
+
+# -- bad input: one line, before any step ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, cat_folder) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty").mkdir()
+    (root / "not_image").mkdir()
+    shutil.copy(next(cat_folder.glob("*.png")), root / "not_image" / "good.png")
+    (root / "not_image" / "notes.png").write_text("this is text, not a PNG")
+    (root / "not_image_suffix").mkdir()
+    shutil.copy(next(cat_folder.glob("*.png")), root / "not_image_suffix" / "good.png")
+    (root / "not_image_suffix" / "captions.txt").write_text("a photo of sks cat")
+    (root / "no_config").mkdir()
+    (root / "no_config" / "README.md").write_text("weights elsewhere")
+    (root / "unet_no_config" / "unet").mkdir(parents=True)
+    (root / "classes").mkdir()
+    for name in ("a", "b"):
+        shutil.copytree(cat_folder, root / "classes" / name)
+    save_pretrained_pixel_model(root / "pixel")
+    return root
+
+
+def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
+    ft = ["train", "finetune", "--model", str(r / "pixel"), "--max-steps", "2", "--batch-size", "2"]
+    db = ["train", "dreambooth-lora", "--model", str(sd), "--instance-data", str(cat),
+          "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--max-steps", "2"]
+    return {
+        "missing data folder": (ft + ["--data", str(r / "missing")], "data folder not found"),
+        "empty data folder": (ft + ["--data", str(r / "empty")], "no images in"),
+        "non-image file": (ft + ["--data", str(r / "not_image")], "notes.png is not a readable image"),
+        "non-image file suffix": (db[:5] + [str(r / "not_image_suffix")] + db[6:], "captions.txt is not an image file"),
+        "model folder without config": (["train", "finetune", "--model", str(r / "no_config"), "--data", str(cat)],
+                                        "not a diffusers model folder"),
+        "unet folder without config": (["train", "finetune", "--model", str(r / "unet_no_config"), "--data", str(cat)],
+                                       "no unet/config.json"),
+        "text-to-image model without components": (db[:3] + [str(r / "pixel")] + db[4:], "has no vae/config.json"),
+        "rank < 1": (db + ["--rank", "0"], "--rank must be >= 1"),
+        "empty instance folder": (db[:5] + [str(r / "empty")] + db[6:], "no images in"),
+        "class folders != --num-classes": (["train", "class-cond", "--data", str(r / "classes"), "--num-classes", "3",
+                                            "--resolution", "8", "--widths", "16", "32"], "--num-classes is 3"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases(Path("."), Path("."), Path(".")).keys()))
+def test_bad_input_fails_before_any_step(case, bad_inputs, cat_folder, sd_folder, tmp_path, capsys):
+    argv, expected = _cases(bad_inputs, cat_folder, sd_folder)[case]
+    out = tmp_path / "out"
+    rc = main(argv + ["--out", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("diffrt: error:")]
+    assert rc == 2 and "Traceback" not in err
+    assert len(errors) == 1 and expected in errors[0], err
+    assert not (out / "loss.csv").exists() and not (out / "checkpoints").exists()
+
+
+def test_bad_input_raises_diffrt_error_from_the_library(bad_inputs, cat_folder, sd_folder, tmp_path):
+    with pytest.raises(DiffrtError, match="rank must be >= 1"):
+        train_dreambooth_lora(DreamBoothConfig(model=str(sd_folder), instance_data=str(cat_folder),
+                                               instance_prompt="a photo of sks cat", rank=0, train=TrainConfig(out=str(tmp_path))))
+    with pytest.raises(DiffrtError, match="notes.png"):
+        finetune(FinetuneConfig(model=str(bad_inputs / "pixel"), data=str(bad_inputs / "not_image"),
+                                train=TrainConfig(out=str(tmp_path))))
+    with pytest.raises(DiffrtError, match="match no module of the UNet"):
+        train_dreambooth_lora(DreamBoothConfig(model=str(sd_folder), instance_data=str(cat_folder), resolution=32,
+                                               instance_prompt="a photo of sks cat", target_modules=("to_qq",),
+                                               train=TrainConfig(out=str(tmp_path))))
+    assert not (tmp_path / "loss.csv").exists()
