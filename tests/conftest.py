@@ -56,3 +56,32 @@ def shipped_model_dir():
     if not (SHIPPED_DIGITS / "unet" / "config.json").is_file():
         pytest.fail(f"the shipped digits model is missing from {SHIPPED_DIGITS}")
     return SHIPPED_DIGITS
+
+
+# --- text-to-image: one tiny Stable Diffusion folder and one exported artifact per session --------
+
+T2I_RANGES = dict(batch=(1, 2, 4), height=(32, 32, 64), width=(32, 32, 64))  # pixels; the tiny UNet needs >= 32
+
+
+@pytest.fixture(scope="session")
+def t2i_folder(tmp_path_factory):
+    """A tiny random Stable Diffusion folder (32 px images) with a ControlNet in controlnet/."""
+    from diffrt.tiny import tiny_text_to_image
+
+    return tiny_text_to_image(tmp_path_factory.mktemp("t2i") / "sd", seed=0, controlnet=True)
+
+
+@pytest.fixture(scope="session")
+def t2i_artifact(t2i_folder, tmp_path_factory):
+    """t2i_folder exported with its ControlNet: text_encoder, unet_controlnet, controlnet, vae_decoder (fp32 ONNX)."""
+    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.text_to_image import export_text_to_image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("t2i_artifact") / "artifact"
+        export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES), [str(t2i_folder / "controlnet")])
+    finally:
+        torch.set_num_threads(threads)
+    return out

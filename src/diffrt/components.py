@@ -141,3 +141,115 @@ def spec_from_dict(d: dict) -> ComponentSpec:
 
     return ComponentSpec(d["name"], tuple(t(x) for x in d["inputs"]), tuple(t(x) for x in d["outputs"]),
                          {k: tuple(v) for k, v in d["ranges"].items()}, dict(d.get("multiple_of", {})))
+
+
+# --- latent text-to-image components ---------------------------------------------------------------
+#
+# Latent sizes ("height", "width") are in latent pixels (image pixels / the VAE's factor of 8).
+# Outputs at another resolution name a derived axis, "height*8" or "height/2", which `tensor_shape`
+# resolves from the inputs' sizes (a backend allocating outputs needs it; inputs always use plain
+# axis names, so `example_feed` and engine profiles see independent ranges).
+
+
+def dim_size(dim: int | str, sizes: dict[str, int]) -> int:
+    """The size of one dim: fixed, a named axis, or derived from one ('height*8', 'height/2')."""
+    if isinstance(dim, int):
+        return dim
+    if dim in sizes:
+        return sizes[dim]
+    for op in ("*", "/"):
+        if op in dim:
+            axis, factor = dim.split(op)
+            return sizes[axis] * int(factor) if op == "*" else sizes[axis] // int(factor)
+    raise KeyError(f"axis '{dim}' has no size; known axes: {sorted(sizes)}")
+
+
+def tensor_shape(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+    """`spec.shape(sizes)` that also resolves derived axes (outputs at another resolution)."""
+    return tuple(dim_size(d, sizes) for d in spec.dims)
+
+
+def text_encoder_spec(vocab_size: int, hidden_size: int, max_length: int = 77, batch: Range = (1, 2, 8)) -> ComponentSpec:
+    """text_encoder (CLIPTextModel): input_ids [batch, sequence] -> last_hidden_state [batch, sequence, hidden]."""
+    return ComponentSpec(
+        "text_encoder",
+        (TensorSpec("input_ids", ("batch", "sequence"), "int64", high=vocab_size),),
+        (TensorSpec("last_hidden_state", ("batch", "sequence", hidden_size)),),
+        ranges={"batch": batch, "sequence": (1, max_length, max_length)},
+    )
+
+
+def _latent_inputs(channels: int, hidden_size: int) -> list[TensorSpec]:
+    return [TensorSpec("sample", ("batch", channels, "height", "width")), TensorSpec("timestep", ("batch",)),
+            TensorSpec("encoder_hidden_states", ("batch", "sequence", hidden_size))]
+
+
+def _latent_ranges(batch: Range, height: Range, width: Range, max_length: int) -> dict[str, Range]:
+    return {"batch": batch, "height": height, "width": width, "sequence": (1, max_length, max_length)}
+
+
+def _control_inputs(vae_factor: int) -> list[TensorSpec]:
+    # The conditioning image is in image pixels: its own axes, with ranges vae_factor x the latent ones.
+    return [TensorSpec("controlnet_cond", ("batch", 3, "image_height", "image_width")),
+            TensorSpec("conditioning_scale", (1,))]
+
+
+def _image_ranges(height: Range, width: Range, vae_factor: int) -> dict[str, Range]:
+    return {"image_height": tuple(vae_factor * s for s in height), "image_width": tuple(vae_factor * s for s in width)}
+
+
+def latent_unet_spec(in_channels: int, out_channels: int, hidden_size: int, *, batch: Range, height: Range, width: Range,
+                     max_length: int = 77, multiple: int = 1) -> ComponentSpec:
+    """unet (UNet2DConditionModel): (sample, timestep, encoder_hidden_states) -> noise_pred, latent sizes."""
+    return ComponentSpec(
+        "unet",
+        tuple(_latent_inputs(in_channels, hidden_size)),
+        (TensorSpec("noise_pred", ("batch", out_channels, "height", "width")),),
+        ranges=_latent_ranges(batch, height, width, max_length),
+        multiple_of={"height": multiple, "width": multiple},
+    )
+
+
+def controlnet_spec(in_channels: int, hidden_size: int, residuals: list[tuple[int, int]], *, batch: Range, height: Range,
+                    width: Range, max_length: int = 77, multiple: int = 1, vae_factor: int = 8) -> ComponentSpec:
+    """controlnet (ControlNetModel) alone: the UNet's inputs + (controlnet_cond, conditioning_scale) ->
+    down_block_res_0..N-1 and mid_block_res, already multiplied by the scale.
+
+    `residuals` lists (channels, downscale) of each down residual, then the mid residual's."""
+    def axis(name: str, down: int) -> str:
+        return name if down == 1 else f"{name}/{down}"
+
+    outputs = [TensorSpec(f"down_block_res_{i}", ("batch", c, axis("height", d), axis("width", d)))
+               for i, (c, d) in enumerate(residuals[:-1])]
+    c, d = residuals[-1]
+    outputs.append(TensorSpec("mid_block_res", ("batch", c, axis("height", d), axis("width", d))))
+    return ComponentSpec(
+        "controlnet",
+        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(vae_factor)),
+        tuple(outputs),
+        ranges={**_latent_ranges(batch, height, width, max_length), **_image_ranges(height, width, vae_factor)},
+        multiple_of={"height": multiple, "width": multiple, "image_height": multiple * vae_factor, "image_width": multiple * vae_factor},
+    )
+
+
+def unet_controlnet_spec(in_channels: int, out_channels: int, hidden_size: int, *, batch: Range, height: Range, width: Range,
+                         max_length: int = 77, multiple: int = 1, vae_factor: int = 8) -> ComponentSpec:
+    """unet_controlnet: ControlNet and UNet fused in one graph, the conditioning scale an input -> noise_pred."""
+    return ComponentSpec(
+        "unet_controlnet",
+        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(vae_factor)),
+        (TensorSpec("noise_pred", ("batch", out_channels, "height", "width")),),
+        ranges={**_latent_ranges(batch, height, width, max_length), **_image_ranges(height, width, vae_factor)},
+        multiple_of={"height": multiple, "width": multiple, "image_height": multiple * vae_factor, "image_width": multiple * vae_factor},
+    )
+
+
+def vae_decoder_spec(latent_channels: int, *, batch: Range, height: Range, width: Range, vae_factor: int = 8,
+                     out_channels: int = 3) -> ComponentSpec:
+    """vae_decoder (AutoencoderKL.decode): latent [batch, 4, h, w] -> image [batch, 3, 8h, 8w] in model space [-1, 1]."""
+    return ComponentSpec(
+        "vae_decoder",
+        (TensorSpec("latent", ("batch", latent_channels, "height", "width")),),
+        (TensorSpec("image", ("batch", out_channels, f"height*{vae_factor}", f"width*{vae_factor}")),),
+        ranges={"batch": batch, "height": height, "width": width},
+    )

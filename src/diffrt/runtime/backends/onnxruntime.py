@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffrt.components import ComponentSpec
+from diffrt.components import ComponentSpec, tensor_shape
 from diffrt.errors import BackendUnavailableError
 
 _ELEMENT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
@@ -58,7 +58,7 @@ class OnnxRuntimeBackend:
             binding.bind_input(spec.name, self.device.type, self.device.index or 0, _ELEMENT_TYPES[t.dtype], list(t.shape), t.data_ptr())
         outputs = {}
         for spec in self.spec.outputs:
-            out = torch.empty(spec.shape(sizes), dtype=self._output_dtypes[spec.name], device=self.device)
+            out = torch.empty(tensor_shape(spec, sizes), dtype=self._output_dtypes[spec.name], device=self.device)
             binding.bind_output(spec.name, self.device.type, self.device.index or 0, _ELEMENT_TYPES[out.dtype], list(out.shape), out.data_ptr())
             outputs[spec.name] = out
         if self.device.type == "cuda":

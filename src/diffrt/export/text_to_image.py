@@ -1,0 +1,147 @@
+"""`diffrt export` for a Stable Diffusion folder: text encoder, UNet (fused with a ControlNet when one
+is given, plus the ControlNet alone) and VAE decoder, with LoRA baked in.
+
+    artifact/
+      manifest.json              kind "text-to-image", written last
+      text_encoder/model.onnx
+      unet/model.onnx            or unet_controlnet/ (one graph, conditioning scale an input) + controlnet/
+      vae_decoder/model.onnx
+      tokenizer/                 copied, so the artifact tokenizes prompts without the source folder
+
+Each component goes through `artifact._export_component` (ONNX, parity against PyTorch, engine,
+manifest entry), the same as pixel models. Shape ranges are given in image pixels and stored in
+latent pixels (/8). The VAE decoder stays fp32 when its config says `force_upcast` (RELIABILITY #5:
+fp16 VAEs overflow into black images). Exporting again with unchanged inputs is a cache hit.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from diffrt import atomic
+from diffrt.components import spec_to_dict
+from diffrt.errors import DiffrtError
+from diffrt.export import manifest as mf
+from diffrt.export.artifact import ExportOptions, ExportResult, Precision, _cached, _export_component
+from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, load_text_to_image,
+                                         require_text_to_image_folder)
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def component_names(controlnet: bool) -> list[str]:
+    """What an artifact holds: the UNet alone, or fused with the ControlNet (plus the ControlNet alone)."""
+    unet = ["unet_controlnet", "controlnet"] if controlnet else ["unet"]
+    return ["text_encoder", *unet, "vae_decoder"]
+
+
+def component_precision(name: str, precision: Precision, force_upcast: bool) -> Precision:
+    """The VAE decoder keeps fp32 where the model asks for it (`force_upcast`), whatever the export's precision."""
+    return "fp32" if name == "vae_decoder" and force_upcast else precision
+
+
+def source_hashes(model_dir: Path, controlnet: Path | None) -> dict[str, str]:
+    """sha256 of each source part: the cache key, and the check before a PyTorch fallback is loaded."""
+    parts = {part: atomic.sha256_folder(model_dir / part, ("*.json", "*.safetensors", "*.txt")) for part in SOURCE_PARTS}
+    if controlnet is not None:
+        parts["controlnet"] = atomic.sha256_folder(controlnet)
+    return parts
+
+
+def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, controlnets: list[str]) -> ExportResult:
+    """Export a text-to-image folder (+ at most one ControlNet, + LoRA files) into an artifact folder."""
+    t0 = time.perf_counter()
+    model_dir, out = require_text_to_image_folder(model_dir), Path(out)
+    if len(controlnets) > 1:
+        raise DiffrtError(f"one --controlnet per export, got {len(controlnets)}; export one artifact per ControlNet")
+    controlnet = Path(controlnets[0]) if controlnets else None
+    model = load_text_to_image(model_dir, controlnet)
+    size = (model.default_size,) * 3
+    specs = component_specs(model, component_names(controlnet is not None), batch=options.batch,
+                            height=options.height or size, width=options.width or options.height or size)
+    force_upcast = bool(getattr(model.vae.config, "force_upcast", False))
+    precisions = {name: component_precision(name, options.precision, force_upcast) for name in specs}
+    hashes = source_hashes(model_dir, controlnet)
+    lora_parts = [{"sha256": atomic.sha256_file(p), "scale": s} for p, s in options.loras]
+    key = mf.cache_key({
+        "kind": "text-to-image", "source": hashes, "loras": lora_parts, "precision": precisions,
+        "specs": {n: spec_to_dict(s) for n, s in specs.items()}, "opset": options.opset, "backend": options.backend,
+        "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
+    })
+    hit = _cached(out, key)
+    if hit is not None:
+        log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
+        return ExportResult(out, True, hit, time.perf_counter() - t0)
+
+    with atomic.file_lock(out.parent / f".{out.name}.lock"):
+        (out / mf.MANIFEST).unlink(missing_ok=True)  # until the new manifest is written, the folder is not trusted
+        fused = _fuse_loras(model, options.loras)
+        components = {}
+        for name, spec in specs.items():
+            components[name] = _export_component(model.module(name), spec, out, options, precisions[name])
+            if options.backend == "tensorrt" and not options.loras and name in ("text_encoder", "unet", "unet_controlnet"):
+                _add_weight_map(out, name, model, components[name])
+        manifest = {
+            "key": key, "kind": "text-to-image", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "source": {"path": str(model_dir.resolve()), "sha256": mf.cache_key(hashes), "parts": hashes,
+                       "controlnet": str(controlnet.resolve()) if controlnet is not None else None},
+            "loras": [{"path": str(Path(p).resolve()), **part, "modules": f.get("num_modules")}
+                      for (p, _), part, f in zip(options.loras, lora_parts, fused)],
+            "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
+            "pipeline": {
+                "scheduler": model.scheduler.to_scheduler_config(),
+                "tokenizer": _copy_tokenizer(model_dir / "tokenizer", out / "tokenizer"),
+                "vae_scaling_factor": float(model.vae.config.scaling_factor),
+                "vae_force_upcast": force_upcast,
+                "vae_factor": model.vae_factor,
+                "default_size": model.default_size,
+                "max_length": model.max_length,
+                "unet": "unet_controlnet" if controlnet is not None else "unet",
+            },
+            "components": components,
+        }
+        mf.write_manifest(out, manifest)
+    log.info("exported %s to %s in %.1f s", model_dir, out, time.perf_counter() - t0)
+    return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
+
+
+def _fuse_loras(model: TextToImageModel, loras: list[tuple[str, float]]) -> list[dict]:
+    """Bake the LoRA files into the UNet and text encoder (a file matching nothing is an error, RELIABILITY #7)."""
+    if not loras:
+        return []
+    from diffrt.export.lora import fuse_loras, read_lora
+
+    report = fuse_loras({"unet": model.unet, "text_encoder": model.text_encoder}, [(read_lora(p), s) for p, s in loras])
+    return report.to_dict()["loras"]
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> dict:
+    """Copy the tokenizer files into the artifact; return their sha256 for the manifest."""
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if "vocab.json" not in names and "tokenizer.json" not in names:
+        raise DiffrtError(f"{src} has neither vocab.json nor tokenizer.json; expected a CLIPTokenizer folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        with atomic.atomic_path(dst / name) as tmp:
+            shutil.copyfile(src / name, tmp)
+    return {"folder": dst.name, "files": mf.hash_files(dst, names)}
+
+
+def _add_weight_map(out: Path, name: str, model: TextToImageModel, entry: dict) -> None:
+    """Record which ONNX initializer holds which base weight, so `diffrt refit` can swap LoRAs into the engine.
+
+    The fused graph gets the ControlNet's weights too: a ControlNet made from the UNet starts with
+    equal copies of its weights, and only the name prefix tells them apart."""
+    from diffrt.export.refit import WEIGHT_MAP, write_weight_map
+
+    if name == "text_encoder":
+        states = {"text_encoder": model.text_encoder.state_dict()}
+    else:
+        states = {"unet": model.unet.state_dict(), **({"controlnet": model.controlnet.state_dict()} if name == "unet_controlnet" else {})}
+    path = write_weight_map(out / name / "model.onnx", states)
+    entry["files"][f"{name}/{WEIGHT_MAP}"] = atomic.sha256_file(path)

@@ -1,0 +1,101 @@
+"""CLIP guidance: pull images toward a text prompt by the gradient of a CLIP similarity loss.
+
+    loss(images) = sum over the batch of 1 - cos(image_embeds, text_embeds)
+
+as in the CLIP-guided sampling of the Hugging Face diffusion course (unit 2). The CLIPModel and its
+processor come from a LOCAL folder (`save_pretrained` layout); nothing is downloaded. The
+processor's resize, centre crop and normalisation are redone in torch so the loss is
+differentiable in the images; the text embedding is computed once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffrt.errors import DiffrtError
+from diffrt.runtime.guidance import Guidance, GuidanceMode
+
+
+def load_clip(folder: str | Path, device: str | torch.device = "cpu"):
+    """(CLIPModel, CLIPProcessor) from a local folder, fp32, eval, frozen."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise DiffrtError(f"{folder} is not a CLIP model folder (no config.json); pass a local CLIPModel folder "
+                          "saved with save_pretrained (model + processor); nothing is downloaded")
+    if not any(folder.glob("*.safetensors")):
+        raise DiffrtError(f"{folder} has no *.safetensors weights; diffrt loads CLIP from safetensors only")
+    model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device).eval().requires_grad_(False)
+    processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    return model, processor
+
+
+def _size(value, key: str, default: int | None = None) -> int | None:
+    """A field of the processor's size dicts (a dict in older transformers, a SizeDict in newer)."""
+    if value is None:
+        return default
+    if isinstance(value, int):
+        return value
+    got = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+    return got if got is not None else default
+
+
+def _features(output) -> torch.Tensor:
+    """get_*_features returns a tensor (transformers 4) or an output whose pooler_output is projected (5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class ClipLoss:
+    """Differentiable CLIP loss of images [B, 3, H, W] in [0, 1] toward one text."""
+
+    def __init__(self, model, processor, prompt: str):
+        self.model = model
+        ip = processor.image_processor
+        crop = getattr(ip, "crop_size", None)
+        self.crop = (_size(crop, "height", 224), _size(crop, "width", 224))
+        self.shortest_edge = _size(getattr(ip, "size", None), "shortest_edge", min(self.crop))
+        self.do_center_crop = bool(getattr(ip, "do_center_crop", True))
+        device = next(model.parameters()).device
+        self.mean = torch.tensor(ip.image_mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(ip.image_std, device=device).view(1, -1, 1, 1)
+        tokens = processor.tokenizer([prompt], padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            text = _features(model.get_text_features(input_ids=tokens.input_ids.to(device),
+                                                     attention_mask=tokens.attention_mask.to(device)))
+        self.text_embeds = F.normalize(text.float(), dim=-1)
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """The processor's resize (shortest edge, bicubic), centre crop and normalisation, in torch."""
+        h, w = images.shape[-2:]
+        if self.do_center_crop:
+            scale = self.shortest_edge / min(h, w)
+            size = (max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale)))
+        else:
+            size = self.crop
+        x = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=size[0] < h)
+        top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
+        x = x[..., top : top + self.crop[0], left : left + self.crop[1]]
+        return (x - self.mean) / self.std
+
+    def per_image(self, images: torch.Tensor) -> torch.Tensor:
+        param = next(self.model.parameters())
+        embeds = _features(self.model.get_image_features(pixel_values=self.pixel_values(images.to(param.device, param.dtype))))
+        cosine = (F.normalize(embeds.float(), dim=-1) * self.text_embeds).sum(-1)
+        return (1 - cosine).to(images.device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        # Summed over the batch, like color_loss: each image's gradient does not depend on the batch size.
+        return self.per_image(images).sum()
+
+
+def clip_guidance(clip_model_dir: str | Path, prompt: str, scale: float, *, every: int = 1, mode: GuidanceMode = "x0",
+                  device: str | torch.device = "cpu") -> Guidance:
+    """Guidance toward `prompt` with the CLIPModel in `clip_model_dir` (a local folder)."""
+    if not prompt:
+        raise DiffrtError("CLIP guidance needs a non-empty prompt")
+    model, processor = load_clip(clip_model_dir, device)
+    return Guidance(ClipLoss(model, processor, prompt), scale, every, mode, name="clip")

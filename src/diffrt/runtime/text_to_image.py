@@ -1,0 +1,352 @@
+"""The latent text-to-image pipeline: CLIP text encoder + UNet [+ ControlNet] + VAE decoder on any backend.
+
+Arguments and results follow diffusers' StableDiffusionPipeline, StableDiffusionControlNetPipeline
+and StableDiffusionImg2ImgPipeline, and so do the random draws: a seed is
+`torch.Generator("cpu").manual_seed(seed)`, which draws, in diffusers' order, the VAE encoder's
+sample (img2img), then the initial noise, then the eta noise of each step. With the torch
+backend the images equal diffusers' to float tolerance (tests/test_text_to_image.py).
+
+Every component is a `Backend`; the pipeline never asks which. Engines have no autograd, so
+gradient guidance and the img2img encoder use PyTorch modules (loaded lazily for artifacts):
+the VAE (decoder for guidance mode "x0", encoder for img2img) and the UNet for "through_unet".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffrt.errors import DiffrtError, ShapeOutOfRangeError
+from diffrt.images import to_unit_range
+from diffrt.runtime import ddim
+from diffrt.runtime.backends import Backend
+from diffrt.runtime.guidance import Guidance
+from diffrt.runtime.pipeline import GenerationResult, OutputType, convert_output, make_generator, to_unit_range_unclamped
+from diffrt.runtime.sampling import SamplerOptions, check_finite, randn, sample_ddim
+
+log = logging.getLogger(__name__)
+
+TorchModule = nn.Module | Callable[[], nn.Module] | None  # a module, or a loader called on first use
+INIT_NOISE_SIGMA = 1.0  # DDIM's: x_T is unit-variance noise
+EPS_AGREEMENT = 1e-2  # engine vs PyTorch eps on a through_unet step, relative to |eps| (RELIABILITY #16)
+
+
+class TextToImagePipeline:
+    """Guided DDIM sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
+
+    def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
+                 vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
+                 torch_vae: TorchModule = None, torch_unet: TorchModule = None, check_outputs: bool = True):
+        self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.vae_scaling_factor = vae_scaling_factor
+        self.vae_factor = vae_factor
+        self.default_size = default_size
+        self.max_length = max_length or tokenizer.model_max_length
+        self._torch = {"vae": torch_vae, "unet": torch_unet}
+        self.check_outputs = check_outputs
+
+    @property
+    def backend(self) -> str:
+        return self.unet.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def has_controlnet(self) -> bool:
+        return "controlnet_cond" in self.unet.spec.input_names
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.spec.inputs[0].dims[1]
+
+    def torch_module(self, which: str, why: str) -> nn.Module:
+        """The PyTorch VAE or UNet, loaded on first use; a clear error when there is none."""
+        module = self._torch[which]
+        if module is None:
+            raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline does not have "
+                              "(an artifact whose source model folder is missing or changed since export)")
+        if not isinstance(module, nn.Module):
+            module = self._torch[which] = module()
+        return module
+
+    def __call__(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 image: Any = None, strength: float = 0.8,
+                 control_image: Any = None, controlnet_conditioning_scale: float = 1.0,
+                 guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
+                 latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None) -> GenerationResult:
+        # 1. Check inputs before any work.
+        prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        if num_images_per_prompt < 1:
+            raise DiffrtError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if not 0.0 <= eta <= 1.0:
+            raise DiffrtError(f"eta must be in [0, 1], got {eta}")
+        if control_image is not None and not self.has_controlnet:
+            raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
+        control = _image_batch(control_image, height, width) if control_image is not None else None
+        init = _image_batch(image, height, width) if image is not None else None
+        sized = control if control is not None else init
+        height = height or (sized.shape[-2] if sized is not None else self.default_size)
+        width = width or (sized.shape[-1] if sized is not None else self.default_size)
+        self._check_size(height, width)
+        batch, do_cfg = len(prompts) * num_images_per_prompt, guidance_scale > 1.0
+        self._check_batch(len(prompts), batch, do_cfg)
+        generator = make_generator(generator, seed)
+        schedule = ddim.make_schedule(self.scheduler, num_inference_steps)
+        if init is not None:
+            schedule = _img2img_schedule(schedule, num_inference_steps, strength)
+        t0 = time.perf_counter()
+
+        # 2. Encode the prompts: negative and positive in one batch, then one copy per image.
+        ids, truncated = self._tokenize(prompts)
+        if do_cfg:
+            neg_ids, truncated_neg = self._tokenize(negatives)
+            ids = torch.cat([neg_ids, ids])
+        embeds = self.text_encoder.run({"input_ids": ids.to(self.text_encoder.device)})["last_hidden_state"].float()
+        self._check("text_encoder", embeds)
+        embeds = embeds.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)  # [p0, p0, p1, p1] as diffusers
+
+        # 3. Initial latents: noise x_T (txt2img) or the encoded image noised to the first timestep (img2img).
+        shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise DiffrtError(f"latents must have shape {shape} (batch, channels, height/8, width/8), got {tuple(latents.shape)}")
+            x = latents.to(self.device, torch.float32)
+        elif init is not None:
+            x = self._noised_image_latents(init, batch, schedule, generator)
+        else:
+            x = randn(shape, generator, self.device, torch.float32) * INIT_NOISE_SIGMA
+
+        # 4. The denoiser: both CFG branches in one 2B batch, the ControlNet (if any) in the same graph.
+        feed = {"encoder_hidden_states": embeds}
+        if self.has_controlnet:
+            feed.update(self._control_feed(control, batch, num_images_per_prompt, height, width, do_cfg,
+                                           controlnet_conditioning_scale))
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor):
+            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
+            eps = self.unet.run({**feed, "sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])})
+            eps = self._check(self.unet.spec.name, eps["noise_pred"].float())
+            return tuple(eps.chunk(2)) if do_cfg else (None, eps)
+
+        # 5. The guided DDIM loop.
+        guidance = tuple(guidance)
+        options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
+                                 decode=self._guidance_decoder() if guidance else None,
+                                 denoise_autograd=self._autograd_denoiser(feed, do_cfg, denoise, guidance),
+                                 use_fused_kernel=use_fused_kernel)
+        x = sample_ddim(denoise, x, schedule, options, progress=progress)
+
+        # 6. Decode and post-process.
+        decoded = self.vae_decoder.run({"latent": (x / self.vae_scaling_factor).to(self.vae_decoder.device)})["image"].float()
+        images = to_unit_range(self._check("vae_decoder", decoded).to(self.device))
+        meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
+                "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
+                "guidance_scale": guidance_scale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
+                "strength": strength if init is not None else None,
+                "controlnet_conditioning_scale": controlnet_conditioning_scale if control is not None else None,
+                "guidance": [g.name for g in guidance],
+                "components": {c.spec.name: c.name for c in (self.text_encoder, self.unet, self.vae_decoder)}}
+        return GenerationResult(convert_output(images, output_type), self.backend, time.perf_counter() - t0,
+                                len(schedule), meta)
+
+    # --- checks -----------------------------------------------------------------------------------
+
+    def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:
+        return check_finite(tensor, component) if self.check_outputs else tensor
+
+    def _check_size(self, height: int, width: int) -> None:
+        spec, f = self.unet.spec, self.vae_factor
+        step = f * spec.multiple_of.get("height", 1)
+        for name, size in (("height", height), ("width", width)):
+            if size % step:
+                raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} (the VAE's {f} x the UNet's "
+                                           f"{step // f}); try {max(step, size // step * step)}")
+            lo, _, hi = spec.ranges[name]
+            if not lo * f <= size <= hi * f:
+                raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "
+                                           f"pixels; re-export with a wider --{name} range or ask for a size inside it")
+
+    def _check_batch(self, num_prompts: int, batch: int, do_cfg: bool) -> None:
+        k = 2 if do_cfg else 1
+        why = " x 2 for classifier-free guidance" if do_cfg else ""
+        self.text_encoder.spec.check_size("batch", num_prompts * k, what=f"batch {num_prompts * k} ({num_prompts} prompts{why})")
+        self.unet.spec.check_size("batch", batch * k, what=f"batch {batch * k} ({batch} images{why})")
+        self.vae_decoder.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images)")
+
+    # --- steps ------------------------------------------------------------------------------------
+
+    def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[str | None]]:
+        """Token ids padded to the text encoder's length. Longer prompts are cut as diffusers cuts
+        them, with a warning and the cut text returned (RELIABILITY #13, diffusers #5890)."""
+        n = self.max_length
+        ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        truncated: list[str | None] = []
+        for prompt in prompts:
+            full = self.tokenizer(prompt, truncation=False, verbose=False).input_ids
+            removed = self.tokenizer.decode(full[n - 1 : -1]) if len(full) > n else None
+            if removed is not None:
+                log.warning("prompt longer than the text encoder's %d tokens was truncated; dropped: %r", n, removed)
+            truncated.append(removed)
+        return ids, truncated
+
+    def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule: ddim.DDIMSchedule, generator) -> torch.Tensor:
+        """img2img: sample the VAE posterior, scale, repeat to the batch, noise to the first timestep."""
+        vae = self.torch_module("vae", "image-to-image")
+        param = next(vae.parameters())
+        with torch.no_grad():
+            posterior = vae.encode((init * 2 - 1).to(param.device, param.dtype)).latent_dist
+            sample = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, posterior.mean.device, posterior.mean.dtype)
+        latents = (self.vae_scaling_factor * sample).to(self.device, torch.float32)
+        if batch % latents.shape[0]:
+            raise DiffrtError(f"{latents.shape[0]} init images cannot be spread over {batch} images; pass 1 or {batch}")
+        latents = torch.cat([latents] * (batch // latents.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
+        noise = randn(latents.shape, generator, self.device, torch.float32)
+        return ddim.add_noise(latents, noise, schedule.alphas_cumprod[schedule.timesteps[0]])
+
+    def _control_feed(self, control, batch: int, per_prompt: int, height: int, width: int, do_cfg: bool, scale: float) -> dict:
+        """controlnet_cond and conditioning_scale. With no control image the fused graph runs with
+        scale 0, which adds exactly zero: the plain UNet."""
+        if control is None:
+            cond, scale = torch.zeros(batch, 3, height, width), 0.0
+        else:
+            if control.shape[0] not in (1, batch // per_prompt):
+                raise DiffrtError(f"got {control.shape[0]} control images for {batch // per_prompt} prompts; pass 1 or one per prompt")
+            cond = control.repeat_interleave(batch if control.shape[0] == 1 else per_prompt, dim=0)
+        cond = cond.to(self.device, torch.float32)
+        return {"controlnet_cond": torch.cat([cond, cond]) if do_cfg else cond,
+                "conditioning_scale": torch.tensor([float(scale)], device=self.device)}
+
+    def _guidance_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x0 latents -> images in [0, 1], differentiable: the PyTorch VAE decoder (engines have no autograd)."""
+        vae = self.torch_module("vae", "gradient guidance")
+        param = next(vae.parameters())
+
+        def decode(x0: torch.Tensor) -> torch.Tensor:
+            image = vae.decode((x0 / self.vae_scaling_factor).to(param.device, param.dtype), return_dict=False)[0]
+            return to_unit_range_unclamped(image.float()).to(x0.device)
+
+        return decode
+
+    def _autograd_denoiser(self, feed: dict, do_cfg: bool, engine_denoise, guidance) -> Callable | None:
+        """The PyTorch UNet with autograd, for guidance mode "through_unet". On its first step it is
+        compared with the backend's eps, so an engine and a fallback that disagree (another LoRA,
+        another scale) are caught instead of steering with the wrong model (RELIABILITY #16)."""
+        if not any(g.mode == "through_unet" for g in guidance):
+            return None
+        unet = self.torch_module("unet", "guidance mode 'through_unet'")
+        param = next(unet.parameters())
+        names = self.unet.spec.input_names
+        checked = self.unet.name in ("torch", "torch-compile")
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor):
+            nonlocal checked
+            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
+            full = {**feed, "sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])}
+            args = [v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device) for v in (full[n] for n in names)]
+            eps = unet(*args).to(x_t.device, torch.float32)
+            if not checked:
+                checked = True
+                _check_agreement(eps.detach(), engine_denoise(x_t.detach(), t), self.unet.name)
+            return tuple(eps.chunk(2)) if do_cfg else (None, eps)
+
+        return denoise
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise DiffrtError("prompt must be a string or a non-empty list of strings")
+    if negative_prompt is None:
+        return prompts, [""] * len(prompts)
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+    if isinstance(negative_prompt, str) and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise DiffrtError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt")
+    return prompts, negatives
+
+
+def _image_batch(image, height: int | None, width: int | None) -> torch.Tensor:
+    """A PIL image (or list), or an array/tensor [C, H, W] / [B, C, H, W] (NumPy: [.., H, W, C]) in [0, 1]
+    -> float32 [B, 3, H, W] in [0, 1], resized to (height, width) when given and different."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, list) and image and isinstance(image[0], Image.Image):
+        size = (width or image[0].width, height or image[0].height)
+        arrays = [np.asarray(im.convert("RGB").resize(size, Image.LANCZOS) if im.size != size else im.convert("RGB"),
+                             dtype=np.float32) / 255.0 for im in image]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(image).movedim(-1, -3)
+    if not isinstance(image, torch.Tensor):
+        raise DiffrtError(f"images must be PIL images, NumPy arrays or torch tensors in [0, 1], got {type(image).__name__}")
+    image = image.float()
+    image = image.unsqueeze(0) if image.dim() == 3 else image
+    if image.dim() != 4 or image.shape[1] not in (1, 3):
+        raise DiffrtError(f"image tensor must be [C, H, W] or [B, C, H, W] with 1 or 3 channels, got {tuple(image.shape)}")
+    if image.min() < 0 or image.max() > 1:
+        raise DiffrtError(f"image values must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
+    image = image.expand(-1, 3, -1, -1)
+    size = (height or image.shape[-2], width or image.shape[-1])
+    if tuple(image.shape[-2:]) != size:
+        image = torch.nn.functional.interpolate(image, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+    return image
+
+
+def _img2img_schedule(schedule: ddim.DDIMSchedule, num_inference_steps: int, strength: float) -> ddim.DDIMSchedule:
+    """Keep the last int(N * strength) steps, as diffusers' img2img `get_timesteps` does."""
+    if not 0.0 <= strength <= 1.0:
+        raise DiffrtError(f"strength must be in [0, 1], got {strength}")
+    t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    if t_start >= num_inference_steps:
+        raise DiffrtError(f"strength {strength} x {num_inference_steps} steps leaves no denoising step; raise either")
+    return dataclasses.replace(schedule, timesteps=schedule.timesteps[t_start:], alpha_bar=schedule.alpha_bar[t_start:],
+                               alpha_bar_prev=schedule.alpha_bar_prev[t_start:])
+
+
+def _check_agreement(eps_torch: torch.Tensor, engine_out, backend: str) -> None:
+    eps_engine = engine_out[1] if engine_out[0] is None else torch.cat(engine_out)
+    err = (eps_torch - eps_engine).abs().max() / eps_engine.abs().max().clamp(min=1e-12)
+    if err > EPS_AGREEMENT:
+        raise DiffrtError(f"the PyTorch UNet used for 'through_unet' guidance differs from the {backend} UNet by {err:.2e} "
+                          f"of |eps| (limit {EPS_AGREEMENT:.0e}); they must hold the same weights and LoRA")
+    log.debug("through_unet: PyTorch and %s eps agree to %.2e", backend, err)
+
+
+def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
+    """`diffrt generate` for a text-to-image folder or artifact; images as a [N, C, H, W] tensor in [0, 1]."""
+    from diffrt.images import load_image
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    if req.class_label is not None:
+        raise DiffrtError("--class-label is for class-conditioned pixel models; this is a text-to-image model (use --prompt)")
+    if req.controlnet is not None and req.control_image is None:
+        raise DiffrtError("--controlnet DIR needs --control-image FILE, the conditioning image")
+    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=req.controlnet)
+    control = None
+    if req.control_image is not None:
+        size = (req.height, req.width) if req.height and req.width else None
+        control = load_image(req.control_image, size=size)
+    return pipe(req.prompt or "", negative_prompt=req.negative_prompt, height=req.height, width=req.width,
+                num_inference_steps=req.num_inference_steps,
+                guidance_scale=7.5 if req.guidance_scale is None else req.guidance_scale,
+                num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
+                controlnet_conditioning_scale=req.control_scale, guidance=guidance, output_type="pt")

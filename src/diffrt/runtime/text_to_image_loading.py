@@ -1,0 +1,200 @@
+"""Open a text-to-image pipeline: a diffusers Stable Diffusion folder or an artifact from `diffrt export`,
+on the backend asked for. The text-to-image counterpart of loading.py: the one place that knows
+which backend runs each component.
+
+LoRA: on the torch backend LoRA files are fused into the PyTorch UNet and text encoder when the
+pipeline opens; an exported artifact has its LoRA baked in at export, so asking for other LoRAs
+there is an error (re-export, or `diffrt refit` TensorRT engines). The PyTorch fallbacks of an
+artifact (VAE for guidance and img2img, UNet for "through_unet") are loaded from the source folder
+on first use, after checking its hashes, with the same LoRA files at the same scales (RELIABILITY #16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from diffrt import atomic
+from diffrt.components import spec_from_dict
+from diffrt.errors import ArtifactError
+from diffrt.export import manifest as mf
+from diffrt.runtime.backends import require_backend
+from diffrt.runtime.ddim import DDIMConfig
+from diffrt.runtime.text_to_image import TextToImagePipeline
+from diffrt.text_to_image_models import (TextToImageModel, component_specs, load_controlnet, load_text_to_image,
+                                         load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
+
+log = logging.getLogger(__name__)
+
+OPEN_BATCH = (1, 8, 1 << 16)  # eager PyTorch takes any batch
+OPEN_SIZE = 1 << 14  # and any image side up to this, in pixels
+Loras = Sequence[tuple[str | Path, float]]
+
+
+def _fuse(model: TextToImageModel, loras: Loras) -> None:
+    if loras:
+        from diffrt.export.lora import fuse_loras, read_lora
+
+        fuse_loras({"unet": model.unet, "text_encoder": model.text_encoder}, [(read_lora(p), float(s)) for p, s in loras])
+
+
+def _fuse_unet_only(unet, loras: Loras) -> None:
+    """Fuse the UNet part of LoRA files (their text encoder part is already in the exported text encoder)."""
+    if loras:
+        from diffrt.export.lora import fuse_loras, read_lora
+
+        files = [read_lora(p) for p, _ in loras]
+        files = [dataclasses.replace(f, layers=[x for x in f.layers if x.component == "unet"]) for f in files]
+        fuse_loras({"unet": unet}, [(f, float(s)) for f, (_, s) in zip(files, loras)])
+
+
+def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.device = "cpu", compile: bool = False,
+                                 loras: Loras = ()) -> TextToImagePipeline:
+    """Every component in eager PyTorch (or torch.compile), LoRA files fused into the UNet and text encoder."""
+    from diffrt.runtime.backends.torch_eager import TorchBackend
+
+    _fuse(model, loras)
+    m = model.image_multiple
+    names = ["text_encoder", "unet_controlnet" if model.controlnet is not None else "unet", "vae_decoder"]
+    size = (m, max(m, model.default_size // m * m), OPEN_SIZE // m * m)
+    specs = component_specs(model, names, batch=OPEN_BATCH, height=size, width=size)
+    text_encoder, unet, vae_decoder = (TorchBackend(model.module(n), specs[n], device=device, compile=compile) for n in names)
+    return TextToImagePipeline(text_encoder, unet, vae_decoder, model.tokenizer, model.scheduler,
+                               vae_scaling_factor=float(model.vae.config.scaling_factor), vae_factor=model.vae_factor,
+                               default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module)
+
+
+def _check_source(manifest: dict, parts: Sequence[str]) -> Path:
+    """The artifact's source folder, if its named parts still hash as at export."""
+    from diffrt.export.text_to_image import source_hashes
+
+    source = manifest["source"]
+    folder, controlnet = Path(source["path"]), source.get("controlnet")
+    if not folder.is_dir():
+        raise ArtifactError(f"the artifact's source model {folder} is missing")
+    now = source_hashes(folder, Path(controlnet) if controlnet and "controlnet" in parts else None)
+    changed = [p for p in parts if now.get(p) != source["parts"].get(p)]
+    if changed:
+        raise ArtifactError(f"the artifact's source model {folder} changed since export ({', '.join(changed)}); re-export it")
+    return folder
+
+
+def _manifest_loras(manifest: dict) -> list[tuple[str, float]]:
+    """The LoRA files baked into the artifact, checked to be the same files."""
+    loras = []
+    for entry in manifest["loras"]:
+        path = Path(entry["path"])
+        if not path.is_file() or atomic.sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"LoRA file {path}, baked into this artifact, is missing or changed; PyTorch cannot apply the same LoRA")
+        loras.append((str(path), float(entry["scale"])))
+    return loras
+
+
+def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: str | Path | None) -> None:
+    """An artifact runs with the LoRA and ControlNet it was exported with: anything else is an error."""
+    if loras:
+        asked = [(atomic.sha256_file(p), float(s)) for p, s in loras]
+        baked = [(e["sha256"], float(e["scale"])) for e in manifest["loras"]]
+        if asked != baked:
+            have = ", ".join(f"{Path(e['path']).name}:{e['scale']}" for e in manifest["loras"]) or "none"
+            raise ArtifactError(f"{folder} has LoRA baked in at export ({have}); other LoRAs need a re-export with --lora "
+                                "(or `diffrt refit` for TensorRT engines)")
+    if controlnet is not None:
+        exported = manifest["source"].get("controlnet")
+        if exported is None:
+            raise ArtifactError(f"{folder} was exported without a ControlNet; re-export with --controlnet {controlnet}")
+        if atomic.sha256_folder(controlnet) != manifest["source"]["parts"]["controlnet"]:
+            raise ArtifactError(f"{folder} was exported with the ControlNet {exported}, not {controlnet}; re-export with it")
+
+
+def _open_component(folder: Path, manifest: dict, name: str, backend: str, device):
+    comp = manifest["components"][name]
+    spec = spec_from_dict(comp["spec"])
+    if backend == "tensorrt":
+        from diffrt.runtime.backends.tensorrt import TensorRTBackend
+
+        if "engine" not in comp:
+            raise ArtifactError(f"{folder} has no TensorRT engine for {name}; export it with `diffrt export --backend tensorrt`")
+        mf.check_engine_compatible(comp["engine"])
+        return TensorRTBackend(folder / name / "engine.plan", spec, device=device)
+    from diffrt.export.onnx import check_onnx_files
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    check_onnx_files(folder / name / "model.onnx")
+    return OnnxRuntimeBackend(folder / name / "model.onnx", spec, device=device)
+
+
+def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: str | torch.device = "cpu",
+                                    loras: Loras = (), controlnet: str | Path | None = None) -> TextToImagePipeline:
+    """A pipeline over an exported artifact; its files are checked against the manifest first."""
+    folder = Path(folder)
+    manifest = mf.read_manifest(folder)
+    if manifest.get("kind") != "text-to-image":
+        raise ArtifactError(f"{folder} holds a {manifest.get('kind')} export, not a text-to-image model")
+    mf.verify_files(folder, manifest)
+    pipe = manifest["pipeline"]
+    for name, digest in pipe["tokenizer"]["files"].items():
+        path = folder / pipe["tokenizer"]["folder"] / name
+        if not path.is_file() or atomic.sha256_file(path) != digest:
+            raise ArtifactError(f"{path} is missing or does not match its sha256 in {mf.MANIFEST}; re-run `diffrt export`")
+    _check_requests(folder, manifest, loras, controlnet)
+    unet_name = pipe["unet"]
+    text_encoder, unet, vae_decoder = (_open_component(folder, manifest, n, backend, device)
+                                       for n in ("text_encoder", unet_name, "vae_decoder"))
+
+    def torch_vae():
+        return load_vae(_check_source(manifest, ["vae"])).to(device)
+
+    def torch_unet():
+        from diffrt.text_to_image_models import LatentUNet, UNetControlNet
+
+        fused = unet_name == "unet_controlnet"
+        source = _check_source(manifest, ["unet", "controlnet"] if fused else ["unet"])
+        base = load_unet(source)
+        _fuse_unet_only(base, _manifest_loras(manifest))
+        module = UNetControlNet(base, load_controlnet(manifest["source"]["controlnet"])) if fused else LatentUNet(base)
+        return module.to(device).eval()
+
+    return TextToImagePipeline(text_encoder, unet, vae_decoder, load_tokenizer(folder / pipe["tokenizer"]["folder"]),
+                               DDIMConfig.from_scheduler_config(pipe["scheduler"]), vae_scaling_factor=pipe["vae_scaling_factor"],
+                               vae_factor=pipe["vae_factor"], default_size=pipe["default_size"], max_length=pipe["max_length"],
+                               torch_vae=torch_vae, torch_unet=torch_unet)
+
+
+def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device = "cpu",
+                                loras: Loras = (), controlnet: str | Path | None = None,
+                                export_options=None) -> TextToImagePipeline:
+    """The pipeline for `diffrt generate` and library users: a diffusers folder or an artifact, any backend.
+
+    An exported backend over a diffusers folder exports it (with the LoRA baked in) into the user
+    cache first, and reuses that export on the next run."""
+    require_backend(backend)
+    folder = Path(model)
+    torch_backend = backend in ("torch", "torch-compile")
+    if (folder / mf.MANIFEST).is_file():
+        if not torch_backend:
+            return artifact_text_to_image_pipeline(folder, backend, device, loras, controlnet)
+        manifest = mf.read_manifest(folder)
+        _check_requests(folder, manifest, loras, controlnet)
+        parts = ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] + (["controlnet"] if manifest["source"].get("controlnet") else [])
+        source = _check_source(manifest, parts)
+        loaded = load_text_to_image(source, manifest["source"].get("controlnet"))
+        return torch_text_to_image_pipeline(loaded, device, backend == "torch-compile", loras or _manifest_loras(manifest))
+    require_text_to_image_folder(folder)
+    if torch_backend:
+        return torch_text_to_image_pipeline(load_text_to_image(folder, controlnet), device, backend == "torch-compile", loras)
+    from diffrt.export.artifact import ExportOptions, default_artifact_dir
+    from diffrt.export.text_to_image import export_text_to_image
+
+    options = dataclasses.replace(export_options or ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx"),
+                                  loras=[(str(p), float(s)) for p, s in loras])
+    out = default_artifact_dir(folder, options)
+    if controlnet is not None:
+        out = out.with_name(f"{out.name}-controlnet-{atomic.sha256_folder(controlnet)[:12]}")
+    result = export_text_to_image(folder, out, options, [str(controlnet)] if controlnet is not None else [])
+    log.info("%s export %s", "reused" if result.cache_hit else "made", out)
+    return artifact_text_to_image_pipeline(out, backend, device)

@@ -1,0 +1,351 @@
+"""The text-to-image pipeline: equal to diffusers' own pipelines on the torch backend, equal to the
+torch backend on onnxruntime, guidance that moves images, and one clear error per bad input.
+
+diffusers is the oracle (same tiny models, scheduler and seed): StableDiffusionPipeline,
+StableDiffusionControlNetPipeline and StableDiffusionImg2ImgPipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
+from diffrt.runtime.guidance import Guidance, color_guidance
+from diffrt.runtime.text_to_image_loading import artifact_text_to_image_pipeline, open_text_to_image_pipeline
+
+STEPS = 3
+DIFFUSERS_TOL = 1e-4  # torch backend vs diffusers, max abs on images in [0, 1]
+ORT_TOL = 1e-3  # onnxruntime vs torch backend (fp32 on CPU), max abs on images in [0, 1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def control_image():
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(t2i_folder):
+    return open_text_to_image_pipeline(t2i_folder, "torch")
+
+
+@pytest.fixture(scope="module")
+def torch_cn_pipe(t2i_folder):
+    return open_text_to_image_pipeline(t2i_folder, "torch", controlnet=t2i_folder / "controlnet")
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(t2i_artifact):
+    return open_text_to_image_pipeline(t2i_artifact, "onnxruntime")
+
+
+def diffusers_pipe(cls, folder, **components):
+    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, prompt="a photo of the cat", **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("guidance_scale", 5.0)
+    return pipe(prompt, output_type="pt", **kwargs)
+
+
+def run_diffusers(pipe, prompt="a photo of the cat", seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("guidance_scale", 5.0)
+    return pipe(prompt, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
+
+
+def max_abs(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# --- the torch backend equals diffusers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(negative_prompt="blurry, dark"),
+    dict(prompt=["a red house", "a photo of the cat"], negative_prompt=["ugly", "blurry"], num_images_per_prompt=2, eta=0.5),
+    dict(guidance_scale=1.0),  # no CFG: one branch
+], ids=["cfg-negative", "two-prompts-x2-eta", "no-cfg"])
+def test_torch_equals_stable_diffusion_pipeline(t2i_folder, torch_pipe, kwargs):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("prompt", "a photo of the cat")
+    expected = run_diffusers(diffusers_pipe(StableDiffusionPipeline, t2i_folder), prompt, seed=3, **kwargs)
+    result = run(torch_pipe, prompt, seed=3, **kwargs)
+    n = len(prompt) if isinstance(prompt, list) else 1
+    assert result.images.shape == expected.shape == (n * kwargs.get("num_images_per_prompt", 1), 3, 32, 32)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+    assert result.backend == "torch" and result.metadata["components"]["unet"] == "torch"
+
+
+def test_torch_equals_controlnet_pipeline(t2i_folder, torch_cn_pipe, control_image):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    ref = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder,
+                         controlnet=ControlNetModel.from_pretrained(t2i_folder / "controlnet"))
+    outputs = []
+    for scale in (0.5, 1.5):
+        expected = run_diffusers(ref, image=control_image, controlnet_conditioning_scale=scale, seed=1)
+        result = run(torch_cn_pipe, control_image=control_image, controlnet_conditioning_scale=scale, seed=1)
+        assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+        outputs.append(result.images)
+    assert max_abs(*outputs) > 1e-2  # the ControlNet's output weights are non-zero: the scale matters
+
+
+def test_torch_equals_img2img_pipeline(t2i_folder, torch_pipe, control_image):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder)
+    for strength in (0.5, 0.8):
+        kwargs = dict(image=control_image, strength=strength, num_inference_steps=4, num_images_per_prompt=2, eta=0.3)
+        expected = run_diffusers(ref, seed=2, **kwargs)
+        result = run(torch_pipe, seed=2, **kwargs)
+        assert result.images.shape == (2, 3, 32, 32)
+        assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+        assert result.num_inference_steps == int(4 * strength)
+
+
+def test_torch_lora_at_generation_equals_diffusers_fuse_lora(t2i_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffrt.tiny import tiny_lora_files
+
+    lora = tiny_lora_files(t2i_folder, tmp_path / "lora", seed=5)["peft"]
+    ref = diffusers_pipe(StableDiffusionPipeline, t2i_folder)
+    ref.load_lora_weights(lora, adapter_name="a")
+    ref.fuse_lora(lora_scale=0.7)
+    expected = run_diffusers(ref, seed=4)
+    result = run(open_text_to_image_pipeline(t2i_folder, "torch", loras=[(lora, 0.7)]), seed=4)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+
+
+def test_output_types_and_seed(torch_pipe):
+    pt = run(torch_pipe, seed=9).images
+    assert torch.equal(pt, run(torch_pipe, seed=9).images)
+    assert not torch.equal(pt, run(torch_pipe, seed=10).images)
+    arr = torch_pipe("a photo of the cat", num_inference_steps=STEPS, guidance_scale=5.0, seed=9, output_type="np").images
+    assert arr.dtype == np.float32 and arr.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(arr, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    (pil,) = torch_pipe("a photo of the cat", num_inference_steps=STEPS, guidance_scale=5.0, seed=9, output_type="pil").images
+    assert pil.size == (32, 32)
+
+
+# --- onnxruntime equals torch ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [dict(negative_prompt="blurry"), dict(num_images_per_prompt=2, eta=0.5),
+                                    dict(control_scale=0.8), dict(img2img=0.6)], ids=["cfg", "x2-eta", "controlnet", "img2img"])
+def test_onnxruntime_equals_torch(ort_pipe, torch_cn_pipe, control_image, kwargs):
+    kwargs = dict(kwargs)
+    if "control_scale" in kwargs:
+        kwargs.update(control_image=control_image, controlnet_conditioning_scale=kwargs.pop("control_scale"))
+    if "img2img" in kwargs:
+        kwargs.update(image=control_image, strength=kwargs.pop("img2img"))
+    expected = run(torch_cn_pipe, seed=5, **kwargs)
+    result = run(ort_pipe, seed=5, **kwargs)
+    assert result.backend == "onnxruntime"
+    assert set(result.metadata["components"].values()) == {"onnxruntime"}
+    assert max_abs(result.images, expected.images) <= ORT_TOL
+
+
+def test_fused_controlnet_without_control_image_is_the_plain_unet(ort_pipe, torch_pipe):
+    # The artifact has only the fused graph: no control image runs it at scale 0, which adds nothing.
+    assert max_abs(run(ort_pipe, seed=6).images, run(torch_pipe, seed=6).images) <= ORT_TOL
+
+
+# --- gradient guidance --------------------------------------------------------------------------
+
+
+def mean_rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.mean(dim=(0, 2, 3))
+
+
+# The tiny VAE is random: the GroupNorms of its decoder pin each image's mean colour, so no latent
+# decodes to red. Optimising the latent directly (Adam, 200 steps) brings the mean colour only about
+# 0.06 closer to red (L1 over RGB); the margins below are a fair share of that, and the direction
+# of every channel must be right.
+COLOR_SCALE = 3000.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("mode", ["x0", "through_unet"])
+def test_color_guidance_moves_mean_colour(backend, mode, torch_cn_pipe, ort_pipe):
+    pipe = torch_cn_pipe if backend == "torch" else ort_pipe
+    target = torch.tensor([1.0, 0.0, 0.0])
+    base = mean_rgb(run(pipe, seed=11).images)
+    guided = run(pipe, seed=11, guidance=[color_guidance("#ff0000", COLOR_SCALE, mode=mode)])
+    moved = mean_rgb(guided.images)
+    assert moved[0] - base[0] > 0.004 and (base[1:] - moved[1:]).min() > 0.001  # red up, green and blue down
+    assert (base - target).abs().sum() - (moved - target).abs().sum() > 0.008
+    assert guided.metadata["guidance"] == ["color"]
+
+
+def test_custom_callable_guidance(torch_pipe):
+    bluer = Guidance(lambda images: -images[:, 2].mean(dim=(1, 2)).sum(), scale=COLOR_SCALE, name="bluer")
+    result = run(torch_pipe, seed=12, guidance=[bluer])
+    assert mean_rgb(result.images)[2] > mean_rgb(run(torch_pipe, seed=12).images)[2] + 0.008
+    assert result.metadata["guidance"] == ["bluer"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel + CLIPProcessor saved locally (nothing downloaded)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffrt.tiny import BOS_TOKEN, EOS_TOKEN, tiny_tokenizer, tokenizer_vocab
+
+    folder = tmp_path_factory.mktemp("clip")
+    vocab = tokenizer_vocab()
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN],
+                pad_token_id=vocab[EOS_TOKEN])
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer = tiny_tokenizer(folder / "tokenizer")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["x0", "through_unet"])
+def test_clip_guidance_lowers_clip_loss(clip_dir, torch_pipe, mode):
+    from diffrt.runtime.clip_guidance import clip_guidance
+
+    guidance = clip_guidance(clip_dir, "a red square", scale=300.0, mode=mode)
+    base = run(torch_pipe, seed=13).images
+    guided = run(torch_pipe, seed=13, guidance=[guidance]).images
+    loss = guidance.loss.per_image
+    assert loss(guided).item() < loss(base).item() - 0.02
+
+
+def test_clip_guidance_needs_a_local_folder(tmp_path):
+    from diffrt.runtime.clip_guidance import clip_guidance
+
+    with pytest.raises(DiffrtError, match="not a CLIP model folder"):
+        clip_guidance(tmp_path, "a cat", 1.0)
+
+
+def test_through_unet_refuses_a_fallback_that_disagrees_with_the_engine(t2i_artifact, t2i_folder):
+    # RELIABILITY #16: a PyTorch UNet with other weights than the engine (another LoRA, another
+    # scale) must not steer the guidance.
+    from diffrt.text_to_image_models import UNetControlNet, load_controlnet, load_unet
+
+    pipe = artifact_text_to_image_pipeline(t2i_artifact, "onnxruntime")
+    other = UNetControlNet(load_unet(t2i_folder), load_controlnet(t2i_folder / "controlnet"))
+    with torch.no_grad():
+        other.unet.conv_out.weight.mul_(1.5)
+    pipe._torch["unet"] = other
+    with pytest.raises(DiffrtError, match="differs from the onnxruntime UNet"):
+        run(pipe, seed=1, guidance=[color_guidance("#00ff00", 10.0, mode="through_unet")])
+
+
+# --- bad input: one clear error each ------------------------------------------------------------------
+
+
+def test_long_prompt_is_truncated_with_warning_and_metadata(t2i_folder, torch_pipe, caplog):
+    from diffusers import StableDiffusionPipeline
+
+    prompt = " ".join(f"word{i}" for i in range(60))  # well over 77 tokens
+    with caplog.at_level(logging.WARNING, logger="diffrt"):
+        result = run(torch_pipe, prompt, seed=14)
+    assert any("truncated" in r.getMessage() for r in caplog.records)
+    dropped = result.metadata["truncated"][0]
+    ids = torch_pipe.tokenizer(prompt).input_ids
+    assert len(ids) > 77 and dropped == torch_pipe.tokenizer.decode(ids[76:-1])  # what diffusers reports
+    assert dropped.replace(" ", "").endswith("word59")
+    assert result.metadata["truncated"] == [dropped] and run(torch_pipe, seed=14).metadata["truncated"] == [None]
+    # diffusers truncates the same way, so the images still agree.
+    expected = run_diffusers(diffusers_pipe(StableDiffusionPipeline, t2i_folder), prompt, seed=14)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+
+
+@pytest.mark.parametrize("height, match", [(36, "multiple of 16"), (40, "multiple of 16"), (8, "multiple of 16")])
+def test_bad_height(torch_pipe, height, match):
+    with pytest.raises(ShapeOutOfRangeError, match=match):
+        run(torch_pipe, height=height, width=32)
+
+
+def test_engine_ranges_are_named(ort_pipe):
+    with pytest.raises(ShapeOutOfRangeError, match=r"height 80 is outside the unet_controlnet engine's built range \[32, 64\]"):
+        run(ort_pipe, height=80)
+    with pytest.raises(ShapeOutOfRangeError, match=r"width 96 .*\[32, 64\]"):
+        run(ort_pipe, width=96)
+    with pytest.raises(ShapeOutOfRangeError, match=r"batch 6 \(3 images x 2 for classifier-free guidance\).*\[1, 4\]"):
+        run(ort_pipe, num_images_per_prompt=3)
+
+
+def test_other_bad_arguments(torch_pipe, control_image):
+    with pytest.raises(DiffrtError, match="ControlNet"):
+        run(torch_pipe, control_image=control_image)
+    with pytest.raises(DiffrtError, match="strength"):
+        run(torch_pipe, image=control_image, strength=1.5)
+    with pytest.raises(DiffrtError, match="no denoising step"):
+        run(torch_pipe, image=control_image, strength=0.1)
+    with pytest.raises(DiffrtError, match="negative_prompt has 2 entries"):
+        run(torch_pipe, negative_prompt=["a", "b"])
+    with pytest.raises(DiffrtError, match=r"\[0, 1\]"):
+        run(torch_pipe, image=control_image * 2 - 1)
+
+
+class NaNBackend:
+    """Wraps a backend and poisons its first output with a NaN."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.spec, self.device = inner, inner.name, inner.spec, inner.device
+
+    def run(self, feed):
+        out = self.inner.run(feed)
+        name = self.spec.output_names[0]
+        poisoned = out[name].clone()
+        poisoned.view(-1)[0] = float("nan")
+        return {**out, name: poisoned}
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
+def test_nan_is_reported_with_the_component_name(t2i_folder, component):
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch")
+    setattr(pipe, component, NaNBackend(getattr(pipe, component)))
+    with pytest.raises(NonFiniteOutputError, match=f"^{component} produced 1 non-finite"):
+        run(pipe, seed=0)
+
+
+# --- `diffrt generate` ------------------------------------------------------------------------------
+
+
+def test_generate_request(t2i_folder, tmp_path, control_image):
+    from diffrt.generate import GenerateRequest, generate, generate_to_file
+    from diffrt.images import to_pil
+
+    req = GenerateRequest(model=str(t2i_folder), prompt="a cat", negative_prompt="dark", num_inference_steps=2, seed=3,
+                          num_images=2, guidance_scale=4.0, color="#0000ff", color_scale=100.0,
+                          out=str(tmp_path / "out.npy"))
+    result, path = generate_to_file(req)
+    images = np.load(path)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32 and result.backend == "torch"
+    (pil,) = to_pil(control_image)
+    pil.save(tmp_path / "control.png")
+    req = GenerateRequest(model=str(t2i_folder), prompt="a cat", num_inference_steps=2, controlnet=str(t2i_folder / "controlnet"),
+                          control_image=str(tmp_path / "control.png"), control_scale=0.5)
+    assert generate(req).images.shape == (1, 3, 32, 32)
+    with pytest.raises(DiffrtError, match="needs --control-image"):
+        generate(GenerateRequest(model=str(t2i_folder), prompt="a cat", controlnet=str(t2i_folder / "controlnet")))
+    with pytest.raises(DiffrtError, match="control_image needs a ControlNet"):
+        generate(GenerateRequest(model=str(t2i_folder), prompt="a cat", control_image=str(tmp_path / "control.png")))
