@@ -1,0 +1,80 @@
+"""The `diffrt` command: help and version work, user errors are one line and exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffrt.cli import main
+
+SUBCOMMANDS = ["train", "export", "refit", "generate", "bench", "serve", "demo"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffrt.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_version_and_help():
+    from diffrt import __version__
+
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"diffrt {__version__}"
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS + ["train class-cond", "train finetune", "train dreambooth-lora"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command.split(), "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: diffrt" in capsys.readouterr().out
+
+
+def _assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr  # one line, no traceback
+    assert lines[0].startswith("diffrt: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_model_folder(tmp_path):
+    _assert_one_line_error(run_cli("generate", "--model", str(tmp_path / "nope")), "model folder not found", "nope")
+    _assert_one_line_error(run_cli("export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "a")), "model folder not found")
+
+
+def test_unknown_backend_names_the_available_ones(uncond_model_dir):
+    out = run_cli("generate", "--model", str(uncond_model_dir), "--backend", "warp-drive")
+    _assert_one_line_error(out, "unknown backend 'warp-drive'", "available here: torch")
+
+
+def test_unavailable_tensorrt_is_one_line(uncond_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine may really have TensorRT")
+    out = run_cli("generate", "--model", str(uncond_model_dir), "--backend", "tensorrt")
+    _assert_one_line_error(out, "backend 'tensorrt' is not available", "available here:")
+
+
+def test_bad_values_are_one_line(uncond_model_dir, tmp_path):
+    _assert_one_line_error(run_cli("export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "a"), "--batch", "4:2:1"), "MIN:OPT:MAX")
+    _assert_one_line_error(run_cli("generate", "--model", str(uncond_model_dir), "--out", str(tmp_path / "x.jpg")), ".png", ".npy")
+    _assert_one_line_error(run_cli("generate", "--model", str(uncond_model_dir), "--color", "reddish", "--out", str(tmp_path / "x.png")), "hex colour")
+    _assert_one_line_error(run_cli("train", "class-cond", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")), "data folder not found")
+
+
+def test_generate_writes_npy_in_unit_range(classemb_model_dir, tmp_path):
+    out = tmp_path / "images.npy"
+    assert main(["generate", "--model", str(classemb_model_dir), "--class-label", "2", "--num-images", "3",
+                 "--steps", "3", "--out", str(out)]) == 0
+    images = np.load(out)
+    assert images.dtype == np.float32 and images.shape == (3, 16, 16, 3)
+    assert images.min() >= 0.0 and images.max() <= 1.0
