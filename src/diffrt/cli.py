@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--control-scale", type=float, default=1.0)
     ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
     ge.add_argument("--color", default=None, metavar="HEX", help="colour guidance target, e.g. #ff8800")
-    ge.add_argument("--color-scale", type=float, default=60.0)
+    ge.add_argument("--color-scale", type=float, default=3.0)
     ge.add_argument("--clip-prompt", default=None, help="CLIP guidance toward this text")
     ge.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIPModel folder for CLIP guidance")
     ge.add_argument("--clip-scale", type=float, default=10.0)

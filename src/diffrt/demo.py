@@ -29,11 +29,13 @@ DEMO_COLOURS = ("#ff3b30", "#ff9500", "#ffd60a", "#34c759", "#00c7be", "#007aff"
 @dataclass
 class DemoSettings:
     num_inference_steps: int = 25
-    guidance_scale: float = 3.0
-    color_scale: float = 60.0
+    # Chosen on the shipped model with benchmarks/bench_quality.py: stronger CFG or colour
+    # guidance over-saturates 16x16 digits and the classifier's accuracy drops below 90 %.
+    guidance_scale: float = 2.0
+    color_scale: float = 2.0
     colours: tuple[str, ...] = DEMO_COLOURS
     seed: int = 0
-    repeats: int = 3  # timed runs per backend; the median is reported
+    repeats: int = 2  # timed runs per backend after one warm-up; the median is reported
 
 
 @dataclass
@@ -62,12 +64,17 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
         device = "cuda"
 
     # 1. Eager reference and the exported pipeline (export is cached; a second run reuses it).
+    #    The engine's batch profile is tuned for this request: CFG doubles the image count.
+    from diffrt.export.artifact import ExportOptions
+
     t0 = time.perf_counter()
     eager = open_pixel_pipeline(None, "torch", device)
-    fast = open_pixel_pipeline(None, backend, device)
+    labels, targets = demo_request(settings, eager.info.num_classes)
+    batch = 2 * len(labels)
+    options = ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx", batch=(1, batch, max(256, batch)))
+    fast = open_pixel_pipeline(None, backend, device, export_options=options)
     log.info("model ready on %s in %.1f s", backend, time.perf_counter() - t0)
 
-    labels, targets = demo_request(settings, eager.info.num_classes)
     guidance = [color_guidance(targets, settings.color_scale)]
     kwargs = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                   seed=settings.seed, guidance=guidance, output_type="pt")

@@ -38,7 +38,7 @@ class GenerateRequest:
     control_scale: float = 1.0
     loras: list[tuple[str, float]] = field(default_factory=list)
     color: str | None = None
-    color_scale: float = 60.0
+    color_scale: float = 3.0
     clip_prompt: str | None = None
     clip_model: str | None = None
     clip_scale: float = 10.0
@@ -92,7 +92,7 @@ def generate(req: GenerateRequest):
         labels = torch.arange(pipe.info.num_classes) if req.class_label is None else torch.tensor([req.class_label])
         if req.class_label is not None and req.num_images:
             labels = labels.expand(req.num_images)
-    scale = 3.0 if req.guidance_scale is None else req.guidance_scale
+    scale = 2.0 if req.guidance_scale is None else req.guidance_scale
     return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
                 guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
                 output_type="pt")

@@ -1,0 +1,299 @@
+"""`diffrt serve`: the HTTP service (FastAPI + uvicorn).
+
+    POST /v1/generate   JSON body (schema.py) -> image/png, or JSON with base64 PNGs when
+                        `Accept: application/json` or num_images > 1
+    GET  /healthz       liveness: the worker thread is alive
+    GET  /readyz        readiness: model loaded, one warm-up run, NaN self-test passed
+    GET  /metrics       Prometheus exposition (metrics.py)
+    GET  /openapi.json, /docs
+
+Every answer names the backend that ran it (`X-Diffrt-Backend`, RELIABILITY #15), its seed and
+request id, and its timings (`Server-Timing`). Refusals are JSON `{"detail", "field"}` with the
+status that fits: 400 malformed JSON, 401 API key, 413 body or image too large, 415 not JSON,
+422 a field the schema or the model refuses, 429 queue full, 503 not ready, 504 over the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
+from diffrt.serve.schema import GenerateBody, RequestError, describe_validation_errors
+from diffrt.serve.worker import Answer
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+GENERATE_PATH = "/v1/generate"
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None  # diffusers or artifact folder; None: the shipped digits model
+    backend: str = "onnxruntime"
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    api_key_env: str | None = "DIFFRT_API_KEY"  # env var holding the key; unset or empty: no key
+    max_batch_size: int = 8
+    max_queue: int = 64
+    batch_wait_ms: float = 10.0
+    timeout_s: float = 60.0
+    device: str | None = None  # None: cuda when available
+    max_body_bytes: int = 16 << 20
+    max_image_bytes: int = 8 << 20
+    warmup_steps: int = 2
+    exact_batching: bool = True  # False: batch requests even on a backend whose batches differ in the last bit
+    log_level: str = "info"
+
+    def runtime_config(self) -> RuntimeConfig:
+        return RuntimeConfig(model=self.model, backend=self.backend, device=self.device, max_batch_size=self.max_batch_size,
+                             max_queue=self.max_queue, batch_wait_ms=self.batch_wait_ms, timeout_s=self.timeout_s,
+                             max_image_bytes=self.max_image_bytes, warmup_steps=self.warmup_steps,
+                             exact_batching=self.exact_batching)
+
+    def api_key(self) -> str | None:
+        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
+
+
+# -- responses shared with the Ray Serve deployment ----------------------------------------------
+
+def error_response(status: int, detail: str, field: str | None = None, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"detail": detail, "field": field, **extra}, status_code=status, headers=headers)
+
+
+def request_error_response(exc: RequestError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.field, exc.headers)
+
+
+def validation_error_response(errors: list[dict]) -> JSONResponse:
+    status, message, clean = describe_validation_errors(errors)
+    field = clean[0]["field"] if len(clean) == 1 else None
+    return error_response(status, message, field, errors=clean)
+
+
+def answer_response(answer: Answer, accept: str) -> Response:
+    timings = ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in answer.timings_ms.items())
+    headers = {"X-Diffrt-Backend": answer.backend, "X-Diffrt-Seed": str(answer.seed), "X-Request-Id": answer.job_id,
+               "X-Diffrt-Batch-Size": str(answer.batch_size), "Server-Timing": timings}
+    if len(answer.pngs) == 1 and "application/json" not in accept.lower():
+        return Response(answer.pngs[0], media_type="image/png", headers=headers)
+    images = [{"index": i, "seed": answer.seed, "png_base64": base64.b64encode(png).decode("ascii")} for i, png in enumerate(answer.pngs)]
+    return JSONResponse({"id": answer.job_id, "backend": answer.backend, "seed": answer.seed, "images": images,
+                         "batch_size": answer.batch_size, "timings_ms": answer.timings_ms}, headers=headers)
+
+
+# -- guards in front of the app (before the body is parsed) -----------------------------------
+
+def api_key_problem(headers, key: bytes) -> str | None:
+    """None if the headers carry the key (`Authorization: Bearer KEY` or `X-API-Key: KEY`), else why not."""
+    given = headers.get("x-api-key")
+    auth = headers.get("authorization") or ""
+    if given is None and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if not given:
+        return "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
+    if not hmac.compare_digest(given.encode(), key):  # constant time: no timing oracle on the key
+        return "wrong API key"
+    return None
+
+
+class GuardMiddleware:
+    """API key (401), content type (415) and body size (413) for /v1/ routes, checked before the body is parsed;
+    and the request counter, so refusals made here are counted too."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_and_record)
+        finally:
+            if scope["path"] == GENERATE_PATH:
+                self.metrics.observe_answer(status[0], time.perf_counter() - t0)
+
+    async def _guarded(self, scope, receive, send):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None:
+            problem = api_key_problem(headers, self.api_key)
+            if problem:
+                return await error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        kind = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if scope["method"] == "POST" and kind != "application/json":
+            return await error_response(415, f"Content-Type must be application/json, got {kind}")(scope, receive, send)
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await self._too_large(int(length), scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:  # read the body here, bounded, and hand it on in one piece
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                return await self._too_large(size, scope, receive, send)
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, size: int, scope, receive, send):
+        limit = self.max_body_bytes
+        await error_response(413, f"request body is {size / 2**20:.1f} MiB or more; the limit is {limit / 2**20:.1f} MiB")(scope, receive, send)
+
+
+# -- the app --------------------------------------------------------------------------------
+
+def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts the runtime (load, warm-up, self-test in the worker)
+    and, at shutdown, lets the worker finish every queued request."""
+    runtime = runtime or ServeRuntime(config.runtime_config())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.start()
+        yield
+        await asyncio.to_thread(runtime.close, config.timeout_s + 5)
+
+    app = FastAPI(title="diffrt", summary="Diffusion inference over PyTorch, ONNX Runtime or TensorRT",
+                  version=_version(), lifespan=lifespan)
+    app.state.runtime = runtime
+    app.add_middleware(GuardMiddleware, api_key=config.api_key(), max_body_bytes=config.max_body_bytes, metrics=runtime.metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return validation_error_response(list(exc.errors()))
+
+    @app.exception_handler(RequestError)
+    async def _refused(request: Request, exc: RequestError):
+        return request_error_response(exc)
+
+    @app.post(GENERATE_PATH, response_class=Response, responses={
+        200: {"content": {"image/png": {}, "application/json": {}}, "description": "one PNG, or JSON with base64 PNGs and seeds"},
+        **{code: {"description": text} for code, text in ((400, "malformed JSON"), (401, "missing or wrong API key"),
+           (413, "body or image too large"), (422, "a field the schema or the loaded model refuses"), (429, "queue full"),
+           (503, "not ready"), (504, "timed out"))}})
+    async def generate(body: GenerateBody, request: Request) -> Response:
+        """Generate images. Fields follow diffusers' names; leave one out for `diffrt generate`'s default."""
+        answer = await runtime.generate(body)
+        return answer_response(answer, request.headers.get("accept", ""))
+
+    @app.get("/healthz")
+    async def healthz():
+        if runtime.alive:
+            return {"status": "ok"}
+        return error_response(503, f"the worker is dead: {runtime.error}")
+
+    @app.get("/readyz")
+    async def readyz():
+        if runtime.ready:
+            return {"ready": True, **runtime.describe()}
+        reason = f"the model failed to load: {runtime.error}" if runtime.error else "loading"
+        return JSONResponse({"ready": False, "detail": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(runtime.metrics.exposition(), media_type=runtime.metrics.content_type)
+
+    return app
+
+
+def _version() -> str:
+    from diffrt import __version__
+
+    return __version__
+
+
+def uvicorn_config(app, config: ServeConfig):
+    import uvicorn
+
+    # A connection cap above what the queue can hold, so health and metrics still get through;
+    # shutdown waits up to one request timeout for in-flight requests to finish.
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                          limit_concurrency=config.max_queue + config.max_batch_size + 64,
+                          timeout_graceful_shutdown=int(config.timeout_s) + 5)
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the service until SIGINT/SIGTERM; in-flight requests finish before it exits."""
+    import uvicorn
+
+    if config.host not in LOOPBACK and config.api_key() is None:
+        log.warning("serving on %s without an API key; set %s to require one", config.host, config.api_key_env)
+    uvicorn.Server(uvicorn_config(create_app(config), config)).run()
+
+
+class BackgroundServer:
+    """The real server in a background thread, for tests, benchmarks and notebooks.
+
+        with BackgroundServer(ServeConfig(port=0)) as srv:
+            httpx.post(srv.url + "/v1/generate", json={...})
+    """
+
+    def __init__(self, config: ServeConfig, ready_timeout: float = 120.0):
+        import uvicorn
+
+        self.config = config
+        self.app = create_app(config)
+        self.runtime: ServeRuntime = self.app.state.runtime
+        self.server = uvicorn.Server(uvicorn_config(self.app, config))
+        self.thread = threading.Thread(target=self.server.run, name="diffrt-serve-http", daemon=True)
+        self.ready_timeout = ready_timeout
+
+    @property
+    def url(self) -> str:
+        (sock,) = self.server.servers[0].sockets[:1]
+        host, port = sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + self.ready_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        self.runtime.wait_ready(max(1.0, deadline - time.monotonic()))
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

@@ -1,0 +1,183 @@
+"""A bounded queue in front of ONE worker thread, which groups compatible requests into batches.
+
+Diffusion is compute-bound: a replica's throughput comes from running several requests in one
+UNet batch, not from running several batches at once. So exactly one thread runs the model
+(RELIABILITY #14: no engine context shared across threads) and everything else only queues.
+
+Batching: the worker takes the oldest job, then, for at most `wait_s`, adds queued jobs with
+the same `key` until `max_batch_size` images. A job whose key is None always runs alone. Every
+job carries its own id into the batch and its answer is matched back by that id, never by
+position (RELIABILITY #18). A job whose future was cancelled (its client timed out) before the
+worker reached it is dropped without running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The queue holds `max_queue` jobs already."""
+
+
+class ClosedError(Exception):
+    """The batcher is shutting down (or its worker died) and takes no new jobs."""
+
+
+@dataclass
+class Job:
+    key: Hashable | None  # jobs with equal, non-None keys may share a batch
+    size: int  # images this job adds to a batch
+    payload: Any
+    deadline: float  # time.monotonic() after which nobody waits for the answer
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+RunBatch = Callable[[list[Job]], dict[str, Any]]  # jobs -> {job.id: answer}
+
+
+class Batcher:
+    """`submit` from any thread; `run_batch` is only ever called from the one worker thread.
+
+    `on_start` runs first in that thread (load the model there, so the thread that owns the
+    pipeline is the one that built it); if it raises, the batcher is dead and says why.
+    """
+
+    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_queue: int, wait_s: float,
+                 on_start: Callable[[], None] | None = None, on_batch: Callable[[list[Job]], None] | None = None,
+                 name: str = "diffrt-serve-worker"):
+        if max_batch_size < 1 or max_queue < 1 or wait_s < 0:
+            raise ValueError(f"need max_batch_size >= 1, max_queue >= 1, wait_s >= 0; got {max_batch_size}, {max_queue}, {wait_s}")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.wait_s = wait_s
+        self.on_start = on_start
+        self.on_batch = on_batch
+        self.error: BaseException | None = None  # why the worker died, if it did
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    # -- any thread -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not counting the batch being run)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue) + int(self._busy)
+
+    def submit(self, job: Job) -> Future:
+        with self._cond:
+            if self._closing or self.error is not None:
+                raise ClosedError("the service is shutting down" if self._closing else f"the worker died: {self.error}")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job.future
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Take no new jobs, let the worker finish every queued one, then stop. True if it stopped in time."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- the worker thread ------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            if self.on_start is not None:
+                self.on_start()
+        except BaseException as exc:  # noqa: BLE001 - recorded, reported by health checks and to waiting jobs
+            log.exception("the serve worker failed to start")
+            self._die(exc)
+            return
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                while not self._queue and not self._closing:
+                    self._cond.wait(0.5)  # a bounded wait, so a lost notify costs half a second, not a hang
+                if not self._queue:
+                    return None  # closing and drained
+                first = self._queue.popleft()
+                if first.future.set_running_or_notify_cancel():
+                    break  # else its client gave up before we started it: drop it
+            batch, size = [first], first.size
+            window_end = time.monotonic() + self.wait_s
+            while first.key is not None and size < self.max_batch_size:
+                for job in list(self._queue):
+                    if job.key == first.key and size + job.size <= self.max_batch_size:
+                        self._queue.remove(job)
+                        if job.future.set_running_or_notify_cancel():
+                            batch.append(job)
+                            size += job.size
+                remaining = window_end - time.monotonic()
+                if size >= self.max_batch_size or remaining <= 0 or self._closing:
+                    break
+                self._cond.wait(remaining)
+            self._busy = True
+            return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        try:
+            if self.on_batch is not None:
+                self.on_batch(batch)
+            answers = self.run_batch(batch)
+        except BaseException as exc:  # noqa: BLE001 - every job of the batch gets the error
+            for job in batch:
+                job.future.set_exception(exc)
+        else:
+            for job in batch:
+                if job.id in answers:
+                    job.future.set_result(answers[job.id])
+                else:
+                    job.future.set_exception(RuntimeError(f"the batch returned no answer for request {job.id}"))
+        finally:
+            with self._cond:
+                self._busy = False
+
+    def _die(self, exc: BaseException) -> None:
+        with self._cond:
+            self.error = exc
+            pending = list(self._queue)
+            self._queue.clear()
+        for job in pending:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ClosedError(f"the worker died: {exc}"))

@@ -1,0 +1,113 @@
+"""Ray Serve: the same runtime as `diffrt serve`, as autoscaled replicas behind one HTTP route.
+
+    import ray
+    from ray import serve
+    from diffrt.serve.app import ServeConfig
+    from diffrt.serve.ray_app import build_deployment
+
+    ray.init()
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_deployment(ServeConfig(), max_replicas=4), route_prefix="/v1/generate")
+
+Diffusion is compute-bound and an engine's profile caps its batch, so throughput comes from
+replicas: each replica is one `ServeRuntime` (one worker thread owning its pipeline, its own
+batcher), Ray's proxy spreads requests over them, and the autoscaler adds replicas when the
+ongoing requests per replica pass the engine's batch size. A replica asks for one GPU when CUDA
+is present. `check_health` raises once the replica's worker is dead, so Ray replaces it.
+
+The route speaks the same API as `POST /v1/generate` of `diffrt serve` (schema, API key,
+body limit, refusals, headers). Ray ships the deployment to its workers with its own
+serialisation; diffrt passes it a plain dict of settings only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import torch
+from pydantic import ValidationError
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from diffrt.serve.app import (ServeConfig, answer_response, api_key_problem, error_response, request_error_response,
+                              validation_error_response)
+from diffrt.serve.runtime import ServeRuntime
+from diffrt.serve.schema import GenerateBody, RequestError
+
+log = logging.getLogger(__name__)
+
+NUM_GPUS = 1 if torch.cuda.is_available() else 0
+
+
+@serve.deployment(
+    name="diffrt",
+    ray_actor_options={"num_cpus": 1, "num_gpus": NUM_GPUS},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+    max_ongoing_requests=16,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+)
+class DiffrtDeployment:
+    """One replica: loads, warms up and self-tests its pipeline before it takes traffic."""
+
+    def __init__(self, settings: dict):
+        self.config = ServeConfig(**settings)
+        key = self.config.api_key()
+        self.api_key = key.encode() if key else None
+        self.runtime = ServeRuntime(self.config.runtime_config())
+        self.runtime.start()
+        self.runtime.wait_ready(timeout=600)  # raising here fails the replica; Ray reports and retries it
+
+    async def __call__(self, request: Request) -> Response:
+        metrics = self.runtime.metrics
+        response = await self._answer(request)
+        metrics.observe_answer(response.status_code)
+        return response
+
+    async def _answer(self, request: Request) -> Response:
+        if request.method != "POST":
+            return error_response(405, f"use POST, not {request.method}")
+        if self.api_key is not None:
+            problem = api_key_problem(request.headers, self.api_key)
+            if problem:
+                return error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})
+        chunks, size = [], 0
+        async for chunk in request.stream():  # bounded read: stop at the limit
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.config.max_body_bytes:
+                return error_response(413, f"request body is over the limit of {self.config.max_body_bytes / 2**20:.1f} MiB")
+        try:
+            body = GenerateBody.model_validate_json(b"".join(chunks))
+        except ValidationError as exc:
+            return validation_error_response(exc.errors(include_input=False))
+        try:
+            answer = await self.runtime.generate(body)
+        except RequestError as exc:
+            return request_error_response(exc)
+        return answer_response(answer, request.headers.get("accept", ""))
+
+    def check_health(self) -> None:
+        if not self.runtime.alive:
+            raise RuntimeError(f"the diffrt worker is dead: {self.runtime.error}")
+
+    def __del__(self) -> None:  # Ray's graceful shutdown: finish what is queued
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.close(timeout=self.config.timeout_s + 5)
+
+
+def build_deployment(config: ServeConfig, *, min_replicas: int = 1, max_replicas: int = 4):
+    """The bound application for `serve.run`: autoscaling on ongoing requests per replica, with
+    the engine's batch size as the target (RELIABILITY's serving conventions)."""
+    if not 1 <= min_replicas <= max_replicas:
+        raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {min_replicas}, {max_replicas}")
+    deployment = DiffrtDeployment.options(
+        autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
+                            "target_ongoing_requests": config.max_batch_size},
+        max_ongoing_requests=config.max_batch_size + config.max_queue,
+        graceful_shutdown_timeout_s=config.timeout_s + 5,
+    )
+    return deployment.bind(asdict(config))

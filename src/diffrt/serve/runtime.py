@@ -1,0 +1,163 @@
+"""The runtime every front end shares: a worker owning the pipeline, the batcher in front of it,
+and the metrics. The FastAPI app, the Gradio demo and each Ray Serve replica hold one each.
+
+    runtime = ServeRuntime(RuntimeConfig(model=None, backend="onnxruntime"))
+    runtime.start()                       # loads, warms up and self-tests in the worker thread
+    runtime.wait_ready(timeout=120)
+    answer = runtime.generate_sync(GenerateBody(class_label=3, seed=7))
+    runtime.close()                       # finishes what is queued, then stops
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from diffrt.errors import DiffrtError, NonFiniteOutputError
+from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
+from diffrt.serve.metrics import ServeMetrics
+from diffrt.serve.schema import GenerateBody, RequestError
+from diffrt.serve.worker import Answer, BatchAbandoned, PixelWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeConfig:
+    model: str | None = None  # None: the shipped digits model
+    backend: str = "onnxruntime"
+    device: str | None = None  # None: cuda when available, else cpu
+    max_batch_size: int = 8  # images per UNet batch (CFG doubles what the engine sees)
+    max_queue: int = 64
+    batch_wait_ms: float = 10.0
+    timeout_s: float = 60.0
+    max_image_bytes: int = 8 << 20
+    warmup_steps: int = 2
+    exact_batching: bool = True  # batch requests only if the backend proves batch-invariant at start-up
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ServeRuntime:
+    def __init__(self, config: RuntimeConfig, metrics: ServeMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or ServeMetrics()
+        self.worker = PixelWorker(config.model, config.backend, config.device or default_device(),
+                                  warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
+                                  max_batch_size=config.max_batch_size, exact_batching=config.exact_batching)
+        self.batcher = Batcher(self.worker.run_batch, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                               wait_s=config.batch_wait_ms / 1000, on_start=self._load, on_batch=self._count_batch)
+        self.metrics.watch_queue(lambda: self.batcher.depth)
+        self._ready = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def _load(self) -> None:  # in the worker thread
+        self.worker.load()
+        self.batcher.max_batch_size = self.worker.max_batch_size  # the engine's profile may allow less
+        self.metrics.backend.info({"backend": self.worker.pipe.backend, "model": str(self.config.model or "shipped:digits"),
+                                   "device": str(self.worker.pipe.device)})
+        self.metrics.ready.set(1)
+        self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.batcher.alive
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker died or failed to load (Ray's check_health raises on it)."""
+        return self.batcher.alive
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.batcher.error
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until ready; raise the load error, or TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.1):
+            if self.batcher.error is not None:
+                raise self.batcher.error
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the model was not ready after {timeout:.0f} s")
+
+    def close(self, timeout: float | None = None) -> bool:
+        self.metrics.ready.set(0)
+        return self.batcher.close(timeout)
+
+    def describe(self) -> dict:
+        return {**self.worker.describe(), "max_batch_size": self.config.max_batch_size,
+                "warmup_seconds": self.worker.warmup_seconds}
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def submit(self, body: GenerateBody) -> Job:
+        """Check, plan and queue a request; RequestError (422/413/429/503) when it cannot be."""
+        if not self.ready:
+            reason = f"the model failed to load: {self.error}" if self.error else "the model is still loading; see /readyz"
+            raise RequestError(503, reason, headers={"Retry-After": "5"})
+        plan = self.worker.plan(body)
+        job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s)
+        try:
+            self.batcher.submit(job)
+        except QueueFullError as exc:
+            raise RequestError(429, f"{exc}; retry later", headers={"Retry-After": "1"}) from None
+        except ClosedError as exc:
+            raise RequestError(503, str(exc)) from None
+        return job
+
+    async def generate(self, body: GenerateBody) -> Answer:
+        job = self.submit(body)
+        try:
+            answer = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self.config.timeout_s)
+        except asyncio.TimeoutError:
+            job.future.cancel()
+            raise self._timeout_error() from None
+        except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
+            raise self._run_error(exc) from None
+        self.metrics.observe_timings(answer.timings_ms, len(answer.pngs))
+        return answer
+
+    def generate_sync(self, body: GenerateBody) -> Answer:
+        job = self.submit(body)
+        try:
+            answer = job.future.result(timeout=self.config.timeout_s)
+        except (FutureTimeout, CancelledError):
+            job.future.cancel()
+            raise self._timeout_error() from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._run_error(exc) from None
+        self.metrics.observe_timings(answer.timings_ms, len(answer.pngs))
+        return answer
+
+    def _timeout_error(self) -> RequestError:
+        return RequestError(504, f"the request took longer than the service's timeout of {self.config.timeout_s:g} s")
+
+    def _run_error(self, exc: Exception) -> RequestError:
+        if isinstance(exc, BatchAbandoned):
+            return self._timeout_error()
+        if isinstance(exc, NonFiniteOutputError):
+            self.metrics.nonfinite.inc()
+            return RequestError(500, f"the model produced non-finite values: {exc}")
+        if isinstance(exc, DiffrtError):  # inputs were checked by plan(); this is the service's fault
+            return RequestError(500, str(exc))
+        if isinstance(exc, ClosedError):
+            return RequestError(503, str(exc))
+        log.error("generation failed", exc_info=exc)
+        return RequestError(500, f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _count_batch(self, jobs: list[Job]) -> None:  # in the worker thread
+        self.metrics.batch_size.observe(sum(job.size for job in jobs))

@@ -1,0 +1,79 @@
+"""The body of `POST /v1/generate`: diffusers' argument names, typed and bounded.
+
+Unknown fields are refused (`extra="forbid"`) rather than ignored, so a misspelt
+`num_inference_step` is a 422 that names it, not a silent default. Whether the loaded model can
+use a field (a prompt on a pixel-space model, say) is checked later, by the worker that knows
+the model (worker.py).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffrt.generate import GenerateRequest
+
+MAX_SEED = 2**63 - 1
+DEFAULT_GUIDANCE_SCALE = 3.0  # what `diffrt generate` uses for class-conditioned models
+DEFAULT_COLOR_SCALE = GenerateRequest.color_scale  # `diffrt generate`'s, tuned on the shipped digits model
+
+
+class GenerateBody(BaseModel):
+    """One generation request. Leave a field out to get `diffrt generate`'s default."""
+
+    # strict: "5" is not 5 and true is not 1; JSON numbers still fill float fields.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    prompt: str | None = Field(None, max_length=4000, description="text-to-image models only")
+    negative_prompt: str | None = Field(None, max_length=4000, description="text-to-image models only")
+    class_label: int | None = Field(None, ge=0, le=1_000_000, description="class-conditioned models: the class to draw")
+    num_inference_steps: int = Field(25, ge=1, le=200, description="DDIM steps")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE})")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="initial-noise seed; random (and reported) when left out")
+    height: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
+    width: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
+    num_images: int = Field(1, ge=1, le=64, description="images from this seed, as `diffrt generate --num-images`")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic)")
+    color: str | None = Field(None, pattern=r"^#?[0-9a-fA-F]{6}$", description="colour guidance target, #RRGGBB")
+    color_scale: float = Field(DEFAULT_COLOR_SCALE, ge=0.0, le=10_000.0, description="colour guidance strength")
+    control_image: str | None = Field(None, description="ControlNet models only: base64-encoded PNG")
+    controlnet_conditioning_scale: float | None = Field(None, ge=0.0, le=5.0, description="ControlNet models only")
+    lora_scale: float | None = Field(None, ge=0.0, le=5.0, description="models with a runtime LoRA only")
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP status, the field at fault (if one) and a one-line message."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+    def payload(self) -> dict:
+        return {"detail": self.message, "field": self.field}
+
+
+def describe_validation_errors(errors: list[dict]) -> tuple[int, str, list[dict]]:
+    """pydantic/FastAPI validation errors -> (status, one-line message naming each field, clean list).
+
+    Malformed JSON is a 400 (the body is not a request at all); everything else is a 422. The
+    offending input is not echoed back: it may be a 20 MB string.
+    """
+    clean, parts, status = [], [], 422
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        kind = err.get("type", "")
+        if kind == "json_invalid":
+            status = 400
+            reason = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"request body is not valid JSON ({reason or err.get('msg')})")
+            loc = []
+        elif kind == "extra_forbidden":
+            parts.append(f"{'.'.join(loc)}: unknown field; accepted fields are {', '.join(GenerateBody.model_fields)}")
+        elif kind == "missing" and not loc:
+            parts.append("request body is missing; send a JSON object")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        clean.append({"field": ".".join(loc) or None, "type": kind, "msg": err.get("msg")})
+    return status, "; ".join(parts) or "invalid request", clean

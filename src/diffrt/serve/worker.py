@@ -1,0 +1,246 @@
+"""Everything the service does with the pipeline: open it, warm it up, plan a request, run a batch.
+
+`load` and `run_batch` run only in the batcher's worker thread (the pipeline's one owner);
+`plan` runs in the caller's thread and only reads the model's description (classes, shapes).
+
+Per-request noise: `plan` draws a request's initial noise x_T from `torch.Generator("cpu")
+.manual_seed(seed)` with the shape `diffrt generate` would draw for it, and the batch passes
+the stacked noise to the pipeline as `latents`. A request's image therefore depends on its own
+seed only, and equals `diffrt generate` with the same seed and settings. With eta > 0 the
+sampler draws fresh noise every step from one generator, which a batch cannot split between
+requests, so such a request runs alone (its batch key is None) with its own generator.
+
+Same noise is not yet same pixels: a backend may pick other kernels for another batch size and
+round differently. At start-up `probe_batch_invariance` runs a full batch and two of its
+requests alone; unless they agree bit for bit, requests are not batched together (one request
+per batch) unless the service was told that a last-bit difference is acceptable.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from diffrt.errors import DiffrtError, NonFiniteOutputError
+from diffrt.images import png_bytes
+from diffrt.runtime.guidance import color_guidance
+from diffrt.runtime.sampling import randn
+from diffrt.serve.batcher import Job
+from diffrt.serve.schema import DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
+
+log = logging.getLogger(__name__)
+
+UNSUPPORTED_ON_PIXEL = {  # field -> the kind of model that takes it
+    "prompt": "a text-to-image model",
+    "negative_prompt": "a text-to-image model",
+    "control_image": "a ControlNet model",
+    "controlnet_conditioning_scale": "a ControlNet model",
+    "lora_scale": "a model with a runtime LoRA (pixel models bake LoRA in: `diffrt export --lora FILE:SCALE`)",
+}
+
+
+class BatchAbandoned(Exception):
+    """Every request of the running batch is past its deadline; stop sampling for nobody."""
+
+
+@dataclass
+class Plan:
+    """One request, ready to batch: its labels, its own initial noise and the settings a batch shares."""
+
+    seed: int
+    num_images: int
+    labels: torch.Tensor | None  # [num_images] int64, None for unconditional models
+    latents: torch.Tensor  # [num_images, C, H, W], from this request's seed only
+    generator: torch.Generator | None  # eta > 0 only: the seed's generator, past the x_T draw
+    settings: dict = field(default_factory=dict)  # num_inference_steps, guidance_scale, eta, height, width, color, color_scale
+
+    def batch_key(self):
+        """Requests with equal keys may share a batch; None runs alone."""
+        if self.generator is not None:
+            return None
+        return tuple(sorted(self.settings.items()))
+
+
+@dataclass
+class Answer:
+    """One request's images (PNG bytes) and how they were made."""
+
+    job_id: str
+    seed: int
+    pngs: list[bytes]
+    backend: str
+    batch_size: int  # images in the batch this request ran in
+    timings_ms: dict[str, float]
+
+
+class PixelWorker:
+    """Serves a pixel-space pipeline (unconditional or class-conditioned)."""
+
+    def __init__(self, model: str | None, backend: str, device: str, *, warmup_steps: int = 2, max_image_bytes: int = 8 << 20,
+                 max_batch_size: int = 8, exact_batching: bool = True):
+        self.model = model
+        self.backend_asked = backend
+        self.device = device
+        self.warmup_steps = warmup_steps
+        self.max_image_bytes = max_image_bytes
+        self.max_batch_size = max_batch_size
+        self.exact_batching = exact_batching
+        self.pipe = None
+        self.warmup_seconds: float | None = None
+        self.batch_max_abs_diff: float | None = None  # |batched - alone| measured at start-up; 0.0: bitwise equal
+
+    # -- the worker thread ------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Open the pipeline, run one warm-up and the NaN self-test; raises if any of it fails."""
+        from diffrt.generate import is_text_to_image
+        from diffrt.runtime.loading import open_pixel_pipeline
+
+        if is_text_to_image(self.model):
+            raise DiffrtError(f"{self.model} is a text-to-image model; `diffrt serve` serves pixel-space models for now")
+        t0 = time.perf_counter()
+        pipe = open_pixel_pipeline(self.model, self.backend_asked, self.device)
+        log.info("opened %s on %s in %.1f s", self.model or "the shipped digits model", pipe.backend, time.perf_counter() - t0)
+        self.pipe = pipe
+        fits = pipe.unet.spec.ranges.get("batch", (1, 1, 1 << 30))[2] // (2 if self.conditioned else 1)  # CFG doubles it
+        if self.max_batch_size > fits:
+            log.warning("max batch size %d is more than the engine takes with guidance; using %d", self.max_batch_size, fits)
+            self.max_batch_size = max(1, fits)
+        self.warmup_seconds = self.self_test()
+        if self.max_batch_size > 1:
+            self.batch_max_abs_diff = self.probe_batch_invariance()
+            if self.batch_max_abs_diff > 0:
+                log.warning("%s: a request batched with others differs from the same request alone by up to %.1e; %s",
+                            pipe.backend, self.batch_max_abs_diff,
+                            "running requests one at a time (exact_batching=False batches them anyway)" if self.exact_batching
+                            else "batching anyway (exact_batching=False)")
+
+    def self_test(self) -> float:
+        """Warm-up and NaN self-test in one: a classifier-free-guided generation at the model's own
+        size, whose noise predictions (checked by the pipeline) and images must all be finite."""
+        t0 = time.perf_counter()
+        labels = torch.tensor([0]) if self.conditioned else None
+        result = self.pipe(labels, num_images=None if labels is not None else 1, num_inference_steps=self.warmup_steps,
+                           guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=0, output_type="pt")
+        if not torch.isfinite(result.images).all():
+            raise NonFiniteOutputError(f"self-test: the {self.pipe.backend} pipeline produced non-finite images; not serving it")
+        seconds = time.perf_counter() - t0
+        log.info("warm-up and NaN self-test passed on %s in %.2f s", self.pipe.backend, seconds)
+        return seconds
+
+    def probe_batch_invariance(self) -> float:
+        """How far a request run in a full batch is from the same request alone (max |diff| of the
+        images, first and last of the batch). ONNX Runtime on CPU measures 0.0 on the digits models;
+        eager PyTorch on CPU (oneDNN) measures ~1e-5, which flips a few PNG pixels by one level, and
+        cuDNN/TensorRT also choose kernels by batch size (RELIABILITY #18)."""
+        n, size = self.max_batch_size, self.pipe.sample_size
+        labels = torch.arange(n) % self.pipe.info.num_classes if self.conditioned else None
+        latents = randn((n, self.pipe.channels, size, size), torch.Generator("cpu").manual_seed(0), torch.device("cpu"), torch.float32)
+
+        def run(rows):
+            return self.pipe(labels[rows] if labels is not None else None, num_images=None if labels is not None else len(rows),
+                             latents=latents[rows], num_inference_steps=self.warmup_steps, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                             output_type="pt").images
+
+        batched = run(list(range(n)))
+        return max((batched[i] - run([i])[0]).abs().max().item() for i in (0, n - 1))
+
+    @property
+    def batches_requests(self) -> bool:
+        """Whether requests may share a batch: yes when the probe found no difference, or when told
+        that a last-bit difference is acceptable."""
+        return self.max_batch_size > 1 and (not self.exact_batching or self.batch_max_abs_diff == 0)
+
+    def batch_key(self, plan: Plan):
+        return plan.batch_key() if self.batches_requests else None
+
+    def run_batch(self, jobs: list[Job]) -> dict[str, Answer]:
+        plans: list[Plan] = [job.payload for job in jobs]
+        first = plans[0]
+        s = first.settings
+        guidance = [color_guidance(s["color"], s["color_scale"])] if s["color"] else []
+        labels = torch.cat([p.labels for p in plans]) if first.labels is not None else None
+        latents = torch.cat([p.latents for p in plans])
+        n = latents.shape[0]
+
+        def abandon_if_nobody_waits(step: int) -> None:
+            if all(job.expired for job in jobs):
+                raise BatchAbandoned(f"every request of this batch timed out by step {step}")
+
+        started, t0 = time.monotonic(), time.perf_counter()
+        result = self.pipe(labels, num_images=None if labels is not None else n, latents=latents,
+                           generator=first.generator if len(plans) == 1 else None,
+                           num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"],
+                           guidance=guidance, height=s["height"], width=s["width"], output_type="pt",
+                           progress=abandon_if_nobody_waits)
+        sample_ms = 1000 * (time.perf_counter() - t0)
+        images = result.images
+        if not torch.isfinite(images).all():
+            raise NonFiniteOutputError(f"the {result.backend} pipeline produced non-finite images")
+        t1 = time.perf_counter()
+        pngs = [png_bytes(img) for img in images]
+        encode_ms = 1000 * (time.perf_counter() - t1)
+        answers, start = {}, 0
+        for job, plan in zip(jobs, plans):
+            own = pngs[start : start + plan.num_images]
+            start += plan.num_images
+            timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, "encode": encode_ms}
+            answers[job.id] = Answer(job.id, plan.seed, own, result.backend, n, timings)
+        return answers
+
+    # -- any thread (reads the model's description only) ---------------------------------
+
+    @property
+    def conditioned(self) -> bool:
+        return self.pipe.info.conditioning != "none"
+
+    def describe(self) -> dict:
+        info = self.pipe.info
+        return {"kind": "pixel", "controlnet": False, "backend": self.pipe.backend, "conditioning": info.conditioning,
+                "num_classes": info.num_classes, "class_names": info.class_names, "sample_size": self.pipe.sample_size,
+                "channels": self.pipe.channels, "batches_requests": self.batches_requests,
+                "batch_max_abs_diff": self.batch_max_abs_diff}
+
+    def plan(self, body: GenerateBody) -> Plan:
+        """Check the request against this model and draw its noise; RequestError names the field at fault."""
+        self._check_fields(body)
+        pipe, info = self.pipe, self.pipe.info
+        labels = None
+        if self.conditioned:
+            if body.class_label is None:
+                raise RequestError(422, f"class_label: required; this model is class-conditioned with classes 0..{info.num_classes - 1}", "class_label")
+            if body.class_label >= info.num_classes:
+                raise RequestError(422, f"class_label: {body.class_label} is out of range; this model has classes 0..{info.num_classes - 1}", "class_label")
+            labels = torch.full((body.num_images,), body.class_label, dtype=torch.int64)
+        elif body.class_label is not None:
+            raise RequestError(422, "class_label: this model is unconditional; leave class_label out", "class_label")
+        guidance_scale = DEFAULT_GUIDANCE_SCALE if body.guidance_scale is None else body.guidance_scale
+        height, width = body.height or pipe.sample_size, body.width or pipe.sample_size
+        spec = pipe.unet.spec
+        cfg = labels is not None and guidance_scale > 1.0
+        for name, value, dim in (("height", height, "height"), ("width", width, "width"),
+                                 ("num_images", body.num_images * (2 if cfg else 1), "batch")):
+            try:
+                spec.check_size(dim, value, what=f"{name} {value}" if name != "num_images" else
+                                f"batch {value} ({body.num_images} images{' x 2 for guidance' if cfg else ''})")
+            except DiffrtError as exc:
+                raise RequestError(422, f"{name}: {exc}", name) from None
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = randn((body.num_images, pipe.channels, height, width), generator, torch.device("cpu"), torch.float32)
+        settings = {"num_inference_steps": body.num_inference_steps, "guidance_scale": guidance_scale, "eta": body.eta,
+                    "height": height, "width": width, "color": body.color, "color_scale": body.color_scale if body.color else None}
+        return Plan(seed, body.num_images, labels, latents, generator if body.eta > 0 else None, settings)
+
+    def _check_fields(self, body: GenerateBody) -> None:
+        if body.control_image is not None and len(body.control_image) * 3 // 4 > self.max_image_bytes:
+            size = len(body.control_image) * 3 / 4 / 2**20
+            raise RequestError(413, f"control_image: the image is {size:.1f} MiB; the limit is {self.max_image_bytes / 2**20:.1f} MiB", "control_image")
+        kind = "class-conditioned" if self.conditioned else "unconditional"
+        for name, needs in UNSUPPORTED_ON_PIXEL.items():
+            if getattr(body, name) is not None:
+                raise RequestError(422, f"{name}: the loaded model is a {kind} pixel-space model; {name} needs {needs}", name)

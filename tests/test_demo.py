@@ -1,0 +1,24 @@
+"""`diffrt demo`: the shipped model, exported, sampled on the exported backend and timed against eager."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from diffrt.demo import DemoSettings, format_table, run_demo
+
+
+def test_demo_writes_a_grid_and_a_timing_table_from_the_same_run(shipped_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a cold cache: the export runs
+    settings = DemoSettings(num_inference_steps=6, repeats=1)
+    path, timings, max_diff = run_demo(tmp_path / "demo.png", backend="onnxruntime", settings=settings)
+
+    grid = Image.open(path)
+    cell = 16 * 4 + 2  # 16 px digits drawn 4x, 2 px padding
+    assert grid.size == (len(settings.colours) * cell + 2, 10 * cell + 2)  # one row per digit, one column per colour
+    assert [t.backend for t in timings] == ["onnxruntime", "torch"]
+    assert all(t.ms_per_step > 0 and t.ms_per_image > 0 for t in timings)
+    assert max_diff <= 5e-3  # the exported model draws what eager draws
+    table = format_table(timings)
+    eager, fast = timings[1], timings[0]
+    assert f"{eager.ms_per_step / fast.ms_per_step:.2f}x" in table
+    assert any(p.name == "manifest.json" for p in (tmp_path / "cache").rglob("manifest.json"))

@@ -1,0 +1,383 @@
+"""`diffrt serve`, the Gradio demo and the Ray Serve deployment, against the real server.
+
+The HTTP tests start uvicorn in a thread on 127.0.0.1 (a free port) over ONNX Runtime, the
+backend `diffrt serve` uses by default, and talk to it with httpx:
+
+* an image over HTTP has the pixels `diffrt generate` writes for the same seed and settings;
+* under load (60 requests from 8 client threads) every answer is its own seed's solo image or
+  a 429, none is lost, and /metrics counts them all (RELIABILITY #14, #18);
+* each kind of bad request gets its 4xx with a message naming the problem, and the server
+  keeps serving; the backend that ran is reported (RELIABILITY #15).
+
+The shipped digits model is used when it is present, else a tiny random class-conditioned one.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from diffrt.errors import DiffrtError  # noqa: E402
+from diffrt.generate import GenerateRequest, generate  # noqa: E402
+from diffrt.images import png_bytes  # noqa: E402
+from diffrt.models import SHIPPED_DIGITS  # noqa: E402
+from diffrt.serve.app import BackgroundServer, ServeConfig  # noqa: E402
+from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError  # noqa: E402
+
+API_KEY_ENV = "DIFFRT_TEST_SERVE_KEY"
+API_KEY = "test-key-5f2c"
+STEPS = 5  # few DDIM steps: these tests are about the service, not the images
+
+
+def pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def served_model(request, tmp_path_factory) -> str | None:
+    """What `--model` names: None for the shipped digits model when it is there (exported to
+    ONNX in the user cache, as `diffrt serve` does), else a tiny model exported to a tmp folder."""
+    if (SHIPPED_DIGITS / "model_index.json").is_file():
+        return None
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+
+    src = request.getfixturevalue("classemb_model_dir")
+    out = tmp_path_factory.mktemp("serve_artifact") / "artifact"
+    export_pixel_model(src, out, ExportOptions(backend="onnx", verify=False))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def pipe(served_model):
+    """A second pipeline over the same model, for solo reference images."""
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    return open_pixel_pipeline(served_model, "onnxruntime", "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(served_model):
+    os.environ[API_KEY_ENV] = API_KEY
+    config = ServeConfig(model=served_model, backend="onnxruntime", port=0, api_key_env=API_KEY_ENV, max_batch_size=8,
+                         max_queue=8, batch_wait_ms=20, timeout_s=60, device="cpu", max_body_bytes=16 << 20,
+                         max_image_bytes=8 << 20, log_level="warning")
+    with BackgroundServer(config) as srv:
+        yield srv
+    os.environ.pop(API_KEY_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        yield c
+
+
+def solo(pipe, label: int, seed: int, **kwargs) -> np.ndarray:
+    """The request run alone: what `diffrt generate` does, as PNG pixels."""
+    result = pipe([label], num_inference_steps=STEPS, guidance_scale=kwargs.pop("guidance_scale", 3.0), seed=seed,
+                  output_type="pt", **kwargs)
+    return pixels(png_bytes(result.images[0]))
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """One sample's value from a Prometheus exposition (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}(?:{{{re.escape(want)}}})? (\S+)$" if want else rf"^{re.escape(name)} (\S+)$"
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+# -- the pipeline's `latents=` (the one change outside serve/) --------------------------------
+
+def test_pipeline_latents_equal_seeded_noise(pipe):
+    from diffrt.runtime.sampling import randn
+
+    shape = (2, pipe.channels, pipe.sample_size, pipe.sample_size)
+    latents = randn(shape, torch.Generator("cpu").manual_seed(11), torch.device("cpu"), torch.float32)
+    by_seed = pipe([1, 2], num_inference_steps=3, guidance_scale=2.0, seed=11, output_type="pt").images
+    by_latents = pipe([1, 2], num_inference_steps=3, guidance_scale=2.0, latents=latents, output_type="pt").images
+    assert torch.equal(by_seed, by_latents)
+    with pytest.raises(DiffrtError, match="latents must have shape"):
+        pipe([1], num_inference_steps=1, latents=latents)
+
+
+# -- the batcher alone -----------------------------------------------------------------------
+
+def test_batcher_groups_by_key_and_matches_answers_by_id():
+    seen: list[list[str]] = []
+
+    def run(jobs):
+        seen.append([j.payload for j in jobs])
+        return {j.id: f"answer:{j.payload}" for j in reversed(jobs)}  # order must not matter
+
+    gate = threading.Event()
+    batcher = Batcher(run, max_batch_size=3, max_queue=10, wait_s=0.05, on_start=lambda: gate.wait(5))
+    batcher.start()
+    jobs = [Job(key, 1, name, deadline=time.monotonic() + 10) for key, name in
+            [("a", "a1"), ("b", "b1"), ("a", "a2"), (None, "solo"), ("a", "a3"), ("a", "a4")]]
+    for job in jobs:
+        batcher.submit(job)
+    gate.set()
+    assert [job.future.result(5) for job in jobs] == [f"answer:{job.payload}" for job in jobs]
+    assert seen == [["a1", "a2", "a3"], ["b1"], ["solo"], ["a4"]]
+    assert batcher.close(5)
+    with pytest.raises(ClosedError):
+        batcher.submit(Job("a", 1, "late", deadline=time.monotonic() + 10))
+
+
+def test_batcher_refuses_when_full_and_skips_cancelled():
+    gate, ran = threading.Event(), []
+    batcher = Batcher(lambda jobs: ran.extend(j.payload for j in jobs) or {j.id: 1 for j in jobs},
+                      max_batch_size=4, max_queue=2, wait_s=0.0, on_start=lambda: gate.wait(5))
+    batcher.start()
+    first, second = (Job(None, 1, n, deadline=time.monotonic() + 10) for n in ("first", "second"))
+    batcher.submit(first)
+    batcher.submit(second)
+    with pytest.raises(QueueFullError):
+        batcher.submit(Job(None, 1, "third", deadline=time.monotonic() + 10))
+    second.future.cancel()  # its client gave up while it waited
+    gate.set()
+    assert first.future.result(5) == 1
+    assert batcher.close(5)
+    assert ran == ["first"]
+
+
+def test_batcher_reports_a_worker_that_fails_to_start():
+    batcher = Batcher(lambda jobs: {}, max_batch_size=1, max_queue=1, wait_s=0, on_start=lambda: 1 / 0)
+    batcher.start()
+    assert batcher.close(5)
+    assert not batcher.alive and isinstance(batcher.error, ZeroDivisionError)
+
+
+# -- the real server --------------------------------------------------------------------------
+
+def test_health_ready_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] is True and ready["backend"] == "onnxruntime" and ready["warmup_seconds"] > 0
+    # ONNX Runtime's CPU kernels are batch-invariant: the start-up probe finds batched == alone, bit for bit.
+    assert ready["batch_max_abs_diff"] == 0.0 and ready["batches_requests"] is True
+    spec = client.get("/openapi.json").json()
+    assert "/v1/generate" in spec["paths"]
+    assert "num_inference_steps" in spec["components"]["schemas"]["GenerateBody"]["properties"]
+
+
+def test_http_pixels_equal_diffrt_generate(client, served_model):
+    label = 3
+    # One image: the PNG body, with colour guidance and eta > 0 (the request runs alone).
+    settings = dict(seed=1234, num_inference_steps=STEPS, guidance_scale=2.5, eta=0.5, color="#ff8800", color_scale=4.0)
+    r = client.post("/v1/generate", json={"class_label": label, **settings})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-diffrt-backend"] == "onnxruntime"  # RELIABILITY #15
+    assert r.headers["x-diffrt-seed"] == "1234" and "sample;dur=" in r.headers["server-timing"]
+    ref = generate(GenerateRequest(model=served_model, backend="onnxruntime", class_label=label, **settings))
+    assert ref.backend == "onnxruntime"
+    assert np.array_equal(pixels(r.content), pixels(png_bytes(ref.images[0])))
+
+    # Two images from one seed: JSON, the same as `diffrt generate --num-images 2`.
+    r = client.post("/v1/generate", json={"class_label": label, "seed": 99, "num_inference_steps": STEPS, "num_images": 2})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["backend"] == "onnxruntime" and out["seed"] == 99 and [im["seed"] for im in out["images"]] == [99, 99]
+    ref = generate(GenerateRequest(model=served_model, backend="onnxruntime", class_label=label, seed=99,
+                                   num_inference_steps=STEPS, num_images=2))
+    for image, want in zip(out["images"], ref.images):
+        assert np.array_equal(pixels(base64.b64decode(image["png_base64"])), pixels(png_bytes(want)))
+
+
+def test_load_each_answer_is_its_own_seed(client, server, pipe):
+    n_classes = pipe.info.num_classes
+    before = client.get("/metrics").text
+    requests = [(i % n_classes, 1000 + i) for i in range(60)]
+    results: dict[int, tuple[int, bytes, str]] = {}
+
+    def one(i: int) -> None:
+        label, seed = requests[i]
+        r = client.post("/v1/generate", json={"class_label": label, "seed": seed, "num_inference_steps": STEPS},
+                        timeout=60)
+        results[i] = (r.status_code, r.content, r.headers.get("x-diffrt-batch-size", "0"))
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(one, range(len(requests)), timeout=120))
+    assert time.monotonic() - t0 < 120
+    assert sorted(results) == list(range(60))  # none lost, none hung
+    statuses = [status for status, _, _ in results.values()]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 30
+    for i, (status, content, _) in results.items():
+        if status == 200:
+            label, seed = requests[i]
+            assert np.array_equal(pixels(content), solo(pipe, label, seed)), f"request {i} (seed {seed}) got another image"
+    assert max(int(b) for s, _, b in results.values() if s == 200) > 1  # requests did share batches
+
+    after = client.get("/metrics").text
+    for status in (200, 429):
+        delta = metric(after, "diffrt_serve_requests_total", status=status) - metric(before, "diffrt_serve_requests_total", status=status)
+        assert delta == statuses.count(status)
+    batches = metric(after, "diffrt_serve_batch_size_count") - metric(before, "diffrt_serve_batch_size_count")
+    singles = metric(after, "diffrt_serve_batch_size_bucket", le="1.0") - metric(before, "diffrt_serve_batch_size_bucket", le="1.0")
+    assert batches - singles > 0  # some batches held more than one image
+    images = metric(after, "diffrt_serve_images_generated_total") - metric(before, "diffrt_serve_images_generated_total")
+    assert images == statuses.count(200)
+    assert metric(after, "diffrt_serve_backend_info", backend="onnxruntime", device="cpu",
+                  model=str(server.config.model or "shipped:digits")) == 1
+
+
+@pytest.mark.parametrize("body, status, names", [
+    (b'{"class_label": 1,', 400, "not valid JSON"),
+    (b'{"class_label": 1, "num_inference_step": 5}', 422, "num_inference_step: unknown field"),
+    (b'{"class_label": 1, "num_inference_steps": -3}', 422, "num_inference_steps"),
+    (b'{"class_label": 1, "num_inference_steps": 100000}', 422, "num_inference_steps"),
+    (b'{"class_label": 1, "num_inference_steps": "5"}', 422, "num_inference_steps"),
+    (b'{"class_label": 1, "color": "orange"}', 422, "color"),
+    (b'{"class_label": 1, "prompt": "a cat"}', 422, "prompt: the loaded model is a class-conditioned pixel-space model"),
+    (b'{"class_label": 1, "lora_scale": 0.5}', 422, "lora_scale"),
+    (b'{"class_label": 100}', 422, "class_label: 100 is out of range"),
+    (b'{"num_inference_steps": 2}', 422, "class_label: required"),
+    (b'{"class_label": 1, "height": 24}', 422, "height"),
+    (b'[]', 422, "body"),
+])
+def test_bad_requests_are_refused_by_name(client, body, status, names):
+    r = client.post("/v1/generate", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert names in r.json()["detail"]
+    assert client.post("/v1/generate", json={"class_label": 1, "seed": 5, "num_inference_steps": 1}).status_code == 200
+
+
+def test_oversized_bodies_images_and_wrong_keys(client, server):
+    url = server.url + "/v1/generate"
+    ok = {"class_label": 1, "seed": 5, "num_inference_steps": 1}
+    big = base64.b64encode(os.urandom(15 << 20)).decode()  # 20 MB of base64: over the 16 MiB body limit
+    r = client.post("/v1/generate", json={**ok, "control_image": big})
+    assert r.status_code == 413 and "request body" in r.json()["detail"]
+    r = client.post("/v1/generate", json={**ok, "control_image": big[: 12 << 20]})  # under the body limit, over the image limit
+    assert r.status_code == 413 and r.json()["field"] == "control_image"
+    r = client.post("/v1/generate", content=b"class_label=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+    for headers, message in (({}, "missing API key"), ({"Authorization": "Bearer nope"}, "wrong API key"),
+                             ({"X-API-Key": "nope"}, "wrong API key")):
+        r = httpx.post(url, json=ok, headers=headers, timeout=30)
+        assert r.status_code == 401 and message in r.json()["detail"]
+    assert httpx.post(url, json=ok, headers={"X-API-Key": API_KEY}, timeout=30).status_code == 200
+    assert client.get("/healthz").status_code == 200
+
+
+def test_queue_full_is_429_and_timeout_is_504(client, server):
+    runtime = server.runtime
+    original, gate = runtime.batcher.run_batch, threading.Event()
+    runtime.batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)  # stall the worker
+    try:
+        body = {"class_label": 2, "num_inference_steps": 1, "eta": 0.5}  # eta > 0: each runs alone
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            futures = [pool.submit(client.post, "/v1/generate", json={**body, "seed": i}) for i in range(12)]
+            deadline = time.monotonic() + 30
+            while runtime.batcher.depth < server.config.max_queue and time.monotonic() < deadline:
+                time.sleep(0.02)
+            refused = client.post("/v1/generate", json={**body, "seed": 99})
+            gate.set()
+            codes = [f.result(60).status_code for f in futures]
+        assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
+        assert refused.headers["retry-after"] == "1"
+        assert set(codes) <= {200, 429} and codes.count(200) >= server.config.max_queue
+    finally:
+        runtime.batcher.run_batch = original
+
+    runtime.config.timeout_s = 0.3
+    try:
+        r = client.post("/v1/generate", json={"class_label": 2, "seed": 1, "num_inference_steps": 200})
+    finally:
+        runtime.config.timeout_s = 60
+    assert r.status_code == 504 and "timeout" in r.json()["detail"]
+    t0 = time.monotonic()  # the abandoned batch stops early, so the next request is not stuck behind it
+    assert client.post("/v1/generate", json={"class_label": 2, "seed": 1, "num_inference_steps": 1}).status_code == 200
+    assert time.monotonic() - t0 < 30
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(served_model):
+    config = ServeConfig(model=served_model, port=0, api_key_env=None, max_batch_size=4, batch_wait_ms=5,
+                         timeout_s=60, device="cpu", log_level="warning")
+    srv = BackgroundServer(config).start()
+    url = srv.url + "/v1/generate"
+    original, gate = srv.runtime.batcher.run_batch, threading.Event()
+    srv.runtime.batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)  # hold the first one running
+    body = {"class_label": 1, "num_inference_steps": STEPS, "eta": 0.5}  # eta > 0: one batch each
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(httpx.post, url, json={**body, "seed": i}, timeout=60) for i in range(3)]
+        deadline = time.monotonic() + 30
+        while srv.runtime.batcher.depth < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # one running (held), two queued
+        assert srv.runtime.batcher.in_flight == 3
+        threading.Timer(0.5, gate.set).start()  # let the worker go once shutdown has begun
+        srv.stop(timeout=60)
+        codes = [f.result(60).status_code for f in futures]
+    assert codes == [200, 200, 200]
+    assert not srv.thread.is_alive() and not srv.runtime.batcher.alive
+
+
+# -- the Gradio demo --------------------------------------------------------------------------
+
+def test_ui_builds_and_generates(server):
+    pytest.importorskip("gradio")
+    from diffrt.serve.ui import build_ui, canny_edges, make_generate, to_hex
+
+    demo = build_ui(server.runtime)
+    assert demo is not None
+    image, latency = make_generate(server.runtime)(3, STEPS, 3.0, True, "rgba(255, 136, 0, 1)", 4.0, 7)
+    assert image is not None and image.size[0] > 16
+    assert re.search(r"\d+ ms", latency) and "onnxruntime" in latency
+    assert to_hex("rgba(255, 136, 0, 1)") == "#ff8800" == to_hex("FF8800".lower())
+    square = np.zeros((32, 32, 3), np.uint8)
+    square[8:24, 8:24] = 255
+    edges = canny_edges(square)
+    assert edges.shape == (32, 32, 3) and edges.any() and not edges[16, 16].any()
+
+
+# -- Ray Serve --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ray_serve_replica_answers_like_the_service(served_model, pipe):
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    import socket
+
+    from diffrt.serve.ray_app import build_deployment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path("/tmp") / f"ray_serve_test_{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20, _temp_dir=str(temp))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ServeConfig(model=served_model, api_key_env=None, max_batch_size=4, max_queue=8, device="cpu")
+        serve.run(build_deployment(config, min_replicas=1, max_replicas=1), route_prefix="/v1/generate")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"class_label": 2, "seed": 21, "num_inference_steps": STEPS},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-diffrt-backend"] == "onnxruntime"
+        assert np.array_equal(pixels(r.content), solo(pipe, 2, 21))
+        bad = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"class_label": 2, "nope": 1}, timeout=60)
+        assert bad.status_code == 422 and "nope" in bad.json()["detail"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
