@@ -26,12 +26,13 @@ patches an unmapped weight is refused, never silently skipped (RELIABILITY #7).
 
 from __future__ import annotations
 
+
 import hashlib
 import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -196,7 +197,10 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
                 state[c][p] = base[name].T if transpose else base[name]
             else:
                 state[c][p] = torch.empty(shape, device="meta")
-    deltas = lora_deltas(state, list(loras))
+    # An engine holds some components (the text encoder's engine has no UNet): each takes the
+    # LoRA layers of its own components; refit_artifact checks that every layer found an engine.
+    loras = [(replace(f, layers=[x for x in f.layers if x.component in state]), scale) for f, scale in loras]
+    deltas = lora_deltas(state, [(f, scale) for f, scale in loras if f.layers])
     out = dict(base)
     unmapped = []
     for c, params in deltas.items():
@@ -298,14 +302,19 @@ def refit_artifact(folder: str | Path, loras: Sequence[tuple[str | Path, float]]
         parts = [{"path": str(f.path), "sha256": f.sha256, "scale": s} for f, s in files]
 
         # Weights for every engine first (CPU; raises before any engine changes), then refit.
-        plans = {}
+        plans, covered = {}, set()
         for name in engines:
             onnx_path = folder / name / "model.onnx"
             wmap = read_weight_map(onnx_path)
             if wmap is None:
                 write_weight_map(onnx_path, _source_states(folder, manifest, name))
                 wmap = read_weight_map(onnx_path)
+            covered |= set(wmap["params"])
             plans[name] = refit_weights(onnx_path, wmap, files)
+        orphans = sorted({x.component for f, _ in files for x in f.layers} - covered)
+        if orphans:
+            raise ArtifactError(f"the LoRA has {', '.join(orphans)} weights but {folder} has no engine for them "
+                                f"(engines: {', '.join(engines)}); export that component with --backend tensorrt")
         report = {}
         for name in engines:
             comp = manifest["components"][name]
