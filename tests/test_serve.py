@@ -32,7 +32,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from diffrt.errors import DiffrtError  # noqa: E402
-from diffrt.generate import GenerateRequest, generate  # noqa: E402
+from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE, GenerateRequest, generate  # noqa: E402
 from diffrt.images import png_bytes  # noqa: E402
 from diffrt.models import SHIPPED_DIGITS  # noqa: E402
 from diffrt.serve.app import BackgroundServer, ServeConfig  # noqa: E402
@@ -91,7 +91,8 @@ def client(server):
 
 def solo(pipe, label: int, seed: int, **kwargs) -> np.ndarray:
     """The request run alone: what `diffrt generate` does, as PNG pixels."""
-    result = pipe([label], num_inference_steps=STEPS, guidance_scale=kwargs.pop("guidance_scale", 3.0), seed=seed,
+    scale = kwargs.pop("guidance_scale", DEFAULT_PIXEL_GUIDANCE_SCALE)
+    result = pipe([label], num_inference_steps=STEPS, guidance_scale=scale, seed=seed,
                   output_type="pt", **kwargs)
     return pixels(png_bytes(result.images[0]))
 

@@ -18,6 +18,11 @@ from diffrt.images import save_grid, to_numpy
 from diffrt.runtime.guidance import Guidance, color_guidance
 
 
+# Classifier-free guidance scale for class-conditioned pixel models when none is given; chosen on
+# the shipped digits model (benchmarks/bench_quality.py), as the demo's DemoSettings.
+DEFAULT_PIXEL_GUIDANCE_SCALE = 2.0
+
+
 @dataclass
 class GenerateRequest:
     model: str | None = None
@@ -92,7 +97,7 @@ def generate(req: GenerateRequest):
         labels = torch.arange(pipe.info.num_classes) if req.class_label is None else torch.tensor([req.class_label])
         if req.class_label is not None and req.num_images:
             labels = labels.expand(req.num_images)
-    scale = 2.0 if req.guidance_scale is None else req.guidance_scale
+    scale = DEFAULT_PIXEL_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale
     return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
                 guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
                 output_type="pt")

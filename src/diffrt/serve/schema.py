@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffrt.generate import GenerateRequest
+from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE, GenerateRequest
 
 MAX_SEED = 2**63 - 1
-DEFAULT_GUIDANCE_SCALE = 3.0  # what `diffrt generate` uses for class-conditioned models
+DEFAULT_GUIDANCE_SCALE = DEFAULT_PIXEL_GUIDANCE_SCALE  # what `diffrt generate` uses for class-conditioned models
 DEFAULT_COLOR_SCALE = GenerateRequest.color_scale  # `diffrt generate`'s, tuned on the shipped digits model
 
 

@@ -143,7 +143,11 @@ def train(
     if not named:
         raise DiffrtError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(named.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # The model is placed, not wrapped: trainers call their own modules (a UNet, a peft adapter
+    # inside a pipeline), which DDP's wrapper would bypass. Data-parallel gradients are averaged
+    # across processes explicitly after the accumulated backward passes instead.
+    model.to(accelerator.device)
+    optimizer = accelerator.prepare(optimizer)
     ema = EMA(named, config.ema_decay) if config.ema_decay > 0 else None
 
     start = 0
@@ -164,13 +168,15 @@ def train(
         total = 0.0
         for micro in range(config.gradient_accumulation_steps):
             g = step_generator(config.seed, step, micro, accelerator.process_index)
-            last = micro == config.gradient_accumulation_steps - 1
-            # Gradients are averaged over the accumulated micro-batches: each loss is divided by
-            # their count, and DDP all-reduces only on the last one.
-            with accelerator.autocast(), (accelerator.no_sync(model) if not last else _nullcontext()):
+            # Gradients are averaged over the accumulated micro-batches: each loss is divided by their count.
+            with accelerator.autocast():
                 loss = loss_fn(micro, g) / config.gradient_accumulation_steps
                 accelerator.backward(loss)
             total += loss.item()
+        if accelerator.num_processes > 1:
+            for p in named.values():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
         optimizer.step()
@@ -202,14 +208,6 @@ def train(
     steps_run = config.max_steps - start
     rate = steps_run * config.batch_size * config.gradient_accumulation_steps / step_seconds if steps_run else 0.0
     return TrainResult(out, config.max_steps, losses, seconds, rate)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()

@@ -1,0 +1,64 @@
+"""Export time and artifact size per component: the shipped digits model and a tiny
+text-to-image model with a ControlNet (CLIP text encoder, fused UNet+ControlNet, standalone
+ControlNet, VAE decoder), each exported to fp32 ONNX with its parity check.
+
+    python benchmarks/bench_export.py        # prints the table, writes results/export_cpu.json
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diffrt import atomic
+from diffrt.export import manifest as mf
+from diffrt.export.artifact import ExportOptions, export_model
+from diffrt.models import SHIPPED_DIGITS
+
+
+def measure(workdir: Path) -> list[dict]:
+    from diffrt.tiny import tiny_text_to_image
+
+    sd = tiny_text_to_image(workdir / "tiny-sd", seed=0, controlnet=True)
+    jobs = [
+        ("digits (pixel, class-conditioned)", SHIPPED_DIGITS, ExportOptions(batch=(1, 8, 256)), []),
+        ("tiny text-to-image + ControlNet", sd, ExportOptions(batch=(1, 2, 4), height=(32, 32, 64), width=(32, 32, 64)),
+         [str(sd / "controlnet")]),
+    ]
+    rows = []
+    for name, folder, options, controlnets in jobs:
+        t0 = time.perf_counter()
+        result = export_model(folder, workdir / name.split()[0], options, controlnets=controlnets)
+        total = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        again = export_model(folder, workdir / name.split()[0], options, controlnets=controlnets)
+        cached = time.perf_counter() - t1
+        assert again.cache_hit
+        for comp, entry in result.manifest["components"].items():
+            parity = entry.get("parity", {}).get("onnxruntime", {})
+            rows.append({"model": name, "component": comp, "export_seconds": entry["export_seconds"],
+                         "megabytes": entry["bytes"] / 1e6, "max_rel_err": parity.get("max_rel"),
+                         "model_total_seconds": round(total, 2), "cache_hit_seconds": round(cached, 3)})
+    return rows
+
+
+def main(out: str = "benchmarks/results/export_cpu.json") -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure(Path(tmp))
+    print("| model | component | ONNX export s | size MB | parity (max rel err) | whole export s | re-export (cache hit) s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['component']} | {r['export_seconds']:.2f} | {r['megabytes']:.2f} | "
+              f"{r['max_rel_err']:.1e} | {r['model_total_seconds']:.1f} | {r['cache_hit_seconds']:.3f} |")
+    atomic.write_json(out, {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                            "versions": mf.library_versions(), "rows": rows})
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
