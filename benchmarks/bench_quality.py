@@ -7,9 +7,7 @@ demo's eight colours), per class, over several seeds.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import torch
 

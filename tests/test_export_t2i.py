@@ -15,7 +15,7 @@ import torch
 from conftest import T2I_RANGES
 from diffrt.atomic import sha256_file
 from diffrt.errors import ArtifactError, DiffrtError, LoraError
-from diffrt.export.artifact import ExportOptions, _cached, export_model
+from diffrt.export.artifact import ExportOptions, cached_export, export_model
 from diffrt.export.text_to_image import component_precision, export_text_to_image
 from diffrt.export.verify import compare
 from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -25,14 +25,6 @@ from diffrt.text_to_image_models import load_text_to_image
 
 TOL = 1e-4  # fp32: max |onnx - torch| / max |torch|
 COMPONENTS = {"text_encoder", "unet_controlnet", "controlnet", "vae_decoder"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +152,7 @@ def test_corrupted_onnx_is_refused(artifact_copy, manifest):
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"vae_decoder/model.onnx does not match its sha256"):
         artifact_text_to_image_pipeline(artifact_copy, "onnxruntime")
-    assert _cached(artifact_copy, manifest["key"]) is None  # so a re-export rebuilds instead of trusting it
+    assert cached_export(artifact_copy, manifest["key"], 0.0) is None  # so a re-export rebuilds instead of trusting it
 
 
 def test_manifest_hash_mismatch_is_refused(artifact_copy):

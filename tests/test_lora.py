@@ -20,16 +20,6 @@ from diffrt.tiny import tiny_lora_files, tiny_text_to_image
 COMPONENTS = ("unet", "text_encoder")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: a second intra-op thread only adds synchronisation, and on a shared
-    # 2-core machine it makes each call 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory) -> Path:
     return tiny_text_to_image(tmp_path_factory.mktemp("tiny_sd"), seed=0, controlnet=True)

@@ -22,14 +22,6 @@ DIFFUSERS_TOL = 1e-4  # torch backend vs diffusers, max abs on images in [0, 1]
 ORT_TOL = 1e-3  # onnxruntime vs torch backend (fp32 on CPU), max abs on images in [0, 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def control_image():
     return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))

@@ -33,16 +33,6 @@ STEPS = 30  # pixel-model runs: long enough for the loss to fall clearly, short 
 K = 5  # losses averaged at each end of a run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are dominated by per-op overhead: one thread is as fast as two and does not
-    # oversubscribe a 2-core machine that is busy with something else.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def train_config(out: Path, **overrides) -> TrainConfig:
     """A constant learning rate, so that a run stopped at N/2 and resumed follows the same
     schedule as an uninterrupted one (a cosine schedule depends on max_steps)."""

@@ -77,16 +77,12 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
                            size=options.height or (size, size, size))
     if options.width and options.width != (options.height or (size, size, size)):
         raise DiffrtError("pixel models are exported square: give --width equal to --height")
-    lora_parts = [{"sha256": atomic.sha256_file(p), "scale": s} for p, s in options.loras]
-    key = mf.cache_key({
-        "source": atomic.sha256_folder(src), "loras": lora_parts, "precision": options.precision,
-        "spec": spec_to_dict(spec), "opset": options.opset, "backend": options.backend,
-        "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
-    })
-    hit = _cached(out, key)
+    lora_parts = lora_hashes(options)
+    key = export_key({"source": atomic.sha256_folder(src), "precision": options.precision, "spec": spec_to_dict(spec)},
+                     options, lora_parts)
+    hit = cached_export(out, key, t0)
     if hit is not None:
-        log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
-        return ExportResult(out, True, hit, time.perf_counter() - t0)
+        return hit
 
     with atomic.file_lock(out.parent / f".{out.name}.lock"):
         (out / mf.MANIFEST).unlink(missing_ok=True)
@@ -114,15 +110,30 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
 
 
-def _cached(out: Path, key: str) -> dict | None:
+def lora_hashes(options: ExportOptions) -> list[dict]:
+    return [{"sha256": atomic.sha256_file(p), "scale": s} for p, s in options.loras]
+
+
+def export_key(model_parts: dict, options: ExportOptions, lora_parts: list[dict]) -> str:
+    """The content address of an export: what the model is, plus what every export depends on
+    (LoRA files and scales, opset, backend, library versions, and the GPU for engines)."""
+    return mf.cache_key({
+        **model_parts, "loras": lora_parts, "opset": options.opset, "backend": options.backend,
+        "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
+    })
+
+
+def cached_export(out: Path, key: str, t0: float) -> ExportResult | None:
+    """The finished export at `out` if it has this key and its files are intact; else None."""
     try:
         manifest = mf.read_manifest(out)
         if manifest.get("key") != key:
             return None
         mf.verify_files(out, manifest)
-        return manifest
     except ArtifactError:
         return None
+    log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
+    return ExportResult(out, True, manifest, time.perf_counter() - t0)
 
 
 def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, options: ExportOptions,

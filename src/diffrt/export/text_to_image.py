@@ -25,7 +25,8 @@ from diffrt import atomic
 from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import ExportOptions, ExportResult, Precision, _cached, _export_component
+from diffrt.export.artifact import (ExportOptions, ExportResult, Precision, _export_component, cached_export,
+                                    export_key, lora_hashes)
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, load_text_to_image,
                                          require_text_to_image_folder)
 
@@ -67,16 +68,12 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     force_upcast = bool(getattr(model.vae.config, "force_upcast", False))
     precisions = {name: component_precision(name, options.precision, force_upcast) for name in specs}
     hashes = source_hashes(model_dir, controlnet)
-    lora_parts = [{"sha256": atomic.sha256_file(p), "scale": s} for p, s in options.loras]
-    key = mf.cache_key({
-        "kind": "text-to-image", "source": hashes, "loras": lora_parts, "precision": precisions,
-        "specs": {n: spec_to_dict(s) for n, s in specs.items()}, "opset": options.opset, "backend": options.backend,
-        "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
-    })
-    hit = _cached(out, key)
+    lora_parts = lora_hashes(options)
+    key = export_key({"kind": "text-to-image", "source": hashes, "precision": precisions,
+                      "specs": {n: spec_to_dict(s) for n, s in specs.items()}}, options, lora_parts)
+    hit = cached_export(out, key, t0)
     if hit is not None:
-        log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
-        return ExportResult(out, True, hit, time.perf_counter() - t0)
+        return hit
 
     with atomic.file_lock(out.parent / f".{out.name}.lock"):
         (out / mf.MANIFEST).unlink(missing_ok=True)  # until the new manifest is written, the folder is not trusted

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from diffrt.components import pixel_unet_spec, spec_from_dict
-from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
 from diffrt.models import SHIPPED_DIGITS, PixelModel, PixelModelInfo, load_pixel_model, require_model_dir
 from diffrt.runtime.backends import require_backend

@@ -23,7 +23,6 @@ import torch
 from diffrt.data import load_source
 from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, PixelModel, build_pixel_model, save_pixel_model, small_unet_config
-from diffrt.runtime.backends.torch_eager import TorchBackend
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.train.loop import TrainConfig, TrainResult, train
 from diffrt.train.objective import diffusion_loss
@@ -41,7 +40,7 @@ class ClassCondConfig:
     label_dropout: float = 0.1
     num_classes: int | None = None  # checked against the data when given
     sample_steps: int = 25
-    sample_guidance_scale: float = 3.0
+    sample_guidance_scale: float = 2.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/class-cond"))
 
 
@@ -78,9 +77,9 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
 
     # 3. A grid every N steps: one row per class, sampled with CFG.
     def sample_fn() -> torch.Tensor:
-        from diffrt.runtime.pipeline import PixelPipeline
+        from diffrt.runtime.loading import torch_pixel_pipeline
 
-        pipe = pixel_pipeline(model, TorchBackend(unet, model_spec(model), device=next(unet.parameters()).device))
+        pipe = torch_pixel_pipeline(model, device=next(unet.parameters()).device)
         labels = torch.arange(dataset.num_classes).repeat_interleave(8)
         return pipe(labels, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale,
                     seed=0, output_type="pt", use_fused_kernel=False).images
@@ -100,19 +99,3 @@ def _save(model: PixelModel, out: Path, config: ClassCondConfig, started: float)
     model.unet.eval()
     save_pixel_model(model, out / "model")
     log.info("saved the model to %s", out / "model")
-
-
-def model_spec(model: PixelModel, batch=(1, 8, 1 << 16)):
-    """The unet component's spec; eager PyTorch takes any batch, so its default range is open."""
-    from diffrt.components import pixel_unet_spec
-
-    info = model.info
-    return pixel_unet_spec(model.unet.unet.config.out_channels, model.unet.sample_size, info.conditioning != "none",
-                           num_labels=(info.num_classes + 1) if info.conditioning != "none" else 0, batch=batch)
-
-
-def pixel_pipeline(model: PixelModel, backend):
-    from diffrt.runtime.pipeline import PixelPipeline
-
-    return PixelPipeline(backend, model.scheduler, model.info, channels=model.unet.out_channels,
-                         sample_size=model.unet.sample_size, torch_unet=model.unet)
