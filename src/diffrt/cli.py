@@ -164,7 +164,7 @@ def _cmd_bench(args) -> int:
 def _cmd_serve(args) -> int:
     from diffrt.serve.app import ServeConfig, serve
 
-    serve(ServeConfig(model=args.model, backend=args.backend, host=args.host, port=args.port,
+    serve(ServeConfig(model=args.model, controlnet=args.controlnet, backend=args.backend, host=args.host, port=args.port,
                       api_key_env=args.api_key_env, max_batch_size=args.max_batch_size,
                       max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout))
     return 0
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     # serve
     se = sub.add_parser("serve", help="HTTP service over the runtime (FastAPI)")
     se.add_argument("--model", default=None, help="diffusers or artifact folder (default: the shipped digits model)")
+    se.add_argument("--controlnet", default=None, metavar="DIR",
+                    help="ControlNet folder for a text-to-image diffusers folder (an exported artifact carries its own)")
     se.add_argument("--backend", default="onnxruntime")
     se.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     se.add_argument("--port", type=int, default=8000)

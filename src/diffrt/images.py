@@ -62,21 +62,32 @@ def save_grid(path: str | os.PathLike, images: torch.Tensor, nrow: int, scale: i
 
 def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None, mode: str = "RGB") -> torch.Tensor:
     """Read an image file into [C, H, W] float in [0, 1], optionally resized to (height, width)."""
-    from PIL import Image, UnidentifiedImageError
-
     from diffrt.errors import DataError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
+    return decode_image(path.read_bytes(), size, mode, name=str(path))
+
+
+def decode_image(data: bytes, size: tuple[int, int] | None = None, mode: str = "RGB", *, name: str = "the image",
+                 max_pixels: int | None = None) -> torch.Tensor:
+    """Encoded image bytes (PNG, JPEG, ...) -> [C, H, W] float in [0, 1], optionally resized to (height, width).
+    `max_pixels` refuses larger images before their pixels are decoded (a small PNG can hold a huge image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from diffrt.errors import DataError
+
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels} pixels")
             im = im.convert(mode)
             if size is not None:
                 im = im.resize((size[1], size[0]), Image.BICUBIC)
             array = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path} is not a readable image ({exc}); remove it or convert it to PNG/JPEG") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{name} is not a readable image ({exc}); remove it or convert it to PNG/JPEG") from None
     if array.ndim == 2:
         array = array[..., None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TorchModule = nn.Module | Callable[[], nn.Module] | None  # a module, or a loader called on first use
 INIT_NOISE_SIGMA = 1.0  # DDIM's: x_T is unit-variance noise
+DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default; `diffrt generate` and `diffrt serve` use it
 EPS_AGREEMENT = 1e-2  # engine vs PyTorch eps on a through_unet step, relative to |eps| (RELIABILITY #16)
 
 
@@ -163,6 +164,11 @@ class TextToImagePipeline:
                                 len(schedule), meta)
 
     # --- checks -----------------------------------------------------------------------------------
+
+    def check_shapes(self, height: int, width: int, num_prompts: int, num_images_per_prompt: int, guidance_scale: float) -> None:
+        """__call__'s size and batch checks alone, for callers that refuse a request before queueing it (`diffrt serve`)."""
+        self._check_size(height, width)
+        self._check_batch(num_prompts, num_prompts * num_images_per_prompt, guidance_scale > 1.0)
 
     def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:
         return check_finite(tensor, component) if self.check_outputs else tensor
@@ -347,6 +353,6 @@ def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
         control = load_image(req.control_image, size=size)
     return pipe(req.prompt or "", negative_prompt=req.negative_prompt, height=req.height, width=req.width,
                 num_inference_steps=req.num_inference_steps,
-                guidance_scale=7.5 if req.guidance_scale is None else req.guidance_scale,
+                guidance_scale=DEFAULT_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale,
                 num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
                 controlnet_conditioning_scale=req.control_scale, guidance=guidance, output_type="pt")

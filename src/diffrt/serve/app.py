@@ -42,6 +42,7 @@ GENERATE_PATH = "/v1/generate"
 @dataclass
 class ServeConfig:
     model: str | None = None  # diffusers or artifact folder; None: the shipped digits model
+    controlnet: str | None = None  # ControlNet folder for a text-to-image diffusers folder (an artifact carries its own)
     backend: str = "onnxruntime"
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
@@ -61,7 +62,7 @@ class ServeConfig:
         return RuntimeConfig(model=self.model, backend=self.backend, device=self.device, max_batch_size=self.max_batch_size,
                              max_queue=self.max_queue, batch_wait_ms=self.batch_wait_ms, timeout_s=self.timeout_s,
                              max_image_bytes=self.max_image_bytes, warmup_steps=self.warmup_steps,
-                             exact_batching=self.exact_batching)
+                             exact_batching=self.exact_batching, controlnet=self.controlnet)
 
     def api_key(self) -> str | None:
         return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None

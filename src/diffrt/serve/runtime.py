@@ -22,6 +22,7 @@ from diffrt.errors import DiffrtError, NonFiniteOutputError
 from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
 from diffrt.serve.metrics import ServeMetrics
 from diffrt.serve.schema import GenerateBody, RequestError
+from diffrt.serve.text_to_image_worker import TextToImageWorker
 from diffrt.serve.worker import Answer, BatchAbandoned, PixelWorker
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class RuntimeConfig:
     max_image_bytes: int = 8 << 20
     warmup_steps: int = 2
     exact_batching: bool = True  # batch requests only if the backend proves batch-invariant at start-up
+    controlnet: str | None = None  # a ControlNet folder for a text-to-image diffusers folder (artifacts carry theirs)
 
 
 def default_device() -> str:
@@ -47,13 +49,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
+    """The worker for the model's kind: text-to-image (prompts, ControlNet) or pixel-space (class labels)."""
+    from diffrt.generate import is_text_to_image
+
+    common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
+                  max_batch_size=config.max_batch_size, exact_batching=config.exact_batching)
+    device = config.device or default_device()
+    if is_text_to_image(config.model):
+        return TextToImageWorker(config.model, config.backend, device, controlnet=config.controlnet, **common)
+    if config.controlnet is not None:
+        raise DiffrtError(f"--controlnet needs a text-to-image model; {config.model or 'the shipped digits model'} is pixel-space")
+    return PixelWorker(config.model, config.backend, device, **common)
+
+
 class ServeRuntime:
     def __init__(self, config: RuntimeConfig, metrics: ServeMetrics | None = None):
         self.config = config
         self.metrics = metrics or ServeMetrics()
-        self.worker = PixelWorker(config.model, config.backend, config.device or default_device(),
-                                  warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
-                                  max_batch_size=config.max_batch_size, exact_batching=config.exact_batching)
+        self.worker = make_worker(config)
         self.batcher = Batcher(self.worker.run_batch, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                wait_s=config.batch_wait_ms / 1000, on_start=self._load, on_batch=self._count_batch)
         self.metrics.watch_queue(lambda: self.batcher.depth)

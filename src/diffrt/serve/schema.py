@@ -27,7 +27,7 @@ class GenerateBody(BaseModel):
     negative_prompt: str | None = Field(None, max_length=4000, description="text-to-image models only")
     class_label: int | None = Field(None, ge=0, le=1_000_000, description="class-conditioned models: the class to draw")
     num_inference_steps: int = Field(25, ge=1, le=200, description="DDIM steps")
-    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE})")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE}; 7.5 for text-to-image)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="initial-noise seed; random (and reported) when left out")
     height: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
     width: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
@@ -37,7 +37,7 @@ class GenerateBody(BaseModel):
     color_scale: float = Field(DEFAULT_COLOR_SCALE, ge=0.0, le=10_000.0, description="colour guidance strength")
     control_image: str | None = Field(None, description="ControlNet models only: base64-encoded PNG")
     controlnet_conditioning_scale: float | None = Field(None, ge=0.0, le=5.0, description="ControlNet models only")
-    lora_scale: float | None = Field(None, ge=0.0, le=5.0, description="models with a runtime LoRA only")
+    lora_scale: float | None = Field(None, ge=0.0, le=5.0, description="refused for now: LoRA is fused at open or baked in at export")
 
 
 class RequestError(Exception):

@@ -101,7 +101,7 @@ class PixelWorker:
         from diffrt.runtime.loading import open_pixel_pipeline
 
         if is_text_to_image(self.model):
-            raise DiffrtError(f"{self.model} is a text-to-image model; `diffrt serve` serves pixel-space models for now")
+            raise DiffrtError(f"{self.model} is a text-to-image model; serve it with TextToImageWorker (serve.runtime.make_worker picks it)")
         t0 = time.perf_counter()
         pipe = open_pixel_pipeline(self.model, self.backend_asked, self.device)
         log.info("opened %s on %s in %.1f s", self.model or "the shipped digits model", pipe.backend, time.perf_counter() - t0)
