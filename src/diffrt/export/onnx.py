@@ -41,8 +41,10 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
     try:
         feed = spec.example_feed("opt", dtype=dtype)
         args = tuple(feed[name] for name in spec.input_names)
-        if dtype != torch.float32:
-            module = copy.deepcopy(module).to(dtype)  # never change the caller's module
+        # Trace in the precision asked for, whatever the checkpoint was saved in (an fp16 folder
+        # exported as fp32 would otherwise mix dtypes in one graph); never change the caller's module.
+        if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+            module = copy.deepcopy(module).to(dtype)
         module.eval()
         raw = tmp / "raw.onnx"
         with torch.no_grad(), warnings.catch_warnings():

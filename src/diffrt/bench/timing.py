@@ -1,0 +1,237 @@
+"""Timing, memory and machine facts for the benchmark: warm up, synchronise, report medians.
+
+Everything here measures; nothing decides what to measure (that is `cells.py`). Times are
+wall-clock seconds from `time.perf_counter`, taken after a device synchronisation, so a CUDA
+number is the work, not the launch. Per-call component latencies on CUDA come from CUDA events
+recorded around each call, which adds no synchronisation inside the loop being timed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+MB = 1 << 20
+
+
+# --- statistics ---------------------------------------------------------------------------------------
+
+
+def summarize_ms(samples_s: list[float], per: float = 1.0) -> dict | None:
+    """median / p90 / min of samples in seconds, as milliseconds divided by `per` (images per run)."""
+    if not samples_s:
+        return None
+    ms = sorted(1000.0 * s / per for s in samples_s)
+    p90 = ms[max(0, math.ceil(0.9 * len(ms)) - 1)]  # nearest rank: with few runs it is the slowest
+    return {"median_ms": statistics.median(ms), "p90_ms": p90, "min_ms": ms[0], "n": len(ms)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- per-call latency of one component --------------------------------------------------------------
+
+
+class TimedBackend:
+    """A Backend proxy that records how long each `run` takes while `recording` is on.
+
+    It keeps the Backend contract (name, spec, device, run), so a pipeline runs it unchanged and
+    the component is timed on exactly the calls and shapes the pipeline makes."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.recording = False
+        self._cpu: list[float] = []
+        self._events: list[tuple] = []
+
+    def __getattr__(self, name):  # name, spec, device, providers, ... of the wrapped backend
+        return getattr(self.inner, name)
+
+    def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.recording:
+            return self.inner.run(feed)
+        if self.inner.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.inner.run(feed)
+            end.record()
+            self._events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = self.inner.run(feed)
+        self._cpu.append(time.perf_counter() - t0)
+        return out
+
+    def samples_s(self) -> list[float]:
+        """Recorded latencies in seconds (synchronises first when they are CUDA events)."""
+        if self._events:
+            torch.cuda.synchronize()
+        return self._cpu + [start.elapsed_time(end) / 1000.0 for start, end in self._events]
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so an RSS baseline taken next is
+    not inflated by what the previous measurement freed but glibc kept."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline is only less tight
+        pass
+
+
+def _rss_bytes() -> int | None:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+
+class MemoryMonitor:
+    """Peak memory while a block runs, above a baseline taken with `baseline()`.
+
+    CPU: process RSS sampled every `interval` s in a thread (tracemalloc cannot see torch's or
+    ONNX Runtime's allocators). Where RSS cannot be read, the process's max RSS from getrusage,
+    whose delta only shows growth beyond the earlier high-water mark. CUDA: the device's used
+    memory (cudaMemGetInfo, which counts ONNX Runtime's and TensorRT's allocations too) and
+    torch's own `max_memory_allocated`."""
+
+    def __init__(self, device: torch.device, interval: float = 0.01):
+        self.device, self.interval = device, interval
+        self.method = ("cuda device memory in use (cudaMemGetInfo, sampled) and torch.cuda.max_memory_allocated"
+                       if device.type == "cuda" else
+                       "process RSS sampled every 10 ms, peak minus RSS before the pipeline opened")
+        self._base = self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _now(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return total - free
+        rss = _rss_bytes()
+        return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def baseline(self) -> None:
+        release_memory()
+        self._base = self._peak = self._now()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._now())
+
+    def __enter__(self) -> "MemoryMonitor":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._now())
+
+    def result(self) -> dict:
+        out = {"peak_mb": round((self._peak - self._base) / MB, 1), "method": self.method}
+        if self.device.type == "cuda":
+            out["torch_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
+        return out
+
+
+# --- threads and machine --------------------------------------------------------------------------------
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """DIFFRT_BENCH_THREADS, else every CPU this process may run on."""
+    env = os.environ.get("DIFFRT_BENCH_THREADS", "").strip()
+    return int(env) if env else available_cpus()
+
+
+@contextmanager
+def cpu_threads(threads: int):
+    """Run the block with `threads` CPU threads for PyTorch and ONNX Runtime alike.
+
+    torch takes `set_num_threads`; ONNX Runtime sizes its pool from the CPUs the process may
+    use, so fewer threads than CPUs also pins the process to the first `threads` CPUs. Both
+    are restored afterwards."""
+    old_threads = torch.get_num_threads()
+    old_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    torch.set_num_threads(threads)
+    if old_affinity is not None and threads < len(old_affinity):
+        os.sched_setaffinity(0, sorted(old_affinity)[:threads])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_affinity is not None:
+            os.sched_setaffinity(0, old_affinity)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, threads: int) -> dict:
+    gpu = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = {"name": props.name, "memory_gb": round(props.total_memory / (1 << 30), 1),
+               "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_available": available_cpus(), "threads": threads,
+            "gpu": gpu, "device": str(device), "platform": platform.platform(),
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def contention(info: dict) -> str | None:
+    """A warning when other processes already keep the CPUs the benchmark's threads need busy.
+
+    OpenMP threads wait for each other at every parallel region's barrier; when another process
+    holds one of their cores, eager PyTorch's many small ops slow down several-fold (measured
+    here: 3-4x at load 3 on 2 cores), which would flatter every other backend."""
+    load, cpus = info["load_average_1min"], info["cpus_available"]
+    if info["gpu"] or load is None or info["threads"] == 1 or load <= cpus - info["threads"] + 0.5:
+        return None
+    return (f"1-min load average {load} on {cpus} CPUs with {info['threads']} threads: other processes compete for "
+            f"these cores, which slows multi-threaded eager PyTorch far more than the other backends; "
+            f"DIFFRT_BENCH_THREADS=1 gives comparable numbers on a shared machine")
+
+
+def machine_tag(info: dict) -> str:
+    """A file-name-safe name for the machine: the GPU's name, else cpu-<model>-<n>c."""
+    name = info["gpu"]["name"] if info["gpu"] else f"cpu {info['cpu']} {info['cpus_available']}c"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(part for part in slug.split("-") if part)
