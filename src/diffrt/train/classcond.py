@@ -23,9 +23,9 @@ import torch
 from diffrt.data import load_source
 from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, PixelModel, build_pixel_model, save_pixel_model, small_unet_config
-from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
+from diffrt.runtime.ddim import DDIMConfig
 from diffrt.train.loop import TrainConfig, TrainResult, train
-from diffrt.train.objective import diffusion_loss
+from diffrt.train.pixel import pixel_loss_fn, pixel_sample_fn
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +62,11 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     if config.train.gradient_checkpointing:
         model.unet.unet.enable_gradient_checkpointing()
     unet = model.unet.train().requires_grad_(True)
-    alphas_cumprod = make_alphas_cumprod(model.scheduler)
-    null = model.info.null_class_label
-    n, bs = len(dataset), config.train.batch_size
 
-    # 2. The loss of one micro-batch: a pure function of the step's generator.
-    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
-        device = next(unet.parameters()).device
-        idx = torch.randint(0, n, (bs,), generator=g)
-        x0, labels = dataset.batch(idx, g)
-        drop = torch.rand(bs, generator=g) < config.label_dropout
-        labels = torch.where(drop, torch.full_like(labels, null), labels).to(device)
-        return diffusion_loss(lambda x_t, t: unet(x_t, t, labels), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
-
-    # 3. A grid every N steps: one row per class, sampled with CFG.
-    def sample_fn() -> torch.Tensor:
-        from diffrt.runtime.loading import torch_pixel_pipeline
-
-        pipe = torch_pixel_pipeline(model, device=next(unet.parameters()).device)
-        labels = torch.arange(dataset.num_classes).repeat_interleave(8)
-        return pipe(labels, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale,
-                    seed=0, output_type="pt", use_fused_kernel=False).images
+    # 2. The loss of one micro-batch (a pure function of the step's generator) and the grid:
+    #    one row per class, sampled with CFG.
+    loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout)
+    sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale)
 
     started = time.time()
     result = train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),

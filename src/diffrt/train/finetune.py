@@ -23,9 +23,8 @@ import torch
 from diffrt.data import ImageDataset, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import PixelModel, load_pixel_model, save_pixel_model
-from diffrt.runtime.ddim import make_alphas_cumprod
 from diffrt.train.loop import TrainConfig, TrainResult, train
-from diffrt.train.objective import diffusion_loss
+from diffrt.train.pixel import pixel_loss_fn, pixel_sample_fn
 
 log = logging.getLogger(__name__)
 
@@ -61,36 +60,13 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     if config.train.gradient_checkpointing:
         model.unet.unet.enable_gradient_checkpointing()
     unet = model.unet.train().requires_grad_(True)
-    alphas_cumprod = make_alphas_cumprod(model.scheduler)
-    null = model.info.null_class_label
-    n, bs = len(dataset), config.train.batch_size
-    log.info("fine-tuning %s on %d images of %s (%s, prediction_type=%s)", config.model, n, config.data,
+    log.info("fine-tuning %s on %d images of %s (%s, prediction_type=%s)", config.model, len(dataset), config.data,
              model.info.conditioning, model.scheduler.prediction_type)
 
-    # 2. The loss of one micro-batch: a pure function of the step's generator.
-    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
-        device = next(unet.parameters()).device
-        idx = torch.randint(0, n, (bs,), generator=g)
-        x0, labels = dataset.batch(idx, g)
-        if null is None:
-            return diffusion_loss(lambda x_t, t: unet(x_t, t), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
-        drop = torch.rand(bs, generator=g) < config.label_dropout
-        labels = torch.where(drop, torch.full_like(labels, null), labels).to(device)
-        return diffusion_loss(lambda x_t, t: unet(x_t, t, labels), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
-
-    # 3. A sample grid every N steps (one row per class for a class-conditioned model).
-    def sample_fn() -> torch.Tensor:
-        from diffrt.runtime.loading import torch_pixel_pipeline
-
-        pipe = torch_pixel_pipeline(model, device=next(unet.parameters()).device)
-        if null is None:
-            result = pipe(num_images=config.num_samples, num_inference_steps=config.sample_steps, seed=0,
-                          output_type="pt", use_fused_kernel=False)
-        else:
-            labels = torch.arange(model.info.num_classes).repeat_interleave(8)
-            result = pipe(labels, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale,
-                          seed=0, output_type="pt", use_fused_kernel=False)
-        return result.images
+    # 2. The loss of one micro-batch (a pure function of the step's generator) and the sample
+    #    grid (one row per class for a class-conditioned model).
+    loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout)
+    sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale, num_images=config.num_samples)
 
     started = time.time()
     return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),

@@ -1,0 +1,49 @@
+"""What the pixel-space trainers (class-cond, finetune) share: the loss of one micro-batch and
+the sample grid, both over a `PixelModel` and an in-memory `ImageDataset`."""
+
+from __future__ import annotations
+
+import torch
+
+from diffrt.data import ImageDataset
+from diffrt.models import PixelModel
+from diffrt.runtime.ddim import make_alphas_cumprod
+from diffrt.train.loop import LossFn, SampleFn
+from diffrt.train.objective import diffusion_loss
+
+
+def pixel_loss_fn(model: PixelModel, dataset: ImageDataset, batch_size: int, label_dropout: float) -> LossFn:
+    """DDPM loss on a batch drawn from the step's generator; labels are dropped to the null label
+    with probability `label_dropout` (classifier-free guidance training) for conditioned models."""
+    unet, null = model.unet, model.info.null_class_label
+    alphas_cumprod = make_alphas_cumprod(model.scheduler)
+    n = len(dataset)
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        device = next(unet.parameters()).device
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        x0, labels = dataset.batch(idx, g)
+        if null is None:
+            return diffusion_loss(lambda x_t, t: unet(x_t, t), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
+        drop = torch.rand(batch_size, generator=g) < label_dropout
+        labels = torch.where(drop, torch.full_like(labels, null), labels).to(device)
+        return diffusion_loss(lambda x_t, t: unet(x_t, t, labels), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
+
+    return loss_fn
+
+
+def pixel_sample_fn(model: PixelModel, steps: int, guidance_scale: float, per_class: int = 8, num_images: int = 16) -> SampleFn:
+    """A grid with the model as it trains: one row of `per_class` images per class (with CFG), or
+    `num_images` unconditional samples. Seed 0 each time, so grids compare across steps."""
+
+    def sample_fn() -> torch.Tensor:
+        from diffrt.runtime.loading import torch_pixel_pipeline
+
+        pipe = torch_pixel_pipeline(model, device=next(model.unet.parameters()).device)
+        kwargs = dict(num_inference_steps=steps, seed=0, output_type="pt", use_fused_kernel=False)
+        if model.info.null_class_label is None:
+            return pipe(num_images=num_images, **kwargs).images
+        labels = torch.arange(model.info.num_classes).repeat_interleave(per_class)
+        return pipe(labels, guidance_scale=guidance_scale, **kwargs).images
+
+    return sample_fn
