@@ -452,3 +452,18 @@ def test_bad_input_raises_diffrt_error_from_the_library(bad_inputs, cat_folder, 
                                                instance_prompt="a photo of sks cat", target_modules=("to_qq",),
                                                train=TrainConfig(out=str(tmp_path))))
     assert not (tmp_path / "loss.csv").exists()
+
+
+def test_data_parallel_ranks_stay_in_step(tmp_path):
+    """Two CPU processes (torchrun, gloo) train on different data; the loop averages their
+    gradients, so both end with the same weights (without the averaging they drift by ~0.25)."""
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    script = Path(__file__).parent / "scripts" / "ddp_train.py"
+    out = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), str(tmp_path / "ddp")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    spread = float(out.stdout.split("RANK_SPREAD=")[1].split()[0])
+    assert spread == 0.0

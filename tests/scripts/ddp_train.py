@@ -1,0 +1,30 @@
+"""Run by tests/test_train.py under `torchrun --nproc_per_node 2` (gloo on CPU): two processes draw
+different data (the step generator is seeded by the process index); after training, every rank
+must hold the same weights, which only holds if the loop averages their gradients."""
+
+import sys
+
+import torch
+from accelerate import PartialState
+
+from diffrt.train.loop import TrainConfig, train
+
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 1)
+state = PartialState(cpu=True)
+
+
+def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(16, 8, generator=g)
+    y = x.sum(dim=1, keepdim=True) * (1 + state.process_index)  # the ranks disagree on purpose
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+train(TrainConfig(out=sys.argv[1], max_steps=5, batch_size=16, learning_rate=0.1, lr_warmup_steps=1,
+                  checkpoint_every=100), model, loss_fn, save_fn=lambda out: None)
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(state.num_processes)]
+torch.distributed.all_gather(gathered, flat)
+if state.is_main_process:
+    spread = max((g - gathered[0]).abs().max().item() for g in gathered)
+    print(f"RANK_SPREAD={spread:.3e}")
