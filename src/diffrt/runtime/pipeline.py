@@ -57,7 +57,21 @@ def make_generator(generator: torch.Generator | None, seed: int | None) -> torch
     return torch.Generator("cpu").manual_seed(seed) if seed is not None else generator
 
 
-class PixelPipeline:
+class DenoiserPipeline:
+    """What every pipeline reports: the backend that runs its UNet (RELIABILITY #15) and its device."""
+
+    unet: Backend
+
+    @property
+    def backend(self) -> str:
+        return self.unet.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+
+class PixelPipeline(DenoiserPipeline):
     """DDIM sampling of a pixel-space UNet on any backend."""
 
     def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
@@ -70,14 +84,6 @@ class PixelPipeline:
         self.sample_size = sample_size
         self.torch_unet = torch_unet  # for guidance mode "through_unet"
         self.check_outputs = check_outputs
-
-    @property
-    def backend(self) -> str:
-        return self.unet.name
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     def __call__(self, class_labels: list[int] | torch.Tensor | int | None = None, *, num_images: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,

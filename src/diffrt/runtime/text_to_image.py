@@ -27,7 +27,7 @@ from diffrt.images import to_unit_range
 from diffrt.runtime import ddim
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
-from diffrt.runtime.pipeline import GenerationResult, OutputType, convert_output, make_generator, to_unit_range_unclamped
+from diffrt.runtime.pipeline import DenoiserPipeline, GenerationResult, OutputType, convert_output, make_generator, to_unit_range_unclamped
 from diffrt.runtime.sampling import SamplerOptions, check_finite, randn, sample_ddim
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default; `dif
 EPS_AGREEMENT = 1e-2  # engine vs PyTorch eps on a through_unet step, relative to |eps| (RELIABILITY #16)
 
 
-class TextToImagePipeline:
+class TextToImagePipeline(DenoiserPipeline):
     """Guided DDIM sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
 
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
@@ -53,14 +53,6 @@ class TextToImagePipeline:
         self.max_length = max_length or tokenizer.model_max_length
         self._torch = {"vae": torch_vae, "unet": torch_unet}
         self.check_outputs = check_outputs
-
-    @property
-    def backend(self) -> str:
-        return self.unet.name
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     @property
     def has_controlnet(self) -> bool:
