@@ -84,12 +84,12 @@ def _cmd_train_dreambooth_lora(args) -> int:
     return 0
 
 
-def _parse_lora(text: str) -> tuple[str, float]:
-    path, _, scale = text.partition(":")
-    try:
-        return path, float(scale) if scale else 1.0
-    except ValueError:
-        raise DiffrtError(f"--lora {text!r}: the scale after ':' must be a number, e.g. style.safetensors:0.8") from None
+def _loras(args) -> list[tuple[str, float]]:
+    """--lora FILE[:SCALE] arguments as (path, scale) pairs, parsed the one way LoRA specs are."""
+    from diffrt.export.lora import LoraSpec
+
+    specs = [LoraSpec.parse(text) for text in args.lora]
+    return [(str(spec.path), spec.scale) for spec in specs]
 
 
 def _cmd_export(args) -> int:
@@ -99,7 +99,7 @@ def _cmd_export(args) -> int:
         backend=args.backend, precision=args.precision, batch=parse_range(args.batch, "batch"),
         height=parse_range(args.height, "height") if args.height else None,
         width=parse_range(args.width, "width") if args.width else None,
-        opset=args.opset, loras=[_parse_lora(x) for x in args.lora], verify=not args.no_verify,
+        opset=args.opset, loras=_loras(args), verify=not args.no_verify,
     )
     result = export_model(args.model, args.out, options, controlnets=args.controlnet)
     state = "cache hit, nothing rebuilt" if result.cache_hit else f"exported in {result.seconds:.1f} s"
@@ -114,7 +114,7 @@ def _cmd_export(args) -> int:
 def _cmd_refit(args) -> int:
     from diffrt.export.refit import refit_artifact
 
-    report = refit_artifact(args.artifacts, [_parse_lora(x) for x in args.lora])
+    report = refit_artifact(args.artifacts, _loras(args))
     for name, comp in report["components"].items():
         print(f"{name}: {comp['patched']} weights patched, {comp['set']} set from base; engine sha256 {comp['sha256'][:12]}")
     return 0
@@ -128,7 +128,7 @@ def _cmd_generate(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
         height=args.height, width=args.width, num_images=args.num_images, eta=args.eta, class_label=args.class_label,
         controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
-        loras=[_parse_lora(x) for x in args.lora], color=args.color, color_scale=args.color_scale,
+        loras=_loras(args), color=args.color, color_scale=args.color_scale,
         clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=args.clip_scale,
         guidance_mode=args.guidance_mode, device=args.device,
     )

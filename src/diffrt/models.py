@@ -151,10 +151,6 @@ def build_pixel_model(
     return PixelModel(PixelUNet(unet, info), scheduler or DDIMConfig(clip_sample=True))
 
 
-def is_pixel_model_dir(folder: Path) -> bool:
-    return (folder / "unet" / "config.json").is_file() or (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
-
-
 def load_pixel_model(folder: str | Path) -> PixelModel:
     """Load a pixel-space model from a pipeline folder (unet/ + scheduler/) or a bare UNet folder."""
     from diffusers import UNet2DModel
