@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffrt.errors import DiffrtError, NonFiniteOutputError
-from diffrt.images import decode_image, png_bytes
+from diffrt.errors import DiffrtError
+from diffrt.images import decode_image
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 from diffrt.serve.batcher import Job
 from diffrt.serve.schema import GenerateBody, RequestError
-from diffrt.serve.worker import Answer, BatchAbandoned
+from diffrt.serve.worker import Answer, BatchAbandoned, encode_finite, self_test_passed
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,7 @@ class TextToImageWorker:
         t0 = time.perf_counter()
         result = self.pipe("a self-test", num_inference_steps=self.warmup_steps, guidance_scale=DEFAULT_GUIDANCE_SCALE,
                            seed=0, output_type="pt")
-        if not torch.isfinite(result.images).all():
-            raise NonFiniteOutputError(f"self-test: the {self.pipe.backend} pipeline produced non-finite images; not serving it")
-        seconds = time.perf_counter() - t0
-        log.info("warm-up and NaN self-test passed on %s in %.2f s", self.pipe.backend, seconds)
-        return seconds
+        return self_test_passed(result, t0)
 
     @property
     def batches_requests(self) -> bool:
@@ -109,11 +105,8 @@ class TextToImageWorker:
         started, t0 = time.monotonic(), time.perf_counter()
         result = self.pipe(**plan.kwargs, seed=plan.seed, output_type="pt", progress=abandon_if_nobody_waits)
         sample_ms = 1000 * (time.perf_counter() - t0)
-        if not torch.isfinite(result.images).all():
-            raise NonFiniteOutputError(f"the {result.backend} pipeline produced non-finite images")
-        t1 = time.perf_counter()
-        pngs = [png_bytes(img) for img in result.images]
-        timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, "encode": 1000 * (time.perf_counter() - t1)}
+        pngs, encode_ms = encode_finite(result)
+        timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, "encode": encode_ms}
         return {job.id: Answer(job.id, plan.seed, pngs, result.backend, len(pngs), timings)}
 
     # -- any thread (reads the model's description only) ---------------------------------

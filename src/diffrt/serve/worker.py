@@ -77,6 +77,24 @@ class Answer:
     timings_ms: dict[str, float]
 
 
+def self_test_passed(result, t0: float) -> float:
+    """The warm-up's images must all be finite (the readiness NaN self-test); returns its seconds."""
+    if not torch.isfinite(result.images).all():
+        raise NonFiniteOutputError(f"self-test: the {result.backend} pipeline produced non-finite images; not serving it")
+    seconds = time.perf_counter() - t0
+    log.info("warm-up and NaN self-test passed on %s in %.2f s", result.backend, seconds)
+    return seconds
+
+
+def encode_finite(result) -> tuple[list[bytes], float]:
+    """A result's images as PNG bytes and the milliseconds that took; non-finite images are refused, never sent."""
+    if not torch.isfinite(result.images).all():
+        raise NonFiniteOutputError(f"the {result.backend} pipeline produced non-finite images")
+    t0 = time.perf_counter()
+    pngs = [png_bytes(img) for img in result.images]
+    return pngs, 1000 * (time.perf_counter() - t0)
+
+
 class PixelWorker:
     """Serves a pixel-space pipeline (unconditional or class-conditioned)."""
 
@@ -126,11 +144,7 @@ class PixelWorker:
         labels = torch.tensor([0]) if self.conditioned else None
         result = self.pipe(labels, num_images=None if labels is not None else 1, num_inference_steps=self.warmup_steps,
                            guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=0, output_type="pt")
-        if not torch.isfinite(result.images).all():
-            raise NonFiniteOutputError(f"self-test: the {self.pipe.backend} pipeline produced non-finite images; not serving it")
-        seconds = time.perf_counter() - t0
-        log.info("warm-up and NaN self-test passed on %s in %.2f s", self.pipe.backend, seconds)
-        return seconds
+        return self_test_passed(result, t0)
 
     def probe_batch_invariance(self) -> float:
         """How far a request run in a full batch is from the same request alone (max |diff| of the
@@ -178,12 +192,7 @@ class PixelWorker:
                            guidance=guidance, height=s["height"], width=s["width"], output_type="pt",
                            progress=abandon_if_nobody_waits)
         sample_ms = 1000 * (time.perf_counter() - t0)
-        images = result.images
-        if not torch.isfinite(images).all():
-            raise NonFiniteOutputError(f"the {result.backend} pipeline produced non-finite images")
-        t1 = time.perf_counter()
-        pngs = [png_bytes(img) for img in images]
-        encode_ms = 1000 * (time.perf_counter() - t1)
+        pngs, encode_ms = encode_finite(result)
         answers, start = {}, 0
         for job, plan in zip(jobs, plans):
             own = pngs[start : start + plan.num_images]
