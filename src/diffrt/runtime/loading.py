@@ -66,7 +66,8 @@ def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.devi
     torch_unet = None
     source = Path(manifest["source"]["path"])
     if source.is_dir() and not manifest["loras"]:
-        torch_unet = load_pixel_model(source).unet  # the PyTorch fallback for guidance "through_unet"
+        # The PyTorch fallback for guidance "through_unet", loaded only if such guidance runs.
+        torch_unet = lambda: load_pixel_model(source).unet  # noqa: E731
     return PixelPipeline(unet, DDIMConfig.from_scheduler_config(pipe["scheduler"]), info, channels=pipe["channels"],
                          sample_size=pipe["sample_size"], torch_unet=torch_unet)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -57,10 +57,25 @@ def make_generator(generator: torch.Generator | None, seed: int | None) -> torch
     return torch.Generator("cpu").manual_seed(seed) if seed is not None else generator
 
 
+TorchModule = torch.nn.Module | Callable[[], torch.nn.Module] | None  # a module, or a loader called on first use
+
+
 class DenoiserPipeline:
-    """What every pipeline reports: the backend that runs its UNet (RELIABILITY #15) and its device."""
+    """What every pipeline shares: the backend that runs its UNet (reported, RELIABILITY #15), its
+    device, and the PyTorch modules that gradient guidance falls back to, loaded on first use."""
 
     unet: Backend
+    _torch: dict[str, TorchModule]
+
+    def torch_module(self, which: str, why: str) -> torch.nn.Module:
+        """The PyTorch module `which`, loaded on first use; a clear error when there is none."""
+        module = self._torch[which]
+        if module is None:
+            raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline does not have "
+                              "(an artifact whose source model folder is missing or changed since export)")
+        if not isinstance(module, torch.nn.Module):
+            module = self._torch[which] = module()
+        return module
 
     @property
     def backend(self) -> str:
@@ -75,14 +90,14 @@ class PixelPipeline(DenoiserPipeline):
     """DDIM sampling of a pixel-space UNet on any backend."""
 
     def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
-                 channels: int, sample_size: int, torch_unet: torch.nn.Module | None = None,
+                 channels: int, sample_size: int, torch_unet: TorchModule = None,
                  check_outputs: bool = True):
         self.unet = unet
         self.scheduler = scheduler
         self.info = info
         self.channels = channels
         self.sample_size = sample_size
-        self.torch_unet = torch_unet  # for guidance mode "through_unet"
+        self._torch = {"unet": torch_unet}  # for guidance mode "through_unet"
         self.check_outputs = check_outputs
 
     def __call__(self, class_labels: list[int] | torch.Tensor | int | None = None, *, num_images: int | None = None,
@@ -160,11 +175,8 @@ class PixelPipeline(DenoiserPipeline):
         return labels
 
     def _autograd_denoiser(self, model_labels, do_cfg):
-        if self.torch_unet is None:
-            return None
-        unet = self.torch_unet
-
         def denoise(x_t, t):
+            unet = self.torch_module("unet", "guidance mode 'through_unet'")
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
             ts = t.to(x_t.device, torch.float32).expand(x_in.shape[0])
             eps = unet(x_in, ts, model_labels) if model_labels is not None else unet(x_in, ts)

@@ -20,19 +20,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import to_unit_range
 from diffrt.runtime import ddim
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
-from diffrt.runtime.pipeline import DenoiserPipeline, GenerationResult, OutputType, convert_output, make_generator, to_unit_range_unclamped
+from diffrt.runtime.pipeline import DenoiserPipeline, GenerationResult, TorchModule, OutputType, convert_output, make_generator, to_unit_range_unclamped
 from diffrt.runtime.sampling import SamplerOptions, check_finite, randn, sample_ddim
 
 log = logging.getLogger(__name__)
 
-TorchModule = nn.Module | Callable[[], nn.Module] | None  # a module, or a loader called on first use
 INIT_NOISE_SIGMA = 1.0  # DDIM's: x_T is unit-variance noise
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default; `diffrt generate` and `diffrt serve` use it
 EPS_AGREEMENT = 1e-2  # engine vs PyTorch eps on a through_unet step, relative to |eps| (RELIABILITY #16)
@@ -61,16 +59,6 @@ class TextToImagePipeline(DenoiserPipeline):
     @property
     def latent_channels(self) -> int:
         return self.unet.spec.inputs[0].dims[1]
-
-    def torch_module(self, which: str, why: str) -> nn.Module:
-        """The PyTorch VAE or UNet, loaded on first use; a clear error when there is none."""
-        module = self._torch[which]
-        if module is None:
-            raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline does not have "
-                              "(an artifact whose source model folder is missing or changed since export)")
-        if not isinstance(module, nn.Module):
-            module = self._torch[which] = module()
-        return module
 
     def __call__(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
