@@ -40,27 +40,38 @@ def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", 
                          sample_size=model.unet.sample_size, torch_unet=model.unet)
 
 
-def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.device = "cpu") -> PixelPipeline:
-    """A pixel pipeline over an exported artifact; files are checked against the manifest first."""
+def read_artifact(folder: Path, kind: str) -> dict:
+    """An artifact's manifest, after checking it holds `kind` and every file matches its hash."""
     manifest = mf.read_manifest(folder)
-    if manifest.get("kind") != "pixel":
-        raise ArtifactError(f"{folder} holds a {manifest.get('kind')} export, not a pixel-space model")
+    if manifest.get("kind") != kind:
+        raise ArtifactError(f"{folder} holds a {manifest.get('kind')} export, not a {kind} model")
     mf.verify_files(folder, manifest)
-    comp = manifest["components"]["unet"]
+    return manifest
+
+
+def open_component(folder: Path, manifest: dict, name: str, backend: str, device: str | torch.device = "cpu"):
+    """One exported component on an exported-model backend: its TensorRT engine (refused when built
+    for another TensorRT or GPU) or its ONNX file (with any external data) on ONNX Runtime."""
+    comp = manifest["components"][name]
     spec = spec_from_dict(comp["spec"])
     if backend == "tensorrt":
         from diffrt.runtime.backends.tensorrt import TensorRTBackend
 
         if "engine" not in comp:
-            raise ArtifactError(f"{folder} has no TensorRT engine; export it with `diffrt export --backend tensorrt`")
+            raise ArtifactError(f"{folder} has no TensorRT engine for {name}; export it with `diffrt export --backend tensorrt`")
         mf.check_engine_compatible(comp["engine"])
-        unet = TensorRTBackend(folder / "unet" / "engine.plan", spec, device=device)
-    else:
-        from diffrt.export.onnx import check_onnx_files
-        from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+        return TensorRTBackend(folder / name / "engine.plan", spec, device=device)
+    from diffrt.export.onnx import check_onnx_files
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        check_onnx_files(folder / "unet" / "model.onnx")
-        unet = OnnxRuntimeBackend(folder / "unet" / "model.onnx", spec, device=device)
+    check_onnx_files(folder / name / "model.onnx")
+    return OnnxRuntimeBackend(folder / name / "model.onnx", spec, device=device)
+
+
+def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.device = "cpu") -> PixelPipeline:
+    """A pixel pipeline over an exported artifact; files are checked against the manifest first."""
+    manifest = read_artifact(folder, "pixel")
+    unet = open_component(folder, manifest, "unet", backend, device)
     pipe = manifest["pipeline"]
     info = PixelModelInfo(**pipe["info"])
     torch_unet = None

@@ -19,11 +19,11 @@ from typing import Sequence
 import torch
 
 from diffrt import atomic
-from diffrt.components import spec_from_dict
 from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
 from diffrt.runtime.backends import require_backend
 from diffrt.runtime.ddim import DDIMConfig
+from diffrt.runtime.loading import open_component, read_artifact
 from diffrt.runtime.text_to_image import TextToImagePipeline
 from diffrt.text_to_image_models import (TextToImageModel, component_specs, load_controlnet, load_text_to_image,
                                          load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
@@ -111,31 +111,11 @@ def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: str 
             raise ArtifactError(f"{folder} was exported with the ControlNet {exported}, not {controlnet}; re-export with it")
 
 
-def _open_component(folder: Path, manifest: dict, name: str, backend: str, device):
-    comp = manifest["components"][name]
-    spec = spec_from_dict(comp["spec"])
-    if backend == "tensorrt":
-        from diffrt.runtime.backends.tensorrt import TensorRTBackend
-
-        if "engine" not in comp:
-            raise ArtifactError(f"{folder} has no TensorRT engine for {name}; export it with `diffrt export --backend tensorrt`")
-        mf.check_engine_compatible(comp["engine"])
-        return TensorRTBackend(folder / name / "engine.plan", spec, device=device)
-    from diffrt.export.onnx import check_onnx_files
-    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-    check_onnx_files(folder / name / "model.onnx")
-    return OnnxRuntimeBackend(folder / name / "model.onnx", spec, device=device)
-
-
 def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: str | torch.device = "cpu",
                                     loras: Loras = (), controlnet: str | Path | None = None) -> TextToImagePipeline:
     """A pipeline over an exported artifact; its files are checked against the manifest first."""
     folder = Path(folder)
-    manifest = mf.read_manifest(folder)
-    if manifest.get("kind") != "text-to-image":
-        raise ArtifactError(f"{folder} holds a {manifest.get('kind')} export, not a text-to-image model")
-    mf.verify_files(folder, manifest)
+    manifest = read_artifact(folder, "text-to-image")
     pipe = manifest["pipeline"]
     for name, digest in pipe["tokenizer"]["files"].items():
         path = folder / pipe["tokenizer"]["folder"] / name
@@ -143,7 +123,7 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
             raise ArtifactError(f"{path} is missing or does not match its sha256 in {mf.MANIFEST}; re-run `diffrt export`")
     _check_requests(folder, manifest, loras, controlnet)
     unet_name = pipe["unet"]
-    text_encoder, unet, vae_decoder = (_open_component(folder, manifest, n, backend, device)
+    text_encoder, unet, vae_decoder = (open_component(folder, manifest, n, backend, device)
                                        for n in ("text_encoder", unet_name, "vae_decoder"))
 
     def torch_vae():
