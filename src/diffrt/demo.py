@@ -81,8 +81,8 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
 
     # 2. Same request on both backends; the first run warms up, the median of the rest is timed.
     timings, images = [], {}
-    runs = [(p, i) for p in (fast, eager) for i in range(settings.repeats + 1)]
-    with tqdm(total=len(runs) * settings.num_inference_steps, desc="demo", unit="step") as bar:
+    total_steps = 2 * (settings.repeats + 1) * settings.num_inference_steps  # two backends, warm-up + timed runs
+    with tqdm(total=total_steps, desc="demo", unit="step") as bar:
         for pipe in (fast, eager):
             seconds = []
             for i in range(settings.repeats + 1):

@@ -35,11 +35,10 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, scale: int = 1)
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
         h, w = h * scale, w * scale
-    ncol = nrow
-    rows = (n + ncol - 1) // ncol
-    grid = torch.ones(c, rows * (h + padding) + padding, ncol * (w + padding) + padding, dtype=images.dtype)
+    rows = (n + nrow - 1) // nrow
+    grid = torch.ones(c, rows * (h + padding) + padding, nrow * (w + padding) + padding, dtype=images.dtype)
     for i, img in enumerate(images.detach().cpu()):
-        r, col = divmod(i, ncol)
+        r, col = divmod(i, nrow)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
         grid[:, top : top + h, left : left + w] = img
     return grid

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -98,7 +98,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
             "loras": [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else [],
             "onnx_loras": [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else [],
             "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
-            "pipeline": {"scheduler": model.scheduler.to_scheduler_config(), "info": _info_dict(model),
+            "pipeline": {"scheduler": model.scheduler.to_scheduler_config(), "info": asdict(model.info),
                          "channels": model.unet.out_channels, "sample_size": size},
             "components": components,
         }
@@ -166,12 +166,6 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
     entry["files"] = {str(p.relative_to(out)): atomic.sha256_file(p) for p in files}
     entry["bytes"] = sum(p.stat().st_size for p in files)
     return entry
-
-
-def _info_dict(model: PixelModel) -> dict:
-    from dataclasses import asdict
-
-    return asdict(model.info)
 
 
 def _fuse_pixel_loras(model: PixelModel, loras: list[tuple[str, float]]) -> None:
