@@ -9,6 +9,11 @@ samples over the time spent in optimizer steps (forward, backward, clip, AdamW, 
 checkpoints and sample grids, whose cost depends on how often one asks for them. A DreamBooth step
 with prior preservation trains on `batch_size` instance images plus as many class images; its
 samples/s counts the instance images only, as diffusers' `--train_batch_size` does.
+
+The first and last step losses are single draws of random timesteps and noise. For DreamBooth,
+where a 40-step run on 4 images moves the loss by a few % and one draw spreads by ~8 %, the rows
+also hold a fixed evaluation loss (fixed timesteps and noise, objective.evaluation_loss) of the
+instance images under the instance prompt, before and after training.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from diffrt import atomic
 from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
 from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
-from diffrt.train.dreambooth import DreamBoothConfig, train_dreambooth_lora
+from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, instance_evaluation_loss, train_dreambooth_lora
 from diffrt.train.finetune import FinetuneConfig, finetune
 from diffrt.train.loop import TrainConfig
 
@@ -50,8 +55,26 @@ def _cat_folder(folder: Path) -> Path:
     return folder
 
 
-def _trainers(root: Path) -> dict[str, tuple[str, int, callable]]:
-    """name -> (config in words, batch size, run(out, steps) -> TrainResult)."""
+def _dreambooth_evaluation(sd: Path, cats: Path, prompt: str):
+    """evaluate(out) -> the fixed evaluation loss of the base pipeline and of it with out's LoRA."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffrt.data import load_image_folder
+
+    images = load_image_folder(cats, 32).images
+
+    def evaluate(out: Path) -> dict:
+        pipe = StableDiffusionPipeline.from_pretrained(sd)
+        before = instance_evaluation_loss(pipe, images, prompt)
+        pipe.load_lora_weights(out / LORA_WEIGHT_NAME)
+        after = instance_evaluation_loss(pipe, images, prompt)
+        return {"eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4)}
+
+    return evaluate
+
+
+def _trainers(root: Path) -> dict[str, tuple[str, int, callable, callable | None]]:
+    """name -> (config in words, batch size, run(out, steps) -> TrainResult, evaluate(out) -> dict or None)."""
     from diffrt.tiny import tiny_text_to_image
 
     cats = _cat_folder(root / "cats")
@@ -74,15 +97,16 @@ def _trainers(root: Path) -> dict[str, tuple[str, int, callable]]:
 
     small = "UNet2DModel 8x8, widths (16, 32)"
     lora = "tiny SD (diffrt.tiny) 32 px / 4x4 latents, LoRA rank 4 on to_q/k/v/out"
+    evaluate = _dreambooth_evaluation(sd, cats, "a photo of sks cat")
     return {
-        "class-cond (class_embedding)": (f"{small}, digits", 16, class_cond("class_embedding")),
-        "class-cond (class_channels)": (f"{small}, digits", 16, class_cond("class_channels")),
+        "class-cond (class_embedding)": (f"{small}, digits", 16, class_cond("class_embedding"), None),
+        "class-cond (class_channels)": (f"{small}, digits", 16, class_cond("class_channels"), None),
         "finetune": (f"{small}, chelsea crops", 16, lambda out, steps: finetune(FinetuneConfig(
             model=str(pixel), data=str(cats), random_flip=True, num_samples=1, sample_steps=1,
-            train=_train_config(out, steps, 16, 1e-3)))),
-        "dreambooth-lora": (lora, 4, dreambooth(prior=False, batch_size=4)),
+            train=_train_config(out, steps, 16, 1e-3))), None),
+        "dreambooth-lora": (lora, 4, dreambooth(prior=False, batch_size=4), evaluate),
         "dreambooth-lora (prior + text encoder)": (f"{lora}, + text encoder LoRA, 2 instance + 2 class", 2,
-                                                   dreambooth(prior=True, batch_size=2)),
+                                                   dreambooth(prior=True, batch_size=2), evaluate),
     }
 
 
@@ -90,7 +114,7 @@ def run(steps: int, warmup: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffrt-bench-train-") as tmp:
         root = Path(tmp)
-        for i, (name, (config, batch_size, fn)) in enumerate(_trainers(root).items()):
+        for i, (name, (config, batch_size, fn, evaluate)) in enumerate(_trainers(root).items()):
             fn(root / f"warmup-{i}", warmup)
             t0 = time.perf_counter()
             result = fn(root / f"run-{i}", steps)
@@ -100,6 +124,7 @@ def run(steps: int, warmup: int) -> list[dict]:
                 "ms_per_step": round(1000 * batch_size / result.samples_per_second, 2),
                 "wall_s": round(time.perf_counter() - t0, 2),
                 "first_loss": round(result.losses[0], 4), "last_loss": round(result.losses[-1], 4),
+                **(evaluate(root / f"run-{i}") if evaluate else {}),
             })
     return rows
 

@@ -37,7 +37,7 @@ def train_config(out: Path, **overrides) -> TrainConfig:
     """A constant learning rate, so that a run stopped at N/2 and resumed follows the same
     schedule as an uninterrupted one (a cosine schedule depends on max_steps)."""
     base = dict(out=str(out), max_steps=STEPS, batch_size=16, learning_rate=2e-3, lr_warmup_steps=0,
-                lr_schedule="constant", checkpoint_every=STEPS // 2, seed=0)
+                lr_schedule="constant", checkpoint_every=STEPS // 2, log_every=1, seed=0)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -109,7 +109,8 @@ def test_class_cond_resume_is_exact(class_cond_runs, conditioning, tmp_path):
     cfg = class_cond_config(tmp_path, conditioning, max_steps=STEPS // 2)
     train_class_conditioned(cfg)
     resumed = train_class_conditioned(replace(cfg, train=replace(cfg.train, max_steps=STEPS, resume=True)))
-    np.testing.assert_allclose(resumed.losses[STEPS // 2 :], full.losses[STEPS // 2 :], rtol=1e-6, atol=0)
+    assert resumed.start_step == STEPS // 2
+    np.testing.assert_allclose(resumed.losses, full.losses[STEPS // 2 :], rtol=1e-6, atol=0)
     # The EMA weights that end up in the model folder match too.
     from safetensors.torch import load_file
 
@@ -134,8 +135,9 @@ def test_resume_skips_a_damaged_checkpoint(class_cond_runs, damage, tmp_path):
     (out / "checkpoints" / ".step-half-written").mkdir()  # an interrupted save: never a candidate
     resumed = train_class_conditioned(class_cond_config(out, "class_embedding", resume=True))
     # It went back to the good checkpoint at STEPS/2 and retrained the second half identically.
-    np.testing.assert_allclose(resumed.losses[STEPS // 2 :], full.losses[STEPS // 2 :], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(resumed.losses, full.losses[STEPS // 2 :], rtol=1e-6, atol=0)
     assert verify_checkpoint(last) is not None  # rewritten whole
+    assert not list((out / "checkpoints").glob(".step-*"))  # the interrupted save was removed
 
 
 def test_resume_without_a_good_checkpoint_fails_clearly(class_cond_runs, tmp_path):
@@ -279,7 +281,7 @@ def test_dreambooth_resume_is_exact(dreambooth_run, sd_folder, cat_folder, tmp_p
     cfg = dreambooth_config(sd_folder, cat_folder, tmp_path / "out", Path(full_cfg.class_data), max_steps=DB_STEPS // 2)
     train_dreambooth_lora(cfg)
     resumed = train_dreambooth_lora(replace(cfg, train=replace(cfg.train, max_steps=DB_STEPS, resume=True)))
-    np.testing.assert_allclose(resumed.losses[DB_STEPS // 2 :], full.losses[DB_STEPS // 2 :], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(resumed.losses, full.losses[DB_STEPS // 2 :], rtol=1e-6, atol=0)
 
 
 def _pipeline(folder: Path):
@@ -339,6 +341,28 @@ def test_dreambooth_loss_goes_down(sd_folder, cat_folder, tmp_path):
     adapted = {name: m for name, m in pipe.unet.named_modules() if hasattr(m, "lora_B")}
     assert "conv_in" in adapted and "conv_out" in adapted and len(adapted) == 2 + 4 * 2 * 4  # 4 transformer blocks
     assert all(m.lora_B["sks"].weight.abs().max() > 0 for m in adapted.values())  # every layer arrived trained
+
+
+def test_dreambooth_default_targets_lower_a_fixed_evaluation_loss(sd_folder, cat_folder, tmp_path):
+    """With LoRA on the attention projections only, the training loss of a 40-step run on the
+    tiny model is all sampling noise (random timesteps and noise per step). The same loss at fixed
+    timesteps and noise, before and after training, shows the subject being learned."""
+    from diffrt.data import load_image_folder
+    from diffrt.train.dreambooth import instance_evaluation_loss
+
+    prompt = "a photo of sks cat"
+    cfg = DreamBoothConfig(model=str(sd_folder), instance_data=str(cat_folder), instance_prompt=prompt, rank=4,
+                           resolution=32, num_validation_images=1, inference_steps=1,
+                           train=train_config(tmp_path, max_steps=40, batch_size=4, learning_rate=1e-2, checkpoint_every=40))
+    assert cfg.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+    train_dreambooth_lora(cfg)
+    images = load_image_folder(cat_folder, 32).images
+    pipe = _pipeline(sd_folder)
+    before = instance_evaluation_loss(pipe, images, prompt)
+    assert instance_evaluation_loss(pipe, images, prompt) == before  # the same draws every call
+    pipe.load_lora_weights(tmp_path / LORA_WEIGHT_NAME)
+    after = instance_evaluation_loss(pipe, images, prompt)
+    assert after < 0.99 * before, f"fixed evaluation loss {before:.4f} -> {after:.4f}"
 
 
 @pytest.mark.gpu
@@ -467,3 +491,30 @@ def test_data_parallel_ranks_stay_in_step(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     spread = float(out.stdout.split("RANK_SPREAD=")[1].split()[0])
     assert spread == 0.0
+
+
+# -- class folders, resume checks -------------------------------------------------------------------
+
+
+def test_class_cond_on_class_folders(bad_inputs, tmp_path):
+    """A data folder with one sub-folder per class (two here) trains a two-class model."""
+    cfg = ClassCondConfig(data=str(bad_inputs / "classes"), sample_size=8, widths=(16, 32), sample_steps=1,
+                          train=train_config(tmp_path, max_steps=2, batch_size=4, checkpoint_every=2))
+    result = train_class_conditioned(cfg)
+    assert len(result.losses) == 2 and np.isfinite(result.losses).all()
+    model = load_pixel_model(tmp_path / "model")
+    assert model.info.num_classes == 2 and model.info.class_names == ["a", "b"]
+
+
+def test_resume_with_other_settings_fails_clearly(class_cond_runs, tmp_path):
+    """--resume names each setting that differs from the checkpoint's; run length may change."""
+    out = tmp_path / "run"
+    shutil.copytree(class_cond_runs["class_embedding"][0], out)
+    cfg = class_cond_config(out, "class_embedding", resume=True, batch_size=8)
+    with pytest.raises(DiffrtError) as err:
+        train_class_conditioned(replace(cfg, widths=(16, 64)))
+    message = str(err.value)
+    assert "\n" not in message and "--resume" in message
+    assert "batch_size: 16 saved vs 8 now" in message and "widths: [16, 32] saved vs [16, 64] now" in message
+    assert "max_steps" not in message and "out:" not in message  # free to change (and out did change)
+    assert [s for s, _ in read_loss_csv(out)] == list(range(1, STEPS + 1))  # nothing ran

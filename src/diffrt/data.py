@@ -7,7 +7,7 @@ is what lets `--resume` continue exactly where a run stopped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,13 +21,19 @@ BUNDLED = ("digits",)
 
 @dataclass
 class ImageDataset:
-    """images: [N, C, H, W] in [-1, 1]; labels: [N] int64 or None; tint: recolour each draw."""
+    """images: [N, C, H, W] in [-1, 1]; labels: [N] int64 or None.
+
+    Augmentations are drawn anew on every draw from the step's generator: a tint, a mirror image,
+    and, where `uncropped` holds the images resized to a short side of H, a random H x W crop of
+    each (then `images` holds their centre crops, which give the dataset its shape).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
     class_names: list[str] = field(default_factory=list)
     random_tint: bool = False
     random_flip: bool = False
+    uncropped: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -38,7 +44,11 @@ class ImageDataset:
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch at `indices`, with this draw's augmentations taken from `generator`."""
-        x = self.images[indices]
+        if self.uncropped is None:
+            x = self.images[indices]
+        else:
+            size = self.images.shape[-1]
+            x = torch.stack([random_crop(self.uncropped[i], size, generator) for i in indices.tolist()])
         if self.random_tint:
             # Digits are white strokes on black: multiply by a colour whose brightest channel is 1.
             rgb = random_colours(len(indices), generator)
@@ -48,6 +58,16 @@ class ImageDataset:
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         y = self.labels[indices] if self.labels is not None else None
         return x, y
+
+    def head(self, n: int) -> ImageDataset:
+        """The first n images."""
+        return replace(self, images=self.images[:n], labels=None if self.labels is None else self.labels[:n],
+                       uncropped=None if self.uncropped is None else self.uncropped[:n])
+
+    def to_grey(self) -> ImageDataset:
+        """One channel, the mean of the RGB ones (a tint needs three, so it is switched off)."""
+        uncropped = None if self.uncropped is None else [x.mean(dim=0, keepdim=True) for x in self.uncropped]
+        return replace(self, images=self.images.mean(dim=1, keepdim=True), uncropped=uncropped, random_tint=False)
 
 
 def random_colours(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -109,28 +129,34 @@ def _require_folder(folder: str | Path) -> Path:
     return folder
 
 
-def _load_images(files: list[Path], size: int, crop: str) -> torch.Tensor:
+def _load_images(files: list[Path], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The centre crops [N, C, size, size] in [-1, 1], and for crop "random" the resized images to
+    crop from on each draw."""
     from diffrt.images import load_image
 
-    out = []
-    for path in files:
-        img = load_image(path)
-        out.append(resize_and_crop(img, size, crop))
-    return torch.stack(out) * 2 - 1
+    resized = [resize_short_side(load_image(path), size) * 2 - 1 for path in files]
+    centre = torch.stack([center_crop(img, size) for img in resized])
+    return centre, resized if crop == "random" else None
 
 
-def resize_and_crop(img: torch.Tensor, size: int, crop: str = "center") -> torch.Tensor:
-    """Resize the short side to `size`, then crop a square (centre, or a fixed random crop)."""
+def resize_short_side(img: torch.Tensor, size: int) -> torch.Tensor:
+    """[C, H, W] resized so that its short side is `size` (antialiased bicubic), values kept in [0, 1]."""
     _, h, w = img.shape
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    img = F.interpolate(img[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
-    if crop == "random":
-        g = torch.Generator().manual_seed(nh * 7919 + nw)
-        top = int(torch.randint(nh - size + 1, (1,), generator=g))
-        left = int(torch.randint(nw - size + 1, (1,), generator=g))
-    else:
-        top, left = (nh - size) // 2, (nw - size) // 2
+    return F.interpolate(img[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
+
+
+def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    _, h, w = img.shape
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[:, top : top + size, left : left + size]
+
+
+def random_crop(img: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    _, h, w = img.shape
+    top = int(torch.randint(h - size + 1, (1,), generator=generator))
+    left = int(torch.randint(w - size + 1, (1,), generator=generator))
     return img[:, top : top + size, left : left + size]
 
 
@@ -140,7 +166,8 @@ def load_image_folder(folder: str | Path, size: int, crop: str = "center", rando
     files = list_images(folder)
     if not files:
         raise DataError(f"no images in {folder}; expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
-    return ImageDataset(_load_images(files, size, crop), random_flip=random_flip)
+    images, uncropped = _load_images(files, size, crop)
+    return ImageDataset(images, random_flip=random_flip, uncropped=uncropped)
 
 
 def load_class_folders(folder: str | Path, size: int, crop: str = "center", random_flip: bool = False) -> ImageDataset:
@@ -149,14 +176,17 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} has no class sub-folders; expected one folder of images per class")
-    images, labels = [], []
+    images, uncropped, labels = [], [], []
     for label, sub in enumerate(classes):
         files = list_images(sub)
         if not files:
             raise DataError(f"class folder {sub} has no images")
-        images.append(_load_images(files, size, crop))
+        centre, resized = _load_images(files, size, crop)
+        images.append(centre)
+        uncropped += resized or []
         labels += [label] * len(files)
-    return ImageDataset(torch.cat(images), torch.tensor(labels), [p.name for p in classes], random_flip=random_flip)
+    return ImageDataset(torch.cat(images), torch.tensor(labels), [p.name for p in classes], random_flip=random_flip,
+                        uncropped=uncropped if crop == "random" else None)
 
 
 def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False) -> ImageDataset:

@@ -24,7 +24,7 @@ from diffrt.data import load_source
 from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, PixelModel, build_pixel_model, save_pixel_model, small_unet_config
 from diffrt.runtime.ddim import DDIMConfig
-from diffrt.train.loop import TrainConfig, TrainResult, train
+from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
 from diffrt.train.pixel import pixel_loss_fn, pixel_sample_fn
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,12 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout)
     sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale)
 
+    # The checkpoints record the class count of the data too: --resume on a folder with other
+    # classes would otherwise only fail on a weight shape.
+    state = {"class_cond": {**trainer_state(config), "num_classes": dataset.num_classes}}
     started = time.time()
-    result = train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),
-                   sample_fn=sample_fn, sample_nrow=8)
-    return result
+    return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),
+                 sample_fn=sample_fn, sample_nrow=8, extra_state=state)
 
 
 def _save(model: PixelModel, out: Path, config: ClassCondConfig, started: float) -> None:

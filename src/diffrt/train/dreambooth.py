@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from diffrt import atomic
-from diffrt.data import list_images, load_image_folder
+from diffrt.data import ImageDataset, list_images, load_image_folder
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
-from diffrt.train.loop import TrainConfig, TrainResult, train
-from diffrt.train.objective import diffusion_loss
+from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
+from diffrt.train.objective import diffusion_loss, evaluation_loss
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         class_dir = Path(config.class_data) if config.class_data else out / "class_images"
         with state.main_process_first():
             generate_class_images(c, class_dir, config)
-        class_images = load_image_folder(class_dir, config.resolution, crop=config.crop)
-        class_images.images = class_images.images[: config.num_class_images]
+        class_images = load_image_folder(class_dir, config.resolution, crop=config.crop).head(config.num_class_images)
 
     # 4. LoRA adapters, initialised from the seed so that a rerun starts from the same weights.
     unet_lora = _add_lora(c.unet, config.rank, config.lora_alpha, config.target_modules, config.train.seed)
@@ -154,10 +153,10 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         if te_lora:
             c.text_encoder.gradient_checkpointing_enable()
 
-    # 5. What every step reuses: VAE latent distributions of the images, and prompt embeddings
-    #    (computed once unless the text encoder trains).
-    inst_latents = LatentCache(c, instance.images, config.random_flip)
-    class_latents = LatentCache(c, class_images.images, config.random_flip) if prior else None
+    # 5. What every step reuses: VAE latent distributions of the images (unless they are cropped
+    #    at random), and prompt embeddings (computed once unless the text encoder trains).
+    inst_latents = LatentCache(c, instance, config.random_flip)
+    class_latents = LatentCache(c, class_images, config.random_flip) if prior else None
     prompts = {"instance": config.instance_prompt, **({"class": config.class_prompt} if prior else {})}
     ids = {k: tokenize(c.tokenizer, p) for k, p in prompts.items()}
     with torch.no_grad():
@@ -201,7 +200,7 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         log.info("saved the LoRA to %s", out / LORA_WEIGHT_NAME)
 
     return train(config.train, trainable, loss_fn, save_fn=save_fn, sample_fn=sample_fn,
-                 sample_nrow=config.num_validation_images, extra_state={"dreambooth": asdict(config)})
+                 sample_nrow=config.num_validation_images, extra_state={"dreambooth": trainer_state(config)})
 
 
 # -- the base model ---------------------------------------------------------------------------
@@ -275,30 +274,38 @@ class LatentCache:
     """The VAE posterior N(mean, std^2) of each image (and of its mirror image, for flips).
 
     The VAE is frozen, so encoding once is exact: each step only draws a latent from the cached
-    distribution with the step's generator, as `latent_dist.sample(generator)` would.
+    distribution with the step's generator, as `latent_dist.sample(generator)` would. Random crops
+    differ on every draw, so a dataset with them has each draw's crops encoded instead.
     """
 
-    @torch.no_grad()
-    def __init__(self, c: Components, images: torch.Tensor, random_flip: bool, chunk: int = 8):
-        self.random_flip = random_flip
+    def __init__(self, c: Components, dataset: ImageDataset, random_flip: bool, chunk: int = 8):
+        self.c, self.dataset, self.random_flip, self.chunk = c, dataset, random_flip, chunk
         self.scaling = c.vae.config.scaling_factor
         self.shift = getattr(c.vae.config, "shift_factor", None) or 0.0
-        views = [images, images.flip(-1)] if random_flip else [images]
+        self.mean = self.std = None
+        if dataset.uncropped is None:
+            images = dataset.images
+            views = [self._encode(v) for v in ([images, images.flip(-1)] if random_flip else [images])]
+            self.mean, self.std = (torch.stack(t) for t in zip(*views))  # [views, N, C, h, w]
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
-        for view in views:
-            m, s = [], []
-            for x in view.split(chunk):
-                dist = c.vae.encode(x.to(c.device, c.dtype)).latent_dist
-                m.append(dist.mean.float())
-                s.append(dist.std.float())
-            means.append(torch.cat(m))
-            stds.append(torch.cat(s))
-        self.mean, self.std = torch.stack(means), torch.stack(stds)  # [views, N, C, h, w]
+        for x in images.split(self.chunk):
+            dist = self.c.vae.encode(x.to(self.c.device, self.c.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        return torch.cat(means), torch.cat(stds)
 
     def sample(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        view = (torch.rand(len(indices), generator=generator) < 0.5).long() if self.random_flip else torch.zeros_like(indices)
-        view, indices = view.to(self.mean.device), indices.to(self.mean.device)
-        mean, std = self.mean[view, indices], self.std[view, indices]
+        n = len(indices)
+        flip = torch.rand(n, generator=generator) < 0.5 if self.random_flip else torch.zeros(n, dtype=torch.bool)
+        if self.mean is None:
+            x, _ = self.dataset.batch(indices, generator)  # this draw's random crops
+            mean, std = self._encode(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x))
+        else:
+            view, indices = flip.long().to(self.mean.device), indices.to(self.mean.device)
+            mean, std = self.mean[view, indices], self.std[view, indices]
         noise = torch.randn(mean.shape, generator=generator).to(mean.device)
         return (mean + std * noise - self.shift) * self.scaling
 
@@ -358,6 +365,21 @@ def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig,
             atomic.write_bytes(folder / f"class-{index:05d}.png", png_bytes(image))
     if len(list_images(folder)) < config.num_class_images:
         raise DataError(f"{folder} still has fewer than {config.num_class_images} images after generating them")
+
+
+def instance_evaluation_loss(pipe, images: torch.Tensor, prompt: str) -> float:
+    """objective.evaluation_loss of a StableDiffusionPipeline (with or without a LoRA loaded) on
+    `images` [N, 3, H, W] in [-1, 1] captioned `prompt`: fixed timesteps, fixed noise, and the
+    posterior mean of each latent, so that it measures what training changed and nothing else."""
+    with torch.no_grad():
+        vae = pipe.vae
+        dist = vae.encode(images.to(pipe.device, vae.dtype)).latent_dist
+        latents = (dist.mean.float() - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        cond = pipe.text_encoder(tokenize(pipe.tokenizer, prompt).to(pipe.device))[0].expand(len(images), -1, -1)
+    sched = DDIMConfig.from_scheduler_config(dict(pipe.scheduler.config))
+    unet = pipe.unet
+    return evaluation_loss(lambda x_t, t: unet(x_t.to(unet.dtype), t, cond.to(unet.dtype)).sample, latents,
+                           make_alphas_cumprod(sched), sched.prediction_type)
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +23,7 @@ import torch
 from diffrt.data import ImageDataset, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import PixelModel, load_pixel_model, save_pixel_model
-from diffrt.train.loop import TrainConfig, TrainResult, train
+from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
 from diffrt.train.pixel import pixel_loss_fn, pixel_sample_fn
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
     started = time.time()
     return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),
-                 sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": asdict(config)})
+                 sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": trainer_state(config)})
 
 
 def _require_unet2d(folder: Path) -> None:
@@ -96,9 +96,7 @@ def _load_data(config: FinetuneConfig, model: PixelModel) -> ImageDataset:
                         f"{dataset.num_classes} ({', '.join(dataset.class_names)}); give one folder per class of the model")
     channels = model.unet.out_channels
     if channels == 1:
-        # Greyscale model: average the RGB channels (and a tint would need three of them).
-        dataset.images = dataset.images.mean(dim=1, keepdim=True)
-        dataset.random_tint = False
+        dataset = dataset.to_grey()
     elif channels != 3:
         raise DataError(f"{config.model} has {channels} image channels; fine-tuning on images supports 1 (grey) or 3 (RGB)")
     return dataset

@@ -8,7 +8,10 @@ grids, logs and progress.
 Exact resume. All randomness of step s (batch choice, augmentation, noise, timesteps) comes
 from a generator seeded by (seed, s, process); the learning rate is a pure function of s. A
 checkpoint therefore only needs the weights, the optimizer moments and s, and a resumed run
-computes bit for bit the same next loss as an uninterrupted one.
+computes bit for bit the same next loss as an uninterrupted one. A resumed run must therefore
+also compute the same thing: `--resume` refuses a config that changes the model, the optimizer or
+the data (see RESUMABLE_FIELDS), and a fresh run refuses an --out that holds checkpoints (a later
+--resume would pick up their stale higher-numbered steps).
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
 
+# Fields (of TrainConfig or of a trainer's config) that `--resume` may change: they say how long
+# a run goes, what it reports, or how a step is computed (memory, precision), not what it computes.
+RESUMABLE_FIELDS = frozenset({
+    "out", "resume", "max_steps", "checkpoint_every", "sample_every", "log_every", "gradient_checkpointing",
+    "mixed_precision",
+    "sample_steps", "sample_guidance_scale", "num_samples",  # the pixel trainers' sample grids
+    "validation_prompt", "num_validation_images", "inference_steps", "guidance_scale",  # DreamBooth's validation images
+})
+
 
 @dataclass
 class TrainConfig:
@@ -53,18 +65,27 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 500
     sample_every: int = 0  # 0: only at the end
-    log_every: int = 10
+    log_every: int = 10  # loss.csv and TensorBoard get one row per N steps: their mean loss
     seed: int = 0
     resume: bool = False
 
     def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise DiffrtError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.ema_decay < 1:
             raise DiffrtError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        existing = list_checkpoints(Path(self.out) / "checkpoints")
+        if existing and not self.resume:
+            raise DiffrtError(f"{self.out} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
+                              "pass --resume to continue that run, or choose an empty --out for a new one")
+
+
+def trainer_state(config) -> dict:
+    """A trainer's config as checkpoint state: its fields without its TrainConfig (stored as "config")."""
+    return {k: v for k, v in asdict(config).items() if k != "train"}
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -103,6 +124,10 @@ class EMA:
         for k, p in named_params.items():
             self.shadow[k].lerp_(p.detach().float(), 1 - decay)
 
+    def load(self, shadow: dict[str, torch.Tensor], named_params: dict[str, nn.Parameter]) -> None:
+        """Take saved averages (CPU tensors from a checkpoint) onto each parameter's device, in fp32."""
+        self.shadow = {k: shadow[k].to(device=p.device, dtype=torch.float32) for k, p in named_params.items()}
+
     @torch.no_grad()
     def copy_to(self, named_params: dict[str, nn.Parameter]) -> None:
         for k, p in named_params.items():
@@ -118,7 +143,8 @@ SaveFn = Callable[[Path], None]
 class TrainResult:
     out: Path
     steps: int
-    losses: list[float]
+    start_step: int  # where this call began: 0, or the checkpoint's step after --resume
+    losses: list[float]  # one per optimizer step this call ran: steps start_step + 1 ... steps
     seconds: float  # wall time of the loop, checkpoints and sample grids included
     samples_per_second: float  # over the optimizer steps alone (forward, backward, update, EMA)
 
@@ -132,9 +158,10 @@ def train(
     sample_nrow: int = 8,
     extra_state: dict | None = None,
 ) -> TrainResult:
-    """Run (or resume) training of `model`'s trainable parameters; returns the losses logged."""
+    """Run (or resume) training of `model`'s trainable parameters; returns the losses of its steps."""
     from accelerate import Accelerator
 
+    # 1. Config, devices, optimizer.
     config.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,15 +176,25 @@ def train(
     model.to(accelerator.device)
     optimizer = accelerator.prepare(optimizer)
     ema = EMA(named, config.ema_decay) if config.ema_decay > 0 else None
+    # fp16 on a GPU scales the loss by a factor that adapts as training goes: part of the state.
+    scaler = getattr(accelerator, "scaler", None)
+    state = {"config": asdict(config), **(extra_state or {})}
 
+    # 2. Resume, and drop the logs of steps after the checkpoint (a run that died after saving it).
+    if accelerator.is_main_process:
+        _remove_interrupted_saves(out / "checkpoints")
     start = 0
     if config.resume:
-        start = load_latest_checkpoint(out / "checkpoints", named, optimizer, ema)
+        start = load_latest_checkpoint(out / "checkpoints", named, optimizer, ema, scaler, expected=state)
         log.info("resumed from step %d", start)
-    losses = _read_loss_log(out / "loss.csv", upto=start)
-    writer = _tensorboard(out / "tensorboard") if accelerator.is_main_process else None
+    writer = None
+    if accelerator.is_main_process:
+        _truncate_loss_log(out / "loss.csv", upto=start)
+        writer = _tensorboard(out / "tensorboard", purge_step=start + 1 if start else None)
 
+    # 3. The steps.
     model.train()
+    losses, window = [], []
     t0 = time.perf_counter()
     step_seconds = 0.0
     progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process)
@@ -186,15 +223,21 @@ def train(
             ema.update(named, done)
         step_seconds += time.perf_counter() - step_start  # loss.item() above has synchronised the device
         losses.append(total)
+        window.append(total)
         progress.update(1)
         progress.set_postfix(loss=f"{total:.4f}")
+        if done % config.log_every == 0 or done == config.max_steps:
+            mean, lr = sum(window) / len(window), lr_at(step, config)
+            window.clear()
+            if accelerator.is_main_process:
+                _append_loss_log(out / "loss.csv", done, mean, lr)
+                if writer is not None:
+                    writer.add_scalar("loss", mean, done)
+                    writer.add_scalar("lr", lr, done)
         if accelerator.is_main_process:
-            _append_loss_log(out / "loss.csv", done, total, lr_at(step, config))
-            if writer is not None:
-                writer.add_scalar("loss", total, done)
-                writer.add_scalar("lr", lr_at(step, config), done)
             if done % config.checkpoint_every == 0 or done == config.max_steps:
-                save_checkpoint(out / "checkpoints", done, named, optimizer, ema, {"config": asdict(config), **(extra_state or {})})
+                scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
+                save_checkpoint(out / "checkpoints", done, named, optimizer, ema, {**state, **scaler_state})
             if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
                 _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
     progress.close()
@@ -207,7 +250,7 @@ def train(
         save_fn(out)
     steps_run = config.max_steps - start
     rate = steps_run * config.batch_size * config.gradient_accumulation_steps / step_seconds if steps_run else 0.0
-    return TrainResult(out, config.max_steps, losses, seconds, rate)
+    return TrainResult(out, config.max_steps, start, losses, seconds, rate)
 
 
 @torch.no_grad()
@@ -229,13 +272,15 @@ def _save_samples(path: Path, model: nn.Module, named, ema: EMA | None, sample_f
                 p.copy_(backup[k])
 
 
-def _tensorboard(folder: Path):
+def _tensorboard(folder: Path, purge_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log.warning("tensorboard is not installed; logging the loss to loss.csv only (pip install tensorboard)")
         return None
-    return SummaryWriter(str(folder))
+    # After --resume, purge_step hides the events a dead run logged past its checkpoint, which this
+    # run logs again; without it TensorBoard shows those steps twice.
+    return SummaryWriter(str(folder), purge_step=purge_step)
 
 
 def _append_loss_log(path: Path, step: int, loss: float, lr: float) -> None:
@@ -247,10 +292,10 @@ def _append_loss_log(path: Path, step: int, loss: float, lr: float) -> None:
         w.writerow([step, f"{loss:.6f}", f"{lr:.6g}"])
 
 
-def _read_loss_log(path: Path, upto: int) -> list[float]:
-    """Losses of steps <= upto; later rows (from a run that died after its checkpoint) are dropped."""
+def _truncate_loss_log(path: Path, upto: int) -> None:
+    """Keep the rows of steps <= upto; later rows (from a run that died after its checkpoint) are dropped."""
     if not path.exists():
-        return []
+        return
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
     with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
@@ -258,13 +303,13 @@ def _read_loss_log(path: Path, upto: int) -> list[float]:
         w.writerow(["step", "loss", "lr"])
         for r in rows:
             w.writerow([r["step"], r["loss"], r["lr"]])
-    return [float(r["loss"]) for r in rows]
 
 
 # -- checkpoints -----------------------------------------------------------------------------
 # A checkpoint is a folder: weights.safetensors, optimizer.safetensors, [ema.safetensors] and
 # state.json, which is written last and holds the sha256 of the others. It is assembled under
 # a temporary name and renamed into place, so a half-written checkpoint is never picked up.
+# The state holds the run's config, which --resume compares with its own.
 
 
 def save_checkpoint(folder: Path, step: int, named, optimizer, ema: EMA | None, extra: dict) -> Path:
@@ -300,6 +345,15 @@ def _optimizer_tensors(named, optimizer) -> tuple[dict[str, torch.Tensor], list[
     return tensors, groups
 
 
+def _remove_interrupted_saves(folder: Path) -> None:
+    """Temporary .step-* folders are saves that died half-way: never trusted, so removed."""
+    if not folder.is_dir():
+        return
+    for tmp in sorted(folder.glob(".step-*")):
+        log.info("removing %s, left by an interrupted checkpoint save", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -318,7 +372,27 @@ def verify_checkpoint(ckpt: Path) -> dict | None:
         return None
 
 
-def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None) -> int:
+def config_changes(saved: dict, now: dict) -> list[str]:
+    """'name: saved vs now' for each field of `now` that differs from `saved`, but RESUMABLE_FIELDS.
+
+    Both are checkpoint states ({"config": ..., "<trainer>": ...}); fields that an older
+    checkpoint did not record are not compared.
+    """
+    changes = []
+    for key, value in now.items():
+        if key in RESUMABLE_FIELDS or key not in saved:
+            continue
+        if isinstance(value, dict) and isinstance(saved[key], dict):
+            changes += config_changes(saved[key], value)
+        elif saved[key] != value:
+            changes.append(f"{key}: {saved[key]!r} saved vs {value!r} now")
+    return changes
+
+
+def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scaler=None,
+                           expected: dict | None = None) -> int:
+    """Load the newest complete checkpoint into the parameters, optimizer, EMA and loss scaler;
+    returns its step. `expected` (the run's state, config included) must match the saved one."""
     from safetensors.torch import load_file
 
     for ckpt in reversed(list_checkpoints(folder)):
@@ -326,10 +400,20 @@ def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None) -> i
         if state is None:
             log.warning("skipping incomplete or corrupt checkpoint %s", ckpt)
             continue
+        # Compare as JSON reads it back: tuples come back as lists.
+        changes = config_changes(state, json.loads(json.dumps(expected))) if expected else []
+        if changes:
+            raise DiffrtError(f"--resume: {ckpt} was trained with other settings ({'; '.join(changes)}); "
+                              "resume with the saved settings, or start afresh in an empty --out")
         weights = load_file(ckpt / "weights.safetensors")
         missing = set(named) - set(weights)
         if missing:
             raise DiffrtError(f"checkpoint {ckpt} does not match the model: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
+        reshaped = [k for k, p in named.items() if weights[k].shape != p.shape]
+        if reshaped:
+            k = reshaped[0]
+            raise DiffrtError(f"checkpoint {ckpt} does not match the model: {k} is {list(weights[k].shape)} there "
+                              f"but {list(named[k].shape)} here ({len(reshaped)} parameters differ)")
         with torch.no_grad():
             for k, p in named.items():
                 p.copy_(weights[k])
@@ -343,6 +427,8 @@ def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None) -> i
             opt_state["param_groups"].append({**group, "params": list(range(len(names)))})
         optimizer.load_state_dict(opt_state)
         if ema is not None and (ckpt / "ema.safetensors").exists():
-            ema.shadow = load_file(ckpt / "ema.safetensors")
+            ema.load(load_file(ckpt / "ema.safetensors"), named)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         return int(state["step"])
     raise DiffrtError(f"--resume: no complete checkpoint in {folder}; run without --resume to start afresh")

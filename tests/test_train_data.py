@@ -1,0 +1,82 @@
+"""What a training step draws: random crops per draw, and label dropout for classifier-free guidance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from diffrt.data import ImageDataset, load_class_folders, load_image_folder
+from diffrt.models import build_pixel_model, small_unet_config
+from diffrt.runtime.ddim import DDIMConfig
+from diffrt.train.pixel import pixel_loss_fn
+
+
+@pytest.fixture
+def wide_folder(tmp_path):
+    """One 8 x 16 image of noise: a short side of 8 leaves 9 horizontal crop offsets."""
+    pixels = torch.randint(0, 256, (8, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(tmp_path / "wide.png")
+    return tmp_path
+
+
+def draws(dataset: ImageDataset, n: int, seed: int) -> torch.Tensor:
+    x, _ = dataset.batch(torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(seed))
+    return x
+
+
+def test_random_crop_is_drawn_anew_each_time(wide_folder):
+    dataset = load_image_folder(wide_folder, 8, crop="random")
+    assert dataset.images.shape == (1, 3, 8, 8)
+    x = draws(dataset, 8, seed=0)
+    assert x.shape == (8, 3, 8, 8)
+    assert len({tuple(img.flatten().tolist()) for img in x}) > 1  # one image, several crops
+    torch.testing.assert_close(draws(dataset, 8, seed=0), x, rtol=0, atol=0)  # a pure function of the generator
+    # A crop of the resized image: somewhere along its width, full height.
+    full = dataset.uncropped[0]
+    assert any(torch.equal(x[0], full[:, :, left : left + 8]) for left in range(full.shape[-1] - 7))
+
+
+def test_center_crop_is_deterministic(wide_folder):
+    dataset = load_image_folder(wide_folder, 8, crop="center")
+    assert dataset.uncropped is None
+    x = torch.cat([draws(dataset, 4, seed=0), draws(dataset, 4, seed=1)])
+    assert all(torch.equal(img, dataset.images[0]) for img in x)
+
+
+def test_random_crop_in_class_folders_keeps_labels(wide_folder, tmp_path):
+    root = tmp_path / "classes"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes((wide_folder / "wide.png").read_bytes())
+    dataset = load_class_folders(root, 8, crop="random")
+    assert len(dataset.uncropped) == 2 and dataset.class_names == ["a", "b"]
+    _, y = dataset.batch(torch.tensor([1, 0]), torch.Generator().manual_seed(0))
+    assert y.tolist() == [1, 0]
+    grey = dataset.to_grey()
+    assert grey.images.shape == (2, 1, 8, 8) and grey.uncropped[0].shape[0] == 1 and draws(grey, 2, 0).shape[1] == 1
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_label_dropout_share(p, monkeypatch):
+    """The share of labels set to the null label is about p, and exactly 0 for p = 0."""
+    torch.manual_seed(0)
+    model = build_pixel_model(small_unet_config(8, 3, (16, 32)), conditioning="class_embedding", num_classes=3,
+                              scheduler=DDIMConfig())
+    dataset = ImageDataset(torch.zeros(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]), ["a", "b", "c"])
+    seen = []
+
+    def spy(x_t, t, labels):
+        seen.append(labels)
+        return torch.zeros_like(x_t)
+
+    monkeypatch.setattr(model.unet, "forward", spy)
+    pixel_loss_fn(model, dataset, batch_size=4000, label_dropout=p)(0, torch.Generator().manual_seed(0))
+    (labels,) = seen
+    null = model.info.null_class_label
+    assert null == 3 and set(labels.tolist()) <= {0, 1, 2, 3}
+    share = (labels == null).float().mean().item()
+    if p == 0:
+        assert share == 0
+    else:
+        assert abs(share - p) < 0.03  # binomial sd at n = 4000 is 0.007

@@ -1,0 +1,155 @@
+"""The shared training loop on a linear model: fast checks of what every trainer relies on
+(gradient accumulation, the learning rate, logging, checkpoints and resume)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffrt import atomic
+from diffrt.errors import DiffrtError
+from diffrt.train.loop import EMA, TrainConfig, list_checkpoints, load_latest_checkpoint, lr_at, save_checkpoint, train
+
+
+def linear_config(out: Path, **overrides) -> TrainConfig:
+    base = dict(out=str(out), max_steps=4, batch_size=8, learning_rate=0.05, lr_warmup_steps=0, lr_schedule="constant",
+                checkpoint_every=2, log_every=1, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def train_linear(config: TrainConfig):
+    """Fit y = sum(x) with a Linear(4, 1) on fresh draws of x from each step's generator."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        x = torch.randn(config.batch_size, 4, generator=g)
+        return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+
+    return train(config, model, loss_fn, save_fn=lambda out: None), model
+
+
+def csv_rows(out: Path) -> list[tuple[int, float]]:
+    with open(out / "loss.csv", newline="") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
+    """Two micro-batches of 4 rows give the gradient and logged loss of one batch of 8 rows."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 4, generator=g)
+    y = torch.randn(8, 1, generator=g)
+
+    def first_step(accumulation: int):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        grads = []
+        model.weight.register_post_accumulate_grad_hook(lambda p: grads.append(p.grad.clone()))
+        rows = 8 // accumulation
+
+        def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+            part = slice(micro * rows, (micro + 1) * rows)
+            return F.mse_loss(model(x[part]), y[part])
+
+        cfg = linear_config(tmp_path / f"acc{accumulation}", max_steps=1, batch_size=rows,
+                            gradient_accumulation_steps=accumulation, max_grad_norm=0)
+        result = train(cfg, model, loss_fn, save_fn=lambda out: None)
+        return result.losses[0], grads[-1]  # the last hook call sees the accumulated gradient
+
+    loss2, grad2 = first_step(2)
+    loss1, grad1 = first_step(1)
+    assert loss2 == pytest.approx(loss1, rel=1e-6)
+    torch.testing.assert_close(grad2, grad1, rtol=1e-6, atol=1e-7)
+
+
+def test_lr_warmup_and_cosine_edges():
+    cfg = TrainConfig(out="unused", learning_rate=1.0, lr_warmup_steps=4, max_steps=12, lr_schedule="cosine")
+    assert [lr_at(s, cfg) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert lr_at(8, cfg) == pytest.approx(0.5)  # half-way through the decay
+    assert lr_at(11, cfg) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 7 / 8)).item()))  # last step, > 0
+    assert lr_at(12, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(11, replace(cfg, lr_schedule="constant")) == 1.0
+    assert lr_at(0, replace(cfg, lr_warmup_steps=0)) == 1.0
+
+
+def test_log_every_writes_the_mean_of_each_window(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, _ = train_linear(linear_config(tmp_path, max_steps=7, log_every=3, checkpoint_every=7))
+    rows = csv_rows(tmp_path)
+    assert [s for s, _ in rows] == [3, 6, 7]  # the last step is always logged
+    expected = [sum(result.losses[0:3]) / 3, sum(result.losses[3:6]) / 3, result.losses[6]]
+    assert [v for _, v in rows] == pytest.approx(expected, rel=1e-5)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [3, 6, 7]
+
+
+def test_fresh_run_into_a_folder_with_checkpoints_refuses(tmp_path):
+    train_linear(linear_config(tmp_path, max_steps=2))
+    before = (tmp_path / "loss.csv").read_text()
+    with pytest.raises(DiffrtError, match=r"already holds checkpoints .*step-0000002.*--resume.*empty --out") as err:
+        train_linear(linear_config(tmp_path, max_steps=4))
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "loss.csv").read_text() == before  # refused before any step
+
+
+def test_resume_purges_tensorboard_steps_logged_after_the_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_linear(linear_config(tmp_path, max_steps=3))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000003")  # as if the run died after logging step 3
+    train_linear(linear_config(tmp_path, max_steps=3, resume=True))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]  # step 3 once, from the resumed run
+
+
+def test_failed_checkpoint_save_leaves_the_older_one_to_resume_from(tmp_path, monkeypatch):
+    """The second file of the step-4 save fails: no step-4 folder, no temporary left, and --resume
+    continues from step 2 exactly as an uninterrupted run does."""
+    full, _ = train_linear(linear_config(tmp_path / "full", ema_decay=0.5))
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".step-left-by-a-crash").mkdir(parents=True)
+    calls, save = [], atomic.save_safetensors
+
+    def flaky(path, tensors):
+        calls.append(path)
+        if len(calls) == 5:  # step 2 writes weights, optimizer, ema; step 4 fails on its optimizer file
+            raise OSError("disk full (injected)")
+        save(path, tensors)
+
+    monkeypatch.setattr(atomic, "save_safetensors", flaky)
+    with pytest.raises(OSError, match="injected"):
+        train_linear(linear_config(out, ema_decay=0.5))
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002"]
+    assert not list((out / "checkpoints").glob(".step-*"))  # neither the failed save nor the older leftover
+
+    resumed, _ = train_linear(linear_config(out, ema_decay=0.5, resume=True))
+    assert resumed.start_step == 2
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-6)
+    assert [s for s, _ in csv_rows(out)] == [1, 2, 3, 4]
+
+
+def test_checkpoint_load_puts_ema_on_the_parameters_device_and_restores_the_loss_scale(tmp_path):
+    """A checkpoint loads onto CPU; the EMA averages must follow each parameter (CUDA in a GPU
+    run; the meta device stands in for it here), and an fp16 run's loss scale comes back."""
+    named = {"w": torch.nn.Parameter(torch.ones(3))}
+    optimizer = torch.optim.AdamW(named.values())
+    save_checkpoint(tmp_path, 1, named, optimizer, EMA(named, 0.9), {"scaler": {"scale": 1024.0, "growth_factor": 2.0,
+                    "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 7}})
+    on_meta = {"w": torch.nn.Parameter(torch.ones(3, device="meta"))}
+    ema = EMA(on_meta, 0.9)
+    ema.load({"w": torch.full((3,), 2.0, dtype=torch.float16)}, on_meta)
+    assert ema.shadow["w"].device.type == "meta" and ema.shadow["w"].dtype == torch.float32
+
+    scaler = torch.amp.GradScaler("cpu")
+    assert load_latest_checkpoint(tmp_path, named, optimizer, EMA(named, 0.9), scaler) == 1
+    assert scaler.get_scale() == 1024.0 and scaler.state_dict()["_growth_tracker"] == 7
