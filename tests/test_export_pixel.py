@@ -110,3 +110,160 @@ def test_export_parity_at_several_shapes(classemb_model_dir, artifact):
         parity = compare(ref, pipe.unet.run(feed)["noise_pred"])
         assert parity.max_rel <= 1e-4, (batch, parity)
     assert json.loads((artifact / mf.MANIFEST).read_text())["kind"] == "pixel"
+
+
+# --- external data (RELIABILITY #6) ----------------------------------------------------------------------
+
+
+def test_external_data_sits_in_the_component_folder_and_travels_with_it(classemb_model_dir, tmp_path):
+    import shutil
+
+    from diffrt.export.onnx import check_onnx_files
+    from diffrt.models import load_pixel_model
+
+    out = tmp_path / "artifact"
+    export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), external_data_threshold=0))
+    assert (out / "unet" / "model.onnx.data").stat().st_size > (out / "unet" / "model.onnx").stat().st_size
+    assert set(mf.read_manifest(out)["components"]["unet"]["files"]) == {"unet/model.onnx", "unet/model.onnx.data"}
+    moved = tmp_path / "elsewhere" / "artifact"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)  # nothing may still point at the old place
+    pipe = artifact_pixel_pipeline(moved, "onnxruntime")
+    feed = pipe.unet.spec.example_feed("opt", seed=5)
+    with torch.no_grad():
+        want = load_pixel_model(classemb_model_dir).unet(feed["sample"], feed["timestep"], feed["class_labels"])
+    assert (pipe.unet.run(feed)["noise_pred"] - want).abs().max() <= 1e-4 * want.abs().max()
+
+    (moved / "unet" / "model.onnx.data").unlink()
+    with pytest.raises(ArtifactError, match=r"unet/model.onnx.data is missing"):
+        artifact_pixel_pipeline(moved, "onnxruntime")
+    with pytest.raises(ArtifactError, match="needs external data model.onnx.data beside it"):
+        check_onnx_files(moved / "unet" / "model.onnx")
+
+
+# --- options refused up front ----------------------------------------------------------------------------
+
+
+def test_old_opset_and_bf16_onnx_are_refused_before_any_work(classemb_model_dir, tmp_path):
+    from diffrt.errors import DiffrtError
+
+    with pytest.raises(DiffrtError, match="--opset 16 is below 17"):
+        export_pixel_model(classemb_model_dir, tmp_path / "a", ExportOptions(opset=16))
+    # ONNX Runtime cannot run a bf16 Conv on the CPU: an ONNX-only bf16 export could not be checked.
+    with pytest.raises(DiffrtError, match="bf16 needs --backend tensorrt"):
+        export_pixel_model(classemb_model_dir, tmp_path / "b", ExportOptions(precision="bf16"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_onnxruntime_refusal_is_one_typed_line(classemb_model_dir, tmp_path):
+    """ONNX Runtime's own exception (here: no bf16 Conv) becomes an ArtifactError naming the component."""
+    from diffrt.export.artifact import _onnxruntime_parity, pixel_spec
+    from diffrt.export.onnx import export_onnx
+    from diffrt.models import load_pixel_model
+
+    model = load_pixel_model(classemb_model_dir)
+    spec = pixel_spec(model, OPTIONS)
+    onnx_path = export_onnx(model.unet, spec, tmp_path / "unet", dtype=torch.bfloat16)
+    with pytest.raises(ArtifactError) as info:
+        _onnxruntime_parity(model.unet, spec, onnx_path, [spec.example_feed()], "bf16")
+    text = str(info.value)
+    assert text.startswith("unet: ONNX Runtime could not run") and "bf16" in text and "\n" not in text
+
+
+# --- verification, keys, unsafe weights ------------------------------------------------------------------
+
+
+class _Perturbed:
+    """A backend whose outputs are off by 1% of their scale."""
+
+    name = "perturbed"
+
+    def __init__(self, backend):
+        self.backend, self.spec = backend, backend.spec
+
+    def run(self, feed):
+        return {k: v + 0.01 * v.abs().max() for k, v in self.backend.run(feed).items()}
+
+
+def test_verify_failure_names_the_component_and_the_error(classemb_model_dir):
+    from diffrt.export.artifact import pixel_spec
+    from diffrt.export.verify import verify_backends
+    from diffrt.models import load_pixel_model
+    from diffrt.runtime.backends.torch_eager import TorchBackend
+
+    model = load_pixel_model(classemb_model_dir)
+    reference = TorchBackend(model.unet, pixel_spec(model, OPTIONS))
+    feeds = [reference.spec.example_feed(seed=1)]
+    assert verify_backends(reference, reference, feeds)["passed"]  # the control
+    with pytest.raises(ArtifactError, match=r"^unet: perturbed output differs from PyTorch by 1\.0\de-02 .*tolerance 1e-04"):
+        verify_backends(reference, _Perturbed(reference), feeds)
+
+
+def test_export_key_changes_with_what_the_export_depends_on(classemb_model_dir, monkeypatch):
+    from diffrt.export.artifact import lora_hashes, lora_state, pixel_export_key, pixel_spec
+    from diffrt.models import load_pixel_model
+
+    model = load_pixel_model(classemb_model_dir)
+    machine = {"versions": {**mf.library_versions(), "tensorrt": "10.3.0"},
+               "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
+    monkeypatch.setattr(mf, "library_versions", lambda: dict(machine["versions"]))
+    monkeypatch.setattr(mf, "gpu_identity", lambda: dict(machine["gpu"]))
+
+    def key(**changes) -> str:
+        options = ExportOptions(**{"backend": "tensorrt", "batch": (1, 2, 8), **changes})
+        return pixel_export_key(classemb_model_dir, pixel_spec(model, options), options)
+
+    base = key()
+    assert key() == base  # the control: nothing changed, same key
+    for changed in (key(precision="fp16"), key(batch=(1, 4, 8)), key(height=(8, 16, 32))):
+        assert changed != base
+    machine["versions"]["tensorrt"] = "10.4.0"
+    assert key() != base
+    machine["versions"]["tensorrt"] = "10.3.0"
+    machine["gpu"] = {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+    assert key() != base
+    machine["gpu"] = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    assert key() == base
+    # LoRA is kept beside the key: the same file at another scale is another LoRA state.
+    lora = str(classemb_model_dir / "unet" / "config.json")  # any file: only its hash is read here
+    assert lora_state(lora_hashes(ExportOptions(loras=[(lora, 1.0)]))) != lora_state(lora_hashes(ExportOptions(loras=[(lora, 0.5)])))
+
+
+def test_pickled_weights_are_refused_without_unpickling(classemb_model_dir, tmp_path):
+    import pickle
+    import shutil
+    from pathlib import Path
+
+    from diffrt.errors import DiffrtError
+
+    marker = tmp_path / "pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (marker,)
+
+    model = shutil.copytree(classemb_model_dir, tmp_path / "model")
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(DiffrtError, match="holds only pickled weights"):
+        export_pixel_model(model, tmp_path / "a", OPTIONS)
+    assert not marker.exists() and not (tmp_path / "a").exists()
+
+
+def test_size_range_export_matches_pytorch_at_two_resolutions(classemb_model_dir, tmp_path):
+    from diffrt.errors import ShapeOutOfRangeError
+    from diffrt.export.verify import compare
+    from diffrt.models import load_pixel_model
+
+    out = tmp_path / "sizes"
+    export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 4), height=(8, 16, 32), width=(8, 16, 32)))
+    assert mf.read_manifest(out)["components"]["unet"]["spec"]["ranges"]["height"] == [8, 16, 32]
+    model, pipe = load_pixel_model(classemb_model_dir), artifact_pixel_pipeline(out, "onnxruntime")
+    for size, batch in ((12, 3), (24, 2)):  # inside the range, away from its min/opt/max
+        feed = pipe.unet.spec.example_feed("opt", batch=batch, height=size, width=size, seed=size)
+        with torch.no_grad():
+            want = model.unet(feed["sample"], feed["timestep"], feed["class_labels"])
+        got = pipe.unet.run(feed)["noise_pred"]
+        assert got.shape == (batch, 3, size, size) and compare(want, got).max_rel <= 1e-4, size
+    with pytest.raises(ShapeOutOfRangeError, match="height"):
+        pipe.unet.spec.check(pipe.unet.spec.example_feed("opt", height=36, width=36))

@@ -278,3 +278,78 @@ def test_weight_map_for_refit(artifact_copy, model):
             assert e["component"] == "controlnet", name
         if name.startswith("unet."):
             assert e["component"] == "unet", name
+
+
+# --- the plain UNet (no ControlNet), fp16, interrupted exports ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_artifact(t2i_folder, tmp_path_factory):
+    """t2i_folder exported without a ControlNet: text_encoder, unet, vae_decoder (fp32 ONNX)."""
+    out = tmp_path_factory.mktemp("plain") / "artifact"
+    export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES), [])
+    return out
+
+
+def test_plain_unet_matches_pytorch_across_batch_and_resolution(plain_artifact, model):
+    from diffrt.export.manifest import read_manifest
+
+    manifest = read_manifest(plain_artifact)
+    assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder"} and manifest["pipeline"]["unet"] == "unet"
+    backend = ort(plain_artifact, manifest, "unet")
+    reference = TorchBackend(model.module("unet"), backend.spec)
+    for i, sizes in enumerate(sizes_inside_ranges("unet")):  # batch 1..3, latent 4x8, 8x4, 6x6
+        feed = backend.spec.example_feed(seed=200 + i, batch=sizes["batch"], height=sizes["height"], width=sizes["width"])
+        expected, got = reference.run(feed)["noise_pred"], backend.run(feed)["noise_pred"]
+        assert got.shape == expected.shape == (sizes["batch"], 4, sizes["height"], sizes["width"])
+        assert compare(expected, got).max_rel <= TOL, sizes
+
+
+def test_fp16_export_keeps_the_vae_decoder_fp32(t2i_folder, plain_artifact, tmp_path):
+    """RELIABILITY #5: the tiny VAE asks for force_upcast, so an fp16 export keeps its decoder in fp32;
+    decoding fixed latents with the fp16 and the fp32 export gives finite, equal images."""
+    from diffrt.export.tensorrt import onnx_float_type
+
+    out = tmp_path / "fp16"
+    manifest = export_text_to_image(t2i_folder, out, ExportOptions(precision="fp16", **T2I_RANGES), []).manifest
+    comps = manifest["components"]
+    assert manifest["pipeline"]["vae_force_upcast"] is True
+    assert comps["vae_decoder"]["precision"] == "fp32" and onnx_float_type(out / "vae_decoder" / "model.onnx") == "fp32"
+    assert comps["unet"]["precision"] == "fp16" and onnx_float_type(out / "unet" / "model.onnx") == "fp16"
+    assert comps["unet"]["parity"]["onnxruntime"]["passed"]  # fp16 checked against PyTorch fp32 at fp16 tolerance
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 3.0
+    images = [ort(folder, m, "vae_decoder").run({"latent": latents})["image"]
+              for folder, m in ((out, manifest), (plain_artifact, json.loads((plain_artifact / "manifest.json").read_text())))]
+    assert all(torch.isfinite(x).all() for x in images)
+    assert compare(images[1], images[0]).max_rel <= TOL
+
+
+def test_interrupted_export_is_not_trusted_and_a_rerun_rebuilds(plain_artifact, t2i_folder, tmp_path, monkeypatch):
+    from diffrt.export import artifact
+    from diffrt.export.manifest import read_manifest
+
+    folder = shutil.copytree(plain_artifact, tmp_path / "copy")
+    old_key = read_manifest(folder)["key"]
+    options = ExportOptions(**{**T2I_RANGES, "batch": (1, 2, 2)}, verify=False)  # another export: a rebuild
+    real, calls = artifact.export_onnx, []
+
+    def dies_on_the_second_component(module, spec, *args, **kwargs):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the process were stopped mid-export
+        return real(module, spec, *args, **kwargs)
+
+    monkeypatch.setattr(artifact, "export_onnx", dies_on_the_second_component)
+    with pytest.raises(KeyboardInterrupt):
+        export_text_to_image(t2i_folder, folder, options, [])
+    assert not (folder / "manifest.json").exists()
+    with pytest.raises(ArtifactError, match="did not finish"):
+        artifact_text_to_image_pipeline(folder, "onnxruntime")
+    assert cached_export(folder, old_key, 0.0) is None
+
+    monkeypatch.setattr(artifact, "export_onnx", real)
+    result = export_text_to_image(t2i_folder, folder, options, [])
+    assert not result.cache_hit and result.manifest["key"] != old_key
+    assert result.manifest["components"]["unet"]["spec"]["ranges"]["batch"] == [1, 2, 2]
+    artifact_text_to_image_pipeline(folder, "onnxruntime")
+    assert export_text_to_image(t2i_folder, folder, options, []).cache_hit

@@ -287,9 +287,12 @@ def test_refit_refuses_a_lora_on_an_unmapped_weight(onnx_artifact, weight_map, m
         refit_weights(onnx_artifact / "unet" / "model.onnx", weight_map, [(read_lora(foreign), 1.0)])
 
 
-def test_refit_artifact_refusals(onnx_artifact, model_dir, loras, tmp_path):
+def test_refit_artifact_refusals(onnx_artifact, model_dir, loras, tmp_path, monkeypatch):
+    from diffrt.export import refit
     from diffrt.export.artifact import ExportOptions, export_pixel_model
     from diffrt.export.refit import refit_artifact
+
+    monkeypatch.setattr(refit, "require_backend", lambda name: None)  # past the TensorRT check, to the artifact's
 
     with pytest.raises(ArtifactError, match="no TensorRT engine"):
         refit_artifact(onnx_artifact, [(loras["A"], 1.0)])
@@ -348,6 +351,40 @@ def test_engine_matches_pytorch_fp16(model_dir, tmp_path):
     backend = _backend(folder)
     feed = backend.spec.example_feed("opt", device="cuda", seed=4)
     assert _close(backend.run(feed)["noise_pred"], _reference(model_dir, feed), 2e-2)
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_engine_parity_is_measured_and_recorded(trt_artifact):
+    parity = mf.read_manifest(trt_artifact)["components"]["unet"]["parity"]
+    assert parity["onnxruntime"]["passed"] and parity["tensorrt"]["passed"]
+    assert parity["tensorrt"]["precision"] == "fp32" and parity["tensorrt"]["max_rel"] <= parity["tensorrt"]["tolerance"]
+    assert {"max_abs", "median_abs", "cosine", "shapes"} <= set(parity["tensorrt"])
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_bf16_parity_is_measured_on_the_engine(model_dir, tmp_path):
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+
+    folder = export_pixel_model(model_dir, tmp_path / "bf16", ExportOptions(backend="tensorrt", precision="bf16", batch=BATCH)).folder
+    parity = mf.read_manifest(folder)["components"]["unet"]["parity"]
+    assert "onnxruntime" not in parity  # ONNX Runtime has no bf16 Conv on the CPU
+    assert parity["tensorrt"]["passed"] and parity["tensorrt"]["precision"] == "bf16"
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_tensorrt_export_with_lora_runs_it_and_keeps_the_base_key(trt_artifact, model_dir, loras, tmp_path):
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+
+    options = ExportOptions(backend="tensorrt", batch=BATCH, loras=[(str(loras["A"]), 0.8)])
+    folder = export_pixel_model(model_dir, tmp_path / "lora", options).folder
+    manifest = mf.read_manifest(folder)
+    assert manifest["key"] == mf.read_manifest(trt_artifact)["key"] and manifest["onnx_loras"] == []
+    feed = _backend(folder).spec.example_feed("opt", device="cuda", seed=6)
+    assert _close(_backend(folder).run(feed)["noise_pred"], _reference(model_dir, feed, [(loras["A"], 0.8)]), 1e-3)
+    assert export_pixel_model(model_dir, folder, options).cache_hit
 
 
 @pytest.mark.gpu

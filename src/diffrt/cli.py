@@ -107,9 +107,9 @@ def _cmd_export(args) -> int:
     state = "cache hit, nothing rebuilt" if result.cache_hit else f"exported in {result.seconds:.1f} s"
     print(f"{result.folder}: {state}")
     for name, comp in result.manifest["components"].items():
-        parity = comp.get("parity", {}).get("onnxruntime")
-        check = f"max rel err {parity['max_rel']:.1e}, cosine {parity['cosine']:.6f}" if parity else "not verified"
-        print(f"  {name:<16} {comp['bytes'] / 1e6:8.2f} MB   {check}")
+        checks = [f"{backend}: max rel err {p['max_rel']:.1e}, cosine {p['cosine']:.6f}"
+                  for backend, p in comp.get("parity", {}).items()]
+        print(f"  {name:<16} {comp['bytes'] / 1e6:8.2f} MB   {'; '.join(checks) or 'not verified'}")
     return 0
 
 

@@ -7,6 +7,13 @@
 Exporting again with unchanged inputs is a cache hit that does no work and says so. A
 rebuild first removes the old manifest, so an interrupted rebuild is never mistaken for a
 finished one.
+
+LoRA. ONNX-only exports bake LoRA into the graph. TensorRT engines keep base weights and take
+LoRA by refit, always from the stored base (refit.py), so refits never accumulate. The
+manifest's "key" is therefore the key of the base export, without LoRA, and "loras" is the
+LoRA state the artifact runs with (baked in, or refit into the engines); an export is a cache
+hit only when both match. An export with LoRA refits its engines before the manifest is
+written, so a refit that fails leaves no manifest, never a false cache hit.
 """
 
 from __future__ import annotations
@@ -23,13 +30,17 @@ from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.onnx import DEFAULT_OPSET, export_onnx
+from diffrt.export.onnx import DEFAULT_OPSET, TWO_GB, export_onnx
 from diffrt.models import PixelModel, SHIPPED_DIGITS, load_pixel_model
+from diffrt.runtime.backends import require_backend
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "bf16"]
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Opset 17 is the first with LayerNormalization as one op (TensorRT fuses it); diffrt's parity
+# tolerances are measured on graphs exported at 17 and newer.
+MIN_OPSET = 17
 
 
 @dataclass
@@ -42,6 +53,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     loras: list[tuple[str, float]] = field(default_factory=list)
     verify: bool = True
+    # Graphs whose weights exceed this many bytes keep them in model.onnx.data, in the component's
+    # own folder (RELIABILITY #6; protobuf cannot hold over 2 GB). A layout choice, not in the key.
+    external_data_threshold: int = TWO_GB
 
 
 @dataclass
@@ -65,69 +79,120 @@ def parse_range(text: str, name: str) -> tuple[int, int, int]:
     return tuple(parts)
 
 
+def check_options(options: ExportOptions) -> None:
+    """Refuse, in one line, an export that cannot succeed, before any model is loaded or traced."""
+    if options.opset < MIN_OPSET:
+        raise DiffrtError(f"--opset {options.opset} is below {MIN_OPSET}, the oldest opset diffrt exports "
+                          f"(LayerNormalization is one op from {MIN_OPSET} on); use --opset {MIN_OPSET} or newer")
+    if options.backend == "tensorrt":
+        require_backend("tensorrt")  # one line naming the backends this machine has
+    elif options.precision == "bf16":
+        # Verifying in fp32 instead would check another graph than the one shipped; say so instead.
+        raise DiffrtError("--precision bf16 needs --backend tensorrt: ONNX Runtime has no bf16 Conv kernel on the CPU, so a "
+                          "bf16 ONNX can neither be checked against PyTorch nor run here; use --precision fp16 or fp32 "
+                          "for an ONNX export")
+
+
 def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: ExportOptions) -> ExportResult:
     """Export a pixel-space model's UNet (unconditional or either class-conditioned variant)."""
     t0 = time.perf_counter()
+    check_options(options)
     out = Path(out)
     src = Path(model_dir) if model_dir is not None else SHIPPED_DIGITS
     model = load_pixel_model(src)
-    size = model.unet.sample_size
-    spec = pixel_unet_spec(model.unet.out_channels, size, model.info.conditioning != "none",
-                           num_labels=model.info.num_classes + 1, batch=options.batch,
-                           size=options.height or (size, size, size))
-    if options.width and options.width != (options.height or (size, size, size)):
-        raise DiffrtError("pixel models are exported square: give --width equal to --height")
+    spec = pixel_spec(model, options)
     lora_parts = lora_hashes(options)
-    key = export_key({"source": atomic.sha256_folder(src), "precision": options.precision, "spec": spec_to_dict(spec)},
-                     options, lora_parts)
-    hit = cached_export(out, key, t0)
+    key = pixel_export_key(src, spec, options)
+    hit = cached_export(out, key, t0, lora_parts)
     if hit is not None:
         return hit
 
+    # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
+    bake = bool(options.loras) and options.backend != "tensorrt"
+    if bake:
+        _fuse_pixel_loras(model, options.loras)
+    elif options.loras:
+        _check_loras({"unet": model.unet.unet.state_dict()}, options.loras)
     with atomic.file_lock(out.parent / f".{out.name}.lock"):
         (out / mf.MANIFEST).unlink(missing_ok=True)
-        # TensorRT engines keep base weights and take LoRA by refit (refits then never
-        # accumulate); ONNX-only exports bake LoRA into the graph.
-        bake = bool(options.loras) and options.backend != "tensorrt"
-        if bake:
-            _fuse_pixel_loras(model, options.loras)
         components = {"unet": _export_component(model.unet, spec, out, options)}
+        if options.backend == "tensorrt":
+            from diffrt.export.refit import add_weight_map
+
+            add_weight_map(out, "unet", {"unet": model.unet.unet.state_dict()}, components["unet"])
+        baked = [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else []
         manifest = {
             "key": key, "kind": "pixel", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"path": str(src.resolve()), "sha256": atomic.sha256_folder(src)},
-            "loras": [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else [],
-            "onnx_loras": [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else [],
+            "loras": baked, "onnx_loras": baked,
             "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
             "pipeline": {"scheduler": model.scheduler.to_scheduler_config(), "info": asdict(model.info),
-                         "channels": model.unet.out_channels, "sample_size": size},
+                         "channels": model.unet.out_channels, "sample_size": model.unet.sample_size},
             "components": components,
         }
+        refit_before_manifest(out, manifest, options, bake)
         mf.write_manifest(out, manifest)
-        if options.loras and not bake:
-            from diffrt.export.refit import refit_artifact
-
-            refit_artifact(out, options.loras)
     return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
+
+
+def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
+    """The pixel UNet's spec: its sample size, or the --height range (pixel models are square)."""
+    size = model.unet.sample_size
+    if options.width and options.width != (options.height or (size, size, size)):
+        raise DiffrtError("pixel models are exported square: give --width equal to --height")
+    return pixel_unet_spec(model.unet.out_channels, size, model.info.conditioning != "none",
+                           num_labels=model.info.num_classes + 1, batch=options.batch,
+                           size=options.height or (size, size, size))
+
+
+def pixel_export_key(src: Path, spec: ComponentSpec, options: ExportOptions) -> str:
+    return export_key({"source": atomic.sha256_folder(src), "precision": options.precision, "spec": spec_to_dict(spec)}, options)
+
+
+def refit_before_manifest(out: Path, manifest: dict, options: ExportOptions, baked: bool) -> None:
+    """TensorRT exports with LoRA: refit the base engines now, before the manifest names the LoRA."""
+    if options.loras and not baked:
+        from diffrt.export.refit import refit_components
+
+        refit_components(out, manifest, options.loras)
+
+
+def _check_loras(states: dict, loras: list[tuple[str, float]]) -> None:
+    """Every layer of every LoRA file lands on a weight of `states`, or LoraError names those that do not.
+    (The updates are computed and dropped: the same check fuse_loras and refit make.)"""
+    from diffrt.export.lora import lora_deltas, read_lora
+
+    lora_deltas(states, [(read_lora(p), s) for p, s in loras])
 
 
 def lora_hashes(options: ExportOptions) -> list[dict]:
     return [{"sha256": atomic.sha256_file(p), "scale": s} for p, s in options.loras]
 
 
-def export_key(model_parts: dict, options: ExportOptions, lora_parts: list[dict]) -> str:
-    """The content address of an export: what the model is, plus what every export depends on
-    (LoRA files and scales, opset, backend, library versions, and the GPU for engines)."""
+def export_key(model_parts: dict, options: ExportOptions) -> str:
+    """The content address of the base export: what the model is, plus what every export depends
+    on (opset, backend, library versions, and the GPU for engines). LoRA is kept apart: see
+    `cached_export`."""
     return mf.cache_key({
-        **model_parts, "loras": lora_parts, "opset": options.opset, "backend": options.backend,
+        **model_parts, "opset": options.opset, "backend": options.backend,
         "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
     })
 
 
-def cached_export(out: Path, key: str, t0: float) -> ExportResult | None:
-    """The finished export at `out` if it has this key and its files are intact; else None."""
+def lora_state(entries) -> list[tuple[str, float]]:
+    """What identifies a LoRA setting: each file's sha256 and scale, in order."""
+    return [(e["sha256"], float(e["scale"])) for e in entries]
+
+
+def cached_export(out: Path, key: str, t0: float, loras: list[dict] = ()) -> ExportResult | None:
+    """The finished export at `out` if it has this base key, runs with these LoRAs ([{sha256, scale}])
+    and its files are intact; else None."""
     try:
         manifest = mf.read_manifest(out)
         if manifest.get("key") != key:
+            return None
+        if lora_state(manifest.get("loras", [])) != lora_state(loras):
+            log.info("%s holds this export with other LoRAs (%d file(s)); rebuilding", out, len(manifest.get("loras", [])))
             return None
         mf.verify_files(out, manifest)
     except ArtifactError:
@@ -141,31 +206,69 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
     """ONNX (+ engine), parity against PyTorch, and the manifest entry for one component.
 
     `precision` overrides the export's for this component (a VAE kept in fp32, RELIABILITY #5)."""
-    from diffrt.export.verify import verify_backends
-    from diffrt.runtime.backends.torch_eager import TorchBackend
-
     precision = precision or options.precision
     dtype = TORCH_DTYPES[precision]
     t0 = time.perf_counter()
-    onnx_path = export_onnx(module, spec, out / spec.name, opset=options.opset, dtype=dtype)
+    onnx_path = export_onnx(module, spec, out / spec.name, opset=options.opset, dtype=dtype,
+                            external_data_threshold=options.external_data_threshold)
     entry = {"spec": spec_to_dict(spec), "precision": precision, "export_seconds": round(time.perf_counter() - t0, 3)}
     files = [p for p in (onnx_path, onnx_path.with_suffix(".onnx.data")) if p.is_file()]
-    if options.verify:
-        from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-        ref = TorchBackend(module, spec, dtype=torch.float32)
-        cand = OnnxRuntimeBackend(onnx_path, spec)
-        feeds = [spec.example_feed(w, seed=i) for i, w in enumerate(("min", "opt", "max"))]
-        entry["parity"] = {"onnxruntime": verify_backends(ref, cand, feeds, precision)}
+    feeds = [spec.example_feed(w, seed=i) for i, w in enumerate(("min", "opt", "max"))]
+    parity = {}
+    if options.verify and precision != "bf16":
+        parity["onnxruntime"] = _onnxruntime_parity(module, spec, onnx_path, feeds, precision)
+    elif options.verify:  # bf16 only with --backend tensorrt (check_options): checked on the engine below
+        log.info("%s: ONNX Runtime has no bf16 Conv on the CPU; parity is measured on the TensorRT engine", spec.name)
     if options.backend == "tensorrt":
         from diffrt.export.tensorrt import build_engine
 
-        engine = build_engine(onnx_path, spec, out / spec.name / "engine.plan", precision=precision)
-        files.append(out / spec.name / "engine.plan")
-        entry["engine"] = engine
+        engine_path = out / spec.name / "engine.plan"
+        entry["engine"] = build_engine(onnx_path, spec, engine_path, precision=precision)
+        files.append(engine_path)
+        if options.verify:
+            parity["tensorrt"] = _engine_parity(module, spec, engine_path, feeds, precision)
+    if options.verify:
+        entry["parity"] = parity
     entry["files"] = {str(p.relative_to(out)): atomic.sha256_file(p) for p in files}
     entry["bytes"] = sum(p.stat().st_size for p in files)
     return entry
+
+
+def _onnxruntime_parity(module: torch.nn.Module, spec: ComponentSpec, onnx_path: Path, feeds: list[dict],
+                        precision: Precision) -> dict:
+    """The ONNX under ONNX Runtime (CPU) against PyTorch fp32; ONNX Runtime's own errors become one line."""
+    from diffrt.export.verify import verify_backends
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from diffrt.runtime.backends.torch_eager import TorchBackend
+
+    try:
+        candidate = OnnxRuntimeBackend(onnx_path, spec)
+        return verify_backends(TorchBackend(module, spec, dtype=torch.float32), candidate, feeds, precision)
+    except Exception as exc:
+        # ONNX Runtime raises its own exception types (InvalidGraph, NotImplemented, Fail, ...), all
+        # from its pybind module; anything else is not an ONNX Runtime refusal and passes unchanged.
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        why = " ".join(str(exc).split())
+        raise ArtifactError(f"{spec.name}: ONNX Runtime could not run {onnx_path} at {precision} "
+                            f"({type(exc).__name__}: {why})") from None
+
+
+def _engine_parity(module: torch.nn.Module, spec: ComponentSpec, engine_path: Path, feeds: list[dict],
+                   precision: Precision) -> dict:
+    """The built engine itself against PyTorch (RELIABILITY #17): the ONNX check says nothing of
+    TensorRT's kernels, fusions and precision choices. The reference runs in fp32 on the CPU, as for
+    ONNX Runtime: on CUDA, PyTorch's convolutions may use TF32."""
+    from diffrt.export.verify import verify_backends
+    from diffrt.runtime.backends.tensorrt import TensorRTBackend
+    from diffrt.runtime.backends.torch_eager import TorchBackend
+
+    engine = TensorRTBackend(engine_path, spec, device="cuda")
+    try:
+        return verify_backends(TorchBackend(module, spec, dtype=torch.float32), engine, feeds, precision)
+    finally:
+        del engine
+        torch.cuda.empty_cache()
 
 
 def _fuse_pixel_loras(model: PixelModel, loras: list[tuple[str, float]]) -> None:

@@ -43,8 +43,12 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         args = tuple(feed[name] for name in spec.input_names)
         # Trace in the precision asked for, whatever the checkpoint was saved in (an fp16 folder
         # exported as fp32 would otherwise mix dtypes in one graph); never change the caller's module.
-        if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        sdpa = dtype != torch.float32 and _sdpa_transformers(module)
+        if sdpa or any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
             module = copy.deepcopy(module).to(dtype)
+        if sdpa:
+            for m in _sdpa_transformers(module):
+                m.set_attn_implementation("eager")
         module.eval()
         raw = tmp / "raw.onnx"
         with torch.no_grad(), warnings.catch_warnings():
@@ -70,6 +74,17 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to %s (opset %d)", spec.name, folder / "model.onnx", opset)
     return folder / "model.onnx"
+
+
+def _sdpa_transformers(module: nn.Module) -> list[nn.Module]:
+    """transformers models inside `module` that attend through SDPA.
+
+    torch.onnx's TorchScript exporter writes a causal SDPA's mask as fp32 whatever the inputs' type,
+    so an fp16 CLIP text encoder traced through SDPA mixes fp32 and fp16 tensors and ONNX Runtime
+    refuses the graph (LayerNormalization "bound to different types"). transformers' eager attention
+    builds its mask in the activations' dtype, and computes the same attention."""
+    return [m for m in module.modules() if hasattr(m, "set_attn_implementation")
+            and getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
 
 
 def _infer_shapes(model):

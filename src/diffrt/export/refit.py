@@ -8,10 +8,13 @@ initializers, never the engine's current weights. So refitting A, then B, then A
 A, and refitting with no LoRA restores the base engine.
 
 The ONNX must therefore hold base weights. The manifest's "onnx_loras" records which LoRAs the
-ONNX holds (before the first refit: the export's "loras"); refit refuses an ONNX with LoRAs
-baked in and says to re-export without them. After a refit, "loras" lists the engine's LoRAs
-and "key" becomes a key of (base key, LoRAs), so an export asking for the base model is a
-cache miss until the artifact is refit back to base.
+ONNX holds; refit refuses an ONNX with LoRAs baked in and says to re-export without them.
+After a refit, "loras" lists the engines' LoRAs. The manifest's "key" stays the key of the base
+export: an export is a cache hit only when its key and its LoRAs both match (artifact.py).
+
+Which engines. Only engines that hold a UNet or a text encoder take LoRA (`LORA_COMPONENTS`);
+the VAE decoder and the standalone ControlNet keep their engines untouched by refit and by
+restore-to-base, and a LoRA with weights for anything else is refused.
 
 Names. The TorchScript ONNX exporter keeps parameter names for most initializers
 (`net.unet.down_blocks.0.resnets.0.conv1.weight`), but a Linear applied to a 3-D input becomes
@@ -40,11 +43,15 @@ import torch
 
 from diffrt import atomic
 from diffrt.errors import ArtifactError
+from diffrt.runtime.backends import require_backend
 
 log = logging.getLogger(__name__)
 
 WEIGHT_MAP = "weight_map.json"
 MAP_FORMAT = 1
+# Artifact component -> the LoRA components its engine takes. diffusers loads LoRA into the UNet
+# and text encoders only; the fused graph's ControlNet half and the VAE decoder take none.
+LORA_COMPONENTS = {"unet": ("unet",), "text_encoder": ("text_encoder",), "unet_controlnet": ("unet",)}
 
 
 # --- ONNX initializers ----------------------------------------------------------------------------
@@ -152,6 +159,12 @@ def write_weight_map(onnx_path: str | Path, states: Mapping[str, Mapping[str, to
     return path
 
 
+def add_weight_map(out: Path, name: str, states: Mapping[str, Mapping[str, torch.Tensor]], entry: dict) -> None:
+    """Write component `name`'s weight map at export and list it among the entry's files."""
+    path = write_weight_map(out / name / "model.onnx", states)
+    entry["files"][f"{name}/{WEIGHT_MAP}"] = atomic.sha256_file(path)
+
+
 def read_weight_map(onnx_path: str | Path) -> dict | None:
     """The stored weight map of this ONNX, or None when missing or made for another ONNX."""
     path = Path(onnx_path).parent / WEIGHT_MAP
@@ -198,7 +211,7 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
             else:
                 state[c][p] = torch.empty(shape, device="meta")
     # An engine holds some components (the text encoder's engine has no UNet): each takes the
-    # LoRA layers of its own components; refit_artifact checks that every layer found an engine.
+    # LoRA layers of its own components; refit_components checks that every layer found an engine.
     loras = [(replace(f, layers=[x for x in f.layers if x.component in state]), scale) for f, scale in loras]
     deltas = lora_deltas(state, [(f, scale) for f, scale in loras if f.layers])
     out = dict(base)
@@ -223,42 +236,50 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
 def refit_engine(engine_path: str | Path, weights: RefitWeights, device: str | torch.device = "cuda") -> dict:
     """Set every refittable weight of the engine from `weights`, then rewrite the engine atomically."""
     from diffrt.export.tensorrt import trt_logger
-    from diffrt.runtime.backends.tensorrt import load_engine, torch_dtype
+    from diffrt.runtime.backends.tensorrt import load_engine
 
     engine_path = Path(engine_path)
     device = torch.device(device)
     trt, _runtime, engine = load_engine(engine_path, device)
     logger = trt_logger()
     with torch.cuda.device(device):
-        refitter = trt.Refitter(engine, logger)
-        refittable = set(refitter.get_all_weights())
-        absent = sorted(n for n in weights.patched if n not in refittable)
-        if absent:
-            raise ArtifactError(f"{engine_path}: TensorRT folded weights the LoRA patches into others, so they cannot be refit "
-                                f"({', '.join(absent[:5])}); export with --lora instead")
-        keep = []  # TensorRT reads the host weights during refit_cuda_engine: keep them alive until then
-        for name in sorted(refittable & weights.weights.keys()):
-            proto = refitter.get_weights_prototype(name)
-            if proto.size == 0:
-                continue
-            t = weights.weights[name].to(torch_dtype(trt, proto.dtype)).contiguous().cpu()
-            if t.numel() != proto.size:
-                raise ArtifactError(f"{engine_path}: weight {name} has {proto.size} values in the engine, {t.numel()} in the "
-                                    "ONNX; rebuild the engine")
-            keep.append(t)
-            if not refitter.set_named_weights(name, trt.Weights(proto.dtype, t.data_ptr(), t.numel())):
-                raise ArtifactError(f"{engine_path}: TensorRT refused new values for weight {name}")
-        missing = list(refitter.get_missing_weights())
-        if missing:
-            raise ArtifactError(f"{engine_path}: refit needs weights that are not in the ONNX: {', '.join(missing[:5])}; "
-                                "rebuild the engine")
-        if not refitter.refit_cuda_engine():
-            raise ArtifactError(f"{engine_path}: TensorRT could not refit the engine [{' | '.join(logger.errors[-2:])}]")
-        del keep
+        counts = set_engine_weights(trt, trt.Refitter(engine, logger), weights, engine_path, logger.errors)
         plan = engine.serialize()
     atomic.write_bytes(engine_path, memoryview(plan))
+    return {**counts, "sha256": atomic.sha256_file(engine_path)}
+
+
+def set_engine_weights(trt, refitter, weights: RefitWeights, engine_path: Path, errors: list[str]) -> dict:
+    """Drive one TensorRT Refitter: set *every* refittable weight the ONNX holds (patched or base), never
+    only the patched ones, so no value of an earlier refit survives (RELIABILITY #8), then refit."""
+    from diffrt.runtime.backends.tensorrt import torch_dtype
+
+    refittable = set(refitter.get_all_weights())
+    absent = sorted(n for n in weights.patched if n not in refittable)
+    if absent:
+        raise ArtifactError(f"{engine_path}: TensorRT folded weights the LoRA patches into others, so they cannot be refit "
+                            f"({', '.join(absent[:5])}); export with --lora instead")
+    keep = []  # TensorRT reads the host weights during refit_cuda_engine: keep them alive until then
+    for name in sorted(refittable & weights.weights.keys()):
+        proto = refitter.get_weights_prototype(name)
+        if proto.size == 0:
+            continue
+        t = weights.weights[name].to(torch_dtype(trt, proto.dtype)).contiguous().cpu()
+        if t.numel() != proto.size:
+            raise ArtifactError(f"{engine_path}: weight {name} has {proto.size} values in the engine, {t.numel()} in the "
+                                "ONNX; rebuild the engine")
+        keep.append(t)
+        if not refitter.set_named_weights(name, trt.Weights(proto.dtype, t.data_ptr(), t.numel())):
+            raise ArtifactError(f"{engine_path}: TensorRT refused new values for weight {name}")
+    missing = list(refitter.get_missing_weights())
+    if missing:
+        raise ArtifactError(f"{engine_path}: refit needs weights that are not in the ONNX: {', '.join(missing[:5])}; "
+                            "rebuild the engine")
+    if not refitter.refit_cuda_engine():
+        raise ArtifactError(f"{engine_path}: TensorRT could not refit the engine [{' | '.join(errors[-2:])}]")
+    del keep
     return {"refittable": len(refittable), "set": len(refittable & weights.weights.keys()), "patched": len(weights.patched),
-            "not_in_onnx": sorted(refittable - weights.weights.keys()), "sha256": atomic.sha256_file(engine_path)}
+            "not_in_onnx": sorted(refittable - weights.weights.keys())}
 
 
 # --- artifact ----------------------------------------------------------------------------------------
@@ -277,59 +298,76 @@ def _source_states(folder: Path, manifest: dict, component: str) -> dict[str, di
     return {"unet": load_pixel_model(source).unet.unet.state_dict()}
 
 
-def refit_artifact(folder: str | Path, loras: Sequence[tuple[str | Path, float]], device: str | torch.device = "cuda") -> dict:
-    """Refit every engine of an artifact folder with `loras` [(file, scale)], from the base weights.
+def lora_engines(manifest: dict) -> list[str]:
+    """The components whose engines take LoRA: those with an engine that hold a UNet or text encoder."""
+    return [name for name, comp in manifest["components"].items() if "engine" in comp and name in LORA_COMPONENTS]
 
-    No LoRA restores the base engine. Running backends keep the engine they loaded: reopen them."""
+
+def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | Path, float]],
+                     device: str | torch.device = "cuda") -> dict:
+    """Refit the LoRA-taking engines of `folder` with `loras` [(file, scale)], from the base weights,
+    and record the result in `manifest`, which the caller writes (last). No LoRA restores the base."""
     from diffrt.export import manifest as mf
     from diffrt.export.lora import read_lora
 
+    baked = manifest.get("onnx_loras", manifest.get("loras", []))
+    if baked:
+        raise ArtifactError(f"{folder}: its ONNX has LoRA {', '.join(Path(x['path']).name for x in baked)} baked in, and a "
+                            "refit must start from base weights; re-export without --lora, then `diffrt refit`")
+    engines = lora_engines(manifest)
+    if not engines:
+        have = [name for name, comp in manifest["components"].items() if "engine" in comp]
+        if have:
+            raise ArtifactError(f"{folder} has engines only for {', '.join(have)}, which take no LoRA; refit patches "
+                                f"{', '.join(LORA_COMPONENTS)} engines")
+        raise ArtifactError(f"{folder} has no TensorRT engine to refit; export it with `diffrt export --backend tensorrt`")
+    for name in engines:
+        mf.check_engine_compatible(manifest["components"][name]["engine"])
+    files = [(read_lora(path), float(scale)) for path, scale in loras]
+    parts = [{"path": str(f.path), "sha256": f.sha256, "scale": s, "modules": len(f.layers)} for f, s in files]
+
+    # Weights for every engine first (CPU; raises before any engine changes), then refit.
+    maps = {}
+    for name in engines:
+        onnx_path = folder / name / "model.onnx"
+        maps[name] = read_weight_map(onnx_path)
+        if maps[name] is None:
+            write_weight_map(onnx_path, _source_states(folder, manifest, name))
+            maps[name] = read_weight_map(onnx_path)
+    covered = {c for name in engines for c in LORA_COMPONENTS[name]}
+    orphans = sorted({x.component for f, _ in files for x in f.layers} - covered)
+    if orphans:
+        raise ArtifactError(f"the LoRA has {', '.join(orphans)} weights but no engine of {folder} takes them (LoRA engines: "
+                            f"{', '.join(engines)}); refit patches {', '.join(sorted(covered))} weights only")
+    plans = {name: refit_weights(folder / name / "model.onnx", maps[name], files) for name in engines}
+    report = {}
+    for name in engines:
+        comp = manifest["components"][name]
+        result = refit_engine(folder / name / "engine.plan", plans[name], device)
+        comp["engine"].update(sha256=result["sha256"], loras=parts)
+        for rel in (f"{name}/engine.plan", f"{name}/{WEIGHT_MAP}"):
+            comp["files"][rel] = atomic.sha256_file(folder / rel)
+        comp["bytes"] = sum((folder / rel).stat().st_size for rel in comp["files"])
+        report[name] = result
+        log.info("refit %s: %d of %d weights patched", folder / name / "engine.plan", result["patched"], result["set"])
+    manifest.update(loras=parts, onnx_loras=[])
+    return report
+
+
+def refit_artifact(folder: str | Path, loras: Sequence[tuple[str | Path, float]], device: str | torch.device = "cuda") -> dict:
+    """Refit the engines of an artifact folder with `loras` [(file, scale)], from the base weights.
+
+    No LoRA restores the base engines. Running backends keep the engine they loaded: reopen them."""
+    from diffrt.export import manifest as mf
+
+    require_backend("tensorrt")  # one line naming the backends here, before any work
     t0 = time.perf_counter()
     folder = Path(folder)
     with atomic.file_lock(folder.parent / f".{folder.name}.lock"):  # the lock `diffrt export` takes
         manifest = mf.read_manifest(folder)
         mf.verify_files(folder, manifest)
-        baked = manifest.get("onnx_loras", manifest.get("loras", []))
-        if baked:
-            raise ArtifactError(f"{folder}: its ONNX has LoRA {', '.join(Path(x['path']).name for x in baked)} baked in, and a "
-                                "refit must start from base weights; re-export without --lora, then `diffrt refit`")
-        engines = [name for name, comp in manifest["components"].items() if "engine" in comp]
-        if not engines:
-            raise ArtifactError(f"{folder} has no TensorRT engine to refit; export it with `diffrt export --backend tensorrt`")
-        for name in engines:
-            mf.check_engine_compatible(manifest["components"][name]["engine"])
-        files = [(read_lora(path), float(scale)) for path, scale in loras]
-        parts = [{"path": str(f.path), "sha256": f.sha256, "scale": s} for f, s in files]
-
-        # Weights for every engine first (CPU; raises before any engine changes), then refit.
-        plans, covered = {}, set()
-        for name in engines:
-            onnx_path = folder / name / "model.onnx"
-            wmap = read_weight_map(onnx_path)
-            if wmap is None:
-                write_weight_map(onnx_path, _source_states(folder, manifest, name))
-                wmap = read_weight_map(onnx_path)
-            covered |= set(wmap["params"])
-            plans[name] = refit_weights(onnx_path, wmap, files)
-        orphans = sorted({x.component for f, _ in files for x in f.layers} - covered)
-        if orphans:
-            raise ArtifactError(f"the LoRA has {', '.join(orphans)} weights but {folder} has no engine for them "
-                                f"(engines: {', '.join(engines)}); export that component with --backend tensorrt")
-        report = {}
-        for name in engines:
-            comp = manifest["components"][name]
-            result = refit_engine(folder / name / "engine.plan", plans[name], device)
-            comp["engine"].update(sha256=result["sha256"], loras=parts)
-            for rel in (f"{name}/engine.plan", f"{name}/{WEIGHT_MAP}"):
-                comp["files"][rel] = atomic.sha256_file(folder / rel)
-            comp["bytes"] = sum((folder / rel).stat().st_size for rel in comp["files"])
-            report[name] = result
-            log.info("refit %s: %d of %d weights patched", folder / name / "engine.plan", result["patched"], result["set"])
-
-        # The manifest last: until it is written the engine's hash differs and the folder is refused.
-        base_key = manifest.get("refit", {}).get("base_key", manifest["key"])
-        lora_key = [{"sha256": p["sha256"], "scale": p["scale"]} for p in parts]
-        manifest.update(onnx_loras=[], loras=parts, key=mf.cache_key({"base": base_key, "loras": lora_key}) if parts else base_key,
-                        refit={"base_key": base_key, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        report = refit_components(folder, manifest, loras, device)
+        # The manifest last: until it is written the engines' hashes differ and the folder is refused.
+        manifest["refit"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         mf.write_manifest(folder, manifest)
-    return {"folder": str(folder), "loras": parts, "components": report, "seconds": round(time.perf_counter() - t0, 3)}
+    return {"folder": str(folder), "loras": manifest["loras"], "components": report, "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,5 +1,6 @@
 """`diffrt export` for a Stable Diffusion folder: text encoder, UNet (fused with a ControlNet when one
-is given, plus the ControlNet alone) and VAE decoder, with LoRA baked in.
+is given, plus the ControlNet alone) and VAE decoder, with LoRA baked into ONNX-only exports and
+refit into TensorRT engines built from the base weights (artifact.py says why).
 
     artifact/
       manifest.json              kind "text-to-image", written last
@@ -25,8 +26,9 @@ from diffrt import atomic
 from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import (ExportOptions, ExportResult, Precision, _export_component, cached_export,
-                                    export_key, lora_hashes)
+from diffrt.export.refit import LORA_COMPONENTS
+from diffrt.export.artifact import (ExportOptions, ExportResult, Precision, _check_loras, _export_component,
+                                    cached_export, check_options, export_key, lora_hashes, refit_before_manifest)
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, load_text_to_image,
                                          require_text_to_image_folder)
 
@@ -57,6 +59,7 @@ def source_hashes(model_dir: Path, controlnet: Path | None) -> dict[str, str]:
 def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, controlnets: list[str]) -> ExportResult:
     """Export a text-to-image folder (+ at most one ControlNet, + LoRA files) into an artifact folder."""
     t0 = time.perf_counter()
+    check_options(options)
     model_dir, out = require_text_to_image_folder(model_dir), Path(out)
     if len(controlnets) > 1:
         raise DiffrtError(f"one --controlnet per export, got {len(controlnets)}; export one artifact per ControlNet")
@@ -70,25 +73,30 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     hashes = source_hashes(model_dir, controlnet)
     lora_parts = lora_hashes(options)
     key = export_key({"kind": "text-to-image", "source": hashes, "precision": precisions,
-                      "specs": {n: spec_to_dict(s) for n, s in specs.items()}}, options, lora_parts)
-    hit = cached_export(out, key, t0)
+                      "specs": {n: spec_to_dict(s) for n, s in specs.items()}}, options)
+    hit = cached_export(out, key, t0, lora_parts)
     if hit is not None:
         return hit
 
+    # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
+    bake = bool(options.loras) and options.backend != "tensorrt"
+    fused = _fuse_loras(model, options.loras) if bake else []
+    if options.loras and not bake:
+        _check_loras({"unet": model.unet.state_dict(), "text_encoder": model.text_encoder.state_dict()}, options.loras)
     with atomic.file_lock(out.parent / f".{out.name}.lock"):
         (out / mf.MANIFEST).unlink(missing_ok=True)  # until the new manifest is written, the folder is not trusted
-        fused = _fuse_loras(model, options.loras)
         components = {}
         for name, spec in specs.items():
             components[name] = _export_component(model.module(name), spec, out, options, precisions[name])
-            if options.backend == "tensorrt" and not options.loras and name in ("text_encoder", "unet", "unet_controlnet"):
+            if options.backend == "tensorrt" and name in LORA_COMPONENTS:
                 _add_weight_map(out, name, model, components[name])
+        baked = [{"path": str(Path(p).resolve()), **part, "modules": f.get("num_modules")}
+                 for (p, _), part, f in zip(options.loras, lora_parts, fused)]
         manifest = {
             "key": key, "kind": "text-to-image", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"path": str(model_dir.resolve()), "sha256": mf.cache_key(hashes), "parts": hashes,
                        "controlnet": str(controlnet.resolve()) if controlnet is not None else None},
-            "loras": [{"path": str(Path(p).resolve()), **part, "modules": f.get("num_modules")}
-                      for (p, _), part, f in zip(options.loras, lora_parts, fused)],
+            "loras": baked, "onnx_loras": baked,
             "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
             "pipeline": {
                 "scheduler": model.scheduler.to_scheduler_config(),
@@ -102,6 +110,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
             },
             "components": components,
         }
+        refit_before_manifest(out, manifest, options, bake)
         mf.write_manifest(out, manifest)
     log.info("exported %s to %s in %.1f s", model_dir, out, time.perf_counter() - t0)
     return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
@@ -134,11 +143,10 @@ def _add_weight_map(out: Path, name: str, model: TextToImageModel, entry: dict) 
 
     The fused graph gets the ControlNet's weights too: a ControlNet made from the UNet starts with
     equal copies of its weights, and only the name prefix tells them apart."""
-    from diffrt.export.refit import WEIGHT_MAP, write_weight_map
+    from diffrt.export.refit import add_weight_map
 
     if name == "text_encoder":
         states = {"text_encoder": model.text_encoder.state_dict()}
     else:
         states = {"unet": model.unet.state_dict(), **({"controlnet": model.controlnet.state_dict()} if name == "unet_controlnet" else {})}
-    path = write_weight_map(out / name / "model.onnx", states)
-    entry["files"][f"{name}/{WEIGHT_MAP}"] = atomic.sha256_file(path)
+    add_weight_map(out, name, states, entry)

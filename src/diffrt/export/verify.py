@@ -52,6 +52,6 @@ def verify_backends(reference, candidate, feeds: list[dict[str, torch.Tensor]], 
     tol = TOLERANCE[precision]
     result = {**worst.to_dict(), "tolerance": tol, "precision": precision, "passed": worst.max_rel <= tol}
     if not result["passed"]:
-        raise ArtifactError(f"{candidate.spec.name}: exported output differs from PyTorch by {worst.max_rel:.2e} of its scale "
-                            f"(tolerance {tol:.0e} at {precision}) at shapes {worst.shapes}")
+        raise ArtifactError(f"{candidate.spec.name}: {candidate.name} output differs from PyTorch by {worst.max_rel:.2e} of its "
+                            f"scale (tolerance {tol:.0e} at {precision}) at shapes {worst.shapes}")
     return result

@@ -1,0 +1,38 @@
+"""`diffrt export` and `diffrt refit` refuse what cannot work in one line, exit status 2, before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffrt.cli import main
+from diffrt.runtime.backends import available_backends, backend_available
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffrt: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.skipif(backend_available("tensorrt"), reason="TensorRT is available here")
+def test_tensorrt_commands_without_tensorrt_say_so_first(uncond_model_dir, tmp_path, capsys, monkeypatch):
+    from diffrt.export import artifact
+
+    def no_onnx_work(*args, **kwargs):
+        raise AssertionError("ONNX export started before the backend check")
+
+    monkeypatch.setattr(artifact, "export_onnx", no_onnx_work)
+    line = one_line_error(capsys, ["export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "a"), "--backend", "tensorrt"])
+    assert "backend 'tensorrt' is not available" in line and f"available here: {', '.join(available_backends())}" in line
+    assert not (tmp_path / "a").exists()
+    line = one_line_error(capsys, ["refit", str(tmp_path / "no-such-artifact")])
+    assert "backend 'tensorrt' is not available" in line and "available here:" in line
+
+
+def test_old_opset_and_bf16_onnx_are_one_line(uncond_model_dir, tmp_path, capsys):
+    line = one_line_error(capsys, ["export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "a"), "--opset", "13"])
+    assert "--opset 13 is below 17" in line
+    line = one_line_error(capsys, ["export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "b"), "--precision", "bf16"])
+    assert "bf16 needs --backend tensorrt" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
