@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import time
+
 import pytest
 import torch
 
-from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
+from diffrt.errors import ArtifactError, BackendUnavailableError, DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
 from diffrt.export.artifact import ExportOptions, export_pixel_model
 from diffrt.models import load_pixel_model
-from diffrt.runtime.guidance import color_guidance
+from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.loading import artifact_pixel_pipeline, open_pixel_pipeline, torch_pixel_pipeline
+
+CPU = "cpu"  # references are computed on the CPU; pin the pipelines there too, GPU or not
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.7])
@@ -19,7 +24,7 @@ def test_torch_backend_equals_diffusers_ddim_pipeline(uncond_model_dir, eta):
     ref = DDIMPipeline.from_pretrained(uncond_model_dir)
     want = ref(batch_size=2, generator=torch.Generator("cpu").manual_seed(7), eta=eta, num_inference_steps=10,
                output_type="np").images
-    got = open_pixel_pipeline(uncond_model_dir, "torch")(num_images=2, num_inference_steps=10, eta=eta, seed=7,
+    got = open_pixel_pipeline(uncond_model_dir, "torch", CPU)(num_images=2, num_inference_steps=10, eta=eta, seed=7,
                                                          output_type="np").images
     assert got.shape == want.shape == (2, 16, 16, 3)
     assert abs(got - want).max() <= 1e-4
@@ -36,7 +41,7 @@ def test_onnxruntime_matches_torch_with_cfg(classemb_model_dir, classemb_artifac
     kwargs = dict(num_inference_steps=8, guidance_scale=3.0, seed=3, output_type="pt")
     labels = [0, 1, 2, 3]
     eager = torch_pixel_pipeline(load_pixel_model(classemb_model_dir))(labels, **kwargs)
-    ort = artifact_pixel_pipeline(classemb_artifact, "onnxruntime")(labels, **kwargs)
+    ort = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)(labels, **kwargs)
     assert ort.backend == "onnxruntime" and eager.backend == "torch"  # RELIABILITY #15: the backend that ran
     assert (ort.images - eager.images).abs().max().item() <= 1e-3
 
@@ -56,7 +61,7 @@ def _mean_colour_distance(images: torch.Tensor, target: torch.Tensor) -> float:
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_colour_guidance_moves_mean_colour_toward_target(classemb_model_dir, classemb_artifact, mode, backend):
     pipe = (torch_pixel_pipeline(load_pixel_model(classemb_model_dir)) if backend == "torch"
-            else artifact_pixel_pipeline(classemb_artifact, backend))
+            else artifact_pixel_pipeline(classemb_artifact, backend, CPU))
     target = torch.tensor([1.0, 0.1, 0.1])
     kwargs = dict(num_inference_steps=8, guidance_scale=2.0, seed=1, output_type="pt")
     plain = pipe([0, 1, 2, 3], **kwargs).images
@@ -66,7 +71,7 @@ def test_colour_guidance_moves_mean_colour_toward_target(classemb_model_dir, cla
 
 
 def test_bad_requests_get_one_clear_error(classemb_model_dir, classemb_artifact):
-    pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime")
+    pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
     with pytest.raises(DiffrtError, match=r"class label 9 is out of range; this model has classes 0\.\.3"):
         pipe([9], num_inference_steps=2)
     with pytest.raises(ShapeOutOfRangeError, match=r"classifier-free guidance.*\[1, 16\]"):
@@ -99,5 +104,153 @@ def test_other_variants_export_and_match(fixture, request, tmp_path):
     labels = [0, 3] if model.info.conditioning != "none" else None
     kwargs = dict(num_images=None if labels else 2, num_inference_steps=5, guidance_scale=2.0, seed=2, output_type="pt")
     eager = torch_pixel_pipeline(model)(labels, **kwargs).images
-    ort = artifact_pixel_pipeline(out, "onnxruntime")(labels, **kwargs).images
+    ort = artifact_pixel_pipeline(out, "onnxruntime", CPU)(labels, **kwargs).images
     assert (ort - eager).abs().max().item() <= 1e-3
+
+
+# --- guidance, CFG and the PyTorch fallback (issue #5) ----------------------------------------------------
+
+NULL_LABEL = 4  # the extra label a 4-class model reserves for "no class" (models.PixelModelInfo), written out here
+
+
+def test_class_cfg_step_is_null_plus_scale_times_difference(classemb_model_dir):
+    """One DDIM step with CFG equals eps(null) + s * (eps(c) - eps(null)) computed by hand, stepped by
+    diffusers' DDIMScheduler: a pipeline that used another null label would not match."""
+    from diffusers import DDIMScheduler
+
+    model = load_pixel_model(classemb_model_dir)
+    pipe = torch_pixel_pipeline(model)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    labels, scale = torch.tensor([1, 3]), 3.0
+    got = pipe(labels, latents=x, num_inference_steps=1, guidance_scale=scale, output_type="pt").images
+
+    scheduler = DDIMScheduler.from_config(model.scheduler.to_scheduler_config())
+    scheduler.set_timesteps(1)
+    (t,) = scheduler.timesteps
+    ts = torch.full((2,), float(t))
+    with torch.no_grad():
+        eps_null = model.unet(x, ts, torch.full((2,), NULL_LABEL))
+        eps_c = model.unet(x, ts, labels)
+        other_null = model.unet(x, ts, torch.zeros(2, dtype=torch.int64))
+    want = scheduler.step(eps_null + scale * (eps_c - eps_null), t, x, eta=0.0).prev_sample
+    assert (got - (want / 2 + 0.5).clamp(0, 1)).abs().max() <= 1e-5
+    wrong = scheduler.step(other_null + scale * (eps_c - other_null), t, x, eta=0.0).prev_sample
+    assert (got - (wrong / 2 + 0.5).clamp(0, 1)).abs().max() > 1e-3  # the check can tell null labels apart
+
+
+def test_guidance_every_3_runs_its_loss_on_steps_0_3_6(uncond_model_dir):
+    pipe = torch_pixel_pipeline(load_pixel_model(uncond_model_dir))
+    calls = []
+
+    def loss(images):
+        calls.append(images.shape)
+        return images.mean()
+
+    pipe(num_images=2, num_inference_steps=7, seed=0, guidance=[Guidance(loss, 1.0, every=3)], output_type="pt")
+    assert len(calls) == 3 and all(shape == (2, 3, 16, 16) for shape in calls)
+
+
+@pytest.mark.slow  # torch.compile on the CPU: ~55 s cold, ~16 s with inductor's cache warm (2 shared cores)
+def test_torch_compile_matches_eager(uncond_model_dir):
+    model = load_pixel_model(uncond_model_dir)
+    kwargs = dict(num_images=1, num_inference_steps=3, seed=4, output_type="pt")
+    eager = torch_pixel_pipeline(model)(**kwargs)
+    t0 = time.perf_counter()
+    compiled = torch_pixel_pipeline(model, compile=True)(**kwargs)
+    assert compiled.backend == "torch-compile" and eager.backend == "torch"
+    assert (compiled.images - eager.images).abs().max().item() <= 1e-3, f"compiled in {time.perf_counter() - t0:.0f} s"
+
+
+def test_through_unet_on_an_artifact_checks_the_fallback_against_the_engine(classemb_model_dir, classemb_artifact):
+    pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
+    guidance = [color_guidance("#ff0000", 10.0, mode="through_unet")]
+    result = pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, guidance=guidance, output_type="pt")
+    assert result.backend == "onnxruntime" and torch.isfinite(result.images).all()
+    assert next(pipe.torch_module("unet", "test").parameters()).device == pipe.device
+    # A fallback with other weights than the engine must not steer the guidance (RELIABILITY #16).
+    other = load_pixel_model(classemb_model_dir).unet
+    with torch.no_grad():
+        other.unet.conv_out.weight.mul_(1.5)
+    pipe._torch["unet"] = other
+    with pytest.raises(DiffrtError, match=r"differs from the onnxruntime UNet .*limit 1e-03 for a fp32 engine"):
+        pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, guidance=guidance)
+
+
+def test_lazy_fallback_unet_is_moved_to_the_pipeline_device(classemb_artifact):
+    # The fallback is loaded on the CPU; on a CUDA pipeline it must follow the pipeline to the GPU.
+    # A CPU machine stands in with the meta device, which any .to(pipe.device) reaches too.
+    pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
+    pipe.unet.device = torch.device("meta")
+    assert next(pipe.torch_module("unet", "test").parameters()).device.type == "meta"
+
+
+def test_nan_in_the_through_unet_fallback_is_named(classemb_model_dir, classemb_artifact):
+    pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
+    poisoned = load_pixel_model(classemb_model_dir).unet
+    with torch.no_grad():
+        poisoned.unet.conv_out.bias[0] = float("nan")
+    pipe._torch["unet"] = poisoned
+    with pytest.raises(NonFiniteOutputError, match=r"^unet \(the PyTorch UNet for through_unet guidance\) produced"):
+        pipe([1], num_inference_steps=2, seed=0, guidance=[color_guidance("#ff0000", 10.0, mode="through_unet")])
+
+
+def test_a_source_changed_since_export_is_refused(classemb_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = shutil.copytree(classemb_model_dir, tmp_path / "source")
+    artifact = export_pixel_model(source, tmp_path / "art", ExportOptions(batch=(1, 2, 8), verify=False)).folder
+    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1.0
+    save_file(state, weights)
+    pipe = artifact_pixel_pipeline(artifact, "onnxruntime", CPU)
+    with pytest.raises(ArtifactError, match="changed since export"):
+        pipe([1], num_inference_steps=2, seed=0, guidance=[color_guidance("#ff0000", 10.0, mode="through_unet")])
+    with pytest.raises(ArtifactError, match="changed since export"):
+        open_pixel_pipeline(artifact, "torch", CPU)
+
+
+def test_strict_refuses_torch_weights_for_an_artifact(classemb_artifact, caplog):
+    with pytest.raises(BackendUnavailableError, match="strict mode refuses"):
+        open_pixel_pipeline(classemb_artifact, "torch", CPU, strict=True)
+    pipe = open_pixel_pipeline(classemb_artifact, "torch", CPU)
+    assert pipe.backend == "torch" and any("source model's PyTorch weights" in r.getMessage() for r in caplog.records)
+
+
+def test_onnxruntime_provider_fallback_warns_or_fails_under_strict(classemb_artifact, monkeypatch, caplog):
+    # A CPU-only ONNX Runtime asked for CUDA runs on the CPU, as a CUDA EP without its libraries would.
+    from diffrt.runtime.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "default_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BackendUnavailableError, match=r"did not start CUDAExecutionProvider.*strict mode refuses"):
+        artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU, strict=True)
+    pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
+    assert any("did not start CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
+    result = pipe([1], num_inference_steps=1, seed=0)
+    assert result.metadata["providers"] == {"unet": ["CPUExecutionProvider"]}  # what ran, not what was asked for
+    assert result.metadata["components"] == {"unet": "onnxruntime"} and result.metadata["cuda_graph"] is False
+
+
+def test_an_artifact_with_lora_falls_back_to_pytorch_with_the_same_lora(classemb_model_dir, tmp_path):
+    # RELIABILITY #16: guidance through the UNet must use the artifact's LoRA at its scale, and the
+    # torch backend over the artifact must run the weights the artifact runs, not the bare source.
+    from test_tensorrt import make_lora
+
+    lora = make_lora(classemb_model_dir, tmp_path / "lora.safetensors", seed=3)
+    artifact = export_pixel_model(classemb_model_dir, tmp_path / "art",
+                                  ExportOptions(batch=(1, 2, 8), loras=[(str(lora), 0.7)])).folder
+    kwargs = dict(num_inference_steps=4, guidance_scale=2.0, seed=1, output_type="pt")
+    ort = artifact_pixel_pipeline(artifact, "onnxruntime", CPU)([0, 2], **kwargs).images
+    torch_over_artifact = open_pixel_pipeline(artifact, "torch", CPU)([0, 2], **kwargs).images
+    bare_source = open_pixel_pipeline(classemb_model_dir, "torch", CPU)([0, 2], **kwargs).images
+    assert (torch_over_artifact - ort).abs().max().item() <= 1e-3
+    assert (bare_source - ort).abs().max().item() > 1e-2  # the LoRA matters, so the check above can fail
+
+    guided = artifact_pixel_pipeline(artifact, "onnxruntime", CPU)(
+        [0, 2], **kwargs, guidance=[color_guidance("#ff0000", 10.0, mode="through_unet")])  # passes the agreement check
+    assert torch.isfinite(guided.images).all()
+
+    lora.write_bytes(lora.read_bytes()[:-8] + b"\0" * 8)  # the LoRA file changed since export
+    with pytest.raises(ArtifactError, match="missing or changed"):
+        open_pixel_pipeline(artifact, "torch", CPU)

@@ -70,6 +70,24 @@ def generated(artifact, **fields) -> np.ndarray:
 def test_ready_describes_a_text_to_image_model(client):
     ready = client.get("/readyz").json()
     assert ready["ready"] and ready["kind"] == "text-to-image" and ready["controlnet"] is True
+    # What really runs each component (RELIABILITY #15): ONNX Runtime's providers in use, no CUDA graphs here.
+    assert set(ready["providers"]) == {"text_encoder", "unet_controlnet", "vae_decoder"}
+    assert all(used == ["CPUExecutionProvider"] for used in ready["providers"].values()) and ready["cuda_graph"] is False
+
+
+def test_a_truncated_prompt_is_reported_in_the_answer(client):
+    # RELIABILITY #13: the text cut off at the text encoder's 77 tokens reaches the client.
+    long_prompt = " ".join(f"word{i}" for i in range(60))
+    body = {"num_inference_steps": 1, "prompt": long_prompt, "seed": 1}
+    r = client.post("/v1/generate", json=body, headers={"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["truncated"][0].replace(" ", "").endswith("word59") and answer["truncated_negative"] == [None]
+    assert r.headers["x-diffrt-prompt-truncated"] == "true"
+    png = client.post("/v1/generate", json=body)
+    assert png.headers["content-type"] == "image/png" and png.headers["x-diffrt-prompt-truncated"] == "true"
+    short = client.post("/v1/generate", json={**body, "prompt": PROMPT}, headers={"Accept": "application/json"})
+    assert short.json()["truncated"] == [None] and "x-diffrt-prompt-truncated" not in short.headers
 
 
 def test_http_pixels_equal_diffrt_generate(client, t2i_artifact):

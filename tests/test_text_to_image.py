@@ -17,6 +17,7 @@ from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeErro
 from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.text_to_image_loading import artifact_text_to_image_pipeline, open_text_to_image_pipeline
 
+CPU = "cpu"  # diffusers runs on the CPU here; pin the pipelines there too, GPU or not
 STEPS = 3
 DIFFUSERS_TOL = 1e-4  # torch backend vs diffusers, max abs on images in [0, 1]
 ORT_TOL = 1e-3  # onnxruntime vs torch backend (fp32 on CPU), max abs on images in [0, 1]
@@ -29,17 +30,17 @@ def control_image():
 
 @pytest.fixture(scope="module")
 def torch_pipe(t2i_folder):
-    return open_text_to_image_pipeline(t2i_folder, "torch")
+    return open_text_to_image_pipeline(t2i_folder, "torch", CPU)
 
 
 @pytest.fixture(scope="module")
 def torch_cn_pipe(t2i_folder):
-    return open_text_to_image_pipeline(t2i_folder, "torch", controlnet=t2i_folder / "controlnet")
+    return open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=t2i_folder / "controlnet")
 
 
 @pytest.fixture(scope="module")
 def ort_pipe(t2i_artifact):
-    return open_text_to_image_pipeline(t2i_artifact, "onnxruntime")
+    return open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
 
 
 def diffusers_pipe(cls, folder, **components):
@@ -122,7 +123,7 @@ def test_torch_lora_at_generation_equals_diffusers_fuse_lora(t2i_folder, tmp_pat
     ref.load_lora_weights(lora, adapter_name="a")
     ref.fuse_lora(lora_scale=0.7)
     expected = run_diffusers(ref, seed=4)
-    result = run(open_text_to_image_pipeline(t2i_folder, "torch", loras=[(lora, 0.7)]), seed=4)
+    result = run(open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(lora, 0.7)]), seed=4)
     assert max_abs(result.images, expected) <= DIFFUSERS_TOL
 
 
@@ -240,7 +241,7 @@ def test_through_unet_refuses_a_fallback_that_disagrees_with_the_engine(t2i_arti
     # scale) must not steer the guidance.
     from diffrt.text_to_image_models import UNetControlNet, load_controlnet, load_unet
 
-    pipe = artifact_text_to_image_pipeline(t2i_artifact, "onnxruntime")
+    pipe = artifact_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
     other = UNetControlNet(load_unet(t2i_folder), load_controlnet(t2i_folder / "controlnet"))
     with torch.no_grad():
         other.unet.conv_out.weight.mul_(1.5)
@@ -313,10 +314,34 @@ class NaNBackend:
 
 @pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
 def test_nan_is_reported_with_the_component_name(t2i_folder, component):
-    pipe = open_text_to_image_pipeline(t2i_folder, "torch")
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU)
     setattr(pipe, component, NaNBackend(getattr(pipe, component)))
     with pytest.raises(NonFiniteOutputError, match=f"^{component} produced 1 non-finite"):
         run(pipe, seed=0)
+
+
+def test_nan_from_the_img2img_encoder_is_named(t2i_folder, control_image):
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU)
+    with torch.no_grad():
+        pipe.torch_module("vae", "test").encoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(NonFiniteOutputError, match="^vae_encoder produced"):
+        run(pipe, image=control_image, strength=0.7, seed=0)
+
+
+def test_metadata_names_what_ran_each_component(ort_pipe, torch_pipe):
+    meta = run(ort_pipe, seed=2, num_inference_steps=1).metadata
+    names = ["text_encoder", "unet_controlnet", "vae_decoder"]
+    assert meta["components"] == dict.fromkeys(names, "onnxruntime")
+    assert meta["providers"] == dict.fromkeys(names, ["CPUExecutionProvider"]) and meta["cuda_graph"] is False
+    meta = run(torch_pipe, seed=2, num_inference_steps=1).metadata
+    assert meta["providers"] == {} and set(meta["components"].values()) == {"torch"}
+
+
+def test_strict_refuses_torch_weights_for_an_artifact(t2i_artifact):
+    from diffrt.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="strict mode refuses"):
+        open_text_to_image_pipeline(t2i_artifact, "torch", CPU, strict=True)
 
 
 # --- `diffrt generate` ------------------------------------------------------------------------------
@@ -341,3 +366,15 @@ def test_generate_request(t2i_folder, tmp_path, control_image):
         generate(GenerateRequest(model=str(t2i_folder), prompt="a cat", controlnet=str(t2i_folder / "controlnet")))
     with pytest.raises(DiffrtError, match="control_image needs a ControlNet"):
         generate(GenerateRequest(model=str(t2i_folder), prompt="a cat", control_image=str(tmp_path / "control.png")))
+
+
+def test_generate_clip_flags_on_a_pixel_model(clip_dir, uncond_model_dir, tmp_path, capsys):
+    from diffrt.cli import main
+
+    common = ["generate", "--model", str(uncond_model_dir), "--steps", "2", "--device", CPU]
+    assert main([*common, "--out", str(tmp_path / "plain.npy")]) == 0
+    assert main([*common, "--clip-prompt", "a red square", "--clip-model", str(clip_dir), "--clip-scale", "300",
+                 "--out", str(tmp_path / "clip.npy")]) == 0
+    assert np.abs(np.load(tmp_path / "clip.npy") - np.load(tmp_path / "plain.npy")).max() > 1e-3
+    assert main([*common, "--clip-prompt", "a red square", "--out", str(tmp_path / "x.npy")]) == 2
+    assert "--clip-prompt needs --clip-model" in capsys.readouterr().err

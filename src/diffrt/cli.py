@@ -123,7 +123,7 @@ def _cmd_refit(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from diffrt.generate import GenerateRequest, generate_to_file
+    from diffrt.generate import GenerateRequest, generate_to_file, result_summary, result_warnings
 
     request = GenerateRequest(
         model=args.model, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, out=args.out,
@@ -132,10 +132,12 @@ def _cmd_generate(args) -> int:
         controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
         loras=_loras(args), color=args.color, color_scale=args.color_scale,
         clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=args.clip_scale,
-        guidance_mode=args.guidance_mode, device=args.device,
+        guidance_mode=args.guidance_mode, device=args.device, strict=args.strict, cuda_graph=args.cuda_graph,
     )
     result, path = generate_to_file(request)
-    print(f"wrote {path} ({result.backend}, {result.ms_per_step:.1f} ms/step)")
+    print(result_summary(result, path))
+    for warning in result_warnings(result):
+        print(f"diffrt: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -251,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="generate images with the guided DDIM loop")
     ge.add_argument("--model", default=None, help="diffusers or artifact folder (default: the shipped digits model)")
     ge.add_argument("--backend", default="torch", help="torch, torch-compile, onnxruntime or tensorrt")
-    ge.add_argument("--device", default="cpu")
+    ge.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; tensorrt needs cuda)")
+    ge.add_argument("--strict", action="store_true",
+                    help="make any fallback an error (an ONNX Runtime provider that did not start, PyTorch weights for an artifact)")
+    ge.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                    help="tensorrt: launch each step normally instead of replaying a captured CUDA graph")
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--steps", type=int, default=25, help="DDIM steps (num_inference_steps)")
     ge.add_argument("--out", default="out.png", help="PNG grid, or .npy (float32 N x H x W x C in [0, 1])")

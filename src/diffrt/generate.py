@@ -6,7 +6,7 @@ text-to-image pipelines share this entry; the model folder decides which pipelin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,9 @@ class GenerateRequest:
     clip_model: str | None = None
     clip_scale: float = 10.0
     guidance_mode: str = "x0"
-    device: str = "cpu"
+    device: str | None = None  # None: cuda when available (tensorrt needs it), else cpu
+    strict: bool = False  # any fallback (ONNX Runtime provider, PyTorch for an artifact) is an error
+    cuda_graph: bool = True  # tensorrt: replay each step's launch as a CUDA graph (shapes are fixed within a run)
 
 
 def is_text_to_image(model: str | None) -> bool:
@@ -78,8 +80,12 @@ def build_guidance(req: GenerateRequest) -> list[Guidance]:
 
 def generate(req: GenerateRequest):
     """Run the request; returns the GenerationResult with images as a [N, C, H, W] tensor in [0, 1]."""
+    from diffrt.runtime.backends import require_backend, resolve_device
+
     if req.num_images is not None and req.num_images < 1:
         raise DiffrtError(f"--num-images must be >= 1, got {req.num_images}")
+    require_backend(req.backend)
+    req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
     guidance = build_guidance(req)
     if is_text_to_image(req.model):
         from diffrt.runtime.text_to_image import generate_text_to_image
@@ -91,7 +97,7 @@ def generate(req: GenerateRequest):
         raise DiffrtError("--lora at generation time needs a text-to-image model; bake LoRA into pixel models with `diffrt export --lora`")
     from diffrt.runtime.loading import open_pixel_pipeline
 
-    pipe = open_pixel_pipeline(req.model, req.backend, req.device)
+    pipe = open_pixel_pipeline(req.model, req.backend, req.device, strict=req.strict, cuda_graph=req.cuda_graph)
     labels = None
     if pipe.info.conditioning != "none":
         labels = torch.arange(pipe.info.num_classes) if req.class_label is None else torch.tensor([req.class_label])
@@ -117,3 +123,27 @@ def generate_to_file(req: GenerateRequest):
         nrow = int(np.ceil(np.sqrt(images.shape[0]))) if images.shape[0] > 10 or images.shape[0] < 4 else images.shape[0]
         save_grid(out, images, nrow=nrow, scale=max(1, 64 // images.shape[-1]))
     return result, out
+
+
+def result_summary(result, path: Path) -> str:
+    """`diffrt generate`'s output line: the file, what really ran it (RELIABILITY #15) and its speed."""
+    meta = result.metadata
+    ran = result.backend
+    providers = sorted({p for used in meta.get("providers", {}).values() for p in used[:1]})
+    if providers:
+        ran += f" on {', '.join(providers)}"
+    if meta.get("cuda_graph"):
+        ran += " with CUDA graphs"
+    cut = " (prompt truncated)" if result_warnings(result) else ""
+    return f"wrote {path} ({ran}, {result.ms_per_step:.1f} ms/step){cut}"
+
+
+def result_warnings(result) -> list[str]:
+    """What the user should know about a result: prompt text the text encoder cut off (RELIABILITY #13)."""
+    meta, warnings = result.metadata, []
+    for key, what in (("truncated", "prompt"), ("truncated_negative", "negative prompt")):
+        for dropped in meta.get(key) or []:
+            if dropped is not None:
+                warnings.append(f"the {what} is longer than the text encoder's {meta.get('max_length')} tokens "
+                                f"and was truncated; dropped: {dropped!r}")
+    return warnings

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from diffrt import atomic
 from diffrt.components import pixel_unet_spec, spec_from_dict
-from diffrt.errors import ArtifactError
+from diffrt.errors import ArtifactError, BackendUnavailableError
 from diffrt.export import manifest as mf
 from diffrt.models import SHIPPED_DIGITS, PixelModel, PixelModelInfo, load_pixel_model, require_model_dir
-from diffrt.runtime.backends import require_backend
+from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.pipeline import PixelPipeline
 
@@ -49,9 +50,66 @@ def read_artifact(folder: Path, kind: str) -> dict:
     return manifest
 
 
-def open_component(folder: Path, manifest: dict, name: str, backend: str, device: str | torch.device = "cpu"):
+def refuse_source_fallback(folder: Path, backend: str, strict: bool) -> None:
+    """An artifact opened on a PyTorch backend runs its source weights, not its exported files:
+    a fallback that strict mode refuses (RELIABILITY #15), and that is logged otherwise."""
+    if strict:
+        raise BackendUnavailableError(f"{folder} is an exported artifact; backend {backend!r} would run its source model's "
+                                      "PyTorch weights instead, a fallback strict mode refuses; use --backend onnxruntime or tensorrt")
+    log.warning("%s is an exported artifact; backend %r runs its source model's PyTorch weights", folder, backend)
+
+
+def check_pixel_source(manifest: dict) -> Path:
+    """The artifact's source model folder, if it still hashes as at export (RELIABILITY #16)."""
+    folder = Path(manifest["source"]["path"])
+    if not folder.is_dir():
+        raise ArtifactError(f"the artifact's source model {folder} is missing")
+    if atomic.sha256_folder(folder) != manifest["source"]["sha256"]:
+        raise ArtifactError(f"the artifact's source model {folder} changed since export; re-export it")
+    return folder
+
+
+def manifest_loras(manifest: dict) -> list[tuple[str, float]]:
+    """The LoRA files (path, scale) the artifact runs with, checked to be the same files, so that a
+    PyTorch fallback can apply exactly them (RELIABILITY #16)."""
+    loras = []
+    for entry in manifest["loras"]:
+        path = Path(entry["path"])
+        if not path.is_file() or atomic.sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"LoRA file {path}, which this artifact runs with, is missing or changed; "
+                                "PyTorch cannot apply the same LoRA")
+        loras.append((str(path), float(entry["scale"])))
+    return loras
+
+
+def load_pixel_source(manifest: dict) -> PixelModel:
+    """The artifact's source model with the artifact's LoRA fused in: the same weights in PyTorch."""
+    model = load_pixel_model(check_pixel_source(manifest))
+    loras = manifest_loras(manifest)
+    if loras:
+        from diffrt.export.lora import fuse_loras, read_lora
+
+        fuse_loras({"unet": model.unet.unet}, [(read_lora(p), s) for p, s in loras])
+    return model
+
+
+def check_onnx_weights(folder: Path, manifest: dict) -> None:
+    """Refuse to run the ONNX files of an artifact whose LoRA was refit into its TensorRT engines
+    only: the ONNX holds other weights than the manifest says the artifact runs with."""
+    def state(entries):
+        return [(e["sha256"], float(e["scale"])) for e in entries]
+
+    if state(manifest["loras"]) != state(manifest.get("onnx_loras", manifest["loras"])):
+        engines = ", ".join(f"{Path(e['path']).name}:{e['scale']}" for e in manifest["loras"]) or "none"
+        raise ArtifactError(f"{folder}'s TensorRT engines were refit with LoRA ({engines}) but its ONNX files hold other "
+                            "weights; run it with --backend tensorrt, or export with --backend onnx --lora ... for ONNX Runtime")
+
+
+def open_component(folder: Path, manifest: dict, name: str, backend: str, device: str | torch.device = "cpu", *,
+                   strict: bool = False, cuda_graph: bool = False):
     """One exported component on an exported-model backend: its TensorRT engine (refused when built
-    for another TensorRT or GPU) or its ONNX file (with any external data) on ONNX Runtime."""
+    for another TensorRT or GPU; `cuda_graph` captures each shape's launch) or its ONNX file (with
+    any external data) on ONNX Runtime (`strict`: a provider fallback is an error)."""
     comp = manifest["components"][name]
     spec = spec_from_dict(comp["spec"])
     if backend == "tensorrt":
@@ -60,39 +118,48 @@ def open_component(folder: Path, manifest: dict, name: str, backend: str, device
         if "engine" not in comp:
             raise ArtifactError(f"{folder} has no TensorRT engine for {name}; export it with `diffrt export --backend tensorrt`")
         mf.check_engine_compatible(comp["engine"])
-        return TensorRTBackend(folder / name / "engine.plan", spec, device=device)
+        return TensorRTBackend(folder / name / "engine.plan", spec, device=device, cuda_graph=cuda_graph)
     from diffrt.export.onnx import check_onnx_files
     from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
+    check_onnx_weights(folder, manifest)
     check_onnx_files(folder / name / "model.onnx")
-    return OnnxRuntimeBackend(folder / name / "model.onnx", spec, device=device)
+    return OnnxRuntimeBackend(folder / name / "model.onnx", spec, device=device, strict=strict)
 
 
-def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.device = "cpu") -> PixelPipeline:
-    """A pixel pipeline over an exported artifact; files are checked against the manifest first."""
+def component_precision(manifest: dict, name: str) -> str:
+    return manifest["components"][name].get("precision", manifest.get("precision", "fp32"))
+
+
+def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.device | None = None, *,
+                            strict: bool = False, cuda_graph: bool = False) -> PixelPipeline:
+    """A pixel pipeline over an exported artifact; files are checked against the manifest first.
+    `device` None: auto (resolve_device)."""
+    device = resolve_device(device, backend)
     manifest = read_artifact(folder, "pixel")
-    unet = open_component(folder, manifest, "unet", backend, device)
+    unet = open_component(folder, manifest, "unet", backend, device, strict=strict, cuda_graph=cuda_graph)
     pipe = manifest["pipeline"]
     info = PixelModelInfo(**pipe["info"])
-    torch_unet = None
-    source = Path(manifest["source"]["path"])
-    if source.is_dir() and not manifest["loras"]:
-        # The PyTorch fallback for guidance "through_unet", loaded only if such guidance runs.
-        torch_unet = lambda: load_pixel_model(source).unet  # noqa: E731
+    # The PyTorch fallback for guidance "through_unet", loaded (onto the pipeline's device) only if
+    # such guidance runs, from a source that still hashes as at export, with the artifact's LoRA.
+    torch_unet = lambda: load_pixel_source(manifest).unet  # noqa: E731
     return PixelPipeline(unet, DDIMConfig.from_scheduler_config(pipe["scheduler"]), info, channels=pipe["channels"],
-                         sample_size=pipe["sample_size"], torch_unet=torch_unet)
+                         sample_size=pipe["sample_size"], torch_unet=torch_unet, unet_precision=component_precision(manifest, "unet"))
 
 
-def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device: str | torch.device = "cpu",
-                        export_options=None) -> PixelPipeline:
-    """The pipeline for `diffrt generate/demo/serve` and library users."""
+def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device: str | torch.device | None = None,
+                        export_options=None, *, strict: bool = False, cuda_graph: bool = False) -> PixelPipeline:
+    """The pipeline for `diffrt generate/demo/serve` and library users. `device` None: CUDA when
+    available (resolve_device); `strict`: any fallback is an error; `cuda_graph`: TensorRT only."""
     require_backend(backend)
+    device = resolve_device(device, backend)
     folder = Path(model) if model is not None else SHIPPED_DIGITS
     if is_artifact(folder):
         if backend in ("torch", "torch-compile"):
-            source = Path(mf.read_manifest(folder)["source"]["path"])
-            return torch_pixel_pipeline(load_pixel_model(source), device, compile=backend == "torch-compile")
-        return artifact_pixel_pipeline(folder, backend, device)
+            refuse_source_fallback(folder, backend, strict)
+            model = load_pixel_source(read_artifact(folder, "pixel"))
+            return torch_pixel_pipeline(model, device, compile=backend == "torch-compile")
+        return artifact_pixel_pipeline(folder, backend, device, strict=strict, cuda_graph=cuda_graph)
     require_model_dir(folder)
     if backend in ("torch", "torch-compile"):
         return torch_pixel_pipeline(load_pixel_model(folder), device, compile=backend == "torch-compile")
@@ -102,4 +169,4 @@ def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device
     out = default_artifact_dir(folder, options)
     result = export_pixel_model(folder, out, options)
     log.info("%s export %s", "reused" if result.cache_hit else "made", out)
-    return artifact_pixel_pipeline(out, backend, device)
+    return artifact_pixel_pipeline(out, backend, device, strict=strict, cuda_graph=cuda_graph)

@@ -19,6 +19,7 @@ from diffrt.errors import DiffrtError
 from diffrt.images import to_numpy, to_pil, to_unit_range
 from diffrt.models import PixelModelInfo
 from diffrt.runtime import ddim
+from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.sampling import SamplerOptions, check_finite, randn, sample_ddim
@@ -65,17 +66,29 @@ class DenoiserPipeline:
     device, and the PyTorch modules that gradient guidance falls back to, loaded on first use."""
 
     unet: Backend
+    unet_precision: str = "fp32"  # the precision the UNet's engine was built at: sets the eps agreement limit
     _torch: dict[str, TorchModule]
 
+    def backends(self) -> dict[str, Backend]:
+        """Each component's backend, by component name."""
+        return {self.unet.spec.name: self.unet}
+
     def torch_module(self, which: str, why: str) -> torch.nn.Module:
-        """The PyTorch module `which`, loaded on first use; a clear error when there is none."""
+        """The PyTorch module `which`, loaded on first use onto the pipeline's device; a clear error when there is none."""
         module = self._torch[which]
         if module is None:
-            raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline does not have "
-                              "(an artifact whose source model folder is missing or changed since export)")
+            raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline was built without")
         if not isinstance(module, torch.nn.Module):
-            module = self._torch[which] = module()
+            module = self._torch[which] = module().to(self.device).eval()
         return module
+
+    def runtime_metadata(self) -> dict:
+        """What really ran each component (RELIABILITY #15): its backend, the ONNX Runtime providers
+        the session uses (not those asked for), and whether TensorRT replays CUDA graphs."""
+        backends = self.backends()
+        return {"components": {name: b.name for name, b in backends.items()},
+                "providers": {name: list(b.providers) for name, b in backends.items() if getattr(b, "providers", None) is not None},
+                "cuda_graph": any(getattr(b, "cuda_graph", False) for b in backends.values())}
 
     @property
     def backend(self) -> str:
@@ -91,8 +104,9 @@ class PixelPipeline(DenoiserPipeline):
 
     def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
                  channels: int, sample_size: int, torch_unet: TorchModule = None,
-                 check_outputs: bool = True):
+                 check_outputs: bool = True, unet_precision: str = "fp32"):
         self.unet = unet
+        self.unet_precision = unet_precision
         self.scheduler = scheduler
         self.info = info
         self.channels = channels
@@ -148,7 +162,8 @@ class PixelPipeline(DenoiserPipeline):
 
         # 4. The guided DDIM loop.
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=tuple(guidance),
-                                 decode=to_unit_range_unclamped, denoise_autograd=self._autograd_denoiser(model_labels, do_cfg),
+                                 decode=to_unit_range_unclamped,
+                                 denoise_autograd=self._autograd_denoiser(model_labels, do_cfg, denoise, guidance),
                                  use_fused_kernel=use_fused_kernel)
         x = sample_ddim(denoise, x, schedule, options, progress=progress)
 
@@ -156,7 +171,7 @@ class PixelPipeline(DenoiserPipeline):
         images = to_unit_range(x)
         seconds = time.perf_counter() - t0
         meta = {"class_labels": labels.tolist() if labels is not None else None, "guidance_scale": guidance_scale,
-                "eta": eta, "guidance": [g.name for g in guidance]}
+                "eta": eta, "guidance": [g.name for g in guidance], **self.runtime_metadata()}
         return GenerationResult(convert_output(images, output_type), self.backend, seconds, num_inference_steps, meta)
 
     def _labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:
@@ -174,15 +189,20 @@ class PixelPipeline(DenoiserPipeline):
             raise DiffrtError(f"class label {int(bad[0])} is out of range; this model has classes 0..{self.info.num_classes - 1}")
         return labels
 
-    def _autograd_denoiser(self, model_labels, do_cfg):
+    def _autograd_denoiser(self, model_labels, do_cfg, engine_denoise, guidance):
+        """The PyTorch UNet with autograd for guidance mode "through_unet", checked finite and
+        against the backend's eps on its first step (agreement.py, RELIABILITY #16)."""
+        if not any(g.mode == "through_unet" for g in guidance):
+            return None
+
         def denoise(x_t, t):
             unet = self.torch_module("unet", "guidance mode 'through_unet'")
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
             ts = t.to(x_t.device, torch.float32).expand(x_in.shape[0])
             eps = unet(x_in, ts, model_labels) if model_labels is not None else unet(x_in, ts)
-            return tuple(eps.chunk(2)) if do_cfg else (None, eps)
+            return tuple(eps.float().chunk(2)) if do_cfg else (None, eps.float())
 
-        return denoise
+        return guard_autograd_denoiser(denoise, engine_denoise, self.backend, self.unet_precision, self.check_outputs)
 
 
 def to_unit_range_unclamped(x0: torch.Tensor) -> torch.Tensor:

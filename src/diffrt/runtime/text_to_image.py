@@ -24,6 +24,7 @@ import torch
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import to_unit_range
 from diffrt.runtime import ddim
+from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.pipeline import DenoiserPipeline, GenerationResult, TorchModule, OutputType, convert_output, make_generator, to_unit_range_unclamped
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 INIT_NOISE_SIGMA = 1.0  # DDIM's: x_T is unit-variance noise
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default; `diffrt generate` and `diffrt serve` use it
-EPS_AGREEMENT = 1e-2  # engine vs PyTorch eps on a through_unet step, relative to |eps| (RELIABILITY #16)
 
 
 class TextToImagePipeline(DenoiserPipeline):
@@ -41,7 +41,8 @@ class TextToImagePipeline(DenoiserPipeline):
 
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
-                 torch_vae: TorchModule = None, torch_unet: TorchModule = None, check_outputs: bool = True):
+                 torch_vae: TorchModule = None, torch_unet: TorchModule = None, check_outputs: bool = True,
+                 unet_precision: str = "fp32"):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -51,6 +52,10 @@ class TextToImagePipeline(DenoiserPipeline):
         self.max_length = max_length or tokenizer.model_max_length
         self._torch = {"vae": torch_vae, "unet": torch_unet}
         self.check_outputs = check_outputs
+        self.unet_precision = unet_precision
+
+    def backends(self) -> dict[str, Backend]:
+        return {c.spec.name: c for c in (self.text_encoder, self.unet, self.vae_decoder)}
 
     @property
     def has_controlnet(self) -> bool:
@@ -134,12 +139,11 @@ class TextToImagePipeline(DenoiserPipeline):
         decoded = self.vae_decoder.run({"latent": (x / self.vae_scaling_factor).to(self.vae_decoder.device)})["image"].float()
         images = to_unit_range(self._check("vae_decoder", decoded).to(self.device))
         meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
-                "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
+                "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
                 "guidance_scale": guidance_scale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "strength": strength if init is not None else None,
                 "controlnet_conditioning_scale": controlnet_conditioning_scale if control is not None else None,
-                "guidance": [g.name for g in guidance],
-                "components": {c.spec.name: c.name for c in (self.text_encoder, self.unet, self.vae_decoder)}}
+                "guidance": [g.name for g in guidance], **self.runtime_metadata()}
         return GenerationResult(convert_output(images, output_type), self.backend, time.perf_counter() - t0,
                                 len(schedule), meta)
 
@@ -195,7 +199,7 @@ class TextToImagePipeline(DenoiserPipeline):
         with torch.no_grad():
             posterior = vae.encode((init * 2 - 1).to(param.device, param.dtype)).latent_dist
             sample = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, posterior.mean.device, posterior.mean.dtype)
-        latents = (self.vae_scaling_factor * sample).to(self.device, torch.float32)
+        latents = self._check("vae_encoder", (self.vae_scaling_factor * sample).to(self.device, torch.float32))
         if batch % latents.shape[0]:
             raise DiffrtError(f"{latents.shape[0]} init images cannot be spread over {batch} images; pass 1 or {batch}")
         latents = torch.cat([latents] * (batch // latents.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
@@ -227,28 +231,24 @@ class TextToImagePipeline(DenoiserPipeline):
         return decode
 
     def _autograd_denoiser(self, feed: dict, do_cfg: bool, engine_denoise, guidance) -> Callable | None:
-        """The PyTorch UNet with autograd, for guidance mode "through_unet". On its first step it is
-        compared with the backend's eps, so an engine and a fallback that disagree (another LoRA,
-        another scale) are caught instead of steering with the wrong model (RELIABILITY #16)."""
+        """The PyTorch UNet with autograd, for guidance mode "through_unet", checked finite and
+        against the backend's eps on its first step, so an engine and a fallback that disagree
+        (another LoRA, another scale) are caught instead of steering with the wrong model
+        (agreement.py, RELIABILITY #16)."""
         if not any(g.mode == "through_unet" for g in guidance):
             return None
         unet = self.torch_module("unet", "guidance mode 'through_unet'")
         param = next(unet.parameters())
         names = self.unet.spec.input_names
-        checked = self.unet.name in ("torch", "torch-compile")
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
-            nonlocal checked
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
             full = {**feed, "sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])}
             args = [v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device) for v in (full[n] for n in names)]
             eps = unet(*args).to(x_t.device, torch.float32)
-            if not checked:
-                checked = True
-                _check_agreement(eps.detach(), engine_denoise(x_t.detach(), t), self.unet.name)
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
-        return denoise
+        return guard_autograd_denoiser(denoise, engine_denoise, self.unet.name, self.unet_precision, self.check_outputs)
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -308,15 +308,6 @@ def _img2img_schedule(schedule: ddim.DDIMSchedule, num_inference_steps: int, str
                                alpha_bar_prev=schedule.alpha_bar_prev[t_start:])
 
 
-def _check_agreement(eps_torch: torch.Tensor, engine_out, backend: str) -> None:
-    eps_engine = engine_out[1] if engine_out[0] is None else torch.cat(engine_out)
-    err = (eps_torch - eps_engine).abs().max() / eps_engine.abs().max().clamp(min=1e-12)
-    if err > EPS_AGREEMENT:
-        raise DiffrtError(f"the PyTorch UNet used for 'through_unet' guidance differs from the {backend} UNet by {err:.2e} "
-                          f"of |eps| (limit {EPS_AGREEMENT:.0e}); they must hold the same weights and LoRA")
-    log.debug("through_unet: PyTorch and %s eps agree to %.2e", backend, err)
-
-
 def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
     """`diffrt generate` for a text-to-image folder or artifact; images as a [N, C, H, W] tensor in [0, 1]."""
     from diffrt.images import load_image
@@ -326,7 +317,8 @@ def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
         raise DiffrtError("--class-label is for class-conditioned pixel models; this is a text-to-image model (use --prompt)")
     if req.controlnet is not None and req.control_image is None:
         raise DiffrtError("--controlnet DIR needs --control-image FILE, the conditioning image")
-    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=req.controlnet)
+    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=req.controlnet,
+                                       strict=req.strict, cuda_graph=req.cuda_graph)
     control = None
     if req.control_image is not None:
         size = (req.height, req.width) if req.height and req.width else None

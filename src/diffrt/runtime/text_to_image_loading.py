@@ -21,9 +21,10 @@ import torch
 from diffrt import atomic
 from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
-from diffrt.runtime.backends import require_backend
+from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
-from diffrt.runtime.loading import open_component, read_artifact
+from diffrt.runtime.loading import (component_precision, manifest_loras, open_component, read_artifact,
+                                    refuse_source_fallback)
 from diffrt.runtime.text_to_image import TextToImagePipeline
 from diffrt.text_to_image_models import (TextToImageModel, component_specs, load_controlnet, load_text_to_image,
                                          load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
@@ -83,17 +84,6 @@ def _check_source(manifest: dict, parts: Sequence[str]) -> Path:
     return folder
 
 
-def _manifest_loras(manifest: dict) -> list[tuple[str, float]]:
-    """The LoRA files baked into the artifact, checked to be the same files."""
-    loras = []
-    for entry in manifest["loras"]:
-        path = Path(entry["path"])
-        if not path.is_file() or atomic.sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(f"LoRA file {path}, baked into this artifact, is missing or changed; PyTorch cannot apply the same LoRA")
-        loras.append((str(path), float(entry["scale"])))
-    return loras
-
-
 def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: str | Path | None) -> None:
     """An artifact runs with the LoRA and ControlNet it was exported with: anything else is an error."""
     if loras:
@@ -111,9 +101,12 @@ def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: str 
             raise ArtifactError(f"{folder} was exported with the ControlNet {exported}, not {controlnet}; re-export with it")
 
 
-def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: str | torch.device = "cpu",
-                                    loras: Loras = (), controlnet: str | Path | None = None) -> TextToImagePipeline:
-    """A pipeline over an exported artifact; its files are checked against the manifest first."""
+def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: str | torch.device | None = None,
+                                    loras: Loras = (), controlnet: str | Path | None = None, *, strict: bool = False,
+                                    cuda_graph: bool = False) -> TextToImagePipeline:
+    """A pipeline over an exported artifact; its files are checked against the manifest first.
+    `device` None: auto (resolve_device); `strict` and `cuda_graph` as for loading.open_component."""
+    device = resolve_device(device, backend)
     folder = Path(folder)
     manifest = read_artifact(folder, "text-to-image")
     pipe = manifest["pipeline"]
@@ -123,7 +116,7 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
             raise ArtifactError(f"{path} is missing or does not match its sha256 in {mf.MANIFEST}; re-run `diffrt export`")
     _check_requests(folder, manifest, loras, controlnet)
     unet_name = pipe["unet"]
-    text_encoder, unet, vae_decoder = (open_component(folder, manifest, n, backend, device)
+    text_encoder, unet, vae_decoder = (open_component(folder, manifest, n, backend, device, strict=strict, cuda_graph=cuda_graph)
                                        for n in ("text_encoder", unet_name, "vae_decoder"))
 
     def torch_vae():
@@ -135,35 +128,38 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
         fused = unet_name == "unet_controlnet"
         source = _check_source(manifest, ["unet", "controlnet"] if fused else ["unet"])
         base = load_unet(source)
-        _fuse_unet_only(base, _manifest_loras(manifest))
+        _fuse_unet_only(base, manifest_loras(manifest))
         module = UNetControlNet(base, load_controlnet(manifest["source"]["controlnet"])) if fused else LatentUNet(base)
         return module.to(device).eval()
 
     return TextToImagePipeline(text_encoder, unet, vae_decoder, load_tokenizer(folder / pipe["tokenizer"]["folder"]),
                                DDIMConfig.from_scheduler_config(pipe["scheduler"]), vae_scaling_factor=pipe["vae_scaling_factor"],
                                vae_factor=pipe["vae_factor"], default_size=pipe["default_size"], max_length=pipe["max_length"],
-                               torch_vae=torch_vae, torch_unet=torch_unet)
+                               torch_vae=torch_vae, torch_unet=torch_unet, unet_precision=component_precision(manifest, unet_name))
 
 
-def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device = "cpu",
+def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device | None = None,
                                 loras: Loras = (), controlnet: str | Path | None = None,
-                                export_options=None) -> TextToImagePipeline:
+                                export_options=None, *, strict: bool = False, cuda_graph: bool = False) -> TextToImagePipeline:
     """The pipeline for `diffrt generate` and library users: a diffusers folder or an artifact, any backend.
 
     An exported backend over a diffusers folder exports it (with the LoRA baked in) into the user
-    cache first, and reuses that export on the next run."""
+    cache first, and reuses that export on the next run. `device` None: CUDA when available
+    (resolve_device); `strict`: any fallback is an error; `cuda_graph`: TensorRT only."""
     require_backend(backend)
+    device = resolve_device(device, backend)
     folder = Path(model)
     torch_backend = backend in ("torch", "torch-compile")
     if (folder / mf.MANIFEST).is_file():
         if not torch_backend:
-            return artifact_text_to_image_pipeline(folder, backend, device, loras, controlnet)
+            return artifact_text_to_image_pipeline(folder, backend, device, loras, controlnet, strict=strict, cuda_graph=cuda_graph)
+        refuse_source_fallback(folder, backend, strict)
         manifest = mf.read_manifest(folder)
         _check_requests(folder, manifest, loras, controlnet)
         parts = ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] + (["controlnet"] if manifest["source"].get("controlnet") else [])
         source = _check_source(manifest, parts)
         loaded = load_text_to_image(source, manifest["source"].get("controlnet"))
-        return torch_text_to_image_pipeline(loaded, device, backend == "torch-compile", loras or _manifest_loras(manifest))
+        return torch_text_to_image_pipeline(loaded, device, backend == "torch-compile", loras or manifest_loras(manifest))
     require_text_to_image_folder(folder)
     if torch_backend:
         return torch_text_to_image_pipeline(load_text_to_image(folder, controlnet), device, backend == "torch-compile", loras)
@@ -177,4 +173,4 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
         out = out.with_name(f"{out.name}-controlnet-{atomic.sha256_folder(controlnet)[:12]}")
     result = export_text_to_image(folder, out, options, [str(controlnet)] if controlnet is not None else [])
     log.info("%s export %s", "reused" if result.cache_hit else "made", out)
-    return artifact_text_to_image_pipeline(out, backend, device)
+    return artifact_text_to_image_pipeline(out, backend, device, strict=strict, cuda_graph=cuda_graph)

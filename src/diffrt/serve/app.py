@@ -8,9 +8,12 @@
     GET  /openapi.json, /docs
 
 Every answer names the backend that ran it (`X-Diffrt-Backend`, RELIABILITY #15), its seed and
-request id, and its timings (`Server-Timing`). Refusals are JSON `{"detail", "field"}` with the
-status that fits: 400 malformed JSON, 401 API key, 413 body or image too large, 415 not JSON,
-422 a field the schema or the model refuses, 429 queue full, 503 not ready, 504 over the timeout.
+request id, and its timings (`Server-Timing`). A text-to-image answer whose prompt was cut at the
+text encoder's length says so (RELIABILITY #13): JSON answers carry the dropped text in
+`truncated` / `truncated_negative`, PNG answers the header `X-Diffrt-Prompt-Truncated: true`.
+Refusals are JSON `{"detail", "field"}` with the status that fits: 400 malformed JSON, 401 API
+key, 413 body or image too large, 415 not JSON, 422 a field the schema or the model refuses,
+429 queue full, 503 not ready, 504 over the timeout.
 """
 
 from __future__ import annotations
@@ -56,13 +59,16 @@ class ServeConfig:
     max_image_bytes: int = 8 << 20
     warmup_steps: int = 2
     exact_batching: bool = True  # False: batch requests even on a backend whose batches differ in the last bit
+    strict: bool = False  # any fallback (ONNX Runtime provider, PyTorch for an artifact) fails the load
+    cuda_graph: bool = True  # tensorrt: replay captured CUDA graphs
     log_level: str = "info"
 
     def runtime_config(self) -> RuntimeConfig:
         return RuntimeConfig(model=self.model, backend=self.backend, device=self.device, max_batch_size=self.max_batch_size,
                              max_queue=self.max_queue, batch_wait_ms=self.batch_wait_ms, timeout_s=self.timeout_s,
                              max_image_bytes=self.max_image_bytes, warmup_steps=self.warmup_steps,
-                             exact_batching=self.exact_batching, controlnet=self.controlnet)
+                             exact_batching=self.exact_batching, controlnet=self.controlnet, strict=self.strict,
+                             cuda_graph=self.cuda_graph)
 
     def api_key(self) -> str | None:
         return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
@@ -88,11 +94,14 @@ def answer_response(answer: Answer, accept: str) -> Response:
     timings = ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in answer.timings_ms.items())
     headers = {"X-Diffrt-Backend": answer.backend, "X-Diffrt-Seed": str(answer.seed), "X-Request-Id": answer.job_id,
                "X-Diffrt-Batch-Size": str(answer.batch_size), "Server-Timing": timings}
+    truncated = answer.truncated or {}
+    if any(text is not None for cut in truncated.values() for text in cut or []):
+        headers["X-Diffrt-Prompt-Truncated"] = "true"  # the text itself may not be latin-1: it is in the JSON answer
     if len(answer.pngs) == 1 and "application/json" not in accept.lower():
         return Response(answer.pngs[0], media_type="image/png", headers=headers)
     images = [{"index": i, "seed": answer.seed, "png_base64": base64.b64encode(png).decode("ascii")} for i, png in enumerate(answer.pngs)]
     return JSONResponse({"id": answer.job_id, "backend": answer.backend, "seed": answer.seed, "images": images,
-                         "batch_size": answer.batch_size, "timings_ms": answer.timings_ms}, headers=headers)
+                         "batch_size": answer.batch_size, "timings_ms": answer.timings_ms, **truncated}, headers=headers)
 
 
 # -- guards in front of the app (before the body is parsed) -----------------------------------

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class RuntimeConfig:
     model: str | None = None  # None: the shipped digits model
     backend: str = "onnxruntime"
-    device: str | None = None  # None: cuda when available, else cpu
+    device: str | None = None  # None: cuda when available, else cpu (runtime.backends.resolve_device)
     max_batch_size: int = 8  # images per UNet batch (CFG doubles what the engine sees)
     max_queue: int = 64
     batch_wait_ms: float = 10.0
@@ -41,21 +41,20 @@ class RuntimeConfig:
     warmup_steps: int = 2
     exact_batching: bool = True  # batch requests only if the backend proves batch-invariant at start-up
     controlnet: str | None = None  # a ControlNet folder for a text-to-image diffusers folder (artifacts carry theirs)
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    strict: bool = False  # any fallback (an ONNX Runtime provider that did not start, PyTorch for an artifact) fails the load
+    cuda_graph: bool = True  # tensorrt: replay captured CUDA graphs, one per request shape seen
 
 
 def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     """The worker for the model's kind: text-to-image (prompts, ControlNet) or pixel-space (class labels)."""
     from diffrt.generate import is_text_to_image
 
+    from diffrt.runtime.backends import resolve_device
+
     common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
-                  max_batch_size=config.max_batch_size, exact_batching=config.exact_batching)
-    device = config.device or default_device()
+                  max_batch_size=config.max_batch_size, exact_batching=config.exact_batching,
+                  strict=config.strict, cuda_graph=config.cuda_graph)
+    device = str(resolve_device(config.device, config.backend))  # tensorrt without CUDA: refused before any load
     if is_text_to_image(config.model):
         return TextToImageWorker(config.model, config.backend, device, controlnet=config.controlnet, **common)
     if config.controlnet is not None:

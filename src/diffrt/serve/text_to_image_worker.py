@@ -55,8 +55,11 @@ class TextToImageWorker:
     """Serves a text-to-image pipeline (a diffusers folder, optionally with a ControlNet, or an artifact)."""
 
     def __init__(self, model: str, backend: str, device: str, *, controlnet: str | None = None, warmup_steps: int = 2,
-                 max_image_bytes: int = 8 << 20, max_batch_size: int = 8, exact_batching: bool = True):
+                 max_image_bytes: int = 8 << 20, max_batch_size: int = 8, exact_batching: bool = True,
+                 strict: bool = False, cuda_graph: bool = True):
         self.model = model
+        self.strict = strict
+        self.cuda_graph = cuda_graph
         self.controlnet = controlnet
         self.backend_asked = backend
         self.device = device
@@ -75,7 +78,8 @@ class TextToImageWorker:
         from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
         t0 = time.perf_counter()
-        self.pipe = open_text_to_image_pipeline(self.model, self.backend_asked, self.device, controlnet=self.controlnet)
+        self.pipe = open_text_to_image_pipeline(self.model, self.backend_asked, self.device, controlnet=self.controlnet,
+                                                strict=self.strict, cuda_graph=self.cuda_graph)
         log.info("opened %s%s on %s in %.1f s", self.model, " with a ControlNet" if self.pipe.has_controlnet else "",
                  self.pipe.backend, time.perf_counter() - t0)
         self.warmup_seconds = self.self_test()
@@ -107,14 +111,15 @@ class TextToImageWorker:
         sample_ms = 1000 * (time.perf_counter() - t0)
         pngs, encode_ms = encode_finite(result)
         timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, "encode": encode_ms}
-        return {job.id: Answer(job.id, plan.seed, pngs, result.backend, len(pngs), timings)}
+        truncated = {key: result.metadata.get(key) for key in ("truncated", "truncated_negative")}
+        return {job.id: Answer(job.id, plan.seed, pngs, result.backend, len(pngs), timings, truncated)}
 
     # -- any thread (reads the model's description only) ---------------------------------
 
     def describe(self) -> dict:
         return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "backend": self.pipe.backend,
                 "conditioning": "text", "sample_size": self.pipe.default_size, "batches_requests": False,
-                "batch_max_abs_diff": self.batch_max_abs_diff}
+                "batch_max_abs_diff": self.batch_max_abs_diff, **self.pipe.runtime_metadata()}
 
     def plan(self, body: GenerateBody) -> TextToImagePlan:
         """Check the request against this model; RequestError names the field at fault."""

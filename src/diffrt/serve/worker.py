@@ -75,6 +75,7 @@ class Answer:
     backend: str
     batch_size: int  # images in the batch this request ran in
     timings_ms: dict[str, float]
+    truncated: dict | None = None  # text-to-image: prompt text the text encoder cut off (RELIABILITY #13)
 
 
 def self_test_passed(result, t0: float) -> float:
@@ -99,10 +100,12 @@ class PixelWorker:
     """Serves a pixel-space pipeline (unconditional or class-conditioned)."""
 
     def __init__(self, model: str | None, backend: str, device: str, *, warmup_steps: int = 2, max_image_bytes: int = 8 << 20,
-                 max_batch_size: int = 8, exact_batching: bool = True):
+                 max_batch_size: int = 8, exact_batching: bool = True, strict: bool = False, cuda_graph: bool = True):
         self.model = model
         self.backend_asked = backend
         self.device = device
+        self.strict = strict
+        self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
         self.max_image_bytes = max_image_bytes
         self.max_batch_size = max_batch_size
@@ -121,7 +124,7 @@ class PixelWorker:
         if is_text_to_image(self.model):
             raise DiffrtError(f"{self.model} is a text-to-image model; serve it with TextToImageWorker (serve.runtime.make_worker picks it)")
         t0 = time.perf_counter()
-        pipe = open_pixel_pipeline(self.model, self.backend_asked, self.device)
+        pipe = open_pixel_pipeline(self.model, self.backend_asked, self.device, strict=self.strict, cuda_graph=self.cuda_graph)
         log.info("opened %s on %s in %.1f s", self.model or "the shipped digits model", pipe.backend, time.perf_counter() - t0)
         self.pipe = pipe
         fits = pipe.unet.spec.ranges.get("batch", (1, 1, 1 << 30))[2] // (2 if self.conditioned else 1)  # CFG doubles it
@@ -212,7 +215,7 @@ class PixelWorker:
         return {"kind": "pixel", "controlnet": False, "backend": self.pipe.backend, "conditioning": info.conditioning,
                 "num_classes": info.num_classes, "class_names": info.class_names, "sample_size": self.pipe.sample_size,
                 "channels": self.pipe.channels, "batches_requests": self.batches_requests,
-                "batch_max_abs_diff": self.batch_max_abs_diff}
+                "batch_max_abs_diff": self.batch_max_abs_diff, **self.pipe.runtime_metadata()}
 
     def plan(self, body: GenerateBody) -> Plan:
         """Check the request against this model and draw its noise; RequestError names the field at fault."""

@@ -66,6 +66,40 @@ def require_backend(name: str) -> None:
         raise BackendUnavailableError(f"backend {name!r} is not available ({why}; {hint}); available here: {', '.join(available_backends())}")
 
 
+def default_device(backend: str | None = None) -> torch.device:
+    """Where a backend runs when no device is given: CUDA when torch sees a GPU (for onnxruntime,
+    also only when its build has the CUDA provider), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if backend == "onnxruntime" and not _onnxruntime_has_cuda():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def resolve_device(device: str | torch.device | None, backend: str) -> torch.device:
+    """The device `backend` runs on: `device`, or `default_device(backend)` when None.
+
+    TensorRT runs on CUDA only, so asking it for another device, or for none on a machine without
+    CUDA, is refused here in one line, before any export builds an engine."""
+    resolved = torch.device(device) if device is not None else default_device(backend)
+    if backend == "tensorrt":
+        if device is None and resolved.type != "cuda":
+            raise BackendUnavailableError("backend 'tensorrt' needs a CUDA GPU and torch sees none here; "
+                                          f"available here: {', '.join(available_backends())}")
+        if resolved.type != "cuda":
+            raise BackendUnavailableError(f"backend 'tensorrt' runs on a CUDA device, not {resolved}; "
+                                          "pass --device cuda (or leave --device out)")
+    return resolved
+
+
+def _onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except Exception:  # noqa: BLE001 - a broken install is as good as none
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def best_exported_backend() -> str:
     """The fastest backend that runs exported artifacts on this machine."""
     for name in EXPORTED:

@@ -2,10 +2,17 @@
 
 IO binding hands ONNX Runtime the torch tensors' memory directly, inputs and pre-allocated
 outputs alike, so a step does not copy through NumPy (nor leave the GPU on CUDA).
+
+Providers (RELIABILITY #15). ONNX Runtime silently drops an execution provider it cannot start
+(no CUDA libraries, no TensorRT) and runs on the next one, down to the CPU. After opening the
+session the providers it really uses (`session.get_providers()`) are compared with those asked
+for: a missing one is a warning, or with `strict=True` an error. `backend.providers` is
+reported with every result.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +21,7 @@ import torch
 from diffrt.components import ComponentSpec, tensor_shape
 from diffrt.errors import BackendUnavailableError
 
+log = logging.getLogger(__name__)
 _ELEMENT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
                   torch.bfloat16: "bfloat16"}
 
@@ -34,7 +42,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, spec: ComponentSpec, device: str | torch.device = "cpu",
-                 providers: list | None = None, threads: int | None = None):
+                 providers: list | None = None, threads: int | None = None, strict: bool = False):
         import onnxruntime as ort
 
         self.spec = spec
@@ -42,8 +50,11 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers or default_providers(self.device))
-        self.providers = self.session.get_providers()
+        requested = providers or default_providers(self.device)
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=requested)
+        self.requested_providers = [p if isinstance(p, str) else p[0] for p in requested]
+        self.providers = self.session.get_providers()  # what really runs: reported with every result
+        check_providers(spec.name, self.requested_providers, self.providers, strict)
         self._input_dtypes = {i.name: _onnx_dtype(i.type) for i in self.session.get_inputs()}
         self._output_dtypes = {o.name: _onnx_dtype(o.type) for o in self.session.get_outputs()}
 
@@ -66,6 +77,18 @@ class OnnxRuntimeBackend:
             torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
         return outputs
+
+
+def check_providers(component: str, requested: list[str], used: list[str], strict: bool) -> None:
+    """Every requested provider must be in the session: a fallback is a warning, or an error when strict."""
+    missing = [p for p in requested if p not in used]
+    if not missing:
+        return
+    message = (f"{component}: ONNX Runtime did not start {', '.join(missing)} (asked for {', '.join(requested)}) and runs "
+               f"on {', '.join(used)}; see ONNX Runtime's log for why")
+    if strict:
+        raise BackendUnavailableError(f"{message}; strict mode refuses a fallback")
+    log.warning("%s; strict mode (--strict) makes this an error", message)
 
 
 def _onnx_dtype(type_str: str) -> torch.dtype:

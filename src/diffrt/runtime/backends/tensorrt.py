@@ -19,8 +19,18 @@ caller's stream wait for the engine before the outputs are used, so the caller n
 CUDA graphs (`cuda_graph=True`). Launch overhead is a real share of a small UNet's step. The
 first run for each input-shape key captures the engine's launch into a CUDA graph over static
 input/output buffers; later runs of that shape copy the inputs in, replay, and return copies
-of the outputs (the static buffers are overwritten by the next replay). A graph is only worth
-it where shapes repeat, as in a service with a fixed set of batch sizes.
+of the outputs (the static buffers are overwritten by the next replay). A graph is worth it
+where shapes repeat: every step of one generation, or a service's few batch sizes.
+
+One execution context per graph. A captured `execute_async_v3` bakes in what the enqueue
+launched: kernel arguments for those shapes and addresses, and copies from the context's own
+buffers, which TensorRT rewrites on the first enqueue after a shape change (hence TensorRT's
+advice to enqueue once after `set_input_shape` before capturing). Replaying a graph after the
+same context ran another shape would read state prepared for that other shape, and setting the
+shapes again before the replay does not help, since only an enqueue rebuilds that state. So each
+graph gets a context of its own whose shapes and addresses never change after capture. The graph
+contexts share one block of activation memory (`USER_MANAGED`), which is safe because replays
+never overlap: they run under the backend's lock, on its one stream.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +49,16 @@ from diffrt.errors import ArtifactError, BackendUnavailableError, ShapeOutOfRang
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 16  # shape keys captured per backend; later keys run without a graph
+
+
+@dataclass
+class _Graph:
+    """One captured shape key: its own context, the static buffers it reads and writes, the graph."""
+
+    context: object
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    graph: torch.cuda.CUDAGraph
 
 
 def torch_dtype(trt, trt_type) -> torch.dtype:
@@ -113,7 +134,8 @@ class TensorRTBackend:
                 raise ArtifactError(f"TensorRT could not create an execution context for {self.engine_path} (out of GPU memory?)")
             self.stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
-        self._graphs: dict[tuple, tuple[dict, dict, torch.cuda.CUDAGraph] | None] = {}
+        self._graphs: dict[tuple, _Graph | None] = {}
+        self._graph_memory: torch.Tensor | None = None  # activation memory the graph contexts share
 
     def clone(self) -> TensorRTBackend:
         """A backend on the same engine with its own context and stream: one per worker thread."""
@@ -138,9 +160,8 @@ class TensorRTBackend:
                 t.record_stream(caller)  # allocated on our stream, used on the caller's
         return outputs
 
-    def _bind(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Set shapes and addresses; allocate the outputs at the shapes TensorRT infers."""
-        ctx = self.context
+    def _bind(self, ctx, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Set shapes and addresses on `ctx`; allocate the outputs at the shapes TensorRT infers."""
         for name, t in inputs.items():
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise ShapeOutOfRangeError(f"{self.spec.name}.{name}: shape {tuple(t.shape)} is outside the engine's profile "
@@ -156,13 +177,13 @@ class TensorRTBackend:
             outputs[name] = out
         return outputs
 
-    def _enqueue(self) -> None:
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+    def _enqueue(self, ctx) -> None:
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"TensorRT failed to run {self.spec.name} ({self.engine_path}); see the TensorRT log above")
 
     def _execute(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self._bind(inputs)
-        self._enqueue()
+        outputs = self._bind(self.context, inputs)
+        self._enqueue(self.context)
         return outputs
 
     def _run_graph(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,26 +193,52 @@ class TensorRTBackend:
         entry = self._graphs[key]
         if entry is None:
             return self._execute(inputs)
-        static_in, static_out, graph = entry
         for name, t in inputs.items():
-            static_in[name].copy_(t)
-        graph.replay()
-        return {name: t.clone() for name, t in static_out.items()}
+            entry.inputs[name].copy_(t)
+        entry.graph.replay()  # on entry.context, whose shapes and addresses are this key's since capture
+        return {name: t.clone() for name, t in entry.outputs.items()}
 
-    def _capture(self, inputs: dict[str, torch.Tensor]):
-        """Capture one launch for this shape key over static buffers; None if it cannot be captured."""
+    def _graph_context(self):
+        """A fresh context on the shared graph memory (see the module docstring); None if this TensorRT cannot."""
+        trt, engine = self._trt, self.engine
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        size = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", None)
+        if strategy is None or not size:
+            return None
+        ctx = engine.create_execution_context(strategy.USER_MANAGED)
+        if ctx is None:
+            return None
+        if self._graph_memory is None:
+            # torch's allocator aligns blocks to 512 bytes, more than the 256 TensorRT needs.
+            self._graph_memory = torch.empty(size, dtype=torch.uint8, device=self.device)
+        if hasattr(ctx, "set_device_memory"):
+            ctx.set_device_memory(self._graph_memory.data_ptr(), size)
+        else:
+            ctx.device_memory = self._graph_memory.data_ptr()
+        return ctx
+
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> _Graph | None:
+        """Capture one launch for this shape key on its own context; None if it cannot be captured."""
+        shapes = {n: tuple(t.shape) for n, t in inputs.items()}
+        try:
+            ctx = self._graph_context()
+        except Exception as exc:  # noqa: BLE001 - no graph is a slower run, not a failure
+            log.warning("%s: no execution context for a CUDA graph (%s); running without a graph", self.spec.name, exc)
+            return None
+        if ctx is None:
+            log.warning("%s: this TensorRT cannot give a CUDA graph its own context; running without graphs", self.spec.name)
+            return None
         static_in = {name: t.clone() for name, t in inputs.items()}
-        static_out = self._bind(static_in)
+        static_out = self._bind(ctx, static_in)
         # TensorRT does shape-dependent setup on the first launch after a shape change; that
         # launch must happen outside the capture.
-        self._enqueue()
+        self._enqueue(ctx)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                self._enqueue()
+                self._enqueue(ctx)
         except Exception as exc:  # a layer that cannot be captured: run this shape without a graph
-            log.warning("%s: CUDA graph capture failed for shapes %s (%s); running without a graph", self.spec.name,
-                        {n: tuple(t.shape) for n, t in inputs.items()}, exc)
+            log.warning("%s: CUDA graph capture failed for shapes %s (%s); running without a graph", self.spec.name, shapes, exc)
             return None
-        log.debug("%s: captured a CUDA graph for %s", self.spec.name, {n: tuple(t.shape) for n, t in inputs.items()})
-        return static_in, static_out, graph
+        log.debug("%s: captured a CUDA graph for %s", self.spec.name, shapes)
+        return _Graph(ctx, static_in, static_out, graph)

@@ -1,0 +1,271 @@
+"""Refit logic on the CPU: which engines take LoRA, the cache key of TensorRT exports with LoRA, and
+how a Refitter is driven (RELIABILITY #8, #10, #11).
+
+No TensorRT here. What TensorRT does is stood in for, and only that: `stand_in_engines` writes a
+plan file holding a digest of the weights it was built or refit with, and replaces the guard that
+compares the engine's TensorRT/GPU with this machine's; `FakeRefitter` stands for trt.Refitter.
+Everything around them (keys, manifests, weight maps, refit weights, which components are refit)
+is the real code. Real engines are built and refit by the `gpu` tests in test_tensorrt.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import T2I_RANGES
+from diffrt.atomic import sha256_file
+from diffrt.errors import ArtifactError
+from diffrt.export import manifest as mf
+from diffrt.export import refit
+from diffrt.export.artifact import ExportOptions, cached_export, export_pixel_model, lora_hashes
+from diffrt.export.text_to_image import export_text_to_image
+from test_tensorrt import make_lora
+
+PIXEL = dict(batch=(1, 2, 4), verify=False)
+T2I = dict(T2I_RANGES, verify=False)
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> bytes:
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest().encode()
+
+
+class EngineRecorder:
+    """Stands in for building and refitting engines; records every refit it is asked for."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, list[str]]] = []  # (component, initializer names patched)
+        self.fail = False
+
+    def build_engine(self, onnx_path, spec, engine_path, precision="fp32", **_):
+        engine_path = Path(engine_path)
+        engine_path.write_bytes(weights_digest(refit.onnx_initializers(onnx_path)))
+        return {"tensorrt": "stand-in", "gpu": None, "precision": precision, "refittable": True, "loras": [],
+                "sha256": sha256_file(engine_path)}
+
+    def refit_engine(self, engine_path, weights, device="cuda"):
+        engine_path = Path(engine_path)
+        self.calls.append((engine_path.parent.name, sorted(weights.patched)))
+        if self.fail:
+            raise ArtifactError(f"{engine_path}: refit failed (stand-in)")
+        engine_path.write_bytes(weights_digest(weights.weights))
+        n = len(weights.weights)
+        return {"refittable": n, "set": n, "patched": len(weights.patched), "not_in_onnx": [],
+                "sha256": sha256_file(engine_path)}
+
+    def components(self) -> list[str]:
+        return sorted(name for name, _ in self.calls)
+
+
+@pytest.fixture
+def engines(monkeypatch) -> EngineRecorder:
+    from diffrt.export import artifact, tensorrt
+
+    recorder = EngineRecorder()
+    monkeypatch.setattr(artifact, "require_backend", lambda name: None)
+    monkeypatch.setattr(refit, "require_backend", lambda name: None)
+    monkeypatch.setattr(tensorrt, "build_engine", recorder.build_engine)
+    monkeypatch.setattr(refit, "refit_engine", recorder.refit_engine)
+    monkeypatch.setattr(mf, "check_engine_compatible", lambda engine: None)
+    return recorder
+
+
+# --- B1: only engines that hold a UNet or text encoder are refit --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def t2i_loras(t2i_folder, tmp_path_factory):
+    from diffrt.tiny import tiny_lora_files
+
+    return tiny_lora_files(t2i_folder, tmp_path_factory.mktemp("t2i_lora"), seed=1)
+
+
+def test_t2i_tensorrt_export_with_lora_refits_base_engines(t2i_folder, t2i_loras, engines, tmp_path):
+    lora = (str(t2i_loras["peft"]), 0.8)
+    out = tmp_path / "trt"
+    result = export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", loras=[lora], **T2I), [])
+    manifest = result.manifest
+    # The VAE decoder's engine takes no LoRA: only the text encoder's and UNet's are refit, each with patches.
+    assert engines.components() == ["text_encoder", "unet"]
+    assert all(patched for _, patched in engines.calls)
+    # The ONNX keeps base weights (the engines take LoRA by refit); the manifest says so.
+    assert manifest["onnx_loras"] == [] and [(e["sha256"], e["scale"]) for e in manifest["loras"]] == [
+        (x["sha256"], x["scale"]) for x in lora_hashes(ExportOptions(loras=[lora]))]
+    assert manifest["components"]["unet"]["engine"]["loras"] == manifest["loras"]
+    assert manifest["components"]["vae_decoder"]["engine"]["loras"] == []
+    from diffrt.text_to_image_models import load_unet
+
+    wmap = refit.read_weight_map(out / "unet" / "model.onnx")
+    inits = refit.onnx_initializers(out / "unet" / "model.onnx")
+    state = load_unet(t2i_folder).state_dict()
+    for name, e in wmap["weights"].items():
+        value = state[e["param"]].T if e["transpose"] else state[e["param"]]
+        assert torch.equal(inits[name], value), name
+
+    # `diffrt refit` with no LoRA restores the base engines, again only those two.
+    vae_plan = (out / "vae_decoder" / "engine.plan").read_bytes()
+    engines.calls.clear()
+    refit.refit_artifact(out, [])
+    assert engines.components() == ["text_encoder", "unet"] and all(not p for _, p in engines.calls)
+    for name in ("text_encoder", "unet"):
+        assert (out / name / "engine.plan").read_bytes() == weights_digest(refit.onnx_initializers(out / name / "model.onnx"))
+    assert (out / "vae_decoder" / "engine.plan").read_bytes() == vae_plan
+    manifest = mf.read_manifest(out)
+    assert manifest["loras"] == [] and manifest["key"] == result.manifest["key"]
+    mf.verify_files(out, manifest)
+
+
+def test_refit_skips_the_standalone_controlnet_and_vae(t2i_folder, engines, tmp_path):
+    out = tmp_path / "trt"
+    export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", **T2I),
+                         [str(t2i_folder / "controlnet")])
+    manifest = mf.read_manifest(out)
+    assert {n for n, c in manifest["components"].items() if "engine" in c} == {"text_encoder", "unet_controlnet", "controlnet", "vae_decoder"}
+    assert not engines.calls  # no LoRA asked: the engines are left as built
+    refit.refit_artifact(out, [])
+    assert engines.components() == ["text_encoder", "unet_controlnet"]
+
+
+def test_refit_refuses_a_lora_for_a_component_without_a_lora_engine(t2i_folder, t2i_loras, engines, tmp_path):
+    out = tmp_path / "trt"
+    export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", **T2I), [])
+    manifest = mf.read_manifest(out)
+    del manifest["components"]["text_encoder"]["engine"]  # as if the text encoder had no engine
+    with pytest.raises(ArtifactError, match="text_encoder weights but no engine"):
+        refit.refit_components(out, manifest, [(t2i_loras["peft"], 1.0)])
+    assert not engines.calls
+
+
+# --- B2: the cache key of TensorRT exports with LoRA -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pixel_loras(classemb_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pixel_loras")
+    return {"A": make_lora(classemb_model_dir, folder / "a.safetensors", 1),
+            "B": make_lora(classemb_model_dir, folder / "b.safetensors", 2)}
+
+
+def test_tensorrt_export_with_lora_is_cached_by_base_key_and_lora(classemb_model_dir, pixel_loras, engines, tmp_path):
+    out = tmp_path / "trt"
+    with_a = ExportOptions(backend="tensorrt", loras=[(str(pixel_loras["A"]), 1.0)], **PIXEL)
+    first = export_pixel_model(classemb_model_dir, out, with_a)
+    assert engines.components() == ["unet"] and engines.calls[0][1]
+    # The manifest's key is the base export's; the LoRA is recorded beside it.
+    base_key = first.manifest["key"]
+    assert [e["sha256"] for e in first.manifest["loras"]] == [lora_hashes(with_a)[0]["sha256"]]
+
+    # 1. The same export again is a cache hit and refits nothing.
+    again = export_pixel_model(classemb_model_dir, out, with_a)
+    assert again.cache_hit and len(engines.calls) == 1
+
+    # 2. `refit` to base; then `export --lora A` is a miss that refits A (not the base engine passed off as A) ...
+    refit.refit_artifact(out, [])
+    assert mf.read_manifest(out)["key"] == base_key
+    assert export_pixel_model(classemb_model_dir, out, ExportOptions(backend="tensorrt", **PIXEL)).cache_hit
+    engines.calls.clear()
+    result = export_pixel_model(classemb_model_dir, out, with_a)
+    assert not result.cache_hit and engines.calls and engines.calls[-1][1]
+    assert result.manifest["key"] == base_key and result.manifest["loras"][0]["sha256"] == first.manifest["loras"][0]["sha256"]
+    # ... and another scale of the same file is another LoRA state.
+    assert cached_export(out, base_key, 0.0, lora_hashes(ExportOptions(loras=[(str(pixel_loras["A"]), 0.5)]))) is None
+    assert cached_export(out, base_key, 0.0, lora_hashes(with_a)) is not None
+
+
+def test_failed_refit_at_export_leaves_no_cache_hit(classemb_model_dir, pixel_loras, engines, tmp_path):
+    out = tmp_path / "trt"
+    with_b = ExportOptions(backend="tensorrt", loras=[(str(pixel_loras["B"]), 1.0)], **PIXEL)
+    engines.fail = True
+    with pytest.raises(ArtifactError, match="refit failed"):
+        export_pixel_model(classemb_model_dir, out, with_b)
+    assert not (out / mf.MANIFEST).exists()  # the engines' refit comes before the manifest
+    engines.fail = False
+    result = export_pixel_model(classemb_model_dir, out, with_b)
+    assert not result.cache_hit and len(engines.calls) == 2 and engines.calls[-1][1]
+    assert export_pixel_model(classemb_model_dir, out, with_b).cache_hit
+
+
+# --- item 9: a Refitter is given every refittable weight, every time (A, B, A equals A) ---------------
+
+
+class FakeTrt:
+    """The few names of the tensorrt module that `set_engine_weights` uses."""
+
+    class DataType:
+        FLOAT, HALF, INT32, INT8, BOOL = "FLOAT", "HALF", "INT32", "INT8", "BOOL"
+
+    class Weights:
+        def __init__(self, dtype, ptr: int, count: int):
+            assert dtype == "FLOAT"
+            self.values = torch.frombuffer((ctypes.c_float * count).from_address(ptr), dtype=torch.float32).clone()
+
+
+class FakeRefitter:
+    """Holds an engine's weights (name -> tensor); set values take effect at refit_cuda_engine."""
+
+    def __init__(self, engine: dict[str, torch.Tensor]):
+        self.engine, self.pending = engine, {}
+
+    def get_all_weights(self):
+        return list(self.engine)
+
+    def get_weights_prototype(self, name):
+        return type("Proto", (), {"size": self.engine[name].numel(), "dtype": "FLOAT"})()
+
+    def set_named_weights(self, name, weights) -> bool:
+        self.pending[name] = weights.values.reshape(self.engine[name].shape)
+        return True
+
+    def get_missing_weights(self):
+        return []
+
+    def refit_cuda_engine(self) -> bool:
+        self.engine.update(self.pending)
+        return True
+
+
+def test_every_refittable_weight_is_set_on_every_refit(classemb_model_dir, pixel_loras, tmp_path):
+    from diffrt.export.lora import read_lora
+    from diffrt.models import load_pixel_model
+
+    onnx_path = export_pixel_model(classemb_model_dir, tmp_path / "onnx", ExportOptions(**PIXEL)).folder / "unet" / "model.onnx"
+    wmap = refit.build_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet.state_dict()})
+    inits = refit.onnx_initializers(onnx_path)
+    engine = {n: t.clone() for n, t in inits.items() if t.dtype == torch.float32 and t.ndim in (2, 4)}
+    base = {n: t.clone() for n, t in engine.items()}
+    states = []
+    for name in "ABA":
+        weights = refit.refit_weights(onnx_path, wmap, [(read_lora(pixel_loras[name]), 1.0)], inits)
+        refitter = FakeRefitter(engine)
+        counts = refit.set_engine_weights(FakeTrt, refitter, weights, onnx_path, [])
+        assert set(refitter.pending) == set(engine) and counts["set"] == len(engine)  # all, not only the patched
+        assert counts["patched"] == len(weights.patched) > 0
+        states.append({n: t.clone() for n, t in engine.items()})
+    a, b, a_again = states
+    assert all(torch.equal(a[n], a_again[n]) for n in a)
+    assert any(not torch.equal(a[n], b[n]) for n in a) and any(not torch.equal(a[n], base[n]) for n in a)
+
+    folded = refit.RefitWeights(weights.weights, ["not_refittable"])
+    with pytest.raises(ArtifactError, match="folded"):
+        refit.set_engine_weights(FakeTrt, FakeRefitter(engine), folded, onnx_path, [])
+
+
+def test_onnx_files_of_an_artifact_refit_with_lora_are_not_run(classemb_model_dir, pixel_loras, engines, tmp_path):
+    # After a refit the engines hold the LoRA and the ONNX files the base weights: ONNX Runtime must
+    # not run them under the manifest's LoRA.
+    from diffrt.runtime.loading import artifact_pixel_pipeline
+
+    out = tmp_path / "trt"
+    export_pixel_model(classemb_model_dir, out, ExportOptions(backend="tensorrt", loras=[(str(pixel_loras["A"]), 1.0)], **PIXEL))
+    with pytest.raises(ArtifactError, match=r"refit with LoRA \(a.safetensors:1.0\) but its ONNX files hold other weights"):
+        artifact_pixel_pipeline(out, "onnxruntime", "cpu")
+    refit.refit_artifact(out, [])  # back to base: engines and ONNX agree again
+    assert artifact_pixel_pipeline(out, "onnxruntime", "cpu").backend == "onnxruntime"
