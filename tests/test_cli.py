@@ -78,3 +78,16 @@ def test_generate_writes_npy_in_unit_range(classemb_model_dir, tmp_path):
     images = np.load(out)
     assert images.dtype == np.float32 and images.shape == (3, 16, 16, 3)
     assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+def test_serve_flags_reach_the_service_config(monkeypatch):
+    from diffrt.serve import app
+
+    seen = {}
+    monkeypatch.setattr(app, "serve", lambda config: seen.setdefault("config", config))
+    assert main(["serve", "--backend", "tensorrt", "--device", "cuda", "--strict", "--no-cuda-graph"]) == 0
+    config = seen["config"]
+    assert (config.backend, config.device, config.strict, config.cuda_graph) == ("tensorrt", "cuda", True, False)
+    seen.clear()
+    assert main(["serve"]) == 0  # defaults: auto device, fallbacks allowed, graphs on
+    assert (seen["config"].device, seen["config"].strict, seen["config"].cuda_graph) == (None, False, True)

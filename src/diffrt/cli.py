@@ -70,13 +70,14 @@ def _cmd_train_finetune(args) -> int:
 
 
 def _cmd_train_dreambooth_lora(args) -> int:
-    from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth_lora
+    from diffrt.train.dreambooth import LORA_WEIGHT_NAME, TEXT_ENCODER_TARGETS, DreamBoothConfig, train_dreambooth_lora
 
     cfg = DreamBoothConfig(
         model=args.model, instance_data=args.instance_data, instance_prompt=args.instance_prompt,
         class_prompt=args.class_prompt, with_prior_preservation=args.with_prior_preservation, class_data=args.class_data,
         num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight, rank=args.rank,
         lora_alpha=args.lora_alpha, target_modules=tuple(args.target_modules), train_text_encoder=args.train_text_encoder,
+        text_encoder_target_modules=tuple(args.text_encoder_target_modules or TEXT_ENCODER_TARGETS),
         resolution=args.resolution, crop=args.crop, random_flip=args.random_flip, validation_prompt=args.validation_prompt,
         num_validation_images=args.num_validation_images, inference_steps=args.inference_steps,
         guidance_scale=args.guidance_scale, train=_train_config(args),
@@ -170,7 +171,8 @@ def _cmd_serve(args) -> int:
 
     serve(ServeConfig(model=args.model, controlnet=args.controlnet, backend=args.backend, host=args.host, port=args.port,
                       api_key_env=args.api_key_env, max_batch_size=args.max_batch_size,
-                      max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout))
+                      max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
+                      device=args.device, strict=args.strict, cuda_graph=args.cuda_graph))
     return 0
 
 
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
     db.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"], help="UNet modules to adapt")
     db.add_argument("--train-text-encoder", action="store_true", help="also train a LoRA on the CLIP text encoder")
+    db.add_argument("--text-encoder-target-modules", nargs="+", default=None,
+                    help="text-encoder modules to adapt with --train-text-encoder (default: q_proj k_proj v_proj out_proj)")
     db.add_argument("--resolution", type=int, default=512, help="training image size in pixels")
     db.add_argument("--crop", choices=["center", "random"], default="center")
     db.add_argument("--random-flip", action="store_true")
@@ -295,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--controlnet", default=None, metavar="DIR",
                     help="ControlNet folder for a text-to-image diffusers folder (an exported artifact carries its own)")
     se.add_argument("--backend", default="onnxruntime")
+    se.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; tensorrt needs cuda)")
+    se.add_argument("--strict", action="store_true",
+                    help="refuse to start on any fallback (an ONNX Runtime provider that did not start, PyTorch weights for an artifact)")
+    se.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                    help="tensorrt: launch each step normally instead of replaying captured CUDA graphs")
     se.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--api-key-env", default="DIFFRT_API_KEY", help="environment variable holding the API key (unset: no key)")

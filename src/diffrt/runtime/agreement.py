@@ -8,9 +8,10 @@ on the same input, and every eps it returns is checked to be finite. Both pipeli
 text-to-image) wrap their PyTorch denoiser with `guard_autograd_denoiser`.
 
 The limit is relative to max |eps| and depends on the precision the engine was built at: an fp32
-engine must agree as closely as the fp32 engine tests demand (1e-3: the PyTorch side may use TF32
-convolutions on CUDA), fp16/bf16 engines as loosely as export verification allows them
-(export/verify.py's TOLERANCE).
+engine within 5e-3 (on CUDA, PyTorch's convolutions run in TF32 by default, with a 10-bit
+mantissa, while fp32 engines are built without TF32; the weights of another LoRA or scale differ
+by far more), fp16/bf16 engines as loosely as export verification allows them (export/verify.py's
+TOLERANCE).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from diffrt.runtime.sampling import Denoise, check_finite
 
 log = logging.getLogger(__name__)
 
-EPS_AGREEMENT = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}  # max |eps_torch - eps_engine| / max |eps_engine|
+EPS_AGREEMENT = {"fp32": 5e-3, "fp16": 2e-2, "bf16": 5e-2}  # max |eps_torch - eps_engine| / max |eps_engine|
 TORCH_BACKENDS = ("torch", "torch-compile")  # the fallback is the backend's own module: nothing to compare
 FALLBACK_COMPONENT = "unet (the PyTorch UNet for through_unet guidance)"
 
