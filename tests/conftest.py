@@ -80,3 +80,22 @@ def t2i_artifact(t2i_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("t2i_artifact") / "artifact"
     export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES), [str(t2i_folder / "controlnet")])
     return out
+
+
+@pytest.fixture(scope="session")
+def t2i_controlnet_b(t2i_folder, tmp_path_factory):
+    """A second ControlNet for t2i_folder's UNet: another seed, non-zero output convs."""
+    from diffrt.tiny import tiny_controlnet
+
+    return tiny_controlnet(t2i_folder, tmp_path_factory.mktemp("t2i_controlnet_b") / "controlnet", seed=11)
+
+
+@pytest.fixture(scope="session")
+def t2i_multi_artifact(t2i_folder, t2i_controlnet_b, tmp_path_factory):
+    """t2i_folder exported with two ControlNets, controlnet/ then t2i_controlnet_b (MultiControlNetModel)."""
+    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.text_to_image import export_text_to_image
+
+    out = tmp_path_factory.mktemp("t2i_multi_artifact") / "artifact"
+    export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES), [t2i_folder / "controlnet", t2i_controlnet_b])
+    return out

@@ -1,6 +1,6 @@
 """Text-to-image export: every component's ONNX equals PyTorch across its declared ranges, the
-fused UNet+ControlNet equals diffusers' UNet+ControlNet step, LoRA-baked exports equal diffusers'
-fuse_lora, and the artifact is cached, checked and refused when tampered with (RELIABILITY #5, #7,
+fused UNet+ControlNet equals diffusers' UNet+ControlNet step (and with two ControlNets, diffusers'
+MultiControlNetModel step), LoRA-baked exports equal diffusers' fuse_lora, and the artifact is cached, checked and refused when tampered with (RELIABILITY #5, #7,
 #10, #11, #17).
 """
 
@@ -128,6 +128,95 @@ def test_fused_unet_controlnet_equals_diffusers(t2i_artifact, manifest, model):
     assert (preds[0] - preds[1]).abs().max() > 1e-3  # non-zero ControlNet outputs: the scale is live in the graph
 
 
+# --- several ControlNets (diffusers' MultiControlNetModel) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi_manifest(t2i_multi_artifact):
+    from diffrt.export.manifest import read_manifest
+
+    return read_manifest(t2i_multi_artifact)
+
+
+@pytest.fixture(scope="module")
+def multi_model(t2i_folder, t2i_controlnet_b):
+    return load_text_to_image(t2i_folder, [t2i_folder / "controlnet", t2i_controlnet_b])
+
+
+def test_two_controlnets_manifest_records_them_in_order(t2i_multi_artifact, multi_manifest, t2i_folder, t2i_controlnet_b):
+    from diffrt.atomic import sha256_folder
+
+    source = multi_manifest["source"]
+    assert source["controlnets"] == [str((t2i_folder / "controlnet").resolve()), str(t2i_controlnet_b.resolve())]
+    assert source["parts"]["controlnet_0"] == sha256_folder(t2i_folder / "controlnet")
+    assert source["parts"]["controlnet_1"] == sha256_folder(t2i_controlnet_b) != source["parts"]["controlnet_0"]
+    assert "controlnet" not in source["parts"] and set(multi_manifest["components"]) == COMPONENTS
+    for name in ("unet_controlnet", "controlnet"):
+        inputs = {t["name"]: t["dims"] for t in multi_manifest["components"][name]["spec"]["inputs"]}
+        assert inputs["controlnet_cond"] == ["batch", 6, "image_height", "image_width"] and inputs["conditioning_scale"] == [2]
+        assert multi_manifest["components"][name]["parity"]["onnxruntime"]["passed"], name
+
+
+def test_controlnet_order_is_in_the_cache_key(t2i_folder, t2i_controlnet_b, t2i_multi_artifact, multi_manifest):
+    from diffrt.export.text_to_image import source_hashes
+
+    a, b = t2i_folder / "controlnet", t2i_controlnet_b
+    assert source_hashes(t2i_folder, [a, b]) != source_hashes(t2i_folder, [b, a])
+    assert source_hashes(t2i_folder, [a]) == {**source_hashes(t2i_folder), "controlnet": multi_manifest["source"]["parts"]["controlnet_0"]}
+    again = export_text_to_image(t2i_folder, t2i_multi_artifact, ExportOptions(**T2I_RANGES), [a, b])
+    assert again.cache_hit and again.manifest["key"] == multi_manifest["key"]
+
+
+def diffusers_multi_controlnet_step(model, feed, scales):
+    """One step as StableDiffusionControlNetPipeline computes it with a MultiControlNetModel: each
+    ControlNet on its own image at its own scale, the residuals summed."""
+    from diffusers import MultiControlNetModel
+
+    t = feed["timestep"][0].long()
+    multi = MultiControlNetModel(model.controlnet.nets)
+    with torch.no_grad():
+        down, mid = multi(feed["sample"], t, feed["encoder_hidden_states"], controlnet_cond=list(feed["controlnet_cond"].split(3, dim=1)),
+                          conditioning_scale=scales, guess_mode=False, return_dict=False)
+        noise = model.unet(feed["sample"], t, encoder_hidden_states=feed["encoder_hidden_states"],
+                           down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+    return noise, [*down, mid]
+
+
+def test_fused_two_controlnets_equal_diffusers_multicontrolnet(t2i_multi_artifact, multi_manifest, multi_model):
+    fused, alone = ort(t2i_multi_artifact, multi_manifest, "unet_controlnet"), ort(t2i_multi_artifact, multi_manifest, "controlnet")
+    feed = fused.spec.example_feed(seed=8, batch=2)
+    feed["timestep"] = torch.full((2,), 601.0)
+    preds = []
+    for scales in ([0.5, 1.3], [1.3, 0.5]):
+        feed["conditioning_scale"] = torch.tensor(scales)
+        expected, residuals = diffusers_multi_controlnet_step(multi_model, feed, scales)
+        got = fused.run(feed)["noise_pred"]
+        assert compare(expected, got).max_rel <= TOL
+        outs = alone.run(feed)
+        for spec, ref in zip(alone.spec.outputs, residuals):
+            assert compare(ref, outs[spec.name]).max_rel <= TOL, spec.name
+        preds.append(got)
+    assert (preds[0] - preds[1]).abs().max() > 1e-3  # swapping the scales changes the step: each ControlNet has its own
+
+
+def test_artifact_refuses_another_set_or_order_of_controlnets(t2i_multi_artifact, t2i_folder, t2i_controlnet_b):
+    a, b = t2i_folder / "controlnet", t2i_controlnet_b
+    for asked in ([b, a], [a], a):
+        with pytest.raises(ArtifactError, match="exported with 2 ControlNets") as info:
+            open_text_to_image_pipeline(t2i_multi_artifact, "onnxruntime", controlnet=asked)
+        assert "\n" not in str(info.value) and "in this order" in str(info.value)
+    assert open_text_to_image_pipeline(t2i_multi_artifact, "onnxruntime", controlnet=[a, b]).num_controlnets == 2
+
+
+def test_single_controlnet_manifests_from_before_still_read(manifest, t2i_folder):
+    from diffrt.export.text_to_image import exported_controlnets
+
+    ((path, digest),) = exported_controlnets(manifest)
+    assert path == (t2i_folder / "controlnet").resolve() and digest == manifest["source"]["parts"]["controlnet"]
+    old = {**manifest, "source": {**{k: v for k, v in manifest["source"].items() if k != "controlnets"}, "controlnet": str(path)}}
+    assert exported_controlnets(old) == [(path, digest)]
+
+
 # --- cache, tampering ----------------------------------------------------------------------------------
 
 
@@ -177,8 +266,6 @@ def test_tampered_tokenizer_and_missing_files_are_refused(artifact_copy):
 def test_bad_export_arguments(t2i_folder, tmp_path):
     with pytest.raises(DiffrtError, match="multiple of 16"):
         export_text_to_image(t2i_folder, tmp_path / "a", ExportOptions(height=(32, 40, 64)), [])
-    with pytest.raises(DiffrtError, match="one --controlnet per export"):
-        export_text_to_image(t2i_folder, tmp_path / "b", ExportOptions(), [str(t2i_folder / "controlnet")] * 2)
 
 
 def test_unmatched_lora_is_refused(t2i_folder, tmp_path):
@@ -278,6 +365,26 @@ def test_weight_map_for_refit(artifact_copy, model):
             assert e["component"] == "controlnet", name
         if name.startswith("unet."):
             assert e["component"] == "unet", name
+
+
+def test_weight_map_for_refit_with_two_controlnets(t2i_multi_artifact, multi_model, tmp_path):
+    """Two ControlNets are one MultiControlNetModel (nets.0..., nets.1...): every initializer of
+    theirs maps to that ControlNet's own parameter, never to the UNet or the other ControlNet."""
+    from diffrt.export.refit import read_weight_map
+    from diffrt.export.text_to_image import _add_weight_map
+
+    copy = shutil.copytree(t2i_multi_artifact, tmp_path / "copy")
+    _add_weight_map(copy, "unet_controlnet", multi_model, {"files": {}})
+    fused = read_weight_map(copy / "unet_controlnet" / "model.onnx")
+    nets = set()
+    for name, e in fused["weights"].items():
+        if name.startswith("controlnet.nets."):
+            net = name.split(".")[2]
+            assert e["component"] == "controlnet" and e["param"].startswith(f"nets.{net}."), name
+            nets.add(net)
+        if name.startswith("unet."):
+            assert e["component"] == "unet", name
+    assert nets == {"0", "1"}
 
 
 # --- the plain UNet (no ControlNet), fp16, interrupted exports ----------------------------------------

@@ -71,3 +71,65 @@ def test_a_truncated_prompt_is_a_warning_and_on_the_output_line(t2i_folder, tmp_
     assert captured.out.strip().endswith("(prompt truncated)")
     warnings = [line for line in captured.err.splitlines() if line.startswith("diffrt: warning: ")]
     assert len(warnings) == 1 and "77 tokens" in warnings[0] and "word59" in warnings[0].replace(" ", "")
+
+
+# --- several ControlNets: repeatable --controlnet / --control-image / --control-scale ------------------
+
+
+@pytest.fixture()
+def control_pngs(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    paths = [tmp_path / f"control{i}.png" for i in range(2)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    return [str(p) for p in paths]
+
+
+def test_generate_with_two_controlnets_equals_the_pipeline(t2i_folder, t2i_controlnet_b, control_pngs, tmp_path, capsys):
+    from diffrt.images import load_image
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    nets = [str(t2i_folder / "controlnet"), str(t2i_controlnet_b)]
+    out = tmp_path / "x.npy"
+    args = ["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--steps", "2", "--device", "cpu", "--seed", "3",
+            "--controlnet", nets[0], "--controlnet", nets[1], "--control-image", control_pngs[0], "--control-image", control_pngs[1]]
+    assert main([*args, "--control-scale", "0.5", "--control-scale", "1.5", "--out", str(out)]) == 0
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", "cpu", controlnet=nets)
+    expected = pipe("a cat", num_inference_steps=2, guidance_scale=7.5, seed=3, output_type="np",
+                    control_image=[load_image(p) for p in control_pngs], controlnet_conditioning_scale=[0.5, 1.5]).images
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-6)
+    # One --control-scale applies to every ControlNet.
+    assert main([*args, "--control-scale", "0.8", "--out", str(tmp_path / "one.npy")]) == 0
+    expected = pipe("a cat", num_inference_steps=2, guidance_scale=7.5, seed=3, output_type="np",
+                    control_image=[load_image(p) for p in control_pngs], controlnet_conditioning_scale=0.8).images
+    np.testing.assert_allclose(np.load(tmp_path / "one.npy"), expected, atol=1e-6)
+
+
+def test_controlnet_count_mismatches_are_one_line(t2i_folder, t2i_controlnet_b, t2i_multi_artifact, control_pngs, tmp_path, capsys):
+    nets = ["--controlnet", str(t2i_folder / "controlnet"), "--controlnet", str(t2i_controlnet_b)]
+    common = ["generate", "--prompt", "a cat", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "x.npy")]
+    folder = ["--model", str(t2i_folder)]
+    cases = [
+        ([*folder, *nets, "--control-image", control_pngs[0]], ("got 2 --controlnet but 1 --control-image",)),
+        ([*folder, *nets], ("--controlnet DIR needs --control-image FILE",)),
+        ([*folder, *nets, "--control-image", control_pngs[0], "--control-image", control_pngs[1],
+          "--control-scale", "1", "--control-scale", "1", "--control-scale", "1"], ("got 3 --control-scale for 2 --control-image",)),
+        (["--model", str(t2i_multi_artifact), "--backend", "onnxruntime", "--control-image", control_pngs[0]],
+         ("runs 2 ControlNets", "got 1")),
+        (["--model", str(t2i_multi_artifact), "--backend", "onnxruntime", *nets[:2], "--control-image", control_pngs[0]],
+         ("exported with 2 ControlNets", "not 1 ControlNet")),
+    ]
+    for args, fragments in cases:
+        assert main([*common, *args]) == 2, args
+        one_line_error(capsys, *fragments)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_export_takes_repeated_controlnets_in_order(t2i_folder, t2i_controlnet_b, t2i_multi_artifact, capsys):
+    # The session's two-ControlNet artifact was exported with these options: the CLI's export is a cache hit.
+    assert main(["export", "--model", str(t2i_folder), "--out", str(t2i_multi_artifact), "--batch", "1:2:4",
+                 "--height", "32:32:64", "--width", "32:32:64", "--controlnet", str(t2i_folder / "controlnet"),
+                 "--controlnet", str(t2i_controlnet_b)]) == 0
+    assert "cache hit" in capsys.readouterr().out

@@ -2,7 +2,8 @@
 torch backend on onnxruntime, guidance that moves images, and one clear error per bad input.
 
 diffusers is the oracle (same tiny models, scheduler and seed): StableDiffusionPipeline,
-StableDiffusionControlNetPipeline and StableDiffusionImg2ImgPipeline.
+StableDiffusionControlNetPipeline (with one ControlNet and with two, a MultiControlNetModel) and
+StableDiffusionImg2ImgPipeline.
 """
 
 from __future__ import annotations
@@ -100,6 +101,52 @@ def test_torch_equals_controlnet_pipeline(t2i_folder, torch_cn_pipe, control_ima
     assert max_abs(*outputs) > 1e-2  # the ControlNet's output weights are non-zero: the scale matters
 
 
+@pytest.fixture(scope="module")
+def control_images():
+    """One 32 x 32 control image per ControlNet, for pipelines with two."""
+    g = torch.Generator().manual_seed(8)
+    return [torch.rand(1, 3, 32, 32, generator=g), torch.rand(1, 3, 32, 32, generator=g)]
+
+
+@pytest.fixture(scope="module")
+def torch_multi_pipe(t2i_folder, t2i_controlnet_b):
+    return open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=[t2i_folder / "controlnet", t2i_controlnet_b])
+
+
+def test_torch_equals_multi_controlnet_pipeline(t2i_folder, t2i_controlnet_b, torch_multi_pipe, control_images):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    nets = [ControlNetModel.from_pretrained(t2i_folder / "controlnet"), ControlNetModel.from_pretrained(t2i_controlnet_b)]
+    ref = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, controlnet=nets)  # a MultiControlNetModel
+    outputs = []
+    for scale in ([0.5, 1.5], [1.5, 0.5], 0.8):  # one per ControlNet, swapped, then one float for both
+        kwargs = dict(num_images_per_prompt=2, negative_prompt="dark") if scale == 0.8 else {}
+        expected = run_diffusers(ref, image=control_images, controlnet_conditioning_scale=scale, seed=1, **kwargs)
+        result = run(torch_multi_pipe, control_image=control_images, controlnet_conditioning_scale=scale, seed=1, **kwargs)
+        assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+        assert result.metadata["controlnet_conditioning_scale"] == (scale if isinstance(scale, list) else [scale] * 2)
+        outputs.append(result.images)
+    assert max_abs(outputs[0], outputs[1]) > 1e-2  # each ControlNet has its own scale, and both are live
+
+
+def test_multi_controlnet_bad_arguments_are_one_line(torch_multi_pipe, control_images):
+    bad = [
+        (dict(control_image=control_images[0]), r"the pipeline has 2 ControlNets, so pass a list of 2 images .*got one Tensor"),
+        (dict(control_image=control_images * 3), r"pass a list of 2 images .*got a list of 6"),
+        (dict(control_image=control_images, controlnet_conditioning_scale=[1.0, 0.5, 0.2]), r"has 3 values for 2 ControlNets"),
+        (dict(control_image=[control_images[0], torch.rand(1, 3, 64, 64)]), r"control images differ in size \(32x32, 64x64"),
+        (dict(control_image=[control_images[0], torch.rand(3, 3, 32, 32)]), r"got 3 control images for ControlNet 1 for 1 prompts"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(DiffrtError, match=message) as info:
+            run(torch_multi_pipe, num_inference_steps=1, **kwargs)
+        assert "\n" not in str(info.value)
+    # height and width resize every control image, as for one ControlNet.
+    images = run(torch_multi_pipe, num_inference_steps=1, height=32, width=32,
+                 control_image=[control_images[0], torch.rand(1, 3, 64, 64)]).images
+    assert images.shape == (1, 3, 32, 32)
+
+
 def test_torch_equals_img2img_pipeline(t2i_folder, torch_pipe, control_image):
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -154,6 +201,18 @@ def test_onnxruntime_equals_torch(ort_pipe, torch_cn_pipe, control_image, kwargs
     assert result.backend == "onnxruntime"
     assert set(result.metadata["components"].values()) == {"onnxruntime"}
     assert max_abs(result.images, expected.images) <= ORT_TOL
+
+
+@pytest.mark.parametrize("scale", [[0.7, 1.2], 0.9], ids=["per-controlnet", "one-for-all"])
+def test_onnxruntime_two_controlnets_equal_torch(t2i_multi_artifact, torch_multi_pipe, torch_pipe, control_images, scale):
+    pipe = open_text_to_image_pipeline(t2i_multi_artifact, "onnxruntime", CPU)
+    assert pipe.num_controlnets == 2 and pipe.unet.spec.name == "unet_controlnet"
+    kwargs = dict(control_image=control_images, controlnet_conditioning_scale=scale, seed=5)
+    result = run(pipe, **kwargs)
+    assert result.backend == "onnxruntime" and set(result.metadata["components"].values()) == {"onnxruntime"}
+    assert max_abs(result.images, run(torch_multi_pipe, **kwargs).images) <= ORT_TOL
+    # Without control images the two-ControlNet graph runs at scale 0: the plain UNet.
+    assert max_abs(run(pipe, seed=6).images, run(torch_pipe, seed=6).images) <= ORT_TOL
 
 
 def test_fused_controlnet_without_control_image_is_the_plain_unet(ort_pipe, torch_pipe):

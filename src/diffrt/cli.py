@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", default=None, help="diffusers folder (default: the shipped digits model)")
     ex.add_argument("--out", required=True, help="artifact folder to write")
     ex.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to bake in (repeatable)")
-    ex.add_argument("--controlnet", action="append", default=[], metavar="DIR", help="ControlNet folder (repeatable)")
+    ex.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                    help="ControlNet folder (repeatable: fused with the UNet in the order given, as diffusers' MultiControlNetModel)")
     ex.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
     ex.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     ex.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="UNet batch range (CFG doubles the image count)")
@@ -273,9 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--num-images", type=int, default=None)
     ge.add_argument("--eta", type=float, default=0.0)
     ge.add_argument("--class-label", type=int, default=None)
-    ge.add_argument("--controlnet", default=None, metavar="DIR")
-    ge.add_argument("--control-image", default=None, metavar="FILE")
-    ge.add_argument("--control-scale", type=float, default=1.0)
+    ge.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                    help="ControlNet folder (repeatable: several run together, as diffusers' MultiControlNetModel)")
+    ge.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                    help="conditioning image (repeatable: one per ControlNet, in the same order)")
+    ge.add_argument("--control-scale", action="append", type=float, default=[], metavar="F",
+                    help="ControlNet conditioning scale (repeatable: one per ControlNet, or one for all; default 1.0)")
     ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
     ge.add_argument("--color", default=None, metavar="HEX", help="colour guidance target, e.g. #ff8800")
     ge.add_argument("--color-scale", type=float, default=3.0)

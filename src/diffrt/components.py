@@ -16,6 +16,7 @@ import torch
 from diffrt.errors import ShapeOutOfRangeError
 
 Range = tuple[int, int, int]  # (min, opt, max)
+CONTROL_CHANNELS = 3  # a ControlNet's conditioning image is RGB
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32}
 
 
@@ -104,8 +105,8 @@ class ComponentSpec:
                 feed[spec.name] = torch.randint(0, spec.high, shape, generator=g, dtype=DTYPES[spec.dtype])
             elif spec.name == "timestep":
                 feed[spec.name] = torch.randint(0, 1000, shape, generator=g).to(dtype)
-            elif spec.name == "conditioning_scale":
-                feed[spec.name] = torch.full(shape, 0.75, dtype=dtype)
+            elif spec.name == "conditioning_scale":  # one scale per ControlNet, each different so a swap shows
+                feed[spec.name] = torch.linspace(0.75, 1.25, shape[0], dtype=dtype)
             else:
                 feed[spec.name] = torch.randn(shape, generator=g, dtype=torch.float32).to(dtype)
         return {k: v.to(device) for k, v in feed.items()}
@@ -188,10 +189,18 @@ def _latent_ranges(batch: Range, height: Range, width: Range, max_length: int) -
     return {"batch": batch, "height": height, "width": width, "sequence": (1, max_length, max_length)}
 
 
-def _control_inputs(vae_factor: int) -> list[TensorSpec]:
-    # The conditioning image is in image pixels: its own axes, with ranges vae_factor x the latent ones.
-    return [TensorSpec("controlnet_cond", ("batch", 3, "image_height", "image_width")),
-            TensorSpec("conditioning_scale", (1,))]
+def _control_inputs(num_controlnets: int) -> list[TensorSpec]:
+    # The conditioning images are in image pixels: their own axes, with ranges vae_factor x the latent
+    # ones. K ControlNets take their K RGB images stacked on the channel axis, in the order they were
+    # exported, and one scale each: K = 1 is the single-ControlNet signature ([batch, 3, ...], [1]).
+    return [TensorSpec("controlnet_cond", ("batch", CONTROL_CHANNELS * num_controlnets, "image_height", "image_width")),
+            TensorSpec("conditioning_scale", (num_controlnets,))]
+
+
+def num_controlnets(spec: ComponentSpec) -> int:
+    """How many ControlNets a controlnet / unet_controlnet component holds (0 for anything else)."""
+    scale = next((t for t in spec.inputs if t.name == "conditioning_scale"), None)
+    return int(scale.dims[0]) if scale is not None else 0
 
 
 def _image_ranges(height: Range, width: Range, vae_factor: int) -> dict[str, Range]:
@@ -211,9 +220,11 @@ def latent_unet_spec(in_channels: int, out_channels: int, hidden_size: int, *, b
 
 
 def controlnet_spec(in_channels: int, hidden_size: int, residuals: list[tuple[int, int]], *, batch: Range, height: Range,
-                    width: Range, max_length: int = 77, multiple: int = 1, vae_factor: int = 8) -> ComponentSpec:
-    """controlnet (ControlNetModel) alone: the UNet's inputs + (controlnet_cond, conditioning_scale) ->
-    down_block_res_0..N-1 and mid_block_res, already multiplied by the scale.
+                    width: Range, max_length: int = 77, multiple: int = 1, vae_factor: int = 8,
+                    num_controlnets: int = 1) -> ComponentSpec:
+    """controlnet (ControlNetModel, or diffusers' MultiControlNetModel for several) alone: the UNet's
+    inputs + (controlnet_cond, conditioning_scale) -> down_block_res_0..N-1 and mid_block_res, each
+    ControlNet's multiplied by its scale and summed over the ControlNets.
 
     `residuals` lists (channels, downscale) of each down residual, then the mid residual's."""
     def axis(name: str, down: int) -> str:
@@ -225,7 +236,7 @@ def controlnet_spec(in_channels: int, hidden_size: int, residuals: list[tuple[in
     outputs.append(TensorSpec("mid_block_res", ("batch", c, axis("height", d), axis("width", d))))
     return ComponentSpec(
         "controlnet",
-        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(vae_factor)),
+        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(num_controlnets)),
         tuple(outputs),
         ranges={**_latent_ranges(batch, height, width, max_length), **_image_ranges(height, width, vae_factor)},
         multiple_of={"height": multiple, "width": multiple, "image_height": multiple * vae_factor, "image_width": multiple * vae_factor},
@@ -233,11 +244,11 @@ def controlnet_spec(in_channels: int, hidden_size: int, residuals: list[tuple[in
 
 
 def unet_controlnet_spec(in_channels: int, out_channels: int, hidden_size: int, *, batch: Range, height: Range, width: Range,
-                         max_length: int = 77, multiple: int = 1, vae_factor: int = 8) -> ComponentSpec:
-    """unet_controlnet: ControlNet and UNet fused in one graph, the conditioning scale an input -> noise_pred."""
+                         max_length: int = 77, multiple: int = 1, vae_factor: int = 8, num_controlnets: int = 1) -> ComponentSpec:
+    """unet_controlnet: the ControlNet(s) and UNet fused in one graph, the conditioning scales an input -> noise_pred."""
     return ComponentSpec(
         "unet_controlnet",
-        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(vae_factor)),
+        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(num_controlnets)),
         (TensorSpec("noise_pred", ("batch", out_channels, "height", "width")),),
         ranges={**_latent_ranges(batch, height, width, max_length), **_image_ranges(height, width, vae_factor)},
         multiple_of={"height": multiple, "width": multiple, "image_height": multiple * vae_factor, "image_width": multiple * vae_factor},

@@ -38,9 +38,9 @@ class GenerateRequest:
     num_images: int | None = None
     eta: float = 0.0
     class_label: int | None = None
-    controlnet: str | None = None
-    control_image: str | None = None
-    control_scale: float = 1.0
+    controlnet: str | list[str] | None = None  # one ControlNet folder, or several (diffusers' MultiControlNetModel), in order
+    control_image: str | list[str] | None = None  # one conditioning image file per ControlNet, in the same order
+    control_scale: float | list[float] = 1.0  # one for every ControlNet, or one per ControlNet
     loras: list[tuple[str, float]] = field(default_factory=list)
     color: str | None = None
     color_scale: float = 3.0

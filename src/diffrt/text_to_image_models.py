@@ -3,7 +3,12 @@
     text_encoder     input_ids -> last_hidden_state                          CLIPTextModel
     unet             sample, timestep, encoder_hidden_states -> noise_pred    UNet2DConditionModel
     controlnet       ... + controlnet_cond, conditioning_scale -> down_block_res_i, mid_block_res
-    unet_controlnet  ControlNet + UNet in one graph (one launch per step) -> noise_pred
+    unet_controlnet  ControlNet(s) + UNet in one graph (one launch per step) -> noise_pred
+
+Several ControlNets run as diffusers' MultiControlNetModel: each gets its own conditioning image
+and scale, and their residuals are summed in order. The graph takes the K images stacked on the
+channel axis (controlnet_cond [batch, 3K, H, W]) and K scales (conditioning_scale [K]), so K = 1
+is exactly the single-ControlNet signature.
     vae_decoder      latent -> image in model space [-1, 1]                   AutoencoderKL.decode
 
 The same wrapper modules run on the torch backend and are traced by the ONNX exporter, so what
@@ -14,13 +19,14 @@ the parity checks verify is exactly what the pipeline runs. The signatures are d
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from diffrt.components import (ComponentSpec, Range, controlnet_spec, latent_unet_spec, text_encoder_spec,
+from diffrt.components import (CONTROL_CHANNELS, ComponentSpec, Range, controlnet_spec, latent_unet_spec, text_encoder_spec,
                                unet_controlnet_spec, vae_decoder_spec)
 from diffrt.errors import DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
@@ -51,30 +57,39 @@ class LatentUNet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
+def control_residuals(controlnet, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+    """The ControlNet residuals of one step. One ControlNetModel takes the [B, 3, H, W] image and the
+    [1] scale as they are; a MultiControlNetModel gets them split per ControlNet, in order, and sums
+    what its ControlNets return, as StableDiffusionControlNetPipeline does with several."""
+    if isinstance(controlnet, multi_controlnet_class()):
+        controlnet_cond = list(controlnet_cond.split(CONTROL_CHANNELS, dim=1))
+        conditioning_scale = list(conditioning_scale.split(1))
+    return controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
+                      conditioning_scale=conditioning_scale, return_dict=False)
+
+
 class ControlNet(nn.Module):
-    """The ControlNet alone: its residuals, multiplied by the conditioning scale (a [1] tensor)."""
+    """The ControlNet(s) alone: the residuals, each ControlNet's multiplied by its scale, summed."""
 
     def __init__(self, controlnet):
         super().__init__()
         self.controlnet = controlnet
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
-                                    conditioning_scale=conditioning_scale, return_dict=False)
+        down, mid = control_residuals(self.controlnet, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)
         return (*down, mid)
 
 
 class UNetControlNet(nn.Module):
-    """ControlNet + UNet fused, as StableDiffusionControlNetPipeline computes one step (guess_mode off)."""
+    """ControlNet(s) + UNet fused, as StableDiffusionControlNetPipeline computes one step (guess_mode off)."""
 
     def __init__(self, unet, controlnet):
         super().__init__()
         self.unet = unet
-        self.controlnet = controlnet
+        self.controlnet = controlnet  # a ControlNetModel, or a MultiControlNetModel (combine_controlnets)
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
-                                    conditioning_scale=conditioning_scale, return_dict=False)
+        down, mid = control_residuals(self.controlnet, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid, return_dict=False)[0]
 
@@ -95,7 +110,7 @@ class VaeDecoder(nn.Module):
 
 @dataclass
 class TextToImageModel:
-    """A loaded Stable Diffusion folder (+ an optional ControlNet), fp32, eval mode, no gradients."""
+    """A loaded Stable Diffusion folder (+ optional ControlNets), fp32, eval mode, no gradients."""
 
     folder: Path
     tokenizer: object  # transformers CLIPTokenizer
@@ -103,8 +118,12 @@ class TextToImageModel:
     unet: nn.Module  # UNet2DConditionModel
     vae: nn.Module  # AutoencoderKL
     scheduler: DDIMConfig
-    controlnet: nn.Module | None = None  # ControlNetModel
-    controlnet_folder: Path | None = None
+    controlnet: nn.Module | None = None  # ControlNetModel, or MultiControlNetModel for several (combine_controlnets)
+    controlnet_folders: list[Path] = field(default_factory=list)  # in the order their images and scales are given
+
+    @property
+    def num_controlnets(self) -> int:
+        return len(controlnet_list(self.controlnet))
 
     @property
     def vae_factor(self) -> int:
@@ -138,7 +157,7 @@ class TextToImageModel:
         if name == "vae_decoder":
             return VaeDecoder(self.vae)
         if self.controlnet is None:
-            raise DiffrtError(f"component {name} needs a ControlNet; pass --controlnet DIR")
+            raise DiffrtError(f"component {name} needs a ControlNet; pass --controlnet DIR (repeatable)")
         if name == "controlnet":
             return ControlNet(self.controlnet)
         if name == "unet_controlnet":
@@ -171,6 +190,40 @@ def load_controlnet(folder: str | Path):
     return ControlNetModel.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
 
 
+def multi_controlnet_class():
+    from diffusers import MultiControlNetModel
+
+    return MultiControlNetModel
+
+
+def combine_controlnets(controlnets: Sequence[nn.Module]) -> nn.Module | None:
+    """None, the one ControlNetModel as it is, or diffusers' MultiControlNetModel over several (in order)."""
+    if len(controlnets) <= 1:
+        return controlnets[0] if controlnets else None
+    return multi_controlnet_class()(list(controlnets)).eval().requires_grad_(False)
+
+
+def controlnet_list(controlnet: nn.Module | None) -> list[nn.Module]:
+    """combine_controlnets' inverse: the ControlNetModels in order."""
+    if controlnet is None:
+        return []
+    return list(controlnet.nets) if isinstance(controlnet, multi_controlnet_class()) else [controlnet]
+
+
+def controlnet_paths(controlnet: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    """A ControlNet argument as diffusers' pipelines take it (one, a list, or none) -> folders in order."""
+    if controlnet is None:
+        return []
+    if isinstance(controlnet, (str, Path)):
+        return [Path(controlnet)]
+    return [Path(c) for c in controlnet]
+
+
+def load_controlnets(folders: str | Path | Sequence[str | Path] | None) -> nn.Module | None:
+    """Load ControlNet folders (one, a list, or none) combined as combine_controlnets does."""
+    return combine_controlnets([load_controlnet(f) for f in controlnet_paths(folders)])
+
+
 def load_unet(folder: Path):
     from diffusers import UNet2DConditionModel
 
@@ -196,15 +249,18 @@ def load_scheduler(folder: Path) -> DDIMConfig:
     return DDIMConfig.from_scheduler_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
 
 
-def load_text_to_image(folder: str | Path, controlnet: str | Path | None = None) -> TextToImageModel:
-    """Load a diffusers Stable Diffusion folder (safetensors only) and, if given, a ControlNet folder."""
+def load_text_to_image(folder: str | Path, controlnet: str | Path | Sequence[str | Path] | None = None) -> TextToImageModel:
+    """Load a diffusers Stable Diffusion folder (safetensors only) and the ControlNet folders given (one or a list)."""
     folder = require_text_to_image_folder(folder)
-    return TextToImageModel(
+    controlnets = controlnet_paths(controlnet)
+    model = TextToImageModel(
         folder=folder, tokenizer=load_tokenizer(folder / "tokenizer"), text_encoder=load_text_encoder(folder),
         unet=load_unet(folder), vae=load_vae(folder), scheduler=load_scheduler(folder),
-        controlnet=load_controlnet(controlnet) if controlnet is not None else None,
-        controlnet_folder=Path(controlnet) if controlnet is not None else None,
+        controlnet=load_controlnets(controlnets), controlnet_folders=controlnets,
     )
+    if len(controlnets) > 1:
+        controlnet_residuals(model.controlnet)  # residuals that could not be summed are refused here, not mid-trace
+    return model
 
 
 # --- specs -----------------------------------------------------------------------------------------------
@@ -212,7 +268,18 @@ def load_text_to_image(folder: str | Path, controlnet: str | Path | None = None)
 
 def controlnet_residuals(controlnet) -> list[tuple[int, int]]:
     """(channels, downscale) of each ControlNet residual, down blocks then mid, from its structure:
-    conv_in, then per down block `layers_per_block` resnets and a downsampler on all but the last."""
+    conv_in, then per down block `layers_per_block` resnets and a downsampler on all but the last.
+    Several ControlNets are summed, so theirs must agree."""
+    nets = controlnet_list(controlnet)
+    shapes = [_residuals_of(net) for net in nets]
+    for i, other in enumerate(shapes[1:], 1):
+        if other != shapes[0]:
+            raise DiffrtError(f"ControlNet {i} has residuals (channels, downscale) {other}, ControlNet 0 has {shapes[0]}; "
+                              "ControlNets used together must be made for the same UNet")
+    return shapes[0]
+
+
+def _residuals_of(controlnet) -> list[tuple[int, int]]:
     n = len(controlnet.config.down_block_types)
     scales = [1]
     for i in range(n):
@@ -239,13 +306,14 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
     hidden, length = model.text_encoder.config.hidden_size, model.max_length
     unet = model.unet.config
     common = dict(batch=batch, height=h, width=w, max_length=length, multiple=model.unet_multiple)
+    control = dict(vae_factor=model.vae_factor, num_controlnets=model.num_controlnets)
     make = {
         "text_encoder": lambda: text_encoder_spec(model.text_encoder.config.vocab_size, hidden, length, batch),
         "unet": lambda: latent_unet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim, **common),
         "unet_controlnet": lambda: unet_controlnet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim,
-                                                        vae_factor=model.vae_factor, **common),
+                                                        **control, **common),
         "controlnet": lambda: controlnet_spec(unet.in_channels, unet.cross_attention_dim, controlnet_residuals(model.controlnet),
-                                              vae_factor=model.vae_factor, **common),
+                                              **control, **common),
         "vae_decoder": lambda: vae_decoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,
                                                 vae_factor=model.vae_factor, out_channels=model.vae.config.out_channels),
     }

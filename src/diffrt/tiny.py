@@ -15,6 +15,9 @@ Diffusion folder loads these unchanged:
       scheduler/          DDIMScheduler with Stable Diffusion's betas
       controlnet/         only with controlnet=True: a ControlNetModel made from the UNet
 
+`tiny_controlnet` writes further ControlNets for the same UNet (other seeds), for tests that run
+several at once.
+
 The weights are random, so images are noise; what tests need is that they are deterministic,
 that every code path runs, and that a LoRA or a ControlNet visibly changes the output.
 """
@@ -208,6 +211,21 @@ def tiny_text_to_image(folder: str | Path, *, seed: int = 0, controlnet: bool = 
         generator = torch.Generator().manual_seed(seed + 1)
         _controlnet(unet, generator).save_pretrained(folder / "controlnet", safe_serialization=True)
     return folder
+
+
+def tiny_controlnet(pipeline_folder: str | Path, out_folder: str | Path, *, seed: int) -> Path:
+    """Write another ControlNetModel for the UNet of a `tiny_text_to_image` folder and return its folder.
+
+    Made like `controlnet=True`'s, from the UNet, with this seed's conditioning embedding and
+    non-zero output convs, so two seeds give two ControlNets whose sum differs from either alone."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline_folder) / "unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = _controlnet(unet, torch.Generator().manual_seed(seed))
+    controlnet.save_pretrained(out_folder, safe_serialization=True)
+    return Path(out_folder)
 
 
 def _randomise_lora(model, generator: torch.Generator, std_b: float) -> None:

@@ -1,13 +1,20 @@
-"""`diffrt export` for a Stable Diffusion folder: text encoder, UNet (fused with a ControlNet when one
-is given, plus the ControlNet alone) and VAE decoder, with LoRA baked into ONNX-only exports and
-refit into TensorRT engines built from the base weights (artifact.py says why).
+"""`diffrt export` for a Stable Diffusion folder: text encoder, UNet (fused with the ControlNets when
+any are given, plus the ControlNets alone) and VAE decoder, with LoRA baked into ONNX-only exports
+and refit into TensorRT engines built from the base weights (artifact.py says why).
 
     artifact/
       manifest.json              kind "text-to-image", written last
       text_encoder/model.onnx
-      unet/model.onnx            or unet_controlnet/ (one graph, conditioning scale an input) + controlnet/
+      unet/model.onnx            or unet_controlnet/ (one graph, conditioning scales an input) + controlnet/
       vae_decoder/model.onnx
       tokenizer/                 copied, so the artifact tokenizes prompts without the source folder
+
+Several ControlNets (`--controlnet DIR` repeated) are exported as diffusers' MultiControlNetModel:
+still one `unet_controlnet` graph and one `controlnet` graph (their residuals summed), taking the K
+conditioning images stacked on the channel axis ([batch, 3K, H, W]) and K scales, in the order
+given. The manifest lists the ControlNet folders in that order (source.controlnets) and hashes
+each (source.parts: "controlnet" for one, "controlnet_0".. for several), so the cache key and the
+check at load time cover the set and its order.
 
 Each component goes through `artifact._export_component` (ONNX, parity against PyTorch, engine,
 manifest entry), the same as pixel models. Shape ranges are given in image pixels and stored in
@@ -21,6 +28,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 from diffrt import atomic
 from diffrt.components import spec_to_dict
@@ -38,7 +46,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 
 
 def component_names(controlnet: bool) -> list[str]:
-    """What an artifact holds: the UNet alone, or fused with the ControlNet (plus the ControlNet alone)."""
+    """What an artifact holds: the UNet alone, or fused with the ControlNets (plus the ControlNets alone)."""
     unet = ["unet_controlnet", "controlnet"] if controlnet else ["unet"]
     return ["text_encoder", *unet, "vae_decoder"]
 
@@ -48,29 +56,43 @@ def component_precision(name: str, precision: Precision, force_upcast: bool) -> 
     return "fp32" if name == "vae_decoder" and force_upcast else precision
 
 
-def source_hashes(model_dir: Path, controlnet: Path | None) -> dict[str, str]:
+def controlnet_parts(n: int) -> list[str]:
+    """Source-part names of n ControlNets: "controlnet" for one (the name single-ControlNet artifacts
+    have always used, so their keys are unchanged), "controlnet_0".."controlnet_{n-1}" for several."""
+    return ["controlnet"] if n == 1 else [f"controlnet_{i}" for i in range(n)]
+
+
+def source_hashes(model_dir: Path, controlnets: Sequence[str | Path] = ()) -> dict[str, str]:
     """sha256 of each source part: the cache key, and the check before a PyTorch fallback is loaded."""
     parts = {part: atomic.sha256_folder(model_dir / part, ("*.json", "*.safetensors", "*.txt")) for part in SOURCE_PARTS}
-    if controlnet is not None:
-        parts["controlnet"] = atomic.sha256_folder(controlnet)
+    for part, folder in zip(controlnet_parts(len(controlnets)), controlnets):
+        parts[part] = atomic.sha256_folder(folder)
     return parts
 
 
-def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, controlnets: list[str]) -> ExportResult:
-    """Export a text-to-image folder (+ at most one ControlNet, + LoRA files) into an artifact folder."""
+def exported_controlnets(manifest: dict) -> list[tuple[Path, str]]:
+    """An artifact's ControlNets in order: (folder at export, sha256). Artifacts from before several
+    ControlNets were supported name their one folder in source.controlnet."""
+    source = manifest["source"]
+    paths = source.get("controlnets")
+    if paths is None:
+        paths = [source["controlnet"]] if source.get("controlnet") else []
+    return [(Path(p), source["parts"][part]) for p, part in zip(paths, controlnet_parts(len(paths)))]
+
+
+def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, controlnets: Sequence[str | Path]) -> ExportResult:
+    """Export a text-to-image folder (+ any ControlNets, in order, + LoRA files) into an artifact folder."""
     t0 = time.perf_counter()
     check_options(options)
     model_dir, out = require_text_to_image_folder(model_dir), Path(out)
-    if len(controlnets) > 1:
-        raise DiffrtError(f"one --controlnet per export, got {len(controlnets)}; export one artifact per ControlNet")
-    controlnet = Path(controlnets[0]) if controlnets else None
-    model = load_text_to_image(model_dir, controlnet)
+    controlnets = [Path(c) for c in controlnets]
+    model = load_text_to_image(model_dir, controlnets)
     size = (model.default_size,) * 3
-    specs = component_specs(model, component_names(controlnet is not None), batch=options.batch,
+    specs = component_specs(model, component_names(bool(controlnets)), batch=options.batch,
                             height=options.height or size, width=options.width or options.height or size)
     force_upcast = bool(getattr(model.vae.config, "force_upcast", False))
     precisions = {name: component_precision(name, options.precision, force_upcast) for name in specs}
-    hashes = source_hashes(model_dir, controlnet)
+    hashes = source_hashes(model_dir, controlnets)
     lora_parts = lora_hashes(options)
     key = export_key({"kind": "text-to-image", "source": hashes, "precision": precisions,
                       "specs": {n: spec_to_dict(s) for n, s in specs.items()}}, options)
@@ -95,7 +117,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
         manifest = {
             "key": key, "kind": "text-to-image", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"path": str(model_dir.resolve()), "sha256": mf.cache_key(hashes), "parts": hashes,
-                       "controlnet": str(controlnet.resolve()) if controlnet is not None else None},
+                       "controlnets": [str(c.resolve()) for c in controlnets]},
             "loras": baked, "onnx_loras": baked,
             "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
             "pipeline": {
@@ -106,7 +128,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
                 "vae_factor": model.vae_factor,
                 "default_size": model.default_size,
                 "max_length": model.max_length,
-                "unet": "unet_controlnet" if controlnet is not None else "unet",
+                "unet": "unet_controlnet" if controlnets else "unet",
             },
             "components": components,
         }
@@ -141,8 +163,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> dict:
 def _add_weight_map(out: Path, name: str, model: TextToImageModel, entry: dict) -> None:
     """Record which ONNX initializer holds which base weight, so `diffrt refit` can swap LoRAs into the engine.
 
-    The fused graph gets the ControlNet's weights too: a ControlNet made from the UNet starts with
-    equal copies of its weights, and only the name prefix tells them apart."""
+    The fused graph gets the ControlNets' weights too: a ControlNet made from the UNet starts with
+    equal copies of its weights, and only the name prefix tells them apart (several ControlNets are
+    one MultiControlNetModel, whose parameters are named nets.0..., nets.1...)."""
     from diffrt.export.refit import add_weight_map
 
     if name == "text_encoder":

@@ -1,10 +1,12 @@
-"""The latent text-to-image pipeline: CLIP text encoder + UNet [+ ControlNet] + VAE decoder on any backend.
+"""The latent text-to-image pipeline: CLIP text encoder + UNet [+ ControlNets] + VAE decoder on any backend.
 
 Arguments and results follow diffusers' StableDiffusionPipeline, StableDiffusionControlNetPipeline
 and StableDiffusionImg2ImgPipeline, and so do the random draws: a seed is
 `torch.Generator("cpu").manual_seed(seed)`, which draws, in diffusers' order, the VAE encoder's
 sample (img2img), then the initial noise, then the eta noise of each step. With the torch
-backend the images equal diffusers' to float tolerance (tests/test_text_to_image.py).
+backend the images equal diffusers' to float tolerance (tests/test_text_to_image.py). Several
+ControlNets follow StableDiffusionControlNetPipeline with a MultiControlNetModel: `control_image` is
+a list with one entry per ControlNet, `controlnet_conditioning_scale` one float or one per ControlNet.
 
 Every component is a `Backend`; the pipeline never asks which. Engines have no autograd, so
 gradient guidance and the img2img encoder use PyTorch modules (loaded lazily for artifacts):
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from diffrt.components import CONTROL_CHANNELS, num_controlnets
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import to_unit_range
 from diffrt.runtime import ddim
@@ -62,6 +66,11 @@ class TextToImagePipeline(DenoiserPipeline):
         return "controlnet_cond" in self.unet.spec.input_names
 
     @property
+    def num_controlnets(self) -> int:
+        """How many ControlNets the UNet graph holds (their images and scales go in this order)."""
+        return num_controlnets(self.unet.spec)
+
+    @property
     def latent_channels(self) -> int:
         return self.unet.spec.inputs[0].dims[1]
 
@@ -70,7 +79,7 @@ class TextToImagePipeline(DenoiserPipeline):
                  guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  image: Any = None, strength: float = 0.8,
-                 control_image: Any = None, controlnet_conditioning_scale: float = 1.0,
+                 control_image: Any = None, controlnet_conditioning_scale: float | list[float] = 1.0,
                  guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None) -> GenerationResult:
         # 1. Check inputs before any work.
@@ -81,9 +90,10 @@ class TextToImagePipeline(DenoiserPipeline):
             raise DiffrtError(f"eta must be in [0, 1], got {eta}")
         if control_image is not None and not self.has_controlnet:
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
-        control = _image_batch(control_image, height, width) if control_image is not None else None
+        scales = _control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []
+        control = self._control_images(control_image, height, width) if control_image is not None else None
         init = _image_batch(image, height, width) if image is not None else None
-        sized = control if control is not None else init
+        sized = control[0] if control is not None else init
         height = height or (sized.shape[-2] if sized is not None else self.default_size)
         width = width or (sized.shape[-1] if sized is not None else self.default_size)
         self._check_size(height, width)
@@ -115,11 +125,10 @@ class TextToImagePipeline(DenoiserPipeline):
         else:
             x = randn(shape, generator, self.device, torch.float32) * INIT_NOISE_SIGMA
 
-        # 4. The denoiser: both CFG branches in one 2B batch, the ControlNet (if any) in the same graph.
+        # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph.
         feed = {"encoder_hidden_states": embeds}
         if self.has_controlnet:
-            feed.update(self._control_feed(control, batch, num_images_per_prompt, height, width, do_cfg,
-                                           controlnet_conditioning_scale))
+            feed.update(self._control_feed(control, scales, batch, num_images_per_prompt, height, width, do_cfg))
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
@@ -142,7 +151,7 @@ class TextToImagePipeline(DenoiserPipeline):
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
                 "guidance_scale": guidance_scale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "strength": strength if init is not None else None,
-                "controlnet_conditioning_scale": controlnet_conditioning_scale if control is not None else None,
+                "controlnet_conditioning_scale": (scales if len(scales) > 1 else scales[0]) if control is not None else None,
                 "guidance": [g.name for g in guidance], **self.runtime_metadata()}
         return GenerationResult(convert_output(images, output_type), self.backend, time.perf_counter() - t0,
                                 len(schedule), meta)
@@ -206,18 +215,47 @@ class TextToImagePipeline(DenoiserPipeline):
         noise = randn(latents.shape, generator, self.device, torch.float32)
         return ddim.add_noise(latents, noise, schedule.alphas_cumprod[schedule.timesteps[0]])
 
-    def _control_feed(self, control, batch: int, per_prompt: int, height: int, width: int, do_cfg: bool, scale: float) -> dict:
-        """controlnet_cond and conditioning_scale. With no control image the fused graph runs with
-        scale 0, which adds exactly zero: the plain UNet."""
+    def _control_images(self, control_image, height: int | None, width: int | None) -> list[torch.Tensor]:
+        """One [B, 3, H, W] batch per ControlNet, in their order. With several, `control_image` is a
+        list with one entry per ControlNet (each anything _image_batch takes), as diffusers' MultiControlNetModel."""
+        from PIL import Image
+
+        k = self.num_controlnets
+        if k == 1:
+            if isinstance(control_image, (list, tuple)) and len(control_image) == 1 and not isinstance(control_image[0], Image.Image):
+                control_image = control_image[0]  # the one-entry-per-ControlNet form, with one ControlNet
+            return [_image_batch(control_image, height, width)]
+        if not isinstance(control_image, (list, tuple)) or len(control_image) != k:
+            got = f"a list of {len(control_image)}" if isinstance(control_image, (list, tuple)) else f"one {type(control_image).__name__}"
+            raise DiffrtError(f"control_image: the pipeline has {k} ControlNets, so pass a list of {k} images (one per ControlNet, "
+                              f"in their order); got {got}")
+        images = [_image_batch(im, height, width) for im in control_image]
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        if len(set(sizes)) > 1:
+            shown = ", ".join(f"{h}x{w}" for h, w in sizes)
+            raise DiffrtError(f"control images differ in size ({shown} pixels, one per ControlNet); give images of one size "
+                              "or pass height and width to resize them all")
+        return images
+
+    def _control_feed(self, control: list[torch.Tensor] | None, scales: list[float], batch: int, per_prompt: int,
+                      height: int, width: int, do_cfg: bool) -> dict:
+        """controlnet_cond (each ControlNet's images repeated to the batch as diffusers does, then
+        stacked on the channel axis) and conditioning_scale ([K]). With no control image the fused
+        graph runs with every scale 0, which adds exactly zero: the plain UNet."""
         if control is None:
-            cond, scale = torch.zeros(batch, 3, height, width), 0.0
+            cond, scales = torch.zeros(batch, CONTROL_CHANNELS * len(scales), height, width), [0.0] * len(scales)
         else:
-            if control.shape[0] not in (1, batch // per_prompt):
-                raise DiffrtError(f"got {control.shape[0]} control images for {batch // per_prompt} prompts; pass 1 or one per prompt")
-            cond = control.repeat_interleave(batch if control.shape[0] == 1 else per_prompt, dim=0)
+            conds = []
+            for i, images in enumerate(control):
+                if images.shape[0] not in (1, batch // per_prompt):
+                    which = f" for ControlNet {i}" if len(control) > 1 else ""
+                    raise DiffrtError(f"got {images.shape[0]} control images{which} for {batch // per_prompt} prompts; "
+                                      "pass 1 or one per prompt")
+                conds.append(images.repeat_interleave(batch if images.shape[0] == 1 else per_prompt, dim=0))
+            cond = torch.cat(conds, dim=1)
         cond = cond.to(self.device, torch.float32)
         return {"controlnet_cond": torch.cat([cond, cond]) if do_cfg else cond,
-                "conditioning_scale": torch.tensor([float(scale)], device=self.device)}
+                "conditioning_scale": torch.tensor(scales, dtype=torch.float32, device=self.device)}
 
     def _guidance_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """x0 latents -> images in [0, 1], differentiable: the PyTorch VAE decoder (engines have no autograd)."""
@@ -268,6 +306,17 @@ def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     return prompts, negatives
 
 
+def _control_scales(scale, k: int) -> list[float]:
+    """controlnet_conditioning_scale as diffusers takes it: one number for every ControlNet, or one per ControlNet."""
+    if isinstance(scale, numbers.Real):
+        return [float(scale)] * k
+    scales = [float(s) for s in scale]
+    if len(scales) != k:
+        raise DiffrtError(f"controlnet_conditioning_scale has {len(scales)} values for {k} ControlNet{'s' if k != 1 else ''}; "
+                          "give one number, or one per ControlNet")
+    return scales
+
+
 def _image_batch(image, height: int | None, width: int | None) -> torch.Tensor:
     """A PIL image (or list), or an array/tensor [C, H, W] / [B, C, H, W] (NumPy: [.., H, W, C]) in [0, 1]
     -> float32 [B, 3, H, W] in [0, 1], resized to (height, width) when given and different."""
@@ -315,16 +364,35 @@ def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
 
     if req.class_label is not None:
         raise DiffrtError("--class-label is for class-conditioned pixel models; this is a text-to-image model (use --prompt)")
-    if req.controlnet is not None and req.control_image is None:
-        raise DiffrtError("--controlnet DIR needs --control-image FILE, the conditioning image")
-    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=req.controlnet,
+    controlnets, images, scales = _listed(req.controlnet), _listed(req.control_image), _listed(req.control_scale) or [1.0]
+    if controlnets and not images:
+        raise DiffrtError("--controlnet DIR needs --control-image FILE, the conditioning image (one per --controlnet, in the same order)")
+    if controlnets and len(images) != len(controlnets):
+        raise DiffrtError(f"got {len(controlnets)} --controlnet but {len(images)} --control-image; "
+                          "give one --control-image per --controlnet, in the same order")
+    if images and len(scales) not in (1, len(images)):
+        raise DiffrtError(f"got {len(scales)} --control-scale for {len(images)} --control-image; "
+                          "give one for every ControlNet, or one per --control-image")
+    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=controlnets or None,
                                        strict=req.strict, cuda_graph=req.cuda_graph)
     control = None
-    if req.control_image is not None:
+    if images:
+        k = pipe.num_controlnets
+        if pipe.has_controlnet and len(images) != k:  # an artifact carries its ControlNets: count them here
+            raise DiffrtError(f"{req.model} runs {k} ControlNet{'s' if k != 1 else ''}; give one --control-image per ControlNet "
+                              f"({k}, in the order they were exported), got {len(images)}")
         size = (req.height, req.width) if req.height and req.width else None
-        control = load_image(req.control_image, size=size)
+        control = [load_image(path, size=size) for path in images]
+        control = control[0] if len(control) == 1 else control
     return pipe(req.prompt or "", negative_prompt=req.negative_prompt, height=req.height, width=req.width,
                 num_inference_steps=req.num_inference_steps,
                 guidance_scale=DEFAULT_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale,
                 num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
-                controlnet_conditioning_scale=req.control_scale, guidance=guidance, output_type="pt")
+                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt")
+
+
+def _listed(value) -> list:
+    """A request field that takes one value or a list (repeatable flags) -> a list; None -> []."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

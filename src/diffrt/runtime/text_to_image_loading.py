@@ -7,6 +7,9 @@ pipeline opens; an exported artifact has its LoRA baked in at export, so asking 
 there is an error (re-export, or `diffrt refit` TensorRT engines). The PyTorch fallbacks of an
 artifact (VAE for guidance and img2img, UNet for "through_unet") are loaded from the source folder
 on first use, after checking its hashes, with the same LoRA files at the same scales (RELIABILITY #16).
+
+ControlNets: `controlnet` is one folder or a list (diffusers' MultiControlNetModel, in order). An
+artifact carries the ControlNets it was exported with; naming any other set or order is an error.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.loading import (component_precision, manifest_loras, open_component, read_artifact,
                                     refuse_source_fallback)
 from diffrt.runtime.text_to_image import TextToImagePipeline
-from diffrt.text_to_image_models import (TextToImageModel, component_specs, load_controlnet, load_text_to_image,
-                                         load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
+from diffrt.text_to_image_models import (TextToImageModel, component_specs, controlnet_paths, load_controlnets,
+                                         load_text_to_image, load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
 
 log = logging.getLogger(__name__)
 
 OPEN_BATCH = (1, 8, 1 << 16)  # eager PyTorch takes any batch
 OPEN_SIZE = 1 << 14  # and any image side up to this, in pixels
 Loras = Sequence[tuple[str | Path, float]]
+ControlNets = str | Path | Sequence[str | Path] | None  # one folder, or several in order (MultiControlNetModel)
 
 
 def _fuse(model: TextToImageModel, loras: Loras) -> None:
@@ -69,23 +73,33 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
                                default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module)
 
 
+def _controlnet_parts(manifest: dict) -> list[str]:
+    from diffrt.export.text_to_image import controlnet_parts, exported_controlnets
+
+    n = len(exported_controlnets(manifest))
+    return controlnet_parts(n) if n else []
+
+
 def _check_source(manifest: dict, parts: Sequence[str]) -> Path:
     """The artifact's source folder, if its named parts still hash as at export."""
-    from diffrt.export.text_to_image import source_hashes
+    from diffrt.export.text_to_image import exported_controlnets, source_hashes
 
     source = manifest["source"]
-    folder, controlnet = Path(source["path"]), source.get("controlnet")
+    folder = Path(source["path"])
     if not folder.is_dir():
         raise ArtifactError(f"the artifact's source model {folder} is missing")
-    now = source_hashes(folder, Path(controlnet) if controlnet and "controlnet" in parts else None)
+    controlnets = [path for path, _ in exported_controlnets(manifest)] if set(parts) & set(_controlnet_parts(manifest)) else []
+    now = source_hashes(folder, controlnets)
     changed = [p for p in parts if now.get(p) != source["parts"].get(p)]
     if changed:
         raise ArtifactError(f"the artifact's source model {folder} changed since export ({', '.join(changed)}); re-export it")
     return folder
 
 
-def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: str | Path | None) -> None:
-    """An artifact runs with the LoRA and ControlNet it was exported with: anything else is an error."""
+def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: ControlNets) -> None:
+    """An artifact runs with the LoRA and ControlNets it was exported with: anything else is an error."""
+    from diffrt.export.text_to_image import exported_controlnets
+
     if loras:
         asked = [(atomic.sha256_file(p), float(s)) for p, s in loras]
         baked = [(e["sha256"], float(e["scale"])) for e in manifest["loras"]]
@@ -93,16 +107,25 @@ def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: str 
             have = ", ".join(f"{Path(e['path']).name}:{e['scale']}" for e in manifest["loras"]) or "none"
             raise ArtifactError(f"{folder} has LoRA baked in at export ({have}); other LoRAs need a re-export with --lora "
                                 "(or `diffrt refit` for TensorRT engines)")
-    if controlnet is not None:
-        exported = manifest["source"].get("controlnet")
-        if exported is None:
-            raise ArtifactError(f"{folder} was exported without a ControlNet; re-export with --controlnet {controlnet}")
-        if atomic.sha256_folder(controlnet) != manifest["source"]["parts"]["controlnet"]:
-            raise ArtifactError(f"{folder} was exported with the ControlNet {exported}, not {controlnet}; re-export with it")
+    asked = controlnet_paths(controlnet)
+    if asked:
+        exported = exported_controlnets(manifest)
+        flags = " ".join(f"--controlnet {c}" for c in asked)
+        if not exported:
+            raise ArtifactError(f"{folder} was exported without a ControlNet; re-export with {flags}")
+        if [atomic.sha256_folder(c) for c in asked] != [digest for _, digest in exported]:
+            have = ", ".join(str(p) for p, _ in exported)
+            raise ArtifactError(f"{folder} was exported with {_count(len(exported))} ({have}, in this order), not "
+                                f"{_count(len(asked))} ({', '.join(map(str, asked))}); re-export with {flags}, "
+                                "or open it without naming ControlNets")
+
+
+def _count(n: int) -> str:
+    return f"{n} ControlNet{'s' if n != 1 else ''}"
 
 
 def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: str | torch.device | None = None,
-                                    loras: Loras = (), controlnet: str | Path | None = None, *, strict: bool = False,
+                                    loras: Loras = (), controlnet: ControlNets = None, *, strict: bool = False,
                                     cuda_graph: bool = False) -> TextToImagePipeline:
     """A pipeline over an exported artifact; its files are checked against the manifest first.
     `device` None: auto (resolve_device); `strict` and `cuda_graph` as for loading.open_component."""
@@ -125,11 +148,14 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
     def torch_unet():
         from diffrt.text_to_image_models import LatentUNet, UNetControlNet
 
+        from diffrt.export.text_to_image import exported_controlnets
+
         fused = unet_name == "unet_controlnet"
-        source = _check_source(manifest, ["unet", "controlnet"] if fused else ["unet"])
+        source = _check_source(manifest, ["unet", *_controlnet_parts(manifest)] if fused else ["unet"])
         base = load_unet(source)
         _fuse_unet_only(base, manifest_loras(manifest))
-        module = UNetControlNet(base, load_controlnet(manifest["source"]["controlnet"])) if fused else LatentUNet(base)
+        controlnets = [path for path, _ in exported_controlnets(manifest)]
+        module = UNetControlNet(base, load_controlnets(controlnets)) if fused else LatentUNet(base)
         return module.to(device).eval()
 
     return TextToImagePipeline(text_encoder, unet, vae_decoder, load_tokenizer(folder / pipe["tokenizer"]["folder"]),
@@ -139,9 +165,10 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
 
 
 def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device | None = None,
-                                loras: Loras = (), controlnet: str | Path | None = None,
+                                loras: Loras = (), controlnet: ControlNets = None,
                                 export_options=None, *, strict: bool = False, cuda_graph: bool = False) -> TextToImagePipeline:
     """The pipeline for `diffrt generate` and library users: a diffusers folder or an artifact, any backend.
+    `controlnet`: one ControlNet folder or a list of them (their images and scales go in the same order).
 
     An exported backend over a diffusers folder exports it (with the LoRA baked in) into the user
     cache first, and reuses that export on the next run. `device` None: CUDA when available
@@ -156,9 +183,11 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
         refuse_source_fallback(folder, backend, strict)
         manifest = mf.read_manifest(folder)
         _check_requests(folder, manifest, loras, controlnet)
-        parts = ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] + (["controlnet"] if manifest["source"].get("controlnet") else [])
+        from diffrt.export.text_to_image import exported_controlnets
+
+        parts = ["text_encoder", "tokenizer", "unet", "vae", "scheduler", *_controlnet_parts(manifest)]
         source = _check_source(manifest, parts)
-        loaded = load_text_to_image(source, manifest["source"].get("controlnet"))
+        loaded = load_text_to_image(source, [path for path, _ in exported_controlnets(manifest)])
         return torch_text_to_image_pipeline(loaded, device, backend == "torch-compile", loras or manifest_loras(manifest))
     require_text_to_image_folder(folder)
     if torch_backend:
@@ -169,8 +198,9 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
     options = dataclasses.replace(export_options or ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx"),
                                   loras=[(str(p), float(s)) for p, s in loras])
     out = default_artifact_dir(folder, options)
-    if controlnet is not None:
-        out = out.with_name(f"{out.name}-controlnet-{atomic.sha256_folder(controlnet)[:12]}")
-    result = export_text_to_image(folder, out, options, [str(controlnet)] if controlnet is not None else [])
+    controlnets = controlnet_paths(controlnet)
+    if controlnets:  # one cached export per set and order of ControlNets
+        out = out.with_name(f"{out.name}-controlnet-{'-'.join(atomic.sha256_folder(c)[:12] for c in controlnets)}")
+    result = export_text_to_image(folder, out, options, controlnets)
     log.info("%s export %s", "reused" if result.cache_hit else "made", out)
     return artifact_text_to_image_pipeline(out, backend, device, strict=strict, cuda_graph=cuda_graph)
