@@ -137,3 +137,29 @@ def test_control_fields_need_a_controlnet(t2i_folder):
         with pytest.raises(RequestError) as info:
             worker.plan(GenerateBody(prompt=PROMPT, **{name: value}))
         assert info.value.status == 422 and info.value.field == name and "--controlnet" in info.value.message
+
+
+def test_several_controlnets_take_one_image_and_scale_each(t2i_multi_artifact, control_png, tmp_path):
+    """An artifact with two ControlNets: a list of images and of scales, in the ControlNets' order,
+    gives what `diffrt generate` gives; wrong counts are 422s naming the field."""
+    from PIL import Image
+
+    path_a, b64_a = control_png
+    path_b = tmp_path / "other.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path_b)
+    b64_b = base64.b64encode(path_b.read_bytes()).decode("ascii")
+    config = ServeConfig(model=str(t2i_multi_artifact), backend="onnxruntime", port=0, api_key_env=None, device="cpu",
+                         warmup_steps=1, log_level="warning")
+    with BackgroundServer(config) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        assert client.get("/readyz").json()["controlnets"] == 2
+        image = served(client, prompt=PROMPT, seed=2, control_image=[b64_a, b64_b], controlnet_conditioning_scale=[0.5, 1.5])
+        want = generated(t2i_multi_artifact, prompt=PROMPT, seed=2, control_image=[str(path_a), str(path_b)],
+                         control_scale=[0.5, 1.5])
+        np.testing.assert_array_equal(image, want)
+        swapped = served(client, prompt=PROMPT, seed=2, control_image=[b64_a, b64_b], controlnet_conditioning_scale=[1.5, 0.5])
+        assert not np.array_equal(image, swapped)
+        for fields, field in (({"control_image": b64_a}, "control_image"),
+                              ({"control_image": [b64_a, b64_b], "controlnet_conditioning_scale": [0.5]},
+                               "controlnet_conditioning_scale")):
+            r = client.post("/v1/generate", json={"prompt": PROMPT, "num_inference_steps": STEPS, **fields})
+            assert r.status_code == 422 and r.json()["field"] == field, r.text

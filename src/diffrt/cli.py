@@ -300,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     # serve
     se = sub.add_parser("serve", help="HTTP service over the runtime (FastAPI)")
     se.add_argument("--model", default=None, help="diffusers or artifact folder (default: the shipped digits model)")
-    se.add_argument("--controlnet", default=None, metavar="DIR",
-                    help="ControlNet folder for a text-to-image diffusers folder (an exported artifact carries its own)")
+    se.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                    help="ControlNet folder for a text-to-image diffusers folder, repeatable for several "
+                         "(an exported artifact carries its own)")
     se.add_argument("--backend", default="onnxruntime")
     se.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; tensorrt needs cuda)")
     se.add_argument("--strict", action="store_true",

@@ -45,7 +45,7 @@ GENERATE_PATH = "/v1/generate"
 @dataclass
 class ServeConfig:
     model: str | None = None  # diffusers or artifact folder; None: the shipped digits model
-    controlnet: str | None = None  # ControlNet folder for a text-to-image diffusers folder (an artifact carries its own)
+    controlnet: str | list[str] | None = None  # ControlNet folder(s) for a text-to-image diffusers folder (an artifact carries its own)
     backend: str = "onnxruntime"
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000

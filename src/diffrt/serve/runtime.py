@@ -40,7 +40,7 @@ class RuntimeConfig:
     max_image_bytes: int = 8 << 20
     warmup_steps: int = 2
     exact_batching: bool = True  # batch requests only if the backend proves batch-invariant at start-up
-    controlnet: str | None = None  # a ControlNet folder for a text-to-image diffusers folder (artifacts carry theirs)
+    controlnet: str | list[str] | None = None  # ControlNet folder(s) for a text-to-image diffusers folder (artifacts carry theirs)
     strict: bool = False  # any fallback (an ONNX Runtime provider that did not start, PyTorch for an artifact) fails the load
     cuda_graph: bool = True  # tensorrt: replay captured CUDA graphs, one per request shape seen
 

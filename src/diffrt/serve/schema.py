@@ -8,11 +8,14 @@ the model (worker.py).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE, GenerateRequest
 
 MAX_SEED = 2**63 - 1
+ControlScale = Annotated[float, Field(ge=0.0, le=5.0)]
 DEFAULT_GUIDANCE_SCALE = DEFAULT_PIXEL_GUIDANCE_SCALE  # what `diffrt generate` uses for class-conditioned models
 DEFAULT_COLOR_SCALE = GenerateRequest.color_scale  # `diffrt generate`'s, tuned on the shipped digits model
 
@@ -35,8 +38,10 @@ class GenerateBody(BaseModel):
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic)")
     color: str | None = Field(None, pattern=r"^#?[0-9a-fA-F]{6}$", description="colour guidance target, #RRGGBB")
     color_scale: float = Field(DEFAULT_COLOR_SCALE, ge=0.0, le=10_000.0, description="colour guidance strength")
-    control_image: str | None = Field(None, description="ControlNet models only: base64-encoded PNG")
-    controlnet_conditioning_scale: float | None = Field(None, ge=0.0, le=5.0, description="ControlNet models only")
+    control_image: str | list[str] | None = Field(
+        None, description="ControlNet models only: base64-encoded PNG, or a list of them, one per ControlNet in their order")
+    controlnet_conditioning_scale: ControlScale | list[ControlScale] | None = Field(
+        None, description="ControlNet models only: one scale for all ControlNets, or one per ControlNet")
     lora_scale: float | None = Field(None, ge=0.0, le=5.0, description="refused for now: LoRA is fused at open or baked in at export")
 
 

@@ -54,7 +54,7 @@ class TextToImagePlan:
 class TextToImageWorker:
     """Serves a text-to-image pipeline (a diffusers folder, optionally with a ControlNet, or an artifact)."""
 
-    def __init__(self, model: str, backend: str, device: str, *, controlnet: str | None = None, warmup_steps: int = 2,
+    def __init__(self, model: str, backend: str, device: str, *, controlnet: str | list[str] | None = None, warmup_steps: int = 2,
                  max_image_bytes: int = 8 << 20, max_batch_size: int = 8, exact_batching: bool = True,
                  strict: bool = False, cuda_graph: bool = True):
         self.model = model
@@ -80,7 +80,7 @@ class TextToImageWorker:
         t0 = time.perf_counter()
         self.pipe = open_text_to_image_pipeline(self.model, self.backend_asked, self.device, controlnet=self.controlnet,
                                                 strict=self.strict, cuda_graph=self.cuda_graph)
-        log.info("opened %s%s on %s in %.1f s", self.model, " with a ControlNet" if self.pipe.has_controlnet else "",
+        log.info("opened %s%s on %s in %.1f s", self.model, f" with {self.pipe.num_controlnets} ControlNet(s)" if self.pipe.has_controlnet else "",
                  self.pipe.backend, time.perf_counter() - t0)
         self.warmup_seconds = self.self_test()
 
@@ -117,7 +117,7 @@ class TextToImageWorker:
     # -- any thread (reads the model's description only) ---------------------------------
 
     def describe(self) -> dict:
-        return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "backend": self.pipe.backend,
+        return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "controlnets": self.pipe.num_controlnets, "backend": self.pipe.backend,
                 "conditioning": "text", "sample_size": self.pipe.default_size, "batches_requests": False,
                 "batch_max_abs_diff": self.batch_max_abs_diff, **self.pipe.runtime_metadata()}
 
@@ -136,9 +136,16 @@ class TextToImageWorker:
                                    "or an artifact exported with it", name)
         if body.controlnet_conditioning_scale is not None and body.control_image is None:
             raise RequestError(422, "controlnet_conditioning_scale: needs control_image", "controlnet_conditioning_scale")
-        control = self._decode_control_image(body) if body.control_image is not None else None
-        height = body.height or (control.shape[-2] if control is not None else pipe.default_size)
-        width = body.width or (control.shape[-1] if control is not None else pipe.default_size)
+        control = self._decode_control_images(body) if body.control_image is not None else None
+        scale = 1.0 if body.controlnet_conditioning_scale is None else body.controlnet_conditioning_scale
+        if isinstance(scale, list) and len(scale) != pipe.num_controlnets:
+            raise RequestError(422, f"controlnet_conditioning_scale: {len(scale)} values for {pipe.num_controlnets} ControlNet(s); "
+                               "send one number, or one per ControlNet", "controlnet_conditioning_scale")
+        height = body.height or (control[0].shape[-2] if control is not None else pipe.default_size)
+        width = body.width or (control[0].shape[-1] if control is not None else pipe.default_size)
+        if control is not None and len({tuple(c.shape[-2:]) for c in control}) > 1:
+            raise RequestError(422, "control_image: the images differ in size; send images of one size, or give height and "
+                               "width to resize them all", "control_image")
         guidance_scale = DEFAULT_GUIDANCE_SCALE if body.guidance_scale is None else body.guidance_scale
         try:
             pipe.check_shapes(height, width, 1, body.num_images, guidance_scale)
@@ -151,14 +158,22 @@ class TextToImageWorker:
         kwargs = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "height": body.height, "width": body.width,
                   "num_inference_steps": body.num_inference_steps, "guidance_scale": guidance_scale,
                   "num_images_per_prompt": body.num_images, "eta": body.eta, "control_image": control,
-                  "controlnet_conditioning_scale": 1.0 if body.controlnet_conditioning_scale is None else body.controlnet_conditioning_scale,
+                  "controlnet_conditioning_scale": scale,
                   "guidance": [color_guidance(body.color, body.color_scale)] if body.color else []}
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         return TextToImagePlan(seed, body.num_images, kwargs)
 
-    def _decode_control_image(self, body: GenerateBody) -> torch.Tensor:
+    def _decode_control_images(self, body: GenerateBody) -> list[torch.Tensor]:
+        """One [3, H, W] image in [0, 1] per ControlNet, in their order (a single string: one ControlNet)."""
+        texts = body.control_image if isinstance(body.control_image, list) else [body.control_image]
+        k = self.pipe.num_controlnets
+        if len(texts) != k:
+            raise RequestError(422, f"control_image: {len(texts)} image(s) for {k} ControlNet(s); send one base64 PNG per "
+                               "ControlNet, in their order", "control_image")
+        return [self._decode_control_image(text, body) for text in texts]
+
+    def _decode_control_image(self, text: str, body: GenerateBody) -> torch.Tensor:
         """base64 PNG -> [3, H, W] in [0, 1], resized as `diffrt generate --control-image` resizes its file."""
-        text = body.control_image
         if len(text) * 3 // 4 > self.max_image_bytes:
             size = len(text) * 3 / 4 / 2**20
             raise RequestError(413, f"control_image: the image is {size:.1f} MiB; the limit is {self.max_image_bytes / 2**20:.1f} MiB", "control_image")
