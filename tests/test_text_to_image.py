@@ -329,10 +329,23 @@ def test_long_prompt_is_truncated_with_warning_and_metadata(t2i_folder, torch_pi
     assert max_abs(result.images, expected) <= DIFFUSERS_TOL
 
 
-@pytest.mark.parametrize("height, match", [(36, "multiple of 16"), (40, "multiple of 16"), (8, "multiple of 16")])
+@pytest.mark.parametrize("height, match", [(36, r"multiple of 8 \(the VAE's downsampling factor\)"), (8, "outside")])
 def test_bad_height(torch_pipe, height, match):
     with pytest.raises(ShapeOutOfRangeError, match=match):
         run(torch_pipe, height=height, width=32)
+
+
+def test_eager_takes_any_multiple_of_8_as_diffusers_does(t2i_folder, torch_pipe, ort_pipe):
+    # 40 x 48 pixels are 5 x 6 latents, which the UNet cannot halve exactly: diffusers' UNet
+    # upsamples to each skip's size, so eager PyTorch runs them; an exported graph cannot.
+    from diffusers import StableDiffusionPipeline
+
+    expected = run_diffusers(diffusers_pipe(StableDiffusionPipeline, t2i_folder), seed=5, height=40, width=48)
+    result = run(torch_pipe, seed=5, height=40, width=48)
+    assert result.images.shape == expected.shape == (1, 3, 40, 48)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+    with pytest.raises(ShapeOutOfRangeError, match=r"height 40 must be a multiple of 16 \(the VAE's 8 x the unet_controlnet graph's 2\)"):
+        run(ort_pipe, height=40, width=48)
 
 
 def test_engine_ranges_are_named(ort_pipe):

@@ -300,12 +300,18 @@ def latent_range(pixels: Range, model: TextToImageModel, what: str) -> Range:
     return tuple(p // model.vae_factor for p in pixels)
 
 
-def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, height: Range, width: Range) -> dict[str, ComponentSpec]:
-    """Specs for the named components; `height`/`width` in image pixels."""
+def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, height: Range, width: Range,
+                    multiple: int | None = None) -> dict[str, ComponentSpec]:
+    """Specs for the named components; `height`/`width` in image pixels.
+
+    `multiple`: what latent sizes must divide by; by default the UNet's `unet_multiple`, which an
+    exported graph needs (its skip connections are traced at sizes that halve exactly). Eager
+    PyTorch takes 1, any latent size, as diffusers does: its UNet upsamples to each skip's size."""
     h, w = latent_range(height, model, "height"), latent_range(width, model, "width")
     hidden, length = model.text_encoder.config.hidden_size, model.max_length
     unet = model.unet.config
-    common = dict(batch=batch, height=h, width=w, max_length=length, multiple=model.unet_multiple)
+    common = dict(batch=batch, height=h, width=w, max_length=length,
+                  multiple=model.unet_multiple if multiple is None else multiple)
     control = dict(vae_factor=model.vae_factor, num_controlnets=model.num_controlnets)
     make = {
         "text_encoder": lambda: text_encoder_spec(model.text_encoder.config.vocab_size, hidden, length, batch),

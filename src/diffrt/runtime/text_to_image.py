@@ -171,8 +171,8 @@ class TextToImagePipeline(DenoiserPipeline):
         step = f * spec.multiple_of.get("height", 1)
         for name, size in (("height", height), ("width", width)):
             if size % step:
-                raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} (the VAE's {f} x the UNet's "
-                                           f"{step // f}); try {max(step, size // step * step)}")
+                why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else f"the VAE's downsampling factor"
+                raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {max(step, size // step * step)}")
             lo, _, hi = spec.ranges[name]
             if not lo * f <= size <= hi * f:
                 raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "

@@ -66,7 +66,8 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
     m = model.image_multiple
     names = ["text_encoder", "unet_controlnet" if model.controlnet is not None else "unet", "vae_decoder"]
     size = (m, max(m, model.default_size // m * m), OPEN_SIZE // m * m)
-    specs = component_specs(model, names, batch=OPEN_BATCH, height=size, width=size)
+    # Any multiple of the VAE's factor, as diffusers' pipelines allow: eager PyTorch needs no more.
+    specs = component_specs(model, names, batch=OPEN_BATCH, height=size, width=size, multiple=1)
     text_encoder, unet, vae_decoder = (TorchBackend(model.module(n), specs[n], device=device, compile=compile) for n in names)
     return TextToImagePipeline(text_encoder, unet, vae_decoder, model.tokenizer, model.scheduler,
                                vae_scaling_factor=float(model.vae.config.scaling_factor), vae_factor=model.vae_factor,
