@@ -11,7 +11,7 @@ with prior preservation trains on `batch_size` instance images plus as many clas
 samples/s counts the instance images only, as diffusers' `--train_batch_size` does.
 
 The first and last step losses are single draws of random timesteps and noise. For DreamBooth,
-where a 40-step run on 4 images moves the loss by a few % and one draw spreads by ~8 %, the rows
+where a 40-step run on 4 images moves the loss by less than one draw's spread, the rows
 also hold a fixed evaluation loss (fixed timesteps and noise, objective.evaluation_loss) of the
 instance images under the instance prompt, before and after training.
 """

@@ -281,6 +281,28 @@ def test_dreambooth_resume_is_exact(dreambooth_run, sd_folder, cat_folder, tmp_p
     np.testing.assert_allclose(resumed.losses, full.losses[DB_STEPS // 2 :], rtol=1e-6, atol=0)
 
 
+def test_dreambooth_random_crops_are_encoded_per_draw(sd_folder, cat_folder, monkeypatch):
+    """With --crop random the VAE posteriors cannot be cached: each draw encodes its own crops,
+    drawn from the step's generator, so a resumed step sees the same latents."""
+    from diffrt.data import load_image_folder
+    from diffrt.train.dreambooth import LatentCache, load_components
+
+    c = load_components(sd_folder, torch.device("cpu"), torch.float32)
+    dataset = load_image_folder(cat_folder, 32, crop="random")
+    cache = LatentCache(c, dataset, random_flip=False)
+    assert cache.mean is None
+    encoded, encode = [], cache._encode
+    monkeypatch.setattr(cache, "_encode", lambda x: encoded.append(x) or encode(x))
+    idx = torch.ones(8, dtype=torch.long)  # chelsea-1, 200 x 260: resized to 32 x 42, 11 crop offsets
+    z = cache.sample(idx, torch.Generator().manual_seed(0))
+    assert z.shape == (8, 4, 4, 4)
+    torch.testing.assert_close(cache.sample(idx, torch.Generator().manual_seed(0)), z, rtol=0, atol=0)
+    full = dataset.uncropped[1]
+    crops = encoded[0]
+    assert all(any(torch.equal(x, full[:, :, left : left + 32]) for left in range(full.shape[-1] - 31)) for x in crops)
+    assert len({tuple(x.flatten().tolist()) for x in crops}) > 1  # several crops of the one image
+
+
 def _pipeline(folder: Path):
     from diffusers import StableDiffusionPipeline
 

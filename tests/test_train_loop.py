@@ -91,6 +91,40 @@ def test_log_every_writes_the_mean_of_each_window(tmp_path):
     assert [e.step for e in events.Scalars("loss")] == [3, 6, 7]
 
 
+def test_log_window_spans_a_resume_from_a_checkpoint_between_rows(tmp_path):
+    """A run dies after logging step 6 with its checkpoint at step 5: the resumed run's row for
+    step 6 still averages steps 4-6, so loss.csv reads as the uninterrupted run's."""
+    cfg = dict(max_steps=7, log_every=3, checkpoint_every=5)
+    train_linear(linear_config(tmp_path / "full", **cfg))
+    out = tmp_path / "run"
+    train_linear(linear_config(out, **cfg))
+    shutil.rmtree(out / "checkpoints" / "step-0000007")  # as if the run died after logging steps 6 and 7
+    resumed, _ = train_linear(linear_config(out, resume=True, **cfg))
+    assert resumed.start_step == 5
+    full_rows, rows = csv_rows(tmp_path / "full"), csv_rows(out)
+    assert [s for s, _ in rows] == [s for s, _ in full_rows] == [3, 6, 7]
+    assert [v for _, v in rows] == pytest.approx([v for _, v in full_rows], rel=1e-6)
+
+
+def test_fresh_run_drops_the_tensorboard_steps_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_linear(linear_config(tmp_path, max_steps=3))
+    shutil.rmtree(tmp_path / "checkpoints")  # as if the run died after logging steps 1-3, before saving
+    train_linear(linear_config(tmp_path, max_steps=3))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert [s for s, _ in csv_rows(tmp_path)] == [1, 2, 3]
+
+
+def test_resume_past_max_steps_fails_clearly(tmp_path):
+    train_linear(linear_config(tmp_path, max_steps=4))
+    with pytest.raises(DiffrtError, match=r"--resume: .*step 4, past --max-steps 2; pass --max-steps 4 or more") as err:
+        train_linear(linear_config(tmp_path, max_steps=2, resume=True))
+    assert "\n" not in str(err.value)
+
+
 def test_fresh_run_into_a_folder_with_checkpoints_refuses(tmp_path):
     train_linear(linear_config(tmp_path, max_steps=2))
     before = (tmp_path / "loss.csv").read_text()
@@ -151,5 +185,5 @@ def test_checkpoint_load_puts_ema_on_the_parameters_device_and_restores_the_loss
     assert ema.shadow["w"].device.type == "meta" and ema.shadow["w"].dtype == torch.float32
 
     scaler = torch.amp.GradScaler("cpu")
-    assert load_latest_checkpoint(tmp_path, named, optimizer, EMA(named, 0.9), scaler) == 1
+    assert load_latest_checkpoint(tmp_path, named, optimizer, EMA(named, 0.9), scaler)["step"] == 1
     assert scaler.get_scale() == 1024.0 and scaler.state_dict()["_growth_tracker"] == 7

@@ -280,8 +280,6 @@ class LatentCache:
 
     def __init__(self, c: Components, dataset: ImageDataset, random_flip: bool, chunk: int = 8):
         self.c, self.dataset, self.random_flip, self.chunk = c, dataset, random_flip, chunk
-        self.scaling = c.vae.config.scaling_factor
-        self.shift = getattr(c.vae.config, "shift_factor", None) or 0.0
         self.mean = self.std = None
         if dataset.uncropped is None:
             images = dataset.images
@@ -307,7 +305,12 @@ class LatentCache:
             view, indices = flip.long().to(self.mean.device), indices.to(self.mean.device)
             mean, std = self.mean[view, indices], self.std[view, indices]
         noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return (mean + std * noise - self.shift) * self.scaling
+        return scale_latents(self.c.vae, mean + std * noise)
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """A VAE latent as the UNet sees it: (z - shift_factor) * scaling_factor."""
+    return (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
 
 
 def tokenize(tokenizer, prompt: str) -> torch.Tensor:
@@ -374,7 +377,7 @@ def instance_evaluation_loss(pipe, images: torch.Tensor, prompt: str) -> float:
     with torch.no_grad():
         vae = pipe.vae
         dist = vae.encode(images.to(pipe.device, vae.dtype)).latent_dist
-        latents = (dist.mean.float() - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        latents = scale_latents(vae, dist.mean.float())
         cond = pipe.text_encoder(tokenize(pipe.tokenizer, prompt).to(pipe.device))[0].expand(len(images), -1, -1)
     sched = DDIMConfig.from_scheduler_config(dict(pipe.scheduler.config))
     unet = pipe.unet

@@ -41,6 +41,7 @@ CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
 
 # Fields (of TrainConfig or of a trainer's config) that `--resume` may change: they say how long
 # a run goes, what it reports, or how a step is computed (memory, precision), not what it computes.
+# (max_steps is the exception: under the cosine schedule it also moves where the decay ends.)
 RESUMABLE_FIELDS = frozenset({
     "out", "resume", "max_steps", "checkpoint_every", "sample_every", "log_every", "gradient_checkpointing",
     "mixed_precision",
@@ -183,18 +184,24 @@ def train(
     # 2. Resume, and drop the logs of steps after the checkpoint (a run that died after saving it).
     if accelerator.is_main_process:
         _remove_interrupted_saves(out / "checkpoints")
-    start = 0
+    # `window` holds the losses of the steps since the last loss.csv row; a checkpoint keeps them,
+    # so that the first row after --resume averages the same steps as an uninterrupted run's.
+    start, window = 0, []
     if config.resume:
-        start = load_latest_checkpoint(out / "checkpoints", named, optimizer, ema, scaler, expected=state)
+        saved = load_latest_checkpoint(out / "checkpoints", named, optimizer, ema, scaler, expected=state)
+        start, window = int(saved["step"]), saved.get("loss_window", [])
+        if start > config.max_steps:
+            raise DiffrtError(f"--resume: the newest checkpoint is at step {start}, past --max-steps {config.max_steps}; "
+                              f"pass --max-steps {start} or more")
         log.info("resumed from step %d", start)
     writer = None
     if accelerator.is_main_process:
         _truncate_loss_log(out / "loss.csv", upto=start)
-        writer = _tensorboard(out / "tensorboard", purge_step=start + 1 if start else None)
+        writer = _tensorboard(out / "tensorboard", purge_step=start + 1)
 
     # 3. The steps.
     model.train()
-    losses, window = [], []
+    losses = []
     t0 = time.perf_counter()
     step_seconds = 0.0
     progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process)
@@ -237,7 +244,8 @@ def train(
         if accelerator.is_main_process:
             if done % config.checkpoint_every == 0 or done == config.max_steps:
                 scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
-                save_checkpoint(out / "checkpoints", done, named, optimizer, ema, {**state, **scaler_state})
+                save_checkpoint(out / "checkpoints", done, named, optimizer, ema,
+                                {**state, **scaler_state, "loss_window": window})
             if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
                 _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
     progress.close()
@@ -272,14 +280,15 @@ def _save_samples(path: Path, model: nn.Module, named, ema: EMA | None, sample_f
                 p.copy_(backup[k])
 
 
-def _tensorboard(folder: Path, purge_step: int | None):
+def _tensorboard(folder: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log.warning("tensorboard is not installed; logging the loss to loss.csv only (pip install tensorboard)")
         return None
-    # After --resume, purge_step hides the events a dead run logged past its checkpoint, which this
-    # run logs again; without it TensorBoard shows those steps twice.
+    # purge_step hides the events a dead run logged past its checkpoint (past step 0 for a fresh
+    # run: one that died before its first checkpoint), which this run logs again; without it
+    # TensorBoard shows those steps twice.
     return SummaryWriter(str(folder), purge_step=purge_step)
 
 
@@ -390,9 +399,10 @@ def config_changes(saved: dict, now: dict) -> list[str]:
 
 
 def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scaler=None,
-                           expected: dict | None = None) -> int:
+                           expected: dict | None = None) -> dict:
     """Load the newest complete checkpoint into the parameters, optimizer, EMA and loss scaler;
-    returns its step. `expected` (the run's state, config included) must match the saved one."""
+    returns its state.json (its "step" among it). `expected` (the run's state, config included)
+    must match the saved one."""
     from safetensors.torch import load_file
 
     for ckpt in reversed(list_checkpoints(folder)):
@@ -430,5 +440,5 @@ def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scal
             ema.load(load_file(ckpt / "ema.safetensors"), named)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        return int(state["step"])
+        return state
     raise DiffrtError(f"--resume: no complete checkpoint in {folder}; run without --resume to start afresh")
