@@ -200,6 +200,7 @@ def test_verify_failure_names_the_component_and_the_error(classemb_model_dir):
 
 
 def test_export_key_changes_with_what_the_export_depends_on(classemb_model_dir, monkeypatch):
+    from diffrt.atomic import sha256_folder
     from diffrt.export.artifact import lora_hashes, lora_state, pixel_export_key, pixel_spec
     from diffrt.models import load_pixel_model
 
@@ -211,7 +212,7 @@ def test_export_key_changes_with_what_the_export_depends_on(classemb_model_dir, 
 
     def key(**changes) -> str:
         options = ExportOptions(**{"backend": "tensorrt", "batch": (1, 2, 8), **changes})
-        return pixel_export_key(classemb_model_dir, pixel_spec(model, options), options)
+        return pixel_export_key(sha256_folder(classemb_model_dir), pixel_spec(model, options), options)
 
     base = key()
     assert key() == base  # the control: nothing changed, same key

@@ -1,7 +1,7 @@
 """Text-to-image export: every component's ONNX equals PyTorch across its declared ranges, the
 fused UNet+ControlNet equals diffusers' UNet+ControlNet step (and with two ControlNets, diffusers'
-MultiControlNetModel step), LoRA-baked exports equal diffusers' fuse_lora, and the artifact is cached, checked and refused when tampered with (RELIABILITY #5, #7,
-#10, #11, #17).
+MultiControlNetModel step), LoRA-baked exports equal diffusers' fuse_lora, and the artifact is
+cached, checked and refused when tampered with (RELIABILITY #5, #7, #10, #11, #17).
 """
 
 from __future__ import annotations

@@ -144,6 +144,36 @@ def test_refit_refuses_a_lora_for_a_component_without_a_lora_engine(t2i_folder, 
     assert not engines.calls
 
 
+def _trained_controlnet(src: Path, dst: Path, seed: int) -> Path:
+    """A copy of the ControlNet at `src` with every weight moved off the UNet's. The tiny ControlNets
+    are made from the UNet, so equal copies of its weights leave the fused graph's constant-folded
+    MatMul weights ambiguous by value, and a LoRA on them is refused; trained ControlNets differ."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_pretrained(src)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 1e-3)
+    controlnet.save_pretrained(dst, safe_serialization=True)
+    return dst
+
+
+def test_lora_refit_of_the_fused_graph_with_two_controlnets_patches_the_unet_only(t2i_folder, t2i_controlnet_b, t2i_loras,
+                                                                                   engines, tmp_path):
+    controlnets = [_trained_controlnet(t2i_folder / "controlnet", tmp_path / "c0", 1),
+                   _trained_controlnet(t2i_controlnet_b, tmp_path / "c1", 2)]
+    out = tmp_path / "trt"
+    options = ExportOptions(backend="tensorrt", loras=[(str(t2i_loras["peft"]), 0.8)], **T2I)
+    manifest = export_text_to_image(t2i_folder, out, options, controlnets).manifest
+    assert engines.components() == ["text_encoder", "unet_controlnet"] and all(patched for _, patched in engines.calls)
+    wmap = refit.read_weight_map(out / "unet_controlnet" / "model.onnx")
+    assert {wmap["weights"][name]["component"] for name in dict(engines.calls)["unet_controlnet"]} == {"unet"}
+    assert {e["param"].split(".")[1] for e in wmap["weights"].values() if e["component"] == "controlnet"} == {"0", "1"}
+    assert manifest["components"]["controlnet"]["engine"]["loras"] == [] and manifest["onnx_loras"] == []
+    assert export_text_to_image(t2i_folder, out, options, controlnets).cache_hit and len(engines.calls) == 2
+
+
 # --- B2: the cache key of TensorRT exports with LoRA -----------------------------------------------------
 
 

@@ -101,8 +101,9 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     src = Path(model_dir) if model_dir is not None else SHIPPED_DIGITS
     model = load_pixel_model(src)
     spec = pixel_spec(model, options)
+    source_sha256 = atomic.sha256_folder(src)
     lora_parts = lora_hashes(options)
-    key = pixel_export_key(src, spec, options)
+    key = pixel_export_key(source_sha256, spec, options)
     hit = cached_export(out, key, t0, lora_parts)
     if hit is not None:
         return hit
@@ -123,14 +124,14 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
         baked = [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else []
         manifest = {
             "key": key, "kind": "pixel", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "source": {"path": str(src.resolve()), "sha256": atomic.sha256_folder(src)},
+            "source": {"path": str(src.resolve()), "sha256": source_sha256},
             "loras": baked, "onnx_loras": baked,
             "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
             "pipeline": {"scheduler": model.scheduler.to_scheduler_config(), "info": asdict(model.info),
                          "channels": model.unet.out_channels, "sample_size": model.unet.sample_size},
             "components": components,
         }
-        refit_before_manifest(out, manifest, options, bake)
+        refit_before_manifest(out, manifest, options)
         mf.write_manifest(out, manifest)
     return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
 
@@ -145,13 +146,14 @@ def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
                            size=options.height or (size, size, size))
 
 
-def pixel_export_key(src: Path, spec: ComponentSpec, options: ExportOptions) -> str:
-    return export_key({"source": atomic.sha256_folder(src), "precision": options.precision, "spec": spec_to_dict(spec)}, options)
+def pixel_export_key(source_sha256: str, spec: ComponentSpec, options: ExportOptions) -> str:
+    """`source_sha256`: atomic.sha256_folder of the model folder, hashed once per export."""
+    return export_key({"source": source_sha256, "precision": options.precision, "spec": spec_to_dict(spec)}, options)
 
 
-def refit_before_manifest(out: Path, manifest: dict, options: ExportOptions, baked: bool) -> None:
+def refit_before_manifest(out: Path, manifest: dict, options: ExportOptions) -> None:
     """TensorRT exports with LoRA: refit the base engines now, before the manifest names the LoRA."""
-    if options.loras and not baked:
+    if options.loras and options.backend == "tensorrt":
         from diffrt.export.refit import refit_components
 
         refit_components(out, manifest, options.loras)
@@ -212,7 +214,8 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
     onnx_path = export_onnx(module, spec, out / spec.name, opset=options.opset, dtype=dtype,
                             external_data_threshold=options.external_data_threshold)
     entry = {"spec": spec_to_dict(spec), "precision": precision, "export_seconds": round(time.perf_counter() - t0, 3)}
-    files = [p for p in (onnx_path, onnx_path.with_suffix(".onnx.data")) if p.is_file()]
+    files = {str(p.relative_to(out)): atomic.sha256_file(p)
+             for p in (onnx_path, onnx_path.with_suffix(".onnx.data")) if p.is_file()}
     feeds = [spec.example_feed(w, seed=i) for i, w in enumerate(("min", "opt", "max"))]
     parity = {}
     if options.verify and precision != "bf16":
@@ -224,13 +227,13 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
 
         engine_path = out / spec.name / "engine.plan"
         entry["engine"] = build_engine(onnx_path, spec, engine_path, precision=precision)
-        files.append(engine_path)
+        files[str(engine_path.relative_to(out))] = entry["engine"]["sha256"]  # hashed by build_engine: engines are large
         if options.verify:
             parity["tensorrt"] = _engine_parity(module, spec, engine_path, feeds, precision)
     if options.verify:
         entry["parity"] = parity
-    entry["files"] = {str(p.relative_to(out)): atomic.sha256_file(p) for p in files}
-    entry["bytes"] = sum(p.stat().st_size for p in files)
+    entry["files"] = files
+    entry["bytes"] = sum((out / rel).stat().st_size for rel in files)
     return entry
 
 

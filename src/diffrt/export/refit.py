@@ -345,8 +345,9 @@ def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | P
         comp = manifest["components"][name]
         result = refit_engine(folder / name / "engine.plan", plans[name], device)
         comp["engine"].update(sha256=result["sha256"], loras=parts)
-        for rel in (f"{name}/engine.plan", f"{name}/{WEIGHT_MAP}"):
-            comp["files"][rel] = atomic.sha256_file(folder / rel)
+        # The engine was hashed as refit_engine wrote it; the weight map may have been written just now.
+        comp["files"].update({f"{name}/engine.plan": result["sha256"],
+                              f"{name}/{WEIGHT_MAP}": atomic.sha256_file(folder / name / WEIGHT_MAP)})
         comp["bytes"] = sum((folder / rel).stat().st_size for rel in comp["files"])
         report[name] = result
         log.info("refit %s: %d of %d weights patched", folder / name / "engine.plan", result["patched"], result["set"])

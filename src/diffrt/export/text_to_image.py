@@ -34,9 +34,9 @@ from diffrt import atomic
 from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.refit import LORA_COMPONENTS
 from diffrt.export.artifact import (ExportOptions, ExportResult, Precision, _check_loras, _export_component,
                                     cached_export, check_options, export_key, lora_hashes, refit_before_manifest)
+from diffrt.export.refit import LORA_COMPONENTS
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, load_text_to_image,
                                          require_text_to_image_folder)
 
@@ -132,7 +132,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
             },
             "components": components,
         }
-        refit_before_manifest(out, manifest, options, bake)
+        refit_before_manifest(out, manifest, options)
         mf.write_manifest(out, manifest)
     log.info("exported %s to %s in %.1f s", model_dir, out, time.perf_counter() - t0)
     return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
