@@ -128,10 +128,21 @@ def test_each_shape_replays_its_own_graph_and_later_shapes_run_plainly(monkeypat
     monkeypatch.setattr(backend, "_execute", lambda inputs: executed.append(tuple(inputs["sample"].shape)) or {})
     monkeypatch.setattr(trt_backend, "MAX_GRAPHS", 2)
     feeds = [{"sample": torch.full((b, 3, 8, 8), float(i))} for i, b in enumerate((1, 2, 1, 4, 2))]
+    assert not backend.replays_graphs  # asked for, none captured yet
     outs = [backend._run_graph(feed) for feed in feeds]
+    assert backend.replays_graphs
     assert captured == [(1, 3, 8, 8), (2, 3, 8, 8)]  # each key once; the third key is over MAX_GRAPHS
     assert replayed == [(1, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8), (2, 3, 8, 8)] and executed == [(4, 3, 8, 8)]
     graph_1 = backend._graphs[(("sample", (1, 3, 8, 8)),)]
     assert graph_1.context == "context for (1, 3, 8, 8)"
     assert torch.equal(graph_1.inputs["sample"], feeds[2]["sample"])  # the latest input was copied in before the replay
     assert outs[0]["noise_pred"] is not graph_1.outputs["noise_pred"]  # a copy: the next replay overwrites the buffer
+
+
+def test_a_failed_capture_is_not_reported_as_cuda_graphs(monkeypatch):
+    # Results report graphs that really replay (RELIABILITY #15), not the cuda_graph request.
+    backend, _ = fake_backend()
+    monkeypatch.setattr(backend, "_capture", lambda inputs: None)
+    monkeypatch.setattr(backend, "_execute", lambda inputs: {})
+    backend._run_graph({"sample": torch.zeros(1, 3, 8, 8)})
+    assert backend._graphs and not backend.replays_graphs

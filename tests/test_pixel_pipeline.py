@@ -232,6 +232,22 @@ def test_onnxruntime_provider_fallback_warns_or_fails_under_strict(classemb_arti
     assert result.metadata["components"] == {"unet": "onnxruntime"} and result.metadata["cuda_graph"] is False
 
 
+def test_a_cuda_session_that_fell_back_to_the_cpu_binds_host_memory(classemb_artifact, monkeypatch):
+    # ONNX Runtime without a GPU provider cannot read CUDA memory ("no data transfer registered"
+    # in bind_input), so the non-strict fallback must bind host memory to run at all.
+    from diffrt.runtime.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "default_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    on_cpu = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU).unet
+    backend = ort_backend.OnnxRuntimeBackend(classemb_artifact / "unet" / "model.onnx", on_cpu.spec, device="cuda")
+    assert backend.providers == ["CPUExecutionProvider"] and backend._io_device == torch.device("cpu")
+    feed = {"sample": torch.randn(2, 3, 16, 16), "timestep": torch.full((2,), 10.0), "class_labels": torch.tensor([0, 1])}
+    want = on_cpu.run(feed)["noise_pred"]
+    backend.device = torch.device("meta")  # stands in for the CUDA device a CPU machine lacks: outputs go back to it
+    got = backend.run(feed)["noise_pred"]
+    assert got.device.type == "meta" and got.shape == want.shape
+
+
 def test_an_artifact_with_lora_falls_back_to_pytorch_with_the_same_lora(classemb_model_dir, tmp_path):
     # RELIABILITY #16: guidance through the UNet must use the artifact's LoRA at its scale, and the
     # torch backend over the artifact must run the weights the artifact runs, not the bare source.

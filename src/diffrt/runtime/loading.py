@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -41,12 +42,14 @@ def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", 
                          sample_size=model.unet.sample_size, torch_unet=model.unet)
 
 
-def read_artifact(folder: Path, kind: str) -> dict:
-    """An artifact's manifest, after checking it holds `kind` and every file matches its hash."""
+def read_artifact(folder: Path, kind: str, verify: bool = True) -> dict:
+    """An artifact's manifest, after checking it holds `kind` and (`verify`) every file matches its hash.
+    A PyTorch backend over an artifact runs its source, not its files: it need not hash them."""
     manifest = mf.read_manifest(folder)
     if manifest.get("kind") != kind:
         raise ArtifactError(f"{folder} holds a {manifest.get('kind')} export, not a {kind} model")
-    mf.verify_files(folder, manifest)
+    if verify:
+        mf.verify_files(folder, manifest)
     return manifest
 
 
@@ -59,14 +62,32 @@ def refuse_source_fallback(folder: Path, backend: str, strict: bool) -> None:
     log.warning("%s is an exported artifact; backend %r runs its source model's PyTorch weights", folder, backend)
 
 
-def check_pixel_source(manifest: dict) -> Path:
-    """The artifact's source model folder, if it still hashes as at export (RELIABILITY #16)."""
-    folder = Path(manifest["source"]["path"])
+def check_source(manifest: dict, parts: Sequence[str] = ()) -> Path:
+    """The artifact's source model folder, if it still hashes as at export (RELIABILITY #16): a pixel
+    model's whole folder, or the named `parts` of a text-to-image model's (source.parts)."""
+    source = manifest["source"]
+    folder = Path(source["path"])
     if not folder.is_dir():
         raise ArtifactError(f"the artifact's source model {folder} is missing")
-    if atomic.sha256_folder(folder) != manifest["source"]["sha256"]:
-        raise ArtifactError(f"the artifact's source model {folder} changed since export; re-export it")
+    if parts:
+        from diffrt.export.text_to_image import exported_controlnets, source_hashes
+        from diffrt.text_to_image_models import SOURCE_PARTS
+
+        # The ControlNet folders are hashed only when a ControlNet part is asked for.
+        controlnets = [path for path, _ in exported_controlnets(manifest)] if set(parts) - set(SOURCE_PARTS) else []
+        now = source_hashes(folder, controlnets)
+        changed = [p for p in parts if now.get(p) != source["parts"].get(p)]
+        stale, which = bool(changed), f" ({', '.join(changed)})"
+    else:
+        stale, which = atomic.sha256_folder(folder) != source["sha256"], ""
+    if stale:
+        raise ArtifactError(f"the artifact's source model {folder} changed since export{which}; re-export it")
     return folder
+
+
+def describe_loras(entries: list[dict]) -> str:
+    """A manifest's LoRA entries for an error message: file:scale, or none."""
+    return ", ".join(f"{Path(e['path']).name}:{e['scale']}" for e in entries) or "none"
 
 
 def manifest_loras(manifest: dict) -> list[tuple[str, float]]:
@@ -84,7 +105,7 @@ def manifest_loras(manifest: dict) -> list[tuple[str, float]]:
 
 def load_pixel_source(manifest: dict) -> PixelModel:
     """The artifact's source model with the artifact's LoRA fused in: the same weights in PyTorch."""
-    model = load_pixel_model(check_pixel_source(manifest))
+    model = load_pixel_model(check_source(manifest))
     loras = manifest_loras(manifest)
     if loras:
         from diffrt.export.lora import fuse_loras, read_lora
@@ -96,13 +117,12 @@ def load_pixel_source(manifest: dict) -> PixelModel:
 def check_onnx_weights(folder: Path, manifest: dict) -> None:
     """Refuse to run the ONNX files of an artifact whose LoRA was refit into its TensorRT engines
     only: the ONNX holds other weights than the manifest says the artifact runs with."""
-    def state(entries):
-        return [(e["sha256"], float(e["scale"])) for e in entries]
+    from diffrt.export.artifact import lora_state
 
-    if state(manifest["loras"]) != state(manifest.get("onnx_loras", manifest["loras"])):
-        engines = ", ".join(f"{Path(e['path']).name}:{e['scale']}" for e in manifest["loras"]) or "none"
-        raise ArtifactError(f"{folder}'s TensorRT engines were refit with LoRA ({engines}) but its ONNX files hold other "
-                            "weights; run it with --backend tensorrt, or export with --backend onnx --lora ... for ONNX Runtime")
+    if lora_state(manifest["loras"]) != lora_state(manifest.get("onnx_loras", manifest["loras"])):
+        raise ArtifactError(f"{folder}'s TensorRT engines were refit with LoRA ({describe_loras(manifest['loras'])}) but its "
+                            "ONNX files hold other weights; run it with --backend tensorrt, or export with --backend onnx "
+                            "--lora ... for ONNX Runtime")
 
 
 def open_component(folder: Path, manifest: dict, name: str, backend: str, device: str | torch.device = "cpu", *,
@@ -157,7 +177,7 @@ def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device
     if is_artifact(folder):
         if backend in ("torch", "torch-compile"):
             refuse_source_fallback(folder, backend, strict)
-            model = load_pixel_source(read_artifact(folder, "pixel"))
+            model = load_pixel_source(read_artifact(folder, "pixel", verify=False))
             return torch_pixel_pipeline(model, device, compile=backend == "torch-compile")
         return artifact_pixel_pipeline(folder, backend, device, strict=strict, cuda_graph=cuda_graph)
     require_model_dir(folder)

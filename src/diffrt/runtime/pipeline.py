@@ -84,11 +84,11 @@ class DenoiserPipeline:
 
     def runtime_metadata(self) -> dict:
         """What really ran each component (RELIABILITY #15): its backend, the ONNX Runtime providers
-        the session uses (not those asked for), and whether TensorRT replays CUDA graphs."""
+        the session uses (not those asked for), and whether TensorRT replays captured CUDA graphs."""
         backends = self.backends()
         return {"components": {name: b.name for name, b in backends.items()},
                 "providers": {name: list(b.providers) for name, b in backends.items() if getattr(b, "providers", None) is not None},
-                "cuda_graph": any(getattr(b, "cuda_graph", False) for b in backends.values())}
+                "cuda_graph": any(getattr(b, "replays_graphs", False) for b in backends.values())}
 
     @property
     def backend(self) -> str:

@@ -218,12 +218,10 @@ class TextToImagePipeline(DenoiserPipeline):
     def _control_images(self, control_image, height: int | None, width: int | None) -> list[torch.Tensor]:
         """One [B, 3, H, W] batch per ControlNet, in their order. With several, `control_image` is a
         list with one entry per ControlNet (each anything _image_batch takes), as diffusers' MultiControlNetModel."""
-        from PIL import Image
-
         k = self.num_controlnets
         if k == 1:
-            if isinstance(control_image, (list, tuple)) and len(control_image) == 1 and not isinstance(control_image[0], Image.Image):
-                control_image = control_image[0]  # the one-entry-per-ControlNet form, with one ControlNet
+            if isinstance(control_image, (list, tuple)) and len(control_image) == 1:
+                control_image = control_image[0]  # the one-entry-per-ControlNet form (for PIL, also a batch of one)
             return [_image_batch(control_image, height, width)]
         if not isinstance(control_image, (list, tuple)) or len(control_image) != k:
             got = f"a list of {len(control_image)}" if isinstance(control_image, (list, tuple)) else f"one {type(control_image).__name__}"
@@ -382,8 +380,7 @@ def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
             raise DiffrtError(f"{req.model} runs {k} ControlNet{'s' if k != 1 else ''}; give one --control-image per ControlNet "
                               f"({k}, in the order they were exported), got {len(images)}")
         size = (req.height, req.width) if req.height and req.width else None
-        control = [load_image(path, size=size) for path in images]
-        control = control[0] if len(control) == 1 else control
+        control = [load_image(path, size=size) for path in images]  # one per ControlNet, as the pipeline takes them
     return pipe(req.prompt or "", negative_prompt=req.negative_prompt, height=req.height, width=req.width,
                 num_inference_steps=req.num_inference_steps,
                 guidance_scale=DEFAULT_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale,

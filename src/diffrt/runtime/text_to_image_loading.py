@@ -26,10 +26,10 @@ from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
 from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
-from diffrt.runtime.loading import (component_precision, manifest_loras, open_component, read_artifact,
-                                    refuse_source_fallback)
+from diffrt.runtime.loading import (check_source, component_precision, describe_loras, manifest_loras, open_component,
+                                    read_artifact, refuse_source_fallback)
 from diffrt.runtime.text_to_image import TextToImagePipeline
-from diffrt.text_to_image_models import (TextToImageModel, component_specs, controlnet_paths, load_controlnets,
+from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, controlnet_paths, load_controlnets,
                                          load_text_to_image, load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
 
 log = logging.getLogger(__name__)
@@ -74,40 +74,28 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
                                default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module)
 
 
+def _controlnet_folders(manifest: dict) -> list[Path]:
+    """The artifact's ControlNet folders at export, in order."""
+    from diffrt.export.text_to_image import exported_controlnets
+
+    return [path for path, _ in exported_controlnets(manifest)]
+
+
 def _controlnet_parts(manifest: dict) -> list[str]:
-    from diffrt.export.text_to_image import controlnet_parts, exported_controlnets
+    from diffrt.export.text_to_image import controlnet_parts
 
-    n = len(exported_controlnets(manifest))
+    n = len(_controlnet_folders(manifest))
     return controlnet_parts(n) if n else []
-
-
-def _check_source(manifest: dict, parts: Sequence[str]) -> Path:
-    """The artifact's source folder, if its named parts still hash as at export."""
-    from diffrt.export.text_to_image import exported_controlnets, source_hashes
-
-    source = manifest["source"]
-    folder = Path(source["path"])
-    if not folder.is_dir():
-        raise ArtifactError(f"the artifact's source model {folder} is missing")
-    controlnets = [path for path, _ in exported_controlnets(manifest)] if set(parts) & set(_controlnet_parts(manifest)) else []
-    now = source_hashes(folder, controlnets)
-    changed = [p for p in parts if now.get(p) != source["parts"].get(p)]
-    if changed:
-        raise ArtifactError(f"the artifact's source model {folder} changed since export ({', '.join(changed)}); re-export it")
-    return folder
 
 
 def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: ControlNets) -> None:
     """An artifact runs with the LoRA and ControlNets it was exported with: anything else is an error."""
+    from diffrt.export.artifact import lora_state
     from diffrt.export.text_to_image import exported_controlnets
 
-    if loras:
-        asked = [(atomic.sha256_file(p), float(s)) for p, s in loras]
-        baked = [(e["sha256"], float(e["scale"])) for e in manifest["loras"]]
-        if asked != baked:
-            have = ", ".join(f"{Path(e['path']).name}:{e['scale']}" for e in manifest["loras"]) or "none"
-            raise ArtifactError(f"{folder} has LoRA baked in at export ({have}); other LoRAs need a re-export with --lora "
-                                "(or `diffrt refit` for TensorRT engines)")
+    if loras and [(atomic.sha256_file(p), float(s)) for p, s in loras] != lora_state(manifest["loras"]):
+        raise ArtifactError(f"{folder} has LoRA baked in at export ({describe_loras(manifest['loras'])}); other LoRAs need a "
+                            "re-export with --lora (or `diffrt refit` for TensorRT engines)")
     asked = controlnet_paths(controlnet)
     if asked:
         exported = exported_controlnets(manifest)
@@ -143,21 +131,17 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
     text_encoder, unet, vae_decoder = (open_component(folder, manifest, n, backend, device, strict=strict, cuda_graph=cuda_graph)
                                        for n in ("text_encoder", unet_name, "vae_decoder"))
 
+    # The PyTorch fallbacks, loaded on first use; the pipeline moves them to its device.
     def torch_vae():
-        return load_vae(_check_source(manifest, ["vae"])).to(device)
+        return load_vae(check_source(manifest, ["vae"]))
 
     def torch_unet():
         from diffrt.text_to_image_models import LatentUNet, UNetControlNet
 
-        from diffrt.export.text_to_image import exported_controlnets
-
         fused = unet_name == "unet_controlnet"
-        source = _check_source(manifest, ["unet", *_controlnet_parts(manifest)] if fused else ["unet"])
-        base = load_unet(source)
+        base = load_unet(check_source(manifest, ["unet", *_controlnet_parts(manifest)] if fused else ["unet"]))
         _fuse_unet_only(base, manifest_loras(manifest))
-        controlnets = [path for path, _ in exported_controlnets(manifest)]
-        module = UNetControlNet(base, load_controlnets(controlnets)) if fused else LatentUNet(base)
-        return module.to(device).eval()
+        return UNetControlNet(base, load_controlnets(_controlnet_folders(manifest))) if fused else LatentUNet(base)
 
     return TextToImagePipeline(text_encoder, unet, vae_decoder, load_tokenizer(folder / pipe["tokenizer"]["folder"]),
                                DDIMConfig.from_scheduler_config(pipe["scheduler"]), vae_scaling_factor=pipe["vae_scaling_factor"],
@@ -182,13 +166,10 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
         if not torch_backend:
             return artifact_text_to_image_pipeline(folder, backend, device, loras, controlnet, strict=strict, cuda_graph=cuda_graph)
         refuse_source_fallback(folder, backend, strict)
-        manifest = mf.read_manifest(folder)
+        manifest = read_artifact(folder, "text-to-image", verify=False)
         _check_requests(folder, manifest, loras, controlnet)
-        from diffrt.export.text_to_image import exported_controlnets
-
-        parts = ["text_encoder", "tokenizer", "unet", "vae", "scheduler", *_controlnet_parts(manifest)]
-        source = _check_source(manifest, parts)
-        loaded = load_text_to_image(source, [path for path, _ in exported_controlnets(manifest)])
+        source = check_source(manifest, [*SOURCE_PARTS, *_controlnet_parts(manifest)])
+        loaded = load_text_to_image(source, _controlnet_folders(manifest))
         return torch_text_to_image_pipeline(loaded, device, backend == "torch-compile", loras or manifest_loras(manifest))
     require_text_to_image_folder(folder)
     if torch_backend:

@@ -7,7 +7,9 @@ Providers (RELIABILITY #15). ONNX Runtime silently drops an execution provider i
 (no CUDA libraries, no TensorRT) and runs on the next one, down to the CPU. After opening the
 session the providers it really uses (`session.get_providers()`) are compared with those asked
 for: a missing one is a warning, or with `strict=True` an error. `backend.providers` is
-reported with every result.
+reported with every result. A CUDA backend whose session fell back to the CPU binds host memory
+(ONNX Runtime cannot copy CUDA memory without a GPU provider: "no data transfer registered") and
+returns its outputs on its device, so the fallback that the warning names really runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from diffrt.components import ComponentSpec, tensor_shape
 from diffrt.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # those that take CUDA memory
 _ELEMENT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
                   torch.bfloat16: "bfloat16"}
 
@@ -31,7 +34,7 @@ def default_providers(device: torch.device) -> list:
 
     have = ort.get_available_providers()
     if device.type == "cuda":
-        wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have]
+        wanted = [p for p in GPU_PROVIDERS if p in have]
         if not wanted:
             raise BackendUnavailableError(f"onnxruntime has no CUDA provider here (providers: {', '.join(have)}); pip install onnxruntime-gpu (not both onnxruntime and onnxruntime-gpu)")
         return [(p, {"device_id": device.index or 0}) for p in wanted] + ["CPUExecutionProvider"]
@@ -55,6 +58,9 @@ class OnnxRuntimeBackend:
         self.requested_providers = [p if isinstance(p, str) else p[0] for p in requested]
         self.providers = self.session.get_providers()  # what really runs: reported with every result
         check_providers(spec.name, self.requested_providers, self.providers, strict)
+        # A CUDA session that fell back to the CPU cannot read CUDA memory: bind host memory then.
+        fell_back = self.device.type == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS)
+        self._io_device = torch.device("cpu") if fell_back else self.device
         self._input_dtypes = {i.name: _onnx_dtype(i.type) for i in self.session.get_inputs()}
         self._output_dtypes = {o.name: _onnx_dtype(o.type) for o in self.session.get_outputs()}
 
@@ -62,21 +68,22 @@ class OnnxRuntimeBackend:
         binding = self.session.io_binding()
         sizes: dict[str, int] = {}
         keep = []  # the bound tensors must outlive the run
+        io = self._io_device
         for spec in self.spec.inputs:
-            t = feed[spec.name].to(self.device, self._input_dtypes[spec.name]).contiguous()
+            t = feed[spec.name].to(io, self._input_dtypes[spec.name]).contiguous()
             keep.append(t)
             sizes.update({d: s for d, s in zip(spec.dims, t.shape) if isinstance(d, str)})
-            binding.bind_input(spec.name, self.device.type, self.device.index or 0, _ELEMENT_TYPES[t.dtype], list(t.shape), t.data_ptr())
+            binding.bind_input(spec.name, io.type, io.index or 0, _ELEMENT_TYPES[t.dtype], list(t.shape), t.data_ptr())
         outputs = {}
         for spec in self.spec.outputs:
-            out = torch.empty(tensor_shape(spec, sizes), dtype=self._output_dtypes[spec.name], device=self.device)
-            binding.bind_output(spec.name, self.device.type, self.device.index or 0, _ELEMENT_TYPES[out.dtype], list(out.shape), out.data_ptr())
+            out = torch.empty(tensor_shape(spec, sizes), dtype=self._output_dtypes[spec.name], device=io)
+            binding.bind_output(spec.name, io.type, io.index or 0, _ELEMENT_TYPES[out.dtype], list(out.shape), out.data_ptr())
             outputs[spec.name] = out
-        if self.device.type == "cuda":
+        if io.type == "cuda":
             # ORT runs on its own stream: make it see inputs written on torch's current stream.
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.current_stream(io).synchronize()
         self.session.run_with_iobinding(binding)
-        return outputs
+        return outputs if io == self.device else {name: t.to(self.device) for name, t in outputs.items()}
 
 
 def check_providers(component: str, requested: list[str], used: list[str], strict: bool) -> None:

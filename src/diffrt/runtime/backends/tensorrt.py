@@ -137,6 +137,12 @@ class TensorRTBackend:
         self._graphs: dict[tuple, _Graph | None] = {}
         self._graph_memory: torch.Tensor | None = None  # activation memory the graph contexts share
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether some shape runs as a captured CUDA graph: what results report (RELIABILITY #15), since
+        `cuda_graph=True` only asks for graphs, and a capture can fail or be unavailable."""
+        return any(entry is not None for entry in self._graphs.values())
+
     def clone(self) -> TensorRTBackend:
         """A backend on the same engine with its own context and stream: one per worker thread."""
         twin = copy.copy(self)
