@@ -359,7 +359,7 @@ def test_engine_parity_is_measured_and_recorded(trt_artifact):
     parity = mf.read_manifest(trt_artifact)["components"]["unet"]["parity"]
     assert parity["onnxruntime"]["passed"] and parity["tensorrt"]["passed"]
     assert parity["tensorrt"]["precision"] == "fp32" and parity["tensorrt"]["max_rel"] <= parity["tensorrt"]["tolerance"]
-    assert {"max_abs", "median_abs", "cosine", "shapes"} <= set(parity["tensorrt"])
+    assert {"max_abs", "median_abs", "cosine", "shapes"} <= set(parity["tensorrt"]) and parity["tensorrt"]["weights"] == "base"
 
 
 @pytest.mark.gpu

@@ -229,7 +229,9 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
         entry["engine"] = build_engine(onnx_path, spec, engine_path, precision=precision)
         files[str(engine_path.relative_to(out))] = entry["engine"]["sha256"]  # hashed by build_engine: engines are large
         if options.verify:
-            parity["tensorrt"] = _engine_parity(module, spec, engine_path, feeds, precision)
+            # Measured on the engine as built, with base weights: a LoRA is refit in afterwards
+            # (refit_before_manifest), and refit sets weights only, never kernels or precision.
+            parity["tensorrt"] = {**_engine_parity(module, spec, engine_path, feeds, precision), "weights": "base"}
     if options.verify:
         entry["parity"] = parity
     entry["files"] = files
