@@ -19,7 +19,7 @@ the parity checks verify is exactly what the pipeline runs. The signatures are d
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -119,7 +119,6 @@ class TextToImageModel:
     vae: nn.Module  # AutoencoderKL
     scheduler: DDIMConfig
     controlnet: nn.Module | None = None  # ControlNetModel, or MultiControlNetModel for several (combine_controlnets)
-    controlnet_folders: list[Path] = field(default_factory=list)  # in the order their images and scales are given
 
     @property
     def num_controlnets(self) -> int:
@@ -256,7 +255,7 @@ def load_text_to_image(folder: str | Path, controlnet: str | Path | Sequence[str
     model = TextToImageModel(
         folder=folder, tokenizer=load_tokenizer(folder / "tokenizer"), text_encoder=load_text_encoder(folder),
         unet=load_unet(folder), vae=load_vae(folder), scheduler=load_scheduler(folder),
-        controlnet=load_controlnets(controlnets), controlnet_folders=controlnets,
+        controlnet=load_controlnets(controlnets),
     )
     if len(controlnets) > 1:
         controlnet_residuals(model.controlnet)  # residuals that could not be summed are refused here, not mid-trace
