@@ -220,9 +220,19 @@ def test_single_controlnet_manifests_from_before_still_read(manifest, t2i_folder
 # --- cache, tampering ----------------------------------------------------------------------------------
 
 
-def test_reexport_is_a_cache_hit(t2i_artifact, t2i_folder, manifest, caplog):
+def test_reexport_is_a_cache_hit(t2i_artifact, t2i_folder, manifest, caplog, monkeypatch):
     import logging
 
+    from diffrt import text_to_image_models
+
+    # A hit does no work: the key comes from the configs, and no weight file is read.
+    from_folder = text_to_image_models._from_folder
+
+    def configs_only(cls, folder, weights=True):
+        assert not weights, f"a cache hit read the weights of {folder}"
+        return from_folder(cls, folder, weights)
+
+    monkeypatch.setattr(text_to_image_models, "_from_folder", configs_only)
     with caplog.at_level(logging.INFO, logger="diffrt"):
         result = export_model(t2i_folder, t2i_artifact, ExportOptions(**T2I_RANGES), controlnets=[str(t2i_folder / "controlnet")])
     assert result.cache_hit and result.manifest["key"] == manifest["key"]

@@ -179,14 +179,27 @@ def load_tokenizer(folder: str | Path):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_controlnet(folder: str | Path):
+def _from_folder(cls, folder: Path, weights: bool = True) -> nn.Module:
+    """`cls.from_pretrained(folder)`, safetensors only, frozen. weights=False: built from its config
+    alone on the meta device, reading no weights: enough for its sizes and specs (an export's key)."""
+    if weights:
+        require_safetensors(folder)
+        return cls.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        # diffusers models read their config with load_config; transformers ones with their config_class.
+        module = cls.from_config(cls.load_config(folder)) if hasattr(cls, "load_config") else cls(cls.config_class.from_pretrained(folder))
+    return module.eval().requires_grad_(False)
+
+
+def load_controlnet(folder: str | Path, weights: bool = True):
     from diffusers import ControlNetModel
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise DiffrtError(f"{folder} is not a ControlNet folder: it has no config.json")
-    require_safetensors(folder)
-    return ControlNetModel.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+    return _from_folder(ControlNetModel, folder, weights)
 
 
 def multi_controlnet_class():
@@ -218,44 +231,45 @@ def controlnet_paths(controlnet: str | Path | Sequence[str | Path] | None) -> li
     return [Path(c) for c in controlnet]
 
 
-def load_controlnets(folders: str | Path | Sequence[str | Path] | None) -> nn.Module | None:
+def load_controlnets(folders: str | Path | Sequence[str | Path] | None, weights: bool = True) -> nn.Module | None:
     """Load ControlNet folders (one, a list, or none) combined as combine_controlnets does."""
-    return combine_controlnets([load_controlnet(f) for f in controlnet_paths(folders)])
+    return combine_controlnets([load_controlnet(f, weights) for f in controlnet_paths(folders)])
 
 
-def load_unet(folder: Path):
+def load_unet(folder: Path, weights: bool = True):
     from diffusers import UNet2DConditionModel
 
-    require_safetensors(folder / "unet")
-    return UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).eval().requires_grad_(False)
+    return _from_folder(UNet2DConditionModel, folder / "unet", weights)
 
 
-def load_vae(folder: Path):
+def load_vae(folder: Path, weights: bool = True):
     from diffusers import AutoencoderKL
 
-    require_safetensors(folder / "vae")
-    return AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval().requires_grad_(False)
+    return _from_folder(AutoencoderKL, folder / "vae", weights)
 
 
-def load_text_encoder(folder: Path):
+def load_text_encoder(folder: Path, weights: bool = True):
     from transformers import CLIPTextModel
 
-    require_safetensors(folder / "text_encoder")
-    return CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).eval().requires_grad_(False)
+    return _from_folder(CLIPTextModel, folder / "text_encoder", weights)
 
 
 def load_scheduler(folder: Path) -> DDIMConfig:
     return DDIMConfig.from_scheduler_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
 
 
-def load_text_to_image(folder: str | Path, controlnet: str | Path | Sequence[str | Path] | None = None) -> TextToImageModel:
-    """Load a diffusers Stable Diffusion folder (safetensors only) and the ControlNet folders given (one or a list)."""
+def load_text_to_image(folder: str | Path, controlnet: str | Path | Sequence[str | Path] | None = None, *,
+                       weights: bool = True) -> TextToImageModel:
+    """Load a diffusers Stable Diffusion folder (safetensors only) and the ControlNet folders given (one or a list).
+
+    weights=False builds every module from its config on the meta device: the sizes and specs at
+    no cost, for an export to find its cache key before it reads gigabytes of weights."""
     folder = require_text_to_image_folder(folder)
     controlnets = controlnet_paths(controlnet)
     model = TextToImageModel(
-        folder=folder, tokenizer=load_tokenizer(folder / "tokenizer"), text_encoder=load_text_encoder(folder),
-        unet=load_unet(folder), vae=load_vae(folder), scheduler=load_scheduler(folder),
-        controlnet=load_controlnets(controlnets),
+        folder=folder, tokenizer=load_tokenizer(folder / "tokenizer"), text_encoder=load_text_encoder(folder, weights),
+        unet=load_unet(folder, weights), vae=load_vae(folder, weights), scheduler=load_scheduler(folder),
+        controlnet=load_controlnets(controlnets, weights),
     )
     if len(controlnets) > 1:
         controlnet_residuals(model.controlnet)  # residuals that could not be summed are refused here, not mid-trace

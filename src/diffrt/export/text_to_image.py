@@ -86,7 +86,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     check_options(options)
     model_dir, out = require_text_to_image_folder(model_dir), Path(out)
     controlnets = [Path(c) for c in controlnets]
-    model = load_text_to_image(model_dir, controlnets)
+    model = load_text_to_image(model_dir, controlnets, weights=False)  # configs only: enough for the key
     size = (model.default_size,) * 3
     specs = component_specs(model, component_names(bool(controlnets)), batch=options.batch,
                             height=options.height or size, width=options.width or options.height or size)
@@ -99,6 +99,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     hit = cached_export(out, key, t0, lora_parts)
     if hit is not None:
         return hit
+    model = load_text_to_image(model_dir, controlnets)  # a miss: now the weights
 
     # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
     bake = bool(options.loras) and options.backend != "tensorrt"
