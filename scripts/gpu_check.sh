@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU check diffrt owes, in one call on a lent GPU machine (device time is short: one call,
+# about 10 minutes). Prepare here with scripts/gpu_wheels.sh, then run there, carrying .whl:
+#
+#     run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#
+# What comes back under $OUT: device.txt, pytest_gpu.log, kernels.txt, bench.log and the bench's
+# JSON/markdown/PNG; commit them under benchmarks/results/ with the GPU's name.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/diffrt-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+python3 - > "$OUT/device.txt" 2>&1 <<'PY' || { cat "$OUT/device.txt"; exit 1; }
+import importlib, torch
+assert torch.cuda.is_available(), "no CUDA device: this script is for a GPU machine"
+p = torch.cuda.get_device_properties(0)
+print(f"{p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}")
+for name in ("diffusers", "transformers", "peft", "accelerate", "onnx", "onnxruntime", "triton", "tensorrt"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as exc:  # noqa: BLE001 - absent is a finding, not a failure
+        print(f"{name}: not importable ({type(exc).__name__})")
+import diffrt
+print(f"diffrt {diffrt.__version__}")
+PY
+cat "$OUT/device.txt"
+
+# 1. The gpu-marked tests (Triton kernels compiled, fp16 DreamBooth base, TensorRT where installed).
+timeout 240 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1
+echo "pytest -m gpu: exit $?"; tail -n 25 "$OUT/pytest_gpu.log"
+
+# 2. The kernels against their PyTorch references.
+timeout 90 python3 benchmarks/bench_kernels.py --iters 100 > "$OUT/kernels.txt" 2>&1
+echo "bench_kernels: exit $?"; cat "$OUT/kernels.txt"
+
+# 3. End-to-end latency against eager on the SD-1.5-sized configs (random weights, built locally).
+timeout 240 python3 -m diffrt.cli bench --config sd15 --config sd15-color --backend torch --backend torch-compile \
+    --repeats 3 --out "$OUT" > "$OUT/bench.log" 2>&1
+echo "diffrt bench: exit $?"; tail -n 30 "$OUT/bench.log"
