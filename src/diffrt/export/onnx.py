@@ -58,14 +58,15 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
                 dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         model = onnx.load(str(raw), load_external_data=True)
-        model = _infer_shapes(model)
         large = _weights_nbytes(model) > external_data_threshold
         out = tmp / "model.onnx"
         onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
+        del model
         for leftover in tmp.iterdir():
             if leftover.name not in ("model.onnx", "model.onnx.data"):
                 leftover.unlink()
+        _infer_shapes(out)
         onnx.checker.check_model(str(out))
         if folder.exists():
             shutil.rmtree(folder)
@@ -87,14 +88,15 @@ def _sdpa_transformers(module: nn.Module) -> list[nn.Module]:
             and getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"]
 
 
-def _infer_shapes(model):
+def _infer_shapes(path: Path) -> None:
+    """Annotate every intermediate tensor with its inferred shape, in place. By path, not in memory:
+    a graph over 2 GB cannot be one protobuf, and its weights stay in their external file."""
     import onnx
 
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # over 2 GB in memory, or an op inference does not know: keep the graph
-        log.debug("ONNX shape inference skipped: %s", exc)
-        return model
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - an op whose shapes ONNX cannot infer: the graph is still valid
+        log.info("%s: ONNX shape inference skipped (%s); the graph is kept without inferred shapes", path, exc)
 
 
 def _weights_nbytes(model) -> int:
