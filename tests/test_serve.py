@@ -264,6 +264,20 @@ def test_bad_requests_are_refused_by_name(client, body, status, names):
     assert client.post("/v1/generate", json={"class_label": 1, "seed": 5, "num_inference_steps": 1}).status_code == 200
 
 
+def test_profile_rejections_and_provider_fallbacks_are_metrics(client):
+    # RELIABILITY #3 and #15 as an operator sees them: sizes outside the engine's ranges are counted
+    # by field (other 422s are not), and no component of this CPU service fell back.
+    before = client.get("/metrics").text
+    for body in ({"class_label": 1, "height": 24}, {"class_label": 1, "num_images": 64}, {"class_label": 100}):
+        assert client.post("/v1/generate", json=body).status_code == 422
+    after = client.get("/metrics").text
+    for field, count in (("height", 1), ("num_images", 1), ("class_label", 0)):
+        delta = (metric(after, "diffrt_serve_profile_rejections_total", field=field)
+                 - metric(before, "diffrt_serve_profile_rejections_total", field=field))
+        assert delta == count, field
+    assert re.search(r"^diffrt_serve_provider_fallbacks 0\.0$", after, re.M)
+
+
 def test_oversized_bodies_images_and_wrong_keys(client, server):
     url = server.url + "/v1/generate"
     ok = {"class_label": 1, "seed": 5, "num_inference_steps": 1}
@@ -382,3 +396,18 @@ def test_ray_serve_replica_answers_like_the_service(served_model, pipe):
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_provider_fallback_is_counted(served_model, monkeypatch):
+    # A CPU-only ONNX Runtime asked for CUDA runs on the CPU, as a CUDA provider without its libraries would.
+    from diffrt.runtime.backends import onnxruntime as ort_backend
+    from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
+
+    monkeypatch.setattr(ort_backend, "default_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    runtime = ServeRuntime(RuntimeConfig(model=served_model, backend="onnxruntime", device="cpu", warmup_steps=1))
+    runtime.start()
+    try:
+        runtime.wait_ready(120)
+        assert metric(runtime.metrics.exposition().decode(), "diffrt_serve_provider_fallbacks") == 1
+    finally:
+        runtime.close(30)

@@ -32,6 +32,10 @@ class ServeMetrics:
         self.nonfinite = Counter("diffrt_serve_nonfinite", "Batches refused because the model produced NaN/inf", registry=r)
         self.backend = Info("diffrt_serve_backend", "The backend that runs the model (RELIABILITY #15), the model and device", registry=r)
         self.ready = Gauge("diffrt_serve_ready", "1 once the model is loaded, warmed up and self-tested", registry=r)
+        self.profile_rejections = Counter("diffrt_serve_profile_rejections", "Requests refused because a size falls outside "
+                                          "the engine's built ranges (RELIABILITY #3), by field", ["field"], registry=r)
+        self.fallbacks = Gauge("diffrt_serve_provider_fallbacks", "Components whose ONNX Runtime session runs without a "
+                               "provider that was asked for (RELIABILITY #15; --strict refuses to start instead)", registry=r)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

@@ -82,6 +82,8 @@ class ServeRuntime:
         self.batcher.max_batch_size = self.worker.max_batch_size  # the engine's profile may allow less
         self.metrics.backend.info({"backend": self.worker.pipe.backend, "model": str(self.config.model or "shipped:digits"),
                                    "device": str(self.worker.pipe.device)})
+        self.metrics.fallbacks.set(sum(1 for b in self.worker.pipe.backends().values()
+                                       if not set(getattr(b, "requested_providers", ())) <= set(getattr(b, "providers", ()))))
         self.metrics.ready.set(1)
         self._ready.set()
 
@@ -122,7 +124,12 @@ class ServeRuntime:
         if not self.ready:
             reason = f"the model failed to load: {self.error}" if self.error else "the model is still loading; see /readyz"
             raise RequestError(503, reason, headers={"Retry-After": "5"})
-        plan = self.worker.plan(body)
+        try:
+            plan = self.worker.plan(body)
+        except RequestError as exc:
+            if exc.profile:
+                self.metrics.profile_rejections.labels(field=exc.field or "").inc()
+            raise
         job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s)
         try:
             self.batcher.submit(job)

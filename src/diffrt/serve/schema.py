@@ -48,12 +48,14 @@ class GenerateBody(BaseModel):
 class RequestError(Exception):
     """A request the service refuses: HTTP status, the field at fault (if one) and a one-line message."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None,
+                 profile: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
         self.headers = headers or {}
+        self.profile = profile  # a shape outside the engine's built ranges (RELIABILITY #3), counted in /metrics
 
     def payload(self) -> dict:
         return {"detail": self.message, "field": self.field}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffrt.errors import DiffrtError
+from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
@@ -154,7 +154,7 @@ class TextToImageWorker:
             name = "num_images" if message.startswith("batch") else "width" if message.startswith("width") else "height"
             if name != "num_images" and getattr(body, name) is None and control is not None:
                 name = "control_image"  # the size came from the control image
-            raise RequestError(422, f"{name}: {message}", name) from None
+            raise RequestError(422, f"{name}: {message}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
         kwargs = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "height": body.height, "width": body.width,
                   "num_inference_steps": body.num_inference_steps, "guidance_scale": guidance_scale,
                   "num_images_per_prompt": body.num_images, "eta": body.eta, "control_image": control,

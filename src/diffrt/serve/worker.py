@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffrt.errors import DiffrtError, NonFiniteOutputError
+from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
 from diffrt.images import png_bytes
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.sampling import randn
@@ -240,7 +240,7 @@ class PixelWorker:
                 spec.check_size(dim, value, what=f"{name} {value}" if name != "num_images" else
                                 f"batch {value} ({body.num_images} images{' x 2 for guidance' if cfg else ''})")
             except DiffrtError as exc:
-                raise RequestError(422, f"{name}: {exc}", name) from None
+                raise RequestError(422, f"{name}: {exc}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         generator = torch.Generator("cpu").manual_seed(seed)
         latents = randn((body.num_images, pipe.channels, height, width), generator, torch.device("cpu"), torch.float32)
