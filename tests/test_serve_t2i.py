@@ -83,6 +83,11 @@ def test_a_truncated_prompt_is_reported_in_the_answer(client):
     assert r.status_code == 200, r.text
     answer = r.json()
     assert answer["truncated"][0].replace(" ", "").endswith("word59") and answer["truncated_negative"] == [None]
+    # Latency per stage: each component's calls, timed in place, are parts of the sampling time.
+    timings = answer["timings_ms"]
+    parts = [timings[name] for name in ("text_encoder", "unet_controlnet", "vae_decoder")]
+    assert all(t > 0 for t in parts) and sum(parts) <= timings["sample"]
+    assert 'diffrt_serve_stage_seconds_count{stage="unet_controlnet"}' in client.get("/metrics").text
     assert r.headers["x-diffrt-prompt-truncated"] == "true"
     png = client.post("/v1/generate", json=body)
     assert png.headers["content-type"] == "image/png" and png.headers["x-diffrt-prompt-truncated"] == "true"

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from diffrt.bench.configs import BenchConfig, NotApplicable
-from diffrt.bench.timing import MemoryMonitor, TimedBackend, cpu_threads, summarize_ms, synchronize
+from diffrt.bench.timing import MemoryMonitor, cpu_threads, summarize_ms, synchronize
+from diffrt.runtime.backends.timed import TimedBackend
 
 log = logging.getLogger(__name__)
 

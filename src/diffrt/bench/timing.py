@@ -2,8 +2,8 @@
 
 Everything here measures; nothing decides what to measure (that is `cells.py`). Times are
 wall-clock seconds from `time.perf_counter`, taken after a device synchronisation, so a CUDA
-number is the work, not the launch. Per-call component latencies on CUDA come from CUDA events
-recorded around each call, which adds no synchronisation inside the loop being timed.
+number is the work, not the launch. Per-call component latencies come from
+`diffrt.runtime.backends.timed.TimedBackend` (CUDA events on a GPU, no synchronisation in the loop).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import platform
 import resource
 import statistics
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,46 +39,6 @@ def summarize_ms(samples_s: list[float], per: float = 1.0) -> dict | None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# --- per-call latency of one component --------------------------------------------------------------
-
-
-class TimedBackend:
-    """A Backend proxy that records how long each `run` takes while `recording` is on.
-
-    It keeps the Backend contract (name, spec, device, run), so a pipeline runs it unchanged and
-    the component is timed on exactly the calls and shapes the pipeline makes."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.recording = False
-        self._cpu: list[float] = []
-        self._events: list[tuple] = []
-
-    def __getattr__(self, name):  # name, spec, device, providers, ... of the wrapped backend
-        return getattr(self.inner, name)
-
-    def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not self.recording:
-            return self.inner.run(feed)
-        if self.inner.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = self.inner.run(feed)
-            end.record()
-            self._events.append((start, end))
-            return out
-        t0 = time.perf_counter()
-        out = self.inner.run(feed)
-        self._cpu.append(time.perf_counter() - t0)
-        return out
-
-    def samples_s(self) -> list[float]:
-        """Recorded latencies in seconds (synchronises first when they are CUDA events)."""
-        if self._events:
-            torch.cuda.synchronize()
-        return self._cpu + [start.elapsed_time(end) / 1000.0 for start, end in self._events]
 
 
 # --- memory ---------------------------------------------------------------------------------------------

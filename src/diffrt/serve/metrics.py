@@ -24,7 +24,8 @@ class ServeMetrics:
         self.requests = Counter("diffrt_serve_requests", "Generation requests answered, by HTTP status", ["status"], registry=r)
         self.latency = Histogram("diffrt_serve_request_seconds", "End-to-end latency of successful generation requests",
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.stage = Histogram("diffrt_serve_stage_seconds", "Time per stage of a request: queue wait, DDIM sampling, PNG encoding",
+        self.stage = Histogram("diffrt_serve_stage_seconds", "Time per stage of a request: queue wait, DDIM sampling "
+                               "(and within it each component: text_encoder, unet x N steps, vae_decoder, ...), PNG encoding",
                                ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("diffrt_serve_queue_depth", "Requests waiting for the worker", registry=r)
         self.batch_size = Histogram("diffrt_serve_batch_size", "Images per batch run by the worker", buckets=BATCH_BUCKETS, registry=r)

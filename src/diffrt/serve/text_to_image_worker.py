@@ -30,7 +30,7 @@ from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 from diffrt.serve.batcher import Job
 from diffrt.serve.schema import GenerateBody, RequestError
-from diffrt.serve.worker import Answer, BatchAbandoned, encode_finite, self_test_passed
+from diffrt.serve.worker import Answer, BatchAbandoned, component_ms, encode_finite, self_test_passed, time_components
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class TextToImageWorker:
         self.max_batch_size = max_batch_size
         self.exact_batching = exact_batching  # kept for the shared interface; solo runs are exact anyway
         self.pipe = None
+        self.timed = {}
         self.warmup_seconds: float | None = None
         self.batch_max_abs_diff: float | None = None  # not probed: requests are not batched
 
@@ -83,6 +84,7 @@ class TextToImageWorker:
         log.info("opened %s%s on %s in %.1f s", self.model, f" with {self.pipe.num_controlnets} ControlNet(s)" if self.pipe.has_controlnet else "",
                  self.pipe.backend, time.perf_counter() - t0)
         self.warmup_seconds = self.self_test()
+        self.timed = time_components(self.pipe)  # after the warm-up, which is not a request
 
     def self_test(self) -> float:
         """Warm-up and NaN self-test: a guided generation at the model's default size, which must be finite."""
@@ -110,7 +112,8 @@ class TextToImageWorker:
         result = self.pipe(**plan.kwargs, seed=plan.seed, output_type="pt", progress=abandon_if_nobody_waits)
         sample_ms = 1000 * (time.perf_counter() - t0)
         pngs, encode_ms = encode_finite(result)
-        timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, "encode": encode_ms}
+        timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, **component_ms(self.timed),
+                   "encode": encode_ms}
         truncated = {key: result.metadata.get(key) for key in ("truncated", "truncated_negative")}
         return {job.id: Answer(job.id, plan.seed, pngs, result.backend, len(pngs), timings, truncated)}
 

@@ -27,6 +27,7 @@ import torch
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
 from diffrt.images import png_bytes
+from diffrt.runtime.backends.timed import TimedBackend
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.sampling import randn
 from diffrt.serve.batcher import Job
@@ -78,6 +79,29 @@ class Answer:
     truncated: dict | None = None  # text-to-image: prompt text the text encoder cut off (RELIABILITY #13)
 
 
+COMPONENT_ATTRS = ("text_encoder", "unet", "vae_decoder")  # where both pipelines keep their components
+
+
+def time_components(pipe) -> dict[str, TimedBackend]:
+    """Put a recording TimedBackend in place of each of the pipeline's components, by component
+    name, so that every batch reports the time it spent in each (text encoder, UNet x N steps,
+    VAE): latency per stage, as RELIABILITY's serving conventions ask."""
+    timed = {}
+    for attr in COMPONENT_ATTRS:
+        backend = getattr(pipe, attr, None)
+        if backend is not None:
+            proxy = TimedBackend(backend)
+            proxy.recording = True
+            setattr(pipe, attr, proxy)
+            timed[backend.spec.name] = proxy
+    return timed
+
+
+def component_ms(timed: dict[str, TimedBackend]) -> dict[str, float]:
+    """Milliseconds each component spent since the last call (reads CUDA events: one synchronisation)."""
+    return {name: 1000 * proxy.take_s() for name, proxy in timed.items()}
+
+
 def self_test_passed(result, t0: float) -> float:
     """The warm-up's images must all be finite (the readiness NaN self-test); returns its seconds."""
     if not torch.isfinite(result.images).all():
@@ -111,6 +135,7 @@ class PixelWorker:
         self.max_batch_size = max_batch_size
         self.exact_batching = exact_batching
         self.pipe = None
+        self.timed: dict[str, TimedBackend] = {}
         self.warmup_seconds: float | None = None
         self.batch_max_abs_diff: float | None = None  # |batched - alone| measured at start-up; 0.0: bitwise equal
 
@@ -139,6 +164,7 @@ class PixelWorker:
                             pipe.backend, self.batch_max_abs_diff,
                             "running requests one at a time (exact_batching=False batches them anyway)" if self.exact_batching
                             else "batching anyway (exact_batching=False)")
+        self.timed = time_components(pipe)  # after the warm-up and probe, which are not requests
 
     def self_test(self) -> float:
         """Warm-up and NaN self-test in one: a classifier-free-guided generation at the model's own
@@ -196,11 +222,12 @@ class PixelWorker:
                            progress=abandon_if_nobody_waits)
         sample_ms = 1000 * (time.perf_counter() - t0)
         pngs, encode_ms = encode_finite(result)
+        components = component_ms(self.timed)
         answers, start = {}, 0
         for job, plan in zip(jobs, plans):
             own = pngs[start : start + plan.num_images]
             start += plan.num_images
-            timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, "encode": encode_ms}
+            timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, **components, "encode": encode_ms}
             answers[job.id] = Answer(job.id, plan.seed, own, result.backend, n, timings)
         return answers
 
