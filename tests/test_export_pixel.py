@@ -35,9 +35,16 @@ def test_manifest_records_what_the_issue_asks(artifact):
     assert len(manifest["source"]["sha256"]) == 64
 
 
-def test_reexport_is_a_cache_hit_that_does_no_work(classemb_model_dir, artifact, caplog):
+def test_reexport_is_a_cache_hit_that_does_no_work(classemb_model_dir, artifact, caplog, monkeypatch):
+    from diffusers import UNet2DModel
+
     onnx_file = artifact / "unet" / "model.onnx"
     before = onnx_file.stat().st_mtime_ns
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a cache hit read the model's weights")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", no_weights)  # the key comes from the configs alone
     with caplog.at_level("INFO"):
         result = export_pixel_model(classemb_model_dir, artifact, OPTIONS)
     assert result.cache_hit

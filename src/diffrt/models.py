@@ -151,8 +151,11 @@ def build_pixel_model(
     return PixelModel(PixelUNet(unet, info), scheduler or DDIMConfig(clip_sample=True))
 
 
-def load_pixel_model(folder: str | Path) -> PixelModel:
-    """Load a pixel-space model from a pipeline folder (unet/ + scheduler/) or a bare UNet folder."""
+def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
+    """Load a pixel-space model from a pipeline folder (unet/ + scheduler/) or a bare UNet folder.
+
+    weights=False builds it from its configs on the meta device, reading no weights: its sizes and
+    spec at no cost (an export's cache key)."""
     from diffusers import UNet2DModel
 
     folder = require_model_dir(folder)
@@ -160,14 +163,20 @@ def load_pixel_model(folder: str | Path) -> PixelModel:
     if not (unet_dir / "config.json").is_file():
         raise DiffrtError(f"{folder} has no unet/config.json; expected a diffusers pipeline folder or a UNet2DModel folder")
     require_safetensors(unet_dir)
-    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    if weights:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    else:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
     info = PixelModelInfo()
     if (folder / DIFFRT_CONFIG).is_file():
         info = PixelModelInfo(**json.loads((folder / DIFFRT_CONFIG).read_text()))
     elif unet.config.num_class_embeds:
         info = PixelModelInfo("class_embedding", num_classes=unet.config.num_class_embeds - 1)
     class_embedding = None
-    if info.conditioning == "class_channels":
+    if info.conditioning == "class_channels" and weights:
         from safetensors.torch import load_file
 
         weights = load_file(folder / "class_embedding" / "model.safetensors")

@@ -99,14 +99,14 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     check_options(options)
     out = Path(out)
     src = Path(model_dir) if model_dir is not None else SHIPPED_DIGITS
-    model = load_pixel_model(src)
-    spec = pixel_spec(model, options)
+    spec = pixel_spec(load_pixel_model(src, weights=False), options)  # configs only: enough for the key
     source_sha256 = atomic.sha256_folder(src)
     lora_parts = lora_hashes(options)
     key = pixel_export_key(source_sha256, spec, options)
     hit = cached_export(out, key, t0, lora_parts)
     if hit is not None:
         return hit
+    model = load_pixel_model(src)  # a miss: now the weights
 
     # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
     bake = bool(options.loras) and options.backend != "tensorrt"
