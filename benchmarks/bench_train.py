@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from diffrt import atomic
+from diffrt.data import CHELSEA_CROPS
 from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
 from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, instance_evaluation_loss, train_dreambooth_lora
@@ -50,7 +51,7 @@ def _cat_folder(folder: Path) -> Path:
 
     folder.mkdir(parents=True)
     cat = data.chelsea()
-    for i, (top, left, h, w) in enumerate([(0, 0, 300, 300), (40, 120, 200, 260), (20, 60, 120, 90), (100, 200, 180, 240)]):
+    for i, (top, left, h, w) in enumerate(CHELSEA_CROPS):
         Image.fromarray(cat[top : top + h, left : left + w]).save(folder / f"chelsea-{i}.png")
     return folder
 

@@ -80,3 +80,21 @@ def test_label_dropout_share(p, monkeypatch):
         assert share == 0
     else:
         assert abs(share - p) < 0.03  # binomial sd at n = 4000 is 0.007
+
+
+def test_bundled_chelsea_is_the_crops_of_the_photo(tmp_path):
+    # The bundled subject is the same data as its crops written to a folder (PNG is lossless).
+    from skimage import data
+
+    from diffrt.data import CHELSEA_CROPS, load_source
+    from diffrt.errors import DataError
+
+    cat = data.chelsea()
+    for i, (top, left, h, w) in enumerate(CHELSEA_CROPS):
+        Image.fromarray(cat[top : top + h, left : left + w]).save(tmp_path / f"chelsea-{i}.png")
+    bundled = load_source("chelsea", 24, labelled=False, crop="random")
+    folder = load_image_folder(tmp_path, 24, crop="random")
+    assert bundled.images.shape == (4, 3, 24, 24) and torch.equal(bundled.images, folder.images)
+    assert torch.equal(draws(bundled, 3, seed=2), draws(folder, 3, seed=2))
+    with pytest.raises(DataError, match="one subject, not classes"):
+        load_source("chelsea", 24, labelled=True)

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.set_defaults(func=_cmd_train_class_cond)
     ft = tsub.add_parser("finetune", help="fine-tune a pretrained UNet2DModel (diffusers folder) on new images")
     ft.add_argument("--model", required=True, help="diffusers pipeline folder (unet/ + scheduler/) or UNet2DModel folder")
-    ft.add_argument("--data", required=True, help="a folder of images (any size), or 'digits' (bundled); "
+    ft.add_argument("--data", required=True, help="a folder of images (any size), or a bundled set: 'digits', 'chelsea' (four crops of scikit-image's cat); "
                     "one sub-folder per class for a class-conditioned model")
     ft.add_argument("--crop", choices=["center", "random"], default="center", help="crop after resizing the short side")
     ft.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=_cmd_train_finetune)
     db = tsub.add_parser("dreambooth-lora", help="DreamBooth with LoRA (peft) on a text-to-image pipeline folder")
     db.add_argument("--model", required=True, help="Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)")
-    db.add_argument("--instance-data", required=True, help="folder with a few images of the subject")
+    db.add_argument("--instance-data", required=True,
+                    help="folder with a few images of the subject, or 'chelsea' (bundled: four crops of scikit-image's cat)")
     db.add_argument("--instance-prompt", required=True, help="prompt naming the subject, e.g. 'a photo of sks cat'")
     db.add_argument("--class-prompt", default=None, help="prompt for the subject's class, e.g. 'a photo of a cat'")
     db.add_argument("--with-prior-preservation", action="store_true", help="train on class images too (prior-preservation loss)")

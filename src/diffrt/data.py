@@ -1,4 +1,4 @@
-"""Training data: image folders, class folders, and the bundled digits.
+"""Training data: image folders, class folders, and the bundled digits and chelsea (a cat to teach).
 
 Datasets here are in-memory tensors in model space [-1, 1]: the small sets diffrt trains on
 fit easily, and a tensor dataset makes batch selection a pure function of (seed, step), which
@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from diffrt.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-BUNDLED = ("digits",)
+BUNDLED = ("digits", "chelsea")
+# (top, left, height, width) of the crops of scikit-image's chelsea (300 x 451) that make the bundled
+# "chelsea" subject: four views of one cat, of different sizes and aspect ratios, for fine-tuning
+# and DreamBooth examples.
+CHELSEA_CROPS = ((0, 0, 300, 300), (40, 120, 200, 260), (20, 60, 120, 90), (100, 200, 180, 240))
 
 
 @dataclass
@@ -130,13 +134,27 @@ def _require_folder(folder: str | Path) -> Path:
 
 
 def _load_images(files: list[Path], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """The centre crops [N, C, size, size] in [-1, 1], and for crop "random" the resized images to
-    crop from on each draw."""
     from diffrt.images import load_image
 
-    resized = [resize_short_side(load_image(path), size) * 2 - 1 for path in files]
+    return _prepare([load_image(path) for path in files], size, crop)
+
+
+def _prepare(images: list[torch.Tensor], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """[C, H, W] images in [0, 1] -> the centre crops [N, C, size, size] in [-1, 1], and for crop
+    "random" the resized images to crop from on each draw."""
+    resized = [resize_short_side(img, size) * 2 - 1 for img in images]
     centre = torch.stack([center_crop(img, size) for img in resized])
     return centre, resized if crop == "random" else None
+
+
+def chelsea_crops() -> list[torch.Tensor]:
+    """The bundled "chelsea" subject: CHELSEA_CROPS of scikit-image's cat photo, [3, H, W] in [0, 1]."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise DataError("the bundled 'chelsea' images come from scikit-image; pip install scikit-image") from None
+    cat = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float() / 255
+    return [cat[:, top : top + h, left : left + w] for top, left, h, w in CHELSEA_CROPS]
 
 
 def resize_short_side(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -191,8 +209,13 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
 
 def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False) -> ImageDataset:
     """A bundled dataset by name, or a folder (flat for unlabelled, class sub-folders for labelled)."""
-    if source in BUNDLED:
+    if source == "digits":
         return load_digits(size=size)
+    if source == "chelsea":
+        if labelled:
+            raise DataError("'chelsea' is one subject, not classes; give a folder with one sub-folder per class")
+        images, uncropped = _prepare(chelsea_crops(), size, crop)
+        return ImageDataset(images, random_flip=random_flip, uncropped=uncropped)
     if labelled:
         return load_class_folders(source, size, crop, random_flip)
     return load_image_folder(source, size, crop, random_flip)

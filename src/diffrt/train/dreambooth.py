@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from diffrt import atomic
-from diffrt.data import ImageDataset, list_images, load_image_folder
+from diffrt.data import ImageDataset, list_images, load_image_folder, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
@@ -116,7 +116,7 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     # 1. Everything cheap to check, before any model is loaded.
     config.validate()
     folder = require_pipeline_dir(config.model)
-    instance = load_image_folder(config.instance_data, config.resolution, crop=config.crop)
+    instance = load_source(config.instance_data, config.resolution, labelled=False, crop=config.crop)
     out = Path(config.train.out)
 
     # 2. The frozen base: half precision on a GPU, fp32 on the CPU.
