@@ -6,13 +6,20 @@ Runtime, with its ControlNet), and httpx talks to it:
 * a PNG over HTTP has the pixels `diffrt generate` writes for the same prompt, seed and settings;
 * negative_prompt, control_image and controlnet_conditioning_scale reach the pipeline;
 * fields for the other kind of model, or for a ControlNet the model lacks, are 422s naming the
-  field, and the server keeps serving.
+  field, and the server keeps serving;
+* requests that differ only in prompt, negative prompt, seed and num_images share batches, and
+  each answer (images, truncated prompt) is the one that request gets alone (RELIABILITY #18).
+  ONNX Runtime's CPU kernels are batch-invariant on the tiny model: the start-up probe measures
+  batched == alone bit for bit, so "the same" here means the same PNG pixels.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -48,10 +55,16 @@ def control_png(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(t2i_artifact):
+def server(t2i_artifact):
     config = ServeConfig(model=str(t2i_artifact), backend="onnxruntime", port=0, api_key_env=None, max_batch_size=2,
                          max_queue=8, timeout_s=60, device="cpu", warmup_steps=1, log_level="warning")
-    with BackgroundServer(config) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+    with BackgroundServer(config) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
 
@@ -63,8 +76,47 @@ def served(client, **fields) -> np.ndarray:
 
 
 def generated(artifact, **fields) -> np.ndarray:
+    return generated_images(artifact, **fields)[0]
+
+
+def generated_images(artifact, **fields) -> list[np.ndarray]:
     req = GenerateRequest(model=str(artifact), backend="onnxruntime", num_inference_steps=STEPS, device="cpu", **fields)
-    return pixels(png_bytes(generate(req).images[0]))
+    return [pixels(png_bytes(image)) for image in generate(req).images]
+
+
+def answer_pixels(answer: dict) -> list[np.ndarray]:
+    return [pixels(base64.b64decode(image["png_base64"])) for image in answer["images"]]
+
+
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def queued_together(server, client, bodies: list[dict]) -> list[httpx.Response]:
+    """POST every body while the worker is held on a first request, so that all of them wait in the
+    queue at once and the batcher groups them as it would under load; JSON answers, in order."""
+    batcher = server.runtime.batcher
+    original, gate = batcher.run_batch, threading.Event()
+    batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)
+
+    def post(body: dict) -> httpx.Response:
+        return client.post("/v1/generate", json={"num_inference_steps": STEPS, **body}, headers={"Accept": "application/json"})
+
+    try:
+        with ThreadPoolExecutor(len(bodies) + 1) as pool:
+            blocker = pool.submit(post, {"prompt": PROMPT, "seed": 0})
+            wait_until(lambda: batcher.in_flight == 1 and batcher.depth == 0, "the first request to hold the worker")
+            futures = [pool.submit(post, body) for body in bodies]
+            wait_until(lambda: batcher.depth == len(bodies), "every request to queue")
+            gate.set()
+            assert blocker.result(timeout=60).status_code == 200
+            return [future.result(timeout=60) for future in futures]
+    finally:
+        gate.set()
+        batcher.run_batch = original
 
 
 def test_ready_describes_a_text_to_image_model(client):
@@ -168,3 +220,75 @@ def test_several_controlnets_take_one_image_and_scale_each(t2i_multi_artifact, c
                                "controlnet_conditioning_scale")):
             r = client.post("/v1/generate", json={"prompt": PROMPT, "num_inference_steps": STEPS, **fields})
             assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+# -- dynamic batching ---------------------------------------------------------------------------
+
+LONG_PROMPT = " ".join(f"word{i}" for i in range(60))
+
+
+def test_requests_share_batches_and_each_gets_its_own_image(server, client, t2i_artifact):
+    ready = client.get("/readyz").json()
+    assert ready["batch_max_abs_diff"] == 0.0 and ready["batches_requests"] is True  # ONNX Runtime CPU: bitwise batch-invariant
+    assert server.runtime.worker.max_batch_size == 2  # the engines take batch 4: 2 images x 2 for guidance
+    bodies = [{"prompt": f"{PROMPT}, number {i}", "seed": 20 + i} for i in range(3)]
+    bodies += [{"prompt": LONG_PROMPT, "seed": 30}, {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 31},
+               {"prompt": PROMPT, "seed": 32}]
+    responses = queued_together(server, client, bodies)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    answers = [r.json() for r in responses]
+    assert [a["batch_size"] for a in answers] == [2] * 6  # six queued requests, three full batches
+    assert all(r.headers["x-diffrt-batch-size"] == "2" for r in responses)
+    assert len({a["id"] for a in answers}) == 6
+    for body, answer in zip(bodies, answers):
+        assert answer["seed"] == body["seed"]
+        np.testing.assert_array_equal(answer_pixels(answer)[0], generated(t2i_artifact, **body), err_msg=str(body))
+    # RELIABILITY #13 in a shared batch: the cut-off text goes to the long prompt's request only.
+    for body, answer, r in zip(bodies, answers, responses):
+        if body["prompt"] == LONG_PROMPT:
+            assert answer["truncated"][0].replace(" ", "").endswith("word59") and answer["truncated_negative"] == [None]
+            assert r.headers["x-diffrt-prompt-truncated"] == "true"
+        else:
+            assert answer["truncated"] == [None] and "x-diffrt-prompt-truncated" not in r.headers
+    assert all(0 < a["timings_ms"]["unet_controlnet"] <= a["timings_ms"]["sample"] for a in answers)  # per-stage timings still in place
+
+
+def test_a_control_image_request_runs_alone_among_batched_ones(server, client, t2i_artifact, control_png):
+    path, b64 = control_png
+    bodies = [{"prompt": PROMPT, "seed": 40}, {"prompt": PROMPT, "seed": 41, "control_image": b64, "controlnet_conditioning_scale": 0.7},
+              {"prompt": "another prompt", "seed": 42}]
+    responses = queued_together(server, client, bodies)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    answers = [r.json() for r in responses]
+    assert [a["batch_size"] for a in answers] == [2, 1, 2]  # the plain requests pair up around it
+    np.testing.assert_array_equal(answer_pixels(answers[1])[0],
+                                  generated(t2i_artifact, prompt=PROMPT, seed=41, control_image=str(path), control_scale=0.7))
+    for i in (0, 2):
+        np.testing.assert_array_equal(answer_pixels(answers[i])[0], generated(t2i_artifact, **bodies[i]))
+
+
+def test_requests_with_different_num_images_share_a_batch(t2i_artifact, control_png):
+    """One prompt row per image: 1 + 2 images from two requests in one batch (no guidance, so the
+    engines' batch 4 takes 3 images), each request's images are its own `diffrt generate --num-images`."""
+    from diffrt.serve.batcher import Job
+    from diffrt.serve.runtime import RuntimeConfig, make_worker
+
+    worker = make_worker(RuntimeConfig(model=str(t2i_artifact), backend="onnxruntime", device="cpu", warmup_steps=1))
+    worker.load()
+    bodies = [GenerateBody(prompt=LONG_PROMPT, seed=5, num_inference_steps=STEPS, guidance_scale=1.0),
+              GenerateBody(prompt="another prompt", seed=6, num_images=2, num_inference_steps=STEPS, guidance_scale=1.0)]
+    plans = [worker.plan(body) for body in bodies]
+    assert worker.batch_key(plans[0]) == worker.batch_key(plans[1]) is not None
+    jobs = [Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60) for plan in plans]
+    answers = worker.run_batch(jobs[::-1])  # the batch's order is not the answers' order: ids match them
+    for job, body in zip(jobs, bodies):
+        answer = answers[job.id]
+        assert answer.batch_size == 3 and answer.seed == body.seed and len(answer.pngs) == body.num_images
+        want = generated_images(t2i_artifact, prompt=body.prompt, seed=body.seed, num_images=body.num_images, guidance_scale=1.0)
+        for png, image in zip(answer.pngs, want):
+            np.testing.assert_array_equal(pixels(png), image)
+    assert answers[jobs[0].id].truncated["truncated"][0].replace(" ", "").endswith("word59")
+    assert answers[jobs[1].id].truncated == {"truncated": [None], "truncated_negative": None}  # no guidance: no negative prompt
+    # What runs alone: per-step noise (eta > 0), colour guidance, a control image.
+    for fields in ({"eta": 0.5}, {"color": "#ff0000"}, {"control_image": control_png[1]}):
+        assert worker.batch_key(worker.plan(GenerateBody(prompt=PROMPT, **fields))) is None, fields

@@ -7,7 +7,9 @@ initial noise comes from its own seed, so a batched answer equals the request ru
 
     schema.py    the request body (diffusers argument names) and its bounds
     batcher.py   bounded queue + dynamic batching in one worker thread
-    worker.py    what touches the pipeline: load, warm-up and NaN self-test, plan, run a batch
+    batching.py  what both workers share to batch exactly: own noise, the start-up probe, answers by id
+    worker.py    what touches a pixel pipeline: load, warm-up and NaN self-test, plan, run a batch
+    text_to_image_worker.py  the same for a text-to-image pipeline (prompts, ControlNet)
     runtime.py   worker + batcher + metrics behind one `generate(body)`
     metrics.py   Prometheus metrics on the service's own registry
     app.py       the HTTP service (`ServeConfig`, `create_app`, `serve`)

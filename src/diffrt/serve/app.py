@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response
 
 from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 from diffrt.serve.schema import GenerateBody, RequestError, describe_validation_errors
-from diffrt.serve.worker import Answer
+from diffrt.serve.batching import Answer
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
 from diffrt.serve.metrics import ServeMetrics
 from diffrt.serve.schema import GenerateBody, RequestError
 from diffrt.serve.text_to_image_worker import TextToImageWorker
-from diffrt.serve.worker import Answer, BatchAbandoned, PixelWorker
+from diffrt.serve.batching import Answer, BatchAbandoned
+from diffrt.serve.worker import PixelWorker
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,20 @@
 Same contract as PixelWorker (worker.py): `load` and `run_batch` run only in the batcher's
 worker thread, `plan` runs in the caller's thread and only reads the model's description.
 
-Each request runs alone (its batch key is None), with its own seed passed to the pipeline, so
-its image equals `diffrt generate` with the same seed and settings. Batching prompts together
-would need the pipeline's per-prompt draws split by request and a start-up probe that the
-backend is batch-invariant (as PixelWorker.probe_batch_invariance); until then one request per
-run is the exact choice whatever `exact_batching` says.
+Batching (batching.py, the mechanism PixelWorker uses): requests share a batch when they differ
+only in prompt, negative prompt, seed and num_images, that is when size, steps, guidance scale
+and eta (0) are equal. A request with a control image, eta > 0 or colour guidance runs alone:
+each control image is its own tensor (batching them means stacking one per image and equal
+scales), eta > 0 draws per-step noise from one generator a batch cannot split, and colour
+guidance steers through the PyTorch VAE, which the start-up probe does not cover.
+
+`plan` draws a request's x_T from its own seed with the shape `diffrt generate` draws
+([num_images, C, H/8, W/8], CPU generator). A request alone makes the very call `diffrt generate`
+makes (one prompt, num_images_per_prompt=num_images) with that noise; a shared batch gives the
+pipeline one prompt row per image (num_images_per_prompt=1), so requests with different
+num_images mix, and each request takes back its images and its truncated-prompt metadata from
+the rows it brought (RELIABILITY #13, #18). Batches form only when the start-up probe finds the
+backend batch-invariant, or when `exact_batching=False` accepts a last-bit difference.
 
 LoRA is fused when the pipeline opens (torch) or baked in at export (artifacts), so a
 per-request `lora_scale` is refused: it cannot be honoured without re-fusing the weights.
@@ -29,8 +38,10 @@ from diffrt.images import decode_image
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 from diffrt.serve.batcher import Job
+from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, images_per_batch, settings_key,
+                                   split_answers)
 from diffrt.serve.schema import GenerateBody, RequestError
-from diffrt.serve.worker import Answer, BatchAbandoned, component_ms, encode_finite, self_test_passed, time_components
+from diffrt.serve.worker import component_ms, encode_finite, self_test_passed, time_components
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +52,26 @@ LORA_AT_OPEN = ("lora_scale: LoRA is fused when the model opens (or baked in at 
 
 @dataclass
 class TextToImagePlan:
-    """One request, checked: the pipeline's keyword arguments, with the request's own seed."""
+    """One request, checked: its prompts, its own initial noise and the settings a batch shares."""
 
     seed: int
     num_images: int
-    kwargs: dict = field(default_factory=dict)
+    prompt: str
+    negative_prompt: str | None
+    latents: torch.Tensor  # [num_images, C, H/8, W/8], from this request's seed only
+    generator: torch.Generator | None  # eta > 0 only: the seed's generator, past the x_T draw
+    settings: dict = field(default_factory=dict)  # height, width, num_inference_steps, guidance_scale, eta
+    control: list[torch.Tensor] | None = None  # one [3, H, W] image per ControlNet
+    control_scale: float | list[float] = 1.0
+    guidance: list = field(default_factory=list)
 
     def batch_key(self):
-        return None  # always alone: see the module docstring
+        """Requests with equal keys may share a batch; None runs alone (see the module docstring)."""
+        alone = self.generator is not None or self.control is not None or bool(self.guidance)
+        return None if alone else settings_key(self.settings)
 
 
-class TextToImageWorker:
+class TextToImageWorker(BatchingWorker):
     """Serves a text-to-image pipeline (a diffusers folder, optionally with a ControlNet, or an artifact)."""
 
     def __init__(self, model: str, backend: str, device: str, *, controlnet: str | list[str] | None = None, warmup_steps: int = 2,
@@ -66,11 +86,11 @@ class TextToImageWorker:
         self.warmup_steps = warmup_steps
         self.max_image_bytes = max_image_bytes
         self.max_batch_size = max_batch_size
-        self.exact_batching = exact_batching  # kept for the shared interface; solo runs are exact anyway
+        self.exact_batching = exact_batching
         self.pipe = None
         self.timed = {}
         self.warmup_seconds: float | None = None
-        self.batch_max_abs_diff: float | None = None  # not probed: requests are not batched
+        self.batch_max_abs_diff: float | None = None  # |batched - alone| measured at start-up; 0.0: bitwise equal
 
     # -- the worker thread ------------------------------------------------------------------
 
@@ -84,7 +104,9 @@ class TextToImageWorker:
         log.info("opened %s%s on %s in %.1f s", self.model, f" with {self.pipe.num_controlnets} ControlNet(s)" if self.pipe.has_controlnet else "",
                  self.pipe.backend, time.perf_counter() - t0)
         self.warmup_seconds = self.self_test()
-        self.timed = time_components(self.pipe)  # after the warm-up, which is not a request
+        pipe = self.pipe  # a shared batch feeds the text encoder one prompt per image; guidance doubles both
+        self.settle_batching(pipe.backend, images_per_batch([(pipe.text_encoder.spec, 2), (pipe.unet.spec, 2), (pipe.vae_decoder.spec, 1)]))
+        self.timed = time_components(pipe)  # after the warm-up and probe, which are not requests
 
     def self_test(self) -> float:
         """Warm-up and NaN self-test: a guided generation at the model's default size, which must be finite."""
@@ -93,39 +115,53 @@ class TextToImageWorker:
                            seed=0, output_type="pt")
         return self_test_passed(result, t0)
 
-    @property
-    def batches_requests(self) -> bool:
-        return False
+    def probe_batch(self, n: int):
+        """n requests with their own prompts and noise, at the default size, for the start-up probe (batching.py)."""
+        pipe, size = self.pipe, self.pipe.default_size
+        prompts = [f"a batching probe, request {i}" for i in range(n)]
+        latents, _ = draw_noise(0, (n, pipe.latent_channels, size // pipe.vae_factor, size // pipe.vae_factor), keep_generator=False)
 
-    def batch_key(self, plan: TextToImagePlan):
-        return None
+        def run(rows):
+            return pipe([prompts[i] for i in rows], latents=latents[rows], num_inference_steps=self.warmup_steps,
+                        guidance_scale=DEFAULT_GUIDANCE_SCALE, output_type="pt").images
+
+        return run
 
     def run_batch(self, jobs: list[Job]) -> dict[str, Answer]:
-        (job,) = jobs  # batch keys are None: the batcher runs each job alone
-        plan: TextToImagePlan = job.payload
-
-        def abandon_if_nobody_waits(step: int) -> None:
-            if job.expired:
-                raise BatchAbandoned(f"the request timed out by step {step}")
-
+        plans: list[TextToImagePlan] = [job.payload for job in jobs]
+        first = plans[0]
+        if len(plans) == 1:  # the call `diffrt generate` makes, with the noise it draws
+            prompt, negative, per_prompt = first.prompt, first.negative_prompt, first.num_images
+        else:  # one prompt row per image, so requests with different num_images share the batch
+            prompt = [p.prompt for p in plans for _ in range(p.num_images)]
+            negative = [p.negative_prompt or "" for p in plans for _ in range(p.num_images)]  # None is encoded as ""
+            per_prompt = 1
         started, t0 = time.monotonic(), time.perf_counter()
-        result = self.pipe(**plan.kwargs, seed=plan.seed, output_type="pt", progress=abandon_if_nobody_waits)
+        result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt,
+                           latents=torch.cat([p.latents for p in plans]), generator=first.generator if len(plans) == 1 else None,
+                           **first.settings, control_image=first.control, controlnet_conditioning_scale=first.control_scale,
+                           guidance=first.guidance, output_type="pt", progress=abandon_when_nobody_waits(jobs))
         sample_ms = 1000 * (time.perf_counter() - t0)
         pngs, encode_ms = encode_finite(result)
-        timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, **component_ms(self.timed),
-                   "encode": encode_ms}
-        truncated = {key: result.metadata.get(key) for key in ("truncated", "truncated_negative")}
-        return {job.id: Answer(job.id, plan.seed, pngs, result.backend, len(pngs), timings, truncated)}
+        meta = result.metadata
+
+        def truncated(row: int) -> dict:
+            # Alone, the request's one prompt is row 0; in a shared batch each image has its prompt row,
+            # so the request whose images start at `row` finds its prompt there.
+            return {key: None if meta.get(key) is None else meta[key][row : row + 1] for key in ("truncated", "truncated_negative")}
+
+        timings = {"sample": sample_ms, **component_ms(self.timed), "encode": encode_ms}
+        return split_answers(jobs, pngs, result.backend, started, timings, truncated)
 
     # -- any thread (reads the model's description only) ---------------------------------
 
     def describe(self) -> dict:
         return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "controlnets": self.pipe.num_controlnets, "backend": self.pipe.backend,
-                "conditioning": "text", "sample_size": self.pipe.default_size, "batches_requests": False,
+                "conditioning": "text", "sample_size": self.pipe.default_size, "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, **self.pipe.runtime_metadata()}
 
     def plan(self, body: GenerateBody) -> TextToImagePlan:
-        """Check the request against this model; RequestError names the field at fault."""
+        """Check the request against this model and draw its noise; RequestError names the field at fault."""
         pipe = self.pipe
         if body.class_label is not None:
             raise RequestError(422, "class_label: the loaded model is a text-to-image model; send prompt instead", "class_label")
@@ -158,13 +194,14 @@ class TextToImageWorker:
             if name != "num_images" and getattr(body, name) is None and control is not None:
                 name = "control_image"  # the size came from the control image
             raise RequestError(422, f"{name}: {message}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
-        kwargs = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "height": body.height, "width": body.width,
-                  "num_inference_steps": body.num_inference_steps, "guidance_scale": guidance_scale,
-                  "num_images_per_prompt": body.num_images, "eta": body.eta, "control_image": control,
-                  "controlnet_conditioning_scale": scale,
-                  "guidance": [color_guidance(body.color, body.color_scale)] if body.color else []}
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        return TextToImagePlan(seed, body.num_images, kwargs)
+        f = pipe.vae_factor
+        latents, generator = draw_noise(seed, (body.num_images, pipe.latent_channels, height // f, width // f), keep_generator=body.eta > 0)
+        # The resolved size: with a control image it is the image's own, which the pipeline then leaves unresized.
+        settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
+                    "guidance_scale": guidance_scale, "eta": body.eta}
+        return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
+                               [color_guidance(body.color, body.color_scale)] if body.color else [])
 
     def _decode_control_images(self, body: GenerateBody) -> list[torch.Tensor]:
         """One [3, H, W] image in [0, 1] per ControlNet, in their order (a single string: one ControlNet)."""

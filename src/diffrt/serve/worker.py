@@ -3,17 +3,10 @@
 `load` and `run_batch` run only in the batcher's worker thread (the pipeline's one owner);
 `plan` runs in the caller's thread and only reads the model's description (classes, shapes).
 
-Per-request noise: `plan` draws a request's initial noise x_T from `torch.Generator("cpu")
-.manual_seed(seed)` with the shape `diffrt generate` would draw for it, and the batch passes
-the stacked noise to the pipeline as `latents`. A request's image therefore depends on its own
-seed only, and equals `diffrt generate` with the same seed and settings. With eta > 0 the
-sampler draws fresh noise every step from one generator, which a batch cannot split between
-requests, so such a request runs alone (its batch key is None) with its own generator.
-
-Same noise is not yet same pixels: a backend may pick other kernels for another batch size and
-round differently. At start-up `probe_batch_invariance` runs a full batch and two of its
-requests alone; unless they agree bit for bit, requests are not batched together (one request
-per batch) unless the service was told that a last-bit difference is acceptable.
+Requests are batched by the mechanism in batching.py, which TextToImageWorker shares: each
+request's own noise from its own seed, a start-up probe that the backend is batch-invariant,
+answers split back by request id. Pixel requests may share a batch when their settings (steps,
+guidance scale, size, colour guidance) are equal and eta is 0.
 """
 
 from __future__ import annotations
@@ -29,8 +22,9 @@ from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeErro
 from diffrt.images import png_bytes
 from diffrt.runtime.backends.timed import TimedBackend
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.sampling import randn
 from diffrt.serve.batcher import Job
+from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, images_per_batch, settings_key,
+                                   split_answers)
 from diffrt.serve.schema import DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
 
 log = logging.getLogger(__name__)
@@ -42,10 +36,6 @@ UNSUPPORTED_ON_PIXEL = {  # field -> the kind of model that takes it
     "controlnet_conditioning_scale": "a ControlNet model",
     "lora_scale": "a model with a runtime LoRA (pixel models bake LoRA in: `diffrt export --lora FILE:SCALE`)",
 }
-
-
-class BatchAbandoned(Exception):
-    """Every request of the running batch is past its deadline; stop sampling for nobody."""
 
 
 @dataclass
@@ -61,22 +51,7 @@ class Plan:
 
     def batch_key(self):
         """Requests with equal keys may share a batch; None runs alone."""
-        if self.generator is not None:
-            return None
-        return tuple(sorted(self.settings.items()))
-
-
-@dataclass
-class Answer:
-    """One request's images (PNG bytes) and how they were made."""
-
-    job_id: str
-    seed: int
-    pngs: list[bytes]
-    backend: str
-    batch_size: int  # images in the batch this request ran in
-    timings_ms: dict[str, float]
-    truncated: dict | None = None  # text-to-image: prompt text the text encoder cut off (RELIABILITY #13)
+        return None if self.generator is not None else settings_key(self.settings)
 
 
 COMPONENT_ATTRS = ("text_encoder", "unet", "vae_decoder")  # where both pipelines keep their components
@@ -120,7 +95,7 @@ def encode_finite(result) -> tuple[list[bytes], float]:
     return pngs, 1000 * (time.perf_counter() - t0)
 
 
-class PixelWorker:
+class PixelWorker(BatchingWorker):
     """Serves a pixel-space pipeline (unconditional or class-conditioned)."""
 
     def __init__(self, model: str | None, backend: str, device: str, *, warmup_steps: int = 2, max_image_bytes: int = 8 << 20,
@@ -152,18 +127,8 @@ class PixelWorker:
         pipe = open_pixel_pipeline(self.model, self.backend_asked, self.device, strict=self.strict, cuda_graph=self.cuda_graph)
         log.info("opened %s on %s in %.1f s", self.model or "the shipped digits model", pipe.backend, time.perf_counter() - t0)
         self.pipe = pipe
-        fits = pipe.unet.spec.ranges.get("batch", (1, 1, 1 << 30))[2] // (2 if self.conditioned else 1)  # CFG doubles it
-        if self.max_batch_size > fits:
-            log.warning("max batch size %d is more than the engine takes with guidance; using %d", self.max_batch_size, fits)
-            self.max_batch_size = max(1, fits)
         self.warmup_seconds = self.self_test()
-        if self.max_batch_size > 1:
-            self.batch_max_abs_diff = self.probe_batch_invariance()
-            if self.batch_max_abs_diff > 0:
-                log.warning("%s: a request batched with others differs from the same request alone by up to %.1e; %s",
-                            pipe.backend, self.batch_max_abs_diff,
-                            "running requests one at a time (exact_batching=False batches them anyway)" if self.exact_batching
-                            else "batching anyway (exact_batching=False)")
+        self.settle_batching(pipe.backend, images_per_batch([(pipe.unet.spec, 2 if self.conditioned else 1)]))  # CFG doubles it
         self.timed = time_components(pipe)  # after the warm-up and probe, which are not requests
 
     def self_test(self) -> float:
@@ -175,31 +140,21 @@ class PixelWorker:
                            guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=0, output_type="pt")
         return self_test_passed(result, t0)
 
-    def probe_batch_invariance(self) -> float:
-        """How far a request run in a full batch is from the same request alone (max |diff| of the
-        images, first and last of the batch). ONNX Runtime on CPU measures 0.0 on the digits models;
-        eager PyTorch on CPU (oneDNN) measures ~1e-5, which flips a few PNG pixels by one level, and
-        cuDNN/TensorRT also choose kernels by batch size (RELIABILITY #18)."""
-        n, size = self.max_batch_size, self.pipe.sample_size
+    def probe_batch(self, n: int):
+        """n requests with their own labels and noise, for the start-up probe (batching.py). ONNX
+        Runtime on CPU measures 0.0 on the digits models; eager PyTorch on CPU (oneDNN) measures
+        ~1e-5, which flips a few PNG pixels by one level, and cuDNN/TensorRT also choose kernels by
+        batch size (RELIABILITY #18)."""
+        size = self.pipe.sample_size
         labels = torch.arange(n) % self.pipe.info.num_classes if self.conditioned else None
-        latents = randn((n, self.pipe.channels, size, size), torch.Generator("cpu").manual_seed(0), torch.device("cpu"), torch.float32)
+        latents, _ = draw_noise(0, (n, self.pipe.channels, size, size), keep_generator=False)
 
         def run(rows):
             return self.pipe(labels[rows] if labels is not None else None, num_images=None if labels is not None else len(rows),
                              latents=latents[rows], num_inference_steps=self.warmup_steps, guidance_scale=DEFAULT_GUIDANCE_SCALE,
                              output_type="pt").images
 
-        batched = run(list(range(n)))
-        return max((batched[i] - run([i])[0]).abs().max().item() for i in (0, n - 1))
-
-    @property
-    def batches_requests(self) -> bool:
-        """Whether requests may share a batch: yes when the probe found no difference, or when told
-        that a last-bit difference is acceptable."""
-        return self.max_batch_size > 1 and (not self.exact_batching or self.batch_max_abs_diff == 0)
-
-    def batch_key(self, plan: Plan):
-        return plan.batch_key() if self.batches_requests else None
+        return run
 
     def run_batch(self, jobs: list[Job]) -> dict[str, Answer]:
         plans: list[Plan] = [job.payload for job in jobs]
@@ -209,27 +164,16 @@ class PixelWorker:
         labels = torch.cat([p.labels for p in plans]) if first.labels is not None else None
         latents = torch.cat([p.latents for p in plans])
         n = latents.shape[0]
-
-        def abandon_if_nobody_waits(step: int) -> None:
-            if all(job.expired for job in jobs):
-                raise BatchAbandoned(f"every request of this batch timed out by step {step}")
-
         started, t0 = time.monotonic(), time.perf_counter()
         result = self.pipe(labels, num_images=None if labels is not None else n, latents=latents,
                            generator=first.generator if len(plans) == 1 else None,
                            num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"],
                            guidance=guidance, height=s["height"], width=s["width"], output_type="pt",
-                           progress=abandon_if_nobody_waits)
+                           progress=abandon_when_nobody_waits(jobs))
         sample_ms = 1000 * (time.perf_counter() - t0)
         pngs, encode_ms = encode_finite(result)
-        components = component_ms(self.timed)
-        answers, start = {}, 0
-        for job, plan in zip(jobs, plans):
-            own = pngs[start : start + plan.num_images]
-            start += plan.num_images
-            timings = {"queue": 1000 * (started - job.enqueued), "sample": sample_ms, **components, "encode": encode_ms}
-            answers[job.id] = Answer(job.id, plan.seed, own, result.backend, n, timings)
-        return answers
+        timings = {"sample": sample_ms, **component_ms(self.timed), "encode": encode_ms}
+        return split_answers(jobs, pngs, result.backend, started, timings)
 
     # -- any thread (reads the model's description only) ---------------------------------
 
@@ -269,11 +213,10 @@ class PixelWorker:
             except DiffrtError as exc:
                 raise RequestError(422, f"{name}: {exc}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = randn((body.num_images, pipe.channels, height, width), generator, torch.device("cpu"), torch.float32)
+        latents, generator = draw_noise(seed, (body.num_images, pipe.channels, height, width), keep_generator=body.eta > 0)
         settings = {"num_inference_steps": body.num_inference_steps, "guidance_scale": guidance_scale, "eta": body.eta,
                     "height": height, "width": width, "color": body.color, "color_scale": body.color_scale if body.color else None}
-        return Plan(seed, body.num_images, labels, latents, generator if body.eta > 0 else None, settings)
+        return Plan(seed, body.num_images, labels, latents, generator, settings)
 
     def _check_fields(self, body: GenerateBody) -> None:
         if body.control_image is not None and len(body.control_image) * 3 // 4 > self.max_image_bytes:

@@ -1,0 +1,133 @@
+"""Dynamic batching, one mechanism for both serve workers (PixelWorker, TextToImageWorker).
+
+A batched request's answer is the answer it gets alone, through three pieces (RELIABILITY #18):
+
+1. Its own noise. `draw_noise` draws a request's initial noise x_T from `torch.Generator("cpu")
+   .manual_seed(seed)` with the shape `diffrt generate` draws for it alone; a batch passes the
+   stacked noise to the pipeline as `latents`, so no request's image depends on another's seed.
+   With eta > 0 the sampler draws fresh noise every step from one generator, which a batch cannot
+   split between requests, so such a request runs alone with its generator, past its x_T draw.
+2. A batch-invariant backend. Same noise is not yet same pixels: a backend may pick other kernels
+   for another batch size and round differently. At start-up `BatchingWorker.settle_batching`
+   caps the batch to what every engine profile takes, then runs a full batch of distinct requests
+   and two of them alone (`probe_batch_invariance`). Unless they agree bit for bit, requests run
+   one at a time, unless the service was told a last-bit difference is acceptable
+   (`exact_batching=False`).
+3. Its own answer. `split_answers` hands each job the rows it brought, matched by job id, never
+   by position in the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from diffrt.runtime.sampling import randn
+from diffrt.serve.batcher import Job
+
+log = logging.getLogger(__name__)
+
+
+class BatchAbandoned(Exception):
+    """Every request of the running batch is past its deadline; stop sampling for nobody."""
+
+
+@dataclass
+class Answer:
+    """One request's images (PNG bytes) and how they were made."""
+
+    job_id: str
+    seed: int
+    pngs: list[bytes]
+    backend: str
+    batch_size: int  # images in the batch this request ran in
+    timings_ms: dict[str, float]
+    truncated: dict | None = None  # text-to-image: prompt text the text encoder cut off (RELIABILITY #13)
+
+
+def draw_noise(seed: int, shape: tuple[int, ...], *, keep_generator: bool) -> tuple[torch.Tensor, torch.Generator | None]:
+    """A request's x_T, as the pipeline draws it alone from `seed` (on the CPU generator, float32),
+    and, if asked (eta > 0), the generator past that draw for the per-step noise."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = randn(shape, generator, torch.device("cpu"), torch.float32)
+    return latents, generator if keep_generator else None
+
+
+def settings_key(settings: dict):
+    """Requests whose settings are all equal may share a batch."""
+    return tuple(sorted(settings.items()))
+
+
+def images_per_batch(components: Iterable[tuple[object, int]]) -> int:
+    """How many images one batch may hold so that each component's batch fits its engine profile;
+    a component fed `rows` rows per image (2 under classifier-free guidance) takes max // rows."""
+    return min(spec.ranges.get("batch", (1, 1, 1 << 30))[2] // rows for spec, rows in components)
+
+
+def probe_batch_invariance(run: Callable[[list[int]], torch.Tensor], n: int) -> float:
+    """max |batched - alone| over the images of the first and last of n requests: `run(rows)`
+    generates the probe's requests `rows` in one batch and returns their images."""
+    batched = run(list(range(n)))
+    return max((batched[i] - run([i])[0]).abs().max().item() for i in (0, n - 1))
+
+
+def abandon_when_nobody_waits(jobs: list[Job]) -> Callable[[int], None]:
+    """The pipeline's per-step progress hook: stop sampling once every job of the batch has expired."""
+
+    def check(step: int) -> None:
+        if all(job.expired for job in jobs):
+            raise BatchAbandoned(f"every request of this batch timed out by step {step}")
+
+    return check
+
+
+def split_answers(jobs: list[Job], pngs: list[bytes], backend: str, started: float, timings: dict[str, float],
+                  truncated: Callable[[int], dict | None] = lambda row: None) -> dict[str, Answer]:
+    """Each job's own images, keyed by its id: the `payload.num_images` rows it brought, in the
+    batch's order. `truncated(row)` is the prompt metadata of the job whose images start at `row`."""
+    answers, row = {}, 0
+    for job in jobs:
+        plan = job.payload
+        answers[job.id] = Answer(job.id, plan.seed, pngs[row : row + plan.num_images], backend, len(pngs),
+                                 {"queue": 1000 * (started - job.enqueued), **timings}, truncated(row))
+        row += plan.num_images
+    return answers
+
+
+class BatchingWorker:
+    """The batching half of a worker. A subclass sets `max_batch_size` and `exact_batching`, gives
+    its plans a `batch_key()` (None: alone), and implements `probe_batch(n)`."""
+
+    max_batch_size: int
+    exact_batching: bool
+    batch_max_abs_diff: float | None = None  # |batched - alone| measured at start-up; 0.0: bitwise equal
+
+    def probe_batch(self, n: int) -> Callable[[list[int]], torch.Tensor]:
+        """`run(rows)` over n distinct probe requests (own prompts or labels, own noise), at the warm-up's steps."""
+        raise NotImplementedError
+
+    def settle_batching(self, backend: str, fits: int) -> None:
+        """Cap the batch to `fits` images (the engine profiles, CFG included), then measure how far a
+        batched request is from the same request alone. Runs in the worker thread, after the self-test."""
+        if self.max_batch_size > fits:
+            log.warning("max batch size %d is more than the engines take with guidance; using %d", self.max_batch_size, fits)
+            self.max_batch_size = max(1, fits)
+        if self.max_batch_size > 1:
+            self.batch_max_abs_diff = probe_batch_invariance(self.probe_batch(self.max_batch_size), self.max_batch_size)
+            if self.batch_max_abs_diff > 0:
+                log.warning("%s: a request batched with others differs from the same request alone by up to %.1e; %s",
+                            backend, self.batch_max_abs_diff,
+                            "running requests one at a time (exact_batching=False batches them anyway)" if self.exact_batching
+                            else "batching anyway (exact_batching=False)")
+
+    @property
+    def batches_requests(self) -> bool:
+        """Whether requests may share a batch: yes when the probe found no difference, or when told
+        that a last-bit difference is acceptable."""
+        return self.max_batch_size > 1 and (not self.exact_batching or self.batch_max_abs_diff == 0)
+
+    def batch_key(self, plan):
+        return plan.batch_key() if self.batches_requests else None
