@@ -99,33 +99,46 @@ def test_component_matches_pytorch_across_ranges(t2i_artifact, manifest, model, 
             assert compare(expected[out], got[out]).max_rel <= TOL, (name, out, sizes)
 
 
-def diffusers_controlnet_step(model, feed, scale):
-    """One step's noise prediction as StableDiffusionControlNetPipeline computes it (guess_mode off)."""
+def diffusers_controlnet_step(unet, controlnet, feed, scale):
+    """One step's noise prediction (and residuals) as StableDiffusionControlNetPipeline computes it,
+    guess_mode off. `controlnet` is a ControlNetModel, or a MultiControlNetModel whose ControlNets
+    each take their own RGB image (stacked on the channel axis in the feed) at their own scale."""
+    from diffusers import MultiControlNetModel
+
     t = feed["timestep"][0].long()  # diffusers passes the scheduler's int64 timestep
+    cond = feed["controlnet_cond"]
+    if isinstance(controlnet, MultiControlNetModel):
+        cond = list(cond.split(3, dim=1))
     with torch.no_grad():
-        down, mid = model.controlnet(feed["sample"], t, encoder_hidden_states=feed["encoder_hidden_states"],
-                                     controlnet_cond=feed["controlnet_cond"], conditioning_scale=scale, guess_mode=False,
-                                     return_dict=False)
-        noise = model.unet(feed["sample"], t, encoder_hidden_states=feed["encoder_hidden_states"],
-                           down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+        down, mid = controlnet(feed["sample"], t, encoder_hidden_states=feed["encoder_hidden_states"], controlnet_cond=cond,
+                               conditioning_scale=scale, guess_mode=False, return_dict=False)
+        noise = unet(feed["sample"], t, encoder_hidden_states=feed["encoder_hidden_states"],
+                     down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
     return noise, [*down, mid]
 
 
-def test_fused_unet_controlnet_equals_diffusers(t2i_artifact, manifest, model):
-    fused, alone = ort(t2i_artifact, manifest, "unet_controlnet"), ort(t2i_artifact, manifest, "controlnet")
-    feed = fused.spec.example_feed(seed=7, batch=2)
-    feed["timestep"] = torch.full((2,), 801.0)
+def assert_controlnet_graphs_equal_diffusers(artifact, manifest, unet, controlnet, scales, seed, timestep):
+    """The fused unet_controlnet graph's noise and the standalone controlnet graph's residuals equal
+    diffusers' at each of two scale settings, which must give different steps (the scales are live)."""
+    fused, alone = ort(artifact, manifest, "unet_controlnet"), ort(artifact, manifest, "controlnet")
+    feed = fused.spec.example_feed(seed=seed, batch=2)
+    feed["timestep"] = torch.full((2,), timestep)
     preds = []
-    for scale in (0.5, 1.3):
-        feed["conditioning_scale"] = torch.tensor([scale])
-        expected, residuals = diffusers_controlnet_step(model, feed, scale)
+    for scale in scales:
+        feed["conditioning_scale"] = torch.tensor(scale if isinstance(scale, list) else [scale])
+        expected, residuals = diffusers_controlnet_step(unet, controlnet, feed, scale)
         got = fused.run(feed)["noise_pred"]
         assert compare(expected, got).max_rel <= TOL
         outs = alone.run(feed)
         for spec, ref in zip(alone.spec.outputs, residuals):
             assert compare(ref, outs[spec.name]).max_rel <= TOL, spec.name
         preds.append(got)
-    assert (preds[0] - preds[1]).abs().max() > 1e-3  # non-zero ControlNet outputs: the scale is live in the graph
+    assert (preds[0] - preds[1]).abs().max() > 1e-3  # non-zero ControlNet outputs: the scales are live in the graph
+
+
+def test_fused_unet_controlnet_equals_diffusers(t2i_artifact, manifest, model):
+    assert_controlnet_graphs_equal_diffusers(t2i_artifact, manifest, model.unet, model.controlnet, (0.5, 1.3), seed=7,
+                                             timestep=801.0)
 
 
 # --- several ControlNets (diffusers' MultiControlNetModel) ---------------------------------------------
@@ -167,36 +180,10 @@ def test_controlnet_order_is_in_the_cache_key(t2i_folder, t2i_controlnet_b, t2i_
     assert again.cache_hit and again.manifest["key"] == multi_manifest["key"]
 
 
-def diffusers_multi_controlnet_step(model, feed, scales):
-    """One step as StableDiffusionControlNetPipeline computes it with a MultiControlNetModel: each
-    ControlNet on its own image at its own scale, the residuals summed."""
-    from diffusers import MultiControlNetModel
-
-    t = feed["timestep"][0].long()
-    multi = MultiControlNetModel(model.controlnet.nets)
-    with torch.no_grad():
-        down, mid = multi(feed["sample"], t, feed["encoder_hidden_states"], controlnet_cond=list(feed["controlnet_cond"].split(3, dim=1)),
-                          conditioning_scale=scales, guess_mode=False, return_dict=False)
-        noise = model.unet(feed["sample"], t, encoder_hidden_states=feed["encoder_hidden_states"],
-                           down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
-    return noise, [*down, mid]
-
-
 def test_fused_two_controlnets_equal_diffusers_multicontrolnet(t2i_multi_artifact, multi_manifest, multi_model):
-    fused, alone = ort(t2i_multi_artifact, multi_manifest, "unet_controlnet"), ort(t2i_multi_artifact, multi_manifest, "controlnet")
-    feed = fused.spec.example_feed(seed=8, batch=2)
-    feed["timestep"] = torch.full((2,), 601.0)
-    preds = []
-    for scales in ([0.5, 1.3], [1.3, 0.5]):
-        feed["conditioning_scale"] = torch.tensor(scales)
-        expected, residuals = diffusers_multi_controlnet_step(multi_model, feed, scales)
-        got = fused.run(feed)["noise_pred"]
-        assert compare(expected, got).max_rel <= TOL
-        outs = alone.run(feed)
-        for spec, ref in zip(alone.spec.outputs, residuals):
-            assert compare(ref, outs[spec.name]).max_rel <= TOL, spec.name
-        preds.append(got)
-    assert (preds[0] - preds[1]).abs().max() > 1e-3  # swapping the scales changes the step: each ControlNet has its own
+    # Swapped scales give another step: each ControlNet has its own image and scale.
+    assert_controlnet_graphs_equal_diffusers(t2i_multi_artifact, multi_manifest, multi_model.unet, multi_model.controlnet,
+                                             ([0.5, 1.3], [1.3, 0.5]), seed=8, timestep=601.0)
 
 
 def test_artifact_refuses_another_set_or_order_of_controlnets(t2i_multi_artifact, t2i_folder, t2i_controlnet_b):
