@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from diffrt import atomic
-from diffrt.data import CHELSEA_CROPS
 from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
 from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, instance_evaluation_loss, train_dreambooth_lora
@@ -44,25 +43,13 @@ def _train_config(out: Path, steps: int, batch_size: int, lr: float) -> TrainCon
                        lr_schedule="constant", checkpoint_every=steps, seed=0)
 
 
-def _cat_folder(folder: Path) -> Path:
-    """Four crops of scikit-image's chelsea, the subject of the fine-tuning and DreamBooth runs."""
-    from PIL import Image
-    from skimage import data
-
-    folder.mkdir(parents=True)
-    cat = data.chelsea()
-    for i, (top, left, h, w) in enumerate(CHELSEA_CROPS):
-        Image.fromarray(cat[top : top + h, left : left + w]).save(folder / f"chelsea-{i}.png")
-    return folder
-
-
-def _dreambooth_evaluation(sd: Path, cats: Path, prompt: str):
+def _dreambooth_evaluation(sd: Path, prompt: str):
     """evaluate(out) -> the fixed evaluation loss of the base pipeline and of it with out's LoRA."""
     from diffusers import StableDiffusionPipeline
 
-    from diffrt.data import load_image_folder
+    from diffrt.data import load_source
 
-    images = load_image_folder(cats, 32).images
+    images = load_source("chelsea", 32, labelled=False).images
 
     def evaluate(out: Path) -> dict:
         pipe = StableDiffusionPipeline.from_pretrained(sd)
@@ -78,7 +65,6 @@ def _trainers(root: Path) -> dict[str, tuple[str, int, callable, callable | None
     """name -> (config in words, batch size, run(out, steps) -> TrainResult, evaluate(out) -> dict or None)."""
     from diffrt.tiny import tiny_text_to_image
 
-    cats = _cat_folder(root / "cats")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         pixel = save_pixel_model(build_pixel_model(small_unet_config(8, 3, (16, 32))), root / "pixel")
@@ -91,19 +77,19 @@ def _trainers(root: Path) -> dict[str, tuple[str, int, callable, callable | None
 
     def dreambooth(prior: bool, batch_size: int):
         return lambda out, steps: train_dreambooth_lora(DreamBoothConfig(
-            model=str(sd), instance_data=str(cats), instance_prompt="a photo of sks cat", class_prompt="a photo of a cat" if prior else None,
+            model=str(sd), instance_data="chelsea", instance_prompt="a photo of sks cat", class_prompt="a photo of a cat" if prior else None,
             with_prior_preservation=prior, class_data=str(root / "class_images"), num_class_images=4,
             train_text_encoder=prior, rank=4, resolution=32, num_validation_images=1, inference_steps=1,
             train=_train_config(out, steps, batch_size, 1e-3)))
 
     small = "UNet2DModel 8x8, widths (16, 32)"
     lora = "tiny SD (diffrt.tiny) 32 px / 4x4 latents, LoRA rank 4 on to_q/k/v/out"
-    evaluate = _dreambooth_evaluation(sd, cats, "a photo of sks cat")
+    evaluate = _dreambooth_evaluation(sd, "a photo of sks cat")
     return {
         "class-cond (class_embedding)": (f"{small}, digits", 16, class_cond("class_embedding"), None),
         "class-cond (class_channels)": (f"{small}, digits", 16, class_cond("class_channels"), None),
         "finetune": (f"{small}, chelsea crops", 16, lambda out, steps: finetune(FinetuneConfig(
-            model=str(pixel), data=str(cats), random_flip=True, num_samples=1, sample_steps=1,
+            model=str(pixel), data="chelsea", random_flip=True, num_samples=1, sample_steps=1,
             train=_train_config(out, steps, 16, 1e-3))), None),
         "dreambooth-lora": (lora, 4, dreambooth(prior=False, batch_size=4), evaluate),
         "dreambooth-lora (prior + text encoder)": (f"{lora}, + text encoder LoRA, 2 instance + 2 class", 2,

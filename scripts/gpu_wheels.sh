@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Download, here, the wheels that a lent GPU machine lacks, into .whl/ (git-ignored) for
+# Download, here, the wheels that a lent GPU machine lacks, into .whl/ (in .gitignore) for
 # scripts/gpu_check.sh. That machine has Python 3.12, CUDA torch, Triton, transformers, peft,
 # accelerate, onnx and onnxruntime (CPU) but no diffusers, and it cannot reach any registry.
 # TensorRT cannot travel: its libraries are not served by the registries here (and exceed the
 # 64 MiB a call may carry), so the TensorRT tests skip there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -213,13 +213,13 @@ def test_reexport_is_a_cache_hit(t2i_artifact, t2i_folder, manifest, caplog, mon
     from diffrt import text_to_image_models
 
     # A hit does no work: the key comes from the configs, and no weight file is read.
-    from_folder = text_to_image_models._from_folder
+    load_frozen = text_to_image_models.load_frozen
 
     def configs_only(cls, folder, weights=True):
         assert not weights, f"a cache hit read the weights of {folder}"
-        return from_folder(cls, folder, weights)
+        return load_frozen(cls, folder, weights)
 
-    monkeypatch.setattr(text_to_image_models, "_from_folder", configs_only)
+    monkeypatch.setattr(text_to_image_models, "load_frozen", configs_only)
     with caplog.at_level(logging.INFO, logger="diffrt"):
         result = export_model(t2i_folder, t2i_artifact, ExportOptions(**T2I_RANGES), controlnets=[str(t2i_folder / "controlnet")])
     assert result.cache_hit and result.manifest["key"] == manifest["key"]

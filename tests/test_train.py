@@ -70,9 +70,11 @@ def cat_folder(tmp_path_factory) -> Path:
     from PIL import Image
     from skimage import data
 
+    from diffrt.data import CHELSEA_CROPS
+
     cat = data.chelsea()  # 300 x 451 RGB
     folder = tmp_path_factory.mktemp("cat")
-    for i, (top, left, h, w) in enumerate([(0, 0, 300, 300), (40, 120, 200, 260), (20, 60, 120, 90), (100, 200, 180, 240)]):
+    for i, (top, left, h, w) in enumerate(CHELSEA_CROPS):
         Image.fromarray(cat[top : top + h, left : left + w]).save(folder / f"chelsea-{i}.{'jpg' if i == 3 else 'png'}")
     return folder
 

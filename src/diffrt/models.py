@@ -162,14 +162,7 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     if not (unet_dir / "config.json").is_file():
         raise DiffrtError(f"{folder} has no unet/config.json; expected a diffusers pipeline folder or a UNet2DModel folder")
-    require_safetensors(unet_dir)
-    if weights:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
-    else:
-        from accelerate import init_empty_weights
-
-        with init_empty_weights():
-            unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
+    unet = load_frozen(UNet2DModel, unet_dir, weights)
     info = PixelModelInfo()
     if (folder / DIFFRT_CONFIG).is_file():
         info = PixelModelInfo(**json.loads((folder / DIFFRT_CONFIG).read_text()))
@@ -179,9 +172,9 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     if info.conditioning == "class_channels" and weights:
         from safetensors.torch import load_file
 
-        weights = load_file(folder / "class_embedding" / "model.safetensors")
-        class_embedding = nn.Embedding(*weights["weight"].shape)
-        class_embedding.load_state_dict(weights)
+        state = load_file(folder / "class_embedding" / "model.safetensors")
+        class_embedding = nn.Embedding(*state["weight"].shape)
+        class_embedding.load_state_dict(state)
     scheduler_file = next((p for p in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json") if p.is_file()), None)
     scheduler = DDIMConfig.from_scheduler_config(json.loads(scheduler_file.read_text())) if scheduler_file else DDIMConfig()
     model = PixelModel(PixelUNet(unet, info, class_embedding), scheduler, folder)
@@ -232,6 +225,21 @@ def require_model_dir(folder: str | Path) -> Path:
     if not any((folder / name).is_file() for name in ("model_index.json", "config.json")) and not (folder / "unet").is_dir():
         raise DiffrtError(f"{folder} is not a diffusers model folder: it has no model_index.json or config.json")
     return folder
+
+
+def load_frozen(cls, folder: Path, weights: bool = True) -> nn.Module:
+    """`cls.from_pretrained(folder)`, safetensors only, frozen. weights=False: built from its config
+    alone on the meta device, reading no weights: enough for its sizes and specs (an export's key).
+    Pickled weights are refused either way, before an export hashes them."""
+    require_safetensors(folder)
+    if weights:
+        return cls.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        # diffusers models read their config with load_config; transformers ones with their config_class.
+        module = cls.from_config(cls.load_config(folder)) if hasattr(cls, "load_config") else cls(cls.config_class.from_pretrained(folder))
+    return module.eval().requires_grad_(False)
 
 
 def require_safetensors(folder: Path) -> None:

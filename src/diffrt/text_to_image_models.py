@@ -29,7 +29,7 @@ from torch import nn
 from diffrt.components import (CONTROL_CHANNELS, ComponentSpec, Range, controlnet_spec, latent_unet_spec, text_encoder_spec,
                                unet_controlnet_spec, vae_decoder_spec)
 from diffrt.errors import DiffrtError
-from diffrt.models import require_model_dir, require_safetensors
+from diffrt.models import load_frozen, require_model_dir
 from diffrt.runtime.ddim import DDIMConfig
 
 SOURCE_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")  # what a text-to-image folder must hold
@@ -179,27 +179,13 @@ def load_tokenizer(folder: str | Path):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def _from_folder(cls, folder: Path, weights: bool = True) -> nn.Module:
-    """`cls.from_pretrained(folder)`, safetensors only, frozen. weights=False: built from its config
-    alone on the meta device, reading no weights: enough for its sizes and specs (an export's key)."""
-    if weights:
-        require_safetensors(folder)
-        return cls.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        # diffusers models read their config with load_config; transformers ones with their config_class.
-        module = cls.from_config(cls.load_config(folder)) if hasattr(cls, "load_config") else cls(cls.config_class.from_pretrained(folder))
-    return module.eval().requires_grad_(False)
-
-
 def load_controlnet(folder: str | Path, weights: bool = True):
     from diffusers import ControlNetModel
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise DiffrtError(f"{folder} is not a ControlNet folder: it has no config.json")
-    return _from_folder(ControlNetModel, folder, weights)
+    return load_frozen(ControlNetModel, folder, weights)
 
 
 def multi_controlnet_class():
@@ -239,19 +225,19 @@ def load_controlnets(folders: str | Path | Sequence[str | Path] | None, weights:
 def load_unet(folder: Path, weights: bool = True):
     from diffusers import UNet2DConditionModel
 
-    return _from_folder(UNet2DConditionModel, folder / "unet", weights)
+    return load_frozen(UNet2DConditionModel, folder / "unet", weights)
 
 
 def load_vae(folder: Path, weights: bool = True):
     from diffusers import AutoencoderKL
 
-    return _from_folder(AutoencoderKL, folder / "vae", weights)
+    return load_frozen(AutoencoderKL, folder / "vae", weights)
 
 
 def load_text_encoder(folder: Path, weights: bool = True):
     from transformers import CLIPTextModel
 
-    return _from_folder(CLIPTextModel, folder / "text_encoder", weights)
+    return load_frozen(CLIPTextModel, folder / "text_encoder", weights)
 
 
 def load_scheduler(folder: Path) -> DDIMConfig:

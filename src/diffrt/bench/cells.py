@@ -24,7 +24,7 @@ import torch
 
 from diffrt.bench.configs import BenchConfig, NotApplicable
 from diffrt.bench.timing import MemoryMonitor, cpu_threads, summarize_ms, synchronize
-from diffrt.runtime.backends.timed import TimedBackend
+from diffrt.runtime.backends.timed import time_components
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ def _measure(config: BenchConfig, backend: str, device: torch.device, options: C
     t0 = time.perf_counter()
     work = config.open(backend, device)
     open_s = time.perf_counter() - t0
-    timed = {attr: TimedBackend(getattr(work.pipeline, attr)) for attr in work.component_attrs}
-    for attr, proxy in timed.items():
-        setattr(work.pipeline, attr, proxy)
+    timed = time_components(work.pipeline, work.component_attrs)
     work.run(WARMUP_STEPS)
     synchronize(device)
     setup_s = time.perf_counter() - t0

@@ -32,9 +32,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from diffrt.serve.batching import Answer
 from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 from diffrt.serve.schema import GenerateBody, RequestError, describe_validation_errors
-from diffrt.serve.batching import Answer
 
 log = logging.getLogger(__name__)
 

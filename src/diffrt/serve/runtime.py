@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError
 from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
+from diffrt.serve.batching import Answer, BatchAbandoned
 from diffrt.serve.metrics import ServeMetrics
 from diffrt.serve.schema import GenerateBody, RequestError
 from diffrt.serve.text_to_image_worker import TextToImageWorker
-from diffrt.serve.batching import Answer, BatchAbandoned
 from diffrt.serve.worker import PixelWorker
 
 log = logging.getLogger(__name__)

@@ -35,13 +35,14 @@ import torch
 
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
+from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, images_per_batch, settings_key,
                                    split_answers)
 from diffrt.serve.schema import GenerateBody, RequestError
-from diffrt.serve.worker import component_ms, encode_finite, self_test_passed, time_components
+from diffrt.serve.worker import component_ms, encode_finite, self_test_passed
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ class TextToImageWorker(BatchingWorker):
         self.warmup_seconds = self.self_test()
         pipe = self.pipe  # a shared batch feeds the text encoder one prompt per image; guidance doubles both
         self.settle_batching(pipe.backend, images_per_batch([(pipe.text_encoder.spec, 2), (pipe.unet.spec, 2), (pipe.vae_decoder.spec, 1)]))
-        self.timed = time_components(pipe)  # after the warm-up and probe, which are not requests
+        # Timed in place from now on: the warm-up and probe are not requests.
+        self.timed = time_components(pipe, ("text_encoder", "unet", "vae_decoder"), recording=True)
 
     def self_test(self) -> float:
         """Warm-up and NaN self-test: a guided generation at the model's default size, which must be finite."""
@@ -137,10 +139,13 @@ class TextToImageWorker(BatchingWorker):
             negative = [p.negative_prompt or "" for p in plans for _ in range(p.num_images)]  # None is encoded as ""
             per_prompt = 1
         started, t0 = time.monotonic(), time.perf_counter()
-        result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt,
-                           latents=torch.cat([p.latents for p in plans]), generator=first.generator if len(plans) == 1 else None,
-                           **first.settings, control_image=first.control, controlnet_conditioning_scale=first.control_scale,
-                           guidance=first.guidance, output_type="pt", progress=abandon_when_nobody_waits(jobs))
+        try:
+            result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt,
+                               latents=torch.cat([p.latents for p in plans]), generator=first.generator if len(plans) == 1 else None,
+                               **first.settings, control_image=first.control, controlnet_conditioning_scale=first.control_scale,
+                               guidance=first.guidance, output_type="pt", progress=abandon_when_nobody_waits(jobs))
+        finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
+            components = component_ms(self.timed)
         sample_ms = 1000 * (time.perf_counter() - t0)
         pngs, encode_ms = encode_finite(result)
         meta = result.metadata
@@ -150,7 +155,7 @@ class TextToImageWorker(BatchingWorker):
             # so the request whose images start at `row` finds its prompt there.
             return {key: None if meta.get(key) is None else meta[key][row : row + 1] for key in ("truncated", "truncated_negative")}
 
-        timings = {"sample": sample_ms, **component_ms(self.timed), "encode": encode_ms}
+        timings = {"sample": sample_ms, **components, "encode": encode_ms}
         return split_answers(jobs, pngs, result.backend, started, timings, truncated)
 
     # -- any thread (reads the model's description only) ---------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
 from diffrt.images import png_bytes
-from diffrt.runtime.backends.timed import TimedBackend
+from diffrt.runtime.backends.timed import TimedBackend, time_components
 from diffrt.runtime.guidance import color_guidance
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, images_per_batch, settings_key,
@@ -54,26 +54,10 @@ class Plan:
         return None if self.generator is not None else settings_key(self.settings)
 
 
-COMPONENT_ATTRS = ("text_encoder", "unet", "vae_decoder")  # where both pipelines keep their components
-
-
-def time_components(pipe) -> dict[str, TimedBackend]:
-    """Put a recording TimedBackend in place of each of the pipeline's components, by component
-    name, so that every batch reports the time it spent in each (text encoder, UNet x N steps,
-    VAE): latency per stage, as RELIABILITY's serving conventions ask."""
-    timed = {}
-    for attr in COMPONENT_ATTRS:
-        backend = getattr(pipe, attr, None)
-        if backend is not None:
-            proxy = TimedBackend(backend)
-            proxy.recording = True
-            setattr(pipe, attr, proxy)
-            timed[backend.spec.name] = proxy
-    return timed
-
-
 def component_ms(timed: dict[str, TimedBackend]) -> dict[str, float]:
-    """Milliseconds each component spent since the last call (reads CUDA events: one synchronisation)."""
+    """Milliseconds each component spent since the last call (reads CUDA events: one synchronisation):
+    every batch reports the time it spent in each (text encoder, UNet x N steps, VAE), latency per
+    stage as RELIABILITY's serving conventions ask."""
     return {name: 1000 * proxy.take_s() for name, proxy in timed.items()}
 
 
@@ -129,7 +113,7 @@ class PixelWorker(BatchingWorker):
         self.pipe = pipe
         self.warmup_seconds = self.self_test()
         self.settle_batching(pipe.backend, images_per_batch([(pipe.unet.spec, 2 if self.conditioned else 1)]))  # CFG doubles it
-        self.timed = time_components(pipe)  # after the warm-up and probe, which are not requests
+        self.timed = time_components(pipe, ("unet",), recording=True)  # from now on: the warm-up and probe are not requests
 
     def self_test(self) -> float:
         """Warm-up and NaN self-test in one: a classifier-free-guided generation at the model's own
@@ -165,14 +149,17 @@ class PixelWorker(BatchingWorker):
         latents = torch.cat([p.latents for p in plans])
         n = latents.shape[0]
         started, t0 = time.monotonic(), time.perf_counter()
-        result = self.pipe(labels, num_images=None if labels is not None else n, latents=latents,
-                           generator=first.generator if len(plans) == 1 else None,
-                           num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"],
-                           guidance=guidance, height=s["height"], width=s["width"], output_type="pt",
-                           progress=abandon_when_nobody_waits(jobs))
+        try:
+            result = self.pipe(labels, num_images=None if labels is not None else n, latents=latents,
+                               generator=first.generator if len(plans) == 1 else None,
+                               num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"],
+                               guidance=guidance, height=s["height"], width=s["width"], output_type="pt",
+                               progress=abandon_when_nobody_waits(jobs))
+        finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
+            components = component_ms(self.timed)
         sample_ms = 1000 * (time.perf_counter() - t0)
         pngs, encode_ms = encode_finite(result)
-        timings = {"sample": sample_ms, **component_ms(self.timed), "encode": encode_ms}
+        timings = {"sample": sample_ms, **components, "encode": encode_ms}
         return split_answers(jobs, pngs, result.backend, started, timings)
 
     # -- any thread (reads the model's description only) ---------------------------------

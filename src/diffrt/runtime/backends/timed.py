@@ -7,6 +7,7 @@ synchronisation inside the loop; they are read (one synchronisation) when asked 
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 import torch
 
@@ -52,3 +53,15 @@ class TimedBackend:
         total = sum(self.samples_s())
         self._cpu, self._events = [], []
         return total
+
+
+def time_components(pipeline, attrs: Iterable[str], *, recording: bool = False) -> dict[str, TimedBackend]:
+    """Put a TimedBackend in place of each of `pipeline`'s components named by `attrs` (attributes
+    holding a Backend), so it is timed on the calls the pipeline makes; the proxies by component name."""
+    timed = {}
+    for attr in attrs:
+        proxy = TimedBackend(getattr(pipeline, attr))
+        proxy.recording = recording
+        setattr(pipeline, attr, proxy)
+        timed[proxy.spec.name] = proxy
+    return timed
