@@ -7,8 +7,9 @@ Runtime, with its ControlNet), and httpx talks to it:
 * negative_prompt, control_image and controlnet_conditioning_scale reach the pipeline;
 * fields for the other kind of model, or for a ControlNet the model lacks, are 422s naming the
   field, and the server keeps serving;
-* requests that differ only in prompt, negative prompt, seed and num_images share batches, and
-  each answer (images, truncated prompt) is the one that request gets alone (RELIABILITY #18).
+* requests that differ only in prompt, negative prompt, seed and num_images (and, with control
+  images of one size and equal scales, control image) share batches, and each answer (images,
+  truncated prompt) is the one that request gets alone (RELIABILITY #18).
   ONNX Runtime's CPU kernels are batch-invariant on the tiny model: the start-up probe measures
   batched == alone bit for bit, so "the same" here means the same PNG pixels.
 """
@@ -253,7 +254,7 @@ def test_requests_share_batches_and_each_gets_its_own_image(server, client, t2i_
     assert all(0 < a["timings_ms"]["unet_controlnet"] <= a["timings_ms"]["sample"] for a in answers)  # per-stage timings still in place
 
 
-def test_a_control_image_request_runs_alone_among_batched_ones(server, client, t2i_artifact, control_png):
+def test_a_control_image_request_never_shares_with_plain_ones(server, client, t2i_artifact, control_png):
     path, b64 = control_png
     bodies = [{"prompt": PROMPT, "seed": 40}, {"prompt": PROMPT, "seed": 41, "control_image": b64, "controlnet_conditioning_scale": 0.7},
               {"prompt": "another prompt", "seed": 42}]
@@ -265,6 +266,29 @@ def test_a_control_image_request_runs_alone_among_batched_ones(server, client, t
                                   generated(t2i_artifact, prompt=PROMPT, seed=41, control_image=str(path), control_scale=0.7))
     for i in (0, 2):
         np.testing.assert_array_equal(answer_pixels(answers[i])[0], generated(t2i_artifact, **bodies[i]))
+
+
+def test_controlnet_requests_with_equal_scales_share_a_batch(server, client, t2i_artifact, control_png, tmp_path):
+    """Control images of one size and equal scales share a batch, one control row per image, and
+    each answer is that request's `diffrt generate --control-image`; another scale runs apart."""
+    from PIL import Image
+
+    paths = [control_png[0]]
+    for i in (1, 2):
+        paths.append(tmp_path / f"edges{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    b64s = [base64.b64encode(path.read_bytes()).decode("ascii") for path in paths]
+    bodies = [{"prompt": f"{PROMPT}, edges {i}", "seed": 50 + i, "control_image": b64s[i], "controlnet_conditioning_scale": scale}
+              for i, scale in enumerate((0.7, 1.3, 0.7))]
+    responses = queued_together(server, client, bodies)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    answers = [r.json() for r in responses]
+    assert [a["batch_size"] for a in answers] == [2, 1, 2]  # the 0.7s pair up; 1.3 would have joined the first otherwise
+    assert [r.headers["x-diffrt-batch-size"] for r in responses] == ["2", "1", "2"]
+    for body, path, answer in zip(bodies, paths, answers):
+        want = generated(t2i_artifact, prompt=body["prompt"], seed=body["seed"], control_image=str(path),
+                         control_scale=body["controlnet_conditioning_scale"])
+        np.testing.assert_array_equal(answer_pixels(answer)[0], want, err_msg=str(path))
 
 
 def test_requests_with_different_num_images_share_a_batch(t2i_artifact, control_png):
@@ -289,6 +313,14 @@ def test_requests_with_different_num_images_share_a_batch(t2i_artifact, control_
             np.testing.assert_array_equal(pixels(png), image)
     assert answers[jobs[0].id].truncated["truncated"][0].replace(" ", "").endswith("word59")
     assert answers[jobs[1].id].truncated == {"truncated": [None], "truncated_negative": None}  # no guidance: no negative prompt
-    # What runs alone: per-step noise (eta > 0), colour guidance, a control image.
-    for fields in ({"eta": 0.5}, {"color": "#ff0000"}, {"control_image": control_png[1]}):
+    # What runs alone: per-step noise (eta > 0), colour guidance.
+    for fields in ({"eta": 0.5}, {"color": "#ff0000"}):
         assert worker.batch_key(worker.plan(GenerateBody(prompt=PROMPT, **fields))) is None, fields
+    # A control image shares only with control images of its size and its scale, never with plain requests.
+    def key(**fields):
+        return worker.batch_key(worker.plan(GenerateBody(**{"prompt": PROMPT, **fields})))
+
+    b64 = control_png[1]
+    assert key(control_image=b64) is not None and key(control_image=b64) != key()
+    assert key(control_image=b64, seed=1) == key(control_image=b64, controlnet_conditioning_scale=1.0, prompt="other")
+    assert key(control_image=b64, controlnet_conditioning_scale=0.5) != key(control_image=b64)

@@ -7,6 +7,9 @@ A batched request's answer is the answer it gets alone, through three pieces (RE
    stacked noise to the pipeline as `latents`, so no request's image depends on another's seed.
    With eta > 0 the sampler draws fresh noise every step from one generator, which a batch cannot
    split between requests, so such a request runs alone with its generator, past its x_T draw.
+   Per-request conditioning travels the same way, one row per image: text-to-image requests with
+   control images of one size and equal conditioning scales share a batch, each image row taking
+   its request's control image (text_to_image_worker.py).
 2. A batch-invariant backend. Same noise is not yet same pixels: a backend may pick other kernels
    for another batch size and round differently. At start-up `BatchingWorker.settle_batching`
    caps the batch to what every engine profile takes, then runs a full batch of distinct requests

@@ -4,11 +4,13 @@ Same contract as PixelWorker (worker.py): `load` and `run_batch` run only in the
 worker thread, `plan` runs in the caller's thread and only reads the model's description.
 
 Batching (batching.py, the mechanism PixelWorker uses): requests share a batch when they differ
-only in prompt, negative prompt, seed and num_images, that is when size, steps, guidance scale
-and eta (0) are equal. A request with a control image, eta > 0 or colour guidance runs alone:
-each control image is its own tensor (batching them means stacking one per image and equal
-scales), eta > 0 draws per-step noise from one generator a batch cannot split, and colour
-guidance steers through the PyTorch VAE, which the start-up probe does not cover.
+only in prompt, negative prompt, seed, num_images and control image, that is when size, steps,
+guidance scale and eta (0) are equal and, for ControlNet requests, the control images' size and
+the conditioning scales are equal too (a request without a control image never shares with one
+that has one). A shared batch gives each ControlNet one control image row per image, each
+request's image repeated for its num_images. A request with eta > 0 or colour guidance runs
+alone: eta > 0 draws per-step noise from one generator a batch cannot split, and colour guidance
+steers through the PyTorch VAE, which the start-up probe does not cover.
 
 `plan` draws a request's x_T from its own seed with the shape `diffrt generate` draws
 ([num_images, C, H/8, W/8], CPU generator). A request alone makes the very call `diffrt generate`
@@ -68,8 +70,12 @@ class TextToImagePlan:
 
     def batch_key(self):
         """Requests with equal keys may share a batch; None runs alone (see the module docstring)."""
-        alone = self.generator is not None or self.control is not None or bool(self.guidance)
-        return None if alone else settings_key(self.settings)
+        if self.generator is not None or self.guidance:
+            return None
+        if self.control is None:
+            return settings_key(self.settings), None
+        scales = tuple(self.control_scale) if isinstance(self.control_scale, list) else (self.control_scale,)
+        return settings_key(self.settings), (tuple(self.control[0].shape), scales)
 
 
 class TextToImageWorker(BatchingWorker):
@@ -138,11 +144,14 @@ class TextToImageWorker(BatchingWorker):
             prompt = [p.prompt for p in plans for _ in range(p.num_images)]
             negative = [p.negative_prompt or "" for p in plans for _ in range(p.num_images)]  # None is encoded as ""
             per_prompt = 1
+        control = first.control
+        if control is not None and len(plans) > 1:  # per ControlNet, one image row per prompt row, in the batch's order
+            control = [torch.stack([p.control[k] for p in plans for _ in range(p.num_images)]) for k in range(len(control))]
         started, t0 = time.monotonic(), time.perf_counter()
         try:
             result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt,
                                latents=torch.cat([p.latents for p in plans]), generator=first.generator if len(plans) == 1 else None,
-                               **first.settings, control_image=first.control, controlnet_conditioning_scale=first.control_scale,
+                               **first.settings, control_image=control, controlnet_conditioning_scale=first.control_scale,
                                guidance=first.guidance, output_type="pt", progress=abandon_when_nobody_waits(jobs))
         finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
             components = component_ms(self.timed)
