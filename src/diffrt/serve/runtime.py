@@ -49,7 +49,6 @@ class RuntimeConfig:
 def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     """The worker for the model's kind: text-to-image (prompts, ControlNet) or pixel-space (class labels)."""
     from diffrt.generate import is_text_to_image
-
     from diffrt.runtime.backends import resolve_device
 
     common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
@@ -83,8 +82,7 @@ class ServeRuntime:
         self.batcher.max_batch_size = self.worker.max_batch_size  # the engine's profile may allow less
         self.metrics.backend.info({"backend": self.worker.pipe.backend, "model": str(self.config.model or "shipped:digits"),
                                    "device": str(self.worker.pipe.device)})
-        self.metrics.fallbacks.set(sum(1 for b in self.worker.pipe.backends().values()
-                                       if not set(getattr(b, "requested_providers", ())) <= set(getattr(b, "providers", ()))))
+        self.metrics.fallbacks.set(sum(1 for b in self.worker.pipe.backends().values() if getattr(b, "missing_providers", None)))
         self.metrics.ready.set(1)
         self._ready.set()
 

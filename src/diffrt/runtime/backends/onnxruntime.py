@@ -57,7 +57,7 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(str(onnx_path), options, providers=requested)
         self.requested_providers = [p if isinstance(p, str) else p[0] for p in requested]
         self.providers = self.session.get_providers()  # what really runs: reported with every result
-        check_providers(spec.name, self.requested_providers, self.providers, strict)
+        self.missing_providers = check_providers(spec.name, self.requested_providers, self.providers, strict)
         # A CUDA session that fell back to the CPU cannot read CUDA memory: bind host memory then.
         fell_back = self.device.type == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS)
         self._io_device = torch.device("cpu") if fell_back else self.device
@@ -86,16 +86,18 @@ class OnnxRuntimeBackend:
         return outputs if io == self.device else {name: t.to(self.device) for name, t in outputs.items()}
 
 
-def check_providers(component: str, requested: list[str], used: list[str], strict: bool) -> None:
-    """Every requested provider must be in the session: a fallback is a warning, or an error when strict."""
+def check_providers(component: str, requested: list[str], used: list[str], strict: bool) -> list[str]:
+    """Every requested provider must be in the session: a fallback is a warning, or an error when
+    strict. Returns the requested providers the session runs without."""
     missing = [p for p in requested if p not in used]
     if not missing:
-        return
+        return missing
     message = (f"{component}: ONNX Runtime did not start {', '.join(missing)} (asked for {', '.join(requested)}) and runs "
                f"on {', '.join(used)}; see ONNX Runtime's log for why")
     if strict:
         raise BackendUnavailableError(f"{message}; strict mode refuses a fallback")
     log.warning("%s; strict mode (--strict) makes this an error", message)
+    return missing
 
 
 def _onnx_dtype(type_str: str) -> torch.dtype:
