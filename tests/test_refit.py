@@ -43,9 +43,11 @@ class EngineRecorder:
 
     def __init__(self):
         self.calls: list[tuple[str, list[str]]] = []  # (component, initializer names patched)
+        self.refittable: dict[str, bool] = {}  # component -> built with BuilderFlag.REFIT
         self.fail = False
 
-    def build_engine(self, onnx_path, spec, engine_path, precision="fp32", **_):
+    def build_engine(self, onnx_path, spec, engine_path, precision="fp32", **options):
+        self.refittable[spec.name] = options.get("refit", True)
         engine_path = Path(engine_path)
         engine_path.write_bytes(weights_digest(refit.onnx_initializers(onnx_path)))
         return {"tensorrt": "stand-in", "gpu": None, "precision": precision, "refittable": True, "loras": [],
@@ -96,6 +98,7 @@ def test_t2i_tensorrt_export_with_lora_refits_base_engines(t2i_folder, t2i_loras
     # The VAE decoder's engine takes no LoRA: only the text encoder's and UNet's are refit, each with patches.
     assert engines.components() == ["text_encoder", "unet"]
     assert all(patched for _, patched in engines.calls)
+    assert engines.refittable == {"text_encoder": True, "unet": True, "vae_decoder": False}  # built refittable where LoRA goes
     # The ONNX keeps base weights (the engines take LoRA by refit); the manifest says so.
     assert manifest["onnx_loras"] == [] and [(e["sha256"], e["scale"]) for e in manifest["loras"]] == [
         (x["sha256"], x["scale"]) for x in lora_hashes(ExportOptions(loras=[lora]))]

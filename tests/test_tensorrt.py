@@ -110,6 +110,29 @@ def test_engine_profile_skips_fixed_inputs_and_refuses_missing_ranges():
         engine_profile(broken)
 
 
+def test_engine_profile_refuses_corners_the_component_would_not_run():
+    # multiple_of 4: a profile corner at 6 is a shape the spec refuses at run time (and where a
+    # UNet's skip connections stop lining up), so the build is refused before TensorRT sees it.
+    spec = pixel_unet_spec(3, 8, conditioned=False, batch=(1, 2, 4), size=(6, 8, 16))
+    with pytest.raises(ArtifactError, match=r"'height' \(6, 8, 16\) must hold multiples of 4"):
+        engine_profile(spec)
+    assert engine_profile(pixel_unet_spec(3, 8, conditioned=False, batch=(1, 3, 5), size=(8, 12, 16)))["sample"]["opt"] == (3, 3, 12, 12)
+
+
+def test_inputs_off_tensorrt_alignment_are_copied():
+    # setTensorAddress wants 256-byte aligned pointers; a view's storage offset can break that.
+    from diffrt.runtime.backends.tensorrt import ALIGNMENT, aligned
+
+    base = torch.arange(512, dtype=torch.float32)
+    k = next(i for i in range(128) if (base.data_ptr() + 4 * i) % ALIGNMENT == 0)
+    on = base[k:k + 64]
+    assert aligned(on) is on  # already aligned: no copy
+    off = base[k + 1:k + 65]
+    copy = aligned(off)
+    assert copy.untyped_storage().data_ptr() != base.untyped_storage().data_ptr() and torch.equal(copy, off)
+    assert copy.is_contiguous() and copy.storage_offset() == 0
+
+
 def test_typing_follows_the_onnx_dtype():
     assert strongly_typed_build("fp16", "fp16") is True  # fp16 ONNX: types as exported
     assert strongly_typed_build("fp16", "fp32") is False  # fp32 ONNX: the FP16 flag chooses per layer
@@ -422,6 +445,29 @@ def test_refit_a_b_a_equals_a(trt_artifact, model_dir, loras, tmp_path):
     refit_artifact(folder, [])  # no LoRA: back to base, and to the export's cache key
     assert torch.equal(_backend(folder).run(feed)["noise_pred"], base)
     assert mf.read_manifest(folder)["key"] == mf.read_manifest(trt_artifact)["key"]
+
+
+@pytest.mark.gpu
+@needs_trt
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_backend_refit_in_memory_swaps_the_running_engines_lora(trt_artifact, model_dir, loras, cuda_graph):
+    """lora_scale's EngineLora calls backend.refit: the loaded engine (and any captured graph) runs
+    the new weights at once, back to base gives the base bit for bit, and the file is untouched."""
+    from diffrt.atomic import sha256_file
+    from diffrt.export.lora import read_lora
+    from diffrt.export.refit import read_weight_map, refit_weights
+
+    onnx_path, plan = trt_artifact / "unet" / "model.onnx", trt_artifact / "unet" / "engine.plan"
+    digest, wmap = sha256_file(plan), read_weight_map(onnx_path)
+    backend = _backend(trt_artifact, cuda_graph=cuda_graph)
+    feed = backend.spec.example_feed("opt", device="cuda", seed=8)
+    base = backend.run(feed)["noise_pred"].clone()  # with cuda_graph: captured on the base weights
+    report = backend.refit(refit_weights(onnx_path, wmap, [(read_lora(loras["A"]), 0.8)]))
+    assert report["patched"] == len(LORA_TARGETS)
+    assert _close(backend.run(feed)["noise_pred"], _reference(model_dir, feed, [(loras["A"], 0.8)]), 1e-3)
+    backend.refit(refit_weights(onnx_path, wmap, []))
+    assert torch.equal(backend.run(feed)["noise_pred"], base)
+    assert sha256_file(plan) == digest
 
 
 @pytest.mark.gpu

@@ -223,10 +223,12 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
     elif options.verify:  # bf16 only with --backend tensorrt (check_options): checked on the engine below
         log.info("%s: ONNX Runtime has no bf16 Conv on the CPU; parity is measured on the TensorRT engine", spec.name)
     if options.backend == "tensorrt":
+        from diffrt.export.refit import LORA_COMPONENTS
         from diffrt.export.tensorrt import build_engine
 
         engine_path = out / spec.name / "engine.plan"
-        entry["engine"] = build_engine(onnx_path, spec, engine_path, precision=precision)
+        # Refittable only where LoRA can go (UNet, text encoder): the VAE and a standalone ControlNet never take it.
+        entry["engine"] = build_engine(onnx_path, spec, engine_path, precision=precision, refit=spec.name in LORA_COMPONENTS)
         files[str(engine_path.relative_to(out))] = entry["engine"]["sha256"]  # hashed by build_engine: engines are large
         if options.verify:
             # Measured on the engine as built, with base weights: a LoRA is refit in afterwards

@@ -243,10 +243,19 @@ def refit_engine(engine_path: str | Path, weights: RefitWeights, device: str | t
     trt, _runtime, engine = load_engine(engine_path, device)
     logger = trt_logger()
     with torch.cuda.device(device):
-        counts = set_engine_weights(trt, trt.Refitter(engine, logger), weights, engine_path, logger.errors)
+        counts = set_engine_weights(trt, open_refitter(trt, engine, engine_path, logger), weights, engine_path, logger.errors)
         plan = engine.serialize()
     atomic.write_bytes(engine_path, memoryview(plan))
     return {**counts, "sha256": atomic.sha256_file(engine_path)}
+
+
+def open_refitter(trt, engine, engine_path: Path, logger):
+    """A trt.Refitter on `engine`, or one line saying the engine was built without REFIT (TensorRT
+    would only log that and hand back a refitter whose every call fails)."""
+    if not engine.refittable:
+        raise ArtifactError(f"{engine_path} was built without BuilderFlag.REFIT, so its weights cannot be swapped; rebuild it "
+                            "with `diffrt export --backend tensorrt`")
+    return trt.Refitter(engine, logger)
 
 
 def set_engine_weights(trt, refitter, weights: RefitWeights, engine_path: Path, errors: list[str]) -> dict:

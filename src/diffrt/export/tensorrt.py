@@ -58,6 +58,12 @@ def engine_profile(spec: ComponentSpec) -> dict[str, dict[str, tuple[int, ...]]]
     for d, (lo, opt, hi) in spec.ranges.items():
         if not 1 <= lo <= opt <= hi:
             raise ArtifactError(f"{spec.name}: range of '{d}' must satisfy 1 <= min <= opt <= max, got {(lo, opt, hi)}")
+        # The profile's corners are shapes the engine is built and tuned for: one the component
+        # refuses to run (spec.check_size) would be tuned for nothing, or fail the build where the
+        # graph's skip connections no longer line up.
+        m = spec.multiple_of.get(d, 1)
+        if any(v % m for v in (lo, opt, hi)):
+            raise ArtifactError(f"{spec.name}: range of '{d}' {(lo, opt, hi)} must hold multiples of {m}, the only sizes it runs")
     shapes = {point: spec.input_shapes(point) for point in PROFILE_POINTS}
     return {t.name: {point: shapes[point][t.name] for point in PROFILE_POINTS} for t in dynamic}
 
@@ -117,14 +123,14 @@ def explain_build_failure(component: str, errors: list[str], workspace_bytes: in
 
 def engine_entry(trt_version: str | None, gpu: dict | None, precision: str, spec: ComponentSpec, *, strongly_typed: bool,
                  workspace_bytes: int, timing_cache: Path, timing_cache_loaded: bool, build_seconds: float,
-                 engine_path: Path) -> dict[str, Any]:
+                 engine_path: Path, refittable: bool = True) -> dict[str, Any]:
     """The component's "engine" entry in the manifest; `manifest.check_engine_compatible` reads
     "tensorrt" and "gpu" from it."""
     return {
         "tensorrt": trt_version, "gpu": gpu, "precision": precision,
         "typing": "strong" if strongly_typed else "weak",
         "profiles": {name: {p: list(s) for p, s in shapes.items()} for name, shapes in engine_profile(spec).items()},
-        "refittable": True, "loras": [],  # built from the base weights; refit.py records swaps
+        "refittable": refittable, "loras": [],  # built from the base weights; refit.py records swaps
         "workspace_bytes": workspace_bytes, "timing_cache": str(timing_cache), "timing_cache_loaded": timing_cache_loaded,
         "build_seconds": round(build_seconds, 3), "sha256": atomic.sha256_file(engine_path), "bytes": engine_path.stat().st_size,
     }
@@ -203,8 +209,10 @@ def serialize_network(builder, network, config, component: str, errors: list[str
 
 def build_engine(onnx_path: str | Path, spec: ComponentSpec, engine_path: str | Path, precision: str = "fp32",
                  workspace_gb: float | None = None, timing_cache: str | Path | None = None,
-                 strongly_typed: bool | None = None) -> dict[str, Any]:
-    """Build a refittable engine for `spec` from `onnx_path` into `engine_path`; return its manifest entry."""
+                 strongly_typed: bool | None = None, refit: bool = True) -> dict[str, Any]:
+    """Build an engine for `spec` from `onnx_path` into `engine_path`; return its manifest entry.
+    `refit`: build it refittable (BuilderFlag.REFIT), for components that take LoRA by refit; the
+    flag keeps weights out of some optimisations, so engines that never take LoRA go without it."""
     t0 = time.perf_counter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     # 1. TensorRT and a GPU, or one line saying which backends there are.
@@ -249,7 +257,8 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, engine_path: str | 
             raise ArtifactError(f"TensorRT {version} takes types from the ONNX only, and this ONNX is {onnx_type}: export it "
                                 f"in {precision} (`diffrt export --precision {precision}`) for an {precision} engine")
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    config.set_flag(trt.BuilderFlag.REFIT)
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
 
     # Cached torch blocks count as used to the builder (RELIABILITY #9): hand them back first.
     gc.collect()
@@ -273,7 +282,7 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, engine_path: str | 
     log.info("built %s (%.1f s, %.1f MiB)", engine_path, seconds, engine_path.stat().st_size / 2**20)
     return engine_entry(version, gpu, precision, spec, strongly_typed=strong, workspace_bytes=workspace,
                         timing_cache=cache_path, timing_cache_loaded=cache_loaded, build_seconds=seconds,
-                        engine_path=engine_path)
+                        engine_path=engine_path, refittable=refit)
 
 
 def _load_timing_cache(config, path: Path) -> bool:

@@ -16,6 +16,15 @@ threads is safe but serial. For concurrency give each worker thread its own `bac
 Streams. `run` waits for the caller's current stream before reading the inputs, and makes the
 caller's stream wait for the engine before the outputs are used, so the caller never syncs.
 
+Addresses. TensorRT reads and writes I/O only at 256-byte aligned addresses (setTensorAddress).
+Fresh torch allocations are aligned, but a view into a bigger tensor (`x[1:]`, a chunk) starts at
+its offset, so such an input is copied first.
+
+Refit (`refit`, used by lora_scale's EngineLora). The loaded engine's weights are swapped in memory
+(the engine file is untouched). TensorRT leaves a refit undefined while work is enqueued, so the
+device is synchronised first; contexts stay valid, but captured graphs are dropped and captured
+again on their next run, since TensorRT promises nothing about the buffers a graph baked in.
+
 CUDA graphs (`cuda_graph=True`). Launch overhead is a real share of a small UNet's step. The
 first run for each input-shape key captures the engine's launch into a CUDA graph over static
 input/output buffers; later runs of that shape copy the inputs in, replay, and return copies
@@ -49,6 +58,7 @@ from diffrt.errors import ArtifactError, BackendUnavailableError, ShapeOutOfRang
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 16  # shape keys captured per backend; later keys run without a graph
+ALIGNMENT = 256  # bytes: IExecutionContext.setTensorAddress wants every I/O pointer aligned to this
 
 
 @dataclass
@@ -71,6 +81,12 @@ def torch_dtype(trt, trt_type) -> torch.dtype:
     if trt_type not in table:
         raise ArtifactError(f"engine tensor type {trt_type} has no torch equivalent diffrt handles")
     return table[trt_type]
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy at a fresh (aligned) address when a storage offset leaves it off the 256-byte
+    alignment TensorRT requires of every I/O pointer; TensorRT does not copy to fix it up."""
+    return t if t.data_ptr() % ALIGNMENT == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def load_engine(engine_path: str | Path, device: torch.device):
@@ -149,6 +165,20 @@ class TensorRTBackend:
         twin._open_context()
         return twin
 
+    def refit(self, weights) -> dict:
+        """Set the loaded engine's weights to `weights` (refit.RefitWeights: base + LoRA deltas) in memory.
+
+        Clones share the engine, so they see the new weights too; none may run during the refit."""
+        from diffrt.export.refit import open_refitter, set_engine_weights
+        from diffrt.export.tensorrt import trt_logger
+
+        logger = trt_logger()
+        with self._lock, torch.cuda.device(self.device):
+            refitter = open_refitter(self._trt, self.engine, self.engine_path, logger)
+            torch.cuda.synchronize(self.device)  # no enqueued work may be pending on the engine (IRefitter)
+            self._graphs.clear()  # recaptured on their next run, after the refit
+            return set_engine_weights(self._trt, refitter, weights, self.engine_path, logger.errors)
+
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Check against the built ranges first (RELIABILITY #3): a typed error naming the range,
         # never TensorRT's "no valid profile". The pipeline reports CFG's doubled batch itself.
@@ -157,7 +187,7 @@ class TensorRTBackend:
             caller = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(caller)  # inputs written on the caller's stream are ready
             with torch.cuda.stream(self.stream):
-                inputs = {n: feed[n].to(self.device, self._dtypes[n]).contiguous() for n in self._inputs}
+                inputs = {n: aligned(feed[n].to(self.device, self._dtypes[n]).contiguous()) for n in self._inputs}
                 outputs = self._run_graph(inputs) if self.cuda_graph else self._execute(inputs)
                 for t in inputs.values():
                     t.record_stream(self.stream)  # the engine may still be reading them
@@ -172,16 +202,22 @@ class TensorRTBackend:
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise ShapeOutOfRangeError(f"{self.spec.name}.{name}: shape {tuple(t.shape)} is outside the engine's profile "
                                            f"{self.engine.get_tensor_profile_shape(name, 0)}")
-            ctx.set_tensor_address(name, t.data_ptr())
+            self._set_address(ctx, name, t)
         outputs = {}
         for name in self._outputs:
             shape = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise ArtifactError(f"{self.spec.name}.{name}: TensorRT could not infer the output shape ({shape}) from the inputs")
             out = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-            ctx.set_tensor_address(name, out.data_ptr())
+            self._set_address(ctx, name, out)
             outputs[name] = out
         return outputs
+
+    def _set_address(self, ctx, name: str, t: torch.Tensor) -> None:
+        """set_tensor_address, whose False (unknown name, bad pointer) would otherwise surface only as a failed run."""
+        if not ctx.set_tensor_address(name, t.data_ptr()):
+            raise RuntimeError(f"TensorRT refused the address of {self.spec.name}.{name} (shape {tuple(t.shape)}, "
+                               f"{t.dtype}); see the TensorRT log above")
 
     def _enqueue(self, ctx) -> None:
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
@@ -208,12 +244,14 @@ class TensorRTBackend:
         """A fresh context on the shared graph memory (see the module docstring); None if this TensorRT cannot."""
         trt, engine = self._trt, self.engine
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        size = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", None)
-        if strategy is None or not size:
+        size = getattr(engine, "device_memory_size_v2", getattr(engine, "device_memory_size", None))
+        if strategy is None or size is None:
             return None
         ctx = engine.create_execution_context(strategy.USER_MANAGED)
         if ctx is None:
             return None
+        if not size:  # an engine that needs no scratch memory: nothing to share
+            return ctx
         if self._graph_memory is None:
             # torch's allocator aligns blocks to 512 bytes, more than the 256 TensorRT needs.
             self._graph_memory = torch.empty(size, dtype=torch.uint8, device=self.device)
