@@ -30,6 +30,45 @@ def test_torch_backend_equals_diffusers_ddim_pipeline(uncond_model_dir, eta):
     assert abs(got - want).max() <= 1e-4
 
 
+def test_list_of_generators_equals_diffusers_ddim_pipeline(uncond_model_dir):
+    """diffusers' list of generators: image i's initial noise and eta noise come from generator i."""
+    from diffusers import DDIMPipeline
+
+    def generators(*seeds):
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+    kwargs = dict(eta=0.7, num_inference_steps=10, output_type="np")
+    want = DDIMPipeline.from_pretrained(uncond_model_dir)(batch_size=3, generator=generators(7, 8, 9), **kwargs).images
+    pipe = open_pixel_pipeline(uncond_model_dir, "torch", CPU)
+    got = pipe(num_images=3, generator=generators(7, 8, 9), **kwargs).images
+    assert got.shape == want.shape == (3, 16, 16, 3)
+    assert abs(got - want).max() <= 1e-4
+    alone = pipe(num_images=1, seed=8, **kwargs).images  # image 1 is seed 8's own image
+    assert abs(got[1] - alone[0]).max() <= 1e-4
+    with pytest.raises(DiffrtError, match=r"got a list of 2 generators for a batch of 3 images") as info:
+        pipe(num_images=3, generator=generators(7, 8), num_inference_steps=1)
+    assert "\n" not in str(info.value)
+
+
+def test_randn_draws_each_generator_block_with_its_own_shape():
+    from diffrt.runtime.sampling import GeneratorBlocks, randn
+
+    def g(seed):
+        return torch.Generator("cpu").manual_seed(seed)
+
+    # 75 values a row: CPU randn fills 16 at a time, so one [2, ...] draw is not two [1, ...] draws.
+    cpu, shape = torch.device("cpu"), (5, 3, 5, 5)
+    blocks = randn(shape, GeneratorBlocks(((g(1), 2), (g(2), 3))), cpu, torch.float32)
+    assert torch.equal(blocks, torch.cat([torch.randn(2, 3, 5, 5, generator=g(1)), torch.randn(3, 3, 5, 5, generator=g(2))]))
+    one_by_one = g(1)
+    assert not torch.equal(blocks[:2], torch.cat([torch.randn(1, 3, 5, 5, generator=one_by_one) for _ in range(2)]))
+    rows = randn(shape, [g(s) for s in range(5)], cpu, torch.float32)  # a list: one row each, as diffusers' randn_tensor
+    assert torch.equal(rows, torch.cat([torch.randn(1, 3, 5, 5, generator=g(s)) for s in range(5)]))
+    assert torch.equal(randn(shape, GeneratorBlocks(((g(4), 5),)), cpu, torch.float32), randn(shape, g(4), cpu, torch.float32))
+    with pytest.raises(DiffrtError, match="cover 4 rows but the batch has 5 images"):
+        randn(shape, GeneratorBlocks(((g(1), 4),)), cpu, torch.float32)
+
+
 @pytest.fixture(scope="module")
 def classemb_artifact(classemb_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "classemb"

@@ -160,6 +160,42 @@ def test_torch_equals_img2img_pipeline(t2i_folder, torch_pipe, control_image):
         assert result.num_inference_steps == int(4 * strength)
 
 
+def generators(*seeds) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def test_list_of_generators_equals_stable_diffusion_pipeline(t2i_folder, torch_pipe):
+    """diffusers' list of generators, one per image: each image's x_T and eta noise from its own."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2, eta=0.5, output_type="pt")
+    prompts = ["a red house", "a photo of the cat"]
+    ref = diffusers_pipe(StableDiffusionPipeline, t2i_folder)
+    expected = ref(prompts, generator=generators(1, 2, 3, 4), **kwargs).images
+    result = torch_pipe(prompts, generator=generators(1, 2, 3, 4), **kwargs)
+    assert result.images.shape == expected.shape == (4, 3, 32, 32)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+    alone = torch_pipe(prompts[1], seed=3, **{**kwargs, "num_images_per_prompt": 1}).images  # image 2 is seed 3's own
+    assert max_abs(result.images[2], alone[0]) <= DIFFUSERS_TOL
+    with pytest.raises(DiffrtError, match=r"got a list of 3 generators for a batch of 4 images") as info:
+        torch_pipe(prompts, generator=generators(1, 2, 3), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_list_of_generators_equals_img2img_pipeline(t2i_folder, torch_pipe, control_image):
+    """img2img with one generator per image: each samples its own VAE posterior row, then its own noise."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    kwargs = dict(image=control_image, strength=0.8, num_inference_steps=4, num_images_per_prompt=3, eta=0.3,
+                  guidance_scale=5.0, output_type="pt")
+    expected = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder)("a photo of the cat", generator=generators(5, 6, 7),
+                                                                            **kwargs).images
+    result = torch_pipe("a photo of the cat", generator=generators(5, 6, 7), **kwargs).images
+    assert result.shape == expected.shape == (3, 3, 32, 32)
+    assert max_abs(result, expected) <= DIFFUSERS_TOL
+    assert max_abs(result[0], result[1]) > 1e-2  # each image sampled its own posterior and noise
+
+
 def test_torch_lora_at_generation_equals_diffusers_fuse_lora(t2i_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
 

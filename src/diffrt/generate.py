@@ -93,11 +93,9 @@ def generate(req: GenerateRequest):
         return generate_text_to_image(req, guidance)
     if req.prompt or req.controlnet or req.control_image:
         raise DiffrtError("--prompt/--controlnet need a text-to-image model folder; this is a pixel-space model (use --class-label)")
-    if req.loras:
-        raise DiffrtError("--lora at generation time needs a text-to-image model; bake LoRA into pixel models with `diffrt export --lora`")
     from diffrt.runtime.loading import open_pixel_pipeline
 
-    pipe = open_pixel_pipeline(req.model, req.backend, req.device, strict=req.strict, cuda_graph=req.cuda_graph)
+    pipe = open_pixel_pipeline(req.model, req.backend, req.device, loras=req.loras, strict=req.strict, cuda_graph=req.cuda_graph)
     labels = None
     if pipe.info.conditioning != "none":
         labels = torch.arange(pipe.info.num_classes) if req.class_label is None else torch.tensor([req.class_label])

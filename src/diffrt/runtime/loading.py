@@ -8,6 +8,7 @@ This is the one place that knows which backend runs a component; the pipeline on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,7 @@ from diffrt.export import manifest as mf
 from diffrt.models import SHIPPED_DIGITS, PixelModel, PixelModelInfo, load_pixel_model, require_model_dir
 from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
+from diffrt.runtime.lora_scale import BakedLora, EngineLora, RuntimeLora, TorchLora, scaled
 from diffrt.runtime.pipeline import PixelPipeline
 
 log = logging.getLogger(__name__)
@@ -32,14 +34,17 @@ def is_artifact(folder: Path) -> bool:
     return (folder / mf.MANIFEST).is_file()
 
 
-def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", compile: bool = False) -> PixelPipeline:
+def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", compile: bool = False,
+                         loras: Sequence[tuple[str | Path, float]] = ()) -> PixelPipeline:
+    """The UNet in eager PyTorch (or torch.compile), LoRA files fused in (at a strength `set_lora_scale` changes)."""
     from diffrt.runtime.backends.torch_eager import TorchBackend
 
     spec = pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
                            num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096))
     backend = TorchBackend(model.unet, spec, device=device, compile=compile)
+    lora = TorchLora({"unet": model.unet.unet}, loras) if loras else None  # after the move to the device
     return PixelPipeline(backend, model.scheduler, model.info, channels=model.unet.out_channels,
-                         sample_size=model.unet.sample_size, torch_unet=model.unet)
+                         sample_size=model.unet.sample_size, torch_unet=model.unet, lora=lora)
 
 
 def read_artifact(folder: Path, kind: str, verify: bool = True) -> dict:
@@ -103,15 +108,42 @@ def manifest_loras(manifest: dict) -> list[tuple[str, float]]:
     return loras
 
 
-def load_pixel_source(manifest: dict) -> PixelModel:
-    """The artifact's source model with the artifact's LoRA fused in: the same weights in PyTorch."""
+def check_artifact_loras(folder: Path, manifest: dict, loras: Sequence[tuple[str | Path, float]]) -> None:
+    """An artifact runs with the LoRA it was exported (or refit) with: naming other files or scales is an error."""
+    from diffrt.export.artifact import lora_state
+
+    if loras and [(atomic.sha256_file(p), float(s)) for p, s in loras] != lora_state(manifest["loras"]):
+        raise ArtifactError(f"{folder} has LoRA baked in at export ({describe_loras(manifest['loras'])}); other LoRAs need a "
+                            "re-export with --lora (or `diffrt refit` for TensorRT engines)")
+
+
+def load_pixel_source(manifest: dict, lora_scale: float = 1.0) -> PixelModel:
+    """The artifact's source model with the artifact's LoRA fused in (at `lora_scale` times its
+    scales): the same weights in PyTorch."""
     model = load_pixel_model(check_source(manifest))
     loras = manifest_loras(manifest)
     if loras:
         from diffrt.export.lora import fuse_loras, read_lora
 
-        fuse_loras({"unet": model.unet.unet}, [(read_lora(p), s) for p, s in loras])
+        fuse_loras({"unet": model.unet.unet}, [(read_lora(p), s) for p, s in scaled(loras, lora_scale)])
     return model
+
+
+def artifact_lora(folder: Path, manifest: dict, backend: str, components: dict) -> RuntimeLora | None:
+    """What can change the strength of an artifact's LoRA (lora_scale.py), given its running
+    `components` by name: TensorRT engines refit from base weights, when the ONNX holds the base;
+    otherwise the LoRA is part of the graph's constants. None when it has no LoRA."""
+    if not manifest["loras"]:
+        return None
+    if backend == "tensorrt" and not manifest.get("onnx_loras", manifest["loras"]):
+        from diffrt.export.refit import LORA_COMPONENTS
+
+        engines = {name: c for name, c in components.items() if name in LORA_COMPONENTS}
+        return EngineLora(folder, engines, lambda: manifest_loras(manifest))
+    fix = ("export with --backend tensorrt and no --lora, then `diffrt refit --lora`, for engines that change it, "
+           "or run the source with --backend torch")
+    return BakedLora(f"this artifact's LoRA ({describe_loras(manifest['loras'])}) is baked into its {backend} graphs at "
+                     f"export; {fix}")
 
 
 def check_onnx_weights(folder: Path, manifest: dict) -> None:
@@ -162,30 +194,39 @@ def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.devi
     info = PixelModelInfo(**pipe["info"])
     # The PyTorch fallback for guidance "through_unet", loaded (onto the pipeline's device) only if
     # such guidance runs, from a source that still hashes as at export, with the artifact's LoRA.
-    torch_unet = lambda: load_pixel_source(manifest).unet  # noqa: E731
+    lora = artifact_lora(folder, manifest, backend, {"unet": unet})
+    torch_unet = lambda: load_pixel_source(manifest, lora.scale if lora is not None else 1.0).unet  # noqa: E731
     return PixelPipeline(unet, DDIMConfig.from_scheduler_config(pipe["scheduler"]), info, channels=pipe["channels"],
-                         sample_size=pipe["sample_size"], torch_unet=torch_unet, unet_precision=component_precision(manifest, "unet"))
+                         sample_size=pipe["sample_size"], torch_unet=torch_unet, unet_precision=component_precision(manifest, "unet"),
+                         lora=lora)
 
 
 def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device: str | torch.device | None = None,
-                        export_options=None, *, strict: bool = False, cuda_graph: bool = False) -> PixelPipeline:
+                        export_options=None, *, loras: Sequence[tuple[str | Path, float]] = (), strict: bool = False,
+                        cuda_graph: bool = False) -> PixelPipeline:
     """The pipeline for `diffrt generate/demo/serve` and library users. `device` None: CUDA when
-    available (resolve_device); `strict`: any fallback is an error; `cuda_graph`: TensorRT only."""
+    available (resolve_device); `loras` [(file, scale)]: fused at open (PyTorch) or baked in by the
+    export (an artifact must have been exported with them); `strict`: any fallback is an error;
+    `cuda_graph`: TensorRT only."""
     require_backend(backend)
     device = resolve_device(device, backend)
     folder = Path(model) if model is not None else SHIPPED_DIGITS
+    torch_backend = backend in ("torch", "torch-compile")
     if is_artifact(folder):
-        if backend in ("torch", "torch-compile"):
+        manifest = read_artifact(folder, "pixel", verify=False)  # artifact_pixel_pipeline verifies the files it runs
+        check_artifact_loras(folder, manifest, loras)
+        if torch_backend:
             refuse_source_fallback(folder, backend, strict)
-            model = load_pixel_source(read_artifact(folder, "pixel", verify=False))
-            return torch_pixel_pipeline(model, device, compile=backend == "torch-compile")
+            return torch_pixel_pipeline(load_pixel_model(check_source(manifest)), device, compile=backend == "torch-compile",
+                                        loras=manifest_loras(manifest))
         return artifact_pixel_pipeline(folder, backend, device, strict=strict, cuda_graph=cuda_graph)
     require_model_dir(folder)
-    if backend in ("torch", "torch-compile"):
-        return torch_pixel_pipeline(load_pixel_model(folder), device, compile=backend == "torch-compile")
+    if torch_backend:
+        return torch_pixel_pipeline(load_pixel_model(folder), device, compile=backend == "torch-compile", loras=loras)
     from diffrt.export.artifact import ExportOptions, default_artifact_dir, export_pixel_model
 
-    options = export_options or ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx")
+    options = dataclasses.replace(export_options or ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx"),
+                                  loras=[(str(p), float(s)) for p, s in loras])
     out = default_artifact_dir(folder, options)
     result = export_pixel_model(folder, out, options)
     log.info("%s export %s", "reused" if result.cache_hit else "made", out)

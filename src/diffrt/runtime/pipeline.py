@@ -2,7 +2,9 @@
 
 Arguments follow diffusers (`num_inference_steps`, `guidance_scale`, `eta`, `generator`,
 `output_type`); a seed means what it means there: `torch.Generator("cpu").manual_seed(seed)`
-draws the initial noise, so a seed gives the same images as diffusers' DDIMPipeline.
+draws the initial noise, so a seed gives the same images as diffusers' DDIMPipeline. As there,
+`generator` may be a list with one generator per image: each image's initial noise and eta noise
+come from its own generator (sampling.randn).
 Classifier-free guidance for class labels runs the null label and the requested labels in
 one 2B batch.
 """
@@ -22,7 +24,8 @@ from diffrt.runtime import ddim
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
-from diffrt.runtime.sampling import SamplerOptions, check_finite, randn, sample_ddim
+from diffrt.runtime.lora_scale import RuntimeLora, no_lora_message
+from diffrt.runtime.sampling import Generators, SamplerOptions, check_finite, check_generators, randn, sample_ddim
 
 OutputType = Literal["pil", "np", "pt"]
 
@@ -52,7 +55,7 @@ def convert_output(images01: torch.Tensor, output_type: OutputType):
     raise DiffrtError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
 
 
-def make_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+def make_generator(generator: Generators, seed: int | None) -> Generators:
     if generator is not None and seed is not None:
         raise DiffrtError("pass either generator or seed, not both")
     return torch.Generator("cpu").manual_seed(seed) if seed is not None else generator
@@ -68,6 +71,38 @@ class DenoiserPipeline:
     unet: Backend
     unet_precision: str = "fp32"  # the precision the UNet's engine was built at: sets the eps agreement limit
     _torch: dict[str, TorchModule]
+    lora: RuntimeLora | None = None  # the LoRA it runs, whose strength set_lora_scale changes (lora_scale.py)
+
+    def _set_lora(self, lora: RuntimeLora | None, torch_unet: TorchModule) -> None:
+        """A PyTorch UNet fallback given as a loader loads the LoRA at the scale then in effect, so
+        it is loaded again after the scale changes; one given as a module is the module that runs,
+        which the LoRA rescales in place."""
+        self.lora = lora
+        reload = lora is not None and torch_unet is not None and not isinstance(torch_unet, torch.nn.Module)
+        self._lora_fallbacks = {"unet": torch_unet} if reload else {}
+
+    @property
+    def lora_scale(self) -> float:
+        """The multiplier on the opened LoRA scales now in effect (1.0 without LoRA)."""
+        return self.lora.scale if self.lora is not None else 1.0
+
+    def check_lora_scale(self, scale: float) -> None:
+        """Raise DiffrtError (one line) if the pipeline cannot run at `scale`; 1.0 is always accepted."""
+        if self.lora is not None:
+            self.lora.check(scale)
+        elif scale != 1.0:
+            raise DiffrtError(f"lora_scale {scale:g}: {no_lora_message('this model')}")
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Run the LoRA at `scale` times the scales it was opened with, as diffusers' `lora_scale`:
+        0 is the base model, 1.0 the LoRA as opened. Changes weights (re-fuse or refit), so callers
+        that batch requests change it between batches."""
+        self.check_lora_scale(scale)
+        if self.lora is None or scale == self.lora.scale:
+            return
+        self.lora.set_scale(scale)
+        for name, loader in self._lora_fallbacks.items():
+            self._torch[name] = loader  # loaded again, at the new scale, on next use
 
     def backends(self) -> dict[str, Backend]:
         """Each component's backend, by component name."""
@@ -87,6 +122,7 @@ class DenoiserPipeline:
         the session uses (not those asked for), and whether TensorRT replays captured CUDA graphs."""
         backends = self.backends()
         return {"components": {name: b.name for name, b in backends.items()},
+                **({"lora_scale": self.lora.scale} if self.lora is not None else {}),
                 "providers": {name: list(b.providers) for name, b in backends.items() if getattr(b, "providers", None) is not None},
                 "cuda_graph": any(getattr(b, "replays_graphs", False) for b in backends.values())}
 
@@ -104,7 +140,7 @@ class PixelPipeline(DenoiserPipeline):
 
     def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
                  channels: int, sample_size: int, torch_unet: TorchModule = None,
-                 check_outputs: bool = True, unet_precision: str = "fp32"):
+                 check_outputs: bool = True, unet_precision: str = "fp32", lora: RuntimeLora | None = None):
         self.unet = unet
         self.unet_precision = unet_precision
         self.scheduler = scheduler
@@ -112,11 +148,12 @@ class PixelPipeline(DenoiserPipeline):
         self.channels = channels
         self.sample_size = sample_size
         self._torch = {"unet": torch_unet}  # for guidance mode "through_unet"
+        self._set_lora(lora, torch_unet)
         self.check_outputs = check_outputs
 
     def __call__(self, class_labels: list[int] | torch.Tensor | int | None = None, *, num_images: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
-                 generator: torch.Generator | None = None, seed: int | None = None, guidance: tuple[Guidance, ...] | list = (),
+                 generator: Generators = None, seed: int | None = None, guidance: tuple[Guidance, ...] | list = (),
                  height: int | None = None, width: int | None = None, output_type: OutputType = "pil",
                  use_fused_kernel: bool = True, progress=None, latents: torch.Tensor | None = None) -> GenerationResult:
         # 1. Check inputs before any work.
@@ -132,6 +169,7 @@ class PixelPipeline(DenoiserPipeline):
         spec.check_size("height", height, what=f"height {height}")
         spec.check_size("width", width, what=f"width {width}")
         generator = make_generator(generator, seed)
+        check_generators(generator, batch)
         schedule = ddim.make_schedule(self.scheduler, num_inference_steps)
         t0 = time.perf_counter()
 

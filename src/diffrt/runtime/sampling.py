@@ -6,6 +6,9 @@ when classifier-free guidance is off. It never learns which backend computed the
     1. predict noise (both CFG branches in one 2B batch, inside `denoise`);
     2. on guided steps, move x_t down the gradient of the guidance losses (guidance.py);
     3. take the DDIM step (ddim.py), fused with the CFG combine on CUDA (kernels/).
+
+With eta > 0, step 3 draws fresh noise with `randn` from `options.generator`: one generator for
+the batch, one per image (diffusers' list), or blocks of rows each from its own (GeneratorBlocks).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from diffrt.errors import NonFiniteOutputError
+from diffrt.errors import DiffrtError, NonFiniteOutputError
 from diffrt.runtime import ddim
 from diffrt.runtime.guidance import Guidance
 
@@ -28,11 +31,53 @@ def combine_cfg(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, scale: 
     return eps_cond if eps_uncond is None else eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def randn(shape, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+@dataclass(frozen=True)
+class GeneratorBlocks:
+    """Rows drawn in blocks, each from its own generator: rows 0..n1-1 from g1, the next n2 from g2, ...
+
+    `randn` draws each block with the block's own shape [n_i, ...], so a block of n rows from g is
+    exactly what g draws for [n, ...] alone. A server that batches requests gives each request's
+    rows its generator, and every draw (x_T, each step's eta noise) is the one the request makes
+    alone (serve/batching.py). diffusers' list of generators is the case of blocks of one row."""
+
+    blocks: tuple[tuple[torch.Generator, int], ...]
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for _, n in self.blocks):
+            raise DiffrtError(f"generator blocks must have at least one row each, got {[n for _, n in self.blocks]}")
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.blocks)
+
+
+# One generator for the whole batch, one per image (diffusers' list), or blocks of rows (GeneratorBlocks).
+Generators = torch.Generator | list[torch.Generator] | GeneratorBlocks | None
+
+
+def check_generators(generator: Generators, batch: int) -> None:
+    """A list (or blocks) of generators must cover the batch, one row each: a one-line DiffrtError otherwise."""
+    if isinstance(generator, GeneratorBlocks) and generator.rows != batch:
+        raise DiffrtError(f"generator: the generator blocks cover {generator.rows} rows but the batch has {batch} images; "
+                          "make the blocks' rows add up to the batch")
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise DiffrtError(f"generator: got a list of {len(generator)} generators for a batch of {batch} images; "
+                          "pass one generator, or a list with one per image")
+
+
+def randn(shape, generator: Generators, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Draw on the generator's device, then move: a seed means the same noise on every device,
-    as with diffusers' `randn_tensor` and a CPU generator."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    as with diffusers' `randn_tensor` and a CPU generator. With a list of generators, row i is
+    drawn from generator i with shape [1, ...], as `randn_tensor` draws it; with GeneratorBlocks,
+    each block with its own shape [n_i, ...]."""
+    if isinstance(generator, (list, tuple)):
+        generator = generator[0] if len(generator) == 1 else GeneratorBlocks(tuple((g, 1) for g in generator))
+    if not isinstance(generator, GeneratorBlocks):
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    check_generators(generator, shape[0])
+    rest = tuple(shape[1:])
+    return torch.cat([torch.randn((n, *rest), generator=g, device=g.device, dtype=dtype).to(device) for g, n in generator.blocks])
 
 
 def check_finite(tensor: torch.Tensor, component: str) -> torch.Tensor:
@@ -47,7 +92,7 @@ def check_finite(tensor: torch.Tensor, component: str) -> torch.Tensor:
 class SamplerOptions:
     guidance_scale: float = 1.0
     eta: float = 0.0
-    generator: torch.Generator | None = None
+    generator: Generators = None  # one for the batch, one per image, or GeneratorBlocks
     guidance: tuple[Guidance, ...] = ()
     decode: Decode | None = None  # needed when guidance is on
     denoise_autograd: Denoise | None = None  # a PyTorch denoiser for guidance mode "through_unet"

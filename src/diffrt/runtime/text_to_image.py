@@ -3,7 +3,9 @@
 Arguments and results follow diffusers' StableDiffusionPipeline, StableDiffusionControlNetPipeline
 and StableDiffusionImg2ImgPipeline, and so do the random draws: a seed is
 `torch.Generator("cpu").manual_seed(seed)`, which draws, in diffusers' order, the VAE encoder's
-sample (img2img), then the initial noise, then the eta noise of each step. With the torch
+sample (img2img), then the initial noise, then the eta noise of each step. A list with one
+generator per image draws each image's rows from its own generator, as diffusers' `randn_tensor`
+does (img2img then samples one VAE posterior row per image, as diffusers' img2img). With the torch
 backend the images equal diffusers' to float tolerance (tests/test_text_to_image.py). Several
 ControlNets follow StableDiffusionControlNetPipeline with a MultiControlNetModel: `control_image` is
 a list with one entry per ControlNet, `controlnet_conditioning_scale` one float or one per ControlNet.
@@ -31,8 +33,9 @@ from diffrt.runtime import ddim
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
+from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.pipeline import DenoiserPipeline, GenerationResult, TorchModule, OutputType, convert_output, make_generator, to_unit_range_unclamped
-from diffrt.runtime.sampling import SamplerOptions, check_finite, randn, sample_ddim
+from diffrt.runtime.sampling import Generators, SamplerOptions, check_finite, check_generators, randn, sample_ddim
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class TextToImagePipeline(DenoiserPipeline):
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
                  torch_vae: TorchModule = None, torch_unet: TorchModule = None, check_outputs: bool = True,
-                 unet_precision: str = "fp32"):
+                 unet_precision: str = "fp32", lora: RuntimeLora | None = None):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -55,6 +58,7 @@ class TextToImagePipeline(DenoiserPipeline):
         self.default_size = default_size
         self.max_length = max_length or tokenizer.model_max_length
         self._torch = {"vae": torch_vae, "unet": torch_unet}
+        self._set_lora(lora, torch_unet)
         self.check_outputs = check_outputs
         self.unet_precision = unet_precision
 
@@ -77,7 +81,7 @@ class TextToImagePipeline(DenoiserPipeline):
     def __call__(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
-                 generator: torch.Generator | None = None, seed: int | None = None,
+                 generator: Generators = None, seed: int | None = None,
                  image: Any = None, strength: float = 0.8,
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] = 1.0,
                  guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
@@ -100,6 +104,7 @@ class TextToImagePipeline(DenoiserPipeline):
         batch, do_cfg = len(prompts) * num_images_per_prompt, guidance_scale > 1.0
         self._check_batch(len(prompts), batch, do_cfg)
         generator = make_generator(generator, seed)
+        check_generators(generator, batch)
         schedule = ddim.make_schedule(self.scheduler, num_inference_steps)
         if init is not None:
             schedule = _img2img_schedule(schedule, num_inference_steps, strength)
@@ -171,7 +176,7 @@ class TextToImagePipeline(DenoiserPipeline):
         step = f * spec.multiple_of.get("height", 1)
         for name, size in (("height", height), ("width", width)):
             if size % step:
-                why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else f"the VAE's downsampling factor"
+                why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else "the VAE's downsampling factor"
                 raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {max(step, size // step * step)}")
             lo, _, hi = spec.ranges[name]
             if not lo * f <= size <= hi * f:
@@ -201,16 +206,21 @@ class TextToImagePipeline(DenoiserPipeline):
             truncated.append(removed)
         return ids, truncated
 
-    def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule: ddim.DDIMSchedule, generator) -> torch.Tensor:
-        """img2img: sample the VAE posterior, scale, repeat to the batch, noise to the first timestep."""
+    def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule: ddim.DDIMSchedule, generator: Generators) -> torch.Tensor:
+        """img2img: sample the VAE posterior, scale, repeat to the batch, noise to the first timestep.
+        With one generator per image (a list, or GeneratorBlocks) the init images are repeated to the
+        batch first, so each image samples its own posterior row, as diffusers' img2img does."""
+        if batch % init.shape[0]:
+            raise DiffrtError(f"{init.shape[0]} init images cannot be spread over {batch} images; pass 1 or {batch}")
+        per_image = generator is not None and not isinstance(generator, torch.Generator)
+        if per_image:
+            init = torch.cat([init] * (batch // init.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
         vae = self.torch_module("vae", "image-to-image")
         param = next(vae.parameters())
         with torch.no_grad():
             posterior = vae.encode((init * 2 - 1).to(param.device, param.dtype)).latent_dist
             sample = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, posterior.mean.device, posterior.mean.dtype)
         latents = self._check("vae_encoder", (self.vae_scaling_factor * sample).to(self.device, torch.float32))
-        if batch % latents.shape[0]:
-            raise DiffrtError(f"{latents.shape[0]} init images cannot be spread over {batch} images; pass 1 or {batch}")
         latents = torch.cat([latents] * (batch // latents.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
         noise = randn(latents.shape, generator, self.device, torch.float32)
         return ddim.add_noise(latents, noise, schedule.alphas_cumprod[schedule.timesteps[0]])

@@ -3,8 +3,10 @@ on the backend asked for. The text-to-image counterpart of loading.py: the one p
 which backend runs each component.
 
 LoRA: on the torch backend LoRA files are fused into the PyTorch UNet and text encoder when the
-pipeline opens; an exported artifact has its LoRA baked in at export, so asking for other LoRAs
-there is an error (re-export, or `diffrt refit` TensorRT engines). The PyTorch fallbacks of an
+pipeline opens; an exported artifact has its LoRA baked in at export (ONNX) or refit into its
+engines (TensorRT), so asking for other LoRAs there is an error (re-export, or `diffrt refit`).
+`set_lora_scale` changes the strength of the LoRA that runs where the weights allow it
+(lora_scale.py): PyTorch re-fuses, refit engines refit again, ONNX graphs keep theirs. The PyTorch fallbacks of an
 artifact (VAE for guidance and img2img, UNet for "through_unet") are loaded from the source folder
 on first use, after checking its hashes, with the same LoRA files at the same scales (RELIABILITY #16).
 
@@ -26,8 +28,9 @@ from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
 from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
-from diffrt.runtime.loading import (check_source, component_precision, describe_loras, manifest_loras, open_component,
-                                    read_artifact, refuse_source_fallback)
+from diffrt.runtime.loading import (artifact_lora, check_artifact_loras, check_source, component_precision, manifest_loras,
+                                    open_component, read_artifact, refuse_source_fallback)
+from diffrt.runtime.lora_scale import TorchLora, scaled
 from diffrt.runtime.text_to_image import TextToImagePipeline
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, controlnet_paths, load_controlnets,
                                          load_text_to_image, load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
@@ -38,13 +41,6 @@ OPEN_BATCH = (1, 8, 1 << 16)  # eager PyTorch takes any batch
 OPEN_SIZE = 1 << 14  # and any image side up to this, in pixels
 Loras = Sequence[tuple[str | Path, float]]
 ControlNets = str | Path | Sequence[str | Path] | None  # one folder, or several in order (MultiControlNetModel)
-
-
-def _fuse(model: TextToImageModel, loras: Loras) -> None:
-    if loras:
-        from diffrt.export.lora import fuse_loras, read_lora
-
-        fuse_loras({"unet": model.unet, "text_encoder": model.text_encoder}, [(read_lora(p), float(s)) for p, s in loras])
 
 
 def _fuse_unet_only(unet, loras: Loras) -> None:
@@ -59,19 +55,21 @@ def _fuse_unet_only(unet, loras: Loras) -> None:
 
 def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.device = "cpu", compile: bool = False,
                                  loras: Loras = ()) -> TextToImagePipeline:
-    """Every component in eager PyTorch (or torch.compile), LoRA files fused into the UNet and text encoder."""
+    """Every component in eager PyTorch (or torch.compile), LoRA files fused into the UNet and text
+    encoder (at a strength `set_lora_scale` changes)."""
     from diffrt.runtime.backends.torch_eager import TorchBackend
 
-    _fuse(model, loras)
     m = model.image_multiple
     names = ["text_encoder", "unet_controlnet" if model.controlnet is not None else "unet", "vae_decoder"]
     size = (m, max(m, model.default_size // m * m), OPEN_SIZE // m * m)
     # Any multiple of the VAE's factor, as diffusers' pipelines allow: eager PyTorch needs no more.
     specs = component_specs(model, names, batch=OPEN_BATCH, height=size, width=size, multiple=1)
     text_encoder, unet, vae_decoder = (TorchBackend(model.module(n), specs[n], device=device, compile=compile) for n in names)
+    # After the backends moved the modules to their device: the LoRA keeps the base of the weights that run.
+    lora = TorchLora({"unet": model.unet, "text_encoder": model.text_encoder}, loras) if loras else None
     return TextToImagePipeline(text_encoder, unet, vae_decoder, model.tokenizer, model.scheduler,
                                vae_scaling_factor=float(model.vae.config.scaling_factor), vae_factor=model.vae_factor,
-                               default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module)
+                               default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module, lora=lora)
 
 
 def _controlnet_folders(manifest: dict) -> list[Path]:
@@ -90,12 +88,9 @@ def _controlnet_parts(manifest: dict) -> list[str]:
 
 def _check_requests(folder: Path, manifest: dict, loras: Loras, controlnet: ControlNets) -> None:
     """An artifact runs with the LoRA and ControlNets it was exported with: anything else is an error."""
-    from diffrt.export.artifact import lora_state
     from diffrt.export.text_to_image import exported_controlnets
 
-    if loras and [(atomic.sha256_file(p), float(s)) for p, s in loras] != lora_state(manifest["loras"]):
-        raise ArtifactError(f"{folder} has LoRA baked in at export ({describe_loras(manifest['loras'])}); other LoRAs need a "
-                            "re-export with --lora (or `diffrt refit` for TensorRT engines)")
+    check_artifact_loras(folder, manifest, loras)
     asked = controlnet_paths(controlnet)
     if asked:
         exported = exported_controlnets(manifest)
@@ -130,6 +125,7 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
     unet_name = pipe["unet"]
     text_encoder, unet, vae_decoder = (open_component(folder, manifest, n, backend, device, strict=strict, cuda_graph=cuda_graph)
                                        for n in ("text_encoder", unet_name, "vae_decoder"))
+    lora = artifact_lora(folder, manifest, backend, {"text_encoder": text_encoder, unet_name: unet})
 
     # The PyTorch fallbacks, loaded on first use; the pipeline moves them to its device.
     def torch_vae():
@@ -140,13 +136,14 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
 
         fused = unet_name == "unet_controlnet"
         base = load_unet(check_source(manifest, ["unet", *_controlnet_parts(manifest)] if fused else ["unet"]))
-        _fuse_unet_only(base, manifest_loras(manifest))
+        _fuse_unet_only(base, scaled(manifest_loras(manifest), lora.scale if lora is not None else 1.0))
         return UNetControlNet(base, load_controlnets(_controlnet_folders(manifest))) if fused else LatentUNet(base)
 
     return TextToImagePipeline(text_encoder, unet, vae_decoder, load_tokenizer(folder / pipe["tokenizer"]["folder"]),
                                DDIMConfig.from_scheduler_config(pipe["scheduler"]), vae_scaling_factor=pipe["vae_scaling_factor"],
                                vae_factor=pipe["vae_factor"], default_size=pipe["default_size"], max_length=pipe["max_length"],
-                               torch_vae=torch_vae, torch_unet=torch_unet, unet_precision=component_precision(manifest, unet_name))
+                               torch_vae=torch_vae, torch_unet=torch_unet, unet_precision=component_precision(manifest, unet_name),
+                               lora=lora)
 
 
 def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device | None = None,

@@ -1,0 +1,161 @@
+"""The strength of a pipeline's LoRA, changed while it runs: diffusers' `lora_scale`.
+
+A pipeline opened with LoRA files [(file, scale_i)] runs them at `lora_scale * scale_i`; 1.0 is
+what it was opened with. Each backend changes it its own way, and always from the base weights,
+so that changing it back and forth never accumulates (RELIABILITY #8):
+
+- PyTorch (`TorchLora`): the LoRA-patched weights' base values are kept; setting a scale copies
+  them back and fuses the LoRA files at the new scales, the same arithmetic as fusing them at
+  open, so scale s gives bit for bit the weights of opening with `--lora FILE:s*scale_i`.
+- TensorRT (`EngineLora`): engines exported with base weights take the LoRA by refit (the
+  artifact's ONNX initialisers plus the deltas at the new scales), in memory, without a rebuild.
+- ONNX Runtime, or engines built from an ONNX with the LoRA baked in (`BakedLora`): the weights
+  are constants of the graph; only the scale they were made with (1.0) is accepted, and any
+  other is refused in one line naming what would allow it.
+
+Changing the scale is not free (a re-fuse in PyTorch, a refit of every LoRA engine), so the
+service groups requests by `lora_scale` and changes it between batches, never inside one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from diffrt.errors import DiffrtError
+
+log = logging.getLogger(__name__)
+
+Loras = Sequence[tuple[str | Path, float]]  # (file, scale) as opened
+
+
+class RuntimeLora(Protocol):
+    scale: float  # the multiplier now in effect; 1.0: the scales the pipeline was opened with
+
+    def check(self, scale: float) -> None:
+        """Raise DiffrtError (one line) if this pipeline cannot run its LoRA at `scale`."""
+
+    def set_scale(self, scale: float) -> None: ...
+
+
+def scaled(loras: Loras, scale: float) -> list[tuple[str | Path, float]]:
+    """The LoRA files at `scale` times their opened scales."""
+    return [(path, scale * float(s)) for path, s in loras]
+
+
+def check_scale_value(scale: float) -> None:
+    if not (isinstance(scale, (int, float)) and 0.0 <= scale < float("inf")):
+        raise DiffrtError(f"lora_scale must be a finite number >= 0, got {scale!r}")
+
+
+class TorchLora:
+    """LoRA fused into PyTorch modules, re-fusable at another strength from the saved base weights.
+
+    `modules` maps LoRA component names ("unet", "text_encoder") to the modules that run; only the
+    weights the LoRA patches are saved (for Stable Diffusion, the attention projections)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], loras: Loras):
+        from diffrt.export.lora import lora_deltas, read_lora
+
+        self.modules = dict(modules)
+        self.files = [(read_lora(path), float(s)) for path, s in loras]
+        # Checks every file against the model (an unmatched key raises) before any weight changes.
+        states = {c: m.state_dict() for c, m in self.modules.items()}
+        targets = lora_deltas(states, self.files)
+        with torch.no_grad():
+            self._base = [(states[c][p], states[c][p].detach().clone()) for c, params in targets.items() for p in params]
+        self.scale = 0.0  # the weights are the base weights until the first fuse
+        self.set_scale(1.0)
+
+    def check(self, scale: float) -> None:
+        check_scale_value(scale)
+
+    @torch.no_grad()
+    def set_scale(self, scale: float) -> None:
+        from diffrt.export.lora import fuse_loras
+
+        self.check(scale)
+        if scale == self.scale:
+            return
+        for weight, base in self._base:
+            weight.copy_(base)
+        fuse_loras(self.modules, [(f, scale * s) for f, s in self.files])
+        self.scale = float(scale)
+
+
+class BakedLora:
+    """LoRA that is part of the compiled weights (an ONNX graph's constants): fixed at scale 1.0."""
+
+    def __init__(self, why: str):
+        self.why = why
+        self.scale = 1.0
+
+    def check(self, scale: float) -> None:
+        check_scale_value(scale)
+        if scale != 1.0:
+            raise DiffrtError(f"lora_scale {scale:g}: {self.why}")
+
+    def set_scale(self, scale: float) -> None:
+        self.check(scale)
+
+
+class EngineLora:
+    """LoRA refit into running TensorRT engines at a new strength, from the artifact's base weights.
+
+    `engines` maps artifact component names (those of refit.LORA_COMPONENTS) to their running
+    TensorRTBackend; `loras()` gives the artifact's LoRA files at the scales its manifest records,
+    read (and hash-checked) only when a scale other than 1.0 is first asked for."""
+
+    def __init__(self, folder: Path, engines: Mapping[str, object], loras: Callable[[], Loras]):
+        self.folder = folder
+        self.engines = dict(engines)
+        self._loras = loras
+        self._prepared: tuple[list, dict] | None = None
+        self.scale = 1.0  # the engines hold the manifest's LoRA
+
+    def _prepare(self) -> tuple[list, dict]:
+        """The LoRA files and each engine's weight map, read once."""
+        if self._prepared is None:
+            from diffrt.export.lora import read_lora
+            from diffrt.export.refit import read_weight_map
+
+            files = [(read_lora(path), float(s)) for path, s in self._loras()]
+            maps = {name: read_weight_map(self.folder / name / "model.onnx") for name in self.engines}
+            missing = [name for name, m in maps.items() if m is None]
+            if missing:  # `diffrt refit` writes them when it sets an artifact's LoRA
+                raise DiffrtError(f"{self.folder} has no weight map for {', '.join(missing)}; run `diffrt refit {self.folder} "
+                                  "--lora FILE:SCALE` once to change its LoRA's strength")
+            self._prepared = files, maps
+        return self._prepared
+
+    def check(self, scale: float) -> None:
+        check_scale_value(scale)
+        if scale != self.scale:
+            self._prepare()
+
+    def set_scale(self, scale: float) -> None:
+        from diffrt.export.refit import refit_weights
+
+        self.check(scale)
+        if scale == self.scale:
+            return
+        files, maps = self._prepare()
+        files = [(f, scale * s) for f, s in files]
+        # Every engine's weights first (CPU; raises before any engine changes), then the refits.
+        plans = {name: refit_weights(self.folder / name / "model.onnx", maps[name], files) for name in self.engines}
+        try:
+            for name, engine in self.engines.items():
+                engine.refit(plans[name])
+        except BaseException:
+            self.scale = float("nan")  # engines at mixed strengths: the next set_scale refits them all
+            raise
+        log.info("refit %s at lora_scale %g", ", ".join(self.engines), scale)
+        self.scale = float(scale)
+
+
+def no_lora_message(what: str) -> str:
+    return f"{what} runs no LoRA; open it with --lora FILE[:SCALE] (or export one with it) to scale one"
