@@ -85,9 +85,12 @@ def test_serve_flags_reach_the_service_config(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(app, "serve", lambda config: seen.setdefault("config", config))
-    assert main(["serve", "--backend", "tensorrt", "--device", "cuda", "--strict", "--no-cuda-graph"]) == 0
+    assert main(["serve", "--backend", "tensorrt", "--device", "cuda", "--strict", "--no-cuda-graph",
+                 "--lora", "a.safetensors:0.8", "--lora", "b.safetensors"]) == 0
     config = seen["config"]
     assert (config.backend, config.device, config.strict, config.cuda_graph) == ("tensorrt", "cuda", True, False)
+    assert config.loras == [("a.safetensors", 0.8), ("b.safetensors", 1.0)]
+    assert config.runtime_config().loras == config.loras
     seen.clear()
-    assert main(["serve"]) == 0  # defaults: auto device, fallbacks allowed, graphs on
-    assert (seen["config"].device, seen["config"].strict, seen["config"].cuda_graph) == (None, False, True)
+    assert main(["serve"]) == 0  # defaults: auto device, fallbacks allowed, graphs on, no LoRA
+    assert (seen["config"].device, seen["config"].strict, seen["config"].cuda_graph, seen["config"].loras) == (None, False, True, [])

@@ -6,6 +6,8 @@ backend `diffrt serve` uses by default, and talk to it with httpx:
 * an image over HTTP has the pixels `diffrt generate` writes for the same seed and settings;
 * under load (60 requests from 8 client threads) every answer is its own seed's solo image or
   a 429, none is lost, and /metrics counts them all (RELIABILITY #14, #18);
+* requests with eta > 0, or with colour guidance toward different colours at one scale, share a
+  batch, and each answer is still the images `diffrt generate` writes for that request;
 * each kind of bad request gets its 4xx with a message naming the problem, and the server
   keeps serving; the backend that ran is reported (RELIABILITY #15).
 
@@ -31,6 +33,7 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
+import serving  # noqa: E402
 from diffrt.errors import DiffrtError  # noqa: E402
 from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE, GenerateRequest, generate  # noqa: E402
 from diffrt.images import png_bytes  # noqa: E402
@@ -182,7 +185,7 @@ def test_health_ready_openapi(client):
 
 def test_http_pixels_equal_diffrt_generate(client, served_model):
     label = 3
-    # One image: the PNG body, with colour guidance and eta > 0 (the request runs alone).
+    # One image: the PNG body, with colour guidance and eta > 0.
     settings = dict(seed=1234, num_inference_steps=STEPS, guidance_scale=2.5, eta=0.5, color="#ff8800", color_scale=4.0)
     r = client.post("/v1/generate", json={"class_label": label, **settings})
     assert r.status_code == 200, r.text
@@ -245,6 +248,62 @@ def test_load_each_answer_is_its_own_seed(client, server, pipe):
                   model=str(server.config.model or "shipped:digits")) == 1
 
 
+def queued_together(server, client, bodies: list[dict]) -> list[httpx.Response]:
+    """serving.queued_together, held on a request whose guidance scale none of the bodies has."""
+    return serving.queued_together(server, client, bodies, blocker={"class_label": 0, "seed": 0, "guidance_scale": 1.5}, steps=STEPS)
+
+
+def answer_images(response) -> list[np.ndarray]:
+    assert response.status_code == 200, response.text
+    return [pixels(base64.b64decode(image["png_base64"])) for image in response.json()["images"]]
+
+
+def generated(served_model, body: dict) -> list[np.ndarray]:
+    """What `diffrt generate` writes for the request's seed and settings."""
+    fields = {k: v for k, v in body.items() if k != "seed"}
+    ref = generate(GenerateRequest(model=served_model, backend="onnxruntime", device="cpu", num_inference_steps=STEPS,
+                                   seed=body["seed"], **fields))
+    return [pixels(png_bytes(image)) for image in ref.images]
+
+
+def test_eta_requests_share_a_batch_each_with_its_own_noise(server, client, served_model):
+    """eta > 0 with distinct seeds and image counts: one batch, each request's rows of every step's
+    noise drawn from its own seed's generator, so each answer is its `diffrt generate` images."""
+    assert server.runtime.worker.max_batch_size >= 5
+    bodies = [{"class_label": 1, "seed": 70, "eta": 0.6, "num_images": 2}, {"class_label": 2, "seed": 71, "eta": 0.6},
+              {"class_label": 3, "seed": 72, "eta": 0.6, "num_images": 2}, {"class_label": 3, "seed": 72, "eta": 0.3}]
+    before = client.get("/metrics").text
+    responses = queued_together(server, client, bodies)
+    answers = [r.json() for r in responses if r.status_code == 200]
+    assert [a["batch_size"] for a in answers] == [5, 5, 5, 1]  # equal eta shares; another eta runs apart
+    for body, response in zip(bodies, responses):
+        got, want = answer_images(response), generated(served_model, body)
+        assert len(got) == len(want) == body.get("num_images", 1)
+        for image, ref in zip(got, want):
+            np.testing.assert_array_equal(image, ref, err_msg=str(body))
+    assert not np.array_equal(answer_images(responses[2])[0], answer_images(responses[3])[0])  # eta reached the sampler
+    after = client.get("/metrics").text
+    images = metric(after, "diffrt_serve_batch_size_sum") - metric(before, "diffrt_serve_batch_size_sum")
+    batches = metric(after, "diffrt_serve_batch_size_count") - metric(before, "diffrt_serve_batch_size_count")
+    assert (images, batches) == (5 + 1 + 1, 3)  # the eta batch, the other eta, the request that held the worker
+
+
+def test_colour_requests_at_one_scale_share_a_batch(server, client, served_model):
+    """Colour guidance toward different colours at one scale: one batch, each image row pulled
+    toward its own request's colour; a plain request and another scale run apart."""
+    bodies = [{"class_label": 1, "seed": 80, "color": "#ff0000", "color_scale": 4.0},
+              {"class_label": 2, "seed": 81},
+              {"class_label": 2, "seed": 82, "color": "#00ff88", "color_scale": 4.0, "num_images": 2},
+              {"class_label": 3, "seed": 83, "color": "#2040c0", "color_scale": 4.0, "eta": 0.0},
+              {"class_label": 3, "seed": 83, "color": "#2040c0", "color_scale": 8.0}]
+    responses = queued_together(server, client, bodies)
+    assert [r.json()["batch_size"] for r in responses] == [4, 1, 4, 4, 1]
+    for body, response in zip(bodies, responses):
+        for image, ref in zip(answer_images(response), generated(served_model, body), strict=True):
+            np.testing.assert_array_equal(image, ref, err_msg=str(body))
+    assert not np.array_equal(answer_images(responses[3])[0], answer_images(responses[4])[0])  # the scale reached the loss
+
+
 @pytest.mark.parametrize("body, status, names", [
     (b'{"class_label": 1,', 400, "not valid JSON"),
     (b'{"class_label": 1, "num_inference_step": 5}', 422, "num_inference_step: unknown field"),
@@ -253,7 +312,7 @@ def test_load_each_answer_is_its_own_seed(client, server, pipe):
     (b'{"class_label": 1, "num_inference_steps": "5"}', 422, "num_inference_steps"),
     (b'{"class_label": 1, "color": "orange"}', 422, "color"),
     (b'{"class_label": 1, "prompt": "a cat"}', 422, "prompt: the loaded model is a class-conditioned pixel-space model"),
-    (b'{"class_label": 1, "lora_scale": 0.5}', 422, "lora_scale"),
+    (b'{"class_label": 1, "lora_scale": 0.5}', 422, "lora_scale: lora_scale 0.5: this model runs no LoRA"),
     (b'{"class_label": 100}', 422, "class_label: 100 is out of range"),
     (b'{"num_inference_steps": 2}', 422, "class_label: required"),
     (b'{"class_label": 1, "height": 24}', 422, "height"),
@@ -303,13 +362,13 @@ def test_queue_full_is_429_and_timeout_is_504(client, server):
     original, gate = runtime.batcher.run_batch, threading.Event()
     runtime.batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)  # stall the worker
     try:
-        body = {"class_label": 2, "num_inference_steps": 1, "eta": 0.5}  # eta > 0: each runs alone
-        with ThreadPoolExecutor(max_workers=12) as pool:
-            futures = [pool.submit(client.post, "/v1/generate", json={**body, "seed": i}) for i in range(12)]
+        body = {"class_label": 2, "num_inference_steps": 1}
+        with ThreadPoolExecutor(max_workers=12) as pool:  # each its own eta: no two share a batch
+            futures = [pool.submit(client.post, "/v1/generate", json={**body, "seed": i, "eta": 0.5 + i / 100}) for i in range(12)]
             deadline = time.monotonic() + 30
             while runtime.batcher.depth < server.config.max_queue and time.monotonic() < deadline:
                 time.sleep(0.02)
-            refused = client.post("/v1/generate", json={**body, "seed": 99})
+            refused = client.post("/v1/generate", json={**body, "seed": 99, "eta": 0.9})
             gate.set()
             codes = [f.result(60).status_code for f in futures]
         assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
@@ -338,9 +397,9 @@ def test_graceful_shutdown_finishes_in_flight_requests(served_model):
     url = srv.url + "/v1/generate"
     original, gate = srv.runtime.batcher.run_batch, threading.Event()
     srv.runtime.batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)  # hold the first one running
-    body = {"class_label": 1, "num_inference_steps": STEPS, "eta": 0.5}  # eta > 0: one batch each
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = [pool.submit(httpx.post, url, json={**body, "seed": i}, timeout=60) for i in range(3)]
+    body = {"class_label": 1, "num_inference_steps": STEPS}
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each its own eta: one batch each
+        futures = [pool.submit(httpx.post, url, json={**body, "seed": i, "eta": 0.5 + i / 10}, timeout=60) for i in range(3)]
         deadline = time.monotonic() + 30
         while srv.runtime.batcher.depth < 2 and time.monotonic() < deadline:
             time.sleep(0.01)  # one running (held), two queued

@@ -8,8 +8,9 @@ Runtime, with its ControlNet), and httpx talks to it:
 * fields for the other kind of model, or for a ControlNet the model lacks, are 422s naming the
   field, and the server keeps serving;
 * requests that differ only in prompt, negative prompt, seed and num_images (and, with control
-  images of one size and equal scales, control image) share batches, and each answer (images,
-  truncated prompt) is the one that request gets alone (RELIABILITY #18).
+  images of one size and equal scales, control image; with equal eta > 0, each its own per-step
+  noise) share batches, and each answer (images, truncated prompt) is the one that request gets
+  alone (RELIABILITY #18); colour-guided requests run alone.
   ONNX Runtime's CPU kernels are batch-invariant on the tiny model: the start-up probe measures
   batched == alone bit for bit, so "the same" here means the same PNG pixels.
 """
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
+import serving  # noqa: E402
 from diffrt.generate import GenerateRequest, generate  # noqa: E402
 from diffrt.images import png_bytes  # noqa: E402
 from diffrt.serve.app import BackgroundServer, ServeConfig  # noqa: E402
@@ -89,35 +89,8 @@ def answer_pixels(answer: dict) -> list[np.ndarray]:
     return [pixels(base64.b64decode(image["png_base64"])) for image in answer["images"]]
 
 
-def wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def queued_together(server, client, bodies: list[dict]) -> list[httpx.Response]:
-    """POST every body while the worker is held on a first request, so that all of them wait in the
-    queue at once and the batcher groups them as it would under load; JSON answers, in order."""
-    batcher = server.runtime.batcher
-    original, gate = batcher.run_batch, threading.Event()
-    batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)
-
-    def post(body: dict) -> httpx.Response:
-        return client.post("/v1/generate", json={"num_inference_steps": STEPS, **body}, headers={"Accept": "application/json"})
-
-    try:
-        with ThreadPoolExecutor(len(bodies) + 1) as pool:
-            blocker = pool.submit(post, {"prompt": PROMPT, "seed": 0})
-            wait_until(lambda: batcher.in_flight == 1 and batcher.depth == 0, "the first request to hold the worker")
-            futures = [pool.submit(post, body) for body in bodies]
-            wait_until(lambda: batcher.depth == len(bodies), "every request to queue")
-            gate.set()
-            assert blocker.result(timeout=60).status_code == 200
-            return [future.result(timeout=60) for future in futures]
-    finally:
-        gate.set()
-        batcher.run_batch = original
+    return serving.queued_together(server, client, bodies, blocker={"prompt": PROMPT, "seed": 0}, steps=STEPS)
 
 
 def test_ready_describes_a_text_to_image_model(client):
@@ -171,7 +144,7 @@ def test_control_image_and_scale_reach_the_controlnet(client, t2i_artifact, cont
 @pytest.mark.parametrize("fields, field, words", [
     ({"prompt": PROMPT, "class_label": 1}, "class_label", "text-to-image"),
     ({"negative_prompt": "blurry"}, "prompt", "required"),
-    ({"prompt": PROMPT, "lora_scale": 0.5}, "lora_scale", "export"),
+    ({"prompt": PROMPT, "lora_scale": 0.5}, "lora_scale", "runs no LoRA; open it with --lora"),
     ({"prompt": PROMPT, "control_image": "not base64!"}, "control_image", "base64"),
     ({"prompt": PROMPT, "control_image": base64.b64encode(b"not a png").decode()}, "control_image", "not a readable image"),
     ({"prompt": PROMPT, "controlnet_conditioning_scale": 0.5}, "controlnet_conditioning_scale", "control_image"),
@@ -254,6 +227,21 @@ def test_requests_share_batches_and_each_gets_its_own_image(server, client, t2i_
     assert all(0 < a["timings_ms"]["unet_controlnet"] <= a["timings_ms"]["sample"] for a in answers)  # per-stage timings still in place
 
 
+def test_eta_requests_share_batches_and_each_gets_its_own_image(server, client, t2i_artifact):
+    """eta > 0: requests at equal eta share a batch, each drawing its rows of the per-step noise from
+    its own seed's generator; eta 0 and another eta run apart."""
+    bodies = [{"prompt": PROMPT, "seed": 60, "eta": 0.5}, {"prompt": PROMPT, "seed": 61},
+              {"prompt": f"{PROMPT}, again", "seed": 62, "eta": 0.5}, {"prompt": PROMPT, "seed": 60, "eta": 1.0}]
+    responses = queued_together(server, client, bodies)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    answers = [r.json() for r in responses]
+    assert [a["batch_size"] for a in answers] == [2, 1, 2, 1]
+    images = [answer_pixels(answer)[0] for answer in answers]
+    for body, image in zip(bodies, images):
+        np.testing.assert_array_equal(image, generated(t2i_artifact, **body), err_msg=str(body))
+    assert not np.array_equal(images[0], images[3])  # eta reached the sampler
+
+
 def test_a_control_image_request_never_shares_with_plain_ones(server, client, t2i_artifact, control_png):
     path, b64 = control_png
     bodies = [{"prompt": PROMPT, "seed": 40}, {"prompt": PROMPT, "seed": 41, "control_image": b64, "controlnet_conditioning_scale": 0.7},
@@ -313,14 +301,55 @@ def test_requests_with_different_num_images_share_a_batch(t2i_artifact, control_
             np.testing.assert_array_equal(pixels(png), image)
     assert answers[jobs[0].id].truncated["truncated"][0].replace(" ", "").endswith("word59")
     assert answers[jobs[1].id].truncated == {"truncated": [None], "truncated_negative": None}  # no guidance: no negative prompt
-    # What runs alone: per-step noise (eta > 0), colour guidance.
-    for fields in ({"eta": 0.5}, {"color": "#ff0000"}):
-        assert worker.batch_key(worker.plan(GenerateBody(prompt=PROMPT, **fields))) is None, fields
-    # A control image shares only with control images of its size and its scale, never with plain requests.
+
+    # eta > 0 too: each request's rows of every step's noise come from its own seed's generator.
+    bodies = [GenerateBody(prompt=PROMPT, seed=7, num_images=2, eta=0.5, num_inference_steps=STEPS, guidance_scale=1.0),
+              GenerateBody(prompt="another prompt", seed=8, eta=0.5, num_inference_steps=STEPS, guidance_scale=1.0)]
+    plans = [worker.plan(body) for body in bodies]
+    assert worker.batch_key(plans[0]) == worker.batch_key(plans[1]) is not None
+    jobs = [Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60) for plan in plans]
+    answers = worker.run_batch(jobs)
+    for job, body in zip(jobs, bodies):
+        assert answers[job.id].batch_size == 3
+        want = generated_images(t2i_artifact, prompt=body.prompt, seed=body.seed, num_images=body.num_images, eta=0.5,
+                                guidance_scale=1.0)
+        for png, image in zip(answers[job.id].pngs, want, strict=True):
+            np.testing.assert_array_equal(pixels(png), image)
+
     def key(**fields):
         return worker.batch_key(worker.plan(GenerateBody(**{"prompt": PROMPT, **fields})))
+
+    assert key(eta=0.5) is not None and key(eta=0.5) == key(eta=0.5, seed=3) != key(eta=0.3) != key()
+    assert key(color="#ff0000") is None  # colour guidance runs alone: the PyTorch VAE is not batch-invariant
+    # A control image shares only with control images of its size and its scale, never with plain requests.
 
     b64 = control_png[1]
     assert key(control_image=b64) is not None and key(control_image=b64) != key()
     assert key(control_image=b64, seed=1) == key(control_image=b64, controlnet_conditioning_scale=1.0, prompt="other")
     assert key(control_image=b64, controlnet_conditioning_scale=0.5) != key(control_image=b64)
+
+
+def test_lora_scale_per_request_equals_generate_at_that_scale(t2i_folder, tmp_path):
+    """`diffrt serve --lora FILE:0.8` on PyTorch: a request's lora_scale multiplies 0.8, so its image
+    is `diffrt generate --lora FILE:0.8*lora_scale`; scales never share a batch, and going back to
+    1.0 after 0.5 gives the LoRA as opened (refits from the base, never accumulating)."""
+    from diffrt.serve.batcher import Job
+    from diffrt.serve.runtime import RuntimeConfig, make_worker
+    from diffrt.tiny import tiny_lora_files
+
+    lora = str(tiny_lora_files(t2i_folder, tmp_path / "lora", seed=3)["peft"])
+    worker = make_worker(RuntimeConfig(model=str(t2i_folder), backend="torch", device="cpu", warmup_steps=1, loras=[(lora, 0.8)]))
+    worker.load()
+    assert worker.describe()["lora_scale"] == 1.0
+    bodies = [GenerateBody(prompt=PROMPT, seed=4, num_inference_steps=STEPS, lora_scale=scale) for scale in (0.5, None, 0.5, 0.0)]
+    plans = [worker.plan(body) for body in bodies]
+    assert plans[0].batch_key() == plans[2].batch_key() != plans[1].batch_key()
+    images = []
+    for plan in plans:
+        job = Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60)
+        images.append(pixels(worker.run_batch([job])[job.id].pngs[0]))
+    for image, scale in zip(images, (0.4, 0.8, 0.4, 0.0)):
+        req = GenerateRequest(model=str(t2i_folder), backend="torch", device="cpu", prompt=PROMPT, seed=4,
+                              num_inference_steps=STEPS, loras=[(lora, scale)])
+        np.testing.assert_array_equal(image, pixels(png_bytes(generate(req).images[0])), err_msg=f"LoRA at {scale}")
+    assert not np.array_equal(images[0], images[1])

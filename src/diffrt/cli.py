@@ -169,7 +169,7 @@ def _cmd_bench(args) -> int:
 def _cmd_serve(args) -> int:
     from diffrt.serve.app import ServeConfig, serve
 
-    serve(ServeConfig(model=args.model, controlnet=args.controlnet, backend=args.backend, host=args.host, port=args.port,
+    serve(ServeConfig(model=args.model, controlnet=args.controlnet, loras=_loras(args), backend=args.backend, host=args.host, port=args.port,
                       api_key_env=args.api_key_env, max_batch_size=args.max_batch_size,
                       max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
                       device=args.device, strict=args.strict, cuda_graph=args.cuda_graph))
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--controlnet", action="append", default=None, metavar="DIR",
                     help="ControlNet folder for a text-to-image diffusers folder, repeatable for several "
                          "(an exported artifact carries its own)")
+    se.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="LoRA to run (repeatable); a request's lora_scale multiplies its scale (torch, refittable TensorRT)")
     se.add_argument("--backend", default="onnxruntime")
     se.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; tensorrt needs cuda)")
     se.add_argument("--strict", action="store_true",

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +46,7 @@ GENERATE_PATH = "/v1/generate"
 class ServeConfig:
     model: str | None = None  # diffusers or artifact folder; None: the shipped digits model
     controlnet: str | list[str] | None = None  # ControlNet folder(s) for a text-to-image diffusers folder (an artifact carries its own)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (file, scale) fused at open; requests scale them by lora_scale
     backend: str = "onnxruntime"
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
@@ -67,7 +68,7 @@ class ServeConfig:
         return RuntimeConfig(model=self.model, backend=self.backend, device=self.device, max_batch_size=self.max_batch_size,
                              max_queue=self.max_queue, batch_wait_ms=self.batch_wait_ms, timeout_s=self.timeout_s,
                              max_image_bytes=self.max_image_bytes, warmup_steps=self.warmup_steps,
-                             exact_batching=self.exact_batching, controlnet=self.controlnet, strict=self.strict,
+                             exact_batching=self.exact_batching, controlnet=self.controlnet, loras=self.loras, strict=self.strict,
                              cuda_graph=self.cuda_graph)
 
     def api_key(self) -> str | None:

@@ -5,17 +5,24 @@ A batched request's answer is the answer it gets alone, through three pieces (RE
 1. Its own noise. `draw_noise` draws a request's initial noise x_T from `torch.Generator("cpu")
    .manual_seed(seed)` with the shape `diffrt generate` draws for it alone; a batch passes the
    stacked noise to the pipeline as `latents`, so no request's image depends on another's seed.
-   With eta > 0 the sampler draws fresh noise every step from one generator, which a batch cannot
-   split between requests, so such a request runs alone with its generator, past its x_T draw.
+   With eta > 0 the sampler also draws fresh noise every step. Alone, a request of n images draws
+   it from its seed's generator (past its x_T draw) with shape [n, ...]; in a batch,
+   `generator_blocks` hands the sampler one block of rows per request (sampling.GeneratorBlocks),
+   each block drawn from that request's generator with that shape, so requests with equal eta
+   share a batch and each still gets its own noise, draw for draw.
    Per-request conditioning travels the same way, one row per image: text-to-image requests with
    control images of one size and equal conditioning scales share a batch, each image row taking
-   its request's control image (text_to_image_worker.py).
+   its request's control image (text_to_image_worker.py), and pixel requests with colour guidance
+   at equal scale share one, each image row pulled toward its request's colour (worker.py).
 2. A batch-invariant backend. Same noise is not yet same pixels: a backend may pick other kernels
    for another batch size and round differently. At start-up `BatchingWorker.settle_batching`
    caps the batch to what every engine profile takes, then runs a full batch of distinct requests
    and two of them alone (`probe_batch_invariance`). Unless they agree bit for bit, requests run
    one at a time, unless the service was told a last-bit difference is acceptable
-   (`exact_batching=False`).
+   (`exact_batching=False`). What the probe runs must cover what a batch runs: the eta noise and
+   the pixel colour loss are per row and per element, with no model of their own, so they add
+   nothing to cover; text-to-image colour guidance backpropagates through the PyTorch VAE, which
+   the probe does not run, so those requests stay alone (text_to_image_worker.py).
 3. Its own answer. `split_answers` hands each job the rows it brought, matched by job id, never
    by position in the reply.
 """
@@ -28,7 +35,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from diffrt.runtime.sampling import randn
+from diffrt.runtime.sampling import GeneratorBlocks, randn
 from diffrt.serve.batcher import Job
 
 log = logging.getLogger(__name__)
@@ -53,10 +60,20 @@ class Answer:
 
 def draw_noise(seed: int, shape: tuple[int, ...], *, keep_generator: bool) -> tuple[torch.Tensor, torch.Generator | None]:
     """A request's x_T, as the pipeline draws it alone from `seed` (on the CPU generator, float32),
-    and, if asked (eta > 0), the generator past that draw for the per-step noise."""
+    and, if asked (eta > 0), the generator past that draw, from which the sampler draws the
+    request's per-step noise (its block of `generator_blocks`)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = randn(shape, generator, torch.device("cpu"), torch.float32)
     return latents, generator if keep_generator else None
+
+
+def generator_blocks(plans) -> GeneratorBlocks | None:
+    """The batch's per-step noise (eta > 0): each plan's `num_images` rows from its own generator, in
+    the batch's order, each block drawn with shape [num_images, ...] as the request draws it alone.
+    None when the plans keep no generator (eta 0); a batch shares eta, so all keep one or none."""
+    if all(plan.generator is None for plan in plans):
+        return None
+    return GeneratorBlocks(tuple((plan.generator, plan.num_images) for plan in plans))
 
 
 def settings_key(settings: dict):

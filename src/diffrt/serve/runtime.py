@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError
 from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
@@ -42,6 +42,7 @@ class RuntimeConfig:
     warmup_steps: int = 2
     exact_batching: bool = True  # batch requests only if the backend proves batch-invariant at start-up
     controlnet: str | list[str] | None = None  # ControlNet folder(s) for a text-to-image diffusers folder (artifacts carry theirs)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (file, scale) at open; a request's lora_scale multiplies them
     strict: bool = False  # any fallback (an ONNX Runtime provider that did not start, PyTorch for an artifact) fails the load
     cuda_graph: bool = True  # tensorrt: replay captured CUDA graphs, one per request shape seen
 
@@ -53,7 +54,7 @@ def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
 
     common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
                   max_batch_size=config.max_batch_size, exact_batching=config.exact_batching,
-                  strict=config.strict, cuda_graph=config.cuda_graph)
+                  strict=config.strict, cuda_graph=config.cuda_graph, loras=config.loras)
     device = str(resolve_device(config.device, config.backend))  # tensorrt without CUDA: refused before any load
     if is_text_to_image(config.model):
         return TextToImageWorker(config.model, config.backend, device, controlnet=config.controlnet, **common)

@@ -42,7 +42,8 @@ class GenerateBody(BaseModel):
         None, description="ControlNet models only: base64-encoded PNG, or a list of them, one per ControlNet in their order")
     controlnet_conditioning_scale: ControlScale | list[ControlScale] | None = Field(
         None, description="ControlNet models only: one scale for all ControlNets, or one per ControlNet")
-    lora_scale: float | None = Field(None, ge=0.0, le=5.0, description="refused for now: LoRA is fused at open or baked in at export")
+    lora_scale: float | None = Field(None, ge=0.0, le=5.0, description="times the scales of the LoRA the model runs (default 1.0; 0: the base model); "
+                                      "torch and refittable TensorRT engines only, ONNX graphs with LoRA baked in take 1.0")
 
 
 class RequestError(Exception):

@@ -5,12 +5,19 @@ worker thread, `plan` runs in the caller's thread and only reads the model's des
 
 Batching (batching.py, the mechanism PixelWorker uses): requests share a batch when they differ
 only in prompt, negative prompt, seed, num_images and control image, that is when size, steps,
-guidance scale and eta (0) are equal and, for ControlNet requests, the control images' size and
+guidance scale and eta are equal and, for ControlNet requests, the control images' size and
 the conditioning scales are equal too (a request without a control image never shares with one
 that has one). A shared batch gives each ControlNet one control image row per image, each
-request's image repeated for its num_images. A request with eta > 0 or colour guidance runs
-alone: eta > 0 draws per-step noise from one generator a batch cannot split, and colour guidance
-steers through the PyTorch VAE, which the start-up probe does not cover.
+request's image repeated for its num_images. With eta > 0 each request brings its generator, and
+the sampler draws each request's rows of the per-step noise from it as the request draws them
+alone (batching.generator_blocks).
+
+A request with colour guidance runs alone. Its gradient is taken through the PyTorch VAE decoder
+(engines have no autograd), which the start-up probe does not run, and which is not
+batch-invariant: on the tiny test model over ONNX Runtime on the CPU, a colour request batched
+with another differs from it alone by ~1e-6 (oneDNN, like cuDNN, picks convolution kernels by
+batch size), while the same requests without colour agree bit for bit. A probe of that path would
+only turn colour batching off again on such backends.
 
 `plan` draws a request's x_T from its own seed with the shape `diffrt generate` draws
 ([num_images, C, H/8, W/8], CPU generator). A request alone makes the very call `diffrt generate`
@@ -20,8 +27,11 @@ num_images mix, and each request takes back its images and its truncated-prompt 
 the rows it brought (RELIABILITY #13, #18). Batches form only when the start-up probe finds the
 backend batch-invariant, or when `exact_batching=False` accepts a last-bit difference.
 
-LoRA is fused when the pipeline opens (torch) or baked in at export (artifacts), so a
-per-request `lora_scale` is refused: it cannot be honoured without re-fusing the weights.
+LoRA: `lora_scale` multiplies the scales the model opened with (`--lora FILE:SCALE`, or the
+artifact's). Requests share a batch only at equal `lora_scale`, and the worker sets it before each
+batch (runtime/lora_scale.py: a re-fuse in PyTorch, an in-memory refit of TensorRT engines built
+from base weights); an ONNX graph with its LoRA baked in takes 1.0 only, and other values are
+refused with a 422 when the request arrives.
 """
 
 from __future__ import annotations
@@ -41,16 +51,14 @@ from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 from diffrt.serve.batcher import Job
-from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, images_per_batch, settings_key,
-                                   split_answers)
+from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
+                                   settings_key, split_answers)
 from diffrt.serve.schema import GenerateBody, RequestError
-from diffrt.serve.worker import component_ms, encode_finite, self_test_passed
+from diffrt.serve.worker import component_ms, encode_finite, lora_scale, self_test_passed
 
 log = logging.getLogger(__name__)
 
 MAX_CONTROL_PIXELS = 4096 * 4096  # the schema's largest height x width
-LORA_AT_OPEN = ("lora_scale: LoRA is fused when the model opens (or baked in at export), not applied per request; "
-                "restart `diffrt serve` on a model exported with `diffrt export --lora FILE:SCALE`")
 
 
 @dataclass
@@ -67,15 +75,16 @@ class TextToImagePlan:
     control: list[torch.Tensor] | None = None  # one [3, H, W] image per ControlNet
     control_scale: float | list[float] = 1.0
     guidance: list = field(default_factory=list)
+    lora_scale: float = 1.0  # times the LoRA scales the model opened with; a batch runs at one
 
     def batch_key(self):
         """Requests with equal keys may share a batch; None runs alone (see the module docstring)."""
-        if self.generator is not None or self.guidance:
+        if self.guidance:  # colour guidance: through the PyTorch VAE, which is not batch-invariant
             return None
         if self.control is None:
-            return settings_key(self.settings), None
+            return settings_key(self.settings), self.lora_scale, None
         scales = tuple(self.control_scale) if isinstance(self.control_scale, list) else (self.control_scale,)
-        return settings_key(self.settings), (tuple(self.control[0].shape), scales)
+        return settings_key(self.settings), self.lora_scale, (tuple(self.control[0].shape), scales)
 
 
 class TextToImageWorker(BatchingWorker):
@@ -83,8 +92,9 @@ class TextToImageWorker(BatchingWorker):
 
     def __init__(self, model: str, backend: str, device: str, *, controlnet: str | list[str] | None = None, warmup_steps: int = 2,
                  max_image_bytes: int = 8 << 20, max_batch_size: int = 8, exact_batching: bool = True,
-                 strict: bool = False, cuda_graph: bool = True):
+                 strict: bool = False, cuda_graph: bool = True, loras: list[tuple[str, float]] = ()):
         self.model = model
+        self.loras = list(loras)
         self.strict = strict
         self.cuda_graph = cuda_graph
         self.controlnet = controlnet
@@ -106,8 +116,8 @@ class TextToImageWorker(BatchingWorker):
         from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
         t0 = time.perf_counter()
-        self.pipe = open_text_to_image_pipeline(self.model, self.backend_asked, self.device, controlnet=self.controlnet,
-                                                strict=self.strict, cuda_graph=self.cuda_graph)
+        self.pipe = open_text_to_image_pipeline(self.model, self.backend_asked, self.device, loras=self.loras,
+                                                controlnet=self.controlnet, strict=self.strict, cuda_graph=self.cuda_graph)
         log.info("opened %s%s on %s in %.1f s", self.model, f" with {self.pipe.num_controlnets} ControlNet(s)" if self.pipe.has_controlnet else "",
                  self.pipe.backend, time.perf_counter() - t0)
         self.warmup_seconds = self.self_test()
@@ -149,8 +159,9 @@ class TextToImageWorker(BatchingWorker):
             control = [torch.stack([p.control[k] for p in plans for _ in range(p.num_images)]) for k in range(len(control))]
         started, t0 = time.monotonic(), time.perf_counter()
         try:
+            self.pipe.set_lora_scale(first.lora_scale)  # a re-fuse or refit only when it differs from the last batch's
             result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt,
-                               latents=torch.cat([p.latents for p in plans]), generator=first.generator if len(plans) == 1 else None,
+                               latents=torch.cat([p.latents for p in plans]), generator=generator_blocks(plans),
                                **first.settings, control_image=control, controlnet_conditioning_scale=first.control_scale,
                                guidance=first.guidance, output_type="pt", progress=abandon_when_nobody_waits(jobs))
         finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
@@ -181,8 +192,6 @@ class TextToImageWorker(BatchingWorker):
             raise RequestError(422, "class_label: the loaded model is a text-to-image model; send prompt instead", "class_label")
         if body.prompt is None:
             raise RequestError(422, "prompt: required; the loaded model is a text-to-image model", "prompt")
-        if body.lora_scale is not None:
-            raise RequestError(422, LORA_AT_OPEN, "lora_scale")
         for name in ("control_image", "controlnet_conditioning_scale"):
             if getattr(body, name) is not None and not pipe.has_controlnet:
                 raise RequestError(422, f"{name}: the loaded model has no ControlNet; serve one with `--controlnet DIR` "
@@ -215,7 +224,7 @@ class TextToImageWorker(BatchingWorker):
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
                     "guidance_scale": guidance_scale, "eta": body.eta}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
-                               [color_guidance(body.color, body.color_scale)] if body.color else [])
+                               [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body))
 
     def _decode_control_images(self, body: GenerateBody) -> list[torch.Tensor]:
         """One [3, H, W] image in [0, 1] per ControlNet, in their order (a single string: one ControlNet)."""

@@ -6,7 +6,12 @@
 Requests are batched by the mechanism in batching.py, which TextToImageWorker shares: each
 request's own noise from its own seed, a start-up probe that the backend is batch-invariant,
 answers split back by request id. Pixel requests may share a batch when their settings (steps,
-guidance scale, size, colour guidance) are equal and eta is 0.
+guidance scale, eta, size, colour scale) are equal: with eta > 0 each brings its generator for its
+own block of rows of the per-step noise, and with colour guidance each its own target colour,
+one per image row. `color_guidance` sums its loss over the images, so a row's gradient is the one
+it gets alone; requests with and without colour never share a batch, since the guided and the
+unguided steps take different code paths that round differently. Requests share a batch only at
+equal `lora_scale`, which the worker sets on the pipeline before the batch (`lora_scale` below).
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ import torch
 from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
 from diffrt.images import png_bytes
 from diffrt.runtime.backends.timed import TimedBackend, time_components
-from diffrt.runtime.guidance import color_guidance
+from diffrt.runtime.guidance import color_guidance, parse_hex_color
 from diffrt.serve.batcher import Job
-from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, images_per_batch, settings_key,
-                                   split_answers)
+from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
+                                   settings_key, split_answers)
 from diffrt.serve.schema import DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
 
 log = logging.getLogger(__name__)
@@ -34,24 +39,41 @@ UNSUPPORTED_ON_PIXEL = {  # field -> the kind of model that takes it
     "negative_prompt": "a text-to-image model",
     "control_image": "a ControlNet model",
     "controlnet_conditioning_scale": "a ControlNet model",
-    "lora_scale": "a model with a runtime LoRA (pixel models bake LoRA in: `diffrt export --lora FILE:SCALE`)",
 }
 
 
 @dataclass
 class Plan:
-    """One request, ready to batch: its labels, its own initial noise and the settings a batch shares."""
+    """One request, ready to batch: its labels, its own noise and colour, and the settings a batch shares."""
 
     seed: int
     num_images: int
     labels: torch.Tensor | None  # [num_images] int64, None for unconditional models
     latents: torch.Tensor  # [num_images, C, H, W], from this request's seed only
     generator: torch.Generator | None  # eta > 0 only: the seed's generator, past the x_T draw
-    settings: dict = field(default_factory=dict)  # num_inference_steps, guidance_scale, eta, height, width, color, color_scale
+    settings: dict = field(default_factory=dict)  # num_inference_steps, guidance_scale, eta, height, width, color_scale
+    color: str | None = None  # this request's colour-guidance target (#RRGGBB); color_scale, in settings, is shared
+    lora_scale: float = 1.0  # times the LoRA scales the model opened with; a batch runs at one
 
     def batch_key(self):
-        """Requests with equal keys may share a batch; None runs alone."""
-        return None if self.generator is not None else settings_key(self.settings)
+        """Requests with equal keys may share a batch (color_scale None: no colour guidance)."""
+        return settings_key(self.settings), self.lora_scale
+
+
+def row_colors(plans: list[Plan]) -> torch.Tensor:
+    """[images, 3]: each request's colour-guidance target, once per image it brought, in the batch's order."""
+    return torch.tensor([parse_hex_color(plan.color) for plan in plans for _ in range(plan.num_images)])
+
+
+def lora_scale(pipe, body: GenerateBody) -> float:
+    """The request's `lora_scale` (1.0 when left out: the LoRA as the model opened), checked against
+    what the pipeline's weights allow (runtime/lora_scale.py)."""
+    scale = 1.0 if body.lora_scale is None else body.lora_scale
+    try:
+        pipe.check_lora_scale(scale)
+    except DiffrtError as exc:
+        raise RequestError(422, f"lora_scale: {exc}", "lora_scale") from None
+    return scale
 
 
 def component_ms(timed: dict[str, TimedBackend]) -> dict[str, float]:
@@ -83,8 +105,10 @@ class PixelWorker(BatchingWorker):
     """Serves a pixel-space pipeline (unconditional or class-conditioned)."""
 
     def __init__(self, model: str | None, backend: str, device: str, *, warmup_steps: int = 2, max_image_bytes: int = 8 << 20,
-                 max_batch_size: int = 8, exact_batching: bool = True, strict: bool = False, cuda_graph: bool = True):
+                 max_batch_size: int = 8, exact_batching: bool = True, strict: bool = False, cuda_graph: bool = True,
+                 loras: list[tuple[str, float]] = ()):
         self.model = model
+        self.loras = list(loras)
         self.backend_asked = backend
         self.device = device
         self.strict = strict
@@ -108,7 +132,8 @@ class PixelWorker(BatchingWorker):
         if is_text_to_image(self.model):
             raise DiffrtError(f"{self.model} is a text-to-image model; serve it with TextToImageWorker (serve.runtime.make_worker picks it)")
         t0 = time.perf_counter()
-        pipe = open_pixel_pipeline(self.model, self.backend_asked, self.device, strict=self.strict, cuda_graph=self.cuda_graph)
+        pipe = open_pixel_pipeline(self.model, self.backend_asked, self.device, loras=self.loras, strict=self.strict,
+                                   cuda_graph=self.cuda_graph)
         log.info("opened %s on %s in %.1f s", self.model or "the shipped digits model", pipe.backend, time.perf_counter() - t0)
         self.pipe = pipe
         self.warmup_seconds = self.self_test()
@@ -144,14 +169,15 @@ class PixelWorker(BatchingWorker):
         plans: list[Plan] = [job.payload for job in jobs]
         first = plans[0]
         s = first.settings
-        guidance = [color_guidance(s["color"], s["color_scale"])] if s["color"] else []
+        guidance = [color_guidance(row_colors(plans), s["color_scale"])] if s["color_scale"] is not None else []
         labels = torch.cat([p.labels for p in plans]) if first.labels is not None else None
         latents = torch.cat([p.latents for p in plans])
         n = latents.shape[0]
         started, t0 = time.monotonic(), time.perf_counter()
         try:
+            self.pipe.set_lora_scale(first.lora_scale)  # a re-fuse or refit only when it differs from the last batch's
             result = self.pipe(labels, num_images=None if labels is not None else n, latents=latents,
-                               generator=first.generator if len(plans) == 1 else None,
+                               generator=generator_blocks(plans),
                                num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"],
                                guidance=guidance, height=s["height"], width=s["width"], output_type="pt",
                                progress=abandon_when_nobody_waits(jobs))
@@ -202,8 +228,8 @@ class PixelWorker(BatchingWorker):
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         latents, generator = draw_noise(seed, (body.num_images, pipe.channels, height, width), keep_generator=body.eta > 0)
         settings = {"num_inference_steps": body.num_inference_steps, "guidance_scale": guidance_scale, "eta": body.eta,
-                    "height": height, "width": width, "color": body.color, "color_scale": body.color_scale if body.color else None}
-        return Plan(seed, body.num_images, labels, latents, generator, settings)
+                    "height": height, "width": width, "color_scale": body.color_scale if body.color else None}
+        return Plan(seed, body.num_images, labels, latents, generator, settings, body.color, lora_scale(pipe, body))
 
     def _check_fields(self, body: GenerateBody) -> None:
         if body.control_image is not None and len(body.control_image) * 3 // 4 > self.max_image_bytes:
