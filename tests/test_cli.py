@@ -68,6 +68,8 @@ def test_bad_values_are_one_line(uncond_model_dir, tmp_path):
     _assert_one_line_error(run_cli("export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "a"), "--batch", "4:2:1"), "MIN:OPT:MAX")
     _assert_one_line_error(run_cli("generate", "--model", str(uncond_model_dir), "--out", str(tmp_path / "x.jpg")), ".png", ".npy")
     _assert_one_line_error(run_cli("generate", "--model", str(uncond_model_dir), "--color", "reddish", "--out", str(tmp_path / "x.png")), "hex colour")
+    _assert_one_line_error(run_cli("generate", "--model", str(uncond_model_dir), "--lora-scale", "0.5", "--out", str(tmp_path / "x.png")),
+                           "lora_scale 0.5: this model runs no LoRA", "--lora FILE[:SCALE]")
     _assert_one_line_error(run_cli("train", "class-cond", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")), "data folder not found")
 
 

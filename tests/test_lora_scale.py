@@ -142,6 +142,7 @@ def test_generate_takes_lora_for_pixel_models(classemb_model_dir, tmp_path):
     request = GenerateRequest(model=str(classemb_model_dir), class_label=2, num_images=2, num_inference_steps=STEPS, seed=5)
     fused = generate(replace(request, loras=[(str(lora), 0.7)])).images
     assert not torch.equal(fused, generate(request).images)
+    assert torch.equal(generate(replace(request, loras=[(str(lora), 1.4)], lora_scale=0.5)).images, fused)  # --lora-scale
     expected = open_pixel_pipeline(artifact, "torch", CPU)([2, 2], num_inference_steps=STEPS, guidance_scale=DEFAULT_PIXEL_GUIDANCE_SCALE,
                                                            seed=5, output_type="pt").images
     assert torch.equal(fused, expected)

@@ -131,7 +131,7 @@ def _cmd_generate(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
         height=args.height, width=args.width, num_images=args.num_images, eta=args.eta, class_label=args.class_label,
         controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
-        loras=_loras(args), color=args.color, color_scale=args.color_scale,
+        loras=_loras(args), lora_scale=args.lora_scale, color=args.color, color_scale=args.color_scale,
         clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=args.clip_scale,
         guidance_mode=args.guidance_mode, device=args.device, strict=args.strict, cuda_graph=args.cuda_graph,
     )
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--control-scale", action="append", type=float, default=[], metavar="F",
                     help="ControlNet conditioning scale (repeatable: one per ControlNet, or one for all; default 1.0)")
     ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
+    ge.add_argument("--lora-scale", type=float, default=1.0, metavar="F",
+                    help="run the LoRA (--lora, or the artifact's) at F times its scale: 0 is the base model; "
+                         "TensorRT engines are refit in memory, ONNX graphs with LoRA baked in take 1.0 only")
     ge.add_argument("--color", default=None, metavar="HEX", help="colour guidance target, e.g. #ff8800")
     ge.add_argument("--color-scale", type=float, default=3.0)
     ge.add_argument("--clip-prompt", default=None, help="CLIP guidance toward this text")

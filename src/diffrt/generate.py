@@ -42,6 +42,7 @@ class GenerateRequest:
     control_image: str | list[str] | None = None  # one conditioning image file per ControlNet, in the same order
     control_scale: float | list[float] = 1.0  # one for every ControlNet, or one per ControlNet
     loras: list[tuple[str, float]] = field(default_factory=list)
+    lora_scale: float = 1.0  # times the LoRA scales (--lora, or an artifact's); a refit for TensorRT engines
     color: str | None = None
     color_scale: float = 3.0
     clip_prompt: str | None = None
@@ -96,6 +97,7 @@ def generate(req: GenerateRequest):
     from diffrt.runtime.loading import open_pixel_pipeline
 
     pipe = open_pixel_pipeline(req.model, req.backend, req.device, loras=req.loras, strict=req.strict, cuda_graph=req.cuda_graph)
+    pipe.set_lora_scale(req.lora_scale)
     labels = None
     if pipe.info.conditioning != "none":
         labels = torch.arange(pipe.info.num_classes) if req.class_label is None else torch.tensor([req.class_label])

@@ -383,6 +383,7 @@ def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
                           "give one for every ControlNet, or one per --control-image")
     pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=controlnets or None,
                                        strict=req.strict, cuda_graph=req.cuda_graph)
+    pipe.set_lora_scale(req.lora_scale)
     control = None
     if images:
         k = pipe.num_controlnets
