@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(cc, "runs/class-cond", steps=2000, batch=64, lr=1e-3)
     cc.set_defaults(func=_cmd_train_class_cond)
     ft = tsub.add_parser("finetune", help="fine-tune a pretrained UNet2DModel (diffusers folder) on new images")
-    ft.add_argument("--model", required=True, help="diffusers pipeline folder (unet/ + scheduler/) or UNet2DModel folder")
+    ft.add_argument("--model", required=True, help="diffusers pipeline folder (unet/ + scheduler/), UNet2DModel folder, or Hub id org/name[@rev]")
     ft.add_argument("--data", required=True, help="a folder of images (any size), or a bundled set: 'digits', 'chelsea' (four crops of scikit-image's cat); "
                     "one sub-folder per class for a class-conditioned model")
     ft.add_argument("--crop", choices=["center", "random"], default="center", help="crop after resizing the short side")
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(ft, "runs/finetune", steps=1000, batch=16, lr=1e-4)
     ft.set_defaults(func=_cmd_train_finetune)
     db = tsub.add_parser("dreambooth-lora", help="DreamBooth with LoRA (peft) on a text-to-image pipeline folder")
-    db.add_argument("--model", required=True, help="Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)")
+    db.add_argument("--model", required=True, help="Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler) or Hub id")
     db.add_argument("--instance-data", required=True,
                     help="folder with a few images of the subject, or 'chelsea' (bundled: four crops of scikit-image's cat)")
     db.add_argument("--instance-prompt", required=True, help="prompt naming the subject, e.g. 'a photo of sks cat'")
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # export
     ex = sub.add_parser("export", help="export a model (+ LoRA) to ONNX / TensorRT with a manifest and parity report")
-    ex.add_argument("--model", default=None, help="diffusers folder (default: the shipped digits model)")
+    ex.add_argument("--model", default=None, help="diffusers folder or Hub id org/name[@rev] (default: the shipped digits model)")
     ex.add_argument("--out", required=True, help="artifact folder to write")
     ex.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to bake in (repeatable)")
     ex.add_argument("--controlnet", action="append", default=[], metavar="DIR",
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # generate
     ge = sub.add_parser("generate", help="generate images with the guided DDIM loop")
-    ge.add_argument("--model", default=None, help="diffusers or artifact folder (default: the shipped digits model)")
+    ge.add_argument("--model", default=None, help="diffusers or artifact folder, or Hub id org/name[@rev] (default: the shipped digits model)")
     ge.add_argument("--backend", default="torch", help="torch, torch-compile, onnxruntime or tensorrt")
     ge.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; tensorrt needs cuda)")
     ge.add_argument("--strict", action="store_true",
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # serve
     se = sub.add_parser("serve", help="HTTP service over the runtime (FastAPI)")
-    se.add_argument("--model", default=None, help="diffusers or artifact folder (default: the shipped digits model)")
+    se.add_argument("--model", default=None, help="diffusers or artifact folder, or Hub id org/name[@rev] (default: the shipped digits model)")
     se.add_argument("--controlnet", action="append", default=None, metavar="DIR",
                     help="ControlNet folder for a text-to-image diffusers folder, repeatable for several "
                          "(an exported artifact carries its own)")
@@ -340,6 +340,18 @@ def _missing_sub(p: argparse.ArgumentParser) -> int:
     return EXIT_USAGE
 
 
+def _resolve_hub_ids(args) -> None:
+    """--model, --controlnet and --clip-model may name a Hub repository (org/name[@revision]): each
+    becomes its snapshot folder in the Hugging Face cache, fetched if needed (hub.py)."""
+    from diffrt.hub import resolve_model
+
+    for name in ("model", "clip_model"):
+        if getattr(args, name, None):
+            setattr(args, name, str(resolve_model(getattr(args, name))))
+    if getattr(args, "controlnet", None):
+        args.controlnet = [str(resolve_model(c)) for c in args.controlnet]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -348,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        _resolve_hub_ids(args)
         return int(args.func(args) or 0)
     except DiffrtError as exc:
         print(f"diffrt: error: {exc}", file=sys.stderr)

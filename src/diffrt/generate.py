@@ -66,6 +66,17 @@ def is_text_to_image(model: str | None) -> bool:
     return is_text_to_image_dir(folder)
 
 
+def resolve_hub_ids(req: GenerateRequest) -> GenerateRequest:
+    """The request with any Hub id (model, ControlNets, CLIP model) replaced by its cached snapshot folder (hub.py)."""
+    from diffrt.hub import resolve_model
+
+    def one(path):
+        return None if path is None else str(resolve_model(path))
+
+    controlnet = [one(c) for c in req.controlnet] if isinstance(req.controlnet, (list, tuple)) else one(req.controlnet)
+    return replace(req, model=one(req.model), controlnet=controlnet, clip_model=one(req.clip_model))
+
+
 def build_guidance(req: GenerateRequest) -> list[Guidance]:
     guidance = []
     if req.color:
@@ -87,6 +98,7 @@ def generate(req: GenerateRequest):
         raise DiffrtError(f"--num-images must be >= 1, got {req.num_images}")
     require_backend(req.backend)
     req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
+    req = resolve_hub_ids(req)
     guidance = build_guidance(req)
     if is_text_to_image(req.model):
         from diffrt.runtime.text_to_image import generate_text_to_image

@@ -19,6 +19,7 @@ from diffrt import atomic
 from diffrt.components import pixel_unet_spec, spec_from_dict
 from diffrt.errors import ArtifactError, BackendUnavailableError
 from diffrt.export import manifest as mf
+from diffrt.hub import resolve_model
 from diffrt.models import SHIPPED_DIGITS, PixelModel, PixelModelInfo, load_pixel_model, require_model_dir
 from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
@@ -210,7 +211,7 @@ def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device
     `cuda_graph`: TensorRT only."""
     require_backend(backend)
     device = resolve_device(device, backend)
-    folder = Path(model) if model is not None else SHIPPED_DIGITS
+    folder = resolve_model(model) or SHIPPED_DIGITS  # a Hub id: its snapshot in the Hugging Face cache
     torch_backend = backend in ("torch", "torch-compile")
     if is_artifact(folder):
         manifest = read_artifact(folder, "pixel", verify=False)  # artifact_pixel_pipeline verifies the files it runs

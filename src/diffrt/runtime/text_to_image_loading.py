@@ -26,6 +26,7 @@ import torch
 from diffrt import atomic
 from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
+from diffrt.hub import resolve_model
 from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.loading import (artifact_lora, check_artifact_loras, check_source, component_precision, manifest_loras,
@@ -157,7 +158,9 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
     (resolve_device); `strict`: any fallback is an error; `cuda_graph`: TensorRT only."""
     require_backend(backend)
     device = resolve_device(device, backend)
-    folder = Path(model)
+    folder = resolve_model(model)  # a Hub id: its snapshot in the Hugging Face cache
+    if controlnet is not None:
+        controlnet = [resolve_model(c) for c in controlnet_paths(controlnet)]
     torch_backend = backend in ("torch", "torch-compile")
     if (folder / mf.MANIFEST).is_file():
         if not torch_backend:

@@ -1,0 +1,62 @@
+"""Models named by a Hugging Face Hub id (`runwayml/stable-diffusion-v1-5`, `org/name@revision`).
+
+A `--model`, `--controlnet` or `--clip-model` that is not a local path but reads as a hub id is
+resolved to a folder in the Hugging Face cache, as diffusers' `from_pretrained` resolves it, and
+everything downstream sees a plain diffusers folder (so an export's manifest names the snapshot
+it was made from). Only what diffrt loads is fetched: configs, tokenizer files and the main
+safetensors weights of each part. Pickled weights (`.bin`, `.ckpt`) are never downloaded, nor
+half-precision or EMA variants, a root-level single-file checkpoint, or the safety checker.
+
+The cache and the network follow huggingface_hub's settings: `HF_HUB_CACHE`/`HF_HOME` for where,
+`HF_HUB_OFFLINE=1` for cache only, `HF_TOKEN` for gated repositories. A failure is one line that
+says whether the repository, the revision or the network is at fault.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from diffrt.errors import DiffrtError
+
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+# What diffrt reads from a diffusers repository (a pipeline or one model), nothing else.
+ALLOW = ["*.json", "*.txt", "tokenizer/*", "tokenizer_2/*",
+         "diffusion_pytorch_model.safetensors", "model.safetensors",
+         "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
+         "*diffusion_pytorch_model-*-of-*.safetensors", "*model-*-of-*.safetensors"]  # sharded weights and their index
+IGNORE = ["safety_checker/*", "*.fp16*", "*.ema*", "*non_ema*", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5"]
+
+
+def is_hub_id(text: str) -> bool:
+    """A string that names a hub repository and no local path."""
+    return not Path(text).exists() and HUB_ID.match(text) is not None
+
+
+def resolve_model(model: str | Path | None) -> Path | None:
+    """A local folder as it is; a hub id as its snapshot folder in the Hugging Face cache, fetched
+    if needed. None stays None (the shipped digits model)."""
+    if model is None:
+        return None
+    text = str(model)
+    if not is_hub_id(text):
+        return Path(model)
+    match = HUB_ID.match(text)
+    repo, revision = match["repo"], match["revision"]
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub import errors as hf_errors
+    except ImportError:  # a dependency of diffusers, so present wherever diffrt runs
+        raise DiffrtError(f"{text} is not a local folder, and huggingface_hub is not installed to fetch it") from None
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW, ignore_patterns=IGNORE))
+    except hf_errors.RevisionNotFoundError:
+        raise DiffrtError(f"{repo} has no revision {revision!r}; check the name after '@'") from None
+    except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):
+        raise DiffrtError(f"{text} is neither a local folder nor a Hub repository you can read; check the path or id, "
+                          "and set HF_TOKEN for a gated or private one") from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise DiffrtError(f"{text} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
+                          "(offline, or HF_HUB_OFFLINE=1); download it once with network, or pass a local folder") from None
+    except hf_errors.HfHubHTTPError as exc:
+        raise DiffrtError(f"fetching {text} from the Hub failed ({str(exc).splitlines()[0]}); retry, or pass a local folder") from None
