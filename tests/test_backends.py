@@ -1,10 +1,13 @@
-"""Backend plumbing that runs without a GPU: which device a backend gets, and the bookkeeping of the
-TensorRT backend's CUDA graphs (one execution context per captured shape) over fake TensorRT objects.
+"""Backend plumbing that runs without a GPU: which device a backend gets, the bookkeeping of the
+TensorRT backend's CUDA graphs (one execution context per captured shape) over fake TensorRT objects,
+and ONNX Runtime's IO binding of every dtype (on the CPU) and choice of providers.
 The real engines are exercised by the `gpu` tests in test_tensorrt.py."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +149,88 @@ def test_a_failed_capture_is_not_reported_as_cuda_graphs(monkeypatch):
     monkeypatch.setattr(backend, "_execute", lambda inputs: {})
     backend._run_graph({"sample": torch.zeros(1, 3, 8, 8)})
     assert backend._graphs and not backend.replays_graphs
+
+
+# --- onnxruntime: element types and provider choice -----------------------------------------------------
+
+
+def _identity_model(path, types: dict[str, int]):
+    """A real ONNX file: one Identity per input, `<name>_out`, each with a dynamic `batch` axis."""
+    from onnx import helper, save
+
+    nodes = [helper.make_node("Identity", [n], [f"{n}_out"]) for n in types]
+    inputs = [helper.make_tensor_value_info(n, t, ["batch", 3]) for n, t in types.items()]
+    outputs = [helper.make_tensor_value_info(f"{n}_out", t, ["batch", 3]) for n, t in types.items()]
+    model = helper.make_model(helper.make_graph(nodes, "identity", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    save(model, str(path))
+
+
+def test_onnxruntime_binds_every_dtype_it_declares(tmp_path):
+    # The bug: element types went to bind_input as numpy names, and numpy has no bfloat16 ("Numpy_type
+    # 256 can't be converted to MLDataType"); ONNX Runtime >= 1.20 takes ONNX type numbers for all.
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto
+
+    from diffrt.components import ComponentSpec, TensorSpec
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    dtypes = {"bf16": (TensorProto.BFLOAT16, torch.bfloat16), "fp16": (TensorProto.FLOAT16, torch.float16),
+              "fp32": (TensorProto.FLOAT, torch.float32), "fp64": (TensorProto.DOUBLE, torch.float64),
+              "i32": (TensorProto.INT32, torch.int32), "i64": (TensorProto.INT64, torch.int64)}
+    _identity_model(tmp_path / "model.onnx", {n: onnx_type for n, (onnx_type, _) in dtypes.items()})
+    spec = ComponentSpec("identity", tuple(TensorSpec(n, ("batch", 3)) for n in dtypes),
+                         tuple(TensorSpec(f"{n}_out", ("batch", 3)) for n in dtypes), ranges={"batch": (1, 2, 4)})
+    backend = OnnxRuntimeBackend(tmp_path / "model.onnx", spec, threads=1)
+    feed = {n: (torch.arange(6) * 1000 + 7).reshape(2, 3).to(dtype) for n, (_, dtype) in dtypes.items()}
+    feed["fp32"] = torch.randn(3, 2).t()  # not contiguous: bound as a contiguous copy
+    out = backend.run(feed)
+    for name, (_, dtype) in dtypes.items():
+        assert out[f"{name}_out"].dtype == dtype and torch.equal(out[f"{name}_out"], feed[name]), name
+
+
+def test_onnxruntime_cpu_providers_and_a_one_line_refusal_of_cuda():
+    ort = pytest.importorskip("onnxruntime")
+    from diffrt.runtime.backends.onnxruntime import default_providers
+
+    assert default_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    with pytest.raises(BackendUnavailableError, match=r"no CUDA provider here .*pip install onnxruntime-gpu") as info:
+        default_providers(torch.device("cuda"))
+    assert "\n" not in str(info.value)
+
+
+def test_onnxruntime_on_cuda_asks_for_tensorrt_only_where_it_is_installed(monkeypatch, tmp_path):
+    # Only the choice of providers and their options is checked here (the GPU itself is not):
+    # onnxruntime-gpu lists TensorRT's provider whether or not TensorRT is installed.
+    import sys
+    import types
+
+    ort = pytest.importorskip("onnxruntime")
+    from diffrt.components import pixel_unet_spec
+    from diffrt.export import manifest
+    from diffrt.runtime.backends import onnxruntime as ort_backend
+
+    spec = pixel_unet_spec(3, 16, conditioned=True, num_labels=11, batch=(1, 2, 8), size=(8, 16, 32))
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_backend, "tensorrt_installed", lambda: False)
+    assert ort_backend.default_providers(torch.device("cuda", 1), spec) == cuda
+
+    monkeypatch.setattr(ort_backend, "tensorrt_installed", lambda: True)  # TensorRT 10.3 on an H100
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(manifest, "gpu_identity", lambda: {"name": "H100", "compute_capability": "9.0"})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (name, options), *rest = ort_backend.default_providers(torch.device("cuda", 1), spec)
+    assert name == "TensorrtExecutionProvider" and rest == cuda
+    assert options["device_id"] == 1 and options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
+    assert Path(options["trt_engine_cache_path"]).name == f"ort-tensorrt-{ort.__version__}-trt10.3.0-sm90"
+    assert options["trt_profile_min_shapes"] == "sample:1x3x8x8,timestep:1,class_labels:1"
+    assert options["trt_profile_max_shapes"] == "sample:8x3x32x32,timestep:8,class_labels:8"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # onnxruntime-gpu beside a CPU-only torch
+    with pytest.raises(BackendUnavailableError, match="torch sees no CUDA GPU here"):
+        ort_backend.default_providers(torch.device("cuda"))

@@ -10,6 +10,12 @@ for: a missing one is a warning, or with `strict=True` an error. `backend.provid
 reported with every result. A CUDA backend whose session fell back to the CPU binds host memory
 (ONNX Runtime cannot copy CUDA memory without a GPU provider: "no data transfer registered") and
 returns its outputs on its device, so the fallback that the warning names really runs.
+
+On CUDA the default is TensorRT's provider where TensorRT is installed (with the component's ranges
+as its profile and versioned engine caches), then CUDA's; onnxruntime-gpu lists TensorRT's
+provider even without TensorRT, so that list alone is not asked (`default_providers`). Sessions bind memory on the GPU the session really runs on, read from
+`session.get_provider_options()`: ONNX Runtime's own fallback from a TensorRT provider that failed
+to start re-creates the session without the options it was given, `device_id` included.
 """
 
 from __future__ import annotations
@@ -25,20 +31,72 @@ from diffrt.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # those that take CUDA memory
-_ELEMENT_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
-                  torch.bfloat16: "bfloat16"}
+# bind_input/bind_output element types as ONNX TensorProto numbers, taken since ONNX Runtime 1.20
+# (microsoft/onnxruntime#22306): a numpy dtype name cannot say bfloat16 ("Numpy_type 256 can't be
+# converted to MLDataType").
+_ELEMENT_TYPES = {torch.float32: 1, torch.int32: 6, torch.int64: 7, torch.float16: 10, torch.float64: 11,
+                  torch.bfloat16: 16}
 
 
-def default_providers(device: torch.device) -> list:
+def default_providers(device: torch.device, spec: ComponentSpec | None = None) -> list:
+    """On a CUDA device: TensorRT's provider when TensorRT is really installed (see
+    `tensorrt_installed`), then CUDA's, then the CPU's; elsewhere the CPU's."""
     import onnxruntime as ort
 
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
     have = ort.get_available_providers()
-    if device.type == "cuda":
-        wanted = [p for p in GPU_PROVIDERS if p in have]
-        if not wanted:
-            raise BackendUnavailableError(f"onnxruntime has no CUDA provider here (providers: {', '.join(have)}); pip install onnxruntime-gpu (not both onnxruntime and onnxruntime-gpu)")
-        return [(p, {"device_id": device.index or 0}) for p in wanted] + ["CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in have:
+        raise BackendUnavailableError(f"onnxruntime has no CUDA provider here (providers: {', '.join(have)}); pip install onnxruntime-gpu (not both onnxruntime and onnxruntime-gpu)")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {device}: torch sees no CUDA GPU here, and onnxruntime's inputs and outputs are torch tensors; pass --device cpu")
+    cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0})
+    if "TensorrtExecutionProvider" in have and spec is not None and tensorrt_installed():
+        return [tensorrt_provider(device, spec), cuda, "CPUExecutionProvider"]
+    return [cuda, "CPUExecutionProvider"]
+
+
+def tensorrt_installed() -> bool:
+    """Whether TensorRT's libraries load, which onnxruntime-gpu's provider list does not say: it
+    names TensorRT's provider whether or not they are installed (microsoft/onnxruntime#24841), and
+    asking for it without them is a provider fallback on every session."""
+    try:
+        import tensorrt  # noqa: F401 - loads libnvinfer
+    except Exception:  # noqa: BLE001 - missing or broken, it cannot run
+        return False
+    return True
+
+
+def tensorrt_provider(device: torch.device, spec: ComponentSpec) -> tuple[str, dict]:
+    """ONNX Runtime's TensorRT provider set up as a deployment wants it: the component's ranges as
+    the one optimisation profile (else it rebuilds for every shape beyond those seen), and engine and
+    timing caches in a folder per ONNX Runtime, TensorRT and GPU model, since the provider does not
+    check those itself (RELIABILITY #1, #2)."""
+    import onnxruntime as ort
+    import tensorrt
+    from platformdirs import user_cache_dir
+
+    from diffrt.export.manifest import gpu_identity
+    from diffrt.export.tensorrt import PROFILE_POINTS, engine_profile
+
+    cc = (gpu_identity() or {}).get("compute_capability", "none").replace(".", "")
+    cache = Path(user_cache_dir("diffrt")) / f"ort-tensorrt-{ort.__version__}-trt{tensorrt.__version__}-sm{cc}"
+    cache.mkdir(parents=True, exist_ok=True)
+    options = {"device_id": device.index or 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    profile = engine_profile(spec)
+    for point in PROFILE_POINTS if profile else ():
+        options[f"trt_profile_{point}_shapes"] = ",".join(f"{name}:{'x'.join(map(str, shapes[point]))}"
+                                                          for name, shapes in profile.items())
+    return "TensorrtExecutionProvider", options
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:<torch's current device>`: torch puts tensors there, and ONNX Runtime must
+    be told the same index (as device_id and in every binding), not 0."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class OnnxRuntimeBackend:
@@ -49,18 +107,19 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         self.spec = spec
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        requested = providers or default_providers(self.device)
+        requested = providers or default_providers(self.device, spec)
         self.session = ort.InferenceSession(str(onnx_path), options, providers=requested)
         self.requested_providers = [p if isinstance(p, str) else p[0] for p in requested]
         self.providers = self.session.get_providers()  # what really runs: reported with every result
         self.missing_providers = check_providers(spec.name, self.requested_providers, self.providers, strict)
-        # A CUDA session that fell back to the CPU cannot read CUDA memory: bind host memory then.
-        fell_back = self.device.type == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS)
-        self._io_device = torch.device("cpu") if fell_back else self.device
+        self._io_device = session_device(self.session) if self.device.type == "cuda" else self.device
+        if self._io_device.type == "cuda" and self._io_device != self.device:
+            log.warning("%s: ONNX Runtime runs on %s, not %s (its provider fallback drops device_id); every step "
+                        "copies between the two", spec.name, self._io_device, self.device)
         self._input_dtypes = {i.name: _onnx_dtype(i.type) for i in self.session.get_inputs()}
         self._output_dtypes = {o.name: _onnx_dtype(o.type) for o in self.session.get_outputs()}
 
@@ -82,8 +141,22 @@ class OnnxRuntimeBackend:
         if io.type == "cuda":
             # ORT runs on its own stream: make it see inputs written on torch's current stream.
             torch.cuda.current_stream(io).synchronize()
+        # Run returns after synchronising ORT's stream (run option disable_synchronize_execution_providers
+        # is "0" by default), so torch may read the outputs, and free the inputs, on any stream.
         self.session.run_with_iobinding(binding)
         return outputs if io == self.device else {name: t.to(self.device) for name, t in outputs.items()}
+
+
+def session_device(session) -> torch.device:
+    """Where a session reads and writes bound memory: the GPU of the first GPU provider it runs, or
+    the CPU when it fell back there (ONNX Runtime without a GPU provider cannot read CUDA memory:
+    "no data transfer registered"). The device id comes from the session, not from what was asked:
+    ONNX Runtime's retry after a provider failed to start drops the provider options."""
+    options = session.get_provider_options()
+    for provider in GPU_PROVIDERS:
+        if provider in session.get_providers():
+            return torch.device("cuda", int(options.get(provider, {}).get("device_id", 0)))
+    return torch.device("cpu")
 
 
 def check_providers(component: str, requested: list[str], used: list[str], strict: bool) -> list[str]:
