@@ -230,12 +230,13 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     from triton.compiler import ASTSource
 
     cases = [
-        (cfg_ddim._cfg_ddim_kernel, ["*fp16"] * 6 + ["i32"] + ["fp32"] * 10, {"HAS_NOISE": True, "CLIP": True}),
+        (cfg_ddim._cfg_ddim_kernel, ["*fp16"] * 6 + ["i32"] + ["fp32"] * 9, {"HAS_NOISE": True, "CLIP": True}),
         (color_guidance._color_guidance_kernel, ["*bf16", "*bf16", "*fp32", "*bf16", "*bf16", "i32", "i32"] + ["fp32"] * 3, {}),
     ]
     for body, types, flags in cases:
         kernel = launch.jit_kernel(body, interpret=False)
         constexprs = {**flags, "BLOCK_SIZE": launch.BLOCK_SIZE}
+        assert len(types) + len(constexprs) == len(kernel.arg_names)  # zip would silently mistype the flags
         signature = dict(zip(kernel.arg_names, types + ["constexpr"] * len(constexprs)))
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=launch.LAUNCH_OPTIONS)
         assert compiled.asm["cubin"]
@@ -256,6 +257,31 @@ def test_kernels_match_reference_on_cuda(dtype, prediction_type):
         for clip, eta in [(None, 0.0), (1.0, 0.5)]:
             check_cfg_parity(shape, dtype, ALPHA_PAIRS[0], prediction_type, clip, eta, device="cuda")
         check_color_parity(shape, dtype, prediction_type, per_image=True, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_the_tensors_gpu_not_the_current_one():
+    """Triton launches on the current device; the wrappers make the tensors' device current."""
+    pytest.importorskip("triton")
+    with torch.cuda.device(0):
+        check_cfg_parity((2, 4, 64, 64), torch.float16, ALPHA_PAIRS[0], "epsilon", 1.0, 0.5, device="cuda:1")
+        check_color_parity((2, 4, 64, 64), torch.float16, "epsilon", per_image=True, device="cuda:1")
+        torch.cuda.synchronize(1)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_kernels_take_non_contiguous_inputs_on_cuda():
+    """Channels-last latents and a view of a stacked CFG batch go in as they come from a UNet."""
+    pytest.importorskip("triton")
+    sample, eps_uncond, eps_cond, _ = make_cfg_inputs((2, 4, 32, 32), torch.float16, "cuda")
+    pair = torch.stack([eps_uncond, eps_cond], dim=-1)  # strided views of one buffer
+    args = (sample.to(memory_format=torch.channels_last), pair[..., 0], pair[..., 1], 7.5, *ALPHA_PAIRS[0])
+    expected = cfg_ddim.cfg_ddim_step_reference(*(a.float() if torch.is_tensor(a) else a for a in args))
+    for actual, ref in zip(cfg_ddim.cfg_ddim_step_triton(*args), expected):
+        assert_close(actual, ref.to(torch.float16))
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ def train_linear(config: TrainConfig):
     model = torch.nn.Linear(4, 1)
 
     def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
-        x = torch.randn(config.batch_size, 4, generator=g)
+        x = torch.randn(config.batch_size, 4, generator=g).to(model.weight.device)  # the loop puts the model on the GPU
         return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
 
     return train(config, model, loss_fn, save_fn=lambda out: None), model
@@ -55,7 +56,8 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
 
         def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
             part = slice(micro * rows, (micro + 1) * rows)
-            return F.mse_loss(model(x[part]), y[part])
+            device = model.weight.device  # the loop puts the model on the GPU
+            return F.mse_loss(model(x[part].to(device)), y[part].to(device))
 
         cfg = linear_config(tmp_path / f"acc{accumulation}", max_steps=1, batch_size=rows,
                             gradient_accumulation_steps=accumulation, max_grad_norm=0)
@@ -187,3 +189,66 @@ def test_checkpoint_load_puts_ema_on_the_parameters_device_and_restores_the_loss
     scaler = torch.amp.GradScaler("cpu")
     assert load_latest_checkpoint(tmp_path, named, optimizer, EMA(named, 0.9), scaler)["step"] == 1
     assert scaler.get_scale() == 1024.0 and scaler.state_dict()["_growth_tracker"] == 7
+
+
+
+class _RecordAutocast(torch.autograd.Function):
+    """The identity, noting whether autocast (for its input's device) is on in its forward and backward."""
+
+    seen: dict = {}
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.device_type = x.device.type
+        _RecordAutocast.seen["forward"] = torch.is_autocast_enabled(x.device.type)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _RecordAutocast.seen["backward"] = torch.is_autocast_enabled(ctx.device_type)
+        return grad
+
+
+def test_mixed_precision_autocasts_the_forward_only_and_can_change_between_runs(tmp_path):
+    """bf16 runs the forward pass under autocast (bf16 matmuls, fp32 weights) and the backward pass
+    outside it, as torch.amp advises. accelerate refuses a second Accelerator with another
+    mixed_precision in one process; the loop lets a bf16 run follow an fp32 one."""
+    train_linear(linear_config(tmp_path / "fp32", max_steps=1))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    dtypes = []
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        x = torch.randn(8, 4, generator=g).to(model.weight.device)
+        y = _RecordAutocast.apply(model(x))
+        dtypes.append(y.dtype)
+        return F.mse_loss(y.float(), x.sum(dim=1, keepdim=True))
+
+    result = train(linear_config(tmp_path / "bf16", mixed_precision="bf16"), model, loss_fn, save_fn=lambda out: None)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert _RecordAutocast.seen == {"forward": True, "backward": False}
+    assert model.weight.dtype == torch.float32 and all(torch.isfinite(torch.tensor(result.losses)))
+    with pytest.raises(DiffrtError, match="mixed-precision"):
+        linear_config(tmp_path / "bad", mixed_precision="fp8").validate()
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_scales_the_loss_and_resumes_with_its_scale_and_ema_on_the_gpu(tmp_path):
+    """fp16 on a GPU: fp32 weights on the device, the GradScaler's state in each checkpoint, and a
+    resumed run that continues the uninterrupted run's losses; EMA averages load onto the GPU."""
+    full, model = train_linear(linear_config(tmp_path / "full", mixed_precision="fp16", ema_decay=0.9))
+    assert model.weight.is_cuda and model.weight.dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(full.losses)))
+
+    out = tmp_path / "run"
+    train_linear(linear_config(out, mixed_precision="fp16", ema_decay=0.9, max_steps=2))
+    saved = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())["scaler"]
+    assert saved["scale"] > 0
+    resumed, _ = train_linear(linear_config(out, mixed_precision="fp16", ema_decay=0.9, resume=True))
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5)
+
+    named = {"weight": torch.nn.Parameter(torch.zeros(1, 4, device="cuda")), "bias": torch.nn.Parameter(torch.zeros(1, device="cuda"))}
+    ema, scaler = EMA(named, 0.9), torch.amp.GradScaler("cuda")
+    load_latest_checkpoint(out / "checkpoints", named, torch.optim.AdamW(named.values()), ema, scaler)
+    assert all(v.is_cuda and v.dtype == torch.float32 for v in ema.shadow.values())
+    assert scaler.get_scale() == json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())["scaler"]["scale"]

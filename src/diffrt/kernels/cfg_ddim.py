@@ -141,12 +141,13 @@ def cfg_ddim_step_triton(
     if n_elements == 0:
         return x_prev, x0
     kernel = launch.jit_kernel(_cfg_ddim_kernel, interpret=launch.needs_interpreter(sample))
-    kernel[launch.launch_grid(n_elements)](
-        *inputs, noise_in, x_prev, x0, n_elements,
-        float(guidance_scale), coef.x0_from_sample, coef.x0_from_output, coef.eps_from_sample, coef.eps_from_output,
-        float(clip_sample_range or 0.0), alpha_bar_prev**0.5, eps_weight, sigma,
-        HAS_NOISE=use_noise, CLIP=clip_sample_range is not None, BLOCK_SIZE=launch.BLOCK_SIZE, **launch.LAUNCH_OPTIONS,
-    )  # fmt: skip
+    with launch.on_device(sample):
+        kernel[launch.launch_grid(n_elements)](
+            *inputs, noise_in, x_prev, x0, n_elements,
+            float(guidance_scale), coef.x0_from_sample, coef.x0_from_output, coef.eps_from_sample, coef.eps_from_output,
+            float(clip_sample_range or 0.0), alpha_bar_prev**0.5, eps_weight, sigma,
+            HAS_NOISE=use_noise, CLIP=clip_sample_range is not None, BLOCK_SIZE=launch.BLOCK_SIZE, **launch.LAUNCH_OPTIONS,
+        )  # fmt: skip
     return x_prev, x0
 
 

@@ -108,11 +108,12 @@ def color_guidance_step_triton(
     if n_elements == 0:
         return x_guided, x0
     kernel = launch.jit_kernel(_color_guidance_kernel, interpret=launch.needs_interpreter(x))
-    kernel[launch.launch_grid(n_elements)](
-        x_in, output_in, target, x_guided, x0, n_elements, x.shape[2] * x.shape[3],
-        coef.x0_from_sample, coef.x0_from_output, step,
-        BLOCK_SIZE=launch.BLOCK_SIZE, **launch.LAUNCH_OPTIONS,
-    )  # fmt: skip
+    with launch.on_device(x):
+        kernel[launch.launch_grid(n_elements)](
+            x_in, output_in, target, x_guided, x0, n_elements, x.shape[2] * x.shape[3],
+            coef.x0_from_sample, coef.x0_from_output, step,
+            BLOCK_SIZE=launch.BLOCK_SIZE, **launch.LAUNCH_OPTIONS,
+        )  # fmt: skip
     return x_guided, x0
 
 

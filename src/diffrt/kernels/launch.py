@@ -16,6 +16,7 @@ versions of a kernel and keeps `import diffrt.kernels` working with no Triton in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable
@@ -74,6 +75,16 @@ def jit_kernel(body: Callable[..., Any], *, interpret: bool) -> Any:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make the tensor's GPU the current one for a launch.
+
+    A compiled Triton kernel runs on the current CUDA device and stream, not on its arguments'
+    device: tensors on cuda:1 launched while cuda:0 is current would be read through pointers of the
+    wrong device (an illegal memory access, or wrong results through peer access).
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def launch_grid(n_elements: int) -> tuple[int]:

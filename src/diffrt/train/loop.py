@@ -12,6 +12,11 @@ computes bit for bit the same next loss as an uninterrupted one. A resumed run m
 also compute the same thing: `--resume` refuses a config that changes the model, the optimizer or
 the data (see RESUMABLE_FIELDS), and a fresh run refuses an --out that holds checkpoints (a later
 --resume would pick up their stale higher-numbered steps).
+
+On a GPU "bit for bit" also needs deterministic kernels, which the loop does not force (PyTorch's
+reproducibility notes: cuDNN may choose non-deterministic convolution backward algorithms, and some
+CUDA kernels accumulate with atomics), so a resumed run there matches an uninterrupted one to
+float rounding.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class TrainConfig:
                 raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise DiffrtError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise DiffrtError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if not 0 <= self.ema_decay < 1:
             raise DiffrtError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         existing = list_checkpoints(Path(self.out) / "checkpoints")
@@ -160,13 +167,11 @@ def train(
     extra_state: dict | None = None,
 ) -> TrainResult:
     """Run (or resume) training of `model`'s trainable parameters; returns the losses of its steps."""
-    from accelerate import Accelerator
-
     # 1. Config, devices, optimizer.
     config.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = _accelerator(config.mixed_precision)
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise DiffrtError("the model has no trainable parameters")
@@ -213,9 +218,11 @@ def train(
         for micro in range(config.gradient_accumulation_steps):
             g = step_generator(config.seed, step, micro, accelerator.process_index)
             # Gradients are averaged over the accumulated micro-batches: each loss is divided by their count.
+            # Autocast covers the forward pass and the loss only; torch.amp advises against running the
+            # backward pass under it (its ops already take the dtypes of their forward ops).
             with accelerator.autocast():
                 loss = loss_fn(micro, g) / config.gradient_accumulation_steps
-                accelerator.backward(loss)
+            accelerator.backward(loss)  # fp16: scaled by the GradScaler, unscaled before clipping below
             total += loss.item()
         if accelerator.num_processes > 1:
             for p in named.values():
@@ -259,6 +266,25 @@ def train(
     steps_run = config.max_steps - start
     rate = steps_run * config.batch_size * config.gradient_accumulation_steps / step_seconds if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate)
+
+
+def _accelerator(mixed_precision: str):
+    """accelerate's Accelerator for one run: the device, autocast and (fp16 on a GPU) the GradScaler."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one state per process and refuses an Accelerator whose mixed_precision is not
+    # the first one's ("AcceleratorState has already been initialized and cannot be changed"), so a
+    # second run in the same process (a notebook, a test session, --resume with another
+    # --mixed-precision) would fail. That state is dropped and rebuilt; PartialState, which holds a
+    # distributed run's process group, is kept.
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    if mixed_precision == "fp16" and accelerator.scaler is None:
+        log.warning("--mixed-precision fp16 needs a GPU; on %s the run trains in fp32 (bf16 works on the CPU)",
+                    accelerator.device)
+    return accelerator
 
 
 @torch.no_grad()
