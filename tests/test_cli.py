@@ -96,3 +96,15 @@ def test_serve_flags_reach_the_service_config(monkeypatch):
     seen.clear()
     assert main(["serve"]) == 0  # defaults: auto device, fallbacks allowed, graphs on, no LoRA
     assert (seen["config"].device, seen["config"].strict, seen["config"].cuda_graph, seen["config"].loras) == (None, False, True, [])
+
+
+def test_demo_ui_flags_reach_the_demo(monkeypatch, tmp_path):
+    from diffrt.serve import ui
+
+    seen = {}
+    monkeypatch.setattr(ui, "launch_ui", lambda **kwargs: seen.update(kwargs))
+    assert main(["demo", "--ui", "--model", str(tmp_path), "--controlnet", "cn", "--lora", "a.safetensors:0.5",
+                 "--backend", "onnxruntime", "--port", "7000"]) == 0
+    assert seen == {"host": "127.0.0.1", "port": 7000, "model": str(tmp_path), "backend": "onnxruntime", "controlnet": ["cn"],
+                    "loras": [("a.safetensors", 0.5)]}
+    _assert_one_line_error(run_cli("demo", "--model", str(tmp_path)), "choose the model of the Gradio demo; add --ui")

@@ -353,3 +353,26 @@ def test_lora_scale_per_request_equals_generate_at_that_scale(t2i_folder, tmp_pa
                               num_inference_steps=STEPS, loras=[(lora, scale)])
         np.testing.assert_array_equal(image, pixels(png_bytes(generate(req).images[0])), err_msg=f"LoRA at {scale}")
     assert not np.array_equal(images[0], images[1])
+
+
+def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png):
+    """The demo over a text-to-image ControlNet model: prompt, negative prompt and the Canny edges of
+    an uploaded picture all reach the request; the image is the service's answer to it."""
+    from PIL import Image
+
+    from diffrt.serve.ui import build_ui, canny_edges, display, make_generate, png_base64
+
+    assert build_ui(server.runtime) is not None
+    picture = np.asarray(Image.open(control_png[0]).convert("RGB"))
+    generate = make_generate(server.runtime)
+    image, latency = generate(None, PROMPT, "blurry", STEPS, 5.0, False, "#000000", 0.0, 3, picture)
+    assert "ms" in latency and "onnxruntime" in latency
+
+    def answer(**fields) -> np.ndarray:
+        body = GenerateBody(num_inference_steps=STEPS, guidance_scale=5.0, seed=3, **fields)
+        return np.asarray(display(Image.open(io.BytesIO(server.runtime.generate_sync(body).pngs[0]))))
+
+    edges = png_base64(canny_edges(picture))
+    np.testing.assert_array_equal(np.asarray(image), answer(prompt=PROMPT, negative_prompt="blurry", control_image=edges))
+    assert not np.array_equal(np.asarray(image), answer(prompt=PROMPT, negative_prompt="blurry"))
+    assert not np.array_equal(np.asarray(image), answer(prompt="another prompt", negative_prompt="blurry", control_image=edges))

@@ -144,10 +144,15 @@ def _cmd_generate(args) -> int:
 
 def _cmd_demo(args) -> int:
     if args.ui:
+        from diffrt.runtime.backends import best_exported_backend
         from diffrt.serve.ui import launch_ui
 
-        launch_ui(host=args.host, port=args.port)
+        launch_ui(host=args.host, port=args.port, model=args.model, backend=args.backend or best_exported_backend(),
+                  controlnet=args.controlnet, loras=_loras(args))
         return 0
+    if args.model or args.controlnet or args.lora:
+        raise DiffrtError("--model, --controlnet and --lora choose the model of the Gradio demo; add --ui "
+                          "(`diffrt demo` without it samples the shipped digits model)")
     from diffrt.demo import format_table, run_demo
 
     path, timings, max_diff = run_demo(args.out, backend=args.backend)
@@ -329,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="demo.png")
     de.add_argument("--backend", default=None, help="exported backend (default: tensorrt with a GPU, else onnxruntime)")
     de.add_argument("--ui", action="store_true", help="start the Gradio demo instead")
+    de.add_argument("--model", default=None, help="--ui: diffusers or artifact folder, or Hub id (default: the shipped digits model)")
+    de.add_argument("--controlnet", action="append", default=None, metavar="DIR", help="--ui: ControlNet folder for a text-to-image model")
+    de.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="--ui: LoRA to run; the demo has a LoRA scale slider")
     de.add_argument("--host", default="127.0.0.1")
     de.add_argument("--port", type=int, default=7860)
     de.set_defaults(func=_cmd_demo)

@@ -1,10 +1,10 @@
-"""The Gradio demo (`diffrt demo --ui`), over the same runtime as the HTTP service.
+"""The Gradio demo (`diffrt demo --ui [--model DIR]`), over the same runtime as the HTTP service.
 
-Controls: the class label (a text prompt once the runtime serves text-to-image models; the
-pixel-space models served today take labels), DDIM steps, guidance scale, a colour picker for
-colour guidance, and an image upload whose scikit-image Canny edge map is the control image of
-ControlNet models (hidden for models without a ControlNet). Each image is shown with the latency
-of its generation and the backend that ran it.
+Controls follow the model served: a class label for class-conditioned pixel models, a prompt and
+negative prompt for text-to-image ones; DDIM steps, guidance scale, a colour picker for colour
+guidance, an image upload whose scikit-image Canny edge map is the control image of ControlNet
+models (hidden for models without one), and the LoRA strength (`lora_scale`) where the model
+runs a LoRA. Each image is shown with the latency of its generation and the backend that ran it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE as T2I_GUIDANCE_SCALE
 from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 from diffrt.serve.schema import DEFAULT_COLOR_SCALE, DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
 
@@ -52,29 +53,44 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def make_generate(runtime: ServeRuntime):
-    """The demo's callback: controls -> (image, latency line). Errors become a line, not a trace."""
+def display(image):
+    """Small images (the digits are 16x16) scaled up by a whole factor, without smoothing; others as they are."""
     from PIL import Image
 
-    def generate(class_label, steps, guidance_scale, use_color, color, color_scale, seed, control_image=None):
+    factor = max(1, DISPLAY_SIZE // max(image.size))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def make_generate(runtime: ServeRuntime):
+    """The demo's callback: the controls, in build_ui's order -> (image, latency line). Errors
+    become a line, not a trace. Fields the served model does not take are left out."""
+    from PIL import Image
+
+    info = runtime.describe()
+    text = info["kind"] == "text-to-image"
+
+    def generate(class_label, prompt, negative_prompt, steps, guidance_scale, use_color, color, color_scale, seed,
+                 control_image=None, lora_scale=1.0):
         fields = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed))
-        if runtime.worker.conditioned:
+        if text:
+            fields.update(prompt=prompt or "", negative_prompt=negative_prompt or None)
+        elif info["conditioning"] != "none":
             fields["class_label"] = int(class_label)
         if use_color and color:
             fields.update(color=to_hex(color), color_scale=float(color_scale))
-        if control_image is not None and runtime.describe().get("controlnet"):
+        if control_image is not None and info.get("controlnet"):
             fields["control_image"] = png_base64(canny_edges(control_image))
+        if "lora_scale" in info:
+            fields["lora_scale"] = float(lora_scale)
         t0 = time.perf_counter()
         try:
             answer = runtime.generate_sync(GenerateBody(**fields))
         except RequestError as exc:
             return None, f"refused ({exc.status}): {exc.message}"
         ms = 1000 * (time.perf_counter() - t0)
-        image = Image.open(io.BytesIO(answer.pngs[0]))
-        image = image.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.NEAREST)
         t = answer.timings_ms
-        return image, (f"**{ms:.0f} ms** (queue {t['queue']:.0f} ms, sampling {t['sample']:.0f} ms) "
-                       f"on `{answer.backend}`, seed {answer.seed}")
+        return display(Image.open(io.BytesIO(answer.pngs[0]))), (
+            f"**{ms:.0f} ms** (queue {t['queue']:.0f} ms, sampling {t['sample']:.0f} ms) on `{answer.backend}`, seed {answer.seed}")
 
     return generate
 
@@ -85,15 +101,19 @@ def build_ui(runtime: ServeRuntime):
 
     info = runtime.describe()
     generate = make_generate(runtime)
-    classes = info["class_names"] or [str(i) for i in range(info["num_classes"])]
+    text = info["kind"] == "text-to-image"
     with gr.Blocks(title="diffrt demo", analytics_enabled=False) as demo:
-        gr.Markdown(f"### diffrt: {info['conditioning']} pixel model on `{info['backend']}`")
+        what = "text-to-image" + (" + ControlNet" if info.get("controlnet") else "") if text else f"{info['conditioning']} pixel"
+        gr.Markdown(f"### diffrt: {what} model on `{info['backend']}`")
         with gr.Row():
             with gr.Column():
-                label = gr.Dropdown(choices=[(name, i) for i, name in enumerate(classes)], value=0, label="class label",
-                                    visible=info["conditioning"] != "none")
+                classes = [] if text else (info["class_names"] or [str(i) for i in range(info["num_classes"])])
+                label = gr.Dropdown(choices=[(name, i) for i, name in enumerate(classes)], value=0 if classes else None,
+                                    label="class label", visible=not text and info["conditioning"] != "none")
+                prompt = gr.Textbox(label="prompt", visible=text)
+                negative = gr.Textbox(label="negative prompt", visible=text)
                 steps = gr.Slider(1, 200, value=25, step=1, label="DDIM steps (num_inference_steps)")
-                guidance = gr.Slider(0.0, 15.0, value=DEFAULT_GUIDANCE_SCALE, step=0.5, label="guidance scale")
+                guidance = gr.Slider(0.0, 15.0, value=T2I_GUIDANCE_SCALE if text else DEFAULT_GUIDANCE_SCALE, step=0.5, label="guidance scale")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                 use_color = gr.Checkbox(value=False, label="colour guidance")
                 color = gr.ColorPicker(value="#ff8800", label="colour")
@@ -102,19 +122,21 @@ def build_ui(runtime: ServeRuntime):
                 has_control = bool(info.get("controlnet"))
                 control = gr.Image(type="numpy", label="ControlNet image (Canny edges)", visible=has_control)
                 edges = gr.Image(type="numpy", label="Canny edge map", interactive=False, visible=has_control)
+                lora_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale", visible="lora_scale" in info)
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
-                output = gr.Image(type="pil", label="image", height=DISPLAY_SIZE)
+                output = gr.Image(type="pil", label="image", height=max(DISPLAY_SIZE, info.get("sample_size") or 0))
                 latency = gr.Markdown()
         control.change(lambda im: None if im is None else canny_edges(im), inputs=control, outputs=edges)
-        button.click(generate, inputs=[label, steps, guidance, use_color, color, color_scale, seed, control],
+        button.click(generate, inputs=[label, prompt, negative, steps, guidance, use_color, color, color_scale, seed, control, lora_scale],
                      outputs=[output, latency])
     return demo
 
 
-def launch_ui(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, backend: str = "onnxruntime") -> None:
+def launch_ui(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, backend: str = "onnxruntime",
+              controlnet: list[str] | None = None, loras: list[tuple[str, float]] = ()) -> None:
     """Load the model (the shipped digits by default), then serve the demo until interrupted."""
-    runtime = ServeRuntime(RuntimeConfig(model=model, backend=backend))
+    runtime = ServeRuntime(RuntimeConfig(model=model, backend=backend, controlnet=controlnet, loras=list(loras)))
     runtime.start()
     try:
         runtime.wait_ready(timeout=600)
