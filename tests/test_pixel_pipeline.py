@@ -179,14 +179,18 @@ def test_class_cfg_step_is_null_plus_scale_times_difference(classemb_model_dir):
 
 def test_guidance_every_3_runs_its_loss_on_steps_0_3_6(uncond_model_dir):
     pipe = torch_pixel_pipeline(load_pixel_model(uncond_model_dir))
-    calls = []
+    unet_calls, steps, shapes = [], [], []
+    run = pipe.unet.run
+    pipe.unet.run = lambda feed: unet_calls.append(1) or run(feed)  # unconditional: one UNet call a step
 
     def loss(images):
-        calls.append(images.shape)
+        steps.append(len(unet_calls) - 1)  # mode x0: the loss follows its own step's UNet call
+        shapes.append(images.shape)
         return images.mean()
 
     pipe(num_images=2, num_inference_steps=7, seed=0, guidance=[Guidance(loss, 1.0, every=3)], output_type="pt")
-    assert len(calls) == 3 and all(shape == (2, 3, 16, 16) for shape in calls)
+    assert len(unet_calls) == 7
+    assert steps == [0, 3, 6] and all(shape == (2, 3, 16, 16) for shape in shapes)
 
 
 @pytest.mark.slow  # torch.compile on the CPU: ~55 s cold, ~16 s with inductor's cache warm (2 shared cores)
@@ -261,7 +265,7 @@ def test_onnxruntime_provider_fallback_warns_or_fails_under_strict(classemb_arti
     # A CPU-only ONNX Runtime asked for CUDA runs on the CPU, as a CUDA EP without its libraries would.
     from diffrt.runtime.backends import onnxruntime as ort_backend
 
-    monkeypatch.setattr(ort_backend, "default_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_backend, "default_providers", lambda device, spec=None: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(BackendUnavailableError, match=r"did not start CUDAExecutionProvider.*strict mode refuses"):
         artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU, strict=True)
     pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
@@ -276,12 +280,15 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_binds_host_memory(classemb_art
     # in bind_input), so the non-strict fallback must bind host memory to run at all.
     from diffrt.runtime.backends import onnxruntime as ort_backend
 
-    monkeypatch.setattr(ort_backend, "default_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_backend, "default_providers", lambda device, spec=None: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     on_cpu = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU).unet
     backend = ort_backend.OnnxRuntimeBackend(classemb_artifact / "unet" / "model.onnx", on_cpu.spec, device="cuda")
     assert backend.providers == ["CPUExecutionProvider"] and backend._io_device == torch.device("cpu")
     feed = {"sample": torch.randn(2, 3, 16, 16), "timestep": torch.full((2,), 10.0), "class_labels": torch.tensor([0, 1])}
-    want = on_cpu.run(feed)["noise_pred"]
+    # The reference: ONNX Runtime's own numpy API, no I/O binding, so none of the backend's code.
+    want = torch.from_numpy(on_cpu.session.run(["noise_pred"], {n: t.numpy() for n, t in feed.items()})[0])
+    backend.device = torch.device("cpu")  # the outputs as bound in host memory, before any move
+    assert torch.equal(backend.run(feed)["noise_pred"], want)  # the same CPU kernels: bit for bit
     backend.device = torch.device("meta")  # stands in for the CUDA device a CPU machine lacks: outputs go back to it
     got = backend.run(feed)["noise_pred"]
     assert got.device.type == "meta" and got.shape == want.shape

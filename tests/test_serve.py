@@ -40,6 +40,7 @@ from diffrt.images import png_bytes  # noqa: E402
 from diffrt.models import SHIPPED_DIGITS  # noqa: E402
 from diffrt.serve.app import BackgroundServer, ServeConfig  # noqa: E402
 from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError  # noqa: E402
+from diffrt.serve.batching import BatchAbandoned  # noqa: E402
 
 API_KEY_ENV = "DIFFRT_TEST_SERVE_KEY"
 API_KEY = "test-key-5f2c"
@@ -358,35 +359,58 @@ def test_oversized_bodies_images_and_wrong_keys(client, server):
 
 
 def test_queue_full_is_429_and_timeout_is_504(client, server):
-    runtime = server.runtime
-    original, gate = runtime.batcher.run_batch, threading.Event()
-    runtime.batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)  # stall the worker
+    runtime, batcher, max_queue = server.runtime, server.runtime.batcher, server.config.max_queue
+    original, gate = batcher.run_batch, threading.Event()
+    batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)  # stall the worker
+    body = {"class_label": 2, "num_inference_steps": 1}
+
+    def post(i: int) -> httpx.Response:  # each its own eta: no two share a batch
+        return client.post("/v1/generate", json={**body, "seed": i, "eta": 0.5 + i / 100})
+
     try:
-        body = {"class_label": 2, "num_inference_steps": 1}
-        with ThreadPoolExecutor(max_workers=12) as pool:  # each its own eta: no two share a batch
-            futures = [pool.submit(client.post, "/v1/generate", json={**body, "seed": i, "eta": 0.5 + i / 100}) for i in range(12)]
-            deadline = time.monotonic() + 30
-            while runtime.batcher.depth < server.config.max_queue and time.monotonic() < deadline:
-                time.sleep(0.02)
+        with ThreadPoolExecutor(max_workers=max_queue + 1) as pool:
+            held = pool.submit(post, 0)
+            serving.wait_until(lambda: batcher.in_flight == 1 and batcher.depth == 0, "the first request to hold the worker")
+            queued = [pool.submit(post, i) for i in range(1, max_queue + 1)]
+            serving.wait_until(lambda: batcher.in_flight == max_queue + 1 and batcher.depth == max_queue, "the queue to fill")
             refused = client.post("/v1/generate", json={**body, "seed": 99, "eta": 0.9})
             gate.set()
-            codes = [f.result(60).status_code for f in futures]
-        assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
-        assert refused.headers["retry-after"] == "1"
-        assert set(codes) <= {200, 429} and codes.count(200) >= server.config.max_queue
+            codes = [f.result(60).status_code for f in [held, *queued]]
     finally:
-        runtime.batcher.run_batch = original
+        gate.set()
+        batcher.run_batch = original
+    assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
+    assert refused.headers["retry-after"] == "1"
+    assert codes == [200] * (max_queue + 1)  # every request the queue took is answered
 
+    # The worker is held past the request's timeout: the client gets a 504, and the batch, let go
+    # once nobody waits for it, stops after its first step instead of running all 200.
+    release, abandoned = threading.Event(), []
+
+    def held_past_timeout(jobs):
+        release.wait(30)
+        try:
+            return original(jobs)
+        except BatchAbandoned as exc:
+            abandoned.append(str(exc))
+            raise
+
+    batcher.run_batch = held_past_timeout
     runtime.config.timeout_s = 0.3
     try:
         r = client.post("/v1/generate", json={"class_label": 2, "seed": 1, "num_inference_steps": 200})
     finally:
         runtime.config.timeout_s = 60
-    assert r.status_code == 504 and "timeout" in r.json()["detail"]
-    t0 = time.monotonic()  # the abandoned batch stops early, so the next request is not stuck behind it
-    r = client.post("/v1/generate", json={"class_label": 2, "seed": 1, "num_inference_steps": 1}, headers={"Accept": "application/json"})
-    assert r.status_code == 200 and time.monotonic() - t0 < 30
-    # Its UNet time is its own one step, not also the abandoned batch's steps.
+        release.set()
+    try:
+        assert r.status_code == 504 and "timeout" in r.json()["detail"]
+        r = client.post("/v1/generate", json={"class_label": 2, "seed": 1, "num_inference_steps": 1},
+                        headers={"Accept": "application/json"})
+    finally:
+        batcher.run_batch = original
+    assert r.status_code == 200, r.text
+    assert abandoned == ["every request of this batch timed out by step 0"]  # the worker ran it before this one
+    # Its UNet time is its own one step, not also the abandoned batch's step.
     assert 0 < r.json()["timings_ms"]["unet"] <= r.json()["timings_ms"]["sample"]
 
 
@@ -400,10 +424,8 @@ def test_graceful_shutdown_finishes_in_flight_requests(served_model):
     body = {"class_label": 1, "num_inference_steps": STEPS}
     with ThreadPoolExecutor(max_workers=3) as pool:  # each its own eta: one batch each
         futures = [pool.submit(httpx.post, url, json={**body, "seed": i, "eta": 0.5 + i / 10}, timeout=60) for i in range(3)]
-        deadline = time.monotonic() + 30
-        while srv.runtime.batcher.depth < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)  # one running (held), two queued
-        assert srv.runtime.batcher.in_flight == 3
+        batcher = srv.runtime.batcher
+        serving.wait_until(lambda: batcher.in_flight == 3 and batcher.depth == 2, "one request running (held), two queued")
         threading.Timer(0.5, gate.set).start()  # let the worker go once shutdown has begun
         srv.stop(timeout=60)
         codes = [f.result(60).status_code for f in futures]
@@ -413,15 +435,32 @@ def test_graceful_shutdown_finishes_in_flight_requests(served_model):
 
 # -- the Gradio demo --------------------------------------------------------------------------
 
-def test_ui_builds_and_generates(server):
+def test_ui_builds_and_generates(server, served_model):
     pytest.importorskip("gradio")
-    from diffrt.serve.ui import build_ui, canny_edges, make_generate, to_hex
+    from diffrt.serve.ui import DISPLAY_SIZE, build_ui, canny_edges, make_generate, to_hex
 
     demo = build_ui(server.runtime)
     assert demo is not None
-    image, latency = make_generate(server.runtime)(3, STEPS, 3.0, True, "rgba(255, 136, 0, 1)", 4.0, 7)
-    assert image is not None and image.size[0] > 16
+    image, latency = make_generate(server.runtime)(class_label=3, prompt=None, negative_prompt=None, steps=STEPS,
+                                                   guidance_scale=3.0, use_color=True, color="rgba(255, 136, 0, 1)",
+                                                   color_scale=4.0, seed=7)
     assert re.search(r"\d+ ms", latency) and "onnxruntime" in latency
+
+    def shown(**request) -> np.ndarray:
+        """The request run through the pipeline (`diffrt generate`), enlarged as the demo shows it:
+        each pixel a k x k block (a whole factor, no smoothing) up to DISPLAY_SIZE."""
+        ref = generate(GenerateRequest(model=served_model, backend="onnxruntime", seed=7, num_inference_steps=STEPS,
+                                       guidance_scale=3.0, **request))
+        small = pixels(png_bytes(ref.images[0]))
+        k = DISPLAY_SIZE // max(small.shape[:2])
+        assert k > 1, small.shape
+        return small.repeat(k, axis=0).repeat(k, axis=1)
+
+    want = shown(class_label=3, color="#ff8800", color_scale=4.0)
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), want)
+    # The check can tell the label and the colour apart: other ones give other pixels.
+    assert not np.array_equal(shown(class_label=0, color="#ff8800", color_scale=4.0), want)
+    assert not np.array_equal(shown(class_label=3), want)
     assert to_hex("rgba(255, 136, 0, 1)") == "#ff8800" == to_hex("FF8800".lower())
     square = np.zeros((32, 32, 3), np.uint8)
     square[8:24, 8:24] = 255
@@ -466,7 +505,7 @@ def test_a_provider_fallback_is_counted(served_model, monkeypatch):
     from diffrt.runtime.backends import onnxruntime as ort_backend
     from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 
-    monkeypatch.setattr(ort_backend, "default_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_backend, "default_providers", lambda device, spec=None: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     runtime = ServeRuntime(RuntimeConfig(model=served_model, backend="onnxruntime", device="cpu", warmup_steps=1))
     runtime.start()
     try:

@@ -278,23 +278,6 @@ def test_refit_weights_match_pytorch_with_the_lora_fused(onnx_artifact, model_di
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-def test_refits_never_accumulate(onnx_artifact, weight_map, loras, tmp_path):
-    """A, then B, then A on one engine gives exactly A: each refit starts from the ONNX's base weights."""
-    from diffrt.export.lora import read_lora
-    from diffrt.export.refit import refit_weights
-
-    onnx_path = onnx_artifact / "unet" / "model.onnx"
-    engine: dict[str, torch.Tensor] = {}  # stands for the engine's weights, refit in place three times
-    for step, name in enumerate("ABA"):
-        weights = refit_weights(onnx_path, weight_map, [(read_lora(loras[name]), 1.0)])
-        engine.update(weights.weights)
-        if step == 0:
-            first = {n: t.clone() for n, t in engine.items()}
-    assert all(torch.equal(engine[n], first[n]) for n in first)
-    both = refit_weights(onnx_path, weight_map, [(read_lora(loras["A"]), 1.0), (read_lora(loras["B"]), 1.0)])
-    assert any(not torch.equal(both.weights[n], first[n]) for n in both.patched)
-
-
 def test_refit_refuses_a_lora_on_an_unmapped_weight(onnx_artifact, weight_map, model_dir, loras, tmp_path):
     from diffrt.export.lora import read_lora
     from diffrt.export.refit import refit_weights

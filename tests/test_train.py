@@ -224,9 +224,10 @@ def test_finetune_uses_the_models_prediction_type(cat_folder, tmp_path):
     noise = torch.randn(x0.shape, generator=g)
     oracle = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     assert oracle.config.prediction_type == "v_prediction"
-    unet = load_pixel_model(base).unet
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer ran: the same conv kernels (TF32 on a GPU)
+    unet = load_pixel_model(base).unet.to(device)
     with torch.no_grad():
-        pred = unet(oracle.add_noise(x0, noise, t), t)
+        pred = unet(oracle.add_noise(x0, noise, t).to(device), t.to(device)).cpu()
     expected = torch.nn.functional.mse_loss(pred, oracle.get_velocity(x0, noise, t)).item()
     assert result.losses[0] == pytest.approx(expected, rel=1e-4)
     assert json.loads((tmp_path / "out" / "model" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
@@ -386,6 +387,82 @@ def test_dreambooth_default_targets_lower_a_fixed_evaluation_loss(sd_folder, cat
     assert after < 0.99 * before, f"fixed evaluation loss {before:.4f} -> {after:.4f}"
 
 
+def test_dreambooth_base_dtype_follows_mixed_precision_and_lora_stays_fp32(sd_folder):
+    """A half base only with autocast (and fp16's loss scaler): "no" on a GPU keeps it fp32, as
+    diffusers' train_dreambooth_lora.py does. peft creates adapters in the base layer's dtype;
+    _add_lora casts the trainable ones back to fp32 (diffusers' cast_training_params)."""
+    from diffrt.train.dreambooth import TEXT_ENCODER_TARGETS, UNET_TARGETS, _add_lora, base_dtype, load_components
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [base_dtype(cuda, mp) for mp in ("no", "fp16", "bf16")] == [torch.float32, torch.float16, torch.bfloat16]
+    assert {base_dtype(cpu, mp) for mp in ("no", "fp16", "bf16")} == {torch.float32}
+    c = load_components(sd_folder, cpu, torch.float16)
+    for model, targets in ((c.unet, UNET_TARGETS), (c.text_encoder, TEXT_ENCODER_TARGETS)):
+        _add_lora(model, 2, None, targets, seed=0)
+        lora = [p for name, p in model.named_parameters() if ".lora_" in name]
+        assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+        assert all(p.dtype == torch.float16 and not p.requires_grad for name, p in model.named_parameters() if ".lora_" not in name)
+
+
+def test_gradient_checkpointing_keeps_the_lora_gradients(sd_folder):
+    """Checkpointed UNet and text-encoder blocks recompute their forward in the backward pass; the
+    LoRA parameters inside them (behind frozen inputs) must get the same gradients as without."""
+    from diffrt.train.dreambooth import (TEXT_ENCODER_TARGETS, UNET_TARGETS, _add_lora, encode_prompt, load_components,
+                                         tokenize)
+
+    c = load_components(sd_folder, torch.device("cpu"), torch.float32)
+    _add_lora(c.unet, 2, None, UNET_TARGETS, seed=0)
+    _add_lora(c.text_encoder, 2, None, TEXT_ENCODER_TARGETS, seed=1)
+    lora = {f"{m}.{n}": p for m, model in (("unet", c.unet), ("te", c.text_encoder))
+            for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without a gradient
+        for name, p in lora.items():
+            if ".lora_B." in name:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    c.unet.train()
+    c.text_encoder.train()
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def lora_grads() -> dict[str, torch.Tensor]:
+        for p in lora.values():
+            p.grad = None
+        cond = encode_prompt(c, tokenize(c.tokenizer, "a photo of sks cat")).expand(2, -1, -1)
+        c.unet(x, torch.tensor([10, 500]), cond).sample.square().mean().backward()
+        return {k: p.grad.clone() for k, p in lora.items()}
+
+    plain = lora_grads()
+    c.unet.enable_gradient_checkpointing()
+    c.text_encoder.gradient_checkpointing_enable()
+    checkpointed = lora_grads()
+    assert all(g.abs().max() > 0 for g in checkpointed.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_dreambooth_on_a_half_base_under_autocast(sd_folder, cat_folder, tmp_path, monkeypatch):
+    """The GPU layout on the CPU: a bf16 base (VAE, text encoder, UNet) under bf16 autocast, fp32
+    LoRA on both models, gradient checkpointing, EMA; every adapter trains and the file loads."""
+    import diffrt.train.dreambooth as dreambooth
+
+    loaded, load_components = {}, dreambooth.load_components
+    monkeypatch.setattr(dreambooth, "base_dtype", lambda device, mixed_precision: torch.bfloat16)
+    monkeypatch.setattr(dreambooth, "load_components", lambda *a: loaded.setdefault("c", load_components(*a)))
+    cfg = DreamBoothConfig(model=str(sd_folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
+                           rank=2, train_text_encoder=True, resolution=32, num_validation_images=1, inference_steps=1,
+                           train=train_config(tmp_path, max_steps=2, batch_size=2, mixed_precision="bf16",
+                                              gradient_checkpointing=True, ema_decay=0.5, checkpoint_every=2))
+    result = train_dreambooth_lora(cfg)
+    c = loaded["c"]
+    assert c.vae.dtype == c.text_encoder.dtype == c.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(np.isfinite(result.losses))
+    for model in (c.unet, c.text_encoder):
+        lora_b = [p for name, p in model.named_parameters() if ".lora_B." in name]
+        assert lora_b and all(p.dtype == torch.float32 and p.abs().max() > 0 for p in lora_b)  # from zero: trained
+    weights = load_file(tmp_path / "checkpoints" / "step-0000002" / "weights.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    _pipeline(sd_folder).load_lora_weights(tmp_path / LORA_WEIGHT_NAME)
+
+
 @pytest.mark.gpu
 def test_dreambooth_on_gpu_keeps_the_base_in_half_and_lora_in_fp32(sd_folder, cat_folder, tmp_path, monkeypatch):
     import diffrt.train.dreambooth as dreambooth
@@ -515,7 +592,7 @@ def test_data_parallel_ranks_stay_in_step(tmp_path):
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     script = Path(__file__).parent / "scripts" / "ddp_train.py"
-    out = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), str(tmp_path / "ddp")],
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "ddp")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     spread = float(out.stdout.split("RANK_SPREAD=")[1].split()[0])

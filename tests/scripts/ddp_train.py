@@ -1,4 +1,4 @@
-"""Run by tests/test_train.py under `torchrun --nproc_per_node 2` (gloo on CPU): two processes draw
+"""Run by tests/test_train.py under `torchrun --standalone --nproc_per_node 2` (gloo on CPU): two processes draw
 different data (the step generator is seeded by the process index); after training, every rank
 must hold the same weights, which only holds if the loop averages their gradients."""
 
