@@ -341,14 +341,17 @@ def test_lora_scale_per_request_equals_generate_at_that_scale(t2i_folder, tmp_pa
     worker = make_worker(RuntimeConfig(model=str(t2i_folder), backend="torch", device="cpu", warmup_steps=1, loras=[(lora, 0.8)]))
     worker.load()
     assert worker.describe()["lora_scale"] == 1.0
-    bodies = [GenerateBody(prompt=PROMPT, seed=4, num_inference_steps=STEPS, lora_scale=scale) for scale in (0.5, None, 0.5, 0.0)]
+    bodies = [GenerateBody(prompt=PROMPT, seed=4, num_inference_steps=STEPS, lora_scale=scale) for scale in (0.5, None, 0.5, 0.0, 0.0)]
     plans = [worker.plan(body) for body in bodies]
     assert plans[0].batch_key() == plans[2].batch_key() != plans[1].batch_key()
-    images = []
+    images, switched = [], []
     for plan in plans:
         job = Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60)
-        images.append(pixels(worker.run_batch([job])[job.id].pngs[0]))
-    for image, scale in zip(images, (0.4, 0.8, 0.4, 0.0)):
+        answer = worker.run_batch([job])[job.id]
+        images.append(pixels(answer.pngs[0]))
+        switched.append("lora_scale" in answer.timings_ms)  # the re-fuse is a stage of its own, when it happens
+    assert switched == [True, True, True, True, False]
+    for image, scale in zip(images, (0.4, 0.8, 0.4, 0.0, 0.0)):
         req = GenerateRequest(model=str(t2i_folder), backend="torch", device="cpu", prompt=PROMPT, seed=4,
                               num_inference_steps=STEPS, loras=[(lora, scale)])
         np.testing.assert_array_equal(image, pixels(png_bytes(generate(req).images[0])), err_msg=f"LoRA at {scale}")

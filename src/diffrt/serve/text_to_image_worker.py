@@ -54,7 +54,7 @@ from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    settings_key, split_answers)
 from diffrt.serve.schema import GenerateBody, RequestError
-from diffrt.serve.worker import component_ms, encode_finite, lora_scale, self_test_passed
+from diffrt.serve.worker import component_ms, encode_finite, lora_scale, self_test_passed, switch_lora_scale
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,10 @@ class TextToImageWorker(BatchingWorker):
         control = first.control
         if control is not None and len(plans) > 1:  # per ControlNet, one image row per prompt row, in the batch's order
             control = [torch.stack([p.control[k] for p in plans for _ in range(p.num_images)]) for k in range(len(control))]
-        started, t0 = time.monotonic(), time.perf_counter()
+        started = time.monotonic()
+        lora = switch_lora_scale(self.pipe, first.lora_scale)
+        t0 = time.perf_counter()
         try:
-            self.pipe.set_lora_scale(first.lora_scale)  # a re-fuse or refit only when it differs from the last batch's
             result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt,
                                latents=torch.cat([p.latents for p in plans]), generator=generator_blocks(plans),
                                **first.settings, control_image=control, controlnet_conditioning_scale=first.control_scale,
@@ -175,7 +176,7 @@ class TextToImageWorker(BatchingWorker):
             # so the request whose images start at `row` finds its prompt there.
             return {key: None if meta.get(key) is None else meta[key][row : row + 1] for key in ("truncated", "truncated_negative")}
 
-        timings = {"sample": sample_ms, **components, "encode": encode_ms}
+        timings = {**lora, "sample": sample_ms, **components, "encode": encode_ms}
         return split_answers(jobs, pngs, result.backend, started, timings, truncated)
 
     # -- any thread (reads the model's description only) ---------------------------------

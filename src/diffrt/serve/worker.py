@@ -76,6 +76,16 @@ def lora_scale(pipe, body: GenerateBody) -> float:
     return scale
 
 
+def switch_lora_scale(pipe, scale: float) -> dict[str, float]:
+    """Set the batch's lora_scale on the pipeline (a re-fuse or a refit, only when it differs from the
+    last batch's); {"lora_scale": ms} when it changed, a stage of its own in the timings and metrics."""
+    if scale == pipe.lora_scale:
+        return {}
+    t0 = time.perf_counter()
+    pipe.set_lora_scale(scale)
+    return {"lora_scale": 1000 * (time.perf_counter() - t0)}
+
+
 def component_ms(timed: dict[str, TimedBackend]) -> dict[str, float]:
     """Milliseconds each component spent since the last call (reads CUDA events: one synchronisation):
     every batch reports the time it spent in each (text encoder, UNet x N steps, VAE), latency per
@@ -173,9 +183,10 @@ class PixelWorker(BatchingWorker):
         labels = torch.cat([p.labels for p in plans]) if first.labels is not None else None
         latents = torch.cat([p.latents for p in plans])
         n = latents.shape[0]
-        started, t0 = time.monotonic(), time.perf_counter()
+        started = time.monotonic()
+        lora = switch_lora_scale(self.pipe, first.lora_scale)
+        t0 = time.perf_counter()
         try:
-            self.pipe.set_lora_scale(first.lora_scale)  # a re-fuse or refit only when it differs from the last batch's
             result = self.pipe(labels, num_images=None if labels is not None else n, latents=latents,
                                generator=generator_blocks(plans),
                                num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"],
@@ -185,7 +196,7 @@ class PixelWorker(BatchingWorker):
             components = component_ms(self.timed)
         sample_ms = 1000 * (time.perf_counter() - t0)
         pngs, encode_ms = encode_finite(result)
-        timings = {"sample": sample_ms, **components, "encode": encode_ms}
+        timings = {**lora, "sample": sample_ms, **components, "encode": encode_ms}
         return split_answers(jobs, pngs, result.backend, started, timings)
 
     # -- any thread (reads the model's description only) ---------------------------------
