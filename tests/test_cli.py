@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from diffrt.cli import main
+from diffrt.errors import DiffrtError
 
 SUBCOMMANDS = ["train", "export", "refit", "generate", "bench", "serve", "demo"]
 
@@ -108,3 +109,46 @@ def test_demo_ui_flags_reach_the_demo(monkeypatch, tmp_path):
     assert seen == {"host": "127.0.0.1", "port": 7000, "model": str(tmp_path), "backend": "onnxruntime", "controlnet": ["cn"],
                     "loras": [("a.safetensors", 0.5)]}
     _assert_one_line_error(run_cli("demo", "--model", str(tmp_path)), "choose the model of the Gradio demo; add --ui")
+
+
+def test_mistakes_found_by_trying_the_readme_are_one_line(uncond_model_dir, tmp_path):
+    """Each of these gave a traceback (or, for serve, a process that stayed up answering 503)."""
+    import torch
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [
+        (("export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "a"), "--lora", str(tmp_path / "missing.safetensors")),
+         "LoRA file not found"),
+        (("export", "--model", str(uncond_model_dir), "--out", str(afile)), "is a file; an export writes a folder"),
+        (("generate", "--model", str(uncond_model_dir), "--device", "tpu"), "'tpu' is not a device torch knows"),
+        (("generate", "--model", str(uncond_model_dir), "--negative-prompt", "a cat", "--control-scale", "0.5"),
+         "--negative-prompt/--control-scale need a text-to-image model"),
+        (("serve", "--model", str(tmp_path / "missing")), "model folder not found"),
+        (("serve", "--backend", "warp-drive"), "unknown backend 'warp-drive'"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(("generate", "--model", str(uncond_model_dir), "--device", "cuda"), "torch sees no CUDA GPU here"),
+                  (("demo", "--backend", "tensorrt"), "backend 'tensorrt' is not available")]
+    for args, words in cases:
+        _assert_one_line_error(run_cli(*args), words)
+    out = run_cli("serve", "--port", "99999")
+    assert out.returncode == 2 and "is not a TCP port" in out.stderr
+
+
+def test_serve_exits_when_the_model_cannot_load(uncond_model_dir, tmp_path):
+    """A model that fails in the worker (here: strict mode refusing PyTorch for an artifact) ends
+    `diffrt serve` with that one line instead of a server answering 503 for ever."""
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.serve.app import ServeConfig, serve
+
+    export_pixel_model(uncond_model_dir, tmp_path / "artifact", ExportOptions(verify=False))
+    with pytest.raises(DiffrtError, match="a fallback strict mode refuses"):
+        serve(ServeConfig(model=str(tmp_path / "artifact"), backend="torch", strict=True, port=0, api_key_env=None, log_level="warning"))
+
+
+def test_bench_lists_its_configurations():
+    out = run_cli("bench", "--list")
+    assert out.returncode == 0
+    names = [line.split()[0] for line in out.stdout.splitlines()]
+    assert {"digits", "tiny-t2i-controlnet", "sd15"} <= set(names)

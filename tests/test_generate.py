@@ -56,10 +56,12 @@ def test_strict_refuses_an_artifact_on_the_torch_backend(uncond_model_dir, tmp_p
 
     artifact = export_pixel_model(uncond_model_dir, tmp_path / "art", ExportOptions(batch=(1, 2, 8), verify=False)).folder
     args = ["generate", "--model", str(artifact), "--steps", "1", "--out", str(tmp_path / "x.npy")]
-    assert main([*args, "--strict"]) == 2
+    assert main([*args, "--backend", "torch", "--strict"]) == 2
     one_line_error(capsys, "strict mode refuses")
-    assert main(args) == 0  # without --strict: a warning, and the source weights run
+    assert main([*args, "--backend", "torch"]) == 0  # without --strict: a warning, and the source weights run
     assert main([*args, "--backend", "onnxruntime", "--strict"]) == 0
+    assert "(onnxruntime on CPUExecutionProvider, " in capsys.readouterr().out
+    assert main([*args, "--strict"]) == 0  # no --backend: an artifact runs its exported files
     assert "(onnxruntime on CPUExecutionProvider, " in capsys.readouterr().out
 
 
@@ -133,3 +135,18 @@ def test_export_takes_repeated_controlnets_in_order(t2i_folder, t2i_controlnet_b
                  "--height", "32:32:64", "--width", "32:32:64", "--controlnet", str(t2i_folder / "controlnet"),
                  "--controlnet", str(t2i_controlnet_b)]) == 0
     assert "cache hit" in capsys.readouterr().out
+
+
+def test_one_image_is_written_as_itself_several_as_a_grid(classemb_model_dir, tmp_path):
+    from PIL import Image
+
+    from diffrt.images import png_bytes
+
+    common = ["generate", "--model", str(classemb_model_dir), "--class-label", "1", "--steps", "2", "--seed", "3"]
+    assert main([*common, "--num-images", "1", "--out", str(tmp_path / "one.png")]) == 0
+    image = generate(GenerateRequest(model=str(classemb_model_dir), class_label=1, num_images=1, num_inference_steps=2, seed=3,
+                                     device="cpu")).images[0]
+    assert (tmp_path / "one.png").read_bytes() == png_bytes(image)  # the image, at its own size, no border
+    assert main([*common, "--num-images", "4", "--out", str(tmp_path / "four.png")]) == 0
+    grid = Image.open(tmp_path / "four.png")
+    assert grid.width > 4 * image.shape[-1]  # four images side by side, scaled and bordered

@@ -149,3 +149,15 @@ def test_generate_takes_lora_for_pixel_models(classemb_model_dir, tmp_path):
     with pytest.raises(ArtifactError, match=r"has LoRA baked in at export \(pixel_lora.safetensors:0.7\)"):
         generate(replace(request, model=str(artifact), backend="onnxruntime", loras=[(str(lora), 0.3)]))
 
+
+
+def test_demo_shows_the_lora_slider_only_where_the_scale_can_change(t2i_folder, lora, tmp_path):
+    """describe() says whether a LoRA's strength can change: PyTorch yes, a LoRA baked into ONNX no."""
+    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.text_to_image import export_text_to_image
+
+    meta = open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(lora, 0.8)]).runtime_metadata()
+    assert (meta["lora_scale"], meta["lora_scalable"]) == (1.0, True)
+    export_text_to_image(t2i_folder, tmp_path / "baked", ExportOptions(loras=[(str(lora), 0.8)], verify=False), [])
+    assert open_text_to_image_pipeline(tmp_path / "baked", "onnxruntime", CPU).runtime_metadata()["lora_scalable"] is False
+    assert "lora_scale" not in open_text_to_image_pipeline(t2i_folder, "torch", CPU).runtime_metadata()

@@ -9,6 +9,7 @@ StableDiffusionImg2ImgPipeline.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -486,3 +487,20 @@ def test_generate_clip_flags_on_a_pixel_model(clip_dir, uncond_model_dir, tmp_pa
     assert np.abs(np.load(tmp_path / "clip.npy") - np.load(tmp_path / "plain.npy")).max() > 1e-3
     assert main([*common, "--clip-prompt", "a red square", "--out", str(tmp_path / "x.npy")]) == 2
     assert "--clip-prompt needs --clip-model" in capsys.readouterr().err
+
+
+def test_generate_cli_runs_image_to_image(t2i_folder, control_image, tmp_path):
+    """`diffrt generate --image FILE --strength F` is the pipeline's img2img (diffusers' `image`, `strength`)."""
+    from diffrt.generate import GenerateRequest, generate
+    from diffrt.images import load_image, png_bytes
+
+    path = tmp_path / "init.png"
+    path.write_bytes(png_bytes(control_image[0]))
+    request = GenerateRequest(model=str(t2i_folder), backend="torch", device=CPU, prompt="a photo of the cat", seed=2,
+                              num_inference_steps=4, image=str(path), strength=0.5)
+    images = generate(request).images
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU)
+    expected = pipe("a photo of the cat", image=load_image(path), strength=0.5, num_inference_steps=4, seed=2,
+                    guidance_scale=7.5, output_type="pt").images
+    assert torch.equal(images, expected)
+    assert not torch.equal(images, generate(replace(request, strength=0.9)).images)

@@ -624,3 +624,12 @@ def test_resume_with_other_settings_fails_clearly(class_cond_runs, tmp_path):
     assert "batch_size: 16 saved vs 8 now" in message and "widths: [16, 32] saved vs [16, 64] now" in message
     assert "max_steps" not in message and "out:" not in message  # free to change (and out did change)
     assert [s for s, _ in read_loss_csv(out)] == list(range(1, STEPS + 1))  # nothing ran
+
+
+def test_dreambooth_trains_at_the_models_own_size_by_default(t2i_folder):
+    """Without --resolution, DreamBooth (and its class images) use the pipeline's own size, read from
+    its configs (512 for SD-1.5), not a fixed 512 that would make a 32-pixel model generate 16x the pixels."""
+    from diffrt.text_to_image_models import load_text_to_image
+    from diffrt.train.dreambooth import model_resolution
+
+    assert model_resolution(t2i_folder) == load_text_to_image(t2i_folder, weights=False).default_size == 32

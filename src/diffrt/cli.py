@@ -131,6 +131,7 @@ def _cmd_generate(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
         height=args.height, width=args.width, num_images=args.num_images, eta=args.eta, class_label=args.class_label,
         controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
+        image=args.image, strength=args.strength,
         loras=_loras(args), lora_scale=args.lora_scale, color=args.color, color_scale=args.color_scale,
         clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=args.clip_scale,
         guidance_mode=args.guidance_mode, device=args.device, strict=args.strict, cuda_graph=args.cuda_graph,
@@ -165,6 +166,12 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from diffrt.bench import run_bench
 
+    if args.list:
+        from diffrt.bench.configs import CONFIGS
+
+        for name, config in CONFIGS.items():
+            print(f"{name:18} {'GPU  ' if getattr(config, 'gpu_only', False) else 'any  '}{config.description}")
+        return 0
     paths = run_bench(out_dir=args.out, backends=args.backend, repeats=args.repeats, configs=args.config)
     for p in paths:
         print(f"wrote {p}")
@@ -177,8 +184,19 @@ def _cmd_serve(args) -> int:
     serve(ServeConfig(model=args.model, controlnet=args.controlnet, loras=_loras(args), backend=args.backend, host=args.host, port=args.port,
                       api_key_env=args.api_key_env, max_batch_size=args.max_batch_size,
                       max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
-                      device=args.device, strict=args.strict, cuda_graph=args.cuda_graph))
+                      device=args.device, strict=args.strict, cuda_graph=args.cuda_graph, exact_batching=args.exact_batching))
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535; 0 picks a free one)")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--train-text-encoder", action="store_true", help="also train a LoRA on the CLIP text encoder")
     db.add_argument("--text-encoder-target-modules", nargs="+", default=None,
                     help="text-encoder modules to adapt with --train-text-encoder (default: q_proj k_proj v_proj out_proj)")
-    db.add_argument("--resolution", type=int, default=512, help="training image size in pixels")
+    db.add_argument("--resolution", type=int, default=None, help="training image size in pixels (default: the model's own, 512 for SD-1.5)")
     db.add_argument("--crop", choices=["center", "random"], default="center")
     db.add_argument("--random-flip", action="store_true")
     db.add_argument("--validation-prompt", default=None, help="prompt for validation images (default: the instance prompt)")
@@ -263,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     # generate
     ge = sub.add_parser("generate", help="generate images with the guided DDIM loop")
     ge.add_argument("--model", default=None, help="diffusers or artifact folder, or Hub id org/name[@rev] (default: the shipped digits model)")
-    ge.add_argument("--backend", default="torch", help="torch, torch-compile, onnxruntime or tensorrt")
+    ge.add_argument("--backend", default=None,
+                    help="torch, torch-compile, onnxruntime or tensorrt (default: the fastest installed for an artifact, else torch)")
     ge.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; tensorrt needs cuda)")
     ge.add_argument("--strict", action="store_true",
                     help="make any fallback an error (an ONNX Runtime provider that did not start, PyTorch weights for an artifact)")
@@ -286,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="conditioning image (repeatable: one per ControlNet, in the same order)")
     ge.add_argument("--control-scale", action="append", type=float, default=[], metavar="F",
                     help="ControlNet conditioning scale (repeatable: one per ControlNet, or one for all; default 1.0)")
+    ge.add_argument("--image", default=None, metavar="FILE", help="image-to-image: start from this image (text-to-image models)")
+    ge.add_argument("--strength", type=float, default=0.8, help="image-to-image: share of the schedule that runs (default 0.8)")
     ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
     ge.add_argument("--lora-scale", type=float, default=1.0, metavar="F",
                     help="run the LoRA (--lora, or the artifact's) at F times its scale: 0 is the base model; "
@@ -302,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="latency per component and end to end, per backend, vs eager PyTorch")
     be.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown table and PNG chart")
     be.add_argument("--backend", action="append", default=None, help="backends to measure (default: all present)")
-    be.add_argument("--config", action="append", default=None, help="configurations (default: those for this machine)")
+    be.add_argument("--config", action="append", default=None, help="configurations, repeatable (--list names them; default: those for this machine)")
+    be.add_argument("--list", action="store_true", help="list the configurations and exit")
     be.add_argument("--repeats", type=int, default=5)
     be.set_defaults(func=_cmd_bench)
 
@@ -321,9 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                     help="tensorrt: launch each step normally instead of replaying captured CUDA graphs")
     se.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
-    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--port", type=_port, default=8000)
     se.add_argument("--api-key-env", default="DIFFRT_API_KEY", help="environment variable holding the API key (unset: no key)")
     se.add_argument("--max-batch-size", type=int, default=8)
+    se.add_argument("--allow-inexact-batching", dest="exact_batching", action="store_false",
+                    help="batch requests even on a backend whose batched images differ from solo ones in the last bit "
+                         "(measured at start-up; by default such a backend runs requests one at a time)")
     se.add_argument("--max-queue", type=int, default=64)
     se.add_argument("--batch-wait-ms", type=float, default=10.0)
     se.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
@@ -336,9 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--ui", action="store_true", help="start the Gradio demo instead")
     de.add_argument("--model", default=None, help="--ui: diffusers or artifact folder, or Hub id (default: the shipped digits model)")
     de.add_argument("--controlnet", action="append", default=None, metavar="DIR", help="--ui: ControlNet folder for a text-to-image model")
-    de.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="--ui: LoRA to run; the demo has a LoRA scale slider")
+    de.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="--ui: LoRA to run; a LoRA scale slider with --backend torch (ONNX bakes it in)")
     de.add_argument("--host", default="127.0.0.1")
-    de.add_argument("--port", type=int, default=7860)
+    de.add_argument("--port", type=_port, default=7860)
     de.set_defaults(func=_cmd_demo)
     return parser
 

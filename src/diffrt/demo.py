@@ -55,13 +55,14 @@ def demo_request(settings: DemoSettings, num_classes: int = 10):
 
 def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings: DemoSettings | None = None,
              device: str = "cpu") -> tuple[Path, list[DemoTiming], float]:
-    from diffrt.runtime.backends import best_exported_backend
+    from diffrt.runtime.backends import best_exported_backend, require_backend, resolve_device
     from diffrt.runtime.loading import open_pixel_pipeline
 
     settings = settings or DemoSettings()
     backend = backend or best_exported_backend()
+    require_backend(backend)  # one line naming the backends here
     if backend == "tensorrt":
-        device = "cuda"
+        device = str(resolve_device(None, backend))  # CUDA, or one line saying there is none
 
     # 1. Eager reference and the exported pipeline (export is cached; a second run reuses it).
     #    The engine's batch profile is tuned for this request: CFG doubles the image count.

@@ -14,7 +14,7 @@ import torch
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
-from diffrt.images import save_grid, to_numpy
+from diffrt.images import png_bytes, save_grid, to_numpy
 from diffrt.runtime.guidance import Guidance, color_guidance
 
 
@@ -26,7 +26,7 @@ DEFAULT_PIXEL_GUIDANCE_SCALE = 2.0
 @dataclass
 class GenerateRequest:
     model: str | None = None
-    backend: str = "torch"
+    backend: str | None = None  # None: the fastest exported backend for an artifact, else torch
     seed: int = 0
     num_inference_steps: int = 25
     out: str = "out.png"
@@ -41,6 +41,8 @@ class GenerateRequest:
     controlnet: str | list[str] | None = None  # one ControlNet folder, or several (diffusers' MultiControlNetModel), in order
     control_image: str | list[str] | None = None  # one conditioning image file per ControlNet, in the same order
     control_scale: float | list[float] = 1.0  # one for every ControlNet, or one per ControlNet
+    image: str | None = None  # img2img: the image file to start from (text-to-image models)
+    strength: float = 0.8  # img2img: how much of the schedule runs (1.0: the image is all noise)
     loras: list[tuple[str, float]] = field(default_factory=list)
     lora_scale: float = 1.0  # times the LoRA scales (--lora, or an artifact's); a refit for TensorRT engines
     color: str | None = None
@@ -92,20 +94,29 @@ def build_guidance(req: GenerateRequest) -> list[Guidance]:
 
 def generate(req: GenerateRequest):
     """Run the request; returns the GenerationResult with images as a [N, C, H, W] tensor in [0, 1]."""
-    from diffrt.runtime.backends import require_backend, resolve_device
+    from diffrt.runtime.backends import best_exported_backend, require_backend, resolve_device
 
     if req.num_images is not None and req.num_images < 1:
         raise DiffrtError(f"--num-images must be >= 1, got {req.num_images}")
+    req = resolve_hub_ids(req)
+    if req.backend is None:  # an artifact runs its exported files; a diffusers folder runs in PyTorch
+        from diffrt.runtime.loading import is_artifact
+
+        artifact = req.model is not None and is_artifact(Path(req.model))
+        req = replace(req, backend=best_exported_backend() if artifact else "torch")
     require_backend(req.backend)
     req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
-    req = resolve_hub_ids(req)
     guidance = build_guidance(req)
     if is_text_to_image(req.model):
         from diffrt.runtime.text_to_image import generate_text_to_image
 
         return generate_text_to_image(req, guidance)
-    if req.prompt or req.controlnet or req.control_image:
-        raise DiffrtError("--prompt/--controlnet need a text-to-image model folder; this is a pixel-space model (use --class-label)")
+    text_only = {"--prompt": req.prompt, "--negative-prompt": req.negative_prompt, "--controlnet": req.controlnet,
+                 "--control-image": req.control_image, "--image": req.image,
+                 "--control-scale": req.control_scale not in (1.0, [])}
+    given = [flag for flag, value in text_only.items() if value]
+    if given:
+        raise DiffrtError(f"{'/'.join(given)} need a text-to-image model folder; this is a pixel-space model (use --class-label)")
     from diffrt.runtime.loading import open_pixel_pipeline
 
     pipe = open_pixel_pipeline(req.model, req.backend, req.device, loras=req.loras, strict=req.strict, cuda_graph=req.cuda_graph)
@@ -122,7 +133,8 @@ def generate(req: GenerateRequest):
 
 
 def generate_to_file(req: GenerateRequest):
-    """Generate and write a PNG grid or a .npy array (float32, N x H x W x C in [0, 1])."""
+    """Generate and write a PNG (one image as it is; several as a grid) or a .npy array (float32,
+    N x H x W x C in [0, 1])."""
     out = Path(req.out)
     if out.suffix.lower() not in (".png", ".npy"):
         raise DiffrtError(f"--out {out} must end in .png (a grid) or .npy (float32 N x H x W x C)")
@@ -131,6 +143,8 @@ def generate_to_file(req: GenerateRequest):
     if out.suffix.lower() == ".npy":
         with atomic.atomic_path(out) as tmp, open(tmp, "wb") as f:
             np.save(f, to_numpy(images))
+    elif images.shape[0] == 1:
+        atomic.write_bytes(out, png_bytes(images[0]))
     else:
         nrow = int(np.ceil(np.sqrt(images.shape[0]))) if images.shape[0] > 10 or images.shape[0] < 4 else images.shape[0]
         save_grid(out, images, nrow=nrow, scale=max(1, 64 // images.shape[-1]))
@@ -147,7 +161,8 @@ def result_summary(result, path: Path) -> str:
     if meta.get("cuda_graph"):
         ran += " with CUDA graphs"
     cut = " (prompt truncated)" if result_warnings(result) else ""
-    return f"wrote {path} ({ran}, {result.ms_per_step:.1f} ms/step){cut}"
+    compiled = ", the first run's compilation included" if result.backend == "torch-compile" else ""
+    return f"wrote {path} ({ran}, {result.ms_per_step:.1f} ms/step{compiled}){cut}"
 
 
 def result_warnings(result) -> list[str]:

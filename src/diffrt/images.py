@@ -85,7 +85,9 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, mode: str = "
             if size is not None:
                 im = im.resize((size[1], size[0]), Image.BICUBIC)
             array = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise DataError(f"{name} is not a readable image (not a format Pillow knows); convert it to PNG/JPEG") from None
+    except (OSError, Image.DecompressionBombError) as exc:
         raise DataError(f"{name} is not a readable image ({exc}); remove it or convert it to PNG/JPEG") from None
     if array.ndim == 2:
         array = array[..., None]

@@ -28,7 +28,7 @@ import torch
 
 from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
-from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.errors import ArtifactError, DiffrtError, LoraError
 from diffrt.export import manifest as mf
 from diffrt.export.onnx import DEFAULT_OPSET, TWO_GB, export_onnx
 from diffrt.models import PixelModel, SHIPPED_DIGITS, load_pixel_model
@@ -79,8 +79,13 @@ def parse_range(text: str, name: str) -> tuple[int, int, int]:
     return tuple(parts)
 
 
-def check_options(options: ExportOptions) -> None:
+def check_options(options: ExportOptions, out: Path | None = None) -> None:
     """Refuse, in one line, an export that cannot succeed, before any model is loaded or traced."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise DiffrtError(f"--out {out} is a file; an export writes a folder there: pass a new or existing folder")
+    for path, _ in options.loras:
+        if not Path(path).is_file():
+            raise LoraError(f"LoRA file not found: {path}; pass a .safetensors file (FILE[:SCALE])")
     if options.opset < MIN_OPSET:
         raise DiffrtError(f"--opset {options.opset} is below {MIN_OPSET}, the oldest opset diffrt exports "
                           f"(LayerNormalization is one op from {MIN_OPSET} on); use --opset {MIN_OPSET} or newer")
@@ -96,8 +101,8 @@ def check_options(options: ExportOptions) -> None:
 def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: ExportOptions) -> ExportResult:
     """Export a pixel-space model's UNet (unconditional or either class-conditioned variant)."""
     t0 = time.perf_counter()
-    check_options(options)
     out = Path(out)
+    check_options(options, out)
     src = Path(model_dir) if model_dir is not None else SHIPPED_DIGITS
     spec = pixel_spec(load_pixel_model(src, weights=False), options)  # configs only: enough for the key
     source_sha256 = atomic.sha256_folder(src)

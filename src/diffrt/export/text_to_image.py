@@ -83,7 +83,7 @@ def exported_controlnets(manifest: dict) -> list[tuple[Path, str]]:
 def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, controlnets: Sequence[str | Path]) -> ExportResult:
     """Export a text-to-image folder (+ any ControlNets, in order, + LoRA files) into an artifact folder."""
     t0 = time.perf_counter()
-    check_options(options)
+    check_options(options, Path(out))
     model_dir, out = require_text_to_image_folder(model_dir), Path(out)
     controlnets = [Path(c) for c in controlnets]
     model = load_text_to_image(model_dir, controlnets, weights=False)  # configs only: enough for the key

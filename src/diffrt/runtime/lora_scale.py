@@ -35,6 +35,7 @@ Loras = Sequence[tuple[str | Path, float]]  # (file, scale) as opened
 
 class RuntimeLora(Protocol):
     scale: float  # the multiplier now in effect; 1.0: the scales the pipeline was opened with
+    scalable: bool  # whether any scale but 1.0 can be set
 
     def check(self, scale: float) -> None:
         """Raise DiffrtError (one line) if this pipeline cannot run its LoRA at `scale`."""
@@ -57,6 +58,8 @@ class TorchLora:
 
     `modules` maps LoRA component names ("unet", "text_encoder") to the modules that run; only the
     weights the LoRA patches are saved (for Stable Diffusion, the attention projections)."""
+
+    scalable = True
 
     def __init__(self, modules: Mapping[str, nn.Module], loras: Loras):
         from diffrt.export.lora import lora_deltas, read_lora
@@ -90,6 +93,8 @@ class TorchLora:
 class BakedLora:
     """LoRA that is part of the compiled weights (an ONNX graph's constants): fixed at scale 1.0."""
 
+    scalable = False
+
     def __init__(self, why: str):
         self.why = why
         self.scale = 1.0
@@ -109,6 +114,8 @@ class EngineLora:
     `engines` maps artifact component names (those of refit.LORA_COMPONENTS) to their running
     TensorRTBackend; `loras()` gives the artifact's LoRA files at the scales its manifest records,
     read (and hash-checked) only when a scale other than 1.0 is first asked for."""
+
+    scalable = True
 
     def __init__(self, folder: Path, engines: Mapping[str, object], loras: Callable[[], Loras]):
         self.folder = folder

@@ -122,7 +122,7 @@ class DenoiserPipeline:
         the session uses (not those asked for), and whether TensorRT replays captured CUDA graphs."""
         backends = self.backends()
         return {"components": {name: b.name for name, b in backends.items()},
-                **({"lora_scale": self.lora.scale} if self.lora is not None else {}),
+                **({"lora_scale": self.lora.scale, "lora_scalable": self.lora.scalable} if self.lora is not None else {}),
                 "providers": {name: list(b.providers) for name, b in backends.items() if getattr(b, "providers", None) is not None},
                 "cuda_graph": any(getattr(b, "replays_graphs", False) for b in backends.values())}
 

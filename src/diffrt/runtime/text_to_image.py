@@ -392,7 +392,8 @@ def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
                               f"({k}, in the order they were exported), got {len(images)}")
         size = (req.height, req.width) if req.height and req.width else None
         control = [load_image(path, size=size) for path in images]  # one per ControlNet, as the pipeline takes them
-    return pipe(req.prompt or "", negative_prompt=req.negative_prompt, height=req.height, width=req.width,
+    init = load_image(req.image, size=(req.height, req.width) if req.height and req.width else None) if req.image else None
+    return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
                 num_inference_steps=req.num_inference_steps,
                 guidance_scale=DEFAULT_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale,
                 num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,

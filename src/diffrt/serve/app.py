@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from diffrt.errors import DiffrtError
 from diffrt.serve.batching import Answer
 from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 from diffrt.serve.schema import GenerateBody, RequestError, describe_validation_errors
@@ -262,7 +263,24 @@ def serve(config: ServeConfig) -> None:
 
     if config.host not in LOOPBACK and config.api_key() is None:
         log.warning("serving on %s without an API key; set %s to require one", config.host, config.api_key_env)
-    uvicorn.Server(uvicorn_config(create_app(config), config)).run()
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn_config(app, config))
+    failed: list[BaseException] = []
+
+    def exit_if_the_model_fails_to_load() -> None:
+        # /healthz answers while the model loads (a TensorRT build can take minutes); a model that
+        # cannot load at all stops the process instead of serving 503s for ever.
+        try:
+            app.state.runtime.wait_ready(timeout=float("inf"))
+        except BaseException as exc:  # noqa: BLE001 - any load failure ends the service
+            failed.append(exc)
+            server.should_exit = True
+
+    threading.Thread(target=exit_if_the_model_fails_to_load, name="diffrt-serve-load-watch", daemon=True).start()
+    server.run()
+    if failed:
+        error = failed[0]
+        raise error if isinstance(error, DiffrtError) else DiffrtError(f"the model failed to load: {error}")
 
 
 class BackgroundServer:

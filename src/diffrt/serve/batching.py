@@ -140,8 +140,8 @@ class BatchingWorker:
             if self.batch_max_abs_diff > 0:
                 log.warning("%s: a request batched with others differs from the same request alone by up to %.1e; %s",
                             backend, self.batch_max_abs_diff,
-                            "running requests one at a time (exact_batching=False batches them anyway)" if self.exact_batching
-                            else "batching anyway (exact_batching=False)")
+                            "running requests one at a time (`diffrt serve --allow-inexact-batching` batches them anyway)"
+                            if self.exact_batching else "batching anyway (--allow-inexact-batching)")
 
     @property
     def batches_requests(self) -> bool:

@@ -49,8 +49,16 @@ class RuntimeConfig:
 
 def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     """The worker for the model's kind: text-to-image (prompts, ControlNet) or pixel-space (class labels)."""
+    from pathlib import Path
+
     from diffrt.generate import is_text_to_image
-    from diffrt.runtime.backends import resolve_device
+    from diffrt.models import require_model_dir
+    from diffrt.runtime.backends import require_backend, resolve_device
+
+    # What can be checked at once is, in one line, before the worker thread starts loading.
+    require_backend(config.backend)
+    if config.model is not None and not (Path(config.model) / "manifest.json").is_file():
+        require_model_dir(config.model)
 
     common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
                   max_batch_size=config.max_batch_size, exact_batching=config.exact_batching,

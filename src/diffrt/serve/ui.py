@@ -4,7 +4,8 @@ Controls follow the model served: a class label for class-conditioned pixel mode
 negative prompt for text-to-image ones; DDIM steps, guidance scale, a colour picker for colour
 guidance, an image upload whose scikit-image Canny edge map is the control image of ControlNet
 models (hidden for models without one), and the LoRA strength (`lora_scale`) where the model
-runs a LoRA. Each image is shown with the latency of its generation and the backend that ran it.
+runs a LoRA whose strength can change (PyTorch, refittable TensorRT engines; not a LoRA baked
+into ONNX graphs). Each image is shown with the latency of its generation and the backend that ran it.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def make_generate(runtime: ServeRuntime):
             fields.update(color=to_hex(color), color_scale=float(color_scale))
         if control_image is not None and info.get("controlnet"):
             fields["control_image"] = png_base64(canny_edges(control_image))
-        if "lora_scale" in info:
+        if info.get("lora_scalable"):
             fields["lora_scale"] = float(lora_scale)
         t0 = time.perf_counter()
         try:
@@ -122,7 +123,8 @@ def build_ui(runtime: ServeRuntime):
                 has_control = bool(info.get("controlnet"))
                 control = gr.Image(type="numpy", label="ControlNet image (Canny edges)", visible=has_control)
                 edges = gr.Image(type="numpy", label="Canny edge map", interactive=False, visible=has_control)
-                lora_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale", visible="lora_scale" in info)
+                lora_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale",
+                                       visible=bool(info.get("lora_scalable")))
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 output = gr.Image(type="pil", label="image", height=max(DISPLAY_SIZE, info.get("sample_size") or 0))

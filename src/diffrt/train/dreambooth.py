@@ -19,17 +19,19 @@ The output is `out/pytorch_lora_weights.safetensors` as diffusers' `save_lora_we
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from diffrt import atomic
 from diffrt.data import ImageDataset, list_images, load_image_folder, load_source
@@ -62,7 +64,7 @@ class DreamBoothConfig:
     target_modules: tuple[str, ...] = UNET_TARGETS
     train_text_encoder: bool = False
     text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
-    resolution: int = 512
+    resolution: int | None = None  # None: the model's own (the UNet's sample size x the VAE's factor; 512 for SD-1.5)
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     validation_prompt: str | None = None  # default: the instance prompt
@@ -88,7 +90,7 @@ class DreamBoothConfig:
                 raise DiffrtError(f"--num-class-images must be >= 1, got {self.num_class_images}")
             if self.prior_loss_weight < 0:
                 raise DiffrtError(f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}")
-        if self.resolution < 8 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise DiffrtError(f"--resolution must be a positive multiple of 8 (the VAE's downsampling), got {self.resolution}")
         if self.num_validation_images < 1 or self.inference_steps < 1:
             raise DiffrtError("--num-validation-images and --inference-steps must be >= 1")
@@ -116,6 +118,9 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     # 1. Everything cheap to check, before any model is loaded.
     config.validate()
     folder = require_pipeline_dir(config.model)
+    if config.resolution is None:
+        config = replace(config, resolution=model_resolution(folder))
+        log.info("training at %d px, the model's own size (--resolution to change it)", config.resolution)
     instance = load_source(config.instance_data, config.resolution, labelled=False, crop=config.crop)
     out = Path(config.train.out)
 
@@ -238,8 +243,6 @@ def base_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
 
 
 def load_components(folder: Path, device: torch.device, dtype: torch.dtype) -> Components:
-    import json
-
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -338,6 +341,14 @@ def encode_prompt(c: Components, input_ids: torch.Tensor) -> torch.Tensor:
 # -- images from the base model ----------------------------------------------------------------
 
 
+def model_resolution(folder: Path) -> int:
+    """The pipeline's own image size, read from its configs: the UNet's sample size times the VAE's
+    downsampling factor (64 x 8 = 512 for Stable Diffusion 1.5)."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def text_to_image_pipeline(c: Components):
     """diffusers' StableDiffusionPipeline over the (possibly adapted) components, with DDIM."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -372,7 +383,7 @@ def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig,
     log.info("prior preservation: generating %d class images of %r into %s", missing, config.class_prompt, folder)
     pipe = text_to_image_pipeline(c)
     index = 0
-    for start in range(0, missing, batch):
+    for start in tqdm(range(0, missing, batch), desc="class images", unit="batch", total=-(-missing // batch)):
         seeds = [config.train.seed * 100_003 + have + start + i for i in range(min(batch, missing - start))]
         for image in generate(pipe, config.class_prompt, seeds, config):
             while (folder / f"class-{index:05d}.png").exists():

@@ -81,7 +81,12 @@ def resolve_device(device: str | torch.device | None, backend: str) -> torch.dev
 
     TensorRT runs on CUDA only, so asking it for another device, or for none on a machine without
     CUDA, is refused here in one line, before any export builds an engine."""
-    resolved = torch.device(device) if device is not None else default_device(backend)
+    try:
+        resolved = torch.device(device) if device is not None else default_device(backend)
+    except RuntimeError:
+        raise BackendUnavailableError(f"--device {device!r} is not a device torch knows; pass cpu or cuda (or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"--device {device}: torch sees no CUDA GPU here; pass --device cpu, or leave --device out")
     if backend == "tensorrt":
         if device is None and resolved.type != "cuda":
             raise BackendUnavailableError("backend 'tensorrt' needs a CUDA GPU and torch sees none here; "
