@@ -170,7 +170,7 @@ def _cmd_bench(args) -> int:
         from diffrt.bench.configs import CONFIGS
 
         for name, config in CONFIGS.items():
-            print(f"{name:18} {'GPU  ' if getattr(config, 'gpu_only', False) else 'any  '}{config.description}")
+            print(f"{name:18} {'GPU  ' if config.gpu_only else 'any  '}{config.description}")
         return 0
     paths = run_bench(out_dir=args.out, backends=args.backend, repeats=args.repeats, configs=args.config)
     for p in paths:

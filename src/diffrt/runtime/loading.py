@@ -184,12 +184,14 @@ def component_precision(manifest: dict, name: str) -> str:
     return manifest["components"][name].get("precision", manifest.get("precision", "fp32"))
 
 
-def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.device | None = None, *,
-                            strict: bool = False, cuda_graph: bool = False) -> PixelPipeline:
+def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.device | None = None,
+                            loras: Sequence[tuple[str | Path, float]] = (), *, strict: bool = False,
+                            cuda_graph: bool = False) -> PixelPipeline:
     """A pixel pipeline over an exported artifact; files are checked against the manifest first.
-    `device` None: auto (resolve_device)."""
+    `device` None: auto (resolve_device); `loras`, if given, must be those it was exported with."""
     device = resolve_device(device, backend)
     manifest = read_artifact(folder, "pixel")
+    check_artifact_loras(folder, manifest, loras)
     unet = open_component(folder, manifest, "unet", backend, device, strict=strict, cuda_graph=cuda_graph)
     pipe = manifest["pipeline"]
     info = PixelModelInfo(**pipe["info"])
@@ -214,13 +216,13 @@ def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device
     folder = resolve_model(model) or SHIPPED_DIGITS  # a Hub id: its snapshot in the Hugging Face cache
     torch_backend = backend in ("torch", "torch-compile")
     if is_artifact(folder):
-        manifest = read_artifact(folder, "pixel", verify=False)  # artifact_pixel_pipeline verifies the files it runs
+        if not torch_backend:
+            return artifact_pixel_pipeline(folder, backend, device, loras, strict=strict, cuda_graph=cuda_graph)
+        manifest = read_artifact(folder, "pixel", verify=False)  # PyTorch runs the source, not the artifact's files
         check_artifact_loras(folder, manifest, loras)
-        if torch_backend:
-            refuse_source_fallback(folder, backend, strict)
-            return torch_pixel_pipeline(load_pixel_model(check_source(manifest)), device, compile=backend == "torch-compile",
-                                        loras=manifest_loras(manifest))
-        return artifact_pixel_pipeline(folder, backend, device, strict=strict, cuda_graph=cuda_graph)
+        refuse_source_fallback(folder, backend, strict)
+        return torch_pixel_pipeline(load_pixel_model(check_source(manifest)), device, compile=backend == "torch-compile",
+                                    loras=manifest_loras(manifest))
     require_model_dir(folder)
     if torch_backend:
         return torch_pixel_pipeline(load_pixel_model(folder), device, compile=backend == "torch-compile", loras=loras)

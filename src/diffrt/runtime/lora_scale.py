@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from diffrt.errors import DiffrtError
 log = logging.getLogger(__name__)
 
 Loras = Sequence[tuple[str | Path, float]]  # (file, scale) as opened
+T = TypeVar("T")
 
 
 class RuntimeLora(Protocol):
@@ -43,9 +44,9 @@ class RuntimeLora(Protocol):
     def set_scale(self, scale: float) -> None: ...
 
 
-def scaled(loras: Loras, scale: float) -> list[tuple[str | Path, float]]:
-    """The LoRA files at `scale` times their opened scales."""
-    return [(path, scale * float(s)) for path, s in loras]
+def scaled(loras: Sequence[tuple[T, float]], scale: float) -> list[tuple[T, float]]:
+    """The LoRAs (paths, or files read by read_lora) at `scale` times their opened scales."""
+    return [(lora, scale * float(s)) for lora, s in loras]
 
 
 def check_scale_value(scale: float) -> None:
@@ -86,7 +87,7 @@ class TorchLora:
             return
         for weight, base in self._base:
             weight.copy_(base)
-        fuse_loras(self.modules, [(f, scale * s) for f, s in self.files])
+        fuse_loras(self.modules, scaled(self.files, scale))
         self.scale = float(scale)
 
 
@@ -151,7 +152,7 @@ class EngineLora:
         if scale == self.scale:
             return
         files, maps = self._prepare()
-        files = [(f, scale * s) for f, s in files]
+        files = scaled(files, scale)
         # Every engine's weights first (CPU; raises before any engine changes), then the refits.
         plans = {name: refit_weights(self.folder / name / "model.onnx", maps[name], files) for name in self.engines}
         try:
@@ -162,7 +163,3 @@ class EngineLora:
             raise
         log.info("refit %s at lora_scale %g", ", ".join(self.engines), scale)
         self.scale = float(scale)
-
-
-def no_lora_message(what: str) -> str:
-    return f"{what} runs no LoRA; open it with --lora FILE[:SCALE] (or export one with it) to scale one"

@@ -24,7 +24,7 @@ from diffrt.runtime import ddim
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
-from diffrt.runtime.lora_scale import RuntimeLora, no_lora_message
+from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.sampling import Generators, SamplerOptions, check_finite, check_generators, randn, sample_ddim
 
 OutputType = Literal["pil", "np", "pt"]
@@ -91,7 +91,8 @@ class DenoiserPipeline:
         if self.lora is not None:
             self.lora.check(scale)
         elif scale != 1.0:
-            raise DiffrtError(f"lora_scale {scale:g}: {no_lora_message('this model')}")
+            raise DiffrtError(f"lora_scale {scale:g}: this model runs no LoRA; open it with --lora FILE[:SCALE] "
+                              "(or export one with it) to scale one")
 
     def set_lora_scale(self, scale: float) -> None:
         """Run the LoRA at `scale` times the scales it was opened with, as diffusers' `lora_scale`:

@@ -31,7 +31,7 @@ from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.loading import (artifact_lora, check_artifact_loras, check_source, component_precision, manifest_loras,
                                     open_component, read_artifact, refuse_source_fallback)
-from diffrt.runtime.lora_scale import TorchLora, scaled
+from diffrt.runtime.lora_scale import Loras, TorchLora, scaled
 from diffrt.runtime.text_to_image import TextToImagePipeline
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, controlnet_paths, load_controlnets,
                                          load_text_to_image, load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 OPEN_BATCH = (1, 8, 1 << 16)  # eager PyTorch takes any batch
 OPEN_SIZE = 1 << 14  # and any image side up to this, in pixels
-Loras = Sequence[tuple[str | Path, float]]
 ControlNets = str | Path | Sequence[str | Path] | None  # one folder, or several in order (MultiControlNetModel)
 
 

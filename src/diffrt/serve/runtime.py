@@ -54,10 +54,11 @@ def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     from diffrt.generate import is_text_to_image
     from diffrt.models import require_model_dir
     from diffrt.runtime.backends import require_backend, resolve_device
+    from diffrt.runtime.loading import is_artifact
 
     # What can be checked at once is, in one line, before the worker thread starts loading.
     require_backend(config.backend)
-    if config.model is not None and not (Path(config.model) / "manifest.json").is_file():
+    if config.model is not None and not is_artifact(Path(config.model)):
         require_model_dir(config.model)
 
     common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
