@@ -150,3 +150,22 @@ def test_one_image_is_written_as_itself_several_as_a_grid(classemb_model_dir, tm
     assert main([*common, "--num-images", "4", "--out", str(tmp_path / "four.png")]) == 0
     grid = Image.open(tmp_path / "four.png")
     assert grid.width > 4 * image.shape[-1]  # four images side by side, scaled and bordered
+
+
+def test_an_artifact_runs_on_what_it_was_exported_for_by_default(uncond_model_dir, tmp_path, monkeypatch):
+    """No --backend: an ONNX-only artifact runs on ONNX Runtime even where TensorRT is installed
+    (it has no engines to run); engines run on TensorRT where it runs."""
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export import manifest as mf
+    from diffrt.runtime import backends
+    from diffrt.runtime.loading import artifact_backend
+
+    artifact = export_pixel_model(uncond_model_dir, tmp_path / "art", ExportOptions(batch=(1, 2, 8), verify=False)).folder
+    monkeypatch.setattr(backends, "backend_available", lambda name: True)  # as if TensorRT were installed
+    assert artifact_backend(artifact) == "onnxruntime"
+    manifest = mf.read_manifest(artifact)
+    manifest["components"]["unet"]["engine"] = {"tensorrt": "10.3.0"}
+    mf.write_manifest(artifact, manifest)
+    assert artifact_backend(artifact) == "tensorrt"
+    monkeypatch.setattr(backends, "backend_available", lambda name: name != "tensorrt")
+    assert artifact_backend(artifact) == "onnxruntime"

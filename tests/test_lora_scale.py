@@ -151,8 +151,8 @@ def test_generate_takes_lora_for_pixel_models(classemb_model_dir, tmp_path):
 
 
 
-def test_demo_shows_the_lora_slider_only_where_the_scale_can_change(t2i_folder, lora, tmp_path):
-    """describe() says whether a LoRA's strength can change: PyTorch yes, a LoRA baked into ONNX no."""
+def test_metadata_says_whether_the_lora_scale_can_change(t2i_folder, lora, tmp_path):
+    """What the demo reads to show its LoRA slider: PyTorch can change the strength, a LoRA baked into ONNX cannot."""
     from diffrt.export.artifact import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 

@@ -94,16 +94,16 @@ def build_guidance(req: GenerateRequest) -> list[Guidance]:
 
 def generate(req: GenerateRequest):
     """Run the request; returns the GenerationResult with images as a [N, C, H, W] tensor in [0, 1]."""
-    from diffrt.runtime.backends import best_exported_backend, require_backend, resolve_device
+    from diffrt.runtime.backends import require_backend, resolve_device
 
     if req.num_images is not None and req.num_images < 1:
         raise DiffrtError(f"--num-images must be >= 1, got {req.num_images}")
     req = resolve_hub_ids(req)
     if req.backend is None:  # an artifact runs its exported files; a diffusers folder runs in PyTorch
-        from diffrt.runtime.loading import is_artifact
+        from diffrt.runtime.loading import artifact_backend, is_artifact
 
         artifact = req.model is not None and is_artifact(Path(req.model))
-        req = replace(req, backend=best_exported_backend() if artifact else "torch")
+        req = replace(req, backend=artifact_backend(Path(req.model)) if artifact else "torch")
     require_backend(req.backend)
     req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
     guidance = build_guidance(req)

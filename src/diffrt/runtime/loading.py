@@ -35,6 +35,15 @@ def is_artifact(folder: Path) -> bool:
     return (folder / mf.MANIFEST).is_file()
 
 
+def artifact_backend(folder: Path) -> str:
+    """The backend an artifact runs on when none is named: its TensorRT engines where it has them
+    and TensorRT runs here, else its ONNX files on ONNX Runtime."""
+    from diffrt.runtime.backends import backend_available
+
+    engines = any("engine" in comp for comp in mf.read_manifest(folder)["components"].values())
+    return "tensorrt" if engines and backend_available("tensorrt") else "onnxruntime"
+
+
 def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", compile: bool = False,
                          loras: Sequence[tuple[str | Path, float]] = ()) -> PixelPipeline:
     """The UNet in eager PyTorch (or torch.compile), LoRA files fused in (at a strength `set_lora_scale` changes)."""

@@ -38,6 +38,9 @@ class RuntimeLora(Protocol):
     scale: float  # the multiplier now in effect; 1.0: the scales the pipeline was opened with
     scalable: bool  # whether any scale but 1.0 can be set
 
+    def prepare(self) -> None:
+        """Do now (a server: while loading) any slow reading a first change of scale would need."""
+
     def check(self, scale: float) -> None:
         """Raise DiffrtError (one line) if this pipeline cannot run its LoRA at `scale`."""
 
@@ -75,6 +78,9 @@ class TorchLora:
         self.scale = 0.0  # the weights are the base weights until the first fuse
         self.set_scale(1.0)
 
+    def prepare(self) -> None:
+        pass  # the base weights were saved at open
+
     def check(self, scale: float) -> None:
         check_scale_value(scale)
 
@@ -100,6 +106,9 @@ class BakedLora:
         self.why = why
         self.scale = 1.0
 
+    def prepare(self) -> None:
+        pass
+
     def check(self, scale: float) -> None:
         check_scale_value(scale)
         if scale != 1.0:
@@ -113,8 +122,11 @@ class EngineLora:
     """LoRA refit into running TensorRT engines at a new strength, from the artifact's base weights.
 
     `engines` maps artifact component names (those of refit.LORA_COMPONENTS) to their running
-    TensorRTBackend; `loras()` gives the artifact's LoRA files at the scales its manifest records,
-    read (and hash-checked) only when a scale other than 1.0 is first asked for."""
+    TensorRTBackend; `loras()` gives the artifact's LoRA files at the scales its manifest records.
+    `prepare` reads (once) the LoRA files, each engine's weight map and its ONNX base weights, which
+    are then kept in host memory so that a change of scale reads nothing from disk; a server calls
+    it while loading, anyone else gets it on the first scale other than 1.0. If the LoRA files are
+    gone or changed, the engines still run as refit, and other scales are refused saying why."""
 
     scalable = True
 
@@ -122,28 +134,36 @@ class EngineLora:
         self.folder = folder
         self.engines = dict(engines)
         self._loras = loras
-        self._prepared: tuple[list, dict] | None = None
+        self._prepared: tuple[list, dict, dict] | None = None
+        self._unavailable: str | None = None
         self.scale = 1.0  # the engines hold the manifest's LoRA
 
-    def _prepare(self) -> tuple[list, dict]:
-        """The LoRA files and each engine's weight map, read once."""
-        if self._prepared is None:
-            from diffrt.export.lora import read_lora
-            from diffrt.export.refit import read_weight_map
+    def prepare(self) -> None:
+        if self._prepared is not None or self._unavailable is not None:
+            return
+        from diffrt.export.lora import read_lora
+        from diffrt.export.refit import onnx_initializers, read_weight_map
 
+        try:
             files = [(read_lora(path), float(s)) for path, s in self._loras()]
-            maps = {name: read_weight_map(self.folder / name / "model.onnx") for name in self.engines}
+            onnx = {name: self.folder / name / "model.onnx" for name in self.engines}
+            maps = {name: read_weight_map(path) for name, path in onnx.items()}
             missing = [name for name, m in maps.items() if m is None]
             if missing:  # `diffrt refit` writes them when it sets an artifact's LoRA
                 raise DiffrtError(f"{self.folder} has no weight map for {', '.join(missing)}; run `diffrt refit {self.folder} "
                                   "--lora FILE:SCALE` once to change its LoRA's strength")
-            self._prepared = files, maps
-        return self._prepared
+        except DiffrtError as exc:
+            self._unavailable, self.scalable = str(exc), False
+            log.warning("the LoRA's strength cannot change: %s", exc)
+            return
+        self._prepared = files, maps, {name: onnx_initializers(path) for name, path in onnx.items()}
 
     def check(self, scale: float) -> None:
         check_scale_value(scale)
         if scale != self.scale:
-            self._prepare()
+            self.prepare()
+            if self._unavailable is not None:
+                raise DiffrtError(f"lora_scale {scale:g}: {self._unavailable}")
 
     def set_scale(self, scale: float) -> None:
         from diffrt.export.refit import refit_weights
@@ -151,10 +171,11 @@ class EngineLora:
         self.check(scale)
         if scale == self.scale:
             return
-        files, maps = self._prepare()
+        files, maps, base = self._prepared
         files = scaled(files, scale)
         # Every engine's weights first (CPU; raises before any engine changes), then the refits.
-        plans = {name: refit_weights(self.folder / name / "model.onnx", maps[name], files) for name in self.engines}
+        plans = {name: refit_weights(self.folder / name / "model.onnx", maps[name], files, initializers=base[name])
+                 for name in self.engines}
         try:
             for name, engine in self.engines.items():
                 engine.refit(plans[name])

@@ -120,6 +120,8 @@ class TextToImageWorker(BatchingWorker):
                                                 controlnet=self.controlnet, strict=self.strict, cuda_graph=self.cuda_graph)
         log.info("opened %s%s on %s in %.1f s", self.model, f" with {self.pipe.num_controlnets} ControlNet(s)" if self.pipe.has_controlnet else "",
                  self.pipe.backend, time.perf_counter() - t0)
+        if self.pipe.lora is not None:
+            self.pipe.lora.prepare()  # what a first lora_scale change reads, read here rather than in a request
         self.warmup_seconds = self.self_test()
         pipe = self.pipe  # a shared batch feeds the text encoder one prompt per image; guidance doubles both
         self.settle_batching(pipe.backend, images_per_batch([(pipe.text_encoder.spec, 2), (pipe.unet.spec, 2), (pipe.vae_decoder.spec, 1)]))

@@ -145,6 +145,8 @@ class PixelWorker(BatchingWorker):
         pipe = open_pixel_pipeline(self.model, self.backend_asked, self.device, loras=self.loras, strict=self.strict,
                                    cuda_graph=self.cuda_graph)
         log.info("opened %s on %s in %.1f s", self.model or "the shipped digits model", pipe.backend, time.perf_counter() - t0)
+        if pipe.lora is not None:
+            pipe.lora.prepare()  # what a first lora_scale change reads, read here rather than in a request
         self.pipe = pipe
         self.warmup_seconds = self.self_test()
         self.settle_batching(pipe.backend, images_per_batch([(pipe.unet.spec, 2 if self.conditioned else 1)]))  # CFG doubles it
