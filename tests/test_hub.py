@@ -98,3 +98,14 @@ def test_only_what_diffrt_loads_is_fetched():
     sharded = ["unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
                "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors"]
     assert set(filter_repo_objects(sharded, allow_patterns=ALLOW, ignore_patterns=IGNORE)) == set(sharded[:2])
+
+
+def test_the_service_takes_a_hub_id_too(hub_cache, t2i_folder):
+    """ServeConfig/RuntimeConfig (the library's way to serve, Ray replicas included) resolve Hub ids like the CLI."""
+    from diffrt.serve.runtime import RuntimeConfig, make_worker
+
+    snapshot = hub_cache("tiny/sd", t2i_folder)
+    controlnet = hub_cache("tiny/sd-controlnet", t2i_folder / "controlnet")
+    worker = make_worker(RuntimeConfig(model="tiny/sd", backend="torch", device="cpu", controlnet="tiny/sd-controlnet"))
+    assert type(worker).__name__ == "TextToImageWorker"
+    assert (worker.model, worker.controlnet) == (str(snapshot), [str(controlnet)])

@@ -52,24 +52,29 @@ def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     from pathlib import Path
 
     from diffrt.generate import is_text_to_image
+    from diffrt.hub import resolve_model
     from diffrt.models import require_model_dir
     from diffrt.runtime.backends import require_backend, resolve_device
     from diffrt.runtime.loading import is_artifact
 
     # What can be checked at once is, in one line, before the worker thread starts loading.
     require_backend(config.backend)
-    if config.model is not None and not is_artifact(Path(config.model)):
-        require_model_dir(config.model)
+    model = None if config.model is None else str(resolve_model(config.model))  # a Hub id: its cached snapshot
+    controlnet = config.controlnet
+    if controlnet is not None:
+        controlnet = [str(resolve_model(c)) for c in ([controlnet] if isinstance(controlnet, str) else controlnet)]
+    if model is not None and not is_artifact(Path(model)):
+        require_model_dir(model)
 
     common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
                   max_batch_size=config.max_batch_size, exact_batching=config.exact_batching,
                   strict=config.strict, cuda_graph=config.cuda_graph, loras=config.loras)
     device = str(resolve_device(config.device, config.backend))  # tensorrt without CUDA: refused before any load
-    if is_text_to_image(config.model):
-        return TextToImageWorker(config.model, config.backend, device, controlnet=config.controlnet, **common)
-    if config.controlnet is not None:
-        raise DiffrtError(f"--controlnet needs a text-to-image model; {config.model or 'the shipped digits model'} is pixel-space")
-    return PixelWorker(config.model, config.backend, device, **common)
+    if is_text_to_image(model):
+        return TextToImageWorker(model, config.backend, device, controlnet=controlnet, **common)
+    if controlnet is not None:
+        raise DiffrtError(f"--controlnet needs a text-to-image model; {model or 'the shipped digits model'} is pixel-space")
+    return PixelWorker(model, config.backend, device, **common)
 
 
 class ServeRuntime:
