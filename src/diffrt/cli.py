@@ -146,11 +146,10 @@ def _cmd_generate(args) -> int:
 def _cmd_demo(args) -> int:
     if args.ui:
         from diffrt.runtime.backends import best_exported_backend
-        from diffrt.runtime.loading import artifact_backend, is_artifact
+        from diffrt.runtime.loading import artifact_backend
         from diffrt.serve.ui import launch_ui
 
-        artifact = args.model is not None and is_artifact(Path(args.model))
-        backend = args.backend or (artifact_backend(Path(args.model)) if artifact else best_exported_backend())
+        backend = args.backend or artifact_backend(args.model) or best_exported_backend()
         launch_ui(host=args.host, port=args.port, model=args.model, backend=backend, controlnet=args.controlnet, loras=_loras(args))
         return 0
     if args.model or args.controlnet or args.lora:

@@ -100,10 +100,9 @@ def generate(req: GenerateRequest):
         raise DiffrtError(f"--num-images must be >= 1, got {req.num_images}")
     req = resolve_hub_ids(req)
     if req.backend is None:  # an artifact runs its exported files; a diffusers folder runs in PyTorch
-        from diffrt.runtime.loading import artifact_backend, is_artifact
+        from diffrt.runtime.loading import artifact_backend
 
-        artifact = req.model is not None and is_artifact(Path(req.model))
-        req = replace(req, backend=artifact_backend(Path(req.model)) if artifact else "torch")
+        req = replace(req, backend=artifact_backend(req.model) or "torch")
     require_backend(req.backend)
     req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
     guidance = build_guidance(req)

@@ -35,11 +35,14 @@ def is_artifact(folder: Path) -> bool:
     return (folder / mf.MANIFEST).is_file()
 
 
-def artifact_backend(folder: Path) -> str:
+def artifact_backend(model: str | Path | None) -> str | None:
     """The backend an artifact runs on when none is named: its TensorRT engines where it has them
-    and TensorRT runs here, else its ONNX files on ONNX Runtime."""
+    and TensorRT runs here, else its ONNX files on ONNX Runtime. None when `model` is no artifact."""
     from diffrt.runtime.backends import backend_available
 
+    if model is None or not is_artifact(Path(model)):
+        return None
+    folder = Path(model)
     engines = any("engine" in comp for comp in mf.read_manifest(folder)["components"].values())
     return "tensorrt" if engines and backend_available("tensorrt") else "onnxruntime"
 

@@ -56,13 +56,12 @@ def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     from diffrt.models import require_model_dir
     from diffrt.runtime.backends import require_backend, resolve_device
     from diffrt.runtime.loading import is_artifact
+    from diffrt.text_to_image_models import controlnet_paths
 
     # What can be checked at once is, in one line, before the worker thread starts loading.
     require_backend(config.backend)
     model = None if config.model is None else str(resolve_model(config.model))  # a Hub id: its cached snapshot
-    controlnet = config.controlnet
-    if controlnet is not None:
-        controlnet = [str(resolve_model(c)) for c in ([controlnet] if isinstance(controlnet, str) else controlnet)]
+    controlnet = [str(resolve_model(c)) for c in controlnet_paths(config.controlnet)] or None
     if model is not None and not is_artifact(Path(model)):
         require_model_dir(model)
 
