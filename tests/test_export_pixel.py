@@ -211,6 +211,18 @@ def test_verify_failure_names_the_component_and_the_error(classemb_model_dir):
         verify_backends(reference, _Perturbed(reference), feeds)
 
 
+def test_parity_of_zero_outputs_is_judged_not_undefined():
+    from diffrt.export.verify import compare
+
+    zeros = torch.zeros(2, 4, 8, 8)  # what a freshly initialised ControlNet's zero convolutions output
+    same = compare(zeros, zeros.clone())
+    assert (same.max_abs, same.max_rel, same.cosine) == (0.0, 0.0, 1.0)
+    off = compare(zeros, zeros + 1e-3)
+    assert off.cosine == 0.0 and off.max_rel > 1e4  # against a zero reference any error is a failure
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    assert compare(x, x).cosine == pytest.approx(1.0) and compare(x, -x).cosine == pytest.approx(-1.0)
+
+
 def test_export_key_changes_with_what_the_export_depends_on(classemb_model_dir, monkeypatch):
     from diffrt.atomic import sha256_folder
     from diffrt.export.artifact import lora_hashes, lora_state, pixel_export_key, pixel_spec

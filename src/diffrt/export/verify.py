@@ -35,7 +35,10 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, shapes: dict | Non
         raise ArtifactError(f"output shapes differ: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}")
     diff = (ref - cand).abs()
     scale = ref.abs().max().clamp(min=1e-12)
-    cosine = torch.nn.functional.cosine_similarity(ref, cand, dim=0).item()
+    # Cosine is undefined for a zero vector. A ControlNet straight from training's zero-initialised
+    # convolutions outputs zeros: equal outputs are similarity 1, not the 0 torch would report.
+    norms = ref.norm() * cand.norm()
+    cosine = (ref @ cand / norms).item() if norms > 0 else float(torch.equal(ref, cand))
     return Parity(diff.max().item(), diff.median().item(), (diff.max() / scale).item(), cosine, shapes or {})
 
 
