@@ -2,8 +2,8 @@
 torch backend on onnxruntime, guidance that moves images, and one clear error per bad input.
 
 diffusers is the oracle (same tiny models, scheduler and seed): StableDiffusionPipeline,
-StableDiffusionControlNetPipeline (with one ControlNet and with two, a MultiControlNetModel) and
-StableDiffusionImg2ImgPipeline.
+StableDiffusionControlNetPipeline (with one ControlNet and with two, a MultiControlNetModel),
+StableDiffusionImg2ImgPipeline and StableDiffusionControlNetImg2ImgPipeline.
 """
 
 from __future__ import annotations
@@ -159,6 +159,22 @@ def test_torch_equals_img2img_pipeline(t2i_folder, torch_pipe, control_image):
         assert result.images.shape == (2, 3, 32, 32)
         assert max_abs(result.images, expected) <= DIFFUSERS_TOL
         assert result.num_inference_steps == int(4 * strength)
+
+
+def test_torch_equals_controlnet_img2img_pipeline(t2i_folder, torch_cn_pipe, control_image):
+    """image-to-image and a ControlNet in one request: diffusers' StableDiffusionControlNetImg2ImgPipeline."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+
+    ref = diffusers_pipe(StableDiffusionControlNetImg2ImgPipeline, t2i_folder,
+                         controlnet=ControlNetModel.from_pretrained(t2i_folder / "controlnet"))
+    init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    kwargs = dict(strength=0.7, num_inference_steps=5, num_images_per_prompt=2, eta=0.4, controlnet_conditioning_scale=1.3)
+    expected = run_diffusers(ref, seed=4, image=init, control_image=control_image, **kwargs)
+    result = run(torch_cn_pipe, seed=4, image=init, control_image=control_image, **kwargs)
+    assert result.images.shape == (2, 3, 32, 32)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+    without = run(torch_cn_pipe, seed=4, image=init, control_image=control_image, **{**kwargs, "controlnet_conditioning_scale": 0.0})
+    assert max_abs(result.images, without.images) > 1e-2  # the ControlNet took part
 
 
 def generators(*seeds) -> list[torch.Generator]:
