@@ -3,6 +3,15 @@
 A reader must never see half a file: an interrupted export or checkpoint leaves either the
 old file or the new one. Each write goes to a temporary name in the same folder (so the
 rename stays on one filesystem), is fsynced, and is moved into place with `os.replace`.
+
+Hashes. Artifacts and their sources are content-addressed, so opening an SD-1.5-sized artifact
+would hash ~7 GB (seconds) every time. The digest of a large file is therefore remembered
+under the user cache with the file's identity and change stamps (device, inode, size, mtime,
+ctime), as git's index and ccache do, and reused while all of them are unchanged. A rewrite
+or an atomic replace changes them; ctime cannot be set back by a user. A file changed within
+the last few seconds is not remembered: timestamps are coarse (a kernel tick), and a second
+write in the same tick as the hash would otherwise go unseen (git's "racy" case).
+`DIFFRT_HASH_MEMO=0` turns remembering off.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -65,12 +75,36 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+MEMO_MIN_BYTES = 64 << 20  # smaller files hash in milliseconds: not worth an entry
+MEMO_SETTLE_NS = 3_000_000_000  # a file changed more recently than this is hashed, not remembered
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The file's sha256, remembered for large files while their stamps are unchanged (see above)."""
+    stat = os.stat(path)
+    memo = _memo_path(path) if stat.st_size >= MEMO_MIN_BYTES and os.environ.get("DIFFRT_HASH_MEMO", "1") != "0" else None
+    stamps = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    if memo is not None:
+        with contextlib.suppress(OSError, ValueError):
+            entry = json.loads(memo.read_text())
+            if entry["path"] == str(Path(path).resolve()) and entry["stamps"] == stamps:
+                return entry["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    hexdigest = digest.hexdigest()
+    if memo is not None and time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > MEMO_SETTLE_NS:
+        with contextlib.suppress(OSError):  # an optimisation: a read-only cache costs only time
+            write_json(memo, {"path": str(Path(path).resolve()), "stamps": stamps, "sha256": hexdigest})
+    return hexdigest
+
+
+def _memo_path(path: str | os.PathLike) -> Path:
+    from platformdirs import user_cache_dir
+
+    name = hashlib.blake2b(str(Path(path).resolve()).encode(), digest_size=16).hexdigest()
+    return Path(user_cache_dir("diffrt")) / "sha256" / f"{name}.json"
 
 
 def sha256_folder(folder: str | os.PathLike, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> str:

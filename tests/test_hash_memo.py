@@ -1,0 +1,100 @@
+"""The sha256 of large files is remembered while their stamps are unchanged, and never trusted
+once the file could have changed: an edit in place (even with its mtime put back), an atomic
+replace, a truncation, or a write too recent for timestamps to tell apart."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+
+from diffrt import atomic
+
+
+@pytest.fixture
+def memo(tmp_path, monkeypatch):
+    """Remembering on for small files, in a cache of the test's own; counts the real hashings."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DIFFRT_HASH_MEMO", raising=False)
+    monkeypatch.setattr(atomic, "MEMO_MIN_BYTES", 0)
+    monkeypatch.setattr(atomic, "MEMO_SETTLE_NS", 0)
+    reads = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if mode == "rb" and str(path).endswith(".bin"):
+            reads.append(str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    return reads
+
+
+def settle():
+    time.sleep(0.05)  # past a kernel tick, so that a new write gets new timestamps
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_an_unchanged_file_is_hashed_once(memo, tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    settle()
+    assert atomic.sha256_file(path) == digest(b"a" * 1000)
+    assert atomic.sha256_file(path) == digest(b"a" * 1000)
+    assert len(memo) == 1
+
+
+@pytest.mark.parametrize("change", ["edit in place", "edit with mtime put back", "atomic replace", "truncate"])
+def test_a_changed_file_is_hashed_again(memo, tmp_path, change):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    settle()
+    atomic.sha256_file(path)
+    stat = path.stat()
+    settle()
+    new = b"a" * 999 + b"b" if change != "truncate" else b"a" * 500
+    if change == "atomic replace":
+        atomic.write_bytes(path, new)
+    elif change == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(500)
+    else:
+        with open(path, "r+b") as f:
+            f.write(new)
+        if change == "edit with mtime put back":
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ctime still moves: it cannot be set
+    settle()
+    assert atomic.sha256_file(path) == digest(new)
+    assert len(memo) == 2
+
+
+def test_a_file_written_just_now_is_not_remembered(memo, tmp_path, monkeypatch):
+    """Two writes inside one timestamp tick look alike: a fresh file is hashed every time until it settles."""
+    monkeypatch.setattr(atomic, "MEMO_SETTLE_NS", 60_000_000_000)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    atomic.sha256_file(path)
+    assert not list((tmp_path / "cache").rglob("*.json"))  # nothing remembered
+    with open(path, "r+b") as f:
+        f.write(b"b")  # may share the first write's timestamps
+    assert atomic.sha256_file(path) == digest(b"b" + b"a" * 999)
+    assert len(memo) == 2
+
+
+def test_remembering_can_be_turned_off_and_small_files_are_never_remembered(memo, tmp_path, monkeypatch):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    settle()
+    monkeypatch.setenv("DIFFRT_HASH_MEMO", "0")
+    atomic.sha256_file(path)
+    atomic.sha256_file(path)
+    monkeypatch.delenv("DIFFRT_HASH_MEMO")
+    monkeypatch.setattr(atomic, "MEMO_MIN_BYTES", 1001)
+    atomic.sha256_file(path)
+    atomic.sha256_file(path)
+    assert len(memo) == 4
