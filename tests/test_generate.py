@@ -40,6 +40,14 @@ def test_device_defaults_to_auto_and_the_line_names_what_ran(uncond_model_dir, t
     assert result.images.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_the_cli_shows_a_bar_over_the_steps_and_the_library_does_not(uncond_model_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(uncond_model_dir), "--steps", "3", "--out", str(tmp_path / "x.npy")]) == 0
+    err = capsys.readouterr().err
+    assert "generate: " in err and "/3 [" in err  # the bar, over the 3 steps (cleared when done)
+    generate(GenerateRequest(model=str(uncond_model_dir), num_inference_steps=3))
+    assert "generate" not in capsys.readouterr().err
+
+
 def test_tensorrt_with_a_cpu_device_is_one_line_before_any_work(uncond_model_dir, tmp_path, capsys, monkeypatch):
     from diffrt.runtime import backends
 

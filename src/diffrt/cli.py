@@ -134,7 +134,7 @@ def _cmd_generate(args) -> int:
         image=args.image, strength=args.strength,
         loras=_loras(args), lora_scale=args.lora_scale, color=args.color, color_scale=args.color_scale,
         clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=args.clip_scale,
-        guidance_mode=args.guidance_mode, device=args.device, strict=args.strict, cuda_graph=args.cuda_graph,
+        guidance_mode=args.guidance_mode, device=args.device, strict=args.strict, cuda_graph=args.cuda_graph, progress=True,
     )
     result, path = generate_to_file(request)
     print(result_summary(result, path))

@@ -6,11 +6,13 @@ text-to-image pipelines share this entry; the model folder decides which pipelin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
@@ -54,6 +56,7 @@ class GenerateRequest:
     device: str | None = None  # None: cuda when available (tensorrt needs it), else cpu
     strict: bool = False  # any fallback (ONNX Runtime provider, PyTorch for an artifact) is an error
     cuda_graph: bool = True  # tensorrt: replay each step's launch as a CUDA graph (shapes are fixed within a run)
+    progress: bool = False  # a tqdm bar over the denoising steps (the CLI's), as diffusers' pipelines show
 
 
 def is_text_to_image(model: str | None) -> bool:
@@ -106,10 +109,39 @@ def generate(req: GenerateRequest):
     require_backend(req.backend)
     req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
     guidance = build_guidance(req)
+    with step_bar(req) as progress:
+        return _generate(req, guidance, progress)
+
+
+@contextlib.contextmanager
+def step_bar(req: GenerateRequest):
+    """A per-step progress hook drawing a tqdm bar when the request asks for one, else None. The
+    bar opens at the first step, after any export or model load (which show their own progress).
+    Image-to-image runs the last `strength` of the schedule, as diffusers counts it."""
+    if not req.progress:
+        yield None
+        return
+    steps = req.num_inference_steps
+    total = min(int(steps * req.strength), steps) if req.image else steps
+    bars = []
+
+    def step_done(_step: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="generate", unit="step", leave=False))
+        bars[0].update(1)
+
+    try:
+        yield step_done
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
     if is_text_to_image(req.model):
         from diffrt.runtime.text_to_image import generate_text_to_image
 
-        return generate_text_to_image(req, guidance)
+        return generate_text_to_image(req, guidance, progress)
     text_only = {"--prompt": req.prompt, "--negative-prompt": req.negative_prompt, "--controlnet": req.controlnet,
                  "--control-image": req.control_image, "--image": req.image,
                  "--control-scale": req.control_scale not in (1.0, [])}
@@ -128,7 +160,7 @@ def generate(req: GenerateRequest):
     scale = DEFAULT_PIXEL_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale
     return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
                 guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
-                output_type="pt")
+                output_type="pt", progress=progress)
 
 
 def generate_to_file(req: GenerateRequest):

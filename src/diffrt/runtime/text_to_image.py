@@ -365,7 +365,7 @@ def _img2img_schedule(schedule: ddim.DDIMSchedule, num_inference_steps: int, str
                                alpha_bar_prev=schedule.alpha_bar_prev[t_start:])
 
 
-def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
+def generate_text_to_image(req, guidance: list[Guidance], progress=None) -> GenerationResult:
     """`diffrt generate` for a text-to-image folder or artifact; images as a [N, C, H, W] tensor in [0, 1]."""
     from diffrt.images import load_image
     from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
@@ -397,7 +397,8 @@ def generate_text_to_image(req, guidance: list[Guidance]) -> GenerationResult:
                 num_inference_steps=req.num_inference_steps,
                 guidance_scale=DEFAULT_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale,
                 num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
-                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt")
+                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt",
+                progress=progress)
 
 
 def _listed(value) -> list:
