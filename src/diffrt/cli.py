@@ -102,7 +102,7 @@ def _cmd_export(args) -> int:
         backend=args.backend, precision=args.precision, batch=parse_range(args.batch, "batch"),
         height=parse_range(args.height, "height") if args.height else None,
         width=parse_range(args.width, "width") if args.width else None,
-        opset=args.opset, loras=_loras(args), verify=not args.no_verify,
+        opset=args.opset, exporter=args.exporter, loras=_loras(args), verify=not args.no_verify,
     )
     result = export_model(args.model, args.out, options, controlnets=args.controlnet)
     state = "cache hit, nothing rebuilt" if result.cache_hit else f"exported in {result.seconds:.1f} s"
@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="UNet batch range (CFG doubles the image count)")
     ex.add_argument("--height", default=None, metavar="MIN:OPT:MAX", help="image height range in pixels")
     ex.add_argument("--width", default=None, metavar="MIN:OPT:MAX", help="image width range in pixels")
-    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")
+    ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                    help="torch.onnx's TorchScript tracer (quick; deprecated by PyTorch) or its torch.export-based exporter")
     ex.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
     ex.set_defaults(func=_cmd_export)
 

@@ -30,7 +30,7 @@ from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
 from diffrt.errors import ArtifactError, DiffrtError, LoraError
 from diffrt.export import manifest as mf
-from diffrt.export.onnx import DEFAULT_OPSET, TWO_GB, export_onnx
+from diffrt.export.onnx import DEFAULT_OPSET, DYNAMO_MIN_OPSET, EXPORTERS, TWO_GB, export_onnx
 from diffrt.models import PixelModel, SHIPPED_DIGITS, load_pixel_model
 from diffrt.runtime.backends import require_backend
 
@@ -50,12 +50,18 @@ class ExportOptions:
     batch: tuple[int, int, int] = (1, 8, 64)
     height: tuple[int, int, int] | None = None  # pixels; None: the model's sample size only
     width: tuple[int, int, int] | None = None
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # None: the exporter's default (DEFAULT_OPSET)
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"  # torch.onnx's tracer, or its torch.export-based exporter
     loras: list[tuple[str, float]] = field(default_factory=list)
     verify: bool = True
     # Graphs whose weights exceed this many bytes keep them in model.onnx.data, in the component's
     # own folder (RELIABILITY #6; protobuf cannot hold over 2 GB). A layout choice, not in the key.
     external_data_threshold: int = TWO_GB
+
+    @property
+    def onnx_opset(self) -> int:
+        """The opset the graphs are written in: the one asked for, else the exporter's default."""
+        return DEFAULT_OPSET.get(self.exporter, DEFAULT_OPSET["torchscript"]) if self.opset is None else self.opset
 
 
 @dataclass
@@ -86,9 +92,14 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
     for path, _ in options.loras:
         if not Path(path).is_file():
             raise LoraError(f"LoRA file not found: {path}; pass a .safetensors file (FILE[:SCALE])")
-    if options.opset < MIN_OPSET:
-        raise DiffrtError(f"--opset {options.opset} is below {MIN_OPSET}, the oldest opset diffrt exports "
+    if options.exporter not in EXPORTERS:
+        raise DiffrtError(f"--exporter {options.exporter!r} is not one of {', '.join(EXPORTERS)}")
+    if options.onnx_opset < MIN_OPSET:
+        raise DiffrtError(f"--opset {options.onnx_opset} is below {MIN_OPSET}, the oldest opset diffrt exports "
                           f"(LayerNormalization is one op from {MIN_OPSET} on); use --opset {MIN_OPSET} or newer")
+    if options.exporter == "dynamo" and options.onnx_opset < DYNAMO_MIN_OPSET:
+        raise DiffrtError(f"--exporter dynamo writes opset {DYNAMO_MIN_OPSET} or newer, not {options.onnx_opset}; "
+                          f"pass --opset {DYNAMO_MIN_OPSET} or leave --opset out")
     if options.backend == "tensorrt":
         require_backend("tensorrt")  # one line naming the backends this machine has
     elif options.precision == "bf16":
@@ -131,7 +142,8 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
             "key": key, "kind": "pixel", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"path": str(src.resolve()), "sha256": source_sha256},
             "loras": baked, "onnx_loras": baked,
-            "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
+            "precision": options.precision, "opset": options.onnx_opset, "exporter": options.exporter,
+            "versions": mf.library_versions(),
             "pipeline": {"scheduler": model.scheduler.to_scheduler_config(), "info": asdict(model.info),
                          "channels": model.unet.out_channels, "sample_size": model.unet.sample_size},
             "components": components,
@@ -181,7 +193,7 @@ def export_key(model_parts: dict, options: ExportOptions) -> str:
     on (opset, backend, library versions, and the GPU for engines). LoRA is kept apart: see
     `cached_export`."""
     return mf.cache_key({
-        **model_parts, "opset": options.opset, "backend": options.backend,
+        **model_parts, "opset": options.onnx_opset, "exporter": options.exporter, "backend": options.backend,
         "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
     })
 
@@ -216,8 +228,8 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
     precision = precision or options.precision
     dtype = TORCH_DTYPES[precision]
     t0 = time.perf_counter()
-    onnx_path = export_onnx(module, spec, out / spec.name, opset=options.opset, dtype=dtype,
-                            external_data_threshold=options.external_data_threshold)
+    onnx_path = export_onnx(module, spec, out / spec.name, opset=options.onnx_opset, dtype=dtype,
+                            external_data_threshold=options.external_data_threshold, exporter=options.exporter)
     entry = {"spec": spec_to_dict(spec), "precision": precision, "export_seconds": round(time.perf_counter() - t0, 3)}
     files = {str(p.relative_to(out)): atomic.sha256_file(p)
              for p in (onnx_path, onnx_path.with_suffix(".onnx.data")) if p.is_file()}

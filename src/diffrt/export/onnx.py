@@ -3,10 +3,19 @@
 The component's spec names the inputs, outputs and dynamic axes; this module only traces.
 Graphs over 2 GB keep their weights in external data beside the .onnx file, in the
 component's own folder (RELIABILITY #6), and the loader checks those files exist.
+
+Two exporters, one result. "torchscript" (torch.onnx's tracer, opset 17 by default) is quick
+and what the TensorRT refit path was first built on; PyTorch deprecates it. "dynamo" (the
+torch.export-based exporter, PyTorch's default since 2.9, opset 18 or newer) captures the
+graph with torch.export, each dynamic axis declared `Dim.DYNAMIC` so that relations between
+axes (a ControlNet's conditioning image is 8x the latent) are derived rather than declared,
+and cleans it up with onnxscript's optimizer. Both then go through the same save, shape
+inference and checker, and the same parity check against PyTorch at export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
@@ -22,12 +31,15 @@ from diffrt.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
+DYNAMO_MIN_OPSET = 18  # torch.export-based graphs use opset 18 ops (ReduceMean with axes as an input, ...)
 TWO_GB = 2 * 1024**3
 
 
-def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, opset: int = DEFAULT_OPSET,
-                dtype: torch.dtype = torch.float32, external_data_threshold: int = TWO_GB) -> Path:
+def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, opset: int | None = None,
+                dtype: torch.dtype = torch.float32, external_data_threshold: int = TWO_GB,
+                exporter: str = "torchscript") -> Path:
     """Trace `module` into folder/model.onnx (+ model.onnx.data when the weights are large).
 
     The folder is assembled under a temporary name and renamed into place, so an interrupted
@@ -35,6 +47,9 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
     """
     import onnx
 
+    if exporter not in EXPORTERS:
+        raise ArtifactError(f"unknown ONNX exporter {exporter!r}; pass one of {', '.join(EXPORTERS)}")
+    opset = DEFAULT_OPSET[exporter] if opset is None else opset
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -43,7 +58,7 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         args = tuple(feed[name] for name in spec.input_names)
         # Trace in the precision asked for, whatever the checkpoint was saved in (an fp16 folder
         # exported as fp32 would otherwise mix dtypes in one graph); never change the caller's module.
-        sdpa = dtype != torch.float32 and _sdpa_transformers(module)
+        sdpa = exporter == "torchscript" and dtype != torch.float32 and _sdpa_transformers(module)
         if sdpa or any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
             module = copy.deepcopy(module).to(dtype)
         if sdpa:
@@ -51,12 +66,15 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
                 m.set_attn_implementation("eager")
         module.eval()
         raw = tmp / "raw.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-            torch.onnx.export(
-                module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
-                dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
-            )
+        if exporter == "dynamo":
+            _export_dynamo(module, args, spec, raw, opset)
+        else:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+                torch.onnx.export(
+                    module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
+                )
         model = onnx.load(str(raw), load_external_data=True)
         large = _weights_nbytes(model) > external_data_threshold
         out = tmp / "model.onnx"
@@ -73,8 +91,43 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s to %s (opset %d)", spec.name, folder / "model.onnx", opset)
+    log.info("exported %s to %s (%s exporter, opset %d)", spec.name, folder / "model.onnx", exporter, opset)
     return folder / "model.onnx"
+
+
+def _export_dynamo(module: nn.Module, args: tuple, spec: ComponentSpec, raw: Path, opset: int) -> None:
+    """torch.export-based export of `module` into `raw` (weights in raw's external data, always:
+    the caller decides the final layout)."""
+    if opset < DYNAMO_MIN_OPSET:
+        raise ArtifactError(f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer, not {opset}; "
+                            f"pass --opset {DYNAMO_MIN_OPSET} (or leave --opset out)")
+    dynamic = torch.export.Dim.DYNAMIC
+    shapes = tuple({i: dynamic for i, d in enumerate(t.dims) if isinstance(d, str)} or None for t in spec.inputs)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers():
+            warnings.simplefilter("ignore")  # deprecation and shape-guard notices
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, input_names=spec.input_names,
+                                        output_names=spec.output_names, opset_version=opset, optimize=True, verbose=False)
+            program.save(str(raw), external_data=True)
+    except Exception as exc:  # torch.export's errors run to pages: the first line names the construct
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ArtifactError(f"{spec.name}: the dynamo exporter could not capture the model ({first.strip()}); "
+                            "try --exporter torchscript") from exc
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names=("torch.onnx", "torch.export", "onnx_ir", "onnxscript"), level: int = logging.ERROR):
+    """The dynamo exporter and its optimizer log a line per pass and per deduplicated initializer
+    (hundreds at INFO), and a warning per torchvision op when torchvision is absent."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, saved):
+            logger.setLevel(old)
 
 
 def _sdpa_transformers(module: nn.Module) -> list[nn.Module]:

@@ -125,7 +125,8 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
             "source": {"path": str(model_dir.resolve()), "sha256": mf.cache_key(hashes), "parts": hashes,
                        "controlnets": [str(c.resolve()) for c in controlnets]},
             "loras": baked, "onnx_loras": baked,
-            "precision": options.precision, "opset": options.opset, "versions": mf.library_versions(),
+            "precision": options.precision, "opset": options.onnx_opset, "exporter": options.exporter,
+            "versions": mf.library_versions(),
             "pipeline": {
                 "scheduler": model.scheduler.to_scheduler_config(),
                 "tokenizer": _copy_tokenizer(model_dir / "tokenizer", out / "tokenizer"),

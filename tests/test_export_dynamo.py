@@ -1,0 +1,106 @@
+"""`--exporter dynamo`: PyTorch's torch.export-based ONNX exporter, beside the deprecated TorchScript
+tracer. Every component it writes must meet the same bar as the tracer's (parity with PyTorch
+across the declared ranges, the ControlNet pipeline's images, LoRA refit weights), and the
+exporter is part of the cache key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import T2I_RANGES
+from diffrt.cli import main
+from diffrt.errors import DiffrtError
+from diffrt.export import manifest as mf
+from diffrt.export.artifact import ExportOptions, export_pixel_model
+from diffrt.export.text_to_image import export_text_to_image
+from diffrt.export.verify import compare
+
+DYNAMO = dict(exporter="dynamo")
+
+
+@pytest.fixture(scope="module")
+def dynamo_t2i_artifact(t2i_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dynamo") / "artifact"
+    export_text_to_image(t2i_folder, out, ExportOptions(**DYNAMO, **T2I_RANGES), [str(t2i_folder / "controlnet")])
+    return out
+
+
+def test_every_text_to_image_component_matches_pytorch_across_its_ranges(dynamo_t2i_artifact):
+    manifest = mf.read_manifest(dynamo_t2i_artifact)
+    assert manifest["exporter"] == "dynamo" and manifest["opset"] >= 18
+    assert set(manifest["components"]) == {"text_encoder", "unet_controlnet", "controlnet", "vae_decoder"}
+    for name, comp in manifest["components"].items():
+        parity = comp["parity"]["onnxruntime"]  # at the min, opt and max shapes of the component's ranges
+        assert parity["passed"] and parity["max_rel"] <= 1e-4, (name, parity)
+
+
+def test_the_controlnet_pipeline_on_dynamo_graphs_equals_pytorch_and_the_tracer(t2i_folder, t2i_artifact,
+                                                                               dynamo_t2i_artifact):
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_inference_steps=3, guidance_scale=5.0, seed=2, control_image=control,
+                  controlnet_conditioning_scale=1.2, num_images_per_prompt=2, output_type="pt")
+    torch_images = open_text_to_image_pipeline(t2i_folder, "torch", "cpu", controlnet=t2i_folder / "controlnet")(
+        "a photo of the cat", **kwargs).images
+    dynamo = open_text_to_image_pipeline(dynamo_t2i_artifact, "onnxruntime", "cpu")("a photo of the cat", **kwargs).images
+    traced = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", "cpu")("a photo of the cat", **kwargs).images
+    assert (dynamo - torch_images).abs().max() <= 1e-3
+    assert (dynamo - traced).abs().max() <= 1e-3
+
+
+def test_pixel_unet_parity_at_several_batches_and_the_exporter_in_the_key(classemb_model_dir, tmp_path):
+    from diffrt.models import load_pixel_model
+    from diffrt.runtime.loading import artifact_pixel_pipeline
+
+    out = tmp_path / "pixel"
+    options = ExportOptions(batch=(1, 2, 8), **DYNAMO)
+    assert not export_pixel_model(classemb_model_dir, out, options).cache_hit
+    model, pipe = load_pixel_model(classemb_model_dir), artifact_pixel_pipeline(out, "onnxruntime")
+    for batch in (1, 3, 8):
+        feed = pipe.unet.spec.example_feed("opt", batch=batch, seed=batch)
+        with torch.no_grad():
+            want = model.unet(feed["sample"], feed["timestep"], feed["class_labels"])
+        assert compare(want, pipe.unet.run(feed)["noise_pred"]).max_rel <= 1e-4, batch
+    assert export_pixel_model(classemb_model_dir, out, options).cache_hit
+    traced = export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8)))  # same folder, other exporter
+    assert not traced.cache_hit and traced.manifest["exporter"] == "torchscript" and traced.manifest["opset"] == 17
+
+
+def test_lora_refit_weights_are_found_in_a_dynamo_graph(tmp_path):
+    """TensorRT takes LoRA by refit from the ONNX's initializers: the weight map must locate every
+    LoRA-patchable weight in the dynamo exporter's graph too, and patched initializers compute
+    what PyTorch computes with the LoRA fused."""
+    import test_tensorrt as trt_tests
+    from diffrt.export.lora import read_lora
+    from diffrt.export.refit import build_weight_map, refit_weights
+    from diffrt.models import build_pixel_model, load_pixel_model, save_pixel_model, small_unet_config
+
+    torch.manual_seed(0)
+    model_dir = save_pixel_model(build_pixel_model(small_unet_config(sample_size=8, widths=(8, 16), attention=True),
+                                                   conditioning="class_channels", num_classes=3), tmp_path / "model")
+    folder = export_pixel_model(model_dir, tmp_path / "onnx", ExportOptions(batch=trt_tests.BATCH, verify=False, **DYNAMO)).folder
+    onnx_path = folder / "unet" / "model.onnx"
+    wmap = build_weight_map(onnx_path, {"unet": load_pixel_model(model_dir).unet.unet.state_dict()})
+    assert wmap["unlocated"] == [] and wmap["ambiguous"] == {}
+    lora = trt_tests.make_lora(model_dir, tmp_path / "a.safetensors", 1)
+    weights = refit_weights(onnx_path, wmap, [(read_lora(lora), 0.8)])
+    assert len(weights.patched) == len(trt_tests.LORA_TARGETS)
+    feed = trt_tests.pixel_unet_spec(3, 8, conditioned=True, num_labels=4, batch=trt_tests.BATCH).example_feed("opt", seed=3)
+    got = trt_tests._ort_run(trt_tests._onnx_with(folder, weights, tmp_path / "patched"), feed)
+    with torch.no_grad():
+        want = trt_tests.torch_unet(model_dir, [(lora, 0.8)])(*feed.values())
+        base = trt_tests.torch_unet(model_dir)(*feed.values())
+    assert (want - base).abs().max() > 1e-2
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_an_opset_the_dynamo_exporter_cannot_write_is_one_line(uncond_model_dir, tmp_path, capsys):
+    with pytest.raises(DiffrtError, match="--exporter dynamo writes opset 18 or newer, not 17"):
+        export_pixel_model(uncond_model_dir, tmp_path / "a", ExportOptions(opset=17, **DYNAMO))
+    assert main(["export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "b"), "--exporter", "dynamo",
+                 "--opset", "17"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--exporter dynamo writes opset 18" in err[0]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
