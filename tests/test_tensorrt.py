@@ -348,6 +348,20 @@ def test_engine_matches_pytorch_fp32(trt_artifact, model_dir, cuda_graph):
 
 @pytest.mark.gpu
 @needs_trt
+def test_an_engine_from_the_dynamo_exporters_graph_matches_pytorch_and_refits(model_dir, loras, tmp_path):
+    """TensorRT parses the torch.export-based exporter's graph (opset 18) and refits it from its base weights."""
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.refit import refit_artifact
+
+    folder = export_pixel_model(model_dir, tmp_path / "dynamo", ExportOptions(backend="tensorrt", batch=BATCH, exporter="dynamo")).folder
+    feed = _backend(folder).spec.example_feed("opt", device="cuda", seed=4)
+    assert _close(_backend(folder).run(feed)["noise_pred"], _reference(model_dir, feed), 1e-3)
+    refit_artifact(folder, [(loras["A"], 0.8)])
+    assert _close(_backend(folder).run(feed)["noise_pred"], _reference(model_dir, feed, [(loras["A"], 0.8)]), 1e-3)
+
+
+@pytest.mark.gpu
+@needs_trt
 def test_engine_matches_pytorch_fp16(model_dir, tmp_path):
     from diffrt.export.artifact import ExportOptions, export_pixel_model
 
