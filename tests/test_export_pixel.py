@@ -35,6 +35,26 @@ def test_manifest_records_what_the_issue_asks(artifact):
     assert len(manifest["source"]["sha256"]) == 64
 
 
+def test_the_onnx_file_says_what_it_is_away_from_its_folder(artifact, tmp_path):
+    """A model.onnx copied out of its artifact still names its component, ranges and maker, and its
+    spec opens it on ONNX Runtime."""
+    import shutil
+
+    import onnx
+
+    from diffrt.components import spec_from_dict
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    alone = shutil.copy(artifact / "unet" / "model.onnx", tmp_path / "unet.onnx")
+    model = onnx.load(alone, load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert model.producer_name == "diffrt" and props["diffrt.exporter"] == "torchscript" and props["diffrt.dtype"] == "float32"
+    spec = spec_from_dict(json.loads(props["diffrt.component"]))
+    assert spec == spec_from_dict(mf.read_manifest(artifact)["components"]["unet"]["spec"])
+    feed = spec.example_feed("max", seed=1)
+    assert OnnxRuntimeBackend(alone, spec, threads=1).run(feed)["noise_pred"].shape == feed["sample"].shape
+
+
 def test_reexport_is_a_cache_hit_that_does_no_work(classemb_model_dir, artifact, caplog, monkeypatch):
     from diffusers import UNet2DModel
 

@@ -76,6 +76,7 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
                     dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
                 )
         model = onnx.load(str(raw), load_external_data=True)
+        _describe(model, spec, dtype, exporter)
         large = _weights_nbytes(model) > external_data_threshold
         out = tmp / "model.onnx"
         onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
@@ -93,6 +94,23 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to %s (%s exporter, opset %d)", spec.name, folder / "model.onnx", exporter, opset)
     return folder / "model.onnx"
+
+
+def _describe(model, spec: ComponentSpec, dtype: torch.dtype, exporter: str) -> None:
+    """Say in the graph itself what it is (STYLE: config travels with every artifact): a model file
+    copied out of its artifact folder still names its component, input ranges, precision and maker."""
+    import json
+
+    from diffrt import __version__
+    from diffrt.components import spec_to_dict
+
+    model.producer_name, model.producer_version = "diffrt", __version__
+    props = {"diffrt.component": json.dumps(spec_to_dict(spec), sort_keys=True), "diffrt.dtype": str(dtype).removeprefix("torch."),
+             "diffrt.exporter": exporter, "torch": torch.__version__}
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]  # the exporter's own
+    del model.metadata_props[:]
+    for key, value in [*kept, *props.items()]:
+        model.metadata_props.add(key=key, value=value)
 
 
 def _export_dynamo(module: nn.Module, args: tuple, spec: ComponentSpec, raw: Path, opset: int) -> None:
