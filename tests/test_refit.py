@@ -241,11 +241,6 @@ class FakeTrt:
             self.values = torch.frombuffer((ctypes.c_float * count).from_address(ptr), dtype=torch.float32).clone()
 
 
-class FakeLogger:
-    def __init__(self):
-        self.errors: list[str] = []
-
-
 class FakeRefitter:
     """Holds an engine's weights (name -> tensor); set values take effect at refit_cuda_engine."""
 
@@ -283,7 +278,7 @@ def test_every_refittable_weight_is_set_on_every_refit(classemb_model_dir, pixel
     for name in "ABA":
         weights = refit.refit_weights(onnx_path, wmap, [(read_lora(pixel_loras[name]), 1.0)], inits)
         refitter = FakeRefitter(engine)
-        counts = refit.set_engine_weights(FakeTrt, refitter, weights, onnx_path, FakeLogger())
+        counts = refit.set_engine_weights(FakeTrt, refitter, weights, onnx_path, [])
         assert set(refitter.pending) == set(engine) and counts["set"] == len(engine)  # all, not only the patched
         assert counts["patched"] == len(weights.patched) > 0
         states.append({n: t.clone() for n, t in engine.items()})
@@ -291,67 +286,9 @@ def test_every_refittable_weight_is_set_on_every_refit(classemb_model_dir, pixel
     assert all(torch.equal(a[n], a_again[n]) for n in a)
     assert any(not torch.equal(a[n], b[n]) for n in a) and any(not torch.equal(a[n], base[n]) for n in a)
 
-    folded = refit.RefitWeights(weights.weights, ["not_refittable"], onnx_path)
-    with pytest.raises(ArtifactError, match="folded.*OnnxParserRefitter"):  # a TensorRT without the parser refitter
-        refit.set_engine_weights(FakeTrt, FakeRefitter(engine), folded, onnx_path, FakeLogger())
-
-
-class FakeParserRefitter:
-    """What `refit_through_parser` asks of trt.OnnxParserRefitter: the graph file, then the patched
-    initializers as (pointer, byte count) in the ONNX's own type, then a replay that sets every
-    engine weight from those or, for the rest, from the file."""
-
-    def __init__(self, refitter: FakeRefitter, logger):
-        self.refitter, self.loaded, self.path = refitter, {}, None
-
-    def load_model_proto(self, model: bytes, path: str) -> bool:
-        assert model == Path(path).read_bytes()
-        self.path = path
-        return True
-
-    def load_initializer(self, name: str, ptr: int, size: int) -> bool:
-        count = size // 4  # the fixture's initializers are fp32
-        self.loaded[name] = torch.frombuffer((ctypes.c_float * count).from_address(ptr), dtype=torch.float32).clone()
-        return True
-
-    def refit_model_proto(self) -> bool:
-        inits = refit.onnx_initializers(self.path)
-        for name, t in self.refitter.engine.items():
-            self.refitter.pending[name] = self.loaded.get(name, inits[name]).reshape(t.shape)
-        return True
-
-
-class FakeTrtWithParser(FakeTrt):
-    OnnxParserRefitter = FakeParserRefitter
-
-
-def test_a_refit_through_the_onnx_parser_loads_the_patched_weights_over_the_base_file(classemb_model_dir, pixel_loras,
-                                                                                       tmp_path):
-    """The path taken where TensorRT folded a patched initializer: the same engine weights as the
-    refit by name, and A, B, A still equals A (the unpatched ones come from the base file)."""
-    from diffrt.export.lora import read_lora
-    from diffrt.models import load_pixel_model
-
-    onnx_path = export_pixel_model(classemb_model_dir, tmp_path / "onnx", ExportOptions(**PIXEL)).folder / "unet" / "model.onnx"
-    wmap = refit.build_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet.state_dict()})
-    inits = refit.onnx_initializers(onnx_path)
-    engine = {n: t.clone() for n, t in inits.items() if t.dtype == torch.float32 and t.ndim in (2, 4)}
-    states = []
-    for name in "ABA":
-        weights = refit.refit_weights(onnx_path, wmap, [(read_lora(pixel_loras[name]), 1.0)], inits)
-        by_name = FakeRefitter({n: t.clone() for n, t in engine.items()})
-        refit.set_engine_weights(FakeTrtWithParser, by_name, weights, onnx_path, FakeLogger(), through_parser=False)
-        counts = refit.set_engine_weights(FakeTrtWithParser, FakeRefitter(engine), weights, onnx_path, FakeLogger(), through_parser=True)
-        assert counts["via"] == "onnx_parser" and counts["patched"] == len(weights.patched) > 0
-        assert all(torch.equal(engine[n], by_name.engine[n]) for n in engine)
-        states.append({n: t.clone() for n, t in engine.items()})
-    a, b, a_again = states
-    assert all(torch.equal(a[n], a_again[n]) for n in a) and any(not torch.equal(a[n], b[n]) for n in a)
-
-    # A patched weight TensorRT holds under no name of its own takes this path unasked.
-    folded = refit.RefitWeights(weights.weights, [*weights.patched], onnx_path)
-    partial = FakeRefitter({n: t for n, t in engine.items() if n != weights.patched[0]})
-    assert refit.set_engine_weights(FakeTrtWithParser, partial, folded, onnx_path, FakeLogger())["folded"] == [weights.patched[0]]
+    folded = refit.RefitWeights(weights.weights, ["not_refittable"])
+    with pytest.raises(ArtifactError, match="folded"):
+        refit.set_engine_weights(FakeTrt, FakeRefitter(engine), folded, onnx_path, [])
 
 
 def test_onnx_files_of_an_artifact_refit_with_lora_are_not_run(classemb_model_dir, pixel_loras, engines, tmp_path):

@@ -469,30 +469,6 @@ def test_backend_refit_in_memory_swaps_the_running_engines_lora(trt_artifact, mo
 
 @pytest.mark.gpu
 @needs_trt
-def test_refit_through_the_onnx_parser_equals_the_refit_by_name(trt_artifact, model_dir, loras):
-    """The path for weights TensorRT folds while parsing (OnnxParserRefitter with the patched
-    initializers loaded over the base file) gives the engine the refit by name gives it."""
-    from diffrt.export.lora import read_lora
-    from diffrt.export.refit import read_weight_map, refit_weights
-
-    onnx_path = trt_artifact / "unet" / "model.onnx"
-    wmap = read_weight_map(onnx_path)
-    backend = _backend(trt_artifact)
-    feed = backend.spec.example_feed("opt", device="cuda", seed=9)
-    base = backend.run(feed)["noise_pred"].clone()
-    weights = refit_weights(onnx_path, wmap, [(read_lora(loras["A"]), 0.8)])
-    assert backend.refit(weights, through_parser=False)["via"] == "names"
-    by_name = backend.run(feed)["noise_pred"].clone()
-    backend.refit(refit_weights(onnx_path, wmap, [(read_lora(loras["B"]), 0.8)]), through_parser=True)
-    report = backend.refit(weights, through_parser=True)
-    assert report["via"] == "onnx_parser" and report["patched"] == len(LORA_TARGETS)
-    assert torch.equal(backend.run(feed)["noise_pred"], by_name)
-    backend.refit(refit_weights(onnx_path, wmap, []), through_parser=True)
-    assert torch.equal(backend.run(feed)["noise_pred"], base)
-
-
-@pytest.mark.gpu
-@needs_trt
 @pytest.mark.parametrize("shared", [True, False])
 def test_concurrent_threads_equal_serial(trt_artifact, shared):
     backend = _backend(trt_artifact)

@@ -23,13 +23,12 @@ weight map matches initializers to the model's parameters by name suffix where i
 value (also transposed), and is stored beside the ONNX as weight_map.json. It is made from the
 PyTorch module at export (`write_weight_map`), or on the first refit from the source model the
 manifest names, after checking its hash. TensorRT names refittable weights after the ONNX
-initializers, so that is the only mapping needed, except where it folded an initializer into
-another weight while parsing: such a refit replays the parse through TensorRT's ONNX parser
-(`refit_through_parser`). What cannot be mapped is reported; a LoRA that patches an unmapped
-weight is refused, never silently skipped (RELIABILITY #7).
+initializers, so that is the only mapping needed. What cannot be mapped is reported; a LoRA that
+patches an unmapped weight is refused, never silently skipped (RELIABILITY #7).
 """
 
 from __future__ import annotations
+
 
 import hashlib
 import json
@@ -187,7 +186,6 @@ def read_weight_map(onnx_path: str | Path) -> dict | None:
 class RefitWeights:
     weights: dict[str, torch.Tensor]  # every constant of the ONNX: base, or base + delta where patched
     patched: list[str] = field(default_factory=list)  # initializer names that differ from base
-    onnx_path: Path | None = None  # the ONNX they come from, for a refit through TensorRT's ONNX parser
 
 
 def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple[object, float]],
@@ -229,7 +227,7 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
         raise ArtifactError(f"the LoRA patches {len(unmapped)} weights that {onnx_path} holds under no initializer diffrt "
                             f"could identify ({', '.join(sorted(unmapped)[:5])}); the engine cannot take this LoRA by refit: "
                             "export with --lora instead")
-    return RefitWeights(out, sorted(n for n in out if out[n] is not base[n]), Path(onnx_path))
+    return RefitWeights(out, sorted(n for n in out if out[n] is not base[n]))
 
 
 # --- engines (GPU) -----------------------------------------------------------------------------------
@@ -245,7 +243,7 @@ def refit_engine(engine_path: str | Path, weights: RefitWeights, device: str | t
     trt, _runtime, engine = load_engine(engine_path, device)
     logger = trt_logger()
     with torch.cuda.device(device):
-        counts = set_engine_weights(trt, open_refitter(trt, engine, engine_path, logger), weights, engine_path, logger)
+        counts = set_engine_weights(trt, open_refitter(trt, engine, engine_path, logger), weights, engine_path, logger.errors)
         plan = engine.serialize()
     atomic.write_bytes(engine_path, memoryview(plan))
     return {**counts, "sha256": atomic.sha256_file(engine_path)}
@@ -260,22 +258,16 @@ def open_refitter(trt, engine, engine_path: Path, logger):
     return trt.Refitter(engine, logger)
 
 
-def set_engine_weights(trt, refitter, weights: RefitWeights, engine_path: Path, logger,
-                       through_parser: bool | None = None) -> dict:
+def set_engine_weights(trt, refitter, weights: RefitWeights, engine_path: Path, errors: list[str]) -> dict:
     """Drive one TensorRT Refitter: set *every* refittable weight the ONNX holds (patched or base), never
-    only the patched ones, so no value of an earlier refit survives (RELIABILITY #8), then refit.
-    `logger` is the refitter's (`tensorrt.trt_logger()`): its `errors` explain a failed refit.
-
-    By name where TensorRT kept the ONNX's initializers as they are. Where it folded a patched one
-    into another weight while parsing (a Transpose, Cast or scale applied to a constant), no name
-    holds it, and the refit goes through TensorRT's ONNX parser instead (`through_parser=None`
-    chooses; True forces it): see `refit_through_parser`."""
+    only the patched ones, so no value of an earlier refit survives (RELIABILITY #8), then refit."""
     from diffrt.runtime.backends.tensorrt import torch_dtype
 
     refittable = set(refitter.get_all_weights())
-    folded = sorted(n for n in weights.patched if n not in refittable)
-    if through_parser or (through_parser is None and folded):
-        return refit_through_parser(trt, refitter, weights, engine_path, logger, refittable, folded)
+    absent = sorted(n for n in weights.patched if n not in refittable)
+    if absent:
+        raise ArtifactError(f"{engine_path}: TensorRT folded weights the LoRA patches into others, so they cannot be refit "
+                            f"({', '.join(absent[:5])}); export with --lora instead")
     keep = []  # TensorRT reads the host weights during refit_cuda_engine: keep them alive until then
     for name in sorted(refittable & weights.weights.keys()):
         proto = refitter.get_weights_prototype(name)
@@ -288,51 +280,15 @@ def set_engine_weights(trt, refitter, weights: RefitWeights, engine_path: Path, 
         keep.append(t)
         if not refitter.set_named_weights(name, trt.Weights(proto.dtype, t.data_ptr(), t.numel())):
             raise ArtifactError(f"{engine_path}: TensorRT refused new values for weight {name}")
-    _finish_refit(refitter, engine_path, logger.errors)
-    del keep
-    return {"refittable": len(refittable), "set": len(refittable & weights.weights.keys()), "patched": len(weights.patched),
-            "not_in_onnx": sorted(refittable - weights.weights.keys()), "via": "names"}
-
-
-def refit_through_parser(trt, refitter, weights: RefitWeights, engine_path: Path, logger,
-                         refittable: set[str], folded: Sequence[str] = ()) -> dict:
-    """Refit by replaying the parse: TensorRT's OnnxParserRefitter reads the ONNX again, with the
-    patched initializers loaded in place of the file's, and recomputes every weight the engine
-    derived from them, folded ones included. Unpatched initializers come from the file, which
-    holds the base weights, so this path never accumulates either (RELIABILITY #8)."""
-    from diffrt.export.tensorrt import parser_error_text
-
-    parser_refitter = getattr(trt, "OnnxParserRefitter", None)
-    if parser_refitter is None or not hasattr(parser_refitter, "load_initializer") or weights.onnx_path is None:
-        raise ArtifactError(f"{engine_path}: TensorRT folded weights the LoRA patches into others, so they cannot be refit by "
-                            f"name ({', '.join(folded[:5])}), and this TensorRT has no OnnxParserRefitter.load_initializer "
-                            "to refit them from the ONNX; upgrade TensorRT, or export with --lora instead")
-    onnx_path = Path(weights.onnx_path)
-    parser = parser_refitter(refitter, logger)
-    # The graph file only: external data is read from beside `onnx_path`, for initializers not loaded below.
-    if not parser.load_model_proto(onnx_path.read_bytes(), str(onnx_path)):
-        raise ArtifactError(f"{engine_path}: TensorRT could not load {onnx_path} to refit from it: {parser_error_text(parser)}")
-    keep = []  # TensorRT reads these during refit_model_proto and refit_cuda_engine: keep them alive
-    for name in weights.patched:
-        t = weights.weights[name].contiguous().cpu()  # in the initializer's own type, as the parser reads it
-        keep.append(t)
-        if not parser.load_initializer(name, t.data_ptr(), t.numel() * t.element_size()):
-            raise ArtifactError(f"{engine_path}: TensorRT refused weight {name} for {onnx_path}: {parser_error_text(parser)}")
-    if not parser.refit_model_proto():
-        raise ArtifactError(f"{engine_path}: TensorRT could not refit from {onnx_path}: {parser_error_text(parser)}")
-    _finish_refit(refitter, engine_path, logger.errors)
-    del keep
-    return {"refittable": len(refittable), "set": len(refittable), "patched": len(weights.patched), "not_in_onnx": [],
-            "via": "onnx_parser", "folded": list(folded)}
-
-
-def _finish_refit(refitter, engine_path: Path, errors: list[str]) -> None:
     missing = list(refitter.get_missing_weights())
     if missing:
         raise ArtifactError(f"{engine_path}: refit needs weights that are not in the ONNX: {', '.join(missing[:5])}; "
                             "rebuild the engine")
     if not refitter.refit_cuda_engine():
         raise ArtifactError(f"{engine_path}: TensorRT could not refit the engine [{' | '.join(errors[-2:])}]")
+    del keep
+    return {"refittable": len(refittable), "set": len(refittable & weights.weights.keys()), "patched": len(weights.patched),
+            "not_in_onnx": sorted(refittable - weights.weights.keys())}
 
 
 # --- artifact ----------------------------------------------------------------------------------------

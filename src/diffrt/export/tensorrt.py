@@ -185,7 +185,7 @@ def trt_logger():
     return _LOGGER
 
 
-def parser_error_text(parser) -> str:
+def _parser_error_text(parser) -> str:
     parts = []
     for i in range(parser.num_errors):
         error = parser.get_error(i)
@@ -236,7 +236,7 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, engine_path: str | 
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        raise ArtifactError(f"TensorRT {version} could not parse {onnx_path}: {parser_error_text(parser)}")
+        raise ArtifactError(f"TensorRT {version} could not parse {onnx_path}: {_parser_error_text(parser)}")
     inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     if inputs != set(spec.input_names):
         raise ArtifactError(f"{onnx_path} has inputs {sorted(inputs)}, the {spec.name} spec expects {sorted(spec.input_names)}; re-export")

@@ -165,11 +165,10 @@ class TensorRTBackend:
         twin._open_context()
         return twin
 
-    def refit(self, weights, through_parser: bool | None = None) -> dict:
+    def refit(self, weights) -> dict:
         """Set the loaded engine's weights to `weights` (refit.RefitWeights: base + LoRA deltas) in memory.
 
-        Clones share the engine, so they see the new weights too; none may run during the refit.
-        `through_parser`: see `refit.set_engine_weights` (None: by name unless TensorRT folded some)."""
+        Clones share the engine, so they see the new weights too; none may run during the refit."""
         from diffrt.export.refit import open_refitter, set_engine_weights
         from diffrt.export.tensorrt import trt_logger
 
@@ -178,7 +177,7 @@ class TensorRTBackend:
             refitter = open_refitter(self._trt, self.engine, self.engine_path, logger)
             torch.cuda.synchronize(self.device)  # no enqueued work may be pending on the engine (IRefitter)
             self._graphs.clear()  # recaptured on their next run, after the refit
-            return set_engine_weights(self._trt, refitter, weights, self.engine_path, logger, through_parser)
+            return set_engine_weights(self._trt, refitter, weights, self.engine_path, logger.errors)
 
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Check against the built ranges first (RELIABILITY #3): a typed error naming the range,
