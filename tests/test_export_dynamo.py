@@ -68,6 +68,35 @@ def test_pixel_unet_parity_at_several_batches_and_the_exporter_in_the_key(classe
     assert not traced.cache_hit and traced.manifest["exporter"] == "torchscript" and traced.manifest["opset"] == 17
 
 
+def test_an_axis_whose_opt_is_1_stays_dynamic(uncond_model_dir, tmp_path):
+    """Tracers take a size of 1 for a constant: an opt batch of 1 is traced at 2, so the graph still
+    runs every batch of its range (torch.export would otherwise fix the axis to 1 in the ONNX)."""
+    from diffrt.runtime.loading import artifact_pixel_pipeline
+
+    out = export_pixel_model(uncond_model_dir, tmp_path / "opt1", ExportOptions(batch=(1, 1, 4), **DYNAMO)).folder
+    unet = artifact_pixel_pipeline(out, "onnxruntime").unet
+    for batch in (1, 3, 4):
+        feed = unet.spec.example_feed("opt", batch=batch)
+        assert unet.run(feed)["noise_pred"].shape[0] == batch
+
+
+def test_a_graph_with_a_fixed_dynamic_axis_is_refused(classemb_model_dir, tmp_path):
+    import onnx
+
+    from diffrt.components import spec_from_dict
+    from diffrt.errors import ArtifactError
+    from diffrt.export.onnx import check_dynamic_axes
+
+    folder = export_pixel_model(classemb_model_dir, tmp_path / "a", ExportOptions(batch=(1, 2, 8), verify=False)).folder
+    spec = spec_from_dict(mf.read_manifest(folder)["components"]["unet"]["spec"])
+    model = onnx.load(str(folder / "unet" / "model.onnx"))
+    check_dynamic_axes(folder / "unet" / "model.onnx", spec, "torchscript")  # the control: every axis symbolic
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2  # what a tracer that specialised would write
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    with pytest.raises(ArtifactError, match=r"fixed axis 'batch' of noise_pred to 2, which the spec lets range over 1\.\.8"):
+        check_dynamic_axes(tmp_path / "fixed.onnx", spec, "dynamo")
+
+
 def test_lora_refit_weights_are_found_in_a_dynamo_graph(tmp_path):
     """TensorRT takes LoRA by refit from the ONNX's initializers: the weight map must locate every
     LoRA-patchable weight in the dynamo exporter's graph too, and patched initializers compute

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import types
 
 import pytest
 
@@ -15,21 +16,38 @@ from diffrt import atomic
 
 @pytest.fixture
 def memo(tmp_path, monkeypatch):
-    """Remembering on for small files, in a cache of the test's own; counts the real hashings."""
+    """Remembering on for small files, in a cache of the test's own; records each real hashing
+    (and runs `during_read`, if set, while the file is being read)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("DIFFRT_HASH_MEMO", raising=False)
     monkeypatch.setattr(atomic, "MEMO_MIN_BYTES", 0)
     monkeypatch.setattr(atomic, "MEMO_SETTLE_NS", 0)
-    reads = []
-    real_open = open
+    hashings = []
 
-    def counting_open(path, mode="r", *args, **kwargs):
-        if mode == "rb" and str(path).endswith(".bin"):
-            reads.append(str(path))
-        return real_open(path, mode, *args, **kwargs)
+    def counting_sha256():
+        hashings.append(1)
+        return Hasher()
 
-    monkeypatch.setattr("builtins.open", counting_open)
-    return reads
+    class Hasher:
+        def __init__(self):
+            self.inner = hashlib.sha256()
+
+        def update(self, block):
+            if getattr(memo_state, "during_read", None):
+                memo_state.during_read()
+                memo_state.during_read = None
+            self.inner.update(block)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    memo_state = types.SimpleNamespace(during_read=None, hashings=hashings)
+    monkeypatch.setattr(atomic, "hashlib", types.SimpleNamespace(sha256=counting_sha256, blake2b=hashlib.blake2b))
+    return memo_state
+
+
+def remembered(tmp_path) -> list:
+    return list((tmp_path / "cache").rglob("*.json"))
 
 
 def settle():
@@ -46,7 +64,7 @@ def test_an_unchanged_file_is_hashed_once(memo, tmp_path):
     settle()
     assert atomic.sha256_file(path) == digest(b"a" * 1000)
     assert atomic.sha256_file(path) == digest(b"a" * 1000)
-    assert len(memo) == 1
+    assert len(memo.hashings) == 1
 
 
 @pytest.mark.parametrize("change", ["edit in place", "edit with mtime put back", "atomic replace", "truncate"])
@@ -70,7 +88,7 @@ def test_a_changed_file_is_hashed_again(memo, tmp_path, change):
             os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ctime still moves: it cannot be set
     settle()
     assert atomic.sha256_file(path) == digest(new)
-    assert len(memo) == 2
+    assert len(memo.hashings) == 2
 
 
 def test_a_file_written_just_now_is_not_remembered(memo, tmp_path, monkeypatch):
@@ -79,11 +97,11 @@ def test_a_file_written_just_now_is_not_remembered(memo, tmp_path, monkeypatch):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"a" * 1000)
     atomic.sha256_file(path)
-    assert not list((tmp_path / "cache").rglob("*.json"))  # nothing remembered
+    assert not remembered(tmp_path)
     with open(path, "r+b") as f:
         f.write(b"b")  # may share the first write's timestamps
     assert atomic.sha256_file(path) == digest(b"b" + b"a" * 999)
-    assert len(memo) == 2
+    assert len(memo.hashings) == 2
 
 
 def test_remembering_can_be_turned_off_and_small_files_are_never_remembered(memo, tmp_path, monkeypatch):
@@ -97,4 +115,32 @@ def test_remembering_can_be_turned_off_and_small_files_are_never_remembered(memo
     monkeypatch.setattr(atomic, "MEMO_MIN_BYTES", 1001)
     atomic.sha256_file(path)
     atomic.sha256_file(path)
-    assert len(memo) == 4
+    assert len(memo.hashings) == 4
+
+
+def test_a_file_written_while_it_is_read_is_not_remembered(memo, tmp_path):
+    """The stamps taken before the read must still hold after it: a write in between (same tick or
+    not) leaves nothing remembered, so the next hash reads the file again."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    settle()
+
+    def append():
+        with open(path, "ab") as f:
+            f.write(b"b")
+
+    memo.during_read = append
+    atomic.sha256_file(path)
+    assert not remembered(tmp_path)
+    settle()
+    assert atomic.sha256_file(path) == digest(b"a" * 1000 + b"b") and len(memo.hashings) == 2
+
+
+def test_an_odd_memo_entry_means_hashing_not_a_crash(memo, tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    settle()
+    atomic.sha256_file(path)
+    [entry] = remembered(tmp_path)
+    entry.write_text('{"stamps": 3}')
+    assert atomic.sha256_file(path) == digest(b"a" * 1000) and len(memo.hashings) == 2

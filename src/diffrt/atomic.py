@@ -9,8 +9,9 @@ would hash ~7 GB (seconds) every time. The digest of a large file is therefore r
 under the user cache with the file's identity and change stamps (device, inode, size, mtime,
 ctime), as git's index and ccache do, and reused while all of them are unchanged. A rewrite
 or an atomic replace changes them; ctime cannot be set back by a user. A file changed within
-the last few seconds is not remembered: timestamps are coarse (a kernel tick), and a second
-write in the same tick as the hash would otherwise go unseen (git's "racy" case).
+a few seconds before its read began, or while it was read, is not remembered: timestamps are
+coarse (a kernel tick; a second on some filesystems), and a second write in the same tick as
+the hash would otherwise go unseen (git's "racy" case). Entries are small and never pruned.
 `DIFFRT_HASH_MEMO=0` turns remembering off.
 """
 
@@ -81,23 +82,28 @@ MEMO_SETTLE_NS = 3_000_000_000  # a file changed more recently than this is hash
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """The file's sha256, remembered for large files while their stamps are unchanged (see above)."""
-    stat = os.stat(path)
-    memo = _memo_path(path) if stat.st_size >= MEMO_MIN_BYTES and os.environ.get("DIFFRT_HASH_MEMO", "1") != "0" else None
-    stamps = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-    if memo is not None:
-        with contextlib.suppress(OSError, ValueError):
-            entry = json.loads(memo.read_text())
-            if entry["path"] == str(Path(path).resolve()) and entry["stamps"] == stamps:
-                return entry["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    started = time.time_ns()  # before the stamps are read: the settle window must cover the whole read
+    with open(path, "rb") as f:  # open first: on NFS, open revalidates the attributes fstat then returns
+        stamps = _stamps(os.fstat(f.fileno()))
+        memo = _memo_path(path) if stamps[2] >= MEMO_MIN_BYTES and os.environ.get("DIFFRT_HASH_MEMO", "1") != "0" else None
+        if memo is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a missing or odd entry: hash
+                entry = json.loads(memo.read_text())
+                if entry["path"] == str(Path(path).resolve()) and entry["stamps"] == stamps:
+                    return entry["sha256"]
+        digest = hashlib.sha256()
         while block := f.read(chunk):
             digest.update(block)
+        unchanged = _stamps(os.fstat(f.fileno())) == stamps  # nothing wrote to it while it was read
     hexdigest = digest.hexdigest()
-    if memo is not None and time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > MEMO_SETTLE_NS:
+    if memo is not None and unchanged and started - max(stamps[3], stamps[4]) > MEMO_SETTLE_NS:
         with contextlib.suppress(OSError):  # an optimisation: a read-only cache costs only time
             write_json(memo, {"path": str(Path(path).resolve()), "stamps": stamps, "sha256": hexdigest})
     return hexdigest
+
+
+def _stamps(stat: os.stat_result) -> list[int]:
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def _memo_path(path: str | os.PathLike) -> Path:

@@ -18,6 +18,7 @@ written, so a refit that fails leaves no manifest, never a false cache hit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -193,7 +194,10 @@ def export_key(model_parts: dict, options: ExportOptions) -> str:
     on (opset, backend, library versions, and the GPU for engines). LoRA is kept apart: see
     `cached_export`."""
     return mf.cache_key({
-        **model_parts, "opset": options.onnx_opset, "exporter": options.exporter, "backend": options.backend,
+        **model_parts, "opset": options.onnx_opset, "backend": options.backend,
+        # Only a non-default exporter enters the key, so artifacts (and hours of engine builds) made
+        # before the choice existed stay cache hits.
+        **({"exporter": options.exporter} if options.exporter != "torchscript" else {}),
         "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
     })
 
@@ -305,7 +309,8 @@ def default_artifact_dir(model_dir: Path, options: ExportOptions) -> Path:
     """Where `diffrt demo` / `generate` keep an automatic export: the user cache, by source and settings."""
     from platformdirs import user_cache_dir
 
-    tag = mf.cache_key({"src": str(model_dir.resolve()), "sha": atomic.sha256_folder(model_dir), "opts": repr(options)})[:16]
+    opts = repr(dataclasses.replace(options, opset=options.onnx_opset))  # the default opset and 17 are one export
+    tag = mf.cache_key({"src": str(model_dir.resolve()), "sha": atomic.sha256_folder(model_dir), "opts": opts})[:16]
     return Path(user_cache_dir("diffrt")) / "artifacts" / f"{model_dir.name}-{tag}"
 
 

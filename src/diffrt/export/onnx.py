@@ -54,7 +54,7 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        feed = spec.example_feed("opt", dtype=dtype)
+        feed = spec.example_feed("opt", dtype=dtype, **trace_sizes(spec))
         args = tuple(feed[name] for name in spec.input_names)
         # Trace in the precision asked for, whatever the checkpoint was saved in (an fp16 folder
         # exported as fp32 would otherwise mix dtypes in one graph); never change the caller's module.
@@ -87,6 +87,7 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
                 leftover.unlink()
         _infer_shapes(out)
         onnx.checker.check_model(str(out))
+        check_dynamic_axes(out, spec, exporter)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -94,6 +95,40 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to %s (%s exporter, opset %d)", spec.name, folder / "model.onnx", exporter, opset)
     return folder / "model.onnx"
+
+
+def trace_sizes(spec: ComponentSpec) -> dict[str, int]:
+    """Sizes to trace at: the opt point, except that an axis whose opt is 1 but may grow is traced
+    at its smallest valid size >= 2. Tracers treat a size of 1 as a constant (broadcasting makes it
+    special): torch.export would fix the axis to 1 in the graph, TorchScript may bake it in."""
+    sizes = {}
+    for name, (_, opt, hi) in spec.ranges.items():
+        m = spec.multiple_of.get(name, 1)
+        grown = -(-2 // m) * m  # the smallest multiple of m that is >= 2
+        if opt == 1 and grown <= hi:
+            sizes[name] = grown
+    return sizes
+
+
+def check_dynamic_axes(path: Path, spec: ComponentSpec, exporter: str) -> None:
+    """Every axis the spec lets vary must be symbolic in the graph's inputs and outputs: an exporter
+    that fixed one would give a graph that fails, or worse, at other sizes."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    values = {v.name: v for v in (*graph.input, *graph.output)}
+    for tensor in (*spec.inputs, *spec.outputs):
+        value = values.get(tensor.name)
+        if value is None:
+            raise ArtifactError(f"{spec.name}: the {exporter} exporter wrote no {tensor.name!r}; expected {spec.input_names} "
+                                f"-> {spec.output_names}")
+        dims = value.type.tensor_type.shape.dim
+        for i, axis in enumerate(tensor.dims):
+            lo, _, hi = spec.ranges.get(axis, (0, 0, 0)) if isinstance(axis, str) else (0, 0, 0)
+            if isinstance(axis, str) and lo < hi and i < len(dims) and dims[i].HasField("dim_value"):
+                raise ArtifactError(f"{spec.name}: the {exporter} exporter fixed axis '{axis}' of {tensor.name} to "
+                                    f"{dims[i].dim_value}, which the spec lets range over {lo}..{hi}; the graph would not "
+                                    f"run at other sizes (try the other --exporter)")
 
 
 def _describe(model, spec: ComponentSpec, dtype: torch.dtype, exporter: str) -> None:

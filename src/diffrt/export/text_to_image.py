@@ -112,7 +112,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
         (out / mf.MANIFEST).unlink(missing_ok=True)  # until the new manifest is written, the folder is not trusted
         components = {}
         # Minutes per component at SD-1.5 size (ONNX, parity run, TensorRT build): show which one is under way.
-        with tqdm(specs.items(), desc="export", unit="component", leave=False) as bar:
+        with tqdm(specs.items(), desc="export", unit="component", leave=False, disable=None) as bar:  # None: on a terminal only
             for name, spec in bar:
                 bar.set_postfix_str(name)
                 components[name] = _export_component(model.module(name), spec, out, options, precisions[name])
