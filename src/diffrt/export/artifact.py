@@ -18,10 +18,9 @@ written, so a refit that fails leaves no manifest, never a false cache hit.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -309,7 +308,7 @@ def default_artifact_dir(model_dir: Path, options: ExportOptions) -> Path:
     """Where `diffrt demo` / `generate` keep an automatic export: the user cache, by source and settings."""
     from platformdirs import user_cache_dir
 
-    opts = repr(dataclasses.replace(options, opset=options.onnx_opset))  # the default opset and 17 are one export
+    opts = repr(replace(options, opset=options.onnx_opset))  # the default opset and 17 are one export
     tag = mf.cache_key({"src": str(model_dir.resolve()), "sha": atomic.sha256_folder(model_dir), "opts": opts})[:16]
     return Path(user_cache_dir("diffrt")) / "artifacts" / f"{model_dir.name}-{tag}"
 
