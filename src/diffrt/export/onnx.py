@@ -28,6 +28,7 @@ from torch import nn
 
 from diffrt.components import ComponentSpec
 from diffrt.errors import ArtifactError
+from diffrt.export.optimize import upcast_normalizations
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 DYNAMO_MIN_OPSET = 18  # torch.export-based graphs use opset 18 ops (ReduceMean with axes as an input, ...)
 TWO_GB = 2 * 1024**3
+HALF_TYPES = {torch.float16: 10, torch.bfloat16: 16}  # onnx.TensorProto.FLOAT16, BFLOAT16
 
 
 def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, opset: int | None = None,
@@ -76,6 +78,8 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
                     dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
                 )
         model = onnx.load(str(raw), load_external_data=True)
+        if dtype in HALF_TYPES:  # normalisation statistics in fp32, as PyTorch computes them (optimize.py)
+            upcast_normalizations(model, HALF_TYPES[dtype])
         _describe(model, spec, dtype, exporter)
         large = _weights_nbytes(model) > external_data_threshold
         out = tmp / "model.onnx"
