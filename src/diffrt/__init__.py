@@ -9,4 +9,13 @@ __version__ = "0.1.0"
 
 from diffrt.errors import DiffrtError
 
-__all__ = ["DiffrtError", "__version__"]
+__all__ = ["DiffrtError", "__version__", "open_pipeline"]
+
+
+def __getattr__(name: str):
+    # `diffrt.open_pipeline` without importing torch and the runtime at `import diffrt`.
+    if name == "open_pipeline":
+        from diffrt.runtime.opening import open_pipeline
+
+        return open_pipeline
+    raise AttributeError(f"module 'diffrt' has no attribute {name!r}")

@@ -18,6 +18,7 @@ from diffrt import atomic
 from diffrt.errors import DiffrtError
 from diffrt.images import png_bytes, save_grid, to_numpy
 from diffrt.runtime.guidance import Guidance, color_guidance
+from diffrt.runtime.opening import is_text_to_image
 
 
 # Classifier-free guidance scale for class-conditioned pixel models when none is given; chosen on
@@ -57,18 +58,6 @@ class GenerateRequest:
     strict: bool = False  # any fallback (ONNX Runtime provider, PyTorch for an artifact) is an error
     cuda_graph: bool = True  # tensorrt: replay each step's launch as a CUDA graph (shapes are fixed within a run)
     progress: bool = False  # a tqdm bar over the denoising steps (the CLI's), as diffusers' pipelines show
-
-
-def is_text_to_image(model: str | None) -> bool:
-    from diffrt.export.artifact import is_text_to_image_dir
-    from diffrt.export.manifest import MANIFEST, read_manifest
-
-    if model is None:
-        return False
-    folder = Path(model)
-    if (folder / MANIFEST).is_file():
-        return read_manifest(folder).get("kind") == "text-to-image"
-    return is_text_to_image_dir(folder)
 
 
 def resolve_hub_ids(req: GenerateRequest) -> GenerateRequest:

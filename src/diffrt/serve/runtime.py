@@ -51,7 +51,7 @@ def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     """The worker for the model's kind: text-to-image (prompts, ControlNet) or pixel-space (class labels)."""
     from pathlib import Path
 
-    from diffrt.generate import is_text_to_image
+    from diffrt.runtime.opening import is_text_to_image
     from diffrt.hub import resolve_model
     from diffrt.models import require_model_dir
     from diffrt.runtime.backends import require_backend, resolve_device

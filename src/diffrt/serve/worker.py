@@ -136,7 +136,7 @@ class PixelWorker(BatchingWorker):
 
     def load(self) -> None:
         """Open the pipeline, run one warm-up and the NaN self-test; raises if any of it fails."""
-        from diffrt.generate import is_text_to_image
+        from diffrt.runtime.opening import is_text_to_image
         from diffrt.runtime.loading import open_pixel_pipeline
 
         if is_text_to_image(self.model):
