@@ -105,3 +105,43 @@ def test_bundled_chelsea_is_the_crops_of_the_photo(tmp_path):
     assert torch.equal(draws(bundled, 3, seed=2), draws(folder, 3, seed=2))
     with pytest.raises(DataError, match="one subject, not classes"):
         load_source("chelsea", 24, labelled=True)
+
+
+# --- images as they are shown: EXIF orientation and 16-bit greyscale ---------------------------------
+
+
+def test_a_photo_stored_sideways_loads_upright(tmp_path):
+    """Phones store pixels as the sensor read them plus an EXIF orientation; diffusers' load_image
+    and its DreamBooth script transpose by it, and so does diffrt (else the subject trains rotated)."""
+    from diffrt.images import load_image
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = 255  # the left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    image = load_image(tmp_path / "phone.jpg")
+    assert image.shape == (3, 40, 20)  # displayed 20 wide and 40 high
+    assert image[:, :20].mean() > 0.9 and image[:, 20:].mean() < 0.1  # the stored left half is now on top
+
+
+def test_a_16_bit_greyscale_image_keeps_its_range(tmp_path):
+    from diffrt.images import load_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")  # what Pillow opens 16-bit greyscale as
+    image = load_image(tmp_path / "ramp16.png")
+    assert image.shape == (3, 8, 64) and torch.equal(image[0], image[2])
+    assert torch.allclose(image[0, 0], torch.linspace(0, 1, 64), atol=1e-4)  # not clipped at 255/65535
+    resized = load_image(tmp_path / "ramp16.png", size=(4, 32))
+    assert resized.shape == (3, 4, 32) and 0.45 < resized.mean() < 0.55
+
+
+def test_flip_and_crop_are_refused_for_the_bundled_digits():
+    from diffrt.data import load_source
+    from diffrt.errors import DataError
+
+    for kwargs in ({"random_flip": True}, {"crop": "random"}):
+        with pytest.raises(DataError, match="apply to image folders"):
+            load_source("digits", 16, labelled=True, **kwargs)

@@ -252,3 +252,15 @@ def test_fp16_on_cuda_scales_the_loss_and_resumes_with_its_scale_and_ema_on_the_
     load_latest_checkpoint(out / "checkpoints", named, torch.optim.AdamW(named.values()), ema, scaler)
     assert all(v.is_cuda and v.dtype == torch.float32 for v in ema.shadow.values())
     assert scaler.get_scale() == json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())["scaler"]["scale"]
+
+
+def test_accumulation_beyond_the_seed_layout_is_one_line(tmp_path):
+    """Each micro-batch's generator is a pure function of (step, micro-batch, process); past 64
+    micro-batches two of them would draw the same data and noise, so such a run is refused."""
+    from diffrt.errors import DiffrtError
+    from diffrt.train.loop import MAX_ACCUMULATION, TrainConfig, step_generator
+
+    seeds = {step_generator(0, s, m).initial_seed() for s in range(3) for m in range(MAX_ACCUMULATION)}
+    assert len(seeds) == 3 * MAX_ACCUMULATION
+    with pytest.raises(DiffrtError, match="--gradient-accumulation-steps must be <= 64, got 65"):
+        TrainConfig(out=str(tmp_path / "run"), gradient_accumulation_steps=65).validate()

@@ -210,6 +210,9 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
 def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False) -> ImageDataset:
     """A bundled dataset by name, or a folder (flat for unlabelled, class sub-folders for labelled)."""
     if source == "digits":
+        if random_flip or crop != "center":
+            raise DataError("--random-flip and --crop apply to image folders and 'chelsea'; the bundled digits are drawn "
+                            "at the model's size, and a mirrored digit is another symbol: leave them out for --data digits")
         return load_digits(size=size)
     if source == "chelsea":
         if labelled:

@@ -69,11 +69,26 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None, mod
     return decode_image(path.read_bytes(), size, mode, name=str(path))
 
 
+HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def _high_depth(im, size: tuple[int, int] | None) -> np.ndarray:
+    """A 16-bit (or 32-bit int, taken as 16-bit as PNG stores it) or float greyscale image as
+    [H, W, 1] float in [0, 1], resized in float so no precision is lost first."""
+    from PIL import Image
+
+    array = np.clip(np.asarray(im, dtype=np.float32) / HIGH_DEPTH[im.mode], 0.0, 1.0)
+    if size is not None:
+        array = np.asarray(Image.fromarray(array, mode="F").resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32)
+        array = np.clip(array, 0.0, 1.0)
+    return array[..., None]
+
+
 def decode_image(data: bytes, size: tuple[int, int] | None = None, mode: str = "RGB", *, name: str = "the image",
                  max_pixels: int | None = None) -> torch.Tensor:
     """Encoded image bytes (PNG, JPEG, ...) -> [C, H, W] float in [0, 1], optionally resized to (height, width).
     `max_pixels` refuses larger images before their pixels are decoded (a small PNG can hold a huge image)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from diffrt.errors import DataError
 
@@ -81,10 +96,17 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, mode: str = "
         with Image.open(io.BytesIO(data)) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels} pixels")
-            im = im.convert(mode)
-            if size is not None:
-                im = im.resize((size[1], size[0]), Image.BICUBIC)
-            array = np.asarray(im, dtype=np.float32) / 255.0
+            # Upright as it is shown: a phone photo stores its pixels sideways plus an EXIF
+            # orientation (diffusers' load_image and its DreamBooth script transpose the same way).
+            im = ImageOps.exif_transpose(im)
+            if im.mode in HIGH_DEPTH:  # 16-bit or float greyscale: convert() would clip it at 255
+                array = _high_depth(im, size)
+                array = np.repeat(array, 3, axis=2) if mode == "RGB" else array
+            else:
+                im = im.convert(mode)
+                if size is not None:
+                    im = im.resize((size[1], size[0]), Image.BICUBIC)
+                array = np.asarray(im, dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise DataError(f"{name} is not a readable image (not a format Pillow knows); convert it to PNG/JPEG") from None
     except (OSError, Image.DecompressionBombError) as exc:

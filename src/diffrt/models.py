@@ -16,6 +16,7 @@ branch of classifier-free guidance.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,8 @@ from diffrt.errors import DiffrtError
 from diffrt.runtime.ddim import DDIMConfig
 
 Conditioning = Literal["none", "class_embedding", "class_channels"]
+log = logging.getLogger(__name__)
+
 DIFFRT_CONFIG = "diffrt.json"
 SHIPPED_DIGITS = Path(__file__).parent / "weights" / "digits"
 
@@ -167,7 +170,12 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     if (folder / DIFFRT_CONFIG).is_file():
         info = PixelModelInfo(**json.loads((folder / DIFFRT_CONFIG).read_text()))
     elif unet.config.num_class_embeds:
-        info = PixelModelInfo("class_embedding", num_classes=unet.config.num_class_embeds - 1)
+        # diffusers' config cannot say whether one embedding is a null class; diffrt's trainers keep
+        # the last for classifier-free guidance (and write diffrt.json). Say what is assumed.
+        n = unet.config.num_class_embeds
+        log.warning("%s has no %s: taking class embedding %d of its %d as the null class that classifier-free "
+                    "guidance and label dropout use, and 0..%d as its classes", folder, DIFFRT_CONFIG, n - 1, n, n - 2)
+        info = PixelModelInfo("class_embedding", num_classes=n - 1)
     class_embedding = None
     if info.conditioning == "class_channels" and weights:
         from safetensors.torch import load_file

@@ -79,6 +79,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.gradient_accumulation_steps > MAX_ACCUMULATION:
+            raise DiffrtError(f"--gradient-accumulation-steps must be <= {MAX_ACCUMULATION}, got "
+                              f"{self.gradient_accumulation_steps}; raise --batch-size instead")
         if self.learning_rate <= 0:
             raise DiffrtError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -106,9 +109,17 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+MAX_ACCUMULATION = 64  # step_generator's micro-batch field; TrainConfig.validate holds runs to it
+MAX_PROCESSES = 1024  # and its process field
+
+
 def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
-    """The generator for one micro-batch: a pure function of its coordinates."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + micro) * 1024 + process)
+    """The generator for one micro-batch: a pure function of its coordinates, distinct for every
+    (step, micro < MAX_ACCUMULATION, process < MAX_PROCESSES) of a seed."""
+    if not (0 <= micro < MAX_ACCUMULATION and 0 <= process < MAX_PROCESSES):
+        raise ValueError(f"micro-batch {micro} / process {process} outside the seed layout "
+                         f"({MAX_ACCUMULATION} micro-batches, {MAX_PROCESSES} processes)")
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * MAX_ACCUMULATION + micro) * MAX_PROCESSES + process)
 
 
 class EMA:
