@@ -157,11 +157,14 @@ def test_batcher_refuses_when_full_and_skips_cancelled():
     batcher.submit(second)
     with pytest.raises(QueueFullError):
         batcher.submit(Job(None, 1, "third", deadline=time.monotonic() + 10))
-    second.future.cancel()  # its client gave up while it waited
+    second.future.cancel()  # its client gave up while it waited (and got its 504)
+    assert batcher.depth == 1 and not batcher.full()  # its slot is free again
+    third = Job(None, 1, "third", deadline=time.monotonic() + 10)
+    batcher.submit(third)
     gate.set()
-    assert first.future.result(5) == 1
+    assert first.future.result(5) == 1 and third.future.result(5) == 1
     assert batcher.close(5)
-    assert ran == ["first"]
+    assert ran == ["first", "third"]
 
 
 def test_batcher_reports_a_worker_that_fails_to_start():
@@ -317,6 +320,7 @@ def test_colour_requests_at_one_scale_share_a_batch(server, client, served_model
     (b'{"class_label": 100}', 422, "class_label: 100 is out of range"),
     (b'{"num_inference_steps": 2}', 422, "class_label: required"),
     (b'{"class_label": 1, "height": 24}', 422, "height"),
+    (b'{"class_label": 1, "num_images": 9}', 422, "num_images: 9 is more than this service's largest batch (8)"),
     (b'[]', 422, "body"),
 ])
 def test_bad_requests_are_refused_by_name(client, body, status, names):

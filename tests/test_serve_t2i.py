@@ -141,6 +141,18 @@ def test_control_image_and_scale_reach_the_controlnet(client, t2i_artifact, cont
     np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, control_image=str(path), control_scale=0.7))
 
 
+def _truncated_png() -> bytes:
+    """A PNG whose header chunk is cut short: Pillow raises ValueError for it, not OSError."""
+    import struct
+    import zlib
+
+    body = b"IHDR" + b"\x00\x00\x00\x08\x00\x00"
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 6) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+TRUNCATED_PNG = _truncated_png()
+
+
 @pytest.mark.parametrize("fields, field, words", [
     ({"prompt": PROMPT, "class_label": 1}, "class_label", "text-to-image"),
     ({"negative_prompt": "blurry"}, "prompt", "required"),
@@ -149,6 +161,8 @@ def test_control_image_and_scale_reach_the_controlnet(client, t2i_artifact, cont
     ({"prompt": PROMPT, "control_image": base64.b64encode(b"not a png").decode()}, "control_image", "not a readable image"),
     ({"prompt": PROMPT, "controlnet_conditioning_scale": 0.5}, "controlnet_conditioning_scale", "control_image"),
     ({"prompt": PROMPT, "height": 40}, "height", "multiple of"),
+    ({"prompt": PROMPT, "num_images": 3}, "num_images", "largest batch (2)"),
+    ({"prompt": PROMPT, "control_image": base64.b64encode(TRUNCATED_PNG).decode()}, "control_image", "not a readable image"),
 ])
 def test_wrong_fields_are_422s_naming_the_field_and_serving_goes_on(client, fields, field, words):
     r = client.post("/v1/generate", json={"num_inference_steps": STEPS, **fields})
@@ -379,3 +393,26 @@ def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png):
     np.testing.assert_array_equal(np.asarray(image), answer(prompt=PROMPT, negative_prompt="blurry", control_image=edges))
     assert not np.array_equal(np.asarray(image), answer(prompt=PROMPT, negative_prompt="blurry"))
     assert not np.array_equal(np.asarray(image), answer(prompt="another prompt", negative_prompt="blurry", control_image=edges))
+
+
+def test_colour_guidance_without_the_source_vae_is_a_422_not_a_500(t2i_artifact, tmp_path):
+    """Colour guidance takes its gradient through the PyTorch VAE, which an artifact loads from its
+    source model; a deployment that carries only the artifact says so at start-up and refuses
+    `color` by name, rather than failing inside the worker."""
+    import json
+    import shutil
+
+    from diffrt.export.manifest import MANIFEST
+    from diffrt.serve.runtime import RuntimeConfig, make_worker
+
+    artifact = shutil.copytree(t2i_artifact, tmp_path / "deployed")
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["source"]["path"] = str(tmp_path / "not-shipped")  # the source folder stayed on the build machine
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    worker = make_worker(RuntimeConfig(model=str(artifact), backend="onnxruntime", device="cpu", warmup_steps=1))
+    worker.load()
+    assert worker.describe()["color_guidance"] is False
+    with pytest.raises(RequestError) as info:
+        worker.plan(GenerateBody(prompt=PROMPT, color="#ff0000"))
+    assert info.value.status == 422 and info.value.field == "color" and "not-shipped" in info.value.message
+    worker.plan(GenerateBody(prompt=PROMPT))  # everything else is served

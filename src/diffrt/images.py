@@ -109,7 +109,9 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, mode: str = "
                 array = np.asarray(im, dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise DataError(f"{name} is not a readable image (not a format Pillow knows); convert it to PNG/JPEG") from None
-    except (OSError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # Pillow reports damaged files as OSError, ValueError ("Truncated IHDR chunk", a text chunk
+        # past its limit) or SyntaxError ("broken PNG file"): all are the file's fault, not the caller's.
         raise DataError(f"{name} is not a readable image ({exc}); remove it or convert it to PNG/JPEG") from None
     if array.ndim == 2:
         array = array[..., None]

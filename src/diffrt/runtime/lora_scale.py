@@ -91,6 +91,7 @@ class TorchLora:
         self.check(scale)
         if scale == self.scale:
             return
+        self.scale = float("nan")  # half re-fused if fuse_loras fails: the next set_scale starts from the base again
         for weight, base in self._base:
             weight.copy_(base)
         fuse_loras(self.modules, scaled(self.files, scale))

@@ -163,9 +163,14 @@ class TextToImagePipeline(DenoiserPipeline):
 
     # --- checks -----------------------------------------------------------------------------------
 
-    def check_shapes(self, height: int, width: int, num_prompts: int, num_images_per_prompt: int, guidance_scale: float) -> None:
-        """__call__'s size and batch checks alone, for callers that refuse a request before queueing it (`diffrt serve`)."""
+    # __call__'s size and batch checks alone, for callers that refuse a request before queueing it (`diffrt serve`).
+
+    def check_size(self, height: int, width: int) -> None:
+        """ShapeOutOfRangeError unless the UNet runs this image size (a multiple, inside its range)."""
         self._check_size(height, width)
+
+    def check_batch(self, num_prompts: int, num_images_per_prompt: int, guidance_scale: float) -> None:
+        """ShapeOutOfRangeError unless the components take this many images (CFG doubles the UNet's batch)."""
         self._check_batch(num_prompts, num_prompts * num_images_per_prompt, guidance_scale > 1.0)
 
     def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:

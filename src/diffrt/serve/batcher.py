@@ -87,8 +87,14 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Jobs waiting (not counting the batch being run)."""
-        return len(self._queue)
+        """Jobs waiting (not counting the batch being run, nor those their clients gave up on)."""
+        return sum(not job.future.cancelled() for job in list(self._queue))
+
+    def full(self) -> bool:
+        """Whether a submit now would be refused for a full queue (a cheap check before planning)."""
+        with self._cond:
+            self._drop_cancelled()
+            return len(self._queue) >= self.max_queue
 
     @property
     def in_flight(self) -> int:
@@ -98,11 +104,16 @@ class Batcher:
         with self._cond:
             if self._closing or self.error is not None:
                 raise ClosedError("the service is shutting down" if self._closing else f"the worker died: {self.error}")
+            self._drop_cancelled()  # a request that already got its 504 holds no slot
             if len(self._queue) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
             self._queue.append(job)
             self._cond.notify_all()
         return job.future
+
+    def _drop_cancelled(self) -> None:  # under self._cond
+        if any(job.future.cancelled() for job in self._queue):
+            self._queue = deque(job for job in self._queue if not job.future.cancelled())
 
     def close(self, timeout: float | None = None) -> bool:
         """Take no new jobs, let the worker finish every queued one, then stop. True if it stopped in time."""

@@ -127,7 +127,7 @@ class ServeRuntime:
         return self.batcher.close(timeout)
 
     def describe(self) -> dict:
-        return {**self.worker.describe(), "max_batch_size": self.config.max_batch_size,
+        return {**self.worker.describe(), "max_batch_size": self.batcher.max_batch_size,
                 "warmup_seconds": self.worker.warmup_seconds}
 
     # -- requests -----------------------------------------------------------------------------
@@ -137,6 +137,15 @@ class ServeRuntime:
         if not self.ready:
             reason = f"the model failed to load: {self.error}" if self.error else "the model is still loading; see /readyz"
             raise RequestError(503, reason, headers={"Retry-After": "5"})
+        # Cheap refusals first: planning draws the request's noise and decodes its images.
+        if self.batcher.full():
+            raise RequestError(429, f"the queue is full ({self.batcher.max_queue} requests waiting); retry later",
+                               headers={"Retry-After": "1"})
+        if body.num_images is not None and body.num_images > self.batcher.max_batch_size:
+            # The largest batch is the engine's profile (start-up caps it there) or the operator's limit.
+            self.metrics.profile_rejections.labels(field="num_images").inc()
+            raise RequestError(422, f"num_images: {body.num_images} is more than this service's largest batch "
+                                    f"({self.batcher.max_batch_size}); ask for fewer per request", "num_images")
         try:
             plan = self.worker.plan(body)
         except RequestError as exc:
@@ -153,7 +162,7 @@ class ServeRuntime:
         return job
 
     async def generate(self, body: GenerateBody) -> Answer:
-        job = self.submit(body)
+        job = await asyncio.to_thread(self.submit, body)  # planning draws noise and decodes images: off the event loop
         try:
             answer = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self.config.timeout_s)
         except asyncio.TimeoutError:

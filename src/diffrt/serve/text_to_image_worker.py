@@ -108,6 +108,7 @@ class TextToImageWorker(BatchingWorker):
         self.timed = {}
         self.warmup_seconds: float | None = None
         self.batch_max_abs_diff: float | None = None  # |batched - alone| measured at start-up; 0.0: bitwise equal
+        self.color_unavailable: str | None = None  # why colour guidance cannot run here, when it cannot
 
     # -- the worker thread ------------------------------------------------------------------
 
@@ -122,6 +123,14 @@ class TextToImageWorker(BatchingWorker):
                  self.pipe.backend, time.perf_counter() - t0)
         if self.pipe.lora is not None:
             self.pipe.lora.prepare()  # what a first lora_scale change reads, read here rather than in a request
+        # Colour guidance takes its gradient through the PyTorch VAE; an artifact loads it from its
+        # source model, which a deployment may not carry: find out now, not in a request (a 500).
+        try:
+            self.pipe.torch_module("vae", "colour guidance")
+            self.color_unavailable = None
+        except DiffrtError as exc:
+            self.color_unavailable = str(exc)
+            log.warning("colour guidance is off for this service: %s", exc)
         self.warmup_seconds = self.self_test()
         pipe = self.pipe  # a shared batch feeds the text encoder one prompt per image; guidance doubles both
         self.settle_batching(pipe.backend, images_per_batch([(pipe.text_encoder.spec, 2), (pipe.unet.spec, 2), (pipe.vae_decoder.spec, 1)]))
@@ -186,7 +195,8 @@ class TextToImageWorker(BatchingWorker):
     def describe(self) -> dict:
         return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "controlnets": self.pipe.num_controlnets, "backend": self.pipe.backend,
                 "conditioning": "text", "sample_size": self.pipe.default_size, "batches_requests": self.batches_requests,
-                "batch_max_abs_diff": self.batch_max_abs_diff, **self.pipe.runtime_metadata()}
+                "batch_max_abs_diff": self.batch_max_abs_diff, "color_guidance": self.color_unavailable is None,
+                **self.pipe.runtime_metadata()}
 
     def plan(self, body: GenerateBody) -> TextToImagePlan:
         """Check the request against this model and draw its noise; RequestError names the field at fault."""
@@ -195,6 +205,8 @@ class TextToImageWorker(BatchingWorker):
             raise RequestError(422, "class_label: the loaded model is a text-to-image model; send prompt instead", "class_label")
         if body.prompt is None:
             raise RequestError(422, "prompt: required; the loaded model is a text-to-image model", "prompt")
+        if body.color is not None and self.color_unavailable is not None:
+            raise RequestError(422, f"color: colour guidance is unavailable on this service ({self.color_unavailable})", "color")
         for name in ("control_image", "controlnet_conditioning_scale"):
             if getattr(body, name) is not None and not pipe.has_controlnet:
                 raise RequestError(422, f"{name}: the loaded model has no ControlNet; serve one with `--controlnet DIR` "
@@ -213,13 +225,17 @@ class TextToImageWorker(BatchingWorker):
                                "width to resize them all", "control_image")
         guidance_scale = DEFAULT_GUIDANCE_SCALE if body.guidance_scale is None else body.guidance_scale
         try:
-            pipe.check_shapes(height, width, 1, body.num_images, guidance_scale)
+            pipe.check_size(height, width)
         except DiffrtError as exc:
             message = str(exc)
-            name = "num_images" if message.startswith("batch") else "width" if message.startswith("width") else "height"
-            if name != "num_images" and getattr(body, name) is None and control is not None:
+            name = "width" if message.startswith("width") else "height"
+            if getattr(body, name) is None and control is not None:
                 name = "control_image"  # the size came from the control image
             raise RequestError(422, f"{name}: {message}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
+        try:
+            pipe.check_batch(1, body.num_images, guidance_scale)
+        except DiffrtError as exc:
+            raise RequestError(422, f"num_images: {exc}", "num_images", profile=isinstance(exc, ShapeOutOfRangeError)) from None
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         f = pipe.vae_factor
         latents, generator = draw_noise(seed, (body.num_images, pipe.latent_channels, height // f, width // f), keep_generator=body.eta > 0)

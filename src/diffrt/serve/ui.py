@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from diffrt.errors import DiffrtError
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE as T2I_GUIDANCE_SCALE
 from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 from diffrt.serve.schema import DEFAULT_COLOR_SCALE, DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
@@ -72,22 +73,28 @@ def make_generate(runtime: ServeRuntime):
 
     def generate(class_label, prompt, negative_prompt, steps, guidance_scale, use_color, color, color_scale, seed,
                  control_image=None, lora_scale=1.0):
-        fields = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed))
-        if text:
-            fields.update(prompt=prompt or "", negative_prompt=negative_prompt or None)
-        elif info["conditioning"] != "none":
-            fields["class_label"] = int(class_label)
-        if use_color and color:
-            fields.update(color=to_hex(color), color_scale=float(color_scale))
-        if control_image is not None and info.get("controlnet"):
-            fields["control_image"] = png_base64(canny_edges(control_image))
-        if info.get("lora_scalable"):
-            fields["lora_scale"] = float(lora_scale)
+        from pydantic import ValidationError
+
         t0 = time.perf_counter()
         try:
+            fields = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed))
+            if text:
+                fields.update(prompt=prompt or "", negative_prompt=negative_prompt or None)
+            elif info["conditioning"] != "none":
+                fields["class_label"] = int(class_label)
+            if use_color and color:
+                fields.update(color=to_hex(color), color_scale=float(color_scale))
+            if control_image is not None and info.get("controlnet"):
+                fields["control_image"] = png_base64(canny_edges(control_image))
+            if info.get("lora_scalable"):
+                fields["lora_scale"] = float(lora_scale)
             answer = runtime.generate_sync(GenerateBody(**fields))
         except RequestError as exc:
             return None, f"refused ({exc.status}): {exc.message}"
+        except ValidationError as exc:  # the same limits the HTTP API applies: one line per field at fault
+            return None, "refused: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        except (ValueError, DiffrtError) as exc:  # a colour the picker sent that is no colour, an unreadable upload
+            return None, f"refused: {exc}"
         ms = 1000 * (time.perf_counter() - t0)
         t = answer.timings_ms
         return display(Image.open(io.BytesIO(answer.pngs[0]))), (
