@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -416,3 +417,25 @@ def test_colour_guidance_without_the_source_vae_is_a_422_not_a_500(t2i_artifact,
         worker.plan(GenerateBody(prompt=PROMPT, color="#ff0000"))
     assert info.value.status == 422 and info.value.field == "color" and "not-shipped" in info.value.message
     worker.plan(GenerateBody(prompt=PROMPT))  # everything else is served
+
+
+def test_a_side_over_the_service_limit_is_a_422_before_any_work(t2i_folder):
+    """Eager PyTorch takes any size; the service holds requests to --max-image-side, whether the size
+    is asked for or comes from a control image."""
+    from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
+
+    runtime = ServeRuntime(RuntimeConfig(model=str(t2i_folder), backend="torch", device="cpu", warmup_steps=1,
+                                         controlnet=str(t2i_folder / "controlnet"), max_image_side=48))
+    runtime.start()
+    try:
+        runtime.wait_ready(60)
+        with pytest.raises(RequestError) as info:
+            runtime.submit(GenerateBody(prompt=PROMPT, height=64, width=32))
+        assert info.value.status == 422 and info.value.field == "height" and "largest side (48" in info.value.message
+        big = base64.b64encode(png_bytes(torch.rand(3, 64, 64))).decode()
+        with pytest.raises(RequestError) as info:
+            runtime.submit(GenerateBody(prompt=PROMPT, control_image=big))
+        assert info.value.field == "control_image"
+        runtime.submit(GenerateBody(prompt=PROMPT, height=32, width=32, num_inference_steps=1)).future.result(60)
+    finally:
+        runtime.close(10)

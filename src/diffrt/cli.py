@@ -185,6 +185,7 @@ def _cmd_serve(args) -> int:
     serve(ServeConfig(model=args.model, controlnet=args.controlnet, loras=_loras(args), backend=args.backend, host=args.host, port=args.port,
                       api_key_env=args.api_key_env, max_batch_size=args.max_batch_size,
                       max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
+                      max_image_side=args.max_image_side,
                       device=args.device, strict=args.strict, cuda_graph=args.cuda_graph, exact_batching=args.exact_batching))
     return 0
 
@@ -355,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-queue", type=int, default=64)
     se.add_argument("--batch-wait-ms", type=float, default=10.0)
     se.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    se.add_argument("--max-image-side", type=int, default=2048, help="largest height or width a request may ask for, in pixels")
     se.set_defaults(func=_cmd_serve)
 
     # demo

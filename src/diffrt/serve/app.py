@@ -59,6 +59,7 @@ class ServeConfig:
     device: str | None = None  # None: cuda when available
     max_body_bytes: int = 16 << 20
     max_image_bytes: int = 8 << 20
+    max_image_side: int = 2048  # pixels: eager PyTorch would take any size a request asks for
     warmup_steps: int = 2
     exact_batching: bool = True  # False: batch requests even on a backend whose batches differ in the last bit
     strict: bool = False  # any fallback (ONNX Runtime provider, PyTorch for an artifact) fails the load
@@ -68,7 +69,7 @@ class ServeConfig:
     def runtime_config(self) -> RuntimeConfig:
         return RuntimeConfig(model=self.model, backend=self.backend, device=self.device, max_batch_size=self.max_batch_size,
                              max_queue=self.max_queue, batch_wait_ms=self.batch_wait_ms, timeout_s=self.timeout_s,
-                             max_image_bytes=self.max_image_bytes, warmup_steps=self.warmup_steps,
+                             max_image_bytes=self.max_image_bytes, max_image_side=self.max_image_side, warmup_steps=self.warmup_steps,
                              exact_batching=self.exact_batching, controlnet=self.controlnet, loras=self.loras, strict=self.strict,
                              cuda_graph=self.cuda_graph)
 

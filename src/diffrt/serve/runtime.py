@@ -39,6 +39,7 @@ class RuntimeConfig:
     batch_wait_ms: float = 10.0
     timeout_s: float = 60.0
     max_image_bytes: int = 8 << 20
+    max_image_side: int = 2048  # pixels: eager PyTorch would take any size a request asks for
     warmup_steps: int = 2
     exact_batching: bool = True  # batch requests only if the backend proves batch-invariant at start-up
     controlnet: str | list[str] | None = None  # ControlNet folder(s) for a text-to-image diffusers folder (artifacts carry theirs)
@@ -146,12 +147,16 @@ class ServeRuntime:
             self.metrics.profile_rejections.labels(field="num_images").inc()
             raise RequestError(422, f"num_images: {body.num_images} is more than this service's largest batch "
                                     f"({self.batcher.max_batch_size}); ask for fewer per request", "num_images")
+        for name in ("height", "width"):
+            self._check_side(name, getattr(body, name, None))
         try:
             plan = self.worker.plan(body)
         except RequestError as exc:
             if exc.profile:
                 self.metrics.profile_rejections.labels(field=exc.field or "").inc()
             raise
+        for name in ("height", "width"):  # a size taken from a control image
+            self._check_side("control_image" if getattr(body, "control_image", None) else name, plan.settings.get(name))
         job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s)
         try:
             self.batcher.submit(job)
@@ -160,6 +165,11 @@ class ServeRuntime:
         except ClosedError as exc:
             raise RequestError(503, str(exc)) from None
         return job
+
+    def _check_side(self, field: str, size: int | None) -> None:
+        if size is not None and size > self.config.max_image_side:
+            raise RequestError(422, f"{field}: {size} pixels is more than this service's largest side "
+                                    f"({self.config.max_image_side}, --max-image-side)", field)
 
     async def generate(self, body: GenerateBody) -> Answer:
         job = await asyncio.to_thread(self.submit, body)  # planning draws noise and decodes images: off the event loop
