@@ -90,11 +90,17 @@ class Batcher:
         """Jobs waiting (not counting the batch being run, nor those their clients gave up on)."""
         return sum(not job.future.cancelled() for job in list(self._queue))
 
-    def full(self) -> bool:
-        """Whether a submit now would be refused for a full queue (a cheap check before planning)."""
+    def check_room(self) -> None:
+        """Raise what `submit` would for a full or closed queue (a cheap check before planning a job)."""
         with self._cond:
-            self._drop_cancelled()
-            return len(self._queue) >= self.max_queue
+            self._check_room()
+
+    def _check_room(self) -> None:  # under self._cond
+        if self._closing or self.error is not None:
+            raise ClosedError("the service is shutting down" if self._closing else f"the worker died: {self.error}")
+        self._drop_cancelled()  # a request that already got its 504 holds no slot
+        if len(self._queue) >= self.max_queue:
+            raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
 
     @property
     def in_flight(self) -> int:
@@ -102,11 +108,7 @@ class Batcher:
 
     def submit(self, job: Job) -> Future:
         with self._cond:
-            if self._closing or self.error is not None:
-                raise ClosedError("the service is shutting down" if self._closing else f"the worker died: {self.error}")
-            self._drop_cancelled()  # a request that already got its 504 holds no slot
-            if len(self._queue) >= self.max_queue:
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+            self._check_room()
             self._queue.append(job)
             self._cond.notify_all()
         return job.future

@@ -11,6 +11,7 @@ and the metrics. The FastAPI app, the Gradio demo and each Ray Serve replica hol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -77,6 +78,17 @@ def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     return PixelWorker(model, config.backend, device, **common)
 
 
+@contextlib.contextmanager
+def _queue_refusals():
+    """The batcher's refusals as HTTP: a full queue is 429 (retry soon), a closing one 503."""
+    try:
+        yield
+    except QueueFullError as exc:
+        raise RequestError(429, f"{exc}; retry later", headers={"Retry-After": "1"}) from None
+    except ClosedError as exc:
+        raise RequestError(503, str(exc)) from None
+
+
 class ServeRuntime:
     def __init__(self, config: RuntimeConfig, metrics: ServeMetrics | None = None):
         self.config = config
@@ -139,9 +151,8 @@ class ServeRuntime:
             reason = f"the model failed to load: {self.error}" if self.error else "the model is still loading; see /readyz"
             raise RequestError(503, reason, headers={"Retry-After": "5"})
         # Cheap refusals first: planning draws the request's noise and decodes its images.
-        if self.batcher.full():
-            raise RequestError(429, f"the queue is full ({self.batcher.max_queue} requests waiting); retry later",
-                               headers={"Retry-After": "1"})
+        with _queue_refusals():
+            self.batcher.check_room()
         if body.num_images is not None and body.num_images > self.batcher.max_batch_size:
             # The largest batch is the engine's profile (start-up caps it there) or the operator's limit.
             self.metrics.profile_rejections.labels(field="num_images").inc()
@@ -158,12 +169,8 @@ class ServeRuntime:
         for name in ("height", "width"):  # a size taken from a control image
             self._check_side("control_image" if getattr(body, "control_image", None) else name, plan.settings.get(name))
         job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s)
-        try:
+        with _queue_refusals():
             self.batcher.submit(job)
-        except QueueFullError as exc:
-            raise RequestError(429, f"{exc}; retry later", headers={"Retry-After": "1"}) from None
-        except ClosedError as exc:
-            raise RequestError(503, str(exc)) from None
         return job
 
     def _check_side(self, field: str, size: int | None) -> None:
