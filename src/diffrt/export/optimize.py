@@ -24,9 +24,9 @@ NORMALIZATIONS = ("InstanceNormalization", "LayerNormalization", "GroupNormaliza
 
 def upcast_normalizations(model, half_type: int) -> int:
     """Rewrite `model` (an onnx.ModelProto exported in `half_type`, TensorProto.FLOAT16 or BFLOAT16)
-    in place so that its normalisations compute in fp32; returns how many were rewritten. A norm
-    whose input is known to be fp32 already is left alone; one of unknown type (shape inference
-    cannot run in memory on a graph over 2 GB) is taken to be in the graph's type."""
+    in place so that its half-precision normalisations compute in fp32; returns how many were
+    rewritten. A norm whose input is known to be of another type is left alone; one of unknown type
+    (shape inference cannot run in memory on a graph over 2 GB) is taken to be in the graph's type."""
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -35,7 +35,8 @@ def upcast_normalizations(model, half_type: int) -> int:
     count = 0
     for node in graph.node:
         input_type = types.get(node.input[0], half_type) if node.input else None
-        if node.op_type not in NORMALIZATIONS or input_type == TensorProto.FLOAT or len(node.output) != 1:
+        half = input_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+        if node.op_type not in NORMALIZATIONS or not half or len(node.output) != 1:
             nodes.append(node)
             continue
         prefix = node.name or f"{node.op_type}_{count}"
