@@ -100,9 +100,9 @@ class TextToImagePipeline(DenoiserPipeline):
         sized = control[0] if control is not None else init
         height = height or (sized.shape[-2] if sized is not None else self.default_size)
         width = width or (sized.shape[-1] if sized is not None else self.default_size)
-        self._check_size(height, width)
+        self.check_size(height, width)
         batch, do_cfg = len(prompts) * num_images_per_prompt, guidance_scale > 1.0
-        self._check_batch(len(prompts), batch, do_cfg)
+        self.check_batch(len(prompts), batch, do_cfg)
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
         schedule = ddim.make_schedule(self.scheduler, num_inference_steps)
@@ -163,20 +163,12 @@ class TextToImagePipeline(DenoiserPipeline):
 
     # --- checks -----------------------------------------------------------------------------------
 
-    # __call__'s size and batch checks alone, for callers that refuse a request before queueing it (`diffrt serve`).
-
-    def check_size(self, height: int, width: int) -> None:
-        """ShapeOutOfRangeError unless the UNet runs this image size (a multiple, inside its range)."""
-        self._check_size(height, width)
-
-    def check_batch(self, num_prompts: int, num_images_per_prompt: int, guidance_scale: float) -> None:
-        """ShapeOutOfRangeError unless the components take this many images (CFG doubles the UNet's batch)."""
-        self._check_batch(num_prompts, num_prompts * num_images_per_prompt, guidance_scale > 1.0)
-
     def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:
         return check_finite(tensor, component) if self.check_outputs else tensor
 
-    def _check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int) -> None:
+        """ShapeOutOfRangeError unless the UNet runs this image size (a multiple, inside its range); public
+        with check_batch for callers that refuse a request before queueing it (`diffrt serve`)."""
         spec, f = self.unet.spec, self.vae_factor
         step = f * spec.multiple_of.get("height", 1)
         for name, size in (("height", height), ("width", width)):
@@ -188,7 +180,7 @@ class TextToImagePipeline(DenoiserPipeline):
                 raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "
                                            f"pixels; re-export with a wider --{name} range or ask for a size inside it")
 
-    def _check_batch(self, num_prompts: int, batch: int, do_cfg: bool) -> None:
+    def check_batch(self, num_prompts: int, batch: int, do_cfg: bool) -> None:
         k = 2 if do_cfg else 1
         why = " x 2 for classifier-free guidance" if do_cfg else ""
         self.text_encoder.spec.check_size("batch", num_prompts * k, what=f"batch {num_prompts * k} ({num_prompts} prompts{why})")

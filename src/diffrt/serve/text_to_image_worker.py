@@ -233,7 +233,7 @@ class TextToImageWorker(BatchingWorker):
                 name = "control_image"  # the size came from the control image
             raise RequestError(422, f"{name}: {message}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
         try:
-            pipe.check_batch(1, body.num_images, guidance_scale)
+            pipe.check_batch(1, body.num_images, guidance_scale > 1.0)
         except DiffrtError as exc:
             raise RequestError(422, f"num_images: {exc}", "num_images", profile=isinstance(exc, ShapeOutOfRangeError)) from None
         seed = body.seed if body.seed is not None else secrets.randbits(63)
