@@ -80,6 +80,21 @@ def test_an_axis_whose_opt_is_1_stays_dynamic(uncond_model_dir, tmp_path):
         assert unet.run(feed)["noise_pred"].shape[0] == batch
 
 
+def test_trace_sizes_lift_every_size_of_1_inside_the_model_and_keep_linked_axes_together():
+    """SD-1.5's UNet halves a latent side three times: exported for 64 px images (latent 8) it would
+    be traced with a 1 x 1 deepest level, which torch.export fixes; the trace grows the latent sides
+    and the control image's (8x theirs) together, and a batch of 1 to 2."""
+    from diffrt.components import unet_controlnet_spec
+    from diffrt.export.onnx import trace_sizes
+
+    spec = unet_controlnet_spec(4, 4, 768, batch=(1, 1, 4), height=(8, 8, 16), width=(8, 8, 32), multiple=8)
+    assert trace_sizes(spec) == {"batch": 2, "height": 16, "width": 16, "image_height": 128, "image_width": 128}
+    roomy = unet_controlnet_spec(4, 4, 768, batch=(1, 2, 4), height=(8, 64, 96), width=(8, 64, 96), multiple=8)
+    assert trace_sizes(roomy) == {}  # the opt point already has no size of 1 inside
+    tight = unet_controlnet_spec(4, 4, 768, batch=(1, 2, 4), height=(8, 8, 8), width=(8, 8, 8), multiple=8)
+    assert trace_sizes(tight) == {}  # a fixed size stays: nothing to grow into
+
+
 def test_a_graph_with_a_fixed_dynamic_axis_is_refused(classemb_model_dir, tmp_path):
     import onnx
 
@@ -133,3 +148,17 @@ def test_an_opset_the_dynamo_exporter_cannot_write_is_one_line(uncond_model_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--exporter dynamo writes opset 18" in err[0]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_capture_failure_is_named_by_its_root_cause_on_one_line():
+    """torch.onnx wraps torch.export's error (the one that names the problem) in a page of coloured
+    advice; the export error shows the cause."""
+    from diffrt.export.onnx import _root_cause
+
+    try:
+        try:
+            raise ValueError("Found the following conflicts:\n- inputs['sample'].shape[2] is static 8")
+        except ValueError as inner:
+            raise RuntimeError("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m ...") from inner
+    except RuntimeError as exc:
+        assert _root_cause(exc) == "Found the following conflicts: - inputs['sample'].shape[2] is static 8"

@@ -102,16 +102,36 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
 
 
 def trace_sizes(spec: ComponentSpec) -> dict[str, int]:
-    """Sizes to trace at: the opt point, except that an axis whose opt is 1 but may grow is traced
-    at its smallest valid size >= 2. Tracers treat a size of 1 as a constant (broadcasting makes it
-    special): torch.export would fix the axis to 1 in the graph, TorchScript may bake it in."""
-    sizes = {}
-    for name, (_, opt, hi) in spec.ranges.items():
-        m = spec.multiple_of.get(name, 1)
-        grown = -(-2 // m) * m  # the smallest multiple of m that is >= 2
-        if opt == 1 and grown <= hi:
-            sizes[name] = grown
-    return sizes
+    """Sizes to trace at: the opt point, grown where it would put a size of 1 inside the model.
+
+    Tracers take a size of 1 for a constant (broadcasting makes it special): an opt batch of 1, or
+    a latent side that a UNet halves down to 1 at its deepest level (side / multiple_of < 2), would
+    be fixed in the graph by torch.export and may be baked in by TorchScript. Such an axis is grown
+    by the smallest whole factor that lifts it, together with every axis whose range is the same
+    multiple of its own (a control image's side is the VAE factor x the latent side), as long as
+    all of them stay in range and on their multiples; else it is left, and `check_dynamic_axes`
+    refuses a graph whose axis came out fixed."""
+    sizes = spec.sizes("opt")
+
+    def deep_size(axis: str, size: int) -> int:
+        return size // spec.multiple_of.get(axis, 1)
+
+    def linked(a: str, b: str) -> bool:  # b's (min, opt, max) is one constant times a's
+        ra, rb = spec.ranges[a], spec.ranges[b]
+        return all(x * rb[0] == y * ra[0] for x, y in zip(ra, rb))
+
+    grown = dict(sizes)
+    for axis in spec.ranges:
+        if deep_size(axis, grown[axis]) >= 2:
+            continue
+        group = [b for b in spec.ranges if linked(axis, b)]
+        for k in range(2, spec.ranges[axis][2] // max(1, grown[axis]) + 1):
+            fits = all(grown[b] * k <= spec.ranges[b][2] and grown[b] * k % spec.multiple_of.get(b, 1) == 0 for b in group)
+            if fits and deep_size(axis, grown[axis] * k) >= 2:
+                for b in group:
+                    grown[b] *= k
+                break
+    return {axis: size for axis, size in grown.items() if size != sizes[axis]}
 
 
 def check_dynamic_axes(path: Path, spec: ComponentSpec, exporter: str) -> None:
@@ -166,10 +186,20 @@ def _export_dynamo(module: nn.Module, args: tuple, spec: ComponentSpec, raw: Pat
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, input_names=spec.input_names,
                                         output_names=spec.output_names, opset_version=opset, optimize=True, verbose=False)
             program.save(str(raw), external_data=True)
-    except Exception as exc:  # torch.export's errors run to pages: the first line names the construct
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ArtifactError(f"{spec.name}: the dynamo exporter could not capture the model ({first.strip()}); "
+    except Exception as exc:  # torch.export's errors run to pages: the innermost cause's first lines name it
+        raise ArtifactError(f"{spec.name}: the dynamo exporter could not capture the model ({_root_cause(exc)}); "
                             "try --exporter torchscript") from exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's message on one line, without terminal colours: torch.onnx wraps
+    torch.export's own error (the one that names the construct) in a page of advice."""
+    import re
+
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400] or type(exc).__name__
 
 
 @contextlib.contextmanager
