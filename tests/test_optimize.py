@@ -77,3 +77,24 @@ def test_fp32_graphs_are_left_as_they_are(block, tmp_path):
 
     path = onnx_export.export_onnx(block, SPEC, tmp_path / "fp32")
     assert not [n for n in onnx.load(str(path)).graph.node if n.op_type == "Cast"]
+
+
+def test_norms_sharing_an_input_and_unnamed_nodes_keep_the_graph_valid():
+    """Every rewritten norm gets casts of its own with names of their own, whatever the nodes are called."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from diffrt.export.optimize import upcast_normalizations
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 8])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [2, 8]) for n in ("y0", "y1")]
+    scale = helper.make_tensor("s", TensorProto.FLOAT16, [8], [1.0] * 8)
+    nodes = [helper.make_node("LayerNormalization", ["x", "s"], ["y0"]),  # unnamed
+             helper.make_node("LayerNormalization", ["x", "s"], ["y1"], name="LayerNormalization_0")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, [scale]), opset_imports=[helper.make_opsetid("", 17)])
+    assert upcast_normalizations(model, TensorProto.FLOAT16) == 2
+    onnx.checker.check_model(model, full_check=True)
+    data = (np.arange(16, dtype=np.float16).reshape(2, 8) * 40)
+    y0, y1 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": data})
+    assert np.array_equal(y0, y1) and np.isfinite(y0).all()

@@ -39,13 +39,13 @@ def upcast_normalizations(model, half_type: int) -> int:
         if node.op_type not in NORMALIZATIONS or not half or len(node.output) != 1:
             nodes.append(node)
             continue
-        prefix = node.name or f"{node.op_type}_{count}"
+        prefix = f"{node.name or node.op_type}/fp32_{count}"  # the count keeps names unique, named nodes or not
         inputs = []
         for i, name in enumerate(node.input):
             if not name:  # an omitted optional input stays omitted
                 inputs.append(name)
                 continue
-            cast = f"{name}__fp32_{prefix}_{i}"
+            cast = f"{name}__fp32_{count}_{i}"  # one tensor may feed several norms: one cast each, each its own name
             nodes.append(helper.make_node("Cast", [name], [cast], name=f"{prefix}/upcast_{i}", to=TensorProto.FLOAT))
             inputs.append(cast)
         output = node.output[0]
