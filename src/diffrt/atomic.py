@@ -85,11 +85,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     started = time.time_ns()  # before the stamps are read: the settle window must cover the whole read
     with open(path, "rb") as f:  # open first: on NFS, open revalidates the attributes fstat then returns
         stamps = _stamps(os.fstat(f.fileno()))
-        memo = _memo_path(path) if stamps[2] >= MEMO_MIN_BYTES and os.environ.get("DIFFRT_HASH_MEMO", "1") != "0" else None
+        remember = stamps[2] >= MEMO_MIN_BYTES and os.environ.get("DIFFRT_HASH_MEMO", "1") != "0"
+        resolved = str(Path(path).resolve()) if remember else ""
+        memo = _memo_path(resolved) if remember else None
         if memo is not None:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a missing or odd entry: hash
                 entry = json.loads(memo.read_text())
-                if entry["path"] == str(Path(path).resolve()) and entry["stamps"] == stamps:
+                if entry["path"] == resolved and entry["stamps"] == stamps:
                     return entry["sha256"]
         digest = hashlib.sha256()
         while block := f.read(chunk):
@@ -98,7 +100,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     hexdigest = digest.hexdigest()
     if memo is not None and unchanged and started - max(stamps[3], stamps[4]) > MEMO_SETTLE_NS:
         with contextlib.suppress(OSError):  # an optimisation: a read-only cache costs only time
-            write_json(memo, {"path": str(Path(path).resolve()), "stamps": stamps, "sha256": hexdigest})
+            write_json(memo, {"path": resolved, "stamps": stamps, "sha256": hexdigest})
     return hexdigest
 
 
@@ -106,10 +108,10 @@ def _stamps(stat: os.stat_result) -> list[int]:
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
-def _memo_path(path: str | os.PathLike) -> Path:
+def _memo_path(resolved: str) -> Path:
     from platformdirs import user_cache_dir
 
-    name = hashlib.blake2b(str(Path(path).resolve()).encode(), digest_size=16).hexdigest()
+    name = hashlib.blake2b(resolved.encode(), digest_size=16).hexdigest()
     return Path(user_cache_dir("diffrt")) / "sha256" / f"{name}.json"
 
 
