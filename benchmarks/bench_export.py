@@ -5,6 +5,7 @@ ControlNet, VAE decoder), each exported to fp32 ONNX with its parity check.
     python benchmarks/bench_export.py         # prints the table, writes results/export_cpu.json
     python benchmarks/bench_export.py --sd15  # SD-1.5-sized components instead (random weights, sd15.py):
                                               # ~4 min and ~12 GB of disk on CPU; results/export_cpu_sd15.json
+    ... --dynamo                              # either, with the torch.export-based exporter (results/*_dynamo.json)
 
 The SD-1.5-sized run is the one that crosses ONNX's 2 GB protobuf limit (the fused UNet+ControlNet
 is 4.8 GB in fp32), so its weights go to external data beside the graph (RELIABILITY #6). Its
@@ -18,6 +19,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,14 +41,14 @@ def small_jobs(workdir: Path) -> list[tuple]:
     ]
 
 
-def sd15_jobs(workdir: Path) -> list[tuple]:
+def sd15_jobs(workdir: Path, exporter: str = "torchscript") -> list[tuple]:
     from diffrt.bench.configs import cache_root
     from diffrt.bench.sd15 import build_sd15_folder
 
     sd = build_sd15_folder(cache_root() / "sd15-random-seed0")  # the GPU benchmark's folder, built once
     # A small profile keeps the parity runs short on a CPU; the graph and its size are the same at any profile.
     return [("SD-1.5-sized text-to-image + ControlNet (random weights)", sd,
-             ExportOptions(batch=(1, 2, 2), height=(64, 64, 128), width=(64, 64, 128)), [str(sd / "controlnet")])]
+             ExportOptions(batch=(1, 2, 2), height=(64, 64, 128), width=(64, 64, 128), exporter=exporter), [str(sd / "controlnet")])]
 
 
 def measure(workdir: Path, jobs: list[tuple]) -> list[dict]:
@@ -68,11 +70,13 @@ def measure(workdir: Path, jobs: list[tuple]) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    sd15 = "--sd15" in argv
-    out = next((a for a in argv if not a.startswith("--")),
-               "benchmarks/results/export_cpu_sd15.json" if sd15 else "benchmarks/results/export_cpu.json")
+    sd15, dynamo = "--sd15" in argv, "--dynamo" in argv
+    name = ("export_cpu_sd15" if sd15 else "export_cpu") + ("_dynamo" if dynamo else "")
+    out = next((a for a in argv if not a.startswith("--")), f"benchmarks/results/{name}.json")
+    exporter = "dynamo" if dynamo else "torchscript"
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(Path(tmp), (sd15_jobs if sd15 else small_jobs)(Path(tmp)))
+        jobs = sd15_jobs(Path(tmp), exporter) if sd15 else [(n, f, replace(o, exporter=exporter), c) for n, f, o, c in small_jobs(Path(tmp))]
+        rows = measure(Path(tmp), jobs)
     print("| model | component | ONNX export s | size MB | parity (max rel err) | whole export s | re-export (cache hit) s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
