@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv tritonserver clean
 
 venv: $(STAMP)
 
@@ -31,8 +31,25 @@ endif
 demo: venv
 	$(VENV)/bin/diffrt demo
 
-test: venv
+test: venv tritonserver
 	$(PY) -m pytest -q
+
+# Triton Inference Server for the Triton tests: the server binary and Python backend that
+# nvidia-pytriton's wheel carries (Linux x86_64), its stub for this Python, and numpy<2 for the
+# stub, which was built against numpy 1 (serve/triton.py: check_numpy_abi). Nothing imports pytriton.
+TRITON := $(VENV)/tritonserver
+TRITON_STAMP := $(TRITON)/.installed-pytriton-0.7.0
+
+tritonserver: $(TRITON_STAMP)
+
+$(TRITON_STAMP): $(STAMP)
+	@rm -rf $(TRITON)
+	@if $(PY) -m pip install -q --no-deps --target $(TRITON)/server nvidia-pytriton==0.7.0 \
+	    && $(PY) -m pip install -q --no-deps --target $(TRITON)/numpy1 "numpy>=1.26,<2"; then \
+	  backend=$(TRITON)/server/pytriton/tritonserver; \
+	  cp "$$backend/python_backend_stubs/$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')/triton_python_backend_stub" \
+	     "$$backend/backends/python/" && touch $@; \
+	else echo "diffrt: no Triton Inference Server for this platform; the Triton tests will skip"; fi
 
 bench: venv
 	$(VENV)/bin/diffrt bench

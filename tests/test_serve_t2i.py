@@ -310,9 +310,9 @@ def test_requests_with_different_num_images_share_a_batch(t2i_artifact, control_
     answers = worker.run_batch(jobs[::-1])  # the batch's order is not the answers' order: ids match them
     for job, body in zip(jobs, bodies):
         answer = answers[job.id]
-        assert answer.batch_size == 3 and answer.seed == body.seed and len(answer.pngs) == body.num_images
+        assert answer.batch_size == 3 and answer.seed == body.seed and len(answer.images) == body.num_images
         want = generated_images(t2i_artifact, prompt=body.prompt, seed=body.seed, num_images=body.num_images, guidance_scale=1.0)
-        for png, image in zip(answer.pngs, want):
+        for png, image in zip(answer.images, want):
             np.testing.assert_array_equal(pixels(png), image)
     assert answers[jobs[0].id].truncated["truncated"][0].replace(" ", "").endswith("word59")
     assert answers[jobs[1].id].truncated == {"truncated": [None], "truncated_negative": None}  # no guidance: no negative prompt
@@ -328,7 +328,7 @@ def test_requests_with_different_num_images_share_a_batch(t2i_artifact, control_
         assert answers[job.id].batch_size == 3
         want = generated_images(t2i_artifact, prompt=body.prompt, seed=body.seed, num_images=body.num_images, eta=0.5,
                                 guidance_scale=1.0)
-        for png, image in zip(answers[job.id].pngs, want, strict=True):
+        for png, image in zip(answers[job.id].images, want, strict=True):
             np.testing.assert_array_equal(pixels(png), image)
 
     def key(**fields):
@@ -363,7 +363,7 @@ def test_lora_scale_per_request_equals_generate_at_that_scale(t2i_folder, tmp_pa
     for plan in plans:
         job = Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60)
         answer = worker.run_batch([job])[job.id]
-        images.append(pixels(answer.pngs[0]))
+        images.append(pixels(answer.images[0]))
         switched.append("lora_scale" in answer.timings_ms)  # the re-fuse is a stage of its own, when it happens
     assert switched == [True, True, True, True, False]
     for image, scale in zip(images, (0.4, 0.8, 0.4, 0.0, 0.0)):
@@ -388,7 +388,7 @@ def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png):
 
     def answer(**fields) -> np.ndarray:
         body = GenerateBody(num_inference_steps=STEPS, guidance_scale=5.0, seed=3, **fields)
-        return np.asarray(display(Image.open(io.BytesIO(server.runtime.generate_sync(body).pngs[0]))))
+        return np.asarray(display(Image.open(io.BytesIO(server.runtime.generate_sync(body).images[0]))))
 
     edges = png_base64(canny_edges(picture))
     np.testing.assert_array_equal(np.asarray(image), answer(prompt=PROMPT, negative_prompt="blurry", control_image=edges))

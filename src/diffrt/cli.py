@@ -190,6 +190,18 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_triton_repo(args) -> int:
+    from diffrt.serve.triton import RepositoryConfig, write_repository
+
+    path = write_repository(args.out, RepositoryConfig(
+        model=args.model, backend=args.backend, name=args.name, device=args.device, instances=args.instances,
+        max_batch_size=args.max_batch_size, queue_delay_ms=args.queue_delay_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+        max_image_side=args.max_image_side, exact_batching=args.exact_batching, strict=args.strict, cuda_graph=args.cuda_graph,
+        link=args.link))
+    print(f"wrote {path}; serve it with: tritonserver --model-repository {Path(args.out).resolve()}")
+    return 0
+
+
 def _port(text: str) -> int:
     """A TCP port: 0 (any free one) to 65535."""
     try:
@@ -358,6 +370,28 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     se.add_argument("--max-image-side", type=int, default=2048, help="largest height or width a request may ask for, in pixels")
     se.set_defaults(func=_cmd_serve)
+
+    # triton-repo
+    tr = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository that serves the model (KServe v2)")
+    tr.add_argument("--model", default=None, help="artifact or diffusers folder, or Hub id (default: the shipped digits model)")
+    tr.add_argument("--out", required=True, help="the model repository (created if missing; other models in it are left alone)")
+    tr.add_argument("--name", default="diffrt", help="the model's name in the repository")
+    tr.add_argument("--backend", default="onnxruntime")
+    tr.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                    help="where the instances run: cuda (on each GPU of the serving machine) or cpu "
+                         "(default: cuda for tensorrt or when this machine has a GPU)")
+    tr.add_argument("--instances", type=int, default=1, help="model instances (per GPU with cuda), each with its own pipeline")
+    tr.add_argument("--max-batch-size", type=int, default=8, help="requests Triton batches into one call, and images per UNet batch")
+    tr.add_argument("--queue-delay-ms", type=float, default=10.0, help="how long Triton's dynamic batcher waits to fill a batch")
+    tr.add_argument("--max-queue", type=int, default=64)
+    tr.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    tr.add_argument("--max-image-side", type=int, default=2048)
+    tr.add_argument("--allow-inexact-batching", dest="exact_batching", action="store_false")
+    tr.add_argument("--strict", action="store_true", help="refuse to load on any fallback")
+    tr.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    tr.add_argument("--link", action="store_true",
+                    help="name the model folder by its absolute path instead of placing it (hard links or a copy) in the repository")
+    tr.set_defaults(func=_cmd_triton_repo)
 
     # demo
     de = sub.add_parser("demo", help="export the shipped digits model and sample a colour-guided grid (no download)")

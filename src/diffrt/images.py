@@ -22,11 +22,20 @@ def to_numpy(images: torch.Tensor) -> np.ndarray:
     return images.detach().float().cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> uint8 [N, H, W, C], rounded to nearest (what PNGs and PIL images hold)."""
+    return (to_numpy(images) * 255).round().astype(np.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list:
+    return [array_to_pil(a) for a in to_uint8(images)]
+
+
+def array_to_pil(array: np.ndarray):
+    """uint8 [H, W, C] -> a PIL image (greyscale for one channel)."""
     from PIL import Image
 
-    arrays = (to_numpy(images) * 255).round().astype(np.uint8)
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, scale: int = 1) -> torch.Tensor:
@@ -46,9 +55,13 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, scale: int = 1)
 
 def png_bytes(image: torch.Tensor) -> bytes:
     """[C, H, W] in [0, 1] -> PNG bytes."""
-    (pil,) = to_pil(image.unsqueeze(0))
+    return array_png_bytes(to_uint8(image.unsqueeze(0))[0])
+
+
+def array_png_bytes(array: np.ndarray) -> bytes:
+    """uint8 [H, W, C] -> PNG bytes."""
     buf = io.BytesIO()
-    pil.save(buf, format="PNG")
+    array_to_pil(array).save(buf, format="PNG")
     return buf.getvalue()
 
 

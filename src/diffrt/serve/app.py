@@ -100,9 +100,9 @@ def answer_response(answer: Answer, accept: str) -> Response:
     truncated = answer.truncated or {}
     if any(text is not None for cut in truncated.values() for text in cut or []):
         headers["X-Diffrt-Prompt-Truncated"] = "true"  # the text itself may not be latin-1: it is in the JSON answer
-    if len(answer.pngs) == 1 and "application/json" not in accept.lower():
-        return Response(answer.pngs[0], media_type="image/png", headers=headers)
-    images = [{"index": i, "seed": answer.seed, "png_base64": base64.b64encode(png).decode("ascii")} for i, png in enumerate(answer.pngs)]
+    if len(answer.images) == 1 and "application/json" not in accept.lower():
+        return Response(answer.images[0], media_type="image/png", headers=headers)
+    images = [{"index": i, "seed": answer.seed, "png_base64": base64.b64encode(png).decode("ascii")} for i, png in enumerate(answer.images)]
     return JSONResponse({"id": answer.job_id, "backend": answer.backend, "seed": answer.seed, "images": images,
                          "batch_size": answer.batch_size, "timings_ms": answer.timings_ms, **truncated}, headers=headers)
 

@@ -39,6 +39,7 @@ class Job:
     size: int  # images this job adds to a batch
     payload: Any
     deadline: float  # time.monotonic() after which nobody waits for the answer
+    encoding: str = "png"  # how the answer carries its images: "png" bytes (HTTP) or "uint8" [H, W, C] arrays (Triton)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)

@@ -47,11 +47,11 @@ class BatchAbandoned(Exception):
 
 @dataclass
 class Answer:
-    """One request's images (PNG bytes) and how they were made."""
+    """One request's images, encoded as its job asked, and how they were made."""
 
     job_id: str
     seed: int
-    pngs: list[bytes]
+    images: list  # per image: PNG bytes, or a uint8 [H, W, C] array (Job.encoding)
     backend: str
     batch_size: int  # images in the batch this request ran in
     timings_ms: dict[str, float]
@@ -104,14 +104,14 @@ def abandon_when_nobody_waits(jobs: list[Job]) -> Callable[[int], None]:
     return check
 
 
-def split_answers(jobs: list[Job], pngs: list[bytes], backend: str, started: float, timings: dict[str, float],
+def split_answers(jobs: list[Job], images: list, backend: str, started: float, timings: dict[str, float],
                   truncated: Callable[[int], dict | None] = lambda row: None) -> dict[str, Answer]:
-    """Each job's own images, keyed by its id: the `payload.num_images` rows it brought, in the
-    batch's order. `truncated(row)` is the prompt metadata of the job whose images start at `row`."""
+    """Each job's own images (encoded, one per row), keyed by its id: the `payload.num_images` rows it
+    brought, in the batch's order. `truncated(row)` is the prompt metadata of the job whose images start at `row`."""
     answers, row = {}, 0
     for job in jobs:
         plan = job.payload
-        answers[job.id] = Answer(job.id, plan.seed, pngs[row : row + plan.num_images], backend, len(pngs),
+        answers[job.id] = Answer(job.id, plan.seed, images[row : row + plan.num_images], backend, len(images),
                                  {"queue": 1000 * (started - job.enqueued), **timings}, truncated(row))
         row += plan.num_images
     return answers

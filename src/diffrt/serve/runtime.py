@@ -145,8 +145,9 @@ class ServeRuntime:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def submit(self, body: GenerateBody) -> Job:
-        """Check, plan and queue a request; RequestError (422/413/429/503) when it cannot be."""
+    def submit(self, body: GenerateBody, encoding: str = "png") -> Job:
+        """Check, plan and queue a request; RequestError (422/413/429/503) when it cannot be.
+        `encoding`: the answer's images as "png" bytes or "uint8" [H, W, C] arrays (Job.encoding)."""
         if not self.ready:
             reason = f"the model failed to load: {self.error}" if self.error else "the model is still loading; see /readyz"
             raise RequestError(503, reason, headers={"Retry-After": "5"})
@@ -168,7 +169,8 @@ class ServeRuntime:
             raise
         for name in ("height", "width"):  # a size taken from a control image
             self._check_side("control_image" if getattr(body, "control_image", None) else name, plan.settings.get(name))
-        job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s)
+        job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s,
+                  encoding=encoding)
         with _queue_refusals():
             self.batcher.submit(job)
         return job
@@ -187,19 +189,22 @@ class ServeRuntime:
             raise self._timeout_error() from None
         except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
             raise self._run_error(exc) from None
-        self.metrics.observe_timings(answer.timings_ms, len(answer.pngs))
+        self.metrics.observe_timings(answer.timings_ms, len(answer.images))
         return answer
 
     def generate_sync(self, body: GenerateBody) -> Answer:
-        job = self.submit(body)
+        return self.wait(self.submit(body))
+
+    def wait(self, job: Job) -> Answer:
+        """Block until a submitted job's answer; RequestError (504, 500, 503) when it has none."""
         try:
-            answer = job.future.result(timeout=self.config.timeout_s)
+            answer = job.future.result(timeout=max(0.0, job.deadline - time.monotonic()))
         except (FutureTimeout, CancelledError):
             job.future.cancel()
             raise self._timeout_error() from None
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc) from None
-        self.metrics.observe_timings(answer.timings_ms, len(answer.pngs))
+        self.metrics.observe_timings(answer.timings_ms, len(answer.images))
         return answer
 
     def _timeout_error(self) -> RequestError:

@@ -179,7 +179,7 @@ class TextToImageWorker(BatchingWorker):
         finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
             components = component_ms(self.timed)
         sample_ms = 1000 * (time.perf_counter() - t0)
-        pngs, encode_ms = encode_finite(result)
+        images, encode_ms = encode_finite(result, jobs)
         meta = result.metadata
 
         def truncated(row: int) -> dict:
@@ -188,7 +188,7 @@ class TextToImageWorker(BatchingWorker):
             return {key: None if meta.get(key) is None else meta[key][row : row + 1] for key in ("truncated", "truncated_negative")}
 
         timings = {**lora, "sample": sample_ms, **components, "encode": encode_ms}
-        return split_answers(jobs, pngs, result.backend, started, timings, truncated)
+        return split_answers(jobs, images, result.backend, started, timings, truncated)
 
     # -- any thread (reads the model's description only) ---------------------------------
 

@@ -97,7 +97,7 @@ def make_generate(runtime: ServeRuntime):
             return None, f"refused: {exc}"
         ms = 1000 * (time.perf_counter() - t0)
         t = answer.timings_ms
-        return display(Image.open(io.BytesIO(answer.pngs[0]))), (
+        return display(Image.open(io.BytesIO(answer.images[0]))), (
             f"**{ms:.0f} ms** (queue {t['queue']:.0f} ms, sampling {t['sample']:.0f} ms) on `{answer.backend}`, seed {answer.seed}")
 
     return generate

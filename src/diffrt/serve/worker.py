@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
-from diffrt.images import png_bytes
+from diffrt.images import array_png_bytes, to_uint8
 from diffrt.runtime.backends.timed import TimedBackend, time_components
 from diffrt.runtime.guidance import color_guidance, parse_hex_color
 from diffrt.serve.batcher import Job
@@ -102,13 +102,18 @@ def self_test_passed(result, t0: float) -> float:
     return seconds
 
 
-def encode_finite(result) -> tuple[list[bytes], float]:
-    """A result's images as PNG bytes and the milliseconds that took; non-finite images are refused, never sent."""
+def encode_finite(result, jobs: list[Job]) -> tuple[list, float]:
+    """A batch's images, each as its job asked (`Job.encoding`: PNG bytes for HTTP, a uint8 [H, W, C]
+    array for Triton's tensors), and the milliseconds that took; non-finite images are refused, never sent."""
     if not torch.isfinite(result.images).all():
         raise NonFiniteOutputError(f"the {result.backend} pipeline produced non-finite images")
     t0 = time.perf_counter()
-    pngs = [png_bytes(img) for img in result.images]
-    return pngs, 1000 * (time.perf_counter() - t0)
+    arrays, encoded, row = to_uint8(result.images), [], 0
+    for job in jobs:
+        rows = arrays[row : row + job.payload.num_images]
+        encoded += [array_png_bytes(a) for a in rows] if job.encoding == "png" else list(rows)
+        row += len(rows)
+    return encoded, 1000 * (time.perf_counter() - t0)
 
 
 class PixelWorker(BatchingWorker):
@@ -197,9 +202,9 @@ class PixelWorker(BatchingWorker):
         finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
             components = component_ms(self.timed)
         sample_ms = 1000 * (time.perf_counter() - t0)
-        pngs, encode_ms = encode_finite(result)
+        images, encode_ms = encode_finite(result, jobs)
         timings = {**lora, "sample": sample_ms, **components, "encode": encode_ms}
-        return split_answers(jobs, pngs, result.backend, started, timings)
+        return split_answers(jobs, images, result.backend, started, timings)
 
     # -- any thread (reads the model's description only) ---------------------------------
 

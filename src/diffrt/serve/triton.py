@@ -1,0 +1,448 @@
+"""Triton Inference Server: a model repository whose Python-backend model runs diffrt's runtime.
+
+    diffrt triton-repo --model runs/sd-trt --out model_repository
+    tritonserver --model-repository model_repository        # KServe v2 over HTTP and gRPC
+
+For fleets that standardise on Triton (RELIABILITY's serving conventions). `write_repository`
+writes `<out>/<name>/config.pbtxt` and `<out>/<name>/1/model.py`, and puts the model (an artifact
+from `diffrt export`, a diffusers folder) in `1/model` by hard links where the filesystem allows,
+so the repository is self-contained and can be synced or mounted as it is.
+
+One model drives the whole loop, engines included, in its stub process: the same `ServeRuntime`
+as `diffrt serve` (one worker owning the pipeline, exact batching, the NaN self-test before the
+model turns ready, the backend reported with every answer). Splitting the components into
+`tensorrt_plan` models called through BLS would cost a round trip through the stub's shared
+memory per UNet call (two per step with guidance) and forbid replaying a step as one CUDA graph;
+what Triton adds here is its protocol, its queue and dynamic batcher, instance groups (one
+instance per GPU, each with its own pipeline) and its metrics endpoint, to which the model adds
+its per-stage times.
+
+A request is KServe v2 with diffusers' argument names, every input optional, one generation per
+row of the batch dimension (`[1, 1]` for one): strings as BYTES, integers INT64, floats FP64 (so
+eta 0.3 is the 0.3 of the HTTP API), ControlNet images as raw PNG bytes, one per ControlNet.
+The answer: `images` UINT8 [rows, num_images, H, W, C], `seed` (the one drawn when left out),
+`backend`, and for text-to-image models the prompt text cut off at the encoder's length
+(`truncated`, `truncated_negative`, "" when nothing was: RELIABILITY #13). A refused request gets
+the message `diffrt serve` would give, as a Triton error (INVALID_ARG for bad input, UNAVAILABLE
+when the queue is full).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from diffrt.errors import DiffrtError
+from diffrt.serve.schema import GenerateBody, RequestError, describe_validation_errors
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"
+MODEL_DIR = "model"  # inside the version folder
+
+# The inputs, one per GenerateBody field: (Triton data type, dims without the batch dimension).
+INPUTS: dict[str, tuple[str, list[int]]] = {
+    "prompt": ("TYPE_STRING", [1]),
+    "negative_prompt": ("TYPE_STRING", [1]),
+    "class_label": ("TYPE_INT64", [1]),
+    "num_inference_steps": ("TYPE_INT64", [1]),
+    "guidance_scale": ("TYPE_FP64", [1]),
+    "seed": ("TYPE_INT64", [1]),
+    "height": ("TYPE_INT64", [1]),
+    "width": ("TYPE_INT64", [1]),
+    "num_images": ("TYPE_INT64", [1]),
+    "eta": ("TYPE_FP64", [1]),
+    "color": ("TYPE_STRING", [1]),
+    "color_scale": ("TYPE_FP64", [1]),
+    "control_image": ("TYPE_STRING", [-1]),  # raw PNG bytes, one per ControlNet
+    "controlnet_conditioning_scale": ("TYPE_FP64", [-1]),  # one for all ControlNets, or one each
+    "lora_scale": ("TYPE_FP64", [1]),
+}
+TEXT_ONLY = ("prompt", "negative_prompt")
+CONTROL_ONLY = ("control_image", "controlnet_conditioning_scale")
+PIXEL_ONLY = ("class_label",)
+TRUNCATED = ("truncated", "truncated_negative")  # text-to-image outputs: the prompt text cut off
+
+# RequestError statuses -> Triton error codes (pb_utils.TritonError's attribute names).
+ERROR_CODES = {400: "INVALID_ARG", 413: "INVALID_ARG", 422: "INVALID_ARG", 429: "UNAVAILABLE", 503: "UNAVAILABLE",
+               504: "UNAVAILABLE"}
+
+MODEL_PY = '''"""Triton's Python-backend model for diffrt, written by `diffrt triton-repo`.
+
+Its settings are the parameters in config.pbtxt beside this folder; the code is diffrt's own
+(diffrt.serve.triton): the Python that Triton's stub embeds must find diffrt, installed there or
+in a site-packages folder named in PYTHONPATH. The stub's interpreter does not read PYTHONPATH
+itself, so its entries are added here as site directories (their .pth files too, which is how
+editable installs are found).
+"""
+
+import os
+import site
+
+for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    if entry:
+        site.addsitedir(entry)
+
+from diffrt.serve.triton import TritonPythonModel  # noqa: E402, F401
+'''
+
+
+# -- requests and answers (no Triton needed: tested on their own) ------------------------------
+
+def _scalar(name: str, value):
+    kind = INPUTS[name][0]
+    if kind == "TYPE_STRING":
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(422, f"{name}: not UTF-8 text", name) from None
+    return int(value) if kind == "TYPE_INT64" else float(value)
+
+
+def _field(name: str, row: np.ndarray):
+    """One row of one input -> the GenerateBody value."""
+    values = list(np.asarray(row, dtype=object if INPUTS[name][0] == "TYPE_STRING" else None).reshape(-1))
+    if name == "control_image":
+        images = [base64.b64encode(bytes(v)).decode("ascii") for v in values]
+        return images[0] if len(images) == 1 else images
+    if name == "controlnet_conditioning_scale":
+        scales = [float(v) for v in values]
+        return scales[0] if len(scales) == 1 else scales
+    if len(values) != 1:
+        raise RequestError(422, f"{name}: one value per row, got {len(values)}", name)
+    return _scalar(name, values[0])
+
+
+def bodies_from_inputs(inputs: dict[str, np.ndarray]) -> list[GenerateBody]:
+    """A request's input arrays ([rows, ...] each) -> one GenerateBody per row, checked as the HTTP
+    API checks them; RequestError 422 naming the field otherwise."""
+    unknown = sorted(set(inputs) - set(INPUTS))
+    if unknown:
+        raise RequestError(422, f"unknown input {unknown[0]!r}; inputs: {', '.join(INPUTS)}", unknown[0])
+    rows = {name: len(array) for name, array in inputs.items()}
+    if len(set(rows.values())) > 1:
+        raise RequestError(422, f"inputs disagree on the batch dimension: {rows}")
+    bodies = []
+    for row in range(next(iter(rows.values()), 1)):
+        fields = {name: _field(name, array[row]) for name, array in inputs.items()}
+        try:
+            bodies.append(GenerateBody.model_validate(fields))
+        except Exception as exc:  # pydantic's ValidationError
+            if not hasattr(exc, "errors"):
+                raise
+            status, message, _ = describe_validation_errors(exc.errors(include_input=False))
+            raise RequestError(status, message) from None
+    shapes = {(b.num_images, b.height, b.width) for b in bodies}
+    if len(shapes) > 1:  # the answer's images are one tensor: refused before any work rather than after
+        raise RequestError(422, "the rows of one request must ask for the same num_images, height and width; "
+                                "send differing ones as separate requests")
+    return bodies
+
+
+def outputs_from_answers(answers: list, text_to_image: bool) -> dict[str, np.ndarray]:
+    """One answer per row (uint8 images) -> the output arrays. The rows of one request must ask
+    for images of one shape (an output tensor is not ragged)."""
+    images = [np.stack(answer.images) for answer in answers]
+    if len({a.shape for a in images}) > 1:
+        shapes = ", ".join(str(tuple(a.shape[:3])) for a in images)
+        raise RequestError(422, f"the rows of one request must ask for the same num_images, height and width (got {shapes}); "
+                                "send differing ones as separate requests")
+    outputs = {
+        "images": np.stack(images),
+        "seed": np.array([[answer.seed] for answer in answers], dtype=np.int64),
+        "backend": np.array([[answer.backend.encode()] for answer in answers], dtype=object),
+    }
+    if text_to_image:
+        for key in TRUNCATED:
+            cut = [((answer.truncated or {}).get(key) or [None])[0] for answer in answers]
+            outputs[key] = np.array([[(text or "").encode()] for text in cut], dtype=object)
+    return outputs
+
+
+# -- the repository --------------------------------------------------------------------------
+
+@dataclass
+class RepositoryConfig:
+    model: str | None = None  # artifact or diffusers folder; None: the shipped digits model
+    backend: str = "onnxruntime"
+    name: str = "diffrt"
+    device: str | None = None  # "cuda": instances on GPUs (KIND_GPU), one pipeline each; None: cuda for tensorrt or with a GPU here
+    instances: int = 1  # per GPU with cuda
+    max_batch_size: int = 8  # rows Triton's dynamic batcher hands one execute, and images per UNet batch
+    queue_delay_ms: float = 10.0  # how long Triton's batcher waits to fill a batch
+    max_queue: int = 64
+    timeout_s: float = 60.0
+    max_image_side: int = 2048
+    exact_batching: bool = True
+    strict: bool = False
+    cuda_graph: bool = True
+    link: bool = False  # True: config names the model's absolute path instead of putting it in the repository
+
+
+def _dims(dims: list[int]) -> str:
+    return f"[ {', '.join(map(str, dims))} ]"
+
+
+def _text(value: str) -> str:
+    return json.dumps(value)  # protobuf text format takes C-style escapes; JSON's are a subset for these
+
+
+def model_kind(model: str | None) -> tuple[bool, bool]:
+    """(text_to_image, has_controlnet) for the config's inputs, read from files, without loading weights."""
+    from diffrt.export.manifest import MANIFEST, read_manifest
+    from diffrt.runtime.opening import is_text_to_image
+
+    if not is_text_to_image(model):
+        return False, False
+    folder = Path(model)
+    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
+    return True, any("controlnet" in name for name in manifest.get("components", {}))
+
+
+def config_pbtxt(config: RepositoryConfig, model_parameter: str, text_to_image: bool, controlnet: bool) -> str:
+    """config.pbtxt for the Python-backend model: the inputs the model takes, the outputs, dynamic
+    batching, instance groups, and diffrt's settings as parameters."""
+    leave_out = PIXEL_ONLY if text_to_image else TEXT_ONLY + CONTROL_ONLY
+    if text_to_image and not controlnet:
+        leave_out += CONTROL_ONLY
+    inputs = [f'  {{ name: "{name}" data_type: {kind} dims: {_dims(dims)} optional: true }}'
+              for name, (kind, dims) in INPUTS.items() if name not in leave_out]
+    outputs = ['  { name: "images" data_type: TYPE_UINT8 dims: [ -1, -1, -1, -1 ] }',
+               '  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] }',
+               '  { name: "backend" data_type: TYPE_STRING dims: [ 1 ] }']
+    if text_to_image:
+        outputs += [f'  {{ name: "{key}" data_type: TYPE_STRING dims: [ 1 ] }}' for key in TRUNCATED]
+    kind = "KIND_GPU" if config.device == "cuda" else "KIND_CPU"
+    parameters = {"model": model_parameter, "backend": config.backend, "max_queue": config.max_queue,
+                  "timeout_s": config.timeout_s, "max_image_side": config.max_image_side,
+                  "exact_batching": config.exact_batching, "strict": config.strict, "cuda_graph": config.cuda_graph}
+    params = [f"parameters {{ key: {_text(key)} value: {{ string_value: {_text(_param_text(value))} }} }}"
+              for key, value in parameters.items()]
+    return "\n".join([
+        f"name: {_text(config.name)}",
+        'backend: "python"',
+        f"max_batch_size: {config.max_batch_size}",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {round(config.queue_delay_ms * 1000)} }}",
+        "input [", ",\n".join(inputs), "]",
+        "output [", ",\n".join(outputs), "]",
+        f"instance_group [ {{ count: {config.instances} kind: {kind} }} ]",
+        *params, "",
+    ])
+
+
+def _place(src: Path, dst: Path) -> None:
+    """The model's files under dst: hard links where the filesystem allows (no second copy of
+    gigabytes of weights), copies where it does not."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
+def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
+    """Write `<out>/<config.name>` (config.pbtxt, 1/model.py, 1/model/) and return its path. The
+    model folder is written to a temporary name and renamed: an interrupted run leaves nothing
+    Triton would load."""
+    from diffrt.hub import resolve_model
+    from diffrt.models import require_model_dir
+    from diffrt.runtime.backends import require_backend
+    from diffrt.runtime.loading import is_artifact
+
+    require_backend(config.backend)
+    if config.device is None:  # the serving machine may not be this one: cuda is not required here
+        import torch
+
+        config = replace(config, device="cuda" if config.backend == "tensorrt" or torch.cuda.is_available() else "cpu")
+    if config.device not in ("cpu", "cuda"):
+        raise DiffrtError(f"--device {config.device!r}: cpu or cuda (Triton places the instances on its GPUs)")
+    if config.max_batch_size < 1 or config.instances < 1:
+        raise DiffrtError("--max-batch-size and --instances must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", config.name):
+        raise DiffrtError(f"--name {config.name!r}: a Triton model name here is letters, digits, '_', '.' and '-', not starting with '.' or '-'")
+    model = None if config.model is None else str(resolve_model(config.model))
+    if model is not None and not is_artifact(Path(model)):
+        require_model_dir(model)
+    text_to_image, controlnet = model_kind(model)
+    out = Path(out)
+    final = out / config.name
+    if final.exists():
+        raise DiffrtError(f"{final} already exists; remove it or pick another --name")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{config.name}.tmp-", dir=out))
+    try:
+        version = staging / VERSION
+        version.mkdir()
+        if model is None:
+            parameter = ""
+        elif config.link:
+            parameter = str(Path(model).resolve())
+        else:
+            _place(Path(model), version / MODEL_DIR)
+            parameter = MODEL_DIR
+        (version / "model.py").write_text(MODEL_PY)
+        (staging / "config.pbtxt").write_text(config_pbtxt(config, parameter, text_to_image, controlnet))
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+# -- the model Triton's Python backend runs ----------------------------------------------------
+
+def _param_text(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+PARAMETER_TYPES = {"model": str, "backend": str, "max_queue": int, "timeout_s": float, "max_image_side": int,
+                   "exact_batching": bool, "strict": bool, "cuda_graph": bool}
+
+
+def _parameters(model_config: dict) -> dict:
+    """config.pbtxt's parameters (strings, as an operator edits them), typed."""
+    typed = {}
+    for key, value in model_config.get("parameters", {}).items():
+        text, kind = value["string_value"].strip(), PARAMETER_TYPES.get(key)
+        if kind is None:  # the Python backend's own (EXECUTION_ENV_PATH, ...)
+            continue
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                typed[key] = text.lower() == "true"
+            else:
+                typed[key] = kind(text)
+        except ValueError:
+            raise DiffrtError(f"config.pbtxt: parameter {key!r} is {text!r}, not a {kind.__name__}") from None
+    return typed
+
+
+def runtime_config(args: dict):
+    """The RuntimeConfig of one model instance, from Triton's `initialize` arguments."""
+    from diffrt.serve.runtime import RuntimeConfig
+
+    model_config = json.loads(args["model_config"])
+    p = _parameters(model_config)
+    model = p.get("model") or None
+    if model is not None and not Path(model).is_absolute():
+        model = str(Path(args["model_repository"]) / args["model_version"] / model)
+    device = f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
+    return RuntimeConfig(model=model, backend=p.get("backend", "onnxruntime"), device=device,
+                         max_batch_size=int(model_config.get("max_batch_size") or 1), max_queue=p.get("max_queue", 64),
+                         batch_wait_ms=1.0, timeout_s=p.get("timeout_s", 60.0), max_image_side=p.get("max_image_side", 2048),
+                         exact_batching=p.get("exact_batching", True), strict=p.get("strict", False),
+                         cuda_graph=p.get("cuda_graph", True))
+
+
+def check_numpy_abi(pb_utils) -> None:
+    """Refuse a stub that misreads this numpy's arrays. The Python backend's stub is compiled
+    against one numpy ABI; a stub built for numpy 1 running under numpy 2 reads element sizes
+    wrongly for memory it did not get from numpy (every request's inputs, in shared memory): an
+    input comes back as copies of its first element, outputs are refused and strings crash the
+    stub. A tensor over torch's memory, read back as numpy, finds it before any request."""
+    import torch
+
+    probe = torch.arange(1, 5, dtype=torch.int64)
+    try:
+        back = pb_utils.Tensor.from_dlpack("probe", probe).as_numpy()
+        same = np.array_equal(back, probe.numpy())
+    except Exception:  # noqa: BLE001 - any failure here is the same mismatch
+        same = False
+    if not same:
+        raise DiffrtError(f"this Triton Python backend stub misreads numpy {np.__version__} arrays (it was built against "
+                          "another numpy ABI, e.g. numpy 1 under numpy 2); give the stub the numpy it was built for, "
+                          "such as numpy<2 first on PYTHONPATH")
+
+
+class TritonPythonModel:
+    """Triton calls `initialize` once per instance, `execute` with the requests its dynamic batcher
+    gathered, and `finalize` at unload."""
+
+    def initialize(self, args: dict) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        from diffrt.serve.runtime import ServeRuntime
+
+        self.pb = pb_utils
+        check_numpy_abi(pb_utils)
+        config = runtime_config(args)
+        self.inputs = [i["name"] for i in json.loads(args["model_config"])["input"]]
+        self.runtime = ServeRuntime(config)
+        self.runtime.start()
+        self.runtime.wait_ready(timeout=3600)  # a load error fails the model's load, with its message
+        self.text_to_image = self.runtime.describe()["kind"] == "text-to-image"
+        self.stage_ms = self._metric("diffrt_stage_milliseconds_total", "time spent per stage (text encoder, UNet x N, VAE, encode)")
+        self.images_made = self._metric("diffrt_images_total", "images generated, by the backend that ran them")
+        self.metrics: dict[tuple[int, str], object] = {}  # (family, label value) -> Triton metric, made once
+        log.info("diffrt model ready: %s", self.runtime.describe())
+
+    def _metric(self, name: str, description: str):
+        family = getattr(self.pb, "MetricFamily", None)  # custom metrics: Triton 23.05 and later
+        return None if family is None else family(name=name, description=description, kind=family.COUNTER)
+
+    def execute(self, requests: list) -> list:
+        pending = [self._submit(request) for request in requests]  # all queued first: the runtime batches them
+        return [self._respond(item) for item in pending]
+
+    def _submit(self, request):
+        jobs = []
+        try:
+            arrays = {}
+            for name in self.inputs:
+                tensor = self.pb.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    arrays[name] = tensor.as_numpy()
+            for body in bodies_from_inputs(arrays):
+                jobs.append(self.runtime.submit(body, encoding="uint8"))
+        except RequestError as exc:
+            for job in jobs:  # a later row was refused: the earlier ones give up their queue slots
+                job.future.cancel()
+            return exc
+        return jobs
+
+    def _respond(self, item):
+        try:
+            if isinstance(item, RequestError):
+                raise item
+            answers = [self.runtime.wait(job) for job in item]
+            outputs = outputs_from_answers(answers, self.text_to_image)
+        except RequestError as exc:
+            for job in item if isinstance(item, list) else ():  # one row failed: the rest are not waited for
+                job.future.cancel()
+            code = getattr(self.pb.TritonError, ERROR_CODES.get(exc.status, "INTERNAL"), None)
+            error = self.pb.TritonError(exc.message) if code is None else self.pb.TritonError(exc.message, code)
+            return self.pb.InferenceResponse(output_tensors=[], error=error)
+        self._count(answers)
+        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(name, array) for name, array in outputs.items()])
+
+    def _count(self, answers: list) -> None:
+        if self.stage_ms is None:
+            return
+        for answer in answers:
+            self._counter(self.images_made, "backend", answer.backend).increment(len(answer.images))
+            for stage, ms in answer.timings_ms.items():
+                self._counter(self.stage_ms, "stage", stage).increment(ms)
+
+    def _counter(self, family, label: str, value: str):
+        key = (id(family), value)
+        if key not in self.metrics:
+            self.metrics[key] = family.Metric(labels={label: value})
+        return self.metrics[key]
+
+    def finalize(self) -> None:
+        self.runtime.close(timeout=self.runtime.config.timeout_s + 5)

@@ -1,0 +1,341 @@
+"""`diffrt triton-repo`: a Triton Inference Server model repository, served by a real tritonserver.
+
+The server is the Triton build that nvidia-pytriton's wheel carries (`make tritonserver` puts it
+in the venv; the tests skip where it is not there, e.g. off Linux x86_64). It loads the
+repository `write_repository` writes, with its Python backend running diffrt in the stub
+process, and the tests speak KServe v2 over HTTP to it:
+
+* a request's images are the pixels `diffrt generate` writes for the same seed and settings,
+  for the shipped digits model and for a text-to-image artifact with a ControlNet, with one
+  generation per row of a request and with requests sent at once (RELIABILITY #18);
+* bad input is refused with the message `diffrt serve` gives, naming the field;
+* the backend that ran is in every answer (RELIABILITY #15), the prompt text cut off at the
+  encoder's length too (#13), and the per-stage times reach Triton's metrics endpoint;
+* a stub that misreads this numpy's arrays is refused when the model loads, not per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import site
+import socket
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from diffrt.cli import main  # noqa: E402
+from diffrt.errors import DiffrtError  # noqa: E402
+from diffrt.generate import GenerateRequest, generate  # noqa: E402
+from diffrt.images import to_uint8  # noqa: E402
+from diffrt.serve.batching import Answer  # noqa: E402
+from diffrt.serve.schema import GenerateBody, RequestError  # noqa: E402
+from diffrt.serve.triton import (INPUTS, RepositoryConfig, _parameters, bodies_from_inputs, config_pbtxt,  # noqa: E402
+                                 outputs_from_answers, write_repository)
+
+STEPS = 4
+PROMPT = "a red cube"
+TRITON_HOME = Path(sys.prefix) / "tritonserver"  # `make tritonserver`
+BACKENDS = TRITON_HOME / "server" / "pytriton" / "tritonserver" / "backends"
+BINARY = TRITON_HOME / "server" / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+
+
+# -- the repository and the request mapping, without a server ----------------------------------
+
+def test_inputs_are_the_http_api_fields():
+    # One schema for both front ends: a field added to the HTTP API and not to Triton's inputs fails here.
+    assert set(INPUTS) == set(GenerateBody.model_fields)
+
+
+def test_config_declares_what_the_model_takes(t2i_folder, t2i_artifact):
+    def inputs(text: str) -> set[str]:
+        return {line.split('"')[1] for line in text.splitlines() if "optional: true" in line}
+
+    pixel = config_pbtxt(RepositoryConfig(), "", text_to_image=False, controlnet=False)
+    assert "class_label" in inputs(pixel) and not {"prompt", "control_image"} & inputs(pixel)
+    assert "truncated" not in pixel and "kind: KIND_CPU" in pixel and "max_batch_size: 8" in pixel
+    t2i = config_pbtxt(RepositoryConfig(device="cuda", instances=2), "model", text_to_image=True, controlnet=True)
+    assert {"prompt", "negative_prompt", "control_image", "controlnet_conditioning_scale"} <= inputs(t2i)
+    assert "class_label" not in inputs(t2i) and 'name: "truncated_negative"' in t2i and "count: 2 kind: KIND_GPU" in t2i
+    plain = config_pbtxt(RepositoryConfig(), "model", text_to_image=True, controlnet=False)
+    assert "control_image" not in inputs(plain)
+    # The parameters read back as they were written, typed; a bad value is one line naming it.
+    params = {}
+    for line in t2i.splitlines():
+        if line.startswith("parameters"):
+            key, value = line.split('"')[1], json.loads(line.split("string_value: ")[1].rsplit(" } }", 1)[0])
+            params[key] = {"string_value": value}
+    typed = _parameters({"parameters": params})
+    assert typed["model"] == "model" and typed["strict"] is False and typed["max_queue"] == 64 and typed["timeout_s"] == 60.0
+    with pytest.raises(DiffrtError, match="'strict' is 'maybe', not a bool"):
+        _parameters({"parameters": {"strict": {"string_value": "maybe"}}})
+    assert _parameters({"parameters": {"EXECUTION_ENV_PATH": {"string_value": "/env.tar.gz"}}}) == {}
+
+
+def test_rows_become_requests_checked_like_the_http_api():
+    bodies = bodies_from_inputs({
+        "prompt": np.array([[b"a cat"], ["\u00e9t\u00e9".encode()]], dtype=object),
+        "seed": np.array([[1], [2]], dtype=np.int64),
+        "guidance_scale": np.array([[7.5], [0.3]], dtype=np.float64),
+        "control_image": np.array([[b"\x89PNG-a", b"\x89PNG-b"], [b"\x89PNG-c", b"\x89PNG-d"]], dtype=object),
+        "controlnet_conditioning_scale": np.array([[0.5], [1.5]], dtype=np.float64),
+    })
+    assert [b.prompt for b in bodies] == ["a cat", "\u00e9t\u00e9"] and [b.seed for b in bodies] == [1, 2]
+    assert bodies[1].guidance_scale == 0.3  # FP64: the HTTP API's 0.3, not float32's 0.30000001
+    assert [base64.b64decode(s) for s in bodies[0].control_image] == [b"\x89PNG-a", b"\x89PNG-b"]
+    assert bodies[0].controlnet_conditioning_scale == 0.5
+    assert bodies_from_inputs({}) == [GenerateBody()]  # every input optional: one request with the defaults
+
+    refusals = [
+        ({"seed": np.array([[1], [2]]), "prompt": np.array([[b"x"]], dtype=object)}, "disagree on the batch dimension"),
+        ({"prompt": np.array([[b"\xff\xfe"]], dtype=object)}, "prompt: not UTF-8"),
+        ({"num_inference_steps": np.array([[0]])}, "num_inference_steps"),
+        ({"seed": np.array([[1, 2]])}, "seed: one value per row, got 2"),
+        ({"color": np.array([[b"red"]], dtype=object)}, "color"),
+        ({"num_images": np.array([[1], [2]])}, "same num_images, height and width"),
+    ]
+    for inputs, message in refusals:
+        with pytest.raises(RequestError, match=message) as err:
+            bodies_from_inputs(inputs)
+        assert err.value.status == 422
+
+
+def test_outputs_stack_rows_and_refuse_ragged_ones():
+    image = np.zeros((16, 16, 3), np.uint8)
+    answers = [Answer("a", 1, [image, image], "onnxruntime", 4, {}, {"truncated": ["cut"], "truncated_negative": [None]}),
+               Answer("b", 2, [image + 1, image + 1], "onnxruntime", 4, {}, None)]
+    out = outputs_from_answers(answers, text_to_image=True)
+    assert out["images"].shape == (2, 2, 16, 16, 3) and out["images"][1].max() == 1
+    assert out["seed"].tolist() == [[1], [2]] and out["backend"].tolist() == [[b"onnxruntime"], [b"onnxruntime"]]
+    assert out["truncated"].tolist() == [[b"cut"], [b""]] and out["truncated_negative"].tolist() == [[b""], [b""]]
+    assert "truncated" not in outputs_from_answers(answers, text_to_image=False)
+    answers[1].images = [np.zeros((32, 32, 3), np.uint8)] * 2
+    with pytest.raises(RequestError, match="same num_images, height and width"):
+        outputs_from_answers(answers, text_to_image=False)
+
+
+def test_write_repository_places_the_model_atomically(t2i_artifact, tmp_path, monkeypatch):
+    import diffrt.serve.triton as triton
+
+    repo = tmp_path / "repo"
+    path = write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="sd"))
+    assert sorted(p.name for p in path.iterdir()) == ["1", "config.pbtxt"]
+    placed = path / "1" / "model"
+    for source in t2i_artifact.rglob("*"):
+        if source.is_file():  # hard links on one filesystem: no second copy of the weights
+            assert (placed / source.relative_to(t2i_artifact)).stat().st_ino == source.stat().st_ino
+    assert "from diffrt.serve.triton import TritonPythonModel" in (path / "1" / "model.py").read_text()
+    assert 'string_value: "model"' in (path / "config.pbtxt").read_text()
+
+    with pytest.raises(DiffrtError, match="already exists"):
+        write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="sd"))
+    with pytest.raises(DiffrtError, match="--name"):
+        write_repository(repo, RepositoryConfig(name="../escape"))
+    linked = write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="linked", link=True))
+    assert not (linked / "1" / "model").exists() and str(t2i_artifact.resolve()) in (linked / "config.pbtxt").read_text()
+
+    def fail(src, dst):
+        (dst / "half").mkdir(parents=True)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(triton, "_place", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="broken"))
+    assert sorted(p.name for p in repo.iterdir()) == ["linked", "sd"]  # nothing half-written, no temp folder left
+
+
+def test_cli_writes_a_repository(tmp_path, capsys):
+    assert main(["triton-repo", "--out", str(tmp_path / "repo"), "--backend", "torch", "--device", "cpu"]) == 0
+    assert "tritonserver --model-repository" in capsys.readouterr().out
+    assert 'string_value: "torch"' in (tmp_path / "repo" / "diffrt" / "config.pbtxt").read_text()
+    assert main(["triton-repo", "--out", str(tmp_path / "repo"), "--backend", "torch"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+# -- a real tritonserver -------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Triton:
+    """tritonserver over a repository, on free loopback ports; its log in a file."""
+
+    def __init__(self, repo: Path, log: Path, numpy1: bool = True):
+        if not (BINARY.is_file() and (BACKENDS / "python" / "triton_python_backend_stub").is_file()):
+            pytest.skip("no tritonserver in the venv (`make tritonserver`: Linux x86_64 only)")
+        self.http, grpc, self.metrics = _free_port(), _free_port(), _free_port()
+        # The stub's embedded Python finds diffrt through PYTHONPATH (model.py adds it), numpy<2 first.
+        path = ([str(TRITON_HOME / "numpy1")] if numpy1 else []) + site.getsitepackages()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
+        self.log = log
+        self.proc = subprocess.Popen(
+            [str(BINARY), "--model-repository", str(repo), "--backend-directory", str(BACKENDS), "--http-address", "127.0.0.1",
+             "--http-port", str(self.http), "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
+             "--metrics-port", str(self.metrics), "--allow-gpu-metrics", "false"],
+            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.http}"
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"tritonserver exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"tritonserver not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_bytes().decode("utf-8", "replace")[-4000:]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def infer(server: Triton, model: str, inputs: dict[str, list], timeout: float = 120) -> httpx.Response:
+    """KServe v2 over HTTP (outputs as JSON: BYTES come back as text): every input one row (or len(values) rows for a list of lists). BYTES go
+    as binary tensor data (Triton's extension: 4-byte length + bytes each), the rest as JSON."""
+    header, blobs = {"inputs": [], "outputs": []}, []
+    for name, rows in inputs.items():
+        rows = rows if isinstance(rows, list) else [[rows]]
+        kind = INPUTS[name][0]
+        entry = {"name": name, "shape": [len(rows), len(rows[0])]}
+        if kind == "TYPE_STRING":
+            blob = b"".join(struct.pack("<I", len(v)) + v for row in rows for v in (x if isinstance(x, bytes) else x.encode() for x in row))
+            entry.update(datatype="BYTES", parameters={"binary_data_size": len(blob)})
+            blobs.append(blob)
+        else:
+            entry.update(datatype="INT64" if kind == "TYPE_INT64" else "FP64", data=[v for row in rows for v in row])
+        header["inputs"].append(entry)
+    body = json.dumps(header).encode()
+    return httpx.post(f"{server.url}/v2/models/{model}/infer", content=body + b"".join(blobs),
+                      headers={"Inference-Header-Content-Length": str(len(body))}, timeout=timeout)
+
+
+def outputs(response: httpx.Response) -> dict[str, np.ndarray]:
+    assert response.status_code == 200, response.text
+    out = {}
+    for o in response.json()["outputs"]:
+        dtype = {"UINT8": np.uint8, "INT64": np.int64, "BYTES": object}[o["datatype"]]
+        out[o["name"]] = np.array(o["data"], dtype=dtype).reshape(o["shape"])
+    return out
+
+
+def generated(model, **fields) -> np.ndarray:
+    """`diffrt generate`'s images for the same request, as uint8 [N, H, W, C]."""
+    fields = {"num_inference_steps": STEPS, **fields}
+    return to_uint8(generate(GenerateRequest(model=model, backend="onnxruntime", device="cpu", **fields)).images)
+
+
+@pytest.fixture(scope="module")
+def triton(t2i_artifact, tmp_path_factory):
+    """One server, two models: the shipped digits model and the text-to-image artifact (ControlNet)."""
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    write_repository(repo, RepositoryConfig(name="digits", max_batch_size=4, queue_delay_ms=200))
+    write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="sd", max_batch_size=2))
+    server = Triton(repo, repo.parent / "tritonserver.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_digits_over_kserve_equal_diffrt_generate(triton):
+    settings = dict(seed=1234, num_inference_steps=STEPS, guidance_scale=2.5, eta=0.5, color="#ff8800", color_scale=4.0)
+    out = outputs(infer(triton, "digits", {"class_label": 3, **settings}))
+    assert out["images"].shape == (1, 1, 16, 16, 3) and out["seed"].tolist() == [[1234]]
+    assert out["backend"].tolist() == [["onnxruntime"]]  # RELIABILITY #15
+    np.testing.assert_array_equal(out["images"][0], generated(None, class_label=3, **settings))
+
+    # Two generations in one request, one per row; num_images 2 from one seed.
+    out = outputs(infer(triton, "digits", {"class_label": [[1], [7]], "seed": [[5], [6]], "num_inference_steps": [[STEPS]] * 2,
+                                           "num_images": [[2], [2]]}))
+    assert out["images"].shape == (2, 2, 16, 16, 3)
+    for row, (label, seed) in enumerate([(1, 5), (7, 6)]):
+        np.testing.assert_array_equal(out["images"][row], generated(None, class_label=label, seed=seed, num_images=2))
+
+
+def test_requests_sent_at_once_each_get_their_own_images(triton):
+    # RELIABILITY #18: Triton's dynamic batcher hands them to one execute, the runtime batches
+    # them; every answer is still its own seed's image.
+    requests = [(label, 100 + label) for label in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda r: infer(triton, "digits", {"class_label": r[0], "seed": r[1], "num_inference_steps": STEPS}),
+                                requests))
+    for (label, seed), response in zip(requests, answers):
+        np.testing.assert_array_equal(outputs(response)["images"][0], generated(None, class_label=label, seed=seed))
+    stats = httpx.get(f"{triton.url}/v2/models/digits/stats").json()["model_stats"][0]
+    assert stats["inference_count"] >= len(requests)  # every request reached the model
+
+
+def test_bad_requests_are_refused_by_name(triton):
+    cases = [({"class_label": 33}, "class_label: 33 is out of range"),
+             ({"num_inference_steps": 0}, "num_inference_steps"),
+             ({"prompt": "a cat"}, "prompt"),  # not an input of a pixel model: Triton itself refuses it
+             ({"class_label": 1, "height": 17}, "height")]
+    for inputs, message in cases:
+        r = infer(triton, "digits", inputs)
+        assert r.status_code == 400 and message in r.json()["error"], (inputs, r.text)
+    assert outputs(infer(triton, "digits", {"class_label": 2, "num_inference_steps": 1}))["images"].shape[0] == 1  # still serving
+
+
+def test_text_to_image_with_a_controlnet_equals_diffrt_generate(triton, t2i_artifact, tmp_path):
+    from PIL import Image
+
+    control = tmp_path / "control.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(control)
+    png = control.read_bytes()
+    out = outputs(infer(triton, "sd", {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 3, "num_inference_steps": STEPS,
+                                       "control_image": [[png]], "controlnet_conditioning_scale": 0.7}))
+    want = generated(str(t2i_artifact), prompt=PROMPT, negative_prompt="blurry", seed=3, control_image=str(control),
+                     control_scale=0.7)
+    np.testing.assert_array_equal(out["images"][0], want)
+    assert out["truncated"].tolist() == [[""]]
+
+    # RELIABILITY #13: the text cut off at the encoder's 77 tokens comes back with the images.
+    long_prompt = " ".join(f"word{i}" for i in range(60))
+    out = outputs(infer(triton, "sd", {"prompt": long_prompt, "seed": 1, "num_inference_steps": 1}))
+    assert out["truncated"][0, 0].replace(" ", "").endswith("word59")
+
+    # Per-stage times reach Triton's metrics endpoint beside its own.
+    text = httpx.get(f"http://127.0.0.1:{triton.metrics}/metrics").text
+    for stage in ("text_encoder", "unet_controlnet", "vae_decoder"):
+        line = next(line for line in text.splitlines() if line.startswith(f'diffrt_stage_milliseconds_total{{stage="{stage}"}}'))
+        assert float(line.split()[-1]) > 0
+    assert 'diffrt_images_total{backend="onnxruntime"}' in text
+
+
+def test_a_stub_that_misreads_numpy_arrays_is_refused_at_load(tmp_path):
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) < 2:
+        pytest.skip("the stub's own numpy: nothing to mismatch")
+    repo = tmp_path / "repo"
+    write_repository(repo, RepositoryConfig(backend="torch"))
+    server = Triton(repo, tmp_path / "tritonserver.log", numpy1=False)
+    try:
+        server.proc.wait(300)  # the only model fails to load: the server exits
+    finally:
+        server.stop()
+    log = server.log.read_bytes().decode("utf-8", "replace")
+    assert f"misreads numpy {numpy.__version__} arrays" in log and "numpy<2" in log, server.tail()
