@@ -1,7 +1,7 @@
 """Throughput and latency of `diffrt serve` on this machine, over real HTTP on loopback.
 
     python benchmarks/bench_serve.py [--model DIR] [--backend onnxruntime] [--steps 25]
-                                     [--concurrency 1 4 8] [--requests 16]
+                                     [--concurrency 1 4 8] [--requests 16] [--triton]
 
 Starts the real service (uvicorn in a thread, 127.0.0.1, a free port) over the shipped digits
 model, then for each client concurrency sends `--requests x concurrency` single-image requests
@@ -10,6 +10,10 @@ many client threads, each waiting for its answer before sending the next. Report
 requests/s over the wall time, p50/p99 end-to-end latency, the mean images per UNet batch
 (from the service's own /metrics), and the refusals (429) if any. A first row times the
 pipeline called directly, one image at a time, so the HTTP + queue overhead can be read off.
+With --triton, the same levels run again against Triton Inference Server over a repository that
+`diffrt triton-repo` writes for the same model (KServe v2 JSON; `make tritonserver`), so the two
+front ends are compared in one run; there the batch column is Triton's requests per execute,
+which the runtime inside batches as `diffrt serve` does.
 
 Writes benchmarks/results/serve_cpu.json (serve_cuda.json with a GPU) and prints a table.
 """
@@ -44,27 +48,61 @@ def metric_sum(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def run_level(client: httpx.Client, concurrency: int, n_requests: int, steps: int, num_classes: int, seed0: int) -> dict:
-    before = client.get("/metrics").text
+class ServeFront:
+    """`diffrt serve`: POST /v1/generate; batches from its /metrics."""
+
+    name = "serve"
+
+    def __init__(self, client: httpx.Client):
+        self.client = client
+
+    def send(self, body: dict) -> int:
+        return self.client.post("/v1/generate", json=body).status_code
+
+    def batches(self) -> tuple[float, float]:
+        """(batches run, images in them) so far."""
+        text = self.client.get("/metrics").text
+        return metric_sum(text, "diffrt_serve_batch_size_count"), metric_sum(text, "diffrt_serve_batch_size_sum")
+
+
+class TritonFront:
+    """Triton Inference Server: KServe v2 JSON inference; batches from the model's statistics."""
+
+    name = "triton"
+
+    def __init__(self, client: httpx.Client, model: str):
+        self.client, self.model = client, model
+
+    def send(self, body: dict) -> int:
+        inputs = [{"name": key, "shape": [1, 1], "datatype": "INT64", "data": [value]} for key, value in body.items()]
+        r = self.client.post(f"/v2/models/{self.model}/infer", json={"inputs": inputs, "outputs": [{"name": "seed"}]})
+        return r.status_code
+
+    def batches(self) -> tuple[float, float]:
+        stats = self.client.get(f"/v2/models/{self.model}/stats").json()["model_stats"][0]
+        return float(stats["execution_count"]), float(stats["inference_count"])
+
+
+def run_level(front, concurrency: int, n_requests: int, steps: int, num_classes: int, seed0: int) -> dict:
+    batches0, images0 = front.batches()
     latencies, statuses = [], []
 
     def one(i: int) -> None:
         body = {"class_label": i % num_classes, "seed": seed0 + i, "num_inference_steps": steps}
         t0 = time.perf_counter()
-        r = client.post("/v1/generate", json=body)
-        if r.status_code == 200:
+        status = front.send(body)
+        if status == 200:
             latencies.append(time.perf_counter() - t0)
-        statuses.append(r.status_code)
+        statuses.append(status)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(one, range(n_requests)))
     wall = time.perf_counter() - t0
-    after = client.get("/metrics").text
-    batches = metric_sum(after, "diffrt_serve_batch_size_count") - metric_sum(before, "diffrt_serve_batch_size_count")
-    images = metric_sum(after, "diffrt_serve_batch_size_sum") - metric_sum(before, "diffrt_serve_batch_size_sum")
+    batches1, images1 = front.batches()
+    batches, images = batches1 - batches0, images1 - images0
     ok = statuses.count(200)
-    return {"concurrency": concurrency, "requests": n_requests, "ok": ok, "refused_429": statuses.count(429),
+    return {"front": front.name, "concurrency": concurrency, "requests": n_requests, "ok": ok, "refused_429": statuses.count(429),
             "other_errors": n_requests - ok - statuses.count(429), "wall_s": wall, "requests_per_s": ok / wall,
             "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
             "mean_batch_images": images / batches if batches else 0.0}
@@ -86,16 +124,16 @@ def direct_pipeline(model: str | None, backend: str, device: str, steps: int, n:
         run(i)
         samples.append(time.perf_counter() - t0)
     total = sum(samples)
-    return {"concurrency": "direct", "requests": n, "ok": n, "refused_429": 0, "other_errors": 0, "wall_s": total,
+    return {"front": "pipeline", "concurrency": "direct", "requests": n, "ok": n, "refused_429": 0, "other_errors": 0, "wall_s": total,
             "requests_per_s": n / total, "p50_ms": 1000 * percentile(samples, 50), "p99_ms": 1000 * percentile(samples, 99),
             "mean_batch_images": 1.0}
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'clients':>8} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'imgs/batch':>10} {'429':>4}"
+    head = f"{'front':>8} {'clients':>8} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'imgs/batch':>10} {'429':>4}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['concurrency']!s:>8} {r['ok']:>8} {r['requests_per_s']:>7.2f} {r['p50_ms']:>8.1f} "
+        lines.append(f"{r['front']:>8} {r['concurrency']!s:>8} {r['ok']:>8} {r['requests_per_s']:>7.2f} {r['p50_ms']:>8.1f} "
                      f"{r['p99_ms']:>8.1f} {r['mean_batch_images']:>10.2f} {r['refused_429']:>4}")
     return "\n".join(lines)
 
@@ -109,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=16, help="requests per client at each level")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--triton", action="store_true", help="also run the levels against Triton Inference Server (`make tritonserver`)")
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/serve_<device>.json)")
     args = parser.parse_args(argv)
 
@@ -122,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         startup = time.perf_counter() - t0
         info = srv.runtime.describe()
         with httpx.Client(base_url=srv.url, timeout=300, limits=httpx.Limits(max_connections=max(args.concurrency) + 4)) as client:
-            run_level(client, 1, 4, args.steps, max(1, info["num_classes"]), seed0=0)  # warm the HTTP path
-            for level, c in enumerate(args.concurrency):
-                rows.append(run_level(client, c, c * args.requests, args.steps, max(1, info["num_classes"]), seed0=10_000 * (level + 1)))
+            rows += run_levels(ServeFront(client), args, max(1, info["num_classes"]))
+    triton_startup = None
+    if args.triton:
+        triton_rows, triton_startup = run_triton(args, device, max(1, info["num_classes"]))
+        rows += triton_rows
     result = {
         "benchmark": "serve", "model": args.model or "shipped:digits", "backend": info["backend"], "device": device,
         "num_inference_steps": args.steps, "guidance_scale": 3.0, "image": f"{info['channels']}x{info['sample_size']}x{info['sample_size']}",
         "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "startup_s": startup,
+        "triton_startup_s": triton_startup,
         "machine": {"cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],  # other work on the machine skews the numbers
                     "platform": platform.platform(), "python": sys.version.split()[0],
                     "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
@@ -143,6 +185,30 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(f"wrote {out}")
     return 0
+
+
+def run_levels(front, args, num_classes: int) -> list[dict]:
+    run_level(front, 1, 4, args.steps, num_classes, seed0=0)  # warm the HTTP path
+    return [run_level(front, c, c * args.requests, args.steps, num_classes, seed0=10_000 * (level + 1))
+            for level, c in enumerate(args.concurrency)]
+
+
+def run_triton(args, device: str, num_classes: int) -> tuple[list[dict], float]:
+    """The same levels against tritonserver over `diffrt triton-repo`'s repository for the same
+    model and settings (its dynamic batcher waits what the service's batcher waits)."""
+    import tempfile
+
+    from diffrt.serve.triton import LocalTritonServer, RepositoryConfig, write_repository
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = write_repository(Path(tmp) / "repo", RepositoryConfig(
+            model=args.model, backend=args.backend, device=device, max_batch_size=args.max_batch_size,
+            queue_delay_ms=args.batch_wait_ms, max_queue=max(64, 2 * max(args.concurrency)), timeout_s=120)).parent
+        t0 = time.perf_counter()
+        with LocalTritonServer(repo) as server:
+            startup = time.perf_counter() - t0
+            with httpx.Client(base_url=server.url, timeout=300, limits=httpx.Limits(max_connections=max(args.concurrency) + 4)) as client:
+                return run_levels(TritonFront(client, "diffrt"), args, num_classes), startup
 
 
 def _version(module: str) -> str | None:

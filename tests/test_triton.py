@@ -18,13 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import site
-import socket
 import struct
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,14 +33,11 @@ from diffrt.generate import GenerateRequest, generate  # noqa: E402
 from diffrt.images import to_uint8  # noqa: E402
 from diffrt.serve.batching import Answer  # noqa: E402
 from diffrt.serve.schema import GenerateBody, RequestError  # noqa: E402
-from diffrt.serve.triton import (INPUTS, RepositoryConfig, _parameters, bodies_from_inputs, config_pbtxt,  # noqa: E402
-                                 outputs_from_answers, write_repository)
+from diffrt.serve.triton import (INPUTS, LocalTritonServer, RepositoryConfig, _parameters, bodies_from_inputs,  # noqa: E402
+                                 config_pbtxt, find_tritonserver, outputs_from_answers, write_repository)
 
 STEPS = 4
 PROMPT = "a red cube"
-TRITON_HOME = Path(sys.prefix) / "tritonserver"  # `make tritonserver`
-BACKENDS = TRITON_HOME / "server" / "pytriton" / "tritonserver" / "backends"
-BINARY = TRITON_HOME / "server" / "pytriton" / "tritonserver" / "bin" / "tritonserver"
 
 
 # -- the repository and the request mapping, without a server ----------------------------------
@@ -163,55 +154,13 @@ def test_cli_writes_a_repository(tmp_path, capsys):
 
 # -- a real tritonserver -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_triton(repo: Path, **kwargs) -> LocalTritonServer:
+    if find_tritonserver() is None:
+        pytest.skip("no tritonserver (`make tritonserver` puts one in the venv on Linux x86_64)")
+    return LocalTritonServer(repo, env={"OMP_NUM_THREADS": "1"}, **kwargs).start()
 
 
-class Triton:
-    """tritonserver over a repository, on free loopback ports; its log in a file."""
-
-    def __init__(self, repo: Path, log: Path, numpy1: bool = True):
-        if not (BINARY.is_file() and (BACKENDS / "python" / "triton_python_backend_stub").is_file()):
-            pytest.skip("no tritonserver in the venv (`make tritonserver`: Linux x86_64 only)")
-        self.http, grpc, self.metrics = _free_port(), _free_port(), _free_port()
-        # The stub's embedded Python finds diffrt through PYTHONPATH (model.py adds it), numpy<2 first.
-        path = ([str(TRITON_HOME / "numpy1")] if numpy1 else []) + site.getsitepackages()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
-        self.log = log
-        self.proc = subprocess.Popen(
-            [str(BINARY), "--model-repository", str(repo), "--backend-directory", str(BACKENDS), "--http-address", "127.0.0.1",
-             "--http-port", str(self.http), "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
-             "--metrics-port", str(self.metrics), "--allow-gpu-metrics", "false"],
-            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.http}"
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"tritonserver exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise AssertionError(f"tritonserver not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_bytes().decode("utf-8", "replace")[-4000:]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def infer(server: Triton, model: str, inputs: dict[str, list], timeout: float = 120) -> httpx.Response:
+def infer(server: LocalTritonServer, model: str, inputs: dict[str, list], timeout: float = 120) -> httpx.Response:
     """KServe v2 over HTTP (outputs as JSON: BYTES come back as text): every input one row (or len(values) rows for a list of lists). BYTES go
     as binary tensor data (Triton's extension: 4-byte length + bytes each), the rest as JSON."""
     header, blobs = {"inputs": [], "outputs": []}, []
@@ -252,10 +201,9 @@ def triton(t2i_artifact, tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_repository(repo, RepositoryConfig(name="digits", max_batch_size=4, queue_delay_ms=200))
     write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="sd", max_batch_size=2))
-    server = Triton(repo, repo.parent / "tritonserver.log")
+    server = start_triton(repo)
     try:
-        server.wait_ready()
-        yield server
+        yield server.wait_ready()
     finally:
         server.stop()
 
@@ -318,7 +266,7 @@ def test_text_to_image_with_a_controlnet_equals_diffrt_generate(triton, t2i_arti
     assert out["truncated"][0, 0].replace(" ", "").endswith("word59")
 
     # Per-stage times reach Triton's metrics endpoint beside its own.
-    text = httpx.get(f"http://127.0.0.1:{triton.metrics}/metrics").text
+    text = httpx.get(triton.metrics_url).text
     for stage in ("text_encoder", "unet_controlnet", "vae_decoder"):
         line = next(line for line in text.splitlines() if line.startswith(f'diffrt_stage_milliseconds_total{{stage="{stage}"}}'))
         assert float(line.split()[-1]) > 0
@@ -332,10 +280,10 @@ def test_a_stub_that_misreads_numpy_arrays_is_refused_at_load(tmp_path):
         pytest.skip("the stub's own numpy: nothing to mismatch")
     repo = tmp_path / "repo"
     write_repository(repo, RepositoryConfig(backend="torch"))
-    server = Triton(repo, tmp_path / "tritonserver.log", numpy1=False)
+    server = start_triton(repo, numpy_path="")  # the venv's numpy 2 only
     try:
         server.proc.wait(300)  # the only model fails to load: the server exits
     finally:
         server.stop()
-    log = server.log.read_bytes().decode("utf-8", "replace")
+    log = server.log_text()
     assert f"misreads numpy {numpy.__version__} arrays" in log and "numpy<2" in log, server.tail()
