@@ -48,8 +48,10 @@ $(TRITON_STAMP): $(STAMP)
 	    && $(PY) -m pip install -q --no-deps --target $(TRITON)/numpy1 "numpy>=1.26,<2"; then \
 	  backend=$(TRITON)/server/pytriton/tritonserver; \
 	  cp "$$backend/python_backend_stubs/$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')/triton_python_backend_stub" \
-	     "$$backend/backends/python/" && touch $@; \
-	else echo "diffrt: no Triton Inference Server for this platform; the Triton tests will skip"; fi
+	     "$$backend/backends/python/" \
+	  && ! ldd "$$backend/bin/tritonserver" "$$backend/backends/python/triton_python_backend_stub" | grep "not found" \
+	  && touch $@ || { rm -rf $(TRITON); echo "diffrt: this Triton build does not run here; the Triton tests will skip"; }; \
+	else rm -rf $(TRITON); echo "diffrt: no Triton Inference Server for this platform; the Triton tests will skip"; fi
 
 bench: venv
 	$(VENV)/bin/diffrt bench
