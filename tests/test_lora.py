@@ -197,6 +197,33 @@ def test_kohya_text_model_prefix_resolves(sd_folder, lora_a, tmp_path):
     assert_states_close(ours, expected, atol=0)
 
 
+def test_unprefixed_adapter_metadata_sets_the_scaling(sd_folder, tmp_path):
+    """One model's `save_lora_adapter` writes unprefixed keys and an unprefixed LoraConfig (r 4,
+    lora_alpha 8, patterns). Its scalings must be used, as diffusers' `load_lora_adapter` does, not
+    dropped for alpha = rank. (diffusers reads the file's metadata only with use_safetensors=True.)"""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from diffrt.tiny import _randomise_lora
+
+    unet = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "proj_in", "conv1"], init_lora_weights="gaussian",
+                        rank_pattern={"proj_in": 2}, alpha_pattern={"to_k": 1})
+    unet.add_adapter(config, adapter_name="a")
+    _randomise_lora(unet, torch.Generator().manual_seed(3), std_b=0.05)
+    unet.save_lora_adapter(tmp_path, adapter_name="a")
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+
+    expected = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
+    expected.load_lora_adapter(str(path), prefix=None, adapter_name="a", use_safetensors=True)
+    expected.fuse_lora(lora_scale=0.7)
+    expected.unload_lora()
+    ours = {"unet": load_components(sd_folder)["unet"]}
+    fuse_loras(ours, [(read_lora(path), 0.7)])
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(ours["unet"].state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
+
+
 # --- unmatched keys are errors, never no-ops (row 7) ------------------------------------------
 
 
@@ -244,11 +271,38 @@ def test_lora_for_a_component_not_given_is_an_error(sd_folder, lora_a):
         fuse_loras(unet_only, [(read_lora(lora_a["peft"]), 1.0)])
 
 
-def test_unsupported_keys_are_named(tmp_path):
-    state = _kohya_layer("lora_unet_conv_in") | {"lora_unet_conv_in.dora_scale": torch.ones(1, 32)}
-    save_safetensors(tmp_path / "dora.safetensors", state)
-    with pytest.raises(LoraError, match="DoRA.*lora_unet_conv_in.dora_scale"):
-        read_lora(tmp_path / "dora.safetensors")
+@pytest.mark.parametrize("suffix, shape, kind", [("dora_scale", (1, 32), "DoRA"), ("lora_mid.weight", (2, 2, 3, 3), "Tucker")])
+def test_unsupported_keys_are_named(tmp_path, suffix, shape, kind):
+    state = _kohya_layer("lora_unet_conv_in") | {f"lora_unet_conv_in.{suffix}": torch.ones(shape)}
+    save_safetensors(tmp_path / "lycoris.safetensors", state)
+    with pytest.raises(LoraError, match=f"{kind}.*lora_unet_conv_in.{suffix}"):
+        read_lora(tmp_path / "lycoris.safetensors")
+
+
+_TO_Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def test_two_namings_of_one_module_are_an_error(tmp_path):
+    """`to_q.lora_A` and `to_q.lora.down` both name the down weight of to_q: keeping either would
+    drop the other's keys without a word."""
+    state = {f"{_TO_Q}.lora_A.weight": torch.ones(2, 64), f"{_TO_Q}.lora_B.weight": torch.ones(64, 2),
+             f"{_TO_Q}.lora.down.weight": torch.ones(2, 64), f"{_TO_Q}.lora.up.weight": torch.ones(64, 2)}
+    save_safetensors(tmp_path / "twice.safetensors", state)
+    with pytest.raises(LoraError, match=r"to_q\.lora\.down\.weight and .*to_q\.lora_A\.weight are both the down weight"):
+        read_lora(tmp_path / "twice.safetensors")
+
+
+@pytest.mark.parametrize("state, message", [
+    (_kohya_layer("lora_unet_conv_in") | {"lora_unet_conv_in.alpha": torch.tensor(0.0, dtype=torch.float16)},
+     r"lora_unet_conv_in\.alpha gives alpha 0"),
+    ({f"{_TO_Q}.lora_A.weight": torch.ones(2, 64), f"{_TO_Q}.lora_B.weight": torch.zeros(64, 2)}, "every LoRA update in it is zero"),
+], ids=["alpha-0", "untrained"])
+def test_lora_that_changes_nothing_is_an_error(tmp_path, state, message):
+    """alpha 0 (diffusers fuses it as no change, sd-scripts as alpha = rank) and an adapter whose
+    every lora_B is still peft's zero init would both be silent no-ops."""
+    save_safetensors(tmp_path / "noop.safetensors", state)
+    with pytest.raises(LoraError, match=message):
+        read_lora(tmp_path / "noop.safetensors")
 
 
 def test_shape_mismatch_is_an_error(sd_folder, tmp_path):

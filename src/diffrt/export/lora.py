@@ -11,7 +11,8 @@ flattened `in * kh * kw` axis: the same weight peft's conv LoRA merges. `alpha /
 Two file layouts are read, safetensors only (pickles can run code when loaded):
 - diffusers/peft: `unet.<module>.lora_A.weight` / `.lora_B.weight` (what `save_lora_weights`
   writes), and diffusers' older `.lora.down` / `.lora_linear_layer.down` / `.to_q_lora.down`
-  names. The adapter's LoraConfig may sit in the file's metadata (`lora_adapter_metadata`); its
+  names. The adapter's LoraConfig may sit in the file's metadata (`lora_adapter_metadata`, keyed
+  `unet.r`, ..., or unprefixed like the keys of one model's `save_lora_adapter`); its
   `lora_alpha`, `rank_pattern`, `alpha_pattern` and `use_rslora` then set each module's scaling,
   as diffusers does. Without it alpha = rank (scaling 1).
 - kohya/A1111: `lora_unet_<module path, '.' written as '_'>.lora_down.weight`, `.lora_up.weight`,
@@ -19,8 +20,9 @@ Two file layouts are read, safetensors only (pickles can run code when loaded):
 
 Module names are resolved against the model itself, never by rewriting strings alone: a kohya
 name is looked up among the model's own module names with '.' replaced by '_'. Every entry of a
-file must land on a module or the fuse fails naming what did not (RELIABILITY row 7), and fusing
-always starts from the base weights given, so refits never accumulate (row 8).
+file must land on a module or the fuse fails naming what did not (RELIABILITY row 7), a file that
+would change nothing (alpha 0, only zero updates) is refused, and fusing always starts from the
+base weights given, so refits never accumulate (row 8).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ UNSUPPORTED_HINTS = {
     "lora_magnitude_vector": "DoRA",
     "hada_": "LyCORIS LoHa",
     "lokr_": "LyCORIS LoKr",
+    "lora_mid": "LyCORIS LoCon with a Tucker core (lora_mid)",
     "lora_B.bias": "LoRA bias terms",
     ".diff": "full weight differences",
     "lora_embedding_": "embedding LoRA",
@@ -229,6 +232,10 @@ def _component_configs(metadata: dict[str, str], path: Path) -> dict[str, dict]:
     configs: dict[str, dict] = defaultdict(dict)
     for key, value in flat.items():
         component, _, name = key.partition(".")
+        if component not in COMPONENTS or not name:
+            # One model's `save_lora_adapter` writes its LoraConfig unprefixed, like its keys, which
+            # are the UNet's (_split_dotted): dropping it would fuse at alpha = rank, not lora_alpha.
+            component, name = "unet", key
         configs[component][name] = value
     return dict(configs)
 
@@ -270,8 +277,13 @@ def read_lora(path: str | Path) -> LoraFile:
         else:
             component, module, role, style = parsed
         styles.add("kohya" if style == "kohya" else "dotted")
-        entry = entries.setdefault((component, module), {"style": style})
+        entry = entries.setdefault((component, module), {"style": style, "keys": {}})
+        if role in entry:  # two namings of one module (`to_q.lora_A` and `to_q.lora.down`): one would be dropped
+            raise LoraError(
+                f"{path}: keys {entry['keys'][role]} and {key} are both the {role} weight of {component}.{module}; keep one of them"
+            )
         entry[role] = tensors[key]
+        entry["keys"][role] = key
         if role == "down":
             entry["key"] = key
         if style != "peft":
@@ -304,6 +316,13 @@ def read_lora(path: str | Path) -> LoraFile:
                 raise LoraError(f"{path}: metadata gives {component}.{module} rank {rank} but its weights have rank {down.shape[0]}")
             alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank)))
             use_rslora = bool(config.get("use_rslora", False))
+        if alpha == 0:
+            # diffusers (and A1111) fuse alpha 0 as a zero update, kohya's sd-scripts reads it as alpha = rank.
+            source = entry["keys"].get("alpha", f"the {METADATA_KEY} of {component}.{module}")
+            raise LoraError(
+                f"{path}: {source} gives alpha 0, which diffusers fuses as no change and sd-scripts reads as "
+                "alpha = rank; re-save the LoRA with the alpha it was trained with"
+            )
         aliases: tuple[str, ...] = ()
         if entry["style"] == "diffusers-processor":
             module, aliases = _processor_aliases(module)
@@ -320,6 +339,11 @@ def read_lora(path: str | Path) -> LoraFile:
                 use_rslora=use_rslora,
             )
         )
+
+    if not any(layer.up.any() and layer.down.any() for layer in layers):
+        # peft initialises lora_B to zero: an adapter saved before training fuses as no change at all.
+        raise LoraError(f"{path}: every LoRA update in it is zero (all-zero up or down weights), so it would change nothing; "
+                        "was it saved before training?")
 
     styles_seen = {entry["style"] for entry in entries.values()}
     fmt: LoraFormat = "kohya" if styles_seen == {"kohya"} else "peft" if styles_seen == {"peft"} else "diffusers"
