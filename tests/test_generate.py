@@ -177,3 +177,22 @@ def test_an_artifact_runs_on_what_it_was_exported_for_by_default(uncond_model_di
     assert artifact_backend(artifact) == "tensorrt"
     monkeypatch.setattr(backends, "backend_available", lambda name: name != "tensorrt")
     assert artifact_backend(artifact) == "onnxruntime"
+
+
+def test_controlnet_img2img_takes_diffusers_default_scale(t2i_folder, control_pngs, tmp_path):
+    """Without --control-scale, `--image` with a ControlNet runs at 0.8, the default of diffusers'
+    StableDiffusionControlNetImg2ImgPipeline (1.0 is StableDiffusionControlNetPipeline's)."""
+    from diffrt.images import load_image
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    net = str(t2i_folder / "controlnet")
+    out = tmp_path / "x.npy"
+    assert main(["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--steps", "3", "--device", "cpu", "--seed", "2",
+                 "--controlnet", net, "--control-image", control_pngs[0], "--image", control_pngs[1], "--strength", "0.7",
+                 "--out", str(out)]) == 0
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", "cpu", controlnet=net)
+    run = lambda scale: pipe("a cat", num_inference_steps=3, guidance_scale=7.5, seed=2, output_type="np", strength=0.7,  # noqa: E731
+                             image=load_image(control_pngs[1]), control_image=load_image(control_pngs[0]),
+                             controlnet_conditioning_scale=scale).images
+    np.testing.assert_allclose(np.load(out), run(0.8), atol=1e-6)
+    assert np.abs(np.load(out) - run(1.0)).max() > 1e-3  # the test can tell the two defaults apart

@@ -177,6 +177,72 @@ def test_torch_equals_controlnet_img2img_pipeline(t2i_folder, torch_cn_pipe, con
     assert max_abs(result.images, without.images) > 1e-2  # the ControlNet took part
 
 
+def test_controlnet_img2img_default_scale_is_diffusers(t2i_folder, torch_cn_pipe, control_image):
+    """Left out, controlnet_conditioning_scale is diffusers' default for the pipeline the call is:
+    0.8 in StableDiffusionControlNetImg2ImgPipeline (1.0 without `image`, as tested above)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+
+    ref = diffusers_pipe(StableDiffusionControlNetImg2ImgPipeline, t2i_folder,
+                         controlnet=ControlNetModel.from_pretrained(t2i_folder / "controlnet"))
+    init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    kwargs = dict(image=init, control_image=control_image, strength=0.7, num_inference_steps=4)
+    result = run(torch_cn_pipe, seed=4, **kwargs)
+    assert max_abs(result.images, run_diffusers(ref, seed=4, **kwargs)) <= DIFFUSERS_TOL
+    assert result.metadata["controlnet_conditioning_scale"] == 0.8
+
+
+def test_tensor_images_resize_as_diffusers(t2i_folder, torch_cn_pipe):
+    """A tensor or array resized to height x width goes through F.interpolate's default (nearest),
+    as diffusers' VaeImageProcessor.resize does, so the images stay diffusers' images."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    ref = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder,
+                         controlnet=ControlNetModel.from_pretrained(t2i_folder / "controlnet"))
+    large = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    expected = run_diffusers(ref, seed=1, image=large, height=32, width=48)
+    result = run(torch_cn_pipe, seed=1, control_image=large, height=32, width=48).images
+    assert result.shape == expected.shape == (1, 3, 32, 48)
+    assert max_abs(result, expected) <= DIFFUSERS_TOL
+
+
+def test_image_size_rounds_down_to_a_multiple_of_8_as_diffusers(t2i_folder, torch_pipe, control_image):
+    """Without height and width the size comes from the image, rounded down to a multiple of the
+    VAE's factor (diffusers' get_default_height_width): a 40 x 36 image gives 40 x 32 pixels."""
+    from PIL import Image
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    array = torch.rand(36, 40, 3, generator=torch.Generator().manual_seed(13)).numpy()
+    pil = Image.fromarray((array * 255).round().astype(np.uint8))
+    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder)
+    for image in (pil, array):
+        expected = run_diffusers(ref, seed=2, image=image, strength=0.6, num_inference_steps=4)
+        result = run(torch_pipe, seed=2, image=image, strength=0.6, num_inference_steps=4).images
+        assert result.shape == expected.shape == (1, 3, 32, 40)
+        assert max_abs(result, expected) <= DIFFUSERS_TOL
+
+
+def test_list_of_tensor_images_is_a_batch(torch_pipe):
+    """A list of [C, H, W] tensors or [H, W, C] arrays is one batch, as diffusers stacks it."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(14))
+    kwargs = dict(prompt=["a red house", "a cat"], strength=0.6, num_inference_steps=4, seed=2)
+    expected = run(torch_pipe, image=images, **kwargs).images
+    assert torch.equal(run(torch_pipe, image=list(images), **kwargs).images, expected)
+    assert torch.equal(run(torch_pipe, image=[im.permute(1, 2, 0).numpy() for im in images], **kwargs).images, expected)
+    with pytest.raises(DiffrtError, match=r"images in the list differ in size \(3x32x32, 3x64x64") as info:
+        run(torch_pipe, image=[images[0], torch.rand(3, 64, 64)], **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_init_and_control_images_of_other_sizes_are_one_line(torch_cn_pipe, control_image):
+    with pytest.raises(DiffrtError, match=r"image is 64x64 pixels but control_image 32x32; .*pass height and width") as info:
+        run(torch_cn_pipe, image=torch.rand(1, 3, 64, 64), control_image=control_image, num_inference_steps=2)
+    assert "\n" not in str(info.value)
+    images = run(torch_cn_pipe, image=torch.rand(1, 3, 64, 64), control_image=control_image, num_inference_steps=2,
+                 height=32, width=32).images  # height and width resize both, as diffusers does
+    assert images.shape == (1, 3, 32, 32)
+
+
 def generators(*seeds) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 

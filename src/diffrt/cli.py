@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--control-image", action="append", default=[], metavar="FILE",
                     help="conditioning image (repeatable: one per ControlNet, in the same order)")
     ge.add_argument("--control-scale", action="append", type=float, default=[], metavar="F",
-                    help="ControlNet conditioning scale (repeatable: one per ControlNet, or one for all; default 1.0)")
+                    help="ControlNet conditioning scale (repeatable: one per ControlNet, or one for all; default 1.0, 0.8 with --image as diffusers)")
     ge.add_argument("--image", default=None, metavar="FILE", help="image-to-image: start from this image (text-to-image models)")
     ge.add_argument("--strength", type=float, default=0.8, help="image-to-image: share of the schedule that runs (default 0.8)")
     ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")

@@ -43,7 +43,7 @@ class GenerateRequest:
     class_label: int | None = None
     controlnet: str | list[str] | None = None  # one ControlNet folder, or several (diffusers' MultiControlNetModel), in order
     control_image: str | list[str] | None = None  # one conditioning image file per ControlNet, in the same order
-    control_scale: float | list[float] = 1.0  # one for every ControlNet, or one per ControlNet
+    control_scale: float | list[float] | None = None  # one for every ControlNet, or one per ControlNet; None: diffusers' default (0.8 with --image, else 1.0)
     image: str | None = None  # img2img: the image file to start from (text-to-image models)
     strength: float = 0.8  # img2img: how much of the schedule runs (1.0: the image is all noise)
     loras: list[tuple[str, float]] = field(default_factory=list)
@@ -133,7 +133,7 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
         return generate_text_to_image(req, guidance, progress)
     text_only = {"--prompt": req.prompt, "--negative-prompt": req.negative_prompt, "--controlnet": req.controlnet,
                  "--control-image": req.control_image, "--image": req.image,
-                 "--control-scale": req.control_scale not in (1.0, [])}
+                 "--control-scale": req.control_scale not in (None, [])}
     given = [flag for flag, value in text_only.items() if value]
     if given:
         raise DiffrtError(f"{'/'.join(given)} need a text-to-image model folder; this is a pixel-space model (use --class-label)")

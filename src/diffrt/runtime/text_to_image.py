@@ -8,7 +8,14 @@ generator per image draws each image's rows from its own generator, as diffusers
 does (img2img then samples one VAE posterior row per image, as diffusers' img2img). With the torch
 backend the images equal diffusers' to float tolerance (tests/test_text_to_image.py). Several
 ControlNets follow StableDiffusionControlNetPipeline with a MultiControlNetModel: `control_image` is
-a list with one entry per ControlNet, `controlnet_conditioning_scale` one float or one per ControlNet.
+a list with one entry per ControlNet, `controlnet_conditioning_scale` one float or one per ControlNet;
+left out, it is diffusers' default for the pipeline a call is: 0.8 with `image`
+(StableDiffusionControlNetImg2ImgPipeline), 1.0 without (StableDiffusionControlNetPipeline).
+Images follow diffusers' VaeImageProcessor: without height and width the size is the image's,
+rounded down to a multiple of the VAE's factor (8); tensors and arrays resize with F.interpolate's default (nearest),
+PIL images with Lanczos. One deliberate difference: `height` without `width` (or the reverse)
+keeps the side given and takes the default for the other, where StableDiffusionPipeline drops
+the side given and uses its default size for both.
 
 Every component is a `Backend`; the pipeline never asks which. Engines have no autograd, so
 gradient guidance and the img2img encoder use PyTorch modules (loaded lazily for artifacts):
@@ -83,7 +90,7 @@ class TextToImagePipeline(DenoiserPipeline):
                  guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: Generators = None, seed: int | None = None,
                  image: Any = None, strength: float = 0.8,
-                 control_image: Any = None, controlnet_conditioning_scale: float | list[float] = 1.0,
+                 control_image: Any = None, controlnet_conditioning_scale: float | list[float] | None = None,
                  guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None) -> GenerationResult:
         # 1. Check inputs before any work.
@@ -94,9 +101,15 @@ class TextToImagePipeline(DenoiserPipeline):
             raise DiffrtError(f"eta must be in [0, 1], got {eta}")
         if control_image is not None and not self.has_controlnet:
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
+        if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0
+            controlnet_conditioning_scale = 0.8 if image is not None else 1.0
         scales = _control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []
         control = self._control_images(control_image, height, width) if control_image is not None else None
-        init = _image_batch(image, height, width) if image is not None else None
+        init = _image_batch(image, height, width, self.vae_factor) if image is not None else None
+        if control is not None and init is not None and init.shape[-2:] != control[0].shape[-2:]:
+            (ih, iw), (ch, cw) = init.shape[-2:], control[0].shape[-2:]
+            raise DiffrtError(f"image is {ih}x{iw} pixels but control_image {ch}x{cw}; give images of one size "
+                              "or pass height and width to resize both")
         sized = control[0] if control is not None else init
         height = height or (sized.shape[-2] if sized is not None else self.default_size)
         width = width or (sized.shape[-1] if sized is not None else self.default_size)
@@ -229,12 +242,12 @@ class TextToImagePipeline(DenoiserPipeline):
         if k == 1:
             if isinstance(control_image, (list, tuple)) and len(control_image) == 1:
                 control_image = control_image[0]  # the one-entry-per-ControlNet form (for PIL, also a batch of one)
-            return [_image_batch(control_image, height, width)]
+            return [_image_batch(control_image, height, width, self.vae_factor)]
         if not isinstance(control_image, (list, tuple)) or len(control_image) != k:
             got = f"a list of {len(control_image)}" if isinstance(control_image, (list, tuple)) else f"one {type(control_image).__name__}"
             raise DiffrtError(f"control_image: the pipeline has {k} ControlNets, so pass a list of {k} images (one per ControlNet, "
                               f"in their order); got {got}")
-        images = [_image_batch(im, height, width) for im in control_image]
+        images = [_image_batch(im, height, width, self.vae_factor) for im in control_image]
         sizes = [tuple(im.shape[-2:]) for im in images]
         if len(set(sizes)) > 1:
             shown = ", ".join(f"{h}x{w}" for h, w in sizes)
@@ -322,18 +335,31 @@ def _control_scales(scale, k: int) -> list[float]:
     return scales
 
 
-def _image_batch(image, height: int | None, width: int | None) -> torch.Tensor:
+def _image_batch(image, height: int | None, width: int | None, multiple: int = 1) -> torch.Tensor:
     """A PIL image (or list), or an array/tensor [C, H, W] / [B, C, H, W] (NumPy: [.., H, W, C]) in [0, 1]
-    -> float32 [B, 3, H, W] in [0, 1], resized to (height, width) when given and different."""
+    (or a list of them: one batch, as diffusers stacks them) -> float32 [B, 3, H, W] in [0, 1], resized
+    as diffusers' VaeImageProcessor resizes: to (height, width) when given, else to the image's size
+    rounded down to a multiple of `multiple` (the VAE's factor; get_default_height_width), PIL images
+    with Lanczos and tensors with F.interpolate's default (nearest), so the images stay diffusers'."""
     from PIL import Image
+
+    def default(given: int | None, size: int) -> int:
+        return given or size - size % multiple or size  # an image under `multiple` keeps its size: check_size names it
 
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, list) and image and isinstance(image[0], Image.Image):
-        size = (width or image[0].width, height or image[0].height)
+        size = (default(width, image[0].width), default(height, image[0].height))
         arrays = [np.asarray(im.convert("RGB").resize(size, Image.LANCZOS) if im.size != size else im.convert("RGB"),
                              dtype=np.float32) / 255.0 for im in image]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if isinstance(image, (list, tuple)) and image and all(isinstance(im, (np.ndarray, torch.Tensor)) for im in image):
+        image = [torch.from_numpy(im).movedim(-1, -3) if isinstance(im, np.ndarray) else im for im in image]
+        shapes = [tuple(im.shape[-3:]) for im in image]
+        if len(set(shapes)) > 1:
+            shown = ", ".join(dict.fromkeys("x".join(map(str, s)) for s in shapes))
+            raise DiffrtError(f"the images in the list differ in size ({shown}, channels x height x width); give images of one size")
+        image = torch.cat([im.unsqueeze(0) if im.dim() == 3 else im for im in image])
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(image).movedim(-1, -3)
     if not isinstance(image, torch.Tensor):
@@ -345,9 +371,9 @@ def _image_batch(image, height: int | None, width: int | None) -> torch.Tensor:
     if image.min() < 0 or image.max() > 1:
         raise DiffrtError(f"image values must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
     image = image.expand(-1, 3, -1, -1)
-    size = (height or image.shape[-2], width or image.shape[-1])
+    size = (default(height, image.shape[-2]), default(width, image.shape[-1]))
     if tuple(image.shape[-2:]) != size:
-        image = torch.nn.functional.interpolate(image, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        image = torch.nn.functional.interpolate(image, size=size)
     return image
 
 
@@ -369,7 +395,7 @@ def generate_text_to_image(req, guidance: list[Guidance], progress=None) -> Gene
 
     if req.class_label is not None:
         raise DiffrtError("--class-label is for class-conditioned pixel models; this is a text-to-image model (use --prompt)")
-    controlnets, images, scales = _listed(req.controlnet), _listed(req.control_image), _listed(req.control_scale) or [1.0]
+    controlnets, images, scales = _listed(req.controlnet), _listed(req.control_image), _listed(req.control_scale) or [None]
     if controlnets and not images:
         raise DiffrtError("--controlnet DIR needs --control-image FILE, the conditioning image (one per --controlnet, in the same order)")
     if controlnets and len(images) != len(controlnets):
