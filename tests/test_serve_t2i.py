@@ -142,6 +142,21 @@ def test_control_image_and_scale_reach_the_controlnet(client, t2i_artifact, cont
     np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, control_image=str(path), control_scale=0.7))
 
 
+def test_image_to_image_equals_diffrt_generate(client, t2i_artifact, control_png, tmp_path):
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(init)
+    b64 = base64.b64encode(init.read_bytes()).decode("ascii")
+    image = served(client, prompt=PROMPT, seed=5, image=b64, strength=0.6)
+    np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=5, image=str(init), strength=0.6))
+    assert not np.array_equal(image, served(client, prompt=PROMPT, seed=5))
+    # With a control image too, at diffusers' ControlNet img2img default scale (0.8): `diffrt generate`'s.
+    path, control = control_png
+    image = served(client, prompt=PROMPT, seed=5, image=b64, control_image=control)
+    np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=5, image=str(init), control_image=str(path)))
+
+
 def _truncated_png() -> bytes:
     """A PNG whose header chunk is cut short: Pillow raises ValueError for it, not OSError."""
     import struct
@@ -154,6 +169,17 @@ def _truncated_png() -> bytes:
 TRUNCATED_PNG = _truncated_png()
 
 
+def _png_base64(side: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40)}  # placeholders in the cases below
+
+
 @pytest.mark.parametrize("fields, field, words", [
     ({"prompt": PROMPT, "class_label": 1}, "class_label", "text-to-image"),
     ({"negative_prompt": "blurry"}, "prompt", "required"),
@@ -164,8 +190,13 @@ TRUNCATED_PNG = _truncated_png()
     ({"prompt": PROMPT, "height": 40}, "height", "multiple of"),
     ({"prompt": PROMPT, "num_images": 3}, "num_images", "largest batch (2)"),
     ({"prompt": PROMPT, "control_image": base64.b64encode(TRUNCATED_PNG).decode()}, "control_image", "not a readable image"),
+    ({"prompt": PROMPT, "strength": 0.5}, "strength", "needs image"),
+    ({"prompt": PROMPT, "image": base64.b64encode(b"not a png").decode()}, "image", "not a readable image"),
+    ({"prompt": PROMPT, "image": "SMALL_PNG", "strength": 0.1}, "strength", "leaves no denoising step"),
+    ({"prompt": PROMPT, "image": "SMALL_PNG", "control_image": "OTHER_PNG"}, "image", "but control_image"),
 ])
 def test_wrong_fields_are_422s_naming_the_field_and_serving_goes_on(client, fields, field, words):
+    fields = {key: PNGS.get(value, value) if isinstance(value, str) else value for key, value in fields.items()}
     r = client.post("/v1/generate", json={"num_inference_steps": STEPS, **fields})
     assert r.status_code == 422, r.text
     assert r.json()["field"] == field and words in r.json()["detail"]

@@ -52,10 +52,10 @@ def test_config_declares_what_the_model_takes(t2i_folder, t2i_artifact):
         return {line.split('"')[1] for line in text.splitlines() if "optional: true" in line}
 
     pixel = config_pbtxt(RepositoryConfig(), "", text_to_image=False, controlnet=False)
-    assert "class_label" in inputs(pixel) and not {"prompt", "control_image"} & inputs(pixel)
+    assert "class_label" in inputs(pixel) and not {"prompt", "control_image", "image", "strength"} & inputs(pixel)
     assert "truncated" not in pixel and "kind: KIND_CPU" in pixel and "max_batch_size: 8" in pixel
     t2i = config_pbtxt(RepositoryConfig(device="cuda", instances=2), "model", text_to_image=True, controlnet=True)
-    assert {"prompt", "negative_prompt", "control_image", "controlnet_conditioning_scale"} <= inputs(t2i)
+    assert {"prompt", "negative_prompt", "image", "strength", "control_image", "controlnet_conditioning_scale"} <= inputs(t2i)
     assert "class_label" not in inputs(t2i) and 'name: "truncated_negative"' in t2i and "count: 2 kind: KIND_GPU" in t2i
     plain = config_pbtxt(RepositoryConfig(), "model", text_to_image=True, controlnet=False)
     assert "control_image" not in inputs(plain)
@@ -259,6 +259,14 @@ def test_text_to_image_with_a_controlnet_equals_diffrt_generate(triton, t2i_arti
                      control_scale=0.7)
     np.testing.assert_array_equal(out["images"][0], want)
     assert out["truncated"].tolist() == [[""]]
+
+    # Image-to-image from raw PNG bytes, with the control image (diffusers' default scale there, 0.8).
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(init)
+    out = outputs(infer(triton, "sd", {"prompt": PROMPT, "seed": 5, "num_inference_steps": STEPS, "image": [[init.read_bytes()]],
+                                       "strength": 0.6, "control_image": [[png]]}))
+    np.testing.assert_array_equal(out["images"][0], generated(str(t2i_artifact), prompt=PROMPT, seed=5, image=str(init), strength=0.6,
+                                                              control_image=str(control)))
 
     # RELIABILITY #13: the text cut off at the encoder's 77 tokens comes back with the images.
     long_prompt = " ".join(f"word{i}" for i in range(60))

@@ -168,7 +168,8 @@ class ServeRuntime:
                 self.metrics.profile_rejections.labels(field=exc.field or "").inc()
             raise
         for name in ("height", "width"):  # a size taken from a control image
-            self._check_side("control_image" if getattr(body, "control_image", None) else name, plan.settings.get(name))
+            given = next((f for f in ("control_image", "image") if getattr(body, f, None)), name)
+            self._check_side(given, plan.settings.get(name))
         job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s,
                   encoding=encoding)
         with _queue_refusals():

@@ -41,7 +41,11 @@ class GenerateBody(BaseModel):
     control_image: str | list[str] | None = Field(
         None, description="ControlNet models only: base64-encoded PNG, or a list of them, one per ControlNet in their order")
     controlnet_conditioning_scale: ControlScale | list[ControlScale] | None = Field(
-        None, description="ControlNet models only: one scale for all ControlNets, or one per ControlNet")
+        None, description="ControlNet models only: one scale for all ControlNets, or one per ControlNet "
+                          "(default 1.0; 0.8 with image, as diffusers' ControlNet img2img)")
+    image: str | None = Field(None, description="text-to-image models only: image-to-image from this base64-encoded PNG")
+    strength: float | None = Field(None, ge=0.0, le=1.0, description="image-to-image: how much of the schedule runs "
+                                   "(default 0.8; 1.0: the image is all noise)")
     lora_scale: float | None = Field(None, ge=0.0, le=5.0, description="times the scales of the LoRA the model runs (default 1.0; 0: the base model); "
                                       "torch and refittable TensorRT engines only, ONNX graphs with LoRA baked in take 1.0")
 

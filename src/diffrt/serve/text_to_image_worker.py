@@ -69,17 +69,21 @@ class TextToImagePlan:
     num_images: int
     prompt: str
     negative_prompt: str | None
-    latents: torch.Tensor  # [num_images, C, H/8, W/8], from this request's seed only
+    latents: torch.Tensor | None  # [num_images, C, H/8, W/8], from this request's seed only; None for image-to-image
     generator: torch.Generator | None  # eta > 0 only: the seed's generator, past the x_T draw
     settings: dict = field(default_factory=dict)  # height, width, num_inference_steps, guidance_scale, eta
     control: list[torch.Tensor] | None = None  # one [3, H, W] image per ControlNet
     control_scale: float | list[float] = 1.0
     guidance: list = field(default_factory=list)
     lora_scale: float = 1.0  # times the LoRA scales the model opened with; a batch runs at one
+    init: torch.Tensor | None = None  # image-to-image: the [3, H, W] image to start from
+    strength: float = 0.8
 
     def batch_key(self):
         """Requests with equal keys may share a batch; None runs alone (see the module docstring)."""
-        if self.guidance:  # colour guidance: through the PyTorch VAE, which is not batch-invariant
+        if self.guidance or self.init is not None:
+            # Colour guidance goes through the PyTorch VAE, which is not batch-invariant; image-to-image
+            # draws its VAE posterior and noise from the seed inside the pipeline, as `diffrt generate --image`.
             return None
         if self.control is None:
             return settings_key(self.settings), self.lora_scale, None
@@ -168,12 +172,15 @@ class TextToImageWorker(BatchingWorker):
         control = first.control
         if control is not None and len(plans) > 1:  # per ControlNet, one image row per prompt row, in the batch's order
             control = [torch.stack([p.control[k] for p in plans for _ in range(p.num_images)]) for k in range(len(control))]
+        if first.init is not None:  # alone (batch_key): the seed draws as it does in `diffrt generate --image`
+            noise = dict(image=first.init.unsqueeze(0), strength=first.strength, seed=first.seed)
+        else:
+            noise = dict(latents=torch.cat([p.latents for p in plans]), generator=generator_blocks(plans))
         started = time.monotonic()
         lora = switch_lora_scale(self.pipe, first.lora_scale)
         t0 = time.perf_counter()
         try:
-            result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt,
-                               latents=torch.cat([p.latents for p in plans]), generator=generator_blocks(plans),
+            result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt, **noise,
                                **first.settings, control_image=control, controlnet_conditioning_scale=first.control_scale,
                                guidance=first.guidance, output_type="pt", progress=abandon_when_nobody_waits(jobs))
         finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
@@ -213,13 +220,24 @@ class TextToImageWorker(BatchingWorker):
                                    "or an artifact exported with it", name)
         if body.controlnet_conditioning_scale is not None and body.control_image is None:
             raise RequestError(422, "controlnet_conditioning_scale: needs control_image", "controlnet_conditioning_scale")
+        if body.strength is not None and body.image is None:
+            raise RequestError(422, "strength: needs image, the image to start from (image-to-image)", "strength")
         control = self._decode_control_images(body) if body.control_image is not None else None
-        scale = 1.0 if body.controlnet_conditioning_scale is None else body.controlnet_conditioning_scale
+        init = self._decode_image(body.image, "image", body) if body.image is not None else None
+        if control is not None and init is not None and control[0].shape != init.shape:
+            raise RequestError(422, f"image: it is {init.shape[-2]}x{init.shape[-1]} pixels but control_image "
+                               f"{control[0].shape[-2]}x{control[0].shape[-1]}; send images of one size, or give height and "
+                               "width to resize both", "image")
+        # diffusers' defaults: 0.8 in its ControlNet img2img pipeline, 1.0 in the ControlNet pipeline
+        scale = body.controlnet_conditioning_scale
+        if scale is None:
+            scale = 0.8 if init is not None else 1.0
         if isinstance(scale, list) and len(scale) != pipe.num_controlnets:
             raise RequestError(422, f"controlnet_conditioning_scale: {len(scale)} values for {pipe.num_controlnets} ControlNet(s); "
                                "send one number, or one per ControlNet", "controlnet_conditioning_scale")
-        height = body.height or (control[0].shape[-2] if control is not None else pipe.default_size)
-        width = body.width or (control[0].shape[-1] if control is not None else pipe.default_size)
+        sized = control[0] if control is not None else init
+        height = body.height or (sized.shape[-2] if sized is not None else pipe.default_size)
+        width = body.width or (sized.shape[-1] if sized is not None else pipe.default_size)
         if control is not None and len({tuple(c.shape[-2:]) for c in control}) > 1:
             raise RequestError(422, "control_image: the images differ in size; send images of one size, or give height and "
                                "width to resize them all", "control_image")
@@ -229,21 +247,29 @@ class TextToImageWorker(BatchingWorker):
         except DiffrtError as exc:
             message = str(exc)
             name = "width" if message.startswith("width") else "height"
-            if getattr(body, name) is None and control is not None:
-                name = "control_image"  # the size came from the control image
+            if getattr(body, name) is None and sized is not None:
+                name = "control_image" if control is not None else "image"  # the size came from that image
             raise RequestError(422, f"{name}: {message}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
         try:
             pipe.check_batch(1, body.num_images, guidance_scale > 1.0)
         except DiffrtError as exc:
             raise RequestError(422, f"num_images: {exc}", "num_images", profile=isinstance(exc, ShapeOutOfRangeError)) from None
+        strength = 0.8 if body.strength is None else body.strength
+        if init is not None and int(body.num_inference_steps * strength) < 1:
+            raise RequestError(422, f"strength: {strength} x {body.num_inference_steps} steps leaves no denoising step; "
+                               "raise strength or num_inference_steps", "strength")
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         f = pipe.vae_factor
-        latents, generator = draw_noise(seed, (body.num_images, pipe.latent_channels, height // f, width // f), keep_generator=body.eta > 0)
+        latents, generator = None, None
+        if init is None:
+            latents, generator = draw_noise(seed, (body.num_images, pipe.latent_channels, height // f, width // f),
+                                            keep_generator=body.eta > 0)
         # The resolved size: with a control image it is the image's own, which the pipeline then leaves unresized.
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
                     "guidance_scale": guidance_scale, "eta": body.eta}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
-                               [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body))
+                               [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body),
+                               init, strength)
 
     def _decode_control_images(self, body: GenerateBody) -> list[torch.Tensor]:
         """One [3, H, W] image in [0, 1] per ControlNet, in their order (a single string: one ControlNet)."""
@@ -252,19 +278,19 @@ class TextToImageWorker(BatchingWorker):
         if len(texts) != k:
             raise RequestError(422, f"control_image: {len(texts)} image(s) for {k} ControlNet(s); send one base64 PNG per "
                                "ControlNet, in their order", "control_image")
-        return [self._decode_control_image(text, body) for text in texts]
+        return [self._decode_image(text, "control_image", body) for text in texts]
 
-    def _decode_control_image(self, text: str, body: GenerateBody) -> torch.Tensor:
-        """base64 PNG -> [3, H, W] in [0, 1], resized as `diffrt generate --control-image` resizes its file."""
+    def _decode_image(self, text: str, field: str, body: GenerateBody) -> torch.Tensor:
+        """base64 PNG -> [3, H, W] in [0, 1], resized as `diffrt generate --control-image` / `--image` resize their files."""
         if len(text) * 3 // 4 > self.max_image_bytes:
             size = len(text) * 3 / 4 / 2**20
-            raise RequestError(413, f"control_image: the image is {size:.1f} MiB; the limit is {self.max_image_bytes / 2**20:.1f} MiB", "control_image")
+            raise RequestError(413, f"{field}: the image is {size:.1f} MiB; the limit is {self.max_image_bytes / 2**20:.1f} MiB", field)
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise RequestError(422, "control_image: not valid base64; send the PNG file's bytes base64-encoded", "control_image") from None
+            raise RequestError(422, f"{field}: not valid base64; send the PNG file's bytes base64-encoded", field) from None
         size = (body.height, body.width) if body.height and body.width else None
         try:
             return decode_image(data, size, max_pixels=MAX_CONTROL_PIXELS)
         except DiffrtError as exc:
-            raise RequestError(422, f"control_image: {exc}", "control_image") from None
+            raise RequestError(422, f"{field}: {exc}", field) from None

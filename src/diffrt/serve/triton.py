@@ -19,7 +19,8 @@ its per-stage times.
 
 A request is KServe v2 with diffusers' argument names, every input optional, one generation per
 row of the batch dimension (`[1, 1]` for one): strings as BYTES, integers INT64, floats FP64 (so
-eta 0.3 is the 0.3 of the HTTP API), ControlNet images as raw PNG bytes, one per ControlNet.
+eta 0.3 is the 0.3 of the HTTP API), images (`image` for image-to-image, `control_image`, one per
+ControlNet) as raw PNG bytes.
 The answer: `images` UINT8 [rows, num_images, H, W, C], `seed` (the one drawn when left out),
 `backend`, and for text-to-image models the prompt text cut off at the encoder's length
 (`truncated`, `truncated_negative`, "" when nothing was: RELIABILITY #13). A refused request gets
@@ -71,8 +72,10 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     "control_image": ("TYPE_STRING", [-1]),  # raw PNG bytes, one per ControlNet
     "controlnet_conditioning_scale": ("TYPE_FP64", [-1]),  # one for all ControlNets, or one each
     "lora_scale": ("TYPE_FP64", [1]),
+    "image": ("TYPE_STRING", [1]),  # image-to-image: raw PNG bytes
+    "strength": ("TYPE_FP64", [1]),
 }
-TEXT_ONLY = ("prompt", "negative_prompt")
+TEXT_ONLY = ("prompt", "negative_prompt", "image", "strength")
 CONTROL_ONLY = ("control_image", "controlnet_conditioning_scale")
 PIXEL_ONLY = ("class_label",)
 TRUNCATED = ("truncated", "truncated_negative")  # text-to-image outputs: the prompt text cut off
@@ -116,8 +119,10 @@ def _scalar(name: str, value):
 def _field(name: str, row: np.ndarray):
     """One row of one input -> the GenerateBody value."""
     values = list(np.asarray(row, dtype=object if INPUTS[name][0] == "TYPE_STRING" else None).reshape(-1))
-    if name == "control_image":
+    if name in ("control_image", "image"):  # raw PNG bytes; the HTTP API's base64
         images = [base64.b64encode(bytes(v)).decode("ascii") for v in values]
+        if name == "image" and len(images) != 1:
+            raise RequestError(422, f"image: one image per row, got {len(images)}", name)
         return images[0] if len(images) == 1 else images
     if name == "controlnet_conditioning_scale":
         scales = [float(v) for v in values]
@@ -337,7 +342,7 @@ class LocalTritonServer:
     beside its build, taken when `numpy_path` is None; "" adds none)."""
 
     def __init__(self, repo: str | Path, *, binary: str | Path | None = None, log: str | Path | None = None,
-                 numpy_path: str | Path | None = None, env: dict[str, str] | None = None):
+                 numpy_path: str | Path | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
         binary = Path(binary) if binary else find_tritonserver()
         if binary is None or not binary.is_file():
             raise DiffrtError("no tritonserver found: set DIFFRT_TRITONSERVER, put it on PATH, or run `make tritonserver`")
@@ -348,6 +353,7 @@ class LocalTritonServer:
             numpy_path = bundled_numpy
         self.pythonpath = ([str(numpy_path)] if numpy_path else []) + site.getsitepackages()
         self.env = env or {}
+        self.args = tuple(args)  # more tritonserver options
         self.http, self.grpc, self.metrics = _free_port(), _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.http}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics}/metrics"
@@ -360,6 +366,7 @@ class LocalTritonServer:
         backends = self.binary.parent.parent / "backends"  # a relocated build (the pytriton wheel's) names its own
         if backends.is_dir():
             command += ["--backend-directory", str(backends)]
+        command += self.args
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(self.pythonpath), **self.env}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 UNSUPPORTED_ON_PIXEL = {  # field -> the kind of model that takes it
     "prompt": "a text-to-image model",
     "negative_prompt": "a text-to-image model",
+    "image": "a text-to-image model",
+    "strength": "a text-to-image model",
     "control_image": "a ControlNet model",
     "controlnet_conditioning_scale": "a ControlNet model",
 }
