@@ -144,6 +144,26 @@ def test_write_repository_places_the_model_atomically(t2i_artifact, tmp_path, mo
     assert sorted(p.name for p in repo.iterdir()) == ["linked", "sd"]  # nothing half-written, no temp folder left
 
 
+def test_paths_the_stub_cannot_name_are_refused(tmp_path, monkeypatch):
+    # Triton's Python stub runs with an ascii filesystem encoding whatever the locale: a path with
+    # "\u00ef" in it is a one-line refusal, not "model folder not found".
+    import shutil
+
+    from diffrt.models import SHIPPED_DIGITS
+    from diffrt.serve.triton import runtime_config
+
+    elsewhere = shutil.copytree(SHIPPED_DIGITS, tmp_path / "d\u00efgits")
+    with pytest.raises(DiffrtError, match="names files in ASCII only"):
+        write_repository(tmp_path / "repo", RepositoryConfig(model=str(elsewhere), link=True))
+    assert not (tmp_path / "repo" / "diffrt").exists()
+    repo = write_repository(tmp_path / "r\u00e9po", RepositoryConfig(model=str(elsewhere), backend="torch"))  # placed: fine to write
+    args = {"model_config": json.dumps({"max_batch_size": 8, "parameters": {"model": {"string_value": "model"}}}),
+            "model_repository": str(repo), "model_version": "1"}
+    monkeypatch.setattr("sys.getfilesystemencoding", lambda: "ascii")
+    with pytest.raises(DiffrtError, match="move the model repository to an ASCII path"):
+        runtime_config(args)
+
+
 def test_cli_writes_a_repository(tmp_path, capsys):
     assert main(["triton-repo", "--out", str(tmp_path / "repo"), "--backend", "torch", "--device", "cpu"]) == 0
     assert "tritonserver --model-repository" in capsys.readouterr().out
@@ -197,10 +217,18 @@ def generated(model, **fields) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def triton(t2i_artifact, tmp_path_factory):
-    """One server, two models: the shipped digits model and the text-to-image artifact (ControlNet)."""
+    """One server, three models: the shipped digits model, the text-to-image artifact (ControlNet),
+    and a copy of the digits model named in place (`link`) at a path config.pbtxt must escape
+    (Triton's stub names files in ASCII only: test_paths_the_stub_cannot_name_are_refused)."""
+    import shutil
+
+    from diffrt.models import SHIPPED_DIGITS
+
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_repository(repo, RepositoryConfig(name="digits", max_batch_size=4, queue_delay_ms=200))
     write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="sd", max_batch_size=2))
+    elsewhere = shutil.copytree(SHIPPED_DIGITS, repo.parent / 'digits "copy" \\ 1')
+    write_repository(repo, RepositoryConfig(model=str(elsewhere), name="linked", link=True))
     server = start_triton(repo)
     try:
         yield server.wait_ready()
@@ -221,6 +249,11 @@ def test_digits_over_kserve_equal_diffrt_generate(triton):
     assert out["images"].shape == (2, 2, 16, 16, 3)
     for row, (label, seed) in enumerate([(1, 5), (7, 6)]):
         np.testing.assert_array_equal(out["images"][row], generated(None, class_label=label, seed=seed, num_images=2))
+
+
+def test_a_model_named_in_place_at_an_awkward_path(triton):
+    out = outputs(infer(triton, "linked", {"class_label": 4, "seed": 8, "num_inference_steps": STEPS}))
+    np.testing.assert_array_equal(out["images"][0], generated(None, class_label=4, seed=8))
 
 
 def test_requests_sent_at_once_each_get_their_own_images(triton):

@@ -203,7 +203,9 @@ def _dims(dims: list[int]) -> str:
 
 
 def _text(value: str) -> str:
-    return json.dumps(value)  # protobuf text format takes C-style escapes; JSON's are a subset for these
+    """A protobuf text-format string: quotes, backslashes and control characters escaped, other
+    characters kept as UTF-8 rather than \\u-escaped (older text-format parsers lack that escape)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def model_kind(model: str | None) -> tuple[bool, bool]:
@@ -301,6 +303,10 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
             parameter = ""
         elif config.link:
             parameter = str(Path(model).resolve())
+            if not parameter.isascii():
+                raise DiffrtError(f"--link {parameter}: Triton's Python stub names files in ASCII only (its filesystem "
+                                  "encoding is ascii), so it could not open this path; leave --link out (the model is "
+                                  "placed in the repository) or move the model to an ASCII path")
         else:
             _place(Path(model), version / MODEL_DIR)
             parameter = MODEL_DIR
@@ -448,6 +454,13 @@ def runtime_config(args: dict):
     model = p.get("model") or None
     if model is not None and not Path(model).is_absolute():
         model = str(Path(args["model_repository"]) / args["model_version"] / model)
+    if model is not None:
+        try:
+            model.encode(sys.getfilesystemencoding())
+        except UnicodeEncodeError:  # Path.is_dir() would only say False: "model folder not found"
+            raise DiffrtError(f"{model}: this Python names files in {sys.getfilesystemencoding()} (Triton's stub runs with "
+                              "an ascii filesystem encoding), which cannot spell this path; move the model repository "
+                              "to an ASCII path") from None
     device = f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
     return RuntimeConfig(model=model, backend=p.get("backend", "onnxruntime"), device=device,
                          max_batch_size=int(model_config.get("max_batch_size") or 1), max_queue=p.get("max_queue", 64),
