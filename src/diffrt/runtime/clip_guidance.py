@@ -69,14 +69,20 @@ class ClipLoss:
         self.text_embeds = F.normalize(text.float(), dim=-1)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        """The processor's resize (shortest edge, bicubic), centre crop and normalisation, in torch."""
+        """The processor's resize (shortest edge, bicubic), centre crop and normalisation, in torch.
+
+        The long side is truncated, int(edge * long / short), as transformers' get_resize_output_image_size
+        does: rounding it would shift the centre crop by a pixel for some aspect ratios. antialias=True
+        always: torch's antialiased bicubic is PIL's (a = -0.5) when upsampling too, where the plain one
+        (a = -0.75) is not, and small images are upsampled to CLIP's size."""
         h, w = images.shape[-2:]
         if self.do_center_crop:
-            scale = self.shortest_edge / min(h, w)
-            size = (max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale)))
+            edge = self.shortest_edge
+            size = (edge, int(edge * w / h)) if h <= w else (int(edge * h / w), edge)
+            size = (max(self.crop[0], size[0]), max(self.crop[1], size[1]))
         else:
             size = self.crop
-        x = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=size[0] < h)
+        x = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
         top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
         x = x[..., top : top + self.crop[0], left : left + self.crop[1]]
         return (x - self.mean) / self.std

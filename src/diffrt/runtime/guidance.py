@@ -35,9 +35,17 @@ def color_loss(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean absolute distance of each image's pixels to its target colour, summed over the batch.
 
     images: [B, C, H, W] in [0, 1]; target: [C] or [B, C]. Summing over the batch keeps each
-    image's gradient independent of how many images share the batch.
+    image's gradient independent of how many images share the batch. Any other target shape is
+    refused: broadcasting would silently pair colours with the wrong images or channels (an RGB
+    target over 1-channel images would sum three losses), as the kernel refuses it too.
     """
-    target = target.to(images.dtype).reshape(-1, images.shape[1], 1, 1)
+    if images.dim() != 4:
+        raise DiffrtError(f"colour loss needs images [B, C, H, W]; got shape {tuple(images.shape)}")
+    batch, channels = images.shape[0], images.shape[1]
+    if tuple(target.shape) not in ((channels,), (1, channels), (batch, channels)):
+        raise DiffrtError(f"colour target has shape {tuple(target.shape)} for images of shape {tuple(images.shape)}; "
+                          f"give [{channels}] (one colour for all) or [{batch}, {channels}] (one per image), in [0, 1]")
+    target = target.to(images.dtype).reshape(-1, channels, 1, 1)
     return (images - target).abs().mean(dim=(1, 2, 3)).sum()
 
 
@@ -64,4 +72,7 @@ class Guidance:
 def color_guidance(color: str | tuple[float, float, float] | torch.Tensor, scale: float, every: int = 1, mode: GuidanceMode = "x0") -> Guidance:
     """Pull images toward a colour: one hex string / RGB triple for all, or a [B, 3] tensor, one per image."""
     target = torch.tensor(parse_hex_color(color)) if isinstance(color, str) else torch.as_tensor(color, dtype=torch.float32)
+    if not ((target >= 0) & (target <= 1)).all():  # e.g. (255, 0, 0): the loss would pull every pixel to white
+        raise DiffrtError(f"colour {target.tolist()} has values outside [0, 1]; give RGB in [0, 1], e.g. (1.0, 0.5, 0.0), "
+                          "or a hex string such as #ff8000")
     return Guidance(lambda images: color_loss(images, target.to(images.device)), scale, every, mode, name="color")

@@ -200,7 +200,8 @@ class PixelPipeline(DenoiserPipeline):
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
         # 4. The guided DDIM loop.
-        options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=tuple(guidance),
+        guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
+        options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=to_unit_range_unclamped,
                                  denoise_autograd=self._autograd_denoiser(model_labels, do_cfg, denoise, guidance),
                                  use_fused_kernel=use_fused_kernel)

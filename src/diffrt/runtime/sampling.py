@@ -102,18 +102,22 @@ class SamplerOptions:
 def sample_ddim(denoise: Denoise, x: torch.Tensor, schedule: ddim.DDIMSchedule, options: SamplerOptions,
                 progress: Callable | None = None) -> torch.Tensor:
     """Run the DDIM loop from x = x_T (already scaled noise) to x_0 and return it."""
+    if schedule.prediction_type == "sample" and any(g.mode == "x0" and g.scale != 0 for g in options.guidance):
+        # x0 IS the model output here: held constant, it does not depend on x_t and the gradient is zero.
+        raise DiffrtError("guidance mode 'x0' cannot steer a model with prediction_type 'sample' (its x0 is the model "
+                          "output, which mode x0 holds constant); use guidance mode 'through_unet'")
     for i, t in enumerate(schedule.timesteps):
         alpha_bar, alpha_bar_prev = schedule.alpha_bar[i], schedule.alpha_bar_prev[i]
         active = [g for g in options.guidance if g.active(i)]
         if any(g.mode == "through_unet" for g in active):
-            x, eps = _guide_through_unet(x, t, alpha_bar, schedule, options, active)
+            x, eps = _guide_through_unet(x, t, i, alpha_bar, schedule, options, active)
             eps_u, eps_c, g = None, eps, 1.0
         else:
             eps_u, eps_c = denoise(x, t)
             g = options.guidance_scale
             if active:
                 eps_c, eps_u, g = combine_cfg(eps_u, eps_c, g), None, 1.0
-                x = _guide_x0(x, eps_c, alpha_bar, schedule, options.decode, active)
+                x = _guide_x0(x, eps_c, alpha_bar, schedule, options.decode, active, i)
         noise = randn(x.shape, options.generator, x.device, x.dtype) if options.eta > 0 else None
         kwargs = dict(prediction_type=schedule.prediction_type, clip_sample_range=schedule.clip_sample_range,
                       eta=options.eta, noise=noise)
@@ -128,29 +132,65 @@ def sample_ddim(denoise: Denoise, x: torch.Tensor, schedule: ddim.DDIMSchedule, 
     return x
 
 
-def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, alpha_bar, schedule, decode: Decode, active: list[Guidance]) -> torch.Tensor:
-    x0, _ = ddim.predict_x0(x, eps, alpha_bar, schedule.prediction_type)
-    images = decode(x0)
-    loss = sum(g.scale * g.loss(images) for g in active)
-    (grad,) = torch.autograd.grad(loss, x)
+def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, alpha_bar, schedule, decode: Decode, active: list[Guidance],
+                   step: int) -> torch.Tensor:
+    """d/d x_t of the sum of scale * loss over the active guidances. Each keeps its own mode: on a
+    step where one runs "through_unet" (eps carries its graph), one in mode "x0" still sees eps held
+    constant, so adding a guidance never changes the gradient of another."""
+    total = None
+    for held, group in ((eps, [g for g in active if g.mode == "through_unet"]),
+                        (eps.detach(), [g for g in active if g.mode == "x0"])):
+        if group:
+            images = decode(ddim.predict_x0(x, held, alpha_bar, schedule.prediction_type)[0])
+            for g in group:
+                term = g.scale * _checked_loss(g, images, step)
+                total = term if total is None else total + term
+    (grad,) = torch.autograd.grad(total, x, allow_unused=True)
+    if grad is None:
+        raise DiffrtError(f"guidance {', '.join(repr(g.name) for g in active)}: the loss does not depend on the images; "
+                          "compute it from the images it is given with differentiable torch operations")
+    if not torch.isfinite(grad).all():
+        raise NonFiniteOutputError(f"guidance {', '.join(repr(g.name) for g in active)}: the gradient of the loss is not finite "
+                                   f"(NaN/inf) at step {step}; make the loss differentiable where the images are")
     return grad
 
 
-def _guide_x0(x, eps, alpha_bar, schedule, decode, active) -> torch.Tensor:
+def _checked_loss(g: Guidance, images: torch.Tensor, step: int) -> torch.Tensor:
+    """g.loss(images), refused in one line unless it is one finite float that the images' graph reaches:
+    autograd's own errors ("grad can be implicitly created only for scalar outputs") name neither
+    the guidance nor the fix, and a NaN would surface a step later as a non-finite UNet output."""
+    value = g.loss(images)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        got = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise DiffrtError(f"guidance {g.name!r}: the loss returned {got}; return a float torch scalar computed from the images")
+    if value.numel() != 1:
+        raise DiffrtError(f"guidance {g.name!r}: the loss returned a tensor of shape {tuple(value.shape)}; "
+                          "return one scalar, e.g. the per-image losses summed over the batch")
+    if not value.requires_grad:
+        raise DiffrtError(f"guidance {g.name!r}: the loss does not depend on the images (no gradient reaches them); "
+                          "compute it from the images it is given with differentiable torch operations, without detach()")
+    if not torch.isfinite(value).all():
+        raise NonFiniteOutputError(f"guidance {g.name!r}: the loss is {value.item()} at step {step}; "
+                                   "return a finite loss (and, for latent models, try --precision fp32 for the VAE)")
+    return value.reshape(())
+
+
+def _guide_x0(x, eps, alpha_bar, schedule, decode, active, step: int) -> torch.Tensor:
     """Mode x0: eps is a constant, the gradient flows through x0(x_t) and the decoder only."""
     with torch.enable_grad():
         x_req = x.detach().requires_grad_(True)
-        grad = _guidance_grad(x_req, eps.detach(), alpha_bar, schedule, decode, active)
+        grad = _guidance_grad(x_req, eps.detach(), alpha_bar, schedule, decode, active, step)
     return (x - grad).detach()
 
 
-def _guide_through_unet(x, t, alpha_bar, schedule, options: SamplerOptions, active):
-    """Mode through_unet: the PyTorch denoiser runs with autograd, so d eps / d x_t counts too."""
+def _guide_through_unet(x, t, step: int, alpha_bar, schedule, options: SamplerOptions, active):
+    """Mode through_unet: the PyTorch denoiser runs with autograd, so d eps / d x_t counts too
+    (for the guidances in that mode; those in mode x0 active on the same step hold eps constant)."""
     if options.denoise_autograd is None:
         raise ValueError("guidance mode 'through_unet' needs a PyTorch denoiser (denoise_autograd)")
     with torch.enable_grad():
         x_req = x.detach().requires_grad_(True)
         eps_u, eps_c = options.denoise_autograd(x_req, t)
         eps = combine_cfg(eps_u, eps_c, options.guidance_scale)
-        grad = _guidance_grad(x_req, eps, alpha_bar, schedule, options.decode, active)
+        grad = _guidance_grad(x_req, eps, alpha_bar, schedule, options.decode, active, step)
     return (x - grad).detach(), eps.detach()

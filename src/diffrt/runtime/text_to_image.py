@@ -155,7 +155,7 @@ class TextToImagePipeline(DenoiserPipeline):
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
         # 5. The guided DDIM loop.
-        guidance = tuple(guidance)
+        guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
                                  denoise_autograd=self._autograd_denoiser(feed, do_cfg, denoise, guidance),

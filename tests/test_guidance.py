@@ -1,0 +1,147 @@
+"""Gradient guidance against autograd computed independently, and its one-line errors for bad losses and targets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from diffrt.errors import DiffrtError, NonFiniteOutputError
+from diffrt.models import load_pixel_model
+from diffrt.runtime import ddim
+from diffrt.runtime.guidance import Guidance, color_guidance, color_loss
+from diffrt.runtime.loading import torch_pixel_pipeline
+
+TARGET = torch.tensor([0.9, 0.1, 0.2])
+
+
+@pytest.fixture(scope="module")
+def model(uncond_model_dir):
+    return load_pixel_model(uncond_model_dir)
+
+
+def run(pipe, guidance, steps=2):
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    return pipe(num_images=2, latents=x, num_inference_steps=steps, guidance=guidance, output_type="pt").images, x
+
+
+@pytest.mark.parametrize("mode", ["x0", "through_unet"])
+def test_guided_step_is_x_minus_autograd_of_the_loss(model, mode):
+    """One v-prediction step: x_t - scale * d loss(x0(x_t, eps)) / d x_t (eps held constant in mode x0), then DDIM."""
+    pipe = torch_pixel_pipeline(model)
+    pipe.scheduler = dataclasses.replace(pipe.scheduler, prediction_type="v_prediction")
+    scale = 50.0
+    got, x = run(pipe, [Guidance(lambda im: color_loss(im, TARGET), scale, mode=mode)], steps=1)
+
+    schedule = ddim.make_schedule(pipe.scheduler, 1)
+    ab, ab_prev, t = schedule.alpha_bar[0], schedule.alpha_bar_prev[0], schedule.timesteps[0]
+    x_leaf = x.clone().requires_grad_(True)
+    out = model.unet(x_leaf, torch.full((2,), float(t)))
+    held = out.detach() if mode == "x0" else out
+    x0, _ = ddim.predict_x0(x_leaf, held, ab, "v_prediction")
+    (grad,) = torch.autograd.grad(scale * color_loss(x0 / 2 + 0.5, TARGET), x_leaf)
+    want, _ = ddim.ddim_step(x - grad, out.detach(), ab, ab_prev, prediction_type="v_prediction", clip_sample_range=1.0)
+    torch.testing.assert_close(got, (want / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-5)
+
+
+def test_x0_guidance_keeps_eps_constant_on_a_step_with_a_through_unet_guidance(model):
+    # Each guidance keeps its own mode: a negligible through_unet guidance beside an x0 one must not
+    # turn the x0 one's gradient into a gradient through the UNet.
+    pipe = torch_pixel_pipeline(model)
+    color = color_guidance("#ff0000", 30.0, mode="x0")
+    alone, _ = run(pipe, [color])
+    negligible = Guidance(lambda im: im.mean(), 1e-12, mode="through_unet")
+    mixed, _ = run(pipe, [color, negligible])
+    through, _ = run(pipe, [color_guidance("#ff0000", 30.0, mode="through_unet")])
+    assert (alone - through).abs().max() > 1e-2  # the two modes are told apart
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss, error, message", [
+    (lambda im: (im - 0.5).abs().mean(dim=(1, 2, 3)), DiffrtError, r"^guidance 'custom': the loss returned a tensor of shape \(2,\); return one scalar"),
+    (lambda im: im.detach().mean(), DiffrtError, r"^guidance 'custom': the loss does not depend on the images"),
+    (lambda im: torch.tensor(1.0), DiffrtError, r"^guidance 'custom': the loss does not depend on the images"),
+    (lambda im: 1.0, DiffrtError, r"^guidance 'custom': the loss returned float; return a float torch scalar"),
+    (lambda im: (im > 0.5).sum(), DiffrtError, r"^guidance 'custom': the loss returned a torch.int64 tensor"),
+    (lambda im: im.mean() * float("nan"), NonFiniteOutputError, r"^guidance 'custom': the loss is nan at step 0"),
+], ids=["non-scalar", "detached", "constant", "python-float", "integer", "nan"])
+@pytest.mark.parametrize("mode", ["x0", "through_unet"])
+def test_a_bad_user_loss_gets_one_clear_error(model, loss, error, message, mode):
+    with pytest.raises(error, match=message):
+        run(torch_pixel_pipeline(model), [Guidance(loss, 1.0, mode=mode)], steps=1)
+
+
+def test_x0_guidance_refuses_sample_prediction(model):
+    # x0 is the model output there: held constant it has no gradient in x_t (autograd said only
+    # "element 0 of tensors does not require grad").
+    pipe = torch_pixel_pipeline(model)
+    pipe.scheduler = dataclasses.replace(pipe.scheduler, prediction_type="sample")
+    with pytest.raises(DiffrtError, match="prediction_type 'sample'.*use guidance mode 'through_unet'"):
+        run(pipe, [color_guidance("#ff0000", 10.0)], steps=1)
+    run(pipe, [color_guidance("#ff0000", 10.0, mode="through_unet")], steps=1)  # runs
+
+
+@pytest.mark.parametrize("shape, target", [((1, 1, 4, 4), (3,)), ((3, 1, 4, 4), (3,)), ((2, 3, 4, 4), (4, 3)), ((4, 3, 4, 4), (2, 3))],
+                         ids=["rgb-on-gray", "rgb-on-gray-batch-3", "more-targets", "fewer-targets"])
+def test_color_loss_refuses_a_target_that_does_not_fit_the_images(shape, target):
+    # Broadcasting summed three losses for an RGB target over 1-channel images, or paired colours with the wrong images.
+    with pytest.raises(DiffrtError, match=r"^colour target has shape .* give \[\d\] \(one colour for all\)"):
+        color_loss(torch.rand(shape), torch.rand(target))
+
+
+def test_color_guidance_refuses_colours_outside_unit_range():
+    with pytest.raises(DiffrtError, match=r"outside \[0, 1\]"):
+        color_guidance((255, 0, 0), 1.0)
+    color_guidance(torch.rand(2, 3), 1.0)  # per-image colours in [0, 1] pass
+
+
+@pytest.mark.parametrize("size, crop, image_shape", [(32, 32, (1, 3, 40, 72)), (32, 32, (1, 3, 77, 50)), (32, 32, (2, 3, 16, 16)),
+                                                     (48, 48, (1, 3, 24, 40))], ids=str)
+def test_clip_pixel_values_match_clip_image_processor(size, crop, image_shape):
+    """ClipLoss redoes the processor's resize, centre crop and normalisation in torch: the result is what
+    CLIPImageProcessor feeds the model for the same image (up to its uint8 rounding), for non-square
+    images (the long side truncated, not rounded) and small ones (upsampled with PIL's bicubic)."""
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffrt.runtime.clip_guidance import ClipLoss
+    from diffrt.tiny import BOS_TOKEN, EOS_TOKEN, tokenizer_vocab, tiny_tokenizer
+
+    vocab = tokenizer_vocab()
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN], pad_token_id=vocab[EOS_TOKEN])
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=crop, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        loss = ClipLoss(clip, CLIPProcessor(image_processor=processor, tokenizer=tiny_tokenizer(folder)), "a red square")
+
+    pixels = (torch.rand(image_shape, generator=torch.Generator().manual_seed(1)) * 255).round().to(torch.uint8)
+    want = processor([Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).numpy()], return_tensors="pt").pixel_values
+    got = loss.pixel_values(pixels.float() / 255)
+    assert got.shape == want.shape
+    std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
+    assert ((got - want) * std).abs().mean() < 4e-3  # in [0, 1] units; a one-pixel shift of the crop gives ~0.1
+
+
+def test_guidance_at_scale_zero_loads_nothing_and_changes_nothing(t2i_artifact, monkeypatch):
+    """A guidance at scale 0 never acts; the pipeline must not load the PyTorch VAE or UNet for it
+    (an artifact deployed without its source weights would refuse a request that does nothing)."""
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    pipe = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", "cpu")
+
+    def no_torch(name, why):
+        raise AssertionError(f"loaded the PyTorch {name} for {why}")
+
+    monkeypatch.setattr(pipe, "torch_module", no_torch)
+    kwargs = dict(num_inference_steps=2, seed=3, output_type="pt")
+    plain = pipe("a cat", **kwargs).images
+    for mode in ("x0", "through_unet"):
+        guided = pipe("a cat", guidance=[color_guidance("#ff0000", 0.0, mode=mode)], **kwargs).images
+        assert torch.equal(guided, plain)
