@@ -318,6 +318,7 @@ def test_colour_requests_at_one_scale_share_a_batch(server, client, served_model
     (b'{"class_label": 1, "color": "orange"}', 422, "color"),
     (b'{"class_label": 1, "prompt": "a cat"}', 422, "prompt: the loaded model is a class-conditioned pixel-space model"),
     (b'{"class_label": 1, "strength": 0.5}', 422, "strength: the loaded model is a class-conditioned pixel-space model"),
+    (b'{"class_label": 1, "guidance_rescale": 0.5}', 422, "guidance_rescale: the loaded model is a class-conditioned pixel-space"),
     (b'{"class_label": 1, "lora_scale": 0.5}', 422, "lora_scale: lora_scale 0.5: this model runs no LoRA"),
     (b'{"class_label": 100}', 422, "class_label: 100 is out of range"),
     (b'{"num_inference_steps": 2}', 422, "class_label: required"),

@@ -128,6 +128,12 @@ def test_http_pixels_equal_diffrt_generate(client, t2i_artifact):
     assert not np.array_equal(image, served(client, prompt=PROMPT, seed=4))
 
 
+def test_guidance_rescale_reaches_the_pipeline(client, t2i_artifact):
+    image = served(client, prompt=PROMPT, seed=3, guidance_scale=9.0, guidance_rescale=0.7)
+    assert not np.array_equal(image, served(client, prompt=PROMPT, seed=3, guidance_scale=9.0))
+    np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, guidance_scale=9.0, guidance_rescale=0.7))
+
+
 def test_negative_prompt_reaches_the_pipeline(client, t2i_artifact):
     image = served(client, prompt=PROMPT, negative_prompt="blurry", seed=3)
     assert not np.array_equal(image, served(client, prompt=PROMPT, seed=3))

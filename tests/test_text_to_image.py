@@ -74,7 +74,8 @@ def max_abs(a, b) -> float:
     dict(negative_prompt="blurry, dark"),
     dict(prompt=["a red house", "a photo of the cat"], negative_prompt=["ugly", "blurry"], num_images_per_prompt=2, eta=0.5),
     dict(guidance_scale=1.0),  # no CFG: one branch
-], ids=["cfg-negative", "two-prompts-x2-eta", "no-cfg"])
+    dict(guidance_scale=9.0, guidance_rescale=0.7, negative_prompt="blurry"),  # Lin et al.'s rescale
+], ids=["cfg-negative", "two-prompts-x2-eta", "no-cfg", "guidance-rescale"])
 def test_torch_equals_stable_diffusion_pipeline(t2i_folder, torch_pipe, kwargs):
     from diffusers import StableDiffusionPipeline
 

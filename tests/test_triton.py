@@ -52,7 +52,7 @@ def test_config_declares_what_the_model_takes(t2i_folder, t2i_artifact):
         return {line.split('"')[1] for line in text.splitlines() if "optional: true" in line}
 
     pixel = config_pbtxt(RepositoryConfig(), "", text_to_image=False, controlnet=False)
-    assert "class_label" in inputs(pixel) and not {"prompt", "control_image", "image", "strength"} & inputs(pixel)
+    assert "class_label" in inputs(pixel) and not {"prompt", "control_image", "image", "strength", "guidance_rescale"} & inputs(pixel)
     assert "truncated" not in pixel and "kind: KIND_CPU" in pixel and "max_batch_size: 8" in pixel
     t2i = config_pbtxt(RepositoryConfig(device="cuda", instances=2), "model", text_to_image=True, controlnet=True)
     assert {"prompt", "negative_prompt", "image", "strength", "control_image", "controlnet_conditioning_scale"} <= inputs(t2i)

@@ -128,7 +128,7 @@ def _cmd_generate(args) -> int:
 
     request = GenerateRequest(
         model=args.model, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, out=args.out,
-        prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
         height=args.height, width=args.width, num_images=args.num_images, eta=args.eta, class_label=args.class_label,
         controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
         image=args.image, strength=args.strength,
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--prompt", default=None)
     ge.add_argument("--negative-prompt", default=None)
     ge.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    ge.add_argument("--guidance-rescale", type=float, default=0.0,
+                    help="text-to-image: diffusers' guidance_rescale in [0, 1] (0.7 tames over-exposure at high CFG)")
     ge.add_argument("--height", type=int, default=None)
     ge.add_argument("--width", type=int, default=None)
     ge.add_argument("--num-images", type=int, default=None)

@@ -36,6 +36,7 @@ class GenerateRequest:
     prompt: str | None = None
     negative_prompt: str | None = None
     guidance_scale: float | None = None
+    guidance_rescale: float = 0.0  # text-to-image: diffusers' guidance_rescale
     height: int | None = None
     width: int | None = None
     num_images: int | None = None
@@ -132,6 +133,7 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
 
         return generate_text_to_image(req, guidance, progress)
     text_only = {"--prompt": req.prompt, "--negative-prompt": req.negative_prompt, "--controlnet": req.controlnet,
+                 "--guidance-rescale": req.guidance_rescale != 0,
                  "--control-image": req.control_image, "--image": req.image,
                  "--control-scale": req.control_scale not in (None, [])}
     given = [flag for flag, value in text_only.items() if value]

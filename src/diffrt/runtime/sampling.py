@@ -26,9 +26,21 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torc
 Decode = Callable[[torch.Tensor], torch.Tensor]  # x0 in model space -> images in [0, 1], differentiable
 
 
-def combine_cfg(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): eps_u + s * (eps_c - eps_u)."""
-    return eps_cond if eps_uncond is None else eps_uncond + scale * (eps_cond - eps_uncond)
+def combine_cfg(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + s * (eps_c - eps_u).
+
+    `rescale` > 0 (diffusers' `guidance_rescale`; Lin et al. 2023, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", section 3.4) blends in the guided prediction rescaled to the
+    per-image standard deviation of the conditional one, which strong guidance inflates (over-exposed
+    images, mostly with zero-terminal-SNR v-prediction models)."""
+    if eps_uncond is None:
+        return eps_cond
+    guided = eps_uncond + scale * (eps_cond - eps_uncond)
+    if rescale > 0:
+        dims = tuple(range(1, guided.dim()))
+        rescaled = guided * (eps_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        guided = rescale * rescaled + (1 - rescale) * guided
+    return guided
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class SamplerOptions:
     decode: Decode | None = None  # needed when guidance is on
     denoise_autograd: Denoise | None = None  # a PyTorch denoiser for guidance mode "through_unet"
     use_fused_kernel: bool = True
+    guidance_rescale: float = 0.0  # combine_cfg's rescale (diffusers' guidance_rescale); not fused
 
 
 def sample_ddim(denoise: Denoise, x: torch.Tensor, schedule: ddim.DDIMSchedule, options: SamplerOptions,
@@ -116,17 +129,17 @@ def sample_ddim(denoise: Denoise, x: torch.Tensor, schedule: ddim.DDIMSchedule, 
             eps_u, eps_c = denoise(x, t)
             g = options.guidance_scale
             if active:
-                eps_c, eps_u, g = combine_cfg(eps_u, eps_c, g), None, 1.0
+                eps_c, eps_u, g = combine_cfg(eps_u, eps_c, g, options.guidance_rescale), None, 1.0
                 x = _guide_x0(x, eps_c, alpha_bar, schedule, options.decode, active, i)
         noise = randn(x.shape, options.generator, x.device, x.dtype) if options.eta > 0 else None
         kwargs = dict(prediction_type=schedule.prediction_type, clip_sample_range=schedule.clip_sample_range,
                       eta=options.eta, noise=noise)
-        if eps_u is not None and options.use_fused_kernel:
+        if eps_u is not None and options.use_fused_kernel and options.guidance_rescale == 0:
             from diffrt.kernels import cfg_ddim_step  # Triton on CUDA, the PyTorch reference elsewhere
 
             x, _ = cfg_ddim_step(x, eps_u, eps_c, g, float(alpha_bar), float(alpha_bar_prev), **kwargs)
         else:
-            x, _ = ddim.ddim_step(x, combine_cfg(eps_u, eps_c, g), alpha_bar, alpha_bar_prev, **kwargs)
+            x, _ = ddim.ddim_step(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), alpha_bar, alpha_bar_prev, **kwargs)
         if progress is not None:
             progress(i)
     return x
@@ -191,6 +204,6 @@ def _guide_through_unet(x, t, step: int, alpha_bar, schedule, options: SamplerOp
     with torch.enable_grad():
         x_req = x.detach().requires_grad_(True)
         eps_u, eps_c = options.denoise_autograd(x_req, t)
-        eps = combine_cfg(eps_u, eps_c, options.guidance_scale)
+        eps = combine_cfg(eps_u, eps_c, options.guidance_scale, options.guidance_rescale)
         grad = _guidance_grad(x_req, eps, alpha_bar, schedule, options.decode, active, step)
     return (x - grad).detach(), eps.detach()

@@ -87,7 +87,7 @@ class TextToImagePipeline(DenoiserPipeline):
 
     def __call__(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
+                 guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0,
                  generator: Generators = None, seed: int | None = None,
                  image: Any = None, strength: float = 0.8,
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] | None = None,
@@ -99,6 +99,8 @@ class TextToImagePipeline(DenoiserPipeline):
             raise DiffrtError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if not 0.0 <= eta <= 1.0:
             raise DiffrtError(f"eta must be in [0, 1], got {eta}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise DiffrtError(f"guidance_rescale must be in [0, 1] (diffusers' default 0.0; 0.7 is the paper's), got {guidance_rescale}")
         if control_image is not None and not self.has_controlnet:
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
         if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0
@@ -159,7 +161,7 @@ class TextToImagePipeline(DenoiserPipeline):
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
                                  denoise_autograd=self._autograd_denoiser(feed, do_cfg, denoise, guidance),
-                                 use_fused_kernel=use_fused_kernel)
+                                 use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if do_cfg else 0.0)
         x = sample_ddim(denoise, x, schedule, options, progress=progress)
 
         # 6. Decode and post-process.
@@ -167,7 +169,7 @@ class TextToImagePipeline(DenoiserPipeline):
         images = to_unit_range(self._check("vae_decoder", decoded).to(self.device))
         meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
-                "guidance_scale": guidance_scale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
+                "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "strength": strength if init is not None else None,
                 "controlnet_conditioning_scale": (scales if len(scales) > 1 else scales[0]) if control is not None else None,
                 "guidance": [g.name for g in guidance], **self.runtime_metadata()}
@@ -419,7 +421,7 @@ def generate_text_to_image(req, guidance: list[Guidance], progress=None) -> Gene
     return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
                 num_inference_steps=req.num_inference_steps,
                 guidance_scale=DEFAULT_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale,
-                num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
+                guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
                 controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt",
                 progress=progress)
 

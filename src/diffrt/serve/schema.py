@@ -31,6 +31,8 @@ class GenerateBody(BaseModel):
     class_label: int | None = Field(None, ge=0, le=1_000_000, description="class-conditioned models: the class to draw")
     num_inference_steps: int = Field(25, ge=1, le=200, description="DDIM steps")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE}; 7.5 for text-to-image)")
+    guidance_rescale: float | None = Field(None, ge=0.0, le=1.0, description="text-to-image models only: diffusers' "
+                                           "guidance_rescale (default 0; 0.7 tames over-exposure at high guidance)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="initial-noise seed; random (and reported) when left out")
     height: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
     width: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")

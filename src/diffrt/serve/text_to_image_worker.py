@@ -266,7 +266,7 @@ class TextToImageWorker(BatchingWorker):
                                             keep_generator=body.eta > 0)
         # The resolved size: with a control image it is the image's own, which the pipeline then leaves unresized.
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
-                    "guidance_scale": guidance_scale, "eta": body.eta}
+                    "guidance_scale": guidance_scale, "eta": body.eta, "guidance_rescale": body.guidance_rescale or 0.0}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
                                [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body),
                                init, strength)

@@ -38,6 +38,7 @@ UNSUPPORTED_ON_PIXEL = {  # field -> the kind of model that takes it
     "prompt": "a text-to-image model",
     "negative_prompt": "a text-to-image model",
     "image": "a text-to-image model",
+    "guidance_rescale": "a text-to-image model",
     "strength": "a text-to-image model",
     "control_image": "a ControlNet model",
     "controlnet_conditioning_scale": "a ControlNet model",
