@@ -89,6 +89,34 @@ def test_torch_equals_stable_diffusion_pipeline(t2i_folder, torch_pipe, kwargs):
     assert result.backend == "torch" and result.metadata["components"]["unet"] == "torch"
 
 
+def test_prompt_embeds_equal_stable_diffusion_pipeline(t2i_folder, torch_pipe, t2i_artifact):
+    """Weighted prompts come in as embeddings (compel's way): diffusers' prompt_embeds and
+    negative_prompt_embeds, alone or beside a negative prompt given as text, on torch and ONNX Runtime."""
+    from diffusers import StableDiffusionPipeline
+
+    ref = diffusers_pipe(StableDiffusionPipeline, t2i_folder)
+    with torch.no_grad():
+        pos, neg = ref.encode_prompt(["a red house", "a photo of the cat"], "cpu", 1, True, ["ugly", "blurry"])
+    pos, neg = pos * torch.linspace(0.8, 1.2, pos.shape[1]).view(1, -1, 1), neg * 0.9  # a weighting no text gives
+    for kwargs in (dict(prompt_embeds=pos, negative_prompt_embeds=neg), dict(prompt_embeds=pos, negative_prompt=["ugly", "dark"])):
+        expected = ref(output_type="pt", generator=torch.Generator("cpu").manual_seed(2), num_inference_steps=STEPS,
+                       guidance_scale=5.0, num_images_per_prompt=2, **kwargs).images
+        result = torch_pipe(output_type="pt", seed=2, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2, **kwargs)
+        assert result.images.shape == (4, 3, 32, 32) and max_abs(result.images, expected) <= DIFFUSERS_TOL
+    onnx = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
+    on_onnx = onnx(output_type="pt", seed=2, num_inference_steps=STEPS, guidance_scale=5.0, prompt_embeds=pos, negative_prompt_embeds=neg)
+    on_torch = torch_pipe(output_type="pt", seed=2, num_inference_steps=STEPS, guidance_scale=5.0, prompt_embeds=pos,
+                          negative_prompt_embeds=neg)
+    assert max_abs(on_onnx.images, on_torch.images) <= 1e-3
+
+    for kwargs, message in [(dict(prompt="a cat", prompt_embeds=pos), "prompt or prompt_embeds, not both"),
+                            (dict(prompt_embeds=pos, negative_prompt_embeds=neg[:1]), "give them one shape"),
+                            (dict(prompt_embeds=pos[0]), r"\[batch, tokens, hidden\]"),
+                            (dict(negative_prompt_embeds=neg), "needs prompt_embeds")]:
+        with pytest.raises(DiffrtError, match=message):
+            torch_pipe(num_inference_steps=1, **kwargs)
+
+
 def test_torch_equals_controlnet_pipeline(t2i_folder, torch_cn_pipe, control_image):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 

@@ -92,8 +92,14 @@ class TextToImagePipeline(DenoiserPipeline):
                  image: Any = None, strength: float = 0.8,
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] | None = None,
                  guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
-                 latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None) -> GenerationResult:
+                 latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None) -> GenerationResult:
         # 1. Check inputs before any work.
+        if prompt_embeds is not None:  # diffusers' way in for weighted prompts (compel) and cached encodings
+            _check_embeds(prompt_embeds, negative_prompt_embeds, prompt)
+            prompt = [""] * prompt_embeds.shape[0]  # one per row: the count, and the metadata's prompts
+        elif negative_prompt_embeds is not None:
+            raise DiffrtError("negative_prompt_embeds needs prompt_embeds; pass both, or negative_prompt instead")
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         if num_images_per_prompt < 1:
             raise DiffrtError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
@@ -125,14 +131,28 @@ class TextToImagePipeline(DenoiserPipeline):
             schedule = _img2img_schedule(schedule, num_inference_steps, strength)
         t0 = time.perf_counter()
 
-        # 2. Encode the prompts: negative and positive in one batch, then one copy per image.
-        ids, truncated = self._tokenize(prompts)
+        # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
+        n = len(prompts)
+        texts = (negatives if do_cfg and negative_prompt_embeds is None else []) + (prompts if prompt_embeds is None else [])
+        truncated, truncated_neg, encoded = [None] * n, [None] * n, None
+        if texts:
+            ids, cut = self._tokenize(texts)
+            encoded = self.text_encoder.run({"input_ids": ids.to(self.text_encoder.device)})["last_hidden_state"].float()
+            encoded = self._check("text_encoder", encoded).to(self.device)
+        parts, row = [], 0
         if do_cfg:
-            neg_ids, truncated_neg = self._tokenize(negatives)
-            ids = torch.cat([neg_ids, ids])
-        embeds = self.text_encoder.run({"input_ids": ids.to(self.text_encoder.device)})["last_hidden_state"].float()
-        self._check("text_encoder", embeds)
-        embeds = embeds.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)  # [p0, p0, p1, p1] as diffusers
+            if negative_prompt_embeds is None:
+                parts.append(encoded[:n])
+                truncated_neg, row = cut[:n], n
+            else:
+                parts.append(negative_prompt_embeds)
+        if prompt_embeds is None:
+            parts.append(encoded[row : row + n])
+            truncated = cut[row : row + n]
+        else:
+            parts.append(prompt_embeds)
+        embeds = torch.cat([part.to(self.device, torch.float32) for part in parts])
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)  # [p0, p0, p1, p1] as diffusers
 
         # 3. Initial latents: noise x_T (txt2img) or the encoded image noised to the first timestep (img2img).
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
@@ -324,6 +344,20 @@ def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     if len(negatives) != len(prompts):
         raise DiffrtError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt")
     return prompts, negatives
+
+
+def _check_embeds(prompt_embeds, negative_prompt_embeds, prompt) -> None:
+    """prompt_embeds [B, tokens, hidden] (what the text encoder returns), and negative_prompt_embeds of
+    the same shape when given; the prompt is then left out, as diffusers asks."""
+    if prompt not in ("", None, []):
+        raise DiffrtError("pass prompt or prompt_embeds, not both")
+    for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 3 or not value.is_floating_point()):
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise DiffrtError(f"{name} must be a float tensor [batch, tokens, hidden] as the text encoder returns; got {got}")
+    if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+        raise DiffrtError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)} but prompt_embeds "
+                          f"{tuple(prompt_embeds.shape)}; give them one shape")
 
 
 def _control_scales(scale, k: int) -> list[float]:
