@@ -117,6 +117,17 @@ def test_prompt_embeds_equal_stable_diffusion_pipeline(t2i_folder, torch_pipe, t
             torch_pipe(num_inference_steps=1, **kwargs)
 
 
+def test_latent_output_equals_stable_diffusion_pipeline(t2i_folder, torch_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    expected = diffusers_pipe(StableDiffusionPipeline, t2i_folder)(
+        "a photo of the cat", output_type="latent", generator=torch.Generator("cpu").manual_seed(4), num_inference_steps=STEPS).images
+    latents = torch_pipe("a photo of the cat", output_type="latent", seed=4, num_inference_steps=STEPS).images
+    assert latents.shape == expected.shape == (1, 4, 4, 4) and max_abs(latents, expected) <= DIFFUSERS_TOL
+    with pytest.raises(DiffrtError, match="output_type must be 'pil', 'np', 'pt' or 'latent', got 'png'"):
+        torch_pipe("a cat", output_type="png", num_inference_steps=1)
+
+
 def test_torch_equals_controlnet_pipeline(t2i_folder, torch_cn_pipe, control_image):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 

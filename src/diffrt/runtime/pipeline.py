@@ -27,7 +27,7 @@ from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.sampling import Generators, SamplerOptions, check_finite, check_generators, randn, sample_ddim
 
-OutputType = Literal["pil", "np", "pt"]
+OutputType = Literal["pil", "np", "pt", "latent"]  # "latent": text-to-image only
 
 
 @dataclass
@@ -43,6 +43,12 @@ class GenerationResult:
     @property
     def ms_per_step(self) -> float:
         return 1000 * self.seconds / max(1, self.num_inference_steps)
+
+
+def check_output_type(output_type: str, allowed: tuple[str, ...] = ("pil", "np", "pt")) -> None:
+    """Before any work: a misspelt output_type is one line, not a failure after the last step."""
+    if output_type not in allowed:
+        raise DiffrtError(f"output_type must be {', '.join(repr(a) for a in allowed[:-1])} or {allowed[-1]!r}, got {output_type!r}")
 
 
 def convert_output(images01: torch.Tensor, output_type: OutputType):
@@ -158,6 +164,7 @@ class PixelPipeline(DenoiserPipeline):
                  height: int | None = None, width: int | None = None, output_type: OutputType = "pil",
                  use_fused_kernel: bool = True, progress=None, latents: torch.Tensor | None = None) -> GenerationResult:
         # 1. Check inputs before any work.
+        check_output_type(output_type)
         labels = self._labels(class_labels, num_images)
         batch = len(labels) if labels is not None else (num_images or 1)
         height, width = height or self.sample_size, width or self.sample_size

@@ -41,7 +41,7 @@ from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
-from diffrt.runtime.pipeline import DenoiserPipeline, GenerationResult, TorchModule, OutputType, convert_output, make_generator, to_unit_range_unclamped
+from diffrt.runtime.pipeline import DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_output_type, convert_output, make_generator, to_unit_range_unclamped
 from diffrt.runtime.sampling import Generators, SamplerOptions, check_finite, check_generators, randn, sample_ddim
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class TextToImagePipeline(DenoiserPipeline):
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None) -> GenerationResult:
         # 1. Check inputs before any work.
+        check_output_type(output_type, ("pil", "np", "pt", "latent"))
         if prompt_embeds is not None:  # diffusers' way in for weighted prompts (compel) and cached encodings
             _check_embeds(prompt_embeds, negative_prompt_embeds, prompt)
             prompt = [""] * prompt_embeds.shape[0]  # one per row: the count, and the metadata's prompts
@@ -184,16 +185,19 @@ class TextToImagePipeline(DenoiserPipeline):
                                  use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if do_cfg else 0.0)
         x = sample_ddim(denoise, x, schedule, options, progress=progress)
 
-        # 6. Decode and post-process.
-        decoded = self.vae_decoder.run({"latent": (x / self.vae_scaling_factor).to(self.vae_decoder.device)})["image"].float()
-        images = to_unit_range(self._check("vae_decoder", decoded).to(self.device))
+        # 6. Decode and post-process ("latent": the latents as diffusers returns them, scaled, undecoded).
+        if output_type == "latent":
+            images = x
+        else:
+            decoded = self.vae_decoder.run({"latent": (x / self.vae_scaling_factor).to(self.vae_decoder.device)})["image"].float()
+            images = to_unit_range(self._check("vae_decoder", decoded).to(self.device))
         meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
                 "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "strength": strength if init is not None else None,
                 "controlnet_conditioning_scale": (scales if len(scales) > 1 else scales[0]) if control is not None else None,
                 "guidance": [g.name for g in guidance], **self.runtime_metadata()}
-        return GenerationResult(convert_output(images, output_type), self.backend, time.perf_counter() - t0,
+        return GenerationResult(images if output_type == "latent" else convert_output(images, output_type), self.backend, time.perf_counter() - t0,
                                 len(schedule), meta)
 
     # --- checks -----------------------------------------------------------------------------------
