@@ -38,7 +38,8 @@ test: venv tritonserver
 # nvidia-pytriton's wheel carries (Linux x86_64), its stub for this Python, and numpy<2 for the
 # stub, which was built against numpy 1 (serve/triton.py: check_numpy_abi). Nothing imports pytriton.
 TRITON := $(VENV)/tritonserver
-TRITON_STAMP := $(TRITON)/.installed-pytriton-0.7.0
+# Touched once tried, with or without success: a machine without it does not retry on every run.
+TRITON_STAMP := $(VENV)/.tritonserver-pytriton-0.7.0
 
 tritonserver: $(TRITON_STAMP)
 
@@ -50,8 +51,9 @@ $(TRITON_STAMP): $(STAMP)
 	  cp "$$backend/python_backend_stubs/$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')/triton_python_backend_stub" \
 	     "$$backend/backends/python/" \
 	  && ! ldd "$$backend/bin/tritonserver" "$$backend/backends/python/triton_python_backend_stub" | grep "not found" \
-	  && touch $@ || { rm -rf $(TRITON); echo "diffrt: this Triton build does not run here; the Triton tests will skip"; }; \
-	else rm -rf $(TRITON); echo "diffrt: no Triton Inference Server for this platform; the Triton tests will skip"; fi
+	  || { rm -rf $(TRITON); echo "diffrt: this Triton build does not run here (libraries above not found); the Triton tests will skip"; }; \
+	else rm -rf $(TRITON); echo "diffrt: could not install Triton Inference Server (pip's error above); the Triton tests will skip"; fi
+	@touch $@
 
 bench: venv
 	$(VENV)/bin/diffrt bench

@@ -161,6 +161,12 @@ def test_image_to_image_equals_diffrt_generate(client, t2i_artifact, control_png
     path, control = control_png
     image = served(client, prompt=PROMPT, seed=5, image=b64, control_image=control)
     np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=5, image=str(init), control_image=str(path)))
+    # An image whose sides are not multiples of 8 is taken at its size rounded down, as `diffrt generate` (and diffusers) take it.
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (36, 38, 3), dtype=np.uint8)).save(odd)
+    image = served(client, prompt=PROMPT, seed=5, image=base64.b64encode(odd.read_bytes()).decode("ascii"), strength=0.6)
+    assert image.shape == (32, 32, 3)
+    np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=5, image=str(odd), strength=0.6))
 
 
 def _truncated_png() -> bytes:

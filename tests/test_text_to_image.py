@@ -108,10 +108,16 @@ def test_prompt_embeds_equal_stable_diffusion_pipeline(t2i_folder, torch_pipe, t
     on_torch = torch_pipe(output_type="pt", seed=2, num_inference_steps=STEPS, guidance_scale=5.0, prompt_embeds=pos,
                           negative_prompt_embeds=neg)
     assert max_abs(on_onnx.images, on_torch.images) <= 1e-3
+    with pytest.raises(ShapeOutOfRangeError, match="prompt_embeds of 78 tokens"):  # the exported graph's sequence range
+        onnx(num_inference_steps=1, prompt_embeds=torch.cat([pos, pos[:, :1]], dim=1))
+    longer = torch.cat([pos, pos[:, 1:]], dim=1)  # compel's chunked long prompts: eager PyTorch attends to any length
+    assert torch_pipe(num_inference_steps=1, prompt_embeds=longer, negative_prompt_embeds=torch.cat([neg, neg[:, 1:]], 1),
+                      output_type="pt").images.shape == (2, 3, 32, 32)
 
     for kwargs, message in [(dict(prompt="a cat", prompt_embeds=pos), "prompt or prompt_embeds, not both"),
                             (dict(prompt_embeds=pos, negative_prompt_embeds=neg[:1]), "give them one shape"),
                             (dict(prompt_embeds=pos[0]), r"\[batch, tokens, hidden\]"),
+                            (dict(prompt_embeds=pos[..., :7]), "hidden size 7 but the UNet attends to 32"),
                             (dict(negative_prompt_embeds=neg), "needs prompt_embeds")]:
         with pytest.raises(DiffrtError, match=message):
             torch_pipe(num_inference_steps=1, **kwargs)

@@ -98,6 +98,7 @@ class TextToImagePipeline(DenoiserPipeline):
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
         if prompt_embeds is not None:  # diffusers' way in for weighted prompts (compel) and cached encodings
             _check_embeds(prompt_embeds, negative_prompt_embeds, prompt)
+            self._check_embeds_fit(prompt_embeds)
             prompt = [""] * prompt_embeds.shape[0]  # one per row: the count, and the metadata's prompts
         elif negative_prompt_embeds is not None:
             raise DiffrtError("negative_prompt_embeds needs prompt_embeds; pass both, or negative_prompt instead")
@@ -201,6 +202,17 @@ class TextToImagePipeline(DenoiserPipeline):
                                 len(schedule), meta)
 
     # --- checks -----------------------------------------------------------------------------------
+
+    def _check_embeds_fit(self, embeds: torch.Tensor) -> None:
+        """prompt_embeds' hidden size must be the UNet's cross-attention width, and their length within
+        the UNet's sequence range (an exported graph's; eager PyTorch takes a compel-style longer one)."""
+        spec = self.unet.spec
+        (dims,) = [t.dims for t in spec.inputs if t.name == "encoder_hidden_states"]
+        if isinstance(dims[-1], int) and embeds.shape[-1] != dims[-1]:
+            raise DiffrtError(f"prompt_embeds have hidden size {embeds.shape[-1]} but the UNet attends to {dims[-1]}; "
+                              "encode the prompts with this model's text encoder")
+        if not self.backend.startswith("torch") and "sequence" in spec.ranges:
+            spec.check_size("sequence", embeds.shape[1], what=f"prompt_embeds of {embeds.shape[1]} tokens")
 
     def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:
         return check_finite(tensor, component) if self.check_outputs else tensor
@@ -375,6 +387,13 @@ def _control_scales(scale, k: int) -> list[float]:
     return scales
 
 
+def image_side(given: int | None, size: int, multiple: int) -> int:
+    """A side of the images a request makes: the one given, else the image's own rounded down to a
+    multiple of the VAE's factor, as diffusers' VaeImageProcessor.get_default_height_width (an image
+    smaller than `multiple` keeps its size, which check_size then names)."""
+    return given or size - size % multiple or size
+
+
 def _image_batch(image, height: int | None, width: int | None, multiple: int = 1) -> torch.Tensor:
     """A PIL image (or list), or an array/tensor [C, H, W] / [B, C, H, W] (NumPy: [.., H, W, C]) in [0, 1]
     (or a list of them: one batch, as diffusers stacks them) -> float32 [B, 3, H, W] in [0, 1], resized
@@ -383,13 +402,10 @@ def _image_batch(image, height: int | None, width: int | None, multiple: int = 1
     with Lanczos and tensors with F.interpolate's default (nearest), so the images stay diffusers'."""
     from PIL import Image
 
-    def default(given: int | None, size: int) -> int:
-        return given or size - size % multiple or size  # an image under `multiple` keeps its size: check_size names it
-
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, list) and image and isinstance(image[0], Image.Image):
-        size = (default(width, image[0].width), default(height, image[0].height))
+        size = (image_side(width, image[0].width, multiple), image_side(height, image[0].height, multiple))
         arrays = [np.asarray(im.convert("RGB").resize(size, Image.LANCZOS) if im.size != size else im.convert("RGB"),
                              dtype=np.float32) / 255.0 for im in image]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -411,7 +427,7 @@ def _image_batch(image, height: int | None, width: int | None, multiple: int = 1
     if image.min() < 0 or image.max() > 1:
         raise DiffrtError(f"image values must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
     image = image.expand(-1, 3, -1, -1)
-    size = (default(height, image.shape[-2]), default(width, image.shape[-1]))
+    size = (image_side(height, image.shape[-2], multiple), image_side(width, image.shape[-1], multiple))
     if tuple(image.shape[-2:]) != size:
         image = torch.nn.functional.interpolate(image, size=size)
     return image

@@ -49,7 +49,7 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    settings_key, split_answers)
@@ -236,8 +236,9 @@ class TextToImageWorker(BatchingWorker):
             raise RequestError(422, f"controlnet_conditioning_scale: {len(scale)} values for {pipe.num_controlnets} ControlNet(s); "
                                "send one number, or one per ControlNet", "controlnet_conditioning_scale")
         sized = control[0] if control is not None else init
-        height = body.height or (sized.shape[-2] if sized is not None else pipe.default_size)
-        width = body.width or (sized.shape[-1] if sized is not None else pipe.default_size)
+        # The size an image brings, as `diffrt generate` takes it: rounded down to the VAE's multiple.
+        height = image_side(body.height, sized.shape[-2], pipe.vae_factor) if sized is not None else body.height or pipe.default_size
+        width = image_side(body.width, sized.shape[-1], pipe.vae_factor) if sized is not None else body.width or pipe.default_size
         if control is not None and len({tuple(c.shape[-2:]) for c in control}) > 1:
             raise RequestError(422, "control_image: the images differ in size; send images of one size, or give height and "
                                "width to resize them all", "control_image")

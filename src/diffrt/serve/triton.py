@@ -152,21 +152,20 @@ def bodies_from_inputs(inputs: dict[str, np.ndarray]) -> list[GenerateBody]:
                 raise
             status, message, _ = describe_validation_errors(exc.errors(include_input=False))
             raise RequestError(status, message) from None
-    shapes = {(b.num_images, b.height, b.width) for b in bodies}
-    if len(shapes) > 1:  # the answer's images are one tensor: refused before any work rather than after
-        raise RequestError(422, "the rows of one request must ask for the same num_images, height and width; "
-                                "send differing ones as separate requests")
     return bodies
 
 
-def outputs_from_answers(answers: list, text_to_image: bool) -> dict[str, np.ndarray]:
-    """One answer per row (uint8 images) -> the output arrays. The rows of one request must ask
-    for images of one shape (an output tensor is not ragged)."""
-    images = [np.stack(answer.images) for answer in answers]
-    if len({a.shape for a in images}) > 1:
-        shapes = ", ".join(str(tuple(a.shape[:3])) for a in images)
-        raise RequestError(422, f"the rows of one request must ask for the same num_images, height and width (got {shapes}); "
+def check_row_shapes(plans: list) -> None:
+    """The rows of one request answer in one tensor, so they must make images of one shape: checked
+    on their plans (sizes resolved, from a control image too) before any of them runs."""
+    if len({(plan.num_images, plan.settings["height"], plan.settings["width"]) for plan in plans}) > 1:
+        raise RequestError(422, "the rows of one request must ask for the same num_images, height and width; "
                                 "send differing ones as separate requests")
+
+
+def outputs_from_answers(answers: list, text_to_image: bool) -> dict[str, np.ndarray]:
+    """One answer per row (uint8 images, of one shape: check_row_shapes) -> the output arrays."""
+    images = [np.stack(answer.images) for answer in answers]  # one shape: check_row_shapes
     outputs = {
         "images": np.stack(images),
         "seed": np.array([[answer.seed] for answer in answers], dtype=np.int64),
@@ -212,13 +211,13 @@ def _text(value: str) -> str:
 def model_kind(model: str | None) -> tuple[bool, bool]:
     """(text_to_image, has_controlnet) for the config's inputs, read from files, without loading weights."""
     from diffrt.export.manifest import MANIFEST, read_manifest
+    from diffrt.export.text_to_image import exported_controlnets
     from diffrt.runtime.opening import is_text_to_image
 
     if not is_text_to_image(model):
         return False, False
-    folder = Path(model)
-    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
-    return True, any("controlnet" in name for name in manifest.get("components", {}))
+    folder = Path(model)  # a diffusers folder runs no ControlNet here (serve's --controlnet has no counterpart)
+    return True, (folder / MANIFEST).is_file() and bool(exported_controlnets(read_manifest(folder)))
 
 
 def config_pbtxt(config: RepositoryConfig, model_parameter: str, text_to_image: bool, controlnet: bool) -> str:
@@ -411,7 +410,12 @@ class LocalTritonServer:
                 self.proc.wait()
 
     def __enter__(self) -> "LocalTritonServer":
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:  # not ready: no server left running behind the caller
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -510,6 +514,7 @@ class TritonPythonModel:
         self.stage_ms = self._metric("diffrt_stage_milliseconds_total", "time spent per stage (text encoder, UNet x N, VAE, encode)")
         self.images_made = self._metric("diffrt_images_total", "images generated, by the backend that ran them")
         self.metrics: dict[tuple[int, str], object] = {}  # (family, label value) -> Triton metric, made once
+        self.model_name = args.get("model_name", "")  # several diffrt models in one server: their own series
         log.info("diffrt model ready: %s", self.runtime.describe())
 
     def _metric(self, name: str, description: str):
@@ -530,10 +535,14 @@ class TritonPythonModel:
                     arrays[name] = tensor.as_numpy()
             for body in bodies_from_inputs(arrays):
                 jobs.append(self.runtime.submit(body, encoding="uint8"))
-        except RequestError as exc:
+            check_row_shapes([job.payload for job in jobs])
+        except Exception as exc:  # noqa: BLE001 - one request's failure, answered on its own
             for job in jobs:  # a later row was refused: the earlier ones give up their queue slots
                 job.future.cancel()
-            return exc
+            if isinstance(exc, RequestError):
+                return exc
+            log.error("planning a request failed", exc_info=exc)
+            return RequestError(500, f"planning the request failed: {type(exc).__name__}: {exc}")
         return jobs
 
     def _respond(self, item):
@@ -562,7 +571,7 @@ class TritonPythonModel:
     def _counter(self, family, label: str, value: str):
         key = (id(family), value)
         if key not in self.metrics:
-            self.metrics[key] = family.Metric(labels={label: value})
+            self.metrics[key] = family.Metric(labels={"model": self.model_name, label: value})
         return self.metrics[key]
 
     def finalize(self) -> None:
