@@ -11,9 +11,10 @@ requests/s over the wall time, p50/p99 end-to-end latency, the mean images per U
 (from the service's own /metrics), and the refusals (429) if any. A first row times the
 pipeline called directly, one image at a time, so the HTTP + queue overhead can be read off.
 With --triton, the same levels run again against Triton Inference Server over a repository that
-`diffrt triton-repo` writes for the same model (KServe v2 JSON; `make tritonserver`), so the two
-front ends are compared in one run; there the batch column is Triton's requests per execute,
-which the runtime inside batches as `diffrt serve` does.
+`diffrt triton-repo` writes for the same model (KServe v2: JSON in, the images back as raw uint8
+binary data where the service answers with a PNG; `make tritonserver`), so the two front ends are
+compared in one run; there the batch column is Triton's requests per execute, which the runtime
+inside batches as `diffrt serve` does.
 
 Writes benchmarks/results/serve_cpu.json (serve_cuda.json with a GPU) and prints a table.
 """
@@ -74,8 +75,10 @@ class TritonFront:
         self.client, self.model = client, model
 
     def send(self, body: dict) -> int:
+        """The images come back as binary tensor data (what tritonclient asks for), the service's as a PNG."""
         inputs = [{"name": key, "shape": [1, 1], "datatype": "INT64", "data": [value]} for key, value in body.items()]
-        r = self.client.post(f"/v2/models/{self.model}/infer", json={"inputs": inputs, "outputs": [{"name": "seed"}]})
+        outputs = [{"name": "images", "parameters": {"binary_data": True}}, {"name": "seed"}]
+        r = self.client.post(f"/v2/models/{self.model}/infer", json={"inputs": inputs, "outputs": outputs})
         return r.status_code
 
     def batches(self) -> tuple[float, float]:

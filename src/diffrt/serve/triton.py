@@ -180,6 +180,10 @@ def outputs_from_answers(answers: list, text_to_image: bool) -> dict[str, np.nda
 
 # -- the repository --------------------------------------------------------------------------
 
+# The RuntimeConfig fields a repository sets, as config.pbtxt parameters (operators may edit them there).
+PASSED_ON = ("backend", "max_queue", "timeout_s", "max_image_side", "exact_batching", "strict", "cuda_graph")
+
+
 @dataclass
 class RepositoryConfig:
     model: str | None = None  # artifact or diffusers folder; None: the shipped digits model
@@ -234,9 +238,7 @@ def config_pbtxt(config: RepositoryConfig, model_parameter: str, text_to_image: 
     if text_to_image:
         outputs += [f'  {{ name: "{key}" data_type: TYPE_STRING dims: [ 1 ] }}' for key in TRUNCATED]
     kind = "KIND_GPU" if config.device == "cuda" else "KIND_CPU"
-    parameters = {"model": model_parameter, "backend": config.backend, "max_queue": config.max_queue,
-                  "timeout_s": config.timeout_s, "max_image_side": config.max_image_side,
-                  "exact_batching": config.exact_batching, "strict": config.strict, "cuda_graph": config.cuda_graph}
+    parameters = {"model": model_parameter, **{name: getattr(config, name) for name in PASSED_ON}}
     params = [f"parameters {{ key: {_text(key)} value: {{ string_value: {_text(_param_text(value))} }} }}"
               for key, value in parameters.items()]
     return "\n".join([
@@ -427,15 +429,20 @@ def _param_text(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-PARAMETER_TYPES = {"model": str, "backend": str, "max_queue": int, "timeout_s": float, "max_image_side": int,
-                   "exact_batching": bool, "strict": bool, "cuda_graph": bool}
+def _parameter_types() -> dict[str, type]:
+    """Each parameter's type: the model's path, and the RuntimeConfig fields a repository sets (their defaults' types)."""
+    from dataclasses import fields
+
+    from diffrt.serve.runtime import RuntimeConfig
+
+    return {"model": str, **{f.name: type(f.default) for f in fields(RuntimeConfig) if f.name in PASSED_ON}}
 
 
 def _parameters(model_config: dict) -> dict:
     """config.pbtxt's parameters (strings, as an operator edits them), typed."""
-    typed = {}
+    typed, types = {}, _parameter_types()
     for key, value in model_config.get("parameters", {}).items():
-        text, kind = value["string_value"].strip(), PARAMETER_TYPES.get(key)
+        text, kind = value["string_value"].strip(), types.get(key)
         if kind is None:  # the Python backend's own (EXECUTION_ENV_PATH, ...)
             continue
         try:
@@ -467,11 +474,9 @@ def runtime_config(args: dict):
                               "an ascii filesystem encoding), which cannot spell this path; move the model repository "
                               "to an ASCII path") from None
     device = f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
-    return RuntimeConfig(model=model, backend=p.get("backend", "onnxruntime"), device=device,
-                         max_batch_size=int(model_config.get("max_batch_size") or 1), max_queue=p.get("max_queue", 64),
-                         batch_wait_ms=1.0, timeout_s=p.get("timeout_s", 60.0), max_image_side=p.get("max_image_side", 2048),
-                         exact_batching=p.get("exact_batching", True), strict=p.get("strict", False),
-                         cuda_graph=p.get("cuda_graph", True))
+    # Triton's batcher has gathered the requests: the runtime's own window need only cover their planning.
+    return RuntimeConfig(model=model, device=device, max_batch_size=int(model_config.get("max_batch_size") or 1), batch_wait_ms=1.0,
+                         **{name: p[name] for name in PASSED_ON if name in p})
 
 
 def check_numpy_abi(pb_utils) -> None:
