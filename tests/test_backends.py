@@ -142,6 +142,27 @@ def test_each_shape_replays_its_own_graph_and_later_shapes_run_plainly(monkeypat
     assert outs[0]["noise_pred"] is not graph_1.outputs["noise_pred"]  # a copy: the next replay overwrites the buffer
 
 
+@pytest.mark.parametrize("spec, sizes, words", [
+    ("unet", dict(batch=5), r"batch 5 is outside the built range \[1, 4\]"),
+    ("unet", dict(height=20, width=20), r"height 20 is outside the built range \[8, 16\]"),
+    ("unet", dict(height=4, width=4), r"height 4 is outside"),
+    ("text_encoder", dict(sequence=78), r"sequence 78 is outside the built range \[1, 77\]"),
+])
+def test_a_feed_outside_the_profile_is_refused_before_tensorrt_sees_it(spec, sizes, words):
+    # RELIABILITY #3: the backend checks every feed against the built ranges (batch, size, token
+    # length) itself, so TensorRT's "no valid profile found" never surfaces. The backend here has no
+    # engine, context or stream: a feed that got past the check would fail on those, not on its shape.
+    from diffrt.components import pixel_unet_spec, text_encoder_spec
+    from diffrt.errors import ShapeOutOfRangeError
+    from diffrt.runtime.backends.tensorrt import TensorRTBackend
+
+    backend = object.__new__(TensorRTBackend)
+    backend.spec = {"unet": pixel_unet_spec(3, 8, conditioned=False, batch=(1, 2, 4), size=(8, 8, 16)),
+                    "text_encoder": text_encoder_spec(vocab_size=100, hidden_size=8, batch=(1, 2, 4))}[spec]
+    with pytest.raises(ShapeOutOfRangeError, match=words):
+        backend.run(backend.spec.example_feed("opt", **sizes))
+
+
 def test_a_failed_capture_is_not_reported_as_cuda_graphs(monkeypatch):
     # Results report graphs that really replay (RELIABILITY #15), not the cuda_graph request.
     backend, _ = fake_backend()

@@ -231,6 +231,47 @@ def test_verify_failure_names_the_component_and_the_error(classemb_model_dir):
         verify_backends(reference, _Perturbed(reference), feeds)
 
 
+class _OneValueOff:
+    """A backend equal to `backend` but for one output value, moved by `rel` of the output's scale, on
+    the runs numbered in `on` (every run when None)."""
+
+    name = "perturbed"
+
+    def __init__(self, backend, rel: float, on: set[int] | None = None):
+        self.backend, self.spec, self.rel, self.on, self.runs = backend, backend.spec, rel, on, 0
+
+    def run(self, feed):
+        run, self.runs = self.runs, self.runs + 1
+        with torch.no_grad():
+            out = {k: v.clone() for k, v in self.backend.run(feed).items()}
+            if self.on is None or run in self.on:
+                for v in out.values():
+                    v[(0,) * v.ndim] += self.rel * v.abs().max()
+        return out
+
+
+def test_verify_judges_the_worst_shape_at_its_precisions_tolerance(classemb_model_dir):
+    """RELIABILITY #17: an export is checked at its min, opt and max shapes and the worst decides,
+    wherever it falls; fp16 and bf16 graphs get their own limits, which an error above them fails,
+    never passes with a warning; the result reports the max and the median error."""
+    from diffrt.export.artifact import pixel_spec
+    from diffrt.export.verify import verify_backends
+    from diffrt.models import load_pixel_model
+    from diffrt.runtime.backends.torch_eager import TorchBackend
+
+    model = load_pixel_model(classemb_model_dir)
+    reference = TorchBackend(model.unet, pixel_spec(model, OPTIONS))
+    feeds = [reference.spec.example_feed(which, seed=i) for i, which in enumerate(("min", "opt", "max"))]
+    with pytest.raises(ArtifactError, match=r"by 1\.0\de-02 .*tolerance 1e-04 at fp32"):  # off at the opt shape only
+        verify_backends(reference, _OneValueOff(reference, 0.01, on={1}), feeds)
+    for precision, within, beyond in (("fp16", 0.01, 0.03), ("bf16", 0.03, 0.07)):
+        result = verify_backends(reference, _OneValueOff(reference, within), feeds, precision)
+        assert result["passed"] and result["precision"] == precision
+        assert result["max_rel"] == pytest.approx(within, rel=1e-3) and result["median_abs"] < result["max_abs"]
+        with pytest.raises(ArtifactError, match=f"at {precision}"):
+            verify_backends(reference, _OneValueOff(reference, beyond), feeds, precision)
+
+
 def test_parity_of_zero_outputs_is_judged_not_undefined():
     from diffrt.export.verify import compare
 
@@ -272,6 +313,76 @@ def test_export_key_changes_with_what_the_export_depends_on(classemb_model_dir, 
     # LoRA is kept beside the key: the same file at another scale is another LoRA state.
     lora = str(classemb_model_dir / "unet" / "config.json")  # any file: only its hash is read here
     assert lora_state(lora_hashes(ExportOptions(loras=[(lora, 1.0)]))) != lora_state(lora_hashes(ExportOptions(loras=[(lora, 0.5)])))
+
+
+def test_a_write_stopped_midway_leaves_the_old_file_and_a_finished_one_is_on_disk_before_its_name(tmp_path, monkeypatch):
+    """RELIABILITY #10: manifests, engines and ONNX files are written under a temporary name in their
+    own folder, fsynced, then renamed into place: a write stopped half way leaves the old file whole
+    and nothing else, and the new file's data reaches the disk before its name does."""
+    import os
+
+    from diffrt import atomic
+
+    path = tmp_path / "manifest.json"
+    atomic.write_json(path, {"format": 1, "key": "old"})
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_path(path) as tmp:
+            tmp.write_bytes(before[: len(before) // 2])  # half a manifest, then the process is stopped
+            raise KeyboardInterrupt
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (
+        events.append(("replace", os.stat(src).st_ino, os.path.dirname(src) == os.path.dirname(dst))), replace(src, dst))[1])
+    atomic.write_json(path, {"format": 1, "key": "new"})
+    monkeypatch.undo()
+    assert json.loads(path.read_text())["key"] == "new"
+    (renamed,) = [e for e in events if e[0] == "replace"]
+    assert renamed[2]  # within its folder: one filesystem, so the rename is atomic
+    assert ("fsync", renamed[1]) in events[: events.index(renamed)]
+
+
+def test_an_export_writes_its_folder_under_the_lock_another_builder_waits_for(classemb_model_dir, tmp_path, monkeypatch):
+    """RELIABILITY #10: two builders of one artifact (two exports, or an export and `diffrt refit`)
+    take one lock, so the second waits until the first has written its manifest."""
+    import fcntl
+    import threading
+
+    from diffrt import atomic
+
+    def held(lock) -> bool:
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return False
+
+    lock, order = tmp_path / ".lock", []
+
+    def second_builder():
+        with atomic.file_lock(lock):
+            order.append("second")
+
+    with atomic.file_lock(lock):
+        second = threading.Thread(target=second_builder)
+        second.start()
+        second.join(0.5)
+        assert second.is_alive() and not order and held(lock)  # the second builder waits
+        order.append("first")
+    second.join(5)
+    assert order == ["first", "second"]
+
+    out = tmp_path / "artifact"
+    export_lock = out.parent / f".{out.name}.lock"  # the lock `diffrt refit` takes too
+    write_manifest, seen = mf.write_manifest, []
+    monkeypatch.setattr(mf, "write_manifest", lambda folder, manifest: (seen.append(held(export_lock)), write_manifest(folder, manifest))[1])
+    export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), verify=False))
+    assert seen == [True] and not held(export_lock)
 
 
 def test_pickled_weights_are_refused_without_unpickling(classemb_model_dir, tmp_path):

@@ -231,6 +231,35 @@ def artifact_copy(t2i_artifact, tmp_path):
     return shutil.copytree(t2i_artifact, tmp_path / "copy")
 
 
+def test_a_changed_weight_is_a_cache_miss(artifact_copy, t2i_folder, tmp_path, monkeypatch):
+    """RELIABILITY #11: the key addresses the model's content, not its path: a copy of the folder is a
+    hit on the artifact, the same copy with one UNet weight changed a miss, which rebuilds."""
+    from safetensors.torch import load_file, save_file
+
+    from diffrt import text_to_image_models
+
+    class Rebuild(Exception):
+        pass
+
+    load_frozen = text_to_image_models.load_frozen
+
+    def configs_only(cls, folder, weights=True):
+        if weights:  # a miss loads the weights to rebuild: stop there, before the artifact is touched
+            raise Rebuild(folder)
+        return load_frozen(cls, folder, weights)
+
+    monkeypatch.setattr(text_to_image_models, "load_frozen", configs_only)
+    source = shutil.copytree(t2i_folder, tmp_path / "sd")
+    options, controlnets = ExportOptions(**T2I_RANGES), [source / "controlnet"]
+    assert export_text_to_image(source, artifact_copy, options, controlnets).cache_hit  # the control
+    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["conv_out.bias"] = state["conv_out.bias"] + 1e-3
+    save_file(state, weights)
+    with pytest.raises(Rebuild):
+        export_text_to_image(source, artifact_copy, options, controlnets)
+
+
 def test_corrupted_onnx_is_refused(artifact_copy, manifest):
     path = artifact_copy / "vae_decoder" / "model.onnx"
     data = bytearray(path.read_bytes())

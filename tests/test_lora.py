@@ -370,6 +370,17 @@ def test_pickle_is_refused_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("suffix", [".bin", ".ckpt", ".pt", ".pth"])
+def test_a_pickle_suffix_is_refused_by_name_with_the_fix(tmp_path, suffix):
+    # RELIABILITY #12: a LoRA under a pickle's name is refused as a pickle before it is read, even
+    # where its bytes would parse, and the error says what to do instead.
+    path = tmp_path / f"lora{suffix}"
+    save_safetensors(path, {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
+                            "lora_unet_conv_in.lora_up.weight": torch.ones(32, 2, 1, 1)})
+    with pytest.raises(LoraError, match=rf"is a pickle \({suffix}\) file.*convert it to safetensors"):
+        read_lora(path)
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(LoraError, match="LoRA file not found"):
         read_lora(tmp_path / "nope.safetensors")

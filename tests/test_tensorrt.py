@@ -222,6 +222,64 @@ def test_engine_from_another_gpu_is_refused(entry):
         mf.check_engine_compatible({**entry, "gpu": {**H100, "compute_capability": "8.9"}})
 
 
+def test_the_gpu_identity_is_its_name_and_compute_capability_and_keys_the_export(monkeypatch):
+    """RELIABILITY #2 from the device's own properties: another compute capability under the same
+    name, or another name, is another GPU, so a TensorRT export made on one is a cache miss on the other."""
+    from types import SimpleNamespace
+
+    from diffrt.export.artifact import ExportOptions, export_key
+
+    props = {"name": H100["name"], "major": 9, "minor": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(**props))
+    assert mf.gpu_identity() == H100
+
+    def key() -> str:
+        return export_key({"source": "the same weights"}, ExportOptions(backend="tensorrt"))
+
+    here = key()
+    assert key() == here  # the control: the same device, the same key
+    props.update(major=8, minor=9)
+    assert mf.gpu_identity() == {**H100, "compute_capability": "8.9"} and key() != here
+    props.update(name="NVIDIA A100-SXM4-80GB", major=9, minor=0)
+    assert key() != here
+
+
+def test_a_foreign_engine_is_refused_before_it_is_loaded_or_refit(entry, tmp_path, monkeypatch):
+    """RELIABILITY #1, #2 where they matter: opening an artifact's engine and refitting it check its
+    TensorRT and GPU first, so an engine from another version or GPU never reaches TensorRT."""
+    from diffrt.components import spec_to_dict
+    from diffrt.export import refit
+    from diffrt.runtime import loading
+    from diffrt.runtime.backends import tensorrt as trt_backend
+
+    def to_tensorrt(*args, **kwargs):
+        raise AssertionError("the engine was handed to TensorRT")
+
+    def past_the_check(*args, **kwargs):
+        raise AssertionError("the refit went on past the engine check")
+
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", to_tensorrt)
+    monkeypatch.setattr(refit, "read_weight_map", past_the_check)  # the refit's first step after the check
+    spec = spec_to_dict(pixel_unet_spec(3, 8, conditioned=False, batch=BATCH))
+
+    def manifest(engine: dict) -> dict:
+        return {"loras": [], "onnx_loras": [], "components": {"unet": {"spec": spec, "engine": engine, "files": {}}}}
+
+    a100 = {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+    for engine, names in (({**entry, "tensorrt": "10.0.1"}, r"TensorRT 10\.0\.1"), ({**entry, "gpu": a100}, "A100")):
+        with pytest.raises(ArtifactError, match=names):
+            loading.open_component(tmp_path, manifest(engine), "unet", "tensorrt", "cuda")
+        with pytest.raises(ArtifactError, match=names):
+            refit.refit_components(tmp_path, manifest(engine), [])
+    # The control: this machine's engine gets through the check, to TensorRT and to the refit proper.
+    with pytest.raises(AssertionError, match="handed to TensorRT"):
+        loading.open_component(tmp_path, manifest(entry), "unet", "tensorrt", "cuda")
+    with pytest.raises(AssertionError, match="past the engine check"):
+        refit.refit_components(tmp_path, manifest(entry), [])
+
+
 # --- refit weights (CPU: checked through ONNX Runtime) ---------------------------------------------
 
 
