@@ -15,7 +15,6 @@ its parity is exact and says nothing; the fused graph's is the one that counts.
 
 from __future__ import annotations
 
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from diffrt import atomic
+from diffrt.bench.timing import cpu_model
 from diffrt.export import manifest as mf
 from diffrt.export.artifact import ExportOptions, export_model
 from diffrt.models import SHIPPED_DIGITS
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     for r in rows:
         print(f"| {r['model']} | {r['component']} | {r['export_seconds']:.2f} | {r['megabytes']:.2f} | "
               f"{r['max_rel_err']:.1e} | {r['model_total_seconds']:.1f} | {r['cache_hit_seconds']:.3f} |")
-    atomic.write_json(out, {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    atomic.write_json(out, {"machine": cpu_model(), "threads": torch.get_num_threads(),
                             "versions": mf.library_versions(), "rows": rows})
     print(f"\nwrote {out}")
 

@@ -17,12 +17,12 @@ interpreter runs on CPU for tests, and its timings say nothing about the kernel.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Callable
 
 import torch
 
+from diffrt.bench.timing import summarize_ms
 from diffrt.kernels import cfg_ddim, color_guidance, launch
 
 LATENT_SHAPE = (1, 4, 64, 64)
@@ -36,7 +36,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> dict:
-    """median / p90 / min of `iters` timed calls, in milliseconds."""
+    """median / p90 / min of `iters` timed calls, in milliseconds, as the suite's cells summarise them."""
     for _ in range(warmup):
         fn()
     _synchronize(device)
@@ -45,9 +45,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, iter
         start = time.perf_counter()
         fn()
         _synchronize(device)  # without it we would time the launch, not the work
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    return {"median_ms": statistics.median(samples), "p90_ms": samples[int(0.9 * (len(samples) - 1))], "min_ms": samples[0]}
+        samples.append(time.perf_counter() - start)
+    return summarize_ms(samples)
 
 
 def _cases(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:

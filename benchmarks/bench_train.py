@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from diffrt import atomic
+from diffrt.bench.timing import cpu_model
 from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
 from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, instance_evaluation_loss, train_dreambooth_lora
@@ -138,7 +138,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = run(args.steps, args.warmup)
     report = {
-        "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "device": "cpu", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "load_average_1min_at_start": load, "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": rows,
     }

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from diffrt.bench import run_bench
-from diffrt.bench.cells import CellOptions, measure_cell_isolated
-from diffrt.bench.configs import CONFIGS, DigitsConfig, NullBackend
-from diffrt.bench.report import markdown
-from diffrt.bench.timing import summarize_ms
+import diffrt.bench
+from diffrt.bench import _compare_with_eager, cells, run_bench, timing
+from diffrt.bench.cells import CellOptions, measure_cell_isolated, skipped
+from diffrt.bench.configs import CONFIGS, BenchConfig, DigitsConfig, NullBackend
+from diffrt.bench.report import chart, markdown
+from diffrt.bench.timing import bench_threads, cpu_threads, summarize_ms
 from diffrt.components import pixel_unet_spec, vae_decoder_spec
 from diffrt.runtime.backends import backend_available
 
@@ -126,3 +130,130 @@ def test_isolated_cell_past_its_time_limit_is_skipped_with_a_reason(tiny_configs
     assert result["status"] == "skipped" and "within" in result["reason"] and images is None
     result, _ = measure_cell_isolated(guided, "torch-compile", torch.device("cpu"), CellOptions(repeats=1), threads=1, timeout_s=0)
     assert result["status"] == "skipped" and "budget" in result["reason"]
+
+
+# --- bookkeeping: what is timed, compared and written -----------------------------------------------------
+
+
+def test_bench_threads_never_exceed_the_cpus_onnxruntime_sizes_its_pool_from(monkeypatch):
+    # ONNX Runtime's intra-op pool is the CPUs the process may use; torch takes any count. More
+    # threads than CPUs would time eager oversubscribed against ONNX Runtime at the CPU count.
+    monkeypatch.setattr(timing, "available_cpus", lambda: 2)
+    monkeypatch.setenv("DIFFRT_BENCH_THREADS", "4")
+    assert bench_threads() == 2 and bench_threads(8) == 2 and bench_threads(1) == 1
+    monkeypatch.delenv("DIFFRT_BENCH_THREADS")
+    assert bench_threads() == 2
+    monkeypatch.undo()
+    for asked in (1, 64):
+        with cpu_threads(bench_threads(asked)):
+            assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # what OnnxRuntimeBackend gives its pool
+
+
+def test_run_bench_pays_one_time_imports_before_the_first_cell(tmp_path, tiny_configs, monkeypatch):
+    # The first cell measured in a process was charged ~300 MB of imports; the loop over
+    # NullBackends, measured first, pays them before any cell's memory baseline.
+    calls = []
+
+    def fake_loop(config, device, options):
+        calls.append(("loop", config.name))
+        return {"config": config.name, "status": "error", "reason": "not measured in this test"}
+
+    def fake_cell(config, backend, device, options):
+        calls.append(("cell", config.name))
+        return skipped(config, backend, "error", "not measured in this test"), None
+
+    monkeypatch.setattr(diffrt.bench, "measure_loop", fake_loop)
+    monkeypatch.setattr(diffrt.bench, "measure_cell", fake_cell)
+    run_bench(out_dir=tmp_path, repeats=1, configs=["test-digits", "test-digits-unguided"], threads=1, kernels=False)
+    for name in ("test-digits", "test-digits-unguided"):
+        mine = [kind for kind, config in calls if config == name]
+        assert mine[0] == "loop" and "cell" in mine[1:], calls
+
+
+def test_isolated_child_primes_before_it_measures(tiny_configs, monkeypatch):
+    guided, _ = tiny_configs
+    calls, sent = [], []
+    monkeypatch.setattr(cells, "prime", lambda config, device: calls.append("prime"))
+    monkeypatch.setattr(cells, "measure_cell", lambda *a: (calls.append("cell"), ({"status": "ok"}, None))[1])
+
+    class Conn:
+        def send(self, obj):
+            sent.append(obj)
+
+        def close(self):
+            pass
+
+    cells._child(Conn(), guided, "torch-compile", "cpu", CellOptions(repeats=1), 1)
+    assert calls == ["prime", "cell"] and sent == [({"status": "ok"}, None)]
+
+
+def _ok_row(config: str, backend: str, median_ms: float) -> dict:
+    e2e = {"median_ms": median_ms, "p90_ms": median_ms, "min_ms": median_ms, "n": 1}
+    return {"config": config, "backend": backend, "status": "ok", "device": "cpu", "setup_s": 0.1, "runs": 1,
+            "end_to_end_per_image": e2e, "images_per_s": 1000.0 / median_ms, "ms_per_step": median_ms,
+            "components": {}, "memory": {"peak_mb": 1.0, "method": "test"}}
+
+
+def _report(rows: list[dict]) -> dict:
+    machine = {"cpu": "test cpu", "cpus_available": 1, "threads": 1, "gpu": None, "load_average_1min": 0.0}
+    settings = {"repeats": 1, "warmup_steps": 2, "cell_budget_s": 1.0, "min_runs": 1}
+    return {"machine_tag": "test", "machine": machine, "versions": {}, "settings": settings, "command": "test",
+            "wall_s": 1.0, "results": rows, "loop_overhead": [], "targets": []}
+
+
+def test_outputs_are_compared_with_eager_of_the_same_config_at_the_configured_tolerance():
+    exact = BenchConfig("exact", "tolerance 0: bit for bit", num_images=1, num_inference_steps=1, guidance_scale=1.0,
+                        match_tolerance=0.0)
+    loose = dataclasses.replace(exact, name="loose", match_tolerance=None)  # fp32: 1e-2
+    rows = [_ok_row(c, b, ms) for c in ("exact", "loose") for b, ms in (("torch", 40.0), ("onnxruntime", 10.0))]
+    rows.append(_ok_row("loose", "optimum-onnxruntime", 20.0))
+    zeros = torch.zeros(1, 3, 8, 8)
+    images = {("exact", "torch"): zeros, ("exact", "onnxruntime"): zeros + 1e-3,
+              ("loose", "torch"): zeros + 0.5, ("loose", "onnxruntime"): zeros + 0.505,
+              ("loose", "optimum-onnxruntime"): torch.zeros(1, 3, 4, 4)}
+    _compare_with_eager(rows, images, {"exact": exact, "loose": loose})
+    r = {(x["config"], x["backend"]): x for x in rows}
+    assert r[("exact", "onnxruntime")]["speedup_vs_eager"] == 4.0  # eager's time over the backend's
+    assert r[("exact", "onnxruntime")]["match_tolerance"] == 0.0 and not r[("exact", "onnxruntime")]["matches_eager"]
+    assert r[("loose", "onnxruntime")]["max_abs_diff_vs_eager"] == pytest.approx(5e-3)  # against its own config's eager
+    assert r[("loose", "onnxruntime")]["matches_eager"] and r[("loose", "torch")]["max_abs_diff_vs_eager"] == 0.0
+    # Images of another shape are no match, and the table marks them so.
+    odd = r[("loose", "optimum-onnxruntime")]
+    assert odd["matches_eager"] is False and "(1, 3, 4, 4)" in odd["match_note"] and "max_abs_diff_vs_eager" not in odd
+    table = {line.split(" | ")[1]: line for line in markdown(_report(rows)).splitlines() if line.startswith("| loose |")}
+    assert table["optimum-onnxruntime"].endswith("– ✗ |") and "✗" not in table["onnxruntime"]
+
+
+def test_chart_is_written_atomically(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    path = chart(_report([_ok_row("c", "torch", 5.0)]), tmp_path / "bench_test.png")
+    before = path.read_bytes()
+    assert before[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def broken_savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError):
+        chart(_report([_ok_row("c", "torch", 6.0)]), path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+
+
+def test_kernel_benchmark_summarises_as_the_suite_does(monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    durations = [0.005, 0.001, 0.002, 0.003, 0.004]
+    clock = {"now": 0.0, "left": list(durations)}
+
+    def call():
+        clock["now"] += clock["left"].pop(0)
+
+    monkeypatch.setattr(module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock["now"])}))
+    stats = module.time_ms(call, torch.device("cpu"), warmup=0, iters=5)
+    # Nearest rank, as summarize_ms: with 5 calls the p90 is the slowest (not the 4th, floor(0.9 * 4)).
+    assert stats["p90_ms"] == pytest.approx(5.0) and stats["median_ms"] == pytest.approx(3.0)
+    assert stats == pytest.approx(summarize_ms(durations))

@@ -4,16 +4,17 @@
 
 1. pick the configurations for this machine (CPU: digits, digits-unguided, tiny-t2i-controlnet;
    CUDA: the SD-1.5-sized ones; see `configs.py`) and build their models once;
-2. per configuration, measure eager torch first, then every other backend present (`cells.py`),
-   then the loop's own cost over zero-returning backends;
+2. per configuration, the loop's own cost over zero-returning backends first (it also pays the
+   process's one-time imports, which would otherwise swell the first cell's peak memory), then
+   eager torch, then every other backend present (`cells.py`);
 3. torch.compile cells last, each in a child process capped by the time left, since a compile
    cannot be interrupted and takes minutes on a small CPU;
 4. speed-ups and output matching against the eager cell of this same run; the fused-kernel
    micro-benchmark (`benchmarks/bench_kernels.py`) where it is found; where each target stands.
 
-Thread count: `threads`, else DIFFRT_BENCH_THREADS, else every CPU the process may use; it is
-recorded with the machine. On a shared CPU, fewer threads than cores avoids OpenMP barrier
-stalls when another process holds a core.
+Thread count: `threads`, else DIFFRT_BENCH_THREADS, else every CPU the process may use, never more
+than those CPUs (ONNX Runtime's pool is that size at most); it is recorded with the machine. On a
+shared CPU, fewer threads than cores avoids OpenMP barrier stalls when another process holds a core.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from diffrt.bench import report as rp
 from diffrt.bench.cells import WARMUP_STEPS, CellOptions, measure_cell, measure_cell_isolated, measure_loop, skipped
 from diffrt.bench.configs import BACKENDS, CONFIGS, CPU_DEFAULT, EAGER, GPU_DEFAULT, BenchConfig, get_config
-from diffrt.bench.timing import contention, cpu_threads, default_threads, machine_info, machine_tag
+from diffrt.bench.timing import bench_threads, contention, cpu_threads, default_threads, machine_info, machine_tag
 from diffrt.errors import DiffrtError
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,19 @@ def _compare_with_eager(results: list[dict], images: dict, configs: dict[str, Be
         r["eager_median_ms_per_image"] = base["end_to_end_per_image"]["median_ms"]
         r["speedup_vs_eager"] = r["eager_median_ms_per_image"] / r["end_to_end_per_image"]["median_ms"]
         a, b = images.get((r["config"], r["backend"])), images.get((r["config"], EAGER))
-        if a is not None and b is not None and a.shape == b.shape:
-            config = configs[r["config"]]
-            tol = config.match_tolerance or TOLERANCE.get(getattr(config, "precision", "fp32"), 1e-2)
-            r["max_abs_diff_vs_eager"] = float((a - b).abs().max())
-            r["mean_abs_diff_vs_eager"] = float((a - b).abs().mean())
-            r["matches_eager"] = r["max_abs_diff_vs_eager"] <= tol
-            r["match_tolerance"] = tol
+        if a is None or b is None:
+            continue
+        config = configs[r["config"]]
+        tol = config.match_tolerance  # 0.0 is a tolerance too: bit for bit
+        tol = TOLERANCE.get(getattr(config, "precision", "fp32"), 1e-2) if tol is None else tol
+        r["match_tolerance"] = tol
+        if a.shape != b.shape:  # other images than eager's: not a match, and the table must say so
+            r["matches_eager"] = False
+            r["match_note"] = f"images {tuple(a.shape)}, eager's {tuple(b.shape)}"
+            continue
+        r["max_abs_diff_vs_eager"] = float((a - b).abs().max())
+        r["mean_abs_diff_vs_eager"] = float((a - b).abs().mean())
+        r["matches_eager"] = r["max_abs_diff_vs_eager"] <= tol
 
 
 def _installed(package: str) -> str | None:
@@ -125,7 +132,10 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
         raise DiffrtError(f"unknown backend {unknown[0]!r} for the benchmark; known: {', '.join(BACKENDS)}")
     if repeats < 1:
         raise DiffrtError(f"--repeats must be >= 1, got {repeats}")
-    threads = threads or default_threads()
+    asked, threads = threads or default_threads(), bench_threads(threads)
+    if threads != asked:
+        log.warning("%d threads asked for, %d CPUs available: measuring with %d (ONNX Runtime's pool cannot be larger, "
+                    "and eager PyTorch must run with the same count)", asked, threads, threads)
     budget_s = budget_s or (3000.0 if gpu else 270.0)
     options = CellOptions(repeats=repeats, budget_s=cell_budget_s or (60.0 if gpu else 20.0))
     compile_cap_s = compile_cap_s or (900.0 if gpu else 150.0)
@@ -139,7 +149,8 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
         log.warning("%s", machine["contention"])
     with cpu_threads(threads):
         log.info("benchmarking %s on %s with %d threads", ", ".join(c.name for c in chosen), device, threads)
-        # 1-2. Every configuration: eager first, then the other backends, then the loop's own cost.
+        # 1-2. Every configuration: the loop's own cost (which also pays the process's one-time imports and
+        # allocations before any cell's memory baseline), then eager, then the other backends.
         for config in chosen:
             wanted = _backends_for(config, backends)
             if config.gpu_only and not gpu:
@@ -153,6 +164,8 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
                 for b in wanted:
                     results[(config.name, b)] = skipped(config, b, "error", f"model not ready: {type(exc).__name__}: {exc}"[:400])
                 continue
+            log.info("%s: loop overhead ...", config.name)
+            loops.append(measure_loop(config, device, options))
             for backend in wanted:
                 why = _unavailable(backend)
                 if why:
@@ -164,8 +177,6 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
                     continue
                 log.info("%s on %s ...", config.name, backend)
                 results[(config.name, backend)], images[(config.name, backend)] = measure_cell(config, backend, device, options)
-            log.info("%s: loop overhead ...", config.name)
-            loops.append(measure_loop(config, device, options))
         # 3. torch.compile, capped by what is left of the budget.
         for config, backend in deferred:
             left = min(compile_cap_s, budget_s - (time.perf_counter() - start))

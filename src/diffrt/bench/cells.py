@@ -106,6 +106,18 @@ def _measure(config: BenchConfig, backend: str, device: torch.device, options: C
     return result, images.detach().float().cpu()
 
 
+def prime(config: BenchConfig, device: torch.device) -> None:
+    """Pay a process's one-time costs before any cell's memory baseline: the request run once over
+    `NullBackend`s imports diffusers, transformers and the runtime and makes the loop's first
+    allocations. Otherwise the first cell measured in a process is charged them (~300 MB of RSS on
+    tiny-t2i-controlnet; the same cell measured next: ~10 MB). `measure_loop` primes as well."""
+    try:
+        config.open_null(device).run(1)
+        synchronize(device)
+    except Exception as exc:  # the cell itself will say what is wrong
+        log.debug("priming %s failed: %s", config.name, exc)
+
+
 def measure_loop(config: BenchConfig, device: torch.device, options: CellOptions) -> dict:
     """The pipeline's own cost per step outside the model calls (scheduler, CFG combine, guidance,
     pre/post-processing): the request run over `NullBackend`s, which return zeros at once."""
@@ -135,6 +147,7 @@ def measure_loop(config: BenchConfig, device: torch.device, options: CellOptions
 def _child(conn, config, backend, device, options, threads):
     logging.basicConfig(level=logging.WARNING)
     with cpu_threads(threads):
+        prime(config, torch.device(device))  # a fresh process: the parent's cells were measured primed
         result, images = measure_cell(config, backend, torch.device(device), options)
     # NumPy pickles by value; a torch tensor would travel as a shared-memory handle that dies with this process.
     conn.send((result, images.numpy() if images is not None else None))

@@ -135,7 +135,7 @@ def markdown(report: dict) -> str:
         comp = {k: v["median_ms"] for k, v in comps.items()}
         unet = comp.get("unet", comp.get("unet_controlnet"))
         diff = r.get("max_abs_diff_vs_eager")
-        match = "" if diff is None else ("" if r["matches_eager"] else " ✗")
+        match = " ✗" if r.get("matches_eager") is False else ""
         lines.append(
             f"| {r['config']} | {r['backend']} | ok | {r['setup_s']:.1f} | {r['runs']} | {e['median_ms']:.2f} | {e['p90_ms']:.2f} | "
             f"{e['min_ms']:.2f} | {r['images_per_s']:.2f} | {_f(comp.get('text_encoder'), '.2f')} | {_f(unet, '.2f')} | "
@@ -184,9 +184,11 @@ def chart(report: dict, path: Path) -> Path:
     hw = m["gpu"]["name"] if m["gpu"] else f"{m['cpu']} ({m['threads']} thread{'s' if m['threads'] > 1 else ''})"
     fig.suptitle(f"diffrt bench on {hw}: end-to-end latency per image, speed-up vs eager torch", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic.atomic_path(path) as tmp:  # as the JSON and the table: a stopped write leaves the old chart
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

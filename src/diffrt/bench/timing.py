@@ -134,6 +134,15 @@ def default_threads() -> int:
     return int(env) if env else available_cpus()
 
 
+def bench_threads(threads: int | None = None) -> int:
+    """`threads`, else `default_threads()`, capped at the CPUs this process may run on.
+
+    ONNX Runtime sizes its pool from those CPUs and `cpu_threads` can only pin to fewer, so more
+    threads than CPUs would give eager PyTorch an oversubscribed pool and ONNX Runtime the CPU
+    count: the speed-up would compare two thread counts."""
+    return max(1, min(threads or default_threads(), available_cpus()))
+
+
 @contextmanager
 def cpu_threads(threads: int):
     """Run the block with `threads` CPU threads for PyTorch and ONNX Runtime alike.
