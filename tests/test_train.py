@@ -284,6 +284,25 @@ def test_dreambooth_resume_is_exact(dreambooth_run, sd_folder, cat_folder, tmp_p
     np.testing.assert_allclose(resumed.losses, full.losses[DB_STEPS // 2 :], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("case", ["other settings", "no checkpoint"])
+def test_dreambooth_resume_is_refused_before_class_images_are_generated(dreambooth_run, sd_folder, cat_folder, tmp_path,
+                                                                         case):
+    """The loop refuses a --resume with changed settings or without a checkpoint, but DreamBooth
+    fills its class-image folder before the loop starts: the refusal has to come first, not after
+    generating images (minutes to hours on a real model) with the refused settings into the run's folder."""
+    full_cfg, _ = dreambooth_run
+    class_data = tmp_path / "class_images"
+    shutil.copytree(full_cfg.class_data, class_data)  # the 2 images of the fixture's run
+    if case == "other settings":
+        shutil.copytree(Path(full_cfg.train.out) / "checkpoints", tmp_path / "out" / "checkpoints")
+    cfg = replace(dreambooth_config(sd_folder, cat_folder, tmp_path / "out", class_data, resume=True), num_class_images=3)
+    before = sorted(p.name for p in class_data.iterdir())
+    match = "num_class_images: 2 saved vs 3 now" if case == "other settings" else "no complete checkpoint"
+    with pytest.raises(DiffrtError, match=match):
+        train_dreambooth_lora(cfg)
+    assert sorted(p.name for p in class_data.iterdir()) == before
+
+
 def test_dreambooth_random_crops_are_encoded_per_draw(sd_folder, cat_folder, monkeypatch):
     """With --crop random the VAE posteriors cannot be cached: each draw encodes its own crops,
     drawn from the step's generator, so a resumed step sees the same latents."""

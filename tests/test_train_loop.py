@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
-from diffrt.train.loop import EMA, TrainConfig, list_checkpoints, load_latest_checkpoint, lr_at, save_checkpoint, train
+from diffrt.train.loop import (EMA, TrainConfig, check_resume, list_checkpoints, load_latest_checkpoint, lr_at, save_checkpoint,
+                               step_generator, train)
 
 
 def linear_config(out: Path, **overrides) -> TrainConfig:
@@ -125,6 +126,19 @@ def test_resume_past_max_steps_fails_clearly(tmp_path):
     with pytest.raises(DiffrtError, match=r"--resume: .*step 4, past --max-steps 2; pass --max-steps 4 or more") as err:
         train_linear(linear_config(tmp_path, max_steps=2, resume=True))
     assert "\n" not in str(err.value)
+
+
+def test_check_resume_refuses_what_train_refuses_before_any_setup(tmp_path):
+    """check_resume (called by trainers before their costly setup) fails with train's own message."""
+    check_resume(linear_config(tmp_path))  # a fresh run: nothing to check
+    with pytest.raises(DiffrtError, match="no complete checkpoint"):
+        check_resume(linear_config(tmp_path, resume=True))
+    train_linear(linear_config(tmp_path, max_steps=4))
+    check_resume(linear_config(tmp_path, max_steps=6, resume=True))  # a resumable change
+    with pytest.raises(DiffrtError, match="past --max-steps 2"):
+        check_resume(linear_config(tmp_path, max_steps=2, resume=True))
+    with pytest.raises(DiffrtError, match="learning_rate: 0.05 saved vs 0.1 now"):
+        check_resume(linear_config(tmp_path, learning_rate=0.1, resume=True))
 
 
 def test_fresh_run_into_a_folder_with_checkpoints_refuses(tmp_path):
@@ -252,6 +266,18 @@ def test_fp16_on_cuda_scales_the_loss_and_resumes_with_its_scale_and_ema_on_the_
     load_latest_checkpoint(out / "checkpoints", named, torch.optim.AdamW(named.values()), ema, scaler)
     assert all(v.is_cuda and v.dtype == torch.float32 for v in ema.shadow.values())
     assert scaler.get_scale() == json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())["scaler"]["scale"]
+
+
+def test_any_64_bit_seed_trains_and_small_seeds_keep_their_generators(tmp_path):
+    """A --seed of 1234567890 (or a timestamp) overflowed manual_seed at the first step; the layout is
+    now taken modulo 2^64, which leaves the generators of every seed that worked before as they were."""
+    result, _ = train_linear(linear_config(tmp_path / "big", seed=1234567890))
+    assert len(result.losses) == 4
+    for seed in (0, 7, -3):
+        old = ((seed * 1_000_003 + 5) * 64 + 2) * 1024 + 1
+        assert step_generator(seed, 5, 2, 1).initial_seed() == torch.Generator().manual_seed(old).initial_seed()
+    with pytest.raises(DiffrtError, match="--seed must fit in 64 bits"):
+        train_linear(linear_config(tmp_path / "huge", seed=2**64))
 
 
 def test_accumulation_beyond_the_seed_layout_is_one_line(tmp_path):

@@ -38,7 +38,7 @@ from diffrt.data import ImageDataset, list_images, load_image_folder, load_sourc
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
-from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
+from diffrt.train.loop import TrainConfig, TrainResult, check_resume, train, trainer_state
 from diffrt.train.objective import diffusion_loss, evaluation_loss
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     if config.resolution is None:
         config = replace(config, resolution=model_resolution(folder))
         log.info("training at %d px, the model's own size (--resolution to change it)", config.resolution)
+    # A --resume that the loop would refuse fails here, before class images are generated with its settings.
+    extra_state = {"dreambooth": trainer_state(config)}
+    check_resume(config.train, extra_state)
     instance = load_source(config.instance_data, config.resolution, labelled=False, crop=config.crop)
     out = Path(config.train.out)
 
@@ -204,7 +207,7 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         log.info("saved the LoRA to %s", out / LORA_WEIGHT_NAME)
 
     return train(config.train, trainable, loss_fn, save_fn=save_fn, sample_fn=sample_fn,
-                 sample_nrow=config.num_validation_images, extra_state={"dreambooth": trainer_state(config)})
+                 sample_nrow=config.num_validation_images, extra_state=extra_state)
 
 
 # -- the base model ---------------------------------------------------------------------------
@@ -384,7 +387,9 @@ def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig,
     pipe = text_to_image_pipeline(c)
     index = 0
     for start in tqdm(range(0, missing, batch), desc="class images", unit="batch", total=-(-missing // batch)):
-        seeds = [config.train.seed * 100_003 + have + start + i for i in range(min(batch, missing - start))]
+        # Image k of the folder has seed k of the run's range, however many runs it took to make them;
+        # taken modulo 2^64, the range of torch's seeds, as the loop's step_generator does.
+        seeds = [(config.train.seed * 100_003 + have + start + i) % 2**64 for i in range(min(batch, missing - start))]
         for image in generate(pipe, config.class_prompt, seeds, config):
             while (folder / f"class-{index:05d}.png").exists():
                 index += 1

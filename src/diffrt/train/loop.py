@@ -86,6 +86,8 @@ class TrainConfig:
             raise DiffrtError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise DiffrtError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if not -(2**63) <= self.seed < 2**63:
+            raise DiffrtError(f"--seed must fit in 64 bits (torch's seeds), got {self.seed}")
         if not 0 <= self.ema_decay < 1:
             raise DiffrtError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         existing = list_checkpoints(Path(self.out) / "checkpoints")
@@ -115,11 +117,17 @@ MAX_PROCESSES = 1024  # and its process field
 
 def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
     """The generator for one micro-batch: a pure function of its coordinates, distinct for every
-    (step, micro < MAX_ACCUMULATION, process < MAX_PROCESSES) of a seed."""
+    (step, micro < MAX_ACCUMULATION, process < MAX_PROCESSES) of a seed.
+
+    The layout is taken modulo 2^64, the range of torch's seeds: a --seed from about 2.8e8 on
+    (1234567890, a timestamp) would otherwise overflow manual_seed at the first step. Below that,
+    and for negative seeds (which torch itself takes modulo 2^64), the generators are unchanged.
+    """
     if not (0 <= micro < MAX_ACCUMULATION and 0 <= process < MAX_PROCESSES):
         raise ValueError(f"micro-batch {micro} / process {process} outside the seed layout "
                          f"({MAX_ACCUMULATION} micro-batches, {MAX_PROCESSES} processes)")
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * MAX_ACCUMULATION + micro) * MAX_PROCESSES + process)
+    return torch.Generator().manual_seed(
+        (((seed * 1_000_003 + step) * MAX_ACCUMULATION + micro) * MAX_PROCESSES + process) % 2**64)
 
 
 class EMA:
@@ -206,9 +214,7 @@ def train(
     if config.resume:
         saved = load_latest_checkpoint(out / "checkpoints", named, optimizer, ema, scaler, expected=state)
         start, window = int(saved["step"]), saved.get("loss_window", [])
-        if start > config.max_steps:
-            raise DiffrtError(f"--resume: the newest checkpoint is at step {start}, past --max-steps {config.max_steps}; "
-                              f"pass --max-steps {start} or more")
+        _check_max_steps(start, config)
         log.info("resumed from step %d", start)
     writer = None
     if accelerator.is_main_process:
@@ -277,6 +283,28 @@ def train(
     steps_run = config.max_steps - start
     rate = steps_run * config.batch_size * config.gradient_accumulation_steps / step_seconds if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate)
+
+
+def check_resume(config: TrainConfig, extra_state: dict | None = None) -> None:
+    """Refuse now a --resume that `train` would refuse (no complete checkpoint, other settings, a
+    checkpoint past --max-steps), with the same message; `extra_state` is what the trainer will
+    pass to `train`.
+
+    A trainer calls this before its own costly setup: DreamBooth fills its class-image folder with
+    the run's settings before the loop starts, so a --resume with another --num-class-images (or a
+    newly added --with-prior-preservation) would otherwise generate images into the run's folder
+    for minutes or hours and only then be refused.
+    """
+    if not config.resume:
+        return
+    _, saved = _newest_checkpoint(Path(config.out) / "checkpoints", {"config": asdict(config), **(extra_state or {})})
+    _check_max_steps(int(saved["step"]), config)
+
+
+def _check_max_steps(start: int, config: TrainConfig) -> None:
+    if start > config.max_steps:
+        raise DiffrtError(f"--resume: the newest checkpoint is at step {start}, past --max-steps {config.max_steps}; "
+                          f"pass --max-steps {start} or more")
 
 
 def _accelerator(mixed_precision: str):
@@ -442,6 +470,37 @@ def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scal
     must match the saved one."""
     from safetensors.torch import load_file
 
+    ckpt, state = _newest_checkpoint(folder, expected)
+    weights = load_file(ckpt / "weights.safetensors")
+    missing = set(named) - set(weights)
+    if missing:
+        raise DiffrtError(f"checkpoint {ckpt} does not match the model: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
+    reshaped = [k for k, p in named.items() if weights[k].shape != p.shape]
+    if reshaped:
+        k = reshaped[0]
+        raise DiffrtError(f"checkpoint {ckpt} does not match the model: {k} is {list(weights[k].shape)} there "
+                          f"but {list(named[k].shape)} here ({len(reshaped)} parameters differ)")
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(weights[k])
+    opt_tensors = load_file(ckpt / "optimizer.safetensors")
+    names = list(named)
+    opt_state = {"state": {}, "param_groups": []}
+    for key, value in opt_tensors.items():
+        pname, field_name = key.rsplit("::", 1)
+        opt_state["state"].setdefault(names.index(pname), {})[field_name] = value
+    for group in state["param_groups"]:
+        opt_state["param_groups"].append({**group, "params": list(range(len(names)))})
+    optimizer.load_state_dict(opt_state)
+    if ema is not None and (ckpt / "ema.safetensors").exists():
+        ema.load(load_file(ckpt / "ema.safetensors"), named)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def _newest_checkpoint(folder: Path, expected: dict | None) -> tuple[Path, dict]:
+    """The newest complete checkpoint and its state.json; `expected` (a run's state) must match its settings."""
     for ckpt in reversed(list_checkpoints(folder)):
         state = verify_checkpoint(ckpt)
         if state is None:
@@ -452,30 +511,5 @@ def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scal
         if changes:
             raise DiffrtError(f"--resume: {ckpt} was trained with other settings ({'; '.join(changes)}); "
                               "resume with the saved settings, or start afresh in an empty --out")
-        weights = load_file(ckpt / "weights.safetensors")
-        missing = set(named) - set(weights)
-        if missing:
-            raise DiffrtError(f"checkpoint {ckpt} does not match the model: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
-        reshaped = [k for k, p in named.items() if weights[k].shape != p.shape]
-        if reshaped:
-            k = reshaped[0]
-            raise DiffrtError(f"checkpoint {ckpt} does not match the model: {k} is {list(weights[k].shape)} there "
-                              f"but {list(named[k].shape)} here ({len(reshaped)} parameters differ)")
-        with torch.no_grad():
-            for k, p in named.items():
-                p.copy_(weights[k])
-        opt_tensors = load_file(ckpt / "optimizer.safetensors")
-        names = list(named)
-        opt_state = {"state": {}, "param_groups": []}
-        for key, value in opt_tensors.items():
-            pname, field_name = key.rsplit("::", 1)
-            opt_state["state"].setdefault(names.index(pname), {})[field_name] = value
-        for group in state["param_groups"]:
-            opt_state["param_groups"].append({**group, "params": list(range(len(names)))})
-        optimizer.load_state_dict(opt_state)
-        if ema is not None and (ckpt / "ema.safetensors").exists():
-            ema.load(load_file(ckpt / "ema.safetensors"), named)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        return state
+        return ckpt, state
     raise DiffrtError(f"--resume: no complete checkpoint in {folder}; run without --resume to start afresh")
