@@ -150,28 +150,31 @@ def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, alpha_bar, schedule, deco
     """d/d x_t of the sum of scale * loss over the active guidances. Each keeps its own mode: on a
     step where one runs "through_unet" (eps carries its graph), one in mode "x0" still sees eps held
     constant, so adding a guidance never changes the gradient of another."""
-    total = None
+    losses = []
     for held, group in ((eps, [g for g in active if g.mode == "through_unet"]),
                         (eps.detach(), [g for g in active if g.mode == "x0"])):
         if group:
             images = decode(ddim.predict_x0(x, held, alpha_bar, schedule.prediction_type)[0])
-            for g in group:
-                term = g.scale * _checked_loss(g, images, step)
-                total = term if total is None else total + term
-    (grad,) = torch.autograd.grad(total, x, allow_unused=True)
+            losses += [(g, _checked_loss(g, images)) for g in group]
+    (grad,) = torch.autograd.grad(sum(g.scale * loss for g, loss in losses), x, allow_unused=True)
     if grad is None:
         raise DiffrtError(f"guidance {', '.join(repr(g.name) for g in active)}: the loss does not depend on the images; "
                           "compute it from the images it is given with differentiable torch operations")
-    if not torch.isfinite(grad).all():
+    if not torch.isfinite(grad).all():  # the one host sync of a guided step; a non-finite loss ends here too
+        for g, loss in losses:
+            if not torch.isfinite(loss):
+                raise NonFiniteOutputError(f"guidance {g.name!r}: the loss is {loss.item()} at step {step}; "
+                                           "return a finite loss (and, for latent models, try --precision fp32 for the VAE)")
         raise NonFiniteOutputError(f"guidance {', '.join(repr(g.name) for g in active)}: the gradient of the loss is not finite "
                                    f"(NaN/inf) at step {step}; make the loss differentiable where the images are")
     return grad
 
 
-def _checked_loss(g: Guidance, images: torch.Tensor, step: int) -> torch.Tensor:
-    """g.loss(images), refused in one line unless it is one finite float that the images' graph reaches:
+def _checked_loss(g: Guidance, images: torch.Tensor) -> torch.Tensor:
+    """g.loss(images), refused in one line unless it is one float that the images' graph reaches:
     autograd's own errors ("grad can be implicitly created only for scalar outputs") name neither
-    the guidance nor the fix, and a NaN would surface a step later as a non-finite UNet output."""
+    the guidance nor the fix. (A NaN/inf loss is named where the gradient is checked, without a
+    host sync of its own.)"""
     value = g.loss(images)
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         got = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
@@ -182,9 +185,6 @@ def _checked_loss(g: Guidance, images: torch.Tensor, step: int) -> torch.Tensor:
     if not value.requires_grad:
         raise DiffrtError(f"guidance {g.name!r}: the loss does not depend on the images (no gradient reaches them); "
                           "compute it from the images it is given with differentiable torch operations, without detach()")
-    if not torch.isfinite(value).all():
-        raise NonFiniteOutputError(f"guidance {g.name!r}: the loss is {value.item()} at step {step}; "
-                                   "return a finite loss (and, for latent models, try --precision fp32 for the VAE)")
     return value.reshape(())
 
 
