@@ -233,6 +233,47 @@ def test_finetune_uses_the_models_prediction_type(cat_folder, tmp_path):
     assert json.loads((tmp_path / "out" / "model" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
 
+def test_finetune_keeps_the_base_scheduler_config(cat_folder, tmp_path):
+    """The output's scheduler config is the base's as it was: a DDPMScheduler stays one, with its
+    variance_type (which diffrt does not read), and DDPMPipeline loads it as such."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    base = save_pretrained_pixel_model(tmp_path / "base")
+    DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                  clip_sample=False, variance_type="fixed_large").save_pretrained(base / "scheduler")
+    out = tmp_path / "out"
+    finetune(FinetuneConfig(model=str(base), data=str(cat_folder), num_samples=1, sample_steps=1,
+                            train=train_config(out, max_steps=1, batch_size=2, checkpoint_every=1)))
+    saved = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved == json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = DDPMPipeline.from_pretrained(out / "model").scheduler
+    assert isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type == "fixed_large"
+    assert load_pixel_model(out / "model").scheduler == load_pixel_model(base).scheduler
+
+
+def test_finetune_names_the_classes_of_its_data(cat_folder, tmp_path):
+    """A class-conditioned model fine-tuned on class folders is saved with those folders' names:
+    label i is now folder i."""
+    base = save_pretrained_pixel_model(tmp_path / "base", conditioning="class_embedding", num_classes=2)
+    assert load_pixel_model(base).info.class_names == []
+    for name in ("cat", "kitten"):
+        shutil.copytree(cat_folder, tmp_path / "data" / name)
+    out = tmp_path / "out"
+    finetune(FinetuneConfig(model=str(base), data=str(tmp_path / "data"), sample_steps=1,
+                            train=train_config(out, max_steps=1, batch_size=2, checkpoint_every=1)))
+    assert load_pixel_model(out / "model").info.class_names == ["cat", "kitten"]
+
+
+def test_finetune_refuses_a_latent_pipeline(cat_folder, tmp_path):
+    """An LDMPipeline's UNet2DModel denoises VQ-VAE latents: it is refused, not trained on pixels."""
+    base = save_pretrained_pixel_model(tmp_path / "ldm")
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, "_class_name": "LDMPipeline", "vqvae": ["diffusers", "VQModel"]}))
+    with pytest.raises(DiffrtError, match="latent pipeline"):
+        finetune(FinetuneConfig(model=str(base), data=str(cat_folder), train=train_config(tmp_path / "out", max_steps=1)))
+    assert not (tmp_path / "out").exists()
+
+
 # -- DreamBooth-LoRA ----------------------------------------------------------------------------
 
 DB_STEPS = 4
@@ -629,6 +670,22 @@ def test_class_cond_on_class_folders(bad_inputs, tmp_path):
     assert len(result.losses) == 2 and np.isfinite(result.losses).all()
     model = load_pixel_model(tmp_path / "model")
     assert model.info.num_classes == 2 and model.info.class_names == ["a", "b"]
+
+
+def test_class_cond_default_grid_is_the_shipped_models(shipped_model_dir):
+    """The class-cond trainer's final grid at its default settings, drawn from the shipped digits
+    model, is the training_samples.png its README says the README's command made (CFG 3)."""
+    from PIL import Image
+
+    from diffrt.images import make_grid, to_uint8
+    from diffrt.train.pixel import pixel_sample_fn
+
+    defaults = ClassCondConfig()
+    images = pixel_sample_fn(load_pixel_model(shipped_model_dir), defaults.sample_steps, defaults.sample_guidance_scale)()
+    grid = to_uint8(make_grid(images, nrow=8, scale=64 // images.shape[-1])[None])[0].astype(np.int16)
+    shipped = np.asarray(Image.open(shipped_model_dir / "training_samples.png").convert("RGB"), dtype=np.int16)
+    assert grid.shape == shipped.shape
+    assert np.abs(grid - shipped).mean() < 0.5  # CFG 2 instead of 3: about 16
 
 
 def test_resume_with_other_settings_fails_clearly(class_cond_runs, tmp_path):

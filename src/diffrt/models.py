@@ -183,26 +183,35 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
         state = load_file(folder / "class_embedding" / "model.safetensors")
         class_embedding = nn.Embedding(*state["weight"].shape)
         class_embedding.load_state_dict(state)
-    scheduler_file = next((p for p in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json") if p.is_file()), None)
+    scheduler_file = scheduler_config_file(folder)
     scheduler = DDIMConfig.from_scheduler_config(json.loads(scheduler_file.read_text())) if scheduler_file else DDIMConfig()
     model = PixelModel(PixelUNet(unet, info, class_embedding), scheduler, folder)
     model.unet.eval().requires_grad_(False)
     return model
 
 
-def save_pixel_model(model: PixelModel, out: str | Path) -> Path:
-    """Write a pipeline folder atomically: built in a temporary sibling, then renamed into place."""
+def scheduler_config_file(folder: Path) -> Path | None:
+    """The scheduler config of a pipeline folder (scheduler/) or of a bare UNet folder, if it has one."""
+    return next((p for p in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json") if p.is_file()), None)
+
+
+def save_pixel_model(model: PixelModel, out: str | Path, scheduler_config: dict | None = None) -> Path:
+    """Write a pipeline folder atomically: built in a temporary sibling, then renamed into place.
+
+    `scheduler_config` (a diffusers scheduler config, as read) is written as it is, class and all,
+    instead of the DDIMScheduler config of `model.scheduler`: a fine-tuned model keeps the scheduler
+    its base came with (a DDPMScheduler's variance_type too), and DDIMPipeline converts it on load."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.unet.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        sched = {"_class_name": "DDIMScheduler", **model.scheduler.to_scheduler_config()}
+        sched = scheduler_config or {"_class_name": "DDIMScheduler", **model.scheduler.to_scheduler_config()}
         atomic.write_json(tmp / "scheduler" / "scheduler_config.json", sched)
         atomic.write_json(tmp / "model_index.json", {
             "_class_name": "DDIMPipeline",
             "unet": ["diffusers", "UNet2DModel"],
-            "scheduler": ["diffusers", "DDIMScheduler"],
+            "scheduler": ["diffusers", sched.get("_class_name") or "DDIMScheduler"],
         })
         atomic.write_json(tmp / DIFFRT_CONFIG, asdict(model.info))
         if model.info.conditioning == "class_channels":

@@ -5,8 +5,9 @@ UNet2DModel folder) and keeps everything it was trained with: the noise schedule
 prediction type of its own scheduler config define the DDPM objective here (Ho et al. 2020,
 Algorithm 1), and a class-conditioned model keeps its labels (and label dropout, so it stays
 usable with classifier-free guidance). Images of any size are resized and cropped to the
-model's sample size. The result is a pipeline folder (`out/model`) that
-`UNet2DModel.from_pretrained(out/model, subfolder="unet")` and `diffrt export` both read.
+model's sample size. The result is a pipeline folder (`out/model`), with the base's scheduler
+config as it was and the data's class names, that `UNet2DModel.from_pretrained(out/model,
+subfolder="unet")` and `diffrt export` both read.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from diffrt.data import ImageDataset, load_source
 from diffrt.errors import DataError, DiffrtError
-from diffrt.models import PixelModel, load_pixel_model, save_pixel_model
+from diffrt.models import PixelModel, load_pixel_model, save_pixel_model, scheduler_config_file
 from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
 from diffrt.train.pixel import pixel_loss_fn, pixel_sample_fn
 
@@ -56,6 +57,11 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     config.validate()
     _require_unet2d(Path(config.model))
     model = load_pixel_model(config.model)
+    # The base's scheduler config, saved with the result as it is (load_pixel_model keeps the part
+    # that DDIM sampling and the objective read; the rest, such as a DDPMScheduler's variance_type,
+    # and the scheduler class are the base's too).
+    scheduler_file = scheduler_config_file(Path(config.model))
+    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file else None
     dataset = _load_data(config, model)
     if config.train.gradient_checkpointing:
         model.unet.unet.enable_gradient_checkpointing()
@@ -69,12 +75,12 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale, num_images=config.num_samples)
 
     started = time.time()
-    return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),
+    return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started, scheduler_config),
                  sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": trainer_state(config)})
 
 
 def _require_unet2d(folder: Path) -> None:
-    """A text-to-image folder also has unet/config.json; say which trainer fits it instead."""
+    """A text-to-image or latent pipeline folder also has unet/config.json; say so instead of training it on pixels."""
     config_file = folder / "unet" / "config.json" if (folder / "unet").is_dir() else folder / "config.json"
     try:
         class_name = json.loads(config_file.read_text()).get("_class_name", "UNet2DModel")
@@ -83,6 +89,16 @@ def _require_unet2d(folder: Path) -> None:
     if class_name != "UNet2DModel":
         raise DiffrtError(f"{folder} holds a {class_name}; `diffrt train finetune` fine-tunes a pixel-space UNet2DModel "
                           "(for a text-to-image pipeline use `diffrt train dreambooth-lora`)")
+    # A latent pipeline's UNet2DModel (LDMPipeline: vqvae/ + unet/) denoises the autoencoder's latents,
+    # not images: trained on pixels here, it would be silently ruined and saved without its autoencoder.
+    try:
+        components = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return
+    latent = [name for name in ("vqvae", "vae") if isinstance(components, dict) and components.get(name)]
+    if latent:
+        raise DiffrtError(f"{folder} is a latent pipeline ({components.get('_class_name')}, with {latent[0]}/): its UNet "
+                          "denoises latents, not images; `diffrt train finetune` fine-tunes pixel-space UNet2DModels")
 
 
 def _load_data(config: FinetuneConfig, model: PixelModel) -> ImageDataset:
@@ -94,6 +110,12 @@ def _load_data(config: FinetuneConfig, model: PixelModel) -> ImageDataset:
     if labelled and dataset.num_classes != info.num_classes:
         raise DataError(f"{config.model} is conditioned on {info.num_classes} classes but {config.data} has "
                         f"{dataset.num_classes} ({', '.join(dataset.class_names)}); give one folder per class of the model")
+    if labelled and dataset.class_names != info.class_names:
+        # Label i is now the data's class i (folders in name order): the saved model names those.
+        if info.class_names:
+            log.warning("%s names its classes %s; label i is now class folder i of %s: %s", config.model,
+                        ", ".join(info.class_names), config.data, ", ".join(dataset.class_names))
+        info.class_names = list(dataset.class_names)
     channels = model.unet.out_channels
     if channels == 1:
         dataset = dataset.to_grey()
@@ -102,7 +124,7 @@ def _load_data(config: FinetuneConfig, model: PixelModel) -> ImageDataset:
     return dataset
 
 
-def _save(model: PixelModel, out: Path, config: FinetuneConfig, started: float) -> None:
+def _save(model: PixelModel, out: Path, config: FinetuneConfig, started: float, scheduler_config: dict | None) -> None:
     model.info.training = {
         "trainer": "finetune", "base_model": str(config.model), "data": config.data,
         "seed": config.train.seed, "steps": config.train.max_steps, "batch_size": config.train.batch_size,
@@ -110,5 +132,5 @@ def _save(model: PixelModel, out: Path, config: FinetuneConfig, started: float) 
         "torch": torch.__version__,
     }
     model.unet.eval()
-    save_pixel_model(model, out / "model")
+    save_pixel_model(model, out / "model", scheduler_config=scheduler_config)
     log.info("saved the fine-tuned model to %s", out / "model")
