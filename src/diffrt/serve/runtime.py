@@ -183,28 +183,39 @@ class ServeRuntime:
 
     async def generate(self, body: GenerateBody) -> Answer:
         job = await asyncio.to_thread(self.submit, body)  # planning draws noise and decodes images: off the event loop
-        try:
-            answer = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self.config.timeout_s)
-        except asyncio.TimeoutError:
-            job.future.cancel()
-            raise self._timeout_error() from None
-        except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
-            raise self._run_error(exc) from None
-        self.metrics.observe_timings(answer.timings_ms, len(answer.images))
-        return answer
+        with self._answer_errors(job):
+            answer = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self._time_left(job))
+        return self._observed(answer)
 
     def generate_sync(self, body: GenerateBody) -> Answer:
         return self.wait(self.submit(body))
 
     def wait(self, job: Job) -> Answer:
         """Block until a submitted job's answer; RequestError (504, 500, 503) when it has none."""
+        with self._answer_errors(job):
+            answer = job.future.result(timeout=self._time_left(job))
+        return self._observed(answer)
+
+    @staticmethod
+    def _time_left(job: Job) -> float:
+        return max(0.0, job.deadline - time.monotonic())  # the timeout runs from submission, for both ways of waiting
+
+    @contextlib.contextmanager
+    def _answer_errors(self, job: Job):
+        """What waiting for a job can raise, as the RequestError a client gets: past its deadline
+        (or cancelled) a 504 that frees its queue slot, a failed batch 500/503."""
         try:
-            answer = job.future.result(timeout=max(0.0, job.deadline - time.monotonic()))
-        except (FutureTimeout, CancelledError):
+            yield
+        except asyncio.CancelledError:  # the waiting task itself is cancelled (a client gone): free the slot, stay cancelled
+            job.future.cancel()
+            raise
+        except (TimeoutError, FutureTimeout, CancelledError):
             job.future.cancel()
             raise self._timeout_error() from None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
             raise self._run_error(exc) from None
+
+    def _observed(self, answer: Answer) -> Answer:
         self.metrics.observe_timings(answer.timings_ms, len(answer.images))
         return answer
 
