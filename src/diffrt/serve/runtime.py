@@ -49,23 +49,33 @@ class RuntimeConfig:
     cuda_graph: bool = True  # tensorrt: replay captured CUDA graphs, one per request shape seen
 
 
-def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
-    """The worker for the model's kind: text-to-image (prompts, ControlNet) or pixel-space (class labels)."""
+def served_model(model: str | None, backend: str) -> str | None:
+    """What can be checked at once about a model to serve, in one line each, before anything loads:
+    the backend is one diffrt knows, a Hub id becomes its cached snapshot, a folder is a model or an
+    artifact. Returns the model's folder (None: the shipped digits model)."""
     from pathlib import Path
 
-    from diffrt.runtime.opening import is_text_to_image
     from diffrt.hub import resolve_model
     from diffrt.models import require_model_dir
-    from diffrt.runtime.backends import require_backend, resolve_device
+    from diffrt.runtime.backends import require_backend
     from diffrt.runtime.loading import is_artifact
-    from diffrt.text_to_image_models import controlnet_paths
 
-    # What can be checked at once is, in one line, before the worker thread starts loading.
-    require_backend(config.backend)
-    model = None if config.model is None else str(resolve_model(config.model))  # a Hub id: its cached snapshot
-    controlnet = [str(resolve_model(c)) for c in controlnet_paths(config.controlnet)] or None
+    require_backend(backend)
+    model = None if model is None else str(resolve_model(model))
     if model is not None and not is_artifact(Path(model)):
         require_model_dir(model)
+    return model
+
+
+def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
+    """The worker for the model's kind: text-to-image (prompts, ControlNet) or pixel-space (class labels)."""
+    from diffrt.hub import resolve_model
+    from diffrt.runtime.backends import resolve_device
+    from diffrt.runtime.opening import is_text_to_image
+    from diffrt.text_to_image_models import controlnet_paths
+
+    model = served_model(config.model, config.backend)
+    controlnet = [str(resolve_model(c)) for c in controlnet_paths(config.controlnet)] or None
 
     common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
                   max_batch_size=config.max_batch_size, exact_batching=config.exact_batching,

@@ -272,12 +272,9 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
     """Write `<out>/<config.name>` (config.pbtxt, 1/model.py, 1/model/) and return its path. The
     model folder is written to a temporary name and renamed: an interrupted run leaves nothing
     Triton would load."""
-    from diffrt.hub import resolve_model
-    from diffrt.models import require_model_dir
-    from diffrt.runtime.backends import require_backend
-    from diffrt.runtime.loading import is_artifact
+    from diffrt.serve.runtime import served_model
 
-    require_backend(config.backend)
+    model = served_model(config.model, config.backend)
     if config.device is None:  # the serving machine may not be this one: cuda is not required here
         import torch
 
@@ -288,9 +285,6 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
         raise DiffrtError("--max-batch-size and --instances must be at least 1")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", config.name):
         raise DiffrtError(f"--name {config.name!r}: a Triton model name here is letters, digits, '_', '.' and '-', not starting with '.' or '-'")
-    model = None if config.model is None else str(resolve_model(config.model))
-    if model is not None and not is_artifact(Path(model)):
-        require_model_dir(model)
     text_to_image, controlnet = model_kind(model)
     out = Path(out)
     final = out / config.name
