@@ -278,14 +278,12 @@ def read_lora(path: str | Path) -> LoraFile:
             component, module, role, style = parsed
         styles.add("kohya" if style == "kohya" else "dotted")
         entry = entries.setdefault((component, module), {"style": style, "keys": {}})
-        if role in entry:  # two namings of one module (`to_q.lora_A` and `to_q.lora.down`): one would be dropped
+        if role in entry["keys"]:  # two namings of one module (`to_q.lora_A` and `to_q.lora.down`): one would be dropped
             raise LoraError(
                 f"{path}: keys {entry['keys'][role]} and {key} are both the {role} weight of {component}.{module}; keep one of them"
             )
         entry[role] = tensors[key]
         entry["keys"][role] = key
-        if role == "down":
-            entry["key"] = key
         if style != "peft":
             entry["style"] = style
     if unrecognised:
@@ -333,7 +331,7 @@ def read_lora(path: str | Path) -> LoraFile:
                 down=down,
                 up=up,
                 alpha=alpha,
-                key=entry["key"],
+                key=entry["keys"]["down"],
                 underscored=entry["style"] == "kohya",
                 aliases=aliases,
                 use_rslora=use_rslora,
