@@ -423,3 +423,27 @@ def test_size_range_export_matches_pytorch_at_two_resolutions(classemb_model_dir
         assert got.shape == (batch, 3, size, size) and compare(want, got).max_rel <= 1e-4, size
     with pytest.raises(ShapeOutOfRangeError, match="height"):
         pipe.unet.spec.check(pipe.unet.spec.example_feed("opt", height=36, width=36))
+
+
+@pytest.mark.parametrize("options", [ExportOptions(batch=(4, 2, 1)), ExportOptions(batch=(0, 1, 2)),
+                                     ExportOptions(batch=(1, 1, 1), height=(32, 16, 16), width=(32, 16, 16))],
+                         ids=["batch-reversed", "batch-zero", "height-min-over-opt"])
+def test_reversed_or_zero_ranges_from_the_api_are_one_line(classemb_model_dir, tmp_path, options):
+    """The CLI's parse_range refuses these; ExportOptions built in Python must be refused the same way,
+    before any work (a reversed range was traced and recorded in the manifest as given; a zero batch
+    failed inside the trace with torch's reshape error)."""
+    from diffrt.errors import DiffrtError
+
+    with pytest.raises(DiffrtError, match=r"range .* must be \(MIN, OPT, MAX\) integers with 1 <= MIN <= OPT <= MAX"):
+        export_pixel_model(classemb_model_dir, tmp_path / "a", options)
+    assert not (tmp_path / "a").exists()
+
+
+def test_size_not_a_multiple_of_the_unets_factor_is_one_line(tmp_path):
+    """The shipped UNet halves its input twice: 30 px does not halve exactly, and was a torch
+    RuntimeError (mismatched skip connections) from inside the trace; now one line before any work."""
+    from diffrt.errors import DiffrtError
+
+    with pytest.raises(DiffrtError, match=r"--height 16:30:32: every value must be a multiple of 4 .* got 30"):
+        export_pixel_model(None, tmp_path / "a", ExportOptions(batch=(1, 1, 1), height=(16, 30, 32)))
+    assert not (tmp_path / "a").exists()

@@ -85,6 +85,18 @@ def parse_range(text: str, name: str) -> tuple[int, int, int]:
     return tuple(parts)
 
 
+def check_range(value: tuple[int, int, int] | None, name: str) -> None:
+    """`parse_range`'s rule for ranges given to ExportOptions directly (the Python API skips the CLI's
+    parsing): a reversed or zero range would be traced and recorded in the manifest as it stands,
+    and fail later, or never, with no word of which option was wrong."""
+    if value is None:
+        return
+    ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(v, int) for v in value)
+    if not ok or not 1 <= value[0] <= value[1] <= value[2]:
+        raise DiffrtError(f"{name} range {tuple(value) if isinstance(value, (tuple, list)) else value!r} must be "
+                          f"(MIN, OPT, MAX) integers with 1 <= MIN <= OPT <= MAX, e.g. (1, 2, 4)")
+
+
 def check_options(options: ExportOptions, out: Path | None = None) -> None:
     """Refuse, in one line, an export that cannot succeed, before any model is loaded or traced."""
     if out is not None and out.exists() and not out.is_dir():
@@ -92,6 +104,8 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
     for path, _ in options.loras:
         if not Path(path).is_file():
             raise LoraError(f"LoRA file not found: {path}; pass a .safetensors file (FILE[:SCALE])")
+    for name in ("batch", "height", "width"):
+        check_range(getattr(options, name), name)
     if options.exporter not in EXPORTERS:
         raise DiffrtError(f"--exporter {options.exporter!r} is not one of {', '.join(EXPORTERS)}")
     if options.onnx_opset < MIN_OPSET:
@@ -158,9 +172,17 @@ def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
     size = model.unet.sample_size
     if options.width and options.width != (options.height or (size, size, size)):
         raise DiffrtError("pixel models are exported square: give --width equal to --height")
+    # The UNet halves the image once per down block but the last; a size that does not halve
+    # exactly fails inside the trace (mismatched skip connections), so it is refused here by name.
+    multiple = 2 ** (len(model.unet.unet.config.block_out_channels) - 1)
+    sizes = options.height or (size, size, size)
+    bad = [s for s in sizes if s % multiple]
+    if bad:
+        raise DiffrtError(f"--height {':'.join(map(str, sizes))}: every value must be a multiple of {multiple} "
+                          f"(the UNet halves the image {multiple.bit_length() - 1} times), got {bad[0]}")
     return pixel_unet_spec(model.unet.out_channels, size, model.info.conditioning != "none",
-                           num_labels=model.info.num_classes + 1, batch=options.batch,
-                           size=options.height or (size, size, size))
+                           num_labels=model.info.num_classes + 1, batch=options.batch, size=sizes,
+                           multiple=max(multiple, 4))  # 4: the spec's default, so existing keys stay
 
 
 def pixel_export_key(source_sha256: str, spec: ComponentSpec, options: ExportOptions) -> str:
