@@ -316,3 +316,21 @@ def test_an_artifact_with_lora_falls_back_to_pytorch_with_the_same_lora(classemb
     lora.write_bytes(lora.read_bytes()[:-8] + b"\0" * 8)  # the LoRA file changed since export
     with pytest.raises(ArtifactError, match="missing or changed"):
         open_pixel_pipeline(artifact, "torch", CPU)
+
+
+def test_a_size_the_unet_cannot_halve_is_one_line_on_eager_torch():
+    """A 4-level UNet halves a side 3 times: 12 px would mismatch its skip connections inside the
+    UNet; the pipeline refuses it by name first, and takes a multiple of 8."""
+    from diffrt.errors import ShapeOutOfRangeError
+    from diffrt.models import build_pixel_model, small_unet_config
+    from diffrt.runtime.loading import torch_pixel_pipeline
+
+    torch.manual_seed(0)
+    config = small_unet_config(sample_size=16, widths=(16, 16, 16), attention=False)
+    config.update(block_out_channels=[16] * 4, down_block_types=["DownBlock2D"] * 4, up_block_types=["UpBlock2D"] * 4)
+    model = build_pixel_model(config)
+    assert model.unet.size_multiple == 8
+    pipe = torch_pixel_pipeline(model)
+    with pytest.raises(ShapeOutOfRangeError, match="height 12 is not a multiple of 8"):
+        pipe(num_images=1, num_inference_steps=1, height=12, width=12, output_type="pt")
+    assert pipe(num_images=1, num_inference_steps=1, height=24, width=24, output_type="pt").images.shape == (1, 3, 24, 24)

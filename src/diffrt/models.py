@@ -94,6 +94,12 @@ class PixelUNet(nn.Module):
     def out_channels(self) -> int:
         return self.unet.config.out_channels
 
+    @property
+    def size_multiple(self) -> int:
+        """What every image side must be a multiple of: the UNet halves it once per down block but the
+        last, and a side that does not halve exactly mismatches the skip connections."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.info.conditioning == "class_channels":
             return self.net(sample, timestep, class_labels)

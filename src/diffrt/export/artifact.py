@@ -172,9 +172,8 @@ def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
     size = model.unet.sample_size
     if options.width and options.width != (options.height or (size, size, size)):
         raise DiffrtError("pixel models are exported square: give --width equal to --height")
-    # The UNet halves the image once per down block but the last; a size that does not halve
-    # exactly fails inside the trace (mismatched skip connections), so it is refused here by name.
-    multiple = 2 ** (len(model.unet.unet.config.block_out_channels) - 1)
+    # A size the UNet cannot halve exactly fails inside the trace, so it is refused here by name.
+    multiple = model.unet.size_multiple
     sizes = options.height or (size, size, size)
     bad = [s for s in sizes if s % multiple]
     if bad:

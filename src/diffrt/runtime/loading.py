@@ -53,7 +53,8 @@ def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", 
     from diffrt.runtime.backends.torch_eager import TorchBackend
 
     spec = pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
-                           num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096))
+                           num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096),
+                           multiple=max(model.unet.size_multiple, 4))  # a size the UNet cannot halve: one line, not a traceback
     backend = TorchBackend(model.unet, spec, device=device, compile=compile)
     lora = TorchLora({"unet": model.unet.unet}, loras) if loras else None  # after the move to the device
     return PixelPipeline(backend, model.scheduler, model.info, channels=model.unet.out_channels,
