@@ -433,13 +433,20 @@ def _image_batch(image, height: int | None, width: int | None, multiple: int = 1
     return image
 
 
-def _img2img_schedule(schedule: ddim.DDIMSchedule, num_inference_steps: int, strength: float) -> ddim.DDIMSchedule:
-    """Keep the last int(N * strength) steps, as diffusers' img2img `get_timesteps` does."""
+def check_strength(strength: float, num_inference_steps: int) -> int:
+    """img2img's first step: the last int(N * strength) steps run, as diffusers' `get_timesteps`
+    keeps them; a strength outside [0, 1] or one that leaves no step is one line."""
     if not 0.0 <= strength <= 1.0:
         raise DiffrtError(f"strength must be in [0, 1], got {strength}")
     t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
     if t_start >= num_inference_steps:
         raise DiffrtError(f"strength {strength} x {num_inference_steps} steps leaves no denoising step; raise either")
+    return t_start
+
+
+def _img2img_schedule(schedule: ddim.DDIMSchedule, num_inference_steps: int, strength: float) -> ddim.DDIMSchedule:
+    """Keep the last int(N * strength) steps, as diffusers' img2img `get_timesteps` does."""
+    t_start = check_strength(strength, num_inference_steps)
     return dataclasses.replace(schedule, timesteps=schedule.timesteps[t_start:], alpha_bar=schedule.alpha_bar[t_start:],
                                alpha_bar_prev=schedule.alpha_bar_prev[t_start:])
 

@@ -49,7 +49,7 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, image_side
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, check_strength, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    settings_key, split_answers)
@@ -256,16 +256,18 @@ class TextToImageWorker(BatchingWorker):
         except DiffrtError as exc:
             raise RequestError(422, f"num_images: {exc}", "num_images", profile=isinstance(exc, ShapeOutOfRangeError)) from None
         strength = 0.8 if body.strength is None else body.strength
-        if init is not None and int(body.num_inference_steps * strength) < 1:
-            raise RequestError(422, f"strength: {strength} x {body.num_inference_steps} steps leaves no denoising step; "
-                               "raise strength or num_inference_steps", "strength")
+        if init is not None:
+            try:
+                check_strength(strength, body.num_inference_steps)  # the pipeline's own rule, before the request queues
+            except DiffrtError as exc:
+                raise RequestError(422, f"strength: {exc}", "strength") from None
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         f = pipe.vae_factor
         latents, generator = None, None
         if init is None:
             latents, generator = draw_noise(seed, (body.num_images, pipe.latent_channels, height // f, width // f),
                                             keep_generator=body.eta > 0)
-        # The resolved size: with a control image it is the image's own, which the pipeline then leaves unresized.
+        # The resolved size: with an image, its own rounded down to the VAE's multiple (the pipeline resizes to it).
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
                     "guidance_scale": guidance_scale, "eta": body.eta, "guidance_rescale": body.guidance_rescale or 0.0}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
