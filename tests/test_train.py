@@ -233,6 +233,33 @@ def test_finetune_uses_the_models_prediction_type(cat_folder, tmp_path):
     assert json.loads((tmp_path / "out" / "model" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
 
+def test_finetune_weighs_a_sample_prediction_by_snr(cat_folder, tmp_path):
+    """For an x0 ("sample") model the first logged loss is diffusers' train_unconditional.py loss on
+    the same draws: the MSE to the clean images, each pixel weighted by alpha_bar / (1 - alpha_bar)
+    of its sample's timestep, then averaged."""
+    from diffusers import DDPMScheduler
+
+    from diffrt.data import load_image_folder
+    from diffrt.train.loop import step_generator
+
+    base = save_pretrained_pixel_model(tmp_path / "base", scheduler=DDIMConfig(prediction_type="sample"))
+    bs = 4
+    result = finetune(FinetuneConfig(model=str(base), data=str(cat_folder), num_samples=1, sample_steps=1,
+                                     train=train_config(tmp_path / "out", max_steps=1, batch_size=bs, checkpoint_every=1)))
+    g = step_generator(0, 0)
+    x0 = load_image_folder(cat_folder, 8).images[torch.randint(0, 4, (bs,), generator=g)]
+    t = torch.randint(0, 1000, (bs,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    oracle = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = load_pixel_model(base).unet.to(device)
+    with torch.no_grad():
+        pred = unet(oracle.add_noise(x0, noise, t).to(device), t.to(device)).cpu()
+    alpha_t = oracle.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = (alpha_t / (1 - alpha_t) * torch.nn.functional.mse_loss(pred, x0, reduction="none")).mean().item()
+    assert result.losses[0] == pytest.approx(expected, rel=1e-4)
+
+
 def test_finetune_keeps_the_base_scheduler_config(cat_folder, tmp_path):
     """The output's scheduler config is the base's as it was: a DDPMScheduler stays one, with its
     variance_type (which diffrt does not read), and DDPMPipeline loads it as such."""

@@ -1,5 +1,10 @@
 """The DDPM training objective (Ho et al. 2020, Algorithm 1): noise a clean sample to a random
-timestep with q(x_t | x_0) and regress the model's prediction on the noise (or on v)."""
+timestep with q(x_t | x_0) and regress the model's prediction on the noise (or on v, or on x0).
+
+An x0 ("sample") prediction's error is weighted by the timestep's SNR, alpha_bar / (1 - alpha_bar),
+as diffusers' train_unconditional.py weighs it: that makes it the epsilon loss of the same
+prediction (x0 - x0_hat = sqrt(1 - alpha_bar) / sqrt(alpha_bar) * (eps_hat - eps)), where a plain
+MSE on x0 would let the low-noise timesteps, where x0 is nearly given, count for almost nothing."""
 
 from __future__ import annotations
 
@@ -34,9 +39,14 @@ def diffusion_loss(model_fn: ModelFn, x0: torch.Tensor, alphas_cumprod: torch.Te
     else:
         target = x0
     pred = model_fn(x_t, t.to(x0.device))
-    if weights is None:
+    if weights is None and prediction_type != "sample":
         return F.mse_loss(pred.float(), target.float())
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if prediction_type == "sample":
+        snr = alpha_bar.float() / (1 - alpha_bar.float())
+        per_sample = snr.to(per_sample) * per_sample
+    if weights is None:
+        return per_sample.mean()
     return (weights.to(per_sample) * per_sample).sum()
 
 
