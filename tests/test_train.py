@@ -204,32 +204,38 @@ def test_finetune_class_conditioned_model_on_digits(tmp_path):
         finetune(FinetuneConfig(model=str(wrong), data="digits", train=train_config(tmp_path / "x")))
 
 
-def test_finetune_uses_the_models_prediction_type(cat_folder, tmp_path):
-    """The first logged loss equals the MSE to diffusers' own v target (DDPMScheduler.get_velocity)
-    on the same draws, for a model whose scheduler says v_prediction with a cosine schedule."""
+def first_finetune_step(base: Path, cat_folder: Path, out: Path, bs: int = 4):
+    """Fine-tune `base` one step; return its logged loss and, redrawn in the trainer's order (batch
+    indices, then timesteps, then noise), that step's draws with the base UNet's prediction on
+    them and diffusers' DDPMScheduler of the base."""
     from diffusers import DDPMScheduler
 
     from diffrt.data import load_image_folder
     from diffrt.train.loop import step_generator
 
-    scheduler = DDIMConfig(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
-    base = save_pretrained_pixel_model(tmp_path / "base", scheduler=scheduler)
-    bs = 4
     result = finetune(FinetuneConfig(model=str(base), data=str(cat_folder), num_samples=1, sample_steps=1,
-                                     train=train_config(tmp_path / "out", max_steps=1, batch_size=bs, checkpoint_every=1)))
-    # The same draws, in the trainer's order: batch indices, then timesteps, then noise.
+                                     train=train_config(out, max_steps=1, batch_size=bs, checkpoint_every=1)))
     g = step_generator(0, 0)
     x0 = load_image_folder(cat_folder, 8).images[torch.randint(0, 4, (bs,), generator=g)]
     t = torch.randint(0, 1000, (bs,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     oracle = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    assert oracle.config.prediction_type == "v_prediction"
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer ran: the same conv kernels (TF32 on a GPU)
     unet = load_pixel_model(base).unet.to(device)
     with torch.no_grad():
         pred = unet(oracle.add_noise(x0, noise, t).to(device), t.to(device)).cpu()
+    return result.losses[0], x0, t, noise, pred, oracle
+
+
+def test_finetune_uses_the_models_prediction_type(cat_folder, tmp_path):
+    """The first logged loss equals the MSE to diffusers' own v target (DDPMScheduler.get_velocity)
+    on the same draws, for a model whose scheduler says v_prediction with a cosine schedule."""
+    scheduler = DDIMConfig(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
+    base = save_pretrained_pixel_model(tmp_path / "base", scheduler=scheduler)
+    loss, x0, t, noise, pred, oracle = first_finetune_step(base, cat_folder, tmp_path / "out")
+    assert oracle.config.prediction_type == "v_prediction"
     expected = torch.nn.functional.mse_loss(pred, oracle.get_velocity(x0, noise, t)).item()
-    assert result.losses[0] == pytest.approx(expected, rel=1e-4)
+    assert loss == pytest.approx(expected, rel=1e-4)
     assert json.loads((tmp_path / "out" / "model" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
 
@@ -237,27 +243,11 @@ def test_finetune_weighs_a_sample_prediction_by_snr(cat_folder, tmp_path):
     """For an x0 ("sample") model the first logged loss is diffusers' train_unconditional.py loss on
     the same draws: the MSE to the clean images, each pixel weighted by alpha_bar / (1 - alpha_bar)
     of its sample's timestep, then averaged."""
-    from diffusers import DDPMScheduler
-
-    from diffrt.data import load_image_folder
-    from diffrt.train.loop import step_generator
-
     base = save_pretrained_pixel_model(tmp_path / "base", scheduler=DDIMConfig(prediction_type="sample"))
-    bs = 4
-    result = finetune(FinetuneConfig(model=str(base), data=str(cat_folder), num_samples=1, sample_steps=1,
-                                     train=train_config(tmp_path / "out", max_steps=1, batch_size=bs, checkpoint_every=1)))
-    g = step_generator(0, 0)
-    x0 = load_image_folder(cat_folder, 8).images[torch.randint(0, 4, (bs,), generator=g)]
-    t = torch.randint(0, 1000, (bs,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    oracle = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    unet = load_pixel_model(base).unet.to(device)
-    with torch.no_grad():
-        pred = unet(oracle.add_noise(x0, noise, t).to(device), t.to(device)).cpu()
+    loss, x0, t, _, pred, oracle = first_finetune_step(base, cat_folder, tmp_path / "out")
     alpha_t = oracle.alphas_cumprod[t].view(-1, 1, 1, 1)
     expected = (alpha_t / (1 - alpha_t) * torch.nn.functional.mse_loss(pred, x0, reduction="none")).mean().item()
-    assert result.losses[0] == pytest.approx(expected, rel=1e-4)
+    assert loss == pytest.approx(expected, rel=1e-4)
 
 
 def test_finetune_keeps_the_base_scheduler_config(cat_folder, tmp_path):
