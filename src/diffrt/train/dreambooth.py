@@ -251,7 +251,9 @@ def load_components(folder: Path, device: torch.device, dtype: torch.dtype) -> C
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True, dtype=dtype)
+    # Cast after loading: transformers < 4.56 (which pyproject admits) has no `dtype=` argument and
+    # hands it on to CLIPTextModel.__init__ (a TypeError), while >= 4.56 deprecates `torch_dtype=`.
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).to(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(device)

@@ -23,7 +23,9 @@ its offset, so such an input is copied first.
 Refit (`refit`, used by lora_scale's EngineLora). The loaded engine's weights are swapped in memory
 (the engine file is untouched). TensorRT leaves a refit undefined while work is enqueued, so the
 device is synchronised first; contexts stay valid, but captured graphs are dropped and captured
-again on their next run, since TensorRT promises nothing about the buffers a graph baked in.
+again on their next run, since TensorRT promises nothing about the buffers a graph baked in. That
+holds for every clone of the backend too: they share the engine, so a refit through one drops the
+graphs of all (a refit count they share tells them).
 
 CUDA graphs (`cuda_graph=True`). Launch overhead is a real share of a small UNet's step. The
 first run for each input-shape key captures the engine's launch into a CUDA graph over static
@@ -123,6 +125,7 @@ class TensorRTBackend:
         self.cuda_graph = cuda_graph
         # The runtime must outlive the engine, and the engine its contexts: keep all three.
         self._trt, self._runtime, self.engine = load_engine(engine_path, self.device)
+        self._refits = [0]  # refits of the engine, one counter shared by every clone (copy.copy keeps it)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == self._trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
@@ -151,6 +154,7 @@ class TensorRTBackend:
             self.stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
         self._graphs: dict[tuple, _Graph | None] = {}
+        self._graphs_refit = self._refits[0]  # the engine's refit count when these graphs were captured
         self._graph_memory: torch.Tensor | None = None  # activation memory the graph contexts share
 
     @property
@@ -177,6 +181,7 @@ class TensorRTBackend:
             refitter = open_refitter(self._trt, self.engine, self.engine_path, logger)
             torch.cuda.synchronize(self.device)  # no enqueued work may be pending on the engine (IRefitter)
             self._graphs.clear()  # recaptured on their next run, after the refit
+            self._refits[0] += 1  # and so are the clones' graphs (see _run_graph)
             return set_engine_weights(self._trt, refitter, weights, self.engine_path, logger.errors)
 
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,6 +234,9 @@ class TensorRTBackend:
         return outputs
 
     def _run_graph(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._graphs_refit != self._refits[0]:  # a clone refit the shared engine since these were captured
+            self._graphs.clear()
+            self._graphs_refit = self._refits[0]
         key = tuple((n, tuple(t.shape)) for n, t in inputs.items())
         if key not in self._graphs:
             self._graphs[key] = self._capture(inputs) if len(self._graphs) < MAX_GRAPHS else None
