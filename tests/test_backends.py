@@ -5,9 +5,9 @@ The real engines are exercised by the `gpu` tests in test_tensorrt.py."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
+import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,7 +97,7 @@ def fake_backend(with_setter: bool = True):
     backend.spec = SimpleNamespace(name="unet")
     backend._trt = SimpleNamespace(ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="user-managed"))
     backend.engine = SimpleNamespace(device_memory_size_v2=4096, create_execution_context=create_execution_context)
-    backend._graphs, backend._graph_memory = {}, None
+    backend._graphs, backend._graph_memory, backend._refits, backend._graphs_refit = {}, None, [0], 0
     return backend, made
 
 
@@ -161,6 +161,29 @@ def test_a_feed_outside_the_profile_is_refused_before_tensorrt_sees_it(spec, siz
                     "text_encoder": text_encoder_spec(vocab_size=100, hidden_size=8, batch=(1, 2, 4))}[spec]
     with pytest.raises(ShapeOutOfRangeError, match=words):
         backend.run(backend.spec.example_feed("opt", **sizes))
+
+
+def test_a_refit_through_a_clone_drops_the_graphs_captured_before_it(monkeypatch):
+    # Clones share the engine (and its refit count): graphs captured on the old weights are
+    # captured again on the next run, whichever backend of the engine made the refit.
+    backend, _ = fake_backend()
+    captured = []
+
+    def capture(inputs):
+        captured.append(tuple(inputs["sample"].shape))
+        return None
+
+    monkeypatch.setattr(backend, "_capture", capture)
+    monkeypatch.setattr(backend, "_execute", lambda inputs: {})
+    feed = {"sample": torch.zeros(1, 3, 8, 8)}
+    backend._run_graph(feed)
+    backend._run_graph(feed)
+    assert len(captured) == 1
+    twin = copy.copy(backend)
+    twin._graphs = {}
+    twin._refits[0] += 1  # what twin.refit counts
+    backend._run_graph(feed)
+    assert len(captured) == 2
 
 
 def test_a_failed_capture_is_not_reported_as_cuda_graphs(monkeypatch):

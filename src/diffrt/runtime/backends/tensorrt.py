@@ -148,14 +148,25 @@ class TensorRTBackend:
 
     def _open_context(self) -> None:
         with torch.cuda.device(self.device):
-            self.context = self.engine.create_execution_context()
-            if self.context is None:
-                raise ArtifactError(f"TensorRT could not create an execution context for {self.engine_path} (out of GPU memory?)")
             self.stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
         self._graphs: dict[tuple, _Graph | None] = {}
         self._graphs_refit = self._refits[0]  # the engine's refit count when these graphs were captured
         self._graph_memory: torch.Tensor | None = None  # activation memory the graph contexts share
+        self._context = None
+        if not self.cuda_graph:
+            self._plain_context()  # made now, so that a GPU out of memory is an error at load
+
+    def _plain_context(self):
+        """The context of runs without a graph. A backend that replays graphs needs it only past
+        MAX_GRAPHS shapes or after a failed capture, so there it is made on first use: made up front
+        it would hold a second full block of activation memory besides the graphs' shared one."""
+        if self._context is None:
+            with torch.cuda.device(self.device):
+                self._context = self.engine.create_execution_context()
+            if self._context is None:
+                raise ArtifactError(f"TensorRT could not create an execution context for {self.engine_path} (out of GPU memory?)")
+        return self._context
 
     @property
     def replays_graphs(self) -> bool:
@@ -229,8 +240,9 @@ class TensorRTBackend:
             raise RuntimeError(f"TensorRT failed to run {self.spec.name} ({self.engine_path}); see the TensorRT log above")
 
     def _execute(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self._bind(self.context, inputs)
-        self._enqueue(self.context)
+        ctx = self._plain_context()
+        outputs = self._bind(ctx, inputs)
+        self._enqueue(ctx)
         return outputs
 
     def _run_graph(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
