@@ -11,13 +11,17 @@ we follow its conventions (timestep spacings of Lin et al. 2023, Table 2; `steps
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
+
+log = logging.getLogger(__name__)
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
@@ -43,9 +47,19 @@ class DDIMConfig:
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> "DDIMConfig":
-        """Read a diffusers scheduler config (any scheduler class); unknown keys are ignored."""
+        """Read a diffusers scheduler config (any scheduler class); unknown keys are ignored.
+
+        Another class's config (SD-1.5 ships PNDMScheduler) gives DDIM on that training schedule, as
+        diffusers' `DDIMScheduler.from_config(scheduler.config)` (and DDIMPipeline) do; its own sampler's
+        keys (karras sigmas, LCM's original_inference_steps, ...) have no DDIM meaning and are logged."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(config).items() if k in names}
+        other = config.get("_class_name")
+        if other not in (None, "DDIMScheduler"):
+            thresholding = {"thresholding", "dynamic_thresholding_ratio", "sample_max_value"}  # DDIM's own, checked below
+            unused = sorted(k for k in config if k not in names | thresholding and not k.startswith("_"))
+            log.info("the scheduler config names %s: diffrt samples with DDIM on its training schedule, as "
+                     "DDIMScheduler.from_config does; not used: %s", other, ", ".join(unused) or "nothing")
         if kwargs.get("trained_betas") is not None:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
         if config.get("thresholding"):
@@ -67,6 +81,9 @@ def make_betas(config: DDIMConfig) -> torch.Tensor:
     """beta_1..beta_T in float32, as the model was trained with."""
     T = config.num_train_timesteps
     if config.trained_betas is not None:
+        if len(config.trained_betas) < T:  # diffusers' step() fails with an IndexError at the later timesteps
+            raise DiffrtError(f"trained_betas has {len(config.trained_betas)} values but num_train_timesteps is {T}; "
+                              "give one beta per training step")
         betas = torch.tensor(config.trained_betas, dtype=torch.float32)
     elif config.beta_schedule == "linear":
         betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
@@ -91,7 +108,9 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     # Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so that the last step has SNR 0.
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    # Grouped as (sqrt_ab - last) * (first / (first - last)) to round as diffusers does: near zero SNR
+    # x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) magnifies a last-bit difference in alpha_bar.
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
     alpha_bar = sqrt_ab**2
     alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
     return 1 - alphas
@@ -108,13 +127,17 @@ def make_timesteps(config: DDIMConfig, num_inference_steps: int) -> torch.Tensor
     if not 1 <= num_inference_steps <= T:
         raise DiffrtError(f"num_inference_steps must be in [1, {T}] (the model's training steps), got {num_inference_steps}")
     n = num_inference_steps
+    if config.timestep_spacing == "leading":
+        return torch.arange(n - 1, -1, -1, dtype=torch.int64) * (T // n) + config.steps_offset
+    # linspace and trailing space the steps by a fraction; some land on k + 0.5 give or take the last
+    # bit, so the float arithmetic decides the timestep (48 trailing steps of 1000: 936 or 937).
+    # diffusers calls numpy's arange (start + i * delta) and linspace (i * step, the end set exactly);
+    # torch's fill theirs otherwise, so the same numpy calls make them here.
     if config.timestep_spacing == "linspace":
-        steps = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
-    elif config.timestep_spacing == "leading":
-        steps = (torch.arange(n, dtype=torch.float64) * (T // n)).round().flip(0) + config.steps_offset
+        steps = np.linspace(0, T - 1, n).round()[::-1]
     else:  # trailing
-        steps = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
-    return steps.to(torch.int64)
+        steps = np.arange(T, 0, -T / n).round() - 1
+    return torch.from_numpy(steps.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -135,6 +158,11 @@ class DDIMSchedule:
 def make_schedule(config: DDIMConfig, num_inference_steps: int) -> DDIMSchedule:
     alphas_cumprod = make_alphas_cumprod(config)
     timesteps = make_timesteps(config, num_inference_steps)
+    T = config.num_train_timesteps
+    if timesteps.max() >= T:  # diffusers' step() fails on it with an IndexError
+        raise DiffrtError(f"steps_offset {config.steps_offset} with {num_inference_steps} leading steps starts at "
+                          f"timestep {int(timesteps.max())}, past the model's last training step {T - 1}; "
+                          "use fewer steps or steps_offset 0")
     # diffusers steps back by T // N whatever the spacing; the final step lands on alpha_bar = 1
     # (set_alpha_to_one) or on alpha_bar_0.
     prev = timesteps - config.num_train_timesteps // num_inference_steps

@@ -115,6 +115,13 @@ class SamplerOptions:
 def sample_ddim(denoise: Denoise, x: torch.Tensor, schedule: ddim.DDIMSchedule, options: SamplerOptions,
                 progress: Callable | None = None) -> torch.Tensor:
     """Run the DDIM loop from x = x_T (already scaled noise) to x_0 and return it."""
+    if schedule.prediction_type == "epsilon" and bool((schedule.alpha_bar == 0).any()):
+        # Zero terminal SNR: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides by zero on that step, and
+        # diffusers' DDIM returns NaN images; refused here rather than reported later as a NaN in the VAE.
+        t = int(schedule.timesteps[schedule.alpha_bar == 0][0])
+        raise DiffrtError(f"alpha_bar is 0 at timestep {t} (zero terminal SNR: rescale_betas_zero_snr), where an epsilon-"
+                          "prediction model cannot give x0 (diffusers returns NaN images); use a v_prediction model "
+                          "(Lin et al. 2023), or steps that skip that timestep (timestep_spacing 'leading')")
     if schedule.prediction_type == "sample" and any(g.mode == "x0" and g.scale != 0 for g in options.guidance):
         # x0 IS the model output here: held constant, it does not depend on x_t and the gradient is zero.
         raise DiffrtError("guidance mode 'x0' cannot steer a model with prediction_type 'sample' (its x0 is the model "

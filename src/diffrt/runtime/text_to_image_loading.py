@@ -17,14 +17,15 @@ artifact carries the ControlNets it was exported with; naming any other set or o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from diffrt import atomic
-from diffrt.errors import ArtifactError
+from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
 from diffrt.hub import resolve_model
 from diffrt.runtime.backends import require_backend, resolve_device
@@ -53,12 +54,47 @@ def _fuse_unet_only(unet, loras: Loras) -> None:
         fuse_loras({"unet": unet}, [(f, float(s)) for f, (_, s) in zip(files, loras)])
 
 
+def check_unet_config(config: Mapping, where: str = "unet") -> None:
+    """Refuse, in one line naming the setting, a UNet that needs an input the pipeline does not feed
+    (it runs sample, timestep, encoder_hidden_states and ControlNet residuals): diffusers' UNet skips a
+    missing `timestep_cond` without a word, and fails inside on the others."""
+    if config.get("time_cond_proj_dim") is not None:
+        # LCM-distilled and guidance-embedded UNets: StableDiffusionPipeline feeds the embedding of
+        # w = guidance_scale - 1 as timestep_cond (and drops CFG); without it every step changes.
+        raise DiffrtError(f"{where} has time_cond_proj_dim={config['time_cond_proj_dim']} (a guidance-distilled UNet, "
+                          "e.g. LCM): it needs the guidance-scale embedding timestep_cond, which diffrt does not feed; "
+                          "use a UNet without it")
+    if config.get("addition_embed_type") is not None:
+        raise DiffrtError(f"{where} has addition_embed_type={config['addition_embed_type']!r} (SDXL's 'text_time' needs "
+                          "pooled text embeddings and time ids in added_cond_kwargs), which diffrt does not feed; "
+                          "use a Stable Diffusion 1.x/2.x UNet")
+    for key in ("class_embed_type", "num_class_embeds"):
+        if config.get(key) is not None:
+            raise DiffrtError(f"{where} has {key}={config[key]!r}: it needs class_labels (e.g. the x4 upscaler's noise level), "
+                              "which diffrt's text-to-image pipeline does not feed; use a UNet without a class embedding")
+    if config.get("encoder_hid_dim_type") in ("image_proj", "ip_image_proj", "text_image_proj"):
+        raise DiffrtError(f"{where} has encoder_hid_dim_type={config['encoder_hid_dim_type']!r}: it needs image_embeds in "
+                          "added_cond_kwargs, which diffrt does not feed; use a UNet without it")
+    if config.get("in_channels", 4) != config.get("out_channels", 4):
+        raise DiffrtError(f"{where} takes {config['in_channels']} input channels but predicts {config['out_channels']} "
+                          "(an inpainting or depth-to-image UNet, whose extra inputs diffrt does not feed); "
+                          "use a text-to-image UNet")
+
+
+def check_unet_folder(folder: Path) -> None:
+    """check_unet_config on a folder's unet/config.json, before any weight is read."""
+    path = folder / "unet" / "config.json"
+    if path.is_file():
+        check_unet_config(json.loads(path.read_text()), str(path))
+
+
 def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.device = "cpu", compile: bool = False,
                                  loras: Loras = ()) -> TextToImagePipeline:
     """Every component in eager PyTorch (or torch.compile), LoRA files fused into the UNet and text
     encoder (at a strength `set_lora_scale` changes)."""
     from diffrt.runtime.backends.torch_eager import TorchBackend
 
+    check_unet_config(model.unet.config)
     m = model.image_multiple
     names = ["text_encoder", "unet_controlnet" if model.controlnet is not None else "unet", "vae_decoder"]
     size = (m, max(m, model.default_size // m * m), OPEN_SIZE // m * m)
@@ -171,6 +207,7 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
         loaded = load_text_to_image(source, _controlnet_folders(manifest))
         return torch_text_to_image_pipeline(loaded, device, backend == "torch-compile", loras or manifest_loras(manifest))
     require_text_to_image_folder(folder)
+    check_unet_folder(folder)
     if torch_backend:
         return torch_text_to_image_pipeline(load_text_to_image(folder, controlnet), device, backend == "torch-compile", loras)
     from diffrt.export.artifact import ExportOptions, default_artifact_dir
