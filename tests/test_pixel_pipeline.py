@@ -334,3 +334,25 @@ def test_a_size_the_unet_cannot_halve_is_one_line_on_eager_torch():
     with pytest.raises(ShapeOutOfRangeError, match="height 12 is not a multiple of 8"):
         pipe(num_images=1, num_inference_steps=1, height=12, width=12, output_type="pt")
     assert pipe(num_images=1, num_inference_steps=1, height=24, width=24, output_type="pt").images.shape == (1, 3, 24, 24)
+
+
+@pytest.mark.parametrize("setting, words", [
+    (dict(time_embedding_type="fourier"), "score-SDE"),
+    (dict(class_embed_type="timestep"), "class_embed_type 'timestep'"),
+    (dict(out_channels=6), "learned variance"),
+])
+def test_a_unet_the_ddim_loop_would_run_wrongly_is_refused_by_name(setting, words, tmp_path):
+    """UNet2DModels that diffusers' DDIMPipeline cannot sample either (a fourier time embedding takes
+    noise levels, class_embed_type takes class_labels that are not labels, a learned variance doubles
+    the output) are refused from their config, before any weight is read."""
+    from diffusers import UNet2DModel
+
+    from diffrt.models import small_unet_config
+
+    folder = tmp_path / "unet"
+    UNet2DModel(**{**small_unet_config(8, 3, (16, 32)), **setting}).save_pretrained(folder)
+    (folder / "diffusion_pytorch_model.safetensors").unlink()  # refused from the config alone
+    with pytest.raises(DiffrtError, match=words):
+        load_pixel_model(folder)
+    with pytest.raises(DiffrtError, match=words):
+        open_pixel_pipeline(folder, "torch", "cpu")

@@ -171,6 +171,7 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     if not (unet_dir / "config.json").is_file():
         raise DiffrtError(f"{folder} has no unet/config.json; expected a diffusers pipeline folder or a UNet2DModel folder")
+    check_pixel_unet_config(json.loads((unet_dir / "config.json").read_text()), unet_dir / "config.json")
     unet = load_frozen(UNet2DModel, unet_dir, weights)
     info = PixelModelInfo()
     if (folder / DIFFRT_CONFIG).is_file():
@@ -194,6 +195,21 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     model = PixelModel(PixelUNet(unet, info, class_embedding), scheduler, folder)
     model.unet.eval().requires_grad_(False)
     return model
+
+
+def check_pixel_unet_config(config: dict, where: Path) -> None:
+    """Refuse, in one line naming the setting, a UNet2DModel that the DDIM loop would run wrongly or
+    that fails deep inside on its first call (diffusers' DDIMPipeline fails on each of these too)."""
+    if config.get("time_embedding_type") == "fourier":
+        raise DiffrtError(f"{where}: time_embedding_type 'fourier' is a score-SDE (NCSN++) model that takes noise levels "
+                          "sigma, not DDPM timesteps; diffrt samples DDPM/DDIM models (time_embedding_type 'positional')")
+    if config.get("class_embed_type") is not None:
+        raise DiffrtError(f"{where}: class_embed_type {config['class_embed_type']!r} takes class_labels that are not "
+                          "class indices, which diffrt does not feed; use an unconditional UNet or one with num_class_embeds")
+    channels_in = config.get("in_channels", 3)
+    if config.get("out_channels", 3) == 2 * channels_in:  # (class channels make in_channels the larger, never this)
+        raise DiffrtError(f"{where}: out_channels {config['out_channels']} is twice in_channels {channels_in}, a learned "
+                          "variance (improved DDPM) that DDIM has no use for; use a model that predicts noise only")
 
 
 def scheduler_config_file(folder: Path) -> Path | None:
