@@ -1,7 +1,9 @@
 """LoRA reading and fusing (RELIABILITY rows 7, 8, 12), checked against diffusers itself.
 
 diffusers is the oracle: `load_lora_weights` + `set_adapters` + `fuse_lora` on the tiny
-pipeline must give the same weights as `diffrt.export.lora.fuse_loras` on the same files.
+pipeline must give the same weights as `diffrt.export.lora.fuse_loras` on the same files, DoRA
+and lora_B.bias included (but for the text encoder's DoRA magnitudes, which diffusers leaves
+unloaded: the reference is given them by hand, see the DoRA section).
 """
 
 from __future__ import annotations
@@ -408,3 +410,279 @@ def test_lora_spec_bad_scale(text):
 def test_read_loras_from_specs(lora_a):
     ((lora, scale),) = read_loras([f"{lora_a['kohya']}:0.25"])
     assert lora.format == "kohya" and scale == 0.25
+
+
+# --- DoRA and lora_B.bias, against diffusers' fuse_lora ---------------------------------------
+#
+# peft merges a DoRA adapter as W' = m * (W + dW) / ||W0 + dW||, the norm per output row, with the
+# fuse_lora scale inside dW; a lora_B.bias adds scale * scaling * bias to the bias. diffusers is the
+# oracle for the UNet. For the text encoder it is not: diffusers 0.42 loads it through transformers 5,
+# which leaves its DoRA magnitudes at peft's initial ||W|| (see the test below), so the reference
+# text encoder is given the file's magnitudes before diffusers fuses it.
+
+BIASED_UNET_TARGETS = ["to_out.0", "proj_in", "ff.net.2", "conv1"]  # lora_bias needs modules with a bias
+
+
+def write_peft_lora(folder: Path, out: Path, seed: int, *, use_dora=False, lora_bias=False) -> Path:
+    """An adapter saved as diffusers saves one (`save_lora_weights` with its LoraConfig), with
+    seeded noise in every lora_A / lora_B, and DoRA magnitudes and LoRA biases moved off peft's
+    initial values (||W|| and zero), which would hide a fuse that ignores them."""
+    import warnings
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    from diffrt.tiny import TEXT_ENCODER_LORA_TARGETS, UNET_LORA_TARGETS, _randomise_lora
+
+    generator = torch.Generator().manual_seed(seed)
+    options = dict(r=4, lora_alpha=8, use_dora=use_dora, lora_bias=lora_bias,
+                   init_lora_weights=True if lora_bias else "gaussian")  # peft refuses lora_bias with gaussian init
+    configs = {"unet": LoraConfig(target_modules=BIASED_UNET_TARGETS if lora_bias else UNET_LORA_TARGETS, **options),
+               "text_encoder": LoraConfig(target_modules=TEXT_ENCODER_LORA_TARGETS, **options)}
+    models = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet"),
+              "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder")}
+    layers = {}
+    for component, model in models.items():
+        model.add_adapter(configs[component])
+        _randomise_lora(model, generator, std_b=0.05)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+                elif name.endswith("lora_B.default.bias"):
+                    param.normal_(0.0, 0.1, generator=generator)
+        with warnings.catch_warnings():  # peft takes the 1-D lora_B.bias for a tensor left sharded by ZeRO-3
+            warnings.simplefilter("ignore")
+            layers[component] = get_peft_model_state_dict(model)
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        unet_lora_adapter_metadata=configs["unet"].to_dict(), text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict(),
+        safe_serialization=True,
+    )
+    return out / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def dora(sd_folder, tmp_path_factory) -> dict[str, Path]:
+    """Two DoRA adapters ("a", "b") and one with LoRA bias terms ("bias"), each on the UNet and text encoder."""
+    def make(seed: int, **options) -> Path:
+        return write_peft_lora(sd_folder, tmp_path_factory.mktemp(f"dora{seed}"), seed, **options)
+
+    return {"a": make(3, use_dora=True), "b": make(4, use_dora=True), "bias": make(5, lora_bias=True)}
+
+
+def set_text_encoder_magnitudes(text_encoder, path: Path, adapter: str) -> int:
+    """Give the peft text encoder the file's DoRA magnitudes, as diffusers gives the UNet its own."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    count = 0
+    for name, module in text_encoder.named_modules():
+        magnitude = state.get(f"text_encoder.{name}.lora_magnitude_vector")
+        if magnitude is not None:
+            module.lora_magnitude_vector[adapter].weight.data.copy_(magnitude)
+            count += 1
+    return count
+
+
+def diffusers_fuse_lora(folder, loras: list[tuple[Path, float]], lora_scale: float) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers' `load_lora_weights` for each file, `set_adapters` with their weights, then
+    `fuse_lora(lora_scale=lora_scale)`: the weights it leaves."""
+    pipe = load_pipeline(folder)
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        pipe.load_lora_weights(path, adapter_name=name)
+        set_text_encoder_magnitudes(pipe.text_encoder, path, name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    pipe.fuse_lora(lora_scale=lora_scale)
+    pipe.unload_lora_weights()
+    return {c: getattr(pipe, c).state_dict() for c in COMPONENTS}
+
+
+def replace_layers(lora, **changes):
+    """The same LoRA file with every layer changed (magnitude=None: the DoRA file read as a plain LoRA)."""
+    from dataclasses import replace
+
+    return replace(lora, layers=[replace(layer, **changes) for layer in lora.layers])
+
+
+def assert_states_match(actual, expected, rel=1e-6):
+    """Every tensor within `rel` of its largest value (a relative tolerance, tighter than 1e-5)."""
+    for component in COMPONENTS:
+        assert actual[component].keys() == expected[component].keys()
+        for name, value in expected[component].items():
+            error = (actual[component][name] - value).abs().max()
+            assert error <= rel * value.abs().max(), f"{component}.{name}: off by {error:.3g}"
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.7])
+def test_dora_fuse_matches_diffusers_fuse_lora(sd_folder, dora, scale):
+    lora = read_lora(dora["a"])
+    assert lora.format == "peft" and all(layer.magnitude is not None for layer in lora.layers)
+    ours, report = diffrt_fused(sd_folder, [(dora["a"], scale)])
+    assert_states_match(ours, diffusers_fuse_lora(sd_folder, [(dora["a"], 1.0)], lora_scale=scale))
+    patched = {f"{c}.{m}.weight" for c, names in report.loras[0].modules.items() for m in names}
+    assert changed_params(ours, base_state(sd_folder)) == patched and len(patched) == len(lora.layers)
+
+    # Not a plain LoRA, and not linear in the scale: fused at s is not base + s * (fused at 1 - base).
+    plain = [(replace_layers(lora, magnitude=None), scale)]
+    assert changed_params(fused_state_dict(base_state(sd_folder), plain), ours) == patched
+    base = base_state(sd_folder)
+    at_one = fused_state_dict(base, [(lora, 1.0)])
+    linear = {c: {k: base[c][k] + scale * (at_one[c][k] - base[c][k]) for k in base[c]} for c in COMPONENTS}
+    assert changed_params(linear, ours) == patched
+
+
+def test_diffusers_leaves_the_text_encoders_dora_magnitudes_at_their_init(sd_folder, dora):
+    """Why the reference text encoder gets the file's magnitudes by hand: diffusers 0.42 +
+    transformers 5 load the UNet's, but leave the text encoder's at peft's initial ||W||. diffrt
+    fuses the file's magnitudes in both. (If this starts failing, diffusers loads them itself: drop
+    `set_text_encoder_magnitudes`.)"""
+    from safetensors.torch import load_file
+
+    state = load_file(dora["a"])
+    pipe = load_pipeline(sd_folder)
+    pipe.load_lora_weights(dora["a"], adapter_name="a")
+    for component in COMPONENTS:
+        for name, module in getattr(pipe, component).named_modules():
+            key = f"{component}.{name}.lora_magnitude_vector"
+            if key not in state:
+                continue
+            loaded = module.lora_magnitude_vector["a"].weight.detach()
+            base = module.base_layer.weight.detach()
+            initial = torch.linalg.vector_norm(base.reshape(base.shape[0], -1), dim=1)
+            if component == "unet":
+                assert torch.equal(loaded, state[key]), key
+            else:
+                torch.testing.assert_close(loaded, initial, msg=key)
+                assert not torch.allclose(loaded, state[key]), key
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+@pytest.mark.parametrize("which", [[("a", 0.8), ("b", -0.5)], [("plain", 0.7), ("a", 0.5)], [("a", 0.5), ("plain", 0.7)]],
+                         ids=["dora-dora", "plain-dora", "dora-plain"])
+def test_several_loras_with_dora_match_diffusers(sd_folder, dora, lora_a, which):
+    """diffusers fuses the adapters one after another; a DoRA adapter's norm is of the base weight with
+    its own update (peft takes the earlier adapters out to measure it), its factor multiplies the
+    weight that already holds them. So order matters, and diffrt fuses in the order given."""
+    files = {**dora, "plain": lora_a["peft"]}
+    loras = [(files[name], scale) for name, scale in which]
+    ours, _ = diffrt_fused(sd_folder, loras)
+    assert_states_match(ours, diffusers_fuse_lora(sd_folder, loras, lora_scale=1.0))
+    if which[0][0] != "plain":
+        swapped, _ = diffrt_fused(sd_folder, loras[::-1])
+        assert changed_params(swapped, ours)
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.7])
+def test_lora_bias_fuse_matches_diffusers_fuse_lora(sd_folder, dora, scale):
+    lora = read_lora(dora["bias"])
+    assert all(layer.bias is not None and layer.magnitude is None for layer in lora.layers)
+    ours, report = diffrt_fused(sd_folder, [(dora["bias"], scale)])
+    assert_states_match(ours, diffusers_fuse_lora(sd_folder, [(dora["bias"], 1.0)], lora_scale=scale))
+    modules = [f"{c}.{m}" for c, names in report.loras[0].modules.items() for m in names]
+    assert changed_params(ours, base_state(sd_folder)) == {f"{m}.{kind}" for m in modules for kind in ("weight", "bias")}
+    base = base_state(sd_folder)
+    for component, params in lora_deltas(base, [(lora, scale)]).items():
+        for name, delta in params.items():
+            torch.testing.assert_close(base[component][name] + delta, ours[component][name], atol=1e-6, rtol=0)
+
+
+def test_kohya_dora_scale_is_refused_because_diffusers_drops_it(sd_folder, lora_a, tmp_path):
+    """A kohya/LyCORIS DoRA file (`lora_unet_....dora_scale`): diffusers' Stable Diffusion loader
+    filters the dora_scale keys out with a warning and fuses the plain LoRA, so matching diffusers
+    would mean dropping them without a word. diffrt refuses the file by name instead."""
+    from safetensors.torch import load_file
+
+    plain = load_file(lora_a["kohya"])
+    with_dora = dict(plain)
+    for key, up in plain.items():
+        if key.endswith(".lora_up.weight"):  # LyCORIS' wd_on_out layout: [out, 1(, 1, 1)]
+            with_dora[key.replace("lora_up.weight", "dora_scale")] = 0.5 + torch.rand(up.shape[0], *[1] * (up.ndim - 1))
+    path = tmp_path / "kohya_dora.safetensors"
+    save_safetensors(path, with_dora)
+    assert_states_match(diffusers_fused(sd_folder, [(path, 0.8)]), diffusers_fused(sd_folder, [(lora_a["kohya"], 0.8)]), rel=0)
+    with pytest.raises(LoraError, match=r"kohya/LyCORIS DoRA, whose dora_scale diffusers drops.*lora_te_.*\.dora_scale") as error:
+        read_lora(path)
+    assert "\n" not in str(error.value)
+
+
+def _peft_module(suffix: str, out=64, rank=2, inputs=64, **extra) -> dict[str, torch.Tensor]:
+    name = f"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.{suffix}"
+    return {f"{name}.lora_A.weight": torch.ones(rank, inputs), f"{name}.lora_B.weight": torch.ones(out, rank),
+            **{f"{name}.{key}": value for key, value in extra.items()}}
+
+
+@pytest.mark.parametrize("state, metadata, message", [
+    (_peft_module("to_out.0", lora_magnitude_vector=torch.ones(64), **{"lora_B.bias": torch.ones(64)}), None,
+     "both a DoRA magnitude and a lora_B.bias, which peft refuses"),
+    (_peft_module("to_out.0", lora_magnitude_vector=torch.ones(32)), None,
+     r"lora_magnitude_vector has shape \(32,\) but its module has 64 output channels"),
+    (_peft_module("to_out.0", lora_magnitude_vector=torch.ones(64)), {"unet.r": 2, "unet.lora_alpha": 2},
+     "gives unet use_dora=False but .*to_out.0 has magnitude"),
+    (_peft_module("to_out.0"), {"unet.r": 2, "unet.lora_alpha": 2, "unet.use_dora": True},
+     "gives unet use_dora=True but .*to_out.0 has no lora_magnitude_vector"),
+], ids=["dora-and-bias", "magnitude-length", "magnitude-without-use_dora", "use_dora-without-magnitude"])
+def test_inconsistent_dora_files_are_refused(tmp_path, state, metadata, message):
+    import json
+
+    path = tmp_path / "bad.safetensors"
+    save_safetensors(path, state, metadata={"lora_adapter_metadata": json.dumps(metadata)} if metadata else None)
+    with pytest.raises(LoraError, match=message):
+        read_lora(path)
+
+
+def test_lora_bias_on_a_module_without_bias_is_refused(sd_folder, tmp_path):
+    save_safetensors(tmp_path / "to_q_bias.safetensors", _peft_module("to_q", **{"lora_B.bias": torch.ones(64)}))
+    components = load_components(sd_folder)
+    with pytest.raises(LoraError, match=r"lora_B.bias adds to the bias of unet\..*to_q, which has none"):
+        fuse_loras(components, [(read_lora(tmp_path / "to_q_bias.safetensors"), 1.0)])
+
+
+def test_dora_refits_start_from_the_base(sd_folder, dora, lora_b):
+    """A, B, A over one engine's weights gives A exactly, DoRA included (row 8): each DoRA weight is
+    computed from the base, and lora_deltas is that weight minus the base."""
+    base = base_state(sd_folder)
+    a, b = [(read_lora(dora["a"]), 0.8)], [(read_lora(lora_b["kohya"]), 0.5), (read_lora(dora["b"]), 1.2)]
+    engine = {c: dict(s) for c, s in base.items()}
+    for loras in (a, b, a):
+        for component, state in fused_state_dict(base, loras).items():
+            engine[component].update(state)
+    assert_states_close(engine, fused_state_dict(base, a), atol=0)
+    for component, params in lora_deltas(base, a).items():
+        for name, delta in params.items():
+            torch.testing.assert_close(base[component][name] + delta, engine[component][name], atol=1e-6, rtol=0)
+
+
+def test_dora_export_equals_diffusers_fuse_lora(sd_folder, dora, tmp_path):
+    """`diffrt export --lora DORA:0.8`: the ONNX text encoder and UNet give what diffusers' own
+    modules give after fuse_lora."""
+    from diffrt.components import spec_from_dict
+    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.text_to_image import export_text_to_image
+    from diffrt.export.verify import compare
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from diffrt.text_to_image_models import load_text_to_image
+
+    out = tmp_path / "artifact"
+    manifest = export_text_to_image(sd_folder, out, ExportOptions(batch=(1, 2, 2), loras=[(str(dora["a"]), 0.8)], verify=False),
+                                    []).manifest
+    pipe = load_pipeline(sd_folder)
+    pipe.load_lora_weights(dora["a"], adapter_name="a")
+    assert set_text_encoder_magnitudes(pipe.text_encoder, dora["a"], "a") == 8  # q, k, v, out of both layers
+    pipe.fuse_lora(lora_scale=0.8)
+    base = load_text_to_image(sd_folder)
+    for name, reference, before in (("text_encoder", pipe.text_encoder, base.text_encoder), ("unet", pipe.unet, base.unet)):
+        backend = OnnxRuntimeBackend(out / name / "model.onnx", spec_from_dict(manifest["components"][name]["spec"]), threads=1)
+        feed = backend.spec.example_feed(seed=3, batch=2)
+        with torch.no_grad():
+            if name == "text_encoder":
+                expected, unfused = reference(feed["input_ids"])[0], before(feed["input_ids"])[0]
+            else:
+                args = (feed["sample"], feed["timestep"], feed["encoder_hidden_states"])
+                expected, unfused = reference(*args).sample, before(*args).sample
+        got = next(iter(backend.run(feed).values()))
+        assert compare(expected, got).max_rel <= 1e-4, name
+        assert compare(unfused, got).max_rel > 1e-2, f"{name}: the LoRA changed nothing"

@@ -161,3 +161,94 @@ def test_metadata_says_whether_the_lora_scale_can_change(t2i_folder, lora, tmp_p
     export_text_to_image(t2i_folder, tmp_path / "baked", ExportOptions(loras=[(str(lora), 0.8)], verify=False), [])
     assert open_text_to_image_pipeline(tmp_path / "baked", "onnxruntime", CPU).runtime_metadata()["lora_scalable"] is False
     assert "lora_scale" not in open_text_to_image_pipeline(t2i_folder, "torch", CPU).runtime_metadata()
+
+
+# --- DoRA: the scale sits inside the DoRA normalisation, so every change recomputes from the base -------
+
+
+@pytest.fixture(scope="module")
+def dora(t2i_folder, tmp_path_factory):
+    from test_lora import write_peft_lora
+
+    return write_peft_lora(t2i_folder, tmp_path_factory.mktemp("dora"), seed=12, use_dora=True)
+
+
+def test_dora_scale_equals_diffusers_fuse_lora_at_that_scale(t2i_folder, dora):
+    """Scale s on the torch backend gives bit for bit the weights of opening at s * 0.8, and the
+    UNet's equal diffusers' fuse_lora(lora_scale=s * 0.8); 0 is not the base model for DoRA, as in
+    diffusers: the base weights rescaled to the learnt magnitudes. Back and forth never accumulates."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(dora, 0.8)])
+    opened = weights(pipe)
+    base = weights(open_text_to_image_pipeline(t2i_folder, "torch", CPU))
+    for scale in (0.5, 0.0):
+        pipe.set_lora_scale(scale)
+        ours = weights(pipe)
+        at_open = weights(open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(dora, 0.8 * scale)]))
+        assert all(torch.equal(ours[k], at_open[k]) for k in ours)
+        reference = UNet2DConditionModel.from_pretrained(t2i_folder / "unet")
+        reference.load_lora_adapter(str(dora), prefix="unet", adapter_name="a", use_safetensors=True)  # reads its LoraConfig
+        reference.fuse_lora(lora_scale=0.8 * scale)
+        reference.unload_lora()
+        for name, value in reference.state_dict().items():  # pipe.unet.module wraps the UNet: "unet.unet."
+            assert (ours[f"unet.unet.{name}"] - value).abs().max() <= 1e-6 * value.abs().max(), name
+        assert any(not torch.equal(ours[k], base[k]) for k in ours)  # scale 0 too: DoRA rescales the base
+    for scale in (2.0, 0.3, 1.0):
+        pipe.set_lora_scale(scale)
+    assert all(torch.equal(opened[k], v) for k, v in weights(pipe).items())
+
+
+def test_lora_bias_terms_take_the_scale_and_come_back(t2i_folder, tmp_path):
+    """A lora_B.bias changes biases: they are saved with the weights, so scale 0 is the base model
+    again, bit for bit, and back and forth never accumulates."""
+    from test_lora import write_peft_lora
+
+    path = write_peft_lora(t2i_folder, tmp_path, seed=13, lora_bias=True)
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(path, 0.8)])
+    opened, base = weights(pipe), weights(open_text_to_image_pipeline(t2i_folder, "torch", CPU))
+    assert any(k.endswith(".bias") and not torch.equal(opened[k], base[k]) for k in opened)
+    pipe.set_lora_scale(0.0)
+    assert all(torch.equal(v, base[k]) for k, v in weights(pipe).items())
+    for scale in (2.0, 0.3, 1.0):
+        pipe.set_lora_scale(scale)
+    assert all(torch.equal(v, opened[k]) for k, v in weights(pipe).items())
+
+
+class RecordingEngine:
+    """Stands in for a running TensorRTBackend: keeps what EngineLora refits it with."""
+
+    def __init__(self):
+        self.weights = None
+
+    def refit(self, weights):
+        self.weights = {name: weights.weights[name].clone() for name in weights.patched}
+        return {"patched": len(weights.patched)}
+
+
+def test_engine_dora_scale_refits_from_the_base(classemb_model_dir, tmp_path):
+    """EngineLora at lora_scale s refits the DoRA fused at s times its scale from the ONNX's base
+    weights (what `refit_weights` gives at that scale), never a delta scaled from the last refit."""
+    from test_refit import make_dora
+
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.lora import read_lora
+    from diffrt.export.refit import read_weight_map, refit_weights, write_weight_map
+    from diffrt.models import load_pixel_model
+    from diffrt.runtime.lora_scale import EngineLora
+
+    folder = export_pixel_model(classemb_model_dir, tmp_path / "onnx", ExportOptions(batch=(1, 2, 4), verify=False)).folder
+    onnx_path = folder / "unet" / "model.onnx"
+    write_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet.state_dict()})
+    dora = make_dora(classemb_model_dir, tmp_path / "dora.safetensors", seed=5)
+    engine = RecordingEngine()
+    lora = EngineLora(folder, {"unet": engine}, lambda: [(dora, 0.8)])
+    seen = []
+    for scale in (0.5, 2.0, 0.5):
+        lora.set_scale(scale)
+        expected = refit_weights(onnx_path, read_weight_map(onnx_path), [(read_lora(dora), 0.8 * scale)])
+        assert engine.weights.keys() == set(expected.patched)
+        assert all(torch.equal(engine.weights[n], expected.weights[n]) for n in expected.patched)
+        seen.append(engine.weights)
+    assert all(torch.equal(seen[0][n], seen[2][n]) for n in seen[0])
+    assert any(not torch.equal(seen[0][n], seen[1][n]) for n in seen[0])

@@ -302,3 +302,87 @@ def test_onnx_files_of_an_artifact_refit_with_lora_are_not_run(classemb_model_di
         artifact_pixel_pipeline(out, "onnxruntime", "cpu")
     refit.refit_artifact(out, [])  # back to base: engines and ONNX agree again
     assert artifact_pixel_pipeline(out, "onnxruntime", "cpu").backend == "onnxruntime"
+
+
+# --- DoRA and LoRA bias terms: refit fuses from the base, or refuses by name ----------------------
+
+
+def make_dora(model_dir: Path, path: Path, seed: int) -> Path:
+    """make_lora's file plus a DoRA magnitude per module: each output row's base norm, perturbed."""
+    from safetensors.torch import load_file
+
+    from diffrt.atomic import save_safetensors
+    from diffrt.models import load_pixel_model
+
+    tensors = load_file(make_lora(model_dir, path, seed))
+    modules = dict(load_pixel_model(model_dir).unet.unet.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        weight = modules[key[len("unet."):-len(".lora_A.weight")]].weight.detach()
+        norm = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
+        tensors[key.replace("lora_A.weight", "lora_magnitude_vector")] = norm * (1 + 0.3 * torch.randn(norm.shape, generator=g))
+    save_safetensors(path, tensors)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pixel_onnx(classemb_model_dir, tmp_path_factory) -> Path:
+    return export_pixel_model(classemb_model_dir, tmp_path_factory.mktemp("pixel_onnx"), ExportOptions(**PIXEL)).folder
+
+
+def run_pixel(folder: Path, onnx_path: Path, feed: dict) -> torch.Tensor:
+    from diffrt.components import spec_from_dict
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    spec = spec_from_dict(mf.read_manifest(folder)["components"]["unet"]["spec"])
+    return next(iter(OnnxRuntimeBackend(onnx_path, spec, threads=1).run(feed).values()))
+
+
+def test_refit_fuses_dora_from_the_base_weights(classemb_model_dir, pixel_onnx, tmp_path):
+    """DoRA is not linear in the scale, so refit cannot be base + scale * delta: at two scales the
+    refit ONNX (attention MatMuls, transposed, and convs) runs like PyTorch with the DoRA fused."""
+    import test_tensorrt as trt_tests
+
+    from diffrt.components import spec_from_dict
+    from diffrt.export.lora import fuse_loras, read_lora
+    from diffrt.models import load_pixel_model
+
+    onnx_path = pixel_onnx / "unet" / "model.onnx"
+    wmap = refit.build_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet.state_dict()})
+    lora = read_lora(make_dora(classemb_model_dir, tmp_path / "dora.safetensors", 7))
+    feed = spec_from_dict(mf.read_manifest(pixel_onnx)["components"]["unet"]["spec"]).example_feed("opt", seed=3)
+    outputs = {}
+    for scale in (0.5, 1.5):
+        weights = refit.refit_weights(onnx_path, wmap, [(lora, scale)])
+        assert len(weights.patched) >= len(lora.layers)
+        got = run_pixel(pixel_onnx, trt_tests._onnx_with(pixel_onnx, weights, tmp_path / f"at{scale}"), feed)
+        unet = load_pixel_model(classemb_model_dir).unet
+        fuse_loras({"unet": unet.unet}, [(lora, scale)])
+        with torch.no_grad():
+            want = unet(*feed.values())
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), scale
+        outputs[scale] = got
+    assert (outputs[0.5] - outputs[1.5]).abs().max() > 1e-2
+
+
+def test_refit_refuses_lora_bias_terms_by_name(classemb_model_dir, engines, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffrt.atomic import save_safetensors
+    from diffrt.export.lora import read_lora
+
+    path = make_lora(classemb_model_dir, tmp_path / "bias.safetensors", 3)
+    tensors = load_file(path)
+    tensors["unet.up_blocks.1.attentions.1.to_out.0.lora_B.bias"] = torch.ones(tensors[
+        "unet.up_blocks.1.attentions.1.to_out.0.lora_B.weight"].shape[0])
+    save_safetensors(path, tensors)
+    out = tmp_path / "trt"
+    export_pixel_model(classemb_model_dir, out, ExportOptions(backend="tensorrt", **PIXEL))
+    before = (out / "unet" / "engine.plan").read_bytes()
+    message = r"bias.safetensors has LoRA bias terms \(lora_B.bias, on 1 modules, e.g. .*to_out.0.lora_A.weight\).*sets weights, not biases"
+    with pytest.raises(ArtifactError, match=message):
+        refit.refit_artifact(out, [(path, 1.0)])
+    assert not engines.calls and (out / "unet" / "engine.plan").read_bytes() == before
+    wmap = refit.read_weight_map(out / "unet" / "model.onnx")
+    with pytest.raises(ArtifactError, match="lora_B.bias"):
+        refit.refit_weights(out / "unet" / "model.onnx", wmap, [(read_lora(path), 1.0)])

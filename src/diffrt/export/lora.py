@@ -2,21 +2,42 @@
 
 A LoRA adds a low-rank update to a Linear or Conv2d weight (Hu et al. 2021, eq. 3):
 
-    W' = W + scale * (alpha / rank) * up @ down        down: [rank, in(, kh, kw)], up: [out, rank(, 1, 1)]
+    W' = W + dW,   dW = scale * (alpha / rank) * up @ down       down: [rank, in(, kh, kw)], up: [out, rank(, 1, 1)]
 
 For a kxk convolution `down` holds the kernel and `up` is 1x1, so `up @ down` is taken over the
 flattened `in * kh * kw` axis: the same weight peft's conv LoRA merges. `alpha / rank` becomes
 `alpha / sqrt(rank)` for rsLoRA adapters.
 
+DoRA (Liu et al. 2024, eq. 5) also learns a magnitude m, one per output channel (peft's
+`lora_magnitude_vector`), and gives each output row of the updated weight that length:
+
+    W' = m * (W + dW) / ||W + dW||        the norm over a row: a Linear's in-features, a conv's in * kh * kw
+
+The scale sits inside dW, as in diffusers' `fuse_lora(lora_scale=s)` (peft multiplies `scaling`), so
+a DoRA weight is not linear in the scale, and scale 0 gives m * W / ||W||, not W. Adapters are merged
+one after another as peft (0.21) merges them: a DoRA adapter k multiplies the weight so far plus its
+dW_k by m_k / ||W0 + dW_k||, the norm of the base weight W0 with its own update only
+(`_unmerged_base_weight`), the norm peft's forward uses. A peft `lora_B.bias` (`lora_bias=True`) adds
+scale * (alpha / rank) * bias to the module's bias, DoRA or not.
+
 Two file layouts are read, safetensors only (pickles can run code when loaded):
 - diffusers/peft: `unet.<module>.lora_A.weight` / `.lora_B.weight` (what `save_lora_weights`
-  writes), and diffusers' older `.lora.down` / `.lora_linear_layer.down` / `.to_q_lora.down`
-  names. The adapter's LoraConfig may sit in the file's metadata (`lora_adapter_metadata`, keyed
-  `unet.r`, ..., or unprefixed like the keys of one model's `save_lora_adapter`); its
-  `lora_alpha`, `rank_pattern`, `alpha_pattern` and `use_rslora` then set each module's scaling,
-  as diffusers does. Without it alpha = rank (scaling 1).
+  writes), with `.lora_magnitude_vector` (DoRA) and `.lora_B.bias` where the adapter has them, and
+  diffusers' older `.lora.down` / `.lora_linear_layer.down` / `.to_q_lora.down` names. The adapter's
+  LoraConfig may sit in the file's metadata (`lora_adapter_metadata`, keyed `unet.r`, ..., or
+  unprefixed like the keys of one model's `save_lora_adapter`); its `lora_alpha`, `rank_pattern`,
+  `alpha_pattern` and `use_rslora` then set each module's scaling, as diffusers does, and its
+  `use_dora` must agree with the magnitudes the file holds. Without it alpha = rank (scaling 1).
 - kohya/A1111: `lora_unet_<module path, '.' written as '_'>.lora_down.weight`, `.lora_up.weight`,
   `.alpha` (`lora_te_` / `lora_te1_` / `lora_te2_` for text encoders). A missing alpha means rank.
+
+Refused by name: kohya/LyCORIS DoRA (`dora_scale`), which diffusers' Stable Diffusion loader drops
+with a warning and fuses as a plain LoRA, so neither fusing it nor dropping it would match both
+diffusers and what was trained; LyCORIS LoHa, LoKr and Tucker cores, full weight differences,
+embedding LoRA, and a DoRA module with a lora_B.bias (peft refuses that LoraConfig).
+Where diffrt differs from diffusers on purpose: diffusers 0.42 with transformers 5 loads a text
+encoder's LoRA through transformers, which leaves DoRA magnitudes at peft's initial ||W|| (it reports
+the keys UNEXPECTED); diffrt fuses the file's magnitudes, as peft merges them in the UNet.
 
 Module names are resolved against the model itself, never by rewriting strings alone: a kohya
 name is looked up among the model's own module names with '.' replaced by '_'. Every entry of a
@@ -62,15 +83,18 @@ DOTTED_SUFFIXES = (
     ("_lora.up.weight", "up", "diffusers-processor"),
     (".lora_A.weight", "down", "peft"),
     (".lora_B.weight", "up", "peft"),
+    (".lora_B.bias", "bias", "peft"),
+    # peft's get_peft_model_state_dict drops the magnitude's ".weight"; older files keep it.
+    (".lora_magnitude_vector.weight", "magnitude", "peft"),
+    (".lora_magnitude_vector", "magnitude", "peft"),
     (".alpha", "alpha", "peft"),
 )
 UNSUPPORTED_HINTS = {
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
+    "dora_scale": "kohya/LyCORIS DoRA, whose dora_scale diffusers drops with a warning, fusing a plain LoRA: "
+                  "re-save it as a peft DoRA (lora_magnitude_vector) or without DoRA",
     "hada_": "LyCORIS LoHa",
     "lokr_": "LyCORIS LoKr",
     "lora_mid": "LyCORIS LoCon with a Tucker core (lora_mid)",
-    "lora_B.bias": "LoRA bias terms",
     ".diff": "full weight differences",
     "lora_embedding_": "embedding LoRA",
 }
@@ -90,6 +114,8 @@ class LoraLayer:
     underscored: bool = False
     aliases: tuple[str, ...] = ()  # other dotted names the same module may have (old diffusers format)
     use_rslora: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA: peft's lora_magnitude_vector, one length per output channel, [out]
+    bias: torch.Tensor | None = None  # peft's lora_B.bias (lora_bias=True), [out]
 
     @property
     def rank(self) -> int:
@@ -251,7 +277,7 @@ def _pattern_value(patterns: Mapping[str, float] | None, module: str, default):
 
 def _raise_unrecognised(path: Path, keys: list[str]) -> None:
     kinds = sorted({kind for key in keys for marker, kind in UNSUPPORTED_HINTS.items() if marker in key})
-    what = f" ({', '.join(kinds)}: not supported, only plain LoRA)" if kinds else ""
+    what = f" ({'; '.join(kinds)}: not supported)" if kinds else ""
     shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
     raise LoraError(f"{path}: {len(keys)} keys are not LoRA weights diffrt can read{what}: {shown}")
 
@@ -300,15 +326,20 @@ def read_lora(path: str | Path) -> LoraFile:
         down, up = entry["down"], entry["up"]
         if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
             raise LoraError(
-                f"{path}: {entry['key']} has shape {tuple(down.shape)} and its up weight {tuple(up.shape)}; "
+                f"{path}: {entry['keys']['down']} has shape {tuple(down.shape)} and its up weight {tuple(up.shape)}; "
                 "expected down [rank, in, ...] and up [out, rank, ...]"
             )
+        magnitude, bias = _extras(path, component, module, entry, up.shape[0])
         alpha = float(entry["alpha"]) if "alpha" in entry else None
         use_rslora = False
         config = configs.get(component)
+        if config is not None and entry["style"] != "kohya" and bool(config.get("use_dora")) != (magnitude is not None):
+            # diffusers builds the adapter from the metadata: a DoRA config without magnitudes keeps peft's initial
+            # ||W||, and magnitudes without one are dropped with a warning. Neither is the adapter that was saved.
+            found = "no lora_magnitude_vector" if magnitude is None else f"magnitude {entry['keys']['magnitude']}"
+            raise LoraError(f"{path}: its {METADATA_KEY} gives {component} use_dora={bool(config.get('use_dora'))} but "
+                            f"{component}.{module} has {found}; re-save the LoRA with the LoraConfig it was trained with")
         if config is not None and alpha is None and entry["style"] != "kohya":
-            if config.get("use_dora"):
-                raise LoraError(f"{path}: the {component} adapter uses DoRA, which diffrt does not fuse; use a plain LoRA")
             rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", down.shape[0]))
             if rank != down.shape[0]:
                 raise LoraError(f"{path}: metadata gives {component}.{module} rank {rank} but its weights have rank {down.shape[0]}")
@@ -335,10 +366,12 @@ def read_lora(path: str | Path) -> LoraFile:
                 underscored=entry["style"] == "kohya",
                 aliases=aliases,
                 use_rslora=use_rslora,
+                magnitude=magnitude,
+                bias=bias,
             )
         )
 
-    if not any(layer.up.any() and layer.down.any() for layer in layers):
+    if not any(_changes_weights(layer) for layer in layers):
         # peft initialises lora_B to zero: an adapter saved before training fuses as no change at all.
         raise LoraError(f"{path}: every LoRA update in it is zero (all-zero up or down weights), so it would change nothing; "
                         "was it saved before training?")
@@ -346,6 +379,29 @@ def read_lora(path: str | Path) -> LoraFile:
     styles_seen = {entry["style"] for entry in entries.values()}
     fmt: LoraFormat = "kohya" if styles_seen == {"kohya"} else "peft" if styles_seen == {"peft"} else "diffusers"
     return LoraFile(path=path, sha256=sha256_file(path), format=fmt, layers=layers)
+
+
+def _extras(path: Path, component: str, module: str, entry: dict, out: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A module's DoRA magnitude and lora_B.bias, flattened to [out] (peft stores a conv's magnitude as [1, out, 1, 1])."""
+    found = {}
+    for role in ("magnitude", "bias"):
+        if role in entry:
+            value = entry[role]
+            if value.numel() != out:
+                raise LoraError(f"{path}: {entry['keys'][role]} has shape {tuple(value.shape)} but its module has {out} output "
+                                "channels; expected one value per output channel")
+            found[role] = value.reshape(out)
+    if len(found) == 2:
+        raise LoraError(f"{path}: {component}.{module} has both a DoRA magnitude and a lora_B.bias, which peft refuses "
+                        "(LoraConfig(use_dora=True, lora_bias=True)), so diffusers cannot load it; re-save it without one")
+    return found.get("magnitude"), found.get("bias")
+
+
+def _changes_weights(layer: LoraLayer) -> bool:
+    """False only where the layer is sure to change nothing. A DoRA layer always may: its magnitude
+    rescales the weight even where up @ down is zero."""
+    has_update = bool(layer.up.any() and layer.down.any())
+    return has_update or layer.magnitude is not None or (layer.bias is not None and bool(layer.bias.any()))
 
 
 # --- resolving module names ----------------------------------------------------------------------
@@ -382,30 +438,77 @@ class _ModuleIndex:
         return None
 
 
-def _module_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of the modules a LoRA can patch, by module name."""
-    return {name: m.weight for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+def _module_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Weights and biases of the modules a LoRA can patch, by module name."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return ({name: m.weight for name, m in modules.items()},
+            {name: m.bias for name, m in modules.items() if m.bias is not None})
 
 
-def _state_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same from a state dict: every 2-D or 4-D `<module>.weight`."""
-    return {k[: -len(".weight")]: v for k, v in state.items() if k.endswith(".weight") and v.ndim in (2, 4)}
+def _state_weights(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The same from a state dict: every 2-D or 4-D `<module>.weight`, and the `<module>.bias` beside it."""
+    weights = {k[: -len(".weight")]: v for k, v in state.items() if k.endswith(".weight") and v.ndim in (2, 4)}
+    return weights, {name: state[f"{name}.bias"] for name in weights if f"{name}.bias" in state}
 
 
-def _delta(layer: LoraLayer, weight: torch.Tensor, scaling: float) -> torch.Tensor:
-    """scaling * up @ down in fp32, shaped like `weight`."""
-    rank = layer.rank
-    down, up = layer.down.float(), layer.up.float()
+def _check_fits(layer: LoraLayer, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Shapes only: `layer` can patch the module `name` with this weight and bias."""
+    down, up = layer.down, layer.up
     if up.ndim == 4 and up.shape[2:] != (1, 1):
         raise LoraError(f"LoRA key {layer.key}: its up weight has a {tuple(up.shape[2:])} kernel; only 1x1 up convolutions are supported")
-    product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
-    expected = (weight.shape[0], weight[0].numel())
-    if tuple(product.shape) != expected or (weight.ndim == 2 and down.ndim == 4 and down.shape[2:] != (1, 1)):
+    fits = (up.shape[0], math.prod(down.shape[1:])) == (weight.shape[0], math.prod(weight.shape[1:]))
+    if not fits or (weight.ndim == 2 and down.ndim == 4 and down.shape[2:] != (1, 1)):
         raise LoraError(
             f"LoRA key {layer.key} gives an update of shape {(up.shape[0], *down.shape[1:])} for a weight of shape "
             f"{tuple(weight.shape)}; the LoRA was made for another model"
         )
-    return product.reshape(weight.shape) * scaling
+    if layer.bias is not None and bias is None:
+        raise LoraError(f"LoRA key {layer.key}: its lora_B.bias adds to the bias of {name}, which has none; "
+                        "peft cannot merge it either (lora_bias=True needs a layer with a bias)")
+
+
+def _delta(layer: LoraLayer, shape: torch.Size, scaling: float) -> torch.Tensor:
+    """scaling * up @ down in fp32 (on the LoRA's device), shaped like the weight."""
+    rank = layer.rank
+    product = layer.up.float().reshape(-1, rank) @ layer.down.float().reshape(rank, -1)
+    return product.reshape(shape) * scaling
+
+
+Updates = list[tuple[LoraLayer, float]]  # the layers patching one module, in LoRA order, each with its LoRA's scale
+Plan = dict[str, dict[str, Updates]]  # component -> module name -> its updates
+
+
+def _additive_delta(base: torch.Tensor, updates: Updates) -> torch.Tensor | None:
+    """fused - base (fp32) where every layer is plain LoRA: the sum of their deltas, whatever the base
+    holds (only its shape is read). None where a DoRA layer makes the result depend on the base."""
+    if any(layer.magnitude is not None for layer, _ in updates):
+        return None
+    deltas = [_delta(layer, base.shape, layer.scaling * scale) for layer, scale in updates]
+    return sum(deltas[1:], deltas[0])
+
+
+def _dora_weight(base: torch.Tensor, updates: Updates) -> torch.Tensor:
+    """The fused weight (fp32, on the base's device) where some layer is DoRA, merged as peft merges
+    adapters in turn: W_k = W_{k-1} + dW_k, then times m_k / ||W0 + dW_k|| per output row for DoRA."""
+    base32 = base.detach().float()
+    weight = base32
+    for layer, scale in updates:
+        delta = _delta(layer, base.shape, layer.scaling * scale).to(base.device)
+        weight = weight + delta
+        if layer.magnitude is not None:
+            # The norm is of the base with this adapter's update only (peft takes the earlier adapters out
+            # before it measures), the norm DoRA's forward divides by; detached there, a constant here.
+            norm = torch.linalg.vector_norm((base32 + delta).reshape(base.shape[0], -1), dim=1)
+            factor = layer.magnitude.float().to(base.device) / norm
+            weight = weight * factor.reshape(-1, *[1] * (base.ndim - 1))
+    return weight
+
+
+def _bias_delta(updates: Updates) -> torch.Tensor | None:
+    """What the layers' lora_B.bias add to the module's bias (fp32): scale * scaling * bias each, as
+    peft's merge adds it (outside the DoRA rescaling)."""
+    parts = [layer.bias.float() * (layer.scaling * scale) for layer, scale in updates if layer.bias is not None]
+    return sum(parts[1:], parts[0]) if parts else None
 
 
 # --- fusing --------------------------------------------------------------------------------------
@@ -447,12 +550,14 @@ class FuseReport:
 
 
 def _plan(
-    weights: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
-) -> tuple[dict[str, dict[str, torch.Tensor]], FuseReport]:
-    """Resolve every layer of every LoRA and sum the updates per weight (fp32). Raises before
-    anything is changed if any layer does not fit."""
+    weights: Mapping[str, Mapping[str, torch.Tensor]],
+    biases: Mapping[str, Mapping[str, torch.Tensor]],
+    loras: Sequence[tuple[LoraFile, float]],
+) -> tuple[Plan, FuseReport]:
+    """Resolve every layer of every LoRA to its module and check that it fits (names and shapes
+    only). Raises before anything is changed if any layer does not fit."""
     indexes = {component: _ModuleIndex(component, w) for component, w in weights.items()}
-    deltas: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    plan: Plan = defaultdict(dict)
     report = FuseReport([])
     for lora, scale in loras:
         unmatched: list[str] = []
@@ -472,14 +577,13 @@ def _plan(
             if (component, name) in seen:
                 raise LoraError(f"{lora.path}: keys {seen[component, name]} and {layer.key} both patch {component}.{name}")
             seen[component, name] = layer.key
-            delta = _delta(layer, weights[component][name], layer.scaling * scale)
-            param = f"{name}.weight"
-            deltas[component][param] = deltas[component][param] + delta if param in deltas[component] else delta
+            _check_fits(layer, f"{component}.{name}", weights[component][name], biases.get(component, {}).get(name))
+            plan[component].setdefault(name, []).append((layer, scale))
             fused.modules.setdefault(component, []).append(name)
         for names in fused.modules.values():
             names.sort()
         report.loras.append(fused)
-    return dict(deltas), report
+    return dict(plan), report
 
 
 def _raise_unmatched(lora: LoraFile, unmatched: list[str], components: list[str]) -> None:
@@ -498,47 +602,106 @@ def _raise_unmatched(lora: LoraFile, unmatched: list[str], components: list[str]
     raise LoraError(f"{lora.path}: {what} ({shown}); {hint}")
 
 
+def _new_values(weights: Mapping[str, Mapping[str, torch.Tensor]], biases: Mapping[str, Mapping[str, torch.Tensor]],
+                plan: Plan, *, as_deltas: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {param: value}} for every parameter `plan` changes, in fp32: the fused value, or
+    fused - base when `as_deltas`. Plain-LoRA weights are base + the summed deltas, so their delta is exact."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for component, modules in plan.items():
+        params = out.setdefault(component, {})
+        for module, updates in modules.items():
+            base = weights[component][module]
+            delta = _additive_delta(base, updates)
+            if delta is None:
+                fused = _dora_weight(base, updates)
+                params[f"{module}.weight"] = fused - base.detach().float() if as_deltas else fused
+            else:
+                params[f"{module}.weight"] = delta if as_deltas else base.detach().float() + delta.to(base.device)
+            bias_delta = _bias_delta(updates)
+            if bias_delta is not None:
+                bias = biases[component][module]
+                params[f"{module}.bias"] = bias_delta if as_deltas else bias.detach().float() + bias_delta.to(bias.device)
+    return out
+
+
+def _planned(base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]):
+    """The weights and biases of `base_state` by module name, and the plan of `loras` over them."""
+    split = {component: _state_weights(state) for component, state in base_state.items()}
+    weights = {component: w for component, (w, _) in split.items()}
+    biases = {component: b for component, (_, b) in split.items()}
+    plan, _ = _plan(weights, biases, loras)
+    return weights, biases, plan
+
+
+def lora_targets(
+    base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
+) -> dict[str, list[str]]:
+    """The parameters `loras` change, {component: [param names]}: each patched module's weight, and
+    its bias where a layer has a lora_B.bias. Reads names and shapes only; raises LoraError if any
+    layer does not fit."""
+    _, _, plan = _planned(base_state, loras)
+    targets = {}
+    for component, modules in plan.items():
+        biased = [f"{module}.bias" for module, updates in modules.items() if any(x.bias is not None for x, _ in updates)]
+        targets[component] = sorted([f"{module}.weight" for module in modules] + biased)
+    return targets
+
+
 def lora_deltas(
     base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """The fp32 weight updates of `loras` at their scales: {component: {param name: delta}}.
+    """fused - base in fp32 for every parameter `loras` change at their scales: {component: {param: delta}}.
 
-    `base_state` maps component names ("unet", "text_encoder") to state dicts; only names and
-    shapes are read from it."""
-    deltas, _ = _plan({c: _state_weights(s) for c, s in base_state.items()}, loras)
-    return deltas
+    `base_state` maps component names ("unet", "text_encoder") to state dicts. A plain LoRA's delta
+    is scale * scaling * up @ down whatever the base holds; a DoRA layer's depends on the base values,
+    so it is not linear in the scale and holds only for this base: fuse with `fused_params` instead."""
+    weights, biases, plan = _planned(base_state, loras)
+    return _new_values(weights, biases, plan, as_deltas=True)
+
+
+def fused_params(
+    base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The fp32 values, computed from `base_state`, of every parameter `loras` change at their scales."""
+    weights, biases, plan = _planned(base_state, loras)
+    return _new_values(weights, biases, plan, as_deltas=False)
 
 
 def fused_state_dict(
     base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """New state dicts: base + LoRA updates, added in fp32 and cast back to each weight's dtype.
+    """New state dicts: the LoRAs fused into the base in fp32 and cast back to each tensor's dtype.
 
     Always computed from the base given, never from a previous result, so refitting an engine
     with A, then B, then A again gives exactly A. Unpatched tensors are shared with `base_state`,
     which is not modified."""
-    deltas = lora_deltas(base_state, loras)
+    fused = fused_params(base_state, loras)
     out = {}
     for component, state in base_state.items():
         out[component] = dict(state)
-        for param, delta in deltas.get(component, {}).items():
-            base = state[param]
-            out[component][param] = (base.float() + delta.to(base.device)).to(base.dtype)
+        for param, value in fused.get(component, {}).items():
+            out[component][param] = value.to(state[param].dtype)
     return out
 
 
 @torch.no_grad()
 def fuse_loras(model_components: Mapping[str, nn.Module], loras: Sequence[tuple[LoraFile, float]]) -> FuseReport:
-    """Add each LoRA, at its scale, into the weights of `model_components` in place.
+    """Fuse each LoRA, at its scale, into the weights of `model_components` in place.
 
-    Matches diffusers' `load_lora_weights` + `set_adapters(names, weights)` + `fuse_lora()`. All
-    files are checked against the model before any weight changes, so an error leaves it as it was."""
-    weights = {component: _module_weights(model) for component, model in model_components.items()}
-    deltas, report = _plan(weights, loras)
-    for component, params in deltas.items():
-        for param, delta in params.items():
-            weight = weights[component][param[: -len(".weight")]]
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    Matches diffusers' `load_lora_weights` + `set_adapters(names, weights)` + `fuse_lora()`, DoRA and
+    lora_B.bias included (but for a text encoder's DoRA magnitudes, which diffusers leaves unloaded:
+    see the module docstring). The modules must hold their base weights. All files are checked
+    against the model before any weight changes, so an error leaves it as it was."""
+    split = {component: _module_weights(model) for component, model in model_components.items()}
+    weights = {component: w for component, (w, _) in split.items()}
+    biases = {component: b for component, (_, b) in split.items()}
+    plan, report = _plan(weights, biases, loras)
+    new = _new_values(weights, biases, plan, as_deltas=False)  # every value first: DoRA reads the base weights
+    for component, params in new.items():
+        for param, value in params.items():
+            module, _, kind = param.rpartition(".")
+            target = (weights if kind == "weight" else biases)[component][module]
+            target.copy_(value.to(target.dtype))
     for fused in report.loras:
         logger.info(
             "fused LoRA %s (%s, sha256 %s) at scale %g into %d modules",

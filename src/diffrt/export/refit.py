@@ -3,9 +3,12 @@
     diffrt refit ARTIFACT --lora style.safetensors:0.8      # refit_artifact(folder, [(path, 0.8)])
 
 Refits never accumulate (RELIABILITY #8): every weight the engine can refit is set on every
-refit, to base + the new LoRAs' deltas, and the base is always the artifact's ONNX
+refit, to the new LoRAs fused into the base, and the base is always the artifact's ONNX
 initializers, never the engine's current weights. So refitting A, then B, then A gives exactly
-A, and refitting with no LoRA restores the base engine.
+A, and refitting with no LoRA restores the base engine. The fused weights are computed from the
+base values (`lora.fused_params`), never as base + scale * delta: a DoRA weight is not linear in
+the scale. LoRA bias terms (lora_B.bias) are refused: refit sets the weights the weight map
+locates, and it locates no biases.
 
 The ONNX must therefore hold base weights. The manifest's "onnx_loras" records which LoRAs the
 ONNX holds; refit refuses an ONNX with LoRAs baked in and says to re-export without them.
@@ -184,16 +187,27 @@ def read_weight_map(onnx_path: str | Path) -> dict | None:
 
 @dataclass
 class RefitWeights:
-    weights: dict[str, torch.Tensor]  # every constant of the ONNX: base, or base + delta where patched
+    weights: dict[str, torch.Tensor]  # every constant of the ONNX: base, or the LoRAs fused into it where patched
     patched: list[str] = field(default_factory=list)  # initializer names that differ from base
+
+
+def refuse_lora_biases(loras: Sequence[tuple[object, float]]) -> None:
+    """One line naming the LoRA bias terms (lora_B.bias) of `loras`, which refit cannot set."""
+    for lora, _ in loras:
+        keys = [layer.key for layer in lora.layers if layer.bias is not None]
+        if keys:
+            raise ArtifactError(f"{lora.path} has LoRA bias terms (lora_B.bias, on {len(keys)} modules, e.g. {keys[0]}), "
+                                "and `diffrt refit` sets weights, not biases; fuse it at open (--backend torch) or bake it "
+                                "into an ONNX export (`diffrt export --backend onnx --lora FILE`)")
 
 
 def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple[object, float]],
                   initializers: Mapping[str, torch.Tensor] | None = None) -> RefitWeights:
-    """Base weights from the ONNX plus the LoRAs' deltas (added in fp32, cast back). `loras` are
-    (LoraFile, scale) pairs from `diffrt.export.lora.read_lora`. Pure: reads the base every time."""
-    from diffrt.export.lora import lora_deltas
+    """The LoRAs fused into the ONNX's base weights (in fp32, cast back). `loras` are (LoraFile,
+    scale) pairs from `diffrt.export.lora.read_lora`. Pure: reads the base every time."""
+    from diffrt.export.lora import fused_params, lora_targets
 
+    refuse_lora_biases(loras)
     base = dict(initializers) if initializers is not None else onnx_initializers(onnx_path)
     targets: dict[tuple[str, str], list[tuple[str, bool]]] = defaultdict(list)
     for name, e in weight_map["weights"].items():
@@ -213,20 +227,18 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
     # An engine holds some components (the text encoder's engine has no UNet): each takes the
     # LoRA layers of its own components; refit_components checks that every layer found an engine.
     loras = [(replace(f, layers=[x for x in f.layers if x.component in state]), scale) for f, scale in loras]
-    deltas = lora_deltas(state, [(f, scale) for f, scale in loras if f.layers])
-    out = dict(base)
-    unmapped = []
-    for c, params in deltas.items():
-        for p, delta in params.items():
-            if (c, p) not in targets:
-                unmapped.append(f"{c}.{p}")
-            for name, transpose in targets.get((c, p), ()):
-                init = base[name]
-                out[name] = (init.float() + (delta.T if transpose else delta)).to(init.dtype)
+    loras = [(f, scale) for f, scale in loras if f.layers]
+    # Every patched weight must be located before any is computed: a DoRA weight reads the base values.
+    unmapped = [f"{c}.{p}" for c, params in lora_targets(state, loras).items() for p in params if (c, p) not in targets]
     if unmapped:
         raise ArtifactError(f"the LoRA patches {len(unmapped)} weights that {onnx_path} holds under no initializer diffrt "
                             f"could identify ({', '.join(sorted(unmapped)[:5])}); the engine cannot take this LoRA by refit: "
                             "export with --lora instead")
+    out = dict(base)
+    for c, params in fused_params(state, loras).items():
+        for p, value in params.items():
+            for name, transpose in targets[c, p]:
+                out[name] = (value.T if transpose else value).to(base[name].dtype)
     return RefitWeights(out, sorted(n for n in out if out[n] is not base[n]))
 
 
@@ -333,6 +345,7 @@ def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | P
     for name in engines:
         mf.check_engine_compatible(manifest["components"][name]["engine"])
     files = [(read_lora(path), float(scale)) for path, scale in loras]
+    refuse_lora_biases(files)  # before any weight map is written
     parts = [{"path": str(f.path), "sha256": f.sha256, "scale": s, "modules": len(f.layers)} for f, s in files]
 
     # Weights for every engine first (CPU; raises before any engine changes), then refit.

@@ -4,14 +4,19 @@ A pipeline opened with LoRA files [(file, scale_i)] runs them at `lora_scale * s
 what it was opened with. Each backend changes it its own way, and always from the base weights,
 so that changing it back and forth never accumulates (RELIABILITY #8):
 
-- PyTorch (`TorchLora`): the LoRA-patched weights' base values are kept; setting a scale copies
-  them back and fuses the LoRA files at the new scales, the same arithmetic as fusing them at
-  open, so scale s gives bit for bit the weights of opening with `--lora FILE:s*scale_i`.
-- TensorRT (`EngineLora`): engines exported with base weights take the LoRA by refit (the
-  artifact's ONNX initialisers plus the deltas at the new scales), in memory, without a rebuild.
+- PyTorch (`TorchLora`): the base values of the parameters the LoRA changes (weights, and biases
+  for lora_B.bias) are kept; setting a scale copies them back and fuses the LoRA files at the new
+  scales, the same arithmetic as fusing them at open, so scale s gives bit for bit the weights of
+  opening with `--lora FILE:s*scale_i`.
+- TensorRT (`EngineLora`): engines exported with base weights take the LoRA by refit (the LoRAs
+  fused at the new scales into the artifact's ONNX initialisers), in memory, without a rebuild.
 - ONNX Runtime, or engines built from an ONNX with the LoRA baked in (`BakedLora`): the weights
   are constants of the graph; only the scale they were made with (1.0) is accepted, and any
   other is refused in one line naming what would allow it.
+
+For a DoRA LoRA the scale multiplies its update inside the DoRA normalisation, as diffusers'
+`lora_scale` does, so 0 is not the base model: it leaves the base weights rescaled to the learnt
+magnitudes. Every backend recomputes the weights from the base, so this needs no special case.
 
 Changing the scale is not free (a re-fuse in PyTorch, a refit of every LoRA engine), so the
 service groups requests by `lora_scale` and changes it between batches, never inside one.
@@ -61,18 +66,18 @@ class TorchLora:
     """LoRA fused into PyTorch modules, re-fusable at another strength from the saved base weights.
 
     `modules` maps LoRA component names ("unet", "text_encoder") to the modules that run; only the
-    weights the LoRA patches are saved (for Stable Diffusion, the attention projections)."""
+    parameters the LoRA changes are saved (for Stable Diffusion, the attention projections)."""
 
     scalable = True
 
     def __init__(self, modules: Mapping[str, nn.Module], loras: Loras):
-        from diffrt.export.lora import lora_deltas, read_lora
+        from diffrt.export.lora import lora_targets, read_lora
 
         self.modules = dict(modules)
         self.files = [(read_lora(path), float(s)) for path, s in loras]
         # Checks every file against the model (an unmatched key raises) before any weight changes.
         states = {c: m.state_dict() for c, m in self.modules.items()}
-        targets = lora_deltas(states, self.files)
+        targets = lora_targets(states, self.files)
         with torch.no_grad():
             self._base = [(states[c][p], states[c][p].detach().clone()) for c, params in targets.items() for p in params]
         self.scale = 0.0  # the weights are the base weights until the first fuse
