@@ -278,3 +278,66 @@ def test_onnxruntime_on_cuda_asks_for_tensorrt_only_where_it_is_installed(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # onnxruntime-gpu beside a CPU-only torch
     with pytest.raises(BackendUnavailableError, match="torch sees no CUDA GPU here"):
         ort_backend.default_providers(torch.device("cuda"))
+
+
+def test_onnxruntime_refuses_a_feed_outside_the_exported_ranges(tmp_path):
+    """RELIABILITY #3, as the TensorRT backend does. The bug: the graph's axes are dynamic, so ONNX
+    Runtime ran a batch (or size) outside the exported and verified range without a word, or failed
+    on it with its own error; a missing input was a KeyError."""
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto
+
+    from diffrt.components import ComponentSpec, TensorSpec
+    from diffrt.errors import ShapeOutOfRangeError
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    _identity_model(tmp_path / "model.onnx", {"x": TensorProto.FLOAT})
+    spec = ComponentSpec("identity", (TensorSpec("x", ("batch", 3)),), (TensorSpec("x_out", ("batch", 3)),), ranges={"batch": (1, 2, 4)})
+    backend = OnnxRuntimeBackend(tmp_path / "model.onnx", spec, threads=1)
+    assert backend.run({"x": torch.ones(4, 3)})["x_out"].shape == (4, 3)  # the control: the largest batch runs
+    with pytest.raises(ShapeOutOfRangeError, match=r"identity: batch 5 is outside the built range \[1, 4\]"):
+        backend.run({"x": torch.ones(5, 3)})
+    with pytest.raises(ShapeOutOfRangeError, match=r"missing inputs \['x'\]"):
+        backend.run({"y": torch.ones(2, 3)})
+
+
+def test_a_provider_this_onnxruntime_lacks_is_one_line_naming_those_it_has(tmp_path, caplog):
+    """The bug: a provider the build does not have went to ONNX Runtime, which printed a multi-line
+    "EP Error" and retried on the CPU; diffrt's line then said only "see ONNX Runtime's log"."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto
+
+    from diffrt.components import ComponentSpec, TensorSpec
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    _identity_model(tmp_path / "model.onnx", {"x": TensorProto.FLOAT})
+    spec = ComponentSpec("identity", (TensorSpec("x", ("batch", 3)),), (TensorSpec("x_out", ("batch", 3)),), ranges={"batch": (1, 2, 4)})
+    have = ", ".join(ort.get_available_providers())
+    asked = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(BackendUnavailableError, match=r"identity: ONNX Runtime did not start CUDAExecutionProvider .*; this ONNX "
+                                                      rf"Runtime build has no CUDAExecutionProvider \(it has {have}\).*strict mode refuses") as info:
+        OnnxRuntimeBackend(tmp_path / "model.onnx", spec, providers=asked, threads=1, strict=True)
+    assert "\n" not in str(info.value)
+    with caplog.at_level("WARNING"):
+        backend = OnnxRuntimeBackend(tmp_path / "model.onnx", spec, providers=asked, threads=1)
+    assert backend.providers == ["CPUExecutionProvider"] and backend.missing_providers == ["CUDAExecutionProvider"]
+    assert f"has no CUDAExecutionProvider (it has {have})" in caplog.text
+
+
+def test_onnxruntime_opens_where_the_os_has_no_cpu_affinity(tmp_path, monkeypatch):
+    """The bug: the thread count came from os.sched_getaffinity, which macOS does not have, so every
+    ONNX Runtime backend failed there with an AttributeError."""
+    pytest.importorskip("onnxruntime")
+    import os
+
+    from onnx import TensorProto
+
+    from diffrt.components import ComponentSpec, TensorSpec
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    _identity_model(tmp_path / "model.onnx", {"x": TensorProto.FLOAT})
+    spec = ComponentSpec("identity", (TensorSpec("x", ("batch", 3)),), (TensorSpec("x_out", ("batch", 3)),), ranges={"batch": (1, 2, 4)})
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert OnnxRuntimeBackend(tmp_path / "model.onnx", spec).run({"x": torch.ones(2, 3)})["x_out"].shape == (2, 3)

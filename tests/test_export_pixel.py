@@ -447,3 +447,173 @@ def test_size_not_a_multiple_of_the_unets_factor_is_one_line(tmp_path):
     with pytest.raises(DiffrtError, match=r"--height 16:30:32: every value must be a multiple of 4 .* got 30"):
         export_pixel_model(None, tmp_path / "a", ExportOptions(batch=(1, 1, 1), height=(16, 30, 32)))
     assert not (tmp_path / "a").exists()
+
+
+# --- from a bug hunt: hand-edited manifests, unverified hits, a builder that waited, leftovers, NaN ----
+
+
+def _drop(*keys):
+    def edit(manifest):
+        parent = manifest
+        for key in keys[:-1]:
+            parent = parent[key]
+        del parent[keys[-1]]
+    return edit
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("[]", r"manifest.json holds a JSON array, not a manifest object"),
+    (_drop("components"), r"manifest.json lacks 'components' \(edited by hand"),
+    (_drop("loras"), r"manifest.json lacks 'loras'"),
+    (_drop("pipeline", "info"), r"manifest.json lacks pipeline 'info'"),
+    (_drop("components", "unet", "spec"), r"lacks a 'spec' dict for component 'unet'"),
+    (lambda m: m["components"]["unet"]["files"].clear(), r"lists no sha256 for unet/model.onnx, so it cannot be checked"),
+    (lambda m: m.update(format="1"), r"has format '1', this diffrt reads format 1"),
+], ids=["array", "no-components", "no-loras", "no-pipeline-info", "no-spec", "files-emptied", "format-string"])
+def test_a_manifest_edited_by_hand_is_refused_by_name_and_rebuilt(classemb_model_dir, tmp_path, edit, words):
+    """The bug: valid JSON that is not a manifest, or one missing a key, failed as AttributeError or
+    KeyError wherever a reader first indexed it; worse, an export took one missing `pipeline` or a
+    component's `spec` for a cache hit that could never load, and a manifest whose file list was
+    emptied opened its model.onnx unchecked. Each is one ArtifactError naming the key, and a rebuild."""
+    import diffrt
+
+    options = ExportOptions(batch=(1, 2, 8), verify=False)
+    out = export_pixel_model(classemb_model_dir, tmp_path / "artifact", options).folder
+    path = out / mf.MANIFEST
+    if isinstance(edit, str):
+        path.write_text(edit)
+    else:
+        manifest = json.loads(path.read_text())
+        edit(manifest)
+        path.write_text(json.dumps(manifest))
+    for opener in (lambda: artifact_pixel_pipeline(out, "onnxruntime"), lambda: diffrt.open_pipeline(out)):
+        with pytest.raises(ArtifactError, match=words) as info:
+            opener()
+        message = str(info.value)
+        assert "\n" not in message and ("re-run `diffrt export`" in message or "re-export" in message)
+    assert not export_pixel_model(classemb_model_dir, out, options).cache_hit
+    artifact_pixel_pipeline(out, "onnxruntime")
+
+
+def test_an_older_manifest_without_the_later_optional_keys_still_loads_and_hits(classemb_model_dir, tmp_path):
+    options = ExportOptions(batch=(1, 2, 8), verify=False)
+    out = export_pixel_model(classemb_model_dir, tmp_path / "artifact", options).folder
+    manifest = json.loads((out / mf.MANIFEST).read_text())
+    for key in ("onnx_loras", "exporter"):  # written since LoRA refit and the dynamo exporter came
+        del manifest[key]
+    del manifest["components"]["unet"]["precision"]
+    (out / mf.MANIFEST).write_text(json.dumps(manifest))
+    artifact_pixel_pipeline(out, "onnxruntime")
+    assert export_pixel_model(classemb_model_dir, out, options).cache_hit
+
+
+def test_an_unverified_export_is_no_hit_when_verification_is_asked_for(classemb_model_dir, tmp_path):
+    """The bug: `verify` was not part of the cache check, so an export made with --no-verify was a hit
+    for a later export that asked for the parity check, which then never ran."""
+    out = tmp_path / "artifact"
+    unverified = export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), verify=False)).manifest
+    assert "parity" not in unverified["components"]["unet"]
+    result = export_pixel_model(classemb_model_dir, out, OPTIONS)
+    assert not result.cache_hit and result.manifest["components"]["unet"]["parity"]["onnxruntime"]["passed"]
+    assert export_pixel_model(classemb_model_dir, out, OPTIONS).cache_hit
+    assert export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), verify=False)).cache_hit  # verified serves both
+
+
+def test_a_builder_that_waited_for_the_lock_takes_the_export_finished_meanwhile(classemb_model_dir, tmp_path, monkeypatch):
+    """The bug: two exports of one model into one folder both missed the cache before either held the
+    lock, so the second waited and then built it all again (minutes per component at SD size). The
+    second now looks again under the lock and takes the first one's export."""
+    import contextlib
+
+    from diffrt import atomic
+    from diffrt.export import artifact
+
+    options, out = ExportOptions(batch=(1, 2, 8), verify=False), tmp_path / "artifact"
+    real_lock, real_export, built = atomic.file_lock, artifact.export_onnx, []
+
+    @contextlib.contextmanager
+    def another_builder_first(path):
+        if not built:  # the other builder takes the lock first and finishes while this one waits
+            monkeypatch.setattr(atomic, "file_lock", real_lock)
+            export_pixel_model(classemb_model_dir, out, options)
+        with real_lock(path):
+            yield
+
+    monkeypatch.setattr(atomic, "file_lock", another_builder_first)
+    monkeypatch.setattr(artifact, "export_onnx", lambda *a, **k: built.append(a[1].name) or real_export(*a, **k))
+    result = export_pixel_model(classemb_model_dir, out, options)
+    assert result.cache_hit and built == ["unet"]  # built once, by the other builder
+    assert result.manifest == mf.read_manifest(out)
+
+
+def test_temporaries_a_killed_export_left_are_removed_by_the_next_build(classemb_model_dir, tmp_path):
+    """A SIGKILL runs no `finally`: the temporary ONNX folder or manifest it was writing stays. Nothing
+    trusts them (no manifest names them), but at SD size each holds gigabytes, so the next build of the
+    folder removes them, under its lock; other files are left alone."""
+    options, out = ExportOptions(batch=(1, 2, 8), verify=False), tmp_path / "artifact"
+    export_pixel_model(classemb_model_dir, out, options)
+    leftovers = [out / ".unet.k3x_9q2a" / "raw.onnx", out / ".manifest.json.a1b2c3d4.tmp", out / "unet" / ".engine.plan.zz9_8y7x.tmp"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half written")
+    (out / ".keep").write_text("the user's")
+    (out / mf.MANIFEST).unlink()  # the kill came before the manifest
+    assert not export_pixel_model(classemb_model_dir, out, options).cache_hit
+    assert not any(p.exists() for p in leftovers) and not (out / ".unet.k3x_9q2a").exists()
+    assert (out / ".keep").read_text() == "the user's"
+
+
+def test_verify_fails_on_nan_at_any_shape(classemb_model_dir):
+    """The bug: NaN compares false with everything, so a NaN in a later feed (fp16 overflow at the
+    largest shape, RELIABILITY #4) never became the worst case and the export passed its parity check."""
+    from diffrt.export.artifact import pixel_spec
+    from diffrt.export.verify import verify_backends
+    from diffrt.models import load_pixel_model
+    from diffrt.runtime.backends.torch_eager import TorchBackend
+
+    model = load_pixel_model(classemb_model_dir)
+    reference = TorchBackend(model.unet, pixel_spec(model, OPTIONS))
+    feeds = [reference.spec.example_feed(which, seed=i) for i, which in enumerate(("min", "opt", "max"))]
+    for run in (0, 2):
+        with pytest.raises(ArtifactError, match=r"^unet: perturbed output noise_pred has NaN or inf values where PyTorch's are "
+                                                r"finite, at fp16 at shapes \{'sample': \[" + str(feeds[run]["sample"].shape[0])):
+            verify_backends(reference, _OneValueOff(reference, float("nan"), on={run}), feeds, "fp16")
+
+
+def test_an_artifact_folder_inside_the_hashed_model_folder_is_refused(classemb_model_dir, t2i_folder, tmp_path):
+    """The bugs: `--out` inside the model folder put the export's own manifest.json among the files
+    hashed into its cache key, so every export changed its key: never a cache hit (and every PyTorch
+    fallback read the source as changed since export). `--out` the text-to-image folder itself replaced
+    the model's own text_encoder/, unet/ and controlnet/ with ONNX folders: the weights were deleted."""
+    import shutil
+
+    from diffrt.errors import DiffrtError
+    from diffrt.export.text_to_image import export_text_to_image
+
+    model = shutil.copytree(classemb_model_dir, tmp_path / "model")
+    with pytest.raises(DiffrtError, match=r"--out .*model/onnx is inside .*model, whose files are hashed into the export's "
+                                          r"cache key.*pass an --out folder outside it"):
+        export_pixel_model(model, model / "onnx", ExportOptions(batch=(1, 2, 8), verify=False))
+    for out in (t2i_folder / "unet" / "onnx", t2i_folder / "controlnet" / "onnx"):
+        with pytest.raises(DiffrtError, match=r"whose files are hashed into the export's cache key"):
+            export_text_to_image(t2i_folder, out, ExportOptions(verify=False), [t2i_folder / "controlnet"])
+    with pytest.raises(DiffrtError, match=r"holds the model's text_encoder/, which the export would replace with its own"):
+        export_text_to_image(t2i_folder, t2i_folder, ExportOptions(verify=False), [t2i_folder / "controlnet"])
+    assert not (model / "onnx").exists() and not (t2i_folder / "unet" / "onnx").exists()
+    assert (t2i_folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_an_artifact_is_readable_as_the_umask_allows_not_only_by_its_exporter(classemb_model_dir, tmp_path):
+    """The bug: temporaries came from tempfile's mkstemp and mkdtemp, which create 0600 files and 0700
+    folders, and the rename published those modes: manifest.json and each component folder were
+    private to the user who exported, so a service running as another user failed on a PermissionError."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = export_pixel_model(classemb_model_dir, tmp_path / "artifact", ExportOptions(batch=(1, 2, 8), verify=False)).folder
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (out / mf.MANIFEST, out / "unet", out / "unet" / "model.onnx")}
+    assert modes == {out / mf.MANIFEST: 0o644, out / "unet": 0o755, out / "unet" / "model.onnx": 0o644}

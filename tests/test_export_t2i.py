@@ -486,3 +486,57 @@ def test_interrupted_export_is_not_trusted_and_a_rerun_rebuilds(plain_artifact, 
     assert result.manifest["components"]["unet"]["spec"]["ranges"]["batch"] == [1, 2, 2]
     artifact_text_to_image_pipeline(folder, "onnxruntime")
     assert export_text_to_image(t2i_folder, folder, options, []).cache_hit
+
+
+def test_a_tokenizer_file_the_new_source_lacks_does_not_stay_in_the_artifact(t2i_folder, tmp_path):
+    """The bug: a rebuild copied the source's tokenizer files over the old ones, so a file an earlier
+    export had copied and the new source lacks (here tokenizer.json) stayed in the artifact, unlisted
+    in its manifest, and the tokenizer read it in preference to the new vocab.json."""
+    from diffrt.export.manifest import read_manifest
+    from diffrt.text_to_image_models import load_tokenizer
+
+    source, out = shutil.copytree(t2i_folder, tmp_path / "sd"), tmp_path / "artifact"
+    options = ExportOptions(**T2I_RANGES, verify=False)
+    export_text_to_image(source, out, options, [])
+    assert (out / "tokenizer" / "tokenizer.json").is_file()  # the control: the first export copied it
+    (source / "tokenizer" / "tokenizer.json").unlink()
+    vocab = json.loads((source / "tokenizer" / "vocab.json").read_text())
+    vocab["a</w>"], vocab["h"] = vocab["h"], vocab["a</w>"]  # a retrained vocabulary: other ids
+    (source / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    assert not export_text_to_image(source, out, options, []).cache_hit
+    listed = set(read_manifest(out)["pipeline"]["tokenizer"]["files"])
+    assert {p.name for p in (out / "tokenizer").iterdir()} == listed and "tokenizer.json" not in listed
+    ids = load_tokenizer(source / "tokenizer")("a photo").input_ids
+    assert load_tokenizer(out / "tokenizer")("a photo").input_ids == ids != load_tokenizer(t2i_folder / "tokenizer")("a photo").input_ids
+
+
+@pytest.mark.parametrize("dropped", ["tokenizer/tokenizer.json", "unet_controlnet/model.onnx.data"])
+def test_a_file_the_loaders_would_read_unlisted_in_the_manifest_is_refused(artifact_copy, t2i_folder, dropped):
+    """The bug: only the files a manifest lists were checked, so a tokenizer.json (which the tokenizer
+    reads before vocab.json) or external weights dropped beside a graph were used, unchecked."""
+    target = artifact_copy / dropped
+    if dropped.startswith("tokenizer/"):
+        target.unlink()  # an artifact whose tokenizer was copied without tokenizer.json
+        manifest = json.loads((artifact_copy / "manifest.json").read_text())
+        del manifest["pipeline"]["tokenizer"]["files"]["tokenizer.json"]
+        (artifact_copy / "manifest.json").write_text(json.dumps(manifest))
+        open_text_to_image_pipeline(artifact_copy, "onnxruntime")  # the control: it opens
+        shutil.copy(t2i_folder / "tokenizer" / "tokenizer.json", target)
+        words = r"tokenizer/tokenizer.json is not listed in manifest.json, and the tokenizer would read it"
+    else:
+        target.write_bytes(b"\0" * 64)
+        words = r"lists no sha256 for unet_controlnet/model.onnx.data, so it cannot be checked"
+    with pytest.raises(ArtifactError, match=words):
+        open_text_to_image_pipeline(artifact_copy, "onnxruntime")
+
+
+def test_a_rebuild_without_the_controlnet_leaves_no_controlnet_folders(t2i_folder, tmp_path):
+    """The bug: a rebuild replaced the folders of the components it exported and left the others, so
+    dropping the ControlNet left controlnet/ and unet_controlnet/ (gigabytes at SD size) that no
+    manifest names."""
+    out, options = tmp_path / "artifact", ExportOptions(**T2I_RANGES, verify=False)
+    export_text_to_image(t2i_folder, out, options, [t2i_folder / "controlnet"])
+    assert (out / "controlnet" / "model.onnx").is_file() and (out / "unet_controlnet" / "model.onnx").is_file()  # the control
+    assert not export_text_to_image(t2i_folder, out, options, []).cache_hit
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "text_encoder", "unet", "vae_decoder", "tokenizer"}
+    artifact_text_to_image_pipeline(out, "onnxruntime")

@@ -144,3 +144,32 @@ def test_an_odd_memo_entry_means_hashing_not_a_crash(memo, tmp_path):
     [entry] = remembered(tmp_path)
     entry.write_text('{"stamps": 3}')
     assert atomic.sha256_file(path) == digest(b"a" * 1000) and len(memo.hashings) == 2
+
+
+# --- sha256_folder: what a model folder's content address covers --------------------------------------
+
+
+def test_a_folder_hash_covers_linked_subfolders_and_keeps_the_keys_of_plain_ones(tmp_path):
+    """The bug: pathlib's rglob does not enter a subfolder that is a symbolic link, so a model folder
+    assembled from shared components (`unet -> ../base/unet`) was hashed without its weights, and
+    editing them left the export's cache key unchanged: a stale cache hit."""
+    real = tmp_path / "base"
+    (real / "unet").mkdir(parents=True)
+    (real / "unet" / "config.json").write_text("{}")
+    (real / "unet" / "weights.safetensors").write_bytes(b"weights v1")
+    (real / "notes.txt").write_text("not hashed")
+    old_digest = hashlib.sha256()  # the digest as it always was computed, for a folder without links
+    for p in sorted({p for pattern in ("*.json", "*.safetensors") for p in real.rglob(pattern) if p.is_file()}):
+        old_digest.update(str(p.relative_to(real)).encode())
+        old_digest.update(atomic.sha256_file(p).encode())
+    assert atomic.sha256_folder(real) == old_digest.hexdigest()  # existing artifacts' keys are unchanged
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "unet").symlink_to(real / "unet", target_is_directory=True)
+    (model / "unet" / "loop").symlink_to(model, target_is_directory=True)  # a cycle is not entered
+    (model / "up").symlink_to(tmp_path, target_is_directory=True)  # nor a link up out of the model folder
+    before = atomic.sha256_folder(model)
+    assert before == atomic.sha256_folder(real)  # the same files under the same relative names
+    (real / "unet" / "weights.safetensors").write_bytes(b"weights v2")
+    assert atomic.sha256_folder(model) != before

@@ -18,10 +18,13 @@ the hash would otherwise go unseen (git's "racy" case). Entries are small and ne
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,9 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _make_temp(path.parent, f".{path.name}.", ".tmp", directory=False)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -44,6 +45,56 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new, empty folder `<prefix>XXXXXXXX` in `parent`, with the mode the umask gives (0755 under
+    the usual 022), to be filled and then renamed into place."""
+    return _make_temp(Path(parent), prefix, "", directory=True)
+
+
+def _make_temp(parent: Path, prefix: str, suffix: str, directory: bool) -> Path:
+    """tempfile's mkstemp/mkdtemp create 0600 files and 0700 folders, which the rename would then
+    publish: an artifact exported by one user (CI, a build container) could not be read by the service
+    that runs it as another (PermissionError on manifest.json). Created here with the modes open() and
+    mkdir() use, 0666/0777 less the umask, as every other file of the artifact is."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"  # 8 characters, as tempfile's names
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused temporary name {prefix}XXXXXXXX{suffix} in {parent}")
+
+
+# Names the temporaries take (8 random characters, here or from tempfile in earlier versions):
+# `.<file>.XXXXXXXX.tmp` from atomic_path, `.<component>.XXXXXXXX` folders from export_onnx.
+_LEFTOVER_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_LEFTOVER_DIR = re.compile(r"^\.[A-Za-z0-9_-]+\.[a-z0-9_]{8}$")
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporaries that writes killed midway (SIGKILL, a power cut: no `finally` ran) left
+    in `folder` and its subfolders. No manifest names them, so nothing trusts them, but at SD size
+    each holds gigabytes. Call it only under the folder's lock: a live writer's temporaries look the
+    same. Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in [*folder.iterdir(), *(p for d in folder.iterdir() if d.is_dir() and not d.is_symlink() for p in d.iterdir())]:
+        if path.is_file() and _LEFTOVER_FILE.match(path.name):
+            path.unlink(missing_ok=True)
+        elif path.parent == folder and path.is_dir() and not path.is_symlink() and _LEFTOVER_DIR.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        removed.append(str(path.relative_to(folder)))
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -116,14 +167,36 @@ def _memo_path(resolved: str) -> Path:
 
 
 def sha256_folder(folder: str | os.PathLike, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> str:
-    """Hash of the named files in a folder tree (relative path + content), independent of mtimes."""
+    """Hash of the named files in a folder tree (relative path + content), independent of mtimes.
+
+    Subfolders that are symbolic links are walked too (a model assembled from shared components,
+    `unet -> ../base/unet`): pathlib's rglob skips them, and their weights would not be in the hash,
+    so editing them left the cache key unchanged."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    files = sorted({p for pattern in patterns for p in folder.rglob(pattern) if p.is_file()})
-    for p in files:
+    for p in sorted(_walk_files(folder, patterns)):  # sorted as Paths, as before: keys of plain folders stay
         digest.update(str(p.relative_to(folder)).encode())
         digest.update(sha256_file(p).encode())
     return digest.hexdigest()
+
+
+def _walk_files(folder: Path, patterns: tuple[str, ...]) -> set[Path]:
+    """The files under `folder`, through linked subfolders, matching a pattern. A link back to a folder
+    it is inside (a cycle) or to one the model folder is inside is not entered; two links to one folder
+    are both hashed, under their names."""
+    found, top = set(), Path(os.path.realpath(folder))
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        here = Path(root)
+        real = Path(os.path.realpath(here))
+        inside = {Path(os.path.realpath(p)) for p in here.parents if p == folder or folder in p.parents}
+        if here != folder and (real in inside or real in top.parents):  # a cycle, or a link up out of the model
+            dirs[:] = []
+            continue
+        for name in [*files, *dirs]:  # a pattern may match a folder's name too: only files count
+            path = here / name
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns) and path.is_file():
+                found.add(path)
+    return found
 
 
 @contextlib.contextmanager

@@ -4,9 +4,12 @@
       manifest.json        written last (manifest.py)
       unet/model.onnx      one folder per component (+ model.onnx.data, engine.plan)
 
-Exporting again with unchanged inputs is a cache hit that does no work and says so. A
-rebuild first removes the old manifest, so an interrupted rebuild is never mistaken for a
-finished one.
+Exporting again with unchanged inputs is a cache hit that does no work and says so (an export
+that asks for the parity check is no hit on one made with --no-verify). A rebuild takes the
+folder's lock, looks again (another builder may have finished the same export while it waited),
+then removes the old manifest, so an interrupted rebuild is never mistaken for a finished one,
+the old component folders (one the new export lacks would stay otherwise) and the temporaries a
+killed export left.
 
 LoRA. ONNX-only exports bake LoRA into the graph. TensorRT engines keep base weights and take
 LoRA by refit, always from the stored base (refit.py), so refits never accumulate. The
@@ -19,6 +22,7 @@ written, so a refit that fails leaves no manifest, never a false cache hit.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -123,17 +127,37 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
                           "for an ONNX export")
 
 
+COMPONENT_FOLDERS = ("unet", "text_encoder", "unet_controlnet", "controlnet", "vae_decoder")  # what exports write
+
+
+def check_out_apart(out: Path, hashed: list[Path]) -> None:
+    """Refuse an artifact folder that overlaps a folder whose content is the export's cache key.
+    Inside it, the export's own files would change the key: never a cache hit, and the source would
+    read as changed since export to every PyTorch fallback. Holding it where the export writes (`--out`
+    the text-to-image folder itself), the export would replace the model's unet/, tokenizer/... with its own."""
+    where = out.resolve()
+    for folder in hashed:
+        folder = Path(folder).resolve()
+        if where == folder or folder in where.parents:
+            raise DiffrtError(f"--out {out} is {'' if where == folder else 'inside '}{folder}, whose files are hashed into the "
+                              "export's cache key: the export would change its own key on every run; pass an --out folder outside it")
+        if where in folder.parents and folder.relative_to(where).parts[0] in (*COMPONENT_FOLDERS, "tokenizer"):
+            raise DiffrtError(f"--out {out} holds the model's {folder.relative_to(where)}/, which the export would replace "
+                              "with its own; pass an --out folder apart from the model")
+
+
 def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: ExportOptions) -> ExportResult:
     """Export a pixel-space model's UNet (unconditional or either class-conditioned variant)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_options(options, out)
     src = Path(model_dir) if model_dir is not None else SHIPPED_DIGITS
+    check_out_apart(out, [src])
     spec = pixel_spec(load_pixel_model(src, weights=False), options)  # configs only: enough for the key
     source_sha256 = atomic.sha256_folder(src)
     lora_parts = lora_hashes(options)
     key = pixel_export_key(source_sha256, spec, options)
-    hit = cached_export(out, key, t0, lora_parts)
+    hit = cached_export(out, key, t0, lora_parts, verified=options.verify)
     if hit is not None:
         return hit
     model = load_pixel_model(src)  # a miss: now the weights
@@ -145,7 +169,9 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     elif options.loras:
         _check_loras({"unet": model.unet.unet.state_dict()}, options.loras)
     with atomic.file_lock(out.parent / f".{out.name}.lock"):
-        (out / mf.MANIFEST).unlink(missing_ok=True)
+        hit = start_rebuild(out, key, t0, lora_parts, options)
+        if hit is not None:
+            return hit
         components = {"unet": _export_component(model.unet, spec, out, options)}
         if options.backend == "tensorrt":
             from diffrt.export.refit import add_weight_map
@@ -164,7 +190,8 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
         }
         refit_before_manifest(out, manifest, options)
         mf.write_manifest(out, manifest)
-    return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
+        written = mf.read_manifest(out)  # under the lock: another builder may replace it once it is released
+    return ExportResult(out, False, written, time.perf_counter() - t0)
 
 
 def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
@@ -227,21 +254,51 @@ def lora_state(entries) -> list[tuple[str, float]]:
     return [(e["sha256"], float(e["scale"])) for e in entries]
 
 
-def cached_export(out: Path, key: str, t0: float, loras: list[dict] = ()) -> ExportResult | None:
-    """The finished export at `out` if it has this base key, runs with these LoRAs ([{sha256, scale}])
-    and its files are intact; else None."""
+def cached_export(out: Path, key: str, t0: float, loras: list[dict] = (), verified: bool = False,
+                  quiet: bool = False) -> ExportResult | None:
+    """The finished export at `out` if it has this base key, runs with these LoRAs ([{sha256, scale}]),
+    was checked against PyTorch when `verified` asks for it, and its files are intact; else None.
+    `quiet`: do not log why it is a miss (a second look, already explained)."""
     try:
         manifest = mf.read_manifest(out)
         if manifest.get("key") != key:
             return None
         if lora_state(manifest.get("loras", [])) != lora_state(loras):
-            log.info("%s holds this export with other LoRAs (%d file(s)); rebuilding", out, len(manifest.get("loras", [])))
+            if not quiet:
+                log.info("%s holds this export with other LoRAs (%d file(s)); rebuilding", out, len(manifest.get("loras", [])))
+            return None
+        if verified and any("parity" not in comp for comp in manifest["components"].values()):
+            # An export made with --no-verify was never compared with PyTorch: asked to verify, it is no hit.
+            if not quiet:
+                log.info("%s holds this export unverified (--no-verify); rebuilding it with the parity check", out)
             return None
         mf.verify_files(out, manifest)
     except ArtifactError:
         return None
     log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
     return ExportResult(out, True, manifest, time.perf_counter() - t0)
+
+
+def start_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions) -> ExportResult | None:
+    """Under the artifact's lock: the export another builder finished while this one waited for the
+    lock (a hit, no second build); else the folder made ready for a rebuild: its manifest removed, so
+    that nothing trusts it until the new one is written, and what killed writes left there removed."""
+    hit = cached_export(out, key, t0, loras, verified=options.verify, quiet=True)
+    if hit is not None:
+        return hit
+    try:
+        old = [name for name in mf.read_manifest(out)["components"] if name in COMPONENT_FOLDERS]
+    except ArtifactError:
+        old = []
+    (out / mf.MANIFEST).unlink(missing_ok=True)
+    # The old export's component folders: each is rebuilt anyway, and one the new export lacks (a
+    # ControlNet dropped: controlnet/, unet_controlnet/) would otherwise stay, gigabytes no manifest names.
+    for name in old:
+        shutil.rmtree(out / name, ignore_errors=True)
+    removed = atomic.remove_leftovers(out)
+    if removed:
+        log.info("%s: removed %d temporary file(s) an interrupted export left: %s", out, len(removed), ", ".join(removed))
+    return None
 
 
 def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, options: ExportOptions,

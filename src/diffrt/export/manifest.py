@@ -75,9 +75,45 @@ def read_manifest(folder: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); re-run `diffrt export`") from None
+    if not isinstance(manifest, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(manifest), "null")
+        raise ArtifactError(f"{path} holds a JSON {kind}, not a manifest object; re-run `diffrt export`")
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} has format {manifest.get('format')}, this diffrt reads format {FORMAT}; re-export")
+        raise ArtifactError(f"{path} has format {manifest.get('format')!r}, this diffrt reads format {FORMAT}; re-export")
+    check_schema(manifest, path)
     return manifest
+
+
+# What every reader indexes without a default: a manifest lacking one of these (edited by hand, or
+# written by something else) is refused here, by name, rather than failing later as a KeyError, and
+# an export finding it rebuilds instead of taking it for a cache hit.
+REQUIRED = {"key": str, "kind": str, "source": dict, "loras": list, "components": dict, "pipeline": dict}
+COMPONENT_REQUIRED = {"spec": dict, "files": dict}
+PIPELINE_REQUIRED = {"pixel": ("scheduler", "info", "channels", "sample_size"),
+                     "text-to-image": ("scheduler", "tokenizer", "unet", "vae_scaling_factor", "vae_factor", "default_size",
+                                       "max_length")}
+
+
+def check_schema(manifest: dict, path: Path) -> None:
+    """ArtifactError naming the first key that is missing or of the wrong type."""
+    def refuse(what: str) -> None:
+        raise ArtifactError(f"{path} {what} (edited by hand, or not written by `diffrt export`); re-run `diffrt export`")
+
+    for key, kind in REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            refuse(f"lacks {key!r}" if key not in manifest else f"has a {type(manifest[key]).__name__} for {key!r}, not a {kind.__name__}")
+    missing = [key for key in PIPELINE_REQUIRED.get(manifest["kind"], ()) if key not in manifest["pipeline"]]
+    if missing:
+        refuse(f"lacks pipeline {', '.join(map(repr, missing))}")
+    if not manifest["components"]:
+        refuse("lists no components")
+    for name, comp in manifest["components"].items():
+        for key, kind in COMPONENT_REQUIRED.items():
+            if not isinstance(comp, dict) or not isinstance(comp.get(key), kind):
+                refuse(f"lacks a {key!r} {kind.__name__} for component {name!r}")
+    for i, entry in enumerate(manifest["loras"]):
+        if not isinstance(entry, dict) or not all(k in entry for k in ("path", "sha256", "scale")):
+            refuse(f"has LoRA entry {i} without its path, sha256 and scale")
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:
@@ -89,17 +125,39 @@ def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
 
 
 def verify_files(folder: str | Path, manifest: dict, components: list[str] | None = None) -> None:
-    """Refuse an artifact whose files are missing or differ from what the manifest recorded."""
+    """Refuse an artifact whose files are missing or differ from what the manifest recorded, or that
+    holds a file its loaders would read without the manifest vouching for it."""
     folder = Path(folder)
     for name, comp in manifest["components"].items():
         if components is not None and name not in components:
             continue
+        # The files the loaders open must be vouched for: a manifest whose list was emptied or cut
+        # would otherwise let any graph, weights or engine in the folder run unchecked.
+        opened = [f"{name}/model.onnx", *([f"{name}/engine.plan"] if "engine" in comp else []),
+                  *([f"{name}/model.onnx.data"] if (folder / name / "model.onnx.data").is_file() else [])]
+        unlisted = [rel for rel in opened if rel not in comp["files"]]
+        if unlisted:
+            raise ArtifactError(f"{folder / MANIFEST} lists no sha256 for {unlisted[0]}, so it cannot be checked; re-run `diffrt export`")
         for rel, digest in comp["files"].items():
-            path = folder / rel
-            if not path.is_file():
-                raise ArtifactError(f"{path} is missing from the artifact; re-run `diffrt export`")
-            if atomic.sha256_file(path) != digest:
-                raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST} (edited or corrupt); re-run `diffrt export` to rebuild it")
+            _check_file(folder / rel, digest)
+    tokenizer = manifest["pipeline"].get("tokenizer")
+    if components is None and isinstance(tokenizer, dict):
+        # The tokenizer reads whatever its folder holds (tokenizer.json before vocab.json + merges.txt).
+        tok, listed = folder / tokenizer.get("folder", "tokenizer"), tokenizer.get("files", {})
+        extra = sorted(p.name for p in tok.iterdir() if p.is_file() and p.name not in listed and not p.name.startswith(".")) \
+            if tok.is_dir() else []
+        if extra:
+            raise ArtifactError(f"{tok / extra[0]} is not listed in {MANIFEST}, and the tokenizer would read it; re-run `diffrt export`")
+        for name, digest in listed.items():  # worded as the text-to-image loader's own check of them
+            if not (tok / name).is_file() or atomic.sha256_file(tok / name) != digest:
+                raise ArtifactError(f"{tok / name} is missing or does not match its sha256 in {MANIFEST}; re-run `diffrt export`")
+
+
+def _check_file(path: Path, digest: str) -> None:
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing from the artifact; re-run `diffrt export`")
+    if atomic.sha256_file(path) != digest:
+        raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST} (edited or corrupt); re-run `diffrt export` to rebuild it")
 
 
 def check_engine_compatible(engine: dict) -> None:

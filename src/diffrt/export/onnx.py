@@ -19,13 +19,13 @@ import contextlib
 import copy
 import logging
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from diffrt import atomic
 from diffrt.components import ComponentSpec
 from diffrt.errors import ArtifactError
 from diffrt.export.optimize import upcast_normalizations
@@ -54,7 +54,7 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
     opset = DEFAULT_OPSET[exporter] if opset is None else opset
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = atomic.make_temp_dir(folder.parent, f".{folder.name}.")  # readable by others as the umask allows, unlike mkdtemp's
     try:
         feed = spec.example_feed("opt", dtype=dtype, **trace_sizes(spec))
         args = tuple(feed[name] for name in spec.input_names)

@@ -37,7 +37,8 @@ from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
 from diffrt.export.artifact import (ExportOptions, ExportResult, Precision, _check_loras, _export_component,
-                                    cached_export, check_options, export_key, lora_hashes, refit_before_manifest)
+                                    cached_export, check_options, check_out_apart, export_key, lora_hashes,
+                                    refit_before_manifest, start_rebuild)
 from diffrt.export.refit import LORA_COMPONENTS
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, load_text_to_image,
                                          require_text_to_image_folder)
@@ -88,6 +89,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     check_options(options, Path(out))
     model_dir, out = require_text_to_image_folder(model_dir), Path(out)
     controlnets = [Path(c) for c in controlnets]
+    check_out_apart(out, [model_dir / part for part in SOURCE_PARTS] + controlnets)
     model = load_text_to_image(model_dir, controlnets, weights=False)  # configs only: enough for the key
     size = (model.default_size,) * 3
     specs = component_specs(model, component_names(bool(controlnets)), batch=options.batch,
@@ -98,7 +100,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     lora_parts = lora_hashes(options)
     key = export_key({"kind": "text-to-image", "source": hashes, "precision": precisions,
                       "specs": {n: spec_to_dict(s) for n, s in specs.items()}}, options)
-    hit = cached_export(out, key, t0, lora_parts)
+    hit = cached_export(out, key, t0, lora_parts, verified=options.verify)
     if hit is not None:
         return hit
     model = load_text_to_image(model_dir, controlnets)  # a miss: now the weights
@@ -109,7 +111,9 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     if options.loras and not bake:
         _check_loras({"unet": model.unet.state_dict(), "text_encoder": model.text_encoder.state_dict()}, options.loras)
     with atomic.file_lock(out.parent / f".{out.name}.lock"):
-        (out / mf.MANIFEST).unlink(missing_ok=True)  # until the new manifest is written, the folder is not trusted
+        hit = start_rebuild(out, key, t0, lora_parts, options)  # until the new manifest is written, the folder is not trusted
+        if hit is not None:
+            return hit
         components = {}
         # Minutes per component at SD-1.5 size (ONNX, parity run, TensorRT build): show which one is under way.
         with tqdm(specs.items(), desc="export", unit="component", leave=False, disable=None) as bar:  # None: on a terminal only
@@ -141,8 +145,9 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
         }
         refit_before_manifest(out, manifest, options)
         mf.write_manifest(out, manifest)
+        written = mf.read_manifest(out)  # under the lock: another builder may replace it once it is released
     log.info("exported %s to %s in %.1f s", model_dir, out, time.perf_counter() - t0)
-    return ExportResult(out, False, mf.read_manifest(out), time.perf_counter() - t0)
+    return ExportResult(out, False, written, time.perf_counter() - t0)
 
 
 def _fuse_loras(model: TextToImageModel, loras: list[tuple[str, float]]) -> list[dict]:
@@ -160,6 +165,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> dict:
     names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
     if "vocab.json" not in names and "tokenizer.json" not in names:
         raise DiffrtError(f"{src} has neither vocab.json nor tokenizer.json; expected a CLIPTokenizer folder")
+    # A file an earlier export copied and this source lacks would stay beside the new ones, unlisted in
+    # the manifest, and the tokenizer would read it (tokenizer.json is preferred to vocab.json + merges.txt).
+    shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
         with atomic.atomic_path(dst / name) as tmp:

@@ -1,12 +1,14 @@
 """The onnxruntime backend: CPU, CUDA or TensorRT execution providers, torch tensors in and out.
 
 IO binding hands ONNX Runtime the torch tensors' memory directly, inputs and pre-allocated
-outputs alike, so a step does not copy through NumPy (nor leave the GPU on CUDA).
+outputs alike, so a step does not copy through NumPy (nor leave the GPU on CUDA). Every feed is
+checked against the component's exported ranges first, as on TensorRT (RELIABILITY #3).
 
 Providers (RELIABILITY #15). ONNX Runtime silently drops an execution provider it cannot start
 (no CUDA libraries, no TensorRT) and runs on the next one, down to the CPU. After opening the
 session the providers it really uses (`session.get_providers()`) are compared with those asked
-for: a missing one is a warning, or with `strict=True` an error. `backend.providers` is
+for: a missing one is a warning, or with `strict=True` an error, naming the providers the build
+has when it lacks the one asked for (which is then not passed to it). `backend.providers` is
 reported with every result. A CUDA backend whose session fell back to the CPU binds host memory
 (ONNX Runtime cannot copy CUDA memory without a GPU provider: "no data transfer registered") and
 returns its outputs on its device, so the fallback that the warning names really runs.
@@ -110,12 +112,21 @@ class OnnxRuntimeBackend:
         self.device = _indexed(torch.device(device))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        # The CPUs this process may use (a container's or taskset's share); macOS has no sched_getaffinity.
+        options.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                   else os.cpu_count() or 1)
         requested = providers or default_providers(self.device, spec)
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=requested)
         self.requested_providers = [p if isinstance(p, str) else p[0] for p in requested]
+        # A provider this build lacks is left out of the session (asked for it, ONNX Runtime prints a
+        # multi-line "EP Error" and retries on the CPU) and named, with those the build has, below.
+        available = ort.get_available_providers()
+        runnable = [p for p, name in zip(requested, self.requested_providers) if name in available] or ["CPUExecutionProvider"]
+        if strict:  # refused before a session is built for nothing
+            check_providers(spec.name, self.requested_providers, [p if isinstance(p, str) else p[0] for p in runnable],
+                            strict, available)
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=runnable)
         self.providers = self.session.get_providers()  # what really runs: reported with every result
-        self.missing_providers = check_providers(spec.name, self.requested_providers, self.providers, strict)
+        self.missing_providers = check_providers(spec.name, self.requested_providers, self.providers, strict, available)
         self._io_device = session_device(self.session) if self.device.type == "cuda" else self.device
         if self._io_device.type == "cuda" and self._io_device != self.device:
             log.warning("%s: ONNX Runtime runs on %s, not %s (its provider fallback drops device_id); every step "
@@ -124,6 +135,9 @@ class OnnxRuntimeBackend:
         self._output_dtypes = {o.name: _onnx_dtype(o.type) for o in self.session.get_outputs()}
 
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # RELIABILITY #3, as the TensorRT backend does: the graph's axes are dynamic, so ONNX Runtime
+        # would run a size outside the exported (and verified) range, or fail on it with its own error.
+        self.spec.check(feed)
         binding = self.session.io_binding()
         sizes: dict[str, int] = {}
         keep = []  # the bound tensors must outlive the run
@@ -159,14 +173,23 @@ def session_device(session) -> torch.device:
     return torch.device("cpu")
 
 
-def check_providers(component: str, requested: list[str], used: list[str], strict: bool) -> list[str]:
+def check_providers(component: str, requested: list[str], used: list[str], strict: bool,
+                    available: list[str] | None = None) -> list[str]:
     """Every requested provider must be in the session: a fallback is a warning, or an error when
-    strict. Returns the requested providers the session runs without."""
+    strict. Returns the requested providers the session runs without. `available`: the providers
+    this ONNX Runtime build has, named when a missing one is not among them."""
     missing = [p for p in requested if p not in used]
     if not missing:
         return missing
+    absent = [p for p in missing if available is not None and p not in available]
+    if absent:
+        why = f"this ONNX Runtime build has no {', '.join(absent)} (it has {', '.join(available)})"
+        if set(absent) & set(GPU_PROVIDERS):
+            why += "; pip install onnxruntime-gpu for them (not both onnxruntime and onnxruntime-gpu)"
+    else:
+        why = "see ONNX Runtime's log for why"
     message = (f"{component}: ONNX Runtime did not start {', '.join(missing)} (asked for {', '.join(requested)}) and runs "
-               f"on {', '.join(used)}; see ONNX Runtime's log for why")
+               f"on {', '.join(used)}; {why}")
     if strict:
         raise BackendUnavailableError(f"{message}; strict mode refuses a fallback")
     log.warning("%s; strict mode (--strict) makes this an error", message)
