@@ -89,6 +89,25 @@ def test_torch_equals_stable_diffusion_pipeline(t2i_folder, torch_pipe, kwargs):
     assert result.backend == "torch" and result.metadata["components"]["unet"] == "torch"
 
 
+def test_an_outdated_scheduler_config_samples_as_stable_diffusion_pipeline(t2i_folder, tmp_path, caplog):
+    """StableDiffusionPipeline corrects a scheduler config written before its defaults were fixed
+    (steps_offset 0, clip_sample on: x0 clipped to [-1, 1], meant for pixels, not latents); diffrt
+    samples such a folder as it does, and says so."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "old", ignore=shutil.ignore_patterns("controlnet*"))
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "steps_offset": 0, "clip_sample": True, "clip_sample_range": 0.5}))
+    expected = run_diffusers(diffusers_pipe(StableDiffusionPipeline, folder), seed=3)
+    with caplog.at_level("WARNING", logger="diffrt.runtime.text_to_image"):
+        result = run(open_text_to_image_pipeline(folder, "torch", CPU), seed=3)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+    assert "steps_offset 0, clip_sample True" in caplog.text
+
+
 def test_prompt_embeds_equal_stable_diffusion_pipeline(t2i_folder, torch_pipe, t2i_artifact):
     """Weighted prompts come in as embeddings (compel's way): diffusers' prompt_embeds and
     negative_prompt_embeds, alone or beside a negative prompt given as text, on torch and ONNX Runtime."""

@@ -129,7 +129,7 @@ def _cmd_generate(args) -> int:
     request = GenerateRequest(
         model=args.model, backend=args.backend, seed=args.seed, num_inference_steps=args.steps, out=args.out,
         prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-        height=args.height, width=args.width, num_images=args.num_images, eta=args.eta, class_label=args.class_label,
+        height=args.height, width=args.width, num_images=args.num_images, eta=args.eta, scheduler=args.scheduler, class_label=args.class_label,
         controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
         image=args.image, strength=args.strength,
         loras=_loras(args), lora_scale=args.lora_scale, color=args.color, color_scale=args.color_scale,
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.set_defaults(func=_cmd_refit)
 
     # generate
-    ge = sub.add_parser("generate", help="generate images with the guided DDIM loop")
+    ge = sub.add_parser("generate", help="generate images with the guided DDIM (or LCM) loop")
     ge.add_argument("--model", default=None, help="diffusers or artifact folder, or Hub id org/name[@rev] (default: the shipped digits model)")
     ge.add_argument("--backend", default=None,
                     help="torch, torch-compile, onnxruntime or tensorrt (default: the fastest installed for an artifact, else torch)")
@@ -305,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                     help="tensorrt: launch each step normally instead of replaying a captured CUDA graph")
     ge.add_argument("--seed", type=int, default=0)
-    ge.add_argument("--steps", type=int, default=25, help="DDIM steps (num_inference_steps)")
+    ge.add_argument("--steps", type=int, default=25, help="denoising steps (num_inference_steps)")
+    ge.add_argument("--scheduler", choices=["ddim", "lcm"], default=None,
+                    help="sampler (default: the model's own, LCM for a folder whose scheduler config names LCMScheduler); "
+                         "LCM-LoRA: --lora LCM_LORA --scheduler lcm --steps 4 (guidance scale 1 by default with LCM)")
     ge.add_argument("--out", default="out.png", help="PNG grid, or .npy (float32 N x H x W x C in [0, 1])")
     ge.add_argument("--prompt", default=None)
     ge.add_argument("--negative-prompt", default=None)

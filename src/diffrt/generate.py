@@ -41,6 +41,7 @@ class GenerateRequest:
     width: int | None = None
     num_images: int | None = None
     eta: float = 0.0
+    scheduler: str | None = None  # "ddim" or "lcm"; None: the model's own (LCM for a folder whose scheduler config names LCMScheduler)
     class_label: int | None = None
     controlnet: str | list[str] | None = None  # one ControlNet folder, or several (diffusers' MultiControlNetModel), in order
     control_image: str | list[str] | None = None  # one conditioning image file per ControlNet, in the same order
@@ -151,7 +152,7 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
     scale = DEFAULT_PIXEL_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale
     return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
                 guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
-                output_type="pt", progress=progress)
+                output_type="pt", progress=progress, scheduler=req.scheduler)
 
 
 def generate_to_file(req: GenerateRequest):

@@ -51,7 +51,13 @@ class DDIMConfig:
 
         Another class's config (SD-1.5 ships PNDMScheduler) gives DDIM on that training schedule, as
         diffusers' `DDIMScheduler.from_config(scheduler.config)` (and DDIMPipeline) do; its own sampler's
-        keys (karras sigmas, LCM's original_inference_steps, ...) have no DDIM meaning and are logged."""
+        keys (karras sigmas, ...) have no DDIM meaning and are logged. One naming LCMScheduler gives an
+        LCMConfig (lcm.py), a DDIMConfig that the pipelines sample with LCM, as diffusers' pipelines
+        sample such a folder; `sampling.choose_scheduler(config, "ddim")` is DDIM on it."""
+        if cls is DDIMConfig and config.get("_class_name") == "LCMScheduler":
+            from diffrt.runtime.lcm import LCMConfig  # lcm.py builds on this module
+
+            return LCMConfig.from_scheduler_config(config)
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(config).items() if k in names}
         other = config.get("_class_name")
@@ -153,6 +159,11 @@ class DDIMSchedule:
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())
+
+    def tail(self, start: int) -> "DDIMSchedule":
+        """The steps from `start` on (img2img runs the last ones)."""
+        return dataclasses.replace(self, timesteps=self.timesteps[start:], alpha_bar=self.alpha_bar[start:],
+                                   alpha_bar_prev=self.alpha_bar_prev[start:])
 
 
 def make_schedule(config: DDIMConfig, num_inference_steps: int) -> DDIMSchedule:

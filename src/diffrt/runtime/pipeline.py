@@ -5,6 +5,10 @@ Arguments follow diffusers (`num_inference_steps`, `guidance_scale`, `eta`, `gen
 draws the initial noise, so a seed gives the same images as diffusers' DDIMPipeline. As there,
 `generator` may be a list with one generator per image: each image's initial noise and eta noise
 come from its own generator (sampling.randn).
+The sampler is DDIM, or LCM for a folder whose scheduler config names LCMScheduler (or with
+`scheduler="lcm"`), run as diffusers' DDPMPipeline runs an LCMScheduler: its noise between steps
+comes from the same generator, after the initial noise. (diffusers' DDIMPipeline would convert
+such a folder's scheduler to DDIM; `scheduler="ddim"` does that here.)
 Classifier-free guidance for class labels runs the null label and the requested labels in
 one 2B batch.
 """
@@ -20,12 +24,13 @@ import torch
 from diffrt.errors import DiffrtError
 from diffrt.images import to_numpy, to_pil, to_unit_range
 from diffrt.models import PixelModelInfo
-from diffrt.runtime import ddim
+from diffrt.runtime import ddim, lcm
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
-from diffrt.runtime.sampling import Generators, SamplerOptions, check_finite, check_generators, randn, sample_ddim
+from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
+                                     make_sampling_schedule, randn, sample)
 
 OutputType = Literal["pil", "np", "pt", "latent"]  # "latent": text-to-image only
 
@@ -75,6 +80,7 @@ class DenoiserPipeline:
     device, and the PyTorch modules that gradient guidance falls back to, loaded on first use."""
 
     unet: Backend
+    scheduler: ddim.DDIMConfig  # the model's own; an lcm.LCMConfig samples with LCM
     unet_precision: str = "fp32"  # the precision the UNet's engine was built at: sets the eps agreement limit
     _torch: dict[str, TorchModule]
     lora: RuntimeLora | None = None  # the LoRA it runs, whose strength set_lora_scale changes (lora_scale.py)
@@ -111,6 +117,16 @@ class DenoiserPipeline:
         for name, loader in self._lora_fallbacks.items():
             self._torch[name] = loader  # loaded again, at the new scale, on next use
 
+    def sampler_config(self, scheduler: Scheduler = None) -> ddim.DDIMConfig:
+        """The scheduler config a call with `scheduler=` samples with (sampling.choose_scheduler)."""
+        return choose_scheduler(self.scheduler, scheduler)
+
+    def sampling_schedule(self, num_inference_steps: int, *, scheduler: Scheduler = None, eta: float = 0.0,
+                          timesteps: list[int] | None = None):
+        """The DDIM or LCM schedule such a call runs; DiffrtError (one line) for steps its sampler cannot
+        take. Cheap and public, for callers that refuse a request before queueing it (`diffrt serve`)."""
+        return make_sampling_schedule(self.sampler_config(scheduler), num_inference_steps, eta=eta, timesteps=timesteps)
+
     def backends(self) -> dict[str, Backend]:
         """Each component's backend, by component name."""
         return {self.unet.spec.name: self.unet}
@@ -143,7 +159,7 @@ class DenoiserPipeline:
 
 
 class PixelPipeline(DenoiserPipeline):
-    """DDIM sampling of a pixel-space UNet on any backend."""
+    """DDIM (or LCM) sampling of a pixel-space UNet on any backend."""
 
     def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
                  channels: int, sample_size: int, torch_unet: TorchModule = None,
@@ -162,8 +178,9 @@ class PixelPipeline(DenoiserPipeline):
                  num_inference_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
                  generator: Generators = None, seed: int | None = None, guidance: tuple[Guidance, ...] | list = (),
                  height: int | None = None, width: int | None = None, output_type: OutputType = "pil",
-                 use_fused_kernel: bool = True, progress=None, latents: torch.Tensor | None = None) -> GenerationResult:
-        # 1. Check inputs before any work.
+                 use_fused_kernel: bool = True, progress=None, latents: torch.Tensor | None = None,
+                 scheduler: Scheduler = None) -> GenerationResult:
+        # 1. Check inputs before any work. `scheduler`: None is the model's own (sampling.choose_scheduler).
         check_output_type(output_type)
         labels = self._labels(class_labels, num_images)
         batch = len(labels) if labels is not None else (num_images or 1)
@@ -178,7 +195,7 @@ class PixelPipeline(DenoiserPipeline):
         spec.check_size("width", width, what=f"width {width}")
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
-        schedule = ddim.make_schedule(self.scheduler, num_inference_steps)
+        schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta)
         t0 = time.perf_counter()
 
         # 2. Initial noise x_T, drawn on the CPU generator as diffusers does, unless the caller
@@ -206,19 +223,20 @@ class PixelPipeline(DenoiserPipeline):
                 check_finite(eps, "unet")
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
-        # 4. The guided DDIM loop.
+        # 4. The guided DDIM or LCM loop.
         guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=to_unit_range_unclamped,
                                  denoise_autograd=self._autograd_denoiser(model_labels, do_cfg, denoise, guidance),
                                  use_fused_kernel=use_fused_kernel)
-        x = sample_ddim(denoise, x, schedule, options, progress=progress)
+        x = sample(denoise, x, schedule, options, progress=progress)
 
         # 5. Post-process.
         images = to_unit_range(x)
         seconds = time.perf_counter() - t0
         meta = {"class_labels": labels.tolist() if labels is not None else None, "guidance_scale": guidance_scale,
-                "eta": eta, "guidance": [g.name for g in guidance], **self.runtime_metadata()}
+                "eta": eta, "scheduler": scheduler_name(schedule), "timesteps": schedule.timesteps.tolist(),
+                "guidance": [g.name for g in guidance], **self.runtime_metadata()}
         return GenerationResult(convert_output(images, output_type), self.backend, seconds, num_inference_steps, meta)
 
     def _labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:
@@ -250,6 +268,11 @@ class PixelPipeline(DenoiserPipeline):
             return tuple(eps.float().chunk(2)) if do_cfg else (None, eps.float())
 
         return guard_autograd_denoiser(denoise, engine_denoise, self.backend, self.unet_precision, self.check_outputs)
+
+
+def scheduler_name(schedule) -> str:
+    """The sampler a schedule runs, for a result's metadata: 'ddim' or 'lcm'."""
+    return "lcm" if isinstance(schedule, lcm.LCMSchedule) else "ddim"
 
 
 def to_unit_range_unclamped(x0: torch.Tensor) -> torch.Tensor:

@@ -1,25 +1,27 @@
-"""The guided DDIM loop, independent of any backend.
+"""The guided sampling loop, DDIM or LCM, independent of any backend.
 
 The loop sees the model only as `denoise(x, t) -> (eps_uncond, eps_cond)`: eps_uncond is None
 when classifier-free guidance is off. It never learns which backend computed them. Per step:
 
     1. predict noise (both CFG branches in one 2B batch, inside `denoise`);
     2. on guided steps, move x_t down the gradient of the guidance losses (guidance.py);
-    3. take the DDIM step (ddim.py), fused with the CFG combine on CUDA (kernels/).
+    3. take the sampler's step: DDIM (ddim.py, fused with the CFG combine on CUDA, kernels/) for a
+       DDIMSchedule, multistep LCM (lcm.py) for an LCMSchedule.
 
-With eta > 0, step 3 draws fresh noise with `randn` from `options.generator`: one generator for
-the batch, one per image (diffusers' list), or blocks of rows each from its own (GeneratorBlocks).
+Random draws after x_T come from `options.generator`: one generator for the batch, one per image
+(diffusers' list), or blocks of rows each from its own (GeneratorBlocks). DDIM draws a step's noise
+when eta > 0; LCM on every step but the last, as LCMScheduler.step does (it has no eta).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError
-from diffrt.runtime import ddim
+from diffrt.runtime import ddim, lcm
 from diffrt.runtime.guidance import Guidance
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
@@ -112,47 +114,116 @@ class SamplerOptions:
     guidance_rescale: float = 0.0  # combine_cfg's rescale (diffusers' guidance_rescale); not fused
 
 
-def sample_ddim(denoise: Denoise, x: torch.Tensor, schedule: ddim.DDIMSchedule, options: SamplerOptions,
-                progress: Callable | None = None) -> torch.Tensor:
-    """Run the DDIM loop from x = x_T (already scaled noise) to x_0 and return it."""
+Schedule = ddim.DDIMSchedule | lcm.LCMSchedule
+Scheduler = Literal["ddim", "lcm"] | ddim.DDIMConfig | None  # a pipeline's `scheduler=`: None is the model's own
+
+
+def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig:
+    """The config a pipeline samples with: its model's own (None; an LCMConfig for a folder naming
+    LCMScheduler), that model's training schedule under another sampler ("ddim", "lcm": diffusers'
+    `pipe.scheduler = DDIMScheduler/LCMScheduler.from_config(pipe.scheduler.config)`), or a config given."""
+    if choice is None or isinstance(choice, ddim.DDIMConfig):
+        return own if choice is None else choice
+    if choice == "lcm":
+        return own if isinstance(own, lcm.LCMConfig) else lcm.LCMConfig.from_scheduler_config(own.to_scheduler_config())
+    if choice == "ddim":
+        if not isinstance(own, lcm.LCMConfig):
+            return own
+        # DDIMScheduler.from_config(lcm.config): the keys DDIM shares, dynamic thresholding refused by name.
+        return ddim.DDIMConfig.from_scheduler_config({**own.to_scheduler_config(), "_class_name": "DDIMScheduler"})
+    raise DiffrtError(f"scheduler must be 'ddim' or 'lcm' (or a DDIMConfig / LCMConfig), got {choice!r}")
+
+
+def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *, eta: float = 0.0,
+                           timesteps: list[int] | None = None) -> Schedule:
+    """The schedule for `config`'s sampler, with what only one sampler takes refused in one line: DDIM's
+    `eta` for LCM (LCMScheduler.step has none; diffusers' pipelines drop it silently), custom
+    `timesteps` for DDIM (diffusers' DDIMScheduler takes none either)."""
+    if isinstance(config, lcm.LCMConfig):
+        if eta != 0:
+            raise DiffrtError(f"eta {eta:g} is DDIM's; LCM draws fresh noise between its steps whatever eta is "
+                              "(LCMScheduler has no eta), so leave eta at 0 or use scheduler='ddim'")
+        return lcm.make_lcm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
+    if timesteps is not None:
+        raise DiffrtError("custom timesteps need scheduler='lcm'; DDIM takes num_inference_steps (and timestep_spacing "
+                          "in the scheduler config), as diffusers' DDIMScheduler does")
+    return ddim.make_schedule(config, num_inference_steps)
+
+
+def draws_step_noise(schedule: Schedule, eta: float) -> bool:
+    """Whether the loop draws from the generator after x_T: DDIM with eta > 0; LCM with two steps or more."""
+    return len(schedule) > 1 if isinstance(schedule, lcm.LCMSchedule) else eta > 0
+
+
+def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: SamplerOptions,
+           progress: Callable | None = None) -> torch.Tensor:
+    """Run the DDIM or LCM loop (by the schedule's kind) from x = x_T (already scaled noise) to x_0 and return it."""
     if schedule.prediction_type == "epsilon" and bool((schedule.alpha_bar == 0).any()):
         # Zero terminal SNR: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides by zero on that step, and
         # diffusers' DDIM returns NaN images; refused here rather than reported later as a NaN in the VAE.
         t = int(schedule.timesteps[schedule.alpha_bar == 0][0])
+        skip = "" if isinstance(schedule, lcm.LCMSchedule) else ", or steps that skip that timestep (timestep_spacing 'leading')"
         raise DiffrtError(f"alpha_bar is 0 at timestep {t} (zero terminal SNR: rescale_betas_zero_snr), where an epsilon-"
                           "prediction model cannot give x0 (diffusers returns NaN images); use a v_prediction model "
-                          "(Lin et al. 2023), or steps that skip that timestep (timestep_spacing 'leading')")
+                          f"(Lin et al. 2023){skip}")
     if schedule.prediction_type == "sample" and any(g.mode == "x0" and g.scale != 0 for g in options.guidance):
         # x0 IS the model output here: held constant, it does not depend on x_t and the gradient is zero.
         raise DiffrtError("guidance mode 'x0' cannot steer a model with prediction_type 'sample' (its x0 is the model "
                           "output, which mode x0 holds constant); use guidance mode 'through_unet'")
+    if isinstance(schedule, lcm.LCMSchedule) and options.eta != 0:
+        raise DiffrtError(f"eta {options.eta:g} is DDIM's; LCM draws fresh noise between its steps (LCMScheduler has no eta)")
     for i, t in enumerate(schedule.timesteps):
-        alpha_bar, alpha_bar_prev = schedule.alpha_bar[i], schedule.alpha_bar_prev[i]
         active = [g for g in options.guidance if g.active(i)]
         if any(g.mode == "through_unet" for g in active):
-            x, eps = _guide_through_unet(x, t, i, alpha_bar, schedule, options, active)
+            x, eps = _guide_through_unet(x, t, i, schedule, options, active)
             eps_u, eps_c, g = None, eps, 1.0
         else:
             eps_u, eps_c = denoise(x, t)
             g = options.guidance_scale
             if active:
                 eps_c, eps_u, g = combine_cfg(eps_u, eps_c, g, options.guidance_rescale), None, 1.0
-                x = _guide_x0(x, eps_c, alpha_bar, schedule, options.decode, active, i)
-        noise = randn(x.shape, options.generator, x.device, x.dtype) if options.eta > 0 else None
-        kwargs = dict(prediction_type=schedule.prediction_type, clip_sample_range=schedule.clip_sample_range,
-                      eta=options.eta, noise=noise)
-        if eps_u is not None and options.use_fused_kernel and options.guidance_rescale == 0:
-            from diffrt.kernels import cfg_ddim_step  # Triton on CUDA, the PyTorch reference elsewhere
-
-            x, _ = cfg_ddim_step(x, eps_u, eps_c, g, float(alpha_bar), float(alpha_bar_prev), **kwargs)
-        else:
-            x, _ = ddim.ddim_step(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), alpha_bar, alpha_bar_prev, **kwargs)
+                x = _guide_x0(x, eps_c, i, schedule, options.decode, active)
+        x = _step(x, eps_u, eps_c, g, i, schedule, options)
         if progress is not None:
             progress(i)
     return x
 
 
-def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, alpha_bar, schedule, decode: Decode, active: list[Guidance],
+def _step(x, eps_u, eps_c, g: float, i: int, schedule: Schedule, options: SamplerOptions) -> torch.Tensor:
+    """Step 3: the sampler's update of x_t with the CFG-combined prediction, drawing its noise (after
+    the prediction, as diffusers' schedulers draw inside step()) where the sampler needs it."""
+    if isinstance(schedule, lcm.LCMSchedule):
+        last = i == len(schedule) - 1  # LCMScheduler: no noise on the final step (nor for one-step sampling)
+        noise = None if last else randn(x.shape, options.generator, x.device, x.dtype)
+        x, _ = lcm.lcm_step(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), schedule.alpha_bar[i],
+                            schedule.alpha_bar_next[i], schedule.c_skip[i], schedule.c_out[i],
+                            prediction_type=schedule.prediction_type, clip_sample_range=schedule.clip_sample_range,
+                            threshold=schedule.threshold, noise=noise)
+        return x
+    alpha_bar, alpha_bar_prev = schedule.alpha_bar[i], schedule.alpha_bar_prev[i]
+    noise = randn(x.shape, options.generator, x.device, x.dtype) if options.eta > 0 else None
+    kwargs = dict(prediction_type=schedule.prediction_type, clip_sample_range=schedule.clip_sample_range,
+                  eta=options.eta, noise=noise)
+    if eps_u is not None and options.use_fused_kernel and options.guidance_rescale == 0:
+        from diffrt.kernels import cfg_ddim_step  # Triton on CUDA, the PyTorch reference elsewhere
+
+        x, _ = cfg_ddim_step(x, eps_u, eps_c, g, float(alpha_bar), float(alpha_bar_prev), **kwargs)
+    else:
+        x, _ = ddim.ddim_step(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), alpha_bar, alpha_bar_prev, **kwargs)
+    return x
+
+
+def predict_clean(x: torch.Tensor, eps: torch.Tensor, i: int, schedule: Schedule) -> torch.Tensor:
+    """What guidance scores at step i, differentiable in x: DDIM's predicted x0 (Eq. 12), or LCM's
+    f(x_t, t) = c_skip x_t + c_out x0, the clean sample its step returns (unclipped, so gradients
+    do not vanish at the clip)."""
+    x0, _ = ddim.predict_x0(x, eps, schedule.alpha_bar[i], schedule.prediction_type)
+    if isinstance(schedule, lcm.LCMSchedule):
+        return lcm.consistency_output(x, x0, schedule.c_skip[i], schedule.c_out[i])
+    return x0
+
+
+def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, schedule: Schedule, decode: Decode, active: list[Guidance],
                    step: int) -> torch.Tensor:
     """d/d x_t of the sum of scale * loss over the active guidances. Each keeps its own mode: on a
     step where one runs "through_unet" (eps carries its graph), one in mode "x0" still sees eps held
@@ -161,7 +232,7 @@ def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, alpha_bar, schedule, deco
     for held, group in ((eps, [g for g in active if g.mode == "through_unet"]),
                         (eps.detach(), [g for g in active if g.mode == "x0"])):
         if group:
-            images = decode(ddim.predict_x0(x, held, alpha_bar, schedule.prediction_type)[0])
+            images = decode(predict_clean(x, held, step, schedule))
             losses += [(g, _checked_loss(g, images)) for g in group]
     (grad,) = torch.autograd.grad(sum(g.scale * loss for g, loss in losses), x, allow_unused=True)
     if grad is None:
@@ -195,15 +266,15 @@ def _checked_loss(g: Guidance, images: torch.Tensor) -> torch.Tensor:
     return value.reshape(())
 
 
-def _guide_x0(x, eps, alpha_bar, schedule, decode, active, step: int) -> torch.Tensor:
-    """Mode x0: eps is a constant, the gradient flows through x0(x_t) and the decoder only."""
+def _guide_x0(x, eps, step: int, schedule: Schedule, decode, active) -> torch.Tensor:
+    """Mode x0: eps is a constant, the gradient flows through x0(x_t) (LCM: f(x_t)) and the decoder only."""
     with torch.enable_grad():
         x_req = x.detach().requires_grad_(True)
-        grad = _guidance_grad(x_req, eps.detach(), alpha_bar, schedule, decode, active, step)
+        grad = _guidance_grad(x_req, eps.detach(), schedule, decode, active, step)
     return (x - grad).detach()
 
 
-def _guide_through_unet(x, t, step: int, alpha_bar, schedule, options: SamplerOptions, active):
+def _guide_through_unet(x, t, step: int, schedule: Schedule, options: SamplerOptions, active):
     """Mode through_unet: the PyTorch denoiser runs with autograd, so d eps / d x_t counts too
     (for the guidances in that mode; those in mode x0 active on the same step hold eps constant)."""
     if options.denoise_autograd is None:
@@ -212,5 +283,5 @@ def _guide_through_unet(x, t, step: int, alpha_bar, schedule, options: SamplerOp
         x_req = x.detach().requires_grad_(True)
         eps_u, eps_c = options.denoise_autograd(x_req, t)
         eps = combine_cfg(eps_u, eps_c, options.guidance_scale, options.guidance_rescale)
-        grad = _guidance_grad(x_req, eps, alpha_bar, schedule, options.decode, active, step)
+        grad = _guidance_grad(x_req, eps, schedule, options.decode, active, step)
     return (x - grad).detach(), eps.detach()

@@ -17,6 +17,12 @@ PIL images with Lanczos. One deliberate difference: `height` without `width` (or
 keeps the side given and takes the default for the other, where StableDiffusionPipeline drops
 the side given and uses its default size for both.
 
+The sampler is DDIM, or LCM (lcm.py) for a folder whose scheduler config names LCMScheduler, as
+StableDiffusionPipeline.from_pretrained would sample it; `scheduler="lcm"` runs LCM on a folder's
+training schedule (LCM-LoRA on a plain SD folder: diffusers' `pipe.scheduler =
+LCMScheduler.from_config(pipe.scheduler.config)`), `scheduler="ddim"` DDIM. LCM draws fresh noise
+from the generator after every step but the last, after the initial latents, as LCMScheduler.step.
+
 Every component is a `Backend`; the pipeline never asks which. Engines have no autograd, so
 gradient guidance and the img2img encoder use PyTorch modules (loaded lazily for artifacts):
 the VAE (decoder for guidance mode "x0", encoder for img2img) and the UNet for "through_unet".
@@ -36,22 +42,24 @@ import torch
 from diffrt.components import CONTROL_CHANNELS, num_controlnets
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import to_unit_range
-from diffrt.runtime import ddim
+from diffrt.runtime import ddim, lcm
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
-from diffrt.runtime.pipeline import DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_output_type, convert_output, make_generator, to_unit_range_unclamped
-from diffrt.runtime.sampling import Generators, SamplerOptions, check_finite, check_generators, randn, sample_ddim
+from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_output_type, convert_output,
+                                     make_generator, scheduler_name, to_unit_range_unclamped)
+from diffrt.runtime.sampling import Generators, SamplerOptions, Scheduler, check_finite, check_generators, randn, sample
 
 log = logging.getLogger(__name__)
 
 INIT_NOISE_SIGMA = 1.0  # DDIM's: x_T is unit-variance noise
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default; `diffrt generate` and `diffrt serve` use it
+LCM_GUIDANCE_SCALE = 1.0  # `diffrt generate`'s with LCM: LCM-LoRA's recommendation (1 to 2; 7.5 burns the images)
 
 
 class TextToImagePipeline(DenoiserPipeline):
-    """Guided DDIM sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
+    """Guided DDIM or LCM sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
 
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
@@ -59,7 +67,7 @@ class TextToImagePipeline(DenoiserPipeline):
                  unet_precision: str = "fp32", lora: RuntimeLora | None = None):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         self.tokenizer = tokenizer
-        self.scheduler = scheduler
+        self.scheduler = _latent_scheduler(scheduler)
         self.vae_scaling_factor = vae_scaling_factor
         self.vae_factor = vae_factor
         self.default_size = default_size
@@ -93,8 +101,10 @@ class TextToImagePipeline(DenoiserPipeline):
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] | None = None,
                  guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None,
-                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None) -> GenerationResult:
-        # 1. Check inputs before any work.
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 scheduler: Scheduler = None, timesteps: list[int] | None = None) -> GenerationResult:
+        # 1. Check inputs before any work. `scheduler`: None is the model's own, "ddim" or "lcm" that sampler on
+        #    its training schedule, or a config (sampling.choose_scheduler); `timesteps`: LCM's custom schedule.
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
         if prompt_embeds is not None:  # diffusers' way in for weighted prompts (compel) and cached encodings
             _check_embeds(prompt_embeds, negative_prompt_embeds, prompt)
@@ -128,9 +138,9 @@ class TextToImagePipeline(DenoiserPipeline):
         self.check_batch(len(prompts), batch, do_cfg)
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
-        schedule = ddim.make_schedule(self.scheduler, num_inference_steps)
-        if init is not None:
-            schedule = _img2img_schedule(schedule, num_inference_steps, strength)
+        schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps)
+        if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
+            schedule = schedule.tail(check_strength(strength, len(schedule)))
         t0 = time.perf_counter()
 
         # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
@@ -178,13 +188,13 @@ class TextToImagePipeline(DenoiserPipeline):
             eps = self._check(self.unet.spec.name, eps["noise_pred"].float())
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
-        # 5. The guided DDIM loop.
+        # 5. The guided DDIM or LCM loop.
         guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
                                  denoise_autograd=self._autograd_denoiser(feed, do_cfg, denoise, guidance),
                                  use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if do_cfg else 0.0)
-        x = sample_ddim(denoise, x, schedule, options, progress=progress)
+        x = sample(denoise, x, schedule, options, progress=progress)
 
         # 6. Decode and post-process ("latent": the latents as diffusers returns them, scaled, undecoded).
         if output_type == "latent":
@@ -195,6 +205,7 @@ class TextToImagePipeline(DenoiserPipeline):
         meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
                 "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
+                "scheduler": scheduler_name(schedule), "timesteps": schedule.timesteps.tolist(),
                 "strength": strength if init is not None else None,
                 "controlnet_conditioning_scale": (scales if len(scales) > 1 else scales[0]) if control is not None else None,
                 "guidance": [g.name for g in guidance], **self.runtime_metadata()}
@@ -254,7 +265,7 @@ class TextToImagePipeline(DenoiserPipeline):
             truncated.append(removed)
         return ids, truncated
 
-    def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule: ddim.DDIMSchedule, generator: Generators) -> torch.Tensor:
+    def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule, generator: Generators) -> torch.Tensor:
         """img2img: sample the VAE posterior, scale, repeat to the batch, noise to the first timestep.
         With one generator per image (a list, or GeneratorBlocks) the init images are repeated to the
         batch first, so each image samples its own posterior row, as diffusers' img2img does."""
@@ -433,6 +444,19 @@ def _image_batch(image, height: int | None, width: int | None, multiple: int = 1
     return image
 
 
+def _latent_scheduler(config: ddim.DDIMConfig) -> ddim.DDIMConfig:
+    """The scheduler config as StableDiffusionPipeline (and its img2img) samples it: its __init__ sets
+    steps_offset 1 and clip_sample off in configs written before diffusers fixed those defaults (clipping
+    x0 to [-1, 1] is for pixels, and latents range wider). A sampler chosen later (`scheduler="lcm"`,
+    LCMScheduler.from_config(pipe.scheduler.config)) is made from the config corrected here."""
+    fixes = {key: value for key, value in (("steps_offset", 1), ("clip_sample", False)) if getattr(config, key) != value}
+    if fixes:
+        log.warning("the scheduler config is outdated (%s); sampling with %s, as StableDiffusionPipeline does",
+                    ", ".join(f"{k} {getattr(config, k)}" for k in fixes), ", ".join(f"{k} {v}" for k, v in fixes.items()))
+        config = dataclasses.replace(config, **fixes)
+    return config
+
+
 def check_strength(strength: float, num_inference_steps: int) -> int:
     """img2img's first step: the last int(N * strength) steps run, as diffusers' `get_timesteps`
     keeps them; a strength outside [0, 1] or one that leaves no step is one line."""
@@ -442,13 +466,6 @@ def check_strength(strength: float, num_inference_steps: int) -> int:
     if t_start >= num_inference_steps:
         raise DiffrtError(f"strength {strength} x {num_inference_steps} steps leaves no denoising step; raise either")
     return t_start
-
-
-def _img2img_schedule(schedule: ddim.DDIMSchedule, num_inference_steps: int, strength: float) -> ddim.DDIMSchedule:
-    """Keep the last int(N * strength) steps, as diffusers' img2img `get_timesteps` does."""
-    t_start = check_strength(strength, num_inference_steps)
-    return dataclasses.replace(schedule, timesteps=schedule.timesteps[t_start:], alpha_bar=schedule.alpha_bar[t_start:],
-                               alpha_bar_prev=schedule.alpha_bar_prev[t_start:])
 
 
 def generate_text_to_image(req, guidance: list[Guidance], progress=None) -> GenerationResult:
@@ -479,9 +496,11 @@ def generate_text_to_image(req, guidance: list[Guidance], progress=None) -> Gene
         size = (req.height, req.width) if req.height and req.width else None
         control = [load_image(path, size=size) for path in images]  # one per ControlNet, as the pipeline takes them
     init = load_image(req.image, size=(req.height, req.width) if req.height and req.width else None) if req.image else None
+    scheduler = getattr(req, "scheduler", None)
+    default_scale = LCM_GUIDANCE_SCALE if isinstance(pipe.sampler_config(scheduler), lcm.LCMConfig) else DEFAULT_GUIDANCE_SCALE
     return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
-                num_inference_steps=req.num_inference_steps,
-                guidance_scale=DEFAULT_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale,
+                num_inference_steps=req.num_inference_steps, scheduler=scheduler,
+                guidance_scale=default_scale if req.guidance_scale is None else req.guidance_scale,
                 guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
                 controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt",
                 progress=progress)

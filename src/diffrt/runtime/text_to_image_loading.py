@@ -81,6 +81,22 @@ def check_unet_config(config: Mapping, where: str = "unet") -> None:
                           "use a text-to-image UNet")
 
 
+def check_scheduler_class(folder: Path) -> None:
+    """diffrt samples a folder with the sampler its scheduler/scheduler_config.json names (LCM for
+    LCMScheduler, else DDIM) on every backend, since that file is what an export carries; diffusers'
+    from_pretrained builds the class model_index.json names. A folder whose two files disagree about
+    LCM (a hand-edited config) is sampled as its config says, with a warning naming both."""
+    index, config = folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"
+    if not (index.is_file() and config.is_file()):
+        return
+    listed = (json.loads(index.read_text()).get("scheduler") or [None, None])[-1]
+    named = json.loads(config.read_text()).get("_class_name")
+    if listed and named and (listed == "LCMScheduler") != (named == "LCMScheduler"):
+        log.warning("%s names %s but %s names %s; diffrt samples with %s, as the scheduler config says "
+                    "(diffusers' from_pretrained would build %s); pass scheduler='lcm' or 'ddim' to choose",
+                    index, listed, config, named, "LCM" if named == "LCMScheduler" else "DDIM", listed)
+
+
 def check_unet_folder(folder: Path) -> None:
     """check_unet_config on a folder's unet/config.json, before any weight is read."""
     path = folder / "unet" / "config.json"
@@ -208,6 +224,7 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
         return torch_text_to_image_pipeline(loaded, device, backend == "torch-compile", loras or manifest_loras(manifest))
     require_text_to_image_folder(folder)
     check_unet_folder(folder)
+    check_scheduler_class(folder)
     if torch_backend:
         return torch_text_to_image_pipeline(load_text_to_image(folder, controlnet), device, backend == "torch-compile", loras)
     from diffrt.export.artifact import ExportOptions, default_artifact_dir

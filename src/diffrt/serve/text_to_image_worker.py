@@ -8,9 +8,9 @@ only in prompt, negative prompt, seed, num_images and control image, that is whe
 guidance scale and eta are equal and, for ControlNet requests, the control images' size and
 the conditioning scales are equal too (a request without a control image never shares with one
 that has one). A shared batch gives each ControlNet one control image row per image, each
-request's image repeated for its num_images. With eta > 0 each request brings its generator, and
-the sampler draws each request's rows of the per-step noise from it as the request draws them
-alone (batching.generator_blocks).
+request's image repeated for its num_images. With eta > 0 (or an LCM model, which draws fresh noise
+between its steps) each request brings its generator, and the sampler draws each request's rows of
+the per-step noise from it as the request draws them alone (batching.generator_blocks).
 
 A request with colour guidance runs alone. Its gradient is taken through the PyTorch VAE decoder
 (engines have no autograd), which the start-up probe does not run, and which is not
@@ -49,7 +49,9 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, check_strength, image_side
+from diffrt.runtime.lcm import LCMSchedule
+from diffrt.runtime.sampling import GeneratorBlocks, draws_step_noise
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, LCM_GUIDANCE_SCALE, check_strength, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    settings_key, split_answers)
@@ -153,10 +155,12 @@ class TextToImageWorker(BatchingWorker):
         pipe, size = self.pipe, self.pipe.default_size
         prompts = [f"a batching probe, request {i}" for i in range(n)]
         latents, _ = draw_noise(0, (n, pipe.latent_channels, size // pipe.vae_factor, size // pipe.vae_factor), keep_generator=False)
+        step_noise = draws_step_noise(pipe.sampling_schedule(self.warmup_steps), 0.0)  # LCM: each request's own draws
 
         def run(rows):
+            generator = GeneratorBlocks(tuple((torch.Generator().manual_seed(1 + i), 1) for i in rows)) if step_noise else None
             return pipe([prompts[i] for i in rows], latents=latents[rows], num_inference_steps=self.warmup_steps,
-                        guidance_scale=DEFAULT_GUIDANCE_SCALE, output_type="pt").images
+                        guidance_scale=DEFAULT_GUIDANCE_SCALE, generator=generator, output_type="pt").images
 
         return run
 
@@ -242,7 +246,13 @@ class TextToImageWorker(BatchingWorker):
         if control is not None and len({tuple(c.shape[-2:]) for c in control}) > 1:
             raise RequestError(422, "control_image: the images differ in size; send images of one size, or give height and "
                                "width to resize them all", "control_image")
-        guidance_scale = DEFAULT_GUIDANCE_SCALE if body.guidance_scale is None else body.guidance_scale
+        try:  # the sampler's own rules (LCM: at most original_inference_steps steps, no eta) before the request queues
+            schedule = pipe.sampling_schedule(body.num_inference_steps, eta=body.eta)
+        except DiffrtError as exc:
+            name = "eta" if str(exc).startswith("eta") else "num_inference_steps"
+            raise RequestError(422, f"{name}: {exc}", name) from None
+        default_scale = LCM_GUIDANCE_SCALE if isinstance(schedule, LCMSchedule) else DEFAULT_GUIDANCE_SCALE  # as `diffrt generate`
+        guidance_scale = default_scale if body.guidance_scale is None else body.guidance_scale
         try:
             pipe.check_size(height, width)
         except DiffrtError as exc:
@@ -266,7 +276,7 @@ class TextToImageWorker(BatchingWorker):
         latents, generator = None, None
         if init is None:
             latents, generator = draw_noise(seed, (body.num_images, pipe.latent_channels, height // f, width // f),
-                                            keep_generator=body.eta > 0)
+                                            keep_generator=draws_step_noise(schedule, body.eta))
         # The resolved size: with an image, its own rounded down to the VAE's multiple (the pipeline resizes to it).
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
                     "guidance_scale": guidance_scale, "eta": body.eta, "guidance_rescale": body.guidance_rescale or 0.0}

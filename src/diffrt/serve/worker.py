@@ -30,6 +30,7 @@ from diffrt.runtime.guidance import color_guidance, parse_hex_color
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    settings_key, split_answers)
+from diffrt.runtime.sampling import GeneratorBlocks, draws_step_noise
 from diffrt.serve.schema import DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
 
 log = logging.getLogger(__name__)
@@ -177,11 +178,13 @@ class PixelWorker(BatchingWorker):
         size = self.pipe.sample_size
         labels = torch.arange(n) % self.pipe.info.num_classes if self.conditioned else None
         latents, _ = draw_noise(0, (n, self.pipe.channels, size, size), keep_generator=False)
+        step_noise = draws_step_noise(self.pipe.sampling_schedule(self.warmup_steps), 0.0)  # LCM: each request's own draws
 
         def run(rows):
+            generator = GeneratorBlocks(tuple((torch.Generator().manual_seed(1 + i), 1) for i in rows)) if step_noise else None
             return self.pipe(labels[rows] if labels is not None else None, num_images=None if labels is not None else len(rows),
                              latents=latents[rows], num_inference_steps=self.warmup_steps, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                             output_type="pt").images
+                             generator=generator, output_type="pt").images
 
         return run
 
@@ -246,8 +249,14 @@ class PixelWorker(BatchingWorker):
                                 f"batch {value} ({body.num_images} images{' x 2 for guidance' if cfg else ''})")
             except DiffrtError as exc:
                 raise RequestError(422, f"{name}: {exc}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
+        try:  # the sampler's own rules (LCM: at most original_inference_steps steps, no eta) before the request queues
+            schedule = pipe.sampling_schedule(body.num_inference_steps, eta=body.eta)
+        except DiffrtError as exc:
+            name = "eta" if str(exc).startswith("eta") else "num_inference_steps"
+            raise RequestError(422, f"{name}: {exc}", name) from None
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        latents, generator = draw_noise(seed, (body.num_images, pipe.channels, height, width), keep_generator=body.eta > 0)
+        latents, generator = draw_noise(seed, (body.num_images, pipe.channels, height, width),
+                                        keep_generator=draws_step_noise(schedule, body.eta))
         settings = {"num_inference_steps": body.num_inference_steps, "guidance_scale": guidance_scale, "eta": body.eta,
                     "height": height, "width": width, "color_scale": body.color_scale if body.color else None}
         return Plan(seed, body.num_images, labels, latents, generator, settings, body.color, lora_scale(pipe, body))

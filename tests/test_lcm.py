@@ -1,0 +1,618 @@
+"""LCM sampling (runtime/lcm.py) against diffusers' LCMScheduler, the oracle.
+
+Pure functions: the timesteps of set_timesteps (step counts, original_inference_steps, strength,
+custom schedules), the boundary-condition scalings, and the loop with the noise injected between
+steps, against LCMScheduler.set_timesteps/step driven by hand. Whole images: a Stable Diffusion
+folder whose scheduler is LCMScheduler equals StableDiffusionPipeline (and its img2img and
+ControlNet pipelines); `scheduler="lcm"` on a DDIM folder equals diffusers after
+`pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)` (with an LCM-LoRA fused, the
+case LCM-LoRA is for); an exported artifact carries LCM in its manifest and runs it on ONNX
+Runtime; pixel models run it as DDPMPipeline does; bad settings are one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, LCMScheduler
+
+from diffrt.errors import DiffrtError
+from diffrt.runtime import ddim, lcm
+from diffrt.runtime.sampling import SamplerOptions, choose_scheduler, sample
+from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+CPU = "cpu"
+STEPS = 4
+DIFFUSERS_TOL = 1e-4  # torch backend vs diffusers, max abs on images in [0, 1]
+ORT_TOL = 1e-3  # onnxruntime vs torch backend (fp32 on CPU)
+PROMPT = "a photo of the cat"
+
+
+def lcm_folder(src, dst):
+    """A copy of SD folder `src` with its scheduler replaced by LCMScheduler, as `pipe.scheduler =
+    LCMScheduler.from_config(pipe.scheduler.config); pipe.save_pretrained(dst)` writes it."""
+    shutil.copytree(src, dst)
+    LCMScheduler.from_config(LCMScheduler.load_config(src / "scheduler")).save_pretrained(dst / "scheduler")
+    index = json.loads((dst / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sd_lcm(t2i_folder, tmp_path_factory):
+    return lcm_folder(t2i_folder, tmp_path_factory.mktemp("sd_lcm") / "sd")
+
+
+@pytest.fixture(scope="module")
+def lcm_pipe(sd_lcm):
+    return open_text_to_image_pipeline(sd_lcm, "torch", CPU)
+
+
+@pytest.fixture(scope="module")
+def ddim_pipe(t2i_folder):
+    return open_text_to_image_pipeline(t2i_folder, "torch", CPU)
+
+
+def diffusers_pipe(cls, folder, scheduler=None, **components):
+    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False, **components)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generators(*seeds):
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def max_abs(a, b) -> float:
+    return (torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max().item()
+
+
+def one_line(info) -> str:
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+# --- the schedule ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("original", [50, 4, 30, 100, 1000])
+@pytest.mark.parametrize("strength", [1.0, 0.6, 0.33])
+def test_timesteps_equal_lcm_scheduler_for_every_step_count(original, strength):
+    """Every N the distillation schedule admits; original_inference_steps from the config and as an argument."""
+    by_config = LCMScheduler(original_inference_steps=original)
+    by_argument = LCMScheduler()
+    ours = lcm.LCMConfig(original_inference_steps=original)
+    for n in range(1, int(original * strength) + 1):
+        by_config.set_timesteps(n, strength=strength)
+        by_argument.set_timesteps(n, original_inference_steps=original, strength=strength)
+        assert torch.equal(lcm.make_lcm_timesteps(ours, n, strength=strength), by_config.timesteps), n
+        got = lcm.make_lcm_timesteps(lcm.LCMConfig(), n, original_inference_steps=original, strength=strength)
+        assert torch.equal(got, by_argument.timesteps), n
+
+
+@pytest.mark.parametrize("timesteps,strength", [([999, 759, 499, 259], 1.0), ([999, 759, 499, 259], 0.5),
+                                                ([899, 500, 19], 1.0), ([999, 879, 759, 639, 499, 259, 19], 0.7)])
+def test_custom_timesteps_equal_lcm_scheduler(timesteps, strength):
+    ref = LCMScheduler()
+    ref.set_timesteps(timesteps=timesteps, strength=strength)
+    assert torch.equal(lcm.make_lcm_timesteps(lcm.LCMConfig(), timesteps=timesteps, strength=strength), ref.timesteps)
+
+
+@pytest.mark.parametrize("scaling", [10.0, 1.0, 2.5])
+def test_boundary_scalings_equal_lcm_scheduler(scaling):
+    ref = LCMScheduler(timestep_scaling=scaling)
+    steps = torch.tensor([999, 759, 499, 259, 39, 19, 3, 1, 0])
+    c_skip, c_out = lcm.boundary_scalings(steps, scaling)
+    want = [ref.get_scalings_for_boundary_condition_discrete(t) for t in steps]  # t as the pipelines pass it: a tensor
+    assert torch.equal(c_skip, torch.stack([s for s, _ in want])) and torch.equal(c_out, torch.stack([o for _, o in want]))
+    assert (c_skip[-1], c_out[-1]) == (1.0, 0.0)  # f is the identity at t = 0
+
+
+# Scheduler configs that exercise every branch of the step: prediction types, clipping, dynamic
+# thresholding, the beta schedules, zero terminal SNR, another distillation schedule and scaling.
+LOOP_CONFIGS = {
+    "lcm-lora-sd15": dict(set_alpha_to_one=False, steps_offset=1),
+    "v-zero-snr": dict(prediction_type="v_prediction", rescale_betas_zero_snr=True),
+    "sample-clip": dict(prediction_type="sample", clip_sample=True, clip_sample_range=0.7),
+    "thresholding": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5),
+    "linear-original20-scaling5": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, original_inference_steps=20,
+                                       timestep_scaling=5.0),
+    "cosine-v": dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=True),
+}
+
+
+def fake_model(x, t):
+    """A deterministic stand-in for a UNet: any function of (x, t) exercises the update."""
+    return torch.sin(x * 3 + float(t) / 100)
+
+
+@pytest.mark.parametrize("name", LOOP_CONFIGS)
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_loop_equals_lcm_scheduler_step(name, steps):
+    """x0 and f(x_t) at every step (lcm_step) and the whole loop (sampling.sample), with the noise
+    drawn between steps from the same generator, equal LCMScheduler.step driven by hand."""
+    ref = LCMScheduler(**LOOP_CONFIGS[name])
+    ref.set_timesteps(steps)
+    config = lcm.LCMConfig.from_scheduler_config(dict(ref.config))
+    schedule = lcm.make_lcm_schedule(config, steps)
+    assert torch.equal(schedule.timesteps, ref.timesteps)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    g_ref, g_ours = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    x_ref, x_ours = x_T.clone(), x_T.clone()
+    for i, t in enumerate(ref.timesteps):
+        out = ref.step(fake_model(x_ref, t), t, x_ref, generator=g_ref)
+        noise = torch.randn(x_ours.shape, generator=g_ours) if i < steps - 1 else None
+        x_ours, denoised = lcm.lcm_step(x_ours, fake_model(x_ours, t), schedule.alpha_bar[i], schedule.alpha_bar_next[i],
+                                        schedule.c_skip[i], schedule.c_out[i], prediction_type=schedule.prediction_type,
+                                        clip_sample_range=schedule.clip_sample_range, threshold=schedule.threshold, noise=noise)
+        torch.testing.assert_close(denoised, out.denoised, rtol=1e-5, atol=1e-6)
+        x_ref = out.prev_sample
+    torch.testing.assert_close(x_ours, x_ref, rtol=1e-5, atol=1e-6)
+    looped = sample(lambda x, t: (None, fake_model(x, t)), x_T.clone(), schedule,
+                    SamplerOptions(generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(looped, x_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loop_near_t0_where_c_skip_counts_equals_lcm_scheduler(prediction_type):
+    """At the usual timesteps c_skip is ~1e-8 and f(x_t) is x0; a custom schedule down to t = 0 (where f is
+    the identity) checks the boundary condition's c_skip x_t term too."""
+    steps = [999, 259, 9, 2, 1, 0]
+    ref = LCMScheduler(prediction_type=prediction_type)
+    ref.set_timesteps(timesteps=steps)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x, g = x_T.clone(), torch.Generator().manual_seed(1)
+    for t in ref.timesteps:
+        x = ref.step(fake_model(x, t), t, x, generator=g).prev_sample
+    schedule = lcm.make_lcm_schedule(lcm.LCMConfig(prediction_type=prediction_type), timesteps=steps)
+    got = sample(lambda x, t: (None, fake_model(x, t)), x_T.clone(), schedule, SamplerOptions(generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
+
+
+def test_loop_with_cfg_and_a_generator_per_image_equals_lcm_scheduler():
+    """CFG combined before the step, and diffusers' list of generators: row i's noise from generator i."""
+    ref = LCMScheduler(set_alpha_to_one=False)
+    ref.set_timesteps(4)
+    scale, x_T = 1.7, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def branches(x, t):
+        return torch.cos(x + float(t) / 300), torch.sin(x * 2 - float(t) / 500)
+
+    x, gens = x_T.clone(), generators(5, 6)
+    for t in ref.timesteps:
+        eps_u, eps_c = branches(x, t)
+        x = ref.step(eps_u + scale * (eps_c - eps_u), t, x, generator=gens).prev_sample
+    schedule = lcm.make_lcm_schedule(lcm.LCMConfig.from_scheduler_config(dict(ref.config)), 4)
+    got = sample(branches, x_T.clone(), schedule, SamplerOptions(guidance_scale=scale, generator=generators(5, 6)))
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
+
+
+# --- configs and the choice of sampler -------------------------------------------------------------------
+
+
+def test_an_lcm_scheduler_config_reads_as_lcm_scheduler_and_round_trips():
+    for given in ({"_class_name": "LCMScheduler"},  # LCMScheduler's defaults, not DDIM's
+                  {"_class_name": "LCMScheduler", "original_inference_steps": 20, "timestep_scaling": 4.0, "thresholding": True,
+                   "beta_schedule": "linear", "prediction_type": "v_prediction", "set_alpha_to_one": False}):
+        ours = ddim.DDIMConfig.from_scheduler_config(given)
+        assert type(ours) is lcm.LCMConfig
+        ref = LCMScheduler.from_config(given).config
+        for f in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "original_inference_steps", "clip_sample",
+                  "set_alpha_to_one", "prediction_type", "thresholding", "timestep_scaling", "rescale_betas_zero_snr"):
+            assert getattr(ours, f) == ref[f], f
+        written = json.loads(json.dumps(ours.to_scheduler_config()))  # what a manifest holds
+        assert written["_class_name"] == "LCMScheduler" and ddim.DDIMConfig.from_scheduler_config(written) == ours
+
+
+def test_choosing_a_sampler_is_diffusers_from_config():
+    """"lcm" on a DDIM/PNDM folder's config is LCMScheduler.from_config(pipe.scheduler.config); "ddim" on an
+    LCM config is DDIMScheduler.from_config(that config); None keeps the model's own."""
+    pndm = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
+    own = ddim.DDIMConfig.from_scheduler_config(pndm)
+    chosen = choose_scheduler(own, "lcm")
+    import diffusers
+
+    want = LCMScheduler.from_config(diffusers.PNDMScheduler.from_config(pndm).config)
+    assert type(chosen) is lcm.LCMConfig
+    for steps in (1, 4, 8):
+        want.set_timesteps(steps)
+        schedule = lcm.make_lcm_schedule(chosen, steps)
+        assert torch.equal(schedule.timesteps, want.timesteps) and torch.equal(schedule.alphas_cumprod, want.alphas_cumprod)
+    assert choose_scheduler(own, None) is own and choose_scheduler(own, "ddim") is own
+    back = choose_scheduler(chosen, "ddim")
+    assert type(back) is ddim.DDIMConfig
+    ref = DDIMScheduler.from_config(LCMScheduler.from_config(chosen.to_scheduler_config()).config)
+    ref.set_timesteps(10)
+    assert torch.equal(ddim.make_schedule(back, 10).timesteps, ref.timesteps)
+    assert back == own  # DDIM -> LCM -> DDIM keeps every DDIM setting
+    with pytest.raises(DiffrtError, match=r"dynamic thresholding is not supported by diffrt's DDIM"):
+        choose_scheduler(lcm.LCMConfig(thresholding=True), "ddim")
+
+
+# --- bad settings: one line, as diffusers refuses them or better ----------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message,diffusers_raises", [
+    (dict(num_inference_steps=51), r"num_inference_steps 51 is too many; use at most 50 steps", True),
+    (dict(num_inference_steps=6, strength=0.1), r"original_inference_steps 50 x strength 0.1 = 5\).*at most 5 steps.*higher strength",
+     True),
+    (dict(num_inference_steps=4, original_inference_steps=1001), r"original_inference_steps must be in \[1, 1000\]", True),
+    (dict(num_inference_steps=4, original_inference_steps=0), r"original_inference_steps must be in \[1, 1000\]", True),
+    (dict(num_inference_steps=0), r"num_inference_steps must be >= 1", True),
+    (dict(num_inference_steps=4, strength=0.0), r"strength must be in \(0, 1\]", True),
+    (dict(num_inference_steps=4, strength=1.5), r"strength must be in \(0, 1\]", False),  # diffusers indexes past the end
+    (dict(timesteps=[259, 499]), r"timesteps must be strictly descending", True),
+    (dict(timesteps=[1000, 499]), r"timesteps must lie in \[0, 999\]", True),
+    (dict(timesteps=[999, -1]), r"timesteps must lie in \[0, 999\]", False),  # diffusers wraps to alphas_cumprod[-1]
+    (dict(timesteps=[999, 499], strength=0.4), r"strength 0.4 x 2 timesteps leaves no step", False),  # diffusers: 0 steps
+    (dict(num_inference_steps=4, timesteps=[999]), r"give either num_inference_steps or timesteps", True),
+    (dict(), r"give either num_inference_steps or timesteps", True),
+], ids=lambda v: str(v)[:40] if not isinstance(v, bool) else "")
+def test_bad_schedules_are_one_line(kwargs, message, diffusers_raises):
+    with pytest.raises(DiffrtError, match=message) as info:
+        lcm.make_lcm_timesteps(lcm.LCMConfig(), **kwargs)
+    one_line(info)
+    ref = LCMScheduler()
+    kw = dict(kwargs)
+    steps = kw.pop("num_inference_steps", None)
+    if diffusers_raises:
+        with pytest.raises((ValueError, ZeroDivisionError)):
+            ref.set_timesteps(steps, **kw)
+
+
+def test_bad_pipeline_arguments_are_one_line(lcm_pipe, ddim_pipe):
+    cases = [
+        (lcm_pipe, dict(num_inference_steps=60), r"num_inference_steps 60 is too many; use at most 50 steps"),
+        (lcm_pipe, dict(eta=0.5), r"eta 0.5 is DDIM's; LCM draws fresh noise between its steps"),
+        (ddim_pipe, dict(scheduler="lcm", eta=0.3), r"eta 0.3 is DDIM's"),
+        (ddim_pipe, dict(timesteps=[999, 499]), r"custom timesteps need scheduler='lcm'"),
+        (ddim_pipe, dict(scheduler="euler"), r"scheduler must be 'ddim' or 'lcm' .* got 'euler'"),
+        (lcm_pipe, dict(image=torch.rand(1, 3, 32, 32), strength=0.2), r"strength 0.2 x 4 steps leaves no denoising step"),
+    ]
+    for pipe, kwargs, message in cases:
+        kwargs = {"num_inference_steps": STEPS, **kwargs}
+        with pytest.raises(DiffrtError, match=message) as info:
+            pipe(PROMPT, guidance_scale=1.0, output_type="pt", **kwargs)
+        one_line(info)
+
+
+def test_a_distilled_lcm_unet_stays_refused(sd_lcm, tmp_path):
+    """LCM-distilled UNets (time_cond_proj_dim) need the guidance embedding timestep_cond: refused by name."""
+    folder = shutil.copytree(sd_lcm, tmp_path / "distilled")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "time_cond_proj_dim": 256}))
+    with pytest.raises(DiffrtError, match=r"time_cond_proj_dim=256 \(a guidance-distilled UNet, e\.g\. LCM\)") as info:
+        open_text_to_image_pipeline(folder, "torch", CPU)
+    one_line(info)
+
+
+# --- whole images: the torch backend equals diffusers ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(guidance_scale=1.0, num_images_per_prompt=2),
+    dict(guidance_scale=1.5, negative_prompt="blurry, dark", num_images_per_prompt=2),
+    dict(prompt=["a red house", PROMPT], negative_prompt=["ugly", "blurry"], guidance_scale=2.0, guidance_rescale=0.5,
+         generator=(1, 2, 3, 4), num_images_per_prompt=2),
+    dict(guidance_scale=1.0, timesteps=[999, 499, 259]),
+    dict(guidance_scale=1.5, num_inference_steps=1),
+], ids=["no-cfg-x2", "cfg-negative-x2", "two-prompts-generators-rescale", "custom-timesteps", "one-step"])
+def test_an_lcm_folder_equals_stable_diffusion_pipeline(sd_lcm, lcm_pipe, kwargs):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"num_inference_steps": STEPS, "output_type": "pt", **kwargs}
+    prompt = kwargs.pop("prompt", PROMPT)
+    seeds = kwargs.pop("generator", None)
+    ref = diffusers_pipe(StableDiffusionPipeline, sd_lcm)
+    assert isinstance(ref.scheduler, LCMScheduler)
+    want = ref(prompt, generator=generators(*seeds) if seeds else torch.Generator().manual_seed(3), **kwargs).images
+    result = lcm_pipe(prompt, **({"generator": generators(*seeds)} if seeds else {"seed": 3}), **kwargs)
+    assert result.images.shape == want.shape
+    assert max_abs(result.images, want) <= DIFFUSERS_TOL
+    assert result.metadata["scheduler"] == "lcm"
+    assert result.metadata["timesteps"] == (kwargs.get("timesteps") or ref.scheduler.timesteps.tolist())
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img_equals_img2img_pipeline_with_lcm(sd_lcm, lcm_pipe, strength):
+    """The last int(N * strength) LCM steps (diffusers' get_timesteps), the image noised to the first."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    kwargs = dict(image=image, strength=strength, num_inference_steps=STEPS, guidance_scale=1.5, negative_prompt="blurry",
+                  num_images_per_prompt=2, output_type="pt")
+    want = diffusers_pipe(StableDiffusionImg2ImgPipeline, sd_lcm)(PROMPT, generator=torch.Generator().manual_seed(2), **kwargs).images
+    result = lcm_pipe(PROMPT, seed=2, **kwargs)
+    assert max_abs(result.images, want) <= DIFFUSERS_TOL
+    assert result.num_inference_steps == int(STEPS * strength)
+
+
+def test_scheduler_lcm_on_a_ddim_folder_equals_diffusers_with_lcm_scheduler(t2i_folder, ddim_pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, negative_prompt="blurry", num_images_per_prompt=2, output_type="pt")
+    want = diffusers_pipe(StableDiffusionPipeline, t2i_folder, LCMScheduler)(PROMPT, generator=torch.Generator().manual_seed(4),
+                                                                             **kwargs).images
+    result = ddim_pipe(PROMPT, seed=4, scheduler="lcm", **kwargs)
+    assert max_abs(result.images, want) <= DIFFUSERS_TOL and result.metadata["scheduler"] == "lcm"
+    assert max_abs(result.images, ddim_pipe(PROMPT, seed=4, **kwargs).images) > 1e-2  # DDIM gives other images
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder, LCMScheduler)
+    want = ref(PROMPT, image=image, strength=0.6, generator=torch.Generator().manual_seed(5), **kwargs).images
+    assert max_abs(ddim_pipe(PROMPT, image=image, strength=0.6, seed=5, scheduler="lcm", **kwargs).images, want) <= DIFFUSERS_TOL
+
+
+def test_scheduler_ddim_on_an_lcm_folder_equals_diffusers_with_ddim_scheduler(sd_lcm, lcm_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=5.0, eta=0.5, output_type="pt")
+    want = diffusers_pipe(StableDiffusionPipeline, sd_lcm, DDIMScheduler)(PROMPT, generator=torch.Generator().manual_seed(6),
+                                                                          **kwargs).images
+    result = lcm_pipe(PROMPT, seed=6, scheduler="ddim", **kwargs)
+    assert max_abs(result.images, want) <= DIFFUSERS_TOL and result.metadata["scheduler"] == "ddim"
+
+
+def test_lcm_lora_on_a_plain_sd_folder_equals_diffusers(t2i_folder, tmp_path):
+    """The case LCM-LoRA is for: a LoRA fused into a plain SD UNet, sampled with LCM in a few steps."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffrt.tiny import tiny_lora_files
+
+    lora = tiny_lora_files(t2i_folder, tmp_path / "lora", seed=5)["peft"]
+    ref = diffusers_pipe(StableDiffusionPipeline, t2i_folder, LCMScheduler)
+    ref.load_lora_weights(lora, adapter_name="lcm")
+    ref.fuse_lora(lora_scale=1.0)
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.0, output_type="pt")
+    want = ref(PROMPT, generator=torch.Generator().manual_seed(9), **kwargs).images
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(lora, 1.0)])
+    assert max_abs(pipe(PROMPT, seed=9, scheduler="lcm", **kwargs).images, want) <= DIFFUSERS_TOL
+
+
+def test_controlnet_with_lcm_equals_controlnet_pipeline(t2i_folder):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    ref = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, LCMScheduler,
+                         controlnet=ControlNetModel.from_pretrained(t2i_folder / "controlnet"))
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, controlnet_conditioning_scale=0.8, output_type="pt")
+    want = ref(PROMPT, image=control, generator=torch.Generator().manual_seed(1), **kwargs).images
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=t2i_folder / "controlnet")
+    assert max_abs(pipe(PROMPT, control_image=control, seed=1, scheduler="lcm", **kwargs).images, want) <= DIFFUSERS_TOL
+
+
+def test_a_clip_sample_lcm_config_samples_unclipped_as_stable_diffusion_pipeline(sd_lcm, tmp_path):
+    """StableDiffusionPipeline.__init__ turns clip_sample off in the scheduler config it is given."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = shutil.copytree(sd_lcm, tmp_path / "clipped")
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "clip_sample": True, "clip_sample_range": 0.1}))
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.0, output_type="pt")
+    want = diffusers_pipe(StableDiffusionPipeline, folder)(PROMPT, generator=torch.Generator().manual_seed(2), **kwargs).images
+    pipe = open_text_to_image_pipeline(folder, "torch", CPU)
+    assert max_abs(pipe(PROMPT, seed=2, **kwargs).images, want) <= DIFFUSERS_TOL
+    clipped = pipe(PROMPT, seed=2, scheduler=lcm.LCMConfig.from_scheduler_config(json.loads(path.read_text())), **kwargs)
+    assert max_abs(clipped.images, want) > 1e-3  # a config passed in is taken as it is (diffusers: swapped in after __init__)
+
+
+def test_a_folder_whose_model_index_disagrees_is_named(sd_lcm, tmp_path, caplog):
+    folder = shutil.copytree(sd_lcm, tmp_path / "mixed")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    with caplog.at_level(logging.WARNING, logger="diffrt.runtime.text_to_image_loading"):
+        pipe = open_text_to_image_pipeline(folder, "torch", CPU)
+    assert "names PNDMScheduler but" in caplog.text and "diffrt samples with LCM" in caplog.text
+    assert isinstance(pipe.scheduler, lcm.LCMConfig)
+
+
+# --- gradient guidance --------------------------------------------------------------------------------
+
+
+def test_a_guided_lcm_step_moves_x_t_down_the_gradient_of_the_loss_on_f():
+    """Mode x0 with LCM, by hand: eps held constant, the loss on the decoded f(x_t) = c_skip x_t + c_out x0(x_t)
+    (what LCM's step returns), x_t <- x_t - scale * d loss / d x_t, then the LCM step from there."""
+    from diffrt.runtime.guidance import Guidance
+
+    schedule = lcm.make_lcm_schedule(lcm.LCMConfig(), 2)
+    x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def loss(images):
+        return ((images - 0.3) ** 2).sum()
+
+    x, g = x_T.clone(), torch.Generator().manual_seed(1)
+    for i, t in enumerate(schedule.timesteps):
+        eps = fake_model(x, t)
+        x_req = x.clone().requires_grad_(True)
+        x0, _ = ddim.predict_x0(x_req, eps, schedule.alpha_bar[i], "epsilon")
+        f = schedule.c_skip[i] * x_req + schedule.c_out[i] * x0
+        (grad,) = torch.autograd.grad(0.01 * loss(f / 2 + 0.5), x_req)
+        noise = torch.randn(x.shape, generator=g) if i == 0 else None
+        x, _ = lcm.lcm_step((x - grad).detach(), eps, schedule.alpha_bar[i], schedule.alpha_bar_next[i], schedule.c_skip[i],
+                            schedule.c_out[i], noise=noise)
+    options = SamplerOptions(generator=torch.Generator().manual_seed(1), guidance=(Guidance(loss, 0.01),),
+                             decode=lambda x0: x0 / 2 + 0.5)
+    torch.testing.assert_close(sample(lambda x, t: (None, fake_model(x, t)), x_T.clone(), schedule, options), x)
+
+
+@pytest.mark.parametrize("mode", ["x0", "through_unet"])
+def test_color_guidance_lowers_the_colour_loss_with_lcm(lcm_pipe, mode):
+    """On the tiny model, through the PyTorch VAE decoder, in both modes. (Its random VAE pins each
+    image's mean colour, and a scale that overshoots, as 3000 does with DDIM for some seeds, is no
+    test; 100 lowers the loss for every seed tried.)"""
+    from diffrt.runtime.guidance import color_guidance, color_loss
+
+    target = torch.tensor([1.0, 0.0, 0.0])
+    for seed in (11, 13):
+        kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, output_type="pt", seed=seed)
+        base = lcm_pipe(PROMPT, **kwargs)
+        guided = lcm_pipe(PROMPT, guidance=[color_guidance("#ff0000", 100.0, mode=mode)], **kwargs)
+        assert color_loss(base.images, target) - color_loss(guided.images, target) > 1e-4
+        assert guided.metadata["guidance"] == ["color"] and guided.metadata["scheduler"] == "lcm"
+
+
+# --- exported artifacts: the manifest carries LCM, ONNX Runtime runs it -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def lcm_artifact(sd_lcm, tmp_path_factory):
+    from conftest import T2I_RANGES
+
+    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.text_to_image import export_text_to_image
+
+    out = tmp_path_factory.mktemp("lcm_artifact") / "artifact"
+    export_text_to_image(sd_lcm, out, ExportOptions(**T2I_RANGES), [])
+    return out
+
+
+@pytest.mark.parametrize("kwargs", [dict(guidance_scale=1.5, negative_prompt="blurry", num_images_per_prompt=2),
+                                    dict(guidance_scale=1.0, image=0.6)], ids=["cfg-negative-x2", "img2img"])
+def test_an_lcm_artifact_on_onnxruntime_equals_torch(lcm_artifact, lcm_pipe, kwargs):
+    from diffrt.export import manifest as mf
+
+    assert mf.read_manifest(lcm_artifact)["pipeline"]["scheduler"]["_class_name"] == "LCMScheduler"
+    ort = open_text_to_image_pipeline(lcm_artifact, "onnxruntime", CPU)
+    assert isinstance(ort.scheduler, lcm.LCMConfig)
+    kwargs = dict(kwargs, num_inference_steps=STEPS, output_type="pt", seed=5)
+    if "image" in kwargs:
+        kwargs.update(image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7)), strength=kwargs["image"])
+    result, expected = ort(PROMPT, **kwargs), lcm_pipe(PROMPT, **kwargs)
+    assert result.backend == "onnxruntime" and result.metadata["scheduler"] == "lcm"
+    assert max_abs(result.images, expected.images) <= ORT_TOL
+
+
+def test_scheduler_lcm_on_a_ddim_artifact_equals_torch(t2i_artifact, ddim_pipe):
+    ort = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, num_images_per_prompt=2, output_type="pt", seed=3, scheduler="lcm")
+    assert max_abs(ort(PROMPT, **kwargs).images, ddim_pipe(PROMPT, **kwargs).images) <= ORT_TOL
+
+
+def test_generate_and_serve_an_lcm_artifact(lcm_artifact, tmp_path):
+    """`diffrt generate` samples the artifact with LCM (guidance 1.0 by default, LCM-LoRA's); the service
+    keeps each request's generator for LCM's per-step noise, so requests batched together get the
+    images each gets alone, and refuses steps LCM cannot take with a 422 naming the field."""
+    pytest.importorskip("fastapi")
+    import io
+
+    from PIL import Image
+
+    from diffrt.generate import GenerateRequest, generate
+    from diffrt.images import to_uint8
+    from diffrt.serve.batcher import Job
+    from diffrt.serve.runtime import RuntimeConfig, make_worker
+    from diffrt.serve.schema import GenerateBody, RequestError
+
+    def alone(prompt, seed, num_images=1):
+        req = GenerateRequest(model=str(lcm_artifact), backend="onnxruntime", device=CPU, prompt=prompt, seed=seed,
+                              num_inference_steps=STEPS, num_images=num_images, guidance_scale=1.0)
+        result = generate(req)
+        assert result.metadata["scheduler"] == "lcm"
+        return to_uint8(result.images)
+
+    result = generate(GenerateRequest(model=str(lcm_artifact), backend="onnxruntime", device=CPU, prompt=PROMPT,
+                                      num_inference_steps=STEPS))
+    assert result.metadata["guidance_scale"] == 1.0 and result.metadata["scheduler"] == "lcm"
+    worker = make_worker(RuntimeConfig(model=str(lcm_artifact), backend="onnxruntime", device=CPU, warmup_steps=2))
+    worker.load()
+    bodies = [GenerateBody(prompt=PROMPT, seed=7, num_images=2, num_inference_steps=STEPS, guidance_scale=1.0),
+              GenerateBody(prompt="another prompt", seed=8, num_inference_steps=STEPS, guidance_scale=1.0)]
+    plans = [worker.plan(body) for body in bodies]
+    assert all(plan.generator is not None for plan in plans)
+    assert worker.batch_key(plans[0]) == worker.batch_key(plans[1]) is not None
+    jobs = [Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60) for plan in plans]
+    answers = worker.run_batch(jobs)
+    for job, body in zip(jobs, bodies):
+        assert answers[job.id].batch_size == 3
+        got = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in answers[job.id].images])
+        np.testing.assert_array_equal(got, alone(body.prompt, body.seed, body.num_images))
+    for fields, name in ((dict(num_inference_steps=60), "num_inference_steps"), (dict(eta=0.5), "eta")):
+        with pytest.raises(RequestError) as info:
+            worker.plan(GenerateBody(prompt=PROMPT, **fields))
+        assert info.value.field == name and "LCM" in info.value.message
+
+
+# --- pixel-space models: the same loop ----------------------------------------------------------------
+
+
+def test_pixel_lcm_equals_ddpm_pipeline_with_lcm_scheduler(uncond_model_dir, tmp_path):
+    """DDPMPipeline drives any scheduler's set_timesteps/step: with LCMScheduler it is the LCM loop.
+    The test model's config clips x0 (clip_sample), which LCM keeps in a pixel model."""
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    scheduler = LCMScheduler.from_config(DDIMScheduler.from_pretrained(uncond_model_dir / "scheduler").config)
+    assert scheduler.config.clip_sample
+    ref = DDPMPipeline(UNet2DModel.from_pretrained(uncond_model_dir / "unet"), scheduler)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=STEPS, output_type="np").images
+    pipe = open_pixel_pipeline(uncond_model_dir, "torch", CPU)
+    got = pipe(num_images=2, num_inference_steps=STEPS, seed=7, output_type="np", scheduler="lcm")
+    assert got.images.shape == want.shape and abs(got.images - want).max() <= 1e-4 and got.metadata["scheduler"] == "lcm"
+
+    folder = shutil.copytree(uncond_model_dir, tmp_path / "lcm")  # a folder whose scheduler config names LCMScheduler
+    scheduler.save_pretrained(folder / "scheduler")
+    own = open_pixel_pipeline(folder, "torch", CPU)(num_images=2, num_inference_steps=STEPS, seed=7, output_type="np")
+    assert own.metadata["scheduler"] == "lcm" and abs(own.images - want).max() <= 1e-4
+
+
+def test_a_pixel_lcm_artifact_carries_lcm_to_onnxruntime(uncond_model_dir, tmp_path):
+    from diffrt.export import manifest as mf
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    folder = shutil.copytree(uncond_model_dir, tmp_path / "lcm")
+    LCMScheduler.from_config(DDIMScheduler.from_pretrained(folder / "scheduler").config).save_pretrained(folder / "scheduler")
+    export_pixel_model(folder, tmp_path / "artifact", ExportOptions(batch=(1, 2, 4)))
+    assert mf.read_manifest(tmp_path / "artifact")["pipeline"]["scheduler"]["_class_name"] == "LCMScheduler"
+    kwargs = dict(num_images=2, num_inference_steps=STEPS, seed=3, output_type="pt")
+    got = open_pixel_pipeline(tmp_path / "artifact", "onnxruntime", CPU)(**kwargs)
+    assert got.metadata["scheduler"] == "lcm" and got.backend == "onnxruntime"
+    assert max_abs(got.images, open_pixel_pipeline(folder, "torch", CPU)(**kwargs).images) <= ORT_TOL
+
+
+def test_class_conditioned_pixel_lcm_with_cfg_equals_lcm_scheduler_by_hand(classemb_model_dir):
+    from diffrt.models import load_pixel_model
+    from diffrt.runtime.loading import torch_pixel_pipeline
+
+    model = load_pixel_model(classemb_model_dir)
+    null = model.info.null_class_label
+    labels, scale = torch.tensor([1, 3]), 3.0
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    scheduler = LCMScheduler.from_config(model.scheduler.to_scheduler_config())
+    scheduler.set_timesteps(STEPS)
+    x, g = x_T.clone(), torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            ts = torch.full((2,), float(t))
+            eps_null, eps_c = model.unet(x, ts, torch.full((2,), null)), model.unet(x, ts, labels)
+            x = scheduler.step(eps_null + scale * (eps_c - eps_null), t, x, generator=g).prev_sample
+    got = torch_pixel_pipeline(model)(labels, latents=x_T, num_inference_steps=STEPS, guidance_scale=scale,
+                                      generator=torch.Generator().manual_seed(6), output_type="pt", scheduler="lcm").images
+    assert max_abs(got, (x / 2 + 0.5).clamp(0, 1)) <= 1e-5
+
+
+def test_cli_generate_scheduler_lcm_is_the_pipelines_lcm(t2i_folder, ddim_pipe, tmp_path):
+    """`diffrt generate --scheduler lcm` (LCM-LoRA's command line) samples a DDIM folder with LCM, at
+    guidance scale 1 by default: the images of the pipeline called with scheduler="lcm"."""
+    from diffrt.cli import main
+
+    out = tmp_path / "lcm.npy"
+    assert main(["generate", "--model", str(t2i_folder), "--backend", "torch", "--device", CPU, "--prompt", PROMPT,
+                 "--scheduler", "lcm", "--steps", "2", "--seed", "4", "--out", str(out)]) == 0
+    want = ddim_pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, seed=4, scheduler="lcm", output_type="np").images
+    assert max_abs(torch.from_numpy(np.load(out)), torch.from_numpy(want)) <= 1e-6
+    ddim = ddim_pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, seed=4, output_type="np").images
+    assert max_abs(torch.from_numpy(want), torch.from_numpy(ddim)) > 1e-2  # the flag changed the sampler
