@@ -250,6 +250,23 @@ def test_finetune_weighs_a_sample_prediction_by_snr(cat_folder, tmp_path):
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
+def test_published_outputs_are_readable_as_the_umask_allows(cat_folder, tmp_path):
+    """The model folder and checkpoints are staged in temporary folders and renamed into place; made
+    by tempfile.mkdtemp they were 0700, private to the trainer, so a service or exporter running as
+    another user could not read them."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        base = save_pretrained_pixel_model(tmp_path / "base")
+        first_finetune_step(base, cat_folder, tmp_path / "out")
+    finally:
+        os.umask(old)
+    for folder in (base, tmp_path / "out" / "model", *list_checkpoints(tmp_path / "out" / "checkpoints")):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+
+
 def test_finetune_keeps_the_base_scheduler_config(cat_folder, tmp_path):
     """The output's scheduler config is the base's as it was: a DDPMScheduler stays one, with its
     variance_type (which diffrt does not read), and DDPMPipeline loads it as such."""

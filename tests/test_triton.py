@@ -148,6 +148,20 @@ def test_write_repository_places_the_model_atomically(t2i_artifact, tmp_path, mo
     assert sorted(p.name for p in repo.iterdir()) == ["linked", "sd"]  # nothing half-written, no temp folder left
 
 
+def test_a_repository_is_readable_as_the_umask_allows(tmp_path):
+    """Staged in a temporary folder and renamed into place: not tempfile.mkdtemp's 0700, since the
+    server often runs as another user than the one who wrote the repository."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = write_repository(tmp_path / "repo", RepositoryConfig(name="digits"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
 def test_paths_the_stub_cannot_name_are_refused(tmp_path, monkeypatch):
     # Triton's Python stub runs with an ascii filesystem encoding whatever the locale: a path with
     # "\u00ef" in it is a one-line refusal, not "model folder not found".

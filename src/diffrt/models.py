@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -225,7 +224,7 @@ def save_pixel_model(model: PixelModel, out: str | Path, scheduler_config: dict 
     its base came with (a DDPMScheduler's variance_type too), and DDIMPipeline converts it on load."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = atomic.make_temp_dir(out.parent, f".{out.name}.")
     try:
         model.unet.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         sched = scheduler_config or {"_class_name": "DDIMScheduler", **model.scheduler.to_scheduler_config()}

@@ -40,13 +40,13 @@ import site
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from diffrt import atomic
 from diffrt.errors import DiffrtError
 from diffrt.serve.schema import GenerateBody, RequestError, describe_validation_errors
 
@@ -291,7 +291,7 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
     if final.exists():
         raise DiffrtError(f"{final} already exists; remove it or pick another --name")
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{config.name}.tmp-", dir=out))
+    staging = atomic.make_temp_dir(out, f".{config.name}.tmp-")
     try:
         version = staging / VERSION
         version.mkdir()

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -435,7 +434,7 @@ def save_lora(out: Path, unet: nn.Module, unet_config, text_encoder: nn.Module |
     unet_layers = diffusers_names(unet)
     te_layers = diffusers_names(text_encoder) if text_encoder is not None else None
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
+    tmp = atomic.make_temp_dir(out, ".lora-")
     try:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,

@@ -27,7 +27,6 @@ import logging
 import math
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -388,7 +387,7 @@ def _truncate_loss_log(path: Path, upto: int) -> None:
 
 def save_checkpoint(folder: Path, step: int, named, optimizer, ema: EMA | None, extra: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=folder))
+    tmp = atomic.make_temp_dir(folder, ".step-")
     try:
         files = {"weights.safetensors": {k: p.detach() for k, p in named.items()}}
         files["optimizer.safetensors"], groups = _optimizer_tensors(named, optimizer)
