@@ -271,9 +271,20 @@ def test_onnxruntime_on_cuda_asks_for_tensorrt_only_where_it_is_installed(monkey
     (name, options), *rest = ort_backend.default_providers(torch.device("cuda", 1), spec)
     assert name == "TensorrtExecutionProvider" and rest == cuda
     assert options["device_id"] == 1 and options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
-    assert Path(options["trt_engine_cache_path"]).name == f"ort-tensorrt-{ort.__version__}-trt10.3.0-sm90"
+    assert Path(options["trt_engine_cache_path"]).name == f"ort-tensorrt-{ort.__version__}-trt10.3.0-sm90-fp32"
     assert options["trt_profile_min_shapes"] == "sample:1x3x8x8,timestep:1,class_labels:1"
     assert options["trt_profile_max_shapes"] == "sample:8x3x32x32,timestep:8,class_labels:8"
+    assert not any(k in options for k in ("trt_fp16_enable", "trt_bf16_enable"))
+    # An fp16 graph: TensorRT 10's weakly typed networks need the provider's fp16 mode (else they may
+    # run in fp32), and its engines are cached apart; TensorRT 11 takes the graph's types as they are.
+    from onnx import TensorProto
+
+    _identity_model(tmp_path / "half.onnx", {"sample": TensorProto.FLOAT16})
+    (_, options), *_ = ort_backend.default_providers(torch.device("cuda", 1), spec, tmp_path / "half.onnx")
+    assert options["trt_fp16_enable"] is True and options["trt_engine_cache_path"].endswith("-sm90-fp16")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.4.0"))
+    (_, options), *_ = ort_backend.default_providers(torch.device("cuda", 1), spec, tmp_path / "half.onnx")
+    assert "trt_fp16_enable" not in options
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # onnxruntime-gpu beside a CPU-only torch
     with pytest.raises(BackendUnavailableError, match="torch sees no CUDA GPU here"):

@@ -686,3 +686,14 @@ def test_dora_export_equals_diffusers_fuse_lora(sd_folder, dora, tmp_path):
         got = next(iter(backend.run(feed).values()))
         assert compare(expected, got).max_rel <= 1e-4, name
         assert compare(unfused, got).max_rel > 1e-2, f"{name}: the LoRA changed nothing"
+
+
+def test_an_engine_export_refuses_lora_bias_terms_before_building(sd_folder, dora, lora_b):
+    """An engine takes its LoRA by refit, which sets weights, not biases: `diffrt export --backend
+    tensorrt --lora BIAS` is refused by name before any engine is built, as refit would refuse it after."""
+    from diffrt.errors import ArtifactError
+    from diffrt.export.artifact import _check_loras
+
+    _check_loras(base_state(sd_folder), [(str(dora["a"]), 0.8), (str(lora_b["kohya"]), 0.5)])  # weights only: fine
+    with pytest.raises(ArtifactError, match=r"lora_B.bias.*refit. sets weights, not biases"):
+        _check_loras(base_state(sd_folder), [(str(dora["bias"]), 1.0)])

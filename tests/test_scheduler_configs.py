@@ -238,3 +238,8 @@ def test_unets_needing_inputs_diffrt_does_not_feed_are_refused_by_name(t2i_folde
         assert "\n" not in str(info.value)
     with pytest.raises(DiffrtError, match=message):
         torch_text_to_image_pipeline(load_text_to_image(folder, weights=False))
+    from diffrt.export.artifact import ExportOptions, export_model
+
+    with pytest.raises(DiffrtError, match=message):  # `diffrt export` too, before the cache or any trace
+        export_model(folder, tmp_path / "artifact", ExportOptions())
+    assert not (tmp_path / "artifact").exists()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -323,3 +323,30 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
                                                 vae_factor=model.vae_factor, out_channels=model.vae.config.out_channels),
     }
     return {name: make[name]() for name in names}
+
+
+def check_unet_config(config: Mapping, where: str = "unet") -> None:
+    """Refuse, in one line naming the setting, a UNet that needs an input the pipeline does not feed
+    (it runs sample, timestep, encoder_hidden_states and ControlNet residuals): diffusers' UNet skips a
+    missing `timestep_cond` without a word, and fails inside on the others."""
+    if config.get("time_cond_proj_dim") is not None:
+        # LCM-distilled and guidance-embedded UNets: StableDiffusionPipeline feeds the embedding of
+        # w = guidance_scale - 1 as timestep_cond (and drops CFG); without it every step changes.
+        raise DiffrtError(f"{where} has time_cond_proj_dim={config['time_cond_proj_dim']} (a guidance-distilled UNet, "
+                          "e.g. LCM): it needs the guidance-scale embedding timestep_cond, which diffrt does not feed; "
+                          "use a UNet without it")
+    if config.get("addition_embed_type") is not None:
+        raise DiffrtError(f"{where} has addition_embed_type={config['addition_embed_type']!r} (SDXL's 'text_time' needs "
+                          "pooled text embeddings and time ids in added_cond_kwargs), which diffrt does not feed; "
+                          "use a Stable Diffusion 1.x/2.x UNet")
+    for key in ("class_embed_type", "num_class_embeds"):
+        if config.get(key) is not None:
+            raise DiffrtError(f"{where} has {key}={config[key]!r}: it needs class_labels (e.g. the x4 upscaler's noise level), "
+                              "which diffrt's text-to-image pipeline does not feed; use a UNet without a class embedding")
+    if config.get("encoder_hid_dim_type") in ("image_proj", "ip_image_proj", "text_image_proj"):
+        raise DiffrtError(f"{where} has encoder_hid_dim_type={config['encoder_hid_dim_type']!r}: it needs image_embeds in "
+                          "added_cond_kwargs, which diffrt does not feed; use a UNet without it")
+    if config.get("in_channels", 4) != config.get("out_channels", 4):
+        raise DiffrtError(f"{where} takes {config['in_channels']} input channels but predicts {config['out_channels']} "
+                          "(an inpainting or depth-to-image UNet, whose extra inputs diffrt does not feed); "
+                          "use a text-to-image UNet")

@@ -225,11 +225,16 @@ def refit_before_manifest(out: Path, manifest: dict, options: ExportOptions) -> 
 
 
 def _check_loras(states: dict, loras: list[tuple[str, float]]) -> None:
-    """Every layer of every LoRA file lands on a weight of `states`, or LoraError names those that do not.
-    (The updates are computed and dropped: the same check fuse_loras and refit make.)"""
-    from diffrt.export.lora import lora_deltas, read_lora
+    """For an engine export, whose LoRA is set by refit after the build: every layer of every LoRA file
+    lands on a weight of `states` (else LoraError names those that do not; the targets are those
+    fuse_loras and refit find), and none has bias terms, which refit cannot set; both before hours of
+    engine builds, not after."""
+    from diffrt.export.lora import lora_targets, read_lora
+    from diffrt.export.refit import refuse_lora_biases
 
-    lora_deltas(states, [(read_lora(p), s) for p, s in loras])
+    files = [(read_lora(p), s) for p, s in loras]
+    lora_targets(states, files)
+    refuse_lora_biases(files)
 
 
 def lora_hashes(options: ExportOptions) -> list[dict]:

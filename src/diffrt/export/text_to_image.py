@@ -40,7 +40,7 @@ from diffrt.export.artifact import (ExportOptions, ExportResult, Precision, _che
                                     cached_export, check_options, check_out_apart, export_key, lora_hashes,
                                     refit_before_manifest, start_rebuild)
 from diffrt.export.refit import LORA_COMPONENTS
-from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, load_text_to_image,
+from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs, load_text_to_image,
                                          require_text_to_image_folder)
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     controlnets = [Path(c) for c in controlnets]
     check_out_apart(out, [model_dir / part for part in SOURCE_PARTS] + controlnets)
     model = load_text_to_image(model_dir, controlnets, weights=False)  # configs only: enough for the key
+    check_unet_config(model.unet.config, str(model_dir / "unet"))  # a UNet needing inputs the pipeline never feeds
     size = (model.default_size,) * 3
     specs = component_specs(model, component_names(bool(controlnets)), batch=options.batch,
                             height=options.height or size, width=options.width or options.height or size)

@@ -20,12 +20,12 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
 from diffrt import atomic
-from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
 from diffrt.hub import resolve_model
 from diffrt.runtime.backends import require_backend, resolve_device
@@ -34,8 +34,9 @@ from diffrt.runtime.loading import (artifact_lora, check_artifact_loras, check_s
                                     open_component, read_artifact, refuse_source_fallback)
 from diffrt.runtime.lora_scale import Loras, TorchLora, scaled
 from diffrt.runtime.text_to_image import TextToImagePipeline
-from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, component_specs, controlnet_paths, load_controlnets,
-                                         load_text_to_image, load_tokenizer, load_unet, load_vae, require_text_to_image_folder)
+from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs, controlnet_paths,
+                                         load_controlnets, load_text_to_image, load_tokenizer, load_unet, load_vae,
+                                         require_text_to_image_folder)
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +53,6 @@ def _fuse_unet_only(unet, loras: Loras) -> None:
         files = [read_lora(p) for p, _ in loras]
         files = [dataclasses.replace(f, layers=[x for x in f.layers if x.component == "unet"]) for f in files]
         fuse_loras({"unet": unet}, [(f, float(s)) for f, (_, s) in zip(files, loras)])
-
-
-def check_unet_config(config: Mapping, where: str = "unet") -> None:
-    """Refuse, in one line naming the setting, a UNet that needs an input the pipeline does not feed
-    (it runs sample, timestep, encoder_hidden_states and ControlNet residuals): diffusers' UNet skips a
-    missing `timestep_cond` without a word, and fails inside on the others."""
-    if config.get("time_cond_proj_dim") is not None:
-        # LCM-distilled and guidance-embedded UNets: StableDiffusionPipeline feeds the embedding of
-        # w = guidance_scale - 1 as timestep_cond (and drops CFG); without it every step changes.
-        raise DiffrtError(f"{where} has time_cond_proj_dim={config['time_cond_proj_dim']} (a guidance-distilled UNet, "
-                          "e.g. LCM): it needs the guidance-scale embedding timestep_cond, which diffrt does not feed; "
-                          "use a UNet without it")
-    if config.get("addition_embed_type") is not None:
-        raise DiffrtError(f"{where} has addition_embed_type={config['addition_embed_type']!r} (SDXL's 'text_time' needs "
-                          "pooled text embeddings and time ids in added_cond_kwargs), which diffrt does not feed; "
-                          "use a Stable Diffusion 1.x/2.x UNet")
-    for key in ("class_embed_type", "num_class_embeds"):
-        if config.get(key) is not None:
-            raise DiffrtError(f"{where} has {key}={config[key]!r}: it needs class_labels (e.g. the x4 upscaler's noise level), "
-                              "which diffrt's text-to-image pipeline does not feed; use a UNet without a class embedding")
-    if config.get("encoder_hid_dim_type") in ("image_proj", "ip_image_proj", "text_image_proj"):
-        raise DiffrtError(f"{where} has encoder_hid_dim_type={config['encoder_hid_dim_type']!r}: it needs image_embeds in "
-                          "added_cond_kwargs, which diffrt does not feed; use a UNet without it")
-    if config.get("in_channels", 4) != config.get("out_channels", 4):
-        raise DiffrtError(f"{where} takes {config['in_channels']} input channels but predicts {config['out_channels']} "
-                          "(an inpainting or depth-to-image UNet, whose extra inputs diffrt does not feed); "
-                          "use a text-to-image UNet")
 
 
 def check_scheduler_class(folder: Path) -> None:

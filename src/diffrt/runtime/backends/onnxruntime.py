@@ -40,7 +40,7 @@ _ELEMENT_TYPES = {torch.float32: 1, torch.int32: 6, torch.int64: 7, torch.float1
                   torch.bfloat16: 16}
 
 
-def default_providers(device: torch.device, spec: ComponentSpec | None = None) -> list:
+def default_providers(device: torch.device, spec: ComponentSpec | None = None, onnx_path: str | Path | None = None) -> list:
     """On a CUDA device: TensorRT's provider when TensorRT is really installed (see
     `tensorrt_installed`), then CUDA's, then the CPU's; elsewhere the CPU's."""
     import onnxruntime as ort
@@ -54,7 +54,7 @@ def default_providers(device: torch.device, spec: ComponentSpec | None = None) -
         raise BackendUnavailableError(f"device {device}: torch sees no CUDA GPU here, and onnxruntime's inputs and outputs are torch tensors; pass --device cpu")
     cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0})
     if "TensorrtExecutionProvider" in have and spec is not None and tensorrt_installed():
-        return [tensorrt_provider(device, spec), cuda, "CPUExecutionProvider"]
+        return [tensorrt_provider(device, spec, onnx_path), cuda, "CPUExecutionProvider"]
     return [cuda, "CPUExecutionProvider"]
 
 
@@ -69,23 +69,30 @@ def tensorrt_installed() -> bool:
     return True
 
 
-def tensorrt_provider(device: torch.device, spec: ComponentSpec) -> tuple[str, dict]:
+def tensorrt_provider(device: torch.device, spec: ComponentSpec, onnx_path: str | Path | None = None) -> tuple[str, dict]:
     """ONNX Runtime's TensorRT provider set up as a deployment wants it: the component's ranges as
     the one optimisation profile (else it rebuilds for every shape beyond those seen), and engine and
-    timing caches in a folder per ONNX Runtime, TensorRT and GPU model, since the provider does not
-    check those itself (RELIABILITY #1, #2)."""
+    timing caches in a folder per ONNX Runtime, TensorRT, GPU model and precision, since the provider
+    does not check those itself (RELIABILITY #1, #2).
+
+    An fp16 (bf16) graph turns on the provider's fp16 (bf16) mode on TensorRT before 11: its networks
+    are weakly typed, and without the flag TensorRT may run every layer in fp32, half the speed the
+    export was made for. TensorRT 11 builds only strongly typed networks, which take the graph's types."""
     import onnxruntime as ort
     import tensorrt
     from platformdirs import user_cache_dir
 
     from diffrt.export.manifest import gpu_identity
-    from diffrt.export.tensorrt import PROFILE_POINTS, engine_profile
+    from diffrt.export.tensorrt import PROFILE_POINTS, engine_profile, onnx_float_type
 
     cc = (gpu_identity() or {}).get("compute_capability", "none").replace(".", "")
-    cache = Path(user_cache_dir("diffrt")) / f"ort-tensorrt-{ort.__version__}-trt{tensorrt.__version__}-sm{cc}"
+    precision = (onnx_float_type(onnx_path) if onnx_path is not None else None) or "fp32"
+    cache = Path(user_cache_dir("diffrt")) / f"ort-tensorrt-{ort.__version__}-trt{tensorrt.__version__}-sm{cc}-{precision}"
     cache.mkdir(parents=True, exist_ok=True)
     options = {"device_id": device.index or 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    if precision != "fp32" and int(tensorrt.__version__.split(".")[0]) < 11:
+        options[f"trt_{precision}_enable"] = True
     profile = engine_profile(spec)
     for point in PROFILE_POINTS if profile else ():
         options[f"trt_profile_{point}_shapes"] = ",".join(f"{name}:{'x'.join(map(str, shapes[point]))}"
@@ -115,7 +122,7 @@ class OnnxRuntimeBackend:
         # The CPUs this process may use (a container's or taskset's share); macOS has no sched_getaffinity.
         options.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                    else os.cpu_count() or 1)
-        requested = providers or default_providers(self.device, spec)
+        requested = providers or default_providers(self.device, spec, onnx_path)
         self.requested_providers = [p if isinstance(p, str) else p[0] for p in requested]
         # A provider this build lacks is left out of the session (asked for it, ONNX Runtime prints a
         # multi-line "EP Error" and retries on the CPU) and named, with those the build has, below.
