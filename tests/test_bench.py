@@ -257,3 +257,16 @@ def test_kernel_benchmark_summarises_as_the_suite_does(monkeypatch):
     # Nearest rank, as summarize_ms: with 5 calls the p90 is the slowest (not the 4th, floor(0.9 * 4)).
     assert stats["p90_ms"] == pytest.approx(5.0) and stats["median_ms"] == pytest.approx(3.0)
     assert stats == pytest.approx(summarize_ms(durations))
+
+
+def test_a_text_to_image_configuration_samples_with_its_scheduler():
+    """sd15-lcm's request is LCM's: the workload's pipeline call samples with LCM, not the folder's DDIM."""
+    import dataclasses
+
+    lcm = CONFIGS["sd15-lcm"]
+    assert (lcm.scheduler, lcm.num_inference_steps, lcm.guidance_scale) == ("lcm", 4, 1.0)
+    tiny = dataclasses.replace(CONFIGS["tiny-t2i-controlnet"], scheduler=lcm.scheduler, num_inference_steps=2, guidance_scale=1.0)
+    cpu = torch.device("cpu")
+    tiny.prepare(cpu)
+    pipe = tiny.open("torch", cpu).pipeline
+    assert pipe(tiny.prompt, num_inference_steps=2, **tiny._kwargs([])).metadata["scheduler"] == "lcm"

@@ -8,6 +8,8 @@
     sd15                  SD-1.5-sized, random weights, fp16       512x512, 1 image, CFG 7.5, 30 DDIM steps   GPU
     sd15-color            the same                                 + colour guidance (x0 mode)                GPU
     sd15-controlnet       the same + SD-1.5-sized ControlNet       + a control image                          GPU
+    sd15-lcm              the same, sampled with LCM               4 LCM steps, guidance 1 (no CFG batch):    GPU
+                                                                   what LCM-LoRA deployments run
 
 A configuration opens a `Workload` per backend: the pipeline, a function that runs the request
 with a given number of steps, and which pipeline attributes are components (so their calls can
@@ -166,6 +168,7 @@ class TextToImageConfig(BenchConfig):
     color_scale: float = 20.0
     prompt: str = "a photo of a cat sitting on a red sofa"
     seed: int = 0
+    scheduler: str | None = None  # None: the model's own (DDIM); "lcm": LCM on its training schedule
 
     @property
     def folder(self) -> Path:
@@ -197,7 +200,8 @@ class TextToImageConfig(BenchConfig):
 
     def _kwargs(self, guidance) -> dict:
         kwargs = dict(negative_prompt="", height=self.size, width=self.size, guidance_scale=self.guidance_scale,
-                      num_images_per_prompt=self.num_images, seed=self.seed, guidance=guidance, output_type="pt")
+                      num_images_per_prompt=self.num_images, seed=self.seed, guidance=guidance, output_type="pt",
+                      scheduler=self.scheduler)
         if self.controlnet:
             kwargs["control_image"] = self.control_image()
         return kwargs
@@ -264,7 +268,8 @@ class TextToImageConfig(BenchConfig):
         return {**super().settings(), "model": self.model, "folder": str(self.folder), "height": self.size,
                 "width": self.size, "controlnet": self.controlnet, "precision": self.precision, "prompt": self.prompt,
                 "colour_guidance": self.colour_guidance, "color": self.color if self.colour_guidance else None,
-                "color_scale": self.color_scale if self.colour_guidance else None, "seed": self.seed}
+                "color_scale": self.color_scale if self.colour_guidance else None, "seed": self.seed,
+                "scheduler": self.scheduler or "ddim"}
 
 
 class NotApplicable(DiffrtError):
@@ -296,9 +301,11 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
                         colour_guidance=True, unguided="sd15"),
     dataclasses.replace(_SD15, name="sd15-controlnet", description=_SD15.description + " + SD-1.5-sized ControlNet",
                         controlnet=True),
+    dataclasses.replace(_SD15, name="sd15-lcm", description=_SD15.description + ", LCM: 4 steps, guidance 1",
+                        num_inference_steps=4, guidance_scale=1.0, scheduler="lcm"),
 )}
 CPU_DEFAULT = ("digits", "digits-unguided", "tiny-t2i-controlnet")
-GPU_DEFAULT = ("sd15", "sd15-color", "sd15-controlnet")
+GPU_DEFAULT = ("sd15", "sd15-color", "sd15-controlnet", "sd15-lcm")
 
 
 def get_config(name: str) -> BenchConfig:
