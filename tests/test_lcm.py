@@ -12,6 +12,8 @@ Runtime; pixel models run it as DDPMPipeline does; bad settings are one line.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -195,6 +197,23 @@ def test_loop_with_cfg_and_a_generator_per_image_equals_lcm_scheduler():
     schedule = lcm.make_lcm_schedule(lcm.LCMConfig.from_scheduler_config(dict(ref.config)), 4)
     got = sample(branches, x_T.clone(), schedule, SamplerOptions(guidance_scale=scale, generator=generators(5, 6)))
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
+
+
+def test_lcm_never_takes_the_fused_ddim_kernel(monkeypatch):
+    """use_fused_kernel (on by default) fuses CFG with the DDIM step; an LCM step with CFG must not reach it."""
+    import diffrt.kernels
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused DDIM kernel ran an LCM step")
+
+    monkeypatch.setattr(diffrt.kernels, "cfg_ddim_step", fused)
+    schedule = lcm.make_lcm_schedule(lcm.LCMConfig(), 2)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    options = SamplerOptions(guidance_scale=2.0, generator=torch.Generator().manual_seed(1), use_fused_kernel=True)
+    got = sample(lambda x, t: (torch.cos(x), torch.sin(x)), x.clone(), schedule, options)
+    with pytest.raises(AssertionError, match="fused DDIM kernel"):  # the patch is live: DDIM with CFG takes it
+        sample(lambda x, t: (torch.cos(x), torch.sin(x)), x.clone(), ddim.make_schedule(ddim.DDIMConfig(), 2), options)
+    assert torch.isfinite(got).all()
 
 
 # --- configs and the choice of sampler -------------------------------------------------------------------
@@ -513,6 +532,7 @@ def test_generate_and_serve_an_lcm_artifact(lcm_artifact, tmp_path):
     from diffrt.serve.batcher import Job
     from diffrt.serve.runtime import RuntimeConfig, make_worker
     from diffrt.serve.schema import GenerateBody, RequestError
+    from diffrt.serve.worker import request_schedule
 
     def alone(prompt, seed, num_images=1):
         req = GenerateRequest(model=str(lcm_artifact), backend="onnxruntime", device=CPU, prompt=prompt, seed=seed,
@@ -541,6 +561,18 @@ def test_generate_and_serve_an_lcm_artifact(lcm_artifact, tmp_path):
         with pytest.raises(RequestError) as info:
             worker.plan(GenerateBody(prompt=PROMPT, **fields))
         assert info.value.field == name and "LCM" in info.value.message
+    # A request's `scheduler` picks the sampler it is checked and batched by: DDIM takes those, in batches of its own.
+    ddim_plan = worker.plan(GenerateBody(prompt=PROMPT, num_inference_steps=60, eta=0.5, scheduler="ddim", guidance_scale=1.0))
+    lcm_plan = worker.plan(GenerateBody(prompt=PROMPT, num_inference_steps=30, scheduler="lcm", guidance_scale=1.0))
+    assert ddim_plan.settings["scheduler"] == "ddim" and lcm_plan.settings["scheduler"] == "lcm"
+    assert worker.batch_key(lcm_plan) == worker.batch_key(worker.plan(GenerateBody(prompt="x", num_inference_steps=30, guidance_scale=1.0)))
+    as_ddim = dataclasses.replace(lcm_plan, settings={**lcm_plan.settings, "scheduler": "ddim"})
+    assert worker.batch_key(lcm_plan) != worker.batch_key(as_ddim)
+    thresholded = copy.copy(worker.pipe)  # an LCM config DDIM cannot sample: the field named is scheduler
+    thresholded.scheduler = thresholded.controlnet_scheduler = lcm.LCMConfig(thresholding=True)
+    with pytest.raises(RequestError, match=r"^scheduler: dynamic thresholding is not supported by diffrt's DDIM") as info:
+        request_schedule(thresholded, GenerateBody(prompt=PROMPT, scheduler="ddim"))
+    assert info.value.field == "scheduler"
 
 
 # --- pixel-space models: the same loop ----------------------------------------------------------------

@@ -265,7 +265,7 @@ def test_onnxruntime_provider_fallback_warns_or_fails_under_strict(classemb_arti
     # A CPU-only ONNX Runtime asked for CUDA runs on the CPU, as a CUDA EP without its libraries would.
     from diffrt.runtime.backends import onnxruntime as ort_backend
 
-    monkeypatch.setattr(ort_backend, "default_providers", lambda device, spec=None: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_backend, "default_providers", lambda *args, **kwargs: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(BackendUnavailableError, match=r"did not start CUDAExecutionProvider.*strict mode refuses"):
         artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU, strict=True)
     pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
@@ -280,7 +280,7 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_binds_host_memory(classemb_art
     # in bind_input), so the non-strict fallback must bind host memory to run at all.
     from diffrt.runtime.backends import onnxruntime as ort_backend
 
-    monkeypatch.setattr(ort_backend, "default_providers", lambda device, spec=None: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_backend, "default_providers", lambda *args, **kwargs: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     on_cpu = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU).unet
     backend = ort_backend.OnnxRuntimeBackend(classemb_artifact / "unet" / "model.onnx", on_cpu.spec, device="cuda")
     assert backend.providers == ["CPUExecutionProvider"] and backend._io_device == torch.device("cpu")

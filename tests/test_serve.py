@@ -293,6 +293,20 @@ def test_eta_requests_share_a_batch_each_with_its_own_noise(server, client, serv
     assert (images, batches) == (5 + 1 + 1, 3)  # the eta batch, the other eta, the request that held the worker
 
 
+def test_lcm_requests_share_a_batch_apart_from_ddim_each_its_own_noise(server, client, served_model):
+    """`scheduler: "lcm"` on this DDIM model: LCM requests share a batch, each drawing the noise LCM adds between
+    steps from its own seed's generator; DDIM ones (the model's own, left out or named) batch apart; every answer
+    is its `diffrt generate --scheduler` images."""
+    bodies = [{"class_label": 1, "seed": 90, "scheduler": "lcm", "num_images": 2}, {"class_label": 2, "seed": 91},
+              {"class_label": 3, "seed": 92, "scheduler": "lcm"}, {"class_label": 4, "seed": 93, "scheduler": "ddim"}]
+    responses = queued_together(server, client, bodies)
+    assert [r.json()["batch_size"] for r in responses] == [3, 2, 3, 2]
+    for body, response in zip(bodies, responses):
+        for image, ref in zip(answer_images(response), generated(served_model, body), strict=True):
+            np.testing.assert_array_equal(image, ref, err_msg=str(body))
+    assert client.get("/readyz").json()["scheduler"] == "ddim"  # the model's own, what a request leaving it out gets
+
+
 def test_colour_requests_at_one_scale_share_a_batch(server, client, served_model):
     """Colour guidance toward different colours at one scale: one batch, each image row pulled
     toward its own request's colour; a plain request and another scale run apart."""
@@ -321,6 +335,9 @@ def test_colour_requests_at_one_scale_share_a_batch(server, client, served_model
     (b'{"class_label": 1, "guidance_rescale": 0.5}', 422, "guidance_rescale: the loaded model is a class-conditioned pixel-space"),
     (b'{"class_label": 1, "lora_scale": 0.5}', 422, "lora_scale: lora_scale 0.5: this model runs no LoRA"),
     (b'{"class_label": 100}', 422, "class_label: 100 is out of range"),
+    (b'{"class_label": 1, "scheduler": "euler"}', 422, "scheduler: Input should be 'ddim' or 'lcm'"),
+    (b'{"class_label": 1, "scheduler": "lcm", "eta": 0.5}', 422, "eta: eta 0.5 is DDIM's; LCM draws fresh noise"),
+    (b'{"class_label": 1, "scheduler": "lcm", "num_inference_steps": 51}', 422, "num_inference_steps: LCM takes its steps"),
     (b'{"num_inference_steps": 2}', 422, "class_label: required"),
     (b'{"class_label": 1, "height": 24}', 422, "height"),
     (b'{"class_label": 1, "num_images": 9}', 422, "num_images: 9 is more than this service's largest batch (8)"),
@@ -512,7 +529,7 @@ def test_a_provider_fallback_is_counted(served_model, monkeypatch):
     from diffrt.runtime.backends import onnxruntime as ort_backend
     from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 
-    monkeypatch.setattr(ort_backend, "default_providers", lambda device, spec=None: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_backend, "default_providers", lambda *args, **kwargs: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     runtime = ServeRuntime(RuntimeConfig(model=served_model, backend="onnxruntime", device="cpu", warmup_steps=1))
     runtime.start()
     try:

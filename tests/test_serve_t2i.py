@@ -206,6 +206,10 @@ PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40)}  # placehold
     ({"prompt": PROMPT, "image": base64.b64encode(b"not a png").decode()}, "image", "not a readable image"),
     ({"prompt": PROMPT, "image": "SMALL_PNG", "strength": 0.1}, "strength", "leaves no denoising step"),
     ({"prompt": PROMPT, "image": "SMALL_PNG", "control_image": "OTHER_PNG"}, "image", "but control_image"),
+    ({"prompt": PROMPT, "scheduler": "euler"}, "scheduler", "Input should be 'ddim' or 'lcm'"),
+    ({"prompt": PROMPT, "scheduler": "lcm", "num_inference_steps": 60}, "num_inference_steps", "LCM takes its steps from the 50"),
+    ({"prompt": PROMPT, "scheduler": "lcm", "eta": 0.5}, "eta", "eta 0.5 is DDIM's; LCM draws fresh noise"),
+    ({"prompt": PROMPT, "scheduler": "lcm", "image": "SMALL_PNG", "strength": 0.2}, "strength", "leaves no denoising step"),
 ])
 def test_wrong_fields_are_422s_naming_the_field_and_serving_goes_on(client, fields, field, words):
     fields = {key: PNGS.get(value, value) if isinstance(value, str) else value for key, value in fields.items()}
@@ -298,6 +302,30 @@ def test_eta_requests_share_batches_and_each_gets_its_own_image(server, client, 
     for body, image in zip(bodies, images):
         np.testing.assert_array_equal(image, generated(t2i_artifact, **body), err_msg=str(body))
     assert not np.array_equal(images[0], images[3])  # eta reached the sampler
+
+
+def test_scheduler_per_request_is_diffrt_generate_scheduler_and_never_shares_a_batch(server, client, t2i_artifact, tmp_path):
+    """`scheduler: "lcm"` samples this DDIM artifact with LCM (guidance 1.0 by default, as `diffrt generate
+    --scheduler lcm`); at equal settings otherwise, LCM and DDIM requests run apart, and each request, batched
+    or not, gets the images `diffrt generate` writes for it."""
+    from diffrt.cli import main
+
+    out = tmp_path / "lcm.png"
+    assert main(["generate", "--model", str(t2i_artifact), "--backend", "onnxruntime", "--device", "cpu", "--prompt", PROMPT,
+                 "--seed", "74", "--steps", str(STEPS), "--scheduler", "lcm", "--out", str(out)]) == 0
+    lcm = served(client, prompt=PROMPT, seed=74, scheduler="lcm")
+    np.testing.assert_array_equal(lcm, pixels(out.read_bytes()))
+    assert not np.array_equal(lcm, served(client, prompt=PROMPT, seed=74, guidance_scale=1.0))  # DDIM, the model's own
+
+    bodies = [{"prompt": PROMPT, "seed": 75, "scheduler": "lcm", "guidance_scale": 1.5},
+              {"prompt": PROMPT, "seed": 76, "guidance_scale": 1.5},
+              {"prompt": f"{PROMPT}, again", "seed": 77, "scheduler": "ddim", "guidance_scale": 1.5}]
+    responses = queued_together(server, client, bodies)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    answers = [r.json() for r in responses]
+    assert [a["batch_size"] for a in answers] == [1, 2, 2]  # LCM alone; the model's own (DDIM) with "ddim", one sampler
+    for body, answer in zip(bodies, answers):
+        np.testing.assert_array_equal(answer_pixels(answer)[0], generated(t2i_artifact, **body), err_msg=str(body))
 
 
 def test_a_control_image_request_never_shares_with_plain_ones(server, client, t2i_artifact, control_png):

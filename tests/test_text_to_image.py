@@ -108,6 +108,44 @@ def test_an_outdated_scheduler_config_samples_as_stable_diffusion_pipeline(t2i_f
     assert "steps_offset 0, clip_sample True" in caplog.text
 
 
+def test_an_outdated_steps_offset_samples_as_the_controlnet_pipelines_with_a_control_image(t2i_folder, tmp_path, caplog,
+                                                                                           control_image):
+    """StableDiffusionControlNetPipeline and its img2img correct nothing in the scheduler config they are
+    given: with a control image (either pipeline) diffrt keeps steps_offset 0, as they do; without one,
+    the same pipeline is StableDiffusionPipeline's, corrected. clip_sample stays off in every call (a
+    deliberate difference, text_to_image._latent_scheduler): no latent model means it."""
+    import json
+    import shutil
+
+    from diffusers import (ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline,
+                           StableDiffusionPipeline)
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "old")
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "steps_offset": 0}))
+    with caplog.at_level("WARNING", logger="diffrt.runtime.text_to_image"):
+        pipe = open_text_to_image_pipeline(folder, "torch", CPU, controlnet=folder / "controlnet")
+    assert "calls with a control image keep steps_offset 0, as diffusers' ControlNet pipelines do" in caplog.text
+    controlnet = ControlNetModel.from_pretrained(folder / "controlnet")
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    for cls, kwargs, ours in ((StableDiffusionControlNetPipeline, dict(image=control_image), dict(control_image=control_image)),
+                              (StableDiffusionControlNetImg2ImgPipeline, dict(image=image, control_image=control_image, strength=0.7),
+                               dict(image=image, control_image=control_image, strength=0.7)),
+                              (StableDiffusionPipeline, {}, {})):
+        ref = diffusers_pipe(cls, folder, **({"controlnet": controlnet} if "control_image" in ours else {}))
+        result = run(pipe, seed=3, num_inference_steps=4, **ours)
+        assert max_abs(result.images, run_diffusers(ref, seed=3, num_inference_steps=4, **kwargs)) <= DIFFUSERS_TOL, cls.__name__
+        assert result.metadata["timesteps"] == ref.scheduler.timesteps.tolist()[-len(result.metadata["timesteps"]):]
+
+    path.write_text(json.dumps({**json.loads(path.read_text()), "clip_sample": True, "clip_sample_range": 0.5}))
+    ref = diffusers_pipe(StableDiffusionControlNetPipeline, folder, controlnet=controlnet)
+    ref.scheduler.register_to_config(clip_sample=False)  # what diffrt samples: x0 unclipped, steps_offset 0
+    expected = run_diffusers(ref, seed=3, num_inference_steps=4, image=control_image)
+    result = run(open_text_to_image_pipeline(folder, "torch", CPU, controlnet=folder / "controlnet"), seed=3, num_inference_steps=4,
+                 control_image=control_image)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+
+
 def test_prompt_embeds_equal_stable_diffusion_pipeline(t2i_folder, torch_pipe, t2i_artifact):
     """Weighted prompts come in as embeddings (compel's way): diffusers' prompt_embeds and
     negative_prompt_embeds, alone or beside a negative prompt given as text, on torch and ONNX Runtime."""

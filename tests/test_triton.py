@@ -86,6 +86,7 @@ def test_rows_become_requests_checked_like_the_http_api():
     assert [base64.b64decode(s) for s in bodies[0].control_image] == [b"\x89PNG-a", b"\x89PNG-b"]
     assert bodies[0].controlnet_conditioning_scale == 0.5
     assert bodies_from_inputs({}) == [GenerateBody()]  # every input optional: one request with the defaults
+    assert [b.scheduler for b in bodies_from_inputs({"scheduler": np.array([[b"lcm"], [b"ddim"]], dtype=object)})] == ["lcm", "ddim"]
 
     refusals = [
         ({"seed": np.array([[1], [2]]), "prompt": np.array([[b"x"]], dtype=object)}, "disagree on the batch dimension"),
@@ -93,6 +94,7 @@ def test_rows_become_requests_checked_like_the_http_api():
         ({"num_inference_steps": np.array([[0]])}, "num_inference_steps"),
         ({"seed": np.array([[1, 2]])}, "seed: one value per row, got 2"),
         ({"color": np.array([[b"red"]], dtype=object)}, "color"),
+        ({"scheduler": np.array([[b"euler"]], dtype=object)}, "scheduler: Input should be 'ddim' or 'lcm'"),
     ]
     for inputs, message in refusals:
         with pytest.raises(RequestError, match=message) as err:
@@ -268,6 +270,10 @@ def test_digits_over_kserve_equal_diffrt_generate(triton):
     for row, (label, seed) in enumerate([(1, 5), (7, 6)]):
         np.testing.assert_array_equal(out["images"][row], generated(None, class_label=label, seed=seed, num_images=2))
 
+    # The sampler per request: LCM on the digits model's DDIM schedule, as `diffrt generate --scheduler lcm`.
+    out = outputs(infer(triton, "digits", {"class_label": 5, "seed": 9, "num_inference_steps": STEPS, "scheduler": "lcm"}))
+    np.testing.assert_array_equal(out["images"][0], generated(None, class_label=5, seed=9, scheduler="lcm"))
+
 
 def test_a_model_named_in_place_at_an_awkward_path(triton):
     out = outputs(infer(triton, "linked", {"class_label": 4, "seed": 8, "num_inference_steps": STEPS}))
@@ -292,6 +298,8 @@ def test_bad_requests_are_refused_by_name(triton):
              ({"num_inference_steps": 0}, "num_inference_steps"),
              ({"prompt": "a cat"}, "prompt"),  # not an input of a pixel model: Triton itself refuses it
              ({"class_label": 1, "height": 17}, "height"),
+             ({"class_label": 1, "scheduler": "euler"}, "scheduler: Input should be 'ddim' or 'lcm'"),
+             ({"class_label": 1, "scheduler": "lcm", "eta": 0.5}, "eta: eta 0.5 is DDIM's"),
              ({"class_label": [[1], [2]], "num_images": [[1], [2]]}, "same num_images, height and width")]
     for inputs, message in cases:
         r = infer(triton, "digits", inputs)

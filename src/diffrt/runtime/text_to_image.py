@@ -22,6 +22,9 @@ StableDiffusionPipeline.from_pretrained would sample it; `scheduler="lcm"` runs 
 training schedule (LCM-LoRA on a plain SD folder: diffusers' `pipe.scheduler =
 LCMScheduler.from_config(pipe.scheduler.config)`), `scheduler="ddim"` DDIM. LCM draws fresh noise
 from the generator after every step but the last, after the initial latents, as LCMScheduler.step.
+An outdated scheduler config (steps_offset 0, clip_sample on) is sampled as StableDiffusionPipeline
+corrects it. diffusers' ControlNet pipelines correct nothing: calls with a control image keep the
+config's steps_offset as they do, but not its clip_sample (a deliberate difference, _latent_scheduler).
 
 Every component is a `Backend`; the pipeline never asks which. Engines have no autograd, so
 gradient guidance and the img2img encoder use PyTorch modules (loaded lazily for artifacts):
@@ -49,7 +52,8 @@ from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_output_type, convert_output,
                                      make_generator, scheduler_name, to_unit_range_unclamped)
-from diffrt.runtime.sampling import Generators, SamplerOptions, Scheduler, check_finite, check_generators, randn, sample
+from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
+                                     make_sampling_schedule, randn, sample)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,10 @@ class TextToImagePipeline(DenoiserPipeline):
                  unet_precision: str = "fp32", lora: RuntimeLora | None = None):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         self.tokenizer = tokenizer
-        self.scheduler = _latent_scheduler(scheduler)
+        # Plain and img2img calls sample the config as StableDiffusionPipeline corrects it; calls with a
+        # control image keep its steps_offset, as diffusers' ControlNet pipelines do (_latent_scheduler).
+        self.scheduler = _latent_scheduler(scheduler, "controlnet_cond" in unet.spec.input_names)
+        self.controlnet_scheduler = dataclasses.replace(self.scheduler, steps_offset=scheduler.steps_offset)
         self.vae_scaling_factor = vae_scaling_factor
         self.vae_factor = vae_factor
         self.default_size = default_size
@@ -92,6 +99,17 @@ class TextToImagePipeline(DenoiserPipeline):
     @property
     def latent_channels(self) -> int:
         return self.unet.spec.inputs[0].dims[1]
+
+    def sampler_config(self, scheduler: Scheduler = None, *, control: bool = False) -> ddim.DDIMConfig:
+        """The config a call samples with (sampling.choose_scheduler). `control`: the call has a control
+        image, and so is diffusers' ControlNet (img2img) pipeline, which keeps an outdated steps_offset."""
+        return choose_scheduler(self.controlnet_scheduler if control else self.scheduler, scheduler)
+
+    def sampling_schedule(self, num_inference_steps: int, *, scheduler: Scheduler = None, eta: float = 0.0,
+                          timesteps: list[int] | None = None, control: bool = False):
+        """DenoiserPipeline.sampling_schedule for a call with (`control`) or without a control image."""
+        return make_sampling_schedule(self.sampler_config(scheduler, control=control), num_inference_steps, eta=eta,
+                                      timesteps=timesteps)
 
     def __call__(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
@@ -138,7 +156,8 @@ class TextToImagePipeline(DenoiserPipeline):
         self.check_batch(len(prompts), batch, do_cfg)
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
-        schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps)
+        schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps,
+                                          control=control is not None)
         if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
             schedule = schedule.tail(check_strength(strength, len(schedule)))
         t0 = time.perf_counter()
@@ -444,15 +463,23 @@ def _image_batch(image, height: int | None, width: int | None, multiple: int = 1
     return image
 
 
-def _latent_scheduler(config: ddim.DDIMConfig) -> ddim.DDIMConfig:
+def _latent_scheduler(config: ddim.DDIMConfig, controlnet: bool = False) -> ddim.DDIMConfig:
     """The scheduler config as StableDiffusionPipeline (and its img2img) samples it: its __init__ sets
     steps_offset 1 and clip_sample off in configs written before diffusers fixed those defaults (clipping
     x0 to [-1, 1] is for pixels, and latents range wider). A sampler chosen later (`scheduler="lcm"`,
-    LCMScheduler.from_config(pipe.scheduler.config)) is made from the config corrected here."""
+    LCMScheduler.from_config(pipe.scheduler.config)) is made from the config corrected here.
+
+    StableDiffusionControlNetPipeline and its img2img correct nothing. Calls with a control image keep
+    the config's steps_offset, as they do (`controlnet`: the warning says so), but not its clip_sample:
+    a config that leaves clip_sample out (PNDM's, Euler's, as diffusers writes them today) reads as
+    DDIM's default, on, which no latent model means, and neither a DDIMConfig nor an artifact's manifest
+    can tell it from one that asks for it; diffusers' LCMScheduler.from_config turns it off there."""
     fixes = {key: value for key, value in (("steps_offset", 1), ("clip_sample", False)) if getattr(config, key) != value}
     if fixes:
-        log.warning("the scheduler config is outdated (%s); sampling with %s, as StableDiffusionPipeline does",
-                    ", ".join(f"{k} {getattr(config, k)}" for k in fixes), ", ".join(f"{k} {v}" for k, v in fixes.items()))
+        kept = (f"; calls with a control image keep steps_offset {config.steps_offset}, as diffusers' ControlNet pipelines do"
+                if controlnet and "steps_offset" in fixes else "")
+        log.warning("the scheduler config is outdated (%s); sampling with %s, as StableDiffusionPipeline does%s",
+                    ", ".join(f"{k} {getattr(config, k)}" for k in fixes), ", ".join(f"{k} {v}" for k, v in fixes.items()), kept)
         config = dataclasses.replace(config, **fixes)
     return config
 

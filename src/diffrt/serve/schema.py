@@ -8,7 +8,7 @@ the model (worker.py).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,7 +29,8 @@ class GenerateBody(BaseModel):
     prompt: str | None = Field(None, max_length=4000, description="text-to-image models only")
     negative_prompt: str | None = Field(None, max_length=4000, description="text-to-image models only")
     class_label: int | None = Field(None, ge=0, le=1_000_000, description="class-conditioned models: the class to draw")
-    num_inference_steps: int = Field(25, ge=1, le=200, description="DDIM steps")
+    num_inference_steps: int = Field(25, ge=1, le=200, description="denoising steps (LCM: at most the model's "
+                                     "original_inference_steps, 50 for LCM-LoRA; 2-8 is LCM's range)")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE}; 7.5 for text-to-image)")
     guidance_rescale: float | None = Field(None, ge=0.0, le=1.0, description="text-to-image models only: diffusers' "
                                            "guidance_rescale (default 0; 0.7 tames over-exposure at high guidance)")
@@ -37,7 +38,10 @@ class GenerateBody(BaseModel):
     height: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
     width: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
     num_images: int = Field(1, ge=1, le=64, description="images from this seed, as `diffrt generate --num-images`")
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic)")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic); LCM takes none")
+    scheduler: Literal["ddim", "lcm"] | None = Field(
+        None, description="the sampler, on the model's training schedule: ddim or lcm (LCM-LoRA; guidance_scale 1.0 by "
+                          "default); default: the model's own, LCM for a folder whose scheduler config names LCMScheduler")
     color: str | None = Field(None, pattern=r"^#?[0-9a-fA-F]{6}$", description="colour guidance target, #RRGGBB")
     color_scale: float = Field(DEFAULT_COLOR_SCALE, ge=0.0, le=10_000.0, description="colour guidance strength")
     control_image: str | list[str] | None = Field(

@@ -5,11 +5,11 @@ worker thread, `plan` runs in the caller's thread and only reads the model's des
 
 Batching (batching.py, the mechanism PixelWorker uses): requests share a batch when they differ
 only in prompt, negative prompt, seed, num_images and control image, that is when size, steps,
-guidance scale and eta are equal and, for ControlNet requests, the control images' size and
-the conditioning scales are equal too (a request without a control image never shares with one
-that has one). A shared batch gives each ControlNet one control image row per image, each
-request's image repeated for its num_images. With eta > 0 (or an LCM model, which draws fresh noise
-between its steps) each request brings its generator, and the sampler draws each request's rows of
+sampler (`scheduler`: DDIM or LCM), guidance scale and eta are equal and, for ControlNet requests,
+the control images' size and the conditioning scales are equal too (a request without a control
+image never shares with one that has one). A shared batch gives each ControlNet one control image row per image, each
+request's image repeated for its num_images. With eta > 0 (or LCM, which draws fresh noise between
+its steps) each request brings its generator, and the sampler draws each request's rows of
 the per-step noise from it as the request draws them alone (batching.generator_blocks).
 
 A request with colour guidance runs alone. Its gradient is taken through the PyTorch VAE decoder
@@ -49,14 +49,15 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.lcm import LCMSchedule
+from diffrt.runtime.lcm import LCMConfig, LCMSchedule
+from diffrt.runtime.pipeline import scheduler_name
 from diffrt.runtime.sampling import GeneratorBlocks, draws_step_noise
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, LCM_GUIDANCE_SCALE, check_strength, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    settings_key, split_answers)
 from diffrt.serve.schema import GenerateBody, RequestError
-from diffrt.serve.worker import component_ms, encode_finite, lora_scale, self_test_passed, switch_lora_scale
+from diffrt.serve.worker import component_ms, encode_finite, lora_scale, request_schedule, self_test_passed, switch_lora_scale
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ class TextToImagePlan:
     prompt: str
     negative_prompt: str | None
     latents: torch.Tensor | None  # [num_images, C, H/8, W/8], from this request's seed only; None for image-to-image
-    generator: torch.Generator | None  # eta > 0 only: the seed's generator, past the x_T draw
-    settings: dict = field(default_factory=dict)  # height, width, num_inference_steps, guidance_scale, eta
+    generator: torch.Generator | None  # eta > 0 or LCM only: the seed's generator, past the x_T draw
+    settings: dict = field(default_factory=dict)  # height, width, num_inference_steps, scheduler, guidance_scale, eta, ...
     control: list[torch.Tensor] | None = None  # one [3, H, W] image per ControlNet
     control_scale: float | list[float] = 1.0
     guidance: list = field(default_factory=list)
@@ -205,7 +206,8 @@ class TextToImageWorker(BatchingWorker):
 
     def describe(self) -> dict:
         return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "controlnets": self.pipe.num_controlnets, "backend": self.pipe.backend,
-                "conditioning": "text", "sample_size": self.pipe.default_size, "batches_requests": self.batches_requests,
+                "conditioning": "text", "sample_size": self.pipe.default_size,
+                "scheduler": "lcm" if isinstance(self.pipe.scheduler, LCMConfig) else "ddim", "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, "color_guidance": self.color_unavailable is None,
                 **self.pipe.runtime_metadata()}
 
@@ -246,11 +248,7 @@ class TextToImageWorker(BatchingWorker):
         if control is not None and len({tuple(c.shape[-2:]) for c in control}) > 1:
             raise RequestError(422, "control_image: the images differ in size; send images of one size, or give height and "
                                "width to resize them all", "control_image")
-        try:  # the sampler's own rules (LCM: at most original_inference_steps steps, no eta) before the request queues
-            schedule = pipe.sampling_schedule(body.num_inference_steps, eta=body.eta)
-        except DiffrtError as exc:
-            name = "eta" if str(exc).startswith("eta") else "num_inference_steps"
-            raise RequestError(422, f"{name}: {exc}", name) from None
+        schedule = request_schedule(pipe, body, control=control is not None)  # the chosen sampler's rules, before it queues
         default_scale = LCM_GUIDANCE_SCALE if isinstance(schedule, LCMSchedule) else DEFAULT_GUIDANCE_SCALE  # as `diffrt generate`
         guidance_scale = default_scale if body.guidance_scale is None else body.guidance_scale
         try:
@@ -279,7 +277,8 @@ class TextToImageWorker(BatchingWorker):
                                             keep_generator=draws_step_noise(schedule, body.eta))
         # The resolved size: with an image, its own rounded down to the VAE's multiple (the pipeline resizes to it).
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
-                    "guidance_scale": guidance_scale, "eta": body.eta, "guidance_rescale": body.guidance_rescale or 0.0}
+                    "scheduler": scheduler_name(schedule), "guidance_scale": guidance_scale, "eta": body.eta,
+                    "guidance_rescale": body.guidance_rescale or 0.0}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
                                [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body),
                                init, strength)

@@ -68,6 +68,7 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     "width": ("TYPE_INT64", [1]),
     "num_images": ("TYPE_INT64", [1]),
     "eta": ("TYPE_FP64", [1]),
+    "scheduler": ("TYPE_STRING", [1]),  # "ddim" or "lcm"; left out: the model's own sampler
     "color": ("TYPE_STRING", [1]),
     "color_scale": ("TYPE_FP64", [1]),
     "control_image": ("TYPE_STRING", [-1]),  # raw PNG bytes, one per ControlNet

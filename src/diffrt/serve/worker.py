@@ -6,9 +6,9 @@
 Requests are batched by the mechanism in batching.py, which TextToImageWorker shares: each
 request's own noise from its own seed, a start-up probe that the backend is batch-invariant,
 answers split back by request id. Pixel requests may share a batch when their settings (steps,
-guidance scale, eta, size, colour scale) are equal: with eta > 0 each brings its generator for its
-own block of rows of the per-step noise, and with colour guidance each its own target colour,
-one per image row. `color_guidance` sums its loss over the images, so a row's gradient is the one
+sampler, guidance scale, eta, size, colour scale) are equal: with eta > 0 (or LCM) each brings its
+generator for its own block of rows of the per-step noise, and with colour guidance each its own
+target colour, one per image row. `color_guidance` sums its loss over the images, so a row's gradient is the one
 it gets alone; requests with and without colour never share a batch, since the guided and the
 unguided steps take different code paths that round differently. Requests share a batch only at
 equal `lora_scale`, which the worker sets on the pipeline before the batch (`lora_scale` below).
@@ -27,10 +27,12 @@ from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeErro
 from diffrt.images import array_png_bytes, to_uint8
 from diffrt.runtime.backends.timed import TimedBackend, time_components
 from diffrt.runtime.guidance import color_guidance, parse_hex_color
+from diffrt.runtime.lcm import LCMConfig
+from diffrt.runtime.pipeline import scheduler_name
+from diffrt.runtime.sampling import GeneratorBlocks, draws_step_noise
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    settings_key, split_answers)
-from diffrt.runtime.sampling import GeneratorBlocks, draws_step_noise
 from diffrt.serve.schema import DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,8 @@ class Plan:
     num_images: int
     labels: torch.Tensor | None  # [num_images] int64, None for unconditional models
     latents: torch.Tensor  # [num_images, C, H, W], from this request's seed only
-    generator: torch.Generator | None  # eta > 0 only: the seed's generator, past the x_T draw
-    settings: dict = field(default_factory=dict)  # num_inference_steps, guidance_scale, eta, height, width, color_scale
+    generator: torch.Generator | None  # eta > 0 or LCM only: the seed's generator, past the x_T draw
+    settings: dict = field(default_factory=dict)  # num_inference_steps, scheduler, guidance_scale, eta, height, width, color_scale
     color: str | None = None  # this request's colour-guidance target (#RRGGBB); color_scale, in settings, is shared
     lora_scale: float = 1.0  # times the LoRA scales the model opened with; a batch runs at one
 
@@ -78,6 +80,22 @@ def lora_scale(pipe, body: GenerateBody) -> float:
     except DiffrtError as exc:
         raise RequestError(422, f"lora_scale: {exc}", "lora_scale") from None
     return scale
+
+
+def request_schedule(pipe, body: GenerateBody, **call):
+    """The schedule the request's sampler (`scheduler`, else the model's own) runs, refused before it queues
+    with a 422 naming the field at fault: `scheduler` when the model's config has no such sampler (DDIM
+    cannot take an LCM config's dynamic thresholding), `eta` (LCM takes none) or `num_inference_steps`
+    (LCM: at most original_inference_steps). `call`: what else the pipeline's call decides it by."""
+    try:
+        pipe.sampler_config(body.scheduler, **call)
+    except DiffrtError as exc:
+        raise RequestError(422, f"scheduler: {exc}", "scheduler") from None
+    try:
+        return pipe.sampling_schedule(body.num_inference_steps, scheduler=body.scheduler, eta=body.eta, **call)
+    except DiffrtError as exc:
+        name = "eta" if str(exc).startswith("eta") else "num_inference_steps"
+        raise RequestError(422, f"{name}: {exc}", name) from None
 
 
 def switch_lora_scale(pipe, scale: float) -> dict[str, float]:
@@ -202,7 +220,8 @@ class PixelWorker(BatchingWorker):
         try:
             result = self.pipe(labels, num_images=None if labels is not None else n, latents=latents,
                                generator=generator_blocks(plans),
-                               num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"],
+                               num_inference_steps=s["num_inference_steps"], scheduler=s["scheduler"],
+                               guidance_scale=s["guidance_scale"], eta=s["eta"],
                                guidance=guidance, height=s["height"], width=s["width"], output_type="pt",
                                progress=abandon_when_nobody_waits(jobs))
         finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
@@ -222,7 +241,8 @@ class PixelWorker(BatchingWorker):
         info = self.pipe.info
         return {"kind": "pixel", "controlnet": False, "backend": self.pipe.backend, "conditioning": info.conditioning,
                 "num_classes": info.num_classes, "class_names": info.class_names, "sample_size": self.pipe.sample_size,
-                "channels": self.pipe.channels, "batches_requests": self.batches_requests,
+                "channels": self.pipe.channels, "scheduler": "lcm" if isinstance(self.pipe.scheduler, LCMConfig) else "ddim",
+                "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, **self.pipe.runtime_metadata()}
 
     def plan(self, body: GenerateBody) -> Plan:
@@ -249,15 +269,12 @@ class PixelWorker(BatchingWorker):
                                 f"batch {value} ({body.num_images} images{' x 2 for guidance' if cfg else ''})")
             except DiffrtError as exc:
                 raise RequestError(422, f"{name}: {exc}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
-        try:  # the sampler's own rules (LCM: at most original_inference_steps steps, no eta) before the request queues
-            schedule = pipe.sampling_schedule(body.num_inference_steps, eta=body.eta)
-        except DiffrtError as exc:
-            name = "eta" if str(exc).startswith("eta") else "num_inference_steps"
-            raise RequestError(422, f"{name}: {exc}", name) from None
+        schedule = request_schedule(pipe, body)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         latents, generator = draw_noise(seed, (body.num_images, pipe.channels, height, width),
                                         keep_generator=draws_step_noise(schedule, body.eta))
-        settings = {"num_inference_steps": body.num_inference_steps, "guidance_scale": guidance_scale, "eta": body.eta,
+        settings = {"num_inference_steps": body.num_inference_steps, "scheduler": scheduler_name(schedule),
+                    "guidance_scale": guidance_scale, "eta": body.eta,
                     "height": height, "width": width, "color_scale": body.color_scale if body.color else None}
         return Plan(seed, body.num_images, labels, latents, generator, settings, body.color, lora_scale(pipe, body))
 
