@@ -11,7 +11,7 @@ import pytest
 from diffrt.cli import main
 from diffrt.errors import DiffrtError
 
-SUBCOMMANDS = ["train", "export", "refit", "generate", "bench", "serve", "demo"]
+SUBCOMMANDS = ["train", "export", "refit", "generate", "bench", "serve", "triton-repo", "demo"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -136,6 +136,23 @@ def test_mistakes_found_by_trying_the_readme_are_one_line(uncond_model_dir, tmp_
     assert out.returncode == 2 and "is not a TCP port" in out.stderr
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (("serve", "--port", "99999"), "'99999' is not a TCP port"),
+    (("export",), "the following arguments are required: --out"),
+    (("generate", "--scheduler", "euler"), "invalid choice: 'euler'"),
+    (("warp",), "invalid choice: 'warp'"),
+])
+def test_a_malformed_command_line_is_one_line_too(args, words, capsys):
+    """argparse's own errors (bad value, missing option, unknown command) are one line naming
+    --help, not the whole usage block (README: a user error prints one line)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("diffrt") and ": error: " in err[0] and words in err[0] and "--help` lists the options" in err[0]
+
+
 def test_serve_exits_when_the_model_cannot_load(uncond_model_dir, tmp_path):
     """A model that fails in the worker (here: strict mode refusing PyTorch for an artifact) ends
     `diffrt serve` with that one line instead of a server answering 503 for ever."""
@@ -150,5 +167,8 @@ def test_serve_exits_when_the_model_cannot_load(uncond_model_dir, tmp_path):
 def test_bench_lists_its_configurations():
     out = run_cli("bench", "--list")
     assert out.returncode == 0
-    names = [line.split()[0] for line in out.stdout.splitlines()]
+    lines = out.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
     assert {"digits", "tiny-t2i-controlnet", "sd15"} <= set(names)
+    # One column each: the longest name does not push its row's columns out of line.
+    assert len({line.index(" any  " if " any  " in line else " GPU  ") for line in lines}) == 1, lines

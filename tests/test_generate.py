@@ -29,6 +29,17 @@ def test_class_label_out_of_range_is_one_line(classemb_model_dir, tmp_path, caps
     assert not (tmp_path / "x.png").exists()
 
 
+def test_text_to_image_flags_on_a_pixel_model_are_one_line(uncond_model_dir, tmp_path, capsys):
+    """One such flag reads "needs", several "need" (found by trying the README's commands)."""
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"")
+    assert main(["generate", "--model", str(uncond_model_dir), "--image", str(image), "--out", str(tmp_path / "x.png")]) == 2
+    one_line_error(capsys, "--image needs a text-to-image model folder", "use --class-label")
+    assert main(["generate", "--model", str(uncond_model_dir), "--prompt", "a cat", "--image", str(image),
+                 "--out", str(tmp_path / "x.png")]) == 2
+    one_line_error(capsys, "--prompt/--image need a text-to-image model folder")
+
+
 def test_device_defaults_to_auto_and_the_line_names_what_ran(uncond_model_dir, tmp_path, capsys):
     assert GenerateRequest().device is None and GenerateRequest().cuda_graph is True
     out = tmp_path / "x.npy"

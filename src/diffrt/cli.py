@@ -170,8 +170,9 @@ def _cmd_bench(args) -> int:
     if args.list:
         from diffrt.bench.configs import CONFIGS
 
+        width = max(map(len, CONFIGS))
         for name, config in CONFIGS.items():
-            print(f"{name:18} {'GPU  ' if config.gpu_only else 'any  '}{config.description}")
+            print(f"{name:{width}}  {'GPU  ' if config.gpu_only else 'any  '}{config.description}")
         return 0
     paths = run_bench(out_dir=args.out, backends=args.backend, repeats=args.repeats, configs=args.config)
     for p in paths:
@@ -202,6 +203,14 @@ def _cmd_triton_repo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a malformed command line is one line too, as every user error is
+    (README): what is wrong and where the options are listed, instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def _port(text: str) -> int:
     """A TCP port: 0 (any free one) to 65535."""
     try:
@@ -214,7 +223,7 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffrt", description="Train diffusion models in PyTorch, export them to ONNX/TensorRT, and run a guided DDIM loop.")
+    parser = _Parser(prog="diffrt", description="Train diffusion models in PyTorch, export them to ONNX/TensorRT, and run a guided DDIM loop.")
     parser.add_argument("--version", action="version", version=f"diffrt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -139,7 +139,8 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
                  "--control-scale": req.control_scale not in (None, [])}
     given = [flag for flag, value in text_only.items() if value]
     if given:
-        raise DiffrtError(f"{'/'.join(given)} need a text-to-image model folder; this is a pixel-space model (use --class-label)")
+        verb = "needs" if len(given) == 1 else "need"
+        raise DiffrtError(f"{'/'.join(given)} {verb} a text-to-image model folder; this is a pixel-space model (use --class-label)")
     from diffrt.runtime.loading import open_pixel_pipeline
 
     pipe = open_pixel_pipeline(req.model, req.backend, req.device, loras=req.loras, strict=req.strict, cuda_graph=req.cuda_graph)
