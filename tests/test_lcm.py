@@ -306,14 +306,151 @@ def test_bad_pipeline_arguments_are_one_line(lcm_pipe, ddim_pipe):
         one_line(info)
 
 
-def test_a_distilled_lcm_unet_stays_refused(sd_lcm, tmp_path):
-    """LCM-distilled UNets (time_cond_proj_dim) need the guidance embedding timestep_cond: refused by name."""
-    folder = shutil.copytree(sd_lcm, tmp_path / "distilled")
-    config = json.loads((folder / "unet" / "config.json").read_text())
-    (folder / "unet" / "config.json").write_text(json.dumps({**config, "time_cond_proj_dim": 256}))
-    with pytest.raises(DiffrtError, match=r"time_cond_proj_dim=256 \(a guidance-distilled UNet, e\.g\. LCM\)") as info:
-        open_text_to_image_pipeline(folder, "torch", CPU)
-    one_line(info)
+@pytest.mark.parametrize("dim", [256, 255, 32])
+def test_the_guidance_scale_embedding_equals_diffusers(dim):
+    """timestep_cond of an LCM-distilled UNet: diffusers' get_guidance_scale_embedding of w = scale - 1."""
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([0.0, 7.0, 0.5, -1.0])
+    want = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+    got = lcm.guidance_scale_embedding(w, dim)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == (4, dim)
+    assert torch.equal(got, want)
+    with pytest.raises(DiffrtError, match=r"one per image, shape \[batch\]"):
+        lcm.guidance_scale_embedding(w[None], dim)
+
+
+# --- LCM-distilled UNets: time_cond_proj_dim, the guidance scale as the timestep_cond embedding ----------------
+
+DISTILLED_DIM = 32  # LCM_Dreamshaper_v7 has 256; the tiny UNet's time embedding is 32 wide
+
+
+def distilled_folder(src, dst, dim: int = DISTILLED_DIM, seed: int = 0):
+    """A copy of SD folder `src` whose UNet has time_cond_proj_dim: its weights, plus a random cond_proj
+    (the Linear that adds the embedded guidance scale to the timestep embedding), as a distilled UNet has."""
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(src, dst)
+    base = UNet2DConditionModel.from_pretrained(src / "unet")
+    unet = UNet2DConditionModel.from_config({**base.config, "time_cond_proj_dim": dim})
+    missing, unexpected = unet.load_state_dict(base.state_dict(), strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and not unexpected
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
+    unet.save_pretrained(dst / "unet")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sd_distilled(sd_lcm, tmp_path_factory):
+    """sd_lcm (LCMScheduler) with an LCM-distilled UNet, and the ControlNet of t2i_folder in controlnet/."""
+    return distilled_folder(sd_lcm, tmp_path_factory.mktemp("sd_distilled") / "sd")
+
+
+@pytest.fixture(scope="module")
+def distilled_pipe(sd_distilled):
+    return open_text_to_image_pipeline(sd_distilled, "torch", CPU)
+
+
+def test_a_distilled_lcm_unet_takes_timestep_cond_and_an_ordinary_one_keeps_its_spec(t2i_folder, sd_distilled, distilled_pipe):
+    """Only a UNet with time_cond_proj_dim gets the timestep_cond input (last); every other spec, and so
+    every existing artifact's key, is as it was."""
+    from diffrt.text_to_image_models import check_unet_config, component_specs, load_text_to_image
+
+    check_unet_config({"time_cond_proj_dim": 256})  # no longer refused
+    ranges = dict(batch=(1, 2, 4), height=(32, 32, 64), width=(32, 32, 64))
+    names = ["unet", "unet_controlnet", "controlnet"]
+    plain = component_specs(load_text_to_image(t2i_folder, t2i_folder / "controlnet", weights=False), names, **ranges)
+    assert plain["unet"].input_names == ["sample", "timestep", "encoder_hidden_states"]
+    assert plain["unet_controlnet"].input_names == ["sample", "timestep", "encoder_hidden_states", "controlnet_cond",
+                                                    "conditioning_scale"]
+    distilled = component_specs(load_text_to_image(sd_distilled, sd_distilled / "controlnet", weights=False), names, **ranges)
+    for name in ("unet", "unet_controlnet"):
+        assert distilled[name].input_names == [*plain[name].input_names, "timestep_cond"]
+        assert distilled[name].inputs[-1].dims == ("batch", DISTILLED_DIM)
+        assert distilled[name].outputs == plain[name].outputs and distilled[name].ranges == plain[name].ranges
+    assert distilled["controlnet"] == plain["controlnet"]  # diffusers gives the ControlNets no timestep_cond
+    assert distilled_pipe.guidance_embed_dim == DISTILLED_DIM and distilled_pipe.unet.spec.input_names[-1] == "timestep_cond"
+    assert not distilled_pipe.uses_cfg(8.0)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 8.0])
+def test_a_distilled_lcm_unet_equals_stable_diffusion_pipeline(sd_distilled, distilled_pipe, guidance_scale, caplog):
+    """StableDiffusionPipeline with a time_cond_proj_dim UNet: no CFG at any scale (the negative prompt
+    unused), timestep_cond = the embedding of guidance_scale - 1 for every image, every step."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=guidance_scale, negative_prompt="blurry", num_images_per_prompt=2,
+                  output_type="pt")
+    ref = diffusers_pipe(StableDiffusionPipeline, sd_distilled)
+    assert isinstance(ref.scheduler, LCMScheduler) and ref.unet.config.time_cond_proj_dim == DISTILLED_DIM
+    want = ref(PROMPT, generator=torch.Generator().manual_seed(3), **kwargs).images
+    with caplog.at_level(logging.WARNING, logger="diffrt"):
+        result = distilled_pipe(PROMPT, seed=3, **kwargs)
+    assert "the negative prompt is unused" in caplog.text
+    assert result.images.shape == want.shape == (2, 3, 32, 32)
+    assert max_abs(result.images, want) <= DIFFUSERS_TOL
+    assert result.metadata["negative_prompt"] is None and result.metadata["scheduler"] == "lcm"
+
+
+def test_the_guidance_scale_embedding_steers_a_distilled_unet(distilled_pipe):
+    """Without timestep_cond (or with another w) the images differ by far more than the tolerances above,
+    so the tests that compare with diffusers fail if the embedding is dropped."""
+    kwargs = dict(num_inference_steps=STEPS, output_type="pt", seed=3)
+    images = {scale: distilled_pipe(PROMPT, guidance_scale=scale, **kwargs).images for scale in (1.0, 8.0)}
+    assert max_abs(images[1.0], images[8.0]) > 1e-2
+
+
+def test_a_distilled_lcm_unet_img2img_equals_img2img_pipeline(sd_distilled, distilled_pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    kwargs = dict(image=image, strength=0.6, num_inference_steps=STEPS, guidance_scale=8.0, num_images_per_prompt=2,
+                  output_type="pt")
+    want = diffusers_pipe(StableDiffusionImg2ImgPipeline, sd_distilled)(PROMPT, generator=torch.Generator().manual_seed(2),
+                                                                        **kwargs).images
+    assert max_abs(distilled_pipe(PROMPT, seed=2, **kwargs).images, want) <= DIFFUSERS_TOL
+
+
+def test_a_distilled_lcm_unet_with_controlnet_equals_controlnet_pipeline(sd_distilled):
+    """StableDiffusionControlNetPipeline feeds timestep_cond to the UNet only: so does the fused graph."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    ref = diffusers_pipe(StableDiffusionControlNetPipeline, sd_distilled,
+                         controlnet=ControlNetModel.from_pretrained(sd_distilled / "controlnet"))
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=8.0, controlnet_conditioning_scale=0.8, num_images_per_prompt=2,
+                  output_type="pt")
+    want = ref(PROMPT, image=control, generator=torch.Generator().manual_seed(1), **kwargs).images
+    pipe = open_text_to_image_pipeline(sd_distilled, "torch", CPU, controlnet=sd_distilled / "controlnet")
+    assert pipe.unet.spec.input_names[-1] == "timestep_cond"
+    assert max_abs(pipe(PROMPT, control_image=control, seed=1, **kwargs).images, want) <= DIFFUSERS_TOL
+
+
+@pytest.mark.parametrize("controlnet", [False, True], ids=["unet", "unet_controlnet"])
+def test_a_distilled_lcm_artifact_on_onnxruntime_equals_torch(sd_distilled, tmp_path, controlnet):
+    """The exported UNet graph takes timestep_cond (its parity check fed it), and the ONNX Runtime pipeline feeds it."""
+    from conftest import T2I_RANGES
+
+    from diffrt.export import manifest as mf
+    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.text_to_image import export_text_to_image
+
+    controlnets = [sd_distilled / "controlnet"] if controlnet else []
+    out = tmp_path / "artifact"
+    export_text_to_image(sd_distilled, out, ExportOptions(**T2I_RANGES), controlnets)
+    name = "unet_controlnet" if controlnet else "unet"
+    entry = mf.read_manifest(out)["components"][name]
+    assert entry["spec"]["inputs"][-1] == {"name": "timestep_cond", "dims": ["batch", DISTILLED_DIM], "dtype": "float32", "high": 10}
+    assert entry["parity"]["onnxruntime"]
+    ort = open_text_to_image_pipeline(out, "onnxruntime", CPU)
+    torch_pipe = open_text_to_image_pipeline(sd_distilled, "torch", CPU, controlnet=controlnets or None)
+    control = dict(control_image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))) if controlnet else {}
+    for scale in (1.0, 8.0):
+        kwargs = dict(num_inference_steps=STEPS, guidance_scale=scale, num_images_per_prompt=2, output_type="pt", seed=5, **control)
+        result, expected = ort(PROMPT, **kwargs), torch_pipe(PROMPT, **kwargs)
+        assert result.backend == "onnxruntime"
+        assert max_abs(result.images, expected.images) <= ORT_TOL
 
 
 # --- whole images: the torch backend equals diffusers ----------------------------------------------------

@@ -211,8 +211,6 @@ def test_sd2_style_zero_snr_v_prediction_equals_stable_diffusion_pipeline(sd2_fo
 
 
 UNET_REFUSALS = {
-    "lcm-distilled": (dict(time_cond_proj_dim=256), r"time_cond_proj_dim=256 \(a guidance-distilled UNet, e\.g\. LCM\).*"
-                                                    r"timestep_cond"),
     "sdxl": (dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
              r"addition_embed_type='text_time'"),
     "upscaler": (dict(class_embed_type="timestep"), r"class_embed_type='timestep': it needs class_labels"),
@@ -222,11 +220,24 @@ UNET_REFUSALS = {
 }
 
 
+def test_an_lcm_distilled_unet_config_gets_timestep_cond(t2i_folder, tmp_path):
+    """A time_cond_proj_dim UNet (LCM-distilled, e.g. LCM_Dreamshaper_v7) opens: its UNet specs take the
+    guidance-scale embedding timestep_cond [batch, time_cond_proj_dim], which the pipeline feeds."""
+    from diffrt.text_to_image_models import check_unet_config, component_specs, load_text_to_image
+
+    folder = with_config(t2i_folder, tmp_path / "sd", "unet", time_cond_proj_dim=256)
+    check_unet_config(json.loads((folder / "unet" / "config.json").read_text()))
+    model = load_text_to_image(folder, folder / "controlnet", weights=False)
+    specs = component_specs(model, ["unet", "unet_controlnet"], batch=(1, 2, 4), height=(32, 32, 64), width=(32, 32, 64))
+    for spec in specs.values():
+        assert spec.inputs[-1].name == "timestep_cond" and spec.inputs[-1].dims == ("batch", 256)
+
+
 @pytest.mark.parametrize("name", UNET_REFUSALS)
 def test_unets_needing_inputs_diffrt_does_not_feed_are_refused_by_name(t2i_folder, tmp_path, name):
-    """A time_cond_proj_dim UNet would run without its guidance embedding (diffusers' UNet skips a
-    missing timestep_cond silently); the others would fail inside the UNet. One line each, before
-    any weight is read or any export runs; torch_text_to_image_pipeline checks a loaded model too."""
+    """They would fail inside the UNet. One line each, before any weight is read or any export runs;
+    torch_text_to_image_pipeline checks a loaded model too. (A time_cond_proj_dim UNet, LCM-distilled,
+    is no longer refused: test_an_lcm_distilled_unet_config_gets_timestep_cond.)"""
     from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline, torch_text_to_image_pipeline
     from diffrt.text_to_image_models import load_text_to_image
 

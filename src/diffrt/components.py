@@ -185,6 +185,12 @@ def _latent_inputs(channels: int, hidden_size: int) -> list[TensorSpec]:
             TensorSpec("encoder_hidden_states", ("batch", "sequence", hidden_size))]
 
 
+def _guidance_inputs(guidance_embed_dim: int | None) -> list[TensorSpec]:
+    # A guidance-distilled UNet (LCM's, config time_cond_proj_dim) takes the embedding of its guidance
+    # scale w, one row per image; every other UNet keeps the three inputs it always had, and so its artifacts.
+    return [] if guidance_embed_dim is None else [TensorSpec("timestep_cond", ("batch", guidance_embed_dim))]
+
+
 def _latent_ranges(batch: Range, height: Range, width: Range, max_length: int) -> dict[str, Range]:
     return {"batch": batch, "height": height, "width": width, "sequence": (1, max_length, max_length)}
 
@@ -208,11 +214,12 @@ def _image_ranges(height: Range, width: Range, vae_factor: int) -> dict[str, Ran
 
 
 def latent_unet_spec(in_channels: int, out_channels: int, hidden_size: int, *, batch: Range, height: Range, width: Range,
-                     max_length: int = 77, multiple: int = 1) -> ComponentSpec:
-    """unet (UNet2DConditionModel): (sample, timestep, encoder_hidden_states) -> noise_pred, latent sizes."""
+                     max_length: int = 77, multiple: int = 1, guidance_embed_dim: int | None = None) -> ComponentSpec:
+    """unet (UNet2DConditionModel): (sample, timestep, encoder_hidden_states[, timestep_cond]) -> noise_pred, latent
+    sizes; timestep_cond [batch, guidance_embed_dim] only for a guidance-distilled UNet (time_cond_proj_dim)."""
     return ComponentSpec(
         "unet",
-        tuple(_latent_inputs(in_channels, hidden_size)),
+        tuple(_latent_inputs(in_channels, hidden_size) + _guidance_inputs(guidance_embed_dim)),
         (TensorSpec("noise_pred", ("batch", out_channels, "height", "width")),),
         ranges=_latent_ranges(batch, height, width, max_length),
         multiple_of={"height": multiple, "width": multiple},
@@ -244,11 +251,13 @@ def controlnet_spec(in_channels: int, hidden_size: int, residuals: list[tuple[in
 
 
 def unet_controlnet_spec(in_channels: int, out_channels: int, hidden_size: int, *, batch: Range, height: Range, width: Range,
-                         max_length: int = 77, multiple: int = 1, vae_factor: int = 8, num_controlnets: int = 1) -> ComponentSpec:
-    """unet_controlnet: the ControlNet(s) and UNet fused in one graph, the conditioning scales an input -> noise_pred."""
+                         max_length: int = 77, multiple: int = 1, vae_factor: int = 8, num_controlnets: int = 1,
+                         guidance_embed_dim: int | None = None) -> ComponentSpec:
+    """unet_controlnet: the ControlNet(s) and UNet fused in one graph, the conditioning scales an input -> noise_pred;
+    timestep_cond last, for a guidance-distilled UNet only (the UNet takes it, the ControlNets do not)."""
     return ComponentSpec(
         "unet_controlnet",
-        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(num_controlnets)),
+        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(num_controlnets) + _guidance_inputs(guidance_embed_dim)),
         (TensorSpec("noise_pred", ("batch", out_channels, "height", "width")),),
         ranges={**_latent_ranges(batch, height, width, max_length), **_image_ranges(height, width, vae_factor)},
         multiple_of={"height": multiple, "width": multiple, "image_height": multiple * vae_factor, "image_width": multiple * vae_factor},

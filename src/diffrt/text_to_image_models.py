@@ -2,6 +2,7 @@
 
     text_encoder     input_ids -> last_hidden_state                          CLIPTextModel
     unet             sample, timestep, encoder_hidden_states -> noise_pred    UNet2DConditionModel
+                     (+ timestep_cond, the guidance-scale embedding, for an LCM-distilled UNet)
     controlnet       ... + controlnet_cond, conditioning_scale -> down_block_res_i, mid_block_res
     unet_controlnet  ControlNet(s) + UNet in one graph (one launch per step) -> noise_pred
 
@@ -49,12 +50,17 @@ class TextEncoder(nn.Module):
 
 
 class LatentUNet(nn.Module):
+    """The UNet; `timestep_cond` (the guidance-scale embedding, lcm.guidance_scale_embedding) is fed to a
+    guidance-distilled UNet (time_cond_proj_dim) only, as its spec's fourth input."""
+
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                         return_dict=False)[0]
 
 
 def control_residuals(controlnet, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
@@ -88,10 +94,11 @@ class UNetControlNet(nn.Module):
         self.unet = unet
         self.controlnet = controlnet  # a ControlNetModel, or a MultiControlNetModel (combine_controlnets)
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, timestep_cond=None):
+        # timestep_cond goes to the UNet alone: StableDiffusionControlNetPipeline gives the ControlNets none.
         down, mid = control_residuals(self.controlnet, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
 
 
 class VaeDecoder(nn.Module):
@@ -312,11 +319,12 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
     common = dict(batch=batch, height=h, width=w, max_length=length,
                   multiple=model.unet_multiple if multiple is None else multiple)
     control = dict(vae_factor=model.vae_factor, num_controlnets=model.num_controlnets)
+    guided = dict(guidance_embed_dim=getattr(unet, "time_cond_proj_dim", None))  # LCM-distilled: timestep_cond
     make = {
         "text_encoder": lambda: text_encoder_spec(model.text_encoder.config.vocab_size, hidden, length, batch),
-        "unet": lambda: latent_unet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim, **common),
+        "unet": lambda: latent_unet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim, **guided, **common),
         "unet_controlnet": lambda: unet_controlnet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim,
-                                                        **control, **common),
+                                                        **control, **guided, **common),
         "controlnet": lambda: controlnet_spec(unet.in_channels, unet.cross_attention_dim, controlnet_residuals(model.controlnet),
                                               **control, **common),
         "vae_decoder": lambda: vae_decoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,
@@ -327,14 +335,9 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
 
 def check_unet_config(config: Mapping, where: str = "unet") -> None:
     """Refuse, in one line naming the setting, a UNet that needs an input the pipeline does not feed
-    (it runs sample, timestep, encoder_hidden_states and ControlNet residuals): diffusers' UNet skips a
-    missing `timestep_cond` without a word, and fails inside on the others."""
-    if config.get("time_cond_proj_dim") is not None:
-        # LCM-distilled and guidance-embedded UNets: StableDiffusionPipeline feeds the embedding of
-        # w = guidance_scale - 1 as timestep_cond (and drops CFG); without it every step changes.
-        raise DiffrtError(f"{where} has time_cond_proj_dim={config['time_cond_proj_dim']} (a guidance-distilled UNet, "
-                          "e.g. LCM): it needs the guidance-scale embedding timestep_cond, which diffrt does not feed; "
-                          "use a UNet without it")
+    (it runs sample, timestep, encoder_hidden_states, ControlNet residuals and, for a guidance-distilled
+    UNet with `time_cond_proj_dim`, the guidance-scale embedding timestep_cond): diffusers' UNet fails
+    inside on the others."""
     if config.get("addition_embed_type") is not None:
         raise DiffrtError(f"{where} has addition_embed_type={config['addition_embed_type']!r} (SDXL's 'text_time' needs "
                           "pooled text embeddings and time ids in added_cond_kwargs), which diffrt does not feed; "

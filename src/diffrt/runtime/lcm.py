@@ -208,6 +208,26 @@ def make_lcm_schedule(config: LCMConfig, num_inference_steps: int | None = None,
     )
 
 
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """The embedding of the guidance scale w that a guidance-distilled UNet (LCM's, config
+    `time_cond_proj_dim`) takes as `timestep_cond`: LCM's guided distillation puts CFG at scale w
+    into the model (Luo et al. 2023, the augmented consistency function f(z_t, w, c, t)), which sees
+    w as a sinusoidal Fourier embedding of 1000 w (as VDM embeds t, Kingma et al. 2021).
+
+    w [B] -> float32 [B, embedding_dim]: sin then cos of 1000 w * 10000^(-i / (half - 1)),
+    i < half = embedding_dim // 2, zero-padded to an odd dim. diffusers' `get_guidance_scale_embedding`
+    computes the same in float32; its pipelines pass w = guidance_scale - 1 (Imagen's w + 1 = scale)."""
+    if w.dim() != 1:
+        raise DiffrtError(f"the guidance scales must be one per image, shape [batch]; got shape {tuple(w.shape)}")
+    if embedding_dim < 4:
+        raise DiffrtError(f"time_cond_proj_dim must be >= 4 for a guidance-scale embedding, got {embedding_dim}")
+    half = embedding_dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(embedding, (0, embedding_dim % 2))
+
+
 def consistency_output(sample: torch.Tensor, x0: torch.Tensor, c_skip, c_out) -> torch.Tensor:
     """f(x_t, t) = c_skip x_t + c_out x0: the model's clean sample under the boundary condition."""
     return c_out * x0 + c_skip * sample

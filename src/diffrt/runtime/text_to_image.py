@@ -97,6 +97,18 @@ class TextToImagePipeline(DenoiserPipeline):
         return num_controlnets(self.unet.spec)
 
     @property
+    def guidance_embed_dim(self) -> int | None:
+        """A guidance-distilled UNet's (LCM's, config time_cond_proj_dim) timestep_cond width; None for any other."""
+        cond = next((t for t in self.unet.spec.inputs if t.name == "timestep_cond"), None)
+        return None if cond is None else int(cond.dims[-1])
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether a call runs classifier-free guidance (both branches, 2B rows), as diffusers'
+        `do_classifier_free_guidance`: scale > 1, and never for a guidance-distilled UNet, which
+        takes the scale as its timestep_cond embedding instead."""
+        return guidance_scale > 1.0 and self.guidance_embed_dim is None
+
+    @property
     def latent_channels(self) -> int:
         return self.unet.spec.inputs[0].dims[1]
 
@@ -152,8 +164,11 @@ class TextToImagePipeline(DenoiserPipeline):
         height = height or (sized.shape[-2] if sized is not None else self.default_size)
         width = width or (sized.shape[-1] if sized is not None else self.default_size)
         self.check_size(height, width)
-        batch, do_cfg = len(prompts) * num_images_per_prompt, guidance_scale > 1.0
+        batch, do_cfg = len(prompts) * num_images_per_prompt, self.uses_cfg(guidance_scale)
         self.check_batch(len(prompts), batch, do_cfg)
+        if self.guidance_embed_dim is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
+            log.warning("the UNet is guidance-distilled (time_cond_proj_dim): it takes the guidance scale as timestep_cond "
+                        "and runs no classifier-free guidance, so the negative prompt is unused, as in diffusers")
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
         schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps,
@@ -196,8 +211,13 @@ class TextToImagePipeline(DenoiserPipeline):
         else:
             x = randn(shape, generator, self.device, torch.float32) * INIT_NOISE_SIGMA
 
-        # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph.
+        # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph. A
+        #    guidance-distilled UNet gets instead the embedding of w = guidance_scale - 1 per image, as
+        #    StableDiffusionPipeline feeds it (float32 here: the latents' dtype there).
         feed = {"encoder_hidden_states": embeds}
+        if self.guidance_embed_dim is not None:
+            w = torch.full((batch,), guidance_scale - 1, dtype=torch.float32)
+            feed["timestep_cond"] = lcm.guidance_scale_embedding(w, self.guidance_embed_dim).to(self.device)
         if self.has_controlnet:
             feed.update(self._control_feed(control, scales, batch, num_images_per_prompt, height, width, do_cfg))
 

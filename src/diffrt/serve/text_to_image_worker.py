@@ -260,7 +260,7 @@ class TextToImageWorker(BatchingWorker):
                 name = "control_image" if control is not None else "image"  # the size came from that image
             raise RequestError(422, f"{name}: {message}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
         try:
-            pipe.check_batch(1, body.num_images, guidance_scale > 1.0)
+            pipe.check_batch(1, body.num_images, pipe.uses_cfg(guidance_scale))  # never for an LCM-distilled UNet
         except DiffrtError as exc:
             raise RequestError(422, f"num_images: {exc}", "num_images", profile=isinstance(exc, ShapeOutOfRangeError)) from None
         strength = 0.8 if body.strength is None else body.strength
