@@ -271,8 +271,8 @@ class PixelPipeline(DenoiserPipeline):
 
 
 def scheduler_name(schedule) -> str:
-    """The sampler a schedule runs, for a result's metadata: 'ddim' or 'lcm'."""
-    return "lcm" if isinstance(schedule, lcm.LCMSchedule) else "ddim"
+    """The sampler a schedule (or a scheduler config) runs, for metadata: 'ddim' or 'lcm'."""
+    return "lcm" if isinstance(schedule, (lcm.LCMSchedule, lcm.LCMConfig)) else "ddim"
 
 
 def to_unit_range_unclamped(x0: torch.Tensor) -> torch.Tensor:

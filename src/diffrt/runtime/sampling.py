@@ -139,15 +139,20 @@ def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *,
     """The schedule for `config`'s sampler, with what only one sampler takes refused in one line: DDIM's
     `eta` for LCM (LCMScheduler.step has none; diffusers' pipelines drop it silently), custom
     `timesteps` for DDIM (diffusers' DDIMScheduler takes none either)."""
+    check_eta(config, eta)
     if isinstance(config, lcm.LCMConfig):
-        if eta != 0:
-            raise DiffrtError(f"eta {eta:g} is DDIM's; LCM draws fresh noise between its steps whatever eta is "
-                              "(LCMScheduler has no eta), so leave eta at 0 or use scheduler='ddim'")
         return lcm.make_lcm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
     if timesteps is not None:
         raise DiffrtError("custom timesteps need scheduler='lcm'; DDIM takes num_inference_steps (and timestep_spacing "
                           "in the scheduler config), as diffusers' DDIMScheduler does")
     return ddim.make_schedule(config, num_inference_steps)
+
+
+def check_eta(sampler: ddim.DDIMConfig | Schedule, eta: float) -> None:
+    """eta is DDIM's: LCM (its config or schedule) takes none. One line, where diffusers' pipelines drop it silently."""
+    if isinstance(sampler, (lcm.LCMConfig, lcm.LCMSchedule)) and eta != 0:
+        raise DiffrtError(f"eta {eta:g} is DDIM's; LCM draws fresh noise between its steps whatever eta is "
+                          "(LCMScheduler has no eta), so leave eta at 0 or use scheduler='ddim'")
 
 
 def draws_step_noise(schedule: Schedule, eta: float) -> bool:
@@ -170,8 +175,7 @@ def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: Sampl
         # x0 IS the model output here: held constant, it does not depend on x_t and the gradient is zero.
         raise DiffrtError("guidance mode 'x0' cannot steer a model with prediction_type 'sample' (its x0 is the model "
                           "output, which mode x0 holds constant); use guidance mode 'through_unet'")
-    if isinstance(schedule, lcm.LCMSchedule) and options.eta != 0:
-        raise DiffrtError(f"eta {options.eta:g} is DDIM's; LCM draws fresh noise between its steps (LCMScheduler has no eta)")
+    check_eta(schedule, options.eta)
     for i, t in enumerate(schedule.timesteps):
         active = [g for g in options.guidance if g.active(i)]
         if any(g.mode == "through_unet" for g in active):

@@ -76,6 +76,12 @@ def generator_blocks(plans) -> GeneratorBlocks | None:
     return GeneratorBlocks(tuple((plan.generator, plan.num_images) for plan in plans))
 
 
+def probe_generators(rows: list[int], step_noise: bool) -> GeneratorBlocks | None:
+    """The start-up probe's per-step noise: one generator per probe request (row), seeded by its row,
+    as each request brings its own; None for a sampler that draws none (DDIM at eta 0)."""
+    return GeneratorBlocks(tuple((torch.Generator().manual_seed(1 + i), 1) for i in rows)) if step_noise else None
+
+
 def settings_key(settings: dict):
     """Requests whose settings are all equal may share a batch."""
     return tuple(sorted(settings.items()))

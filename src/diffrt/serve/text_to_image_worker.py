@@ -49,13 +49,13 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.lcm import LCMConfig, LCMSchedule
+from diffrt.runtime.lcm import LCMSchedule
 from diffrt.runtime.pipeline import scheduler_name
-from diffrt.runtime.sampling import GeneratorBlocks, draws_step_noise
+from diffrt.runtime.sampling import draws_step_noise
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, LCM_GUIDANCE_SCALE, check_strength, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
-                                   settings_key, split_answers)
+                                   probe_generators, settings_key, split_answers)
 from diffrt.serve.schema import GenerateBody, RequestError
 from diffrt.serve.worker import component_ms, encode_finite, lora_scale, request_schedule, self_test_passed, switch_lora_scale
 
@@ -159,9 +159,8 @@ class TextToImageWorker(BatchingWorker):
         step_noise = draws_step_noise(pipe.sampling_schedule(self.warmup_steps), 0.0)  # LCM: each request's own draws
 
         def run(rows):
-            generator = GeneratorBlocks(tuple((torch.Generator().manual_seed(1 + i), 1) for i in rows)) if step_noise else None
             return pipe([prompts[i] for i in rows], latents=latents[rows], num_inference_steps=self.warmup_steps,
-                        guidance_scale=DEFAULT_GUIDANCE_SCALE, generator=generator, output_type="pt").images
+                        guidance_scale=DEFAULT_GUIDANCE_SCALE, generator=probe_generators(rows, step_noise), output_type="pt").images
 
         return run
 
@@ -207,7 +206,7 @@ class TextToImageWorker(BatchingWorker):
     def describe(self) -> dict:
         return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "controlnets": self.pipe.num_controlnets, "backend": self.pipe.backend,
                 "conditioning": "text", "sample_size": self.pipe.default_size,
-                "scheduler": "lcm" if isinstance(self.pipe.scheduler, LCMConfig) else "ddim", "batches_requests": self.batches_requests,
+                "scheduler": scheduler_name(self.pipe.scheduler), "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, "color_guidance": self.color_unavailable is None,
                 **self.pipe.runtime_metadata()}
 

@@ -16,6 +16,7 @@ equal `lora_scale`, which the worker sets on the pipeline before the batch (`lor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -27,12 +28,11 @@ from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeErro
 from diffrt.images import array_png_bytes, to_uint8
 from diffrt.runtime.backends.timed import TimedBackend, time_components
 from diffrt.runtime.guidance import color_guidance, parse_hex_color
-from diffrt.runtime.lcm import LCMConfig
 from diffrt.runtime.pipeline import scheduler_name
-from diffrt.runtime.sampling import GeneratorBlocks, draws_step_noise
+from diffrt.runtime.sampling import check_eta, draws_step_noise
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
-                                   settings_key, split_answers)
+                                   probe_generators, settings_key, split_answers)
 from diffrt.serve.schema import DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,20 @@ def request_schedule(pipe, body: GenerateBody, **call):
     with a 422 naming the field at fault: `scheduler` when the model's config has no such sampler (DDIM
     cannot take an LCM config's dynamic thresholding), `eta` (LCM takes none) or `num_inference_steps`
     (LCM: at most original_inference_steps). `call`: what else the pipeline's call decides it by."""
-    try:
-        pipe.sampler_config(body.scheduler, **call)
-    except DiffrtError as exc:
-        raise RequestError(422, f"scheduler: {exc}", "scheduler") from None
-    try:
+    with refused_as("scheduler"):
+        config = pipe.sampler_config(body.scheduler, **call)
+    with refused_as("eta"):
+        check_eta(config, body.eta)
+    with refused_as("num_inference_steps"):
         return pipe.sampling_schedule(body.num_inference_steps, scheduler=body.scheduler, eta=body.eta, **call)
+
+
+@contextlib.contextmanager
+def refused_as(name: str):
+    """A DiffrtError raised inside becomes the request's 422 naming the field `name`."""
+    try:
+        yield
     except DiffrtError as exc:
-        name = "eta" if str(exc).startswith("eta") else "num_inference_steps"
         raise RequestError(422, f"{name}: {exc}", name) from None
 
 
@@ -199,10 +205,9 @@ class PixelWorker(BatchingWorker):
         step_noise = draws_step_noise(self.pipe.sampling_schedule(self.warmup_steps), 0.0)  # LCM: each request's own draws
 
         def run(rows):
-            generator = GeneratorBlocks(tuple((torch.Generator().manual_seed(1 + i), 1) for i in rows)) if step_noise else None
             return self.pipe(labels[rows] if labels is not None else None, num_images=None if labels is not None else len(rows),
                              latents=latents[rows], num_inference_steps=self.warmup_steps, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                             generator=generator, output_type="pt").images
+                             generator=probe_generators(rows, step_noise), output_type="pt").images
 
         return run
 
@@ -241,7 +246,7 @@ class PixelWorker(BatchingWorker):
         info = self.pipe.info
         return {"kind": "pixel", "controlnet": False, "backend": self.pipe.backend, "conditioning": info.conditioning,
                 "num_classes": info.num_classes, "class_names": info.class_names, "sample_size": self.pipe.sample_size,
-                "channels": self.pipe.channels, "scheduler": "lcm" if isinstance(self.pipe.scheduler, LCMConfig) else "ddim",
+                "channels": self.pipe.channels, "scheduler": scheduler_name(self.pipe.scheduler),
                 "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, **self.pipe.runtime_metadata()}
 
