@@ -485,6 +485,12 @@ def test_ui_builds_and_generates(server, served_model):
     # The check can tell the label and the colour apart: other ones give other pixels.
     assert not np.array_equal(shown(class_label=0, color="#ff8800", color_scale=4.0), want)
     assert not np.array_equal(shown(class_label=3), want)
+    # The sampler control: LCM, as `diffrt generate --scheduler lcm` samples it.
+    image, _ = make_generate(server.runtime)(class_label=3, prompt=None, negative_prompt=None, steps=STEPS, guidance_scale=3.0,
+                                             use_color=False, color=None, color_scale=0.0, seed=7, scheduler="lcm")
+    lcm = shown(class_label=3, scheduler="lcm")
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), lcm)
+    assert not np.array_equal(lcm, shown(class_label=3))
     assert to_hex("rgba(255, 136, 0, 1)") == "#ff8800" == to_hex("FF8800".lower())
     square = np.zeros((32, 32, 3), np.uint8)
     square[8:24, 8:24] = 255

@@ -72,12 +72,13 @@ def make_generate(runtime: ServeRuntime):
     text = info["kind"] == "text-to-image"
 
     def generate(class_label, prompt, negative_prompt, steps, guidance_scale, use_color, color, color_scale, seed,
-                 control_image=None, lora_scale=1.0):
+                 control_image=None, lora_scale=1.0, scheduler=None):
         from pydantic import ValidationError
 
         t0 = time.perf_counter()
         try:
-            fields = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed))
+            fields = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed),
+                          scheduler=scheduler or None)
             if text:
                 fields.update(prompt=prompt or "", negative_prompt=negative_prompt or None)
             elif info["conditioning"] != "none":
@@ -120,7 +121,9 @@ def build_ui(runtime: ServeRuntime):
                                     label="class label", visible=not text and info["conditioning"] != "none")
                 prompt = gr.Textbox(label="prompt", visible=text)
                 negative = gr.Textbox(label="negative prompt", visible=text)
-                steps = gr.Slider(1, 200, value=25, step=1, label="DDIM steps (num_inference_steps)")
+                scheduler = gr.Dropdown(choices=[("the model's own", ""), ("DDIM", "ddim"), ("LCM (LCM-LoRA: 4 steps, guidance 1)", "lcm")],
+                                        value="", label="sampler")
+                steps = gr.Slider(1, 200, value=25, step=1, label="steps (num_inference_steps)")
                 guidance = gr.Slider(0.0, 15.0, value=T2I_GUIDANCE_SCALE if text else DEFAULT_GUIDANCE_SCALE, step=0.5, label="guidance scale")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                 use_color = gr.Checkbox(value=False, label="colour guidance")
@@ -137,7 +140,8 @@ def build_ui(runtime: ServeRuntime):
                 output = gr.Image(type="pil", label="image", height=max(DISPLAY_SIZE, info.get("sample_size") or 0))
                 latency = gr.Markdown()
         control.change(lambda im: None if im is None else canny_edges(im), inputs=control, outputs=edges)
-        button.click(generate, inputs=[label, prompt, negative, steps, guidance, use_color, color, color_scale, seed, control, lora_scale],
+        button.click(generate, inputs=[label, prompt, negative, steps, guidance, use_color, color, color_scale, seed, control, lora_scale,
+                                       scheduler],
                      outputs=[output, latency])
     return demo
 
