@@ -785,3 +785,16 @@ def test_cli_generate_scheduler_lcm_is_the_pipelines_lcm(t2i_folder, ddim_pipe, 
     assert max_abs(torch.from_numpy(np.load(out)), torch.from_numpy(want)) <= 1e-6
     ddim = ddim_pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, seed=4, output_type="np").images
     assert max_abs(torch.from_numpy(want), torch.from_numpy(ddim)) > 1e-2  # the flag changed the sampler
+
+
+def test_a_distilled_unet_defaults_to_guidance_it_can_feel(sd_distilled, sd_lcm):
+    """Left out, the guidance scale is 1.0 for LCM on a plain UNet (LCM-LoRA) but 7.5 for a distilled
+    UNet, whose guidance is the embedding of scale - 1: at 1.0 it would be off."""
+    from diffrt.generate import GenerateRequest, generate
+
+    def default_scale(folder):
+        req = GenerateRequest(model=str(folder), backend="torch", device=CPU, prompt=PROMPT, num_inference_steps=2)
+        return generate(req).metadata["guidance_scale"]
+
+    assert default_scale(sd_distilled) == 7.5
+    assert default_scale(sd_lcm) == 1.0

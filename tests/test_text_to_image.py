@@ -689,3 +689,16 @@ def test_generate_cli_runs_image_to_image(t2i_folder, control_image, tmp_path):
                     guidance_scale=7.5, output_type="pt").images
     assert torch.equal(images, expected)
     assert not torch.equal(images, generate(replace(request, strength=0.9)).images)
+
+
+def test_damaged_configs_are_one_line_not_a_traceback(t2i_folder, tmp_path):
+    """A truncated unet/config.json is refused by name; a truncated model_index.json (read only to warn
+    when it and the scheduler config disagree about LCM) does not stop the folder from opening."""
+    import shutil
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "sd", ignore=shutil.ignore_patterns("controlnet*"))
+    (folder / "model_index.json").write_text((folder / "model_index.json").read_text()[:20])
+    assert open_text_to_image_pipeline(folder, "torch", CPU) is not None
+    (folder / "unet" / "config.json").write_text('{"in_channels": 4,')
+    with pytest.raises(DiffrtError, match=r"unet/config.json is not valid JSON .*restore the model's UNet config"):
+        open_text_to_image_pipeline(folder, "torch", CPU)

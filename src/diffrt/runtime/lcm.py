@@ -130,7 +130,8 @@ def _custom_timesteps(config: LCMConfig, timesteps: Sequence[int], origin: np.nd
         raise DiffrtError(f"timesteps must lie in [0, {T - 1}] (the model's training steps), got {steps}")
     if strength == 1.0 and steps[0] != T - 1:
         log.warning("the custom LCM schedule starts at timestep %d, not %d (pure noise); images may be off", steps[0], T - 1)
-    off = [t for t in steps[1:] if t not in set(origin.tolist())]
+    distilled = set(origin.tolist())
+    off = [t for t in steps[1:] if t not in distilled]
     if off:
         log.warning("custom LCM timesteps %s are not on the distillation schedule (every %d-th step); images may be off",
                     off, T // original)

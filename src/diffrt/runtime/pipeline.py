@@ -122,10 +122,11 @@ class DenoiserPipeline:
         return choose_scheduler(self.scheduler, scheduler)
 
     def sampling_schedule(self, num_inference_steps: int, *, scheduler: Scheduler = None, eta: float = 0.0,
-                          timesteps: list[int] | None = None):
+                          timesteps: list[int] | None = None, **call):
         """The DDIM or LCM schedule such a call runs; DiffrtError (one line) for steps its sampler cannot
-        take. Cheap and public, for callers that refuse a request before queueing it (`diffrt serve`)."""
-        return make_sampling_schedule(self.sampler_config(scheduler), num_inference_steps, eta=eta, timesteps=timesteps)
+        take. Cheap and public, for callers that refuse a request before queueing it (`diffrt serve`).
+        `call`: what else the pipeline's sampler_config decides by (text-to-image: `control`)."""
+        return make_sampling_schedule(self.sampler_config(scheduler, **call), num_inference_steps, eta=eta, timesteps=timesteps)
 
     def backends(self) -> dict[str, Backend]:
         """Each component's backend, by component name."""

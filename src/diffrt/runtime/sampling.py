@@ -141,11 +141,26 @@ def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *,
     `timesteps` for DDIM (diffusers' DDIMScheduler takes none either)."""
     check_eta(config, eta)
     if isinstance(config, lcm.LCMConfig):
-        return lcm.make_lcm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
-    if timesteps is not None:
+        schedule = lcm.make_lcm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
+    elif timesteps is not None:
         raise DiffrtError("custom timesteps need scheduler='lcm'; DDIM takes num_inference_steps (and timestep_spacing "
                           "in the scheduler config), as diffusers' DDIMScheduler does")
-    return ddim.make_schedule(config, num_inference_steps)
+    else:
+        schedule = ddim.make_schedule(config, num_inference_steps)
+    check_schedule(schedule)
+    return schedule
+
+
+def check_schedule(schedule: Schedule) -> None:
+    """Refuse a schedule the model cannot run, before any work. Zero terminal SNR: an epsilon model's
+    x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides by zero at an alpha_bar-0 step, where diffusers'
+    DDIM returns NaN images; refused here rather than reported later as a NaN in the VAE."""
+    if schedule.prediction_type == "epsilon" and bool((schedule.alpha_bar == 0).any()):
+        t = int(schedule.timesteps[schedule.alpha_bar == 0][0])
+        skip = "" if isinstance(schedule, lcm.LCMSchedule) else ", or steps that skip that timestep (timestep_spacing 'leading')"
+        raise DiffrtError(f"alpha_bar is 0 at timestep {t} (zero terminal SNR: rescale_betas_zero_snr), where an epsilon-"
+                          "prediction model cannot give x0 (diffusers returns NaN images); use a v_prediction model "
+                          f"(Lin et al. 2023){skip}")
 
 
 def check_eta(sampler: ddim.DDIMConfig | Schedule, eta: float) -> None:
@@ -163,14 +178,7 @@ def draws_step_noise(schedule: Schedule, eta: float) -> bool:
 def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: SamplerOptions,
            progress: Callable | None = None) -> torch.Tensor:
     """Run the DDIM or LCM loop (by the schedule's kind) from x = x_T (already scaled noise) to x_0 and return it."""
-    if schedule.prediction_type == "epsilon" and bool((schedule.alpha_bar == 0).any()):
-        # Zero terminal SNR: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides by zero on that step, and
-        # diffusers' DDIM returns NaN images; refused here rather than reported later as a NaN in the VAE.
-        t = int(schedule.timesteps[schedule.alpha_bar == 0][0])
-        skip = "" if isinstance(schedule, lcm.LCMSchedule) else ", or steps that skip that timestep (timestep_spacing 'leading')"
-        raise DiffrtError(f"alpha_bar is 0 at timestep {t} (zero terminal SNR: rescale_betas_zero_snr), where an epsilon-"
-                          "prediction model cannot give x0 (diffusers returns NaN images); use a v_prediction model "
-                          f"(Lin et al. 2023){skip}")
+    check_schedule(schedule)  # again, for a schedule not made by make_sampling_schedule
     if schedule.prediction_type == "sample" and any(g.mode == "x0" and g.scale != 0 for g in options.guidance):
         # x0 IS the model output here: held constant, it does not depend on x_t and the gradient is zero.
         raise DiffrtError("guidance mode 'x0' cannot steer a model with prediction_type 'sample' (its x0 is the model "

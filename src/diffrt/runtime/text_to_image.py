@@ -53,13 +53,22 @@ from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_output_type, convert_output,
                                      make_generator, scheduler_name, to_unit_range_unclamped)
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
-                                     make_sampling_schedule, randn, sample)
+                                     randn, sample)
 
 log = logging.getLogger(__name__)
 
 INIT_NOISE_SIGMA = 1.0  # DDIM's: x_T is unit-variance noise
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default; `diffrt generate` and `diffrt serve` use it
 LCM_GUIDANCE_SCALE = 1.0  # `diffrt generate`'s with LCM: LCM-LoRA's recommendation (1 to 2; 7.5 burns the images)
+
+
+def default_guidance_scale(pipe: "TextToImagePipeline", sampler) -> float:
+    """The guidance scale a request that gives none runs at (`diffrt generate`, `diffrt serve`): 1.0 for
+    LCM on a plain UNet (LCM-LoRA: CFG would burn the images), else StableDiffusionPipeline's 7.5, a
+    guidance-distilled UNet's included, whose guidance is the embedding of scale - 1 (1.0 would turn
+    it off). `sampler`: the call's scheduler config or schedule."""
+    lcm_sampler = isinstance(sampler, (lcm.LCMConfig, lcm.LCMSchedule))
+    return LCM_GUIDANCE_SCALE if lcm_sampler and pipe.guidance_embed_dim is None else DEFAULT_GUIDANCE_SCALE
 
 
 class TextToImagePipeline(DenoiserPipeline):
@@ -116,12 +125,6 @@ class TextToImagePipeline(DenoiserPipeline):
         """The config a call samples with (sampling.choose_scheduler). `control`: the call has a control
         image, and so is diffusers' ControlNet (img2img) pipeline, which keeps an outdated steps_offset."""
         return choose_scheduler(self.controlnet_scheduler if control else self.scheduler, scheduler)
-
-    def sampling_schedule(self, num_inference_steps: int, *, scheduler: Scheduler = None, eta: float = 0.0,
-                          timesteps: list[int] | None = None, control: bool = False):
-        """DenoiserPipeline.sampling_schedule for a call with (`control`) or without a control image."""
-        return make_sampling_schedule(self.sampler_config(scheduler, control=control), num_inference_steps, eta=eta,
-                                      timesteps=timesteps)
 
     def __call__(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
@@ -543,8 +546,8 @@ def generate_text_to_image(req, guidance: list[Guidance], progress=None) -> Gene
         size = (req.height, req.width) if req.height and req.width else None
         control = [load_image(path, size=size) for path in images]  # one per ControlNet, as the pipeline takes them
     init = load_image(req.image, size=(req.height, req.width) if req.height and req.width else None) if req.image else None
-    scheduler = getattr(req, "scheduler", None)
-    default_scale = LCM_GUIDANCE_SCALE if isinstance(pipe.sampler_config(scheduler), lcm.LCMConfig) else DEFAULT_GUIDANCE_SCALE
+    scheduler = req.scheduler
+    default_scale = default_guidance_scale(pipe, pipe.sampler_config(scheduler))
     return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
                 num_inference_steps=req.num_inference_steps, scheduler=scheduler,
                 guidance_scale=default_scale if req.guidance_scale is None else req.guidance_scale,

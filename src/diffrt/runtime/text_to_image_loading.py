@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from diffrt import atomic
-from diffrt.errors import ArtifactError
+from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
 from diffrt.hub import resolve_model
 from diffrt.runtime.backends import require_backend, resolve_device
@@ -63,8 +63,11 @@ def check_scheduler_class(folder: Path) -> None:
     index, config = folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"
     if not (index.is_file() and config.is_file()):
         return
-    listed = (json.loads(index.read_text()).get("scheduler") or [None, None])[-1]
-    named = json.loads(config.read_text()).get("_class_name")
+    try:
+        listed = (json.loads(index.read_text()).get("scheduler") or [None, None])[-1]
+        named = json.loads(config.read_text()).get("_class_name")
+    except (ValueError, AttributeError, IndexError):  # not JSON objects: nothing to compare (the loaders name a bad config)
+        return
     if listed and named and (listed == "LCMScheduler") != (named == "LCMScheduler"):
         log.warning("%s names %s but %s names %s; diffrt samples with %s, as the scheduler config says "
                     "(diffusers' from_pretrained would build %s); pass scheduler='lcm' or 'ddim' to choose",
@@ -75,7 +78,13 @@ def check_unet_folder(folder: Path) -> None:
     """check_unet_config on a folder's unet/config.json, before any weight is read."""
     path = folder / "unet" / "config.json"
     if path.is_file():
-        check_unet_config(json.loads(path.read_text()), str(path))
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as exc:
+            raise DiffrtError(f"{path} is not valid JSON ({exc}); restore the model's UNet config") from None
+        if not isinstance(config, dict):
+            raise DiffrtError(f"{path} holds no JSON object; restore the model's UNet config")
+        check_unet_config(config, str(path))
 
 
 def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.device = "cpu", compile: bool = False,

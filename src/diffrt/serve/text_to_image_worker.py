@@ -49,10 +49,9 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.lcm import LCMSchedule
 from diffrt.runtime.pipeline import scheduler_name
 from diffrt.runtime.sampling import draws_step_noise
-from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, LCM_GUIDANCE_SCALE, check_strength, image_side
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, check_strength, default_guidance_scale, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    probe_generators, settings_key, split_answers)
@@ -248,8 +247,7 @@ class TextToImageWorker(BatchingWorker):
             raise RequestError(422, "control_image: the images differ in size; send images of one size, or give height and "
                                "width to resize them all", "control_image")
         schedule = request_schedule(pipe, body, control=control is not None)  # the chosen sampler's rules, before it queues
-        default_scale = LCM_GUIDANCE_SCALE if isinstance(schedule, LCMSchedule) else DEFAULT_GUIDANCE_SCALE  # as `diffrt generate`
-        guidance_scale = default_scale if body.guidance_scale is None else body.guidance_scale
+        guidance_scale = default_guidance_scale(pipe, schedule) if body.guidance_scale is None else body.guidance_scale
         try:
             pipe.check_size(height, width)
         except DiffrtError as exc:
