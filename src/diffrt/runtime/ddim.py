@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+THRESHOLDING_KEYS = frozenset({"thresholding", "dynamic_thresholding_ratio", "sample_max_value"})  # dynamic thresholding (Imagen)
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,18 @@ class DDIMConfig:
     timestep_spacing: TimestepSpacing = "leading"
     rescale_betas_zero_snr: bool = False
 
+    SAMPLER = "DDIM"  # what the pipelines sample this config with
+    # and the diffusers class whose from_config it reads as (not dataclass fields: no annotations)
+    SCHEDULER_CLASS = "DDIMScheduler"
+
     @classmethod
     def from_scheduler_config(cls, config: dict) -> "DDIMConfig":
-        """Read a diffusers scheduler config (any scheduler class); unknown keys are ignored.
+        """Read a diffusers scheduler config (any scheduler class) as `<SCHEDULER_CLASS>.from_config`
+        does: the keys this sampler takes, its defaults for the rest.
 
         Another class's config (SD-1.5 ships PNDMScheduler) gives DDIM on that training schedule, as
         diffusers' `DDIMScheduler.from_config(scheduler.config)` (and DDIMPipeline) do; its own sampler's
-        keys (karras sigmas, ...) have no DDIM meaning and are logged. One naming LCMScheduler gives an
+        keys (karras sigmas, ...) have no meaning here and are logged. One naming LCMScheduler gives an
         LCMConfig (lcm.py), a DDIMConfig that the pipelines sample with LCM, as diffusers' pipelines
         sample such a folder; `sampling.choose_scheduler(config, "ddim")` is DDIM on it."""
         if cls is DDIMConfig and config.get("_class_name") == "LCMScheduler":
@@ -61,15 +67,14 @@ class DDIMConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(config).items() if k in names}
         other = config.get("_class_name")
-        if other not in (None, "DDIMScheduler"):
-            thresholding = {"thresholding", "dynamic_thresholding_ratio", "sample_max_value"}  # DDIM's own, checked below
-            unused = sorted(k for k in config if k not in names | thresholding and not k.startswith("_"))
-            log.info("the scheduler config names %s: diffrt samples with DDIM on its training schedule, as "
-                     "DDIMScheduler.from_config does; not used: %s", other, ", ".join(unused) or "nothing")
+        if other not in (None, cls.SCHEDULER_CLASS):
+            unused = sorted(k for k in config if k not in names | THRESHOLDING_KEYS and not k.startswith("_"))
+            log.info("the scheduler config names %s: diffrt samples with %s on its training schedule, as %s.from_config "
+                     "does; not used: %s", other, cls.SAMPLER, cls.SCHEDULER_CLASS, ", ".join(unused) or "nothing")
         if kwargs.get("trained_betas") is not None:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
-        if config.get("thresholding"):
-            raise DiffrtError("dynamic thresholding is not supported by diffrt's DDIM; set thresholding=false")
+        if "thresholding" not in names and config.get("thresholding"):
+            raise DiffrtError(f"dynamic thresholding is not supported by diffrt's {cls.SAMPLER}; set thresholding=false")
         cfg = cls(**kwargs)
         if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise DiffrtError(f"unknown prediction_type {cfg.prediction_type!r}; expected epsilon, v_prediction or sample")

@@ -54,22 +54,15 @@ class LCMConfig(DDIMConfig):
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
 
+    SAMPLER = "LCM"
+    SCHEDULER_CLASS = "LCMScheduler"
+
     @classmethod
     def from_scheduler_config(cls, config: dict) -> "LCMConfig":
-        """Read a diffusers scheduler config as `LCMScheduler.from_config` does: its keys that LCM takes,
-        LCMScheduler's defaults for the rest. Another class's config (an SD folder's PNDM or DDIM) gives LCM
-        on that training schedule: how LCM-LoRA runs on a plain Stable Diffusion folder."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in dict(config).items() if k in names}
-        other = config.get("_class_name")
-        if other not in (None, "LCMScheduler"):
-            log.info("the scheduler config names %s: diffrt samples with LCM on its training schedule, as "
-                     "LCMScheduler.from_config does", other)
-        if kwargs.get("trained_betas") is not None:
-            kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
-        cfg = cls(**kwargs)
-        if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise DiffrtError(f"unknown prediction_type {cfg.prediction_type!r}; expected epsilon, v_prediction or sample")
+        """DDIMConfig.from_scheduler_config as `LCMScheduler.from_config` reads it: another class's config
+        (an SD folder's PNDM or DDIM) gives LCM on that training schedule, how LCM-LoRA runs on a plain
+        Stable Diffusion folder."""
+        cfg = super().from_scheduler_config(config)
         if cfg.original_inference_steps < 1:
             raise DiffrtError(f"original_inference_steps must be >= 1 (LCM's distillation steps, 50 for LCM-LoRA), "
                               f"got {cfg.original_inference_steps}")
