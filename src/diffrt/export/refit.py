@@ -205,7 +205,7 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
                   initializers: Mapping[str, torch.Tensor] | None = None) -> RefitWeights:
     """The LoRAs fused into the ONNX's base weights (in fp32, cast back). `loras` are (LoraFile,
     scale) pairs from `diffrt.export.lora.read_lora`. Pure: reads the base every time."""
-    from diffrt.export.lora import fused_params, lora_targets
+    from diffrt.export.lora import fused_params
 
     refuse_lora_biases(loras)
     base = dict(initializers) if initializers is not None else onnx_initializers(onnx_path)
@@ -228,14 +228,16 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
     # LoRA layers of its own components; refit_components checks that every layer found an engine.
     loras = [(replace(f, layers=[x for x in f.layers if x.component in state]), scale) for f, scale in loras]
     loras = [(f, scale) for f, scale in loras if f.layers]
-    # Every patched weight must be located before any is computed: a DoRA weight reads the base values.
-    unmapped = [f"{c}.{p}" for c, params in lora_targets(state, loras).items() for p in params if (c, p) not in targets]
+    # One plan and merge: an unmapped weight's base is a meta tensor, so its value is shape-only work,
+    # and any such weight is refused below before a single value is used.
+    fused = fused_params(state, loras)
+    unmapped = [f"{c}.{p}" for c, params in fused.items() for p in params if (c, p) not in targets]
     if unmapped:
         raise ArtifactError(f"the LoRA patches {len(unmapped)} weights that {onnx_path} holds under no initializer diffrt "
                             f"could identify ({', '.join(sorted(unmapped)[:5])}); the engine cannot take this LoRA by refit: "
                             "export with --lora instead")
     out = dict(base)
-    for c, params in fused_params(state, loras).items():
+    for c, params in fused.items():
         for p, value in params.items():
             for name, transpose in targets[c, p]:
                 out[name] = (value.T if transpose else value).to(base[name].dtype)
