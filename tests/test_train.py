@@ -359,6 +359,37 @@ def test_dreambooth_resume_is_exact(dreambooth_run, sd_folder, cat_folder, tmp_p
     np.testing.assert_allclose(resumed.losses, full.losses[DB_STEPS // 2 :], rtol=1e-6, atol=0)
 
 
+def test_dreambooth_warns_once_per_prompt_past_the_text_encoders_length(dreambooth_run, sd_folder, cat_folder, tmp_path,
+                                                                          caplog):
+    """Training cuts prompts at the text encoder's 77 tokens, as diffusers does; it said nothing. Each
+    trained prompt that is cut is named once, with the count and text dropped (the text `diffrt
+    generate` reports for it), before class images are generated."""
+    long_prompt = "a photo of sks cat " + " ".join(f"word{i}" for i in range(60))
+    cfg = replace(dreambooth_config(sd_folder, cat_folder, tmp_path / "out", tmp_path / "class_images", max_steps=1),
+                  instance_prompt=long_prompt, class_prompt="a photo of a cat " + " ".join(f"tail{i}" for i in range(60)),
+                  validation_prompt="a photo of sks cat", train_text_encoder=False)
+    with caplog.at_level("INFO", logger="diffrt.train.dreambooth"):
+        train_dreambooth_lora(cfg)
+    messages = [r.getMessage() for r in caplog.records if r.name == "diffrt.train.dreambooth"]
+    cut = [m for m in messages if "longer than the text encoder's 77 tokens" in m]
+    assert [m.split(" ", 1)[0] for m in cut] == ["--instance-prompt", "--class-prompt"]
+    full = len(tokenize_untruncated(sd_folder, long_prompt))
+    assert f"training drops its last {full - 77}: " in cut[0]
+    assert cut[0].replace(" ", "").endswith("word59'") and cut[1].replace(" ", "").endswith("tail59'")
+    assert messages.index(cut[1]) < next(i for i, m in enumerate(messages) if "generating 2 class images" in m)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffrt.train.dreambooth"):  # prompts that fit: no word
+        train_dreambooth_lora(replace(cfg, instance_prompt="a photo of sks cat", class_prompt="a photo of a cat",
+                                      train=replace(cfg.train, out=str(tmp_path / "short"))))
+    assert not [r for r in caplog.records if "text encoder" in r.getMessage()]
+
+
+def tokenize_untruncated(sd_folder: Path, prompt: str) -> list[int]:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(sd_folder / "tokenizer")(prompt, verbose=False).input_ids
+
+
 @pytest.mark.parametrize("case", ["other settings", "no checkpoint"])
 def test_dreambooth_resume_is_refused_before_class_images_are_generated(dreambooth_run, sd_folder, cat_folder, tmp_path,
                                                                          case):
@@ -597,8 +628,9 @@ def test_cli_runs_each_trainer(sd_folder, cat_folder, tmp_path, capsys):
     pixel = save_pretrained_pixel_model(tmp_path / "pixel")
     common = ["--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "2", "--lr-warmup-steps", "0"]
     assert main(["train", "finetune", "--model", str(pixel), "--data", str(cat_folder), "--out", str(tmp_path / "ft"),
-                 "--random-flip", *common]) == 0
+                 "--random-flip", *common, "--checkpoint-every", "1", "--checkpoints-total-limit", "1"]) == 0
     assert (tmp_path / "ft" / "model" / "unet" / "config.json").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / "ft" / "checkpoints")] == ["step-0000002"]
     assert main(["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", str(cat_folder),
                  "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--rank", "2",
                  "--validation-every", "1", "--num-validation-images", "1", "--inference-steps", "1",
@@ -628,6 +660,8 @@ def bad_inputs(tmp_path_factory, cat_folder) -> dict[str, Path]:
     for name in ("a", "b"):
         shutil.copytree(cat_folder, root / "classes" / name)
     save_pretrained_pixel_model(root / "pixel")
+    with torch.random.fork_rng(devices=[]):
+        save_pixel_model(build_pixel_model(small_unet_config(6, 3, (16, 32)), scheduler=DDIMConfig()), root / "pixel6")
     return root
 
 
@@ -646,9 +680,24 @@ def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
                                        "no unet/config.json"),
         "text-to-image model without components": (db[:3] + [str(r / "pixel")] + db[4:], "has no vae/config.json"),
         "rank < 1": (db + ["--rank", "0"], "--rank must be >= 1"),
+        "checkpoints total limit < 1": (ft + ["--data", str(cat), "--checkpoints-total-limit", "0"],
+                                        "--checkpoints-total-limit must be >= 1"),
         "empty instance folder": (db[:5] + [str(r / "empty")] + db[6:], "no images in"),
         "class folders != --num-classes": (["train", "class-cond", "--data", str(r / "classes"), "--num-classes", "3",
                                             "--resolution", "8", "--widths", "16", "32"], "--num-classes is 3"),
+        # Sizes the sample grid's pipeline refuses failed at the grid after the last step, before the model was saved.
+        "class-cond size the sampler refuses": (["train", "class-cond", "--resolution", "10", "--widths", "16", "32",
+                                                 "--max-steps", "2", "--batch-size", "2"], "--resolution 10: diffrt samples"),
+        "class-cond size the UNet cannot halve": (["train", "class-cond", "--resolution", "10", "--widths", "16", "32", "32",
+                                                   "--max-steps", "2", "--batch-size", "2"], "multiples of 4 from 8 up"),
+        "pixel model of a size the sampler refuses": (ft[:3] + [str(r / "pixel6")] + ft[4:] + ["--data", str(cat)],
+                                                      "has sample_size 6: diffrt samples"),
+        "class-cond size below one pixel": (["train", "class-cond", "--data", str(r / "classes"), "--resolution", "0"],
+                                            "--resolution must be a positive number of pixels, got 0"),
+        "class-cond widths outside the group norm": (["train", "class-cond", "--resolution", "8", "--widths", "12", "24"],
+                                                     "--widths takes 1 to 3 block widths, each a multiple of 8"),
+        "class-cond widths past three blocks": (["train", "class-cond", "--resolution", "16", "--widths", "16", "16", "16", "16"],
+                                                "--widths takes 1 to 3 block widths"),
     }
 
 
@@ -662,6 +711,27 @@ def test_bad_input_fails_before_any_step(case, bad_inputs, cat_folder, sd_folder
     assert rc == 2 and "Traceback" not in err
     assert len(errors) == 1 and expected in errors[0], err
     assert not (out / "loss.csv").exists() and not (out / "checkpoints").exists()
+
+
+def test_out_overlapping_the_model_folder_is_refused(bad_inputs, sd_folder, cat_folder, tmp_path):
+    """--model runs/a/model --out runs/a saved the fine-tuned model over its base (a README beside its
+    weights was lost); an --out at or inside the model folder wrote the run's files among the model's."""
+    base = tmp_path / "runs" / "model"
+    shutil.copytree(bad_inputs / "pixel", base)
+    (base / "README.md").write_text("how this model was made")
+    before = sorted(p.name for p in base.iterdir())
+    for out, match in ((tmp_path / "runs", "would replace the --model folder"), (base, "is the --model folder"),
+                       (base / "unet", "is inside the --model folder")):
+        with pytest.raises(DiffrtError, match=match) as err:
+            finetune(FinetuneConfig(model=str(base), data=str(cat_folder), train=train_config(out, max_steps=1)))
+        assert "\n" not in str(err.value)
+    assert sorted(p.name for p in base.iterdir()) == before and not (tmp_path / "runs" / "loss.csv").exists()
+    sd = tmp_path / "sd"
+    shutil.copytree(sd_folder, sd)
+    with pytest.raises(DiffrtError, match="is the --model folder"):
+        train_dreambooth_lora(DreamBoothConfig(model=str(sd), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
+                                               resolution=32, train=train_config(sd, max_steps=1)))
+    assert not (sd / "loss.csv").exists() and not (sd / LORA_WEIGHT_NAME).exists()
 
 
 def test_bad_input_raises_diffrt_error_from_the_library(bad_inputs, cat_folder, sd_folder, tmp_path):
@@ -734,6 +804,28 @@ def test_resume_with_other_settings_fails_clearly(class_cond_runs, tmp_path):
     assert "batch_size: 16 saved vs 8 now" in message and "widths: [16, 32] saved vs [16, 64] now" in message
     assert "max_steps" not in message and "out:" not in message  # free to change (and out did change)
     assert [s for s, _ in read_loss_csv(out)] == list(range(1, STEPS + 1))  # nothing ran
+
+
+def test_resume_refuses_a_data_folder_with_images_added(bad_inputs, sd_folder, cat_folder, tmp_path):
+    """Each step draws its image indices below the data's image count, and the checkpoint held only the
+    folder's name: with an image added, --resume went on quietly drawing other batches than the run it
+    continued. The count is recorded now, and a --resume on other data is refused by name."""
+    data = tmp_path / "data"
+    shutil.copytree(cat_folder, data)
+    ft = FinetuneConfig(model=str(bad_inputs / "pixel"), data=str(data), num_samples=1, sample_steps=1,
+                        train=train_config(tmp_path / "ft", max_steps=1, batch_size=2, checkpoint_every=1))
+    finetune(ft)
+    db = DreamBoothConfig(model=str(sd_folder), instance_data=str(data), instance_prompt="a photo of sks cat", rank=2,
+                          resolution=32, num_validation_images=1, inference_steps=1,
+                          train=train_config(tmp_path / "db", max_steps=1, batch_size=1, checkpoint_every=1))
+    train_dreambooth_lora(db)
+    shutil.copy(data / "chelsea-0.png", data / "chelsea-4.png")
+    with pytest.raises(DiffrtError, match="num_images: 4 saved vs 5 now"):
+        finetune(replace(ft, train=replace(ft.train, max_steps=2, resume=True)))
+    with pytest.raises(DiffrtError, match="num_instance_images: 4 saved vs 5 now"):
+        train_dreambooth_lora(replace(db, train=replace(db.train, max_steps=2, resume=True)))
+    (data / "chelsea-4.png").unlink()
+    assert len(finetune(replace(ft, train=replace(ft.train, max_steps=2, resume=True))).losses) == 1
 
 
 def test_dreambooth_trains_at_the_models_own_size_by_default(t2i_folder):

@@ -290,3 +290,142 @@ def test_accumulation_beyond_the_seed_layout_is_one_line(tmp_path):
     assert len(seeds) == 3 * MAX_ACCUMULATION
     with pytest.raises(DiffrtError, match="--gradient-accumulation-steps must be <= 64, got 65"):
         TrainConfig(out=str(tmp_path / "run"), gradient_accumulation_steps=65).validate()
+
+
+def train_with_dropout(config: TrainConfig, global_seed: int):
+    """train_linear's task through a hidden layer with dropout, whose masks come from torch's global
+    generator; that generator is left at `global_seed` (whatever the process did before) for the run."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1))
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        x = torch.randn(config.batch_size, 4, generator=g).to(model[0].weight.device)
+        return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+
+    torch.manual_seed(global_seed)
+    return train(config, model, loss_fn, save_fn=lambda out: None)
+
+
+def test_dropout_masks_follow_the_seed_and_resume_exactly(tmp_path):
+    """A pretrained UNet2DModel may have dropout (diffusers' `dropout`, e.g. 0.1), which draws from the
+    global generator, not from the step's: two runs with one --seed differed, and so did a resumed run
+    from the uninterrupted one. The caller's global generator is left as it was."""
+    cfg = dict(gradient_accumulation_steps=2)
+    full = train_with_dropout(linear_config(tmp_path / "full", **cfg), global_seed=1)
+    after = torch.rand(4)
+    again = train_with_dropout(linear_config(tmp_path / "again", **cfg), global_seed=2)
+    assert again.losses == full.losses
+    out = tmp_path / "run"
+    train_with_dropout(linear_config(out, max_steps=2, **cfg), global_seed=3)
+    resumed = train_with_dropout(linear_config(out, resume=True, **cfg), global_seed=4)
+    assert resumed.losses == full.losses[2:]
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(4))  # the global generator is where the caller left it
+
+
+def test_resume_with_only_damaged_checkpoints_says_how_to_start_afresh(tmp_path):
+    """Every checkpoint damaged: a fresh run refuses the --out (it holds checkpoints) and said to pass
+    --resume, which said to run without --resume. It names the way out now, and that way works."""
+    train_linear(linear_config(tmp_path, max_steps=2))
+    for ckpt in list_checkpoints(tmp_path / "checkpoints"):
+        (ckpt / "state.json").unlink()
+    with pytest.raises(DiffrtError, match="already holds checkpoints"):
+        train_linear(linear_config(tmp_path, max_steps=2))
+    with pytest.raises(DiffrtError, match=r"only 1 damaged \(newest step-0000002\); remove .*checkpoints to start afresh") as err:
+        train_linear(linear_config(tmp_path, max_steps=2, resume=True))
+    assert "without --resume" not in str(err.value) and "\n" not in str(err.value)
+    shutil.rmtree(tmp_path / "checkpoints")
+    assert len(train_linear(linear_config(tmp_path, max_steps=2))[0].losses) == 2
+
+
+def test_out_that_is_a_file_is_one_line_before_any_setup(tmp_path):
+    """An --out that is (or lies under) a file failed at train's first mkdir with a FileExistsError
+    (NotADirectoryError) traceback, after the trainer had loaded its model and data."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        with pytest.raises(DiffrtError, match=r"notes.txt is a file, not a folder; pass a folder") as err:
+            linear_config(out).validate()
+        assert "\n" not in str(err.value)
+    linear_config(tmp_path / "new" / "run").validate()  # a folder yet to be made is fine
+
+
+@pytest.mark.parametrize("name", ["lr_warmup_steps", "sample_every"])
+def test_negative_warmup_or_sample_every_is_refused(tmp_path, name):
+    """--sample-every -1 wrote a grid after every step (done % -1 == 0) and --lr-warmup-steps -3 started
+    the cosine part-way down, both without a word."""
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(DiffrtError, match=f"{flag} must be >= 0, got -1"):
+        linear_config(tmp_path, **{name: -1}).validate()
+    linear_config(tmp_path, **{name: 0}).validate()
+
+
+def test_checkpoints_total_limit_keeps_the_newest_and_resume_continues_from_it(tmp_path):
+    """--checkpoints-total-limit 1 leaves only the checkpoint just saved and changes no loss; --resume
+    finds it, may change the limit (it says what is kept, not what is computed) and continues exactly."""
+    full, _ = train_linear(linear_config(tmp_path / "full", max_steps=8))
+    out = tmp_path / "run"
+    first, _ = train_linear(linear_config(out, max_steps=6, checkpoints_total_limit=1))
+    assert first.losses == full.losses[:6]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000006"]
+    assert not list((out / "checkpoints").glob(".*"))  # removed whole, no renamed folder left behind
+    check_resume(linear_config(out, max_steps=8, checkpoints_total_limit=2, resume=True))
+    resumed, _ = train_linear(linear_config(out, max_steps=8, checkpoints_total_limit=2, resume=True))
+    assert resumed.start_step == 6 and resumed.losses == full.losses[6:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000006", "step-0000008"]
+
+
+def test_checkpoints_total_limit_counts_and_removes_complete_checkpoints_only(tmp_path):
+    """A damaged checkpoint neither takes the place of a complete one nor is removed by the limit
+    (--resume skips it, with a warning, as before)."""
+    out = tmp_path / "run"
+    train_linear(linear_config(out, max_steps=4))
+    (out / "checkpoints" / "step-0000002" / "state.json").unlink()
+    resumed, _ = train_linear(linear_config(out, max_steps=8, checkpoints_total_limit=1, resume=True))
+    assert resumed.start_step == 4
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002", "step-0000008"]
+
+
+def test_checkpoints_total_limit_below_one_is_refused(tmp_path):
+    with pytest.raises(DiffrtError, match=r"--checkpoints-total-limit must be >= 1 .*got 0; leave it out to keep every") as err:
+        linear_config(tmp_path, checkpoints_total_limit=0).validate()
+    assert "\n" not in str(err.value)
+    linear_config(tmp_path, checkpoints_total_limit=1).validate()
+
+
+# What killed saves leave (atomic.make_temp_dir's and atomic_path's names, hex now, tempfile's before)
+# and what must survive beside them: the user's files, and other hidden names, however alike. A
+# trailing "/" marks a folder.
+LEFTOVERS = [".model.1a2b3c4d/", ".model.old/", ".lora-x_y9z0ab/", ".loss.csv.0a1b2c3d.tmp", ".dreambooth.json.abcdef12.tmp",
+             "samples/.step-0000002.png.12345678.tmp", "checkpoints/.step-5e6f7a8b/", "checkpoints/.step-0000002.old/",
+             "class_images/.class-00003.png.9abcdef0.tmp"]
+NOT_LEFTOVERS = [".git/", ".cache.abcd1234/", ".lora-backup/", ".loss.csv.bak", "notes.txt", "model/.model.1a2b3c4d/",
+                 "tensorboard/.events.abcd1234.tmp", "samples/.notes.abcd1234.tmp", "class_images/.lora-1a2b3c4d/"]
+
+
+def _plant(out: Path, names: list[str]) -> None:
+    for name in names:
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            path.mkdir()
+            (path / "weights.safetensors").write_text("half a file")
+        else:
+            path.write_text("half a file")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_removes_what_killed_saves_left_and_nothing_else(tmp_path, caplog, resume):
+    """A run killed during its final save or a checkpoint save left its staging folders and files in
+    --out (gigabytes at SD size) that nothing reads; the next run, fresh or resumed, removes them, says
+    so, and touches no other file, however alike its name."""
+    out = tmp_path / "run"
+    if resume:
+        train_linear(linear_config(out, max_steps=2))
+    _plant(out, LEFTOVERS + NOT_LEFTOVERS)
+    with caplog.at_level("INFO", logger="diffrt.train.loop"):
+        result, _ = train_linear(linear_config(out, max_steps=4, resume=resume))
+    assert result.start_step == (2 if resume else 0)
+    assert [name for name in LEFTOVERS if (out / name).exists()] == []
+    assert [name for name in NOT_LEFTOVERS if not (out / name).exists()] == []
+    removed = [r.getMessage() for r in caplog.records if "left by an interrupted save" in r.getMessage()]
+    assert sorted(m.split("removed ", 1)[1].split(",")[0] for m in removed) == sorted(str(out / n) for n in LEFTOVERS)

@@ -29,6 +29,8 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 disables)")
     p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
+                   help="keep only the newest N complete checkpoints, removing older ones after each save (default: keep all)")
     p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log the mean loss of every N steps to loss.csv and TensorBoard")
     p.add_argument("--seed", type=int, default=0)
@@ -43,8 +45,8 @@ def _train_config(args):
         lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay,
-        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every, seed=args.seed,
-        resume=args.resume,
+        checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit,
+        sample_every=args.sample_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
     )
 
 

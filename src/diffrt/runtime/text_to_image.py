@@ -71,8 +71,16 @@ def default_guidance_scale(pipe: "TextToImagePipeline", sampler) -> float:
     return LCM_GUIDANCE_SCALE if lcm_sampler and pipe.guidance_embed_dim is None else DEFAULT_GUIDANCE_SCALE
 
 
+def cut_off(tokenizer, prompt: str, max_length: int) -> tuple[int, str] | None:
+    """(count, text) of the tokens that truncation to `max_length` drops from `prompt`, None if it fits:
+    those between the last one kept and the end-of-text token, which truncation keeps (diffusers
+    reports the same text). Shared by generation and DreamBooth's training prompts."""
+    full = tokenizer(prompt, truncation=False, verbose=False).input_ids  # verbose: no "longer than" warning of its own
+    return (len(full) - max_length, tokenizer.decode(full[max_length - 1 : -1])) if len(full) > max_length else None
+
+
 class TextToImagePipeline(DenoiserPipeline):
-    """Guided DDIM or LCM sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
+    """Guided DDIM, LCM or DPM-Solver++ sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
 
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
@@ -300,11 +308,10 @@ class TextToImagePipeline(DenoiserPipeline):
         ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
         truncated: list[str | None] = []
         for prompt in prompts:
-            full = self.tokenizer(prompt, truncation=False, verbose=False).input_ids
-            removed = self.tokenizer.decode(full[n - 1 : -1]) if len(full) > n else None
-            if removed is not None:
-                log.warning("prompt longer than the text encoder's %d tokens was truncated; dropped: %r", n, removed)
-            truncated.append(removed)
+            cut = cut_off(self.tokenizer, prompt, n)
+            if cut is not None:
+                log.warning("prompt longer than the text encoder's %d tokens was truncated; dropped: %r", n, cut[1])
+            truncated.append(cut[1] if cut is not None else None)
         return ids, truncated
 
     def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule, generator: Generators) -> torch.Tensor:

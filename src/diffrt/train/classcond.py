@@ -25,7 +25,7 @@ from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, PixelModel, build_pixel_model, save_pixel_model, small_unet_config
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
-from diffrt.train.pixel import pixel_loss_fn, pixel_sample_fn
+from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,22 @@ class ClassCondConfig:
     sample_guidance_scale: float = 3.0  # the shipped digits model's training_samples.png (weights/digits/README.md)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/class-cond"))
 
+    def validate(self) -> None:
+        if not 0 <= self.label_dropout < 1:
+            raise DiffrtError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+        if self.sample_size < 1:  # (sizes the sampler refuses are refused once the model is built: check_sample_size)
+            raise DiffrtError(f"--resolution must be a positive number of pixels, got {self.sample_size}")
+        # small_unet_config has three block types and normalises in groups of 8 channels: other
+        # widths fail inside diffusers' UNet2DModel with a ValueError of its own.
+        if not 1 <= len(self.widths) <= 3 or any(w < 8 or w % 8 for w in self.widths):
+            raise DiffrtError(f"--widths takes 1 to 3 block widths, each a multiple of 8 (the UNet's group norm), "
+                              f"got {' '.join(map(str, self.widths))}")
+        self.train.validate()
+
 
 def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     # 1. Data and model, checked before any step runs.
-    if not 0 <= config.label_dropout < 1:
-        raise DiffrtError(f"--label-dropout must be in [0, 1), got {config.label_dropout}")
-    config.train.validate()
+    config.validate()
     dataset = load_source(config.data, config.sample_size, labelled=True)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise DiffrtError(f"--num-classes is {config.num_classes} but {config.data} has {dataset.num_classes} class folders; make them match")
@@ -59,6 +69,7 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
             conditioning=config.conditioning, num_classes=dataset.num_classes,
             class_embedding_dim=config.class_embedding_dim, scheduler=DDIMConfig(), class_names=dataset.class_names,
         )
+    check_sample_size(model, "--resolution", "pick such a size")
     if config.train.gradient_checkpointing:
         model.unet.unet.enable_gradient_checkpointing()
     unet = model.unet.train().requires_grad_(True)
@@ -69,8 +80,9 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale)
 
     # The checkpoints record the class count of the data too: --resume on a folder with other
-    # classes would otherwise only fail on a weight shape.
-    state = {"class_cond": {**trainer_state(config), "num_classes": dataset.num_classes}}
+    # classes would otherwise only fail on a weight shape; and its image count, below which each
+    # step draws its indices (images added or removed would quietly change every later batch).
+    state = {"class_cond": {**trainer_state(config), "num_classes": dataset.num_classes, "num_images": len(dataset)}}
     started = time.time()
     return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),
                  sample_fn=sample_fn, sample_nrow=8, extra_state=state)

@@ -37,7 +37,8 @@ from diffrt.data import ImageDataset, list_images, load_image_folder, load_sourc
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
-from diffrt.train.loop import TrainConfig, TrainResult, check_resume, train, trainer_state
+from diffrt.runtime.text_to_image import cut_off
+from diffrt.train.loop import TrainConfig, TrainResult, check_out_apart, check_resume, train, trainer_state
 from diffrt.train.objective import diffusion_loss, evaluation_loss
 
 log = logging.getLogger(__name__)
@@ -117,13 +118,16 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     # 1. Everything cheap to check, before any model is loaded.
     config.validate()
     folder = require_pipeline_dir(config.model)
+    check_out_apart(config.train.out, folder, LORA_WEIGHT_NAME)
     if config.resolution is None:
         config = replace(config, resolution=model_resolution(folder))
         log.info("training at %d px, the model's own size (--resolution to change it)", config.resolution)
     # A --resume that the loop would refuse fails here, before class images are generated with its settings.
-    extra_state = {"dreambooth": trainer_state(config)}
-    check_resume(config.train, extra_state)
+    # The state holds the instance image count too: each step draws indices below it, so images added to
+    # or removed from --instance-data would quietly change every batch of the resumed run.
     instance = load_source(config.instance_data, config.resolution, labelled=False, crop=config.crop)
+    extra_state = {"dreambooth": {**trainer_state(config), "num_instance_images": len(instance)}}
+    check_resume(config.train, extra_state)
     out = Path(config.train.out)
 
     # 2. The frozen base: in the autocast dtype of a mixed-precision run on a GPU, else fp32.
@@ -135,6 +139,15 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     _check_targets(c.unet, config.target_modules, "UNet", "--target-modules")
     if config.train_text_encoder:
         _check_targets(c.text_encoder, config.text_encoder_target_modules, "text encoder", "text-encoder targets")
+    # Prompts past the text encoder's length train cut short (tokenize truncates, as diffusers'
+    # train_dreambooth_lora.py does): said once per prompt here, before class images are generated.
+    trained = {"--instance-prompt": config.instance_prompt,
+               **({"--class-prompt": config.class_prompt} if config.with_prior_preservation else {})}
+    for flag, prompt in trained.items():
+        cut = cut_off(c.tokenizer, prompt, c.tokenizer.model_max_length)
+        if cut is not None:
+            log.warning("%s is longer than the text encoder's %d tokens; training drops its last %d: %r",
+                        flag, c.tokenizer.model_max_length, *cut)
 
     # 3. Class images for prior preservation, made by the base model where the folder has too few.
     prior = config.with_prior_preservation

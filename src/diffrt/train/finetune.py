@@ -24,8 +24,8 @@ import torch
 from diffrt.data import ImageDataset, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import PixelModel, load_pixel_model, save_pixel_model, scheduler_config_file
-from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
-from diffrt.train.pixel import pixel_loss_fn, pixel_sample_fn
+from diffrt.train.loop import TrainConfig, TrainResult, check_out_apart, train, trainer_state
+from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class FinetuneConfig:
 def finetune(config: FinetuneConfig) -> TrainResult:
     # 1. Model and data, checked before any step runs.
     config.validate()
+    check_out_apart(config.train.out, config.model, "model")
     _require_unet2d(Path(config.model))
     model = load_pixel_model(config.model)
     # The base's scheduler config, saved with the result as it is (load_pixel_model keeps the part
@@ -62,6 +63,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     # and the scheduler class are the base's too).
     scheduler_file = scheduler_config_file(Path(config.model))
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file else None
+    check_sample_size(model, f"{config.model} has sample_size", "fine-tune a model made for such a size")
     dataset = _load_data(config, model)
     if config.train.gradient_checkpointing:
         model.unet.unet.enable_gradient_checkpointing()
@@ -74,9 +76,12 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout)
     sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale, num_images=config.num_samples)
 
+    # The checkpoints record the image count too (the state holds --data's name, not its files): each step
+    # draws indices below it, so --resume on a folder with images added or removed would quietly draw
+    # other batches than the run it continues.
     started = time.time()
     return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started, scheduler_config),
-                 sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": trainer_state(config)})
+                 sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": {**trainer_state(config), "num_images": len(dataset)}})
 
 
 def _require_unet2d(folder: Path) -> None:

@@ -5,13 +5,15 @@ callbacks to sample and save; the loop owns devices and precision (accelerate), 
 accumulation, clipping, AdamW with a warmup + cosine learning rate, EMA, checkpoints, sample
 grids, logs and progress.
 
-Exact resume. All randomness of step s (batch choice, augmentation, noise, timesteps) comes
-from a generator seeded by (seed, s, process); the learning rate is a pure function of s. A
-checkpoint therefore only needs the weights, the optimizer moments and s, and a resumed run
-computes bit for bit the same next loss as an uninterrupted one. A resumed run must therefore
-also compute the same thing: `--resume` refuses a config that changes the model, the optimizer or
-the data (see RESUMABLE_FIELDS), and a fresh run refuses an --out that holds checkpoints (a later
---resume would pick up their stale higher-numbered steps).
+Exact resume. All randomness of step s (batch choice, augmentation, noise, timesteps, and the
+dropout masks that torch draws from its global generators) comes from a generator seeded by
+(seed, s, process); the learning rate is a pure function of s. A checkpoint therefore only
+needs the weights, the optimizer moments and s, and a resumed run computes bit for bit the same
+next loss as an uninterrupted one. A resumed run must therefore also compute the same thing:
+`--resume` refuses a config that changes the model, the optimizer or the data (see
+RESUMABLE_FIELDS; trainers record their data's image count beside its name), and a fresh run
+refuses an --out that holds checkpoints (a later --resume would pick up their stale
+higher-numbered steps).
 
 On a GPU "bit for bit" also needs deterministic kernels, which the loop does not force (PyTorch's
 reproducibility notes: cuDNN may choose non-deterministic convolution backward algorithms, and some
@@ -21,6 +23,7 @@ float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -30,7 +33,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -47,8 +50,8 @@ CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
 # a run goes, what it reports, or how a step is computed (memory, precision), not what it computes.
 # (max_steps is the exception: under the cosine schedule it also moves where the decay ends.)
 RESUMABLE_FIELDS = frozenset({
-    "out", "resume", "max_steps", "checkpoint_every", "sample_every", "log_every", "gradient_checkpointing",
-    "mixed_precision",
+    "out", "resume", "max_steps", "checkpoint_every", "checkpoints_total_limit", "sample_every", "log_every",
+    "gradient_checkpointing", "mixed_precision",
     "sample_steps", "sample_guidance_scale", "num_samples",  # the pixel trainers' sample grids
     "validation_prompt", "num_validation_images", "inference_steps", "guidance_scale",  # DreamBooth's validation images
 })
@@ -69,6 +72,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     max_grad_norm: float = 1.0
     checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = None  # keep the newest N complete checkpoints; None keeps them all
     sample_every: int = 0  # 0: only at the end
     log_every: int = 10  # loss.csv and TensorBoard get one row per N steps: their mean loss
     seed: int = 0
@@ -78,6 +82,11 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        # 0 means no warmup, a grid at the end only; a negative value meant, silently, a cosine started
+        # part-way down and a grid after every step (n % -1 == 0).
+        for name in ("lr_warmup_steps", "sample_every"):
+            if getattr(self, name) < 0:
+                raise DiffrtError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.gradient_accumulation_steps > MAX_ACCUMULATION:
             raise DiffrtError(f"--gradient-accumulation-steps must be <= {MAX_ACCUMULATION}, got "
                               f"{self.gradient_accumulation_steps}; raise --batch-size instead")
@@ -89,6 +98,14 @@ class TrainConfig:
             raise DiffrtError(f"--seed must fit in 64 bits (torch's seeds), got {self.seed}")
         if not 0 <= self.ema_decay < 1:
             raise DiffrtError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise DiffrtError(f"--checkpoints-total-limit must be >= 1 (a run keeps at least the checkpoint it just saved), "
+                              f"got {self.checkpoints_total_limit}; leave it out to keep every checkpoint")
+        # The nearest existing folder on the way to --out: a file there fails the first mkdir, after the
+        # model and data have been loaded (and, for DreamBooth, class images generated), with an OSError.
+        there = next((p for p in (Path(self.out), *Path(self.out).parents) if p.exists()), None)
+        if there is not None and not there.is_dir():
+            raise DiffrtError(f"--out {self.out}: {there} is a file, not a folder; pass a folder for the run's outputs")
         existing = list_checkpoints(Path(self.out) / "checkpoints")
         if existing and not self.resume:
             raise DiffrtError(f"{self.out} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
@@ -160,6 +177,26 @@ class EMA:
             p.copy_(self.shadow[k].to(p.dtype))
 
 
+GLOBAL_RNG_OFFSET = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: any odd constant would do
+
+
+@contextlib.contextmanager
+def _global_rng_from(g: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Run one micro-batch with torch's global generators (the CPU's and the device's) seeded from its
+    generator `g`, and give the caller's global state back after.
+
+    Dropout (a pretrained UNet2DModel's `dropout`, e.g. 0.1; peft's lora_dropout) draws its masks from
+    the global generators, never from `g`: left as they were, its masks made neither a rerun with the
+    same --seed nor a --resume repeat the uninterrupted run. The seed is `g`'s own moved by a constant
+    (taken modulo 2^64 as step_generator's), so the masks are not drawn from the stream of `g`'s draws;
+    `g` itself is not touched, so models without dropout train exactly as before.
+    """
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((g.initial_seed() + GLOBAL_RNG_OFFSET) % 2**64)
+        yield
+
+
 LossFn = Callable[[int, torch.Generator], torch.Tensor]
 SampleFn = Callable[[], torch.Tensor]  # images [N, C, H, W] in [0, 1]
 SaveFn = Callable[[Path], None]
@@ -206,7 +243,7 @@ def train(
 
     # 2. Resume, and drop the logs of steps after the checkpoint (a run that died after saving it).
     if accelerator.is_main_process:
-        _remove_interrupted_saves(out / "checkpoints")
+        _remove_leftovers(out)
     # `window` holds the losses of the steps since the last loss.csv row; a checkpoint keeps them,
     # so that the first row after --resume averages the same steps as an uninterrupted run's.
     start, window = 0, []
@@ -236,9 +273,10 @@ def train(
             # Gradients are averaged over the accumulated micro-batches: each loss is divided by their count.
             # Autocast covers the forward pass and the loss only; torch.amp advises against running the
             # backward pass under it (its ops already take the dtypes of their forward ops).
-            with accelerator.autocast():
-                loss = loss_fn(micro, g) / config.gradient_accumulation_steps
-            accelerator.backward(loss)  # fp16: scaled by the GradScaler, unscaled before clipping below
+            with _global_rng_from(g, accelerator.device):
+                with accelerator.autocast():
+                    loss = loss_fn(micro, g) / config.gradient_accumulation_steps
+                accelerator.backward(loss)  # fp16: scaled by the GradScaler, unscaled before clipping below
             total += loss.item()
         if accelerator.num_processes > 1:
             for p in named.values():
@@ -267,8 +305,10 @@ def train(
         if accelerator.is_main_process:
             if done % config.checkpoint_every == 0 or done == config.max_steps:
                 scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
-                save_checkpoint(out / "checkpoints", done, named, optimizer, ema,
-                                {**state, **scaler_state, "loss_window": window})
+                ckpt = save_checkpoint(out / "checkpoints", done, named, optimizer, ema,
+                                       {**state, **scaler_state, "loss_window": window})
+                if config.checkpoints_total_limit is not None:
+                    _remove_old_checkpoints(out / "checkpoints", ckpt, config.checkpoints_total_limit)
             if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
                 _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
     progress.close()
@@ -282,6 +322,25 @@ def train(
     steps_run = config.max_steps - start
     rate = steps_run * config.batch_size * config.gradient_accumulation_steps / step_seconds if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate)
+
+
+def check_out_apart(out: str | Path, model: str | Path, result: str) -> None:
+    """Refuse an --out that overlaps the --model folder a trainer reads: `out` itself, or its `result`
+    (the trained model's subfolder or file), at or inside it.
+
+    Inside the model folder the run writes its checkpoints, logs and samples among the model's files
+    (which `diffrt export` then hashes); with `out/result` the model folder itself (--model runs/a/model
+    --out runs/a), the saved result replaced the base model, and every file of it the trainer does not
+    write (a README, sample images), without a word.
+    """
+    where, folder = Path(out).resolve(), Path(model).resolve()
+    if where == folder or folder in where.parents:
+        raise DiffrtError(f"--out {out} is {'' if where == folder else 'inside '}the --model folder {model}: the run "
+                          "would write its checkpoints, logs and samples among the model's files; pass an --out outside it")
+    target = where / result
+    if target == folder or target in folder.parents:
+        raise DiffrtError(f"--out {out} would replace the --model folder {model} with the trained {result}; "
+                          "pass another --out (the base model stays as it is)")
 
 
 def check_resume(config: TrainConfig, extra_state: dict | None = None) -> None:
@@ -382,7 +441,8 @@ def _truncate_loss_log(path: Path, upto: int) -> None:
 # A checkpoint is a folder: weights.safetensors, optimizer.safetensors, [ema.safetensors] and
 # state.json, which is written last and holds the sha256 of the others. It is assembled under
 # a temporary name and renamed into place, so a half-written checkpoint is never picked up.
-# The state holds the run's config, which --resume compares with its own.
+# The state holds the run's config, which --resume compares with its own. --checkpoints-total-limit N
+# keeps the newest N complete checkpoints; --resume needs only the newest.
 
 
 def save_checkpoint(folder: Path, step: int, named, optimizer, ema: EMA | None, extra: dict) -> Path:
@@ -418,13 +478,62 @@ def _optimizer_tensors(named, optimizer) -> tuple[dict[str, torch.Tensor], list[
     return tensors, groups
 
 
-def _remove_interrupted_saves(folder: Path) -> None:
-    """Temporary .step-* folders are saves that died half-way: never trusted, so removed."""
-    if not folder.is_dir():
-        return
-    for tmp in sorted(folder.glob(".step-*")):
-        log.info("removing %s, left by an interrupted checkpoint save", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+def _remove_old_checkpoints(folder: Path, newest: Path, keep: int) -> None:
+    """Remove the oldest complete checkpoints beyond the newest `keep` (--checkpoints-total-limit), never
+    `newest`, the one just saved.
+
+    Damaged ones are neither counted nor removed: --resume skips them with a warning, and a checkpoint
+    that does not verify must not take the place of one that does. Each goes by a rename first, so
+    that a run killed while removing it leaves a .step-* temporary (removed at the next start), never
+    a half-deleted step-* folder that --resume would have to skip. Verifying hashes the older ones, a
+    checkpoint's large files fully once only (atomic.sha256_file remembers them from then on).
+    """
+    complete = [ckpt for ckpt in list_checkpoints(folder) if ckpt == newest or verify_checkpoint(ckpt) is not None]
+    for ckpt in complete[:-keep]:
+        if ckpt == newest:
+            continue
+        doomed = folder / f".{ckpt.name}.old"
+        shutil.rmtree(doomed, ignore_errors=True)
+        ckpt.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        log.info("removed %s (--checkpoints-total-limit %d)", ckpt, keep)
+
+
+# The temporaries the trainers' saves stage their outputs in, by the names atomic.make_temp_dir and
+# atomic.atomic_path give them (tempfile's, [a-z0-9_]{8}, in earlier versions; hex now), and the old
+# folder models.replace_dir swaps out. A run killed mid-save (SIGKILL, a power cut: no `finally` ran)
+# leaves them; no reader trusts them, but a saved SD-size model or checkpoint is gigabytes. Only these
+# names, in the folders the run writes: --out is the user's choice (it may hold other hidden files),
+# so atomic.remove_leftovers' wider patterns for artifact folders (any `.<name>.XXXXXXXX` folder) are
+# not used here.
+_TOKEN = r"[a-z0-9_]{8}"
+LEFTOVERS = {
+    ".": re.compile(rf"^\.(model\.{_TOKEN}|model\.old|lora-{_TOKEN}|(loss\.csv|dreambooth\.json)\.{_TOKEN}\.tmp)$"),
+    "samples": re.compile(rf"^\.step-\d{{7}}\.png\.{_TOKEN}\.tmp$"),  # save_grid (atomic_path)
+    "checkpoints": re.compile(r"^\.step-"),  # save_checkpoint's staging and _remove_old_checkpoints' renames
+    "class_images": re.compile(rf"^\.class-\d{{5}}\.png\.{_TOKEN}\.tmp$"),  # DreamBooth's class images, by default here
+}
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove what interrupted saves left in --out and the folders the run writes in it (see LEFTOVERS);
+    a link is never followed, whatever its name.
+
+    Called at the start of every run, fresh or resumed, before it writes anything: no save of its own is
+    under way (and a second run in the same --out at once is not supported: it would clash anyway).
+    """
+    for sub, pattern in LEFTOVERS.items():
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if not pattern.match(path.name) or path.is_symlink():
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted save", path)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -511,4 +620,10 @@ def _newest_checkpoint(folder: Path, expected: dict | None) -> tuple[Path, dict]
             raise DiffrtError(f"--resume: {ckpt} was trained with other settings ({'; '.join(changes)}); "
                               "resume with the saved settings, or start afresh in an empty --out")
         return ckpt, state
+    damaged = list_checkpoints(folder)
+    if damaged:
+        # A fresh run refuses an --out holding checkpoints (TrainConfig.validate), damaged ones too:
+        # "run without --resume" would send the user back here.
+        raise DiffrtError(f"--resume: no complete checkpoint in {folder}, only {len(damaged)} damaged (newest "
+                          f"{damaged[-1].name}); remove {folder} to start afresh in this --out, or choose an empty --out")
     raise DiffrtError(f"--resume: no complete checkpoint in {folder}; run without --resume to start afresh")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffrt.data import ImageDataset
+from diffrt.errors import DiffrtError
 from diffrt.models import PixelModel
 from diffrt.runtime.ddim import make_alphas_cumprod
 from diffrt.train.loop import LossFn, SampleFn
@@ -47,3 +48,16 @@ def pixel_sample_fn(model: PixelModel, steps: int, guidance_scale: float, per_cl
         return pipe(labels, guidance_scale=guidance_scale, **kwargs).images
 
     return sample_fn
+
+
+def check_sample_size(model: PixelModel, name: str, fix: str) -> None:
+    """Refuse, before any step, a sample size that the grid's pipeline (diffrt's pixel pipeline, as
+    `diffrt generate` and `serve` run it) refuses: the grid after the last step would fail, and with it
+    the run, before the model was saved. `name` says where the size came from, `fix` what to do."""
+    from diffrt.runtime.loading import torch_pixel_pipeline
+
+    spec = torch_pixel_pipeline(model).unet.spec
+    size, low, multiple = model.unet.sample_size, spec.ranges["height"][0], spec.multiple_of["height"]
+    if size < low or size % multiple:
+        raise DiffrtError(f"{name} {size}: diffrt samples this UNet (sample grids, generate, serve) at sides that are "
+                          f"multiples of {multiple} from {low} up; {fix}")
