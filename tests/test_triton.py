@@ -11,13 +11,20 @@ process, and the tests speak KServe v2 over HTTP to it:
 * bad input is refused with the message `diffrt serve` gives, naming the field;
 * the backend that ran is in every answer (RELIABILITY #15), the prompt text cut off at the
   encoder's length too (#13), and the per-stage times reach Triton's metrics endpoint;
-* a stub that misreads this numpy's arrays is refused when the model loads, not per request.
+* a stub that misreads this numpy's arrays is refused when the model loads, not per request;
+* over gRPC, with Triton's own client (tritonclient[grpc], which needs protobuf 6 where the venv has 7:
+  `make tritonclient` installs it in .venv/tritonserver/grpcclient and tests/scripts/triton_grpc_client.py
+  runs it in a subprocess with that folder first on sys.path), the server is live and ready, the
+  metadata lists the inputs the repository declares, answers equal the HTTP ones, refusals carry the
+  HTTP message as INVALID_ARGUMENT, and requests whose gRPC deadline passed are not generated for nobody.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import sys
 from types import SimpleNamespace
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -94,7 +101,7 @@ def test_rows_become_requests_checked_like_the_http_api():
         ({"num_inference_steps": np.array([[0]])}, "num_inference_steps"),
         ({"seed": np.array([[1, 2]])}, "seed: one value per row, got 2"),
         ({"color": np.array([[b"red"]], dtype=object)}, "color"),
-        ({"scheduler": np.array([[b"euler"]], dtype=object)}, "scheduler: Input should be 'ddim' or 'lcm'"),
+        ({"scheduler": np.array([[b"euler"]], dtype=object)}, "scheduler: Input should be 'ddim'"),
     ]
     for inputs, message in refusals:
         with pytest.raises(RequestError, match=message) as err:
@@ -119,6 +126,48 @@ def test_outputs_stack_rows_whose_plans_agree_on_shape():
         with pytest.raises(RequestError, match="same num_images, height and width"):
             check_row_shapes([plan(2, 16, 16), other])
 
+
+def test_the_rows_of_a_request_whose_client_has_gone_are_given_up(monkeypatch):
+    """A gRPC deadline passed (or a cancelled call): Triton marks the request cancelled, and while
+    the model waits for another request's rows it gives that one's up: a queued row is cancelled (it
+    leaves the queue), a running one's deadline is now (its batch stops at the next step once no
+    row of it is waited for); the request gets CANCELLED, the live one its images."""
+    import threading
+    import time
+
+    import diffrt.serve.triton as triton
+    from diffrt.serve.batcher import Job
+
+    class Request:
+        def __init__(self, cancelled: bool):
+            self.cancelled = cancelled
+
+        def is_cancelled(self) -> bool:
+            return self.cancelled
+
+    class TritonError:
+        CANCELLED, INVALID_ARG, UNAVAILABLE = "CANCELLED", "INVALID_ARG", "UNAVAILABLE"
+
+        def __init__(self, message: str, code: str = "INTERNAL"):
+            self.message, self.code = message, code
+
+    monkeypatch.setattr(triton, "CANCEL_POLL_S", 0.01)
+    model = triton.TritonPythonModel()
+    model.pb = SimpleNamespace(TritonError=TritonError, Tensor=lambda name, array: (name, array),
+                               InferenceResponse=lambda output_tensors, error=None: SimpleNamespace(outputs=dict(output_tensors), error=error))
+    model.runtime, model.text_to_image, model.stage_ms = SimpleNamespace(wait=lambda job: job.future.result(0)), False, None
+    job = lambda: Job(None, 1, None, deadline=time.monotonic() + 30)  # noqa: E731
+    live, gone = (Request(False), [job()]), (Request(True), [job(), job()])
+    gone[1][0].future.set_running_or_notify_cancel()  # running: not cancellable, its deadline moves instead
+    image = np.zeros((4, 4, 3), np.uint8)
+    threading.Timer(0.2, lambda: live[1][0].future.set_result(Answer("a", 7, [image], "onnxruntime", 4, {}, None))).start()
+    together = [(live[0], live[1]), (gone[0], gone[1])]
+    answer = model._respond(live[1], live[0], together)
+    assert answer.error is None and answer.outputs["seed"].tolist() == [[7]]
+    assert gone[1][0].expired and not gone[1][0].future.cancelled() and gone[1][1].future.cancelled()
+    refused = model._respond(gone[1], gone[0], together)
+    assert refused.error.code == "CANCELLED" and "client cancelled the request" in refused.error.message
+    assert triton._cancelled(object()) is False  # a stub without is_cancelled (Triton before 23.10): nothing given up
 
 def test_write_repository_places_the_model_atomically(t2i_artifact, tmp_path, monkeypatch):
     import diffrt.serve.triton as triton
@@ -298,7 +347,7 @@ def test_bad_requests_are_refused_by_name(triton):
              ({"num_inference_steps": 0}, "num_inference_steps"),
              ({"prompt": "a cat"}, "prompt"),  # not an input of a pixel model: Triton itself refuses it
              ({"class_label": 1, "height": 17}, "height"),
-             ({"class_label": 1, "scheduler": "euler"}, "scheduler: Input should be 'ddim' or 'lcm'"),
+             ({"class_label": 1, "scheduler": "euler"}, "scheduler: Input should be 'ddim'"),
              ({"class_label": 1, "scheduler": "lcm", "eta": 0.5}, "eta: eta 0.5 is DDIM's"),
              ({"class_label": [[1], [2]], "num_images": [[1], [2]]}, "same num_images, height and width")]
     for inputs, message in cases:
@@ -341,6 +390,136 @@ def test_text_to_image_with_a_controlnet_equals_diffrt_generate(triton, t2i_arti
         assert float(line.split()[-1]) > 0
     assert any(line.startswith("diffrt_images_total{") and 'model="sd"' in line for line in text.splitlines())
 
+
+
+# -- the same server over gRPC (tritonclient.grpc, in a subprocess: it needs protobuf 6, the venv has 7) --
+
+GRPC_CLIENT = Path(sys.prefix) / "tritonserver" / "grpcclient"  # `make tritonclient`
+GRPC_TYPES = {"TYPE_STRING": "BYTES", "TYPE_INT64": "INT64", "TYPE_FP64": "FP64"}
+
+
+def grpc_inputs(inputs: dict[str, list]) -> list[dict]:
+    """infer()'s inputs as the gRPC script's tensors: the same rows and data types, BYTES as base64."""
+    tensors = []
+    for name, rows in inputs.items():
+        rows = rows if isinstance(rows, list) else [[rows]]
+        datatype = GRPC_TYPES[INPUTS[name][0]]
+        data = [v for row in rows for v in row]
+        if datatype == "BYTES":
+            data = [base64.b64encode(v if isinstance(v, bytes) else v.encode()).decode("ascii") for v in data]
+        tensors.append({"name": name, "datatype": datatype, "shape": [len(rows), len(rows[0])], "data": data})
+    return tensors
+
+
+def over_grpc(server: LocalTritonServer, models: list[str], requests: dict[str, tuple[str, list[dict]]], out: Path,
+              abandon: dict | None = None) -> dict:
+    """Run tests/scripts/triton_grpc_client.py against the server: its results.json, numeric outputs loaded from their npy."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"url": f"127.0.0.1:{server.grpc}", "models": models,
+            "requests": {key: {"model": model, "inputs": tensors} for key, (model, tensors) in requests.items()},
+            **({"abandon": abandon} if abandon else {})}
+    (out / "plan.json").write_text(json.dumps(plan))
+    script = Path(__file__).parent / "scripts" / "triton_grpc_client.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(script), str(GRPC_CLIENT), str(out / "plan.json"), str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((out / "results.json").read_text())
+    for answer in results["requests"].values():
+        for output in answer.get("outputs", {}).values():
+            output["array"] = (np.load(out / output["file"]) if "file" in output
+                               else np.array(output["data"], dtype=object).reshape(output["shape"]))
+    return results
+
+
+@pytest.mark.skipif(not (GRPC_CLIENT / "tritonclient" / "grpc").is_dir(),  # checked before the server starts
+                    reason=f"no Triton gRPC client in {GRPC_CLIENT} (`make tritonclient` installs tritonclient[grpc] with protobuf 6 there)")
+def test_grpc_answers_as_http_does(triton, t2i_artifact, tmp_path):
+    """Triton's gRPC front end, with its own client: health, readiness and the inputs the repository
+    declares; images equal to the HTTP answer's (and `diffrt generate`'s) for the same request;
+    refusals with the HTTP path's message."""
+    from PIL import Image
+
+    from diffrt.serve.triton import CONTROL_ONLY, PIXEL_ONLY, TEXT_ONLY
+
+    rng = np.random.default_rng(0)
+    control, init = (Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2))
+    control.save(tmp_path / "control.png")
+    init.save(tmp_path / "init.png")
+    png, init_png = (tmp_path / "control.png").read_bytes(), (tmp_path / "init.png").read_bytes()
+    digits_settings = dict(class_label=3, seed=1234, num_inference_steps=STEPS, guidance_scale=2.5, eta=0.5, color="#ff8800",
+                           color_scale=4.0)
+    good = {
+        "digits": ("digits", digits_settings),
+        "digits_rows": ("digits", {"class_label": [[1], [7]], "seed": [[5], [6]], "num_inference_steps": [[STEPS]] * 2,
+                                   "num_images": [[2], [2]]}),
+        "digits_lcm": ("digits", {"class_label": 5, "seed": 9, "num_inference_steps": STEPS, "scheduler": "lcm"}),
+        "sd_control": ("sd", {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 3, "num_inference_steps": STEPS,
+                              "control_image": [[png]], "controlnet_conditioning_scale": 0.7}),
+        "sd_image": ("sd", {"prompt": PROMPT, "seed": 5, "num_inference_steps": STEPS, "image": [[init_png]], "strength": 0.6,
+                            "control_image": [[png]]}),
+        "sd_long": ("sd", {"prompt": " ".join(f"word{i}" for i in range(60)), "seed": 1, "num_inference_steps": 1}),
+    }
+    bad = {f"bad{i}": ("digits", inputs) for i, inputs in enumerate([
+        {"class_label": 33}, {"num_inference_steps": 0}, {"prompt": "a cat"}, {"class_label": 1, "height": 17},
+        {"class_label": 1, "scheduler": "euler"}, {"class_label": 1, "scheduler": "lcm", "eta": 0.5},
+        {"class_label": [[1], [2]], "num_images": [[1], [2]]}, {"image": [[b"not a png"]], "prompt": PROMPT}])}
+    bad["bad7"] = ("sd", bad["bad7"][1])
+    requests = {key: (model, grpc_inputs(inputs)) for key, (model, inputs) in {**good, **bad}.items()}
+    # A float32 guidance scale (numpy's default for many clients): refused by Triton for the FP64 the model declares.
+    requests["fp32"] = ("digits", [{**t, "datatype": "FP32"} if t["name"] == "guidance_scale" else t for t in requests["digits"][1]])
+    # Four requests whose 0.5 s gRPC deadline passes while they run or wait: Triton marks them
+    # cancelled, and the model gives their rows up (a running batch at its next step) rather than
+    # generating them for nobody ahead of the next request.
+    steps = lambda n: grpc_inputs({"class_label": 1, "num_inference_steps": n})  # noqa: E731
+    abandon = {"model": "digits", "alone": steps(200), "abandoned": [steps(n) for n in (200, 199, 198, 197)],
+               "client_timeout": 0.5, "after": steps(2)}
+    results = over_grpc(triton, ["digits", "sd"], requests, tmp_path / "grpc", abandon)
+
+    assert results["protobuf"].startswith("6.") and str(GRPC_CLIENT) in results["protobuf_file"]
+    assert results["server_live"] and results["server_ready"] and results["model_ready"] == {"digits": True, "sd": True}
+    for model, leave_out, outputs_declared in [
+            ("digits", TEXT_ONLY + CONTROL_ONLY, ["images", "seed", "backend"]),
+            ("sd", PIXEL_ONLY, ["images", "seed", "backend", "truncated", "truncated_negative"])]:
+        meta = results["metadata"][model]
+        assert meta["name"] == model and meta["platform"] == "python" and meta["versions"] == ["1"]
+        want = [{"name": name, "datatype": GRPC_TYPES[kind], "shape": [-1, *dims]}
+                for name, (kind, dims) in INPUTS.items() if name not in leave_out]
+        assert [{**i, "shape": [int(d) for d in i["shape"]]} for i in meta["inputs"]] == want  # protobuf's JSON: int64 as text
+        assert [o["name"] for o in meta["outputs"]] == outputs_declared
+        assert [int(d) for d in meta["outputs"][0]["shape"]] == [-1, -1, -1, -1, -1] and meta["outputs"][0]["datatype"] == "UINT8"
+        config = results["config"][model]
+        assert all(i.get("optional") for i in config["input"]) and int(config["max_batch_size"]) == (4 if model == "digits" else 2)
+
+    answers = results["requests"]
+    for key, (model, inputs) in good.items():
+        assert "error" not in answers[key], (key, answers[key])
+        grpc_out = {name: o["array"] for name, o in answers[key]["outputs"].items()}
+        http_out = outputs(infer(triton, model, inputs))
+        assert set(grpc_out) == set(http_out), key
+        np.testing.assert_array_equal(grpc_out["images"], http_out["images"], err_msg=key)
+        assert grpc_out["images"].dtype == np.uint8 and grpc_out["seed"].tolist() == http_out["seed"].tolist(), key
+        for name in set(grpc_out) - {"images", "seed"}:  # BYTES: the backend, the text cut off
+            assert grpc_out[name].tolist() == http_out[name].tolist(), (key, name)
+    digits = {name: o["array"] for name, o in answers["digits"]["outputs"].items()}
+    np.testing.assert_array_equal(digits["images"][0], generated(None, **digits_settings))
+    assert digits["backend"].tolist() == [["onnxruntime"]] and digits["seed"].tolist() == [[1234]]
+    assert answers["sd_long"]["outputs"]["truncated"]["array"][0, 0].replace(" ", "").endswith("word59")
+
+    for key, (model, inputs) in bad.items():
+        http = infer(triton, model, inputs)
+        assert http.status_code == 400, (key, http.text)
+        assert answers[key] == {"error": http.json()["error"], "status": "StatusCode.INVALID_ARGUMENT"}, (key, http.text)
+    assert answers["bad0"]["error"].startswith("class_label: 33 is out of range")
+    assert answers["fp32"]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "guidance_scale" in answers["fp32"]["error"] and "FP64" in answers["fp32"]["error"], answers["fp32"]
+
+    gone = results["abandon"]
+    assert gone["statuses"] == ["StatusCode.DEADLINE_EXCEEDED"] * 4
+    assert gone["after_s"] < 0.5 * gone["alone_s"], gone  # not behind 4 x 200 steps that nobody waits for
+    assert outputs(infer(triton, "digits", {"class_label": 2, "num_inference_steps": 1}))["images"].shape[0] == 1  # still serving
 
 def test_a_stub_that_misreads_numpy_arrays_is_refused_at_load(tmp_path):
     import numpy

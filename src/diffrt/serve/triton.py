@@ -25,7 +25,9 @@ The answer: `images` UINT8 [rows, num_images, H, W, C], `seed` (the one drawn wh
 `backend`, and for text-to-image models the prompt text cut off at the encoder's length
 (`truncated`, `truncated_negative`, "" when nothing was: RELIABILITY #13). A refused request gets
 the message `diffrt serve` would give, as a Triton error (INVALID_ARG for bad input, UNAVAILABLE
-when the queue is full).
+when the queue is full), the same over HTTP and gRPC. A request Triton marks cancelled (its gRPC
+deadline passed, its call cancelled) gives up its rows: queued ones leave the queue, a running
+batch of only such rows stops at its next step.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     "width": ("TYPE_INT64", [1]),
     "num_images": ("TYPE_INT64", [1]),
     "eta": ("TYPE_FP64", [1]),
-    "scheduler": ("TYPE_STRING", [1]),  # "ddim" or "lcm"; left out: the model's own sampler
+    "scheduler": ("TYPE_STRING", [1]),  # "ddim", "lcm" or "dpm"; left out: the model's own sampler
     "color": ("TYPE_STRING", [1]),
     "color_scale": ("TYPE_FP64", [1]),
     "control_image": ("TYPE_STRING", [-1]),  # raw PNG bytes, one per ControlNet
@@ -82,9 +84,11 @@ CONTROL_ONLY = ("control_image", "controlnet_conditioning_scale")
 PIXEL_ONLY = ("class_label",)
 TRUNCATED = ("truncated", "truncated_negative")  # text-to-image outputs: the prompt text cut off
 
-# RequestError statuses -> Triton error codes (pb_utils.TritonError's attribute names).
+# RequestError statuses -> Triton error codes (pb_utils.TritonError's attribute names); 499: the
+# client cancelled (a gRPC deadline passed, a cancelled call), answered only because Triton wants an answer.
 ERROR_CODES = {400: "INVALID_ARG", 413: "INVALID_ARG", 422: "INVALID_ARG", 429: "UNAVAILABLE", 503: "UNAVAILABLE",
-               504: "UNAVAILABLE"}
+               504: "UNAVAILABLE", 499: "CANCELLED"}
+CANCEL_POLL_S = 0.2  # how often a waiting execute asks Triton whether its requests' clients are still there
 
 MODEL_PY = '''"""Triton's Python-backend model for diffrt, written by `diffrt triton-repo`.
 
@@ -420,6 +424,15 @@ class LocalTritonServer:
 
 # -- the model Triton's Python backend runs ----------------------------------------------------
 
+def _cancelled(request) -> bool:
+    """Whether Triton has marked the request cancelled (its client gone); False where the backend
+    cannot tell (request.is_cancelled: Triton 23.10 and later)."""
+    try:
+        return bool(request.is_cancelled())
+    except Exception:  # noqa: BLE001 - an older stub without it, or a request that is not a Triton one
+        return False
+
+
 def _param_text(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
@@ -523,7 +536,8 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         pending = [self._submit(request) for request in requests]  # all queued first: the runtime batches them
-        return [self._respond(item) for item in pending]
+        together = list(zip(requests, pending))
+        return [self._respond(item, request, together) for request, item in together]
 
     def _submit(self, request):
         jobs = []
@@ -545,11 +559,17 @@ class TritonPythonModel:
             return RequestError(500, f"planning the request failed: {type(exc).__name__}: {exc}")
         return jobs
 
-    def _respond(self, item):
+    def _respond(self, item, request=None, together: list = ()):
         try:
             if isinstance(item, RequestError):
                 raise item
-            answers = [self.runtime.wait(job) for job in item]
+            answers = []
+            for job in item:
+                self._wait_or_drop(job, together)
+                if _cancelled(request):
+                    raise RequestError(499, "the client cancelled the request (its gRPC deadline passed or it hung up) "
+                                            "before its images were made")
+                answers.append(self.runtime.wait(job))
             outputs = outputs_from_answers(answers, self.text_to_image)
         except RequestError as exc:
             for job in item if isinstance(item, list) else ():  # one row failed: the rest are not waited for
@@ -559,6 +579,22 @@ class TritonPythonModel:
             return self.pb.InferenceResponse(output_tensors=[], error=error)
         self._count(answers)
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(name, array) for name, array in outputs.items()])
+
+    def _wait_or_drop(self, job, together: list) -> None:
+        """Wait for a job (up to its deadline: runtime.wait answers the timeout) while giving up the
+        rows of requests whose client has gone: Triton marks a request cancelled when its gRPC
+        deadline passes or the call is cancelled, and its rows would otherwise still be generated,
+        ahead of live requests. Nobody waits for them from now (their deadline): a queued row leaves
+        the queue, a running batch whose every row is given up stops at its next step."""
+        from concurrent.futures import wait
+
+        while not job.future.done() and time.monotonic() < job.deadline:
+            for request, item in together:
+                if isinstance(item, list) and any(not j.future.done() for j in item) and _cancelled(request):
+                    for j in item:
+                        j.deadline = min(j.deadline, time.monotonic())
+                        j.future.cancel()
+            wait([job.future], timeout=CANCEL_POLL_S)
 
     def _count(self, answers: list) -> None:
         if self.stage_ms is None:
