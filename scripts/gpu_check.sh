@@ -43,6 +43,6 @@ timeout 90 python3 benchmarks/bench_kernels.py --iters 100 > "$OUT/kernels.txt" 
 echo "bench_kernels: exit $?"; cat "$OUT/kernels.txt"
 
 # 3. End-to-end latency against eager on the SD-1.5-sized configs (random weights, built locally).
-timeout 240 python3 -m diffrt.cli bench --config sd15 --config sd15-color --config sd15-lcm --backend torch --backend torch-compile \
+timeout 240 python3 -m diffrt.cli bench --config sd15 --config sd15-color --config sd15-lcm --config sd15-dpm --backend torch --backend torch-compile \
     --repeats 3 --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "diffrt bench: exit $?"; tail -n 30 "$OUT/bench.log"

@@ -60,6 +60,35 @@ def shipped_model_dir():
 
 # --- text-to-image: one tiny Stable Diffusion folder and one exported artifact per session --------
 
+# --- helpers the sampler tests share (imported: `from conftest import ...`) ----------------------
+
+
+def generators(*seeds) -> list[torch.Generator]:
+    """diffusers' list of generators, one per image."""
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def max_abs(a, b) -> float:
+    return (torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max().item()
+
+
+def one_line(info) -> str:
+    """The text of a pytest.raises ExceptionInfo, asserted to be one line (user errors are)."""
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+def diffusers_pipe(cls, folder, scheduler=None, **components):
+    """diffusers' pipeline `cls` from a folder (the reference), optionally with another scheduler class
+    made from the folder's config, as `pipe.scheduler = cls.from_config(pipe.scheduler.config)`."""
+    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False, **components)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 T2I_RANGES = dict(batch=(1, 2, 4), height=(32, 32, 64), width=(32, 32, 64))  # pixels; the tiny UNet needs >= 32
 
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
+from conftest import diffusers_pipe, generators, max_abs, one_line
 from diffrt.errors import DiffrtError
 from diffrt.runtime import ddim, lcm
 from diffrt.runtime.sampling import SamplerOptions, choose_scheduler, sample
@@ -60,28 +61,6 @@ def lcm_pipe(sd_lcm):
 @pytest.fixture(scope="module")
 def ddim_pipe(t2i_folder):
     return open_text_to_image_pipeline(t2i_folder, "torch", CPU)
-
-
-def diffusers_pipe(cls, folder, scheduler=None, **components):
-    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False, **components)
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generators(*seeds):
-    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-
-def max_abs(a, b) -> float:
-    return (torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max().item()
-
-
-def one_line(info) -> str:
-    text = str(info.value)
-    assert "\n" not in text
-    return text
 
 
 # --- the schedule ---------------------------------------------------------------------------------------
@@ -296,7 +275,7 @@ def test_bad_pipeline_arguments_are_one_line(lcm_pipe, ddim_pipe):
         (lcm_pipe, dict(eta=0.5), r"eta 0.5 is DDIM's; LCM draws fresh noise between its steps"),
         (ddim_pipe, dict(scheduler="lcm", eta=0.3), r"eta 0.3 is DDIM's"),
         (ddim_pipe, dict(timesteps=[999, 499]), r"custom timesteps need scheduler='lcm'"),
-        (ddim_pipe, dict(scheduler="euler"), r"scheduler must be 'ddim' or 'lcm' .* got 'euler'"),
+        (ddim_pipe, dict(scheduler="euler"), r"scheduler must be 'ddim', 'lcm' or 'dpm' .* got 'euler'"),
         (lcm_pipe, dict(image=torch.rand(1, 3, 32, 32), strength=0.2), r"strength 0.2 x 4 steps leaves no denoising step"),
     ]
     for pipe, kwargs, message in cases:

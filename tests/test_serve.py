@@ -335,7 +335,7 @@ def test_colour_requests_at_one_scale_share_a_batch(server, client, served_model
     (b'{"class_label": 1, "guidance_rescale": 0.5}', 422, "guidance_rescale: the loaded model is a class-conditioned pixel-space"),
     (b'{"class_label": 1, "lora_scale": 0.5}', 422, "lora_scale: lora_scale 0.5: this model runs no LoRA"),
     (b'{"class_label": 100}', 422, "class_label: 100 is out of range"),
-    (b'{"class_label": 1, "scheduler": "euler"}', 422, "scheduler: Input should be 'ddim' or 'lcm'"),
+    (b'{"class_label": 1, "scheduler": "euler"}', 422, "scheduler: Input should be 'ddim', 'lcm' or 'dpm'"),
     (b'{"class_label": 1, "scheduler": "lcm", "eta": 0.5}', 422, "eta: eta 0.5 is DDIM's; LCM draws fresh noise"),
     (b'{"class_label": 1, "scheduler": "lcm", "num_inference_steps": 51}', 422, "num_inference_steps: LCM takes its steps"),
     (b'{"num_inference_steps": 2}', 422, "class_label: required"),

@@ -10,6 +10,8 @@
     sd15-controlnet       the same + SD-1.5-sized ControlNet       + a control image                          GPU
     sd15-lcm              the same, sampled with LCM               4 LCM steps, guidance 1 (no CFG batch):    GPU
                                                                    what LCM-LoRA deployments run
+    sd15-dpm              the same, sampled with DPM-Solver++      20 DPM-Solver++(2M) steps, CFG 7.5:        GPU
+                                                                   what most SD deployments run
 
 A configuration opens a `Workload` per backend: the pipeline, a function that runs the request
 with a given number of steps, and which pipeline attributes are components (so their calls can
@@ -168,7 +170,7 @@ class TextToImageConfig(BenchConfig):
     color_scale: float = 20.0
     prompt: str = "a photo of a cat sitting on a red sofa"
     seed: int = 0
-    scheduler: str | None = None  # None: the model's own (DDIM); "lcm": LCM on its training schedule
+    scheduler: str | None = None  # None: the model's own (DDIM); "lcm" / "dpm": LCM / DPM-Solver++ on its training schedule
 
     @property
     def folder(self) -> Path:
@@ -303,9 +305,11 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
                         controlnet=True),
     dataclasses.replace(_SD15, name="sd15-lcm", description=_SD15.description + ", LCM: 4 steps, guidance 1",
                         num_inference_steps=4, guidance_scale=1.0, scheduler="lcm"),
+    dataclasses.replace(_SD15, name="sd15-dpm", description=_SD15.description + ", DPM-Solver++(2M): 20 steps",
+                        num_inference_steps=20, scheduler="dpm"),
 )}
 CPU_DEFAULT = ("digits", "digits-unguided", "tiny-t2i-controlnet")
-GPU_DEFAULT = ("sd15", "sd15-color", "sd15-controlnet", "sd15-lcm")
+GPU_DEFAULT = ("sd15", "sd15-color", "sd15-controlnet", "sd15-lcm", "sd15-dpm")
 
 
 def get_config(name: str) -> BenchConfig:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -45,6 +45,10 @@ class DDIMConfig:
     prediction_type: PredictionType = "epsilon"
     timestep_spacing: TimestepSpacing = "leading"
     rescale_betas_zero_snr: bool = False
+    # The keys the scheduler config left out, at this class's defaults (diffusers' `_use_default_values`):
+    # another sampler made from this config takes its own defaults for them, as `<Other>.from_config` does
+    # (SD-1.5's PNDM file has no timestep_spacing: DPMSolverMultistepScheduler.from_config gives "linspace").
+    unset: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     SAMPLER = "DDIM"  # what the pipelines sample this config with
     # and the diffusers class whose from_config it reads as (not dataclass fields: no annotations)
@@ -58,14 +62,19 @@ class DDIMConfig:
         Another class's config (SD-1.5 ships PNDMScheduler) gives DDIM on that training schedule, as
         diffusers' `DDIMScheduler.from_config(scheduler.config)` (and DDIMPipeline) do; its own sampler's
         keys (karras sigmas, ...) have no meaning here and are logged. One naming LCMScheduler gives an
-        LCMConfig (lcm.py), a DDIMConfig that the pipelines sample with LCM, as diffusers' pipelines
-        sample such a folder; `sampling.choose_scheduler(config, "ddim")` is DDIM on it."""
-        if cls is DDIMConfig and config.get("_class_name") == "LCMScheduler":
-            from diffrt.runtime.lcm import LCMConfig  # lcm.py builds on this module
+        LCMConfig (lcm.py), one naming DPMSolverMultistepScheduler a DPMConfig (dpm.py): DDIMConfigs that
+        the pipelines sample with LCM or DPM-Solver++, as diffusers' pipelines sample such a folder;
+        `sampling.choose_scheduler(config, "ddim")` is DDIM on it."""
+        if cls is DDIMConfig and config.get("_class_name") in ("LCMScheduler", "DPMSolverMultistepScheduler"):
+            from diffrt.runtime.dpm import DPMConfig  # lcm.py and dpm.py build on this module
+            from diffrt.runtime.lcm import LCMConfig
 
-            return LCMConfig.from_scheduler_config(config)
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in dict(config).items() if k in names}
+            own = LCMConfig if config["_class_name"] == "LCMScheduler" else DPMConfig
+            return own.from_scheduler_config(config)
+        left_out = set(config.get("_use_default_values") or ())
+        config = {k: v for k, v in dict(config).items() if k not in left_out and k != "_use_default_values"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"unset"}
+        kwargs = {k: v for k, v in config.items() if k in names}
         other = config.get("_class_name")
         if other not in (None, cls.SCHEDULER_CLASS):
             unused = sorted(k for k in config if k not in names | THRESHOLDING_KEYS and not k.startswith("_"))
@@ -75,7 +84,7 @@ class DDIMConfig:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
         if "thresholding" not in names and config.get("thresholding"):
             raise DiffrtError(f"dynamic thresholding is not supported by diffrt's {cls.SAMPLER}; set thresholding=false")
-        cfg = cls(**kwargs)
+        cfg = cls(**kwargs, unset=frozenset(names - set(kwargs)))
         if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise DiffrtError(f"unknown prediction_type {cfg.prediction_type!r}; expected epsilon, v_prediction or sample")
         if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
@@ -83,8 +92,11 @@ class DDIMConfig:
         return cfg
 
     def to_scheduler_config(self) -> dict:
-        out = dataclasses.asdict(self)
+        """The config as diffusers writes it, with `_use_default_values` naming the keys its file left out."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "unset"}
         out["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
+        if self.unset:
+            out["_use_default_values"] = sorted(self.unset)
         return out
 
 

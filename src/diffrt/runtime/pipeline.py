@@ -7,8 +7,10 @@ draws the initial noise, so a seed gives the same images as diffusers' DDIMPipel
 come from its own generator (sampling.randn).
 The sampler is DDIM, or LCM for a folder whose scheduler config names LCMScheduler (or with
 `scheduler="lcm"`), run as diffusers' DDPMPipeline runs an LCMScheduler: its noise between steps
-comes from the same generator, after the initial noise. (diffusers' DDIMPipeline would convert
-such a folder's scheduler to DDIM; `scheduler="ddim"` does that here.)
+comes from the same generator, after the initial noise; or DPM-Solver++ for a folder naming
+DPMSolverMultistepScheduler (or with `scheduler="dpm"`), as DDPMPipeline runs that scheduler.
+(diffusers' DDIMPipeline would convert such a folder's scheduler to DDIM; `scheduler="ddim"` does
+that here.)
 Classifier-free guidance for class labels runs the null label and the requested labels in
 one 2B batch.
 """
@@ -24,7 +26,7 @@ import torch
 from diffrt.errors import DiffrtError
 from diffrt.images import to_numpy, to_pil, to_unit_range
 from diffrt.models import PixelModelInfo
-from diffrt.runtime import ddim, lcm
+from diffrt.runtime import ddim, dpm, lcm
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
@@ -80,7 +82,7 @@ class DenoiserPipeline:
     device, and the PyTorch modules that gradient guidance falls back to, loaded on first use."""
 
     unet: Backend
-    scheduler: ddim.DDIMConfig  # the model's own; an lcm.LCMConfig samples with LCM
+    scheduler: ddim.DDIMConfig  # the model's own; an lcm.LCMConfig samples with LCM, a dpm.DPMConfig with DPM-Solver++
     unet_precision: str = "fp32"  # the precision the UNet's engine was built at: sets the eps agreement limit
     _torch: dict[str, TorchModule]
     lora: RuntimeLora | None = None  # the LoRA it runs, whose strength set_lora_scale changes (lora_scale.py)
@@ -123,7 +125,7 @@ class DenoiserPipeline:
 
     def sampling_schedule(self, num_inference_steps: int, *, scheduler: Scheduler = None, eta: float = 0.0,
                           timesteps: list[int] | None = None, **call):
-        """The DDIM or LCM schedule such a call runs; DiffrtError (one line) for steps its sampler cannot
+        """The DDIM, LCM or DPM-Solver++ schedule such a call runs; DiffrtError (one line) for steps its sampler cannot
         take. Cheap and public, for callers that refuse a request before queueing it (`diffrt serve`).
         `call`: what else the pipeline's sampler_config decides by (text-to-image: `control`)."""
         return make_sampling_schedule(self.sampler_config(scheduler, **call), num_inference_steps, eta=eta, timesteps=timesteps)
@@ -160,7 +162,7 @@ class DenoiserPipeline:
 
 
 class PixelPipeline(DenoiserPipeline):
-    """DDIM (or LCM) sampling of a pixel-space UNet on any backend."""
+    """DDIM (or LCM, or DPM-Solver++) sampling of a pixel-space UNet on any backend."""
 
     def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
                  channels: int, sample_size: int, torch_unet: TorchModule = None,
@@ -224,7 +226,7 @@ class PixelPipeline(DenoiserPipeline):
                 check_finite(eps, "unet")
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
-        # 4. The guided DDIM or LCM loop.
+        # 4. The guided DDIM, LCM or DPM-Solver++ loop.
         guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=to_unit_range_unclamped,
@@ -272,7 +274,9 @@ class PixelPipeline(DenoiserPipeline):
 
 
 def scheduler_name(schedule) -> str:
-    """The sampler a schedule (or a scheduler config) runs, for metadata: 'ddim' or 'lcm'."""
+    """The sampler a schedule (or a scheduler config) runs, for metadata: 'ddim', 'lcm' or 'dpm'."""
+    if isinstance(schedule, (dpm.DPMSchedule, dpm.DPMConfig)):
+        return "dpm"
     return "lcm" if isinstance(schedule, (lcm.LCMSchedule, lcm.LCMConfig)) else "ddim"
 
 

@@ -1,4 +1,4 @@
-"""The guided sampling loop, DDIM or LCM, independent of any backend.
+"""The guided sampling loop, DDIM, LCM or DPM-Solver++, independent of any backend.
 
 The loop sees the model only as `denoise(x, t) -> (eps_uncond, eps_cond)`: eps_uncond is None
 when classifier-free guidance is off. It never learns which backend computed them. Per step:
@@ -6,11 +6,13 @@ when classifier-free guidance is off. It never learns which backend computed the
     1. predict noise (both CFG branches in one 2B batch, inside `denoise`);
     2. on guided steps, move x_t down the gradient of the guidance losses (guidance.py);
     3. take the sampler's step: DDIM (ddim.py, fused with the CFG combine on CUDA, kernels/) for a
-       DDIMSchedule, multistep LCM (lcm.py) for an LCMSchedule.
+       DDIMSchedule, multistep LCM (lcm.py) for an LCMSchedule, multistep DPM-Solver++ (dpm.py) for a
+       DPMSchedule, which reads the data predictions of the steps before: `sample` keeps them per call.
 
 Random draws after x_T come from `options.generator`: one generator for the batch, one per image
 (diffusers' list), or blocks of rows each from its own (GeneratorBlocks). DDIM draws a step's noise
-when eta > 0; LCM on every step but the last, as LCMScheduler.step does (it has no eta).
+when eta > 0; LCM on every step but the last, as LCMScheduler.step does (it has no eta); DPM-Solver++
+never (deterministic, no eta).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable, Literal
 import torch
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError
-from diffrt.runtime import ddim, lcm
+from diffrt.runtime import ddim, dpm, lcm
 from diffrt.runtime.guidance import Guidance
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
@@ -114,36 +116,41 @@ class SamplerOptions:
     guidance_rescale: float = 0.0  # combine_cfg's rescale (diffusers' guidance_rescale); not fused
 
 
-Schedule = ddim.DDIMSchedule | lcm.LCMSchedule
-Scheduler = Literal["ddim", "lcm"] | ddim.DDIMConfig | None  # a pipeline's `scheduler=`: None is the model's own
+Schedule = ddim.DDIMSchedule | lcm.LCMSchedule | dpm.DPMSchedule
+Scheduler = Literal["ddim", "lcm", "dpm"] | ddim.DDIMConfig | None  # a pipeline's `scheduler=`: None is the model's own
+SAMPLERS = {"ddim": ddim.DDIMConfig, "lcm": lcm.LCMConfig, "dpm": dpm.DPMConfig}  # `scheduler=` names -> their configs
 
 
 def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig:
-    """The config a pipeline samples with: its model's own (None; an LCMConfig for a folder naming
-    LCMScheduler), that model's training schedule under another sampler ("ddim", "lcm": diffusers'
-    `pipe.scheduler = DDIMScheduler/LCMScheduler.from_config(pipe.scheduler.config)`), or a config given."""
+    """The config a pipeline samples with: its model's own (None; an LCMConfig or DPMConfig for a folder
+    naming LCMScheduler or DPMSolverMultistepScheduler), that model's training schedule under another
+    sampler ("ddim", "lcm", "dpm": diffusers' `pipe.scheduler = DDIMScheduler/LCMScheduler/
+    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`), or a config given."""
     if choice is None or isinstance(choice, ddim.DDIMConfig):
         return own if choice is None else choice
-    if choice == "lcm":
-        return own if isinstance(own, lcm.LCMConfig) else lcm.LCMConfig.from_scheduler_config(own.to_scheduler_config())
-    if choice == "ddim":
-        if not isinstance(own, lcm.LCMConfig):
-            return own
+    cls = SAMPLERS.get(choice) if isinstance(choice, str) else None
+    if cls is None:
+        raise DiffrtError(f"scheduler must be 'ddim', 'lcm' or 'dpm' (or a DDIMConfig / LCMConfig / DPMConfig), got {choice!r}")
+    if type(own) is cls:
+        return own
+    if cls is ddim.DDIMConfig:
         # DDIMScheduler.from_config(lcm.config): the keys DDIM shares, dynamic thresholding refused by name.
         return ddim.DDIMConfig.from_scheduler_config({**own.to_scheduler_config(), "_class_name": "DDIMScheduler"})
-    raise DiffrtError(f"scheduler must be 'ddim' or 'lcm' (or a DDIMConfig / LCMConfig), got {choice!r}")
+    return cls.from_scheduler_config(own.to_scheduler_config())
 
 
 def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *, eta: float = 0.0,
                            timesteps: list[int] | None = None) -> Schedule:
     """The schedule for `config`'s sampler, with what only one sampler takes refused in one line: DDIM's
-    `eta` for LCM (LCMScheduler.step has none; diffusers' pipelines drop it silently), custom
+    `eta` for LCM and DPM-Solver++ (their step() has none; diffusers' pipelines drop it silently), custom
     `timesteps` for DDIM (diffusers' DDIMScheduler takes none either)."""
     check_eta(config, eta)
     if isinstance(config, lcm.LCMConfig):
         schedule = lcm.make_lcm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
+    elif isinstance(config, dpm.DPMConfig):
+        schedule = dpm.make_dpm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
     elif timesteps is not None:
-        raise DiffrtError("custom timesteps need scheduler='lcm'; DDIM takes num_inference_steps (and timestep_spacing "
+        raise DiffrtError("custom timesteps need scheduler='lcm' or 'dpm'; DDIM takes num_inference_steps (and timestep_spacing "
                           "in the scheduler config), as diffusers' DDIMScheduler does")
     else:
         schedule = ddim.make_schedule(config, num_inference_steps)
@@ -154,7 +161,10 @@ def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *,
 def check_schedule(schedule: Schedule) -> None:
     """Refuse a schedule the model cannot run, before any work. Zero terminal SNR: an epsilon model's
     x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides by zero at an alpha_bar-0 step, where diffusers'
-    DDIM returns NaN images; refused here rather than reported later as a NaN in the VAE."""
+    DDIM returns NaN images; refused here rather than reported later as a NaN in the VAE. (DPM-Solver++
+    has none: its last alpha_bar is 2^-24, as diffusers', dpm.make_dpm_alphas_cumprod.)"""
+    if isinstance(schedule, dpm.DPMSchedule):
+        return
     if schedule.prediction_type == "epsilon" and bool((schedule.alpha_bar == 0).any()):
         t = int(schedule.timesteps[schedule.alpha_bar == 0][0])
         skip = "" if isinstance(schedule, lcm.LCMSchedule) else ", or steps that skip that timestep (timestep_spacing 'leading')"
@@ -164,26 +174,45 @@ def check_schedule(schedule: Schedule) -> None:
 
 
 def check_eta(sampler: ddim.DDIMConfig | Schedule, eta: float) -> None:
-    """eta is DDIM's: LCM (its config or schedule) takes none. One line, where diffusers' pipelines drop it silently."""
-    if isinstance(sampler, (lcm.LCMConfig, lcm.LCMSchedule)) and eta != 0:
+    """eta is DDIM's: LCM and DPM-Solver++ (their config or schedule) take none. One line, where diffusers'
+    pipelines drop it silently."""
+    if eta == 0:
+        return
+    if isinstance(sampler, (lcm.LCMConfig, lcm.LCMSchedule)):
         raise DiffrtError(f"eta {eta:g} is DDIM's; LCM draws fresh noise between its steps whatever eta is "
                           "(LCMScheduler has no eta), so leave eta at 0 or use scheduler='ddim'")
+    if isinstance(sampler, (dpm.DPMConfig, dpm.DPMSchedule)):
+        raise DiffrtError(f"eta {eta:g} is DDIM's; DPM-Solver++ is deterministic and takes none (DPMSolverMultistepScheduler "
+                          "has no eta), so leave eta at 0 or use scheduler='ddim'")
 
 
 def draws_step_noise(schedule: Schedule, eta: float) -> bool:
-    """Whether the loop draws from the generator after x_T: DDIM with eta > 0; LCM with two steps or more."""
+    """Whether the loop draws from the generator after x_T: DDIM with eta > 0; LCM with two steps or more;
+    DPM-Solver++ never."""
+    if isinstance(schedule, dpm.DPMSchedule):
+        return False
     return len(schedule) > 1 if isinstance(schedule, lcm.LCMSchedule) else eta > 0
+
+
+def add_noise(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x0 noised to the schedule's first step (img2img), as the sampler's diffusers scheduler's add_noise:
+    DPM-Solver++ at that step's sigma (a Karras sigma is not its rounded timestep's), else alpha_bar_t."""
+    if isinstance(schedule, dpm.DPMSchedule):
+        return dpm.add_noise(x0, noise, schedule, 0)
+    return ddim.add_noise(x0, noise, schedule.alphas_cumprod[schedule.timesteps[0]])
 
 
 def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: SamplerOptions,
            progress: Callable | None = None) -> torch.Tensor:
-    """Run the DDIM or LCM loop (by the schedule's kind) from x = x_T (already scaled noise) to x_0 and return it."""
+    """Run the DDIM, LCM or DPM-Solver++ loop (by the schedule's kind) from x = x_T (already scaled noise) to x_0
+    and return it. The data predictions a multistep solver reads are kept here, one list per call."""
     check_schedule(schedule)  # again, for a schedule not made by make_sampling_schedule
     if schedule.prediction_type == "sample" and any(g.mode == "x0" and g.scale != 0 for g in options.guidance):
         # x0 IS the model output here: held constant, it does not depend on x_t and the gradient is zero.
         raise DiffrtError("guidance mode 'x0' cannot steer a model with prediction_type 'sample' (its x0 is the model "
                           "output, which mode x0 holds constant); use guidance mode 'through_unet'")
     check_eta(schedule, options.eta)
+    history: list[torch.Tensor] = []  # DPM-Solver++: the last data predictions, oldest first
     for i, t in enumerate(schedule.timesteps):
         active = [g for g in options.guidance if g.active(i)]
         if any(g.mode == "through_unet" for g in active):
@@ -195,15 +224,21 @@ def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: Sampl
             if active:
                 eps_c, eps_u, g = combine_cfg(eps_u, eps_c, g, options.guidance_rescale), None, 1.0
                 x = _guide_x0(x, eps_c, i, schedule, options.decode, active)
-        x = _step(x, eps_u, eps_c, g, i, schedule, options)
+        x = _step(x, eps_u, eps_c, g, i, schedule, options, history)
         if progress is not None:
             progress(i)
     return x
 
 
-def _step(x, eps_u, eps_c, g: float, i: int, schedule: Schedule, options: SamplerOptions) -> torch.Tensor:
+def _step(x, eps_u, eps_c, g: float, i: int, schedule: Schedule, options: SamplerOptions,
+          history: list[torch.Tensor]) -> torch.Tensor:
     """Step 3: the sampler's update of x_t with the CFG-combined prediction, drawing its noise (after
     the prediction, as diffusers' schedulers draw inside step()) where the sampler needs it."""
+    if isinstance(schedule, dpm.DPMSchedule):
+        # Warm-up: the order is at most the number of data predictions so far (diffusers' lower_order_nums).
+        history.append(dpm.thresholded_data_prediction(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), schedule, i))
+        del history[:-int(schedule.orders.max())]
+        return dpm.dpm_solver_step(x, history[-min(int(schedule.orders[i]), len(history)):], schedule, i)
     if isinstance(schedule, lcm.LCMSchedule):
         last = i == len(schedule) - 1  # LCMScheduler: no noise on the final step (nor for one-step sampling)
         noise = None if last else randn(x.shape, options.generator, x.device, x.dtype)
@@ -226,9 +261,11 @@ def _step(x, eps_u, eps_c, g: float, i: int, schedule: Schedule, options: Sample
 
 
 def predict_clean(x: torch.Tensor, eps: torch.Tensor, i: int, schedule: Schedule) -> torch.Tensor:
-    """What guidance scores at step i, differentiable in x: DDIM's predicted x0 (Eq. 12), or LCM's
+    """What guidance scores at step i, differentiable in x: DDIM's predicted x0 (Eq. 12), LCM's
     f(x_t, t) = c_skip x_t + c_out x0, the clean sample its step returns (unclipped, so gradients
-    do not vanish at the clip)."""
+    do not vanish at the clip), or DPM-Solver++'s data prediction x0 (unthresholded, likewise)."""
+    if isinstance(schedule, dpm.DPMSchedule):
+        return dpm.data_prediction(x, eps, schedule.alpha_t[i], schedule.sigma_t[i], schedule.prediction_type)
     x0, _ = ddim.predict_x0(x, eps, schedule.alpha_bar[i], schedule.prediction_type)
     if isinstance(schedule, lcm.LCMSchedule):
         return lcm.consistency_output(x, x0, schedule.c_skip[i], schedule.c_out[i])

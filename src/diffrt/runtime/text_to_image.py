@@ -17,11 +17,14 @@ PIL images with Lanczos. One deliberate difference: `height` without `width` (or
 keeps the side given and takes the default for the other, where StableDiffusionPipeline drops
 the side given and uses its default size for both.
 
-The sampler is DDIM, or LCM (lcm.py) for a folder whose scheduler config names LCMScheduler, as
-StableDiffusionPipeline.from_pretrained would sample it; `scheduler="lcm"` runs LCM on a folder's
-training schedule (LCM-LoRA on a plain SD folder: diffusers' `pipe.scheduler =
-LCMScheduler.from_config(pipe.scheduler.config)`), `scheduler="ddim"` DDIM. LCM draws fresh noise
-from the generator after every step but the last, after the initial latents, as LCMScheduler.step.
+The sampler is DDIM, or LCM (lcm.py) or DPM-Solver++ (dpm.py) for a folder whose scheduler config
+names LCMScheduler or DPMSolverMultistepScheduler, as StableDiffusionPipeline.from_pretrained would
+sample it; `scheduler="lcm"` runs LCM on a folder's training schedule (LCM-LoRA on a plain SD folder:
+diffusers' `pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)`), `scheduler="dpm"`
+DPM-Solver++ (DPMSolverMultistepScheduler.from_config, likewise), `scheduler="ddim"` DDIM. LCM draws
+fresh noise from the generator after every step but the last, after the initial latents, as
+LCMScheduler.step; DPM-Solver++ draws none. img2img noises the image to the first step kept as the
+sampler's scheduler does (DPM-Solver++: at that step's sigma, Karras or not).
 An outdated scheduler config (steps_offset 0, clip_sample on) is sampled as StableDiffusionPipeline
 corrects it. diffusers' ControlNet pipelines correct nothing: calls with a control image keep the
 config's steps_offset as they do, but not its clip_sample (a deliberate difference, _latent_scheduler).
@@ -52,8 +55,8 @@ from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_output_type, convert_output,
                                      make_generator, scheduler_name, to_unit_range_unclamped)
-from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
-                                     randn, sample)
+from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, add_noise, check_finite, check_generators,
+                                     choose_scheduler, randn, sample)
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +147,8 @@ class TextToImagePipeline(DenoiserPipeline):
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  scheduler: Scheduler = None, timesteps: list[int] | None = None) -> GenerationResult:
-        # 1. Check inputs before any work. `scheduler`: None is the model's own, "ddim" or "lcm" that sampler on
-        #    its training schedule, or a config (sampling.choose_scheduler); `timesteps`: LCM's custom schedule.
+        # 1. Check inputs before any work. `scheduler`: None is the model's own, "ddim", "lcm" or "dpm" that sampler on
+        #    its training schedule, or a config (sampling.choose_scheduler); `timesteps`: LCM's or DPM's custom schedule.
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
         if prompt_embeds is not None:  # diffusers' way in for weighted prompts (compel) and cached encodings
             _check_embeds(prompt_embeds, negative_prompt_embeds, prompt)
@@ -238,7 +241,7 @@ class TextToImagePipeline(DenoiserPipeline):
             eps = self._check(self.unet.spec.name, eps["noise_pred"].float())
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
-        # 5. The guided DDIM or LCM loop.
+        # 5. The guided DDIM, LCM or DPM-Solver++ loop.
         guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
@@ -331,7 +334,7 @@ class TextToImagePipeline(DenoiserPipeline):
         latents = self._check("vae_encoder", (self.vae_scaling_factor * sample).to(self.device, torch.float32))
         latents = torch.cat([latents] * (batch // latents.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
         noise = randn(latents.shape, generator, self.device, torch.float32)
-        return ddim.add_noise(latents, noise, schedule.alphas_cumprod[schedule.timesteps[0]])
+        return add_noise(schedule, latents, noise)
 
     def _control_images(self, control_image, height: int | None, width: int | None) -> list[torch.Tensor]:
         """One [B, 3, H, W] batch per ControlNet, in their order. With several, `control_image` is a

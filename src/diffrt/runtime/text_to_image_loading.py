@@ -57,9 +57,10 @@ def _fuse_unet_only(unet, loras: Loras) -> None:
 
 def check_scheduler_class(folder: Path) -> None:
     """diffrt samples a folder with the sampler its scheduler/scheduler_config.json names (LCM for
-    LCMScheduler, else DDIM) on every backend, since that file is what an export carries; diffusers'
-    from_pretrained builds the class model_index.json names. A folder whose two files disagree about
-    LCM (a hand-edited config) is sampled as its config says, with a warning naming both."""
+    LCMScheduler, DPM-Solver++ for DPMSolverMultistepScheduler, else DDIM) on every backend, since that
+    file is what an export carries; diffusers' from_pretrained builds the class model_index.json names.
+    A folder whose two files disagree about the sampler (a hand-edited config) is sampled as its config
+    says, with a warning naming both."""
     index, config = folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"
     if not (index.is_file() and config.is_file()):
         return
@@ -68,10 +69,15 @@ def check_scheduler_class(folder: Path) -> None:
         named = json.loads(config.read_text()).get("_class_name")
     except (ValueError, AttributeError, IndexError):  # not JSON objects: nothing to compare (the loaders name a bad config)
         return
-    if listed and named and (listed == "LCMScheduler") != (named == "LCMScheduler"):
+    if listed and named and _sampler_of(listed) != _sampler_of(named):
         log.warning("%s names %s but %s names %s; diffrt samples with %s, as the scheduler config says "
-                    "(diffusers' from_pretrained would build %s); pass scheduler='lcm' or 'ddim' to choose",
-                    index, listed, config, named, "LCM" if named == "LCMScheduler" else "DDIM", listed)
+                    "(diffusers' from_pretrained would build %s); pass scheduler='ddim', 'lcm' or 'dpm' to choose",
+                    index, listed, config, named, _sampler_of(named), listed)
+
+
+def _sampler_of(scheduler_class: str) -> str:
+    """The sampler diffrt runs for a diffusers scheduler class named in a folder."""
+    return {"LCMScheduler": "LCM", "DPMSolverMultistepScheduler": "DPM-Solver++"}.get(scheduler_class, "DDIM")
 
 
 def check_unet_folder(folder: Path) -> None:

@@ -5,7 +5,7 @@ worker thread, `plan` runs in the caller's thread and only reads the model's des
 
 Batching (batching.py, the mechanism PixelWorker uses): requests share a batch when they differ
 only in prompt, negative prompt, seed, num_images and control image, that is when size, steps,
-sampler (`scheduler`: DDIM or LCM), guidance scale and eta are equal and, for ControlNet requests,
+sampler (`scheduler`: DDIM, LCM or DPM-Solver++), guidance scale and eta are equal and, for ControlNet requests,
 the control images' size and the conditioning scales are equal too (a request without a control
 image never shares with one that has one). A shared batch gives each ControlNet one control image row per image, each
 request's image repeated for its num_images. With eta > 0 (or LCM, which draws fresh noise between

@@ -85,7 +85,7 @@ def lora_scale(pipe, body: GenerateBody) -> float:
 def request_schedule(pipe, body: GenerateBody, **call):
     """The schedule the request's sampler (`scheduler`, else the model's own) runs, refused before it queues
     with a 422 naming the field at fault: `scheduler` when the model's config has no such sampler (DDIM
-    cannot take an LCM config's dynamic thresholding), `eta` (LCM takes none) or `num_inference_steps`
+    cannot take an LCM config's dynamic thresholding), `eta` (LCM and DPM-Solver++ take none) or `num_inference_steps`
     (LCM: at most original_inference_steps). `call`: what else the pipeline's call decides it by."""
     with refused_as("scheduler"):
         config = pipe.sampler_config(body.scheduler, **call)
