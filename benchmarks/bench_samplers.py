@@ -1,0 +1,110 @@
+"""How many steps does each sampler need? Distance from a converged image, per sampler and step count.
+
+With eta = 0, DDIM and DPM-Solver++ are two discretisations of the same probability-flow ODE
+(DDIM is DPM-Solver++ of order 1: Lu et al. 2022, section 4), so from the same x_T both converge
+to the same image as the step count grows. How close each gets in N steps (N UNet calls, two CFG
+branches batched in each) is what a deployment buys with its latency budget. The reference is a
+1000-step DDIM run of the shipped digits model from the same noise (all unclipped, from t = 999); the figure is the root mean
+square of the image difference (images in [0, 1]), with the classifier accuracy of bench_quality
+beside it (does the digit survive few steps?).
+
+    python benchmarks/bench_samplers.py     # ~2 min on one CPU -> results/samplers_cpu.{json,png}
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffrt import atomic
+from diffrt.models import shipped_digits_model
+from diffrt.quality import digit_classifier, score_digits
+from diffrt.runtime.ddim import DDIMConfig
+from diffrt.runtime.dpm import DPMConfig
+from diffrt.runtime.loading import torch_pixel_pipeline
+
+STEPS = (3, 4, 5, 6, 8, 10, 15, 20, 25, 50)
+REFERENCE_STEPS = 1000
+GUIDANCE_SCALE = 2.0  # the demo's
+
+
+def samplers(pipe) -> dict[str, object]:
+    """The samplers compared, each on the model's own training schedule (its scheduler config)."""
+    # Two settings of the digits model's config would make the samplers integrate different ODEs:
+    # clip_sample clips DDIM's x0 to [-1, 1] (DPM-Solver++ never clips), and "leading" spacing starts
+    # each step count at its own timestep (980 for 50 DDIM steps, 950 for DPM-Solver++, which spaces
+    # N + 1 points), so x_T would be read as noise at different times. Unclipped, "trailing" (from
+    # t = 999, Lin et al. 2023) for all, the runs differ only in the solver.
+    ddim = {**pipe.scheduler.to_scheduler_config(), "clip_sample": False, "timestep_spacing": "trailing"}
+    own = {**ddim, "_class_name": "DPMSolverMultistepScheduler"}
+    return {
+        "DDIM": DDIMConfig.from_scheduler_config(ddim),
+        "DPM-Solver++(2M)": DPMConfig.from_scheduler_config(own),
+        "DPM-Solver++(2M) Karras": DPMConfig.from_scheduler_config({**own, "use_karras_sigmas": True}),
+        "DPM-Solver++(3M)": DPMConfig.from_scheduler_config({**own, "solver_order": 3}),
+    }
+
+
+def run(pipe, labels: torch.Tensor, latents: torch.Tensor, steps: int, scheduler) -> torch.Tensor:
+    return pipe(labels, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, latents=latents,
+                scheduler=scheduler, output_type="pt").images
+
+
+def main(out_dir: str = "benchmarks/results") -> None:
+    torch.manual_seed(0)
+    pipe = torch_pixel_pipeline(shipped_digits_model())
+    labels = torch.arange(10).repeat(3)  # every digit, three noises each
+    size = pipe.sample_size
+    latents = torch.randn((len(labels), pipe.channels, size, size), generator=torch.Generator().manual_seed(0))
+    classifier = digit_classifier()
+
+    t0 = time.perf_counter()
+    reference = run(pipe, labels, latents, REFERENCE_STEPS, samplers(pipe)["DDIM"])
+    print(f"reference: {REFERENCE_STEPS} DDIM steps in {time.perf_counter() - t0:.0f} s, "
+          f"accuracy {score_digits(classifier, reference, labels).accuracy:.0%}")
+
+    results: dict[str, list[dict]] = {}
+    for name, scheduler in samplers(pipe).items():
+        rows = results.setdefault(name, [])
+        for steps in STEPS:
+            images = run(pipe, labels, latents, steps, scheduler)
+            rms = float((images - reference).pow(2).mean().sqrt())
+            accuracy = score_digits(classifier, images, labels).accuracy
+            rows.append({"steps": steps, "rms_to_reference": rms, "accuracy": accuracy})
+        print(f"{name:>26}: " + "  ".join(f"{r['steps']}:{r['rms_to_reference']:.4f}" for r in rows))
+
+    report = {"model": "shipped digits (class-conditioned, 16x16)", "guidance_scale": GUIDANCE_SCALE,
+              "images": len(labels), "reference": f"DDIM, {REFERENCE_STEPS} steps, same x_T", "results": results}
+    out = Path(out_dir)
+    atomic.write_json(out / "samplers_cpu.json", report)
+    chart(results, out / "samplers_cpu.png")
+    print(f"wrote {out / 'samplers_cpu.json'} and {out / 'samplers_cpu.png'}")
+
+
+def chart(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, rows in results.items():
+        ax.plot([r["steps"] for r in rows], [r["rms_to_reference"] for r in rows], marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="steps (UNet calls)", ylabel=f"RMS to {REFERENCE_STEPS}-step DDIM",
+           title="Shipped digits model: distance from the converged image")
+    ax.set_xticks(STEPS, [str(s) for s in STEPS])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
