@@ -139,7 +139,7 @@ def test_mistakes_found_by_trying_the_readme_are_one_line(uncond_model_dir, tmp_
 @pytest.mark.parametrize(("args", "words"), [
     (("serve", "--port", "99999"), "'99999' is not a TCP port"),
     (("export",), "the following arguments are required: --out"),
-    (("generate", "--scheduler", "euler"), "invalid choice: 'euler'"),
+    (("generate", "--scheduler", "heun"), "invalid choice: 'heun'"),
     (("warp",), "invalid choice: 'warp'"),
 ])
 def test_a_malformed_command_line_is_one_line_too(args, words, capsys):

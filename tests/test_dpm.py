@@ -287,6 +287,65 @@ def test_choosing_dpm_is_diffusers_from_config():
     one_line(info)
 
 
+def test_keys_a_sampler_does_not_take_travel_to_the_one_chosen_as_diffusers_keeps_them():
+    """diffusers keeps a config's keys its class does not take ("hidden", for compatible classes): "dpm" on a
+    UniPC folder (read as DDIM here) takes its solver_order and Karras sigmas, and "ddim" on a DPM config
+    made from SD's PNDM takes the PNDM file's clip_sample (false), not DDIM's default (true)."""
+    import diffusers
+
+    unipc = {"_class_name": "UniPCMultistepScheduler", **SD, "solver_order": 3, "use_karras_sigmas": True, "final_sigmas_type": "zero"}
+    chosen = choose_scheduler(ddim.DDIMConfig.from_scheduler_config(unipc), "dpm")
+    want = DPMSolverMultistepScheduler.from_config(diffusers.UniPCMultistepScheduler.from_config(unipc).config)
+    assert (chosen.solver_order, chosen.use_karras_sigmas) == (want.config.solver_order, want.config.use_karras_sigmas) == (3, True)
+    want.set_timesteps(12)
+    assert torch.equal(dpm.make_dpm_schedule(chosen, 12).timesteps, want.timesteps)
+
+    pndm = {"_class_name": "PNDMScheduler", **SD, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+            "clip_sample": False}
+    as_dpm = choose_scheduler(ddim.DDIMConfig.from_scheduler_config(pndm), "dpm")
+    back = choose_scheduler(as_dpm, "ddim")
+    ref = DDIMScheduler.from_config(DPMSolverMultistepScheduler.from_config(diffusers.PNDMScheduler.from_config(pndm).config).config)
+    assert (back.clip_sample, back.set_alpha_to_one) == (ref.config.clip_sample, ref.config.set_alpha_to_one) == (False, False)
+    written = json.loads(json.dumps(as_dpm.to_scheduler_config()))  # a manifest keeps them too
+    assert (written["clip_sample"], written["skip_prk_steps"]) == (False, True)
+
+
+def test_a_value_given_wins_over_the_files_left_out_keys():
+    """from_config(config, key=value) and dataclasses.replace set a key the file left out: it is the caller's
+    value from then on, written as such (not listed in _use_default_values, which would drop it on reading)."""
+    import dataclasses
+
+    import diffusers
+
+    pndm = {"_class_name": "PNDMScheduler", **SD, "skip_prk_steps": True, "steps_offset": 1}  # no timestep_spacing, as SD-1.5
+    base = diffusers.PNDMScheduler.from_config(pndm).config
+    given = dpm.DPMConfig.from_scheduler_config(dict(base), timestep_spacing="trailing")
+    assert given.timestep_spacing == DPMSolverMultistepScheduler.from_config(base, timestep_spacing="trailing").config.timestep_spacing
+    assert given.timestep_spacing == "trailing"
+    assert dpm.DPMConfig.from_scheduler_config(dict(base)).timestep_spacing == "linspace"  # the file's gap: DPM's default
+    replaced = dataclasses.replace(choose_scheduler(ddim.DDIMConfig.from_scheduler_config(pndm), "dpm"), timestep_spacing="trailing")
+    again = ddim.DDIMConfig.from_scheduler_config(json.loads(json.dumps(replaced.to_scheduler_config())))
+    assert again == replaced and again.timestep_spacing == "trailing"
+
+
+def test_a_step_of_zero_length_is_the_identity_where_diffusers_gives_nan():
+    """Karras sigmas ending at sigma_min with final_sigmas_type "sigma_min" make the last step go nowhere (h = 0);
+    second and third order divide by h (diffusers: NaN images). It is taken at first order: x unchanged."""
+    for config in (dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", solver_type="heun", **SD),
+                   dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", solver_order=3, lower_order_final=False, **SD)):
+        ref = reference(16, **config)
+        x_ref = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        for t in ref.timesteps:
+            x_ref = ref.step(fake_model(x_ref, t), t, x_ref).prev_sample
+        assert torch.isnan(x_ref).all()  # diffusers' result, which the test documents
+        schedule = dpm.make_dpm_schedule(ours(ref), 16)
+        assert schedule.lambdas[-1] == schedule.lambdas[-2] and schedule.orders[-1] == 1
+        seen = []
+        x = sample(lambda x, t: seen.append(x.clone()) or (None, fake_model(x, t)),
+                   torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)), schedule, SamplerOptions())
+        assert torch.isfinite(x).all() and torch.equal(x, seen[-1])
+
+
 # What DPMSolverMultistepScheduler accepts and diffrt does not run: refused by name, never run as something else.
 REFUSED = [
     (dict(algorithm_type="sde-dpmsolver++"), r"algorithm_type 'sde-dpmsolver\+\+' is not supported.*only 'dpmsolver\+\+'"),
@@ -544,8 +603,8 @@ def test_bad_pipeline_arguments_are_one_line(folders, ddim_pipe):
     cases = [
         (pipe, dict(eta=0.5), r"eta 0.5 is DDIM's; DPM-Solver\+\+ is deterministic"),
         (ddim_pipe, dict(scheduler="dpm", eta=0.3), r"eta 0.3 is DDIM's; DPM-Solver\+\+"),
-        (ddim_pipe, dict(scheduler="euler"), r"scheduler must be 'ddim', 'lcm' or 'dpm' .* got 'euler'"),
-        (ddim_pipe, dict(timesteps=[999, 499]), r"custom timesteps need scheduler='lcm' or 'dpm'"),
+        (ddim_pipe, dict(scheduler="heun"), r"scheduler must be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a' .* got 'heun'"),
+        (ddim_pipe, dict(timesteps=[999, 499]), r"custom timesteps need scheduler='lcm', 'dpm' or 'euler'"),
         (pipe, dict(image=torch.rand(1, 3, 32, 32), strength=0.1), r"strength 0.1 x 5 steps leaves no denoising step"),
     ]
     for p, kwargs, message in cases:

@@ -275,7 +275,7 @@ def test_bad_pipeline_arguments_are_one_line(lcm_pipe, ddim_pipe):
         (lcm_pipe, dict(eta=0.5), r"eta 0.5 is DDIM's; LCM draws fresh noise between its steps"),
         (ddim_pipe, dict(scheduler="lcm", eta=0.3), r"eta 0.3 is DDIM's"),
         (ddim_pipe, dict(timesteps=[999, 499]), r"custom timesteps need scheduler='lcm'"),
-        (ddim_pipe, dict(scheduler="euler"), r"scheduler must be 'ddim', 'lcm' or 'dpm' .* got 'euler'"),
+        (ddim_pipe, dict(scheduler="heun"), r"scheduler must be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a' .* got 'heun'"),
         (lcm_pipe, dict(image=torch.rand(1, 3, 32, 32), strength=0.2), r"strength 0.2 x 4 steps leaves no denoising step"),
     ]
     for pipe, kwargs, message in cases:

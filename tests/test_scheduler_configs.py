@@ -145,13 +145,12 @@ def test_other_scheduler_classes_mean_what_ddim_from_config_makes_of_them(name, 
     ref = DDIMScheduler.from_config(getattr(diffusers, config["_class_name"]).from_config(config).config)
     with caplog.at_level(logging.INFO, logger="diffrt.runtime.ddim"):
         ours = ddim.DDIMConfig.from_scheduler_config(json.loads(json.dumps(config)))
-    if config["_class_name"] in ("LCMScheduler", "DPMSolverMultistepScheduler"):
-        # Sampled with LCM / DPM-Solver++ (test_lcm.py, test_dpm.py); asked for DDIM, it is DDIM.from_config's.
-        from diffrt.runtime.dpm import DPMConfig
-        from diffrt.runtime.lcm import LCMConfig
+    if config["_class_name"] in ddim.OWN_SAMPLERS:
+        # Sampled with its own sampler, LCM / DPM-Solver++ / Euler / Euler Ancestral (test_lcm.py, test_dpm.py,
+        # test_euler.py); asked for DDIM, it is DDIM.from_config's.
         from diffrt.runtime.sampling import choose_scheduler
 
-        assert isinstance(ours, LCMConfig if config["_class_name"] == "LCMScheduler" else DPMConfig)
+        assert type(ours).SCHEDULER_CLASS == config["_class_name"]
         ours = choose_scheduler(ours, "ddim")
     else:
         assert f"the scheduler config names {config['_class_name']}: diffrt samples with DDIM" in caplog.text

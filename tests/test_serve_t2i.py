@@ -206,7 +206,7 @@ PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40)}  # placehold
     ({"prompt": PROMPT, "image": base64.b64encode(b"not a png").decode()}, "image", "not a readable image"),
     ({"prompt": PROMPT, "image": "SMALL_PNG", "strength": 0.1}, "strength", "leaves no denoising step"),
     ({"prompt": PROMPT, "image": "SMALL_PNG", "control_image": "OTHER_PNG"}, "image", "but control_image"),
-    ({"prompt": PROMPT, "scheduler": "euler"}, "scheduler", "Input should be 'ddim', 'lcm' or 'dpm'"),
+    ({"prompt": PROMPT, "scheduler": "heun"}, "scheduler", "Input should be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a'"),
     ({"prompt": PROMPT, "scheduler": "lcm", "num_inference_steps": 60}, "num_inference_steps", "LCM takes its steps from the 50"),
     ({"prompt": PROMPT, "scheduler": "lcm", "eta": 0.5}, "eta", "eta 0.5 is DDIM's; LCM draws fresh noise"),
     ({"prompt": PROMPT, "scheduler": "lcm", "image": "SMALL_PNG", "strength": 0.2}, "strength", "leaves no denoising step"),

@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.set_defaults(func=_cmd_refit)
 
     # generate
-    ge = sub.add_parser("generate", help="generate images with the guided DDIM (or LCM, or DPM-Solver++) loop")
+    ge = sub.add_parser("generate", help="generate images with the guided DDIM (or LCM, DPM-Solver++, Euler, Euler Ancestral) loop")
     ge.add_argument("--model", default=None, help="diffusers or artifact folder, or Hub id org/name[@rev] (default: the shipped digits model)")
     ge.add_argument("--backend", default=None,
                     help="torch, torch-compile, onnxruntime or tensorrt (default: the fastest installed for an artifact, else torch)")
@@ -317,9 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tensorrt: launch each step normally instead of replaying a captured CUDA graph")
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--steps", type=int, default=25, help="denoising steps (num_inference_steps)")
-    ge.add_argument("--scheduler", choices=["ddim", "lcm", "dpm"], default=None,
-                    help="sampler (default: the model's own, LCM or DPM-Solver++ for a folder whose scheduler config names "
-                         "LCMScheduler or DPMSolverMultistepScheduler); dpm: DPM-Solver++(2M), 20-25 steps; "
+    ge.add_argument("--scheduler", choices=["ddim", "lcm", "dpm", "euler", "euler_a"], default=None,
+                    help="sampler (default: the model's own, the one its scheduler config names: LCMScheduler, "
+                         "DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler); dpm: "
+                         "DPM-Solver++(2M), 20-25 steps; euler / euler_a: Euler / Euler Ancestral (A1111's 'Euler a'), 20-30 steps; "
                          "LCM-LoRA: --lora LCM_LORA --scheduler lcm --steps 4 (guidance scale 1 by default with LCM)")
     ge.add_argument("--out", default="out.png", help="PNG grid, or .npy (float32 N x H x W x C in [0, 1])")
     ge.add_argument("--prompt", default=None)

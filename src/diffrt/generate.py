@@ -41,7 +41,7 @@ class GenerateRequest:
     width: int | None = None
     num_images: int | None = None
     eta: float = 0.0
-    scheduler: str | None = None  # "ddim", "lcm" or "dpm"; None: the model's own (the sampler its scheduler config names)
+    scheduler: str | None = None  # "ddim", "lcm", "dpm", "euler" or "euler_a"; None: the model's own (the sampler its scheduler config names)
     class_label: int | None = None
     controlnet: str | list[str] | None = None  # one ControlNet folder, or several (diffusers' MultiControlNetModel), in order
     control_image: str | list[str] | None = None  # one conditioning image file per ControlNet, in the same order

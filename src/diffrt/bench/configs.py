@@ -170,7 +170,7 @@ class TextToImageConfig(BenchConfig):
     color_scale: float = 20.0
     prompt: str = "a photo of a cat sitting on a red sofa"
     seed: int = 0
-    scheduler: str | None = None  # None: the model's own (DDIM); "lcm" / "dpm": LCM / DPM-Solver++ on its training schedule
+    scheduler: str | None = None  # None: the model's own (DDIM); "lcm" / "dpm" / "euler" / "euler_a": that sampler on its training schedule
 
     @property
     def folder(self) -> Path:

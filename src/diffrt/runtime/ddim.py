@@ -11,6 +11,7 @@ we follow its conventions (timestep spacings of Lin et al. 2023, Table 2; `steps
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,6 +28,13 @@ PredictionType = Literal["epsilon", "v_prediction", "sample"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 THRESHOLDING_KEYS = frozenset({"thresholding", "dynamic_thresholding_ratio", "sample_max_value"})  # dynamic thresholding (Imagen)
+# The diffusers scheduler classes a folder may name that diffrt samples with their own sampler: module, config class.
+OWN_SAMPLERS = {
+    "LCMScheduler": ("diffrt.runtime.lcm", "LCMConfig"),
+    "DPMSolverMultistepScheduler": ("diffrt.runtime.dpm", "DPMConfig"),
+    "EulerDiscreteScheduler": ("diffrt.runtime.euler", "EulerConfig"),
+    "EulerAncestralDiscreteScheduler": ("diffrt.runtime.euler", "EulerAncestralConfig"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,32 +57,38 @@ class DDIMConfig:
     # another sampler made from this config takes its own defaults for them, as `<Other>.from_config` does
     # (SD-1.5's PNDM file has no timestep_spacing: DPMSolverMultistepScheduler.from_config gives "linspace").
     unset: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    # The source config's keys this class does not take (PNDM's skip_prk_steps, an Euler file's
+    # use_karras_sigmas, DDIM's clip_sample under DPM-Solver++), kept and written back as diffusers keeps
+    # them "for compatible classes": `scheduler="dpm"` on a UniPC folder takes its solver_order.
+    hidden: dict = field(default_factory=dict, compare=False, repr=False)
 
     SAMPLER = "DDIM"  # what the pipelines sample this config with
     # and the diffusers class whose from_config it reads as (not dataclass fields: no annotations)
     SCHEDULER_CLASS = "DDIMScheduler"
+    FOREIGN_KEYS = ()  # (no annotation: not a field) inherited fields SCHEDULER_CLASS has no key for: read and written as hidden
 
     @classmethod
-    def from_scheduler_config(cls, config: dict) -> "DDIMConfig":
+    def from_scheduler_config(cls, config: dict, **overrides) -> "DDIMConfig":
         """Read a diffusers scheduler config (any scheduler class) as `<SCHEDULER_CLASS>.from_config`
-        does: the keys this sampler takes, its defaults for the rest.
+        does: the keys this sampler takes, its defaults for the rest; `overrides` win over the file's
+        values and over its list of left-out keys, as from_config's keyword arguments do.
 
         Another class's config (SD-1.5 ships PNDMScheduler) gives DDIM on that training schedule, as
         diffusers' `DDIMScheduler.from_config(scheduler.config)` (and DDIMPipeline) do; its own sampler's
-        keys (karras sigmas, ...) have no meaning here and are logged. One naming LCMScheduler gives an
-        LCMConfig (lcm.py), one naming DPMSolverMultistepScheduler a DPMConfig (dpm.py): DDIMConfigs that
-        the pipelines sample with LCM or DPM-Solver++, as diffusers' pipelines sample such a folder;
-        `sampling.choose_scheduler(config, "ddim")` is DDIM on it."""
-        if cls is DDIMConfig and config.get("_class_name") in ("LCMScheduler", "DPMSolverMultistepScheduler"):
-            from diffrt.runtime.dpm import DPMConfig  # lcm.py and dpm.py build on this module
-            from diffrt.runtime.lcm import LCMConfig
-
-            own = LCMConfig if config["_class_name"] == "LCMScheduler" else DPMConfig
-            return own.from_scheduler_config(config)
+        keys (karras sigmas, ...) have no meaning here and are logged. One naming a class of OWN_SAMPLERS
+        gives that sampler's config (LCMScheduler an LCMConfig, lcm.py; DPMSolverMultistepScheduler a
+        DPMConfig, dpm.py; EulerDiscreteScheduler an EulerConfig, EulerAncestralDiscreteScheduler an
+        EulerAncestralConfig, euler.py): DDIMConfigs that the pipelines sample with that sampler, as
+        diffusers' pipelines sample such a folder; `sampling.choose_scheduler(config, "ddim")` is DDIM on it."""
+        if cls is DDIMConfig and config.get("_class_name") in OWN_SAMPLERS:
+            module, name = OWN_SAMPLERS[config["_class_name"]]  # lcm.py, dpm.py and euler.py build on this module
+            return getattr(importlib.import_module(module), name).from_scheduler_config(config, **overrides)
         left_out = set(config.get("_use_default_values") or ())
         config = {k: v for k, v in dict(config).items() if k not in left_out and k != "_use_default_values"}
-        names = {f.name for f in dataclasses.fields(cls)} - {"unset"}
+        config.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)} - {"unset", "hidden"} - set(cls.FOREIGN_KEYS)
         kwargs = {k: v for k, v in config.items() if k in names}
+        hidden = {k: v for k, v in config.items() if k not in names and not k.startswith("_")}
         other = config.get("_class_name")
         if other not in (None, cls.SCHEDULER_CLASS):
             unused = sorted(k for k in config if k not in names | THRESHOLDING_KEYS and not k.startswith("_"))
@@ -84,7 +98,7 @@ class DDIMConfig:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
         if "thresholding" not in names and config.get("thresholding"):
             raise DiffrtError(f"dynamic thresholding is not supported by diffrt's {cls.SAMPLER}; set thresholding=false")
-        cfg = cls(**kwargs, unset=frozenset(names - set(kwargs)))
+        cfg = cls(**kwargs, unset=frozenset(names - set(kwargs)), hidden=hidden)
         if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise DiffrtError(f"unknown prediction_type {cfg.prediction_type!r}; expected epsilon, v_prediction or sample")
         if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
@@ -92,11 +106,16 @@ class DDIMConfig:
         return cfg
 
     def to_scheduler_config(self) -> dict:
-        """The config as diffusers writes it, with `_use_default_values` naming the keys its file left out."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "unset"}
-        out["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
-        if self.unset:
-            out["_use_default_values"] = sorted(self.unset)
+        """The config as diffusers writes it: the hidden keys, this class's keys, and `_use_default_values`
+        naming the keys its file left out that still hold this class's default (a value set since, by
+        `dataclasses.replace`, is the caller's, not a default)."""
+        fields = [f for f in dataclasses.fields(self) if f.name not in ("unset", "hidden") and f.name not in self.FOREIGN_KEYS]
+        own = {f.name: getattr(self, f.name) for f in fields}
+        own["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
+        out = {**self.hidden, **own}
+        left = sorted(f.name for f in fields if f.name in self.unset and getattr(self, f.name) == f.default)
+        if left:
+            out["_use_default_values"] = left
         return out
 
 

@@ -81,7 +81,7 @@ class DPMConfig(DDIMConfig):
 
     SAMPLER = "DPM-Solver++"
     SCHEDULER_CLASS = "DPMSolverMultistepScheduler"
-    DDIM_ONLY = ("clip_sample", "clip_sample_range", "set_alpha_to_one")  # DPMSolverMultistepScheduler has none of them
+    FOREIGN_KEYS = ("clip_sample", "clip_sample_range", "set_alpha_to_one")  # DPMSolverMultistepScheduler has none of them
 
     def __post_init__(self) -> None:
         # One line per setting diffusers accepts that diffrt does not run, before anything samples with it.
@@ -106,25 +106,29 @@ class DPMConfig(DDIMConfig):
                               "expected epsilon, v_prediction or sample")
 
     @classmethod
-    def from_scheduler_config(cls, config: dict) -> "DPMConfig":
+    def from_scheduler_config(cls, config: dict, **overrides) -> "DPMConfig":
         """DDIMConfig.from_scheduler_config as `DPMSolverMultistepScheduler.from_config` reads it: another
         class's config (an SD folder's PNDM) gives DPM-Solver++ on that training schedule, and the DEIS/UniPC
         solver types diffusers' __init__ maps to "midpoint" map the same way here."""
-        config = {k: v for k, v in dict(config).items() if k not in cls.DDIM_ONLY}
-        for key, (aliases, value) in ALIASES.items():
-            if config.get(key) in aliases:
-                log.info("%s %r reads as %r, as DPMSolverMultistepScheduler.from_config reads it", key, config[key], value)
-                config[key] = value
-        if config.get("lambda_min_clipped") is None:
-            config.pop("lambda_min_clipped", None)
-        return super().from_scheduler_config(config)
+        config, overrides = _read_as_dpm(config), _read_as_dpm(overrides)
+        return super().from_scheduler_config(config, **overrides)
 
     def to_scheduler_config(self) -> dict:
         """With the class name, so that a manifest written from it reads back as DPM-Solver++."""
-        out = {k: v for k, v in super().to_scheduler_config().items() if k not in self.DDIM_ONLY}
-        if "_use_default_values" in out:
-            out["_use_default_values"] = [k for k in out["_use_default_values"] if k not in self.DDIM_ONLY]
-        return {"_class_name": self.SCHEDULER_CLASS, **out}
+        return {"_class_name": self.SCHEDULER_CLASS, **super().to_scheduler_config()}
+
+
+def _read_as_dpm(config: dict) -> dict:
+    """The DEIS/UniPC solver types as DPMSolverMultistepScheduler's __init__ reads them; a null
+    lambda_min_clipped (diffusers' JSON of -inf) left out, so the default -inf holds."""
+    config = dict(config)
+    for key, (aliases, value) in ALIASES.items():
+        if config.get(key) in aliases:
+            log.info("%s %r reads as %r, as DPMSolverMultistepScheduler.from_config reads it", key, config[key], value)
+            config[key] = value
+    if "lambda_min_clipped" in config and config["lambda_min_clipped"] is None:
+        config.pop("lambda_min_clipped")
+    return config
 
 
 def make_dpm_alphas_cumprod(config: DPMConfig) -> torch.Tensor:
@@ -199,6 +203,17 @@ def solver_orders(config: DPMConfig, num_steps: int) -> torch.Tensor:
     return torch.tensor(orders, dtype=torch.int64)
 
 
+def _first_order_where_flat(orders: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """A step that does not move (h = 0: Karras sigmas ending at sigma_min with final_sigmas_type
+    "sigma_min", or custom timesteps ending at 0) taken at first order, which is exactly the identity
+    there; the higher orders divide by h, and diffusers returns NaN images for such schedules."""
+    flat = lambdas[1:] == lambdas[:-1]
+    if bool(flat.any()):
+        log.info("DPM-Solver++: %d step(s) of zero length taken at first order (diffusers' higher orders give NaN there)",
+                 int(flat.sum()))
+    return torch.where(flat, torch.ones_like(orders), orders)
+
+
 @dataclass(frozen=True)
 class DPMSchedule:
     """Everything the loop needs for N DPM-Solver++ steps: t_i, and sigma, alpha_t, sigma_t, lambda at
@@ -247,6 +262,14 @@ def make_dpm_schedule(config: DPMConfig, num_inference_steps: int | None = None,
         steps = sigma_to_timestep(sigmas, log_sigmas)
         # The cosine schedule keeps the fractional steps, which int64 truncates (as diffusers casts them).
         steps = (steps if config.beta_schedule == "squaredcos_cap_v2" else steps.round()).astype(np.int64)
+        if len(steps) > 1 and steps[0] == steps[1]:
+            # Karras sigmas past the last training sigma share its timestep: the cosine schedule's 16 steps
+            # visit t = 998 seven times, at noise levels the UNet cannot tell apart. diffusers' step() looks
+            # its first step up by timestep, starts at the second and fails with an IndexError at the end;
+            # here every step runs, in order, with a warning.
+            log.warning("use_karras_sigmas starts %d steps with %d at timestep %d (sigmas past the %s schedule's last); "
+                        "the UNet sees them as one noise level: consider use_karras_sigmas false",
+                        num_inference_steps, int((steps == steps[0]).sum()), int(steps[0]), config.beta_schedule)
     else:
         steps = make_dpm_timesteps(config, num_inference_steps, alphas_cumprod)
     if not config.use_karras_sigmas:
@@ -263,7 +286,7 @@ def make_dpm_schedule(config: DPMConfig, num_inference_steps: int | None = None,
         alpha_t=alpha_t,
         sigma_t=sigma_t,
         lambdas=lambdas,
-        orders=solver_orders(config, len(steps)),
+        orders=_first_order_where_flat(solver_orders(config, len(steps)), lambdas),
         alphas_cumprod=alphas_cumprod,
         prediction_type=config.prediction_type,
         solver_type=config.solver_type,

@@ -58,11 +58,11 @@ class LCMConfig(DDIMConfig):
     SCHEDULER_CLASS = "LCMScheduler"
 
     @classmethod
-    def from_scheduler_config(cls, config: dict) -> "LCMConfig":
+    def from_scheduler_config(cls, config: dict, **overrides) -> "LCMConfig":
         """DDIMConfig.from_scheduler_config as `LCMScheduler.from_config` reads it: another class's config
         (an SD folder's PNDM or DDIM) gives LCM on that training schedule, how LCM-LoRA runs on a plain
         Stable Diffusion folder."""
-        cfg = super().from_scheduler_config(config)
+        cfg = super().from_scheduler_config(config, **overrides)
         if cfg.original_inference_steps < 1:
             raise DiffrtError(f"original_inference_steps must be >= 1 (LCM's distillation steps, 50 for LCM-LoRA), "
                               f"got {cfg.original_inference_steps}")

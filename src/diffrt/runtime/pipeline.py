@@ -8,7 +8,10 @@ come from its own generator (sampling.randn).
 The sampler is DDIM, or LCM for a folder whose scheduler config names LCMScheduler (or with
 `scheduler="lcm"`), run as diffusers' DDPMPipeline runs an LCMScheduler: its noise between steps
 comes from the same generator, after the initial noise; or DPM-Solver++ for a folder naming
-DPMSolverMultistepScheduler (or with `scheduler="dpm"`), as DDPMPipeline runs that scheduler.
+DPMSolverMultistepScheduler (or with `scheduler="dpm"`), as DDPMPipeline runs that scheduler; or Euler
+(Ancestral) for a folder naming EulerDiscreteScheduler or EulerAncestralDiscreteScheduler (or with
+`scheduler="euler"`, `"euler_a"`), as a loop that scales x_T by init_noise_sigma and the UNet's input
+by scale_model_input runs them (DDPMPipeline does neither, so it does not run Euler as Euler).
 (diffusers' DDIMPipeline would convert such a folder's scheduler to DDIM; `scheduler="ddim"` does
 that here.)
 Classifier-free guidance for class labels runs the null label and the requested labels in
@@ -26,13 +29,13 @@ import torch
 from diffrt.errors import DiffrtError
 from diffrt.images import to_numpy, to_pil, to_unit_range
 from diffrt.models import PixelModelInfo
-from diffrt.runtime import ddim, dpm, lcm
+from diffrt.runtime import ddim, dpm, euler, lcm
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
-                                     make_sampling_schedule, randn, sample)
+                                     initial_noise, make_sampling_schedule, randn, sample)
 
 OutputType = Literal["pil", "np", "pt", "latent"]  # "latent": text-to-image only
 
@@ -82,7 +85,7 @@ class DenoiserPipeline:
     device, and the PyTorch modules that gradient guidance falls back to, loaded on first use."""
 
     unet: Backend
-    scheduler: ddim.DDIMConfig  # the model's own; an lcm.LCMConfig samples with LCM, a dpm.DPMConfig with DPM-Solver++
+    scheduler: ddim.DDIMConfig  # the model's own; an lcm.LCMConfig samples with LCM, a dpm.DPMConfig with DPM-Solver++, ...
     unet_precision: str = "fp32"  # the precision the UNet's engine was built at: sets the eps agreement limit
     _torch: dict[str, TorchModule]
     lora: RuntimeLora | None = None  # the LoRA it runs, whose strength set_lora_scale changes (lora_scale.py)
@@ -125,7 +128,7 @@ class DenoiserPipeline:
 
     def sampling_schedule(self, num_inference_steps: int, *, scheduler: Scheduler = None, eta: float = 0.0,
                           timesteps: list[int] | None = None, **call):
-        """The DDIM, LCM or DPM-Solver++ schedule such a call runs; DiffrtError (one line) for steps its sampler cannot
+        """The DDIM, LCM, DPM-Solver++ or Euler schedule such a call runs; DiffrtError (one line) for steps its sampler cannot
         take. Cheap and public, for callers that refuse a request before queueing it (`diffrt serve`).
         `call`: what else the pipeline's sampler_config decides by (text-to-image: `control`)."""
         return make_sampling_schedule(self.sampler_config(scheduler, **call), num_inference_steps, eta=eta, timesteps=timesteps)
@@ -162,7 +165,7 @@ class DenoiserPipeline:
 
 
 class PixelPipeline(DenoiserPipeline):
-    """DDIM (or LCM, or DPM-Solver++) sampling of a pixel-space UNet on any backend."""
+    """DDIM (or LCM, DPM-Solver++, Euler, Euler Ancestral) sampling of a pixel-space UNet on any backend."""
 
     def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
                  channels: int, sample_size: int, torch_unet: TorchModule = None,
@@ -203,11 +206,13 @@ class PixelPipeline(DenoiserPipeline):
 
         # 2. Initial noise x_T, drawn on the CPU generator as diffusers does, unless the caller
         #    brings its own (diffusers' `latents=`): a server batching requests draws each
-        #    request's noise from its own seed, so a batch equals its requests run alone.
+        #    request's noise from its own seed, so a batch equals its requests run alone. Both are scaled by the
+        #    sampler's init_noise_sigma (Euler's; 1 for the others), as diffusers scales them.
         shape = (batch, self.channels, height, width)
         if latents is not None and tuple(latents.shape) != shape:
             raise DiffrtError(f"latents must have shape {shape} (batch, channels, height, width), got {tuple(latents.shape)}")
-        x = latents.to(self.device, torch.float32) if latents is not None else randn(shape, generator, self.device, torch.float32)
+        x = initial_noise(schedule, latents.to(self.device, torch.float32) if latents is not None
+                          else randn(shape, generator, self.device, torch.float32))
 
         # 3. The denoiser: both CFG branches (null label, requested label) in one 2B batch.
         model_labels = None
@@ -226,7 +231,7 @@ class PixelPipeline(DenoiserPipeline):
                 check_finite(eps, "unet")
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
-        # 4. The guided DDIM, LCM or DPM-Solver++ loop.
+        # 4. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
         guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=to_unit_range_unclamped,
@@ -274,9 +279,13 @@ class PixelPipeline(DenoiserPipeline):
 
 
 def scheduler_name(schedule) -> str:
-    """The sampler a schedule (or a scheduler config) runs, for metadata: 'ddim', 'lcm' or 'dpm'."""
+    """The sampler a schedule (or a scheduler config) runs, for metadata: 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a'."""
     if isinstance(schedule, (dpm.DPMSchedule, dpm.DPMConfig)):
         return "dpm"
+    if isinstance(schedule, euler.EulerSchedule):
+        return "euler_a" if schedule.ancestral else "euler"
+    if isinstance(schedule, (euler.EulerConfig, euler.EulerAncestralConfig)):
+        return "euler_a" if isinstance(schedule, euler.EulerAncestralConfig) else "euler"
     return "lcm" if isinstance(schedule, (lcm.LCMSchedule, lcm.LCMConfig)) else "ddim"
 
 

@@ -1,4 +1,4 @@
-"""The guided sampling loop, DDIM, LCM or DPM-Solver++, independent of any backend.
+"""The guided sampling loop, DDIM, LCM, DPM-Solver++, Euler or Euler Ancestral, independent of any backend.
 
 The loop sees the model only as `denoise(x, t) -> (eps_uncond, eps_cond)`: eps_uncond is None
 when classifier-free guidance is off. It never learns which backend computed them. Per step:
@@ -7,11 +7,16 @@ when classifier-free guidance is off. It never learns which backend computed the
     2. on guided steps, move x_t down the gradient of the guidance losses (guidance.py);
     3. take the sampler's step: DDIM (ddim.py, fused with the CFG combine on CUDA, kernels/) for a
        DDIMSchedule, multistep LCM (lcm.py) for an LCMSchedule, multistep DPM-Solver++ (dpm.py) for a
-       DPMSchedule, which reads the data predictions of the steps before: `sample` keeps them per call.
+       DPMSchedule, which reads the data predictions of the steps before: `sample` keeps them per call;
+       Euler or Euler Ancestral (euler.py) for an EulerSchedule.
+
+x is always the UNet's input (the variance-preserving x_t): Euler's VE sample is the sampler's own
+business (euler.py); x_T's scale and img2img's noising are the schedule's (`initial_noise`, `add_noise`).
 
 Random draws after x_T come from `options.generator`: one generator for the batch, one per image
 (diffusers' list), or blocks of rows each from its own (GeneratorBlocks). DDIM draws a step's noise
-when eta > 0; LCM on every step but the last, as LCMScheduler.step does (it has no eta); DPM-Solver++
+when eta > 0; LCM on every step but the last, as LCMScheduler.step does (it has no eta); Euler Ancestral
+on every step, the last one too, as EulerAncestralDiscreteScheduler.step does; DPM-Solver++ and Euler
 never (deterministic, no eta).
 """
 
@@ -23,7 +28,7 @@ from typing import Callable, Literal
 import torch
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError
-from diffrt.runtime import ddim, dpm, lcm
+from diffrt.runtime import ddim, dpm, euler, lcm
 from diffrt.runtime.guidance import Guidance
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
@@ -116,21 +121,26 @@ class SamplerOptions:
     guidance_rescale: float = 0.0  # combine_cfg's rescale (diffusers' guidance_rescale); not fused
 
 
-Schedule = ddim.DDIMSchedule | lcm.LCMSchedule | dpm.DPMSchedule
-Scheduler = Literal["ddim", "lcm", "dpm"] | ddim.DDIMConfig | None  # a pipeline's `scheduler=`: None is the model's own
-SAMPLERS = {"ddim": ddim.DDIMConfig, "lcm": lcm.LCMConfig, "dpm": dpm.DPMConfig}  # `scheduler=` names -> their configs
+Schedule = ddim.DDIMSchedule | lcm.LCMSchedule | dpm.DPMSchedule | euler.EulerSchedule
+Scheduler = Literal["ddim", "lcm", "dpm", "euler", "euler_a"] | ddim.DDIMConfig | None  # a pipeline's `scheduler=`: None is the model's own
+# `scheduler=` names -> their configs
+SAMPLERS = {"ddim": ddim.DDIMConfig, "lcm": lcm.LCMConfig, "dpm": dpm.DPMConfig, "euler": euler.EulerConfig,
+            "euler_a": euler.EulerAncestralConfig}
+EULER_CONFIGS = (euler.EulerConfig, euler.EulerAncestralConfig)
 
 
 def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig:
-    """The config a pipeline samples with: its model's own (None; an LCMConfig or DPMConfig for a folder
-    naming LCMScheduler or DPMSolverMultistepScheduler), that model's training schedule under another
-    sampler ("ddim", "lcm", "dpm": diffusers' `pipe.scheduler = DDIMScheduler/LCMScheduler/
-    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`), or a config given."""
+    """The config a pipeline samples with: its model's own (None; an LCMConfig, DPMConfig, EulerConfig or
+    EulerAncestralConfig for a folder naming LCMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    or EulerAncestralDiscreteScheduler), that model's training schedule under another sampler ("ddim", "lcm",
+    "dpm", "euler", "euler_a": diffusers' `pipe.scheduler = <that class>.from_config(pipe.scheduler.config)`),
+    or a config given."""
     if choice is None or isinstance(choice, ddim.DDIMConfig):
         return own if choice is None else choice
     cls = SAMPLERS.get(choice) if isinstance(choice, str) else None
     if cls is None:
-        raise DiffrtError(f"scheduler must be 'ddim', 'lcm' or 'dpm' (or a DDIMConfig / LCMConfig / DPMConfig), got {choice!r}")
+        raise DiffrtError("scheduler must be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a' (or a DDIMConfig / LCMConfig / DPMConfig / "
+                          f"EulerConfig / EulerAncestralConfig), got {choice!r}")
     if type(own) is cls:
         return own
     if cls is ddim.DDIMConfig:
@@ -142,15 +152,18 @@ def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig
 def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *, eta: float = 0.0,
                            timesteps: list[int] | None = None) -> Schedule:
     """The schedule for `config`'s sampler, with what only one sampler takes refused in one line: DDIM's
-    `eta` for LCM and DPM-Solver++ (their step() has none; diffusers' pipelines drop it silently), custom
-    `timesteps` for DDIM (diffusers' DDIMScheduler takes none either)."""
+    `eta` for LCM, DPM-Solver++ and the Eulers (their step() has none; diffusers' pipelines drop it silently),
+    custom `timesteps` for DDIM and Euler Ancestral (diffusers' DDIMScheduler and EulerAncestralDiscreteScheduler
+    take none either)."""
     check_eta(config, eta)
     if isinstance(config, lcm.LCMConfig):
         schedule = lcm.make_lcm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
     elif isinstance(config, dpm.DPMConfig):
         schedule = dpm.make_dpm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
+    elif isinstance(config, EULER_CONFIGS):
+        schedule = euler.make_euler_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
     elif timesteps is not None:
-        raise DiffrtError("custom timesteps need scheduler='lcm' or 'dpm'; DDIM takes num_inference_steps (and timestep_spacing "
+        raise DiffrtError("custom timesteps need scheduler='lcm', 'dpm' or 'euler'; DDIM takes num_inference_steps (and timestep_spacing "
                           "in the scheduler config), as diffusers' DDIMScheduler does")
     else:
         schedule = ddim.make_schedule(config, num_inference_steps)
@@ -162,8 +175,8 @@ def check_schedule(schedule: Schedule) -> None:
     """Refuse a schedule the model cannot run, before any work. Zero terminal SNR: an epsilon model's
     x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides by zero at an alpha_bar-0 step, where diffusers'
     DDIM returns NaN images; refused here rather than reported later as a NaN in the VAE. (DPM-Solver++
-    has none: its last alpha_bar is 2^-24, as diffusers', dpm.make_dpm_alphas_cumprod.)"""
-    if isinstance(schedule, dpm.DPMSchedule):
+    and the Eulers have none: their last alpha_bar is 2^-24, as diffusers', dpm.make_dpm_alphas_cumprod.)"""
+    if isinstance(schedule, (dpm.DPMSchedule, euler.EulerSchedule)):
         return
     if schedule.prediction_type == "epsilon" and bool((schedule.alpha_bar == 0).any()):
         t = int(schedule.timesteps[schedule.alpha_bar == 0][0])
@@ -174,8 +187,8 @@ def check_schedule(schedule: Schedule) -> None:
 
 
 def check_eta(sampler: ddim.DDIMConfig | Schedule, eta: float) -> None:
-    """eta is DDIM's: LCM and DPM-Solver++ (their config or schedule) take none. One line, where diffusers'
-    pipelines drop it silently."""
+    """eta is DDIM's: LCM, DPM-Solver++ and the Eulers (their config or schedule) take none. One line, where
+    diffusers' pipelines drop it silently."""
     if eta == 0:
         return
     if isinstance(sampler, (lcm.LCMConfig, lcm.LCMSchedule)):
@@ -184,27 +197,44 @@ def check_eta(sampler: ddim.DDIMConfig | Schedule, eta: float) -> None:
     if isinstance(sampler, (dpm.DPMConfig, dpm.DPMSchedule)):
         raise DiffrtError(f"eta {eta:g} is DDIM's; DPM-Solver++ is deterministic and takes none (DPMSolverMultistepScheduler "
                           "has no eta), so leave eta at 0 or use scheduler='ddim'")
+    if isinstance(sampler, (*EULER_CONFIGS, euler.EulerSchedule)):
+        ancestral = isinstance(sampler, euler.EulerAncestralConfig) or (isinstance(sampler, euler.EulerSchedule) and sampler.ancestral)
+        what = ("Euler Ancestral draws fresh noise every step whatever eta is (EulerAncestralDiscreteScheduler has no eta)"
+                if ancestral else "Euler is deterministic and takes none (EulerDiscreteScheduler has no eta)")
+        raise DiffrtError(f"eta {eta:g} is DDIM's; {what}, so leave eta at 0 or use scheduler='ddim'")
 
 
 def draws_step_noise(schedule: Schedule, eta: float) -> bool:
     """Whether the loop draws from the generator after x_T: DDIM with eta > 0; LCM with two steps or more;
-    DPM-Solver++ never."""
+    Euler Ancestral always (one draw a step); DPM-Solver++ and Euler never."""
     if isinstance(schedule, dpm.DPMSchedule):
         return False
+    if isinstance(schedule, euler.EulerSchedule):
+        return schedule.ancestral
     return len(schedule) > 1 if isinstance(schedule, lcm.LCMSchedule) else eta > 0
+
+
+def initial_noise(schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
+    """x_T from unit noise (drawn, or a caller's `latents`): diffusers' latents * init_noise_sigma, as the UNet's
+    input. Only Euler's differs from the noise itself (euler.initial_noise); the others' init_noise_sigma is 1."""
+    if isinstance(schedule, euler.EulerSchedule):
+        return euler.initial_noise(noise, schedule)
+    return noise
 
 
 def add_noise(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x0 noised to the schedule's first step (img2img), as the sampler's diffusers scheduler's add_noise:
-    DPM-Solver++ at that step's sigma (a Karras sigma is not its rounded timestep's), else alpha_bar_t."""
+    DPM-Solver++ and Euler at that step's sigma (a Karras sigma is not its rounded timestep's), else alpha_bar_t."""
     if isinstance(schedule, dpm.DPMSchedule):
         return dpm.add_noise(x0, noise, schedule, 0)
+    if isinstance(schedule, euler.EulerSchedule):
+        return euler.add_noise(x0, noise, schedule, 0)
     return ddim.add_noise(x0, noise, schedule.alphas_cumprod[schedule.timesteps[0]])
 
 
 def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: SamplerOptions,
            progress: Callable | None = None) -> torch.Tensor:
-    """Run the DDIM, LCM or DPM-Solver++ loop (by the schedule's kind) from x = x_T (already scaled noise) to x_0
+    """Run the DDIM, LCM, DPM-Solver++ or Euler loop (by the schedule's kind) from x = x_T (initial_noise) to x_0
     and return it. The data predictions a multistep solver reads are kept here, one list per call."""
     check_schedule(schedule)  # again, for a schedule not made by make_sampling_schedule
     if schedule.prediction_type == "sample" and any(g.mode == "x0" and g.scale != 0 for g in options.guidance):
@@ -239,6 +269,9 @@ def _step(x, eps_u, eps_c, g: float, i: int, schedule: Schedule, options: Sample
         history.append(dpm.thresholded_data_prediction(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), schedule, i))
         del history[:-int(schedule.orders.max())]
         return dpm.dpm_solver_step(x, history[-min(int(schedule.orders[i]), len(history)):], schedule, i)
+    if isinstance(schedule, euler.EulerSchedule):
+        noise = randn(x.shape, options.generator, x.device, x.dtype) if schedule.ancestral else None
+        return euler.euler_step(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), schedule, i, noise)
     if isinstance(schedule, lcm.LCMSchedule):
         last = i == len(schedule) - 1  # LCMScheduler: no noise on the final step (nor for one-step sampling)
         noise = None if last else randn(x.shape, options.generator, x.device, x.dtype)
@@ -263,9 +296,11 @@ def _step(x, eps_u, eps_c, g: float, i: int, schedule: Schedule, options: Sample
 def predict_clean(x: torch.Tensor, eps: torch.Tensor, i: int, schedule: Schedule) -> torch.Tensor:
     """What guidance scores at step i, differentiable in x: DDIM's predicted x0 (Eq. 12), LCM's
     f(x_t, t) = c_skip x_t + c_out x0, the clean sample its step returns (unclipped, so gradients
-    do not vanish at the clip), or DPM-Solver++'s data prediction x0 (unthresholded, likewise)."""
+    do not vanish at the clip), or DPM-Solver++'s or Euler's data prediction x0 (unthresholded, likewise)."""
     if isinstance(schedule, dpm.DPMSchedule):
         return dpm.data_prediction(x, eps, schedule.alpha_t[i], schedule.sigma_t[i], schedule.prediction_type)
+    if isinstance(schedule, euler.EulerSchedule):
+        return euler.predict_clean(x, eps, schedule, i)
     x0, _ = ddim.predict_x0(x, eps, schedule.alpha_bar[i], schedule.prediction_type)
     if isinstance(schedule, lcm.LCMSchedule):
         return lcm.consistency_output(x, x0, schedule.c_skip[i], schedule.c_out[i])

@@ -17,14 +17,17 @@ PIL images with Lanczos. One deliberate difference: `height` without `width` (or
 keeps the side given and takes the default for the other, where StableDiffusionPipeline drops
 the side given and uses its default size for both.
 
-The sampler is DDIM, or LCM (lcm.py) or DPM-Solver++ (dpm.py) for a folder whose scheduler config
-names LCMScheduler or DPMSolverMultistepScheduler, as StableDiffusionPipeline.from_pretrained would
-sample it; `scheduler="lcm"` runs LCM on a folder's training schedule (LCM-LoRA on a plain SD folder:
-diffusers' `pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)`), `scheduler="dpm"`
-DPM-Solver++ (DPMSolverMultistepScheduler.from_config, likewise), `scheduler="ddim"` DDIM. LCM draws
+The sampler is DDIM, or LCM (lcm.py), DPM-Solver++ (dpm.py), Euler or Euler Ancestral (euler.py) for a
+folder whose scheduler config names LCMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler or
+EulerAncestralDiscreteScheduler, as StableDiffusionPipeline.from_pretrained would sample it;
+`scheduler="lcm"` runs LCM on a folder's training schedule (LCM-LoRA on a plain SD folder: diffusers'
+`pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)`), `scheduler="dpm"`, `"euler"` and
+`"euler_a"` those samplers (their class's from_config, likewise), `scheduler="ddim"` DDIM. LCM draws
 fresh noise from the generator after every step but the last, after the initial latents, as
-LCMScheduler.step; DPM-Solver++ draws none. img2img noises the image to the first step kept as the
-sampler's scheduler does (DPM-Solver++: at that step's sigma, Karras or not).
+LCMScheduler.step; Euler Ancestral after every step; DPM-Solver++ and Euler draw none. x_T is the
+noise times the sampler's init_noise_sigma (Euler's sigma_max), `latents=` too, as diffusers scales
+them, and img2img noises the image to the first step kept as the sampler's scheduler does
+(DPM-Solver++ and Euler: at that step's sigma, Karras or not).
 An outdated scheduler config (steps_offset 0, clip_sample on) is sampled as StableDiffusionPipeline
 corrects it. diffusers' ControlNet pipelines correct nothing: calls with a control image keep the
 config's steps_offset as they do, but not its clip_sample (a deliberate difference, _latent_scheduler).
@@ -56,11 +59,10 @@ from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_output_type, convert_output,
                                      make_generator, scheduler_name, to_unit_range_unclamped)
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, add_noise, check_finite, check_generators,
-                                     choose_scheduler, randn, sample)
+                                     choose_scheduler, initial_noise, randn, sample)
 
 log = logging.getLogger(__name__)
 
-INIT_NOISE_SIGMA = 1.0  # DDIM's: x_T is unit-variance noise
 DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default; `diffrt generate` and `diffrt serve` use it
 LCM_GUIDANCE_SCALE = 1.0  # `diffrt generate`'s with LCM: LCM-LoRA's recommendation (1 to 2; 7.5 burns the images)
 
@@ -83,7 +85,7 @@ def cut_off(tokenizer, prompt: str, max_length: int) -> tuple[int, str] | None:
 
 
 class TextToImagePipeline(DenoiserPipeline):
-    """Guided DDIM, LCM or DPM-Solver++ sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
+    """Guided DDIM, LCM, DPM-Solver++ or Euler sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
 
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
@@ -147,8 +149,9 @@ class TextToImagePipeline(DenoiserPipeline):
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  scheduler: Scheduler = None, timesteps: list[int] | None = None) -> GenerationResult:
-        # 1. Check inputs before any work. `scheduler`: None is the model's own, "ddim", "lcm" or "dpm" that sampler on
-        #    its training schedule, or a config (sampling.choose_scheduler); `timesteps`: LCM's or DPM's custom schedule.
+        # 1. Check inputs before any work. `scheduler`: None is the model's own, "ddim", "lcm", "dpm", "euler" or "euler_a"
+        #    that sampler on its training schedule, or a config (sampling.choose_scheduler); `timesteps`: a custom
+        #    schedule (LCM, DPM-Solver++, Euler).
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
         if prompt_embeds is not None:  # diffusers' way in for weighted prompts (compel) and cached encodings
             _check_embeds(prompt_embeds, negative_prompt_embeds, prompt)
@@ -214,16 +217,17 @@ class TextToImagePipeline(DenoiserPipeline):
         embeds = torch.cat([part.to(self.device, torch.float32) for part in parts])
         embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)  # [p0, p0, p1, p1] as diffusers
 
-        # 3. Initial latents: noise x_T (txt2img) or the encoded image noised to the first timestep (img2img).
+        # 3. Initial latents: noise x_T (txt2img; given or drawn, scaled by the sampler's init_noise_sigma as diffusers
+        #    scales both) or the encoded image noised to the first timestep (img2img).
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise DiffrtError(f"latents must have shape {shape} (batch, channels, height/8, width/8), got {tuple(latents.shape)}")
-            x = latents.to(self.device, torch.float32)
+            x = initial_noise(schedule, latents.to(self.device, torch.float32))
         elif init is not None:
             x = self._noised_image_latents(init, batch, schedule, generator)
         else:
-            x = randn(shape, generator, self.device, torch.float32) * INIT_NOISE_SIGMA
+            x = initial_noise(schedule, randn(shape, generator, self.device, torch.float32))
 
         # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph. A
         #    guidance-distilled UNet gets instead the embedding of w = guidance_scale - 1 per image, as
@@ -241,7 +245,7 @@ class TextToImagePipeline(DenoiserPipeline):
             eps = self._check(self.unet.spec.name, eps["noise_pred"].float())
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
-        # 5. The guided DDIM, LCM or DPM-Solver++ loop.
+        # 5. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
         guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
@@ -396,12 +400,14 @@ class TextToImagePipeline(DenoiserPipeline):
             return None
         unet = self.torch_module("unet", "guidance mode 'through_unet'")
         param = next(unet.parameters())
-        names = self.unet.spec.input_names
+        inputs = self.unet.spec.inputs
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
             full = {**feed, "sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])}
-            args = [v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device) for v in (full[n] for n in names)]
+            # Each input in the dtype its spec gives it at the UNet's precision: the timestep stays fp32 (a half
+            # UNet's time embedding is computed from it in fp32, as diffusers does; components.TensorSpec.pinned).
+            args = [full[s.name].to(param.device, s.torch_dtype(param.dtype)) for s in inputs]
             eps = unet(*args).to(x_t.device, torch.float32)
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 

@@ -57,7 +57,8 @@ def _fuse_unet_only(unet, loras: Loras) -> None:
 
 def check_scheduler_class(folder: Path) -> None:
     """diffrt samples a folder with the sampler its scheduler/scheduler_config.json names (LCM for
-    LCMScheduler, DPM-Solver++ for DPMSolverMultistepScheduler, else DDIM) on every backend, since that
+    LCMScheduler, DPM-Solver++ for DPMSolverMultistepScheduler, Euler for EulerDiscreteScheduler, Euler
+    Ancestral for EulerAncestralDiscreteScheduler, else DDIM) on every backend, since that
     file is what an export carries; diffusers' from_pretrained builds the class model_index.json names.
     A folder whose two files disagree about the sampler (a hand-edited config) is sampled as its config
     says, with a warning naming both."""
@@ -71,13 +72,14 @@ def check_scheduler_class(folder: Path) -> None:
         return
     if listed and named and _sampler_of(listed) != _sampler_of(named):
         log.warning("%s names %s but %s names %s; diffrt samples with %s, as the scheduler config says "
-                    "(diffusers' from_pretrained would build %s); pass scheduler='ddim', 'lcm' or 'dpm' to choose",
+                    "(diffusers' from_pretrained would build %s); pass scheduler='ddim', 'lcm', 'dpm', 'euler' or 'euler_a' to choose",
                     index, listed, config, named, _sampler_of(named), listed)
 
 
 def _sampler_of(scheduler_class: str) -> str:
     """The sampler diffrt runs for a diffusers scheduler class named in a folder."""
-    return {"LCMScheduler": "LCM", "DPMSolverMultistepScheduler": "DPM-Solver++"}.get(scheduler_class, "DDIM")
+    return {"LCMScheduler": "LCM", "DPMSolverMultistepScheduler": "DPM-Solver++", "EulerDiscreteScheduler": "Euler",
+            "EulerAncestralDiscreteScheduler": "Euler Ancestral"}.get(scheduler_class, "DDIM")
 
 
 def check_unet_folder(folder: Path) -> None:

@@ -38,11 +38,12 @@ class GenerateBody(BaseModel):
     height: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
     width: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
     num_images: int = Field(1, ge=1, le=64, description="images from this seed, as `diffrt generate --num-images`")
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic); LCM and DPM-Solver++ take none")
-    scheduler: Literal["ddim", "lcm", "dpm"] | None = Field(
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic); LCM, DPM-Solver++, Euler and Euler "
+                     "Ancestral take none")
+    scheduler: Literal["ddim", "lcm", "dpm", "euler", "euler_a"] | None = Field(
         None, description="the sampler, on the model's training schedule: ddim, lcm (LCM-LoRA; guidance_scale 1.0 by "
-                          "default) or dpm (DPM-Solver++(2M), 20-25 steps); default: the model's own, LCM or DPM-Solver++ "
-                          "for a folder whose scheduler config names LCMScheduler or DPMSolverMultistepScheduler")
+                          "default), dpm (DPM-Solver++(2M), 20-25 steps), euler or euler_a (Euler Ancestral, 'Euler a'); "
+                          "default: the model's own, the one its scheduler config names")
     color: str | None = Field(None, pattern=r"^#?[0-9a-fA-F]{6}$", description="colour guidance target, #RRGGBB")
     color_scale: float = Field(DEFAULT_COLOR_SCALE, ge=0.0, le=10_000.0, description="colour guidance strength")
     control_image: str | list[str] | None = Field(

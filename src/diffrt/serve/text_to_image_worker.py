@@ -5,11 +5,11 @@ worker thread, `plan` runs in the caller's thread and only reads the model's des
 
 Batching (batching.py, the mechanism PixelWorker uses): requests share a batch when they differ
 only in prompt, negative prompt, seed, num_images and control image, that is when size, steps,
-sampler (`scheduler`: DDIM, LCM or DPM-Solver++), guidance scale and eta are equal and, for ControlNet requests,
+sampler (`scheduler`: DDIM, LCM, DPM-Solver++, Euler or Euler Ancestral), guidance scale and eta are equal and, for ControlNet requests,
 the control images' size and the conditioning scales are equal too (a request without a control
 image never shares with one that has one). A shared batch gives each ControlNet one control image row per image, each
-request's image repeated for its num_images. With eta > 0 (or LCM, which draws fresh noise between
-its steps) each request brings its generator, and the sampler draws each request's rows of
+request's image repeated for its num_images. With eta > 0 (or LCM or Euler Ancestral, which draw fresh
+noise between their steps) each request brings its generator, and the sampler draws each request's rows of
 the per-step noise from it as the request draws them alone (batching.generator_blocks).
 
 A request with colour guidance runs alone. Its gradient is taken through the PyTorch VAE decoder
@@ -72,7 +72,7 @@ class TextToImagePlan:
     prompt: str
     negative_prompt: str | None
     latents: torch.Tensor | None  # [num_images, C, H/8, W/8], from this request's seed only; None for image-to-image
-    generator: torch.Generator | None  # eta > 0 or LCM only: the seed's generator, past the x_T draw
+    generator: torch.Generator | None  # eta > 0, LCM or Euler Ancestral only: the seed's generator, past the x_T draw
     settings: dict = field(default_factory=dict)  # height, width, num_inference_steps, scheduler, guidance_scale, eta, ...
     control: list[torch.Tensor] | None = None  # one [3, H, W] image per ControlNet
     control_scale: float | list[float] = 1.0

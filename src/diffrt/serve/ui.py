@@ -122,7 +122,8 @@ def build_ui(runtime: ServeRuntime):
                 prompt = gr.Textbox(label="prompt", visible=text)
                 negative = gr.Textbox(label="negative prompt", visible=text)
                 scheduler = gr.Dropdown(choices=[("the model's own", ""), ("DDIM", "ddim"), ("LCM (LCM-LoRA: 4 steps, guidance 1)", "lcm"),
-                                                 ("DPM-Solver++ (20-25 steps)", "dpm")],
+                                                 ("DPM-Solver++ (20-25 steps)", "dpm"), ("Euler", "euler"),
+                                                 ("Euler Ancestral ('Euler a')", "euler_a")],
                                         value="", label="sampler")
                 steps = gr.Slider(1, 200, value=25, step=1, label="steps (num_inference_steps)")
                 guidance = gr.Slider(0.0, 15.0, value=T2I_GUIDANCE_SCALE if text else DEFAULT_GUIDANCE_SCALE, step=0.5, label="guidance scale")

@@ -6,7 +6,7 @@
 Requests are batched by the mechanism in batching.py, which TextToImageWorker shares: each
 request's own noise from its own seed, a start-up probe that the backend is batch-invariant,
 answers split back by request id. Pixel requests may share a batch when their settings (steps,
-sampler, guidance scale, eta, size, colour scale) are equal: with eta > 0 (or LCM) each brings its
+sampler, guidance scale, eta, size, colour scale) are equal: with eta > 0 (or LCM, or Euler Ancestral) each brings its
 generator for its own block of rows of the per-step noise, and with colour guidance each its own
 target colour, one per image row. `color_guidance` sums its loss over the images, so a row's gradient is the one
 it gets alone; requests with and without colour never share a batch, since the guided and the
@@ -56,7 +56,7 @@ class Plan:
     num_images: int
     labels: torch.Tensor | None  # [num_images] int64, None for unconditional models
     latents: torch.Tensor  # [num_images, C, H, W], from this request's seed only
-    generator: torch.Generator | None  # eta > 0 or LCM only: the seed's generator, past the x_T draw
+    generator: torch.Generator | None  # eta > 0, LCM or Euler Ancestral only: the seed's generator, past the x_T draw
     settings: dict = field(default_factory=dict)  # num_inference_steps, scheduler, guidance_scale, eta, height, width, color_scale
     color: str | None = None  # this request's colour-guidance target (#RRGGBB); color_scale, in settings, is shared
     lora_scale: float = 1.0  # times the LoRA scales the model opened with; a batch runs at one
@@ -85,7 +85,7 @@ def lora_scale(pipe, body: GenerateBody) -> float:
 def request_schedule(pipe, body: GenerateBody, **call):
     """The schedule the request's sampler (`scheduler`, else the model's own) runs, refused before it queues
     with a 422 naming the field at fault: `scheduler` when the model's config has no such sampler (DDIM
-    cannot take an LCM config's dynamic thresholding), `eta` (LCM and DPM-Solver++ take none) or `num_inference_steps`
+    cannot take an LCM config's dynamic thresholding), `eta` (only DDIM takes one) or `num_inference_steps`
     (LCM: at most original_inference_steps). `call`: what else the pipeline's call decides it by."""
     with refused_as("scheduler"):
         config = pipe.sampler_config(body.scheduler, **call)
