@@ -16,8 +16,10 @@ The shipped digits model is used when it is present, else a tiny random class-co
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import logging
 import os
 import re
 import shutil
@@ -335,7 +337,7 @@ def test_colour_requests_at_one_scale_share_a_batch(server, client, served_model
     (b'{"class_label": 1, "guidance_rescale": 0.5}', 422, "guidance_rescale: the loaded model is a class-conditioned pixel-space"),
     (b'{"class_label": 1, "lora_scale": 0.5}', 422, "lora_scale: lora_scale 0.5: this model runs no LoRA"),
     (b'{"class_label": 100}', 422, "class_label: 100 is out of range"),
-    (b'{"class_label": 1, "scheduler": "euler"}', 422, "scheduler: Input should be 'ddim', 'lcm' or 'dpm'"),
+    (b'{"class_label": 1, "scheduler": "heun"}', 422, "scheduler: Input should be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a'"),
     (b'{"class_label": 1, "scheduler": "lcm", "eta": 0.5}', 422, "eta: eta 0.5 is DDIM's; LCM draws fresh noise"),
     (b'{"class_label": 1, "scheduler": "lcm", "num_inference_steps": 51}', 422, "num_inference_steps: LCM takes its steps"),
     (b'{"num_inference_steps": 2}', 422, "class_label: required"),
@@ -438,6 +440,131 @@ def test_queue_full_is_429_and_timeout_is_504(client, server):
     assert 0 < r.json()["timings_ms"]["unet"] <= r.json()["timings_ms"]["sample"]
 
 
+def slow_body(seed: int) -> dict:
+    """A request of the most steps the schema takes, with its own eta so that it runs in a batch of its own."""
+    return {"class_label": 1, "seed": seed, "num_inference_steps": 200, "eta": 0.5 + seed / 100}
+
+
+def recording_batches(batcher, hold_first: threading.Event | None = None):
+    """Wrap the worker's run_batch: each batch's seeds and whether it was answered or abandoned, in
+    the order the worker ran them; the first batch waits for `hold_first` before it samples."""
+    original, ran = batcher.run_batch, []
+
+    def run(jobs):
+        seeds = [job.payload.seed for job in jobs]
+        if hold_first is not None and not ran:
+            hold_first.wait(30)
+        try:
+            answers = original(jobs)
+        except BatchAbandoned:
+            ran.append((seeds, "abandoned"))
+            raise
+        ran.append((seeds, "answered"))
+        return answers
+
+    batcher.run_batch = run
+    return original, ran
+
+
+def test_a_client_that_hangs_up_has_its_request_given_up(client, server):
+    """Three clients send a slow request (200 steps) each and hang up while the first runs and two
+    wait. Their rows are given up (the running batch stops at its next step, the queued ones never
+    run), so a request sent right after them is not queued behind 3 x 200 steps that nobody waits
+    for; each counts as 499, is logged at info, and nothing reaches the server's log as an error.
+    Before the fix all three ran to the end: the next request took 2.7x one slow request alone."""
+    batcher = server.runtime.batcher
+    t0 = time.monotonic()
+    assert client.post("/v1/generate", json=slow_body(0)).status_code == 200
+    alone_s = time.monotonic() - t0
+    before = client.get("/metrics").text
+    hung_up = threading.Event()
+    original, ran = recording_batches(batcher, hold_first=hung_up)  # the first is running (its future) until they hang up
+    try:
+        with serving.logged("uvicorn.error", "asyncio", "diffrt.serve") as records:
+            sockets = []
+            for i in (1, 2, 3):
+                sockets.append(serving.post_and_hold(server.url + "/v1/generate", slow_body(i), {"Authorization": f"Bearer {API_KEY}"}))
+                serving.wait_until(lambda: batcher.in_flight == i, f"slow request {i} to be taken")
+            assert batcher.depth == 2  # one running, two queued
+            for sock in sockets:
+                sock.close()
+            given_up = lambda: [x for x in records if "given up" in x.getMessage()]  # noqa: E731
+            deadline = time.monotonic() + 10  # the server sees the hang-ups (no assert here: without them, the timing fails below)
+            while len(given_up()) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            hung_up.set()
+            t0 = time.monotonic()
+            r = client.post("/v1/generate", json={"class_label": 2, "seed": 9, "num_inference_steps": 2})
+            after_s = time.monotonic() - t0
+            assert r.status_code == 200, r.text
+            assert after_s < 0.5 * alone_s, (after_s, alone_s)  # not behind 3 x 200 steps for nobody
+    finally:
+        hung_up.set()
+        batcher.run_batch = original
+    assert ran == [([1], "abandoned"), ([9], "answered")]  # the queued two never ran
+    assert sorted(x.getMessage().split(" while ")[1].split(" ")[0] for x in given_up()) == ["queued", "queued", "running"]
+    assert all(x.levelno == logging.INFO for x in given_up())
+    assert not [x for x in records if x.levelno >= logging.WARNING], [x.getMessage() for x in records]
+    after = client.get("/metrics").text
+    assert metric(after, "diffrt_serve_requests_total", status=499) - metric(before, "diffrt_serve_requests_total", status=499) == 3
+    assert metric(after, "diffrt_serve_requests_total", status=200) - metric(before, "diffrt_serve_requests_total", status=200) == 1
+    assert batcher.depth == 0 and batcher.in_flight == 0
+    assert client.post("/v1/generate", json={"class_label": 3, "seed": 1, "num_inference_steps": 1}).status_code == 200
+
+
+def test_cancelling_a_waiting_request_gives_its_rows_up(server):
+    """Ray Serve's way of saying a client has gone: its proxy cancels the replica's call, so the task
+    awaiting ServeRuntime.generate is cancelled. Its rows are given up whether the request was being
+    planned (queued after its client left: dropped once queued), waiting in the queue, or running."""
+    from diffrt.serve.schema import GenerateBody
+
+    runtime, batcher = server.runtime, server.runtime.batcher
+    release, planning, planned, worker_free = threading.Event(), threading.Event(), [], threading.Event()
+    original, ran = recording_batches(batcher, hold_first=worker_free)
+    submit = runtime.submit
+
+    def slow_planning(body, encoding="png"):
+        planning.set()
+        release.wait(30)
+        planned.append(submit(body, encoding))
+        return planned[-1]
+
+    async def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.01)
+
+    async def hang_up_three() -> list:
+        running = asyncio.ensure_future(runtime.generate(GenerateBody(**slow_body(1))))
+        await until(lambda: batcher.in_flight == 1 and batcher.depth == 0, "the first request to be taken")
+        queued = asyncio.ensure_future(runtime.generate(GenerateBody(**slow_body(2))))
+        await until(lambda: batcher.depth == 1, "the second request to queue")
+        runtime.submit = slow_planning
+        being_planned = asyncio.ensure_future(runtime.generate(GenerateBody(**slow_body(3))))
+        await until(planning.is_set, "the third request to be planned")
+        tasks = (running, queued, being_planned)
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        release.set()  # the third is queued now, after its client left (asyncio.run waits for its thread)
+        return [task.cancelled() for task in tasks]
+
+    try:
+        assert asyncio.run(hang_up_three()) == [True, True, True]
+        assert len(planned) == 1 and batcher.depth == 0  # queued, and given up at once
+        worker_free.set()  # the first starts sampling, for nobody
+        serving.wait_until(lambda: ran and batcher.in_flight == 0, "the worker to finish")
+    finally:
+        release.set()
+        worker_free.set()
+        runtime.__dict__.pop("submit", None)
+        batcher.run_batch = original
+    assert ran == [([1], "abandoned")]  # stopped at its first step; the queued and the late one never ran
+    assert planned[0].future.cancelled() and planned[0].expired
+    assert batcher.depth == 0
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(served_model):
     config = ServeConfig(model=served_model, port=0, api_key_env=None, max_batch_size=4, batch_wait_ms=5,
                          timeout_s=60, device="cpu", log_level="warning")
@@ -524,6 +651,20 @@ def test_ray_serve_replica_answers_like_the_service(served_model, pipe):
         assert np.array_equal(pixels(r.content), solo(pipe, 2, 21))
         bad = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"class_label": 2, "nope": 1}, timeout=60)
         assert bad.status_code == 422 and "nope" in bad.json()["detail"]
+        # Clients that hang up: Ray's proxy cancels the replica's call and the runtime gives the rows up
+        # (the running batch at its next step), so the next request does not wait behind them.
+        url = f"http://127.0.0.1:{port}/v1/generate"
+        t0 = time.monotonic()
+        assert httpx.post(url, json=slow_body(0), timeout=120).status_code == 200
+        alone_s = time.monotonic() - t0
+        sockets = [serving.post_and_hold(url, slow_body(i)) for i in (1, 2, 3)]
+        time.sleep(0.5)  # they reach the replica, the first starts sampling
+        for sock in sockets:
+            sock.close()
+        time.sleep(0.5)  # the proxy sees the hang-ups
+        t0 = time.monotonic()
+        assert httpx.post(url, json={"class_label": 2, "seed": 9, "num_inference_steps": 2}, timeout=120).status_code == 200
+        assert time.monotonic() - t0 < 0.3 * alone_s, alone_s
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -101,7 +101,7 @@ def test_rows_become_requests_checked_like_the_http_api():
         ({"num_inference_steps": np.array([[0]])}, "num_inference_steps"),
         ({"seed": np.array([[1, 2]])}, "seed: one value per row, got 2"),
         ({"color": np.array([[b"red"]], dtype=object)}, "color"),
-        ({"scheduler": np.array([[b"euler"]], dtype=object)}, "scheduler: Input should be 'ddim'"),
+        ({"scheduler": np.array([[b"heun"]], dtype=object)}, "scheduler: Input should be 'ddim'"),
     ]
     for inputs, message in refusals:
         with pytest.raises(RequestError, match=message) as err:
@@ -347,7 +347,7 @@ def test_bad_requests_are_refused_by_name(triton):
              ({"num_inference_steps": 0}, "num_inference_steps"),
              ({"prompt": "a cat"}, "prompt"),  # not an input of a pixel model: Triton itself refuses it
              ({"class_label": 1, "height": 17}, "height"),
-             ({"class_label": 1, "scheduler": "euler"}, "scheduler: Input should be 'ddim'"),
+             ({"class_label": 1, "scheduler": "heun"}, "scheduler: Input should be 'ddim'"),
              ({"class_label": 1, "scheduler": "lcm", "eta": 0.5}, "eta: eta 0.5 is DDIM's"),
              ({"class_label": [[1], [2]], "num_images": [[1], [2]]}, "same num_images, height and width")]
     for inputs, message in cases:
@@ -464,7 +464,7 @@ def test_grpc_answers_as_http_does(triton, t2i_artifact, tmp_path):
     }
     bad = {f"bad{i}": ("digits", inputs) for i, inputs in enumerate([
         {"class_label": 33}, {"num_inference_steps": 0}, {"prompt": "a cat"}, {"class_label": 1, "height": 17},
-        {"class_label": 1, "scheduler": "euler"}, {"class_label": 1, "scheduler": "lcm", "eta": 0.5},
+        {"class_label": 1, "scheduler": "heun"}, {"class_label": 1, "scheduler": "lcm", "eta": 0.5},
         {"class_label": [[1], [2]], "num_images": [[1], [2]]}, {"image": [[b"not a png"]], "prompt": PROMPT}])}
     bad["bad7"] = ("sd", bad["bad7"][1])
     requests = {key: (model, grpc_inputs(inputs)) for key, (model, inputs) in {**good, **bad}.items()}

@@ -13,7 +13,9 @@ text encoder's length says so (RELIABILITY #13): JSON answers carry the dropped 
 `truncated` / `truncated_negative`, PNG answers the header `X-Diffrt-Prompt-Truncated: true`.
 Refusals are JSON `{"detail", "field"}` with the status that fits: 400 malformed JSON, 401 API
 key, 413 body or image too large, 415 not JSON, 422 a field the schema or the model refuses,
-429 queue full, 503 not ready, 504 over the timeout.
+429 queue full, 503 not ready, 504 over the timeout. A client that hangs up before its answer
+(closed socket, a proxy's timeout, a retry) has its request given up, queued or running, and is
+counted as 499, nginx's "client closed request"; no answer can reach it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 GENERATE_PATH = "/v1/generate"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before its answer: metrics only, never sent
 
 
 @dataclass
@@ -105,6 +109,41 @@ def answer_response(answer: Answer, accept: str) -> Response:
     images = [{"index": i, "seed": answer.seed, "png_base64": base64.b64encode(png).decode("ascii")} for i, png in enumerate(answer.images)]
     return JSONResponse({"id": answer.job_id, "backend": answer.backend, "seed": answer.seed, "images": images,
                          "batch_size": answer.batch_size, "timings_ms": answer.timings_ms, **truncated}, headers=headers)
+
+
+# -- a client that hangs up --------------------------------------------------------------------
+
+async def disconnected(receive) -> None:
+    """Return once the client has hung up: the ASGI server's `http.disconnect`. Called after the body
+    is read (GuardMiddleware reads it whole, FastAPI parsed it), so `receive` has nothing else to
+    hand over and blocks until the connection closes (or the response is complete, when nobody
+    listens any more). Event-driven: a request that completes normally waits for no poll."""
+    while (await receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)  # more body than was read: not expected after a whole body; no busy loop if it happens
+
+
+async def answer_unless_gone(generating: Awaitable[Answer], receive) -> Answer:
+    """`generating`'s answer, unless the client hangs up first: then it is cancelled (the runtime gives
+    the request's rows up: a queued one never runs, a running batch of only such rows stops at its
+    next step) and the request ends as 499, which counts in the metrics and reaches nobody."""
+    work = asyncio.ensure_future(generating)
+    watch = asyncio.ensure_future(disconnected(receive))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        if not work.done() and watch.exception() is not None:  # cannot tell: just wait, as without the watch
+            log.debug("watching for the client's disconnect failed", exc_info=watch.exception())
+            await asyncio.wait((work,))
+        if not work.done():  # the client has gone
+            work.cancel()
+            await asyncio.wait((work,))  # the runtime gives the rows up before the 499 is counted
+    finally:  # also when this request's own task is cancelled (server shutdown): the work stops with it
+        watch.cancel()
+        work.cancel()  # a no-op once it is done
+        if watch.done() and not watch.cancelled():
+            watch.exception()  # retrieved: no "exception never retrieved" in the log
+    if not work.cancelled():  # done, or answered in the same instant the client left
+        return work.result()
+    raise RequestError(CLIENT_CLOSED_REQUEST, "the client closed the connection before its images were made")
 
 
 # -- guards in front of the app (before the body is parsed) -----------------------------------
@@ -219,7 +258,7 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
            (503, "not ready"), (504, "timed out"))}})
     async def generate(body: GenerateBody, request: Request) -> Response:
         """Generate images. Fields follow diffusers' names; leave one out for `diffrt generate`'s default."""
-        answer = await runtime.generate(body)
+        answer = await answer_unless_gone(runtime.generate(body), request.receive)
         return answer_response(answer, request.headers.get("accept", ""))
 
     @app.get("/healthz")

@@ -21,7 +21,8 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("diffrt_serve_requests", "Generation requests answered, by HTTP status", ["status"], registry=r)
+        self.requests = Counter("diffrt_serve_requests", "Generation requests answered, by HTTP status "
+                                "(499: the client hung up first and its request was given up)", ["status"], registry=r)
         self.latency = Histogram("diffrt_serve_request_seconds", "End-to-end latency of successful generation requests",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.stage = Histogram("diffrt_serve_stage_seconds", "Time per stage of a request: queue wait, DDIM sampling "

@@ -16,12 +16,14 @@ ongoing requests per replica pass the engine's batch size. A replica asks for on
 is present. `check_health` raises once the replica's worker is dead, so Ray replaces it.
 
 The route speaks the same API as `POST /v1/generate` of `diffrt serve` (schema, API key,
-body limit, refusals, headers). Ray ships the deployment to its workers with its own
-serialisation; diffrt passes it a plain dict of settings only.
+body limit, refusals, headers). A client that hangs up has its request given up as there: Ray's
+proxy cancels the replica's call, the runtime drops its rows, and it counts as 499. Ray ships the
+deployment to its workers with its own serialisation; diffrt passes it a plain dict of settings only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import asdict
 
@@ -31,8 +33,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from diffrt.serve.app import (ServeConfig, answer_response, api_key_problem, error_response, request_error_response,
-                              validation_error_response)
+from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, ServeConfig, answer_response, api_key_problem, error_response,
+                              request_error_response, validation_error_response)
 from diffrt.serve.runtime import ServeRuntime
 from diffrt.serve.schema import GenerateBody, RequestError
 
@@ -62,7 +64,11 @@ class DiffrtDeployment:
 
     async def __call__(self, request: Request) -> Response:
         metrics = self.runtime.metrics
-        response = await self._answer(request)
+        try:
+            response = await self._answer(request)
+        except asyncio.CancelledError:  # Ray's proxy cancels a request whose client hung up; the runtime gave its rows up
+            metrics.observe_answer(CLIENT_CLOSED_REQUEST)
+            raise
         metrics.observe_answer(response.status_code)
         return response
 

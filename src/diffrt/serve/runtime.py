@@ -18,6 +18,7 @@ import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError
 from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
@@ -86,6 +87,17 @@ def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     if controlnet is not None:
         raise DiffrtError(f"--controlnet needs a text-to-image model; {model or 'the shipped digits model'} is pixel-space")
     return PixelWorker(model, config.backend, device, **common)
+
+
+def give_up(jobs: Iterable[Job]) -> None:
+    """Nobody waits for these jobs' answers any more (their client has gone): from now they are past
+    their deadline and cancelled, so a queued job is dropped before it runs, and a running batch whose
+    every job is given up (or timed out) stops at its next step (batching.abandon_when_nobody_waits).
+    A running job's future cannot be cancelled; its batch still answers it, to nobody."""
+    now = time.monotonic()
+    for job in jobs:
+        job.deadline = min(job.deadline, now)
+        job.future.cancel()
 
 
 @contextlib.contextmanager
@@ -192,7 +204,30 @@ class ServeRuntime:
                                     f"({self.config.max_image_side}, --max-image-side)", field)
 
     async def generate(self, body: GenerateBody) -> Answer:
-        job = await asyncio.to_thread(self.submit, body)  # planning draws noise and decodes images: off the event loop
+        """The request's answer. Cancelling the task that awaits it means its client has gone (the HTTP
+        app cancels it on a disconnect, Ray Serve when its proxy's client hangs up): its rows are given
+        up, queued or running, instead of being generated for nobody ahead of live requests."""
+        # Planning draws noise and decodes images: off the event loop, in a thread that a cancel cannot
+        # stop. Whichever of the thread and the cancel comes second gives the job up, so a job queued
+        # after its client left never runs (whether or not the event loop is still there to see it).
+        lock, gone, queued = threading.Lock(), [], []
+
+        def plan_and_queue() -> Job:
+            job = self.submit(body)
+            with lock:
+                queued.append(job)
+                if gone:
+                    self._give_up(job)
+            return job
+
+        try:
+            job = await asyncio.to_thread(plan_and_queue)
+        except asyncio.CancelledError:
+            with lock:
+                gone.append(True)
+                if queued:
+                    self._give_up(queued[0])
+            raise
         with self._answer_errors(job):
             answer = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self._time_left(job))
         return self._observed(answer)
@@ -216,14 +251,26 @@ class ServeRuntime:
         (or cancelled) a 504 that frees its queue slot, a failed batch 500/503."""
         try:
             yield
-        except asyncio.CancelledError:  # the waiting task itself is cancelled (a client gone): free the slot, stay cancelled
-            job.future.cancel()
+        except asyncio.CancelledError:  # the waiting task itself is cancelled (its client gone): give the rows up, stay cancelled
+            self._give_up(job)
             raise
         except (TimeoutError, FutureTimeout, CancelledError):
             job.future.cancel()
             raise self._timeout_error() from None
         except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
             raise self._run_error(exc) from None
+
+    def _give_up(self, job: Job) -> None:
+        # Cancelling the task that awaits the job has cancelled a queued job's future already
+        # (asyncio.wrap_future passes the cancel on); a running one's cannot be.
+        if job.future.running():
+            state = "running"
+        elif job.future.cancelled() or not job.future.done():
+            state = "queued"
+        else:
+            return  # answered already: nothing left to give up
+        give_up([job])
+        log.info("request %s given up while %s (%d image(s)): its client has gone", job.id, state, job.size)
 
     def _observed(self, answer: Answer) -> Answer:
         self.metrics.observe_timings(answer.timings_ms, len(answer.images))

@@ -70,7 +70,7 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     "width": ("TYPE_INT64", [1]),
     "num_images": ("TYPE_INT64", [1]),
     "eta": ("TYPE_FP64", [1]),
-    "scheduler": ("TYPE_STRING", [1]),  # "ddim", "lcm" or "dpm"; left out: the model's own sampler
+    "scheduler": ("TYPE_STRING", [1]),  # "ddim", "lcm", "dpm", "euler" or "euler_a"; left out: the model's own sampler
     "color": ("TYPE_STRING", [1]),
     "color_scale": ("TYPE_FP64", [1]),
     "control_image": ("TYPE_STRING", [-1]),  # raw PNG bytes, one per ControlNet
@@ -566,7 +566,8 @@ class TritonPythonModel:
             answers = []
             for job in item:
                 self._wait_or_drop(job, together)
-                if _cancelled(request):
+                made = job.future.done() and not job.future.cancelled() and job.future.exception() is None
+                if not made and _cancelled(request):  # images made all the same are answered and counted
                     raise RequestError(499, "the client cancelled the request (its gRPC deadline passed or it hung up) "
                                             "before its images were made")
                 answers.append(self.runtime.wait(job))
@@ -588,12 +589,12 @@ class TritonPythonModel:
         the queue, a running batch whose every row is given up stops at its next step."""
         from concurrent.futures import wait
 
+        from diffrt.serve.runtime import give_up
+
         while not job.future.done() and time.monotonic() < job.deadline:
             for request, item in together:
                 if isinstance(item, list) and any(not j.future.done() for j in item) and _cancelled(request):
-                    for j in item:
-                        j.deadline = min(j.deadline, time.monotonic())
-                        j.future.cancel()
+                    give_up(item)
             wait([job.future], timeout=CANCEL_POLL_S)
 
     def _count(self, answers: list) -> None:
