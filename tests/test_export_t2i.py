@@ -450,6 +450,12 @@ def test_fp16_export_keeps_the_vae_decoder_fp32(t2i_folder, plain_artifact, tmp_
     assert comps["vae_decoder"]["precision"] == "fp32" and onnx_float_type(out / "vae_decoder" / "model.onnx") == "fp32"
     assert comps["unet"]["precision"] == "fp16" and onnx_float_type(out / "unet" / "model.onnx") == "fp16"
     assert comps["unet"]["parity"]["onnxruntime"]["passed"]  # fp16 checked against PyTorch fp32 at fp16 tolerance
+    # The timestep stays fp32 (diffusers' time embedding takes it so): fp16 would round 998.73 to 998.5.
+    import onnx
+
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.load(str(out / "unet" / "model.onnx")).graph.input}
+    assert types == {"sample": 10, "timestep": 1, "encoder_hidden_states": 10}
+    assert {"name": "timestep", "dims": ["batch"], "dtype": "float32", "high": 10, "pinned": True} in comps["unet"]["spec"]["inputs"]
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 3.0
     images = [ort(folder, m, "vae_decoder").run({"latent": latents})["image"]
               for folder, m in ((out, manifest), (plain_artifact, json.loads((plain_artifact / "manifest.json").read_text())))]

@@ -26,11 +26,27 @@ class TensorSpec:
 
     name: str
     dims: tuple[int | str, ...]
-    dtype: str = "float32"  # float inputs follow the component's precision where it is built
+    dtype: str = "float32"  # float inputs follow the component's precision where it is built, unless pinned
     high: int = 10  # integer inputs: example values are drawn from [0, high)
+    # Keep `dtype` in every precision. The timestep is pinned to fp32: in bf16 (8 mantissa bits) 999
+    # rounds to 1000, in fp16 a fractional timestep (998.73, Karras sigmas) to a multiple of 0.5, and
+    # the sinusoidal time embedding turns up to 1 rad per step. diffusers computes that embedding in
+    # fp32 from an fp32 timestep for half UNets too (get_time_embed), which is the reference.
+    pinned: bool = False
 
     def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
         return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+    def torch_dtype(self, precision: torch.dtype = torch.float32) -> torch.dtype:
+        """This tensor's dtype in a component built at `precision`."""
+        if self.pinned or self.dtype.startswith("int"):
+            return DTYPES[self.dtype]
+        return precision
+
+
+def timestep_spec() -> TensorSpec:
+    """A UNet's or ControlNet's timestep, one per image: fp32 in every precision (see TensorSpec.pinned)."""
+    return TensorSpec("timestep", ("batch",), pinned=True)
 
 
 @dataclass(frozen=True)
@@ -95,20 +111,20 @@ class ComponentSpec:
             raise ShapeOutOfRangeError(f"{self.name}: {what or f'{dim} {size}'} is not a multiple of {m}")
 
     def example_feed(self, which: str = "opt", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **sizes: int) -> dict[str, torch.Tensor]:
-        """Deterministic sample inputs for export and parity checks."""
+        """Deterministic sample inputs for export and parity checks: float inputs in `dtype`, pinned ones in their own."""
         g = torch.Generator().manual_seed(seed)
         dims = self.sizes(which, **sizes)
         feed = {}
         for spec in self.inputs:
-            shape = spec.shape(dims)
+            shape, kind = spec.shape(dims), spec.torch_dtype(dtype)
             if spec.dtype.startswith("int"):
-                feed[spec.name] = torch.randint(0, spec.high, shape, generator=g, dtype=DTYPES[spec.dtype])
+                feed[spec.name] = torch.randint(0, spec.high, shape, generator=g, dtype=kind)
             elif spec.name == "timestep":
-                feed[spec.name] = torch.randint(0, 1000, shape, generator=g).to(dtype)
+                feed[spec.name] = torch.randint(0, 1000, shape, generator=g).to(kind)
             elif spec.name == "conditioning_scale":  # one scale per ControlNet, each different so a swap shows
-                feed[spec.name] = torch.linspace(0.75, 1.25, shape[0], dtype=dtype)
+                feed[spec.name] = torch.linspace(0.75, 1.25, shape[0], dtype=kind)
             else:
-                feed[spec.name] = torch.randn(shape, generator=g, dtype=torch.float32).to(dtype)
+                feed[spec.name] = torch.randn(shape, generator=g, dtype=torch.float32).to(kind)
         return {k: v.to(device) for k, v in feed.items()}
 
 
@@ -116,7 +132,7 @@ def pixel_unet_spec(channels: int, sample_size: int, conditioned: bool, num_labe
                     batch: Range = (1, 8, 64), size: Range | None = None, multiple: int = 4) -> ComponentSpec:
     """unet of a pixel-space model: (sample, timestep[, class_labels]) -> noise_pred."""
     size = size or (sample_size, sample_size, sample_size)
-    inputs = [TensorSpec("sample", ("batch", channels, "height", "width")), TensorSpec("timestep", ("batch",))]
+    inputs = [TensorSpec("sample", ("batch", channels, "height", "width")), timestep_spec()]
     if conditioned:
         inputs.append(TensorSpec("class_labels", ("batch",), "int64", high=num_labels))
     return ComponentSpec(
@@ -128,9 +144,14 @@ def pixel_unet_spec(channels: int, sample_size: int, conditioned: bool, num_labe
     )
 
 
-def spec_to_dict(spec: ComponentSpec) -> dict:
+def spec_to_dict(spec: ComponentSpec, precision: torch.dtype | None = None) -> dict:
+    """The spec as JSON data (manifests, ONNX metadata). A pinned tensor says so ("pinned": true); the
+    others read as they did before pins existed. With `precision`, the component's build precision, a
+    pin that changes nothing there is left out: the form cache keys hash, so that fp32 exports (and
+    their engines) keep their keys while half-precision ones, whose timestep input changed, get new ones."""
     def t(ts: TensorSpec) -> dict:
-        return {"name": ts.name, "dims": list(ts.dims), "dtype": ts.dtype, "high": ts.high}
+        kept = ts.pinned and (precision is None or DTYPES[ts.dtype] != precision)
+        return {"name": ts.name, "dims": list(ts.dims), "dtype": ts.dtype, "high": ts.high, **({"pinned": True} if kept else {})}
 
     return {"name": spec.name, "inputs": [t(x) for x in spec.inputs], "outputs": [t(x) for x in spec.outputs],
             "ranges": {k: list(v) for k, v in spec.ranges.items()}, "multiple_of": dict(spec.multiple_of)}
@@ -138,7 +159,8 @@ def spec_to_dict(spec: ComponentSpec) -> dict:
 
 def spec_from_dict(d: dict) -> ComponentSpec:
     def t(x: dict) -> TensorSpec:
-        return TensorSpec(x["name"], tuple(x["dims"]), x["dtype"], x.get("high", 10))
+        # No "pinned": a spec from before pins (a half export's timestep then followed its precision).
+        return TensorSpec(x["name"], tuple(x["dims"]), x["dtype"], x.get("high", 10), bool(x.get("pinned", False)))
 
     return ComponentSpec(d["name"], tuple(t(x) for x in d["inputs"]), tuple(t(x) for x in d["outputs"]),
                          {k: tuple(v) for k, v in d["ranges"].items()}, dict(d.get("multiple_of", {})))
@@ -181,7 +203,7 @@ def text_encoder_spec(vocab_size: int, hidden_size: int, max_length: int = 77, b
 
 
 def _latent_inputs(channels: int, hidden_size: int) -> list[TensorSpec]:
-    return [TensorSpec("sample", ("batch", channels, "height", "width")), TensorSpec("timestep", ("batch",)),
+    return [TensorSpec("sample", ("batch", channels, "height", "width")), timestep_spec(),
             TensorSpec("encoder_hidden_states", ("batch", "sequence", hidden_size))]
 
 

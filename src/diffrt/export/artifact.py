@@ -212,8 +212,11 @@ def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
 
 
 def pixel_export_key(source_sha256: str, spec: ComponentSpec, options: ExportOptions) -> str:
-    """`source_sha256`: atomic.sha256_folder of the model folder, hashed once per export."""
-    return export_key({"source": source_sha256, "precision": options.precision, "spec": spec_to_dict(spec)}, options)
+    """`source_sha256`: atomic.sha256_folder of the model folder, hashed once per export. The spec is
+    hashed at the export's precision: the fp32 timestep of a half export is in the key, an fp32
+    export's key is what it was before the timestep was pinned (spec_to_dict)."""
+    spec_part = spec_to_dict(spec, TORCH_DTYPES[options.precision])
+    return export_key({"source": source_sha256, "precision": options.precision, "spec": spec_part}, options)
 
 
 def refit_before_manifest(out: Path, manifest: dict, options: ExportOptions) -> None:

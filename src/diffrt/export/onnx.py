@@ -37,6 +37,7 @@ DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 DYNAMO_MIN_OPSET = 18  # torch.export-based graphs use opset 18 ops (ReduceMean with axes as an input, ...)
 TWO_GB = 2 * 1024**3
 HALF_TYPES = {torch.float16: 10, torch.bfloat16: 16}  # onnx.TensorProto.FLOAT16, BFLOAT16
+ONNX_TYPES = {torch.float32: 1, torch.int32: 6, torch.int64: 7, **HALF_TYPES}  # onnx.TensorProto elem types
 
 
 def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, opset: int | None = None,
@@ -56,6 +57,7 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.make_temp_dir(folder.parent, f".{folder.name}.")  # readable by others as the umask allows, unlike mkdtemp's
     try:
+        # Float inputs in `dtype`, a pinned one (the timestep) in its own type: the graph declares each so.
         feed = spec.example_feed("opt", dtype=dtype, **trace_sizes(spec))
         args = tuple(feed[name] for name in spec.input_names)
         # Trace in the precision asked for, whatever the checkpoint was saved in (an fp16 folder
@@ -92,6 +94,7 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         _infer_shapes(out)
         onnx.checker.check_model(str(out))
         check_dynamic_axes(out, spec, exporter)
+        check_input_types(out, spec, dtype, exporter)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -153,6 +156,21 @@ def check_dynamic_axes(path: Path, spec: ComponentSpec, exporter: str) -> None:
                 raise ArtifactError(f"{spec.name}: the {exporter} exporter fixed axis '{axis}' of {tensor.name} to "
                                     f"{dims[i].dim_value}, which the spec lets range over {lo}..{hi}; the graph would not "
                                     f"run at other sizes (try the other --exporter)")
+
+
+def check_input_types(path: Path, spec: ComponentSpec, dtype: torch.dtype, exporter: str) -> None:
+    """Every input must have the type the spec gives it at `dtype` (a pinned timestep stays fp32): the
+    backends cast each feed to the declared type, so a half timestep would be rounded unseen."""
+    import onnx
+
+    names = {code: str(t).removeprefix("torch.") for t, code in ONNX_TYPES.items()}
+    expected = {t.name: ONNX_TYPES[t.torch_dtype(dtype)] for t in spec.inputs}
+    for value in onnx.load(str(path), load_external_data=False).graph.input:
+        found = value.type.tensor_type.elem_type
+        if value.name in expected and found != expected[value.name]:
+            raise ArtifactError(f"{spec.name}: the {exporter} exporter declared input {value.name!r} as "
+                                f"{names.get(found, found)}, the spec expects {names[expected[value.name]]} at "
+                                f"{names[ONNX_TYPES[dtype]]}")
 
 
 def _describe(model, spec: ComponentSpec, dtype: torch.dtype, exporter: str) -> None:

@@ -69,15 +69,16 @@ def engine_profile(spec: ComponentSpec) -> dict[str, dict[str, tuple[int, ...]]]
 
 
 def onnx_float_type(onnx_path: str | Path) -> str | None:
-    """"fp32"/"fp16"/"bf16": the type of the graph's first floating input (else of most float
-    initializers); None for a graph without floats. Reads the graph only, not external data."""
+    """"fp32"/"fp16"/"bf16": the half type of the graph's floating inputs if any is half, else fp32
+    (a half UNet's timestep is fp32, components.TensorSpec.pinned, whatever its place among the
+    inputs); for a graph without float inputs, the type of most float initializers; None for a
+    graph without floats. Reads the graph only, not external data."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    for value in model.graph.input:
-        kind = ONNX_FLOAT_TYPES.get(value.type.tensor_type.elem_type)
-        if kind:
-            return kind
+    kinds = [kind for kind in (ONNX_FLOAT_TYPES.get(v.type.tensor_type.elem_type) for v in model.graph.input) if kind]
+    if kinds:
+        return next((kind for kind in kinds if kind != "fp32"), "fp32")
     counts: dict[str, int] = {}
     for init in model.graph.initializer:
         kind = ONNX_FLOAT_TYPES.get(init.data_type)

@@ -36,7 +36,7 @@ from diffrt import atomic
 from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import (ExportOptions, ExportResult, Precision, _check_loras, _export_component,
+from diffrt.export.artifact import (TORCH_DTYPES, ExportOptions, ExportResult, Precision, _check_loras, _export_component,
                                     cached_export, check_options, check_out_apart, export_key, lora_hashes,
                                     refit_before_manifest, start_rebuild)
 from diffrt.export.refit import LORA_COMPONENTS
@@ -100,7 +100,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     hashes = source_hashes(model_dir, controlnets)
     lora_parts = lora_hashes(options)
     key = export_key({"kind": "text-to-image", "source": hashes, "precision": precisions,
-                      "specs": {n: spec_to_dict(s) for n, s in specs.items()}}, options)
+                      "specs": {n: spec_to_dict(s, TORCH_DTYPES[precisions[n]]) for n, s in specs.items()}}, options)
     hit = cached_export(out, key, t0, lora_parts, verified=options.verify)
     if hit is not None:
         return hit

@@ -22,7 +22,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        args = [_cast(feed[name], self.device, self.dtype) for name in self.spec.input_names]
+        # Float inputs in the module's dtype, except pinned ones: a half UNet takes its timestep in fp32,
+        # as diffusers runs it and as the exported graphs declare it (components.TensorSpec.pinned).
+        args = [_cast(feed[t.name], self.device, t.torch_dtype(self.dtype)) for t in self.spec.inputs]
         out = self._fn(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return dict(zip(self.spec.output_names, outs))
