@@ -392,13 +392,13 @@ def test_checkpoints_total_limit_below_one_is_refused(tmp_path):
     linear_config(tmp_path, checkpoints_total_limit=1).validate()
 
 
-# What killed saves leave (atomic.make_temp_dir's and atomic_path's names, hex now, tempfile's before)
-# and what must survive beside them: the user's files, and other hidden names, however alike. A
-# trailing "/" marks a folder.
-LEFTOVERS = [".model.1a2b3c4d/", ".model.old/", ".lora-x_y9z0ab/", ".loss.csv.0a1b2c3d.tmp", ".dreambooth.json.abcdef12.tmp",
+# What killed saves leave (atomic.make_temp_dir's folders, hex; atomic_path's files, hex now, tempfile's
+# before) and what must survive beside them: the user's files, and other hidden names, however alike
+# (an 8-letter word is not a staging folder's token). A trailing "/" marks a folder.
+LEFTOVERS = [".model.1a2b3c4d/", ".model.old/", ".lora-0f9e8d7c/", ".loss.csv.0a1b2c3d.tmp", ".dreambooth.json.abcdef12.tmp",
              "samples/.step-0000002.png.12345678.tmp", "checkpoints/.step-5e6f7a8b/", "checkpoints/.step-0000002.old/",
              "class_images/.class-00003.png.9abcdef0.tmp"]
-NOT_LEFTOVERS = [".git/", ".cache.abcd1234/", ".lora-backup/", ".loss.csv.bak", "notes.txt", "model/.model.1a2b3c4d/",
+NOT_LEFTOVERS = [".git/", ".cache.abcd1234/", ".lora-backup/", ".model.previous/", ".model.original/", ".lora-previous/", ".loss.csv.bak", "notes.txt", "model/.model.1a2b3c4d/",
                  "tensorboard/.events.abcd1234.tmp", "samples/.notes.abcd1234.tmp", "class_images/.lora-1a2b3c4d/"]
 
 

@@ -28,3 +28,7 @@ torch.distributed.all_gather(gathered, flat)
 if state.is_main_process:
     spread = max((g - gathered[0]).abs().max().item() for g in gathered)
     print(f"RANK_SPREAD={spread:.3e}")
+# Tear the process group down before exit: left to the interpreter's shutdown, gloo's threads can be
+# destroyed while a rank still runs ("terminate called without an active exception", SIGABRT).
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()

@@ -47,15 +47,20 @@ def artifact_backend(model: str | Path | None) -> str | None:
     return "tensorrt" if engines and backend_available("tensorrt") else "onnxruntime"
 
 
+def torch_pixel_spec(model: PixelModel):
+    """The UNet's spec in eager PyTorch: any batch, sides from 8 px that the UNet can halve down to its
+    deepest level (a size it cannot: one line, not a traceback from inside the model)."""
+    return pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
+                           num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096),
+                           multiple=max(model.unet.size_multiple, 4))
+
+
 def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", compile: bool = False,
                          loras: Sequence[tuple[str | Path, float]] = ()) -> PixelPipeline:
     """The UNet in eager PyTorch (or torch.compile), LoRA files fused in (at a strength `set_lora_scale` changes)."""
     from diffrt.runtime.backends.torch_eager import TorchBackend
 
-    spec = pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
-                           num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096),
-                           multiple=max(model.unet.size_multiple, 4))  # a size the UNet cannot halve: one line, not a traceback
-    backend = TorchBackend(model.unet, spec, device=device, compile=compile)
+    backend = TorchBackend(model.unet, torch_pixel_spec(model), device=device, compile=compile)
     lora = TorchLora({"unet": model.unet.unet}, loras) if loras else None  # after the move to the device
     return PixelPipeline(backend, model.scheduler, model.info, channels=model.unet.out_channels,
                          sample_size=model.unet.sample_size, torch_unet=model.unet, lora=lora)

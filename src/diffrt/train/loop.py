@@ -190,10 +190,19 @@ def _global_rng_from(g: torch.Generator, device: torch.device) -> Iterator[None]
     same --seed nor a --resume repeat the uninterrupted run. The seed is `g`'s own moved by a constant
     (taken modulo 2^64 as step_generator's), so the masks are not drawn from the stream of `g`'s draws;
     `g` itself is not touched, so models without dropout train exactly as before.
+
+    Exactly the generators that fork_rng restores are seeded (torch.manual_seed would reseed every
+    CUDA device's and MPS's too, and leave them changed): the CPU's and, on CUDA, the training
+    device's. On other accelerators (MPS) dropout masks keep their global stream, so reruns there
+    repeat only up to those masks.
     """
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed((g.initial_seed() + GLOBAL_RNG_OFFSET) % 2**64)
+    seed = (g.initial_seed() + GLOBAL_RNG_OFFSET) % 2**64
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[] if index is None else [index]):
+        torch.random.default_generator.manual_seed(seed)
+        if index is not None:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)  # this device's generator only (lazy-safe, unlike default_generators)
         yield
 
 
@@ -506,9 +515,12 @@ def _remove_old_checkpoints(folder: Path, newest: Path, keep: int) -> None:
 # names, in the folders the run writes: --out is the user's choice (it may hold other hidden files),
 # so atomic.remove_leftovers' wider patterns for artifact folders (any `.<name>.XXXXXXXX` folder) are
 # not used here.
-_TOKEN = r"[a-z0-9_]{8}"
+_TOKEN = r"[a-z0-9_]{8}"  # the random part of a temporary file's name (atomic_path; tempfile's in older versions)
+# Staging folders are named by atomic.make_temp_dir (8 hex digits): a looser pattern would take a user's
+# `.model.previous` for one. (Files end in `.tmp` as well, which no user names a model folder.)
+_HEX = r"[0-9a-f]{8}"
 LEFTOVERS = {
-    ".": re.compile(rf"^\.(model\.{_TOKEN}|model\.old|lora-{_TOKEN}|(loss\.csv|dreambooth\.json)\.{_TOKEN}\.tmp)$"),
+    ".": re.compile(rf"^\.(model\.{_HEX}|model\.old|lora-{_HEX}|(loss\.csv|dreambooth\.json)\.{_TOKEN}\.tmp)$"),
     "samples": re.compile(rf"^\.step-\d{{7}}\.png\.{_TOKEN}\.tmp$"),  # save_grid (atomic_path)
     "checkpoints": re.compile(r"^\.step-"),  # save_checkpoint's staging and _remove_old_checkpoints' renames
     "class_images": re.compile(rf"^\.class-\d{{5}}\.png\.{_TOKEN}\.tmp$"),  # DreamBooth's class images, by default here

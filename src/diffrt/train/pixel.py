@@ -54,9 +54,9 @@ def check_sample_size(model: PixelModel, name: str, fix: str) -> None:
     """Refuse, before any step, a sample size that the grid's pipeline (diffrt's pixel pipeline, as
     `diffrt generate` and `serve` run it) refuses: the grid after the last step would fail, and with it
     the run, before the model was saved. `name` says where the size came from, `fix` what to do."""
-    from diffrt.runtime.loading import torch_pixel_pipeline
+    from diffrt.runtime.loading import torch_pixel_spec
 
-    spec = torch_pixel_pipeline(model).unet.spec
+    spec = torch_pixel_spec(model)  # the spec alone: building the pipeline would move the model to the CPU
     size, low, multiple = model.unet.sample_size, spec.ranges["height"][0], spec.multiple_of["height"]
     if size < low or size % multiple:
         raise DiffrtError(f"{name} {size}: diffrt samples this UNet (sample grids, generate, serve) at sides that are "
