@@ -1,14 +1,17 @@
 """How many steps does each sampler need? Distance from a converged image, per sampler and step count.
 
-With eta = 0, DDIM and DPM-Solver++ are two discretisations of the same probability-flow ODE
-(DDIM is DPM-Solver++ of order 1: Lu et al. 2022, section 4), so from the same x_T both converge
+With eta = 0, DDIM, Euler and DPM-Solver++ are discretisations of the same probability-flow ODE
+(DDIM is DPM-Solver++ of order 1: Lu et al. 2022, section 4; Euler steps it in sigma, Karras et
+al. 2022), so from the same x_T all converge
 to the same image as the step count grows. How close each gets in N steps (N UNet calls, two CFG
 branches batched in each) is what a deployment buys with its latency budget. The reference is a
 1000-step DDIM run of the shipped digits model from the same noise (all unclipped, from t = 999); the figure is the root mean
 square of the image difference (images in [0, 1]), with the classifier accuracy of bench_quality
-beside it (does the digit survive few steps?).
+beside it (does the digit survive few steps?). DDIM and Euler land on each other: DDIM (eta 0) is
+Euler's method on the same ODE written for x / alpha in sigma (Karras et al. 2022, section 4), a
+check on both implementations.
 
-    python benchmarks/bench_samplers.py     # ~2 min on one CPU -> results/samplers_cpu.{json,png}
+    python benchmarks/bench_samplers.py     # ~5 min on 2 CPUs -> results/samplers_cpu.{json,png}
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from diffrt.models import shipped_digits_model
 from diffrt.quality import digit_classifier, score_digits
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.dpm import DPMConfig
+from diffrt.runtime.euler import EulerConfig
 from diffrt.runtime.loading import torch_pixel_pipeline
 
 STEPS = (3, 4, 5, 6, 8, 10, 15, 20, 25, 50)
@@ -34,17 +38,17 @@ GUIDANCE_SCALE = 2.0  # the demo's
 def samplers(pipe) -> dict[str, object]:
     """The samplers compared, each on the model's own training schedule (its scheduler config)."""
     # Two settings of the digits model's config would make the samplers integrate different ODEs:
-    # clip_sample clips DDIM's x0 to [-1, 1] (DPM-Solver++ never clips), and "leading" spacing starts
+    # clip_sample clips DDIM's x0 to [-1, 1] (Euler and DPM-Solver++ never clip), and "leading" spacing starts
     # each step count at its own timestep (980 for 50 DDIM steps, 950 for DPM-Solver++, which spaces
     # N + 1 points), so x_T would be read as noise at different times. Unclipped, "trailing" (from
     # t = 999, Lin et al. 2023) for all, the runs differ only in the solver.
-    ddim = {**pipe.scheduler.to_scheduler_config(), "clip_sample": False, "timestep_spacing": "trailing"}
-    own = {**ddim, "_class_name": "DPMSolverMultistepScheduler"}
+    own = pipe.scheduler.to_scheduler_config()
     return {
-        "DDIM": DDIMConfig.from_scheduler_config(ddim),
-        "DPM-Solver++(2M)": DPMConfig.from_scheduler_config(own),
-        "DPM-Solver++(2M) Karras": DPMConfig.from_scheduler_config({**own, "use_karras_sigmas": True}),
-        "DPM-Solver++(3M)": DPMConfig.from_scheduler_config({**own, "solver_order": 3}),
+        "DDIM": DDIMConfig.from_scheduler_config(own, clip_sample=False, timestep_spacing="trailing"),
+        "Euler": EulerConfig.from_scheduler_config(own, timestep_spacing="trailing"),
+        "DPM-Solver++(2M)": DPMConfig.from_scheduler_config(own, timestep_spacing="trailing"),
+        "DPM-Solver++(2M) Karras": DPMConfig.from_scheduler_config(own, timestep_spacing="trailing", use_karras_sigmas=True),
+        "DPM-Solver++(3M)": DPMConfig.from_scheduler_config(own, timestep_spacing="trailing", solver_order=3),
     }
 
 
