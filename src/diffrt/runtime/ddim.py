@@ -119,6 +119,17 @@ class DDIMConfig:
         return out
 
 
+def check_custom_timesteps(steps: list, num_train_timesteps: int, example: str = "[999, 666, 333]") -> None:
+    """A schedule given by hand (diffusers' `timesteps=`, for the samplers that take one): at least one
+    step, strictly descending (noisiest first), inside the training steps; one line otherwise."""
+    if not steps:
+        raise DiffrtError(f"timesteps is empty; give at least one training timestep, e.g. {example}")
+    if any(b >= a for a, b in zip(steps, steps[1:])):
+        raise DiffrtError(f"timesteps must be strictly descending (noisiest first), got {steps}")
+    if steps[-1] < 0 or steps[0] > num_train_timesteps - 1:
+        raise DiffrtError(f"timesteps must lie in [0, {num_train_timesteps - 1}] (the model's training steps), got {steps}")
+
+
 def make_betas(config: DDIMConfig) -> torch.Tensor:
     """beta_1..beta_T in float32, as the model was trained with."""
     T = config.num_train_timesteps

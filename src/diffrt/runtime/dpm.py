@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, make_alphas_cumprod
+from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps, make_alphas_cumprod
 from diffrt.runtime.lcm import dynamic_threshold
 
 log = logging.getLogger(__name__)
@@ -296,17 +296,11 @@ def make_dpm_schedule(config: DPMConfig, num_inference_steps: int | None = None,
 
 def _custom_timesteps(config: DPMConfig, timesteps: Sequence[int]) -> np.ndarray:
     """Training steps given by hand (diffusers' `timesteps=`): strictly descending, inside the training steps."""
-    T = config.num_train_timesteps
     if config.use_karras_sigmas:  # diffusers: "Cannot use `timesteps` with `config.use_karras_sigmas = True`"
         raise DiffrtError("custom timesteps and use_karras_sigmas exclude each other (Karras sigmas choose the timesteps); "
                           "drop one of them")
     steps = [int(t) for t in timesteps]
-    if not steps:
-        raise DiffrtError("timesteps is empty; give at least one training timestep, e.g. [999, 666, 333]")
-    if any(b >= a for a, b in zip(steps, steps[1:])):
-        raise DiffrtError(f"timesteps must be strictly descending (noisiest first), got {steps}")
-    if steps[-1] < 0 or steps[0] >= T:
-        raise DiffrtError(f"timesteps must lie in [0, {T - 1}] (the model's training steps), got {steps}")
+    check_custom_timesteps(steps, config.num_train_timesteps)
     return np.asarray(steps, dtype=np.int64)
 
 

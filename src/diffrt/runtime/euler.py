@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing
+from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps
 from diffrt.runtime.dpm import karras_sigmas, make_dpm_alphas_cumprod, sigma_to_timestep
 
 FinalSigmas = Literal["zero", "sigma_min"]
@@ -219,7 +219,6 @@ def make_euler_schedule(config: EulerConfig | EulerAncestralConfig, num_inferenc
 def _custom_timesteps(config: EulerConfig | EulerAncestralConfig, timesteps: Sequence[float]) -> np.ndarray:
     """Training timesteps given by hand (diffusers' `timesteps=`; fractional ones too): strictly descending,
     inside the training steps."""
-    T = config.num_train_timesteps
     if isinstance(config, EulerAncestralConfig):  # its set_timesteps takes a step count only
         raise DiffrtError("custom timesteps need scheduler='lcm', 'dpm' or 'euler'; Euler Ancestral takes num_inference_steps "
                           "(and timestep_spacing in the scheduler config), as diffusers' EulerAncestralDiscreteScheduler does")
@@ -227,12 +226,7 @@ def _custom_timesteps(config: EulerConfig | EulerAncestralConfig, timesteps: Seq
         raise DiffrtError("custom timesteps and use_karras_sigmas exclude each other (Karras sigmas choose the timesteps); "
                           "drop one of them")
     steps = [float(t) for t in timesteps]
-    if not steps:
-        raise DiffrtError("timesteps is empty; give at least one training timestep, e.g. [999, 666, 333]")
-    if any(b >= a for a, b in zip(steps, steps[1:])):
-        raise DiffrtError(f"timesteps must be strictly descending (noisiest first), got {steps}")
-    if steps[-1] < 0 or steps[0] > T - 1:
-        raise DiffrtError(f"timesteps must lie in [0, {T - 1}] (the model's training steps), got {steps}")
+    check_custom_timesteps(steps, config.num_train_timesteps)
     return np.asarray(steps, dtype=np.float32)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType, make_alphas_cumprod, predict_x0
+from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType, check_custom_timesteps, make_alphas_cumprod, predict_x0
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,7 @@ def _custom_timesteps(config: LCMConfig, timesteps: Sequence[int], origin: np.nd
     its warnings; a timestep past either end of the training steps is refused (diffusers indexes with it)."""
     T = config.num_train_timesteps
     steps = [int(t) for t in timesteps]
-    if not steps:
-        raise DiffrtError("timesteps is empty; give at least one training timestep, e.g. [999, 759, 499, 259]")
-    if any(b >= a for a, b in zip(steps, steps[1:])):
-        raise DiffrtError(f"timesteps must be strictly descending (noisiest first), got {steps}")
-    if steps[-1] < 0 or steps[0] >= T:
-        raise DiffrtError(f"timesteps must lie in [0, {T - 1}] (the model's training steps), got {steps}")
+    check_custom_timesteps(steps, T, example="[999, 759, 499, 259]")
     if strength == 1.0 and steps[0] != T - 1:
         log.warning("the custom LCM schedule starts at timestep %d, not %d (pure noise); images may be off", steps[0], T - 1)
     distilled = set(origin.tolist())
