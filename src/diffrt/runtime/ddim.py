@@ -119,9 +119,15 @@ class DDIMConfig:
         return out
 
 
-def check_custom_timesteps(steps: list, num_train_timesteps: int, example: str = "[999, 666, 333]") -> None:
+def check_custom_timesteps(steps: list, num_train_timesteps: int, example: str = "[999, 666, 333]", *,
+                           karras: bool = False) -> None:
     """A schedule given by hand (diffusers' `timesteps=`, for the samplers that take one): at least one
-    step, strictly descending (noisiest first), inside the training steps; one line otherwise."""
+    step, strictly descending (noisiest first), inside the training steps, and not beside Karras sigmas
+    (`karras`: the config's use_karras_sigmas, which choose the timesteps themselves; diffusers refuses
+    the pair too); one line otherwise."""
+    if karras:
+        raise DiffrtError("custom timesteps and use_karras_sigmas exclude each other (Karras sigmas choose the timesteps); "
+                          "drop one of them")
     if not steps:
         raise DiffrtError(f"timesteps is empty; give at least one training timestep, e.g. {example}")
     if any(b >= a for a, b in zip(steps, steps[1:])):

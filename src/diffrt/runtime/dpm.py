@@ -296,11 +296,8 @@ def make_dpm_schedule(config: DPMConfig, num_inference_steps: int | None = None,
 
 def _custom_timesteps(config: DPMConfig, timesteps: Sequence[int]) -> np.ndarray:
     """Training steps given by hand (diffusers' `timesteps=`): strictly descending, inside the training steps."""
-    if config.use_karras_sigmas:  # diffusers: "Cannot use `timesteps` with `config.use_karras_sigmas = True`"
-        raise DiffrtError("custom timesteps and use_karras_sigmas exclude each other (Karras sigmas choose the timesteps); "
-                          "drop one of them")
     steps = [int(t) for t in timesteps]
-    check_custom_timesteps(steps, config.num_train_timesteps)
+    check_custom_timesteps(steps, config.num_train_timesteps, karras=config.use_karras_sigmas)
     return np.asarray(steps, dtype=np.int64)
 
 

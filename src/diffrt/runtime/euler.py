@@ -222,11 +222,8 @@ def _custom_timesteps(config: EulerConfig | EulerAncestralConfig, timesteps: Seq
     if isinstance(config, EulerAncestralConfig):  # its set_timesteps takes a step count only
         raise DiffrtError("custom timesteps need scheduler='lcm', 'dpm' or 'euler'; Euler Ancestral takes num_inference_steps "
                           "(and timestep_spacing in the scheduler config), as diffusers' EulerAncestralDiscreteScheduler does")
-    if config.use_karras_sigmas:  # diffusers: "Cannot set `timesteps` with `config.use_karras_sigmas = True`"
-        raise DiffrtError("custom timesteps and use_karras_sigmas exclude each other (Karras sigmas choose the timesteps); "
-                          "drop one of them")
     steps = [float(t) for t in timesteps]
-    check_custom_timesteps(steps, config.num_train_timesteps)
+    check_custom_timesteps(steps, config.num_train_timesteps, karras=config.use_karras_sigmas)
     return np.asarray(steps, dtype=np.float32)
 
 
