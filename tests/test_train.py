@@ -28,7 +28,8 @@ from diffrt.runtime.ddim import DDIMConfig
 from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth_lora
 from diffrt.train.finetune import FinetuneConfig, finetune
-from diffrt.train.loop import TrainConfig, list_checkpoints, verify_checkpoint
+from diffrt.train.checkpoints import list_checkpoints, verify_checkpoint
+from diffrt.train.loop import TrainConfig
 
 STEPS = 30  # pixel-model runs: long enough for the loss to fall clearly, short enough for CI
 K = 5  # losses averaged at each end of a run

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
-from diffrt.train.loop import (EMA, TrainConfig, check_resume, list_checkpoints, load_latest_checkpoint, lr_at, save_checkpoint,
-                               step_generator, train)
+from diffrt.train.checkpoints import check_resume, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from diffrt.train.loop import EMA, TrainConfig, lr_at, step_generator, train
 
 
 def linear_config(out: Path, **overrides) -> TrainConfig:
@@ -422,7 +422,7 @@ def test_a_run_removes_what_killed_saves_left_and_nothing_else(tmp_path, caplog,
     if resume:
         train_linear(linear_config(out, max_steps=2))
     _plant(out, LEFTOVERS + NOT_LEFTOVERS)
-    with caplog.at_level("INFO", logger="diffrt.train.loop"):
+    with caplog.at_level("INFO", logger="diffrt.train.checkpoints"):  # remove_killed_saves logs there
         result, _ = train_linear(linear_config(out, max_steps=4, resume=resume))
     assert result.start_step == (2 if resume else 0)
     assert [name for name in LEFTOVERS if (out / name).exists()] == []

@@ -1,1 +1,1 @@
-"""Training in PyTorch: one loop (loop.py) and the trainers built on it."""
+"""Training in PyTorch: one loop (loop.py), its checkpoints (checkpoints.py) and the trainers built on it."""

@@ -38,7 +38,8 @@ from diffrt.errors import DataError, DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.runtime.text_to_image import cut_off
-from diffrt.train.loop import TrainConfig, TrainResult, check_out_apart, check_resume, train, trainer_state
+from diffrt.train.checkpoints import check_resume
+from diffrt.train.loop import TrainConfig, TrainResult, check_out_apart, train, trainer_state
 from diffrt.train.objective import diffusion_loss, evaluation_loss
 
 log = logging.getLogger(__name__)

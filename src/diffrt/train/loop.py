@@ -11,9 +11,9 @@ dropout masks that torch draws from its global generators) comes from a generato
 needs the weights, the optimizer moments and s, and a resumed run computes bit for bit the same
 next loss as an uninterrupted one. A resumed run must therefore also compute the same thing:
 `--resume` refuses a config that changes the model, the optimizer or the data (see
-RESUMABLE_FIELDS; trainers record their data's image count beside its name), and a fresh run
-refuses an --out that holds checkpoints (a later --resume would pick up their stale
-higher-numbered steps).
+RESUMABLE_FIELDS in checkpoints.py; trainers record their data's image count beside its name),
+and a fresh run refuses an --out that holds checkpoints (a later --resume would pick up their
+stale higher-numbered steps).
 
 On a GPU "bit for bit" also needs deterministic kernels, which the loop does not force (PyTorch's
 reproducibility notes: cuDNN may choose non-deterministic convolution backward algorithms, and some
@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
-import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,20 +38,10 @@ from tqdm.auto import tqdm
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
+from diffrt.train.checkpoints import (check_max_steps, list_checkpoints, load_latest_checkpoint, remove_killed_saves,
+                                     remove_old_checkpoints, save_checkpoint)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
-
-# Fields (of TrainConfig or of a trainer's config) that `--resume` may change: they say how long
-# a run goes, what it reports, or how a step is computed (memory, precision), not what it computes.
-# (max_steps is the exception: under the cosine schedule it also moves where the decay ends.)
-RESUMABLE_FIELDS = frozenset({
-    "out", "resume", "max_steps", "checkpoint_every", "checkpoints_total_limit", "sample_every", "log_every",
-    "gradient_checkpointing", "mixed_precision",
-    "sample_steps", "sample_guidance_scale", "num_samples",  # the pixel trainers' sample grids
-    "validation_prompt", "num_validation_images", "inference_steps", "guidance_scale",  # DreamBooth's validation images
-})
 
 
 @dataclass
@@ -252,14 +239,14 @@ def train(
 
     # 2. Resume, and drop the logs of steps after the checkpoint (a run that died after saving it).
     if accelerator.is_main_process:
-        _remove_leftovers(out)
+        remove_killed_saves(out)
     # `window` holds the losses of the steps since the last loss.csv row; a checkpoint keeps them,
     # so that the first row after --resume averages the same steps as an uninterrupted run's.
     start, window = 0, []
     if config.resume:
         saved = load_latest_checkpoint(out / "checkpoints", named, optimizer, ema, scaler, expected=state)
         start, window = int(saved["step"]), saved.get("loss_window", [])
-        _check_max_steps(start, config)
+        check_max_steps(start, config)
         log.info("resumed from step %d", start)
     writer = None
     if accelerator.is_main_process:
@@ -317,7 +304,7 @@ def train(
                 ckpt = save_checkpoint(out / "checkpoints", done, named, optimizer, ema,
                                        {**state, **scaler_state, "loss_window": window})
                 if config.checkpoints_total_limit is not None:
-                    _remove_old_checkpoints(out / "checkpoints", ckpt, config.checkpoints_total_limit)
+                    remove_old_checkpoints(out / "checkpoints", ckpt, config.checkpoints_total_limit)
             if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
                 _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
     progress.close()
@@ -350,28 +337,6 @@ def check_out_apart(out: str | Path, model: str | Path, result: str) -> None:
     if target == folder or target in folder.parents:
         raise DiffrtError(f"--out {out} would replace the --model folder {model} with the trained {result}; "
                           "pass another --out (the base model stays as it is)")
-
-
-def check_resume(config: TrainConfig, extra_state: dict | None = None) -> None:
-    """Refuse now a --resume that `train` would refuse (no complete checkpoint, other settings, a
-    checkpoint past --max-steps), with the same message; `extra_state` is what the trainer will
-    pass to `train`.
-
-    A trainer calls this before its own costly setup: DreamBooth fills its class-image folder with
-    the run's settings before the loop starts, so a --resume with another --num-class-images (or a
-    newly added --with-prior-preservation) would otherwise generate images into the run's folder
-    for minutes or hours and only then be refused.
-    """
-    if not config.resume:
-        return
-    _, saved = _newest_checkpoint(Path(config.out) / "checkpoints", {"config": asdict(config), **(extra_state or {})})
-    _check_max_steps(int(saved["step"]), config)
-
-
-def _check_max_steps(start: int, config: TrainConfig) -> None:
-    if start > config.max_steps:
-        raise DiffrtError(f"--resume: the newest checkpoint is at step {start}, past --max-steps {config.max_steps}; "
-                          f"pass --max-steps {start} or more")
 
 
 def _accelerator(mixed_precision: str):
@@ -444,198 +409,3 @@ def _truncate_loss_log(path: Path, upto: int) -> None:
         w.writerow(["step", "loss", "lr"])
         for r in rows:
             w.writerow([r["step"], r["loss"], r["lr"]])
-
-
-# -- checkpoints -----------------------------------------------------------------------------
-# A checkpoint is a folder: weights.safetensors, optimizer.safetensors, [ema.safetensors] and
-# state.json, which is written last and holds the sha256 of the others. It is assembled under
-# a temporary name and renamed into place, so a half-written checkpoint is never picked up.
-# The state holds the run's config, which --resume compares with its own. --checkpoints-total-limit N
-# keeps the newest N complete checkpoints; --resume needs only the newest.
-
-
-def save_checkpoint(folder: Path, step: int, named, optimizer, ema: EMA | None, extra: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.make_temp_dir(folder, ".step-")
-    try:
-        files = {"weights.safetensors": {k: p.detach() for k, p in named.items()}}
-        files["optimizer.safetensors"], groups = _optimizer_tensors(named, optimizer)
-        if ema is not None:
-            files["ema.safetensors"] = ema.shadow
-        hashes = {}
-        for name, tensors in files.items():
-            atomic.save_safetensors(tmp / name, tensors)
-            hashes[name] = atomic.sha256_file(tmp / name)
-        atomic.write_json(tmp / "state.json", {"step": step, "files": hashes, "param_groups": groups, **extra})
-        final = folder / f"step-{step:07d}"
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _optimizer_tensors(named, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """AdamW state by parameter name (safetensors cannot hold the nested state_dict as is)."""
-    state = optimizer.state_dict()
-    by_index = {i: k for i, k in enumerate(named)}
-    tensors = {}
-    for idx, st in state["state"].items():
-        for key, value in st.items():
-            tensors[f"{by_index[idx]}::{key}"] = torch.as_tensor(value).detach().clone()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    return tensors, groups
-
-
-def _remove_old_checkpoints(folder: Path, newest: Path, keep: int) -> None:
-    """Remove the oldest complete checkpoints beyond the newest `keep` (--checkpoints-total-limit), never
-    `newest`, the one just saved.
-
-    Damaged ones are neither counted nor removed: --resume skips them with a warning, and a checkpoint
-    that does not verify must not take the place of one that does. Each goes by a rename first, so
-    that a run killed while removing it leaves a .step-* temporary (removed at the next start), never
-    a half-deleted step-* folder that --resume would have to skip. Verifying hashes the older ones, a
-    checkpoint's large files fully once only (atomic.sha256_file remembers them from then on).
-    """
-    complete = [ckpt for ckpt in list_checkpoints(folder) if ckpt == newest or verify_checkpoint(ckpt) is not None]
-    for ckpt in complete[:-keep]:
-        if ckpt == newest:
-            continue
-        doomed = folder / f".{ckpt.name}.old"
-        shutil.rmtree(doomed, ignore_errors=True)
-        ckpt.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-        log.info("removed %s (--checkpoints-total-limit %d)", ckpt, keep)
-
-
-# The temporaries the trainers' saves stage their outputs in, by the names atomic.make_temp_dir and
-# atomic.atomic_path give them (tempfile's, [a-z0-9_]{8}, in earlier versions; hex now), and the old
-# folder models.replace_dir swaps out. A run killed mid-save (SIGKILL, a power cut: no `finally` ran)
-# leaves them; no reader trusts them, but a saved SD-size model or checkpoint is gigabytes. Only these
-# names, in the folders the run writes: --out is the user's choice (it may hold other hidden files),
-# so atomic.remove_leftovers' wider patterns for artifact folders (any `.<name>.XXXXXXXX` folder) are
-# not used here.
-_TOKEN = r"[a-z0-9_]{8}"  # the random part of a temporary file's name (atomic_path; tempfile's in older versions)
-# Staging folders are named by atomic.make_temp_dir (8 hex digits): a looser pattern would take a user's
-# `.model.previous` for one. (Files end in `.tmp` as well, which no user names a model folder.)
-_HEX = r"[0-9a-f]{8}"
-LEFTOVERS = {
-    ".": re.compile(rf"^\.(model\.{_HEX}|model\.old|lora-{_HEX}|(loss\.csv|dreambooth\.json)\.{_TOKEN}\.tmp)$"),
-    "samples": re.compile(rf"^\.step-\d{{7}}\.png\.{_TOKEN}\.tmp$"),  # save_grid (atomic_path)
-    "checkpoints": re.compile(r"^\.step-"),  # save_checkpoint's staging and _remove_old_checkpoints' renames
-    "class_images": re.compile(rf"^\.class-\d{{5}}\.png\.{_TOKEN}\.tmp$"),  # DreamBooth's class images, by default here
-}
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Remove what interrupted saves left in --out and the folders the run writes in it (see LEFTOVERS);
-    a link is never followed, whatever its name.
-
-    Called at the start of every run, fresh or resumed, before it writes anything: no save of its own is
-    under way (and a second run in the same --out at once is not supported: it would clash anyway).
-    """
-    for sub, pattern in LEFTOVERS.items():
-        folder = out / sub
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            if not pattern.match(path.name) or path.is_symlink():
-                continue
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            log.info("removed %s, left by an interrupted save", path)
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if CHECKPOINT_DIR.match(p.name)), key=lambda p: p.name)
-
-
-def verify_checkpoint(ckpt: Path) -> dict | None:
-    """The checkpoint's state.json if every file it lists is present with its recorded hash."""
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-        for name, digest in state["files"].items():
-            if atomic.sha256_file(ckpt / name) != digest:
-                return None
-        return state
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def config_changes(saved: dict, now: dict) -> list[str]:
-    """'name: saved vs now' for each field of `now` that differs from `saved`, but RESUMABLE_FIELDS.
-
-    Both are checkpoint states ({"config": ..., "<trainer>": ...}); fields that an older
-    checkpoint did not record are not compared.
-    """
-    changes = []
-    for key, value in now.items():
-        if key in RESUMABLE_FIELDS or key not in saved:
-            continue
-        if isinstance(value, dict) and isinstance(saved[key], dict):
-            changes += config_changes(saved[key], value)
-        elif saved[key] != value:
-            changes.append(f"{key}: {saved[key]!r} saved vs {value!r} now")
-    return changes
-
-
-def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scaler=None,
-                           expected: dict | None = None) -> dict:
-    """Load the newest complete checkpoint into the parameters, optimizer, EMA and loss scaler;
-    returns its state.json (its "step" among it). `expected` (the run's state, config included)
-    must match the saved one."""
-    from safetensors.torch import load_file
-
-    ckpt, state = _newest_checkpoint(folder, expected)
-    weights = load_file(ckpt / "weights.safetensors")
-    missing = set(named) - set(weights)
-    if missing:
-        raise DiffrtError(f"checkpoint {ckpt} does not match the model: {len(missing)} parameters missing, e.g. {sorted(missing)[:3]}")
-    reshaped = [k for k, p in named.items() if weights[k].shape != p.shape]
-    if reshaped:
-        k = reshaped[0]
-        raise DiffrtError(f"checkpoint {ckpt} does not match the model: {k} is {list(weights[k].shape)} there "
-                          f"but {list(named[k].shape)} here ({len(reshaped)} parameters differ)")
-    with torch.no_grad():
-        for k, p in named.items():
-            p.copy_(weights[k])
-    opt_tensors = load_file(ckpt / "optimizer.safetensors")
-    names = list(named)
-    opt_state = {"state": {}, "param_groups": []}
-    for key, value in opt_tensors.items():
-        pname, field_name = key.rsplit("::", 1)
-        opt_state["state"].setdefault(names.index(pname), {})[field_name] = value
-    for group in state["param_groups"]:
-        opt_state["param_groups"].append({**group, "params": list(range(len(names)))})
-    optimizer.load_state_dict(opt_state)
-    if ema is not None and (ckpt / "ema.safetensors").exists():
-        ema.load(load_file(ckpt / "ema.safetensors"), named)
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    return state
-
-
-def _newest_checkpoint(folder: Path, expected: dict | None) -> tuple[Path, dict]:
-    """The newest complete checkpoint and its state.json; `expected` (a run's state) must match its settings."""
-    for ckpt in reversed(list_checkpoints(folder)):
-        state = verify_checkpoint(ckpt)
-        if state is None:
-            log.warning("skipping incomplete or corrupt checkpoint %s", ckpt)
-            continue
-        # Compare as JSON reads it back: tuples come back as lists.
-        changes = config_changes(state, json.loads(json.dumps(expected))) if expected else []
-        if changes:
-            raise DiffrtError(f"--resume: {ckpt} was trained with other settings ({'; '.join(changes)}); "
-                              "resume with the saved settings, or start afresh in an empty --out")
-        return ckpt, state
-    damaged = list_checkpoints(folder)
-    if damaged:
-        # A fresh run refuses an --out holding checkpoints (TrainConfig.validate), damaged ones too:
-        # "run without --resume" would send the user back here.
-        raise DiffrtError(f"--resume: no complete checkpoint in {folder}, only {len(damaged)} damaged (newest "
-                          f"{damaged[-1].name}); remove {folder} to start afresh in this --out, or choose an empty --out")
-    raise DiffrtError(f"--resume: no complete checkpoint in {folder}; run without --resume to start afresh")
