@@ -1,7 +1,7 @@
 """LoRA reading and fusing (RELIABILITY rows 7, 8, 12), checked against diffusers itself.
 
 diffusers is the oracle: `load_lora_weights` + `set_adapters` + `fuse_lora` on the tiny
-pipeline must give the same weights as `diffrt.export.lora.fuse_loras` on the same files, DoRA
+pipeline must give the same weights as `diffrt.export.lora_fuse.fuse_loras` on the same files, DoRA
 and lora_B.bias included (but for the text encoder's DoRA magnitudes, which diffusers leaves
 unloaded: the reference is given them by hand, see the DoRA section).
 """
@@ -16,7 +16,8 @@ import torch
 
 from diffrt.atomic import save_safetensors, sha256_file
 from diffrt.errors import LoraError
-from diffrt.export.lora import LoraSpec, fuse_loras, fused_state_dict, lora_deltas, read_lora, read_loras
+from diffrt.export.lora import LoraSpec, read_lora, read_loras
+from diffrt.export.lora_fuse import fuse_loras, fused_state_dict, lora_deltas
 from diffrt.tiny import tiny_lora_files, tiny_text_to_image
 
 COMPONENTS = ("unet", "text_encoder")

@@ -344,7 +344,8 @@ def test_refit_fuses_dora_from_the_base_weights(classemb_model_dir, pixel_onnx, 
     import test_tensorrt as trt_tests
 
     from diffrt.components import spec_from_dict
-    from diffrt.export.lora import fuse_loras, read_lora
+    from diffrt.export.lora import read_lora
+    from diffrt.export.lora_fuse import fuse_loras
     from diffrt.models import load_pixel_model
 
     onnx_path = pixel_onnx / "unet" / "model.onnx"

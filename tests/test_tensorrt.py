@@ -81,7 +81,8 @@ def loras(model_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def torch_unet(model_dir: Path, lora: list[tuple[Path, float]] = ()):
-    from diffrt.export.lora import fuse_loras, read_lora
+    from diffrt.export.lora import read_lora
+    from diffrt.export.lora_fuse import fuse_loras
     from diffrt.models import load_pixel_model
 
     unet = load_pixel_model(model_dir).unet

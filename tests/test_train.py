@@ -446,7 +446,8 @@ def _images(pipe) -> np.ndarray:
 
 
 def test_dreambooth_lora_loads_in_diffusers(dreambooth_run, sd_folder):
-    from diffrt.export.lora import fuse_loras, read_lora
+    from diffrt.export.lora import read_lora
+    from diffrt.export.lora_fuse import fuse_loras
 
     cfg, _ = dreambooth_run
     lora = Path(cfg.train.out) / LORA_WEIGHT_NAME

@@ -232,7 +232,8 @@ def _check_loras(states: dict, loras: list[tuple[str, float]]) -> None:
     lands on a weight of `states` (else LoraError names those that do not; the targets are those
     fuse_loras and refit find), and none has bias terms, which refit cannot set; both before hours of
     engine builds, not after."""
-    from diffrt.export.lora import lora_targets, read_lora
+    from diffrt.export.lora import read_lora
+    from diffrt.export.lora_fuse import lora_targets
     from diffrt.export.refit import refuse_lora_biases
 
     files = [(read_lora(p), s) for p, s in loras]
@@ -385,7 +386,8 @@ def _engine_parity(module: torch.nn.Module, spec: ComponentSpec, engine_path: Pa
 
 
 def _fuse_pixel_loras(model: PixelModel, loras: list[tuple[str, float]]) -> None:
-    from diffrt.export.lora import fuse_loras, read_lora
+    from diffrt.export.lora import read_lora
+    from diffrt.export.lora_fuse import fuse_loras
 
     fuse_loras({"unet": model.unet.unet}, [(read_lora(p), s) for p, s in loras])
 

@@ -205,7 +205,7 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
                   initializers: Mapping[str, torch.Tensor] | None = None) -> RefitWeights:
     """The LoRAs fused into the ONNX's base weights (in fp32, cast back). `loras` are (LoraFile,
     scale) pairs from `diffrt.export.lora.read_lora`. Pure: reads the base every time."""
-    from diffrt.export.lora import fused_params
+    from diffrt.export.lora_fuse import fused_params
 
     refuse_lora_biases(loras)
     base = dict(initializers) if initializers is not None else onnx_initializers(onnx_path)

@@ -155,7 +155,8 @@ def _fuse_loras(model: TextToImageModel, loras: list[tuple[str, float]]) -> list
     """Bake the LoRA files into the UNet and text encoder (a file matching nothing is an error, RELIABILITY #7)."""
     if not loras:
         return []
-    from diffrt.export.lora import fuse_loras, read_lora
+    from diffrt.export.lora import read_lora
+    from diffrt.export.lora_fuse import fuse_loras
 
     report = fuse_loras({"unet": model.unet, "text_encoder": model.text_encoder}, [(read_lora(p), s) for p, s in loras])
     return report.to_dict()["loras"]

@@ -142,7 +142,8 @@ def load_pixel_source(manifest: dict, lora_scale: float = 1.0) -> PixelModel:
     model = load_pixel_model(check_source(manifest))
     loras = manifest_loras(manifest)
     if loras:
-        from diffrt.export.lora import fuse_loras, read_lora
+        from diffrt.export.lora import read_lora
+        from diffrt.export.lora_fuse import fuse_loras
 
         fuse_loras({"unet": model.unet.unet}, [(read_lora(p), s) for p, s in scaled(loras, lora_scale)])
     return model

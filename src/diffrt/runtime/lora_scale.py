@@ -71,7 +71,8 @@ class TorchLora:
     scalable = True
 
     def __init__(self, modules: Mapping[str, nn.Module], loras: Loras):
-        from diffrt.export.lora import lora_targets, read_lora
+        from diffrt.export.lora import read_lora
+        from diffrt.export.lora_fuse import lora_targets
 
         self.modules = dict(modules)
         self.files = [(read_lora(path), float(s)) for path, s in loras]
@@ -91,7 +92,7 @@ class TorchLora:
 
     @torch.no_grad()
     def set_scale(self, scale: float) -> None:
-        from diffrt.export.lora import fuse_loras
+        from diffrt.export.lora_fuse import fuse_loras
 
         self.check(scale)
         if scale == self.scale:

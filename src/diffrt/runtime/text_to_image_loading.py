@@ -48,7 +48,8 @@ ControlNets = str | Path | Sequence[str | Path] | None  # one folder, or several
 def _fuse_unet_only(unet, loras: Loras) -> None:
     """Fuse the UNet part of LoRA files (their text encoder part is already in the exported text encoder)."""
     if loras:
-        from diffrt.export.lora import fuse_loras, read_lora
+        from diffrt.export.lora import read_lora
+        from diffrt.export.lora_fuse import fuse_loras
 
         files = [read_lora(p) for p, _ in loras]
         files = [dataclasses.replace(f, layers=[x for x in f.layers if x.component == "unet"]) for f in files]

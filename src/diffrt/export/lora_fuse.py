@@ -1,0 +1,355 @@
+"""Fuse LoRA files, as read by `diffrt.export.lora`, into base weights.
+
+A LoRA adds a low-rank update to a Linear or Conv2d weight (Hu et al. 2021, eq. 3):
+
+    W' = W + dW,   dW = scale * (alpha / rank) * up @ down       down: [rank, in(, kh, kw)], up: [out, rank(, 1, 1)]
+
+For a kxk convolution `down` holds the kernel and `up` is 1x1, so `up @ down` is taken over the
+flattened `in * kh * kw` axis: the same weight peft's conv LoRA merges. `alpha / rank` becomes
+`alpha / sqrt(rank)` for rsLoRA adapters.
+
+DoRA (Liu et al. 2024, eq. 5) also learns a magnitude m, one per output channel (peft's
+`lora_magnitude_vector`), and gives each output row of the updated weight that length:
+
+    W' = m * (W + dW) / ||W + dW||        the norm over a row: a Linear's in-features, a conv's in * kh * kw
+
+The scale sits inside dW, as in diffusers' `fuse_lora(lora_scale=s)` (peft multiplies `scaling`), so
+a DoRA weight is not linear in the scale, and scale 0 gives m * W / ||W||, not W. Adapters are merged
+one after another as peft (0.21) merges them: a DoRA adapter k multiplies the weight so far plus its
+dW_k by m_k / ||W0 + dW_k||, the norm of the base weight W0 with its own update only
+(`_unmerged_base_weight`), the norm peft's forward uses. A peft `lora_B.bias` (`lora_bias=True`) adds
+scale * (alpha / rank) * bias to the module's bias, DoRA or not.
+
+Where diffrt differs from diffusers on purpose: diffusers 0.42 with transformers 5 loads a text
+encoder's LoRA through transformers, which leaves DoRA magnitudes at peft's initial ||W|| (it reports
+the keys UNEXPECTED); diffrt fuses the file's magnitudes, as peft merges them in the UNet.
+
+Module names are resolved against the model itself, never by rewriting strings alone: a kohya
+name is looked up among the model's own module names with '.' replaced by '_'. Every entry of a
+file must land on a module or the fuse fails naming what did not (RELIABILITY row 7), and fusing
+always starts from the base weights given, so refits never accumulate (row 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from diffrt.errors import LoraError
+from diffrt.export.lora import LoraFile, LoraFormat, LoraLayer
+
+logger = logging.getLogger(__name__)
+
+LDM_BLOCK_NAMES = ("input_blocks", "middle_block", "output_blocks")
+
+
+# --- resolving module names ----------------------------------------------------------------------
+
+
+class _ModuleIndex:
+    """The LoRA-able weights of one component, findable by dotted or underscored name.
+
+    transformers 5 dropped CLIPTextModel's `text_model.` level while LoRA files still carry it
+    (diffusers strips it too), so names are also registered with that level added or removed
+    when the model lacks it."""
+
+    def __init__(self, component: str, weights: Mapping[str, torch.Tensor]):
+        self.dotted: dict[str, str] = {name: name for name in weights}
+        if component.startswith("text_encoder"):
+            for name in weights:
+                alias = name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}"
+                self.dotted.setdefault(alias, name)
+        self.underscored: dict[str, set[str]] = defaultdict(set)
+        for alias, name in self.dotted.items():
+            self.underscored[alias.replace(".", "_")].add(name)
+
+    def find(self, layer: LoraLayer) -> str | None:
+        if layer.underscored:
+            names = self.underscored.get(layer.module, set())
+            if len(names) > 1:
+                raise LoraError(
+                    f"LoRA key {layer.key} matches several modules ({', '.join(sorted(names))}); rename it with dots"
+                )
+            return next(iter(names), None)
+        for candidate in (layer.module, *layer.aliases):
+            if candidate in self.dotted:
+                return self.dotted[candidate]
+        return None
+
+
+def _module_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Weights and biases of the modules a LoRA can patch, by module name."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return ({name: m.weight for name, m in modules.items()},
+            {name: m.bias for name, m in modules.items() if m.bias is not None})
+
+
+def _state_weights(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The same from a state dict: every 2-D or 4-D `<module>.weight`, and the `<module>.bias` beside it."""
+    weights = {k[: -len(".weight")]: v for k, v in state.items() if k.endswith(".weight") and v.ndim in (2, 4)}
+    return weights, {name: state[f"{name}.bias"] for name in weights if f"{name}.bias" in state}
+
+
+def _check_fits(layer: LoraLayer, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Shapes only: `layer` can patch the module `name` with this weight and bias."""
+    down, up = layer.down, layer.up
+    if up.ndim == 4 and up.shape[2:] != (1, 1):
+        raise LoraError(f"LoRA key {layer.key}: its up weight has a {tuple(up.shape[2:])} kernel; only 1x1 up convolutions are supported")
+    fits = (up.shape[0], math.prod(down.shape[1:])) == (weight.shape[0], math.prod(weight.shape[1:]))
+    if not fits or (weight.ndim == 2 and down.ndim == 4 and down.shape[2:] != (1, 1)):
+        raise LoraError(
+            f"LoRA key {layer.key} gives an update of shape {(up.shape[0], *down.shape[1:])} for a weight of shape "
+            f"{tuple(weight.shape)}; the LoRA was made for another model"
+        )
+    if layer.bias is not None and bias is None:
+        raise LoraError(f"LoRA key {layer.key}: its lora_B.bias adds to the bias of {name}, which has none; "
+                        "peft cannot merge it either (lora_bias=True needs a layer with a bias)")
+
+
+def _delta(layer: LoraLayer, shape: torch.Size, scaling: float) -> torch.Tensor:
+    """scaling * up @ down in fp32 (on the LoRA's device), shaped like the weight."""
+    rank = layer.rank
+    product = layer.up.float().reshape(-1, rank) @ layer.down.float().reshape(rank, -1)
+    return product.reshape(shape) * scaling
+
+
+Updates = list[tuple[LoraLayer, float]]  # the layers patching one module, in LoRA order, each with its LoRA's scale
+Plan = dict[str, dict[str, Updates]]  # component -> module name -> its updates
+
+
+def _additive_delta(base: torch.Tensor, updates: Updates) -> torch.Tensor | None:
+    """fused - base (fp32) where every layer is plain LoRA: the sum of their deltas, whatever the base
+    holds (only its shape is read). None where a DoRA layer makes the result depend on the base."""
+    if any(layer.magnitude is not None for layer, _ in updates):
+        return None
+    deltas = [_delta(layer, base.shape, layer.scaling * scale) for layer, scale in updates]
+    return sum(deltas[1:], deltas[0])
+
+
+def _dora_weight(base: torch.Tensor, updates: Updates) -> torch.Tensor:
+    """The fused weight (fp32, on the base's device) where some layer is DoRA, merged as peft merges
+    adapters in turn: W_k = W_{k-1} + dW_k, then times m_k / ||W0 + dW_k|| per output row for DoRA."""
+    base32 = base.detach().float()
+    weight = base32
+    for layer, scale in updates:
+        delta = _delta(layer, base.shape, layer.scaling * scale).to(base.device)
+        weight = weight + delta
+        if layer.magnitude is not None:
+            # The norm is of the base with this adapter's update only (peft takes the earlier adapters out
+            # before it measures), the norm DoRA's forward divides by; detached there, a constant here.
+            norm = torch.linalg.vector_norm((base32 + delta).reshape(base.shape[0], -1), dim=1)
+            factor = layer.magnitude.float().to(base.device) / norm
+            weight = weight * factor.reshape(-1, *[1] * (base.ndim - 1))
+    return weight
+
+
+def _bias_delta(updates: Updates) -> torch.Tensor | None:
+    """What the layers' lora_B.bias add to the module's bias (fp32): scale * scaling * bias each, as
+    peft's merge adds it (outside the DoRA rescaling)."""
+    parts = [layer.bias.float() * (layer.scaling * scale) for layer, scale in updates if layer.bias is not None]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
+# --- fusing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class FusedLora:
+    """What one LoRA changed."""
+
+    path: str
+    sha256: str
+    format: LoraFormat
+    scale: float
+    modules: dict[str, list[str]] = field(default_factory=dict)  # component -> patched module names
+
+    @property
+    def num_modules(self) -> int:
+        return sum(len(names) for names in self.modules.values())
+
+
+@dataclass
+class FuseReport:
+    loras: list[FusedLora]
+
+    def to_dict(self) -> dict:
+        return {
+            "loras": [
+                {
+                    "path": fused.path,
+                    "sha256": fused.sha256,
+                    "format": fused.format,
+                    "scale": fused.scale,
+                    "modules": fused.modules,
+                    "num_modules": fused.num_modules,
+                }
+                for fused in self.loras
+            ]
+        }
+
+
+def _plan(
+    weights: Mapping[str, Mapping[str, torch.Tensor]],
+    biases: Mapping[str, Mapping[str, torch.Tensor]],
+    loras: Sequence[tuple[LoraFile, float]],
+) -> tuple[Plan, FuseReport]:
+    """Resolve every layer of every LoRA to its module and check that it fits (names and shapes
+    only). Raises before anything is changed if any layer does not fit."""
+    indexes = {component: _ModuleIndex(component, w) for component, w in weights.items()}
+    plan: Plan = defaultdict(dict)
+    report = FuseReport([])
+    for lora, scale in loras:
+        unmatched: list[str] = []
+        resolved: list[tuple[LoraLayer, str, str]] = []
+        for layer in lora.layers:
+            index = indexes.get(layer.component)
+            name = index.find(layer) if index is not None else None
+            if name is None:
+                unmatched.append(layer.key)
+            else:
+                resolved.append((layer, layer.component, name))
+        if unmatched:
+            _raise_unmatched(lora, unmatched, sorted(weights))
+        fused = FusedLora(str(lora.path), lora.sha256, lora.format, scale)
+        seen: dict[tuple[str, str], str] = {}
+        for layer, component, name in resolved:
+            if (component, name) in seen:
+                raise LoraError(f"{lora.path}: keys {seen[component, name]} and {layer.key} both patch {component}.{name}")
+            seen[component, name] = layer.key
+            _check_fits(layer, f"{component}.{name}", weights[component][name], biases.get(component, {}).get(name))
+            plan[component].setdefault(name, []).append((layer, scale))
+            fused.modules.setdefault(component, []).append(name)
+        for names in fused.modules.values():
+            names.sort()
+        report.loras.append(fused)
+    return dict(plan), report
+
+
+def _raise_unmatched(lora: LoraFile, unmatched: list[str], components: list[str]) -> None:
+    shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+    total = len(lora.layers)
+    if len(unmatched) == total:
+        what = f"none of its {total} LoRA modules matches a Linear/Conv2d module of the model"
+    else:
+        what = f"{len(unmatched)} of its {total} LoRA modules match no Linear/Conv2d module of the model"
+    hint = "is it made for another model?"
+    if any(block in key for key in unmatched for block in LDM_BLOCK_NAMES):
+        hint = "these use the original LDM block names (input_blocks, ...): convert the LoRA to diffusers names first"
+    missing = sorted({layer.component for layer in lora.layers} - set(components))
+    if missing:
+        hint = f"it has {', '.join(missing)} weights but only {', '.join(components)} were given to fuse into"
+    raise LoraError(f"{lora.path}: {what} ({shown}); {hint}")
+
+
+def _new_values(weights: Mapping[str, Mapping[str, torch.Tensor]], biases: Mapping[str, Mapping[str, torch.Tensor]],
+                plan: Plan, *, as_deltas: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {param: value}} for every parameter `plan` changes, in fp32: the fused value, or
+    fused - base when `as_deltas`. Plain-LoRA weights are base + the summed deltas, so their delta is exact."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for component, modules in plan.items():
+        params = out.setdefault(component, {})
+        for module, updates in modules.items():
+            base = weights[component][module]
+            delta = _additive_delta(base, updates)
+            if delta is None:
+                fused = _dora_weight(base, updates)
+                params[f"{module}.weight"] = fused - base.detach().float() if as_deltas else fused
+            else:
+                params[f"{module}.weight"] = delta if as_deltas else base.detach().float() + delta.to(base.device)
+            bias_delta = _bias_delta(updates)
+            if bias_delta is not None:
+                bias = biases[component][module]
+                params[f"{module}.bias"] = bias_delta if as_deltas else bias.detach().float() + bias_delta.to(bias.device)
+    return out
+
+
+def _planned(base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]):
+    """The weights and biases of `base_state` by module name, and the plan of `loras` over them."""
+    split = {component: _state_weights(state) for component, state in base_state.items()}
+    weights = {component: w for component, (w, _) in split.items()}
+    biases = {component: b for component, (_, b) in split.items()}
+    plan, _ = _plan(weights, biases, loras)
+    return weights, biases, plan
+
+
+def lora_targets(
+    base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
+) -> dict[str, list[str]]:
+    """The parameters `loras` change, {component: [param names]}: each patched module's weight, and
+    its bias where a layer has a lora_B.bias. Reads names and shapes only; raises LoraError if any
+    layer does not fit."""
+    _, _, plan = _planned(base_state, loras)
+    targets = {}
+    for component, modules in plan.items():
+        biased = [f"{module}.bias" for module, updates in modules.items() if any(x.bias is not None for x, _ in updates)]
+        targets[component] = sorted([f"{module}.weight" for module in modules] + biased)
+    return targets
+
+
+def lora_deltas(
+    base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """fused - base in fp32 for every parameter `loras` change at their scales: {component: {param: delta}}.
+
+    `base_state` maps component names ("unet", "text_encoder") to state dicts. A plain LoRA's delta
+    is scale * scaling * up @ down whatever the base holds; a DoRA layer's depends on the base values,
+    so it is not linear in the scale and holds only for this base: fuse with `fused_params` instead."""
+    weights, biases, plan = _planned(base_state, loras)
+    return _new_values(weights, biases, plan, as_deltas=True)
+
+
+def fused_params(
+    base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The fp32 values, computed from `base_state`, of every parameter `loras` change at their scales."""
+    weights, biases, plan = _planned(base_state, loras)
+    return _new_values(weights, biases, plan, as_deltas=False)
+
+
+def fused_state_dict(
+    base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """New state dicts: the LoRAs fused into the base in fp32 and cast back to each tensor's dtype.
+
+    Always computed from the base given, never from a previous result, so refitting an engine
+    with A, then B, then A again gives exactly A. Unpatched tensors are shared with `base_state`,
+    which is not modified."""
+    fused = fused_params(base_state, loras)
+    out = {}
+    for component, state in base_state.items():
+        out[component] = dict(state)
+        for param, value in fused.get(component, {}).items():
+            out[component][param] = value.to(state[param].dtype)
+    return out
+
+
+@torch.no_grad()
+def fuse_loras(model_components: Mapping[str, nn.Module], loras: Sequence[tuple[LoraFile, float]]) -> FuseReport:
+    """Fuse each LoRA, at its scale, into the weights of `model_components` in place.
+
+    Matches diffusers' `load_lora_weights` + `set_adapters(names, weights)` + `fuse_lora()`, DoRA and
+    lora_B.bias included (but for a text encoder's DoRA magnitudes, which diffusers leaves unloaded:
+    see the module docstring). The modules must hold their base weights. All files are checked
+    against the model before any weight changes, so an error leaves it as it was."""
+    split = {component: _module_weights(model) for component, model in model_components.items()}
+    weights = {component: w for component, (w, _) in split.items()}
+    biases = {component: b for component, (_, b) in split.items()}
+    plan, report = _plan(weights, biases, loras)
+    new = _new_values(weights, biases, plan, as_deltas=False)  # every value first: DoRA reads the base weights
+    for component, params in new.items():
+        for param, value in params.items():
+            module, _, kind = param.rpartition(".")
+            target = (weights if kind == "weight" else biases)[component][module]
+            target.copy_(value.to(target.dtype))
+    for fused in report.loras:
+        logger.info(
+            "fused LoRA %s (%s, sha256 %s) at scale %g into %d modules",
+            fused.path, fused.format, fused.sha256[:12], fused.scale, fused.num_modules,
+        )
+    return report
