@@ -201,7 +201,8 @@ def run_triton(args, device: str, num_classes: int) -> tuple[list[dict], float]:
     model and settings (its dynamic batcher waits what the service's batcher waits)."""
     import tempfile
 
-    from diffrt.serve.triton import LocalTritonServer, RepositoryConfig, write_repository
+    from diffrt.serve.triton_repo import RepositoryConfig, write_repository
+    from diffrt.serve.triton_server import LocalTritonServer
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = write_repository(Path(tmp) / "repo", RepositoryConfig(

@@ -41,8 +41,9 @@ from diffrt.generate import GenerateRequest, generate  # noqa: E402
 from diffrt.images import to_uint8  # noqa: E402
 from diffrt.serve.batching import Answer  # noqa: E402
 from diffrt.serve.schema import GenerateBody, RequestError  # noqa: E402
-from diffrt.serve.triton import (INPUTS, LocalTritonServer, RepositoryConfig, _parameters, bodies_from_inputs,  # noqa: E402
-                                 check_row_shapes, config_pbtxt, find_tritonserver, outputs_from_answers, write_repository)
+from diffrt.serve.triton import INPUTS, _parameters, bodies_from_inputs, check_row_shapes, outputs_from_answers  # noqa: E402
+from diffrt.serve.triton_repo import RepositoryConfig, config_pbtxt, write_repository  # noqa: E402
+from diffrt.serve.triton_server import LocalTritonServer, find_tritonserver  # noqa: E402
 
 STEPS = 4
 PROMPT = "a red cube"
@@ -170,7 +171,7 @@ def test_the_rows_of_a_request_whose_client_has_gone_are_given_up(monkeypatch):
     assert triton._cancelled(object()) is False  # a stub without is_cancelled (Triton before 23.10): nothing given up
 
 def test_write_repository_places_the_model_atomically(t2i_artifact, tmp_path, monkeypatch):
-    import diffrt.serve.triton as triton
+    import diffrt.serve.triton_repo as triton_repo
 
     repo = tmp_path / "repo"
     path = write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="sd"))
@@ -193,7 +194,7 @@ def test_write_repository_places_the_model_atomically(t2i_artifact, tmp_path, mo
         (dst / "half").mkdir(parents=True)
         raise OSError("disk full")
 
-    monkeypatch.setattr(triton, "_place", fail)
+    monkeypatch.setattr(triton_repo, "_place", fail)
     with pytest.raises(OSError, match="disk full"):
         write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="broken"))
     assert sorted(p.name for p in repo.iterdir()) == ["linked", "sd"]  # nothing half-written, no temp folder left

@@ -194,7 +194,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_triton_repo(args) -> int:
-    from diffrt.serve.triton import RepositoryConfig, write_repository
+    from diffrt.serve.triton_repo import RepositoryConfig, write_repository
 
     path = write_repository(args.out, RepositoryConfig(
         model=args.model, backend=args.backend, name=args.name, device=args.device, instances=args.instances,

@@ -1,21 +1,16 @@
-"""Triton Inference Server: a model repository whose Python-backend model runs diffrt's runtime.
+"""Triton Inference Server: the Python-backend model that runs diffrt's runtime, and its protocol.
 
-    diffrt triton-repo --model runs/sd-trt --out model_repository
+    diffrt triton-repo --model runs/sd-trt --out model_repository     # triton_repo.py
     tritonserver --model-repository model_repository        # KServe v2 over HTTP and gRPC
 
-For fleets that standardise on Triton (RELIABILITY's serving conventions). `write_repository`
-writes `<out>/<name>/config.pbtxt` and `<out>/<name>/1/model.py`, and puts the model (an artifact
-from `diffrt export`, a diffusers folder) in `1/model` by hard links where the filesystem allows,
-so the repository is self-contained and can be synced or mounted as it is.
-
-One model drives the whole loop, engines included, in its stub process: the same `ServeRuntime`
-as `diffrt serve` (one worker owning the pipeline, exact batching, the NaN self-test before the
-model turns ready, the backend reported with every answer). Splitting the components into
-`tensorrt_plan` models called through BLS would cost a round trip through the stub's shared
-memory per UNet call (two per step with guidance) and forbid replaying a step as one CUDA graph;
-what Triton adds here is its protocol, its queue and dynamic batcher, instance groups (one
-instance per GPU, each with its own pipeline) and its metrics endpoint, to which the model adds
-its per-stage times.
+For fleets that standardise on Triton (RELIABILITY's serving conventions). One model drives the
+whole loop, engines included, in its stub process: the same `ServeRuntime` as `diffrt serve` (one
+worker owning the pipeline, exact batching, the NaN self-test before the model turns ready, the
+backend reported with every answer). Splitting the components into `tensorrt_plan` models called
+through BLS would cost a round trip through the stub's shared memory per UNet call (two per step
+with guidance) and forbid replaying a step as one CUDA graph; what Triton adds here is its
+protocol, its queue and dynamic batcher, instance groups (one instance per GPU, each with its own
+pipeline) and its metrics endpoint, to which the model adds its per-stage times.
 
 A request is KServe v2 with diffusers' argument names, every input optional, one generation per
 row of the batch dimension (`[1, 1]` for one): strings as BYTES, integers INT64, floats FP64 (so
@@ -28,6 +23,8 @@ the message `diffrt serve` would give, as a Triton error (INVALID_ARG for bad in
 when the queue is full), the same over HTTP and gRPC. A request Triton marks cancelled (its gRPC
 deadline passed, its call cancelled) gives up its rows: queued ones leave the queue, a running
 batch of only such rows stops at its next step.
+
+The model's settings are config.pbtxt's parameters (PASSED_ON, written by triton_repo.py).
 """
 
 from __future__ import annotations
@@ -35,27 +32,17 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
-import re
-import shutil
-import site
-import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from diffrt import atomic
 from diffrt.errors import DiffrtError
 from diffrt.serve.schema import GenerateBody, RequestError, describe_validation_errors
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
-MODEL_DIR = "model"  # inside the version folder
 
 # The inputs, one per GenerateBody field: (Triton data type, dims without the batch dimension).
 INPUTS: dict[str, tuple[str, list[int]]] = {
@@ -90,24 +77,8 @@ ERROR_CODES = {400: "INVALID_ARG", 413: "INVALID_ARG", 422: "INVALID_ARG", 429: 
                504: "UNAVAILABLE", 499: "CANCELLED"}
 CANCEL_POLL_S = 0.2  # how often a waiting execute asks Triton whether its requests' clients are still there
 
-MODEL_PY = '''"""Triton's Python-backend model for diffrt, written by `diffrt triton-repo`.
-
-Its settings are the parameters in config.pbtxt beside this folder; the code is diffrt's own
-(diffrt.serve.triton): the Python that Triton's stub embeds must find diffrt, installed there or
-in a site-packages folder named in PYTHONPATH. The stub's interpreter does not read PYTHONPATH
-itself, so its entries are added here as site directories (their .pth files too, which is how
-editable installs are found).
-"""
-
-import os
-import site
-
-for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    if entry:
-        site.addsitedir(entry)
-
-from diffrt.serve.triton import TritonPythonModel  # noqa: E402, F401
-'''
+# The RuntimeConfig fields a repository sets, as config.pbtxt parameters (operators may edit them there).
+PASSED_ON = ("backend", "max_queue", "timeout_s", "max_image_side", "exact_batching", "strict", "cuda_graph")
 
 
 # -- requests and answers (no Triton needed: tested on their own) ------------------------------
@@ -183,245 +154,6 @@ def outputs_from_answers(answers: list, text_to_image: bool) -> dict[str, np.nda
     return outputs
 
 
-# -- the repository --------------------------------------------------------------------------
-
-# The RuntimeConfig fields a repository sets, as config.pbtxt parameters (operators may edit them there).
-PASSED_ON = ("backend", "max_queue", "timeout_s", "max_image_side", "exact_batching", "strict", "cuda_graph")
-
-
-@dataclass
-class RepositoryConfig:
-    model: str | None = None  # artifact or diffusers folder; None: the shipped digits model
-    backend: str = "onnxruntime"
-    name: str = "diffrt"
-    device: str | None = None  # "cuda": instances on GPUs (KIND_GPU), one pipeline each; None: cuda for tensorrt or with a GPU here
-    instances: int = 1  # per GPU with cuda
-    max_batch_size: int = 8  # rows Triton's dynamic batcher hands one execute, and images per UNet batch
-    queue_delay_ms: float = 10.0  # how long Triton's batcher waits to fill a batch
-    max_queue: int = 64
-    timeout_s: float = 60.0
-    max_image_side: int = 2048
-    exact_batching: bool = True
-    strict: bool = False
-    cuda_graph: bool = True
-    link: bool = False  # True: config names the model's absolute path instead of putting it in the repository
-
-
-def _dims(dims: list[int]) -> str:
-    return f"[ {', '.join(map(str, dims))} ]"
-
-
-def _text(value: str) -> str:
-    """A protobuf text-format string: quotes, backslashes and control characters escaped, other
-    characters kept as UTF-8 rather than \\u-escaped (older text-format parsers lack that escape)."""
-    return json.dumps(value, ensure_ascii=False)
-
-
-def model_kind(model: str | None) -> tuple[bool, bool]:
-    """(text_to_image, has_controlnet) for the config's inputs, read from files, without loading weights."""
-    from diffrt.export.manifest import MANIFEST, read_manifest
-    from diffrt.export.text_to_image import exported_controlnets
-    from diffrt.runtime.opening import is_text_to_image
-
-    if not is_text_to_image(model):
-        return False, False
-    folder = Path(model)  # a diffusers folder runs no ControlNet here (serve's --controlnet has no counterpart)
-    return True, (folder / MANIFEST).is_file() and bool(exported_controlnets(read_manifest(folder)))
-
-
-def config_pbtxt(config: RepositoryConfig, model_parameter: str, text_to_image: bool, controlnet: bool) -> str:
-    """config.pbtxt for the Python-backend model: the inputs the model takes, the outputs, dynamic
-    batching, instance groups, and diffrt's settings as parameters."""
-    leave_out = PIXEL_ONLY if text_to_image else TEXT_ONLY + CONTROL_ONLY
-    if text_to_image and not controlnet:
-        leave_out += CONTROL_ONLY
-    inputs = [f'  {{ name: "{name}" data_type: {kind} dims: {_dims(dims)} optional: true }}'
-              for name, (kind, dims) in INPUTS.items() if name not in leave_out]
-    outputs = ['  { name: "images" data_type: TYPE_UINT8 dims: [ -1, -1, -1, -1 ] }',
-               '  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] }',
-               '  { name: "backend" data_type: TYPE_STRING dims: [ 1 ] }']
-    if text_to_image:
-        outputs += [f'  {{ name: "{key}" data_type: TYPE_STRING dims: [ 1 ] }}' for key in TRUNCATED]
-    kind = "KIND_GPU" if config.device == "cuda" else "KIND_CPU"
-    parameters = {"model": model_parameter, **{name: getattr(config, name) for name in PASSED_ON}}
-    params = [f"parameters {{ key: {_text(key)} value: {{ string_value: {_text(_param_text(value))} }} }}"
-              for key, value in parameters.items()]
-    return "\n".join([
-        f"name: {_text(config.name)}",
-        'backend: "python"',
-        f"max_batch_size: {config.max_batch_size}",
-        f"dynamic_batching {{ max_queue_delay_microseconds: {round(config.queue_delay_ms * 1000)} }}",
-        "input [", ",\n".join(inputs), "]",
-        "output [", ",\n".join(outputs), "]",
-        f"instance_group [ {{ count: {config.instances} kind: {kind} }} ]",
-        *params, "",
-    ])
-
-
-def _place(src: Path, dst: Path) -> None:
-    """The model's files under dst: hard links where the filesystem allows (no second copy of
-    gigabytes of weights), copies where it does not."""
-    for path in sorted(src.rglob("*")):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
-
-
-def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
-    """Write `<out>/<config.name>` (config.pbtxt, 1/model.py, 1/model/) and return its path. The
-    model folder is written to a temporary name and renamed: an interrupted run leaves nothing
-    Triton would load."""
-    from diffrt.serve.runtime import served_model
-
-    model = served_model(config.model, config.backend)
-    if config.device is None:  # the serving machine may not be this one: cuda is not required here
-        import torch
-
-        config = replace(config, device="cuda" if config.backend == "tensorrt" or torch.cuda.is_available() else "cpu")
-    if config.device not in ("cpu", "cuda"):
-        raise DiffrtError(f"--device {config.device!r}: cpu or cuda (Triton places the instances on its GPUs)")
-    if config.max_batch_size < 1 or config.instances < 1:
-        raise DiffrtError("--max-batch-size and --instances must be at least 1")
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", config.name):
-        raise DiffrtError(f"--name {config.name!r}: a Triton model name here is letters, digits, '_', '.' and '-', not starting with '.' or '-'")
-    text_to_image, controlnet = model_kind(model)
-    out = Path(out)
-    final = out / config.name
-    if final.exists():
-        raise DiffrtError(f"{final} already exists; remove it or pick another --name")
-    out.mkdir(parents=True, exist_ok=True)
-    staging = atomic.make_temp_dir(out, f".{config.name}.tmp-")
-    try:
-        version = staging / VERSION
-        version.mkdir()
-        if model is None:
-            parameter = ""
-        elif config.link:
-            parameter = str(Path(model).resolve())
-            if not parameter.isascii():
-                raise DiffrtError(f"--link {parameter}: Triton's Python stub names files in ASCII only (its filesystem "
-                                  "encoding is ascii), so it could not open this path; leave --link out (the model is "
-                                  "placed in the repository) or move the model to an ASCII path")
-        else:
-            _place(Path(model), version / MODEL_DIR)
-            parameter = MODEL_DIR
-        (version / "model.py").write_text(MODEL_PY)
-        (staging / "config.pbtxt").write_text(config_pbtxt(config, parameter, text_to_image, controlnet))
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
-
-
-# -- a local tritonserver: trying a repository out, the tests, the benchmark --------------------
-
-def find_tritonserver() -> Path | None:
-    """$DIFFRT_TRITONSERVER, else `tritonserver` on PATH, else the build `make tritonserver` puts in
-    the venv (nvidia-pytriton's wheel); None when there is none."""
-    named = os.environ.get("DIFFRT_TRITONSERVER") or shutil.which("tritonserver")
-    if named:
-        return Path(named)
-    bundled = Path(sys.prefix) / "tritonserver" / "server" / "pytriton" / "tritonserver" / "bin" / "tritonserver"
-    return bundled if bundled.is_file() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalTritonServer:
-    """tritonserver over a repository, on free loopback ports, its log in a file:
-
-        with LocalTritonServer("model_repository") as server:
-            httpx.post(f"{server.url}/v2/models/diffrt/infer", json=...)
-
-    The stub's Python finds diffrt through PYTHONPATH (this interpreter's site-packages; model.py
-    adds them), after `numpy_path` (a numpy of the stub's ABI: `make tritonserver` puts numpy<2
-    beside its build, taken when `numpy_path` is None; "" adds none)."""
-
-    def __init__(self, repo: str | Path, *, binary: str | Path | None = None, log: str | Path | None = None,
-                 numpy_path: str | Path | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
-        binary = Path(binary) if binary else find_tritonserver()
-        if binary is None or not binary.is_file():
-            raise DiffrtError("no tritonserver found: set DIFFRT_TRITONSERVER, put it on PATH, or run `make tritonserver`")
-        self.binary, self.repo = binary, Path(repo)
-        self.log = Path(log) if log else self.repo.parent / "tritonserver.log"
-        bundled_numpy = Path(sys.prefix) / "tritonserver" / "numpy1"
-        if numpy_path is None and bundled_numpy.is_dir():
-            numpy_path = bundled_numpy
-        self.pythonpath = ([str(numpy_path)] if numpy_path else []) + site.getsitepackages()
-        self.env = env or {}
-        self.args = tuple(args)  # more tritonserver options
-        self.http, self.grpc, self.metrics = _free_port(), _free_port(), _free_port()
-        self.url = f"http://127.0.0.1:{self.http}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics}/metrics"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "LocalTritonServer":
-        command = [str(self.binary), "--model-repository", str(self.repo), "--http-address", "127.0.0.1",
-                   "--http-port", str(self.http), "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc),
-                   "--metrics-port", str(self.metrics), "--allow-gpu-metrics", "false"]
-        backends = self.binary.parent.parent / "backends"  # a relocated build (the pytriton wheel's) names its own
-        if backends.is_dir():
-            command += ["--backend-directory", str(backends)]
-        command += self.args
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(self.pythonpath), **self.env}
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        return self
-
-    def wait_ready(self, timeout: float = 600) -> "LocalTritonServer":
-        """Block until every model is ready; DiffrtError with the log's tail if the server exits or times out."""
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DiffrtError(f"tritonserver exited ({self.proc.returncode}); its log ends:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise DiffrtError(f"tritonserver was not ready after {timeout:.0f} s; its log ends:\n{self.tail()}")
-
-    def log_text(self) -> str:
-        return self.log.read_bytes().decode("utf-8", "replace")
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log_text()[-chars:]
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: Triton finishes what is in flight, unloads, exits
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> "LocalTritonServer":
-        self.start()
-        try:
-            return self.wait_ready()
-        except BaseException:  # not ready: no server left running behind the caller
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 # -- the model Triton's Python backend runs ----------------------------------------------------
 
 def _cancelled(request) -> bool:
@@ -431,10 +163,6 @@ def _cancelled(request) -> bool:
         return bool(request.is_cancelled())
     except Exception:  # noqa: BLE001 - an older stub without it, or a request that is not a Triton one
         return False
-
-
-def _param_text(value) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _parameter_types() -> dict[str, type]:

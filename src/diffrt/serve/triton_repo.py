@@ -1,0 +1,179 @@
+"""`diffrt triton-repo`: a Triton model repository whose Python-backend model runs diffrt's runtime.
+
+`write_repository` writes `<out>/<name>/config.pbtxt` and `<out>/<name>/1/model.py`, and puts the
+model (an artifact from `diffrt export`, a diffusers folder) in `1/model` by hard links where the
+filesystem allows, so the repository is self-contained and can be synced or mounted as it is. The
+model itself, its inputs and outputs, are triton.py's; `triton_server.LocalTritonServer` runs a
+repository on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from diffrt import atomic
+from diffrt.errors import DiffrtError
+from diffrt.serve.triton import CONTROL_ONLY, INPUTS, PASSED_ON, PIXEL_ONLY, TEXT_ONLY, TRUNCATED
+
+VERSION = "1"
+MODEL_DIR = "model"  # inside the version folder
+
+MODEL_PY = '''"""Triton's Python-backend model for diffrt, written by `diffrt triton-repo`.
+
+Its settings are the parameters in config.pbtxt beside this folder; the code is diffrt's own
+(diffrt.serve.triton): the Python that Triton's stub embeds must find diffrt, installed there or
+in a site-packages folder named in PYTHONPATH. The stub's interpreter does not read PYTHONPATH
+itself, so its entries are added here as site directories (their .pth files too, which is how
+editable installs are found).
+"""
+
+import os
+import site
+
+for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    if entry:
+        site.addsitedir(entry)
+
+from diffrt.serve.triton import TritonPythonModel  # noqa: E402, F401
+'''
+
+
+@dataclass
+class RepositoryConfig:
+    model: str | None = None  # artifact or diffusers folder; None: the shipped digits model
+    backend: str = "onnxruntime"
+    name: str = "diffrt"
+    device: str | None = None  # "cuda": instances on GPUs (KIND_GPU), one pipeline each; None: cuda for tensorrt or with a GPU here
+    instances: int = 1  # per GPU with cuda
+    max_batch_size: int = 8  # rows Triton's dynamic batcher hands one execute, and images per UNet batch
+    queue_delay_ms: float = 10.0  # how long Triton's batcher waits to fill a batch
+    max_queue: int = 64
+    timeout_s: float = 60.0
+    max_image_side: int = 2048
+    exact_batching: bool = True
+    strict: bool = False
+    cuda_graph: bool = True
+    link: bool = False  # True: config names the model's absolute path instead of putting it in the repository
+
+
+def _dims(dims: list[int]) -> str:
+    return f"[ {', '.join(map(str, dims))} ]"
+
+
+def _text(value: str) -> str:
+    """A protobuf text-format string: quotes, backslashes and control characters escaped, other
+    characters kept as UTF-8 rather than \\u-escaped (older text-format parsers lack that escape)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def model_kind(model: str | None) -> tuple[bool, bool]:
+    """(text_to_image, has_controlnet) for the config's inputs, read from files, without loading weights."""
+    from diffrt.export.manifest import MANIFEST, read_manifest
+    from diffrt.export.text_to_image import exported_controlnets
+    from diffrt.runtime.opening import is_text_to_image
+
+    if not is_text_to_image(model):
+        return False, False
+    folder = Path(model)  # a diffusers folder runs no ControlNet here (serve's --controlnet has no counterpart)
+    return True, (folder / MANIFEST).is_file() and bool(exported_controlnets(read_manifest(folder)))
+
+
+def param_text(value) -> str:
+    """A parameter's value as config.pbtxt spells it (triton._parameters reads it back)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def config_pbtxt(config: RepositoryConfig, model_parameter: str, text_to_image: bool, controlnet: bool) -> str:
+    """config.pbtxt for the Python-backend model: the inputs the model takes, the outputs, dynamic
+    batching, instance groups, and diffrt's settings as parameters."""
+    leave_out = PIXEL_ONLY if text_to_image else TEXT_ONLY + CONTROL_ONLY
+    if text_to_image and not controlnet:
+        leave_out += CONTROL_ONLY
+    inputs = [f'  {{ name: "{name}" data_type: {kind} dims: {_dims(dims)} optional: true }}'
+              for name, (kind, dims) in INPUTS.items() if name not in leave_out]
+    outputs = ['  { name: "images" data_type: TYPE_UINT8 dims: [ -1, -1, -1, -1 ] }',
+               '  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] }',
+               '  { name: "backend" data_type: TYPE_STRING dims: [ 1 ] }']
+    if text_to_image:
+        outputs += [f'  {{ name: "{key}" data_type: TYPE_STRING dims: [ 1 ] }}' for key in TRUNCATED]
+    kind = "KIND_GPU" if config.device == "cuda" else "KIND_CPU"
+    parameters = {"model": model_parameter, **{name: getattr(config, name) for name in PASSED_ON}}
+    params = [f"parameters {{ key: {_text(key)} value: {{ string_value: {_text(param_text(value))} }} }}"
+              for key, value in parameters.items()]
+    return "\n".join([
+        f"name: {_text(config.name)}",
+        'backend: "python"',
+        f"max_batch_size: {config.max_batch_size}",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {round(config.queue_delay_ms * 1000)} }}",
+        "input [", ",\n".join(inputs), "]",
+        "output [", ",\n".join(outputs), "]",
+        f"instance_group [ {{ count: {config.instances} kind: {kind} }} ]",
+        *params, "",
+    ])
+
+
+def _place(src: Path, dst: Path) -> None:
+    """The model's files under dst: hard links where the filesystem allows (no second copy of
+    gigabytes of weights), copies where it does not."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
+def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
+    """Write `<out>/<config.name>` (config.pbtxt, 1/model.py, 1/model/) and return its path. The
+    model folder is written to a temporary name and renamed: an interrupted run leaves nothing
+    Triton would load."""
+    from diffrt.serve.runtime import served_model
+
+    model = served_model(config.model, config.backend)
+    if config.device is None:  # the serving machine may not be this one: cuda is not required here
+        import torch
+
+        config = replace(config, device="cuda" if config.backend == "tensorrt" or torch.cuda.is_available() else "cpu")
+    if config.device not in ("cpu", "cuda"):
+        raise DiffrtError(f"--device {config.device!r}: cpu or cuda (Triton places the instances on its GPUs)")
+    if config.max_batch_size < 1 or config.instances < 1:
+        raise DiffrtError("--max-batch-size and --instances must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", config.name):
+        raise DiffrtError(f"--name {config.name!r}: a Triton model name here is letters, digits, '_', '.' and '-', not starting with '.' or '-'")
+    text_to_image, controlnet = model_kind(model)
+    out = Path(out)
+    final = out / config.name
+    if final.exists():
+        raise DiffrtError(f"{final} already exists; remove it or pick another --name")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = atomic.make_temp_dir(out, f".{config.name}.tmp-")
+    try:
+        version = staging / VERSION
+        version.mkdir()
+        if model is None:
+            parameter = ""
+        elif config.link:
+            parameter = str(Path(model).resolve())
+            if not parameter.isascii():
+                raise DiffrtError(f"--link {parameter}: Triton's Python stub names files in ASCII only (its filesystem "
+                                  "encoding is ascii), so it could not open this path; leave --link out (the model is "
+                                  "placed in the repository) or move the model to an ASCII path")
+        else:
+            _place(Path(model), version / MODEL_DIR)
+            parameter = MODEL_DIR
+        (version / "model.py").write_text(MODEL_PY)
+        (staging / "config.pbtxt").write_text(config_pbtxt(config, parameter, text_to_image, controlnet))
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
