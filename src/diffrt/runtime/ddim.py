@@ -3,7 +3,10 @@
 The schedule is data: `make_schedule` turns a scheduler config and a step count into the
 timesteps and the cumulative alphas each step needs, and `ddim_step` applies Eq. (12) of the
 paper to one step. Nothing here keeps state between steps, so the sampler, the fused kernel
-and the tests can all call the same functions. diffusers' `DDIMScheduler` is the test oracle;
+and the tests can all call the same functions. The loop (sampling.py) reaches them through the
+schedule's and the config's few methods (`DDIMSchedule.step`, `DDIMConfig.make_schedule`, ...), thin
+delegations that lcm.py, dpm.py and euler.py define for their schedules alike; so the loop never
+asks which sampler it runs. diffusers' `DDIMScheduler` is the test oracle;
 we follow its conventions (timestep spacings of Lin et al. 2023, Table 2; `steps_offset`;
 `set_alpha_to_one`) so that a diffusers `scheduler_config.json` means the same thing here.
 """
@@ -15,12 +18,15 @@ import importlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
+
+if TYPE_CHECKING:
+    from diffrt.runtime.sampling import Guided
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +123,17 @@ class DDIMConfig:
         if left:
             out["_use_default_values"] = left
         return out
+
+    def make_schedule(self, num_inference_steps: int, *, timesteps: Sequence[int] | None = None) -> "DDIMSchedule":
+        """The schedule this config samples with, N steps or `timesteps` given by hand (each sampler's config
+        overrides it). DDIM takes no custom timesteps: diffusers' DDIMScheduler has none either."""
+        if timesteps is not None:
+            raise DiffrtError("custom timesteps need scheduler='lcm', 'dpm' or 'euler'; DDIM takes num_inference_steps (and timestep_spacing "
+                              "in the scheduler config), as diffusers' DDIMScheduler does")
+        return make_schedule(self, num_inference_steps)
+
+    def check_eta(self, eta: float) -> None:
+        """Refuse an `eta` this config's sampler does not take, in one line: none here, eta is DDIM's (Eq. 16)."""
 
 
 def check_custom_timesteps(steps: list, num_train_timesteps: int, example: str = "[999, 666, 333]", *,
@@ -217,6 +234,64 @@ class DDIMSchedule:
         """The steps from `start` on (img2img runs the last ones)."""
         return dataclasses.replace(self, timesteps=self.timesteps[start:], alpha_bar=self.alpha_bar[start:],
                                    alpha_bar_prev=self.alpha_bar_prev[start:])
+
+    # What the loop (sampling.py) asks of a schedule; lcm.py, dpm.py and euler.py answer the same.
+
+    def check(self) -> None:
+        """Refuse, before any work, a schedule the model cannot run (check_terminal_snr)."""
+        check_terminal_snr(self, ", or steps that skip that timestep (timestep_spacing 'leading')")
+
+    def check_eta(self, eta: float) -> None:
+        """As DDIMConfig.check_eta: any eta."""
+
+    def draws_step_noise(self, eta: float) -> bool:
+        """Whether `step` draws from the generator: with eta > 0 (sigma_t z of Eq. 12)."""
+        return eta > 0
+
+    def new_state(self) -> None:
+        """What `step` keeps across one call's steps: nothing."""
+        return None
+
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """x_T from unit noise: the noise itself (init_noise_sigma 1)."""
+        return noise
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 noised to the first step (img2img): q(x_t | x_0) at its alpha_bar."""
+        return add_noise(x0, noise, self.alphas_cumprod[self.timesteps[0]])
+
+    def predict_clean(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        """What guidance scores at step i, differentiable in x: the predicted x0 (Eq. 12)."""
+        x0, _ = predict_x0(x, eps, self.alpha_bar[i], self.prediction_type)
+        return x0
+
+    def step(self, x: torch.Tensor, guided: "Guided", i: int, *, eta: float, randn_like: Callable[[torch.Tensor], torch.Tensor],
+             state: None) -> torch.Tensor:
+        """Step i (ddim_step), its noise drawn with randn_like after the prediction, as DDIMScheduler.step draws
+        it; with the CFG branches apart (guided.fusable) the fused CFG+step kernel takes them (kernels/)."""
+        noise = randn_like(x) if eta > 0 else None
+        kwargs = dict(prediction_type=self.prediction_type, clip_sample_range=self.clip_sample_range, eta=eta, noise=noise)
+        if guided.fusable:
+            from diffrt.kernels import cfg_ddim_step  # Triton on CUDA, the PyTorch reference elsewhere
+
+            x, _ = cfg_ddim_step(x, guided.eps_uncond, guided.eps_cond, guided.scale, float(self.alpha_bar[i]),
+                                 float(self.alpha_bar_prev[i]), **kwargs)
+        else:
+            x, _ = ddim_step(x, guided.eps(), self.alpha_bar[i], self.alpha_bar_prev[i], **kwargs)
+        return x
+
+
+def check_terminal_snr(schedule: "DDIMSchedule", skip: str = "") -> None:
+    """Zero terminal SNR, refused in one line before any work: an epsilon model's x0 = (x_t - sqrt(1 - ab) eps)
+    / sqrt(ab) divides by zero at an alpha_bar-0 step, where diffusers' DDIM returns NaN images; refused here
+    rather than reported later as a NaN in the VAE. `skip`: the message's way out besides v-prediction.
+    (Also LCM's; DPM-Solver++ and the Eulers have none: their last alpha_bar is 2^-24, as diffusers',
+    dpm.make_dpm_alphas_cumprod.)"""
+    if schedule.prediction_type == "epsilon" and bool((schedule.alpha_bar == 0).any()):
+        t = int(schedule.timesteps[schedule.alpha_bar == 0][0])
+        raise DiffrtError(f"alpha_bar is 0 at timestep {t} (zero terminal SNR: rescale_betas_zero_snr), where an epsilon-"
+                          "prediction model cannot give x0 (diffusers returns NaN images); use a v_prediction model "
+                          f"(Lin et al. 2023){skip}")
 
 
 def make_schedule(config: DDIMConfig, num_inference_steps: int) -> DDIMSchedule:

@@ -14,7 +14,9 @@ steadier (`lower_order_final`), and the last step to sigma = 0 is always first o
 
 As in ddim.py and lcm.py the schedule is data: `make_dpm_schedule` turns a config and a step count into
 timesteps and the per-step sigma, alpha_t, sigma_t and lambda, and `dpm_solver_step` applies one step
-given the data predictions so far, which the caller keeps (sampling.sample, per call). diffusers'
+given the data predictions so far, which the caller keeps: `DPMSchedule.step`, the loop's way to it
+(sampling.py), keeps them in the state `DPMSchedule.new_state` makes for each call, never on the shared
+schedule. diffusers'
 `DPMSolverMultistepScheduler` is the test oracle and its `scheduler_config.json` means the same here;
 its sigmas are the VE ones, sigma = sqrt((1 - alpha_bar) / alpha_bar), with alpha_t = 1 / sqrt(1 + sigma^2)
 and sigma_t = sigma * alpha_t the VP coefficients.
@@ -26,7 +28,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +36,9 @@ import torch
 from diffrt.errors import DiffrtError
 from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps, make_alphas_cumprod
 from diffrt.runtime.lcm import dynamic_threshold
+
+if TYPE_CHECKING:
+    from diffrt.runtime.sampling import Guided
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,21 @@ class DPMConfig(DDIMConfig):
     def to_scheduler_config(self) -> dict:
         """With the class name, so that a manifest written from it reads back as DPM-Solver++."""
         return {"_class_name": self.SCHEDULER_CLASS, **super().to_scheduler_config()}
+
+    def make_schedule(self, num_inference_steps: int, *, timesteps: Sequence[int] | None = None) -> "DPMSchedule":
+        """N steps, or `timesteps` given by hand (which then decide the count)."""
+        return make_dpm_schedule(self, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
+
+    def check_eta(self, eta: float) -> None:
+        """DPM-Solver++ takes no eta (refuse_eta)."""
+        refuse_eta(eta)
+
+
+def refuse_eta(eta: float) -> None:
+    """eta is DDIM's: one line, where diffusers' pipelines drop it silently."""
+    if eta != 0:
+        raise DiffrtError(f"eta {eta:g} is DDIM's; DPM-Solver++ is deterministic and takes none (DPMSolverMultistepScheduler "
+                          "has no eta), so leave eta at 0 or use scheduler='ddim'")
 
 
 def _read_as_dpm(config: dict) -> dict:
@@ -239,6 +259,45 @@ class DPMSchedule:
         sigmas and order limits (set by the full N), the warm-up again from the first step kept."""
         return dataclasses.replace(self, timesteps=self.timesteps[start:], sigmas=self.sigmas[start:], alpha_t=self.alpha_t[start:],
                                    sigma_t=self.sigma_t[start:], lambdas=self.lambdas[start:], orders=self.orders[start:])
+
+    # What the loop (sampling.py) asks of a schedule, as ddim.DDIMSchedule.
+
+    def check(self) -> None:
+        """Nothing to refuse: with zero terminal SNR the last alpha_bar is 2^-24 (make_dpm_alphas_cumprod), not 0."""
+
+    def check_eta(self, eta: float) -> None:
+        """As DPMConfig.check_eta: no eta."""
+        refuse_eta(eta)
+
+    def draws_step_noise(self, eta: float) -> bool:
+        """Whether `step` draws from the generator: never (deterministic)."""
+        return False
+
+    def new_state(self) -> list[torch.Tensor]:
+        """What `step` keeps across one call's steps: the last data predictions, oldest first (a fresh list
+        per call, as the schedule is shared across calls)."""
+        return []
+
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """x_T from unit noise: the noise itself (init_noise_sigma 1)."""
+        return noise
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 noised to the first step (img2img) at its sigma (add_noise)."""
+        return add_noise(x0, noise, self, 0)
+
+    def predict_clean(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        """What guidance scores at step i, differentiable in x: the data prediction x0 (unthresholded, so
+        gradients do not vanish at the threshold)."""
+        return data_prediction(x, eps, self.alpha_t[i], self.sigma_t[i], self.prediction_type)
+
+    def step(self, x: torch.Tensor, guided: "Guided", i: int, *, eta: float, randn_like: Callable[[torch.Tensor], torch.Tensor],
+             state: list[torch.Tensor]) -> torch.Tensor:
+        """Step i (dpm_solver_step) with the CFG-combined prediction, its data prediction added to `state`.
+        Warm-up: the order is at most the number of data predictions so far (diffusers' lower_order_nums)."""
+        state.append(thresholded_data_prediction(x, guided.eps(), self, i))
+        del state[:-int(self.orders.max())]
+        return dpm_solver_step(x, state[-min(int(self.orders[i]), len(state)):], self, i)
 
 
 def make_dpm_schedule(config: DPMConfig, num_inference_steps: int | None = None, *,

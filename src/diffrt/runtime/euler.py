@@ -23,7 +23,8 @@ sample, unscaled (a "sigma_min" schedule ends there, not at sigma 0), which the 
 
 As in ddim.py and dpm.py the schedule is data: `make_euler_schedule` turns a config and a step count into the
 timesteps (float: "linspace" spacing and Karras sigmas land between training steps, and the UNet takes them
-as they are) and the sigmas, with the per-step scales. diffusers' `EulerDiscreteScheduler` and
+as they are) and the sigmas, with the per-step scales; the configs' `make_schedule` and the methods of
+`EulerSchedule` are the loop's way to them (sampling.py). diffusers' `EulerDiscreteScheduler` and
 `EulerAncestralDiscreteScheduler` are the test oracles and their `scheduler_config.json` means the same here.
 """
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ import torch
 from diffrt.errors import DiffrtError
 from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps
 from diffrt.runtime.dpm import karras_sigmas, make_dpm_alphas_cumprod, sigma_to_timestep
+
+if TYPE_CHECKING:
+    from diffrt.runtime.sampling import Guided
 
 FinalSigmas = Literal["zero", "sigma_min"]
 # What EulerDiscreteScheduler accepts and diffrt does not run: refused by name, never run as something else.
@@ -49,12 +53,28 @@ class _VESamplerConfig:
     """What both Euler configs share: DDIM's clip_sample, clip_sample_range and set_alpha_to_one have no
     meaning for them (their schedulers have none: no clipping, the end is sigma 0 or sigma_min), so they
     are kept as hidden keys, as diffusers keeps them; the written config names its class, so a manifest
-    reads back as it."""
+    reads back as it. Both sample with make_euler_schedule and take no eta."""
 
     FOREIGN_KEYS = ("clip_sample", "clip_sample_range", "set_alpha_to_one")
 
     def to_scheduler_config(self) -> dict:
         return {"_class_name": self.SCHEDULER_CLASS, **super().to_scheduler_config()}
+
+    def make_schedule(self, num_inference_steps: int, *, timesteps: Sequence[float] | None = None) -> "EulerSchedule":
+        """N steps, or `timesteps` given by hand (which then decide the count; Euler only)."""
+        return make_euler_schedule(self, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
+
+    def check_eta(self, eta: float) -> None:
+        """The Eulers take no eta (refuse_eta)."""
+        refuse_eta(eta, ancestral=isinstance(self, EulerAncestralConfig))
+
+
+def refuse_eta(eta: float, ancestral: bool) -> None:
+    """eta is DDIM's: one line, where diffusers' pipelines drop it silently."""
+    if eta != 0:
+        what = ("Euler Ancestral draws fresh noise every step whatever eta is (EulerAncestralDiscreteScheduler has no eta)"
+                if ancestral else "Euler is deterministic and takes none (EulerDiscreteScheduler has no eta)")
+        raise DiffrtError(f"eta {eta:g} is DDIM's; {what}, so leave eta at 0 or use scheduler='ddim'")
 
 
 @dataclass(frozen=True)
@@ -149,6 +169,41 @@ class EulerSchedule:
         return dataclasses.replace(self, timesteps=self.timesteps[start:], sigmas=self.sigmas[start:],
                                    sigma_down=self.sigma_down[start:], sigma_up=self.sigma_up[start:],
                                    input_scales=self.input_scales[start:])
+
+    # What the loop (sampling.py) asks of a schedule, as ddim.DDIMSchedule.
+
+    def check(self) -> None:
+        """Nothing to refuse: with zero terminal SNR the last alpha_bar is 2^-24 (make_dpm_alphas_cumprod), not 0."""
+
+    def check_eta(self, eta: float) -> None:
+        """As the configs' check_eta: no eta."""
+        refuse_eta(eta, self.ancestral)
+
+    def draws_step_noise(self, eta: float) -> bool:
+        """Whether `step` draws from the generator: Euler Ancestral on every step, the last one too; Euler never."""
+        return self.ancestral
+
+    def new_state(self) -> None:
+        """What `step` keeps across one call's steps: nothing."""
+        return None
+
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """x_T from unit noise, scaled by init_noise_sigma as the UNet's input (initial_noise)."""
+        return initial_noise(noise, self)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 noised to the first step (img2img) at its sigma (add_noise)."""
+        return add_noise(x0, noise, self, 0)
+
+    def predict_clean(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        """What guidance scores at step i, differentiable in x (predict_clean)."""
+        return predict_clean(x, eps, self, i)
+
+    def step(self, x: torch.Tensor, guided: "Guided", i: int, *, eta: float, randn_like: Callable[[torch.Tensor], torch.Tensor],
+             state: None) -> torch.Tensor:
+        """Step i (euler_step) with the CFG-combined prediction; Euler Ancestral's noise drawn with randn_like
+        after the prediction, as EulerAncestralDiscreteScheduler.step draws it."""
+        return euler_step(x, guided.eps(), self, i, randn_like(x) if self.ancestral else None)
 
 
 def make_euler_timesteps(config: EulerConfig | EulerAncestralConfig, num_inference_steps: int) -> np.ndarray:

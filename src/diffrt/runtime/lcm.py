@@ -9,7 +9,8 @@ f(x_t) itself. LCM-LoRA (Luo et al. 2023b) runs this loop on a plain Stable Diff
 steps.
 
 Like ddim.py, the schedule is data: `make_lcm_schedule` turns a config and a step count into the
-timesteps and the per-step constants, and `lcm_step` applies one step. diffusers' `LCMScheduler` is
+timesteps and the per-step constants, and `lcm_step` applies one step; `LCMConfig.make_schedule` and
+the methods of `LCMSchedule` are the loop's way to them (sampling.py). diffusers' `LCMScheduler` is
 the test oracle, and its `scheduler_config.json` means the same here: the inference steps are
 chosen, evenly by index, from the `original_inference_steps` timesteps of the distillation
 schedule (every T // original_inference_steps-th training step); `timestep_scaling` multiplies t
@@ -21,13 +22,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType, check_custom_timesteps, make_alphas_cumprod, predict_x0
+from diffrt.runtime.ddim import (BetaSchedule, DDIMConfig, PredictionType, add_noise, check_custom_timesteps, check_terminal_snr,
+                                 make_alphas_cumprod, predict_x0)
+
+if TYPE_CHECKING:
+    from diffrt.runtime.sampling import Guided
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,21 @@ class LCMConfig(DDIMConfig):
     def to_scheduler_config(self) -> dict:
         """With the class name, so that a manifest written from it reads back as LCM."""
         return {"_class_name": "LCMScheduler", **super().to_scheduler_config()}
+
+    def make_schedule(self, num_inference_steps: int, *, timesteps: Sequence[int] | None = None) -> "LCMSchedule":
+        """N steps, or `timesteps` given by hand (which then decide the count)."""
+        return make_lcm_schedule(self, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
+
+    def check_eta(self, eta: float) -> None:
+        """LCM takes no eta (refuse_eta)."""
+        refuse_eta(eta)
+
+
+def refuse_eta(eta: float) -> None:
+    """eta is DDIM's: one line, where diffusers' pipelines drop it silently."""
+    if eta != 0:
+        raise DiffrtError(f"eta {eta:g} is DDIM's; LCM draws fresh noise between its steps whatever eta is "
+                          "(LCMScheduler has no eta), so leave eta at 0 or use scheduler='ddim'")
 
 
 def make_lcm_timesteps(config: LCMConfig, num_inference_steps: int | None = None, *,
@@ -175,6 +195,48 @@ class LCMSchedule:
         """The steps from `start` on (img2img runs the last ones); the last step stays the last."""
         return dataclasses.replace(self, timesteps=self.timesteps[start:], alpha_bar=self.alpha_bar[start:],
                                    alpha_bar_next=self.alpha_bar_next[start:], c_skip=self.c_skip[start:], c_out=self.c_out[start:])
+
+    # What the loop (sampling.py) asks of a schedule, as ddim.DDIMSchedule.
+
+    def check(self) -> None:
+        """Refuse, before any work, a schedule the model cannot run (ddim.check_terminal_snr)."""
+        check_terminal_snr(self)
+
+    def check_eta(self, eta: float) -> None:
+        """As LCMConfig.check_eta: no eta."""
+        refuse_eta(eta)
+
+    def draws_step_noise(self, eta: float) -> bool:
+        """Whether `step` draws from the generator: on every step but the last, so with two steps or more."""
+        return len(self) > 1
+
+    def new_state(self) -> None:
+        """What `step` keeps across one call's steps: nothing."""
+        return None
+
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """x_T from unit noise: the noise itself (init_noise_sigma 1)."""
+        return noise
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 noised to the first step (img2img): q(x_t | x_0) at its alpha_bar, as LCMScheduler.add_noise."""
+        return add_noise(x0, noise, self.alphas_cumprod[self.timesteps[0]])
+
+    def predict_clean(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        """What guidance scores at step i, differentiable in x: f(x_t, t) = c_skip x_t + c_out x0, the clean sample
+        the step returns (unclipped, so gradients do not vanish at the clip)."""
+        x0, _ = predict_x0(x, eps, self.alpha_bar[i], self.prediction_type)
+        return consistency_output(x, x0, self.c_skip[i], self.c_out[i])
+
+    def step(self, x: torch.Tensor, guided: "Guided", i: int, *, eta: float, randn_like: Callable[[torch.Tensor], torch.Tensor],
+             state: None) -> torch.Tensor:
+        """Step i (lcm_step) with the CFG-combined prediction, its noise drawn with randn_like after the prediction,
+        as LCMScheduler.step draws it; none on the final step (nor for one-step sampling)."""
+        noise = None if i == len(self) - 1 else randn_like(x)
+        x, _ = lcm_step(x, guided.eps(), self.alpha_bar[i], self.alpha_bar_next[i], self.c_skip[i], self.c_out[i],
+                        prediction_type=self.prediction_type, clip_sample_range=self.clip_sample_range, threshold=self.threshold,
+                        noise=noise)
+        return x
 
 
 def make_lcm_schedule(config: LCMConfig, num_inference_steps: int | None = None, *, original_inference_steps: int | None = None,

@@ -5,10 +5,16 @@ when classifier-free guidance is off. It never learns which backend computed the
 
     1. predict noise (both CFG branches in one 2B batch, inside `denoise`);
     2. on guided steps, move x_t down the gradient of the guidance losses (guidance.py);
-    3. take the sampler's step: DDIM (ddim.py, fused with the CFG combine on CUDA, kernels/) for a
-       DDIMSchedule, multistep LCM (lcm.py) for an LCMSchedule, multistep DPM-Solver++ (dpm.py) for a
-       DPMSchedule, which reads the data predictions of the steps before: `sample` keeps them per call;
-       Euler or Euler Ancestral (euler.py) for an EulerSchedule.
+    3. take the sampler's step, `schedule.step`: DDIM (ddim.py, fused with the CFG combine on CUDA,
+       kernels/), multistep LCM (lcm.py), multistep DPM-Solver++ (dpm.py), which reads the data
+       predictions of the steps before, kept in the state the schedule makes for each call
+       (`new_state`), or Euler / Euler Ancestral (euler.py).
+
+The loop never asks which sampler it runs: each schedule (ddim.DDIMSchedule, lcm.LCMSchedule,
+dpm.DPMSchedule, euler.EulerSchedule) answers the few questions of `Schedule` with thin methods over
+its module's pure functions, and each config (ddim.DDIMConfig and its subclasses) makes its schedule
+and refuses an eta it does not take. A new sampler is a module with such a schedule and config, an
+entry in SAMPLERS and one in ddim.OWN_SAMPLERS for its diffusers class.
 
 x is always the UNet's input (the variance-preserving x_t): Euler's VE sample is the sampler's own
 business (euler.py); x_T's scale and img2img's noising are the schedule's (`initial_noise`, `add_noise`).
@@ -23,7 +29,7 @@ never (deterministic, no eta).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol
 
 import torch
 
@@ -50,6 +56,28 @@ def combine_cfg(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, scale: 
         rescaled = guided * (eps_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
         guided = rescale * rescaled + (1 - rescale) * guided
     return guided
+
+
+@dataclass(frozen=True)
+class Guided:
+    """A step's noise prediction as `Schedule.step` takes it: the CFG branches (eps_uncond None when CFG is
+    off, or already combined on a guided step), with combine_cfg's scale and rescale. `fuse`: the step may
+    combine them itself (SamplerOptions.use_fused_kernel)."""
+
+    eps_uncond: torch.Tensor | None
+    eps_cond: torch.Tensor
+    scale: float
+    rescale: float = 0.0
+    fuse: bool = False
+
+    @property
+    def fusable(self) -> bool:
+        """Whether a fused CFG+step kernel may take the branches apart (DDIM's): rescale is not fused."""
+        return self.eps_uncond is not None and self.fuse and self.rescale == 0
+
+    def eps(self) -> torch.Tensor:
+        """The CFG-combined prediction."""
+        return combine_cfg(self.eps_uncond, self.eps_cond, self.scale, self.rescale)
 
 
 @dataclass(frozen=True)
@@ -121,12 +149,31 @@ class SamplerOptions:
     guidance_rescale: float = 0.0  # combine_cfg's rescale (diffusers' guidance_rescale); not fused
 
 
-Schedule = ddim.DDIMSchedule | lcm.LCMSchedule | dpm.DPMSchedule | euler.EulerSchedule
+class Schedule(Protocol):
+    """What the loop asks of a schedule (ddim.DDIMSchedule, lcm.LCMSchedule, dpm.DPMSchedule, euler.EulerSchedule):
+    data shared across calls and threads, with thin methods over its module's pure functions. Random draws come
+    from `randn_like` (the call's generators), inside `step`, after the prediction as diffusers' step() draws."""
+
+    timesteps: torch.Tensor
+    prediction_type: ddim.PredictionType
+
+    def __len__(self) -> int: ...
+    def tail(self, start: int) -> "Schedule": ...  # the steps from `start` on (img2img)
+    def check(self) -> None: ...  # refuse, before any work, a schedule the model cannot run (zero terminal SNR)
+    def check_eta(self, eta: float) -> None: ...  # refuse an eta the sampler does not take, in one line
+    def draws_step_noise(self, eta: float) -> bool: ...  # whether `step` draws from the generator
+    def new_state(self) -> object: ...  # what `step` keeps across one call's steps (DPM-Solver++: its data predictions)
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor: ...  # x_T from unit noise
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...  # x0 noised to the first step
+    def predict_clean(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor: ...  # what guidance scores
+    def step(self, x: torch.Tensor, guided: Guided, i: int, *, eta: float,
+             randn_like: Callable[[torch.Tensor], torch.Tensor], state: object) -> torch.Tensor: ...
+
+
 Scheduler = Literal["ddim", "lcm", "dpm", "euler", "euler_a"] | ddim.DDIMConfig | None  # a pipeline's `scheduler=`: None is the model's own
 # `scheduler=` names -> their configs
 SAMPLERS = {"ddim": ddim.DDIMConfig, "lcm": lcm.LCMConfig, "dpm": dpm.DPMConfig, "euler": euler.EulerConfig,
             "euler_a": euler.EulerAncestralConfig}
-EULER_CONFIGS = (euler.EulerConfig, euler.EulerAncestralConfig)
 
 
 def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig:
@@ -151,98 +198,55 @@ def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig
 
 def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *, eta: float = 0.0,
                            timesteps: list[int] | None = None) -> Schedule:
-    """The schedule for `config`'s sampler, with what only one sampler takes refused in one line: DDIM's
-    `eta` for LCM, DPM-Solver++ and the Eulers (their step() has none; diffusers' pipelines drop it silently),
-    custom `timesteps` for DDIM and Euler Ancestral (diffusers' DDIMScheduler and EulerAncestralDiscreteScheduler
-    take none either)."""
-    check_eta(config, eta)
-    if isinstance(config, lcm.LCMConfig):
-        schedule = lcm.make_lcm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
-    elif isinstance(config, dpm.DPMConfig):
-        schedule = dpm.make_dpm_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
-    elif isinstance(config, EULER_CONFIGS):
-        schedule = euler.make_euler_schedule(config, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
-    elif timesteps is not None:
-        raise DiffrtError("custom timesteps need scheduler='lcm', 'dpm' or 'euler'; DDIM takes num_inference_steps (and timestep_spacing "
-                          "in the scheduler config), as diffusers' DDIMScheduler does")
-    else:
-        schedule = ddim.make_schedule(config, num_inference_steps)
-    check_schedule(schedule)
+    """The schedule for `config`'s sampler (config.make_schedule), with what only one sampler takes refused in one
+    line: DDIM's `eta` for LCM, DPM-Solver++ and the Eulers (their step() has none; diffusers' pipelines drop it
+    silently), custom `timesteps` for DDIM and Euler Ancestral (diffusers' DDIMScheduler and
+    EulerAncestralDiscreteScheduler take none either), and a schedule the model cannot run (Schedule.check)."""
+    config.check_eta(eta)
+    schedule = config.make_schedule(num_inference_steps, timesteps=timesteps)
+    schedule.check()
     return schedule
 
 
-def check_schedule(schedule: Schedule) -> None:
-    """Refuse a schedule the model cannot run, before any work. Zero terminal SNR: an epsilon model's
-    x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides by zero at an alpha_bar-0 step, where diffusers'
-    DDIM returns NaN images; refused here rather than reported later as a NaN in the VAE. (DPM-Solver++
-    and the Eulers have none: their last alpha_bar is 2^-24, as diffusers', dpm.make_dpm_alphas_cumprod.)"""
-    if isinstance(schedule, (dpm.DPMSchedule, euler.EulerSchedule)):
-        return
-    if schedule.prediction_type == "epsilon" and bool((schedule.alpha_bar == 0).any()):
-        t = int(schedule.timesteps[schedule.alpha_bar == 0][0])
-        skip = "" if isinstance(schedule, lcm.LCMSchedule) else ", or steps that skip that timestep (timestep_spacing 'leading')"
-        raise DiffrtError(f"alpha_bar is 0 at timestep {t} (zero terminal SNR: rescale_betas_zero_snr), where an epsilon-"
-                          "prediction model cannot give x0 (diffusers returns NaN images); use a v_prediction model "
-                          f"(Lin et al. 2023){skip}")
-
-
 def check_eta(sampler: ddim.DDIMConfig | Schedule, eta: float) -> None:
-    """eta is DDIM's: LCM, DPM-Solver++ and the Eulers (their config or schedule) take none. One line, where
+    """eta is DDIM's: LCM, DPM-Solver++ and the Eulers (their config or schedule) refuse it in one line, where
     diffusers' pipelines drop it silently."""
-    if eta == 0:
-        return
-    if isinstance(sampler, (lcm.LCMConfig, lcm.LCMSchedule)):
-        raise DiffrtError(f"eta {eta:g} is DDIM's; LCM draws fresh noise between its steps whatever eta is "
-                          "(LCMScheduler has no eta), so leave eta at 0 or use scheduler='ddim'")
-    if isinstance(sampler, (dpm.DPMConfig, dpm.DPMSchedule)):
-        raise DiffrtError(f"eta {eta:g} is DDIM's; DPM-Solver++ is deterministic and takes none (DPMSolverMultistepScheduler "
-                          "has no eta), so leave eta at 0 or use scheduler='ddim'")
-    if isinstance(sampler, (*EULER_CONFIGS, euler.EulerSchedule)):
-        ancestral = isinstance(sampler, euler.EulerAncestralConfig) or (isinstance(sampler, euler.EulerSchedule) and sampler.ancestral)
-        what = ("Euler Ancestral draws fresh noise every step whatever eta is (EulerAncestralDiscreteScheduler has no eta)"
-                if ancestral else "Euler is deterministic and takes none (EulerDiscreteScheduler has no eta)")
-        raise DiffrtError(f"eta {eta:g} is DDIM's; {what}, so leave eta at 0 or use scheduler='ddim'")
+    sampler.check_eta(eta)
 
 
 def draws_step_noise(schedule: Schedule, eta: float) -> bool:
     """Whether the loop draws from the generator after x_T: DDIM with eta > 0; LCM with two steps or more;
     Euler Ancestral always (one draw a step); DPM-Solver++ and Euler never."""
-    if isinstance(schedule, dpm.DPMSchedule):
-        return False
-    if isinstance(schedule, euler.EulerSchedule):
-        return schedule.ancestral
-    return len(schedule) > 1 if isinstance(schedule, lcm.LCMSchedule) else eta > 0
+    return schedule.draws_step_noise(eta)
 
 
 def initial_noise(schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
     """x_T from unit noise (drawn, or a caller's `latents`): diffusers' latents * init_noise_sigma, as the UNet's
     input. Only Euler's differs from the noise itself (euler.initial_noise); the others' init_noise_sigma is 1."""
-    if isinstance(schedule, euler.EulerSchedule):
-        return euler.initial_noise(noise, schedule)
-    return noise
+    return schedule.initial_noise(noise)
 
 
 def add_noise(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x0 noised to the schedule's first step (img2img), as the sampler's diffusers scheduler's add_noise:
     DPM-Solver++ and Euler at that step's sigma (a Karras sigma is not its rounded timestep's), else alpha_bar_t."""
-    if isinstance(schedule, dpm.DPMSchedule):
-        return dpm.add_noise(x0, noise, schedule, 0)
-    if isinstance(schedule, euler.EulerSchedule):
-        return euler.add_noise(x0, noise, schedule, 0)
-    return ddim.add_noise(x0, noise, schedule.alphas_cumprod[schedule.timesteps[0]])
+    return schedule.add_noise(x0, noise)
 
 
 def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: SamplerOptions,
            progress: Callable | None = None) -> torch.Tensor:
-    """Run the DDIM, LCM, DPM-Solver++ or Euler loop (by the schedule's kind) from x = x_T (initial_noise) to x_0
-    and return it. The data predictions a multistep solver reads are kept here, one list per call."""
-    check_schedule(schedule)  # again, for a schedule not made by make_sampling_schedule
+    """Run the DDIM, LCM, DPM-Solver++ or Euler loop (the schedule's own step) from x = x_T (initial_noise) to x_0
+    and return it. What a sampler keeps between steps (a multistep solver's data predictions) is made here, per call."""
+    schedule.check()  # again, for a schedule not made by make_sampling_schedule
     if schedule.prediction_type == "sample" and any(g.mode == "x0" and g.scale != 0 for g in options.guidance):
         # x0 IS the model output here: held constant, it does not depend on x_t and the gradient is zero.
         raise DiffrtError("guidance mode 'x0' cannot steer a model with prediction_type 'sample' (its x0 is the model "
                           "output, which mode x0 holds constant); use guidance mode 'through_unet'")
-    check_eta(schedule, options.eta)
-    history: list[torch.Tensor] = []  # DPM-Solver++: the last data predictions, oldest first
+    schedule.check_eta(options.eta)
+    state = schedule.new_state()
+
+    def randn_like(like: torch.Tensor) -> torch.Tensor:  # a step's noise, from the call's generators
+        return randn(like.shape, options.generator, like.device, like.dtype)
+
     for i, t in enumerate(schedule.timesteps):
         active = [g for g in options.guidance if g.active(i)]
         if any(g.mode == "through_unet" for g in active):
@@ -254,57 +258,12 @@ def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: Sampl
             if active:
                 eps_c, eps_u, g = combine_cfg(eps_u, eps_c, g, options.guidance_rescale), None, 1.0
                 x = _guide_x0(x, eps_c, i, schedule, options.decode, active)
-        x = _step(x, eps_u, eps_c, g, i, schedule, options, history)
+        # Step 3, with the CFG branches apart for a step that fuses their combine.
+        guided = Guided(eps_u, eps_c, g, options.guidance_rescale, options.use_fused_kernel)
+        x = schedule.step(x, guided, i, eta=options.eta, randn_like=randn_like, state=state)
         if progress is not None:
             progress(i)
     return x
-
-
-def _step(x, eps_u, eps_c, g: float, i: int, schedule: Schedule, options: SamplerOptions,
-          history: list[torch.Tensor]) -> torch.Tensor:
-    """Step 3: the sampler's update of x_t with the CFG-combined prediction, drawing its noise (after
-    the prediction, as diffusers' schedulers draw inside step()) where the sampler needs it."""
-    if isinstance(schedule, dpm.DPMSchedule):
-        # Warm-up: the order is at most the number of data predictions so far (diffusers' lower_order_nums).
-        history.append(dpm.thresholded_data_prediction(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), schedule, i))
-        del history[:-int(schedule.orders.max())]
-        return dpm.dpm_solver_step(x, history[-min(int(schedule.orders[i]), len(history)):], schedule, i)
-    if isinstance(schedule, euler.EulerSchedule):
-        noise = randn(x.shape, options.generator, x.device, x.dtype) if schedule.ancestral else None
-        return euler.euler_step(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), schedule, i, noise)
-    if isinstance(schedule, lcm.LCMSchedule):
-        last = i == len(schedule) - 1  # LCMScheduler: no noise on the final step (nor for one-step sampling)
-        noise = None if last else randn(x.shape, options.generator, x.device, x.dtype)
-        x, _ = lcm.lcm_step(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), schedule.alpha_bar[i],
-                            schedule.alpha_bar_next[i], schedule.c_skip[i], schedule.c_out[i],
-                            prediction_type=schedule.prediction_type, clip_sample_range=schedule.clip_sample_range,
-                            threshold=schedule.threshold, noise=noise)
-        return x
-    alpha_bar, alpha_bar_prev = schedule.alpha_bar[i], schedule.alpha_bar_prev[i]
-    noise = randn(x.shape, options.generator, x.device, x.dtype) if options.eta > 0 else None
-    kwargs = dict(prediction_type=schedule.prediction_type, clip_sample_range=schedule.clip_sample_range,
-                  eta=options.eta, noise=noise)
-    if eps_u is not None and options.use_fused_kernel and options.guidance_rescale == 0:
-        from diffrt.kernels import cfg_ddim_step  # Triton on CUDA, the PyTorch reference elsewhere
-
-        x, _ = cfg_ddim_step(x, eps_u, eps_c, g, float(alpha_bar), float(alpha_bar_prev), **kwargs)
-    else:
-        x, _ = ddim.ddim_step(x, combine_cfg(eps_u, eps_c, g, options.guidance_rescale), alpha_bar, alpha_bar_prev, **kwargs)
-    return x
-
-
-def predict_clean(x: torch.Tensor, eps: torch.Tensor, i: int, schedule: Schedule) -> torch.Tensor:
-    """What guidance scores at step i, differentiable in x: DDIM's predicted x0 (Eq. 12), LCM's
-    f(x_t, t) = c_skip x_t + c_out x0, the clean sample its step returns (unclipped, so gradients
-    do not vanish at the clip), or DPM-Solver++'s or Euler's data prediction x0 (unthresholded, likewise)."""
-    if isinstance(schedule, dpm.DPMSchedule):
-        return dpm.data_prediction(x, eps, schedule.alpha_t[i], schedule.sigma_t[i], schedule.prediction_type)
-    if isinstance(schedule, euler.EulerSchedule):
-        return euler.predict_clean(x, eps, schedule, i)
-    x0, _ = ddim.predict_x0(x, eps, schedule.alpha_bar[i], schedule.prediction_type)
-    if isinstance(schedule, lcm.LCMSchedule):
-        return lcm.consistency_output(x, x0, schedule.c_skip[i], schedule.c_out[i])
-    return x0
 
 
 def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, schedule: Schedule, decode: Decode, active: list[Guidance],
@@ -316,7 +275,7 @@ def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, schedule: Schedule, decod
     for held, group in ((eps, [g for g in active if g.mode == "through_unet"]),
                         (eps.detach(), [g for g in active if g.mode == "x0"])):
         if group:
-            images = decode(predict_clean(x, held, step, schedule))
+            images = decode(schedule.predict_clean(x, held, step))
             losses += [(g, _checked_loss(g, images)) for g in group]
     (grad,) = torch.autograd.grad(sum(g.scale * loss for g, loss in losses), x, allow_unused=True)
     if grad is None:
