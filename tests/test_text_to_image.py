@@ -175,7 +175,7 @@ def test_prompt_embeds_equal_stable_diffusion_pipeline(t2i_folder, torch_pipe, t
                             (dict(prompt_embeds=pos, negative_prompt_embeds=neg[:1]), "give them one shape"),
                             (dict(prompt_embeds=pos[0]), r"\[batch, tokens, hidden\]"),
                             (dict(prompt_embeds=pos[..., :7]), "hidden size 7 but the UNet attends to 32"),
-                            (dict(negative_prompt_embeds=neg), "needs prompt_embeds")]:
+                            (dict(negative_prompt_embeds=neg), r"negative_prompt_embeds has shape \(2, 77, 32\) but the 1 prompt")]:
         with pytest.raises(DiffrtError, match=message):
             torch_pipe(num_inference_steps=1, **kwargs)
 

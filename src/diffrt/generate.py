@@ -147,6 +147,9 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
     pipe.set_lora_scale(req.lora_scale)
     labels = None
     if pipe.info.conditioning != "none":
+        if req.class_label is None and req.num_images:  # else one image per class, and --num-images would go unused
+            raise DiffrtError(f"--num-images {req.num_images} on a class-conditioned model needs --class-label; without one, "
+                              f"generate makes one image per class ({pipe.info.num_classes})")
         labels = torch.arange(pipe.info.num_classes) if req.class_label is None else torch.tensor([req.class_label])
         if req.class_label is not None and req.num_images:
             labels = labels.expand(req.num_images)

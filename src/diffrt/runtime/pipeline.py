@@ -20,6 +20,7 @@ one 2B batch.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -69,6 +70,16 @@ def convert_output(images01: torch.Tensor, output_type: OutputType):
     if output_type == "pt":
         return images01
     raise DiffrtError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+
+
+def check_count(name: str, value, minimum: int | None = 1) -> None:
+    """An integer argument (num_images, num_images_per_prompt, num_inference_steps, height, width) must be an int
+    (>= minimum unless None): one line here, where 2.0 or "2" would otherwise end deep inside torch and, for
+    num_images, 0 would make one image."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise DiffrtError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise DiffrtError(f"{name} must be >= {minimum}, got {value}")
 
 
 def make_generator(generator: Generators, seed: int | None) -> Generators:
@@ -131,6 +142,8 @@ class DenoiserPipeline:
         """The DDIM, LCM, DPM-Solver++ or Euler schedule such a call runs; DiffrtError (one line) for steps its sampler cannot
         take. Cheap and public, for callers that refuse a request before queueing it (`diffrt serve`).
         `call`: what else the pipeline's sampler_config decides by (text-to-image: `control`)."""
+        if timesteps is None:
+            check_count("num_inference_steps", num_inference_steps, None)  # its range is the sampler's to name
         return make_sampling_schedule(self.sampler_config(scheduler, **call), num_inference_steps, eta=eta, timesteps=timesteps)
 
     def backends(self) -> dict[str, Backend]:
@@ -191,6 +204,8 @@ class PixelPipeline(DenoiserPipeline):
         labels = self._labels(class_labels, num_images)
         batch = len(labels) if labels is not None else (num_images or 1)
         height, width = height or self.sample_size, width or self.sample_size
+        check_count("height", height, None)
+        check_count("width", width, None)
         do_cfg = labels is not None and guidance_scale > 1.0
         if not 0.0 <= eta <= 1.0:
             raise DiffrtError(f"eta must be in [0, 1], got {eta}")
@@ -248,15 +263,35 @@ class PixelPipeline(DenoiserPipeline):
         return GenerationResult(convert_output(images, output_type), self.backend, seconds, num_inference_steps, meta)
 
     def _labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:
+        """The class labels as an int64 [batch] tensor: one label is repeated to num_images, several
+        are one per image (num_images, if given, must count them); None for an unconditional model."""
+        if num_images is not None:
+            check_count("num_images", num_images)
         if self.info.conditioning == "none":
             if class_labels is not None:
                 raise DiffrtError("this model is unconditional; leave out class labels")
             return None
+        last = self.info.num_classes - 1
         if class_labels is None:
-            raise DiffrtError(f"this model is class-conditioned; pass class labels in [0, {self.info.num_classes - 1}]")
-        labels = torch.as_tensor(class_labels, dtype=torch.int64).reshape(-1)
+            raise DiffrtError(f"this model is class-conditioned; pass class labels in [0, {last}]")
+        try:
+            values = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError):
+            values = None
+        if values is None or values.dtype == torch.bool or values.is_complex():
+            raise DiffrtError(f"class labels must be integers in [0, {last}] (an int, a list of ints or an integer tensor), "
+                              f"got {type(class_labels).__name__}")
+        if values.is_floating_point() and not bool((values == values.round()).all()):
+            shown = values.reshape(-1)[values.reshape(-1) != values.reshape(-1).round()][0].item()
+            raise DiffrtError(f"class label {shown:g} is not a whole number; pass integer labels in [0, {last}]")
+        labels = values.to(torch.int64).reshape(-1)
+        if labels.numel() == 0:
+            raise DiffrtError(f"class labels are empty; pass at least one label in [0, {last}]")
         if num_images is not None and labels.numel() == 1:
             labels = labels.expand(num_images).clone()
+        elif num_images is not None and labels.numel() != num_images:
+            raise DiffrtError(f"got {labels.numel()} class labels but num_images {num_images}; pass one label (repeated "
+                              "to num_images), or one label per image and leave out num_images")
         bad = labels[(labels < 0) | (labels >= self.info.num_classes)]
         if bad.numel():
             raise DiffrtError(f"class label {int(bad[0])} is out of range; this model has classes 0..{self.info.num_classes - 1}")

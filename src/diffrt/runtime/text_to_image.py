@@ -13,7 +13,9 @@ left out, it is diffusers' default for the pipeline a call is: 0.8 with `image`
 (StableDiffusionControlNetImg2ImgPipeline), 1.0 without (StableDiffusionControlNetPipeline).
 Images follow diffusers' VaeImageProcessor: without height and width the size is the image's,
 rounded down to a multiple of the VAE's factor (8); tensors and arrays resize with F.interpolate's default (nearest),
-PIL images with Lanczos. One deliberate difference: `height` without `width` (or the reverse)
+PIL images with Lanczos. As diffusers' img2img, `image` may be latents (a tensor with the VAE's 4 latent
+channels, e.g. an output_type="latent" result), noised as they are; `latents=` without height and width
+sets the size, as diffusers samples them at theirs. One deliberate difference: `height` without `width` (or the reverse)
 keeps the side given and takes the default for the other, where StableDiffusionPipeline drops
 the side given and uses its default size for both.
 
@@ -56,8 +58,8 @@ from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
-from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_output_type, convert_output,
-                                     make_generator, scheduler_name, to_unit_range_unclamped)
+from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_count, check_output_type,
+                                     convert_output, make_generator, scheduler_name, to_unit_range_unclamped)
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, add_noise, check_finite, check_generators,
                                      choose_scheduler, initial_noise, randn, sample)
 
@@ -153,15 +155,27 @@ class TextToImagePipeline(DenoiserPipeline):
         #    that sampler on its training schedule, or a config (sampling.choose_scheduler); `timesteps`: a custom
         #    schedule (LCM, DPM-Solver++, Euler).
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
-        if prompt_embeds is not None:  # diffusers' way in for weighted prompts (compel) and cached encodings
-            _check_embeds(prompt_embeds, negative_prompt_embeds, prompt)
+        # prompt_embeds and negative_prompt_embeds: diffusers' way in for weighted prompts (compel) and cached
+        # encodings; negative_prompt_embeds also beside prompts given as text, as diffusers takes them.
+        _check_embeds(prompt_embeds, negative_prompt_embeds, prompt, negative_prompt)
+        if prompt_embeds is not None:
             self._check_embeds_fit(prompt_embeds)
             prompt = [""] * prompt_embeds.shape[0]  # one per row: the count, and the metadata's prompts
-        elif negative_prompt_embeds is not None:
-            raise DiffrtError("negative_prompt_embeds needs prompt_embeds; pass both, or negative_prompt instead")
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
-        if num_images_per_prompt < 1:
-            raise DiffrtError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if negative_prompt_embeds is not None and prompt_embeds is None:
+            self._check_embeds_fit(negative_prompt_embeds, "negative_prompt_embeds")
+            want = (len(prompts), self.max_length)
+            if tuple(negative_prompt_embeds.shape[:2]) != want:
+                raise DiffrtError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)} but the {len(prompts)} "
+                                  f"prompt(s) encode to {(*want, negative_prompt_embeds.shape[-1])}; give one row of "
+                                  f"{self.max_length} tokens per prompt, or pass prompt_embeds of the same shape")
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool):
+            raise DiffrtError(f"guidance_scale must be a number (diffusers' default 7.5; <= 1 turns classifier-free guidance off), "
+                              f"got {guidance_scale!r}")
+        for name, side in (("height", height), ("width", width)):
+            if side is not None:
+                check_count(name, side, None)
         if not 0.0 <= eta <= 1.0:
             raise DiffrtError(f"eta must be in [0, 1], got {eta}")
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -172,16 +186,28 @@ class TextToImagePipeline(DenoiserPipeline):
             controlnet_conditioning_scale = 0.8 if image is not None else 1.0
         scales = _control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []
         control = self._control_images(control_image, height, width) if control_image is not None else None
-        init = _image_batch(image, height, width, self.vae_factor) if image is not None else None
-        if control is not None and init is not None and init.shape[-2:] != control[0].shape[-2:]:
-            (ih, iw), (ch, cw) = init.shape[-2:], control[0].shape[-2:]
+        # img2img's `image`: pixels, or latents as diffusers' img2img takes them (a tensor with the VAE's latent
+        # channels, e.g. an output_type="latent" result: used as they are, not encoded).
+        image_latents = image is not None and self._is_latent_image(image)
+        if image_latents:
+            init = _latent_batch(image, height, width, self.vae_factor)
+        else:
+            init = _image_batch(image, height, width, self.vae_factor) if image is not None else None
+        init_size = tuple(self.vae_factor * d for d in init.shape[-2:]) if image_latents else init.shape[-2:] if init is not None else None
+        if control is not None and init is not None and init_size != control[0].shape[-2:]:
+            (ih, iw), (ch, cw) = init_size, control[0].shape[-2:]
             raise DiffrtError(f"image is {ih}x{iw} pixels but control_image {ch}x{cw}; give images of one size "
                               "or pass height and width to resize both")
-        sized = control[0] if control is not None else init
-        height = height or (sized.shape[-2] if sized is not None else self.default_size)
-        width = width or (sized.shape[-1] if sized is not None else self.default_size)
+        sized = control[0].shape[-2:] if control is not None else init_size
+        if sized is None and isinstance(latents, torch.Tensor) and latents.dim() == 4:  # diffusers samples latents at their size
+            sized = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
+        height = height or (sized[-2] if sized is not None else self.default_size)
+        width = width or (sized[-1] if sized is not None else self.default_size)
         self.check_size(height, width)
         batch, do_cfg = len(prompts) * num_images_per_prompt, self.uses_cfg(guidance_scale)
+        if init is not None and batch % init.shape[0]:
+            raise DiffrtError(f"got {init.shape[0]} images to start from for {batch} images ({len(prompts)} prompts x "
+                              f"{num_images_per_prompt} per prompt); pass 1 image, or one per prompt")
         self.check_batch(len(prompts), batch, do_cfg)
         if self.guidance_embed_dim is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
             log.warning("the UNet is guidance-distilled (time_cond_proj_dim): it takes the guidance scale as timestep_cond "
@@ -222,10 +248,11 @@ class TextToImagePipeline(DenoiserPipeline):
         shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
-                raise DiffrtError(f"latents must have shape {shape} (batch, channels, height/8, width/8), got {tuple(latents.shape)}")
+                raise DiffrtError(f"latents must have shape {shape} (batch, channels, height/8, width/8), got {tuple(latents.shape)}"
+                                  + ("; leave out height and width to sample at the latents' size" if latents.dim() == 4 else ""))
             x = initial_noise(schedule, latents.to(self.device, torch.float32))
         elif init is not None:
-            x = self._noised_image_latents(init, batch, schedule, generator)
+            x = self._noised_image_latents(init, batch, schedule, generator, encoded=image_latents)
         else:
             x = initial_noise(schedule, randn(shape, generator, self.device, torch.float32))
 
@@ -271,16 +298,16 @@ class TextToImagePipeline(DenoiserPipeline):
 
     # --- checks -----------------------------------------------------------------------------------
 
-    def _check_embeds_fit(self, embeds: torch.Tensor) -> None:
+    def _check_embeds_fit(self, embeds: torch.Tensor, name: str = "prompt_embeds") -> None:
         """prompt_embeds' hidden size must be the UNet's cross-attention width, and their length within
         the UNet's sequence range (an exported graph's; eager PyTorch takes a compel-style longer one)."""
         spec = self.unet.spec
         (dims,) = [t.dims for t in spec.inputs if t.name == "encoder_hidden_states"]
         if isinstance(dims[-1], int) and embeds.shape[-1] != dims[-1]:
-            raise DiffrtError(f"prompt_embeds have hidden size {embeds.shape[-1]} but the UNet attends to {dims[-1]}; "
+            raise DiffrtError(f"{name} have hidden size {embeds.shape[-1]} but the UNet attends to {dims[-1]}; "
                               "encode the prompts with this model's text encoder")
         if not self.backend.startswith("torch") and "sequence" in spec.ranges:
-            spec.check_size("sequence", embeds.shape[1], what=f"prompt_embeds of {embeds.shape[1]} tokens")
+            spec.check_size("sequence", embeds.shape[1], what=f"{name} of {embeds.shape[1]} tokens")
 
     def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:
         return check_finite(tensor, component) if self.check_outputs else tensor
@@ -321,12 +348,31 @@ class TextToImagePipeline(DenoiserPipeline):
             truncated.append(cut[1] if cut is not None else None)
         return ids, truncated
 
-    def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule, generator: Generators) -> torch.Tensor:
+    def _is_latent_image(self, image) -> bool:
+        """Whether img2img's `image` is latents, as diffusers' VaeImageProcessor.preprocess tells them: a tensor
+        (or list of tensors) whose channels are the VAE's latent channels (4; never 1 or 3, an image's)."""
+        first = image[0] if isinstance(image, (list, tuple)) and image else image
+        return (isinstance(first, torch.Tensor) and first.dim() in (3, 4) and self.latent_channels not in (1, 3)
+                and first.shape[-3] == self.latent_channels)
+
+    def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule, generator: Generators,
+                              encoded: bool = False) -> torch.Tensor:
         """img2img: sample the VAE posterior, scale, repeat to the batch, noise to the first timestep.
         With one generator per image (a list, or GeneratorBlocks) the init images are repeated to the
-        batch first, so each image samples its own posterior row, as diffusers' img2img does."""
+        batch first, so each image samples its own posterior row, as diffusers' img2img does.
+        `encoded`: `init` is latents already (scaled, as output_type="latent" returns them), used as they are."""
         if batch % init.shape[0]:
-            raise DiffrtError(f"{init.shape[0]} init images cannot be spread over {batch} images; pass 1 or {batch}")
+            raise DiffrtError(f"{init.shape[0]} init images cannot be spread over {batch} images; pass 1 or one per prompt")
+        if encoded:
+            latents = init.to(self.device, torch.float32)
+        else:
+            latents = self._encode_images(init, batch, generator)
+        latents = torch.cat([latents] * (batch // latents.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
+        noise = randn(latents.shape, generator, self.device, torch.float32)
+        return add_noise(schedule, latents, noise)
+
+    def _encode_images(self, init: torch.Tensor, batch: int, generator: Generators) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents, one VAE posterior sample per row (per image with one generator per image)."""
         per_image = generator is not None and not isinstance(generator, torch.Generator)
         if per_image:
             init = torch.cat([init] * (batch // init.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
@@ -335,10 +381,7 @@ class TextToImagePipeline(DenoiserPipeline):
         with torch.no_grad():
             posterior = vae.encode((init * 2 - 1).to(param.device, param.dtype)).latent_dist
             sample = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, posterior.mean.device, posterior.mean.dtype)
-        latents = self._check("vae_encoder", (self.vae_scaling_factor * sample).to(self.device, torch.float32))
-        latents = torch.cat([latents] * (batch // latents.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
-        noise = randn(latents.shape, generator, self.device, torch.float32)
-        return add_noise(schedule, latents, noise)
+        return self._check("vae_encoder", (self.vae_scaling_factor * sample).to(self.device, torch.float32))
 
     def _control_images(self, control_image, height: int | None, width: int | None) -> list[torch.Tensor]:
         """One [B, 3, H, W] batch per ControlNet, in their order. With several, `control_image` is a
@@ -418,9 +461,11 @@ class TextToImagePipeline(DenoiserPipeline):
 
 
 def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise DiffrtError("prompt must be a string or a non-empty list of strings")
+        got = ("None" if prompt is None else f"an empty {type(prompt).__name__}" if prompts == []
+               else type(prompt).__name__ if prompts is None else "a list with non-strings")
+        raise DiffrtError(f"prompt must be a string or a non-empty list of strings (or pass prompt_embeds), got {got}")
     if negative_prompt is None:
         return prompts, [""] * len(prompts)
     negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -431,24 +476,30 @@ def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     return prompts, negatives
 
 
-def _check_embeds(prompt_embeds, negative_prompt_embeds, prompt) -> None:
+def _check_embeds(prompt_embeds, negative_prompt_embeds, prompt, negative_prompt) -> None:
     """prompt_embeds [B, tokens, hidden] (what the text encoder returns), and negative_prompt_embeds of
-    the same shape when given; the prompt is then left out, as diffusers asks."""
-    if prompt not in ("", None, []):
+    the same shape when both are given; each replaces its text, which is then left out, as diffusers asks
+    (its check_inputs refuses a prompt beside prompt_embeds, a negative_prompt beside negative_prompt_embeds)."""
+    if prompt_embeds is not None and prompt not in ("", None, []):
         raise DiffrtError("pass prompt or prompt_embeds, not both")
+    if negative_prompt_embeds is not None and negative_prompt is not None:
+        raise DiffrtError("pass negative_prompt or negative_prompt_embeds, not both")
     for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
         if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 3 or not value.is_floating_point()):
             got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
             raise DiffrtError(f"{name} must be a float tensor [batch, tokens, hidden] as the text encoder returns; got {got}")
-    if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+    if prompt_embeds is not None and negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
         raise DiffrtError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)} but prompt_embeds "
                           f"{tuple(prompt_embeds.shape)}; give them one shape")
 
 
 def _control_scales(scale, k: int) -> list[float]:
     """controlnet_conditioning_scale as diffusers takes it: one number for every ControlNet, or one per ControlNet."""
-    if isinstance(scale, numbers.Real):
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         return [float(scale)] * k
+    if not isinstance(scale, (list, tuple)) or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in scale):
+        got = f"a {type(scale).__name__}" if not isinstance(scale, (list, tuple)) else "a list with non-numbers"
+        raise DiffrtError(f"controlnet_conditioning_scale must be a number, or a list with one number per ControlNet, got {got}")
     scales = [float(s) for s in scale]
     if len(scales) != k:
         raise DiffrtError(f"controlnet_conditioning_scale has {len(scales)} values for {k} ControlNet{'s' if k != 1 else ''}; "
@@ -500,6 +551,22 @@ def _image_batch(image, height: int | None, width: int | None, multiple: int = 1
     if tuple(image.shape[-2:]) != size:
         image = torch.nn.functional.interpolate(image, size=size)
     return image
+
+
+def _latent_batch(image, height: int | None, width: int | None, factor: int) -> torch.Tensor:
+    """img2img latents given as `image` ([C, H, W], [B, C, H, W] or a list of them; diffusers stacks a list as
+    it stacks images) -> float32 [B, C, H, W], as they are: latents are not resized, so a height or width
+    given must be theirs times the VAE's factor."""
+    if isinstance(image, (list, tuple)):
+        if not all(isinstance(im, torch.Tensor) and im.shape[-3:] == image[0].shape[-3:] for im in image):
+            raise DiffrtError("the latents in the image list differ in shape or type; give tensors of one shape")
+        image = torch.cat([im if im.dim() == 4 else im.unsqueeze(0) for im in image])
+    latents = (image.unsqueeze(0) if image.dim() == 3 else image).float()
+    for name, given, size in (("height", height, latents.shape[-2]), ("width", width, latents.shape[-1])):
+        if given is not None and given != size * factor:
+            raise DiffrtError(f"image is latents of {name} {size} ({size * factor} pixels) but {name} is {given}; latents are "
+                              f"not resized: leave out {name}, or pass an image in [0, 1] to resize")
+    return latents
 
 
 def _latent_scheduler(config: ddim.DDIMConfig, controlnet: bool = False) -> ddim.DDIMConfig:

@@ -1,0 +1,162 @@
+"""Argument edge cases of the pipelines against diffusers: where diffusers samples, diffrt samples the same
+images; where it refuses (or would fail deep inside torch, or silently drop an argument), diffrt refuses in
+one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import diffusers_pipe, max_abs, one_line
+from diffrt.errors import DiffrtError
+from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+CPU = "cpu"
+TOL = 1e-4
+
+
+def g(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(t2i_folder):
+    return open_text_to_image_pipeline(t2i_folder, "torch", CPU)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(t2i_folder):
+    from diffusers import StableDiffusionPipeline
+
+    return diffusers_pipe(StableDiffusionPipeline, t2i_folder)
+
+
+def test_negative_prompt_embeds_beside_text_prompts_equal_stable_diffusion_pipeline(sd_pipe, torch_pipe):
+    """diffusers takes negative_prompt_embeds beside prompts given as text (it encodes the prompts and
+    uses the negative embeddings as they are); diffrt refused them unless prompt_embeds came too."""
+    with torch.no_grad():
+        _, neg = sd_pipe.encode_prompt(["ugly", "blurry"], "cpu", 1, True, ["dark", "grey"])
+    neg = neg * 0.9  # a weighting no text gives
+    prompts = ["a red house", "a photo of the cat"]
+    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, num_images_per_prompt=2, output_type="pt")
+    expected = sd_pipe(prompts, negative_prompt_embeds=neg, generator=g(3), **kwargs).images
+    result = torch_pipe(prompts, negative_prompt_embeds=neg, seed=3, **kwargs).images
+    assert result.shape == expected.shape == (4, 3, 32, 32)
+    assert max_abs(result, expected) <= TOL
+    with pytest.raises(DiffrtError, match=r"negative_prompt_embeds has shape \(2, 77, 32\) but the 1 prompt\(s\) encode to"):
+        torch_pipe("a cat", negative_prompt_embeds=neg, num_inference_steps=1)
+
+
+def test_negative_prompt_beside_negative_prompt_embeds_is_refused_as_diffusers(sd_pipe, torch_pipe):
+    """diffusers refuses both (check_inputs); diffrt ran with the embeddings and dropped the text silently."""
+    with torch.no_grad():
+        pos, neg = sd_pipe.encode_prompt(["a red house", "a cat"], "cpu", 1, True, ["ugly", "blurry"])
+    with pytest.raises(ValueError, match="Cannot forward both `negative_prompt`"):
+        sd_pipe(prompt_embeds=pos, negative_prompt=["a", "b"], negative_prompt_embeds=neg, num_inference_steps=1)
+    with pytest.raises(DiffrtError, match="pass negative_prompt or negative_prompt_embeds, not both") as info:
+        torch_pipe(prompt_embeds=pos, negative_prompt=["a", "b"], negative_prompt_embeds=neg, num_inference_steps=1)
+    one_line(info)
+
+
+def test_image_latents_as_img2img_image_equal_img2img_pipeline(t2i_folder, sd_pipe, torch_pipe):
+    """StableDiffusionImg2ImgPipeline takes latents as `image` (a tensor with the VAE's 4 latent channels,
+    e.g. an output_type="latent" result) and noises them as they are, unencoded; diffrt refused them."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder)
+    latents = torch_pipe("a cat", output_type="latent", seed=1, num_inference_steps=2).images
+    wide = torch.randn(1, 4, 4, 6, generator=g(2))  # 32 x 48 pixels: the size comes from the latents
+    for image, kwargs in ((latents, dict(num_images_per_prompt=2, eta=0.3)), (latents[0], {}), (wide, {})):
+        kwargs = dict(kwargs, image=image, strength=0.75, num_inference_steps=4, output_type="pt")
+        expected = ref("a photo of the cat", generator=g(3), **kwargs).images
+        result = torch_pipe("a photo of the cat", seed=3, **kwargs).images
+        assert result.shape == expected.shape
+        assert max_abs(result, expected) <= TOL
+    assert result.shape[-2:] == (32, 48)
+    with pytest.raises(DiffrtError, match=r"image is latents of height 4 \(32 pixels\) but height is 64") as info:
+        torch_pipe("a cat", image=latents, height=64, num_inference_steps=2)
+    one_line(info)
+
+
+def test_latents_without_height_and_width_sample_at_their_size_as_diffusers(sd_pipe, torch_pipe):
+    """diffusers samples `latents=` at their own size; diffrt refused any size but its default one."""
+    latents = torch.randn(2, 4, 8, 6, generator=g(5))
+    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, output_type="pt")
+    expected = sd_pipe(["a red house", "a cat"], latents=latents, generator=g(3), **kwargs).images
+    result = torch_pipe(["a red house", "a cat"], latents=latents, seed=3, **kwargs).images
+    assert result.shape == expected.shape == (2, 3, 64, 48)
+    assert max_abs(result, expected) <= TOL
+    with pytest.raises(DiffrtError, match=r"got \(2, 4, 8, 6\); leave out height and width") as info:
+        torch_pipe(["a red house", "a cat"], latents=latents, height=32, num_inference_steps=1)
+    one_line(info)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=None), r"prompt must be a string or a non-empty list of strings \(or pass prompt_embeds\), got None"),
+    (dict(num_inference_steps=2.0), r"num_inference_steps must be an integer, got 2\.0"),
+    (dict(num_images_per_prompt=2.0), r"num_images_per_prompt must be an integer, got 2\.0"),
+    (dict(height=32.0, width=32), r"height must be an integer, got 32\.0"),
+    (dict(guidance_scale=None), r"guidance_scale must be a number"),
+    (dict(image=torch.rand(2, 3, 32, 32), strength=0.5, num_images_per_prompt=3),
+     r"got 2 images to start from for 3 images \(1 prompts x 3 per prompt\); pass 1 image, or one per prompt"),
+], ids=["prompt-none", "steps-float", "per-prompt-float", "height-float", "guidance-none", "image-batch"])
+def test_bad_argument_types_are_one_line(torch_pipe, kwargs, message):
+    """Each ended as a TypeError or IndexError from inside torch (or the sampler)."""
+    kwargs = {"prompt": "a cat", "num_inference_steps": 2, **kwargs}
+    with pytest.raises(DiffrtError, match=message) as info:
+        torch_pipe(kwargs.pop("prompt"), **kwargs)
+    one_line(info)
+
+
+def test_controlnet_conditioning_scale_that_is_not_a_number_is_one_line(t2i_folder):
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=t2i_folder / "controlnet")
+    control = torch.rand(1, 3, 32, 32, generator=g(7))
+    for scale in (torch.tensor(0.5), "0.5"):  # "iteration over a 0-d tensor"; float("0") then float(".")
+        with pytest.raises(DiffrtError, match="controlnet_conditioning_scale must be a number, or a list") as info:
+            pipe("a cat", control_image=control, controlnet_conditioning_scale=scale, num_inference_steps=1)
+        one_line(info)
+
+
+# --- the pixel pipeline -------------------------------------------------------------------------------
+
+
+def test_num_images_below_one_is_refused(uncond_model_dir, classemb_model_dir):
+    """num_images=0 made one image on an unconditional model; a negative count was blamed on the engine's batch range."""
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    for folder, labels in ((uncond_model_dir, None), (classemb_model_dir, 1)):
+        pipe = open_pixel_pipeline(folder, "torch", CPU)
+        for n in (0, -2):
+            with pytest.raises(DiffrtError, match=f"num_images must be >= 1, got {n}") as info:
+                pipe(labels, num_images=n, num_inference_steps=2)
+            one_line(info)
+
+
+@pytest.mark.parametrize("labels, kwargs, message", [
+    (1.5, {}, r"class label 1\.5 is not a whole number"),  # was label 1
+    ([0, 2.5], {}, r"class label 2\.5 is not a whole number"),
+    ("cat", {}, r"class labels must be integers in \[0, 3\]"),  # was "new(): invalid data type 'str'"
+    ([1, 2], dict(num_images=3), r"got 2 class labels but num_images 3"),  # was 2 images
+    ([], {}, r"class labels are empty"),
+], ids=["float", "float-in-list", "str", "count-mismatch", "empty"])
+def test_class_labels_that_would_run_wrongly_are_refused(classemb_model_dir, labels, kwargs, message):
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    pipe = open_pixel_pipeline(classemb_model_dir, "torch", CPU)
+    with pytest.raises(DiffrtError, match=message) as info:
+        pipe(labels, num_inference_steps=2, **kwargs)
+    one_line(info)
+    # Whole numbers of any type are labels; one label is repeated to num_images.
+    images = pipe(torch.tensor([1.0, 3.0]), num_inference_steps=2, seed=4, output_type="pt").images
+    assert torch.equal(images, pipe([1, 3], num_inference_steps=2, seed=4, output_type="pt").images)
+    assert pipe(2, num_images=3, num_inference_steps=1).metadata["class_labels"] == [2, 2, 2]
+
+
+def test_generate_num_images_without_a_class_label_is_refused(classemb_model_dir):
+    """`diffrt generate --num-images N` on a class-conditioned model without --class-label made one image
+    per class and dropped N."""
+    from diffrt.generate import GenerateRequest, generate
+
+    with pytest.raises(DiffrtError, match="--num-images 2 on a class-conditioned model needs --class-label") as info:
+        generate(GenerateRequest(model=str(classemb_model_dir), num_images=2, num_inference_steps=2, device=CPU))
+    one_line(info)
