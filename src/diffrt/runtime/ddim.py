@@ -69,6 +69,7 @@ class DDIMConfig:
     hidden: dict = field(default_factory=dict, compare=False, repr=False)
 
     SAMPLER = "DDIM"  # what the pipelines sample this config with
+    name = "ddim"  # its `scheduler=` name (sampling.SAMPLERS), as results' metadata reports it
     # and the diffusers class whose from_config it reads as (not dataclass fields: no annotations)
     SCHEDULER_CLASS = "DDIMScheduler"
     FOREIGN_KEYS = ()  # (no annotation: not a field) inherited fields SCHEDULER_CLASS has no key for: read and written as hidden
@@ -226,6 +227,8 @@ class DDIMSchedule:
     alphas_cumprod: torch.Tensor  # float32 [T], for noising (img2img) and guidance
     prediction_type: PredictionType
     clip_sample_range: float | None  # None: no clipping of predicted x0
+
+    name = "ddim"  # the sampler, as results' metadata reports it (not a field: no annotation)
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())

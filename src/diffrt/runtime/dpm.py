@@ -85,6 +85,7 @@ class DPMConfig(DDIMConfig):
     sample_max_value: float = 1.0
 
     SAMPLER = "DPM-Solver++"
+    name = "dpm"
     SCHEDULER_CLASS = "DPMSolverMultistepScheduler"
     FOREIGN_KEYS = ("clip_sample", "clip_sample_range", "set_alpha_to_one")  # DPMSolverMultistepScheduler has none of them
 
@@ -250,6 +251,8 @@ class DPMSchedule:
     prediction_type: PredictionType
     solver_type: SolverType
     threshold: tuple[float, float] | None  # (ratio, max value): dynamic thresholding of x0
+
+    name = "dpm"  # the sampler, as results' metadata reports it (not a field: no annotation)
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())

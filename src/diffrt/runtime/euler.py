@@ -99,6 +99,7 @@ class EulerConfig(_VESamplerConfig, DDIMConfig):
     final_sigmas_type: FinalSigmas = "zero"
 
     SAMPLER = "Euler"
+    name = "euler"
     SCHEDULER_CLASS = "EulerDiscreteScheduler"
 
     def __post_init__(self) -> None:
@@ -131,6 +132,7 @@ class EulerAncestralConfig(_VESamplerConfig, DDIMConfig):
     timestep_spacing: TimestepSpacing = "linspace"
 
     SAMPLER = "Euler Ancestral"
+    name = "euler_a"
     SCHEDULER_CLASS = "EulerAncestralDiscreteScheduler"
 
     def __post_init__(self) -> None:
@@ -160,6 +162,11 @@ class EulerSchedule:
     alphas_cumprod: torch.Tensor  # float32 [T]
     prediction_type: PredictionType
     ancestral: bool  # draw fresh noise each step (Euler Ancestral)
+
+    @property
+    def name(self) -> str:
+        """The sampler, as results' metadata reports it."""
+        return "euler_a" if self.ancestral else "euler"
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())

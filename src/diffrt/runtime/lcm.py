@@ -60,6 +60,7 @@ class LCMConfig(DDIMConfig):
     sample_max_value: float = 1.0
 
     SAMPLER = "LCM"
+    name = "lcm"
     SCHEDULER_CLASS = "LCMScheduler"
 
     @classmethod
@@ -187,6 +188,8 @@ class LCMSchedule:
     prediction_type: PredictionType
     clip_sample_range: float | None  # None: no clipping of predicted x0
     threshold: tuple[float, float] | None  # (ratio, max value) for dynamic thresholding, which replaces clipping
+
+    name = "lcm"  # the sampler, as results' metadata reports it (not a field: no annotation)
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())

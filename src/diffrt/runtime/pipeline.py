@@ -30,13 +30,13 @@ import torch
 from diffrt.errors import DiffrtError
 from diffrt.images import to_numpy, to_pil, to_unit_range
 from diffrt.models import PixelModelInfo
-from diffrt.runtime import ddim, dpm, euler, lcm
+from diffrt.runtime import ddim
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
-                                     initial_noise, make_sampling_schedule, randn, sample)
+                                     make_sampling_schedule, randn, sample)
 
 OutputType = Literal["pil", "np", "pt", "latent"]  # "latent": text-to-image only
 
@@ -226,7 +226,7 @@ class PixelPipeline(DenoiserPipeline):
         shape = (batch, self.channels, height, width)
         if latents is not None and tuple(latents.shape) != shape:
             raise DiffrtError(f"latents must have shape {shape} (batch, channels, height, width), got {tuple(latents.shape)}")
-        x = initial_noise(schedule, latents.to(self.device, torch.float32) if latents is not None
+        x = schedule.initial_noise(latents.to(self.device, torch.float32) if latents is not None
                           else randn(shape, generator, self.device, torch.float32))
 
         # 3. The denoiser: both CFG branches (null label, requested label) in one 2B batch.
@@ -258,7 +258,7 @@ class PixelPipeline(DenoiserPipeline):
         images = to_unit_range(x)
         seconds = time.perf_counter() - t0
         meta = {"class_labels": labels.tolist() if labels is not None else None, "guidance_scale": guidance_scale,
-                "eta": eta, "scheduler": scheduler_name(schedule), "timesteps": schedule.timesteps.tolist(),
+                "eta": eta, "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
                 "guidance": [g.name for g in guidance], **self.runtime_metadata()}
         return GenerationResult(convert_output(images, output_type), self.backend, seconds, num_inference_steps, meta)
 
@@ -311,17 +311,6 @@ class PixelPipeline(DenoiserPipeline):
             return tuple(eps.float().chunk(2)) if do_cfg else (None, eps.float())
 
         return guard_autograd_denoiser(denoise, engine_denoise, self.backend, self.unet_precision, self.check_outputs)
-
-
-def scheduler_name(schedule) -> str:
-    """The sampler a schedule (or a scheduler config) runs, for metadata: 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a'."""
-    if isinstance(schedule, (dpm.DPMSchedule, dpm.DPMConfig)):
-        return "dpm"
-    if isinstance(schedule, euler.EulerSchedule):
-        return "euler_a" if schedule.ancestral else "euler"
-    if isinstance(schedule, (euler.EulerConfig, euler.EulerAncestralConfig)):
-        return "euler_a" if isinstance(schedule, euler.EulerAncestralConfig) else "euler"
-    return "lcm" if isinstance(schedule, (lcm.LCMSchedule, lcm.LCMConfig)) else "ddim"
 
 
 def to_unit_range_unclamped(x0: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,7 @@ class Schedule(Protocol):
 
     timesteps: torch.Tensor
     prediction_type: ddim.PredictionType
+    name: str  # the sampler's `scheduler=` name (its config's), as results' metadata reports it
 
     def __len__(self) -> int: ...
     def tail(self, start: int) -> "Schedule": ...  # the steps from `start` on (img2img)
@@ -172,8 +173,7 @@ class Schedule(Protocol):
 
 Scheduler = Literal["ddim", "lcm", "dpm", "euler", "euler_a"] | ddim.DDIMConfig | None  # a pipeline's `scheduler=`: None is the model's own
 # `scheduler=` names -> their configs
-SAMPLERS = {"ddim": ddim.DDIMConfig, "lcm": lcm.LCMConfig, "dpm": dpm.DPMConfig, "euler": euler.EulerConfig,
-            "euler_a": euler.EulerAncestralConfig}
+SAMPLERS = {cls.name: cls for cls in (ddim.DDIMConfig, lcm.LCMConfig, dpm.DPMConfig, euler.EulerConfig, euler.EulerAncestralConfig)}
 
 
 def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig:

@@ -59,9 +59,9 @@ from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_count, check_output_type,
-                                     convert_output, make_generator, scheduler_name, to_unit_range_unclamped)
-from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, add_noise, check_finite, check_generators,
-                                     choose_scheduler, initial_noise, randn, sample)
+                                     convert_output, make_generator, to_unit_range_unclamped)
+from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators,
+                                     choose_scheduler, randn, sample)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def default_guidance_scale(pipe: "TextToImagePipeline", sampler) -> float:
     LCM on a plain UNet (LCM-LoRA: CFG would burn the images), else StableDiffusionPipeline's 7.5, a
     guidance-distilled UNet's included, whose guidance is the embedding of scale - 1 (1.0 would turn
     it off). `sampler`: the call's scheduler config or schedule."""
-    lcm_sampler = isinstance(sampler, (lcm.LCMConfig, lcm.LCMSchedule))
-    return LCM_GUIDANCE_SCALE if lcm_sampler and pipe.guidance_embed_dim is None else DEFAULT_GUIDANCE_SCALE
+    return LCM_GUIDANCE_SCALE if sampler.name == "lcm" and pipe.guidance_embed_dim is None else DEFAULT_GUIDANCE_SCALE
 
 
 def cut_off(tokenizer, prompt: str, max_length: int) -> tuple[int, str] | None:
@@ -250,11 +249,11 @@ class TextToImagePipeline(DenoiserPipeline):
             if tuple(latents.shape) != shape:
                 raise DiffrtError(f"latents must have shape {shape} (batch, channels, height/8, width/8), got {tuple(latents.shape)}"
                                   + ("; leave out height and width to sample at the latents' size" if latents.dim() == 4 else ""))
-            x = initial_noise(schedule, latents.to(self.device, torch.float32))
+            x = schedule.initial_noise(latents.to(self.device, torch.float32))
         elif init is not None:
             x = self._noised_image_latents(init, batch, schedule, generator, encoded=image_latents)
         else:
-            x = initial_noise(schedule, randn(shape, generator, self.device, torch.float32))
+            x = schedule.initial_noise(randn(shape, generator, self.device, torch.float32))
 
         # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph. A
         #    guidance-distilled UNet gets instead the embedding of w = guidance_scale - 1 per image, as
@@ -289,7 +288,7 @@ class TextToImagePipeline(DenoiserPipeline):
         meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
                 "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
-                "scheduler": scheduler_name(schedule), "timesteps": schedule.timesteps.tolist(),
+                "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
                 "strength": strength if init is not None else None,
                 "controlnet_conditioning_scale": (scales if len(scales) > 1 else scales[0]) if control is not None else None,
                 "guidance": [g.name for g in guidance], **self.runtime_metadata()}
@@ -369,7 +368,7 @@ class TextToImagePipeline(DenoiserPipeline):
             latents = self._encode_images(init, batch, generator)
         latents = torch.cat([latents] * (batch // latents.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
         noise = randn(latents.shape, generator, self.device, torch.float32)
-        return add_noise(schedule, latents, noise)
+        return schedule.add_noise(latents, noise)
 
     def _encode_images(self, init: torch.Tensor, batch: int, generator: Generators) -> torch.Tensor:
         """Images in [0, 1] -> scaled latents, one VAE posterior sample per row (per image with one generator per image)."""

@@ -49,8 +49,6 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.pipeline import scheduler_name
-from diffrt.runtime.sampling import draws_step_noise
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, check_strength, default_guidance_scale, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
@@ -155,7 +153,7 @@ class TextToImageWorker(BatchingWorker):
         pipe, size = self.pipe, self.pipe.default_size
         prompts = [f"a batching probe, request {i}" for i in range(n)]
         latents, _ = draw_noise(0, (n, pipe.latent_channels, size // pipe.vae_factor, size // pipe.vae_factor), keep_generator=False)
-        step_noise = draws_step_noise(pipe.sampling_schedule(self.warmup_steps), 0.0)  # LCM: each request's own draws
+        step_noise = pipe.sampling_schedule(self.warmup_steps).draws_step_noise(0.0)  # LCM: each request's own draws
 
         def run(rows):
             return pipe([prompts[i] for i in rows], latents=latents[rows], num_inference_steps=self.warmup_steps,
@@ -205,7 +203,7 @@ class TextToImageWorker(BatchingWorker):
     def describe(self) -> dict:
         return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "controlnets": self.pipe.num_controlnets, "backend": self.pipe.backend,
                 "conditioning": "text", "sample_size": self.pipe.default_size,
-                "scheduler": scheduler_name(self.pipe.scheduler), "batches_requests": self.batches_requests,
+                "scheduler": self.pipe.scheduler.name, "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, "color_guidance": self.color_unavailable is None,
                 **self.pipe.runtime_metadata()}
 
@@ -271,10 +269,10 @@ class TextToImageWorker(BatchingWorker):
         latents, generator = None, None
         if init is None:
             latents, generator = draw_noise(seed, (body.num_images, pipe.latent_channels, height // f, width // f),
-                                            keep_generator=draws_step_noise(schedule, body.eta))
+                                            keep_generator=schedule.draws_step_noise(body.eta))
         # The resolved size: with an image, its own rounded down to the VAE's multiple (the pipeline resizes to it).
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
-                    "scheduler": scheduler_name(schedule), "guidance_scale": guidance_scale, "eta": body.eta,
+                    "scheduler": schedule.name, "guidance_scale": guidance_scale, "eta": body.eta,
                     "guidance_rescale": body.guidance_rescale or 0.0}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
                                [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body),

@@ -28,8 +28,6 @@ from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeErro
 from diffrt.images import array_png_bytes, to_uint8
 from diffrt.runtime.backends.timed import TimedBackend, time_components
 from diffrt.runtime.guidance import color_guidance, parse_hex_color
-from diffrt.runtime.pipeline import scheduler_name
-from diffrt.runtime.sampling import check_eta, draws_step_noise
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    probe_generators, settings_key, split_answers)
@@ -90,7 +88,7 @@ def request_schedule(pipe, body: GenerateBody, **call):
     with refused_as("scheduler"):
         config = pipe.sampler_config(body.scheduler, **call)
     with refused_as("eta"):
-        check_eta(config, body.eta)
+        config.check_eta(body.eta)
     with refused_as("num_inference_steps"):
         return pipe.sampling_schedule(body.num_inference_steps, scheduler=body.scheduler, eta=body.eta, **call)
 
@@ -202,7 +200,7 @@ class PixelWorker(BatchingWorker):
         size = self.pipe.sample_size
         labels = torch.arange(n) % self.pipe.info.num_classes if self.conditioned else None
         latents, _ = draw_noise(0, (n, self.pipe.channels, size, size), keep_generator=False)
-        step_noise = draws_step_noise(self.pipe.sampling_schedule(self.warmup_steps), 0.0)  # LCM: each request's own draws
+        step_noise = self.pipe.sampling_schedule(self.warmup_steps).draws_step_noise(0.0)  # LCM: each request's own draws
 
         def run(rows):
             return self.pipe(labels[rows] if labels is not None else None, num_images=None if labels is not None else len(rows),
@@ -246,7 +244,7 @@ class PixelWorker(BatchingWorker):
         info = self.pipe.info
         return {"kind": "pixel", "controlnet": False, "backend": self.pipe.backend, "conditioning": info.conditioning,
                 "num_classes": info.num_classes, "class_names": info.class_names, "sample_size": self.pipe.sample_size,
-                "channels": self.pipe.channels, "scheduler": scheduler_name(self.pipe.scheduler),
+                "channels": self.pipe.channels, "scheduler": self.pipe.scheduler.name,
                 "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, **self.pipe.runtime_metadata()}
 
@@ -277,8 +275,8 @@ class PixelWorker(BatchingWorker):
         schedule = request_schedule(pipe, body)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         latents, generator = draw_noise(seed, (body.num_images, pipe.channels, height, width),
-                                        keep_generator=draws_step_noise(schedule, body.eta))
-        settings = {"num_inference_steps": body.num_inference_steps, "scheduler": scheduler_name(schedule),
+                                        keep_generator=schedule.draws_step_noise(body.eta))
+        settings = {"num_inference_steps": body.num_inference_steps, "scheduler": schedule.name,
                     "guidance_scale": guidance_scale, "eta": body.eta,
                     "height": height, "width": width, "color_scale": body.color_scale if body.color else None}
         return Plan(seed, body.num_images, labels, latents, generator, settings, body.color, lora_scale(pipe, body))
