@@ -90,6 +90,7 @@ def diffusers_pipe(cls, folder, scheduler=None, **components):
 
 
 T2I_RANGES = dict(batch=(1, 2, 4), height=(32, 32, 64), width=(32, 32, 64))  # pixels; the tiny UNet needs >= 32
+T2I_ARTIFACT_OPTIONS = dict(**T2I_RANGES, vae_encoder=True)  # t2i_artifact's export options
 
 
 @pytest.fixture(scope="session")
@@ -102,12 +103,13 @@ def t2i_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def t2i_artifact(t2i_folder, tmp_path_factory):
-    """t2i_folder exported with its ControlNet: text_encoder, unet_controlnet, controlnet, vae_decoder (fp32 ONNX)."""
+    """t2i_folder exported with its ControlNet and the VAE encoder: text_encoder, unet_controlnet, controlnet,
+    vae_decoder, vae_encoder (fp32 ONNX)."""
     from diffrt.export.artifact import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 
     out = tmp_path_factory.mktemp("t2i_artifact") / "artifact"
-    export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES), [str(t2i_folder / "controlnet")])
+    export_text_to_image(t2i_folder, out, ExportOptions(**T2I_ARTIFACT_OPTIONS), [str(t2i_folder / "controlnet")])
     return out
 
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import T2I_RANGES
+from conftest import T2I_ARTIFACT_OPTIONS, T2I_RANGES
 from diffrt.atomic import sha256_file
 from diffrt.errors import ArtifactError, DiffrtError, LoraError
 from diffrt.export.artifact import ExportOptions, cached_export, export_model
@@ -24,7 +24,7 @@ from diffrt.runtime.text_to_image_loading import artifact_text_to_image_pipeline
 from diffrt.text_to_image_models import load_text_to_image
 
 TOL = 1e-4  # fp32: max |onnx - torch| / max |torch|
-COMPONENTS = {"text_encoder", "unet_controlnet", "controlnet", "vae_decoder"}
+COMPONENTS = {"text_encoder", "unet_controlnet", "controlnet", "vae_decoder", "vae_encoder"}
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_two_controlnets_manifest_records_them_in_order(t2i_multi_artifact, mult
     assert source["controlnets"] == [str((t2i_folder / "controlnet").resolve()), str(t2i_controlnet_b.resolve())]
     assert source["parts"]["controlnet_0"] == sha256_folder(t2i_folder / "controlnet")
     assert source["parts"]["controlnet_1"] == sha256_folder(t2i_controlnet_b) != source["parts"]["controlnet_0"]
-    assert "controlnet" not in source["parts"] and set(multi_manifest["components"]) == COMPONENTS
+    assert "controlnet" not in source["parts"] and set(multi_manifest["components"]) == COMPONENTS - {"vae_encoder"}
     for name in ("unet_controlnet", "controlnet"):
         inputs = {t["name"]: t["dims"] for t in multi_manifest["components"][name]["spec"]["inputs"]}
         assert inputs["controlnet_cond"] == ["batch", 6, "image_height", "image_width"] and inputs["conditioning_scale"] == [2]
@@ -221,7 +221,7 @@ def test_reexport_is_a_cache_hit(t2i_artifact, t2i_folder, manifest, caplog, mon
 
     monkeypatch.setattr(text_to_image_models, "load_frozen", configs_only)
     with caplog.at_level(logging.INFO, logger="diffrt"):
-        result = export_model(t2i_folder, t2i_artifact, ExportOptions(**T2I_RANGES), controlnets=[str(t2i_folder / "controlnet")])
+        result = export_model(t2i_folder, t2i_artifact, ExportOptions(**T2I_ARTIFACT_OPTIONS), controlnets=[str(t2i_folder / "controlnet")])
     assert result.cache_hit and result.manifest["key"] == manifest["key"]
     assert any("cache hit" in r.getMessage() for r in caplog.records)
 
@@ -250,7 +250,7 @@ def test_a_changed_weight_is_a_cache_miss(artifact_copy, t2i_folder, tmp_path, m
 
     monkeypatch.setattr(text_to_image_models, "load_frozen", configs_only)
     source = shutil.copytree(t2i_folder, tmp_path / "sd")
-    options, controlnets = ExportOptions(**T2I_RANGES), [source / "controlnet"]
+    options, controlnets = ExportOptions(**T2I_ARTIFACT_OPTIONS), [source / "controlnet"]
     assert export_text_to_image(source, artifact_copy, options, controlnets).cache_hit  # the control
     weights = source / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)

@@ -98,7 +98,7 @@ def test_ready_describes_a_text_to_image_model(client):
     ready = client.get("/readyz").json()
     assert ready["ready"] and ready["kind"] == "text-to-image" and ready["controlnet"] is True
     # What really runs each component (RELIABILITY #15): ONNX Runtime's providers in use, no CUDA graphs here.
-    assert set(ready["providers"]) == {"text_encoder", "unet_controlnet", "vae_decoder"}
+    assert set(ready["providers"]) == {"text_encoder", "unet_controlnet", "vae_decoder", "vae_encoder"}  # exported with --vae-encoder
     assert all(used == ["CPUExecutionProvider"] for used in ready["providers"].values()) and ready["cuda_graph"] is False
 
 

@@ -104,7 +104,7 @@ def _cmd_export(args) -> int:
         backend=args.backend, precision=args.precision, batch=parse_range(args.batch, "batch"),
         height=parse_range(args.height, "height") if args.height else None,
         width=parse_range(args.width, "width") if args.width else None,
-        opset=args.opset, exporter=args.exporter, loras=_loras(args), verify=not args.no_verify,
+        opset=args.opset, exporter=args.exporter, loras=_loras(args), verify=not args.no_verify, vae_encoder=args.vae_encoder,
     )
     result = export_model(args.model, args.out, options, controlnets=args.controlnet)
     state = "cache hit, nothing rebuilt" if result.cache_hit else f"exported in {result.seconds:.1f} s"
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")
     ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                     help="torch.onnx's TorchScript tracer (quick; deprecated by PyTorch) or its torch.export-based exporter")
+    ex.add_argument("--vae-encoder", action="store_true",
+                    help="text-to-image: also export the VAE encoder, so image-to-image runs on the backend (else it encodes in PyTorch)")
     ex.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
     ex.set_defaults(func=_cmd_export)
 

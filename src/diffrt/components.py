@@ -286,6 +286,20 @@ def unet_controlnet_spec(in_channels: int, out_channels: int, hidden_size: int, 
     )
 
 
+def vae_encoder_spec(latent_channels: int, *, batch: Range, height: Range, width: Range, vae_factor: int = 8, multiple: int = 1,
+                     in_channels: int = 3) -> ComponentSpec:
+    """vae_encoder (AutoencoderKL's encoder and quant_conv): image [batch, 3, 8h, 8w] in model space [-1, 1] ->
+    latent_parameters [batch, 2 x 4, h, w], the mean and log-variance of the posterior, which the pipeline samples
+    with its own generators (a seed draws what it draws in diffusers' img2img). `height`/`width`: latent sizes."""
+    return ComponentSpec(
+        "vae_encoder",
+        (TensorSpec("image", ("batch", in_channels, "image_height", "image_width")),),
+        (TensorSpec("latent_parameters", ("batch", 2 * latent_channels, f"image_height/{vae_factor}", f"image_width/{vae_factor}")),),
+        ranges={"batch": batch, **_image_ranges(height, width, vae_factor)},
+        multiple_of={"image_height": multiple * vae_factor, "image_width": multiple * vae_factor},
+    )
+
+
 def vae_decoder_spec(latent_channels: int, *, batch: Range, height: Range, width: Range, vae_factor: int = 8,
                      out_channels: int = 3) -> ComponentSpec:
     """vae_decoder (AutoencoderKL.decode): latent [batch, 4, h, w] -> image [batch, 3, 8h, 8w] in model space [-1, 1]."""

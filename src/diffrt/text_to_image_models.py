@@ -11,6 +11,8 @@ and scale, and their residuals are summed in order. The graph takes the K images
 channel axis (controlnet_cond [batch, 3K, H, W]) and K scales (conditioning_scale [K]), so K = 1
 is exactly the single-ControlNet signature.
     vae_decoder      latent -> image in model space [-1, 1]                   AutoencoderKL.decode
+    vae_encoder      image in [-1, 1] -> latent_parameters (posterior mean,    AutoencoderKL.encode
+                     log-variance), exported on request, for image-to-image
 
 The same wrapper modules run on the torch backend and are traced by the ONNX exporter, so what
 the parity checks verify is exactly what the pipeline runs. The signatures are declared in
@@ -28,7 +30,8 @@ import torch
 from torch import nn
 
 from diffrt.components import (CONTROL_CHANNELS, ComponentSpec, Range, controlnet_spec, latent_unet_spec, text_encoder_spec,
-                               unet_controlnet_spec, vae_decoder_spec)
+                               unet_controlnet_spec, vae_decoder_spec,
+                               vae_encoder_spec)
 from diffrt.errors import DiffrtError
 from diffrt.models import load_frozen, require_model_dir
 from diffrt.runtime.ddim import DDIMConfig
@@ -112,6 +115,21 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
+class VaeEncoder(nn.Module):
+    """AutoencoderKL.encode up to its posterior's parameters (the encoder, then quant_conv where the VAE has one):
+    the moments DiagonalGaussianDistribution splits into mean and log-variance. Sampling stays with the
+    pipeline (`sample_posterior`), so the draw comes from the call's generators, as in diffusers' img2img."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        moments = self.vae.encoder(image)
+        quant_conv = getattr(self.vae, "quant_conv", None)  # None for VAEs built with use_quant_conv=False
+        return moments if quant_conv is None else quant_conv(moments)
+
+
 # --- the model folder ----------------------------------------------------------------------------------
 
 
@@ -162,6 +180,8 @@ class TextToImageModel:
             return LatentUNet(self.unet)
         if name == "vae_decoder":
             return VaeDecoder(self.vae)
+        if name == "vae_encoder":
+            return VaeEncoder(self.vae)
         if self.controlnet is None:
             raise DiffrtError(f"component {name} needs a ControlNet; pass --controlnet DIR (repeatable)")
         if name == "controlnet":
@@ -329,6 +349,9 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
                                               **control, **common),
         "vae_decoder": lambda: vae_decoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,
                                                 vae_factor=model.vae_factor, out_channels=model.vae.config.out_channels),
+        "vae_encoder": lambda: vae_encoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,
+                                                vae_factor=model.vae_factor, multiple=common["multiple"],
+                                                in_channels=model.vae.config.in_channels),
     }
     return {name: make[name]() for name in names}
 

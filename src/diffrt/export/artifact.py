@@ -58,6 +58,7 @@ class ExportOptions:
     exporter: Literal["torchscript", "dynamo"] = "torchscript"  # torch.onnx's tracer, or its torch.export-based exporter
     loras: list[tuple[str, float]] = field(default_factory=list)
     verify: bool = True
+    vae_encoder: bool = False  # text-to-image: also export the VAE encoder, for image-to-image on the backend
     # Graphs whose weights exceed this many bytes keep them in model.onnx.data, in the component's
     # own folder (RELIABILITY #6; protobuf cannot hold over 2 GB). A layout choice, not in the key.
     external_data_threshold: int = TWO_GB
@@ -127,7 +128,7 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
                           "for an ONNX export")
 
 
-COMPONENT_FOLDERS = ("unet", "text_encoder", "unet_controlnet", "controlnet", "vae_decoder")  # what exports write
+COMPONENT_FOLDERS = ("unet", "text_encoder", "unet_controlnet", "controlnet", "vae_decoder", "vae_encoder")  # what exports write
 
 
 def check_out_apart(out: Path, hashed: list[Path]) -> None:
@@ -152,6 +153,8 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     out = Path(out)
     check_options(options, out)
     src = Path(model_dir) if model_dir is not None else SHIPPED_DIGITS
+    if options.vae_encoder:
+        raise DiffrtError(f"--vae-encoder: {src} is a pixel-space model, which has no VAE; leave it out")
     check_out_apart(out, [src])
     spec = pixel_spec(load_pixel_model(src, weights=False), options)  # configs only: enough for the key
     source_sha256 = atomic.sha256_folder(src)

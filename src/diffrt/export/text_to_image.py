@@ -7,6 +7,7 @@ and refit into TensorRT engines built from the base weights (artifact.py says wh
       text_encoder/model.onnx
       unet/model.onnx            or unet_controlnet/ (one graph, conditioning scales an input) + controlnet/
       vae_decoder/model.onnx
+      vae_encoder/model.onnx     with --vae-encoder: image-to-image encodes on the backend too
       tokenizer/                 copied, so the artifact tokenizes prompts without the source folder
 
 Several ControlNets (`--controlnet DIR` repeated) are exported as diffusers' MultiControlNetModel:
@@ -18,8 +19,9 @@ check at load time cover the set and its order.
 
 Each component goes through `artifact._export_component` (ONNX, parity against PyTorch, engine,
 manifest entry), the same as pixel models. Shape ranges are given in image pixels and stored in
-latent pixels (/8). The VAE decoder stays fp32 when its config says `force_upcast` (RELIABILITY #5:
-fp16 VAEs overflow into black images). Exporting again with unchanged inputs is a cache hit.
+latent pixels (/8). The VAE decoder (and encoder) stays fp32 when its config says `force_upcast` (RELIABILITY #5:
+fp16 VAEs overflow into black images). The encoder graph stops at the posterior's mean and log-variance: the
+pipeline draws the sample from the call's generators, so a seed means what it means in diffusers' img2img. Exporting again with unchanged inputs is a cache hit.
 """
 
 from __future__ import annotations
@@ -48,15 +50,17 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def component_names(controlnet: bool) -> list[str]:
-    """What an artifact holds: the UNet alone, or fused with the ControlNets (plus the ControlNets alone)."""
+def component_names(controlnet: bool, vae_encoder: bool = False) -> list[str]:
+    """What an artifact holds: the UNet alone, or fused with the ControlNets (plus the ControlNets alone), and
+    the VAE encoder when asked for (image-to-image on the backend; without it, img2img encodes in PyTorch)."""
     unet = ["unet_controlnet", "controlnet"] if controlnet else ["unet"]
-    return ["text_encoder", *unet, "vae_decoder"]
+    return ["text_encoder", *unet, "vae_decoder", *(["vae_encoder"] if vae_encoder else [])]
 
 
 def component_precision(name: str, precision: Precision, force_upcast: bool) -> Precision:
-    """The VAE decoder keeps fp32 where the model asks for it (`force_upcast`), whatever the export's precision."""
-    return "fp32" if name == "vae_decoder" and force_upcast else precision
+    """The VAE keeps fp32 where the model asks for it (`force_upcast`), whatever the export's precision: its
+    decoder, and its encoder, which diffusers' img2img upcasts alike."""
+    return "fp32" if name in ("vae_decoder", "vae_encoder") and force_upcast else precision
 
 
 def controlnet_parts(n: int) -> list[str]:
@@ -93,7 +97,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     model = load_text_to_image(model_dir, controlnets, weights=False)  # configs only: enough for the key
     check_unet_config(model.unet.config, str(model_dir / "unet"))  # a UNet needing inputs the pipeline never feeds
     size = (model.default_size,) * 3
-    specs = component_specs(model, component_names(bool(controlnets)), batch=options.batch,
+    specs = component_specs(model, component_names(bool(controlnets), options.vae_encoder), batch=options.batch,
                             height=options.height or size, width=options.width or options.height or size)
     force_upcast = bool(getattr(model.vae.config, "force_upcast", False))
     precisions = {name: component_precision(name, options.precision, force_upcast) for name in specs}

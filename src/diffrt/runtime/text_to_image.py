@@ -50,7 +50,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from diffrt.components import CONTROL_CHANNELS, num_controlnets
+from diffrt.components import CONTROL_CHANNELS, num_controlnets, vae_encoder_spec
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import to_unit_range
 from diffrt.runtime import ddim, lcm
@@ -91,8 +91,11 @@ class TextToImagePipeline(DenoiserPipeline):
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
                  torch_vae: TorchModule = None, torch_unet: TorchModule = None, check_outputs: bool = True,
-                 unet_precision: str = "fp32", lora: RuntimeLora | None = None):
+                 unet_precision: str = "fp32", lora: RuntimeLora | None = None, vae_encoder: Backend | None = None):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
+        # img2img's encoder: a backend of its own (an artifact exported with --vae-encoder, or eager PyTorch), else
+        # made on first use over the PyTorch VAE (`_image_encoder`), and then reported as what ran (RELIABILITY #15).
+        self.vae_encoder = vae_encoder
         self.tokenizer = tokenizer
         # Plain and img2img calls sample the config as StableDiffusionPipeline corrects it; calls with a
         # control image keep its steps_offset, as diffusers' ControlNet pipelines do (_latent_scheduler).
@@ -108,7 +111,8 @@ class TextToImagePipeline(DenoiserPipeline):
         self.unet_precision = unet_precision
 
     def backends(self) -> dict[str, Backend]:
-        return {c.spec.name: c for c in (self.text_encoder, self.unet, self.vae_decoder)}
+        parts = (self.text_encoder, self.unet, self.vae_decoder, *([self.vae_encoder] if self.vae_encoder is not None else []))
+        return {c.spec.name: c for c in parts}
 
     @property
     def has_controlnet(self) -> bool:
@@ -375,12 +379,25 @@ class TextToImagePipeline(DenoiserPipeline):
         per_image = generator is not None and not isinstance(generator, torch.Generator)
         if per_image:
             init = torch.cat([init] * (batch // init.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
-        vae = self.torch_module("vae", "image-to-image")
-        param = next(vae.parameters())
-        with torch.no_grad():
-            posterior = vae.encode((init * 2 - 1).to(param.device, param.dtype)).latent_dist
-            sample = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, posterior.mean.device, posterior.mean.dtype)
-        return self._check("vae_encoder", (self.vae_scaling_factor * sample).to(self.device, torch.float32))
+        encoder = self._image_encoder()
+        moments = encoder.run({"image": (init * 2 - 1).to(encoder.device)})["latent_parameters"]
+        moments = self._check("vae_encoder", moments.float().to(self.device))
+        return self.vae_scaling_factor * sample_posterior(moments, generator)
+
+    def _image_encoder(self) -> Backend:
+        """The VAE encoder backend; for an artifact exported without one, eager PyTorch over the source's VAE,
+        made once (and then listed among the pipeline's backends)."""
+        if self.vae_encoder is None:
+            from diffrt.runtime.backends.torch_eager import TorchBackend
+            from diffrt.text_to_image_models import VaeEncoder
+
+            vae = self.torch_module("vae", "image-to-image (an artifact exported without --vae-encoder)")
+            in_channels = int(vae.config.in_channels)
+            open_side = (1, 64, 1 << 11)  # latent pixels: eager PyTorch takes any size
+            spec = vae_encoder_spec(self.latent_channels, batch=(1, 1, 1 << 16), height=open_side, width=open_side,
+                                    vae_factor=self.vae_factor, in_channels=in_channels)
+            self.vae_encoder = TorchBackend(VaeEncoder(vae), spec, device=next(vae.parameters()).device)
+        return self.vae_encoder
 
     def _control_images(self, control_image, height: int | None, width: int | None) -> list[torch.Tensor]:
         """One [B, 3, H, W] batch per ControlNet, in their order. With several, `control_image` is a
@@ -457,6 +474,15 @@ class TextToImagePipeline(DenoiserPipeline):
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+def sample_posterior(moments: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One draw from the VAE's diagonal Gaussian posterior, given its parameters [B, 2C, h, w] (mean, then
+    log-variance, as AutoencoderKL's DiagonalGaussianDistribution reads them: log-variance clamped to
+    [-30, 20]): mean + std * noise, the noise from the call's generators, as diffusers' img2img draws it."""
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return mean + std * randn(mean.shape, generator, mean.device, mean.dtype)
 
 
 def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:

@@ -107,13 +107,16 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
     names = ["text_encoder", "unet_controlnet" if model.controlnet is not None else "unet", "vae_decoder"]
     size = (m, max(m, model.default_size // m * m), OPEN_SIZE // m * m)
     # Any multiple of the VAE's factor, as diffusers' pipelines allow: eager PyTorch needs no more.
-    specs = component_specs(model, names, batch=OPEN_BATCH, height=size, width=size, multiple=1)
+    specs = component_specs(model, [*names, "vae_encoder"], batch=OPEN_BATCH, height=size, width=size, multiple=1)
     text_encoder, unet, vae_decoder = (TorchBackend(model.module(n), specs[n], device=device, compile=compile) for n in names)
+    # img2img's encoder runs once per call: eager even under torch.compile (a compile per image size would cost more).
+    vae_encoder = TorchBackend(model.module("vae_encoder"), specs["vae_encoder"], device=device)
     # After the backends moved the modules to their device: the LoRA keeps the base of the weights that run.
     lora = TorchLora({"unet": model.unet, "text_encoder": model.text_encoder}, loras) if loras else None
     return TextToImagePipeline(text_encoder, unet, vae_decoder, model.tokenizer, model.scheduler,
                                vae_scaling_factor=float(model.vae.config.scaling_factor), vae_factor=model.vae_factor,
-                               default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module, lora=lora)
+                               default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module, lora=lora,
+                               vae_encoder=vae_encoder)
 
 
 def _controlnet_folders(manifest: dict) -> list[Path]:
@@ -166,6 +169,8 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
     text_encoder, unet, vae_decoder = (open_component(folder, manifest, n, backend, device, strict=strict, cuda_graph=cuda_graph)
                                        for n in ("text_encoder", unet_name, "vae_decoder"))
     lora = artifact_lora(folder, manifest, backend, {"text_encoder": text_encoder, unet_name: unet})
+    vae_encoder = (open_component(folder, manifest, "vae_encoder", backend, device, strict=strict, cuda_graph=cuda_graph)
+                   if "vae_encoder" in manifest["components"] else None)  # exported with --vae-encoder
 
     # The PyTorch fallbacks, loaded on first use; the pipeline moves them to its device.
     def torch_vae():
@@ -183,7 +188,7 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
                                DDIMConfig.from_scheduler_config(pipe["scheduler"]), vae_scaling_factor=pipe["vae_scaling_factor"],
                                vae_factor=pipe["vae_factor"], default_size=pipe["default_size"], max_length=pipe["max_length"],
                                torch_vae=torch_vae, torch_unet=torch_unet, unet_precision=component_precision(manifest, unet_name),
-                               lora=lora)
+                               lora=lora, vae_encoder=vae_encoder)
 
 
 def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device | None = None,

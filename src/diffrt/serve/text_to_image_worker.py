@@ -139,7 +139,8 @@ class TextToImageWorker(BatchingWorker):
         pipe = self.pipe  # a shared batch feeds the text encoder one prompt per image; guidance doubles both
         self.settle_batching(pipe.backend, images_per_batch([(pipe.text_encoder.spec, 2), (pipe.unet.spec, 2), (pipe.vae_decoder.spec, 1)]))
         # Timed in place from now on: the warm-up and probe are not requests.
-        self.timed = time_components(pipe, ("text_encoder", "unet", "vae_decoder"), recording=True)
+        encoder = ("vae_encoder",) if pipe.vae_encoder is not None else ()  # an artifact's made with --vae-encoder, eager PyTorch's
+        self.timed = time_components(pipe, ("text_encoder", "unet", "vae_decoder", *encoder), recording=True)
 
     def self_test(self) -> float:
         """Warm-up and NaN self-test: a guided generation at the model's default size, which must be finite."""

@@ -1,0 +1,102 @@
+"""The VAE encoder as a component of its own (`diffrt export --vae-encoder`): its graph equals diffusers'
+posterior parameters across the declared ranges, image-to-image over an artifact that has it runs it on the
+backend and equals PyTorch, one without it encodes in PyTorch and says so (RELIABILITY #15), and the option
+keeps the VAE in fp32 where the model asks (RELIABILITY #5) and leaves no folder behind when dropped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import T2I_RANGES, max_abs
+from diffrt.errors import DiffrtError
+from diffrt.export.artifact import ExportOptions, export_model
+from diffrt.export.manifest import read_manifest
+from diffrt.export.text_to_image import export_text_to_image
+from diffrt.export.verify import compare
+from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+from diffrt.text_to_image_models import load_text_to_image
+
+CPU = "cpu"
+ORT_TOL = 1e-3  # images in [0, 1], fp32 ONNX Runtime vs eager PyTorch, whole sampling runs
+GRAPH_TOL = 1e-4  # one graph: max |onnx - torch| / max |torch|
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture(scope="module")
+def plain_artifact(t2i_folder, tmp_path_factory):
+    """t2i_folder exported without a ControlNet and without the VAE encoder."""
+    out = tmp_path_factory.mktemp("no_encoder") / "artifact"
+    export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES), [])
+    return out
+
+
+def img2img(pipe, **kwargs):
+    kwargs = {"strength": 0.7, "num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "pt", **kwargs}
+    return pipe("a red cube", **kwargs)
+
+
+def test_the_encoder_graph_equals_diffusers_posterior_parameters(t2i_artifact, t2i_folder):
+    """What AutoencoderKL.encode's latent_dist holds (mean and log-variance, before any draw), at sizes across the ranges."""
+    pipe = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
+    vae = load_text_to_image(t2i_folder).vae
+    assert pipe.vae_encoder.name == "onnxruntime"
+    for seed, (batch, height, width) in enumerate([(1, 32, 32), (3, 64, 32), (2, 48, 64)]):
+        x = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        with torch.no_grad():
+            expected = vae.encode(x).latent_dist.parameters
+        got = pipe.vae_encoder.run({"image": x})["latent_parameters"]
+        assert got.shape == expected.shape == (batch, 8, height // 8, width // 8)
+        assert compare(expected, got).max_rel <= GRAPH_TOL, (batch, height, width)
+
+
+@pytest.mark.parametrize("per_image", [False, True], ids=["one-generator", "generator-per-image"])
+def test_img2img_over_the_artifact_encodes_on_the_backend_and_equals_torch(t2i_artifact, t2i_folder, image, per_image):
+    """The posterior is drawn from the call's generators after the backend's encoder: the same images as
+    eager PyTorch (whose own img2img equals diffusers', test_text_to_image), with one generator or one per image."""
+    artifact = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
+    eager = open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=t2i_folder / "controlnet")
+
+    def generator():
+        return [torch.Generator().manual_seed(s) for s in (3, 4)] if per_image else torch.Generator().manual_seed(3)
+
+    result = img2img(artifact, image=image, num_images_per_prompt=2, generator=generator())
+    expected = img2img(eager, image=image, num_images_per_prompt=2, generator=generator())
+    assert result.metadata["components"]["vae_encoder"] == "onnxruntime"
+    assert result.metadata["providers"]["vae_encoder"] == ["CPUExecutionProvider"]
+    assert max_abs(result.images, expected.images) <= ORT_TOL
+    if per_image:  # each image sampled its own posterior row: the two differ though the init image is one
+        assert max_abs(result.images[0], result.images[1]) > 1e-3
+
+
+def test_an_artifact_without_the_encoder_encodes_in_pytorch_and_says_so(plain_artifact, t2i_folder, image):
+    pipe = open_text_to_image_pipeline(plain_artifact, "onnxruntime", CPU)
+    assert "vae_encoder" not in pipe.backends()
+    assert "vae_encoder" not in pipe("a red cube", num_inference_steps=2).metadata["components"]  # text-to-image: no encoder ran
+    result = img2img(pipe, image=image, seed=5)
+    assert result.metadata["components"]["vae_encoder"] == "torch"  # the fallback is reported, never silent
+    assert max_abs(result.images, img2img(open_text_to_image_pipeline(t2i_folder, "torch", CPU), image=image, seed=5).images) <= ORT_TOL
+
+
+def test_cli_export_with_the_encoder_keeps_it_fp32_where_the_vae_asks_and_a_rebuild_without_drops_it(t2i_folder, tmp_path, capsys):
+    from diffrt.cli import main
+
+    out = tmp_path / "fp16"
+    assert main(["export", "--model", str(t2i_folder), "--out", str(out), "--precision", "fp16", "--vae-encoder",
+                 "--batch", "1:2:4", "--height", "32", "--width", "32"]) == 0
+    assert "vae_encoder" in capsys.readouterr().out
+    components = read_manifest(out)["components"]
+    assert components["vae_encoder"]["precision"] == "fp32"  # the tiny VAE asks for force_upcast, as SD-1.5's
+    assert components["unet"]["precision"] == "fp16" and components["vae_encoder"]["parity"]["onnxruntime"]["passed"]
+
+    export_text_to_image(t2i_folder, out, ExportOptions(precision="fp16", batch=(1, 2, 4), height=(32, 32, 32), width=(32, 32, 32)), [])
+    assert "vae_encoder" not in read_manifest(out)["components"] and not (out / "vae_encoder").exists()
+
+
+def test_a_pixel_model_has_no_vae_to_export(tmp_path):
+    with pytest.raises(DiffrtError, match="pixel-space model, which has no VAE"):
+        export_model(None, tmp_path / "digits", ExportOptions(vae_encoder=True))
