@@ -100,3 +100,25 @@ def test_cli_export_with_the_encoder_keeps_it_fp32_where_the_vae_asks_and_a_rebu
 def test_a_pixel_model_has_no_vae_to_export(tmp_path):
     with pytest.raises(DiffrtError, match="pixel-space model, which has no VAE"):
         export_model(None, tmp_path / "digits", ExportOptions(vae_encoder=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_tensorrt_artifact_runs_text_to_image_and_img2img_on_its_engines_as_pytorch(t2i_folder, image, tmp_path, monkeypatch):
+    """End to end on engines (text encoder, UNet, VAE decoder and encoder), fp32: the images equal eager
+    PyTorch's on the same GPU (TF32 off), for text-to-image and image-to-image."""
+    from diffrt.runtime.backends import backend_available
+
+    if not backend_available("tensorrt"):
+        pytest.skip("needs TensorRT")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    out = tmp_path / "trt"
+    export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", vae_encoder=True, **T2I_RANGES), [])
+    engines = open_text_to_image_pipeline(out, "tensorrt", "cuda")
+    eager = open_text_to_image_pipeline(t2i_folder, "torch", "cuda")
+    for kwargs in (dict(), dict(image=image, strength=0.6)):
+        result = img2img(engines, seed=4, **kwargs) if kwargs else engines("a red cube", seed=4, num_inference_steps=3, output_type="pt")
+        expected = img2img(eager, seed=4, **kwargs) if kwargs else eager("a red cube", seed=4, num_inference_steps=3, output_type="pt")
+        assert set(result.metadata["components"].values()) == {"tensorrt"}
+        assert max_abs(result.images.cpu(), expected.images.cpu()) <= ORT_TOL
