@@ -197,8 +197,8 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
     """The pipeline for `diffrt generate` and library users: a diffusers folder or an artifact, any backend.
     `controlnet`: one ControlNet folder or a list of them (their images and scales go in the same order).
 
-    An exported backend over a diffusers folder exports it (with the LoRA baked in) into the user
-    cache first, and reuses that export on the next run. `device` None: CUDA when available
+    An exported backend over a diffusers folder exports it (with the LoRA baked in, and the VAE encoder)
+    into the user cache first, and reuses that export on the next run. `device` None: CUDA when available
     (resolve_device); `strict`: any fallback is an error; `cuda_graph`: TensorRT only."""
     require_backend(backend)
     device = resolve_device(device, backend)
@@ -223,8 +223,9 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
     from diffrt.export.artifact import ExportOptions, default_artifact_dir
     from diffrt.export.text_to_image import export_text_to_image
 
-    options = dataclasses.replace(export_options or ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx"),
-                                  loras=[(str(p), float(s)) for p, s in loras])
+    # With the VAE encoder: an image-to-image call then runs on the backend too (a small graph beside the UNet).
+    default = ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx", vae_encoder=True)
+    options = dataclasses.replace(export_options or default, loras=[(str(p), float(s)) for p, s in loras])
     out = default_artifact_dir(folder, options)
     controlnets = controlnet_paths(controlnet)
     if controlnets:  # one cached export per set and order of ControlNets
