@@ -15,27 +15,27 @@ service's `scheduler` field reach it; what diffrt does not run is refused by nam
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import time
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from conftest import diffusers_pipe, generators, max_abs, one_line
+from conftest import (CPU, DIFFUSERS_TOL, PROMPT, assert_a_ddim_artifact_equals_torch, assert_a_pixel_artifact_carries_the_scheduler,
+                      assert_an_artifact_on_onnxruntime_equals_torch, assert_cli_generate_is_the_pipelines,
+                      assert_color_guidance_lowers_the_colour_loss, assert_controlnet_equals_controlnet_pipeline,
+                      assert_ddim_back_is_ddim_from_config, assert_equals_stable_diffusion_pipeline,
+                      assert_img2img_equals_img2img_pipeline, assert_never_takes_the_fused_ddim_kernel,
+                      assert_pipeline_calls_are_refused_in_one_line, assert_pixel_pipeline_equals_ddpm_pipeline,
+                      assert_the_service_batches_a_sampler_apart, class_cfg_by_hand, cli_generate, diffusers_pipe, export_t2i_artifact,
+                      generators, lazy_scheduler_folders, max_abs, one_line)
 from diffrt.errors import DiffrtError
 from diffrt.runtime import ddim, dpm, lcm
 from diffrt.runtime.sampling import SamplerOptions, choose_scheduler, make_sampling_schedule, sample
 from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
-CPU = "cpu"
 STEPS = 5
-DIFFUSERS_TOL = 1e-4  # torch backend vs diffusers, max abs on images in [0, 1]
-ORT_TOL = 1e-3  # onnxruntime vs torch backend (fp32 on CPU)
-PROMPT = "a photo of the cat"
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
@@ -211,18 +211,7 @@ def test_loop_with_cfg_rescale_and_generators_equals_dpm_scheduler():
 
 
 def test_dpm_never_takes_the_fused_ddim_kernel(monkeypatch):
-    import diffrt.kernels
-
-    def fused(*args, **kwargs):
-        raise AssertionError("the fused DDIM kernel ran a DPM-Solver++ step")
-
-    monkeypatch.setattr(diffrt.kernels, "cfg_ddim_step", fused)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    options = SamplerOptions(guidance_scale=2.0, use_fused_kernel=True)
-    got = sample(lambda x, t: (torch.cos(x), torch.sin(x)), x.clone(), dpm.make_dpm_schedule(dpm.DPMConfig(), 3), options)
-    with pytest.raises(AssertionError, match="fused DDIM kernel"):  # the patch is live: DDIM with CFG takes it
-        sample(lambda x, t: (torch.cos(x), torch.sin(x)), x.clone(), ddim.make_schedule(ddim.DDIMConfig(), 2), options)
-    assert torch.isfinite(got).all()
+    assert_never_takes_the_fused_ddim_kernel(monkeypatch, "DPM-Solver++", dpm.make_dpm_schedule(dpm.DPMConfig(), 3))
 
 
 # --- configs and the choice of sampler -------------------------------------------------------------------
@@ -269,11 +258,7 @@ def test_choosing_dpm_is_diffusers_from_config():
         schedule = dpm.make_dpm_schedule(chosen, steps)
         assert torch.equal(schedule.timesteps, want.timesteps) and torch.equal(schedule.sigmas, want.sigmas)
     assert choose_scheduler(own, None) is own and choose_scheduler(chosen, "dpm") is chosen
-    back = choose_scheduler(chosen, "ddim")
-    assert type(back) is ddim.DDIMConfig
-    ref = DDIMScheduler.from_config(DPMSolverMultistepScheduler.from_config(chosen.to_scheduler_config()).config)
-    ref.set_timesteps(10)
-    assert torch.equal(ddim.make_schedule(back, 10).timesteps, ref.timesteps)
+    assert_ddim_back_is_ddim_from_config(chosen, DPMSolverMultistepScheduler)
     assert type(choose_scheduler(chosen, "lcm")) is lcm.LCMConfig
     for other in ({"_class_name": "DEISMultistepScheduler", "algorithm_type": "dpmsolver++", "solver_type": "logrho"},
                   {"_class_name": "UniPCMultistepScheduler", "solver_type": "bh2"}):
@@ -400,18 +385,6 @@ def test_eta_is_ddims_and_refused_for_dpm():
 # --- whole images: the torch backend equals diffusers ----------------------------------------------------
 
 
-def dpm_folder(src, dst, **overrides):
-    """A copy of SD folder `src` with its scheduler replaced by DPMSolverMultistepScheduler, as `pipe.scheduler =
-    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **overrides); pipe.save_pretrained(dst)` writes it."""
-    shutil.copytree(src, dst)
-    config = DPMSolverMultistepScheduler.load_config(src / "scheduler")
-    DPMSolverMultistepScheduler.from_config(config, **overrides).save_pretrained(dst / "scheduler")
-    index = json.loads((dst / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
-    (dst / "model_index.json").write_text(json.dumps(index))
-    return dst
-
-
 FOLDERS = {
     "order1": dict(solver_order=1),
     "order2": {},
@@ -424,15 +397,10 @@ FOLDERS = {
 
 @pytest.fixture(scope="module")
 def folders(t2i_folder, tmp_path_factory):
-    """One SD folder (with t2i_folder's ControlNet) per FOLDERS config, made on first use."""
-    made = {}
-
-    def folder(name):
-        if name not in made:
-            made[name] = dpm_folder(t2i_folder, tmp_path_factory.mktemp(f"dpm_{name}") / "sd", **FOLDERS[name])
-        return made[name]
-
-    return folder
+    """One SD folder (with t2i_folder's ControlNet) per FOLDERS config, made on first use, as `pipe.scheduler =
+    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **overrides); pipe.save_pretrained(dst)` writes it."""
+    return lazy_scheduler_folders(t2i_folder, tmp_path_factory, "dpm",
+                                  {name: (DPMSolverMultistepScheduler, overrides) for name, overrides in FOLDERS.items()})
 
 
 @pytest.fixture(scope="module")
@@ -443,31 +411,20 @@ def ddim_pipe(t2i_folder):
 @pytest.mark.parametrize("name", FOLDERS)
 def test_a_dpm_folder_equals_stable_diffusion_pipeline(folders, name):
     """The folder's own DPMSolverMultistepScheduler (its order, Karras and final settings honoured), CFG with a negative prompt."""
-    from diffusers import StableDiffusionPipeline
-
-    folder = folders(name)
+    pipe = open_text_to_image_pipeline(folders(name), "torch", CPU)
+    assert type(pipe.scheduler) is dpm.DPMConfig
     kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, negative_prompt="blurry, dark", num_images_per_prompt=2,
                   output_type="pt")
-    ref = diffusers_pipe(StableDiffusionPipeline, folder)
-    assert isinstance(ref.scheduler, DPMSolverMultistepScheduler)
-    want = ref(PROMPT, generator=torch.Generator().manual_seed(3), **kwargs).images
-    pipe = open_text_to_image_pipeline(folder, "torch", CPU)
-    assert isinstance(pipe.scheduler, dpm.DPMConfig)
-    result = pipe(PROMPT, seed=3, **kwargs)
-    assert result.images.shape == want.shape == (2, 3, 32, 32)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL
-    assert result.metadata["scheduler"] == "dpm" and result.metadata["timesteps"] == ref.scheduler.timesteps.tolist()
+    result, ref = assert_equals_stable_diffusion_pipeline(folders(name), pipe, "dpm", kwargs)
+    assert type(ref.scheduler) is DPMSolverMultistepScheduler and result.images.shape == (2, 3, 32, 32)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_one_to_three_steps_equal_stable_diffusion_pipeline(folders, steps):
-    from diffusers import StableDiffusionPipeline
-
-    folder = folders("order3-karras")
+    pipe = open_text_to_image_pipeline(folders("order3-karras"), "torch", CPU)
     kwargs = dict(num_inference_steps=steps, guidance_scale=2.0, output_type="pt")
-    want = diffusers_pipe(StableDiffusionPipeline, folder)(PROMPT, generator=torch.Generator().manual_seed(4), **kwargs).images
-    result = open_text_to_image_pipeline(folder, "torch", CPU)(PROMPT, seed=4, **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL and len(result.metadata["timesteps"]) == steps
+    result, _ = assert_equals_stable_diffusion_pipeline(folders("order3-karras"), pipe, "dpm", kwargs, seed=4)
+    assert len(result.metadata["timesteps"]) == steps
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -478,20 +435,12 @@ def test_one_to_three_steps_equal_stable_diffusion_pipeline(folders, steps):
     dict(guidance_scale=7.5, num_inference_steps=20),
 ], ids=["cfg-negative-x2", "two-prompts-generators-rescale", "custom-timesteps", "20-steps"])
 def test_scheduler_dpm_on_a_ddim_folder_equals_diffusers_from_config(t2i_folder, ddim_pipe, kwargs):
-    from diffusers import StableDiffusionPipeline
-
     kwargs = {"num_inference_steps": STEPS, "output_type": "pt", **kwargs}
     if "timesteps" in kwargs:
         del kwargs["num_inference_steps"]
-    prompt, seeds = kwargs.pop("prompt", PROMPT), kwargs.pop("generator", None)
-    ref = diffusers_pipe(StableDiffusionPipeline, t2i_folder, DPMSolverMultistepScheduler)
-    want = ref(prompt, generator=generators(*seeds) if seeds else torch.Generator().manual_seed(3), **kwargs).images
-    result = ddim_pipe(prompt, scheduler="dpm", **({"generator": generators(*seeds)} if seeds else {"seed": 3}), **kwargs)
-    assert result.images.shape == want.shape
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL
-    assert result.metadata["scheduler"] == "dpm" and result.metadata["timesteps"] == ref.scheduler.timesteps.tolist()
-    if seeds is None and "timesteps" not in kwargs:
-        assert max_abs(result.images, ddim_pipe(prompt, seed=3, **kwargs).images) > 1e-2  # DDIM, the folder's own, differs
+    result, _ = assert_equals_stable_diffusion_pipeline(t2i_folder, ddim_pipe, "dpm", kwargs, scheduler_cls=DPMSolverMultistepScheduler)
+    if not {"prompt", "generator", "timesteps"} & set(kwargs):
+        assert max_abs(result.images, ddim_pipe(PROMPT, seed=3, **kwargs).images) > 1e-2  # DDIM, the folder's own, differs
 
 
 def test_scheduler_dpm_on_an_sd15_style_folder_takes_dpms_defaults_for_keys_the_file_leaves_out(t2i_folder, tmp_path):
@@ -518,41 +467,20 @@ def test_scheduler_dpm_on_an_sd15_style_folder_takes_dpms_defaults_for_keys_the_
                                            ("order3-v-heun", 0.75), ("order3-sigma-min", 0.4)])
 def test_img2img_equals_img2img_pipeline(folders, name, strength):
     """The last int(N * strength) steps (get_timesteps, set_begin_index), the image noised at that step's sigma."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    folder = folders(name)
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    kwargs = dict(image=image, strength=strength, num_inference_steps=STEPS, guidance_scale=2.5, negative_prompt="blurry",
-                  num_images_per_prompt=2, output_type="pt")
-    want = diffusers_pipe(StableDiffusionImg2ImgPipeline, folder)(PROMPT, generator=torch.Generator().manual_seed(2), **kwargs).images
-    result = open_text_to_image_pipeline(folder, "torch", CPU)(PROMPT, seed=2, **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL
-    assert result.num_inference_steps == int(STEPS * strength)
+    kwargs = dict(strength=strength, num_inference_steps=STEPS, guidance_scale=2.5, negative_prompt="blurry", num_images_per_prompt=2)
+    assert_img2img_equals_img2img_pipeline(folders(name), open_text_to_image_pipeline(folders(name), "torch", CPU), kwargs)
 
 
 def test_img2img_with_a_generator_per_image_equals_img2img_pipeline(t2i_folder, ddim_pipe):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
-    kwargs = dict(image=image, strength=0.8, num_inference_steps=STEPS, guidance_scale=3.0, num_images_per_prompt=2, output_type="pt")
-    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder, DPMSolverMultistepScheduler)
-    want = ref(PROMPT, generator=generators(5, 6), **kwargs).images
-    assert max_abs(ddim_pipe(PROMPT, generator=generators(5, 6), scheduler="dpm", **kwargs).images, want) <= DIFFUSERS_TOL
+    kwargs = dict(strength=0.8, num_inference_steps=STEPS, guidance_scale=3.0, num_images_per_prompt=2, generator=(5, 6))
+    assert_img2img_equals_img2img_pipeline(t2i_folder, ddim_pipe, kwargs, scheduler_cls=DPMSolverMultistepScheduler, kind="dpm",
+                                           image_seed=8)
 
 
 @pytest.mark.parametrize("name", ["order2", "order3-karras", "order2-karras-v"])
 def test_controlnet_equals_controlnet_pipeline(folders, name):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    folder = folders(name)
-    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    ref = diffusers_pipe(StableDiffusionControlNetPipeline, folder, controlnet=ControlNetModel.from_pretrained(folder / "controlnet"))
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, controlnet_conditioning_scale=0.8, num_images_per_prompt=2,
-                  output_type="pt")
-    want = ref(PROMPT, image=control, generator=torch.Generator().manual_seed(1), **kwargs).images
-    pipe = open_text_to_image_pipeline(folder, "torch", CPU, controlnet=folder / "controlnet")
-    result = pipe(PROMPT, control_image=control, seed=1, **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL and result.metadata["scheduler"] == "dpm"
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, num_images_per_prompt=2)
+    assert_controlnet_equals_controlnet_pipeline(folders(name), "dpm", kwargs)
 
 
 # --- gradient guidance ----------------------------------------------------------------------------------
@@ -587,30 +515,20 @@ def test_a_guided_dpm_step_moves_x_t_down_the_gradient_of_the_loss_on_the_data_p
 
 @pytest.mark.parametrize("mode", ["x0", "through_unet"])
 def test_color_guidance_lowers_the_colour_loss_with_dpm(ddim_pipe, mode):
-    from diffrt.runtime.guidance import color_guidance, color_loss
-
-    target = torch.tensor([1.0, 0.0, 0.0])
     for seed in (11, 13):
-        kwargs = dict(num_inference_steps=STEPS, guidance_scale=2.0, output_type="pt", seed=seed, scheduler="dpm")
-        base = ddim_pipe(PROMPT, **kwargs)
-        guided = ddim_pipe(PROMPT, guidance=[color_guidance("#ff0000", 100.0, mode=mode)], **kwargs)
-        assert color_loss(base.images, target) - color_loss(guided.images, target) > 1e-4
-        assert guided.metadata["guidance"] == ["color"] and guided.metadata["scheduler"] == "dpm"
+        assert_color_guidance_lowers_the_colour_loss(ddim_pipe, mode, "dpm", num_inference_steps=STEPS, guidance_scale=2.0, seed=seed,
+                                                     scheduler="dpm")
 
 
 def test_bad_pipeline_arguments_are_one_line(folders, ddim_pipe):
     pipe = open_text_to_image_pipeline(folders("order2"), "torch", CPU)
-    cases = [
+    assert_pipeline_calls_are_refused_in_one_line([
         (pipe, dict(eta=0.5), r"eta 0.5 is DDIM's; DPM-Solver\+\+ is deterministic"),
         (ddim_pipe, dict(scheduler="dpm", eta=0.3), r"eta 0.3 is DDIM's; DPM-Solver\+\+"),
         (ddim_pipe, dict(scheduler="heun"), r"scheduler must be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a' .* got 'heun'"),
         (ddim_pipe, dict(timesteps=[999, 499]), r"custom timesteps need scheduler='lcm', 'dpm' or 'euler'"),
         (pipe, dict(image=torch.rand(1, 3, 32, 32), strength=0.1), r"strength 0.1 x 5 steps leaves no denoising step"),
-    ]
-    for p, kwargs, message in cases:
-        with pytest.raises(DiffrtError, match=message) as info:
-            p(PROMPT, guidance_scale=1.0, output_type="pt", **{"num_inference_steps": STEPS, **kwargs})
-        one_line(info)
+    ], STEPS)
 
 
 # --- pixel-space models: the same loop ----------------------------------------------------------------
@@ -619,26 +537,13 @@ def test_bad_pipeline_arguments_are_one_line(folders, ddim_pipe):
 def test_pixel_dpm_equals_ddpm_pipeline_with_dpm_scheduler(uncond_model_dir, tmp_path):
     """DDPMPipeline drives any scheduler's set_timesteps/step: with DPMSolverMultistepScheduler it is the DPM loop.
     The test model's DDIM config clips x0 (clip_sample), which DPM-Solver++ has no notion of."""
-    from diffusers import DDPMPipeline, UNet2DModel
-
-    from diffrt.runtime.loading import open_pixel_pipeline
-
     scheduler = DPMSolverMultistepScheduler.from_config(DDIMScheduler.from_pretrained(uncond_model_dir / "scheduler").config)
-    ref = DDPMPipeline(UNet2DModel.from_pretrained(uncond_model_dir / "unet"), scheduler)
-    ref.set_progress_bar_config(disable=True)
-    want = ref(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=STEPS, output_type="np").images
-    pipe = open_pixel_pipeline(uncond_model_dir, "torch", CPU)
-    got = pipe(num_images=2, num_inference_steps=STEPS, seed=7, output_type="np", scheduler="dpm")
-    assert got.images.shape == want.shape and abs(got.images - want).max() <= 1e-4 and got.metadata["scheduler"] == "dpm"
+    pipe, want = assert_pixel_pipeline_equals_ddpm_pipeline(uncond_model_dir, scheduler, "dpm", STEPS, scheduler="dpm")
     assert abs(pipe(num_images=2, num_inference_steps=STEPS, seed=7, output_type="np").images - want).max() > 1e-3
 
     folder = shutil.copytree(uncond_model_dir, tmp_path / "dpm")  # a folder whose scheduler config names DPMSolverMultistepScheduler
     DPMSolverMultistepScheduler.from_config(scheduler.config, solver_order=3, use_karras_sigmas=True).save_pretrained(folder / "scheduler")
-    ref = DDPMPipeline(UNet2DModel.from_pretrained(folder / "unet"), DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler"))
-    ref.set_progress_bar_config(disable=True)
-    want = ref(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=STEPS, output_type="np").images
-    own = open_pixel_pipeline(folder, "torch", CPU)(num_images=2, num_inference_steps=STEPS, seed=7, output_type="np")
-    assert own.metadata["scheduler"] == "dpm" and abs(own.images - want).max() <= 1e-4
+    assert_pixel_pipeline_equals_ddpm_pipeline(folder, DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler"), "dpm", STEPS)
 
 
 def test_class_conditioned_pixel_dpm_with_cfg_equals_dpm_scheduler_by_hand(classemb_model_dir):
@@ -646,40 +551,21 @@ def test_class_conditioned_pixel_dpm_with_cfg_equals_dpm_scheduler_by_hand(class
     from diffrt.runtime.loading import torch_pixel_pipeline
 
     model = load_pixel_model(classemb_model_dir)
-    null = model.info.null_class_label
     labels, scale = torch.tensor([1, 3]), 3.0
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.to_scheduler_config(), solver_order=3)
     scheduler.set_timesteps(STEPS)
-    x = x_T.clone()
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            ts = torch.full((2,), float(t))
-            eps_null, eps_c = model.unet(x, ts, torch.full((2,), null)), model.unet(x, ts, labels)
-            x = scheduler.step(eps_null + scale * (eps_c - eps_null), t, x).prev_sample
+    want = class_cfg_by_hand(model, scheduler, x_T.clone(), labels, scale)
     config = dpm.DPMConfig.from_scheduler_config(dict(scheduler.config))
     got = torch_pixel_pipeline(model)(labels, latents=x_T, num_inference_steps=STEPS, guidance_scale=scale, output_type="pt",
                                       scheduler=config).images
     # The random UNet drives x far outside [-1, 1] (DPM-Solver++ does not clip), where one batched 2B call and two
     # calls differ by ~1e-7 relative: the images' usual tolerance, not LCM's 1e-5.
-    assert max_abs(got, (x / 2 + 0.5).clamp(0, 1)) <= DIFFUSERS_TOL
+    assert max_abs(got, want) <= DIFFUSERS_TOL
 
 
 def test_a_pixel_dpm_artifact_carries_dpm_to_onnxruntime(uncond_model_dir, tmp_path):
-    from diffrt.export import manifest as mf
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
-    from diffrt.runtime.loading import open_pixel_pipeline
-
-    folder = shutil.copytree(uncond_model_dir, tmp_path / "dpm")
-    DPMSolverMultistepScheduler.from_config(DDIMScheduler.from_pretrained(folder / "scheduler").config,
-                                            solver_order=3).save_pretrained(folder / "scheduler")
-    export_pixel_model(folder, tmp_path / "artifact", ExportOptions(batch=(1, 2, 4)))
-    written = mf.read_manifest(tmp_path / "artifact")["pipeline"]["scheduler"]
-    assert written["_class_name"] == "DPMSolverMultistepScheduler" and written["solver_order"] == 3
-    kwargs = dict(num_images=2, num_inference_steps=STEPS, seed=3, output_type="pt")
-    got = open_pixel_pipeline(tmp_path / "artifact", "onnxruntime", CPU)(**kwargs)
-    assert got.metadata["scheduler"] == "dpm" and got.backend == "onnxruntime"
-    assert max_abs(got.images, open_pixel_pipeline(folder, "torch", CPU)(**kwargs).images) <= ORT_TOL
+    assert_a_pixel_artifact_carries_the_scheduler(uncond_model_dir, tmp_path, DPMSolverMultistepScheduler, "dpm", STEPS, solver_order=3)
 
 
 # --- exported artifacts, the CLI and the service -----------------------------------------------------------
@@ -688,14 +574,7 @@ def test_a_pixel_dpm_artifact_carries_dpm_to_onnxruntime(uncond_model_dir, tmp_p
 @pytest.fixture(scope="module")
 def dpm_artifact(folders, tmp_path_factory):
     """The order-3 Karras folder exported without its ControlNet (fp32 ONNX)."""
-    from conftest import T2I_RANGES
-
-    from diffrt.export.artifact import ExportOptions
-    from diffrt.export.text_to_image import export_text_to_image
-
-    out = tmp_path_factory.mktemp("dpm_artifact") / "artifact"
-    export_text_to_image(folders("order3-karras"), out, ExportOptions(**T2I_RANGES), [])
-    return out
+    return export_t2i_artifact(folders("order3-karras"), tmp_path_factory.mktemp("dpm_artifact") / "artifact")
 
 
 @pytest.mark.parametrize("kwargs", [dict(guidance_scale=3.0, negative_prompt="blurry", num_images_per_prompt=2),
@@ -705,39 +584,20 @@ def test_a_dpm_artifact_on_onnxruntime_equals_torch(dpm_artifact, folders, kwarg
 
     written = mf.read_manifest(dpm_artifact)["pipeline"]["scheduler"]
     assert (written["_class_name"], written["solver_order"], written["use_karras_sigmas"]) == ("DPMSolverMultistepScheduler", 3, True)
-    ort = open_text_to_image_pipeline(dpm_artifact, "onnxruntime", CPU)
+    ort = assert_an_artifact_on_onnxruntime_equals_torch(dpm_artifact, open_text_to_image_pipeline(folders("order3-karras"), "torch", CPU),
+                                                         "dpm", kwargs, STEPS)
     assert isinstance(ort.scheduler, dpm.DPMConfig) and ort.scheduler.use_karras_sigmas
-    kwargs = dict(kwargs, num_inference_steps=STEPS, output_type="pt", seed=5)
-    if "image" in kwargs:
-        kwargs.update(image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7)), strength=kwargs["image"])
-    result = ort(PROMPT, **kwargs)
-    expected = open_text_to_image_pipeline(folders("order3-karras"), "torch", CPU)(PROMPT, **kwargs)
-    assert result.backend == "onnxruntime" and result.metadata["scheduler"] == "dpm"
-    assert max_abs(result.images, expected.images) <= ORT_TOL
 
 
 def test_scheduler_dpm_on_a_ddim_artifact_equals_torch(t2i_artifact, ddim_pipe):
-    ort = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, num_images_per_prompt=2, output_type="pt", seed=3, scheduler="dpm")
-    result = ort(PROMPT, **kwargs)
-    assert result.metadata["scheduler"] == "dpm"
-    assert max_abs(result.images, ddim_pipe(PROMPT, **kwargs).images) <= ORT_TOL
+    assert_a_ddim_artifact_equals_torch(t2i_artifact, ddim_pipe, "dpm", num_inference_steps=STEPS, guidance_scale=3.0, scheduler="dpm")
 
 
 def test_cli_generate_scheduler_dpm_is_the_pipelines_dpm(t2i_folder, ddim_pipe, tmp_path):
     """`diffrt generate --scheduler dpm` samples a DDIM folder with DPM-Solver++ at StableDiffusionPipeline's
     guidance 7.5: the images of the pipeline called with scheduler="dpm"."""
-    from diffrt.cli import main
-
-    out = tmp_path / "dpm.npy"
-    assert main(["generate", "--model", str(t2i_folder), "--backend", "torch", "--device", CPU, "--prompt", PROMPT,
-                 "--scheduler", "dpm", "--steps", "4", "--seed", "4", "--out", str(out)]) == 0
-    want = ddim_pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, seed=4, scheduler="dpm", output_type="np").images
-    assert max_abs(torch.from_numpy(np.load(out)), torch.from_numpy(want)) <= 1e-6
-    ddim_images = ddim_pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, seed=4, output_type="np").images
-    assert max_abs(torch.from_numpy(want), torch.from_numpy(ddim_images)) > 1e-2  # the flag changed the sampler
-    assert main(["generate", "--model", str(t2i_folder), "--backend", "torch", "--device", CPU, "--prompt", PROMPT,
-                 "--scheduler", "dpm", "--eta", "0.5", "--steps", "4", "--out", str(tmp_path / "x.npy")]) == 2
+    assert_cli_generate_is_the_pipelines(t2i_folder, ddim_pipe, tmp_path, "dpm", 4, 7.5)  # unlike DDIM, the folder's own
+    assert cli_generate(t2i_folder, tmp_path / "x.npy", "--scheduler", "dpm", "--eta", "0.5", "--steps", "4") == 2
 
 
 def test_serve_dpm_requests_batch_apart_from_ddim_each_as_alone(dpm_artifact):
@@ -745,48 +605,8 @@ def test_serve_dpm_requests_batch_apart_from_ddim_each_as_alone(dpm_artifact):
     DPM by default, DPM and DDIM requests never share a batch, a shared DPM batch gives each request the images
     `diffrt generate` gives it alone, and eta is refused naming the field."""
     pytest.importorskip("fastapi")
-    from PIL import Image
-
-    from diffrt.generate import GenerateRequest, generate
-    from diffrt.images import to_uint8
-    from diffrt.serve.batcher import Job
-    from diffrt.serve.runtime import RuntimeConfig, make_worker
-    from diffrt.serve.schema import GenerateBody, RequestError
-
-    assert GenerateBody(prompt=PROMPT, scheduler="dpm").scheduler == "dpm"
-    try:
-        from diffrt.serve.triton import bodies_from_inputs
-    except ImportError:  # Triton's client is optional
-        pass
-    else:
-        assert [b.scheduler for b in bodies_from_inputs({"scheduler": np.array([[b"dpm"], [b"ddim"]], dtype=object)})] == ["dpm", "ddim"]
-
-    def alone(prompt, seed, num_images=1):
-        req = GenerateRequest(model=str(dpm_artifact), backend="onnxruntime", device=CPU, prompt=prompt, seed=seed,
-                              num_inference_steps=STEPS, num_images=num_images, guidance_scale=3.0)
-        result = generate(req)
-        assert result.metadata["scheduler"] == "dpm"
-        return to_uint8(result.images)
-
-    worker = make_worker(RuntimeConfig(model=str(dpm_artifact), backend="onnxruntime", device=CPU, warmup_steps=2))
-    worker.load()
-    bodies = [GenerateBody(prompt=PROMPT, seed=7, num_inference_steps=STEPS, guidance_scale=3.0),
-              GenerateBody(prompt="another prompt", seed=8, num_inference_steps=STEPS, guidance_scale=3.0, scheduler="dpm")]
-    plans = [worker.plan(body) for body in bodies]
-    assert all(plan.settings["scheduler"] == "dpm" and plan.generator is None for plan in plans)  # no per-step noise to keep
-    assert worker.batch_key(plans[0]) == worker.batch_key(plans[1]) is not None
-    as_ddim = worker.plan(GenerateBody(prompt=PROMPT, seed=9, num_inference_steps=STEPS, guidance_scale=3.0, scheduler="ddim"))
-    assert as_ddim.settings["scheduler"] == "ddim" and worker.batch_key(as_ddim) != worker.batch_key(plans[0])
-    jobs = [Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60) for plan in plans]
-    answers = worker.run_batch(jobs)
-    for job, body in zip(jobs, bodies):
-        assert answers[job.id].batch_size == 2
-        got = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in answers[job.id].images])
-        np.testing.assert_array_equal(got, alone(body.prompt, body.seed, body.num_images))
-    with pytest.raises(RequestError) as info:
-        worker.plan(GenerateBody(prompt=PROMPT, eta=0.5))
-    assert info.value.field == "eta" and "DPM-Solver++" in info.value.message
-    worker.plan(GenerateBody(prompt=PROMPT, eta=0.5, scheduler="ddim"))  # DDIM takes it
+    assert_the_service_batches_a_sampler_apart(dpm_artifact, "dpm", STEPS, draws_noise=False, others=["ddim"],  # no per-step noise
+                                               eta_refused={None: "DPM-Solver++"})
 
 
 # --- on a GPU -------------------------------------------------------------------------------------

@@ -15,28 +15,27 @@ diffrt does not run is refused by name, in one line.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import time
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-from conftest import diffusers_pipe, generators, max_abs, one_line
+from conftest import (CPU, DIFFUSERS_TOL, PROMPT, assert_a_ddim_artifact_equals_torch, assert_a_pixel_artifact_carries_the_scheduler,
+                      assert_an_artifact_on_onnxruntime_equals_torch, assert_cli_generate_is_the_pipelines,
+                      assert_color_guidance_lowers_the_colour_loss, assert_controlnet_equals_controlnet_pipeline,
+                      assert_ddim_back_is_ddim_from_config, assert_equals_stable_diffusion_pipeline,
+                      assert_img2img_equals_img2img_pipeline, assert_never_takes_the_fused_ddim_kernel,
+                      assert_pipeline_calls_are_refused_in_one_line, assert_the_service_batches_a_sampler_apart, class_cfg_by_hand,
+                      cli_generate, diffusers_pipe, export_t2i_artifact, generators, lazy_scheduler_folders, max_abs, one_line)
 from diffrt.errors import DiffrtError
 from diffrt.runtime import ddim, euler
 from diffrt.runtime.sampling import (SamplerOptions, add_noise, choose_scheduler, draws_step_noise, initial_noise,
                                      make_sampling_schedule, sample)
 from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
-CPU = "cpu"
 STEPS = 5
-DIFFUSERS_TOL = 1e-4  # torch backend vs diffusers, max abs on images in [0, 1]
-ORT_TOL = 1e-3  # onnxruntime vs torch backend (fp32 on CPU)
-PROMPT = "a photo of the cat"
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler}
 
@@ -237,19 +236,8 @@ def test_loop_with_cfg_rescale_and_a_generator_per_image_equals_scheduler(kind):
 
 
 def test_euler_never_takes_the_fused_ddim_kernel(monkeypatch):
-    import diffrt.kernels
-
-    def fused(*args, **kwargs):
-        raise AssertionError("the fused DDIM kernel ran an Euler step")
-
-    monkeypatch.setattr(diffrt.kernels, "cfg_ddim_step", fused)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    options = SamplerOptions(guidance_scale=2.0, use_fused_kernel=True, generator=torch.Generator().manual_seed(0))
-    for config in (euler.EulerConfig(), euler.EulerAncestralConfig()):
-        got = sample(lambda x, t: (torch.cos(x), torch.sin(x)), x.clone(), euler.make_euler_schedule(config, 3), options)
-        assert torch.isfinite(got).all()
-    with pytest.raises(AssertionError, match="fused DDIM kernel"):  # the patch is live: DDIM with CFG takes it
-        sample(lambda x, t: (torch.cos(x), torch.sin(x)), x.clone(), ddim.make_schedule(ddim.DDIMConfig(), 2), options)
+    assert_never_takes_the_fused_ddim_kernel(monkeypatch, "Euler", euler.make_euler_schedule(euler.EulerConfig(), 3),
+                                             euler.make_euler_schedule(euler.EulerAncestralConfig(), 3))
 
 
 def test_a_guided_euler_step_moves_x_t_down_the_gradient_of_the_loss_on_x0():
@@ -333,10 +321,7 @@ def test_choosing_euler_is_diffusers_from_config():
             schedule = euler.make_euler_schedule(chosen, steps)
             assert torch.equal(schedule.timesteps, want.timesteps) and torch.equal(schedule.sigmas, want.sigmas)
         assert choose_scheduler(chosen, kind) is chosen
-        back = choose_scheduler(chosen, "ddim")
-        ref = DDIMScheduler.from_config(cls.from_config(chosen.to_scheduler_config()).config)
-        ref.set_timesteps(10)
-        assert type(back) is ddim.DDIMConfig and torch.equal(ddim.make_schedule(back, 10).timesteps, ref.timesteps)
+        assert_ddim_back_is_ddim_from_config(chosen, cls)
     a = choose_scheduler(choose_scheduler(own, "euler"), "euler_a")
     assert type(a) is euler.EulerAncestralConfig and type(choose_scheduler(a, "euler")) is euler.EulerConfig
     karras = ddim.DDIMConfig.from_scheduler_config({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True})
@@ -390,17 +375,6 @@ def test_eta_is_ddims_and_refused_for_both(config, message):
 # --- whole images: the torch backend equals diffusers ----------------------------------------------------
 
 
-def euler_folder(src, dst, cls, **overrides):
-    """A copy of SD folder `src` with its scheduler replaced by `cls`, as `pipe.scheduler = cls.from_config(
-    pipe.scheduler.config, **overrides); pipe.save_pretrained(dst)` writes it."""
-    shutil.copytree(src, dst)
-    cls.from_config(cls.load_config(src / "scheduler"), **overrides).save_pretrained(dst / "scheduler")
-    index = json.loads((dst / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", cls.__name__]
-    (dst / "model_index.json").write_text(json.dumps(index))
-    return dst
-
-
 FOLDERS = {
     "euler": ("euler", {}),
     "euler-karras": ("euler", dict(use_karras_sigmas=True)),
@@ -413,16 +387,10 @@ FOLDERS = {
 
 @pytest.fixture(scope="module")
 def folders(t2i_folder, tmp_path_factory):
-    """One SD folder (with t2i_folder's ControlNet) per FOLDERS config, made on first use."""
-    made = {}
-
-    def folder(name):
-        if name not in made:
-            kind, overrides = FOLDERS[name]
-            made[name] = euler_folder(t2i_folder, tmp_path_factory.mktemp(f"euler_{name}") / "sd", CLASSES[kind], **overrides)
-        return made[name]
-
-    return folder
+    """One SD folder (with t2i_folder's ControlNet) per FOLDERS config, made on first use, as `pipe.scheduler = cls.from_config(
+    pipe.scheduler.config, **overrides); pipe.save_pretrained(dst)` writes it."""
+    return lazy_scheduler_folders(t2i_folder, tmp_path_factory, "euler",
+                                  {name: (CLASSES[kind], overrides) for name, (kind, overrides) in FOLDERS.items()})
 
 
 @pytest.fixture(scope="module")
@@ -433,32 +401,22 @@ def ddim_pipe(t2i_folder):
 @pytest.mark.parametrize("name", FOLDERS)
 def test_an_euler_folder_equals_stable_diffusion_pipeline(folders, name):
     """The folder's own scheduler class (its settings honoured), CFG with a negative prompt, two images from one generator."""
-    from diffusers import StableDiffusionPipeline
-
-    folder, kind = folders(name), FOLDERS[name][0]
+    kind = FOLDERS[name][0]
+    pipe = open_text_to_image_pipeline(folders(name), "torch", CPU)
+    assert type(pipe.scheduler) is (euler.EulerConfig if kind == "euler" else euler.EulerAncestralConfig)
     kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, negative_prompt="blurry, dark", num_images_per_prompt=2,
                   output_type="pt")
-    ref = diffusers_pipe(StableDiffusionPipeline, folder)
-    assert type(ref.scheduler) is CLASSES[kind]
-    want = ref(PROMPT, generator=torch.Generator().manual_seed(3), **kwargs).images
-    pipe = open_text_to_image_pipeline(folder, "torch", CPU)
-    assert type(pipe.scheduler) is (euler.EulerConfig if kind == "euler" else euler.EulerAncestralConfig)
-    result = pipe(PROMPT, seed=3, **kwargs)
-    assert result.images.shape == want.shape == (2, 3, 32, 32)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL
-    assert result.metadata["scheduler"] == kind and result.metadata["timesteps"] == ref.scheduler.timesteps.tolist()
+    result, ref = assert_equals_stable_diffusion_pipeline(folders(name), pipe, kind, kwargs)
+    assert type(ref.scheduler) is CLASSES[kind] and result.images.shape == (2, 3, 32, 32)
 
 
 @pytest.mark.parametrize("name", ["euler-karras", "euler_a"])
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_one_to_three_steps_equal_stable_diffusion_pipeline(folders, name, steps):
-    from diffusers import StableDiffusionPipeline
-
-    folder = folders(name)
+    pipe = open_text_to_image_pipeline(folders(name), "torch", CPU)
     kwargs = dict(num_inference_steps=steps, guidance_scale=2.0, output_type="pt")
-    want = diffusers_pipe(StableDiffusionPipeline, folder)(PROMPT, generator=torch.Generator().manual_seed(4), **kwargs).images
-    result = open_text_to_image_pipeline(folder, "torch", CPU)(PROMPT, seed=4, **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL and len(result.metadata["timesteps"]) == steps
+    result, _ = assert_equals_stable_diffusion_pipeline(folders(name), pipe, FOLDERS[name][0], kwargs, seed=4)
+    assert len(result.metadata["timesteps"]) == steps
 
 
 @pytest.mark.parametrize("kind", CLASSES)
@@ -469,19 +427,11 @@ def test_one_to_three_steps_equal_stable_diffusion_pipeline(folders, name, steps
     dict(guidance_scale=7.5, num_inference_steps=20),
 ], ids=["cfg-negative-x2", "two-prompts-generators-rescale", "20-steps"])
 def test_scheduler_euler_on_a_ddim_folder_equals_diffusers_from_config(t2i_folder, ddim_pipe, kind, kwargs):
-    from diffusers import StableDiffusionPipeline
-
     kwargs = {"num_inference_steps": STEPS, "output_type": "pt", **kwargs}
-    prompt, seeds = kwargs.pop("prompt", PROMPT), kwargs.pop("generator", None)
-    ref = diffusers_pipe(StableDiffusionPipeline, t2i_folder, CLASSES[kind])
-    want = ref(prompt, generator=generators(*seeds) if seeds else torch.Generator().manual_seed(3), **kwargs).images
-    result = ddim_pipe(prompt, scheduler=kind, **({"generator": generators(*seeds)} if seeds else {"seed": 3}), **kwargs)
-    assert result.images.shape == want.shape
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL
-    assert result.metadata["scheduler"] == kind and result.metadata["timesteps"] == ref.scheduler.timesteps.tolist()
-    if seeds is None and kwargs["num_inference_steps"] == STEPS:  # DDIM, the folder's own, differs (by less with more
-        # steps: DDIM and Euler solve one ODE)
-        assert max_abs(result.images, ddim_pipe(prompt, seed=3, **kwargs).images) > 10 * DIFFUSERS_TOL
+    result, _ = assert_equals_stable_diffusion_pipeline(t2i_folder, ddim_pipe, kind, kwargs, scheduler_cls=CLASSES[kind])
+    if not {"prompt", "generator"} & set(kwargs) and kwargs["num_inference_steps"] == STEPS:  # DDIM, the folder's own, differs (by
+        # less with more steps: DDIM and Euler solve one ODE)
+        assert max_abs(result.images, ddim_pipe(PROMPT, seed=3, **kwargs).images) > 10 * DIFFUSERS_TOL
 
 
 def test_euler_custom_timesteps_and_given_latents_equal_stable_diffusion_pipeline(t2i_folder, ddim_pipe):
@@ -505,69 +455,38 @@ def test_euler_custom_timesteps_and_given_latents_equal_stable_diffusion_pipelin
                                            ("euler_a", 0.75), ("euler_a-v-trailing", 0.4)])
 def test_img2img_equals_img2img_pipeline(folders, name, strength):
     """The last int(N * strength) steps (get_timesteps, set_begin_index), the image noised at that step's sigma."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    folder = folders(name)
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    kwargs = dict(image=image, strength=strength, num_inference_steps=STEPS, guidance_scale=2.5, negative_prompt="blurry",
-                  num_images_per_prompt=2, output_type="pt")
-    want = diffusers_pipe(StableDiffusionImg2ImgPipeline, folder)(PROMPT, generator=torch.Generator().manual_seed(2), **kwargs).images
-    result = open_text_to_image_pipeline(folder, "torch", CPU)(PROMPT, seed=2, **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL
-    assert result.num_inference_steps == int(STEPS * strength)
+    kwargs = dict(strength=strength, num_inference_steps=STEPS, guidance_scale=2.5, negative_prompt="blurry", num_images_per_prompt=2)
+    assert_img2img_equals_img2img_pipeline(folders(name), open_text_to_image_pipeline(folders(name), "torch", CPU), kwargs)
 
 
 def test_img2img_with_a_generator_per_image_equals_img2img_pipeline(t2i_folder, ddim_pipe):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
-    kwargs = dict(image=image, strength=0.8, num_inference_steps=STEPS, guidance_scale=3.0, num_images_per_prompt=2, output_type="pt")
-    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder, EulerAncestralDiscreteScheduler)
-    want = ref(PROMPT, generator=generators(5, 6), **kwargs).images
-    assert max_abs(ddim_pipe(PROMPT, generator=generators(5, 6), scheduler="euler_a", **kwargs).images, want) <= DIFFUSERS_TOL
+    kwargs = dict(strength=0.8, num_inference_steps=STEPS, guidance_scale=3.0, num_images_per_prompt=2, generator=(5, 6))
+    assert_img2img_equals_img2img_pipeline(t2i_folder, ddim_pipe, kwargs, scheduler_cls=EulerAncestralDiscreteScheduler, kind="euler_a",
+                                           image_seed=8)
 
 
 @pytest.mark.parametrize("name", ["euler", "euler-karras", "euler-v-sigma-min", "euler_a", "euler_a-v-trailing"])
 def test_controlnet_equals_controlnet_pipeline(folders, name):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    folder = folders(name)
-    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    ref = diffusers_pipe(StableDiffusionControlNetPipeline, folder, controlnet=ControlNetModel.from_pretrained(folder / "controlnet"))
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, controlnet_conditioning_scale=0.8, num_images_per_prompt=2,
-                  output_type="pt")
-    want = ref(PROMPT, image=control, generator=torch.Generator().manual_seed(1), **kwargs).images
-    pipe = open_text_to_image_pipeline(folder, "torch", CPU, controlnet=folder / "controlnet")
-    result = pipe(PROMPT, control_image=control, seed=1, **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL and result.metadata["scheduler"] == FOLDERS[name][0]
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, num_images_per_prompt=2)
+    assert_controlnet_equals_controlnet_pipeline(folders(name), FOLDERS[name][0], kwargs)
 
 
 @pytest.mark.parametrize("mode", ["x0", "through_unet"])
 def test_color_guidance_lowers_the_colour_loss_with_euler(ddim_pipe, mode):
-    from diffrt.runtime.guidance import color_guidance, color_loss
-
-    target = torch.tensor([1.0, 0.0, 0.0])
     for kind in CLASSES:
-        kwargs = dict(num_inference_steps=STEPS, guidance_scale=2.0, output_type="pt", seed=11, scheduler=kind)
-        base = ddim_pipe(PROMPT, **kwargs)
-        guided = ddim_pipe(PROMPT, guidance=[color_guidance("#ff0000", 100.0, mode=mode)], **kwargs)
-        assert color_loss(base.images, target) - color_loss(guided.images, target) > 1e-4
-        assert guided.metadata["guidance"] == ["color"] and guided.metadata["scheduler"] == kind
+        assert_color_guidance_lowers_the_colour_loss(ddim_pipe, mode, kind, num_inference_steps=STEPS, guidance_scale=2.0, seed=11,
+                                                     scheduler=kind)
 
 
 def test_bad_pipeline_arguments_are_one_line(folders, ddim_pipe):
     pipe = open_text_to_image_pipeline(folders("euler_a"), "torch", CPU)
-    cases = [
+    assert_pipeline_calls_are_refused_in_one_line([
         (pipe, dict(eta=0.5), r"eta 0.5 is DDIM's; Euler Ancestral draws fresh noise"),
         (ddim_pipe, dict(scheduler="euler", eta=0.3), r"eta 0.3 is DDIM's; Euler is deterministic"),
         (pipe, dict(timesteps=[999, 499]), r"custom timesteps need scheduler='lcm', 'dpm' or 'euler'"),
         (ddim_pipe, dict(scheduler="heun"), r"scheduler must be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a' .* got 'heun'"),
         (pipe, dict(image=torch.rand(1, 3, 32, 32), strength=0.1), r"strength 0.1 x 5 steps leaves no denoising step"),
-    ]
-    for p, kwargs, message in cases:
-        with pytest.raises(DiffrtError, match=message) as info:
-            p(PROMPT, guidance_scale=1.0, output_type="pt", **{"num_inference_steps": STEPS, **kwargs})
-        one_line(info)
+    ], STEPS)
 
 
 # --- pixel-space models: the same loop ----------------------------------------------------------------
@@ -584,21 +503,15 @@ def test_class_conditioned_pixel_euler_with_cfg_equals_scheduler_by_hand(classem
     from diffrt.runtime.loading import torch_pixel_pipeline
 
     model = load_pixel_model(classemb_model_dir)
-    null = model.info.null_class_label
     labels, scale = torch.tensor([1, 3]), 3.0
     scheduler = CLASSES[kind].from_config(model.scheduler.to_scheduler_config(), **overrides)
     scheduler.set_timesteps(STEPS)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3, 16, 16, generator=g) * scheduler.init_noise_sigma
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x_in, ts = scheduler.scale_model_input(x, t), torch.full((2,), float(t))
-            eps_null, eps_c = model.unet(x_in, ts, torch.full((2,), null)), model.unet(x_in, ts, labels)
-            x = scheduler.step(eps_null + scale * (eps_c - eps_null), t, x, generator=g).prev_sample
+    want = class_cfg_by_hand(model, scheduler, torch.randn(2, 3, 16, 16, generator=g) * scheduler.init_noise_sigma, labels, scale, g)
     config = ddim.DDIMConfig.from_scheduler_config({"_class_name": type(scheduler).__name__, **scheduler.config})
     got = torch_pixel_pipeline(model)(labels, num_inference_steps=STEPS, guidance_scale=scale, output_type="pt", seed=5,
                                       scheduler=config)
-    assert got.metadata["scheduler"] == kind and max_abs(got.images, (x / 2 + 0.5).clamp(0, 1)) <= DIFFUSERS_TOL
+    assert got.metadata["scheduler"] == kind and max_abs(got.images, want) <= DIFFUSERS_TOL
 
 
 def test_pixel_scheduler_euler_a_on_a_ddim_folder_and_an_euler_folder(uncond_model_dir, tmp_path):
@@ -620,14 +533,7 @@ def test_pixel_scheduler_euler_a_on_a_ddim_folder_and_an_euler_folder(uncond_mod
 @pytest.fixture(scope="module")
 def euler_a_artifact(folders, tmp_path_factory):
     """The Euler Ancestral folder exported without its ControlNet (fp32 ONNX)."""
-    from conftest import T2I_RANGES
-
-    from diffrt.export.artifact import ExportOptions
-    from diffrt.export.text_to_image import export_text_to_image
-
-    out = tmp_path_factory.mktemp("euler_a_artifact") / "artifact"
-    export_text_to_image(folders("euler_a"), out, ExportOptions(**T2I_RANGES), [])
-    return out
+    return export_t2i_artifact(folders("euler_a"), tmp_path_factory.mktemp("euler_a_artifact") / "artifact")
 
 
 @pytest.mark.parametrize("kwargs", [dict(guidance_scale=3.0, negative_prompt="blurry", num_images_per_prompt=2),
@@ -637,59 +543,30 @@ def test_an_euler_a_artifact_on_onnxruntime_equals_torch(euler_a_artifact, folde
 
     written = mf.read_manifest(euler_a_artifact)["pipeline"]["scheduler"]
     assert written["_class_name"] == "EulerAncestralDiscreteScheduler" and written["timestep_spacing"] == "leading"  # the folder's
-    ort = open_text_to_image_pipeline(euler_a_artifact, "onnxruntime", CPU)
+    ort = assert_an_artifact_on_onnxruntime_equals_torch(euler_a_artifact, open_text_to_image_pipeline(folders("euler_a"), "torch", CPU),
+                                                         "euler_a", kwargs, STEPS)
     assert type(ort.scheduler) is euler.EulerAncestralConfig
-    kwargs = dict(kwargs, num_inference_steps=STEPS, output_type="pt", seed=5)
-    if "image" in kwargs:
-        kwargs.update(image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7)), strength=kwargs["image"])
-    result = ort(PROMPT, **kwargs)
-    expected = open_text_to_image_pipeline(folders("euler_a"), "torch", CPU)(PROMPT, **kwargs)
-    assert result.backend == "onnxruntime" and result.metadata["scheduler"] == "euler_a"
-    assert max_abs(result.images, expected.images) <= ORT_TOL
 
 
 def test_scheduler_euler_karras_on_a_ddim_artifact_equals_torch(t2i_artifact, ddim_pipe):
     """Fractional timesteps (Karras sigmas) reach the ONNX UNet as the float32 timestep it takes."""
     config = ddim.DDIMConfig.from_scheduler_config({**ddim_pipe.scheduler.to_scheduler_config(), "_class_name": "EulerDiscreteScheduler",
                                                     "use_karras_sigmas": True})
-    ort = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=3.0, num_images_per_prompt=2, output_type="pt", seed=3, scheduler=config)
-    result = ort(PROMPT, **kwargs)
-    assert result.metadata["scheduler"] == "euler" and any(t != int(t) for t in result.metadata["timesteps"])
-    assert max_abs(result.images, ddim_pipe(PROMPT, **kwargs).images) <= ORT_TOL
+    result = assert_a_ddim_artifact_equals_torch(t2i_artifact, ddim_pipe, "euler", num_inference_steps=STEPS, guidance_scale=3.0,
+                                                 scheduler=config)
+    assert any(t != int(t) for t in result.metadata["timesteps"])
 
 
 def test_a_pixel_euler_artifact_carries_euler_to_onnxruntime(uncond_model_dir, tmp_path):
-    from diffrt.export import manifest as mf
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
-    from diffrt.runtime.loading import open_pixel_pipeline
-
-    folder = shutil.copytree(uncond_model_dir, tmp_path / "euler")
-    EulerDiscreteScheduler.from_config(DDIMScheduler.from_pretrained(folder / "scheduler").config,
-                                       use_karras_sigmas=True).save_pretrained(folder / "scheduler")
-    export_pixel_model(folder, tmp_path / "artifact", ExportOptions(batch=(1, 2, 4)))
-    written = mf.read_manifest(tmp_path / "artifact")["pipeline"]["scheduler"]
-    assert written["_class_name"] == "EulerDiscreteScheduler" and written["use_karras_sigmas"] is True
-    kwargs = dict(num_images=2, num_inference_steps=STEPS, seed=3, output_type="pt")
-    got = open_pixel_pipeline(tmp_path / "artifact", "onnxruntime", CPU)(**kwargs)
-    assert got.metadata["scheduler"] == "euler" and got.backend == "onnxruntime"
-    assert max_abs(got.images, open_pixel_pipeline(folder, "torch", CPU)(**kwargs).images) <= ORT_TOL
+    assert_a_pixel_artifact_carries_the_scheduler(uncond_model_dir, tmp_path, EulerDiscreteScheduler, "euler", STEPS, use_karras_sigmas=True)
 
 
 def test_cli_generate_scheduler_euler_a_is_the_pipelines_euler_a(t2i_folder, ddim_pipe, tmp_path):
     """`diffrt generate --scheduler euler_a` samples a DDIM folder with Euler Ancestral at guidance 7.5: the images
     of the pipeline called with scheduler="euler_a"; eta is refused (exit 2)."""
-    from diffrt.cli import main
-
-    out = tmp_path / "euler_a.npy"
-    assert main(["generate", "--model", str(t2i_folder), "--backend", "torch", "--device", CPU, "--prompt", PROMPT,
-                 "--scheduler", "euler_a", "--steps", "4", "--seed", "4", "--out", str(out)]) == 0
-    want = ddim_pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, seed=4, scheduler="euler_a", output_type="np").images
-    assert max_abs(torch.from_numpy(np.load(out)), torch.from_numpy(want)) <= 1e-6
-    euler_images = ddim_pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, seed=4, scheduler="euler", output_type="np").images
-    assert max_abs(torch.from_numpy(want), torch.from_numpy(euler_images)) > 1e-2  # the ancestral noise made a difference
-    assert main(["generate", "--model", str(t2i_folder), "--backend", "torch", "--device", CPU, "--prompt", PROMPT,
-                 "--scheduler", "euler", "--eta", "0.5", "--steps", "4", "--out", str(tmp_path / "x.npy")]) == 2
+    # unlike scheduler="euler": the ancestral noise makes a difference
+    assert_cli_generate_is_the_pipelines(t2i_folder, ddim_pipe, tmp_path, "euler_a", 4, 7.5, unlike="euler")
+    assert cli_generate(t2i_folder, tmp_path / "x.npy", "--scheduler", "euler", "--eta", "0.5", "--steps", "4") == 2
 
 
 def test_serve_euler_a_requests_batch_apart_from_other_samplers_each_as_alone(euler_a_artifact):
@@ -698,52 +575,8 @@ def test_serve_euler_a_requests_batch_apart_from_other_samplers_each_as_alone(eu
     a batch with Euler or DDIM requests, a shared batch gives each request the images `diffrt generate` gives it
     alone, and eta is refused naming the field."""
     pytest.importorskip("fastapi")
-    from PIL import Image
-
-    from diffrt.generate import GenerateRequest, generate
-    from diffrt.images import to_uint8
-    from diffrt.serve.batcher import Job
-    from diffrt.serve.runtime import RuntimeConfig, make_worker
-    from diffrt.serve.schema import GenerateBody, RequestError
-
-    assert [GenerateBody(prompt=PROMPT, scheduler=s).scheduler for s in ("euler", "euler_a")] == ["euler", "euler_a"]
-    try:
-        from diffrt.serve.triton import bodies_from_inputs
-    except ImportError:  # Triton's client is optional
-        pass
-    else:
-        got = bodies_from_inputs({"scheduler": np.array([[b"euler_a"], [b"euler"]], dtype=object)})
-        assert [b.scheduler for b in got] == ["euler_a", "euler"]
-
-    def alone(prompt, seed, num_images=1):
-        req = GenerateRequest(model=str(euler_a_artifact), backend="onnxruntime", device=CPU, prompt=prompt, seed=seed,
-                              num_inference_steps=STEPS, num_images=num_images, guidance_scale=3.0)
-        result = generate(req)
-        assert result.metadata["scheduler"] == "euler_a"
-        return to_uint8(result.images)
-
-    worker = make_worker(RuntimeConfig(model=str(euler_a_artifact), backend="onnxruntime", device=CPU, warmup_steps=2))
-    worker.load()
-    bodies = [GenerateBody(prompt=PROMPT, seed=7, num_inference_steps=STEPS, guidance_scale=3.0),
-              GenerateBody(prompt="another prompt", seed=8, num_inference_steps=STEPS, guidance_scale=3.0, scheduler="euler_a")]
-    plans = [worker.plan(body) for body in bodies]
-    assert all(plan.settings["scheduler"] == "euler_a" and plan.generator is not None for plan in plans)
-    assert worker.batch_key(plans[0]) == worker.batch_key(plans[1]) is not None
-    for other in ("euler", "ddim"):
-        plan = worker.plan(GenerateBody(prompt=PROMPT, seed=9, num_inference_steps=STEPS, guidance_scale=3.0, scheduler=other))
-        assert plan.settings["scheduler"] == other and worker.batch_key(plan) != worker.batch_key(plans[0])
-        assert (plan.generator is None) == (other in ("euler", "ddim"))
-    jobs = [Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60) for plan in plans]
-    answers = worker.run_batch(jobs)
-    for job, body in zip(jobs, bodies):
-        assert answers[job.id].batch_size == 2
-        got = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in answers[job.id].images])
-        np.testing.assert_array_equal(got, alone(body.prompt, body.seed, body.num_images))
-    for scheduler, words in ((None, "Euler Ancestral draws fresh noise"), ("euler", "Euler is deterministic")):
-        with pytest.raises(RequestError) as info:
-            worker.plan(GenerateBody(prompt=PROMPT, eta=0.5, scheduler=scheduler))
-        assert info.value.field == "eta" and words in info.value.message
-    worker.plan(GenerateBody(prompt=PROMPT, eta=0.5, scheduler="ddim"))  # DDIM takes it
+    assert_the_service_batches_a_sampler_apart(euler_a_artifact, "euler_a", STEPS, draws_noise=True, others=["euler", "ddim"],
+                                               eta_refused={None: "Euler Ancestral draws fresh noise", "euler": "Euler is deterministic"})
 
 
 # --- on a GPU -------------------------------------------------------------------------------------

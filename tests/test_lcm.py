@@ -17,40 +17,32 @@ import dataclasses
 import json
 import logging
 import shutil
-import time
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
-from conftest import diffusers_pipe, generators, max_abs, one_line
+from conftest import (CPU, DIFFUSERS_TOL, ORT_TOL, PROMPT, assert_a_ddim_artifact_equals_torch, assert_a_pixel_artifact_carries_the_scheduler,
+                      assert_an_artifact_on_onnxruntime_equals_torch, assert_batched_together_each_as_alone,
+                      assert_cli_generate_is_the_pipelines, assert_color_guidance_lowers_the_colour_loss,
+                      assert_controlnet_equals_controlnet_pipeline, assert_ddim_back_is_ddim_from_config,
+                      assert_equals_stable_diffusion_pipeline, assert_img2img_equals_img2img_pipeline,
+                      assert_never_takes_the_fused_ddim_kernel, assert_pipeline_calls_are_refused_in_one_line,
+                      assert_pixel_pipeline_equals_ddpm_pipeline, class_cfg_by_hand, diffusers_pipe, export_t2i_artifact, generators,
+                      max_abs, one_line, sd_folder_with_scheduler, serve_worker)
 from diffrt.errors import DiffrtError
 from diffrt.runtime import ddim, lcm
 from diffrt.runtime.sampling import SamplerOptions, choose_scheduler, sample
 from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
-CPU = "cpu"
 STEPS = 4
-DIFFUSERS_TOL = 1e-4  # torch backend vs diffusers, max abs on images in [0, 1]
-ORT_TOL = 1e-3  # onnxruntime vs torch backend (fp32 on CPU)
-PROMPT = "a photo of the cat"
-
-
-def lcm_folder(src, dst):
-    """A copy of SD folder `src` with its scheduler replaced by LCMScheduler, as `pipe.scheduler =
-    LCMScheduler.from_config(pipe.scheduler.config); pipe.save_pretrained(dst)` writes it."""
-    shutil.copytree(src, dst)
-    LCMScheduler.from_config(LCMScheduler.load_config(src / "scheduler")).save_pretrained(dst / "scheduler")
-    index = json.loads((dst / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "LCMScheduler"]
-    (dst / "model_index.json").write_text(json.dumps(index))
-    return dst
 
 
 @pytest.fixture(scope="module")
 def sd_lcm(t2i_folder, tmp_path_factory):
-    return lcm_folder(t2i_folder, tmp_path_factory.mktemp("sd_lcm") / "sd")
+    """A copy of t2i_folder with its scheduler replaced by LCMScheduler, as `pipe.scheduler =
+    LCMScheduler.from_config(pipe.scheduler.config); pipe.save_pretrained(dst)` writes it."""
+    return sd_folder_with_scheduler(t2i_folder, tmp_path_factory.mktemp("sd_lcm") / "sd", LCMScheduler)
 
 
 @pytest.fixture(scope="module")
@@ -180,19 +172,7 @@ def test_loop_with_cfg_and_a_generator_per_image_equals_lcm_scheduler():
 
 def test_lcm_never_takes_the_fused_ddim_kernel(monkeypatch):
     """use_fused_kernel (on by default) fuses CFG with the DDIM step; an LCM step with CFG must not reach it."""
-    import diffrt.kernels
-
-    def fused(*args, **kwargs):
-        raise AssertionError("the fused DDIM kernel ran an LCM step")
-
-    monkeypatch.setattr(diffrt.kernels, "cfg_ddim_step", fused)
-    schedule = lcm.make_lcm_schedule(lcm.LCMConfig(), 2)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    options = SamplerOptions(guidance_scale=2.0, generator=torch.Generator().manual_seed(1), use_fused_kernel=True)
-    got = sample(lambda x, t: (torch.cos(x), torch.sin(x)), x.clone(), schedule, options)
-    with pytest.raises(AssertionError, match="fused DDIM kernel"):  # the patch is live: DDIM with CFG takes it
-        sample(lambda x, t: (torch.cos(x), torch.sin(x)), x.clone(), ddim.make_schedule(ddim.DDIMConfig(), 2), options)
-    assert torch.isfinite(got).all()
+    assert_never_takes_the_fused_ddim_kernel(monkeypatch, "LCM", lcm.make_lcm_schedule(lcm.LCMConfig(), 2))
 
 
 # --- configs and the choice of sampler -------------------------------------------------------------------
@@ -228,11 +208,7 @@ def test_choosing_a_sampler_is_diffusers_from_config():
         schedule = lcm.make_lcm_schedule(chosen, steps)
         assert torch.equal(schedule.timesteps, want.timesteps) and torch.equal(schedule.alphas_cumprod, want.alphas_cumprod)
     assert choose_scheduler(own, None) is own and choose_scheduler(own, "ddim") is own
-    back = choose_scheduler(chosen, "ddim")
-    assert type(back) is ddim.DDIMConfig
-    ref = DDIMScheduler.from_config(LCMScheduler.from_config(chosen.to_scheduler_config()).config)
-    ref.set_timesteps(10)
-    assert torch.equal(ddim.make_schedule(back, 10).timesteps, ref.timesteps)
+    back = assert_ddim_back_is_ddim_from_config(chosen, LCMScheduler)
     assert back == own  # DDIM -> LCM -> DDIM keeps every DDIM setting
     with pytest.raises(DiffrtError, match=r"dynamic thresholding is not supported by diffrt's DDIM"):
         choose_scheduler(lcm.LCMConfig(thresholding=True), "ddim")
@@ -270,19 +246,14 @@ def test_bad_schedules_are_one_line(kwargs, message, diffusers_raises):
 
 
 def test_bad_pipeline_arguments_are_one_line(lcm_pipe, ddim_pipe):
-    cases = [
+    assert_pipeline_calls_are_refused_in_one_line([
         (lcm_pipe, dict(num_inference_steps=60), r"num_inference_steps 60 is too many; use at most 50 steps"),
         (lcm_pipe, dict(eta=0.5), r"eta 0.5 is DDIM's; LCM draws fresh noise between its steps"),
         (ddim_pipe, dict(scheduler="lcm", eta=0.3), r"eta 0.3 is DDIM's"),
         (ddim_pipe, dict(timesteps=[999, 499]), r"custom timesteps need scheduler='lcm'"),
         (ddim_pipe, dict(scheduler="heun"), r"scheduler must be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a' .* got 'heun'"),
         (lcm_pipe, dict(image=torch.rand(1, 3, 32, 32), strength=0.2), r"strength 0.2 x 4 steps leaves no denoising step"),
-    ]
-    for pipe, kwargs, message in cases:
-        kwargs = {"num_inference_steps": STEPS, **kwargs}
-        with pytest.raises(DiffrtError, match=message) as info:
-            pipe(PROMPT, guidance_scale=1.0, output_type="pt", **kwargs)
-        one_line(info)
+    ], STEPS)
 
 
 @pytest.mark.parametrize("dim", [256, 255, 32])
@@ -381,43 +352,24 @@ def test_the_guidance_scale_embedding_steers_a_distilled_unet(distilled_pipe):
 
 
 def test_a_distilled_lcm_unet_img2img_equals_img2img_pipeline(sd_distilled, distilled_pipe):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    kwargs = dict(image=image, strength=0.6, num_inference_steps=STEPS, guidance_scale=8.0, num_images_per_prompt=2,
-                  output_type="pt")
-    want = diffusers_pipe(StableDiffusionImg2ImgPipeline, sd_distilled)(PROMPT, generator=torch.Generator().manual_seed(2),
-                                                                        **kwargs).images
-    assert max_abs(distilled_pipe(PROMPT, seed=2, **kwargs).images, want) <= DIFFUSERS_TOL
+    kwargs = dict(strength=0.6, num_inference_steps=STEPS, guidance_scale=8.0, num_images_per_prompt=2)
+    assert_img2img_equals_img2img_pipeline(sd_distilled, distilled_pipe, kwargs)
 
 
 def test_a_distilled_lcm_unet_with_controlnet_equals_controlnet_pipeline(sd_distilled):
     """StableDiffusionControlNetPipeline feeds timestep_cond to the UNet only: so does the fused graph."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    ref = diffusers_pipe(StableDiffusionControlNetPipeline, sd_distilled,
-                         controlnet=ControlNetModel.from_pretrained(sd_distilled / "controlnet"))
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=8.0, controlnet_conditioning_scale=0.8, num_images_per_prompt=2,
-                  output_type="pt")
-    want = ref(PROMPT, image=control, generator=torch.Generator().manual_seed(1), **kwargs).images
-    pipe = open_text_to_image_pipeline(sd_distilled, "torch", CPU, controlnet=sd_distilled / "controlnet")
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=8.0, num_images_per_prompt=2)
+    pipe = assert_controlnet_equals_controlnet_pipeline(sd_distilled, "lcm", kwargs)
     assert pipe.unet.spec.input_names[-1] == "timestep_cond"
-    assert max_abs(pipe(PROMPT, control_image=control, seed=1, **kwargs).images, want) <= DIFFUSERS_TOL
 
 
 @pytest.mark.parametrize("controlnet", [False, True], ids=["unet", "unet_controlnet"])
 def test_a_distilled_lcm_artifact_on_onnxruntime_equals_torch(sd_distilled, tmp_path, controlnet):
     """The exported UNet graph takes timestep_cond (its parity check fed it), and the ONNX Runtime pipeline feeds it."""
-    from conftest import T2I_RANGES
-
     from diffrt.export import manifest as mf
-    from diffrt.export.artifact import ExportOptions
-    from diffrt.export.text_to_image import export_text_to_image
 
     controlnets = [sd_distilled / "controlnet"] if controlnet else []
-    out = tmp_path / "artifact"
-    export_text_to_image(sd_distilled, out, ExportOptions(**T2I_RANGES), controlnets)
+    out = export_t2i_artifact(sd_distilled, tmp_path / "artifact", controlnets)
     name = "unet_controlnet" if controlnet else "unet"
     entry = mf.read_manifest(out)["components"][name]
     assert entry["spec"]["inputs"][-1] == {"name": "timestep_cond", "dims": ["batch", DISTILLED_DIM], "dtype": "float32", "high": 10}
@@ -444,59 +396,31 @@ def test_a_distilled_lcm_artifact_on_onnxruntime_equals_torch(sd_distilled, tmp_
     dict(guidance_scale=1.5, num_inference_steps=1),
 ], ids=["no-cfg-x2", "cfg-negative-x2", "two-prompts-generators-rescale", "custom-timesteps", "one-step"])
 def test_an_lcm_folder_equals_stable_diffusion_pipeline(sd_lcm, lcm_pipe, kwargs):
-    from diffusers import StableDiffusionPipeline
-
     kwargs = {"num_inference_steps": STEPS, "output_type": "pt", **kwargs}
-    prompt = kwargs.pop("prompt", PROMPT)
-    seeds = kwargs.pop("generator", None)
-    ref = diffusers_pipe(StableDiffusionPipeline, sd_lcm)
+    result, ref = assert_equals_stable_diffusion_pipeline(sd_lcm, lcm_pipe, "lcm", kwargs)
     assert isinstance(ref.scheduler, LCMScheduler)
-    want = ref(prompt, generator=generators(*seeds) if seeds else torch.Generator().manual_seed(3), **kwargs).images
-    result = lcm_pipe(prompt, **({"generator": generators(*seeds)} if seeds else {"seed": 3}), **kwargs)
-    assert result.images.shape == want.shape
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL
-    assert result.metadata["scheduler"] == "lcm"
-    assert result.metadata["timesteps"] == (kwargs.get("timesteps") or ref.scheduler.timesteps.tolist())
+    if "timesteps" in kwargs:
+        assert result.metadata["timesteps"] == kwargs["timesteps"]
 
 
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_img2img_equals_img2img_pipeline_with_lcm(sd_lcm, lcm_pipe, strength):
     """The last int(N * strength) LCM steps (diffusers' get_timesteps), the image noised to the first."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    kwargs = dict(image=image, strength=strength, num_inference_steps=STEPS, guidance_scale=1.5, negative_prompt="blurry",
-                  num_images_per_prompt=2, output_type="pt")
-    want = diffusers_pipe(StableDiffusionImg2ImgPipeline, sd_lcm)(PROMPT, generator=torch.Generator().manual_seed(2), **kwargs).images
-    result = lcm_pipe(PROMPT, seed=2, **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL
-    assert result.num_inference_steps == int(STEPS * strength)
+    kwargs = dict(strength=strength, num_inference_steps=STEPS, guidance_scale=1.5, negative_prompt="blurry", num_images_per_prompt=2)
+    assert_img2img_equals_img2img_pipeline(sd_lcm, lcm_pipe, kwargs)
 
 
 def test_scheduler_lcm_on_a_ddim_folder_equals_diffusers_with_lcm_scheduler(t2i_folder, ddim_pipe):
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
     kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, negative_prompt="blurry", num_images_per_prompt=2, output_type="pt")
-    want = diffusers_pipe(StableDiffusionPipeline, t2i_folder, LCMScheduler)(PROMPT, generator=torch.Generator().manual_seed(4),
-                                                                             **kwargs).images
-    result = ddim_pipe(PROMPT, seed=4, scheduler="lcm", **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL and result.metadata["scheduler"] == "lcm"
+    result, _ = assert_equals_stable_diffusion_pipeline(t2i_folder, ddim_pipe, "lcm", kwargs, scheduler_cls=LCMScheduler, seed=4)
     assert max_abs(result.images, ddim_pipe(PROMPT, seed=4, **kwargs).images) > 1e-2  # DDIM gives other images
-
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
-    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder, LCMScheduler)
-    want = ref(PROMPT, image=image, strength=0.6, generator=torch.Generator().manual_seed(5), **kwargs).images
-    assert max_abs(ddim_pipe(PROMPT, image=image, strength=0.6, seed=5, scheduler="lcm", **kwargs).images, want) <= DIFFUSERS_TOL
+    assert_img2img_equals_img2img_pipeline(t2i_folder, ddim_pipe, dict(kwargs, strength=0.6), scheduler_cls=LCMScheduler, kind="lcm",
+                                           image_seed=8, seed=5)
 
 
 def test_scheduler_ddim_on_an_lcm_folder_equals_diffusers_with_ddim_scheduler(sd_lcm, lcm_pipe):
-    from diffusers import StableDiffusionPipeline
-
     kwargs = dict(num_inference_steps=STEPS, guidance_scale=5.0, eta=0.5, output_type="pt")
-    want = diffusers_pipe(StableDiffusionPipeline, sd_lcm, DDIMScheduler)(PROMPT, generator=torch.Generator().manual_seed(6),
-                                                                          **kwargs).images
-    result = lcm_pipe(PROMPT, seed=6, scheduler="ddim", **kwargs)
-    assert max_abs(result.images, want) <= DIFFUSERS_TOL and result.metadata["scheduler"] == "ddim"
+    assert_equals_stable_diffusion_pipeline(sd_lcm, lcm_pipe, "ddim", kwargs, scheduler_cls=DDIMScheduler, seed=6)
 
 
 def test_lcm_lora_on_a_plain_sd_folder_equals_diffusers(t2i_folder, tmp_path):
@@ -516,15 +440,8 @@ def test_lcm_lora_on_a_plain_sd_folder_equals_diffusers(t2i_folder, tmp_path):
 
 
 def test_controlnet_with_lcm_equals_controlnet_pipeline(t2i_folder):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    ref = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, LCMScheduler,
-                         controlnet=ControlNetModel.from_pretrained(t2i_folder / "controlnet"))
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, controlnet_conditioning_scale=0.8, output_type="pt")
-    want = ref(PROMPT, image=control, generator=torch.Generator().manual_seed(1), **kwargs).images
-    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=t2i_folder / "controlnet")
-    assert max_abs(pipe(PROMPT, control_image=control, seed=1, scheduler="lcm", **kwargs).images, want) <= DIFFUSERS_TOL
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5)
+    assert_controlnet_equals_controlnet_pipeline(t2i_folder, "lcm", kwargs, scheduler_cls=LCMScheduler)
 
 
 def test_a_clip_sample_lcm_config_samples_unclipped_as_stable_diffusion_pipeline(sd_lcm, tmp_path):
@@ -586,15 +503,8 @@ def test_color_guidance_lowers_the_colour_loss_with_lcm(lcm_pipe, mode):
     """On the tiny model, through the PyTorch VAE decoder, in both modes. (Its random VAE pins each
     image's mean colour, and a scale that overshoots, as 3000 does with DDIM for some seeds, is no
     test; 100 lowers the loss for every seed tried.)"""
-    from diffrt.runtime.guidance import color_guidance, color_loss
-
-    target = torch.tensor([1.0, 0.0, 0.0])
     for seed in (11, 13):
-        kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, output_type="pt", seed=seed)
-        base = lcm_pipe(PROMPT, **kwargs)
-        guided = lcm_pipe(PROMPT, guidance=[color_guidance("#ff0000", 100.0, mode=mode)], **kwargs)
-        assert color_loss(base.images, target) - color_loss(guided.images, target) > 1e-4
-        assert guided.metadata["guidance"] == ["color"] and guided.metadata["scheduler"] == "lcm"
+        assert_color_guidance_lowers_the_colour_loss(lcm_pipe, mode, "lcm", num_inference_steps=STEPS, guidance_scale=1.5, seed=seed)
 
 
 # --- exported artifacts: the manifest carries LCM, ONNX Runtime runs it -----------------------------------
@@ -602,14 +512,7 @@ def test_color_guidance_lowers_the_colour_loss_with_lcm(lcm_pipe, mode):
 
 @pytest.fixture(scope="module")
 def lcm_artifact(sd_lcm, tmp_path_factory):
-    from conftest import T2I_RANGES
-
-    from diffrt.export.artifact import ExportOptions
-    from diffrt.export.text_to_image import export_text_to_image
-
-    out = tmp_path_factory.mktemp("lcm_artifact") / "artifact"
-    export_text_to_image(sd_lcm, out, ExportOptions(**T2I_RANGES), [])
-    return out
+    return export_t2i_artifact(sd_lcm, tmp_path_factory.mktemp("lcm_artifact") / "artifact")
 
 
 @pytest.mark.parametrize("kwargs", [dict(guidance_scale=1.5, negative_prompt="blurry", num_images_per_prompt=2),
@@ -618,20 +521,12 @@ def test_an_lcm_artifact_on_onnxruntime_equals_torch(lcm_artifact, lcm_pipe, kwa
     from diffrt.export import manifest as mf
 
     assert mf.read_manifest(lcm_artifact)["pipeline"]["scheduler"]["_class_name"] == "LCMScheduler"
-    ort = open_text_to_image_pipeline(lcm_artifact, "onnxruntime", CPU)
+    ort = assert_an_artifact_on_onnxruntime_equals_torch(lcm_artifact, lcm_pipe, "lcm", kwargs, STEPS)
     assert isinstance(ort.scheduler, lcm.LCMConfig)
-    kwargs = dict(kwargs, num_inference_steps=STEPS, output_type="pt", seed=5)
-    if "image" in kwargs:
-        kwargs.update(image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7)), strength=kwargs["image"])
-    result, expected = ort(PROMPT, **kwargs), lcm_pipe(PROMPT, **kwargs)
-    assert result.backend == "onnxruntime" and result.metadata["scheduler"] == "lcm"
-    assert max_abs(result.images, expected.images) <= ORT_TOL
 
 
 def test_scheduler_lcm_on_a_ddim_artifact_equals_torch(t2i_artifact, ddim_pipe):
-    ort = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, num_images_per_prompt=2, output_type="pt", seed=3, scheduler="lcm")
-    assert max_abs(ort(PROMPT, **kwargs).images, ddim_pipe(PROMPT, **kwargs).images) <= ORT_TOL
+    assert_a_ddim_artifact_equals_torch(t2i_artifact, ddim_pipe, "lcm", num_inference_steps=STEPS, guidance_scale=1.5, scheduler="lcm")
 
 
 def test_generate_and_serve_an_lcm_artifact(lcm_artifact, tmp_path):
@@ -639,40 +534,17 @@ def test_generate_and_serve_an_lcm_artifact(lcm_artifact, tmp_path):
     keeps each request's generator for LCM's per-step noise, so requests batched together get the
     images each gets alone, and refuses steps LCM cannot take with a 422 naming the field."""
     pytest.importorskip("fastapi")
-    import io
-
-    from PIL import Image
-
     from diffrt.generate import GenerateRequest, generate
-    from diffrt.images import to_uint8
-    from diffrt.serve.batcher import Job
-    from diffrt.serve.runtime import RuntimeConfig, make_worker
     from diffrt.serve.schema import GenerateBody, RequestError
     from diffrt.serve.worker import request_schedule
-
-    def alone(prompt, seed, num_images=1):
-        req = GenerateRequest(model=str(lcm_artifact), backend="onnxruntime", device=CPU, prompt=prompt, seed=seed,
-                              num_inference_steps=STEPS, num_images=num_images, guidance_scale=1.0)
-        result = generate(req)
-        assert result.metadata["scheduler"] == "lcm"
-        return to_uint8(result.images)
 
     result = generate(GenerateRequest(model=str(lcm_artifact), backend="onnxruntime", device=CPU, prompt=PROMPT,
                                       num_inference_steps=STEPS))
     assert result.metadata["guidance_scale"] == 1.0 and result.metadata["scheduler"] == "lcm"
-    worker = make_worker(RuntimeConfig(model=str(lcm_artifact), backend="onnxruntime", device=CPU, warmup_steps=2))
-    worker.load()
+    worker = serve_worker(lcm_artifact)
     bodies = [GenerateBody(prompt=PROMPT, seed=7, num_images=2, num_inference_steps=STEPS, guidance_scale=1.0),
               GenerateBody(prompt="another prompt", seed=8, num_inference_steps=STEPS, guidance_scale=1.0)]
-    plans = [worker.plan(body) for body in bodies]
-    assert all(plan.generator is not None for plan in plans)
-    assert worker.batch_key(plans[0]) == worker.batch_key(plans[1]) is not None
-    jobs = [Job(worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + 60) for plan in plans]
-    answers = worker.run_batch(jobs)
-    for job, body in zip(jobs, bodies):
-        assert answers[job.id].batch_size == 3
-        got = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in answers[job.id].images])
-        np.testing.assert_array_equal(got, alone(body.prompt, body.seed, body.num_images))
+    assert_batched_together_each_as_alone(worker, lcm_artifact, bodies, "lcm", draws_noise=True)  # a batch of 3 images
     for fields, name in ((dict(num_inference_steps=60), "num_inference_steps"), (dict(eta=0.5), "eta")):
         with pytest.raises(RequestError) as info:
             worker.plan(GenerateBody(prompt=PROMPT, **fields))
@@ -697,38 +569,17 @@ def test_generate_and_serve_an_lcm_artifact(lcm_artifact, tmp_path):
 def test_pixel_lcm_equals_ddpm_pipeline_with_lcm_scheduler(uncond_model_dir, tmp_path):
     """DDPMPipeline drives any scheduler's set_timesteps/step: with LCMScheduler it is the LCM loop.
     The test model's config clips x0 (clip_sample), which LCM keeps in a pixel model."""
-    from diffusers import DDPMPipeline, UNet2DModel
-
-    from diffrt.runtime.loading import open_pixel_pipeline
-
     scheduler = LCMScheduler.from_config(DDIMScheduler.from_pretrained(uncond_model_dir / "scheduler").config)
     assert scheduler.config.clip_sample
-    ref = DDPMPipeline(UNet2DModel.from_pretrained(uncond_model_dir / "unet"), scheduler)
-    ref.set_progress_bar_config(disable=True)
-    want = ref(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=STEPS, output_type="np").images
-    pipe = open_pixel_pipeline(uncond_model_dir, "torch", CPU)
-    got = pipe(num_images=2, num_inference_steps=STEPS, seed=7, output_type="np", scheduler="lcm")
-    assert got.images.shape == want.shape and abs(got.images - want).max() <= 1e-4 and got.metadata["scheduler"] == "lcm"
+    assert_pixel_pipeline_equals_ddpm_pipeline(uncond_model_dir, scheduler, "lcm", STEPS, scheduler="lcm")
 
     folder = shutil.copytree(uncond_model_dir, tmp_path / "lcm")  # a folder whose scheduler config names LCMScheduler
     scheduler.save_pretrained(folder / "scheduler")
-    own = open_pixel_pipeline(folder, "torch", CPU)(num_images=2, num_inference_steps=STEPS, seed=7, output_type="np")
-    assert own.metadata["scheduler"] == "lcm" and abs(own.images - want).max() <= 1e-4
+    assert_pixel_pipeline_equals_ddpm_pipeline(folder, scheduler, "lcm", STEPS)
 
 
 def test_a_pixel_lcm_artifact_carries_lcm_to_onnxruntime(uncond_model_dir, tmp_path):
-    from diffrt.export import manifest as mf
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
-    from diffrt.runtime.loading import open_pixel_pipeline
-
-    folder = shutil.copytree(uncond_model_dir, tmp_path / "lcm")
-    LCMScheduler.from_config(DDIMScheduler.from_pretrained(folder / "scheduler").config).save_pretrained(folder / "scheduler")
-    export_pixel_model(folder, tmp_path / "artifact", ExportOptions(batch=(1, 2, 4)))
-    assert mf.read_manifest(tmp_path / "artifact")["pipeline"]["scheduler"]["_class_name"] == "LCMScheduler"
-    kwargs = dict(num_images=2, num_inference_steps=STEPS, seed=3, output_type="pt")
-    got = open_pixel_pipeline(tmp_path / "artifact", "onnxruntime", CPU)(**kwargs)
-    assert got.metadata["scheduler"] == "lcm" and got.backend == "onnxruntime"
-    assert max_abs(got.images, open_pixel_pipeline(folder, "torch", CPU)(**kwargs).images) <= ORT_TOL
+    assert_a_pixel_artifact_carries_the_scheduler(uncond_model_dir, tmp_path, LCMScheduler, "lcm", STEPS)
 
 
 def test_class_conditioned_pixel_lcm_with_cfg_equals_lcm_scheduler_by_hand(classemb_model_dir):
@@ -736,34 +587,20 @@ def test_class_conditioned_pixel_lcm_with_cfg_equals_lcm_scheduler_by_hand(class
     from diffrt.runtime.loading import torch_pixel_pipeline
 
     model = load_pixel_model(classemb_model_dir)
-    null = model.info.null_class_label
     labels, scale = torch.tensor([1, 3]), 3.0
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     scheduler = LCMScheduler.from_config(model.scheduler.to_scheduler_config())
     scheduler.set_timesteps(STEPS)
-    x, g = x_T.clone(), torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            ts = torch.full((2,), float(t))
-            eps_null, eps_c = model.unet(x, ts, torch.full((2,), null)), model.unet(x, ts, labels)
-            x = scheduler.step(eps_null + scale * (eps_c - eps_null), t, x, generator=g).prev_sample
+    want = class_cfg_by_hand(model, scheduler, x_T.clone(), labels, scale, torch.Generator().manual_seed(6))
     got = torch_pixel_pipeline(model)(labels, latents=x_T, num_inference_steps=STEPS, guidance_scale=scale,
                                       generator=torch.Generator().manual_seed(6), output_type="pt", scheduler="lcm").images
-    assert max_abs(got, (x / 2 + 0.5).clamp(0, 1)) <= 1e-5
+    assert max_abs(got, want) <= 1e-5
 
 
 def test_cli_generate_scheduler_lcm_is_the_pipelines_lcm(t2i_folder, ddim_pipe, tmp_path):
     """`diffrt generate --scheduler lcm` (LCM-LoRA's command line) samples a DDIM folder with LCM, at
     guidance scale 1 by default: the images of the pipeline called with scheduler="lcm"."""
-    from diffrt.cli import main
-
-    out = tmp_path / "lcm.npy"
-    assert main(["generate", "--model", str(t2i_folder), "--backend", "torch", "--device", CPU, "--prompt", PROMPT,
-                 "--scheduler", "lcm", "--steps", "2", "--seed", "4", "--out", str(out)]) == 0
-    want = ddim_pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, seed=4, scheduler="lcm", output_type="np").images
-    assert max_abs(torch.from_numpy(np.load(out)), torch.from_numpy(want)) <= 1e-6
-    ddim = ddim_pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, seed=4, output_type="np").images
-    assert max_abs(torch.from_numpy(want), torch.from_numpy(ddim)) > 1e-2  # the flag changed the sampler
+    assert_cli_generate_is_the_pipelines(t2i_folder, ddim_pipe, tmp_path, "lcm", 2, 1.0)  # unlike DDIM, the folder's own
 
 
 def test_a_distilled_unet_defaults_to_guidance_it_can_feel(sd_distilled, sd_lcm):
