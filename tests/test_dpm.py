@@ -171,7 +171,6 @@ def test_loop_equals_dpm_scheduler_step(name, steps, monkeypatch):
 def test_the_tail_of_a_schedule_is_img2img_set_begin_index(start, karras):
     """img2img: the steps from t_start on, the warm-up again from there, the image noised at that step's
     sigma (with Karras sigmas not alpha_bar of the rounded timestep), as add_noise after set_begin_index."""
-    from diffrt.runtime.sampling import add_noise
 
     steps = 7
     ref = reference(steps, solver_order=3, use_karras_sigmas=karras, **SD)
@@ -179,7 +178,7 @@ def test_the_tail_of_a_schedule_is_img2img_set_begin_index(start, karras):
     x0, noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(2, 4, 8, 8)
     ref.set_begin_index(start)
     x_ref = ref.add_noise(x0, noise, ref.timesteps[start:start + 1].repeat(2))
-    x = add_noise(schedule, x0, noise)
+    x = schedule.add_noise(x0, noise)
     torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
     if karras:  # the Karras sigma is not the rounded timestep's: the DDIM noising would be off
         assert max_abs(ddim.add_noise(x0, noise, schedule.alphas_cumprod[schedule.timesteps[0]]), x_ref) > 1e-5

@@ -31,8 +31,7 @@ from conftest import (CPU, DIFFUSERS_TOL, PROMPT, assert_a_ddim_artifact_equals_
                       cli_generate, diffusers_pipe, export_t2i_artifact, generators, lazy_scheduler_folders, max_abs, one_line)
 from diffrt.errors import DiffrtError
 from diffrt.runtime import ddim, euler
-from diffrt.runtime.sampling import (SamplerOptions, add_noise, choose_scheduler, draws_step_noise, initial_noise,
-                                     make_sampling_schedule, sample)
+from diffrt.runtime.sampling import SamplerOptions, choose_scheduler, make_sampling_schedule, sample
 from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
 STEPS = 5
@@ -174,17 +173,17 @@ def test_loop_equals_scheduler_step_and_draws_as_it_draws(name, steps):
     g_ref = torch.Generator().manual_seed(1)
     want = reference_loop(ref, fake_model, x_T, g_ref)
     g_step = torch.Generator().manual_seed(1)
-    x = initial_noise(schedule, x_T)
+    x = schedule.initial_noise(x_T)
     for i, t in enumerate(schedule.timesteps):
         noise = torch.randn(x.shape, generator=g_step) if schedule.ancestral else None
         x = euler.euler_step(x, fake_model(x, t), schedule, i, noise)
         assert_near(x * schedule.input_scales[i + 1], want[i], x_T * ref.init_noise_sigma, *want[:i])
     assert_near(x, want[-1], x_T * ref.init_noise_sigma, *want)  # the final sample unscaled, as diffusers decodes it
     g_loop = torch.Generator().manual_seed(1)
-    looped = sample(lambda x, t: (None, fake_model(x, t)), initial_noise(schedule, x_T), schedule, SamplerOptions(generator=g_loop))
+    looped = sample(lambda x, t: (None, fake_model(x, t)), schedule.initial_noise(x_T), schedule, SamplerOptions(generator=g_loop))
     assert torch.equal(looped, x)
     assert torch.equal(g_loop.get_state(), g_ref.get_state())
-    assert draws_step_noise(schedule, 0.0) == (kind == "euler_a")
+    assert schedule.draws_step_noise(0.0) == (kind == "euler_a")
     if kind == "euler":
         assert torch.equal(g_loop.get_state(), torch.Generator().manual_seed(1).get_state())  # churn 0: diffusers draws none
 
@@ -201,7 +200,7 @@ def test_the_tail_of_a_schedule_is_img2img_set_begin_index(name, start):
     x0, noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(2, 4, 8, 8)
     ref.set_begin_index(start)
     noised = ref.add_noise(x0, noise, ref.timesteps[start:start + 1].repeat(2))
-    x = add_noise(schedule, x0, noise)
+    x = schedule.add_noise(x0, noise)
     assert_near(x * schedule.input_scales[0], noised, rel=2e-7)
     want = reference_loop(ref, fake_model, None, torch.Generator().manual_seed(4), begin=start, noised=noised)
     got = sample(lambda x, t: (None, fake_model(x, t)), x, schedule, SamplerOptions(generator=torch.Generator().manual_seed(4)))
@@ -226,12 +225,12 @@ def test_loop_with_cfg_rescale_and_a_generator_per_image_equals_scheduler(kind):
         x = ref.step(combine_cfg(*branches(ref.scale_model_input(x, t), t), scale, 0.6), t, x, generator=want_gens).prev_sample
     gens = generators(5, 6)
     schedule = euler.make_euler_schedule(ours(ref), 6)
-    got = sample(branches, initial_noise(schedule, x_T), schedule, SamplerOptions(guidance_scale=scale, guidance_rescale=0.6, generator=gens))
+    got = sample(branches, schedule.initial_noise(x_T), schedule, SamplerOptions(guidance_scale=scale, guidance_rescale=0.6, generator=gens))
     assert_near(got, x, x_T * ref.init_noise_sigma)
     assert all(torch.equal(g.get_state(), w.get_state()) for g, w in zip(gens, want_gens))
     if kind == "euler_a":  # the noise depends on each image's own generator: another seed for image 1 changes image 1 only
-        other = sample(branches, initial_noise(schedule, x_T), schedule, SamplerOptions(guidance_scale=scale, generator=generators(5, 7)))
-        same = sample(branches, initial_noise(schedule, x_T), schedule, SamplerOptions(guidance_scale=scale, generator=generators(5, 6)))
+        other = sample(branches, schedule.initial_noise(x_T), schedule, SamplerOptions(guidance_scale=scale, generator=generators(5, 7)))
+        same = sample(branches, schedule.initial_noise(x_T), schedule, SamplerOptions(guidance_scale=scale, generator=generators(5, 6)))
         assert torch.equal(other[0], same[0]) and max_abs(other[1], same[1]) > 1e-3
 
 
@@ -262,9 +261,9 @@ def test_a_guided_euler_step_moves_x_t_down_the_gradient_of_the_loss_on_x0():
         (grad,) = torch.autograd.grad(0.01 * loss((x_req * (sigma**2 + 1) ** 0.5 - sigma * eps) / 2 + 0.5), x_req)
         x = ref.step(eps, t, (x_in - grad).detach() * (sigma**2 + 1) ** 0.5, generator=g).prev_sample
     options = SamplerOptions(guidance=(Guidance(loss, 0.01),), decode=lambda x0: x0 / 2 + 0.5, generator=torch.Generator().manual_seed(2))
-    got = sample(lambda x, t: (None, fake_model(x, t)), initial_noise(schedule, x_T), schedule, options)
+    got = sample(lambda x, t: (None, fake_model(x, t)), schedule.initial_noise(x_T), schedule, options)
     assert_near(got, x, x_T * ref.init_noise_sigma)
-    unguided = sample(lambda x, t: (None, fake_model(x, t)), initial_noise(schedule, x_T), schedule,
+    unguided = sample(lambda x, t: (None, fake_model(x, t)), schedule.initial_noise(x_T), schedule,
                       SamplerOptions(generator=torch.Generator().manual_seed(2)))
     assert max_abs(got, unguided) > 1e-3
 

@@ -208,30 +208,6 @@ def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *,
     return schedule
 
 
-def check_eta(sampler: ddim.DDIMConfig | Schedule, eta: float) -> None:
-    """eta is DDIM's: LCM, DPM-Solver++ and the Eulers (their config or schedule) refuse it in one line, where
-    diffusers' pipelines drop it silently."""
-    sampler.check_eta(eta)
-
-
-def draws_step_noise(schedule: Schedule, eta: float) -> bool:
-    """Whether the loop draws from the generator after x_T: DDIM with eta > 0; LCM with two steps or more;
-    Euler Ancestral always (one draw a step); DPM-Solver++ and Euler never."""
-    return schedule.draws_step_noise(eta)
-
-
-def initial_noise(schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
-    """x_T from unit noise (drawn, or a caller's `latents`): diffusers' latents * init_noise_sigma, as the UNet's
-    input. Only Euler's differs from the noise itself (euler.initial_noise); the others' init_noise_sigma is 1."""
-    return schedule.initial_noise(noise)
-
-
-def add_noise(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x0 noised to the schedule's first step (img2img), as the sampler's diffusers scheduler's add_noise:
-    DPM-Solver++ and Euler at that step's sigma (a Karras sigma is not its rounded timestep's), else alpha_bar_t."""
-    return schedule.add_noise(x0, noise)
-
-
 def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: SamplerOptions,
            progress: Callable | None = None) -> torch.Tensor:
     """Run the DDIM, LCM, DPM-Solver++ or Euler loop (the schedule's own step) from x = x_T (initial_noise) to x_0
