@@ -385,6 +385,41 @@ def test_an_export_writes_its_folder_under_the_lock_another_builder_waits_for(cl
     assert seen == [True] and not held(export_lock)
 
 
+def test_a_pipeline_opening_an_artifact_waits_for_the_export_rewriting_it(artifact, monkeypatch, caplog):
+    """A reader takes the artifact's lock shared: it never pairs the old manifest with files a rebuild has
+    just replaced, it waits for the builder (and says so); readers do not wait for each other, and a reader
+    that cannot make the lock file (a read-only mount, where nothing writes either) opens without it."""
+    import threading
+
+    from diffrt import atomic
+    from diffrt.runtime.loading import artifact_pixel_pipeline
+
+    opened = []
+
+    def reader():
+        opened.append(artifact_pixel_pipeline(artifact, "onnxruntime", "cpu"))
+
+    with caplog.at_level("INFO", logger="diffrt.atomic"), mf.artifact_lock(artifact):  # a builder at work
+        waiting = threading.Thread(target=reader)
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive() and not opened
+    waiting.join(60)
+    assert len(opened) == 1 and f"waiting for the export or refit writing {artifact}" in caplog.text
+    with mf.artifact_lock(artifact, shared=True):  # another reader: no wait
+        assert artifact_pixel_pipeline(artifact, "onnxruntime", "cpu").backend == "onnxruntime"
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr("builtins.open", unwritable)
+    with atomic.file_lock(artifact.parent / ".x.lock", shared=True):  # no lock file: no lock, no error
+        pass
+    with pytest.raises(PermissionError):
+        with atomic.file_lock(artifact.parent / ".x.lock"):  # a builder needs its lock
+            pass
+
+
 def test_pickled_weights_are_refused_without_unpickling(classemb_model_dir, tmp_path):
     import pickle
     import shutil
@@ -532,11 +567,11 @@ def test_a_builder_that_waited_for_the_lock_takes_the_export_finished_meanwhile(
     real_lock, real_export, built = atomic.file_lock, artifact.export_onnx, []
 
     @contextlib.contextmanager
-    def another_builder_first(path):
+    def another_builder_first(path, **kwargs):
         if not built:  # the other builder takes the lock first and finishes while this one waits
             monkeypatch.setattr(atomic, "file_lock", real_lock)
             export_pixel_model(classemb_model_dir, out, options)
-        with real_lock(path):
+        with real_lock(path, **kwargs):
             yield
 
     monkeypatch.setattr(atomic, "file_lock", another_builder_first)

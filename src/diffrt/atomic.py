@@ -21,6 +21,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -28,6 +29,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -200,14 +203,33 @@ def _walk_files(folder: Path, patterns: tuple[str, ...]) -> set[Path]:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """An exclusive advisory lock, so that two builders of one artifact do not interleave."""
+def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | None = None) -> Iterator[None]:
+    """An advisory lock on `path` (made if missing): exclusive, so that two builders of one artifact do not
+    interleave, or `shared`, for readers, which any number hold at once while no builder does. `waiting`:
+    logged once if the lock is held elsewhere and this call has to wait for it.
+
+    A shared lock where the lock file cannot be made (a read-only mount: nothing writes there either) is
+    no lock; an exclusive one raises."""
     import fcntl
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        if not shared:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    with f:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                log.info("%s", waiting)
+            fcntl.flock(f.fileno(), mode)
         try:
             yield
         finally:

@@ -171,7 +171,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
         _fuse_pixel_loras(model, options.loras)
     elif options.loras:
         _check_loras({"unet": model.unet.unet.state_dict()}, options.loras)
-    with atomic.file_lock(out.parent / f".{out.name}.lock"):
+    with mf.artifact_lock(out):
         hit = start_rebuild(out, key, t0, lora_parts, options)
         if hit is not None:
             return hit

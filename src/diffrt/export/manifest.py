@@ -67,6 +67,16 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def artifact_lock(folder: str | Path, *, shared: bool = False):
+    """The lock of an artifact folder, `.<name>.lock` beside it: exclusive while an export or a refit writes the
+    folder, shared while a pipeline opens it (manifest, hashes, sessions and engines read into memory), so that
+    a reader never pairs an old manifest with files a rebuild has just replaced; it waits for the rebuild
+    instead. Readers on a read-only mount take none."""
+    folder = Path(folder)
+    waiting = f"waiting for the export or refit writing {folder} to finish" if shared else f"waiting for others using {folder}"
+    return atomic.file_lock(folder.parent / f".{folder.name}.lock", shared=shared, waiting=waiting)
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():

@@ -388,7 +388,7 @@ def refit_artifact(folder: str | Path, loras: Sequence[tuple[str | Path, float]]
     require_backend("tensorrt")  # one line naming the backends here, before any work
     t0 = time.perf_counter()
     folder = Path(folder)
-    with atomic.file_lock(folder.parent / f".{folder.name}.lock"):  # the lock `diffrt export` takes
+    with mf.artifact_lock(folder):  # the lock `diffrt export` takes
         manifest = mf.read_manifest(folder)
         mf.verify_files(folder, manifest)
         report = refit_components(folder, manifest, loras, device)

@@ -115,7 +115,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     fused = _fuse_loras(model, options.loras) if bake else []
     if options.loras and not bake:
         _check_loras({"unet": model.unet.state_dict(), "text_encoder": model.text_encoder.state_dict()}, options.loras)
-    with atomic.file_lock(out.parent / f".{out.name}.lock"):
+    with mf.artifact_lock(out):
         hit = start_rebuild(out, key, t0, lora_parts, options)  # until the new manifest is written, the folder is not trusted
         if hit is not None:
             return hit

@@ -209,14 +209,15 @@ def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.devi
     """A pixel pipeline over an exported artifact; files are checked against the manifest first.
     `device` None: auto (resolve_device); `loras`, if given, must be those it was exported with."""
     device = resolve_device(device, backend)
-    manifest = read_artifact(folder, "pixel")
-    check_artifact_loras(folder, manifest, loras)
-    unet = open_component(folder, manifest, "unet", backend, device, strict=strict, cuda_graph=cuda_graph)
+    with mf.artifact_lock(folder, shared=True):  # no export or refit rewrites it while it is read
+        manifest = read_artifact(folder, "pixel")
+        check_artifact_loras(folder, manifest, loras)
+        unet = open_component(folder, manifest, "unet", backend, device, strict=strict, cuda_graph=cuda_graph)
+        lora = artifact_lora(folder, manifest, backend, {"unet": unet})
     pipe = manifest["pipeline"]
     info = PixelModelInfo(**pipe["info"])
     # The PyTorch fallback for guidance "through_unet", loaded (onto the pipeline's device) only if
     # such guidance runs, from a source that still hashes as at export, with the artifact's LoRA.
-    lora = artifact_lora(folder, manifest, backend, {"unet": unet})
     torch_unet = lambda: load_pixel_source(manifest, lora.scale if lora is not None else 1.0).unet  # noqa: E731
     return PixelPipeline(unet, DDIMConfig.from_scheduler_config(pipe["scheduler"]), info, channels=pipe["channels"],
                          sample_size=pipe["sample_size"], torch_unet=torch_unet, unet_precision=component_precision(manifest, "unet"),

@@ -162,15 +162,17 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
     `device` None: auto (resolve_device); `strict` and `cuda_graph` as for loading.open_component."""
     device = resolve_device(device, backend)
     folder = Path(folder)
-    manifest = read_artifact(folder, "text-to-image")
-    pipe = manifest["pipeline"]  # read_artifact checked every file the manifest lists, the tokenizer's too (verify_files)
-    _check_requests(folder, manifest, loras, controlnet)
-    unet_name = pipe["unet"]
-    text_encoder, unet, vae_decoder = (open_component(folder, manifest, n, backend, device, strict=strict, cuda_graph=cuda_graph)
-                                       for n in ("text_encoder", unet_name, "vae_decoder"))
-    lora = artifact_lora(folder, manifest, backend, {"text_encoder": text_encoder, unet_name: unet})
-    vae_encoder = (open_component(folder, manifest, "vae_encoder", backend, device, strict=strict, cuda_graph=cuda_graph)
-                   if "vae_encoder" in manifest["components"] else None)  # exported with --vae-encoder
+    with mf.artifact_lock(folder, shared=True):  # no export or refit rewrites it while it is read
+        manifest = read_artifact(folder, "text-to-image")
+        pipe = manifest["pipeline"]  # read_artifact checked every file the manifest lists, the tokenizer's too (verify_files)
+        _check_requests(folder, manifest, loras, controlnet)
+        unet_name = pipe["unet"]
+        names = ["text_encoder", unet_name, "vae_decoder", *(["vae_encoder"] if "vae_encoder" in manifest["components"] else [])]
+        opened = {n: open_component(folder, manifest, n, backend, device, strict=strict, cuda_graph=cuda_graph) for n in names}
+        lora = artifact_lora(folder, manifest, backend, {"text_encoder": opened["text_encoder"], unet_name: opened[unet_name]})
+        tokenizer = load_tokenizer(folder / pipe["tokenizer"]["folder"])
+    text_encoder, unet, vae_decoder = opened["text_encoder"], opened[unet_name], opened["vae_decoder"]
+    vae_encoder = opened.get("vae_encoder")  # exported with --vae-encoder
 
     # The PyTorch fallbacks, loaded on first use; the pipeline moves them to its device.
     def torch_vae():
@@ -184,7 +186,7 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
         _fuse_unet_only(base, scaled(manifest_loras(manifest), lora.scale if lora is not None else 1.0))
         return UNetControlNet(base, load_controlnets(_controlnet_folders(manifest))) if fused else LatentUNet(base)
 
-    return TextToImagePipeline(text_encoder, unet, vae_decoder, load_tokenizer(folder / pipe["tokenizer"]["folder"]),
+    return TextToImagePipeline(text_encoder, unet, vae_decoder, tokenizer,
                                DDIMConfig.from_scheduler_config(pipe["scheduler"]), vae_scaling_factor=pipe["vae_scaling_factor"],
                                vae_factor=pipe["vae_factor"], default_size=pipe["default_size"], max_length=pipe["max_length"],
                                torch_vae=torch_vae, torch_unet=torch_unet, unet_precision=component_precision(manifest, unet_name),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
+from diffrt.export.manifest import artifact_lock
 from diffrt.serve.triton import CONTROL_ONLY, INPUTS, PASSED_ON, PIXEL_ONLY, TEXT_ONLY, TRUNCATED
 
 VERSION = "1"
@@ -168,7 +169,8 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
                                   "encoding is ascii), so it could not open this path; leave --link out (the model is "
                                   "placed in the repository) or move the model to an ASCII path")
         else:
-            _place(Path(model), version / MODEL_DIR)
+            with artifact_lock(model, shared=True):  # an artifact: no export or refit rewrites it while it is linked
+                _place(Path(model), version / MODEL_DIR)
             parameter = MODEL_DIR
         (version / "model.py").write_text(MODEL_PY)
         (staging / "config.pbtxt").write_text(config_pbtxt(config, parameter, text_to_image, controlnet))
