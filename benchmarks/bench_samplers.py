@@ -11,11 +11,17 @@ beside it (does the digit survive few steps?). DDIM and Euler land on each other
 Euler's method on the same ODE written for x / alpha in sigma (Karras et al. 2022, section 4), a
 check on both implementations.
 
+Beside it, each sampler's own cost per step: the same request with the UNet replaced by one that
+returns zeros at once (bench.configs.NullBackend), so what remains is the step, the CFG combine and
+the pipeline around them, on the digits batch (60 rows with CFG), median of repeated runs.
+
     python benchmarks/bench_samplers.py     # ~5 min on 2 CPUs -> results/samplers_cpu.{json,png}
 """
 
 from __future__ import annotations
 
+import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,16 +29,19 @@ from pathlib import Path
 import torch
 
 from diffrt import atomic
+from diffrt.bench.configs import NullBackend
 from diffrt.models import shipped_digits_model
 from diffrt.quality import digit_classifier, score_digits
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.dpm import DPMConfig
-from diffrt.runtime.euler import EulerConfig
+from diffrt.runtime.euler import EulerAncestralConfig, EulerConfig
+from diffrt.runtime.lcm import LCMConfig
 from diffrt.runtime.loading import torch_pixel_pipeline
 
 STEPS = (3, 4, 5, 6, 8, 10, 15, 20, 25, 50)
 REFERENCE_STEPS = 1000
 GUIDANCE_SCALE = 2.0  # the demo's
+LOOP_STEPS = 20
 
 
 def samplers(pipe) -> dict[str, object]:
@@ -52,9 +61,32 @@ def samplers(pipe) -> dict[str, object]:
     }
 
 
-def run(pipe, labels: torch.Tensor, latents: torch.Tensor, steps: int, scheduler) -> torch.Tensor:
+def loop_samplers(pipe) -> dict[str, object]:
+    """Every sampler, for the loop-cost table (LCM and Euler Ancestral too: their images are not on the
+    ODE's path, so they stay out of the distance table)."""
+    own = pipe.scheduler.to_scheduler_config()
+    return {**samplers(pipe), "Euler a": EulerAncestralConfig.from_scheduler_config(own, timestep_spacing="trailing"),
+            "LCM": LCMConfig.from_scheduler_config(own, timestep_spacing="trailing")}
+
+
+def loop_ms_per_step(pipe, labels: torch.Tensor, latents: torch.Tensor, scheduler, steps: int = LOOP_STEPS,
+                     repeats: int = 7) -> float:
+    """Median ms per step of the request over a UNet that returns zeros at once."""
+    null = copy.copy(pipe)
+    null.unet = NullBackend(pipe.unet.spec, pipe.device)
+    generator = torch.Generator().manual_seed(0)  # Euler a and LCM draw step noise
+    run(null, labels, latents, 2, scheduler, generator=generator)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(null, labels, latents, steps, scheduler, generator=generator)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000 / steps
+
+
+def run(pipe, labels: torch.Tensor, latents: torch.Tensor, steps: int, scheduler, generator=None) -> torch.Tensor:
     return pipe(labels, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, latents=latents,
-                scheduler=scheduler, output_type="pt").images
+                scheduler=scheduler, output_type="pt", generator=generator).images
 
 
 def main(out_dir: str = "benchmarks/results") -> None:
@@ -80,8 +112,13 @@ def main(out_dir: str = "benchmarks/results") -> None:
             rows.append({"steps": steps, "rms_to_reference": rms, "accuracy": accuracy})
         print(f"{name:>26}: " + "  ".join(f"{r['steps']}:{r['rms_to_reference']:.4f}" for r in rows))
 
+    loop = {name: loop_ms_per_step(pipe, labels, latents, scheduler) for name, scheduler in loop_samplers(pipe).items()}
+    print(f"loop cost per step ({LOOP_STEPS} steps, UNet returning zeros): "
+          + ", ".join(f"{name} {ms:.2f} ms" for name, ms in loop.items()))
+
     report = {"model": "shipped digits (class-conditioned, 16x16)", "guidance_scale": GUIDANCE_SCALE,
-              "images": len(labels), "reference": f"DDIM, {REFERENCE_STEPS} steps, same x_T", "results": results}
+              "images": len(labels), "reference": f"DDIM, {REFERENCE_STEPS} steps, same x_T", "results": results,
+              "loop_ms_per_step": {"steps": LOOP_STEPS, "torch_threads": torch.get_num_threads(), "median": loop}}
     out = Path(out_dir)
     atomic.write_json(out / "samplers_cpu.json", report)
     chart(results, out / "samplers_cpu.png")
