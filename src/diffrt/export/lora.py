@@ -1,4 +1,4 @@
-"""Read LoRA files: each module's low-rank update (down, up), alpha, DoRA magnitude and lora_B.bias.
+"""Read LoRA files: each module's update (LoRA, LoHa or LoKr factors), alpha, DoRA magnitude and lora_B.bias.
 
 `diffrt.export.lora_fuse` fuses what is read here into base weights (the equations are there).
 
@@ -10,13 +10,17 @@ Two file layouts are read, safetensors only (pickles can run code when loaded):
   unprefixed like the keys of one model's `save_lora_adapter`); its `lora_alpha`, `rank_pattern`,
   `alpha_pattern` and `use_rslora` then set each module's scaling, as diffusers does, and its
   `use_dora` must agree with the magnitudes the file holds. Without it alpha = rank (scaling 1).
-- kohya/A1111: `lora_unet_<module path, '.' written as '_'>.lora_down.weight`, `.lora_up.weight`,
-  `.alpha` (`lora_te_` / `lora_te1_` / `lora_te2_` for text encoders). A missing alpha means rank.
+- kohya/A1111/LyCORIS: `lora_unet_<module path, '.' written as '_'>.` then `lora_down.weight` +
+  `lora_up.weight` (LoRA), `hada_w1_a` + `hada_w1_b` + `hada_w2_a` + `hada_w2_b` (LyCORIS LoHa), or
+  `lokr_w1` (or `lokr_w1_a` + `lokr_w1_b`) + `lokr_w2` (or `lokr_w2_a` + `lokr_w2_b`) (LyCORIS LoKr),
+  each with an optional `.alpha` (`lora_te_` / `lora_te1_` / `lora_te2_` for text encoders). A
+  missing alpha means scaling 1. One file may mix the kinds, one kind per module.
 
 Refused by name: kohya/LyCORIS DoRA (`dora_scale`), which diffusers' Stable Diffusion loader drops
 with a warning and fuses as a plain LoRA, so neither fusing it nor dropping it would match both
-diffusers and what was trained; LyCORIS LoHa, LoKr and Tucker cores, full weight differences,
-embedding LoRA, and a DoRA module with a lora_B.bias (peft refuses that LoraConfig).
+diffusers and what was trained; LyCORIS Tucker cores (`lora_mid`, `hada_t1`/`hada_t2`,
+`lokr_t1`/`lokr_t2`), full weight differences, embedding LoRA, and a DoRA module with a lora_B.bias
+(peft refuses that LoraConfig).
 A file that would change nothing (alpha 0, only zero updates) is refused.
 """
 
@@ -26,7 +30,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
@@ -36,12 +40,17 @@ from diffrt.atomic import sha256_file
 from diffrt.errors import LoraError
 
 LoraFormat = Literal["peft", "diffusers", "kohya"]
+LayerKind = Literal["lora", "loha", "lokr"]
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfig
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "controlnet", "transformer")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+# LyCORIS names: LoHa (`hada_`) and LoKr (`lokr_`) factors, each kept under its own name as its role.
+LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"} | {
+    name: name for name in LOHA_FACTORS + LOKR_FACTORS}
 # Dotted suffixes, longest first. "_lora.down" is diffusers' attention-processor format
 # (`attn1.processor.to_q_lora.down.weight`), whose module is `to_q` or `q_proj` depending on the model.
 DOTTED_SUFFIXES = (
@@ -62,8 +71,8 @@ DOTTED_SUFFIXES = (
 UNSUPPORTED_HINTS = {
     "dora_scale": "kohya/LyCORIS DoRA, whose dora_scale diffusers drops with a warning, fusing a plain LoRA: "
                   "re-save it as a peft DoRA (lora_magnitude_vector) or without DoRA",
-    "hada_": "LyCORIS LoHa",
-    "lokr_": "LyCORIS LoKr",
+    "hada_t": "LyCORIS LoHa with Tucker cores (hada_t1/hada_t2)",
+    "lokr_t": "LyCORIS LoKr with a Tucker core (lokr_t1/lokr_t2)",
     "lora_mid": "LyCORIS LoCon with a Tucker core (lora_mid)",
     ".diff": "full weight differences",
     "lora_embedding_": "embedding LoRA",
@@ -72,27 +81,38 @@ UNSUPPORTED_HINTS = {
 
 @dataclass(frozen=True)
 class LoraLayer:
-    """One low-rank update, as named in the file."""
+    """One module's update, as named in the file: a LoRA (`down`, `up`), or a LyCORIS LoHa or LoKr
+    (`factors`, by their LyCORIS names: `hada_w1_a`, ... or `lokr_w1` / `lokr_w1_a`, ...)."""
 
     component: str  # "unet", "text_encoder", ...
     module: str  # dotted module path, or the underscored kohya name when `underscored`
-    down: torch.Tensor  # [rank, in] or [rank, in, kh, kw]
-    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
-    alpha: float | None  # None: alpha = rank
-    key: str  # the file key of `down`, for messages
+    down: torch.Tensor | None  # LoRA: [rank, in] or [rank, in, kh, kw]; None for LoHa/LoKr
+    up: torch.Tensor | None  # LoRA: [out, rank] or [out, rank, 1, 1]; None for LoHa/LoKr
+    alpha: float | None  # None: scaling 1
+    key: str  # the file key of `down` (or of the first factor), for messages
     underscored: bool = False
     aliases: tuple[str, ...] = ()  # other dotted names the same module may have (old diffusers format)
     use_rslora: bool = False
     magnitude: torch.Tensor | None = None  # DoRA: peft's lora_magnitude_vector, one length per output channel, [out]
     bias: torch.Tensor | None = None  # peft's lora_B.bias (lora_bias=True), [out]
+    kind: LayerKind = "lora"
+    factors: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)  # LoHa/LoKr, 2-D but lokr_w2
 
     @property
-    def rank(self) -> int:
+    def rank(self) -> int | None:
+        """The rank alpha is divided by. LoHa: hada_w1_b's rows. LoKr: the rank of its factorised
+        factor (lokr_w2_b's rows, else lokr_w1_b's); None when w1 and w2 are both full matrices."""
+        if self.kind == "loha":
+            return self.factors["hada_w1_b"].shape[0]
+        if self.kind == "lokr":
+            factorised = [self.factors[b] for b in ("lokr_w2_b", "lokr_w1_b") if b in self.factors]
+            return factorised[0].shape[0] if factorised else None
         return self.down.shape[0]
 
     @property
     def scaling(self) -> float:
-        if self.alpha is None:
+        # LoKr with two full matrices: scaling 1 whatever alpha says (LyCORIS, A1111, ComfyUI; see lora_fuse).
+        if self.alpha is None or self.rank is None:
             return 1.0
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
@@ -289,6 +309,10 @@ def read_lora(path: str | Path) -> LoraFile:
     # 2. Check pairs and work out each module's scaling.
     layers = []
     for (component, module), entry in entries.items():
+        kind = _layer_kind(path, component, module, entry)
+        if kind != "lora":
+            layers.append(_lycoris_layer(path, component, module, entry, kind))
+            continue
         if "down" not in entry or "up" not in entry:
             missing = "down/lora_A" if "down" not in entry else "up/lora_B"
             raise LoraError(f"{path}: module {component}.{module} has no {missing} weight; the file is incomplete")
@@ -315,12 +339,7 @@ def read_lora(path: str | Path) -> LoraFile:
             alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank)))
             use_rslora = bool(config.get("use_rslora", False))
         if alpha == 0:
-            # diffusers (and A1111) fuse alpha 0 as a zero update, kohya's sd-scripts reads it as alpha = rank.
-            source = entry["keys"].get("alpha", f"the {METADATA_KEY} of {component}.{module}")
-            raise LoraError(
-                f"{path}: {source} gives alpha 0, which diffusers fuses as no change and sd-scripts reads as "
-                "alpha = rank; re-save the LoRA with the alpha it was trained with"
-            )
+            _refuse_alpha_0(path, entry["keys"].get("alpha", f"the {METADATA_KEY} of {component}.{module}"))
         aliases: tuple[str, ...] = ()
         if entry["style"] == "diffusers-processor":
             module, aliases = _processor_aliases(module)
@@ -341,13 +360,71 @@ def read_lora(path: str | Path) -> LoraFile:
         )
 
     if not any(_changes_weights(layer) for layer in layers):
-        # peft initialises lora_B to zero: an adapter saved before training fuses as no change at all.
-        raise LoraError(f"{path}: every LoRA update in it is zero (all-zero up or down weights), so it would change nothing; "
-                        "was it saved before training?")
+        # peft initialises lora_B to zero (LyCORIS hada_w2_a, lokr_w2 or lokr_w2_b): an adapter saved
+        # before training fuses as no change at all.
+        raise LoraError(f"{path}: every LoRA update in it is zero (an all-zero up, down or LyCORIS factor in each module), "
+                        "so it would change nothing; was it saved before training?")
 
     styles_seen = {entry["style"] for entry in entries.values()}
     fmt: LoraFormat = "kohya" if styles_seen == {"kohya"} else "peft" if styles_seen == {"peft"} else "diffusers"
     return LoraFile(path=path, sha256=sha256_file(path), format=fmt, layers=layers)
+
+
+def _refuse_alpha_0(path: Path, source: str) -> None:
+    # diffusers, A1111 and ComfyUI fuse alpha 0 as a zero update; kohya's sd-scripts and LyCORIS read it as alpha = rank.
+    raise LoraError(f"{path}: {source} gives alpha 0, which diffusers fuses as no change and sd-scripts reads as "
+                    "alpha = rank; re-save the LoRA with the alpha it was trained with")
+
+
+def _layer_kind(path: Path, component: str, module: str, entry: dict) -> LayerKind:
+    """"lora", "loha" or "lokr", from the roles of a module's keys; one kind per module."""
+    kinds = {"loha" if role.startswith("hada_") else "lokr" if role.startswith("lokr_") else "lora"
+             for role in entry["keys"] if role != "alpha"}
+    if len(kinds) > 1:
+        keys = ", ".join(sorted(key for role, key in entry["keys"].items() if role != "alpha"))
+        raise LoraError(f"{path}: module {component}.{module} mixes {' and '.join(sorted(kinds))} keys ({keys}); "
+                        "a module holds one kind of update")
+    return next(iter(kinds), "lora")
+
+
+def _lycoris_layer(path: Path, component: str, module: str, entry: dict, kind: LayerKind) -> LoraLayer:
+    """A LoHa or LoKr module: its factors checked for completeness and shape (LyCORIS' own layouts:
+    every factor a matrix, a conv's kernel flattened into the `_b` columns, but lokr_w2 may be 4-D)."""
+    keys = entry["keys"]
+    needed: list[str] = []
+    for w in ("hada_w1", "hada_w2") if kind == "loha" else ("lokr_w1", "lokr_w2"):
+        if w in entry and (f"{w}_a" in entry or f"{w}_b" in entry):
+            raise LoraError(f"{path}: {component}.{module} has both {keys[w]} and a factorised {w}_a/{w}_b; keep one")
+        needed += [w] if w in entry else [f"{w}_a", f"{w}_b"]
+    missing = [name for name in needed if name not in entry]
+    if missing:
+        found = ", ".join(sorted(key for role, key in keys.items() if role != "alpha"))
+        raise LoraError(f"{path}: {kind} module {component}.{module} has no {', '.join(missing)} (only {found}); "
+                        "the file is incomplete")
+    factors = {name: entry[name] for name in needed}
+    for name, value in factors.items():
+        if value.ndim != 2 and not (name == "lokr_w2" and value.ndim == 4):
+            raise LoraError(f"{path}: {keys[name]} has shape {tuple(value.shape)}; expected a matrix")
+    ranks = []
+    for a, b in [(n, n[:-1] + "b") for n in needed if n.endswith("_a")]:
+        if factors[a].shape[1] != factors[b].shape[0]:
+            raise LoraError(f"{path}: {keys[a]} has shape {tuple(factors[a].shape)} and {keys[b]} {tuple(factors[b].shape)}; "
+                            "expected [rows, rank] and [rank, columns]")
+        ranks.append(factors[b].shape[0])
+    if kind == "loha":
+        shapes = sorted({(factors[f"{w}_a"].shape[0], factors[f"{w}_b"].shape[1]) for w in ("hada_w1", "hada_w2")})
+        if len(shapes) > 1:
+            raise LoraError(f"{path}: the LoHa factors of {component}.{module} multiply to shapes {shapes[0]} and {shapes[1]}; "
+                            "hada_w1_a @ hada_w1_b and hada_w2_a @ hada_w2_b must have one shape")
+    elif len(set(ranks)) > 1:
+        # LyCORIS divides alpha by lokr_w1_a's rank, A1111 and ComfyUI by lokr_w2_b's: they agree only when equal.
+        raise LoraError(f"{path}: {component}.{module} factorises lokr_w1 at rank {ranks[0]} and lokr_w2 at rank {ranks[1]}, "
+                        "which LyCORIS and A1111/ComfyUI scale differently; re-save it with one rank")
+    alpha = float(entry["alpha"]) if "alpha" in entry else None
+    if alpha == 0:
+        _refuse_alpha_0(path, keys["alpha"])
+    return LoraLayer(component=component, module=module, down=None, up=None, alpha=alpha, key=keys[needed[0]],
+                     underscored=True, kind=kind, factors=factors)
 
 
 def _extras(path: Path, component: str, module: str, entry: dict, out: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -369,5 +446,7 @@ def _extras(path: Path, component: str, module: str, entry: dict, out: int) -> t
 def _changes_weights(layer: LoraLayer) -> bool:
     """False only where the layer is sure to change nothing. A DoRA layer always may: its magnitude
     rescales the weight even where up @ down is zero."""
+    if layer.kind != "lora":
+        return all(bool(factor.any()) for factor in layer.factors.values())
     has_update = bool(layer.up.any() and layer.down.any())
     return has_update or layer.magnitude is not None or (layer.bias is not None and bool(layer.bias.any()))

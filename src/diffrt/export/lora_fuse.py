@@ -8,6 +8,30 @@ For a kxk convolution `down` holds the kernel and `up` is 1x1, so `up @ down` is
 flattened `in * kh * kw` axis: the same weight peft's conv LoRA merges. `alpha / rank` becomes
 `alpha / sqrt(rank)` for rsLoRA adapters.
 
+LyCORIS' other updates (kohya-named files, read as `kind` "loha" / "lokr"), also W' = W + scale * dW:
+
+- LoHa (Hyeon-Woo et al. 2022, FedPara: the Hadamard product of two low-rank matrices):
+
+      dW = (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b)       rank = hada_w1_b's rows
+
+  as LyCORIS' LoHaModule, peft's LoHaLayer.get_delta_weight, A1111 and ComfyUI compute it.
+- LoKr (Edalati et al. 2022, KronA; Yeh et al. 2024, LyCORIS: a Kronecker product):
+
+      dW = gamma * kron(W1, W2)      W1 = lokr_w1 or lokr_w1_a @ lokr_w1_b, W2 = lokr_w2 or lokr_w2_a @ lokr_w2_b
+
+  gamma = alpha / rank, rank that of the factorised factor, but gamma = 1 where W1 and W2 are both
+  full matrices: the rule of LyCORIS' LokrModule (`if use_w1 and use_w2: alpha = lora_dim`), which
+  trained the file, and of A1111's network_lokr and ComfyUI's weight_adapter/lokr (no rank, so
+  scale 1). peft's LoKrLayer differs there: it always multiplies by alpha / r (its `r`, a config
+  value no file holds), so diffrt follows LyCORIS; both agree whenever a factor is factorised.
+
+For a kxk convolution the `_b` factors hold the flattened `in * kh * kw` columns (lokr_w2 may be
+[out2, in2, kh, kw]), and the product is reshaped to the conv weight's shape, as LyCORIS does. The
+scale is applied once, as LyCORIS' forward (the training), A1111 and ComfyUI apply it (LyCORIS 3's
+`get_diff_weight` multiplies `self.scale` into `get_weight`'s already scaled update a second time;
+no loader does). A LyCORIS rsLoRA file stores alpha already multiplied by sqrt(rank), so alpha / rank
+holds for it too.
+
 DoRA (Liu et al. 2024, eq. 5) also learns a magnitude m, one per output channel (peft's
 `lora_magnitude_vector`), and gives each output row of the updated weight that length:
 
@@ -96,15 +120,31 @@ def _state_weights(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return weights, {name: state[f"{name}.bias"] for name in weights if f"{name}.bias" in state}
 
 
+def _update_shape(layer: LoraLayer) -> tuple[int, ...]:
+    """The shape of the layer's update before it is reshaped like the weight: [out, in(, kh, kw)] for
+    a LoRA, [out, in * kh * kw] for LoHa and LoKr, whose conv kernels come flattened."""
+    f = layer.factors
+    if layer.kind == "loha":
+        return f["hada_w1_a"].shape[0], f["hada_w1_b"].shape[1]
+    if layer.kind == "lokr":
+        def rows_columns(w: str) -> tuple[int, int]:
+            return (f[w].shape[0], math.prod(f[w].shape[1:])) if w in f else (f[f"{w}_a"].shape[0], f[f"{w}_b"].shape[1])
+
+        (a, c), (b, d) = rows_columns("lokr_w1"), rows_columns("lokr_w2")
+        return a * b, c * d
+    return layer.up.shape[0], *layer.down.shape[1:]
+
+
 def _check_fits(layer: LoraLayer, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Shapes only: `layer` can patch the module `name` with this weight and bias."""
-    down, up = layer.down, layer.up
-    if up.ndim == 4 and up.shape[2:] != (1, 1):
-        raise LoraError(f"LoRA key {layer.key}: its up weight has a {tuple(up.shape[2:])} kernel; only 1x1 up convolutions are supported")
-    fits = (up.shape[0], math.prod(down.shape[1:])) == (weight.shape[0], math.prod(weight.shape[1:]))
-    if not fits or (weight.ndim == 2 and down.ndim == 4 and down.shape[2:] != (1, 1)):
+    if layer.kind == "lora" and layer.up.ndim == 4 and layer.up.shape[2:] != (1, 1):
+        raise LoraError(f"LoRA key {layer.key}: its up weight has a {tuple(layer.up.shape[2:])} kernel; only 1x1 up convolutions are supported")
+    shape = _update_shape(layer)
+    kernel = layer.down if layer.kind == "lora" else layer.factors.get("lokr_w2")
+    fits = (shape[0], math.prod(shape[1:])) == (weight.shape[0], math.prod(weight.shape[1:]))
+    if not fits or (weight.ndim == 2 and kernel is not None and kernel.ndim == 4 and kernel.shape[2:] != (1, 1)):
         raise LoraError(
-            f"LoRA key {layer.key} gives an update of shape {(up.shape[0], *down.shape[1:])} for a weight of shape "
+            f"LoRA key {layer.key} gives an update of shape {shape} for a weight of shape "
             f"{tuple(weight.shape)}; the LoRA was made for another model"
         )
     if layer.bias is not None and bias is None:
@@ -113,9 +153,21 @@ def _check_fits(layer: LoraLayer, name: str, weight: torch.Tensor, bias: torch.T
 
 
 def _delta(layer: LoraLayer, shape: torch.Size, scaling: float) -> torch.Tensor:
-    """scaling * up @ down in fp32 (on the LoRA's device), shaped like the weight."""
-    rank = layer.rank
-    product = layer.up.float().reshape(-1, rank) @ layer.down.float().reshape(rank, -1)
+    """scaling * the layer's update in fp32 (on the LoRA's device), shaped like the weight: up @ down
+    (LoRA), (w1_a @ w1_b) * (w2_a @ w2_b) (LoHa) or kron(W1, W2) (LoKr)."""
+    f = {name: factor.float() for name, factor in layer.factors.items()}
+
+    def matrix(w: str) -> torch.Tensor:  # a LoHa/LoKr factor, full or factorised, as [rows, columns]
+        return f[w].reshape(f[w].shape[0], -1) if w in f else f[f"{w}_a"] @ f[f"{w}_b"]
+
+    if layer.kind == "loha":
+        product = matrix("hada_w1") * matrix("hada_w2")
+    elif layer.kind == "lokr":
+        # kron of [a, c] and [b, d * kh * kw] is LyCORIS' kron of [a, c, 1, 1] and [b, d, kh, kw], flattened.
+        product = torch.kron(matrix("lokr_w1"), matrix("lokr_w2"))
+    else:
+        rank = layer.rank
+        product = layer.up.float().reshape(-1, rank) @ layer.down.float().reshape(rank, -1)
     return product.reshape(shape) * scaling
 
 
