@@ -395,9 +395,11 @@ def test_a_pipeline_opening_an_artifact_waits_for_the_export_rewriting_it(artifa
     from diffrt.runtime.loading import artifact_pixel_pipeline
 
     opened = []
+    latest = artifact.parent / "latest"  # a deployment's link to the artifact it runs: the same folder, one lock
+    latest.symlink_to(artifact)
 
     def reader():
-        opened.append(artifact_pixel_pipeline(artifact, "onnxruntime", "cpu"))
+        opened.append(artifact_pixel_pipeline(latest, "onnxruntime", "cpu"))
 
     with caplog.at_level("INFO", logger="diffrt.atomic"), mf.artifact_lock(artifact):  # a builder at work
         waiting = threading.Thread(target=reader)
@@ -413,8 +415,10 @@ def test_a_pipeline_opening_an_artifact_waits_for_the_export_rewriting_it(artifa
         raise PermissionError("read-only file system")
 
     monkeypatch.setattr("builtins.open", unwritable)
-    with atomic.file_lock(artifact.parent / ".x.lock", shared=True):  # no lock file: no lock, no error
-        pass
+    with pytest.raises(ValueError) as raised:
+        with atomic.file_lock(artifact.parent / ".x.lock", shared=True):  # no lock file: no lock, no error
+            raise ValueError("a reader's own error")
+    assert raised.value.__context__ is None  # not reported as raised while handling the lock's PermissionError
     with pytest.raises(PermissionError):
         with atomic.file_lock(artifact.parent / ".x.lock"):  # a builder needs its lock
             pass

@@ -624,7 +624,7 @@ def test_nan_from_the_img2img_encoder_is_named(t2i_folder, control_image):
 
 def test_metadata_names_what_ran_each_component(ort_pipe, torch_pipe):
     meta = run(ort_pipe, seed=2, num_inference_steps=1).metadata
-    names = ["text_encoder", "unet_controlnet", "vae_decoder", "vae_encoder"]  # the artifact was exported with --vae-encoder
+    names = ["text_encoder", "unet_controlnet", "vae_decoder"]  # the artifact's VAE encoder too, but text-to-image runs none
     assert meta["components"] == dict.fromkeys(names, "onnxruntime")
     assert meta["providers"] == dict.fromkeys(names, ["CPUExecutionProvider"]) and meta["cuda_graph"] is False
     meta = run(torch_pipe, seed=2, num_inference_steps=1).metadata

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import T2I_RANGES, max_abs
-from diffrt.errors import DiffrtError
+from diffrt.errors import BackendUnavailableError, DiffrtError
 from diffrt.export.artifact import ExportOptions, export_model
 from diffrt.export.manifest import read_manifest
 from diffrt.export.text_to_image import export_text_to_image
@@ -68,6 +68,7 @@ def test_img2img_over_the_artifact_encodes_on_the_backend_and_equals_torch(t2i_a
     expected = img2img(eager, image=image, num_images_per_prompt=2, generator=generator())
     assert result.metadata["components"]["vae_encoder"] == "onnxruntime"
     assert result.metadata["providers"]["vae_encoder"] == ["CPUExecutionProvider"]
+    assert "vae_encoder" not in artifact("a red cube", num_inference_steps=1).metadata["components"]  # what each call ran
     assert max_abs(result.images, expected.images) <= ORT_TOL
     if per_image:  # each image sampled its own posterior row: the two differ though the init image is one
         assert max_abs(result.images[0], result.images[1]) > 1e-3
@@ -80,6 +81,48 @@ def test_an_artifact_without_the_encoder_encodes_in_pytorch_and_says_so(plain_ar
     result = img2img(pipe, image=image, seed=5)
     assert result.metadata["components"]["vae_encoder"] == "torch"  # the fallback is reported, never silent
     assert max_abs(result.images, img2img(open_text_to_image_pipeline(t2i_folder, "torch", CPU), image=image, seed=5).images) <= ORT_TOL
+    assert "vae_encoder" not in pipe("a red cube", num_inference_steps=2).metadata["components"]  # only calls that encoded say so
+
+    strict = open_text_to_image_pipeline(plain_artifact, "onnxruntime", CPU, strict=True)
+    assert strict("a red cube", num_inference_steps=1).backend == "onnxruntime"
+    with pytest.raises(BackendUnavailableError, match="fallback strict mode refuses: re-export with --vae-encoder"):
+        img2img(strict, image=image, seed=5)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_service_over_an_artifact_without_the_encoder_says_what_encodes(plain_artifact, image, strict):
+    """The PyTorch fallback is made when the service loads: described and timed as the other components; under
+    --strict, image-to-image requests are refused (422) by name, and the service says it takes none."""
+    import base64
+
+    httpx = pytest.importorskip("httpx")
+    from diffrt.images import png_bytes
+    from diffrt.serve.app import BackgroundServer, ServeConfig
+
+    config = ServeConfig(model=str(plain_artifact), backend="onnxruntime", port=0, api_key_env=None, device="cpu", warmup_steps=1,
+                         log_level="warning", strict=strict)
+    body = {"prompt": "a red cube", "num_inference_steps": 3, "seed": 1, "strength": 0.7,
+            "image": base64.b64encode(png_bytes(image[0])).decode("ascii")}
+    with BackgroundServer(config) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        ready = client.get("/readyz").json()
+        r = client.post("/v1/generate", json=body, headers={"Accept": "application/json"})
+    assert ready["image_to_image"] is not strict
+    if strict:
+        assert r.status_code == 422 and "re-export with --vae-encoder" in r.text and "vae_encoder" not in ready["components"]
+    else:
+        assert r.status_code == 200, r.text
+        assert ready["components"]["vae_encoder"] == "torch" and r.json()["timings_ms"]["vae_encoder"] > 0
+
+
+def test_automatic_exports_made_before_the_encoder_option_keep_their_folders():
+    """An automatic export's folder is named by its settings' text: the option, left at its default, adds nothing
+    to it, so the folders of exports made before it (the digits model's for `diffrt demo`) are still found."""
+    from diffrt.export.artifact import options_text
+
+    assert options_text(ExportOptions()) == (
+        "ExportOptions(backend='onnx', precision='fp32', batch=(1, 8, 64), height=None, width=None, opset=17, "
+        "exporter='torchscript', loras=[], verify=True, external_data_threshold=2147483648)")
+    assert "vae_encoder=True" in options_text(ExportOptions(vae_encoder=True))
 
 
 def test_cli_export_with_the_encoder_keeps_it_fp32_where_the_vae_asks_and_a_rebuild_without_drops_it(t2i_folder, tmp_path, capsys):

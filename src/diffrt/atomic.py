@@ -208,28 +208,34 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | N
     interleave, or `shared`, for readers, which any number hold at once while no builder does. `waiting`:
     logged once if the lock is held elsewhere and this call has to wait for it.
 
-    A shared lock where the lock file cannot be made (a read-only mount: nothing writes there either) is
-    no lock; an exclusive one raises."""
+    A shared lock that cannot be had (no lock file on a read-only mount, where nothing writes either; a
+    filesystem without locks) is no lock, with a debug line; an exclusive one raises."""
     import fcntl
 
     path = Path(path)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    f = None
     try:
         if not shared:
             path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")
-    except OSError:
-        if not shared:
-            raise
-        yield
-        return
-    with f:
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        f = open(path, "a+")  # readable too: NFS emulates flock with byte-range locks, and a shared one needs a read fd
         try:
             fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
         except BlockingIOError:
             if waiting:
                 log.info("%s", waiting)
             fcntl.flock(f.fileno(), mode)
+    except OSError as exc:
+        if f is not None:
+            f.close()
+        if not shared:
+            raise
+        log.debug("no shared lock on %s (%s): reading without one", path, exc)
+        f = None
+    if f is None:  # outside the handler: errors raised while the caller reads do not chain to this one
+        yield
+        return
+    with f:
         try:
             yield
         finally:

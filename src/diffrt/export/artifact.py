@@ -395,12 +395,19 @@ def _fuse_pixel_loras(model: PixelModel, loras: list[tuple[str, float]]) -> None
     fuse_loras({"unet": model.unet.unet}, [(read_lora(p), s) for p, s in loras])
 
 
+def options_text(options: ExportOptions) -> str:
+    """The settings an automatic export's folder is named by: their repr, the default opset resolved (the
+    default and 17 are one export). `vae_encoder`, a later field, is left out at its default, so that the
+    folders made before it (the digits model's, for `diffrt demo`) are still found."""
+    text = repr(replace(options, opset=options.onnx_opset))
+    return text if options.vae_encoder else text.replace(", vae_encoder=False", "")
+
+
 def default_artifact_dir(model_dir: Path, options: ExportOptions) -> Path:
     """Where `diffrt demo` / `generate` keep an automatic export: the user cache, by source and settings."""
     from platformdirs import user_cache_dir
 
-    opts = repr(replace(options, opset=options.onnx_opset))  # the default opset and 17 are one export
-    tag = mf.cache_key({"src": str(model_dir.resolve()), "sha": atomic.sha256_folder(model_dir), "opts": opts})[:16]
+    tag = mf.cache_key({"src": str(model_dir.resolve()), "sha": atomic.sha256_folder(model_dir), "opts": options_text(options)})[:16]
     return Path(user_cache_dir("diffrt")) / "artifacts" / f"{model_dir.name}-{tag}"
 
 

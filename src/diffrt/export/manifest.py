@@ -72,7 +72,7 @@ def artifact_lock(folder: str | Path, *, shared: bool = False):
     folder, shared while a pipeline opens it (manifest, hashes, sessions and engines read into memory), so that
     a reader never pairs an old manifest with files a rebuild has just replaced; it waits for the rebuild
     instead. Readers on a read-only mount take none."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # one lock per folder, however it is named (a `latest` link, ".")
     waiting = f"waiting for the export or refit writing {folder} to finish" if shared else f"waiting for others using {folder}"
     return atomic.file_lock(folder.parent / f".{folder.name}.lock", shared=shared, waiting=waiting)
 

@@ -159,10 +159,11 @@ class DenoiserPipeline:
             module = self._torch[which] = module().to(self.device).eval()
         return module
 
-    def runtime_metadata(self) -> dict:
-        """What really ran each component (RELIABILITY #15): its backend, the ONNX Runtime providers
-        the session uses (not those asked for), and whether TensorRT replays captured CUDA graphs."""
-        backends = self.backends()
+    def runtime_metadata(self, backends: dict[str, Backend] | None = None) -> dict:
+        """What really runs each component (RELIABILITY #15): its backend, the ONNX Runtime providers
+        the session uses (not those asked for), and whether TensorRT replays captured CUDA graphs.
+        `backends`: the components one call ran (default: all the pipeline has)."""
+        backends = self.backends() if backends is None else backends
         return {"components": {name: b.name for name, b in backends.items()},
                 **({"lora_scale": self.lora.scale, "lora_scalable": self.lora.scalable} if self.lora is not None else {}),
                 "providers": {name: list(b.providers) for name, b in backends.items() if getattr(b, "providers", None) is not None},

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from diffrt.components import CONTROL_CHANNELS, num_controlnets, vae_encoder_spec
-from diffrt.errors import DiffrtError, ShapeOutOfRangeError
+from diffrt.errors import BackendUnavailableError, DiffrtError, ShapeOutOfRangeError
 from diffrt.images import to_unit_range
 from diffrt.runtime import ddim, lcm
 from diffrt.runtime.agreement import guard_autograd_denoiser
@@ -91,11 +91,13 @@ class TextToImagePipeline(DenoiserPipeline):
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
                  torch_vae: TorchModule = None, torch_unet: TorchModule = None, check_outputs: bool = True,
-                 unet_precision: str = "fp32", lora: RuntimeLora | None = None, vae_encoder: Backend | None = None):
+                 unet_precision: str = "fp32", lora: RuntimeLora | None = None, vae_encoder: Backend | None = None,
+                 strict: bool = False):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         # img2img's encoder: a backend of its own (an artifact exported with --vae-encoder, or eager PyTorch), else
-        # made on first use over the PyTorch VAE (`_image_encoder`), and then reported as what ran (RELIABILITY #15).
+        # made on first use over the PyTorch VAE (`image_encoder`), and then reported as what ran (RELIABILITY #15).
         self.vae_encoder = vae_encoder
+        self.strict = strict  # refuse that PyTorch fallback (the other fallbacks, guidance's, are asked for by name)
         self.tokenizer = tokenizer
         # Plain and img2img calls sample the config as StableDiffusionPipeline corrects it; calls with a
         # control image keep its steps_offset, as diffusers' ControlNet pipelines do (_latent_scheduler).
@@ -289,13 +291,16 @@ class TextToImagePipeline(DenoiserPipeline):
         else:
             decoded = self.vae_decoder.run({"latent": (x / self.vae_scaling_factor).to(self.vae_decoder.device)})["image"].float()
             images = to_unit_range(self._check("vae_decoder", decoded).to(self.device))
+        ran = self.backends()  # what this call ran (RELIABILITY #15): the encoder only if it encoded an image
+        if latents is not None or init is None or image_latents:
+            ran.pop("vae_encoder", None)
         meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
                 "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
                 "strength": strength if init is not None else None,
                 "controlnet_conditioning_scale": (scales if len(scales) > 1 else scales[0]) if control is not None else None,
-                "guidance": [g.name for g in guidance], **self.runtime_metadata()}
+                "guidance": [g.name for g in guidance], **self.runtime_metadata(ran)}
         return GenerationResult(images if output_type == "latent" else convert_output(images, output_type), self.backend, time.perf_counter() - t0,
                                 len(schedule), meta)
 
@@ -379,17 +384,22 @@ class TextToImagePipeline(DenoiserPipeline):
         per_image = generator is not None and not isinstance(generator, torch.Generator)
         if per_image:
             init = torch.cat([init] * (batch // init.shape[0]))  # diffusers' order: [i0, i1, i0, i1]
-        encoder = self._image_encoder()
+        encoder = self.image_encoder()
         moments = encoder.run({"image": (init * 2 - 1).to(encoder.device)})["latent_parameters"]
         moments = self._check("vae_encoder", moments.float().to(self.device))
         return self.vae_scaling_factor * sample_posterior(moments, generator)
 
-    def _image_encoder(self) -> Backend:
+    def image_encoder(self) -> Backend:
         """The VAE encoder backend; for an artifact exported without one, eager PyTorch over the source's VAE,
         made once (and then listed among the pipeline's backends)."""
         if self.vae_encoder is None:
             from diffrt.runtime.backends.torch_eager import TorchBackend
             from diffrt.text_to_image_models import VaeEncoder
+
+            if self.strict:
+                raise BackendUnavailableError(f"image-to-image needs the VAE encoder, which this {self.backend} artifact was exported "
+                                              "without; it would encode with the source's PyTorch VAE, a fallback strict mode "
+                                              "refuses: re-export with --vae-encoder")
 
             vae = self.torch_module("vae", "image-to-image (an artifact exported without --vae-encoder)")
             in_channels = int(vae.config.in_channels)

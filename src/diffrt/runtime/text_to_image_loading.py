@@ -190,7 +190,7 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
                                DDIMConfig.from_scheduler_config(pipe["scheduler"]), vae_scaling_factor=pipe["vae_scaling_factor"],
                                vae_factor=pipe["vae_factor"], default_size=pipe["default_size"], max_length=pipe["max_length"],
                                torch_vae=torch_vae, torch_unet=torch_unet, unet_precision=component_precision(manifest, unet_name),
-                               lora=lora, vae_encoder=vae_encoder)
+                               lora=lora, vae_encoder=vae_encoder, strict=strict)
 
 
 def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device | None = None,

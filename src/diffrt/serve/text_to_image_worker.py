@@ -113,6 +113,7 @@ class TextToImageWorker(BatchingWorker):
         self.warmup_seconds: float | None = None
         self.batch_max_abs_diff: float | None = None  # |batched - alone| measured at start-up; 0.0: bitwise equal
         self.color_unavailable: str | None = None  # why colour guidance cannot run here, when it cannot
+        self.img2img_unavailable: str | None = None  # and image-to-image (no encoder: none exported, no source VAE, strict)
 
     # -- the worker thread ------------------------------------------------------------------
 
@@ -138,8 +139,15 @@ class TextToImageWorker(BatchingWorker):
         self.warmup_seconds = self.self_test()
         pipe = self.pipe  # a shared batch feeds the text encoder one prompt per image; guidance doubles both
         self.settle_batching(pipe.backend, images_per_batch([(pipe.text_encoder.spec, 2), (pipe.unet.spec, 2), (pipe.vae_decoder.spec, 1)]))
+        # img2img's encoder: the artifact's (--vae-encoder) or eager PyTorch's, else the PyTorch fallback made
+        # now rather than in a first request, so that it is described and timed like the others.
+        try:
+            pipe.image_encoder()
+        except DiffrtError as exc:
+            self.img2img_unavailable = str(exc)
+            log.warning("image-to-image is off for this service: %s", exc)
         # Timed in place from now on: the warm-up and probe are not requests.
-        encoder = ("vae_encoder",) if pipe.vae_encoder is not None else ()  # an artifact's made with --vae-encoder, eager PyTorch's
+        encoder = ("vae_encoder",) if pipe.vae_encoder is not None else ()
         self.timed = time_components(pipe, ("text_encoder", "unet", "vae_decoder", *encoder), recording=True)
 
     def self_test(self) -> float:
@@ -206,6 +214,7 @@ class TextToImageWorker(BatchingWorker):
                 "conditioning": "text", "sample_size": self.pipe.default_size,
                 "scheduler": self.pipe.scheduler.name, "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, "color_guidance": self.color_unavailable is None,
+                "image_to_image": self.img2img_unavailable is None,
                 **self.pipe.runtime_metadata()}
 
     def plan(self, body: GenerateBody) -> TextToImagePlan:
@@ -223,6 +232,8 @@ class TextToImageWorker(BatchingWorker):
                                    "or an artifact exported with it", name)
         if body.controlnet_conditioning_scale is not None and body.control_image is None:
             raise RequestError(422, "controlnet_conditioning_scale: needs control_image", "controlnet_conditioning_scale")
+        if body.image is not None and self.img2img_unavailable is not None:
+            raise RequestError(422, f"image: image-to-image is unavailable on this service ({self.img2img_unavailable})", "image")
         if body.strength is not None and body.image is None:
             raise RequestError(422, "strength: needs image, the image to start from (image-to-image)", "strength")
         control = self._decode_control_images(body) if body.control_image is not None else None

@@ -9,6 +9,7 @@ repository on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
-from diffrt.export.manifest import artifact_lock
+from diffrt.export.manifest import MANIFEST, artifact_lock
 from diffrt.serve.triton import CONTROL_ONLY, INPUTS, PASSED_ON, PIXEL_ONLY, TEXT_ONLY, TRUNCATED
 
 VERSION = "1"
@@ -169,7 +170,8 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
                                   "encoding is ascii), so it could not open this path; leave --link out (the model is "
                                   "placed in the repository) or move the model to an ASCII path")
         else:
-            with artifact_lock(model, shared=True):  # an artifact: no export or refit rewrites it while it is linked
+            is_artifact = (Path(model) / MANIFEST).is_file()
+            with artifact_lock(model, shared=True) if is_artifact else contextlib.nullcontext():  # not rewritten while linked
                 _place(Path(model), version / MODEL_DIR)
             parameter = MODEL_DIR
         (version / "model.py").write_text(MODEL_PY)
