@@ -1,6 +1,6 @@
 """Export time and artifact size per component: the shipped digits model and a tiny
 text-to-image model with a ControlNet (CLIP text encoder, fused UNet+ControlNet, standalone
-ControlNet, VAE decoder), each exported to fp32 ONNX with its parity check.
+ControlNet, VAE decoder and, --vae-encoder, encoder), each exported to fp32 ONNX with its parity check.
 
     python benchmarks/bench_export.py         # prints the table, writes results/export_cpu.json
     python benchmarks/bench_export.py --sd15  # SD-1.5-sized components instead (random weights, sd15.py):
@@ -36,8 +36,8 @@ def small_jobs(workdir: Path) -> list[tuple]:
     sd = tiny_text_to_image(workdir / "tiny-sd", seed=0, controlnet=True)
     return [
         ("digits (pixel, class-conditioned)", SHIPPED_DIGITS, ExportOptions(batch=(1, 8, 256)), []),
-        ("tiny text-to-image + ControlNet", sd, ExportOptions(batch=(1, 2, 4), height=(32, 32, 64), width=(32, 32, 64)),
-         [str(sd / "controlnet")]),
+        ("tiny text-to-image + ControlNet", sd, ExportOptions(batch=(1, 2, 4), height=(32, 32, 64), width=(32, 32, 64),
+                                                              vae_encoder=True), [str(sd / "controlnet")]),
     ]
 
 
@@ -48,7 +48,8 @@ def sd15_jobs(workdir: Path, exporter: str = "torchscript") -> list[tuple]:
     sd = build_sd15_folder(cache_root() / "sd15-random-seed0")  # the GPU benchmark's folder, built once
     # A small profile keeps the parity runs short on a CPU; the graph and its size are the same at any profile.
     return [("SD-1.5-sized text-to-image + ControlNet (random weights)", sd,
-             ExportOptions(batch=(1, 2, 2), height=(64, 64, 128), width=(64, 64, 128), exporter=exporter), [str(sd / "controlnet")])]
+             ExportOptions(batch=(1, 2, 2), height=(64, 64, 128), width=(64, 64, 128), exporter=exporter, vae_encoder=True),
+             [str(sd / "controlnet")])]
 
 
 def measure(workdir: Path, jobs: list[tuple]) -> list[dict]:
