@@ -466,6 +466,11 @@ def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png):
     assert not np.array_equal(np.asarray(image), answer(prompt=PROMPT, negative_prompt="blurry"))
     assert not np.array_equal(np.asarray(image), answer(prompt="another prompt", negative_prompt="blurry", control_image=edges))
 
+    # Image-to-image: the picture to start from and its strength reach the request too.
+    image, _ = generate(None, PROMPT, None, STEPS, 5.0, False, "#000000", 0.0, 3, None, init_image=picture, strength=0.5)
+    np.testing.assert_array_equal(np.asarray(image), answer(prompt=PROMPT, image=png_base64(picture), strength=0.5))
+    assert not np.array_equal(np.asarray(image), answer(prompt=PROMPT, image=png_base64(picture), strength=0.9))
+
 
 def test_colour_guidance_without_the_source_vae_is_a_422_not_a_500(t2i_artifact, tmp_path):
     """Colour guidance takes its gradient through the PyTorch VAE, which an artifact loads from its

@@ -3,7 +3,8 @@
 Controls follow the model served: a class label for class-conditioned pixel models, a prompt and
 negative prompt for text-to-image ones; DDIM steps, guidance scale, a colour picker for colour
 guidance, an image upload whose scikit-image Canny edge map is the control image of ControlNet
-models (hidden for models without one), and the LoRA strength (`lora_scale`) where the model
+models (hidden for models without one), an image to start from and its strength (image-to-image,
+text-to-image models whose service takes it), and the LoRA strength (`lora_scale`) where the model
 runs a LoRA whose strength can change (PyTorch, refittable TensorRT engines; not a LoRA baked
 into ONNX graphs). Each image is shown with the latency of its generation and the backend that ran it.
 """
@@ -72,7 +73,7 @@ def make_generate(runtime: ServeRuntime):
     text = info["kind"] == "text-to-image"
 
     def generate(class_label, prompt, negative_prompt, steps, guidance_scale, use_color, color, color_scale, seed,
-                 control_image=None, lora_scale=1.0, scheduler=None):
+                 control_image=None, lora_scale=1.0, scheduler=None, init_image=None, strength=0.6):
         from pydantic import ValidationError
 
         t0 = time.perf_counter()
@@ -87,6 +88,8 @@ def make_generate(runtime: ServeRuntime):
                 fields.update(color=to_hex(color), color_scale=float(color_scale))
             if control_image is not None and info.get("controlnet"):
                 fields["control_image"] = png_base64(canny_edges(control_image))
+            if init_image is not None and text:
+                fields.update(image=png_base64(np.asarray(init_image)[..., :3]), strength=float(strength))
             if info.get("lora_scalable"):
                 fields["lora_scale"] = float(lora_scale)
             answer = runtime.generate_sync(GenerateBody(**fields))
@@ -135,6 +138,9 @@ def build_ui(runtime: ServeRuntime):
                 has_control = bool(info.get("controlnet"))
                 control = gr.Image(type="numpy", label="ControlNet image (Canny edges)", visible=has_control)
                 edges = gr.Image(type="numpy", label="Canny edge map", interactive=False, visible=has_control)
+                img2img = text and bool(info.get("image_to_image"))
+                init_image = gr.Image(type="numpy", label="start from this image (image-to-image)", visible=img2img)
+                strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="strength (how far from the image)", visible=img2img)
                 lora_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale",
                                        visible=bool(info.get("lora_scalable")))
                 button = gr.Button("Generate", variant="primary")
@@ -143,7 +149,7 @@ def build_ui(runtime: ServeRuntime):
                 latency = gr.Markdown()
         control.change(lambda im: None if im is None else canny_edges(im), inputs=control, outputs=edges)
         button.click(generate, inputs=[label, prompt, negative, steps, guidance, use_color, color, color_scale, seed, control, lora_scale,
-                                       scheduler],
+                                       scheduler, init_image, strength],
                      outputs=[output, latency])
     return demo
 
