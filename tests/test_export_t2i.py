@@ -463,22 +463,30 @@ def test_fp16_export_keeps_the_vae_decoder_fp32(t2i_folder, plain_artifact, tmp_
     assert compare(images[1], images[0]).max_rel <= TOL
 
 
-def test_interrupted_export_is_not_trusted_and_a_rerun_rebuilds(plain_artifact, t2i_folder, tmp_path, monkeypatch):
+def interrupt_export_at(monkeypatch, n: int) -> list[str]:
+    """Stop the export (KeyboardInterrupt, as if the process were stopped) when it starts its n-th ONNX
+    export; returns the list of components it started, in order."""
     from diffrt.export import artifact
+
+    real, calls = artifact.export_onnx, []
+
+    def dies(module, spec, *args, **kwargs):
+        calls.append(spec.name)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(module, spec, *args, **kwargs)
+
+    monkeypatch.setattr(artifact, "export_onnx", dies)
+    return calls
+
+
+def test_interrupted_export_is_not_trusted_and_a_rerun_rebuilds(plain_artifact, t2i_folder, tmp_path, monkeypatch):
     from diffrt.export.manifest import read_manifest
 
     folder = shutil.copytree(plain_artifact, tmp_path / "copy")
     old_key = read_manifest(folder)["key"]
     options = ExportOptions(**{**T2I_RANGES, "batch": (1, 2, 2)}, verify=False)  # another export: a rebuild
-    real, calls = artifact.export_onnx, []
-
-    def dies_on_the_second_component(module, spec, *args, **kwargs):
-        calls.append(spec.name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as if the process were stopped mid-export
-        return real(module, spec, *args, **kwargs)
-
-    monkeypatch.setattr(artifact, "export_onnx", dies_on_the_second_component)
+    interrupt_export_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         export_text_to_image(t2i_folder, folder, options, [])
     assert not (folder / "manifest.json").exists()
@@ -486,7 +494,7 @@ def test_interrupted_export_is_not_trusted_and_a_rerun_rebuilds(plain_artifact, 
         artifact_text_to_image_pipeline(folder, "onnxruntime")
     assert cached_export(folder, old_key, 0.0) is None
 
-    monkeypatch.setattr(artifact, "export_onnx", real)
+    monkeypatch.undo()  # the real export_onnx again
     result = export_text_to_image(t2i_folder, folder, options, [])
     assert not result.cache_hit and result.manifest["key"] != old_key
     assert result.manifest["components"]["unet"]["spec"]["ranges"]["batch"] == [1, 2, 2]
@@ -546,3 +554,186 @@ def test_a_rebuild_without_the_controlnet_leaves_no_controlnet_folders(t2i_folde
     assert not export_text_to_image(t2i_folder, out, options, []).cache_hit
     assert {p.name for p in out.iterdir()} == {"manifest.json", "text_encoder", "unet", "vae_decoder", "tokenizer"}
     artifact_text_to_image_pipeline(out, "onnxruntime")
+
+
+# --- a rebuild keeps the components whose inputs are unchanged ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unverified_plain(t2i_folder, tmp_path_factory):
+    """t2i_folder exported without a ControlNet, --no-verify: text_encoder, unet, vae_decoder."""
+    out = tmp_path_factory.mktemp("unverified_plain") / "artifact"
+    export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False), [])
+    return out
+
+
+def exported_names(monkeypatch) -> list[str]:
+    """The components exported from now on, in order (a spy on the ONNX export every component goes through)."""
+    from diffrt.export import artifact
+
+    real, names = artifact.export_onnx, []
+
+    def spy(module, spec, *args, **kwargs):
+        names.append(spec.name)
+        return real(module, spec, *args, **kwargs)
+
+    monkeypatch.setattr(artifact, "export_onnx", spy)
+    return names
+
+
+def reused(caplog) -> list[str]:
+    return [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("reusing ")]
+
+
+def file_hashes(manifest) -> dict:
+    return {name: comp["files"] for name, comp in manifest["components"].items()}
+
+
+def test_adding_the_vae_encoder_exports_it_alone(unverified_plain, t2i_folder, tmp_path, monkeypatch, caplog):
+    import logging
+    from dataclasses import replace
+
+    out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    options = ExportOptions(**T2I_RANGES, verify=False, vae_encoder=True)
+    fresh = export_text_to_image(t2i_folder, tmp_path / "fresh", options, [])  # the reference: all four exported
+    names = exported_names(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="diffrt"):
+        result = export_text_to_image(t2i_folder, out, options, [])
+    assert not result.cache_hit and names == ["vae_encoder"]
+    assert reused(caplog) == ["text_encoder", "unet", "vae_decoder"]
+    assert any(r.getMessage() == "reusing unet (unchanged)" for r in caplog.records)
+    # The same artifact as an export from scratch: the key, and every component's files.
+    assert result.manifest["key"] == fresh.manifest["key"]
+    assert file_hashes(result.manifest) == file_hashes(fresh.manifest)
+    assert {p.name for p in out.iterdir()} == {p.name for p in fresh.folder.iterdir()}  # no rebuild record left
+    artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")("a cat", num_inference_steps=1)
+    assert export_text_to_image(t2i_folder, out, options, []).cache_hit and names == ["vae_encoder"]
+    # A verified entry stands in for an unverified request, never the reverse (cached_export's rule).
+    names.clear()
+    assert not export_text_to_image(t2i_folder, out, replace(options, verify=True), []).cache_hit
+    assert names == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    names.clear()
+    assert not export_text_to_image(t2i_folder, out, replace(options, vae_encoder=False), []).cache_hit
+    assert names == []
+
+
+def unet_only_lora(path, out):
+    """A copy of a peft LoRA file with its text encoder layers left out."""
+    from safetensors import safe_open
+
+    from diffrt.atomic import save_safetensors
+
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys() if k.startswith("unet.")}, f.metadata()
+    save_safetensors(out, tensors, metadata)
+    return out
+
+
+def test_a_baked_lora_rebuilds_only_what_it_patches(unverified_plain, t2i_folder, lora_files, tmp_path, monkeypatch):
+    out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    names = exported_names(monkeypatch)
+    unet_lora = unet_only_lora(lora_files["a"]["peft"], tmp_path / "unet_lora.safetensors")
+    result = export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False, loras=[(str(unet_lora), 1.0)]), [])
+    assert names == ["unet"] and result.manifest["loras"][0]["modules"] > 0  # the text encoder is as it was
+    names.clear()
+    loras = [(str(lora_files["a"]["peft"]), 0.7)]
+    result = export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False, loras=loras), [])
+    assert names == ["text_encoder", "unet"]  # the VAE decoder takes no LoRA: kept
+    fresh = export_text_to_image(t2i_folder, tmp_path / "fresh", ExportOptions(**T2I_RANGES, verify=False, loras=loras), [])
+    assert file_hashes(result.manifest) == file_hashes(fresh.manifest) and result.manifest["key"] == fresh.manifest["key"]
+    assert result.manifest["onnx_loras"] == fresh.manifest["onnx_loras"]
+    names.clear()
+    assert not export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False), []).cache_hit
+    assert names == ["text_encoder", "unet"]  # back to base weights
+    artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")("a cat", num_inference_steps=1)
+
+
+def test_a_corrupted_component_is_rebuilt_not_reused(unverified_plain, t2i_folder, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from diffrt.export.manifest import verify_files
+
+    out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    path = out / "vae_decoder" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    names = exported_names(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="diffrt"):
+        result = export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False, vae_encoder=True), [])
+    assert names == ["vae_decoder", "vae_encoder"] and reused(caplog) == ["text_encoder", "unet"]
+    assert any("not reusing vae_decoder" in r.getMessage() and "does not match its sha256" in r.getMessage() for r in caplog.records)
+    verify_files(out, result.manifest)
+    artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")
+
+
+def test_an_artifact_from_before_component_keys_is_a_hit_and_rebuilt_whole(unverified_plain, t2i_folder, tmp_path, monkeypatch):
+    out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for comp in manifest["components"].values():
+        del comp["component_key"]
+    path.write_text(json.dumps(manifest))
+    names = exported_names(monkeypatch)
+    options = ExportOptions(**T2I_RANGES, verify=False)
+    assert export_text_to_image(t2i_folder, out, options, []).cache_hit  # the artifact key is what it was
+    result = export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False, vae_encoder=True), [])
+    assert names == ["text_encoder", "unet", "vae_decoder", "vae_encoder"] and not result.cache_hit
+    assert all("component_key" in comp for comp in result.manifest["components"].values())
+
+
+def test_dropping_the_vae_encoder_removes_its_folder_and_keeps_the_rest(t2i_folder, tmp_path, monkeypatch):
+    out = tmp_path / "artifact"
+    export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False, vae_encoder=True), [])
+    assert (out / "vae_encoder" / "model.onnx").is_file()  # the control
+    names = exported_names(monkeypatch)
+    result = export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False), [])
+    assert not result.cache_hit and names == []
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "text_encoder", "unet", "vae_decoder", "tokenizer"}
+    assert set(result.manifest["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")("a cat", num_inference_steps=1)
+
+
+def test_a_killed_rebuild_resumes_from_what_it_finished_and_trusts_nothing_else(unverified_plain, t2i_folder, tmp_path, monkeypatch):
+    """The old manifest is removed when a rebuild starts; the rebuild record (artifact.REBUILD) keeps the
+    components kept and those finished, so a rerun after a kill exports only the rest, and a component
+    whose files changed since (here: one the killed run was writing, and one edited) is rebuilt."""
+    from diffrt.export import artifact
+
+    out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    options = ExportOptions(**{**T2I_RANGES, "batch": (1, 2, 2)}, verify=False, vae_encoder=True)  # every spec changes
+    calls = interrupt_export_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        export_text_to_image(t2i_folder, out, options, [])
+    assert calls == ["text_encoder", "unet", "vae_decoder"] and not (out / "manifest.json").exists()
+    assert (out / artifact.REBUILD).is_file()
+    with pytest.raises(ArtifactError, match="did not finish"):
+        artifact_text_to_image_pipeline(out, "onnxruntime")
+    onnx = out / "unet" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # changed since the record was written: never trusted
+
+    names = exported_names(monkeypatch)
+    result = export_text_to_image(t2i_folder, out, options, [])
+    assert names == ["unet", "vae_decoder", "vae_encoder"] and not (out / artifact.REBUILD).exists()
+    assert result.manifest["components"]["text_encoder"]["spec"]["ranges"]["batch"] == [1, 2, 2]
+    artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")("a cat", num_inference_steps=1)
+    assert export_text_to_image(t2i_folder, out, options, []).cache_hit
+
+
+@pytest.mark.parametrize("held, asked, refits", [([], [], False), ([], ["a"], True), (["a"], [], True), (["a"], ["a"], True)],
+                         ids=["base-kept-base", "base-asked-lora", "lora-kept-asked-base", "lora-kept-lora"])
+def test_a_kept_engine_is_refit_to_the_exports_loras(tmp_path, monkeypatch, held, asked, refits):
+    """TensorRT exports keep engines whose build inputs are unchanged, and an engine kept from an export with
+    LoRA holds that LoRA: it is refit (from the base weights) to the new export's LoRAs, or back to base,
+    before the manifest is written; engines at base with no LoRA asked for are left alone. (CPU: the refit is a spy.)"""
+    from diffrt.export import artifact, refit
+
+    calls = []
+    monkeypatch.setattr(refit, "refit_components", lambda out, manifest, loras: calls.append(list(loras)))
+    engine = {"tensorrt": "10", **({"loras": [{"path": "a", "sha256": "0" * 64, "scale": 1.0}]} if held else {})}
+    manifest = {"components": {"unet": {"engine": engine, "files": {}}, "vae_decoder": {"engine": {"loras": []}, "files": {}}}}
+    options = ExportOptions(backend="tensorrt", loras=[(p, 1.0) for p in asked])
+    artifact.refit_before_manifest(tmp_path, manifest, options)
+    assert calls == ([[(p, 1.0) for p in asked]] if refits else [])
+    artifact.refit_before_manifest(tmp_path, manifest, ExportOptions(loras=[("a", 1.0)]))  # ONNX: baked, never refit
+    assert len(calls) == int(refits)

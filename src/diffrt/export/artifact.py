@@ -9,7 +9,9 @@ that asks for the parity check is no hit on one made with --no-verify). A rebuil
 folder's lock, looks again (another builder may have finished the same export while it waited),
 then removes the old manifest, so an interrupted rebuild is never mistaken for a finished one,
 the old component folders (one the new export lacks would stay otherwise) and the temporaries a
-killed export left.
+killed export left. A text-to-image rebuild keeps each old component whose own inputs are unchanged
+(its `component_key`) and whose files still hash as recorded, folder and manifest entry, and
+exports only the others: adding --vae-encoder builds one engine, not four (`begin_rebuild`).
 
 LoRA. ONNX-only exports bake LoRA into the graph. TensorRT engines keep base weights and take
 LoRA by refit, always from the stored base (refit.py), so refits never accumulate. The
@@ -21,6 +23,7 @@ written, so a refit that fails leaves no manifest, never a false cache hit.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -223,10 +226,16 @@ def pixel_export_key(source_sha256: str, spec: ComponentSpec, options: ExportOpt
 
 
 def refit_before_manifest(out: Path, manifest: dict, options: ExportOptions) -> None:
-    """TensorRT exports with LoRA: refit the base engines now, before the manifest names the LoRA."""
-    if options.loras and options.backend == "tensorrt":
-        from diffrt.export.refit import refit_components
+    """TensorRT exports: refit the engines to the export's LoRAs now, before the manifest names them:
+    new engines hold base weights, so whenever the export has LoRA; and whenever an engine kept from
+    the previous export (begin_rebuild) holds another export's LoRA, to the new LoRAs or back to base
+    (refit always starts from the base weights, so refitting a kept engine gives what a new one would)."""
+    if options.backend != "tensorrt":
+        return
+    from diffrt.export.refit import lora_engines, refit_components
 
+    stale = [name for name in lora_engines(manifest) if manifest["components"][name]["engine"].get("loras")]
+    if options.loras or stale:
         refit_components(out, manifest, options.loras)
 
 
@@ -291,26 +300,121 @@ def cached_export(out: Path, key: str, t0: float, loras: list[dict] = (), verifi
     return ExportResult(out, True, manifest, time.perf_counter() - t0)
 
 
-def start_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions) -> ExportResult | None:
-    """Under the artifact's lock: the export another builder finished while this one waited for the
-    lock (a hit, no second build); else the folder made ready for a rebuild: its manifest removed, so
-    that nothing trusts it until the new one is written, and what killed writes left there removed."""
+def component_key(spec: ComponentSpec, precision: Precision, sources: dict[str, str], baked: list[dict],
+                  options: ExportOptions) -> str:
+    """The content address of one component's files, stored in its manifest entry, so that a rebuild keeps
+    the components whose inputs it did not change (`begin_rebuild`). Exactly what determines the files:
+
+      name, spec (at the component's dtype) and precision   the graph's inputs, outputs, ranges and types;
+      sources       the sha256 of the source parts traced into it, and only those: a new VAE does not
+                    touch the UNet, the tokenizer touches no graph (its max_length is in the spec);
+      baked         the LoRAs fused into its weights, in order ({sha256, scale}): only ONNX-only exports
+                    bake, and only into the components a file patches; TensorRT engines are built from the
+                    base weights and take LoRA by refit (refit_before_manifest), so theirs is empty;
+      backend, exporter, opset   which graph is traced and whether an engine is built from it;
+      versions (+ the GPU for engines)   what export_key holds: torch and onnx write the graph, TensorRT
+                    and the GPU the engine, diffrt the export code.
+
+    Not in it: --no-verify (a rule, not a key: a verified entry stands in for an unverified request,
+    never the reverse, as in `cached_export`), and external_data_threshold, a layout choice the artifact
+    key leaves out as well (a component kept keeps its layout, as a cache hit keeps the whole artifact's)."""
+    return mf.cache_key({
+        "name": spec.name, "spec": spec_to_dict(spec, TORCH_DTYPES[precision]), "precision": precision,
+        "sources": sources, "baked": [{"sha256": b["sha256"], "scale": float(b["scale"])} for b in baked],
+        "backend": options.backend, "exporter": options.exporter, "opset": options.onnx_opset,
+        "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
+    })
+
+
+# A rebuild's record of the component folders it keeps, has finished or may write, beside the manifest
+# while the manifest is absent. Kill safety: the old manifest is removed when a rebuild starts, so a
+# rebuild killed midway would otherwise leave nothing that names the folders it kept (a killed run
+# after the UNet engine was kept, or built, would rebuild it: minutes) nor those it may have written
+# (which a later rebuild without them must remove). This file, written atomically under the lock before
+# the manifest goes and again after each finished component, keeps the entries; nothing but a rebuild
+# reads it, and a rebuild trusts an entry only as it trusts a manifest's: its component key must be
+# the one asked for and every file it lists must still hash as recorded (a folder a killed export was
+# rewriting fails that check and is rebuilt). It is removed once the new manifest is written.
+REBUILD = ".rebuild.json"
+
+
+def _old_components(out: Path) -> tuple[dict, list[str]]:
+    """The previous export's component entries and the component folders it owns: from its manifest,
+    else from the record a killed rebuild left (REBUILD), else none."""
+    try:
+        components = mf.read_manifest(out)["components"]
+        return components, [name for name in components if name in COMPONENT_FOLDERS]
+    except ArtifactError:
+        pass
+    try:
+        record = json.loads((out / REBUILD).read_text())
+        components, folders = record["components"], record["folders"]
+        if isinstance(components, dict) and isinstance(folders, list):
+            return components, [name for name in folders if name in COMPONENT_FOLDERS]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {}, []
+
+
+def _reusable(out: Path, name: str, entry, key: str, options: ExportOptions) -> bool:
+    """Whether the old entry of component `name` may stand for the new one: same component key (entries
+    from before component keys have none: rebuilt), checked against PyTorch if this export asks for it,
+    every file intact."""
+    if not isinstance(entry, dict) or entry.get("component_key") != key:
+        return False
+    if options.verify and "parity" not in entry:
+        log.info("%s: %s was exported unverified (--no-verify); rebuilding it with the parity check", out, name)
+        return False
+    if not isinstance(entry.get("files"), dict):
+        return False
+    try:
+        mf.verify_files(out, {"components": {name: entry}, "pipeline": {}}, [name])
+    except ArtifactError as exc:
+        log.info("%s: not reusing %s: %s", out, name, exc)
+        return False
+    return True
+
+
+def write_rebuild_record(out: Path, components: dict, folders) -> None:
+    """REBUILD: the entries a killed rebuild may reuse and the folders it owns (under the lock)."""
+    atomic.write_json(out / REBUILD, {"components": components, "folders": sorted(folders)})
+
+
+def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions,
+                  component_keys: dict[str, str] | None = None) -> tuple[ExportResult | None, dict]:
+    """Under the artifact's lock: (the export another builder finished while this one waited for the
+    lock, {}) (a hit, no second build); else (None, the old entries kept), the folder made ready for a
+    rebuild: its manifest removed, so that nothing trusts it until the new one is written, the old
+    component folders not kept removed, and what killed writes left there removed.
+
+    `component_keys` ({name: component_key} of the new export): the old components whose entry has that
+    key and whose files verify are kept, folder and entry (`_reusable`); None (pixel exports) keeps none."""
     hit = cached_export(out, key, t0, loras, verified=options.verify, quiet=True)
     if hit is not None:
-        return hit
-    try:
-        old = [name for name in mf.read_manifest(out)["components"] if name in COMPONENT_FOLDERS]
-    except ArtifactError:
-        old = []
+        return hit, {}
+    old, owned = _old_components(out)
+    wanted = component_keys or {}
+    kept = {name: old[name] for name in wanted if name in old and _reusable(out, name, old[name], wanted[name], options)}
+    if component_keys is not None:
+        # Before the manifest goes: from here on the record names what is kept and what may be written.
+        write_rebuild_record(out, kept, {*owned, *wanted})
+    else:
+        (out / REBUILD).unlink(missing_ok=True)
     (out / mf.MANIFEST).unlink(missing_ok=True)
-    # The old export's component folders: each is rebuilt anyway, and one the new export lacks (a
-    # ControlNet dropped: controlnet/, unet_controlnet/) would otherwise stay, gigabytes no manifest names.
-    for name in old:
-        shutil.rmtree(out / name, ignore_errors=True)
+    # The old export's component folders but those kept: each is rebuilt anyway, and one the new export
+    # lacks (a ControlNet dropped: controlnet/, unet_controlnet/) would otherwise stay, gigabytes no manifest names.
+    for name in owned:
+        if name not in kept:
+            shutil.rmtree(out / name, ignore_errors=True)
     removed = atomic.remove_leftovers(out)
     if removed:
         log.info("%s: removed %d temporary file(s) an interrupted export left: %s", out, len(removed), ", ".join(removed))
-    return None
+    return None, kept
+
+
+def start_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions) -> ExportResult | None:
+    """`begin_rebuild` keeping no component (pixel exports: one component, rebuilt whole)."""
+    return begin_rebuild(out, key, t0, loras, options)[0]
 
 
 def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, options: ExportOptions,

@@ -21,7 +21,9 @@ Each component goes through `artifact._export_component` (ONNX, parity against P
 manifest entry), the same as pixel models. Shape ranges are given in image pixels and stored in
 latent pixels (/8). The VAE decoder (and encoder) stays fp32 when its config says `force_upcast` (RELIABILITY #5:
 fp16 VAEs overflow into black images). The encoder graph stops at the posterior's mean and log-variance: the
-pipeline draws the sample from the call's generators, so a seed means what it means in diffusers' img2img. Exporting again with unchanged inputs is a cache hit.
+pipeline draws the sample from the call's generators, so a seed means what it means in diffusers' img2img. Exporting again with unchanged inputs is a cache hit. A rebuild
+exports only the components whose inputs changed (`component_keys`: a LoRA baked into an ONNX export
+rebuilds the UNet and text encoder, not the VAE) and keeps the others as they are, logging "reusing NAME".
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from diffrt import atomic
 from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import (TORCH_DTYPES, ExportOptions, ExportResult, Precision, _check_loras, _export_component,
-                                    cached_export, check_options, check_out_apart, export_key, lora_hashes,
-                                    refit_before_manifest, start_rebuild)
+from diffrt.export.artifact import (REBUILD, TORCH_DTYPES, ExportOptions, ExportResult, Precision, _check_loras, _export_component,
+                                    begin_rebuild, cached_export, check_options, check_out_apart, component_key, export_key,
+                                    lora_hashes, refit_before_manifest, write_rebuild_record)
 from diffrt.export.refit import LORA_COMPONENTS
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs, load_text_to_image,
                                          require_text_to_image_folder)
@@ -115,8 +117,11 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     fused = _fuse_loras(model, options.loras) if bake else []
     if options.loras and not bake:
         _check_loras({"unet": model.unet.state_dict(), "text_encoder": model.text_encoder.state_dict()}, options.loras)
+    keys = component_keys(specs, precisions, hashes, fused, options)
     with mf.artifact_lock(out):
-        hit = start_rebuild(out, key, t0, lora_parts, options)  # until the new manifest is written, the folder is not trusted
+        # Until the new manifest is written the folder is not trusted; the old components whose inputs
+        # this export leaves unchanged are kept (their folders and manifest entries), the rest exported.
+        hit, kept = begin_rebuild(out, key, t0, lora_parts, options, keys)
         if hit is not None:
             return hit
         components = {}
@@ -124,9 +129,15 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
         with tqdm(specs.items(), desc="export", unit="component", leave=False, disable=None) as bar:  # None: on a terminal only
             for name, spec in bar:
                 bar.set_postfix_str(name)
-                components[name] = _export_component(model.module(name), spec, out, options, precisions[name])
+                if name in kept:
+                    log.info("reusing %s (unchanged)", name)
+                    components[name] = kept[name]  # as it was, weight map and refit LoRAs included
+                    continue
+                entry = _export_component(model.module(name), spec, out, options, precisions[name])
                 if options.backend == "tensorrt" and name in LORA_COMPONENTS:
-                    _add_weight_map(out, name, model, components[name])
+                    _add_weight_map(out, name, model, entry)
+                components[name] = {**entry, "component_key": keys[name]}
+                write_rebuild_record(out, components, [*kept, *specs])  # a killed rebuild resumes from here
         baked = [{"path": str(Path(p).resolve()), **part, "modules": f.get("num_modules")}
                  for (p, _), part, f in zip(options.loras, lora_parts, fused)]
         manifest = {
@@ -150,9 +161,34 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
         }
         refit_before_manifest(out, manifest, options)
         mf.write_manifest(out, manifest)
+        (out / REBUILD).unlink(missing_ok=True)  # after the manifest: a kill between the two leaves the manifest, which rules
         written = mf.read_manifest(out)  # under the lock: another builder may replace it once it is released
     log.info("exported %s to %s in %.1f s", model_dir, out, time.perf_counter() - t0)
     return ExportResult(out, False, written, time.perf_counter() - t0)
+
+
+def component_sources(name: str, hashes: dict[str, str]) -> dict[str, str]:
+    """The source parts traced into component `name`, with their sha256: the text encoder's graph is the
+    text encoder's alone (the tokenizer only sets the sequence length, which is in its spec), the UNet's
+    the UNet's, the VAE's the VAE's; the fused graph holds the UNet and the ControlNets, the standalone
+    ControlNet graph the ControlNets only (part names controlnet, or controlnet_0.. in order)."""
+    controlnets = [part for part in hashes if part == "controlnet" or part.startswith("controlnet_")]
+    parts = {"text_encoder": ["text_encoder"], "unet": ["unet"], "unet_controlnet": ["unet", *controlnets],
+             "controlnet": controlnets, "vae_decoder": ["vae"], "vae_encoder": ["vae"]}[name]
+    return {part: hashes[part] for part in parts}
+
+
+def component_keys(specs: dict, precisions: dict[str, Precision], hashes: dict[str, str], fused: list[dict],
+                   options: ExportOptions) -> dict[str, str]:
+    """Each component's key (artifact.component_key). `fused`: the LoRAs baked into the modules (ONNX-only
+    exports; [] for TensorRT, which refits), each with the modules it patched by LoRA component, so that a
+    LoRA enters the key of the components whose weights it changed (UNet and fused UNet+ControlNet: "unet";
+    text encoder: "text_encoder") and of no other."""
+    def baked(name: str) -> list[dict]:
+        return [f for f in fused if any(f.get("modules", {}).get(c) for c in LORA_COMPONENTS.get(name, ()))]
+
+    return {name: component_key(spec, precisions[name], component_sources(name, hashes), baked(name), options)
+            for name, spec in specs.items()}
 
 
 def _fuse_loras(model: TextToImageModel, loras: list[tuple[str, float]]) -> list[dict]:
