@@ -217,8 +217,23 @@ def make_timesteps(config: DDIMConfig, num_inference_steps: int) -> torch.Tensor
     return torch.from_numpy(steps.astype(np.int64))
 
 
+class AlphaBarSchedule:
+    """Three of the loop's questions (sampling.Schedule) answered alike by the schedules that step on alpha_bar,
+    DDIM's and LCM's: x_T is the unit noise itself (init_noise_sigma 1), img2img noises x0 to the first step's
+    alpha_bar (q(x_t | x_0), as both diffusers schedulers' add_noise), and a call keeps nothing between steps."""
+
+    def new_state(self) -> None:
+        return None
+
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return add_noise(x0, noise, self.alphas_cumprod[self.timesteps[0]])
+
+
 @dataclass(frozen=True)
-class DDIMSchedule:
+class DDIMSchedule(AlphaBarSchedule):
     """Everything the loop needs for N steps: timestep t_i and alpha_bar at t_i and at t_{i-1}."""
 
     timesteps: torch.Tensor  # int64 [N]
@@ -238,7 +253,7 @@ class DDIMSchedule:
         return dataclasses.replace(self, timesteps=self.timesteps[start:], alpha_bar=self.alpha_bar[start:],
                                    alpha_bar_prev=self.alpha_bar_prev[start:])
 
-    # What the loop (sampling.py) asks of a schedule; lcm.py, dpm.py and euler.py answer the same.
+    # What the loop (sampling.py) asks of a schedule (the rest: AlphaBarSchedule); lcm.py, dpm.py and euler.py answer the same.
 
     def check(self) -> None:
         """Refuse, before any work, a schedule the model cannot run (check_terminal_snr)."""
@@ -250,18 +265,6 @@ class DDIMSchedule:
     def draws_step_noise(self, eta: float) -> bool:
         """Whether `step` draws from the generator: with eta > 0 (sigma_t z of Eq. 12)."""
         return eta > 0
-
-    def new_state(self) -> None:
-        """What `step` keeps across one call's steps: nothing."""
-        return None
-
-    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """x_T from unit noise: the noise itself (init_noise_sigma 1)."""
-        return noise
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x0 noised to the first step (img2img): q(x_t | x_0) at its alpha_bar."""
-        return add_noise(x0, noise, self.alphas_cumprod[self.timesteps[0]])
 
     def predict_clean(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
         """What guidance scores at step i, differentiable in x: the predicted x0 (Eq. 12)."""

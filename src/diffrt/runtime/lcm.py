@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.ddim import (BetaSchedule, DDIMConfig, PredictionType, add_noise, check_custom_timesteps, check_terminal_snr,
-                                 make_alphas_cumprod, predict_x0)
+from diffrt.runtime.ddim import (AlphaBarSchedule, BetaSchedule, DDIMConfig, PredictionType, check_custom_timesteps,
+                                 check_terminal_snr, make_alphas_cumprod, predict_x0)
 
 if TYPE_CHECKING:
     from diffrt.runtime.sampling import Guided
@@ -174,7 +174,7 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 
 
 @dataclass(frozen=True)
-class LCMSchedule:
+class LCMSchedule(AlphaBarSchedule):
     """Everything the loop needs for N LCM steps: t_i, alpha_bar at t_i and at t_{i+1} (the noise level
     the next step starts from; at the last step the final alpha, unused: it returns f(x_t)), and the
     boundary scalings at t_i."""
@@ -199,7 +199,7 @@ class LCMSchedule:
         return dataclasses.replace(self, timesteps=self.timesteps[start:], alpha_bar=self.alpha_bar[start:],
                                    alpha_bar_next=self.alpha_bar_next[start:], c_skip=self.c_skip[start:], c_out=self.c_out[start:])
 
-    # What the loop (sampling.py) asks of a schedule, as ddim.DDIMSchedule.
+    # What the loop (sampling.py) asks of a schedule, as ddim.DDIMSchedule (the rest: AlphaBarSchedule).
 
     def check(self) -> None:
         """Refuse, before any work, a schedule the model cannot run (ddim.check_terminal_snr)."""
@@ -212,18 +212,6 @@ class LCMSchedule:
     def draws_step_noise(self, eta: float) -> bool:
         """Whether `step` draws from the generator: on every step but the last, so with two steps or more."""
         return len(self) > 1
-
-    def new_state(self) -> None:
-        """What `step` keeps across one call's steps: nothing."""
-        return None
-
-    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """x_T from unit noise: the noise itself (init_noise_sigma 1)."""
-        return noise
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x0 noised to the first step (img2img): q(x_t | x_0) at its alpha_bar, as LCMScheduler.add_noise."""
-        return add_noise(x0, noise, self.alphas_cumprod[self.timesteps[0]])
 
     def predict_clean(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
         """What guidance scores at step i, differentiable in x: f(x_t, t) = c_skip x_t + c_out x0, the clean sample
