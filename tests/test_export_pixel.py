@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,6 +425,41 @@ def test_a_pipeline_opening_an_artifact_waits_for_the_export_rewriting_it(artifa
         with atomic.file_lock(artifact.parent / ".x.lock"):  # a builder needs its lock
             pass
 
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.geteuid() != 0, reason="needs root, to read as another user")
+def test_a_reader_running_as_another_user_waits_for_the_export_too(tmp_path):
+    """A service reading an artifact as another user than the exporter may read the lock file, not write it:
+    it still takes the lock shared, and waits."""
+    import shutil
+    import tempfile
+    import time
+
+    folder = Path(tempfile.mkdtemp(prefix="diffrt-lock-"))  # one the other user can reach (pytest's are 0700)
+    try:
+        folder.chmod(0o755)
+        artifact = folder / "artifact"
+        artifact.mkdir()
+        read_end, write_end = os.pipe()
+        with mf.artifact_lock(artifact):  # the exporter, root: the lock file is its, 0644
+            pid = os.fork()
+            if pid == 0:  # the reader, as nobody: this process's diffrt, already imported
+                code = 1
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    t = time.monotonic()
+                    with mf.artifact_lock(artifact, shared=True):
+                        os.write(write_end, f"{time.monotonic() - t:.3f}".encode())
+                    code = 0
+                finally:
+                    os._exit(code)
+            time.sleep(2.0)
+        _, status = os.waitpid(pid, 0)
+        os.close(write_end)
+        waited = float(os.read(read_end, 64).decode() or "nan")
+        assert os.waitstatus_to_exitcode(status) == 0 and waited > 1.5
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 def test_pickled_weights_are_refused_without_unpickling(classemb_model_dir, tmp_path):
     import pickle

@@ -737,3 +737,25 @@ def test_a_kept_engine_is_refit_to_the_exports_loras(tmp_path, monkeypatch, held
     assert calls == ([[(p, 1.0) for p in asked]] if refits else [])
     artifact.refit_before_manifest(tmp_path, manifest, ExportOptions(loras=[("a", 1.0)]))  # ONNX: baked, never refit
     assert len(calls) == int(refits)
+
+
+def test_a_killed_rebuild_still_keeps_the_components_it_kept_but_had_not_reached(unverified_plain, t2i_folder, lora_files,
+                                                                                   tmp_path, monkeypatch):
+    """A UNet LoRA and the encoder added: the text encoder and VAE decoder are kept, the UNet and encoder exported;
+    killed while it exports the encoder (after the UNet), the rerun exports the encoder alone: the record names the
+    kept VAE decoder though the loop had not reached it."""
+    from diffrt.export import artifact
+
+    out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    unet_lora = unet_only_lora(lora_files["a"]["peft"], tmp_path / "unet_lora.safetensors")
+    options = ExportOptions(**T2I_RANGES, verify=False, vae_encoder=True, loras=[(str(unet_lora), 1.0)])
+    calls = interrupt_export_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        export_text_to_image(t2i_folder, out, options, [])
+    assert calls == ["unet", "vae_encoder"] and (out / artifact.REBUILD).is_file()
+    monkeypatch.undo()
+    names = exported_names(monkeypatch)
+    result = export_text_to_image(t2i_folder, out, options, [])
+    assert names == ["vae_encoder"] and not (out / artifact.REBUILD).exists()
+    fresh = export_text_to_image(t2i_folder, tmp_path / "fresh", options, [])
+    assert file_hashes(result.manifest) == file_hashes(fresh.manifest)

@@ -265,6 +265,16 @@ def test_tucker_cores_are_refused_by_name(tmp_path, extra):
     message = str(error.value)
     assert "Tucker" in message and all(key in message for key in extra) and "\n" not in message
 
+    assert "outside kohya naming" not in message  # the more specific hint, alone
+
+
+def test_a_lycoris_file_outside_kohya_naming_is_refused_saying_what_it_is(tmp_path):
+    """peft/diffusers-style dotted names with LyCORIS factors: not read, but named, with where diffrt reads them."""
+    path = save(tmp_path / "dotted.safetensors", {f"unet.down_blocks.0.attentions.0.proj_in.{n}": torch.randn(4, 4)
+                                                  for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")})
+    with pytest.raises(LoraError, match=r"LyCORIS LoHa outside kohya naming \(diffrt reads it under lora_unet_"):
+        read_lora(path)
+
 
 @pytest.mark.parametrize("state, message", [
     ({k: v for k, v in _loha(_TO_Q).items() if not k.endswith("hada_w2_b")}, r"loha module unet\.\S+to_q has no hada_w2_b"),

@@ -470,6 +470,11 @@ def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png):
     image, _ = generate(None, PROMPT, None, STEPS, 5.0, False, "#000000", 0.0, 3, None, init_image=picture, strength=0.5)
     np.testing.assert_array_equal(np.asarray(image), answer(prompt=PROMPT, image=png_base64(picture), strength=0.5))
     assert not np.array_equal(np.asarray(image), answer(prompt=PROMPT, image=png_base64(picture), strength=0.9))
+    # An upload of another size than any the export holds (its range: 32-64 px) is resized to the model's size.
+    big = np.asarray(Image.fromarray(picture).resize((96, 80)))
+    image, latency = generate(None, PROMPT, None, STEPS, 5.0, False, "#000000", 0.0, 3, None, init_image=big, strength=0.5)
+    assert image is not None, latency
+    np.testing.assert_array_equal(np.asarray(image), answer(prompt=PROMPT, image=png_base64(big), strength=0.5, height=32, width=32))
 
 
 def test_colour_guidance_without_the_source_vae_is_a_422_not_a_500(t2i_artifact, tmp_path):

@@ -69,6 +69,7 @@ def test_img2img_over_the_artifact_encodes_on_the_backend_and_equals_torch(t2i_a
     assert result.metadata["components"]["vae_encoder"] == "onnxruntime"
     assert result.metadata["providers"]["vae_encoder"] == ["CPUExecutionProvider"]
     assert "vae_encoder" not in artifact("a red cube", num_inference_steps=1).metadata["components"]  # what each call ran
+    assert "vae_decoder" not in artifact("a red cube", num_inference_steps=1, output_type="latent").metadata["components"]
     assert max_abs(result.images, expected.images) <= ORT_TOL
     if per_image:  # each image sampled its own posterior row: the two differ though the init image is one
         assert max_abs(result.images[0], result.images[1]) > 1e-3

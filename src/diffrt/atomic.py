@@ -218,7 +218,9 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | N
     try:
         if not shared:
             path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+")  # readable too: NFS emulates flock with byte-range locks, and a shared one needs a read fd
+        # A reader opens the lock file read-only when it exists (a service running as another user than the
+        # exporter may read it, not write it); a read fd is also what NFS's emulated shared flock needs.
+        f = open(path, "r" if shared and path.exists() else "a+")
         try:
             fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
         except BlockingIOError:

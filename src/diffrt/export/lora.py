@@ -73,6 +73,8 @@ UNSUPPORTED_HINTS = {
                   "re-save it as a peft DoRA (lora_magnitude_vector) or without DoRA",
     "hada_t": "LyCORIS LoHa with Tucker cores (hada_t1/hada_t2)",
     "lokr_t": "LyCORIS LoKr with a Tucker core (lokr_t1/lokr_t2)",
+    "hada_": "LyCORIS LoHa outside kohya naming (diffrt reads it under lora_unet_ / lora_te_ prefixes)",
+    "lokr_": "LyCORIS LoKr outside kohya naming (diffrt reads it under lora_unet_ / lora_te_ prefixes)",
     "lora_mid": "LyCORIS LoCon with a Tucker core (lora_mid)",
     ".diff": "full weight differences",
     "lora_embedding_": "embedding LoRA",
@@ -265,7 +267,9 @@ def _pattern_value(patterns: Mapping[str, float] | None, module: str, default):
 
 
 def _raise_unrecognised(path: Path, keys: list[str]) -> None:
-    kinds = sorted({kind for key in keys for marker, kind in UNSUPPORTED_HINTS.items() if marker in key})
+    # The first hint that fits each key (the more specific come first: hada_t before hada_).
+    kinds = sorted({next(kind for marker, kind in UNSUPPORTED_HINTS.items() if marker in key)
+                    for key in keys if any(marker in key for marker in UNSUPPORTED_HINTS)})
     what = f" ({'; '.join(kinds)}: not supported)" if kinds else ""
     shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
     raise LoraError(f"{path}: {len(keys)} keys are not LoRA weights diffrt can read{what}: {shown}")

@@ -137,7 +137,8 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
                 if options.backend == "tensorrt" and name in LORA_COMPONENTS:
                     _add_weight_map(out, name, model, entry)
                 components[name] = {**entry, "component_key": keys[name]}
-                write_rebuild_record(out, components, [*kept, *specs])  # a killed rebuild resumes from here
+                # A killed rebuild resumes from here: what it kept (reached or not) and what it has finished.
+                write_rebuild_record(out, {**kept, **components}, {*kept, *specs})
         baked = [{"path": str(Path(p).resolve()), **part, "modules": f.get("num_modules")}
                  for (p, _), part, f in zip(options.loras, lora_parts, fused)]
         manifest = {

@@ -294,6 +294,8 @@ class TextToImagePipeline(DenoiserPipeline):
         ran = self.backends()  # what this call ran (RELIABILITY #15): the encoder only if it encoded an image
         if latents is not None or init is None or image_latents:
             ran.pop("vae_encoder", None)
+        if output_type == "latent":  # and the decoder only if it decoded
+            ran.pop("vae_decoder")
         meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
                 "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,

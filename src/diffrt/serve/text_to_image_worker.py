@@ -143,9 +143,9 @@ class TextToImageWorker(BatchingWorker):
         # now rather than in a first request, so that it is described and timed like the others.
         try:
             pipe.image_encoder()
-        except DiffrtError as exc:
-            self.img2img_unavailable = str(exc)
-            log.warning("image-to-image is off for this service: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - no source VAE, strict, out of memory: img2img off, not the service
+            self.img2img_unavailable = str(exc) if isinstance(exc, DiffrtError) else f"{type(exc).__name__}: {exc}"
+            log.warning("image-to-image is off for this service: %s", self.img2img_unavailable)
         # Timed in place from now on: the warm-up and probe are not requests.
         encoder = ("vae_encoder",) if pipe.vae_encoder is not None else ()
         self.timed = time_components(pipe, ("text_encoder", "unet", "vae_decoder", *encoder), recording=True)

@@ -4,7 +4,8 @@ Controls follow the model served: a class label for class-conditioned pixel mode
 negative prompt for text-to-image ones; DDIM steps, guidance scale, a colour picker for colour
 guidance, an image upload whose scikit-image Canny edge map is the control image of ControlNet
 models (hidden for models without one), an image to start from and its strength (image-to-image,
-text-to-image models whose service takes it), and the LoRA strength (`lora_scale`) where the model
+text-to-image models whose service takes it; uploads are resized to the model's own size, which any
+export holds), and the LoRA strength (`lora_scale`) where the model
 runs a LoRA whose strength can change (PyTorch, refittable TensorRT engines; not a LoRA baked
 into ONNX graphs). Each image is shown with the latency of its generation and the backend that ran it.
 """
@@ -90,6 +91,10 @@ def make_generate(runtime: ServeRuntime):
                 fields["control_image"] = png_base64(canny_edges(control_image))
             if init_image is not None and text:
                 fields.update(image=png_base64(np.asarray(init_image)[..., :3]), strength=float(strength))
+            if text and (fields.get("control_image") or fields.get("image")):
+                # An upload of any size, resized by the pipeline to the model's own (the one size an export is
+                # sure to hold): the demo has no size controls.
+                fields.update(height=info["sample_size"], width=info["sample_size"])
             if info.get("lora_scalable"):
                 fields["lora_scale"] = float(lora_scale)
             answer = runtime.generate_sync(GenerateBody(**fields))
