@@ -759,3 +759,16 @@ def test_a_killed_rebuild_still_keeps_the_components_it_kept_but_had_not_reached
     assert names == ["vae_encoder"] and not (out / artifact.REBUILD).exists()
     fresh = export_text_to_image(t2i_folder, tmp_path / "fresh", options, [])
     assert file_hashes(result.manifest) == file_hashes(fresh.manifest)
+
+
+def test_an_old_folder_a_rebuild_cannot_remove_is_named(t2i_folder, tmp_path, monkeypatch, caplog):
+    """Dropping the encoder, where its old folder cannot be deleted: the rebuild says so (no manifest or record
+    names it afterwards), instead of leaving it behind unannounced."""
+    import logging
+
+    out = tmp_path / "artifact"
+    export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False, vae_encoder=True), [])
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # every delete fails
+    with caplog.at_level(logging.WARNING, logger="diffrt"):
+        export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False), [])
+    assert "could not remove the old vae_encoder/" in caplog.text

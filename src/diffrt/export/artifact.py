@@ -406,6 +406,8 @@ def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: Ex
     for name in owned:
         if name not in kept:
             shutil.rmtree(out / name, ignore_errors=True)
+            if (out / name).exists():  # a file held open elsewhere, a permission: say so, as no record will name it
+                log.warning("%s: could not remove the old %s/ (in use, or not ours to delete); remove it by hand", out, name)
     removed = atomic.remove_leftovers(out)
     if removed:
         log.info("%s: removed %d temporary file(s) an interrupted export left: %s", out, len(removed), ", ".join(removed))

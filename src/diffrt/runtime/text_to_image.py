@@ -294,8 +294,10 @@ class TextToImagePipeline(DenoiserPipeline):
         ran = self.backends()  # what this call ran (RELIABILITY #15): the encoder only if it encoded an image
         if latents is not None or init is None or image_latents:
             ran.pop("vae_encoder", None)
-        if output_type == "latent":  # and the decoder only if it decoded
+        if output_type == "latent":  # the decoder only if it decoded, the text encoder only if it encoded text
             ran.pop("vae_decoder")
+        if not texts:
+            ran.pop("text_encoder")
         meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
                 "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
