@@ -137,6 +137,13 @@ class DDIMConfig:
         """Refuse an `eta` this config's sampler does not take, in one line: none here, eta is DDIM's (Eq. 16)."""
 
 
+def refuse_eta(eta: float, why: str) -> None:
+    """eta is DDIM's (Eq. 16): a sampler that takes none (`why` says what it does instead) refuses it in one
+    line, where diffusers' pipelines drop it silently."""
+    if eta != 0:
+        raise DiffrtError(f"eta {eta:g} is DDIM's; {why}, so leave eta at 0 or use scheduler='ddim'")
+
+
 def check_custom_timesteps(steps: list, num_train_timesteps: int, example: str = "[999, 666, 333]", *,
                            karras: bool = False) -> None:
     """A schedule given by hand (diffusers' `timesteps=`, for the samplers that take one): at least one

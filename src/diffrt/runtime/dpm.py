@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps, make_alphas_cumprod
+from diffrt.runtime.ddim import (DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps, make_alphas_cumprod,
+                                 refuse_eta)
 from diffrt.runtime.lcm import dynamic_threshold
 
 if TYPE_CHECKING:
@@ -128,15 +129,11 @@ class DPMConfig(DDIMConfig):
         return make_dpm_schedule(self, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
 
     def check_eta(self, eta: float) -> None:
-        """DPM-Solver++ takes no eta (refuse_eta)."""
-        refuse_eta(eta)
+        """DPM-Solver++ takes no eta (NO_ETA)."""
+        refuse_eta(eta, NO_ETA)
 
 
-def refuse_eta(eta: float) -> None:
-    """eta is DDIM's: one line, where diffusers' pipelines drop it silently."""
-    if eta != 0:
-        raise DiffrtError(f"eta {eta:g} is DDIM's; DPM-Solver++ is deterministic and takes none (DPMSolverMultistepScheduler "
-                          "has no eta), so leave eta at 0 or use scheduler='ddim'")
+NO_ETA = "DPM-Solver++ is deterministic and takes none (DPMSolverMultistepScheduler has no eta)"  # ddim.refuse_eta's why
 
 
 def _read_as_dpm(config: dict) -> dict:
@@ -270,7 +267,7 @@ class DPMSchedule:
 
     def check_eta(self, eta: float) -> None:
         """As DPMConfig.check_eta: no eta."""
-        refuse_eta(eta)
+        refuse_eta(eta, NO_ETA)
 
     def draws_step_noise(self, eta: float) -> bool:
         """Whether `step` draws from the generator: never (deterministic)."""

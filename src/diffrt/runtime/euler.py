@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps
+from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps, refuse_eta
 from diffrt.runtime.dpm import karras_sigmas, make_dpm_alphas_cumprod, sigma_to_timestep
 
 if TYPE_CHECKING:
@@ -65,16 +65,14 @@ class _VESamplerConfig:
         return make_euler_schedule(self, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
 
     def check_eta(self, eta: float) -> None:
-        """The Eulers take no eta (refuse_eta)."""
-        refuse_eta(eta, ancestral=isinstance(self, EulerAncestralConfig))
+        """The Eulers take no eta (no_eta)."""
+        refuse_eta(eta, no_eta(isinstance(self, EulerAncestralConfig)))
 
 
-def refuse_eta(eta: float, ancestral: bool) -> None:
-    """eta is DDIM's: one line, where diffusers' pipelines drop it silently."""
-    if eta != 0:
-        what = ("Euler Ancestral draws fresh noise every step whatever eta is (EulerAncestralDiscreteScheduler has no eta)"
-                if ancestral else "Euler is deterministic and takes none (EulerDiscreteScheduler has no eta)")
-        raise DiffrtError(f"eta {eta:g} is DDIM's; {what}, so leave eta at 0 or use scheduler='ddim'")
+def no_eta(ancestral: bool) -> str:
+    """What ddim.refuse_eta says of the Eulers."""
+    return ("Euler Ancestral draws fresh noise every step whatever eta is (EulerAncestralDiscreteScheduler has no eta)"
+            if ancestral else "Euler is deterministic and takes none (EulerDiscreteScheduler has no eta)")
 
 
 @dataclass(frozen=True)
@@ -184,7 +182,7 @@ class EulerSchedule:
 
     def check_eta(self, eta: float) -> None:
         """As the configs' check_eta: no eta."""
-        refuse_eta(eta, self.ancestral)
+        refuse_eta(eta, no_eta(self.ancestral))
 
     def draws_step_noise(self, eta: float) -> bool:
         """Whether `step` draws from the generator: Euler Ancestral on every step, the last one too; Euler never."""

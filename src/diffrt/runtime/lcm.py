@@ -29,7 +29,7 @@ import torch
 
 from diffrt.errors import DiffrtError
 from diffrt.runtime.ddim import (AlphaBarSchedule, BetaSchedule, DDIMConfig, PredictionType, check_custom_timesteps,
-                                 check_terminal_snr, make_alphas_cumprod, predict_x0)
+                                 check_terminal_snr, make_alphas_cumprod, predict_x0, refuse_eta)
 
 if TYPE_CHECKING:
     from diffrt.runtime.sampling import Guided
@@ -83,15 +83,11 @@ class LCMConfig(DDIMConfig):
         return make_lcm_schedule(self, None if timesteps is not None else num_inference_steps, timesteps=timesteps)
 
     def check_eta(self, eta: float) -> None:
-        """LCM takes no eta (refuse_eta)."""
-        refuse_eta(eta)
+        """LCM takes no eta (NO_ETA)."""
+        refuse_eta(eta, NO_ETA)
 
 
-def refuse_eta(eta: float) -> None:
-    """eta is DDIM's: one line, where diffusers' pipelines drop it silently."""
-    if eta != 0:
-        raise DiffrtError(f"eta {eta:g} is DDIM's; LCM draws fresh noise between its steps whatever eta is "
-                          "(LCMScheduler has no eta), so leave eta at 0 or use scheduler='ddim'")
+NO_ETA = "LCM draws fresh noise between its steps whatever eta is (LCMScheduler has no eta)"  # ddim.refuse_eta's why
 
 
 def make_lcm_timesteps(config: LCMConfig, num_inference_steps: int | None = None, *,
@@ -207,7 +203,7 @@ class LCMSchedule(AlphaBarSchedule):
 
     def check_eta(self, eta: float) -> None:
         """As LCMConfig.check_eta: no eta."""
-        refuse_eta(eta)
+        refuse_eta(eta, NO_ETA)
 
     def draws_step_noise(self, eta: float) -> bool:
         """Whether `step` draws from the generator: on every step but the last, so with two steps or more."""
