@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
-from diffrt.images import png_bytes, save_grid, to_numpy
+from diffrt.images import load_image, png_bytes, save_grid, to_numpy
 from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.opening import is_text_to_image
 
@@ -130,9 +130,7 @@ def step_bar(req: GenerateRequest):
 
 def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
     if is_text_to_image(req.model):
-        from diffrt.runtime.text_to_image import generate_text_to_image
-
-        return generate_text_to_image(req, guidance, progress)
+        return _generate_text_to_image(req, guidance, progress)
     text_only = {"--prompt": req.prompt, "--negative-prompt": req.negative_prompt, "--controlnet": req.controlnet,
                  "--guidance-rescale": req.guidance_rescale != 0,
                  "--control-image": req.control_image, "--image": req.image,
@@ -157,6 +155,51 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
     return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
                 guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
                 output_type="pt", progress=progress, scheduler=req.scheduler)
+
+
+def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], progress):
+    """A text-to-image folder or artifact's images as a [N, C, H, W] tensor in [0, 1]."""
+    from diffrt.runtime.text_to_image import default_guidance_scale
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    if req.class_label is not None:
+        raise DiffrtError("--class-label is for class-conditioned pixel models; this is a text-to-image model (use --prompt)")
+    controlnets, images, scales = _listed(req.controlnet), _listed(req.control_image), _listed(req.control_scale) or [None]
+    if controlnets and not images:
+        raise DiffrtError("--controlnet DIR needs --control-image FILE, the conditioning image (one per --controlnet, in the same order)")
+    if controlnets and len(images) != len(controlnets):
+        raise DiffrtError(f"got {len(controlnets)} --controlnet but {len(images)} --control-image; "
+                          "give one --control-image per --controlnet, in the same order")
+    if images and len(scales) not in (1, len(images)):
+        raise DiffrtError(f"got {len(scales)} --control-scale for {len(images)} --control-image; "
+                          "give one for every ControlNet, or one per --control-image")
+    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=controlnets or None,
+                                       strict=req.strict, cuda_graph=req.cuda_graph)
+    pipe.set_lora_scale(req.lora_scale)
+    control = None
+    if images:
+        k = pipe.num_controlnets
+        if pipe.has_controlnet and len(images) != k:  # an artifact carries its ControlNets: count them here
+            raise DiffrtError(f"{req.model} runs {k} ControlNet{'s' if k != 1 else ''}; give one --control-image per ControlNet "
+                              f"({k}, in the order they were exported), got {len(images)}")
+        size = (req.height, req.width) if req.height and req.width else None
+        control = [load_image(path, size=size) for path in images]  # one per ControlNet, as the pipeline takes them
+    init = load_image(req.image, size=(req.height, req.width) if req.height and req.width else None) if req.image else None
+    scheduler = req.scheduler
+    default_scale = default_guidance_scale(pipe, pipe.sampler_config(scheduler))
+    return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
+                num_inference_steps=req.num_inference_steps, scheduler=scheduler,
+                guidance_scale=default_scale if req.guidance_scale is None else req.guidance_scale,
+                guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
+                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt",
+                progress=progress)
+
+
+def _listed(value) -> list:
+    """A request field that takes one value or a list (repeatable flags) -> a list; None -> []."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def generate_to_file(req: GenerateRequest):

@@ -47,7 +47,6 @@ import numbers
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from diffrt.components import CONTROL_CHANNELS, num_controlnets, vae_encoder_spec
@@ -62,6 +61,8 @@ from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchMo
                                      convert_output, make_generator, to_unit_range_unclamped)
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators,
                                      choose_scheduler, randn, sample)
+from diffrt.runtime.text_to_image_inputs import (check_embeds, check_strength, control_batches, control_scales, image_batch,
+                                                 latent_batch, prompt_lists, sample_posterior)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,26 @@ def cut_off(tokenizer, prompt: str, max_length: int) -> tuple[int, str] | None:
     reports the same text). Shared by generation and DreamBooth's training prompts."""
     full = tokenizer(prompt, truncation=False, verbose=False).input_ids  # verbose: no "longer than" warning of its own
     return (len(full) - max_length, tokenizer.decode(full[max_length - 1 : -1])) if len(full) > max_length else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call's arguments once checked and resolved (the pipeline's step 1): what its later steps read."""
+
+    prompts: list[str]
+    negatives: list[str]  # "" for each prompt without one
+    per_prompt: int  # num_images_per_prompt
+    batch: int  # images: prompts x per_prompt
+    do_cfg: bool  # both branches, 2B rows
+    height: int
+    width: int
+    init: torch.Tensor | None  # img2img's images [B, 3, H, W] in [0, 1], or latents [B, C, h, w] (init_is_latents)
+    init_is_latents: bool
+    control: list[torch.Tensor] | None  # one image batch per ControlNet
+    scales: list[float]  # one conditioning scale per ControlNet ([] without)
+    generator: Generators
+    schedule: Any  # the sampler's schedule (sampling.Schedule), img2img's tail of it
+    encodes_image: bool  # the VAE encoder runs (img2img from pixels, no latents given)
 
 
 class TextToImagePipeline(DenoiserPipeline):
@@ -159,14 +180,69 @@ class TextToImagePipeline(DenoiserPipeline):
         # 1. Check inputs before any work. `scheduler`: None is the model's own, "ddim", "lcm", "dpm", "euler" or "euler_a"
         #    that sampler on its training schedule, or a config (sampling.choose_scheduler); `timesteps`: a custom
         #    schedule (LCM, DPM-Solver++, Euler).
+        call = self._check_call(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
+                                num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed,
+                                image, strength, control_image, controlnet_conditioning_scale, output_type, latents, scheduler, timesteps)
+        t0 = time.perf_counter()
+
+        # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
+        embeds, truncated, truncated_neg, encoded_text = self._encode_prompts(call, prompt_embeds, negative_prompt_embeds)
+
+        # 3. Initial latents: noise x_T (txt2img; given or drawn, scaled by the sampler's init_noise_sigma as diffusers
+        #    scales both) or the encoded image noised to the first timestep (img2img).
+        x = self._initial_latents(call, latents)
+
+        # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph.
+        feed = self._conditioning(call, embeds, guidance_scale)
+        denoise = self._denoiser(feed, call.do_cfg)
+
+        # 5. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
+        guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
+        options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=call.generator, guidance=guidance,
+                                 decode=self._guidance_decoder() if guidance else None,
+                                 denoise_autograd=self._autograd_denoiser(feed, call.do_cfg, denoise, guidance),
+                                 use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if call.do_cfg else 0.0)
+        x = sample(denoise, x, call.schedule, options, progress=progress)
+
+        # 6. Decode and post-process ("latent": the latents as diffusers returns them, scaled, undecoded).
+        if output_type == "latent":
+            images = x
+        else:
+            decoded = self.vae_decoder.run({"latent": (x / self.vae_scaling_factor).to(self.vae_decoder.device)})["image"].float()
+            images = convert_output(to_unit_range(self._check("vae_decoder", decoded).to(self.device)), output_type)
+        ran = self.backends()  # what this call ran (RELIABILITY #15): the encoder only if it encoded an image,
+        if not call.encodes_image:  # the decoder only if it decoded, the text encoder only if it encoded text
+            ran.pop("vae_encoder", None)
+        if output_type == "latent":
+            ran.pop("vae_decoder")
+        if not encoded_text:
+            ran.pop("text_encoder")
+        do_cfg, img2img, control = call.do_cfg, call.init is not None, call.control is not None
+        meta = {"prompt": call.prompts, "negative_prompt": call.negatives if do_cfg else None, "truncated": truncated,
+                "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None,
+                "height": call.height, "width": call.width, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+                "eta": eta, "num_images_per_prompt": num_images_per_prompt,
+                "scheduler": call.schedule.name, "timesteps": call.schedule.timesteps.tolist(),
+                "strength": strength if img2img else None,
+                "controlnet_conditioning_scale": (call.scales if len(call.scales) > 1 else call.scales[0]) if control else None,
+                "guidance": [g.name for g in guidance], **self.runtime_metadata(ran)}
+        return GenerationResult(images, self.backend, time.perf_counter() - t0, len(call.schedule), meta)
+
+    # --- the steps --------------------------------------------------------------------------------
+
+    def _check_call(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,
+                    guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed, image, strength,
+                    control_image, controlnet_conditioning_scale, output_type, latents, scheduler, timesteps) -> "_Call":
+        """Step 1: every argument checked (one DiffrtError line for the first bad one, before any model runs) and
+        resolved: the prompts, the size, the images as batches, the generators and the schedule."""
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
         # prompt_embeds and negative_prompt_embeds: diffusers' way in for weighted prompts (compel) and cached
         # encodings; negative_prompt_embeds also beside prompts given as text, as diffusers takes them.
-        _check_embeds(prompt_embeds, negative_prompt_embeds, prompt, negative_prompt)
+        check_embeds(prompt_embeds, negative_prompt_embeds, prompt, negative_prompt)
         if prompt_embeds is not None:
             self._check_embeds_fit(prompt_embeds)
             prompt = [""] * prompt_embeds.shape[0]  # one per row: the count, and the metadata's prompts
-        prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        prompts, negatives = prompt_lists(prompt, negative_prompt)
         if negative_prompt_embeds is not None and prompt_embeds is None:
             self._check_embeds_fit(negative_prompt_embeds, "negative_prompt_embeds")
             want = (len(prompts), self.max_length)
@@ -189,16 +265,17 @@ class TextToImagePipeline(DenoiserPipeline):
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
         if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0
             controlnet_conditioning_scale = 0.8 if image is not None else 1.0
-        scales = _control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []
-        control = self._control_images(control_image, height, width) if control_image is not None else None
+        scales = control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []
+        control = (control_batches(control_image, self.num_controlnets, height, width, self.vae_factor)
+                   if control_image is not None else None)
         # img2img's `image`: pixels, or latents as diffusers' img2img takes them (a tensor with the VAE's latent
         # channels, e.g. an output_type="latent" result: used as they are, not encoded).
-        image_latents = image is not None and self._is_latent_image(image)
-        if image_latents:
-            init = _latent_batch(image, height, width, self.vae_factor)
+        init_is_latents = image is not None and self._is_latent_image(image)
+        if init_is_latents:
+            init = latent_batch(image, height, width, self.vae_factor)
         else:
-            init = _image_batch(image, height, width, self.vae_factor) if image is not None else None
-        init_size = tuple(self.vae_factor * d for d in init.shape[-2:]) if image_latents else init.shape[-2:] if init is not None else None
+            init = image_batch(image, height, width, self.vae_factor) if image is not None else None
+        init_size = tuple(self.vae_factor * d for d in init.shape[-2:]) if init_is_latents else init.shape[-2:] if init is not None else None
         if control is not None and init is not None and init_size != control[0].shape[-2:]:
             (ih, iw), (ch, cw) = init_size, control[0].shape[-2:]
             raise DiffrtError(f"image is {ih}x{iw} pixels but control_image {ch}x{cw}; give images of one size "
@@ -223,18 +300,21 @@ class TextToImagePipeline(DenoiserPipeline):
                                           control=control is not None)
         if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
             schedule = schedule.tail(check_strength(strength, len(schedule)))
-        t0 = time.perf_counter()
+        return _Call(prompts, negatives, num_images_per_prompt, batch, do_cfg, height, width, init, init_is_latents,
+                     control, scales, generator, schedule, encodes_image=init is not None and not init_is_latents and latents is None)
 
-        # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
-        n = len(prompts)
-        texts = (negatives if do_cfg and negative_prompt_embeds is None else []) + (prompts if prompt_embeds is None else [])
+    def _encode_prompts(self, call: "_Call", prompt_embeds, negative_prompt_embeds):
+        """Step 2: (embeddings [2B or B, tokens, hidden], what truncation cut from each prompt and each negative prompt,
+        whether the text encoder ran). Texts are encoded in one batch; given embeddings take their texts' place."""
+        n = len(call.prompts)
+        texts = (call.negatives if call.do_cfg and negative_prompt_embeds is None else []) + (call.prompts if prompt_embeds is None else [])
         truncated, truncated_neg, encoded = [None] * n, [None] * n, None
         if texts:
             ids, cut = self._tokenize(texts)
             encoded = self.text_encoder.run({"input_ids": ids.to(self.text_encoder.device)})["last_hidden_state"].float()
             encoded = self._check("text_encoder", encoded).to(self.device)
         parts, row = [], 0
-        if do_cfg:
+        if call.do_cfg:
             if negative_prompt_embeds is None:
                 parts.append(encoded[:n])
                 truncated_neg, row = cut[:n], n
@@ -246,30 +326,35 @@ class TextToImagePipeline(DenoiserPipeline):
         else:
             parts.append(prompt_embeds)
         embeds = torch.cat([part.to(self.device, torch.float32) for part in parts])
-        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)  # [p0, p0, p1, p1] as diffusers
+        return embeds.repeat_interleave(call.per_prompt, dim=0), truncated, truncated_neg, bool(texts)  # [p0, p0, p1, p1] as diffusers
 
-        # 3. Initial latents: noise x_T (txt2img; given or drawn, scaled by the sampler's init_noise_sigma as diffusers
-        #    scales both) or the encoded image noised to the first timestep (img2img).
-        shape = (batch, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
+    def _initial_latents(self, call: "_Call", latents: torch.Tensor | None) -> torch.Tensor:
+        """Step 3: x at the first step: `latents` as given, the image's latents noised to the first timestep
+        (img2img), or noise drawn from the call's generators; the sampler scales noise by its init_noise_sigma."""
+        shape = (call.batch, self.latent_channels, call.height // self.vae_factor, call.width // self.vae_factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise DiffrtError(f"latents must have shape {shape} (batch, channels, height/8, width/8), got {tuple(latents.shape)}"
                                   + ("; leave out height and width to sample at the latents' size" if latents.dim() == 4 else ""))
-            x = schedule.initial_noise(latents.to(self.device, torch.float32))
-        elif init is not None:
-            x = self._noised_image_latents(init, batch, schedule, generator, encoded=image_latents)
-        else:
-            x = schedule.initial_noise(randn(shape, generator, self.device, torch.float32))
+            return call.schedule.initial_noise(latents.to(self.device, torch.float32))
+        if call.init is not None:
+            return self._noised_image_latents(call.init, call.batch, call.schedule, call.generator, encoded=call.init_is_latents)
+        return call.schedule.initial_noise(randn(shape, call.generator, self.device, torch.float32))
 
-        # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph. A
-        #    guidance-distilled UNet gets instead the embedding of w = guidance_scale - 1 per image, as
-        #    StableDiffusionPipeline feeds it (float32 here: the latents' dtype there).
+    def _conditioning(self, call: "_Call", embeds: torch.Tensor, guidance_scale: float) -> dict:
+        """Step 4's inputs besides x and t: the prompt embeddings, the ControlNets' images and scales, and for a
+        guidance-distilled UNet the embedding of w = guidance_scale - 1 per image, as StableDiffusionPipeline feeds
+        it (float32 here: the latents' dtype there)."""
         feed = {"encoder_hidden_states": embeds}
         if self.guidance_embed_dim is not None:
-            w = torch.full((batch,), guidance_scale - 1, dtype=torch.float32)
+            w = torch.full((call.batch,), guidance_scale - 1, dtype=torch.float32)
             feed["timestep_cond"] = lcm.guidance_scale_embedding(w, self.guidance_embed_dim).to(self.device)
         if self.has_controlnet:
-            feed.update(self._control_feed(control, scales, batch, num_images_per_prompt, height, width, do_cfg))
+            feed.update(self._control_feed(call.control, call.scales, call.batch, call.per_prompt, call.height, call.width, call.do_cfg))
+        return feed
+
+    def _denoiser(self, feed: dict, do_cfg: bool) -> Callable:
+        """The loop's model: (x_t, t) -> (eps_uncond or None, eps_cond), both CFG branches in one 2B batch."""
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
@@ -277,36 +362,7 @@ class TextToImagePipeline(DenoiserPipeline):
             eps = self._check(self.unet.spec.name, eps["noise_pred"].float())
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
-        # 5. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
-        guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
-        options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
-                                 decode=self._guidance_decoder() if guidance else None,
-                                 denoise_autograd=self._autograd_denoiser(feed, do_cfg, denoise, guidance),
-                                 use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if do_cfg else 0.0)
-        x = sample(denoise, x, schedule, options, progress=progress)
-
-        # 6. Decode and post-process ("latent": the latents as diffusers returns them, scaled, undecoded).
-        if output_type == "latent":
-            images = x
-        else:
-            decoded = self.vae_decoder.run({"latent": (x / self.vae_scaling_factor).to(self.vae_decoder.device)})["image"].float()
-            images = to_unit_range(self._check("vae_decoder", decoded).to(self.device))
-        ran = self.backends()  # what this call ran (RELIABILITY #15): the encoder only if it encoded an image
-        if latents is not None or init is None or image_latents:
-            ran.pop("vae_encoder", None)
-        if output_type == "latent":  # the decoder only if it decoded, the text encoder only if it encoded text
-            ran.pop("vae_decoder")
-        if not texts:
-            ran.pop("text_encoder")
-        meta = {"prompt": prompts, "negative_prompt": negatives if do_cfg else None, "truncated": truncated,
-                "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None, "height": height, "width": width,
-                "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta, "num_images_per_prompt": num_images_per_prompt,
-                "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
-                "strength": strength if init is not None else None,
-                "controlnet_conditioning_scale": (scales if len(scales) > 1 else scales[0]) if control is not None else None,
-                "guidance": [g.name for g in guidance], **self.runtime_metadata(ran)}
-        return GenerationResult(images if output_type == "latent" else convert_output(images, output_type), self.backend, time.perf_counter() - t0,
-                                len(schedule), meta)
+        return denoise
 
     # --- checks -----------------------------------------------------------------------------------
 
@@ -345,7 +401,7 @@ class TextToImagePipeline(DenoiserPipeline):
         self.unet.spec.check_size("batch", batch * k, what=f"batch {batch * k} ({batch} images{why})")
         self.vae_decoder.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images)")
 
-    # --- steps ------------------------------------------------------------------------------------
+    # --- helpers of the steps ------------------------------------------------------------------------
 
     def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[str | None]]:
         """Token ids padded to the text encoder's length. Longer prompts are cut as diffusers cuts
@@ -413,26 +469,6 @@ class TextToImagePipeline(DenoiserPipeline):
             self.vae_encoder = TorchBackend(VaeEncoder(vae), spec, device=next(vae.parameters()).device)
         return self.vae_encoder
 
-    def _control_images(self, control_image, height: int | None, width: int | None) -> list[torch.Tensor]:
-        """One [B, 3, H, W] batch per ControlNet, in their order. With several, `control_image` is a
-        list with one entry per ControlNet (each anything _image_batch takes), as diffusers' MultiControlNetModel."""
-        k = self.num_controlnets
-        if k == 1:
-            if isinstance(control_image, (list, tuple)) and len(control_image) == 1:
-                control_image = control_image[0]  # the one-entry-per-ControlNet form (for PIL, also a batch of one)
-            return [_image_batch(control_image, height, width, self.vae_factor)]
-        if not isinstance(control_image, (list, tuple)) or len(control_image) != k:
-            got = f"a list of {len(control_image)}" if isinstance(control_image, (list, tuple)) else f"one {type(control_image).__name__}"
-            raise DiffrtError(f"control_image: the pipeline has {k} ControlNets, so pass a list of {k} images (one per ControlNet, "
-                              f"in their order); got {got}")
-        images = [_image_batch(im, height, width, self.vae_factor) for im in control_image]
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        if len(set(sizes)) > 1:
-            shown = ", ".join(f"{h}x{w}" for h, w in sizes)
-            raise DiffrtError(f"control images differ in size ({shown} pixels, one per ControlNet); give images of one size "
-                              "or pass height and width to resize them all")
-        return images
-
     def _control_feed(self, control: list[torch.Tensor] | None, scales: list[float], batch: int, per_prompt: int,
                       height: int, width: int, do_cfg: bool) -> dict:
         """controlnet_cond (each ControlNet's images repeated to the batch as diffusers does, then
@@ -490,124 +526,6 @@ class TextToImagePipeline(DenoiserPipeline):
 # --- helpers -----------------------------------------------------------------------------------------
 
 
-def sample_posterior(moments: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """One draw from the VAE's diagonal Gaussian posterior, given its parameters [B, 2C, h, w] (mean, then
-    log-variance, as AutoencoderKL's DiagonalGaussianDistribution reads them: log-variance clamped to
-    [-30, 20]): mean + std * noise, the noise from the call's generators, as diffusers' img2img draws it."""
-    mean, logvar = moments.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return mean + std * randn(mean.shape, generator, mean.device, mean.dtype)
-
-
-def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        got = ("None" if prompt is None else f"an empty {type(prompt).__name__}" if prompts == []
-               else type(prompt).__name__ if prompts is None else "a list with non-strings")
-        raise DiffrtError(f"prompt must be a string or a non-empty list of strings (or pass prompt_embeds), got {got}")
-    if negative_prompt is None:
-        return prompts, [""] * len(prompts)
-    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-    if isinstance(negative_prompt, str) and len(prompts) > 1:
-        negatives = negatives * len(prompts)
-    if len(negatives) != len(prompts):
-        raise DiffrtError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt")
-    return prompts, negatives
-
-
-def _check_embeds(prompt_embeds, negative_prompt_embeds, prompt, negative_prompt) -> None:
-    """prompt_embeds [B, tokens, hidden] (what the text encoder returns), and negative_prompt_embeds of
-    the same shape when both are given; each replaces its text, which is then left out, as diffusers asks
-    (its check_inputs refuses a prompt beside prompt_embeds, a negative_prompt beside negative_prompt_embeds)."""
-    if prompt_embeds is not None and prompt not in ("", None, []):
-        raise DiffrtError("pass prompt or prompt_embeds, not both")
-    if negative_prompt_embeds is not None and negative_prompt is not None:
-        raise DiffrtError("pass negative_prompt or negative_prompt_embeds, not both")
-    for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-        if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 3 or not value.is_floating_point()):
-            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-            raise DiffrtError(f"{name} must be a float tensor [batch, tokens, hidden] as the text encoder returns; got {got}")
-    if prompt_embeds is not None and negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
-        raise DiffrtError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)} but prompt_embeds "
-                          f"{tuple(prompt_embeds.shape)}; give them one shape")
-
-
-def _control_scales(scale, k: int) -> list[float]:
-    """controlnet_conditioning_scale as diffusers takes it: one number for every ControlNet, or one per ControlNet."""
-    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        return [float(scale)] * k
-    if not isinstance(scale, (list, tuple)) or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in scale):
-        got = f"a {type(scale).__name__}" if not isinstance(scale, (list, tuple)) else "a list with non-numbers"
-        raise DiffrtError(f"controlnet_conditioning_scale must be a number, or a list with one number per ControlNet, got {got}")
-    scales = [float(s) for s in scale]
-    if len(scales) != k:
-        raise DiffrtError(f"controlnet_conditioning_scale has {len(scales)} values for {k} ControlNet{'s' if k != 1 else ''}; "
-                          "give one number, or one per ControlNet")
-    return scales
-
-
-def image_side(given: int | None, size: int, multiple: int) -> int:
-    """A side of the images a request makes: the one given, else the image's own rounded down to a
-    multiple of the VAE's factor, as diffusers' VaeImageProcessor.get_default_height_width (an image
-    smaller than `multiple` keeps its size, which check_size then names)."""
-    return given or size - size % multiple or size
-
-
-def _image_batch(image, height: int | None, width: int | None, multiple: int = 1) -> torch.Tensor:
-    """A PIL image (or list), or an array/tensor [C, H, W] / [B, C, H, W] (NumPy: [.., H, W, C]) in [0, 1]
-    (or a list of them: one batch, as diffusers stacks them) -> float32 [B, 3, H, W] in [0, 1], resized
-    as diffusers' VaeImageProcessor resizes: to (height, width) when given, else to the image's size
-    rounded down to a multiple of `multiple` (the VAE's factor; get_default_height_width), PIL images
-    with Lanczos and tensors with F.interpolate's default (nearest), so the images stay diffusers'."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        image = [image]
-    if isinstance(image, list) and image and isinstance(image[0], Image.Image):
-        size = (image_side(width, image[0].width, multiple), image_side(height, image[0].height, multiple))
-        arrays = [np.asarray(im.convert("RGB").resize(size, Image.LANCZOS) if im.size != size else im.convert("RGB"),
-                             dtype=np.float32) / 255.0 for im in image]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    if isinstance(image, (list, tuple)) and image and all(isinstance(im, (np.ndarray, torch.Tensor)) for im in image):
-        image = [torch.from_numpy(im).movedim(-1, -3) if isinstance(im, np.ndarray) else im for im in image]
-        shapes = [tuple(im.shape[-3:]) for im in image]
-        if len(set(shapes)) > 1:
-            shown = ", ".join(dict.fromkeys("x".join(map(str, s)) for s in shapes))
-            raise DiffrtError(f"the images in the list differ in size ({shown}, channels x height x width); give images of one size")
-        image = torch.cat([im.unsqueeze(0) if im.dim() == 3 else im for im in image])
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(image).movedim(-1, -3)
-    if not isinstance(image, torch.Tensor):
-        raise DiffrtError(f"images must be PIL images, NumPy arrays or torch tensors in [0, 1], got {type(image).__name__}")
-    image = image.float()
-    image = image.unsqueeze(0) if image.dim() == 3 else image
-    if image.dim() != 4 or image.shape[1] not in (1, 3):
-        raise DiffrtError(f"image tensor must be [C, H, W] or [B, C, H, W] with 1 or 3 channels, got {tuple(image.shape)}")
-    if image.min() < 0 or image.max() > 1:
-        raise DiffrtError(f"image values must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
-    image = image.expand(-1, 3, -1, -1)
-    size = (image_side(height, image.shape[-2], multiple), image_side(width, image.shape[-1], multiple))
-    if tuple(image.shape[-2:]) != size:
-        image = torch.nn.functional.interpolate(image, size=size)
-    return image
-
-
-def _latent_batch(image, height: int | None, width: int | None, factor: int) -> torch.Tensor:
-    """img2img latents given as `image` ([C, H, W], [B, C, H, W] or a list of them; diffusers stacks a list as
-    it stacks images) -> float32 [B, C, H, W], as they are: latents are not resized, so a height or width
-    given must be theirs times the VAE's factor."""
-    if isinstance(image, (list, tuple)):
-        if not all(isinstance(im, torch.Tensor) and im.shape[-3:] == image[0].shape[-3:] for im in image):
-            raise DiffrtError("the latents in the image list differ in shape or type; give tensors of one shape")
-        image = torch.cat([im if im.dim() == 4 else im.unsqueeze(0) for im in image])
-    latents = (image.unsqueeze(0) if image.dim() == 3 else image).float()
-    for name, given, size in (("height", height, latents.shape[-2]), ("width", width, latents.shape[-1])):
-        if given is not None and given != size * factor:
-            raise DiffrtError(f"image is latents of {name} {size} ({size * factor} pixels) but {name} is {given}; latents are "
-                              f"not resized: leave out {name}, or pass an image in [0, 1] to resize")
-    return latents
-
-
 def _latent_scheduler(config: ddim.DDIMConfig, controlnet: bool = False) -> ddim.DDIMConfig:
     """The scheduler config as StableDiffusionPipeline (and its img2img) samples it: its __init__ sets
     steps_offset 1 and clip_sample off in configs written before diffusers fixed those defaults (clipping
@@ -627,59 +545,3 @@ def _latent_scheduler(config: ddim.DDIMConfig, controlnet: bool = False) -> ddim
                     ", ".join(f"{k} {getattr(config, k)}" for k in fixes), ", ".join(f"{k} {v}" for k, v in fixes.items()), kept)
         config = dataclasses.replace(config, **fixes)
     return config
-
-
-def check_strength(strength: float, num_inference_steps: int) -> int:
-    """img2img's first step: the last int(N * strength) steps run, as diffusers' `get_timesteps`
-    keeps them; a strength outside [0, 1] or one that leaves no step is one line."""
-    if not 0.0 <= strength <= 1.0:
-        raise DiffrtError(f"strength must be in [0, 1], got {strength}")
-    t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-    if t_start >= num_inference_steps:
-        raise DiffrtError(f"strength {strength} x {num_inference_steps} steps leaves no denoising step; raise either")
-    return t_start
-
-
-def generate_text_to_image(req, guidance: list[Guidance], progress=None) -> GenerationResult:
-    """`diffrt generate` for a text-to-image folder or artifact; images as a [N, C, H, W] tensor in [0, 1]."""
-    from diffrt.images import load_image
-    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
-
-    if req.class_label is not None:
-        raise DiffrtError("--class-label is for class-conditioned pixel models; this is a text-to-image model (use --prompt)")
-    controlnets, images, scales = _listed(req.controlnet), _listed(req.control_image), _listed(req.control_scale) or [None]
-    if controlnets and not images:
-        raise DiffrtError("--controlnet DIR needs --control-image FILE, the conditioning image (one per --controlnet, in the same order)")
-    if controlnets and len(images) != len(controlnets):
-        raise DiffrtError(f"got {len(controlnets)} --controlnet but {len(images)} --control-image; "
-                          "give one --control-image per --controlnet, in the same order")
-    if images and len(scales) not in (1, len(images)):
-        raise DiffrtError(f"got {len(scales)} --control-scale for {len(images)} --control-image; "
-                          "give one for every ControlNet, or one per --control-image")
-    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=controlnets or None,
-                                       strict=req.strict, cuda_graph=req.cuda_graph)
-    pipe.set_lora_scale(req.lora_scale)
-    control = None
-    if images:
-        k = pipe.num_controlnets
-        if pipe.has_controlnet and len(images) != k:  # an artifact carries its ControlNets: count them here
-            raise DiffrtError(f"{req.model} runs {k} ControlNet{'s' if k != 1 else ''}; give one --control-image per ControlNet "
-                              f"({k}, in the order they were exported), got {len(images)}")
-        size = (req.height, req.width) if req.height and req.width else None
-        control = [load_image(path, size=size) for path in images]  # one per ControlNet, as the pipeline takes them
-    init = load_image(req.image, size=(req.height, req.width) if req.height and req.width else None) if req.image else None
-    scheduler = req.scheduler
-    default_scale = default_guidance_scale(pipe, pipe.sampler_config(scheduler))
-    return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
-                num_inference_steps=req.num_inference_steps, scheduler=scheduler,
-                guidance_scale=default_scale if req.guidance_scale is None else req.guidance_scale,
-                guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
-                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt",
-                progress=progress)
-
-
-def _listed(value) -> list:
-    """A request field that takes one value or a list (repeatable flags) -> a list; None -> []."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -49,7 +49,8 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
-from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, check_strength, default_guidance_scale, image_side
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, default_guidance_scale
+from diffrt.runtime.text_to_image_inputs import check_strength, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    probe_generators, settings_key, split_answers)
