@@ -700,6 +700,14 @@ def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
                                                      "--widths takes 1 to 3 block widths, each a multiple of 8"),
         "class-cond widths past three blocks": (["train", "class-cond", "--resolution", "16", "--widths", "16", "16", "16", "16"],
                                                 "--widths takes 1 to 3 block widths"),
+        # From a review: each ran (or loaded models) and then ended in a traceback.
+        "validation steps past the training schedule": (db + ["--inference-steps", "1001"],
+                                                        "--inference-steps 1001 is more than the model's 1000 training timesteps"),
+        "class data folder that is a file": (db + ["--with-prior-preservation", "--class-prompt", "a cat",
+                                                   "--class-data", str(r / "not_image_suffix" / "captions.txt")],
+                                             "is a file; pass a folder"),
+        "learning rate nan": (ft + ["--data", str(cat), "--learning-rate", "nan"], "--learning-rate must be a number > 0, got nan"),
+        "gradient norm below 0": (ft + ["--data", str(cat), "--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
     }
 
 

@@ -109,6 +109,37 @@ def test_log_window_spans_a_resume_from_a_checkpoint_between_rows(tmp_path):
     assert [v for _, v in rows] == pytest.approx([v for _, v in full_rows], rel=1e-6)
 
 
+def test_a_finished_run_extended_with_more_steps_logs_as_an_uninterrupted_run(tmp_path):
+    """The bug: a run to step 4 (log every 3) wrote its last row at 4, off the grid, and saved an empty loss
+    window; extended to 6 steps with --resume, loss.csv and TensorBoard kept that row and the row at 6
+    averaged steps 5-6 only, where an uninterrupted run has rows 3 and 6, the latter over steps 4-6."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_linear(linear_config(tmp_path / "full", max_steps=6, log_every=3))
+    out = tmp_path / "run"
+    train_linear(linear_config(out, max_steps=4, log_every=3))
+    assert [s for s, _ in csv_rows(out)] == [3, 4]  # the control: a finished run logs its last step
+    train_linear(linear_config(out, max_steps=6, log_every=3, resume=True))
+    full_rows, rows = csv_rows(tmp_path / "full"), csv_rows(out)
+    assert [s for s, _ in rows] == [s for s, _ in full_rows] == [3, 6]
+    assert [v for _, v in rows] == pytest.approx([v for _, v in full_rows], rel=1e-6)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [3, 6]
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(tmp_path):
+    """Each process draws its own rows of a step's batch, so a run resumed with another process count
+    trains on other data: refused by name, as a changed --batch-size is (the bug: it ran on silently)."""
+    train_linear(linear_config(tmp_path, max_steps=2))
+    state_file = tmp_path / "checkpoints" / "step-0000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["num_processes"] == 1
+    state_file.write_text(json.dumps({**state, "num_processes": 2}))  # what a two-process run saves
+    with pytest.raises(DiffrtError, match=r"other settings \(num_processes: 2 saved vs 1 now\)"):
+        train_linear(linear_config(tmp_path, max_steps=4, resume=True))
+
+
 def test_fresh_run_drops_the_tensorboard_steps_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

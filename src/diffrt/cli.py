@@ -27,6 +27,7 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 disables)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
@@ -44,7 +45,7 @@ def _train_config(args):
         out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay,
+        gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit,
         sample_every=args.sample_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
     )

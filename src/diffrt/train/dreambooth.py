@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -89,12 +90,17 @@ class DreamBoothConfig:
                 raise DiffrtError("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a cat'")
             if self.num_class_images < 1:
                 raise DiffrtError(f"--num-class-images must be >= 1, got {self.num_class_images}")
-            if self.prior_loss_weight < 0:
-                raise DiffrtError(f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}")
+            if not 0 <= self.prior_loss_weight < math.inf:  # NaN too
+                raise DiffrtError(f"--prior-loss-weight must be a number >= 0, got {self.prior_loss_weight}")
+        if self.class_data is not None and Path(self.class_data).exists() and not Path(self.class_data).is_dir():
+            raise DiffrtError(f"--class-data {self.class_data} is a file; pass a folder (class images are read from it, "
+                              "and generated into it where it holds too few)")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise DiffrtError(f"--resolution must be a positive multiple of 8 (the VAE's downsampling), got {self.resolution}")
         if self.num_validation_images < 1 or self.inference_steps < 1:
             raise DiffrtError("--num-validation-images and --inference-steps must be >= 1")
+        if not math.isfinite(self.guidance_scale):
+            raise DiffrtError(f"--guidance-scale must be a number (diffusers' default 7.5), got {self.guidance_scale}")
         if self.crop not in ("center", "random"):
             raise DiffrtError(f"--crop must be 'center' or 'random', got {self.crop!r}")
         self.train.validate()
@@ -135,6 +141,10 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     state = PartialState(cpu=not torch.cuda.is_available())
     c = load_components(folder, state.device, base_dtype(state.device, config.train.mixed_precision))
     vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    steps = DDIMConfig.from_scheduler_config(c.scheduler_config).num_train_timesteps
+    if config.inference_steps > steps:  # the class images' and validation images' sampler would refuse it, after training
+        raise DiffrtError(f"--inference-steps {config.inference_steps} is more than the model's {steps} training timesteps "
+                          f"(its scheduler's num_train_timesteps); use at most {steps}")
     if config.resolution % vae_scale:
         raise DiffrtError(f"--resolution {config.resolution} is not a multiple of the VAE's downsampling factor {vae_scale}")
     _check_targets(c.unet, config.target_modules, "UNet", "--target-modules")

@@ -77,8 +77,11 @@ class TrainConfig:
         if self.gradient_accumulation_steps > MAX_ACCUMULATION:
             raise DiffrtError(f"--gradient-accumulation-steps must be <= {MAX_ACCUMULATION}, got "
                               f"{self.gradient_accumulation_steps}; raise --batch-size instead")
-        if self.learning_rate <= 0:
-            raise DiffrtError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        # Written as "not ok" so that NaN, which every comparison calls False, is refused too (AdamW raised it later).
+        if not 0 < self.learning_rate < math.inf:
+            raise DiffrtError(f"--learning-rate must be a number > 0, got {self.learning_rate}")
+        if not 0 <= self.max_grad_norm <= math.inf:
+            raise DiffrtError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise DiffrtError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if not -(2**63) <= self.seed < 2**63:
@@ -235,7 +238,8 @@ def train(
     ema = EMA(named, config.ema_decay) if config.ema_decay > 0 else None
     # fp16 on a GPU scales the loss by a factor that adapts as training goes: part of the state.
     scaler = getattr(accelerator, "scaler", None)
-    state = {"config": asdict(config), **(extra_state or {})}
+    # The process count is the run's too: each process draws its own rows of every step's batch.
+    state = {"config": asdict(config), "num_processes": accelerator.num_processes, **(extra_state or {})}
 
     # 2. Resume, and drop the logs of steps after the checkpoint (a run that died after saving it).
     if accelerator.is_main_process:
@@ -248,10 +252,13 @@ def train(
         start, window = int(saved["step"]), saved.get("loss_window", [])
         check_max_steps(start, config)
         log.info("resumed from step %d", start)
+    # A finished run's last row, off the --log-every grid, is one an uninterrupted longer run never writes:
+    # extended with a higher --max-steps, the run drops it, and its checkpoint kept those steps' window.
+    last_row_extra = start % config.log_every != 0 and start < config.max_steps
     writer = None
     if accelerator.is_main_process:
-        _truncate_loss_log(out / "loss.csv", upto=start)
-        writer = _tensorboard(out / "tensorboard", purge_step=start + 1)
+        _truncate_loss_log(out / "loss.csv", upto=start - 1 if last_row_extra else start)
+        writer = _tensorboard(out / "tensorboard", purge_step=start if last_row_extra else start + 1)
 
     # 3. The steps.
     model.train()
@@ -292,7 +299,8 @@ def train(
         progress.set_postfix(loss=f"{total:.4f}")
         if done % config.log_every == 0 or done == config.max_steps:
             mean, lr = sum(window) / len(window), lr_at(step, config)
-            window.clear()
+            if done % config.log_every == 0:  # not the last row off the grid: the checkpoint keeps its window
+                window.clear()
             if accelerator.is_main_process:
                 _append_loss_log(out / "loss.csv", done, mean, lr)
                 if writer is not None:
