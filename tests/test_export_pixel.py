@@ -482,6 +482,24 @@ def test_pickled_weights_are_refused_without_unpickling(classemb_model_dir, tmp_
     assert not marker.exists() and not (tmp_path / "a").exists()
 
 
+def test_a_folder_with_only_variant_weights_is_one_line(classemb_model_dir, t2i_folder, tmp_path):
+    """The bug: diffusion_pytorch_model.fp16.safetensors alone passed the safetensors check, and
+    from_pretrained then failed with an OSError traceback (generate, export, finetune, dreambooth-lora)."""
+    import shutil
+
+    from diffrt.errors import DiffrtError
+    from diffrt.models import load_pixel_model
+    from diffrt.text_to_image_models import load_text_to_image
+
+    pixel, t2i = shutil.copytree(classemb_model_dir, tmp_path / "pixel"), shutil.copytree(t2i_folder, tmp_path / "t2i")
+    for weights in (pixel / "unet" / "diffusion_pytorch_model.safetensors", t2i / "vae" / "diffusion_pytorch_model.safetensors"):
+        weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(DiffrtError, match=r"unet holds only variant weights \(diffusion_pytorch_model.fp16.safetensors\)"):
+        load_pixel_model(pixel)
+    with pytest.raises(DiffrtError, match="vae holds only variant weights"):
+        load_text_to_image(t2i)
+
+
 def test_size_range_export_matches_pytorch_at_two_resolutions(classemb_model_dir, tmp_path):
     from diffrt.errors import ShapeOutOfRangeError
     from diffrt.export.verify import compare
@@ -693,3 +711,73 @@ def test_an_artifact_is_readable_as_the_umask_allows_not_only_by_its_exporter(cl
         os.umask(old)
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (out / mf.MANIFEST, out / "unet", out / "unet" / "model.onnx")}
     assert modes == {out / mf.MANIFEST: 0o644, out / "unet": 0o755, out / "unet" / "model.onnx": 0o644}
+
+
+# --- what a re-export is asked with (a review's findings) -------------------------------------------
+
+
+def test_an_opset_this_torch_cannot_write_is_refused_before_the_old_export_is_touched(classemb_model_dir, tmp_path):
+    """The bug: --opset 99 passed the checks, the rebuild removed the good export, and torch's exporter then
+    failed with a traceback, leaving an empty folder."""
+    from diffrt.errors import DiffrtError
+    from diffrt.export.onnx import max_opset
+
+    out = tmp_path / "artifact"
+    export_pixel_model(classemb_model_dir, out, ExportOptions(verify=False))
+    with pytest.raises(DiffrtError, match=rf"--opset 99 is above {max_opset()}, the newest opset torch"):
+        export_pixel_model(classemb_model_dir, out, ExportOptions(verify=False, opset=99))
+    assert export_pixel_model(classemb_model_dir, out, ExportOptions(verify=False)).cache_hit  # the old export, whole
+
+
+@pytest.fixture()
+def lora_file(classemb_model_dir, tmp_path):
+    from test_tensorrt import make_lora
+
+    return make_lora(classemb_model_dir, tmp_path / "loras" / "style.safetensors", seed=1)
+
+
+def test_a_lora_given_by_a_relative_path_is_found_from_anywhere(classemb_model_dir, lora_file, tmp_path, monkeypatch):
+    """The bug: the manifest kept the LoRA path as typed, so the artifact's PyTorch backend (and guidance's
+    fallback, and refits) run from another folder found no such file."""
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    monkeypatch.chdir(lora_file.parent)
+    out = tmp_path / "artifact"
+    export_pixel_model(classemb_model_dir, out, ExportOptions(verify=False, loras=[("style.safetensors", 0.7)]))
+    monkeypatch.chdir(tmp_path)
+    assert mf.read_manifest(out)["loras"][0]["path"] == str(lora_file.resolve())
+    pipe = open_pixel_pipeline(out, "torch")  # applies the manifest's LoRA to the source's PyTorch UNet
+    assert pipe([1], num_inference_steps=2, output_type="pt").images.shape[0] == 1
+
+
+def test_a_lora_folder_exports_as_the_file_it_holds(classemb_model_dir, lora_file, tmp_path):
+    """The bug: `--lora FOLDER` (train dreambooth-lora's output, which generate reads) was 'not found' to export."""
+    folder = lora_file.parent / "trained"
+    folder.mkdir()
+    lora_file.rename(folder / "pytorch_lora_weights.safetensors")
+    out = tmp_path / "artifact"
+    result = export_pixel_model(classemb_model_dir, out, ExportOptions(verify=False, loras=[(str(folder), 0.7)]))
+    assert result.manifest["loras"][0]["path"] == str(folder / "pytorch_lora_weights.safetensors")
+    named = ExportOptions(verify=False, loras=[(str(folder / "pytorch_lora_weights.safetensors"), 0.7)])
+    assert export_pixel_model(classemb_model_dir, out, named).cache_hit  # the same export
+
+
+def test_a_moved_source_and_lora_are_a_hit_that_records_their_new_paths(classemb_model_dir, lora_file, tmp_path):
+    """The bug: after the model folder moved, a re-export was a cache hit that kept the old path, so the torch
+    backend over the artifact said the source was missing, and re-exporting, as it advised, changed nothing."""
+    import shutil
+
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    source, out = shutil.copytree(classemb_model_dir, tmp_path / "model"), tmp_path / "artifact"
+    export_pixel_model(source, out, ExportOptions(verify=False, loras=[(str(lora_file), 0.7)]))
+    moved, moved_lora = source.rename(tmp_path / "moved"), lora_file.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(ArtifactError, match="source model .* is missing"):
+        open_pixel_pipeline(out, "torch")  # the control: the old path is gone
+    again = export_pixel_model(moved, out, ExportOptions(verify=False, loras=[(str(moved_lora), 0.7)]))
+    assert again.cache_hit
+    manifest = mf.read_manifest(out)
+    assert manifest["source"]["path"] == str(moved.resolve())
+    assert [e["path"] for e in manifest["loras"]] == [e["path"] for e in manifest["onnx_loras"]] == [str(moved_lora.resolve())]
+    pipe = open_pixel_pipeline(out, "torch")
+    assert pipe([1], num_inference_steps=2, output_type="pt").images.shape[0] == 1

@@ -524,6 +524,35 @@ def test_a_tokenizer_file_the_new_source_lacks_does_not_stay_in_the_artifact(t2i
     assert load_tokenizer(out / "tokenizer")("a photo").input_ids == ids != load_tokenizer(t2i_folder / "tokenizer")("a photo").input_ids
 
 
+def test_the_artifact_tokenizes_with_the_sources_added_tokens(unverified_plain, t2i_folder, tmp_path):
+    """The bug: the export copied a fixed list of tokenizer files, so a transformers-4 folder's
+    added_tokens.json (a textual-inversion token) was left behind and the exported pipeline split the
+    token into pieces where PyTorch read it as one."""
+    from diffrt.text_to_image_models import load_tokenizer
+
+    source, out = shutil.copytree(t2i_folder, tmp_path / "sd"), shutil.copytree(unverified_plain, tmp_path / "artifact")
+    (source / "tokenizer" / "tokenizer.json").unlink()  # the slow tokenizer's files, as such folders have them
+    vocab = json.loads((source / "tokenizer" / "vocab.json").read_text())
+    (source / "tokenizer" / "added_tokens.json").write_text(json.dumps({"<sks-style>": len(vocab)}))
+    prompt = "a photo in <sks-style>"
+    ids = load_tokenizer(source / "tokenizer")(prompt).input_ids
+    assert len(vocab) in ids  # the control: the source reads the added token as one
+    assert not export_text_to_image(source, out, ExportOptions(**T2I_RANGES, verify=False), []).cache_hit
+    pipe = open_text_to_image_pipeline(out, "onnxruntime")
+    assert pipe.tokenizer(prompt).input_ids == ids
+
+
+def test_a_source_moved_since_export_is_a_hit_that_records_its_new_path(unverified_plain, t2i_folder, tmp_path):
+    """The bug: a re-export from the model's new place was a cache hit that kept the old path, which every
+    PyTorch fallback then looked for (here the eager backend over the artifact)."""
+    from diffrt.export.manifest import read_manifest
+
+    source, out = shutil.copytree(t2i_folder, tmp_path / "moved"), shutil.copytree(unverified_plain, tmp_path / "artifact")
+    assert export_text_to_image(source, out, ExportOptions(**T2I_RANGES, verify=False), []).cache_hit
+    recorded = read_manifest(out)["source"]
+    assert recorded["path"] == str(source.resolve()) and recorded["controlnets"] == []
+
+
 @pytest.mark.parametrize("dropped", ["tokenizer/tokenizer.json", "unet_controlnet/model.onnx.data"])
 def test_a_file_the_loaders_would_read_unlisted_in_the_manifest_is_refused(artifact_copy, t2i_folder, dropped):
     """The bug: only the files a manifest lists were checked, so a tokenizer.json (which the tokenizer

@@ -281,9 +281,17 @@ def load_frozen(cls, folder: Path, weights: bool = True) -> nn.Module:
 
 
 def require_safetensors(folder: Path) -> None:
-    """Refuse pickled weights: loading them can run arbitrary code (RELIABILITY #12)."""
-    if any(folder.glob("*.safetensors")):
+    """Refuse pickled weights: loading them can run arbitrary code (RELIABILITY #12); and a folder holding
+    only a variant's weights (`diffusion_pytorch_model.fp16.safetensors`), which from_pretrained without
+    `variant=` does not read."""
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    # The main weights: name.safetensors, or shards (name-00001-of-00002.safetensors with their index).
+    if any(name.count(".") == 1 for name in found) or any(folder.glob("*.safetensors.index.json")):
         return
+    if found:
+        raise DiffrtError(f"{folder} holds only variant weights ({', '.join(found)}); diffrt loads a model's main weights, as "
+                          "diffusers' from_pretrained does without variant=: save the model again without a variant "
+                          "(model.save_pretrained(dir))")
     pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
     if pickled:
         raise DiffrtError(

@@ -35,9 +35,10 @@ import torch
 
 from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
-from diffrt.errors import ArtifactError, DiffrtError, LoraError
+from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.onnx import DEFAULT_OPSET, DYNAMO_MIN_OPSET, EXPORTERS, TWO_GB, export_onnx
+from diffrt.export.lora import locate_lora
+from diffrt.export.onnx import DEFAULT_OPSET, DYNAMO_MIN_OPSET, EXPORTERS, TWO_GB, export_onnx, max_opset
 from diffrt.models import PixelModel, SHIPPED_DIGITS, load_pixel_model
 from diffrt.runtime.backends import require_backend
 
@@ -110,8 +111,7 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
     if out is not None and out.exists() and not out.is_dir():
         raise DiffrtError(f"--out {out} is a file; an export writes a folder there: pass a new or existing folder")
     for path, _ in options.loras:
-        if not Path(path).is_file():
-            raise LoraError(f"LoRA file not found: {path}; pass a .safetensors file (FILE[:SCALE])")
+        locate_lora(Path(path))  # a file, or a folder holding one (train dreambooth-lora's output)
     for name in ("batch", "height", "width"):
         check_range(getattr(options, name), name)
     if options.exporter not in EXPORTERS:
@@ -119,6 +119,9 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
     if options.onnx_opset < MIN_OPSET:
         raise DiffrtError(f"--opset {options.onnx_opset} is below {MIN_OPSET}, the oldest opset diffrt exports "
                           f"(LayerNormalization is one op from {MIN_OPSET} on); use --opset {MIN_OPSET} or newer")
+    if options.onnx_opset > max_opset():
+        raise DiffrtError(f"--opset {options.onnx_opset} is above {max_opset()}, the newest opset torch {torch.__version__} "
+                          f"exports; use --opset {MIN_OPSET} to {max_opset()}, or leave --opset out")
     if options.exporter == "dynamo" and options.onnx_opset < DYNAMO_MIN_OPSET:
         raise DiffrtError(f"--exporter dynamo writes opset {DYNAMO_MIN_OPSET} or newer, not {options.onnx_opset}; "
                           f"pass --opset {DYNAMO_MIN_OPSET} or leave --opset out")
@@ -163,7 +166,8 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     source_sha256 = atomic.sha256_folder(src)
     lora_parts = lora_hashes(options)
     key = pixel_export_key(source_sha256, spec, options)
-    hit = cached_export(out, key, t0, lora_parts, verified=options.verify)
+    sources = {"path": str(src.resolve())}
+    hit = cached_export(out, key, t0, lora_parts, verified=options.verify, sources=sources)
     if hit is not None:
         return hit
     model = load_pixel_model(src)  # a miss: now the weights
@@ -175,7 +179,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     elif options.loras:
         _check_loras({"unet": model.unet.unet.state_dict()}, options.loras)
     with mf.artifact_lock(out):
-        hit = start_rebuild(out, key, t0, lora_parts, options)
+        hit = start_rebuild(out, key, t0, lora_parts, options, sources)
         if hit is not None:
             return hit
         components = {"unet": _export_component(model.unet, spec, out, options)}
@@ -183,10 +187,10 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
             from diffrt.export.refit import add_weight_map
 
             add_weight_map(out, "unet", {"unet": model.unet.unet.state_dict()}, components["unet"])
-        baked = [{"path": str(p), **part} for (p, _), part in zip(options.loras, lora_parts)] if bake else []
+        baked = lora_parts if bake else []
         manifest = {
             "key": key, "kind": "pixel", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "source": {"path": str(src.resolve()), "sha256": source_sha256},
+            "source": {**sources, "sha256": source_sha256},
             "loras": baked, "onnx_loras": baked,
             "precision": options.precision, "opset": options.onnx_opset, "exporter": options.exporter,
             "versions": mf.library_versions(),
@@ -254,7 +258,10 @@ def _check_loras(states: dict, loras: list[tuple[str, float]]) -> None:
 
 
 def lora_hashes(options: ExportOptions) -> list[dict]:
-    return [{"sha256": atomic.sha256_file(p), "scale": s} for p, s in options.loras]
+    """Each LoRA of the export as its manifest entry records it: the file's absolute path (so that the
+    artifact's PyTorch fallbacks and refits find it from any working directory), sha256 and scale."""
+    files = [locate_lora(Path(p)).resolve() for p, _ in options.loras]
+    return [{"path": str(f), "sha256": atomic.sha256_file(f), "scale": s} for f, (_, s) in zip(files, options.loras)]
 
 
 def export_key(model_parts: dict, options: ExportOptions) -> str:
@@ -276,10 +283,16 @@ def lora_state(entries) -> list[tuple[str, float]]:
 
 
 def cached_export(out: Path, key: str, t0: float, loras: list[dict] = (), verified: bool = False,
-                  quiet: bool = False) -> ExportResult | None:
+                  quiet: bool = False, sources: dict | None = None, locked: bool = False) -> ExportResult | None:
     """The finished export at `out` if it has this base key, runs with these LoRAs ([{sha256, scale}]),
     was checked against PyTorch when `verified` asks for it, and its files are intact; else None.
-    `quiet`: do not log why it is a miss (a second look, already explained)."""
+    `quiet`: do not log why it is a miss (a second look, already explained).
+
+    A hit whose inputs were given from other paths than it records (`sources`: the source folder's
+    {"path"} and, for text-to-image, {"controlnets"}; the LoRAs' "path") records the new ones: the same
+    content moved is no rebuild, but a manifest naming the old folder would send every PyTorch fallback
+    (eager backend, guidance, img2img without an exported encoder) to a folder that is gone. `locked`:
+    the caller holds the artifact's lock (that record is written under it)."""
     try:
         manifest = mf.read_manifest(out)
         if manifest.get("key") != key:
@@ -296,8 +309,36 @@ def cached_export(out: Path, key: str, t0: float, loras: list[dict] = (), verifi
         mf.verify_files(out, manifest)
     except ArtifactError:
         return None
+    if sources is not None and _moved(manifest, sources, loras):
+        try:
+            if not locked:
+                with mf.artifact_lock(out):
+                    return cached_export(out, key, t0, loras, verified, quiet, sources, locked=True)
+            manifest = _record_paths(out, manifest, sources, loras)
+        except OSError as exc:  # a read-only artifact still runs on its exported files
+            log.warning("%s: its source or LoRA files moved since export, but the new paths cannot be recorded (%s); "
+                        "PyTorch fallbacks will look for the old ones", out, exc)
     log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
     return ExportResult(out, True, manifest, time.perf_counter() - t0)
+
+
+def _moved(manifest: dict, sources: dict, loras: list[dict]) -> bool:
+    """Whether a hit's inputs (same content) now sit at other paths than its manifest records."""
+    recorded = manifest["source"]
+    return (any(recorded.get(name) != value for name, value in sources.items())
+            or [e.get("path") for e in manifest["loras"]] != [e.get("path") for e in loras])
+
+
+def _record_paths(out: Path, manifest: dict, sources: dict, loras: list[dict]) -> dict:
+    """The manifest with the inputs' new paths, written (under the artifact's lock): the source's, and each
+    LoRA's, in `loras` and in `onnx_loras` (the same files by sha256: a refit engine's LoRAs are not baked)."""
+    where = {e["sha256"]: e["path"] for e in loras}
+    entries = {field_: [{**e, "path": where.get(e["sha256"], e.get("path"))} for e in manifest[field_]]
+               for field_ in ("loras", "onnx_loras") if field_ in manifest}
+    moved = {**manifest, "source": {**manifest["source"], **sources}, **entries}
+    mf.write_manifest(out, moved)
+    log.info("%s: its source or LoRA files moved since export (same content); recorded their new paths", out)
+    return mf.read_manifest(out)
 
 
 def component_key(spec: ComponentSpec, precision: Precision, sources: dict[str, str], baked: list[dict],
@@ -380,7 +421,7 @@ def write_rebuild_record(out: Path, components: dict, folders) -> None:
     atomic.write_json(out / REBUILD, {"components": components, "folders": sorted(folders)})
 
 
-def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions,
+def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict,
                   component_keys: dict[str, str] | None = None) -> tuple[ExportResult | None, dict]:
     """Under the artifact's lock: (the export another builder finished while this one waited for the
     lock, {}) (a hit, no second build); else (None, the old entries kept), the folder made ready for a
@@ -388,8 +429,9 @@ def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: Ex
     component folders not kept removed, and what killed writes left there removed.
 
     `component_keys` ({name: component_key} of the new export): the old components whose entry has that
-    key and whose files verify are kept, folder and entry (`_reusable`); None (pixel exports) keeps none."""
-    hit = cached_export(out, key, t0, loras, verified=options.verify, quiet=True)
+    key and whose files verify are kept, folder and entry (`_reusable`); None (pixel exports) keeps none.
+    `sources`: the paths of the export's inputs, recorded anew on a hit (cached_export)."""
+    hit = cached_export(out, key, t0, loras, verified=options.verify, quiet=True, sources=sources, locked=True)
     if hit is not None:
         return hit, {}
     old, owned = _old_components(out)
@@ -414,9 +456,9 @@ def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: Ex
     return None, kept
 
 
-def start_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions) -> ExportResult | None:
+def start_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict) -> ExportResult | None:
     """`begin_rebuild` keeping no component (pixel exports: one component, rebuilt whole)."""
-    return begin_rebuild(out, key, t0, loras, options)[0]
+    return begin_rebuild(out, key, t0, loras, options, sources)[0]
 
 
 def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, options: ExportOptions,

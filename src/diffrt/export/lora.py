@@ -14,7 +14,10 @@ Two file layouts are read, safetensors only (pickles can run code when loaded):
   `lora_up.weight` (LoRA), `hada_w1_a` + `hada_w1_b` + `hada_w2_a` + `hada_w2_b` (LyCORIS LoHa), or
   `lokr_w1` (or `lokr_w1_a` + `lokr_w1_b`) + `lokr_w2` (or `lokr_w2_a` + `lokr_w2_b`) (LyCORIS LoKr),
   each with an optional `.alpha` (`lora_te_` / `lora_te1_` / `lora_te2_` for text encoders). A
-  missing alpha means scaling 1. One file may mix the kinds, one kind per module.
+  missing alpha means scaling 1. One file may mix the kinds, one kind per module. Each module is
+  scaled by its own alpha, as sd-scripts, A1111 and ComfyUI do. diffusers 0.42 departs from that when a
+  file's alphas differ: it gives attention modules (whose alpha_pattern keys keep the processors'
+  `to_q_lora` names, matching nothing) and modules without an alpha the file's most common alpha.
 
 Refused by name: kohya/LyCORIS DoRA (`dora_scale`), which diffusers' Stable Diffusion loader drops
 with a warning and fuses as a plain LoRA, so neither fusing it nor dropping it would match both
@@ -168,7 +171,9 @@ def read_loras(specs: Iterable[LoraSpec | str]) -> list[tuple[LoraFile, float]]:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _locate(path: Path) -> Path:
+def locate_lora(path: Path) -> Path:
+    """The safetensors file a LoRA argument names: the file itself, or the one in a folder (`pytorch_lora_weights.safetensors`,
+    as `train dreambooth-lora` and diffusers' save_lora_weights write it, or the folder's only .safetensors)."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         # Refused by name, before the file is opened: unpickling can execute arbitrary code.
         raise LoraError(
@@ -183,7 +188,7 @@ def _locate(path: Path) -> Path:
             raise LoraError(f"folder {path} holds {len(found)} .safetensors files, expected one: name the LoRA file itself")
         return found[0]
     if not path.is_file():
-        raise LoraError(f"LoRA file not found: {path}")
+        raise LoraError(f"LoRA file not found: {path}; pass a .safetensors file (FILE[:SCALE]) or a folder holding one")
     return path
 
 
@@ -277,7 +282,7 @@ def _raise_unrecognised(path: Path, keys: list[str]) -> None:
 
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA safetensors file (or a folder holding `pytorch_lora_weights.safetensors`)."""
-    path = _locate(Path(path))
+    path = locate_lora(Path(path))
     tensors, metadata = _load_safetensors(path)
     configs = _component_configs(metadata, path)
 

@@ -35,6 +35,18 @@ log = logging.getLogger(__name__)
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 DYNAMO_MIN_OPSET = 18  # torch.export-based graphs use opset 18 ops (ReduceMean with axes as an input, ...)
+TORCH_2_13_MAX_OPSET = 23  # what torch 2.13 declares, should a later torch move its private constant
+
+
+def max_opset() -> int:
+    """The newest opset this torch's ONNX exporters write (torch.onnx's declared ONNX_MAX_OPSET): a newer
+    one fails deep inside the exporter, after an export has begun."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return TORCH_2_13_MAX_OPSET
 TWO_GB = 2 * 1024**3
 HALF_TYPES = {torch.float16: 10, torch.bfloat16: 16}  # onnx.TensorProto.FLOAT16, BFLOAT16
 ONNX_TYPES = {torch.float32: 1, torch.int32: 6, torch.int64: 7, **HALF_TYPES}  # onnx.TensorProto elem types

@@ -348,7 +348,7 @@ def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | P
         mf.check_engine_compatible(manifest["components"][name]["engine"])
     files = [(read_lora(path), float(scale)) for path, scale in loras]
     refuse_lora_biases(files)  # before any weight map is written
-    parts = [{"path": str(f.path), "sha256": f.sha256, "scale": s, "modules": len(f.layers)} for f, s in files]
+    parts = [{"path": str(Path(f.path).resolve()), "sha256": f.sha256, "scale": s, "modules": len(f.layers)} for f, s in files]
 
     # Weights for every engine first (CPU; raises before any engine changes), then refit.
     maps = {}

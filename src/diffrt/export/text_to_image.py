@@ -49,7 +49,10 @@ from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_u
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The tokenizer folder's files that are copied: every one the source hash covers (source_hashes), which is every
+# file a CLIP tokenizer reads: vocab.json + merges.txt (slow), tokenizer.json (fast), tokenizer_config.json,
+# special_tokens_map.json, and added_tokens.json (tokens added by textual inversion, in transformers 4 folders).
+TOKENIZER_PATTERNS = ("*.json", "*.txt")
 
 
 def component_names(controlnet: bool, vae_encoder: bool = False) -> list[str]:
@@ -73,7 +76,7 @@ def controlnet_parts(n: int) -> list[str]:
 
 def source_hashes(model_dir: Path, controlnets: Sequence[str | Path] = ()) -> dict[str, str]:
     """sha256 of each source part: the cache key, and the check before a PyTorch fallback is loaded."""
-    parts = {part: atomic.sha256_folder(model_dir / part, ("*.json", "*.safetensors", "*.txt")) for part in SOURCE_PARTS}
+    parts = {part: atomic.sha256_folder(model_dir / part, ("*.safetensors", *TOKENIZER_PATTERNS)) for part in SOURCE_PARTS}
     for part, folder in zip(controlnet_parts(len(controlnets)), controlnets):
         parts[part] = atomic.sha256_folder(folder)
     return parts
@@ -107,7 +110,8 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     lora_parts = lora_hashes(options)
     key = export_key({"kind": "text-to-image", "source": hashes, "precision": precisions,
                       "specs": {n: spec_to_dict(s, TORCH_DTYPES[precisions[n]]) for n, s in specs.items()}}, options)
-    hit = cached_export(out, key, t0, lora_parts, verified=options.verify)
+    sources = {"path": str(model_dir.resolve()), "controlnets": [str(c.resolve()) for c in controlnets]}
+    hit = cached_export(out, key, t0, lora_parts, verified=options.verify, sources=sources)
     if hit is not None:
         return hit
     model = load_text_to_image(model_dir, controlnets)  # a miss: now the weights
@@ -121,7 +125,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     with mf.artifact_lock(out):
         # Until the new manifest is written the folder is not trusted; the old components whose inputs
         # this export leaves unchanged are kept (their folders and manifest entries), the rest exported.
-        hit, kept = begin_rebuild(out, key, t0, lora_parts, options, keys)
+        hit, kept = begin_rebuild(out, key, t0, lora_parts, options, sources, keys)
         if hit is not None:
             return hit
         components = {}
@@ -139,12 +143,10 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
                 components[name] = {**entry, "component_key": keys[name]}
                 # A killed rebuild resumes from here: what it kept (reached or not) and what it has finished.
                 write_rebuild_record(out, {**kept, **components}, {*kept, *specs})
-        baked = [{"path": str(Path(p).resolve()), **part, "modules": f.get("num_modules")}
-                 for (p, _), part, f in zip(options.loras, lora_parts, fused)]
+        baked = [{**part, "modules": f.get("num_modules")} for part, f in zip(lora_parts, fused)]
         manifest = {
             "key": key, "kind": "text-to-image", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "source": {"path": str(model_dir.resolve()), "sha256": mf.cache_key(hashes), "parts": hashes,
-                       "controlnets": [str(c.resolve()) for c in controlnets]},
+            "source": {**sources, "sha256": mf.cache_key(hashes), "parts": hashes},
             "loras": baked, "onnx_loras": baked,
             "precision": options.precision, "opset": options.onnx_opset, "exporter": options.exporter,
             "versions": mf.library_versions(),
@@ -205,7 +207,7 @@ def _fuse_loras(model: TextToImageModel, loras: list[tuple[str, float]]) -> list
 
 def _copy_tokenizer(src: Path, dst: Path) -> dict:
     """Copy the tokenizer files into the artifact; return their sha256 for the manifest."""
-    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    names = sorted(p.name for p in src.iterdir() if p.is_file() and any(p.match(pattern) for pattern in TOKENIZER_PATTERNS))
     if "vocab.json" not in names and "tokenizer.json" not in names:
         raise DiffrtError(f"{src} has neither vocab.json nor tokenizer.json; expected a CLIPTokenizer folder")
     # A file an earlier export copied and this source lacks would stay beside the new ones, unlisted in
