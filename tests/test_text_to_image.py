@@ -233,6 +233,63 @@ def test_torch_equals_multi_controlnet_pipeline(t2i_folder, t2i_controlnet_b, to
     assert max_abs(outputs[0], outputs[1]) > 1e-2  # each ControlNet has its own scale, and both are live
 
 
+def test_control_guidance_start_and_end_equal_the_controlnet_pipelines(t2i_folder, t2i_controlnet_b, torch_cn_pipe, torch_multi_pipe,
+                                                                       control_image, control_images, t2i_artifact):
+    """control_guidance_start/end run each ControlNet on its fraction of the steps, as diffusers' ControlNet
+    pipelines (text-to-image and img2img, one ControlNet and a MultiControlNetModel, the windows given as one
+    number or one per ControlNet); over an artifact the fused graph takes the same per-step scales."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
+
+    net_a, net_b = ControlNetModel.from_pretrained(t2i_folder / "controlnet"), ControlNetModel.from_pretrained(t2i_controlnet_b)
+    one = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, controlnet=net_a)
+    steps = dict(num_inference_steps=5)
+    full = run(torch_cn_pipe, control_image=control_image, seed=1, **steps).images
+    windowed = []
+    for window in (dict(control_guidance_start=0.4), dict(control_guidance_end=0.6), dict(control_guidance_start=0.2, control_guidance_end=0.8)):
+        expected = run_diffusers(one, image=control_image, seed=1, **steps, **window)
+        result = run(torch_cn_pipe, control_image=control_image, seed=1, **steps, **window)
+        assert max_abs(result.images, expected) <= DIFFUSERS_TOL, window
+        windowed.append(result.images)
+    assert min(max_abs(full, w) for w in windowed) > 1e-3  # the windows switch the ControlNet off for some steps
+    assert result.metadata["control_guidance"] == [[0.2, 0.8]]
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    i2i = diffusers_pipe(StableDiffusionControlNetImg2ImgPipeline, t2i_folder, controlnet=net_a)
+    window = dict(control_guidance_start=0.3, control_guidance_end=0.9, strength=0.8)
+    expected = run_diffusers(i2i, image=image, control_image=control_image, seed=2, **steps, **window)
+    assert max_abs(run(torch_cn_pipe, image=image, control_image=control_image, seed=2, **steps, **window).images, expected) <= DIFFUSERS_TOL
+
+    multi = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, controlnet=[net_a, net_b])
+    for window in (dict(control_guidance_start=[0.0, 0.5], control_guidance_end=[0.5, 1.0]), dict(control_guidance_end=0.4)):
+        expected = run_diffusers(multi, image=control_images, controlnet_conditioning_scale=[0.7, 1.2], seed=1, **steps, **window)
+        result = run(torch_multi_pipe, control_image=control_images, controlnet_conditioning_scale=[0.7, 1.2], seed=1, **steps, **window)
+        assert max_abs(result.images, expected) <= DIFFUSERS_TOL, window
+
+    from diffrt.runtime.text_to_image_loading import artifact_text_to_image_pipeline
+
+    window = dict(control_guidance_start=0.2, control_guidance_end=0.8)
+    ort = artifact_text_to_image_pipeline(t2i_artifact, "onnxruntime")
+    eager = run(torch_cn_pipe, control_image=control_image, seed=1, **steps, **window).images
+    assert max_abs(run(ort, control_image=control_image, seed=1, **steps, **window).images, eager) <= 1e-3
+
+
+def test_control_guidance_bad_arguments_are_one_line(torch_pipe, torch_cn_pipe, torch_multi_pipe, control_image, control_images):
+    cases = [
+        (torch_cn_pipe, dict(control_image=control_image, control_guidance_start=0.5, control_guidance_end=0.5),
+         r"must start before it ends, within \[0, 1\].*start 0.5, end 0.5"),
+        (torch_cn_pipe, dict(control_image=control_image, control_guidance_end=1.5), r"start 0.0, end 1.5"),
+        (torch_cn_pipe, dict(control_image=control_image, control_guidance_start="half"), r"control_guidance_start must be a number"),
+        (torch_multi_pipe, dict(control_image=control_images, control_guidance_start=[0.1, 0.2, 0.3]), r"have 3 values for 2 ControlNets"),
+        (torch_multi_pipe, dict(control_image=control_images, control_guidance_start=[0.1, 0.2], control_guidance_end=[0.9]),
+         r"control_guidance_start has 2 values but control_guidance_end 1"),
+        (torch_pipe, dict(control_guidance_end=0.5), r"control_guidance_start/end need a ControlNet"),
+    ]
+    for pipe, kwargs, message in cases:
+        with pytest.raises(DiffrtError, match=message) as info:
+            run(pipe, num_inference_steps=1, **kwargs)
+        assert "\n" not in str(info.value)
+
+
 def test_multi_controlnet_bad_arguments_are_one_line(torch_multi_pipe, control_images):
     bad = [
         (dict(control_image=control_images[0]), r"the pipeline has 2 ControlNets, so pass a list of 2 images .*got one Tensor"),

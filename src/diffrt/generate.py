@@ -46,6 +46,8 @@ class GenerateRequest:
     controlnet: str | list[str] | None = None  # one ControlNet folder, or several (diffusers' MultiControlNetModel), in order
     control_image: str | list[str] | None = None  # one conditioning image file per ControlNet, in the same order
     control_scale: float | list[float] | None = None  # one for every ControlNet, or one per ControlNet; None: diffusers' default (0.8 with --image, else 1.0)
+    control_guidance_start: float | list[float] | None = None  # fraction of the steps each ControlNet starts at; None: 0
+    control_guidance_end: float | list[float] | None = None  # ... and stops at; None: 1
     image: str | None = None  # img2img: the image file to start from (text-to-image models)
     strength: float = 0.8  # img2img: how much of the schedule runs (1.0: the image is all noise)
     loras: list[tuple[str, float]] = field(default_factory=list)
@@ -134,7 +136,9 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
     text_only = {"--prompt": req.prompt, "--negative-prompt": req.negative_prompt, "--controlnet": req.controlnet,
                  "--guidance-rescale": req.guidance_rescale != 0,
                  "--control-image": req.control_image, "--image": req.image,
-                 "--control-scale": req.control_scale not in (None, [])}
+                 "--control-scale": req.control_scale not in (None, []),
+                 "--control-guidance-start": req.control_guidance_start not in (None, []),
+                 "--control-guidance-end": req.control_guidance_end not in (None, [])}
     given = [flag for flag, value in text_only.items() if value]
     if given:
         verb = "needs" if len(given) == 1 else "need"
@@ -192,7 +196,14 @@ def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], prog
                 guidance_scale=default_scale if req.guidance_scale is None else req.guidance_scale,
                 guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
                 controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt",
-                progress=progress)
+                control_guidance_start=_one_or_list(req.control_guidance_start, 0.0),
+                control_guidance_end=_one_or_list(req.control_guidance_end, 1.0), progress=progress)
+
+
+def _one_or_list(value, default: float):
+    """A repeatable flag as the pipeline takes it: the default when not given, one number, or one per ControlNet."""
+    values = _listed(value)
+    return default if not values else values[0] if len(values) == 1 else values
 
 
 def _listed(value) -> list:

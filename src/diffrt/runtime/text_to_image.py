@@ -11,6 +11,8 @@ ControlNets follow StableDiffusionControlNetPipeline with a MultiControlNetModel
 a list with one entry per ControlNet, `controlnet_conditioning_scale` one float or one per ControlNet;
 left out, it is diffusers' default for the pipeline a call is: 0.8 with `image`
 (StableDiffusionControlNetImg2ImgPipeline), 1.0 without (StableDiffusionControlNetPipeline).
+`control_guidance_start`/`control_guidance_end` run each ControlNet on a fraction of the steps, as there: the
+fused graph takes its scale times diffusers' `controlnet_keep` at each step (0: it adds exactly zero).
 Images follow diffusers' VaeImageProcessor: without height and width the size is the image's,
 rounded down to a multiple of the VAE's factor (8); tensors and arrays resize with F.interpolate's default (nearest),
 PIL images with Lanczos. As diffusers' img2img, `image` may be latents (a tensor with the VAE's 4 latent
@@ -61,8 +63,8 @@ from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchMo
                                      convert_output, make_generator, to_unit_range_unclamped)
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators,
                                      choose_scheduler, randn, sample)
-from diffrt.runtime.text_to_image_inputs import (check_embeds, check_strength, control_batches, control_scales, image_batch,
-                                                 latent_batch, prompt_lists, sample_posterior)
+from diffrt.runtime.text_to_image_inputs import (check_embeds, check_strength, control_batches, control_keep, control_scales,
+                                                 control_windows, image_batch, latent_batch, prompt_lists, sample_posterior)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ class _Call:
     init_is_latents: bool
     control: list[torch.Tensor] | None  # one image batch per ControlNet
     scales: list[float]  # one conditioning scale per ControlNet ([] without)
+    control_windows: list[tuple[float, float]]  # (start, end) fraction of the steps, per ControlNet
     generator: Generators
     schedule: Any  # the sampler's schedule (sampling.Schedule), img2img's tail of it
     encodes_image: bool  # the VAE encoder runs (img2img from pixels, no latents given)
@@ -173,6 +176,7 @@ class TextToImagePipeline(DenoiserPipeline):
                  generator: Generators = None, seed: int | None = None,
                  image: Any = None, strength: float = 0.8,
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] | None = None,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
                  guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
@@ -182,7 +186,8 @@ class TextToImagePipeline(DenoiserPipeline):
         #    schedule (LCM, DPM-Solver++, Euler).
         call = self._check_call(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                 num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed,
-                                image, strength, control_image, controlnet_conditioning_scale, output_type, latents, scheduler, timesteps)
+                                image, strength, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end, output_type, latents, scheduler, timesteps)
         t0 = time.perf_counter()
 
         # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
@@ -193,14 +198,14 @@ class TextToImagePipeline(DenoiserPipeline):
         x = self._initial_latents(call, latents)
 
         # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph.
-        feed = self._conditioning(call, embeds, guidance_scale)
-        denoise = self._denoiser(feed, call.do_cfg)
+        feed, at = self._conditioning(call, embeds, guidance_scale), self._step_inputs(call)
+        denoise = self._denoiser(feed, call.do_cfg, at)
 
         # 5. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
         guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=call.generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
-                                 denoise_autograd=self._autograd_denoiser(feed, call.do_cfg, denoise, guidance),
+                                 denoise_autograd=self._autograd_denoiser(feed, call.do_cfg, denoise, guidance, at),
                                  use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if call.do_cfg else 0.0)
         x = sample(denoise, x, call.schedule, options, progress=progress)
 
@@ -225,6 +230,7 @@ class TextToImagePipeline(DenoiserPipeline):
                 "scheduler": call.schedule.name, "timesteps": call.schedule.timesteps.tolist(),
                 "strength": strength if img2img else None,
                 "controlnet_conditioning_scale": (call.scales if len(call.scales) > 1 else call.scales[0]) if control else None,
+                "control_guidance": [list(w) for w in call.control_windows] if control else None,
                 "guidance": [g.name for g in guidance], **self.runtime_metadata(ran)}
         return GenerationResult(images, self.backend, time.perf_counter() - t0, len(call.schedule), meta)
 
@@ -232,7 +238,8 @@ class TextToImagePipeline(DenoiserPipeline):
 
     def _check_call(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,
                     guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed, image, strength,
-                    control_image, controlnet_conditioning_scale, output_type, latents, scheduler, timesteps) -> "_Call":
+                    control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, output_type,
+                    latents, scheduler, timesteps) -> "_Call":
         """Step 1: every argument checked (one DiffrtError line for the first bad one, before any model runs) and
         resolved: the prompts, the size, the images as batches, the generators and the schedule."""
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
@@ -266,6 +273,12 @@ class TextToImagePipeline(DenoiserPipeline):
         if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0
             controlnet_conditioning_scale = 0.8 if image is not None else 1.0
         scales = control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []
+        if self.has_controlnet:  # the fraction of the steps each ControlNet runs, as diffusers' ControlNet pipelines
+            windows = control_windows(control_guidance_start, control_guidance_end, self.num_controlnets)
+        elif (control_guidance_start, control_guidance_end) != (0.0, 1.0):
+            raise DiffrtError("control_guidance_start/end need a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
+        else:
+            windows = []
         control = (control_batches(control_image, self.num_controlnets, height, width, self.vae_factor)
                    if control_image is not None else None)
         # img2img's `image`: pixels, or latents as diffusers' img2img takes them (a tensor with the VAE's latent
@@ -301,7 +314,8 @@ class TextToImagePipeline(DenoiserPipeline):
         if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
             schedule = schedule.tail(check_strength(strength, len(schedule)))
         return _Call(prompts, negatives, num_images_per_prompt, batch, do_cfg, height, width, init, init_is_latents,
-                     control, scales, generator, schedule, encodes_image=init is not None and not init_is_latents and latents is None)
+                     control, scales, windows, generator, schedule,
+                     encodes_image=init is not None and not init_is_latents and latents is None)
 
     def _encode_prompts(self, call: "_Call", prompt_embeds, negative_prompt_embeds):
         """Step 2: (embeddings [2B or B, tokens, hidden], what truncation cut from each prompt and each negative prompt,
@@ -353,12 +367,25 @@ class TextToImagePipeline(DenoiserPipeline):
             feed.update(self._control_feed(call.control, call.scales, call.batch, call.per_prompt, call.height, call.width, call.do_cfg))
         return feed
 
-    def _denoiser(self, feed: dict, do_cfg: bool) -> Callable:
-        """The loop's model: (x_t, t) -> (eps_uncond or None, eps_cond), both CFG branches in one 2B batch."""
+    def _step_inputs(self, call: "_Call") -> Callable[[torch.Tensor], dict] | None:
+        """Inputs that change from step to step, by timestep: the ControlNets' conditioning scales where
+        control_guidance_start/end switch some off for part of the steps (their scale times diffusers'
+        controlnet_keep, so a ControlNet off adds exactly zero); None when no input changes."""
+        keep = control_keep(call.control_windows, len(call.schedule)) if call.control is not None else None
+        if keep is None:
+            return None
+        scales = {float(t): torch.tensor([c * k for c, k in zip(call.scales, row)], dtype=torch.float32, device=self.device)
+                  for t, row in zip(call.schedule.timesteps, keep)}
+        return lambda t: {"conditioning_scale": scales[float(t)]}
+
+    def _denoiser(self, feed: dict, do_cfg: bool, at: Callable[[torch.Tensor], dict] | None = None) -> Callable:
+        """The loop's model: (x_t, t) -> (eps_uncond or None, eps_cond), both CFG branches in one 2B batch.
+        `at`: the inputs that change with the step (_step_inputs)."""
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
-            eps = self.unet.run({**feed, "sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])})
+            inputs = {**feed, **at(t)} if at is not None else feed
+            eps = self.unet.run({**inputs, "sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])})
             eps = self._check(self.unet.spec.name, eps["noise_pred"].float())
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
@@ -500,7 +527,7 @@ class TextToImagePipeline(DenoiserPipeline):
 
         return decode
 
-    def _autograd_denoiser(self, feed: dict, do_cfg: bool, engine_denoise, guidance) -> Callable | None:
+    def _autograd_denoiser(self, feed: dict, do_cfg: bool, engine_denoise, guidance, at=None) -> Callable | None:
         """The PyTorch UNet with autograd, for guidance mode "through_unet", checked finite and
         against the backend's eps on its first step, so an engine and a fallback that disagree
         (another LoRA, another scale) are caught instead of steering with the wrong model
@@ -513,7 +540,8 @@ class TextToImagePipeline(DenoiserPipeline):
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
-            full = {**feed, "sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])}
+            full = {**feed, **(at(t) if at is not None else {}), "sample": x_in,
+                    "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])}
             # Each input in the dtype its spec gives it at the UNet's precision: the timestep stays fp32 (a half
             # UNet's time embedding is computed from it in fp32, as diffusers does; components.TensorSpec.pinned).
             args = [full[s.name].to(param.device, s.torch_dtype(param.dtype)) for s in inputs]

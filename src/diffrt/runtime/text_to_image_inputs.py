@@ -72,6 +72,40 @@ def control_scales(scale, k: int) -> list[float]:
     return scales
 
 
+def control_windows(start, end, k: int) -> list[tuple[float, float]]:
+    """control_guidance_start / control_guidance_end as diffusers' ControlNet pipelines take them: each a
+    fraction of the steps, one number for every ControlNet or one per ControlNet -> (start, end) per ControlNet,
+    each with 0 <= start < end <= 1."""
+    def listed(value, name: str) -> list[float] | None:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return None
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
+        raise DiffrtError(f"{name} must be a number (a fraction of the steps), or a list with one per ControlNet, got {value!r}")
+
+    starts, ends = listed(start, "control_guidance_start"), listed(end, "control_guidance_end")
+    # One number beside a list is repeated to its length; two numbers to every ControlNet (diffusers' rule).
+    n = len(starts) if starts is not None else len(ends) if ends is not None else k
+    starts, ends = starts or [float(start)] * n, ends or [float(end)] * n
+    if len(starts) != len(ends):
+        raise DiffrtError(f"control_guidance_start has {len(starts)} values but control_guidance_end {len(ends)}; give as many of each")
+    if len(starts) != k:
+        raise DiffrtError(f"control_guidance_start/end have {len(starts)} values for {k} ControlNet{'s' if k != 1 else ''}; "
+                          "give one number, or one per ControlNet")
+    for s, e in zip(starts, ends):
+        if not 0.0 <= s < e <= 1.0:
+            raise DiffrtError(f"control guidance must start before it ends, within [0, 1] (fractions of the steps); "
+                              f"got start {s}, end {e}")
+    return list(zip(starts, ends))
+
+
+def control_keep(windows: list[tuple[float, float]], num_steps: int) -> list[list[float]] | None:
+    """Per step, per ControlNet, 1.0 where its window holds the step, else 0.0, as diffusers' `controlnet_keep`
+    (step i of N is held when i/N >= start and (i+1)/N <= end); None when every ControlNet runs every step."""
+    keep = [[1.0 - float(i / num_steps < s or (i + 1) / num_steps > e) for s, e in windows] for i in range(num_steps)]
+    return None if all(all(row) for row in keep) else keep
+
+
 def image_side(given: int | None, size: int, multiple: int) -> int:
     """A side of the images a request makes: the one given, else the image's own rounded down to a
     multiple of the VAE's factor, as diffusers' VaeImageProcessor.get_default_height_width (an image
