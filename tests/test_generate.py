@@ -213,3 +213,43 @@ def test_controlnet_img2img_takes_diffusers_default_scale(t2i_folder, control_pn
                              controlnet_conditioning_scale=scale).images
     np.testing.assert_allclose(np.load(out), run(0.8), atol=1e-6)
     assert np.abs(np.load(out) - run(1.0)).max() > 1e-3  # the test can tell the two defaults apart
+
+
+@pytest.mark.parametrize("sizes", [[], ["--height", "48", "--width", "48"], ["--height", "48"]])
+def test_an_image_file_is_resized_as_the_api_and_diffusers_resize_it_opened_with_pil(t2i_folder, tmp_path, sizes):
+    """The bug: generate resized --image/--control-image files with bicubic (with --height and --width) or
+    handed the pipeline a tensor of the file's own size, which it resized with nearest (no size, one side, or
+    a size off the VAE's multiple), so a file gave other images than `pipe(image=Image.open(file))` and
+    StableDiffusionImg2ImgPipeline, which resize PIL images with Lanczos."""
+    from PIL import Image
+
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    path = tmp_path / "photo.png"
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(path)  # 36 x 44: not multiples of 8
+    out = tmp_path / "x.npy"
+    assert main(["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--steps", "3", "--device", "cpu", "--seed", "2",
+                 "--image", str(path), "--strength", "0.7", *sizes, "--out", str(out)]) == 0
+    given = dict(zip(sizes[::2], map(int, sizes[1::2])))
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", "cpu")
+    expected = pipe("a cat", num_inference_steps=3, guidance_scale=7.5, seed=2, output_type="np", strength=0.7,
+                    image=Image.open(path), height=given.get("--height"), width=given.get("--width")).images
+    assert np.load(out).shape == expected.shape
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+
+
+def test_the_output_line_says_what_guidance_ran_in_pytorch(classemb_model_dir, tmp_path, capsys):
+    """An exported backend with gradient guidance runs parts in PyTorch (engines have no autograd): the line
+    said only 'onnxruntime' (RELIABILITY #15)."""
+    from diffrt.export.artifact import ExportOptions, export_pixel_model
+
+    artifact = export_pixel_model(classemb_model_dir, tmp_path / "art", ExportOptions(batch=(1, 2, 8), verify=False)).folder
+    out = tmp_path / "x.png"
+    common = ["generate", "--model", str(artifact), "--backend", "onnxruntime", "--steps", "2", "--class-label", "1",
+              "--out", str(out), "--color", "#ff0000", "--color-scale", "5"]
+    for mode, ran in (("x0", None), ("through_unet", "guidance ran the unet in PyTorch")):
+        capsys.readouterr()
+        assert main([*common, "--guidance-mode", mode]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith(f"wrote {out} (onnxruntime") and ((ran in line) if ran else "PyTorch" not in line), line

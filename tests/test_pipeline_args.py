@@ -99,13 +99,62 @@ def test_latents_without_height_and_width_sample_at_their_size_as_diffusers(sd_p
     (dict(guidance_scale=None), r"guidance_scale must be a number"),
     (dict(image=torch.rand(2, 3, 32, 32), strength=0.5, num_images_per_prompt=3),
      r"got 2 images to start from for 3 images \(1 prompts x 3 per prompt\); pass 1 image, or one per prompt"),
-], ids=["prompt-none", "steps-float", "per-prompt-float", "height-float", "guidance-none", "image-batch"])
+    # From a second review: each was a TypeError, IndexError or AttributeError from inside torch or the sampler,
+    # or (NaN) passed every comparison and turned classifier-free guidance off.
+    (dict(guidance_scale=float("nan")), r"guidance_scale must be a number .*got nan"),
+    (dict(eta=None), r"eta must be a number, got None"),
+    (dict(guidance_rescale=None), r"guidance_rescale must be a number"),
+    (dict(image=torch.rand(1, 3, 32, 32), strength="0.5"), r"strength must be a number, got '0\.5'"),
+    (dict(image=torch.rand(1, 3, 32, 32), strength=None), r"strength must be a number, got None"),
+    (dict(negative_prompt=5), r"negative_prompt must be a string or a list of strings \(one per prompt\), got 5"),
+    (dict(image=torch.rand(32, 32).numpy()), r"image arrays must be \[H, W, C\] or \[B, H, W, C\]"),
+    (dict(latents=torch.zeros(1, 4, 4, 4).numpy()), r"latents must be a torch tensor"),
+    (dict(generator=42), r"generator must be a torch.Generator or a list of them \(one per image\), got int; for a seed, pass seed="),
+    (dict(image=torch.rand(1, 3, 32, 32), latents=torch.zeros(1, 4, 4, 4)), r"pass image .* or latents .*, not both"),
+], ids=["prompt-none", "steps-float", "per-prompt-float", "height-float", "guidance-none", "image-batch", "guidance-nan",
+        "eta-none", "rescale-none", "strength-str", "strength-none", "negative-int", "image-2d-array", "latents-array",
+        "generator-int", "image-and-latents"])
 def test_bad_argument_types_are_one_line(torch_pipe, kwargs, message):
-    """Each ended as a TypeError or IndexError from inside torch (or the sampler)."""
+    """Each ended as a TypeError or IndexError from inside torch (or the sampler). image with latents: the
+    image was silently dropped (pure noise denoised from the strength's first step); diffusers' img2img takes no
+    latents."""
     kwargs = {"prompt": "a cat", "num_inference_steps": 2, **kwargs}
     with pytest.raises(DiffrtError, match=message) as info:
         torch_pipe(kwargs.pop("prompt"), **kwargs)
     one_line(info)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("clip_skip", 2, "clip_skip is not supported"),
+    ("cross_attention_kwargs", {"scale": 0.5}, r"call pipe.set_lora_scale\(s\)"),
+    ("callback_on_step_end", print, "pass progress=fn"),
+    ("return_dict", False, "results are a GenerationResult"),
+    ("sigmas", [14.6, 1.0], "pass timesteps="),
+])
+def test_diffusers_arguments_diffrt_does_not_take_say_what_to_do_instead(torch_pipe, uncond_model_dir, name, value, message):
+    """Each was a TypeError naming the argument only; an unknown name still is one."""
+    with pytest.raises(DiffrtError, match=message) as info:
+        torch_pipe("a cat", num_inference_steps=1, **{name: value})
+    one_line(info)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'guidance_scael'"):
+        torch_pipe("a cat", num_inference_steps=1, guidance_scael=2.0)
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    with pytest.raises(DiffrtError, match="batch_size is DDIMPipeline's; pass num_images"):
+        open_pixel_pipeline(uncond_model_dir, "torch", CPU)(batch_size=2, num_inference_steps=1)
+
+
+def test_size_errors_name_a_fix_that_exists(torch_pipe, t2i_artifact, uncond_model_dir):
+    """A size outside what eager PyTorch runs said "re-export with a wider --height range" (nothing was exported),
+    and prompt_embeds longer than an artifact's 77 tokens named a --sequence flag that diffrt export has not."""
+    from diffrt.errors import ShapeOutOfRangeError
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    with pytest.raises(ShapeOutOfRangeError, match=r"outside the range eager PyTorch runs this model at \[8, .*ask for a size inside it$"):
+        open_pixel_pipeline(uncond_model_dir, "torch", CPU)(num_images=1, num_inference_steps=1, height=4, width=4)
+    onnx = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
+    with pytest.raises(ShapeOutOfRangeError, match=r"78 tokens is outside the built range \[1, 77\]; ask for a size inside it$"):
+        onnx(prompt_embeds=torch.randn(1, 78, 32), num_inference_steps=1)
 
 
 def test_controlnet_conditioning_scale_that_is_not_a_number_is_one_line(t2i_folder):

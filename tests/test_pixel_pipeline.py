@@ -209,6 +209,7 @@ def test_through_unet_on_an_artifact_checks_the_fallback_against_the_engine(clas
     guidance = [color_guidance("#ff0000", 10.0, mode="through_unet")]
     result = pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, guidance=guidance, output_type="pt")
     assert result.backend == "onnxruntime" and torch.isfinite(result.images).all()
+    assert result.metadata["guidance_pytorch"] == ["unet"]  # reported, where backend alone said onnxruntime (RELIABILITY #15)
     assert next(pipe.torch_module("unet", "test").parameters()).device == pipe.device
     # A fallback with other weights than the engine must not steer the guidance (RELIABILITY #16).
     other = load_pixel_model(classemb_model_dir).unet

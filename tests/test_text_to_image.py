@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import T2I_RANGES
 from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
 from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.text_to_image_loading import artifact_text_to_image_pipeline, open_text_to_image_pipeline
@@ -273,6 +274,54 @@ def test_control_guidance_start_and_end_equal_the_controlnet_pipelines(t2i_folde
     assert max_abs(run(ort, control_image=control_image, seed=1, **steps, **window).images, eager) <= 1e-3
 
 
+@pytest.fixture(scope="module")
+def pooled_folder(t2i_folder, tmp_path_factory):
+    """t2i_folder with its ControlNet's config asking for global_pool_conditions, as shuffle ControlNets do."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(t2i_folder, tmp_path_factory.mktemp("pooled") / "sd")
+    config = folder / "controlnet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "global_pool_conditions": True}))
+    return folder
+
+
+def test_a_pooling_controlnet_runs_guess_mode_as_the_controlnet_pipeline(pooled_folder, control_image, tmp_path):
+    """The bug: a ControlNet with global_pool_conditions (shuffle) makes diffusers run guess mode, where under CFG
+    only the conditional half gets the ControlNet's residuals; diffrt gave them to both halves, silently (0.28
+    apart at guidance 7.5). An artifact records the flag and its fused graph runs the same."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.text_to_image import export_text_to_image
+
+    ref = diffusers_pipe(StableDiffusionControlNetPipeline, pooled_folder,
+                         controlnet=ControlNetModel.from_pretrained(pooled_folder / "controlnet"))
+    pipe = open_text_to_image_pipeline(pooled_folder, "torch", CPU, controlnet=pooled_folder / "controlnet")
+    for kwargs in (dict(guidance_scale=7.5), dict(guidance_scale=7.5, guess_mode=True), dict(guidance_scale=1.0)):
+        expected = run_diffusers(ref, image=control_image, seed=1, **kwargs)
+        result = run(pipe, control_image=control_image, seed=1, **kwargs)
+        assert max_abs(result.images, expected) <= DIFFUSERS_TOL, kwargs
+        assert result.metadata["guess_mode"] is (kwargs["guidance_scale"] > 1)
+
+    options = ExportOptions(**T2I_RANGES, verify=False)
+    artifact = export_text_to_image(pooled_folder, tmp_path / "artifact", options, [pooled_folder / "controlnet"]).folder
+    onnx = open_text_to_image_pipeline(artifact, "onnxruntime", CPU)
+    assert onnx.controlnet_global_pool == [True]
+    eager = run(pipe, control_image=control_image, seed=1).images
+    assert max_abs(run(onnx, control_image=control_image, seed=1).images, eager) <= 1e-3
+
+
+def test_guess_mode_the_fused_graph_cannot_run_is_refused(torch_cn_pipe, torch_pipe, control_image):
+    """Guess mode scales a non-pooling ControlNet's residuals by depth (diffusers' ControlNetModel), which the fused
+    graph does not take: refused by name, not run otherwise."""
+    with pytest.raises(DiffrtError, match=r"guess mode \(asked for\) scales the residuals of ControlNet 0.*leave guess_mode off") as info:
+        run(torch_cn_pipe, control_image=control_image, guess_mode=True, num_inference_steps=1)
+    assert "\n" not in str(info.value)
+    with pytest.raises(DiffrtError, match="guess_mode needs a ControlNet"):
+        run(torch_pipe, guess_mode=True, num_inference_steps=1)
+
+
 def test_control_guidance_bad_arguments_are_one_line(torch_pipe, torch_cn_pipe, torch_multi_pipe, control_image, control_images):
     cases = [
         (torch_cn_pipe, dict(control_image=control_image, control_guidance_start=0.5, control_guidance_end=0.5),
@@ -524,6 +573,8 @@ def test_color_guidance_moves_mean_colour(backend, mode, torch_cn_pipe, ort_pipe
     assert moved[0] - base[0] > 0.004 and (base[1:] - moved[1:]).min() > 0.001  # red up, green and blue down
     assert (base - target).abs().sum() - (moved - target).abs().sum() > 0.008
     assert guided.metadata["guidance"] == ["color"]
+    # What ran in PyTorch whatever the backend (RELIABILITY #15): the VAE decoder on guided steps, the UNet in through_unet.
+    assert guided.metadata["guidance_pytorch"] == (["unet", "vae_decoder"] if mode == "through_unet" else ["vae_decoder"])
 
 
 def test_custom_callable_guidance(torch_pipe):

@@ -57,6 +57,9 @@ class ComponentSpec:
     ranges: dict[str, Range] = field(default_factory=dict)
     # Dimensions whose size must be a multiple of this (latent UNets downsample by 2 per level).
     multiple_of: dict[str, int] = field(default_factory=dict)
+    # The ranges are what eager PyTorch runs the model at, not an export's (they are never written to a manifest):
+    # a size outside them is the model's limit, which no re-export widens.
+    eager: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -105,7 +108,11 @@ class ComponentSpec:
     def check_size(self, dim: str, size: int, what: str | None = None) -> None:
         lo, _, hi = self.ranges.get(dim, (1, 1, 1 << 30))
         if not lo <= size <= hi:
-            raise ShapeOutOfRangeError(f"{self.name}: {what or f'{dim} {size}'} is outside the built range [{lo}, {hi}]; re-export with a wider --{dim.split('_')[-1]} range or ask for a size inside it")
+            flag = dim.split("_")[-1]  # diffrt export's --batch, --height and --width set these ranges; nothing sets the others
+            fix = (f"re-export with a wider --{flag} range or ask for a size inside it" if flag in ("batch", "height", "width")
+                   and not self.eager else "ask for a size inside it")
+            where = "the range eager PyTorch runs this model at" if self.eager else "the built range"
+            raise ShapeOutOfRangeError(f"{self.name}: {what or f'{dim} {size}'} is outside {where} [{lo}, {hi}]; {fix}")
         m = self.multiple_of.get(dim)
         if m and size % m:
             raise ShapeOutOfRangeError(f"{self.name}: {what or f'{dim} {size}'} is not a multiple of {m}")
@@ -250,14 +257,15 @@ def latent_unet_spec(in_channels: int, out_channels: int, hidden_size: int, *, b
 
 def controlnet_spec(in_channels: int, hidden_size: int, residuals: list[tuple[int, int]], *, batch: Range, height: Range,
                     width: Range, max_length: int = 77, multiple: int = 1, vae_factor: int = 8,
-                    num_controlnets: int = 1) -> ComponentSpec:
+                    num_controlnets: int = 1, pooled: bool = False) -> ComponentSpec:
     """controlnet (ControlNetModel, or diffusers' MultiControlNetModel for several) alone: the UNet's
     inputs + (controlnet_cond, conditioning_scale) -> down_block_res_0..N-1 and mid_block_res, each
     ControlNet's multiplied by its scale and summed over the ControlNets.
 
-    `residuals` lists (channels, downscale) of each down residual, then the mid residual's."""
-    def axis(name: str, down: int) -> str:
-        return name if down == 1 else f"{name}/{down}"
+    `residuals` lists (channels, downscale) of each down residual, then the mid residual's. `pooled`: every
+    ControlNet pools its conditions (global_pool_conditions, shuffle): each residual is 1 x 1, broadcast by the UNet."""
+    def axis(name: str, down: int) -> str | int:
+        return 1 if pooled else name if down == 1 else f"{name}/{down}"
 
     outputs = [TensorSpec(f"down_block_res_{i}", ("batch", c, axis("height", d), axis("width", d)))
                for i, (c, d) in enumerate(residuals[:-1])]

@@ -186,9 +186,11 @@ def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], prog
         if pipe.has_controlnet and len(images) != k:  # an artifact carries its ControlNets: count them here
             raise DiffrtError(f"{req.model} runs {k} ControlNet{'s' if k != 1 else ''}; give one --control-image per ControlNet "
                               f"({k}, in the order they were exported), got {len(images)}")
-        size = (req.height, req.width) if req.height and req.width else None
-        control = [load_image(path, size=size) for path in images]  # one per ControlNet, as the pipeline takes them
-    init = load_image(req.image, size=(req.height, req.width) if req.height and req.width else None) if req.image else None
+    # Files are resized as diffusers resizes PIL images: to --height/--width, a side not given rounded down to the VAE's factor.
+    size, f = (req.height, req.width), pipe.vae_factor
+    if images:
+        control = [load_image(path, size=size, multiple=f) for path in images]  # one per ControlNet, as the pipeline takes them
+    init = load_image(req.image, size=size, multiple=f) if req.image else None
     scheduler = req.scheduler
     default_scale = default_guidance_scale(pipe, pipe.sampler_config(scheduler))
     return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
@@ -241,6 +243,8 @@ def result_summary(result, path: Path) -> str:
         ran += f" on {', '.join(providers)}"
     if meta.get("cuda_graph"):
         ran += " with CUDA graphs"
+    if meta.get("guidance_pytorch") and not result.backend.startswith("torch"):  # engines have no autograd
+        ran += f"; guidance ran the {' and '.join(meta['guidance_pytorch'])} in PyTorch"
     cut = " (prompt truncated)" if result_warnings(result) else ""
     compiled = ", the first run's compilation included" if result.backend == "torch-compile" else ""
     return f"wrote {path} ({ran}, {result.ms_per_step:.1f} ms/step{compiled}){cut}"

@@ -72,14 +72,26 @@ def save_grid(path: str | os.PathLike, images: torch.Tensor, nrow: int, scale: i
     return path
 
 
-def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None, mode: str = "RGB") -> torch.Tensor:
-    """Read an image file into [C, H, W] float in [0, 1], optionally resized to (height, width)."""
+Size = tuple[int | None, int | None]  # (height, width); a side left None is the image's own
+
+
+def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "RGB", multiple: int = 1) -> torch.Tensor:
+    """Read an image file into [C, H, W] float in [0, 1], optionally resized (decode_image)."""
     from diffrt.errors import DataError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
-    return decode_image(path.read_bytes(), size, mode, name=str(path))
+    return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple)
+
+
+def _target_size(im, size: Size | None, multiple: int) -> tuple[int, int] | None:
+    """(height, width) to resize `im` to, None to keep it: the sides given, the others the image's own rounded
+    down to `multiple` (one smaller than `multiple` keeps its size, for the pipeline to name), as diffusers'
+    get_default_height_width."""
+    height, width = size if size is not None else (None, None)
+    target = (height or im.height - im.height % multiple or im.height, width or im.width - im.width % multiple or im.width)
+    return None if target == (im.height, im.width) else target
 
 
 HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
@@ -92,14 +104,17 @@ def _high_depth(im, size: tuple[int, int] | None) -> np.ndarray:
 
     array = np.clip(np.asarray(im, dtype=np.float32) / HIGH_DEPTH[im.mode], 0.0, 1.0)
     if size is not None:
-        array = np.asarray(Image.fromarray(array, mode="F").resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32)
+        array = np.asarray(Image.fromarray(array, mode="F").resize((size[1], size[0]), Image.LANCZOS), dtype=np.float32)
         array = np.clip(array, 0.0, 1.0)
     return array[..., None]
 
 
-def decode_image(data: bytes, size: tuple[int, int] | None = None, mode: str = "RGB", *, name: str = "the image",
-                 max_pixels: int | None = None) -> torch.Tensor:
-    """Encoded image bytes (PNG, JPEG, ...) -> [C, H, W] float in [0, 1], optionally resized to (height, width).
+def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, name: str = "the image",
+                 max_pixels: int | None = None, multiple: int = 1) -> torch.Tensor:
+    """Encoded image bytes (PNG, JPEG, ...) -> [C, H, W] float in [0, 1], resized as diffusers' VaeImageProcessor
+    resizes a PIL image (Lanczos): to `size` (height, width), a side left None being the image's own rounded down to
+    `multiple` (the VAE's factor for a pipeline's images), so `diffrt generate` and `serve` give a file the images the
+    Python API and diffusers give the same image opened with PIL.
     `max_pixels` refuses larger images before their pixels are decoded (a small PNG can hold a huge image)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -112,13 +127,14 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, mode: str = "
             # Upright as it is shown: a phone photo stores its pixels sideways plus an EXIF
             # orientation (diffusers' load_image and its DreamBooth script transpose the same way).
             im = ImageOps.exif_transpose(im)
+            size = _target_size(im, size, multiple)
             if im.mode in HIGH_DEPTH:  # 16-bit or float greyscale: convert() would clip it at 255
                 array = _high_depth(im, size)
                 array = np.repeat(array, 3, axis=2) if mode == "RGB" else array
             else:
                 im = im.convert(mode)
                 if size is not None:
-                    im = im.resize((size[1], size[0]), Image.BICUBIC)
+                    im = im.resize((size[1], size[0]), Image.LANCZOS)
                 array = np.asarray(im, dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise DataError(f"{name} is not a readable image (not a format Pillow knows); convert it to PNG/JPEG") from None

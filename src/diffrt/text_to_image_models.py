@@ -235,6 +235,12 @@ def controlnet_list(controlnet: nn.Module | None) -> list[nn.Module]:
     return list(controlnet.nets) if isinstance(controlnet, multi_controlnet_class()) else [controlnet]
 
 
+def global_pool_conditions(controlnet: nn.Module | None) -> list[bool]:
+    """Each ControlNet's config global_pool_conditions (shuffle ControlNets): diffusers' ControlNet pipelines run
+    guess mode when the first one has it."""
+    return [bool(getattr(net.config, "global_pool_conditions", False)) for net in controlnet_list(controlnet)]
+
+
 def controlnet_paths(controlnet: str | Path | Sequence[str | Path] | None) -> list[Path]:
     """A ControlNet argument as diffusers' pipelines take it (one, a list, or none) -> folders in order."""
     if controlnet is None:
@@ -346,7 +352,7 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
         "unet_controlnet": lambda: unet_controlnet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim,
                                                         **control, **guided, **common),
         "controlnet": lambda: controlnet_spec(unet.in_channels, unet.cross_attention_dim, controlnet_residuals(model.controlnet),
-                                              **control, **common),
+                                              pooled=all(global_pool_conditions(model.controlnet)), **control, **common),
         "vae_decoder": lambda: vae_decoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,
                                                 vae_factor=model.vae_factor, out_channels=model.vae.config.out_channels),
         "vae_encoder": lambda: vae_encoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,

@@ -44,8 +44,8 @@ from diffrt.export.artifact import (REBUILD, TORCH_DTYPES, ExportOptions, Export
                                     begin_rebuild, cached_export, check_options, check_out_apart, component_key, export_key,
                                     lora_hashes, refit_before_manifest, write_rebuild_record)
 from diffrt.export.refit import LORA_COMPONENTS
-from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs, load_text_to_image,
-                                         require_text_to_image_folder)
+from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs,
+                                         global_pool_conditions, load_text_to_image, require_text_to_image_folder)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
                 "default_size": model.default_size,
                 "max_length": model.max_length,
                 "unet": "unet_controlnet" if controlnets else "unet",
+                "controlnet_global_pool": global_pool_conditions(model.controlnet),
             },
             "components": components,
         }

@@ -50,9 +50,10 @@ def artifact_backend(model: str | Path | None) -> str | None:
 def torch_pixel_spec(model: PixelModel):
     """The UNet's spec in eager PyTorch: any batch, sides from 8 px that the UNet can halve down to its
     deepest level (a size it cannot: one line, not a traceback from inside the model)."""
-    return pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
+    spec = pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
                            num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096),
                            multiple=max(model.unet.size_multiple, 4))
+    return dataclasses.replace(spec, eager=True)
 
 
 def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", compile: bool = False,

@@ -20,6 +20,7 @@ one 2B batch.
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,50 @@ def check_count(name: str, value, minimum: int | None = 1) -> None:
         raise DiffrtError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise DiffrtError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, hint: str = "") -> None:
+    """A float argument (guidance_scale, eta, strength, guidance_rescale) must be a finite number in [low, high]:
+    one line, where None or "0.5" would end deep inside torch and NaN would pass every comparison (turning
+    classifier-free guidance off, for a guidance_scale)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise DiffrtError(f"{name} must be a number{hint}, got {value!r}")
+    if not low <= value <= high:
+        raise DiffrtError(f"{name} must be in [{low:g}, {high:g}]{hint}, got {value}")
+
+
+# diffusers' pipeline arguments diffrt does not take, and what to do instead: each a DiffrtError line, where an
+# unknown keyword would be a TypeError naming only the argument.
+NOT_TAKEN = {
+    "clip_skip": "clip_skip is not supported: the text encoder (exported or eager) gives its last layer's output",
+    "cross_attention_kwargs": "cross_attention_kwargs is not taken; for a LoRA's scale (diffusers' {'scale': s}) call "
+                              "pipe.set_lora_scale(s) before the call",
+    "callback_on_step_end": "callback_on_step_end is not taken; pass progress=fn, called with each step's index",
+    "callback": "callback is not taken; pass progress=fn, called with each step's index",
+    "callback_steps": "callback_steps is not taken; pass progress=fn, called with each step's index",
+    "return_dict": "return_dict is not taken: results are a GenerationResult (.images, .metadata)",
+    "sigmas": "sigmas is not taken; pass timesteps= (LCM, DPM-Solver++, Euler) or a scheduler config with Karras sigmas",
+    "ip_adapter_image": "IP-Adapter is not supported",
+    "ip_adapter_image_embeds": "IP-Adapter is not supported",
+    "batch_size": "batch_size is DDIMPipeline's; pass num_images (unconditional models) or one class label per image",
+    "use_clipped_model_output": "use_clipped_model_output is not supported (diffusers' default, None, is what runs)",
+}
+
+
+def refuse_not_taken(pipeline: object, arguments: dict) -> None:
+    """Keyword arguments a pipeline's __call__ did not name: a diffusers argument diffrt does not take is one
+    DiffrtError line saying what to do instead; any other is the TypeError Python gives."""
+    for name in arguments:
+        if name in NOT_TAKEN:
+            raise DiffrtError(NOT_TAKEN[name])
+        raise TypeError(f"{type(pipeline).__name__}.__call__() got an unexpected keyword argument {name!r}")
+
+
+def guidance_in_pytorch(guidance, decoder: str | None = None) -> list[str]:
+    """The components a call's gradient guidance ran in PyTorch, whatever the backend (engines have no autograd;
+    RELIABILITY #15): the UNet on the steps guided in mode "through_unet", and a latent model's VAE `decoder` on
+    every guided step (the loss is on images)."""
+    return [*(["unet"] if any(g.mode == "through_unet" for g in guidance) else []), *([decoder] if guidance and decoder else [])]
 
 
 def make_generator(generator: Generators, seed: int | None) -> Generators:
@@ -199,17 +244,18 @@ class PixelPipeline(DenoiserPipeline):
                  generator: Generators = None, seed: int | None = None, guidance: tuple[Guidance, ...] | list = (),
                  height: int | None = None, width: int | None = None, output_type: OutputType = "pil",
                  use_fused_kernel: bool = True, progress=None, latents: torch.Tensor | None = None,
-                 scheduler: Scheduler = None) -> GenerationResult:
+                 scheduler: Scheduler = None, **not_taken) -> GenerationResult:
         # 1. Check inputs before any work. `scheduler`: None is the model's own (sampling.choose_scheduler).
+        refuse_not_taken(self, not_taken)
         check_output_type(output_type)
         labels = self._labels(class_labels, num_images)
         batch = len(labels) if labels is not None else (num_images or 1)
         height, width = height or self.sample_size, width or self.sample_size
         check_count("height", height, None)
         check_count("width", width, None)
+        check_number("guidance_scale", guidance_scale, hint=" (<= 1 turns classifier-free guidance off)")
+        check_number("eta", eta, 0.0, 1.0)
         do_cfg = labels is not None and guidance_scale > 1.0
-        if not 0.0 <= eta <= 1.0:
-            raise DiffrtError(f"eta must be in [0, 1], got {eta}")
         spec = self.unet.spec
         spec.check_size("batch", batch * (2 if do_cfg else 1),
                         what=f"batch {batch * 2} ({batch} images x 2 for classifier-free guidance)" if do_cfg else f"batch {batch}")
@@ -260,7 +306,8 @@ class PixelPipeline(DenoiserPipeline):
         seconds = time.perf_counter() - t0
         meta = {"class_labels": labels.tolist() if labels is not None else None, "guidance_scale": guidance_scale,
                 "eta": eta, "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
-                "guidance": [g.name for g in guidance], **self.runtime_metadata()}
+                "guidance": [g.name for g in guidance], "guidance_pytorch": guidance_in_pytorch(guidance),
+                **self.runtime_metadata()}
         return GenerationResult(convert_output(images, output_type), self.backend, seconds, num_inference_steps, meta)
 
     def _labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:

@@ -106,6 +106,11 @@ Generators = torch.Generator | list[torch.Generator] | GeneratorBlocks | None
 
 def check_generators(generator: Generators, batch: int) -> None:
     """A list (or blocks) of generators must cover the batch, one row each: a one-line DiffrtError otherwise."""
+    one_or_list = [generator] if not isinstance(generator, (list, tuple)) else generator
+    if not isinstance(generator, GeneratorBlocks) and not all(g is None or isinstance(g, torch.Generator) for g in one_or_list):
+        bad = next(g for g in one_or_list if not isinstance(g, torch.Generator))
+        raise DiffrtError(f"generator must be a torch.Generator or a list of them (one per image), got {type(bad).__name__}"
+                          + ("; for a seed, pass seed=" if isinstance(bad, int) else ""))
     if isinstance(generator, GeneratorBlocks) and generator.rows != batch:
         raise DiffrtError(f"generator: the generator blocks cover {generator.rows} rows but the batch has {batch} images; "
                           "make the blocks' rows add up to the batch")

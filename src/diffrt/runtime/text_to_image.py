@@ -45,9 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -59,8 +58,9 @@ from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
-from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_count, check_output_type,
-                                     convert_output, make_generator, to_unit_range_unclamped)
+from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_count, check_number,
+                                     check_output_type, convert_output, guidance_in_pytorch, make_generator, refuse_not_taken,
+                                     to_unit_range_unclamped)
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators,
                                      choose_scheduler, randn, sample)
 from diffrt.runtime.text_to_image_inputs import (check_embeds, check_strength, control_batches, control_keep, control_scales,
@@ -104,6 +104,7 @@ class _Call:
     control: list[torch.Tensor] | None  # one image batch per ControlNet
     scales: list[float]  # one conditioning scale per ControlNet ([] without)
     control_windows: list[tuple[float, float]]  # (start, end) fraction of the steps, per ControlNet
+    guess: bool  # diffusers' guess mode under CFG: the ControlNets see the conditional half only
     generator: Generators
     schedule: Any  # the sampler's schedule (sampling.Schedule), img2img's tail of it
     encodes_image: bool  # the VAE encoder runs (img2img from pixels, no latents given)
@@ -116,7 +117,7 @@ class TextToImagePipeline(DenoiserPipeline):
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
                  torch_vae: TorchModule = None, torch_unet: TorchModule = None, check_outputs: bool = True,
                  unet_precision: str = "fp32", lora: RuntimeLora | None = None, vae_encoder: Backend | None = None,
-                 strict: bool = False):
+                 strict: bool = False, controlnet_global_pool: Sequence[bool] = ()):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         # img2img's encoder: a backend of its own (an artifact exported with --vae-encoder, or eager PyTorch), else
         # made on first use over the PyTorch VAE (`image_encoder`), and then reported as what ran (RELIABILITY #15).
@@ -135,6 +136,8 @@ class TextToImagePipeline(DenoiserPipeline):
         self._set_lora(lora, torch_unet)
         self.check_outputs = check_outputs
         self.unet_precision = unet_precision
+        # Each ControlNet's global_pool_conditions (shuffle): with the first one's, diffusers runs guess mode.
+        self.controlnet_global_pool = list(controlnet_global_pool) or [False] * self.num_controlnets
 
     def backends(self) -> dict[str, Backend]:
         parts = (self.text_encoder, self.unet, self.vae_decoder, *([self.vae_encoder] if self.vae_encoder is not None else []))
@@ -177,17 +180,18 @@ class TextToImagePipeline(DenoiserPipeline):
                  image: Any = None, strength: float = 0.8,
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
-                 guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
+                 guess_mode: bool = False, guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 scheduler: Scheduler = None, timesteps: list[int] | None = None) -> GenerationResult:
+                 scheduler: Scheduler = None, timesteps: list[int] | None = None, **not_taken) -> GenerationResult:
         # 1. Check inputs before any work. `scheduler`: None is the model's own, "ddim", "lcm", "dpm", "euler" or "euler_a"
         #    that sampler on its training schedule, or a config (sampling.choose_scheduler); `timesteps`: a custom
         #    schedule (LCM, DPM-Solver++, Euler).
+        refuse_not_taken(self, not_taken)
         call = self._check_call(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                 num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed,
                                 image, strength, control_image, controlnet_conditioning_scale, control_guidance_start,
-                                control_guidance_end, output_type, latents, scheduler, timesteps)
+                                control_guidance_end, guess_mode, output_type, latents, scheduler, timesteps)
         t0 = time.perf_counter()
 
         # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
@@ -199,13 +203,13 @@ class TextToImagePipeline(DenoiserPipeline):
 
         # 4. The denoiser: both CFG branches in one 2B batch, the ControlNets (if any) in the same graph.
         feed, at = self._conditioning(call, embeds, guidance_scale), self._step_inputs(call)
-        denoise = self._denoiser(feed, call.do_cfg, at)
+        denoise = self._denoiser(feed, call.do_cfg, at, call.guess)
 
         # 5. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
         guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=call.generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
-                                 denoise_autograd=self._autograd_denoiser(feed, call.do_cfg, denoise, guidance, at),
+                                 denoise_autograd=self._autograd_denoiser(feed, call.do_cfg, denoise, guidance, at, call.guess),
                                  use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if call.do_cfg else 0.0)
         x = sample(denoise, x, call.schedule, options, progress=progress)
 
@@ -231,15 +235,17 @@ class TextToImagePipeline(DenoiserPipeline):
                 "strength": strength if img2img else None,
                 "controlnet_conditioning_scale": (call.scales if len(call.scales) > 1 else call.scales[0]) if control else None,
                 "control_guidance": [list(w) for w in call.control_windows] if control else None,
-                "guidance": [g.name for g in guidance], **self.runtime_metadata(ran)}
+                "guess_mode": call.guess if control else None,
+                "guidance": [g.name for g in guidance], "guidance_pytorch": guidance_in_pytorch(guidance, "vae_decoder"),
+                **self.runtime_metadata(ran)}
         return GenerationResult(images, self.backend, time.perf_counter() - t0, len(call.schedule), meta)
 
     # --- the steps --------------------------------------------------------------------------------
 
     def _check_call(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,
                     guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed, image, strength,
-                    control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, output_type,
-                    latents, scheduler, timesteps) -> "_Call":
+                    control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode,
+                    output_type, latents, scheduler, timesteps) -> "_Call":
         """Step 1: every argument checked (one DiffrtError line for the first bad one, before any model runs) and
         resolved: the prompts, the size, the images as batches, the generators and the schedule."""
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
@@ -258,16 +264,17 @@ class TextToImagePipeline(DenoiserPipeline):
                                   f"prompt(s) encode to {(*want, negative_prompt_embeds.shape[-1])}; give one row of "
                                   f"{self.max_length} tokens per prompt, or pass prompt_embeds of the same shape")
         check_count("num_images_per_prompt", num_images_per_prompt)
-        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool):
-            raise DiffrtError(f"guidance_scale must be a number (diffusers' default 7.5; <= 1 turns classifier-free guidance off), "
-                              f"got {guidance_scale!r}")
+        check_number("guidance_scale", guidance_scale, hint=" (diffusers' default 7.5; <= 1 turns classifier-free guidance off)")
         for name, side in (("height", height), ("width", width)):
             if side is not None:
                 check_count(name, side, None)
-        if not 0.0 <= eta <= 1.0:
-            raise DiffrtError(f"eta must be in [0, 1], got {eta}")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise DiffrtError(f"guidance_rescale must be in [0, 1] (diffusers' default 0.0; 0.7 is the paper's), got {guidance_rescale}")
+        check_number("eta", eta, 0.0, 1.0)
+        check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, " (diffusers' default 0.0; 0.7 is the paper's)")
+        if image is not None and latents is not None:  # diffusers' img2img takes no latents: one would be ignored
+            raise DiffrtError("pass image (image-to-image: its latents are noised to the first step) or latents (the noise to "
+                              "start from), not both")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise DiffrtError(f"latents must be a torch tensor [batch, channels, height/8, width/8], got {type(latents).__name__}")
         if control_image is not None and not self.has_controlnet:
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
         if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0
@@ -304,6 +311,9 @@ class TextToImagePipeline(DenoiserPipeline):
             raise DiffrtError(f"got {init.shape[0]} images to start from for {batch} images ({len(prompts)} prompts x "
                               f"{num_images_per_prompt} per prompt); pass 1 image, or one per prompt")
         self.check_batch(len(prompts), batch, do_cfg)
+        guess = self._guess_mode(guess_mode, control is not None) and do_cfg
+        if guess:  # the UNet runs each CFG half on its own
+            self.unet.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images, each CFG half apart in guess mode)")
         if self.guidance_embed_dim is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
             log.warning("the UNet is guidance-distilled (time_cond_proj_dim): it takes the guidance scale as timestep_cond "
                         "and runs no classifier-free guidance, so the negative prompt is unused, as in diffusers")
@@ -314,7 +324,7 @@ class TextToImagePipeline(DenoiserPipeline):
         if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
             schedule = schedule.tail(check_strength(strength, len(schedule)))
         return _Call(prompts, negatives, num_images_per_prompt, batch, do_cfg, height, width, init, init_is_latents,
-                     control, scales, windows, generator, schedule,
+                     control, scales, windows, guess, generator, schedule,
                      encodes_image=init is not None and not init_is_latents and latents is None)
 
     def _encode_prompts(self, call: "_Call", prompt_embeds, negative_prompt_embeds):
@@ -367,6 +377,25 @@ class TextToImagePipeline(DenoiserPipeline):
             feed.update(self._control_feed(call.control, call.scales, call.batch, call.per_prompt, call.height, call.width, call.do_cfg))
         return feed
 
+    def _guess_mode(self, asked, control: bool) -> bool:
+        """Whether a call runs diffusers' guess mode: asked for, or set by the first ControlNet's global_pool_conditions
+        (a shuffle ControlNet), as StableDiffusionControlNetPipeline sets it. diffrt's fused graph computes it exactly
+        where every ControlNet pools its conditions; for one that does not, guess mode scales its residuals by depth
+        (logspace(-1, 0)), which the graph does not take: refused by name rather than run otherwise."""
+        if not isinstance(asked, bool):
+            raise DiffrtError(f"guess_mode must be True or False, got {asked!r}")
+        if asked and not self.has_controlnet:
+            raise DiffrtError("guess_mode needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
+        pooled = self.controlnet_global_pool
+        guess = control and (asked or pooled[:1] == [True])
+        if guess and not all(pooled):
+            which = ", ".join(str(i) for i, p in enumerate(pooled) if not p)
+            why = "asked for" if asked else "set by the first ControlNet's global_pool_conditions, as diffusers sets it"
+            raise DiffrtError(f"guess mode ({why}) scales the residuals of ControlNet {which}, which has no global_pool_conditions, "
+                              "by depth, and diffrt's fused UNet+ControlNet graph does not; not supported"
+                              + ("; leave guess_mode off" if asked else "; put the pooling ControlNet(s) after the others"))
+        return guess
+
     def _step_inputs(self, call: "_Call") -> Callable[[torch.Tensor], dict] | None:
         """Inputs that change from step to step, by timestep: the ControlNets' conditioning scales where
         control_guidance_start/end switch some off for part of the steps (their scale times diffusers'
@@ -378,18 +407,35 @@ class TextToImagePipeline(DenoiserPipeline):
                   for t, row in zip(call.schedule.timesteps, keep)}
         return lambda t: {"conditioning_scale": scales[float(t)]}
 
-    def _denoiser(self, feed: dict, do_cfg: bool, at: Callable[[torch.Tensor], dict] | None = None) -> Callable:
-        """The loop's model: (x_t, t) -> (eps_uncond or None, eps_cond), both CFG branches in one 2B batch.
-        `at`: the inputs that change with the step (_step_inputs)."""
+    def _denoiser(self, feed: dict, do_cfg: bool, at: Callable[[torch.Tensor], dict] | None = None, guess: bool = False) -> Callable:
+        """The loop's model: (x_t, t) -> (eps_uncond or None, eps_cond), both CFG branches in one 2B batch (two B
+        batches in guess mode). `at`: the inputs that change with the step (_step_inputs)."""
+
+        def run(inputs: dict) -> torch.Tensor:
+            return self._check(self.unet.spec.name, self.unet.run(inputs)["noise_pred"].float())
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
-            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
-            inputs = {**feed, **at(t)} if at is not None else feed
-            eps = self.unet.run({**inputs, "sample": x_in, "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])})
-            eps = self._check(self.unet.spec.name, eps["noise_pred"].float())
-            return tuple(eps.chunk(2)) if do_cfg else (None, eps)
+            return self._branches(run, {**feed, **at(t)} if at is not None else feed, x_t, t, do_cfg, guess)
 
         return denoise
+
+    def _branches(self, run: Callable[[dict], torch.Tensor], inputs: dict, x_t: torch.Tensor, t: torch.Tensor, do_cfg: bool,
+                  guess: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(eps_uncond or None, eps_cond) from `run` over the UNet's inputs: both CFG branches in one 2B batch. In
+        guess mode (diffusers' ControlNet pipelines, for ControlNets that pool their conditions) the ControlNets see
+        the conditional half only and the unconditional half gets no residuals: two B batches, the first with
+        every conditioning scale 0, which adds exactly zero."""
+        t = t.to(self.device, torch.float32)
+        if not do_cfg:
+            return None, run({**inputs, "sample": x_t, "timestep": t.expand(x_t.shape[0])})
+        if not guess:
+            eps = run({**inputs, "sample": torch.cat([x_t, x_t]), "timestep": t.expand(2 * x_t.shape[0])})
+            return tuple(eps.chunk(2))
+        halves = [{name: value.chunk(2)[i] if name in ("encoder_hidden_states", "controlnet_cond") else value
+                   for name, value in inputs.items()} for i in (0, 1)]
+        halves[0]["conditioning_scale"] = torch.zeros_like(inputs["conditioning_scale"])
+        eps_u, eps_c = (run({**half, "sample": x_t, "timestep": t.expand(x_t.shape[0])}) for half in halves)
+        return eps_u, eps_c
 
     # --- checks -----------------------------------------------------------------------------------
 
@@ -418,6 +464,9 @@ class TextToImagePipeline(DenoiserPipeline):
                 raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {max(step, size // step * step)}")
             lo, _, hi = spec.ranges[name]
             if not lo * f <= size <= hi * f:
+                if spec.eager:
+                    raise ShapeOutOfRangeError(f"{name} {size} is outside the range eager PyTorch runs the {spec.name} at "
+                                               f"[{lo * f}, {hi * f}] pixels; ask for a size inside it")
                 raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "
                                            f"pixels; re-export with a wider --{name} range or ask for a size inside it")
 
@@ -491,8 +540,8 @@ class TextToImagePipeline(DenoiserPipeline):
             vae = self.torch_module("vae", "image-to-image (an artifact exported without --vae-encoder)")
             in_channels = int(vae.config.in_channels)
             open_side = (1, 64, 1 << 11)  # latent pixels: eager PyTorch takes any size
-            spec = vae_encoder_spec(self.latent_channels, batch=(1, 1, 1 << 16), height=open_side, width=open_side,
-                                    vae_factor=self.vae_factor, in_channels=in_channels)
+            spec = dataclasses.replace(vae_encoder_spec(self.latent_channels, batch=(1, 1, 1 << 16), height=open_side,
+                                                        width=open_side, vae_factor=self.vae_factor, in_channels=in_channels), eager=True)
             self.vae_encoder = TorchBackend(VaeEncoder(vae), spec, device=next(vae.parameters()).device)
         return self.vae_encoder
 
@@ -527,7 +576,7 @@ class TextToImagePipeline(DenoiserPipeline):
 
         return decode
 
-    def _autograd_denoiser(self, feed: dict, do_cfg: bool, engine_denoise, guidance, at=None) -> Callable | None:
+    def _autograd_denoiser(self, feed: dict, do_cfg: bool, engine_denoise, guidance, at=None, guess: bool = False) -> Callable | None:
         """The PyTorch UNet with autograd, for guidance mode "through_unet", checked finite and
         against the backend's eps on its first step, so an engine and a fallback that disagree
         (another LoRA, another scale) are caught instead of steering with the wrong model
@@ -538,15 +587,14 @@ class TextToImagePipeline(DenoiserPipeline):
         param = next(unet.parameters())
         inputs = self.unet.spec.inputs
 
-        def denoise(x_t: torch.Tensor, t: torch.Tensor):
-            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
-            full = {**feed, **(at(t) if at is not None else {}), "sample": x_in,
-                    "timestep": t.to(self.device, torch.float32).expand(x_in.shape[0])}
+        def run(full: dict) -> torch.Tensor:
             # Each input in the dtype its spec gives it at the UNet's precision: the timestep stays fp32 (a half
             # UNet's time embedding is computed from it in fp32, as diffusers does; components.TensorSpec.pinned).
             args = [full[s.name].to(param.device, s.torch_dtype(param.dtype)) for s in inputs]
-            eps = unet(*args).to(x_t.device, torch.float32)
-            return tuple(eps.chunk(2)) if do_cfg else (None, eps)
+            return unet(*args).to(self.device, torch.float32)
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor):
+            return self._branches(run, {**feed, **at(t)} if at is not None else feed, x_t, t, do_cfg, guess)
 
         return guard_autograd_denoiser(denoise, engine_denoise, self.unet.name, self.unet_precision, self.check_outputs)
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
+from diffrt.runtime.pipeline import check_number
 from diffrt.runtime.sampling import Generators, randn
 
 
@@ -33,6 +34,9 @@ def prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
         raise DiffrtError(f"prompt must be a string or a non-empty list of strings (or pass prompt_embeds), got {got}")
     if negative_prompt is None:
         return prompts, [""] * len(prompts)
+    if not (isinstance(negative_prompt, str) or isinstance(negative_prompt, (list, tuple))
+            and all(isinstance(p, str) for p in negative_prompt)):
+        raise DiffrtError(f"negative_prompt must be a string or a list of strings (one per prompt), got {negative_prompt!r}")
     negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
     if isinstance(negative_prompt, str) and len(prompts) > 1:
         negatives = negatives * len(prompts)
@@ -136,6 +140,8 @@ def image_batch(image, height: int | None, width: int | None, multiple: int = 1)
             raise DiffrtError(f"the images in the list differ in size ({shown}, channels x height x width); give images of one size")
         image = torch.cat([im.unsqueeze(0) if im.dim() == 3 else im for im in image])
     if isinstance(image, np.ndarray):
+        if image.ndim not in (3, 4):
+            raise DiffrtError(f"image arrays must be [H, W, C] or [B, H, W, C] with 1 or 3 channels, got shape {image.shape}")
         image = torch.from_numpy(image).movedim(-1, -3)
     if not isinstance(image, torch.Tensor):
         raise DiffrtError(f"images must be PIL images, NumPy arrays or torch tensors in [0, 1], got {type(image).__name__}")
@@ -191,8 +197,7 @@ def latent_batch(image, height: int | None, width: int | None, factor: int) -> t
 def check_strength(strength: float, num_inference_steps: int) -> int:
     """img2img's first step: the last int(N * strength) steps run, as diffusers' `get_timesteps`
     keeps them; a strength outside [0, 1] or one that leaves no step is one line."""
-    if not 0.0 <= strength <= 1.0:
-        raise DiffrtError(f"strength must be in [0, 1], got {strength}")
+    check_number("strength", strength, 0.0, 1.0)
     t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
     if t_start >= num_inference_steps:
         raise DiffrtError(f"strength {strength} x {num_inference_steps} steps leaves no denoising step; raise either")

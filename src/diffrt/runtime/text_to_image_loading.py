@@ -35,8 +35,8 @@ from diffrt.runtime.loading import (artifact_lora, check_artifact_loras, check_s
 from diffrt.runtime.lora_scale import Loras, TorchLora, scaled
 from diffrt.runtime.text_to_image import TextToImagePipeline
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs, controlnet_paths,
-                                         load_controlnets, load_text_to_image, load_tokenizer, load_unet, load_vae,
-                                         require_text_to_image_folder)
+                                         global_pool_conditions, load_controlnets, load_text_to_image, load_tokenizer, load_unet,
+                                         load_vae, require_text_to_image_folder)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
     size = (m, max(m, model.default_size // m * m), OPEN_SIZE // m * m)
     # Any multiple of the VAE's factor, as diffusers' pipelines allow: eager PyTorch needs no more.
     specs = component_specs(model, [*names, "vae_encoder"], batch=OPEN_BATCH, height=size, width=size, multiple=1)
+    specs = {name: dataclasses.replace(spec, eager=True) for name, spec in specs.items()}
     text_encoder, unet, vae_decoder = (TorchBackend(model.module(n), specs[n], device=device, compile=compile) for n in names)
     # img2img's encoder runs once per call: eager even under torch.compile (a compile per image size would cost more).
     vae_encoder = TorchBackend(model.module("vae_encoder"), specs["vae_encoder"], device=device)
@@ -116,7 +117,17 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
     return TextToImagePipeline(text_encoder, unet, vae_decoder, model.tokenizer, model.scheduler,
                                vae_scaling_factor=float(model.vae.config.scaling_factor), vae_factor=model.vae_factor,
                                default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module, lora=lora,
-                               vae_encoder=vae_encoder)
+                               vae_encoder=vae_encoder, controlnet_global_pool=global_pool_conditions(model.controlnet))
+
+
+def _global_pool(manifest: dict) -> list[bool]:
+    """The artifact's ControlNets' global_pool_conditions; from their configs, where they still are, for an
+    artifact exported before diffrt recorded them."""
+    flags = manifest["pipeline"].get("controlnet_global_pool")
+    if flags is not None:
+        return [bool(f) for f in flags]
+    configs = [folder / "config.json" for folder in _controlnet_folders(manifest)]
+    return [config.is_file() and bool(json.loads(config.read_text()).get("global_pool_conditions", False)) for config in configs]
 
 
 def _controlnet_folders(manifest: dict) -> list[Path]:
@@ -190,7 +201,7 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
                                DDIMConfig.from_scheduler_config(pipe["scheduler"]), vae_scaling_factor=pipe["vae_scaling_factor"],
                                vae_factor=pipe["vae_factor"], default_size=pipe["default_size"], max_length=pipe["max_length"],
                                torch_vae=torch_vae, torch_unet=torch_unet, unet_precision=component_precision(manifest, unet_name),
-                               lora=lora, vae_encoder=vae_encoder, strict=strict)
+                               lora=lora, vae_encoder=vae_encoder, strict=strict, controlnet_global_pool=_global_pool(manifest))
 
 
 def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device | None = None,

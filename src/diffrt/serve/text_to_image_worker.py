@@ -309,8 +309,7 @@ class TextToImageWorker(BatchingWorker):
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(422, f"{field}: not valid base64; send the PNG file's bytes base64-encoded", field) from None
-        size = (body.height, body.width) if body.height and body.width else None
-        try:
-            return decode_image(data, size, max_pixels=MAX_CONTROL_PIXELS)
+        try:  # resized as `diffrt generate` resizes files, and diffusers PIL images (images.decode_image)
+            return decode_image(data, (body.height, body.width), max_pixels=MAX_CONTROL_PIXELS, multiple=self.pipe.vae_factor)
         except DiffrtError as exc:
             raise RequestError(422, f"{field}: {exc}", field) from None
