@@ -684,3 +684,144 @@ def test_a_provider_fallback_is_counted(served_model, monkeypatch):
         assert metric(runtime.metrics.exposition().decode(), "diffrt_serve_provider_fallbacks") == 1
     finally:
         runtime.close(30)
+
+
+# -- from a review of the serving code -------------------------------------------------------
+
+def test_a_worker_whose_batches_all_fail_turns_unhealthy_and_recovers():
+    """A sticky engine error (a CUDA illegal address) failed every batch with the thread alive, and /healthz,
+    /readyz and Ray's check_health stayed green, so no orchestrator replaced the replica."""
+    from diffrt.serve.batcher import FAILING_BATCHES
+
+    broken = [True]
+
+    def run(jobs):
+        if broken[0]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return {job.id: "ok" for job in jobs}
+
+    batcher = Batcher(run, max_batch_size=1, max_queue=8, wait_s=0)
+    batcher.start()
+    try:
+        for i in range(FAILING_BATCHES):
+            assert batcher.alive  # a failure or two may be the requests'
+            with pytest.raises(RuntimeError, match="illegal memory access"):
+                batcher.submit(Job(None, 1, f"r{i}", deadline=time.monotonic() + 10)).result(5)
+        assert not batcher.alive and batcher.failed_in_row == FAILING_BATCHES
+        broken[0] = False
+        assert batcher.submit(Job(None, 1, "ok", deadline=time.monotonic() + 10)).result(5) == "ok"
+        assert batcher.alive  # one batch that works: the engine works
+    finally:
+        batcher.close(5)
+
+
+def test_health_answers_say_why_the_engine_counts_as_dead(served_model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from diffrt.serve.app import create_app
+    from diffrt.serve.batcher import FAILING_BATCHES
+
+    app = create_app(ServeConfig(model=served_model, backend="onnxruntime", api_key_env=None, device="cpu", warmup_steps=1,
+                                 max_batch_size=2, log_level="warning"))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        runtime = app.state.runtime
+        runtime.wait_ready(300)
+
+        def dead(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(runtime.worker.pipe, "__call__", dead, raising=False)
+        monkeypatch.setattr(type(runtime.worker.pipe), "__call__", dead)
+        for seed in range(FAILING_BATCHES):
+            assert c.post("/v1/generate", json={"class_label": 1, "seed": seed, "num_inference_steps": 1}).status_code == 500
+        for route in ("/healthz", "/readyz"):
+            answer = c.get(route)
+            assert answer.status_code == 503 and f"its last {FAILING_BATCHES} batches failed" in answer.json()["detail"], route
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(batch_wait_ms=float("nan")), "the batch wait must be a number of milliseconds >= 0, got nan"),
+    (dict(timeout_s=float("nan")), "--timeout must be a number of seconds > 0, got nan"),
+    (dict(timeout_s=-1.0), "--timeout must be a number of seconds > 0"),
+    (dict(max_batch_size=0), "--max-batch-size must be an integer >= 1, got 0"),
+    (dict(max_queue=0), "--max-queue must be an integer >= 1, got 0"),
+])
+def test_service_settings_that_would_hang_or_time_out_at_once_are_one_line(settings, message, capsys):
+    """A NaN batch wait hung the worker (health checks green, every request 504); a NaN or negative timeout
+    answered 504 at once; a zero batch or queue was a ValueError traceback; triton-repo wrote them all out."""
+    from diffrt.cli import main
+    from diffrt.errors import DiffrtError
+    from diffrt.serve.runtime import RuntimeConfig
+    from diffrt.serve.triton_repo import RepositoryConfig, write_repository
+
+    with pytest.raises(DiffrtError, match=message):
+        RuntimeConfig(**settings)
+    flags = {"batch_wait_ms": "--batch-wait-ms", "timeout_s": "--timeout", "max_batch_size": "--max-batch-size", "max_queue": "--max-queue"}
+    (name, value), = settings.items()
+    assert main(["serve", flags[name], str(value), "--port", "0"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffrt: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    repo = {"batch_wait_ms": "queue_delay_ms"}.get(name, name)
+    with pytest.raises(DiffrtError, match=message.split(",")[0]):
+        write_repository(Path("/nonexistent-never-written"), RepositoryConfig(**{repo: value}))
+
+
+def test_a_client_gone_while_sending_its_body_counts_as_499_not_500(client, server):
+    """Counted as a 500 (the service's failure, paging whoever watches 5xx) though no answer was owed."""
+    import socket
+
+    before = metric(client.get("/metrics").text, "diffrt_serve_requests_total", status="499")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"class_la")
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if metric(client.get("/metrics").text, "diffrt_serve_requests_total", status="499") == before + 1:
+            break
+        time.sleep(0.1)
+    assert metric(client.get("/metrics").text, "diffrt_serve_requests_total", status="499") == before + 1
+
+
+def test_json_python_cannot_parse_is_refused_in_diffrts_form(client):
+    for body in (b'{"seed": ' + b"9" * 5000 + b"}", b"[" * 100_000):
+        r = client.post("/v1/generate", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json() == {"detail": r.json()["detail"], "field": None}
+        assert "not JSON diffrt can read" in r.json()["detail"]
+
+
+def test_the_ray_route_refuses_as_the_service_does(served_model):
+    """Without a Ray cluster: the deployment class itself, called as the proxy calls it. A form body was a 400
+    'not valid JSON' (the service: 415), an empty one a 400 (422), and no latency was ever observed."""
+    import asyncio
+    from dataclasses import asdict
+
+    from starlette.requests import Request
+
+    from diffrt.serve.ray_app import DiffrtDeployment
+
+    deployment = DiffrtDeployment.func_or_class(asdict(ServeConfig(model=served_model, api_key_env=None, device="cpu",
+                                                                   warmup_steps=1, max_batch_size=2)))
+
+    def request(body: bytes, kind: str = "application/json") -> Request:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        return Request({"type": "http", "method": "POST", "path": "/v1/generate", "query_string": b"",
+                        "headers": [(b"content-type", kind.encode())]}, receive)
+
+    async def answers():
+        return [await deployment(request(b'{"class_label": 1, "seed": 2, "num_inference_steps": 1}')),
+                await deployment(request(b"class_label=1", "application/x-www-form-urlencoded")),
+                await deployment(request(b""))]
+
+    try:
+        ok, form, empty = asyncio.run(answers())
+        assert (ok.status_code, form.status_code, empty.status_code) == (200, 415, 422)
+        assert b"request body is missing" in empty.body
+        assert metric(deployment.runtime.metrics.exposition().decode(), "diffrt_serve_request_seconds_count") == 1
+    finally:
+        deployment.runtime.close(10)

@@ -240,6 +240,12 @@ def test_cli_writes_a_repository(tmp_path, capsys):
     assert 'string_value: "torch"' in (tmp_path / "repo" / "diffrt" / "config.pbtxt").read_text()
     assert main(["triton-repo", "--out", str(tmp_path / "repo"), "--backend", "torch"]) == 2
     assert "already exists" in capsys.readouterr().err
+    # For a serving machine with TensorRT, written on one without (the bug: "backend 'tensorrt' is not available").
+    assert main(["triton-repo", "--out", str(tmp_path / "trt"), "--backend", "tensorrt"]) == 0
+    config = (tmp_path / "trt" / "diffrt" / "config.pbtxt").read_text()
+    assert 'string_value: "tensorrt"' in config and "kind: KIND_GPU" in config
+    assert main(["triton-repo", "--out", str(tmp_path / "x"), "--backend", "tensorrtt"]) == 2
+    assert "unknown backend 'tensorrtt'" in capsys.readouterr().err
 
 
 # -- a real tritonserver -------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Awaitable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffrt.errors import DiffrtError
 from diffrt.serve.batching import Answer
@@ -182,7 +183,8 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            await self._guarded(scope, receive, send_and_record)
+            if await self._guarded(scope, receive, send_and_record) == "gone":
+                status[0] = CLIENT_CLOSED_REQUEST  # hung up while sending its body: no answer, and not the service's failure
         finally:
             if scope["path"] == GENERATE_PATH:
                 self.metrics.observe_answer(status[0], time.perf_counter() - t0)
@@ -203,7 +205,7 @@ class GuardMiddleware:
         while more:  # read the body here, bounded, and hand it on in one piece
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return "gone"
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
@@ -251,6 +253,15 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     async def _refused(request: Request, exc: RequestError):
         return request_error_response(exc)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI's own refusals in diffrt's form: a 404, a 405, and a body json.loads cannot take (a number of
+        # thousands of digits, nesting thousands deep), which FastAPI answers with a bare 400.
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = "the body is not JSON diffrt can read (a number with thousands of digits, or nesting thousands deep?)"
+        return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
+
     @app.post(GENERATE_PATH, response_class=Response, responses={
         200: {"content": {"image/png": {}, "application/json": {}}, "description": "one PNG, or JSON with base64 PNGs and seeds"},
         **{code: {"description": text} for code, text in ((400, "malformed JSON"), (401, "missing or wrong API key"),
@@ -265,13 +276,14 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     async def healthz():
         if runtime.alive:
             return {"status": "ok"}
-        return error_response(503, f"the worker is dead: {runtime.error}")
+        return error_response(503, runtime.dead_reason)
 
     @app.get("/readyz")
     async def readyz():
         if runtime.ready:
             return {"ready": True, **runtime.describe()}
-        reason = f"the model failed to load: {runtime.error}" if runtime.error else "loading"
+        reason = (f"the model failed to load: {runtime.error}" if runtime.error else runtime.dead_reason if runtime.loaded
+                  else "loading")
         return JSONResponse({"ready": False, "detail": reason}, status_code=503)
 
     @app.get("/metrics")

@@ -52,6 +52,9 @@ class Job:
 RunBatch = Callable[[list[Job]], dict[str, Any]]  # jobs -> {job.id: answer}
 
 
+FAILING_BATCHES = 3  # batches failed in a row after which the worker counts as dead to health checks, until one succeeds
+
+
 class Batcher:
     """`submit` from any thread; `run_batch` is only ever called from the one worker thread.
 
@@ -71,6 +74,10 @@ class Batcher:
         self.on_start = on_start
         self.on_batch = on_batch
         self.error: BaseException | None = None  # why the worker died, if it did
+        # A sticky engine error (a CUDA illegal address) fails every batch with the thread alive: counted, so that
+        # health checks fail and an orchestrator replaces the replica.
+        self.failed_in_row = 0
+        self.last_failure: BaseException | None = None
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -84,7 +91,7 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._thread.is_alive() and self.error is None and self.failed_in_row < FAILING_BATCHES
 
     @property
     def depth(self) -> int:
@@ -175,9 +182,11 @@ class Batcher:
                 self.on_batch(batch)
             answers = self.run_batch(batch)
         except BaseException as exc:  # noqa: BLE001 - every job of the batch gets the error
+            self.failed_in_row, self.last_failure = self.failed_in_row + 1, exc
             for job in batch:
                 job.future.set_exception(exc)
         else:
+            self.failed_in_row = 0
             for job in batch:
                 if job.id in answers:
                     job.future.set_result(answers[job.id])

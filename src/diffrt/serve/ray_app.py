@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict
 
 import torch
@@ -63,13 +64,13 @@ class DiffrtDeployment:
         self.runtime.wait_ready(timeout=600)  # raising here fails the replica; Ray reports and retries it
 
     async def __call__(self, request: Request) -> Response:
-        metrics = self.runtime.metrics
+        metrics, t0 = self.runtime.metrics, time.perf_counter()
         try:
             response = await self._answer(request)
         except asyncio.CancelledError:  # Ray's proxy cancels a request whose client hung up; the runtime gave its rows up
             metrics.observe_answer(CLIENT_CLOSED_REQUEST)
             raise
-        metrics.observe_answer(response.status_code)
+        metrics.observe_answer(response.status_code, time.perf_counter() - t0)
         return response
 
     async def _answer(self, request: Request) -> Response:
@@ -79,12 +80,17 @@ class DiffrtDeployment:
             problem = api_key_problem(request.headers, self.api_key)
             if problem:
                 return error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind != "application/json":  # as `diffrt serve`'s guard refuses it
+            return error_response(415, f"Content-Type must be application/json, got {kind}")
         chunks, size = [], 0
         async for chunk in request.stream():  # bounded read: stop at the limit
             chunks.append(chunk)
             size += len(chunk)
             if size > self.config.max_body_bytes:
                 return error_response(413, f"request body is over the limit of {self.config.max_body_bytes / 2**20:.1f} MiB")
+        if not any(chunks):
+            return validation_error_response([{"type": "missing", "loc": (), "msg": "Field required"}])  # FastAPI's 422
         try:
             body = GenerateBody.model_validate_json(b"".join(chunks))
         except ValidationError as exc:
@@ -97,7 +103,7 @@ class DiffrtDeployment:
 
     def check_health(self) -> None:
         if not self.runtime.alive:
-            raise RuntimeError(f"the diffrt worker is dead: {self.runtime.error}")
+            raise RuntimeError(f"diffrt: {self.runtime.dead_reason}")
 
     def __del__(self) -> None:  # Ray's graceful shutdown: finish what is queued
         runtime = getattr(self, "runtime", None)

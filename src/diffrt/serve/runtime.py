@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -49,11 +50,28 @@ class RuntimeConfig:
     strict: bool = False  # any fallback (an ONNX Runtime provider that did not start, PyTorch for an artifact) fails the load
     cuda_graph: bool = True  # tensorrt: replay captured CUDA graphs, one per request shape seen
 
+    def __post_init__(self) -> None:
+        check_service_settings(max_batch_size=self.max_batch_size, max_queue=self.max_queue, batch_wait_ms=self.batch_wait_ms,
+                               timeout_s=self.timeout_s)
 
-def served_model(model: str | None, backend: str) -> str | None:
+
+def check_service_settings(*, max_batch_size: int, max_queue: int, batch_wait_ms: float, timeout_s: float) -> None:
+    """The queue's settings, one DiffrtError line each (`diffrt serve`, Ray, `diffrt triton-repo`): a NaN wait
+    hung the worker while health checks stayed green, a NaN or negative timeout answered 504 at once."""
+    for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
+        if not isinstance(value, int) or value < 1:
+            raise DiffrtError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+    if not 0 <= batch_wait_ms < math.inf:
+        raise DiffrtError(f"the batch wait must be a number of milliseconds >= 0, got {batch_wait_ms!r}")
+    if not 0 < timeout_s < math.inf:
+        raise DiffrtError(f"--timeout must be a number of seconds > 0, got {timeout_s!r}")
+
+
+def served_model(model: str | None, backend: str, *, here: bool = True) -> str | None:
     """What can be checked at once about a model to serve, in one line each, before anything loads:
     the backend is one diffrt knows, a Hub id becomes its cached snapshot, a folder is a model or an
-    artifact. Returns the model's folder (None: the shipped digits model)."""
+    artifact. Returns the model's folder (None: the shipped digits model). `here`: the model is served on this
+    machine, whose backends are checked; else (a Triton repository for another machine) the name only."""
     from pathlib import Path
 
     from diffrt.hub import resolve_model
@@ -61,7 +79,12 @@ def served_model(model: str | None, backend: str) -> str | None:
     from diffrt.runtime.backends import require_backend
     from diffrt.runtime.loading import is_artifact
 
-    require_backend(backend)
+    from diffrt.runtime.backends import REGISTRY
+
+    if here:
+        require_backend(backend)
+    elif backend not in REGISTRY:
+        raise DiffrtError(f"unknown backend {backend!r}; diffrt's backends are {', '.join(REGISTRY)}")
     model = None if model is None else str(resolve_model(model))
     if model is not None and not is_artifact(Path(model)):
         require_model_dir(model)
@@ -140,9 +163,23 @@ class ServeRuntime:
         return self._ready.is_set() and self.batcher.alive
 
     @property
+    def loaded(self) -> bool:
+        """The model loaded, warmed up and passed its self-test (whether or not it still works)."""
+        return self._ready.is_set()
+
+    @property
     def alive(self) -> bool:
-        """False once the worker died or failed to load (Ray's check_health raises on it)."""
+        """False once the worker died or failed to load, or while its engine fails every batch (Ray's check_health
+        raises on it, so the replica is replaced)."""
         return self.batcher.alive
+
+    @property
+    def dead_reason(self) -> str:
+        """Why `alive` is False, for health answers."""
+        if self.batcher.error is not None:
+            return f"the worker is dead: {self.batcher.error}"
+        return (f"its last {self.batcher.failed_in_row} batches failed (the engine may be broken); the last with: "
+                f"{type(self.batcher.last_failure).__name__}: {self.batcher.last_failure}")
 
     @property
     def error(self) -> BaseException | None:
@@ -254,7 +291,7 @@ class ServeRuntime:
         except asyncio.CancelledError:  # the waiting task itself is cancelled (its client gone): give the rows up, stay cancelled
             self._give_up(job)
             raise
-        except (TimeoutError, FutureTimeout, CancelledError):
+        except (TimeoutError, asyncio.TimeoutError, FutureTimeout, CancelledError):  # asyncio's differs from the builtin before 3.11
             job.future.cancel()
             raise self._timeout_error() from None
         except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status

@@ -138,9 +138,11 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
     """Write `<out>/<config.name>` (config.pbtxt, 1/model.py, 1/model/) and return its path. The
     model folder is written to a temporary name and renamed: an interrupted run leaves nothing
     Triton would load."""
-    from diffrt.serve.runtime import served_model
+    from diffrt.serve.runtime import check_service_settings, served_model
 
-    model = served_model(config.model, config.backend)
+    model = served_model(config.model, config.backend, here=False)  # served by Triton, maybe on another machine
+    check_service_settings(max_batch_size=config.max_batch_size, max_queue=config.max_queue, batch_wait_ms=config.queue_delay_ms,
+                           timeout_s=config.timeout_s)
     if config.device is None:  # the serving machine may not be this one: cuda is not required here
         import torch
 

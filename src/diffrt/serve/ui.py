@@ -79,7 +79,10 @@ def make_generate(runtime: ServeRuntime):
 
         t0 = time.perf_counter()
         try:
-            fields = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed),
+            if any(value is None for value in (steps, guidance_scale, *([class_label] if not text else []))):
+                return None, "refused: a field is empty; fill it in"  # a cleared Number or Dropdown sends None
+            fields = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale),
+                          seed=None if seed is None else int(seed),  # cleared: a random seed, shown with the image
                           scheduler=scheduler or None)
             if text:
                 fields.update(prompt=prompt or "", negative_prompt=negative_prompt or None)
