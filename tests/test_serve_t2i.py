@@ -4,7 +4,7 @@ uvicorn runs in a thread on 127.0.0.1 over the tiny exported text-to-image artif
 Runtime, with its ControlNet), and httpx talks to it:
 
 * a PNG over HTTP has the pixels `diffrt generate` writes for the same prompt, seed and settings;
-* negative_prompt, control_image and controlnet_conditioning_scale reach the pipeline;
+* negative_prompt, control_image, controlnet_conditioning_scale and control_guidance_start/end reach the pipeline;
 * fields for the other kind of model, or for a ControlNet the model lacks, are 422s naming the
   field, and the server keeps serving;
 * requests that differ only in prompt, negative prompt, seed and num_images (and, with control
@@ -148,6 +148,14 @@ def test_control_image_and_scale_reach_the_controlnet(client, t2i_artifact, cont
     np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, control_image=str(path), control_scale=0.7))
 
 
+def test_control_guidance_start_and_end_reach_the_controlnet(client, t2i_artifact, control_png):
+    path, b64 = control_png
+    window = dict(control_guidance_start=0.3, control_guidance_end=0.7)
+    image = served(client, prompt=PROMPT, seed=3, control_image=b64, **window)
+    assert not np.array_equal(image, served(client, prompt=PROMPT, seed=3, control_image=b64))
+    np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, control_image=str(path), **window))
+
+
 def test_image_to_image_equals_diffrt_generate(client, t2i_artifact, control_png, tmp_path):
     from PIL import Image
 
@@ -199,6 +207,10 @@ PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40)}  # placehold
     ({"prompt": PROMPT, "control_image": "not base64!"}, "control_image", "base64"),
     ({"prompt": PROMPT, "control_image": base64.b64encode(b"not a png").decode()}, "control_image", "not a readable image"),
     ({"prompt": PROMPT, "controlnet_conditioning_scale": 0.5}, "controlnet_conditioning_scale", "control_image"),
+    ({"prompt": PROMPT, "control_guidance_end": 0.5}, "control_guidance_end", "needs control_image"),
+    ({"prompt": PROMPT, "control_image": "SMALL_PNG", "control_guidance_start": 0.6, "control_guidance_end": 0.4},
+     "control_guidance_start", "must start before it ends"),
+    ({"prompt": PROMPT, "control_image": "SMALL_PNG", "control_guidance_end": 1.5}, "control_guidance_end", "less than or equal to 1"),
     ({"prompt": PROMPT, "height": 40}, "height", "multiple of"),
     ({"prompt": PROMPT, "num_images": 3}, "num_images", "largest batch (2)"),
     ({"prompt": PROMPT, "control_image": base64.b64encode(TRUNCATED_PNG).decode()}, "control_image", "not a readable image"),
@@ -413,6 +425,8 @@ def test_requests_with_different_num_images_share_a_batch(t2i_artifact, control_
     assert key(control_image=b64) is not None and key(control_image=b64) != key()
     assert key(control_image=b64, seed=1) == key(control_image=b64, controlnet_conditioning_scale=1.0, prompt="other")
     assert key(control_image=b64, controlnet_conditioning_scale=0.5) != key(control_image=b64)
+    assert key(control_image=b64, control_guidance_end=0.5) == key(control_image=b64, control_guidance_end=0.5, seed=2)
+    assert key(control_image=b64, control_guidance_end=0.5) != key(control_image=b64)
 
 
 def test_lora_scale_per_request_equals_generate_at_that_scale(t2i_folder, tmp_path):

@@ -94,7 +94,9 @@ def request_error_response(exc: RequestError) -> JSONResponse:
 
 def validation_error_response(errors: list[dict]) -> JSONResponse:
     status, message, clean = describe_validation_errors(errors)
-    field = clean[0]["field"] if len(clean) == 1 else None
+    # One field at fault, though it may fail several ways (a float-or-list field: one error per branch of the union).
+    fields = {entry["field"].split(".")[0] if entry["field"] else None for entry in clean}
+    field = fields.pop() if len(fields) == 1 else None
     return error_response(status, message, field, errors=clean)
 
 

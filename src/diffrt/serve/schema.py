@@ -16,6 +16,7 @@ from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE, GenerateRequest
 
 MAX_SEED = 2**63 - 1
 ControlScale = Annotated[float, Field(ge=0.0, le=5.0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]  # of the steps
 DEFAULT_GUIDANCE_SCALE = DEFAULT_PIXEL_GUIDANCE_SCALE  # what `diffrt generate` uses for class-conditioned models
 DEFAULT_COLOR_SCALE = GenerateRequest.color_scale  # `diffrt generate`'s, tuned on the shipped digits model
 
@@ -51,6 +52,11 @@ class GenerateBody(BaseModel):
     controlnet_conditioning_scale: ControlScale | list[ControlScale] | None = Field(
         None, description="ControlNet models only: one scale for all ControlNets, or one per ControlNet "
                           "(default 1.0; 0.8 with image, as diffusers' ControlNet img2img)")
+    control_guidance_start: Fraction | list[Fraction] | None = Field(
+        None, description="ControlNet models only: the fraction of the steps at which each ControlNet starts, one for all "
+                          "or one per ControlNet (default 0), as diffusers' ControlNet pipelines")
+    control_guidance_end: Fraction | list[Fraction] | None = Field(
+        None, description="ControlNet models only: the fraction of the steps at which each ControlNet stops (default 1)")
     image: str | None = Field(None, description="text-to-image models only: image-to-image from this base64-encoded PNG")
     strength: float | None = Field(None, ge=0.0, le=1.0, description="image-to-image: how much of the schedule runs "
                                    "(default 0.8; 1.0: the image is all noise)")

@@ -50,7 +50,7 @@ from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, default_guidance_scale
-from diffrt.runtime.text_to_image_inputs import check_strength, image_side
+from diffrt.runtime.text_to_image_inputs import check_strength, control_windows, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    probe_generators, settings_key, split_answers)
@@ -227,12 +227,26 @@ class TextToImageWorker(BatchingWorker):
             raise RequestError(422, "prompt: required; the loaded model is a text-to-image model", "prompt")
         if body.color is not None and self.color_unavailable is not None:
             raise RequestError(422, f"color: colour guidance is unavailable on this service ({self.color_unavailable})", "color")
-        for name in ("control_image", "controlnet_conditioning_scale"):
+        control_fields = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+        for name in ("control_image", *control_fields):
             if getattr(body, name) is not None and not pipe.has_controlnet:
                 raise RequestError(422, f"{name}: the loaded model has no ControlNet; serve one with `--controlnet DIR` "
                                    "or an artifact exported with it", name)
-        if body.controlnet_conditioning_scale is not None and body.control_image is None:
-            raise RequestError(422, "controlnet_conditioning_scale: needs control_image", "controlnet_conditioning_scale")
+        for name in control_fields:
+            if getattr(body, name) is not None and body.control_image is None:
+                raise RequestError(422, f"{name}: needs control_image", name)
+        windows = {}
+        if body.control_guidance_start is not None or body.control_guidance_end is not None:
+            start = 0.0 if body.control_guidance_start is None else body.control_guidance_start
+            end = 1.0 if body.control_guidance_end is None else body.control_guidance_end
+            try:
+                control_windows(start, end, pipe.num_controlnets)  # the pipeline's own rule, before the request queues
+            except DiffrtError as exc:
+                field_ = "control_guidance_start" if body.control_guidance_start is not None else "control_guidance_end"
+                raise RequestError(422, f"{field_}: {exc}", field_) from None
+            # In the settings a batch shares (hashable): requests with other windows never share one.
+            windows = {"control_guidance_start": tuple(start) if isinstance(start, list) else start,
+                       "control_guidance_end": tuple(end) if isinstance(end, list) else end}
         if body.image is not None and self.img2img_unavailable is not None:
             raise RequestError(422, f"image: image-to-image is unavailable on this service ({self.img2img_unavailable})", "image")
         if body.strength is not None and body.image is None:
@@ -286,7 +300,7 @@ class TextToImageWorker(BatchingWorker):
         # The resolved size: with an image, its own rounded down to the VAE's multiple (the pipeline resizes to it).
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
                     "scheduler": schedule.name, "guidance_scale": guidance_scale, "eta": body.eta,
-                    "guidance_rescale": body.guidance_rescale or 0.0}
+                    "guidance_rescale": body.guidance_rescale or 0.0, **windows}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
                                [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body),
                                init, strength)

@@ -62,12 +62,14 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     "color_scale": ("TYPE_FP64", [1]),
     "control_image": ("TYPE_STRING", [-1]),  # raw PNG bytes, one per ControlNet
     "controlnet_conditioning_scale": ("TYPE_FP64", [-1]),  # one for all ControlNets, or one each
+    "control_guidance_start": ("TYPE_FP64", [-1]),  # likewise
+    "control_guidance_end": ("TYPE_FP64", [-1]),
     "lora_scale": ("TYPE_FP64", [1]),
     "image": ("TYPE_STRING", [1]),  # image-to-image: raw PNG bytes
     "strength": ("TYPE_FP64", [1]),
 }
 TEXT_ONLY = ("prompt", "negative_prompt", "guidance_rescale", "image", "strength")
-CONTROL_ONLY = ("control_image", "controlnet_conditioning_scale")
+CONTROL_ONLY = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 PIXEL_ONLY = ("class_label",)
 TRUNCATED = ("truncated", "truncated_negative")  # text-to-image outputs: the prompt text cut off
 
@@ -101,7 +103,7 @@ def _field(name: str, row: np.ndarray):
         if name == "image" and len(images) != 1:
             raise RequestError(422, f"image: one image per row, got {len(images)}", name)
         return images[0] if len(images) == 1 else images
-    if name == "controlnet_conditioning_scale":
+    if name in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):  # one, or one per ControlNet
         scales = [float(v) for v in values]
         return scales[0] if len(scales) == 1 else scales
     if len(values) != 1:
