@@ -760,6 +760,12 @@ def test_a_lora_folder_exports_as_the_file_it_holds(classemb_model_dir, lora_fil
     assert result.manifest["loras"][0]["path"] == str(folder / "pytorch_lora_weights.safetensors")
     named = ExportOptions(verify=False, loras=[(str(folder / "pytorch_lora_weights.safetensors"), 0.7)])
     assert export_pixel_model(classemb_model_dir, out, named).cache_hit  # the same export
+    # And the artifact runs when asked for with the folder, as generate --lora FOLDER asks (it was IsADirectoryError).
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    for backend in ("onnxruntime", "torch"):
+        pipe = open_pixel_pipeline(out, backend, "cpu", loras=[(str(folder), 0.7)])
+        assert pipe([1], num_inference_steps=1, output_type="pt").images.shape[0] == 1
 
 
 def test_a_moved_source_and_lora_are_a_hit_that_records_their_new_paths(classemb_model_dir, lora_file, tmp_path):

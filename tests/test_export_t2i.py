@@ -348,6 +348,7 @@ def test_lora_baked_export_equals_diffusers_fuse_lora(t2i_folder, lora_files, tm
         feed = backend.spec.example_feed(seed=3, batch=2)
         with torch.no_grad():
             if name == "text_encoder":
+                feed["clip_skip"] = torch.tensor([0])  # the last hidden state, which the reference returns
                 expected, before = reference(feed["input_ids"])[0], base.text_encoder(feed["input_ids"])[0]
             else:
                 args = (feed["sample"], feed["timestep"], feed["encoder_hidden_states"])
@@ -540,6 +541,27 @@ def test_the_artifact_tokenizes_with_the_sources_added_tokens(unverified_plain, 
     assert not export_text_to_image(source, out, ExportOptions(**T2I_RANGES, verify=False), []).cache_hit
     pipe = open_text_to_image_pipeline(out, "onnxruntime")
     assert pipe.tokenizer(prompt).input_ids == ids
+
+
+def test_an_artifact_made_when_added_tokens_were_left_behind_gets_them_without_a_component_rebuilt(
+        unverified_plain, t2i_folder, tmp_path, monkeypatch):
+    """An artifact from before the fix has no added_tokens.json but the key of its day, which held no tokenizer file
+    names: no hit now, and its rebuild exports no component, only copies the tokenizer (a review's finding: such an
+    artifact stayed a hit, and 're-export' changed nothing)."""
+    from diffrt.export.manifest import read_manifest, write_manifest
+
+    source, out = shutil.copytree(t2i_folder, tmp_path / "sd"), tmp_path / "artifact"
+    (source / "tokenizer" / "added_tokens.json").write_text(json.dumps({"<sks-style>": 10_000}))
+    options = ExportOptions(**T2I_RANGES, verify=False)
+    export_text_to_image(source, out, options, [])
+    manifest = read_manifest(out)  # made into what the earlier export wrote: the file missing, another key
+    (out / "tokenizer" / "added_tokens.json").unlink()
+    manifest["pipeline"]["tokenizer"]["files"].pop("added_tokens.json")
+    write_manifest(out, {**manifest, "key": "0" * 64})
+    names = exported_names(monkeypatch)
+    result = export_text_to_image(source, out, options, [])
+    assert not result.cache_hit and names == []
+    assert (out / "tokenizer" / "added_tokens.json").is_file() and "added_tokens.json" in result.manifest["pipeline"]["tokenizer"]["files"]
 
 
 def test_a_source_moved_since_export_is_a_hit_that_records_its_new_path(unverified_plain, t2i_folder, tmp_path):

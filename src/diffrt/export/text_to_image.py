@@ -108,8 +108,11 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     precisions = {name: component_precision(name, options.precision, force_upcast) for name in specs}
     hashes = source_hashes(model_dir, controlnets)
     lora_parts = lora_hashes(options)
+    # The tokenizer files the artifact holds are in the key: one made when fewer were copied (added_tokens.json was
+    # left behind) is no hit, and its rebuild keeps every component, copying the tokenizer again.
     key = export_key({"kind": "text-to-image", "source": hashes, "precision": precisions,
-                      "specs": {n: spec_to_dict(s, TORCH_DTYPES[precisions[n]]) for n, s in specs.items()}}, options)
+                      "specs": {n: spec_to_dict(s, TORCH_DTYPES[precisions[n]]) for n, s in specs.items()},
+                      "tokenizer_files": tokenizer_files(model_dir / "tokenizer")}, options)
     sources = {"path": str(model_dir.resolve()), "controlnets": [str(c.resolve()) for c in controlnets]}
     hit = cached_export(out, key, t0, lora_parts, verified=options.verify, sources=sources)
     if hit is not None:
@@ -206,9 +209,14 @@ def _fuse_loras(model: TextToImageModel, loras: list[tuple[str, float]]) -> list
     return report.to_dict()["loras"]
 
 
+def tokenizer_files(src: Path) -> list[str]:
+    """The names of the tokenizer files an export copies."""
+    return sorted(p.name for p in src.iterdir() if p.is_file() and any(p.match(pattern) for pattern in TOKENIZER_PATTERNS))
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> dict:
     """Copy the tokenizer files into the artifact; return their sha256 for the manifest."""
-    names = sorted(p.name for p in src.iterdir() if p.is_file() and any(p.match(pattern) for pattern in TOKENIZER_PATTERNS))
+    names = tokenizer_files(src)
     if "vocab.json" not in names and "tokenizer.json" not in names:
         raise DiffrtError(f"{src} has neither vocab.json nor tokenizer.json; expected a CLIPTokenizer folder")
     # A file an earlier export copied and this source lacks would stay beside the new ones, unlisted in

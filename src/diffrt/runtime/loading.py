@@ -131,8 +131,10 @@ def manifest_loras(manifest: dict) -> list[tuple[str, float]]:
 def check_artifact_loras(folder: Path, manifest: dict, loras: Sequence[tuple[str | Path, float]]) -> None:
     """An artifact runs with the LoRA it was exported (or refit) with: naming other files or scales is an error."""
     from diffrt.export.artifact import lora_state
+    from diffrt.export.lora import locate_lora
 
-    if loras and [(atomic.sha256_file(p), float(s)) for p, s in loras] != lora_state(manifest["loras"]):
+    # A LoRA given as a folder is the file in it, as export read it (train dreambooth-lora's output).
+    if loras and [(atomic.sha256_file(locate_lora(Path(p))), float(s)) for p, s in loras] != lora_state(manifest["loras"]):
         raise ArtifactError(f"{folder} has LoRA baked in at export ({describe_loras(manifest['loras'])}); other LoRAs need a "
                             "re-export with --lora (or `diffrt refit` for TensorRT engines)")
 

@@ -152,6 +152,9 @@ class SamplerOptions:
     denoise_autograd: Denoise | None = None  # a PyTorch denoiser for guidance mode "through_unet"
     use_fused_kernel: bool = True
     guidance_rescale: float = 0.0  # combine_cfg's rescale (diffusers' guidance_rescale); not fused
+    # Told each step's index before its model calls: for inputs that change by step, not by timestep value (a
+    # Karras schedule may repeat a timestep), such as diffusers' controlnet_keep under control_guidance_start/end.
+    at_step: Callable[[int], None] | None = None
 
 
 class Schedule(Protocol):
@@ -229,6 +232,8 @@ def sample(denoise: Denoise, x: torch.Tensor, schedule: Schedule, options: Sampl
         return randn(like.shape, options.generator, like.device, like.dtype)
 
     for i, t in enumerate(schedule.timesteps):
+        if options.at_step is not None:
+            options.at_step(i)
         active = [g for g in options.guidance if g.active(i)]
         if any(g.mode == "through_unet" for g in active):
             x, eps = _guide_through_unet(x, t, i, schedule, options, active)

@@ -64,7 +64,7 @@ class Batcher:
 
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_queue: int, wait_s: float,
                  on_start: Callable[[], None] | None = None, on_batch: Callable[[list[Job]], None] | None = None,
-                 name: str = "diffrt-serve-worker"):
+                 name: str = "diffrt-serve-worker", engine_failure: Callable[[BaseException], bool] = lambda exc: True):
         if max_batch_size < 1 or max_queue < 1 or wait_s < 0:
             raise ValueError(f"need max_batch_size >= 1, max_queue >= 1, wait_s >= 0; got {max_batch_size}, {max_queue}, {wait_s}")
         self.run_batch = run_batch
@@ -76,8 +76,10 @@ class Batcher:
         self.error: BaseException | None = None  # why the worker died, if it did
         # A sticky engine error (a CUDA illegal address) fails every batch with the thread alive: counted, so that
         # health checks fail and an orchestrator replaces the replica.
+        # `engine_failure` tells those from a batch's own (NaN for one prompt, every client gone), which do not count.
         self.failed_in_row = 0
         self.last_failure: BaseException | None = None
+        self.engine_failure = engine_failure
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -90,8 +92,14 @@ class Batcher:
         self._thread.start()
 
     @property
+    def running(self) -> bool:
+        """The worker thread runs (it loaded, and has not died)."""
+        return self._thread.is_alive() and self.error is None
+
+    @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None and self.failed_in_row < FAILING_BATCHES
+        """running, and the engine not failing batch after batch (liveness: a restart is the remedy)."""
+        return self.running and self.failed_in_row < FAILING_BATCHES
 
     @property
     def depth(self) -> int:
@@ -182,7 +190,8 @@ class Batcher:
                 self.on_batch(batch)
             answers = self.run_batch(batch)
         except BaseException as exc:  # noqa: BLE001 - every job of the batch gets the error
-            self.failed_in_row, self.last_failure = self.failed_in_row + 1, exc
+            if self.engine_failure(exc):
+                self.failed_in_row, self.last_failure = self.failed_in_row + 1, exc
             for job in batch:
                 job.future.set_exception(exc)
         else:

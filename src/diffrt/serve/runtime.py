@@ -67,6 +67,14 @@ def check_service_settings(*, max_batch_size: int, max_queue: int, batch_wait_ms
         raise DiffrtError(f"--timeout must be a number of seconds > 0, got {timeout_s!r}")
 
 
+def engine_failure(exc: BaseException) -> bool:
+    """Whether a failed batch points at the engine (a CUDA error, a crashed session), which health checks count, rather
+    than at its requests: diffrt's own refusals (NaN for one prompt, a shape) and a batch every client gave up on."""
+    from diffrt.serve.batching import BatchAbandoned
+
+    return not isinstance(exc, (DiffrtError, BatchAbandoned))
+
+
 def served_model(model: str | None, backend: str, *, here: bool = True) -> str | None:
     """What can be checked at once about a model to serve, in one line each, before anything loads:
     the backend is one diffrt knows, a Hub id becomes its cached snapshot, a folder is a model or an
@@ -140,7 +148,8 @@ class ServeRuntime:
         self.metrics = metrics or ServeMetrics()
         self.worker = make_worker(config)
         self.batcher = Batcher(self.worker.run_batch, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
-                               wait_s=config.batch_wait_ms / 1000, on_start=self._load, on_batch=self._count_batch)
+                               wait_s=config.batch_wait_ms / 1000, on_start=self._load, on_batch=self._count_batch,
+                               engine_failure=engine_failure)
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self._ready = threading.Event()
 
@@ -160,7 +169,8 @@ class ServeRuntime:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and self.batcher.alive
+        # Not the failure streak: out of rotation, a replica would get no batch to recover with; liveness restarts it.
+        return self._ready.is_set() and self.batcher.running
 
     @property
     def loaded(self) -> bool:
