@@ -38,6 +38,20 @@ def test_text_to_image_flags_on_a_pixel_model_are_one_line(uncond_model_dir, tmp
     assert main(["generate", "--model", str(uncond_model_dir), "--prompt", "a cat", "--image", str(image),
                  "--out", str(tmp_path / "x.png")]) == 2
     one_line_error(capsys, "--prompt/--image need a text-to-image model folder")
+    assert main(["generate", "--model", str(uncond_model_dir), "--clip-skip", "1", "--out", str(tmp_path / "x.png")]) == 2
+    one_line_error(capsys, "--clip-skip needs a text-to-image model folder")
+
+
+def test_clip_skip_reaches_the_pipeline(t2i_folder, tmp_path):
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    out = tmp_path / "x.npy"
+    assert main(["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--steps", "2", "--device", "cpu", "--seed", "3",
+                 "--clip-skip", "1", "--out", str(out)]) == 0
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", "cpu")
+    run = lambda skip: pipe("a cat", num_inference_steps=2, guidance_scale=7.5, seed=3, output_type="np", clip_skip=skip).images  # noqa: E731
+    np.testing.assert_allclose(np.load(out), run(1), atol=1e-6)
+    assert np.abs(np.load(out) - run(0)).max() > 1e-3
 
 
 def test_device_defaults_to_auto_and_the_line_names_what_ran(uncond_model_dir, tmp_path, capsys):

@@ -125,7 +125,7 @@ def test_bad_argument_types_are_one_line(torch_pipe, kwargs, message):
 
 
 @pytest.mark.parametrize("name, value, message", [
-    ("clip_skip", 2, "clip_skip is not supported"),
+    ("ip_adapter_image", "photo.png", "IP-Adapter is not supported"),
     ("cross_attention_kwargs", {"scale": 0.5}, r"call pipe.set_lora_scale\(s\)"),
     ("callback_on_step_end", print, "pass progress=fn"),
     ("return_dict", False, "results are a GenerationResult"),
@@ -155,6 +155,70 @@ def test_size_errors_name_a_fix_that_exists(torch_pipe, t2i_artifact, uncond_mod
     onnx = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
     with pytest.raises(ShapeOutOfRangeError, match=r"78 tokens is outside the built range \[1, 77\]; ask for a size inside it$"):
         onnx(prompt_embeds=torch.randn(1, 78, 32), num_inference_steps=1)
+
+
+def clip_skip_embeds(pipe, prompts: list[str], clip_skip: int) -> torch.Tensor:
+    """diffusers' encode_prompt(clip_skip=...), step by step: the final layer norm of the hidden state clip_skip layers
+    before the last. (diffusers 0.42 reaches the norm through `text_encoder.text_model`, which transformers 5's
+    CLIPTextModel no longer has, so its clip_skip fails with an AttributeError here: the same steps by hand.)"""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        encoder = pipe.text_encoder
+        return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
+
+
+def test_clip_skip_equals_stable_diffusion_pipeline_on_every_backend(sd_pipe, torch_pipe, t2i_artifact):
+    """diffusers' clip_skip: the final layer norm of the hidden state that many layers before the last. The exported
+    text encoder takes it as an input, so one graph serves every value."""
+    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, output_type="pt")
+    onnx = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
+    images = []
+    for skip in (None, 0, 1):
+        embeds = clip_skip_embeds(sd_pipe, ["a red house", "dark"], skip or 0)
+        expected = sd_pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], generator=g(3), **kwargs).images
+        result = torch_pipe("a red house", negative_prompt="dark", clip_skip=skip, seed=3, **kwargs)
+        assert max_abs(result.images, expected) <= TOL and result.metadata["clip_skip"] == (skip or 0)
+        onnx_images = onnx("a red house", negative_prompt="dark", clip_skip=skip, seed=3, **kwargs).images
+        assert max_abs(onnx_images, result.images) <= 1e-3
+        images.append(result.images)
+    assert max_abs(images[0], images[1]) == 0 and max_abs(images[1], images[2]) > 1e-3  # 1 changes the prompt's encoding
+    plain = sd_pipe("a red house", negative_prompt="dark", generator=g(3), **kwargs).images
+    assert max_abs(images[0], plain) <= TOL  # clip_skip 0 is the pipeline's own encoding
+    for bad, message in ((2, r"clip_skip must be below the text encoder's 2 layers, got 2"), (-1, "clip_skip must be >= 0"),
+                         (1.0, "clip_skip must be an integer")):
+        with pytest.raises(DiffrtError, match=message) as info:
+            torch_pipe("a cat", clip_skip=bad, num_inference_steps=1)
+        one_line(info)
+
+
+def test_a_text_encoder_exported_before_clip_skip_runs_and_refuses_only_clip_skip(t2i_folder, t2i_artifact, tmp_path):
+    """An artifact from an earlier diffrt has a text encoder graph taking input_ids alone: it runs as before, and a
+    clip_skip it cannot take is refused by name instead of a missing-input error from ONNX Runtime."""
+    import dataclasses
+
+    from diffrt.export.onnx import export_onnx
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from diffrt.text_to_image_models import load_text_encoder
+
+    class Before(torch.nn.Module):  # the text encoder component as diffrt exported it until clip_skip
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids):
+            return self.encoder(input_ids, return_dict=False)[0]
+
+    pipe = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
+    spec = dataclasses.replace(pipe.text_encoder.spec, inputs=pipe.text_encoder.spec.inputs[:1])
+    path = export_onnx(Before(load_text_encoder(t2i_folder)), spec, tmp_path / "text_encoder")
+    expected = pipe("a cat", num_inference_steps=2, seed=1, output_type="pt").images
+    pipe.text_encoder = OnnxRuntimeBackend(path, spec, threads=1)
+    assert max_abs(pipe("a cat", num_inference_steps=2, seed=1, output_type="pt").images, expected) <= 1e-5
+    with pytest.raises(DiffrtError, match="exported before diffrt took clip_skip; re-export the artifact") as info:
+        pipe("a cat", clip_skip=1, num_inference_steps=1)
+    one_line(info)
 
 
 def test_controlnet_conditioning_scale_that_is_not_a_number_is_one_line(t2i_folder):

@@ -134,6 +134,12 @@ def test_guidance_rescale_reaches_the_pipeline(client, t2i_artifact):
     np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, guidance_scale=9.0, guidance_rescale=0.7))
 
 
+def test_clip_skip_reaches_the_text_encoder(client, t2i_artifact):
+    image = served(client, prompt=PROMPT, seed=3, clip_skip=1)
+    assert not np.array_equal(image, served(client, prompt=PROMPT, seed=3))
+    np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, clip_skip=1))
+
+
 def test_negative_prompt_reaches_the_pipeline(client, t2i_artifact):
     image = served(client, prompt=PROMPT, negative_prompt="blurry", seed=3)
     assert not np.array_equal(image, served(client, prompt=PROMPT, seed=3))
@@ -208,9 +214,12 @@ PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40)}  # placehold
     ({"prompt": PROMPT, "control_image": base64.b64encode(b"not a png").decode()}, "control_image", "not a readable image"),
     ({"prompt": PROMPT, "controlnet_conditioning_scale": 0.5}, "controlnet_conditioning_scale", "control_image"),
     ({"prompt": PROMPT, "control_guidance_end": 0.5}, "control_guidance_end", "needs control_image"),
+    ({"prompt": PROMPT, "clip_skip": 2}, "clip_skip", "below the text encoder's 2 layers"),
     ({"prompt": PROMPT, "control_image": "SMALL_PNG", "control_guidance_start": 0.6, "control_guidance_end": 0.4},
      "control_guidance_start", "must start before it ends"),
     ({"prompt": PROMPT, "control_image": "SMALL_PNG", "control_guidance_end": 1.5}, "control_guidance_end", "less than or equal to 1"),
+    ({"prompt": PROMPT, "control_image": "SMALL_PNG", "control_guidance_start": 0.2, "control_guidance_end": [0.5, 0.6]},
+     "control_guidance_end", "have 2 values for 1 ControlNet"),
     ({"prompt": PROMPT, "height": 40}, "height", "multiple of"),
     ({"prompt": PROMPT, "num_images": 3}, "num_images", "largest batch (2)"),
     ({"prompt": PROMPT, "control_image": base64.b64encode(TRUNCATED_PNG).decode()}, "control_image", "not a readable image"),

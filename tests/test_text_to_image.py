@@ -322,6 +322,28 @@ def test_guess_mode_the_fused_graph_cannot_run_is_refused(torch_cn_pipe, torch_p
         run(torch_pipe, guess_mode=True, num_inference_steps=1)
 
 
+def test_control_guidance_goes_by_step_where_a_karras_schedule_repeats_timesteps(t2i_folder, tmp_path, control_image):
+    """The bug: the per-step scales were looked up by timestep value, and DPM-Solver++ with Karras sigmas on a cosine
+    schedule repeats t = 998 seven times in 16 steps, so control_guidance_end=0.3 left the ControlNet off at every
+    step (the last step with that value won). Each UNet call must get diffusers' controlnet_keep for its step."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from conftest import sd_folder_with_scheduler
+
+    folder = sd_folder_with_scheduler(t2i_folder, tmp_path / "cos", DPMSolverMultistepScheduler,
+                                      beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+    pipe = open_text_to_image_pipeline(folder, "torch", CPU, controlnet=folder / "controlnet")
+    seen, run_unet = [], pipe.unet.run
+    pipe.unet.run = lambda inputs: seen.append(inputs["conditioning_scale"].item()) or run_unet(inputs)
+    for start, end in ((0.0, 0.3), (0.25, 1.0)):
+        seen.clear()
+        result = pipe("a cat", num_inference_steps=16, control_image=control_image, control_guidance_start=start,
+                      control_guidance_end=end, seed=0, output_type="pt")
+        timesteps = result.metadata["timesteps"]
+        assert len(set(timesteps)) < len(timesteps)  # the control: the schedule repeats a timestep
+        assert seen == [1.0 - float(i / 16 < start or (i + 1) / 16 > end) for i in range(16)]
+
+
 def test_control_guidance_bad_arguments_are_one_line(torch_pipe, torch_cn_pipe, torch_multi_pipe, control_image, control_images):
     cases = [
         (torch_cn_pipe, dict(control_image=control_image, control_guidance_start=0.5, control_guidance_end=0.5),

@@ -71,7 +71,7 @@ def test_img2img_over_the_artifact_encodes_on_the_backend_and_equals_torch(t2i_a
     assert "vae_encoder" not in artifact("a red cube", num_inference_steps=1).metadata["components"]  # what each call ran
     assert "vae_decoder" not in artifact("a red cube", num_inference_steps=1, output_type="latent").metadata["components"]
     ids = artifact.tokenizer(["a red cube"], padding="max_length", max_length=artifact.max_length, return_tensors="pt").input_ids
-    embeds = artifact.text_encoder.run({"input_ids": ids})["last_hidden_state"]
+    embeds = artifact.text_encoder.run({"input_ids": ids, "clip_skip": torch.tensor([0])})["last_hidden_state"]
     ran = artifact(prompt_embeds=embeds, negative_prompt_embeds=embeds, num_inference_steps=1).metadata["components"]
     assert "text_encoder" not in ran and "unet_controlnet" in ran
     assert max_abs(result.images, expected.images) <= ORT_TOL

@@ -43,13 +43,21 @@ SOURCE_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")  # what
 
 
 class TextEncoder(nn.Module):
+    """CLIPTextModel as diffusers' encode_prompt runs it: the final layer norm of the hidden state `clip_skip` layers
+    before the last (0: last_hidden_state, which is that norm of the last layer's output). The index is an input, so
+    one graph or engine takes every clip_skip; every layer runs (an index, not a cut), a few percent of a call."""
+
     def __init__(self, text_encoder):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
         # diffusers' encode_prompt: no attention mask unless the config asks for one (CLIP does not).
-        return self.text_encoder(input_ids, return_dict=False)[0]
+        hidden = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True).hidden_states
+        stacked = torch.stack(hidden)  # [layers + 1, batch, sequence, hidden]: the embeddings, then each layer's output
+        chosen = stacked.index_select(0, (len(hidden) - 1 - clip_skip).reshape(1)).squeeze(0)
+        model = self.text_encoder
+        return getattr(model, "text_model", model).final_layer_norm(chosen)  # transformers 5 put the text model's parts on CLIPTextModel itself
 
 
 class LatentUNet(nn.Module):
@@ -347,7 +355,8 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
     control = dict(vae_factor=model.vae_factor, num_controlnets=model.num_controlnets)
     guided = dict(guidance_embed_dim=getattr(unet, "time_cond_proj_dim", None))  # LCM-distilled: timestep_cond
     make = {
-        "text_encoder": lambda: text_encoder_spec(model.text_encoder.config.vocab_size, hidden, length, batch),
+        "text_encoder": lambda: text_encoder_spec(model.text_encoder.config.vocab_size, hidden, length, batch,
+                                                  num_layers=model.text_encoder.config.num_hidden_layers),
         "unet": lambda: latent_unet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim, **guided, **common),
         "unet_controlnet": lambda: unet_controlnet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim,
                                                         **control, **guided, **common),

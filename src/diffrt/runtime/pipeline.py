@@ -96,7 +96,6 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
 # diffusers' pipeline arguments diffrt does not take, and what to do instead: each a DiffrtError line, where an
 # unknown keyword would be a TypeError naming only the argument.
 NOT_TAKEN = {
-    "clip_skip": "clip_skip is not supported: the text encoder (exported or eager) gives its last layer's output",
     "cross_attention_kwargs": "cross_attention_kwargs is not taken; for a LoRA's scale (diffusers' {'scale': s}) call "
                               "pipe.set_lora_scale(s) before the call",
     "callback_on_step_end": "callback_on_step_end is not taken; pass progress=fn, called with each step's index",

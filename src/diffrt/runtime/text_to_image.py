@@ -107,7 +107,22 @@ class _Call:
     guess: bool  # diffusers' guess mode under CFG: the ControlNets see the conditional half only
     generator: Generators
     schedule: Any  # the sampler's schedule (sampling.Schedule), img2img's tail of it
+    clip_skip: int  # text encoder layers skipped before the final layer norm (0: its last hidden state)
     encodes_image: bool  # the VAE encoder runs (img2img from pixels, no latents given)
+
+
+class _PerStep:
+    """Model inputs that change from step to step, one dict per step: the loop names each step (SamplerOptions.at_step)
+    before its model calls, so a step is found by its index, not by its timestep, which a Karras schedule may repeat."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows, self.step = rows, 0
+
+    def begin(self, step: int) -> None:
+        self.step = step
+
+    def inputs(self) -> dict:
+        return self.rows[self.step]
 
 
 class TextToImagePipeline(DenoiserPipeline):
@@ -183,7 +198,8 @@ class TextToImagePipeline(DenoiserPipeline):
                  guess_mode: bool = False, guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
                  latents: torch.Tensor | None = None, use_fused_kernel: bool = True, progress=None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 scheduler: Scheduler = None, timesteps: list[int] | None = None, **not_taken) -> GenerationResult:
+                 scheduler: Scheduler = None, timesteps: list[int] | None = None, clip_skip: int | None = None,
+                 **not_taken) -> GenerationResult:
         # 1. Check inputs before any work. `scheduler`: None is the model's own, "ddim", "lcm", "dpm", "euler" or "euler_a"
         #    that sampler on its training schedule, or a config (sampling.choose_scheduler); `timesteps`: a custom
         #    schedule (LCM, DPM-Solver++, Euler).
@@ -191,7 +207,7 @@ class TextToImagePipeline(DenoiserPipeline):
         call = self._check_call(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                 num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed,
                                 image, strength, control_image, controlnet_conditioning_scale, control_guidance_start,
-                                control_guidance_end, guess_mode, output_type, latents, scheduler, timesteps)
+                                control_guidance_end, guess_mode, output_type, latents, scheduler, timesteps, clip_skip)
         t0 = time.perf_counter()
 
         # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
@@ -210,7 +226,8 @@ class TextToImagePipeline(DenoiserPipeline):
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=call.generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
                                  denoise_autograd=self._autograd_denoiser(feed, call.do_cfg, denoise, guidance, at, call.guess),
-                                 use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if call.do_cfg else 0.0)
+                                 use_fused_kernel=use_fused_kernel, guidance_rescale=guidance_rescale if call.do_cfg else 0.0,
+                                 at_step=at.begin if at is not None else None)
         x = sample(denoise, x, call.schedule, options, progress=progress)
 
         # 6. Decode and post-process ("latent": the latents as diffusers returns them, scaled, undecoded).
@@ -230,6 +247,7 @@ class TextToImagePipeline(DenoiserPipeline):
         meta = {"prompt": call.prompts, "negative_prompt": call.negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None,
                 "height": call.height, "width": call.width, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+                "clip_skip": call.clip_skip,
                 "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "scheduler": call.schedule.name, "timesteps": call.schedule.timesteps.tolist(),
                 "strength": strength if img2img else None,
@@ -245,7 +263,7 @@ class TextToImagePipeline(DenoiserPipeline):
     def _check_call(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,
                     guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed, image, strength,
                     control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode,
-                    output_type, latents, scheduler, timesteps) -> "_Call":
+                    output_type, latents, scheduler, timesteps, clip_skip) -> "_Call":
         """Step 1: every argument checked (one DiffrtError line for the first bad one, before any model runs) and
         resolved: the prompts, the size, the images as batches, the generators and the schedule."""
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
@@ -264,6 +282,7 @@ class TextToImagePipeline(DenoiserPipeline):
                                   f"prompt(s) encode to {(*want, negative_prompt_embeds.shape[-1])}; give one row of "
                                   f"{self.max_length} tokens per prompt, or pass prompt_embeds of the same shape")
         check_count("num_images_per_prompt", num_images_per_prompt)
+        clip_skip = self.check_clip_skip(clip_skip)
         check_number("guidance_scale", guidance_scale, hint=" (diffusers' default 7.5; <= 1 turns classifier-free guidance off)")
         for name, side in (("height", height), ("width", width)):
             if side is not None:
@@ -324,7 +343,7 @@ class TextToImagePipeline(DenoiserPipeline):
         if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
             schedule = schedule.tail(check_strength(strength, len(schedule)))
         return _Call(prompts, negatives, num_images_per_prompt, batch, do_cfg, height, width, init, init_is_latents,
-                     control, scales, windows, guess, generator, schedule,
+                     control, scales, windows, guess, generator, schedule, clip_skip,
                      encodes_image=init is not None and not init_is_latents and latents is None)
 
     def _encode_prompts(self, call: "_Call", prompt_embeds, negative_prompt_embeds):
@@ -335,7 +354,10 @@ class TextToImagePipeline(DenoiserPipeline):
         truncated, truncated_neg, encoded = [None] * n, [None] * n, None
         if texts:
             ids, cut = self._tokenize(texts)
-            encoded = self.text_encoder.run({"input_ids": ids.to(self.text_encoder.device)})["last_hidden_state"].float()
+            feed = {"input_ids": ids.to(self.text_encoder.device)}
+            if "clip_skip" in self.text_encoder.spec.input_names:  # else a text encoder exported before it: 0 only (check_clip_skip)
+                feed["clip_skip"] = torch.tensor([call.clip_skip], dtype=torch.int64, device=self.text_encoder.device)
+            encoded = self.text_encoder.run(feed)["last_hidden_state"].float()
             encoded = self._check("text_encoder", encoded).to(self.device)
         parts, row = [], 0
         if call.do_cfg:
@@ -396,18 +418,17 @@ class TextToImagePipeline(DenoiserPipeline):
                               + ("; leave guess_mode off" if asked else "; put the pooling ControlNet(s) after the others"))
         return guess
 
-    def _step_inputs(self, call: "_Call") -> Callable[[torch.Tensor], dict] | None:
-        """Inputs that change from step to step, by timestep: the ControlNets' conditioning scales where
-        control_guidance_start/end switch some off for part of the steps (their scale times diffusers'
-        controlnet_keep, so a ControlNet off adds exactly zero); None when no input changes."""
+    def _step_inputs(self, call: "_Call") -> "_PerStep | None":
+        """Inputs that change from step to step: the ControlNets' conditioning scales where control_guidance_start/end
+        switch some off for part of the steps (their scale times diffusers' controlnet_keep, so a ControlNet off adds
+        exactly zero); None when no input changes."""
         keep = control_keep(call.control_windows, len(call.schedule)) if call.control is not None else None
         if keep is None:
             return None
-        scales = {float(t): torch.tensor([c * k for c, k in zip(call.scales, row)], dtype=torch.float32, device=self.device)
-                  for t, row in zip(call.schedule.timesteps, keep)}
-        return lambda t: {"conditioning_scale": scales[float(t)]}
+        return _PerStep([{"conditioning_scale": torch.tensor([c * k for c, k in zip(call.scales, row)], dtype=torch.float32,
+                                                              device=self.device)} for row in keep])
 
-    def _denoiser(self, feed: dict, do_cfg: bool, at: Callable[[torch.Tensor], dict] | None = None, guess: bool = False) -> Callable:
+    def _denoiser(self, feed: dict, do_cfg: bool, at: "_PerStep | None" = None, guess: bool = False) -> Callable:
         """The loop's model: (x_t, t) -> (eps_uncond or None, eps_cond), both CFG branches in one 2B batch (two B
         batches in guess mode). `at`: the inputs that change with the step (_step_inputs)."""
 
@@ -415,7 +436,7 @@ class TextToImagePipeline(DenoiserPipeline):
             return self._check(self.unet.spec.name, self.unet.run(inputs)["noise_pred"].float())
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
-            return self._branches(run, {**feed, **at(t)} if at is not None else feed, x_t, t, do_cfg, guess)
+            return self._branches(run, {**feed, **at.inputs()} if at is not None else feed, x_t, t, do_cfg, guess)
 
         return denoise
 
@@ -449,6 +470,19 @@ class TextToImagePipeline(DenoiserPipeline):
                               "encode the prompts with this model's text encoder")
         if not self.backend.startswith("torch") and "sequence" in spec.ranges:
             spec.check_size("sequence", embeds.shape[1], what=f"{name} of {embeds.shape[1]} tokens")
+
+    def check_clip_skip(self, clip_skip) -> int:
+        """clip_skip as diffusers takes it (None: 0, the last hidden state), within the text encoder's layers."""
+        if clip_skip is None:
+            return 0
+        check_count("clip_skip", clip_skip, 0)
+        skip = next((t for t in self.text_encoder.spec.inputs if t.name == "clip_skip"), None)
+        if skip is None and clip_skip:
+            raise DiffrtError(f"clip_skip {clip_skip}: this {self.text_encoder.name} text encoder was exported before diffrt took "
+                              "clip_skip; re-export the artifact (its text encoder alone is rebuilt)")
+        if skip is not None and clip_skip >= skip.high:
+            raise DiffrtError(f"clip_skip must be below the text encoder's {skip.high} layers, got {clip_skip}")
+        return clip_skip
 
     def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:
         return check_finite(tensor, component) if self.check_outputs else tensor
@@ -594,7 +628,7 @@ class TextToImagePipeline(DenoiserPipeline):
             return unet(*args).to(self.device, torch.float32)
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
-            return self._branches(run, {**feed, **at(t)} if at is not None else feed, x_t, t, do_cfg, guess)
+            return self._branches(run, {**feed, **at.inputs()} if at is not None else feed, x_t, t, do_cfg, guess)
 
         return guard_autograd_denoiser(denoise, engine_denoise, self.unet.name, self.unet_precision, self.check_outputs)
 

@@ -35,6 +35,8 @@ class GenerateBody(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE}; 7.5 for text-to-image)")
     guidance_rescale: float | None = Field(None, ge=0.0, le=1.0, description="text-to-image models only: diffusers' "
                                            "guidance_rescale (default 0; 0.7 tames over-exposure at high guidance)")
+    clip_skip: int | None = Field(None, ge=0, le=64, description="text-to-image models only: diffusers' clip_skip, the text "
+                                  "encoder layer before the last that encodes the prompt (default 0)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="initial-noise seed; random (and reported) when left out")
     height: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
     width: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")

@@ -235,6 +235,10 @@ class TextToImageWorker(BatchingWorker):
         for name in control_fields:
             if getattr(body, name) is not None and body.control_image is None:
                 raise RequestError(422, f"{name}: needs control_image", name)
+        try:
+            pipe.check_clip_skip(body.clip_skip)  # before the request queues
+        except DiffrtError as exc:
+            raise RequestError(422, f"clip_skip: {exc}", "clip_skip") from None
         windows = {}
         if body.control_guidance_start is not None or body.control_guidance_end is not None:
             start = 0.0 if body.control_guidance_start is None else body.control_guidance_start
@@ -242,7 +246,12 @@ class TextToImageWorker(BatchingWorker):
             try:
                 control_windows(start, end, pipe.num_controlnets)  # the pipeline's own rule, before the request queues
             except DiffrtError as exc:
-                field_ = "control_guidance_start" if body.control_guidance_start is not None else "control_guidance_end"
+                # The field at fault: a list of the wrong length, else the one the message names, else the start.
+                k, message = pipe.num_controlnets, str(exc)
+                wrong_length = [name for name, value in (("control_guidance_end", end), ("control_guidance_start", start))
+                                if isinstance(value, list) and len(value) != k]
+                field_ = (wrong_length[0] if wrong_length else "control_guidance_end" if message.startswith("control_guidance_end")
+                          or body.control_guidance_start is None else "control_guidance_start")
                 raise RequestError(422, f"{field_}: {exc}", field_) from None
             # In the settings a batch shares (hashable): requests with other windows never share one.
             windows = {"control_guidance_start": tuple(start) if isinstance(start, list) else start,
@@ -300,7 +309,7 @@ class TextToImageWorker(BatchingWorker):
         # The resolved size: with an image, its own rounded down to the VAE's multiple (the pipeline resizes to it).
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
                     "scheduler": schedule.name, "guidance_scale": guidance_scale, "eta": body.eta,
-                    "guidance_rescale": body.guidance_rescale or 0.0, **windows}
+                    "guidance_rescale": body.guidance_rescale or 0.0, "clip_skip": body.clip_skip or 0, **windows}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
                                [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body),
                                init, strength)

@@ -52,6 +52,7 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     "num_inference_steps": ("TYPE_INT64", [1]),
     "guidance_scale": ("TYPE_FP64", [1]),
     "guidance_rescale": ("TYPE_FP64", [1]),
+    "clip_skip": ("TYPE_INT64", [1]),
     "seed": ("TYPE_INT64", [1]),
     "height": ("TYPE_INT64", [1]),
     "width": ("TYPE_INT64", [1]),
@@ -68,7 +69,7 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     "image": ("TYPE_STRING", [1]),  # image-to-image: raw PNG bytes
     "strength": ("TYPE_FP64", [1]),
 }
-TEXT_ONLY = ("prompt", "negative_prompt", "guidance_rescale", "image", "strength")
+TEXT_ONLY = ("prompt", "negative_prompt", "guidance_rescale", "image", "strength", "clip_skip")
 CONTROL_ONLY = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 PIXEL_ONLY = ("class_label",)
 TRUNCATED = ("truncated", "truncated_negative")  # text-to-image outputs: the prompt text cut off

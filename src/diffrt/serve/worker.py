@@ -43,6 +43,9 @@ UNSUPPORTED_ON_PIXEL = {  # field -> the kind of model that takes it
     "strength": "a text-to-image model",
     "control_image": "a ControlNet model",
     "controlnet_conditioning_scale": "a ControlNet model",
+    "control_guidance_start": "a ControlNet model",
+    "control_guidance_end": "a ControlNet model",
+    "clip_skip": "a text-to-image model",
 }
 
 
