@@ -348,7 +348,7 @@ def test_lora_baked_export_equals_diffusers_fuse_lora(t2i_folder, lora_files, tm
         feed = backend.spec.example_feed(seed=3, batch=2)
         with torch.no_grad():
             if name == "text_encoder":
-                feed["clip_skip"] = torch.tensor([0])  # the last hidden state, which the reference returns
+                feed["clip_skip"] = torch.zeros_like(feed["clip_skip"])  # the last hidden state, which the reference returns
                 expected, before = reference(feed["input_ids"])[0], base.text_encoder(feed["input_ids"])[0]
             else:
                 args = (feed["sample"], feed["timestep"], feed["encoder_hidden_states"])

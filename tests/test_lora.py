@@ -680,7 +680,7 @@ def test_dora_export_equals_diffusers_fuse_lora(sd_folder, dora, tmp_path):
         feed = backend.spec.example_feed(seed=3, batch=2)
         with torch.no_grad():
             if name == "text_encoder":
-                feed["clip_skip"] = torch.tensor([0])  # the last hidden state, which the references return
+                feed["clip_skip"] = torch.zeros_like(feed["clip_skip"])  # the last hidden state, which the references return
                 expected, unfused = reference(feed["input_ids"])[0], before(feed["input_ids"])[0]
             else:
                 args = (feed["sample"], feed["timestep"], feed["encoder_hidden_states"])

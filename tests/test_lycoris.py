@@ -330,7 +330,7 @@ def test_export_with_lycoris_baked_in_equals_fused_pytorch(sd_folder, tmp_path):
         feed = backend.spec.example_feed(seed=3, batch=2)
         with torch.no_grad():
             if name == "text_encoder":
-                feed["clip_skip"] = torch.tensor([0])  # the last hidden state, which the references return
+                feed["clip_skip"] = torch.zeros_like(feed["clip_skip"])  # the last hidden state, which the references return
                 expected, unfused = fused.text_encoder(feed["input_ids"])[0], base.text_encoder(feed["input_ids"])[0]
             else:
                 args = (feed["sample"], feed["timestep"], feed["encoder_hidden_states"])

@@ -157,35 +157,32 @@ def test_size_errors_name_a_fix_that_exists(torch_pipe, t2i_artifact, uncond_mod
         onnx(prompt_embeds=torch.randn(1, 78, 32), num_inference_steps=1)
 
 
-def clip_skip_embeds(pipe, prompts: list[str], clip_skip: int) -> torch.Tensor:
-    """diffusers' encode_prompt(clip_skip=...), step by step: the final layer norm of the hidden state clip_skip layers
-    before the last. (diffusers 0.42 reaches the norm through `text_encoder.text_model`, which transformers 5's
-    CLIPTextModel no longer has, so its clip_skip fails with an AttributeError here: the same steps by hand.)"""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        encoder = pipe.text_encoder
-        return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
-
-
 def test_clip_skip_equals_stable_diffusion_pipeline_on_every_backend(sd_pipe, torch_pipe, t2i_artifact):
-    """diffusers' clip_skip: the final layer norm of the hidden state that many layers before the last. The exported
-    text encoder takes it as an input, so one graph serves every value."""
+    """diffusers' clip_skip: the prompt encoded as the final layer norm of the hidden state that many layers before
+    the last; the negative prompt as always (its last hidden state). The exported text encoder takes it per row, so
+    one graph serves every value and both halves of a CFG batch in one call."""
+    from types import SimpleNamespace
+
+    encoder = sd_pipe.text_encoder
+    if not hasattr(encoder, "text_model"):  # diffusers 0.42 reaches the norm through text_model, which transformers 5 removed
+        object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
     kwargs = dict(num_inference_steps=2, guidance_scale=5.0, output_type="pt")
     onnx = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
     images = []
     for skip in (None, 0, 1):
-        embeds = clip_skip_embeds(sd_pipe, ["a red house", "dark"], skip or 0)
-        expected = sd_pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], generator=g(3), **kwargs).images
+        expected = sd_pipe("a red house", negative_prompt="dark", clip_skip=skip, generator=g(3), **kwargs).images
         result = torch_pipe("a red house", negative_prompt="dark", clip_skip=skip, seed=3, **kwargs)
         assert max_abs(result.images, expected) <= TOL and result.metadata["clip_skip"] == (skip or 0)
         onnx_images = onnx("a red house", negative_prompt="dark", clip_skip=skip, seed=3, **kwargs).images
         assert max_abs(onnx_images, result.images) <= 1e-3
         images.append(result.images)
     assert max_abs(images[0], images[1]) == 0 and max_abs(images[1], images[2]) > 1e-3  # 1 changes the prompt's encoding
-    plain = sd_pipe("a red house", negative_prompt="dark", generator=g(3), **kwargs).images
-    assert max_abs(images[0], plain) <= TOL  # clip_skip 0 is the pipeline's own encoding
+    with torch.no_grad():  # the negative prompt is encoded as without clip_skip (the review's finding: it was skipped too)
+        prompt, negative = sd_pipe.encode_prompt("a red house", "cpu", 1, True, negative_prompt="dark", clip_skip=1)
+        _, plain_negative = sd_pipe.encode_prompt("a red house", "cpu", 1, True, negative_prompt="dark")
+    assert torch.equal(negative, plain_negative)
+    mixed = torch_pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, seed=3, **kwargs).images
+    assert max_abs(mixed, images[2]) <= TOL
     for bad, message in ((2, r"clip_skip must be below the text encoder's 2 layers, got 2"), (-1, "clip_skip must be >= 0"),
                          (1.0, "clip_skip must be an integer")):
         with pytest.raises(DiffrtError, match=message) as info:

@@ -715,6 +715,9 @@ def test_a_worker_whose_batches_all_fail_turns_unhealthy_and_recovers():
             with pytest.raises(type(failure)):
                 batcher.submit(Job(None, 1, "own", deadline=time.monotonic() + 10)).result(5)
         assert batcher.alive and batcher.failed_in_row == 0
+        from diffrt.errors import ArtifactError
+
+        assert engine_failure(ArtifactError("could not create an execution context (out of GPU memory?)"))
         broken[0] = RuntimeError("CUDA error: an illegal memory access was encountered")
         for i in range(FAILING_BATCHES):
             assert batcher.alive  # a failure or two may be the requests'

@@ -201,11 +201,11 @@ def tensor_shape(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
 
 def text_encoder_spec(vocab_size: int, hidden_size: int, max_length: int = 77, batch: Range = (1, 2, 8),
                       num_layers: int | None = None) -> ComponentSpec:
-    """text_encoder (CLIPTextModel): input_ids [batch, sequence] (+ clip_skip [1]) -> last_hidden_state [batch, sequence,
-    hidden]. With `num_layers` (the encoder's), clip_skip is an input, 0 to num_layers - 1: the final layer norm of the
-    hidden state that many layers before the last, as diffusers' encode_prompt(clip_skip=...) (0: last_hidden_state).
-    Specs from manifests written before it have input_ids alone."""
-    skip = (TensorSpec("clip_skip", (1,), "int64", high=num_layers),) if num_layers else ()
+    """text_encoder (CLIPTextModel): input_ids [batch, sequence] (+ clip_skip [batch]) -> last_hidden_state [batch, sequence,
+    hidden]. With `num_layers` (the encoder's), clip_skip is an input, one per row, 0 to num_layers - 1: the final layer
+    norm of the hidden state that many layers before the last, as diffusers' encode_prompt(clip_skip=...) (0:
+    last_hidden_state). Specs from manifests written before it have input_ids alone."""
+    skip = (TensorSpec("clip_skip", ("batch",), "int64", high=num_layers),) if num_layers else ()
     return ComponentSpec(
         "text_encoder",
         (TensorSpec("input_ids", ("batch", "sequence"), "int64", high=vocab_size), *skip),

@@ -44,8 +44,9 @@ SOURCE_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")  # what
 
 class TextEncoder(nn.Module):
     """CLIPTextModel as diffusers' encode_prompt runs it: the final layer norm of the hidden state `clip_skip` layers
-    before the last (0: last_hidden_state, which is that norm of the last layer's output). The index is an input, so
-    one graph or engine takes every clip_skip; every layer runs (an index, not a cut), a few percent of a call."""
+    before the last (0: last_hidden_state, which is that norm of the last layer's output), one clip_skip per row
+    (diffusers applies it to the prompt, never to the negative prompt, and both go in one batch). The index is an
+    input, so one graph or engine takes every clip_skip; every layer runs (an index, not a cut)."""
 
     def __init__(self, text_encoder):
         super().__init__()
@@ -55,7 +56,8 @@ class TextEncoder(nn.Module):
         # diffusers' encode_prompt: no attention mask unless the config asks for one (CLIP does not).
         hidden = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True).hidden_states
         stacked = torch.stack(hidden)  # [layers + 1, batch, sequence, hidden]: the embeddings, then each layer's output
-        chosen = stacked.index_select(0, (len(hidden) - 1 - clip_skip).reshape(1)).squeeze(0)
+        index = (len(hidden) - 1 - clip_skip).reshape(1, -1, 1, 1).expand(1, *stacked.shape[1:])
+        chosen = stacked.gather(0, index).squeeze(0)  # row b: hidden state number (layers - clip_skip[b])
         model = self.text_encoder
         return getattr(model, "text_model", model).final_layer_norm(chosen)  # transformers 5 put the text model's parts on CLIPTextModel itself
 

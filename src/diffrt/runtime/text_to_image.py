@@ -356,7 +356,10 @@ class TextToImagePipeline(DenoiserPipeline):
             ids, cut = self._tokenize(texts)
             feed = {"input_ids": ids.to(self.text_encoder.device)}
             if "clip_skip" in self.text_encoder.spec.input_names:  # else a text encoder exported before it: 0 only (check_clip_skip)
-                feed["clip_skip"] = torch.tensor([call.clip_skip], dtype=torch.int64, device=self.text_encoder.device)
+                # The prompts' rows at clip_skip, the negative prompts' at 0: diffusers' encode_prompt skips for the prompt only.
+                negative_rows = len(texts) - (0 if prompt_embeds is not None else n)
+                skips = [0] * negative_rows + [call.clip_skip] * (len(texts) - negative_rows)
+                feed["clip_skip"] = torch.tensor(skips, dtype=torch.int64, device=self.text_encoder.device)
             encoded = self.text_encoder.run(feed)["last_hidden_state"].float()
             encoded = self._check("text_encoder", encoded).to(self.device)
         parts, row = [], 0

@@ -21,7 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from diffrt.errors import DiffrtError, NonFiniteOutputError
+from diffrt.errors import ArtifactError, BackendUnavailableError, DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
 from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
 from diffrt.serve.batching import Answer, BatchAbandoned
 from diffrt.serve.metrics import ServeMetrics
@@ -68,11 +68,15 @@ def check_service_settings(*, max_batch_size: int, max_queue: int, batch_wait_ms
 
 
 def engine_failure(exc: BaseException) -> bool:
-    """Whether a failed batch points at the engine (a CUDA error, a crashed session), which health checks count, rather
-    than at its requests: diffrt's own refusals (NaN for one prompt, a shape) and a batch every client gave up on."""
+    """Whether a failed batch points at the engine (a CUDA error, a crashed session, an execution context TensorRT
+    could not make: ArtifactError, BackendUnavailableError), which health checks count, rather than at its requests:
+    NaN for one prompt, a shape, a refusal of the call's own arguments (a plain DiffrtError), a batch every client
+    gave up on."""
     from diffrt.serve.batching import BatchAbandoned
 
-    return not isinstance(exc, (DiffrtError, BatchAbandoned))
+    if isinstance(exc, (NonFiniteOutputError, ShapeOutOfRangeError, BatchAbandoned)):
+        return False
+    return not isinstance(exc, DiffrtError) or isinstance(exc, (ArtifactError, BackendUnavailableError))
 
 
 def served_model(model: str | None, backend: str, *, here: bool = True) -> str | None:
