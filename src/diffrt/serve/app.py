@@ -2,7 +2,7 @@
 
     POST /v1/generate   JSON body (schema.py) -> image/png, or JSON with base64 PNGs when
                         `Accept: application/json` or num_images > 1
-    GET  /healthz       liveness: the worker thread is alive
+    GET  /healthz       liveness: the worker thread is alive and its engine not failing batch after batch
     GET  /readyz        readiness: model loaded, one warm-up run, NaN self-test passed
     GET  /metrics       Prometheus exposition (metrics.py)
     GET  /openapi.json, /docs
@@ -14,8 +14,8 @@ text encoder's length says so (RELIABILITY #13): JSON answers carry the dropped 
 Refusals are JSON `{"detail", "field"}` with the status that fits: 400 malformed JSON, 401 API
 key, 413 body or image too large, 415 not JSON, 422 a field the schema or the model refuses,
 429 queue full, 503 not ready, 504 over the timeout. A client that hangs up before its answer
-(closed socket, a proxy's timeout, a retry) has its request given up, queued or running, and is
-counted as 499, nginx's "client closed request"; no answer can reach it.
+(closed socket, a proxy's timeout, a retry, or one gone while still sending its body) has its request
+given up, queued or running, and is counted as 499, nginx's "client closed request"; no answer can reach it.
 """
 
 from __future__ import annotations
