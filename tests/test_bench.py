@@ -18,6 +18,7 @@ from diffrt.bench.configs import CONFIGS, BenchConfig, DigitsConfig, NullBackend
 from diffrt.bench.report import chart, markdown
 from diffrt.bench.timing import bench_threads, cpu_threads, summarize_ms
 from diffrt.components import pixel_unet_spec, vae_decoder_spec
+from diffrt.errors import DiffrtError
 from diffrt.runtime.backends import backend_available
 
 STATUSES = {"ok", "skipped", "not applicable", "error"}
@@ -143,6 +144,10 @@ def test_bench_threads_never_exceed_the_cpus_onnxruntime_sizes_its_pool_from(mon
     assert bench_threads() == 2 and bench_threads(8) == 2 and bench_threads(1) == 1
     monkeypatch.delenv("DIFFRT_BENCH_THREADS")
     assert bench_threads() == 2
+    monkeypatch.setenv("DIFFRT_BENCH_THREADS", "two")  # was a ValueError traceback
+    with pytest.raises(DiffrtError, match="DIFFRT_BENCH_THREADS='two' must be a whole number of threads"):
+        bench_threads()
+    monkeypatch.delenv("DIFFRT_BENCH_THREADS")
     monkeypatch.undo()
     for asked in (1, 64):
         with cpu_threads(bench_threads(asked)):
@@ -270,3 +275,19 @@ def test_a_text_to_image_configuration_samples_with_its_scheduler():
     tiny.prepare(cpu)
     pipe = tiny.open("torch", cpu).pipeline
     assert pipe(tiny.prompt, num_inference_steps=2, **tiny._kwargs([])).metadata["scheduler"] == "lcm"
+
+
+def test_the_cpu_target_is_not_judged_met_on_a_partial_run():
+    """The bug: a run of tiny-t2i-controlnet alone (5x) reported the CPU target "met", which the digits model (1.2x)
+    fails: the goal is every small configuration."""
+    from diffrt.bench.report import cpu_exported_target
+
+    def row(config, speedup):
+        return {"status": "ok", "device": "cpu", "backend": "onnxruntime", "config": config, "speedup_vs_eager": speedup,
+                "matches_eager": True}
+
+    partial = cpu_exported_target([row("tiny-t2i-controlnet", 5.3)])
+    assert partial["status"] == "not measured" and "partial run" in partial["detail"] and "digits did not run" in partial["detail"]
+    assert cpu_exported_target([row("tiny-t2i-controlnet", 5.3), row("digits", 2.1)])["status"] == "met"
+    assert cpu_exported_target([row("tiny-t2i-controlnet", 5.3), row("digits", 1.2)])["status"] == "not met"
+    assert cpu_exported_target([row("digits", 1.2)])["status"] == "not met"  # failing what ran needs no more

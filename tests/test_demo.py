@@ -22,3 +22,15 @@ def test_demo_writes_a_grid_and_a_timing_table_from_the_same_run(shipped_model_d
     eager, fast = timings[1], timings[0]
     assert f"{eager.ms_per_step / fast.ms_per_step:.2f}x" in table
     assert any(p.name == "manifest.json" for p in (tmp_path / "cache").rglob("manifest.json"))
+
+
+def test_an_out_the_demo_cannot_write_is_refused_before_it_samples(tmp_path):
+    """The bug: --out naming a folder failed with IsADirectoryError after the whole demo ran; --out d.jpg wrote a PNG."""
+    import pytest
+
+    from diffrt.demo import run_demo
+    from diffrt.errors import DiffrtError
+
+    for out, words in ((tmp_path, "it is a folder"), (tmp_path / "d.jpg", "must be a .png file")):
+        with pytest.raises(DiffrtError, match=words):
+            run_demo(out)

@@ -43,6 +43,14 @@ def test_hub_ids_and_local_paths_are_told_apart(tmp_path):
     assert resolve_model(tmp_path) == tmp_path and resolve_model(None) is None
 
 
+@pytest.mark.parametrize("text", ["runs/sd--ft", "org/bad..name", "org/name.", "org/" + "n" * 100])
+def test_a_path_not_there_that_reads_as_an_invalid_hub_id_is_one_line(text, monkeypatch):
+    """The bug: huggingface_hub's HFValidationError (a ValueError) escaped as a traceback (a mistyped local path)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DiffrtError, match=r"is neither a local folder nor a valid Hugging Face id .*; check the path$"):
+        resolve_model(text)
+
+
 def test_a_cached_repo_generates_as_its_folder(hub_cache, t2i_folder):
     from diffrt.generate import GenerateRequest, generate
 

@@ -145,3 +145,41 @@ def test_flip_and_crop_are_refused_for_the_bundled_digits():
     for kwargs in ({"random_flip": True}, {"crop": "random"}):
         with pytest.raises(DataError, match="apply to image folders"):
             load_source("digits", 16, labelled=True, **kwargs)
+
+
+def test_a_dangling_link_in_an_image_folder_is_named(wide_folder, tmp_path):
+    """The bug: a link to a file that is gone was skipped without a word, shrinking the dataset."""
+    from diffrt.errors import DataError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "wide.png").write_bytes((wide_folder / "wide.png").read_bytes())
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(DataError, match=r"gone.png is a link to nothing \(it points to .*deleted.png\)"):
+        load_image_folder(folder, 16)
+
+
+def test_a_huge_training_image_is_one_line_not_gigabytes(tmp_path):
+    """A 17 KB 1-bit PNG of 12000 x 12000 pixels was decoded to 1.7 GB of float32, then copied (4 GB peak)."""
+    from diffrt.errors import DataError
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.new("1", (12000, 12000)).save(folder / "huge.png")
+    with pytest.raises(DataError, match=r"huge.png is 12000x12000 pixels; the limit is 64,000,000 pixels: downscale it"):
+        load_image_folder(folder, 16)
+
+
+def test_a_folder_named_like_a_bundled_set_wins_and_says_so(wide_folder, tmp_path, monkeypatch, caplog):
+    """The bug: ./digits/ was ignored for the bundled digits without a word (a local path wins over a Hub id)."""
+    import logging
+
+    from diffrt.data import load_source
+
+    (tmp_path / "digits").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "digits" / name).write_bytes((wide_folder / "wide.png").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="diffrt.data"):
+        assert len(load_source("digits", 16, labelled=False)) == 2
+    assert "using the folder" in caplog.text and "not the bundled set" in caplog.text

@@ -7,6 +7,7 @@ is what lets `--resume` continue exactly where a run stopped.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,8 +16,13 @@ import torch.nn.functional as F
 
 from diffrt.errors import DataError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 BUNDLED = ("digits", "chelsea")
+# Training images are decoded whole before they are resized: past this many pixels, one line instead of gigabytes
+# of float32 (a 17 KB PNG can hold a 12000 x 12000 image). 64 MP takes any camera's photos but the largest.
+MAX_TRAIN_PIXELS = 64_000_000
 # (top, left, height, width) of the crops of scikit-image's chelsea (300 x 451) that make the bundled
 # "chelsea" subject: four views of one cat, of different sizes and aspect ratios, for fine-tuning
 # and DreamBooth examples.
@@ -118,7 +124,11 @@ def digits_holdout_mask(labels: torch.Tensor) -> torch.Tensor:
 def list_images(folder: Path) -> list[Path]:
     """The image files in `folder`; any other visible file is an error, not something to skip
     quietly (a stray .heic or .txt would otherwise shrink the dataset without a word)."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    dangling = [p for p in visible if p.is_symlink() and not p.exists()]
+    if dangling:
+        raise DataError(f"{dangling[0]} is a link to nothing (it points to {dangling[0].readlink()}); fix or remove it")
+    files = sorted(p for p in visible if p.is_file())
     for p in files:
         if p.suffix.lower() not in IMAGE_SUFFIXES:
             raise DataError(f"{p} is not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))}); "
@@ -136,7 +146,7 @@ def _require_folder(folder: str | Path) -> Path:
 def _load_images(files: list[Path], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     from diffrt.images import load_image
 
-    return _prepare([load_image(path) for path in files], size, crop)
+    return _prepare([load_image(path, max_pixels=MAX_TRAIN_PIXELS) for path in files], size, crop)
 
 
 def _prepare(images: list[torch.Tensor], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -208,7 +218,12 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
 
 
 def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False) -> ImageDataset:
-    """A bundled dataset by name, or a folder (flat for unlabelled, class sub-folders for labelled)."""
+    """A bundled dataset by name, or a folder (flat for unlabelled, class sub-folders for labelled). A folder
+    named like a bundled set wins, as a local folder wins over a Hub id (hub.py), and says so."""
+    if source in BUNDLED and Path(source).is_dir():
+        log.warning("--data %s: using the folder %s, not the bundled set of that name (give ./%s's images another folder "
+                    "name to train on the bundled one)", source, Path(source).resolve(), source)
+        return load_class_folders(source, size, crop, random_flip) if labelled else load_image_folder(source, size, crop, random_flip)
     if source == "digits":
         if random_flip or crop != "center":
             raise DataError("--random-flip and --crop apply to image folders and 'chelsea'; the bundled digits are drawn "

@@ -60,3 +60,6 @@ def resolve_model(model: str | Path | None) -> Path | None:
                           "(offline, or HF_HUB_OFFLINE=1); download it once with network, or pass a local folder") from None
     except hf_errors.HfHubHTTPError as exc:
         raise DiffrtError(f"fetching {text} from the Hub failed ({str(exc).splitlines()[0]}); retry, or pass a local folder") from None
+    except hf_errors.HFValidationError as exc:  # a path not there yet ('runs/sd--ft') that HUB_ID took for an id
+        raise DiffrtError(f"{text} is neither a local folder nor a valid Hugging Face id ({str(exc).splitlines()[0]}); "
+                          "check the path") from None

@@ -75,14 +75,15 @@ def save_grid(path: str | os.PathLike, images: torch.Tensor, nrow: int, scale: i
 Size = tuple[int | None, int | None]  # (height, width); a side left None is the image's own
 
 
-def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "RGB", multiple: int = 1) -> torch.Tensor:
+def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "RGB", multiple: int = 1,
+               max_pixels: int | None = None) -> torch.Tensor:
     """Read an image file into [C, H, W] float in [0, 1], optionally resized (decode_image)."""
     from diffrt.errors import DataError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
-    return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple)
+    return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple, max_pixels=max_pixels)
 
 
 def _target_size(im, size: Size | None, multiple: int) -> tuple[int, int] | None:
@@ -123,7 +124,7 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
     try:
         with Image.open(io.BytesIO(data)) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels} pixels")
+                raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels:,} pixels: downscale it")
             # Upright as it is shown: a phone photo stores its pixels sideways plus an EXIF
             # orientation (diffusers' load_image and its DreamBooth script transpose the same way).
             im = ImageOps.exif_transpose(im)

@@ -30,7 +30,7 @@ import torch
 from diffrt.bench import report as rp
 from diffrt.bench.cells import WARMUP_STEPS, CellOptions, measure_cell, measure_cell_isolated, measure_loop, skipped
 from diffrt.bench.configs import BACKENDS, CONFIGS, CPU_DEFAULT, EAGER, GPU_DEFAULT, BenchConfig, get_config
-from diffrt.bench.timing import bench_threads, contention, cpu_threads, default_threads, machine_info, machine_tag
+from diffrt.bench.timing import available_cpus, bench_threads, contention, cpu_threads, default_threads, machine_info, machine_tag
 from diffrt.errors import DiffrtError
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
     asked, threads = threads or default_threads(), bench_threads(threads)
     if threads != asked:
         log.warning("%d threads asked for, %d CPUs available: measuring with %d (ONNX Runtime's pool cannot be larger, "
-                    "and eager PyTorch must run with the same count)", asked, threads, threads)
+                    "and eager PyTorch must run with the same count)", asked, available_cpus(), threads)
     budget_s = budget_s or (3000.0 if gpu else 270.0)
     options = CellOptions(repeats=repeats, budget_s=cell_budget_s or (60.0 if gpu else 20.0))
     compile_cap_s = compile_cap_s or (900.0 if gpu else 150.0)

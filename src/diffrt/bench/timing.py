@@ -131,7 +131,13 @@ def available_cpus() -> int:
 def default_threads() -> int:
     """DIFFRT_BENCH_THREADS, else every CPU this process may run on."""
     env = os.environ.get("DIFFRT_BENCH_THREADS", "").strip()
-    return int(env) if env else available_cpus()
+    if not env:
+        return available_cpus()
+    if not env.isdigit():
+        from diffrt.errors import DiffrtError
+
+        raise DiffrtError(f"DIFFRT_BENCH_THREADS={env!r} must be a whole number of threads (or unset: every CPU)")
+    return int(env)
 
 
 def bench_threads(threads: int | None = None) -> int:
