@@ -787,3 +787,40 @@ def test_a_moved_source_and_lora_are_a_hit_that_records_their_new_paths(classemb
     assert [e["path"] for e in manifest["loras"]] == [e["path"] for e in manifest["onnx_loras"]] == [str(moved_lora.resolve())]
     pipe = open_pixel_pipeline(out, "torch")
     assert pipe([1], num_inference_steps=2, output_type="pt").images.shape[0] == 1
+
+
+def test_a_bf16_tensorrt_artifact_on_onnxruntime_is_one_line(classemb_model_dir, tmp_path):
+    """The bug: where TensorRT does not run, a bf16 artifact (TensorRT's only) fell to ONNX Runtime, which failed with
+    a 37-line InvalidGraph traceback (no bf16 Conv); export already refuses to make one for ONNX Runtime."""
+    from diffrt.errors import BackendUnavailableError
+    from diffrt.runtime.loading import artifact_backend, open_pixel_pipeline
+
+    out = export_pixel_model(classemb_model_dir, tmp_path / "artifact", ExportOptions(verify=False)).folder
+    manifest = mf.read_manifest(out)  # as a --backend tensorrt --precision bf16 export records its components
+    manifest["precision"] = manifest["components"]["unet"]["precision"] = "bf16"
+    mf.write_manifest(out, manifest)
+    with pytest.raises(BackendUnavailableError, match=r"its unet was built at bf16 for TensorRT, which ONNX Runtime cannot run"):
+        open_pixel_pipeline(out, artifact_backend(out))  # no backend named: the one it runs on here
+
+
+@pytest.mark.parametrize("damage", ["class embedding missing", "diffrt.json classes off by one"])
+def test_a_class_model_whose_files_disagree_is_one_line(classemb_model_dir, classchan_model_dir, tmp_path, damage):
+    """Each was a traceback: FileNotFoundError from safetensors, or IndexError mid-sampling when the null label
+    reached an embedding table one row short."""
+    import json
+    import shutil
+
+    from diffrt.errors import DiffrtError
+    from diffrt.models import load_pixel_model
+
+    if damage == "class embedding missing":
+        model = shutil.copytree(classchan_model_dir, tmp_path / "model")
+        shutil.rmtree(model / "class_embedding")
+        words = r"class_embedding/model.safetensors is missing"
+    else:
+        model = shutil.copytree(classemb_model_dir, tmp_path / "model")
+        info = json.loads((model / "diffrt.json").read_text())
+        (model / "diffrt.json").write_text(json.dumps({**info, "num_classes": info["num_classes"] + 1}))
+        words = r"gives \d+ classes but the UNet has \d+ class embeddings; expected \d+ \(one more, the null class\)"
+    with pytest.raises(DiffrtError, match=words):
+        load_pixel_model(model)

@@ -182,11 +182,23 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
         log.warning("%s has no %s: taking class embedding %d of its %d as the null class that classifier-free "
                     "guidance and label dropout use, and 0..%d as its classes", folder, DIFFRT_CONFIG, n - 1, n, n - 2)
         info = PixelModelInfo("class_embedding", num_classes=n - 1)
+    # num_classes labels and the null one: a diffrt.json that disagrees with the weights failed only when the null
+    # label reached the embedding (IndexError, mid-sampling).
+    if info.conditioning == "class_embedding" and unet.config.num_class_embeds != info.num_classes + 1:
+        raise DiffrtError(f"{folder / DIFFRT_CONFIG} gives {info.num_classes} classes but the UNet has "
+                          f"{unet.config.num_class_embeds} class embeddings; expected {info.num_classes + 1} (one more, the "
+                          "null class): restore the file the trainer wrote")
     class_embedding = None
     if info.conditioning == "class_channels" and weights:
         from safetensors.torch import load_file
 
-        state = load_file(folder / "class_embedding" / "model.safetensors")
+        path = folder / "class_embedding" / "model.safetensors"
+        if not path.is_file():
+            raise DiffrtError(f"{path} is missing: a class-channels model keeps its label embedding there; restore it")
+        state = load_file(path)
+        if state["weight"].shape[0] != info.num_classes + 1:
+            raise DiffrtError(f"{path} holds {state['weight'].shape[0]} label embeddings but {DIFFRT_CONFIG} gives "
+                              f"{info.num_classes} classes; expected {info.num_classes + 1} (one more, the null class)")
         class_embedding = nn.Embedding(*state["weight"].shape)
         class_embedding.load_state_dict(state)
     scheduler_file = scheduler_config_file(folder)

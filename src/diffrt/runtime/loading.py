@@ -197,6 +197,9 @@ def open_component(folder: Path, manifest: dict, name: str, backend: str, device
     from diffrt.export.onnx import check_onnx_files
     from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
+    if component_precision(manifest, name) == "bf16":  # ONNX Runtime has no bf16 kernels for these graphs (export refuses to make one)
+        raise BackendUnavailableError(f"{folder}: its {name} was built at bf16 for TensorRT, which ONNX Runtime cannot run; "
+                                      "use --backend tensorrt on a machine with an NVIDIA GPU, or re-export at fp16 or fp32")
     check_onnx_weights(folder, manifest)
     check_onnx_files(folder / name / "model.onnx")
     return OnnxRuntimeBackend(folder / name / "model.onnx", spec, device=device, strict=strict)
