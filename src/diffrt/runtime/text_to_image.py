@@ -51,20 +51,18 @@ from typing import Any, Callable, Sequence
 import torch
 
 from diffrt.components import CONTROL_CHANNELS, num_controlnets, vae_encoder_spec
-from diffrt.errors import BackendUnavailableError, DiffrtError, ShapeOutOfRangeError
+from diffrt.errors import BackendUnavailableError, DiffrtError
 from diffrt.images import to_unit_range
 from diffrt.runtime import ddim, lcm
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance
 from diffrt.runtime.lora_scale import RuntimeLora
-from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, check_count, check_number,
-                                     check_output_type, convert_output, guidance_in_pytorch, make_generator, refuse_not_taken,
-                                     to_unit_range_unclamped)
-from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators,
-                                     choose_scheduler, randn, sample)
-from diffrt.runtime.text_to_image_inputs import (check_embeds, check_strength, control_batches, control_keep, control_scales,
-                                                 control_windows, image_batch, latent_batch, prompt_lists, sample_posterior)
+from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, convert_output, guidance_in_pytorch,
+                                     refuse_not_taken, to_unit_range_unclamped)
+from diffrt.runtime.sampling import Generators, SamplerOptions, Scheduler, check_finite, choose_scheduler, randn, sample
+from diffrt.runtime.text_to_image_checks import Call, TextToImageChecks
+from diffrt.runtime.text_to_image_inputs import control_keep, sample_posterior
 
 log = logging.getLogger(__name__)
 
@@ -88,29 +86,6 @@ def cut_off(tokenizer, prompt: str, max_length: int) -> tuple[int, str] | None:
     return (len(full) - max_length, tokenizer.decode(full[max_length - 1 : -1])) if len(full) > max_length else None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    """One call's arguments once checked and resolved (the pipeline's step 1): what its later steps read."""
-
-    prompts: list[str]
-    negatives: list[str]  # "" for each prompt without one
-    per_prompt: int  # num_images_per_prompt
-    batch: int  # images: prompts x per_prompt
-    do_cfg: bool  # both branches, 2B rows
-    height: int
-    width: int
-    init: torch.Tensor | None  # img2img's images [B, 3, H, W] in [0, 1], or latents [B, C, h, w] (init_is_latents)
-    init_is_latents: bool
-    control: list[torch.Tensor] | None  # one image batch per ControlNet
-    scales: list[float]  # one conditioning scale per ControlNet ([] without)
-    control_windows: list[tuple[float, float]]  # (start, end) fraction of the steps, per ControlNet
-    guess: bool  # diffusers' guess mode under CFG: the ControlNets see the conditional half only
-    generator: Generators
-    schedule: Any  # the sampler's schedule (sampling.Schedule), img2img's tail of it
-    clip_skip: int  # text encoder layers skipped before the final layer norm (0: its last hidden state)
-    encodes_image: bool  # the VAE encoder runs (img2img from pixels, no latents given)
-
-
 class _PerStep:
     """Model inputs that change from step to step, one dict per step: the loop names each step (SamplerOptions.at_step)
     before its model calls, so a step is found by its index, not by its timestep, which a Karras schedule may repeat."""
@@ -125,7 +100,7 @@ class _PerStep:
         return self.rows[self.step]
 
 
-class TextToImagePipeline(DenoiserPipeline):
+class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
     """Guided DDIM, LCM, DPM-Solver++ or Euler sampling of a latent diffusion model: txt2img, img2img, ControlNet, CFG in one 2B batch."""
 
     def __init__(self, text_encoder: Backend, unet: Backend, vae_decoder: Backend, tokenizer, scheduler: ddim.DDIMConfig, *,
@@ -260,93 +235,7 @@ class TextToImagePipeline(DenoiserPipeline):
 
     # --- the steps --------------------------------------------------------------------------------
 
-    def _check_call(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,
-                    guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed, image, strength,
-                    control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode,
-                    output_type, latents, scheduler, timesteps, clip_skip) -> "_Call":
-        """Step 1: every argument checked (one DiffrtError line for the first bad one, before any model runs) and
-        resolved: the prompts, the size, the images as batches, the generators and the schedule."""
-        check_output_type(output_type, ("pil", "np", "pt", "latent"))
-        # prompt_embeds and negative_prompt_embeds: diffusers' way in for weighted prompts (compel) and cached
-        # encodings; negative_prompt_embeds also beside prompts given as text, as diffusers takes them.
-        check_embeds(prompt_embeds, negative_prompt_embeds, prompt, negative_prompt)
-        if prompt_embeds is not None:
-            self._check_embeds_fit(prompt_embeds)
-            prompt = [""] * prompt_embeds.shape[0]  # one per row: the count, and the metadata's prompts
-        prompts, negatives = prompt_lists(prompt, negative_prompt)
-        if negative_prompt_embeds is not None and prompt_embeds is None:
-            self._check_embeds_fit(negative_prompt_embeds, "negative_prompt_embeds")
-            want = (len(prompts), self.max_length)
-            if tuple(negative_prompt_embeds.shape[:2]) != want:
-                raise DiffrtError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)} but the {len(prompts)} "
-                                  f"prompt(s) encode to {(*want, negative_prompt_embeds.shape[-1])}; give one row of "
-                                  f"{self.max_length} tokens per prompt, or pass prompt_embeds of the same shape")
-        check_count("num_images_per_prompt", num_images_per_prompt)
-        clip_skip = self.check_clip_skip(clip_skip)
-        check_number("guidance_scale", guidance_scale, hint=" (diffusers' default 7.5; <= 1 turns classifier-free guidance off)")
-        for name, side in (("height", height), ("width", width)):
-            if side is not None:
-                check_count(name, side, None)
-        check_number("eta", eta, 0.0, 1.0)
-        check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, " (diffusers' default 0.0; 0.7 is the paper's)")
-        if image is not None and latents is not None:  # diffusers' img2img takes no latents: one would be ignored
-            raise DiffrtError("pass image (image-to-image: its latents are noised to the first step) or latents (the noise to "
-                              "start from), not both")
-        if latents is not None and not isinstance(latents, torch.Tensor):
-            raise DiffrtError(f"latents must be a torch tensor [batch, channels, height/8, width/8], got {type(latents).__name__}")
-        if control_image is not None and not self.has_controlnet:
-            raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
-        if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0
-            controlnet_conditioning_scale = 0.8 if image is not None else 1.0
-        scales = control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []
-        if self.has_controlnet:  # the fraction of the steps each ControlNet runs, as diffusers' ControlNet pipelines
-            windows = control_windows(control_guidance_start, control_guidance_end, self.num_controlnets)
-        elif (control_guidance_start, control_guidance_end) != (0.0, 1.0):
-            raise DiffrtError("control_guidance_start/end need a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
-        else:
-            windows = []
-        control = (control_batches(control_image, self.num_controlnets, height, width, self.vae_factor)
-                   if control_image is not None else None)
-        # img2img's `image`: pixels, or latents as diffusers' img2img takes them (a tensor with the VAE's latent
-        # channels, e.g. an output_type="latent" result: used as they are, not encoded).
-        init_is_latents = image is not None and self._is_latent_image(image)
-        if init_is_latents:
-            init = latent_batch(image, height, width, self.vae_factor)
-        else:
-            init = image_batch(image, height, width, self.vae_factor) if image is not None else None
-        init_size = tuple(self.vae_factor * d for d in init.shape[-2:]) if init_is_latents else init.shape[-2:] if init is not None else None
-        if control is not None and init is not None and init_size != control[0].shape[-2:]:
-            (ih, iw), (ch, cw) = init_size, control[0].shape[-2:]
-            raise DiffrtError(f"image is {ih}x{iw} pixels but control_image {ch}x{cw}; give images of one size "
-                              "or pass height and width to resize both")
-        sized = control[0].shape[-2:] if control is not None else init_size
-        if sized is None and isinstance(latents, torch.Tensor) and latents.dim() == 4:  # diffusers samples latents at their size
-            sized = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
-        height = height or (sized[-2] if sized is not None else self.default_size)
-        width = width or (sized[-1] if sized is not None else self.default_size)
-        self.check_size(height, width)
-        batch, do_cfg = len(prompts) * num_images_per_prompt, self.uses_cfg(guidance_scale)
-        if init is not None and batch % init.shape[0]:
-            raise DiffrtError(f"got {init.shape[0]} images to start from for {batch} images ({len(prompts)} prompts x "
-                              f"{num_images_per_prompt} per prompt); pass 1 image, or one per prompt")
-        self.check_batch(len(prompts), batch, do_cfg)
-        guess = self._guess_mode(guess_mode, control is not None) and do_cfg
-        if guess:  # the UNet runs each CFG half on its own
-            self.unet.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images, each CFG half apart in guess mode)")
-        if self.guidance_embed_dim is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
-            log.warning("the UNet is guidance-distilled (time_cond_proj_dim): it takes the guidance scale as timestep_cond "
-                        "and runs no classifier-free guidance, so the negative prompt is unused, as in diffusers")
-        generator = make_generator(generator, seed)
-        check_generators(generator, batch)
-        schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps,
-                                          control=control is not None)
-        if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
-            schedule = schedule.tail(check_strength(strength, len(schedule)))
-        return _Call(prompts, negatives, num_images_per_prompt, batch, do_cfg, height, width, init, init_is_latents,
-                     control, scales, windows, guess, generator, schedule, clip_skip,
-                     encodes_image=init is not None and not init_is_latents and latents is None)
-
-    def _encode_prompts(self, call: "_Call", prompt_embeds, negative_prompt_embeds):
+    def _encode_prompts(self, call: "Call", prompt_embeds, negative_prompt_embeds):
         """Step 2: (embeddings [2B or B, tokens, hidden], what truncation cut from each prompt and each negative prompt,
         whether the text encoder ran). Texts are encoded in one batch; given embeddings take their texts' place."""
         n = len(call.prompts)
@@ -377,7 +266,7 @@ class TextToImagePipeline(DenoiserPipeline):
         embeds = torch.cat([part.to(self.device, torch.float32) for part in parts])
         return embeds.repeat_interleave(call.per_prompt, dim=0), truncated, truncated_neg, bool(texts)  # [p0, p0, p1, p1] as diffusers
 
-    def _initial_latents(self, call: "_Call", latents: torch.Tensor | None) -> torch.Tensor:
+    def _initial_latents(self, call: "Call", latents: torch.Tensor | None) -> torch.Tensor:
         """Step 3: x at the first step: `latents` as given, the image's latents noised to the first timestep
         (img2img), or noise drawn from the call's generators; the sampler scales noise by its init_noise_sigma."""
         shape = (call.batch, self.latent_channels, call.height // self.vae_factor, call.width // self.vae_factor)
@@ -390,7 +279,7 @@ class TextToImagePipeline(DenoiserPipeline):
             return self._noised_image_latents(call.init, call.batch, call.schedule, call.generator, encoded=call.init_is_latents)
         return call.schedule.initial_noise(randn(shape, call.generator, self.device, torch.float32))
 
-    def _conditioning(self, call: "_Call", embeds: torch.Tensor, guidance_scale: float) -> dict:
+    def _conditioning(self, call: "Call", embeds: torch.Tensor, guidance_scale: float) -> dict:
         """Step 4's inputs besides x and t: the prompt embeddings, the ControlNets' images and scales, and for a
         guidance-distilled UNet the embedding of w = guidance_scale - 1 per image, as StableDiffusionPipeline feeds
         it (float32 here: the latents' dtype there)."""
@@ -402,26 +291,7 @@ class TextToImagePipeline(DenoiserPipeline):
             feed.update(self._control_feed(call.control, call.scales, call.batch, call.per_prompt, call.height, call.width, call.do_cfg))
         return feed
 
-    def _guess_mode(self, asked, control: bool) -> bool:
-        """Whether a call runs diffusers' guess mode: asked for, or set by the first ControlNet's global_pool_conditions
-        (a shuffle ControlNet), as StableDiffusionControlNetPipeline sets it. diffrt's fused graph computes it exactly
-        where every ControlNet pools its conditions; for one that does not, guess mode scales its residuals by depth
-        (logspace(-1, 0)), which the graph does not take: refused by name rather than run otherwise."""
-        if not isinstance(asked, bool):
-            raise DiffrtError(f"guess_mode must be True or False, got {asked!r}")
-        if asked and not self.has_controlnet:
-            raise DiffrtError("guess_mode needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
-        pooled = self.controlnet_global_pool
-        guess = control and (asked or pooled[:1] == [True])
-        if guess and not all(pooled):
-            which = ", ".join(str(i) for i, p in enumerate(pooled) if not p)
-            why = "asked for" if asked else "set by the first ControlNet's global_pool_conditions, as diffusers sets it"
-            raise DiffrtError(f"guess mode ({why}) scales the residuals of ControlNet {which}, which has no global_pool_conditions, "
-                              "by depth, and diffrt's fused UNet+ControlNet graph does not; not supported"
-                              + ("; leave guess_mode off" if asked else "; put the pooling ControlNet(s) after the others"))
-        return guess
-
-    def _step_inputs(self, call: "_Call") -> "_PerStep | None":
+    def _step_inputs(self, call: "Call") -> "_PerStep | None":
         """Inputs that change from step to step: the ControlNets' conditioning scales where control_guidance_start/end
         switch some off for part of the steps (their scale times diffusers' controlnet_keep, so a ControlNet off adds
         exactly zero); None when no input changes."""
@@ -461,58 +331,10 @@ class TextToImagePipeline(DenoiserPipeline):
         eps_u, eps_c = (run({**half, "sample": x_t, "timestep": t.expand(x_t.shape[0])}) for half in halves)
         return eps_u, eps_c
 
-    # --- checks -----------------------------------------------------------------------------------
-
-    def _check_embeds_fit(self, embeds: torch.Tensor, name: str = "prompt_embeds") -> None:
-        """prompt_embeds' hidden size must be the UNet's cross-attention width, and their length within
-        the UNet's sequence range (an exported graph's; eager PyTorch takes a compel-style longer one)."""
-        spec = self.unet.spec
-        (dims,) = [t.dims for t in spec.inputs if t.name == "encoder_hidden_states"]
-        if isinstance(dims[-1], int) and embeds.shape[-1] != dims[-1]:
-            raise DiffrtError(f"{name} have hidden size {embeds.shape[-1]} but the UNet attends to {dims[-1]}; "
-                              "encode the prompts with this model's text encoder")
-        if not self.backend.startswith("torch") and "sequence" in spec.ranges:
-            spec.check_size("sequence", embeds.shape[1], what=f"{name} of {embeds.shape[1]} tokens")
-
-    def check_clip_skip(self, clip_skip) -> int:
-        """clip_skip as diffusers takes it (None: 0, the last hidden state), within the text encoder's layers."""
-        if clip_skip is None:
-            return 0
-        check_count("clip_skip", clip_skip, 0)
-        skip = next((t for t in self.text_encoder.spec.inputs if t.name == "clip_skip"), None)
-        if skip is None and clip_skip:
-            raise DiffrtError(f"clip_skip {clip_skip}: this {self.text_encoder.name} text encoder was exported before diffrt took "
-                              "clip_skip; re-export the artifact (its text encoder alone is rebuilt)")
-        if skip is not None and clip_skip >= skip.high:
-            raise DiffrtError(f"clip_skip must be below the text encoder's {skip.high} layers, got {clip_skip}")
-        return clip_skip
+    # --- checks (the others: text_to_image_checks.TextToImageChecks) ------------------------------
 
     def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:
         return check_finite(tensor, component) if self.check_outputs else tensor
-
-    def check_size(self, height: int, width: int) -> None:
-        """ShapeOutOfRangeError unless the UNet runs this image size (a multiple, inside its range); public
-        with check_batch for callers that refuse a request before queueing it (`diffrt serve`)."""
-        spec, f = self.unet.spec, self.vae_factor
-        step = f * spec.multiple_of.get("height", 1)
-        for name, size in (("height", height), ("width", width)):
-            if size % step:
-                why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else "the VAE's downsampling factor"
-                raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {max(step, size // step * step)}")
-            lo, _, hi = spec.ranges[name]
-            if not lo * f <= size <= hi * f:
-                if spec.eager:
-                    raise ShapeOutOfRangeError(f"{name} {size} is outside the range eager PyTorch runs the {spec.name} at "
-                                               f"[{lo * f}, {hi * f}] pixels; ask for a size inside it")
-                raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "
-                                           f"pixels; re-export with a wider --{name} range or ask for a size inside it")
-
-    def check_batch(self, num_prompts: int, batch: int, do_cfg: bool) -> None:
-        k = 2 if do_cfg else 1
-        why = " x 2 for classifier-free guidance" if do_cfg else ""
-        self.text_encoder.spec.check_size("batch", num_prompts * k, what=f"batch {num_prompts * k} ({num_prompts} prompts{why})")
-        self.unet.spec.check_size("batch", batch * k, what=f"batch {batch * k} ({batch} images{why})")
-        self.vae_decoder.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images)")
 
     # --- helpers of the steps ------------------------------------------------------------------------
 
@@ -528,13 +350,6 @@ class TextToImagePipeline(DenoiserPipeline):
                 log.warning("prompt longer than the text encoder's %d tokens was truncated; dropped: %r", n, cut[1])
             truncated.append(cut[1] if cut is not None else None)
         return ids, truncated
-
-    def _is_latent_image(self, image) -> bool:
-        """Whether img2img's `image` is latents, as diffusers' VaeImageProcessor.preprocess tells them: a tensor
-        (or list of tensors) whose channels are the VAE's latent channels (4; never 1 or 3, an image's)."""
-        first = image[0] if isinstance(image, (list, tuple)) and image else image
-        return (isinstance(first, torch.Tensor) and first.dim() in (3, 4) and self.latent_channels not in (1, 3)
-                and first.shape[-3] == self.latent_channels)
 
     def _noised_image_latents(self, init: torch.Tensor, batch: int, schedule, generator: Generators,
                               encoded: bool = False) -> torch.Tensor:
