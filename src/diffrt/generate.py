@@ -198,12 +198,12 @@ def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], prog
                 num_inference_steps=req.num_inference_steps, scheduler=scheduler,
                 guidance_scale=default_scale if req.guidance_scale is None else req.guidance_scale,
                 guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
-                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, guidance=guidance, output_type="pt",
+                controlnet_conditioning_scale=_one_or_list(req.control_scale, None), guidance=guidance, output_type="pt",
                 control_guidance_start=_one_or_list(req.control_guidance_start, 0.0),
                 control_guidance_end=_one_or_list(req.control_guidance_end, 1.0), clip_skip=req.clip_skip, progress=progress)
 
 
-def _one_or_list(value, default: float):
+def _one_or_list(value, default: float | None):
     """A repeatable flag as the pipeline takes it: the default when not given, one number, or one per ControlNet."""
     values = _listed(value)
     return default if not values else values[0] if len(values) == 1 else values

@@ -151,6 +151,12 @@ async def answer_unless_gone(generating: Awaitable[Answer], receive) -> Answer:
 
 # -- guards in front of the app (before the body is parsed) -----------------------------------
 
+def content_type_problem(headers) -> str | None:
+    """None if the body is declared JSON (or not declared: JSON is assumed), else the 415's message."""
+    kind = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    return None if kind == "application/json" else f"Content-Type must be application/json, got {kind}"
+
+
 def api_key_problem(headers, key: bytes) -> str | None:
     """None if the headers carry the key (`Authorization: Bearer KEY` or `X-API-Key: KEY`), else why not."""
     given = headers.get("x-api-key")
@@ -197,9 +203,9 @@ class GuardMiddleware:
             problem = api_key_problem(headers, self.api_key)
             if problem:
                 return await error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        kind = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if scope["method"] == "POST" and kind != "application/json":
-            return await error_response(415, f"Content-Type must be application/json, got {kind}")(scope, receive, send)
+        problem = content_type_problem(headers) if scope["method"] == "POST" else None
+        if problem:
+            return await error_response(415, problem)(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await self._too_large(int(length), scope, receive, send)

@@ -34,8 +34,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, ServeConfig, answer_response, api_key_problem, error_response,
-                              request_error_response, validation_error_response)
+from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, ServeConfig, answer_response, api_key_problem, content_type_problem,
+                              error_response, request_error_response, validation_error_response)
 from diffrt.serve.runtime import ServeRuntime
 from diffrt.serve.schema import GenerateBody, RequestError
 
@@ -80,9 +80,9 @@ class DiffrtDeployment:
             problem = api_key_problem(request.headers, self.api_key)
             if problem:
                 return error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})
-        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if kind != "application/json":  # as `diffrt serve`'s guard refuses it
-            return error_response(415, f"Content-Type must be application/json, got {kind}")
+        problem = content_type_problem(request.headers)  # as `diffrt serve`'s guard refuses it
+        if problem:
+            return error_response(415, problem)
         chunks, size = [], 0
         async for chunk in request.stream():  # bounded read: stop at the limit
             chunks.append(chunk)
