@@ -220,16 +220,16 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
 def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False) -> ImageDataset:
     """A bundled dataset by name, or a folder (flat for unlabelled, class sub-folders for labelled). A folder
     named like a bundled set wins, as a local folder wins over a Hub id (hub.py), and says so."""
-    if source in BUNDLED and Path(source).is_dir():
+    bundled = source in BUNDLED and not Path(source).is_dir()
+    if source in BUNDLED and not bundled:
         log.warning("--data %s: using the folder %s, not the bundled set of that name (give ./%s's images another folder "
                     "name to train on the bundled one)", source, Path(source).resolve(), source)
-        return load_class_folders(source, size, crop, random_flip) if labelled else load_image_folder(source, size, crop, random_flip)
-    if source == "digits":
+    if bundled and source == "digits":
         if random_flip or crop != "center":
             raise DataError("--random-flip and --crop apply to image folders and 'chelsea'; the bundled digits are drawn "
                             "at the model's size, and a mirrored digit is another symbol: leave them out for --data digits")
         return load_digits(size=size)
-    if source == "chelsea":
+    if bundled and source == "chelsea":
         if labelled:
             raise DataError("'chelsea' is one subject, not classes; give a folder with one sub-folder per class")
         images, uncropped = _prepare(chelsea_crops(), size, crop)
