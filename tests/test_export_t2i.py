@@ -99,10 +99,10 @@ def test_component_matches_pytorch_across_ranges(t2i_artifact, manifest, model, 
             assert compare(expected[out], got[out]).max_rel <= TOL, (name, out, sizes)
 
 
-def diffusers_controlnet_step(unet, controlnet, feed, scale):
-    """One step's noise prediction (and residuals) as StableDiffusionControlNetPipeline computes it,
-    guess_mode off. `controlnet` is a ControlNetModel, or a MultiControlNetModel whose ControlNets
-    each take their own RGB image (stacked on the channel axis in the feed) at their own scale."""
+def diffusers_controlnet_step(unet, controlnet, feed, scale, guess_mode=False):
+    """One step's noise prediction (and residuals) as StableDiffusionControlNetPipeline computes it for the
+    conditional half. `controlnet` is a ControlNetModel, or a MultiControlNetModel whose ControlNets each take
+    their own RGB image (stacked on the channel axis in the feed) at their own scale."""
     from diffusers import MultiControlNetModel
 
     t = feed["timestep"][0].long()  # diffusers passes the scheduler's int64 timestep
@@ -111,7 +111,7 @@ def diffusers_controlnet_step(unet, controlnet, feed, scale):
         cond = list(cond.split(3, dim=1))
     with torch.no_grad():
         down, mid = controlnet(feed["sample"], t, encoder_hidden_states=feed["encoder_hidden_states"], controlnet_cond=cond,
-                               conditioning_scale=scale, guess_mode=False, return_dict=False)
+                               conditioning_scale=scale, guess_mode=guess_mode, return_dict=False)
         noise = unet(feed["sample"], t, encoder_hidden_states=feed["encoder_hidden_states"],
                      down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
     return noise, [*down, mid]
@@ -119,21 +119,25 @@ def diffusers_controlnet_step(unet, controlnet, feed, scale):
 
 def assert_controlnet_graphs_equal_diffusers(artifact, manifest, unet, controlnet, scales, seed, timestep):
     """The fused unet_controlnet graph's noise and the standalone controlnet graph's residuals equal
-    diffusers' at each of two scale settings, which must give different steps (the scales are live)."""
+    diffusers' at each of two scale settings, which must give different steps (the scales are live), and in
+    guess mode, where each ControlNet's row of scales holds its scale times logspace(-1, 0) by depth."""
     fused, alone = ort(artifact, manifest, "unet_controlnet"), ort(artifact, manifest, "controlnet")
     feed = fused.spec.example_feed(seed=seed, batch=2)
     feed["timestep"] = torch.full((2,), timestep)
+    k, r = feed["conditioning_scale"].shape
     preds = []
-    for scale in scales:
-        feed["conditioning_scale"] = torch.tensor(scale if isinstance(scale, list) else [scale])
-        expected, residuals = diffusers_controlnet_step(unet, controlnet, feed, scale)
+    for scale, guess_mode in ((scales[0], False), (scales[1], False), (scales[1], True)):
+        weights = torch.logspace(-1, 0, r) if guess_mode else torch.ones(r)
+        feed["conditioning_scale"] = torch.tensor(scale if isinstance(scale, list) else [scale] * k)[:, None] * weights
+        expected, residuals = diffusers_controlnet_step(unet, controlnet, feed, scale, guess_mode)
         got = fused.run(feed)["noise_pred"]
-        assert compare(expected, got).max_rel <= TOL
+        assert compare(expected, got).max_rel <= TOL, guess_mode
         outs = alone.run(feed)
         for spec, ref in zip(alone.spec.outputs, residuals):
-            assert compare(ref, outs[spec.name]).max_rel <= TOL, spec.name
+            assert compare(ref, outs[spec.name]).max_rel <= TOL, (spec.name, guess_mode)
         preds.append(got)
     assert (preds[0] - preds[1]).abs().max() > 1e-3  # non-zero ControlNet outputs: the scales are live in the graph
+    assert (preds[1] - preds[2]).abs().max() > 1e-3  # and so are the depth weights
 
 
 def test_fused_unet_controlnet_equals_diffusers(t2i_artifact, manifest, model):
@@ -166,7 +170,7 @@ def test_two_controlnets_manifest_records_them_in_order(t2i_multi_artifact, mult
     assert "controlnet" not in source["parts"] and set(multi_manifest["components"]) == COMPONENTS - {"vae_encoder"}
     for name in ("unet_controlnet", "controlnet"):
         inputs = {t["name"]: t["dims"] for t in multi_manifest["components"][name]["spec"]["inputs"]}
-        assert inputs["controlnet_cond"] == ["batch", 6, "image_height", "image_width"] and inputs["conditioning_scale"] == [2]
+        assert inputs["controlnet_cond"] == ["batch", 6, "image_height", "image_width"] and inputs["conditioning_scale"] == [2, 5]  # 2 ControlNets, 4 down residuals + mid
         assert multi_manifest["components"][name]["parity"]["onnxruntime"]["passed"], name
 
 

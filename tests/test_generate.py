@@ -146,6 +146,11 @@ def test_generate_with_two_controlnets_equals_the_pipeline(t2i_folder, t2i_contr
     expected = pipe("a cat", num_inference_steps=4, guidance_scale=7.5, seed=3, output_type="np",
                     control_image=[load_image(p) for p in control_pngs], control_guidance_start=[0.5, 0.0], control_guidance_end=0.9)
     np.testing.assert_allclose(np.load(tmp_path / "window.npy"), expected.images, atol=1e-6)
+    assert main([*args, "--control-scale", "0.8", "--guess-mode", "--out", str(tmp_path / "guess.npy")]) == 0
+    expected = pipe("a cat", num_inference_steps=2, guidance_scale=7.5, seed=3, output_type="np",
+                    control_image=[load_image(p) for p in control_pngs], controlnet_conditioning_scale=0.8, guess_mode=True).images
+    np.testing.assert_allclose(np.load(tmp_path / "guess.npy"), expected, atol=1e-6)
+    assert np.abs(np.load(tmp_path / "guess.npy") - np.load(tmp_path / "one.npy")).max() > 1e-3
 
 
 def test_controlnet_count_mismatches_are_one_line(t2i_folder, t2i_controlnet_b, t2i_multi_artifact, control_pngs, tmp_path, capsys):

@@ -312,14 +312,72 @@ def test_a_pooling_controlnet_runs_guess_mode_as_the_controlnet_pipeline(pooled_
     assert max_abs(run(onnx, control_image=control_image, seed=1).images, eager) <= 1e-3
 
 
-def test_guess_mode_the_fused_graph_cannot_run_is_refused(torch_cn_pipe, torch_pipe, control_image):
-    """Guess mode scales a non-pooling ControlNet's residuals by depth (diffusers' ControlNetModel), which the fused
-    graph does not take: refused by name, not run otherwise."""
-    with pytest.raises(DiffrtError, match=r"guess mode \(asked for\) scales the residuals of ControlNet 0.*leave guess_mode off") as info:
-        run(torch_cn_pipe, control_image=control_image, guess_mode=True, num_inference_steps=1)
-    assert "\n" not in str(info.value)
+def test_guess_mode_equals_the_controlnet_pipeline(t2i_folder, t2i_controlnet_b, torch_cn_pipe, torch_multi_pipe, torch_pipe,
+                                                    control_image, control_images, t2i_artifact):
+    """guess_mode=True for ControlNets that do not pool their conditions: diffusers' ControlNetModel weights their
+    residuals by depth (logspace(-1, 0), 0.1 at the first to 1 at the mid block) and, under CFG, gives the
+    unconditional half none. One ControlNet and two, eager and over the exported fused graph (which takes a scale
+    per residual), equal diffusers' pipeline; the mode changes the image."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    net_a, net_b = ControlNetModel.from_pretrained(t2i_folder / "controlnet"), ControlNetModel.from_pretrained(t2i_controlnet_b)
+    one = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, controlnet=net_a)
+    expected = run_diffusers(one, image=control_image, controlnet_conditioning_scale=0.7, guess_mode=True, seed=1)
+    result = run(torch_cn_pipe, control_image=control_image, controlnet_conditioning_scale=0.7, guess_mode=True, seed=1)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+    assert result.metadata["guess_mode"] is True
+    plain = run(torch_cn_pipe, control_image=control_image, controlnet_conditioning_scale=0.7, seed=1).images
+    assert max_abs(plain, expected) > 1e-2  # the depth weights and the unconditional half matter
+
+    multi = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, controlnet=[net_a, net_b])
+    window = dict(control_guidance_end=[1.0, 0.5], num_inference_steps=4)
+    expected = run_diffusers(multi, image=control_images, controlnet_conditioning_scale=[0.5, 1.5], guess_mode=True, seed=1, **window)
+    result = run(torch_multi_pipe, control_image=control_images, controlnet_conditioning_scale=[0.5, 1.5], guess_mode=True, seed=1,
+                 **window)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+
+    from diffrt.runtime.text_to_image_loading import artifact_text_to_image_pipeline
+
+    ort = artifact_text_to_image_pipeline(t2i_artifact, "onnxruntime")
+    eager = run(torch_cn_pipe, control_image=control_image, guess_mode=True, seed=1).images
+    assert max_abs(run(ort, control_image=control_image, guess_mode=True, seed=1).images, eager) <= 1e-3
     with pytest.raises(DiffrtError, match="guess_mode needs a ControlNet"):
         run(torch_pipe, guess_mode=True, num_inference_steps=1)
+
+
+def test_a_fused_graph_exported_before_depth_scales_runs_and_refuses_only_guess_mode(t2i_folder, t2i_artifact, control_image, tmp_path):
+    """An artifact from an earlier diffrt has a fused graph taking one scale per ControlNet ([K]): it runs as before,
+    and guess mode for a ControlNet that does not pool, which needs a scale per residual, is refused by name."""
+    import dataclasses
+
+    from diffrt.components import TensorSpec
+    from diffrt.export.onnx import export_onnx
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from diffrt.text_to_image_models import load_controlnets, load_unet
+
+    class Before(torch.nn.Module):  # the fused component as diffrt exported it until the scales had a residual axis
+        def __init__(self, unet, controlnet):
+            super().__init__()
+            self.unet, self.controlnet = unet, controlnet
+
+        def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+            down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
+                                        conditioning_scale=conditioning_scale[0], return_dict=False)
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid, return_dict=False)[0]
+
+    pipe = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", CPU)
+    new = pipe.unet.spec
+    spec = dataclasses.replace(new, inputs=tuple(TensorSpec(t.name, (1,)) if t.name == "conditioning_scale" else t for t in new.inputs))
+    model = Before(load_unet(t2i_folder), load_controlnets([t2i_folder / "controlnet"]))
+    path = export_onnx(model, spec, tmp_path / "unet_controlnet")
+    kwargs = dict(control_image=control_image, controlnet_conditioning_scale=0.6, num_inference_steps=2, seed=1, output_type="pt")
+    expected = pipe("a cat", **kwargs).images
+    pipe.unet = OnnxRuntimeBackend(path, spec, threads=1)
+    assert max_abs(pipe("a cat", **kwargs).images, expected) <= 1e-4
+    with pytest.raises(DiffrtError, match="takes one scale per ControlNet; export it again, or leave guess_mode off") as info:
+        pipe("a cat", guess_mode=True, **kwargs)
+    assert "\n" not in str(info.value)
 
 
 def test_control_guidance_goes_by_step_where_a_karras_schedule_repeats_timesteps(t2i_folder, tmp_path, control_image):
@@ -334,7 +392,7 @@ def test_control_guidance_goes_by_step_where_a_karras_schedule_repeats_timesteps
                                       beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
     pipe = open_text_to_image_pipeline(folder, "torch", CPU, controlnet=folder / "controlnet")
     seen, run_unet = [], pipe.unet.run
-    pipe.unet.run = lambda inputs: seen.append(inputs["conditioning_scale"].item()) or run_unet(inputs)
+    pipe.unet.run = lambda inputs: seen.append(inputs["conditioning_scale"][0, -1].item()) or run_unet(inputs)
     for start, end in ((0.0, 0.3), (0.25, 1.0)):
         seen.clear()
         result = pipe("a cat", num_inference_steps=16, control_image=control_image, control_guidance_start=start,

@@ -135,6 +135,7 @@ def _cmd_generate(args) -> int:
         height=args.height, width=args.width, num_images=args.num_images, eta=args.eta, scheduler=args.scheduler, class_label=args.class_label,
         controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
         control_guidance_start=args.control_guidance_start, control_guidance_end=args.control_guidance_end, clip_skip=args.clip_skip,
+        guess_mode=args.guess_mode,
         image=args.image, strength=args.strength,
         loras=_loras(args), lora_scale=args.lora_scale, color=args.color, color_scale=args.color_scale,
         clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=args.clip_scale,
@@ -347,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of the steps at which a ControlNet starts (repeatable: one per ControlNet, or one for all; default 0)")
     ge.add_argument("--control-guidance-end", action="append", type=float, default=[], metavar="F",
                     help="fraction of the steps at which a ControlNet stops (repeatable as --control-guidance-start; default 1)")
+    ge.add_argument("--guess-mode", action="store_true",
+                    help="diffusers' ControlNet guess mode: the ControlNets see the prompt's half of the CFG batch only, "
+                         "their residuals weighted from 0.1 (shallowest) to 1 (mid block)")
     ge.add_argument("--clip-skip", type=int, default=None, metavar="N",
                     help="encode the prompt with the text encoder's layer N before the last, as diffusers' clip_skip (default 0)")
     ge.add_argument("--image", default=None, metavar="FILE", help="image-to-image: start from this image (text-to-image models)")

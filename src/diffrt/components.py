@@ -9,6 +9,7 @@ typed error naming the range, never an opaque engine failure).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -128,8 +129,8 @@ class ComponentSpec:
                 feed[spec.name] = torch.randint(0, spec.high, shape, generator=g, dtype=kind)
             elif spec.name == "timestep":
                 feed[spec.name] = torch.randint(0, 1000, shape, generator=g).to(kind)
-            elif spec.name == "conditioning_scale":  # one scale per ControlNet, each different so a swap shows
-                feed[spec.name] = torch.linspace(0.75, 1.25, shape[0], dtype=kind)
+            elif spec.name == "conditioning_scale":  # each scale different, so that a swap shows
+                feed[spec.name] = torch.linspace(0.75, 1.25, math.prod(shape), dtype=kind).reshape(shape)
             else:
                 feed[spec.name] = torch.randn(shape, generator=g, dtype=torch.float32).to(kind)
         return {k: v.to(device) for k, v in feed.items()}
@@ -229,18 +230,31 @@ def _latent_ranges(batch: Range, height: Range, width: Range, max_length: int) -
     return {"batch": batch, "height": height, "width": width, "sequence": (1, max_length, max_length)}
 
 
-def _control_inputs(num_controlnets: int) -> list[TensorSpec]:
+def _control_inputs(num_controlnets: int, num_residuals: int) -> list[TensorSpec]:
     # The conditioning images are in image pixels: their own axes, with ranges vae_factor x the latent
     # ones. K ControlNets take their K RGB images stacked on the channel axis, in the order they were
-    # exported, and one scale each: K = 1 is the single-ControlNet signature ([batch, 3, ...], [1]).
+    # exported, and one row of scales each, one scale per residual (down residuals, then mid): the
+    # ControlNet's conditioning scale, times diffusers' guess-mode depth weights where they apply, so one
+    # graph runs both modes. K = 1 is the single-ControlNet signature ([batch, 3, ...], [1, R]).
     return [TensorSpec("controlnet_cond", ("batch", CONTROL_CHANNELS * num_controlnets, "image_height", "image_width")),
-            TensorSpec("conditioning_scale", (num_controlnets,))]
+            TensorSpec("conditioning_scale", (num_controlnets, num_residuals))]
+
+
+def _scale_input(spec: ComponentSpec) -> TensorSpec | None:
+    return next((t for t in spec.inputs if t.name == "conditioning_scale"), None)
 
 
 def num_controlnets(spec: ComponentSpec) -> int:
     """How many ControlNets a controlnet / unet_controlnet component holds (0 for anything else)."""
-    scale = next((t for t in spec.inputs if t.name == "conditioning_scale"), None)
+    scale = _scale_input(spec)
     return int(scale.dims[0]) if scale is not None else 0
+
+
+def scaled_residuals(spec: ComponentSpec) -> int:
+    """R, the residuals whose scales a controlnet / unet_controlnet graph takes one by one (conditioning_scale
+    [K, R]); 0 for one exported before diffrt took guess mode's depth weights, which takes a scale per ControlNet ([K])."""
+    scale = _scale_input(spec)
+    return int(scale.dims[1]) if scale is not None and len(scale.dims) == 2 else 0
 
 
 def _image_ranges(height: Range, width: Range, vae_factor: int) -> dict[str, Range]:
@@ -265,7 +279,7 @@ def controlnet_spec(in_channels: int, hidden_size: int, residuals: list[tuple[in
                     num_controlnets: int = 1, pooled: bool = False) -> ComponentSpec:
     """controlnet (ControlNetModel, or diffusers' MultiControlNetModel for several) alone: the UNet's
     inputs + (controlnet_cond, conditioning_scale) -> down_block_res_0..N-1 and mid_block_res, each
-    ControlNet's multiplied by its scale and summed over the ControlNets.
+    ControlNet's multiplied by its row of scales, residual by residual, and summed over the ControlNets.
 
     `residuals` lists (channels, downscale) of each down residual, then the mid residual's. `pooled`: every
     ControlNet pools its conditions (global_pool_conditions, shuffle): each residual is 1 x 1, broadcast by the UNet."""
@@ -278,21 +292,23 @@ def controlnet_spec(in_channels: int, hidden_size: int, residuals: list[tuple[in
     outputs.append(TensorSpec("mid_block_res", ("batch", c, axis("height", d), axis("width", d))))
     return ComponentSpec(
         "controlnet",
-        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(num_controlnets)),
+        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(num_controlnets, len(residuals))),
         tuple(outputs),
         ranges={**_latent_ranges(batch, height, width, max_length), **_image_ranges(height, width, vae_factor)},
         multiple_of={"height": multiple, "width": multiple, "image_height": multiple * vae_factor, "image_width": multiple * vae_factor},
     )
 
 
-def unet_controlnet_spec(in_channels: int, out_channels: int, hidden_size: int, *, batch: Range, height: Range, width: Range,
-                         max_length: int = 77, multiple: int = 1, vae_factor: int = 8, num_controlnets: int = 1,
+def unet_controlnet_spec(in_channels: int, out_channels: int, hidden_size: int, *, num_residuals: int, batch: Range, height: Range,
+                         width: Range, max_length: int = 77, multiple: int = 1, vae_factor: int = 8, num_controlnets: int = 1,
                          guidance_embed_dim: int | None = None) -> ComponentSpec:
-    """unet_controlnet: the ControlNet(s) and UNet fused in one graph, the conditioning scales an input -> noise_pred;
-    timestep_cond last, for a guidance-distilled UNet only (the UNet takes it, the ControlNets do not)."""
+    """unet_controlnet: the ControlNet(s) and UNet fused in one graph, the conditioning scales an input (one per
+    ControlNet and residual, `num_residuals` of them) -> noise_pred; timestep_cond last, for a guidance-distilled
+    UNet only (the UNet takes it, the ControlNets do not)."""
     return ComponentSpec(
         "unet_controlnet",
-        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(num_controlnets) + _guidance_inputs(guidance_embed_dim)),
+        tuple(_latent_inputs(in_channels, hidden_size) + _control_inputs(num_controlnets, num_residuals)
+              + _guidance_inputs(guidance_embed_dim)),
         (TensorSpec("noise_pred", ("batch", out_channels, "height", "width")),),
         ranges={**_latent_ranges(batch, height, width, max_length), **_image_ranges(height, width, vae_factor)},
         multiple_of={"height": multiple, "width": multiple, "image_height": multiple * vae_factor, "image_width": multiple * vae_factor},

@@ -49,6 +49,7 @@ class GenerateRequest:
     control_guidance_start: float | list[float] | None = None  # fraction of the steps each ControlNet starts at; None: 0
     clip_skip: int | None = None  # text-to-image: diffusers' clip_skip (None: 0, the text encoder's last hidden state)
     control_guidance_end: float | list[float] | None = None  # ... and stops at; None: 1
+    guess_mode: bool = False  # diffusers' ControlNet guess_mode
     image: str | None = None  # img2img: the image file to start from (text-to-image models)
     strength: float = 0.8  # img2img: how much of the schedule runs (1.0: the image is all noise)
     loras: list[tuple[str, float]] = field(default_factory=list)
@@ -139,7 +140,8 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
                  "--control-image": req.control_image, "--image": req.image,
                  "--control-scale": req.control_scale not in (None, []),
                  "--control-guidance-start": req.control_guidance_start not in (None, []),
-                 "--control-guidance-end": req.control_guidance_end not in (None, []), "--clip-skip": req.clip_skip is not None}
+                 "--control-guidance-end": req.control_guidance_end not in (None, []), "--clip-skip": req.clip_skip is not None,
+                 "--guess-mode": req.guess_mode}
     given = [flag for flag, value in text_only.items() if value]
     if given:
         verb = "needs" if len(given) == 1 else "need"
@@ -200,7 +202,8 @@ def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], prog
                 guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
                 controlnet_conditioning_scale=_one_or_list(req.control_scale, None), guidance=guidance, output_type="pt",
                 control_guidance_start=_one_or_list(req.control_guidance_start, 0.0),
-                control_guidance_end=_one_or_list(req.control_guidance_end, 1.0), clip_skip=req.clip_skip, progress=progress)
+                control_guidance_end=_one_or_list(req.control_guidance_end, 1.0), guess_mode=req.guess_mode, clip_skip=req.clip_skip,
+                progress=progress)
 
 
 def _one_or_list(value, default: float | None):

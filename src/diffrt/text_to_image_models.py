@@ -8,8 +8,9 @@
 
 Several ControlNets run as diffusers' MultiControlNetModel: each gets its own conditioning image
 and scale, and their residuals are summed in order. The graph takes the K images stacked on the
-channel axis (controlnet_cond [batch, 3K, H, W]) and K scales (conditioning_scale [K]), so K = 1
-is exactly the single-ControlNet signature.
+channel axis (controlnet_cond [batch, 3K, H, W]) and K rows of scales, one per residual
+(conditioning_scale [K, R]: diffusers' guess mode scales the residuals by depth), so K = 1 is the
+single-ControlNet signature.
     vae_decoder      latent -> image in model space [-1, 1]                   AutoencoderKL.decode
     vae_encoder      image in [-1, 1] -> latent_parameters (posterior mean,    AutoencoderKL.encode
                      log-variance), exported on request, for image-to-image
@@ -77,18 +78,23 @@ class LatentUNet(nn.Module):
 
 
 def control_residuals(controlnet, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
-    """The ControlNet residuals of one step. One ControlNetModel takes the [B, 3, H, W] image and the
-    [1] scale as they are; a MultiControlNetModel gets them split per ControlNet, in order, and sums
-    what its ControlNets return, as StableDiffusionControlNetPipeline does with several."""
-    if isinstance(controlnet, multi_controlnet_class()):
-        controlnet_cond = list(controlnet_cond.split(CONTROL_CHANNELS, dim=1))
-        conditioning_scale = list(conditioning_scale.split(1))
-    return controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
-                      conditioning_scale=conditioning_scale, return_dict=False)
+    """The ControlNet residuals of one step, as diffusers' ControlNet pipelines sum them over a MultiControlNetModel:
+    ControlNet k takes its RGB image (channels 3k to 3k + 2 of controlnet_cond) and its row of conditioning_scale
+    [K, R], one scale per residual (down residuals, then mid). diffusers' ControlNetModel multiplies every residual
+    by its conditioning scale, or in guess mode by that scale times logspace(-1, 0, R); the row holds the product,
+    so the graph runs either mode and the pipeline chooses (TextToImagePipeline._scale_feed)."""
+    down_sum = mid_sum = None
+    for net, image, scales in zip(controlnet_list(controlnet), controlnet_cond.split(CONTROL_CHANNELS, dim=1), conditioning_scale):
+        down, mid = net(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
+                        conditioning_scale=1.0, return_dict=False)
+        down, mid = [r * s for r, s in zip(down, scales)], mid * scales[-1]
+        down_sum, mid_sum = ((down, mid) if down_sum is None
+                             else ([a + b for a, b in zip(down_sum, down)], mid_sum + mid))
+    return down_sum, mid_sum
 
 
 class ControlNet(nn.Module):
-    """The ControlNet(s) alone: the residuals, each ControlNet's multiplied by its scale, summed."""
+    """The ControlNet(s) alone: the residuals, each ControlNet's multiplied by its scales, summed."""
 
     def __init__(self, controlnet):
         super().__init__()
@@ -100,7 +106,7 @@ class ControlNet(nn.Module):
 
 
 class UNetControlNet(nn.Module):
-    """ControlNet(s) + UNet fused, as StableDiffusionControlNetPipeline computes one step (guess_mode off)."""
+    """ControlNet(s) + UNet fused, as StableDiffusionControlNetPipeline computes one step."""
 
     def __init__(self, unet, controlnet):
         super().__init__()
@@ -355,14 +361,15 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
     common = dict(batch=batch, height=h, width=w, max_length=length,
                   multiple=model.unet_multiple if multiple is None else multiple)
     control = dict(vae_factor=model.vae_factor, num_controlnets=model.num_controlnets)
+    residuals = controlnet_residuals(model.controlnet) if model.controlnet is not None else []
     guided = dict(guidance_embed_dim=getattr(unet, "time_cond_proj_dim", None))  # LCM-distilled: timestep_cond
     make = {
         "text_encoder": lambda: text_encoder_spec(model.text_encoder.config.vocab_size, hidden, length, batch,
                                                   num_layers=model.text_encoder.config.num_hidden_layers),
         "unet": lambda: latent_unet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim, **guided, **common),
         "unet_controlnet": lambda: unet_controlnet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim,
-                                                        **control, **guided, **common),
-        "controlnet": lambda: controlnet_spec(unet.in_channels, unet.cross_attention_dim, controlnet_residuals(model.controlnet),
+                                                        num_residuals=len(residuals), **control, **guided, **common),
+        "controlnet": lambda: controlnet_spec(unet.in_channels, unet.cross_attention_dim, residuals,
                                               pooled=all(global_pool_conditions(model.controlnet)), **control, **common),
         "vae_decoder": lambda: vae_decoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,
                                                 vae_factor=model.vae_factor, out_channels=model.vae.config.out_channels),

@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from diffrt.components import CONTROL_CHANNELS, num_controlnets, vae_encoder_spec
+from diffrt.components import CONTROL_CHANNELS, num_controlnets, scaled_residuals, vae_encoder_spec
 from diffrt.errors import BackendUnavailableError, DiffrtError
 from diffrt.images import to_unit_range
 from diffrt.runtime import ddim, lcm
@@ -288,7 +288,8 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
             w = torch.full((call.batch,), guidance_scale - 1, dtype=torch.float32)
             feed["timestep_cond"] = lcm.guidance_scale_embedding(w, self.guidance_embed_dim).to(self.device)
         if self.has_controlnet:
-            feed.update(self._control_feed(call.control, call.scales, call.batch, call.per_prompt, call.height, call.width, call.do_cfg))
+            feed.update(self._control_feed(call.control, call.batch, call.per_prompt, call.height, call.width, call.do_cfg))
+            feed["conditioning_scale"] = self._scale_feed(call.scales if call.control is not None else [0.0] * len(call.scales), call.guess)
         return feed
 
     def _step_inputs(self, call: "Call") -> "_PerStep | None":
@@ -298,8 +299,20 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         keep = control_keep(call.control_windows, len(call.schedule)) if call.control is not None else None
         if keep is None:
             return None
-        return _PerStep([{"conditioning_scale": torch.tensor([c * k for c, k in zip(call.scales, row)], dtype=torch.float32,
-                                                              device=self.device)} for row in keep])
+        return _PerStep([{"conditioning_scale": self._scale_feed([c * k for c, k in zip(call.scales, row)], call.guess)} for row in keep])
+
+    def _scale_feed(self, scales: list[float], guess: bool) -> torch.Tensor:
+        """conditioning_scale as the graph takes it: [K, R], ControlNet k's scale for each of its R residuals (down
+        residuals, then mid). In guess mode diffusers' ControlNetModel weights a ControlNet's residuals by depth,
+        logspace(-1, 0, R) (0.1 at the first, 1 at the mid block), unless it pools its conditions (shuffle). A graph
+        exported before this input had its R axis takes [K] (its checks refuse guess mode for a non-pooling ControlNet)."""
+        scale, residuals = torch.tensor(scales, dtype=torch.float32), scaled_residuals(self.unet.spec)
+        if not residuals:
+            return scale.to(self.device)
+        weights = torch.ones(len(scales), residuals)
+        if guess:
+            weights[[not pooled for pooled in self.controlnet_global_pool]] = torch.logspace(-1, 0, residuals)
+        return (weights * scale[:, None]).to(self.device)
 
     def _denoiser(self, feed: dict, do_cfg: bool, at: "_PerStep | None" = None, guess: bool = False) -> Callable:
         """The loop's model: (x_t, t) -> (eps_uncond or None, eps_cond), both CFG branches in one 2B batch (two B
@@ -397,13 +410,13 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
             self.vae_encoder = TorchBackend(VaeEncoder(vae), spec, device=next(vae.parameters()).device)
         return self.vae_encoder
 
-    def _control_feed(self, control: list[torch.Tensor] | None, scales: list[float], batch: int, per_prompt: int,
-                      height: int, width: int, do_cfg: bool) -> dict:
-        """controlnet_cond (each ControlNet's images repeated to the batch as diffusers does, then
-        stacked on the channel axis) and conditioning_scale ([K]). With no control image the fused
-        graph runs with every scale 0, which adds exactly zero: the plain UNet."""
+    def _control_feed(self, control: list[torch.Tensor] | None, batch: int, per_prompt: int, height: int, width: int,
+                      do_cfg: bool) -> dict:
+        """controlnet_cond: each ControlNet's images repeated to the batch as diffusers does, then stacked on the
+        channel axis. With no control image the fused graph runs on zeros with every scale 0, which adds exactly
+        zero: the plain UNet."""
         if control is None:
-            cond, scales = torch.zeros(batch, CONTROL_CHANNELS * len(scales), height, width), [0.0] * len(scales)
+            cond = torch.zeros(batch, CONTROL_CHANNELS * self.num_controlnets, height, width)
         else:
             conds = []
             for i, images in enumerate(control):
@@ -414,8 +427,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
                 conds.append(images.repeat_interleave(batch if images.shape[0] == 1 else per_prompt, dim=0))
             cond = torch.cat(conds, dim=1)
         cond = cond.to(self.device, torch.float32)
-        return {"controlnet_cond": torch.cat([cond, cond]) if do_cfg else cond,
-                "conditioning_scale": torch.tensor(scales, dtype=torch.float32, device=self.device)}
+        return {"controlnet_cond": torch.cat([cond, cond]) if do_cfg else cond}
 
     def _guidance_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """x0 latents -> images in [0, 1], differentiable: the PyTorch VAE decoder (engines have no autograd)."""

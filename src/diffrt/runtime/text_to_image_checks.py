@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from diffrt.components import scaled_residuals
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.runtime.pipeline import check_count, check_number, check_output_type, make_generator
 from diffrt.runtime.sampling import Generators, check_generators
@@ -135,21 +136,19 @@ class TextToImageChecks:
 
     def _guess_mode(self, asked, control: bool) -> bool:
         """Whether a call runs diffusers' guess mode: asked for, or set by the first ControlNet's global_pool_conditions
-        (a shuffle ControlNet), as StableDiffusionControlNetPipeline sets it. diffrt's fused graph computes it exactly
-        where every ControlNet pools its conditions; for one that does not, guess mode scales its residuals by depth
-        (logspace(-1, 0)), which the graph does not take: refused by name rather than run otherwise."""
+        (a shuffle ControlNet), as StableDiffusionControlNetPipeline sets it. A graph exported before diffrt took
+        guess mode's depth weights (one scale per ControlNet) runs it for ControlNets that pool their conditions only."""
         if not isinstance(asked, bool):
             raise DiffrtError(f"guess_mode must be True or False, got {asked!r}")
         if asked and not self.has_controlnet:
             raise DiffrtError("guess_mode needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
         pooled = self.controlnet_global_pool
         guess = control and (asked or pooled[:1] == [True])
-        if guess and not all(pooled):
+        if guess and not all(pooled) and not scaled_residuals(self.unet.spec):
             which = ", ".join(str(i) for i, p in enumerate(pooled) if not p)
-            why = "asked for" if asked else "set by the first ControlNet's global_pool_conditions, as diffusers sets it"
-            raise DiffrtError(f"guess mode ({why}) scales the residuals of ControlNet {which}, which has no global_pool_conditions, "
-                              "by depth, and diffrt's fused UNet+ControlNet graph does not; not supported"
-                              + ("; leave guess_mode off" if asked else "; put the pooling ControlNet(s) after the others"))
+            raise DiffrtError(f"guess mode scales the residuals of ControlNet {which} by depth, and this artifact's fused "
+                              "UNet+ControlNet graph, exported by an earlier diffrt, takes one scale per ControlNet; "
+                              "export it again, or leave guess_mode off")
         return guess
 
     def _check_embeds_fit(self, embeds: torch.Tensor, name: str = "prompt_embeds") -> None:
