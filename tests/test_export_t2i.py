@@ -16,7 +16,7 @@ from conftest import T2I_ARTIFACT_OPTIONS, T2I_RANGES
 from diffrt.atomic import sha256_file
 from diffrt.errors import ArtifactError, DiffrtError, LoraError
 from diffrt.export.artifact import ExportOptions, cached_export, export_model
-from diffrt.export.text_to_image import component_precision, export_text_to_image
+from diffrt.export.text_to_image import build_precision, export_text_to_image
 from diffrt.export.verify import compare
 from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from diffrt.runtime.backends.torch_eager import TorchBackend
@@ -72,9 +72,9 @@ def test_manifest_records_the_pipeline(t2i_artifact, manifest):
 
 
 def test_vae_decoder_stays_fp32_where_the_vae_asks():
-    assert component_precision("vae_decoder", "fp16", force_upcast=True) == "fp32"
-    assert component_precision("vae_decoder", "fp16", force_upcast=False) == "fp16"
-    assert component_precision("unet", "bf16", force_upcast=True) == "bf16"
+    assert build_precision("vae_decoder", "fp16", force_upcast=True) == "fp32"
+    assert build_precision("vae_decoder", "fp16", force_upcast=False) == "fp16"
+    assert build_precision("unet", "bf16", force_upcast=True) == "bf16"
 
 
 def sizes_inside_ranges(name: str) -> list[dict[str, int]]:

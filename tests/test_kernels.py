@@ -117,6 +117,16 @@ def test_cfg_kernel_matches_reference_interpreted(shape, dtype, prediction_type,
     check_cfg_parity(shape, dtype, alphas, prediction_type, clip, eta)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_cfg_kernel_takes_the_zero_snr_step_of_a_v_prediction_model(eta):
+    """The bug: rescale_betas_zero_snr with trailing spacing starts at alpha_bar 0, where v-prediction is defined
+    (x0 = -v, eps = x_t), and the fused kernel refused it, so such a model crashed at step 0 on CUDA with CFG."""
+    pytest.importorskip("triton")
+    check_cfg_parity((2, 4, 8, 8), torch.float32, (0.0, 0.047), "v_prediction", None, eta)
+    with pytest.raises(ValueError, match="epsilon prediction divides by zero at alpha_bar 0.0"):
+        cfg_ddim.prediction_coefficients(0.0, "epsilon")
+
+
 # --- colour guidance --------------------------------------------------------------------------
 
 

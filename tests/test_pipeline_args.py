@@ -111,9 +111,10 @@ def test_latents_without_height_and_width_sample_at_their_size_as_diffusers(sd_p
     (dict(latents=torch.zeros(1, 4, 4, 4).numpy()), r"latents must be a torch tensor"),
     (dict(generator=42), r"generator must be a torch.Generator or a list of them \(one per image\), got int; for a seed, pass seed="),
     (dict(image=torch.rand(1, 3, 32, 32), latents=torch.zeros(1, 4, 4, 4)), r"pass image .* or latents .*, not both"),
+    (dict(generator=[torch.Generator(), None], num_images_per_prompt=2), r"a list of them \(one per image\), got NoneType"),
 ], ids=["prompt-none", "steps-float", "per-prompt-float", "height-float", "guidance-none", "image-batch", "guidance-nan",
         "eta-none", "rescale-none", "strength-str", "strength-none", "negative-int", "image-2d-array", "latents-array",
-        "generator-int", "image-and-latents"])
+        "generator-int", "image-and-latents", "generator-list-with-none"])
 def test_bad_argument_types_are_one_line(torch_pipe, kwargs, message):
     """Each ended as a TypeError or IndexError from inside torch (or the sampler). image with latents: the
     image was silently dropped (pure noise denoised from the strength's first step); diffusers' img2img takes no

@@ -432,6 +432,19 @@ def test_dreambooth_random_crops_are_encoded_per_draw(sd_folder, cat_folder, mon
     assert len({tuple(x.flatten().tolist()) for x in crops}) > 1  # several crops of the one image
 
 
+def test_dreambooth_latents_are_scaled_as_the_runtime_decodes_them(sd_folder):
+    """The bug: training subtracted a VAE config's shift_factor that StableDiffusionPipeline and diffrt's runtime
+    never add back before decoding, so a LoRA trained on such a VAE learnt latents the sampler decodes shifted."""
+    from diffusers import AutoencoderKL
+
+    from diffrt.train.dreambooth import scale_latents
+
+    vae = AutoencoderKL.from_pretrained(sd_folder / "vae", shift_factor=0.5)
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    decoded_as = scale_latents(vae, z) / vae.config.scaling_factor  # TextToImagePipeline: latents / vae_scaling_factor
+    torch.testing.assert_close(decoded_as, z)
+
+
 def _pipeline(folder: Path):
     from diffusers import StableDiffusionPipeline
 

@@ -225,7 +225,7 @@ class TextToImageConfig(BenchConfig):
         return self.folder / "controlnet" if self.controlnet else None
 
     def _torch_pipeline(self, device, compile: bool = False):
-        from diffrt.export.text_to_image import component_precision
+        from diffrt.export.text_to_image import build_precision
         from diffrt.runtime.backends.torch_eager import TorchBackend
         from diffrt.runtime.text_to_image_loading import torch_text_to_image_pipeline
         from diffrt.text_to_image_models import load_text_to_image
@@ -239,7 +239,7 @@ class TextToImageConfig(BenchConfig):
             upcast = bool(getattr(model.vae.config, "force_upcast", False))
             for attr in ("text_encoder", "unet", "vae_decoder"):
                 old = getattr(pipe, attr)
-                dtype = TORCH_DTYPES[component_precision(old.spec.name, self.precision, upcast)]
+                dtype = TORCH_DTYPES[build_precision(old.spec.name, self.precision, upcast)]
                 setattr(pipe, attr, TorchBackend(old.module, old.spec, device=device, dtype=dtype, compile=compile))
         return pipe
 

@@ -62,7 +62,7 @@ def component_names(controlnet: bool, vae_encoder: bool = False) -> list[str]:
     return ["text_encoder", *unet, "vae_decoder", *(["vae_encoder"] if vae_encoder else [])]
 
 
-def component_precision(name: str, precision: Precision, force_upcast: bool) -> Precision:
+def build_precision(name: str, precision: Precision, force_upcast: bool) -> Precision:
     """The VAE keeps fp32 where the model asks for it (`force_upcast`), whatever the export's precision: its
     decoder, and its encoder, which diffusers' img2img upcasts alike."""
     return "fp32" if name in ("vae_decoder", "vae_encoder") and force_upcast else precision
@@ -105,7 +105,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     specs = component_specs(model, component_names(bool(controlnets), options.vae_encoder), batch=options.batch,
                             height=options.height or size, width=options.width or options.height or size)
     force_upcast = bool(getattr(model.vae.config, "force_upcast", False))
-    precisions = {name: component_precision(name, options.precision, force_upcast) for name in specs}
+    precisions = {name: build_precision(name, options.precision, force_upcast) for name in specs}
     hashes = source_hashes(model_dir, controlnets)
     lora_parts = lora_hashes(options)
     # The tokenizer files the artifact holds are in the key: one made when fewer were copied (added_tokens.json was

@@ -12,6 +12,8 @@ in the sample's dtype. `cfg_ddim_step` picks one by the rule in `diffrt.kernels.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +43,17 @@ def prediction_coefficients(alpha_bar: float, prediction_type: PredictionType) -
 
     predict_x0 is linear in (sample, model_output), so evaluating it on the two unit vectors
     gives its coefficients exactly; the kernels then cannot drift from the reference's formulas.
+    The ends of [0, 1] are taken where the prediction is defined there: v-prediction at a zero
+    terminal SNR step (alpha_bar 0: x0 = -v, eps = x_t), refused where it divides by zero.
     """
-    if not 0.0 < alpha_bar < 1.0:
-        raise ValueError(f"alpha_bar must lie in (0, 1) at a sampling step, got {alpha_bar}")
+    if not 0.0 <= alpha_bar <= 1.0:
+        raise ValueError(f"alpha_bar must lie in [0, 1], got {alpha_bar}")
     unit = torch.eye(2, dtype=torch.float64)
     x0, eps = ddim.predict_x0(unit[0], unit[1], alpha_bar, prediction_type)
-    return PredictionCoefficients(float(x0[0]), float(x0[1]), float(eps[0]), float(eps[1]))
+    coefficients = PredictionCoefficients(float(x0[0]), float(x0[1]), float(eps[0]), float(eps[1]))
+    if not all(map(math.isfinite, dataclasses.astuple(coefficients))):
+        raise ValueError(f"{prediction_type} prediction divides by zero at alpha_bar {alpha_bar}")
+    return coefficients
 
 
 def cfg_ddim_step_reference(

@@ -107,7 +107,8 @@ Generators = torch.Generator | list[torch.Generator] | GeneratorBlocks | None
 def check_generators(generator: Generators, batch: int) -> None:
     """A list (or blocks) of generators must cover the batch, one row each: a one-line DiffrtError otherwise."""
     one_or_list = [generator] if not isinstance(generator, (list, tuple)) else generator
-    if not isinstance(generator, GeneratorBlocks) and not all(g is None or isinstance(g, torch.Generator) for g in one_or_list):
+    # None alone is the default generator; in a list it names no device to draw on (nor does diffusers' randn_tensor take it).
+    if not isinstance(generator, GeneratorBlocks) and generator is not None and not all(isinstance(g, torch.Generator) for g in one_or_list):
         bad = next(g for g in one_or_list if not isinstance(g, torch.Generator))
         raise DiffrtError(f"generator must be a torch.Generator or a list of them (one per image), got {type(bad).__name__}"
                           + ("; for a seed, pass seed=" if isinstance(bad, int) else ""))
@@ -307,7 +308,7 @@ def _guide_through_unet(x, t, step: int, schedule: Schedule, options: SamplerOpt
     """Mode through_unet: the PyTorch denoiser runs with autograd, so d eps / d x_t counts too
     (for the guidances in that mode; those in mode x0 active on the same step hold eps constant)."""
     if options.denoise_autograd is None:
-        raise ValueError("guidance mode 'through_unet' needs a PyTorch denoiser (denoise_autograd)")
+        raise DiffrtError("guidance mode 'through_unet' needs a PyTorch denoiser (denoise_autograd): pass one in SamplerOptions, or use mode 'x0'")
     with torch.enable_grad():
         x_req = x.detach().requires_grad_(True)
         eps_u, eps_c = options.denoise_autograd(x_req, t)

@@ -165,7 +165,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
 
     def __call__(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0,
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_images_per_prompt: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0,
                  generator: Generators = None, seed: int | None = None,
                  image: Any = None, strength: float = 0.8,
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] | None = None,
@@ -370,9 +370,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         With one generator per image (a list, or GeneratorBlocks) the init images are repeated to the
         batch first, so each image samples its own posterior row, as diffusers' img2img does.
         `encoded`: `init` is latents already (scaled, as output_type="latent" returns them), used as they are."""
-        if batch % init.shape[0]:
-            raise DiffrtError(f"{init.shape[0]} init images cannot be spread over {batch} images; pass 1 or one per prompt")
-        if encoded:
+        if encoded:  # step 1 checked that the init rows divide the batch
             latents = init.to(self.device, torch.float32)
         else:
             latents = self._encode_images(init, batch, generator)

@@ -159,7 +159,7 @@ class TextToImageChecks:
         if isinstance(dims[-1], int) and embeds.shape[-1] != dims[-1]:
             raise DiffrtError(f"{name} have hidden size {embeds.shape[-1]} but the UNet attends to {dims[-1]}; "
                               "encode the prompts with this model's text encoder")
-        if not self.backend.startswith("torch") and "sequence" in spec.ranges:
+        if not spec.eager and "sequence" in spec.ranges:
             spec.check_size("sequence", embeds.shape[1], what=f"{name} of {embeds.shape[1]} tokens")
 
     def check_clip_skip(self, clip_skip) -> int:

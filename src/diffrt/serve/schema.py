@@ -13,11 +13,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE, GenerateRequest
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 
 MAX_SEED = 2**63 - 1
 ControlScale = Annotated[float, Field(ge=0.0, le=5.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]  # of the steps
-DEFAULT_GUIDANCE_SCALE = DEFAULT_PIXEL_GUIDANCE_SCALE  # what `diffrt generate` uses for class-conditioned models
 DEFAULT_COLOR_SCALE = GenerateRequest.color_scale  # `diffrt generate`'s, tuned on the shipped digits model
 
 
@@ -32,7 +32,7 @@ class GenerateBody(BaseModel):
     class_label: int | None = Field(None, ge=0, le=1_000_000, description="class-conditioned models: the class to draw")
     num_inference_steps: int = Field(25, ge=1, le=200, description="denoising steps (LCM: at most the model's "
                                      "original_inference_steps, 50 for LCM-LoRA; 2-8 is LCM's range)")
-    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE}; 7.5 for text-to-image)")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description=f"classifier-free guidance (default {DEFAULT_PIXEL_GUIDANCE_SCALE}; {DEFAULT_GUIDANCE_SCALE} for text-to-image)")
     guidance_rescale: float | None = Field(None, ge=0.0, le=1.0, description="text-to-image models only: diffusers' "
                                            "guidance_rescale (default 0; 0.7 tames over-exposure at high guidance)")
     clip_skip: int | None = Field(None, ge=0, le=64, description="text-to-image models only: diffusers' clip_skip, the text "

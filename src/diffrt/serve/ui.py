@@ -20,9 +20,10 @@ import time
 import numpy as np
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE as T2I_GUIDANCE_SCALE
+from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
-from diffrt.serve.schema import DEFAULT_COLOR_SCALE, DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
+from diffrt.serve.schema import DEFAULT_COLOR_SCALE, GenerateBody, RequestError
 
 DISPLAY_SIZE = 256  # the digits are 16x16: show them large, without smoothing
 
@@ -137,7 +138,7 @@ def build_ui(runtime: ServeRuntime):
                                                  ("Euler Ancestral ('Euler a')", "euler_a")],
                                         value="", label="sampler")
                 steps = gr.Slider(1, 200, value=25, step=1, label="steps (num_inference_steps)")
-                guidance = gr.Slider(0.0, 15.0, value=T2I_GUIDANCE_SCALE if text else DEFAULT_GUIDANCE_SCALE, step=0.5, label="guidance scale")
+                guidance = gr.Slider(0.0, 15.0, value=DEFAULT_GUIDANCE_SCALE if text else DEFAULT_PIXEL_GUIDANCE_SCALE, step=0.5, label="guidance scale")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                 use_color = gr.Checkbox(value=False, label="colour guidance")
                 color = gr.ColorPicker(value="#ff8800", label="colour")

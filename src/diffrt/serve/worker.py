@@ -31,7 +31,8 @@ from diffrt.runtime.guidance import color_guidance, parse_hex_color
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    probe_generators, settings_key, split_answers)
-from diffrt.serve.schema import DEFAULT_GUIDANCE_SCALE, GenerateBody, RequestError
+from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE
+from diffrt.serve.schema import GenerateBody, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class PixelWorker(BatchingWorker):
         t0 = time.perf_counter()
         labels = torch.tensor([0]) if self.conditioned else None
         result = self.pipe(labels, num_images=None if labels is not None else 1, num_inference_steps=self.warmup_steps,
-                           guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=0, output_type="pt")
+                           guidance_scale=DEFAULT_PIXEL_GUIDANCE_SCALE, seed=0, output_type="pt")
         return self_test_passed(result, t0)
 
     def probe_batch(self, n: int):
@@ -207,7 +208,7 @@ class PixelWorker(BatchingWorker):
 
         def run(rows):
             return self.pipe(labels[rows] if labels is not None else None, num_images=None if labels is not None else len(rows),
-                             latents=latents[rows], num_inference_steps=self.warmup_steps, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                             latents=latents[rows], num_inference_steps=self.warmup_steps, guidance_scale=DEFAULT_PIXEL_GUIDANCE_SCALE,
                              generator=probe_generators(rows, step_noise), output_type="pt").images
 
         return run
@@ -264,7 +265,7 @@ class PixelWorker(BatchingWorker):
             labels = torch.full((body.num_images,), body.class_label, dtype=torch.int64)
         elif body.class_label is not None:
             raise RequestError(422, "class_label: this model is unconditional; leave class_label out", "class_label")
-        guidance_scale = DEFAULT_GUIDANCE_SCALE if body.guidance_scale is None else body.guidance_scale
+        guidance_scale = DEFAULT_PIXEL_GUIDANCE_SCALE if body.guidance_scale is None else body.guidance_scale
         height, width = body.height or pipe.sample_size, body.width or pipe.sample_size
         spec = pipe.unet.spec
         cfg = labels is not None and guidance_scale > 1.0

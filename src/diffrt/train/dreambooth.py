@@ -352,8 +352,10 @@ class LatentCache:
 
 
 def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    """A VAE latent as the UNet sees it: (z - shift_factor) * scaling_factor."""
-    return (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+    """A VAE latent as the UNet sees it: z * scaling_factor, as StableDiffusionPipeline and diffusers' DreamBooth
+    script scale it, and as the runtime unscales it before decoding. A VAE config's shift_factor (SD3's and Flux's)
+    is left out, as both leave it: training with it would teach the UNet latents that sampling never decodes."""
+    return z * vae.config.scaling_factor
 
 
 def tokenize(tokenizer, prompt: str) -> torch.Tensor:
