@@ -175,7 +175,9 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
     bake = bool(options.loras) and options.backend != "tensorrt"
     if bake:
-        _fuse_pixel_loras(model, options.loras)
+        from diffrt.export.lora_fuse import fuse_lora_files
+
+        fuse_lora_files({"unet": model.unet.unet}, options.loras)
     elif options.loras:
         _check_loras({"unet": model.unet.unet.state_dict()}, options.loras)
     with mf.artifact_lock(out):
@@ -534,13 +536,6 @@ def _engine_parity(module: torch.nn.Module, spec: ComponentSpec, engine_path: Pa
     finally:
         del engine
         torch.cuda.empty_cache()
-
-
-def _fuse_pixel_loras(model: PixelModel, loras: list[tuple[str, float]]) -> None:
-    from diffrt.export.lora import read_lora
-    from diffrt.export.lora_fuse import fuse_loras
-
-    fuse_loras({"unet": model.unet.unet}, [(read_lora(p), s) for p, s in loras])
 
 
 def options_text(options: ExportOptions) -> str:

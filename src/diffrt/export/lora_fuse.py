@@ -56,10 +56,12 @@ always starts from the base weights given, so refits never accumulate (row 8).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -405,3 +407,15 @@ def fuse_loras(model_components: Mapping[str, nn.Module], loras: Sequence[tuple[
             fused.path, fused.format, fused.sha256[:12], fused.scale, fused.num_modules,
         )
     return report
+
+
+def fuse_lora_files(model_components: Mapping[str, nn.Module], loras: Sequence[tuple[str | Path, float]],
+                    layers_of: Sequence[str] | None = None) -> FuseReport:
+    """fuse_loras over (path, scale) pairs, as --lora and manifests give them. `layers_of`: fuse the layers of
+    these components only (e.g. a UNet fallback beside an exported text encoder that has its part already)."""
+    from diffrt.export.lora import read_lora
+
+    files = [read_lora(path) for path, _ in loras]
+    if layers_of is not None:
+        files = [dataclasses.replace(f, layers=[x for x in f.layers if x.component in layers_of]) for f in files]
+    return fuse_loras(model_components, [(f, float(scale)) for f, (_, scale) in zip(files, loras)])

@@ -202,11 +202,9 @@ def _fuse_loras(model: TextToImageModel, loras: list[tuple[str, float]]) -> list
     """Bake the LoRA files into the UNet and text encoder (a file matching nothing is an error, RELIABILITY #7)."""
     if not loras:
         return []
-    from diffrt.export.lora import read_lora
-    from diffrt.export.lora_fuse import fuse_loras
+    from diffrt.export.lora_fuse import fuse_lora_files
 
-    report = fuse_loras({"unet": model.unet, "text_encoder": model.text_encoder}, [(read_lora(p), s) for p, s in loras])
-    return report.to_dict()["loras"]
+    return fuse_lora_files({"unet": model.unet, "text_encoder": model.text_encoder}, loras).to_dict()["loras"]
 
 
 def tokenizer_files(src: Path) -> list[str]:

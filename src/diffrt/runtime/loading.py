@@ -145,10 +145,9 @@ def load_pixel_source(manifest: dict, lora_scale: float = 1.0) -> PixelModel:
     model = load_pixel_model(check_source(manifest))
     loras = manifest_loras(manifest)
     if loras:
-        from diffrt.export.lora import read_lora
-        from diffrt.export.lora_fuse import fuse_loras
+        from diffrt.export.lora_fuse import fuse_lora_files
 
-        fuse_loras({"unet": model.unet.unet}, [(read_lora(p), s) for p, s in scaled(loras, lora_scale)])
+        fuse_lora_files({"unet": model.unet.unet}, scaled(loras, lora_scale))
     return model
 
 
@@ -244,9 +243,9 @@ def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device
     if is_artifact(folder):
         if not torch_backend:
             return artifact_pixel_pipeline(folder, backend, device, loras, strict=strict, cuda_graph=cuda_graph)
+        refuse_source_fallback(folder, backend, strict)
         manifest = read_artifact(folder, "pixel", verify=False)  # PyTorch runs the source, not the artifact's files
         check_artifact_loras(folder, manifest, loras)
-        refuse_source_fallback(folder, backend, strict)
         return torch_pixel_pipeline(load_pixel_model(check_source(manifest)), device, compile=backend == "torch-compile",
                                     loras=manifest_loras(manifest))
     require_model_dir(folder)

@@ -30,8 +30,8 @@ from diffrt.export import manifest as mf
 from diffrt.hub import resolve_model
 from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
-from diffrt.runtime.loading import (artifact_lora, check_artifact_loras, check_source, component_precision, manifest_loras,
-                                    open_component, read_artifact, refuse_source_fallback)
+from diffrt.runtime.loading import (OPEN_BATCH, artifact_lora, check_artifact_loras, check_source, component_precision, is_artifact,
+                                    manifest_loras, open_component, read_artifact, refuse_source_fallback)
 from diffrt.runtime.lora_scale import Loras, TorchLora, scaled
 from diffrt.runtime.text_to_image import TextToImagePipeline
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs, controlnet_paths,
@@ -40,20 +40,8 @@ from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_u
 
 log = logging.getLogger(__name__)
 
-OPEN_BATCH = (1, 8, 1 << 16)  # eager PyTorch takes any batch
 OPEN_SIZE = 1 << 14  # and any image side up to this, in pixels
 ControlNets = str | Path | Sequence[str | Path] | None  # one folder, or several in order (MultiControlNetModel)
-
-
-def _fuse_unet_only(unet, loras: Loras) -> None:
-    """Fuse the UNet part of LoRA files (their text encoder part is already in the exported text encoder)."""
-    if loras:
-        from diffrt.export.lora import read_lora
-        from diffrt.export.lora_fuse import fuse_loras
-
-        files = [read_lora(p) for p, _ in loras]
-        files = [dataclasses.replace(f, layers=[x for x in f.layers if x.component == "unet"]) for f in files]
-        fuse_loras({"unet": unet}, [(f, float(s)) for f, (_, s) in zip(files, loras)])
 
 
 def check_scheduler_class(folder: Path) -> None:
@@ -194,7 +182,11 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
 
         fused = unet_name == "unet_controlnet"
         base = load_unet(check_source(manifest, ["unet", *_controlnet_parts(manifest)] if fused else ["unet"]))
-        _fuse_unet_only(base, scaled(manifest_loras(manifest), lora.scale if lora is not None else 1.0))
+        loras = scaled(manifest_loras(manifest), lora.scale if lora is not None else 1.0)
+        if loras:  # the UNet part: the text encoder's is in the exported text encoder
+            from diffrt.export.lora_fuse import fuse_lora_files
+
+            fuse_lora_files({"unet": base}, loras, layers_of=("unet",))
         return UNetControlNet(base, load_controlnets(_controlnet_folders(manifest))) if fused else LatentUNet(base)
 
     return TextToImagePipeline(text_encoder, unet, vae_decoder, tokenizer,
@@ -219,7 +211,7 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
     if controlnet is not None:
         controlnet = [resolve_model(c) for c in controlnet_paths(controlnet)]
     torch_backend = backend in ("torch", "torch-compile")
-    if (folder / mf.MANIFEST).is_file():
+    if is_artifact(folder):
         if not torch_backend:
             return artifact_text_to_image_pipeline(folder, backend, device, loras, controlnet, strict=strict, cuda_graph=cuda_graph)
         refuse_source_fallback(folder, backend, strict)

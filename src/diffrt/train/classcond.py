@@ -12,20 +12,17 @@ both p(x | y) and p(x), which classifier-free guidance needs at sampling time.
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from diffrt.data import load_source
 from diffrt.errors import DiffrtError
-from diffrt.models import Conditioning, PixelModel, build_pixel_model, save_pixel_model, small_unet_config
+from diffrt.models import Conditioning, build_pixel_model, small_unet_config
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
-from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn
+from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +81,7 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     # step draws its indices (images added or removed would quietly change every later batch).
     state = {"class_cond": {**trainer_state(config), "num_classes": dataset.num_classes, "num_images": len(dataset)}}
     started = time.time()
-    return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started),
+    return train(config.train, unet, loss_fn, save_fn=lambda out: save_trained(model, out, config.train, started, trainer="class-cond"),
                  sample_fn=sample_fn, sample_nrow=8, extra_state=state)
 
 
-def _save(model: PixelModel, out: Path, config: ClassCondConfig, started: float) -> None:
-    model.info.training = {
-        "command": "diffrt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name == "diffrt" else " ".join(sys.argv),
-        "seed": config.train.seed, "steps": config.train.max_steps, "batch_size": config.train.batch_size,
-        "wall_time_s": round(time.time() - started, 1), "torch": torch.__version__,
-    }
-    model.unet.eval()
-    save_pixel_model(model, out / "model")
-    log.info("saved the model to %s", out / "model")

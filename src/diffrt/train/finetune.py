@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 
 from diffrt.data import ImageDataset, load_source
 from diffrt.errors import DataError, DiffrtError
-from diffrt.models import PixelModel, load_pixel_model, save_pixel_model, scheduler_config_file
+from diffrt.models import PixelModel, load_pixel_model, scheduler_config_file
 from diffrt.train.loop import TrainConfig, TrainResult, check_out_apart, train, trainer_state
-from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn
+from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     # draws indices below it, so --resume on a folder with images added or removed would quietly draw
     # other batches than the run it continues.
     started = time.time()
-    return train(config.train, unet, loss_fn, save_fn=lambda out: _save(model, out, config, started, scheduler_config),
+    made_by = dict(trainer="finetune", base_model=str(config.model), data=config.data)
+    return train(config.train, unet, loss_fn, save_fn=lambda out: save_trained(model, out, config.train, started, scheduler_config, **made_by),
                  sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": {**trainer_state(config), "num_images": len(dataset)}})
 
 
@@ -129,13 +129,3 @@ def _load_data(config: FinetuneConfig, model: PixelModel) -> ImageDataset:
     return dataset
 
 
-def _save(model: PixelModel, out: Path, config: FinetuneConfig, started: float, scheduler_config: dict | None) -> None:
-    model.info.training = {
-        "trainer": "finetune", "base_model": str(config.model), "data": config.data,
-        "seed": config.train.seed, "steps": config.train.max_steps, "batch_size": config.train.batch_size,
-        "learning_rate": config.train.learning_rate, "wall_time_s": round(time.time() - started, 1),
-        "torch": torch.__version__,
-    }
-    model.unet.eval()
-    save_pixel_model(model, out / "model", scheduler_config=scheduler_config)
-    log.info("saved the fine-tuned model to %s", out / "model")

@@ -3,13 +3,21 @@ the sample grid, both over a `PixelModel` and an in-memory `ImageDataset`."""
 
 from __future__ import annotations
 
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
 import torch
 
 from diffrt.data import ImageDataset
 from diffrt.errors import DiffrtError
-from diffrt.models import PixelModel
+from diffrt.models import PixelModel, save_pixel_model
 from diffrt.runtime.ddim import make_alphas_cumprod
-from diffrt.train.loop import LossFn, SampleFn
+from diffrt.train.loop import LossFn, SampleFn, TrainConfig
+
+log = logging.getLogger(__name__)
 from diffrt.train.objective import diffusion_loss
 
 
@@ -61,3 +69,18 @@ def check_sample_size(model: PixelModel, name: str, fix: str) -> None:
     if size < low or size % multiple:
         raise DiffrtError(f"{name} {size}: diffrt samples this UNet (sample grids, generate, serve) at sides that are "
                           f"multiples of {multiple} from {low} up; {fix}")
+
+
+def save_trained(model: PixelModel, out: Path, train: TrainConfig, started: float, scheduler_config: dict | None = None,
+                 **made_by) -> None:
+    """Save the trained model to out/model, its diffrt.json recording what made it: the command, seed, steps,
+    batch size, learning rate, wall time and torch version, and the trainer's own `made_by` fields."""
+    argv = sys.argv
+    model.info.training = {
+        **made_by, "command": "diffrt " + shlex.join(argv[1:]) if Path(argv[0]).name == "diffrt" else " ".join(argv),
+        "seed": train.seed, "steps": train.max_steps, "batch_size": train.batch_size, "learning_rate": train.learning_rate,
+        "wall_time_s": round(time.time() - started, 1), "torch": torch.__version__,
+    }
+    model.unet.eval()
+    save_pixel_model(model, out / "model", scheduler_config=scheduler_config)
+    log.info("saved the trained model to %s", out / "model")
