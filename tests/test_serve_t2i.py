@@ -162,6 +162,13 @@ def test_control_guidance_start_and_end_reach_the_controlnet(client, t2i_artifac
     np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, control_image=str(path), **window))
 
 
+def test_guess_mode_reaches_the_controlnet(client, t2i_artifact, control_png):
+    path, b64 = control_png
+    image = served(client, prompt=PROMPT, seed=3, control_image=b64, guess_mode=True)
+    assert not np.array_equal(image, served(client, prompt=PROMPT, seed=3, control_image=b64))
+    np.testing.assert_array_equal(image, generated(t2i_artifact, prompt=PROMPT, seed=3, control_image=str(path), guess_mode=True))
+
+
 def test_image_to_image_equals_diffrt_generate(client, t2i_artifact, control_png, tmp_path):
     from PIL import Image
 
@@ -214,6 +221,7 @@ PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40)}  # placehold
     ({"prompt": PROMPT, "control_image": base64.b64encode(b"not a png").decode()}, "control_image", "not a readable image"),
     ({"prompt": PROMPT, "controlnet_conditioning_scale": 0.5}, "controlnet_conditioning_scale", "control_image"),
     ({"prompt": PROMPT, "control_guidance_end": 0.5}, "control_guidance_end", "needs control_image"),
+    ({"prompt": PROMPT, "guess_mode": True}, "guess_mode", "needs control_image"),
     ({"prompt": PROMPT, "clip_skip": 2}, "clip_skip", "below the text encoder's 2 layers"),
     ({"prompt": PROMPT, "control_image": "SMALL_PNG", "control_guidance_start": 0.6, "control_guidance_end": 0.4},
      "control_guidance_start", "must start before it ends"),

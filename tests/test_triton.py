@@ -269,7 +269,7 @@ def infer(server: LocalTritonServer, model: str, inputs: dict[str, list], timeou
             entry.update(datatype="BYTES", parameters={"binary_data_size": len(blob)})
             blobs.append(blob)
         else:
-            entry.update(datatype="INT64" if kind == "TYPE_INT64" else "FP64", data=[v for row in rows for v in row])
+            entry.update(datatype=GRPC_TYPES[kind], data=[v for row in rows for v in row])
         header["inputs"].append(entry)
     body = json.dumps(header).encode()
     return httpx.post(f"{server.url}/v2/models/{model}/infer", content=body + b"".join(blobs),
@@ -402,7 +402,7 @@ def test_text_to_image_with_a_controlnet_equals_diffrt_generate(triton, t2i_arti
 # -- the same server over gRPC (tritonclient.grpc, in a subprocess: it needs protobuf 6, the venv has 7) --
 
 GRPC_CLIENT = Path(sys.prefix) / "tritonserver" / "grpcclient"  # `make tritonclient`
-GRPC_TYPES = {"TYPE_STRING": "BYTES", "TYPE_INT64": "INT64", "TYPE_FP64": "FP64"}
+GRPC_TYPES = {"TYPE_STRING": "BYTES", "TYPE_INT64": "INT64", "TYPE_FP64": "FP64", "TYPE_BOOL": "BOOL"}
 
 
 def grpc_inputs(inputs: dict[str, list]) -> list[dict]:

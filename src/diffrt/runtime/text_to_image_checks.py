@@ -118,7 +118,7 @@ class TextToImageChecks:
             raise DiffrtError(f"got {init.shape[0]} images to start from for {batch} images ({len(prompts)} prompts x "
                               f"{num_images_per_prompt} per prompt); pass 1 image, or one per prompt")
         self.check_batch(len(prompts), batch, do_cfg)
-        guess = self._guess_mode(guess_mode, control is not None) and do_cfg
+        guess = self.guess_mode_for(guess_mode, control is not None) and do_cfg
         if guess:  # the UNet runs each CFG half on its own
             self.unet.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images, each CFG half apart in guess mode)")
         if self.guidance_embed_dim is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
@@ -134,7 +134,7 @@ class TextToImageChecks:
                      control, scales, windows, guess, generator, schedule, clip_skip,
                      encodes_image=init is not None and not init_is_latents and latents is None)
 
-    def _guess_mode(self, asked, control: bool) -> bool:
+    def guess_mode_for(self, asked, control: bool) -> bool:
         """Whether a call runs diffusers' guess mode: asked for, or set by the first ControlNet's global_pool_conditions
         (a shuffle ControlNet), as StableDiffusionControlNetPipeline sets it. A graph exported before diffrt took
         guess mode's depth weights (one scale per ControlNet) runs it for ControlNets that pool their conditions only."""

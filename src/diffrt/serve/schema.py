@@ -59,6 +59,9 @@ class GenerateBody(BaseModel):
                           "or one per ControlNet (default 0), as diffusers' ControlNet pipelines")
     control_guidance_end: Fraction | list[Fraction] | None = Field(
         None, description="ControlNet models only: the fraction of the steps at which each ControlNet stops (default 1)")
+    guess_mode: bool | None = Field(
+        None, description="ControlNet models only: diffusers' guess_mode, the ControlNets see the prompt's half of the CFG "
+                          "batch only, their residuals weighted by depth (default off; on by itself for a shuffle ControlNet)")
     image: str | None = Field(None, description="text-to-image models only: image-to-image from this base64-encoded PNG")
     strength: float | None = Field(None, ge=0.0, le=1.0, description="image-to-image: how much of the schedule runs "
                                    "(default 0.8; 1.0: the image is all noise)")

@@ -227,7 +227,7 @@ class TextToImageWorker(BatchingWorker):
             raise RequestError(422, "prompt: required; the loaded model is a text-to-image model", "prompt")
         if body.color is not None and self.color_unavailable is not None:
             raise RequestError(422, f"color: colour guidance is unavailable on this service ({self.color_unavailable})", "color")
-        control_fields = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+        control_fields = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "guess_mode")
         for name in ("control_image", *control_fields):
             if getattr(body, name) is not None and not pipe.has_controlnet:
                 raise RequestError(422, f"{name}: the loaded model has no ControlNet; serve one with `--controlnet DIR` "
@@ -239,6 +239,10 @@ class TextToImageWorker(BatchingWorker):
             pipe.check_clip_skip(body.clip_skip)  # before the request queues
         except DiffrtError as exc:
             raise RequestError(422, f"clip_skip: {exc}", "clip_skip") from None
+        try:
+            pipe.guess_mode_for(bool(body.guess_mode), body.control_image is not None)  # an older artifact's graph refuses it
+        except DiffrtError as exc:
+            raise RequestError(422, f"guess_mode: {exc}", "guess_mode") from None
         windows = {}
         if body.control_guidance_start is not None or body.control_guidance_end is not None:
             start = 0.0 if body.control_guidance_start is None else body.control_guidance_start
@@ -309,7 +313,8 @@ class TextToImageWorker(BatchingWorker):
         # The resolved size: with an image, its own rounded down to the VAE's multiple (the pipeline resizes to it).
         settings = {"height": height, "width": width, "num_inference_steps": body.num_inference_steps,
                     "scheduler": schedule.name, "guidance_scale": guidance_scale, "eta": body.eta,
-                    "guidance_rescale": body.guidance_rescale or 0.0, "clip_skip": body.clip_skip or 0, **windows}
+                    "guidance_rescale": body.guidance_rescale or 0.0, "clip_skip": body.clip_skip or 0,
+                    "guess_mode": bool(body.guess_mode), **windows}
         return TextToImagePlan(seed, body.num_images, body.prompt, body.negative_prompt, latents, generator, settings, control, scale,
                                [color_guidance(body.color, body.color_scale)] if body.color else [], lora_scale(pipe, body),
                                init, strength)

@@ -65,12 +65,13 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     "controlnet_conditioning_scale": ("TYPE_FP64", [-1]),  # one for all ControlNets, or one each
     "control_guidance_start": ("TYPE_FP64", [-1]),  # likewise
     "control_guidance_end": ("TYPE_FP64", [-1]),
+    "guess_mode": ("TYPE_BOOL", [1]),
     "lora_scale": ("TYPE_FP64", [1]),
     "image": ("TYPE_STRING", [1]),  # image-to-image: raw PNG bytes
     "strength": ("TYPE_FP64", [1]),
 }
 TEXT_ONLY = ("prompt", "negative_prompt", "guidance_rescale", "image", "strength", "clip_skip")
-CONTROL_ONLY = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+CONTROL_ONLY = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "guess_mode")
 PIXEL_ONLY = ("class_label",)
 TRUNCATED = ("truncated", "truncated_negative")  # text-to-image outputs: the prompt text cut off
 
@@ -93,7 +94,7 @@ def _scalar(name: str, value):
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             raise RequestError(422, f"{name}: not UTF-8 text", name) from None
-    return int(value) if kind == "TYPE_INT64" else float(value)
+    return int(value) if kind == "TYPE_INT64" else bool(value) if kind == "TYPE_BOOL" else float(value)
 
 
 def _field(name: str, row: np.ndarray):

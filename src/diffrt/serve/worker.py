@@ -46,6 +46,7 @@ UNSUPPORTED_ON_PIXEL = {  # field -> the kind of model that takes it
     "controlnet_conditioning_scale": "a ControlNet model",
     "control_guidance_start": "a ControlNet model",
     "control_guidance_end": "a ControlNet model",
+    "guess_mode": "a ControlNet model",
     "clip_skip": "a text-to-image model",
 }
 
