@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 BUNDLED = ("digits", "chelsea")
-# Training images are decoded whole before they are resized: past this many pixels, one line instead of gigabytes
-# of float32 (a 17 KB PNG can hold a 12000 x 12000 image). 64 MP takes any camera's photos but the largest.
-MAX_TRAIN_PIXELS = 64_000_000
+# Training images are decoded (JPEGs at a reduced scale) before they are resized: past this many pixels, one line
+# instead of gigabytes (a 17 KB PNG can hold a 30000 x 30000 image). 160 MP takes every camera's photos but 200 MP
+# phone modes, which Pillow's own decompression-bomb limit (179 MP) refuses too.
+MAX_TRAIN_PIXELS = 160_000_000
 # (top, left, height, width) of the crops of scikit-image's chelsea (300 x 451) that make the bundled
 # "chelsea" subject: four views of one cat, of different sizes and aspect ratios, for fine-tuning
 # and DreamBooth examples.
@@ -144,14 +146,20 @@ def _require_folder(folder: str | Path) -> Path:
 
 
 def _load_images(files: list[Path], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Each file decoded near the size it is resized to, and resized before the next is read: memory for one
+    full-size image at a time, not for the folder's (twenty 12 MP photos are 2.9 GB of float32)."""
+    from tqdm.auto import tqdm
+
     from diffrt.images import load_image
 
-    return _prepare([load_image(path, max_pixels=MAX_TRAIN_PIXELS) for path in files], size, crop)
+    files = tqdm(files, desc="loading images", unit="image", disable=len(files) < 100)
+    return _prepare((load_image(path, max_pixels=MAX_TRAIN_PIXELS, min_side=size) for path in files), size, crop)
 
 
-def _prepare(images: list[torch.Tensor], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+def _prepare(images: Iterable[torch.Tensor], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """[C, H, W] images in [0, 1] -> the centre crops [N, C, size, size] in [-1, 1], and for crop
-    "random" the resized images to crop from on each draw."""
+    "random" the resized images to crop from on each draw. `images` may be a generator: each is
+    resized as it comes."""
     resized = [resize_short_side(img, size) * 2 - 1 for img in images]
     centre = torch.stack([center_crop(img, size) for img in resized])
     return centre, resized if crop == "random" else None

@@ -76,14 +76,14 @@ Size = tuple[int | None, int | None]  # (height, width); a side left None is the
 
 
 def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "RGB", multiple: int = 1,
-               max_pixels: int | None = None) -> torch.Tensor:
+               max_pixels: int | None = None, min_side: int | None = None) -> torch.Tensor:
     """Read an image file into [C, H, W] float in [0, 1], optionally resized (decode_image)."""
     from diffrt.errors import DataError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
-    return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple, max_pixels=max_pixels)
+    return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple, max_pixels=max_pixels, min_side=min_side)
 
 
 def _target_size(im, size: Size | None, multiple: int) -> tuple[int, int] | None:
@@ -95,6 +95,7 @@ def _target_size(im, size: Size | None, multiple: int) -> tuple[int, int] | None
     return None if target == (im.height, im.width) else target
 
 
+REDUCE_ABOVE = 16_000_000  # pixels: smaller images decode exactly (12 MP is 144 MB of float32, one image at a time)
 HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
@@ -111,12 +112,16 @@ def _high_depth(im, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, name: str = "the image",
-                 max_pixels: int | None = None, multiple: int = 1) -> torch.Tensor:
+                 max_pixels: int | None = None, multiple: int = 1, min_side: int | None = None) -> torch.Tensor:
     """Encoded image bytes (PNG, JPEG, ...) -> [C, H, W] float in [0, 1], resized as diffusers' VaeImageProcessor
     resizes a PIL image (Lanczos): to `size` (height, width), a side left None being the image's own rounded down to
     `multiple` (the VAE's factor for a pipeline's images), so `diffrt generate` and `serve` give a file the images the
     Python API and diffusers give the same image opened with PIL.
-    `max_pixels` refuses larger images before their pixels are decoded (a small PNG can hold a huge image)."""
+    `max_pixels` refuses larger images before their pixels are decoded (a small PNG can hold a huge image).
+    `min_side` (with no `size`): the caller resizes to a short side of that many pixels, so an image over
+    REDUCE_ABOVE pixels whose short side is 8x that or more is reduced while decoding (a JPEG decoded at 1/2, 1/4 or 1/8 scale, then any format
+    shrunk by a whole factor, box-filtered), never below 4x: its float pixels take a fraction of the memory, and
+    the caller's antialiased resize still does the final step."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from diffrt.errors import DataError
@@ -125,6 +130,10 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
         with Image.open(io.BytesIO(data)) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels:,} pixels: downscale it")
+            reduce = bool(min_side) and size is None and im.width * im.height > REDUCE_ABOVE
+            factor = min(im.size) // (4 * min_side) if reduce else 1
+            if factor >= 2:
+                im.draft(im.mode, (im.width // factor, im.height // factor))  # JPEG: decode at a reduced scale; others: no-op
             # Upright as it is shown: a phone photo stores its pixels sideways plus an EXIF
             # orientation (diffusers' load_image and its DreamBooth script transpose the same way).
             im = ImageOps.exif_transpose(im)
@@ -134,6 +143,9 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
                 array = np.repeat(array, 3, axis=2) if mode == "RGB" else array
             else:
                 im = im.convert(mode)
+                factor = min(im.size) // (4 * min_side) if reduce else 1
+                if factor >= 2:
+                    im = im.reduce(factor)
                 if size is not None:
                     im = im.resize((size[1], size[0]), Image.LANCZOS)
                 array = np.asarray(im, dtype=np.float32) / 255.0
