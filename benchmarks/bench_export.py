@@ -26,7 +26,8 @@ import torch
 from diffrt import atomic
 from diffrt.bench.timing import cpu_model
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import ExportOptions, export_model
+from diffrt.export.artifact import export_model
+from diffrt.export.options import ExportOptions
 from diffrt.models import SHIPPED_DIGITS
 
 

@@ -105,7 +105,7 @@ def t2i_folder(tmp_path_factory):
 def t2i_artifact(t2i_folder, tmp_path_factory):
     """t2i_folder exported with its ControlNet and the VAE encoder: text_encoder, unet_controlnet, controlnet,
     vae_decoder, vae_encoder (fp32 ONNX)."""
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 
     out = tmp_path_factory.mktemp("t2i_artifact") / "artifact"
@@ -124,7 +124,7 @@ def t2i_controlnet_b(t2i_folder, tmp_path_factory):
 @pytest.fixture(scope="session")
 def t2i_multi_artifact(t2i_folder, t2i_controlnet_b, tmp_path_factory):
     """t2i_folder exported with two ControlNets, controlnet/ then t2i_controlnet_b (MultiControlNetModel)."""
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 
     out = tmp_path_factory.mktemp("t2i_multi_artifact") / "artifact"
@@ -172,7 +172,7 @@ def lazy_scheduler_folders(src, tmp_path_factory, prefix, configs):
 
 def export_t2i_artifact(folder, out, controlnets=()):
     """`folder` exported to `out` over T2I_RANGES with `controlnets` (fp32 ONNX)."""
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 
     export_text_to_image(folder, out, ExportOptions(**T2I_RANGES), list(controlnets))
@@ -337,7 +337,8 @@ def assert_a_pixel_artifact_carries_the_scheduler(model_dir, tmp_path, cls, kind
     from diffusers import DDIMScheduler
 
     from diffrt.export import manifest as mf
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
     from diffrt.runtime.loading import open_pixel_pipeline
 
     folder = shutil.copytree(model_dir, tmp_path / kind)

@@ -156,7 +156,8 @@ def test_a_malformed_command_line_is_one_line_too(args, words, capsys):
 def test_serve_exits_when_the_model_cannot_load(uncond_model_dir, tmp_path):
     """A model that fails in the worker (here: strict mode refusing PyTorch for an artifact) ends
     `diffrt serve` with that one line instead of a server answering 503 for ever."""
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
     from diffrt.serve.app import ServeConfig, serve
 
     export_pixel_model(uncond_model_dir, tmp_path / "artifact", ExportOptions(verify=False))

@@ -12,7 +12,8 @@ from conftest import T2I_RANGES
 from diffrt.cli import main
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import ExportOptions, export_pixel_model
+from diffrt.export.artifact import export_pixel_model
+from diffrt.export.options import ExportOptions
 from diffrt.export.text_to_image import export_text_to_image
 from diffrt.export.verify import compare
 

@@ -11,7 +11,8 @@ import torch
 
 from diffrt.errors import ArtifactError, LoraError
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import ExportOptions, export_pixel_model
+from diffrt.export.artifact import export_pixel_model
+from diffrt.export.options import ExportOptions
 from diffrt.runtime.loading import artifact_pixel_pipeline
 
 OPTIONS = ExportOptions(batch=(1, 2, 8))
@@ -288,7 +289,8 @@ def test_parity_of_zero_outputs_is_judged_not_undefined():
 
 def test_export_key_changes_with_what_the_export_depends_on(classemb_model_dir, monkeypatch):
     from diffrt.atomic import sha256_folder
-    from diffrt.export.artifact import lora_hashes, lora_state, pixel_export_key, pixel_spec
+    from diffrt.export.artifact import pixel_export_key, pixel_spec
+    from diffrt.export.cache import lora_hashes, lora_state
     from diffrt.models import load_pixel_model
 
     model = load_pixel_model(classemb_model_dir)

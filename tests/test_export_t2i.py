@@ -15,7 +15,9 @@ import torch
 from conftest import T2I_ARTIFACT_OPTIONS, T2I_RANGES
 from diffrt.atomic import sha256_file
 from diffrt.errors import ArtifactError, DiffrtError, LoraError
-from diffrt.export.artifact import ExportOptions, cached_export, export_model
+from diffrt.export.artifact import export_model
+from diffrt.export.cache import cached_export
+from diffrt.export.options import ExportOptions
 from diffrt.export.text_to_image import build_precision, export_text_to_image
 from diffrt.export.verify import compare
 from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -750,10 +752,10 @@ def test_dropping_the_vae_encoder_removes_its_folder_and_keeps_the_rest(t2i_fold
 
 
 def test_a_killed_rebuild_resumes_from_what_it_finished_and_trusts_nothing_else(unverified_plain, t2i_folder, tmp_path, monkeypatch):
-    """The old manifest is removed when a rebuild starts; the rebuild record (artifact.REBUILD) keeps the
+    """The old manifest is removed when a rebuild starts; the rebuild record (cache.REBUILD) keeps the
     components kept and those finished, so a rerun after a kill exports only the rest, and a component
     whose files changed since (here: one the killed run was writing, and one edited) is rebuilt."""
-    from diffrt.export import artifact
+    from diffrt.export import cache
 
     out = shutil.copytree(unverified_plain, tmp_path / "artifact")
     options = ExportOptions(**{**T2I_RANGES, "batch": (1, 2, 2)}, verify=False, vae_encoder=True)  # every spec changes
@@ -761,7 +763,7 @@ def test_a_killed_rebuild_resumes_from_what_it_finished_and_trusts_nothing_else(
     with pytest.raises(KeyboardInterrupt):
         export_text_to_image(t2i_folder, out, options, [])
     assert calls == ["text_encoder", "unet", "vae_decoder"] and not (out / "manifest.json").exists()
-    assert (out / artifact.REBUILD).is_file()
+    assert (out / cache.REBUILD).is_file()
     with pytest.raises(ArtifactError, match="did not finish"):
         artifact_text_to_image_pipeline(out, "onnxruntime")
     onnx = out / "unet" / "model.onnx"
@@ -769,7 +771,7 @@ def test_a_killed_rebuild_resumes_from_what_it_finished_and_trusts_nothing_else(
 
     names = exported_names(monkeypatch)
     result = export_text_to_image(t2i_folder, out, options, [])
-    assert names == ["unet", "vae_decoder", "vae_encoder"] and not (out / artifact.REBUILD).exists()
+    assert names == ["unet", "vae_decoder", "vae_encoder"] and not (out / cache.REBUILD).exists()
     assert result.manifest["components"]["text_encoder"]["spec"]["ranges"]["batch"] == [1, 2, 2]
     artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")("a cat", num_inference_steps=1)
     assert export_text_to_image(t2i_folder, out, options, []).cache_hit
@@ -799,7 +801,7 @@ def test_a_killed_rebuild_still_keeps_the_components_it_kept_but_had_not_reached
     """A UNet LoRA and the encoder added: the text encoder and VAE decoder are kept, the UNet and encoder exported;
     killed while it exports the encoder (after the UNet), the rerun exports the encoder alone: the record names the
     kept VAE decoder though the loop had not reached it."""
-    from diffrt.export import artifact
+    from diffrt.export import cache
 
     out = shutil.copytree(unverified_plain, tmp_path / "artifact")
     unet_lora = unet_only_lora(lora_files["a"]["peft"], tmp_path / "unet_lora.safetensors")
@@ -807,11 +809,11 @@ def test_a_killed_rebuild_still_keeps_the_components_it_kept_but_had_not_reached
     calls = interrupt_export_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         export_text_to_image(t2i_folder, out, options, [])
-    assert calls == ["unet", "vae_encoder"] and (out / artifact.REBUILD).is_file()
+    assert calls == ["unet", "vae_encoder"] and (out / cache.REBUILD).is_file()
     monkeypatch.undo()
     names = exported_names(monkeypatch)
     result = export_text_to_image(t2i_folder, out, options, [])
-    assert names == ["vae_encoder"] and not (out / artifact.REBUILD).exists()
+    assert names == ["vae_encoder"] and not (out / cache.REBUILD).exists()
     fresh = export_text_to_image(t2i_folder, tmp_path / "fresh", options, [])
     assert file_hashes(result.manifest) == file_hashes(fresh.manifest)
 

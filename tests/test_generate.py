@@ -85,7 +85,8 @@ def test_tensorrt_with_a_cpu_device_is_one_line_before_any_work(uncond_model_dir
 
 
 def test_strict_refuses_an_artifact_on_the_torch_backend(uncond_model_dir, tmp_path, capsys):
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
 
     artifact = export_pixel_model(uncond_model_dir, tmp_path / "art", ExportOptions(batch=(1, 2, 8), verify=False)).folder
     args = ["generate", "--model", str(artifact), "--steps", "1", "--out", str(tmp_path / "x.npy")]
@@ -199,7 +200,8 @@ def test_one_image_is_written_as_itself_several_as_a_grid(classemb_model_dir, tm
 def test_an_artifact_runs_on_what_it_was_exported_for_by_default(uncond_model_dir, tmp_path, monkeypatch):
     """No --backend: an ONNX-only artifact runs on ONNX Runtime even where TensorRT is installed
     (it has no engines to run); engines run on TensorRT where it runs."""
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
     from diffrt.export import manifest as mf
     from diffrt.runtime import backends
     from diffrt.runtime.loading import artifact_backend
@@ -261,7 +263,8 @@ def test_an_image_file_is_resized_as_the_api_and_diffusers_resize_it_opened_with
 def test_the_output_line_says_what_guidance_ran_in_pytorch(classemb_model_dir, tmp_path, capsys):
     """An exported backend with gradient guidance runs parts in PyTorch (engines have no autograd): the line
     said only 'onnxruntime' (RELIABILITY #15)."""
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
 
     artifact = export_pixel_model(classemb_model_dir, tmp_path / "art", ExportOptions(batch=(1, 2, 8), verify=False)).folder
     out = tmp_path / "x.png"

@@ -661,7 +661,7 @@ def test_dora_export_equals_diffusers_fuse_lora(sd_folder, dora, tmp_path):
     """`diffrt export --lora DORA:0.8`: the ONNX text encoder and UNet give what diffusers' own
     modules give after fuse_lora."""
     from diffrt.components import spec_from_dict
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
     from diffrt.export.verify import compare
     from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend

@@ -88,7 +88,7 @@ def test_refused_where_the_weights_cannot_change(t2i_folder, lora, tmp_path):
     with pytest.raises(DiffrtError, match=r"lora_scale 0.5: this model runs no LoRA; open it with --lora"):
         plain.set_lora_scale(0.5)
 
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 
     out = tmp_path / "baked"
@@ -106,7 +106,8 @@ def test_pixel_artifact_on_torch_scales_its_lora(classemb_model_dir, tmp_path):
     """A pixel artifact's LoRA, run by its PyTorch source, takes a new strength like a text-to-image one."""
     from test_tensorrt import make_lora
 
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
     from diffrt.runtime.loading import open_pixel_pipeline
 
     lora = make_lora(classemb_model_dir, tmp_path / "pixel_lora.safetensors", seed=2)
@@ -132,7 +133,8 @@ def test_generate_takes_lora_for_pixel_models(classemb_model_dir, tmp_path):
     from test_tensorrt import make_lora
 
     from diffrt.errors import ArtifactError
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
     from diffrt.generate import GenerateRequest, generate
     from diffrt.runtime.loading import open_pixel_pipeline
 
@@ -153,7 +155,7 @@ def test_generate_takes_lora_for_pixel_models(classemb_model_dir, tmp_path):
 
 def test_metadata_says_whether_the_lora_scale_can_change(t2i_folder, lora, tmp_path):
     """What the demo reads to show its LoRA slider: PyTorch can change the strength, a LoRA baked into ONNX cannot."""
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 
     meta = open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(lora, 0.8)]).runtime_metadata()
@@ -231,7 +233,8 @@ def test_engine_dora_scale_refits_from_the_base(classemb_model_dir, tmp_path):
     weights (what `refit_weights` gives at that scale), never a delta scaled from the last refit."""
     from test_refit import make_dora
 
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
     from diffrt.export.lora import read_lora
     from diffrt.export.refit import read_weight_map, refit_weights, write_weight_map
     from diffrt.models import load_pixel_model

@@ -309,7 +309,7 @@ def test_export_with_lycoris_baked_in_equals_fused_pytorch(sd_folder, tmp_path):
     from peft import LoHaConfig, LoKrConfig
 
     from diffrt.components import spec_from_dict
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
     from diffrt.export.verify import compare
     from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffrt.errors import ArtifactError, BackendUnavailableError, DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
-from diffrt.export.artifact import ExportOptions, export_pixel_model
+from diffrt.export.artifact import export_pixel_model
+from diffrt.export.options import ExportOptions
 from diffrt.models import load_pixel_model
 from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.loading import artifact_pixel_pipeline, open_pixel_pipeline, torch_pixel_pipeline

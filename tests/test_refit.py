@@ -22,7 +22,9 @@ from diffrt.atomic import sha256_file
 from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
 from diffrt.export import refit
-from diffrt.export.artifact import ExportOptions, cached_export, export_pixel_model, lora_hashes
+from diffrt.export.artifact import export_pixel_model
+from diffrt.export.cache import cached_export, lora_hashes
+from diffrt.export.options import ExportOptions
 from diffrt.export.text_to_image import export_text_to_image
 from test_tensorrt import make_lora
 
@@ -69,10 +71,10 @@ class EngineRecorder:
 
 @pytest.fixture
 def engines(monkeypatch) -> EngineRecorder:
-    from diffrt.export import artifact, tensorrt
+    from diffrt.export import options, tensorrt
 
     recorder = EngineRecorder()
-    monkeypatch.setattr(artifact, "require_backend", lambda name: None)
+    monkeypatch.setattr(options, "require_backend", lambda name: None)
     monkeypatch.setattr(refit, "require_backend", lambda name: None)
     monkeypatch.setattr(tensorrt, "build_engine", recorder.build_engine)
     monkeypatch.setattr(refit, "refit_engine", recorder.refit_engine)

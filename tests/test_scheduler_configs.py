@@ -250,7 +250,8 @@ def test_unets_needing_inputs_diffrt_does_not_feed_are_refused_by_name(t2i_folde
         assert "\n" not in str(info.value)
     with pytest.raises(DiffrtError, match=message):
         torch_text_to_image_pipeline(load_text_to_image(folder, weights=False))
-    from diffrt.export.artifact import ExportOptions, export_model
+    from diffrt.export.artifact import export_model
+    from diffrt.export.options import ExportOptions
 
     with pytest.raises(DiffrtError, match=message):  # `diffrt export` too, before the cache or any trace
         export_model(folder, tmp_path / "artifact", ExportOptions())

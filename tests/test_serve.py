@@ -62,7 +62,8 @@ def served_model(request, tmp_path_factory) -> str | None:
     ONNX in the user cache, as `diffrt serve` does), else a tiny model exported to a tmp folder."""
     if (SHIPPED_DIGITS / "model_index.json").is_file():
         return None
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
 
     src = request.getfixturevalue("classemb_model_dir")
     out = tmp_path_factory.mktemp("serve_artifact") / "artifact"

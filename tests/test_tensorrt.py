@@ -46,7 +46,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_artifact(model_dir, tmp_path_factory) -> Path:
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
 
     return export_pixel_model(model_dir, tmp_path_factory.mktemp("art") / "onnx", ExportOptions(batch=BATCH, verify=False)).folder
 
@@ -228,7 +229,8 @@ def test_the_gpu_identity_is_its_name_and_compute_capability_and_keys_the_export
     name, or another name, is another GPU, so a TensorRT export made on one is a cache miss on the other."""
     from types import SimpleNamespace
 
-    from diffrt.export.artifact import ExportOptions, export_key
+    from diffrt.export.cache import export_key
+    from diffrt.export.options import ExportOptions
 
     props = {"name": H100["name"], "major": 9, "minor": 0}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -354,7 +356,8 @@ def test_refit_refuses_a_lora_on_an_unmapped_weight(onnx_artifact, weight_map, m
 
 def test_refit_artifact_refusals(onnx_artifact, model_dir, loras, tmp_path, monkeypatch):
     from diffrt.export import refit
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
     from diffrt.export.refit import refit_artifact
 
     monkeypatch.setattr(refit, "require_backend", lambda name: None)  # past the TensorRT check, to the artifact's
@@ -371,7 +374,8 @@ def test_refit_artifact_refusals(onnx_artifact, model_dir, loras, tmp_path, monk
 
 @pytest.fixture(scope="module")
 def trt_artifact(model_dir, tmp_path_factory) -> Path:
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
 
     return export_pixel_model(model_dir, tmp_path_factory.mktemp("trt") / "fp32", ExportOptions(backend="tensorrt", batch=BATCH)).folder
 
@@ -412,7 +416,8 @@ def test_engine_matches_pytorch_fp32(trt_artifact, model_dir, cuda_graph):
 @needs_trt
 def test_an_engine_from_the_dynamo_exporters_graph_matches_pytorch_and_refits(model_dir, loras, tmp_path):
     """TensorRT parses the torch.export-based exporter's graph (opset 18) and refits it from its base weights."""
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
     from diffrt.export.refit import refit_artifact
 
     folder = export_pixel_model(model_dir, tmp_path / "dynamo", ExportOptions(backend="tensorrt", batch=BATCH, exporter="dynamo")).folder
@@ -425,7 +430,8 @@ def test_an_engine_from_the_dynamo_exporters_graph_matches_pytorch_and_refits(mo
 @pytest.mark.gpu
 @needs_trt
 def test_engine_matches_pytorch_fp16(model_dir, tmp_path):
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
 
     folder = export_pixel_model(model_dir, tmp_path / "fp16", ExportOptions(backend="tensorrt", precision="fp16", batch=BATCH)).folder
     engine = mf.read_manifest(folder)["components"]["unet"]["engine"]
@@ -447,7 +453,8 @@ def test_engine_parity_is_measured_and_recorded(trt_artifact):
 @pytest.mark.gpu
 @needs_trt
 def test_bf16_parity_is_measured_on_the_engine(model_dir, tmp_path):
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
 
     folder = export_pixel_model(model_dir, tmp_path / "bf16", ExportOptions(backend="tensorrt", precision="bf16", batch=BATCH)).folder
     parity = mf.read_manifest(folder)["components"]["unet"]["parity"]
@@ -458,7 +465,8 @@ def test_bf16_parity_is_measured_on_the_engine(model_dir, tmp_path):
 @pytest.mark.gpu
 @needs_trt
 def test_tensorrt_export_with_lora_runs_it_and_keeps_the_base_key(trt_artifact, model_dir, loras, tmp_path):
-    from diffrt.export.artifact import ExportOptions, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
 
     options = ExportOptions(backend="tensorrt", batch=BATCH, loras=[(str(loras["A"]), 0.8)])
     folder = export_pixel_model(model_dir, tmp_path / "lora", options).folder

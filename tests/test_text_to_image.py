@@ -292,7 +292,7 @@ def test_a_pooling_controlnet_runs_guess_mode_as_the_controlnet_pipeline(pooled_
     apart at guidance 7.5). An artifact records the flag and its fused graph runs the same."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 
     ref = diffusers_pipe(StableDiffusionControlNetPipeline, pooled_folder,

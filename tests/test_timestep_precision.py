@@ -22,7 +22,8 @@ from conftest import T2I_RANGES
 from diffrt import components
 from diffrt.components import ComponentSpec, TensorSpec, spec_from_dict, spec_to_dict
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import ExportOptions, export_pixel_model, pixel_export_key, pixel_spec
+from diffrt.export.artifact import export_pixel_model, pixel_export_key, pixel_spec
+from diffrt.export.options import ExportOptions
 from diffrt.export.onnx import EXPORTERS, export_onnx
 from diffrt.export.verify import TOLERANCE, compare
 from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend

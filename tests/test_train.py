@@ -164,7 +164,8 @@ def save_pretrained_pixel_model(folder: Path, scheduler: DDIMConfig | None = Non
 def test_finetune_writes_outputs_learns_and_exports(cat_folder, tmp_path):
     from diffusers import UNet2DModel
 
-    from diffrt.export.artifact import ExportOptions, export_model
+    from diffrt.export.artifact import export_model
+    from diffrt.export.options import ExportOptions
 
     base = save_pretrained_pixel_model(tmp_path / "base")
     out = tmp_path / "out"

@@ -10,7 +10,8 @@ import torch
 
 from conftest import T2I_RANGES, max_abs
 from diffrt.errors import BackendUnavailableError, DiffrtError
-from diffrt.export.artifact import ExportOptions, export_model
+from diffrt.export.artifact import export_model
+from diffrt.export.options import ExportOptions
 from diffrt.export.manifest import read_manifest
 from diffrt.export.text_to_image import export_text_to_image
 from diffrt.export.verify import compare
@@ -122,7 +123,7 @@ def test_a_service_over_an_artifact_without_the_encoder_says_what_encodes(plain_
 def test_automatic_exports_made_before_the_encoder_option_keep_their_folders():
     """An automatic export's folder is named by its settings' text: the option, left at its default, adds nothing
     to it, so the folders of exports made before it (the digits model's for `diffrt demo`) are still found."""
-    from diffrt.export.artifact import options_text
+    from diffrt.export.options import options_text
 
     assert options_text(ExportOptions()) == (
         "ExportOptions(backend='onnx', precision='fp32', batch=(1, 8, 64), height=None, width=None, opset=17, "

@@ -99,7 +99,8 @@ def _loras(args) -> list[tuple[str, float]]:
 
 
 def _cmd_export(args) -> int:
-    from diffrt.export.artifact import ExportOptions, export_model, parse_range
+    from diffrt.export.artifact import export_model
+    from diffrt.export.options import ExportOptions, parse_range
 
     options = ExportOptions(
         backend=args.backend, precision=args.precision, batch=parse_range(args.batch, "batch"),

@@ -71,7 +71,7 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
 
     # 1. Eager reference and the exported pipeline (export is cached; a second run reuses it).
     #    The engine's batch profile is tuned for this request: CFG doubles the image count.
-    from diffrt.export.artifact import ExportOptions
+    from diffrt.export.options import ExportOptions
 
     t0 = time.perf_counter()
     eager = open_pixel_pipeline(None, "torch", device)

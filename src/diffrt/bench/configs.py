@@ -132,7 +132,7 @@ class DigitsConfig(BenchConfig):
         return Workload(pipe, run, ("unet",), {"providers": getattr(pipe.unet, "providers", None)})
 
     def open(self, backend, device):
-        from diffrt.export.artifact import ExportOptions
+        from diffrt.export.options import ExportOptions
         from diffrt.runtime.loading import open_pixel_pipeline
 
         if backend == "optimum-onnxruntime":
@@ -234,7 +234,7 @@ class TextToImageConfig(BenchConfig):
         pipe = torch_text_to_image_pipeline(model, device, compile=compile and self.precision == "fp32")
         if self.precision != "fp32":
             # The same precision per component as the export: the VAE stays fp32 where it asks (force_upcast).
-            from diffrt.export.artifact import TORCH_DTYPES
+            from diffrt.export.options import TORCH_DTYPES
 
             upcast = bool(getattr(model.vae.config, "force_upcast", False))
             for attr in ("text_encoder", "unet", "vae_decoder"):
@@ -250,7 +250,7 @@ class TextToImageConfig(BenchConfig):
             return open_optimum(self, device)
         if backend in ("torch", "torch-compile"):
             return self._workload(self._torch_pipeline(device, compile=backend == "torch-compile"))
-        from diffrt.export.artifact import ExportOptions
+        from diffrt.export.options import ExportOptions
         from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
         # The parity check of `diffrt export` is left out: the benchmark compares images with eager itself.

@@ -13,7 +13,7 @@ locates, and it locates no biases.
 The ONNX must therefore hold base weights. The manifest's "onnx_loras" records which LoRAs the
 ONNX holds; refit refuses an ONNX with LoRAs baked in and says to re-export without them.
 After a refit, "loras" lists the engines' LoRAs. The manifest's "key" stays the key of the base
-export: an export is a cache hit only when its key and its LoRAs both match (artifact.py).
+export: an export is a cache hit only when its key and its LoRAs both match (cache.py).
 
 Which engines. Only engines that hold a UNet or a text encoder take LoRA (`LORA_COMPONENTS`);
 the VAE decoder and the standalone ControlNet keep their engines untouched by refit and by

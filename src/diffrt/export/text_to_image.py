@@ -40,9 +40,9 @@ from diffrt import atomic
 from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import (REBUILD, TORCH_DTYPES, ExportOptions, ExportResult, Precision, _check_loras, _export_component,
-                                    begin_rebuild, cached_export, check_options, check_out_apart, component_key, export_key,
-                                    lora_hashes, refit_before_manifest, write_rebuild_record)
+from diffrt.export.artifact import _check_loras, _export_component, check_out_apart, refit_before_manifest
+from diffrt.export.cache import begin_rebuild, cached_export, component_key, export_key, lora_hashes, REBUILD, write_rebuild_record
+from diffrt.export.options import check_options, ExportOptions, ExportResult, Precision, TORCH_DTYPES
 from diffrt.export.refit import LORA_COMPONENTS
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs,
                                          global_pool_conditions, load_text_to_image, require_text_to_image_folder)
@@ -187,7 +187,7 @@ def component_sources(name: str, hashes: dict[str, str]) -> dict[str, str]:
 
 def component_keys(specs: dict, precisions: dict[str, Precision], hashes: dict[str, str], fused: list[dict],
                    options: ExportOptions) -> dict[str, str]:
-    """Each component's key (artifact.component_key). `fused`: the LoRAs baked into the modules (ONNX-only
+    """Each component's key (cache.component_key). `fused`: the LoRAs baked into the modules (ONNX-only
     exports; [] for TensorRT, which refits), each with the modules it patched by LoRA component, so that a
     LoRA enters the key of the components whose weights it changed (UNet and fused UNet+ControlNet: "unet";
     text encoder: "text_encoder") and of no other."""

@@ -130,7 +130,7 @@ def manifest_loras(manifest: dict) -> list[tuple[str, float]]:
 
 def check_artifact_loras(folder: Path, manifest: dict, loras: Sequence[tuple[str | Path, float]]) -> None:
     """An artifact runs with the LoRA it was exported (or refit) with: naming other files or scales is an error."""
-    from diffrt.export.artifact import lora_state
+    from diffrt.export.cache import lora_state
     from diffrt.export.lora import locate_lora
 
     # A LoRA given as a folder is the file in it, as export read it (train dreambooth-lora's output).
@@ -171,7 +171,7 @@ def artifact_lora(folder: Path, manifest: dict, backend: str, components: dict) 
 def check_onnx_weights(folder: Path, manifest: dict) -> None:
     """Refuse to run the ONNX files of an artifact whose LoRA was refit into its TensorRT engines
     only: the ONNX holds other weights than the manifest says the artifact runs with."""
-    from diffrt.export.artifact import lora_state
+    from diffrt.export.cache import lora_state
 
     if lora_state(manifest["loras"]) != lora_state(manifest.get("onnx_loras", manifest["loras"])):
         raise ArtifactError(f"{folder}'s TensorRT engines were refit with LoRA ({describe_loras(manifest['loras'])}) but its "
@@ -251,7 +251,8 @@ def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device
     require_model_dir(folder)
     if torch_backend:
         return torch_pixel_pipeline(load_pixel_model(folder), device, compile=backend == "torch-compile", loras=loras)
-    from diffrt.export.artifact import ExportOptions, default_artifact_dir, export_pixel_model
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import default_artifact_dir, ExportOptions
 
     options = dataclasses.replace(export_options or ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx"),
                                   loras=[(str(p), float(s)) for p, s in loras])

@@ -225,7 +225,7 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
     check_scheduler_class(folder)
     if torch_backend:
         return torch_text_to_image_pipeline(load_text_to_image(folder, controlnet), device, backend == "torch-compile", loras)
-    from diffrt.export.artifact import ExportOptions, default_artifact_dir
+    from diffrt.export.options import default_artifact_dir, ExportOptions
     from diffrt.export.text_to_image import export_text_to_image
 
     # With the VAE encoder: an image-to-image call then runs on the backend too (a small graph beside the UNet).

@@ -1,0 +1,238 @@
+"""An export's cache: the content-addressed keys, the hit that does no work, and the rebuild that keeps what
+it can.
+
+Exporting again with unchanged inputs is a cache hit that does no work and says so (an export
+that asks for the parity check is no hit on one made with --no-verify). A rebuild takes the
+folder's lock, looks again (another builder may have finished the same export while it waited),
+then removes the old manifest, so an interrupted rebuild is never mistaken for a finished one,
+the old component folders (one the new export lacks would stay otherwise) and the temporaries a
+killed export left. A text-to-image rebuild keeps each old component whose own inputs are unchanged
+(its `component_key`) and whose files still hash as recorded, folder and manifest entry, and
+exports only the others: adding --vae-encoder builds one engine, not four (`begin_rebuild`).
+
+The manifest's "key" is the key of the base export, without LoRA, and "loras" is the LoRA state the
+artifact runs with (baked in, or refit into the engines); an export is a cache hit only when both match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from diffrt import atomic
+from diffrt.components import ComponentSpec, spec_to_dict
+from diffrt.errors import ArtifactError
+from diffrt.export import manifest as mf
+from diffrt.export.lora import locate_lora
+from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision
+
+log = logging.getLogger(__name__)
+
+COMPONENT_FOLDERS = ("unet", "text_encoder", "unet_controlnet", "controlnet", "vae_decoder", "vae_encoder")  # what exports write
+
+
+def lora_hashes(options: ExportOptions) -> list[dict]:
+    """Each LoRA of the export as its manifest entry records it: the file's absolute path (so that the
+    artifact's PyTorch fallbacks and refits find it from any working directory), sha256 and scale."""
+    files = [locate_lora(Path(p)).resolve() for p, _ in options.loras]
+    return [{"path": str(f), "sha256": atomic.sha256_file(f), "scale": s} for f, (_, s) in zip(files, options.loras)]
+
+
+def export_key(model_parts: dict, options: ExportOptions) -> str:
+    """The content address of the base export: what the model is, plus what every export depends
+    on (opset, backend, library versions, and the GPU for engines). LoRA is kept apart: see
+    `cached_export`."""
+    return mf.cache_key({
+        **model_parts, "opset": options.onnx_opset, "backend": options.backend,
+        # Only a non-default exporter enters the key, so artifacts (and hours of engine builds) made
+        # before the choice existed stay cache hits.
+        **({"exporter": options.exporter} if options.exporter != "torchscript" else {}),
+        "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
+    })
+
+
+def lora_state(entries) -> list[tuple[str, float]]:
+    """What identifies a LoRA setting: each file's sha256 and scale, in order."""
+    return [(e["sha256"], float(e["scale"])) for e in entries]
+
+
+def cached_export(out: Path, key: str, t0: float, loras: list[dict] = (), verified: bool = False,
+                  quiet: bool = False, sources: dict | None = None, locked: bool = False) -> ExportResult | None:
+    """The finished export at `out` if it has this base key, runs with these LoRAs ([{sha256, scale}]),
+    was checked against PyTorch when `verified` asks for it, and its files are intact; else None.
+    `quiet`: do not log why it is a miss (a second look, already explained).
+
+    A hit whose inputs were given from other paths than it records (`sources`: the source folder's
+    {"path"} and, for text-to-image, {"controlnets"}; the LoRAs' "path") records the new ones: the same
+    content moved is no rebuild, but a manifest naming the old folder would send every PyTorch fallback
+    (eager backend, guidance, img2img without an exported encoder) to a folder that is gone. `locked`:
+    the caller holds the artifact's lock (that record is written under it)."""
+    try:
+        manifest = mf.read_manifest(out)
+        if manifest.get("key") != key:
+            return None
+        if lora_state(manifest.get("loras", [])) != lora_state(loras):
+            if not quiet:
+                log.info("%s holds this export with other LoRAs (%d file(s)); rebuilding", out, len(manifest.get("loras", [])))
+            return None
+        if verified and any("parity" not in comp for comp in manifest["components"].values()):
+            # An export made with --no-verify was never compared with PyTorch: asked to verify, it is no hit.
+            if not quiet:
+                log.info("%s holds this export unverified (--no-verify); rebuilding it with the parity check", out)
+            return None
+        mf.verify_files(out, manifest)
+    except ArtifactError:
+        return None
+    if sources is not None and _moved(manifest, sources, loras):
+        try:
+            if not locked:
+                with mf.artifact_lock(out):
+                    return cached_export(out, key, t0, loras, verified, quiet, sources, locked=True)
+            manifest = _record_paths(out, manifest, sources, loras)
+        except OSError as exc:  # a read-only artifact still runs on its exported files
+            log.warning("%s: its source or LoRA files moved since export, but the new paths cannot be recorded (%s); "
+                        "PyTorch fallbacks will look for the old ones", out, exc)
+    log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
+    return ExportResult(out, True, manifest, time.perf_counter() - t0)
+
+
+def _moved(manifest: dict, sources: dict, loras: list[dict]) -> bool:
+    """Whether a hit's inputs (same content) now sit at other paths than its manifest records."""
+    recorded = manifest["source"]
+    return (any(recorded.get(name) != value for name, value in sources.items())
+            or [e.get("path") for e in manifest["loras"]] != [e.get("path") for e in loras])
+
+
+def _record_paths(out: Path, manifest: dict, sources: dict, loras: list[dict]) -> dict:
+    """The manifest with the inputs' new paths, written (under the artifact's lock): the source's, and each
+    LoRA's, in `loras` and in `onnx_loras` (the same files by sha256: a refit engine's LoRAs are not baked)."""
+    where = {e["sha256"]: e["path"] for e in loras}
+    entries = {field_: [{**e, "path": where.get(e["sha256"], e.get("path"))} for e in manifest[field_]]
+               for field_ in ("loras", "onnx_loras") if field_ in manifest}
+    moved = {**manifest, "source": {**manifest["source"], **sources}, **entries}
+    mf.write_manifest(out, moved)
+    log.info("%s: its source or LoRA files moved since export (same content); recorded their new paths", out)
+    return mf.read_manifest(out)
+
+
+def component_key(spec: ComponentSpec, precision: Precision, sources: dict[str, str], baked: list[dict],
+                  options: ExportOptions) -> str:
+    """The content address of one component's files, stored in its manifest entry, so that a rebuild keeps
+    the components whose inputs it did not change (`begin_rebuild`). Exactly what determines the files:
+
+      name, spec (at the component's dtype) and precision   the graph's inputs, outputs, ranges and types;
+      sources       the sha256 of the source parts traced into it, and only those: a new VAE does not
+                    touch the UNet, the tokenizer touches no graph (its max_length is in the spec);
+      baked         the LoRAs fused into its weights, in order ({sha256, scale}): only ONNX-only exports
+                    bake, and only into the components a file patches; TensorRT engines are built from the
+                    base weights and take LoRA by refit (refit_before_manifest), so theirs is empty;
+      backend, exporter, opset   which graph is traced and whether an engine is built from it;
+      versions (+ the GPU for engines)   what export_key holds: torch and onnx write the graph, TensorRT
+                    and the GPU the engine, diffrt the export code.
+
+    Not in it: --no-verify (a rule, not a key: a verified entry stands in for an unverified request,
+    never the reverse, as in `cached_export`), and external_data_threshold, a layout choice the artifact
+    key leaves out as well (a component kept keeps its layout, as a cache hit keeps the whole artifact's)."""
+    return mf.cache_key({
+        "name": spec.name, "spec": spec_to_dict(spec, TORCH_DTYPES[precision]), "precision": precision,
+        "sources": sources, "baked": [{"sha256": b["sha256"], "scale": float(b["scale"])} for b in baked],
+        "backend": options.backend, "exporter": options.exporter, "opset": options.onnx_opset,
+        "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
+    })
+
+
+# A rebuild's record of the component folders it keeps, has finished or may write, beside the manifest
+# while the manifest is absent. Kill safety: the old manifest is removed when a rebuild starts, so a
+# rebuild killed midway would otherwise leave nothing that names the folders it kept (a killed run
+# after the UNet engine was kept, or built, would rebuild it: minutes) nor those it may have written
+# (which a later rebuild without them must remove). This file, written atomically under the lock before
+# the manifest goes and again after each finished component, keeps the entries; nothing but a rebuild
+# reads it, and a rebuild trusts an entry only as it trusts a manifest's: its component key must be
+# the one asked for and every file it lists must still hash as recorded (a folder a killed export was
+# rewriting fails that check and is rebuilt). It is removed once the new manifest is written.
+REBUILD = ".rebuild.json"
+
+
+def _old_components(out: Path) -> tuple[dict, list[str]]:
+    """The previous export's component entries and the component folders it owns: from its manifest,
+    else from the record a killed rebuild left (REBUILD), else none."""
+    try:
+        components = mf.read_manifest(out)["components"]
+        return components, [name for name in components if name in COMPONENT_FOLDERS]
+    except ArtifactError:
+        pass
+    try:
+        record = json.loads((out / REBUILD).read_text())
+        components, folders = record["components"], record["folders"]
+        if isinstance(components, dict) and isinstance(folders, list):
+            return components, [name for name in folders if name in COMPONENT_FOLDERS]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {}, []
+
+
+def _reusable(out: Path, name: str, entry, key: str, options: ExportOptions) -> bool:
+    """Whether the old entry of component `name` may stand for the new one: same component key (entries
+    from before component keys have none: rebuilt), checked against PyTorch if this export asks for it,
+    every file intact."""
+    if not isinstance(entry, dict) or entry.get("component_key") != key:
+        return False
+    if options.verify and "parity" not in entry:
+        log.info("%s: %s was exported unverified (--no-verify); rebuilding it with the parity check", out, name)
+        return False
+    if not isinstance(entry.get("files"), dict):
+        return False
+    try:
+        mf.verify_files(out, {"components": {name: entry}, "pipeline": {}}, [name])
+    except ArtifactError as exc:
+        log.info("%s: not reusing %s: %s", out, name, exc)
+        return False
+    return True
+
+
+def write_rebuild_record(out: Path, components: dict, folders) -> None:
+    """REBUILD: the entries a killed rebuild may reuse and the folders it owns (under the lock)."""
+    atomic.write_json(out / REBUILD, {"components": components, "folders": sorted(folders)})
+
+
+def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict,
+                  component_keys: dict[str, str] | None = None) -> tuple[ExportResult | None, dict]:
+    """Under the artifact's lock: (the export another builder finished while this one waited for the
+    lock, {}) (a hit, no second build); else (None, the old entries kept), the folder made ready for a
+    rebuild: its manifest removed, so that nothing trusts it until the new one is written, the old
+    component folders not kept removed, and what killed writes left there removed.
+
+    `component_keys` ({name: component_key} of the new export): the old components whose entry has that
+    key and whose files verify are kept, folder and entry (`_reusable`); None (pixel exports) keeps none.
+    `sources`: the paths of the export's inputs, recorded anew on a hit (cached_export)."""
+    hit = cached_export(out, key, t0, loras, verified=options.verify, quiet=True, sources=sources, locked=True)
+    if hit is not None:
+        return hit, {}
+    old, owned = _old_components(out)
+    wanted = component_keys or {}
+    kept = {name: old[name] for name in wanted if name in old and _reusable(out, name, old[name], wanted[name], options)}
+    if component_keys is not None:
+        # Before the manifest goes: from here on the record names what is kept and what may be written.
+        write_rebuild_record(out, kept, {*owned, *wanted})
+    else:
+        (out / REBUILD).unlink(missing_ok=True)
+    (out / mf.MANIFEST).unlink(missing_ok=True)
+    # The old export's component folders but those kept: each is rebuilt anyway, and one the new export
+    # lacks (a ControlNet dropped: controlnet/, unet_controlnet/) would otherwise stay, gigabytes no manifest names.
+    for name in owned:
+        if name not in kept:
+            shutil.rmtree(out / name, ignore_errors=True)
+            if (out / name).exists():  # a file held open elsewhere, a permission: say so, as no record will name it
+                log.warning("%s: could not remove the old %s/ (in use, or not ours to delete); remove it by hand", out, name)
+    removed = atomic.remove_leftovers(out)
+    if removed:
+        log.info("%s: removed %d temporary file(s) an interrupted export left: %s", out, len(removed), ", ".join(removed))
+    return None, kept
+
+
+def start_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict) -> ExportResult | None:
+    """`begin_rebuild` keeping no component (pixel exports: one component, rebuilt whole)."""
+    return begin_rebuild(out, key, t0, loras, options, sources)[0]
