@@ -136,6 +136,66 @@ def test_mistakes_found_by_trying_the_readme_are_one_line(uncond_model_dir, tmp_
     assert out.returncode == 2 and "is not a TCP port" in out.stderr
 
 
+def test_mistakes_found_by_a_new_user_are_one_line(t2i_folder, uncond_model_dir, tmp_path, capsys):
+    """From a walk through the README as a new user: each gave a traceback, a misleading line (a mistyped path with
+    --prompt read "this is a pixel-space model"), or failed only after all the sampling."""
+    from PIL import Image
+
+    afile, unet, out = tmp_path / "afile", str(t2i_folder / "unet"), str(tmp_path / "x.png")
+    afile.write_text("")
+    control = tmp_path / "edges.png"
+    Image.new("RGB", (32, 32)).save(control)
+    not_pixel, not_controlnet = "is a UNet2DConditionModel, not a UNet2DModel", "is a UNet2DConditionModel, not a ControlNetModel"
+    sd = ["--model", str(t2i_folder), "--prompt", "cat", "--steps", "1"]
+    cases = [
+        (["generate", "--model", str(tmp_path / "sdd"), "--prompt", "cat", "--out", out], "model folder not found"),
+        (["generate", "--model", unet, "--prompt", "cat", "--out", out], not_pixel),
+        (["generate", "--model", unet, "--class-label", "1", "--out", out], not_pixel),
+        (["export", "--model", unet, "--out", str(tmp_path / "a")], not_pixel),
+        (["generate", *sd, "--controlnet", unet, "--control-image", str(control), "--out", out], not_controlnet),
+        (["export", "--model", str(t2i_folder), "--controlnet", unet, "--out", str(tmp_path / "b")], not_controlnet),
+        (["generate", *sd, "--image", str(tmp_path), "--out", out], "is a folder; pass an image file"),
+        (["generate", "--model", str(uncond_model_dir), "--out", str(afile / "x.png")], "afile is a file, so no folder can be made"),
+        (["triton-repo", "--out", str(afile)], "afile is a file; pass a folder path"),
+        (["train", "class-cond", "--data", str(afile), "--out", str(tmp_path / "run")], "afile is a file, not a data folder"),
+        (["export", "--model", str(afile), "--out", str(tmp_path / "c")], "afile is a file, not a model folder"),
+    ]
+    for args, words in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("diffrt: error: ")]  # beside loading progress bars
+        assert len(errors) == 1 and words in errors[0] and "Traceback" not in err, (args, err)
+
+
+def test_an_os_error_is_one_line(uncond_model_dir, tmp_path, monkeypatch, capsys):
+    """What only the operating system knows (a read-only mount as root, a full disk) failed with a traceback."""
+    from diffrt import atomic
+
+    def full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(atomic, "write_bytes", full)
+    assert main(["generate", "--model", str(uncond_model_dir), "--steps", "1", "--num-images", "1", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("diffrt: error: ")]  # after the step bar
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "x.png" in errors[0] and "Traceback" not in err
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(capsys, monkeypatch):
+    import socket
+
+    from diffrt.serve import app
+
+    monkeypatch.setattr(app, "create_app", lambda config: pytest.fail("the model started loading"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0] and "pass another --port" in err[0]
+
+
 @pytest.mark.parametrize(("args", "words"), [
     (("serve", "--port", "99999"), "'99999' is not a TCP port"),
     (("export",), "the following arguments are required: --out"),

@@ -150,6 +150,9 @@ def test_generate_takes_lora_for_pixel_models(classemb_model_dir, tmp_path):
     assert torch.equal(fused, expected)
     with pytest.raises(ArtifactError, match=r"has LoRA baked in at export \(pixel_lora.safetensors:0.7\)"):
         generate(replace(request, model=str(artifact), backend="onnxruntime", loras=[(str(lora), 0.3)]))
+    plain = export_pixel_model(classemb_model_dir, tmp_path / "plain", ExportOptions(batch=(1, 2, 8), verify=False)).folder
+    with pytest.raises(ArtifactError, match=r"plain was exported without LoRA; other LoRAs need a re-export"):  # read "(none)"
+        generate(replace(request, model=str(plain), backend="onnxruntime", loras=[(str(lora), 0.3)]))
 
 
 

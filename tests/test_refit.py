@@ -78,7 +78,7 @@ def engines(monkeypatch) -> EngineRecorder:
     monkeypatch.setattr(refit, "require_backend", lambda name: None)
     monkeypatch.setattr(tensorrt, "build_engine", recorder.build_engine)
     monkeypatch.setattr(refit, "refit_engine", recorder.refit_engine)
-    monkeypatch.setattr(mf, "check_engine_compatible", lambda engine: None)
+    monkeypatch.setattr(mf, "check_engine_compatible", lambda engine, device=None: None)
     return recorder
 
 

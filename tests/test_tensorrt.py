@@ -199,7 +199,7 @@ def entry(tmp_path, monkeypatch) -> dict:
     """An engine entry as build_engine writes it, on a machine faked to have TensorRT 10.3.0 on an H100."""
     versions = {**mf.library_versions(), "tensorrt": "10.3.0"}
     monkeypatch.setattr(mf, "library_versions", lambda: versions)
-    monkeypatch.setattr(mf, "gpu_identity", lambda: dict(H100))
+    monkeypatch.setattr(mf, "gpu_identity", lambda device=None: dict(H100))
     plan = tmp_path / "engine.plan"
     plan.write_bytes(b"engine")
     spec = pixel_unet_spec(3, 8, conditioned=False, batch=BATCH)
@@ -247,6 +247,11 @@ def test_the_gpu_identity_is_its_name_and_compute_capability_and_keys_the_export
     assert mf.gpu_identity() == {**H100, "compute_capability": "8.9"} and key() != here
     props.update(name="NVIDIA A100-SXM4-80GB", major=9, minor=0)
     assert key() != here
+    # A machine with GPUs of two models: an engine is checked against the GPU it is opened on, not the current one.
+    models = {0: SimpleNamespace(name=H100["name"], major=9, minor=0), 1: SimpleNamespace(name="NVIDIA L4", major=8, minor=9)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: models[index])
+    assert mf.gpu_identity("cuda:1") == {"name": "NVIDIA L4", "compute_capability": "8.9"} and mf.gpu_identity() == H100
+    assert mf.gpu_identity("cpu") is None
 
 
 def test_a_foreign_engine_is_refused_before_it_is_loaded_or_refit(entry, tmp_path, monkeypatch):

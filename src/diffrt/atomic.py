@@ -110,6 +110,22 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def check_writable(path: str | os.PathLike, what: str = "--out", folder: bool = False) -> None:
+    """Before long work, one line if `path` cannot be written (its missing parents are made): a folder where a file
+    goes (or a file where a folder goes), a file in the way of a parent, or no write permission where it would
+    be created. What the operating system alone knows (a read-only mount as root) still fails at the write."""
+    from diffrt.errors import DiffrtError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise DiffrtError(f"{what} {path} is a {'file' if folder else 'folder'}; pass a {'folder' if folder else 'file'} path")
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise DiffrtError(f"{what} {path}: {existing} is a file, so no folder can be made there; pass another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DiffrtError(f"{what} {path}: {existing} is not writable by this user; pass another path")
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

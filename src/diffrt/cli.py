@@ -121,7 +121,7 @@ def _cmd_export(args) -> int:
 def _cmd_refit(args) -> int:
     from diffrt.export.refit import refit_artifact
 
-    report = refit_artifact(args.artifacts, _loras(args))
+    report = refit_artifact(args.artifact, _loras(args))
     for name, comp in report["components"].items():
         print(f"{name}: {comp['patched']} weights patched, {comp['set']} set from base; engine sha256 {comp['sha256'][:12]}")
     return 0
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # refit
     rf = sub.add_parser("refit", help="swap LoRA weights into an artifact's TensorRT engines from its base weights (no rebuild)")
-    rf.add_argument("artifacts", help="artifact folder from `diffrt export --backend tensorrt`")
+    rf.add_argument("artifact", help="artifact folder from `diffrt export --backend tensorrt`")
     rf.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="repeatable; none restores the base weights")
     rf.set_defaults(func=_cmd_refit)
 
@@ -473,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffrt: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine's answer to a read or write (permission, disk full, a read-only mount)
+        print(f"diffrt: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

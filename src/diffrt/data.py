@@ -141,7 +141,8 @@ def list_images(folder: Path) -> list[Path]:
 def _require_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"data folder not found: {folder}; pass a folder of images or one of: {', '.join(BUNDLED)}")
+        what = f"{folder} is a file, not a data folder" if folder.exists() else f"data folder not found: {folder}"
+        raise DataError(f"{what}; pass a folder of images or one of: {', '.join(BUNDLED)}")
     return folder
 
 

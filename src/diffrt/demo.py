@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffrt import atomic
 from diffrt.errors import DiffrtError
 from diffrt.images import save_grid
 from diffrt.runtime.guidance import color_guidance, parse_hex_color
@@ -64,6 +65,7 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
     if out.suffix.lower() != ".png" or out.is_dir():  # the grid is a PNG; found wanting only after minutes of sampling
         raise DiffrtError(f"--out {out} must be a .png file (the demo writes a grid image)"
                           + ("; it is a folder" if out.is_dir() else ""))
+    atomic.check_writable(out)
     backend = backend or best_exported_backend()
     require_backend(backend)  # one line naming the backends here
     if backend == "tensorrt":

@@ -144,6 +144,11 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
                  "--guess-mode": req.guess_mode}
     given = [flag for flag, value in text_only.items() if value]
     if given:
+        from diffrt.models import require_pixel_model_dir
+        from diffrt.runtime.loading import is_artifact
+
+        if req.model is not None and not is_artifact(Path(req.model)):
+            require_pixel_model_dir(req.model)  # a mistyped path is "not found", not "a pixel-space model"
         verb = "needs" if len(given) == 1 else "need"
         raise DiffrtError(f"{'/'.join(given)} {verb} a text-to-image model folder; this is a pixel-space model (use --class-label)")
     from diffrt.runtime.loading import open_pixel_pipeline
@@ -225,6 +230,7 @@ def generate_to_file(req: GenerateRequest):
     out = Path(req.out)
     if out.suffix.lower() not in (".png", ".npy"):
         raise DiffrtError(f"--out {out} must end in .png (a grid) or .npy (float32 N x H x W x C)")
+    atomic.check_writable(out)  # before the sampling, not after
     result = generate(req)
     images = result.images
     if out.suffix.lower() == ".npy":

@@ -82,7 +82,7 @@ def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "R
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"image file not found: {path}")
+        raise DataError(f"{path} is a folder; pass an image file" if path.is_dir() else f"image file not found: {path}")
     return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple, max_pixels=max_pixels, min_side=min_side)
 
 

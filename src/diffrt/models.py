@@ -166,11 +166,7 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     spec at no cost (an export's cache key)."""
     from diffusers import UNet2DModel
 
-    folder = require_model_dir(folder)
-    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
-    if not (unet_dir / "config.json").is_file():
-        raise DiffrtError(f"{folder} has no unet/config.json; expected a diffusers pipeline folder or a UNet2DModel folder")
-    check_pixel_unet_config(json.loads((unet_dir / "config.json").read_text()), unet_dir / "config.json")
+    folder, unet_dir = require_pixel_model_dir(folder)
     unet = load_frozen(UNet2DModel, unet_dir, weights)
     info = PixelModelInfo()
     if (folder / DIFFRT_CONFIG).is_file():
@@ -208,9 +204,31 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     return model
 
 
+def require_pixel_model_dir(folder: str | Path) -> tuple[Path, Path]:
+    """(folder, its UNet's folder) for a pixel-space model: a pipeline folder (unet/ + scheduler/) or a bare UNet2DModel
+    folder, whose config check_pixel_unet_config takes; one line otherwise, before any weight is read."""
+    folder = require_model_dir(folder)
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise DiffrtError(f"{folder} has no unet/config.json; expected a diffusers pipeline folder or a UNet2DModel folder")
+    try:
+        config = json.loads((unet_dir / "config.json").read_text())
+    except ValueError:
+        raise DiffrtError(f"{unet_dir / 'config.json'} is not valid JSON; restore the model's config") from None
+    if not isinstance(config, dict):
+        raise DiffrtError(f"{unet_dir / 'config.json'} is not a JSON object; restore the model's config")
+    check_pixel_unet_config(config, unet_dir / "config.json")
+    return folder, unet_dir
+
+
 def check_pixel_unet_config(config: dict, where: Path) -> None:
     """Refuse, in one line naming the setting, a UNet2DModel that the DDIM loop would run wrongly or
     that fails deep inside on its first call (diffusers' DDIMPipeline fails on each of these too)."""
+    kind = config.get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":  # e.g. a text-to-image pipeline's unet/ (UNet2DConditionModel) passed on its own
+        raise DiffrtError(f"{where} is a {kind}, not a UNet2DModel: pixel-space models take UNet2DModel folders; for a "
+                          "text-to-image model pass the pipeline folder (with text_encoder/ and unet/), and train it with "
+                          "`diffrt train dreambooth-lora`")
     if config.get("time_embedding_type") == "fourier":
         raise DiffrtError(f"{where}: time_embedding_type 'fourier' is a score-SDE (NCSN++) model that takes noise levels "
                           "sigma, not DDPM timesteps; diffrt samples DDPM/DDIM models (time_embedding_type 'positional')")
@@ -271,7 +289,8 @@ def replace_dir(src: Path, dst: Path) -> None:
 def require_model_dir(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
-        raise DiffrtError(f"model folder not found: {folder}; pass a diffusers model folder (or leave --model out for the shipped digits model)")
+        what = f"{folder} is a file, not a model folder" if folder.exists() else f"model folder not found: {folder}"
+        raise DiffrtError(f"{what}; pass a diffusers model folder (or a Hugging Face Hub id)")
     if not any((folder / name).is_file() for name in ("model_index.json", "config.json")) and not (folder / "unet").is_dir():
         raise DiffrtError(f"{folder} is not a diffusers model folder: it has no model_index.json or config.json")
     return folder

@@ -225,10 +225,21 @@ def load_tokenizer(folder: str | Path):
 def load_controlnet(folder: str | Path, weights: bool = True):
     from diffusers import ControlNetModel
 
+    return load_frozen(ControlNetModel, require_controlnet_dir(folder), weights)
+
+
+def require_controlnet_dir(folder: str | Path) -> Path:
+    """A ControlNetModel folder, checked by its config before any weight is read."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise DiffrtError(f"{folder} is not a ControlNet folder: it has no config.json")
-    return load_frozen(ControlNetModel, folder, weights)
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("_class_name", "ControlNetModel")
+    except (ValueError, AttributeError):
+        raise DiffrtError(f"{folder / 'config.json'} is not a JSON object; expected a ControlNetModel config") from None
+    if kind != "ControlNetModel":
+        raise DiffrtError(f"--controlnet {folder} is a {kind}, not a ControlNetModel; pass a ControlNet folder")
+    return folder
 
 
 def multi_controlnet_class():
@@ -300,7 +311,7 @@ def load_text_to_image(folder: str | Path, controlnet: str | Path | Sequence[str
     weights=False builds every module from its config on the meta device: the sizes and specs at
     no cost, for an export to find its cache key before it reads gigabytes of weights."""
     folder = require_text_to_image_folder(folder)
-    controlnets = controlnet_paths(controlnet)
+    controlnets = [require_controlnet_dir(c) for c in controlnet_paths(controlnet)]  # before gigabytes load
     model = TextToImageModel(
         folder=folder, tokenizer=load_tokenizer(folder / "tokenizer"), text_encoder=load_text_encoder(folder, weights),
         unet=load_unet(folder, weights), vae=load_vae(folder, weights), scheduler=load_scheduler(folder),

@@ -52,13 +52,17 @@ def library_versions() -> dict[str, str | None]:
             "onnx": _version("onnx"), "onnxruntime": ort, "tensorrt": trt, "python": platform.python_version()}
 
 
-def gpu_identity() -> dict | None:
-    """GPU name and compute capability: an engine is only valid on the GPU model it was built for."""
+def gpu_identity(device=None) -> dict | None:
+    """GPU name and compute capability of `device` (None: torch's current CUDA device, where engines are built): an
+    engine is only valid on the GPU model it was built for, and a machine may hold GPUs of several models."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
     return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
 
 
@@ -169,9 +173,10 @@ def _check_file(path: Path, digest: str) -> None:
         raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST} (edited or corrupt); re-run `diffrt export` to rebuild it")
 
 
-def check_engine_compatible(engine: dict) -> None:
-    """An engine built with another TensorRT or on another GPU model is refused, never run."""
-    versions, here = library_versions(), gpu_identity()
+def check_engine_compatible(engine: dict, device=None) -> None:
+    """An engine built with another TensorRT or on another GPU model than `device`'s (None: the current one) is
+    refused, never run."""
+    versions, here = library_versions(), gpu_identity(device)
     if engine.get("tensorrt") != versions["tensorrt"]:
         raise ArtifactError(f"engine was built with TensorRT {engine.get('tensorrt')}, this machine has {versions['tensorrt']}; rebuild it with `diffrt export --backend tensorrt`")
     if here is None or engine.get("gpu") != here:

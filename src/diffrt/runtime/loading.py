@@ -135,7 +135,8 @@ def check_artifact_loras(folder: Path, manifest: dict, loras: Sequence[tuple[str
 
     # A LoRA given as a folder is the file in it, as export read it (train dreambooth-lora's output).
     if loras and [(atomic.sha256_file(locate_lora(Path(p))), float(s)) for p, s in loras] != lora_state(manifest["loras"]):
-        raise ArtifactError(f"{folder} has LoRA baked in at export ({describe_loras(manifest['loras'])}); other LoRAs need a "
+        baked = f"has LoRA baked in at export ({describe_loras(manifest['loras'])})" if manifest["loras"] else "was exported without LoRA"
+        raise ArtifactError(f"{folder} {baked}; other LoRAs need a "
                             "re-export with --lora (or `diffrt refit` for TensorRT engines)")
 
 
@@ -191,7 +192,7 @@ def open_component(folder: Path, manifest: dict, name: str, backend: str, device
 
         if "engine" not in comp:
             raise ArtifactError(f"{folder} has no TensorRT engine for {name}; export it with `diffrt export --backend tensorrt`")
-        mf.check_engine_compatible(comp["engine"])
+        mf.check_engine_compatible(comp["engine"], device)
         return TensorRTBackend(folder / name / "engine.plan", spec, device=device, cuda_graph=cuda_graph)
     from diffrt.export.onnx import check_onnx_files
     from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend

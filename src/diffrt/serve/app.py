@@ -25,6 +25,7 @@ import base64
 import hmac
 import logging
 import os
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -323,6 +324,7 @@ def serve(config: ServeConfig) -> None:
 
     if config.host not in LOOPBACK and config.api_key() is None:
         log.warning("serving on %s without an API key; set %s to require one", config.host, config.api_key_env)
+    check_port_free(config.host, config.port)  # before the model loads, not after
     app = create_app(config)
     server = uvicorn.Server(uvicorn_config(app, config))
     failed: list[BaseException] = []
@@ -341,6 +343,21 @@ def serve(config: ServeConfig) -> None:
     if failed:
         error = failed[0]
         raise error if isinstance(error, DiffrtError) else DiffrtError(f"the model failed to load: {error}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One line if nothing can listen on host:port (another service holds it, or the address is not this
+    machine's); bound as uvicorn binds it (SO_REUSEADDR), so a port in TIME_WAIT is free."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise DiffrtError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or stop the "
+                              "process that holds it") from None
 
 
 class BackgroundServer:

@@ -140,6 +140,7 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
     Triton would load."""
     from diffrt.serve.runtime import check_service_settings, served_model
 
+    atomic.check_writable(out, folder=True)
     model = served_model(config.model, config.backend, here=False)  # served by Triton, maybe on another machine
     check_service_settings(max_batch_size=config.max_batch_size, max_queue=config.max_queue, batch_wait_ms=config.queue_delay_ms,
                            timeout_s=config.timeout_s)

@@ -85,15 +85,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
 
 def _require_unet2d(folder: Path) -> None:
-    """A text-to-image or latent pipeline folder also has unet/config.json; say so instead of training it on pixels."""
-    config_file = folder / "unet" / "config.json" if (folder / "unet").is_dir() else folder / "config.json"
-    try:
-        class_name = json.loads(config_file.read_text()).get("_class_name", "UNet2DModel")
-    except (OSError, ValueError):
-        return  # load_pixel_model reports a missing or unreadable config
-    if class_name != "UNet2DModel":
-        raise DiffrtError(f"{folder} holds a {class_name}; `diffrt train finetune` fine-tunes a pixel-space UNet2DModel "
-                          "(for a text-to-image pipeline use `diffrt train dreambooth-lora`)")
+    """A latent pipeline folder also has a UNet2DModel in unet/; say so instead of training it on pixels (another
+    UNet class, a text-to-image pipeline's, load_pixel_model refuses)."""
     # A latent pipeline's UNet2DModel (LDMPipeline: vqvae/ + unet/) denoises the autoencoder's latents,
     # not images: trained on pixels here, it would be silently ruined and saved without its autoencoder.
     try:

@@ -224,6 +224,7 @@ def train(
     # 1. Config, devices, optimizer.
     config.validate()
     out = Path(config.out)
+    atomic.check_writable(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.mixed_precision)
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}

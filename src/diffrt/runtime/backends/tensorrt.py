@@ -264,7 +264,9 @@ class TensorRTBackend:
         """A fresh context on the shared graph memory (see the module docstring); None if this TensorRT cannot."""
         trt, engine = self._trt, self.engine
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        size = getattr(engine, "device_memory_size_v2", getattr(engine, "device_memory_size", None))
+        size = getattr(engine, "device_memory_size_v2", None)  # TensorRT 10.1+; device_memory_size is deprecated there
+        if size is None:
+            size = getattr(engine, "device_memory_size", None)
         if strategy is None or size is None:
             return None
         ctx = engine.create_execution_context(strategy.USER_MANAGED)
