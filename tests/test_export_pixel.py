@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffrt.errors import ArtifactError, LoraError
+from diffrt.errors import ArtifactError, DiffrtError, LoraError
 from diffrt.export import manifest as mf
 from diffrt.export.artifact import export_pixel_model
 from diffrt.export.options import ExportOptions
@@ -389,6 +389,64 @@ def test_an_export_writes_its_folder_under_the_lock_another_builder_waits_for(cl
     assert seen == [True] and not held(export_lock)
 
 
+def test_generate_waits_for_an_export_rebuilding_the_artifact_and_names_a_stopped_one(artifact, tmp_path):
+    """The bug: while a rebuild runs the manifest is gone, and generate / open_pipeline took the folder for something
+    else ("this is a pixel-space model", "not a diffusers model folder") instead of waiting for the lock; a folder a
+    stopped export left was described the same way."""
+    import shutil
+    import threading
+
+    import diffrt
+    from diffrt.export.cache import REBUILD
+    from diffrt.generate import GenerateRequest, generate
+
+    out = shutil.copytree(artifact, tmp_path / "rebuilding")
+    manifest = (out / mf.MANIFEST).read_bytes()
+    opened = []
+    with mf.artifact_lock(out):  # a rebuild at work: its record, no manifest yet
+        (out / mf.MANIFEST).unlink()
+        (out / REBUILD).write_text("{}")
+        waiting = threading.Thread(target=lambda: opened.append(diffrt.open_pipeline(out, backend="onnxruntime", device="cpu")))
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive() and not opened
+        (out / mf.MANIFEST).write_bytes(manifest)  # the rebuild finishes
+        (out / REBUILD).unlink()
+    waiting.join(60)
+    assert len(opened) == 1 and opened[0].backend == "onnxruntime"
+
+    (out / mf.MANIFEST).unlink()  # an export stopped midway: its record stays, nobody holds the lock
+    (out / REBUILD).write_text("{}")
+    for run in (lambda: diffrt.open_pipeline(out), lambda: generate(GenerateRequest(model=str(out), prompt="a cat"))):
+        with pytest.raises(ArtifactError, match="holds an export that did not finish .*run the same `diffrt export` again"):
+            run()
+
+
+def test_a_source_changed_while_it_is_exported_is_refused(classemb_model_dir, tmp_path, monkeypatch):
+    """The bug: the source was hashed (the key) and its weights loaded after; a trainer saving over it in between
+    made an artifact recording one model and holding another, a cache hit on the first for ever after."""
+    import shutil
+
+    from diffrt.export import artifact as artifact_module
+
+    src = shutil.copytree(classemb_model_dir, tmp_path / "model")
+    real_load = artifact_module.load_pixel_model
+
+    def load_while_a_trainer_saves(folder, weights=True):
+        if weights:
+            config = src / "diffrt.json"
+            config.write_text(config.read_text().replace('"num_classes"', '"num_classes" '))  # saved anew, same meaning
+        return real_load(folder, weights)
+
+    monkeypatch.setattr(artifact_module, "load_pixel_model", load_while_a_trainer_saves)
+    options = ExportOptions(batch=(1, 2, 8), verify=False)
+    with pytest.raises(DiffrtError, match="changed while it was being exported .*export again once it is written"):
+        export_pixel_model(src, tmp_path / "artifact", options)
+    assert not (tmp_path / "artifact" / mf.MANIFEST).exists()
+    monkeypatch.setattr(artifact_module, "load_pixel_model", real_load)
+    assert export_pixel_model(src, tmp_path / "artifact", options).folder.is_dir()
+
+
 def test_a_pipeline_opening_an_artifact_waits_for_the_export_rewriting_it(artifact, monkeypatch, caplog):
     """A reader takes the artifact's lock shared: it never pairs the old manifest with files a rebuild has
     just replaced, it waits for the builder (and says so); readers do not wait for each other, and a reader
@@ -565,12 +623,17 @@ def _drop(*keys):
     (_drop("components", "unet", "spec"), r"lacks a 'spec' dict for component 'unet'"),
     (lambda m: m["components"]["unet"]["files"].clear(), r"lists no sha256 for unet/model.onnx, so it cannot be checked"),
     (lambda m: m.update(format="1"), r"has format '1', this diffrt reads format 1"),
-], ids=["array", "no-components", "no-loras", "no-pipeline-info", "no-spec", "files-emptied", "format-string"])
+    (lambda m: m["pipeline"]["scheduler"].update(beta_end=0.03), r"manifest.json was changed after export"),
+    (lambda m: m["pipeline"].update(scheduler=None), r"has a NoneType for pipeline 'scheduler', not an object"),
+], ids=["array", "no-components", "no-loras", "no-pipeline-info", "no-spec", "files-emptied", "format-string", "digest",
+        "scheduler-null"])
 def test_a_manifest_edited_by_hand_is_refused_by_name_and_rebuilt(classemb_model_dir, tmp_path, edit, words):
     """The bug: valid JSON that is not a manifest, or one missing a key, failed as AttributeError or
     KeyError wherever a reader first indexed it; worse, an export took one missing `pipeline` or a
     component's `spec` for a cache hit that could never load, and a manifest whose file list was
-    emptied opened its model.onnx unchecked. Each is one ArtifactError naming the key, and a rebuild."""
+    emptied opened its model.onnx unchecked. Each is one ArtifactError naming the key, and a rebuild. From a later
+    review: an edited scheduler (or VAE factor, or token length) ran other images, silently; the manifest's digest
+    refuses any edit, and the key checks stay for manifests written before it (which have none)."""
     import diffrt
 
     options = ExportOptions(batch=(1, 2, 8), verify=False)
@@ -581,6 +644,8 @@ def test_a_manifest_edited_by_hand_is_refused_by_name_and_rebuilt(classemb_model
     else:
         manifest = json.loads(path.read_text())
         edit(manifest)
+        if "changed after export" not in words:
+            del manifest["digest"]  # as a manifest from before the digest: the checks of its keys
         path.write_text(json.dumps(manifest))
     for opener in (lambda: artifact_pixel_pipeline(out, "onnxruntime"), lambda: diffrt.open_pipeline(out)):
         with pytest.raises(ArtifactError, match=words) as info:
@@ -595,7 +660,7 @@ def test_an_older_manifest_without_the_later_optional_keys_still_loads_and_hits(
     options = ExportOptions(batch=(1, 2, 8), verify=False)
     out = export_pixel_model(classemb_model_dir, tmp_path / "artifact", options).folder
     manifest = json.loads((out / mf.MANIFEST).read_text())
-    for key in ("onnx_loras", "exporter"):  # written since LoRA refit and the dynamo exporter came
+    for key in ("onnx_loras", "exporter", "digest"):  # written since LoRA refit, the dynamo exporter and the digest came
         del manifest[key]
     del manifest["components"]["unet"]["precision"]
     (out / mf.MANIFEST).write_text(json.dumps(manifest))

@@ -16,6 +16,7 @@ from conftest import T2I_ARTIFACT_OPTIONS, T2I_RANGES
 from diffrt.atomic import sha256_file
 from diffrt.errors import ArtifactError, DiffrtError, LoraError
 from diffrt.export.artifact import export_model
+from diffrt.export import manifest as mf
 from diffrt.export.cache import cached_export
 from diffrt.export.options import ExportOptions
 from diffrt.export.text_to_image import build_precision, export_text_to_image
@@ -281,6 +282,10 @@ def test_manifest_hash_mismatch_is_refused(artifact_copy):
     manifest = json.loads(path.read_text())
     files = manifest["components"]["text_encoder"]["files"]
     files["text_encoder/model.onnx"] = "0" * 64
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest.json was changed after export"):
+        open_text_to_image_pipeline(artifact_copy, "onnxruntime")
+    del manifest["digest"]  # a manifest from before the digest: the file's own check
     path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="text_encoder/model.onnx does not match its sha256"):
         open_text_to_image_pipeline(artifact_copy, "onnxruntime")
@@ -590,7 +595,7 @@ def test_a_file_the_loaders_would_read_unlisted_in_the_manifest_is_refused(artif
         target.unlink()  # an artifact whose tokenizer was copied without tokenizer.json
         manifest = json.loads((artifact_copy / "manifest.json").read_text())
         del manifest["pipeline"]["tokenizer"]["files"]["tokenizer.json"]
-        (artifact_copy / "manifest.json").write_text(json.dumps(manifest))
+        mf.write_manifest(artifact_copy, manifest)
         open_text_to_image_pipeline(artifact_copy, "onnxruntime")  # the control: it opens
         shutil.copy(t2i_folder / "tokenizer" / "tokenizer.json", target)
         words = r"tokenizer/tokenizer.json is not listed in manifest.json, and the tokenizer would read it"
@@ -730,6 +735,7 @@ def test_an_artifact_from_before_component_keys_is_a_hit_and_rebuilt_whole(unver
     manifest = json.loads(path.read_text())
     for comp in manifest["components"].values():
         del comp["component_key"]
+    del manifest["digest"]  # nor had it a digest
     path.write_text(json.dumps(manifest))
     names = exported_names(monkeypatch)
     options = ExportOptions(**T2I_RANGES, verify=False)

@@ -515,13 +515,13 @@ def test_colour_guidance_without_the_source_vae_is_a_422_not_a_500(t2i_artifact,
     import json
     import shutil
 
-    from diffrt.export.manifest import MANIFEST
+    from diffrt.export.manifest import MANIFEST, write_manifest
     from diffrt.serve.runtime import RuntimeConfig, make_worker
 
     artifact = shutil.copytree(t2i_artifact, tmp_path / "deployed")
     manifest = json.loads((artifact / MANIFEST).read_text())
     manifest["source"]["path"] = str(tmp_path / "not-shipped")  # the source folder stayed on the build machine
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(artifact, manifest)
     worker = make_worker(RuntimeConfig(model=str(artifact), backend="onnxruntime", device="cpu", warmup_steps=1))
     worker.load()
     assert worker.describe()["color_guidance"] is False

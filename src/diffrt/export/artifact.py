@@ -26,7 +26,7 @@ from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.cache import COMPONENT_FOLDERS, cached_export, export_key, lora_hashes, start_rebuild
+from diffrt.export.cache import COMPONENT_FOLDERS, cached_export, export_key, lora_hashes, raise_changed, start_rebuild
 from diffrt.export.onnx import export_onnx
 from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision, check_options
 from diffrt.models import PixelModel, SHIPPED_DIGITS, load_pixel_model
@@ -68,6 +68,8 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     if hit is not None:
         return hit
     model = load_pixel_model(src)  # a miss: now the weights
+    if atomic.sha256_folder(src) != source_sha256:
+        raise_changed(src)
 
     # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
     bake = bool(options.loras) and options.backend != "tensorrt"

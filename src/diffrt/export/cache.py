@@ -24,7 +24,7 @@ from pathlib import Path
 
 from diffrt import atomic
 from diffrt.components import ComponentSpec, spec_to_dict
-from diffrt.errors import ArtifactError
+from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
 from diffrt.export.lora import locate_lora
 from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision
@@ -52,6 +52,13 @@ def export_key(model_parts: dict, options: ExportOptions) -> str:
         **({"exporter": options.exporter} if options.exporter != "torchscript" else {}),
         "versions": mf.library_versions(), "gpu": mf.gpu_identity() if options.backend == "tensorrt" else None,
     })
+
+
+def raise_changed(source: Path) -> None:
+    """A source whose files changed between their hashing (the key) and the loading of its weights: the export would
+    record one model and hold another, and be a cache hit on the first for ever after."""
+    raise DiffrtError(f"{source} changed while it was being exported (a training run saving into it?); export again once "
+                      "it is written")
 
 
 def lora_state(entries) -> list[tuple[str, float]]:

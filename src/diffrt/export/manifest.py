@@ -94,8 +94,18 @@ def read_manifest(folder: str | Path) -> dict:
         raise ArtifactError(f"{path} holds a JSON {kind}, not a manifest object; re-run `diffrt export`")
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {manifest.get('format')!r}, this diffrt reads format {FORMAT}; re-export")
+    # Every file has its sha256 here; this covers the manifest's own content (the scheduler, the VAE's factors, the
+    # tokenizer's length): edited, it would run other images silently. Manifests written before it have none.
+    if "digest" in manifest and manifest["digest"] != _digest(manifest):
+        raise ArtifactError(f"{path} was changed after export (its content no longer matches its digest); re-run `diffrt export`")
     check_schema(manifest, path)
     return manifest
+
+
+def _digest(manifest: dict) -> str:
+    """sha256 of the manifest's content, its own digest left out."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 # What every reader indexes without a default: a manifest lacking one of these (edited by hand, or
@@ -119,6 +129,9 @@ def check_schema(manifest: dict, path: Path) -> None:
     missing = [key for key in PIPELINE_REQUIRED.get(manifest["kind"], ()) if key not in manifest["pipeline"]]
     if missing:
         refuse(f"lacks pipeline {', '.join(map(repr, missing))}")
+    for key in ("scheduler", "tokenizer"):  # read as objects
+        if key in manifest["pipeline"] and not isinstance(manifest["pipeline"][key], dict):
+            refuse(f"has a {type(manifest['pipeline'][key]).__name__} for pipeline {key!r}, not an object")
     if not manifest["components"]:
         refuse("lists no components")
     for name, comp in manifest["components"].items():
@@ -131,7 +144,9 @@ def check_schema(manifest: dict, path: Path) -> None:
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:
-    atomic.write_json(Path(folder) / MANIFEST, {"format": FORMAT, **manifest})
+    body = {k: v for k, v in manifest.items() if k != "digest"} | {"format": FORMAT}
+    body = json.loads(json.dumps(body))  # as it reads back (tuples as lists), so that the digest checks
+    atomic.write_json(Path(folder) / MANIFEST, {**body, "digest": _digest(body)})
 
 
 def hash_files(folder: Path, names: list[str]) -> dict[str, str]:

@@ -41,7 +41,8 @@ from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
 from diffrt.export.artifact import _check_loras, _export_component, check_out_apart, refit_before_manifest
-from diffrt.export.cache import begin_rebuild, cached_export, component_key, export_key, lora_hashes, REBUILD, write_rebuild_record
+from diffrt.export.cache import (REBUILD, begin_rebuild, cached_export, component_key, export_key, lora_hashes, raise_changed,
+                                 write_rebuild_record)
 from diffrt.export.options import check_options, ExportOptions, ExportResult, Precision, TORCH_DTYPES
 from diffrt.export.refit import LORA_COMPONENTS
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs,
@@ -118,6 +119,8 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     if hit is not None:
         return hit
     model = load_text_to_image(model_dir, controlnets)  # a miss: now the weights
+    if source_hashes(model_dir, controlnets) != hashes:
+        raise_changed(model_dir)
 
     # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
     bake = bool(options.loras) and options.backend != "tensorrt"

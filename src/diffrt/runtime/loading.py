@@ -32,7 +32,19 @@ OPEN_BATCH = (1, 8, 1 << 16)  # eager PyTorch takes any batch
 
 
 def is_artifact(folder: Path) -> bool:
-    return (folder / mf.MANIFEST).is_file()
+    """Whether `folder` is an artifact of `diffrt export`. One an export is rebuilding (its record, no manifest yet) is
+    waited for on the artifact's lock, as every reader waits; one a killed export left is named as such."""
+    from diffrt.export.cache import REBUILD
+
+    if (folder / mf.MANIFEST).is_file():
+        return True
+    if not (folder / REBUILD).is_file():
+        return False
+    with mf.artifact_lock(folder, shared=True):  # held exclusively while an export writes the folder
+        if (folder / mf.MANIFEST).is_file():
+            return True
+    raise ArtifactError(f"{folder} holds an export that did not finish (it was stopped); run the same `diffrt export` "
+                        "again to finish it")
 
 
 def artifact_backend(model: str | Path | None) -> str | None:

@@ -21,12 +21,13 @@ from typing import Sequence
 def is_text_to_image(model: str | Path | None) -> bool:
     """Whether `model` (a local folder or artifact) is a latent text-to-image model."""
     from diffrt.export.artifact import is_text_to_image_dir
-    from diffrt.export.manifest import MANIFEST, read_manifest
+    from diffrt.export.manifest import read_manifest
+    from diffrt.runtime.loading import is_artifact
 
     if model is None:
         return False
     folder = Path(model)
-    if (folder / MANIFEST).is_file():
+    if is_artifact(folder):
         return read_manifest(folder).get("kind") == "text-to-image"
     return is_text_to_image_dir(folder)
 
