@@ -233,3 +233,17 @@ def test_bench_lists_its_configurations():
     assert {"digits", "tiny-t2i-controlnet", "sd15"} <= set(names)
     # One column each: the longest name does not push its row's columns out of line.
     assert len({line.index(" any  " if " any  " in line else " GPU  ") for line in lines}) == 1, lines
+
+
+def test_trainer_defaults_follow_diffusers_scripts():
+    """dreambooth-lora ran a cosine schedule after 100 warm-up steps by default, where diffusers' DreamBooth-LoRA
+    recipe (what its users compare against) is constant with no warm-up; the pixel trainers keep
+    train_unconditional.py's cosine."""
+    from diffrt.cli import build_parser
+
+    parser = build_parser()
+    dreambooth = parser.parse_args(["train", "dreambooth-lora", "--model", "m", "--instance-data", "d", "--instance-prompt", "p"])
+    assert (dreambooth.lr_schedule, dreambooth.lr_warmup_steps, dreambooth.learning_rate) == ("constant", 0, 1e-4)
+    for trainer in (["class-cond"], ["finetune", "--model", "m"]):
+        args = parser.parse_args(["train", *trainer])
+        assert (args.lr_schedule, args.lr_warmup_steps) == ("cosine", 100)

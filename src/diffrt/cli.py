@@ -17,13 +17,14 @@ from diffrt.errors import DiffrtError
 EXIT_USAGE = 2
 
 
-def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int, batch: int, lr: float) -> None:
+def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int, batch: int, lr: float,
+                       schedule: str = "cosine", warmup: int = 100) -> None:
     p.add_argument("--out", default=out_default, help="output folder (model, checkpoints, samples, logs)")
     p.add_argument("--max-steps", type=int, default=steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=batch)
     p.add_argument("--learning-rate", type=float, default=lr)
-    p.add_argument("--lr-warmup-steps", type=int, default=100)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    p.add_argument("--lr-warmup-steps", type=int, default=warmup)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=schedule, help=f"(default {schedule})")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -281,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--num-validation-images", type=int, default=4)
     db.add_argument("--inference-steps", type=int, default=25, help="DDIM steps for validation and class images")
     db.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for validation and class images")
-    _add_train_options(db, "runs/dreambooth-lora", steps=500, batch=1, lr=1e-4)
+    # diffusers' DreamBooth-LoRA recipe (its README): learning rate 1e-4, constant, no warm-up.
+    _add_train_options(db, "runs/dreambooth-lora", steps=500, batch=1, lr=1e-4, schedule="constant", warmup=0)
     db.set_defaults(func=_cmd_train_dreambooth_lora, lr_warmup_steps=0)
     train.set_defaults(func=lambda a: _missing_sub(train))
 
