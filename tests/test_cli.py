@@ -244,6 +244,6 @@ def test_trainer_defaults_follow_diffusers_scripts():
     parser = build_parser()
     dreambooth = parser.parse_args(["train", "dreambooth-lora", "--model", "m", "--instance-data", "d", "--instance-prompt", "p"])
     assert (dreambooth.lr_schedule, dreambooth.lr_warmup_steps, dreambooth.learning_rate) == ("constant", 0, 1e-4)
-    for trainer in (["class-cond"], ["finetune", "--model", "m"]):
+    for trainer in (["class-cond"], ["finetune", "--model", "m", "--data", "d"]):
         args = parser.parse_args(["train", *trainer])
         assert (args.lr_schedule, args.lr_warmup_steps) == ("cosine", 100)
