@@ -475,6 +475,31 @@ def test_fp16_export_keeps_the_vae_decoder_fp32(t2i_folder, plain_artifact, tmp_
     assert compare(images[1], images[0]).max_rel <= TOL
 
 
+def test_a_vae_that_overflows_in_fp16_decodes_finite_from_an_fp16_export(t2i_folder, tmp_path):
+    """RELIABILITY #5 where the hazard is real: a VAE whose decoder's activations pass fp16's 65504 (its first
+    convolution scaled up) decodes to inf in fp16, black images; an fp16 export keeps that decoder in fp32, as
+    the VAE's force_upcast asks, and decodes the same latents finite, as eager fp32 does."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "sd", ignore=shutil.ignore_patterns("controlnet"))
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"] * 1e5
+    save_file(state, weights)
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = vae.decode(latents).sample
+        assert torch.isfinite(expected).all()
+        assert not torch.isfinite(vae.half().decode(latents.half()).sample).all()  # the hazard, in PyTorch fp16
+    out = export_text_to_image(folder, tmp_path / "fp16", ExportOptions(precision="fp16", verify=False, **T2I_RANGES), []).folder
+    image = ort(out, mf.read_manifest(out), "vae_decoder").run({"latent": latents})["image"]
+    assert torch.isfinite(image).all() and compare(expected, image).max_rel <= TOL
+
+
 def interrupt_export_at(monkeypatch, n: int) -> list[str]:
     """Stop the export (KeyboardInterrupt, as if the process were stopped) when it starts its n-th ONNX
     export; returns the list of components it started, in order."""
