@@ -155,8 +155,8 @@ def test_mistakes_found_by_a_new_user_are_one_line(t2i_folder, uncond_model_dir,
         (["generate", *sd, "--controlnet", unet, "--control-image", str(control), "--out", out], not_controlnet),
         (["export", "--model", str(t2i_folder), "--controlnet", unet, "--out", str(tmp_path / "b")], not_controlnet),
         (["generate", *sd, "--image", str(tmp_path), "--out", out], "is a folder; pass an image file"),
-        (["generate", "--model", str(uncond_model_dir), "--out", str(afile / "x.png")], "afile is a file, so no folder can be made"),
-        (["triton-repo", "--out", str(afile)], "afile is a file; pass a folder path"),
+        (["generate", "--model", str(uncond_model_dir), "--out", str(afile / "x.png")], "afile is a file, not a folder, so nothing can be made in it"),
+        (["triton-repo", "--out", str(afile)], "afile is a file, not a folder; pass a folder path"),
         (["train", "class-cond", "--data", str(afile), "--out", str(tmp_path / "run")], "afile is a file, not a data folder"),
         (["export", "--model", str(afile), "--out", str(tmp_path / "c")], "afile is a file, not a model folder"),
     ]
@@ -175,7 +175,7 @@ def test_an_os_error_is_one_line(uncond_model_dir, tmp_path, monkeypatch, capsys
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(atomic, "write_bytes", full)
-    assert main(["generate", "--model", str(uncond_model_dir), "--steps", "1", "--num-images", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["generate", "--model", str(uncond_model_dir), "--steps", "1", "--num-images", "1", "--out", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("diffrt: error: ")]  # after the step bar
     assert len(errors) == 1 and "No space left on device" in errors[0] and "x.png" in errors[0] and "Traceback" not in err

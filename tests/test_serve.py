@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import os
 import re
@@ -612,6 +613,13 @@ def test_ui_builds_and_generates(server, served_model):
 
     want = shown(class_label=3, color="#ff8800", color_scale=4.0)
     np.testing.assert_array_equal(np.asarray(image.convert("RGB")), want)
+    # What the browser gets is the file Gradio writes: PNG, the same pixels (its default, WebP at quality 80, was not).
+    import gradio as gr
+    from PIL import Image
+
+    output = next(c for c in demo.blocks.values() if isinstance(c, gr.Image) and c.label == "image")
+    sent = output.postprocess(image)
+    np.testing.assert_array_equal(np.asarray(Image.open(sent.path).convert("RGB")), want)
     # The check can tell the label and the colour apart: other ones give other pixels.
     assert not np.array_equal(shown(class_label=0, color="#ff8800", color_scale=4.0), want)
     assert not np.array_equal(shown(class_label=3), want)
@@ -807,6 +815,56 @@ def test_json_python_cannot_parse_is_refused_in_diffrts_form(client):
         r = client.post("/v1/generate", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json() == {"detail": r.json()["detail"], "field": None}
         assert "not JSON diffrt can read" in r.json()["detail"]
+
+
+def test_the_ray_route_answers_a_body_as_the_service_does(served_model, client):
+    """From a review of both front ends: a UTF-8 BOM (the service: 200), a lone surrogate (422 naming the field), a
+    number of thousands of digits, bad JSON, a GET and an oversized body got other answers from the Ray route; a body
+    without a Content-Type got a 422 about the body from the service (FastAPI's strict content types); and the route's
+    API key was read from the replica's environment, not the driver's."""
+    import asyncio
+    from dataclasses import asdict
+
+    from starlette.requests import Request
+
+    from diffrt.serve.ray_app import DiffrtDeployment
+
+    config = ServeConfig(model=served_model, api_key_env=None, device="cpu", warmup_steps=1, max_batch_size=2,
+                         max_body_bytes=16 << 20)  # the service's
+    deployment = DiffrtDeployment.func_or_class(asdict(config), api_key=API_KEY)  # as build_deployment binds it
+    good = b'{"class_label": 1, "seed": 2, "num_inference_steps": 1}'
+    json_type = [(b"content-type", b"application/json")]
+    cases = [("BOM", "POST", b"\xef\xbb\xbf" + good, json_type), ("no content type", "POST", good, []),
+             ("surrogate", "POST", b'{"class_label": 1, "color": "\\ud800"}', json_type),
+             ("bad JSON", "POST", good[:-1], json_type), ("huge number", "POST", b'{"seed": ' + b"1" * 5000 + b"}", json_type),
+             ("GET", "GET", b"", []), ("too large", "POST", b'{"prompt": "' + b"a" * (17 << 20) + b'"}', json_type)]
+    key = [(b"authorization", f"Bearer {API_KEY}".encode())]
+
+    def request(method: str, body: bytes, headers: list) -> Request:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        return Request({"type": "http", "method": method, "path": "/v1/generate", "query_string": b"", "headers": headers}, receive)
+
+    async def ray_answers():
+        answers = [await deployment(request(method, body, headers + key)) for _, method, body, headers in cases]
+        return answers, await deployment(request("POST", good, json_type))  # no key
+
+    try:
+        answers, keyless = asyncio.run(ray_answers())
+        assert keyless.status_code == 401
+        for (name, method, body, headers), ray in zip(cases, answers):
+            served = client.request(method, "/v1/generate", content=body or None, headers=dict((k.decode(), v.decode()) for k, v in headers))
+            assert ray.status_code == served.status_code, (name, ray.body, served.text)
+            if ray.status_code == 200:
+                assert ray.body == served.content, name
+            else:  # the size read before the limit stopped it depends on the chunks: the rest must be equal
+                detail = (lambda text: text.split(" or more; ")[-1])
+                assert detail(json.loads(ray.body)["detail"]) == detail(served.json()["detail"]), (name, ray.body, served.text)
+    finally:
+        deployment.runtime.close(10)
 
 
 def test_the_ray_route_refuses_as_the_service_does(served_model):

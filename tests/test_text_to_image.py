@@ -302,7 +302,7 @@ def test_a_pooling_controlnet_runs_guess_mode_as_the_controlnet_pipeline(pooled_
         expected = run_diffusers(ref, image=control_image, seed=1, **kwargs)
         result = run(pipe, control_image=control_image, seed=1, **kwargs)
         assert max_abs(result.images, expected) <= DIFFUSERS_TOL, kwargs
-        assert result.metadata["guess_mode"] is (kwargs["guidance_scale"] > 1)
+        assert result.metadata["guess_mode"] is True  # set by the ControlNet's pooling, with CFG or without
 
     options = ExportOptions(**T2I_RANGES, verify=False)
     artifact = export_text_to_image(pooled_folder, tmp_path / "artifact", options, [pooled_folder / "controlnet"]).folder
@@ -328,6 +328,11 @@ def test_guess_mode_equals_the_controlnet_pipeline(t2i_folder, t2i_controlnet_b,
     assert result.metadata["guess_mode"] is True
     plain = run(torch_cn_pipe, control_image=control_image, controlnet_conditioning_scale=0.7, seed=1).images
     assert max_abs(plain, expected) > 1e-2  # the depth weights and the unconditional half matter
+    # Without CFG the depth weights apply still (they were dropped with the unconditional half's zeros).
+    expected = run_diffusers(one, image=control_image, guidance_scale=1.0, guess_mode=True, seed=1)
+    result = run(torch_cn_pipe, control_image=control_image, guidance_scale=1.0, guess_mode=True, seed=1)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL and result.metadata["guess_mode"] is True
+    assert max_abs(run(torch_cn_pipe, control_image=control_image, guidance_scale=1.0, seed=1).images, expected) > 1e-3
 
     multi = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, controlnet=[net_a, net_b])
     window = dict(control_guidance_end=[1.0, 0.5], num_inference_steps=4)
@@ -375,6 +380,11 @@ def test_a_fused_graph_exported_before_depth_scales_runs_and_refuses_only_guess_
     expected = pipe("a cat", **kwargs).images
     pipe.unet = OnnxRuntimeBackend(path, spec, threads=1)
     assert max_abs(pipe("a cat", **kwargs).images, expected) <= 1e-4
+    # Guidance through the UNet runs the PyTorch fallback on the same [K] feed (it crashed on it: a 0-d row).
+    from diffrt.runtime.guidance import color_guidance
+
+    guided = pipe("a cat", guidance=[color_guidance("#ff0000", 50.0, mode="through_unet")], **kwargs).images
+    assert torch.isfinite(guided).all() and max_abs(guided, expected) > 1e-4
     with pytest.raises(DiffrtError, match="takes one scale per ControlNet; export it again, or leave guess_mode off") as info:
         pipe("a cat", guess_mode=True, **kwargs)
     assert "\n" not in str(info.value)
@@ -888,5 +898,5 @@ def test_damaged_configs_are_one_line_not_a_traceback(t2i_folder, tmp_path):
     (folder / "model_index.json").write_text((folder / "model_index.json").read_text()[:20])
     assert open_text_to_image_pipeline(folder, "torch", CPU) is not None
     (folder / "unet" / "config.json").write_text('{"in_channels": 4,')
-    with pytest.raises(DiffrtError, match=r"unet/config.json is not valid JSON .*restore the model's UNet config"):
+    with pytest.raises(DiffrtError, match=r"unet/config.json is not valid JSON .*restore the model's config"):
         open_text_to_image_pipeline(folder, "torch", CPU)

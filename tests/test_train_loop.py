@@ -374,7 +374,7 @@ def test_out_that_is_a_file_is_one_line_before_any_setup(tmp_path):
     (NotADirectoryError) traceback, after the trainer had loaded its model and data."""
     (tmp_path / "notes.txt").write_text("not a folder")
     for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
-        with pytest.raises(DiffrtError, match=r"notes.txt is a file, not a folder; pass a folder") as err:
+        with pytest.raises(DiffrtError, match=r"notes.txt is a file, not a folder") as err:
             linear_config(out).validate()
         assert "\n" not in str(err.value)
     linear_config(tmp_path / "new" / "run").validate()  # a folder yet to be made is fine
@@ -460,3 +460,22 @@ def test_a_run_removes_what_killed_saves_left_and_nothing_else(tmp_path, caplog,
     assert [name for name in NOT_LEFTOVERS if not (out / name).exists()] == []
     removed = [r.getMessage() for r in caplog.records if "left by an interrupted save" in r.getMessage()]
     assert sorted(m.split("removed ", 1)[1].split(",")[0] for m in removed) == sorted(str(out / n) for n in LEFTOVERS)
+
+
+def test_out_is_checked_where_the_run_writes(tmp_path, monkeypatch):
+    """--out is written into when it exists (not its parent, which may be another user's: a run in /scratch/$USER was
+    refused, and a read-only --out let through), else made in its nearest existing folder."""
+    import os
+
+    from diffrt import atomic
+
+    mine, theirs = tmp_path / "mine", tmp_path
+    mine.mkdir()
+    writable = {str(mine)}
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) in writable)
+    atomic.check_writable(mine, folder=True)  # the parent is not writable, --out is: fine
+    with pytest.raises(DiffrtError, match=r"new/run: .* is not writable by this user"):
+        atomic.check_writable(theirs / "new" / "run", folder=True)  # made in the parent: refused
+    writable.clear()
+    with pytest.raises(DiffrtError, match=r"mine: .*mine is not writable by this user"):
+        linear_config(mine).validate()  # a read-only --out is refused before any setup

@@ -118,10 +118,12 @@ def check_writable(path: str | os.PathLike, what: str = "--out", folder: bool = 
 
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
-        raise DiffrtError(f"{what} {path} is a {'file' if folder else 'folder'}; pass a {'folder' if folder else 'file'} path")
-    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        have, want = ("file", "folder") if folder else ("folder", "file")
+        raise DiffrtError(f"{what} {path} is a {have}, not a {want}; pass a {want} path")
+    start = path if folder else path.parent  # a folder is written into; a file is made in its parent
+    existing = next(p for p in (start, *start.parents) if p.exists())
     if not existing.is_dir():
-        raise DiffrtError(f"{what} {path}: {existing} is a file, so no folder can be made there; pass another path")
+        raise DiffrtError(f"{what} {path}: {existing} is a file, not a folder, so nothing can be made in it; pass another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DiffrtError(f"{what} {path}: {existing} is not writable by this user; pass another path")
 

@@ -15,6 +15,7 @@ from diffrt import __version__
 from diffrt.errors import DiffrtError
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the system refused a read or write
 
 
 def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int, batch: int, lr: float,
@@ -476,8 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         print("diffrt: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # the machine's answer to a read or write (permission, disk full, a read-only mount)
-        print(f"diffrt: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        if args.verbose:
+            raise
+        print(f"diffrt: error: {exc} (-v shows where)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

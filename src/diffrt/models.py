@@ -211,14 +211,19 @@ def require_pixel_model_dir(folder: str | Path) -> tuple[Path, Path]:
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     if not (unet_dir / "config.json").is_file():
         raise DiffrtError(f"{folder} has no unet/config.json; expected a diffusers pipeline folder or a UNet2DModel folder")
-    try:
-        config = json.loads((unet_dir / "config.json").read_text())
-    except ValueError:
-        raise DiffrtError(f"{unet_dir / 'config.json'} is not valid JSON; restore the model's config") from None
-    if not isinstance(config, dict):
-        raise DiffrtError(f"{unet_dir / 'config.json'} is not a JSON object; restore the model's config")
-    check_pixel_unet_config(config, unet_dir / "config.json")
+    check_pixel_unet_config(read_config(unet_dir / "config.json"), unet_dir / "config.json")
     return folder, unet_dir
+
+
+def read_config(path: Path) -> dict:
+    """A model's config.json as a dict, read before any weight; one line if it is not a JSON object."""
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DiffrtError(f"{path} is not valid JSON ({exc}); restore the model's config") from None
+    if not isinstance(config, dict):
+        raise DiffrtError(f"{path} holds no JSON object; restore the model's config")
+    return config
 
 
 def check_pixel_unet_config(config: dict, where: Path) -> None:

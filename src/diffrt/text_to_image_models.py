@@ -34,7 +34,7 @@ from diffrt.components import (CONTROL_CHANNELS, ComponentSpec, Range, controlne
                                unet_controlnet_spec, vae_decoder_spec,
                                vae_encoder_spec)
 from diffrt.errors import DiffrtError
-from diffrt.models import load_frozen, require_model_dir
+from diffrt.models import load_frozen, read_config, require_model_dir
 from diffrt.runtime.ddim import DDIMConfig
 
 SOURCE_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")  # what a text-to-image folder must hold
@@ -82,11 +82,14 @@ def control_residuals(controlnet, sample, timestep, encoder_hidden_states, contr
     ControlNet k takes its RGB image (channels 3k to 3k + 2 of controlnet_cond) and its row of conditioning_scale
     [K, R], one scale per residual (down residuals, then mid). diffusers' ControlNetModel multiplies every residual
     by its conditioning scale, or in guess mode by that scale times logspace(-1, 0, R); the row holds the product,
-    so the graph runs either mode and the pipeline chooses (TextToImagePipeline._scale_feed)."""
+    so the graph runs either mode and the pipeline chooses (TextToImagePipeline._scale_feed). A [K] scale, one per
+    ControlNet, is taken too: what the pipeline feeds an older artifact's graph, and so its PyTorch fallback."""
     down_sum = mid_sum = None
     for net, image, scales in zip(controlnet_list(controlnet), controlnet_cond.split(CONTROL_CHANNELS, dim=1), conditioning_scale):
         down, mid = net(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
                         conditioning_scale=1.0, return_dict=False)
+        if scales.dim() == 0:  # [K]: the feed of an artifact exported before the residual axis, to its PyTorch fallback
+            scales = scales.expand(len(down) + 1)
         down, mid = [r * s for r, s in zip(down, scales)], mid * scales[-1]
         down_sum, mid_sum = ((down, mid) if down_sum is None
                              else ([a + b for a, b in zip(down_sum, down)], mid_sum + mid))
@@ -233,10 +236,7 @@ def require_controlnet_dir(folder: str | Path) -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise DiffrtError(f"{folder} is not a ControlNet folder: it has no config.json")
-    try:
-        kind = json.loads((folder / "config.json").read_text()).get("_class_name", "ControlNetModel")
-    except (ValueError, AttributeError):
-        raise DiffrtError(f"{folder / 'config.json'} is not a JSON object; expected a ControlNetModel config") from None
+    kind = read_config(folder / "config.json").get("_class_name", "ControlNetModel")
     if kind != "ControlNetModel":
         raise DiffrtError(f"--controlnet {folder} is a {kind}, not a ControlNetModel; pass a ControlNet folder")
     return folder

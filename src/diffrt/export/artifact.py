@@ -67,6 +67,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     hit = cached_export(out, key, t0, lora_parts, verified=options.verify, sources=sources)
     if hit is not None:
         return hit
+    atomic.check_writable(out, folder=True)  # a hit writes nothing: checked on a miss only
     model = load_pixel_model(src)  # a miss: now the weights
     if atomic.sha256_folder(src) != source_sha256:
         raise_changed(src)

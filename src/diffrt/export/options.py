@@ -85,8 +85,6 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
     """Refuse, in one line, an export that cannot succeed, before any model is loaded or traced."""
     if out is not None and out.exists() and not out.is_dir():
         raise DiffrtError(f"--out {out} is a file; an export writes a folder there: pass a new or existing folder")
-    if out is not None:
-        atomic.check_writable(out, folder=True)
     for path, _ in options.loras:
         locate_lora(Path(path))  # a file, or a folder holding one (train dreambooth-lora's output)
     for name in ("batch", "height", "width"):

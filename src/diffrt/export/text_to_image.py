@@ -118,6 +118,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     hit = cached_export(out, key, t0, lora_parts, verified=options.verify, sources=sources)
     if hit is not None:
         return hit
+    atomic.check_writable(out, folder=True)  # a hit writes nothing: checked on a miss only
     model = load_text_to_image(model_dir, controlnets)  # a miss: now the weights
     if source_hashes(model_dir, controlnets) != hashes:
         raise_changed(model_dir)

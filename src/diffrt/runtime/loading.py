@@ -39,7 +39,7 @@ def is_artifact(folder: Path) -> bool:
     if (folder / mf.MANIFEST).is_file():
         return True
     if not (folder / REBUILD).is_file():
-        return False
+        return (folder / mf.MANIFEST).is_file()  # an export may have written it, then removed its record, meanwhile
     with mf.artifact_lock(folder, shared=True):  # held exclusively while an export writes the folder
         if (folder / mf.MANIFEST).is_file():
             return True

@@ -38,7 +38,7 @@ class Call:
     control: list[torch.Tensor] | None  # one image batch per ControlNet
     scales: list[float]  # one conditioning scale per ControlNet ([] without)
     control_windows: list[tuple[float, float]]  # (start, end) fraction of the steps, per ControlNet
-    guess: bool  # diffusers' guess mode under CFG: the ControlNets see the conditional half only
+    guess: bool  # diffusers' guess mode: residuals weighted by depth, and under CFG the ControlNets see the conditional half only
     generator: Generators
     schedule: Any  # the sampler's schedule (sampling.Schedule), img2img's tail of it
     clip_skip: int  # text encoder layers skipped before the final layer norm (0: its last hidden state)
@@ -118,8 +118,8 @@ class TextToImageChecks:
             raise DiffrtError(f"got {init.shape[0]} images to start from for {batch} images ({len(prompts)} prompts x "
                               f"{num_images_per_prompt} per prompt); pass 1 image, or one per prompt")
         self.check_batch(len(prompts), batch, do_cfg)
-        guess = self.guess_mode_for(guess_mode, control is not None) and do_cfg
-        if guess:  # the UNet runs each CFG half on its own
+        guess = self.guess_mode_for(guess_mode, control is not None)
+        if guess and do_cfg:  # the UNet runs each CFG half on its own
             self.unet.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images, each CFG half apart in guess mode)")
         if self.guidance_embed_dim is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
             log.warning("the UNet is guidance-distilled (time_cond_proj_dim): it takes the guidance scale as timestep_cond "
@@ -146,9 +146,10 @@ class TextToImageChecks:
         guess = control and (asked or pooled[:1] == [True])
         if guess and not all(pooled) and not scaled_residuals(self.unet.spec):
             which = ", ".join(str(i) for i, p in enumerate(pooled) if not p)
+            way_out = "leave guess_mode off" if asked else "put the pooling ControlNet(s) after the others"
             raise DiffrtError(f"guess mode scales the residuals of ControlNet {which} by depth, and this artifact's fused "
                               "UNet+ControlNet graph, exported by an earlier diffrt, takes one scale per ControlNet; "
-                              "export it again, or leave guess_mode off")
+                              f"export it again, or {way_out}")
         return guess
 
     def _check_embeds_fit(self, embeds: torch.Tensor, name: str = "prompt_embeds") -> None:

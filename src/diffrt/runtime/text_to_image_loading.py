@@ -25,9 +25,10 @@ from typing import Sequence
 import torch
 
 from diffrt import atomic
-from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
 from diffrt.hub import resolve_model
+from diffrt.models import read_config
 from diffrt.runtime.backends import require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.loading import (OPEN_BATCH, artifact_lora, check_artifact_loras, check_source, component_precision, is_artifact,
@@ -75,13 +76,7 @@ def check_unet_folder(folder: Path) -> None:
     """check_unet_config on a folder's unet/config.json, before any weight is read."""
     path = folder / "unet" / "config.json"
     if path.is_file():
-        try:
-            config = json.loads(path.read_text())
-        except ValueError as exc:
-            raise DiffrtError(f"{path} is not valid JSON ({exc}); restore the model's UNet config") from None
-        if not isinstance(config, dict):
-            raise DiffrtError(f"{path} holds no JSON object; restore the model's UNet config")
-        check_unet_config(config, str(path))
+        check_unet_config(read_config(path), str(path))
 
 
 def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.device = "cpu", compile: bool = False,

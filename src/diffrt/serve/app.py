@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
+import json
 import logging
 import os
 import socket
@@ -35,6 +37,7 @@ from typing import Awaitable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffrt.errors import DiffrtError
@@ -84,6 +87,29 @@ class ServeConfig:
 
 
 # -- responses shared with the Ray Serve deployment ----------------------------------------------
+
+UNREADABLE_BODY = "the body is not JSON diffrt can read (a number with thousands of digits, or nesting thousands deep?)"
+
+
+def too_large_response(size: int, limit: int) -> JSONResponse:
+    return error_response(413, f"request body is {size / 2**20:.1f} MiB or more; the limit is {limit / 2**20:.1f} MiB")
+
+
+def parse_body(raw: bytes) -> "GenerateBody | JSONResponse":
+    """A generate body as FastAPI reads one for `diffrt serve` (json.loads, a UTF-8 BOM allowed, then the schema),
+    or the answer the service gives when it cannot: for the Ray route, so that both answer a body alike."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:  # FastAPI's json_invalid error, through the service's handler
+        return validation_error_response([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                           "ctx": {"error": exc.msg}}])
+    except (ValueError, RecursionError):  # what FastAPI answers with its bare 400, in the service's words
+        return error_response(400, UNREADABLE_BODY)
+    try:
+        return GenerateBody.model_validate(data)
+    except ValidationError as exc:
+        return validation_error_response(exc.errors(include_input=False))
+
 
 def error_response(status: int, detail: str, field: str | None = None, headers: dict | None = None, **extra) -> JSONResponse:
     return JSONResponse({"detail": detail, "field": field, **extra}, status_code=status, headers=headers)
@@ -232,8 +258,7 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, size: int, scope, receive, send):
-        limit = self.max_body_bytes
-        await error_response(413, f"request body is {size / 2**20:.1f} MiB or more; the limit is {limit / 2**20:.1f} MiB")(scope, receive, send)
+        await too_large_response(size, self.max_body_bytes)(scope, receive, send)
 
 
 # -- the app --------------------------------------------------------------------------------
@@ -249,8 +274,11 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
         yield
         await asyncio.to_thread(runtime.close, config.timeout_s + 5)
 
+    # A body sent without a Content-Type is read as JSON (GuardMiddleware refuses only other declared types, as the
+    # Ray route does); FastAPI from 0.12x leaves it unparsed unless told, and the client got a 422 about the body.
+    lenient = {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
     app = FastAPI(title="diffrt", summary="Diffusion inference over PyTorch, ONNX Runtime or TensorRT",
-                  version=_version(), lifespan=lifespan)
+                  version=_version(), lifespan=lifespan, **lenient)
     app.state.runtime = runtime
     app.add_middleware(GuardMiddleware, api_key=config.api_key(), max_body_bytes=config.max_body_bytes, metrics=runtime.metrics)
 
@@ -268,7 +296,7 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
         # thousands of digits, nesting thousands deep), which FastAPI answers with a bare 400.
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == "There was an error parsing the body":
-            detail = "the body is not JSON diffrt can read (a number with thousands of digits, or nesting thousands deep?)"
+            detail = UNREADABLE_BODY
         return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
 
     @app.post(GENERATE_PATH, response_class=Response, responses={

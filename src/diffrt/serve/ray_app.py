@@ -29,13 +29,12 @@ import time
 from dataclasses import asdict
 
 import torch
-from pydantic import ValidationError
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
 from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, ServeConfig, answer_response, api_key_problem, content_type_problem,
-                              error_response, request_error_response, validation_error_response)
+                              error_response, parse_body, request_error_response, too_large_response, validation_error_response)
 from diffrt.serve.runtime import ServeRuntime
 from diffrt.serve.schema import GenerateBody, RequestError
 
@@ -55,9 +54,11 @@ NUM_GPUS = 1 if torch.cuda.is_available() else 0
 class DiffrtDeployment:
     """One replica: loads, warms up and self-tests its pipeline before it takes traffic."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, api_key: str | None = None):
         self.config = ServeConfig(**settings)
-        key = self.config.api_key()
+        # The driver's key (build_deployment): a replica on another node, or in a cluster started before the key was
+        # set, does not inherit the driver's environment, and answered without asking for it.
+        key = api_key or self.config.api_key()
         self.api_key = key.encode() if key else None
         self.runtime = ServeRuntime(self.config.runtime_config())
         self.runtime.start()
@@ -75,7 +76,7 @@ class DiffrtDeployment:
 
     async def _answer(self, request: Request) -> Response:
         if request.method != "POST":
-            return error_response(405, f"use POST, not {request.method}")
+            return error_response(405, "Method Not Allowed", headers={"Allow": "POST"})  # as the service's route answers
         if self.api_key is not None:
             problem = api_key_problem(request.headers, self.api_key)
             if problem:
@@ -88,13 +89,12 @@ class DiffrtDeployment:
             chunks.append(chunk)
             size += len(chunk)
             if size > self.config.max_body_bytes:
-                return error_response(413, f"request body is over the limit of {self.config.max_body_bytes / 2**20:.1f} MiB")
+                return too_large_response(size, self.config.max_body_bytes)
         if not any(chunks):
             return validation_error_response([{"type": "missing", "loc": (), "msg": "Field required"}])  # FastAPI's 422
-        try:
-            body = GenerateBody.model_validate_json(b"".join(chunks))
-        except ValidationError as exc:
-            return validation_error_response(exc.errors(include_input=False))
+        body = parse_body(b"".join(chunks))
+        if not isinstance(body, GenerateBody):
+            return body  # the service's answer to a body it cannot read
         try:
             answer = await self.runtime.generate(body)
         except RequestError as exc:
@@ -122,4 +122,4 @@ def build_deployment(config: ServeConfig, *, min_replicas: int = 1, max_replicas
         max_ongoing_requests=config.max_batch_size + config.max_queue,
         graceful_shutdown_timeout_s=config.timeout_s + 5,
     )
-    return deployment.bind(asdict(config))
+    return deployment.bind(asdict(config), api_key=config.api_key())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
-from diffrt.export.manifest import MANIFEST, artifact_lock
+from diffrt.export.manifest import artifact_lock
 from diffrt.serve.triton import CONTROL_ONLY, INPUTS, PASSED_ON, PIXEL_ONLY, TEXT_ONLY, TRUNCATED
 
 VERSION = "1"
@@ -75,14 +75,15 @@ def _text(value: str) -> str:
 
 def model_kind(model: str | None) -> tuple[bool, bool]:
     """(text_to_image, has_controlnet) for the config's inputs, read from files, without loading weights."""
-    from diffrt.export.manifest import MANIFEST, read_manifest
+    from diffrt.export.manifest import read_manifest
+    from diffrt.runtime.loading import is_artifact
     from diffrt.export.text_to_image import exported_controlnets
     from diffrt.runtime.opening import is_text_to_image
 
     if not is_text_to_image(model):
         return False, False
     folder = Path(model)  # a diffusers folder runs no ControlNet here (serve's --controlnet has no counterpart)
-    return True, (folder / MANIFEST).is_file() and bool(exported_controlnets(read_manifest(folder)))
+    return True, is_artifact(folder) and bool(exported_controlnets(read_manifest(folder)))
 
 
 def param_text(value) -> str:
@@ -173,8 +174,9 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
                                   "encoding is ascii), so it could not open this path; leave --link out (the model is "
                                   "placed in the repository) or move the model to an ASCII path")
         else:
-            is_artifact = (Path(model) / MANIFEST).is_file()
-            with artifact_lock(model, shared=True) if is_artifact else contextlib.nullcontext():  # not rewritten while linked
+            from diffrt.runtime.loading import is_artifact
+
+            with artifact_lock(model, shared=True) if is_artifact(Path(model)) else contextlib.nullcontext():  # not rewritten while linked
                 _place(Path(model), version / MODEL_DIR)
             parameter = MODEL_DIR
         (version / "model.py").write_text(MODEL_PY)

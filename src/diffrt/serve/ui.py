@@ -146,7 +146,7 @@ def build_ui(runtime: ServeRuntime):
                                         label="colour scale")
                 has_control = bool(info.get("controlnet"))
                 control = gr.Image(type="numpy", label="ControlNet image (Canny edges)", visible=has_control)
-                edges = gr.Image(type="numpy", label="Canny edge map", interactive=False, visible=has_control)
+                edges = gr.Image(type="numpy", label="Canny edge map", interactive=False, visible=has_control, format="png")
                 img2img = text and bool(info.get("image_to_image"))
                 init_image = gr.Image(type="numpy", label="start from this image (image-to-image)", visible=img2img)
                 strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="strength (how far from the image)", visible=img2img)
@@ -154,7 +154,8 @@ def build_ui(runtime: ServeRuntime):
                                        visible=bool(info.get("lora_scalable")))
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
-                output = gr.Image(type="pil", label="image", height=max(DISPLAY_SIZE, info.get("sample_size") or 0))
+                # PNG: Gradio's default, WebP at quality 80, showed (and downloaded) other pixels than were made.
+                output = gr.Image(type="pil", label="image", height=max(DISPLAY_SIZE, info.get("sample_size") or 0), format="png")
                 latency = gr.Markdown()
         control.change(lambda im: None if im is None else canny_edges(im), inputs=control, outputs=edges)
         button.click(generate, inputs=[label, prompt, negative, steps, guidance, use_color, color, color_scale, seed, control, lora_scale,
@@ -166,6 +167,9 @@ def build_ui(runtime: ServeRuntime):
 def launch_ui(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, backend: str = "onnxruntime",
               controlnet: list[str] | None = None, loras: list[tuple[str, float]] = ()) -> None:
     """Load the model (the shipped digits by default), then serve the demo until interrupted."""
+    from diffrt.serve.app import check_port_free
+
+    check_port_free(host, port)  # before minutes of loading, not after
     runtime = ServeRuntime(RuntimeConfig(model=model, backend=backend, controlnet=controlnet, loras=list(loras)))
     runtime.start()
     try:

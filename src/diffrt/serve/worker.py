@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 import torch
 
 from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
+from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE
 from diffrt.images import array_png_bytes, to_uint8
 from diffrt.runtime.backends.timed import TimedBackend, time_components
 from diffrt.runtime.guidance import color_guidance, parse_hex_color
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    probe_generators, settings_key, split_answers)
-from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE
 from diffrt.serve.schema import GenerateBody, RequestError
 
 log = logging.getLogger(__name__)

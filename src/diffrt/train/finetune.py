@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
 from diffrt.data import ImageDataset, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import PixelModel, load_pixel_model, scheduler_config_file

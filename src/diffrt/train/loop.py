@@ -91,11 +91,9 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise DiffrtError(f"--checkpoints-total-limit must be >= 1 (a run keeps at least the checkpoint it just saved), "
                               f"got {self.checkpoints_total_limit}; leave it out to keep every checkpoint")
-        # The nearest existing folder on the way to --out: a file there fails the first mkdir, after the
-        # model and data have been loaded (and, for DreamBooth, class images generated), with an OSError.
-        there = next((p for p in (Path(self.out), *Path(self.out).parents) if p.exists()), None)
-        if there is not None and not there.is_dir():
-            raise DiffrtError(f"--out {self.out}: {there} is a file, not a folder; pass a folder for the run's outputs")
+        # Before the model and data load (and, for DreamBooth, class images are generated): a file in the way of
+        # --out, or a folder this user cannot write, failed at the first mkdir with an OSError.
+        atomic.check_writable(self.out, folder=True)
         existing = list_checkpoints(Path(self.out) / "checkpoints")
         if existing and not self.resume:
             raise DiffrtError(f"{self.out} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
@@ -224,7 +222,6 @@ def train(
     # 1. Config, devices, optimizer.
     config.validate()
     out = Path(config.out)
-    atomic.check_writable(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.mixed_precision)
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}

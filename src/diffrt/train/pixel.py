@@ -16,9 +16,9 @@ from diffrt.errors import DiffrtError
 from diffrt.models import PixelModel, save_pixel_model
 from diffrt.runtime.ddim import make_alphas_cumprod
 from diffrt.train.loop import LossFn, SampleFn, TrainConfig
+from diffrt.train.objective import diffusion_loss
 
 log = logging.getLogger(__name__)
-from diffrt.train.objective import diffusion_loss
 
 
 def pixel_loss_fn(model: PixelModel, dataset: ImageDataset, batch_size: int, label_dropout: float) -> LossFn:
