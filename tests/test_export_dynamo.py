@@ -88,11 +88,11 @@ def test_trace_sizes_lift_every_size_of_1_inside_the_model_and_keep_linked_axes_
     from diffrt.components import unet_controlnet_spec
     from diffrt.export.onnx import trace_sizes
 
-    spec = unet_controlnet_spec(4, 4, 768, batch=(1, 1, 4), height=(8, 8, 16), width=(8, 8, 32), multiple=8)
+    spec = unet_controlnet_spec(4, 4, 768, num_residuals=13, batch=(1, 1, 4), height=(8, 8, 16), width=(8, 8, 32), multiple=8)
     assert trace_sizes(spec) == {"batch": 2, "height": 16, "width": 16, "image_height": 128, "image_width": 128}
-    roomy = unet_controlnet_spec(4, 4, 768, batch=(1, 2, 4), height=(8, 64, 96), width=(8, 64, 96), multiple=8)
+    roomy = unet_controlnet_spec(4, 4, 768, num_residuals=13, batch=(1, 2, 4), height=(8, 64, 96), width=(8, 64, 96), multiple=8)
     assert trace_sizes(roomy) == {}  # the opt point already has no size of 1 inside
-    tight = unet_controlnet_spec(4, 4, 768, batch=(1, 2, 4), height=(8, 8, 8), width=(8, 8, 8), multiple=8)
+    tight = unet_controlnet_spec(4, 4, 768, num_residuals=13, batch=(1, 2, 4), height=(8, 8, 8), width=(8, 8, 8), multiple=8)
     assert trace_sizes(tight) == {}  # a fixed size stays: nothing to grow into
 
 
