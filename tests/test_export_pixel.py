@@ -422,6 +422,23 @@ def test_generate_waits_for_an_export_rebuilding_the_artifact_and_names_a_stoppe
             run()
 
 
+def test_an_out_holding_a_component_folder_no_export_made_is_refused(classemb_model_dir, tmp_path):
+    """--out given by mistake as another model's folder: its unet/ was replaced by the export's (and a rerun after a
+    stopped first export removed it as that export's own). Files of other names may share the folder."""
+    other = tmp_path / "other-model"
+    (other / "unet").mkdir(parents=True)
+    (other / "unet" / "config.json").write_text("{}")
+    options = ExportOptions(batch=(1, 2, 8), verify=False)
+    with pytest.raises(DiffrtError, match=r"other-model holds unet/, a model's part that no diffrt export made, .*pass a new or empty folder"):
+        export_pixel_model(classemb_model_dir, other, options)
+    assert (other / "unet" / "config.json").read_text() == "{}"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.md").write_text("mine")
+    out = export_pixel_model(classemb_model_dir, shared, options).folder
+    assert (out / "notes.md").read_text() == "mine" and export_pixel_model(classemb_model_dir, shared, options).cache_hit
+
+
 def test_a_source_changed_while_it_is_exported_is_refused(classemb_model_dir, tmp_path, monkeypatch):
     """The bug: the source was hashed (the key) and its weights loaded after; a trainer saving over it in between
     made an artifact recording one model and holding another, a cache hit on the first for ever after."""

@@ -26,7 +26,7 @@ from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.cache import COMPONENT_FOLDERS, cached_export, export_key, lora_hashes, raise_changed, start_rebuild
+from diffrt.export.cache import REBUILD, COMPONENT_FOLDERS, cached_export, export_key, lora_hashes, raise_changed, start_rebuild
 from diffrt.export.onnx import export_onnx
 from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision, check_options
 from diffrt.models import PixelModel, SHIPPED_DIGITS, load_pixel_model
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def check_out_apart(out: Path, hashed: list[Path]) -> None:
-    """Refuse an artifact folder that overlaps a folder whose content is the export's cache key.
-    Inside it, the export's own files would change the key: never a cache hit, and the source would
+    """Refuse an --out the export may not write: one that overlaps a folder whose content is the export's cache key,
+    or that holds a model's part (a diffusers config or weights) where a component goes. Inside the first, the export's own files would change the key: never a cache hit, and the source would
     read as changed since export to every PyTorch fallback. Holding it where the export writes (`--out`
     the text-to-image folder itself), the export would replace the model's unet/, tokenizer/... with its own."""
     where = out.resolve()
@@ -48,6 +48,15 @@ def check_out_apart(out: Path, hashed: list[Path]) -> None:
         if where in folder.parents and folder.relative_to(where).parts[0] in (*COMPONENT_FOLDERS, "tokenizer"):
             raise DiffrtError(f"--out {out} holds the model's {folder.relative_to(where)}/, which the export would replace "
                               "with its own; pass an --out folder apart from the model")
+    # A model's part where a component goes (an --out given by mistake as another model's folder): the export
+    # would replace its unet/ with its own, and a rerun after a stopped first export remove it as that export's.
+    # Component folders hold graphs and engines only, never a diffusers config or weights.
+    if out.is_dir() and not (out / mf.MANIFEST).is_file():
+        theirs = sorted(name for name in COMPONENT_FOLDERS if (out / name / "config.json").is_file()
+                        or any((out / name).glob("*.safetensors")))
+        if theirs:
+            raise DiffrtError(f"--out {out} holds {theirs[0]}/, a model's part that no diffrt export made, and the export would "
+                              "replace it; pass a new or empty folder")
 
 
 def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: ExportOptions) -> ExportResult:
@@ -102,6 +111,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
         }
         refit_before_manifest(out, manifest, options)
         mf.write_manifest(out, manifest)
+        (out / REBUILD).unlink(missing_ok=True)  # after the manifest: a kill between the two leaves the manifest, which rules
         written = mf.read_manifest(out)  # under the lock: another builder may replace it once it is released
     return ExportResult(out, False, written, time.perf_counter() - t0)
 

@@ -206,26 +206,24 @@ def write_rebuild_record(out: Path, components: dict, folders) -> None:
 
 
 def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict,
-                  component_keys: dict[str, str] | None = None) -> tuple[ExportResult | None, dict]:
+                  component_keys: dict[str, str] | None = None, writes: tuple[str, ...] = ()) -> tuple[ExportResult | None, dict]:
     """Under the artifact's lock: (the export another builder finished while this one waited for the
     lock, {}) (a hit, no second build); else (None, the old entries kept), the folder made ready for a
     rebuild: its manifest removed, so that nothing trusts it until the new one is written, the old
     component folders not kept removed, and what killed writes left there removed.
 
     `component_keys` ({name: component_key} of the new export): the old components whose entry has that
-    key and whose files verify are kept, folder and entry (`_reusable`); None (pixel exports) keeps none.
-    `sources`: the paths of the export's inputs, recorded anew on a hit (cached_export)."""
+    key and whose files verify are kept, folder and entry (`_reusable`); None (pixel exports) keeps none. `writes`:
+    the component folders the export writes besides those (the record names them, so that a rerun after a kill
+    knows them for its own). `sources`: the paths of the export's inputs, recorded anew on a hit (cached_export)."""
     hit = cached_export(out, key, t0, loras, verified=options.verify, quiet=True, sources=sources, locked=True)
     if hit is not None:
         return hit, {}
     old, owned = _old_components(out)
     wanted = component_keys or {}
     kept = {name: old[name] for name in wanted if name in old and _reusable(out, name, old[name], wanted[name], options)}
-    if component_keys is not None:
-        # Before the manifest goes: from here on the record names what is kept and what may be written.
-        write_rebuild_record(out, kept, {*owned, *wanted})
-    else:
-        (out / REBUILD).unlink(missing_ok=True)
+    # Before the manifest goes: from here on the record names what is kept and what may be written.
+    write_rebuild_record(out, kept, {*owned, *wanted, *writes})
     (out / mf.MANIFEST).unlink(missing_ok=True)
     # The old export's component folders but those kept: each is rebuilt anyway, and one the new export
     # lacks (a ControlNet dropped: controlnet/, unet_controlnet/) would otherwise stay, gigabytes no manifest names.
@@ -241,5 +239,5 @@ def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: Ex
 
 
 def start_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict) -> ExportResult | None:
-    """`begin_rebuild` keeping no component (pixel exports: one component, rebuilt whole)."""
-    return begin_rebuild(out, key, t0, loras, options, sources)[0]
+    """`begin_rebuild` keeping no component (pixel exports: one component, unet/, rebuilt whole)."""
+    return begin_rebuild(out, key, t0, loras, options, sources, writes=("unet",))[0]
