@@ -11,6 +11,25 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """diffrt's cache for this run alone: the suite's automatic exports of tmp models (one per run and path) and
+    its hash memo filled the user's ~/.cache/diffrt by gigabytes, run after run. Set DIFFRT_CACHE_DIR to keep one."""
+    import os
+    import tempfile
+
+    if not os.environ.get("DIFFRT_CACHE_DIR"):
+        config._diffrt_cache = tempfile.mkdtemp(prefix="diffrt-test-cache-")
+        os.environ["DIFFRT_CACHE_DIR"] = config._diffrt_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    cache = getattr(config, "_diffrt_cache", None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -267,7 +267,7 @@ def test_onnxruntime_on_cuda_asks_for_tensorrt_only_where_it_is_installed(monkey
     monkeypatch.setattr(ort_backend, "tensorrt_installed", lambda: True)  # TensorRT 10.3 on an H100
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(manifest, "gpu_identity", lambda: {"name": "H100", "compute_capability": "9.0"})
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path))
     (name, options), *rest = ort_backend.default_providers(torch.device("cuda", 1), spec)
     assert name == "TensorrtExecutionProvider" and rest == cuda
     assert options["device_id"] == 1 and options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]

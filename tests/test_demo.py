@@ -8,7 +8,7 @@ from diffrt.demo import DemoSettings, format_table, run_demo
 
 
 def test_demo_writes_a_grid_and_a_timing_table_from_the_same_run(shipped_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a cold cache: the export runs
+    monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "cache"))  # a cold cache: the export runs
     settings = DemoSettings(num_inference_steps=6, repeats=1)
     path, timings, max_diff = run_demo(tmp_path / "demo.png", backend="onnxruntime", settings=settings)
 

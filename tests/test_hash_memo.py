@@ -18,7 +18,7 @@ from diffrt import atomic
 def memo(tmp_path, monkeypatch):
     """Remembering on for small files, in a cache of the test's own; records each real hashing
     (and runs `during_read`, if set, while the file is being read)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("DIFFRT_HASH_MEMO", raising=False)
     monkeypatch.setattr(atomic, "MEMO_MIN_BYTES", 0)
     monkeypatch.setattr(atomic, "MEMO_SETTLE_NS", 0)

@@ -154,7 +154,7 @@ def test_a_pixel_model_has_no_vae_to_export(tmp_path):
 def test_an_automatic_export_includes_the_encoder(t2i_folder, tmp_path, monkeypatch):
     """`diffrt generate --backend onnxruntime` over a diffusers folder exports into the user cache: with the encoder,
     so its image-to-image runs on ONNX Runtime as well."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "cache"))
     pipe = open_text_to_image_pipeline(t2i_folder, "onnxruntime", CPU)
     assert pipe.vae_encoder is not None and pipe.vae_encoder.name == "onnxruntime"
 

@@ -180,11 +180,18 @@ def _stamps(stat: os.stat_result) -> list[int]:
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
-def _memo_path(resolved: str) -> Path:
+def cache_dir() -> Path:
+    """Where diffrt keeps what it can make again (automatic exports, TensorRT timing caches, bench models, the hash
+    memo): DIFFRT_CACHE_DIR (a container's volume; the test suite's own folder), else the user cache
+    (~/.cache/diffrt on Linux)."""
     from platformdirs import user_cache_dir
 
+    return Path(os.environ.get("DIFFRT_CACHE_DIR") or user_cache_dir("diffrt"))
+
+
+def _memo_path(resolved: str) -> Path:
     name = hashlib.blake2b(resolved.encode(), digest_size=16).hexdigest()
-    return Path(user_cache_dir("diffrt")) / "sha256" / f"{name}.json"
+    return cache_dir() / "sha256" / f"{name}.json"
 
 
 def sha256_folder(folder: str | os.PathLike, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> str:

@@ -59,9 +59,9 @@ class Workload:
 
 
 def cache_root() -> Path:
-    from platformdirs import user_cache_dir
+    from diffrt.atomic import cache_dir
 
-    return Path(user_cache_dir("diffrt")) / "bench"
+    return cache_dir() / "bench"
 
 
 @dataclass

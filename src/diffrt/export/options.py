@@ -118,8 +118,6 @@ def options_text(options: ExportOptions) -> str:
 
 
 def default_artifact_dir(model_dir: Path, options: ExportOptions) -> Path:
-    """Where `diffrt demo` / `generate` keep an automatic export: the user cache, by source and settings."""
-    from platformdirs import user_cache_dir
-
+    """Where `diffrt demo` / `generate` keep an automatic export: diffrt's cache (atomic.cache_dir), by source and settings."""
     tag = mf.cache_key({"src": str(model_dir.resolve()), "sha": atomic.sha256_folder(model_dir), "opts": options_text(options)})[:16]
-    return Path(user_cache_dir("diffrt")) / "artifacts" / f"{model_dir.name}-{tag}"
+    return atomic.cache_dir() / "artifacts" / f"{model_dir.name}-{tag}"

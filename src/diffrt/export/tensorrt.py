@@ -138,12 +138,12 @@ def engine_entry(trt_version: str | None, gpu: dict | None, precision: str, spec
 
 
 def default_timing_cache(trt_version: str | None, gpu: dict | None) -> Path:
-    """<user cache>/diffrt/tensorrt-timing-<version>-sm<cc>.cache: shared by every build on this
+    """<diffrt's cache>/tensorrt-timing-<version>-sm<cc>.cache: shared by every build on this
     machine. Timings are only valid for one TensorRT version and GPU model, hence the name."""
-    from platformdirs import user_cache_dir
+    from diffrt.atomic import cache_dir
 
     cc = (gpu or {}).get("compute_capability", "none").replace(".", "")
-    return Path(user_cache_dir("diffrt")) / f"tensorrt-timing-{trt_version or 'unknown'}-sm{cc}.cache"
+    return cache_dir() / f"tensorrt-timing-{trt_version or 'unknown'}-sm{cc}.cache"
 
 
 # --- TensorRT --------------------------------------------------------------------------------------

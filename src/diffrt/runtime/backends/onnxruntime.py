@@ -80,14 +80,13 @@ def tensorrt_provider(device: torch.device, spec: ComponentSpec, onnx_path: str 
     export was made for. TensorRT 11 builds only strongly typed networks, which take the graph's types."""
     import onnxruntime as ort
     import tensorrt
-    from platformdirs import user_cache_dir
-
+    from diffrt.atomic import cache_dir
     from diffrt.export.manifest import gpu_identity
     from diffrt.export.tensorrt import PROFILE_POINTS, engine_profile, onnx_float_type
 
     cc = (gpu_identity() or {}).get("compute_capability", "none").replace(".", "")
     precision = (onnx_float_type(onnx_path) if onnx_path is not None else None) or "fp32"
-    cache = Path(user_cache_dir("diffrt")) / f"ort-tensorrt-{ort.__version__}-trt{tensorrt.__version__}-sm{cc}-{precision}"
+    cache = cache_dir() / f"ort-tensorrt-{ort.__version__}-trt{tensorrt.__version__}-sm{cc}-{precision}"
     cache.mkdir(parents=True, exist_ok=True)
     options = {"device_id": device.index or 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
