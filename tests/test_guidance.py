@@ -65,11 +65,29 @@ def test_x0_guidance_keeps_eps_constant_on_a_step_with_a_through_unet_guidance(m
     (lambda im: 1.0, DiffrtError, r"^guidance 'custom': the loss returned float; return a float torch scalar"),
     (lambda im: (im > 0.5).sum(), DiffrtError, r"^guidance 'custom': the loss returned a torch.int64 tensor"),
     (lambda im: im.mean() * float("nan"), NonFiniteOutputError, r"^guidance 'custom': the loss is nan at step 0"),
-], ids=["non-scalar", "detached", "constant", "python-float", "integer", "nan"])
+    # A NaN/inf loss whose gradient is finite was applied silently (the images are not clamped: log goes NaN).
+    (lambda im: im.mean() + float("inf"), NonFiniteOutputError, r"^guidance 'custom': the loss is inf at step 0"),
+    (lambda im: -torch.log(im).mean(), NonFiniteOutputError, r"^guidance 'custom': the loss is nan at step 0"),
+], ids=["non-scalar", "detached", "constant", "python-float", "integer", "nan", "inf-finite-gradient", "log-of-negative"])
 @pytest.mark.parametrize("mode", ["x0", "through_unet"])
 def test_a_bad_user_loss_gets_one_clear_error(model, loss, error, message, mode):
     with pytest.raises(error, match=message):
         run(torch_pixel_pipeline(model), [Guidance(loss, 1.0, mode=mode)], steps=1)
+
+
+def test_guidance_arguments_are_checked_where_they_are_given(model):
+    """A NaN scale was blamed on the loss, a string one failed inside torch, every=1.5 guided every third step, and
+    one Guidance instead of a list was a TypeError; the label 1e20 was reported as -9223372036854775808."""
+    for kwargs, message in ((dict(scale=float("nan")), r"scale must be a finite number, got nan"),
+                            (dict(scale="2"), r"scale must be a finite number, got '2'"),
+                            (dict(scale=1.0, every=1.5), r"'every' must be a whole number of steps >= 1, got 1.5")):
+        with pytest.raises(DiffrtError, match=message):
+            Guidance(lambda im: im.mean(), **kwargs)
+    pipe = torch_pixel_pipeline(model)
+    one = color_guidance("#ff0000", 30.0)
+    torch.testing.assert_close(run(pipe, one)[0], run(pipe, [one])[0], rtol=0, atol=0)
+    with pytest.raises(DiffrtError, match="guidance must be a Guidance or a list of them"):
+        run(pipe, "#ff0000")
 
 
 def test_x0_guidance_refuses_sample_prediction(model):
@@ -97,11 +115,12 @@ def test_color_guidance_refuses_colours_outside_unit_range():
 
 
 @pytest.mark.parametrize("size, crop, image_shape", [(32, 32, (1, 3, 40, 72)), (32, 32, (1, 3, 77, 50)), (32, 32, (2, 3, 16, 16)),
-                                                     (48, 48, (1, 3, 24, 40))], ids=str)
+                                                     (48, 48, (1, 3, 24, 40)), ((32, 32), 32, (1, 3, 32, 64))], ids=str)
 def test_clip_pixel_values_match_clip_image_processor(size, crop, image_shape):
     """ClipLoss redoes the processor's resize, centre crop and normalisation in torch: the result is what
     CLIPImageProcessor feeds the model for the same image (up to its uint8 rounding), for non-square
-    images (the long side truncated, not rounded) and small ones (upsampled with PIL's bicubic)."""
+    images (the long side truncated, not rounded) and small ones (upsampled with PIL's bicubic). A processor
+    sized {height, width} stretches the image to it (ClipLoss cropped it as for a shortest edge)."""
     from PIL import Image
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -115,7 +134,8 @@ def test_clip_pixel_values_match_clip_image_processor(size, crop, image_shape):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
+    sizes = {"height": size[0], "width": size[1]} if isinstance(size, tuple) else {"shortest_edge": size}
+    processor = CLIPImageProcessor(size=sizes, crop_size={"height": crop, "width": crop})
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:

@@ -114,6 +114,8 @@ def test_bad_requests_get_one_clear_error(classemb_model_dir, classemb_artifact)
     pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
     with pytest.raises(DiffrtError, match=r"class label 9 is out of range; this model has classes 0\.\.3"):
         pipe([9], num_inference_steps=2)
+    with pytest.raises(DiffrtError, match=r"class label 1e\+20 is out of range"):  # read -9223372036854775808 (int64 wrap)
+        pipe([1e20], num_inference_steps=2)
     with pytest.raises(ShapeOutOfRangeError, match=r"classifier-free guidance.*\[1, 16\]"):
         pipe(list(range(4)) * 3, guidance_scale=2.0, num_inference_steps=2)
     with pytest.raises(ShapeOutOfRangeError, match=r"height 32 is outside the built range \[16, 16\]"):

@@ -50,14 +50,20 @@ def _features(output) -> torch.Tensor:
 
 
 class ClipLoss:
-    """Differentiable CLIP loss of images [B, 3, H, W] in [0, 1] toward one text."""
+    """Differentiable CLIP loss of images [B, 3, H, W] toward one text (the prediction of x0 mapped to [0, 1], not
+    clamped: see guidance.ImageLoss)."""
 
     def __init__(self, model, processor, prompt: str):
         self.model = model
         ip = processor.image_processor
         crop = getattr(ip, "crop_size", None)
         self.crop = (_size(crop, "height", 224), _size(crop, "width", 224))
-        self.shortest_edge = _size(getattr(ip, "size", None), "shortest_edge", min(self.crop))
+        size = getattr(ip, "size", None)
+        # {shortest_edge}: the short side resized to it, the long one in proportion; {height, width}: stretched to it.
+        self.shortest_edge = _size(size, "shortest_edge")
+        self.resize_to = (_size(size, "height", self.crop[0]), _size(size, "width", self.crop[1]))
+        if self.shortest_edge is None and _size(size, "height") is None:
+            self.shortest_edge = min(self.crop)
         self.do_center_crop = bool(getattr(ip, "do_center_crop", True))
         device = next(model.parameters()).device
         self.mean = torch.tensor(ip.image_mean, device=device).view(1, -1, 1, 1)
@@ -69,19 +75,22 @@ class ClipLoss:
         self.text_embeds = F.normalize(text.float(), dim=-1)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        """The processor's resize (shortest edge, bicubic), centre crop and normalisation, in torch.
+        """The processor's resize (shortest edge, or to its height x width; bicubic), centre crop and normalisation,
+        in torch.
 
         The long side is truncated, int(edge * long / short), as transformers' get_resize_output_image_size
         does: rounding it would shift the centre crop by a pixel for some aspect ratios. antialias=True
         always: torch's antialiased bicubic is PIL's (a = -0.5) when upsampling too, where the plain one
         (a = -0.75) is not, and small images are upsampled to CLIP's size."""
         h, w = images.shape[-2:]
-        if self.do_center_crop:
+        if not self.do_center_crop:
+            size = self.crop
+        elif self.shortest_edge is None:
+            size = (max(self.crop[0], self.resize_to[0]), max(self.crop[1], self.resize_to[1]))
+        else:
             edge = self.shortest_edge
             size = (edge, int(edge * w / h)) if h <= w else (int(edge * h / w), edge)
             size = (max(self.crop[0], size[0]), max(self.crop[1], size[1]))
-        else:
-            size = self.crop
         x = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
         top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
         x = x[..., top : top + self.crop[0], left : left + self.crop[1]]

@@ -12,6 +12,8 @@ step, x_t <- x_t - scale * d loss / d x_t.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -20,7 +22,9 @@ import torch
 from diffrt.errors import DiffrtError
 
 GuidanceMode = Literal["x0", "through_unet"]
-ImageLoss = Callable[[torch.Tensor], torch.Tensor]  # images [B, C, H, W] in [0, 1] -> scalar
+# images [B, C, H, W] -> scalar. The images are the prediction of x0 mapped to [0, 1] without a clamp (a clamp would
+# zero the gradient at the edges): early steps reach well outside [0, 1], so a loss should be defined there too.
+ImageLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
 def parse_hex_color(text: str) -> tuple[float, float, float]:
@@ -60,13 +64,25 @@ class Guidance:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise DiffrtError(f"guidance 'every' must be >= 1, got {self.every}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise DiffrtError(f"guidance {self.name!r}: scale must be a finite number, got {self.scale!r}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise DiffrtError(f"guidance {self.name!r}: 'every' must be a whole number of steps >= 1, got {self.every!r}")
         if self.mode not in ("x0", "through_unet"):
             raise DiffrtError(f"guidance mode must be 'x0' or 'through_unet', got {self.mode!r}")
 
     def active(self, step_index: int) -> bool:
         return self.scale != 0 and step_index % self.every == 0
+
+
+def acting(guidance) -> tuple[Guidance, ...]:
+    """A call's `guidance` (one Guidance, or a list or tuple of them) as the terms that act: one at scale 0 never
+    does, so nothing is loaded for it."""
+    terms = (guidance,) if isinstance(guidance, Guidance) else guidance
+    if not isinstance(terms, (list, tuple)) or not all(isinstance(g, Guidance) for g in terms):
+        raise DiffrtError(f"guidance must be a Guidance or a list of them (color_guidance(...), clip_guidance(...), "
+                          f"Guidance(loss, scale)), got {type(guidance).__name__}")
+    return tuple(g for g in terms if g.scale != 0)
 
 
 def color_guidance(color: str | tuple[float, float, float] | torch.Tensor, scale: float, every: int = 1, mode: GuidanceMode = "x0") -> Guidance:

@@ -34,7 +34,7 @@ from diffrt.models import PixelModelInfo
 from diffrt.runtime import ddim
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
-from diffrt.runtime.guidance import Guidance
+from diffrt.runtime.guidance import Guidance, acting
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
                                      make_sampling_schedule, randn, sample)
@@ -293,7 +293,7 @@ class PixelPipeline(DenoiserPipeline):
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
         # 4. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
-        guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
+        guidance = acting(guidance)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=generator, guidance=guidance,
                                  decode=to_unit_range_unclamped,
                                  denoise_autograd=self._autograd_denoiser(model_labels, do_cfg, denoise, guidance),
@@ -331,17 +331,18 @@ class PixelPipeline(DenoiserPipeline):
         if values.is_floating_point() and not bool((values == values.round()).all()):
             shown = values.reshape(-1)[values.reshape(-1) != values.reshape(-1).round()][0].item()
             raise DiffrtError(f"class label {shown:g} is not a whole number; pass integer labels in [0, {last}]")
-        labels = values.to(torch.int64).reshape(-1)
-        if labels.numel() == 0:
+        flat = values.reshape(-1)
+        if flat.numel() == 0:
             raise DiffrtError(f"class labels are empty; pass at least one label in [0, {last}]")
+        bad = flat[(flat < 0) | (flat >= self.info.num_classes)]  # before the cast: 1e20 would wrap round in int64
+        if bad.numel():
+            raise DiffrtError(f"class label {bad[0].item():g} is out of range; this model has classes 0..{last}")
+        labels = flat.to(torch.int64)
         if num_images is not None and labels.numel() == 1:
             labels = labels.expand(num_images).clone()
         elif num_images is not None and labels.numel() != num_images:
             raise DiffrtError(f"got {labels.numel()} class labels but num_images {num_images}; pass one label (repeated "
                               "to num_images), or one label per image and leave out num_images")
-        bad = labels[(labels < 0) | (labels >= self.info.num_classes)]
-        if bad.numel():
-            raise DiffrtError(f"class label {int(bad[0])} is out of range; this model has classes 0..{self.info.num_classes - 1}")
         return labels
 
     def _autograd_denoiser(self, model_labels, do_cfg, engine_denoise, guidance):

@@ -264,11 +264,14 @@ def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, schedule: Schedule, decod
         if group:
             images = decode(schedule.predict_clean(x, held, step))
             losses += [(g, _checked_loss(g, images)) for g in group]
-    (grad,) = torch.autograd.grad(sum(g.scale * loss for g, loss in losses), x, allow_unused=True)
+    total = sum(g.scale * loss for g, loss in losses)
+    (grad,) = torch.autograd.grad(total, x, allow_unused=True)
     if grad is None:
         raise DiffrtError(f"guidance {', '.join(repr(g.name) for g in active)}: the loss does not depend on the images; "
                           "compute it from the images it is given with differentiable torch operations")
-    if not torch.isfinite(grad).all():  # the one host sync of a guided step; a non-finite loss ends here too
+    # The one host sync of a guided step. A NaN/inf loss can have a finite gradient (log of a negative pixel:
+    # the images are not clamped), which would otherwise steer the sampling unnoticed.
+    if not bool(torch.isfinite(total) & torch.isfinite(grad).all()):
         for g, loss in losses:
             if not torch.isfinite(loss):
                 raise NonFiniteOutputError(f"guidance {g.name!r}: the loss is {loss.item()} at step {step}; "

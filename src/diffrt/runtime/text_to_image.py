@@ -56,7 +56,7 @@ from diffrt.images import to_unit_range
 from diffrt.runtime import ddim, lcm
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
-from diffrt.runtime.guidance import Guidance
+from diffrt.runtime.guidance import Guidance, acting
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, convert_output, guidance_in_pytorch,
                                      refuse_not_taken, to_unit_range_unclamped)
@@ -197,7 +197,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         denoise = self._denoiser(feed, call.do_cfg, at, call.guess)
 
         # 5. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
-        guidance = tuple(g for g in guidance if g.scale != 0)  # one at scale 0 never acts: load nothing for it
+        guidance = acting(guidance)  # one at scale 0 never acts: load nothing for it
         options = SamplerOptions(guidance_scale=guidance_scale, eta=eta, generator=call.generator, guidance=guidance,
                                  decode=self._guidance_decoder() if guidance else None,
                                  denoise_autograd=self._autograd_denoiser(feed, call.do_cfg, denoise, guidance, at, call.guess),
