@@ -310,6 +310,14 @@ def test_onnxruntime_refuses_a_feed_outside_the_exported_ranges(tmp_path):
         backend.run({"x": torch.ones(5, 3)})
     with pytest.raises(ShapeOutOfRangeError, match=r"missing inputs \['x'\]"):
         backend.run({"y": torch.ones(2, 3)})
+    # An integer input fed floats: ONNX Runtime's cast ran label 1.7 as 1, where PyTorch's embedding refuses it.
+    _identity_model(tmp_path / "labels.onnx", {"labels": TensorProto.INT64})
+    spec = ComponentSpec("identity", (TensorSpec("labels", ("batch", 3), "int64", high=4),),
+                         (TensorSpec("labels_out", ("batch", 3), "int64"),), ranges={"batch": (1, 2, 4)})
+    backend = OnnxRuntimeBackend(tmp_path / "labels.onnx", spec, threads=1)
+    assert backend.run({"labels": torch.tensor([[1, 3, 2]])})["labels_out"].tolist() == [[1, 3, 2]]
+    with pytest.raises(ShapeOutOfRangeError, match=r"identity.labels: expected integers \(int64\), got torch.float32"):
+        backend.run({"labels": torch.tensor([[1.7, 3.0, 2.0]])})
 
 
 def test_a_provider_this_onnxruntime_lacks_is_one_line_naming_those_it_has(tmp_path, caplog):

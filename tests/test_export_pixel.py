@@ -155,6 +155,10 @@ def test_external_data_sits_in_the_component_folder_and_travels_with_it(classemb
     export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), external_data_threshold=0))
     assert (out / "unet" / "model.onnx.data").stat().st_size > (out / "unet" / "model.onnx").stat().st_size
     assert set(mf.read_manifest(out)["components"]["unet"]["files"]) == {"unet/model.onnx", "unet/model.onnx.data"}
+    # Readable by whoever can read the graph (onnx wrote the weights 0600: a service running as another user
+    # than the export could open model.onnx and not its weights).
+    modes = {name: (out / "unet" / name).stat().st_mode & 0o777 for name in ("model.onnx", "model.onnx.data")}
+    assert modes["model.onnx.data"] == modes["model.onnx"] and modes["model.onnx"] & 0o044, modes
     # Shape inference ran on the external-data graph too (by path: a graph over 2 GB is no protobuf).
     import onnx
 

@@ -87,13 +87,17 @@ class ComponentSpec:
         return {t.name: t.shape(sizes) for t in self.inputs}
 
     def check(self, feed: dict[str, torch.Tensor]) -> None:
-        """Raise ShapeOutOfRangeError if the feed's names or sizes are outside this component's ranges."""
+        """Raise ShapeOutOfRangeError if the feed's names or sizes are outside this component's ranges, or an integer
+        input is fed other numbers (no value is read: that would sync the device on every call)."""
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise ShapeOutOfRangeError(f"{self.name}: missing inputs {missing}; expected {self.input_names}")
         seen: dict[str, int] = {}
         for spec in self.inputs:
             tensor = feed[spec.name]
+            # An engine casts its feed to the graph's types: 1.7 would run as label 1, where PyTorch refuses it.
+            if spec.dtype.startswith("int") and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+                raise ShapeOutOfRangeError(f"{self.name}.{spec.name}: expected integers ({spec.dtype}), got {tensor.dtype}")
             if tensor.dim() != len(spec.dims):
                 raise ShapeOutOfRangeError(f"{self.name}.{spec.name}: expected {len(spec.dims)} dims {spec.dims}, got shape {tuple(tensor.shape)}")
             for axis, (dim, size) in enumerate(zip(spec.dims, tensor.shape)):

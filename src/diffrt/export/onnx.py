@@ -19,6 +19,7 @@ import contextlib
 import copy
 import logging
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
         del model
+        data = tmp / "model.onnx.data"
+        if data.is_file():  # onnx creates it 0600: another user (the service of a CI-made artifact) could not read it
+            data.chmod(stat.S_IMODE(out.stat().st_mode))  # model.onnx's: 0666 less the umask, as every artifact file
         for leftover in tmp.iterdir():
             if leftover.name not in ("model.onnx", "model.onnx.data"):
                 leftover.unlink()

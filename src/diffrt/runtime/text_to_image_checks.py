@@ -182,16 +182,18 @@ class TextToImageChecks:
         spec, f = self.unet.spec, self.vae_factor
         step = f * spec.multiple_of.get("height", 1)
         for name, size in (("height", height), ("width", width)):
-            if size % step:
-                why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else "the VAE's downsampling factor"
-                raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {max(step, size // step * step)}")
             lo, _, hi = spec.ranges[name]
-            if not lo * f <= size <= hi * f:
+            if not lo * f <= size <= hi * f:  # first: a multiple suggested for a size outside the range may be outside too
                 if spec.eager:
                     raise ShapeOutOfRangeError(f"{name} {size} is outside the range eager PyTorch runs the {spec.name} at "
                                                f"[{lo * f}, {hi * f}] pixels; ask for a size inside it")
                 raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "
                                            f"pixels; re-export with a wider --{name} range or ask for a size inside it")
+            if size % step:
+                why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else "the VAE's downsampling factor"
+                down = size // step * step
+                near = down if down >= max(step, lo * f) else down + step  # the nearest multiple inside the range
+                raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {near}")
 
     def check_batch(self, num_prompts: int, batch: int, do_cfg: bool) -> None:
         k = 2 if do_cfg else 1
