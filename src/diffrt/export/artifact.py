@@ -26,7 +26,7 @@ from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.cache import REBUILD, COMPONENT_FOLDERS, cached_export, export_key, lora_hashes, raise_changed, start_rebuild
+from diffrt.export.cache import COMPONENT_FOLDERS, REBUILD, cached_export, export_key, lora_hashes, raise_changed, start_rebuild
 from diffrt.export.onnx import export_onnx
 from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision, check_options
 from diffrt.models import PixelModel, SHIPPED_DIGITS, load_pixel_model
@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 def check_out_apart(out: Path, hashed: list[Path]) -> None:
     """Refuse an --out the export may not write: one that overlaps a folder whose content is the export's cache key,
-    or that holds a model's part (a diffusers config or weights) where a component goes. Inside the first, the export's own files would change the key: never a cache hit, and the source would
-    read as changed since export to every PyTorch fallback. Holding it where the export writes (`--out`
-    the text-to-image folder itself), the export would replace the model's unet/, tokenizer/... with its own."""
+    or that holds a model's part (a diffusers config or weights) where a component goes. Inside the first, the
+    export's own files would change the key: never a cache hit, and the source would read as changed since export
+    to every PyTorch fallback. Holding it where the export writes (`--out` the text-to-image folder itself), the
+    export would replace the model's unet/, tokenizer/... with its own."""
     where = out.resolve()
     for folder in hashed:
         folder = Path(folder).resolve()
