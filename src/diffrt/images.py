@@ -111,6 +111,11 @@ def _high_depth(im, size: tuple[int, int] | None) -> np.ndarray:
     return array[..., None]
 
 
+def _shrink_factor(im, min_side: int) -> int:
+    """The whole factor an image may shrink by and keep its short side at 4 x `min_side` or more."""
+    return min(im.size) // (4 * min_side)
+
+
 def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, name: str = "the image",
                  max_pixels: int | None = None, multiple: int = 1, min_side: int | None = None) -> torch.Tensor:
     """Encoded image bytes (PNG, JPEG, ...) -> [C, H, W] float in [0, 1], resized as diffusers' VaeImageProcessor
@@ -131,7 +136,7 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels:,} pixels: downscale it")
             reduce = bool(min_side) and size is None and im.width * im.height > REDUCE_ABOVE
-            factor = min(im.size) // (4 * min_side) if reduce else 1
+            factor = _shrink_factor(im, min_side) if reduce else 1
             if factor >= 2:
                 im.draft(im.mode, (im.width // factor, im.height // factor))  # JPEG: decode at a reduced scale; others: no-op
             # Upright as it is shown: a phone photo stores its pixels sideways plus an EXIF
@@ -143,7 +148,7 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
                 array = np.repeat(array, 3, axis=2) if mode == "RGB" else array
             else:
                 im = im.convert(mode)
-                factor = min(im.size) // (4 * min_side) if reduce else 1
+                factor = _shrink_factor(im, min_side) if reduce else 1  # what the JPEG draft left to do, or all of it
                 if factor >= 2:
                     im = im.reduce(factor)
                 if size is not None:
