@@ -96,6 +96,7 @@ def test_latents_without_height_and_width_sample_at_their_size_as_diffusers(sd_p
     (dict(num_inference_steps=2.0), r"num_inference_steps must be an integer, got 2\.0"),
     (dict(num_images_per_prompt=2.0), r"num_images_per_prompt must be an integer, got 2\.0"),
     (dict(height=32.0, width=32), r"height must be an integer, got 32\.0"),
+    (dict(width=0), r"width must be >= 1, got 0"),  # was the default size, as diffusers' `width or default`
     (dict(guidance_scale=None), r"guidance_scale must be a number"),
     (dict(image=torch.rand(2, 3, 32, 32), strength=0.5, num_images_per_prompt=3),
      r"got 2 images to start from for 3 images \(1 prompts x 3 per prompt\); pass 1 image, or one per prompt"),
@@ -112,7 +113,7 @@ def test_latents_without_height_and_width_sample_at_their_size_as_diffusers(sd_p
     (dict(generator=42), r"generator must be a torch.Generator or a list of them \(one per image\), got int; for a seed, pass seed="),
     (dict(image=torch.rand(1, 3, 32, 32), latents=torch.zeros(1, 4, 4, 4)), r"pass image .* or latents .*, not both"),
     (dict(generator=[torch.Generator(), None], num_images_per_prompt=2), r"a list of them \(one per image\), got NoneType"),
-], ids=["prompt-none", "steps-float", "per-prompt-float", "height-float", "guidance-none", "image-batch", "guidance-nan",
+], ids=["prompt-none", "steps-float", "per-prompt-float", "height-float", "width-zero", "guidance-none", "image-batch", "guidance-nan",
         "eta-none", "rescale-none", "strength-str", "strength-none", "negative-int", "image-2d-array", "latents-array",
         "generator-int", "image-and-latents", "generator-list-with-none"])
 def test_bad_argument_types_are_one_line(torch_pipe, kwargs, message):

@@ -120,6 +120,8 @@ def test_bad_requests_get_one_clear_error(classemb_model_dir, classemb_artifact)
         pipe(list(range(4)) * 3, guidance_scale=2.0, num_inference_steps=2)
     with pytest.raises(ShapeOutOfRangeError, match=r"height 32 is outside the built range \[16, 16\]"):
         pipe([1], height=32, width=32, num_inference_steps=2)
+    with pytest.raises(DiffrtError, match=r"height must be >= 1, got 0"):  # was the model's size (`height or default`)
+        pipe([1], height=0, num_inference_steps=2)
     with pytest.raises(DiffrtError, match="eta"):
         pipe([1], eta=2.0, num_inference_steps=2)
     with pytest.raises(DiffrtError, match="class-conditioned"):

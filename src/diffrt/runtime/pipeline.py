@@ -249,9 +249,10 @@ class PixelPipeline(DenoiserPipeline):
         check_output_type(output_type)
         labels = self._labels(class_labels, num_images)
         batch = len(labels) if labels is not None else (num_images or 1)
-        height, width = height or self.sample_size, width or self.sample_size
-        check_count("height", height, None)
-        check_count("width", width, None)
+        height = self.sample_size if height is None else height  # 0 is refused below, not read as the default
+        width = self.sample_size if width is None else width
+        check_count("height", height)
+        check_count("width", width)
         check_number("guidance_scale", guidance_scale, hint=" (<= 1 turns classifier-free guidance off)")
         check_number("eta", eta, 0.0, 1.0)
         do_cfg = labels is not None and guidance_scale > 1.0

@@ -73,8 +73,8 @@ class TextToImageChecks:
         clip_skip = self.check_clip_skip(clip_skip)
         check_number("guidance_scale", guidance_scale, hint=" (diffusers' default 7.5; <= 1 turns classifier-free guidance off)")
         for name, side in (("height", height), ("width", width)):
-            if side is not None:
-                check_count(name, side, None)
+            if side is not None:  # 0 is refused, not read as the default (diffusers' `height or default`)
+                check_count(name, side)
         check_number("eta", eta, 0.0, 1.0)
         check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, " (diffusers' default 0.0; 0.7 is the paper's)")
         if image is not None and latents is not None:  # diffusers' img2img takes no latents: one would be ignored
@@ -110,8 +110,10 @@ class TextToImageChecks:
         sized = control[0].shape[-2:] if control is not None else init_size
         if sized is None and isinstance(latents, torch.Tensor) and latents.dim() == 4:  # diffusers samples latents at their size
             sized = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
-        height = height or (sized[-2] if sized is not None else self.default_size)
-        width = width or (sized[-1] if sized is not None else self.default_size)
+        if height is None:
+            height = sized[-2] if sized is not None else self.default_size
+        if width is None:
+            width = sized[-1] if sized is not None else self.default_size
         self.check_size(height, width)
         batch, do_cfg = len(prompts) * num_images_per_prompt, self.uses_cfg(guidance_scale)
         if init is not None and batch % init.shape[0]:
