@@ -194,7 +194,7 @@ def test_large_training_photos_are_reduced_while_decoding(tmp_path, suffix):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 150e6  # the full decode alone is 72 MB of uint8 and 288 MB of float32
-    full, _ = _prepare([load_image(folder / f"photo{suffix}")], 64, "center")
+    full, _ = _prepare([("photo", load_image(folder / f"photo{suffix}"))], 64, "center")
     assert dataset.images.shape == full.shape == (1, 3, 64, 64)
     # JPEG's reduced-scale decode is nearly exact (0.005 here); a PNG's box pre-filter differs more on this sharp,
     # noisy picture (0.09 at worst, 0.016 on average, of the [-1, 1] range), well within what a resize choice changes.
@@ -215,3 +215,132 @@ def test_a_folder_named_like_a_bundled_set_wins_and_says_so(wide_folder, tmp_pat
     with caplog.at_level(logging.WARNING, logger="diffrt.data"):
         assert len(load_source("digits", 16, labelled=False)) == 2
     assert "using the folder" in caplog.text and "not the bundled set" in caplog.text
+
+
+def _png(path, size=(12, 8), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_images_in_sub_folders_are_found_and_macos_leftovers_skipped(tmp_path):
+    """The bug: a photo under 2023/ (or a class's indoor/) was left out without a word; torchvision's ImageFolder
+    and the Hub's imagefolder find it. A zip's __MACOSX folder is no data (it became a class of its own)."""
+    from diffrt.data import list_images
+
+    for name in ("a.png", "indoor/b.png", "outdoor/2023/c.png"):
+        _png(tmp_path / "photos" / name)
+    (tmp_path / "photos" / "__MACOSX").mkdir()
+    (tmp_path / "photos" / "__MACOSX" / "._a.png").write_bytes(b"\0\5\26\7")
+    (tmp_path / "photos" / "loop").symlink_to(tmp_path / "photos")  # a link back up is walked once
+    assert [p.relative_to(tmp_path / "photos").as_posix() for p in list_images(tmp_path / "photos")] == [
+        "a.png", "indoor/b.png", "outdoor/2023/c.png"]
+    assert len(load_image_folder(tmp_path / "photos", 8)) == 3
+
+    for name in ("cat/x.png", "cat/indoor/y.png", "dog/z.png"):
+        _png(tmp_path / "classes" / name)
+    (tmp_path / "classes" / "__MACOSX").mkdir()
+    dataset = load_class_folders(tmp_path / "classes", 8)
+    assert dataset.class_names == ["cat", "dog"] and dataset.labels.tolist() == [0, 0, 1]
+
+
+def test_a_file_beside_class_folders_and_an_empty_class_are_one_line_with_the_fix(tmp_path):
+    from diffrt.errors import DataError
+
+    _png(tmp_path / "classes" / "cat" / "x.png")
+    _png(tmp_path / "classes" / "stray.png")
+    with pytest.raises(DataError, match=r"stray.png lies beside the class folders .* move it into its class's folder"):
+        load_class_folders(tmp_path / "classes", 8)
+    (tmp_path / "classes" / "stray.png").unlink()
+    (tmp_path / "classes" / "dog").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*dog has no images; add images of that class or remove the folder"):
+        load_class_folders(tmp_path / "classes", 8)
+
+
+def test_numbered_class_folders_take_their_numbers_order_and_a_model_keeps_its_own(tmp_path):
+    """The bug: folders 0..11 were labelled in text order (label 2 was folder '10'), and fine-tuning a model whose
+    classes were [cat, dog, bird] on those folders renumbered them alphabetically (each embedding retrained on
+    another class, with a warning only)."""
+    from diffrt.data import load_source
+
+    for name in ("2", "10", "1"):
+        _png(tmp_path / "numbers" / name / "x.png", seed=int(name))
+    assert load_class_folders(tmp_path / "numbers", 8).class_names == ["1", "2", "10"]
+
+    for i, name in enumerate(("cat", "dog", "bird")):
+        _png(tmp_path / "pets" / name / "x.png", seed=10 + i)
+    model_order = load_source(str(tmp_path / "pets"), 8, labelled=True, model_names=["cat", "dog", "bird"])
+    by_name = load_class_folders(tmp_path / "pets", 8)
+    assert model_order.class_names == ["cat", "dog", "bird"] and by_name.class_names == ["bird", "cat", "dog"]
+    # The same image carries the model's label for its class.
+    bird = by_name.images[by_name.labels == 0]
+    assert torch.equal(model_order.images[model_order.labels == 2], bird)
+
+
+def test_a_very_long_image_is_cut_to_its_central_part_before_it_is_resized(tmp_path, caplog):
+    """The bug: a 1 x 4000 strip, resized to a short side of 128, became 128 x 512000 pixels (1.8 GB peak; 12 GB at
+    512). Its central 4:1 part is resized instead: the same centre crop, and random crops from that part."""
+    import logging
+    import tracemalloc
+
+    from diffrt.data import MAX_ASPECT, center_crop, resize_short_side
+
+    strip = np.random.default_rng(0).integers(0, 256, (4000, 3, 3), dtype=np.uint8)  # 3 wide, 4000 tall
+    (tmp_path / "strip").mkdir()
+    Image.fromarray(strip).save(tmp_path / "strip" / "strip.png")
+    tracemalloc.start()
+    dataset = load_image_folder(tmp_path / "strip", 128)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert dataset.images.shape == (1, 3, 128, 128)
+    assert peak < 50e6  # the whole strip resized is 128 x 170667 x 3 float32: 262 MB
+    # The centre crop is that of the whole strip resized, but for the resampling's rounding.
+    whole = center_crop(resize_short_side(torch.from_numpy(strip).permute(2, 0, 1).float() / 255, 128), 128) * 2 - 1
+    assert (dataset.images[0] - whole).abs().mean() < 0.01
+    with caplog.at_level(logging.WARNING, logger="diffrt.data"):
+        drawn = load_image_folder(tmp_path / "strip", 128, crop="random")
+    assert drawn.uncropped[0].shape == (3, 128 * MAX_ASPECT, 128)
+    assert f"random crops are drawn from its central {MAX_ASPECT}:1 part" in caplog.text
+
+
+def test_image_suffixes_are_those_pillow_opens_and_an_empty_file_says_so(tmp_path):
+    """.jfif (a browser's JPEG download) and .ppm were refused as "not an image file"; a HEIC photo now names
+    the plugin it needs, and a zero-byte file says it is empty, not "not a format Pillow knows"."""
+    from diffrt.errors import DataError
+
+    folder = tmp_path / "photos"
+    _png(folder / "a.png")
+    Image.open(folder / "a.png").save(folder / "b.jfif", format="JPEG")
+    Image.open(folder / "a.png").save(folder / "c.ppm")
+    assert len(load_image_folder(folder, 8)) == 3
+    (folder / "d.HEIC").write_bytes(b"\0\0\0\30ftypheic")
+    with pytest.raises(DataError, match=r"d.HEIC is HEIC, which Pillow opens only with the pillow-heif plugin; convert it"):
+        load_image_folder(folder, 8)
+    (folder / "d.HEIC").unlink()
+    (folder / "e.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"e.png is empty \(0 bytes\)"):
+        load_image_folder(folder, 8)
+
+
+def test_class_images_past_the_count_asked_for_are_not_read(tmp_path):
+    """The bug: dreambooth-lora decoded every image of --class-data, then kept the first --num-class-images (a
+    pack of 1500 regularisation images at 512 px is ~11 GB; a damaged image it would not use stopped the run)."""
+    for i in range(3):
+        _png(tmp_path / "class" / f"c{i}.png", seed=i)
+    (tmp_path / "class" / "zz-damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    dataset = load_image_folder(tmp_path / "class", 8, limit=2)
+    assert len(dataset) == 2
+    assert torch.equal(dataset.images, load_image_folder(tmp_path / "class", 8, limit=3).images[:2])
+
+
+def test_sixteen_bit_grey_photos_are_reduced_while_decoding_too(tmp_path):
+    """A 16-bit greyscale image skipped the whole-factor reduction 8-bit images get (650 MB for 24 MP, not 160)."""
+    from diffrt.images import load_image
+
+    deep = np.random.default_rng(0).integers(0, 65536, (3840, 6000), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    reduced = load_image(tmp_path / "deep.png", min_side=64)
+    # Shrunk by 3840 // (4 x 64) = 15, the mean of each 15 x 15 box, in float: no 8-bit step lost on the way.
+    boxes = torch.from_numpy(deep.astype(np.float64).reshape(256, 15, 400, 15).mean(axis=(1, 3)) / 65535).float()
+    assert reduced.shape == (3, 256, 400) and torch.equal(reduced[0], reduced[2])
+    torch.testing.assert_close(reduced[0], boxes, rtol=0, atol=1e-5)

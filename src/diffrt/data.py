@@ -8,6 +8,7 @@ is what lets `--resume` continue exactly where a run stopped.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
@@ -19,7 +20,14 @@ from diffrt.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}  # named in messages; Pillow opens more
+# Not training data, wherever they are: macOS's resource forks of a zip (a class of their own otherwise).
+SKIPPED_FOLDERS = {"__MACOSX"}
+# Formats Pillow opens through a plugin diffrt does not install: a line saying so, not "not an image file".
+NEEDS_PLUGIN = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "pillow-avif-plugin", ".jxl": "pillow-jxl-plugin"}
+# Long side / short side past which an image is cut to its central part of this aspect before it is resized:
+# resized to a short side of 512, a 1 x 4000 strip would be 512 x 2,048,000 pixels (12 GB of float32).
+MAX_ASPECT = 4
 BUNDLED = ("digits", "chelsea")
 # Training images are decoded (JPEGs at a reduced scale) before they are resized: past this many pixels, one line
 # instead of gigabytes (a 17 KB PNG can hold a 30000 x 30000 image). 160 MP takes every camera's photos but 200 MP
@@ -123,19 +131,43 @@ def digits_holdout_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def image_suffixes() -> set[str]:
+    """The file suffixes Pillow can open here (.jfif, .jpe and .ppm as well as IMAGE_SUFFIXES)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN} | IMAGE_SUFFIXES
+
+
+def _visible(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in SKIPPED_FOLDERS]
+
+
 def list_images(folder: Path) -> list[Path]:
-    """The image files in `folder`; any other visible file is an error, not something to skip
-    quietly (a stray .heic or .txt would otherwise shrink the dataset without a word)."""
-    visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    dangling = [p for p in visible if p.is_symlink() and not p.exists()]
-    if dangling:
-        raise DataError(f"{dangling[0]} is a link to nothing (it points to {dangling[0].readlink()}); fix or remove it")
-    files = sorted(p for p in visible if p.is_file())
-    for p in files:
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(f"{p} is not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))}); "
-                            "remove it or move it out of the data folder")
-    return files
+    """The image files in `folder` and its sub-folders, sorted by path (as torchvision's ImageFolder and the Hub's
+    imagefolder find them: a photo under 2023/ is not left out). Any other visible file is an error, not something
+    to skip quietly (a stray .heic or .txt would otherwise shrink the dataset without a word). Linked folders are
+    followed, each once."""
+    suffixes, files, seen, todo = image_suffixes(), [], set(), [folder]
+    while todo:
+        here = todo.pop()
+        if os.path.realpath(here) in seen:  # a link back up the tree would walk forever
+            continue
+        seen.add(os.path.realpath(here))
+        for p in _visible(here):
+            if p.is_symlink() and not p.exists():
+                raise DataError(f"{p} is a link to nothing (it points to {p.readlink()}); fix or remove it")
+            if p.is_dir():
+                todo.append(p)
+            elif p.suffix.lower() in NEEDS_PLUGIN:
+                raise DataError(f"{p} is {p.suffix[1:].upper()}, which Pillow opens only with the {NEEDS_PLUGIN[p.suffix.lower()]} "
+                                "plugin; convert it to JPEG or PNG")
+            elif p.suffix.lower() not in suffixes:
+                raise DataError(f"{p} is not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))} or another format "
+                                "Pillow opens); remove it or move it out of the data folder")
+            else:
+                files.append(p)
+    return sorted(files, key=lambda p: p.relative_to(folder).parts)
 
 
 def _require_folder(folder: str | Path) -> Path:
@@ -154,16 +186,37 @@ def _load_images(files: list[Path], size: int, crop: str) -> tuple[torch.Tensor,
     from diffrt.images import load_image
 
     files = tqdm(files, desc="loading images", unit="image", disable=len(files) < 100)
-    return _prepare((load_image(path, max_pixels=MAX_TRAIN_PIXELS, min_side=size) for path in files), size, crop)
+    images = ((path, load_image(path, max_pixels=MAX_TRAIN_PIXELS, min_side=size)) for path in files)
+    return _prepare(images, size, crop)
 
 
-def _prepare(images: Iterable[torch.Tensor], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """[C, H, W] images in [0, 1] -> the centre crops [N, C, size, size] in [-1, 1], and for crop
+def _prepare(images: Iterable[tuple[object, torch.Tensor]], size: int, crop: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """(name, [C, H, W] in [0, 1]) pairs -> the centre crops [N, C, size, size] in [-1, 1], and for crop
     "random" the resized images to crop from on each draw. `images` may be a generator: each is
-    resized as it comes."""
-    resized = [resize_short_side(img, size) * 2 - 1 for img in images]
-    centre = torch.stack([center_crop(img, size) for img in resized])
-    return centre, resized if crop == "random" else None
+    resized (and, for crop "center", cropped) as it comes, so only the crops are kept."""
+    centre, resized = [], []
+    for name, img in images:
+        img = resize_short_side(central_part(img, name, crop), size) * 2 - 1
+        centre.append(center_crop(img, size))
+        if crop == "random":
+            resized.append(img)
+    return torch.stack(centre), resized if crop == "random" else None
+
+
+def central_part(img: torch.Tensor, name: object, crop: str) -> torch.Tensor:
+    """`img` [C, H, W] cut to its central MAX_ASPECT : 1 part when it is longer than that, so that resizing its
+    short side never makes a giant image. The centre crop lies inside that part; random crops are drawn from
+    it (said once per image)."""
+    _, h, w = img.shape
+    long, short = max(h, w), min(h, w)
+    if long <= MAX_ASPECT * short:
+        return img
+    keep = MAX_ASPECT * short
+    if crop == "random":
+        log.warning("%s is %dx%d pixels: random crops are drawn from its central %d:1 part (%d pixels of %d)",
+                    name, w, h, MAX_ASPECT, keep, long)
+    start = (long - keep) // 2
+    return img[:, start : start + keep] if h > w else img[:, :, start : start + keep]
 
 
 def chelsea_crops() -> list[torch.Tensor]:
@@ -197,27 +250,48 @@ def random_crop(img: torch.Tensor, size: int, generator: torch.Generator) -> tor
     return img[:, top : top + size, left : left + size]
 
 
-def load_image_folder(folder: str | Path, size: int, crop: str = "center", random_flip: bool = False) -> ImageDataset:
-    """Every image directly inside `folder`, resized and cropped to size x size, as RGB."""
+def load_image_folder(folder: str | Path, size: int, crop: str = "center", random_flip: bool = False,
+                      limit: int | None = None) -> ImageDataset:
+    """Every image in `folder` (and its sub-folders), resized and cropped to size x size, as RGB; with `limit`,
+    the first that many (the others are not read)."""
     folder = _require_folder(folder)
-    files = list_images(folder)
+    files = list_images(folder)[:limit]
     if not files:
         raise DataError(f"no images in {folder}; expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
     images, uncropped = _load_images(files, size, crop)
     return ImageDataset(images, random_flip=random_flip, uncropped=uncropped)
 
 
-def load_class_folders(folder: str | Path, size: int, crop: str = "center", random_flip: bool = False) -> ImageDataset:
-    """One sub-folder per class (sorted by name = label order), images inside each."""
+def class_order(names: list[str], model_names: list[str] | None = None) -> list[str]:
+    """The label order of class folders: a model's own order when it names the same classes (fine-tuning keeps
+    each label's class), numeric when every name is a number (10 after 9, not after 1), else by name as
+    torchvision's ImageFolder orders them."""
+    if model_names and sorted(model_names) == sorted(names):
+        return list(model_names)
+    if all(n.isdecimal() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def load_class_folders(folder: str | Path, size: int, crop: str = "center", random_flip: bool = False,
+                       model_names: list[str] | None = None) -> ImageDataset:
+    """One sub-folder per class (label order: class_order), images inside each (and in its sub-folders)."""
     folder = _require_folder(folder)
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    entries = _visible(folder)
+    loose = [p for p in entries if not p.is_dir()]
+    if loose:
+        raise DataError(f"{loose[0]} lies beside the class folders of {folder}; a labelled dataset holds one folder per "
+                        "class and nothing else: move it into its class's folder or out of the dataset")
+    if not entries:
         raise DataError(f"{folder} has no class sub-folders; expected one folder of images per class")
+    names = class_order([p.name for p in entries], model_names)
+    log.info("classes of %s: %s", folder, ", ".join(f"{i}={n}" for i, n in enumerate(names)))
+    classes = [folder / n for n in names]
     images, uncropped, labels = [], [], []
     for label, sub in enumerate(classes):
         files = list_images(sub)
         if not files:
-            raise DataError(f"class folder {sub} has no images")
+            raise DataError(f"class folder {sub} has no images; add images of that class or remove the folder")
         centre, resized = _load_images(files, size, crop)
         images.append(centre)
         uncropped += resized or []
@@ -226,9 +300,11 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
                         uncropped=uncropped if crop == "random" else None)
 
 
-def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False) -> ImageDataset:
-    """A bundled dataset by name, or a folder (flat for unlabelled, class sub-folders for labelled). A folder
-    named like a bundled set wins, as a local folder wins over a Hub id (hub.py), and says so."""
+def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False,
+                model_names: list[str] | None = None) -> ImageDataset:
+    """A bundled dataset by name, or a folder (of images for unlabelled, class sub-folders for labelled, in the
+    order of `model_names` where they name the same classes). A folder named like a bundled set wins, as a local
+    folder wins over a Hub id (hub.py), and says so."""
     bundled = source in BUNDLED and not Path(source).is_dir()
     if source in BUNDLED and not bundled:
         log.warning("--data %s: using the folder %s, not the bundled set of that name (give ./%s's images another folder "
@@ -241,8 +317,8 @@ def load_source(source: str, size: int, labelled: bool, crop: str = "center", ra
     if bundled and source == "chelsea":
         if labelled:
             raise DataError("'chelsea' is one subject, not classes; give a folder with one sub-folder per class")
-        images, uncropped = _prepare(chelsea_crops(), size, crop)
+        images, uncropped = _prepare(enumerate(chelsea_crops()), size, crop)
         return ImageDataset(images, random_flip=random_flip, uncropped=uncropped)
     if labelled:
-        return load_class_folders(source, size, crop, random_flip)
+        return load_class_folders(source, size, crop, random_flip, model_names)
     return load_image_folder(source, size, crop, random_flip)

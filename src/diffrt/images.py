@@ -99,12 +99,15 @@ REDUCE_ABOVE = 16_000_000  # pixels: smaller images decode exactly (12 MP is 144
 HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
-def _high_depth(im, size: tuple[int, int] | None) -> np.ndarray:
+def _high_depth(im, size: tuple[int, int] | None, factor: int = 1) -> np.ndarray:
     """A 16-bit (or 32-bit int, taken as 16-bit as PNG stores it) or float greyscale image as
-    [H, W, 1] float in [0, 1], resized in float so no precision is lost first."""
+    [H, W, 1] float in [0, 1], resized (or shrunk by a whole `factor`, box-filtered) in float so no
+    precision is lost first."""
     from PIL import Image
 
     array = np.clip(np.asarray(im, dtype=np.float32) / HIGH_DEPTH[im.mode], 0.0, 1.0)
+    if factor >= 2:
+        array = np.asarray(Image.fromarray(array, mode="F").reduce(factor), dtype=np.float32)
     if size is not None:
         array = np.asarray(Image.fromarray(array, mode="F").resize((size[1], size[0]), Image.LANCZOS), dtype=np.float32)
         array = np.clip(array, 0.0, 1.0)
@@ -131,6 +134,8 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
 
     from diffrt.errors import DataError
 
+    if not data:
+        raise DataError(f"{name} is empty (0 bytes); remove it or copy the image again")
     try:
         with Image.open(io.BytesIO(data)) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
@@ -144,7 +149,7 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
             im = ImageOps.exif_transpose(im)
             size = _target_size(im, size, multiple)
             if im.mode in HIGH_DEPTH:  # 16-bit or float greyscale: convert() would clip it at 255
-                array = _high_depth(im, size)
+                array = _high_depth(im, size, _shrink_factor(im, min_side) if reduce else 1)
                 array = np.repeat(array, 3, axis=2) if mode == "RGB" else array
             else:
                 im = im.convert(mode)

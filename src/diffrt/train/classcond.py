@@ -36,6 +36,8 @@ class ClassCondConfig:
     class_embedding_dim: int = 4
     label_dropout: float = 0.1
     num_classes: int | None = None  # checked against the data when given
+    crop: str = "center"  # class folders' images: "center" or "random" after resizing the short side
+    random_flip: bool = False
     sample_steps: int = 25
     sample_guidance_scale: float = 3.0  # the shipped digits model's training_samples.png (weights/digits/README.md)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/class-cond"))
@@ -43,6 +45,8 @@ class ClassCondConfig:
     def validate(self) -> None:
         if not 0 <= self.label_dropout < 1:
             raise DiffrtError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+        if self.crop not in ("center", "random"):
+            raise DiffrtError(f"--crop must be 'center' or 'random', got {self.crop!r}")
         if self.sample_size < 1:  # (sizes the sampler refuses are refused once the model is built: check_sample_size)
             raise DiffrtError(f"--resolution must be a positive number of pixels, got {self.sample_size}")
         # small_unet_config has three block types and normalises in groups of 8 channels: other
@@ -56,7 +60,7 @@ class ClassCondConfig:
 def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     # 1. Data and model, checked before any step runs.
     config.validate()
-    dataset = load_source(config.data, config.sample_size, labelled=True)
+    dataset = load_source(config.data, config.sample_size, labelled=True, crop=config.crop, random_flip=config.random_flip)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise DiffrtError(f"--num-classes is {config.num_classes} but {config.data} has {dataset.num_classes} class folders; make them match")
     with torch.random.fork_rng(devices=[]):  # the initial weights follow --seed, so reruns match

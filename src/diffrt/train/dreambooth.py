@@ -169,7 +169,7 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         class_dir = Path(config.class_data) if config.class_data else out / "class_images"
         with state.main_process_first():
             generate_class_images(c, class_dir, config)
-        class_images = load_image_folder(class_dir, config.resolution, crop=config.crop).head(config.num_class_images)
+        class_images = load_image_folder(class_dir, config.resolution, crop=config.crop, limit=config.num_class_images)
 
     # 4. LoRA adapters, initialised from the seed so that a rerun starts from the same weights.
     unet_lora = _add_lora(c.unet, config.rank, config.lora_alpha, config.target_modules, config.train.seed)

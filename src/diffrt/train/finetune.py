@@ -103,12 +103,13 @@ def _load_data(config: FinetuneConfig, model: PixelModel) -> ImageDataset:
     info = model.info
     labelled = info.conditioning != "none"
     dataset = load_source(config.data, model.unet.sample_size, labelled=labelled, crop=config.crop,
-                          random_flip=config.random_flip)
+                          random_flip=config.random_flip, model_names=info.class_names)
     if labelled and dataset.num_classes != info.num_classes:
         raise DataError(f"{config.model} is conditioned on {info.num_classes} classes but {config.data} has "
                         f"{dataset.num_classes} ({', '.join(dataset.class_names)}); give one folder per class of the model")
     if labelled and dataset.class_names != info.class_names:
-        # Label i is now the data's class i (folders in name order): the saved model names those.
+        # Other names than the model's (folders named alike keep the model's label order): label i is now the
+        # data's class i, and the saved model names those.
         if info.class_names:
             log.warning("%s names its classes %s; label i is now class folder i of %s: %s", config.model,
                         ", ".join(info.class_names), config.data, ", ".join(dataset.class_names))
