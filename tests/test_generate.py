@@ -21,6 +21,30 @@ def one_line_error(capsys, *fragments: str) -> str:
     return err[0]
 
 
+def test_class_label_takes_the_class_name_and_numbered_classes_by_their_number(classemb_model_dir, tmp_path, capsys):
+    """A model trained on folders cat/dog/... is asked for "cat"; one trained on folders 1, 2, 10, 20 (labels 0..3)
+    takes --class-label 10 as the folder "10", its label 2, not as label 10."""
+    import json
+    import shutil
+
+    from diffrt.generate import class_index
+
+    model = tmp_path / "named"
+    shutil.copytree(classemb_model_dir, model)
+    info = json.loads((model / "diffrt.json").read_text())
+    common = ["--steps", "2", "--seed", "3", "--num-images", "1"]
+    for names, given, label in ((["bird", "cat", "dog", "fish"], "cat", 1), (["1", "2", "10", "20"], "10", 2)):
+        (model / "diffrt.json").write_text(json.dumps({**info, "class_names": names}))
+        assert main(["generate", "--model", str(model), "--class-label", given, *common, "--out", str(tmp_path / "a.png")]) == 0
+        assert main(["generate", "--model", str(classemb_model_dir), "--class-label", str(label), *common,
+                     "--out", str(tmp_path / "b.png")]) == 0
+        assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model), "--class-label", "3", *common, "--out", str(tmp_path / "c.png")]) == 2
+    one_line_error(capsys, "--class-label '3' is not a class of this model (its classes are 1, 2, 10, 20)")
+    assert class_index(3, []) == 3 and class_index(None, ["1"]) is None
+
+
 def test_class_label_out_of_range_is_one_line(classemb_model_dir, tmp_path, capsys):
     code = main(["generate", "--model", str(classemb_model_dir), "--class-label", "7", "--steps", "1",
                  "--out", str(tmp_path / "x.png")])

@@ -65,6 +65,11 @@ def _cmd_train_class_cond(args) -> int:
     return 0
 
 
+def _class_label(text: str) -> int | str:
+    """--class-label 3 is label 3; --class-label cat is the class the model names so (looked up once it is open)."""
+    return int(text) if text.lstrip("+-").isdecimal() else text
+
+
 def _cmd_train_finetune(args) -> int:
     from diffrt.train.finetune import FinetuneConfig, finetune
 
@@ -344,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--width", type=int, default=None)
     ge.add_argument("--num-images", type=int, default=None)
     ge.add_argument("--eta", type=float, default=0.0)
-    ge.add_argument("--class-label", type=int, default=None)
+    ge.add_argument("--class-label", type=_class_label, default=None,
+                    help="class-conditioned models: the class's number, or its name (a class folder's name)")
     ge.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                     help="ControlNet folder (repeatable: several run together, as diffusers' MultiControlNetModel)")
     ge.add_argument("--control-image", action="append", default=[], metavar="FILE",

@@ -42,7 +42,7 @@ class GenerateRequest:
     num_images: int | None = None
     eta: float = 0.0
     scheduler: str | None = None  # "ddim", "lcm", "dpm", "euler" or "euler_a"; None: the model's own (the sampler its scheduler config names)
-    class_label: int | None = None
+    class_label: int | str | None = None  # a label, or the name the model gives its class
     controlnet: str | list[str] | None = None  # one ControlNet folder, or several (diffusers' MultiControlNetModel), in order
     control_image: str | list[str] | None = None  # one conditioning image file per ControlNet, in the same order
     control_scale: float | list[float] | None = None  # one for every ControlNet, or one per ControlNet; None: diffusers' default (0.8 with --image, else 1.0)
@@ -160,13 +160,26 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
         if req.class_label is None and req.num_images:  # else one image per class, and --num-images would go unused
             raise DiffrtError(f"--num-images {req.num_images} on a class-conditioned model needs --class-label; without one, "
                               f"generate makes one image per class ({pipe.info.num_classes})")
-        labels = torch.arange(pipe.info.num_classes) if req.class_label is None else torch.tensor([req.class_label])
+        label = class_index(req.class_label, pipe.info.class_names)
+        labels = torch.arange(pipe.info.num_classes) if label is None else torch.tensor([label])
         if req.class_label is not None and req.num_images:
             labels = labels.expand(req.num_images)
     scale = DEFAULT_PIXEL_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale
     return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
                 guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
                 output_type="pt", progress=progress, scheduler=req.scheduler)
+
+
+def class_index(label: int | str | None, names: list[str]) -> int | None:
+    """A class label given as a number or as the name the model gives it (its class folder's name). Where the
+    model's classes are named by numbers (folders 1, 2, 10), a number is the class of that name."""
+    if label is None or (not isinstance(label, str) and not (names and all(n.isdecimal() for n in names))):
+        return label
+    label = str(label)
+    if label not in names:
+        known = f"its classes are {', '.join(names)}" if names else "it names no classes"
+        raise DiffrtError(f"--class-label {label!r} is not a class of this model ({known}); pass a class's name or number")
+    return names.index(label)
 
 
 def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], progress):
