@@ -57,6 +57,54 @@ def test_scale_equals_opening_at_that_scale(t2i_folder, lora, lora_pipe):
     assert torch.equal(run(lora_pipe), opened)
 
 
+def test_a_scale_change_waits_for_the_calls_running_and_new_calls_wait_for_it(lora_pipe):
+    """The bug: set_lora_scale re-fused the weights under a call running in another thread, whose image was then
+    made at neither scale and whose metadata named the new one."""
+    import threading
+
+    opened, at_zero = run(lora_pipe), None
+    lora_pipe.set_lora_scale(0.0)
+    try:
+        at_zero = run(lora_pipe)
+    finally:
+        lora_pipe.set_lora_scale(1.0)
+    started, release, changed = threading.Event(), threading.Event(), threading.Event()
+    results = {}
+
+    def progress(i):
+        if i == 0:
+            started.set()
+            assert release.wait(30)
+
+    def call():
+        results["running"] = lora_pipe("a photo of the cat", num_inference_steps=STEPS, guidance_scale=5.0, seed=3,
+                                       output_type="pt", progress=progress)
+
+    def change():
+        lora_pipe.set_lora_scale(0.0)
+        changed.set()
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert started.wait(30)
+    changer = threading.Thread(target=change)
+    changer.start()
+    assert not changed.wait(0.5)  # held while the call runs
+    late = threading.Thread(target=lambda: results.setdefault("late", run(lora_pipe)))
+    late.start()  # a call made while the change waits runs after it, at the new scale
+    release.set()
+    for thread in (caller, changer, late):
+        thread.join(60)
+    try:
+        assert changed.is_set()
+        assert torch.equal(results["running"].images, opened) and results["running"].metadata["lora_scale"] == 1.0
+        assert torch.equal(results["late"], at_zero)
+        with pytest.raises(DiffrtError, match="set_lora_scale was called inside a call"):
+            lora_pipe("a cat", num_inference_steps=1, progress=lambda i: lora_pipe.set_lora_scale(0.5))
+    finally:
+        lora_pipe.set_lora_scale(1.0)
+
+
 def test_scale_changes_never_accumulate(lora_pipe):
     before = weights(lora_pipe)
     for scale in (0.3, 2.0, 0.0, 1.0):

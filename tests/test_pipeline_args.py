@@ -229,6 +229,81 @@ def test_controlnet_conditioning_scale_that_is_not_a_number_is_one_line(t2i_fold
         one_line(info)
 
 
+def test_non_finite_control_scales_and_latents_are_named_not_blamed_on_the_unet(t2i_folder, torch_pipe):
+    """Each ran and failed as "unet_controlnet produced NaN values; try --precision fp32": the wrong cause."""
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=t2i_folder / "controlnet")
+    control = torch.rand(1, 3, 32, 32, generator=g(7))
+    for scale in (float("nan"), [float("inf")]):
+        with pytest.raises(DiffrtError, match="controlnet_conditioning_scale must be finite") as info:
+            pipe("a cat", control_image=control, controlnet_conditioning_scale=scale, num_inference_steps=1)
+        one_line(info)
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DiffrtError, match="latents hold NaN or inf values"):
+        torch_pipe("a cat", latents=latents, num_inference_steps=1)
+
+
+def test_assigning_the_scheduler_samples_control_calls_with_it_too(t2i_folder):
+    """The bug: `pipe.scheduler = DPMConfig...` (diffusers' habit) was ignored by any call with a control image,
+    which kept sampling DDIM."""
+    from diffrt.runtime.dpm import DPMConfig
+
+    pipe = open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=t2i_folder / "controlnet")
+    control = torch.rand(1, 3, 32, 32, generator=g(7))
+    assert pipe("a cat", control_image=control, num_inference_steps=2, seed=0).metadata["scheduler"] == "ddim"
+    dpm = DPMConfig.from_scheduler_config(pipe.scheduler.to_scheduler_config())
+    pipe.scheduler = dpm
+    assert pipe.scheduler is dpm and pipe.sampler_config(control=True) is dpm
+    for kwargs in ({}, {"control_image": control}):
+        assert pipe("a cat", num_inference_steps=2, seed=0, **kwargs).metadata["scheduler"] == "dpm"
+
+
+@pytest.mark.parametrize("seed, message", [(1.5, "seed must be an integer, got 1.5"), ("1", "seed must be an integer, got '1'"),
+                                           (True, "seed must be an integer"), (2**70, r"seed must be in \[-2\^63, 2\^64\)")])
+def test_a_seed_torch_cannot_take_is_one_line(uncond_model_dir, seed, message):
+    """Each was a TypeError, ValueError or RuntimeError from torch's manual_seed."""
+    from diffrt.runtime.loading import open_pixel_pipeline
+
+    pipe = open_pixel_pipeline(uncond_model_dir, "torch", CPU)
+    with pytest.raises(DiffrtError, match=message) as info:
+        pipe(num_inference_steps=1, seed=seed)
+    one_line(info)
+
+
+def test_numpy_integers_are_seeds_and_numpy_floats_lora_scales(uncond_model_dir, t2i_folder, tmp_path):
+    """np.int64(3) (a seed from numpy) was a TypeError; np.float32(0.5) was refused as a LoRA scale."""
+    import numpy as np
+
+    from diffrt.runtime.loading import open_pixel_pipeline
+    from diffrt.tiny import tiny_lora_files
+
+    pipe = open_pixel_pipeline(uncond_model_dir, "torch", CPU)
+    assert torch.equal(pipe(num_inference_steps=1, seed=np.int64(3), output_type="pt").images,
+                       pipe(num_inference_steps=1, seed=3, output_type="pt").images)
+    for bad in ("0.5", None, True):  # on a pipeline without LoRA: "Unknown format code 'g'", a TypeError, or taken as 1.0
+        with pytest.raises(DiffrtError, match="lora_scale must be a finite number >= 0"):
+            pipe.set_lora_scale(bad)
+    lora = tiny_lora_files(t2i_folder, tmp_path, seed=11)["peft"]
+    with_lora = open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(lora, 1.0)])
+    with_lora.set_lora_scale(np.float32(0.5))
+    assert with_lora.lora_scale == 0.5
+
+
+def test_loras_given_wrongly_or_at_a_non_finite_scale_are_refused_at_open(t2i_folder, tmp_path):
+    """NaN opened fine and the first call blamed the text encoder; a plain file name or one bare pair were a
+    ValueError and a TypeError."""
+    import diffrt
+    from diffrt.errors import LoraError
+    from diffrt.tiny import tiny_lora_files
+
+    lora = tiny_lora_files(t2i_folder, tmp_path, seed=11)["peft"]
+    for loras, message in (([(lora, float("nan"))], "must be a finite number, got nan"), (str(lora), "takes a list of"),
+                           ((lora, 1.0), "takes a list of"), ([lora], r"takes \(file, scale\) pairs")):
+        with pytest.raises(LoraError, match=message) as info:
+            diffrt.open_pipeline(t2i_folder, "torch", CPU, loras=loras)
+        one_line(info)
+
+
 # --- the pixel pipeline -------------------------------------------------------------------------------
 
 

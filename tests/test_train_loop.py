@@ -277,6 +277,44 @@ def test_mixed_precision_autocasts_the_forward_only_and_can_change_between_runs(
         linear_config(tmp_path / "bad", mixed_precision="fp8").validate()
 
 
+def test_mixed_precision_defaults_to_accelerates_setting(monkeypatch, tmp_path):
+    """The bug: --mixed-precision defaulted to "no" and overrode `accelerate launch --mixed_precision bf16` (which
+    exports ACCELERATE_MIXED_PRECISION): an fp32 run with an fp32 base, twice the memory, without a word. diffusers'
+    scripts default the flag to None, leaving accelerate's setting in force."""
+    from diffrt.cli import _train_config, build_parser
+
+    def parsed(*flags):
+        return _train_config(build_parser().parse_args(["train", "class-cond", "--out", str(tmp_path), *flags]))
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert parsed().mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert parsed().mixed_precision == "bf16"
+    assert parsed("--mixed-precision", "no").mixed_precision == "no"  # the flag wins
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(DiffrtError, match="ACCELERATE_MIXED_PRECISION is 'fp8'.*pass --mixed-precision"):
+        parsed()
+
+
+@pytest.mark.gpu
+def test_fp16_steps_the_loss_scaler_skips_are_reported(tmp_path, caplog):
+    """A loss that overflows fp16 on every step: the GradScaler skips each, and the run said nothing while it
+    "finished" untrained."""
+    import logging
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    before = model.weight.detach().clone()
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        return model(torch.full((8, 4), 6e4, device=model.weight.device)).float().pow(2).mean()  # inf gradients in fp16
+
+    with caplog.at_level(logging.WARNING, logger="diffrt.train.loop"):
+        train(linear_config(tmp_path / "run", mixed_precision="fp16", max_grad_norm=0.0), model, loss_fn, save_fn=lambda out: None)
+    assert "the fp16 loss scaler skipped 1 of the steps up to 1" in caplog.text
+    assert torch.equal(model.weight.detach().cpu(), before)  # no step taken
+
+
 @pytest.mark.gpu
 def test_fp16_on_cuda_scales_the_loss_and_resumes_with_its_scale_and_ema_on_the_gpu(tmp_path):
     """fp16 on a GPU: fp32 weights on the device, the GradScaler's state in each checkpoint, and a

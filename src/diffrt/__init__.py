@@ -11,6 +11,10 @@ from diffrt.errors import DiffrtError
 
 __all__ = ["DiffrtError", "__version__", "open_pipeline"]
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time it is imported on first use, below
+    from diffrt.runtime.opening import open_pipeline
+
 
 def __getattr__(name: str):
     # `diffrt.open_pipeline` without importing torch and the runtime at `import diffrt`.
@@ -19,3 +23,7 @@ def __getattr__(name: str):
 
         return open_pipeline
     raise AttributeError(f"module 'diffrt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--lr-warmup-steps", type=int, default=warmup)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=schedule, help=f"(default {schedule})")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: accelerate's (ACCELERATE_MIXED_PRECISION, which `accelerate launch --mixed_precision` "
+                        "and `accelerate config` set), else no")
+    p.add_argument("--allow-tf32", action="store_true", help="GPU: fp32 matmuls in TF32 (Ampere and later; faster, ~fp16 mantissa)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 disables)")
@@ -40,13 +44,27 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
 
 
+def _mixed_precision(given: str | None) -> str:
+    """--mixed-precision, else accelerate's setting as diffusers' scripts take it (their flag defaults to None):
+    a run under `accelerate launch --mixed_precision bf16` trained in fp32, with an fp32 base, without a word."""
+    if given is not None:
+        return given
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if env not in ("no", "fp16", "bf16"):
+        raise DiffrtError(f"ACCELERATE_MIXED_PRECISION is {env!r}; diffrt trains in no, fp16 or bf16: pass --mixed-precision")
+    if env != "no":
+        logging.getLogger(__name__).info("mixed precision %s, from accelerate's setting (ACCELERATE_MIXED_PRECISION)", env)
+    return env
+
+
 def _train_config(args):
     from diffrt.train.loop import TrainConfig
 
     return TrainConfig(
         out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=_mixed_precision(args.mixed_precision),
+        allow_tf32=args.allow_tf32,
         gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit,
         sample_every=args.sample_every, log_every=args.log_every, seed=args.seed, resume=args.resume,

@@ -25,13 +25,15 @@ service groups requests by `lora_scale` and changes it between batches, never in
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
 
-from diffrt.errors import DiffrtError
+from diffrt.errors import DiffrtError, LoraError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,27 @@ def scaled(loras: Sequence[tuple[T, float]], scale: float) -> list[tuple[T, floa
 
 
 def check_scale_value(scale: float) -> None:
-    if not (isinstance(scale, (int, float)) and 0.0 <= scale < float("inf")):
+    """A runtime LoRA strength: a finite real number >= 0 (numpy's floats too; not a bool)."""
+    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and 0.0 <= scale < float("inf")):
         raise DiffrtError(f"lora_scale must be a finite number >= 0, got {scale!r}")
+
+
+def check_lora_pairs(loras) -> list[tuple[str | Path, float]]:
+    """`loras` as open_pipeline takes them, [(file, scale), ...]: one line for a plain file name, one pair given
+    without its list, or a scale that is not a finite number (NaN fused into every weight, and the first call
+    named the text encoder's output as the fault)."""
+    if isinstance(loras, (str, Path)) or (isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], numbers.Real)):
+        raise LoraError(f"loras takes a list of (file, scale) pairs, e.g. [({str(loras if isinstance(loras, (str, Path)) else loras[0])!r}, 1.0)]; "
+                        f"got {loras!r}")
+    pairs = []
+    for item in loras:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, Path))):
+            raise LoraError(f"loras takes (file, scale) pairs, got {item!r}")
+        scale = item[1]
+        if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+            raise LoraError(f"the LoRA scale of {item[0]} must be a finite number, got {scale!r}")
+        pairs.append((item[0], float(scale)))
+    return pairs
 
 
 class TorchLora:
@@ -75,7 +96,7 @@ class TorchLora:
         from diffrt.export.lora_fuse import lora_targets
 
         self.modules = dict(modules)
-        self.files = [(read_lora(path), float(s)) for path, s in loras]
+        self.files = [(read_lora(path), s) for path, s in check_lora_pairs(loras)]
         # Checks every file against the model (an unmatched key raises) before any weight changes.
         states = {c: m.state_dict() for c, m in self.modules.items()}
         targets = lora_targets(states, self.files)

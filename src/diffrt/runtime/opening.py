@@ -15,7 +15,11 @@ The model decides the pipeline: a text-to-image folder or artifact (CLIP + UNet 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # imported where opened: `import diffrt` stays light
+    from diffrt.runtime.pipeline import PixelPipeline
+    from diffrt.runtime.text_to_image import TextToImagePipeline
 
 
 def is_text_to_image(model: str | Path | None) -> bool:
@@ -34,7 +38,7 @@ def is_text_to_image(model: str | Path | None) -> bool:
 
 def open_pipeline(model: str | Path | None = None, backend: str | None = None, device: str | None = None, *,
                   loras: Sequence[tuple[str | Path, float]] = (), controlnet: str | Path | Sequence[str | Path] | None = None,
-                  strict: bool = False, cuda_graph: bool = True):
+                  strict: bool = False, cuda_graph: bool = True) -> TextToImagePipeline | PixelPipeline:
     """The pipeline for `model`: a diffusers folder, an artifact from `diffrt export`, a Hub id
     (`org/name[@revision]`), or None for the shipped digits model.
 
@@ -45,8 +49,10 @@ def open_pipeline(model: str | Path | None = None, backend: str | None = None, d
     from diffrt.errors import DiffrtError
     from diffrt.hub import resolve_model
     from diffrt.runtime.loading import artifact_backend, open_pixel_pipeline
+    from diffrt.runtime.lora_scale import check_lora_pairs
     from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
+    loras = check_lora_pairs(loras)
     folder = resolve_model(model)  # a Hub id: its snapshot in the Hugging Face cache
     backend = backend or artifact_backend(folder) or "torch"
     if is_text_to_image(folder):

@@ -20,9 +20,12 @@ one 2B batch.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -35,7 +38,7 @@ from diffrt.runtime import ddim
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance, acting
-from diffrt.runtime.lora_scale import RuntimeLora
+from diffrt.runtime.lora_scale import RuntimeLora, check_scale_value
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
                                      make_sampling_schedule, randn, sample)
 
@@ -127,12 +130,75 @@ def guidance_in_pytorch(guidance, decoder: str | None = None) -> list[str]:
 
 
 def make_generator(generator: Generators, seed: int | None) -> Generators:
+    """The call's generator: the one given, or a CPU generator seeded with `seed`, an integer (numpy's too) that
+    torch takes: in [-2^63, 2^64) (it takes a negative seed modulo 2^64)."""
     if generator is not None and seed is not None:
         raise DiffrtError("pass either generator or seed, not both")
-    return torch.Generator("cpu").manual_seed(seed) if seed is not None else generator
+    if seed is None:
+        return generator
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise DiffrtError(f"seed must be an integer, got {seed!r}")
+    if not -2**63 <= seed < 2**64:
+        raise DiffrtError(f"seed must be in [-2^63, 2^64), torch's range for a seed, got {seed}")
+    return torch.Generator("cpu").manual_seed(int(seed))
 
 
 TorchModule = torch.nn.Module | Callable[[], torch.nn.Module] | None  # a module, or a loader called on first use
+
+
+class CallGate:
+    """Calls run together; a change of the weights (set_lora_scale re-fuses or refits them in place) waits for
+    the calls running to end and holds new ones until it is done, so that no image is made half at one LoRA
+    scale and half at another (a reader-writer lock that prefers the writer)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._calls: dict[int, int] = {}  # thread id -> calls it is inside (a progress callback may call again)
+        self._changing = False
+
+    @contextmanager
+    def call(self):
+        me = threading.get_ident()
+        with self._cond:
+            if me not in self._calls:
+                self._cond.wait_for(lambda: not self._changing)
+            self._calls[me] = self._calls.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls[me] -= 1
+                if not self._calls[me]:
+                    del self._calls[me]
+                self._cond.notify_all()
+
+    @contextmanager
+    def change(self):
+        with self._cond:
+            if threading.get_ident() in self._calls:  # it would wait for its own call to end
+                raise DiffrtError("set_lora_scale was called inside a call (from its progress callback?); "
+                                  "change the scale between calls")
+            self._cond.wait_for(lambda: not self._changing)
+            self._changing = True
+            self._cond.wait_for(lambda: not self._calls)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing = False
+                self._cond.notify_all()
+
+
+_GATES = threading.Lock()
+
+
+def gated(call):
+    """A pipeline's __call__, run inside its CallGate."""
+    @functools.wraps(call)
+    def run(self, *args, **kwargs):
+        with self.gate.call():
+            return call(self, *args, **kwargs)
+    return run
 
 
 class DenoiserPipeline:
@@ -154,12 +220,22 @@ class DenoiserPipeline:
         self._lora_fallbacks = {"unet": torch_unet} if reload else {}
 
     @property
+    def gate(self) -> CallGate:
+        """What keeps set_lora_scale from changing weights under a running call (made on first use)."""
+        gate = self.__dict__.get("_gate")
+        if gate is None:
+            with _GATES:
+                gate = self.__dict__.setdefault("_gate", CallGate())
+        return gate
+
+    @property
     def lora_scale(self) -> float:
         """The multiplier on the opened LoRA scales now in effect (1.0 without LoRA)."""
         return self.lora.scale if self.lora is not None else 1.0
 
     def check_lora_scale(self, scale: float) -> None:
         """Raise DiffrtError (one line) if the pipeline cannot run at `scale`; 1.0 is always accepted."""
+        check_scale_value(scale)
         if self.lora is not None:
             self.lora.check(scale)
         elif scale != 1.0:
@@ -169,13 +245,15 @@ class DenoiserPipeline:
     def set_lora_scale(self, scale: float) -> None:
         """Run the LoRA at `scale` times the scales it was opened with, as diffusers' `lora_scale`:
         0 is the base model, 1.0 the LoRA as opened. Changes weights (re-fuse or refit), so callers
-        that batch requests change it between batches."""
+        that batch requests change it between batches. Safe beside calls in other threads: it waits for
+        them to end, and calls made meanwhile wait for it."""
         self.check_lora_scale(scale)
         if self.lora is None or scale == self.lora.scale:
             return
-        self.lora.set_scale(scale)
-        for name, loader in self._lora_fallbacks.items():
-            self._torch[name] = loader  # loaded again, at the new scale, on next use
+        with self.gate.change():
+            self.lora.set_scale(scale)
+            for name, loader in self._lora_fallbacks.items():
+                self._torch[name] = loader  # loaded again, at the new scale, on next use
 
     def sampler_config(self, scheduler: Scheduler = None) -> ddim.DDIMConfig:
         """The scheduler config a call with `scheduler=` samples with (sampling.choose_scheduler)."""
@@ -238,6 +316,7 @@ class PixelPipeline(DenoiserPipeline):
         self._set_lora(lora, torch_unet)
         self.check_outputs = check_outputs
 
+    @gated
     def __call__(self, class_labels: list[int] | torch.Tensor | int | None = None, *, num_images: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
                  generator: Generators = None, seed: int | None = None, guidance: tuple[Guidance, ...] | list = (),
@@ -271,8 +350,13 @@ class PixelPipeline(DenoiserPipeline):
         #    request's noise from its own seed, so a batch equals its requests run alone. Both are scaled by the
         #    sampler's init_noise_sigma (Euler's; 1 for the others), as diffusers scales them.
         shape = (batch, self.channels, height, width)
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise DiffrtError(f"latents must be a torch tensor {list(shape)} (batch, channels, height, width), got "
+                              f"{type(latents).__name__}")
         if latents is not None and tuple(latents.shape) != shape:
             raise DiffrtError(f"latents must have shape {shape} (batch, channels, height, width), got {tuple(latents.shape)}")
+        if latents is not None and not torch.isfinite(latents).all():  # else named as the UNet's NaN output
+            raise DiffrtError("latents hold NaN or inf values; pass finite noise (or leave latents out to draw it from the seed)")
         x = schedule.initial_noise(latents.to(self.device, torch.float32) if latents is not None
                           else randn(shape, generator, self.device, torch.float32))
 

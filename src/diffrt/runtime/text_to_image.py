@@ -58,7 +58,7 @@ from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance, acting
 from diffrt.runtime.lora_scale import RuntimeLora
-from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, TorchModule, OutputType, convert_output, guidance_in_pytorch,
+from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, gated, TorchModule, OutputType, convert_output, guidance_in_pytorch,
                                      refuse_not_taken, to_unit_range_unclamped)
 from diffrt.runtime.sampling import Generators, SamplerOptions, Scheduler, check_finite, choose_scheduler, randn, sample
 from diffrt.runtime.text_to_image_checks import Call, TextToImageChecks
@@ -116,8 +116,8 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         self.tokenizer = tokenizer
         # Plain and img2img calls sample the config as StableDiffusionPipeline corrects it; calls with a
         # control image keep its steps_offset, as diffusers' ControlNet pipelines do (_latent_scheduler).
-        self.scheduler = _latent_scheduler(scheduler, "controlnet_cond" in unet.spec.input_names)
-        self.controlnet_scheduler = dataclasses.replace(self.scheduler, steps_offset=scheduler.steps_offset)
+        self._scheduler = _latent_scheduler(scheduler, "controlnet_cond" in unet.spec.input_names)
+        self.controlnet_scheduler = dataclasses.replace(self._scheduler, steps_offset=scheduler.steps_offset)
         self.vae_scaling_factor = vae_scaling_factor
         self.vae_factor = vae_factor
         self.default_size = default_size
@@ -128,6 +128,17 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         self.unet_precision = unet_precision
         # Each ControlNet's global_pool_conditions (shuffle): with the first one's, diffusers runs guess mode.
         self.controlnet_global_pool = list(controlnet_global_pool) or [False] * self.num_controlnets
+
+    @property
+    def scheduler(self) -> ddim.DDIMConfig:
+        """The scheduler config calls sample with (a call with a control image: controlnet_scheduler)."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, config: ddim.DDIMConfig) -> None:
+        """diffusers' `pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)`, here with a config: every
+        call samples with it as given, those with a control image too (they kept the config opened with)."""
+        self._scheduler = self.controlnet_scheduler = config
 
     def backends(self) -> dict[str, Backend]:
         parts = (self.text_encoder, self.unet, self.vae_decoder, *([self.vae_encoder] if self.vae_encoder is not None else []))
@@ -163,6 +174,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         image, and so is diffusers' ControlNet (img2img) pipeline, which keeps an outdated steps_offset."""
         return choose_scheduler(self.controlnet_scheduler if control else self.scheduler, scheduler)
 
+    @gated
     def __call__(self, prompt: str | list[str] = "", *, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_images_per_prompt: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0,

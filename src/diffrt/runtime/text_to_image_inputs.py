@@ -7,6 +7,7 @@ what diffusers refuses in one line (DiffrtError); text_to_image.py's pipeline ca
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -65,11 +66,13 @@ def check_embeds(prompt_embeds, negative_prompt_embeds, prompt, negative_prompt)
 def control_scales(scale, k: int) -> list[float]:
     """controlnet_conditioning_scale as diffusers takes it: one number for every ControlNet, or one per ControlNet."""
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        return [float(scale)] * k
+        scale = [scale] * k
     if not isinstance(scale, (list, tuple)) or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in scale):
         got = f"a {type(scale).__name__}" if not isinstance(scale, (list, tuple)) else "a list with non-numbers"
         raise DiffrtError(f"controlnet_conditioning_scale must be a number, or a list with one number per ControlNet, got {got}")
     scales = [float(s) for s in scale]
+    if not all(math.isfinite(s) for s in scales):
+        raise DiffrtError(f"controlnet_conditioning_scale must be finite, got {scale!r}")
     if len(scales) != k:
         raise DiffrtError(f"controlnet_conditioning_scale has {len(scales)} values for {k} ControlNet{'s' if k != 1 else ''}; "
                           "give one number, or one per ControlNet")

@@ -49,7 +49,7 @@ CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
 # (max_steps is the exception: under the cosine schedule it also moves where the decay ends.)
 RESUMABLE_FIELDS = frozenset({
     "out", "resume", "max_steps", "checkpoint_every", "checkpoints_total_limit", "sample_every", "log_every",
-    "gradient_checkpointing", "mixed_precision",
+    "gradient_checkpointing", "mixed_precision", "allow_tf32",
     "sample_steps", "sample_guidance_scale", "num_samples",  # the pixel trainers' sample grids
     "validation_prompt", "num_validation_images", "inference_steps", "guidance_scale",  # DreamBooth's validation images
 })

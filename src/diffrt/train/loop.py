@@ -55,6 +55,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    allow_tf32: bool = False  # Ampere and later: fp32 matmuls and convolutions in TF32 (diffusers' --allow_tf32)
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0 disables EMA
     max_grad_norm: float = 1.0
@@ -224,6 +225,9 @@ def train(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.mixed_precision)
+    if config.allow_tf32 and accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise DiffrtError("the model has no trainable parameters")
@@ -262,7 +266,7 @@ def train(
     model.train()
     losses = []
     t0 = time.perf_counter()
-    step_seconds = 0.0
+    step_seconds, skipped = 0.0, 0
     progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process)
     for step in range(start, config.max_steps):
         step_start = time.perf_counter()
@@ -287,10 +291,15 @@ def train(
             accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # fp16: the loss scaler skips a step whose gradients overflowed (and lowers its scale); every step
+        # skipped, the run would "finish" untrained without a word.
+        skipped += bool(scaler is not None and accelerator.optimizer_step_was_skipped)
         done = step + 1
         if ema is not None:
             ema.update(named, done)
-        step_seconds += time.perf_counter() - step_start  # loss.item() above has synchronised the device
+        if accelerator.device.type == "cuda":  # the optimizer's kernels are queued after loss.item()'s sync
+            torch.cuda.synchronize(accelerator.device)
+        step_seconds += time.perf_counter() - step_start
         losses.append(total)
         window.append(total)
         progress.update(1)
@@ -299,6 +308,10 @@ def train(
             mean, lr = sum(window) / len(window), lr_at(step, config)
             if done % config.log_every == 0:  # not the last row off the grid: the checkpoint keeps its window
                 window.clear()
+            if skipped:
+                log.warning("the fp16 loss scaler skipped %d of the steps up to %d (their gradients overflowed); "
+                            "many in a row mean the loss itself overflows fp16: try --mixed-precision bf16 or no", skipped, done)
+                skipped = 0
             if accelerator.is_main_process:
                 _append_loss_log(out / "loss.csv", done, mean, lr)
                 if writer is not None:
