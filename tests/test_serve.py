@@ -901,3 +901,112 @@ def test_the_ray_route_refuses_as_the_service_does(served_model):
         assert metric(deployment.runtime.metrics.exposition().decode(), "diffrt_serve_request_seconds_count") == 1
     finally:
         deployment.runtime.close(10)
+
+
+# --- hostile clients (from a security review) ---------------------------------------------------------
+
+
+def test_idle_connections_do_not_take_the_service_down(client, server):
+    """uvicorn's connection cap counted sockets that sent nothing: 140 of them made every route, /healthz too,
+    answer 503 for as long as they stayed open (an orchestrator would restart the pod over and over)."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(120)]
+    try:
+        time.sleep(0.3)
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/v1/generate", json={"class_label": 1, "seed": 2, "num_inference_steps": 1}).status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(served_model):
+    """A service with small guards: bodies must arrive within a second, two /v1 requests at once, loopback names."""
+    from diffrt.serve.app import LOOPBACK_NAMES
+
+    config = ServeConfig(model=served_model, backend="onnxruntime", port=0, api_key_env=None, max_queue=4, device="cpu",
+                         body_timeout_s=1.0, max_connections=2, allowed_hosts=LOOPBACK_NAMES, log_level="warning")
+    with BackgroundServer(config) as srv:
+        yield srv
+
+
+def _send_headers_only(url: str, length: int = 1000):
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n{\"class_la" % length)
+    return sock
+
+
+def test_a_body_that_never_arrives_is_408_and_requests_in_flight_are_bounded(guarded):
+    """A client that sent headers and part of a body held its connection, and its slot, for ever; a thousand such
+    each held up to 16 MiB of body. Now the body has body_timeout_s to arrive, and requests past max_connections
+    in flight are a 429 at once, while health answers."""
+    slow = _send_headers_only(guarded.url)
+    try:
+        slow.settimeout(10)
+        answer = slow.recv(4096).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 408") and "took more than 1 s to arrive" in answer
+    finally:
+        slow.close()
+    holders = [_send_headers_only(guarded.url) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        r = httpx.post(guarded.url + "/v1/generate", json={"class_label": 1, "num_inference_steps": 1}, timeout=30)
+        assert r.status_code == 429 and "2 requests are in flight" in r.json()["detail"]
+        assert httpx.get(guarded.url + "/healthz", timeout=30).status_code == 200
+    finally:
+        for sock in holders:
+            sock.close()
+    time.sleep(1.5)  # their bodies time out: the slots are free again
+    ok = httpx.post(guarded.url + "/v1/generate", json={"class_label": 1, "num_inference_steps": 1}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_pages_of_another_origin_and_foreign_host_names_are_refused(guarded):
+    """A web page could start generations on a loopback service with a body sent without Content-Type (no CORS
+    preflight), and read its answers through DNS rebinding (evil.example pointed at 127.0.0.1)."""
+    url, body = guarded.url + "/v1/generate", {"class_label": 1, "num_inference_steps": 1}
+    r = httpx.post(url, content=json.dumps(body), headers={"Origin": "https://evil.example", "Content-Type": ""}, timeout=30)
+    assert r.status_code == 403 and "another origin (https://evil.example)" in r.json()["detail"]
+    own = "http://" + guarded.url.removeprefix("http://")
+    assert httpx.post(url, json=body, headers={"Origin": own}, timeout=60).status_code == 200  # its own /docs page
+    for path in ("/v1/generate", "/readyz"):
+        r = httpx.request("POST" if path.startswith("/v1") else "GET", guarded.url + path, json=body,
+                          headers={"Host": "evil.example:8000"}, timeout=30)
+        assert r.status_code == 421 and "'evil.example:8000' is not this service's" in r.json()["detail"]
+    assert httpx.get(guarded.url + "/readyz", headers={"Host": "localhost:8000"}, timeout=30).status_code == 200
+
+
+def test_a_body_of_many_errors_gets_a_short_answer(client):
+    """20,000 unknown keys made an 8.6 MB 422, a million-entry list a 258 MB one (2.2 GB of the server's memory)."""
+    r = client.post("/v1/generate", json={"class_label": 1, **{f"k{i}": 1 for i in range(20_000)}})
+    assert r.status_code == 422 and len(r.content) < 5000
+    assert "k0, k1" in r.json()["detail"] and "and 19990 more: unknown fields" in r.json()["detail"]
+    r = client.post("/v1/generate", json={"class_label": 1, "controlnet_conditioning_scale": [-1] * 100_000})
+    assert r.status_code == 422 and len(r.content) < 5000
+
+
+def test_a_batch_running_past_every_deadline_fails_liveness():
+    """A step longer than the request timeout (a huge size on eager PyTorch) kept /healthz green while the worker
+    was deaf to every request."""
+    release = threading.Event()
+    batcher = Batcher(lambda jobs: (release.wait(10), {job.id: "ok" for job in jobs})[1], max_batch_size=1, max_queue=4,
+                      wait_s=0, stuck_after_s=0.3)
+    batcher.start()
+    try:
+        future = batcher.submit(Job(None, 1, "slow", deadline=time.monotonic() + 10))
+        time.sleep(0.1)
+        assert batcher.alive
+        time.sleep(0.5)
+        assert not batcher.alive and batcher.stuck
+        release.set()
+        assert future.result(5) == "ok" and batcher.alive
+    finally:
+        release.set()
+        batcher.close(5)

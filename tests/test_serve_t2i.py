@@ -548,6 +548,32 @@ def test_a_side_over_the_service_limit_is_a_422_before_any_work(t2i_folder):
         with pytest.raises(RequestError) as info:
             runtime.submit(GenerateBody(prompt=PROMPT, control_image=big))
         assert info.value.field == "control_image"
+        # Refused from its header, before its pixels are decoded (a 58 KB PNG of 4096 x 4096 took 525 MB first).
+        from PIL import Image
+
+        huge = io.BytesIO()
+        Image.new("RGB", (4096, 4096)).save(huge, format="PNG")
+        with pytest.raises(RequestError) as info:
+            runtime.submit(GenerateBody(prompt=PROMPT, control_image=base64.b64encode(huge.getvalue()).decode()))
+        assert "is 4096x4096 pixels, more than the largest side here (48)" in info.value.message
         runtime.submit(GenerateBody(prompt=PROMPT, height=32, width=32, num_inference_steps=1)).future.result(60)
+    finally:
+        runtime.close(10)
+
+
+def test_eager_pytorch_serves_up_to_twice_the_models_size_unless_told(t2i_folder):
+    """The largest side was 2048 whatever the model: on eager PyTorch one step of a request far past the model's
+    size ran for minutes, past every deadline, the worker deaf the while."""
+    from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
+
+    runtime = ServeRuntime(RuntimeConfig(model=str(t2i_folder), backend="torch", device="cpu", warmup_steps=1))
+    runtime.start()
+    try:
+        runtime.wait_ready(60)
+        largest = 2 * runtime.worker.pipe.default_size
+        assert runtime.describe()["max_image_side"] == largest
+        with pytest.raises(RequestError) as info:
+            runtime.submit(GenerateBody(prompt=PROMPT, height=largest + 8, width=32))
+        assert info.value.status == 422 and f"largest side ({largest}" in info.value.message
     finally:
         runtime.close(10)

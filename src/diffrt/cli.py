@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-queue", type=int, default=64)
     se.add_argument("--batch-wait-ms", type=float, default=10.0)
     se.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
-    se.add_argument("--max-image-side", type=int, default=2048, help="largest height or width a request may ask for, in pixels")
+    se.add_argument("--max-image-side", type=int, default=0, help="largest height or width a request may ask for, in pixels "
+                    "(default: twice the model's own on eager PyTorch, 4096 on engines, whose built ranges bound them)")
     se.set_defaults(func=_cmd_serve)
 
     # triton-repo
@@ -448,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--queue-delay-ms", type=float, default=10.0, help="how long Triton's dynamic batcher waits to fill a batch")
     tr.add_argument("--max-queue", type=int, default=64)
     tr.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
-    tr.add_argument("--max-image-side", type=int, default=2048)
+    tr.add_argument("--max-image-side", type=int, default=0, help="as diffrt serve's (0: its default)")
     tr.add_argument("--allow-inexact-batching", dest="exact_batching", action="store_false")
     tr.add_argument("--strict", action="store_true", help="refuse to load on any fallback")
     tr.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")

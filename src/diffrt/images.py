@@ -120,7 +120,8 @@ def _shrink_factor(im, min_side: int) -> int:
 
 
 def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, name: str = "the image",
-                 max_pixels: int | None = None, multiple: int = 1, min_side: int | None = None) -> torch.Tensor:
+                 max_pixels: int | None = None, multiple: int = 1, min_side: int | None = None,
+                 max_side: int | None = None) -> torch.Tensor:
     """Encoded image bytes (PNG, JPEG, ...) -> [C, H, W] float in [0, 1], resized as diffusers' VaeImageProcessor
     resizes a PIL image (Lanczos): to `size` (height, width), a side left None being the image's own rounded down to
     `multiple` (the VAE's factor for a pipeline's images), so `diffrt generate` and `serve` give a file the images the
@@ -129,7 +130,9 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
     `min_side` (with no `size`): the caller resizes to a short side of that many pixels, so an image over
     REDUCE_ABOVE pixels whose short side is 8x that or more is reduced while decoding (a JPEG decoded at 1/2, 1/4 or 1/8 scale, then any format
     shrunk by a whole factor, box-filtered), never below 4x: its float pixels take a fraction of the memory, and
-    the caller's antialiased resize still does the final step."""
+    the caller's antialiased resize still does the final step.
+    `max_side`: refuse, before decoding, an image that would give a side (height or width not in `size`) larger
+    than this (a service's largest side: a 4096 x 4096 PNG of 58 KB was decoded, 525 MB, then refused)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from diffrt.errors import DataError
@@ -140,6 +143,10 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
         with Image.open(io.BytesIO(data)) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels:,} pixels: downscale it")
+            taken = [] if size is None else [side for side in size if side is None]
+            if max_side is not None and (size is None or taken) and max(im.size) > max_side:
+                raise DataError(f"{name} is {im.width}x{im.height} pixels, more than the largest side here ({max_side}); "
+                                "send a smaller image, or height and width to resize it to")
             reduce = bool(min_side) and size is None and im.width * im.height > REDUCE_ABOVE
             factor = _shrink_factor(im, min_side) if reduce else 1
             if factor >= 2:

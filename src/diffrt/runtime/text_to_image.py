@@ -371,8 +371,9 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         truncated: list[str | None] = []
         for prompt in prompts:
             cut = cut_off(self.tokenizer, prompt, n)
-            if cut is not None:
-                log.warning("prompt longer than the text encoder's %d tokens was truncated; dropped: %r", n, cut[1])
+            if cut is not None:  # the count only: a service's log is no place for its users' prompts (metadata has the text)
+                log.warning("a prompt longer than the text encoder's %d tokens was truncated: %d tokens dropped "
+                            "(the result's metadata['truncated'] holds them)", n, cut[0])
             truncated.append(cut[1] if cut is not None else None)
         return ids, truncated
 

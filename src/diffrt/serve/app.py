@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import inspect
 import json
@@ -48,6 +49,7 @@ from diffrt.serve.schema import GenerateBody, RequestError, describe_validation_
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # Host header names of a loopback service
 GENERATE_PATH = "/v1/generate"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before its answer: metrics only, never sent
 
@@ -67,8 +69,11 @@ class ServeConfig:
     timeout_s: float = 60.0
     device: str | None = None  # None: cuda when available
     max_body_bytes: int = 16 << 20
+    body_timeout_s: float = 30.0  # a body not whole by then is a 408 (a slow sender held a connection for ever)
+    max_connections: int | None = None  # /v1 requests in flight at once (reading, queued, running); None: 2 x the queue's room
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names served; None: any (serve() binds loopback to loopback's)
     max_image_bytes: int = 8 << 20
-    max_image_side: int = 2048  # pixels: eager PyTorch would take any size a request asks for
+    max_image_side: int = 0  # pixels; 0: twice the model's own side on eager PyTorch, 4096 on engines
     warmup_steps: int = 2
     exact_batching: bool = True  # False: batch requests even on a backend whose batches differ in the last bit
     strict: bool = False  # any fallback (ONNX Runtime provider, PyTorch for an artifact) fails the load
@@ -197,18 +202,54 @@ def api_key_problem(headers, key: bytes) -> str | None:
     return None
 
 
+def origin_problem(headers) -> str | None:
+    """None unless a browser sent the request from a page of another origin. Browsers send `Origin` with every
+    cross-origin POST, those a page makes without a CORS preflight too (no Content-Type, text/plain); command-line
+    and SDK clients send none. The service answers its own pages (/docs) only."""
+    origin = headers.get("origin")
+    if origin is None:
+        return None
+    if origin.split("://", 1)[-1].rstrip("/") != headers.get("host", ""):  # "null" (a sandboxed page, a file) too
+        return f"requests from web pages of another origin ({origin}) are refused; call the service from your backend"
+    return None
+
+
+def host_problem(headers, allowed: tuple[str, ...] | None) -> str | None:
+    """None if the Host header names this service (DNS rebinding: a page of evil.example, its name pointed at
+    127.0.0.1, would otherwise be same-origin with a loopback service)."""
+    if allowed is None:
+        return None
+    host = headers.get("host", "")
+    name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return None if name.lower() in allowed else f"Host {host!r} is not this service's; address it as {allowed[0]}"
+
+
 class GuardMiddleware:
-    """API key (401), content type (415) and body size (413) for /v1/ routes, checked before the body is parsed;
+    """Host (421) for every route; for /v1/ routes, before the body is parsed: the API key (401), a page of another
+    origin (403), the content type (415), room for the request (429: bodies being read, queued and running are
+    bounded, so a flood of slow clients cannot hold gigabytes of bodies) and the body's size (413) and time (408);
     and the request counter, so refusals made here are counted too."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics, body_timeout_s: float = 30.0,
+                 max_connections: int = 256, allowed_hosts: tuple[str, ...] | None = None):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.body_timeout_s = body_timeout_s
+        self.max_connections = max_connections
+        self.in_flight = 0
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.allowed_hosts is not None:
+            problem = host_problem({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
+                                   self.allowed_hosts)
+            if problem:
+                return await error_response(421, problem)(scope, receive, send)
+        if not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), [500]
 
@@ -217,10 +258,18 @@ class GuardMiddleware:
                 status[0] = message["status"]
             await send(message)
 
+        if self.in_flight >= self.max_connections:  # one event loop: no lock needed between the check and the count
+            await error_response(429, f"{self.in_flight} requests are in flight, this service's limit; retry later",
+                                 headers={"Retry-After": "1"})(scope, receive, send_and_record)
+            if scope["path"] == GENERATE_PATH:
+                self.metrics.observe_answer(429, time.perf_counter() - t0)
+            return
+        self.in_flight += 1
         try:
             if await self._guarded(scope, receive, send_and_record) == "gone":
                 status[0] = CLIENT_CLOSED_REQUEST  # hung up while sending its body: no answer, and not the service's failure
         finally:
+            self.in_flight -= 1
             if scope["path"] == GENERATE_PATH:
                 self.metrics.observe_answer(status[0], time.perf_counter() - t0)
 
@@ -230,23 +279,25 @@ class GuardMiddleware:
             problem = api_key_problem(headers, self.api_key)
             if problem:
                 return await error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        problem = origin_problem(headers)
+        if problem:
+            return await error_response(403, problem)(scope, receive, send)
         problem = content_type_problem(headers) if scope["method"] == "POST" else None
         if problem:
             return await error_response(415, problem)(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await self._too_large(int(length), scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:  # read the body here, bounded, and hand it on in one piece
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return "gone"
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_body_bytes:
-                return await self._too_large(size, scope, receive, send)
-        body, sent = b"".join(chunks), False
+        try:
+            body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            return await error_response(408, f"the request body took more than {self.body_timeout_s:g} s to arrive; "
+                                             "send it at once", headers={"Connection": "close"})(scope, receive, send)
+        if body == "gone":
+            return "gone"
+        if isinstance(body, int):
+            return await self._too_large(body, scope, receive, send)
+        sent = False
 
         async def replay():
             nonlocal sent
@@ -256,6 +307,20 @@ class GuardMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> bytes | int | str:
+        """The whole body, or its size once past the limit, or "gone" if the client hung up."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return "gone"
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                return size
+        return b"".join(chunks)
 
     async def _too_large(self, size: int, scope, receive, send):
         await too_large_response(size, self.max_body_bytes)(scope, receive, send)
@@ -280,7 +345,9 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     app = FastAPI(title="diffrt", summary="Diffusion inference over PyTorch, ONNX Runtime or TensorRT",
                   version=_version(), lifespan=lifespan, **lenient)
     app.state.runtime = runtime
-    app.add_middleware(GuardMiddleware, api_key=config.api_key(), max_body_bytes=config.max_body_bytes, metrics=runtime.metrics)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key(), max_body_bytes=config.max_body_bytes, metrics=runtime.metrics,
+                       body_timeout_s=config.body_timeout_s, allowed_hosts=config.allowed_hosts,
+                       max_connections=config.max_connections or 2 * (config.max_queue + config.max_batch_size))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -339,10 +406,10 @@ def _version() -> str:
 def uvicorn_config(app, config: ServeConfig):
     import uvicorn
 
-    # A connection cap above what the queue can hold, so health and metrics still get through;
-    # shutdown waits up to one request timeout for in-flight requests to finish.
+    # No connection cap here: uvicorn's counts idle connections too (140 sockets that sent nothing made every route,
+    # /healthz too, answer 503 for as long as they stayed open); GuardMiddleware bounds the /v1 requests instead.
+    # Shutdown waits up to one request timeout for in-flight requests to finish.
     return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                          limit_concurrency=config.max_queue + config.max_batch_size + 64,
                           timeout_graceful_shutdown=int(config.timeout_s) + 5)
 
 
@@ -353,6 +420,8 @@ def serve(config: ServeConfig) -> None:
     if config.host not in LOOPBACK and config.api_key() is None:
         log.warning("serving on %s without an API key; set %s to require one", config.host, config.api_key_env)
     check_port_free(config.host, config.port)  # before the model loads, not after
+    if config.allowed_hosts is None and config.host in LOOPBACK:  # reached as localhost only: no DNS rebinding
+        config = dataclasses.replace(config, allowed_hosts=LOOPBACK_NAMES)
     app = create_app(config)
     server = uvicorn.Server(uvicorn_config(app, config))
     failed: list[BaseException] = []

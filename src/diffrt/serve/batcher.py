@@ -14,6 +14,7 @@ worker reached it is dropped without running.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -64,7 +65,8 @@ class Batcher:
 
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_queue: int, wait_s: float,
                  on_start: Callable[[], None] | None = None, on_batch: Callable[[list[Job]], None] | None = None,
-                 name: str = "diffrt-serve-worker", engine_failure: Callable[[BaseException], bool] = lambda exc: True):
+                 name: str = "diffrt-serve-worker", engine_failure: Callable[[BaseException], bool] = lambda exc: True,
+                 stuck_after_s: float = math.inf):
         if max_batch_size < 1 or max_queue < 1 or wait_s < 0:
             raise ValueError(f"need max_batch_size >= 1, max_queue >= 1, wait_s >= 0; got {max_batch_size}, {max_queue}, {wait_s}")
         self.run_batch = run_batch
@@ -84,6 +86,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._closing = False
         self._busy = False
+        self._busy_since = 0.0  # time.monotonic() when the batch now running began
+        self.stuck_after_s = stuck_after_s  # a batch running longer is a stuck worker (liveness fails)
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     # -- any thread -------------------------------------------------------------------------
@@ -98,8 +102,18 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        """running, and the engine not failing batch after batch (liveness: a restart is the remedy)."""
-        return self.running and self.failed_in_row < FAILING_BATCHES
+        """running, the engine not failing batch after batch, and no batch running for longer than stuck_after_s
+        (liveness: a restart is the remedy)."""
+        return self.running and self.failed_in_row < FAILING_BATCHES and not self.stuck
+
+    @property
+    def busy_for(self) -> float:
+        """Seconds the batch now running has run (0 when none runs)."""
+        return time.monotonic() - self._busy_since if self._busy else 0.0
+
+    @property
+    def stuck(self) -> bool:
+        return self.busy_for > self.stuck_after_s
 
     @property
     def depth(self) -> int:
@@ -181,7 +195,7 @@ class Batcher:
                 if size >= self.max_batch_size or remaining <= 0 or self._closing:
                     break
                 self._cond.wait(remaining)
-            self._busy = True
+            self._busy, self._busy_since = True, time.monotonic()
             return batch
 
     def _run(self, batch: list[Job]) -> None:

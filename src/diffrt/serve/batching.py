@@ -123,6 +123,9 @@ def split_answers(jobs: list[Job], images: list, backend: str, started: float, t
     return answers
 
 
+ENGINE_LARGEST_SIDE = 4096  # pixels: the schema's largest height and width
+
+
 class BatchingWorker:
     """The batching half of a worker. A subclass sets `max_batch_size` and `exact_batching`, gives
     its plans a `batch_key()` (None: alone), and implements `probe_batch(n)`."""
@@ -130,6 +133,15 @@ class BatchingWorker:
     max_batch_size: int
     exact_batching: bool
     batch_max_abs_diff: float | None = None  # |batched - alone| measured at start-up; 0.0: bitwise equal
+    max_image_side: int = 0  # the largest height or width a request may ask for (0: unchecked); set by the runtime
+    default_side: int  # the model's own height and width, in pixels
+
+    def largest_side(self) -> int:
+        """The largest side a request may ask for unless the operator says: twice the model's own on eager PyTorch,
+        which runs any size at a cost growing faster than its pixels (one 512 x 512 step of the 16-pixel digits
+        model took 112 s, past every deadline, the worker deaf the while), else ENGINE_LARGEST_SIDE (an engine's
+        built ranges refuse what it cannot run)."""
+        return 2 * self.default_side if self.pipe.unet.spec.eager else ENGINE_LARGEST_SIDE
 
     def probe_batch(self, n: int) -> Callable[[list[int]], torch.Tensor]:
         """`run(rows)` over n distinct probe requests (own prompts or labels, own noise), at the warm-up's steps."""

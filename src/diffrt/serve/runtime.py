@@ -42,7 +42,7 @@ class RuntimeConfig:
     batch_wait_ms: float = 10.0
     timeout_s: float = 60.0
     max_image_bytes: int = 8 << 20
-    max_image_side: int = 2048  # pixels: eager PyTorch would take any size a request asks for
+    max_image_side: int = 0  # pixels; 0: twice the model's own side on eager PyTorch, 4096 on engines (batching.largest_side)
     warmup_steps: int = 2
     exact_batching: bool = True  # batch requests only if the backend proves batch-invariant at start-up
     controlnet: str | list[str] | None = None  # ControlNet folder(s) for a text-to-image diffusers folder (artifacts carry theirs)
@@ -146,6 +146,12 @@ def _queue_refusals():
         raise RequestError(503, str(exc)) from None
 
 
+def stuck_after(timeout_s: float) -> float:
+    """How long a batch may run before the worker counts as stuck: its requests' deadlines are timeout_s after they
+    came, and it stops at the first step after them; a step longer than a whole timeout is a worker gone deaf."""
+    return 2 * timeout_s + 30
+
+
 class ServeRuntime:
     def __init__(self, config: RuntimeConfig, metrics: ServeMetrics | None = None):
         self.config = config
@@ -153,7 +159,7 @@ class ServeRuntime:
         self.worker = make_worker(config)
         self.batcher = Batcher(self.worker.run_batch, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                wait_s=config.batch_wait_ms / 1000, on_start=self._load, on_batch=self._count_batch,
-                               engine_failure=engine_failure)
+                               engine_failure=engine_failure, stuck_after_s=stuck_after(config.timeout_s))
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self._ready = threading.Event()
 
@@ -165,6 +171,7 @@ class ServeRuntime:
     def _load(self) -> None:  # in the worker thread
         self.worker.load()
         self.batcher.max_batch_size = self.worker.max_batch_size  # the engine's profile may allow less
+        self.worker.max_image_side = self.config.max_image_side or self.worker.largest_side()
         self.metrics.backend.info({"backend": self.worker.pipe.backend, "model": str(self.config.model or "shipped:digits"),
                                    "device": str(self.worker.pipe.device)})
         self.metrics.fallbacks.set(sum(1 for b in self.worker.pipe.backends().values() if getattr(b, "missing_providers", None)))
@@ -192,6 +199,9 @@ class ServeRuntime:
         """Why `alive` is False, for health answers."""
         if self.batcher.error is not None:
             return f"the worker is dead: {self.batcher.error}"
+        if self.batcher.stuck:
+            return (f"a batch has run for {self.batcher.busy_for:.0f} s, past every deadline of its requests (one step "
+                    "taking longer than the request timeout); a restart frees the worker")
         return (f"its last {self.batcher.failed_in_row} batches failed (the engine may be broken); the last with: "
                 f"{type(self.batcher.last_failure).__name__}: {self.batcher.last_failure}")
 
@@ -214,7 +224,7 @@ class ServeRuntime:
 
     def describe(self) -> dict:
         return {**self.worker.describe(), "max_batch_size": self.batcher.max_batch_size,
-                "warmup_seconds": self.worker.warmup_seconds}
+                "max_image_side": self.worker.max_image_side, "warmup_seconds": self.worker.warmup_seconds}
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -250,9 +260,10 @@ class ServeRuntime:
         return job
 
     def _check_side(self, field: str, size: int | None) -> None:
-        if size is not None and size > self.config.max_image_side:
+        largest = self.worker.max_image_side
+        if size is not None and largest and size > largest:
             raise RequestError(422, f"{field}: {size} pixels is more than this service's largest side "
-                                    f"({self.config.max_image_side}, --max-image-side)", field)
+                                    f"({largest}, --max-image-side)", field)
 
     async def generate(self, body: GenerateBody) -> Answer:
         """The request's answer. Cancelling the task that awaits it means its client has gone (the HTTP

@@ -16,8 +16,12 @@ from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE, GenerateRequest
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 
 MAX_SEED = 2**63 - 1
+MAX_CONTROLNETS = 8  # a list field's longest: one entry per ControlNet (a list of a million made a million errors)
+MAX_ERRORS = 10  # named in a 422; the rest are counted
 ControlScale = Annotated[float, Field(ge=0.0, le=5.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]  # of the steps
+ControlScales = Annotated[list[ControlScale], Field(max_length=MAX_CONTROLNETS)]
+Fractions = Annotated[list[Fraction], Field(max_length=MAX_CONTROLNETS)]
 DEFAULT_COLOR_SCALE = GenerateRequest.color_scale  # `diffrt generate`'s, tuned on the shipped digits model
 
 
@@ -49,15 +53,15 @@ class GenerateBody(BaseModel):
                           "default: the model's own, the one its scheduler config names")
     color: str | None = Field(None, pattern=r"^#?[0-9a-fA-F]{6}$", description="colour guidance target, #RRGGBB")
     color_scale: float = Field(DEFAULT_COLOR_SCALE, ge=0.0, le=10_000.0, description="colour guidance strength")
-    control_image: str | list[str] | None = Field(
+    control_image: str | Annotated[list[str], Field(max_length=MAX_CONTROLNETS)] | None = Field(
         None, description="ControlNet models only: base64-encoded PNG, or a list of them, one per ControlNet in their order")
-    controlnet_conditioning_scale: ControlScale | list[ControlScale] | None = Field(
+    controlnet_conditioning_scale: ControlScale | ControlScales | None = Field(
         None, description="ControlNet models only: one scale for all ControlNets, or one per ControlNet "
                           "(default 1.0; 0.8 with image, as diffusers' ControlNet img2img)")
-    control_guidance_start: Fraction | list[Fraction] | None = Field(
+    control_guidance_start: Fraction | Fractions | None = Field(
         None, description="ControlNet models only: the fraction of the steps at which each ControlNet starts, one for all "
                           "or one per ControlNet (default 0), as diffusers' ControlNet pipelines")
-    control_guidance_end: Fraction | list[Fraction] | None = Field(
+    control_guidance_end: Fraction | Fractions | None = Field(
         None, description="ControlNet models only: the fraction of the steps at which each ControlNet stops (default 1)")
     guess_mode: bool | None = Field(
         None, description="ControlNet models only: diffusers' guess_mode, the ControlNets see the prompt's half of the CFG "
@@ -89,9 +93,11 @@ def describe_validation_errors(errors: list[dict]) -> tuple[int, str, list[dict]
     """pydantic/FastAPI validation errors -> (status, one-line message naming each field, clean list).
 
     Malformed JSON is a 400 (the body is not a request at all); everything else is a 422. The
-    offending input is not echoed back: it may be a 20 MB string.
+    offending input is not echoed back: it may be a 20 MB string. The first MAX_ERRORS errors are
+    named, the others counted (20,000 unknown keys made an 8.6 MB answer), and unknown fields are
+    named together, with the accepted ones once.
     """
-    clean, parts, status = [], [], 422
+    clean, parts, unknown, status = [], [], [], 422
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         kind = err.get("type", "")
@@ -101,10 +107,17 @@ def describe_validation_errors(errors: list[dict]) -> tuple[int, str, list[dict]
             parts.append(f"request body is not valid JSON ({reason or err.get('msg')})")
             loc = []
         elif kind == "extra_forbidden":
-            parts.append(f"{'.'.join(loc)}: unknown field; accepted fields are {', '.join(GenerateBody.model_fields)}")
+            unknown.append(".".join(loc))
         elif kind == "missing" and not loc:
             parts.append("request body is missing; send a JSON object")
         else:
             parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-        clean.append({"field": ".".join(loc) or None, "type": kind, "msg": err.get("msg")})
+        if len(clean) < MAX_ERRORS:
+            clean.append({"field": ".".join(loc) or None, "type": kind, "msg": err.get("msg")})
+    if unknown:
+        more = f" and {len(unknown) - MAX_ERRORS} more" if len(unknown) > MAX_ERRORS else ""
+        parts.append(f"{', '.join(unknown[:MAX_ERRORS])}{more}: unknown field{'s' if len(unknown) > 1 else ''}; "
+                     f"accepted fields are {', '.join(GenerateBody.model_fields)}")
+    if len(parts) > MAX_ERRORS:
+        parts = [*parts[:MAX_ERRORS], f"and {len(parts) - MAX_ERRORS} more errors"]
     return status, "; ".join(parts) or "invalid request", clean

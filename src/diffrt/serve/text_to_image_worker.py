@@ -210,6 +210,10 @@ class TextToImageWorker(BatchingWorker):
 
     # -- any thread (reads the model's description only) ---------------------------------
 
+    @property
+    def default_side(self) -> int:
+        return self.pipe.default_size
+
     def describe(self) -> dict:
         return {"kind": "text-to-image", "controlnet": self.pipe.has_controlnet, "controlnets": self.pipe.num_controlnets, "backend": self.pipe.backend,
                 "conditioning": "text", "sample_size": self.pipe.default_size,
@@ -338,6 +342,7 @@ class TextToImageWorker(BatchingWorker):
         except (binascii.Error, ValueError):
             raise RequestError(422, f"{field}: not valid base64; send the PNG file's bytes base64-encoded", field) from None
         try:  # resized as `diffrt generate` resizes files, and diffusers PIL images (images.decode_image)
-            return decode_image(data, (body.height, body.width), max_pixels=MAX_CONTROL_PIXELS, multiple=self.pipe.vae_factor)
+            return decode_image(data, (body.height, body.width), max_pixels=MAX_CONTROL_PIXELS, multiple=self.pipe.vae_factor,
+                                max_side=self.max_image_side or None)
         except DiffrtError as exc:
             raise RequestError(422, f"{field}: {exc}", field) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import re
 import time
 
@@ -26,6 +27,8 @@ from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 from diffrt.serve.schema import DEFAULT_COLOR_SCALE, GenerateBody, RequestError
 
 DISPLAY_SIZE = 256  # the digits are 16x16: show them large, without smoothing
+
+log = logging.getLogger(__name__)
 
 
 def to_hex(color: str) -> str:
@@ -167,9 +170,12 @@ def build_ui(runtime: ServeRuntime):
 def launch_ui(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, backend: str = "onnxruntime",
               controlnet: list[str] | None = None, loras: list[tuple[str, float]] = ()) -> None:
     """Load the model (the shipped digits by default), then serve the demo until interrupted."""
-    from diffrt.serve.app import check_port_free
+    from diffrt.serve.app import LOOPBACK, check_port_free
 
     check_port_free(host, port)  # before minutes of loading, not after
+    if host not in LOOPBACK:  # the demo has no API key: anyone who reaches the port can run the model
+        log.warning("the demo UI on %s has no authentication: anyone who reaches port %d can generate; keep it on "
+                    "127.0.0.1 (the default) or behind an authenticating proxy", host, port)
     runtime = ServeRuntime(RuntimeConfig(model=model, backend=backend, controlnet=controlnet, loras=list(loras)))
     runtime.start()
     try:

@@ -245,6 +245,10 @@ class PixelWorker(BatchingWorker):
     def conditioned(self) -> bool:
         return self.pipe.info.conditioning != "none"
 
+    @property
+    def default_side(self) -> int:
+        return self.pipe.sample_size
+
     def describe(self) -> dict:
         info = self.pipe.info
         return {"kind": "pixel", "controlnet": False, "backend": self.pipe.backend, "conditioning": info.conditioning,
