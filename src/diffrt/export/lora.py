@@ -37,6 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
+try:  # the parser `re.compile` uses, to look at a pattern's structure before running it
+    from re import _parser as _sre_parse  # Python 3.11+
+except ImportError:  # Python 3.10
+    import sre_parse as _sre_parse
+
 import torch
 
 from diffrt.atomic import sha256_file
@@ -47,6 +52,8 @@ LayerKind = Literal["lora", "loha", "lokr"]
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfig
+MAX_PATTERN = 256  # characters in a rank_pattern / alpha_pattern key (the longest module names are about 80)
+MAX_MODULE_NAME = 1000  # characters in a module name matched against those patterns
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "controlnet", "transformer")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 # LyCORIS names: LoHa (`hada_`) and LoKr (`lokr_`) factors, each kept under its own name as its role.
@@ -251,6 +258,8 @@ def _component_configs(metadata: dict[str, str], path: Path) -> dict[str, dict]:
         flat = json.loads(raw)
     except json.JSONDecodeError as e:
         raise LoraError(f"{path}: the {METADATA_KEY} metadata is not valid JSON ({e}); re-save the LoRA") from None
+    if not isinstance(flat, dict):
+        raise LoraError(f"{path}: the {METADATA_KEY} metadata is a JSON {type(flat).__name__}, not a LoraConfig object; re-save the LoRA")
     configs: dict[str, dict] = defaultdict(dict)
     for key, value in flat.items():
         component, _, name = key.partition(".")
@@ -259,12 +268,83 @@ def _component_configs(metadata: dict[str, str], path: Path) -> dict[str, dict]:
             # are the UNet's (_split_dotted): dropping it would fuse at alpha = rank, not lora_alpha.
             component, name = "unet", key
         configs[component][name] = value
+    for component, config in configs.items():
+        _check_config(path, component, config)
     return dict(configs)
 
 
+def _is_number(value, kind: type | tuple[type, ...]) -> bool:
+    # JSON's true/false read as Python bools, which are ints: a rank of `true` is a bad file, not rank 1.
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_config(path: Path, component: str, config: dict) -> None:
+    """The LoraConfig fields read here, checked for type: the metadata is the file's, as untrusted as its tensors."""
+    def refuse(name: str, expected: str) -> None:
+        raise LoraError(f"{path}: the {METADATA_KEY} gives {component}.{name} = {json.dumps(config[name])[:80]}, "
+                        f"expected {expected}; re-save the LoRA with the LoraConfig it was trained with")
+
+    if "r" in config and not (_is_number(config["r"], int) and config["r"] > 0):
+        refuse("r", "a positive whole number")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"], (int, float)):
+        refuse("lora_alpha", "a number")
+    for name in ("use_rslora", "use_dora"):
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            refuse(name, "true or false")
+    for name, kind, expected in (("rank_pattern", int, "positive whole numbers"), ("alpha_pattern", (int, float), "numbers")):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            refuse(name, f"an object of module-name patterns to {expected}")
+        for pattern, value in patterns.items():
+            if not _is_number(value, kind) or (kind is int and value <= 0):
+                raise LoraError(f"{path}: the {METADATA_KEY} gives {component}.{name}[{pattern[:80]!r}] = "
+                                f"{json.dumps(value)[:80]}, expected {expected}; re-save the LoRA")
+            _check_pattern(path, f"{component}.{name}", pattern)
+
+
+def _check_pattern(path: Path, field: str, pattern: str) -> None:
+    """A rank_pattern / alpha_pattern key is a regular expression (peft matches it with `re`). Real files
+    carry module names ("down_blocks.0.attentions.0.proj_in", "to_k"); refused is what could make `re`
+    backtrack for minutes (ReDoS): over MAX_PATTERN characters, back-references, more than one quantifier
+    or more than one alternation, or a quantifier over an alternation."""
+    def refused(why: str) -> LoraError:
+        return LoraError(f"{path}: the {METADATA_KEY} {field} key {pattern[:80]!r} {why}; "
+                         "write patterns as module names (e.g. 'down_blocks.0.attentions.0.proj_in')")
+
+    if len(pattern) > MAX_PATTERN:
+        raise refused(f"is {len(pattern)} characters long, over the {MAX_PATTERN} diffrt matches")
+    try:
+        parsed = _sre_parse.parse(pattern)
+    except re.error as e:
+        raise refused(f"is not a regular expression ({e})") from None
+    counts = {"repeat": 0, "branch": 0}
+
+    def walk(items, in_repeat: bool) -> None:
+        for op, arg in items:
+            name = str(op)
+            if name.startswith("GROUPREF"):
+                raise refused("uses a back-reference, which can make matching take exponential time")
+            kind = "repeat" if name.endswith("REPEAT") else "branch" if name == "BRANCH" else None
+            if kind is not None:
+                counts[kind] += 1
+                if counts[kind] > 1 or (in_repeat and kind == "branch"):
+                    raise refused("combines quantifiers or alternations, which can make matching take exponential time")
+            for child in arg if isinstance(arg, (list, tuple)) else [arg]:
+                if isinstance(child, _sre_parse.SubPattern):
+                    walk(child, in_repeat or kind == "repeat")
+                elif isinstance(child, list):  # a branch's alternatives
+                    for alternative in child:
+                        if isinstance(alternative, _sre_parse.SubPattern):
+                            walk(alternative, in_repeat)
+
+    walk(parsed, False)
+
+
 def _pattern_value(patterns: Mapping[str, float] | None, module: str, default):
-    """peft's rank_pattern / alpha_pattern rule: the first pattern that matches the end of the
-    module name at a '.' boundary wins."""
+    """peft's rank_pattern / alpha_pattern rule (peft's get_pattern_key): the first pattern that matches
+    the end of the module name at a '.' boundary wins. The patterns were checked by _check_pattern."""
     for pattern, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value
@@ -342,6 +422,9 @@ def read_lora(path: str | Path) -> LoraFile:
             raise LoraError(f"{path}: its {METADATA_KEY} gives {component} use_dora={bool(config.get('use_dora'))} but "
                             f"{component}.{module} has {found}; re-save the LoRA with the LoraConfig it was trained with")
         if config is not None and alpha is None and entry["style"] != "kohya":
+            if len(module) > MAX_MODULE_NAME:  # a name's length multiplies a pattern's matching time too
+                raise LoraError(f"{path}: module {component}.{module[:80]}... has a {len(module)}-character name; "
+                                "no model has such a module")
             rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", down.shape[0]))
             if rank != down.shape[0]:
                 raise LoraError(f"{path}: metadata gives {component}.{module} rank {rank} but its weights have rank {down.shape[0]}")

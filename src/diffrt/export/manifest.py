@@ -169,6 +169,7 @@ def verify_files(folder: str | Path, manifest: dict, components: list[str] | Non
             raise ArtifactError(f"{folder / MANIFEST} lists no sha256 for {unlisted[0]}, so it cannot be checked; re-run `diffrt export`")
         for rel, digest in comp["files"].items():
             _check_file(folder / rel, digest)
+        _check_external_data(folder, name, comp["files"])
     tokenizer = manifest["pipeline"].get("tokenizer")
     if components is None and isinstance(tokenizer, dict):
         # The tokenizer reads whatever its folder holds (tokenizer.json before vocab.json + merges.txt).
@@ -179,6 +180,18 @@ def verify_files(folder: str | Path, manifest: dict, components: list[str] | Non
             raise ArtifactError(f"{tok / extra[0]} is not listed in {MANIFEST}, and the tokenizer would read it; re-run `diffrt export`")
         for name, digest in listed.items():
             _check_file(tok / name, digest)
+
+
+def _check_external_data(folder: Path, name: str, files: dict) -> None:
+    """Every external data file the component's graph names must be one hashed here: ONNX Runtime, TensorRT's
+    parser and a refit read whatever the graph names (one inside its folder, else refused by external_data_files)."""
+    from diffrt.export.onnx import external_data_files
+
+    graph = folder / name / "model.onnx"
+    unlisted = [data for data in external_data_files(graph) if f"{name}/{data}" not in files]
+    if unlisted:
+        raise ArtifactError(f"{graph} names external data {unlisted[0]}, for which {folder / MANIFEST} lists no sha256, "
+                            "so it cannot be checked; re-run `diffrt export`")
 
 
 def _check_file(path: Path, digest: str) -> None:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 import shutil
 import stat
 import warnings
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 from torch import nn
@@ -228,8 +229,6 @@ def _export_dynamo(module: nn.Module, args: tuple, spec: ComponentSpec, raw: Pat
 def _root_cause(exc: BaseException) -> str:
     """The innermost exception's message on one line, without terminal colours: torch.onnx wraps
     torch.export's own error (the one that names the construct) in a page of advice."""
-    import re
-
     while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
         exc = exc.__cause__ or exc.__context__
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -285,13 +284,53 @@ def _weights_nbytes(model) -> int:
 
 
 def check_onnx_files(onnx_path: Path) -> None:
-    """The model file and any external data it names must be present (before ORT or TensorRT see them)."""
-    import onnx
-
+    """The model file and any external data it names must be present, and be plain files in its own folder
+    (external_data_files), before ONNX Runtime or TensorRT see them."""
     if not onnx_path.is_file():
         raise ArtifactError(f"{onnx_path} is missing; re-run `diffrt export`")
+    for name in external_data_files(onnx_path):
+        if not (onnx_path.parent / name).is_file():
+            raise ArtifactError(f"{onnx_path} needs external data {name} beside it, which is missing; copy the whole component folder")
+
+
+def external_data_files(onnx_path: Path) -> list[str]:
+    """The external data files the graph names (its tensors' `location`s), each refused unless it is a
+    relative path inside the graph's folder: no '..', no symbolic link on the way. A graph is data: one
+    naming ../../secret, /etc/... or a link out of the folder would have an ONNX Runtime that follows
+    such paths (ONNX Runtime 1.32 refuses them; older releases pyproject allows may not), TensorRT's
+    parser or a refit read a file the artifact's manifest never hashed."""
+    import onnx
+
     model = onnx.load(str(onnx_path), load_external_data=False)
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location" and not (onnx_path.parent / entry.value).is_file():
-                raise ArtifactError(f"{onnx_path} needs external data {entry.value} beside it, which is missing; copy the whole component folder")
+    graphs = [model.graph, *model.functions]
+    names = sorted({entry.value for graph in graphs for tensor in _tensors(graph)
+                    for entry in tensor.external_data if entry.key == "location"})
+    folder = onnx_path.parent
+    for name in names:
+        parts = re.split(r"[\\/]", name)  # either separator: a graph made on Windows may be opened there
+        if not name:
+            raise ArtifactError(f"{onnx_path} names external data with an empty location; re-run `diffrt export`")
+        if Path(name).is_absolute() or PureWindowsPath(name).anchor:
+            raise ArtifactError(f"{onnx_path} names external data at the absolute path {name!r}; a graph's data must sit in "
+                                "its own folder: re-run `diffrt export`")
+        if ".." in parts:
+            raise ArtifactError(f"{onnx_path} names external data {name!r} outside its folder; a graph's data must sit in "
+                                "its own folder: re-run `diffrt export`")
+        if any(folder.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts) + 1)):
+            raise ArtifactError(f"{onnx_path} names external data {name!r}, which is a symbolic link; copy the file "
+                                "itself into the component folder (or re-run `diffrt export`)")
+    return names
+
+
+def _tensors(graph):
+    """Every tensor a graph or function holds: initializers, and those in node attributes and subgraphs."""
+    yield from getattr(graph, "initializer", ())
+    for sparse in getattr(graph, "sparse_initializer", ()):
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from (attr.t, *attr.tensors)
+            for sparse in (attr.sparse_tensor, *attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for sub in (attr.g, *attr.graphs):
+                yield from _tensors(sub)

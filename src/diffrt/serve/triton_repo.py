@@ -56,7 +56,7 @@ class RepositoryConfig:
     queue_delay_ms: float = 10.0  # how long Triton's batcher waits to fill a batch
     max_queue: int = 64
     timeout_s: float = 60.0
-    max_image_side: int = 2048
+    max_image_side: int = 0  # as diffrt serve's: 0 is twice the model's own side on eager PyTorch, 4096 on engines
     exact_batching: bool = True
     strict: bool = False
     cuda_graph: bool = True
@@ -122,17 +122,40 @@ def config_pbtxt(config: RepositoryConfig, model_parameter: str, text_to_image: 
 
 def _place(src: Path, dst: Path) -> None:
     """The model's files under dst: hard links where the filesystem allows (no second copy of
-    gigabytes of weights), copies where it does not."""
+    gigabytes of weights), copies where it does not. A symbolic link is placed as the file it points
+    to, never as a link (a Hugging Face snapshot's ../../blobs/... would dangle in the repository, a
+    link to a host path would follow the repository to other machines); see _link_target."""
+    root = src.resolve()
     for path in sorted(src.rglob("*")):
         target = dst / path.relative_to(src)
-        if path.is_dir():
+        if path.is_symlink():
+            source = _link_target(path, root)
+        elif path.is_dir():
             target.mkdir(parents=True, exist_ok=True)
             continue
+        else:
+            source = path
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(path, target)
+            os.link(source, target)
         except OSError:
-            shutil.copy2(path, target)
+            shutil.copy2(source, target)
+
+
+def _link_target(link: Path, root: Path) -> Path:
+    """The file a symbolic link in the model folder `root` points to, if it lies inside that folder or,
+    when `root` is a Hugging Face cache snapshot (<repo>/snapshots/<revision>), in that repo's blobs
+    folder, where the snapshot's own links point. Anything else is refused: placing it would put a file
+    from elsewhere on this machine into a repository that may be shipped."""
+    target = link.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    if not (target.is_relative_to(root) or (blobs is not None and target.parent == blobs)):
+        raise DiffrtError(f"{link} is a link to {target}, outside the model folder {root}; copy the file into the folder "
+                          "(or use --link to serve the folder where it is)")
+    if not target.is_file():
+        raise DiffrtError(f"{link} is a link to {target}, which is not a file (linked folders are not followed); "
+                          "put what it points to in its place")
+    return target
 
 
 def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
