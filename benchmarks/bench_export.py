@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from diffrt import atomic
+from diffrt.bench.provenance import finish, run_metadata
 from diffrt.bench.timing import cpu_model
 from diffrt.export import manifest as mf
 from diffrt.export.artifact import export_model
@@ -46,7 +47,7 @@ def sd15_jobs(workdir: Path, exporter: str = "torchscript") -> list[tuple]:
     from diffrt.bench.configs import cache_root
     from diffrt.bench.sd15 import build_sd15_folder
 
-    sd = build_sd15_folder(cache_root() / "sd15-random-seed0")  # the GPU benchmark's folder, built once
+    sd = build_sd15_folder(cache_root() / "sd15-random-v2-seed0")  # the GPU benchmark's folder, built once
     # A small profile keeps the parity runs short on a CPU; the graph and its size are the same at any profile.
     return [("SD-1.5-sized text-to-image + ControlNet (random weights)", sd,
              ExportOptions(batch=(1, 2, 2), height=(64, 64, 128), width=(64, 64, 128), exporter=exporter, vae_encoder=True),
@@ -76,6 +77,7 @@ def main(argv: list[str]) -> None:
     name = ("export_cpu_sd15" if sd15 else "export_cpu") + ("_dynamo" if dynamo else "")
     out = next((a for a in argv if not a.startswith("--")), f"benchmarks/results/{name}.json")
     exporter = "dynamo" if dynamo else "torchscript"
+    meta = run_metadata()
     with tempfile.TemporaryDirectory() as tmp:
         jobs = sd15_jobs(Path(tmp), exporter) if sd15 else [(n, f, replace(o, exporter=exporter), c) for n, f, o, c in small_jobs(Path(tmp))]
         rows = measure(Path(tmp), jobs)
@@ -84,7 +86,7 @@ def main(argv: list[str]) -> None:
     for r in rows:
         print(f"| {r['model']} | {r['component']} | {r['export_seconds']:.2f} | {r['megabytes']:.2f} | "
               f"{r['max_rel_err']:.1e} | {r['model_total_seconds']:.1f} | {r['cache_hit_seconds']:.3f} |")
-    atomic.write_json(out, {"machine": cpu_model(), "threads": torch.get_num_threads(),
+    atomic.write_json(out, {"machine": cpu_model(), "threads": torch.get_num_threads(), "provenance": finish(meta),
                             "versions": mf.library_versions(), "rows": rows})
     print(f"\nwrote {out}")
 

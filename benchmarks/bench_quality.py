@@ -12,6 +12,7 @@ import sys
 import torch
 
 from diffrt import atomic
+from diffrt.bench.provenance import finish, run_metadata
 from diffrt.demo import DemoSettings, demo_request
 from diffrt.models import shipped_digits_model
 from diffrt.quality import DigitsQuality, digit_classifier, score_digits
@@ -31,13 +32,14 @@ def measure(seeds=(0, 1, 2), settings: DemoSettings | None = None, guided: bool 
 
 
 def main(out: str = "benchmarks/results/quality_cpu.json") -> None:
+    meta = run_metadata()
     results = {}
     for name, guided in (("demo settings (CFG + colour guidance)", True), ("same CFG, no colour guidance", False)):
         q = measure(guided=guided)
         results[name] = {"accuracy": q.accuracy, "per_class": q.per_class, "num_samples": q.num_samples}
         print(f"\n{name}: {q.accuracy:.1%} of {q.num_samples} samples recognised as the requested digit")
         print(q.table())
-    atomic.write_json(out, {"settings": DemoSettings().__dict__, "results": results})
+    atomic.write_json(out, {"settings": DemoSettings().__dict__, "provenance": finish(meta), "results": results})
     print(f"\nwrote {out}")
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from diffrt import atomic
+from diffrt.bench.provenance import finish, run_metadata
 from diffrt.bench.configs import NullBackend
 from diffrt.models import shipped_digits_model
 from diffrt.quality import digit_classifier, score_digits
@@ -90,6 +91,7 @@ def run(pipe, labels: torch.Tensor, latents: torch.Tensor, steps: int, scheduler
 
 
 def main(out_dir: str = "benchmarks/results") -> None:
+    meta = run_metadata()
     torch.manual_seed(0)
     pipe = torch_pixel_pipeline(shipped_digits_model())
     labels = torch.arange(10).repeat(3)  # every digit, three noises each
@@ -118,7 +120,8 @@ def main(out_dir: str = "benchmarks/results") -> None:
 
     report = {"model": "shipped digits (class-conditioned, 16x16)", "guidance_scale": GUIDANCE_SCALE,
               "images": len(labels), "reference": f"DDIM, {REFERENCE_STEPS} steps, same x_T", "results": results,
-              "loop_ms_per_step": {"steps": LOOP_STEPS, "torch_threads": torch.get_num_threads(), "median": loop}}
+              "loop_ms_per_step": {"steps": LOOP_STEPS, "torch_threads": torch.get_num_threads(), "median": loop},
+              "provenance": finish(meta)}
     out = Path(out_dir)
     atomic.write_json(out / "samplers_cpu.json", report)
     chart(results, out / "samplers_cpu.png")

@@ -4,9 +4,11 @@
 
 Each trainer runs through its library entry point (the same code as `diffrt train ...`): first
 a short warm-up run, which absorbs imports, allocator and oneDNN first-call costs, then a timed
-run of `--steps` optimizer steps. Throughput is the loop's own `samples_per_second`: training
-samples over the time spent in optimizer steps (forward, backward, clip, AdamW, EMA), leaving out
-checkpoints and sample grids, whose cost depends on how often one asks for them. A DreamBooth step
+run of `--steps` optimizer steps, each step's time recorded. Throughput is the median step time
+after the first `--skip` steps (allocation, first-call costs), with the p90 beside it: a mean
+over all steps, as the loop's own `samples_per_second` is, carries the first step's allocations.
+A step's time is the loop's own (TrainResult.step_seconds: forward, backward, clip, AdamW, EMA;
+not its logging, checkpoints and sample grids). A DreamBooth step
 with prior preservation trains on `batch_size` instance images plus as many class images; its
 samples/s counts the instance images only, as diffusers' `--train_batch_size` does.
 
@@ -28,7 +30,8 @@ from pathlib import Path
 import torch
 
 from diffrt import atomic
-from diffrt.bench.timing import cpu_model
+from diffrt.bench.provenance import finish, run_metadata
+from diffrt.bench.timing import cpu_model, summarize_ms
 from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
 from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, instance_evaluation_loss, train_dreambooth_lora
@@ -97,7 +100,16 @@ def _trainers(root: Path) -> dict[str, tuple[str, int, callable, callable | None
     }
 
 
-def run(steps: int, warmup: int) -> list[dict]:
+def step_stats(times: list[float], batch_size: int, skip: int) -> dict:
+    """Median and p90 ms per step and samples/s at the median, over the steps after the first `skip`."""
+    kept = times[skip:] if len(times) > skip else times
+    stats = summarize_ms(kept)
+    return {"ms_per_step": round(stats["median_ms"], 2), "ms_per_step_p90": round(stats["p90_ms"], 2),
+            "samples_per_second": round(1000 * batch_size / stats["median_ms"], 2), "steps_timed": len(kept),
+            "steps_skipped": len(times) - len(kept), "first_step_ms": round(1000 * times[0], 2) if times else None}
+
+
+def run(steps: int, warmup: int, skip: int = 3) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffrt-bench-train-") as tmp:
         root = Path(tmp)
@@ -105,10 +117,13 @@ def run(steps: int, warmup: int) -> list[dict]:
             fn(root / f"warmup-{i}", warmup)
             t0 = time.perf_counter()
             result = fn(root / f"run-{i}", steps)
+            times = result.step_seconds
             rows.append({
                 "trainer": name, "config": config, "batch_size": batch_size, "steps": steps,
-                "samples_per_second": round(result.samples_per_second, 2),
-                "ms_per_step": round(1000 * batch_size / result.samples_per_second, 2),
+                **step_stats(times, batch_size, skip),
+                # The loop's own figure: a mean over every step, the first (allocations) included.
+                "samples_per_second_mean_all_steps": round(result.samples_per_second, 2),
+                "step_ms": [round(1000 * t, 2) for t in times],
                 "wall_s": round(time.perf_counter() - t0, 2),
                 "first_loss": round(result.losses[0], 4), "last_loss": round(result.losses[-1], 4),
                 **(evaluate(root / f"run-{i}") if evaluate else {}),
@@ -117,10 +132,11 @@ def run(steps: int, warmup: int) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'trainer':<40} {'batch':>5} {'samples/s':>10} {'ms/step':>9}  config",
-             f"{'-' * 40} {'-' * 5} {'-' * 10} {'-' * 9}  {'-' * 6}"]
+    lines = [f"{'trainer':<40} {'batch':>5} {'samples/s':>10} {'ms/step':>9} {'p90':>9}  config",
+             f"{'-' * 40} {'-' * 5} {'-' * 10} {'-' * 9} {'-' * 9}  {'-' * 6}"]
     for r in rows:
-        lines.append(f"{r['trainer']:<40} {r['batch_size']:>5} {r['samples_per_second']:>10.1f} {r['ms_per_step']:>9.1f}  {r['config']}")
+        lines.append(f"{r['trainer']:<40} {r['batch_size']:>5} {r['samples_per_second']:>10.1f} {r['ms_per_step']:>9.1f} "
+                     f"{r['ms_per_step_p90']:>9.1f}  {r['config']}")
     return "\n".join(lines)
 
 
@@ -131,16 +147,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: these tiny models are bound by per-op overhead, "
                              "and one thread cannot oversubscribe a busy 2-core machine)")
+    parser.add_argument("--skip", type=int, default=3, help="first steps of the timed run left out of the median and p90")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    rows = run(args.steps, args.warmup)
+    meta = run_metadata(torch.get_num_threads())
+    load = meta["load_average_1min_at_start"]
+    rows = run(args.steps, args.warmup, args.skip)
     report = {
         "device": "cpu", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "load_average_1min_at_start": load, "torch": torch.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": rows,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "skipped_first_steps": args.skip,
+        "throughput": "median ms per step after the skipped steps (p90 beside it); samples/s at that median",
+        "provenance": finish(meta), "results": rows,
     }
     atomic.write_json(args.out, report)
     print(format_table(rows))

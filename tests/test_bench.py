@@ -22,7 +22,7 @@ from diffrt.errors import DiffrtError
 from diffrt.runtime.backends import backend_available
 
 STATUSES = {"ok", "skipped", "not applicable", "error"}
-TARGET_STATUSES = {"met", "not met", "not measured", "measured elsewhere"}
+TARGET_STATUSES = {"met", "not met", "not measured", "measured elsewhere", "not resolved"}
 
 
 @pytest.fixture
@@ -53,7 +53,8 @@ def test_null_backend_returns_zeros_of_the_output_shapes():
 
 
 def test_run_bench_writes_json_markdown_and_png(tmp_path, tiny_configs):
-    paths = run_bench(out_dir=tmp_path, repeats=1, configs=["test-digits", "test-digits-unguided"], threads=1, kernels=False)
+    paths = run_bench(out_dir=tmp_path, repeats=1, configs=["test-digits", "test-digits-unguided"], threads=1, kernels=False,
+                      min_time_s=0)
     by_suffix = {p.suffix: p for p in paths}
     assert set(by_suffix) == {".json", ".md", ".png"} and all(p.parent == tmp_path for p in paths)
     assert by_suffix[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,6 +65,11 @@ def test_run_bench_writes_json_markdown_and_png(tmp_path, tiny_configs):
     assert report["versions"]["torch"] == torch.__version__ and "onnxruntime" in report["versions"]
     assert report["settings"]["repeats"] == 1 and report["settings"]["configs"]["test-digits"]["num_images"] == 4
     assert by_suffix[".json"].name == f"bench_{report['machine_tag']}.json"
+    # Where the numbers come from: the commit, and the load at both ends.
+    prov = report["provenance"]
+    assert prov["diffrt"] and prov["threads"] == 1 and "commit" in prov and "dirty" in prov
+    assert prov["load_average_1min_at_start"] is not None and prov["load_average_1min_at_end"] is not None
+    assert "load_average_1min_at_end" in report["machine"] and report["partial"] is None
 
     rows = {(r["config"], r["backend"]): r for r in report["results"]}
     assert all(r["status"] in STATUSES for r in rows.values())
@@ -89,7 +95,13 @@ def test_run_bench_writes_json_markdown_and_png(tmp_path, tiny_configs):
         if r["config"] != "test-digits":
             continue
         assert r["eager_median_ms_per_image"] == eager["end_to_end_per_image"]["median_ms"]
-        assert r["speedup_vs_eager"] == pytest.approx(eager["end_to_end_per_image"]["median_ms"] / r["end_to_end_per_image"]["median_ms"])
+        if r is eager:
+            continue
+        # Eager and the backend alternated in rounds: the speed-up is the median of the per-round ratios.
+        assert r["round_group"] == eager["round_group"] == "test-digits+test-digits-unguided"
+        ratios = [e / b for e, b in zip(eager["run_s"], r["run_s"])]
+        assert r["speedup_vs_eager"] == pytest.approx(sorted(ratios)[len(ratios) // 2])
+        assert r["speedup_spread"]["min"] <= r["speedup_vs_eager"] <= r["speedup_spread"]["max"]
         assert isinstance(r["matches_eager"], bool) and r["max_abs_diff_vs_eager"] >= 0
     assert eager["speedup_vs_eager"] == 1.0 and eager["max_abs_diff_vs_eager"] == 0.0
     if backend_available("onnxruntime"):
@@ -105,7 +117,9 @@ def test_run_bench_writes_json_markdown_and_png(tmp_path, tiny_configs):
     assert all(t["status"] in TARGET_STATUSES for t in targets.values())
     if backend_available("onnxruntime"):
         overhead = targets["colour_guidance_overhead"]["values"]
-        assert set(overhead["end_to_end"]) == set(overhead["outside_model_calls"]) == {"test-digits/onnxruntime"}
+        assert set(overhead["end_to_end"]) == set(overhead["outside_model_calls"]) == set(overhead["spread"]) == {"test-digits/onnxruntime"}
+        # The unguided twin ran its request on the guided cell's pipeline, in the same rounds.
+        assert rows[("test-digits-unguided", "onnxruntime")]["shares_pipeline_with"] == "test-digits"
 
     # The table is the JSON's: one row per cell, the same speed-up.
     md = by_suffix[".md"].read_text()
@@ -163,12 +177,12 @@ def test_run_bench_pays_one_time_imports_before_the_first_cell(tmp_path, tiny_co
         calls.append(("loop", config.name))
         return {"config": config.name, "status": "error", "reason": "not measured in this test"}
 
-    def fake_cell(config, backend, device, options):
+    def fake_cell(config, backend, device, share=None):
         calls.append(("cell", config.name))
-        return skipped(config, backend, "error", "not measured in this test"), None
+        return skipped(config, backend, "error", "not measured in this test")
 
     monkeypatch.setattr(diffrt.bench, "measure_loop", fake_loop)
-    monkeypatch.setattr(diffrt.bench, "measure_cell", fake_cell)
+    monkeypatch.setattr(diffrt.bench, "open_cell", fake_cell)
     run_bench(out_dir=tmp_path, repeats=1, configs=["test-digits", "test-digits-unguided"], threads=1, kernels=False)
     for name in ("test-digits", "test-digits-unguided"):
         mine = [kind for kind, config in calls if config == name]
@@ -291,3 +305,156 @@ def test_the_cpu_target_is_not_judged_met_on_a_partial_run():
     assert cpu_exported_target([row("tiny-t2i-controlnet", 5.3), row("digits", 2.1)])["status"] == "met"
     assert cpu_exported_target([row("tiny-t2i-controlnet", 5.3), row("digits", 1.2)])["status"] == "not met"
     assert cpu_exported_target([row("digits", 1.2)])["status"] == "not met"  # failing what ran needs no more
+
+
+# --- interleaved rounds, paired ratios, and what the files record (review of the benchmark) ---------------
+
+
+class _FakeWork:
+    def __init__(self, name: str, log: list, seconds: float):
+        self.name, self.log, self.seconds = name, log, seconds
+        self.pipeline, self.component_attrs, self.details = None, (), {}
+
+    def run(self, steps: int) -> torch.Tensor:
+        self.log.append(self.name)
+        return torch.zeros(1, 3, 2, 2)
+
+
+def _fake_cell(config: BenchConfig, name: str, log: list) -> cells.Cell:
+    return cells.Cell(config, name, _FakeWork(name, log, 0.0), {}, 0.0, 0.0, {"peak_mb": 0.0, "method": "test"})
+
+
+def test_cells_are_timed_in_alternating_rounds_not_one_block_after_the_other():
+    """The bug: each backend's runs were timed in one block, so a load change landed on one side only."""
+    config = BenchConfig("c", "test", num_images=1, num_inference_steps=1, guidance_scale=1.0)
+    log: list[str] = []
+    pair = [_fake_cell(config, "torch", log), _fake_cell(config, "onnxruntime", log)]
+    cells.time_rounds(pair, torch.device("cpu"), CellOptions(repeats=4, min_time_s=0))
+    assert log == ["torch", "onnxruntime", "onnxruntime", "torch"] * 2  # ABBA: a steady drift costs both alike
+    assert all(len(c.runs) == 4 for c in pair)
+
+
+def test_short_configurations_run_until_a_minimum_measured_time(monkeypatch):
+    config = BenchConfig("c", "test", num_images=1, num_inference_steps=1, guidance_scale=1.0)
+    log: list[str] = []
+    clock = {"now": 0.0}
+    monkeypatch.setattr(cells.time, "perf_counter", lambda: clock.__setitem__("now", clock["now"] + 0.05) or clock["now"])
+    one = [_fake_cell(config, "torch", log)]
+    cells.time_rounds(one, torch.device("cpu"), CellOptions(repeats=3, min_time_s=0.5, max_runs=30))
+    assert len(one[0].runs) == 10  # 0.05 s runs: ten to reach 0.5 s, not three
+    one = [_fake_cell(config, "torch", log)]
+    cells.time_rounds(one, torch.device("cpu"), CellOptions(repeats=3, min_time_s=100.0, max_runs=7))
+    assert len(one[0].runs) == 7  # capped
+
+
+def test_speedup_is_the_median_of_per_round_ratios_with_its_spread():
+    rows = [_ok_row("c", "torch", 40.0), _ok_row("c", "onnxruntime", 10.0), _ok_row("c", "torch-compile", 20.0)]
+    rows[0].update(run_s=[0.4, 0.8, 0.4], round_group="c")  # eager slowed in round 2 ...
+    rows[1].update(run_s=[0.1, 0.4, 0.1], round_group="c")  # ... and so did the backend in the same round
+    _compare_with_eager(rows, {}, {"c": BenchConfig("c", "t", num_images=1, num_inference_steps=1, guidance_scale=1.0)})
+    ort, compiled = rows[1], rows[2]
+    assert ort["speedup_vs_eager"] == pytest.approx(4.0) and ort["speedup_method"].startswith("median of per-round")
+    assert ort["speedup_spread"]["min"] == pytest.approx(2.0) and ort["speedup_spread"]["max"] == pytest.approx(4.0)
+    # Timed apart (no shared rounds): a ratio of medians, and the table says so.
+    assert compiled["speedup_vs_eager"] == pytest.approx(2.0) and compiled["speedup_spread"] is None
+    table = {line.split(" | ")[1]: line for line in markdown(_report(rows)).splitlines() if line.startswith("| c |")}
+    assert "4.00x [2.00–4.00]" in table["onnxruntime"] and "2.00x apart" in table["torch-compile"]
+
+
+def test_guidance_overhead_is_judged_on_alternating_pairs_and_not_resolved_when_noise_straddles_the_limit():
+    """The bug: two blocks timed a minute apart gave +16.9 % and -24 %, and each was judged "met"."""
+    from diffrt.bench.report import guidance_target
+
+    def pair(guided_s, plain_s, group="g+u"):
+        g, u = _ok_row("g", "onnxruntime", 100.0), _ok_row("u", "onnxruntime", 100.0)
+        g.update(run_s=guided_s, round_group=group)
+        u.update(run_s=plain_s, round_group=group)
+        return [g, u]
+
+    met = guidance_target(pair([1.05, 1.10, 1.08], [1.0, 1.0, 1.0]), {"g": "u"})
+    assert met["status"] == "met" and met["values"]["end_to_end"]["g/onnxruntime"] == pytest.approx(0.08)
+    straddles = guidance_target(pair([1.05, 1.30, 1.15], [1.0, 1.0, 1.0]), {"g": "u"})
+    assert straddles["status"] == "not resolved" and "not resolved" in straddles["detail"]
+    assert guidance_target(pair([1.25, 1.30, 1.40], [1.0, 1.0, 1.0]), {"g": "u"})["status"] == "not met"
+    apart = guidance_target(pair([1.0], [1.0], group=None), {"g": "u"})
+    assert apart["status"] == "not resolved" and "timed apart" in apart["detail"]
+
+
+def test_contention_warns_at_one_thread_when_the_load_exceeds_the_cpus():
+    """The bug: one thread never warned, whatever the load."""
+    info = {"gpu": None, "cpus_available": 2, "threads": 1, "load_average_1min": 1.5}
+    assert timing.contention(info) is None
+    assert "more runnable processes than CPUs" in timing.contention({**info, "load_average_1min": 3.2})
+    assert "more runnable" in timing.contention(info, load=2.5)  # the load at the end, judged alike
+    assert "compete" in timing.contention({**info, "threads": 2})
+
+
+def test_provenance_names_the_commit_and_whether_the_tree_was_dirty(monkeypatch):
+    from diffrt.bench import provenance
+
+    meta = provenance.run_metadata(threads=1)
+    assert meta["threads"] == 1 and meta["cpu"] and meta["diffrt"] and meta["load_average_1min_at_end"] is None
+    if (provenance.SOURCE_ROOT / ".git").exists():
+        assert len(meta["commit"]) == 40 and isinstance(meta["dirty"], bool)
+    assert provenance.finish(meta)["load_average_1min_at_end"] is not None
+    monkeypatch.setattr(provenance, "SOURCE_ROOT", Path("/nonexistent-checkout"))
+    assert provenance.git_state() == {"commit": None, "dirty": None}
+
+
+def test_the_chart_marks_a_backend_whose_output_differs_from_eager():
+    from diffrt.bench.report import _bar_colour, bar_label
+
+    good, bad = _ok_row("c", "onnxruntime", 10.0), _ok_row("c", "optimum-onnxruntime", 5.0)
+    good.update(speedup_vs_eager=2.0, matches_eager=True)
+    bad.update(speedup_vs_eager=4.0, matches_eager=False)
+    assert "✗" not in bar_label(good) and "✗" in bar_label(bad) and "differs" in bar_label(bad)
+    assert _bar_colour(bad) != _bar_colour(good)
+
+
+def test_budget_from_the_environment_and_files_written_after_each_configuration(tmp_path, tiny_configs, monkeypatch):
+    """The bug: results were written only at the end, so `timeout 200` around a 3000 s budget left nothing."""
+    from diffrt.bench import report as rp
+
+    written = []
+    real_write = rp.write
+    monkeypatch.setattr(rp, "write", lambda report, out: (written.append(report), real_write(report, out))[1])
+    monkeypatch.setattr(diffrt.bench, "measure_loop", lambda c, d, o: {"config": c.name, "status": "error", "reason": "test"})
+    monkeypatch.setattr(diffrt.bench, "open_cell", lambda c, b, d, share=None: skipped(c, b, "error", "test"))
+    run_bench(out_dir=tmp_path, repeats=1, configs=["test-digits"], threads=1, kernels=True)
+    assert len(written) >= 2 and "kernel" in written[0]["partial"] and written[-1]["partial"] is None
+    monkeypatch.setattr(diffrt.bench, "_kernels", lambda device: {"status": "not run", "reason": "test"})
+    monkeypatch.setenv("DIFFRT_BENCH_BUDGET_S", "1e-9")
+    paths = run_bench(out_dir=tmp_path, repeats=1, configs=["test-digits"], threads=1, kernels=False)
+    report = json.loads(paths[0].read_text())
+    assert report["settings"]["budget_s"] == 1e-9 and "DIFFRT_BENCH_BUDGET_S=1e-9" in report["command"]
+    assert all(r["status"] == "skipped" and "budget" in r["reason"] for r in report["results"])
+
+
+def test_sd15_controlnet_output_convolutions_are_not_zero():
+    """The bug: diffusers zero-initialises them, so an engine that dropped the ControlNet matched eager."""
+    from diffusers import ControlNetModel
+
+    from diffrt.bench.sd15 import _noise_zero_convs
+
+    controlnet = ControlNetModel(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 layers_per_block=1, cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+                                 conditioning_embedding_out_channels=(4, 8))
+    convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    assert all(not c.weight.any() for c in convs)  # what diffusers gives
+    _noise_zero_convs(controlnet, torch.Generator().manual_seed(1))
+    assert all(c.weight.abs().sum() > 0 and c.bias.abs().sum() > 0 for c in convs)
+
+
+def test_optimum_samples_with_the_configurations_scheduler_and_the_benchmarks_threads():
+    """The bug: DDIM whatever the configuration said, and ONNX Runtime's pool at its default size."""
+    from diffusers import DDIMScheduler
+
+    from diffrt.bench.optimum_ort import diffusers_scheduler, session_options
+
+    ddim = DDIMScheduler(num_train_timesteps=1000).config
+    assert type(diffusers_scheduler("lcm", ddim)).__name__ == "LCMScheduler"
+    assert type(diffusers_scheduler("dpm", ddim)).__name__ == "DPMSolverMultistepScheduler"
+    assert type(diffusers_scheduler(None, ddim)).__name__ == "DDIMScheduler"
+    if importlib.util.find_spec("onnxruntime"):
+        with cpu_threads(1):
+            assert session_options().intra_op_num_threads == 1

@@ -273,6 +273,7 @@ def test_mixed_precision_autocasts_the_forward_only_and_can_change_between_runs(
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert _RecordAutocast.seen == {"forward": True, "backward": False}
     assert model.weight.dtype == torch.float32 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert len(result.step_seconds) == len(result.losses) == 4 and min(result.step_seconds) > 0  # bench_train's medians
     with pytest.raises(DiffrtError, match="mixed-precision"):
         linear_config(tmp_path / "bad", mixed_precision="fp8").validate()
 

@@ -3,7 +3,9 @@
 1. export the embedded class-conditioned digits model to ONNX (cached in the user cache);
 2. sample one row per digit with classifier-free guidance, each column pulled toward a target
    colour by colour guidance, on the fastest exported backend present;
-3. run the same request on eager PyTorch and report ms per step and per image, and the speed-up;
+3. run the same request on eager PyTorch, alternating with the exported backend run by run (so a
+   change in the machine's load lands on both) with the same thread count, and report the median
+   ms per step and per image, the speed-up and its spread over the pairs of runs;
 4. write the grid to demo.png.
 """
 
@@ -37,14 +39,17 @@ class DemoSettings:
     color_scale: float = 2.0
     colours: tuple[str, ...] = DEMO_COLOURS
     seed: int = 0
-    repeats: int = 2  # timed runs per backend after one warm-up; the median is reported
+    repeats: int = 3  # timed runs per backend after one warm-up, alternating; the median is reported
 
 
 @dataclass
 class DemoTiming:
     backend: str
-    ms_per_step: float
+    ms_per_step: float  # medians
     ms_per_image: float
+    runs_s: tuple[float, ...] = ()  # every timed run, in order; run i of each backend alternated
+    images_per_run: int = 0
+    threads: int | None = None
 
 
 def demo_request(settings: DemoSettings, num_classes: int = 10):
@@ -87,19 +92,26 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
     kwargs = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                   seed=settings.seed, guidance=guidance, output_type="pt")
 
-    # 2. Same request on both backends; the first run warms up, the median of the rest is timed.
-    timings, images = [], {}
+    # 2. Same request on both backends, with the same threads: one warm-up run each, then timed runs
+    #    alternating between them (the order swapped every other pair), so load on a shared machine
+    #    lands on both sides; the median of each side's runs is reported.
+    from diffrt.bench.timing import bench_threads, cpu_threads
+
+    threads = bench_threads()
+    seconds: dict[str, list[float]] = {fast.backend: [], eager.backend: []}
+    images = {}
     total_steps = 2 * (settings.repeats + 1) * settings.num_inference_steps  # two backends, warm-up + timed runs
-    with tqdm(total=total_steps, desc="demo", unit="step") as bar:
-        for pipe in (fast, eager):
-            seconds = []
-            for i in range(settings.repeats + 1):
+    with tqdm(total=total_steps, desc="demo", unit="step") as bar, cpu_threads(threads):
+        for i in range(settings.repeats + 1):
+            for pipe in (fast, eager) if i % 2 == 0 else (eager, fast):
                 result = pipe(labels, progress=lambda _: bar.update(1), **kwargs)
                 if i:
-                    seconds.append(result.seconds)
-            images[pipe.backend] = result.images
-            s = statistics.median(seconds)
-            timings.append(DemoTiming(result.backend, 1000 * s / settings.num_inference_steps, 1000 * s / len(labels)))
+                    seconds[pipe.backend].append(result.seconds)
+                images[pipe.backend] = result.images
+    timings = []
+    for backend, runs in seconds.items():
+        s = statistics.median(runs)
+        timings.append(DemoTiming(backend, 1000 * s / settings.num_inference_steps, 1000 * s / len(labels), tuple(runs), len(labels), threads))
     max_diff = (images[fast.backend] - images["torch"]).abs().max().item()
 
     # 3. The grid: one row per digit, one column per colour.
@@ -108,8 +120,17 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
 
 
 def format_table(timings: list[DemoTiming]) -> str:
+    """Medians, each side's range, and the speed-up with its range over the alternating pairs of runs."""
     eager = next(t for t in timings if t.backend == "torch")
-    lines = ["| backend | ms / step | ms / image | speed-up vs eager |", "|---|---:|---:|---:|"]
+    lines = ["| backend | ms / step | ms / image (min–max) | speed-up vs eager (pairs min–max) |", "|---|---:|---:|---:|"]
     for t in timings:
-        lines.append(f"| {t.backend} | {t.ms_per_step:.1f} | {t.ms_per_image:.2f} | {eager.ms_per_step / t.ms_per_step:.2f}x |")
+        per_image = [1000 * s / t.images_per_run for s in t.runs_s] if t.images_per_run else []
+        span = f" ({min(per_image):.2f}–{max(per_image):.2f})" if per_image else ""
+        pairs = [e / f for e, f in zip(eager.runs_s, t.runs_s)]
+        spread = f" ({min(pairs):.2f}–{max(pairs):.2f}x)" if pairs and t is not eager else ""
+        lines.append(f"| {t.backend} | {t.ms_per_step:.1f} | {t.ms_per_image:.2f}{span} | {eager.ms_per_step / t.ms_per_step:.2f}x{spread} |")
+    runs = len(eager.runs_s)
+    if runs:
+        lines.append(f"\nMedians of {runs} timed run{'s' if runs > 1 else ''} per backend, alternating, after one warm-up each"
+                     + (f"; {eager.threads} thread{'s' if eager.threads != 1 else ''} for both" if eager.threads else "") + ".")
     return "\n".join(lines)

@@ -6,15 +6,20 @@
    CUDA: the SD-1.5-sized ones; see `configs.py`) and build their models once;
 2. per configuration, the loop's own cost over zero-returning backends first (it also pays the
    process's one-time imports, which would otherwise swell the first cell's peak memory), then
-   eager torch, then every other backend present (`cells.py`);
+   eager torch and every other backend present opened together and timed in alternating rounds
+   (`cells.py`); a colour-guided configuration and its unguided twin share those rounds, each
+   backend's pipeline running both requests; the files are written after each configuration,
+   marked partial, so a run killed midway keeps what it measured;
 3. torch.compile cells last, each in a child process capped by the time left, since a compile
    cannot be interrupted and takes minutes on a small CPU;
-4. speed-ups and output matching against the eager cell of this same run; the fused-kernel
+4. speed-ups (the median of the per-round ratios, with their spread) and output matching against
+   the eager cell of the same rounds; the fused-kernel
    micro-benchmark (`benchmarks/bench_kernels.py`) where it is found; where each target stands.
 
 Thread count: `threads`, else DIFFRT_BENCH_THREADS, else every CPU the process may use, never more
 than those CPUs (ONNX Runtime's pool is that size at most); it is recorded with the machine. On a
 shared CPU, fewer threads than cores avoids OpenMP barrier stalls when another process holds a core.
+The time budget: `budget_s`, else DIFFRT_BENCH_BUDGET_S, else 270 s on a CPU and 3000 s on CUDA.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from pathlib import Path
 import torch
 
 from diffrt.bench import report as rp
-from diffrt.bench.cells import WARMUP_STEPS, CellOptions, measure_cell, measure_cell_isolated, measure_loop, skipped
+from diffrt.bench.cells import (WARMUP_STEPS, Cell, CellOptions, measure_cell_isolated, measure_loop, open_cell, skipped, summarize_cell,
+                                time_rounds)
 from diffrt.bench.configs import BACKENDS, CONFIGS, CPU_DEFAULT, EAGER, GPU_DEFAULT, BenchConfig, get_config
-from diffrt.bench.timing import available_cpus, bench_threads, contention, cpu_threads, default_threads, machine_info, machine_tag
+from diffrt.bench.provenance import finish, load_average, run_metadata
+from diffrt.bench.timing import available_cpus, bench_threads, contention, cpu_threads, default_threads, machine_info, machine_tag, spread
 from diffrt.errors import DiffrtError
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 __all__ = ["run_bench", "CONFIGS"]
 
 ISOLATED = ("torch-compile",)  # measured last, in a child process with a time limit
+SHAREABLE = ("torch", "onnxruntime", "tensorrt")  # diffrt's pipelines: a twin configuration can run its request on them
 TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2}  # max |image - eager image|, images in [0, 1]
 
 
@@ -82,7 +90,7 @@ def _compare_with_eager(results: list[dict], images: dict, configs: dict[str, Be
         if r["status"] != "ok" or base is None:
             continue
         r["eager_median_ms_per_image"] = base["end_to_end_per_image"]["median_ms"]
-        r["speedup_vs_eager"] = r["eager_median_ms_per_image"] / r["end_to_end_per_image"]["median_ms"]
+        r.update(_speedup(base, r))
         a, b = images.get((r["config"], r["backend"])), images.get((r["config"], EAGER))
         if a is None or b is None:
             continue
@@ -99,6 +107,21 @@ def _compare_with_eager(results: list[dict], images: dict, configs: dict[str, Be
         r["matches_eager"] = r["max_abs_diff_vs_eager"] <= tol
 
 
+def _speedup(eager: dict, row: dict) -> dict:
+    """Eager's time over the row's: the median of the per-round ratios where the two alternated in
+    one set of rounds (a change in the machine's load between rounds cancels), else the ratio of
+    the medians of runs timed apart (the isolated torch.compile cells), which the load can move."""
+    if row is eager:
+        return {"speedup_vs_eager": 1.0, "speedup_method": "the baseline", "speedup_spread": None}
+    if row.get("round_group") is not None and row.get("round_group") == eager.get("round_group"):
+        ratios = [e / b for e, b in zip(eager["run_s"], row["run_s"])]
+        s = spread(ratios)
+        return {"speedup_vs_eager": s["median"], "speedup_method": "median of per-round ratios (interleaved runs)",
+                "speedup_spread": {k: s[k] for k in ("p25", "p75", "min", "max", "n")}}
+    return {"speedup_vs_eager": eager["end_to_end_per_image"]["median_ms"] / row["end_to_end_per_image"]["median_ms"],
+            "speedup_method": "ratio of medians (runs timed apart, not interleaved)", "speedup_spread": None}
+
+
 def _installed(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -111,18 +134,48 @@ def _installed(package: str) -> str | None:
 def _command(out_dir, backends, repeats, configs) -> str:
     parts = ["diffrt bench", f"--out {out_dir}", f"--repeats {repeats}"]
     parts += [f"--backend {b}" for b in backends or []] + [f"--config {c}" for c in configs or []]
-    env = os.environ.get("DIFFRT_BENCH_THREADS")
-    return (f"DIFFRT_BENCH_THREADS={env} " if env else "") + " ".join(parts)
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("DIFFRT_BENCH_THREADS", "DIFFRT_BENCH_BUDGET_S") if os.environ.get(k))
+    return (f"{env} " if env else "") + " ".join(parts)
+
+
+def _groups(chosen: list[BenchConfig]) -> list[list[BenchConfig]]:
+    """Configurations timed in one set of rounds: each alone, except a colour-guided one and its
+    unguided twin, which alternate on one pipeline per backend (the guidance-overhead target)."""
+    names = {c.name for c in chosen}
+    groups, placed = [], set()
+    for config in chosen:
+        if config.name in placed:
+            continue
+        group = [c for c in chosen if c is config or (c.name not in placed and (
+            c.name == config.unguided or config.name == c.unguided) and c.name in names)]
+        placed.update(c.name for c in group)
+        groups.append(group)
+    return groups
+
+
+def _env_budget() -> float | None:
+    env = os.environ.get("DIFFRT_BENCH_BUDGET_S", "").strip()
+    if not env:
+        return None
+    try:
+        return float(env)
+    except ValueError:
+        raise DiffrtError(f"DIFFRT_BENCH_BUDGET_S={env!r} must be a number of seconds (or unset: 270 on a CPU, 3000 on CUDA)") from None
 
 
 def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | None = None, repeats: int = 5,
               configs: list[str] | None = None, *, threads: int | None = None, budget_s: float | None = None,
-              cell_budget_s: float | None = None, compile_cap_s: float | None = None, kernels: bool = True) -> list[Path]:
+              cell_budget_s: float | None = None, compile_cap_s: float | None = None, min_time_s: float | None = None,
+              kernels: bool = True) -> list[Path]:
     """Measure, then write bench_<machine>.json, .md and .png under `out_dir`; returns their paths.
+    The files are written after every configuration as well, marked partial, so a run that is
+    killed keeps what it measured.
 
-    budget_s: the whole run's time target (CPU 270 s, CUDA 3000 s); only the isolated
-    torch.compile cells are cut to fit it. cell_budget_s: timed runs of one cell stop after this
-    once three are done (CPU 20 s, CUDA 60 s). compile_cap_s: most a torch.compile cell may take."""
+    budget_s: the whole run's time target (else DIFFRT_BENCH_BUDGET_S, else CPU 270 s, CUDA 3000 s);
+    a configuration is not started past it, and the isolated torch.compile cells are cut to fit it.
+    cell_budget_s: timed rounds stop after this once three are done (CPU 20 s, CUDA 60 s).
+    min_time_s: short configurations run more rounds (up to 30) until every cell ran this long (3 s).
+    compile_cap_s: most a torch.compile cell may take."""
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
@@ -136,8 +189,9 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
     if threads != asked:
         log.warning("%d threads asked for, %d CPUs available: measuring with %d (ONNX Runtime's pool cannot be larger, "
                     "and eager PyTorch must run with the same count)", asked, available_cpus(), threads)
-    budget_s = budget_s or (3000.0 if gpu else 270.0)
-    options = CellOptions(repeats=repeats, budget_s=cell_budget_s or (60.0 if gpu else 20.0))
+    budget_s = budget_s or _env_budget() or (3000.0 if gpu else 270.0)
+    options = CellOptions(repeats=repeats, budget_s=cell_budget_s or (60.0 if gpu else 20.0),
+                          min_time_s=3.0 if min_time_s is None else min_time_s)
     compile_cap_s = compile_cap_s or (900.0 if gpu else 150.0)
 
     results: dict[tuple[str, str], dict] = {}
@@ -147,46 +201,101 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
     machine["contention"] = contention(machine)
     if machine["contention"]:
         log.warning("%s", machine["contention"])
+    provenance = run_metadata(threads)
+    run = dict(start=start, out_dir=out_dir, backends=backends, repeats=repeats, configs=configs, chosen=chosen,
+               machine=machine, provenance=provenance, options=options, budget_s=budget_s, compile_cap_s=compile_cap_s)
+    groups, later = _groups(chosen), ["the kernel micro-benchmark"] if kernels else []
     with cpu_threads(threads):
         log.info("benchmarking %s on %s with %d threads", ", ".join(c.name for c in chosen), device, threads)
-        # 1-2. Every configuration: the loop's own cost (which also pays the process's one-time imports and
-        # allocations before any cell's memory baseline), then eager, then the other backends.
-        for config in chosen:
-            wanted = _backends_for(config, backends)
-            if config.gpu_only and not gpu:
-                for b in wanted:
-                    results[(config.name, b)] = skipped(config, b, "skipped", "a GPU configuration; this machine has no CUDA")
+        # 1-2. Every group of configurations: the loop's own cost (which also pays the process's one-time
+        # imports and allocations before any cell's memory baseline), then its cells, open together and
+        # timed in alternating rounds. The files are rewritten after each, so a killed run keeps them.
+        for i, group in enumerate(groups):
+            if time.perf_counter() - start > budget_s:
+                why = f"no time left in the benchmark's budget ({budget_s:.0f} s; budget_s or DIFFRT_BENCH_BUDGET_S)"
+                for config in group:
+                    for b in _backends_for(config, backends):
+                        results[(config.name, b)] = skipped(config, b, "skipped", why)
                 continue
-            try:
-                config.prepare(device)
-            except Exception as exc:  # e.g. the shipped model missing: say so in its rows, measure the rest
-                log.warning("%s: cannot prepare the model: %s", config.name, exc)
-                for b in wanted:
-                    results[(config.name, b)] = skipped(config, b, "error", f"model not ready: {type(exc).__name__}: {exc}"[:400])
-                continue
-            log.info("%s: loop overhead ...", config.name)
-            loops.append(measure_loop(config, device, options))
-            for backend in wanted:
-                why = _unavailable(backend)
-                if why:
-                    results[(config.name, backend)] = skipped(config, backend, "skipped", why)
-                    continue
-                if backend in ISOLATED:
-                    results[(config.name, backend)] = None  # keeps the table's order; measured in step 3
-                    deferred.append((config, backend))
-                    continue
-                log.info("%s on %s ...", config.name, backend)
-                results[(config.name, backend)], images[(config.name, backend)] = measure_cell(config, backend, device, options)
+            _measure_group(group, backends, device, options, gpu, results, images, loops, deferred)
+            pending = [c.name for g in groups[i + 1:] for c in g] + [f"{c.name}/{b}" for c, b in deferred] + later
+            _write(run, results, images, loops, None, pending)
         # 3. torch.compile, capped by what is left of the budget.
-        for config, backend in deferred:
+        for j, (config, backend) in enumerate(deferred):
             left = min(compile_cap_s, budget_s - (time.perf_counter() - start))
             log.info("%s on %s (isolated, at most %.0f s) ...", config.name, backend, left)
             results[(config.name, backend)], images[(config.name, backend)] = measure_cell_isolated(
                 config, backend, device, options, threads=threads, timeout_s=left)
+            _write(run, results, images, loops, None, [f"{c.name}/{b}" for c, b in deferred[j + 1:]] + later)
         kernel_results = _kernels(device) if kernels else {"status": "not run", "reason": "kernels=False"}
 
-    # 4. Against eager, targets, files.
-    rows = list(results.values())
+    # 4. Against eager, targets, files; the load now says whether the machine stayed quiet.
+    machine["load_average_1min_at_end"] = load_average()
+    machine["contention_at_end"] = contention(machine, machine["load_average_1min_at_end"])
+    if machine["contention_at_end"]:
+        log.warning("at the end: %s", machine["contention_at_end"])
+    run["provenance"] = finish(provenance)
+    paths, report = _write(run, results, images, loops, kernel_results, [])
+    log.info("\n%s", rp.markdown(report))
+    return paths
+
+
+def _measure_group(group: list[BenchConfig], backends, device, options, gpu, results, images, loops, deferred) -> None:
+    """Prepare the group's models, measure their loop overhead, open all their cells and time them in rounds."""
+    ready = []
+    for config in group:
+        wanted = _backends_for(config, backends)
+        if config.gpu_only and not gpu:
+            for b in wanted:
+                results[(config.name, b)] = skipped(config, b, "skipped", "a GPU configuration; this machine has no CUDA")
+            continue
+        try:
+            config.prepare(device)
+        except Exception as exc:  # e.g. the shipped model missing: say so in its rows, measure the rest
+            log.warning("%s: cannot prepare the model: %s", config.name, exc)
+            for b in wanted:
+                results[(config.name, b)] = skipped(config, b, "error", f"model not ready: {type(exc).__name__}: {exc}"[:400])
+            continue
+        log.info("%s: loop overhead ...", config.name)
+        loops.append(measure_loop(config, device, options))
+        ready.append((config, wanted))
+    opened: dict[str, Cell] = {}  # backend -> the group's first open cell on it, whose pipeline a twin shares
+    cells = []
+    for config, wanted in ready:
+        for backend in wanted:
+            why = _unavailable(backend)
+            if why:
+                results[(config.name, backend)] = skipped(config, backend, "skipped", why)
+                continue
+            if backend in ISOLATED:
+                results[(config.name, backend)] = None  # keeps the table's order; measured in step 3
+                deferred.append((config, backend))
+                continue
+            log.info("%s on %s: opening ...", config.name, backend)
+            share = opened.get(backend) if backend in SHAREABLE else None
+            cell = open_cell(config, backend, device, share=share)
+            if isinstance(cell, dict):
+                results[(config.name, backend)] = cell
+                continue
+            opened.setdefault(backend, cell)
+            results[(config.name, backend)] = None  # filled below, in this order
+            cells.append(cell)
+    if not cells:
+        return
+    log.info("%s: timing %s in alternating rounds ...", "+".join(c.name for c, _ in ready),
+             ", ".join(f"{c.config.name}/{c.backend}" for c in cells))
+    time_rounds(cells, device, options)
+    round_group = "+".join(c.name for c, _ in ready)
+    for cell in cells:
+        key = (cell.config.name, cell.backend)
+        results[key], images[key] = summarize_cell(cell, device)
+        if results[key]["status"] == "ok" and len(cells) > 1:
+            results[key]["round_group"] = round_group  # its run_s[i] and its group's run_s[i] ran in one round
+
+
+def _write(run: dict, results, images, loops, kernel_results, pending: list[str]) -> tuple[list[Path], dict]:
+    """Assemble the report from what is measured so far and write its files."""
+    rows = [r for r in results.values() if r is not None]
     _compare_with_eager(rows, images, CONFIGS)
     eager = {r["config"]: r for r in rows if r["backend"] == EAGER and r["status"] == "ok"}
     for o in loops:
@@ -195,19 +304,22 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
             o["share_of_eager_step"] = o["ms_per_step"] / o["eager_ms_per_step"]
     from diffrt.export.manifest import library_versions
 
+    chosen, options = run["chosen"], run["options"]
+    kernel_results = kernel_results or {"status": "not run", "reason": "the run has not reached the kernels"}
     pairs = {c.name: c.unguided for c in chosen if c.unguided}
     report = {
-        "schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": _command(out_dir, backends, repeats, configs),
-        "machine_tag": machine_tag(machine), "machine": machine,
+        "schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": _command(run["out_dir"], run["backends"], run["repeats"], run["configs"]),
+        "partial": f"written during the run; still to measure: {', '.join(pending)}" if pending else None,
+        "provenance": run["provenance"], "machine_tag": machine_tag(run["machine"]), "machine": run["machine"],
         "versions": {**library_versions(), "optimum": _installed("optimum"), "triton": _installed("triton")},
-        "settings": {"repeats": repeats, "warmup_steps": WARMUP_STEPS, "cell_budget_s": options.budget_s,
-                     "min_runs": options.min_runs, "budget_s": budget_s, "compile_cap_s": compile_cap_s,
+        "settings": {"repeats": run["repeats"], "warmup_steps": WARMUP_STEPS, "cell_budget_s": options.budget_s,
+                     "min_runs": options.min_runs, "min_time_s": options.min_time_s, "max_runs": options.max_runs,
+                     "budget_s": run["budget_s"], "compile_cap_s": run["compile_cap_s"],
                      "configs": {c.name: c.settings() for c in chosen}},
         "results": rows, "loop_overhead": loops, "kernels": kernel_results,
-        "targets": [rp.cpu_exported_target(rows), rp.h100_tensorrt_target(rows, machine), rp.guidance_target(rows, pairs),
+        "targets": [rp.cpu_exported_target(rows), rp.h100_tensorrt_target(rows, run["machine"]), rp.guidance_target(rows, pairs),
                     rp.kernel_target(kernel_results)],
     }
-    report["wall_s"] = round(time.perf_counter() - start, 1)
-    paths = rp.write(report, out_dir)
-    log.info("\n%s", rp.markdown(report))
-    return paths
+    report["wall_s"] = round(time.perf_counter() - run["start"], 1)
+    return rp.write(report, run["out_dir"]), report

@@ -87,6 +87,11 @@ class BenchConfig:
     def open_null(self, device: torch.device) -> Workload:
         raise NotImplementedError
 
+    def workload_on(self, pipeline) -> Workload:
+        """This configuration's request on a pipeline another configuration of the same model opened
+        (the colour-guided one and its unguided twin alternate on one pipeline)."""
+        raise NotImplementedError
+
     def settings(self) -> dict:
         return {"description": self.description, "num_images": self.num_images, "match_tolerance": self.match_tolerance,
                 "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
@@ -131,6 +136,9 @@ class DigitsConfig(BenchConfig):
 
         return Workload(pipe, run, ("unet",), {"providers": getattr(pipe.unet, "providers", None)})
 
+    def workload_on(self, pipeline):
+        return self._workload(pipeline)
+
     def open(self, backend, device):
         from diffrt.export.options import ExportOptions
         from diffrt.runtime.loading import open_pixel_pipeline
@@ -174,7 +182,8 @@ class TextToImageConfig(BenchConfig):
 
     @property
     def folder(self) -> Path:
-        return cache_root() / (f"tiny-t2i-{self.size}-seed{self.seed}" if self.model == "tiny" else f"sd15-random-seed{self.seed}")
+        # v2: the ControlNet's output convolutions are noised (sd15.py); a v1 folder's add nothing.
+        return cache_root() / (f"tiny-t2i-{self.size}-seed{self.seed}" if self.model == "tiny" else f"sd15-random-v2-seed{self.seed}")
 
     def prepare(self, device):
         folder = self.folder
@@ -220,6 +229,9 @@ class TextToImageConfig(BenchConfig):
                    "precisions": {c.spec.name: str(getattr(c, "dtype", "")).removeprefix("torch.") or None
                                   for c in (pipe.text_encoder, pipe.unet, pipe.vae_decoder)}}
         return Workload(pipe, run, ("text_encoder", "unet", "vae_decoder"), details)
+
+    def workload_on(self, pipeline):
+        return self._workload(pipeline)
 
     def _controlnet_dir(self) -> Path | None:
         return self.folder / "controlnet" if self.controlnet else None

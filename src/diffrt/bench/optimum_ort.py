@@ -2,8 +2,10 @@
 
 Measured end to end only (its components are not diffrt Backends). It exports the same
 diffusers folder with optimum's own exporter (fp16 through `main_export(dtype="fp16")` on
-CUDA), cached beside the benchmark's models, and samples with diffusers' DDIMScheduler and the
-same seed, so its images can be compared with eager PyTorch's.
+CUDA), cached beside the benchmark's models, and samples with the configuration's sampler as
+diffusers' scheduler class (DDIM unless the configuration names another), the same seed and the
+benchmark's thread count for ONNX Runtime's intra-op pool, so its images and times can be
+compared with eager PyTorch's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,30 @@ def _import_reason(exc: Exception) -> str:
     return why
 
 
+# diffrt's `scheduler=` names -> the diffusers class diffrt's sampler reproduces (runtime/sampling.py)
+DIFFUSERS_SCHEDULERS = {None: "DDIMScheduler", "ddim": "DDIMScheduler", "lcm": "LCMScheduler", "dpm": "DPMSolverMultistepScheduler",
+                        "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}
+
+
+def diffusers_scheduler(name: str | None, scheduler_config):
+    """The configuration's sampler as diffusers' scheduler on the folder's training schedule."""
+    import diffusers
+
+    if name not in DIFFUSERS_SCHEDULERS:
+        raise NotApplicable(f"no diffusers scheduler for scheduler={name!r}; known: {', '.join(map(str, DIFFUSERS_SCHEDULERS))}")
+    return getattr(diffusers, DIFFUSERS_SCHEDULERS[name]).from_config(scheduler_config)
+
+
+def session_options():
+    """ONNX Runtime options with the intra-op pool the benchmark measures every backend with
+    (torch's thread count, which `cpu_threads` sets), not ONNX Runtime's default of every core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return options
+
+
 def open_optimum(config, device: torch.device) -> Workload:
     """Raises NotApplicable, naming every reason, where optimum cannot run this configuration."""
     reasons = []
@@ -41,8 +67,6 @@ def open_optimum(config, device: torch.device) -> Workload:
         reasons.append(_import_reason(exc))
     if reasons:
         raise NotApplicable("; ".join(reasons))
-    from diffusers import DDIMScheduler
-
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
     out = cache_root() / f"optimum-{config.folder.name}-{config.precision}"
     if not (out / "model_index.json").is_file():
@@ -50,8 +74,8 @@ def open_optimum(config, device: torch.device) -> Workload:
 
         main_export(str(config.folder), output=str(out), task="text-to-image", device=device.type,
                     dtype="fp16" if config.precision == "fp16" else "fp32")
-    pipe = ORTStableDiffusionPipeline.from_pretrained(str(out), provider=provider)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = ORTStableDiffusionPipeline.from_pretrained(str(out), provider=provider, session_options=session_options())
+    pipe.scheduler = diffusers_scheduler(config.scheduler, pipe.scheduler.config)
 
     def run(steps: int) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(config.seed)
@@ -60,4 +84,5 @@ def open_optimum(config, device: torch.device) -> Workload:
                       output_type="np")
         return torch.from_numpy(result.images).permute(0, 3, 1, 2).float()
 
-    return Workload(pipe, run, (), {"providers": [provider], "export": str(out)})
+    return Workload(pipe, run, (), {"providers": [provider], "export": str(out), "scheduler": type(pipe.scheduler).__name__,
+                                    "intra_op_num_threads": torch.get_num_threads()})

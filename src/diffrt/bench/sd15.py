@@ -86,6 +86,16 @@ TEXT_ENCODER = {
 }
 
 
+def _noise_zero_convs(controlnet, generator: torch.Generator) -> None:
+    """diffusers zero-initialises a ControlNet's output convolutions, so a fresh one adds exactly
+    nothing to the UNet: an engine that dropped the ControlNet would match eager bit for bit. Seeded
+    noise (as diffrt.tiny's ControlNet has) makes its residuals count, so the output comparison sees it."""
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.05, generator=generator)
+            conv.bias.normal_(0.0, 0.05, generator=generator)
+
+
 def build_sd15_folder(folder: str | Path, *, seed: int = 0, device: str | torch.device = "cpu") -> Path:
     """Write an SD-1.5-sized pipeline folder with `controlnet/` beside it, once; an existing one is reused.
 
@@ -110,6 +120,7 @@ def build_sd15_folder(folder: str | Path, *, seed: int = 0, device: str | torch.
         unet = UNet2DConditionModel(**UNET)
         vae = AutoencoderKL(**VAE)
         controlnet = ControlNetModel(**CONTROLNET)
+        _noise_zero_convs(controlnet, torch.Generator(device).manual_seed(seed + 1))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(tmp / "tokenizer"), unet=unet,
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
                                    requires_safety_checker=False)

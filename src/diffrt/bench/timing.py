@@ -36,6 +36,19 @@ def summarize_ms(samples_s: list[float], per: float = 1.0) -> dict | None:
     return {"median_ms": statistics.median(ms), "p90_ms": p90, "min_ms": ms[0], "n": len(ms)}
 
 
+def spread(values: list[float]) -> dict | None:
+    """Median, quartiles and range of paired ratios (nearest rank, as `summarize_ms`: with 3 values the
+    quartiles are the extremes, so a few pairs are judged on their whole range)."""
+    if not values:
+        return None
+    v = sorted(values)
+
+    def rank(q: float) -> float:
+        return v[max(0, math.ceil(q * len(v)) - 1)]
+
+    return {"median": statistics.median(v), "p25": rank(0.25), "p75": rank(0.75), "min": v[0], "max": v[-1], "n": len(v)}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -81,7 +94,8 @@ class MemoryMonitor:
         self.device, self.interval = device, interval
         self.method = ("cuda device memory in use (cudaMemGetInfo, sampled) and torch.cuda.max_memory_allocated"
                        if device.type == "cuda" else
-                       "process RSS sampled every 10 ms, peak minus RSS before the pipeline opened")
+                       "process RSS sampled every 10 ms over the warm-up run at the request's shapes, "
+                       "peak minus RSS before the pipeline opened")
         self._base = self._peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -190,16 +204,27 @@ def machine_info(device: torch.device, threads: int) -> dict:
             "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
-def contention(info: dict) -> str | None:
-    """A warning when other processes already keep the CPUs the benchmark's threads need busy.
+def contention(info: dict, load: float | None = None) -> str | None:
+    """A warning when other processes keep the CPUs the benchmark's threads need busy; `load`: the
+    1-min load average to judge (default: the one recorded at the start).
 
     OpenMP threads wait for each other at every parallel region's barrier; when another process
     holds one of their cores, eager PyTorch's many small ops slow down several-fold (measured
-    here: 3-4x at load 3 on 2 cores), which would flatter every other backend."""
-    load, cpus = info["load_average_1min"], info["cpus_available"]
-    if info["gpu"] or load is None or info["threads"] == 1 or load <= cpus - info["threads"] + 0.5:
+    here: 3-4x at load 3 on 2 cores), which would flatter every other backend. One thread has no
+    barrier, but with more runnable processes than CPUs it waits for a core too: its times stretch
+    and move with the load."""
+    load = info["load_average_1min"] if load is None else load
+    cpus, threads = info["cpus_available"], info["threads"]
+    if info["gpu"] or load is None:
         return None
-    return (f"1-min load average {load} on {cpus} CPUs with {info['threads']} threads: other processes compete for "
+    if threads == 1:
+        if load <= cpus:
+            return None
+        return (f"1-min load average {load} on {cpus} CPUs: more runnable processes than CPUs, so the benchmark's one "
+                f"thread waits for a core and its times stretch with the load; compare only figures measured in the same run")
+    if load <= cpus - threads + 0.5:
+        return None
+    return (f"1-min load average {load} on {cpus} CPUs with {threads} threads: other processes compete for "
             f"these cores, which slows multi-threaded eager PyTorch far more than the other backends; "
             f"DIFFRT_BENCH_THREADS=1 gives comparable numbers on a shared machine")
 

@@ -28,7 +28,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -208,6 +208,7 @@ class TrainResult:
     losses: list[float]  # one per optimizer step this call ran: steps start_step + 1 ... steps
     seconds: float  # wall time of the loop, checkpoints and sample grids included
     samples_per_second: float  # over the optimizer steps alone (forward, backward, update, EMA)
+    step_seconds: list[float] = field(default_factory=list)  # each of those steps' own time, for medians (bench_train.py)
 
 
 def train(
@@ -266,7 +267,7 @@ def train(
     model.train()
     losses = []
     t0 = time.perf_counter()
-    step_seconds, skipped = 0.0, 0
+    step_times, skipped = [], 0
     progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process)
     for step in range(start, config.max_steps):
         step_start = time.perf_counter()
@@ -299,7 +300,7 @@ def train(
             ema.update(named, done)
         if accelerator.device.type == "cuda":  # the optimizer's kernels are queued after loss.item()'s sync
             torch.cuda.synchronize(accelerator.device)
-        step_seconds += time.perf_counter() - step_start
+        step_times.append(time.perf_counter() - step_start)
         losses.append(total)
         window.append(total)
         progress.update(1)
@@ -335,8 +336,8 @@ def train(
             ema.copy_to(named)  # the exported model is the EMA one
         save_fn(out)
     steps_run = config.max_steps - start
-    rate = steps_run * config.batch_size * config.gradient_accumulation_steps / step_seconds if steps_run else 0.0
-    return TrainResult(out, config.max_steps, start, losses, seconds, rate)
+    rate = steps_run * config.batch_size * config.gradient_accumulation_steps / sum(step_times) if steps_run else 0.0
+    return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)
 
 
 def check_out_apart(out: str | Path, model: str | Path, result: str) -> None:
