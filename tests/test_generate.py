@@ -43,6 +43,8 @@ def test_class_label_takes_the_class_name_and_numbered_classes_by_their_number(c
     assert main(["generate", "--model", str(model), "--class-label", "3", *common, "--out", str(tmp_path / "c.png")]) == 2
     one_line_error(capsys, "--class-label '3' is not a class of this model (its classes are 1, 2, 10, 20)")
     assert class_index(3, []) == 3 and class_index(None, ["1"]) is None
+    # Zero-padded folders: 1 and 01 are both the class "01" (--class-label 01 was read as the int 1 and refused).
+    assert class_index("1", ["00", "01", "10"]) == class_index("01", ["00", "01", "10"]) == 1
 
 
 def test_class_label_out_of_range_is_one_line(classemb_model_dir, tmp_path, capsys):

@@ -98,6 +98,8 @@ def test_module_name_patterns_set_the_alpha_and_one_nested_quantifier_among_them
     ({"rank_pattern": "proj_in"}, r"gives unet\.rank_pattern = \"proj_in\", expected an object"),
     ({"alpha_pattern": {"proj_in": "2"}}, r"unet\.alpha_pattern\['proj_in'\] = \"2\", expected numbers"),
     ({"alpha_pattern": {"(": 2}}, r"key '\(' is not a regular expression"),
+    ({"r": 10**400}, r"gives unet\.r = 1000.*, expected a positive whole number"),  # OverflowError from math.isfinite
+    ({"raw": '{"unet.r": ' + "9" * 5000 + "}"}, r"metadata is not JSON diffrt can read"),  # a ValueError past 4300 digits
 ])
 def test_lora_metadata_of_the_wrong_type_is_one_line(peft_lora, tmp_path, changes, words):
     """The bug: a non-object LoraConfig was an AttributeError, a non-number lora_alpha a TypeError or ValueError."""

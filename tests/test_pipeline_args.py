@@ -256,6 +256,13 @@ def test_assigning_the_scheduler_samples_control_calls_with_it_too(t2i_folder):
     assert pipe.scheduler is dpm and pipe.sampler_config(control=True) is dpm
     for kwargs in ({}, {"control_image": control}):
         assert pipe("a cat", num_inference_steps=2, seed=0, **kwargs).metadata["scheduler"] == "dpm"
+    pipe.scheduler = "euler_a"  # a sampler's name, on the same schedule
+    assert pipe("a cat", num_inference_steps=2, seed=0, control_image=control).metadata["scheduler"] == "euler_a"
+    from diffusers import DDIMScheduler
+
+    with pytest.raises(DiffrtError, match=r"got a DDIMScheduler; for a diffusers scheduler, pass DPMConfig.from_scheduler_config") as info:
+        pipe.scheduler = DDIMScheduler()  # was stored, and failed deep in sampling
+    one_line(info)
 
 
 @pytest.mark.parametrize("seed, message", [(1.5, "seed must be an integer, got 1.5"), ("1", "seed must be an integer, got '1'"),

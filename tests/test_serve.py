@@ -792,6 +792,20 @@ def test_service_settings_that_would_hang_or_time_out_at_once_are_one_line(setti
         write_repository(Path("/nonexistent-never-written"), RepositoryConfig(**{repo: value}))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max-image-side", "-1"], "--max-image-side must be a number of pixels >= 1 (0: the default), got -1"),
+    (["--body-timeout", "0"], "--body-timeout must be a number of seconds > 0, got 0.0"),
+    (["--max-connections", "0"], "--max-connections must be an integer >= 1, got 0"),
+])
+def test_the_new_guards_settings_are_checked(flags, message, capsys):
+    """A negative --max-image-side refused every request (`-1 or default` stays -1)."""
+    from diffrt.cli import main
+
+    assert main(["serve", *flags, "--port", "0"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffrt: error:")]
+    assert len(errors) == 1 and message in errors[0]
+
+
 def test_a_client_gone_while_sending_its_body_counts_as_499_not_500(client, server):
     """Counted as a 500 (the service's failure, paging whoever watches 5xx) though no answer was owed."""
     import socket
@@ -928,7 +942,8 @@ def guarded(served_model):
     from diffrt.serve.app import LOOPBACK_NAMES
 
     config = ServeConfig(model=served_model, backend="onnxruntime", port=0, api_key_env=None, max_queue=4, device="cpu",
-                         body_timeout_s=1.0, max_connections=2, allowed_hosts=LOOPBACK_NAMES, log_level="warning")
+                         body_timeout_s=1.0, max_connections=2, allowed_hosts=LOOPBACK_NAMES,
+                         allowed_origins=("https://app.example/",), log_level="warning")
     with BackgroundServer(config) as srv:
         yield srv
 
@@ -976,6 +991,7 @@ def test_pages_of_another_origin_and_foreign_host_names_are_refused(guarded):
     assert r.status_code == 403 and "another origin (https://evil.example)" in r.json()["detail"]
     own = "http://" + guarded.url.removeprefix("http://")
     assert httpx.post(url, json=body, headers={"Origin": own}, timeout=60).status_code == 200  # its own /docs page
+    assert httpx.post(url, json=body, headers={"Origin": "https://app.example"}, timeout=60).status_code == 200  # --allowed-origin
     for path in ("/v1/generate", "/readyz"):
         r = httpx.request("POST" if path.startswith("/v1") else "GET", guarded.url + path, json=body,
                           headers={"Host": "evil.example:8000"}, timeout=30)

@@ -556,6 +556,12 @@ def test_a_side_over_the_service_limit_is_a_422_before_any_work(t2i_folder):
         with pytest.raises(RequestError) as info:
             runtime.submit(GenerateBody(prompt=PROMPT, control_image=base64.b64encode(huge.getvalue()).decode()))
         assert "is 4096x4096 pixels, more than the largest side here (48)" in info.value.message
+        # Only the side taken from the image counts: a 32-wide, 400-tall image with height 32 given is 32 x 32 (its
+        # 400 pixels, resized away, refused it).
+        tall = io.BytesIO()
+        Image.new("RGB", (32, 400)).save(tall, format="PNG")
+        plan = runtime.worker.plan(GenerateBody(prompt=PROMPT, height=32, control_image=base64.b64encode(tall.getvalue()).decode()))
+        assert (plan.settings["height"], plan.settings["width"]) == (32, 32)
         runtime.submit(GenerateBody(prompt=PROMPT, height=32, width=32, num_inference_steps=1)).future.result(60)
     finally:
         runtime.close(10)

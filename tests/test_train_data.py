@@ -249,9 +249,11 @@ def test_a_file_beside_class_folders_and_an_empty_class_are_one_line_with_the_fi
 
     _png(tmp_path / "classes" / "cat" / "x.png")
     _png(tmp_path / "classes" / "stray.png")
-    with pytest.raises(DataError, match=r"stray.png lies beside the class folders .* move it into its class's folder"):
+    with pytest.raises(DataError, match=r"stray.png lies beside the class folders .* in no class; move it into its class's folder"):
         load_class_folders(tmp_path / "classes", 8)
     (tmp_path / "classes" / "stray.png").unlink()
+    (tmp_path / "classes" / "README.md").write_text("a dataset card")  # a Hub download's: left out, as ImageFolder does
+    assert load_class_folders(tmp_path / "classes", 8).class_names == ["cat"]
     (tmp_path / "classes" / "dog").mkdir()
     with pytest.raises(DataError, match=r"class folder .*dog has no images; add images of that class or remove the folder"):
         load_class_folders(tmp_path / "classes", 8)
@@ -344,3 +346,17 @@ def test_sixteen_bit_grey_photos_are_reduced_while_decoding_too(tmp_path):
     boxes = torch.from_numpy(deep.astype(np.float64).reshape(256, 15, 400, 15).mean(axis=(1, 3)) / 65535).float()
     assert reduced.shape == (3, 256, 400) and torch.equal(reduced[0], reduced[2])
     torch.testing.assert_close(reduced[0], boxes, rtol=0, atol=1e-5)
+
+
+def test_an_out_inside_the_data_folder_is_refused_before_training(tmp_path, capsys):
+    """Images are found in sub-folders now: a run whose --out lay inside --data had its loss.csv named as "not an
+    image file" at the next run or --resume (and its sample grids would have been trained on)."""
+    from diffrt.cli import main
+
+    _png(tmp_path / "digits-folders" / "0" / "a.png")
+    _png(tmp_path / "digits-folders" / "1" / "b.png")
+    out = tmp_path / "digits-folders" / "runs"
+    assert main(["train", "class-cond", "--data", str(tmp_path / "digits-folders"), "--out", str(out), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is inside the --data folder" in err and "pass an --out outside it" in err
+    assert not out.exists()

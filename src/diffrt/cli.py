@@ -29,9 +29,10 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=schedule, help=f"(default {schedule})")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: accelerate's (ACCELERATE_MIXED_PRECISION, which `accelerate launch --mixed_precision` "
-                        "and `accelerate config` set), else no")
-    p.add_argument("--allow-tf32", action="store_true", help="GPU: fp32 matmuls in TF32 (Ampere and later; faster, ~fp16 mantissa)")
+                   help="default: accelerate's (ACCELERATE_MIXED_PRECISION, which `accelerate launch` exports from its "
+                        "--mixed_precision or `accelerate config`'s file), else no")
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="GPU: fp32 matmuls in TF32 (Ampere and later; faster, ~fp16 mantissa); process-wide, as diffusers' flag")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 disables)")
@@ -81,11 +82,6 @@ def _cmd_train_class_cond(args) -> int:
     result = train_class_conditioned(cfg)
     print(f"trained {result.steps} steps ({result.samples_per_second:.1f} samples/s); model: {Path(args.out) / 'model'}")
     return 0
-
-
-def _class_label(text: str) -> int | str:
-    """--class-label 3 is label 3; --class-label cat is the class the model names so (looked up once it is open)."""
-    return int(text) if text.lstrip("+-").isdecimal() else text
 
 
 def _cmd_train_finetune(args) -> int:
@@ -218,7 +214,8 @@ def _cmd_serve(args) -> int:
     serve(ServeConfig(model=args.model, controlnet=args.controlnet, loras=_loras(args), backend=args.backend, host=args.host, port=args.port,
                       api_key_env=args.api_key_env, max_batch_size=args.max_batch_size,
                       max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
-                      max_image_side=args.max_image_side,
+                      max_image_side=args.max_image_side, body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                      allowed_hosts=tuple(args.allowed_host) or None, allowed_origins=tuple(args.allowed_origin),
                       device=args.device, strict=args.strict, cuda_graph=args.cuda_graph, exact_batching=args.exact_batching))
     return 0
 
@@ -367,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--width", type=int, default=None)
     ge.add_argument("--num-images", type=int, default=None)
     ge.add_argument("--eta", type=float, default=0.0)
-    ge.add_argument("--class-label", type=_class_label, default=None,
+    ge.add_argument("--class-label", default=None,
                     help="class-conditioned models: the class's number, or its name (a class folder's name)")
     ge.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                     help="ControlNet folder (repeatable: several run together, as diffusers' MultiControlNetModel)")
@@ -433,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     se.add_argument("--max-image-side", type=int, default=0, help="largest height or width a request may ask for, in pixels "
                     "(default: twice the model's own on eager PyTorch, 4096 on engines, whose built ranges bound them)")
+    se.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body has to arrive (408 after)")
+    se.add_argument("--max-connections", type=int, default=None,
+                    help="/v1 requests in flight at once, reading, queued or running (default: twice the queue's room)")
+    se.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a Host name the service answers (repeatable; default: loopback's names when bound to loopback, "
+                         "else any); behind a proxy that passes the public Host, name it here")
+    se.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                    help="a web origin (https://app.example) whose pages may call the service (repeatable)")
     se.set_defaults(func=_cmd_serve)
 
     # triton-repo

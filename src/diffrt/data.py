@@ -159,7 +159,7 @@ def list_images(folder: Path) -> list[Path]:
                 raise DataError(f"{p} is a link to nothing (it points to {p.readlink()}); fix or remove it")
             if p.is_dir():
                 todo.append(p)
-            elif p.suffix.lower() in NEEDS_PLUGIN:
+            elif p.suffix.lower() in NEEDS_PLUGIN and p.suffix.lower() not in suffixes:  # Pillow 11.3+ opens AVIF itself
                 raise DataError(f"{p} is {p.suffix[1:].upper()}, which Pillow opens only with the {NEEDS_PLUGIN[p.suffix.lower()]} "
                                 "plugin; convert it to JPEG or PNG")
             elif p.suffix.lower() not in suffixes:
@@ -168,6 +168,17 @@ def list_images(folder: Path) -> list[Path]:
             else:
                 files.append(p)
     return sorted(files, key=lambda p: p.relative_to(folder).parts)
+
+
+def check_out_outside(out: str | Path, source: str | None, flag: str = "--data") -> None:
+    """Refuse an --out at or inside a data folder: the run's checkpoints, logs and sample grids would be found
+    among its images (sub-folders are read), and the next run or --resume would stop at its loss.csv."""
+    if source is None or not Path(source).is_dir():
+        return
+    folder, where = Path(source).resolve(), Path(out).resolve()
+    if where == folder or folder in where.parents:
+        raise DataError(f"--out {out} is {'' if where == folder else 'inside '}the {flag} folder {source}: the run's "
+                        "checkpoints and samples would be read as training images; pass an --out outside it")
 
 
 def _require_folder(folder: str | Path) -> Path:
@@ -269,7 +280,7 @@ def class_order(names: list[str], model_names: list[str] | None = None) -> list[
     if model_names and sorted(model_names) == sorted(names):
         return list(model_names)
     if all(n.isdecimal() for n in names):
-        return sorted(names, key=int)
+        return sorted(names, key=lambda n: (int(n), n))
     return sorted(names)
 
 
@@ -279,9 +290,13 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
     folder = _require_folder(folder)
     entries = _visible(folder)
     loose = [p for p in entries if not p.is_dir()]
+    images = [p for p in loose if p.suffix.lower() in image_suffixes()]
+    if images:  # an image of no class: a mistake, not a dataset's README, LICENSE or labels.csv
+        raise DataError(f"{images[0]} lies beside the class folders of {folder}, in no class; move it into its class's "
+                        "folder or out of the dataset")
     if loose:
-        raise DataError(f"{loose[0]} lies beside the class folders of {folder}; a labelled dataset holds one folder per "
-                        "class and nothing else: move it into its class's folder or out of the dataset")
+        log.info("%s: not class folders, left out: %s", folder, ", ".join(p.name for p in loose))
+    entries = [p for p in entries if p.is_dir()]
     if not entries:
         raise DataError(f"{folder} has no class sub-folders; expected one folder of images per class")
     names = class_order([p.name for p in entries], model_names)

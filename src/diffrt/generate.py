@@ -171,15 +171,21 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
 
 
 def class_index(label: int | str | None, names: list[str]) -> int | None:
-    """A class label given as a number or as the name the model gives it (its class folder's name). Where the
-    model's classes are named by numbers (folders 1, 2, 10), a number is the class of that name."""
-    if label is None or (not isinstance(label, str) and not (names and all(n.isdecimal() for n in names))):
-        return label
-    label = str(label)
-    if label not in names:
-        known = f"its classes are {', '.join(names)}" if names else "it names no classes"
-        raise DiffrtError(f"--class-label {label!r} is not a class of this model ({known}); pass a class's name or number")
-    return names.index(label)
+    """A class label as `generate --class-label` takes it: a class's name (its class folder's), else a number. Where
+    the model's classes are named by numbers (folders 1, 2, 10, or 01, 02), a number is the class of that value;
+    otherwise it is the label itself, as the Python API and `diffrt serve` take it."""
+    if label is None:
+        return None
+    text = str(label)
+    if text in names:
+        return names.index(text)
+    numbered = bool(names) and all(n.isdecimal() for n in names)
+    if numbered and text.lstrip("+-").isdecimal() and int(text) in {int(n) for n in names}:
+        return [int(n) for n in names].index(int(text))
+    if not numbered and text.lstrip("+-").isdecimal():
+        return int(text)
+    known = f"its classes are {', '.join(names)}" if names else "it names no classes"
+    raise DiffrtError(f"--class-label {text!r} is not a class of this model ({known}); pass a class's name or number")
 
 
 def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], progress):

@@ -114,6 +114,14 @@ def _high_depth(im, size: tuple[int, int] | None, factor: int = 1) -> np.ndarray
     return array[..., None]
 
 
+def _taken_sides(im, size: Size | None) -> list[int]:
+    """The sides of `im`, upright as its EXIF orientation shows it, that the output takes (those `size` leaves None),
+    read from the header alone."""
+    height, width = (im.width, im.height) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (im.height, im.width)
+    wanted = size if size is not None else (None, None)
+    return [side for side, given in zip((height, width), wanted) if given is None]
+
+
 def _shrink_factor(im, min_side: int) -> int:
     """The whole factor an image may shrink by and keep its short side at 4 x `min_side` or more."""
     return min(im.size) // (4 * min_side)
@@ -143,8 +151,7 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
         with Image.open(io.BytesIO(data)) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels:,} pixels: downscale it")
-            taken = [] if size is None else [side for side in size if side is None]
-            if max_side is not None and (size is None or taken) and max(im.size) > max_side:
+            if max_side is not None and max(_taken_sides(im, size), default=0) > max_side:
                 raise DataError(f"{name} is {im.width}x{im.height} pixels, more than the largest side here ({max_side}); "
                                 "send a smaller image, or height and width to resize it to")
             reduce = bool(min_side) and size is None and im.width * im.height > REDUCE_ABOVE

@@ -256,8 +256,8 @@ def _component_configs(metadata: dict[str, str], path: Path) -> dict[str, dict]:
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise LoraError(f"{path}: the {METADATA_KEY} metadata is not valid JSON ({e}); re-save the LoRA") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is an int past 4300 digits
+        raise LoraError(f"{path}: the {METADATA_KEY} metadata is not JSON diffrt can read ({e}); re-save the LoRA") from None
     if not isinstance(flat, dict):
         raise LoraError(f"{path}: the {METADATA_KEY} metadata is a JSON {type(flat).__name__}, not a LoraConfig object; re-save the LoRA")
     configs: dict[str, dict] = defaultdict(dict)
@@ -275,7 +275,8 @@ def _component_configs(metadata: dict[str, str], path: Path) -> dict[str, dict]:
 
 def _is_number(value, kind: type | tuple[type, ...]) -> bool:
     # JSON's true/false read as Python bools, which are ints: a rank of `true` is a bad file, not rank 1.
-    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    # An int of 400 digits overflows math.isfinite: no rank or alpha is past 2^31.
+    return isinstance(value, kind) and not isinstance(value, bool) and abs(value) < 2**31 and math.isfinite(value)
 
 
 def _check_config(path: Path, component: str, config: dict) -> None:

@@ -180,7 +180,12 @@ class CallGate:
                                   "change the scale between calls")
             self._cond.wait_for(lambda: not self._changing)
             self._changing = True
-            self._cond.wait_for(lambda: not self._calls)
+            try:
+                self._cond.wait_for(lambda: not self._calls)
+            except BaseException:  # interrupted while waiting (Ctrl-C): the gate must not stay shut
+                self._changing = False
+                self._cond.notify_all()
+                raise
         try:
             yield
         finally:

@@ -195,8 +195,11 @@ def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig
         return own if choice is None else choice
     cls = SAMPLERS.get(choice) if isinstance(choice, str) else None
     if cls is None:
+        got = repr(choice) if isinstance(choice, str) else f"a {type(choice).__name__}"  # a diffusers scheduler's repr is its config
+        hint = ("; for a diffusers scheduler, pass DPMConfig.from_scheduler_config(scheduler.config) (or DDIMConfig, ...)"
+                if hasattr(choice, "config") else "")
         raise DiffrtError("scheduler must be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a' (or a DDIMConfig / LCMConfig / DPMConfig / "
-                          f"EulerConfig / EulerAncestralConfig), got {choice!r}")
+                          f"EulerConfig / EulerAncestralConfig), got {got}{hint}")
     if type(own) is cls:
         return own
     if cls is ddim.DDIMConfig:

@@ -135,9 +135,14 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         return self._scheduler
 
     @scheduler.setter
-    def scheduler(self, config: ddim.DDIMConfig) -> None:
-        """diffusers' `pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)`, here with a config: every
-        call samples with it as given, those with a control image too (they kept the config opened with)."""
+    def scheduler(self, config: ddim.DDIMConfig | str) -> None:
+        """diffusers' `pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)`, here with a config (or a sampler's
+        name, "dpm", on the current config's schedule): every call samples with it as given, those with a control
+        image too (they kept the config opened with). Anything else (a diffusers scheduler object) is one line."""
+        config = choose_scheduler(self._scheduler, config) if config is not None else None
+        if config is None:
+            raise DiffrtError("pipe.scheduler takes a DDIMConfig / LCMConfig / DPMConfig / EulerConfig / EulerAncestralConfig "
+                              "or a sampler's name, not None")
         self._scheduler = self.controlnet_scheduler = config
 
     def backends(self) -> dict[str, Backend]:

@@ -72,6 +72,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # a body not whole by then is a 408 (a slow sender held a connection for ever)
     max_connections: int | None = None  # /v1 requests in flight at once (reading, queued, running); None: 2 x the queue's room
     allowed_hosts: tuple[str, ...] | None = None  # Host header names served; None: any (serve() binds loopback to loopback's)
+    allowed_origins: tuple[str, ...] = ()  # web origins besides the service's own (a site behind a proxy that rewrites Host)
     max_image_bytes: int = 8 << 20
     max_image_side: int = 0  # pixels; 0: twice the model's own side on eager PyTorch, 4096 on engines
     warmup_steps: int = 2
@@ -79,6 +80,12 @@ class ServeConfig:
     strict: bool = False  # any fallback (ONNX Runtime provider, PyTorch for an artifact) fails the load
     cuda_graph: bool = True  # tensorrt: replay captured CUDA graphs
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.body_timeout_s < float("inf"):
+            raise DiffrtError(f"--body-timeout must be a number of seconds > 0, got {self.body_timeout_s!r}")
+        if self.max_connections is not None and (not isinstance(self.max_connections, int) or self.max_connections < 1):
+            raise DiffrtError(f"--max-connections must be an integer >= 1, got {self.max_connections!r}")
 
     def runtime_config(self) -> RuntimeConfig:
         return RuntimeConfig(model=self.model, backend=self.backend, device=self.device, max_batch_size=self.max_batch_size,
@@ -202,15 +209,16 @@ def api_key_problem(headers, key: bytes) -> str | None:
     return None
 
 
-def origin_problem(headers) -> str | None:
-    """None unless a browser sent the request from a page of another origin. Browsers send `Origin` with every
-    cross-origin POST, those a page makes without a CORS preflight too (no Content-Type, text/plain); command-line
-    and SDK clients send none. The service answers its own pages (/docs) only."""
+def origin_problem(headers, allowed: tuple[str, ...] = ()) -> str | None:
+    """None unless a browser sent the request from a page of another origin than the service's or `allowed`.
+    Browsers send `Origin` with every cross-origin POST, those a page makes without a CORS preflight too (no
+    Content-Type, text/plain); command-line and SDK clients send none."""
     origin = headers.get("origin")
-    if origin is None:
+    if origin is None or origin.rstrip("/") in allowed:
         return None
     if origin.split("://", 1)[-1].rstrip("/") != headers.get("host", ""):  # "null" (a sandboxed page, a file) too
-        return f"requests from web pages of another origin ({origin}) are refused; call the service from your backend"
+        return (f"requests from web pages of another origin ({origin}) are refused; call the service from your backend, "
+                "or start it with --allowed-origin")
     return None
 
 
@@ -221,7 +229,8 @@ def host_problem(headers, allowed: tuple[str, ...] | None) -> str | None:
         return None
     host = headers.get("host", "")
     name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return None if name.lower() in allowed else f"Host {host!r} is not this service's; address it as {allowed[0]}"
+    return (None if name.lower() in allowed else
+            f"Host {host!r} is not this service's; address it as {allowed[0]} (or start it with --allowed-host)")
 
 
 class GuardMiddleware:
@@ -231,7 +240,7 @@ class GuardMiddleware:
     and the request counter, so refusals made here are counted too."""
 
     def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics, body_timeout_s: float = 30.0,
-                 max_connections: int = 256, allowed_hosts: tuple[str, ...] | None = None):
+                 max_connections: int = 256, allowed_hosts: tuple[str, ...] | None = None, allowed_origins: tuple[str, ...] = ()):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
@@ -239,7 +248,8 @@ class GuardMiddleware:
         self.body_timeout_s = body_timeout_s
         self.max_connections = max_connections
         self.in_flight = 0
-        self.allowed_hosts = allowed_hosts
+        self.allowed_hosts = None if allowed_hosts is None else tuple(h.lower() for h in allowed_hosts)
+        self.allowed_origins = tuple(o.rstrip("/") for o in allowed_origins)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -279,7 +289,7 @@ class GuardMiddleware:
             problem = api_key_problem(headers, self.api_key)
             if problem:
                 return await error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        problem = origin_problem(headers)
+        problem = origin_problem(headers, self.allowed_origins)
         if problem:
             return await error_response(403, problem)(scope, receive, send)
         problem = content_type_problem(headers) if scope["method"] == "POST" else None
@@ -347,6 +357,7 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     app.state.runtime = runtime
     app.add_middleware(GuardMiddleware, api_key=config.api_key(), max_body_bytes=config.max_body_bytes, metrics=runtime.metrics,
                        body_timeout_s=config.body_timeout_s, allowed_hosts=config.allowed_hosts,
+                       allowed_origins=tuple(config.allowed_origins),
                        max_connections=config.max_connections or 2 * (config.max_queue + config.max_batch_size))
 
     @app.exception_handler(RequestValidationError)

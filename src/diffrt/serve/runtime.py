@@ -53,6 +53,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         check_service_settings(max_batch_size=self.max_batch_size, max_queue=self.max_queue, batch_wait_ms=self.batch_wait_ms,
                                timeout_s=self.timeout_s)
+        if not isinstance(self.max_image_side, int) or self.max_image_side < 0:
+            raise DiffrtError(f"--max-image-side must be a number of pixels >= 1 (0: the default), got {self.max_image_side!r}")
 
 
 def check_service_settings(*, max_batch_size: int, max_queue: int, batch_wait_ms: float, timeout_s: float) -> None:
@@ -172,6 +174,7 @@ class ServeRuntime:
         self.worker.load()
         self.batcher.max_batch_size = self.worker.max_batch_size  # the engine's profile may allow less
         self.worker.max_image_side = self.config.max_image_side or self.worker.largest_side()
+        log.info("requests may ask for sides up to %d pixels (--max-image-side)", self.worker.max_image_side)
         self.metrics.backend.info({"backend": self.worker.pipe.backend, "model": str(self.config.model or "shipped:digits"),
                                    "device": str(self.worker.pipe.device)})
         self.metrics.fallbacks.set(sum(1 for b in self.worker.pipe.backends().values() if getattr(b, "missing_providers", None)))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffrt.data import load_source
+from diffrt.data import check_out_outside, load_source
 from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, build_pixel_model, small_unet_config
 from diffrt.runtime.ddim import DDIMConfig
@@ -60,6 +60,7 @@ class ClassCondConfig:
 def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     # 1. Data and model, checked before any step runs.
     config.validate()
+    check_out_outside(config.train.out, config.data)
     dataset = load_source(config.data, config.sample_size, labelled=True, crop=config.crop, random_flip=config.random_flip)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise DiffrtError(f"--num-classes is {config.num_classes} but {config.data} has {dataset.num_classes} class folders; make them match")

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffrt import atomic
-from diffrt.data import ImageDataset, list_images, load_image_folder, load_source
+from diffrt.data import ImageDataset, check_out_outside, list_images, load_image_folder, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
@@ -126,6 +126,7 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     config.validate()
     folder = require_pipeline_dir(config.model)
     check_out_apart(config.train.out, folder, LORA_WEIGHT_NAME)
+    check_out_outside(config.train.out, config.instance_data, "--instance-data")
     if config.resolution is None:
         config = replace(config, resolution=model_resolution(folder))
         log.info("training at %d px, the model's own size (--resolution to change it)", config.resolution)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from diffrt.data import ImageDataset, load_source
+from diffrt.data import ImageDataset, check_out_outside, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import PixelModel, load_pixel_model, scheduler_config_file
 from diffrt.train.loop import TrainConfig, TrainResult, check_out_apart, train, trainer_state
@@ -54,6 +54,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     # 1. Model and data, checked before any step runs.
     config.validate()
     check_out_apart(config.train.out, config.model, "model")
+    check_out_outside(config.train.out, config.data)
     _require_unet2d(Path(config.model))
     model = load_pixel_model(config.model)
     # The base's scheduler config, saved with the result as it is (load_pixel_model keeps the part
