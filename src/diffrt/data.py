@@ -290,7 +290,8 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
     folder = _require_folder(folder)
     entries = _visible(folder)
     loose = [p for p in entries if not p.is_dir()]
-    images = [p for p in loose if p.suffix.lower() in image_suffixes()]
+    suffixes = image_suffixes()
+    images = [p for p in loose if p.suffix.lower() in suffixes]
     if images:  # an image of no class: a mistake, not a dataset's README, LICENSE or labels.csv
         raise DataError(f"{images[0]} lies beside the class folders of {folder}, in no class; move it into its class's "
                         "folder or out of the dataset")

@@ -254,11 +254,10 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.allowed_hosts is not None:
-            problem = host_problem({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
-                                   self.allowed_hosts)
-            if problem:
-                return await error_response(421, problem)(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = host_problem(headers, self.allowed_hosts)
+        if problem:
+            return await error_response(421, problem)(scope, receive, send)
         if not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), [500]
@@ -276,15 +275,14 @@ class GuardMiddleware:
             return
         self.in_flight += 1
         try:
-            if await self._guarded(scope, receive, send_and_record) == "gone":
+            if await self._guarded(scope, headers, receive, send_and_record) == "gone":
                 status[0] = CLIENT_CLOSED_REQUEST  # hung up while sending its body: no answer, and not the service's failure
         finally:
             self.in_flight -= 1
             if scope["path"] == GENERATE_PATH:
                 self.metrics.observe_answer(status[0], time.perf_counter() - t0)
 
-    async def _guarded(self, scope, receive, send):
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    async def _guarded(self, scope, headers: dict[str, str], receive, send):
         if self.api_key is not None:
             problem = api_key_problem(headers, self.api_key)
             if problem:
