@@ -151,9 +151,10 @@ def list_images(folder: Path) -> list[Path]:
     suffixes, files, seen, todo = image_suffixes(), [], set(), [folder]
     while todo:
         here = todo.pop()
-        if os.path.realpath(here) in seen:  # a link back up the tree would walk forever
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up the tree would walk forever
             continue
-        seen.add(os.path.realpath(here))
+        seen.add(real)
         for p in _visible(here):
             if p.is_symlink() and not p.exists():
                 raise DataError(f"{p} is a link to nothing (it points to {p.readlink()}); fix or remove it")

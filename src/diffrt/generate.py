@@ -180,10 +180,12 @@ def class_index(label: int | str | None, names: list[str]) -> int | None:
     if text in names:
         return names.index(text)
     numbered = bool(names) and all(n.isdecimal() for n in names)
-    if numbered and text.lstrip("+-").isdecimal() and int(text) in {int(n) for n in names}:
-        return [int(n) for n in names].index(int(text))
-    if not numbered and text.lstrip("+-").isdecimal():
-        return int(text)
+    if text.lstrip("+-").isdecimal():
+        if not numbered:
+            return int(text)
+        values = [int(n) for n in names]
+        if int(text) in values:
+            return values.index(int(text))
     known = f"its classes are {', '.join(names)}" if names else "it names no classes"
     raise DiffrtError(f"--class-label {text!r} is not a class of this model ({known}); pass a class's name or number")
 

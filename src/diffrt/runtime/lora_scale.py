@@ -69,9 +69,11 @@ def check_lora_pairs(loras) -> list[tuple[str | Path, float]]:
     """`loras` as open_pipeline takes them, [(file, scale), ...]: one line for a plain file name, one pair given
     without its list, or a scale that is not a finite number (NaN fused into every weight, and the first call
     named the text encoder's output as the fault)."""
-    if isinstance(loras, (str, Path)) or (isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], numbers.Real)):
-        raise LoraError(f"loras takes a list of (file, scale) pairs, e.g. [({str(loras if isinstance(loras, (str, Path)) else loras[0])!r}, 1.0)]; "
-                        f"got {loras!r}")
+    bare = loras if isinstance(loras, (str, Path)) else None  # a file given alone, or one pair without its list:
+    if isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], numbers.Real):
+        bare = loras[0]
+    if bare is not None:
+        raise LoraError(f"loras takes a list of (file, scale) pairs, e.g. [({str(bare)!r}, 1.0)]; got {loras!r}")
     pairs = []
     for item in loras:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, Path))):

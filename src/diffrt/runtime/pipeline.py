@@ -86,6 +86,12 @@ def check_count(name: str, value, minimum: int | None = 1) -> None:
         raise DiffrtError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_finite_latents(latents: torch.Tensor | None) -> None:
+    """Caller-given noise with NaN or inf is refused by name: it would be reported as the UNet's NaN output."""
+    if latents is not None and not torch.isfinite(latents).all():
+        raise DiffrtError("latents hold NaN or inf values; pass finite noise (or leave latents out to draw it from the seed)")
+
+
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, hint: str = "") -> None:
     """A float argument (guidance_scale, eta, strength, guidance_rescale) must be a finite number in [low, high]:
     one line, where None or "0.5" would end deep inside torch and NaN would pass every comparison (turning
@@ -360,8 +366,7 @@ class PixelPipeline(DenoiserPipeline):
                               f"{type(latents).__name__}")
         if latents is not None and tuple(latents.shape) != shape:
             raise DiffrtError(f"latents must have shape {shape} (batch, channels, height, width), got {tuple(latents.shape)}")
-        if latents is not None and not torch.isfinite(latents).all():  # else named as the UNet's NaN output
-            raise DiffrtError("latents hold NaN or inf values; pass finite noise (or leave latents out to draw it from the seed)")
+        check_finite_latents(latents)
         x = schedule.initial_noise(latents.to(self.device, torch.float32) if latents is not None
                           else randn(shape, generator, self.device, torch.float32))
 

@@ -139,11 +139,10 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         """diffusers' `pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)`, here with a config (or a sampler's
         name, "dpm", on the current config's schedule): every call samples with it as given, those with a control
         image too (they kept the config opened with). Anything else (a diffusers scheduler object) is one line."""
-        config = choose_scheduler(self._scheduler, config) if config is not None else None
-        if config is None:
+        if config is None:  # choose_scheduler reads None as "keep the model's own"
             raise DiffrtError("pipe.scheduler takes a DDIMConfig / LCMConfig / DPMConfig / EulerConfig / EulerAncestralConfig "
                               "or a sampler's name, not None")
-        self._scheduler = self.controlnet_scheduler = config
+        self._scheduler = self.controlnet_scheduler = choose_scheduler(self._scheduler, config)
 
     def backends(self) -> dict[str, Backend]:
         parts = (self.text_encoder, self.unet, self.vae_decoder, *([self.vae_encoder] if self.vae_encoder is not None else []))

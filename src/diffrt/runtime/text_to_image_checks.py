@@ -14,7 +14,7 @@ import torch
 
 from diffrt.components import scaled_residuals
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
-from diffrt.runtime.pipeline import check_count, check_number, check_output_type, make_generator
+from diffrt.runtime.pipeline import check_count, check_finite_latents, check_number, check_output_type, make_generator
 from diffrt.runtime.sampling import Generators, check_generators
 from diffrt.runtime.text_to_image_inputs import (check_embeds, check_strength, control_batches, control_scales, control_windows,
                                                  image_batch, latent_batch, prompt_lists)
@@ -82,8 +82,7 @@ class TextToImageChecks:
                               "start from), not both")
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise DiffrtError(f"latents must be a torch tensor [batch, channels, height/8, width/8], got {type(latents).__name__}")
-        if latents is not None and not torch.isfinite(latents).all():  # else named as the UNet's NaN output
-            raise DiffrtError("latents hold NaN or inf values; pass finite noise (or leave latents out to draw it from the seed)")
+        check_finite_latents(latents)
         if control_image is not None and not self.has_controlnet:
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
         if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0

@@ -37,6 +37,7 @@ import torch
 
 from diffrt.runtime.sampling import GeneratorBlocks, randn
 from diffrt.serve.batcher import Job
+from diffrt.serve.schema import MAX_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,6 @@ def split_answers(jobs: list[Job], images: list, backend: str, started: float, t
     return answers
 
 
-ENGINE_LARGEST_SIDE = 4096  # pixels: the schema's largest height and width
-
-
 class BatchingWorker:
     """The batching half of a worker. A subclass sets `max_batch_size` and `exact_batching`, gives
     its plans a `batch_key()` (None: alone), and implements `probe_batch(n)`."""
@@ -139,9 +137,9 @@ class BatchingWorker:
     def largest_side(self) -> int:
         """The largest side a request may ask for unless the operator says: twice the model's own on eager PyTorch,
         which runs any size at a cost growing faster than its pixels (one 512 x 512 step of the 16-pixel digits
-        model took 112 s, past every deadline, the worker deaf the while), else ENGINE_LARGEST_SIDE (an engine's
+        model took 112 s, past every deadline, the worker deaf the while), else the schema's MAX_SIDE (an engine's
         built ranges refuse what it cannot run)."""
-        return 2 * self.default_side if self.pipe.unet.spec.eager else ENGINE_LARGEST_SIDE
+        return 2 * self.default_side if self.pipe.unet.spec.eager else MAX_SIDE
 
     def probe_batch(self, n: int) -> Callable[[list[int]], torch.Tensor]:
         """`run(rows)` over n distinct probe requests (own prompts or labels, own noise), at the warm-up's steps."""

@@ -16,6 +16,7 @@ from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE, GenerateRequest
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
 
 MAX_SEED = 2**63 - 1
+MAX_SIDE = 4096  # pixels: the largest height and width a request may name
 MAX_CONTROLNETS = 8  # a list field's longest: one entry per ControlNet (a list of a million made a million errors)
 MAX_ERRORS = 10  # named in a 422; the rest are counted
 ControlScale = Annotated[float, Field(ge=0.0, le=5.0)]
@@ -42,8 +43,8 @@ class GenerateBody(BaseModel):
     clip_skip: int | None = Field(None, ge=0, le=64, description="text-to-image models only: diffusers' clip_skip, the text "
                                   "encoder layer before the last that encodes the prompt (default 0)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="initial-noise seed; random (and reported) when left out")
-    height: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
-    width: int | None = Field(None, ge=1, le=4096, description="pixels; default: the model's sample size")
+    height: int | None = Field(None, ge=1, le=MAX_SIDE, description="pixels; default: the model's sample size")
+    width: int | None = Field(None, ge=1, le=MAX_SIDE, description="pixels; default: the model's sample size")
     num_images: int = Field(1, ge=1, le=64, description="images from this seed, as `diffrt generate --num-images`")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0: deterministic); LCM, DPM-Solver++, Euler and Euler "
                      "Ancestral take none")

@@ -54,12 +54,12 @@ from diffrt.runtime.text_to_image_inputs import check_strength, control_windows,
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    probe_generators, settings_key, split_answers)
-from diffrt.serve.schema import GenerateBody, RequestError
+from diffrt.serve.schema import MAX_SIDE, GenerateBody, RequestError
 from diffrt.serve.worker import component_ms, encode_finite, lora_scale, request_schedule, self_test_passed, switch_lora_scale
 
 log = logging.getLogger(__name__)
 
-MAX_CONTROL_PIXELS = 4096 * 4096  # the schema's largest height x width
+MAX_CONTROL_PIXELS = MAX_SIDE * MAX_SIDE  # the schema's largest height x width
 
 
 @dataclass
