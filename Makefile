@@ -36,17 +36,19 @@ test: venv tritonserver tritonclient
 
 # Triton Inference Server for the Triton tests: the server binary and Python backend that
 # nvidia-pytriton's wheel carries (Linux x86_64), its stub for this Python, and numpy<2 for the
-# stub, which was built against numpy 1 (serve/triton.py: check_numpy_abi). Nothing imports pytriton.
+# stub, which was built against numpy 1 (serve/triton.py: check_numpy_abi), with an ml_dtypes that
+# runs on numpy 1 (onnx imports it when a model opens an artifact; ml_dtypes 0.7 needs numpy 2 and
+# failed every model's load). Nothing imports pytriton.
 TRITON := $(VENV)/tritonserver
 # Touched once tried, with or without success: a machine without it does not retry on every run.
-TRITON_STAMP := $(VENV)/.tritonserver-pytriton-0.7.0
+TRITON_STAMP := $(VENV)/.tritonserver-pytriton-0.7.0-ml-dtypes-0.5.4
 
 tritonserver: $(TRITON_STAMP)
 
 $(TRITON_STAMP): $(STAMP)
 	@rm -rf $(TRITON)
 	@if $(PY) -m pip install -q --no-deps --target $(TRITON)/server nvidia-pytriton==0.7.0 \
-	    && $(PY) -m pip install -q --no-deps --target $(TRITON)/numpy1 "numpy>=1.26,<2"; then \
+	    && $(PY) -m pip install -q --no-deps --target $(TRITON)/numpy1 "numpy>=1.26,<2" ml-dtypes==0.5.4; then \
 	  backend=$(TRITON)/server/pytriton/tritonserver; \
 	  cp "$$backend/python_backend_stubs/$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')/triton_python_backend_stub" \
 	     "$$backend/backends/python/" \
