@@ -5,6 +5,7 @@ replace, a truncation, or a write too recent for timestamps to tell apart."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import types
@@ -173,3 +174,26 @@ def test_a_folder_hash_covers_linked_subfolders_and_keeps_the_keys_of_plain_ones
     assert before == atomic.sha256_folder(real)  # the same files under the same relative names
     (real / "unet" / "weights.safetensors").write_bytes(b"weights v2")
     assert atomic.sha256_folder(model) != before
+
+
+def test_past_its_limit_the_memo_sweeps_out_entries_that_can_no_longer_hit(memo, tmp_path, monkeypatch):
+    """The bug: entries were never pruned, so every large file ever hashed (old exports, deleted checkpoints)
+    left one behind for good. Entries of files still unchanged stay, however many there are."""
+    monkeypatch.setattr(atomic, "MEMO_MAX_ENTRIES", 3)
+    kept, gone, changed = (tmp_path / name for name in ("kept.bin", "gone.bin", "changed.bin"))
+    for path in (kept, gone, changed):
+        path.write_bytes(path.name.encode())
+    settle()
+    for path in (kept, gone, changed):
+        atomic.sha256_file(path)
+    assert len(remembered(tmp_path)) == 3  # at the limit: nothing swept
+    gone.unlink()
+    changed.write_bytes(b"new content")
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"fresh")
+    settle()
+    atomic.sha256_file(fresh)  # a fourth entry: over the limit, the two dead ones go
+    assert sorted(json.loads(p.read_text())["path"] for p in remembered(tmp_path)) == sorted(
+        str(p.resolve()) for p in (kept, fresh))
+    hashings = len(memo.hashings)
+    assert atomic.sha256_file(kept) == digest(b"kept.bin") and len(memo.hashings) == hashings  # still a hit

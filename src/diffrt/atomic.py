@@ -11,8 +11,10 @@ ctime), as git's index and ccache do, and reused while all of them are unchanged
 or an atomic replace changes them; ctime cannot be set back by a user. A file changed within
 a few seconds before its read began, or while it was read, is not remembered: timestamps are
 coarse (a kernel tick; a second on some filesystems), and a second write in the same tick as
-the hash would otherwise go unseen (git's "racy" case). Entries are small and never pruned.
-`DIFFRT_HASH_MEMO=0` turns remembering off.
+the hash would otherwise go unseen (git's "racy" case). An entry can only hit while its file
+keeps the stamps recorded; once the memo holds more than MEMO_MAX_ENTRIES, each new entry sweeps
+out the dead ones (file gone or changed), so the memo stays the size of the large files that still
+exist. `DIFFRT_HASH_MEMO=0` turns remembering off.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
 
 MEMO_MIN_BYTES = 64 << 20  # smaller files hash in milliseconds: not worth an entry
 MEMO_SETTLE_NS = 3_000_000_000  # a file changed more recently than this is hashed, not remembered
+MEMO_MAX_ENTRIES = 1024  # beyond this many entries, a new one sweeps out those that can no longer hit
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -173,7 +176,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     if memo is not None and unchanged and started - max(stamps[3], stamps[4]) > MEMO_SETTLE_NS:
         with contextlib.suppress(OSError):  # an optimisation: a read-only cache costs only time
             write_json(memo, {"path": resolved, "stamps": stamps, "sha256": hexdigest})
+            _prune_memo(memo.parent)
     return hexdigest
+
+
+def _prune_memo(folder: Path) -> None:
+    """Past MEMO_MAX_ENTRIES, remove the entries whose file is gone or no longer has the recorded stamps: a
+    lookup needs them exact, so such an entry can never hit again. Live entries stay, however many."""
+    entries = list(folder.glob("*.json"))
+    if len(entries) <= MEMO_MAX_ENTRIES:
+        return
+    for entry in entries:
+        try:
+            recorded = json.loads(entry.read_text())
+            alive = _stamps(os.stat(recorded["path"])) == recorded["stamps"]
+        except (OSError, ValueError, KeyError, TypeError):  # the file is gone, or the entry is odd or already swept
+            alive = False
+        if not alive:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def _stamps(stat: os.stat_result) -> list[int]:
