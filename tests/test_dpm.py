@@ -559,7 +559,7 @@ def test_class_conditioned_pixel_dpm_with_cfg_equals_dpm_scheduler_by_hand(class
     got = torch_pixel_pipeline(model)(labels, latents=x_T, num_inference_steps=STEPS, guidance_scale=scale, output_type="pt",
                                       scheduler=config).images
     # The random UNet drives x far outside [-1, 1] (DPM-Solver++ does not clip), where one batched 2B call and two
-    # calls differ by ~1e-7 relative: the images' usual tolerance, not LCM's 1e-5.
+    # calls differ by ~1e-7 relative: the images' usual tolerance.
     assert max_abs(got, want) <= DIFFUSERS_TOL
 
 

@@ -226,7 +226,9 @@ def test_loop_with_cfg_rescale_and_a_generator_per_image_equals_scheduler(kind):
     gens = generators(5, 6)
     schedule = euler.make_euler_schedule(ours(ref), 6)
     got = sample(branches, schedule.initial_noise(x_T), schedule, SamplerOptions(guidance_scale=scale, guidance_rescale=0.6, generator=gens))
-    assert_near(got, x, x_T * ref.init_noise_sigma)
+    # guidance_rescale's std, over values the VE scaling has made ~70, rounds apart by a few ulp: Euler Ancestral
+    # measured 1.25e-6 of the scale on an AMD EPYC (AVX2 and AVX-512 kernels alike), 2.5e-6 with torch's scalar ones.
+    assert_near(got, x, x_T * ref.init_noise_sigma, rel=4e-6)
     assert all(torch.equal(g.get_state(), w.get_state()) for g, w in zip(gens, want_gens))
     if kind == "euler_a":  # the noise depends on each image's own generator: another seed for image 1 changes image 1 only
         other = sample(branches, schedule.initial_noise(x_T), schedule, SamplerOptions(guidance_scale=scale, generator=generators(5, 7)))

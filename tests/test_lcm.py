@@ -594,7 +594,9 @@ def test_class_conditioned_pixel_lcm_with_cfg_equals_lcm_scheduler_by_hand(class
     want = class_cfg_by_hand(model, scheduler, x_T.clone(), labels, scale, torch.Generator().manual_seed(6))
     got = torch_pixel_pipeline(model)(labels, latents=x_T, num_inference_steps=STEPS, guidance_scale=scale,
                                       generator=torch.Generator().manual_seed(6), output_type="pt", scheduler="lcm").images
-    assert max_abs(got, want) <= 1e-5
+    # One batched 2B UNet call against two B calls (by hand): convolution kernels that differ with the batch round
+    # apart, by 2.3e-5 after the LCM steps on an AMD EPYC (1e-5 held on the CPUs before it): the images' usual tolerance.
+    assert max_abs(got, want) <= DIFFUSERS_TOL
 
 
 def test_cli_generate_scheduler_lcm_is_the_pipelines_lcm(t2i_folder, ddim_pipe, tmp_path):
