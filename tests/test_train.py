@@ -459,6 +459,18 @@ def _images(pipe) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0)).images
 
 
+def test_lora_metadata_is_the_same_bytes_in_every_process():
+    """peft keeps target_modules as a set, which the file's metadata wrote in the order of the process's string hash
+    seed: two runs of one seed saved different bytes (and sha256s, which an export's manifest records)."""
+    from peft import LoraConfig
+
+    from diffrt.train.dreambooth import adapter_metadata
+
+    metadata = adapter_metadata(LoraConfig(r=2, target_modules=["to_v", "to_q", "to_out.0", "to_k"]))
+    assert metadata["target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert json.dumps(metadata, sort_keys=True)  # what the safetensors metadata holds: JSON, in a fixed order
+
+
 def test_dreambooth_lora_loads_in_diffusers(dreambooth_run, sd_folder):
     from diffrt.export.lora import read_lora
     from diffrt.export.lora_fuse import fuse_loras
@@ -644,9 +656,14 @@ def test_cli_runs_each_trainer(sd_folder, cat_folder, tmp_path, capsys):
     pixel = save_pretrained_pixel_model(tmp_path / "pixel")
     common = ["--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "2", "--lr-warmup-steps", "0"]
     assert main(["train", "finetune", "--model", str(pixel), "--data", str(cat_folder), "--out", str(tmp_path / "ft"),
-                 "--random-flip", *common, "--checkpoint-every", "1", "--checkpoints-total-limit", "1"]) == 0
+                 "--random-flip", *common, "--checkpoint-every", "1", "--checkpoints-total-limit", "1",
+                 "--snr-gamma", "5", "--noise-offset", "0.05", "--lr-schedule", "linear", "--adam-weight-decay", "0",
+                 "--adam-beta2", "0.99"]) == 0
     assert (tmp_path / "ft" / "model" / "unet" / "config.json").is_file()
     assert [p.name for p in list_checkpoints(tmp_path / "ft" / "checkpoints")] == ["step-0000002"]
+    saved = json.loads((tmp_path / "ft" / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert {k: saved["config"][k] for k in ("snr_gamma", "noise_offset", "lr_schedule", "weight_decay", "adam_beta2")} == {
+        "snr_gamma": 5.0, "noise_offset": 0.05, "lr_schedule": "linear", "weight_decay": 0.0, "adam_beta2": 0.99}
     assert main(["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", str(cat_folder),
                  "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--rank", "2",
                  "--validation-every", "1", "--num-validation-images", "1", "--inference-steps", "1",
@@ -654,6 +671,28 @@ def test_cli_runs_each_trainer(sd_folder, cat_folder, tmp_path, capsys):
     assert (tmp_path / "db" / LORA_WEIGHT_NAME).is_file()
     assert sorted(p.name for p in (tmp_path / "db" / "samples").iterdir()) == ["step-0000001.png", "step-0000002.png"]
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_checkpoint(cat_folder, tmp_path):
+    """The bug (a review's): safetensors reports a failed write as its own error type, not an OSError, so a full
+    disk at a checkpoint ended in a traceback. The file size limit (RLIMIT_FSIZE) makes the write fail for real."""
+    import subprocess
+    import sys
+
+    pixel = save_pretrained_pixel_model(tmp_path / "pixel")
+    out = tmp_path / "run"
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # less than the UNet's weights\n"
+        "from diffrt.cli import main\n"
+        f"sys.exit(main(['train', 'finetune', '--model', {str(pixel)!r}, '--data', {str(cat_folder)!r}, '--out', {str(out)!r},"
+        " '--max-steps', '1', '--batch-size', '2', '--lr-warmup-steps', '0']))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    errors = [line for line in run.stderr.splitlines() if "diffrt: error: " in line]  # after the step bar's \r
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert len(errors) == 1 and "could not write" in errors[0] and "weights.safetensors" in errors[0], errors
+    assert list_checkpoints(out / "checkpoints") == [] and not list((out / "checkpoints").iterdir())  # no temporaries
 
 
 # -- bad input: one line, before any step ---------------------------------------------------------
@@ -722,6 +761,11 @@ def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
                                              "is a file; pass a folder"),
         "learning rate nan": (ft + ["--data", str(cat), "--learning-rate", "nan"], "--learning-rate must be a number > 0, got nan"),
         "gradient norm below 0": (ft + ["--data", str(cat), "--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+        "adam beta1 of 1": (ft + ["--data", str(cat), "--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
+        "snr gamma of 0": (db + ["--snr-gamma", "0"], "--snr-gamma must be a number > 0"),
+        "class data inside the instance data": (db + ["--with-prior-preservation", "--class-prompt", "a cat",
+                                                      "--class-data", str(cat / "class")],
+                                                f"--class-data {cat / 'class'} is inside the --instance-data folder {cat}"),
     }
 
 
@@ -785,6 +829,21 @@ def test_data_parallel_ranks_stay_in_step(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     spread = float(out.stdout.split("RANK_SPREAD=")[1].split()[0])
     assert spread == 0.0
+
+
+def test_data_parallel_ranks_stop_together_when_one_diverges(tmp_path):
+    """A NaN loss on one rank only: both stop at that step with the loop's error (one rank stopping alone would
+    leave the other waiting in its next collective until a timeout)."""
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    script = Path(__file__).parent / "scripts" / "ddp_train.py"
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "ddp"), "diverge"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("DIVERGED=") == 2, out.stdout  # one from each rank (their lines may interleave)
+    assert "the loss at step 3 is nan" in out.stdout and "the loss at step 3 is not finite on another process" in out.stdout
 
 
 # -- class folders, resume checks -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -81,6 +82,46 @@ def test_lr_warmup_and_cosine_edges():
     assert lr_at(0, replace(cfg, lr_warmup_steps=0)) == 1.0
 
 
+def test_linear_schedule_decays_to_zero_as_diffusers_linear_does():
+    """diffusers' get_scheduler("linear"), stepped once per optimizer step: the rate of step s after the warm-up is
+    (N - s) / (N - warmup); the warm-up is one step ahead of it here (documented in lr_at's caller)."""
+    from diffusers.optimization import get_scheduler
+
+    cfg = TrainConfig(out="unused", learning_rate=1.0, lr_warmup_steps=4, max_steps=12, lr_schedule="linear")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_scheduler("linear", optimizer, num_warmup_steps=4, num_training_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    assert [lr_at(s, cfg) for s in range(4, 12)] == pytest.approx(rates[4:])
+    assert lr_at(11, cfg) == pytest.approx(1 / 8) and lr_at(12, cfg) == 0.0
+
+
+def test_adamw_settings_reach_the_optimizer_and_a_resume_must_keep_them(tmp_path):
+    settings = dict(weight_decay=0.0, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    train_linear(linear_config(tmp_path, max_steps=2, **settings))
+    [group] = json.loads((list_checkpoints(tmp_path / "checkpoints")[-1] / "state.json").read_text())["param_groups"]
+    assert (group["weight_decay"], group["betas"], group["eps"]) == (0.0, [0.8, 0.95], 1e-6)
+    with pytest.raises(DiffrtError, match="adam_beta2: 0.95 saved vs 0.999 now"):
+        train_linear(linear_config(tmp_path, max_steps=4, resume=True, **{**settings, "adam_beta2": 0.999}))
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("adam_beta1", 1.0, "--adam-beta1 must be in [0, 1), got 1.0"),
+    ("adam_beta2", -0.1, "--adam-beta2 must be in [0, 1), got -0.1"),
+    ("adam_epsilon", 0.0, "--adam-epsilon must be a number > 0, got 0.0"),
+    ("weight_decay", float("nan"), "--adam-weight-decay must be a number >= 0, got nan"),
+    ("snr_gamma", 0.0, "--snr-gamma must be a number > 0"),
+    ("noise_offset", -0.1, "--noise-offset must be a number >= 0"),
+    ("lr_schedule", "polynomial", "--lr-schedule must be constant, linear or cosine"),
+])
+def test_optimizer_and_objective_settings_are_checked(tmp_path, name, value, message):
+    with pytest.raises(DiffrtError, match=re.escape(message)):
+        linear_config(tmp_path, **{name: value}).validate()
+
+
 def test_log_every_writes_the_mean_of_each_window(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -126,6 +167,66 @@ def test_a_finished_run_extended_with_more_steps_logs_as_an_uninterrupted_run(tm
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [3, 6]
+
+
+def test_a_resume_with_another_log_every_keeps_the_rows_already_written(tmp_path):
+    """The bug (a review's): whether the checkpoint's step had an extra row off the grid was read against the new
+    --log-every, which --resume accepts: a run logged at 5 and 10, resumed with --log-every 3, lost its row 10."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_linear(linear_config(tmp_path, max_steps=10, log_every=5, checkpoint_every=10))
+    before = csv_rows(tmp_path)
+    train_linear(linear_config(tmp_path, max_steps=12, log_every=3, checkpoint_every=10, resume=True))
+    rows = csv_rows(tmp_path)
+    assert [s for s, _ in rows] == [5, 10, 12] and rows[:2] == before
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [5, 10, 12]
+
+
+def test_a_diverged_run_stops_at_its_first_non_finite_loss_and_keeps_its_checkpoints(tmp_path):
+    """The bug (a review's): a NaN loss trained on without a word, --checkpoints-total-limit pruned the good
+    checkpoints for NaN ones, and DreamBooth saved an all-NaN LoRA and exited 0."""
+    config = linear_config(tmp_path, max_steps=8, checkpoint_every=2, checkpoints_total_limit=1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    calls = []
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        calls.append(micro)  # one call a step
+        x = torch.randn(config.batch_size, 4, generator=g)
+        loss = F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+        return loss * float("nan") if len(calls) == 4 else loss  # the fourth step diverges
+
+    with pytest.raises(DiffrtError, match=r"the loss at step 4 is nan: training diverged, and the step was not applied; "
+                                          r"the newest checkpoint, step-0000002, is as it was\. .*--learning-rate \(now 0.05\)") as err:
+        train(config, model, loss_fn, save_fn=lambda out: None)
+    assert "\n" not in str(err.value)
+    assert torch.isfinite(model.weight).all()  # the step was not applied
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000002"]
+    assert [s for s, _ in csv_rows(tmp_path)] == [1, 2, 3]
+
+
+def test_resume_takes_one_data_folder_spelled_another_way(tmp_path, monkeypatch):
+    """The bug (a review's): a run started with --data cat refused --resume with --data ./cat/ or its absolute path."""
+    from diffrt.train.checkpoints import config_changes
+
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"finetune": {"data": "cat", "model": "cat"}}
+    for spelling in ("./cat/", str(tmp_path / "cat"), "dog/../cat"):
+        assert config_changes(saved, {"finetune": {"data": spelling, "model": "cat"}}) == []
+    assert config_changes(saved, {"finetune": {"data": "dog", "model": "cat"}}) == ["data: 'cat' saved vs 'dog' now"]
+    assert config_changes({"d": {"data": "digits"}}, {"d": {"data": "./digits"}}) == [  # a bundled name is no folder
+        "data: 'digits' saved vs './digits' now"]
+
+
+def test_a_file_where_the_run_keeps_a_folder_is_refused_before_any_step(tmp_path):
+    (tmp_path / "samples").write_text("notes")
+    with pytest.raises(DiffrtError, match=r"samples is a file where the run keeps its samples; move it, or choose another --out"):
+        train_linear(linear_config(tmp_path))
+    assert not (tmp_path / "loss.csv").exists()
 
 
 def test_a_resume_with_another_number_of_processes_is_refused(tmp_path):

@@ -144,10 +144,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # safetensors' own type for a failed write (a full disk): an OSError to callers
+            raise OSError(f"could not write {path}: {exc}") from exc
 
 
 MEMO_MIN_BYTES = 64 << 20  # smaller files hash in milliseconds: not worth an entry

@@ -26,7 +26,17 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--batch-size", type=int, default=batch)
     p.add_argument("--learning-rate", type=float, default=lr)
     p.add_argument("--lr-warmup-steps", type=int, default=warmup)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=schedule, help=f"(default {schedule})")
+    p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default=schedule,
+                   help=f"after the warm-up: constant, or a linear or cosine decay to 0 at --max-steps (default {schedule})")
+    p.add_argument("--adam-weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay (default 1e-2)")
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--adam-epsilon", type=float, default=1e-8)
+    p.add_argument("--snr-gamma", type=float, default=None, metavar="GAMMA",
+                   help="Min-SNR loss weighting, capping each timestep's weight at GAMMA (the paper's 5.0; default off)")
+    p.add_argument("--noise-offset", type=float, default=0.0,
+                   help="offset noise: add this times a per-channel normal draw to the noise, so that very dark or bright "
+                        "images can be learnt (0.05-0.1 are usual; default 0: off)")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: accelerate's (ACCELERATE_MIXED_PRECISION, which `accelerate launch` exports from its "
@@ -63,7 +73,9 @@ def _train_config(args):
 
     return TrainConfig(
         out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule,
+        lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.adam_weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+        snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=_mixed_precision(args.mixed_precision),
         allow_tf32=args.allow_tf32,
         gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
@@ -494,6 +506,8 @@ def _resolve_hub_ids(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -509,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffrt: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:  # the machine's answer to a read or write (permission, disk full, a read-only mount)
+    except (OSError, SafetensorError) as exc:  # the machine's answer to a read or write (permission, disk full, a
+        # read-only mount); safetensors reports a failed write (diffusers' save_pretrained) as its own error type
         if args.verbose:
             raise
         print(f"diffrt: error: {exc} (-v shows where)", file=sys.stderr)

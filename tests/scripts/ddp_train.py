@@ -1,6 +1,9 @@
 """Run by tests/test_train.py under `torchrun --standalone --nproc_per_node 2` (gloo on CPU): two processes draw
 different data (the step generator is seeded by the process index); after training, every rank
-must hold the same weights, which only holds if the loop averages their gradients."""
+must hold the same weights, which only holds if the loop averages their gradients.
+
+With a second argument `diverge`, rank 1's loss turns NaN at step 3: both ranks must stop there with the loop's
+one-line error (printed as DIVERGED=...), neither left waiting for the other."""
 
 import os
 import sys
@@ -8,6 +11,7 @@ import sys
 import torch
 from accelerate import PartialState
 
+from diffrt.errors import DiffrtError
 from diffrt.train.loop import TrainConfig, train
 
 torch.manual_seed(0)
@@ -15,14 +19,23 @@ model = torch.nn.Linear(8, 1)
 state = PartialState(cpu=True)
 
 
+diverge = sys.argv[2:] == ["diverge"]
+calls = []
+
+
 def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+    calls.append(micro)
     x = torch.randn(16, 8, generator=g)
     y = x.sum(dim=1, keepdim=True) * (1 + state.process_index)  # the ranks disagree on purpose
-    return torch.nn.functional.mse_loss(model(x), y)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    return loss * float("nan") if diverge and state.process_index == 1 and len(calls) == 3 else loss
 
 
-train(TrainConfig(out=sys.argv[1], max_steps=5, batch_size=16, learning_rate=0.1, lr_warmup_steps=1,
-                  checkpoint_every=100), model, loss_fn, save_fn=lambda out: None)
+try:
+    train(TrainConfig(out=sys.argv[1], max_steps=5, batch_size=16, learning_rate=0.1, lr_warmup_steps=1,
+                      checkpoint_every=100), model, loss_fn, save_fn=lambda out: None)
+except DiffrtError as exc:
+    print(f"DIVERGED={exc}")
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(state.num_processes)]
 torch.distributed.all_gather(gathered, flat)

@@ -179,9 +179,21 @@ def config_changes(saved: dict, now: dict) -> list[str]:
             continue
         if isinstance(value, dict) and isinstance(saved[key], dict):
             changes += config_changes(saved[key], value)
-        elif saved[key] != value:
+        elif saved[key] != value and not (key in PATH_FIELDS and same_folder(saved[key], value)):
             changes.append(f"{key}: {saved[key]!r} saved vs {value!r} now")
     return changes
+
+
+# Trainer fields that name a folder: one folder spelled another way (./cat/, an absolute path) is no change.
+PATH_FIELDS = frozenset({"model", "data", "instance_data", "class_data"})
+
+
+def same_folder(saved, now) -> bool:
+    """Whether two spellings name one existing folder (a relative one read from the current directory, as the
+    run reads it; a bundled dataset's name is no folder, and must be spelled the same)."""
+    if not (isinstance(saved, str) and isinstance(now, str) and Path(saved).is_dir() and Path(now).is_dir()):
+        return False
+    return Path(saved).resolve() == Path(now).resolve()
 
 
 def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scaler=None,

@@ -78,7 +78,8 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
 
     # 2. The loss of one micro-batch (a pure function of the step's generator) and the grid:
     #    one row per class, sampled with CFG.
-    loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout)
+    loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout,
+                            config.train.snr_gamma, config.train.noise_offset)
     sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale)
 
     # The checkpoints record the class count of the data too: --resume on a folder with other

@@ -127,6 +127,8 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     folder = require_pipeline_dir(config.model)
     check_out_apart(config.train.out, folder, LORA_WEIGHT_NAME)
     check_out_outside(config.train.out, config.instance_data, "--instance-data")
+    if config.with_prior_preservation and config.class_data:
+        check_class_data_apart(config.class_data, config.instance_data)
     if config.resolution is None:
         config = replace(config, resolution=model_resolution(folder))
         log.info("training at %d px, the model's own size (--resolution to change it)", config.resolution)
@@ -140,6 +142,9 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
 
     # 2. The frozen base: in the autocast dtype of a mixed-precision run on a GPU, else fp32.
     state = PartialState(cpu=not torch.cuda.is_available())
+    if config.train.mixed_precision == "fp16" and state.device.type == "cpu":  # said before class images take minutes
+        log.warning("--mixed-precision fp16 needs a GPU; on the CPU the base model stays fp32, class images are made "
+                    "and the run trains in fp32 (bf16 works on the CPU)")
     c = load_components(folder, state.device, base_dtype(state.device, config.train.mixed_precision))
     vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
     steps = DDIMConfig.from_scheduler_config(c.scheduler_config).num_train_timesteps
@@ -214,7 +219,8 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
             weights = torch.cat([torch.full((bs,), 1.0 / bs), torch.full((bs,), config.prior_loss_weight / bs)])
         cond = cond.to(c.dtype)
         return diffusion_loss(lambda x_t, t: c.unet(x_t.to(c.dtype), t, cond).sample, latents, alphas_cumprod, g,
-                              sched.prediction_type, weights=weights)
+                              sched.prediction_type, weights=weights, snr_gamma=config.train.snr_gamma,
+                              noise_offset=config.train.noise_offset)
 
     # 7. Validation images with diffusers' own pipeline over the adapted components.
     def sample_fn() -> torch.Tensor:
@@ -235,6 +241,18 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
 
 
 # -- the base model ---------------------------------------------------------------------------
+
+
+def check_class_data_apart(class_data: str | Path, instance_data: str | Path) -> None:
+    """Refuse a --class-data folder at, inside or around --instance-data (sub-folders are read): the class images
+    made for it would be written among the subject's photos, or the photos read as class images."""
+    if not Path(instance_data).is_dir():
+        return  # a bundled name: no folder to overlap
+    classes, instances = Path(class_data).resolve(), Path(instance_data).resolve()
+    if classes == instances or instances in classes.parents or classes in instances.parents:
+        where = "is" if classes == instances else "is inside" if instances in classes.parents else "holds"
+        raise DiffrtError(f"--class-data {class_data} {where} the --instance-data folder {instance_data}: class images would "
+                          "be written among the subject's photos, or the photos read as class images; pass folders apart")
 
 
 def require_pipeline_dir(model: str | Path) -> Path:
@@ -444,6 +462,12 @@ def instance_evaluation_loss(pipe, images: torch.Tensor, prompt: str) -> float:
 # -- output -----------------------------------------------------------------------------------
 
 
+def adapter_metadata(config) -> dict:
+    """A peft LoraConfig as the file's metadata records it, its sets (target_modules) sorted: in a set's own
+    order, which follows the process's string hash seed, two runs of one seed wrote different bytes."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+
+
 def save_lora(out: Path, unet: nn.Module, unet_config, text_encoder: nn.Module | None = None, te_config=None) -> Path:
     """Write out/pytorch_lora_weights.safetensors in diffusers' format, atomically."""
     from diffusers import StableDiffusionPipeline
@@ -465,8 +489,8 @@ def save_lora(out: Path, unet: nn.Module, unet_config, text_encoder: nn.Module |
     try:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
-            unet_lora_adapter_metadata=unet_config.to_dict(),
-            text_encoder_lora_adapter_metadata=te_config.to_dict() if te_config is not None else None,
+            unet_lora_adapter_metadata=adapter_metadata(unet_config),
+            text_encoder_lora_adapter_metadata=adapter_metadata(te_config) if te_config is not None else None,
             safe_serialization=True,
         )
         # The file appears whole or not at all: a reader never sees a half-written LoRA.

@@ -72,7 +72,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
     # 2. The loss of one micro-batch (a pure function of the step's generator) and the sample
     #    grid (one row per class for a class-conditioned model).
-    loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout)
+    loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout,
+                            config.train.snr_gamma, config.train.noise_offset)
     sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale, num_images=config.num_samples)
 
     # The checkpoints record the image count too (the state holds --data's name, not its files): each step

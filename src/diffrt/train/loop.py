@@ -50,9 +50,14 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 1e-3
-    weight_decay: float = 1e-2
+    weight_decay: float = 1e-2  # AdamW's decoupled weight decay (diffusers' --adam_weight_decay)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     lr_warmup_steps: int = 100
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 there)
+    noise_offset: float = 0.0  # offset noise: a per-channel constant added to the noise (diffusers' --noise_offset)
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     allow_tf32: bool = False  # Ampere and later: fp32 matmuls and convolutions in TF32 (diffusers' --allow_tf32)
@@ -81,6 +86,20 @@ class TrainConfig:
         # Written as "not ok" so that NaN, which every comparison calls False, is refused too (AdamW raised it later).
         if not 0 < self.learning_rate < math.inf:
             raise DiffrtError(f"--learning-rate must be a number > 0, got {self.learning_rate}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise DiffrtError(f"--adam-weight-decay must be a number >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise DiffrtError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.adam_epsilon < math.inf:
+            raise DiffrtError(f"--adam-epsilon must be a number > 0, got {self.adam_epsilon}")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise DiffrtError(f"--lr-schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
+        if self.snr_gamma is not None and not 0 < self.snr_gamma < math.inf:
+            raise DiffrtError(f"--snr-gamma must be a number > 0 (5.0 is the paper's), got {self.snr_gamma}; "
+                              "leave it out for the plain loss")
+        if not 0 <= self.noise_offset < math.inf:
+            raise DiffrtError(f"--noise-offset must be a number >= 0 (0.05-0.1 are usual; 0: off), got {self.noise_offset}")
         if not 0 <= self.max_grad_norm <= math.inf:
             raise DiffrtError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -95,6 +114,9 @@ class TrainConfig:
         # Before the model and data load (and, for DreamBooth, class images are generated): a file in the way of
         # --out, or a folder this user cannot write, failed at the first mkdir with an OSError.
         atomic.check_writable(self.out, folder=True)
+        for name in ("checkpoints", "samples", "tensorboard"):  # the run's own folders: found only when first written
+            if (Path(self.out) / name).is_file():
+                raise DiffrtError(f"{Path(self.out) / name} is a file where the run keeps its {name}; move it, or choose another --out")
         existing = list_checkpoints(Path(self.out) / "checkpoints")
         if existing and not self.resume:
             raise DiffrtError(f"{self.out} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
@@ -107,13 +129,15 @@ def trainer_state(config) -> dict:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to the peak rate, then constant or cosine decay to zero."""
+    """Linear warmup to the peak rate, then constant, or a linear or cosine decay to zero at max_steps."""
     if step < config.lr_warmup_steps:
         return config.learning_rate * (step + 1) / config.lr_warmup_steps
     if config.lr_schedule == "constant":
         return config.learning_rate
-    progress = (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps)
-    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps))
+    if config.lr_schedule == "linear":
+        return config.learning_rate * (1 - progress)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 MAX_ACCUMULATION = 64  # step_generator's micro-batch field; TrainConfig.validate holds runs to it
@@ -232,7 +256,8 @@ def train(
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise DiffrtError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(named.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(named.values(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
     # The model is placed, not wrapped: trainers call their own modules (a UNet, a peft adapter
     # inside a pipeline), which DDP's wrapper would bypass. Data-parallel gradients are averaged
     # across processes explicitly after the accumulated backward passes instead.
@@ -256,8 +281,10 @@ def train(
         check_max_steps(start, config)
         log.info("resumed from step %d", start)
     # A finished run's last row, off the --log-every grid, is one an uninterrupted longer run never writes:
-    # extended with a higher --max-steps, the run drops it, and its checkpoint kept those steps' window.
-    last_row_extra = start % config.log_every != 0 and start < config.max_steps
+    # extended with a higher --max-steps, the run drops it, and its checkpoint kept those steps' window. That
+    # window is what tells (a row on the saved run's grid cleared it): --log-every may change on --resume,
+    # and read against the new one, a row on the old grid was taken for an extra and dropped.
+    last_row_extra = bool(window) and start < config.max_steps
     writer = None
     if accelerator.is_main_process:
         _truncate_loss_log(out / "loss.csv", upto=start - 1 if last_row_extra else start)
@@ -288,6 +315,8 @@ def train(
             for p in named.values():
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if scaler is None:  # fp16's loss scaler skips a non-finite step itself (and is counted below)
+            check_finite_loss(total, step + 1, config, accelerator, out)
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
         optimizer.step()
@@ -338,6 +367,22 @@ def train(
     steps_run = config.max_steps - start
     rate = steps_run * config.batch_size * config.gradient_accumulation_steps / sum(step_times) if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)
+
+
+def check_finite_loss(total: float, step: int, config: TrainConfig, accelerator, out: Path) -> None:
+    """Stop at the first non-finite loss, before its update: NaN weights would have been checkpointed (their
+    --checkpoints-total-limit pruning the good ones) and saved as the result, and every later step is NaN too.
+    In a data-parallel run the processes decide together (one stopping alone would leave the rest waiting)."""
+    bad = not math.isfinite(total)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum").item() > 0
+    if bad:
+        kept = list_checkpoints(out / "checkpoints")
+        where = f"the newest checkpoint, {kept[-1].name}, is as it was" if kept else "no checkpoint was saved"
+        loss = total if not math.isfinite(total) else "not finite on another process"
+        raise DiffrtError(f"the loss at step {step} is {loss}: training diverged, and the step was not "
+                          f"applied; {where}. Start again with a lower --learning-rate (now {config.learning_rate:g}) "
+                          "into a new --out (--resume keeps the learning rate it saved)")
 
 
 def check_out_apart(out: str | Path, model: str | Path, result: str) -> None:

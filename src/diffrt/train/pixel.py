@@ -21,22 +21,24 @@ from diffrt.train.objective import diffusion_loss
 log = logging.getLogger(__name__)
 
 
-def pixel_loss_fn(model: PixelModel, dataset: ImageDataset, batch_size: int, label_dropout: float) -> LossFn:
+def pixel_loss_fn(model: PixelModel, dataset: ImageDataset, batch_size: int, label_dropout: float,
+                  snr_gamma: float | None = None, noise_offset: float = 0.0) -> LossFn:
     """DDPM loss on a batch drawn from the step's generator; labels are dropped to the null label
     with probability `label_dropout` (classifier-free guidance training) for conditioned models."""
     unet, null = model.unet, model.info.null_class_label
     alphas_cumprod = make_alphas_cumprod(model.scheduler)
     n = len(dataset)
+    objective = {"prediction_type": model.scheduler.prediction_type, "snr_gamma": snr_gamma, "noise_offset": noise_offset}
 
     def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
         device = next(unet.parameters()).device
         idx = torch.randint(0, n, (batch_size,), generator=g)
         x0, labels = dataset.batch(idx, g)
         if null is None:
-            return diffusion_loss(lambda x_t, t: unet(x_t, t), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
+            return diffusion_loss(lambda x_t, t: unet(x_t, t), x0.to(device), alphas_cumprod, g, **objective)
         drop = torch.rand(batch_size, generator=g) < label_dropout
         labels = torch.where(drop, torch.full_like(labels, null), labels).to(device)
-        return diffusion_loss(lambda x_t, t: unet(x_t, t, labels), x0.to(device), alphas_cumprod, g, model.scheduler.prediction_type)
+        return diffusion_loss(lambda x_t, t: unet(x_t, t, labels), x0.to(device), alphas_cumprod, g, **objective)
 
     return loss_fn
 
