@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from diffrt.cli import main
 from diffrt.errors import DiffrtError
 from diffrt.models import build_pixel_model, load_pixel_model, save_pixel_model, small_unet_config
-from diffrt.runtime.ddim import DDIMConfig
+from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth_lora
 from diffrt.train.finetune import FinetuneConfig, finetune
@@ -239,6 +239,23 @@ def test_finetune_uses_the_models_prediction_type(cat_folder, tmp_path):
     expected = torch.nn.functional.mse_loss(pred, oracle.get_velocity(x0, noise, t)).item()
     assert loss == pytest.approx(expected, rel=1e-4)
     assert json.loads((tmp_path / "out" / "model" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_class_cond_trains_the_prediction_type_and_schedule_asked_for(tmp_path):
+    """--prediction-type and --beta-schedule (diffusers' train_unconditional.py offers both) reach the loss and the
+    saved scheduler config, which is what every sampler of the model reads."""
+    from diffusers import DDPMScheduler
+
+    out = tmp_path / "run"
+    assert main(["train", "class-cond", "--resolution", "8", "--widths", "16", "32", "--max-steps", "2", "--batch-size", "2",
+                 "--lr-warmup-steps", "0", "--prediction-type", "v_prediction", "--beta-schedule", "squaredcos_cap_v2",
+                 "--out", str(out)]) == 0
+    model = load_pixel_model(out / "model")
+    assert (model.scheduler.prediction_type, model.scheduler.beta_schedule) == ("v_prediction", "squaredcos_cap_v2")
+    reference = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    torch.testing.assert_close(make_alphas_cumprod(model.scheduler), reference.alphas_cumprod.float())
+    assert main(["generate", "--model", str(out / "model"), "--class-label", "3", "--steps", "2", "--num-images", "1",
+                 "--out", str(tmp_path / "x.png")]) == 0
 
 
 def test_finetune_weighs_a_sample_prediction_by_snr(cat_folder, tmp_path):

@@ -89,8 +89,8 @@ def _cmd_train_class_cond(args) -> int:
 
     cfg = ClassCondConfig(data=args.data, conditioning=args.conditioning, sample_size=args.resolution,
                           widths=tuple(args.widths), label_dropout=args.label_dropout, num_classes=args.num_classes,
-                          crop=args.crop, random_flip=args.random_flip,
-                          train=_train_config(args))
+                          crop=args.crop, random_flip=args.random_flip, prediction_type=args.prediction_type,
+                          beta_schedule=args.beta_schedule, train=_train_config(args))
     result = train_class_conditioned(cfg)
     print(f"trained {result.steps} steps ({result.samples_per_second:.1f} samples/s); model: {Path(args.out) / 'model'}")
     return 0
@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--num-classes", type=int, default=None, help="expected class count (checked against the data)")
     cc.add_argument("--crop", choices=["center", "random"], default="center", help="class folders: crop after resizing the short side")
     cc.add_argument("--random-flip", action="store_true", help="class folders: flip images horizontally at random")
+    cc.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default="epsilon",
+                    help="what the UNet learns to predict: the noise, v (Salimans & Ho) or the clean image (default epsilon)")
+    cc.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"], default="linear",
+                    help="the noise schedule's betas over 1000 steps (squaredcos_cap_v2: Nichol & Dhariwal's cosine; default linear)")
     _add_train_options(cc, "runs/class-cond", steps=2000, batch=64, lr=1e-3)
     cc.set_defaults(func=_cmd_train_class_cond)
     ft = tsub.add_parser("finetune", help="fine-tune a pretrained UNet2DModel (diffusers folder) on new images")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 
 from diffrt.data import check_out_outside, load_source
 from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, build_pixel_model, small_unet_config
-from diffrt.runtime.ddim import DDIMConfig
+from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType
 from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
 from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
 
@@ -38,6 +39,8 @@ class ClassCondConfig:
     num_classes: int | None = None  # checked against the data when given
     crop: str = "center"  # class folders' images: "center" or "random" after resizing the short side
     random_flip: bool = False
+    prediction_type: PredictionType = "epsilon"  # the scheduler config the model is saved with says so to every sampler
+    beta_schedule: BetaSchedule = "linear"
     sample_steps: int = 25
     sample_guidance_scale: float = 3.0  # the shipped digits model's training_samples.png (weights/digits/README.md)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/class-cond"))
@@ -47,6 +50,10 @@ class ClassCondConfig:
             raise DiffrtError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
         if self.crop not in ("center", "random"):
             raise DiffrtError(f"--crop must be 'center' or 'random', got {self.crop!r}")
+        if self.prediction_type not in get_args(PredictionType):
+            raise DiffrtError(f"--prediction-type must be one of {', '.join(get_args(PredictionType))}, got {self.prediction_type!r}")
+        if self.beta_schedule not in get_args(BetaSchedule):
+            raise DiffrtError(f"--beta-schedule must be one of {', '.join(get_args(BetaSchedule))}, got {self.beta_schedule!r}")
         if self.sample_size < 1:  # (sizes the sampler refuses are refused once the model is built: check_sample_size)
             raise DiffrtError(f"--resolution must be a positive number of pixels, got {self.sample_size}")
         # small_unet_config has three block types and normalises in groups of 8 channels: other
@@ -69,7 +76,8 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
         model = build_pixel_model(
             small_unet_config(config.sample_size, dataset.images.shape[1], config.widths),
             conditioning=config.conditioning, num_classes=dataset.num_classes,
-            class_embedding_dim=config.class_embedding_dim, scheduler=DDIMConfig(), class_names=dataset.class_names,
+            class_embedding_dim=config.class_embedding_dim, class_names=dataset.class_names,
+            scheduler=DDIMConfig(prediction_type=config.prediction_type, beta_schedule=config.beta_schedule),
         )
     check_sample_size(model, "--resolution", "pick such a size")
     if config.train.gradient_checkpointing:
