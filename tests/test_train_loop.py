@@ -116,6 +116,7 @@ def test_adamw_settings_reach_the_optimizer_and_a_resume_must_keep_them(tmp_path
     ("snr_gamma", 0.0, "--snr-gamma must be a number > 0"),
     ("noise_offset", -0.1, "--noise-offset must be a number >= 0"),
     ("lr_schedule", "polynomial", "--lr-schedule must be constant, linear or cosine"),
+    ("ema_inv_gamma", 0.0, "--ema-power must be >= 0 (0: the (1 + n) / (10 + n) warm-up) and --ema-inv-gamma > 0, got 0.0 and 0.0"),
 ])
 def test_optimizer_and_objective_settings_are_checked(tmp_path, name, value, message):
     with pytest.raises(DiffrtError, match=re.escape(message)):
@@ -291,6 +292,24 @@ def test_resume_purges_tensorboard_steps_logged_after_the_checkpoint(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]  # step 3 once, from the resumed run
+
+
+@pytest.mark.parametrize("power", [0.75, 2 / 3])
+def test_ema_power_warm_up_averages_as_diffusers_ema_model(power):
+    """--ema-power: diffusers' EMAModel(use_ema_warmup=True), update for update, on weights that change each step."""
+    from diffusers.training_utils import EMAModel
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    named = {"w": param}
+    ours = EMA(named, decay=0.9999, power=power, inv_gamma=2.0)
+    theirs = EMAModel([param], decay=0.9999, use_ema_warmup=True, power=power, inv_gamma=2.0)
+    for n in range(1, 40):
+        with torch.no_grad():
+            param.copy_(torch.tensor([n, n * n, -n], dtype=torch.float32))
+        ours.update(named, n)
+        theirs.step([param])
+        torch.testing.assert_close(ours.shadow["w"], theirs.shadow_params[0], rtol=1e-6, atol=1e-5)
+    assert ours.decay_at(39) == pytest.approx(theirs.get_decay(39))
 
 
 def test_failed_checkpoint_save_leaves_the_older_one_to_resume_from(tmp_path, monkeypatch):

@@ -46,6 +46,10 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 disables)")
+    p.add_argument("--ema-power", type=float, default=0.0,
+                   help="EMA warm-up as diffusers' EMAModel(use_ema_warmup=True): 1 - (1 + n / inv_gamma) ^ -power "
+                        "(train_unconditional.py: 0.75); default 0: min(decay, (1 + n) / (10 + n))")
+    p.add_argument("--ema-inv-gamma", type=float, default=1.0, help="the EMA power warm-up's inverse gamma (default 1.0)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
                    help="keep only the newest N complete checkpoints, removing older ones after each save (default: keep all)")
@@ -78,7 +82,8 @@ def _train_config(args):
         snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=_mixed_precision(args.mixed_precision),
         allow_tf32=args.allow_tf32,
-        gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay, ema_power=args.ema_power,
+        ema_inv_gamma=args.ema_inv_gamma, max_grad_norm=args.max_grad_norm,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit,
         sample_every=args.sample_every, log_every=args.log_every, seed=args.seed, resume=args.resume,
     )
