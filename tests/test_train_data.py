@@ -138,6 +138,21 @@ def test_a_16_bit_greyscale_image_keeps_its_range(tmp_path):
     assert resized.shape == (3, 4, 32) and 0.45 < resized.mean() < 0.55
 
 
+def test_a_float_image_outside_0_to_1_is_refused_by_name(tmp_path):
+    """The bug (a review's): a 32-bit float TIFF holding 0-255 values was clipped to 1 and trained as a white image."""
+    from diffrt.errors import DataError
+    from diffrt.images import load_image
+
+    ramp = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (4, 1))
+    Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
+    torch.testing.assert_close(load_image(tmp_path / "unit.tif")[0, 0], torch.from_numpy(ramp[0]))  # 0-1 reads as it is
+    Image.fromarray(ramp * 255, mode="F").save(tmp_path / "bytes.tif")
+    with pytest.raises(DataError, match=r"bytes.tif is a 32-bit float greyscale image with values from 0 to 255; "
+                                        r"diffrt reads such pixels as 0 to 1: rescale it") as err:
+        load_image(tmp_path / "bytes.tif")
+    assert "\n" not in str(err.value)
+
+
 def test_flip_and_crop_are_refused_for_the_bundled_digits():
     from diffrt.data import load_source
     from diffrt.errors import DataError

@@ -99,13 +99,23 @@ REDUCE_ABOVE = 16_000_000  # pixels: smaller images decode exactly (12 MP is 144
 HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
-def _high_depth(im, size: tuple[int, int] | None, factor: int = 1) -> np.ndarray:
+def _high_depth(im, size: tuple[int, int] | None, factor: int = 1, name: str = "the image") -> np.ndarray:
     """A 16-bit (or 32-bit int, taken as 16-bit as PNG stores it) or float greyscale image as
     [H, W, 1] float in [0, 1], resized (or shrunk by a whole `factor`, box-filtered) in float so no
-    precision is lost first."""
+    precision is lost first. Pixels outside that range (a float TIFF in 0-255, HDR values, a 32-bit
+    count) are refused: clipped, they read as a white or black image without a word."""
     from PIL import Image
 
-    array = np.clip(np.asarray(im, dtype=np.float32) / HIGH_DEPTH[im.mode], 0.0, 1.0)
+    from diffrt.errors import DataError
+
+    raw = np.asarray(im, dtype=np.float32)
+    top = HIGH_DEPTH[im.mode]
+    low, high = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
+    if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= top):
+        kind = "a 32-bit float" if im.mode == "F" else "a 16/32-bit integer"
+        raise DataError(f"{name} is {kind} greyscale image with values from {low:g} to {high:g}; diffrt reads such pixels "
+                        f"as 0 to {top:g}: rescale it to that range, or save it as an 8-bit image")
+    array = raw / top
     if factor >= 2:
         array = np.asarray(Image.fromarray(array, mode="F").reduce(factor), dtype=np.float32)
     if size is not None:
@@ -163,7 +173,7 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
             im = ImageOps.exif_transpose(im)
             size = _target_size(im, size, multiple)
             if im.mode in HIGH_DEPTH:  # 16-bit or float greyscale: convert() would clip it at 255
-                array = _high_depth(im, size, _shrink_factor(im, min_side) if reduce else 1)
+                array = _high_depth(im, size, _shrink_factor(im, min_side) if reduce else 1, name)
                 array = np.repeat(array, 3, axis=2) if mode == "RGB" else array
             else:
                 im = im.convert(mode)
