@@ -235,6 +235,18 @@ def test_bench_lists_its_configurations():
     assert len({line.index(" any  " if " any  " in line else " GPU  ") for line in lines}) == 1, lines
 
 
+def test_trainer_help_gives_each_trainers_own_defaults(capsys):
+    """The trainers' defaults differ (learning rate 1e-3 for class-cond, 1e-4 for the others): --help said none."""
+    import re
+
+    for trainer, lr in (("class-cond", "0.001"), ("dreambooth-lora", "0.0001")):
+        with pytest.raises(SystemExit):
+            main(["train", trainer, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert re.search(rf"--learning-rate LEARNING_RATE AdamW's peak learning rate \(default: {lr}\)", text)
+        assert "(default: None)" not in text and "(default: False)" not in text  # unset options and flags: no default
+
+
 def test_trainer_defaults_follow_diffusers_scripts():
     """dreambooth-lora ran a cosine schedule after 100 warm-up steps by default, where diffusers' DreamBooth-LoRA
     recipe (what its users compare against) is constant with no warm-up; the pixel trainers keep

@@ -681,6 +681,14 @@ def test_cli_runs_each_trainer(sd_folder, cat_folder, tmp_path, capsys):
     saved = json.loads((tmp_path / "ft" / "checkpoints" / "step-0000002" / "state.json").read_text())
     assert {k: saved["config"][k] for k in ("snr_gamma", "noise_offset", "lr_schedule", "weight_decay", "adam_beta2")} == {
         "snr_gamma": 5.0, "noise_offset": 0.05, "lr_schedule": "linear", "weight_decay": 0.0, "adam_beta2": 0.99}
+    assert "trained 2 steps, " in capsys.readouterr().out
+    # A --resume of the finished run trains nothing, says so, and marks the model's record as a resumed run's.
+    assert main(["train", "finetune", "--model", str(pixel), "--data", str(cat_folder), "--out", str(tmp_path / "ft"),
+                 "--random-flip", *common, "--checkpoint-every", "1", "--checkpoints-total-limit", "1", "--resume",
+                 "--snr-gamma", "5", "--noise-offset", "0.05", "--lr-schedule", "linear", "--adam-weight-decay", "0",
+                 "--adam-beta2", "0.99"]) == 0
+    assert "nothing to train: the checkpoint is at step 2, the --max-steps" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ft" / "model" / "diffrt.json").read_text())["training"]["resumed"] is True
     assert main(["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", str(cat_folder),
                  "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--rank", "2",
                  "--validation-every", "1", "--num-validation-images", "1", "--inference-steps", "1",

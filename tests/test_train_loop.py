@@ -116,6 +116,7 @@ def test_adamw_settings_reach_the_optimizer_and_a_resume_must_keep_them(tmp_path
     ("snr_gamma", 0.0, "--snr-gamma must be a number > 0"),
     ("noise_offset", -0.1, "--noise-offset must be a number >= 0"),
     ("lr_schedule", "polynomial", "--lr-schedule must be constant, linear or cosine"),
+    ("ema_power", 0.75, "--ema-power and --ema-inv-gamma shape the warm-up of an EMA, which --ema-decay turns on: pass --ema-decay too"),
     ("ema_inv_gamma", 0.0, "--ema-power must be >= 0 (0: the (1 + n) / (10 + n) warm-up) and --ema-inv-gamma > 0, got 0.0 and 0.0"),
 ])
 def test_optimizer_and_objective_settings_are_checked(tmp_path, name, value, message):

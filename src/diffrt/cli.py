@@ -23,39 +23,40 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
                        schedule: str = "cosine", warmup: int = 100) -> None:
     p.add_argument("--out", default=out_default, help="output folder (model, checkpoints, samples, logs)")
     p.add_argument("--max-steps", type=int, default=steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=batch)
-    p.add_argument("--learning-rate", type=float, default=lr)
-    p.add_argument("--lr-warmup-steps", type=int, default=warmup)
+    p.add_argument("--batch-size", type=int, default=batch, help="images per optimizer step and process")
+    p.add_argument("--learning-rate", type=float, default=lr, help="AdamW's peak learning rate")
+    p.add_argument("--lr-warmup-steps", type=int, default=warmup, help="steps of linear warm-up to --learning-rate")
     p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default=schedule,
-                   help=f"after the warm-up: constant, or a linear or cosine decay to 0 at --max-steps (default {schedule})")
-    p.add_argument("--adam-weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay (default 1e-2)")
-    p.add_argument("--adam-beta1", type=float, default=0.9)
-    p.add_argument("--adam-beta2", type=float, default=0.999)
-    p.add_argument("--adam-epsilon", type=float, default=1e-8)
+                   help="after the warm-up: constant, or a linear or cosine decay to 0 at --max-steps")
+    p.add_argument("--adam-weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
+    p.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW's first-moment decay")
+    p.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay")
+    p.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW's denominator epsilon")
     p.add_argument("--snr-gamma", type=float, default=None, metavar="GAMMA",
                    help="Min-SNR loss weighting, capping each timestep's weight at GAMMA (the paper's 5.0; default off)")
     p.add_argument("--noise-offset", type=float, default=0.0,
                    help="offset noise: add this times a per-channel normal draw to the noise, so that very dark or bright "
                         "images can be learnt (0.05-0.1 are usual; default 0: off)")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="micro-batches of --batch-size whose gradients make one step (the loss divided by their count)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: accelerate's (ACCELERATE_MIXED_PRECISION, which `accelerate launch` exports from its "
                         "--mixed_precision or `accelerate config`'s file), else no")
     p.add_argument("--allow-tf32", action="store_true",
                    help="GPU: fp32 matmuls in TF32 (Ampere and later; faster, ~fp16 mantissa); process-wide, as diffusers' flag")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 disables)")
     p.add_argument("--ema-power", type=float, default=0.0,
                    help="EMA warm-up as diffusers' EMAModel(use_ema_warmup=True): 1 - (1 + n / inv_gamma) ^ -power "
                         "(train_unconditional.py: 0.75); default 0: min(decay, (1 + n) / (10 + n))")
-    p.add_argument("--ema-inv-gamma", type=float, default=1.0, help="the EMA power warm-up's inverse gamma (default 1.0)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--ema-inv-gamma", type=float, default=1.0, help="the EMA power warm-up's inverse gamma")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (and after the last)")
     p.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
                    help="keep only the newest N complete checkpoints, removing older ones after each save (default: keep all)")
     p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log the mean loss of every N steps to loss.csv and TensorBoard")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every step's draws")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
 
 
@@ -89,6 +90,15 @@ def _train_config(args):
     )
 
 
+def _trained(result, saved: Path) -> str:
+    """The closing line of a training run: the steps this run took (a --resume from step S ran S+1 on), and what it saved."""
+    ran = result.steps - result.start_step
+    if ran == 0:
+        return f"nothing to train: the checkpoint is at step {result.steps}, the --max-steps; saved {saved} from it"
+    resumed = f" (steps {result.start_step + 1}-{result.steps}, resumed)" if result.start_step else ""
+    return f"trained {ran} step{'s' if ran != 1 else ''}{resumed}, {result.samples_per_second:.1f} samples/s; saved {saved}"
+
+
 def _cmd_train_class_cond(args) -> int:
     from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 
@@ -97,7 +107,7 @@ def _cmd_train_class_cond(args) -> int:
                           crop=args.crop, random_flip=args.random_flip, prediction_type=args.prediction_type,
                           beta_schedule=args.beta_schedule, train=_train_config(args))
     result = train_class_conditioned(cfg)
-    print(f"trained {result.steps} steps ({result.samples_per_second:.1f} samples/s); model: {Path(args.out) / 'model'}")
+    print(_trained(result, Path(args.out) / 'model'))
     return 0
 
 
@@ -107,7 +117,7 @@ def _cmd_train_finetune(args) -> int:
     cfg = FinetuneConfig(model=args.model, data=args.data, crop=args.crop, random_flip=args.random_flip,
                          label_dropout=args.label_dropout, train=_train_config(args))
     result = finetune(cfg)
-    print(f"fine-tuned {result.steps} steps ({result.samples_per_second:.1f} samples/s); model: {Path(args.out) / 'model'}")
+    print(_trained(result, Path(args.out) / 'model'))
     return 0
 
 
@@ -125,7 +135,7 @@ def _cmd_train_dreambooth_lora(args) -> int:
         guidance_scale=args.guidance_scale, train=_train_config(args),
     )
     result = train_dreambooth_lora(cfg)
-    print(f"trained {result.steps} steps ({result.samples_per_second:.1f} samples/s); LoRA: {Path(args.out) / LORA_WEIGHT_NAME}")
+    print(_trained(result, Path(args.out) / LORA_WEIGHT_NAME))
     return 0
 
 
@@ -268,6 +278,19 @@ def _port(text: str) -> int:
     return port
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help that gives each option's default where its own text does not (the trainers' differ: learning rate,
+    steps, batch size); none for a flag, nor for an option left unset by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and text is not argparse.SUPPRESS and "default" not in text
+                and default is not None and default is not False and default is not argparse.SUPPRESS):
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffrt", description="Train diffusion models in PyTorch, export them to ONNX/TensorRT, and run a guided DDIM loop.")
     parser.add_argument("--version", action="version", version=f"diffrt {__version__}")
@@ -277,23 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
     # train
     train = sub.add_parser("train", help="train or fine-tune a model in PyTorch")
     tsub = train.add_subparsers(dest="trainer", metavar="TRAINER")
-    cc = tsub.add_parser("class-cond", help="train a class-conditioned pixel UNet (classifier-free guidance ready)")
+    cc = tsub.add_parser("class-cond", help="train a class-conditioned pixel UNet (classifier-free guidance ready)",
+                          formatter_class=DefaultsHelpFormatter)
     cc.add_argument("--data", default="digits", help="a folder with one sub-folder per class, or 'digits' (bundled)")
     cc.add_argument("--conditioning", choices=["class_embedding", "class_channels"], default="class_embedding",
                     help="label embedding added to the timestep embedding, or fed as extra input channels")
-    cc.add_argument("--resolution", type=int, default=16)
+    cc.add_argument("--resolution", type=int, default=16, help="image side in pixels")
     cc.add_argument("--widths", type=int, nargs="+", default=[32, 64, 64], help="UNet block widths")
     cc.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null label (for CFG)")
     cc.add_argument("--num-classes", type=int, default=None, help="expected class count (checked against the data)")
     cc.add_argument("--crop", choices=["center", "random"], default="center", help="class folders: crop after resizing the short side")
     cc.add_argument("--random-flip", action="store_true", help="class folders: flip images horizontally at random")
     cc.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default="epsilon",
-                    help="what the UNet learns to predict: the noise, v (Salimans & Ho) or the clean image (default epsilon)")
+                    help="what the UNet learns to predict: the noise, v (Salimans & Ho) or the clean image")
     cc.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"], default="linear",
-                    help="the noise schedule's betas over 1000 steps (squaredcos_cap_v2: Nichol & Dhariwal's cosine; default linear)")
+                    help="the noise schedule's betas over 1000 steps (squaredcos_cap_v2: Nichol & Dhariwal's cosine)")
     _add_train_options(cc, "runs/class-cond", steps=2000, batch=64, lr=1e-3)
     cc.set_defaults(func=_cmd_train_class_cond)
-    ft = tsub.add_parser("finetune", help="fine-tune a pretrained UNet2DModel (diffusers folder) on new images")
+    ft = tsub.add_parser("finetune", help="fine-tune a pretrained UNet2DModel (diffusers folder) on new images",
+                          formatter_class=DefaultsHelpFormatter)
     ft.add_argument("--model", required=True, help="diffusers pipeline folder (unet/ + scheduler/), UNet2DModel folder, or Hub id org/name[@rev]")
     ft.add_argument("--data", required=True, help="a folder of images (any size), or a bundled set: 'digits', 'chelsea' (four crops of scikit-image's cat); "
                     "one sub-folder per class for a class-conditioned model")
@@ -302,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--label-dropout", type=float, default=0.1, help="class-conditioned models: probability of the null label")
     _add_train_options(ft, "runs/finetune", steps=1000, batch=16, lr=1e-4)
     ft.set_defaults(func=_cmd_train_finetune)
-    db = tsub.add_parser("dreambooth-lora", help="DreamBooth with LoRA (peft) on a text-to-image pipeline folder")
+    db = tsub.add_parser("dreambooth-lora", help="DreamBooth with LoRA (peft) on a text-to-image pipeline folder",
+                          formatter_class=DefaultsHelpFormatter)
     db.add_argument("--model", required=True, help="Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler) or Hub id")
     db.add_argument("--instance-data", required=True,
                     help="folder with a few images of the subject, or 'chelsea' (bundled: four crops of scikit-image's cat)")
@@ -310,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--class-prompt", default=None, help="prompt for the subject's class, e.g. 'a photo of a cat'")
     db.add_argument("--with-prior-preservation", action="store_true", help="train on class images too (prior-preservation loss)")
     db.add_argument("--class-data", default=None, help="folder of class images; filled up by the base model (default: OUT/class_images)")
-    db.add_argument("--num-class-images", type=int, default=100)
-    db.add_argument("--prior-loss-weight", type=float, default=1.0)
+    db.add_argument("--num-class-images", type=int, default=100, help="class images for prior preservation (made by the base model if fewer)")
+    db.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class images' loss")
     db.add_argument("--rank", type=int, default=4, help="LoRA rank")
     db.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
     db.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"], help="UNet modules to adapt")
@@ -319,12 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--text-encoder-target-modules", nargs="+", default=None,
                     help="text-encoder modules to adapt with --train-text-encoder (default: q_proj k_proj v_proj out_proj)")
     db.add_argument("--resolution", type=int, default=None, help="training image size in pixels (default: the model's own, 512 for SD-1.5)")
-    db.add_argument("--crop", choices=["center", "random"], default="center")
-    db.add_argument("--random-flip", action="store_true")
+    db.add_argument("--crop", choices=["center", "random"], default="center", help="crop after resizing the short side")
+    db.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
     db.add_argument("--validation-prompt", default=None, help="prompt for validation images (default: the instance prompt)")
     db.add_argument("--validation-every", type=int, dest="sample_every", default=argparse.SUPPRESS, metavar="N",
                     help="write a grid of validation images every N steps (same as --sample-every)")
-    db.add_argument("--num-validation-images", type=int, default=4)
+    db.add_argument("--num-validation-images", type=int, default=4, help="validation images per grid")
     db.add_argument("--inference-steps", type=int, default=25, help="DDIM steps for validation and class images")
     db.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for validation and class images")
     # diffusers' DreamBooth-LoRA recipe (its README): learning rate 1e-4, constant, no warm-up.

@@ -46,7 +46,7 @@ CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
 
 # Fields (of TrainConfig or of a trainer's config) that `--resume` may change: they say how long
 # a run goes, what it reports, or how a step is computed (memory, precision), not what it computes.
-# (max_steps is the exception: under the cosine schedule it also moves where the decay ends.)
+# (max_steps is the exception: under a linear or cosine schedule it also moves where the decay ends.)
 RESUMABLE_FIELDS = frozenset({
     "out", "resume", "max_steps", "checkpoint_every", "checkpoints_total_limit", "sample_every", "log_every",
     "gradient_checkpointing", "mixed_precision", "allow_tf32",

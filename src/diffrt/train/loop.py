@@ -2,8 +2,8 @@
 
 A trainer hands the loop a module, a loss function of (micro-batch index, generator) and
 callbacks to sample and save; the loop owns devices and precision (accelerate), gradient
-accumulation, clipping, AdamW with a warmup + cosine learning rate, EMA, checkpoints, sample
-grids, logs and progress.
+accumulation, clipping, AdamW with a warmup then constant, linear or cosine learning rate, EMA,
+checkpoints, sample grids, logs and progress.
 
 Exact resume. All randomness of step s (batch choice, augmentation, noise, timesteps, and the
 dropout masks that torch draws from its global generators) comes from a generator seeded by
@@ -113,6 +113,9 @@ class TrainConfig:
         if not 0 <= self.ema_power < math.inf or not 0 < self.ema_inv_gamma < math.inf:
             raise DiffrtError(f"--ema-power must be >= 0 (0: the (1 + n) / (10 + n) warm-up) and --ema-inv-gamma > 0, "
                               f"got {self.ema_power} and {self.ema_inv_gamma}")
+        if self.ema_decay == 0 and (self.ema_power or self.ema_inv_gamma != 1.0):
+            raise DiffrtError("--ema-power and --ema-inv-gamma shape the warm-up of an EMA, which --ema-decay turns on: "
+                              "pass --ema-decay too (its ceiling: 0.9999 in diffusers' train_unconditional.py)")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise DiffrtError(f"--checkpoints-total-limit must be >= 1 (a run keeps at least the checkpoint it just saved), "
                               f"got {self.checkpoints_total_limit}; leave it out to keep every checkpoint")
@@ -468,7 +471,7 @@ def _tensorboard(folder: Path, purge_step: int):
 def _append_loss_log(path: Path, step: int, loss: float, lr: float) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         if new:
             w.writerow(["step", "loss", "lr"])
         w.writerow([step, f"{loss:.6f}", f"{lr:.6g}"])
@@ -481,7 +484,7 @@ def _truncate_loss_log(path: Path, upto: int) -> None:
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
     with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["step", "loss", "lr"])
         for r in rows:
             w.writerow([r["step"], r["loss"], r["lr"]])

@@ -76,12 +76,13 @@ def check_sample_size(model: PixelModel, name: str, fix: str) -> None:
 def save_trained(model: PixelModel, out: Path, train: TrainConfig, started: float, scheduler_config: dict | None = None,
                  **made_by) -> None:
     """Save the trained model to out/model, its diffrt.json recording what made it: the command, seed, steps,
-    batch size, learning rate, wall time and torch version, and the trainer's own `made_by` fields."""
+    batch size, learning rate, wall time and torch version, and the trainer's own `made_by` fields. A --resume run
+    records `"resumed": true`: its command and wall time are those of the run from the checkpoint on."""
     argv = sys.argv
     model.info.training = {
         **made_by, "command": "diffrt " + shlex.join(argv[1:]) if Path(argv[0]).name == "diffrt" else " ".join(argv),
         "seed": train.seed, "steps": train.max_steps, "batch_size": train.batch_size, "learning_rate": train.learning_rate,
-        "wall_time_s": round(time.time() - started, 1), "torch": torch.__version__,
+        "wall_time_s": round(time.time() - started, 1), "torch": torch.__version__, **({"resumed": True} if train.resume else {}),
     }
     model.unet.eval()
     save_pixel_model(model, out / "model", scheduler_config=scheduler_config)
