@@ -714,7 +714,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_checkpoint(cat_fo
         f"sys.exit(main(['train', 'finetune', '--model', {str(pixel)!r}, '--data', {str(cat_folder)!r}, '--out', {str(out)!r},"
         " '--max-steps', '1', '--batch-size', '2', '--lr-warmup-steps', '0']))\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    errors = [line for line in run.stderr.splitlines() if "diffrt: error: " in line]  # after the step bar's \r
+    errors = [line for line in run.stderr.splitlines() if line.startswith("diffrt: error: ")]  # the step bar's line ended
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert len(errors) == 1 and "could not write" in errors[0] and "weights.safetensors" in errors[0], errors
     assert list_checkpoints(out / "checkpoints") == [] and not list((out / "checkpoints").iterdir())  # no temporaries

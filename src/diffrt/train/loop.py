@@ -309,68 +309,69 @@ def train(
     losses = []
     t0 = time.perf_counter()
     step_times, skipped = [], 0
-    progress = tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process)
-    for step in range(start, config.max_steps):
-        step_start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        total = 0.0
-        for micro in range(config.gradient_accumulation_steps):
-            g = step_generator(config.seed, step, micro, accelerator.process_index)
-            # Gradients are averaged over the accumulated micro-batches: each loss is divided by their count.
-            # Autocast covers the forward pass and the loss only; torch.amp advises against running the
-            # backward pass under it (its ops already take the dtypes of their forward ops).
-            with _global_rng_from(g, accelerator.device):
-                with accelerator.autocast():
-                    loss = loss_fn(micro, g) / config.gradient_accumulation_steps
-                accelerator.backward(loss)  # fp16: scaled by the GradScaler, unscaled before clipping below
-            total += loss.item()
-        if accelerator.num_processes > 1:
-            for p in named.values():
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-        if scaler is None:  # fp16's loss scaler skips a non-finite step itself (and is counted below)
-            check_finite_loss(total, step + 1, config, accelerator, out)
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # fp16: the loss scaler skips a step whose gradients overflowed (and lowers its scale); every step
-        # skipped, the run would "finish" untrained without a word.
-        skipped += bool(scaler is not None and accelerator.optimizer_step_was_skipped)
-        done = step + 1
-        if ema is not None:
-            ema.update(named, done)
-        if accelerator.device.type == "cuda":  # the optimizer's kernels are queued after loss.item()'s sync
-            torch.cuda.synchronize(accelerator.device)
-        step_times.append(time.perf_counter() - step_start)
-        losses.append(total)
-        window.append(total)
-        progress.update(1)
-        progress.set_postfix(loss=f"{total:.4f}")
-        if done % config.log_every == 0 or done == config.max_steps:
-            mean, lr = sum(window) / len(window), lr_at(step, config)
-            if done % config.log_every == 0:  # not the last row off the grid: the checkpoint keeps its window
-                window.clear()
-            if skipped:
-                log.warning("the fp16 loss scaler skipped %d of the steps up to %d (their gradients overflowed); "
-                            "many in a row mean the loss itself overflows fp16: try --mixed-precision bf16 or no", skipped, done)
-                skipped = 0
+    # Closed on the way out too: a step that raises (a diverged loss, a full disk) leaves the bar's line ended,
+    # so that the error line starts a line of its own.
+    with tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process) as progress:
+        for step in range(start, config.max_steps):
+            step_start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            total = 0.0
+            for micro in range(config.gradient_accumulation_steps):
+                g = step_generator(config.seed, step, micro, accelerator.process_index)
+                # Gradients are averaged over the accumulated micro-batches: each loss is divided by their count.
+                # Autocast covers the forward pass and the loss only; torch.amp advises against running the
+                # backward pass under it (its ops already take the dtypes of their forward ops).
+                with _global_rng_from(g, accelerator.device):
+                    with accelerator.autocast():
+                        loss = loss_fn(micro, g) / config.gradient_accumulation_steps
+                    accelerator.backward(loss)  # fp16: scaled by the GradScaler, unscaled before clipping below
+                total += loss.item()
+            if accelerator.num_processes > 1:
+                for p in named.values():
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            if scaler is None:  # fp16's loss scaler skips a non-finite step itself (and is counted below)
+                check_finite_loss(total, step + 1, config, accelerator, out)
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # fp16: the loss scaler skips a step whose gradients overflowed (and lowers its scale); every step
+            # skipped, the run would "finish" untrained without a word.
+            skipped += bool(scaler is not None and accelerator.optimizer_step_was_skipped)
+            done = step + 1
+            if ema is not None:
+                ema.update(named, done)
+            if accelerator.device.type == "cuda":  # the optimizer's kernels are queued after loss.item()'s sync
+                torch.cuda.synchronize(accelerator.device)
+            step_times.append(time.perf_counter() - step_start)
+            losses.append(total)
+            window.append(total)
+            progress.update(1)
+            progress.set_postfix(loss=f"{total:.4f}")
+            if done % config.log_every == 0 or done == config.max_steps:
+                mean, lr = sum(window) / len(window), lr_at(step, config)
+                if done % config.log_every == 0:  # not the last row off the grid: the checkpoint keeps its window
+                    window.clear()
+                if skipped:
+                    log.warning("the fp16 loss scaler skipped %d of the steps up to %d (their gradients overflowed); "
+                                "many in a row mean the loss itself overflows fp16: try --mixed-precision bf16 or no", skipped, done)
+                    skipped = 0
+                if accelerator.is_main_process:
+                    _append_loss_log(out / "loss.csv", done, mean, lr)
+                    if writer is not None:
+                        writer.add_scalar("loss", mean, done)
+                        writer.add_scalar("lr", lr, done)
             if accelerator.is_main_process:
-                _append_loss_log(out / "loss.csv", done, mean, lr)
-                if writer is not None:
-                    writer.add_scalar("loss", mean, done)
-                    writer.add_scalar("lr", lr, done)
-        if accelerator.is_main_process:
-            if done % config.checkpoint_every == 0 or done == config.max_steps:
-                scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
-                ckpt = save_checkpoint(out / "checkpoints", done, named, optimizer, ema,
-                                       {**state, **scaler_state, "loss_window": window})
-                if config.checkpoints_total_limit is not None:
-                    remove_old_checkpoints(out / "checkpoints", ckpt, config.checkpoints_total_limit)
-            if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
-                _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
-    progress.close()
+                if done % config.checkpoint_every == 0 or done == config.max_steps:
+                    scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
+                    ckpt = save_checkpoint(out / "checkpoints", done, named, optimizer, ema,
+                                           {**state, **scaler_state, "loss_window": window})
+                    if config.checkpoints_total_limit is not None:
+                        remove_old_checkpoints(out / "checkpoints", ckpt, config.checkpoints_total_limit)
+                if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
+                    _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
     seconds = time.perf_counter() - t0
     if writer is not None:
         writer.close()
