@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
@@ -222,6 +223,46 @@ def test_resume_takes_one_data_folder_spelled_another_way(tmp_path, monkeypatch)
     assert config_changes(saved, {"finetune": {"data": "dog", "model": "cat"}}) == ["data: 'cat' saved vs 'dog' now"]
     assert config_changes({"d": {"data": "digits"}}, {"d": {"data": "./digits"}}) == [  # a bundled name is no folder
         "data: 'digits' saved vs './digits' now"]
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
+def test_a_finite_loss_with_a_non_finite_gradient_stops_the_run_too(tmp_path, max_grad_norm):
+    """The bug (a review's): only the loss was checked; a finite loss whose gradient is not (a sqrt at 0; clipping
+    turns an inf gradient into NaN) was applied, its NaN weights checkpointed over the good ones."""
+    config = linear_config(tmp_path, max_steps=8, checkpoint_every=2, checkpoints_total_limit=1, max_grad_norm=max_grad_norm)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    calls = []
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        calls.append(micro)
+        x = torch.randn(config.batch_size, 4, generator=g)
+        loss = F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+        return loss + 0 * (model.weight.sum() * 0).sqrt() if len(calls) == 4 else loss  # d sqrt(0) = inf: a NaN gradient
+
+    with pytest.raises(DiffrtError, match=r"the gradient at step 4 is not finite \(its norm is nan; the loss, [0-9.]+, is\): "
+                                          r"training diverged, and the step was not applied; the newest checkpoint, "
+                                          r"step-0000002, is as it was"):
+        train(config, model, loss_fn, save_fn=lambda out: None)
+    assert torch.isfinite(model.weight).all() and torch.isfinite(model.bias).all()
+    [kept] = list_checkpoints(tmp_path / "checkpoints")
+    assert kept.name == "step-0000002"
+    assert all(torch.isfinite(t).all() for t in load_file(kept / "weights.safetensors").values())
+
+
+def test_resume_of_a_checkpoint_older_than_a_setting_compares_it_with_what_that_run_trained_with():
+    """The bug (a review's): a field an older checkpoint did not record was not compared, so --snr-gamma 5 (or a
+    class-cond --prediction-type v_prediction) resumed a run that had trained without it, and said nothing."""
+    from diffrt.train.checkpoints import config_changes
+
+    old = {"config": {"learning_rate": 0.1}, "class_cond": {"widths": [16, 32]}}  # written before those settings existed
+    same = {"config": {"learning_rate": 0.1, "snr_gamma": None, "noise_offset": 0.0, "ema_power": 0.0},
+            "class_cond": {"widths": [16, 32], "prediction_type": "epsilon"}}
+    assert config_changes(old, same) == []
+    changed = {"config": {"learning_rate": 0.1, "snr_gamma": 5.0, "noise_offset": 0.0},
+               "class_cond": {"widths": [16, 32], "prediction_type": "v_prediction"}}
+    assert config_changes(old, changed) == ["snr_gamma: None saved vs 5.0 now",
+                                            "prediction_type: 'epsilon' saved vs 'v_prediction' now"]
 
 
 def test_a_file_where_the_run_keeps_a_folder_is_refused_before_any_step(tmp_path):

@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -144,14 +145,34 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (and string `metadata`) to a safetensors file, atomically and always as the same bytes."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        except SafetensorError as exc:  # safetensors' own type for a failed write (a full disk): an OSError to callers
-            raise OSError(f"could not write {path}: {exc}") from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = _make_temp(path.parent, f".{path.name}.", ".tmp", directory=False)  # as written, header unsorted
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(raw), metadata=metadata)
+        copy_with_sorted_header(raw, path)
+    except SafetensorError as exc:  # safetensors' own type for a failed write (a full disk): an OSError to callers
+        raise OSError(f"could not write {path}: {exc}") from exc
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def copy_with_sorted_header(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a safetensors file to `dst` (atomically) with its JSON header's keys sorted. safetensors writes the
+    __metadata__ entries in the order of a Rust HashMap, which is seeded afresh for every file: two saves of the same
+    tensors and metadata came out as different bytes (and sha256s, which manifests and export keys record). The
+    tensors' data is copied as it is; their offsets, kept in the header, are relative to it, and the header is
+    padded with spaces to a multiple of 8 bytes as safetensors pads it, so the data stays aligned."""
+    with open(src, "rb") as f, atomic_path(dst) as tmp, open(tmp, "wb") as out:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.dumps(json.loads(f.read(size)), sort_keys=True, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        out.write(struct.pack("<Q", len(header)) + header)
+        shutil.copyfileobj(f, out, 1 << 20)
 
 
 MEMO_MIN_BYTES = 64 << 20  # smaller files hash in milliseconds: not worth an entry

@@ -170,18 +170,28 @@ def verify_checkpoint(ckpt: Path) -> dict | None:
 def config_changes(saved: dict, now: dict) -> list[str]:
     """'name: saved vs now' for each field of `now` that differs from `saved`, but RESUMABLE_FIELDS.
 
-    Both are checkpoint states ({"config": ..., "<trainer>": ...}); fields that an older
-    checkpoint did not record are not compared.
+    Both are checkpoint states ({"config": ..., "<trainer>": ...}). A field that an older checkpoint did not
+    record is compared with the value that checkpoint trained with (FIELDS_ADDED), or not at all.
     """
     changes = []
     for key, value in now.items():
-        if key in RESUMABLE_FIELDS or key not in saved:
+        if key in RESUMABLE_FIELDS or (key not in saved and key not in FIELDS_ADDED):
             continue
-        if isinstance(value, dict) and isinstance(saved[key], dict):
-            changes += config_changes(saved[key], value)
-        elif saved[key] != value and not (key in PATH_FIELDS and same_folder(saved[key], value)):
-            changes.append(f"{key}: {saved[key]!r} saved vs {value!r} now")
+        was = saved[key] if key in saved else FIELDS_ADDED[key]
+        if isinstance(value, dict) and isinstance(was, dict):
+            changes += config_changes(was, value)
+        elif was != value and not (key in PATH_FIELDS and same_folder(was, value)):
+            changes.append(f"{key}: {was!r} saved vs {value!r} now")
     return changes
+
+
+# Settings added after checkpoints were first written, and what a checkpoint without them trained with: a
+# --resume of one asking for another value (--snr-gamma 5 on a run that trained without) is a change like any other.
+FIELDS_ADDED = {
+    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "snr_gamma": None, "noise_offset": 0.0,
+    "ema_power": 0.0, "ema_inv_gamma": 1.0,  # TrainConfig
+    "prediction_type": "epsilon", "beta_schedule": "linear",  # ClassCondConfig
+}
 
 
 # Trainer fields that name a folder: one folder spelled another way (./cat/, an absolute path) is no change.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -493,8 +492,9 @@ def save_lora(out: Path, unet: nn.Module, unet_config, text_encoder: nn.Module |
             text_encoder_lora_adapter_metadata=adapter_metadata(te_config) if te_config is not None else None,
             safe_serialization=True,
         )
-        # The file appears whole or not at all: a reader never sees a half-written LoRA.
-        os.replace(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+        # The file appears whole or not at all (a reader never sees a half-written LoRA), and as the same bytes
+        # for the same weights (safetensors orders its metadata afresh in every file).
+        atomic.copy_with_sorted_header(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / LORA_WEIGHT_NAME

@@ -331,10 +331,13 @@ def train(
                 for p in named.values():
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
-            if scaler is None:  # fp16's loss scaler skips a non-finite step itself (and is counted below)
-                check_finite_loss(total, step + 1, config, accelerator, out)
+            grad_norm = None
             if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
+            if scaler is None:  # fp16's loss scaler skips a non-finite step itself (and is counted below)
+                if grad_norm is None:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in named.values() if p.grad is not None])
+                check_finite_step(total, float(grad_norm), step + 1, config, accelerator, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # fp16: the loss scaler skips a step whose gradients overflowed (and lowers its scale); every step
@@ -384,20 +387,27 @@ def train(
     return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)
 
 
-def check_finite_loss(total: float, step: int, config: TrainConfig, accelerator, out: Path) -> None:
-    """Stop at the first non-finite loss, before its update: NaN weights would have been checkpointed (their
-    --checkpoints-total-limit pruning the good ones) and saved as the result, and every later step is NaN too.
-    In a data-parallel run the processes decide together (one stopping alone would leave the rest waiting)."""
-    bad = not math.isfinite(total)
+def check_finite_step(loss: float, grad_norm: float, step: int, config: TrainConfig, accelerator, out: Path) -> None:
+    """Stop at the first step whose loss or gradient is not finite, before its update: NaN weights would have been
+    checkpointed (their --checkpoints-total-limit pruning the good ones) and saved as the result, and every later
+    step is NaN too. A finite loss can have an inf gradient (a sqrt at 0), which clipping turns into NaN.
+    In a data-parallel run the processes decide together (one stopping alone would leave the rest waiting); their
+    gradients are averaged by then, their losses are their own."""
+    bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum").item() > 0
     if bad:
         kept = list_checkpoints(out / "checkpoints")
         where = f"the newest checkpoint, {kept[-1].name}, is as it was" if kept else "no checkpoint was saved"
-        loss = total if not math.isfinite(total) else "not finite on another process"
-        raise DiffrtError(f"the loss at step {step} is {loss}: training diverged, and the step was not "
-                          f"applied; {where}. Start again with a lower --learning-rate (now {config.learning_rate:g}) "
-                          "into a new --out (--resume keeps the learning rate it saved)")
+        if not math.isfinite(loss):
+            what = f"the loss at step {step} is {loss}"
+        elif not math.isfinite(grad_norm):
+            what = f"the gradient at step {step} is not finite (its norm is {grad_norm}; the loss, {loss:.4g}, is)"
+        else:
+            what = f"the loss at step {step} is not finite on another process"
+        raise DiffrtError(f"{what}: training diverged, and the step was not applied; {where}. Start again with a lower "
+                          f"--learning-rate (now {config.learning_rate:g}) into a new --out (--resume keeps the learning "
+                          "rate it saved)")
 
 
 def check_out_apart(out: str | Path, model: str | Path, result: str) -> None:

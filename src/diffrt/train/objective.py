@@ -12,7 +12,9 @@ targets otherwise dominate the gradient, stop crowding out the rest. Written as 
 prediction's own loss: min(SNR, gamma) / SNR for epsilon (1 where SNR = 0, a zero-terminal-SNR
 schedule's last step, which is the limit), min(SNR, gamma) / (SNR + 1) for v (its error is the
 epsilon error times (SNR + 1) / SNR), min(SNR, gamma) for x0 (in place of SNR), as diffusers'
-training scripts weigh them.
+train_text_to_image.py weighs them. (Its DreamBooth scripts weigh v by min(SNR, gamma) / SNR + 1
+and leave the prior-preservation half unweighted; here both halves of a DreamBooth batch take the
+same weights, so that --prior-loss-weight keeps its meaning.)
 
 Offset noise (`noise_offset`, Guttenberg 2023) adds to the noise one normal draw per sample and
 channel, times the offset: the model also learns to move a whole image's mean, which plain noise,
