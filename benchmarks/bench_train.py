@@ -36,7 +36,7 @@ from diffrt.models import build_pixel_model, save_pixel_model, small_unet_config
 from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, instance_evaluation_loss, train_dreambooth_lora
 from diffrt.train.finetune import FinetuneConfig, finetune
-from diffrt.train.loop import TrainConfig
+from diffrt.train.config import TrainConfig
 
 RESULTS = Path(__file__).parent / "results" / "train_cpu.json"
 

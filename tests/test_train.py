@@ -30,7 +30,7 @@ from diffrt.train.classcond import ClassCondConfig, train_class_conditioned
 from diffrt.train.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth_lora
 from diffrt.train.finetune import FinetuneConfig, finetune
 from diffrt.train.checkpoints import list_checkpoints, verify_checkpoint
-from diffrt.train.loop import TrainConfig
+from diffrt.train.config import TrainConfig
 
 STEPS = 30  # pixel-model runs: long enough for the loss to fall clearly, short enough for CI
 K = 5  # losses averaged at each end of a run
@@ -485,10 +485,10 @@ def test_a_lora_saved_again_is_the_same_bytes(sd_folder, tmp_path):
 
     from diffusers import UNet2DConditionModel
 
-    from diffrt.train.dreambooth import _add_lora, save_lora
+    from diffrt.train.lora_adapters import add_lora, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
-    config = _add_lora(unet, 2, None, ("to_v", "to_q", "to_out.0", "to_k"), 0)
+    config = add_lora(unet, 2, None, ("to_v", "to_q", "to_out.0", "to_k"), 0)
     digests = {hashlib.sha256(save_lora(tmp_path / str(i), unet, config).read_bytes()).hexdigest() for i in range(8)}
     assert len(digests) == 1
     with safe_open(tmp_path / "0" / LORA_WEIGHT_NAME, "pt") as f:
@@ -568,15 +568,16 @@ def test_dreambooth_default_targets_lower_a_fixed_evaluation_loss(sd_folder, cat
 def test_dreambooth_base_dtype_follows_mixed_precision_and_lora_stays_fp32(sd_folder):
     """A half base only with autocast (and fp16's loss scaler): "no" on a GPU keeps it fp32, as
     diffusers' train_dreambooth_lora.py does. peft creates adapters in the base layer's dtype;
-    _add_lora casts the trainable ones back to fp32 (diffusers' cast_training_params)."""
-    from diffrt.train.dreambooth import TEXT_ENCODER_TARGETS, UNET_TARGETS, _add_lora, base_dtype, load_components
+    add_lora casts the trainable ones back to fp32 (diffusers' cast_training_params)."""
+    from diffrt.train.dreambooth import base_dtype, load_components
+    from diffrt.train.lora_adapters import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert [base_dtype(cuda, mp) for mp in ("no", "fp16", "bf16")] == [torch.float32, torch.float16, torch.bfloat16]
     assert {base_dtype(cpu, mp) for mp in ("no", "fp16", "bf16")} == {torch.float32}
     c = load_components(sd_folder, cpu, torch.float16)
     for model, targets in ((c.unet, UNET_TARGETS), (c.text_encoder, TEXT_ENCODER_TARGETS)):
-        _add_lora(model, 2, None, targets, seed=0)
+        add_lora(model, 2, None, targets, seed=0)
         lora = [p for name, p in model.named_parameters() if ".lora_" in name]
         assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
         assert all(p.dtype == torch.float16 and not p.requires_grad for name, p in model.named_parameters() if ".lora_" not in name)
@@ -585,12 +586,12 @@ def test_dreambooth_base_dtype_follows_mixed_precision_and_lora_stays_fp32(sd_fo
 def test_gradient_checkpointing_keeps_the_lora_gradients(sd_folder):
     """Checkpointed UNet and text-encoder blocks recompute their forward in the backward pass; the
     LoRA parameters inside them (behind frozen inputs) must get the same gradients as without."""
-    from diffrt.train.dreambooth import (TEXT_ENCODER_TARGETS, UNET_TARGETS, _add_lora, encode_prompt, load_components,
-                                         tokenize)
+    from diffrt.train.dreambooth import encode_prompt, load_components, tokenize
+    from diffrt.train.lora_adapters import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
 
     c = load_components(sd_folder, torch.device("cpu"), torch.float32)
-    _add_lora(c.unet, 2, None, UNET_TARGETS, seed=0)
-    _add_lora(c.text_encoder, 2, None, TEXT_ENCODER_TARGETS, seed=1)
+    add_lora(c.unet, 2, None, UNET_TARGETS, seed=0)
+    add_lora(c.text_encoder, 2, None, TEXT_ENCODER_TARGETS, seed=1)
     lora = {f"{m}.{n}": p for m, model in (("unet", c.unet), ("te", c.text_encoder))
             for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without a gradient

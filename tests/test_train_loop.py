@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from diffrt import atomic
 from diffrt.errors import DiffrtError
 from diffrt.train.checkpoints import check_resume, list_checkpoints, load_latest_checkpoint, save_checkpoint
-from diffrt.train.loop import EMA, TrainConfig, lr_at, step_generator, train
+from diffrt.train.config import TrainConfig, lr_at
+from diffrt.train.ema import EMA
+from diffrt.train.loop import step_generator, train
 
 
 def linear_config(out: Path, **overrides) -> TrainConfig:
@@ -516,7 +518,8 @@ def test_accumulation_beyond_the_seed_layout_is_one_line(tmp_path):
     """Each micro-batch's generator is a pure function of (step, micro-batch, process); past 64
     micro-batches two of them would draw the same data and noise, so such a run is refused."""
     from diffrt.errors import DiffrtError
-    from diffrt.train.loop import MAX_ACCUMULATION, TrainConfig, step_generator
+    from diffrt.train.config import MAX_ACCUMULATION, TrainConfig
+    from diffrt.train.loop import step_generator
 
     seeds = {step_generator(0, s, m).initial_seed() for s in range(3) for m in range(MAX_ACCUMULATION)}
     assert len(seeds) == 3 * MAX_ACCUMULATION

@@ -74,7 +74,7 @@ def _mixed_precision(given: str | None) -> str:
 
 
 def _train_config(args):
-    from diffrt.train.loop import TrainConfig
+    from diffrt.train.config import TrainConfig
 
     return TrainConfig(
         out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,

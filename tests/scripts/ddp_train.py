@@ -12,7 +12,8 @@ import torch
 from accelerate import PartialState
 
 from diffrt.errors import DiffrtError
-from diffrt.train.loop import TrainConfig, train
+from diffrt.train.config import TrainConfig
+from diffrt.train.loop import train
 
 torch.manual_seed(0)
 model = torch.nn.Linear(8, 1)

@@ -38,7 +38,8 @@ from diffrt import atomic
 from diffrt.errors import DiffrtError
 
 if TYPE_CHECKING:
-    from diffrt.train.loop import EMA, TrainConfig
+    from diffrt.train.config import TrainConfig
+    from diffrt.train.ema import EMA
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from diffrt.data import check_out_outside, load_source
 from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, build_pixel_model, small_unet_config
 from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType
-from diffrt.train.loop import TrainConfig, TrainResult, train, trainer_state
+from diffrt.train.config import TrainConfig, trainer_state
+from diffrt.train.loop import TrainResult, train
 from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
 
 log = logging.getLogger(__name__)

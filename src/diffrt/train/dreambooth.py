@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,14 +38,14 @@ from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.runtime.text_to_image import cut_off
 from diffrt.train.checkpoints import check_resume
-from diffrt.train.loop import TrainConfig, TrainResult, check_out_apart, train, trainer_state
+from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
+from diffrt.train.lora_adapters import (LORA_WEIGHT_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, check_targets,
+                                         save_lora)
+from diffrt.train.loop import TrainResult, train
 from diffrt.train.objective import diffusion_loss, evaluation_loss
 
 log = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -152,9 +151,9 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
                           f"(its scheduler's num_train_timesteps); use at most {steps}")
     if config.resolution % vae_scale:
         raise DiffrtError(f"--resolution {config.resolution} is not a multiple of the VAE's downsampling factor {vae_scale}")
-    _check_targets(c.unet, config.target_modules, "UNet", "--target-modules")
+    check_targets(c.unet, config.target_modules, "UNet", "--target-modules")
     if config.train_text_encoder:
-        _check_targets(c.text_encoder, config.text_encoder_target_modules, "text encoder", "text-encoder targets")
+        check_targets(c.text_encoder, config.text_encoder_target_modules, "text encoder", "text-encoder targets")
     # Prompts past the text encoder's length train cut short (tokenize truncates, as diffusers'
     # train_dreambooth_lora.py does): said once per prompt here, before class images are generated.
     trained = {"--instance-prompt": config.instance_prompt,
@@ -177,10 +176,10 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         class_images = load_image_folder(class_dir, config.resolution, crop=config.crop, limit=config.num_class_images)
 
     # 4. LoRA adapters, initialised from the seed so that a rerun starts from the same weights.
-    unet_lora = _add_lora(c.unet, config.rank, config.lora_alpha, config.target_modules, config.train.seed)
+    unet_lora = add_lora(c.unet, config.rank, config.lora_alpha, config.target_modules, config.train.seed)
     te_lora = None
     if config.train_text_encoder:
-        te_lora = _add_lora(c.text_encoder, config.rank, config.lora_alpha, config.text_encoder_target_modules,
+        te_lora = add_lora(c.text_encoder, config.rank, config.lora_alpha, config.text_encoder_target_modules,
                             config.train.seed + 1)
     trainable = nn.ModuleDict({"unet": c.unet, **({"text_encoder": c.text_encoder} if te_lora else {})})
     if config.train.gradient_checkpointing:
@@ -300,32 +299,6 @@ def load_components(folder: Path, device: torch.device, dtype: torch.dtype) -> C
         module.requires_grad_(False).eval().to(device)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     return Components(tokenizer, text_encoder, unet, vae, scheduler_config, device, dtype)
-
-
-def _check_targets(model: nn.Module, targets, what: str, flag: str) -> None:
-    names = [n for n, _ in model.named_modules()]
-    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unknown:
-        raise DiffrtError(f"{flag}: {', '.join(unknown)} match no module of the {what}; "
-                          f"use names of its Linear/Conv layers, e.g. {', '.join(UNET_TARGETS if what == 'UNet' else TEXT_ENCODER_TARGETS)}")
-
-
-def _add_lora(model: nn.Module, rank: int, alpha: float | None, targets, seed: int):
-    """Attach a LoRA adapter through peft; the adapter trains in fp32 whatever the base dtype."""
-    from peft import LoraConfig
-
-    lora_config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
-                             target_modules=list(targets))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            model.add_adapter(lora_config)
-        except ValueError as exc:
-            raise DiffrtError(f"cannot add LoRA to {', '.join(targets)}: {exc}") from None
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return lora_config
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -456,45 +429,3 @@ def instance_evaluation_loss(pipe, images: torch.Tensor, prompt: str) -> float:
     unet = pipe.unet
     return evaluation_loss(lambda x_t, t: unet(x_t.to(unet.dtype), t, cond.to(unet.dtype)).sample, latents,
                            make_alphas_cumprod(sched), sched.prediction_type)
-
-
-# -- output -----------------------------------------------------------------------------------
-
-
-def adapter_metadata(config) -> dict:
-    """A peft LoraConfig as the file's metadata records it, its sets (target_modules) sorted: in a set's own
-    order, which follows the process's string hash seed, two runs of one seed wrote different bytes."""
-    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
-
-
-def save_lora(out: Path, unet: nn.Module, unet_config, text_encoder: nn.Module | None = None, te_config=None) -> Path:
-    """Write out/pytorch_lora_weights.safetensors in diffusers' format, atomically."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    def diffusers_names(model: nn.Module) -> dict[str, torch.Tensor]:
-        peft_layers = get_peft_model_state_dict(model)
-        converted = convert_state_dict_to_diffusers(peft_layers)
-        # diffusers renames only the attention projections (to_q -> to_q.lora.down, ...), and its
-        # UNet loader picks the key conversion from the first key: a file that mixes both namings
-        # would silently lose half its layers. Keep peft's names when some module has no other.
-        return peft_layers if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
-
-    unet_layers = diffusers_names(unet)
-    te_layers = diffusers_names(text_encoder) if text_encoder is not None else None
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.make_temp_dir(out, ".lora-")
-    try:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
-            unet_lora_adapter_metadata=adapter_metadata(unet_config),
-            text_encoder_lora_adapter_metadata=adapter_metadata(te_config) if te_config is not None else None,
-            safe_serialization=True,
-        )
-        # The file appears whole or not at all (a reader never sees a half-written LoRA), and as the same bytes
-        # for the same weights (safetensors orders its metadata afresh in every file).
-        atomic.copy_with_sorted_header(tmp / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out / LORA_WEIGHT_NAME

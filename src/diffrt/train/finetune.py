@@ -22,7 +22,8 @@ from typing import Literal
 from diffrt.data import ImageDataset, check_out_outside, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import PixelModel, load_pixel_model, scheduler_config_file
-from diffrt.train.loop import TrainConfig, TrainResult, check_out_apart, train, trainer_state
+from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
+from diffrt.train.loop import TrainResult, train
 from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
 
 log = logging.getLogger(__name__)

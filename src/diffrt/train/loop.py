@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,116 +40,12 @@ from diffrt import atomic
 from diffrt.errors import DiffrtError
 from diffrt.train.checkpoints import (check_max_steps, list_checkpoints, load_latest_checkpoint, remove_killed_saves,
                                      remove_old_checkpoints, save_checkpoint)
+from diffrt.train.config import MAX_ACCUMULATION, MAX_PROCESSES, TrainConfig, lr_at
+from diffrt.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    out: str
-    max_steps: int = 1000
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-2  # AdamW's decoupled weight decay (diffusers' --adam_weight_decay)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_warmup_steps: int = 100
-    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 there)
-    noise_offset: float = 0.0  # offset noise: a per-channel constant added to the noise (diffusers' --noise_offset)
-    gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    allow_tf32: bool = False  # Ampere and later: fp32 matmuls and convolutions in TF32 (diffusers' --allow_tf32)
-    gradient_checkpointing: bool = False
-    ema_decay: float = 0.0  # 0 disables EMA
-    ema_power: float = 0.0  # > 0: diffusers' EMAModel power warm-up (use_ema_warmup), 3/4 in train_unconditional.py
-    ema_inv_gamma: float = 1.0  # that warm-up's inverse multiplicative factor
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 500
-    checkpoints_total_limit: int | None = None  # keep the newest N complete checkpoints; None keeps them all
-    sample_every: int = 0  # 0: only at the end
-    log_every: int = 10  # loss.csv and TensorBoard get one row per N steps: their mean loss
-    seed: int = 0
-    resume: bool = False
-
-    def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        # 0 means no warmup, a grid at the end only; a negative value meant, silently, a cosine started
-        # part-way down and a grid after every step (n % -1 == 0).
-        for name in ("lr_warmup_steps", "sample_every"):
-            if getattr(self, name) < 0:
-                raise DiffrtError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.gradient_accumulation_steps > MAX_ACCUMULATION:
-            raise DiffrtError(f"--gradient-accumulation-steps must be <= {MAX_ACCUMULATION}, got "
-                              f"{self.gradient_accumulation_steps}; raise --batch-size instead")
-        # Written as "not ok" so that NaN, which every comparison calls False, is refused too (AdamW raised it later).
-        if not 0 < self.learning_rate < math.inf:
-            raise DiffrtError(f"--learning-rate must be a number > 0, got {self.learning_rate}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise DiffrtError(f"--adam-weight-decay must be a number >= 0, got {self.weight_decay}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise DiffrtError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 < self.adam_epsilon < math.inf:
-            raise DiffrtError(f"--adam-epsilon must be a number > 0, got {self.adam_epsilon}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise DiffrtError(f"--lr-schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
-        if self.snr_gamma is not None and not 0 < self.snr_gamma < math.inf:
-            raise DiffrtError(f"--snr-gamma must be a number > 0 (5.0 is the paper's), got {self.snr_gamma}; "
-                              "leave it out for the plain loss")
-        if not 0 <= self.noise_offset < math.inf:
-            raise DiffrtError(f"--noise-offset must be a number >= 0 (0.05-0.1 are usual; 0: off), got {self.noise_offset}")
-        if not 0 <= self.max_grad_norm <= math.inf:
-            raise DiffrtError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise DiffrtError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if not -(2**63) <= self.seed < 2**63:
-            raise DiffrtError(f"--seed must fit in 64 bits (torch's seeds), got {self.seed}")
-        if not 0 <= self.ema_decay < 1:
-            raise DiffrtError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.ema_power < math.inf or not 0 < self.ema_inv_gamma < math.inf:
-            raise DiffrtError(f"--ema-power must be >= 0 (0: the (1 + n) / (10 + n) warm-up) and --ema-inv-gamma > 0, "
-                              f"got {self.ema_power} and {self.ema_inv_gamma}")
-        if self.ema_decay == 0 and (self.ema_power or self.ema_inv_gamma != 1.0):
-            raise DiffrtError("--ema-power and --ema-inv-gamma shape the warm-up of an EMA, which --ema-decay turns on: "
-                              "pass --ema-decay too (its ceiling: 0.9999 in diffusers' train_unconditional.py)")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise DiffrtError(f"--checkpoints-total-limit must be >= 1 (a run keeps at least the checkpoint it just saved), "
-                              f"got {self.checkpoints_total_limit}; leave it out to keep every checkpoint")
-        # Before the model and data load (and, for DreamBooth, class images are generated): a file in the way of
-        # --out, or a folder this user cannot write, failed at the first mkdir with an OSError.
-        atomic.check_writable(self.out, folder=True)
-        for name in ("checkpoints", "samples", "tensorboard"):  # the run's own folders: found only when first written
-            if (Path(self.out) / name).is_file():
-                raise DiffrtError(f"{Path(self.out) / name} is a file where the run keeps its {name}; move it, or choose another --out")
-        existing = list_checkpoints(Path(self.out) / "checkpoints")
-        if existing and not self.resume:
-            raise DiffrtError(f"{self.out} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
-                              "pass --resume to continue that run, or choose an empty --out for a new one")
-
-
-def trainer_state(config) -> dict:
-    """A trainer's config as checkpoint state: its fields without its TrainConfig (stored as "config")."""
-    return {k: v for k, v in asdict(config).items() if k != "train"}
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to the peak rate, then constant, or a linear or cosine decay to zero at max_steps."""
-    if step < config.lr_warmup_steps:
-        return config.learning_rate * (step + 1) / config.lr_warmup_steps
-    if config.lr_schedule == "constant":
-        return config.learning_rate
-    progress = min(1.0, (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps))
-    if config.lr_schedule == "linear":
-        return config.learning_rate * (1 - progress)
-    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-MAX_ACCUMULATION = 64  # step_generator's micro-batch field; TrainConfig.validate holds runs to it
-MAX_PROCESSES = 1024  # and its process field
 
 
 def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
@@ -165,43 +61,6 @@ def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> to
                          f"({MAX_ACCUMULATION} micro-batches, {MAX_PROCESSES} processes)")
     return torch.Generator().manual_seed(
         (((seed * 1_000_003 + step) * MAX_ACCUMULATION + micro) * MAX_PROCESSES + process) % 2**64)
-
-
-class EMA:
-    """Exponential moving average of the trainable parameters (kept in fp32).
-
-    The decay warms up as (1 + n) / (10 + n) after n updates: a fixed 0.999 from the start would
-    keep 0.999^n of the random initialisation (37 % after 1000 steps) in the averaged weights.
-    With `power` > 0 it warms up as diffusers' EMAModel(use_ema_warmup=True) does, step for step:
-    0 at the first update (a copy), then 1 - (1 + (n - 1) / inv_gamma) ^ -power at the n-th
-    (power 3/4 reaches 0.999 after ~10k updates, 2/3 after ~1M: the scale for long runs).
-    """
-
-    def __init__(self, named_params: dict[str, nn.Parameter], decay: float, power: float = 0.0, inv_gamma: float = 1.0):
-        self.decay, self.power, self.inv_gamma = decay, power, inv_gamma
-        self.shadow = {k: p.detach().float().clone() for k, p in named_params.items()}
-
-    def decay_at(self, updates: int) -> float:
-        if self.power > 0:
-            step = updates - 1
-            return 0.0 if step <= 0 else min(self.decay, 1 - (1 + step / self.inv_gamma) ** -self.power)
-        return min(self.decay, (1 + updates) / (10 + updates))
-
-    @torch.no_grad()
-    def update(self, named_params: dict[str, nn.Parameter], updates: int) -> None:
-        """Fold in the weights after `updates` optimizer steps (the step count makes resume exact)."""
-        decay = self.decay_at(updates)
-        for k, p in named_params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1 - decay)
-
-    def load(self, shadow: dict[str, torch.Tensor], named_params: dict[str, nn.Parameter]) -> None:
-        """Take saved averages (CPU tensors from a checkpoint) onto each parameter's device, in fp32."""
-        self.shadow = {k: shadow[k].to(device=p.device, dtype=torch.float32) for k, p in named_params.items()}
-
-    @torch.no_grad()
-    def copy_to(self, named_params: dict[str, nn.Parameter]) -> None:
-        for k, p in named_params.items():
-            p.copy_(self.shadow[k].to(p.dtype))
 
 
 GLOBAL_RNG_OFFSET = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: any odd constant would do
@@ -408,25 +267,6 @@ def check_finite_step(loss: float, grad_norm: float, step: int, config: TrainCon
         raise DiffrtError(f"{what}: training diverged, and the step was not applied; {where}. Start again with a lower "
                           f"--learning-rate (now {config.learning_rate:g}) into a new --out (--resume keeps the learning "
                           "rate it saved)")
-
-
-def check_out_apart(out: str | Path, model: str | Path, result: str) -> None:
-    """Refuse an --out that overlaps the --model folder a trainer reads: `out` itself, or its `result`
-    (the trained model's subfolder or file), at or inside it.
-
-    Inside the model folder the run writes its checkpoints, logs and samples among the model's files
-    (which `diffrt export` then hashes); with `out/result` the model folder itself (--model runs/a/model
-    --out runs/a), the saved result replaced the base model, and every file of it the trainer does not
-    write (a README, sample images), without a word.
-    """
-    where, folder = Path(out).resolve(), Path(model).resolve()
-    if where == folder or folder in where.parents:
-        raise DiffrtError(f"--out {out} is {'' if where == folder else 'inside '}the --model folder {model}: the run "
-                          "would write its checkpoints, logs and samples among the model's files; pass an --out outside it")
-    target = where / result
-    if target == folder or target in folder.parents:
-        raise DiffrtError(f"--out {out} would replace the --model folder {model} with the trained {result}; "
-                          "pass another --out (the base model stays as it is)")
 
 
 def _accelerator(mixed_precision: str):

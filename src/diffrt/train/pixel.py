@@ -15,7 +15,8 @@ from diffrt.data import ImageDataset
 from diffrt.errors import DiffrtError
 from diffrt.models import PixelModel, save_pixel_model
 from diffrt.runtime.ddim import make_alphas_cumprod
-from diffrt.train.loop import LossFn, SampleFn, TrainConfig
+from diffrt.train.config import TrainConfig
+from diffrt.train.loop import LossFn, SampleFn
 from diffrt.train.objective import diffusion_loss
 
 log = logging.getLogger(__name__)
