@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffrt import atomic
@@ -265,6 +266,28 @@ def test_resume_of_a_checkpoint_older_than_a_setting_compares_it_with_what_that_
                "class_cond": {"widths": [16, 32], "prediction_type": "v_prediction"}}
     assert config_changes(old, changed) == ["snr_gamma: None saved vs 5.0 now",
                                             "prediction_type: 'epsilon' saved vs 'v_prediction' now"]
+
+
+def test_sample_grids_go_to_tensorboard_beside_their_pngs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        x = torch.randn(8, 4, generator=g)
+        return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+
+    def sample_fn() -> torch.Tensor:  # two 8x8 images whose brightness follows the weights
+        return torch.sigmoid(model.weight.sum()).expand(2, 3, 8, 8).detach()
+
+    train(linear_config(tmp_path, sample_every=2), model, loss_fn, save_fn=lambda out: None, sample_fn=sample_fn, sample_nrow=2)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("samples")
+    assert [e.step for e in images] == [2, 4]
+    assert (images[0].width, images[0].height) == (Image.open(tmp_path / "samples" / "step-0000002.png").size)
 
 
 def test_a_file_where_the_run_keeps_a_folder_is_refused_before_any_step(tmp_path):

@@ -233,7 +233,9 @@ def train(
                     if config.checkpoints_total_limit is not None:
                         remove_old_checkpoints(out / "checkpoints", ckpt, config.checkpoints_total_limit)
                 if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
-                    _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
+                    grid = _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
+                    if writer is not None:  # beside the loss curve, as diffusers' scripts log their validation images
+                        writer.add_image("samples", grid.clamp(0, 1), done)
     seconds = time.perf_counter() - t0
     if writer is not None:
         writer.close()
@@ -289,8 +291,9 @@ def _accelerator(mixed_precision: str):
 
 
 @torch.no_grad()
-def _save_samples(path: Path, model: nn.Module, named, ema: EMA | None, sample_fn: SampleFn, nrow: int) -> None:
-    from diffrt.images import save_grid
+def _save_samples(path: Path, model: nn.Module, named, ema: EMA | None, sample_fn: SampleFn, nrow: int) -> torch.Tensor:
+    """Write the grid of `sample_fn`'s images (with the EMA weights, if any) to `path`; returns it, [C, H, W] in [0, 1]."""
+    from diffrt.images import make_grid, png_bytes
 
     backup = {k: p.detach().clone() for k, p in named.items()} if ema is not None else None
     if ema is not None:
@@ -299,7 +302,9 @@ def _save_samples(path: Path, model: nn.Module, named, ema: EMA | None, sample_f
     try:
         images = sample_fn()
         # Blow small images (16 px digits) up to about 64 px so the grid is viewable; never shrink.
-        save_grid(path, images, nrow=nrow, scale=max(1, 64 // max(images.shape[-2:])))
+        grid = make_grid(images.float(), nrow=nrow, scale=max(1, 64 // max(images.shape[-2:])))
+        atomic.write_bytes(path, png_bytes(grid))
+        return grid
     finally:
         model.train()
         if backup is not None:
