@@ -924,6 +924,18 @@ def test_resume_with_other_settings_fails_clearly(class_cond_runs, tmp_path):
     assert [s for s, _ in read_loss_csv(out)] == list(range(1, STEPS + 1))  # nothing ran
 
 
+def test_resume_by_another_trainer_is_refused(class_cond_runs, tmp_path):
+    """The class-cond run's model, fine-tuned from its own checkpoint folder: each trainer compared only its own
+    section of the state, so the finetune trainer would have taken the class-cond checkpoint as its own."""
+    out = tmp_path / "run"
+    shutil.copytree(class_cond_runs["class_embedding"][0], out)
+    base = shutil.copytree(out / "model", tmp_path / "base")
+    with pytest.raises(DiffrtError, match=r"--resume: .*step-\d{7} is a checkpoint of `diffrt train class-cond`, not finetune; "
+                                          r"resume it with `diffrt train class-cond --resume`") as err:
+        finetune(FinetuneConfig(model=str(base), data="digits", train=train_config(out, resume=True, ema_decay=0.9)))
+    assert "\n" not in str(err.value)
+
+
 def test_resume_refuses_a_data_folder_with_images_added(bad_inputs, sd_folder, cat_folder, tmp_path):
     """Each step draws its image indices below the data's image count, and the checkpoint held only the
     folder's name: with an image added, --resume went on quietly drawing other batches than the run it

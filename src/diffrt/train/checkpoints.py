@@ -243,6 +243,20 @@ def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scal
     return state
 
 
+TRAINERS = {"class_cond": "class-cond", "finetune": "finetune", "dreambooth": "dreambooth-lora"}  # state key: command
+
+
+def check_same_trainer(ckpt: Path, saved: dict, expected: dict) -> None:
+    """Refuse a --resume by another trainer than the one that wrote the checkpoint: each compares only its own
+    section of the state, so a class-cond run resumed by `finetune` (on a model of the same shape) went on
+    quietly as another kind of run."""
+    was = next((name for key, name in TRAINERS.items() if key in saved), None)
+    now = next((name for key, name in TRAINERS.items() if key in expected), None)
+    if was is not None and now is not None and was != now:
+        raise DiffrtError(f"--resume: {ckpt} is a checkpoint of `diffrt train {was}`, not {now}; resume it with "
+                          f"`diffrt train {was} --resume`, or start afresh in an empty --out")
+
+
 def _newest_checkpoint(folder: Path, expected: dict | None) -> tuple[Path, dict]:
     """The newest complete checkpoint and its state.json; `expected` (a run's state) must match its settings."""
     for ckpt in reversed(list_checkpoints(folder)):
@@ -250,6 +264,8 @@ def _newest_checkpoint(folder: Path, expected: dict | None) -> tuple[Path, dict]
         if state is None:
             log.warning("skipping incomplete or corrupt checkpoint %s", ckpt)
             continue
+        if expected:
+            check_same_trainer(ckpt, state, expected)
         # Compare as JSON reads it back: tuples come back as lists.
         changes = config_changes(state, json.loads(json.dumps(expected))) if expected else []
         if changes:
