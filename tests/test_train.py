@@ -678,6 +678,27 @@ def test_cli_text_encoder_target_modules(sd_folder, tmp_path):
     assert adapted == {"q_proj", "v_proj"}
 
 
+def test_cli_lora_dropout_and_class_image_batches(sd_folder, tmp_path):
+    """--lora-dropout reaches peft's layers and the file's metadata (which diffusers loads); --sample-batch-size makes
+    the class images in batches of that many, each image with its own seed."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "db"
+    assert main(["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", "chelsea",
+                 "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--rank", "2", "--train-text-encoder",
+                 "--lora-dropout", "0.25", "--with-prior-preservation", "--class-prompt", "a photo of a cat",
+                 "--num-class-images", "3", "--sample-batch-size", "2", "--num-validation-images", "1",
+                 "--inference-steps", "1", "--max-steps", "1", "--batch-size", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    with safe_open(out / LORA_WEIGHT_NAME, "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.lora_dropout"] == metadata["text_encoder.lora_dropout"] == 0.25
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    pipe.load_lora_weights(out / LORA_WEIGHT_NAME)
+    dropouts = {m.p for name, m in pipe.unet.named_modules() if ".lora_dropout." in name}  # diffusers names it default_0
+    assert dropouts == {0.25}
+
+
 def test_cli_runs_each_trainer(sd_folder, cat_folder, tmp_path, capsys):
     pixel = save_pretrained_pixel_model(tmp_path / "pixel")
     common = ["--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "2", "--lr-warmup-steps", "0"]
@@ -797,6 +818,7 @@ def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
         "gradient norm below 0": (ft + ["--data", str(cat), "--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
         "adam beta1 of 1": (ft + ["--data", str(cat), "--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
         "snr gamma of 0": (db + ["--snr-gamma", "0"], "--snr-gamma must be a number > 0"),
+        "lora dropout of 1": (db + ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
         "class data inside the instance data": (db + ["--with-prior-preservation", "--class-prompt", "a cat",
                                                       "--class-data", str(cat / "class")],
                                                 f"--class-data {cat / 'class'} is inside the --instance-data folder {cat}"),

@@ -128,7 +128,8 @@ def _cmd_train_dreambooth_lora(args) -> int:
         model=args.model, instance_data=args.instance_data, instance_prompt=args.instance_prompt,
         class_prompt=args.class_prompt, with_prior_preservation=args.with_prior_preservation, class_data=args.class_data,
         num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight, rank=args.rank,
-        lora_alpha=args.lora_alpha, target_modules=tuple(args.target_modules), train_text_encoder=args.train_text_encoder,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=tuple(args.target_modules),
+        train_text_encoder=args.train_text_encoder, sample_batch_size=args.sample_batch_size,
         text_encoder_target_modules=tuple(args.text_encoder_target_modules or TEXT_ENCODER_TARGETS),
         resolution=args.resolution, crop=args.crop, random_flip=args.random_flip, validation_prompt=args.validation_prompt,
         num_validation_images=args.num_validation_images, inference_steps=args.inference_steps,
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class images' loss")
     db.add_argument("--rank", type=int, default=4, help="LoRA rank")
     db.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    db.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA layers' input (peft's lora_dropout)")
     db.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"], help="UNet modules to adapt")
     db.add_argument("--train-text-encoder", action="store_true", help="also train a LoRA on the CLIP text encoder")
     db.add_argument("--text-encoder-target-modules", nargs="+", default=None,
@@ -353,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--num-validation-images", type=int, default=4, help="validation images per grid")
     db.add_argument("--inference-steps", type=int, default=25, help="DDIM steps for validation and class images")
     db.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for validation and class images")
+    db.add_argument("--sample-batch-size", type=int, default=4, help="class images generated per batch")
     # diffusers' DreamBooth-LoRA recipe (its README): learning rate 1e-4, constant, no warm-up.
     _add_train_options(db, "runs/dreambooth-lora", steps=500, batch=1, lr=1e-4, schedule="constant", warmup=0)
     db.set_defaults(func=_cmd_train_dreambooth_lora, lr_warmup_steps=0)

@@ -53,6 +53,7 @@ RESUMABLE_FIELDS = frozenset({
     "gradient_checkpointing", "mixed_precision", "allow_tf32",
     "sample_steps", "sample_guidance_scale", "num_samples",  # the pixel trainers' sample grids
     "validation_prompt", "num_validation_images", "inference_steps", "guidance_scale",  # DreamBooth's validation images
+    "sample_batch_size",  # how many class images a pipeline call makes (each has its own seed)
 })
 
 
@@ -192,6 +193,7 @@ FIELDS_ADDED = {
     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "snr_gamma": None, "noise_offset": 0.0,
     "ema_power": 0.0, "ema_inv_gamma": 1.0,  # TrainConfig
     "prediction_type": "epsilon", "beta_schedule": "linear",  # ClassCondConfig
+    "lora_dropout": 0.0,  # DreamBoothConfig
 }
 
 

@@ -61,6 +61,7 @@ class DreamBoothConfig:
     prior_loss_weight: float = 1.0
     rank: int = 4
     lora_alpha: float | None = None  # None: = rank (scaling 1)
+    lora_dropout: float = 0.0  # peft's dropout on the LoRA branch's input (masks follow the step's seed: loop.py)
     target_modules: tuple[str, ...] = UNET_TARGETS
     train_text_encoder: bool = False
     text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
@@ -70,6 +71,7 @@ class DreamBoothConfig:
     validation_prompt: str | None = None  # default: the instance prompt
     num_validation_images: int = 4
     inference_steps: int = 25  # for validation images and class images
+    sample_batch_size: int = 4  # class images generated per pipeline call (diffusers' --sample_batch_size)
     guidance_scale: float = 7.5
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/dreambooth-lora", max_steps=500, batch_size=1,
                                                                    learning_rate=1e-4, lr_warmup_steps=0))
@@ -79,6 +81,8 @@ class DreamBoothConfig:
             raise DiffrtError(f"--rank must be >= 1 (the LoRA's inner dimension), got {self.rank}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise DiffrtError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise DiffrtError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.instance_prompt.strip():
             raise DiffrtError("--instance-prompt is empty; describe the subject with a rare token, e.g. 'a photo of sks cat'")
         if not self.target_modules:
@@ -95,8 +99,8 @@ class DreamBoothConfig:
                               "and generated into it where it holds too few)")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise DiffrtError(f"--resolution must be a positive multiple of 8 (the VAE's downsampling), got {self.resolution}")
-        if self.num_validation_images < 1 or self.inference_steps < 1:
-            raise DiffrtError("--num-validation-images and --inference-steps must be >= 1")
+        if self.num_validation_images < 1 or self.inference_steps < 1 or self.sample_batch_size < 1:
+            raise DiffrtError("--num-validation-images, --inference-steps and --sample-batch-size must be >= 1")
         if not math.isfinite(self.guidance_scale):
             raise DiffrtError(f"--guidance-scale must be a number (diffusers' default 7.5), got {self.guidance_scale}")
         if self.crop not in ("center", "random"):
@@ -172,15 +176,16 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     if prior:
         class_dir = Path(config.class_data) if config.class_data else out / "class_images"
         with state.main_process_first():
-            generate_class_images(c, class_dir, config)
+            generate_class_images(c, class_dir, config, batch=config.sample_batch_size)
         class_images = load_image_folder(class_dir, config.resolution, crop=config.crop, limit=config.num_class_images)
 
     # 4. LoRA adapters, initialised from the seed so that a rerun starts from the same weights.
-    unet_lora = add_lora(c.unet, config.rank, config.lora_alpha, config.target_modules, config.train.seed)
+    unet_lora = add_lora(c.unet, config.rank, config.lora_alpha, config.target_modules, config.train.seed,
+                         config.lora_dropout)
     te_lora = None
     if config.train_text_encoder:
         te_lora = add_lora(c.text_encoder, config.rank, config.lora_alpha, config.text_encoder_target_modules,
-                            config.train.seed + 1)
+                           config.train.seed + 1, config.lora_dropout)
     trainable = nn.ModuleDict({"unet": c.unet, **({"text_encoder": c.text_encoder} if te_lora else {})})
     if config.train.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()

@@ -26,12 +26,12 @@ def check_targets(model: nn.Module, targets, what: str, flag: str) -> None:
                           f"use names of its Linear/Conv layers, e.g. {', '.join(UNET_TARGETS if what == 'UNet' else TEXT_ENCODER_TARGETS)}")
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float | None, targets, seed: int):
+def add_lora(model: nn.Module, rank: int, alpha: float | None, targets, seed: int, dropout: float = 0.0):
     """Attach a LoRA adapter through peft; the adapter trains in fp32 whatever the base dtype."""
     from peft import LoraConfig
 
     lora_config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
-                             target_modules=list(targets))
+                             target_modules=list(targets), lora_dropout=dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
