@@ -103,6 +103,22 @@ def test_linear_schedule_decays_to_zero_as_diffusers_linear_does():
     assert lr_at(11, cfg) == pytest.approx(1 / 8) and lr_at(12, cfg) == 0.0
 
 
+def test_scale_lr_multiplies_the_rate_by_the_images_of_a_step(tmp_path):
+    """diffusers' --scale_lr: learning_rate x gradient_accumulation_steps x train_batch_size x num_processes."""
+    train_linear(linear_config(tmp_path / "plain", batch_size=4, gradient_accumulation_steps=2, lr_schedule="linear"))
+    train_linear(linear_config(tmp_path / "scaled", batch_size=4, gradient_accumulation_steps=2, lr_schedule="linear",
+                               scale_lr=True))
+    plain, scaled = (json.loads((tmp_path / run / "checkpoints" / "step-0000002" / "state.json").read_text())
+                     for run in ("plain", "scaled"))
+    assert scaled["param_groups"][0]["lr"] == pytest.approx(8 * plain["param_groups"][0]["lr"])
+
+    def lrs(run):
+        with open(tmp_path / run / "loss.csv", newline="") as f:
+            return [float(r["lr"]) for r in csv.DictReader(f)]
+
+    assert lrs("scaled") == pytest.approx([8 * lr for lr in lrs("plain")]) and lrs("plain")[0] == pytest.approx(0.05)
+
+
 def test_adamw_settings_reach_the_optimizer_and_a_resume_must_keep_them(tmp_path):
     settings = dict(weight_decay=0.0, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
     train_linear(linear_config(tmp_path, max_steps=2, **settings))

@@ -28,6 +28,8 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--lr-warmup-steps", type=int, default=warmup, help="steps of linear warm-up to --learning-rate")
     p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default=schedule,
                    help="after the warm-up: constant, or a linear or cosine decay to 0 at --max-steps")
+    p.add_argument("--scale-lr", action="store_true",
+                   help="take --learning-rate per image: the schedule peaks at it times batch size x accumulation x processes")
     p.add_argument("--adam-weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
     p.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW's first-moment decay")
     p.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay")
@@ -78,7 +80,8 @@ def _train_config(args):
 
     return TrainConfig(
         out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.adam_weight_decay,
+        lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule, scale_lr=args.scale_lr,
+        weight_decay=args.adam_weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
         snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=_mixed_precision(args.mixed_precision),

@@ -191,7 +191,7 @@ def config_changes(saved: dict, now: dict) -> list[str]:
 # --resume of one asking for another value (--snr-gamma 5 on a run that trained without) is a change like any other.
 FIELDS_ADDED = {
     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "snr_gamma": None, "noise_offset": 0.0,
-    "ema_power": 0.0, "ema_inv_gamma": 1.0,  # TrainConfig
+    "ema_power": 0.0, "ema_inv_gamma": 1.0, "scale_lr": False,  # TrainConfig
     "prediction_type": "epsilon", "beta_schedule": "linear",  # ClassCondConfig
     "lora_dropout": 0.0,  # DreamBoothConfig
 }

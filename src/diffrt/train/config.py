@@ -32,6 +32,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     lr_warmup_steps: int = 100
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    scale_lr: bool = False  # the peak rate times the images per step, all processes (diffusers' --scale_lr)
     snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 there)
     noise_offset: float = 0.0  # offset noise: a per-channel constant added to the noise (diffusers' --noise_offset)
     gradient_accumulation_steps: int = 1

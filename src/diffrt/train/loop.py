@@ -28,7 +28,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -129,7 +129,13 @@ def train(
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise DiffrtError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(named.values(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    # --scale-lr: the rate given is per image; the schedule peaks at it times the images of one step, as diffusers'.
+    images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    schedule = replace(config, learning_rate=config.learning_rate * images_per_step) if config.scale_lr else config
+    if config.scale_lr:
+        log.info("--scale-lr: learning rate %g x %d images per step = %g", config.learning_rate, images_per_step,
+                 schedule.learning_rate)
+    optimizer = torch.optim.AdamW(named.values(), lr=schedule.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
     # The model is placed, not wrapped: trainers call their own modules (a UNet, a peft adapter
     # inside a pipeline), which DDP's wrapper would bypass. Data-parallel gradients are averaged
@@ -174,7 +180,7 @@ def train(
         for step in range(start, config.max_steps):
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
+                group["lr"] = lr_at(step, schedule)
             total = 0.0
             for micro in range(config.gradient_accumulation_steps):
                 g = step_generator(config.seed, step, micro, accelerator.process_index)
@@ -213,7 +219,7 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{total:.4f}")
             if done % config.log_every == 0 or done == config.max_steps:
-                mean, lr = sum(window) / len(window), lr_at(step, config)
+                mean, lr = sum(window) / len(window), lr_at(step, schedule)
                 if done % config.log_every == 0:  # not the last row off the grid: the checkpoint keeps its window
                     window.clear()
                 if skipped:
