@@ -30,3 +30,15 @@ def test_a_safetensors_file_is_the_same_bytes_on_every_save_and_loads_back(tmp_p
     (size,) = struct.unpack("<Q", data[:8])
     assert size % 8 == 0 and data[8:8 + size].startswith(b'{"__metadata__":{"format":"pt","ss_network_alpha"')
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.safetensors" for i in range(8)]  # no temporaries left
+
+
+def test_a_checkpoint_without_metadata_is_the_same_bytes_on_every_save(tmp_path):
+    """Written in place, not sorted and copied (a checkpoint's files are large): safetensors orders the tensors of
+    such a header by dtype and name itself."""
+    tensors = {f"block{i}.weight": torch.full((4,), float(i)) for i in range(40)}
+    tensors.update({f"block{i}.scale": torch.ones(2, dtype=torch.float16) for i in range(10)})
+    digests = set()
+    for i in range(8):
+        atomic.save_safetensors(tmp_path / "weights.safetensors", tensors)
+        digests.add(hashlib.sha256((tmp_path / "weights.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1 and [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]

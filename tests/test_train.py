@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import warnings
 from dataclasses import replace
@@ -678,7 +679,7 @@ def test_cli_text_encoder_target_modules(sd_folder, tmp_path):
     assert adapted == {"q_proj", "v_proj"}
 
 
-def test_cli_lora_dropout_and_class_image_batches(sd_folder, tmp_path):
+def test_cli_lora_dropout_and_class_image_batches(sd_folder, tmp_path, capsys):
     """--lora-dropout reaches peft's layers and the file's metadata (which diffusers loads); --sample-batch-size makes
     the class images in batches of that many, each image with its own seed."""
     from diffusers import StableDiffusionPipeline
@@ -690,6 +691,7 @@ def test_cli_lora_dropout_and_class_image_batches(sd_folder, tmp_path):
                  "--num-class-images", "3", "--sample-batch-size", "2", "--num-validation-images", "1",
                  "--inference-steps", "1", "--max-steps", "1", "--batch-size", "1", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "class_images").iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert re.search(r"class images: 100%\|[^|]*\| 2/2 ", capsys.readouterr().err)  # 3 images in batches of 2, 1
     with safe_open(out / LORA_WEIGHT_NAME, "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     assert metadata["unet.lora_dropout"] == metadata["text_encoder.lora_dropout"] == 0.25

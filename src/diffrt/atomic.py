@@ -150,15 +150,23 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = _make_temp(path.parent, f".{path.name}.", ".tmp", directory=False)  # as written, header unsorted
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(raw), metadata=metadata)
-        copy_with_sorted_header(raw, path)
+        if metadata is None or len(metadata) < 2:
+            # Only the order of two or more metadata entries varies (copy_with_sorted_header): other headers, a
+            # checkpoint's among them, come out the same every time and are written once, in place.
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        raw = _make_temp(path.parent, f".{path.name}.", ".tmp", directory=False)  # as written, header unsorted
+        try:
+            save_file(tensors, str(raw), metadata=metadata)
+            copy_with_sorted_header(raw, path)
+        finally:
+            raw.unlink(missing_ok=True)
     except SafetensorError as exc:  # safetensors' own type for a failed write (a full disk): an OSError to callers
         raise OSError(f"could not write {path}: {exc}") from exc
-    finally:
-        raw.unlink(missing_ok=True)
 
 
 def copy_with_sorted_header(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -130,9 +130,10 @@ def train(
     if not named:
         raise DiffrtError("the model has no trainable parameters")
     # --scale-lr: the rate given is per image; the schedule peaks at it times the images of one step, as diffusers'.
-    images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    schedule = replace(config, learning_rate=config.learning_rate * images_per_step) if config.scale_lr else config
+    schedule = config
     if config.scale_lr:
+        images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        schedule = replace(config, learning_rate=config.learning_rate * images_per_step)
         log.info("--scale-lr: learning rate %g x %d images per step = %g", config.learning_rate, images_per_step,
                  schedule.learning_rate)
     optimizer = torch.optim.AdamW(named.values(), lr=schedule.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
