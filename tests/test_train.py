@@ -905,6 +905,42 @@ def test_data_parallel_ranks_stop_together_when_one_diverges(tmp_path):
     assert "the loss at step 3 is nan" in out.stdout and "the gradient at step 3 is not finite" in out.stdout
 
 
+def test_a_second_run_into_an_out_in_use_is_refused_until_the_first_ends(tmp_path):
+    """A run still going in --out (a scheduler retrying a job that is not dead): a second run, fresh or --resume,
+    is refused in one line naming the first's process, before it writes anything (it would delete the first's
+    staged checkpoint as a killed save's leftover). Killed, the first holds nothing: --resume then continues it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = ["train", "class-cond", "--resolution", "8", "--widths", "16", "32", "--batch-size", "2", "--checkpoint-every", "1",
+            "--log-every", "1", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "diffrt.cli", *args, "--max-steps", "1000000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(out / "checkpoints"):
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the first run saved no checkpoint in 120 s"
+            time.sleep(0.2)
+        for resume in (False, True):
+            with pytest.raises(DiffrtError, match=rf"^{re.escape(str(out))} is in use by another training run "
+                                                  rf"\(process {first.pid}\): wait for it to end, or pass another --out$"):
+                train_class_conditioned(class_cond_config(out, "class_embedding", resume=resume))
+        assert not (out / "model").exists()
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        first.stderr.close()
+    saved = int(list_checkpoints(out / "checkpoints")[-1].name.split("-")[1])
+    assert main([*args, "--max-steps", str(saved + 2), "--resume"]) == 0
+    assert read_loss_csv(out)[-1][0] == saved + 2
+    assert (out / "model").is_dir()
+
+
 # -- class folders, resume checks -------------------------------------------------------------------
 
 

@@ -722,3 +722,29 @@ def test_out_is_checked_where_the_run_writes(tmp_path, monkeypatch):
     writable.clear()
     with pytest.raises(DiffrtError, match=r"mine: .*mine is not writable by this user"):
         linear_config(mine).validate()  # a read-only --out is refused before any setup
+
+
+def test_an_out_without_locks_trains_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A filesystem without flock (some network mounts answer ENOLCK): the run goes on unguarded and says so,
+    rather than refusing to train there."""
+    import errno
+    import fcntl
+    from dataclasses import dataclass
+
+    from diffrt.train.checkpoints import holds_out
+
+    @dataclass
+    class Run:
+        train: TrainConfig
+
+        def validate(self) -> None:
+            self.train.validate()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="diffrt.train.checkpoints"):
+        holds_out(lambda run: train_linear(run.train))(Run(linear_config(tmp_path / "run", max_steps=2)))
+    assert f"two runs into {tmp_path / 'run'} at once would not be stopped" in caplog.text
+    assert [s for s, _ in csv_rows(tmp_path / "run")] == [1, 2]

@@ -281,11 +281,22 @@ def _walk_files(folder: Path, patterns: tuple[str, ...]) -> set[Path]:
     return found
 
 
+class LockHeld(BlockingIOError):
+    """An exclusive lock that another process holds, asked for without waiting; `holder` is that process's id
+    as its lock file records it ("" if it recorded none)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is locked by {'process ' + holder if holder else 'another process'}")
+        self.holder = holder
+
+
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | None = None) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | None = None,
+              wait: bool = True) -> Iterator[None]:
     """An advisory lock on `path` (made if missing): exclusive, so that two builders of one artifact do not
     interleave, or `shared`, for readers, which any number hold at once while no builder does. `waiting`:
-    logged once if the lock is held elsewhere and this call has to wait for it.
+    logged once if the lock is held elsewhere and this call has to wait for it; with `wait=False` an exclusive
+    lock held elsewhere raises LockHeld at once instead. An exclusive holder writes its process id into the file.
 
     A shared lock that cannot be had (no lock file on a read-only mount, where nothing writes either; a
     filesystem without locks) is no lock, with a debug line; an exclusive one raises."""
@@ -303,9 +314,16 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | N
         try:
             fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait and not shared:
+                f.seek(0)
+                raise LockHeld(path, f.read(32).strip()) from None
             if waiting:
                 log.info("%s", waiting)
             fcntl.flock(f.fileno(), mode)
+        if not shared:
+            f.truncate(0)  # "a+" writes at the end, which is now 0
+            f.write(f"{os.getpid()}\n")
+            f.flush()
     except OSError as exc:
         if f is not None:
             f.close()

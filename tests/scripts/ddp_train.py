@@ -3,15 +3,20 @@ different data (the step generator is seeded by the process index); after traini
 must hold the same weights, which only holds if the loop averages their gradients.
 
 With a second argument `diverge`, rank 1's loss turns NaN at step 3: both ranks must stop there with the loop's
-one-line error (printed as DIVERGED=...), neither left waiting for the other."""
+one-line error (printed as DIVERGED=...), neither left waiting for the other.
+
+The run goes through checkpoints.holds_out, as the trainers' runs do: one process (the main one) locks --out;
+were each to lock it, the second would be refused as another run into the same --out."""
 
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
 
 from diffrt.errors import DiffrtError
+from diffrt.train.checkpoints import holds_out
 from diffrt.train.config import TrainConfig
 from diffrt.train.loop import train
 
@@ -32,9 +37,20 @@ def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
     return loss * float("nan") if diverge and state.process_index == 1 and len(calls) == 3 else loss
 
 
+@dataclass
+class Run:
+    """The least a trainer's config holds."""
+
+    train: TrainConfig
+
+    def validate(self) -> None:
+        self.train.validate()
+
+
 try:
-    train(TrainConfig(out=sys.argv[1], max_steps=5, batch_size=16, learning_rate=0.1, lr_warmup_steps=1,
-                      checkpoint_every=100), model, loss_fn, save_fn=lambda out: None)
+    holds_out(lambda run: train(run.train, model, loss_fn, save_fn=lambda out: None))(
+        Run(TrainConfig(out=sys.argv[1], max_steps=5, batch_size=16, learning_rate=0.1, lr_warmup_steps=1,
+                        checkpoint_every=100)))
 except DiffrtError as exc:
     print(f"DIVERGED={exc}")
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -24,13 +24,15 @@ but RESUMABLE_FIELDS must match. A fresh run refuses an --out that holds checkpo
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -40,6 +42,7 @@ from diffrt.errors import DiffrtError
 if TYPE_CHECKING:
     from diffrt.train.config import TrainConfig
     from diffrt.train.ema import EMA
+    from diffrt.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +138,7 @@ def remove_killed_saves(out: Path) -> None:
     a link is never followed, whatever its name.
 
     Called at the start of every run, fresh or resumed, before it writes anything: no save of its own is
-    under way (and a second run in the same --out at once is not supported: it would clash anyway).
+    under way, and the run holds --out's lock (holds_out), so no other run's is either.
     """
     for sub, pattern in LEFTOVERS.items():
         folder = out / sub
@@ -149,6 +152,40 @@ def remove_killed_saves(out: Path) -> None:
             else:
                 path.unlink(missing_ok=True)
             log.info("removed %s, left by an interrupted save", path)
+
+
+def holds_out(trainer: Callable[[Any], TrainResult]) -> Callable[[Any], TrainResult]:
+    """A trainer (taking a config with a `train` TrainConfig) that holds a lock on its --out from its first
+    check to its saved result, `.<name>.lock` beside the folder, and refuses to start while another run holds it.
+
+    Two runs into one --out (a job scheduler retrying a run that is still going, a second shell) would each
+    delete the other's staged checkpoint as a killed save's leftover, interleave loss.csv and replace each
+    other's checkpoints and result. The lock is an flock: the kernel drops it with its process, so a killed run
+    leaves no stale lock. One process of a data-parallel run (accelerate's main) takes it. On a filesystem
+    without locks the run goes on, with a warning.
+    """
+    @functools.wraps(trainer)
+    def run(config):
+        from accelerate import PartialState
+
+        config.validate()  # bad input (--out inside the model folder too) fails before the lock file is made
+        out = Path(config.train.out).resolve()
+        with contextlib.ExitStack() as held:
+            if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+                lock = out.parent / f".{out.name}.lock"
+                try:
+                    held.enter_context(atomic.file_lock(lock, wait=False))
+                except atomic.LockHeld as exc:
+                    by = f" (process {exc.holder})" if exc.holder else ""
+                    raise DiffrtError(f"{config.train.out} is in use by another training run{by}: wait for it to end, "
+                                      "or pass another --out") from None
+                except OSError as exc:
+                    log.warning("could not lock %s (%s): two runs into %s at once would not be stopped", lock, exc,
+                                config.train.out)
+            config.train.check_no_earlier_run()
+            return trainer(config)
+
+    return run
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -22,6 +22,7 @@ from diffrt.data import check_out_outside, load_source
 from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, build_pixel_model, small_unet_config
 from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType
+from diffrt.train.checkpoints import holds_out
 from diffrt.train.config import TrainConfig, trainer_state
 from diffrt.train.loop import TrainResult, train
 from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
@@ -63,12 +64,12 @@ class ClassCondConfig:
             raise DiffrtError(f"--widths takes 1 to 3 block widths, each a multiple of 8 (the UNet's group norm), "
                               f"got {' '.join(map(str, self.widths))}")
         self.train.validate()
+        check_out_outside(self.train.out, self.data)
 
 
+@holds_out
 def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
-    # 1. Data and model, checked before any step runs.
-    config.validate()
-    check_out_outside(config.train.out, config.data)
+    # 1. Data and model, checked before any step runs (the config is, by holds_out).
     dataset = load_source(config.data, config.sample_size, labelled=True, crop=config.crop, random_flip=config.random_flip)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise DiffrtError(f"--num-classes is {config.num_classes} but {config.data} has {dataset.num_classes} class folders; make them match")

@@ -102,6 +102,10 @@ class TrainConfig:
         for name in ("checkpoints", "samples", "tensorboard"):  # the run's own folders: found only when first written
             if (Path(self.out) / name).is_file():
                 raise DiffrtError(f"{Path(self.out) / name} is a file where the run keeps its {name}; move it, or choose another --out")
+
+    def check_no_earlier_run(self) -> None:
+        """A fresh run refuses an --out holding another run's checkpoints (a later --resume would take them up).
+        Checked under --out's lock (checkpoints.holds_out): a run still going there is named as such instead."""
         existing = list_checkpoints(Path(self.out) / "checkpoints")
         if existing and not self.resume:
             raise DiffrtError(f"{self.out} already holds checkpoints of an earlier run (newest {existing[-1].name}); "

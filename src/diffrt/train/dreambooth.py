@@ -37,7 +37,7 @@ from diffrt.errors import DataError, DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.runtime.text_to_image import cut_off
-from diffrt.train.checkpoints import check_resume
+from diffrt.train.checkpoints import check_resume, holds_out
 from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
 from diffrt.train.lora_adapters import (LORA_WEIGHT_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, check_targets,
                                          save_lora)
@@ -106,6 +106,10 @@ class DreamBoothConfig:
         if self.crop not in ("center", "random"):
             raise DiffrtError(f"--crop must be 'center' or 'random', got {self.crop!r}")
         self.train.validate()
+        check_out_apart(self.train.out, require_pipeline_dir(self.model), LORA_WEIGHT_NAME)
+        check_out_outside(self.train.out, self.instance_data, "--instance-data")
+        if self.with_prior_preservation and self.class_data:
+            check_class_data_apart(self.class_data, self.instance_data)
 
 
 @dataclass
@@ -121,16 +125,12 @@ class Components:
     dtype: torch.dtype  # of the frozen base weights
 
 
+@holds_out
 def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     from accelerate import PartialState
 
-    # 1. Everything cheap to check, before any model is loaded.
-    config.validate()
+    # 1. Everything cheap to check, before any model is loaded (the config and its folders are, by holds_out).
     folder = require_pipeline_dir(config.model)
-    check_out_apart(config.train.out, folder, LORA_WEIGHT_NAME)
-    check_out_outside(config.train.out, config.instance_data, "--instance-data")
-    if config.with_prior_preservation and config.class_data:
-        check_class_data_apart(config.class_data, config.instance_data)
     if config.resolution is None:
         config = replace(config, resolution=model_resolution(folder))
         log.info("training at %d px, the model's own size (--resolution to change it)", config.resolution)

@@ -22,6 +22,7 @@ from typing import Literal
 from diffrt.data import ImageDataset, check_out_outside, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import PixelModel, load_pixel_model, scheduler_config_file
+from diffrt.train.checkpoints import holds_out
 from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
 from diffrt.train.loop import TrainResult, train
 from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
@@ -49,13 +50,13 @@ class FinetuneConfig:
         if self.num_samples < 1 or self.sample_steps < 1:
             raise DiffrtError(f"need num_samples >= 1 and sample_steps >= 1, got {self.num_samples} and {self.sample_steps}")
         self.train.validate()
+        check_out_apart(self.train.out, self.model, "model")
+        check_out_outside(self.train.out, self.data)
 
 
+@holds_out
 def finetune(config: FinetuneConfig) -> TrainResult:
-    # 1. Model and data, checked before any step runs.
-    config.validate()
-    check_out_apart(config.train.out, config.model, "model")
-    check_out_outside(config.train.out, config.data)
+    # 1. Model and data, checked before any step runs (the config is, by holds_out).
     _require_unet2d(Path(config.model))
     model = load_pixel_model(config.model)
     # The base's scheduler config, saved with the result as it is (load_pixel_model keeps the part

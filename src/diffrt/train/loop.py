@@ -120,6 +120,7 @@ def train(
     """Run (or resume) training of `model`'s trainable parameters; returns the losses of its steps."""
     # 1. Config, devices, optimizer.
     config.validate()
+    config.check_no_earlier_run()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.mixed_precision)
