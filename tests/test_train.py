@@ -941,6 +941,55 @@ def test_a_second_run_into_an_out_in_use_is_refused_until_the_first_ends(tmp_pat
     assert (out / "model").is_dir()
 
 
+def test_data_parallel_ranks_stop_together_on_a_signal_to_one(tmp_path):
+    """SIGTERM to one process of a data-parallel run: every process stops after the same step (one stopping alone
+    would leave the others waiting), and the main one saves that step's checkpoint."""
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    script = Path(__file__).parent / "scripts" / "ddp_train.py"
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "ddp"), "stop"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("STOPPED=stopped by SIGTERM after step 3 of 5") == 2, out.stdout
+    assert [p.name for p in list_checkpoints(tmp_path / "ddp" / "checkpoints")] == ["step-0000003"]
+
+
+def test_cli_stopped_by_sigterm_exits_143_with_its_checkpoint(tmp_path):
+    """`diffrt train` under a job scheduler that preempts it: one line, exit status 128 + 15, and --resume goes on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = ["train", "class-cond", "--resolution", "8", "--widths", "16", "32", "--batch-size", "2", "--log-every", "1",
+            "--out", str(out)]
+    run = subprocess.Popen([sys.executable, "-m", "diffrt.cli", *args, "--max-steps", "1000000"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "loss.csv").exists():
+            assert run.poll() is None, run.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the run logged no step in 120 s"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    step = int(re.fullmatch(r"diffrt: stopped by SIGTERM after step (\d+) of 1000000: saved .*; --resume continues the "
+                            r"run \(with --max-steps \1, it saves the result as it is now\)", last).group(1))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step-{step:07d}"]
+    assert main([*args, "--max-steps", str(step + 1), "--resume"]) == 0
+    assert [s for s, _ in read_loss_csv(out)] == list(range(1, step + 2))
+
+
 # -- class folders, resume checks -------------------------------------------------------------------
 
 

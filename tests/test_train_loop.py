@@ -748,3 +748,78 @@ def test_an_out_without_locks_trains_with_a_warning(tmp_path, monkeypatch, caplo
         holds_out(lambda run: train_linear(run.train))(Run(linear_config(tmp_path / "run", max_steps=2)))
     assert f"two runs into {tmp_path / 'run'} at once would not be stopped" in caplog.text
     assert [s for s, _ in csv_rows(tmp_path / "run")] == [1, 2]
+
+
+# -- a clean stop on SIGINT / SIGTERM ----------------------------------------------------------------
+
+
+def _signalled_at(config: TrainConfig, signals: dict[int, list[int]]):
+    """train_linear, its loss function sending this process signals[s] (in order) during step s (1-based)."""
+    import os
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    step = {"n": 0}
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        step["n"] += 1
+        for signum in signals.get(step["n"], []):
+            os.kill(os.getpid(), signum)
+        x = torch.randn(config.batch_size, 4, generator=g)
+        return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+
+    return train(config, model, loss_fn, save_fn=lambda out: (out / "saved").touch()), model
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_its_checkpoint_and_resume_continues_exactly(signum, tmp_path):
+    """A preempted job (SIGTERM) or a Ctrl-C mid-run lost every step since the last checkpoint. Now the step under
+    way finishes, is checkpointed (--checkpoint-every is 100 here) and logged, and --resume continues as an
+    uninterrupted run would; the process's own handlers are back afterwards."""
+    import signal
+
+    from diffrt.errors import TrainingInterrupted
+
+    signum = getattr(signal, signum)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(TrainingInterrupted, match=rf"^stopped by {signum.name} after step 3 of 6: saved .*step-0000003; "
+                                                  r"--resume continues the run \(with --max-steps 3, it saves") as stopped:
+        _signalled_at(linear_config(tmp_path / "stopped", max_steps=6, checkpoint_every=100), {3: [signum]})
+    assert (stopped.value.signum, stopped.value.step) == (signum, 3)
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped" / "checkpoints")] == ["step-0000003"]
+    assert not (tmp_path / "stopped" / "saved").exists()  # the result is the finished run's
+    _, resumed = _signalled_at(linear_config(tmp_path / "stopped", max_steps=6, checkpoint_every=100, resume=True), {})
+    _, whole = _signalled_at(linear_config(tmp_path / "whole", max_steps=6, checkpoint_every=100), {})
+    assert torch.equal(resumed.weight, whole.weight)
+    assert csv_rows(tmp_path / "stopped") == csv_rows(tmp_path / "whole")
+    assert (tmp_path / "stopped" / "saved").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    import signal
+
+    with pytest.raises(KeyboardInterrupt):
+        _signalled_at(linear_config(tmp_path, max_steps=6, checkpoint_every=100), {3: [signal.SIGINT, signal.SIGINT]})
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_at_the_last_step_finishes_the_run(tmp_path):
+    import signal
+
+    result, _ = _signalled_at(linear_config(tmp_path, max_steps=3, checkpoint_every=100), {3: [signal.SIGTERM]})
+    assert result.steps == 3 and (tmp_path / "saved").exists()
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    """A background job of a shell script starts with SIGINT ignored: a Ctrl-C meant for the shell in front must not
+    stop it."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result, _ = _signalled_at(linear_config(tmp_path, max_steps=4, checkpoint_every=100), {2: [signal.SIGINT]})
+        assert result.steps == 4 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from diffrt import __version__
-from diffrt.errors import DiffrtError
+from diffrt.errors import DiffrtError, TrainingInterrupted
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1  # the system refused a read or write
@@ -561,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiffrtError as exc:
         print(f"diffrt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as exc:  # a clean stop, its checkpoint saved: 128 + the signal, as the shells count
+        print(f"diffrt: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("diffrt: interrupted", file=sys.stderr)
         return 130

@@ -31,3 +31,13 @@ class LoraError(DiffrtError):
 
 class DataError(DiffrtError):
     """A dataset folder or file is missing, empty or unreadable."""
+
+
+class TrainingInterrupted(Exception):
+    """A training run stopped by SIGINT or SIGTERM after a step, with that step's checkpoint saved; `--resume`
+    continues it. Not a DiffrtError: nothing was wrong. The CLI exits with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.signum = signum
+        self.step = step

@@ -3,19 +3,21 @@ different data (the step generator is seeded by the process index); after traini
 must hold the same weights, which only holds if the loop averages their gradients.
 
 With a second argument `diverge`, rank 1's loss turns NaN at step 3: both ranks must stop there with the loop's
-one-line error (printed as DIVERGED=...), neither left waiting for the other.
+one-line error (printed as DIVERGED=...), neither left waiting for the other. With `stop`, rank 1 alone gets
+SIGTERM during step 3: both must stop after it (printed as STOPPED=...), its checkpoint saved.
 
 The run goes through checkpoints.holds_out, as the trainers' runs do: one process (the main one) locks --out;
 were each to lock it, the second would be refused as another run into the same --out."""
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
 
-from diffrt.errors import DiffrtError
+from diffrt.errors import DiffrtError, TrainingInterrupted
 from diffrt.train.checkpoints import holds_out
 from diffrt.train.config import TrainConfig
 from diffrt.train.loop import train
@@ -26,11 +28,14 @@ state = PartialState(cpu=True)
 
 
 diverge = sys.argv[2:] == ["diverge"]
+stop = sys.argv[2:] == ["stop"]
 calls = []
 
 
 def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
     calls.append(micro)
+    if stop and state.process_index == 1 and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
     x = torch.randn(16, 8, generator=g)
     y = x.sum(dim=1, keepdim=True) * (1 + state.process_index)  # the ranks disagree on purpose
     loss = torch.nn.functional.mse_loss(model(x), y)
@@ -53,6 +58,8 @@ try:
                         checkpoint_every=100)))
 except DiffrtError as exc:
     print(f"DIVERGED={exc}")
+except TrainingInterrupted as exc:
+    print(f"STOPPED={exc}")
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(state.num_processes)]
 torch.distributed.all_gather(gathered, flat)

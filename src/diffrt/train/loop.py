@@ -3,7 +3,7 @@
 A trainer hands the loop a module, a loss function of (micro-batch index, generator) and
 callbacks to sample and save; the loop owns devices and precision (accelerate), gradient
 accumulation, clipping, AdamW with a warmup then constant, linear or cosine learning rate, EMA,
-checkpoints, sample grids, logs and progress.
+checkpoints, sample grids, logs and progress, and a clean stop on SIGINT/SIGTERM (stop.py).
 
 Exact resume. All randomness of step s (batch choice, augmentation, noise, timesteps, and the
 dropout masks that torch draws from its global generators) comes from a generator seeded by
@@ -27,6 +27,7 @@ import contextlib
 import csv
 import logging
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,11 +38,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffrt import atomic
-from diffrt.errors import DiffrtError
+from diffrt.errors import DiffrtError, TrainingInterrupted
 from diffrt.train.checkpoints import (check_max_steps, list_checkpoints, load_latest_checkpoint, remove_killed_saves,
                                      remove_old_checkpoints, save_checkpoint)
 from diffrt.train.config import MAX_ACCUMULATION, MAX_PROCESSES, TrainConfig, lr_at
 from diffrt.train.ema import EMA
+from diffrt.train.stop import StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +180,9 @@ def train(
     step_times, skipped = [], 0
     # Closed on the way out too: a step that raises (a diverged loss, a full disk) leaves the bar's line ended,
     # so that the error line starts a line of its own.
-    with tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process) as progress:
+    # TensorBoard's writer is closed on the way out too, so that a stopped run's last events reach the disk.
+    with (tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process) as progress,
+          contextlib.closing(writer) if writer is not None else contextlib.nullcontext(), StopRequests() as stop):
         for step in range(start, config.max_steps):
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
@@ -233,8 +237,9 @@ def train(
                     if writer is not None:
                         writer.add_scalar("loss", mean, done)
                         writer.add_scalar("lr", lr, done)
+            stopping = stop.agreed(accelerator) if done < config.max_steps else 0  # the last step just finishes
             if accelerator.is_main_process:
-                if done % config.checkpoint_every == 0 or done == config.max_steps:
+                if done % config.checkpoint_every == 0 or done == config.max_steps or stopping:
                     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
                     ckpt = save_checkpoint(out / "checkpoints", done, named, optimizer, ema,
                                            {**state, **scaler_state, "loss_window": window})
@@ -244,9 +249,12 @@ def train(
                     grid = _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
                     if writer is not None:  # beside the loss curve, as diffusers' scripts log their validation images
                         writer.add_image("samples", grid.clamp(0, 1), done)
+            if stopping:
+                name = signal.Signals(stopping).name
+                raise TrainingInterrupted(f"stopped by {name} after step {done} of {config.max_steps}: saved "
+                                          f"{out / 'checkpoints' / f'step-{done:07d}'}; --resume continues the run "
+                                          f"(with --max-steps {done}, it saves the result as it is now)", stopping, done)
     seconds = time.perf_counter() - t0
-    if writer is not None:
-        writer.close()
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(named)  # the exported model is the EMA one
