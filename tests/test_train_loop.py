@@ -754,7 +754,8 @@ def test_an_out_without_locks_trains_with_a_warning(tmp_path, monkeypatch, caplo
 
 
 def _signalled_at(config: TrainConfig, signals: dict[int, list[int]]):
-    """train_linear, its loss function sending this process signals[s] (in order) during step s (1-based)."""
+    """train_linear, its loss function sending this process signals[s] (in order) during step s (1-based), with a
+    sample grid (the weights as a 2x2 image)."""
     import os
 
     torch.manual_seed(0)
@@ -768,7 +769,8 @@ def _signalled_at(config: TrainConfig, signals: dict[int, list[int]]):
         x = torch.randn(config.batch_size, 4, generator=g)
         return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
 
-    return train(config, model, loss_fn, save_fn=lambda out: (out / "saved").touch()), model
+    return train(config, model, loss_fn, save_fn=lambda out: (out / "saved").touch(),
+                 sample_fn=lambda: torch.sigmoid(model.weight.detach()).view(1, 1, 2, 2).expand(1, 3, 2, 2)), model
 
 
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
@@ -784,25 +786,63 @@ def test_a_signal_stops_after_the_step_with_its_checkpoint_and_resume_continues_
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(TrainingInterrupted, match=rf"^stopped by {signum.name} after step 3 of 6: saved .*step-0000003; "
                                                   r"--resume continues the run \(with --max-steps 3, it saves") as stopped:
-        _signalled_at(linear_config(tmp_path / "stopped", max_steps=6, checkpoint_every=100), {3: [signum]})
+        _signalled_at(linear_config(tmp_path / "stopped", max_steps=6, checkpoint_every=100, log_every=2), {3: [signum]})
     assert (stopped.value.signum, stopped.value.step) == (signum, 3)
     assert {s: signal.getsignal(s) for s in before} == before
     assert [p.name for p in list_checkpoints(tmp_path / "stopped" / "checkpoints")] == ["step-0000003"]
     assert not (tmp_path / "stopped" / "saved").exists()  # the result is the finished run's
-    _, resumed = _signalled_at(linear_config(tmp_path / "stopped", max_steps=6, checkpoint_every=100, resume=True), {})
-    _, whole = _signalled_at(linear_config(tmp_path / "whole", max_steps=6, checkpoint_every=100), {})
+    _, resumed = _signalled_at(linear_config(tmp_path / "stopped", max_steps=6, checkpoint_every=100, log_every=2,
+                                             resume=True), {})
+    _, whole = _signalled_at(linear_config(tmp_path / "whole", max_steps=6, checkpoint_every=100, log_every=2), {})
     assert torch.equal(resumed.weight, whole.weight)
-    assert csv_rows(tmp_path / "stopped") == csv_rows(tmp_path / "whole")
+    assert csv_rows(tmp_path / "stopped") == csv_rows(tmp_path / "whole")  # step 4's row: the mean of steps 3 and 4
     assert (tmp_path / "stopped" / "saved").exists()
 
 
-def test_a_second_ctrl_c_stops_at_once(tmp_path):
+@pytest.mark.parametrize("first", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_after_the_first_signal_stops_at_once(first, tmp_path):
     import signal
 
     with pytest.raises(KeyboardInterrupt):
-        _signalled_at(linear_config(tmp_path, max_steps=6, checkpoint_every=100), {3: [signal.SIGINT, signal.SIGINT]})
+        _signalled_at(linear_config(tmp_path, max_steps=6, checkpoint_every=100), {3: [getattr(signal, first), signal.SIGINT]})
     assert list_checkpoints(tmp_path / "checkpoints") == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("first", ["SIGINT", "SIGTERM"])
+def test_a_sigterm_after_the_first_signal_lets_the_checkpoint_be_saved(first, tmp_path):
+    """torchrun passes on what it receives, and a scheduler may signal a whole process group: a process gets the
+    same SIGTERM twice, and the second, killing it mid-save, would lose the checkpoint the first asked for."""
+    import signal
+
+    from diffrt.errors import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted, match="after step 3 of 6"):
+        _signalled_at(linear_config(tmp_path, max_steps=6, checkpoint_every=100),
+                      {3: [getattr(signal, first), signal.SIGTERM], 4: [signal.SIGTERM]})
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000003"]
+
+
+def test_resuming_a_stopped_run_to_its_step_ends_it_as_a_run_to_that_step(tmp_path):
+    """The stop's line offers `--resume --max-steps N` to keep the run as it is: that writes what a run to N writes
+    at its end, the loss row for steps since the last one and the sample grid, besides the result."""
+    import signal
+
+    from diffrt.errors import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted):
+        _signalled_at(linear_config(tmp_path / "stopped", max_steps=6, checkpoint_every=100, log_every=2), {3: [signal.SIGINT]})
+    assert not (tmp_path / "stopped" / "samples" / "step-0000003.png").exists()
+    _signalled_at(linear_config(tmp_path / "stopped", max_steps=3, checkpoint_every=100, log_every=2, resume=True), {})
+    _signalled_at(linear_config(tmp_path / "whole", max_steps=3, checkpoint_every=100, log_every=2), {})
+    assert csv_rows(tmp_path / "stopped") == csv_rows(tmp_path / "whole")
+    assert [s for s, _ in csv_rows(tmp_path / "whole")] == [2, 3]
+    grids = [(tmp_path / run / "samples" / "step-0000003.png").read_bytes() for run in ("stopped", "whole")]
+    assert grids[0] == grids[1]
+    # Once more: a finished run resumed at its own --max-steps writes no second row or grid.
+    _signalled_at(linear_config(tmp_path / "stopped", max_steps=3, checkpoint_every=100, log_every=2, resume=True), {})
+    assert csv_rows(tmp_path / "stopped") == csv_rows(tmp_path / "whole")
 
 
 def test_a_signal_at_the_last_step_finishes_the_run(tmp_path):

@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     except DiffrtError as exc:
         print(f"diffrt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except TrainingInterrupted as exc:  # a clean stop, its checkpoint saved: 128 + the signal, as the shells count
+    except TrainingInterrupted as exc:  # a clean stop, its checkpoint saved: 128 + the signal, as shells count it
         print(f"diffrt: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
@@ -575,5 +575,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def entry() -> None:
+    """The `diffrt` command: main's exit status, except that a run stopped by SIGINT or SIGTERM ends by that
+    signal, once its line is printed. A shell tells a child that died of SIGINT from one that exited 130, and
+    only the first ends the script or loop that ran it (bash's "wait and cooperative exit"): Ctrl-C on a script
+    of several `diffrt train` runs stops the script, not just the run under way."""
+    import signal
+
+    status = main()
+    if status - 128 in (signal.SIGINT, signal.SIGTERM):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(status - 128, signal.SIG_DFL)
+        os.kill(os.getpid(), status - 128)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

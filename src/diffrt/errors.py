@@ -33,9 +33,11 @@ class DataError(DiffrtError):
     """A dataset folder or file is missing, empty or unreadable."""
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(BaseException):
     """A training run stopped by SIGINT or SIGTERM after a step, with that step's checkpoint saved; `--resume`
-    continues it. Not a DiffrtError: nothing was wrong. The CLI exits with 128 + the signal's number."""
+    continues it. Not a DiffrtError (nothing was wrong), and, like KeyboardInterrupt, not an Exception: a sweep
+    that skips failed runs with `except Exception` stops when asked to. The CLI prints its line and ends by the
+    signal (a shell sees status 130 or 143)."""
 
     def __init__(self, message: str, signum: int, step: int):
         super().__init__(message)

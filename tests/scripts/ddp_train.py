@@ -3,8 +3,9 @@ different data (the step generator is seeded by the process index); after traini
 must hold the same weights, which only holds if the loop averages their gradients.
 
 With a second argument `diverge`, rank 1's loss turns NaN at step 3: both ranks must stop there with the loop's
-one-line error (printed as DIVERGED=...), neither left waiting for the other. With `stop`, rank 1 alone gets
-SIGTERM during step 3: both must stop after it (printed as STOPPED=...), its checkpoint saved.
+one-line error (printed as DIVERGED=...), neither left waiting for the other. With `stop-rank1` (`stop-all`),
+rank 1 alone (every rank) gets SIGTERM during step 3: both must stop after it (printed as STOPPED=...) and end
+as the CLI does, by the signal, once the main rank has saved the checkpoint (slowed down here by 2 s).
 
 The run goes through checkpoints.holds_out, as the trainers' runs do: one process (the main one) locks --out;
 were each to lock it, the second would be refused as another run into the same --out."""
@@ -12,6 +13,7 @@ were each to lock it, the second would be refused as another run into the same -
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,18 +30,29 @@ state = PartialState(cpu=True)
 
 
 diverge = sys.argv[2:] == ["diverge"]
-stop = sys.argv[2:] == ["stop"]
+stop = sys.argv[2] if sys.argv[2:] and sys.argv[2].startswith("stop-") else None
 calls = []
 
 
 def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
     calls.append(micro)
-    if stop and state.process_index == 1 and len(calls) == 3:
+    if len(calls) == 3 and (stop == "stop-all" or stop == "stop-rank1" and state.process_index == 1):
         os.kill(os.getpid(), signal.SIGTERM)
     x = torch.randn(16, 8, generator=g)
     y = x.sum(dim=1, keepdim=True) * (1 + state.process_index)  # the ranks disagree on purpose
     loss = torch.nn.functional.mse_loss(model(x), y)
     return loss * float("nan") if diverge and state.process_index == 1 and len(calls) == 3 else loss
+
+
+if stop:
+    import diffrt.train.loop as loop
+
+    def slow_save(*args, **kwargs):
+        time.sleep(2)
+        return save_checkpoint(*args, **kwargs)
+
+    save_checkpoint = loop.save_checkpoint
+    loop.save_checkpoint = slow_save
 
 
 @dataclass
@@ -59,7 +72,9 @@ try:
 except DiffrtError as exc:
     print(f"DIVERGED={exc}")
 except TrainingInterrupted as exc:
-    print(f"STOPPED={exc}")
+    print(f"STOPPED={exc}", flush=True)
+    signal.signal(exc.signum, signal.SIG_DFL)
+    os.kill(os.getpid(), exc.signum)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(state.num_processes)]
 torch.distributed.all_gather(gathered, flat)

@@ -154,15 +154,20 @@ def remove_killed_saves(out: Path) -> None:
             log.info("removed %s, left by an interrupted save", path)
 
 
+OUT_LOCK = ".diffrt-train.lock"
+
+
 def holds_out(trainer: Callable[[Any], TrainResult]) -> Callable[[Any], TrainResult]:
     """A trainer (taking a config with a `train` TrainConfig) that holds a lock on its --out from its first
-    check to its saved result, `.<name>.lock` beside the folder, and refuses to start while another run holds it.
+    check to its saved result, OUT_LOCK in the folder, and refuses to start while another run holds it.
 
     Two runs into one --out (a job scheduler retrying a run that is still going, a second shell) would each
     delete the other's staged checkpoint as a killed save's leftover, interleave loss.csv and replace each
     other's checkpoints and result. The lock is an flock: the kernel drops it with its process, so a killed run
-    leaves no stale lock. One process of a data-parallel run (accelerate's main) takes it. On a filesystem
-    without locks the run goes on, with a warning.
+    leaves no stale lock (and the file stays: removing it would let a run lock a file that is no longer there).
+    It is in --out, not beside it, so that every run finds it wherever it may write (an --out that is a mount
+    point, its parent read-only); the folder is made once the config's checks have passed. One process of a
+    data-parallel run (accelerate's main) takes it. On a filesystem without locks the run goes on, with a warning.
     """
     @functools.wraps(trainer)
     def run(config):
@@ -170,11 +175,13 @@ def holds_out(trainer: Callable[[Any], TrainResult]) -> Callable[[Any], TrainRes
 
         config.validate()  # bad input (--out inside the model folder too) fails before the lock file is made
         out = Path(config.train.out).resolve()
+        made = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
         with contextlib.ExitStack() as held:
             if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-                lock = out.parent / f".{out.name}.lock"
+                lock = out / OUT_LOCK
                 try:
                     held.enter_context(atomic.file_lock(lock, wait=False))
+                    held.callback(_remove_if_unused, out, made)  # on the way out, while the lock is still held
                 except atomic.LockHeld as exc:
                     by = f" (process {exc.holder})" if exc.holder else ""
                     raise DiffrtError(f"{config.train.out} is in use by another training run{by}: wait for it to end, "
@@ -186,6 +193,20 @@ def holds_out(trainer: Callable[[Any], TrainResult]) -> Callable[[Any], TrainRes
             return trainer(config)
 
     return run
+
+
+def _remove_if_unused(out: Path, made: list[Path]) -> None:
+    """A run refused past its config's checks (a data folder without images, a model without weights) leaves
+    nothing behind, as one refused earlier: the folders made for its lock, `made` (--out and any missing parents,
+    innermost first), go while they hold nothing but that lock. A run that wrote anything keeps its --out."""
+    if not made or not out.is_dir() or [p.name for p in out.iterdir()] != [OUT_LOCK]:
+        return
+    (out / OUT_LOCK).unlink(missing_ok=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (made meanwhile by someone else), or gone
+            return
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

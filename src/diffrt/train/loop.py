@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError, TrainingInterrupted
@@ -178,11 +179,15 @@ def train(
     losses = []
     t0 = time.perf_counter()
     step_times, skipped = [], 0
-    # Closed on the way out too: a step that raises (a diverged loss, a full disk) leaves the bar's line ended,
-    # so that the error line starts a line of its own.
-    # TensorBoard's writer is closed on the way out too, so that a stopped run's last events reach the disk.
+    # The bar is closed on the way out too: a step that raises (a diverged loss, a full disk) leaves its line ended,
+    # so that the error line starts a line of its own; log lines meanwhile are written above it, not onto it.
+    # TensorBoard's writer is closed on every way out, so that a stopped run's last events reach the disk.
     with (tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process) as progress,
-          contextlib.closing(writer) if writer is not None else contextlib.nullcontext(), StopRequests() as stop):
+          logging_redirect_tqdm(), contextlib.closing(writer) if writer is not None else contextlib.nullcontext(),
+          StopRequests() as stop):
+        if accelerator.is_main_process and start == config.max_steps:
+            grid = (lambda: _save_samples(out, writer, start, model, named, ema, sample_fn, sample_nrow)) if sample_fn else None
+            _end_stopped_run(out, writer, start, window, lr_at(start - 1, schedule), grid)
         for step in range(start, config.max_steps):
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
@@ -233,11 +238,10 @@ def train(
                                 "many in a row mean the loss itself overflows fp16: try --mixed-precision bf16 or no", skipped, done)
                     skipped = 0
                 if accelerator.is_main_process:
-                    _append_loss_log(out / "loss.csv", done, mean, lr)
-                    if writer is not None:
-                        writer.add_scalar("loss", mean, done)
-                        writer.add_scalar("lr", lr, done)
-            stopping = stop.agreed(accelerator) if done < config.max_steps else 0  # the last step just finishes
+                    _log_row(out, writer, done, mean, lr)
+            stopping = stop.agreed(accelerator) if done < config.max_steps else 0
+            if stop.signum and done == config.max_steps:
+                log.info("that was the last step: the run ends as it would have")
             if accelerator.is_main_process:
                 if done % config.checkpoint_every == 0 or done == config.max_steps or stopping:
                     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
@@ -246,10 +250,10 @@ def train(
                     if config.checkpoints_total_limit is not None:
                         remove_old_checkpoints(out / "checkpoints", ckpt, config.checkpoints_total_limit)
                 if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
-                    grid = _save_samples(out / "samples" / f"step-{done:07d}.png", model, named, ema, sample_fn, sample_nrow)
-                    if writer is not None:  # beside the loss curve, as diffusers' scripts log their validation images
-                        writer.add_image("samples", grid.clamp(0, 1), done)
+                    _save_samples(out, writer, done, model, named, ema, sample_fn, sample_nrow)
             if stopping:
+                if accelerator.num_processes > 1:  # the others wait for the main one's save: a launcher seeing a
+                    accelerator.wait_for_everyone()  # process end with an error status signals the rest at once
                 name = signal.Signals(stopping).name
                 raise TrainingInterrupted(f"stopped by {name} after step {done} of {config.max_steps}: saved "
                                           f"{out / 'checkpoints' / f'step-{done:07d}'}; --resume continues the run "
@@ -306,9 +310,22 @@ def _accelerator(mixed_precision: str):
     return accelerator
 
 
+def _end_stopped_run(out: Path, writer, step: int, window: list[float], lr: float,
+                     save_samples: Callable[[], None] | None) -> None:
+    """A run stopped by a signal after step N and resumed with --max-steps N ends without a step: write what a run
+    that went to N writes at its end, its last loss row (the checkpoint kept the steps since the last one) and its
+    sample grid, where the stopped run had not (a finished run resumed has both)."""
+    if window and _last_logged_step(out / "loss.csv") != step:
+        _log_row(out, writer, step, sum(window) / len(window), lr)
+    if save_samples is not None and not (out / "samples" / f"step-{step:07d}.png").exists():
+        save_samples()
+
+
 @torch.no_grad()
-def _save_samples(path: Path, model: nn.Module, named, ema: EMA | None, sample_fn: SampleFn, nrow: int) -> torch.Tensor:
-    """Write the grid of `sample_fn`'s images (with the EMA weights, if any) to `path`; returns it, [C, H, W] in [0, 1]."""
+def _save_samples(out: Path, writer, step: int, model: nn.Module, named, ema: EMA | None, sample_fn: SampleFn,
+                  nrow: int) -> None:
+    """The grid of `sample_fn`'s images (with the EMA weights, if any) at `step`: samples/step-NNNNNNN.png, and
+    TensorBoard beside the loss curve, as diffusers' scripts log their validation images."""
     from diffrt.images import make_grid, png_bytes
 
     backup = {k: p.detach().clone() for k, p in named.items()} if ema is not None else None
@@ -319,8 +336,9 @@ def _save_samples(path: Path, model: nn.Module, named, ema: EMA | None, sample_f
         images = sample_fn()
         # Blow small images (16 px digits) up to about 64 px so the grid is viewable; never shrink.
         grid = make_grid(images.float(), nrow=nrow, scale=max(1, 64 // max(images.shape[-2:])))
-        atomic.write_bytes(path, png_bytes(grid))
-        return grid
+        atomic.write_bytes(out / "samples" / f"step-{step:07d}.png", png_bytes(grid))
+        if writer is not None:
+            writer.add_image("samples", grid.clamp(0, 1), step)
     finally:
         model.train()
         if backup is not None:
@@ -340,13 +358,26 @@ def _tensorboard(folder: Path, purge_step: int):
     return SummaryWriter(str(folder), purge_step=purge_step)
 
 
-def _append_loss_log(path: Path, step: int, loss: float, lr: float) -> None:
+def _log_row(out: Path, writer, step: int, loss: float, lr: float) -> None:
+    """One row of loss.csv, and the same two values for TensorBoard."""
+    path = out / "loss.csv"
     new = not path.exists()
     with open(path, "a", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         if new:
             w.writerow(["step", "loss", "lr"])
         w.writerow([step, f"{loss:.6f}", f"{lr:.6g}"])
+    if writer is not None:
+        writer.add_scalar("loss", loss, step)
+        writer.add_scalar("lr", lr, step)
+
+
+def _last_logged_step(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return int(rows[-1]["step"]) if rows else None
 
 
 def _truncate_loss_log(path: Path, upto: int) -> None:

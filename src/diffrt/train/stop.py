@@ -4,13 +4,19 @@ a Kubernetes eviction, torchrun passing either on).
 Killed mid-step, a run loses every step since its last checkpoint: with --checkpoint-every 500 that is up to
 500 steps of GPU time, on every preemption. Instead the first signal is noted, the step under way finishes, its
 checkpoint is saved and the run ends with TrainingInterrupted; under exact resume (loop.py) `--resume` then
-goes on as if nothing had happened. The signal's own action is put back at once, so a second one acts as it
-always did (Ctrl-C twice: stop now; what a killed save leaves, the next run removes). The processes of a
-data-parallel run stop after the same step, whichever of them got the signal: a process stopping alone would
-leave the others waiting in their next collective.
+goes on as if nothing had happened. The processes of a data-parallel run stop after the same step, whichever of
+them got the signal (one stopping alone would leave the others waiting in their next collective), and leave
+together once the main one has saved.
 
-Handlers are only set from the main thread (Python's rule): a run started from another thread (a service)
-keeps the process's own handling.
+After the first signal, a SIGINT acts as it always did (Ctrl-C twice: stop now; what a killed save leaves, the
+next run removes), and further SIGTERMs are ignored: launchers pass a signal on to processes that already got
+it (torchrun forwards what it receives; a scheduler may signal the whole process group), and a second SIGTERM
+killing the process mid-save would lose the checkpoint the first one asked for. A scheduler's SIGKILL, at the
+end of its grace period, still ends the run.
+
+Handlers are only set from the main thread (Python's rule), and never over a signal the process ignores (a
+background job of a shell script starts with SIGINT ignored): a run started from another thread keeps the
+process's own handling.
 """
 
 from __future__ import annotations
@@ -37,9 +43,7 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
                 previous = signal.getsignal(signum)
-                # None: set outside Python, and could not be put back; SIG_IGN: the process was started to ignore it
-                # (a background job of a shell script ignores SIGINT), which a run must not undo
-                if previous is not None and previous != signal.SIG_IGN:
+                if previous is not None and previous != signal.SIG_IGN:  # None: set outside Python, not restorable
                     self._previous[signum] = signal.signal(signum, self._note)
         return self
 
@@ -50,12 +54,13 @@ class StopRequests:
 
     def _note(self, signum: int, frame) -> None:
         if self.signum:
+            log.info("%s ignored: the run is already stopping", signal.Signals(signum).name)
             return
         self.signum = signum
-        signal.signal(signum, self._previous.pop(signum))  # a second one acts at once
-        again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
-        log.warning("%s: stopping after this step, once its checkpoint is saved (%s stops at once)",
-                    signal.Signals(signum).name, again)
+        if signal.SIGINT in self._previous:  # a Ctrl-C from now on stops at once
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
+        log.warning("%s: the run stops at the end of a step, with that step's checkpoint saved (Ctrl-C stops it at once)",
+                    signal.Signals(signum).name)
 
     def agreed(self, accelerator) -> int:
         """The signal that this step ends the run for, any process's (0: none). Every process calls this
