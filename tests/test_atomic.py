@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -42,3 +43,38 @@ def test_a_checkpoint_without_metadata_is_the_same_bytes_on_every_save(tmp_path)
         atomic.save_safetensors(tmp_path / "weights.safetensors", tensors)
         digests.add(hashlib.sha256((tmp_path / "weights.safetensors").read_bytes()).hexdigest())
     assert len(digests) == 1 and [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+def test_an_exclusive_lock_on_a_file_removed_meanwhile_is_taken_on_the_one_there_now(tmp_path):
+    """A run that opened the lock file while its holder was removing it (training removes the folder of a run
+    refused after its checks) must not lock the removed file, which no later run can find: two runs would each
+    hold "the" lock. It locks the file at the path once it has one."""
+    import fcntl
+    import threading
+
+    path = tmp_path / "run" / ".lock"
+    path.parent.mkdir()
+    holder = open(path, "a+")
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    locked, release = threading.Event(), threading.Event()
+
+    def waiter():
+        with atomic.file_lock(path, waiting="waiting"):  # opens the holder's file, then waits for its lock
+            locked.set()
+            release.wait(30)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    try:
+        assert not locked.wait(0.5)  # blocked on the holder's file
+        path.unlink()
+        path.parent.rmdir()
+        fcntl.flock(holder.fileno(), fcntl.LOCK_UN)
+        holder.close()
+        assert locked.wait(30)
+        with open(path, "a+") as now:  # the folder and file made anew, and the waiter's lock is on them
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(now.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        release.set()
+        t.join(30)

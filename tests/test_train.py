@@ -990,6 +990,9 @@ def test_cli_stopped_by_sigterm_ends_by_it_with_its_checkpoint(tmp_path):
     step = int(re.fullmatch(r"diffrt: stopped by SIGTERM after step (\d+) of 1000000: saved .*; --resume continues the "
                             r"run \(with --max-steps \1, it saves the result as it is now\)", last).group(1))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step-{step:07d}"]
+    # The command's log lines go above the progress bar, not onto the end of its line.
+    assert any(line.startswith("WARNING diffrt.train.stop: SIGTERM: the run stops after the step under way")
+               for line in stderr.replace("\r", "\n").splitlines()), stderr[-2000:]
     assert main([*args, "--max-steps", str(step + 1), "--resume"]) == 0
     assert [s for s, _ in read_loss_csv(out)] == list(range(1, step + 2))
 

@@ -753,9 +753,9 @@ def test_an_out_without_locks_trains_with_a_warning(tmp_path, monkeypatch, caplo
 # -- a clean stop on SIGINT / SIGTERM ----------------------------------------------------------------
 
 
-def _signalled_at(config: TrainConfig, signals: dict[int, list[int]]):
-    """train_linear, its loss function sending this process signals[s] (in order) during step s (1-based), with a
-    sample grid (the weights as a 2x2 image)."""
+def _signalled_at(config: TrainConfig, signals: dict[int | str, list[int]]):
+    """train_linear, its loss function sending this process signals[s] (in order) during step s (1-based), and its
+    save function signals["save"], with a sample grid (the weights as a 2x2 image)."""
     import os
 
     torch.manual_seed(0)
@@ -769,7 +769,12 @@ def _signalled_at(config: TrainConfig, signals: dict[int, list[int]]):
         x = torch.randn(config.batch_size, 4, generator=g)
         return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
 
-    return train(config, model, loss_fn, save_fn=lambda out: (out / "saved").touch(),
+    def save_fn(out: Path) -> None:
+        for signum in signals.get("save", []):
+            os.kill(os.getpid(), signum)
+        (out / "saved").touch()
+
+    return train(config, model, loss_fn, save_fn=save_fn,
                  sample_fn=lambda: torch.sigmoid(model.weight.detach()).view(1, 1, 2, 2).expand(1, 3, 2, 2)), model
 
 
@@ -845,11 +850,22 @@ def test_resuming_a_stopped_run_to_its_step_ends_it_as_a_run_to_that_step(tmp_pa
     assert csv_rows(tmp_path / "stopped") == csv_rows(tmp_path / "whole")
 
 
-def test_a_signal_at_the_last_step_finishes_the_run(tmp_path):
+@pytest.mark.parametrize("when", ["last step", "save"])
+def test_a_signal_at_the_end_lets_the_run_finish_and_still_stops(when, tmp_path):
+    """A signal during the last step or the saving of the result: the run finishes and saves it (a second SIGTERM,
+    as a launcher passes it on, does not cost it), and the caller still hears of the signal (a script that was
+    Ctrl-C'd must stop, not go on to its next command)."""
     import signal
 
-    result, _ = _signalled_at(linear_config(tmp_path, max_steps=3, checkpoint_every=100), {3: [signal.SIGTERM]})
-    assert result.steps == 3 and (tmp_path / "saved").exists()
+    from diffrt.errors import TrainingInterrupted
+
+    signals = {3: [signal.SIGTERM], "save": [signal.SIGTERM]} if when == "last step" else {"save": [signal.SIGTERM] * 2}
+    with pytest.raises(TrainingInterrupted, match=rf"^stopped by SIGTERM at the end of the run: all 3 steps are done and "
+                                                  rf"the result is saved in {re.escape(str(tmp_path))}$") as stopped:
+        _signalled_at(linear_config(tmp_path, max_steps=3, checkpoint_every=100), signals)
+    assert stopped.value.step == 3 and (tmp_path / "saved").exists()
+    assert [s for s, _ in csv_rows(tmp_path)] == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_an_ignored_sigint_stays_ignored(tmp_path):

@@ -281,6 +281,13 @@ def _walk_files(folder: Path, patterns: tuple[str, ...]) -> set[Path]:
     return found
 
 
+def _still_there(f, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 class LockHeld(BlockingIOError):
     """An exclusive lock that another process holds, asked for without waiting; `holder` is that process's id
     as its lock file records it ("" if it recorded none)."""
@@ -306,20 +313,32 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | N
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     f = None
     try:
-        if not shared:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        # A reader opens the lock file read-only when it exists (a service running as another user than the
-        # exporter may read it, not write it); a read fd is also what NFS's emulated shared flock needs.
-        f = open(path, "r" if shared and path.exists() else "a+")
-        try:
-            fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait and not shared:
-                f.seek(0)
-                raise LockHeld(path, f.read(32).strip()) from None
-            if waiting:
-                log.info("%s", waiting)
-            fcntl.flock(f.fileno(), mode)
+        while True:
+            if not shared:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            # A reader opens the lock file read-only when it exists (a service running as another user than the
+            # exporter may read it, not write it); a read fd is also what NFS's emulated shared flock needs.
+            try:
+                f = open(path, "r" if shared and path.exists() else "a+")
+            except FileNotFoundError:
+                if shared:
+                    raise
+                continue  # its folder was removed after the mkdir (by a holder that removes it): make it again
+            try:
+                fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait and not shared:
+                    f.seek(0)
+                    raise LockHeld(path, f.read(32).strip()) from None
+                if waiting:
+                    log.info("%s", waiting)
+                fcntl.flock(f.fileno(), mode)
+            if shared or _still_there(f, path):
+                break
+            # A holder removed the file (training's holds_out does, for a run refused after its checks) after
+            # this call opened it: the lock taken is on a file no other call can find. Lock the one there now.
+            f.close()
+            f = None
         if not shared:
             f.truncate(0)  # "a+" writes at the end, which is now 0
             f.write(f"{os.getpid()}\n")

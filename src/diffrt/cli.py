@@ -546,12 +546,26 @@ def _resolve_hub_ids(args) -> None:
         args.controlnet = [str(resolve_model(c)) for c in args.controlnet]
 
 
+class _AboveProgressBars(logging.StreamHandler):
+    """The command's log lines, written above a progress bar (tqdm's `write`) rather than onto the end of its line.
+    The command's own: a library user's logging stays as they set it up."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        handlers=[_AboveProgressBars(sys.stderr)])
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -164,7 +164,8 @@ def holds_out(trainer: Callable[[Any], TrainResult]) -> Callable[[Any], TrainRes
     Two runs into one --out (a job scheduler retrying a run that is still going, a second shell) would each
     delete the other's staged checkpoint as a killed save's leftover, interleave loss.csv and replace each
     other's checkpoints and result. The lock is an flock: the kernel drops it with its process, so a killed run
-    leaves no stale lock (and the file stays: removing it would let a run lock a file that is no longer there).
+    leaves no stale lock. The file stays, except where a refused run removes the folder it made for it; a run
+    that opened it meanwhile sees it gone once locked, and locks the new one (atomic.file_lock).
     It is in --out, not beside it, so that every run finds it wherever it may write (an --out that is a mount
     point, its parent read-only); the folder is made once the config's checks have passed. One process of a
     data-parallel run (accelerate's main) takes it. On a filesystem without locks the run goes on, with a warning.
@@ -186,7 +187,7 @@ def holds_out(trainer: Callable[[Any], TrainResult]) -> Callable[[Any], TrainRes
                     by = f" (process {exc.holder})" if exc.holder else ""
                     raise DiffrtError(f"{config.train.out} is in use by another training run{by}: wait for it to end, "
                                       "or pass another --out") from None
-                except OSError as exc:
+                except (OSError, ImportError) as exc:  # ImportError: no fcntl (Windows)
                     log.warning("could not lock %s (%s): two runs into %s at once would not be stopped", lock, exc,
                                 config.train.out)
             config.train.check_no_earlier_run()

@@ -36,7 +36,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError, TrainingInterrupted
@@ -180,11 +179,10 @@ def train(
     t0 = time.perf_counter()
     step_times, skipped = [], 0
     # The bar is closed on the way out too: a step that raises (a diverged loss, a full disk) leaves its line ended,
-    # so that the error line starts a line of its own; log lines meanwhile are written above it, not onto it.
-    # TensorBoard's writer is closed on every way out, so that a stopped run's last events reach the disk.
+    # so that the error line starts a line of its own. TensorBoard's writer is closed on every way out, so that a
+    # stopped run's last events reach the disk. A signal is a request to stop until the result is saved.
     with (tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process) as progress,
-          logging_redirect_tqdm(), contextlib.closing(writer) if writer is not None else contextlib.nullcontext(),
-          StopRequests() as stop):
+          contextlib.closing(writer) if writer is not None else contextlib.nullcontext(), StopRequests() as stop):
         if accelerator.is_main_process and start == config.max_steps:
             grid = (lambda: _save_samples(out, writer, start, model, named, ema, sample_fn, sample_nrow)) if sample_fn else None
             _end_stopped_run(out, writer, start, window, lr_at(start - 1, schedule), grid)
@@ -239,9 +237,7 @@ def train(
                     skipped = 0
                 if accelerator.is_main_process:
                     _log_row(out, writer, done, mean, lr)
-            stopping = stop.agreed(accelerator) if done < config.max_steps else 0
-            if stop.signum and done == config.max_steps:
-                log.info("that was the last step: the run ends as it would have")
+            stopping = stop.agreed(accelerator) if done < config.max_steps else 0  # the last step: the run finishes
             if accelerator.is_main_process:
                 if done % config.checkpoint_every == 0 or done == config.max_steps or stopping:
                     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
@@ -258,11 +254,15 @@ def train(
                 raise TrainingInterrupted(f"stopped by {name} after step {done} of {config.max_steps}: saved "
                                           f"{out / 'checkpoints' / f'step-{done:07d}'}; --resume continues the run "
                                           f"(with --max-steps {done}, it saves the result as it is now)", stopping, done)
-    seconds = time.perf_counter() - t0
-    if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(named)  # the exported model is the EMA one
-        save_fn(out)
+        seconds = time.perf_counter() - t0
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.copy_to(named)  # the exported model is the EMA one
+            save_fn(out)
+    if stop.signum:  # it came during the last step or the final save: the run is done, and still asked to stop
+        raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} at the end of the run: all "
+                                  f"{config.max_steps} steps are done and the result is saved in {out}",
+                                  stop.signum, config.max_steps)
     steps_run = config.max_steps - start
     rate = steps_run * config.batch_size * config.gradient_accumulation_steps / sum(step_times) if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)

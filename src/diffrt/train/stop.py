@@ -4,7 +4,8 @@ a Kubernetes eviction, torchrun passing either on).
 Killed mid-step, a run loses every step since its last checkpoint: with --checkpoint-every 500 that is up to
 500 steps of GPU time, on every preemption. Instead the first signal is noted, the step under way finishes, its
 checkpoint is saved and the run ends with TrainingInterrupted; under exact resume (loop.py) `--resume` then
-goes on as if nothing had happened. The processes of a data-parallel run stop after the same step, whichever of
+goes on as if nothing had happened. A signal during the last step or the saving of the result lets the run
+finish and save it, and ends it with TrainingInterrupted all the same (a script that was Ctrl-C'd stops). The processes of a data-parallel run stop after the same step, whichever of
 them got the signal (one stopping alone would leave the others waiting in their next collective), and leave
 together once the main one has saved.
 
@@ -59,8 +60,8 @@ class StopRequests:
         self.signum = signum
         if signal.SIGINT in self._previous:  # a Ctrl-C from now on stops at once
             signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
-        log.warning("%s: the run stops at the end of a step, with that step's checkpoint saved (Ctrl-C stops it at once)",
-                    signal.Signals(signum).name)
+        log.warning("%s: the run stops after the step under way, once its checkpoint (at the last step: the result) "
+                    "is saved; Ctrl-C stops it at once", signal.Signals(signum).name)
 
     def agreed(self, accelerator) -> int:
         """The signal that this step ends the run for, any process's (0: none). Every process calls this
