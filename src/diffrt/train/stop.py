@@ -5,9 +5,9 @@ Killed mid-step, a run loses every step since its last checkpoint: with --checkp
 500 steps of GPU time, on every preemption. Instead the first signal is noted, the step under way finishes, its
 checkpoint is saved and the run ends with TrainingInterrupted; under exact resume (loop.py) `--resume` then
 goes on as if nothing had happened. A signal during the last step or the saving of the result lets the run
-finish and save it, and ends it with TrainingInterrupted all the same (a script that was Ctrl-C'd stops). The processes of a data-parallel run stop after the same step, whichever of
-them got the signal (one stopping alone would leave the others waiting in their next collective), and leave
-together once the main one has saved.
+finish and save it, and ends it with TrainingInterrupted all the same (a script that was Ctrl-C'd stops). The
+processes of a data-parallel run stop after the same step, whichever of them got the signal (one stopping alone
+would leave the others waiting in their next collective), and leave together once the main one has saved.
 
 After the first signal, a SIGINT acts as it always did (Ctrl-C twice: stop now; what a killed save leaves, the
 next run removes), and further SIGTERMs are ignored: launchers pass a signal on to processes that already got
