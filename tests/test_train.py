@@ -961,7 +961,8 @@ def test_data_parallel_ranks_stop_together_on_a_signal(signalled, tmp_path):
 
 def test_cli_stopped_by_sigterm_ends_by_it_with_its_checkpoint(tmp_path):
     """`diffrt train` under a job scheduler that preempts it: one line, the process ends by SIGTERM (a shell's 143),
-    as a shell expects of a child it signalled, and --resume goes on."""
+    as a shell expects of a child it signalled, and the job's next attempt, the same command (`--resume auto`, which
+    started the first as a new run), goes on."""
     import os
     import signal
     import subprocess
@@ -970,7 +971,7 @@ def test_cli_stopped_by_sigterm_ends_by_it_with_its_checkpoint(tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "class-cond", "--resolution", "8", "--widths", "16", "32", "--batch-size", "2", "--log-every", "1",
-            "--out", str(out)]
+            "--resume", "auto", "--out", str(out)]
     run = subprocess.Popen([sys.executable, "-m", "diffrt.cli", *args, "--max-steps", "1000000"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -993,7 +994,7 @@ def test_cli_stopped_by_sigterm_ends_by_it_with_its_checkpoint(tmp_path):
     # The command's log lines go above the progress bar, not onto the end of its line.
     assert any(line.startswith("WARNING diffrt.train.stop: SIGTERM: the run stops after the step under way")
                for line in stderr.replace("\r", "\n").splitlines()), stderr[-2000:]
-    assert main([*args, "--max-steps", str(step + 1), "--resume"]) == 0
+    assert main([*args, "--max-steps", str(step + 1)]) == 0
     assert [s for s, _ in read_loss_csv(out)] == list(range(1, step + 2))
 
 

@@ -879,3 +879,20 @@ def test_an_ignored_sigint_stays_ignored(tmp_path):
         assert result.steps == 4 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_resume_auto_starts_a_new_run_where_there_is_no_checkpoint_and_resumes_where_there_is(tmp_path, caplog):
+    """One command line for every attempt of a requeued job: `--resume auto`."""
+    with caplog.at_level("INFO", logger="diffrt.train.config"):
+        first, _ = train_linear(linear_config(tmp_path, max_steps=2, resume="auto"))
+    assert first.start_step == 0 and "--resume auto: " in caplog.text and "holds no checkpoint yet; starting a new run" in caplog.text
+    again, model = train_linear(linear_config(tmp_path, max_steps=4, resume="auto"))
+    _, whole = train_linear(linear_config(tmp_path / "whole", max_steps=4))
+    assert again.start_step == 2 and torch.equal(model.weight, whole.weight)
+    # Damaged checkpoints only: not a new run over them, but --resume's own answer.
+    for ckpt in list_checkpoints(tmp_path / "checkpoints"):
+        (ckpt / "state.json").unlink()
+    with pytest.raises(DiffrtError, match="no complete checkpoint .* damaged"):
+        train_linear(linear_config(tmp_path, max_steps=6, resume="auto"))
+    with pytest.raises(DiffrtError, match="resume must be True, False or 'auto', got 'yes'"):
+        linear_config(tmp_path, resume="yes").validate()

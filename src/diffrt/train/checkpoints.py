@@ -30,7 +30,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -190,6 +190,7 @@ def holds_out(trainer: Callable[[Any], TrainResult]) -> Callable[[Any], TrainRes
                 except (OSError, ImportError) as exc:  # ImportError: no fcntl (Windows)
                     log.warning("could not lock %s (%s): two runs into %s at once would not be stopped", lock, exc,
                                 config.train.out)
+            config = replace(config, train=config.train.resolved())
             config.train.check_no_earlier_run()
             return trainer(config)
 

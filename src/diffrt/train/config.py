@@ -7,14 +7,17 @@ differ from it but for those RESUMABLE_FIELDS names.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
 from diffrt.train.checkpoints import list_checkpoints
+
+log = logging.getLogger(__name__)
 
 MAX_ACCUMULATION = 64  # loop.step_generator's micro-batch field; TrainConfig.validate holds runs to it
 MAX_PROCESSES = 1024  # and its process field
@@ -48,9 +51,11 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     log_every: int = 10  # loss.csv and TensorBoard get one row per N steps: their mean loss
     seed: int = 0
-    resume: bool = False
+    resume: bool | Literal["auto"] = False  # "auto": resume where --out holds a checkpoint, else start a new run
 
     def validate(self) -> None:
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
+            raise DiffrtError(f"resume must be True, False or 'auto', got {self.resume!r}")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -102,6 +107,18 @@ class TrainConfig:
         for name in ("checkpoints", "samples", "tensorboard"):  # the run's own folders: found only when first written
             if (Path(self.out) / name).is_file():
                 raise DiffrtError(f"{Path(self.out) / name} is a file where the run keeps its {name}; move it, or choose another --out")
+
+    def resolved(self) -> TrainConfig:
+        """The config with `--resume auto` decided: resume where --out holds checkpoints (damaged ones too: --resume
+        then says what to do with them), else start a new run. One command line then serves every attempt of a
+        job (a scheduler requeuing it after a preemption), as diffusers' `--resume_from_checkpoint latest` does.
+        Decided under --out's lock (checkpoints.holds_out), where no other run adds or removes checkpoints."""
+        if self.resume != "auto":
+            return self
+        found = bool(list_checkpoints(Path(self.out) / "checkpoints"))
+        if not found:
+            log.info("--resume auto: %s holds no checkpoint yet; starting a new run", self.out)
+        return replace(self, resume=found)
 
     def check_no_earlier_run(self) -> None:
         """A fresh run refuses an --out holding another run's checkpoints (a later --resume would take them up).

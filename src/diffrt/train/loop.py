@@ -122,6 +122,7 @@ def train(
     """Run (or resume) training of `model`'s trainable parameters; returns the losses of its steps."""
     # 1. Config, devices, optimizer.
     config.validate()
+    config = config.resolved()
     config.check_no_earlier_run()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
