@@ -201,6 +201,7 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(capsys, monke
     (("export",), "the following arguments are required: --out"),
     (("generate", "--scheduler", "heun"), "invalid choice: 'heun'"),
     (("warp",), "invalid choice: 'warp'"),
+    (("train", "class-cond", "--resume", "latest"), "argument --resume: takes no value, or auto; got 'latest'"),
 ])
 def test_a_malformed_command_line_is_one_line_too(args, words, capsys):
     """argparse's own errors (bad value, missing option, unknown command) are one line naming

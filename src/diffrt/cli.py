@@ -59,9 +59,15 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log the mean loss of every N steps to loss.csv and TensorBoard")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every step's draws")
-    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_value, metavar="auto",
                    help="continue from the newest complete checkpoint in --out; `--resume auto`: where --out holds none "
                         "yet, start a new run (one command line for every attempt of a job that may be requeued)")
+
+
+def _resume_value(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"takes no value, or auto; got {value!r}")
+    return value
 
 
 def _mixed_precision(given: str | None) -> str:
