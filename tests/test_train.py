@@ -998,6 +998,37 @@ def test_cli_stopped_by_sigterm_ends_by_it_with_its_checkpoint(tmp_path):
     assert [s for s, _ in read_loss_csv(out)] == list(range(1, step + 2))
 
 
+def test_ctrl_c_on_a_script_of_runs_stops_the_script(tmp_path):
+    """Ctrl-C signals the terminal's whole process group: a shell script running `diffrt train` twice must stop,
+    not go on to the second run. bash does so only for a child that died of SIGINT, not one that exited 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    diffrt = Path(sys.executable).parent / "diffrt"
+    runs = [f"{diffrt} train class-cond --resolution 8 --widths 16 32 --batch-size 2 --log-every 1 --max-steps 1000000 "
+            f"--out {tmp_path / name}" for name in ("first", "second")]
+    script = subprocess.Popen(["bash", "-c", f"{runs[0]}; {runs[1]}"], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "first" / "loss.csv").exists():
+            assert script.poll() is None, script.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the first run logged no step in 120 s"
+            time.sleep(0.2)
+        os.killpg(script.pid, signal.SIGINT)
+        _, stderr = script.communicate(timeout=120)
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+            script.wait()
+    assert "diffrt: stopped by SIGINT after step" in stderr, stderr[-2000:]
+    assert list_checkpoints(tmp_path / "first" / "checkpoints")
+    assert not (tmp_path / "second").exists() and script.returncode == -signal.SIGINT
+
+
 # -- class folders, resume checks -------------------------------------------------------------------
 
 
