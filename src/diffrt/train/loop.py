@@ -373,11 +373,15 @@ def _log_row(out: Path, writer, step: int, loss: float, lr: float) -> None:
         writer.add_scalar("lr", lr, step)
 
 
-def _last_logged_step(path: Path) -> int | None:
+def _loss_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
-        return None
+        return []
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def _last_logged_step(path: Path) -> int | None:
+    rows = _loss_rows(path)
     return int(rows[-1]["step"]) if rows else None
 
 
@@ -385,8 +389,7 @@ def _truncate_loss_log(path: Path, upto: int) -> None:
     """Keep the rows of steps <= upto; later rows (from a run that died after its checkpoint) are dropped."""
     if not path.exists():
         return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
+    rows = [r for r in _loss_rows(path) if int(r["step"]) <= upto]
     with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["step", "loss", "lr"])
