@@ -15,7 +15,7 @@ SUBCOMMANDS = ["train", "export", "refit", "generate", "bench", "serve", "triton
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffrt.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "diffrt", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_version_and_help():

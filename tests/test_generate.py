@@ -262,6 +262,16 @@ def test_controlnet_img2img_takes_diffusers_default_scale(t2i_folder, control_pn
     assert np.abs(np.load(out) - run(1.0)).max() > 1e-3  # the test can tell the two defaults apart
 
 
+def test_strength_without_an_image_is_refused_in_one_line(t2i_folder, tmp_path, capsys):
+    """The bug: --strength without --image ran text-to-image, the flag ignored without a word (its default, 0.8,
+    could not be told from a value given), where `diffrt serve` refuses the same request."""
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--steps", "2", "--device", "cpu",
+                 "--strength", "0.5", "--out", str(out)]) == 2
+    one_line_error(capsys, "--strength 0.5 sets how much of an --image is redrawn", "pass --image FILE")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("sizes", [[], ["--height", "48", "--width", "48"], ["--height", "48"]])
 def test_an_image_file_is_resized_as_the_api_and_diffusers_resize_it_opened_with_pil(t2i_folder, tmp_path, sizes):
     """The bug: generate resized --image/--control-image files with bicubic (with --height and --width) or

@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--clip-skip", type=int, default=None, metavar="N",
                     help="encode the prompt with the text encoder's layer N before the last, as diffusers' clip_skip (default 0)")
     ge.add_argument("--image", default=None, metavar="FILE", help="image-to-image: start from this image (text-to-image models)")
-    ge.add_argument("--strength", type=float, default=0.8, help="image-to-image: share of the schedule that runs (default 0.8)")
+    ge.add_argument("--strength", type=float, help="image-to-image (with --image): share of the schedule that runs (default 0.8)")
     ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
     ge.add_argument("--lora-scale", type=float, default=1.0, metavar="F",
                     help="run the LoRA (--lora, or the artifact's) at F times its scale: 0 is the base model; "

@@ -51,7 +51,7 @@ class GenerateRequest:
     control_guidance_end: float | list[float] | None = None  # ... and stops at; None: 1
     guess_mode: bool = False  # diffusers' ControlNet guess_mode
     image: str | None = None  # img2img: the image file to start from (text-to-image models)
-    strength: float = 0.8  # img2img: how much of the schedule runs (1.0: the image is all noise)
+    strength: float | None = None  # img2img: how much of the schedule runs (1.0: the image is all noise); None: 0.8
     loras: list[tuple[str, float]] = field(default_factory=list)
     lora_scale: float = 1.0  # times the LoRA scales (--lora, or an artifact's); a refit for TensorRT engines
     color: str | None = None
@@ -96,6 +96,9 @@ def generate(req: GenerateRequest):
 
     if req.num_images is not None and req.num_images < 1:
         raise DiffrtError(f"--num-images must be >= 1, got {req.num_images}")
+    if req.strength is not None and not req.image:  # text-to-image would run, ignoring it (`diffrt serve` refuses it too)
+        raise DiffrtError(f"--strength {req.strength} sets how much of an --image is redrawn (image-to-image); pass --image FILE "
+                          "to start from, or leave --strength out")
     req = resolve_hub_ids(req)
     if req.backend is None:  # an artifact runs its exported files; a diffusers folder runs in PyTorch
         from diffrt.runtime.loading import artifact_backend
@@ -108,6 +111,11 @@ def generate(req: GenerateRequest):
         return _generate(req, guidance, progress)
 
 
+def image_strength(req: GenerateRequest) -> float:
+    """Image-to-image's strength: the request's, or diffusers' default, 0.8."""
+    return 0.8 if req.strength is None else req.strength
+
+
 @contextlib.contextmanager
 def step_bar(req: GenerateRequest):
     """A per-step progress hook drawing a tqdm bar when the request asks for one, else None. The
@@ -117,7 +125,7 @@ def step_bar(req: GenerateRequest):
         yield None
         return
     steps = req.num_inference_steps
-    total = min(int(steps * req.strength), steps) if req.image else steps
+    total = min(int(steps * image_strength(req)), steps) if req.image else steps
     bars = []
 
     def step_done(_step: int) -> None:
@@ -222,7 +230,7 @@ def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], prog
     init = load_image(req.image, size=size, multiple=f) if req.image else None
     scheduler = req.scheduler
     default_scale = default_guidance_scale(pipe, pipe.sampler_config(scheduler))
-    return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
+    return pipe(req.prompt or "", image=init, strength=image_strength(req), negative_prompt=req.negative_prompt, height=req.height, width=req.width,
                 num_inference_steps=req.num_inference_steps, scheduler=scheduler,
                 guidance_scale=default_scale if req.guidance_scale is None else req.guidance_scale,
                 guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,
