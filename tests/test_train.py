@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import warnings
@@ -430,6 +431,21 @@ def test_dreambooth_resume_is_refused_before_class_images_are_generated(dreamboo
     assert sorted(p.name for p in class_data.iterdir()) == before
 
 
+def test_dreambooth_reads_the_class_images_there_before_generating_more(bad_inputs, sd_folder, cat_folder, tmp_path, capsys):
+    """The bug (a review's): a file in --class-data that is no image failed the run only after the missing class
+    images were generated with the base model (minutes to hours on a real one)."""
+    class_data = tmp_path / "class"
+    shutil.copytree(bad_inputs / "not_image", class_data)  # good.png and notes.png, which is text
+    argv = ["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", str(cat_folder), "--instance-prompt",
+            "a photo of sks cat", "--resolution", "32", "--max-steps", "1", "--with-prior-preservation", "--class-prompt",
+            "a cat", "--class-data", str(class_data), "--num-class-images", "3", "--inference-steps", "1",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffrt: error:")]
+    assert len(errors) == 1 and "notes.png is not a readable image" in errors[0]
+    assert sorted(p.name for p in class_data.iterdir()) == ["good.png", "notes.png"]  # none generated
+
+
 def test_dreambooth_random_crops_are_encoded_per_draw(sd_folder, cat_folder, monkeypatch):
     """With --crop random the VAE posteriors cannot be cached: each draw encodes its own crops,
     drawn from the step's generator, so a resumed step sees the same latents."""
@@ -839,6 +855,18 @@ def test_bad_input_fails_before_any_step(case, bad_inputs, cat_folder, sd_folder
     assert not (out / "loss.csv").exists() and not (out / "checkpoints").exists()
 
 
+def test_an_out_name_not_in_utf8_is_refused_before_the_model_loads(bad_inputs, cat_folder, tmp_path, capsys):
+    """The bug (a review's): an --out of other bytes than UTF-8 (b'out\xff', read by Python as a surrogate) trained
+    up to TensorBoard's writer, which raised UnicodeEncodeError after the model and data had loaded, and left the
+    lock file and an empty tensorboard/ behind."""
+    out = os.fsdecode(bytes(tmp_path) + b"/out\xff")
+    assert main(["train", "finetune", "--model", str(bad_inputs / "pixel"), "--data", str(cat_folder), "--max-steps", "1",
+                 "--batch-size", "2", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is not valid UTF-8" in err.splitlines()[-1]
+    assert not os.path.lexists(out)
+
+
 def test_out_overlapping_the_model_folder_is_refused(bad_inputs, sd_folder, cat_folder, tmp_path):
     """--model runs/a/model --out runs/a saved the fine-tuned model over its base (a README beside its
     weights was lost); an --out at or inside the model folder wrote the run's files among the model's."""
@@ -1104,6 +1132,31 @@ def test_resume_refuses_a_data_folder_with_images_added(bad_inputs, sd_folder, c
         train_dreambooth_lora(replace(db, train=replace(db.train, max_steps=2, resume=True)))
     (data / "chelsea-4.png").unlink()
     assert len(finetune(replace(ft, train=replace(ft.train, max_steps=2, resume=True))).losses) == 1
+
+
+def test_resume_takes_relative_folders_from_another_directory(bad_inputs, cat_folder, tmp_path, monkeypatch, capsys):
+    """The bug (a review's): a checkpoint kept --model and --data as typed, and a --resume compared them from its own
+    directory: a run started in job/ with --data imgs could not be resumed from anywhere else, the absolute paths
+    refused as "'imgs' saved vs '/.../job/imgs' now". The checkpoint records where the folders were."""
+    job = tmp_path / "job"
+    job.mkdir()
+    shutil.copytree(bad_inputs / "pixel", job / "pix")
+    shutil.copytree(cat_folder, job / "imgs")
+    (tmp_path / "elsewhere" / "imgs").mkdir(parents=True)
+    shutil.copy(cat_folder / "chelsea-0.png", tmp_path / "elsewhere" / "imgs")
+    args = ["train", "finetune", "--batch-size", "2", "--lr-warmup-steps", "0"]
+    monkeypatch.chdir(job)
+    assert main([*args, "--model", "pix", "--data", "imgs", "--out", "run", "--max-steps", "1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--model", str(job / "pix"), "--data", "job/imgs/", "--out", str(job / "run"),
+                 "--max-steps", "2", "--resume"]) == 0
+    # Spelled as saved from another directory, where it names another folder: refused by its image count, as a folder
+    # with images added is (a job folder moved as a whole keeps its spelling and its contents, and resumes).
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main([*args, "--model", str(job / "pix"), "--data", "imgs", "--out", str(job / "run"), "--max-steps", "3",
+                 "--resume"]) == 2
+    assert "num_images: 4 saved vs 1 now" in capsys.readouterr().err
 
 
 def test_dreambooth_trains_at_the_models_own_size_by_default(t2i_folder):

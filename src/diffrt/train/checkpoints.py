@@ -57,6 +57,7 @@ RESUMABLE_FIELDS = frozenset({
     "sample_steps", "sample_guidance_scale", "num_samples",  # the pixel trainers' sample grids
     "validation_prompt", "num_validation_images", "inference_steps", "guidance_scale",  # DreamBooth's validation images
     "sample_batch_size",  # how many class images a pipeline call makes (each has its own seed)
+    "folders",  # where the PATH_FIELDS' folders were (trainer_state): a record, read by config_changes
 })
 
 
@@ -233,7 +234,8 @@ def config_changes(saved: dict, now: dict) -> list[str]:
     """'name: saved vs now' for each field of `now` that differs from `saved`, but RESUMABLE_FIELDS.
 
     Both are checkpoint states ({"config": ..., "<trainer>": ...}). A field that an older checkpoint did not
-    record is compared with the value that checkpoint trained with (FIELDS_ADDED), or not at all.
+    record is compared with the value that checkpoint trained with (FIELDS_ADDED), or not at all. A folder
+    (PATH_FIELDS) is unchanged spelled as saved, or spelled another way where it is the one the run read.
     """
     changes = []
     for key, value in now.items():
@@ -242,7 +244,8 @@ def config_changes(saved: dict, now: dict) -> list[str]:
         was = saved[key] if key in saved else FIELDS_ADDED[key]
         if isinstance(value, dict) and isinstance(was, dict):
             changes += config_changes(was, value)
-        elif was != value and not (key in PATH_FIELDS and same_folder(was, value)):
+        elif was != value and not (key in PATH_FIELDS and (same_folder(was, value)
+                                                           or same_folder(saved.get("folders", {}).get(key), value))):
             changes.append(f"{key}: {was!r} saved vs {value!r} now")
     return changes
 
@@ -257,8 +260,17 @@ FIELDS_ADDED = {
 }
 
 
-# Trainer fields that name a folder: one folder spelled another way (./cat/, an absolute path) is no change.
+# Trainer fields that name a folder: one folder spelled another way (./cat/, an absolute path, a relative path
+# from another directory than the run's) is no change. trainer_state records where each was ("folders").
 PATH_FIELDS = frozenset({"model", "data", "instance_data", "class_data"})
+
+
+def folders(fields: dict) -> dict[str, str]:
+    """The absolute path of each of `fields`' PATH_FIELDS that names a folder here (a bundled dataset's name does
+    not; DreamBooth's --class-data is one before its class images are made), as the run reads it: a --resume from
+    another directory tells the same folder from another one by it."""
+    return {key: str(Path(value).resolve()) for key, value in fields.items()
+            if key in PATH_FIELDS and isinstance(value, str) and (Path(value).is_dir() or key == "class_data")}
 
 
 def same_folder(saved, now) -> bool:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
-from diffrt.train.checkpoints import list_checkpoints
+from diffrt.train.checkpoints import folders, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,11 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise DiffrtError(f"--checkpoints-total-limit must be >= 1 (a run keeps at least the checkpoint it just saved), "
                               f"got {self.checkpoints_total_limit}; leave it out to keep every checkpoint")
+        try:  # TensorBoard names its event files by a UTF-8 path: a name of other bytes failed after the model loaded
+            str(self.out).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DiffrtError(f"--out {self.out!r} is not valid UTF-8 (TensorBoard, which the run logs to, cannot name its "
+                              "files there); choose a name in UTF-8") from None
         # Before the model and data load (and, for DreamBooth, class images are generated): a file in the way of
         # --out, or a folder this user cannot write, failed at the first mkdir with an OSError.
         atomic.check_writable(self.out, folder=True)
@@ -130,8 +135,10 @@ class TrainConfig:
 
 
 def trainer_state(config) -> dict:
-    """A trainer's config as checkpoint state: its fields without its TrainConfig (stored as "config")."""
-    return {k: v for k, v in asdict(config).items() if k != "train"}
+    """A trainer's config as checkpoint state: its fields without its TrainConfig (stored as "config"), and where
+    the folders it names are ("folders": a --resume may name them from another directory, or another way)."""
+    fields = {k: v for k, v in asdict(config).items() if k != "train"}
+    return {**fields, "folders": folders(fields)}
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -141,6 +141,11 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     extra_state = {"dreambooth": {**trainer_state(config), "num_instance_images": len(instance)}}
     check_resume(config.train, extra_state)
     out = Path(config.train.out)
+    class_dir = Path(config.class_data) if config.class_data else out / "class_images"
+    if config.with_prior_preservation and class_dir.is_dir() and 0 < len(list_images(class_dir)) < config.num_class_images:
+        # The folder's own images are read now: one that is no image would otherwise fail the run after the
+        # missing ones were generated (minutes to hours of the base model).
+        load_image_folder(class_dir, config.resolution, crop=config.crop)
 
     # 2. The frozen base: in the autocast dtype of a mixed-precision run on a GPU, else fp32.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -174,7 +179,6 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         log.warning("--class-prompt is ignored without --with-prior-preservation")
     class_images = None
     if prior:
-        class_dir = Path(config.class_data) if config.class_data else out / "class_images"
         with state.main_process_first():
             generate_class_images(c, class_dir, config, batch=config.sample_batch_size)
         class_images = load_image_folder(class_dir, config.resolution, crop=config.crop, limit=config.num_class_images)
