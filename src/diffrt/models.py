@@ -36,6 +36,18 @@ DIFFRT_CONFIG = "diffrt.json"
 SHIPPED_DIGITS = Path(__file__).parent / "weights" / "digits"
 
 
+def smallest_deepest_side(config) -> int:
+    """The smallest side of a diffusers UNet's, ControlNet's or VAE's deepest feature map at which it runs a batch
+    of one: 1, or 2 where that level holds a GroupNorm with one channel per group (diffusers' tiny test models: 32
+    channels in 32 groups). There torch refuses to normalise a single value ("Expected more than 1 value per
+    channel"), and a size a check passed ended in a traceback, or a 500 from `diffrt serve`, without CFG's batch of 2.
+    The deepest level normalises the last block's width and the one before (its first layer's input)."""
+    groups, widths = config.get("norm_num_groups"), list(config.get("block_out_channels") or ())
+    if not groups or not widths:
+        return 1
+    return 1 if min(widths[-2:]) // groups >= 2 else 2
+
+
 @dataclass
 class PixelModelInfo:
     """diffrt.json: what diffusers' configs do not say about a pixel-space model."""
@@ -98,6 +110,11 @@ class PixelUNet(nn.Module):
         """What every image side must be a multiple of: the UNet halves it once per down block but the
         last, and a side that does not halve exactly mismatches the skip connections."""
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def smallest_size(self) -> int:
+        """The smallest image side the UNet runs one image at (see smallest_deepest_side)."""
+        return self.size_multiple * smallest_deepest_side(self.unet.config)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.info.conditioning == "class_channels":

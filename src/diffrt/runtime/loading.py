@@ -60,11 +60,12 @@ def artifact_backend(model: str | Path | None) -> str | None:
 
 
 def torch_pixel_spec(model: PixelModel):
-    """The UNet's spec in eager PyTorch: any batch, sides from 8 px that the UNet can halve down to its
-    deepest level (a size it cannot: one line, not a traceback from inside the model)."""
+    """The UNet's spec in eager PyTorch: any batch, sides from 8 px (more for a tiny UNet: its smallest_size) that
+    the UNet can halve down to its deepest level (a size it cannot: one line, not a traceback from inside the model)."""
+    smallest = max(8, model.unet.smallest_size)
     spec = pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
-                           num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096),
-                           multiple=max(model.unet.size_multiple, 4))
+                           num_labels=model.info.num_classes + 1, batch=OPEN_BATCH,
+                           size=(smallest, max(smallest, model.unet.sample_size), 4096), multiple=max(model.unet.size_multiple, 4))
     return dataclasses.replace(spec, eager=True)
 
 

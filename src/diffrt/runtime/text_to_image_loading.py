@@ -88,7 +88,7 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
     check_unet_config(model.unet.config)
     m = model.image_multiple
     names = ["text_encoder", "unet_controlnet" if model.controlnet is not None else "unet", "vae_decoder"]
-    size = (m, max(m, model.default_size // m * m), OPEN_SIZE // m * m)
+    size = (model.smallest_size, max(model.smallest_size, model.default_size // m * m), OPEN_SIZE // m * m)
     # Any multiple of the VAE's factor, as diffusers' pipelines allow: eager PyTorch needs no more.
     specs = component_specs(model, [*names, "vae_encoder"], batch=OPEN_BATCH, height=size, width=size, multiple=1)
     specs = {name: dataclasses.replace(spec, eager=True) for name, spec in specs.items()}
