@@ -356,6 +356,33 @@ def test_bad_requests_are_refused_by_name(client, body, status, names):
     assert client.post("/v1/generate", json={"class_label": 1, "seed": 5, "num_inference_steps": 1}).status_code == 200
 
 
+def test_every_answer_carries_the_request_id_its_client_sent(client, server, pipe):
+    """From a review: the service replaced a client's (or its proxy's) X-Request-Id with an id of its own and sent none
+    with a refusal, so neither could be matched to the service's answers and log lines."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ok = {"class_label": 1, "seed": 5, "num_inference_steps": 1}
+    r = client.post("/v1/generate", json=ok, headers={"X-Request-Id": "my-req-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "my-req-42"
+    r = client.post("/v1/generate", json={**ok, "num_images": 2}, headers={"X-Request-Id": "my-req-43"})
+    assert r.status_code == 200 and r.json()["id"] == r.headers["x-request-id"] == "my-req-43"
+    refused = client.post("/v1/generate", json={"class_label": 100}, headers={"X-Request-Id": "bad-1"})
+    assert refused.status_code == 422 and refused.headers["x-request-id"] == "bad-1"
+    keyless = httpx.post(f"{server.url}/v1/generate", json=ok, headers={"X-Request-Id": "no-key-1"}, timeout=60)
+    assert keyless.status_code == 401 and keyless.headers["x-request-id"] == "no-key-1"
+    # None sent, or one a header or a log line would not carry as it is: a new one.
+    fresh = [client.post("/v1/generate", json=ok, headers=sent).headers["x-request-id"]
+             for sent in ({}, {"X-Request-Id": "has space"}, {"X-Request-Id": "x" * 129})]
+    assert all(re.fullmatch("[0-9a-f]{32}", rid) for rid in fresh) and len(set(fresh)) == 3
+    # Two requests under one id (a client's retry) in one batch: each gets its own images all the same.
+    bodies = [{"class_label": 2, "seed": seed, "num_inference_steps": STEPS} for seed in (11, 12)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda b: client.post("/v1/generate", json=b, headers={"X-Request-Id": "retry"}), bodies))
+    for body, answer in zip(bodies, answers):
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "retry"
+        assert np.array_equal(pixels(answer.content), solo(pipe, 2, body["seed"]))
+
+
 def test_profile_rejections_and_provider_fallbacks_are_metrics(client):
     # RELIABILITY #3 and #15 as an operator sees them: sizes outside the engine's ranges are counted
     # by field (other 422s are not), and no component of this CPU service fell back.
@@ -901,7 +928,7 @@ def test_the_ray_route_refuses_as_the_service_does(served_model):
             return messages.pop(0) if messages else {"type": "http.disconnect"}
 
         return Request({"type": "http", "method": "POST", "path": "/v1/generate", "query_string": b"",
-                        "headers": [(b"content-type", kind.encode())]}, receive)
+                        "headers": [(b"content-type", kind.encode()), (b"x-request-id", f"r-{len(body)}".encode())]}, receive)
 
     async def answers():
         return [await deployment(request(b'{"class_label": 1, "seed": 2, "num_inference_steps": 1}')),
@@ -911,6 +938,7 @@ def test_the_ray_route_refuses_as_the_service_does(served_model):
     try:
         ok, form, empty = asyncio.run(answers())
         assert (ok.status_code, form.status_code, empty.status_code) == (200, 415, 422)
+        assert [a.headers["x-request-id"] for a in (ok, form, empty)] == ["r-55", "r-13", "r-0"]  # as the service's
         assert b"request body is missing" in empty.body
         assert metric(deployment.runtime.metrics.exposition().decode(), "diffrt_serve_request_seconds_count") == 1
     finally:

@@ -8,7 +8,9 @@
     GET  /openapi.json, /docs
 
 Every answer names the backend that ran it (`X-Diffrt-Backend`, RELIABILITY #15), its seed and
-request id, and its timings (`Server-Timing`). A text-to-image answer whose prompt was cut at the
+request id, and its timings (`Server-Timing`). The request id (`X-Request-Id`) is the client's or its proxy's
+where it sends one, else a new one; every /v1 answer carries it, refusals too, and so do the service's log
+lines about the request. A text-to-image answer whose prompt was cut at the
 text encoder's length says so (RELIABILITY #13): JSON answers carry the dropped text in
 `truncated` / `truncated_negative`, PNG answers the header `X-Diffrt-Prompt-Truncated: true`.
 Refusals are JSON `{"detail", "field"}` with the status that fits: 400 malformed JSON, 401 API
@@ -28,9 +30,11 @@ import inspect
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Awaitable
@@ -139,9 +143,21 @@ def validation_error_response(errors: list[dict]) -> JSONResponse:
     return error_response(status, message, field, errors=clean)
 
 
+# What a client or proxy may name its request by (nginx's $request_id, Envoy's and Heroku's X-Request-Id): printable
+# ASCII without spaces, as a header value and a log line take it unchanged.
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def request_id(headers) -> str:
+    """The request's id: the X-Request-Id its client (or a proxy) sent, where it is one (REQUEST_ID), else a new one.
+    Two requests may come with one id (a client's retry): it names them, the batch matches answers by its own."""
+    given = headers.get("x-request-id")
+    return given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def answer_response(answer: Answer, accept: str) -> Response:
     timings = ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in answer.timings_ms.items())
-    headers = {"X-Diffrt-Backend": answer.backend, "X-Diffrt-Seed": str(answer.seed), "X-Request-Id": answer.job_id,
+    headers = {"X-Diffrt-Backend": answer.backend, "X-Diffrt-Seed": str(answer.seed), "X-Request-Id": answer.request_id,
                "X-Diffrt-Batch-Size": str(answer.batch_size), "Server-Timing": timings}
     truncated = answer.truncated or {}
     if any(text is not None for cut in truncated.values() for text in cut or []):
@@ -149,7 +165,7 @@ def answer_response(answer: Answer, accept: str) -> Response:
     if len(answer.images) == 1 and "application/json" not in accept.lower():
         return Response(answer.images[0], media_type="image/png", headers=headers)
     images = [{"index": i, "seed": answer.seed, "png_base64": base64.b64encode(png).decode("ascii")} for i, png in enumerate(answer.images)]
-    return JSONResponse({"id": answer.job_id, "backend": answer.backend, "seed": answer.seed, "images": images,
+    return JSONResponse({"id": answer.request_id, "backend": answer.backend, "seed": answer.seed, "images": images,
                          "batch_size": answer.batch_size, "timings_ms": answer.timings_ms, **truncated}, headers=headers)
 
 
@@ -261,10 +277,14 @@ class GuardMiddleware:
         if not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), [500]
+        rid = request_id(headers)
+        scope.setdefault("state", {})["request_id"] = rid  # the route's request.state.request_id
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                named = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*named, (b"x-request-id", rid.encode("latin-1"))]}  # refusals too
             await send(message)
 
         if self.in_flight >= self.max_connections:  # one event loop: no lock needed between the check and the count
@@ -382,7 +402,7 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
            (503, "not ready"), (504, "timed out"))}})
     async def generate(body: GenerateBody, request: Request) -> Response:
         """Generate images. Fields follow diffusers' names; leave one out for `diffrt generate`'s default."""
-        answer = await answer_unless_gone(runtime.generate(body), request.receive)
+        answer = await answer_unless_gone(runtime.generate(body, request.state.request_id), request.receive)
         return answer_response(answer, request.headers.get("accept", ""))
 
     @app.get("/healthz")

@@ -41,9 +41,13 @@ class Job:
     payload: Any
     deadline: float  # time.monotonic() after which nobody waits for the answer
     encoding: str = "png"  # how the answer carries its images: "png" bytes (HTTP) or "uint8" [H, W, C] arrays (Triton)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)  # unique: the batch's answers are matched by it
+    request_id: str = ""  # what the client and the log lines call the request (its X-Request-Id); empty: `id`
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.request_id = self.request_id or self.id
 
     @property
     def expired(self) -> bool:

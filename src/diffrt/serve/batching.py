@@ -50,7 +50,7 @@ class BatchAbandoned(Exception):
 class Answer:
     """One request's images, encoded as its job asked, and how they were made."""
 
-    job_id: str
+    request_id: str  # the job's (Job.request_id)
     seed: int
     images: list  # per image: PNG bytes, or a uint8 [H, W, C] array (Job.encoding)
     backend: str
@@ -118,7 +118,7 @@ def split_answers(jobs: list[Job], images: list, backend: str, started: float, t
     answers, row = {}, 0
     for job in jobs:
         plan = job.payload
-        answers[job.id] = Answer(job.id, plan.seed, images[row : row + plan.num_images], backend, len(images),
+        answers[job.id] = Answer(job.request_id, plan.seed, images[row : row + plan.num_images], backend, len(images),
                                  {"queue": 1000 * (started - job.enqueued), **timings}, truncated(row))
         row += plan.num_images
     return answers

@@ -34,7 +34,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, ServeConfig, answer_response, api_key_problem, content_type_problem,
-                              error_response, parse_body, request_error_response, too_large_response, validation_error_response)
+                              error_response, parse_body, request_error_response, request_id, too_large_response,
+                              validation_error_response)
 from diffrt.serve.runtime import ServeRuntime
 from diffrt.serve.schema import GenerateBody, RequestError
 
@@ -66,15 +67,17 @@ class DiffrtDeployment:
 
     async def __call__(self, request: Request) -> Response:
         metrics, t0 = self.runtime.metrics, time.perf_counter()
+        rid = request_id(request.headers)
         try:
-            response = await self._answer(request)
+            response = await self._answer(request, rid)
         except asyncio.CancelledError:  # Ray's proxy cancels a request whose client hung up; the runtime gave its rows up
             metrics.observe_answer(CLIENT_CLOSED_REQUEST)
             raise
         metrics.observe_answer(response.status_code, time.perf_counter() - t0)
+        response.headers["X-Request-Id"] = rid  # refusals too, as the service's guard sets it
         return response
 
-    async def _answer(self, request: Request) -> Response:
+    async def _answer(self, request: Request, rid: str) -> Response:
         if request.method != "POST":
             return error_response(405, "Method Not Allowed", headers={"Allow": "POST"})  # as the service's route answers
         if self.api_key is not None:
@@ -96,7 +99,7 @@ class DiffrtDeployment:
         if not isinstance(body, GenerateBody):
             return body  # the service's answer to a body it cannot read
         try:
-            answer = await self.runtime.generate(body)
+            answer = await self.runtime.generate(body, rid)
         except RequestError as exc:
             return request_error_response(exc)
         return answer_response(answer, request.headers.get("accept", ""))

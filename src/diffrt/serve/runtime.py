@@ -231,9 +231,10 @@ class ServeRuntime:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def submit(self, body: GenerateBody, encoding: str = "png") -> Job:
+    def submit(self, body: GenerateBody, encoding: str = "png", request_id: str = "") -> Job:
         """Check, plan and queue a request; RequestError (422/413/429/503) when it cannot be.
-        `encoding`: the answer's images as "png" bytes or "uint8" [H, W, C] arrays (Job.encoding)."""
+        `encoding`: the answer's images as "png" bytes or "uint8" [H, W, C] arrays (Job.encoding); `request_id`:
+        what the answer and the log lines call it (empty: a new id)."""
         if not self.ready:
             reason = f"the model failed to load: {self.error}" if self.error else "the model is still loading; see /readyz"
             raise RequestError(503, reason, headers={"Retry-After": "5"})
@@ -257,7 +258,7 @@ class ServeRuntime:
             given = next((f for f in ("control_image", "image") if getattr(body, f, None)), name)
             self._check_side(given, plan.settings.get(name))
         job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s,
-                  encoding=encoding)
+                  encoding=encoding, request_id=request_id)
         with _queue_refusals():
             self.batcher.submit(job)
         return job
@@ -268,7 +269,7 @@ class ServeRuntime:
             raise RequestError(422, f"{field}: {size} pixels is more than this service's largest side "
                                     f"({largest}, --max-image-side)", field)
 
-    async def generate(self, body: GenerateBody) -> Answer:
+    async def generate(self, body: GenerateBody, request_id: str = "") -> Answer:
         """The request's answer. Cancelling the task that awaits it means its client has gone (the HTTP
         app cancels it on a disconnect, Ray Serve when its proxy's client hangs up): its rows are given
         up, queued or running, instead of being generated for nobody ahead of live requests."""
@@ -278,7 +279,7 @@ class ServeRuntime:
         lock, gone, queued = threading.Lock(), [], []
 
         def plan_and_queue() -> Job:
-            job = self.submit(body)
+            job = self.submit(body, request_id=request_id)
             with lock:
                 queued.append(job)
                 if gone:
@@ -323,7 +324,7 @@ class ServeRuntime:
             job.future.cancel()
             raise self._timeout_error() from None
         except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
-            raise self._run_error(exc) from None
+            raise self._run_error(exc, job) from None
 
     def _give_up(self, job: Job) -> None:
         # Cancelling the task that awaits the job has cancelled a queued job's future already
@@ -335,7 +336,7 @@ class ServeRuntime:
         else:
             return  # answered already: nothing left to give up
         give_up([job])
-        log.info("request %s given up while %s (%d image(s)): its client has gone", job.id, state, job.size)
+        log.info("request %s given up while %s (%d image(s)): its client has gone", job.request_id, state, job.size)
 
     def _observed(self, answer: Answer) -> Answer:
         self.metrics.observe_timings(answer.timings_ms, len(answer.images))
@@ -344,7 +345,7 @@ class ServeRuntime:
     def _timeout_error(self) -> RequestError:
         return RequestError(504, f"the request took longer than the service's timeout of {self.config.timeout_s:g} s")
 
-    def _run_error(self, exc: Exception) -> RequestError:
+    def _run_error(self, exc: Exception, job: Job) -> RequestError:
         if isinstance(exc, BatchAbandoned):
             return self._timeout_error()
         if isinstance(exc, NonFiniteOutputError):
@@ -354,7 +355,7 @@ class ServeRuntime:
             return RequestError(500, str(exc))
         if isinstance(exc, ClosedError):
             return RequestError(503, str(exc))
-        log.error("generation failed", exc_info=exc)
+        log.error("request %s: generation failed", job.request_id, exc_info=exc)
         return RequestError(500, f"generation failed: {type(exc).__name__}: {exc}")
 
     def _count_batch(self, jobs: list[Job]) -> None:  # in the worker thread
