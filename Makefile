@@ -4,7 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Re-install only when the dependency list changes.
+# Re-install only when the dependency list changes: the stamp is named by pyproject.toml's content, not its
+# time (a fresh clone or a checkout touches the file, and reinstalling then pointed the editable install there).
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
@@ -12,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 ifeq ($(HAS_GPU),1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 
 import pytest
@@ -78,3 +79,35 @@ def test_an_exclusive_lock_on_a_file_removed_meanwhile_is_taken_on_the_one_there
     finally:
         release.set()
         t.join(30)
+
+
+def test_a_lock_file_that_cannot_be_made_is_an_error_not_a_spin(tmp_path):
+    """From a review: a lock file that cannot be made in a folder that is there (a link to a missing folder, /proc)
+    was taken for a folder removed meanwhile and tried again for ever at 100% CPU: `diffrt export` hung without a
+    word. Run apart, so that the old behaviour fails the test instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    (tmp_path / "lk").mkdir()
+    (tmp_path / "lk" / ".lock").symlink_to(tmp_path / "missing" / "target")
+    code = ("import sys; from diffrt import atomic\n"
+            "try:\n    with atomic.file_lock(sys.argv[1]): pass\n"
+            "except FileNotFoundError as exc: print('REFUSED', exc)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lk" / ".lock")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.startswith("REFUSED [Errno 2] cannot make a lock file there"), out.stdout + out.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_the_system_refuses_files_in_is_refused_before_the_work(tmp_path):
+    """From a review: `diffrt generate --out /proc/x.png` (as root, whom os.access lets write anywhere; a read-only
+    mount answers the same) sampled every step, then failed naming the write's temporary file, /proc/.x.png.<hex>.tmp.
+    A file is made and removed where the output goes, before the work."""
+    from diffrt.errors import DiffrtError
+
+    with pytest.raises(DiffrtError, match=r"^--out /proc/x.png: nothing can be written in /proc \(.*\); pass another path$"):
+        atomic.check_writable("/proc/x.png")
+    atomic.check_writable(tmp_path / "new" / "x.png")
+    atomic.check_writable(tmp_path, folder=True)
+    assert list(tmp_path.iterdir()) == []  # nothing made, nothing left

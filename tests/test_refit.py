@@ -26,6 +26,7 @@ from diffrt.export.artifact import export_pixel_model
 from diffrt.export.cache import cached_export, lora_hashes
 from diffrt.export.options import ExportOptions
 from diffrt.export.text_to_image import export_text_to_image
+from diffrt.runtime.backends import backend_available
 from test_tensorrt import make_lora
 
 PIXEL = dict(batch=(1, 2, 4), verify=False)
@@ -137,6 +138,22 @@ def test_refit_skips_the_standalone_controlnet_and_vae(t2i_folder, engines, tmp_
     assert not engines.calls  # no LoRA asked: the engines are left as built
     refit.refit_artifact(out, [])
     assert engines.components() == ["text_encoder", "unet_controlnet"]
+
+
+@pytest.mark.skipif(backend_available("tensorrt"), reason="TensorRT is available here")
+def test_refit_of_an_engine_artifact_without_tensorrt_says_so_after_the_folder_checks(classemb_model_dir, engines, tmp_path,
+                                                                                    monkeypatch):
+    """The folder is checked first (no artifact, an ONNX one: their own lines), then whether TensorRT runs here."""
+    from diffrt.runtime.backends import require_backend
+
+    out = export_pixel_model(classemb_model_dir, tmp_path / "trt", ExportOptions(backend="tensorrt", **PIXEL)).folder
+    onnx = export_pixel_model(classemb_model_dir, tmp_path / "onnx", ExportOptions(**PIXEL)).folder
+    monkeypatch.setattr(refit, "require_backend", require_backend)
+    with pytest.raises(ArtifactError, match="has no TensorRT engine to refit"):
+        refit.refit_artifact(onnx, [])
+    with pytest.raises(Exception, match="backend 'tensorrt' is not available"):
+        refit.refit_artifact(out, [])
+    assert not engines.calls
 
 
 def test_refit_refuses_a_lora_for_a_component_without_a_lora_engine(t2i_folder, t2i_loras, engines, tmp_path):

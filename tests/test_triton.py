@@ -248,6 +248,20 @@ def test_cli_writes_a_repository(tmp_path, capsys):
     assert "unknown backend 'tensorrtt'" in capsys.readouterr().err
 
 
+def test_an_onnx_artifact_is_not_written_for_tensorrt(classemb_model_dir, tmp_path, capsys):
+    """From a review: a repository for TensorRT over an artifact exported for ONNX Runtime only was written without a
+    word, and every instance of it would fail to load on the serving machine ("no TensorRT engine for unet")."""
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
+
+    artifact = export_pixel_model(classemb_model_dir, tmp_path / "art", ExportOptions(batch=(1, 2, 4), verify=False)).folder
+    assert main(["triton-repo", "--model", str(artifact), "--out", str(tmp_path / "repo"), "--backend", "tensorrt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffrt: error: --backend tensorrt: ") and "has no TensorRT engine for unet" in err
+    assert not (tmp_path / "repo").exists()
+    assert main(["triton-repo", "--model", str(artifact), "--out", str(tmp_path / "repo"), "--backend", "onnxruntime"]) == 0
+
+
 # -- a real tritonserver -------------------------------------------------------------------------
 
 def start_triton(repo: Path, **kwargs) -> LocalTritonServer:

@@ -20,8 +20,10 @@ exist. `DIFFRT_HASH_MEMO=0` turns remembering off.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ import re
 import secrets
 import shutil
 import struct
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -116,7 +119,8 @@ def _fsync_dir(folder: Path) -> None:
 def check_writable(path: str | os.PathLike, what: str = "--out", folder: bool = False) -> None:
     """Before long work, one line if `path` cannot be written (its missing parents are made): a folder where a file
     goes (or a file where a folder goes), a file in the way of a parent, or no write permission where it would
-    be created. What the operating system alone knows (a read-only mount as root) still fails at the write."""
+    be created, or a folder the operating system refuses files in whatever the permissions say (a read-only mount
+    or /proc to root): a file is made there and removed, as the write will make one."""
     from diffrt.errors import DiffrtError
 
     path = Path(path)
@@ -129,6 +133,12 @@ def check_writable(path: str | os.PathLike, what: str = "--out", folder: bool = 
         raise DiffrtError(f"{what} {path}: {existing} is a file, not a folder, so nothing can be made in it; pass another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DiffrtError(f"{what} {path}: {existing} is not writable by this user; pass another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".diffrt-probe-", dir=existing)
+    except OSError as exc:  # found only at the write, after the work, naming the write's temporary file
+        raise DiffrtError(f"{what} {path}: nothing can be written in {existing} ({exc.strerror}); pass another path") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -297,6 +307,9 @@ class LockHeld(BlockingIOError):
         self.holder = holder
 
 
+LOCK_ATTEMPTS = 100  # file_lock's tries at a lock file whose folder keeps vanishing
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | None = None,
               wait: bool = True) -> Iterator[None]:
@@ -313,7 +326,7 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | N
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     f = None
     try:
-        while True:
+        for attempt in itertools.count(1):
             if not shared:
                 path.parent.mkdir(parents=True, exist_ok=True)
             # A reader opens the lock file read-only when it exists (a service running as another user than the
@@ -321,9 +334,14 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False, waiting: str | N
             try:
                 f = open(path, "r" if shared and path.exists() else "a+")
             except FileNotFoundError:
+                # Its folder was removed after the mkdir (by a holder that removes it): make it again. Not for ever: a
+                # file that cannot be made in a folder that is there (a link to a missing folder, /proc) spun at 100% CPU.
                 if shared:
                     raise
-                continue  # its folder was removed after the mkdir (by a holder that removes it): make it again
+                if attempt >= LOCK_ATTEMPTS:
+                    raise FileNotFoundError(errno.ENOENT, "cannot make a lock file there (is it a link to a missing "
+                                                          "folder?); choose another folder", str(path)) from None
+                continue
             try:
                 fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
             except BlockingIOError:

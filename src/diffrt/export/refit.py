@@ -326,13 +326,8 @@ def lora_engines(manifest: dict) -> list[str]:
     return [name for name, comp in manifest["components"].items() if "engine" in comp and name in LORA_COMPONENTS]
 
 
-def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | Path, float]],
-                     device: str | torch.device = "cuda") -> dict:
-    """Refit the LoRA-taking engines of `folder` with `loras` [(file, scale)], from the base weights,
-    and record the result in `manifest`, which the caller writes (last). No LoRA restores the base."""
-    from diffrt.export import manifest as mf
-    from diffrt.export.lora import read_lora
-
+def refittable_engines(folder: Path, manifest: dict) -> list[str]:
+    """The engines of `folder` that take a LoRA by refit; ArtifactError, saying what to do, where there are none."""
     baked = manifest.get("onnx_loras", manifest.get("loras", []))
     if baked:
         raise ArtifactError(f"{folder}: its ONNX has LoRA {', '.join(Path(x['path']).name for x in baked)} baked in, and a "
@@ -344,6 +339,17 @@ def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | P
             raise ArtifactError(f"{folder} has engines only for {', '.join(have)}, which take no LoRA; refit patches "
                                 f"{', '.join(LORA_COMPONENTS)} engines")
         raise ArtifactError(f"{folder} has no TensorRT engine to refit; export it with `diffrt export --backend tensorrt`")
+    return engines
+
+
+def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | Path, float]],
+                     device: str | torch.device = "cuda") -> dict:
+    """Refit the LoRA-taking engines of `folder` with `loras` [(file, scale)], from the base weights,
+    and record the result in `manifest`, which the caller writes (last). No LoRA restores the base."""
+    from diffrt.export import manifest as mf
+    from diffrt.export.lora import read_lora
+
+    engines = refittable_engines(folder, manifest)
     for name in engines:
         mf.check_engine_compatible(manifest["components"][name]["engine"])
     files = [(read_lora(path), float(scale)) for path, scale in loras]
@@ -385,9 +391,12 @@ def refit_artifact(folder: str | Path, loras: Sequence[tuple[str | Path, float]]
     No LoRA restores the base engines. Running backends keep the engine they loaded: reopen them."""
     from diffrt.export import manifest as mf
 
-    require_backend("tensorrt")  # one line naming the backends here, before any work
     t0 = time.perf_counter()
     folder = Path(folder)
+    # What the folder is first (no artifact, an ONNX one), then whether TensorRT runs here: on a machine without it,
+    # "TensorRT is not available" hid a mistyped folder until the user had found a GPU. Unlocked: a look only.
+    refittable_engines(folder, mf.read_manifest(folder))
+    require_backend("tensorrt")  # one line naming the backends here, before any work
     with mf.artifact_lock(folder):  # the lock `diffrt export` takes
         manifest = mf.read_manifest(folder)
         mf.verify_files(folder, manifest)

@@ -158,6 +158,20 @@ def _link_target(link: Path, root: Path) -> Path:
     return target
 
 
+def check_engines(model: str | None, backend: str) -> None:
+    """An artifact served on TensorRT must hold its engines: one exported for ONNX Runtime only wrote a repository
+    whose every model failed to load on the serving machine. (A diffusers folder is exported where it is served.)"""
+    from diffrt.export import manifest as mf
+    from diffrt.runtime.loading import is_artifact
+
+    if backend != "tensorrt" or model is None or not is_artifact(Path(model)):
+        return
+    without = [name for name, comp in mf.read_manifest(model)["components"].items() if "engine" not in comp]
+    if without:
+        raise DiffrtError(f"--backend tensorrt: {model} has no TensorRT engine for {', '.join(without)} (an ONNX export); "
+                          "serve it with --backend onnxruntime, or export it with `diffrt export --backend tensorrt`")
+
+
 def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
     """Write `<out>/<config.name>` (config.pbtxt, 1/model.py, 1/model/) and return its path. The
     model folder is written to a temporary name and renamed: an interrupted run leaves nothing
@@ -178,6 +192,7 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
         raise DiffrtError("--max-batch-size and --instances must be at least 1")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", config.name):
         raise DiffrtError(f"--name {config.name!r}: a Triton model name here is letters, digits, '_', '.' and '-', not starting with '.' or '-'")
+    check_engines(model, config.backend)
     text_to_image, controlnet = model_kind(model)
     out = Path(out)
     final = out / config.name
