@@ -100,12 +100,13 @@ def test_a_lock_file_that_cannot_be_made_is_an_error_not_a_spin(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
-def test_a_folder_the_system_refuses_files_in_is_refused_before_the_work(tmp_path):
+def test_a_folder_the_system_refuses_files_in_is_refused_before_the_work(tmp_path, monkeypatch):
     """From a review: `diffrt generate --out /proc/x.png` (as root, whom os.access lets write anywhere; a read-only
     mount answers the same) sampled every step, then failed naming the write's temporary file, /proc/.x.png.<hex>.tmp.
     A file is made and removed where the output goes, before the work."""
     from diffrt.errors import DiffrtError
 
+    monkeypatch.setattr(os, "access", lambda path, mode: True)  # as root sees it (a user is refused by permissions first)
     with pytest.raises(DiffrtError, match=r"^--out /proc/x.png: nothing can be written in /proc \(.*\); pass another path$"):
         atomic.check_writable("/proc/x.png")
     atomic.check_writable(tmp_path / "new" / "x.png")

@@ -156,6 +156,36 @@ def test_refit_of_an_engine_artifact_without_tensorrt_says_so_after_the_folder_c
     assert not engines.calls
 
 
+def test_refit_waits_for_an_export_rebuilding_the_artifact(classemb_model_dir, engines, tmp_path):
+    """From a review: refit's look at the folder before its lock read a manifest a rebuild had just removed, and
+    refused "not an artifact folder" where it had waited for the export."""
+    import threading
+    import time
+
+    from diffrt.export.cache import REBUILD
+
+    out = export_pixel_model(classemb_model_dir, tmp_path / "trt", ExportOptions(backend="tensorrt", **PIXEL)).folder
+    manifest = (out / mf.MANIFEST).read_bytes()
+    rebuilding = threading.Event()
+
+    def rebuild():
+        with mf.artifact_lock(out):
+            (out / REBUILD).write_text("{}")
+            (out / mf.MANIFEST).unlink()
+            rebuilding.set()
+            time.sleep(1)
+            (out / mf.MANIFEST).write_bytes(manifest)
+            (out / REBUILD).unlink()
+
+    export = threading.Thread(target=rebuild)
+    export.start()
+    try:
+        assert rebuilding.wait(30)
+        refit.refit_artifact(out, [])
+    finally:
+        export.join(30)
+
+
 def test_refit_refuses_a_lora_for_a_component_without_a_lora_engine(t2i_folder, t2i_loras, engines, tmp_path):
     out = tmp_path / "trt"
     export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", **T2I), [])

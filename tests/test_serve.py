@@ -921,26 +921,31 @@ def test_the_ray_route_refuses_as_the_service_does(served_model):
     deployment = DiffrtDeployment.func_or_class(asdict(ServeConfig(model=served_model, api_key_env=None, device="cpu",
                                                                    warmup_steps=1, max_batch_size=2)))
 
-    def request(body: bytes, kind: str = "application/json") -> Request:
+    def request(body: bytes, kind: str = "application/json", extra: tuple = ()) -> Request:
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive():
             return messages.pop(0) if messages else {"type": "http.disconnect"}
 
         return Request({"type": "http", "method": "POST", "path": "/v1/generate", "query_string": b"",
-                        "headers": [(b"content-type", kind.encode()), (b"x-request-id", f"r-{len(body)}".encode())]}, receive)
+                        "headers": [(b"content-type", kind.encode()), *extra]}, receive)
+
+    good = b'{"class_label": 1, "seed": 2, "num_inference_steps": 1, "num_images": 2}'
 
     async def answers():
-        return [await deployment(request(b'{"class_label": 1, "seed": 2, "num_inference_steps": 1}')),
+        return [await deployment(request(good)),
                 await deployment(request(b"class_label=1", "application/x-www-form-urlencoded")),
-                await deployment(request(b""))]
+                await deployment(request(b"")),
+                await deployment(request(good, extra=((b"x-request-id", b"as sent"),)))]  # as Ray's proxy passes it on
 
     try:
-        ok, form, empty = asyncio.run(answers())
+        ok, form, empty, named = asyncio.run(answers())
         assert (ok.status_code, form.status_code, empty.status_code) == (200, 415, 422)
-        assert [a.headers["x-request-id"] for a in (ok, form, empty)] == ["r-55", "r-13", "r-0"]  # as the service's
+        # The request goes by the id Ray's proxy names it by, which the proxy puts on the answer itself: once (a review's).
+        assert json.loads(named.body)["id"] == "as sent" and re.fullmatch("[0-9a-f]{32}", json.loads(ok.body)["id"])
+        assert all("x-request-id" not in answer.headers for answer in (ok, form, empty, named))
         assert b"request body is missing" in empty.body
-        assert metric(deployment.runtime.metrics.exposition().decode(), "diffrt_serve_request_seconds_count") == 1
+        assert metric(deployment.runtime.metrics.exposition().decode(), "diffrt_serve_request_seconds_count") == 2
     finally:
         deployment.runtime.close(10)
 
@@ -1022,8 +1027,9 @@ def test_pages_of_another_origin_and_foreign_host_names_are_refused(guarded):
     assert httpx.post(url, json=body, headers={"Origin": "https://app.example"}, timeout=60).status_code == 200  # --allowed-origin
     for path in ("/v1/generate", "/readyz"):
         r = httpx.request("POST" if path.startswith("/v1") else "GET", guarded.url + path, json=body,
-                          headers={"Host": "evil.example:8000"}, timeout=30)
+                          headers={"Host": "evil.example:8000", "X-Request-Id": "rebind-1"}, timeout=30)
         assert r.status_code == 421 and "'evil.example:8000' is not this service's" in r.json()["detail"]
+        assert r.headers.get("x-request-id") == ("rebind-1" if path.startswith("/v1") else None)  # every /v1 answer
     assert httpx.get(guarded.url + "/readyz", headers={"Host": "localhost:8000"}, timeout=30).status_code == 200
 
 

@@ -1150,13 +1150,12 @@ def test_resume_takes_relative_folders_from_another_directory(bad_inputs, cat_fo
     monkeypatch.chdir(tmp_path)
     assert main([*args, "--model", str(job / "pix"), "--data", "job/imgs/", "--out", str(job / "run"),
                  "--max-steps", "2", "--resume"]) == 0
-    # Spelled as saved from another directory, where it names another folder: refused by its image count, as a folder
-    # with images added is (a job folder moved as a whole keeps its spelling and its contents, and resumes).
+    # Spelled as saved from another directory, where it names another folder: refused (the run's folder is there).
     monkeypatch.chdir(tmp_path / "elsewhere")
     capsys.readouterr()
     assert main([*args, "--model", str(job / "pix"), "--data", "imgs", "--out", str(job / "run"), "--max-steps", "3",
                  "--resume"]) == 2
-    assert "num_images: 4 saved vs 1 now" in capsys.readouterr().err
+    assert "data: 'job/imgs/' saved vs 'imgs' now; num_images: 4 saved vs 1 now" in capsys.readouterr().err  # the resume's spelling
 
 
 def test_dreambooth_trains_at_the_models_own_size_by_default(t2i_folder):

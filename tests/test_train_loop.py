@@ -244,6 +244,26 @@ def test_resume_takes_one_data_folder_spelled_another_way(tmp_path, monkeypatch)
         "data: 'digits' saved vs './digits' now"]
 
 
+def test_resume_tells_folders_apart_by_where_the_run_read_them(tmp_path, monkeypatch):
+    """A checkpoint records where its folders were (trainer_state's "folders"): from another directory the same folder
+    spelled another way is no change, another folder spelled like it (./cat there) is one (a review's: the record
+    could only accept a resume, never refuse one), and a folder moved with its job keeps its spelling."""
+    from diffrt.train.checkpoints import config_changes, folders
+
+    for where in ("a/cat", "b/cat"):
+        (tmp_path / where).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    saved = {"finetune": {"data": "cat", "folders": folders({"data": "cat"})}}
+    assert saved["finetune"]["folders"] == {"data": str(tmp_path / "a" / "cat")}
+    monkeypatch.chdir(tmp_path / "b")
+    assert config_changes(saved, {"finetune": {"data": str(tmp_path / "a" / "cat")}}) == []
+    assert config_changes(saved, {"finetune": {"data": "../a/cat/"}}) == []
+    assert config_changes(saved, {"finetune": {"data": "./cat"}}) == ["data: 'cat' saved vs './cat' now"]
+    assert config_changes(saved, {"finetune": {"data": "cat"}}) == ["data: 'cat' saved vs 'cat' now"]
+    (tmp_path / "a" / "cat").rename(tmp_path / "a" / "moved")  # the job's folders moved: the spelling is what is left
+    assert config_changes(saved, {"finetune": {"data": "cat"}}) == []
+
+
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
 def test_a_finite_loss_with_a_non_finite_gradient_stops_the_run_too(tmp_path, max_grad_norm):
     """The bug (a review's): only the loss was checked; a finite loss whose gradient is not (a sqrt at 0; clipping

@@ -394,7 +394,11 @@ def refit_artifact(folder: str | Path, loras: Sequence[tuple[str | Path, float]]
     t0 = time.perf_counter()
     folder = Path(folder)
     # What the folder is first (no artifact, an ONNX one), then whether TensorRT runs here: on a machine without it,
-    # "TensorRT is not available" hid a mistyped folder until the user had found a GPU. Unlocked: a look only.
+    # "TensorRT is not available" hid a mistyped folder until the user had found a GPU. is_artifact waits for an
+    # export rebuilding the folder, as the lock below does; then a look only, unlocked.
+    from diffrt.runtime.loading import is_artifact
+
+    is_artifact(folder)
     refittable_engines(folder, mf.read_manifest(folder))
     require_backend("tensorrt")  # one line naming the backends here, before any work
     with mf.artifact_lock(folder):  # the lock `diffrt export` takes

@@ -271,20 +271,21 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        api = scope["path"].startswith("/v1/")
+        rid = request_id(headers)
+        if api:  # every /v1 answer names its request, refusals included
+            scope.setdefault("state", {})["request_id"] = rid  # the route's request.state.request_id
+            send = _with_request_id(send, rid)
         problem = host_problem(headers, self.allowed_hosts)
         if problem:
             return await error_response(421, problem)(scope, receive, send)
-        if not scope["path"].startswith("/v1/"):
+        if not api:
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), [500]
-        rid = request_id(headers)
-        scope.setdefault("state", {})["request_id"] = rid  # the route's request.state.request_id
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                named = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                message = {**message, "headers": [*named, (b"x-request-id", rid.encode("latin-1"))]}  # refusals too
             await send(message)
 
         if self.in_flight >= self.max_connections:  # one event loop: no lock needed between the check and the count
@@ -352,6 +353,19 @@ class GuardMiddleware:
 
     async def _too_large(self, size: int, scope, receive, send):
         await too_large_response(size, self.max_body_bytes)(scope, receive, send)
+
+
+def _with_request_id(send, rid: str):
+    """ASGI `send` that puts X-Request-Id on the answer (in place of one a route set)."""
+    value = rid.encode("latin-1")
+
+    async def send_with_id(message):
+        if message["type"] == "http.response.start":
+            named = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+            message = {**message, "headers": [*named, (b"x-request-id", value)]}
+        await send(message)
+
+    return send_with_id
 
 
 # -- the app --------------------------------------------------------------------------------

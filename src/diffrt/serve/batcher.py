@@ -218,7 +218,7 @@ class Batcher:
                 if job.id in answers:
                     job.future.set_result(answers[job.id])
                 else:
-                    job.future.set_exception(RuntimeError(f"the batch returned no answer for request {job.id}"))
+                    job.future.set_exception(RuntimeError(f"the batch returned no answer for request {job.request_id}"))
         finally:
             with self._cond:
                 self._busy = False

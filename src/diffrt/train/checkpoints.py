@@ -235,7 +235,7 @@ def config_changes(saved: dict, now: dict) -> list[str]:
 
     Both are checkpoint states ({"config": ..., "<trainer>": ...}). A field that an older checkpoint did not
     record is compared with the value that checkpoint trained with (FIELDS_ADDED), or not at all. A folder
-    (PATH_FIELDS) is unchanged spelled as saved, or spelled another way where it is the one the run read.
+    (PATH_FIELDS) is compared by where it is (same_source).
     """
     changes = []
     for key, value in now.items():
@@ -244,8 +244,7 @@ def config_changes(saved: dict, now: dict) -> list[str]:
         was = saved[key] if key in saved else FIELDS_ADDED[key]
         if isinstance(value, dict) and isinstance(was, dict):
             changes += config_changes(was, value)
-        elif was != value and not (key in PATH_FIELDS and (same_folder(was, value)
-                                                           or same_folder(saved.get("folders", {}).get(key), value))):
+        elif not (was == value if key not in PATH_FIELDS else same_source(was, value, saved.get("folders", {}).get(key))):
             changes.append(f"{key}: {was!r} saved vs {value!r} now")
     return changes
 
@@ -271,6 +270,15 @@ def folders(fields: dict) -> dict[str, str]:
     another directory tells the same folder from another one by it."""
     return {key: str(Path(value).resolve()) for key, value in fields.items()
             if key in PATH_FIELDS and isinstance(value, str) and (Path(value).is_dir() or key == "class_data")}
+
+
+def same_source(was, now, where: str | None) -> bool:
+    """Whether a PATH_FIELDS value `now` names what the checkpoint's run read as `was`: the folder recorded as `where`
+    (folders()) while it is there, from whatever directory and however spelled; else (a checkpoint without the record,
+    a folder moved with its job) the same spelling, or the same folder spelled another way from here."""
+    if where is not None and Path(where).is_dir():
+        return same_folder(where, now)
+    return was == now or same_folder(was, now)
 
 
 def same_folder(saved, now) -> bool:
