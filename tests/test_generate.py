@@ -262,28 +262,31 @@ def test_controlnet_img2img_takes_diffusers_default_scale(t2i_folder, control_pn
     assert np.abs(np.load(out) - run(1.0)).max() > 1e-3  # the test can tell the two defaults apart
 
 
-def test_a_size_whose_deepest_level_is_one_pixel_is_refused_in_one_line(t2i_folder, tmp_path, capsys):
+def test_one_image_whose_deepest_level_is_one_pixel_is_refused_in_one_line(t2i_folder, tmp_path, capsys):
     """The bug (a review's): the tiny UNet (32 channels in 32 groups at its deepest level, as diffusers' test models)
     passed 16 px, its smallest multiple, then raised torch's "Expected more than 1 value per channel" from inside the
-    model at a batch of one (guidance scale 1): a traceback from generate, and from export after writing half an
-    artifact; a 500 from serve."""
+    model for one image alone (guidance scale 1): a traceback from generate, and from export's parity run at its
+    smallest shape after writing half an artifact; a 500 from serve. Two images at once (CFG's pair), or a side
+    above 16, run: a first fix that refused every 16 px side refused those too (a second review's)."""
     from diffrt.bench.sd15 import UNET as SD15_UNET
     from diffrt.models import smallest_deepest_side
     from diffrt.text_to_image_models import load_text_to_image
 
-    assert load_text_to_image(t2i_folder, weights=False).smallest_size == 32
-    assert smallest_deepest_side(SD15_UNET) == 1  # 1280 channels in 32 groups: 64 px images (latents 8) run
-    out = tmp_path / "x.png"
-    assert main(["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--steps", "1", "--device", "cpu",
-                 "--guidance-scale", "1", "--height", "16", "--width", "16", "--out", str(out)]) == 2
+    assert load_text_to_image(t2i_folder, weights=False).one_value_side == 16
+    assert smallest_deepest_side(SD15_UNET) == 1  # 1280 channels in 32 groups: a 64 px image alone (latents 8) runs
+    out = tmp_path / "x.npy"
+    common = ["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--steps", "1", "--device", "cpu", "--out", str(out)]
+    assert main([*common, "--guidance-scale", "1", "--height", "16", "--width", "16"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert errors == [errors[0]] and errors[0].startswith("diffrt: error: height 16 is outside the range eager PyTorch runs "
-                                                          "the unet at [32, "), errors  # after transformers' loading bar
+    assert errors == [errors[0]] and errors[0].startswith("diffrt: error: one 16x16 image leaves the UNet's deepest level "
+                                                          "one pixel"), errors  # after transformers' loading bar
+    assert not out.exists()
+    assert main([*common, "--height", "16", "--width", "16"]) == 0  # CFG: two images at once
+    assert np.load(out).shape == (1, 16, 16, 3)
+    assert main([*common, "--guidance-scale", "1", "--height", "16", "--width", "32"]) == 0
     assert main(["export", "--model", str(t2i_folder), "--out", str(tmp_path / "art"), "--height", "16:32:32"]) == 2
-    one_line_error(capsys, "--height 16:32:32: this model runs images from 32 px", "give sizes from 32")
-    assert not out.exists() and not (tmp_path / "art").exists()
-    assert main(["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--steps", "1", "--device", "cpu",
-                 "--guidance-scale", "1", "--height", "32", "--width", "32", "--out", str(out)]) == 0
+    assert "the smallest shape these ranges give the unet, one 16x16 image" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
 
 
 def test_strength_without_an_image_is_refused_in_one_line(t2i_folder, tmp_path, capsys):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from diffrt import atomic
-from diffrt.errors import DiffrtError
+from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.runtime.ddim import DDIMConfig
 
 Conditioning = Literal["none", "class_embedding", "class_channels"]
@@ -37,15 +37,41 @@ SHIPPED_DIGITS = Path(__file__).parent / "weights" / "digits"
 
 
 def smallest_deepest_side(config) -> int:
-    """The smallest side of a diffusers UNet's, ControlNet's or VAE's deepest feature map at which it runs a batch
-    of one: 1, or 2 where that level holds a GroupNorm with one channel per group (diffusers' tiny test models: 32
-    channels in 32 groups). There torch refuses to normalise a single value ("Expected more than 1 value per
-    channel"), and a size a check passed ended in a traceback, or a 500 from `diffrt serve`, without CFG's batch of 2.
-    The deepest level normalises the last block's width and the one before (its first layer's input)."""
+    """The smallest side of a diffusers UNet's or ControlNet's deepest feature map at which it runs a batch of one: 1,
+    or 2 where that level holds a GroupNorm with one channel per group (diffusers' tiny test models: 32 channels in 32
+    groups), which a 1x1 map of one image gives a single value to normalise: torch refuses it ("Expected more than 1
+    value per channel"). The deepest level normalises the last block's width and the one before (its first layer's
+    input)."""
     groups, widths = config.get("norm_num_groups"), list(config.get("block_out_channels") or ())
     if not groups or not widths:
         return 1
     return 1 if min(widths[-2:]) // groups >= 2 else 2
+
+
+def one_value_side(configs, pixels_per_deepest: int) -> int:
+    """The largest image side at which one image leaves the deepest level of one of these UNets or ControlNets a
+    single pixel of single-channel groups (smallest_deepest_side); 0 where none has such groups (every real model).
+    `pixels_per_deepest`: image pixels per pixel of that level."""
+    return pixels_per_deepest if any(smallest_deepest_side(config) == 2 for config in configs) else 0
+
+
+def check_smallest_shape(side: int, batch: int, height: int, width: int, what: str) -> None:
+    """An export's ranges whose smallest shape (`batch` images of `height` x `width`, which its parity check runs)
+    would normalise single values (one_value_side `side`): refused before the export, which crashed there."""
+    if side and batch == 1 and height <= side and width <= side:
+        raise DiffrtError(f"the smallest shape these ranges give {what}, one {height}x{width} image, leaves its deepest level "
+                          f"one pixel, where a GroupNorm with one channel per group has a single value to normalise; start "
+                          f"--height or --width above {side} px, or --batch at 2")
+
+
+def check_one_value_groups(side: int, height: int, width: int, batch: int) -> None:
+    """Refuse a UNet call of `batch` images of `height` x `width` that would normalise single values (one_value_side
+    `side`): it passed every size check, then raised torch's error from inside the model (a traceback from
+    `diffrt generate`, a 500 from `diffrt serve`). Two images or more at once run, CFG's pair among them."""
+    if side and batch == 1 and height <= side and width <= side:
+        raise ShapeOutOfRangeError(f"one {height}x{width} image leaves the UNet's deepest level one pixel, where a GroupNorm "
+                                   f"with one channel per group has a single value to normalise; ask for a side above {side} "
+                                   "px, or 2 images or more at once (classifier-free guidance runs 2)")
 
 
 @dataclass
@@ -112,9 +138,9 @@ class PixelUNet(nn.Module):
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
-    def smallest_size(self) -> int:
-        """The smallest image side the UNet runs one image at (see smallest_deepest_side)."""
-        return self.size_multiple * smallest_deepest_side(self.unet.config)
+    def one_value_side(self) -> int:
+        """one_value_side of this UNet: 0, except for tiny test models."""
+        return one_value_side([self.unet.config], self.size_multiple)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.info.conditioning == "class_channels":

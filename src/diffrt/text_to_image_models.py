@@ -34,7 +34,7 @@ from diffrt.components import (CONTROL_CHANNELS, ComponentSpec, Range, controlne
                                unet_controlnet_spec, vae_decoder_spec,
                                vae_encoder_spec)
 from diffrt.errors import DiffrtError
-from diffrt.models import load_frozen, read_config, require_model_dir, smallest_deepest_side
+from diffrt.models import load_frozen, one_value_side, read_config, require_model_dir
 from diffrt.runtime.ddim import DDIMConfig
 
 SOURCE_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")  # what a text-to-image folder must hold
@@ -183,11 +183,9 @@ class TextToImageModel:
         return self.vae_factor * self.unet_multiple
 
     @property
-    def smallest_size(self) -> int:
-        """The smallest image side, in pixels, every component runs one image at: image_multiple, or more for a tiny
-        model whose deepest level would be one pixel there (models.smallest_deepest_side)."""
-        deepest = max(smallest_deepest_side(net.config) for net in (self.unet, *controlnet_list(self.controlnet)))
-        return self.vae_factor * max(self.unet_multiple * deepest, smallest_deepest_side(self.vae.config))
+    def one_value_side(self) -> int:
+        """models.one_value_side of the UNet and ControlNets: 0, except for tiny test models."""
+        return one_value_side([net.config for net in (self.unet, *controlnet_list(self.controlnet))], self.image_multiple)
 
     @property
     def default_size(self) -> int:
@@ -363,10 +361,6 @@ def latent_range(pixels: Range, model: TextToImageModel, what: str) -> Range:
     if bad:
         raise DiffrtError(f"--{what} {':'.join(map(str, pixels))}: every value must be a multiple of {step} "
                           f"(the VAE's {model.vae_factor} x the UNet's {model.unet_multiple}), got {bad[0]}")
-    if min(pixels) < model.smallest_size:
-        raise DiffrtError(f"--{what} {':'.join(map(str, pixels))}: this model runs images from {model.smallest_size} px "
-                          f"(at {min(pixels)} its deepest level is one pixel, where a GroupNorm with one channel per group "
-                          f"has a single value to normalise); give sizes from {model.smallest_size}")
     return tuple(p // model.vae_factor for p in pixels)
 
 

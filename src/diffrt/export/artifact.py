@@ -29,7 +29,7 @@ from diffrt.export import manifest as mf
 from diffrt.export.cache import COMPONENT_FOLDERS, REBUILD, cached_export, export_key, lora_hashes, raise_changed, start_rebuild
 from diffrt.export.onnx import export_onnx
 from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision, check_options
-from diffrt.models import PixelModel, SHIPPED_DIGITS, load_pixel_model
+from diffrt.models import PixelModel, SHIPPED_DIGITS, check_smallest_shape, load_pixel_model
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,7 @@ def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
     if bad:
         raise DiffrtError(f"--height {':'.join(map(str, sizes))}: every value must be a multiple of {multiple} "
                           f"(the UNet halves the image {multiple.bit_length() - 1} times), got {bad[0]}")
-    if min(sizes) < model.unet.smallest_size:
-        raise DiffrtError(f"--height {':'.join(map(str, sizes))}: this model runs images from {model.unet.smallest_size} px (at "
-                          f"{min(sizes)} its deepest level is one pixel, where a GroupNorm with one channel per group has "
-                          f"a single value to normalise); give sizes from {model.unet.smallest_size}")
+    check_smallest_shape(model.unet.one_value_side, options.batch[0], sizes[0], sizes[0], "the unet")
     return pixel_unet_spec(model.unet.out_channels, size, model.info.conditioning != "none",
                            num_labels=model.info.num_classes + 1, batch=options.batch, size=sizes,
                            multiple=max(multiple, 4))  # 4: the spec's default, so existing keys stay

@@ -45,6 +45,7 @@ from diffrt.export.cache import (REBUILD, begin_rebuild, cached_export, componen
                                  write_rebuild_record)
 from diffrt.export.options import check_options, ExportOptions, ExportResult, Precision, TORCH_DTYPES
 from diffrt.export.refit import LORA_COMPONENTS
+from diffrt.models import check_smallest_shape
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs,
                                          global_pool_conditions, load_text_to_image, require_text_to_image_folder)
 
@@ -105,6 +106,11 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     size = (model.default_size,) * 3
     specs = component_specs(model, component_names(bool(controlnets), options.vae_encoder), batch=options.batch,
                             height=options.height or size, width=options.width or options.height or size)
+    for name in ("unet", "unet_controlnet", "controlnet"):
+        if name in specs:
+            ranges, f = specs[name].ranges, model.vae_factor
+            check_smallest_shape(model.one_value_side, ranges["batch"][0], ranges["height"][0] * f, ranges["width"][0] * f,
+                                 f"the {name}")
     force_upcast = bool(getattr(model.vae.config, "force_upcast", False))
     precisions = {name: build_precision(name, options.precision, force_upcast) for name in specs}
     hashes = source_hashes(model_dir, controlnets)

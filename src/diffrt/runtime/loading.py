@@ -60,12 +60,11 @@ def artifact_backend(model: str | Path | None) -> str | None:
 
 
 def torch_pixel_spec(model: PixelModel):
-    """The UNet's spec in eager PyTorch: any batch, sides from 8 px (more for a tiny UNet: its smallest_size) that
-    the UNet can halve down to its deepest level (a size it cannot: one line, not a traceback from inside the model)."""
-    smallest = max(8, model.unet.smallest_size)
+    """The UNet's spec in eager PyTorch: any batch, sides from 8 px that the UNet can halve down to its
+    deepest level (a size it cannot: one line, not a traceback from inside the model)."""
     spec = pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
-                           num_labels=model.info.num_classes + 1, batch=OPEN_BATCH,
-                           size=(smallest, max(smallest, model.unet.sample_size), 4096), multiple=max(model.unet.size_multiple, 4))
+                           num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096),
+                           multiple=max(model.unet.size_multiple, 4))
     return dataclasses.replace(spec, eager=True)
 
 
@@ -77,7 +76,8 @@ def torch_pixel_pipeline(model: PixelModel, device: str | torch.device = "cpu", 
     backend = TorchBackend(model.unet, torch_pixel_spec(model), device=device, compile=compile)
     lora = TorchLora({"unet": model.unet.unet}, loras) if loras else None  # after the move to the device
     return PixelPipeline(backend, model.scheduler, model.info, channels=model.unet.out_channels,
-                         sample_size=model.unet.sample_size, torch_unet=model.unet, lora=lora)
+                         sample_size=model.unet.sample_size, torch_unet=model.unet, lora=lora,
+                         one_value_side=model.unet.one_value_side)
 
 
 def read_artifact(folder: Path, kind: str, verify: bool = True) -> dict:

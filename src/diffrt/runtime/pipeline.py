@@ -33,7 +33,7 @@ import torch
 
 from diffrt.errors import DiffrtError
 from diffrt.images import to_numpy, to_pil, to_unit_range
-from diffrt.models import PixelModelInfo
+from diffrt.models import PixelModelInfo, check_one_value_groups
 from diffrt.runtime import ddim
 from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
@@ -316,8 +316,10 @@ class PixelPipeline(DenoiserPipeline):
 
     def __init__(self, unet: Backend, scheduler: ddim.DDIMConfig, info: PixelModelInfo, *,
                  channels: int, sample_size: int, torch_unet: TorchModule = None,
-                 check_outputs: bool = True, unet_precision: str = "fp32", lora: RuntimeLora | None = None):
+                 check_outputs: bool = True, unet_precision: str = "fp32", lora: RuntimeLora | None = None,
+                 one_value_side: int = 0):
         self.unet = unet
+        self.one_value_side = one_value_side  # eager PyTorch on a tiny test UNet (models.one_value_side)
         self.unet_precision = unet_precision
         self.scheduler = scheduler
         self.info = info
@@ -351,6 +353,7 @@ class PixelPipeline(DenoiserPipeline):
                         what=f"batch {batch * 2} ({batch} images x 2 for classifier-free guidance)" if do_cfg else f"batch {batch}")
         spec.check_size("height", height, what=f"height {height}")
         spec.check_size("width", width, what=f"width {width}")
+        check_one_value_groups(self.one_value_side, height, width, batch * (2 if do_cfg else 1))
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
         schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta)

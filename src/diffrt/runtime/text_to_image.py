@@ -107,7 +107,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
                  vae_scaling_factor: float, vae_factor: int = 8, default_size: int = 512, max_length: int | None = None,
                  torch_vae: TorchModule = None, torch_unet: TorchModule = None, check_outputs: bool = True,
                  unet_precision: str = "fp32", lora: RuntimeLora | None = None, vae_encoder: Backend | None = None,
-                 strict: bool = False, controlnet_global_pool: Sequence[bool] = ()):
+                 strict: bool = False, controlnet_global_pool: Sequence[bool] = (), one_value_side: int = 0):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         # img2img's encoder: a backend of its own (an artifact exported with --vae-encoder, or eager PyTorch), else
         # made on first use over the PyTorch VAE (`image_encoder`), and then reported as what ran (RELIABILITY #15).
@@ -128,6 +128,9 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         self.unet_precision = unet_precision
         # Each ControlNet's global_pool_conditions (shuffle): with the first one's, diffusers runs guess mode.
         self.controlnet_global_pool = list(controlnet_global_pool) or [False] * self.num_controlnets
+        # Eager PyTorch on a tiny test UNet: the sizes at which one image at a time fails (models.one_value_side). An
+        # artifact's export ran its smallest shape, so its ranges hold none.
+        self.one_value_side = one_value_side
 
     @property
     def scheduler(self) -> ddim.DDIMConfig:

@@ -14,6 +14,7 @@ import torch
 
 from diffrt.components import scaled_residuals
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
+from diffrt.models import check_one_value_groups
 from diffrt.runtime.pipeline import check_count, check_finite_latents, check_number, check_output_type, make_generator
 from diffrt.runtime.sampling import Generators, check_generators
 from diffrt.runtime.text_to_image_inputs import (check_embeds, check_strength, control_batches, control_scales, control_windows,
@@ -124,6 +125,7 @@ class TextToImageChecks:
         guess = self.guess_mode_for(guess_mode, control is not None)
         if guess and do_cfg:  # the UNet runs each CFG half on its own
             self.unet.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images, each CFG half apart in guess mode)")
+        self.check_deepest(height, width, batch if guess or not do_cfg else 2 * batch)
         if self.guidance_embed_dim is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
             log.warning("the UNet is guidance-distilled (time_cond_proj_dim): it takes the guidance scale as timestep_cond "
                         "and runs no classifier-free guidance, so the negative prompt is unused, as in diffusers")
@@ -197,6 +199,11 @@ class TextToImageChecks:
                 down = size // step * step
                 near = down if down >= max(step, lo * f) else down + step  # the nearest multiple inside the range
                 raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {near}")
+
+    def check_deepest(self, height: int, width: int, unet_batch: int) -> None:
+        """ShapeOutOfRangeError if a UNet call of `unet_batch` images would normalise single values (a tiny test model:
+        models.check_one_value_groups); public for `diffrt serve`, as check_size."""
+        check_one_value_groups(self.one_value_side, height, width, unet_batch)
 
     def check_batch(self, num_prompts: int, batch: int, do_cfg: bool) -> None:
         k = 2 if do_cfg else 1

@@ -88,7 +88,7 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
     check_unet_config(model.unet.config)
     m = model.image_multiple
     names = ["text_encoder", "unet_controlnet" if model.controlnet is not None else "unet", "vae_decoder"]
-    size = (model.smallest_size, max(model.smallest_size, model.default_size // m * m), OPEN_SIZE // m * m)
+    size = (m, max(m, model.default_size // m * m), OPEN_SIZE // m * m)
     # Any multiple of the VAE's factor, as diffusers' pipelines allow: eager PyTorch needs no more.
     specs = component_specs(model, [*names, "vae_encoder"], batch=OPEN_BATCH, height=size, width=size, multiple=1)
     specs = {name: dataclasses.replace(spec, eager=True) for name, spec in specs.items()}
@@ -100,7 +100,8 @@ def torch_text_to_image_pipeline(model: TextToImageModel, device: str | torch.de
     return TextToImagePipeline(text_encoder, unet, vae_decoder, model.tokenizer, model.scheduler,
                                vae_scaling_factor=float(model.vae.config.scaling_factor), vae_factor=model.vae_factor,
                                default_size=model.default_size, torch_vae=model.vae, torch_unet=unet.module, lora=lora,
-                               vae_encoder=vae_encoder, controlnet_global_pool=global_pool_conditions(model.controlnet))
+                               vae_encoder=vae_encoder, controlnet_global_pool=global_pool_conditions(model.controlnet),
+                               one_value_side=model.one_value_side)
 
 
 def _global_pool(manifest: dict) -> list[bool]:

@@ -302,6 +302,11 @@ class TextToImageWorker(BatchingWorker):
             pipe.check_batch(1, body.num_images, pipe.uses_cfg(guidance_scale))  # never for an LCM-distilled UNet
         except DiffrtError as exc:
             raise RequestError(422, f"num_images: {exc}", "num_images", profile=isinstance(exc, ShapeOutOfRangeError)) from None
+        apart = pipe.guess_mode_for(bool(body.guess_mode), control is not None) or not pipe.uses_cfg(guidance_scale)
+        try:  # a tiny test UNet's sizes that one image alone cannot run (it may share no batch)
+            pipe.check_deepest(height, width, body.num_images * (1 if apart else 2))
+        except DiffrtError as exc:
+            raise RequestError(422, f"height: {exc}", "height") from None
         strength = 0.8 if body.strength is None else body.strength
         if init is not None:
             try:

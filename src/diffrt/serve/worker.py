@@ -27,6 +27,7 @@ import torch
 from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
 from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE
 from diffrt.images import array_png_bytes, to_uint8
+from diffrt.models import check_one_value_groups
 from diffrt.runtime.backends.timed import TimedBackend, time_components
 from diffrt.runtime.guidance import color_guidance, parse_hex_color
 from diffrt.serve.batcher import Job
@@ -281,6 +282,10 @@ class PixelWorker(BatchingWorker):
                                 f"batch {value} ({body.num_images} images{' x 2 for guidance' if cfg else ''})")
             except DiffrtError as exc:
                 raise RequestError(422, f"{name}: {exc}", name, profile=isinstance(exc, ShapeOutOfRangeError)) from None
+        try:  # a tiny test UNet's sizes that one image alone cannot run (it may share no batch)
+            check_one_value_groups(pipe.one_value_side, height, width, body.num_images * (2 if cfg else 1))
+        except DiffrtError as exc:
+            raise RequestError(422, f"height: {exc}", "height") from None
         schedule = request_schedule(pipe, body)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         latents, generator = draw_noise(seed, (body.num_images, pipe.channels, height, width),
