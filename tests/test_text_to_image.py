@@ -903,3 +903,43 @@ def test_damaged_configs_are_one_line_not_a_traceback(t2i_folder, tmp_path):
     (folder / "unet" / "config.json").write_text('{"in_channels": 4,')
     with pytest.raises(DiffrtError, match=r"unet/config.json is not valid JSON .*restore the model's config"):
         open_text_to_image_pipeline(folder, "torch", CPU)
+
+
+def test_calls_from_several_threads_take_the_tokenizer_in_turn(torch_pipe, monkeypatch):
+    """From a review: a Hugging Face tokenizer sets its padding and truncation on itself for each call, and calls in
+    several threads at once (one of them cut_off's untruncated count) fed the text encoder unpadded ids, a different
+    image, or raised. The pipeline's calls may run beside each other, so its tokenizer calls take turns."""
+    import threading
+    import time
+
+    tokenizer, inside, most = torch_pipe.tokenizer, [0], [0]
+
+    class Watched:
+        """The pipeline's tokenizer, counting the calls inside it at once (each lasting long enough to overlap)."""
+
+        def __call__(self, *args, **kwargs):
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            try:
+                time.sleep(0.002)
+                return tokenizer(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    monkeypatch.setattr(torch_pipe, "tokenizer", Watched())
+    prompts = ["a photo of a cat", "a red car " * 40]
+    alone = {p: torch_pipe._tokenize([p])[0] for p in prompts}
+
+    def work(prompt):
+        for _ in range(20):
+            assert torch.equal(torch_pipe._tokenize([prompt])[0], alone[prompt])
+
+    threads = [threading.Thread(target=work, args=(prompts[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert most[0] == 1

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -114,6 +115,9 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         self.vae_encoder = vae_encoder
         self.strict = strict  # refuse that PyTorch fallback (the other fallbacks, guidance's, are asked for by name)
         self.tokenizer = tokenizer
+        # A Hugging Face tokenizer sets its padding and truncation on itself for each call: calls from two threads at
+        # once (cut_off's untruncated one among them) fed the text encoder unpadded ids, or raised.
+        self._tokenizer_lock = threading.Lock()
         # Plain and img2img calls sample the config as StableDiffusionPipeline corrects it; calls with a
         # control image keep its steps_offset, as diffusers' ControlNet pipelines do (_latent_scheduler).
         self._scheduler = _latent_scheduler(scheduler, "controlnet_cond" in unet.spec.input_names)
@@ -374,10 +378,11 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         """Token ids padded to the text encoder's length. Longer prompts are cut as diffusers cuts
         them, with a warning and the cut text returned (RELIABILITY #13, diffusers #5890)."""
         n = self.max_length
-        ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        with self._tokenizer_lock:
+            ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+            cuts = [cut_off(self.tokenizer, prompt, n) for prompt in prompts]
         truncated: list[str | None] = []
-        for prompt in prompts:
-            cut = cut_off(self.tokenizer, prompt, n)
+        for cut in cuts:
             if cut is not None:  # the count only: a service's log is no place for its users' prompts (metadata has the text)
                 log.warning("a prompt longer than the text encoder's %d tokens was truncated: %d tokens dropped "
                             "(the result's metadata['truncated'] holds them)", n, cut[0])
