@@ -51,6 +51,28 @@ def test_list_of_generators_equals_diffusers_ddim_pipeline(uncond_model_dir):
     assert "\n" not in str(info.value)
 
 
+def test_assigning_a_scheduler_takes_a_samplers_name_or_config_and_refuses_the_rest(uncond_model_dir):
+    """From a review: the pixel pipeline's `scheduler` was a plain attribute, so `pipe.scheduler = "dpm"` (or None, or a
+    diffusers scheduler object) was taken and the next call failed with an AttributeError from inside the sampler.
+    It takes what the text-to-image pipeline takes: a config or a sampler's name on the model's schedule."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffrt.runtime.dpm import DPMConfig
+
+    pipe = open_pixel_pipeline(uncond_model_dir, "torch", CPU)
+    own = pipe.scheduler
+    run = lambda: pipe(num_images=1, num_inference_steps=3, seed=1, output_type="pt").images  # noqa: E731
+    for wrong in (None, DPMSolverMultistepScheduler(), "heun"):
+        with pytest.raises(DiffrtError, match="scheduler"):
+            pipe.scheduler = wrong
+        assert pipe.scheduler is own
+    pipe.scheduler = "dpm"
+    assert isinstance(pipe.scheduler, DPMConfig) and pipe.scheduler.num_train_timesteps == own.num_train_timesteps
+    torch.testing.assert_close(run(), pipe(num_images=1, num_inference_steps=3, seed=1, output_type="pt", scheduler="dpm").images)
+    pipe.scheduler = own
+    torch.testing.assert_close(run(), pipe(num_images=1, num_inference_steps=3, seed=1, output_type="pt", scheduler="ddim").images)
+
+
 def test_randn_draws_each_generator_block_with_its_own_shape():
     from diffrt.runtime.sampling import GeneratorBlocks, randn
 

@@ -554,10 +554,10 @@ def test_cancelling_a_waiting_request_gives_its_rows_up(server):
     original, ran = recording_batches(batcher, hold_first=worker_free)
     submit = runtime.submit
 
-    def slow_planning(body, encoding="png"):
+    def slow_planning(body, encoding="png", request_id=""):
         planning.set()
         release.wait(30)
-        planned.append(submit(body, encoding))
+        planned.append(submit(body, encoding, request_id))
         return planned[-1]
 
     async def until(condition, what: str) -> None:

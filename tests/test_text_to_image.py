@@ -943,3 +943,20 @@ def test_calls_from_several_threads_take_the_tokenizer_in_turn(torch_pipe, monke
     for t in threads:
         t.join(60)
     assert most[0] == 1
+
+
+def test_arguments_whose_inputs_are_missing_are_refused_not_ignored(torch_pipe):
+    """From a review: `strength` without `image` and `controlnet_conditioning_scale` without a ControlNet ran text-to-image
+    with the value unread (control_guidance_start/end were refused); a NaN image was blamed on the VAE encoder; latents
+    of the wrong batch were told to leave out height and width, which were left out."""
+    run = dict(num_inference_steps=1, output_type="latent")
+    with pytest.raises(DiffrtError, match=r"^strength 0.3 sets how much of `image` is redrawn"):
+        torch_pipe("a cat", strength=0.3, **run)
+    with pytest.raises(DiffrtError, match="^controlnet_conditioning_scale needs a ControlNet"):
+        torch_pipe("a cat", controlnet_conditioning_scale=0.3, **run)
+    with pytest.raises(DiffrtError, match=r"^image has 3072 NaN or infinite values"):
+        torch_pipe("a cat", image=torch.full((1, 3, 32, 32), float("nan")), **run)
+    with pytest.raises(DiffrtError) as err:
+        torch_pipe("a cat", latents=torch.randn(2, 4, 4, 4), **run)
+    assert "(batch: 1 images," in str(err.value) and "leave out height and width" not in str(err.value)
+    assert torch_pipe("a cat", image=torch.rand(1, 3, 32, 32), seed=1, **{**run, "num_inference_steps": 2}).metadata["strength"] == 0.8

@@ -773,6 +773,22 @@ def test_an_out_without_locks_trains_with_a_warning(tmp_path, monkeypatch, caplo
 # -- a clean stop on SIGINT / SIGTERM ----------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def signals_as_in_a_terminal():
+    """Python's own SIGINT and SIGTERM handling for each test, whatever the test process inherited (a CI runner may start
+    it with SIGINT ignored, as a shell starts a background job; an earlier test, Ray's init, leaves a SIGTERM handler),
+    and what was there before afterwards: the signal tests send both to this process."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in before.items():
+        if handler is not None:
+            signal.signal(signum, handler)
+
+
 def _signalled_at(config: TrainConfig, signals: dict[int | str, list[int]]):
     """train_linear, its loss function sending this process signals[s] (in order) during step s (1-based), and its
     save function signals["save"], with a sample grid (the weights as a 2x2 image)."""

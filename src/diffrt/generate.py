@@ -19,6 +19,7 @@ from diffrt.errors import DiffrtError
 from diffrt.images import load_image, png_bytes, save_grid, to_numpy
 from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.opening import is_text_to_image
+from diffrt.runtime.text_to_image_inputs import DEFAULT_STRENGTH
 
 
 # Classifier-free guidance scale for class-conditioned pixel models when none is given; chosen on
@@ -112,8 +113,8 @@ def generate(req: GenerateRequest):
 
 
 def image_strength(req: GenerateRequest) -> float:
-    """Image-to-image's strength: the request's, or diffusers' default, 0.8."""
-    return 0.8 if req.strength is None else req.strength
+    """Image-to-image's strength: the request's, or diffusers' default."""
+    return DEFAULT_STRENGTH if req.strength is None else req.strength
 
 
 @contextlib.contextmanager
@@ -230,7 +231,7 @@ def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], prog
     init = load_image(req.image, size=size, multiple=f) if req.image else None
     scheduler = req.scheduler
     default_scale = default_guidance_scale(pipe, pipe.sampler_config(scheduler))
-    return pipe(req.prompt or "", image=init, strength=image_strength(req), negative_prompt=req.negative_prompt, height=req.height, width=req.width,
+    return pipe(req.prompt or "", image=init, strength=req.strength, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
                 num_inference_steps=req.num_inference_steps, scheduler=scheduler,
                 guidance_scale=default_scale if req.guidance_scale is None else req.guidance_scale,
                 guidance_rescale=req.guidance_rescale, num_images_per_prompt=req.num_images or 1, eta=req.eta, seed=req.seed, control_image=control,

@@ -321,13 +321,28 @@ class PixelPipeline(DenoiserPipeline):
         self.unet = unet
         self.one_value_side = one_value_side  # eager PyTorch on a tiny test UNet (models.one_value_side)
         self.unet_precision = unet_precision
-        self.scheduler = scheduler
+        self._scheduler = scheduler
         self.info = info
         self.channels = channels
         self.sample_size = sample_size
         self._torch = {"unet": torch_unet}  # for guidance mode "through_unet"
         self._set_lora(lora, torch_unet)
         self.check_outputs = check_outputs
+
+    @property
+    def scheduler(self) -> ddim.DDIMConfig:
+        """The scheduler config calls sample with."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, config: ddim.DDIMConfig | str) -> None:
+        """diffusers' `pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)`, as the text-to-image pipeline takes
+        it: a config, or a sampler's name on the current config's schedule; anything else is one line here, where it
+        was taken and failed at the next call with an AttributeError (a review's)."""
+        if config is None:  # choose_scheduler reads None as "keep the model's own"
+            raise DiffrtError("pipe.scheduler takes a DDIMConfig / LCMConfig / DPMConfig / EulerConfig / EulerAncestralConfig "
+                              "or a sampler's name, not None")
+        self._scheduler = choose_scheduler(self._scheduler, config)
 
     @gated
     def __call__(self, class_labels: list[int] | torch.Tensor | int | None = None, *, num_images: int | None = None,

@@ -63,7 +63,7 @@ from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, gated, 
                                      refuse_not_taken, to_unit_range_unclamped)
 from diffrt.runtime.sampling import Generators, SamplerOptions, Scheduler, check_finite, choose_scheduler, randn, sample
 from diffrt.runtime.text_to_image_checks import Call, TextToImageChecks
-from diffrt.runtime.text_to_image_inputs import control_keep, sample_posterior
+from diffrt.runtime.text_to_image_inputs import DEFAULT_STRENGTH, control_keep, sample_posterior
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_images_per_prompt: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0,
                  generator: Generators = None, seed: int | None = None,
-                 image: Any = None, strength: float = 0.8,
+                 image: Any = None, strength: float | None = None,
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
                  guess_mode: bool = False, guidance: tuple[Guidance, ...] | list = (), output_type: OutputType = "pil",
@@ -248,7 +248,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
                 "clip_skip": call.clip_skip,
                 "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "scheduler": call.schedule.name, "timesteps": call.schedule.timesteps.tolist(),
-                "strength": strength if img2img else None,
+                "strength": (DEFAULT_STRENGTH if strength is None else strength) if img2img else None,
                 "controlnet_conditioning_scale": (call.scales if len(call.scales) > 1 else call.scales[0]) if control else None,
                 "control_guidance": [list(w) for w in call.control_windows] if control else None,
                 "guess_mode": call.guess if control else None,
@@ -295,8 +295,10 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         shape = (call.batch, self.latent_channels, call.height // self.vae_factor, call.width // self.vae_factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
-                raise DiffrtError(f"latents must have shape {shape} (batch, channels, height/8, width/8), got {tuple(latents.shape)}"
-                                  + ("; leave out height and width to sample at the latents' size" if latents.dim() == 4 else ""))
+                sized = latents.dim() == 4 and tuple(latents.shape[1:]) != shape[1:]  # the size differs, not the batch
+                raise DiffrtError(f"latents must have shape {shape} (batch: {call.batch} images, channels, height/8, width/8), "
+                                  f"got {tuple(latents.shape)}" + ("; leave out height and width to sample at the latents' size"
+                                                                    if sized else ""))
             return call.schedule.initial_noise(latents.to(self.device, torch.float32))
         if call.init is not None:
             return self._noised_image_latents(call.init, call.batch, call.schedule, call.generator, encoded=call.init_is_latents)

@@ -17,8 +17,8 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.models import check_one_value_groups
 from diffrt.runtime.pipeline import check_count, check_finite_latents, check_number, check_output_type, make_generator
 from diffrt.runtime.sampling import Generators, check_generators
-from diffrt.runtime.text_to_image_inputs import (check_embeds, check_strength, control_batches, control_scales, control_windows,
-                                                 image_batch, latent_batch, prompt_lists)
+from diffrt.runtime.text_to_image_inputs import (DEFAULT_STRENGTH, check_embeds, check_strength, control_batches, control_scales,
+                                                 control_windows, image_batch, latent_batch, prompt_lists)
 
 log = logging.getLogger("diffrt.runtime.text_to_image")  # the pipeline's logger: its warnings read as the pipeline's
 
@@ -78,6 +78,9 @@ class TextToImageChecks:
                 check_count(name, side)
         check_number("eta", eta, 0.0, 1.0)
         check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, " (diffusers' default 0.0; 0.7 is the paper's)")
+        if strength is not None and image is None:  # text-to-image would run, the value unread
+            raise DiffrtError(f"strength {strength} sets how much of `image` is redrawn (image-to-image); pass image, or "
+                              "leave strength out")
         if image is not None and latents is not None:  # diffusers' img2img takes no latents: one would be ignored
             raise DiffrtError("pass image (image-to-image: its latents are noised to the first step) or latents (the noise to "
                               "start from), not both")
@@ -86,6 +89,9 @@ class TextToImageChecks:
         check_finite_latents(latents)
         if control_image is not None and not self.has_controlnet:
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
+        if controlnet_conditioning_scale is not None and not self.has_controlnet:  # unread, as control_guidance_* would be
+            raise DiffrtError("controlnet_conditioning_scale needs a ControlNet; open the pipeline with controlnet=DIR "
+                              "(--controlnet)")
         if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0
             controlnet_conditioning_scale = 0.8 if image is not None else 1.0
         scales = control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []
@@ -134,7 +140,7 @@ class TextToImageChecks:
         schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps,
                                           control=control is not None)
         if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
-            schedule = schedule.tail(check_strength(strength, len(schedule)))
+            schedule = schedule.tail(check_strength(DEFAULT_STRENGTH if strength is None else strength, len(schedule)))
         return Call(prompts, negatives, num_images_per_prompt, batch, do_cfg, height, width, init, init_is_latents,
                      control, scales, windows, guess, generator, schedule, clip_skip,
                      encodes_image=init is not None and not init_is_latents and latents is None)

@@ -152,6 +152,8 @@ def image_batch(image, height: int | None, width: int | None, multiple: int = 1)
     image = image.unsqueeze(0) if image.dim() == 3 else image
     if image.dim() != 4 or image.shape[1] not in (1, 3):
         raise DiffrtError(f"image tensor must be [C, H, W] or [B, C, H, W] with 1 or 3 channels, got {tuple(image.shape)}")
+    if not torch.isfinite(image).all():  # NaN passes every comparison below, and the VAE encoder was blamed for it
+        raise DiffrtError(f"image has {int((~torch.isfinite(image)).sum())} NaN or infinite values; pass values in [0, 1]")
     if image.min() < 0 or image.max() > 1:
         raise DiffrtError(f"image values must be in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
     image = image.expand(-1, 3, -1, -1)
@@ -195,6 +197,9 @@ def latent_batch(image, height: int | None, width: int | None, factor: int) -> t
             raise DiffrtError(f"image is latents of {name} {size} ({size * factor} pixels) but {name} is {given}; latents are "
                               f"not resized: leave out {name}, or pass an image in [0, 1] to resize")
     return latents
+
+
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
 
 
 def check_strength(strength: float, num_inference_steps: int) -> int:

@@ -50,7 +50,7 @@ from diffrt.images import decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, default_guidance_scale
-from diffrt.runtime.text_to_image_inputs import check_strength, control_windows, image_side
+from diffrt.runtime.text_to_image_inputs import DEFAULT_STRENGTH, check_strength, control_windows, image_side
 from diffrt.serve.batcher import Job
 from diffrt.serve.batching import (Answer, BatchingWorker, abandon_when_nobody_waits, draw_noise, generator_blocks, images_per_batch,
                                    probe_generators, settings_key, split_answers)
@@ -307,7 +307,7 @@ class TextToImageWorker(BatchingWorker):
             pipe.check_deepest(height, width, body.num_images * (1 if apart else 2))
         except DiffrtError as exc:
             raise RequestError(422, f"height: {exc}", "height") from None
-        strength = 0.8 if body.strength is None else body.strength
+        strength = DEFAULT_STRENGTH if body.strength is None else body.strength
         if init is not None:
             try:
                 check_strength(strength, body.num_inference_steps)  # the pipeline's own rule, before the request queues
