@@ -960,3 +960,21 @@ def test_arguments_whose_inputs_are_missing_are_refused_not_ignored(torch_pipe):
         torch_pipe("a cat", latents=torch.randn(2, 4, 4, 4), **run)
     assert "(batch: 1 images," in str(err.value) and "leave out height and width" not in str(err.value)
     assert torch_pipe("a cat", image=torch.rand(1, 3, 32, 32), seed=1, **{**run, "num_inference_steps": 2}).metadata["strength"] == 0.8
+
+
+def test_prompt_embeds_of_another_length_take_negative_prompts_of_that_length(t2i_folder, torch_pipe):
+    """From a review: prompt_embeds shorter than 77 tokens under classifier-free guidance met negative prompts encoded
+    to 77 and the concatenation raised torch's size error; diffusers encodes the negative prompts to the embeddings'
+    length. Longer ones (compel's 154) cannot be matched by the text encoder: one line, not torch's error."""
+    from diffusers import StableDiffusionPipeline
+
+    ref = diffusers_pipe(StableDiffusionPipeline, t2i_folder)
+    embeds = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(3))
+    for negative in (None, "blurry, dark"):
+        expected = run_diffusers(ref, prompt=None, prompt_embeds=embeds, negative_prompt=negative, seed=2, num_inference_steps=3)
+        got = run(torch_pipe, prompt=None, prompt_embeds=embeds, negative_prompt=negative, seed=2, num_inference_steps=3).images
+        assert max_abs(got, expected) <= DIFFUSERS_TOL
+    long = torch.randn(1, 154, 32)
+    with pytest.raises(DiffrtError, match=r"^prompt_embeds of 154 tokens with classifier-free guidance: .* pass negative_prompt_embeds"):
+        torch_pipe(prompt_embeds=long, num_inference_steps=1, output_type="latent")
+    torch_pipe(prompt_embeds=long, guidance_scale=1.0, num_inference_steps=1, output_type="latent")  # no CFG: compel's way

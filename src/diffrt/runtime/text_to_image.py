@@ -265,7 +265,8 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         texts = (call.negatives if call.do_cfg and negative_prompt_embeds is None else []) + (call.prompts if prompt_embeds is None else [])
         truncated, truncated_neg, encoded = [None] * n, [None] * n, None
         if texts:
-            ids, cut = self._tokenize(texts)
+            # Beside prompt_embeds, the negative prompts take their length, as diffusers' encode_prompt tokenizes them.
+            ids, cut = self._tokenize(texts, prompt_embeds.shape[1] if prompt_embeds is not None else None)
             feed = {"input_ids": ids.to(self.text_encoder.device)}
             if "clip_skip" in self.text_encoder.spec.input_names:  # else a text encoder exported before it: 0 only (check_clip_skip)
                 # The prompts' rows at clip_skip, the negative prompts' at 0: diffusers' encode_prompt skips for the prompt only.
@@ -376,10 +377,10 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
 
     # --- helpers of the steps ------------------------------------------------------------------------
 
-    def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[str | None]]:
-        """Token ids padded to the text encoder's length. Longer prompts are cut as diffusers cuts
+    def _tokenize(self, prompts: list[str], length: int | None = None) -> tuple[torch.Tensor, list[str | None]]:
+        """Token ids padded to the text encoder's length (or `length`). Longer prompts are cut as diffusers cuts
         them, with a warning and the cut text returned (RELIABILITY #13, diffusers #5890)."""
-        n = self.max_length
+        n = length or self.max_length
         with self._tokenizer_lock:
             ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
             cuts = [cut_off(self.tokenizer, prompt, n) for prompt in prompts]

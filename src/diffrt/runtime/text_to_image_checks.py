@@ -124,6 +124,10 @@ class TextToImageChecks:
             width = sized[-1] if sized is not None else self.default_size
         self.check_size(height, width)
         batch, do_cfg = len(prompts) * num_images_per_prompt, self.uses_cfg(guidance_scale)
+        if do_cfg and prompt_embeds is not None and negative_prompt_embeds is None and prompt_embeds.shape[1] > self.max_length:
+            raise DiffrtError(f"prompt_embeds of {prompt_embeds.shape[1]} tokens with classifier-free guidance: the negative "
+                              f"prompt is encoded to their length, past the text encoder's {self.max_length}; pass "
+                              "negative_prompt_embeds of the same shape (compel makes both)")
         if init is not None and batch % init.shape[0]:
             raise DiffrtError(f"got {init.shape[0]} images to start from for {batch} images ({len(prompts)} prompts x "
                               f"{num_images_per_prompt} per prompt); pass 1 image, or one per prompt")
