@@ -192,7 +192,8 @@ class TextToImageWorker(BatchingWorker):
         t0 = time.perf_counter()
         try:
             result = self.pipe(prompt, negative_prompt=negative, num_images_per_prompt=per_prompt, **noise,
-                               **first.settings, control_image=control, controlnet_conditioning_scale=first.control_scale,
+                               **first.settings, control_image=control,
+                               controlnet_conditioning_scale=first.control_scale if control is not None else None,
                                guidance=first.guidance, output_type="pt", progress=abandon_when_nobody_waits(jobs))
         finally:  # taken even from a batch abandoned midway, so its calls are not counted in the next one's
             components = component_ms(self.timed)
