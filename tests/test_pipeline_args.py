@@ -106,7 +106,7 @@ def test_latents_without_height_and_width_sample_at_their_size_as_diffusers(sd_p
     (dict(eta=None), r"eta must be a number, got None"),
     (dict(guidance_rescale=None), r"guidance_rescale must be a number"),
     (dict(image=torch.rand(1, 3, 32, 32), strength="0.5"), r"strength must be a number, got '0\.5'"),
-    (dict(image=torch.rand(1, 3, 32, 32), strength=None), r"strength must be a number, got None"),
+    (dict(strength=0.5), r"strength 0.5 sets how much of `image` is redrawn \(image-to-image\); pass image"),  # None: 0.8
     (dict(negative_prompt=5), r"negative_prompt must be a string or a list of strings \(one per prompt\), got 5"),
     (dict(image=torch.rand(32, 32).numpy()), r"image arrays must be \[H, W, C\] or \[B, H, W, C\]"),
     (dict(latents=torch.zeros(1, 4, 4, 4).numpy()), r"latents must be a torch tensor"),
@@ -114,7 +114,7 @@ def test_latents_without_height_and_width_sample_at_their_size_as_diffusers(sd_p
     (dict(image=torch.rand(1, 3, 32, 32), latents=torch.zeros(1, 4, 4, 4)), r"pass image .* or latents .*, not both"),
     (dict(generator=[torch.Generator(), None], num_images_per_prompt=2), r"a list of them \(one per image\), got NoneType"),
 ], ids=["prompt-none", "steps-float", "per-prompt-float", "height-float", "width-zero", "guidance-none", "image-batch", "guidance-nan",
-        "eta-none", "rescale-none", "strength-str", "strength-none", "negative-int", "image-2d-array", "latents-array",
+        "eta-none", "rescale-none", "strength-str", "strength-without-image", "negative-int", "image-2d-array", "latents-array",
         "generator-int", "image-and-latents", "generator-list-with-none"])
 def test_bad_argument_types_are_one_line(torch_pipe, kwargs, message):
     """Each ended as a TypeError or IndexError from inside torch (or the sampler). image with latents: the
