@@ -55,10 +55,15 @@ def one_value_side(configs, pixels_per_deepest: int) -> int:
     return pixels_per_deepest if any(smallest_deepest_side(config) == 2 for config in configs) else 0
 
 
+def _single_values(side: int, batch: int, height: int, width: int) -> bool:
+    """Whether a UNet call of `batch` images of `height` x `width` leaves single values to its deepest GroupNorm."""
+    return bool(side) and batch == 1 and height <= side and width <= side
+
+
 def check_smallest_shape(side: int, batch: int, height: int, width: int, what: str) -> None:
     """An export's ranges whose smallest shape (`batch` images of `height` x `width`, which its parity check runs)
     would normalise single values (one_value_side `side`): refused before the export, which crashed there."""
-    if side and batch == 1 and height <= side and width <= side:
+    if _single_values(side, batch, height, width):
         raise DiffrtError(f"the smallest shape these ranges give {what}, one {height}x{width} image, leaves its deepest level "
                           f"one pixel, where a GroupNorm with one channel per group has a single value to normalise; start "
                           f"--height or --width above {side} px, or --batch at 2")
@@ -68,7 +73,7 @@ def check_one_value_groups(side: int, height: int, width: int, batch: int) -> No
     """Refuse a UNet call of `batch` images of `height` x `width` that would normalise single values (one_value_side
     `side`): it passed every size check, then raised torch's error from inside the model (a traceback from
     `diffrt generate`, a 500 from `diffrt serve`). Two images or more at once run, CFG's pair among them."""
-    if side and batch == 1 and height <= side and width <= side:
+    if _single_values(side, batch, height, width):
         raise ShapeOutOfRangeError(f"one {height}x{width} image leaves the UNet's deepest level one pixel, where a GroupNorm "
                                    f"with one channel per group has a single value to normalise; ask for a side above {side} "
                                    "px, or 2 images or more at once (classifier-free guidance runs 2)")

@@ -39,8 +39,8 @@ from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance, acting
 from diffrt.runtime.lora_scale import RuntimeLora, check_scale_value
-from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, check_finite, check_generators, choose_scheduler,
-                                     make_sampling_schedule, randn, sample)
+from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, assigned_scheduler, check_finite, check_generators,
+                                     choose_scheduler, make_sampling_schedule, randn, sample)
 
 OutputType = Literal["pil", "np", "pt", "latent"]  # "latent": text-to-image only
 
@@ -339,10 +339,7 @@ class PixelPipeline(DenoiserPipeline):
         """diffusers' `pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)`, as the text-to-image pipeline takes
         it: a config, or a sampler's name on the current config's schedule; anything else is one line here, where it
         was taken and failed at the next call with an AttributeError (a review's)."""
-        if config is None:  # choose_scheduler reads None as "keep the model's own"
-            raise DiffrtError("pipe.scheduler takes a DDIMConfig / LCMConfig / DPMConfig / EulerConfig / EulerAncestralConfig "
-                              "or a sampler's name, not None")
-        self._scheduler = choose_scheduler(self._scheduler, config)
+        self._scheduler = assigned_scheduler(self._scheduler, config)
 
     @gated
     def __call__(self, class_labels: list[int] | torch.Tensor | int | None = None, *, num_images: int | None = None,

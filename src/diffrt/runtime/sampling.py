@@ -208,6 +208,15 @@ def choose_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig
     return cls.from_scheduler_config(own.to_scheduler_config())
 
 
+def assigned_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConfig:
+    """What `pipe.scheduler = choice` sets: choose_scheduler's config, None refused (a call's None keeps the model's
+    own; an assignment of None is a mistake)."""
+    if choice is None:
+        raise DiffrtError("pipe.scheduler takes a DDIMConfig / LCMConfig / DPMConfig / EulerConfig / EulerAncestralConfig "
+                          "or a sampler's name, not None")
+    return choose_scheduler(own, choice)
+
+
 def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *, eta: float = 0.0,
                            timesteps: list[int] | None = None) -> Schedule:
     """The schedule for `config`'s sampler (config.make_schedule), with what only one sampler takes refused in one

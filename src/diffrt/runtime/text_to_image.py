@@ -61,7 +61,8 @@ from diffrt.runtime.guidance import Guidance, acting
 from diffrt.runtime.lora_scale import RuntimeLora
 from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, gated, TorchModule, OutputType, convert_output, guidance_in_pytorch,
                                      refuse_not_taken, to_unit_range_unclamped)
-from diffrt.runtime.sampling import Generators, SamplerOptions, Scheduler, check_finite, choose_scheduler, randn, sample
+from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, assigned_scheduler, check_finite, choose_scheduler,
+                                     randn, sample)
 from diffrt.runtime.text_to_image_checks import Call, TextToImageChecks
 from diffrt.runtime.text_to_image_inputs import DEFAULT_STRENGTH, control_keep, sample_posterior
 
@@ -146,10 +147,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         """diffusers' `pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)`, here with a config (or a sampler's
         name, "dpm", on the current config's schedule): every call samples with it as given, those with a control
         image too (they kept the config opened with). Anything else (a diffusers scheduler object) is one line."""
-        if config is None:  # choose_scheduler reads None as "keep the model's own"
-            raise DiffrtError("pipe.scheduler takes a DDIMConfig / LCMConfig / DPMConfig / EulerConfig / EulerAncestralConfig "
-                              "or a sampler's name, not None")
-        self._scheduler = self.controlnet_scheduler = choose_scheduler(self._scheduler, config)
+        self._scheduler = self.controlnet_scheduler = assigned_scheduler(self._scheduler, config)
 
     def backends(self) -> dict[str, Backend]:
         parts = (self.text_encoder, self.unet, self.vae_decoder, *([self.vae_encoder] if self.vae_encoder is not None else []))
