@@ -157,7 +157,8 @@ def request_id(headers) -> str:
 
 def answer_response(answer: Answer, accept: str) -> Response:
     timings = ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in answer.timings_ms.items())
-    headers = {"X-Diffrt-Backend": answer.backend, "X-Diffrt-Seed": str(answer.seed), "X-Request-Id": answer.request_id,
+    # X-Request-Id: set on every /v1 answer by GuardMiddleware (on Ray Serve, by Ray's proxy).
+    headers = {"X-Diffrt-Backend": answer.backend, "X-Diffrt-Seed": str(answer.seed),
                "X-Diffrt-Batch-Size": str(answer.batch_size), "Server-Timing": timings}
     truncated = answer.truncated or {}
     if any(text is not None for cut in truncated.values() for text in cut or []):
@@ -272,8 +273,8 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         api = scope["path"].startswith("/v1/")
-        rid = request_id(headers)
         if api:  # every /v1 answer names its request, refusals included
+            rid = request_id(headers)
             scope.setdefault("state", {})["request_id"] = rid  # the route's request.state.request_id
             send = _with_request_id(send, rid)
         problem = host_problem(headers, self.allowed_hosts)

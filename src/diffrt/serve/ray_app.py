@@ -68,7 +68,7 @@ class DiffrtDeployment:
     async def __call__(self, request: Request) -> Response:
         metrics, t0 = self.runtime.metrics, time.perf_counter()
         # Ray's proxy names every request (its RequestIdMiddleware: the client's X-Request-Id as sent, else its own) and
-        # puts that header on the answer itself: the request goes by Ray's name here too, and the answer carries it once.
+        # puts that header on the answer itself: the request goes by Ray's name here too (no header of diffrt's).
         rid = request.headers.get("x-request-id") or request_id(request.headers)
         try:
             response = await self._answer(request, rid)
@@ -76,8 +76,6 @@ class DiffrtDeployment:
             metrics.observe_answer(CLIENT_CLOSED_REQUEST)
             raise
         metrics.observe_answer(response.status_code, time.perf_counter() - t0)
-        if "x-request-id" in response.headers:
-            del response.headers["x-request-id"]
         return response
 
     async def _answer(self, request: Request, rid: str) -> Response:
