@@ -260,3 +260,20 @@ def test_trainer_defaults_follow_diffusers_scripts():
     for trainer in (["class-cond"], ["finetune", "--model", "m", "--data", "d"]):
         args = parser.parse_args(["train", *trainer])
         assert (args.lr_schedule, args.lr_warmup_steps) == ("cosine", 100)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_stopped_run_says_so_once_from_a_data_parallel_run(quiet, monkeypatch, capsys, tmp_path):
+    """A training run stopped by a signal prints one line and returns 128 + the signal; in a data-parallel run each
+    process printed it, so the launcher's log held it once per GPU. The other processes' stops are quiet."""
+    import signal
+
+    from diffrt import cli
+    from diffrt.errors import TrainingInterrupted
+
+    def stopped(args):
+        raise TrainingInterrupted("stopped by SIGTERM after step 3 of 6: saved it", signal.SIGTERM, 3, quiet=quiet)
+
+    monkeypatch.setattr(cli, "_cmd_train_class_cond", stopped)
+    assert main(["train", "class-cond", "--out", str(tmp_path / "run")]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == ("" if quiet else "diffrt: stopped by SIGTERM after step 3 of 6: saved it")

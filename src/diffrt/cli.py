@@ -586,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffrt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as exc:  # a clean stop, its checkpoint saved: 128 + the signal, as shells count it
-        print(f"diffrt: {exc}", file=sys.stderr)
+        if not exc.quiet:  # a data-parallel run's other processes: the main one says it
+            print(f"diffrt: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         print("diffrt: interrupted", file=sys.stderr)

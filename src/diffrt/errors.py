@@ -37,9 +37,11 @@ class TrainingInterrupted(BaseException):
     """A training run stopped by SIGINT or SIGTERM after a step, with that step's checkpoint saved; `--resume`
     continues it. Not a DiffrtError (nothing was wrong), and, like KeyboardInterrupt, not an Exception: a sweep
     that skips failed runs with `except Exception` stops when asked to. The CLI prints its line and ends by the
-    signal (a shell sees status 130 or 143)."""
+    signal (a shell sees status 130 or 143). `quiet`: raised in a data-parallel run's other processes, whose line
+    would repeat the main one's (the CLI prints none for them)."""
 
-    def __init__(self, message: str, signum: int, step: int):
+    def __init__(self, message: str, signum: int, step: int, quiet: bool = False):
         super().__init__(message)
         self.signum = signum
         self.step = step
+        self.quiet = quiet

@@ -72,7 +72,7 @@ try:
 except DiffrtError as exc:
     print(f"DIVERGED={exc}")
 except TrainingInterrupted as exc:
-    print(f"STOPPED={exc}", flush=True)
+    print(f"STOPPED={'(quiet) ' if exc.quiet else ''}{exc}", flush=True)
     signal.signal(exc.signum, signal.SIG_DFL)
     os.kill(os.getpid(), exc.signum)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -254,7 +254,8 @@ def train(
                 name = signal.Signals(stopping).name
                 raise TrainingInterrupted(f"stopped by {name} after step {done} of {config.max_steps}: saved "
                                           f"{out / 'checkpoints' / f'step-{done:07d}'}; --resume continues the run "
-                                          f"(with --max-steps {done}, it saves the result as it is now)", stopping, done)
+                                          f"(with --max-steps {done}, it saves the result as it is now)", stopping, done,
+                                          quiet=not accelerator.is_main_process)
         seconds = time.perf_counter() - t0
         if accelerator.is_main_process:
             if ema is not None:
@@ -263,7 +264,7 @@ def train(
     if stop.signum:  # it came during the last step or the final save: the run is done, and still asked to stop
         raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} at the end of the run: all "
                                   f"{config.max_steps} steps are done and the result is saved in {out}",
-                                  stop.signum, config.max_steps)
+                                  stop.signum, config.max_steps, quiet=not accelerator.is_main_process)
     steps_run = config.max_steps - start
     rate = steps_run * config.batch_size * config.gradient_accumulation_steps / sum(step_times) if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)
