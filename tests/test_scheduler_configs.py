@@ -119,6 +119,15 @@ def test_schedules_past_the_training_steps_are_one_line():
     ddim.make_schedule(ddim.DDIMConfig(steps_offset=1), 999)
 
 
+def test_trained_betas_past_the_training_steps_are_not_trained_on():
+    """From a review: a trained_betas list longer than num_train_timesteps was kept whole, and training drew timesteps
+    below its length (diffusers' scripts: below num_train_timesteps), ones sampling never visits."""
+    betas = tuple(0.001 * (i + 1) for i in range(12))
+    alphas = ddim.make_alphas_cumprod(ddim.DDIMConfig(num_train_timesteps=10, trained_betas=betas))
+    assert alphas.numel() == 10
+    torch.testing.assert_close(alphas, torch.cumprod(1 - torch.tensor(betas[:10]), 0))
+
+
 # Scheduler configs as model folders ship them; diffrt reads the raw file, a user compares against
 # `DDIMScheduler.from_config(pipe.scheduler.config)` with the folder's own class loaded first.
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)

@@ -1167,3 +1167,16 @@ def test_dreambooth_trains_at_the_models_own_size_by_default(t2i_folder):
     from diffrt.train.dreambooth import model_resolution
 
     assert model_resolution(t2i_folder) == load_text_to_image(t2i_folder, weights=False).default_size == 32
+
+
+def test_dreambooths_python_defaults_train_as_its_command_does(tmp_path):
+    """From a review: DreamBoothConfig's default TrainConfig left lr_schedule at TrainConfig's cosine, so a run from
+    Python decayed its learning rate to 0 where `diffrt train dreambooth-lora` (and diffusers' recipe) holds 1e-4."""
+    from diffrt.cli import build_parser
+
+    args = build_parser().parse_args(["train", "dreambooth-lora", "--model", "m", "--instance-data", "d",
+                                      "--instance-prompt", "a photo of sks cat"])
+    python = DreamBoothConfig(model="m", instance_data="d", instance_prompt="a photo of sks cat").train
+    for name in ("learning_rate", "lr_schedule", "lr_warmup_steps", "max_steps", "batch_size"):
+        assert getattr(python, name) == getattr(args, name), name
+    assert python.lr_schedule == "constant"

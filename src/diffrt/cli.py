@@ -50,7 +50,7 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 disables)")
     p.add_argument("--ema-power", type=float, default=0.0,
-                   help="EMA warm-up as diffusers' EMAModel(use_ema_warmup=True): 1 - (1 + n / inv_gamma) ^ -power "
+                   help="EMA warm-up as diffusers' EMAModel(use_ema_warmup=True): 1 - (1 + (n - 1) / inv_gamma) ^ -power at update n "
                         "(train_unconditional.py: 0.75); default 0: min(decay, (1 + n) / (10 + n))")
     p.add_argument("--ema-inv-gamma", type=float, default=1.0, help="the EMA power warm-up's inverse gamma")
     p.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (and after the last)")

@@ -168,7 +168,9 @@ def make_betas(config: DDIMConfig) -> torch.Tensor:
         if len(config.trained_betas) < T:  # diffusers' step() fails with an IndexError at the later timesteps
             raise DiffrtError(f"trained_betas has {len(config.trained_betas)} values but num_train_timesteps is {T}; "
                               "give one beta per training step")
-        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
+        # The first T: diffusers keeps a longer list whole, but samples and trains (t < num_train_timesteps) on these
+        # only; the rest made training draw timesteps that sampling never visits.
+        betas = torch.tensor(config.trained_betas[:T], dtype=torch.float32)
     elif config.beta_schedule == "linear":
         betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
     elif config.beta_schedule == "scaled_linear":

@@ -73,8 +73,9 @@ class DreamBoothConfig:
     inference_steps: int = 25  # for validation images and class images
     sample_batch_size: int = 4  # class images generated per pipeline call (diffusers' --sample_batch_size)
     guidance_scale: float = 7.5
+    # diffusers' recipe, as the CLI's defaults: 1e-4, constant, no warm-up (TrainConfig's own default is cosine)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/dreambooth-lora", max_steps=500, batch_size=1,
-                                                                   learning_rate=1e-4, lr_warmup_steps=0))
+                                                                   learning_rate=1e-4, lr_warmup_steps=0, lr_schedule="constant"))
 
     def validate(self) -> None:
         if self.rank < 1:

@@ -11,7 +11,8 @@ Strategy") caps that SNR weight of the x0 error at gamma: the nearly clean times
 targets otherwise dominate the gradient, stop crowding out the rest. Written as the weight on each
 prediction's own loss: min(SNR, gamma) / SNR for epsilon (1 where SNR = 0, a zero-terminal-SNR
 schedule's last step, which is the limit), min(SNR, gamma) / (SNR + 1) for v (its error is the
-epsilon error times (SNR + 1) / SNR), min(SNR, gamma) for x0 (in place of SNR), as diffusers'
+epsilon error times (SNR + 1) / SNR; 0 at that last step, as in diffusers: Min-SNR does not train the one step a
+zero-terminal-SNR schedule adds), min(SNR, gamma) for x0 (in place of SNR), as diffusers'
 train_text_to_image.py weighs them. (Its DreamBooth scripts weigh v by min(SNR, gamma) / SNR + 1
 and leave the prior-preservation half unweighted; here both halves of a DreamBooth batch take the
 same weights, so that --prior-loss-weight keeps its meaning.)
