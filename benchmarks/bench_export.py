@@ -10,8 +10,7 @@ ControlNet, VAE decoder and, --vae-encoder, encoder), each exported to fp32 ONNX
 The SD-1.5-sized run is the one that crosses ONNX's 2 GB protobuf limit (the fused UNet+ControlNet
 is 4.8 GB in fp32), so its weights go to external data beside the graph (RELIABILITY #6). Its
 ControlNet's zero convolutions are noised (sd15.py, the `sd15-random-v2` folder), so that its parity says
-something; the committed results/export_cpu_sd15*.json predate that (the v1 folder, diffusers'
-initialisation: zero residuals, a parity of exactly 0) and are due a rerun.
+something (diffusers' initialisation outputs zeros, whose parity of exactly 0 said nothing).
 """
 
 from __future__ import annotations
