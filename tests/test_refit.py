@@ -19,7 +19,7 @@ import torch
 
 from conftest import T2I_RANGES
 from diffrt.atomic import sha256_file
-from diffrt.errors import ArtifactError
+from diffrt.errors import ArtifactError, BackendUnavailableError
 from diffrt.export import manifest as mf
 from diffrt.export import refit
 from diffrt.export.artifact import export_pixel_model
@@ -151,7 +151,7 @@ def test_refit_of_an_engine_artifact_without_tensorrt_says_so_after_the_folder_c
     monkeypatch.setattr(refit, "require_backend", require_backend)
     with pytest.raises(ArtifactError, match="has no TensorRT engine to refit"):
         refit.refit_artifact(onnx, [])
-    with pytest.raises(Exception, match="backend 'tensorrt' is not available"):
+    with pytest.raises(BackendUnavailableError, match="backend 'tensorrt' is not available"):
         refit.refit_artifact(out, [])
     assert not engines.calls
 

@@ -543,7 +543,7 @@ def test_a_client_that_hangs_up_has_its_request_given_up(client, server):
     assert client.post("/v1/generate", json={"class_label": 3, "seed": 1, "num_inference_steps": 1}).status_code == 200
 
 
-def test_cancelling_a_waiting_request_gives_its_rows_up(server):
+def test_cancelling_a_waiting_request_gives_its_rows_up(server, caplog):
     """Ray Serve's way of saying a client has gone: its proxy cancels the replica's call, so the task
     awaiting ServeRuntime.generate is cancelled. Its rows are given up whether the request was being
     planned (queued after its client left: dropped once queued), waiting in the queue, or running."""
@@ -567,7 +567,7 @@ def test_cancelling_a_waiting_request_gives_its_rows_up(server):
             await asyncio.sleep(0.01)
 
     async def hang_up_three() -> list:
-        running = asyncio.ensure_future(runtime.generate(GenerateBody(**slow_body(1))))
+        running = asyncio.ensure_future(runtime.generate(GenerateBody(**slow_body(1)), "hung-up-1"))
         await until(lambda: batcher.in_flight == 1 and batcher.depth == 0, "the first request to be taken")
         queued = asyncio.ensure_future(runtime.generate(GenerateBody(**slow_body(2))))
         await until(lambda: batcher.depth == 1, "the second request to queue")
@@ -582,7 +582,10 @@ def test_cancelling_a_waiting_request_gives_its_rows_up(server):
         return [task.cancelled() for task in tasks]
 
     try:
-        assert asyncio.run(hang_up_three()) == [True, True, True]
+        with caplog.at_level("INFO", logger="diffrt.serve.runtime"):
+            assert asyncio.run(hang_up_three()) == [True, True, True]
+        # The log names the request as its client did (its X-Request-Id on the HTTP route).
+        assert "request hung-up-1 given up while running (1 image(s)): its client has gone" in caplog.text
         assert len(planned) == 1 and batcher.depth == 0  # queued, and given up at once
         worker_free.set()  # the first starts sampling, for nobody
         serving.wait_until(lambda: ran and batcher.in_flight == 0, "the worker to finish")

@@ -64,7 +64,7 @@ from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, gated, 
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, assigned_scheduler, check_finite, choose_scheduler,
                                      randn, sample)
 from diffrt.runtime.text_to_image_checks import Call, TextToImageChecks
-from diffrt.runtime.text_to_image_inputs import DEFAULT_STRENGTH, control_keep, sample_posterior
+from diffrt.runtime.text_to_image_inputs import control_keep, sample_posterior
 
 log = logging.getLogger(__name__)
 
@@ -239,14 +239,14 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
             ran.pop("vae_decoder")
         if not encoded_text:
             ran.pop("text_encoder")
-        do_cfg, img2img, control = call.do_cfg, call.init is not None, call.control is not None
+        do_cfg, control = call.do_cfg, call.control is not None
         meta = {"prompt": call.prompts, "negative_prompt": call.negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None,
                 "height": call.height, "width": call.width, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
                 "clip_skip": call.clip_skip,
                 "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "scheduler": call.schedule.name, "timesteps": call.schedule.timesteps.tolist(),
-                "strength": (DEFAULT_STRENGTH if strength is None else strength) if img2img else None,
+                "strength": call.strength,
                 "controlnet_conditioning_scale": (call.scales if len(call.scales) > 1 else call.scales[0]) if control else None,
                 "control_guidance": [list(w) for w in call.control_windows] if control else None,
                 "guess_mode": call.guess if control else None,

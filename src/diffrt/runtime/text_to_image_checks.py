@@ -44,6 +44,7 @@ class Call:
     schedule: Any  # the sampler's schedule (sampling.Schedule), img2img's tail of it
     clip_skip: int  # text encoder layers skipped before the final layer norm (0: its last hidden state)
     encodes_image: bool  # the VAE encoder runs (img2img from pixels, no latents given)
+    strength: float | None = None  # img2img's, the default resolved (DEFAULT_STRENGTH); None without an image
 
 
 class TextToImageChecks:
@@ -144,10 +145,12 @@ class TextToImageChecks:
         schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps,
                                           control=control is not None)
         if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
-            schedule = schedule.tail(check_strength(DEFAULT_STRENGTH if strength is None else strength, len(schedule)))
+            strength = DEFAULT_STRENGTH if strength is None else strength
+            schedule = schedule.tail(check_strength(strength, len(schedule)))
         return Call(prompts, negatives, num_images_per_prompt, batch, do_cfg, height, width, init, init_is_latents,
                      control, scales, windows, guess, generator, schedule, clip_skip,
-                     encodes_image=init is not None and not init_is_latents and latents is None)
+                     encodes_image=init is not None and not init_is_latents and latents is None,
+                     strength=strength if init is not None else None)
 
     def guess_mode_for(self, asked, control: bool) -> bool:
         """Whether a call runs diffusers' guess mode: asked for, or set by the first ControlNet's global_pool_conditions
