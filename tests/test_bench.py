@@ -128,6 +128,8 @@ def test_run_bench_writes_json_markdown_and_png(tmp_path, tiny_configs):
     assert "| config | backend | status |" in md and md.count("| test-digits") == len(rows) + len(loops)
     if backend_available("onnxruntime"):
         assert f"{rows[('test-digits', 'onnxruntime')]['speedup_vs_eager']:.2f}x" in md
+        # The twin's peak is above a baseline that holds the shared pipeline: the table says so beside the figure.
+        assert "(on test-digits's pipeline)" in md
 
 
 def test_unknown_config_or_backend_is_a_clear_error(tmp_path):
@@ -404,6 +406,33 @@ def test_provenance_names_the_commit_and_whether_the_tree_was_dirty(monkeypatch)
     assert provenance.finish(meta)["load_average_1min_at_end"] is not None
     monkeypatch.setattr(provenance, "SOURCE_ROOT", Path("/nonexistent-checkout"))
     assert provenance.git_state() == {"commit": None, "dirty": None}
+
+
+def test_provenance_dirty_means_the_code_changed_not_the_committed_results(tmp_path, monkeypatch):
+    """Rerunning `diffrt bench --out benchmarks/results` over the committed files must not mark the next
+    run's provenance dirty (its commit names the code that ran); an edited source file must."""
+    import shutil
+    import subprocess
+
+    from diffrt.bench import provenance
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    (tmp_path / "src").mkdir()
+    (tmp_path / provenance.RESULTS).mkdir(parents=True)
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    (tmp_path / provenance.RESULTS / "bench.json").write_text("{}\n")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    monkeypatch.setattr(provenance, "SOURCE_ROOT", tmp_path)
+
+    assert provenance.git_state()["dirty"] is False
+    (tmp_path / provenance.RESULTS / "bench.json").write_text('{"rerun": true}\n')
+    assert provenance.git_state()["dirty"] is False
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")
+    assert provenance.git_state()["dirty"] is True
 
 
 def test_the_chart_marks_a_backend_whose_output_differs_from_eager():

@@ -9,7 +9,8 @@ number can be traced to the code that produced it and the load it was measured u
 
 The commit is read with `git` from the checkout diffrt's source lies in (None outside one, or
 where git is absent); "dirty" says whether tracked files differ from that commit, in which case
-the commit alone does not name the code that ran.
+the commit alone does not name the code that ran. The committed results themselves
+(`benchmarks/results/`) do not count: a rerun over an earlier run's files ran the commit's code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parents[3]  # src/diffrt/bench/ -> the checkout, when run from one
+RESULTS = "benchmarks/results"  # where the committed results lie: their changes are not the code's
 
 
 def load_average() -> float | None:
@@ -39,7 +41,7 @@ def git_state() -> dict:
     if not (SOURCE_ROOT / ".git").exists():
         return {"commit": None, "dirty": None}
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS}") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

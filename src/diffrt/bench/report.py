@@ -182,10 +182,13 @@ def markdown(report: dict) -> str:
         unet = comp.get("unet", comp.get("unet_controlnet"))
         diff = r.get("max_abs_diff_vs_eager")
         match = " ✗" if r.get("matches_eager") is False else ""
+        peak = _f(r['memory']['peak_mb'], '.0f')
+        if r.get("shares_pipeline_with"):  # its baseline already holds the pipeline: the peak is its own runs' only
+            peak += f" (on {r['shares_pipeline_with']}'s pipeline)"
         lines.append(
             f"| {r['config']} | {r['backend']} | ok | {r['setup_s']:.1f} | {r['runs']} | {e['median_ms']:.2f} | {e['p90_ms']:.2f} | "
             f"{e['min_ms']:.2f} | {r['images_per_s']:.2f} | {_f(comp.get('text_encoder'), '.2f')} | {_f(unet, '.2f')} | "
-            f"{_f(comp.get('vae_decoder'), '.2f')} | {_f(r['memory']['peak_mb'], '.0f')} | {_speedup_cell(r)} | "
+            f"{_f(comp.get('vae_decoder'), '.2f')} | {peak} | {_speedup_cell(r)} | "
             f"{_f(diff, '.1e')}{match} |")
     lines += ["", "Component columns are the median of one call as the pipeline makes it (both CFG branches in one batch). "
               "\"vs eager\": the median of eager's time over the backend's, per round of alternating runs, with the "
