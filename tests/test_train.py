@@ -904,15 +904,18 @@ def test_bad_input_raises_diffrt_error_from_the_library(bad_inputs, cat_folder, 
 
 def test_data_parallel_ranks_stay_in_step(tmp_path):
     """Two CPU processes (torchrun, gloo) train on different data; the loop averages their
-    gradients, so both end with the same weights (without the averaging they drift by ~0.25)."""
+    gradients, so both end with the same weights (without the averaging they drift by ~0.25).
+    First, gradients of mixed dtypes and sizes averaged in several small buckets come back as the
+    ranks' mean, in place, whichever bucket each fell in."""
     import subprocess
     import sys
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     script = Path(__file__).parent / "scripts" / "ddp_train.py"
-    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "ddp")],
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "ddp"), "buckets"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("BUCKETS=error 0.000e+00 in_place True none_kept True") == 2, out.stdout
     spread = float(out.stdout.split("RANK_SPREAD=")[1].split()[0])
     assert spread == 0.0
 

@@ -933,3 +933,16 @@ def test_resume_auto_starts_a_new_run_where_there_is_no_checkpoint_and_resumes_w
         train_linear(linear_config(tmp_path, max_steps=6, resume="auto"))
     with pytest.raises(DiffrtError, match="resume must be True, False or 'auto', got 'yes'"):
         linear_config(tmp_path, resume="yes").validate()
+
+
+def test_gradient_buckets_keep_order_split_on_dtype_device_and_size():
+    """Data-parallel averaging packs gradients as DDP does: consecutive tensors of one dtype and device, up to the cap;
+    a tensor over the cap is a bucket of its own; nothing is dropped or reordered (each process builds the same list)."""
+    from diffrt.train.data_parallel import buckets
+
+    f32 = [torch.zeros(n) for n in (3, 3, 5, 20, 1)]
+    f64 = torch.zeros(2, dtype=torch.float64)
+    grads = [f32[0], f32[1], f64, f32[2], f32[3], f32[4]]
+    got = list(buckets(grads, bucket_bytes=6 * 4))  # six float32s
+    assert [[id(g) for g in b] for b in got] == [[id(f32[0]), id(f32[1])], [id(f64)], [id(f32[2])], [id(f32[3])], [id(f32[4])]]
+    assert [g for b in got for g in b] == grads and list(buckets([], 10)) == []

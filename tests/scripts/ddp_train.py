@@ -2,7 +2,8 @@
 different data (the step generator is seeded by the process index); after training, every rank
 must hold the same weights, which only holds if the loop averages their gradients.
 
-With a second argument `diverge`, rank 1's loss turns NaN at step 3: both ranks must stop there with the loop's
+With a second argument `buckets`, the ranks first average gradients of several dtypes and sizes with a tiny
+bucket cap (check_buckets), then train as without it. With `diverge`, rank 1's loss turns NaN at step 3: both ranks must stop there with the loop's
 one-line error (printed as DIVERGED=...), neither left waiting for the other. With `stop-rank1` (`stop-all`),
 rank 1 alone (every rank) gets SIGTERM during step 3: both must stop after it (printed as STOPPED=...) and end
 as the CLI does, by the signal, once the main rank has saved the checkpoint (slowed down here by 2 s).
@@ -29,6 +30,29 @@ model = torch.nn.Linear(8, 1)
 state = PartialState(cpu=True)
 
 
+def check_buckets() -> None:
+    """`buckets`: every gradient averaged over the ranks whichever bucket it fell in (dtypes change and a
+    tensor exceeds the cap here), in place, and a parameter without a gradient left without one."""
+    from accelerate import Accelerator
+
+    from diffrt.train.data_parallel import average_gradients
+
+    shapes = [((3, 4), torch.float32), ((5,), torch.float32), ((2,), torch.float64), ((7, 2), torch.float32),
+              ((1,), torch.float32), ((4,), torch.float32)]
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in shapes]
+    for i, p in enumerate(params[:-1]):  # the last one keeps grad None
+        p.grad = torch.arange(p.numel(), dtype=p.dtype).view_as(p) * (state.process_index + 1) + i
+    before = [p.grad for p in params[:-1]]
+    average_gradients(params, Accelerator(cpu=True), bucket_bytes=40)  # 10 float32s: several buckets
+    mean_factor = sum(range(1, state.num_processes + 1)) / state.num_processes
+    error = max((p.grad - (torch.arange(p.numel(), dtype=p.dtype).view_as(p) * mean_factor + i)).abs().max().item()
+                for i, p in enumerate(params[:-1]))
+    same = all(p.grad is g for p, g in zip(params, before))
+    print(f"BUCKETS=error {error:.3e} in_place {same} none_kept {params[-1].grad is None}", flush=True)
+
+
+if sys.argv[2:] == ["buckets"]:
+    check_buckets()
 diverge = sys.argv[2:] == ["diverge"]
 stop = sys.argv[2] if sys.argv[2:] and sys.argv[2].startswith("stop-") else None
 calls = []

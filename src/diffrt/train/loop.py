@@ -42,6 +42,7 @@ from diffrt.errors import DiffrtError, TrainingInterrupted
 from diffrt.train.checkpoints import (check_max_steps, list_checkpoints, load_latest_checkpoint, remove_killed_saves,
                                      remove_old_checkpoints, save_checkpoint)
 from diffrt.train.config import MAX_ACCUMULATION, MAX_PROCESSES, TrainConfig, lr_at
+from diffrt.train.data_parallel import average_gradients
 from diffrt.train.ema import EMA
 from diffrt.train.stop import StopRequests
 
@@ -144,7 +145,7 @@ def train(
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
     # The model is placed, not wrapped: trainers call their own modules (a UNet, a peft adapter
     # inside a pipeline), which DDP's wrapper would bypass. Data-parallel gradients are averaged
-    # across processes explicitly after the accumulated backward passes instead.
+    # across processes explicitly after the accumulated backward passes instead (data_parallel.py).
     model.to(accelerator.device)
     optimizer = accelerator.prepare(optimizer)
     ema = EMA(named, config.ema_decay, config.ema_power, config.ema_inv_gamma) if config.ema_decay > 0 else None
@@ -203,9 +204,7 @@ def train(
                     accelerator.backward(loss)  # fp16: scaled by the GradScaler, unscaled before clipping below
                 total += loss.item()
             if accelerator.num_processes > 1:
-                for p in named.values():
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                average_gradients(named.values(), accelerator)  # in ~25 MB buckets, as DDP does
             grad_norm = None
             if config.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
