@@ -38,4 +38,18 @@ def test_old_opset_and_bf16_onnx_are_one_line(uncond_model_dir, tmp_path, capsys
     assert "--opset 13 is below 17" in line
     line = one_line_error(capsys, ["export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "b"), "--precision", "bf16"])
     assert "bf16 needs --backend tensorrt" in line
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    line = one_line_error(capsys, ["export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "c"), "--workspace-gb", "8"])
+    assert "--workspace-gb caps TensorRT's builder; it needs --backend tensorrt" in line
+    line = one_line_error(capsys, ["export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "c"), "--workspace-gb", "0",
+                                   "--backend", "tensorrt"])
+    assert "--workspace-gb 0.0 must be a positive number of GiB" in line
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_the_workspace_cap_names_no_automatic_export_folder(tmp_path):
+    """A builder's memory cap is a resource, not a property of the engine: the folder `diffrt generate` keeps an
+    automatic export in is the same with or without it (and the same as before the option existed)."""
+    from diffrt.export.options import ExportOptions, options_text
+
+    assert options_text(ExportOptions(backend="tensorrt", workspace_gb=4.0)) == options_text(ExportOptions(backend="tensorrt"))
+    assert "workspace" not in options_text(ExportOptions(workspace_gb=4.0))

@@ -17,7 +17,7 @@ import torch
 from diffrt.atomic import save_safetensors, sha256_file
 from diffrt.errors import LoraError
 from diffrt.export.lora import LoraSpec, read_lora, read_loras
-from diffrt.export.lora_fuse import fuse_loras, fused_state_dict, lora_deltas
+from diffrt.export.lora_fuse import fuse_loras, fused_params
 from diffrt.tiny import tiny_lora_files, tiny_text_to_image
 
 COMPONENTS = ("unet", "text_encoder")
@@ -76,6 +76,13 @@ def diffrt_fused(folder, loras: list[tuple[Path, float]]):
 
 def base_state(folder) -> dict[str, dict[str, torch.Tensor]]:
     return {c: m.state_dict() for c, m in load_components(folder).items()}
+
+
+def fused_state(base: dict, loras) -> dict[str, dict[str, torch.Tensor]]:
+    """What refit sets on an engine: every weight, the LoRAs fused into the base (fused_params) where they
+    patch it, else the base, cast to the base's dtypes."""
+    fused = fused_params(base, loras)
+    return {c: {**s, **{k: v.to(s[k].dtype) for k, v in fused.get(c, {}).items()}} for c, s in base.items()}
 
 
 def assert_states_close(actual, expected, atol=1e-6):
@@ -179,11 +186,11 @@ def test_fp16_weights_fuse_in_fp32_and_cast_back(sd_folder, lora_a):
     fuse_loras(fp32, [(lora, 1.0)])
     fuse_loras(fp16, [(lora, 1.0)])
     base = {c: m.half().state_dict() for c, m in load_components(sd_folder).items()}
-    deltas = lora_deltas(base, [(lora, 1.0)])
-    for component, params in deltas.items():
+    fused = fused_params(base, [(lora, 1.0)])  # fp32, from the fp16 base
+    for component, params in fused.items():
         state, ref = fp16[component].state_dict(), fp32[component].state_dict()
-        for name, delta in params.items():
-            expected = (base[component][name].float() + delta).half()
+        for name, value in params.items():
+            expected = value.half()
             assert state[name].dtype == torch.float16 and torch.equal(state[name], expected), name
             torch.testing.assert_close(state[name].float(), ref[name], atol=2e-3, rtol=1e-3)
 
@@ -324,26 +331,15 @@ def test_refit_a_b_a_equals_a_alone(sd_folder, lora_a, lora_b):
 
     engine = {c: dict(s) for c, s in base.items()}  # stands in for the weights inside an engine
     for loras in (a, b, a):
-        for component, state in fused_state_dict(base, loras).items():
+        for component, state in fused_state(base, loras).items():
             engine[component].update(state)
 
-    only_a = fused_state_dict(base, a)
+    only_a = fused_state(base, a)
     assert_states_close(engine, only_a, atol=0)
     assert changed_params(engine, base)
     assert_states_close(base, base_copy, atol=0)  # the base was not touched
-    both = fused_state_dict(base, a + b)
+    both = fused_state(base, a + b)
     assert changed_params(both, only_a)
-
-
-def test_lora_deltas_are_the_fused_difference(sd_folder, lora_a):
-    base = base_state(sd_folder)
-    loras = [(read_lora(lora_a["kohya"]), 0.3)]
-    deltas = lora_deltas(base, loras)
-    fused = fused_state_dict(base, loras)
-    for component, params in deltas.items():
-        for name, delta in params.items():
-            torch.testing.assert_close(fused[component][name] - base[component][name], delta, atol=1e-6, rtol=0)
-            assert delta.abs().max() > 0
 
 
 # --- files and specs (row 12) -----------------------------------------------------------------
@@ -529,9 +525,9 @@ def test_dora_fuse_matches_diffusers_fuse_lora(sd_folder, dora, scale):
 
     # Not a plain LoRA, and not linear in the scale: fused at s is not base + s * (fused at 1 - base).
     plain = [(replace_layers(lora, magnitude=None), scale)]
-    assert changed_params(fused_state_dict(base_state(sd_folder), plain), ours) == patched
+    assert changed_params(fused_state(base_state(sd_folder), plain), ours) == patched
     base = base_state(sd_folder)
-    at_one = fused_state_dict(base, [(lora, 1.0)])
+    at_one = fused_state(base, [(lora, 1.0)])
     linear = {c: {k: base[c][k] + scale * (at_one[c][k] - base[c][k]) for k in base[c]} for c in COMPONENTS}
     assert changed_params(linear, ours) == patched
 
@@ -586,9 +582,9 @@ def test_lora_bias_fuse_matches_diffusers_fuse_lora(sd_folder, dora, scale):
     modules = [f"{c}.{m}" for c, names in report.loras[0].modules.items() for m in names]
     assert changed_params(ours, base_state(sd_folder)) == {f"{m}.{kind}" for m in modules for kind in ("weight", "bias")}
     base = base_state(sd_folder)
-    for component, params in lora_deltas(base, [(lora, scale)]).items():
-        for name, delta in params.items():
-            torch.testing.assert_close(base[component][name] + delta, ours[component][name], atol=1e-6, rtol=0)
+    for component, params in fused_params(base, [(lora, scale)]).items():  # refit's path: weights and biases alike
+        for name, value in params.items():
+            torch.testing.assert_close(value, ours[component][name], atol=1e-6, rtol=0)
 
 
 def test_kohya_dora_scale_is_refused_because_diffusers_drops_it(sd_folder, lora_a, tmp_path):
@@ -644,17 +640,15 @@ def test_lora_bias_on_a_module_without_bias_is_refused(sd_folder, tmp_path):
 
 def test_dora_refits_start_from_the_base(sd_folder, dora, lora_b):
     """A, B, A over one engine's weights gives A exactly, DoRA included (row 8): each DoRA weight is
-    computed from the base, and lora_deltas is that weight minus the base."""
+    computed from the base."""
     base = base_state(sd_folder)
     a, b = [(read_lora(dora["a"]), 0.8)], [(read_lora(lora_b["kohya"]), 0.5), (read_lora(dora["b"]), 1.2)]
     engine = {c: dict(s) for c, s in base.items()}
     for loras in (a, b, a):
-        for component, state in fused_state_dict(base, loras).items():
+        for component, state in fused_state(base, loras).items():
             engine[component].update(state)
-    assert_states_close(engine, fused_state_dict(base, a), atol=0)
-    for component, params in lora_deltas(base, a).items():
-        for name, delta in params.items():
-            torch.testing.assert_close(base[component][name] + delta, engine[component][name], atol=1e-6, rtol=0)
+    assert_states_close(engine, fused_state(base, a), atol=0)
+    assert changed_params(engine, base)
 
 
 def test_dora_export_equals_diffusers_fuse_lora(sd_folder, dora, tmp_path):

@@ -438,9 +438,11 @@ def test_engine_matches_pytorch_fp16(model_dir, tmp_path):
     from diffrt.export.artifact import export_pixel_model
     from diffrt.export.options import ExportOptions
 
-    folder = export_pixel_model(model_dir, tmp_path / "fp16", ExportOptions(backend="tensorrt", precision="fp16", batch=BATCH)).folder
+    options = ExportOptions(backend="tensorrt", precision="fp16", batch=BATCH, workspace_gb=1.5)
+    folder = export_pixel_model(model_dir, tmp_path / "fp16", options).folder
     engine = mf.read_manifest(folder)["components"]["unet"]["engine"]
     assert engine["precision"] == "fp16" and engine["typing"] == "strong"
+    assert engine["workspace_bytes"] == int(1.5 * 1024**3)  # --workspace-gb reaches the builder
     backend = _backend(folder)
     feed = backend.spec.example_feed("opt", device="cuda", seed=4)
     assert _close(backend.run(feed)["noise_pred"], _reference(model_dir, feed), 2e-2)

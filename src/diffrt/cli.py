@@ -168,6 +168,7 @@ def _cmd_export(args) -> int:
         height=parse_range(args.height, "height") if args.height else None,
         width=parse_range(args.width, "width") if args.width else None,
         opset=args.opset, exporter=args.exporter, loras=_loras(args), verify=not args.no_verify, vae_encoder=args.vae_encoder,
+        workspace_gb=args.workspace_gb,
     )
     result = export_model(args.model, args.out, options, controlnets=args.controlnet)
     state = "cache hit, nothing rebuilt" if result.cache_hit else f"exported in {result.seconds:.1f} s"
@@ -376,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a model (+ LoRA) to ONNX / TensorRT with a manifest and parity report")
     ex.add_argument("--model", default=None, help="diffusers folder or Hub id org/name[@rev] (default: the shipped digits model)")
     ex.add_argument("--out", required=True, help="artifact folder to write")
-    ex.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA to bake in (repeatable)")
+    ex.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="LoRA at a scale (repeatable): fused into the ONNX weights; with tensorrt, refit into the engines")
     ex.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                     help="ControlNet folder (repeatable: fused with the UNet in the order given, as diffusers' MultiControlNetModel)")
     ex.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
@@ -389,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch.onnx's TorchScript tracer (quick; deprecated by PyTorch) or its torch.export-based exporter")
     ex.add_argument("--vae-encoder", action="store_true",
                     help="text-to-image: also export the VAE encoder, so image-to-image runs on the backend (else it encodes in PyTorch)")
+    ex.add_argument("--workspace-gb", type=float, default=None, metavar="GIB",
+                    help="tensorrt: cap the builder's scratch memory (default: 3/4 of the GPU memory free at the start)")
     ex.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
     ex.set_defaults(func=_cmd_export)
 

@@ -196,7 +196,8 @@ def _export_component(module: torch.nn.Module, spec: ComponentSpec, out: Path, o
 
         engine_path = out / spec.name / "engine.plan"
         # Refittable only where LoRA can go (UNet, text encoder): the VAE and a standalone ControlNet never take it.
-        entry["engine"] = build_engine(onnx_path, spec, engine_path, precision=precision, refit=spec.name in LORA_COMPONENTS)
+        entry["engine"] = build_engine(onnx_path, spec, engine_path, precision=precision, workspace_gb=options.workspace_gb,
+                                       refit=spec.name in LORA_COMPONENTS)
         files[str(engine_path.relative_to(out))] = entry["engine"]["sha256"]  # hashed by build_engine: engines are large
         if options.verify:
             # Measured on the engine as built, with base weights: a LoRA is refit in afterwards

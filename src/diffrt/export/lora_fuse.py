@@ -302,9 +302,9 @@ def _raise_unmatched(lora: LoraFile, unmatched: list[str], components: list[str]
 
 
 def _new_values(weights: Mapping[str, Mapping[str, torch.Tensor]], biases: Mapping[str, Mapping[str, torch.Tensor]],
-                plan: Plan, *, as_deltas: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """{component: {param: value}} for every parameter `plan` changes, in fp32: the fused value, or
-    fused - base when `as_deltas`. Plain-LoRA weights are base + the summed deltas, so their delta is exact."""
+                plan: Plan) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {param: fused value}} for every parameter `plan` changes, in fp32: plain LoRA adds its deltas
+    to the base; DoRA renormalises the sum (_dora_weight)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for component, modules in plan.items():
         params = out.setdefault(component, {})
@@ -312,14 +312,13 @@ def _new_values(weights: Mapping[str, Mapping[str, torch.Tensor]], biases: Mappi
             base = weights[component][module]
             delta = _additive_delta(base, updates)
             if delta is None:
-                fused = _dora_weight(base, updates)
-                params[f"{module}.weight"] = fused - base.detach().float() if as_deltas else fused
+                params[f"{module}.weight"] = _dora_weight(base, updates)
             else:
-                params[f"{module}.weight"] = delta if as_deltas else base.detach().float() + delta.to(base.device)
+                params[f"{module}.weight"] = base.detach().float() + delta.to(base.device)
             bias_delta = _bias_delta(updates)
             if bias_delta is not None:
                 bias = biases[component][module]
-                params[f"{module}.bias"] = bias_delta if as_deltas else bias.detach().float() + bias_delta.to(bias.device)
+                params[f"{module}.bias"] = bias.detach().float() + bias_delta.to(bias.device)
     return out
 
 
@@ -346,41 +345,16 @@ def lora_targets(
     return targets
 
 
-def lora_deltas(
-    base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """fused - base in fp32 for every parameter `loras` change at their scales: {component: {param: delta}}.
-
-    `base_state` maps component names ("unet", "text_encoder") to state dicts. A plain LoRA's delta
-    is scale * scaling * up @ down whatever the base holds; a DoRA layer's depends on the base values,
-    so it is not linear in the scale and holds only for this base: fuse with `fused_params` instead."""
-    weights, biases, plan = _planned(base_state, loras)
-    return _new_values(weights, biases, plan, as_deltas=True)
-
-
 def fused_params(
     base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """The fp32 values, computed from `base_state`, of every parameter `loras` change at their scales."""
+    """The fp32 values, computed from `base_state`, of every parameter `loras` change at their scales.
+
+    `base_state` maps component names ("unet", "text_encoder") to state dicts, which are not modified. Always
+    computed from the base given, never from a previous result: refit (refit.py) sets these on an engine,
+    so refitting A, then B, then A again gives exactly A."""
     weights, biases, plan = _planned(base_state, loras)
-    return _new_values(weights, biases, plan, as_deltas=False)
-
-
-def fused_state_dict(
-    base_state: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[tuple[LoraFile, float]]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """New state dicts: the LoRAs fused into the base in fp32 and cast back to each tensor's dtype.
-
-    Always computed from the base given, never from a previous result, so refitting an engine
-    with A, then B, then A again gives exactly A. Unpatched tensors are shared with `base_state`,
-    which is not modified."""
-    fused = fused_params(base_state, loras)
-    out = {}
-    for component, state in base_state.items():
-        out[component] = dict(state)
-        for param, value in fused.get(component, {}).items():
-            out[component][param] = value.to(state[param].dtype)
-    return out
+    return _new_values(weights, biases, plan)
 
 
 @torch.no_grad()
@@ -395,7 +369,7 @@ def fuse_loras(model_components: Mapping[str, nn.Module], loras: Sequence[tuple[
     weights = {component: w for component, (w, _) in split.items()}
     biases = {component: b for component, (_, b) in split.items()}
     plan, report = _plan(weights, biases, loras)
-    new = _new_values(weights, biases, plan, as_deltas=False)  # every value first: DoRA reads the base weights
+    new = _new_values(weights, biases, plan)  # every value first: DoRA reads the base weights
     for component, params in new.items():
         for param, value in params.items():
             module, _, kind = param.rpartition(".")

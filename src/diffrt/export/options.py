@@ -41,6 +41,9 @@ class ExportOptions:
     # Graphs whose weights exceed this many bytes keep them in model.onnx.data, in the component's
     # own folder (RELIABILITY #6; protobuf cannot hold over 2 GB). A layout choice, not in the key.
     external_data_threshold: int = TWO_GB
+    # TensorRT: the builder's workspace cap in GiB (None: 3/4 of the GPU memory free when the build starts). A
+    # resource for the build, not a property of the engine: in neither key, nor in the folder name (repr=False).
+    workspace_gb: float | None = field(default=None, repr=False)
 
     @property
     def onnx_opset(self) -> int:
@@ -100,6 +103,10 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
     if options.exporter == "dynamo" and options.onnx_opset < DYNAMO_MIN_OPSET:
         raise DiffrtError(f"--exporter dynamo writes opset {DYNAMO_MIN_OPSET} or newer, not {options.onnx_opset}; "
                           f"pass --opset {DYNAMO_MIN_OPSET} or leave --opset out")
+    if options.workspace_gb is not None and not (isinstance(options.workspace_gb, (int, float)) and 0 < options.workspace_gb < 1e6):
+        raise DiffrtError(f"--workspace-gb {options.workspace_gb!r} must be a positive number of GiB, e.g. 8")
+    if options.workspace_gb is not None and options.backend != "tensorrt":
+        raise DiffrtError("--workspace-gb caps TensorRT's builder; it needs --backend tensorrt")
     if options.backend == "tensorrt":
         require_backend("tensorrt")  # one line naming the backends this machine has
     elif options.precision == "bf16":

@@ -24,8 +24,9 @@ Names. The TorchScript ONNX exporter keeps parameter names for most initializers
 a MatMul whose weight is constant-folded, transposed and renamed (`onnx::MatMul_1147`). The
 weight map matches initializers to the model's parameters by name suffix where it can, else by
 value (also transposed), and is stored beside the ONNX as weight_map.json. It is made from the
-PyTorch module at export (`write_weight_map`), or on the first refit from the source model the
-manifest names, after checking its hash. TensorRT names refittable weights after the ONNX
+PyTorch module at export (`write_weight_map`); for a pixel UNet exported without one (an older
+diffrt), on the first refit from the source model the manifest names, after checking its hash (a
+text-to-image artifact without one is refused: re-export it). TensorRT names refittable weights after the ONNX
 initializers, so that is the only mapping needed. What cannot be mapped is reported; a LoRA that
 patches an unmapped weight is refused, never silently skipped (RELIABILITY #7).
 """

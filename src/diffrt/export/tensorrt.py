@@ -3,8 +3,9 @@
     build_engine(onnx_path, spec, engine_path, precision) -> manifest entry
 
 The component's spec gives the one optimisation profile (min/opt/max of every dynamic axis).
-Engines are built refittable, so a LoRA can be swapped in later from the base weights
-(`diffrt.export.refit`) without a rebuild.
+The components a LoRA can patch (UNet, text encoder: refit.LORA_COMPONENTS) are built refittable,
+so a LoRA can be swapped in later from the base weights (`diffrt.export.refit`) without a rebuild;
+the VAE and a standalone ControlNet are not (refit costs a little speed).
 
 Typing. TensorRT 10 builds either a strongly-typed network, where every tensor keeps the type
 the ONNX gives it, or a weakly-typed one, where precision flags let the builder choose per
@@ -115,7 +116,7 @@ def explain_build_failure(component: str, errors: list[str], workspace_bytes: in
     impl = re.search(r"could not find any implementation for node (\S+?)\.?(?:\)|\s|$)", joined, re.I | re.M)
     if impl:
         return (f"TensorRT found no kernel for node {impl.group(1)} of {component} within its memory ({memory}): most often "
-                f"this is out of GPU memory, so free memory or raise workspace_gb and rebuild; if memory is ample the layer is "
+                f"this is out of GPU memory, so free memory or raise --workspace-gb and rebuild; if memory is ample the layer is "
                 f"unsupported at this precision by this TensorRT [{text}]")
     if re.search(r"unsupported|not supported|no importer registered", joined, re.I):
         return f"TensorRT does not support a layer of {component} at this precision [{text}]; try another precision or opset"
