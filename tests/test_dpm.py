@@ -96,6 +96,27 @@ def test_zero_snr_and_lambda_clipping_equal_dpm_scheduler():
             assert torch.equal(schedule.alphas_cumprod, ref.alphas_cumprod)
 
 
+def test_karras_sigma_bounds_a_config_carries_equal_dpm_scheduler():
+    """sigma_min / sigma_max are no arguments of DPMSolverMultistepScheduler, but a config that carries them (a
+    DPM folder saved from a converted Euler scheduler; `scheduler="dpm"` on an Euler folder) keeps them as hidden
+    keys, and its Karras sigmas run between them: a review found diffrt's ran between the training schedule's ends."""
+    from diffusers import EulerDiscreteScheduler
+
+    bounds = dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0, **SD)
+    dpm_file = {"_class_name": "DPMSolverMultistepScheduler", **bounds}
+    euler_file = {"_class_name": "EulerDiscreteScheduler", **bounds}
+    for steps in (1, 5, 20):
+        ref = DPMSolverMultistepScheduler.from_config(dpm_file)
+        ref.set_timesteps(steps)
+        assert ref.sigmas[0] == pytest.approx(10.0)  # the bounds are used by the oracle itself
+        schedule = dpm.make_dpm_schedule(ddim.DDIMConfig.from_scheduler_config(dpm_file), steps)
+        assert torch.equal(schedule.timesteps, ref.timesteps) and torch.equal(schedule.sigmas, ref.sigmas), steps
+        ref = DPMSolverMultistepScheduler.from_config(EulerDiscreteScheduler.from_config(euler_file).config)
+        ref.set_timesteps(steps)
+        schedule = make_sampling_schedule(choose_scheduler(ddim.DDIMConfig.from_scheduler_config(euler_file), "dpm"), steps)
+        assert torch.equal(schedule.timesteps, ref.timesteps) and torch.equal(schedule.sigmas, ref.sigmas), steps
+
+
 @pytest.mark.parametrize("timesteps", [[999, 749, 499, 249], [901, 500, 3], [10]])
 def test_custom_timesteps_equal_dpm_scheduler(timesteps):
     ref = DPMSolverMultistepScheduler(**SD)

@@ -174,6 +174,23 @@ def test_other_scheduler_classes_mean_what_ddim_from_config_makes_of_them(name, 
         ref.config.prediction_type, ref.config.clip_sample, ref.config.clip_sample_range)
 
 
+@pytest.mark.parametrize("config", [
+    # Playground v2.5's scheduler, and SD3's / FLUX's: read as a beta schedule, DDIM on default linear betas.
+    dict(_class_name="EDMDPMSolverMultistepScheduler", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="exponential",
+         prediction_type="epsilon", solver_order=2, num_train_timesteps=1000),
+    dict(_class_name="EDMEulerScheduler", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5),
+    dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0),
+    dict(_class_name="CMStochasticIterativeScheduler", sigma_min=0.002, sigma_max=80.0),
+], ids=lambda c: c["_class_name"])
+def test_schedulers_of_another_noise_process_are_refused_by_name(config):
+    """A review found an EDM folder sampled as DDIM on linear betas (only an INFO line said anything): what such a
+    model was trained on is no beta schedule, so every sampler diffrt has would give noise. Refused, in one line."""
+    with pytest.raises(DiffrtError, match=rf"^the scheduler config names {config['_class_name']}, whose model was trained on "
+                                          "another noise process than a DDPM beta schedule") as info:
+        ddim.DDIMConfig.from_scheduler_config(config)
+    assert "\n" not in str(info.value)
+
+
 # --- whole images -----------------------------------------------------------------------------------------
 
 

@@ -41,6 +41,9 @@ OWN_SAMPLERS = {
     "EulerDiscreteScheduler": ("diffrt.runtime.euler", "EulerConfig"),
     "EulerAncestralDiscreteScheduler": ("diffrt.runtime.euler", "EulerAncestralConfig"),
 }
+# Schedulers of models trained on another noise process than DDPM's betas (EDM's sigmas, flow matching, VE SDEs,
+# consistency models, discrete tokens): read as a beta schedule, their folders would sample pure noise without a word.
+OTHER_NOISE_PROCESSES = ("EDM", "FlowMatch", "ScoreSde", "KarrasVe", "CMStochasticIterative", "SCM", "VQDiffusion", "Amused")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ class DDIMConfig:
         DPMConfig, dpm.py; EulerDiscreteScheduler an EulerConfig, EulerAncestralDiscreteScheduler an
         EulerAncestralConfig, euler.py): DDIMConfigs that the pipelines sample with that sampler, as
         diffusers' pipelines sample such a folder; `sampling.choose_scheduler(config, "ddim")` is DDIM on it."""
+        named = config.get("_class_name") or ""
+        if named.startswith(OTHER_NOISE_PROCESSES):
+            raise DiffrtError(f"the scheduler config names {named}, whose model was trained on another noise process than a "
+                              "DDPM beta schedule (EDM sigmas, flow matching, ...); diffrt's samplers (DDIM, DPM-Solver++, Euler, "
+                              "LCM) run beta-schedule models only")
         if cls is DDIMConfig and config.get("_class_name") in OWN_SAMPLERS:
             module, name = OWN_SAMPLERS[config["_class_name"]]  # lcm.py, dpm.py and euler.py build on this module
             return getattr(importlib.import_module(module), name).from_scheduler_config(config, **overrides)

@@ -183,7 +183,8 @@ def make_dpm_timesteps(config: DPMConfig, num_inference_steps: int, alphas_cumpr
 
 
 def karras_sigmas(sigmas: np.ndarray, num_inference_steps: int) -> np.ndarray:
-    """N sigmas from sigma_max to sigma_min evenly spaced in sigma^(1/rho) (Karras et al. 2022, Eq. 5)."""
+    """N sigmas from sigma_max to sigma_min evenly spaced in sigma^(1/rho) (Karras et al. 2022, Eq. 5);
+    `sigmas` ascending: its first is sigma_min, its last sigma_max."""
     sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
     ramp = np.linspace(0, 1, num_inference_steps)
     max_inv, min_inv = sigma_max ** (1 / KARRAS_RHO), sigma_min ** (1 / KARRAS_RHO)
@@ -317,7 +318,11 @@ def make_dpm_schedule(config: DPMConfig, num_inference_steps: int | None = None,
     elif config.use_karras_sigmas:
         if not 1 <= num_inference_steps <= T:
             raise DiffrtError(f"num_inference_steps must be in [1, {T}] (the model's training steps), got {num_inference_steps}")
-        sigmas = karras_sigmas(sigmas, num_inference_steps)
+        # A config may bound them (sigma_min / sigma_max: not DPMSolverMultistepScheduler's arguments, but kept
+        # as hidden keys, which its _convert_to_karras reads: an Euler folder's, or one converted from it).
+        low, high = (config.hidden.get(key) for key in ("sigma_min", "sigma_max"))
+        sigmas = karras_sigmas(np.array([sigmas[0] if low is None else float(low), sigmas[-1] if high is None else float(high)]),
+                               num_inference_steps)
         steps = sigma_to_timestep(sigmas, log_sigmas)
         # The cosine schedule keeps the fractional steps, which int64 truncates (as diffusers casts them).
         steps = (steps if config.beta_schedule == "squaredcos_cap_v2" else steps.round()).astype(np.int64)
