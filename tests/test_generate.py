@@ -243,6 +243,24 @@ def test_an_artifact_runs_on_what_it_was_exported_for_by_default(uncond_model_di
     assert artifact_backend(artifact) == "onnxruntime"
 
 
+
+def test_one_default_backend_rule_for_every_entry_point(uncond_model_dir, tmp_path):
+    """A review found `diffrt demo --ui --model FOLDER` exporting a diffusers folder where `diffrt generate` and
+    open_pipeline ran it in PyTorch, each entry point with its own rule. One rule now: an artifact runs its own
+    files; a diffusers folder runs in PyTorch, except in the demos (exported=True), which show the exported runtime."""
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
+    from diffrt.runtime.backends import best_exported_backend
+    from diffrt.runtime.loading import default_backend
+    from diffrt.runtime.opening import open_pipeline
+
+    artifact = export_pixel_model(uncond_model_dir, tmp_path / "art", ExportOptions(batch=(1, 2, 8), verify=False)).folder
+    assert default_backend(artifact) == default_backend(artifact, exported=True) == "onnxruntime"
+    assert default_backend(uncond_model_dir) == default_backend(None) == "torch"
+    assert default_backend(uncond_model_dir, exported=True) == best_exported_backend()
+    assert open_pipeline(uncond_model_dir).backend == "torch" and open_pipeline(artifact).backend == "onnxruntime"
+
+
 def test_controlnet_img2img_takes_diffusers_default_scale(t2i_folder, control_pngs, tmp_path):
     """Without --control-scale, `--image` with a ControlNet runs at 0.8, the default of diffusers'
     StableDiffusionControlNetImg2ImgPipeline (1.0 is StableDiffusionControlNetPipeline's)."""

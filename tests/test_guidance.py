@@ -83,6 +83,11 @@ def test_guidance_arguments_are_checked_where_they_are_given(model):
                             (dict(scale=1.0, every=1.5), r"'every' must be a whole number of steps >= 1, got 1.5")):
         with pytest.raises(DiffrtError, match=message):
             Guidance(lambda im: im.mean(), **kwargs)
+    # NumPy scalars (a config's, a UI slider's) are numbers, as for the pipelines' own arguments (check_number).
+    import numpy as np
+
+    numpy_scalars = Guidance(lambda im: im.mean(), np.float32(2.0), every=np.int64(2))
+    assert numpy_scalars.active(2) and not numpy_scalars.active(1)
     pipe = torch_pixel_pipeline(model)
     one = color_guidance("#ff0000", 30.0)
     torch.testing.assert_close(run(pipe, one)[0], run(pipe, [one])[0], rtol=0, atol=0)

@@ -213,11 +213,10 @@ def _cmd_generate(args) -> int:
 
 def _cmd_demo(args) -> int:
     if args.ui:
-        from diffrt.runtime.backends import best_exported_backend
-        from diffrt.runtime.loading import artifact_backend
+        from diffrt.runtime.loading import default_backend
         from diffrt.serve.ui import launch_ui
 
-        backend = args.backend or artifact_backend(args.model) or best_exported_backend()
+        backend = args.backend or default_backend(args.model, exported=True)
         launch_ui(host=args.host, port=args.port, model=args.model, backend=backend, controlnet=args.controlnet, loras=_loras(args))
         return 0
     if args.model or args.controlnet or args.lora:

@@ -62,8 +62,8 @@ def demo_request(settings: DemoSettings, num_classes: int = 10):
 
 def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings: DemoSettings | None = None,
              device: str = "cpu") -> tuple[Path, list[DemoTiming], float]:
-    from diffrt.runtime.backends import best_exported_backend, require_backend, resolve_device
-    from diffrt.runtime.loading import open_pixel_pipeline
+    from diffrt.runtime.backends import require_backend, resolve_device
+    from diffrt.runtime.loading import default_backend, open_pixel_pipeline
 
     settings = settings or DemoSettings()
     out = Path(out)
@@ -71,7 +71,7 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
         raise DiffrtError(f"--out {out} must be a .png file (the demo writes a grid image)"
                           + ("; it is a folder" if out.is_dir() else ""))
     atomic.check_writable(out)
-    backend = backend or best_exported_backend()
+    backend = backend or default_backend(None, exported=True)  # the shipped model, on the fastest exported backend here
     require_backend(backend)  # one line naming the backends here
     if backend == "tensorrt":
         device = str(resolve_device(None, backend))  # CUDA, or one line saying there is none

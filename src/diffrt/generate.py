@@ -102,9 +102,9 @@ def generate(req: GenerateRequest):
                           "to start from, or leave --strength out")
     req = resolve_hub_ids(req)
     if req.backend is None:  # an artifact runs its exported files; a diffusers folder runs in PyTorch
-        from diffrt.runtime.loading import artifact_backend
+        from diffrt.runtime.loading import default_backend
 
-        req = replace(req, backend=artifact_backend(req.model) or "torch")
+        req = replace(req, backend=default_backend(req.model))
     require_backend(req.backend)
     req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
     guidance = build_guidance(req)

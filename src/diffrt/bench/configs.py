@@ -32,6 +32,7 @@ import torch
 from diffrt.components import ComponentSpec, tensor_shape
 from diffrt.demo import DemoSettings
 from diffrt.errors import DiffrtError
+from diffrt.runtime.backends import TORCH_BACKENDS
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt", "optimum-onnxruntime")
 EAGER = "torch"
@@ -260,7 +261,7 @@ class TextToImageConfig(BenchConfig):
             from diffrt.bench.optimum_ort import open_optimum
 
             return open_optimum(self, device)
-        if backend in ("torch", "torch-compile"):
+        if backend in TORCH_BACKENDS:
             return self._workload(self._torch_pipeline(device, compile=backend == "torch-compile"))
         from diffrt.export.options import ExportOptions
         from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline

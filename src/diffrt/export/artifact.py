@@ -84,10 +84,11 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
 
     # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
     bake = bool(options.loras) and options.backend != "tensorrt"
+    fused = []
     if bake:
         from diffrt.export.lora_fuse import fuse_lora_files
 
-        fuse_lora_files({"unet": model.unet.unet}, options.loras)
+        fused = fuse_lora_files({"unet": model.unet.unet}, options.loras).loras
     elif options.loras:
         _check_loras({"unet": model.unet.unet.state_dict()}, options.loras)
     with mf.artifact_lock(out):
@@ -99,7 +100,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
             from diffrt.export.refit import add_weight_map
 
             add_weight_map(out, "unet", {"unet": model.unet.unet.state_dict()}, components["unet"])
-        baked = lora_parts if bake else []
+        baked = [{**part, "modules": f.num_modules} for part, f in zip(lora_parts, fused)]  # as text-to-image's and refit's
         manifest = {
             "key": key, "kind": "pixel", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {**sources, "sha256": source_sha256},

@@ -21,12 +21,12 @@ import logging
 import torch
 
 from diffrt.errors import DiffrtError
+from diffrt.runtime.backends import TORCH_BACKENDS
 from diffrt.runtime.sampling import Denoise, check_finite
 
 log = logging.getLogger(__name__)
 
 EPS_AGREEMENT = {"fp32": 5e-3, "fp16": 2e-2, "bf16": 5e-2}  # max |eps_torch - eps_engine| / max |eps_engine|
-TORCH_BACKENDS = ("torch", "torch-compile")  # the fallback is the backend's own module: nothing to compare
 FALLBACK_COMPONENT = "unet (the PyTorch UNet for through_unet guidance)"
 
 

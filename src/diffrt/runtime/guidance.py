@@ -2,18 +2,19 @@
 
 Engines have no autograd, so the gradient is taken in PyTorch. In mode "x0" (the default) the
 backend's noise prediction is held constant and the gradient of loss(decode(x0(x_t))) flows
-through the x0 formula of DDIM Eq. (12) (and the VAE decoder for latent models): it works over
-every backend. In mode "through_unet" the UNet runs in PyTorch with autograd for the guided
-steps, which is exact and slower.
+through the running sampler's clean-image prediction (`schedule.predict_clean`: DDIM Eq. (12)'s
+x0 for DDIM and LCM, the data prediction for DPM-Solver++ and Euler) and, for latent models, the
+VAE decoder: it works over every backend. In mode "through_unet" the UNet runs in PyTorch with
+autograd for the guided steps, which is exact and slower.
 
-The update follows the guidance of the Hugging Face diffusion course (unit 2): before the DDIM
-step, x_t <- x_t - scale * d loss / d x_t.
+The update follows the guidance of the Hugging Face diffusion course (unit 2): before the
+sampler's step, x_t <- x_t - scale * d loss / d x_t.
 """
 
 from __future__ import annotations
 
 import math
-
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -64,9 +65,10 @@ class Guidance:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+        # numbers.Real, as pipeline.check_number: a NumPy scalar (np.float32 from a config or a slider) is a number.
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale):
             raise DiffrtError(f"guidance {self.name!r}: scale must be a finite number, got {self.scale!r}")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+        if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
             raise DiffrtError(f"guidance {self.name!r}: 'every' must be a whole number of steps >= 1, got {self.every!r}")
         if self.mode not in ("x0", "through_unet"):
             raise DiffrtError(f"guidance mode must be 'x0' or 'through_unet', got {self.mode!r}")

@@ -21,7 +21,7 @@ from diffrt.errors import ArtifactError, BackendUnavailableError
 from diffrt.export import manifest as mf
 from diffrt.hub import resolve_model
 from diffrt.models import SHIPPED_DIGITS, PixelModel, PixelModelInfo, load_pixel_model, require_model_dir
-from diffrt.runtime.backends import require_backend, resolve_device
+from diffrt.runtime.backends import TORCH_BACKENDS, require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.lora_scale import BakedLora, EngineLora, RuntimeLora, TorchLora, scaled
 from diffrt.runtime.pipeline import PixelPipeline
@@ -57,6 +57,15 @@ def artifact_backend(model: str | Path | None) -> str | None:
     folder = Path(model)
     engines = any("engine" in comp for comp in mf.read_manifest(folder)["components"].values())
     return "tensorrt" if engines and backend_available("tensorrt") else "onnxruntime"
+
+
+def default_backend(model: str | Path | None, *, exported: bool = False) -> str:
+    """The backend for a call that names none, one rule for every entry point: an artifact runs its own files
+    (artifact_backend); anything else runs in eager PyTorch, or with `exported` (the demos, which exist to show
+    the exported runtime) on the fastest exported backend installed here, which exports it first (cached)."""
+    from diffrt.runtime.backends import best_exported_backend
+
+    return artifact_backend(model) or (best_exported_backend() if exported else "torch")
 
 
 def torch_pixel_spec(model: PixelModel):
@@ -194,7 +203,7 @@ def check_onnx_weights(folder: Path, manifest: dict) -> None:
 
 
 def open_component(folder: Path, manifest: dict, name: str, backend: str, device: str | torch.device = "cpu", *,
-                   strict: bool = False, cuda_graph: bool = False):
+                   strict: bool = False, cuda_graph: bool = True):
     """One exported component on an exported-model backend: its TensorRT engine (refused when built
     for another TensorRT or GPU; `cuda_graph` captures each shape's launch) or its ONNX file (with
     any external data) on ONNX Runtime (`strict`: a provider fallback is an error)."""
@@ -224,7 +233,7 @@ def component_precision(manifest: dict, name: str) -> str:
 
 def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.device | None = None,
                             loras: Sequence[tuple[str | Path, float]] = (), *, strict: bool = False,
-                            cuda_graph: bool = False) -> PixelPipeline:
+                            cuda_graph: bool = True) -> PixelPipeline:
     """A pixel pipeline over an exported artifact; files are checked against the manifest first.
     `device` None: auto (resolve_device); `loras`, if given, must be those it was exported with."""
     device = resolve_device(device, backend)
@@ -245,7 +254,7 @@ def artifact_pixel_pipeline(folder: Path, backend: str, device: str | torch.devi
 
 def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device: str | torch.device | None = None,
                         export_options=None, *, loras: Sequence[tuple[str | Path, float]] = (), strict: bool = False,
-                        cuda_graph: bool = False) -> PixelPipeline:
+                        cuda_graph: bool = True) -> PixelPipeline:
     """The pipeline for `diffrt generate/demo/serve` and library users. `device` None: CUDA when
     available (resolve_device); `loras` [(file, scale)]: fused at open (PyTorch) or baked in by the
     export (an artifact must have been exported with them); `strict`: any fallback is an error;
@@ -253,7 +262,7 @@ def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device
     require_backend(backend)
     device = resolve_device(device, backend)
     folder = resolve_model(model) or SHIPPED_DIGITS  # a Hub id: its snapshot in the Hugging Face cache
-    torch_backend = backend in ("torch", "torch-compile")
+    torch_backend = backend in TORCH_BACKENDS
     if is_artifact(folder):
         if not torch_backend:
             return artifact_pixel_pipeline(folder, backend, device, loras, strict=strict, cuda_graph=cuda_graph)

@@ -48,13 +48,13 @@ def open_pipeline(model: str | Path | None = None, backend: str | None = None, d
     `cuda_graph`: TensorRT replays each step's launches as a CUDA graph."""
     from diffrt.errors import DiffrtError
     from diffrt.hub import resolve_model
-    from diffrt.runtime.loading import artifact_backend, open_pixel_pipeline
+    from diffrt.runtime.loading import default_backend, open_pixel_pipeline
     from diffrt.runtime.lora_scale import check_lora_pairs
     from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 
     loras = check_lora_pairs(loras)
     folder = resolve_model(model)  # a Hub id: its snapshot in the Hugging Face cache
-    backend = backend or artifact_backend(folder) or "torch"
+    backend = backend or default_backend(folder)
     if is_text_to_image(folder):
         return open_text_to_image_pipeline(folder, backend, device, loras=loras, controlnet=controlnet, strict=strict,
                                            cuda_graph=cuda_graph)

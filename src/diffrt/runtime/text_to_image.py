@@ -38,7 +38,8 @@ config's steps_offset as they do, but not its clip_sample (a deliberate differen
 
 Every component is a `Backend`; the pipeline never asks which. Engines have no autograd, so
 gradient guidance and the img2img encoder use PyTorch modules (loaded lazily for artifacts):
-the VAE (decoder for guidance mode "x0", encoder for img2img) and the UNet for "through_unet".
+the VAE (its decoder for any guidance, which judges decoded images; its encoder for img2img) and
+the UNet for "through_unet".
 """
 
 from __future__ import annotations

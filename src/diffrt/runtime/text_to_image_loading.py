@@ -29,7 +29,7 @@ from diffrt.errors import ArtifactError
 from diffrt.export import manifest as mf
 from diffrt.hub import resolve_model
 from diffrt.models import read_config
-from diffrt.runtime.backends import require_backend, resolve_device
+from diffrt.runtime.backends import TORCH_BACKENDS, require_backend, resolve_device
 from diffrt.runtime.ddim import DDIMConfig
 from diffrt.runtime.loading import (OPEN_BATCH, artifact_lora, check_artifact_loras, check_source, component_precision, is_artifact,
                                     manifest_loras, open_component, read_artifact, refuse_source_fallback)
@@ -152,7 +152,7 @@ def _count(n: int) -> str:
 
 def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: str | torch.device | None = None,
                                     loras: Loras = (), controlnet: ControlNets = None, *, strict: bool = False,
-                                    cuda_graph: bool = False) -> TextToImagePipeline:
+                                    cuda_graph: bool = True) -> TextToImagePipeline:
     """A pipeline over an exported artifact; its files are checked against the manifest first.
     `device` None: auto (resolve_device); `strict` and `cuda_graph` as for loading.open_component."""
     device = resolve_device(device, backend)
@@ -194,7 +194,7 @@ def artifact_text_to_image_pipeline(folder: str | Path, backend: str, device: st
 
 def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", device: str | torch.device | None = None,
                                 loras: Loras = (), controlnet: ControlNets = None,
-                                export_options=None, *, strict: bool = False, cuda_graph: bool = False) -> TextToImagePipeline:
+                                export_options=None, *, strict: bool = False, cuda_graph: bool = True) -> TextToImagePipeline:
     """The pipeline for `diffrt generate` and library users: a diffusers folder or an artifact, any backend.
     `controlnet`: one ControlNet folder or a list of them (their images and scales go in the same order).
 
@@ -206,7 +206,7 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
     folder = resolve_model(model)  # a Hub id: its snapshot in the Hugging Face cache
     if controlnet is not None:
         controlnet = [resolve_model(c) for c in controlnet_paths(controlnet)]
-    torch_backend = backend in ("torch", "torch-compile")
+    torch_backend = backend in TORCH_BACKENDS
     if is_artifact(folder):
         if not torch_backend:
             return artifact_text_to_image_pipeline(folder, backend, device, loras, controlnet, strict=strict, cuda_graph=cuda_graph)

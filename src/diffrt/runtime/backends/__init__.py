@@ -2,8 +2,9 @@
 
     backend.run({"sample": x, "timestep": t, ...}) -> {"noise_pred": eps}
 
-Named torch tensors in, named torch tensors out, on the backend's device. Backends are found
-by name; each module imports its engine library lazily so `import diffrt` needs none of them.
+Named torch tensors in, named torch tensors out, on the backend's device. A backend is asked for
+by name (REGISTRY: the library it needs and how to install it); its module imports that library
+lazily, so `import diffrt` needs none of them, and the loaders (runtime/loading.py) build it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import torch
 from diffrt.components import ComponentSpec
 from diffrt.errors import BackendUnavailableError
 
-# name -> (module, the library it needs, what to install)
-REGISTRY: dict[str, tuple[str, str | None, str]] = {
-    "torch": ("diffrt.runtime.backends.torch_eager", None, ""),
-    "torch-compile": ("diffrt.runtime.backends.torch_eager", None, ""),
-    "onnxruntime": ("diffrt.runtime.backends.onnxruntime", "onnxruntime", "pip install 'diffrt[cpu]' (or diffrt[gpu] for CUDA)"),
-    "tensorrt": ("diffrt.runtime.backends.tensorrt", "tensorrt", "pip install tensorrt --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"),
+# name -> (the library it needs, what to install)
+REGISTRY: dict[str, tuple[str | None, str]] = {
+    "torch": (None, ""),
+    "torch-compile": (None, ""),
+    "onnxruntime": ("onnxruntime", "pip install 'diffrt[cpu]' (or diffrt[gpu] for CUDA)"),
+    "tensorrt": ("tensorrt", "pip install tensorrt --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"),
 }
+TORCH_BACKENDS = ("torch", "torch-compile")  # PyTorch modules, no exported files
 EXPORTED = ("tensorrt", "onnxruntime")  # fastest first
 
 
@@ -46,7 +48,7 @@ def _importable(module: str) -> bool:
 def backend_available(name: str) -> bool:
     if name not in REGISTRY:
         return False
-    _, lib, _ = REGISTRY[name]
+    lib, _ = REGISTRY[name]
     if name == "tensorrt" and not torch.cuda.is_available():
         return False
     return lib is None or _importable(lib)
@@ -61,7 +63,7 @@ def require_backend(name: str) -> None:
     if name not in REGISTRY:
         raise BackendUnavailableError(f"unknown backend {name!r}; available here: {', '.join(available_backends())}")
     if not backend_available(name):
-        _, lib, hint = REGISTRY[name]
+        lib, hint = REGISTRY[name]
         why = "it needs a CUDA GPU" if name == "tensorrt" and not torch.cuda.is_available() else f"{lib} is not installed"
         raise BackendUnavailableError(f"backend {name!r} is not available ({why}; {hint}); available here: {', '.join(available_backends())}")
 
