@@ -840,12 +840,16 @@ def test_a_lora_given_by_a_relative_path_is_found_from_anywhere(classemb_model_d
 
 def test_a_lora_folder_exports_as_the_file_it_holds(classemb_model_dir, lora_file, tmp_path):
     """The bug: `--lora FOLDER` (train dreambooth-lora's output, which generate reads) was 'not found' to export."""
+    from diffrt.export.lora import read_lora
+
     folder = lora_file.parent / "trained"
     folder.mkdir()
     lora_file.rename(folder / "pytorch_lora_weights.safetensors")
     out = tmp_path / "artifact"
     result = export_pixel_model(classemb_model_dir, out, ExportOptions(verify=False, loras=[(str(folder), 0.7)]))
     assert result.manifest["loras"][0]["path"] == str(folder / "pytorch_lora_weights.safetensors")
+    # The modules it patched, as a text-to-image export and a refit record them.
+    assert result.manifest["loras"][0]["modules"] == len(read_lora(folder / "pytorch_lora_weights.safetensors").layers) > 0
     named = ExportOptions(verify=False, loras=[(str(folder / "pytorch_lora_weights.safetensors"), 0.7)])
     assert export_pixel_model(classemb_model_dir, out, named).cache_hit  # the same export
     # And the artifact runs when asked for with the folder, as generate --lora FOLDER asks (it was IsADirectoryError).
