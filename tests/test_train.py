@@ -1120,7 +1120,7 @@ def test_resume_by_another_trainer_is_refused(class_cond_runs, tmp_path):
 def test_resume_refuses_a_data_folder_with_images_added(bad_inputs, sd_folder, cat_folder, tmp_path):
     """Each step draws its image indices below the data's image count, and the checkpoint held only the
     folder's name: with an image added, --resume went on quietly drawing other batches than the run it
-    continued. The count is recorded now, and a --resume on other data is refused by name."""
+    continued. The count is recorded now, and the files' content, and a --resume on other data is refused by name."""
     data = tmp_path / "data"
     shutil.copytree(cat_folder, data)
     ft = FinetuneConfig(model=str(bad_inputs / "pixel"), data=str(data), num_samples=1, sample_steps=1,
@@ -1136,6 +1136,14 @@ def test_resume_refuses_a_data_folder_with_images_added(bad_inputs, sd_folder, c
     with pytest.raises(DiffrtError, match="num_instance_images: 4 saved vs 5 now"):
         train_dreambooth_lora(replace(db, train=replace(db.train, max_steps=2, resume=True)))
     (data / "chelsea-4.png").unlink()
+    # From a review: the same names and count, another picture under one of them (replaced, edited) went on quietly.
+    original = (data / "chelsea-0.png").read_bytes()
+    shutil.copy(data / "chelsea-1.png", data / "chelsea-0.png")
+    with pytest.raises(DiffrtError, match=r"data_content: '[0-9a-f]{16}' saved vs '[0-9a-f]{16}' now"):
+        finetune(replace(ft, train=replace(ft.train, max_steps=2, resume=True)))
+    with pytest.raises(DiffrtError, match=r"instance_content: '[0-9a-f]{16}' saved vs '[0-9a-f]{16}' now"):
+        train_dreambooth_lora(replace(db, train=replace(db.train, max_steps=2, resume=True)))
+    (data / "chelsea-0.png").write_bytes(original)
     assert len(finetune(replace(ft, train=replace(ft.train, max_steps=2, resume=True))).losses) == 1
 
 

@@ -946,3 +946,43 @@ def test_gradient_buckets_keep_order_split_on_dtype_device_and_size():
     got = list(buckets(grads, bucket_bytes=6 * 4))  # six float32s
     assert [[id(g) for g in b] for b in got] == [[id(f32[0]), id(f32[1])], [id(f64)], [id(f32[2])], [id(f32[3])], [id(f32[4])]]
     assert [g for b in got for g in b] == grads and list(buckets([], 10)) == []
+
+
+def test_a_stopped_linear_run_resumed_to_its_step_logs_the_rate_its_last_step_ran_at(tmp_path, caplog):
+    """From a review: stopped after step 3 of 6 and resumed with --max-steps 3, the last loss row gave the rate the
+    new 3-step schedule puts at step 3 (near 0) where the step ran at the 6-step schedule's. The checkpoint keeps the
+    rate. Grids a killed run left past the checkpoint go."""
+    import logging
+    import signal
+
+    from diffrt.errors import TrainingInterrupted
+
+    out = tmp_path / "stopped"
+    stopped = linear_config(out, max_steps=6, checkpoint_every=100, log_every=2, lr_schedule="linear")
+    with pytest.raises(TrainingInterrupted):
+        _signalled_at(stopped, {3: [signal.SIGINT]})
+    atomic.write_bytes(out / "samples" / "step-0000005.png", b"a grid a killed run left")  # past the checkpoint
+    with caplog.at_level(logging.WARNING, logger="diffrt.train.loop"):
+        _signalled_at(replace(stopped, max_steps=3, resume=True), {})
+    with open(out / "loss.csv", newline="") as f:
+        rows = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    assert rows[3] == pytest.approx(lr_at(2, stopped), rel=1e-5) and rows[3] > 0.01  # loss.csv keeps 6 digits
+    assert not (out / "samples" / "step-0000005.png").exists() and (out / "samples" / "step-0000003.png").is_file()
+    assert "moves the end of the" not in caplog.text  # no step is left to run at another rate
+
+
+def test_extending_a_run_warns_only_where_the_rate_moves(tmp_path, caplog):
+    """A finished cosine run extended with --resume --max-steps restarts the decay from near zero (as diffusers'
+    scripts do when their scheduler is rebuilt): the warning says so. A constant rate moves nothing: no warning."""
+    import logging
+
+    for schedule, warned in (("constant", False), ("cosine", True)):
+        out = tmp_path / schedule
+        train_linear(linear_config(out, max_steps=4, lr_schedule=schedule))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="diffrt.train.loop"):
+            train_linear(linear_config(out, max_steps=8, lr_schedule=schedule, resume=True))
+        assert ("moves the end of the" in caplog.text) is warned, caplog.text
+    assert re.search(r"--max-steps 8 \(the checkpoint's run: 4\) moves the end of the cosine learning-rate decay: step 5 "
+                     r"runs at 0\.025 where the saved run's schedule gives 0; the run is not the one an uninterrupted run "
+                     r"to 8 would be", caplog.text), caplog.text

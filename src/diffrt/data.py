@@ -7,6 +7,7 @@ is what lets `--resume` continue exactly where a run stopped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,8 @@ class ImageDataset:
     random_tint: bool = False
     random_flip: bool = False
     uncropped: list[torch.Tensor] | None = None
+    # A folder's: the sha256 of the image files read, by path within it (data_content); None for a bundled set.
+    content: str | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -82,7 +85,7 @@ class ImageDataset:
     def head(self, n: int) -> ImageDataset:
         """The first n images."""
         return replace(self, images=self.images[:n], labels=None if self.labels is None else self.labels[:n],
-                       uncropped=None if self.uncropped is None else self.uncropped[:n])
+                       uncropped=None if self.uncropped is None else self.uncropped[:n], content=None)
 
     def to_grey(self) -> ImageDataset:
         """One channel, the mean of the RGB ones (a tint needs three, so it is switched off)."""
@@ -169,6 +172,18 @@ def list_images(folder: Path) -> list[Path]:
             else:
                 files.append(p)
     return sorted(files, key=lambda p: p.relative_to(folder).parts)
+
+
+def data_content(folder: Path, files: list[Path]) -> str:
+    """What a checkpoint records of a data folder's images, so that `--resume` can tell the same data from other
+    images under the same names and count (replaced, edited): a sha256 over each file's path within `folder` and
+    its bytes' sha256 (atomic.sha256_file, which remembers large files), shortened."""
+    from diffrt import atomic
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{atomic.sha256_file(path)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def check_out_outside(out: str | Path, source: str | None, flag: str = "--data") -> None:
@@ -271,7 +286,7 @@ def load_image_folder(folder: str | Path, size: int, crop: str = "center", rando
     if not files:
         raise DataError(f"no images in {folder}; expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
     images, uncropped = _load_images(files, size, crop)
-    return ImageDataset(images, random_flip=random_flip, uncropped=uncropped)
+    return ImageDataset(images, random_flip=random_flip, uncropped=uncropped, content=data_content(folder, files))
 
 
 def class_order(names: list[str], model_names: list[str] | None = None) -> list[str]:
@@ -304,9 +319,10 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
     names = class_order([p.name for p in entries], model_names)
     log.info("classes of %s: %s", folder, ", ".join(f"{i}={n}" for i, n in enumerate(names)))
     classes = [folder / n for n in names]
-    images, uncropped, labels = [], [], []
+    images, uncropped, labels, read = [], [], [], []
     for label, sub in enumerate(classes):
         files = list_images(sub)
+        read += files
         if not files:
             raise DataError(f"class folder {sub} has no images; add images of that class or remove the folder")
         centre, resized = _load_images(files, size, crop)
@@ -314,7 +330,7 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
         uncropped += resized or []
         labels += [label] * len(files)
     return ImageDataset(torch.cat(images), torch.tensor(labels), [p.name for p in classes], random_flip=random_flip,
-                        uncropped=uncropped if crop == "random" else None)
+                        uncropped=uncropped if crop == "random" else None, content=data_content(folder, read))
 
 
 def load_source(source: str, size: int, labelled: bool, crop: str = "center", random_flip: bool = False,

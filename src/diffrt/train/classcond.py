@@ -95,7 +95,8 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     # The checkpoints record the class count of the data too: --resume on a folder with other
     # classes would otherwise only fail on a weight shape; and its image count, below which each
     # step draws its indices (images added or removed would quietly change every later batch).
-    state = {"class_cond": {**trainer_state(config), "num_classes": dataset.num_classes, "num_images": len(dataset)}}
+    state = {"class_cond": {**trainer_state(config), "num_classes": dataset.num_classes, "num_images": len(dataset),
+                           "data_content": dataset.content}}
     started = time.time()
     return train(config.train, unet, loss_fn, save_fn=lambda out: save_trained(model, out, config.train, started, trainer="class-cond"),
                  sample_fn=sample_fn, sample_nrow=8, extra_state=state)

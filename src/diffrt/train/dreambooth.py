@@ -137,9 +137,11 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         log.info("training at %d px, the model's own size (--resolution to change it)", config.resolution)
     # A --resume that the loop would refuse fails here, before class images are generated with its settings.
     # The state holds the instance image count too: each step draws indices below it, so images added to
-    # or removed from --instance-data would quietly change every batch of the resumed run.
+    # or removed from --instance-data would quietly change every batch of the resumed run; and their content
+    # (data.data_content), so that images replaced under the same names are refused as well.
     instance = load_source(config.instance_data, config.resolution, labelled=False, crop=config.crop)
-    extra_state = {"dreambooth": {**trainer_state(config), "num_instance_images": len(instance)}}
+    extra_state = {"dreambooth": {**trainer_state(config), "num_instance_images": len(instance),
+                                  "instance_content": instance.content}}
     check_resume(config.train, extra_state)
     out = Path(config.train.out)
     class_dir = Path(config.class_data) if config.class_data else out / "class_images"

@@ -84,7 +84,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     started = time.time()
     made_by = dict(trainer="finetune", base_model=str(config.model), data=config.data)
     return train(config.train, unet, loss_fn, save_fn=lambda out: save_trained(model, out, config.train, started, scheduler_config, **made_by),
-                 sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": {**trainer_state(config), "num_images": len(dataset)}})
+                 sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": {**trainer_state(config), "num_images": len(dataset),
+                                                                      "data_content": dataset.content}})
 
 
 def _require_unet2d(folder: Path) -> None:

@@ -139,8 +139,6 @@ def train(
     if config.scale_lr:
         images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         schedule = replace(config, learning_rate=config.learning_rate * images_per_step)
-        log.info("--scale-lr: learning rate %g x %d images per step = %g", config.learning_rate, images_per_step,
-                 schedule.learning_rate)
     optimizer = torch.optim.AdamW(named.values(), lr=schedule.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
     # The model is placed, not wrapped: trainers call their own modules (a UNet, a peft adapter
@@ -159,12 +157,16 @@ def train(
         remove_killed_saves(out)
     # `window` holds the losses of the steps since the last loss.csv row; a checkpoint keeps them,
     # so that the first row after --resume averages the same steps as an uninterrupted run's.
-    start, window = 0, []
+    start, window, last_lr = 0, [], None
     if config.resume:
         saved = load_latest_checkpoint(out / "checkpoints", named, optimizer, ema, scaler, expected=state)
-        start, window = int(saved["step"]), saved.get("loss_window", [])
+        start, window, last_lr = int(saved["step"]), saved.get("loss_window", []), saved.get("lr")
         check_max_steps(start, config)
         log.info("resumed from step %d", start)
+        warn_decay_moved(start, schedule, saved["config"]["max_steps"])
+    if config.scale_lr:
+        log.info("--scale-lr: learning rate %g x %d images per step = %g", config.learning_rate, images_per_step,
+                 schedule.learning_rate)
     # A finished run's last row, off the --log-every grid, is one an uninterrupted longer run never writes:
     # extended with a higher --max-steps, the run drops it, and its checkpoint kept those steps' window. That
     # window is what tells (a row on the saved run's grid cleared it): --log-every may change on --resume,
@@ -174,6 +176,7 @@ def train(
     if accelerator.is_main_process:
         _truncate_loss_log(out / "loss.csv", upto=start - 1 if last_row_extra else start)
         writer = _tensorboard(out / "tensorboard", purge_step=start if last_row_extra else start + 1)
+        _remove_later_samples(out / "samples", start)
 
     # 3. The steps.
     model.train()
@@ -187,7 +190,8 @@ def train(
           contextlib.closing(writer) if writer is not None else contextlib.nullcontext(), StopRequests() as stop):
         if accelerator.is_main_process and start == config.max_steps:
             grid = (lambda: _save_samples(out, writer, start, model, named, ema, sample_fn, sample_nrow)) if sample_fn else None
-            _end_stopped_run(out, writer, start, window, lr_at(start - 1, schedule), grid)
+            # The rate its last step ran at, as the checkpoint saved it: the new --max-steps moved the schedule's end.
+            _end_stopped_run(out, writer, start, window, last_lr if last_lr is not None else lr_at(start - 1, schedule), grid)
         for step in range(start, config.max_steps):
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
@@ -242,7 +246,7 @@ def train(
                 if done % config.checkpoint_every == 0 or done == config.max_steps or stopping:
                     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
                     ckpt = save_checkpoint(out / "checkpoints", done, named, optimizer, ema,
-                                           {**state, **scaler_state, "loss_window": window})
+                                           {**state, **scaler_state, "loss_window": window, "lr": lr_at(step, schedule)})
                     if config.checkpoints_total_limit is not None:
                         remove_old_checkpoints(out / "checkpoints", ckpt, config.checkpoints_total_limit)
                 if sample_fn is not None and ((config.sample_every and done % config.sample_every == 0) or done == config.max_steps):
@@ -309,6 +313,33 @@ def _accelerator(mixed_precision: str):
         log.warning("--mixed-precision fp16 needs a GPU; on %s the run trains in fp32 (bf16 works on the CPU)",
                     accelerator.device)
     return accelerator
+
+
+def warn_decay_moved(start: int, schedule: TrainConfig, saved_max_steps: int) -> None:
+    """A --resume with another --max-steps under a linear or cosine decay: the decay is recomputed to end at the new
+    --max-steps (as diffusers' scripts rebuild their scheduler), so the rate moves at once; say by how much. An
+    extended finished run restarts from a rate near zero: a warm restart, not what one run to the new end would do."""
+    if (schedule.lr_schedule == "constant" or saved_max_steps == schedule.max_steps or start < schedule.lr_warmup_steps
+            or start >= schedule.max_steps):  # no step left to run: a stopped run resumed to its own step ends as it is
+        return
+    before, now = lr_at(start, replace(schedule, max_steps=saved_max_steps)), lr_at(start, schedule)
+    if math.isclose(before, now, rel_tol=1e-6, abs_tol=1e-12):
+        return
+    log.warning("--max-steps %d (the checkpoint's run: %d) moves the end of the %s learning-rate decay: step %d runs at "
+                "%.3g where the saved run's schedule gives %.3g; the run is not the one an uninterrupted run to %d would be",
+                schedule.max_steps, saved_max_steps, schedule.lr_schedule, start + 1, now, before, schedule.max_steps)
+
+
+def _remove_later_samples(folder: Path, upto: int) -> None:
+    """Remove the sample grids of steps after `upto`: a run killed after its checkpoint left them, and the resumed run
+    (which may end earlier, or sample on another grid) would otherwise leave grids of weights it never had."""
+    if not folder.is_dir():
+        return
+    for path in folder.glob("step-*.png"):
+        step = path.stem.removeprefix("step-")
+        if step.isdigit() and int(step) > upto:
+            path.unlink(missing_ok=True)
+            log.info("removed %s: a grid from after the checkpoint this run resumes from", path)
 
 
 def _end_stopped_run(out: Path, writer, step: int, window: list[float], lr: float,
