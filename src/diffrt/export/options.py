@@ -103,7 +103,8 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
     if options.exporter == "dynamo" and options.onnx_opset < DYNAMO_MIN_OPSET:
         raise DiffrtError(f"--exporter dynamo writes opset {DYNAMO_MIN_OPSET} or newer, not {options.onnx_opset}; "
                           f"pass --opset {DYNAMO_MIN_OPSET} or leave --opset out")
-    if options.workspace_gb is not None and not (isinstance(options.workspace_gb, (int, float)) and 0 < options.workspace_gb < 1e6):
+    gib = options.workspace_gb
+    if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < 1e6):
         raise DiffrtError(f"--workspace-gb {options.workspace_gb!r} must be a positive number of GiB, e.g. 8")
     if options.workspace_gb is not None and options.backend != "tensorrt":
         raise DiffrtError("--workspace-gb caps TensorRT's builder; it needs --backend tensorrt")
