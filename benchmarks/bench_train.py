@@ -82,7 +82,7 @@ def _trainers(root: Path) -> dict[str, tuple[str, int, callable, callable | None
         return lambda out, steps: train_dreambooth_lora(DreamBoothConfig(
             model=str(sd), instance_data="chelsea", instance_prompt="a photo of sks cat", class_prompt="a photo of a cat" if prior else None,
             with_prior_preservation=prior, class_data=str(root / "class_images"), num_class_images=4,
-            train_text_encoder=prior, rank=4, resolution=32, num_validation_images=1, inference_steps=1,
+            train_text_encoder=prior, rank=4, resolution=32, num_validation_images=1, inference_steps=1, class_inference_steps=1,
             train=_train_config(out, steps, batch_size, 1e-3)))
 
     small = "UNet2DModel 8x8, widths (16, 32)"

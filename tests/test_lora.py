@@ -180,19 +180,31 @@ def test_two_loras_at_different_scales_match_diffusers(sd_folder, lora_a, lora_b
 
 
 def test_fp16_weights_fuse_in_fp32_and_cast_back(sd_folder, lora_a):
+    """fp16 weights are fused as (W16 in fp32 + delta in fp32), rounded to fp16 once. The oracle is independent of
+    the fp16 path: delta is taken from the fp32 fusion (checked against diffusers elsewhere) as fused32 - W32. A
+    review showed the earlier form compared the fusion code with itself: fusing in fp16 arithmetic passed it, while
+    it changes ~3 % of the fp16 weights by an ulp or more."""
     lora = read_lora(lora_a["kohya"])
+    base32 = {c: m.state_dict() for c, m in load_components(sd_folder).items()}
     fp32 = load_components(sd_folder)
     fp16 = {c: m.to(torch.float16) for c, m in load_components(sd_folder).items()}
     fuse_loras(fp32, [(lora, 1.0)])
     fuse_loras(fp16, [(lora, 1.0)])
-    base = {c: m.half().state_dict() for c, m in load_components(sd_folder).items()}
-    fused = fused_params(base, [(lora, 1.0)])  # fp32, from the fp16 base
-    for component, params in fused.items():
+    changed = total = 0
+    for component in fp16:
         state, ref = fp16[component].state_dict(), fp32[component].state_dict()
-        for name, value in params.items():
-            expected = value.half()
-            assert state[name].dtype == torch.float16 and torch.equal(state[name], expected), name
-            torch.testing.assert_close(state[name].float(), ref[name], atol=2e-3, rtol=1e-3)
+        for name, fused32 in ref.items():
+            delta = fused32 - base32[component][name]
+            if not delta.any():
+                continue
+            expected = (base32[component][name].half().float() + delta).half()
+            assert state[name].dtype == torch.float16
+            # Rounding fused32 - W32 can move a value that sits on a rounding boundary of fp16: one ulp, rarely.
+            off = state[name] != expected
+            ulp = (expected.float().abs().clamp_min(2.0**-14) * 2.0**-10)
+            assert ((state[name].float() - expected.float()).abs()[off] <= ulp[off] * 1.01).all(), name
+            changed, total = changed + int(off.sum()), total + off.numel()
+    assert total > 0 and changed / total < 1e-3, (changed, total)
 
 
 def test_kohya_text_model_prefix_resolves(sd_folder, lora_a, tmp_path):

@@ -217,7 +217,8 @@ def test_loha_lokr_and_lora_files_at_once_equal_peft_mixed_merge(sd_folder, tmp_
     ours = diffrt_fused(sd_folder, "unet", loras)
     assert assert_matches(ours, peft_merged(model, scales), base) > 0
 
-    # refit's path (fused_params from a state dict) gives the same weights
+    # refit's way in (fused_params over a state dict) collects the same layers and weights as fusing into the modules
+    # (the values themselves are judged against peft above)
     files = [(read_lora(p), s) for p, s in loras]
     fused = fused_params({"unet": base}, files)["unet"]
     for name, value in fused.items():

@@ -346,7 +346,7 @@ def dreambooth_config(sd_folder: Path, cat_folder: Path, out: Path, class_data: 
         model=str(sd_folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
         class_prompt="a photo of a cat", with_prior_preservation=True, class_data=str(class_data), num_class_images=2,
         prior_loss_weight=0.5, rank=4, lora_alpha=8, train_text_encoder=True, resolution=32, random_flip=True,
-        num_validation_images=2, inference_steps=2,
+        num_validation_images=2, inference_steps=2, class_inference_steps=2,
         train=train_config(out, **{**dict(max_steps=DB_STEPS, batch_size=2, learning_rate=1e-2, checkpoint_every=DB_STEPS // 2,
                                           sample_every=DB_STEPS // 2), **train}),
     )
@@ -406,6 +406,54 @@ def test_dreambooth_warns_once_per_prompt_past_the_text_encoders_length(dreamboo
     assert not [r for r in caplog.records if "text encoder" in r.getMessage()]
 
 
+def test_class_images_are_what_diffusers_pipeline_of_the_folder_makes(sd_folder, cat_folder, tmp_path):
+    """A review against diffusers' train_dreambooth_lora.py: it makes class images with `pipeline(class_prompt)`, the
+    folder's own scheduler at its default 50 steps and the model's own size (its dataset then resizes them); diffrt
+    made them with DDIM at --inference-steps and at --resolution, smaller images than the base model draws well. Now
+    a class image is diffusers' own: here an Euler folder whose native size (64 px) is above the trained 32 px."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_folder, folder)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**unet_config, "sample_size": 8}))  # 8 latents x 8 = 64 px
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    EulerDiscreteScheduler.from_config(scheduler_config).save_config(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
+    cfg = DreamBoothConfig(model=str(folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
+                           class_prompt="a photo of a cat", with_prior_preservation=True, num_class_images=1,
+                           class_inference_steps=3, resolution=32, rank=2, num_validation_images=1, inference_steps=1,
+                           train=train_config(tmp_path / "out", max_steps=1, batch_size=1))
+    train_dreambooth_lora(cfg)
+    made = np.asarray(Image.open(tmp_path / "out" / "class_images" / "class-00000.png").convert("RGB")).astype(int)
+    assert made.shape == (64, 64, 3)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a photo of a cat", num_inference_steps=3, guidance_scale=cfg.guidance_scale, output_type="np",
+               generator=[torch.Generator().manual_seed(cfg.train.seed * 100_003)]).images[0]
+    assert np.abs(made - np.round(ref * 255).astype(int)).max() <= 1
+
+
+def test_a_target_list_with_names_the_model_lacks_trains_the_ones_it_has(sd_folder, caplog):
+    """diffusers' script targets to_k, to_q, to_v, to_out.0, add_k_proj, add_v_proj on every UNet, and peft skips what a
+    model lacks (SD-1.5 has no add_k_proj): diffrt refused the list. It now names the missing ones in a warning; a
+    list none of whose names match is still refused (test_bad_input_raises_diffrt_error_from_the_library)."""
+    import logging
+
+    from diffusers import UNet2DConditionModel
+
+    from diffrt.train.lora_adapters import check_targets
+
+    unet = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
+    with caplog.at_level(logging.WARNING, logger="diffrt.train.lora_adapters"):
+        check_targets(unet, ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"), "UNet", "--target-modules")
+    assert ("--target-modules: add_k_proj, add_v_proj match no module of the UNet and are left out; LoRA goes on "
+            "to_k, to_q, to_v, to_out.0") in caplog.text
+
+
 def tokenize_untruncated(sd_folder: Path, prompt: str) -> list[int]:
     from transformers import CLIPTokenizer
 
@@ -439,7 +487,7 @@ def test_dreambooth_reads_the_class_images_there_before_generating_more(bad_inpu
     argv = ["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", str(cat_folder), "--instance-prompt",
             "a photo of sks cat", "--resolution", "32", "--max-steps", "1", "--with-prior-preservation", "--class-prompt",
             "a cat", "--class-data", str(class_data), "--num-class-images", "3", "--inference-steps", "1",
-            "--out", str(tmp_path / "out")]
+            "--class-inference-steps", "1", "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffrt: error:")]
     assert len(errors) == 1 and "notes.png is not a readable image" in errors[0]
@@ -705,7 +753,7 @@ def test_cli_lora_dropout_and_class_image_batches(sd_folder, tmp_path, capsys):
                  "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--rank", "2", "--train-text-encoder",
                  "--lora-dropout", "0.25", "--with-prior-preservation", "--class-prompt", "a photo of a cat",
                  "--num-class-images", "3", "--sample-batch-size", "2", "--num-validation-images", "1",
-                 "--inference-steps", "1", "--max-steps", "1", "--batch-size", "1", "--out", str(out)]) == 0
+                 "--inference-steps", "1", "--class-inference-steps", "1", "--max-steps", "1", "--batch-size", "1", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "class_images").iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert re.search(r"class images: 100%\|[^|]*\| 2/2 ", capsys.readouterr().err)  # 3 images in batches of 2, 1
     with safe_open(out / LORA_WEIGHT_NAME, "pt") as f:
@@ -829,6 +877,8 @@ def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
         # From a review: each ran (or loaded models) and then ended in a traceback.
         "validation steps past the training schedule": (db + ["--inference-steps", "1001"],
                                                         "--inference-steps 1001 is more than the model's 1000 training timesteps"),
+        "class image steps past the training schedule": (db + ["--class-inference-steps", "1001"],
+                                                         "--class-inference-steps 1001 is more than the model's 1000 training"),
         "class data folder that is a file": (db + ["--with-prior-preservation", "--class-prompt", "a cat",
                                                    "--class-data", str(r / "not_image_suffix" / "captions.txt")],
                                              "is a file; pass a folder"),

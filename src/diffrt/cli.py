@@ -144,6 +144,7 @@ def _cmd_train_dreambooth_lora(args) -> int:
         text_encoder_target_modules=tuple(args.text_encoder_target_modules or TEXT_ENCODER_TARGETS),
         resolution=args.resolution, crop=args.crop, random_flip=args.random_flip, validation_prompt=args.validation_prompt,
         num_validation_images=args.num_validation_images, inference_steps=args.inference_steps,
+        class_inference_steps=args.class_inference_steps,
         guidance_scale=args.guidance_scale, train=_train_config(args),
     )
     result = train_dreambooth_lora(cfg)
@@ -351,20 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--num-class-images", type=int, default=100, help="class images for prior preservation (made by the base model if fewer)")
     db.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class images' loss")
     db.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    db.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    db.add_argument("--lora-alpha", type=float, default=None,
+                    help="LoRA alpha (default: the rank, i.e. scaling 1); another value is in the file's metadata, which "
+                         "diffusers' load_lora_weights reads (tools that ignore it apply scaling 1)")
     db.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA layers' input (peft's lora_dropout)")
     db.add_argument("--target-modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"], help="UNet modules to adapt")
     db.add_argument("--train-text-encoder", action="store_true", help="also train a LoRA on the CLIP text encoder")
     db.add_argument("--text-encoder-target-modules", nargs="+", default=None,
                     help="text-encoder modules to adapt with --train-text-encoder (default: q_proj k_proj v_proj out_proj)")
     db.add_argument("--resolution", type=int, default=None, help="training image size in pixels (default: the model's own, 512 for SD-1.5)")
-    db.add_argument("--crop", choices=["center", "random"], default="center", help="crop after resizing the short side")
+    db.add_argument("--crop", choices=["center", "random"], default="center",
+                    help="crop after resizing the short side (diffusers' script crops at random unless --center_crop)")
     db.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
     db.add_argument("--validation-prompt", default=None, help="prompt for validation images (default: the instance prompt)")
     db.add_argument("--validation-every", type=int, dest="sample_every", default=argparse.SUPPRESS, metavar="N",
                     help="write a grid of validation images every N steps (same as --sample-every)")
     db.add_argument("--num-validation-images", type=int, default=4, help="validation images per grid")
-    db.add_argument("--inference-steps", type=int, default=25, help="DDIM steps for validation and class images")
+    db.add_argument("--inference-steps", type=int, default=25, help="DDIM steps for validation images")
+    db.add_argument("--class-inference-steps", type=int, default=50,
+                    help="steps of the model's own scheduler for class images, made at its own size as diffusers' script makes them")
     db.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for validation and class images")
     db.add_argument("--sample-batch-size", type=int, default=4, help="class images generated per batch")
     # diffusers' DreamBooth-LoRA recipe (its README): learning rate 1e-4, constant, no warm-up.

@@ -56,7 +56,7 @@ RESUMABLE_FIELDS = frozenset({
     "gradient_checkpointing", "mixed_precision", "allow_tf32",
     "sample_steps", "sample_guidance_scale", "num_samples",  # the pixel trainers' sample grids
     "validation_prompt", "num_validation_images", "inference_steps", "guidance_scale",  # DreamBooth's validation images
-    "sample_batch_size",  # how many class images a pipeline call makes (each has its own seed)
+    "sample_batch_size", "class_inference_steps",  # how class images are made (before a run's first step)
     "folders",  # where the PATH_FIELDS' folders were (trainer_state): a record, read by config_changes
 })
 

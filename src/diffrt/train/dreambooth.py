@@ -70,7 +70,10 @@ class DreamBoothConfig:
     random_flip: bool = False
     validation_prompt: str | None = None  # default: the instance prompt
     num_validation_images: int = 4
-    inference_steps: int = 25  # for validation images and class images
+    inference_steps: int = 25  # DDIM steps for validation images
+    # Class images as diffusers' train_dreambooth_lora.py makes them: the folder's own scheduler at the pipeline's
+    # default 50 steps, at the model's own size (resized to --resolution when read, as its dataset resizes them).
+    class_inference_steps: int = 50
     sample_batch_size: int = 4  # class images generated per pipeline call (diffusers' --sample_batch_size)
     guidance_scale: float = 7.5
     # diffusers' recipe, as the CLI's defaults: 1e-4, constant, no warm-up (TrainConfig's own default is cosine)
@@ -100,8 +103,9 @@ class DreamBoothConfig:
                               "and generated into it where it holds too few)")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise DiffrtError(f"--resolution must be a positive multiple of 8 (the VAE's downsampling), got {self.resolution}")
-        if self.num_validation_images < 1 or self.inference_steps < 1 or self.sample_batch_size < 1:
-            raise DiffrtError("--num-validation-images, --inference-steps and --sample-batch-size must be >= 1")
+        if min(self.num_validation_images, self.inference_steps, self.class_inference_steps, self.sample_batch_size) < 1:
+            raise DiffrtError("--num-validation-images, --inference-steps, --class-inference-steps and --sample-batch-size "
+                              "must be >= 1")
         if not math.isfinite(self.guidance_scale):
             raise DiffrtError(f"--guidance-scale must be a number (diffusers' default 7.5), got {self.guidance_scale}")
         if self.crop not in ("center", "random"):
@@ -158,9 +162,10 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     c = load_components(folder, state.device, base_dtype(state.device, config.train.mixed_precision))
     vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
     steps = DDIMConfig.from_scheduler_config(c.scheduler_config).num_train_timesteps
-    if config.inference_steps > steps:  # the class images' and validation images' sampler would refuse it, after training
-        raise DiffrtError(f"--inference-steps {config.inference_steps} is more than the model's {steps} training timesteps "
-                          f"(its scheduler's num_train_timesteps); use at most {steps}")
+    for flag, value in (("--inference-steps", config.inference_steps), ("--class-inference-steps", config.class_inference_steps)):
+        if value > steps:  # the validation images' or class images' sampler would refuse it, after minutes of work
+            raise DiffrtError(f"{flag} {value} is more than the model's {steps} training timesteps (its scheduler's "
+                              f"num_train_timesteps); use at most {steps}")
     if config.resolution % vae_scale:
         raise DiffrtError(f"--resolution {config.resolution} is not a multiple of the VAE's downsampling factor {vae_scale}")
     check_targets(c.unet, config.target_modules, "UNet", "--target-modules")
@@ -183,7 +188,7 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     class_images = None
     if prior:
         with state.main_process_first():
-            generate_class_images(c, class_dir, config, batch=config.sample_batch_size)
+            generate_class_images(c, class_dir, config, batch=config.sample_batch_size, size=model_resolution(folder))
         class_images = load_image_folder(class_dir, config.resolution, crop=config.crop, limit=config.num_class_images)
 
     # 4. LoRA adapters, initialised from the seed so that a rerun starts from the same weights.
@@ -382,29 +387,37 @@ def model_resolution(folder: Path) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def text_to_image_pipeline(c: Components):
-    """diffusers' StableDiffusionPipeline over the (possibly adapted) components, with DDIM."""
+def text_to_image_pipeline(c: Components, own_scheduler: bool = False):
+    """diffusers' StableDiffusionPipeline over the (possibly adapted) components, with DDIM, or with `own_scheduler`
+    the class the folder's scheduler config names (PNDM for SD-1.5), as from_pretrained builds it."""
+    import diffusers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    named = getattr(diffusers, str(c.scheduler_config.get("_class_name")), None) if own_scheduler else None
+    scheduler = (named if isinstance(named, type) and issubclass(named, diffusers.SchedulerMixin) else DDIMScheduler)
     pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                   scheduler=DDIMScheduler.from_config(c.scheduler_config), safety_checker=None,
+                                   scheduler=scheduler.from_config(c.scheduler_config), safety_checker=None,
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
-def generate(pipe, prompt: str, seeds: list[int], config: DreamBoothConfig) -> torch.Tensor:
-    """[N, 3, H, W] in [0, 1], one CPU generator per image (so a seed means one image anywhere)."""
+def generate(pipe, prompt: str, seeds: list[int], config: DreamBoothConfig, size: int | None = None,
+             steps: int | None = None) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1], one CPU generator per image (so a seed means one image anywhere); `size` and `steps`
+    default to the validation images' (--resolution, --inference-steps)."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    out = pipe(prompt, num_images_per_prompt=len(seeds), height=config.resolution, width=config.resolution,
-               num_inference_steps=config.inference_steps, guidance_scale=config.guidance_scale,
+    size = size or config.resolution
+    out = pipe(prompt, num_images_per_prompt=len(seeds), height=size, width=size,
+               num_inference_steps=steps or config.inference_steps, guidance_scale=config.guidance_scale,
                generator=generators, output_type="pt")
     return out.images.float().cpu()
 
 
-def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig, batch: int = 4) -> None:
-    """Fill `folder` up to num_class_images with images of the class prompt from the base model."""
+def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig, batch: int = 4, size: int | None = None) -> None:
+    """Fill `folder` up to num_class_images with images of the class prompt from the base model, `size` px square
+    (the base model's own size, model_resolution; None: --resolution)."""
     from diffrt.images import png_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -414,13 +427,13 @@ def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig,
         log.info("prior preservation: %d class images in %s, none to generate", have, folder)
         return
     log.info("prior preservation: generating %d class images of %r into %s", missing, config.class_prompt, folder)
-    pipe = text_to_image_pipeline(c)
+    pipe = text_to_image_pipeline(c, own_scheduler=True)
     index = 0
     for start in tqdm(range(0, missing, batch), desc="class images", unit="batch", total=-(-missing // batch)):
         # Image k of the folder has seed k of the run's range, however many runs it took to make them;
         # taken modulo 2^64, the range of torch's seeds, as the loop's step_generator does.
         seeds = [(config.train.seed * 100_003 + have + start + i) % 2**64 for i in range(min(batch, missing - start))]
-        for image in generate(pipe, config.class_prompt, seeds, config):
+        for image in generate(pipe, config.class_prompt, seeds, config, size=size, steps=config.class_inference_steps):
             while (folder / f"class-{index:05d}.png").exists():
                 index += 1
             atomic.write_bytes(folder / f"class-{index:05d}.png", png_bytes(image))

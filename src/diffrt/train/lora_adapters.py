@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,18 +13,25 @@ from torch import nn
 from diffrt import atomic
 from diffrt.errors import DiffrtError
 
+log = logging.getLogger(__name__)
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def check_targets(model: nn.Module, targets, what: str, flag: str) -> None:
-    """Refuse target module names that match no module of `model` (peft would say so only once it is called)."""
+    """Refuse target module names of which none matches a module of `model` (peft would say so only once it is
+    called); where some match, name the others in a warning, as peft skips them: diffusers' own list for SDXL-style
+    UNets (add_k_proj, add_v_proj) then trains SD-1.5's attention, as its script does."""
     names = [n for n, _ in model.named_modules()]
     unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unknown:
+    if unknown and len(unknown) == len(targets):
         raise DiffrtError(f"{flag}: {', '.join(unknown)} match no module of the {what}; "
                           f"use names of its Linear/Conv layers, e.g. {', '.join(UNET_TARGETS if what == 'UNet' else TEXT_ENCODER_TARGETS)}")
+    if unknown:
+        log.warning("%s: %s match no module of the %s and are left out; LoRA goes on %s", flag, ", ".join(unknown), what,
+                    ", ".join(t for t in targets if t not in unknown))
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float | None, targets, seed: int, dropout: float = 0.0):
