@@ -339,7 +339,7 @@ def _remove_later_samples(folder: Path, upto: int) -> None:
         step = path.stem.removeprefix("step-")
         if step.isdigit() and int(step) > upto:
             path.unlink(missing_ok=True)
-            log.info("removed %s: a grid from after the checkpoint this run resumes from", path)
+            log.info("removed %s: a killed run's grid of a step after %d, where this run starts", path, upto)
 
 
 def _end_stopped_run(out: Path, writer, step: int, window: list[float], lr: float,
