@@ -181,6 +181,9 @@ def test_other_scheduler_classes_mean_what_ddim_from_config_makes_of_them(name, 
     dict(_class_name="EDMEulerScheduler", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5),
     dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0),
     dict(_class_name="CMStochasticIterativeScheduler", sigma_min=0.002, sigma_max=80.0),
+    # From a second review: Stable Audio's (a stand-in without torchsde), and one known only by its signature (no betas).
+    dict(_class_name="CosineDPMSolverMultistepScheduler", sigma_min=0.3, sigma_max=500, sigma_data=1.0),
+    dict(_class_name="LTXEulerAncestralRFScheduler", num_train_timesteps=1000),
 ], ids=lambda c: c["_class_name"])
 def test_schedulers_of_another_noise_process_are_refused_by_name(config):
     """A review found an EDM folder sampled as DDIM on linear betas (only an INFO line said anything): what such a
@@ -189,6 +192,20 @@ def test_schedulers_of_another_noise_process_are_refused_by_name(config):
                                           "another noise process than a DDPM beta schedule") as info:
         ddim.DDIMConfig.from_scheduler_config(config)
     assert "\n" not in str(info.value)
+
+
+def test_every_beta_schedule_scheduler_of_diffusers_still_reads_as_a_beta_schedule():
+    """The refusal asks diffusers' own classes whether they take a beta_schedule: every one that does (PNDM, UniPC,
+    Heun, ...) reads as before, and one diffusers only stands in for (DPMSolverSDEScheduler without torchsde) too."""
+    import inspect
+
+    import diffusers
+
+    beta = [name for name in dir(diffusers) if name.endswith("Scheduler") and isinstance(getattr(diffusers, name), type)
+            and "beta_schedule" in inspect.signature(getattr(diffusers, name).__init__).parameters]
+    assert {"PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler", "DDPMScheduler"} <= set(beta)
+    for name in [*beta, "DPMSolverSDEScheduler", "SomeFutureScheduler"]:
+        assert not ddim.other_noise_process(name), name
 
 
 # --- whole images -----------------------------------------------------------------------------------------

@@ -406,11 +406,12 @@ def test_dreambooth_warns_once_per_prompt_past_the_text_encoders_length(dreamboo
     assert not [r for r in caplog.records if "text encoder" in r.getMessage()]
 
 
-def test_class_images_are_what_diffusers_pipeline_of_the_folder_makes(sd_folder, cat_folder, tmp_path):
+def test_class_images_are_what_diffusers_pipeline_of_the_folder_makes(sd_folder, cat_folder, tmp_path, monkeypatch):
     """A review against diffusers' train_dreambooth_lora.py: it makes class images with `pipeline(class_prompt)`, the
     folder's own scheduler at its default 50 steps and the model's own size (its dataset then resizes them); diffrt
     made them with DDIM at --inference-steps and at --resolution, smaller images than the base model draws well. Now
-    a class image is diffusers' own: here an Euler folder whose native size (64 px) is above the trained 32 px."""
+    a class image is diffusers' own: here a folder whose model_index.json names Euler (its scheduler config DDIM's
+    keys) and whose native size (64 px) is above the trained 32 px."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from PIL import Image
 
@@ -418,15 +419,21 @@ def test_class_images_are_what_diffusers_pipeline_of_the_folder_makes(sd_folder,
     shutil.copytree(sd_folder, folder)
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({**unet_config, "sample_size": 8}))  # 8 latents x 8 = 64 px
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    EulerDiscreteScheduler.from_config(scheduler_config).save_config(folder / "scheduler")
+    # model_index.json names the class from_pretrained builds (over the DDIM config here, as a hand-edited folder has it).
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
     cfg = DreamBoothConfig(model=str(folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
                            class_prompt="a photo of a cat", with_prior_preservation=True, num_class_images=1,
                            class_inference_steps=3, resolution=32, rank=2, num_validation_images=1, inference_steps=1,
                            train=train_config(tmp_path / "out", max_steps=1, batch_size=1))
+    # A random tiny UNet barely moves the latents, so the image alone hardly tells samplers apart: count the real
+    # scheduler's steps as well (a spy: the step itself runs unchanged).
+    steps = []
+    real_step = EulerDiscreteScheduler.step
+    monkeypatch.setattr(EulerDiscreteScheduler, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
     train_dreambooth_lora(cfg)
+    monkeypatch.undo()
+    assert len(steps) == 3  # one image, --class-inference-steps 3, with the class model_index.json names
     made = np.asarray(Image.open(tmp_path / "out" / "class_images" / "class-00000.png").convert("RGB")).astype(int)
     assert made.shape == (64, 64, 3)
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -43,7 +44,27 @@ OWN_SAMPLERS = {
 }
 # Schedulers of models trained on another noise process than DDPM's betas (EDM's sigmas, flow matching, VE SDEs,
 # consistency models, discrete tokens): read as a beta schedule, their folders would sample pure noise without a word.
-OTHER_NOISE_PROCESSES = ("EDM", "FlowMatch", "ScoreSde", "KarrasVe", "CMStochasticIterative", "SCM", "VQDiffusion", "Amused")
+OTHER_NOISE_PROCESSES = ("EDM", "FlowMatch", "FlowMap", "CosineDPMSolver", "ScoreSde", "KarrasVe", "CMStochasticIterative", "SCM",
+                         "VQDiffusion", "Amused")  # by name: diffusers may stand in for them with a DummyObject
+
+
+def other_noise_process(scheduler_class: str) -> bool:
+    """Whether a scheduler class samples another noise process than a DDPM beta schedule: one of
+    OTHER_NOISE_PROCESSES, or a class of the installed diffusers that takes no `beta_schedule` (every beta-schedule
+    scheduler does: DDIM, DDPM, PNDM, LMS, Heun, DPM-Solver, UniPC, ...; EDM's, flow matching's, Stable Audio's
+    CosineDPMSolverMultistepScheduler do not). A name diffusers does not know, or stands in for (DPMSolverSDEScheduler
+    without torchsde), reads as DDIM on its training schedule, as DDIMScheduler.from_config reads it."""
+    if scheduler_class.startswith(OTHER_NOISE_PROCESSES):
+        return True
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, scheduler_class, None) if scheduler_class.endswith("Scheduler") else None
+    except Exception:  # a broken diffusers install: nothing to tell by
+        return False
+    if not isinstance(cls, type) or type(cls).__name__ == "DummyObject":  # diffusers' stand-in for a missing extra
+        return False
+    return "beta_schedule" not in inspect.signature(cls.__init__).parameters
 
 
 @dataclass(frozen=True)
@@ -91,7 +112,7 @@ class DDIMConfig:
         EulerAncestralConfig, euler.py): DDIMConfigs that the pipelines sample with that sampler, as
         diffusers' pipelines sample such a folder; `sampling.choose_scheduler(config, "ddim")` is DDIM on it."""
         named = config.get("_class_name") or ""
-        if named.startswith(OTHER_NOISE_PROCESSES):
+        if other_noise_process(named):
             raise DiffrtError(f"the scheduler config names {named}, whose model was trained on another noise process than a "
                               "DDPM beta schedule (EDM sigmas, flow matching, ...); diffrt's samplers (DDIM, DPM-Solver++, Euler, "
                               "LCM) run beta-schedule models only")

@@ -188,7 +188,8 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     class_images = None
     if prior:
         with state.main_process_first():
-            generate_class_images(c, class_dir, config, batch=config.sample_batch_size, size=model_resolution(folder))
+            generate_class_images(c, class_dir, config, batch=config.sample_batch_size, size=model_resolution(folder),
+                                  scheduler_class=pipeline_scheduler_class(folder))
         class_images = load_image_folder(class_dir, config.resolution, crop=config.crop, limit=config.num_class_images)
 
     # 4. LoRA adapters, initialised from the seed so that a rerun starts from the same weights.
@@ -387,14 +388,29 @@ def model_resolution(folder: Path) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def text_to_image_pipeline(c: Components, own_scheduler: bool = False):
-    """diffusers' StableDiffusionPipeline over the (possibly adapted) components, with DDIM, or with `own_scheduler`
-    the class the folder's scheduler config names (PNDM for SD-1.5), as from_pretrained builds it."""
+def pipeline_scheduler_class(folder: Path) -> str | None:
+    """The scheduler class StableDiffusionPipeline.from_pretrained builds for `folder`: the one model_index.json
+    names (PNDMScheduler for SD-1.5), else the one its scheduler config names."""
+    try:
+        listed = (json.loads((folder / "model_index.json").read_text()).get("scheduler") or [None, None])[-1]
+    except (OSError, ValueError, AttributeError, IndexError):
+        listed = None
+    if listed:
+        return str(listed)
+    try:
+        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def text_to_image_pipeline(c: Components, scheduler_class: str | None = None):
+    """diffusers' StableDiffusionPipeline over the (possibly adapted) components, with DDIM, or with the diffusers
+    scheduler class named (pipeline_scheduler_class: the folder's own) over the folder's scheduler config."""
     import diffusers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    named = getattr(diffusers, str(c.scheduler_config.get("_class_name")), None) if own_scheduler else None
-    scheduler = (named if isinstance(named, type) and issubclass(named, diffusers.SchedulerMixin) else DDIMScheduler)
+    named = getattr(diffusers, scheduler_class, None) if scheduler_class else None
+    scheduler = named if isinstance(named, type) and issubclass(named, diffusers.SchedulerMixin) else DDIMScheduler
     pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
                                    scheduler=scheduler.from_config(c.scheduler_config), safety_checker=None,
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
@@ -415,9 +431,11 @@ def generate(pipe, prompt: str, seeds: list[int], config: DreamBoothConfig, size
     return out.images.float().cpu()
 
 
-def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig, batch: int = 4, size: int | None = None) -> None:
+def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig, batch: int = 4, size: int | None = None,
+                          scheduler_class: str | None = None) -> None:
     """Fill `folder` up to num_class_images with images of the class prompt from the base model, `size` px square
-    (the base model's own size, model_resolution; None: --resolution)."""
+    (the base model's own size, model_resolution; None: --resolution), sampled with `scheduler_class` (the base
+    folder's own, pipeline_scheduler_class; None: DDIM)."""
     from diffrt.images import png_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -427,7 +445,7 @@ def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig,
         log.info("prior preservation: %d class images in %s, none to generate", have, folder)
         return
     log.info("prior preservation: generating %d class images of %r into %s", missing, config.class_prompt, folder)
-    pipe = text_to_image_pipeline(c, own_scheduler=True)
+    pipe = text_to_image_pipeline(c, scheduler_class)
     index = 0
     for start in tqdm(range(0, missing, batch), desc="class images", unit="batch", total=-(-missing // batch)):
         # Image k of the folder has seed k of the run's range, however many runs it took to make them;
