@@ -119,9 +119,12 @@ def test_color_guidance_refuses_colours_outside_unit_range():
     color_guidance(torch.rand(2, 3), 1.0)  # per-image colours in [0, 1] pass
 
 
-@pytest.mark.parametrize("size, crop, image_shape", [(32, 32, (1, 3, 40, 72)), (32, 32, (1, 3, 77, 50)), (32, 32, (2, 3, 16, 16)),
-                                                     (48, 48, (1, 3, 24, 40)), ((32, 32), 32, (1, 3, 32, 64))], ids=str)
-def test_clip_pixel_values_match_clip_image_processor(size, crop, image_shape):
+@pytest.mark.parametrize("size, crop, image_shape, center_crop", [
+    (32, 32, (1, 3, 40, 72), True), (32, 32, (1, 3, 77, 50), True), (32, 32, (2, 3, 16, 16), True),
+    (48, 48, (1, 3, 24, 40), True), ((32, 32), 32, (1, 3, 32, 64), True),
+    # From a review: without a centre crop the processor keeps its resize size; ClipLoss resized to the crop size.
+    ((32, 32), 24, (1, 3, 40, 72), False), (24, 16, (1, 3, 40, 72), False)], ids=str)
+def test_clip_pixel_values_match_clip_image_processor(size, crop, image_shape, center_crop):
     """ClipLoss redoes the processor's resize, centre crop and normalisation in torch: the result is what
     CLIPImageProcessor feeds the model for the same image (up to its uint8 rounding), for non-square
     images (the long side truncated, not rounded) and small ones (upsampled with PIL's bicubic). A processor
@@ -140,7 +143,7 @@ def test_clip_pixel_values_match_clip_image_processor(size, crop, image_shape):
         torch.manual_seed(0)
         clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     sizes = {"height": size[0], "width": size[1]} if isinstance(size, tuple) else {"shortest_edge": size}
-    processor = CLIPImageProcessor(size=sizes, crop_size={"height": crop, "width": crop})
+    processor = CLIPImageProcessor(size=sizes, crop_size={"height": crop, "width": crop}, do_center_crop=center_crop)
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:

@@ -104,6 +104,26 @@ def test_cfg_rejects_mismatched_shapes_and_missing_noise():
         cfg_ddim.cfg_ddim_step_triton(sample, eps_uncond, eps_cond[:, :3], 7.5, 0.5, 0.6)
     with pytest.raises(ValueError, match="needs `noise`"):
         cfg_ddim.cfg_ddim_step_triton(sample, eps_uncond, eps_cond, 7.5, 0.5, 0.6, eta=1.0)
+    # From a review: mixed dtypes computed one way in the kernel and another in the reference (5e-3 apart).
+    with pytest.raises(ValueError, match=r"eps_cond is torch.float16; expected torch.float32 like sample \(cast it first\)"):
+        cfg_ddim.cfg_ddim_step_triton(sample, eps_uncond, eps_cond.half(), 7.5, 0.5, 0.6)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("alphas", ALPHA_PAIRS)
+def test_cfg_kernel_takes_sample_prediction_against_a_float64_oracle(clip, eta, alphas):
+    """prediction_type "sample" (the model predicts x0) goes through the kernel too. A review found it untested; at
+    alpha_bar near 1, eps = (x - sqrt(ab) x0) / sqrt(1 - ab) cancels, and the fp32 reference is the less accurate side
+    (5e-5 off float64, the kernel 5e-7): the oracle is the reference in float64."""
+    pytest.importorskip("triton")
+    sample, eps_uncond, eps_cond, noise = make_cfg_inputs((2, 3, 16, 16), torch.float32)
+    kwargs = dict(prediction_type="sample", clip_sample_range=clip, eta=eta)
+    x_prev, x0 = cfg_ddim.cfg_ddim_step_triton(sample, eps_uncond, eps_cond, 7.5, *alphas, noise=noise if eta > 0 else None, **kwargs)
+    ref_prev, ref_x0 = cfg_ddim.cfg_ddim_step_reference(sample.double(), eps_uncond.double(), eps_cond.double(), 7.5, *alphas,
+                                                        noise=noise.double() if eta > 0 else None, **kwargs)
+    torch.testing.assert_close(x_prev.double(), ref_prev, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0.double(), ref_x0, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

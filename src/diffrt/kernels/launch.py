@@ -93,7 +93,9 @@ def launch_grid(n_elements: int) -> tuple[int]:
 
 
 def check_same_shape(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """Elementwise kernels read every input at the same flat offset, so shapes and devices must agree."""
+    """Elementwise kernels read every input at the same flat offset, so shapes and devices must agree; and dtypes: the
+    kernel computes in fp32 and stores in the reference's dtype where the PyTorch reference would promote, so mixed
+    inputs would give the two paths different results (a review measured 5e-3)."""
     for name, tensor in others.items():
         if tensor is None:
             continue
@@ -101,3 +103,5 @@ def check_same_shape(reference_name: str, reference: torch.Tensor, **others: tor
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(reference.shape)} like {reference_name}")
         if tensor.device != reference.device:
             raise ValueError(f"{name} is on {tensor.device}; expected {reference.device} like {reference_name}")
+        if tensor.dtype != reference.dtype:
+            raise ValueError(f"{name} is {tensor.dtype}; expected {reference.dtype} like {reference_name} (cast it first)")

@@ -2,7 +2,9 @@
 
     loss(images) = sum over the batch of 1 - cos(image_embeds, text_embeds)
 
-as in the CLIP-guided sampling of the Hugging Face diffusion course (unit 2). The CLIPModel and its
+as the CLIP-guided sampling of the Hugging Face diffusion course (unit 2) steers, though the course's loss is the
+squared great-circle distance 2 arcsin(|a - b| / 2)^2 of the normalised embeddings: a monotone function of the same
+cosine, with another gradient size (scales are not interchangeable between the two). The CLIPModel and its
 processor come from a LOCAL folder (`save_pretrained` layout); nothing is downloaded. The
 processor's resize, centre crop and normalisation are redone in torch so the loss is
 differentiable in the images; the text embedding is computed once.
@@ -83,17 +85,17 @@ class ClipLoss:
         always: torch's antialiased bicubic is PIL's (a = -0.5) when upsampling too, where the plain one
         (a = -0.75) is not, and small images are upsampled to CLIP's size."""
         h, w = images.shape[-2:]
-        if not self.do_center_crop:
-            size = self.crop
-        elif self.shortest_edge is None:
-            size = (max(self.crop[0], self.resize_to[0]), max(self.crop[1], self.resize_to[1]))
+        if self.shortest_edge is None:
+            size = self.resize_to
         else:
             edge = self.shortest_edge
             size = (edge, int(edge * w / h)) if h <= w else (int(edge * h / w), edge)
+        if self.do_center_crop:  # never below the crop: the processor would pad there
             size = (max(self.crop[0], size[0]), max(self.crop[1], size[1]))
         x = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
-        x = x[..., top : top + self.crop[0], left : left + self.crop[1]]
+        if self.do_center_crop:
+            top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
+            x = x[..., top : top + self.crop[0], left : left + self.crop[1]]
         return (x - self.mean) / self.std
 
     def per_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -108,9 +110,12 @@ class ClipLoss:
 
 
 def clip_guidance(clip_model_dir: str | Path, prompt: str, scale: float, *, every: int = 1, mode: GuidanceMode = "x0",
-                  device: str | torch.device = "cpu") -> Guidance:
-    """Guidance toward `prompt` with the CLIPModel in `clip_model_dir` (a local folder)."""
+                  device: str | torch.device | None = None) -> Guidance:
+    """Guidance toward `prompt` with the CLIPModel in `clip_model_dir` (a local folder), on `device` (None: CUDA when
+    torch sees a GPU, as the pipelines default; CLIP on another device than the images costs a copy each guided step)."""
+    from diffrt.runtime.backends import resolve_device
+
     if not prompt:
         raise DiffrtError("CLIP guidance needs a non-empty prompt")
-    model, processor = load_clip(clip_model_dir, device)
+    model, processor = load_clip(clip_model_dir, resolve_device(device, "torch"))
     return Guidance(ClipLoss(model, processor, prompt), scale, every, mode, name="clip")
