@@ -299,3 +299,23 @@ def test_unets_needing_inputs_diffrt_does_not_feed_are_refused_by_name(t2i_folde
     with pytest.raises(DiffrtError, match=message):  # `diffrt export` too, before the cache or any trace
         export_model(folder, tmp_path / "artifact", ExportOptions())
     assert not (tmp_path / "artifact").exists()
+
+
+def test_a_folder_whose_two_scheduler_files_disagree_is_sampled_as_its_config_says_with_a_warning(t2i_folder, tmp_path, caplog):
+    """model_index.json names the class diffusers' from_pretrained builds (text_to_image_models.index_scheduler_class,
+    which DreamBooth's class images follow too); diffrt samples what scheduler_config.json names, and says so."""
+    import shutil
+
+    from diffrt.runtime.text_to_image_loading import check_scheduler_class
+    from diffrt.text_to_image_models import index_scheduler_class
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "sd")
+    assert index_scheduler_class(folder) == "DDIMScheduler"
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
+    assert index_scheduler_class(folder) == "EulerDiscreteScheduler"
+    with caplog.at_level(logging.WARNING, logger="diffrt.runtime.text_to_image_loading"):
+        check_scheduler_class(folder)
+    assert "names EulerDiscreteScheduler but" in caplog.text and "diffrt samples with DDIM, as the scheduler config says" in caplog.text
+    (folder / "model_index.json").write_text("[]")  # not what diffusers writes: nothing to tell by
+    assert index_scheduler_class(folder) is None

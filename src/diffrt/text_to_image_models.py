@@ -305,6 +305,16 @@ def load_text_encoder(folder: Path, weights: bool = True):
     return load_frozen(CLIPTextModel, folder / "text_encoder", weights)
 
 
+def index_scheduler_class(folder: Path) -> str | None:
+    """The scheduler class a pipeline folder's model_index.json names: the one diffusers' from_pretrained builds
+    (PNDMScheduler for SD-1.5). None where the file, or the entry, is missing or not what diffusers writes."""
+    try:
+        listed = (json.loads((folder / "model_index.json").read_text()).get("scheduler") or [None, None])[-1]
+    except (OSError, ValueError, AttributeError, IndexError, TypeError):
+        return None
+    return str(listed) if listed else None
+
+
 def load_scheduler(folder: Path) -> DDIMConfig:
     return DDIMConfig.from_scheduler_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
 

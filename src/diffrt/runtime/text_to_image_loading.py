@@ -36,7 +36,7 @@ from diffrt.runtime.loading import (OPEN_BATCH, artifact_lora, check_artifact_lo
 from diffrt.runtime.lora_scale import Loras, TorchLora, scaled
 from diffrt.runtime.text_to_image import TextToImagePipeline
 from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_unet_config, component_specs, controlnet_paths,
-                                         global_pool_conditions, load_controlnets, load_text_to_image, load_tokenizer, load_unet,
+                                         global_pool_conditions, index_scheduler_class, load_controlnets, load_text_to_image, load_tokenizer, load_unet,
                                          load_vae, require_text_to_image_folder)
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,10 @@ def check_scheduler_class(folder: Path) -> None:
     index, config = folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"
     if not (index.is_file() and config.is_file()):
         return
+    listed = index_scheduler_class(folder)
     try:
-        listed = (json.loads(index.read_text()).get("scheduler") or [None, None])[-1]
         named = json.loads(config.read_text()).get("_class_name")
-    except (ValueError, AttributeError, IndexError):  # not JSON objects: nothing to compare (the loaders name a bad config)
+    except (ValueError, AttributeError):  # not a JSON object: nothing to compare (the loaders name a bad config)
         return
     if listed and named and _sampler_of(listed) != _sampler_of(named):
         log.warning("%s names %s but %s names %s; diffrt samples with %s, as the scheduler config says "

@@ -391,12 +391,11 @@ def model_resolution(folder: Path) -> int:
 def pipeline_scheduler_class(folder: Path) -> str | None:
     """The scheduler class StableDiffusionPipeline.from_pretrained builds for `folder`: the one model_index.json
     names (PNDMScheduler for SD-1.5), else the one its scheduler config names."""
-    try:
-        listed = (json.loads((folder / "model_index.json").read_text()).get("scheduler") or [None, None])[-1]
-    except (OSError, ValueError, AttributeError, IndexError):
-        listed = None
+    from diffrt.text_to_image_models import index_scheduler_class
+
+    listed = index_scheduler_class(folder)
     if listed:
-        return str(listed)
+        return listed
     try:
         return json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
