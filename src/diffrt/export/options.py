@@ -105,8 +105,8 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
                           f"pass --opset {DYNAMO_MIN_OPSET} or leave --opset out")
     gib = options.workspace_gb
     if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < 1e6):
-        raise DiffrtError(f"--workspace-gb {options.workspace_gb!r} must be a positive number of GiB, e.g. 8")
-    if options.workspace_gb is not None and options.backend != "tensorrt":
+        raise DiffrtError(f"--workspace-gb {gib!r} must be a positive number of GiB, e.g. 8")
+    if gib is not None and options.backend != "tensorrt":
         raise DiffrtError("--workspace-gb caps TensorRT's builder; it needs --backend tensorrt")
     if options.backend == "tensorrt":
         require_backend("tensorrt")  # one line naming the backends this machine has

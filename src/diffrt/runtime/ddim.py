@@ -116,8 +116,8 @@ class DDIMConfig:
             raise DiffrtError(f"the scheduler config names {named}, whose model was trained on another noise process than a "
                               "DDPM beta schedule (EDM sigmas, flow matching, ...); diffrt's samplers (DDIM, DPM-Solver++, Euler, "
                               "LCM) run beta-schedule models only")
-        if cls is DDIMConfig and config.get("_class_name") in OWN_SAMPLERS:
-            module, name = OWN_SAMPLERS[config["_class_name"]]  # lcm.py, dpm.py and euler.py build on this module
+        if cls is DDIMConfig and named in OWN_SAMPLERS:
+            module, name = OWN_SAMPLERS[named]  # lcm.py, dpm.py and euler.py build on this module
             return getattr(importlib.import_module(module), name).from_scheduler_config(config, **overrides)
         left_out = set(config.get("_use_default_values") or ())
         config = {k: v for k, v in dict(config).items() if k not in left_out and k != "_use_default_values"}

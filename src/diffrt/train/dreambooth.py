@@ -37,6 +37,7 @@ from diffrt.errors import DataError, DiffrtError
 from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.runtime.text_to_image import cut_off
+from diffrt.text_to_image_models import index_scheduler_class
 from diffrt.train.checkpoints import check_resume, holds_out
 from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
 from diffrt.train.lora_adapters import (LORA_WEIGHT_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, check_targets,
@@ -189,7 +190,8 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     if prior:
         with state.main_process_first():
             generate_class_images(c, class_dir, config, batch=config.sample_batch_size, size=model_resolution(folder),
-                                  scheduler_class=pipeline_scheduler_class(folder))
+                                  # the class from_pretrained builds: model_index.json's, else the config's own
+                                  scheduler_class=index_scheduler_class(folder) or c.scheduler_config.get("_class_name"))
         class_images = load_image_folder(class_dir, config.resolution, crop=config.crop, limit=config.num_class_images)
 
     # 4. LoRA adapters, initialised from the seed so that a rerun starts from the same weights.
@@ -388,23 +390,9 @@ def model_resolution(folder: Path) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def pipeline_scheduler_class(folder: Path) -> str | None:
-    """The scheduler class StableDiffusionPipeline.from_pretrained builds for `folder`: the one model_index.json
-    names (PNDMScheduler for SD-1.5), else the one its scheduler config names."""
-    from diffrt.text_to_image_models import index_scheduler_class
-
-    listed = index_scheduler_class(folder)
-    if listed:
-        return listed
-    try:
-        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def text_to_image_pipeline(c: Components, scheduler_class: str | None = None):
     """diffusers' StableDiffusionPipeline over the (possibly adapted) components, with DDIM, or with the diffusers
-    scheduler class named (pipeline_scheduler_class: the folder's own) over the folder's scheduler config."""
+    scheduler class named (the folder's own, for class images) over the folder's scheduler config."""
     import diffusers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -434,7 +422,7 @@ def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig,
                           scheduler_class: str | None = None) -> None:
     """Fill `folder` up to num_class_images with images of the class prompt from the base model, `size` px square
     (the base model's own size, model_resolution; None: --resolution), sampled with `scheduler_class` (the base
-    folder's own, pipeline_scheduler_class; None: DDIM)."""
+    folder's own; None: DDIM)."""
     from diffrt.images import png_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
