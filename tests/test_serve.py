@@ -727,6 +727,53 @@ def test_a_provider_fallback_is_counted(served_model, monkeypatch):
         runtime.close(30)
 
 
+def test_a_warm_up_that_draws_nan_never_turns_ready_and_a_nan_batch_counts_once(served_model, monkeypatch):
+    """The readiness NaN self-test had no test: images that are not finite while every noise prediction is (what an
+    fp16 VAE that overflows gives) must keep a replica out of rotation. Once serving, a batch of several requests that
+    comes out NaN counts once in diffrt_serve_nonfinite, as its help says: it counted each request whose client still
+    waited, and so nothing for one whose client had gone."""
+    import dataclasses
+
+    from diffrt.errors import NonFiniteOutputError
+    from diffrt.runtime.pipeline import PixelPipeline
+    from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
+    from diffrt.serve.schema import GenerateBody
+
+    poisoned, call = [True], PixelPipeline.__call__
+
+    def nan_images(self, *args, **kwargs):
+        result = call(self, *args, **kwargs)
+        return dataclasses.replace(result, images=torch.full_like(result.images, float("nan"))) if poisoned[0] else result
+
+    monkeypatch.setattr(PixelPipeline, "__call__", nan_images)
+    settings = dict(model=served_model, backend="onnxruntime", device="cpu", warmup_steps=1)
+    runtime = ServeRuntime(RuntimeConfig(**settings))
+    runtime.start()
+    try:
+        with pytest.raises(NonFiniteOutputError, match="self-test: .* non-finite images"):
+            runtime.wait_ready(120)
+        assert not runtime.ready and not runtime.alive and "self-test" in runtime.dead_reason
+        assert metric(runtime.metrics.exposition().decode(), "diffrt_serve_ready") == 0
+    finally:
+        runtime.close(10)
+
+    poisoned[0] = False
+    runtime = ServeRuntime(RuntimeConfig(**settings, max_batch_size=8, batch_wait_ms=2000, exact_batching=False))
+    runtime.start()
+    try:
+        runtime.wait_ready(120)
+        poisoned[0] = True
+        jobs = [runtime.submit(GenerateBody(class_label=1, seed=seed, num_inference_steps=1)) for seed in range(3)]
+        for job in jobs:  # nobody awaits them as a request would: the count must not depend on it
+            with pytest.raises(NonFiniteOutputError):
+                job.future.result(60)
+        text = runtime.metrics.exposition().decode()
+        assert metric(text, "diffrt_serve_batch_size_count") == 1  # the three shared one batch
+        assert metric(text, "diffrt_serve_nonfinite_total") == 1
+    finally:
+        runtime.close(10)
+
+
 # -- from a review of the serving code -------------------------------------------------------
 
 def test_a_worker_whose_batches_all_fail_turns_unhealthy_and_recovers():
@@ -951,6 +998,65 @@ def test_the_ray_route_refuses_as_the_service_does(served_model):
         assert metric(deployment.runtime.metrics.exposition().decode(), "diffrt_serve_request_seconds_count") == 2
     finally:
         deployment.runtime.close(10)
+
+
+def test_ray_check_health_fails_once_the_engine_fails_every_batch(served_model, monkeypatch):
+    """No test called check_health, Ray's only way to learn that a replica must be replaced."""
+    import asyncio
+    from dataclasses import asdict
+
+    from starlette.requests import Request
+
+    from diffrt.runtime.pipeline import PixelPipeline
+    from diffrt.serve.batcher import FAILING_BATCHES
+    from diffrt.serve.ray_app import DiffrtDeployment
+
+    deployment = DiffrtDeployment.func_or_class(asdict(ServeConfig(model=served_model, api_key_env=None, device="cpu",
+                                                                   warmup_steps=1, max_batch_size=2)))
+
+    def request(seed: int) -> Request:
+        messages = [{"type": "http.request", "body": json.dumps({"class_label": 1, "seed": seed, "num_inference_steps": 1}).encode(),
+                     "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        return Request({"type": "http", "method": "POST", "path": "/v1/generate", "query_string": b"",
+                        "headers": [(b"content-type", b"application/json")]}, receive)
+
+    def dead(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    try:
+        deployment.check_health()  # loaded and self-tested: healthy
+        monkeypatch.setattr(PixelPipeline, "__call__", dead)
+        for seed in range(FAILING_BATCHES):
+            deployment.check_health()  # a failure or two may be the requests'
+            assert asyncio.run(deployment(request(seed))).status_code == 500
+        with pytest.raises(RuntimeError, match=f"diffrt: its last {FAILING_BATCHES} batches failed .*illegal memory access"):
+            deployment.check_health()
+    finally:
+        deployment.runtime.close(10)
+
+
+def test_a_replica_asks_ray_for_a_gpu_where_the_cluster_has_one(monkeypatch):
+    """The GPU request was decided when the module was imported, by the driver's CUDA: a driver without a GPU sent
+    every replica to a CPU, however many GPUs the cluster had."""
+    import ray
+
+    from diffrt.serve.ray_app import deployment_for, replica_gpus
+
+    def asked(config, **kwargs) -> float:
+        return deployment_for(config, **kwargs).ray_actor_options["num_gpus"]
+
+    assert asked(ServeConfig(device="cpu")) == 0 and asked(ServeConfig(device="cuda:1")) == 1
+    assert asked(ServeConfig(device="cpu"), num_gpus=0.5) == 0.5  # an explicit request wins
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    for gpus in (0, 4):
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus)})
+        assert asked(ServeConfig()) == (1 if gpus else 0)  # the device left to the replica: the cluster decides
+    with pytest.raises(ValueError, match="num_gpus must be >= 0"):
+        replica_gpus(ServeConfig(), -1)
 
 
 # --- hostile clients (from a security review) ---------------------------------------------------------

@@ -5,6 +5,8 @@ keeps the VAE in fp32 where the model asks (RELIABILITY #5) and leaves no folder
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -112,7 +114,11 @@ def test_a_service_over_an_artifact_without_the_encoder_says_what_encodes(plain_
     with BackgroundServer(config) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         ready = client.get("/readyz").json()
         r = client.post("/v1/generate", json=body, headers={"Accept": "application/json"})
+        metrics = client.get("/metrics").text
     assert ready["image_to_image"] is not strict
+    # The fallback is a metric as well as a description (RELIABILITY #15): the gauge counts components on PyTorch.
+    fallbacks = re.search(r"^diffrt_serve_torch_fallbacks (\S+)$", metrics, re.M)
+    assert fallbacks is not None and float(fallbacks.group(1)) == (0 if strict else 1)
     if strict:
         assert r.status_code == 422 and "re-export with --vae-encoder" in r.text and "vae_encoder" not in ready["components"]
     else:

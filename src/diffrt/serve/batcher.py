@@ -65,12 +65,13 @@ class Batcher:
 
     `on_start` runs first in that thread (load the model there, so the thread that owns the
     pipeline is the one that built it); if it raises, the batcher is dead and says why.
+    `on_batch` sees each batch before it runs, `on_failure` each batch that raised (once, whatever its size).
     """
 
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_queue: int, wait_s: float,
                  on_start: Callable[[], None] | None = None, on_batch: Callable[[list[Job]], None] | None = None,
                  name: str = "diffrt-serve-worker", engine_failure: Callable[[BaseException], bool] = lambda exc: True,
-                 stuck_after_s: float = math.inf):
+                 stuck_after_s: float = math.inf, on_failure: Callable[[list[Job], BaseException], None] | None = None):
         if max_batch_size < 1 or max_queue < 1 or wait_s < 0:
             raise ValueError(f"need max_batch_size >= 1, max_queue >= 1, wait_s >= 0; got {max_batch_size}, {max_queue}, {wait_s}")
         self.run_batch = run_batch
@@ -79,6 +80,7 @@ class Batcher:
         self.wait_s = wait_s
         self.on_start = on_start
         self.on_batch = on_batch
+        self.on_failure = on_failure
         self.error: BaseException | None = None  # why the worker died, if it did
         # A sticky engine error (a CUDA illegal address) fails every batch with the thread alive: counted, so that
         # health checks fail and an orchestrator replaces the replica.
@@ -210,6 +212,8 @@ class Batcher:
         except BaseException as exc:  # noqa: BLE001 - every job of the batch gets the error
             if self.engine_failure(exc):
                 self.failed_in_row, self.last_failure = self.failed_in_row + 1, exc
+            if self.on_failure is not None:
+                self.on_failure(batch, exc)
             for job in batch:
                 job.future.set_exception(exc)
         else:

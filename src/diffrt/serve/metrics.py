@@ -38,6 +38,9 @@ class ServeMetrics:
                                           "the engine's built ranges (RELIABILITY #3), by field", ["field"], registry=r)
         self.fallbacks = Gauge("diffrt_serve_provider_fallbacks", "Components whose ONNX Runtime session runs without a "
                                "provider that was asked for (RELIABILITY #15; --strict refuses to start instead)", registry=r)
+        self.torch_fallbacks = Gauge("diffrt_serve_torch_fallbacks", "Components of an exported model that run on eager "
+                                     "PyTorch instead: the VAE encoder of an artifact exported without --vae-encoder "
+                                     "(RELIABILITY #15; --strict refuses to start instead)", registry=r)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

@@ -12,8 +12,8 @@
 Diffusion is compute-bound and an engine's profile caps its batch, so throughput comes from
 replicas: each replica is one `ServeRuntime` (one worker thread owning its pipeline, its own
 batcher), Ray's proxy spreads requests over them, and the autoscaler adds replicas when the
-ongoing requests per replica pass the engine's batch size. A replica asks for one GPU when CUDA
-is present. `check_health` raises once the replica's worker is dead, so Ray replaces it.
+ongoing requests per replica pass the engine's batch size. A replica asks for one GPU when the
+cluster has one (`replica_gpus`). `check_health` raises once the replica's worker is dead, so Ray replaces it.
 
 The route speaks the same API as `POST /v1/generate` of `diffrt serve` (schema, API key,
 body limit, refusals, headers). A client that hangs up has its request given up as there: Ray's
@@ -41,12 +41,9 @@ from diffrt.serve.schema import GenerateBody, RequestError
 
 log = logging.getLogger(__name__)
 
-NUM_GPUS = 1 if torch.cuda.is_available() else 0
-
-
 @serve.deployment(
     name="diffrt",
-    ray_actor_options={"num_cpus": 1, "num_gpus": NUM_GPUS},
+    ray_actor_options={"num_cpus": 1, "num_gpus": 0},  # build_deployment sets the GPU request
     autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
     max_ongoing_requests=16,
     health_check_period_s=10,
@@ -115,15 +112,40 @@ class DiffrtDeployment:
             runtime.close(timeout=self.config.timeout_s + 5)
 
 
-def build_deployment(config: ServeConfig, *, min_replicas: int = 1, max_replicas: int = 4):
-    """The bound application for `serve.run`: autoscaling on ongoing requests per replica, with
-    the engine's batch size as the target (RELIABILITY's serving conventions)."""
+def replica_gpus(config: ServeConfig, num_gpus: float | None = None) -> float:
+    """The GPUs one replica asks Ray for: `num_gpus` when given; none for `device="cpu"`, one for a CUDA device;
+    else (the device left to the replica) one when the cluster has a GPU. The cluster's resources, not the driver's
+    CUDA: a driver or head node without a GPU deployed every replica on CPU, and Ray hides the GPUs of a node from an
+    actor that asked for none, so the replica could not have found them itself."""
+    if num_gpus is not None:
+        if not 0 <= num_gpus:
+            raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
+        return num_gpus
+    if config.device is not None:
+        return 0 if torch.device(config.device).type == "cpu" else 1
+    import ray
+
+    if ray.is_initialized():
+        return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return 1 if torch.cuda.is_available() else 0  # serve.run starts a local cluster on this machine
+
+
+def deployment_for(config: ServeConfig, *, min_replicas: int = 1, max_replicas: int = 4, num_gpus: float | None = None):
+    """The deployment, its options set (before `bind`): autoscaling on ongoing requests per replica, with the
+    engine's batch size as the target (RELIABILITY's serving conventions), and the GPU request of `replica_gpus`."""
     if not 1 <= min_replicas <= max_replicas:
         raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {min_replicas}, {max_replicas}")
-    deployment = DiffrtDeployment.options(
+    return DiffrtDeployment.options(
+        ray_actor_options={"num_cpus": 1, "num_gpus": replica_gpus(config, num_gpus)},
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                             "target_ongoing_requests": config.max_batch_size},
         max_ongoing_requests=config.max_batch_size + config.max_queue,
         graceful_shutdown_timeout_s=config.timeout_s + 5,
     )
+
+
+def build_deployment(config: ServeConfig, *, min_replicas: int = 1, max_replicas: int = 4, num_gpus: float | None = None):
+    """The bound application for `serve.run` (deployment_for's options); call it after `ray.init` when the cluster
+    is not this machine, so that the GPU request reads the cluster's resources."""
+    deployment = deployment_for(config, min_replicas=min_replicas, max_replicas=max_replicas, num_gpus=num_gpus)
     return deployment.bind(asdict(config), api_key=config.api_key())

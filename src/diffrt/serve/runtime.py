@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from diffrt.errors import ArtifactError, BackendUnavailableError, DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
+from diffrt.runtime.backends import TORCH_BACKENDS
 from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
 from diffrt.serve.batching import Answer, BatchAbandoned
 from diffrt.serve.metrics import ServeMetrics
@@ -161,7 +162,8 @@ class ServeRuntime:
         self.worker = make_worker(config)
         self.batcher = Batcher(self.worker.run_batch, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                wait_s=config.batch_wait_ms / 1000, on_start=self._load, on_batch=self._count_batch,
-                               engine_failure=engine_failure, stuck_after_s=stuck_after(config.timeout_s))
+                               engine_failure=engine_failure, stuck_after_s=stuck_after(config.timeout_s),
+                               on_failure=self._count_failure)
         self.metrics.watch_queue(lambda: self.batcher.depth)
         self._ready = threading.Event()
 
@@ -177,7 +179,10 @@ class ServeRuntime:
         log.info("requests may ask for sides up to %d pixels (--max-image-side)", self.worker.max_image_side)
         self.metrics.backend.info({"backend": self.worker.pipe.backend, "model": str(self.config.model or "shipped:digits"),
                                    "device": str(self.worker.pipe.device)})
-        self.metrics.fallbacks.set(sum(1 for b in self.worker.pipe.backends().values() if getattr(b, "missing_providers", None)))
+        backends = self.worker.pipe.backends()  # the worker's load made img2img's encoder: a fallback is among them
+        self.metrics.fallbacks.set(sum(1 for b in backends.values() if getattr(b, "missing_providers", None)))
+        exported = self.worker.pipe.backend not in TORCH_BACKENDS
+        self.metrics.torch_fallbacks.set(sum(1 for b in backends.values() if exported and b.name in TORCH_BACKENDS))
         self.metrics.ready.set(1)
         self._ready.set()
 
@@ -349,7 +354,6 @@ class ServeRuntime:
         if isinstance(exc, BatchAbandoned):
             return self._timeout_error()
         if isinstance(exc, NonFiniteOutputError):
-            self.metrics.nonfinite.inc()
             return RequestError(500, f"the model produced non-finite values: {exc}")
         if isinstance(exc, DiffrtError):  # inputs were checked by plan(); this is the service's fault
             return RequestError(500, str(exc))
@@ -357,6 +361,10 @@ class ServeRuntime:
             return RequestError(503, str(exc))
         log.error("request %s: generation failed", job.request_id, exc_info=exc)
         return RequestError(500, f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _count_failure(self, jobs: list[Job], exc: BaseException) -> None:  # in the worker thread
+        if isinstance(exc, NonFiniteOutputError):  # once per batch, whether or not its clients still wait
+            self.metrics.nonfinite.inc()
 
     def _count_batch(self, jobs: list[Job]) -> None:  # in the worker thread
         self.metrics.batch_size.observe(sum(job.size for job in jobs))
