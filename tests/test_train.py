@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -186,15 +187,18 @@ def test_finetune_writes_outputs_learns_and_exports(cat_folder, tmp_path):
     assert export.manifest["components"]["unet"]["parity"]["onnxruntime"]["cosine"] > 0.9999
 
 
-def test_finetune_bare_unet_folder_in_grey(cat_folder, tmp_path):
+def test_finetune_bare_unet_folder_in_grey(cat_folder, tmp_path, caplog):
+    """A bare UNet folder trains with diffusers' default schedule, and says so: the objective is the scheduler's."""
     from diffusers import UNet2DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         UNet2DModel(**small_unet_config(8, 1, (16, 32))).save_pretrained(tmp_path / "bare")
     out = tmp_path / "out"
-    finetune(FinetuneConfig(model=str(tmp_path / "bare"), data=str(cat_folder), num_samples=4, sample_steps=2,
-                            train=train_config(out, max_steps=2, batch_size=4, checkpoint_every=2)))
+    with caplog.at_level(logging.WARNING):
+        finetune(FinetuneConfig(model=str(tmp_path / "bare"), data=str(cat_folder), num_samples=4, sample_steps=2,
+                                train=train_config(out, max_steps=2, batch_size=4, checkpoint_every=2)))
+    assert "has no scheduler config" in caplog.text and "1000 steps of linear betas predicting epsilon" in caplog.text
     assert UNet2DModel.from_pretrained(out / "model", subfolder="unet").config.in_channels == 1
 
 
@@ -289,22 +293,71 @@ def test_published_outputs_are_readable_as_the_umask_allows(cat_folder, tmp_path
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
 
 
-def test_finetune_keeps_the_base_scheduler_config(cat_folder, tmp_path):
+def test_finetune_keeps_the_base_scheduler_config_and_pipeline(cat_folder, tmp_path):
     """The output's scheduler config is the base's as it was: a DDPMScheduler stays one, with its
-    variance_type (which diffrt does not read), and DDPMPipeline loads it as such."""
-    from diffusers import DDPMPipeline, DDPMScheduler
+    variance_type (which diffrt does not read). A DDPMPipeline stays one too, as diffusers'
+    train_unconditional.py saves it: the result named DDIMPipeline, which DiffusionPipeline loaded
+    with the scheduler turned into DDIM's (a default call: 50 DDIM steps instead of 1000 DDPM ones)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 
     base = save_pretrained_pixel_model(tmp_path / "base")
     DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
                   clip_sample=False, variance_type="fixed_large").save_pretrained(base / "scheduler")
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, "_class_name": "DDPMPipeline",
+                                                       "scheduler": ["diffusers", "DDPMScheduler"]}))
     out = tmp_path / "out"
     finetune(FinetuneConfig(model=str(base), data=str(cat_folder), num_samples=1, sample_steps=1,
                             train=train_config(out, max_steps=1, batch_size=2, checkpoint_every=1)))
     saved = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert saved == json.loads((base / "scheduler" / "scheduler_config.json").read_text())
-    scheduler = DDPMPipeline.from_pretrained(out / "model").scheduler
-    assert isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type == "fixed_large"
+    pipe = DiffusionPipeline.from_pretrained(out / "model")
+    assert isinstance(pipe, DDPMPipeline) and isinstance(pipe.scheduler, DDPMScheduler)
+    assert pipe.scheduler.config.variance_type == "fixed_large"
     assert load_pixel_model(out / "model").scheduler == load_pixel_model(base).scheduler
+
+
+def test_finetune_refuses_a_unet_that_is_not_square(cat_folder, tmp_path):
+    """sample_size (8, 16) was trained on 8x8 crops without a word; diffusers samples that model at 8x16."""
+    from diffusers import UNet2DModel
+
+    UNet2DModel(**{**small_unet_config(8, 3, (16, 32)), "sample_size": (8, 16)}).save_pretrained(tmp_path / "wide")
+    with pytest.raises(DiffrtError, match=r"sample_size is \(8, 16\), not square; .* set sample_size in its unet/config.json"):
+        finetune(FinetuneConfig(model=str(tmp_path / "wide"), data=str(cat_folder), train=train_config(tmp_path / "out", max_steps=1)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_dropout_0_draws_grids_without_guidance_and_generate_warns(tmp_path, monkeypatch, caplog):
+    """With --label-dropout 0 no step trains the null class, yet the grids (and a later `generate`) guided by it
+    at scale 3 without a word."""
+    from diffrt.generate import GenerateRequest, generate
+    from diffrt.runtime import pipeline as pipeline_module
+
+    scales = []
+    call = pipeline_module.PixelPipeline.__call__
+
+    def recording(self, *args, **kwargs):
+        scales.append(kwargs.get("guidance_scale"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module.PixelPipeline, "__call__", recording)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        train_class_conditioned(ClassCondConfig(data="digits", sample_size=8, widths=(16,), sample_steps=1, label_dropout=0.0,
+                                                train=train_config(out, max_steps=1, batch_size=4, checkpoint_every=1)))
+    assert "--label-dropout 0 trains no step on the null class" in caplog.text
+    assert scales == [1.0]  # the one grid, after the last step
+    assert load_pixel_model(out / "model").info.training["label_dropout"] == 0.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        generate(GenerateRequest(model=str(out / "model"), backend="torch", class_label=1, num_inference_steps=1,
+                                 out=str(tmp_path / "g.png")))
+    assert "trained with --label-dropout 0" in caplog.text and scales[-1] == 2.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        generate(GenerateRequest(model=str(out / "model"), backend="torch", class_label=1, num_inference_steps=1,
+                                 guidance_scale=1.0, out=str(tmp_path / "g1.png")))
+    assert "label-dropout" not in caplog.text
 
 
 def test_finetune_names_the_classes_of_its_data(cat_folder, tmp_path):

@@ -64,6 +64,21 @@ def test_random_crop_in_class_folders_keeps_labels(wide_folder, tmp_path):
     assert grey.images.shape == (2, 1, 8, 8) and grey.uncropped[0].shape[0] == 1 and draws(grey, 2, 0).shape[1] == 1
 
 
+def test_grey_is_the_luma_pillow_gives(tmp_path):
+    """A one-channel model's images are the RGB ones in grey as Pillow's convert("L") makes them: the plain mean of
+    R, G and B made a pure red -0.33 where Pillow's luma gives about -0.40."""
+    from PIL import Image
+
+    from diffrt.data import load_image_folder
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 120, 40)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{i}.png")
+    grey = load_image_folder(tmp_path, 8).to_grey()
+    want = torch.tensor([Image.new("RGB", (1, 1), c).convert("L").getpixel((0, 0)) / 127.5 - 1 for c in colours])
+    assert torch.allclose(grey.images[:, 0, 0, 0], want, atol=1 / 127.5)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_label_dropout_share(p, monkeypatch):
     """The share of labels set to the null label is about p, and exactly 0 for p = 0."""

@@ -29,6 +29,7 @@ NEEDS_PLUGIN = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "pillow
 # Long side / short side past which an image is cut to its central part of this aspect before it is resized:
 # resized to a short side of 512, a 1 x 4000 strip would be 512 x 2,048,000 pixels (12 GB of float32).
 MAX_ASPECT = 4
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # R, G, B as Pillow's convert("L") weighs them (ITU-R 601-2)
 BUNDLED = ("digits", "chelsea")
 # Training images are decoded (JPEGs at a reduced scale) before they are resized: past this many pixels, one line
 # instead of gigabytes (a 17 KB PNG can hold a 30000 x 30000 image). 160 MP takes every camera's photos but 200 MP
@@ -88,9 +89,16 @@ class ImageDataset:
                        uncropped=None if self.uncropped is None else self.uncropped[:n], content=None)
 
     def to_grey(self) -> ImageDataset:
-        """One channel, the mean of the RGB ones (a tint needs three, so it is switched off)."""
-        uncropped = None if self.uncropped is None else [x.mean(dim=0, keepdim=True) for x in self.uncropped]
-        return replace(self, images=self.images.mean(dim=1, keepdim=True), uncropped=uncropped, random_tint=False)
+        """One channel, the luma of the RGB ones as Pillow's convert("L") weighs them (ITU-R 601-2: a red is darker
+        than a green); the weights sum to 1, so [-1, 1] stays [-1, 1]. A tint needs three, so it is switched off."""
+        uncropped = None if self.uncropped is None else [luma(x.unsqueeze(0))[0] for x in self.uncropped]
+        return replace(self, images=luma(self.images), uncropped=uncropped, random_tint=False)
+
+
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] -> [N, 1, H, W]: 0.299 R + 0.587 G + 0.114 B, Pillow's "L"."""
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return (rgb * weights).sum(dim=1, keepdim=True)
 
 
 def random_colours(n: int, generator: torch.Generator) -> torch.Tensor:

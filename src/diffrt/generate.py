@@ -7,6 +7,7 @@ text-to-image pipelines share this entry; the model folder decides which pipelin
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.opening import is_text_to_image
 from diffrt.runtime.text_to_image_inputs import DEFAULT_STRENGTH
 
+log = logging.getLogger(__name__)
 
 # Classifier-free guidance scale for class-conditioned pixel models when none is given; chosen on
 # the shipped digits model (benchmarks/bench_quality.py), as the demo's DemoSettings.
@@ -174,6 +176,10 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
         if req.class_label is not None and req.num_images:
             labels = labels.expand(req.num_images)
     scale = DEFAULT_PIXEL_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale
+    if labels is not None and scale != 1 and pipe.info.training.get("label_dropout") == 0:
+        log.warning("this model was trained with --label-dropout 0, so its null class (classifier-free guidance's "
+                    "unconditional branch) never was: guidance scale %g steers by an untrained prediction; pass "
+                    "--guidance-scale 1", scale)
     return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
                 guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
                 output_type="pt", progress=progress, scheduler=req.scheduler)

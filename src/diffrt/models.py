@@ -3,7 +3,10 @@ digits model that ships inside the package.
 
 Pixel-space models live in a diffusers pipeline folder:
 
-    model_index.json      DDIMPipeline, so diffusers' own pipeline loads the folder unchanged
+    model_index.json      DDIMPipeline (a fine-tuned DDPMPipeline's stays one), so diffusers' own pipeline loads
+                          the folder unchanged and samples an unconditional model; a class-conditioned UNet needs
+                          class labels, which only diffrt's pipeline feeds (and the class-channels variant its
+                          label embedding below)
     unet/                 UNet2DModel (config.json + diffusion_pytorch_model.safetensors)
     scheduler/            scheduler_config.json
     diffrt.json           how the model is conditioned (none, class embedding, class channels)
@@ -299,12 +302,20 @@ def scheduler_config_file(folder: Path) -> Path | None:
     return next((p for p in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json") if p.is_file()), None)
 
 
-def save_pixel_model(model: PixelModel, out: str | Path, scheduler_config: dict | None = None) -> Path:
+UNCONDITIONAL_PIPELINES = ("DDIMPipeline", "DDPMPipeline")  # diffusers' pipelines over a lone UNet2DModel + scheduler
+
+
+def save_pixel_model(model: PixelModel, out: str | Path, scheduler_config: dict | None = None,
+                     pipeline_class: str = "DDIMPipeline") -> Path:
     """Write a pipeline folder atomically: built in a temporary sibling, then renamed into place.
 
     `scheduler_config` (a diffusers scheduler config, as read) is written as it is, class and all,
     instead of the DDIMScheduler config of `model.scheduler`: a fine-tuned model keeps the scheduler
-    its base came with (a DDPMScheduler's variance_type too), and DDIMPipeline converts it on load."""
+    its base came with (a DDPMScheduler's variance_type too). `pipeline_class`, one of
+    UNCONDITIONAL_PIPELINES, is the one model_index.json names: a fine-tuned model keeps its base's, as
+    diffusers' train_unconditional.py does (DDIMPipeline would turn a DDPMPipeline's scheduler into DDIM)."""
+    if pipeline_class not in UNCONDITIONAL_PIPELINES:
+        raise ValueError(f"pipeline_class must be one of {UNCONDITIONAL_PIPELINES}, got {pipeline_class!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.make_temp_dir(out.parent, f".{out.name}.")
@@ -313,7 +324,7 @@ def save_pixel_model(model: PixelModel, out: str | Path, scheduler_config: dict 
         sched = scheduler_config or {"_class_name": "DDIMScheduler", **model.scheduler.to_scheduler_config()}
         atomic.write_json(tmp / "scheduler" / "scheduler_config.json", sched)
         atomic.write_json(tmp / "model_index.json", {
-            "_class_name": "DDIMPipeline",
+            "_class_name": pipeline_class,
             "unet": ["diffusers", "UNet2DModel"],
             "scheduler": ["diffusers", sched.get("_class_name") or "DDIMScheduler"],
         })

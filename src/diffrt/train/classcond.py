@@ -25,7 +25,7 @@ from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType
 from diffrt.train.checkpoints import holds_out
 from diffrt.train.config import TrainConfig, trainer_state
 from diffrt.train.loop import TrainResult, train
-from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
+from diffrt.train.pixel import check_sample_size, grid_guidance_scale, pixel_loss_fn, pixel_sample_fn, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     #    one row per class, sampled with CFG.
     loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout,
                             config.train.snr_gamma, config.train.noise_offset)
-    sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale)
+    sample_fn = pixel_sample_fn(model, config.sample_steps, grid_guidance_scale(model, config.label_dropout, config.sample_guidance_scale))
 
     # The checkpoints record the class count of the data too: --resume on a folder with other
     # classes would otherwise only fail on a weight shape; and its image count, below which each
@@ -98,7 +98,8 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     state = {"class_cond": {**trainer_state(config), "num_classes": dataset.num_classes, "num_images": len(dataset),
                            "data_content": dataset.content}}
     started = time.time()
-    return train(config.train, unet, loss_fn, save_fn=lambda out: save_trained(model, out, config.train, started, trainer="class-cond"),
+    return train(config.train, unet, loss_fn, save_fn=lambda out: save_trained(model, out, config.train, started, trainer="class-cond",
+                                                                   label_dropout=config.label_dropout),
                  sample_fn=sample_fn, sample_nrow=8, extra_state=state)
 
 

@@ -21,11 +21,11 @@ from typing import Literal
 
 from diffrt.data import ImageDataset, check_out_outside, load_source
 from diffrt.errors import DataError, DiffrtError
-from diffrt.models import PixelModel, load_pixel_model, scheduler_config_file
+from diffrt.models import UNCONDITIONAL_PIPELINES, PixelModel, load_pixel_model, scheduler_config_file
 from diffrt.train.checkpoints import holds_out
 from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
 from diffrt.train.loop import TrainResult, train
-from diffrt.train.pixel import check_sample_size, pixel_loss_fn, pixel_sample_fn, save_trained
+from diffrt.train.pixel import check_sample_size, grid_guidance_scale, pixel_loss_fn, pixel_sample_fn, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,19 @@ class FinetuneConfig:
 @holds_out
 def finetune(config: FinetuneConfig) -> TrainResult:
     # 1. Model and data, checked before any step runs (the config is, by holds_out).
-    _require_unet2d(Path(config.model))
+    pipeline_class = _require_unet2d(Path(config.model))
     model = load_pixel_model(config.model)
+    _require_square(model, config.model)
     # The base's scheduler config, saved with the result as it is (load_pixel_model keeps the part
     # that DDIM sampling and the objective read; the rest, such as a DDPMScheduler's variance_type,
     # and the scheduler class are the base's too).
     scheduler_file = scheduler_config_file(Path(config.model))
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file else None
+    if scheduler_file is None:  # the objective is the scheduler's: a v-prediction UNet would learn the wrong target
+        log.warning("%s has no scheduler config (scheduler/scheduler_config.json, or scheduler_config.json beside the UNet): "
+                    "fine-tuning with diffusers' defaults, %d steps of %s betas predicting %s; a model trained otherwise "
+                    "would be ruined: put its scheduler config beside it", config.model, model.scheduler.num_train_timesteps,
+                    model.scheduler.beta_schedule, model.scheduler.prediction_type)
     check_sample_size(model, f"{config.model} has sample_size", "fine-tune a model made for such a size")
     dataset = _load_data(config, model)
     if config.train.gradient_checkpointing:
@@ -76,31 +82,48 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     #    grid (one row per class for a class-conditioned model).
     loss_fn = pixel_loss_fn(model, dataset, config.train.batch_size, config.label_dropout,
                             config.train.snr_gamma, config.train.noise_offset)
-    sample_fn = pixel_sample_fn(model, config.sample_steps, config.sample_guidance_scale, num_images=config.num_samples)
+    sample_fn = pixel_sample_fn(model, config.sample_steps, grid_guidance_scale(model, config.label_dropout, config.sample_guidance_scale),
+                                num_images=config.num_samples)
 
     # The checkpoints record the image count too (the state holds --data's name, not its files): each step
     # draws indices below it, so --resume on a folder with images added or removed would quietly draw
     # other batches than the run it continues.
     started = time.time()
-    made_by = dict(trainer="finetune", base_model=str(config.model), data=config.data)
-    return train(config.train, unet, loss_fn, save_fn=lambda out: save_trained(model, out, config.train, started, scheduler_config, **made_by),
+    made_by = dict(trainer="finetune", base_model=str(config.model), data=config.data,
+                   **({"label_dropout": config.label_dropout} if model.info.null_class_label is not None else {}))
+    return train(config.train, unet, loss_fn, save_fn=lambda out: save_trained(model, out, config.train, started, scheduler_config,
+                                                                               pipeline_class, **made_by),
                  sample_fn=sample_fn, sample_nrow=8, extra_state={"finetune": {**trainer_state(config), "num_images": len(dataset),
                                                                       "data_content": dataset.content}})
 
 
-def _require_unet2d(folder: Path) -> None:
+def _require_unet2d(folder: Path) -> str:
     """A latent pipeline folder also has a UNet2DModel in unet/; say so instead of training it on pixels (another
-    UNet class, a text-to-image pipeline's, load_pixel_model refuses)."""
+    UNet class, a text-to-image pipeline's, load_pixel_model refuses). Returns the pipeline class the result's
+    model_index.json names: the base's (DDPMPipeline stays one), else DDIMPipeline."""
     # A latent pipeline's UNet2DModel (LDMPipeline: vqvae/ + unet/) denoises the autoencoder's latents,
     # not images: trained on pixels here, it would be silently ruined and saved without its autoencoder.
     try:
         components = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
-        return
-    latent = [name for name in ("vqvae", "vae") if isinstance(components, dict) and components.get(name)]
+        return "DDIMPipeline"
+    if not isinstance(components, dict):
+        return "DDIMPipeline"
+    latent = [name for name in ("vqvae", "vae") if components.get(name)]
     if latent:
         raise DiffrtError(f"{folder} is a latent pipeline ({components.get('_class_name')}, with {latent[0]}/): its UNet "
                           "denoises latents, not images; `diffrt train finetune` fine-tunes pixel-space UNet2DModels")
+    kind = components.get("_class_name")
+    return kind if kind in UNCONDITIONAL_PIPELINES else "DDIMPipeline"
+
+
+def _require_square(model: PixelModel, folder: str) -> None:
+    """diffrt trains on square crops and samples at one side: a UNet made for another shape would be trained on
+    squares of its first side without a word."""
+    size = model.unet.unet.config.sample_size
+    if not isinstance(size, int) and len(set(size)) > 1:
+        raise DiffrtError(f"{folder}: the UNet's sample_size is {tuple(size)}, not square; diffrt fine-tunes on square crops "
+                          "of one side: set sample_size in its unet/config.json to the side to train at")
 
 
 def _load_data(config: FinetuneConfig, model: PixelModel) -> ImageDataset:

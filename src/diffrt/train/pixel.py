@@ -44,6 +44,18 @@ def pixel_loss_fn(model: PixelModel, dataset: ImageDataset, batch_size: int, lab
     return loss_fn
 
 
+def grid_guidance_scale(model: PixelModel, label_dropout: float, guidance_scale: float) -> float:
+    """The guidance scale of the sample grids. With --label-dropout 0 no step trains the null class, the unconditional
+    branch of classifier-free guidance, so guiding away from it steers by a prediction that the run never shaped:
+    the grids are drawn without guidance then, and the run says so once."""
+    if model.info.null_class_label is None or label_dropout > 0 or guidance_scale == 1:
+        return guidance_scale
+    log.warning("--label-dropout 0 trains no step on the null class that classifier-free guidance takes its unconditional "
+                "prediction from: sample grids are drawn without guidance (scale 1); generate with --guidance-scale 1, or "
+                "train with --label-dropout 0.1")
+    return 1.0
+
+
 def pixel_sample_fn(model: PixelModel, steps: int, guidance_scale: float, per_class: int = 8, num_images: int = 16) -> SampleFn:
     """A grid with the model as it trains: one row of `per_class` images per class (with CFG), or
     `num_images` unconditional samples. Seed 0 each time, so grids compare across steps."""
@@ -75,7 +87,7 @@ def check_sample_size(model: PixelModel, name: str, fix: str) -> None:
 
 
 def save_trained(model: PixelModel, out: Path, train: TrainConfig, started: float, scheduler_config: dict | None = None,
-                 **made_by) -> None:
+                 pipeline_class: str = "DDIMPipeline", **made_by) -> None:
     """Save the trained model to out/model, its diffrt.json recording what made it: the command, seed, steps,
     batch size, learning rate, wall time and torch version, and the trainer's own `made_by` fields. A --resume run
     records `"resumed": true`: its command and wall time are those of the run from the checkpoint on."""
@@ -86,5 +98,5 @@ def save_trained(model: PixelModel, out: Path, train: TrainConfig, started: floa
         "wall_time_s": round(time.time() - started, 1), "torch": torch.__version__, **({"resumed": True} if train.resume else {}),
     }
     model.unet.eval()
-    save_pixel_model(model, out / "model", scheduler_config=scheduler_config)
+    save_pixel_model(model, out / "model", scheduler_config=scheduler_config, pipeline_class=pipeline_class)
     log.info("saved the trained model to %s", out / "model")
