@@ -6,9 +6,11 @@ The real engines are exercised by the `gpu` tests in test_tensorrt.py."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,7 +283,8 @@ def test_onnxruntime_on_cuda_asks_for_tensorrt_only_where_it_is_installed(monkey
 
     _identity_model(tmp_path / "half.onnx", {"sample": TensorProto.FLOAT16})
     (_, options), *_ = ort_backend.default_providers(torch.device("cuda", 1), spec, tmp_path / "half.onnx")
-    assert options["trt_fp16_enable"] is True and options["trt_engine_cache_path"].endswith("-sm90-fp16")
+    assert options["trt_fp16_enable"] is True and options["trt_timing_cache_path"].endswith("-sm90-fp16")
+    assert Path(options["trt_engine_cache_path"]).parent == Path(options["trt_timing_cache_path"])  # a folder per weights
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.4.0"))
     (_, options), *_ = ort_backend.default_providers(torch.device("cuda", 1), spec, tmp_path / "half.onnx")
     assert "trt_fp16_enable" not in options
@@ -289,6 +292,51 @@ def test_onnxruntime_on_cuda_asks_for_tensorrt_only_where_it_is_installed(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # onnxruntime-gpu beside a CPU-only torch
     with pytest.raises(BackendUnavailableError, match="torch sees no CUDA GPU here"):
         ort_backend.default_providers(torch.device("cuda"))
+
+
+def test_onnxruntime_tensorrt_engines_are_cached_per_weights(monkeypatch, tmp_path, t2i_artifact):
+    """ONNX Runtime's TensorRT provider names a cached engine by the graph's file name, its input, initializer and
+    node names and the library versions, never by the weights: the same model exported with a LoRA, another scale
+    or a fine-tune shared one engine folder, and ran the first export's engine. Only the options are computed here
+    (the provider itself needs a GPU)."""
+    import sys
+    import types
+
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from diffrt.components import pixel_unet_spec
+    from diffrt.export import manifest
+    from diffrt.runtime.backends import onnxruntime as ort_backend
+
+    def offset_model(path: Path, offset: float) -> Path:  # y = x + offset: one graph, names alike, weights not
+        path.parent.mkdir(parents=True)
+        bias = numpy_helper.from_array(np.full((3,), offset, dtype=np.float32), "bias")
+        graph = helper.make_graph([helper.make_node("Add", ["sample", "bias"], ["noise_pred"])], "offset",
+                                  [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", 3])],
+                                  [helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, ["batch", 3])], [bias])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        save(model, str(path))
+        return path
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(manifest, "gpu_identity", lambda: {"name": "H100", "compute_capability": "9.0"})
+    monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "cache"))
+    spec = pixel_unet_spec(3, 16, conditioned=False, batch=(1, 2, 8), size=(8, 16, 32))
+
+    def options(path: Path) -> dict:
+        return ort_backend.tensorrt_provider(torch.device("cuda", 0), spec, path)[1]
+
+    base, lora = options(offset_model(tmp_path / "base" / "model.onnx", 0.0)), options(offset_model(tmp_path / "lora" / "model.onnx", 0.7))
+    assert base["trt_engine_cache_path"] != lora["trt_engine_cache_path"]
+    assert base["trt_timing_cache_path"] == lora["trt_timing_cache_path"]  # layer timings hold for any weights
+    shutil.copytree(tmp_path / "base", tmp_path / "moved")
+    assert options(tmp_path / "moved" / "model.onnx")["trt_engine_cache_path"] == base["trt_engine_cache_path"]
+    # An artifact opened by runtime.loading names the folder from its manifest's digests: the same as hashing its files.
+    comp = manifest.read_manifest(t2i_artifact)["components"]["unet_controlnet"]
+    listed = {Path(rel).name: digest for rel, digest in comp["files"].items()}
+    assert ort_backend.files_id(listed) == ort_backend.graph_files_id(t2i_artifact / "unet_controlnet" / "model.onnx")
 
 
 def test_onnxruntime_refuses_a_feed_outside_the_exported_ranges(tmp_path):

@@ -356,3 +356,16 @@ def test_the_output_line_says_what_guidance_ran_in_pytorch(classemb_model_dir, t
         assert main([*common, "--guidance-mode", mode]) == 0
         line = capsys.readouterr().out.strip().splitlines()[-1]
         assert line.startswith(f"wrote {out} (onnxruntime") and ((ran in line) if ran else "PyTorch" not in line), line
+
+
+def test_a_size_outside_an_export_generate_made_says_how_to_export_a_range(uncond_model_dir, tmp_path, capsys):
+    """generate exports a model folder itself for an exported backend, at the model's own size; a size outside it said
+    "re-export with a wider --height range", a flag generate does not take. An artifact's refusal keeps that advice."""
+    common = ["--steps", "1", "--height", "32", "--out", str(tmp_path / "x.npy")]
+    assert main(["generate", "--model", str(uncond_model_dir), "--backend", "onnxruntime", *common]) == 2
+    one_line_error(capsys, "height 32 is outside the built range [16, 16], that of the onnxruntime export made for this call",
+                   f"`diffrt export --model {uncond_model_dir} --height MIN:OPT:MAX --out DIR` and generate with --model DIR")
+    assert main(["export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "artifact"), "--no-verify"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "artifact"), *common]) == 2
+    one_line_error(capsys, "height 32 is outside the built range [16, 16]; re-export with a wider --height range")

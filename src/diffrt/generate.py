@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffrt import atomic
-from diffrt.errors import DiffrtError
+from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.images import load_image, png_bytes, save_grid, to_numpy
 from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.opening import is_text_to_image
@@ -111,7 +112,27 @@ def generate(req: GenerateRequest):
     req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
     guidance = build_guidance(req)
     with step_bar(req) as progress:
-        return _generate(req, guidance, progress)
+        try:
+            return _generate(req, guidance, progress)
+        except ShapeOutOfRangeError as exc:
+            raise _exported_for_you(req, exc) from None
+
+
+def _exported_for_you(req: GenerateRequest, exc: ShapeOutOfRangeError) -> ShapeOutOfRangeError:
+    """A size outside an export that generate made itself (a model folder on an exported backend) covers the
+    model's own size only, and "re-export with a wider --height range" named a flag generate does not take:
+    say how to make such an export."""
+    from diffrt.runtime.backends import TORCH_BACKENDS
+    from diffrt.runtime.loading import is_artifact
+
+    problem, advice, _ = str(exc).partition("; re-export")
+    if not advice or req.backend in TORCH_BACKENDS or (req.model is not None and is_artifact(Path(req.model))):
+        return exc
+    model = f" --model {shlex.quote(req.model)}" if req.model is not None else ""  # export's default is the shipped model too
+    sides = "--height MIN:OPT:MAX --width MIN:OPT:MAX" if is_text_to_image(req.model) else "--height MIN:OPT:MAX"  # pixel: square
+    return ShapeOutOfRangeError(f"{problem}, that of the {req.backend} export made for this call (the model's own size); "
+                                f"export a range with `diffrt export{model} {sides} --out DIR` and generate with --model DIR, "
+                                "or use --backend torch")
 
 
 def image_strength(req: GenerateRequest) -> float:

@@ -217,14 +217,15 @@ def open_component(folder: Path, manifest: dict, name: str, backend: str, device
         mf.check_engine_compatible(comp["engine"], device)
         return TensorRTBackend(folder / name / "engine.plan", spec, device=device, cuda_graph=cuda_graph)
     from diffrt.export.onnx import check_onnx_files
-    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, files_id
 
     if component_precision(manifest, name) == "bf16":  # ONNX Runtime has no bf16 kernels for these graphs (export refuses to make one)
         raise BackendUnavailableError(f"{folder}: its {name} was built at bf16 for TensorRT, which ONNX Runtime cannot run; "
                                       "use --backend tensorrt on a machine with an NVIDIA GPU, or re-export at fp16 or fp32")
     check_onnx_weights(folder, manifest)
     check_onnx_files(folder / name / "model.onnx")
-    return OnnxRuntimeBackend(folder / name / "model.onnx", spec, device=device, strict=strict)
+    graph = {Path(rel).name: digest for rel, digest in comp["files"].items() if Path(rel).suffix != ".plan"}  # the ONNX files'
+    return OnnxRuntimeBackend(folder / name / "model.onnx", spec, device=device, strict=strict, weights_id=files_id(graph))
 
 
 def component_precision(manifest: dict, name: str) -> str:

@@ -22,6 +22,8 @@ to start re-creates the session without the options it was given, `device_id` in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -40,9 +42,10 @@ _ELEMENT_TYPES = {torch.float32: 1, torch.int32: 6, torch.int64: 7, torch.float1
                   torch.bfloat16: 16}
 
 
-def default_providers(device: torch.device, spec: ComponentSpec | None = None, onnx_path: str | Path | None = None) -> list:
+def default_providers(device: torch.device, spec: ComponentSpec | None = None, onnx_path: str | Path | None = None,
+                      weights_id: str | None = None) -> list:
     """On a CUDA device: TensorRT's provider when TensorRT is really installed (see
-    `tensorrt_installed`), then CUDA's, then the CPU's; elsewhere the CPU's."""
+    `tensorrt_installed`), then CUDA's, then the CPU's; elsewhere the CPU's. `weights_id`: see tensorrt_provider."""
     import onnxruntime as ort
 
     if device.type != "cuda":
@@ -54,7 +57,7 @@ def default_providers(device: torch.device, spec: ComponentSpec | None = None, o
         raise BackendUnavailableError(f"device {device}: torch sees no CUDA GPU here, and onnxruntime's inputs and outputs are torch tensors; pass --device cpu")
     cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0})
     if "TensorrtExecutionProvider" in have and spec is not None and tensorrt_installed():
-        return [tensorrt_provider(device, spec, onnx_path), cuda, "CPUExecutionProvider"]
+        return [tensorrt_provider(device, spec, onnx_path, weights_id), cuda, "CPUExecutionProvider"]
     return [cuda, "CPUExecutionProvider"]
 
 
@@ -69,11 +72,18 @@ def tensorrt_installed() -> bool:
     return True
 
 
-def tensorrt_provider(device: torch.device, spec: ComponentSpec, onnx_path: str | Path | None = None) -> tuple[str, dict]:
+def tensorrt_provider(device: torch.device, spec: ComponentSpec, onnx_path: str | Path | None = None,
+                      weights_id: str | None = None) -> tuple[str, dict]:
     """ONNX Runtime's TensorRT provider set up as a deployment wants it: the component's ranges as
     the one optimisation profile (else it rebuilds for every shape beyond those seen), and engine and
     timing caches in a folder per ONNX Runtime, TensorRT, GPU model and precision, since the provider
     does not check those itself (RELIABILITY #1, #2).
+
+    Engines go one folder further down, per weights (`weights_id`: a digest of the graph's files, as an
+    artifact's manifest lists them; else they are hashed here): the provider names a cached engine by the
+    graph's file name, its input, initializer and node names and the library versions, never by the weights,
+    so the same model exported with another LoRA, scale or fine-tune would have run the first one's engine
+    (RELIABILITY #11). The timing cache, which times layers by their shapes, is shared.
 
     An fp16 (bf16) graph turns on the provider's fp16 (bf16) mode on TensorRT before 11: its networks
     are weakly typed, and without the flag TensorRT may run every layer in fp32, half the speed the
@@ -87,8 +97,11 @@ def tensorrt_provider(device: torch.device, spec: ComponentSpec, onnx_path: str 
     cc = (gpu_identity() or {}).get("compute_capability", "none").replace(".", "")
     precision = (onnx_float_type(onnx_path) if onnx_path is not None else None) or "fp32"
     cache = cache_dir() / f"ort-tensorrt-{ort.__version__}-trt{tensorrt.__version__}-sm{cc}-{precision}"
-    cache.mkdir(parents=True, exist_ok=True)
-    options = {"device_id": device.index or 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+    if weights_id is None and onnx_path is not None:
+        weights_id = graph_files_id(Path(onnx_path))
+    engines = cache / weights_id if weights_id else cache
+    engines.mkdir(parents=True, exist_ok=True)
+    options = {"device_id": device.index or 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines),
                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
     if precision != "fp32" and int(tensorrt.__version__.split(".")[0]) < 11:
         options[f"trt_{precision}_enable"] = True
@@ -97,6 +110,21 @@ def tensorrt_provider(device: torch.device, spec: ComponentSpec, onnx_path: str 
         options[f"trt_profile_{point}_shapes"] = ",".join(f"{name}:{'x'.join(map(str, shapes[point]))}"
                                                           for name, shapes in profile.items())
     return "TensorrtExecutionProvider", options
+
+
+def files_id(digests: dict[str, str]) -> str:
+    """A short name for a graph's weights from its files' sha256 digests, by file name (model.onnx and its
+    external data, as an artifact's manifest lists them)."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def graph_files_id(onnx_path: Path) -> str:
+    """files_id of an ONNX file and the external data it names, hashed from the disk."""
+    from diffrt.atomic import sha256_file
+    from diffrt.export.onnx import external_data_files
+
+    names = [onnx_path.name, *external_data_files(onnx_path)]
+    return files_id({name: sha256_file(onnx_path.parent / name) for name in names})
 
 
 def _indexed(device: torch.device) -> torch.device:
@@ -111,7 +139,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, spec: ComponentSpec, device: str | torch.device = "cpu",
-                 providers: list | None = None, threads: int | None = None, strict: bool = False):
+                 providers: list | None = None, threads: int | None = None, strict: bool = False,
+                 weights_id: str | None = None):
         import onnxruntime as ort
 
         self.spec = spec
@@ -121,7 +150,7 @@ class OnnxRuntimeBackend:
         # The CPUs this process may use (a container's or taskset's share); macOS has no sched_getaffinity.
         options.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                    else os.cpu_count() or 1)
-        requested = providers or default_providers(self.device, spec, onnx_path)
+        requested = providers or default_providers(self.device, spec, onnx_path, weights_id)
         self.requested_providers = [p if isinstance(p, str) else p[0] for p in requested]
         # A provider this build lacks is left out of the session (asked for it, ONNX Runtime prints a
         # multi-line "EP Error" and retries on the CPU) and named, with those the build has, below.
