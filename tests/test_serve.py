@@ -727,11 +727,11 @@ def test_a_provider_fallback_is_counted(served_model, monkeypatch):
         runtime.close(30)
 
 
-def test_a_warm_up_that_draws_nan_never_turns_ready_and_a_nan_batch_counts_once(served_model, monkeypatch):
+def test_a_warm_up_that_draws_nan_never_turns_ready_and_a_nan_fails_only_its_own_request(served_model, monkeypatch):
     """The readiness NaN self-test had no test: images that are not finite while every noise prediction is (what an
-    fp16 VAE that overflows gives) must keep a replica out of rotation. Once serving, a batch of several requests that
-    comes out NaN counts once in diffrt_serve_nonfinite, as its help says: it counted each request whose client still
-    waited, and so nothing for one whose client had gone."""
+    fp16 VAE that overflows gives) must keep a replica out of rotation. Once serving, a request whose images come out
+    NaN fails alone: its batchmates, refused with it before, get the images they get alone. diffrt_serve_nonfinite
+    counts the refused requests in the worker, whether or not anyone still awaits them."""
     import dataclasses
 
     from diffrt.errors import NonFiniteOutputError
@@ -739,11 +739,14 @@ def test_a_warm_up_that_draws_nan_never_turns_ready_and_a_nan_batch_counts_once(
     from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
     from diffrt.serve.schema import GenerateBody
 
-    poisoned, call = [True], PixelPipeline.__call__
+    poisoned, call = [None], PixelPipeline.__call__  # None: every image, else the rows of that class label
 
-    def nan_images(self, *args, **kwargs):
-        result = call(self, *args, **kwargs)
-        return dataclasses.replace(result, images=torch.full_like(result.images, float("nan"))) if poisoned[0] else result
+    def nan_images(self, labels=None, *args, **kwargs):
+        result = call(self, labels, *args, **kwargs)
+        if poisoned[0] is False:
+            return result
+        rows = torch.ones(len(result.images), dtype=torch.bool) if poisoned[0] is None else labels == poisoned[0]
+        return dataclasses.replace(result, images=torch.where(rows.view(-1, 1, 1, 1), float("nan"), result.images))
 
     monkeypatch.setattr(PixelPipeline, "__call__", nan_images)
     settings = dict(model=served_model, backend="onnxruntime", device="cpu", warmup_steps=1)
@@ -762,13 +765,19 @@ def test_a_warm_up_that_draws_nan_never_turns_ready_and_a_nan_batch_counts_once(
     runtime.start()
     try:
         runtime.wait_ready(120)
-        poisoned[0] = True
-        jobs = [runtime.submit(GenerateBody(class_label=1, seed=seed, num_inference_steps=1)) for seed in range(3)]
-        for job in jobs:  # nobody awaits them as a request would: the count must not depend on it
-            with pytest.raises(NonFiniteOutputError):
-                job.future.result(60)
+
+        def submitted(*requests: tuple[int, int]) -> list:  # (class label, seed) each, at once: one batch
+            return [runtime.submit(GenerateBody(class_label=label, seed=seed, num_inference_steps=1)) for label, seed in requests]
+
+        alone = {seed: submitted((3, seed))[0].future.result(60) for seed in (0, 2)}  # one after another
+        poisoned[0] = 9
+        healthy, sick, also_healthy = submitted((3, 0), (9, 1), (3, 2))
+        for job, seed in ((healthy, 0), (also_healthy, 2)):  # nobody awaits them as a request would
+            assert job.future.result(60).images == alone[seed].images
+        with pytest.raises(NonFiniteOutputError):
+            sick.future.result(60)
         text = runtime.metrics.exposition().decode()
-        assert metric(text, "diffrt_serve_batch_size_count") == 1  # the three shared one batch
+        assert metric(text, "diffrt_serve_batch_size_count") == 2 + 1 + 3  # the three shared one batch, then ran alone
         assert metric(text, "diffrt_serve_nonfinite_total") == 1
     finally:
         runtime.close(10)
@@ -906,6 +915,11 @@ def test_json_python_cannot_parse_is_refused_in_diffrts_form(client):
         r = client.post("/v1/generate", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json() == {"detail": r.json()["detail"], "field": None}
         assert "not JSON diffrt can read" in r.json()["detail"]
+    # Bytes that are not UTF-8 were blamed on long numbers and deep nesting too; UTF-16, which JSON allows, is read.
+    r = client.post("/v1/generate", content=b'{"class_label": 1, "color": "\xff"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"] == "the body is not valid UTF-8 text (at byte 29); send JSON encoded as UTF-8"
+    body = json.dumps({"class_label": 1, "seed": 1, "num_inference_steps": 1}).encode("utf-16")
+    assert client.post("/v1/generate", content=body, headers={"Content-Type": "application/json"}).status_code == 200
 
 
 def test_the_ray_route_answers_a_body_as_the_service_does(served_model, client):
@@ -928,7 +942,9 @@ def test_the_ray_route_answers_a_body_as_the_service_does(served_model, client):
     cases = [("BOM", "POST", b"\xef\xbb\xbf" + good, json_type), ("no content type", "POST", good, []),
              ("surrogate", "POST", b'{"class_label": 1, "color": "\\ud800"}', json_type),
              ("bad JSON", "POST", good[:-1], json_type), ("huge number", "POST", b'{"seed": ' + b"1" * 5000 + b"}", json_type),
-             ("GET", "GET", b"", []), ("too large", "POST", b'{"prompt": "' + b"a" * (17 << 20) + b'"}', json_type)]
+             ("GET", "GET", b"", []), ("too large", "POST", b'{"prompt": "' + b"a" * (17 << 20) + b'"}', json_type),
+             ("another origin", "POST", good, [(b"origin", b"https://evil.example")]),  # no Content-Type: no preflight
+             ("not UTF-8", "POST", b'{"class_label": 1, "color": "\xff"}', json_type)]
     key = [(b"authorization", f"Bearer {API_KEY}".encode())]
 
     def request(method: str, body: bytes, headers: list) -> Request:
@@ -1134,12 +1150,12 @@ def test_pages_of_another_origin_and_foreign_host_names_are_refused(guarded):
     own = "http://" + guarded.url.removeprefix("http://")
     assert httpx.post(url, json=body, headers={"Origin": own}, timeout=60).status_code == 200  # its own /docs page
     assert httpx.post(url, json=body, headers={"Origin": "https://app.example"}, timeout=60).status_code == 200  # --allowed-origin
-    for path in ("/v1/generate", "/readyz"):
-        r = httpx.request("POST" if path.startswith("/v1") else "GET", guarded.url + path, json=body,
-                          headers={"Host": "evil.example:8000", "X-Request-Id": "rebind-1"}, timeout=30)
-        assert r.status_code == 421 and "'evil.example:8000' is not this service's" in r.json()["detail"]
-        assert r.headers.get("x-request-id") == ("rebind-1" if path.startswith("/v1") else None)  # every /v1 answer
-    assert httpx.get(guarded.url + "/readyz", headers={"Host": "localhost:8000"}, timeout=30).status_code == 200
+    r = httpx.post(url, json=body, headers={"Host": "evil.example:8000", "X-Request-Id": "rebind-1"}, timeout=30)
+    assert r.status_code == 421 and "'evil.example:8000' is not this service's" in r.json()["detail"]
+    assert r.headers.get("x-request-id") == "rebind-1"  # every /v1 answer names its request
+    # Probes and scrapers address a pod by its IP (a review's: with --allowed-host, Kubernetes restarted the pod).
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(guarded.url + path, headers={"Host": "10.1.2.3:8000"}, timeout=30).status_code == 200, path
 
 
 def test_a_body_of_many_errors_gets_a_short_answer(client):

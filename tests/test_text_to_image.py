@@ -234,6 +234,26 @@ def test_torch_equals_multi_controlnet_pipeline(t2i_folder, t2i_controlnet_b, to
     assert max_abs(outputs[0], outputs[1]) > 1e-2  # each ControlNet has its own scale, and both are live
 
 
+def test_a_list_of_lists_of_control_images_is_per_prompt_as_diffusers_reads_it(t2i_folder, t2i_controlnet_b, torch_multi_pipe):
+    """[[canny_1, pose_1], [canny_2, pose_2]]: one inner list per prompt, one image per ControlNet, as diffusers' pipeline
+    reads it (it turns the list around). diffrt read the outer list per ControlNet: with two prompts and two ControlNets
+    the shapes fit, and ControlNet 0 got canny_1 and pose_1 without a word (0.044 from diffusers' images)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    g = torch.Generator().manual_seed(9)
+    images = [[torch.rand(3, 32, 32, generator=g) for _ in range(2)] for _ in range(2)]  # per prompt, per ControlNet
+    nets = [ControlNetModel.from_pretrained(t2i_folder / "controlnet"), ControlNetModel.from_pretrained(t2i_controlnet_b)]
+    ref = diffusers_pipe(StableDiffusionControlNetPipeline, t2i_folder, controlnet=nets)
+    prompts = ["a photo of the cat", "a cat on a mat"]
+    expected = run_diffusers(ref, prompts, image=images, seed=1)
+    result = run(torch_multi_pipe, prompts, control_image=images, seed=1)
+    assert max_abs(result.images, expected) <= DIFFUSERS_TOL
+    per_controlnet = [torch.stack([images[0][k], images[1][k]]) for k in range(2)]  # the same images, the other form
+    assert max_abs(run(torch_multi_pipe, prompts, control_image=per_controlnet, seed=1).images, expected) <= DIFFUSERS_TOL
+    with pytest.raises(DiffrtError, match=r"each inner list holds one prompt's images, one per ControlNet \(2\); got inner lists of 1 and 2"):
+        run(torch_multi_pipe, prompts, control_image=[[images[0][0]], images[1]], seed=1)
+
+
 def test_control_guidance_start_and_end_equal_the_controlnet_pipelines(t2i_folder, t2i_controlnet_b, torch_cn_pipe, torch_multi_pipe,
                                                                        control_image, control_images, t2i_artifact):
     """control_guidance_start/end run each ControlNet on its fraction of the steps, as diffusers' ControlNet
@@ -963,6 +983,16 @@ def test_arguments_whose_inputs_are_missing_are_refused_not_ignored(torch_pipe):
         torch_pipe("a cat", latents=torch.randn(2, 4, 4, 4), **run)
     assert "(batch: 1 images," in str(err.value) and "leave out height and width" not in str(err.value)
     assert torch_pipe("a cat", image=torch.rand(1, 3, 32, 32), seed=1, **{**run, "num_inference_steps": 2}).metadata["strength"] == 0.8
+
+
+@pytest.mark.parametrize("argument, value", [("controlnet_conditioning_scale", 0.3), ("control_guidance_start", 0.5),
+                                             ("control_guidance_end", [0.5]), ("guess_mode", True)])
+def test_controlnet_arguments_without_a_control_image_are_refused_not_ignored(torch_cn_pipe, argument, value):
+    """A ControlNet pipeline runs plain text-to-image without a control image, and read none of these: diffusers'
+    ControlNet pipeline refuses the call, diffrt's rule refuses an argument it would not read (a review's)."""
+    with pytest.raises(DiffrtError, match=rf"^{argument} needs control_image: without one the ControlNet is left out"):
+        torch_cn_pipe("a cat", num_inference_steps=1, output_type="latent", **{argument: value})
+    torch_cn_pipe("a cat", num_inference_steps=1, output_type="latent", control_guidance_start=0.0, guess_mode=False)  # defaults
 
 
 def test_prompt_embeds_of_another_length_take_negative_prompts_of_that_length(t2i_folder, torch_pipe):

@@ -93,6 +93,14 @@ class TextToImageChecks:
         if controlnet_conditioning_scale is not None and not self.has_controlnet:  # unread, as control_guidance_* would be
             raise DiffrtError("controlnet_conditioning_scale needs a ControlNet; open the pipeline with controlnet=DIR "
                               "(--controlnet)")
+        if self.has_controlnet and control_image is None:  # the ControlNet is left out: plain text-to-image runs
+            given = [name for name, unset in (("controlnet_conditioning_scale", controlnet_conditioning_scale is None),
+                                              ("control_guidance_start", control_guidance_start in (0.0, [])),
+                                              ("control_guidance_end", control_guidance_end in (1.0, [])),
+                                              ("guess_mode", guess_mode is False)) if not unset]
+            if given:  # diffusers' ControlNet pipelines refuse the call; diffrt runs it, but reads none of these
+                raise DiffrtError(f"{given[0]} needs control_image: without one the ControlNet is left out and the call runs "
+                                  f"as plain text-to-image; pass control_image (--control-image), or leave {given[0]} out")
         if controlnet_conditioning_scale is None:  # diffusers' default: 0.8 in its ControlNet img2img pipeline, else 1.0
             controlnet_conditioning_scale = 0.8 if image is not None else 1.0
         scales = control_scales(controlnet_conditioning_scale, self.num_controlnets) if self.has_controlnet else []

@@ -164,12 +164,20 @@ def image_batch(image, height: int | None, width: int | None, multiple: int = 1)
 
 
 def control_batches(control_image, k: int, height: int | None, width: int | None, multiple: int) -> list[torch.Tensor]:
-    """One [B, 3, H, W] batch per ControlNet, in their order. With several, `control_image` is a
-    list with one entry per ControlNet (each anything image_batch takes), as diffusers' MultiControlNetModel."""
+    """One [B, 3, H, W] batch per ControlNet, in their order. With several, `control_image` is what
+    diffusers' ControlNet pipeline takes for a MultiControlNetModel: a list with one entry per ControlNet
+    (each anything image_batch takes: an image, a batch tensor), or a list of lists, one inner list per
+    prompt with one image per ControlNet ([[canny_1, pose_1], [canny_2, pose_2]]), which is turned around."""
     if k == 1:
         if isinstance(control_image, (list, tuple)) and len(control_image) == 1:
             control_image = control_image[0]  # the one-entry-per-ControlNet form (for PIL, also a batch of one)
         return [image_batch(control_image, height, width, multiple)]
+    if isinstance(control_image, (list, tuple)) and any(isinstance(entry, (list, tuple)) for entry in control_image):
+        lengths = sorted({len(entry) if isinstance(entry, (list, tuple)) else 1 for entry in control_image})
+        if lengths != [k]:
+            raise DiffrtError(f"control_image: as a list of lists, each inner list holds one prompt's images, one per "
+                              f"ControlNet ({k}); got inner lists of {' and '.join(map(str, lengths))}")
+        control_image = [list(images) for images in zip(*control_image)]  # per prompt -> per ControlNet
     if not isinstance(control_image, (list, tuple)) or len(control_image) != k:
         got = f"a list of {len(control_image)}" if isinstance(control_image, (list, tuple)) else f"one {type(control_image).__name__}"
         raise DiffrtError(f"control_image: the pipeline has {k} ControlNets, so pass a list of {k} images (one per ControlNet, "

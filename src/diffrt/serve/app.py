@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # Host header names of a loopback service
+# Read by probes and scrapers, which address a pod by its IP (Kubernetes' httpGet sends Host: <pod IP>:<port>): no
+# Host check, so that --allowed-host does not take the pod out of rotation. They answer no request and read no body.
+PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
 GENERATE_PATH = "/v1/generate"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before its answer: metrics only, never sent
 
@@ -107,6 +110,17 @@ class ServeConfig:
 UNREADABLE_BODY = "the body is not JSON diffrt can read (a number with thousands of digits, or nesting thousands deep?)"
 
 
+def body_text_problem(raw: bytes) -> str | None:
+    """None if the body decodes as the Unicode text JSON must be (UTF-8, or UTF-16/32 as json.loads detects them);
+    else the line for its 400, which named numbers and nesting instead."""
+    encoding = json.detect_encoding(raw)
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        return f"the body is not valid {encoding.upper().replace('-SIG', '')} text (at byte {exc.start}); send JSON encoded as UTF-8"
+    return None
+
+
 def too_large_response(size: int, limit: int) -> JSONResponse:
     return error_response(413, f"request body is {size / 2**20:.1f} MiB or more; the limit is {limit / 2**20:.1f} MiB")
 
@@ -114,6 +128,9 @@ def too_large_response(size: int, limit: int) -> JSONResponse:
 def parse_body(raw: bytes) -> "GenerateBody | JSONResponse":
     """A generate body as FastAPI reads one for `diffrt serve` (json.loads, a UTF-8 BOM allowed, then the schema),
     or the answer the service gives when it cannot: for the Ray route, so that both answer a body alike."""
+    problem = body_text_problem(raw)
+    if problem:
+        return error_response(400, problem)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:  # FastAPI's json_invalid error, through the service's handler
@@ -251,7 +268,7 @@ def host_problem(headers, allowed: tuple[str, ...] | None) -> str | None:
 
 
 class GuardMiddleware:
-    """Host (421) for every route; for /v1/ routes, before the body is parsed: the API key (401), a page of another
+    """Host (421) for every route but the probes' (PROBE_PATHS); for /v1/ routes, before the body is parsed: the API key (401), a page of another
     origin (403), the content type (415), room for the request (429: bodies being read, queued and running are
     bounded, so a flood of slow clients cannot hold gigabytes of bodies) and the body's size (413) and time (408);
     and the request counter, so refusals made here are counted too."""
@@ -277,7 +294,7 @@ class GuardMiddleware:
             rid = request_id(headers)
             scope.setdefault("state", {})["request_id"] = rid  # the route's request.state.request_id
             send = _with_request_id(send, rid)
-        problem = host_problem(headers, self.allowed_hosts)
+        problem = host_problem(headers, self.allowed_hosts) if scope["path"] not in PROBE_PATHS else None
         if problem:
             return await error_response(421, problem)(scope, receive, send)
         if not api:
@@ -327,6 +344,9 @@ class GuardMiddleware:
             return "gone"
         if isinstance(body, int):
             return await self._too_large(body, scope, receive, send)
+        problem = body_text_problem(body) if scope["method"] == "POST" else None
+        if problem:
+            return await error_response(400, problem)(scope, receive, send)
         sent = False
 
         async def replay():

@@ -219,7 +219,9 @@ class Batcher:
         else:
             self.failed_in_row = 0
             for job in batch:
-                if job.id in answers:
+                if isinstance(answers.get(job.id), BaseException):  # one request's own failure (the others' answers stand)
+                    job.future.set_exception(answers[job.id])
+                elif job.id in answers:
                     job.future.set_result(answers[job.id])
                 else:
                     job.future.set_exception(RuntimeError(f"the batch returned no answer for request {job.request_id}"))

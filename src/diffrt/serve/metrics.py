@@ -31,7 +31,8 @@ class ServeMetrics:
         self.queue_depth = Gauge("diffrt_serve_queue_depth", "Requests waiting for the worker", registry=r)
         self.batch_size = Histogram("diffrt_serve_batch_size", "Images per batch run by the worker", buckets=BATCH_BUCKETS, registry=r)
         self.images = Counter("diffrt_serve_images_generated", "Images generated and returned", registry=r)
-        self.nonfinite = Counter("diffrt_serve_nonfinite", "Batches refused because the model produced NaN/inf", registry=r)
+        self.nonfinite = Counter("diffrt_serve_nonfinite", "Requests refused because the model produced NaN/inf for them (a "
+                                 "batch that did is run again request by request: only those that fail alone count)", registry=r)
         self.backend = Info("diffrt_serve_backend", "The backend that runs the model (RELIABILITY #15), the model and device", registry=r)
         self.ready = Gauge("diffrt_serve_ready", "1 once the model is loaded, warmed up and self-tested", registry=r)
         self.profile_rejections = Counter("diffrt_serve_profile_rejections", "Requests refused because a size falls outside "

@@ -16,7 +16,7 @@ ongoing requests per replica pass the engine's batch size. A replica asks for on
 cluster has one (`replica_gpus`). `check_health` raises once the replica's worker is dead, so Ray replaces it.
 
 The route speaks the same API as `POST /v1/generate` of `diffrt serve` (schema, API key,
-body limit, refusals, headers). A client that hangs up has its request given up as there: Ray's
+pages of other origins, Host names where the config lists them, body limit, refusals, headers). A client that hangs up has its request given up as there: Ray's
 proxy cancels the replica's call, the runtime drops its rows, and it counts as 499. Ray ships the
 deployment to its workers with its own serialisation; diffrt passes it a plain dict of settings only.
 """
@@ -34,8 +34,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, ServeConfig, answer_response, api_key_problem, content_type_problem,
-                              error_response, parse_body, request_error_response, request_id, too_large_response,
-                              validation_error_response)
+                              error_response, host_problem, origin_problem, parse_body, request_error_response, request_id,
+                              too_large_response, validation_error_response)
 from diffrt.serve.runtime import ServeRuntime
 from diffrt.serve.schema import GenerateBody, RequestError
 
@@ -58,9 +58,15 @@ class DiffrtDeployment:
         # set, does not inherit the driver's environment, and answered without asking for it.
         key = api_key or self.config.api_key()
         self.api_key = key.encode() if key else None
+        # Ray's proxy binds where serve.start's http_options say: names are checked only where the config gives them.
+        hosts = self.config.allowed_hosts
+        self.allowed_hosts = None if hosts is None else tuple(h.lower() for h in hosts)
+        self.allowed_origins = tuple(o.rstrip("/") for o in self.config.allowed_origins)
         self.runtime = ServeRuntime(self.config.runtime_config())
         self.runtime.start()
-        self.runtime.wait_ready(timeout=600)  # raising here fails the replica; Ray reports and retries it
+        # Raising here fails the replica; Ray reports and retries it. An hour, as Triton's model waits: a first
+        # TensorRT build of a large model takes many minutes.
+        self.runtime.wait_ready(timeout=3600)
 
     async def __call__(self, request: Request) -> Response:
         metrics, t0 = self.runtime.metrics, time.perf_counter()
@@ -76,12 +82,19 @@ class DiffrtDeployment:
         return response
 
     async def _answer(self, request: Request, rid: str) -> Response:
+        problem = host_problem(request.headers, self.allowed_hosts)  # the service's guard, in its order
+        if problem:
+            return error_response(421, problem)
         if request.method != "POST":
             return error_response(405, "Method Not Allowed", headers={"Allow": "POST"})  # as the service's route answers
         if self.api_key is not None:
             problem = api_key_problem(request.headers, self.api_key)
             if problem:
                 return error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})
+        # A page of another site may POST a body with no Content-Type (no CORS preflight), which reads as JSON.
+        problem = origin_problem(request.headers, self.allowed_origins)
+        if problem:
+            return error_response(403, problem)
         problem = content_type_problem(request.headers)  # as `diffrt serve`'s guard refuses it
         if problem:
             return error_response(415, problem)

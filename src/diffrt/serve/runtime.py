@@ -160,7 +160,7 @@ class ServeRuntime:
         self.config = config
         self.metrics = metrics or ServeMetrics()
         self.worker = make_worker(config)
-        self.batcher = Batcher(self.worker.run_batch, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+        self.batcher = Batcher(self._run_batch, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                                wait_s=config.batch_wait_ms / 1000, on_start=self._load, on_batch=self._count_batch,
                                engine_failure=engine_failure, stuck_after_s=stuck_after(config.timeout_s),
                                on_failure=self._count_failure)
@@ -362,8 +362,28 @@ class ServeRuntime:
         log.error("request %s: generation failed", job.request_id, exc_info=exc)
         return RequestError(500, f"generation failed: {type(exc).__name__}: {exc}")
 
+    def _run_batch(self, jobs: list[Job]) -> dict[str, Answer | BaseException]:  # in the worker thread
+        """The worker's batch; when it comes out non-finite, each of its requests alone. A NaN is one request's (an
+        fp16 overflow for one prompt or seed), and its batchmates, each of which would have succeeded on its own,
+        were refused with it. Alone, a request draws the noise it drew in the batch: its answer is the same."""
+        try:
+            return self.worker.run_batch(jobs)
+        except NonFiniteOutputError as exc:
+            if len(jobs) == 1:
+                raise
+            log.warning("a batch of %d requests came out non-finite (%s); running each alone", len(jobs), exc)
+        answers: dict[str, Answer | BaseException] = {}
+        for job in jobs:
+            try:
+                self._count_batch([job])
+                answers.update(self.worker.run_batch([job]))
+            except Exception as exc:  # noqa: BLE001 - this request's answer (a NaN of its own, its client gone)
+                self._count_failure([job], exc)
+                answers[job.id] = exc
+        return answers
+
     def _count_failure(self, jobs: list[Job], exc: BaseException) -> None:  # in the worker thread
-        if isinstance(exc, NonFiniteOutputError):  # once per batch, whether or not its clients still wait
+        if isinstance(exc, NonFiniteOutputError):  # whether or not its client still waits
             self.metrics.nonfinite.inc()
 
     def _count_batch(self, jobs: list[Job]) -> None:  # in the worker thread
