@@ -1,6 +1,6 @@
 """Micro-benchmark: diffrt's fused Triton kernels vs the unfused PyTorch sequence they replace.
 
-    python benchmarks/bench_kernels.py [--device cuda|cpu] [--iters 200]
+    python benchmarks/bench_kernels.py [--device cuda|cpu] [--iters 200] [--calls 20]
 
 Sizes are those of one sampler step at batch 1:
 
@@ -8,15 +8,19 @@ Sizes are those of one sampler step at batch 1:
   (fp16 on CUDA, fp32 on CPU), eta = 0, epsilon prediction, no clipping, guidance 7.5;
 * `color_guidance_step` on a 64x64 RGB pixel-space image [1, 3, 64, 64].
 
-Each call is timed alone between two synchronisations, after a warm-up that also absorbs Triton's
-JIT compile: the number is the latency one sampler step pays, launch overhead included, which is
-what dominates at these sizes. Without CUDA only the PyTorch reference is timed; the Triton
+After a warm-up that also absorbs Triton's JIT compile, the two are timed in alternating rounds
+(reference then Triton, Triton then reference, ...), each round `--calls` back-to-back calls between
+two synchronisations: a call's time is what a sampler step pays for it in a loop that does not wait
+on the GPU, launches included; a synchronisation per call would add its fixed cost to both sides
+and pull the ratio toward 1. The speed-up is the median of the per-round ratios, so load that drifts
+during the run hits both alike. Without CUDA only the PyTorch reference is timed; the Triton
 interpreter runs on CPU for tests, and its timings say nothing about the kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Callable
 
@@ -35,18 +39,26 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> dict:
-    """median / p90 / min of `iters` timed calls, in milliseconds, as the suite's cells summarise them."""
-    for _ in range(warmup):
-        fn()
+def time_rounds(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int, rounds: int,
+                calls: int) -> tuple[dict[str, dict], list[float] | None]:
+    """Each function's ms per call (median / p90 / min over the rounds, as the suite's cells summarise them) and,
+    for two functions, the first's time over the second's in each round. A round times `calls` back-to-back calls
+    of each function between synchronisations (without one we would time the launches, not the work), in an
+    order that alternates from round to round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _synchronize(device)
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)  # without it we would time the launch, not the work
-        samples.append(time.perf_counter() - start)
-    return summarize_ms(samples)
+    names, per_call = list(fns), {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fns[name]()
+            _synchronize(device)
+            per_call[name].append((time.perf_counter() - start) / calls)
+    ratios = [a / b for a, b in zip(*per_call.values())] if len(fns) == 2 else None
+    return {name: summarize_ms(samples) for name, samples in per_call.items()}, ratios
 
 
 def _cases(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
@@ -71,8 +83,9 @@ def _cases(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
     }
 
 
-def run(device: str | torch.device = "cuda", *, warmup: int = 20, iters: int = 200) -> dict:
-    """Time every kernel against its reference on `device`; returns plain data, prints nothing."""
+def run(device: str | torch.device = "cuda", *, warmup: int = 20, iters: int = 200, calls: int = 20) -> dict:
+    """Time every kernel against its reference on `device`, `iters` calls of each in rounds of `calls`; returns plain
+    data, prints nothing."""
     device = torch.device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     with_triton = device.type == "cuda" and launch.triton_available()
@@ -84,10 +97,11 @@ def run(device: str | torch.device = "cuda", *, warmup: int = 20, iters: int = 2
         note = "Triton kernels need CUDA (interpreter timings are meaningless): PyTorch reference only"
     results = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "note": note, "cases": {}}
     for name, case in _cases(device, dtype).items():
-        reference = time_ms(case["reference"], device, warmup=warmup, iters=iters)
-        fused = time_ms(case["triton"], device, warmup=warmup, iters=iters) if with_triton else None
-        speedup = reference["median_ms"] / fused["median_ms"] if fused else None
-        results["cases"][name] = {"shape": list(case["shape"]), "reference": reference, "triton": fused, "speedup": speedup}
+        fns = {"reference": case["reference"], **({"triton": case["triton"]} if with_triton else {})}
+        times, ratios = time_rounds(fns, device, warmup=warmup, rounds=max(1, iters // calls), calls=calls)
+        speedup = statistics.median(ratios) if ratios else None
+        results["cases"][name] = {"shape": list(case["shape"]), "reference": times["reference"], "triton": times.get("triton"),
+                                  "speedup": speedup, "speedup_range": [min(ratios), max(ratios)] if ratios else None}
     return results
 
 
@@ -110,10 +124,11 @@ def format_table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--iters", type=int, default=200, help="timed calls of each implementation")
+    parser.add_argument("--calls", type=int, default=20, help="back-to-back calls per round")
     parser.add_argument("--warmup", type=int, default=20)
     args = parser.parse_args()
-    print(format_table(run(args.device, warmup=args.warmup, iters=args.iters)))
+    print(format_table(run(args.device, warmup=args.warmup, iters=args.iters, calls=args.calls)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ over all steps, as the loop's own `samples_per_second` is, carries the first ste
 A step's time is the loop's own (TrainResult.step_seconds: forward, backward, clip, AdamW, EMA;
 not its logging, checkpoints and sample grids). A DreamBooth step
 with prior preservation trains on `batch_size` instance images plus as many class images; its
-samples/s counts the instance images only, as diffusers' `--train_batch_size` does.
+samples/s counts the instance images only, as diffusers' `--train_batch_size` does, and images/s
+counts both (the figure to compare with a run without prior preservation).
 
 The first and last step losses are single draws of random timesteps and noise. For DreamBooth,
 where a 40-step run on 4 images moves the loss by less than one draw's spread, the rows
@@ -64,8 +65,8 @@ def _dreambooth_evaluation(sd: Path, prompt: str):
     return evaluate
 
 
-def _trainers(root: Path) -> dict[str, tuple[str, int, callable, callable | None]]:
-    """name -> (config in words, batch size, run(out, steps) -> TrainResult, evaluate(out) -> dict or None)."""
+def _trainers(root: Path) -> dict[str, tuple[str, int, int, callable, callable | None]]:
+    """name -> (config in words, batch size, images per step, run(out, steps) -> TrainResult, evaluate(out) -> dict or None)."""
     from diffrt.tiny import tiny_text_to_image
 
     with torch.random.fork_rng(devices=[]):
@@ -89,23 +90,25 @@ def _trainers(root: Path) -> dict[str, tuple[str, int, callable, callable | None
     lora = "tiny SD (diffrt.tiny) 32 px / 4x4 latents, LoRA rank 4 on to_q/k/v/out"
     evaluate = _dreambooth_evaluation(sd, "a photo of sks cat")
     return {
-        "class-cond (class_embedding)": (f"{small}, digits", 16, class_cond("class_embedding"), None),
-        "class-cond (class_channels)": (f"{small}, digits", 16, class_cond("class_channels"), None),
-        "finetune": (f"{small}, chelsea crops", 16, lambda out, steps: finetune(FinetuneConfig(
+        "class-cond (class_embedding)": (f"{small}, digits", 16, 16, class_cond("class_embedding"), None),
+        "class-cond (class_channels)": (f"{small}, digits", 16, 16, class_cond("class_channels"), None),
+        "finetune": (f"{small}, chelsea crops", 16, 16, lambda out, steps: finetune(FinetuneConfig(
             model=str(pixel), data="chelsea", random_flip=True, num_samples=1, sample_steps=1,
             train=_train_config(out, steps, 16, 1e-3))), None),
-        "dreambooth-lora": (lora, 4, dreambooth(prior=False, batch_size=4), evaluate),
-        "dreambooth-lora (prior + text encoder)": (f"{lora}, + text encoder LoRA, 2 instance + 2 class", 2,
+        "dreambooth-lora": (lora, 4, 4, dreambooth(prior=False, batch_size=4), evaluate),
+        "dreambooth-lora (prior + text encoder)": (f"{lora}, + text encoder LoRA, 2 instance + 2 class", 2, 4,
                                                    dreambooth(prior=True, batch_size=2), evaluate),
     }
 
 
-def step_stats(times: list[float], batch_size: int, skip: int) -> dict:
-    """Median and p90 ms per step and samples/s at the median, over the steps after the first `skip`."""
+def step_stats(times: list[float], batch_size: int, skip: int, images_per_step: int | None = None) -> dict:
+    """Median and p90 ms per step, and samples/s (the batch size's) and images/s (every image a step trains on: prior
+    preservation's class images too) at the median, over the steps after the first `skip`."""
     kept = times[skip:] if len(times) > skip else times
     stats = summarize_ms(kept)
     return {"ms_per_step": round(stats["median_ms"], 2), "ms_per_step_p90": round(stats["p90_ms"], 2),
-            "samples_per_second": round(1000 * batch_size / stats["median_ms"], 2), "steps_timed": len(kept),
+            "samples_per_second": round(1000 * batch_size / stats["median_ms"], 2),
+            "images_per_second": round(1000 * (images_per_step or batch_size) / stats["median_ms"], 2), "steps_timed": len(kept),
             "steps_skipped": len(times) - len(kept), "first_step_ms": round(1000 * times[0], 2) if times else None}
 
 
@@ -113,14 +116,14 @@ def run(steps: int, warmup: int, skip: int = 3) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffrt-bench-train-") as tmp:
         root = Path(tmp)
-        for i, (name, (config, batch_size, fn, evaluate)) in enumerate(_trainers(root).items()):
+        for i, (name, (config, batch_size, images_per_step, fn, evaluate)) in enumerate(_trainers(root).items()):
             fn(root / f"warmup-{i}", warmup)
             t0 = time.perf_counter()
             result = fn(root / f"run-{i}", steps)
             times = result.step_seconds
             rows.append({
                 "trainer": name, "config": config, "batch_size": batch_size, "steps": steps,
-                **step_stats(times, batch_size, skip),
+                **step_stats(times, batch_size, skip, images_per_step),
                 # The loop's own figure: a mean over every step, the first (allocations) included.
                 "samples_per_second_mean_all_steps": round(result.samples_per_second, 2),
                 "step_ms": [round(1000 * t, 2) for t in times],
@@ -132,10 +135,11 @@ def run(steps: int, warmup: int, skip: int = 3) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'trainer':<40} {'batch':>5} {'samples/s':>10} {'ms/step':>9} {'p90':>9}  config",
-             f"{'-' * 40} {'-' * 5} {'-' * 10} {'-' * 9} {'-' * 9}  {'-' * 6}"]
+    lines = [f"{'trainer':<40} {'batch':>5} {'samples/s':>10} {'images/s':>9} {'ms/step':>9} {'p90':>9}  config",
+             f"{'-' * 40} {'-' * 5} {'-' * 10} {'-' * 9} {'-' * 9} {'-' * 9}  {'-' * 6}"]
     for r in rows:
-        lines.append(f"{r['trainer']:<40} {r['batch_size']:>5} {r['samples_per_second']:>10.1f} {r['ms_per_step']:>9.1f} "
+        lines.append(f"{r['trainer']:<40} {r['batch_size']:>5} {r['samples_per_second']:>10.1f} "
+                     f"{r.get('images_per_second', r['samples_per_second']):>9.1f} {r['ms_per_step']:>9.1f} "
                      f"{r['ms_per_step_p90']:>9.1f}  {r['config']}")
     return "\n".join(lines)
 
@@ -159,7 +163,8 @@ def main() -> None:
         "device": "cpu", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "load_average_1min_at_start": load, "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "skipped_first_steps": args.skip,
-        "throughput": "median ms per step after the skipped steps (p90 beside it); samples/s at that median",
+        "throughput": "median ms per step after the skipped steps (p90 beside it); samples/s (instance images) and "
+                      "images/s (class images too) at that median",
         "provenance": finish(meta), "results": rows,
     }
     atomic.write_json(args.out, report)

@@ -126,6 +126,7 @@ def test_run_bench_writes_json_markdown_and_png(tmp_path, tiny_configs):
     md = by_suffix[".md"].read_text()
     assert md == markdown(report)
     assert "| config | backend | status |" in md and md.count("| test-digits") == len(rows) + len(loops)
+    assert md.count("(export made)") == 2 * sum(bool(r.get("export_made")) for r in rows.values())  # setup and peak
     if backend_available("onnxruntime"):
         assert f"{rows[('test-digits', 'onnxruntime')]['speedup_vs_eager']:.2f}x" in md
         # The twin's peak is above a baseline that holds the shared pipeline: the table says so beside the figure.
@@ -263,22 +264,30 @@ def test_chart_is_written_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
 
 
-def test_kernel_benchmark_summarises_as_the_suite_does(monkeypatch):
+def test_kernel_benchmark_alternates_rounds_of_calls_and_summarises_as_the_suite_does(monkeypatch):
+    """Each call was timed alone between two synchronisations, reference first and Triton after: the fixed cost of
+    a synchronisation went to both sides, and drift to one. Now rounds of back-to-back calls alternate."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    durations = [0.005, 0.001, 0.002, 0.003, 0.004]
-    clock = {"now": 0.0, "left": list(durations)}
+    clock, order = {"now": 0.0}, []
 
-    def call():
-        clock["now"] += clock["left"].pop(0)
+    def timed(name: str, seconds: float):
+        def call():
+            order.append(name)
+            clock["now"] += seconds
+        return call
 
     monkeypatch.setattr(module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock["now"])}))
-    stats = module.time_ms(call, torch.device("cpu"), warmup=0, iters=5)
-    # Nearest rank, as summarize_ms: with 5 calls the p90 is the slowest (not the 4th, floor(0.9 * 4)).
-    assert stats["p90_ms"] == pytest.approx(5.0) and stats["median_ms"] == pytest.approx(3.0)
-    assert stats == pytest.approx(summarize_ms(durations))
+    times, ratios = module.time_rounds({"reference": timed("reference", 0.004), "triton": timed("triton", 0.001)},
+                                       torch.device("cpu"), warmup=0, rounds=4, calls=3)
+    rounds = [order[i:i + 3][0] for i in range(0, len(order), 3)]
+    assert rounds == ["reference", "triton", "triton", "reference", "reference", "triton", "triton", "reference"]
+    assert ratios == pytest.approx([4.0] * 4) and times["reference"] == pytest.approx(summarize_ms([0.004] * 4))
+    assert times["triton"]["median_ms"] == pytest.approx(1.0) and times["triton"]["n"] == 4
+    result = module.run("cpu", warmup=1, iters=4, calls=2)  # no CUDA: the reference alone, summarised per call
+    assert all(case["triton"] is None and case["speedup"] is None and case["reference"]["n"] == 2 for case in result["cases"].values())
 
 
 def test_a_text_to_image_configuration_samples_with_its_scheduler():
@@ -299,15 +308,19 @@ def test_the_cpu_target_is_not_judged_met_on_a_partial_run():
     fails: the goal is every small configuration."""
     from diffrt.bench.report import cpu_exported_target
 
-    def row(config, speedup):
+    def row(config, speedup, p25=None):
         return {"status": "ok", "device": "cpu", "backend": "onnxruntime", "config": config, "speedup_vs_eager": speedup,
-                "matches_eager": True}
+                "matches_eager": True, **({"speedup_spread": {"p25": p25, "p75": speedup + 0.2}} if p25 is not None else {})}
 
     partial = cpu_exported_target([row("tiny-t2i-controlnet", 5.3)])
     assert partial["status"] == "not measured" and "partial run" in partial["detail"] and "digits did not run" in partial["detail"]
     assert cpu_exported_target([row("tiny-t2i-controlnet", 5.3), row("digits", 2.1)])["status"] == "met"
     assert cpu_exported_target([row("tiny-t2i-controlnet", 5.3), row("digits", 1.2)])["status"] == "not met"
     assert cpu_exported_target([row("digits", 1.2)])["status"] == "not met"  # failing what ran needs no more
+    # A median over the goal whose low quartile is under it is not a result either way (as the guidance target judges).
+    straddling = cpu_exported_target([row("tiny-t2i-controlnet", 5.3, 4.9), row("digits", 2.05, 1.8)])
+    assert straddling["status"] == "not resolved" and "digits: onnxruntime 2.05x (low quartile 1.80x)" in straddling["detail"]
+    assert cpu_exported_target([row("tiny-t2i-controlnet", 5.3, 4.9), row("digits", 2.3, 2.1)])["status"] == "met"
 
 
 # --- interleaved rounds, paired ratios, and what the files record (review of the benchmark) ---------------
@@ -442,6 +455,9 @@ def test_the_chart_marks_a_backend_whose_output_differs_from_eager():
     good.update(speedup_vs_eager=2.0, matches_eager=True)
     bad.update(speedup_vs_eager=4.0, matches_eager=False)
     assert "✗" not in bar_label(good) and "✗" in bar_label(bad) and "differs" in bar_label(bad)
+    # A ratio timed in another process says so beside its bar, as in the table; a paired one shows its spread.
+    assert bar_label({**good, "speedup_vs_eager": 1.06, "speedup_method": "ratio of medians, timed apart"}).endswith("1.06x apart")
+    assert bar_label({**good, "speedup_vs_eager": 2.85, "speedup_spread": {"p25": 2.61, "p75": 3.01}}).endswith("2.85x [2.61–3.01]")
     assert _bar_colour(bad) != _bar_colour(good)
 
 
@@ -512,3 +528,20 @@ def test_a_cells_memory_is_its_request_not_its_first_warm_up(monkeypatch):
     monkeypatch.setattr(config, "open", lambda backend, device: Workload(None, run))
     cell = cells.open_cell(config, "torch", torch.device("cpu"))
     assert len(calls) == 2 and 30 <= cell.memory["peak_mb"] <= 200, cell.memory
+
+
+def test_a_cell_whose_open_exports_says_so_beside_its_setup_and_peak(tiny_configs, tmp_path, monkeypatch):
+    """Setup time and peak memory counted the export when the cache was cold (67 MB and 5.7 s against 21 MB and
+    0.9 s warm) and the result did not say which it was."""
+    pytest.importorskip("onnxruntime")
+    from diffrt.bench.cells import CellOptions, open_cell, summarize_cell, time_rounds
+
+    monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "cold"))
+    guided, _ = tiny_configs
+    rows = []
+    for _ in range(2):  # a cold cache, then the export it left
+        cell = open_cell(guided, "onnxruntime", torch.device("cpu"))
+        assert not isinstance(cell, dict), cell
+        time_rounds([cell], torch.device("cpu"), CellOptions(repeats=1, min_runs=1, min_time_s=0))
+        rows.append(summarize_cell(cell, torch.device("cpu"))[0])
+    assert rows[0].get("export_made") is True and "export_made" not in rows[1]

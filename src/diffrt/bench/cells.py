@@ -58,6 +58,7 @@ class Cell:
     setup_s: float
     memory: dict
     shares_pipeline_with: str | None = None
+    export_made: bool = False  # its open exported the model (a cold cache): setup time and peak memory include that
     runs: list[float] = field(default_factory=list)
     component_s: dict[str, list[float]] = field(default_factory=dict)
     images: torch.Tensor | None = None
@@ -81,6 +82,16 @@ def _failure(config: BenchConfig, backend: str, exc: Exception) -> dict:
     return skipped(config, backend, "error", f"{type(exc).__name__}: {first}"[:400])
 
 
+def _export_manifests() -> dict[str, int]:
+    """The automatic exports' manifests in the cache and their times: a cell whose open adds or rewrites one made
+    its export (diffrt writes the manifest last), and its setup time and peak memory count that work too."""
+    from diffrt.atomic import cache_dir
+    from diffrt.export.manifest import MANIFEST
+
+    root = cache_dir() / "artifacts"
+    return {str(p): p.stat().st_mtime_ns for p in root.glob(f"*/{MANIFEST}")} if root.is_dir() else {}
+
+
 def open_cell(config: BenchConfig, backend: str, device: torch.device, share: Cell | None = None) -> Cell | dict:
     """Open and warm up `backend` for `config`; a result dict (not applicable, error) where it cannot.
     `share`: an open cell of another configuration over the same model and backend whose pipeline
@@ -88,6 +99,7 @@ def open_cell(config: BenchConfig, backend: str, device: torch.device, share: Ce
     try:
         monitor = MemoryMonitor(device)
         monitor.baseline()
+        manifests = _export_manifests()
         t0 = time.perf_counter()
         if share is not None:
             work, timed = config.workload_on(share.work.pipeline), share.timed
@@ -95,6 +107,7 @@ def open_cell(config: BenchConfig, backend: str, device: torch.device, share: Ce
             work = config.open(backend, device)
             timed = time_components(work.pipeline, work.component_attrs)
         open_s = time.perf_counter() - t0
+        export_made = _export_manifests() != manifests
         # The first warm-up compiles (torch.compile: hundreds of MB of the tracer's and inductor's, gone after), loads
         # kernels and fills caches; the second, at the request's shapes, is measured: its peak is the cell's.
         work.run(WARMUP_STEPS)
@@ -104,7 +117,7 @@ def open_cell(config: BenchConfig, backend: str, device: torch.device, share: Ce
             work.run(WARMUP_STEPS)
             synchronize(device)
         return Cell(config, backend, work, timed, open_s, time.perf_counter() - t0, monitor.result(),
-                    share.config.name if share is not None else None)
+                    share.config.name if share is not None else None, export_made)
     except Exception as exc:  # one broken backend must not lose the others' numbers
         return _failure(config, backend, exc)
 
@@ -171,6 +184,8 @@ def summarize_cell(cell: Cell, device: torch.device) -> tuple[dict, torch.Tensor
     }
     if cell.shares_pipeline_with:
         result["shares_pipeline_with"] = cell.shares_pipeline_with  # its peak memory is its own runs' only
+    if cell.export_made:
+        result["export_made"] = True  # a cold cache: setup_s and the peak include the export
     return result, cell.images.detach().float().cpu()
 
 

@@ -44,11 +44,15 @@ def cpu_exported_target(results: list[dict]) -> dict:
     for r in rows:
         if r["config"] not in best or r["speedup_vs_eager"] > best[r["config"]]["speedup_vs_eager"]:
             best[r["config"]] = r
-    values = {c: {"backend": r["backend"], "speedup": round(r["speedup_vs_eager"], 3), "matches_eager": r.get("matches_eager", False)}
+    # Judged as the colour-guidance target is: met when the low quartile of the paired ratios clears the goal, not
+    # the median alone (a 2.05x [1.8-2.3] is a coin toss); a ratio timed apart has no spread and stands as it is.
+    values = {c: {"backend": r["backend"], "speedup": round(r["speedup_vs_eager"], 3), "matches_eager": r.get("matches_eager", False),
+                  "low": round((r.get("speedup_spread") or {}).get("p25", r["speedup_vs_eager"]), 3)}
               for c, r in best.items()}
-    met = all(v["speedup"] >= CPU_SPEEDUP_TARGET and v["matches_eager"] for v in values.values())
-    detail = "; ".join(f"{c}: {v['backend']} {v['speedup']:.2f}x{'' if v['matches_eager'] else ' (output does not match)'}"
-                       for c, v in values.items())
+    met = all(v["low"] >= CPU_SPEEDUP_TARGET and v["matches_eager"] for v in values.values())
+    failed = any(v["speedup"] < CPU_SPEEDUP_TARGET or not v["matches_eager"] for v in values.values())
+    detail = "; ".join(f"{c}: {v['backend']} {v['speedup']:.2f}x" + (f" (low quartile {v['low']:.2f}x)" if v["low"] != v["speedup"] else "")
+                       + ("" if v["matches_eager"] else " (output does not match)") for c, v in values.items())
     # "Small configs": every CPU default one measured against eager; a run of some of them judges only those.
     from diffrt.bench.configs import CONFIGS, CPU_DEFAULT
 
@@ -56,7 +60,7 @@ def cpu_exported_target(results: list[dict]) -> dict:
     if met and missing:
         return _target("cpu_exported_vs_eager", goal, "not measured",
                        f"partial run: {detail}; {', '.join(missing)} did not run (`diffrt bench` without --config runs all)", values)
-    return _target("cpu_exported_vs_eager", goal, "met" if met else "not met", detail, values)
+    return _target("cpu_exported_vs_eager", goal, "met" if met else "not met" if failed else "not resolved", detail, values)
 
 
 def h100_tensorrt_target(results: list[dict], machine: dict) -> dict:
@@ -185,8 +189,11 @@ def markdown(report: dict) -> str:
         peak = _f(r['memory']['peak_mb'], '.0f')
         if r.get("shares_pipeline_with"):  # its baseline already holds the pipeline: the peak is its own runs' only
             peak += f" (on {r['shares_pipeline_with']}'s pipeline)"
+        setup = f"{r['setup_s']:.1f}"
+        if r.get("export_made"):  # a cold cache: the export ran in this cell, and its memory may stay in the peak
+            setup, peak = setup + " (export made)", peak + " (export made)"
         lines.append(
-            f"| {r['config']} | {r['backend']} | ok | {r['setup_s']:.1f} | {r['runs']} | {e['median_ms']:.2f} | {e['p90_ms']:.2f} | "
+            f"| {r['config']} | {r['backend']} | ok | {setup} | {r['runs']} | {e['median_ms']:.2f} | {e['p90_ms']:.2f} | "
             f"{e['min_ms']:.2f} | {r['images_per_s']:.2f} | {_f(comp.get('text_encoder'), '.2f')} | {_f(unet, '.2f')} | "
             f"{_f(comp.get('vae_decoder'), '.2f')} | {peak} | {_speedup_cell(r)} | "
             f"{_f(diff, '.1e')}{match} |")
@@ -218,8 +225,9 @@ def _bar_colour(r: dict) -> str:
 
 
 def bar_label(r: dict) -> str:
-    """The text beside a bar: median and speed-up, and whether the output differs from eager's."""
-    label = f"  {_median(r):.1f} ms" + (f", {r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "")
+    """The text beside a bar: median and speed-up as the table gives it (with the spread of the paired ratios, or
+    "apart" for a ratio of medians timed in another process), and whether the output differs from eager's."""
+    label = f"  {_median(r):.1f} ms" + (f", {_speedup_cell(r)}" if "speedup_vs_eager" in r else "")
     return label + (" ✗ output differs from eager" if r.get("matches_eager") is False else "")
 
 

@@ -94,11 +94,11 @@ class MemoryMonitor:
 
     def __init__(self, device: torch.device, interval: float = 0.01):
         self.device, self.interval = device, interval
-        self.method = ("cuda device memory in use (cudaMemGetInfo, sampled) and torch.cuda.max_memory_allocated"
-                       if device.type == "cuda" else
+        self.method = ("cuda device memory in use (cudaMemGetInfo, sampled) and torch.cuda.max_memory_allocated, each "
+                       "minus its value before the pipeline opened" if device.type == "cuda" else
                        "process RSS sampled every 10 ms over a second warm-up run at the request's shapes (the first "
                        "compiles), peak minus RSS before the pipeline opened")
-        self._base = self._peak = 0
+        self._base = self._peak = self._torch_base = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -112,6 +112,8 @@ class MemoryMonitor:
     def baseline(self) -> None:
         release_memory()
         self._base = self._peak = self._now()
+        # torch's allocator too, so that its figure is this cell's as peak_mb is (the co-open cells' weights are not)
+        self._torch_base = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
@@ -133,7 +135,7 @@ class MemoryMonitor:
     def result(self) -> dict:
         out = {"peak_mb": round((self._peak - self._base) / MB, 1), "method": self.method}
         if self.device.type == "cuda":
-            out["torch_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
+            out["torch_max_allocated_mb"] = round((torch.cuda.max_memory_allocated(self.device) - self._torch_base) / MB, 1)
         return out
 
 
