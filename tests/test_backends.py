@@ -408,3 +408,55 @@ def test_onnxruntime_opens_where_the_os_has_no_cpu_affinity(tmp_path, monkeypatc
     spec = ComponentSpec("identity", (TensorSpec("x", ("batch", 3)),), (TensorSpec("x_out", ("batch", 3)),), ranges={"batch": (1, 2, 4)})
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     assert OnnxRuntimeBackend(tmp_path / "model.onnx", spec).run({"x": torch.ones(2, 3)})["x_out"].shape == (2, 3)
+
+
+def test_a_tensorrt_that_imports_but_cannot_build_is_unavailable_in_one_line(monkeypatch):
+    """`pip install tensorrt` may bring a build for another CUDA than the driver's: the module imports, and its
+    Builder raises pybind's bare "factory function returned nullptr", so every TensorRT path (and gpu test) failed
+    there instead of saying TensorRT is unavailable. Only the probe is exercised here (TensorRT needs a GPU)."""
+    import sys
+    import types
+
+    def factory_failed(logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    logger = type("Logger", (), {"ERROR": 1, "__init__": lambda self, severity: None})
+    stub = types.SimpleNamespace(__version__="10.14.1", Builder=factory_failed, Logger=logger)
+    monkeypatch.setitem(sys.modules, "tensorrt", stub)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backends._tensorrt_library_problem.cache_clear()
+    try:
+        assert not backends.backend_available("tensorrt")
+        with pytest.raises(BackendUnavailableError, match=r"TensorRT 10.14.1 cannot create a builder: .*nullptr .*torch has CUDA"):
+            backends.require_backend("tensorrt")
+        stub.Builder = lambda logger: object()  # one that builds
+        backends._tensorrt_library_problem.cache_clear()
+        assert backends.backend_available("tensorrt") and backends.tensorrt_problem() is None
+    finally:
+        backends._tensorrt_library_problem.cache_clear()
+
+
+def test_onnxruntime_asks_for_tensorrt_only_where_its_provider_library_loads_beside_it(monkeypatch, tmp_path, caplog):
+    """An installed TensorRT of another major than the provider was built for (11 beside a provider linked to
+    libnvinfer.so.10) made every session fall back from TensorRT's provider, warned each time (an error with
+    --strict). The provider's library is loaded first; here, a file that is not a library stands for one that fails."""
+    import sys
+    import types
+
+    import onnxruntime
+
+    from diffrt.runtime.backends import onnxruntime as ort_backend
+
+    fake = tmp_path / "onnxruntime"
+    (fake / "capi").mkdir(parents=True)
+    monkeypatch.setattr(onnxruntime, "__file__", str(fake / "__init__.py"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.1.0"))
+    ort_backend.tensorrt_installed.cache_clear()
+    try:
+        assert ort_backend.tensorrt_installed()  # no provider library to try: the provider list decides
+        (fake / "capi" / "libonnxruntime_providers_tensorrt.so").write_bytes(b"not a shared library")
+        ort_backend.tensorrt_installed.cache_clear()
+        assert not ort_backend.tensorrt_installed()
+        assert "TensorRT provider does not load beside TensorRT 11.1.0" in caplog.text
+    finally:
+        ort_backend.tensorrt_installed.cache_clear()

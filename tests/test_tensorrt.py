@@ -174,6 +174,26 @@ def test_a_build_that_returns_nothing_names_the_cause(messages, cause):
         assert "node /net/unet/down_blocks.0/resnets.0/conv1/Conv of unet" in text and "2.00 GiB" in text
 
 
+def test_a_build_reports_its_own_errors_after_the_log_dropped_old_ones():
+    """The logger drops its oldest errors past 1000, in place: a build that crossed that line read `errors[start:]`
+    at shifted indices, other builds' errors or none of its own."""
+    from diffrt.export.tensorrt import ErrorLog
+
+    class Builder:  # logs as TensorRT's logger does, one error at a time, then returns nothing
+        def build_serialized_network(self, network, config):
+            for i in range(300):
+                errors.add(f"Error Code 2: OutOfMemory (Requested size was {i} bytes.)")
+            return None
+
+    errors = ErrorLog()
+    for i in range(900):
+        errors.add(f"an older error {i}, from an earlier build")
+    with pytest.raises(ArtifactError) as info:
+        serialize_network(Builder(), None, None, "unet", errors, 2 * 1024**3, None)
+    assert errors.dropped == 500 and "ran out of GPU memory" in str(info.value) and "earlier build" not in str(info.value)
+    assert errors.since(900) == [f"Error Code 2: OutOfMemory (Requested size was {i} bytes.)" for i in range(300)]
+
+
 def test_explain_build_failure_is_one_line():
     assert "\n" not in explain_build_failure("unet", ["line one\nline two"], 1024**3, None)
 

@@ -47,7 +47,9 @@ def library_versions() -> dict[str, str | None]:
     import torch
 
     ort = _version("onnxruntime") or _version("onnxruntime-gpu")
-    trt = _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13") or _module_version("tensorrt")
+    # The module's own version first: the library that loads, which TensorRT's deserializer compares an engine with
+    # (the `tensorrt` meta-package and the tensorrt-cu12 that provides the module may be at other versions).
+    trt = _module_version("tensorrt") or _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13")
     return {"diffrt": __version__, "torch": torch.__version__, "diffusers": _version("diffusers"),
             "onnx": _version("onnx"), "onnxruntime": ort, "tensorrt": trt, "python": platform.python_version()}
 

@@ -352,7 +352,7 @@ def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | P
 
     engines = refittable_engines(folder, manifest)
     for name in engines:
-        mf.check_engine_compatible(manifest["components"][name]["engine"])
+        mf.check_engine_compatible(manifest["components"][name]["engine"], device)  # the GPU the refit loads them on
     files = [(read_lora(path), float(scale)) for path, scale in loras]
     refuse_lora_biases(files)  # before any weight map is written
     parts = [{"path": str(Path(f.path).resolve()), "sha256": f.sha256, "scale": s, "modules": len(f.layers)} for f, s in files]

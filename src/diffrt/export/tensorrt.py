@@ -169,19 +169,21 @@ def trt_logger():
         class _Logger(trt.ILogger):
             def __init__(self):
                 trt.ILogger.__init__(self)
-                self.errors: list[str] = []
+                self.errors = ErrorLog()
                 self._serious = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
+                self._quiet = (trt.ILogger.Severity.INFO, trt.ILogger.Severity.VERBOSE)
 
             def log(self, severity, msg):
-                if severity in self._serious:
-                    self.errors.append(msg)  # in place: callers hold this list and read what a call added
-                    if len(self.errors) > 1000:
-                        del self.errors[:500]
+                # A Python ILogger gets every message, VERBOSE too (only trt.Logger filters by severity): thousands
+                # per build, each a call under the GIL. They are dropped here unless debug logging would show them.
+                if severity in self._quiet:
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("TensorRT: %s", msg)
+                elif severity in self._serious:
+                    self.errors.add(msg)  # in place: callers hold this log and read what a call added
                     log.error("TensorRT: %s", msg)
-                elif severity == trt.ILogger.Severity.WARNING:
-                    log.warning("TensorRT: %s", msg)
                 else:
-                    log.debug("TensorRT: %s", msg)
+                    log.warning("TensorRT: %s", msg)
 
         _LOGGER = _Logger()
     return _LOGGER
@@ -198,13 +200,32 @@ def _parser_error_text(parser) -> str:
     return "; ".join(parts[:5]) + more
 
 
+class ErrorLog(list):
+    """The logger's recent errors, oldest dropped past 1000; `dropped` counts those, so that a caller that noted
+    `mark()` before a call reads exactly the errors logged since (`since`), however many were dropped meanwhile."""
+
+    dropped = 0
+
+    def add(self, message: str) -> None:
+        self.append(message)
+        if len(self) > 1000:
+            del self[:500]
+            self.dropped += 500
+
+    def mark(self) -> int:
+        return self.dropped + len(self)
+
+    def since(self, mark: int) -> list[str]:
+        return self[max(0, mark - self.dropped):]
+
+
 def serialize_network(builder, network, config, component: str, errors: list[str], workspace_bytes: int,
                       free_bytes: int | None):
     """builder.build_serialized_network, with a typed error naming the cause when it returns None."""
-    start = len(errors)
+    start = errors.mark() if isinstance(errors, ErrorLog) else len(errors)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        new = errors[start:] if start <= len(errors) else errors[-5:]
+        new = errors.since(start) if isinstance(errors, ErrorLog) else errors[start:]
         raise ArtifactError(explain_build_failure(component, new, workspace_bytes, free_bytes))
     return plan
 
@@ -221,10 +242,10 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, engine_path: str | 
     trt = import_tensorrt()
     import torch
 
-    from diffrt.export.manifest import gpu_identity, library_versions
+    from diffrt.export.manifest import gpu_identity
     from diffrt.export.onnx import check_onnx_files
 
-    version, gpu = library_versions()["tensorrt"] or trt.__version__, gpu_identity()
+    version, gpu = trt.__version__, gpu_identity()  # the library loaded, which the deserializer compares against
     logger = trt_logger()
 
     # 2. The ONNX and its external data are there (RELIABILITY #6); typing follows its dtype.

@@ -9,6 +9,7 @@ lazily, so `import diffrt` needs none of them, and the loaders (runtime/loading.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Protocol, runtime_checkable
 
@@ -22,7 +23,7 @@ REGISTRY: dict[str, tuple[str | None, str]] = {
     "torch": (None, ""),
     "torch-compile": (None, ""),
     "onnxruntime": ("onnxruntime", "pip install 'diffrt[cpu]' (or diffrt[gpu] for CUDA)"),
-    "tensorrt": ("tensorrt", "pip install tensorrt --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"),
+    "tensorrt": ("tensorrt", "pip install tensorrt-cu12 (the CUDA major of torch.version.cuda) on a machine with an NVIDIA GPU"),
 }
 TORCH_BACKENDS = ("torch", "torch-compile")  # PyTorch modules, no exported files
 EXPORTED = ("tensorrt", "onnxruntime")  # fastest first
@@ -45,12 +46,37 @@ def _importable(module: str) -> bool:
         return False
 
 
+def tensorrt_problem() -> str | None:
+    """Why TensorRT cannot build or run here, or None. Importing it is not enough: `pip install tensorrt` may bring
+    a build for another CUDA major (10.x pulls CUDA 13's runtime, which needs a driver >= 580), whose module imports
+    and whose Builder then fails with a bare "factory function returned nullptr"; one Builder is made to find out."""
+    return "it needs a CUDA GPU" if not torch.cuda.is_available() else _tensorrt_library_problem()
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorrt_library_problem() -> str | None:
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # noqa: BLE001 - missing, or its libraries do not load
+        return "tensorrt is not installed" if isinstance(exc, ModuleNotFoundError) else f"tensorrt does not load ({exc})"
+    try:
+        builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    except Exception as exc:  # noqa: BLE001 - TypeError: the C++ factory returned nullptr
+        builder, why = None, f": {exc}"
+    else:
+        why = ""
+    if builder is None:
+        return (f"TensorRT {trt.__version__} cannot create a builder{why} (a build for another CUDA than this driver's? "
+                f"torch has CUDA {torch.version.cuda})")
+    return None
+
+
 def backend_available(name: str) -> bool:
     if name not in REGISTRY:
         return False
     lib, _ = REGISTRY[name]
-    if name == "tensorrt" and not torch.cuda.is_available():
-        return False
+    if name == "tensorrt":
+        return tensorrt_problem() is None
     return lib is None or _importable(lib)
 
 
@@ -64,7 +90,7 @@ def require_backend(name: str) -> None:
         raise BackendUnavailableError(f"unknown backend {name!r}; available here: {', '.join(available_backends())}")
     if not backend_available(name):
         lib, hint = REGISTRY[name]
-        why = "it needs a CUDA GPU" if name == "tensorrt" and not torch.cuda.is_available() else f"{lib} is not installed"
+        why = tensorrt_problem() if name == "tensorrt" else f"{lib} is not installed"
         raise BackendUnavailableError(f"backend {name!r} is not available ({why}; {hint}); available here: {', '.join(available_backends())}")
 
 

@@ -22,6 +22,8 @@ to start re-creates the session without the options it was given, `device_id` in
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -61,13 +63,25 @@ def default_providers(device: torch.device, spec: ComponentSpec | None = None, o
     return [cuda, "CPUExecutionProvider"]
 
 
+@functools.lru_cache(maxsize=1)
 def tensorrt_installed() -> bool:
-    """Whether TensorRT's libraries load, which onnxruntime-gpu's provider list does not say: it
-    names TensorRT's provider whether or not they are installed (microsoft/onnxruntime#24841), and
-    asking for it without them is a provider fallback on every session."""
+    """Whether ONNX Runtime's TensorRT provider can run, which onnxruntime-gpu's provider list does not say: it
+    names TensorRT's provider whether or not TensorRT is installed (microsoft/onnxruntime#24841), and asking for
+    it without is a provider fallback on every session. TensorRT must load, and the provider's library must load
+    beside it: built against one TensorRT major (libnvinfer.so.10), it cannot use another (TensorRT 11)."""
     try:
-        import tensorrt  # noqa: F401 - loads libnvinfer
+        import onnxruntime
+        import tensorrt  # loads libnvinfer, by which the provider's library then resolves it
     except Exception:  # noqa: BLE001 - missing or broken, it cannot run
+        return False
+    provider = next(Path(onnxruntime.__file__).parent.joinpath("capi").glob("*onnxruntime_providers_tensorrt.*"), None)
+    if provider is None:  # a build laid out otherwise: the provider list is all there is to go by
+        return True
+    try:
+        ctypes.CDLL(str(provider))
+    except OSError as exc:
+        log.warning("ONNX Runtime's TensorRT provider does not load beside TensorRT %s (%s); ONNX Runtime sessions run on "
+                    "CUDA's provider", getattr(tensorrt, "__version__", "?"), " ".join(str(exc).split()))
         return False
     return True
 

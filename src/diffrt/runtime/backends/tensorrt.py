@@ -77,7 +77,7 @@ def torch_dtype(trt, trt_type) -> torch.dtype:
     """The torch dtype of a TensorRT DataType."""
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
              trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool}
-    for name, dtype in (("BF16", torch.bfloat16), ("INT64", torch.int64), ("UINT8", torch.uint8)):
+    for name, dtype in (("BF16", torch.bfloat16), ("INT64", torch.int64), ("UINT8", torch.uint8), ("FP8", torch.float8_e4m3fn)):
         if hasattr(trt.DataType, name):
             table[getattr(trt.DataType, name)] = dtype
     if trt_type not in table:
