@@ -140,6 +140,16 @@ def test_unknown_config_or_backend_is_a_clear_error(tmp_path):
         run_bench(out_dir=tmp_path, configs=["no-such-config"])
     with pytest.raises(DiffrtError, match="known:"):
         run_bench(out_dir=tmp_path, backends=["no-such-backend"], configs=["digits"])
+    # A backend asked for by name that cannot run here, and an --out that cannot hold the results: refused before
+    # anything is measured (both ran minutes of eager rounds first, the one as a "skipped" row, the other to fail).
+    if not backend_available("tensorrt"):
+        with pytest.raises(DiffrtError, match="backend 'tensorrt' is not available"):
+            run_bench(out_dir=tmp_path, backends=["torch", "tensorrt"], configs=["digits"])
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(DiffrtError, match="a.png is a file; give the folder"):
+        run_bench(out_dir=tmp_path / "a.png", configs=["digits"])
+    with pytest.raises(DiffrtError, match="cannot make the folder"):
+        run_bench(out_dir=tmp_path / "a.png" / "under", configs=["digits"])
 
 
 def test_isolated_cell_past_its_time_limit_is_skipped_with_a_reason(tiny_configs):

@@ -299,7 +299,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         default = action.default
         if (action.option_strings and text is not argparse.SUPPRESS and "default" not in text
-                and default is not None and default is not False and default is not argparse.SUPPRESS):
+                and default is not None and default is not False and default is not argparse.SUPPRESS
+                and default != [] and not (isinstance(action, argparse._StoreFalseAction) and default is True)):
             text += (" " if text else "") + "(default: %(default)s)"
         return text
 
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"], default="linear",
                     help="the noise schedule's betas over 1000 steps (squaredcos_cap_v2: Nichol & Dhariwal's cosine)")
     _add_train_options(cc, "runs/class-cond", steps=2000, batch=64, lr=1e-3)
-    cc.set_defaults(func=_cmd_train_class_cond)
+    cc.set_defaults(parser=cc, func=_cmd_train_class_cond)
     ft = tsub.add_parser("finetune", help="fine-tune a pretrained UNet2DModel (diffusers folder) on new images",
                           formatter_class=DefaultsHelpFormatter)
     ft.add_argument("--model", required=True, help="diffusers pipeline folder (unet/ + scheduler/), UNet2DModel folder, or Hub id org/name[@rev]")
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
     ft.add_argument("--label-dropout", type=float, default=0.1, help="class-conditioned models: probability of the null label")
     _add_train_options(ft, "runs/finetune", steps=1000, batch=16, lr=1e-4)
-    ft.set_defaults(func=_cmd_train_finetune)
+    ft.set_defaults(parser=ft, func=_cmd_train_finetune)
     db = tsub.add_parser("dreambooth-lora", help="DreamBooth with LoRA (peft) on a text-to-image pipeline folder",
                           formatter_class=DefaultsHelpFormatter)
     db.add_argument("--model", required=True, help="Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler) or Hub id")
@@ -375,19 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--sample-batch-size", type=int, default=4, help="class images generated per batch")
     # diffusers' DreamBooth-LoRA recipe (its README): learning rate 1e-4, constant, no warm-up.
     _add_train_options(db, "runs/dreambooth-lora", steps=500, batch=1, lr=1e-4, schedule="constant", warmup=0)
-    db.set_defaults(func=_cmd_train_dreambooth_lora, lr_warmup_steps=0)
+    db.set_defaults(parser=db, func=_cmd_train_dreambooth_lora, lr_warmup_steps=0)
     train.set_defaults(func=lambda a: _missing_sub(train))
 
     # export
-    ex = sub.add_parser("export", help="export a model (+ LoRA) to ONNX / TensorRT with a manifest and parity report")
+    ex = sub.add_parser("export", help="export a model (+ LoRA) to ONNX / TensorRT with a manifest and parity report",
+                        formatter_class=DefaultsHelpFormatter)
     ex.add_argument("--model", default=None, help="diffusers folder or Hub id org/name[@rev] (default: the shipped digits model)")
     ex.add_argument("--out", required=True, help="artifact folder to write")
     ex.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                     help="LoRA at a scale (repeatable): fused into the ONNX weights; with tensorrt, refit into the engines")
     ex.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                     help="ControlNet folder (repeatable: fused with the UNet in the order given, as diffusers' MultiControlNetModel)")
-    ex.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
-    ex.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ex.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx",
+                    help="onnx: ONNX files for ONNX Runtime; tensorrt: those and TensorRT engines")
+    ex.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                    help="weights and activations (the VAE stays fp32 where its config asks; bf16: TensorRT only)")
     ex.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="UNet batch range (CFG doubles the image count)")
     ex.add_argument("--height", default=None, metavar="MIN:OPT:MAX", help="image height range in pixels")
     ex.add_argument("--width", default=None, metavar="MIN:OPT:MAX", help="image width range in pixels")
@@ -399,16 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--workspace-gb", type=float, default=None, metavar="GIB",
                     help="tensorrt: cap the builder's scratch memory (default: 3/4 of the GPU memory free at the start)")
     ex.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
-    ex.set_defaults(func=_cmd_export)
+    ex.set_defaults(parser=ex, func=_cmd_export)
 
     # refit
-    rf = sub.add_parser("refit", help="swap LoRA weights into an artifact's TensorRT engines from its base weights (no rebuild)")
+    rf = sub.add_parser("refit", help="swap LoRA weights into an artifact's TensorRT engines from its base weights (no rebuild)",
+                        formatter_class=DefaultsHelpFormatter)
     rf.add_argument("artifact", help="artifact folder from `diffrt export --backend tensorrt`")
     rf.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="repeatable; none restores the base weights")
-    rf.set_defaults(func=_cmd_refit)
+    rf.set_defaults(parser=rf, func=_cmd_refit)
 
     # generate
-    ge = sub.add_parser("generate", help="generate images with the guided DDIM (or LCM, DPM-Solver++, Euler, Euler Ancestral) loop")
+    ge = sub.add_parser("generate", help="generate images with the guided DDIM (or LCM, DPM-Solver++, Euler, Euler Ancestral) loop",
+                        formatter_class=DefaultsHelpFormatter)
     ge.add_argument("--model", default=None, help="diffusers or artifact folder, or Hub id org/name[@rev] (default: the shipped digits model)")
     ge.add_argument("--backend", default=None,
                     help="torch, torch-compile, onnxruntime or tensorrt (default: the fastest installed for an artifact, else torch)")
@@ -417,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="make any fallback an error (an ONNX Runtime provider that did not start, PyTorch weights for an artifact)")
     ge.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                     help="tensorrt: launch each step normally instead of replaying a captured CUDA graph")
-    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--seed", type=int, default=0, help="seed of the starting noise (and of eta's noise)")
     ge.add_argument("--steps", type=int, default=25, help="denoising steps (num_inference_steps)")
     ge.add_argument("--scheduler", choices=["ddim", "lcm", "dpm", "euler", "euler_a"], default=None,
                     help="sampler (default: the model's own, the one its scheduler config names: LCMScheduler, "
@@ -425,15 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "DPM-Solver++(2M), 20-25 steps; euler / euler_a: Euler / Euler Ancestral (A1111's 'Euler a'), 20-30 steps; "
                          "LCM-LoRA: --lora LCM_LORA --scheduler lcm --steps 4 (guidance scale 1 by default with LCM)")
     ge.add_argument("--out", default="out.png", help="PNG grid, or .npy (float32 N x H x W x C in [0, 1])")
-    ge.add_argument("--prompt", default=None)
-    ge.add_argument("--negative-prompt", default=None)
-    ge.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    ge.add_argument("--prompt", default=None, help="text-to-image models: what to draw")
+    ge.add_argument("--negative-prompt", default=None, help="text-to-image models: what to steer away from")
+    ge.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance scale (default: 2.0 on class-conditioned pixel models, 7.5 on "
+                         "text-to-image ones as diffusers, 1 with LCM on a plain UNet)")
     ge.add_argument("--guidance-rescale", type=float, default=0.0,
                     help="text-to-image: diffusers' guidance_rescale in [0, 1] (0.7 tames over-exposure at high CFG)")
-    ge.add_argument("--height", type=int, default=None)
-    ge.add_argument("--width", type=int, default=None)
-    ge.add_argument("--num-images", type=int, default=None)
-    ge.add_argument("--eta", type=float, default=0.0)
+    ge.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's own size)")
+    ge.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's own size)")
+    ge.add_argument("--num-images", type=int, default=None,
+                    help="images to draw (default: 1, or one per class on a class-conditioned model without --class-label)")
+    ge.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 is deterministic, 1 is DDPM's noise")
     ge.add_argument("--class-label", default=None,
                     help="class-conditioned models: the class's number, or its name (a class folder's name)")
     ge.add_argument("--controlnet", action="append", default=[], metavar="DIR",
@@ -453,20 +462,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="encode the prompt with the text encoder's layer N before the last, as diffusers' clip_skip (default 0)")
     ge.add_argument("--image", default=None, metavar="FILE", help="image-to-image: start from this image (text-to-image models)")
     ge.add_argument("--strength", type=float, help="image-to-image (with --image): share of the schedule that runs (default 0.8)")
-    ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
+    ge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="LoRA fused at open, at a scale (repeatable; default scale 1)")
     ge.add_argument("--lora-scale", type=float, default=1.0, metavar="F",
                     help="run the LoRA (--lora, or the artifact's) at F times its scale: 0 is the base model; "
                          "TensorRT engines are refit in memory, ONNX graphs with LoRA baked in take 1.0 only")
     ge.add_argument("--color", default=None, metavar="HEX", help="colour guidance target, e.g. #ff8800")
-    ge.add_argument("--color-scale", type=float, default=3.0)
+    ge.add_argument("--color-scale", type=float, default=3.0, help="strength of the colour guidance")
     ge.add_argument("--clip-prompt", default=None, help="CLIP guidance toward this text")
     ge.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIPModel folder for CLIP guidance")
-    ge.add_argument("--clip-scale", type=float, default=10.0)
-    ge.add_argument("--guidance-mode", choices=["x0", "through_unet"], default="x0")
-    ge.set_defaults(func=_cmd_generate)
+    ge.add_argument("--clip-scale", type=float, default=10.0, help="strength of the CLIP guidance")
+    ge.add_argument("--guidance-mode", choices=["x0", "through_unet"], default="x0",
+                    help="gradient guidance from the predicted x0 alone (cheap), or back through the UNet in PyTorch")
+    ge.set_defaults(parser=ge, func=_cmd_generate)
 
     # bench
-    be = sub.add_parser("bench", help="latency per component and end to end, per backend, vs eager PyTorch")
+    be = sub.add_parser("bench", help="latency per component and end to end, per backend, vs eager PyTorch",
+                        formatter_class=DefaultsHelpFormatter)
     be.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown table and PNG chart")
     be.add_argument("--backend", action="append", default=None, help="backends to measure (default: all present)")
     be.add_argument("--config", action="append", default=None, help="configurations, repeatable (--list names them; default: those for this machine)")
@@ -474,31 +486,32 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=5,
                     help="timed rounds per cell (default 5); a cell whose runs take under 3 s in all runs more rounds, up "
                          "to 30, so that a short run is not judged on a few samples")
-    be.set_defaults(func=_cmd_bench)
+    be.set_defaults(parser=be, func=_cmd_bench)
 
     # serve
-    se = sub.add_parser("serve", help="HTTP service over the runtime (FastAPI)")
+    se = sub.add_parser("serve", help="HTTP service over the runtime (FastAPI)",
+                        formatter_class=DefaultsHelpFormatter)
     se.add_argument("--model", default=None, help="diffusers or artifact folder, or Hub id org/name[@rev] (default: the shipped digits model)")
     se.add_argument("--controlnet", action="append", default=None, metavar="DIR",
                     help="ControlNet folder for a text-to-image diffusers folder, repeatable for several "
                          "(an exported artifact carries its own)")
     se.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                     help="LoRA to run (repeatable); a request's lora_scale multiplies its scale (torch, refittable TensorRT)")
-    se.add_argument("--backend", default="onnxruntime")
+    se.add_argument("--backend", default="onnxruntime", help="torch, torch-compile, onnxruntime or tensorrt")
     se.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available; tensorrt needs cuda)")
     se.add_argument("--strict", action="store_true",
                     help="refuse to start on any fallback (an ONNX Runtime provider that did not start, PyTorch weights for an artifact)")
     se.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                     help="tensorrt: launch each step normally instead of replaying captured CUDA graphs")
     se.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
-    se.add_argument("--port", type=_port, default=8000)
+    se.add_argument("--port", type=_port, default=8000, help="TCP port (0: a free one)")
     se.add_argument("--api-key-env", default="DIFFRT_API_KEY", help="environment variable holding the API key (unset: no key)")
-    se.add_argument("--max-batch-size", type=int, default=8)
+    se.add_argument("--max-batch-size", type=int, default=8, help="images per UNet batch (the engine's profile may allow fewer)")
     se.add_argument("--allow-inexact-batching", dest="exact_batching", action="store_false",
                     help="batch requests even on a backend whose batched images differ from solo ones in the last bit "
                          "(measured at start-up; by default such a backend runs requests one at a time)")
-    se.add_argument("--max-queue", type=int, default=64)
-    se.add_argument("--batch-wait-ms", type=float, default=10.0)
+    se.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (more are a 429)")
+    se.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
     se.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     se.add_argument("--max-image-side", type=int, default=0, help="largest height or width a request may ask for, in pixels "
                     "(default: twice the model's own on eager PyTorch, 4096 on engines, whose built ranges bound them)")
@@ -510,41 +523,43 @@ def build_parser() -> argparse.ArgumentParser:
                          "else any); behind a proxy that passes the public Host, name it here")
     se.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                     help="a web origin (https://app.example) whose pages may call the service (repeatable)")
-    se.set_defaults(func=_cmd_serve)
+    se.set_defaults(parser=se, func=_cmd_serve)
 
     # triton-repo
-    tr = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository that serves the model (KServe v2)")
+    tr = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository that serves the model (KServe v2)",
+                        formatter_class=DefaultsHelpFormatter)
     tr.add_argument("--model", default=None, help="artifact or diffusers folder, or Hub id (default: the shipped digits model)")
     tr.add_argument("--out", required=True, help="the model repository (created if missing; other models in it are left alone)")
     tr.add_argument("--name", default="diffrt", help="the model's name in the repository")
-    tr.add_argument("--backend", default="onnxruntime")
+    tr.add_argument("--backend", default="onnxruntime", help="torch, torch-compile, onnxruntime or tensorrt")
     tr.add_argument("--device", default=None, choices=["cpu", "cuda"],
                     help="where the instances run: cuda (on each GPU of the serving machine) or cpu "
                          "(default: cuda for tensorrt or when this machine has a GPU)")
     tr.add_argument("--instances", type=int, default=1, help="model instances (per GPU with cuda), each with its own pipeline")
     tr.add_argument("--max-batch-size", type=int, default=8, help="requests Triton batches into one call, and images per UNet batch")
     tr.add_argument("--queue-delay-ms", type=float, default=10.0, help="how long Triton's dynamic batcher waits to fill a batch")
-    tr.add_argument("--max-queue", type=int, default=64)
+    tr.add_argument("--max-queue", type=int, default=64, help="requests waiting at most")
     tr.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     tr.add_argument("--max-image-side", type=int, default=0, help="as diffrt serve's (0: its default)")
-    tr.add_argument("--allow-inexact-batching", dest="exact_batching", action="store_false")
+    tr.add_argument("--allow-inexact-batching", dest="exact_batching", action="store_false", help="as diffrt serve's")
     tr.add_argument("--strict", action="store_true", help="refuse to load on any fallback")
-    tr.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    tr.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="as diffrt serve's")
     tr.add_argument("--link", action="store_true",
                     help="name the model folder by its absolute path instead of placing it (hard links or a copy) in the repository")
-    tr.set_defaults(func=_cmd_triton_repo)
+    tr.set_defaults(parser=tr, func=_cmd_triton_repo)
 
     # demo
-    de = sub.add_parser("demo", help="export the shipped digits model and sample a colour-guided grid (no download)")
-    de.add_argument("--out", default="demo.png")
+    de = sub.add_parser("demo", help="export the shipped digits model and sample a colour-guided grid (no download)",
+                        formatter_class=DefaultsHelpFormatter)
+    de.add_argument("--out", default="demo.png", help="the grid, a PNG")
     de.add_argument("--backend", default=None, help="exported backend (default: tensorrt with a GPU, else onnxruntime)")
     de.add_argument("--ui", action="store_true", help="start the Gradio demo instead")
     de.add_argument("--model", default=None, help="--ui: diffusers or artifact folder, or Hub id (default: the shipped digits model)")
     de.add_argument("--controlnet", action="append", default=None, metavar="DIR", help="--ui: ControlNet folder for a text-to-image model")
     de.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="--ui: LoRA to run; a LoRA scale slider with --backend torch (ONNX bakes it in)")
-    de.add_argument("--host", default="127.0.0.1")
-    de.add_argument("--port", type=_port, default=7860)
-    de.set_defaults(func=_cmd_demo)
+    de.add_argument("--host", default="127.0.0.1", help="--ui: bind address")
+    de.add_argument("--port", type=_port, default=7860, help="--ui: TCP port")
+    de.set_defaults(parser=de, func=_cmd_demo)
     return parser
 
 
@@ -582,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's own parser, whose --help lists its options (the top one's lists commands)
+        (getattr(args, "parser", None) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         handlers=[_AboveProgressBars(sys.stderr)])
     if not getattr(args, "func", None):

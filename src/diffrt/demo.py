@@ -62,7 +62,7 @@ def demo_request(settings: DemoSettings, num_classes: int = 10):
 
 def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings: DemoSettings | None = None,
              device: str = "cpu") -> tuple[Path, list[DemoTiming], float]:
-    from diffrt.runtime.backends import require_backend, resolve_device
+    from diffrt.runtime.backends import TORCH_BACKENDS, require_backend, resolve_device
     from diffrt.runtime.loading import default_backend, open_pixel_pipeline
 
     settings = settings or DemoSettings()
@@ -73,6 +73,10 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
     atomic.check_writable(out)
     backend = backend or default_backend(None, exported=True)  # the shipped model, on the fastest exported backend here
     require_backend(backend)  # one line naming the backends here
+    if backend in TORCH_BACKENDS:  # eager PyTorch is what the exported backend is measured against: both rows were
+        # keyed "torch", their runs pooled into one "1.00x" row and a difference of 0
+        raise DiffrtError(f"--backend {backend}: the demo times an exported backend against eager PyTorch; pass "
+                          f"onnxruntime or tensorrt (or leave --backend out)")
     if backend == "tensorrt":
         device = str(resolve_device(None, backend))  # CUDA, or one line saying there is none
 

@@ -39,6 +39,7 @@ from diffrt.bench.configs import BACKENDS, CONFIGS, CPU_DEFAULT, EAGER, GPU_DEFA
 from diffrt.bench.provenance import finish, load_average, run_metadata
 from diffrt.bench.timing import available_cpus, bench_threads, contention, cpu_threads, default_threads, machine_info, machine_tag, spread
 from diffrt.errors import DiffrtError
+from diffrt.runtime.backends import REGISTRY, require_backend
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,20 @@ def _env_budget() -> float | None:
         raise DiffrtError(f"DIFFRT_BENCH_BUDGET_S={env!r} must be a number of seconds (or unset: 270 on a CPU, 3000 on CUDA)") from None
 
 
+def check_out_dir(out_dir: str | Path) -> None:
+    """The results folder, made (or found) and writable before anything is measured: a file there, or a folder that
+    cannot be written, failed only when the first results were written, after the models were opened and timed."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DiffrtError(f"--out {out} is a file; give the folder for the JSON, markdown table and PNG chart")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiffrtError(f"--out {out}: cannot make the folder ({exc.strerror}); give a folder you can write") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DiffrtError(f"--out {out} is not writable; give a folder you can write")
+
+
 def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | None = None, repeats: int = 5,
               configs: list[str] | None = None, *, threads: int | None = None, budget_s: float | None = None,
               cell_budget_s: float | None = None, compile_cap_s: float | None = None, min_time_s: float | None = None,
@@ -185,6 +200,10 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
         raise DiffrtError(f"unknown backend {unknown[0]!r} for the benchmark; known: {', '.join(BACKENDS)}")
     if repeats < 1:
         raise DiffrtError(f"--repeats must be >= 1, got {repeats}")
+    for name in backends or []:  # asked for by name: one line now, not a "skipped" row after minutes of the others
+        if name in REGISTRY:
+            require_backend(name)
+    check_out_dir(out_dir)
     asked, threads = threads or default_threads(), bench_threads(threads)
     if threads != asked:
         log.warning("%d threads asked for, %d CPUs available: measuring with %d (ONNX Runtime's pool cannot be larger, "

@@ -257,6 +257,11 @@ def export_model(model_dir: str | Path | None, out: str | Path, options: ExportO
     """Export whatever the folder holds: a text-to-image pipeline or a pixel-space model."""
     from diffrt.models import require_model_dir
 
+    try:  # torch.onnx's exporter and TensorRT take UTF-8 paths: a name of other bytes failed inside torch's export,
+        str(out).encode("utf-8")  # with its weights in the message and a rebuild marker left behind
+    except UnicodeEncodeError:
+        raise DiffrtError(f"--out {str(out)!r} is not valid UTF-8 (torch.onnx and TensorRT write to UTF-8 paths only); "
+                          "choose a name in UTF-8") from None
     if model_dir is not None:
         require_model_dir(model_dir)
         if is_text_to_image_dir(Path(model_dir)):

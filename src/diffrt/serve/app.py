@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import errno
 import hmac
 import inspect
 import json
@@ -37,6 +38,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable
 
 from fastapi import FastAPI, Request
@@ -484,6 +486,10 @@ def serve(config: ServeConfig) -> None:
     if config.host not in LOOPBACK and config.api_key() is None:
         log.warning("serving on %s without an API key; set %s to require one", config.host, config.api_key_env)
     check_port_free(config.host, config.port)  # before the model loads, not after
+    from diffrt.export.lora import locate_lora
+
+    for path, _ in config.loras:  # and the LoRA files, which the worker would find missing after uvicorn started
+        locate_lora(Path(path))
     if config.allowed_hosts is None and config.host in LOOPBACK:  # reached as localhost only: no DNS rebinding
         config = dataclasses.replace(config, allowed_hosts=LOOPBACK_NAMES)
     app = create_app(config)
@@ -507,16 +513,18 @@ def serve(config: ServeConfig) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """One line if nothing can listen on host:port (another service holds it, or the address is not this
-    machine's); bound as uvicorn binds it (SO_REUSEADDR), so a port in TIME_WAIT is free."""
-    if port == 0:
-        return
+    """One line if nothing can listen on host:port, naming what to change: --host when the address is not this
+    machine's (or no address at all), --port when another service holds it. Bound as uvicorn binds it
+    (SO_REUSEADDR), so a port in TIME_WAIT is free; port 0 is probed too, for the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                raise DiffrtError(f"cannot listen on {host} ({exc.strerror or exc}): --host must be an address of this "
+                                  "machine (127.0.0.1 for itself only, 0.0.0.0 for every interface)") from None
             raise DiffrtError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or stop the "
                               "process that holds it") from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -180,6 +181,11 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
 
     atomic.check_writable(out, folder=True)
     model = served_model(config.model, config.backend, here=False)  # served by Triton, maybe on another machine
+    # Checked here, as `diffrt serve` checks them, rather than when Triton loads the model and its runtime refuses them.
+    if not 0 <= config.queue_delay_ms < math.inf:
+        raise DiffrtError(f"--queue-delay-ms must be a number of milliseconds >= 0, got {config.queue_delay_ms!r}")
+    if not isinstance(config.max_image_side, int) or config.max_image_side < 0:
+        raise DiffrtError(f"--max-image-side must be a number of pixels >= 1 (0: the default), got {config.max_image_side!r}")
     check_service_settings(max_batch_size=config.max_batch_size, max_queue=config.max_queue, batch_wait_ms=config.queue_delay_ms,
                            timeout_s=config.timeout_s)
     if config.device is None:  # the serving machine may not be this one: cuda is not required here
