@@ -29,8 +29,10 @@ def test_tensorrt_commands_without_tensorrt_say_so_first(uncond_model_dir, tmp_p
     # What the folder is comes first (a review's: "TensorRT is not available" hid a mistyped folder until the user had
     # found a GPU); an artifact with engines on this machine is test_refit's.
     line = one_line_error(capsys, ["refit", str(tmp_path / "no-such-artifact")])
-    assert "no-such-artifact has no manifest.json: not an artifact folder" in line
+    assert "no-such-artifact is not a folder (not found); give the artifact folder" in line  # not "has no manifest.json"
     assert not (tmp_path / "no-such-artifact").exists()
+    (tmp_path / "empty").mkdir()
+    assert "empty has no manifest.json: not an artifact folder" in one_line_error(capsys, ["refit", str(tmp_path / "empty")])
 
 
 def test_old_opset_and_bf16_onnx_are_one_line(uncond_model_dir, tmp_path, capsys):

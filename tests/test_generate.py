@@ -369,3 +369,18 @@ def test_a_size_outside_an_export_generate_made_says_how_to_export_a_range(uncon
     capsys.readouterr()
     assert main(["generate", "--model", str(tmp_path / "artifact"), *common]) == 2
     one_line_error(capsys, "height 32 is outside the built range [16, 16]; re-export with a wider --height range")
+
+
+def test_an_image_to_image_request_is_checked_before_the_model_loads(t2i_folder, tmp_path, capsys, monkeypatch):
+    """A strength outside [0, 1] or an --image that is not there was found after the text-to-image model loaded."""
+    from PIL import Image
+
+    from diffrt.runtime import text_to_image_loading
+
+    monkeypatch.setattr(text_to_image_loading, "open_text_to_image_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    common = ["generate", "--model", str(t2i_folder), "--prompt", "a cat", "--out", str(tmp_path / "o.png")]
+    assert main([*common, "--image", str(tmp_path / "x.png"), "--strength", "1.5"]) == 2
+    one_line_error(capsys, "strength must be in [0, 1], got 1.5")
+    assert main([*common, "--image", str(tmp_path / "missing.png")]) == 2
+    one_line_error(capsys, "missing.png: no such file")

@@ -100,6 +100,12 @@ def generate(req: GenerateRequest):
 
     if req.num_images is not None and req.num_images < 1:
         raise DiffrtError(f"--num-images must be >= 1, got {req.num_images}")
+    if req.image:  # before the model loads (its progress bars came above the error line)
+        from diffrt.runtime.text_to_image_inputs import check_strength
+
+        check_strength(image_strength(req), req.num_inference_steps)
+        if not Path(req.image).is_file():
+            raise DiffrtError(f"--image {req.image}: no such file; give the image to start from")
     if req.strength is not None and not req.image:  # text-to-image would run, ignoring it (`diffrt serve` refuses it too)
         raise DiffrtError(f"--strength {req.strength} sets how much of an --image is redrawn (image-to-image); pass --image FILE "
                           "to start from, or leave --strength out")

@@ -85,6 +85,9 @@ def artifact_lock(folder: str | Path, *, shared: bool = False):
 
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():  # a mistyped path is "not found", not a broken artifact
+        raise ArtifactError(f"{folder} is not a folder{'' if Path(folder).exists() else ' (not found)'}; give the artifact "
+                            "folder `diffrt export --out` wrote")
     if not path.is_file():
         raise ArtifactError(f"{folder} has no {MANIFEST}: not an artifact folder, or an export that did not finish; re-run `diffrt export`")
     try:
