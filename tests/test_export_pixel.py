@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -893,6 +894,22 @@ def test_a_bf16_tensorrt_artifact_on_onnxruntime_is_one_line(classemb_model_dir,
     mf.write_manifest(out, manifest)
     with pytest.raises(BackendUnavailableError, match=r"its unet was built at bf16 for TensorRT, which ONNX Runtime cannot run"):
         open_pixel_pipeline(out, artifact_backend(out))  # no backend named: the one it runs on here
+
+
+@pytest.mark.parametrize("entry, where", [(("unet", "../../outside.txt"), "lists '../../outside.txt' for component 'unet'"),
+                                          (("unet", "/etc/hostname"), "lists '/etc/hostname' for component 'unet'"),
+                                          (("../up", "../up/model.onnx"), "names a component '../up'")])
+def test_a_manifest_naming_files_outside_the_artifact_is_refused_unread(classemb_model_dir, tmp_path, entry, where):
+    """From a security review: a manifest's file list was joined to the folder as given, so a hand-made one could name
+    ../ or absolute paths, which verify_files opened and hashed (telling which files exist, and their content)."""
+    out = export_pixel_model(classemb_model_dir, tmp_path / "artifact", ExportOptions(verify=False)).folder
+    (tmp_path / "outside.txt").write_text("not the artifact's")
+    manifest = mf.read_manifest(out)
+    name, rel = entry
+    manifest["components"].setdefault(name, {**manifest["components"]["unet"], "files": {}})["files"][rel] = "00"
+    mf.write_manifest(out, manifest)  # re-digested, as someone making such a manifest would
+    with pytest.raises(ArtifactError, match=re.escape(where)):
+        mf.read_manifest(out)
 
 
 @pytest.mark.parametrize("damage", ["class embedding missing", "diffrt.json classes off by one"])

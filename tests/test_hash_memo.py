@@ -176,6 +176,30 @@ def test_a_folder_hash_covers_linked_subfolders_and_keeps_the_keys_of_plain_ones
     assert atomic.sha256_folder(model) != before
 
 
+def test_links_that_fan_out_to_one_folder_are_walked_once(tmp_path):
+    """From a security review: folders each holding two links to the next made 2^N paths from 2N links, and hashing
+    a model folder holding such a chain (30 levels: 10^9 paths) never finished. A folder is walked once."""
+    import time
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "config.json").write_text("{}")
+    levels = [tmp_path / f"level{i}" for i in range(31)]
+    for level in levels:
+        level.mkdir()
+    (levels[-1] / "deep.json").write_text("{}")
+    for level, below in zip(levels, levels[1:]):
+        for name in ("a", "b"):
+            (level / name).symlink_to(below, target_is_directory=True)
+    (model / "extras").symlink_to(levels[0], target_is_directory=True)
+    t0 = time.perf_counter()
+    first = atomic.sha256_folder(model)
+    assert time.perf_counter() - t0 < 10
+    assert first == atomic.sha256_folder(model)  # the same walk, the same name for the folder met twice
+    (levels[-1] / "deep.json").write_text('{"changed": true}')
+    assert atomic.sha256_folder(model) != first  # its files are still in the hash, once
+
+
 def test_past_its_limit_the_memo_sweeps_out_entries_that_can_no_longer_hit(memo, tmp_path, monkeypatch):
     """The bug: entries were never pruned, so every large file ever hashed (old exports, deleted checkpoints)
     left one behind for good. Entries of files still unchanged stay, however many there are."""

@@ -767,7 +767,9 @@ def test_a_warm_up_that_draws_nan_never_turns_ready_and_a_nan_fails_only_its_own
         runtime.wait_ready(120)
 
         def submitted(*requests: tuple[int, int]) -> list:  # (class label, seed) each, at once: one batch
-            return [runtime.submit(GenerateBody(class_label=label, seed=seed, num_inference_steps=1)) for label, seed in requests]
+            # eta > 0: each request's generator draws step noise, which the failed batch had drawn already
+            return [runtime.submit(GenerateBody(class_label=label, seed=seed, num_inference_steps=2, eta=1.0))
+                    for label, seed in requests]
 
         alone = {seed: submitted((3, seed))[0].future.result(60) for seed in (0, 2)}  # one after another
         poisoned[0] = 9
@@ -779,6 +781,7 @@ def test_a_warm_up_that_draws_nan_never_turns_ready_and_a_nan_fails_only_its_own
         text = runtime.metrics.exposition().decode()
         assert metric(text, "diffrt_serve_batch_size_count") == 2 + 1 + 3  # the three shared one batch, then ran alone
         assert metric(text, "diffrt_serve_nonfinite_total") == 1
+        assert runtime.batcher.failed_in_row == 0  # a request's NaN is not the engine's failure
     finally:
         runtime.close(10)
 
@@ -822,6 +825,18 @@ def test_a_worker_whose_batches_all_fail_turns_unhealthy_and_recovers():
         broken[0] = None
         assert batcher.submit(Job(None, 1, "ok", deadline=time.monotonic() + 10)).result(5) == "ok"
         assert batcher.alive  # one batch that works: the engine works
+        # A batch answered request by request (the runtime's re-run after a NaN): an engine error among the answers
+        # counts as a failed batch would (a review's: the broken engine stayed alive), a request's own error does not.
+        answers: list = [RuntimeError("CUDA error: an illegal memory access was encountered")]
+        batcher.run_batch = lambda jobs: {job.id: answers[0] for job in jobs}
+        for i in range(FAILING_BATCHES):
+            with pytest.raises(RuntimeError, match="illegal memory access"):
+                batcher.submit(Job(None, 1, f"solo{i}", deadline=time.monotonic() + 10)).result(5)
+        assert not batcher.alive and batcher.failed_in_row == FAILING_BATCHES
+        answers[0] = NonFiniteOutputError("the unet produced NaN")
+        with pytest.raises(NonFiniteOutputError):
+            batcher.submit(Job(None, 1, "own-nan", deadline=time.monotonic() + 10)).result(5)
+        assert batcher.alive and batcher.failed_in_row == 0
     finally:
         batcher.close(5)
 
@@ -1153,9 +1168,12 @@ def test_pages_of_another_origin_and_foreign_host_names_are_refused(guarded):
     r = httpx.post(url, json=body, headers={"Host": "evil.example:8000", "X-Request-Id": "rebind-1"}, timeout=30)
     assert r.status_code == 421 and "'evil.example:8000' is not this service's" in r.json()["detail"]
     assert r.headers.get("x-request-id") == "rebind-1"  # every /v1 answer names its request
-    # Probes and scrapers address a pod by its IP (a review's: with --allowed-host, Kubernetes restarted the pod).
+    # Probes and scrapers address a pod by its IP (a review's: with --allowed-host, Kubernetes restarted the pod); a
+    # page rebinding its own name sends that name, which the probe routes still refuse (/readyz describes the model).
     for path in ("/healthz", "/readyz", "/metrics"):
-        assert httpx.get(guarded.url + path, headers={"Host": "10.1.2.3:8000"}, timeout=30).status_code == 200, path
+        for host in ("10.1.2.3:8000", "[fd00::7]:8000"):
+            assert httpx.get(guarded.url + path, headers={"Host": host}, timeout=30).status_code == 200, (path, host)
+        assert httpx.get(guarded.url + path, headers={"Host": "evil.example:8000"}, timeout=30).status_code == 421, path
 
 
 def test_a_body_of_many_errors_gets_a_short_answer(client):

@@ -1301,3 +1301,24 @@ def test_dreambooths_python_defaults_train_as_its_command_does(tmp_path):
     for name in ("learning_rate", "lr_schedule", "lr_warmup_steps", "max_steps", "batch_size"):
         assert getattr(python, name) == getattr(args, name), name
     assert python.lr_schedule == "constant"
+
+
+def test_a_checkpoint_naming_other_files_is_not_trusted_nor_hashed_for_ever(tmp_path):
+    """From a security review: state.json's file list was hashed as given, so one naming /dev/zero (or a FIFO)
+    hung --resume, and ../ reached outside the run. Only save_checkpoint's files, regular, in the checkpoint."""
+    import threading
+
+    ckpt = tmp_path / "checkpoints" / "step-0000005"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    os.mkfifo(ckpt / "ema.safetensors")
+    cases = [{"/dev/zero": "00"}, {"../../outside.safetensors": "00"}, {"weights.safetensors": "00", "ema.safetensors": "00"}]
+    results = []
+    for files in cases:
+        (ckpt / "weights.safetensors").write_bytes(b"w")
+        (ckpt / "state.json").write_text(json.dumps({"step": 5, "files": files, "param_groups": []}))
+        worker = threading.Thread(target=lambda: results.append(verify_checkpoint(ckpt)), daemon=True)
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), files  # answered, not reading for ever
+    assert results == [None, None, None]

@@ -390,3 +390,19 @@ def test_an_out_inside_the_data_folder_is_refused_before_training(tmp_path, caps
     err = capsys.readouterr().err
     assert "is inside the --data folder" in err and "pass an --out outside it" in err
     assert not out.exists()
+
+
+def test_an_image_file_too_large_to_read_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """From a security review: a sparse 2 GiB file named a.png (4 KB on disk) was read whole, 2.2 GiB of memory,
+    before its decoding failed; a larger one would have had the process killed."""
+    import diffrt.images as images
+    from diffrt.data import load_image_folder
+    from diffrt.errors import DataError
+
+    monkeypatch.setattr(images, "MAX_IMAGE_FILE_BYTES", 1 << 20)  # the check, at a size a test can make
+    with open(tmp_path / "a.png", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.truncate(3 << 20)  # sparse
+    monkeypatch.setattr(type(tmp_path / "a.png"), "read_bytes", lambda self: pytest.fail(f"{self} was read"))
+    with pytest.raises(DataError, match=r"a.png is 3 MiB; image files over 1 MiB are refused"):
+        load_image_folder(tmp_path, 8)

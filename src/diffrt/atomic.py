@@ -274,16 +274,19 @@ def sha256_folder(folder: str | os.PathLike, patterns: tuple[str, ...] = ("*.jso
 
 def _walk_files(folder: Path, patterns: tuple[str, ...]) -> set[Path]:
     """The files under `folder`, through linked subfolders, matching a pattern. A link back to a folder
-    it is inside (a cycle) or to one the model folder is inside is not entered; two links to one folder
-    are both hashed, under their names."""
-    found, top = set(), Path(os.path.realpath(folder))
+    it is inside (a cycle) or to one the model folder is inside is not entered; a folder reached again
+    through another link is hashed once, under the name the sorted walk meets first: folders each holding
+    two links to the next made 2^N paths of N levels, and an export that never finished hashing."""
+    found, top, entered = set(), Path(os.path.realpath(folder)), set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()  # the walk's order, and so the name a repeated folder is hashed under, is the names'
         here = Path(root)
         real = Path(os.path.realpath(here))
         inside = {Path(os.path.realpath(p)) for p in here.parents if p == folder or folder in p.parents}
-        if here != folder and (real in inside or real in top.parents):  # a cycle, or a link up out of the model
-            dirs[:] = []
+        if (here != folder and (real in inside or real in top.parents)) or real in entered:
+            dirs[:] = []  # a cycle, a link up out of the model, or a folder walked already
             continue
+        entered.add(real)
         for name in [*files, *dirs]:  # a pattern may match a folder's name too: only files count
             path = here / name
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns) and path.is_file():

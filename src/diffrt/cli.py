@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     # diffusers' DreamBooth-LoRA recipe (its README): learning rate 1e-4, constant, no warm-up.
     _add_train_options(db, "runs/dreambooth-lora", steps=500, batch=1, lr=1e-4, schedule="constant", warmup=0)
     db.set_defaults(parser=db, func=_cmd_train_dreambooth_lora, lr_warmup_steps=0)
-    train.set_defaults(func=lambda a: _missing_sub(train))
+    train.set_defaults(parser=train, func=lambda a: _missing_sub(train))
 
     # export
     ex = sub.add_parser("export", help="export a model (+ LoRA) to ONNX / TensorRT with a manifest and parity report",

@@ -73,6 +73,7 @@ def save_grid(path: str | os.PathLike, images: torch.Tensor, nrow: int, scale: i
 
 
 Size = tuple[int | None, int | None]  # (height, width); a side left None is the image's own
+MAX_IMAGE_FILE_BYTES = 2 << 30  # bytes: read whole before decoding; larger is no image diffrt decodes (MAX_TRAIN_PIXELS)
 
 
 def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "RGB", multiple: int = 1,
@@ -83,6 +84,10 @@ def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "R
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} is a folder; pass an image file" if path.is_dir() else f"image file not found: {path}")
+    size_bytes = path.stat().st_size
+    if size_bytes > MAX_IMAGE_FILE_BYTES:  # read whole below: a sparse 100 GB file would have been read into memory
+        raise DataError(f"{path} is {size_bytes / 2**20:.0f} MiB; image files over {MAX_IMAGE_FILE_BYTES / 2**20:.0f} MiB "
+                        "are refused (a 160-MP 16-bit TIFF is about 1 GB): reduce it first")
     return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple, max_pixels=max_pixels, min_side=min_side)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from diffrt import __version__, atomic
@@ -123,6 +124,12 @@ PIPELINE_REQUIRED = {"pixel": ("scheduler", "info", "channels", "sample_size"),
                                        "max_length")}
 
 
+def _inside(rel: str, component: str) -> bool:
+    """Whether a manifest's file entry is a relative path under `component/`, with no '..' on the way."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    return len(parts) >= 2 and parts[0] == component and ".." not in parts and not rel.startswith("/") and "\\" not in rel
+
+
 def check_schema(manifest: dict, path: Path) -> None:
     """ArtifactError naming the first key that is missing or of the wrong type."""
     def refuse(what: str) -> None:
@@ -143,6 +150,19 @@ def check_schema(manifest: dict, path: Path) -> None:
         for key, kind in COMPONENT_REQUIRED.items():
             if not isinstance(comp, dict) or not isinstance(comp.get(key), kind):
                 refuse(f"lacks a {key!r} {kind.__name__} for component {name!r}")
+        # Every path stays in the artifact: the checks open what the manifest lists (a hand-made one listed ../ and
+        # absolute paths, and verify_files read them), and the loaders open <component>/... .
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            refuse(f"names a component {name!r}; component names are letters, digits and '_'")
+        outside = next((rel for rel in comp["files"] if not _inside(rel, name)), None)
+        if outside is not None:
+            refuse(f"lists {outside!r} for component {name!r}, outside its folder {name}/")
+    tokenizer = manifest["pipeline"].get("tokenizer")
+    if isinstance(tokenizer, dict):
+        folder, files = tokenizer.get("folder", "tokenizer"), tokenizer.get("files", {})
+        if not isinstance(folder, str) or not re.fullmatch(r"[A-Za-z0-9_]+", folder) or not isinstance(files, dict) \
+                or not all(isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", f) and f not in (".", "..") for f in files):
+            refuse("names tokenizer files outside a folder of the artifact")
     for i, entry in enumerate(manifest["loras"]):
         if not isinstance(entry, dict) or not all(k in entry for k in ("path", "sha256", "scale")):
             refuse(f"has LoRA entry {i} without its path, sha256 and scale")

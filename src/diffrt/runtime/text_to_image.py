@@ -8,7 +8,9 @@ generator per image draws each image's rows from its own generator, as diffusers
 does (img2img then samples one VAE posterior row per image, as diffusers' img2img). With the torch
 backend the images equal diffusers' to float tolerance (tests/test_text_to_image.py). Several
 ControlNets follow StableDiffusionControlNetPipeline with a MultiControlNetModel: `control_image` is
-a list with one entry per ControlNet, `controlnet_conditioning_scale` one float or one per ControlNet;
+a list with one entry per ControlNet (an image or a batch), or a list of lists, one inner list per prompt
+with an image per ControlNet (turned around, as diffusers does), `controlnet_conditioning_scale` one float
+or one per ControlNet;
 left out, it is diffusers' default for the pipeline a call is: 0.8 with `image`
 (StableDiffusionControlNetImg2ImgPipeline), 1.0 without (StableDiffusionControlNetPipeline).
 `control_guidance_start`/`control_guidance_end` run each ControlNet on a fraction of the steps, as there: the

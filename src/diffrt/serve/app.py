@@ -28,6 +28,7 @@ import dataclasses
 import errno
 import hmac
 import inspect
+import ipaddress
 import json
 import logging
 import os
@@ -56,8 +57,9 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # Host header names of a loopback service
-# Read by probes and scrapers, which address a pod by its IP (Kubernetes' httpGet sends Host: <pod IP>:<port>): no
-# Host check, so that --allowed-host does not take the pod out of rotation. They answer no request and read no body.
+# Read by probes and scrapers, which address a pod by its IP (Kubernetes' httpGet sends Host: <pod IP>:<port>): an IP
+# address is a Host they answer, so that --allowed-host does not take the pod out of rotation. A page that rebinds its
+# own name to the service sends that name, never an address, and is still refused.
 PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
 GENERATE_PATH = "/v1/generate"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before its answer: metrics only, never sent
@@ -258,6 +260,16 @@ def origin_problem(headers, allowed: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+def _is_address(host: str) -> bool:
+    """Whether a Host header names an IP address (with or without a port), not a DNS name."""
+    name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def host_problem(headers, allowed: tuple[str, ...] | None) -> str | None:
     """None if the Host header names this service (DNS rebinding: a page of evil.example, its name pointed at
     127.0.0.1, would otherwise be same-origin with a loopback service)."""
@@ -270,7 +282,7 @@ def host_problem(headers, allowed: tuple[str, ...] | None) -> str | None:
 
 
 class GuardMiddleware:
-    """Host (421) for every route but the probes' (PROBE_PATHS); for /v1/ routes, before the body is parsed: the API key (401), a page of another
+    """Host (421) for every route (the probes', PROBE_PATHS, also answer an IP address); for /v1/ routes, before the body is parsed: the API key (401), a page of another
     origin (403), the content type (415), room for the request (429: bodies being read, queued and running are
     bounded, so a flood of slow clients cannot hold gigabytes of bodies) and the body's size (413) and time (408);
     and the request counter, so refusals made here are counted too."""
@@ -296,7 +308,9 @@ class GuardMiddleware:
             rid = request_id(headers)
             scope.setdefault("state", {})["request_id"] = rid  # the route's request.state.request_id
             send = _with_request_id(send, rid)
-        problem = host_problem(headers, self.allowed_hosts) if scope["path"] not in PROBE_PATHS else None
+        problem = host_problem(headers, self.allowed_hosts)
+        if problem and scope["path"] in PROBE_PATHS and _is_address(headers.get("host", "")):
+            problem = None
         if problem:
             return await error_response(421, problem)(scope, receive, send)
         if not api:

@@ -217,7 +217,10 @@ class Batcher:
             for job in batch:
                 job.future.set_exception(exc)
         else:
-            self.failed_in_row = 0
+            # A batch run again request by request (serve.runtime: after a NaN) answers some with their own errors: an
+            # engine's among them counts, as a failed batch would, so that health checks still see a broken engine.
+            broken = next((a for a in answers.values() if isinstance(a, BaseException) and self.engine_failure(a)), None)
+            self.failed_in_row, self.last_failure = (self.failed_in_row + 1, broken) if broken else (0, self.last_failure)
             for job in batch:
                 if isinstance(answers.get(job.id), BaseException):  # one request's own failure (the others' answers stand)
                     job.future.set_exception(answers[job.id])

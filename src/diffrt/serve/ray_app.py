@@ -13,7 +13,8 @@ Diffusion is compute-bound and an engine's profile caps its batch, so throughput
 replicas: each replica is one `ServeRuntime` (one worker thread owning its pipeline, its own
 batcher), Ray's proxy spreads requests over them, and the autoscaler adds replicas when the
 ongoing requests per replica pass the engine's batch size. A replica asks for one GPU when the
-cluster has one (`replica_gpus`). `check_health` raises once the replica's worker is dead, so Ray replaces it.
+cluster has one (`replica_gpus`; bind the deployment through `build_deployment`, whose options set
+it: `DiffrtDeployment.bind` alone asks for none, and Ray hides the GPUs from such a replica). `check_health` raises once the replica's worker is dead, so Ray replaces it.
 
 The route speaks the same API as `POST /v1/generate` of `diffrt serve` (schema, API key,
 pages of other origins, Host names where the config lists them, body limit, refusals, headers). A client that hangs up has its request given up as there: Ray's

@@ -365,13 +365,19 @@ class ServeRuntime:
     def _run_batch(self, jobs: list[Job]) -> dict[str, Answer | BaseException]:  # in the worker thread
         """The worker's batch; when it comes out non-finite, each of its requests alone. A NaN is one request's (an
         fp16 overflow for one prompt or seed), and its batchmates, each of which would have succeeded on its own,
-        were refused with it. Alone, a request draws the noise it drew in the batch: its answer is the same."""
+        were refused with it. Alone, a request draws the noise it drew in the batch (its step noise too: each
+        generator is put back where the batch found it), so its answer is the one it would have had."""
+        # eta > 0, LCM, Euler Ancestral: a plan's generator draws step noise, and the failed run moved it on.
+        states = [(job.payload.generator, job.payload.generator.get_state()) for job in jobs
+                  if getattr(job.payload, "generator", None) is not None]
         try:
             return self.worker.run_batch(jobs)
         except NonFiniteOutputError as exc:
             if len(jobs) == 1:
                 raise
             log.warning("a batch of %d requests came out non-finite (%s); running each alone", len(jobs), exc)
+        for generator, state in states:
+            generator.set_state(state)
         answers: dict[str, Answer | BaseException] = {}
         for job in jobs:
             try:

@@ -218,15 +218,26 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if CHECKPOINT_DIR.match(p.name)), key=lambda p: p.name)
 
 
+CHECKPOINT_FILES = ("weights.safetensors", "optimizer.safetensors", "ema.safetensors")  # what save_checkpoint writes
+
+
 def verify_checkpoint(ckpt: Path) -> dict | None:
-    """The checkpoint's state.json if every file it lists is present with its recorded hash."""
+    """The checkpoint's state.json if every file it lists is present with its recorded hash. Only the files
+    save_checkpoint writes, as regular files in the checkpoint: a state.json naming /dev/zero, a FIFO or ../ hung
+    --resume while it hashed what never ends, or read outside the run."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        for name, digest in state["files"].items():
-            if atomic.sha256_file(ckpt / name) != digest:
+        files = state["files"]
+        if not isinstance(files, dict) or "weights.safetensors" not in files:
+            return None
+        for name, digest in files.items():
+            path = ckpt / name
+            if name not in CHECKPOINT_FILES or path.is_symlink() or not path.is_file():
+                return None
+            if atomic.sha256_file(path) != digest:
                 return None
         return state
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -313,7 +324,10 @@ def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scal
     names = list(named)
     opt_state = {"state": {}, "param_groups": []}
     for key, value in opt_tensors.items():
-        pname, field_name = key.rsplit("::", 1)
+        pname, _, field_name = key.rpartition("::")
+        if pname not in named:  # a hand-made file: one line, not a ValueError from list.index
+            raise DiffrtError(f"checkpoint {ckpt}: optimizer.safetensors holds {key!r}, which names no parameter of the "
+                              "model; resume from another checkpoint")
         opt_state["state"].setdefault(names.index(pname), {})[field_name] = value
     for group in state["param_groups"]:
         opt_state["param_groups"].append({**group, "params": list(range(len(names)))})

@@ -74,10 +74,15 @@ def tensorrt_installed() -> bool:
         import tensorrt  # loads libnvinfer, by which the provider's library then resolves it
     except Exception:  # noqa: BLE001 - missing or broken, it cannot run
         return False
-    provider = next(Path(onnxruntime.__file__).parent.joinpath("capi").glob("*onnxruntime_providers_tensorrt.*"), None)
+    capi = Path(onnxruntime.__file__).parent / "capi"
+    provider = next(capi.glob("*onnxruntime_providers_tensorrt.*"), None)
     if provider is None:  # a build laid out otherwise: the provider list is all there is to go by
         return True
     try:
+        # As ONNX Runtime loads it: the shared provider bridge first, global, which the provider's library links to.
+        shared = next(capi.glob("*onnxruntime_providers_shared.*"), None)
+        if shared is not None:
+            ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(provider))
     except OSError as exc:
         log.warning("ONNX Runtime's TensorRT provider does not load beside TensorRT %s (%s); ONNX Runtime sessions run on "
