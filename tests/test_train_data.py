@@ -406,3 +406,17 @@ def test_an_image_file_too_large_to_read_is_refused_before_it_is_read(tmp_path, 
     monkeypatch.setattr(type(tmp_path / "a.png"), "read_bytes", lambda self: pytest.fail(f"{self} was read"))
     with pytest.raises(DataError, match=r"a.png is 3 MiB; image files over 1 MiB are refused"):
         load_image_folder(tmp_path, 8)
+
+
+def test_an_eps_file_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """Pillow opens EPS by running Ghostscript on it, an interpreter with a history of code-execution bugs: a file in
+    a data folder or a request's image is refused instead, whether or not Ghostscript is installed."""
+    from PIL import EpsImagePlugin
+
+    from diffrt.errors import DataError
+    from diffrt.images import decode_image
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript ran"))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    with pytest.raises(DataError, match="x.eps is not a readable image"):
+        decode_image(eps, None, name="x.eps")

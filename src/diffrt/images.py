@@ -100,6 +100,19 @@ def _target_size(im, size: Size | None, multiple: int) -> tuple[int, int] | None
     return None if target == (im.height, im.width) else target
 
 
+# Formats whose Pillow plugin hands the file to another program: EPS (Ghostscript, an interpreter with a history of
+# code-execution bugs). A file a user or a client sends is never given to it.
+NOT_OPENED = frozenset({"EPS"})
+
+
+def _openable_formats() -> list[str]:
+    """Every format Pillow (and a registered plugin: HEIF, AVIF, JPEG XL) opens, but NOT_OPENED."""
+    from PIL import Image
+
+    Image.init()
+    return sorted(set(Image.OPEN) - NOT_OPENED)
+
+
 REDUCE_ABOVE = 16_000_000  # pixels: smaller images decode exactly (12 MP is 144 MB of float32, one image at a time)
 HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
@@ -163,7 +176,7 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
     if not data:
         raise DataError(f"{name} is empty (0 bytes); remove it or copy the image again")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=_openable_formats()) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels:,} pixels: downscale it")
             if max_side is not None and max(_taken_sides(im, size), default=0) > max_side:
