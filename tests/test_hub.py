@@ -67,6 +67,20 @@ def test_a_revision_picks_its_snapshot(hub_cache, t2i_folder, uncond_model_dir):
     assert resolve_model("tiny/model@v2") == other
 
 
+def test_a_revision_that_climbs_out_of_the_cache_is_refused(hub_cache, uncond_model_dir, tmp_path):
+    """From a security review: huggingface_hub reads refs/<revision> in the cache and takes its content for the
+    snapshot, so org/name@../../../../x used a file outside the cache to name any folder as the model."""
+    hub_cache("org/model", uncond_model_dir)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "ref").write_text(str(uncond_model_dir))
+    for revision in ("../../../../outside/ref", "..", "a/../b", "/abs", ".hidden"):
+        with pytest.raises(DiffrtError, match=r"is not a revision \(a commit hash, branch or tag\)"):
+            resolve_model(f"org/model@{revision}")
+    assert resolve_model(f"org/model@{COMMIT}").name == COMMIT  # a hash, and refs/main, still resolve
+    assert resolve_model("org/model@main").name == COMMIT
+
+
 def test_cli_resolves_hub_ids_and_says_what_is_missing(hub_cache, uncond_model_dir, tmp_path, capsys):
     from diffrt.cli import main
 

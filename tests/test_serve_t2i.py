@@ -210,7 +210,17 @@ def _png_base64(side: int) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40)}  # placeholders in the cases below
+def _icon_base64(side: int) -> str:
+    """An ICO: Pillow's plugin decodes the PNG it embeds while opening, before a size can be checked (a security
+    review's 560 KB icon held 12000 x 12000 pixels); a service takes PNG, JPEG and WebP only."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buf, format="ICO", sizes=[(side, side)])
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40), "ICON": _icon_base64(32)}  # placeholders below
 
 
 @pytest.mark.parametrize("fields, field, words", [
@@ -233,6 +243,7 @@ PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40)}  # placehold
     ({"prompt": PROMPT, "control_image": base64.b64encode(TRUNCATED_PNG).decode()}, "control_image", "not a readable image"),
     ({"prompt": PROMPT, "strength": 0.5}, "strength", "needs image"),
     ({"prompt": PROMPT, "image": base64.b64encode(b"not a png").decode()}, "image", "not a readable image"),
+    ({"prompt": PROMPT, "control_image": "ICON"}, "control_image", "not a readable image"),
     ({"prompt": PROMPT, "image": "SMALL_PNG", "strength": 0.1}, "strength", "leaves no denoising step"),
     ({"prompt": PROMPT, "image": "SMALL_PNG", "control_image": "OTHER_PNG"}, "image", "but control_image"),
     ({"prompt": PROMPT, "scheduler": "heun"}, "scheduler", "Input should be 'ddim', 'lcm', 'dpm', 'euler' or 'euler_a'"),

@@ -43,6 +43,10 @@ def resolve_model(model: str | Path | None) -> Path | None:
         return Path(model)
     match = HUB_ID.match(text)
     repo, revision = match["repo"], match["revision"]
+    # A revision is a commit hash, a branch or a tag; huggingface_hub reads (and writes) refs/<revision> in the
+    # cache, so one with '..' reached outside it (org/name@../../x named a snapshot folder anywhere).
+    if revision is not None and any(part in ("", ".", "..") or part.startswith(".") for part in revision.split("/")):
+        raise DiffrtError(f"{text}: {revision!r} is not a revision (a commit hash, branch or tag); check the name after '@'")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hf_errors

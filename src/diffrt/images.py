@@ -103,6 +103,7 @@ def _target_size(im, size: Size | None, multiple: int) -> tuple[int, int] | None
 # Formats whose Pillow plugin hands the file to another program: EPS (Ghostscript, an interpreter with a history of
 # code-execution bugs). A file a user or a client sends is never given to it.
 NOT_OPENED = frozenset({"EPS"})
+WEB_FORMATS = ("PNG", "JPEG", "WEBP")  # what a client of a service sends (decode_image's `formats`)
 
 
 def _openable_formats() -> list[str]:
@@ -157,7 +158,7 @@ def _shrink_factor(im, min_side: int) -> int:
 
 def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, name: str = "the image",
                  max_pixels: int | None = None, multiple: int = 1, min_side: int | None = None,
-                 max_side: int | None = None) -> torch.Tensor:
+                 max_side: int | None = None, formats: tuple[str, ...] | None = None) -> torch.Tensor:
     """Encoded image bytes (PNG, JPEG, ...) -> [C, H, W] float in [0, 1], resized as diffusers' VaeImageProcessor
     resizes a PIL image (Lanczos): to `size` (height, width), a side left None being the image's own rounded down to
     `multiple` (the VAE's factor for a pipeline's images), so `diffrt generate` and `serve` give a file the images the
@@ -168,7 +169,10 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
     shrunk by a whole factor, box-filtered), never below 4x: its float pixels take a fraction of the memory, and
     the caller's antialiased resize still does the final step.
     `max_side`: refuse, before decoding, an image that would give a side (height or width not in `size`) larger
-    than this (a service's largest side: a 4096 x 4096 PNG of 58 KB was decoded, 525 MB, then refused)."""
+    than this (a service's largest side: a 4096 x 4096 PNG of 58 KB was decoded, 525 MB, then refused).
+    `formats`: the Pillow formats taken (None: every one but NOT_OPENED). A service takes WEB_FORMATS only: Pillow's
+    ICO and ICNS plugins decode the PNG they embed while opening, before any size can be checked (a 560 KB icon
+    whose header says 16x16 held a 12000 x 12000 image, 570 MB decoded per request)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from diffrt.errors import DataError
@@ -176,7 +180,7 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
     if not data:
         raise DataError(f"{name} is empty (0 bytes); remove it or copy the image again")
     try:
-        with Image.open(io.BytesIO(data), formats=_openable_formats()) as im:
+        with Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else _openable_formats()) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(f"{name} is {im.width}x{im.height} pixels; the limit is {max_pixels:,} pixels: downscale it")
             if max_side is not None and max(_taken_sides(im, size), default=0) > max_side:

@@ -111,6 +111,7 @@ class ServeConfig:
 
 # -- responses shared with the Ray Serve deployment ----------------------------------------------
 
+MAX_HEADER_BYTES = 64 << 10  # a request's line and headers: browsers and proxies send a few KB (nginx: 8 KB per line)
 UNREADABLE_BODY = "the body is not JSON diffrt can read (a number with thousands of digits, or nesting thousands deep?)"
 
 
@@ -129,12 +130,30 @@ def too_large_response(size: int, limit: int) -> JSONResponse:
     return error_response(413, f"request body is {size / 2**20:.1f} MiB or more; the limit is {limit / 2**20:.1f} MiB")
 
 
+def body_fields_problem(raw: bytes) -> str | None:
+    """The 422 line for a JSON object of more fields than a generate request has (GenerateBody's), else None (a body
+    that is not JSON is left to the parser, whose answer names why)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    fields = GenerateBody.model_fields
+    if isinstance(data, dict) and len(data) > len(fields):
+        unknown = [key for key in list(data)[:1000] if key not in fields][:3]
+        return (f"the body has {len(data)} fields; a generate request has at most {len(fields)} "
+                f"(unknown: {', '.join(map(repr, unknown))}, ...)")
+    return None
+
+
 def parse_body(raw: bytes) -> "GenerateBody | JSONResponse":
     """A generate body as FastAPI reads one for `diffrt serve` (json.loads, a UTF-8 BOM allowed, then the schema),
     or the answer the service gives when it cannot: for the Ray route, so that both answer a body alike."""
     problem = body_text_problem(raw)
     if problem:
         return error_response(400, problem)
+    problem = body_fields_problem(raw)
+    if problem:
+        return error_response(422, problem)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:  # FastAPI's json_invalid error, through the service's handler
@@ -363,6 +382,12 @@ class GuardMiddleware:
         problem = body_text_problem(body) if scope["method"] == "POST" else None
         if problem:
             return await error_response(400, problem)(scope, receive, send)
+        if scope["method"] == "POST" and scope["path"] == GENERATE_PATH:
+            # Read off the event loop: a 16 MB body of a million unknown keys held the loop (and /healthz) 13 s in
+            # FastAPI's parsing and pydantic's error list; one of more fields than a request has is refused here.
+            problem = await asyncio.to_thread(body_fields_problem, body)
+            if problem:
+                return await error_response(422, problem)(scope, receive, send)
         sent = False
 
         async def replay():
@@ -489,8 +514,12 @@ def uvicorn_config(app, config: ServeConfig):
     # No connection cap here: uvicorn's counts idle connections too (140 sockets that sent nothing made every route,
     # /healthz too, answer 503 for as long as they stayed open); GuardMiddleware bounds the /v1 requests instead.
     # Shutdown waits up to one request timeout for in-flight requests to finish.
+    # h11, whose parser holds at most MAX_HEADER_BYTES of a request's head: httptools buffered a header that never
+    # ended without a limit (ten clients sending 100 MiB each pinned 1 GB before any route or key was checked). A
+    # diffusion request's parsing time is nothing beside its sampling.
     return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                          timeout_graceful_shutdown=int(config.timeout_s) + 5)
+                          timeout_graceful_shutdown=int(config.timeout_s) + 5, http="h11",
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES)
 
 
 def serve(config: ServeConfig) -> None:

@@ -107,7 +107,7 @@ class DiffrtDeployment:
                 return too_large_response(size, self.config.max_body_bytes)
         if not any(chunks):
             return validation_error_response([{"type": "missing", "loc": (), "msg": "Field required"}])  # FastAPI's 422
-        body = parse_body(b"".join(chunks))
+        body = await asyncio.to_thread(parse_body, b"".join(chunks))  # off the replica's event loop, as the service
         if not isinstance(body, GenerateBody):
             return body  # the service's answer to a body it cannot read
         try:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
-from diffrt.images import decode_image
+from diffrt.images import WEB_FORMATS, decode_image
 from diffrt.runtime.backends.timed import time_components
 from diffrt.runtime.guidance import color_guidance
 from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, default_guidance_scale
@@ -349,6 +349,6 @@ class TextToImageWorker(BatchingWorker):
             raise RequestError(422, f"{field}: not valid base64; send the PNG file's bytes base64-encoded", field) from None
         try:  # resized as `diffrt generate` resizes files, and diffusers PIL images (images.decode_image)
             return decode_image(data, (body.height, body.width), max_pixels=MAX_CONTROL_PIXELS, multiple=self.pipe.vae_factor,
-                                max_side=self.max_image_side or None)
+                                max_side=self.max_image_side or None, formats=WEB_FORMATS)
         except DiffrtError as exc:
             raise RequestError(422, f"{field}: {exc}", field) from None

@@ -42,12 +42,30 @@ def to_hex(color: str) -> str:
     return "#" + "".join(f"{round(float(v)):02x}" for v in m.groups())
 
 
+UPLOAD_MAX_SIDE = 1024  # pixels: uploads are shrunk to this first; the pipeline takes them at the model's size
+UPLOAD_MAX_BYTES = "20mb"  # Gradio's limit on a file sent to the demo
+
+
+def bounded(image: np.ndarray) -> np.ndarray:
+    """An upload shrunk (aspect kept, Lanczos) so that its longer side is at most UPLOAD_MAX_SIDE: Canny on a 6000 x
+    6000 photo took 15 s and 2.3 GB, on every change of the upload and again for each click."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if max(image.shape[:2]) <= UPLOAD_MAX_SIDE:
+        return image
+    im = Image.fromarray(image)
+    im.thumbnail((UPLOAD_MAX_SIDE, UPLOAD_MAX_SIDE), Image.LANCZOS)
+    return np.asarray(im)
+
+
 def canny_edges(image: np.ndarray, sigma: float = 1.5) -> np.ndarray:
-    """An RGB uint8 edge map (white edges on black), the control image Canny ControlNets expect."""
+    """An RGB uint8 edge map (white edges on black), the control image Canny ControlNets expect, of the upload
+    shrunk to UPLOAD_MAX_SIDE (bounded)."""
     from skimage.color import rgb2gray
     from skimage.feature import canny
 
-    image = np.asarray(image)
+    image = bounded(image)
     gray = image.astype(np.float64) / 255.0 if image.ndim == 2 else rgb2gray(image[..., :3])
     edges = canny(gray, sigma=sigma)
     return np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=-1)
@@ -97,7 +115,7 @@ def make_generate(runtime: ServeRuntime):
             if control_image is not None and info.get("controlnet"):
                 fields["control_image"] = png_base64(canny_edges(control_image))
             if init_image is not None and text:
-                fields.update(image=png_base64(np.asarray(init_image)[..., :3]), strength=float(strength))
+                fields.update(image=png_base64(bounded(init_image)[..., :3]), strength=float(strength))
             if text and (fields.get("control_image") or fields.get("image")):
                 # An upload of any size, resized by the pipeline to the model's own (the one size an export is
                 # sure to hold): the demo has no size controls.
@@ -180,6 +198,6 @@ def launch_ui(host: str = "127.0.0.1", port: int = 7860, model: str | None = Non
     runtime.start()
     try:
         runtime.wait_ready(timeout=600)
-        build_ui(runtime).launch(server_name=host, server_port=port, share=False)
+        build_ui(runtime).launch(server_name=host, server_port=port, share=False, max_file_size=UPLOAD_MAX_BYTES)
     finally:
         runtime.close(timeout=60)
