@@ -860,3 +860,24 @@ def test_an_old_folder_a_rebuild_cannot_remove_is_named(t2i_folder, tmp_path, mo
     with caplog.at_level(logging.WARNING, logger="diffrt"):
         export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False), [])
     assert "could not remove the old vae_encoder/" in caplog.text
+
+
+def test_tokenizer_entries_stay_in_the_tokenizer_folder(t2i_artifact, tmp_path):
+    """A manifest's tokenizer files are opened by name in its folder: '../' is refused when the manifest is read, a
+    name export copies as it is (spaces, brackets) is not."""
+    import shutil
+
+    from diffrt.errors import ArtifactError
+    from diffrt.export import manifest as mf
+
+    out = tmp_path / "artifact"
+    shutil.copytree(t2i_artifact, out)
+    manifest = mf.read_manifest(out)
+    files = manifest["pipeline"]["tokenizer"]["files"]
+    mf.write_manifest(out, {**manifest, "pipeline": {**manifest["pipeline"], "tokenizer": {
+        **manifest["pipeline"]["tokenizer"], "files": {**files, "vocab (1).json": "00"}}}})
+    mf.read_manifest(out)
+    mf.write_manifest(out, {**manifest, "pipeline": {**manifest["pipeline"], "tokenizer": {
+        **manifest["pipeline"]["tokenizer"], "files": {**files, "../../outside.json": "00"}}}})
+    with pytest.raises(ArtifactError, match="names tokenizer files outside a folder of the artifact"):
+        mf.read_manifest(out)

@@ -486,7 +486,7 @@ def test_lora_scale_per_request_equals_generate_at_that_scale(t2i_folder, tmp_pa
     assert not np.array_equal(images[0], images[1])
 
 
-def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png):
+def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png, tmp_path):
     """The demo over a text-to-image ControlNet model: prompt, negative prompt and the Canny edges of
     an uploaded picture all reach the request; the image is the service's answer to it."""
     from PIL import Image
@@ -517,6 +517,14 @@ def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png):
     image, latency = generate(None, PROMPT, None, STEPS, 5.0, False, "#000000", 0.0, 3, None, init_image=big, strength=0.5)
     assert image is not None, latency
     np.testing.assert_array_equal(np.asarray(image), answer(prompt=PROMPT, image=png_base64(big), strength=0.5, height=32, width=32))
+    # What the UI hands over is the upload's path (Gradio's numpy type decoded every format Pillow opens, EPS through
+    # Ghostscript too): decoded as a service decodes a client's image, PNG, JPEG or WebP.
+    from_path, _ = generate(None, PROMPT, "blurry", STEPS, 5.0, False, "#000000", 0.0, 3, str(control_png[0]))
+    np.testing.assert_array_equal(np.asarray(from_path), answer(prompt=PROMPT, negative_prompt="blurry", control_image=edges))
+    eps = tmp_path / "upload.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    image, latency = generate(None, PROMPT, None, STEPS, 5.0, False, "#000000", 0.0, 3, str(eps))
+    assert image is None and "not a readable image" in latency
 
 
 def test_colour_guidance_without_the_source_vae_is_a_422_not_a_500(t2i_artifact, tmp_path):

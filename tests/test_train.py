@@ -1304,21 +1304,37 @@ def test_dreambooths_python_defaults_train_as_its_command_does(tmp_path):
 
 
 def test_a_checkpoint_naming_other_files_is_not_trusted_nor_hashed_for_ever(tmp_path):
-    """From a security review: state.json's file list was hashed as given, so one naming /dev/zero (or a FIFO)
-    hung --resume, and ../ reached outside the run. Only save_checkpoint's files, regular, in the checkpoint."""
+    """From two security reviews: state.json's file list was hashed as given, so one naming /dev/zero (or a FIFO)
+    hung --resume, and ../ reached outside the run; a FIFO as state.json, or as a file the loader read without its
+    being listed, hung it too. Only save_checkpoint's files, regular, in the checkpoint, all that is read listed."""
     import threading
+
+    from diffrt import atomic
 
     ckpt = tmp_path / "checkpoints" / "step-0000005"
     ckpt.mkdir(parents=True)
     (tmp_path / "outside.safetensors").write_bytes(b"x")
+    good = {}
+    for name in ("weights.safetensors", "optimizer.safetensors"):
+        (ckpt / name).write_bytes(name.encode())
+        good[name] = atomic.sha256_file(ckpt / name)
     os.mkfifo(ckpt / "ema.safetensors")
-    cases = [{"/dev/zero": "00"}, {"../../outside.safetensors": "00"}, {"weights.safetensors": "00", "ema.safetensors": "00"}]
-    results = []
-    for files in cases:
-        (ckpt / "weights.safetensors").write_bytes(b"w")
-        (ckpt / "state.json").write_text(json.dumps({"step": 5, "files": files, "param_groups": []}))
+
+    def verified(files: dict | None, state: str = "state.json"):
+        if files is not None:
+            (ckpt / state).write_text(json.dumps({"step": 5, "files": files, "param_groups": []}))
+        results = []
         worker = threading.Thread(target=lambda: results.append(verify_checkpoint(ckpt)), daemon=True)
         worker.start()
         worker.join(10)
         assert not worker.is_alive(), files  # answered, not reading for ever
-    assert results == [None, None, None]
+        return results[0]
+
+    assert verified(good) is not None  # the good ones, listed: trusted
+    for extra in ({"/dev/zero": "00"}, {"../../outside.safetensors": atomic.sha256_file(tmp_path / "outside.safetensors")},
+                  {"ema.safetensors": "00"}):
+        assert verified({**good, **extra}) is None, extra
+    assert verified({"weights.safetensors": good["weights.safetensors"]}) is None  # the optimizer read, unlisted
+    (ckpt / "state.json").unlink()
+    os.mkfifo(ckpt / "state.json")
+    assert verified(None) is None

@@ -77,7 +77,7 @@ MAX_IMAGE_FILE_BYTES = 2 << 30  # bytes: read whole before decoding; larger is n
 
 
 def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "RGB", multiple: int = 1,
-               max_pixels: int | None = None, min_side: int | None = None) -> torch.Tensor:
+               max_pixels: int | None = None, min_side: int | None = None, formats: tuple[str, ...] | None = None) -> torch.Tensor:
     """Read an image file into [C, H, W] float in [0, 1], optionally resized (decode_image)."""
     from diffrt.errors import DataError
 
@@ -88,7 +88,8 @@ def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "R
     if size_bytes > MAX_IMAGE_FILE_BYTES:  # read whole below: a sparse 100 GB file would have been read into memory
         raise DataError(f"{path} is {size_bytes / 2**20:.0f} MiB; image files over {MAX_IMAGE_FILE_BYTES / 2**20:.0f} MiB "
                         "are refused (a 160-MP 16-bit TIFF is about 1 GB): reduce it first")
-    return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple, max_pixels=max_pixels, min_side=min_side)
+    return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple, max_pixels=max_pixels, min_side=min_side,
+                        formats=formats)
 
 
 def _target_size(im, size: Size | None, multiple: int) -> tuple[int, int] | None:

@@ -161,7 +161,7 @@ def check_schema(manifest: dict, path: Path) -> None:
     if isinstance(tokenizer, dict):
         folder, files = tokenizer.get("folder", "tokenizer"), tokenizer.get("files", {})
         if not isinstance(folder, str) or not re.fullmatch(r"[A-Za-z0-9_]+", folder) or not isinstance(files, dict) \
-                or not all(isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", f) and f not in (".", "..") for f in files):
+                or not all(isinstance(f, str) and f not in ("", ".", "..") and not set(f) & set("/\\\0") for f in files):
             refuse("names tokenizer files outside a folder of the artifact")
     for i, entry in enumerate(manifest["loras"]):
         if not isinstance(entry, dict) or not all(k in entry for k in ("path", "sha256", "scale")):

@@ -130,9 +130,13 @@ def too_large_response(size: int, limit: int) -> JSONResponse:
     return error_response(413, f"request body is {size / 2**20:.1f} MiB or more; the limit is {limit / 2**20:.1f} MiB")
 
 
+MAX_BODY_VALUES = 10_000  # JSON values in a body: a request holds a few dozen (its longest list: one per ControlNet)
+
+
 def body_fields_problem(raw: bytes) -> str | None:
-    """The 422 line for a JSON object of more fields than a generate request has (GenerateBody's), else None (a body
-    that is not JSON is left to the parser, whose answer names why)."""
+    """The 422 line for a JSON object of more fields than a generate request has (GenerateBody's), or of more values
+    than MAX_BODY_VALUES anywhere inside, else None (a body that is not JSON is left to the parser, whose answer names
+    why). FastAPI parses the body again on the event loop: only a body that is cheap to parse gets there."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -142,6 +146,16 @@ def body_fields_problem(raw: bytes) -> str | None:
         unknown = [key for key in list(data)[:1000] if key not in fields][:3]
         return (f"the body has {len(data)} fields; a generate request has at most {len(fields)} "
                 f"(unknown: {', '.join(map(repr, unknown))}, ...)")
+    pending, seen = [data], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > MAX_BODY_VALUES:
+            return f"the body holds more than {MAX_BODY_VALUES:,} JSON values; a generate request holds a few dozen"
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
     return None
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import re
 import time
 
 import numpy as np
+import torch
 
 from diffrt.errors import DiffrtError
 from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE
@@ -44,14 +46,29 @@ def to_hex(color: str) -> str:
 
 UPLOAD_MAX_SIDE = 1024  # pixels: uploads are shrunk to this first; the pipeline takes them at the model's size
 UPLOAD_MAX_BYTES = "20mb"  # Gradio's limit on a file sent to the demo
+UPLOAD_MAX_PIXELS = 64_000_000  # larger uploads are refused before their pixels are decoded
 
 
-def bounded(image: np.ndarray) -> np.ndarray:
+def uploaded(value) -> np.ndarray:
+    """An upload as RGB uint8 [H, W, 3]. The demo's image inputs hand over the file's path (type "filepath", no
+    image_mode: Gradio returns it before decoding), which is decoded as a service decodes a client's image: PNG,
+    JPEG or WebP only (never EPS, which Pillow renders with Ghostscript), its size checked before its pixels. An
+    array (the Python API, tests) is taken as it is. Gradio's own preview of an upload is Gradio's."""
+    from diffrt.images import WEB_FORMATS, load_image
+
+    if isinstance(value, (str, os.PathLike)):
+        image = load_image(value, formats=WEB_FORMATS, max_pixels=UPLOAD_MAX_PIXELS)
+        return (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    image = np.asarray(value)
+    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+
+
+def bounded(image) -> np.ndarray:
     """An upload shrunk (aspect kept, Lanczos) so that its longer side is at most UPLOAD_MAX_SIDE: Canny on a 6000 x
     6000 photo took 15 s and 2.3 GB, on every change of the upload and again for each click."""
     from PIL import Image
 
-    image = np.asarray(image)
+    image = uploaded(image)
     if max(image.shape[:2]) <= UPLOAD_MAX_SIDE:
         return image
     im = Image.fromarray(image)
@@ -66,7 +83,7 @@ def canny_edges(image: np.ndarray, sigma: float = 1.5) -> np.ndarray:
     from skimage.feature import canny
 
     image = bounded(image)
-    gray = image.astype(np.float64) / 255.0 if image.ndim == 2 else rgb2gray(image[..., :3])
+    gray = rgb2gray(image)
     edges = canny(gray, sigma=sigma)
     return np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
@@ -115,7 +132,7 @@ def make_generate(runtime: ServeRuntime):
             if control_image is not None and info.get("controlnet"):
                 fields["control_image"] = png_base64(canny_edges(control_image))
             if init_image is not None and text:
-                fields.update(image=png_base64(bounded(init_image)[..., :3]), strength=float(strength))
+                fields.update(image=png_base64(bounded(init_image)), strength=float(strength))
             if text and (fields.get("control_image") or fields.get("image")):
                 # An upload of any size, resized by the pipeline to the model's own (the one size an export is
                 # sure to hold): the demo has no size controls.
@@ -166,10 +183,12 @@ def build_ui(runtime: ServeRuntime):
                 color_scale = gr.Slider(0.0, max(20.0, 4 * DEFAULT_COLOR_SCALE), value=DEFAULT_COLOR_SCALE, step=0.5,
                                         label="colour scale")
                 has_control = bool(info.get("controlnet"))
-                control = gr.Image(type="numpy", label="ControlNet image (Canny edges)", visible=has_control)
+                # Paths, decoded here (`uploaded`): Gradio's numpy type decodes every format Pillow opens, EPS too.
+                control = gr.Image(type="filepath", image_mode=None, label="ControlNet image (Canny edges)", visible=has_control)
                 edges = gr.Image(type="numpy", label="Canny edge map", interactive=False, visible=has_control, format="png")
                 img2img = text and bool(info.get("image_to_image"))
-                init_image = gr.Image(type="numpy", label="start from this image (image-to-image)", visible=img2img)
+                init_image = gr.Image(type="filepath", image_mode=None, label="start from this image (image-to-image)",
+                                      visible=img2img)
                 strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="strength (how far from the image)", visible=img2img)
                 lora_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale",
                                        visible=bool(info.get("lora_scalable")))

@@ -219,6 +219,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.safetensors", "ema.safetensors")  # what save_checkpoint writes
+MAX_STATE_BYTES = 16 << 20  # a state.json holds a config, hashes and a loss window: kilobytes
 
 
 def verify_checkpoint(ckpt: Path) -> dict | None:
@@ -226,10 +227,13 @@ def verify_checkpoint(ckpt: Path) -> dict | None:
     save_checkpoint writes, as regular files in the checkpoint: a state.json naming /dev/zero, a FIFO or ../ hung
     --resume while it hashed what never ends, or read outside the run."""
     try:
-        state = json.loads((ckpt / "state.json").read_text())
-        files = state["files"]
-        if not isinstance(files, dict) or "weights.safetensors" not in files:
+        state_path = ckpt / "state.json"  # a regular file of a state's size: a FIFO or a link to /dev/zero is not read
+        if state_path.is_symlink() or not state_path.is_file() or state_path.stat().st_size > MAX_STATE_BYTES:
             return None
+        state = json.loads(state_path.read_text())
+        files = state["files"]
+        if not isinstance(files, dict) or not {"weights.safetensors", "optimizer.safetensors"} <= set(files):
+            return None  # what a resume reads is what was checked (the loader reads ema only where it is listed)
         for name, digest in files.items():
             path = ckpt / name
             if name not in CHECKPOINT_FILES or path.is_symlink() or not path.is_file():
@@ -332,7 +336,7 @@ def load_latest_checkpoint(folder: Path, named, optimizer, ema: EMA | None, scal
     for group in state["param_groups"]:
         opt_state["param_groups"].append({**group, "params": list(range(len(names)))})
     optimizer.load_state_dict(opt_state)
-    if ema is not None and (ckpt / "ema.safetensors").exists():
+    if ema is not None and "ema.safetensors" in state["files"]:  # verified, as every file read here
         ema.load(load_file(ckpt / "ema.safetensors"), named)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
