@@ -525,6 +525,9 @@ def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png, tmp
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
     image, latency = generate(None, PROMPT, None, STEPS, 5.0, False, "#000000", 0.0, 3, str(eps))
     assert image is None and "not a readable image" in latency
+    from diffrt.serve.ui import edges_preview
+
+    assert edges_preview(str(eps)) is None and edges_preview(str(control_png[0])).shape[-1] == 3  # the preview beside it
 
 
 def test_colour_guidance_without_the_source_vae_is_a_422_not_a_500(t2i_artifact, tmp_path):

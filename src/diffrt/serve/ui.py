@@ -88,6 +88,15 @@ def canny_edges(image: np.ndarray, sigma: float = 1.5) -> np.ndarray:
     return np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
+def edges_preview(upload) -> np.ndarray | None:
+    """The edge map shown beside an upload; none for an upload that is not an image the demo takes (Generate says
+    why, as it refuses it)."""
+    try:
+        return None if upload is None else canny_edges(upload)
+    except DiffrtError:
+        return None
+
+
 def png_base64(image: np.ndarray) -> str:
     from PIL import Image
 
@@ -197,7 +206,7 @@ def build_ui(runtime: ServeRuntime):
                 # PNG: Gradio's default, WebP at quality 80, showed (and downloaded) other pixels than were made.
                 output = gr.Image(type="pil", label="image", height=max(DISPLAY_SIZE, info.get("sample_size") or 0), format="png")
                 latency = gr.Markdown()
-        control.change(lambda im: None if im is None else canny_edges(im), inputs=control, outputs=edges)
+        control.change(edges_preview, inputs=control, outputs=edges)
         button.click(generate, inputs=[label, prompt, negative, steps, guidance, use_color, color, color_scale, seed, control, lora_scale,
                                        scheduler, init_image, strength],
                      outputs=[output, latency])
