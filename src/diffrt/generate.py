@@ -103,9 +103,10 @@ def generate(req: GenerateRequest):
     if req.image:  # before the model loads (its progress bars came above the error line)
         from diffrt.runtime.text_to_image_inputs import check_strength
 
-        check_strength(image_strength(req), req.num_inference_steps)
         if not Path(req.image).is_file():
-            raise DiffrtError(f"--image {req.image}: no such file; give the image to start from")
+            raise DiffrtError(f"--image {req.image} is a folder; pass an image file" if Path(req.image).is_dir() else
+                              f"--image {req.image}: no such file; give the image to start from")
+        check_strength(image_strength(req), req.num_inference_steps)
     if req.strength is not None and not req.image:  # text-to-image would run, ignoring it (`diffrt serve` refuses it too)
         raise DiffrtError(f"--strength {req.strength} sets how much of an --image is redrawn (image-to-image); pass --image FILE "
                           "to start from, or leave --strength out")
