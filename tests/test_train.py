@@ -352,7 +352,7 @@ def test_label_dropout_0_draws_grids_without_guidance_and_generate_warns(tmp_pat
     with caplog.at_level(logging.WARNING):
         generate(GenerateRequest(model=str(out / "model"), backend="torch", class_label=1, num_inference_steps=1,
                                  out=str(tmp_path / "g.png")))
-    assert "trained with --label-dropout 0" in caplog.text and scales[-1] == 2.0
+    assert "last training ran with --label-dropout 0" in caplog.text and scales[-1] == 2.0
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         generate(GenerateRequest(model=str(out / "model"), backend="torch", class_label=1, num_inference_steps=1,

@@ -205,9 +205,9 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
             labels = labels.expand(req.num_images)
     scale = DEFAULT_PIXEL_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale
     if labels is not None and scale != 1 and pipe.info.training.get("label_dropout") == 0:
-        log.warning("this model was trained with --label-dropout 0, so its null class (classifier-free guidance's "
-                    "unconditional branch) never was: guidance scale %g steers by an untrained prediction; pass "
-                    "--guidance-scale 1", scale)
+        log.warning("this model's last training ran with --label-dropout 0, so no step of it trained the null class "
+                    "(classifier-free guidance's unconditional branch): guidance scale %g steers by a prediction that "
+                    "run never shaped; pass --guidance-scale 1", scale)
     return pipe(labels, num_images=req.num_images if labels is None else None, num_inference_steps=req.num_inference_steps,
                 guidance_scale=scale, eta=req.eta, seed=req.seed, guidance=guidance, height=req.height, width=req.width,
                 output_type="pt", progress=progress, scheduler=req.scheduler)
