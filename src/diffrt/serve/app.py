@@ -293,11 +293,15 @@ def origin_problem(headers, allowed: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+def _host_name(host: str) -> str:
+    """A Host header's name without its port: `[::1]:8000` -> `::1`, `example:80` -> `example`, a bare IPv6 as it is."""
+    return host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _is_address(host: str) -> bool:
     """Whether a Host header names an IP address (with or without a port), not a DNS name."""
-    name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     try:
-        ipaddress.ip_address(name)
+        ipaddress.ip_address(_host_name(host))
     except ValueError:
         return False
     return True
@@ -309,8 +313,7 @@ def host_problem(headers, allowed: tuple[str, ...] | None) -> str | None:
     if allowed is None:
         return None
     host = headers.get("host", "")
-    name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return (None if name.lower() in allowed else
+    return (None if _host_name(host).lower() in allowed else
             f"Host {host!r} is not this service's; address it as {allowed[0]} (or start it with --allowed-host)")
 
 
