@@ -54,18 +54,24 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         check_service_settings(max_batch_size=self.max_batch_size, max_queue=self.max_queue, batch_wait_ms=self.batch_wait_ms,
                                timeout_s=self.timeout_s)
-        if not isinstance(self.max_image_side, int) or self.max_image_side < 0:
-            raise DiffrtError(f"--max-image-side must be a number of pixels >= 1 (0: the default), got {self.max_image_side!r}")
+        check_max_image_side(self.max_image_side)
 
 
-def check_service_settings(*, max_batch_size: int, max_queue: int, batch_wait_ms: float, timeout_s: float) -> None:
+def check_max_image_side(value) -> None:
+    """--max-image-side (`diffrt serve`, Ray, `diffrt triton-repo`): pixels, 0 for the default."""
+    if not isinstance(value, int) or value < 0:
+        raise DiffrtError(f"--max-image-side must be a number of pixels >= 1 (0: the default), got {value!r}")
+
+
+def check_service_settings(*, max_batch_size: int, max_queue: int, batch_wait_ms: float, timeout_s: float,
+                           wait_name: str = "the batch wait") -> None:
     """The queue's settings, one DiffrtError line each (`diffrt serve`, Ray, `diffrt triton-repo`): a NaN wait
     hung the worker while health checks stayed green, a NaN or negative timeout answered 504 at once."""
     for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
         if not isinstance(value, int) or value < 1:
             raise DiffrtError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
     if not 0 <= batch_wait_ms < math.inf:
-        raise DiffrtError(f"the batch wait must be a number of milliseconds >= 0, got {batch_wait_ms!r}")
+        raise DiffrtError(f"{wait_name} must be a number of milliseconds >= 0, got {batch_wait_ms!r}")
     if not 0 < timeout_s < math.inf:
         raise DiffrtError(f"--timeout must be a number of seconds > 0, got {timeout_s!r}")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -177,17 +176,14 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
     """Write `<out>/<config.name>` (config.pbtxt, 1/model.py, 1/model/) and return its path. The
     model folder is written to a temporary name and renamed: an interrupted run leaves nothing
     Triton would load."""
-    from diffrt.serve.runtime import check_service_settings, served_model
+    from diffrt.serve.runtime import check_max_image_side, check_service_settings, served_model
 
     atomic.check_writable(out, folder=True)
     model = served_model(config.model, config.backend, here=False)  # served by Triton, maybe on another machine
     # Checked here, as `diffrt serve` checks them, rather than when Triton loads the model and its runtime refuses them.
-    if not 0 <= config.queue_delay_ms < math.inf:
-        raise DiffrtError(f"--queue-delay-ms must be a number of milliseconds >= 0, got {config.queue_delay_ms!r}")
-    if not isinstance(config.max_image_side, int) or config.max_image_side < 0:
-        raise DiffrtError(f"--max-image-side must be a number of pixels >= 1 (0: the default), got {config.max_image_side!r}")
     check_service_settings(max_batch_size=config.max_batch_size, max_queue=config.max_queue, batch_wait_ms=config.queue_delay_ms,
-                           timeout_s=config.timeout_s)
+                           timeout_s=config.timeout_s, wait_name="--queue-delay-ms")
+    check_max_image_side(config.max_image_side)
     if config.device is None:  # the serving machine may not be this one: cuda is not required here
         import torch
 
