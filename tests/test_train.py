@@ -1026,6 +1026,7 @@ def test_data_parallel_ranks_stay_in_step(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("BUCKETS=error 0.000e+00 in_place True none_kept True") == 2, out.stdout
+    assert out.stdout.count("IMAGES_PER_STEP=32.000") == 2, out.stdout  # samples/s is the run's, not one process's
     spread = float(out.stdout.split("RANK_SPREAD=")[1].split()[0])
     assert spread == 0.0
 

@@ -326,6 +326,51 @@ def test_sample_grids_go_to_tensorboard_beside_their_pngs(tmp_path):
     assert (images[0].width, images[0].height) == (Image.open(tmp_path / "samples" / "step-0000002.png").size)
 
 
+def test_an_extended_run_keeps_its_last_grid_in_tensorboard(tmp_path):
+    """The bug (a review's): extending a finished run whose last step is off the --log-every grid purges TensorBoard
+    from that step, to drop its extra loss row, and the purge took that step's sample grid too, whose PNG was kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(max_steps: int, resume: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+
+        def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+            x = torch.randn(8, 4, generator=g)
+            return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+
+        def sample_fn() -> torch.Tensor:  # two 8x8 images whose brightness follows the weights
+            return torch.sigmoid(model.weight.sum()).expand(2, 3, 8, 8).detach()
+
+        config = linear_config(tmp_path, max_steps=max_steps, log_every=3, sample_every=3, resume=resume)
+        train(config, model, loss_fn, save_fn=lambda out: None, sample_fn=sample_fn, sample_nrow=2)
+
+    run(4, resume=False)
+    run(6, resume=True)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"step-000000{n}.png" for n in (3, 4, 6)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [3, 6]
+    images = {e.step: e for e in events.Images("samples")}
+    assert sorted(images) == [3, 4, 6]
+    import io
+
+    logged = Image.open(io.BytesIO(images[4].encoded_image_string)).convert("RGB")
+    assert logged.tobytes() == Image.open(tmp_path / "samples" / "step-0000004.png").convert("RGB").tobytes()
+
+
+def test_a_torn_last_loss_row_is_dropped_on_resume(tmp_path):
+    """A power cut during an append leaves loss.csv's last line cut short, without its newline: "20,0.1234,0.05" as
+    "2" or "3,0.1": --resume drops it, where it kept a torn row of a step before the checkpoint's (and an empty
+    step failed to parse)."""
+    train_linear(linear_config(tmp_path, max_steps=4, checkpoint_every=4, log_every=1))
+    whole = (tmp_path / "loss.csv").read_text()
+    for torn in ("2", "3,0.1", ","):
+        (tmp_path / "loss.csv").write_text(whole + torn)
+        train_linear(linear_config(tmp_path, max_steps=4, checkpoint_every=4, log_every=1, resume=True))
+        assert (tmp_path / "loss.csv").read_text() == whole, torn
+
+
 def test_a_file_where_the_run_keeps_a_folder_is_refused_before_any_step(tmp_path):
     (tmp_path / "samples").write_text("notes")
     with pytest.raises(DiffrtError, match=r"samples is a file where the run keeps its samples; move it, or choose another --out"):

@@ -90,9 +90,11 @@ class Run:
 
 
 try:
-    holds_out(lambda run: train(run.train, model, loss_fn, save_fn=lambda out: None))(
+    result = holds_out(lambda run: train(run.train, model, loss_fn, save_fn=lambda out: None))(
         Run(TrainConfig(out=sys.argv[1], max_steps=5, batch_size=16, learning_rate=0.1, lr_warmup_steps=1,
                         checkpoint_every=100)))
+    # The run's throughput counts both processes' images: 2 x 16 per step.
+    print(f"IMAGES_PER_STEP={result.samples_per_second * sum(result.step_seconds) / len(result.step_seconds):.3f}")
 except DiffrtError as exc:
     print(f"DIVERGED={exc}")
 except TrainingInterrupted as exc:

@@ -107,7 +107,7 @@ class TrainResult:
     start_step: int  # where this call began: 0, or the checkpoint's step after --resume
     losses: list[float]  # one per optimizer step this call ran: steps start_step + 1 ... steps
     seconds: float  # wall time of the loop, checkpoints and sample grids included
-    samples_per_second: float  # over the optimizer steps alone (forward, backward, update, EMA)
+    samples_per_second: float  # the run's, all processes', over the optimizer steps alone (forward, backward, update, EMA)
     step_seconds: list[float] = field(default_factory=list)  # each of those steps' own time, for medians (bench_train.py)
 
 
@@ -135,9 +135,10 @@ def train(
     if not named:
         raise DiffrtError("the model has no trainable parameters")
     # --scale-lr: the rate given is per image; the schedule peaks at it times the images of one step, as diffusers'.
+    # --batch-size is each process's: a step of the run trains num_processes times as many images.
+    images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     schedule = config
     if config.scale_lr:
-        images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         schedule = replace(config, learning_rate=config.learning_rate * images_per_step)
     optimizer = torch.optim.AdamW(named.values(), lr=schedule.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
@@ -176,6 +177,8 @@ def train(
     if accelerator.is_main_process:
         _truncate_loss_log(out / "loss.csv", upto=start - 1 if last_row_extra else start)
         writer = _tensorboard(out / "tensorboard", purge_step=start if last_row_extra else start + 1)
+        if last_row_extra and writer is not None:
+            _relog_samples(out / "samples", writer, start)
         _remove_later_samples(out / "samples", start)
 
     # 3. The steps.
@@ -212,10 +215,17 @@ def train(
             grad_norm = None
             if config.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
+            finite = True
             if scaler is None:  # fp16's loss scaler skips a non-finite step itself (and is counted below)
                 if grad_norm is None:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in named.values() if p.grad is not None])
-                check_finite_step(total, float(grad_norm), step + 1, config, accelerator, out)
+                grad_norm = float(grad_norm)
+                finite = math.isfinite(total) and math.isfinite(grad_norm)
+            # A data-parallel run's processes decide together, in one collective: whether to apply the step, and
+            # whether it ends the run (one process stopping alone would leave the others waiting in their next one).
+            finite_everywhere, signum = agree(accelerator, finite, stop.signum)
+            if not finite_everywhere:
+                raise diverged(total, grad_norm, step + 1, config, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # fp16: the loss scaler skips a step whose gradients overflowed (and lowers its scale); every step
@@ -241,7 +251,9 @@ def train(
                     skipped = 0
                 if accelerator.is_main_process:
                     _log_row(out, writer, done, mean, lr)
-            stopping = stop.agreed(accelerator) if done < config.max_steps else 0  # the last step: the run finishes
+            if accelerator.num_processes == 1:  # a signal during this step's update still ends the run after it
+                signum = stop.signum
+            stopping = signum if done < config.max_steps else 0  # the last step: the run finishes
             if accelerator.is_main_process:
                 if done % config.checkpoint_every == 0 or done == config.max_steps or stopping:
                     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
@@ -269,31 +281,37 @@ def train(
                                   f"{config.max_steps} steps are done and the result is saved in {out}",
                                   stop.signum, config.max_steps, quiet=not accelerator.is_main_process)
     steps_run = config.max_steps - start
-    rate = steps_run * config.batch_size * config.gradient_accumulation_steps / sum(step_times) if steps_run else 0.0
+    rate = steps_run * images_per_step / sum(step_times) if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)
 
 
-def check_finite_step(loss: float, grad_norm: float, step: int, config: TrainConfig, accelerator, out: Path) -> None:
-    """Stop at the first step whose loss or gradient is not finite, before its update: NaN weights would have been
-    checkpointed (their --checkpoints-total-limit pruning the good ones) and saved as the result, and every later
-    step is NaN too. A finite loss can have an inf gradient (a sqrt at 0), which clipping turns into NaN.
-    In a data-parallel run the processes decide together (one stopping alone would leave the rest waiting); their
-    gradients are averaged by then, their losses are their own."""
-    bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum").item() > 0
-    if bad:
-        kept = list_checkpoints(out / "checkpoints")
-        where = f"the newest checkpoint, {kept[-1].name}, is as it was" if kept else "no checkpoint was saved"
-        if not math.isfinite(loss):
-            what = f"the loss at step {step} is {loss}"
-        elif not math.isfinite(grad_norm):
-            what = f"the gradient at step {step} is not finite (its norm is {grad_norm}; the loss, {loss:.4g}, is)"
-        else:
-            what = f"the loss at step {step} is not finite on another process"
-        raise DiffrtError(f"{what}: training diverged, and the step was not applied; {where}. Start again with a lower "
-                          f"--learning-rate (now {config.learning_rate:g}) into a new --out (--resume keeps the learning "
-                          "rate it saved)")
+def agree(accelerator, finite: bool, signum: int) -> tuple[bool, int]:
+    """Whether every process's step is finite, and the signal that this step ends the run for (any process's; 0:
+    none): one gather of two numbers per step in a data-parallel run, where each process's answer is its own
+    otherwise. The gradients are averaged by then, the losses are each process's own."""
+    if accelerator.num_processes == 1:
+        return finite, signum
+    votes = accelerator.gather(torch.tensor([[int(not finite), signum]], device=accelerator.device))  # (processes, 2)
+    bad, signum = votes.max(dim=0).values.tolist()
+    return not bad, int(signum)
+
+
+def diverged(loss: float, grad_norm: float | None, step: int, config: TrainConfig, out: Path) -> DiffrtError:
+    """The error that stops a run at the first step whose loss or gradient is not finite, on any process, before its
+    update: NaN weights would have been checkpointed (their --checkpoints-total-limit pruning the good ones) and saved
+    as the result, and every later step is NaN too. A finite loss can have an inf gradient (a sqrt at 0), which
+    clipping turns into NaN."""
+    kept = list_checkpoints(out / "checkpoints")
+    where = f"the newest checkpoint, {kept[-1].name}, is as it was" if kept else "no checkpoint was saved"
+    if not math.isfinite(loss):
+        what = f"the loss at step {step} is {loss}"
+    elif grad_norm is not None and not math.isfinite(grad_norm):
+        what = f"the gradient at step {step} is not finite (its norm is {grad_norm}; the loss, {loss:.4g}, is)"
+    else:
+        what = f"the loss at step {step} is not finite on another process"
+    return DiffrtError(f"{what}: training diverged, and the step was not applied; {where}. Start again with a lower "
+                       f"--learning-rate (now {config.learning_rate:g}) into a new --out (--resume keeps the learning "
+                       "rate it saved)")
 
 
 def _accelerator(mixed_precision: str):
@@ -378,6 +396,20 @@ def _save_samples(out: Path, writer, step: int, model: nn.Module, named, ema: EM
                 p.copy_(backup[k])
 
 
+def _relog_samples(folder: Path, writer, step: int) -> None:
+    """TensorBoard purges every tag from purge_step on: the extra loss row's purge at `step` hid that step's sample
+    grid too, whose PNG the run keeps and does not draw again. Log the PNG at its step once more."""
+    import numpy as np
+    from PIL import Image
+
+    path = folder / f"step-{step:07d}.png"
+    if not path.is_file():
+        return
+    with Image.open(path) as image:  # the run's own grid, written by _save_samples
+        grid = np.asarray(image.convert("RGB"))
+    writer.add_image("samples", grid, step, dataformats="HWC")
+
+
 def _tensorboard(folder: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -405,10 +437,22 @@ def _log_row(out: Path, writer, step: int, loss: float, lr: float) -> None:
 
 
 def _loss_rows(path: Path) -> list[dict[str, str]]:
+    """loss.csv's rows, less what a power cut during an append tore: a last line without its newline (its numbers may
+    be cut short, "0.0012" read as "0.00"), and any row whose step, loss and learning rate do not all read as numbers."""
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [row for row in csv.DictReader(lines) if _row_complete(row)]
+
+
+def _row_complete(row: dict[str, str | None]) -> bool:
+    try:
+        int(row["step"] or ""), float(row["loss"] or ""), float(row["lr"] or "")
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def _last_logged_step(path: Path) -> int | None:
