@@ -304,20 +304,25 @@ def test_resume_of_a_checkpoint_older_than_a_setting_compares_it_with_what_that_
                                             "prediction_type: 'epsilon' saved vs 'v_prediction' now"]
 
 
-def test_sample_grids_go_to_tensorboard_beside_their_pngs(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def train_linear_with_grids(config: TrainConfig):
+    """train_linear, with a grid of two 8x8 images whose brightness follows the weights."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
 
     def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
-        x = torch.randn(8, 4, generator=g)
+        x = torch.randn(config.batch_size, 4, generator=g)
         return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
 
-    def sample_fn() -> torch.Tensor:  # two 8x8 images whose brightness follows the weights
+    def sample_fn() -> torch.Tensor:
         return torch.sigmoid(model.weight.sum()).expand(2, 3, 8, 8).detach()
 
-    train(linear_config(tmp_path, sample_every=2), model, loss_fn, save_fn=lambda out: None, sample_fn=sample_fn, sample_nrow=2)
+    return train(config, model, loss_fn, save_fn=lambda out: None, sample_fn=sample_fn, sample_nrow=2)
+
+
+def test_sample_grids_go_to_tensorboard_beside_their_pngs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_linear_with_grids(linear_config(tmp_path, sample_every=2))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
@@ -331,22 +336,8 @@ def test_an_extended_run_keeps_its_last_grid_in_tensorboard(tmp_path):
     from that step, to drop its extra loss row, and the purge took that step's sample grid too, whose PNG was kept."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def run(max_steps: int, resume: bool):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 1)
-
-        def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
-            x = torch.randn(8, 4, generator=g)
-            return F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
-
-        def sample_fn() -> torch.Tensor:  # two 8x8 images whose brightness follows the weights
-            return torch.sigmoid(model.weight.sum()).expand(2, 3, 8, 8).detach()
-
-        config = linear_config(tmp_path, max_steps=max_steps, log_every=3, sample_every=3, resume=resume)
-        train(config, model, loss_fn, save_fn=lambda out: None, sample_fn=sample_fn, sample_nrow=2)
-
-    run(4, resume=False)
-    run(6, resume=True)
+    train_linear_with_grids(linear_config(tmp_path, max_steps=4, log_every=3, sample_every=3))
+    train_linear_with_grids(linear_config(tmp_path, max_steps=6, log_every=3, sample_every=3, resume=True))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"step-000000{n}.png" for n in (3, 4, 6)]
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
