@@ -127,7 +127,7 @@ def test_lora_refit_weights_are_found_in_a_dynamo_graph(tmp_path):
                                                    conditioning="class_channels", num_classes=3), tmp_path / "model")
     folder = export_pixel_model(model_dir, tmp_path / "onnx", ExportOptions(batch=trt_tests.BATCH, verify=False, **DYNAMO)).folder
     onnx_path = folder / "unet" / "model.onnx"
-    wmap = build_weight_map(onnx_path, {"unet": load_pixel_model(model_dir).unet.unet.state_dict()})
+    wmap = build_weight_map(onnx_path, {"unet": load_pixel_model(model_dir).unet.unet})
     assert wmap["unlocated"] == [] and wmap["ambiguous"] == {}
     lora = trt_tests.make_lora(model_dir, tmp_path / "a.safetensors", 1)
     weights = refit_weights(onnx_path, wmap, [(read_lora(lora), 0.8)])

@@ -397,6 +397,10 @@ def test_weight_map_for_refit(artifact_copy, model):
         assert f"{name}/weight_map.json" in entry["files"]
     text = read_weight_map(artifact_copy / "text_encoder" / "model.onnx")
     assert text["weights"] and not text["unlocated"] and not text["ambiguous"]
+    # A LoRA's weights: the Linear ones, not the embedding tables, which are 2-D too (refit would have patched them).
+    params = text["params"]["text_encoder"]
+    assert "encoder.layers.0.self_attn.q_proj.weight" in params
+    assert not [p for p in params if "embedding" in p]
     fused = read_weight_map(artifact_copy / "unet_controlnet" / "model.onnx")
     for name, e in fused["weights"].items():
         if name.startswith("controlnet."):

@@ -246,6 +246,33 @@ def test_unprefixed_adapter_metadata_sets_the_scaling(sd_folder, tmp_path):
         torch.testing.assert_close(ours["unet"].state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
 
 
+def test_overlapping_alpha_patterns_with_different_alphas_are_warned_of(sd_folder, tmp_path, caplog):
+    """peft took the first of several matching alpha_pattern keys in its LoraConfig's order; diffusers saves them
+    sorted, so attn1.to_q trained at alpha 9 ("to_q" first) reads back at 1 ("attn1.to_q" sorts first), in diffusers
+    and diffrt alike. The file cannot tell which order was trained: say so, once, where the alphas differ."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from diffrt.tiny import _randomise_lora
+
+    def saved(alpha_pattern: dict, folder: Path) -> Path:
+        unet = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"], init_lora_weights="gaussian",
+                                    alpha_pattern=alpha_pattern), adapter_name="a")
+        _randomise_lora(unet, torch.Generator().manual_seed(3), std_b=0.05)
+        unet.save_lora_adapter(folder, adapter_name="a")
+        return folder / "pytorch_lora_weights.safetensors"
+
+    same, differ = saved({"to_q": 9, "attn1.to_q": 9}, tmp_path / "same"), saved({"to_q": 9, "attn1.to_q": 1}, tmp_path / "differ")
+    warned = lambda: [r.getMessage() for r in caplog.records if r.name == "diffrt.export.lora"]  # noqa: E731
+    with caplog.at_level("WARNING", logger="diffrt.export.lora"):
+        read_lora(same)  # overlapping, with one alpha: nothing to say
+        assert warned() == []
+        lora = read_lora(differ)
+    assert len(warned()) == 1 and "several alpha_pattern keys match" in warned()[0]
+    assert {layer.alpha for layer in lora.layers if ".attn1." in layer.module} == {1.0}  # diffusers' reading
+
+
 # --- unmatched keys are errors, never no-ops (row 7) ------------------------------------------
 
 
@@ -702,6 +729,42 @@ def test_an_engine_export_refuses_lora_bias_terms_before_building(sd_folder, dor
     from diffrt.errors import ArtifactError
     from diffrt.export.artifact import _check_loras
 
-    _check_loras(base_state(sd_folder), [(str(dora["a"]), 0.8), (str(lora_b["kohya"]), 0.5)])  # weights only: fine
+    _check_loras(load_components(sd_folder), [(str(dora["a"]), 0.8), (str(lora_b["kohya"]), 0.5)])  # weights only: fine
     with pytest.raises(ArtifactError, match=r"lora_B.bias.*refit. sets weights, not biases"):
-        _check_loras(base_state(sd_folder), [(str(dora["bias"]), 1.0)])
+        _check_loras(load_components(sd_folder), [(str(dora["bias"]), 1.0)])
+
+
+def test_a_lora_on_an_embedding_table_is_refused_by_every_path(sd_folder, tmp_path):
+    """The bug (a review's): CLIP's position embedding is a 2-D `.weight` as a Linear's is; fusing (torch, ONNX) refused a
+    LoRA on it, while the engine export's check, the weight map and so refit, which read state dicts, took it."""
+    from diffrt.export.artifact import _check_loras
+    from diffrt.runtime.lora_scale import TorchLora
+
+    width = load_components(sd_folder)["text_encoder"].config.hidden_size
+    table = "lora_te_text_model_embeddings_position_embedding"
+    state = {f"{table}.lora_down.weight": torch.ones(2, width), f"{table}.lora_up.weight": torch.ones(77, 2),
+             f"{table}.alpha": torch.tensor(1.0)}
+    save_safetensors(tmp_path / "table.safetensors", state)
+    refused = r"none of its 1 LoRA modules matches a Linear/Conv2d module"
+    with pytest.raises(LoraError, match=refused):
+        fuse_loras(load_components(sd_folder), [(read_lora(tmp_path / "table.safetensors"), 1.0)])
+    with pytest.raises(LoraError, match=refused):
+        _check_loras(load_components(sd_folder), [(str(tmp_path / "table.safetensors"), 1.0)])
+    with pytest.raises(LoraError, match=refused):
+        TorchLora(load_components(sd_folder), [(str(tmp_path / "table.safetensors"), 1.0)])
+
+
+def test_a_flat_down_weight_on_a_3x3_convolution_is_refused(sd_folder, tmp_path):
+    """A peft-format lora_A of shape [r, in * 3 * 3] for a 3x3 convolution: diffusers refuses it (peft's LoRA of a
+    convolution has a kernel), and so does diffrt, where it used to flatten and fuse it."""
+    conv = load_components(sd_folder)["unet"].conv_in
+    out_channels, in_channels, kh, kw = conv.weight.shape
+    state = {"unet.conv_in.lora_A.weight": torch.ones(2, in_channels * kh * kw),
+             "unet.conv_in.lora_B.weight": torch.ones(out_channels, 2)}
+    save_safetensors(tmp_path / "flat.safetensors", state)
+    with pytest.raises(LoraError, match="made for another model"):
+        fuse_loras(load_components(sd_folder), [(read_lora(tmp_path / "flat.safetensors"), 1.0)])
+    state["unet.conv_in.lora_A.weight"] = torch.ones(2, in_channels, kh, kw)  # the kernel: fused
+    state["unet.conv_in.lora_B.weight"] = torch.ones(out_channels, 2, 1, 1)
+    save_safetensors(tmp_path / "kernel.safetensors", state)
+    assert fuse_loras(load_components(sd_folder), [(read_lora(tmp_path / "kernel.safetensors"), 1.0)]).loras[0].num_modules == 1

@@ -293,7 +293,7 @@ def test_engine_dora_scale_refits_from_the_base(classemb_model_dir, tmp_path):
 
     folder = export_pixel_model(classemb_model_dir, tmp_path / "onnx", ExportOptions(batch=(1, 2, 4), verify=False)).folder
     onnx_path = folder / "unet" / "model.onnx"
-    write_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet.state_dict()})
+    write_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet})
     dora = make_dora(classemb_model_dir, tmp_path / "dora.safetensors", seed=5)
     engine = RecordingEngine()
     lora = EngineLora(folder, {"unet": engine}, lambda: [(dora, 0.8)])

@@ -319,7 +319,7 @@ def test_every_refittable_weight_is_set_on_every_refit(classemb_model_dir, pixel
     from diffrt.models import load_pixel_model
 
     onnx_path = export_pixel_model(classemb_model_dir, tmp_path / "onnx", ExportOptions(**PIXEL)).folder / "unet" / "model.onnx"
-    wmap = refit.build_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet.state_dict()})
+    wmap = refit.build_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet})
     inits = refit.onnx_initializers(onnx_path)
     engine = {n: t.clone() for n, t in inits.items() if t.dtype == torch.float32 and t.ndim in (2, 4)}
     base = {n: t.clone() for n, t in engine.items()}
@@ -398,7 +398,7 @@ def test_refit_fuses_dora_from_the_base_weights(classemb_model_dir, pixel_onnx, 
     from diffrt.models import load_pixel_model
 
     onnx_path = pixel_onnx / "unet" / "model.onnx"
-    wmap = refit.build_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet.state_dict()})
+    wmap = refit.build_weight_map(onnx_path, {"unet": load_pixel_model(classemb_model_dir).unet.unet})
     lora = read_lora(make_dora(classemb_model_dir, tmp_path / "dora.safetensors", 7))
     feed = spec_from_dict(mf.read_manifest(pixel_onnx)["components"]["unet"]["spec"]).example_feed("opt", seed=3)
     outputs = {}

@@ -316,7 +316,7 @@ def weight_map(onnx_artifact, model_dir):
     from diffrt.export.refit import build_weight_map
     from diffrt.models import load_pixel_model
 
-    return build_weight_map(onnx_artifact / "unet" / "model.onnx", {"unet": load_pixel_model(model_dir).unet.unet.state_dict()})
+    return build_weight_map(onnx_artifact / "unet" / "model.onnx", {"unet": load_pixel_model(model_dir).unet.unet})
 
 
 def test_weight_map_finds_every_lora_patchable_weight(weight_map):

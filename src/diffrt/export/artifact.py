@@ -90,7 +90,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
 
         fused = fuse_lora_files({"unet": model.unet.unet}, options.loras).loras
     elif options.loras:
-        _check_loras({"unet": model.unet.unet.state_dict()}, options.loras)
+        _check_loras({"unet": model.unet.unet}, options.loras)
     with mf.artifact_lock(out):
         hit = start_rebuild(out, key, t0, lora_parts, options, sources)
         if hit is not None:
@@ -99,7 +99,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
         if options.backend == "tensorrt":
             from diffrt.export.refit import add_weight_map
 
-            add_weight_map(out, "unet", {"unet": model.unet.unet.state_dict()}, components["unet"])
+            add_weight_map(out, "unet", {"unet": model.unet.unet}, components["unet"])
         baked = [{**part, "modules": f.num_modules} for part, f in zip(lora_parts, fused)]  # as text-to-image's and refit's
         manifest = {
             "key": key, "kind": "pixel", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -158,17 +158,17 @@ def refit_before_manifest(out: Path, manifest: dict, options: ExportOptions) -> 
         refit_components(out, manifest, options.loras)
 
 
-def _check_loras(states: dict, loras: list[tuple[str, float]]) -> None:
+def _check_loras(modules: dict, loras: list[tuple[str, float]]) -> None:
     """For an engine export, whose LoRA is set by refit after the build: every layer of every LoRA file
-    lands on a weight of `states` (else LoraError names those that do not; the targets are those
+    lands on a weight of `modules` ({LoRA component: module}; else LoraError names those that do not; the targets are those
     fuse_loras and refit find), and none has bias terms, which refit cannot set; both before hours of
     engine builds, not after."""
     from diffrt.export.lora import read_lora
-    from diffrt.export.lora_fuse import lora_targets
+    from diffrt.export.lora_fuse import lora_targets, patchable_state
     from diffrt.export.refit import refuse_lora_biases
 
     files = [(read_lora(p), s) for p, s in loras]
-    lora_targets(states, files)
+    lora_targets({c: patchable_state(m) for c, m in modules.items()}, files)
     refuse_lora_biases(files)
 
 

@@ -30,6 +30,7 @@ A file that would change nothing (alpha 0, only zero updates) is refused.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import defaultdict
@@ -46,6 +47,8 @@ import torch
 
 from diffrt.atomic import sha256_file
 from diffrt.errors import LoraError
+
+log = logging.getLogger(__name__)
 
 LoraFormat = Literal["peft", "diffusers", "kohya"]
 LayerKind = Literal["lora", "loha", "lokr"]
@@ -343,13 +346,14 @@ def _check_pattern(path: Path, field: str, pattern: str) -> None:
     walk(parsed, False)
 
 
+def _pattern_values(patterns: Mapping[str, float] | None, module: str) -> list:
+    """The values of the rank_pattern / alpha_pattern keys that match the end of the module name at a '.' boundary,
+    in the file's order; peft's rule (its get_pattern_key) takes the first. The patterns were checked by _check_pattern."""
+    return [value for pattern, value in (patterns or {}).items() if re.match(rf"(.*\.)?({pattern})$", module)]
+
+
 def _pattern_value(patterns: Mapping[str, float] | None, module: str, default):
-    """peft's rank_pattern / alpha_pattern rule (peft's get_pattern_key): the first pattern that matches
-    the end of the module name at a '.' boundary wins. The patterns were checked by _check_pattern."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+    return next(iter(_pattern_values(patterns, module)), default)
 
 
 def _raise_unrecognised(path: Path, keys: list[str]) -> None:
@@ -398,6 +402,7 @@ def read_lora(path: str | Path) -> LoraFile:
 
     # 2. Check pairs and work out each module's scaling.
     layers = []
+    overlapping: list[str] = []  # modules that several alpha_pattern keys give different alphas
     for (component, module), entry in entries.items():
         kind = _layer_kind(path, component, module, entry)
         if kind != "lora":
@@ -429,7 +434,10 @@ def read_lora(path: str | Path) -> LoraFile:
             rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", down.shape[0]))
             if rank != down.shape[0]:
                 raise LoraError(f"{path}: metadata gives {component}.{module} rank {rank} but its weights have rank {down.shape[0]}")
-            alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank)))
+            alphas = _pattern_values(config.get("alpha_pattern"), module)
+            alpha = float(alphas[0] if alphas else config.get("lora_alpha", rank))
+            if len(set(alphas)) > 1:
+                overlapping.append(f"{component}.{module}")
             use_rslora = bool(config.get("use_rslora", False))
         if alpha == 0:
             _refuse_alpha_0(path, entry["keys"].get("alpha", f"the {METADATA_KEY} of {component}.{module}"))
@@ -458,6 +466,13 @@ def read_lora(path: str | Path) -> LoraFile:
         raise LoraError(f"{path}: every LoRA update in it is zero (an all-zero up, down or LyCORIS factor in each module), "
                         "so it would change nothing; was it saved before training?")
 
+    if overlapping:
+        # peft took the first key in the LoraConfig's order; diffusers saves the metadata with its keys sorted, so
+        # the file's order (which diffusers and diffrt both follow) may not be the one the adapter trained with.
+        log.warning("%s: several alpha_pattern keys match %d modules (e.g. %s) with different alphas; the first in the "
+                    "file's order is taken, as diffusers takes it, and the file may not keep the order the adapter "
+                    "was trained with (diffusers saves the keys sorted): write non-overlapping patterns",
+                    path, len(overlapping), overlapping[0])
     styles_seen = {entry["style"] for entry in entries.values()}
     fmt: LoraFormat = "kohya" if styles_seen == {"kohya"} else "peft" if styles_seen == {"peft"} else "diffusers"
     return LoraFile(path=path, sha256=sha256_file(path), format=fmt, layers=layers)

@@ -116,8 +116,18 @@ def _module_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
             {name: m.bias for name, m in modules.items() if m.bias is not None})
 
 
+def patchable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The part of `model`'s state dict a LoRA may patch: the weights and biases of its Linear and Conv2d modules, as
+    fuse_loras patches them. An Embedding's table is 2-D too, and no LoRA diffusers loads patches one: given a whole
+    state dict, the export's and refit's checks took a LoRA on CLIP's position embedding that fusing refuses."""
+    weights, biases = _module_weights(model)
+    return {**{f"{name}.weight": w.detach() for name, w in weights.items()},
+            **{f"{name}.bias": b.detach() for name, b in biases.items()}}
+
+
 def _state_weights(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The same from a state dict: every 2-D or 4-D `<module>.weight`, and the `<module>.bias` beside it."""
+    """The same from a state dict (patchable_state's): every 2-D or 4-D `<module>.weight`, and the `<module>.bias`
+    beside it."""
     weights = {k[: -len(".weight")]: v for k, v in state.items() if k.endswith(".weight") and v.ndim in (2, 4)}
     return weights, {name: state[f"{name}.bias"] for name in weights if f"{name}.bias" in state}
 
@@ -144,6 +154,8 @@ def _check_fits(layer: LoraLayer, name: str, weight: torch.Tensor, bias: torch.T
     shape = _update_shape(layer)
     kernel = layer.down if layer.kind == "lora" else layer.factors.get("lokr_w2")
     fits = (shape[0], math.prod(shape[1:])) == (weight.shape[0], math.prod(weight.shape[1:]))
+    if layer.kind == "lora" and weight.ndim == 4 and weight.shape[2:] != (1, 1):  # a kxk convolution: a 4-D down of
+        fits = fits and layer.down.ndim == 4 and layer.down.shape[2:] == weight.shape[2:]  # its kernel (diffusers' rule)
     if not fits or (weight.ndim == 2 and kernel is not None and kernel.ndim == 4 and kernel.shape[2:] != (1, 1)):
         raise LoraError(
             f"LoRA key {layer.key} gives an update of shape {shape} for a weight of shape "

@@ -92,19 +92,21 @@ def _digest(t: torch.Tensor) -> str:
 # --- weight map -------------------------------------------------------------------------------------
 
 
-def _lora_weights(states: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[tuple[str, str], torch.Tensor]:
-    """The parameters a LoRA can patch: 2-D (Linear) and 4-D (Conv2d) `.weight`s, by (component, name)."""
-    return {(c, p): t.detach().cpu() for c, state in states.items() for p, t in state.items()
-            if p.endswith(".weight") and t.ndim in (2, 4)}
+def _lora_weights(modules: Mapping[str, torch.nn.Module]) -> dict[tuple[str, str], torch.Tensor]:
+    """The parameters a LoRA can patch, the weights of Linear and Conv2d modules, by (component, name)."""
+    from diffrt.export.lora_fuse import patchable_state
+
+    return {(c, p): t.cpu() for c, module in modules.items() for p, t in patchable_state(module).items()
+            if p.endswith(".weight")}
 
 
-def build_weight_map(onnx_path: str | Path, states: Mapping[str, Mapping[str, torch.Tensor]],
+def build_weight_map(onnx_path: str | Path, modules: Mapping[str, torch.nn.Module],
                      initializers: Mapping[str, torch.Tensor] | None = None) -> dict:
-    """Match the ONNX's initializers to parameters of `states` ({lora component: state dict}).
+    """Match the ONNX's initializers to the LoRA-patchable weights of `modules` ({lora component: module}).
 
-    The ONNX must hold the same (base) weights as `states`: matches are checked by value."""
+    The ONNX must hold the same (base) weights as `modules`: matches are checked by value."""
     inits = dict(initializers) if initializers is not None else onnx_initializers(onnx_path)
-    params = _lora_weights(states)
+    params = _lora_weights(modules)
     by_name: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for c, p in params:
         by_name[p].append((c, p))
@@ -150,22 +152,22 @@ def build_weight_map(onnx_path: str | Path, states: Mapping[str, Mapping[str, to
                  len(unlocated), onnx_path, ", ".join(unlocated[:5]))
     return {
         "format": MAP_FORMAT, "onnx_sha256": atomic.sha256_file(onnx_path), "weights": found,
-        "params": {c: {p: list(params[c, p].shape) for cc, p in params if cc == c} for c in states},
+        "params": {c: {p: list(params[c, p].shape) for cc, p in params if cc == c} for c in modules},
         "unlocated": unlocated, "ambiguous": ambiguous,
     }
 
 
-def write_weight_map(onnx_path: str | Path, states: Mapping[str, Mapping[str, torch.Tensor]]) -> Path:
+def write_weight_map(onnx_path: str | Path, modules: Mapping[str, torch.nn.Module]) -> Path:
     """Build the weight map and store it beside the ONNX (call at export, while the module is loaded)."""
     onnx_path = Path(onnx_path)
     path = onnx_path.parent / WEIGHT_MAP
-    atomic.write_json(path, build_weight_map(onnx_path, states))
+    atomic.write_json(path, build_weight_map(onnx_path, modules))
     return path
 
 
-def add_weight_map(out: Path, name: str, states: Mapping[str, Mapping[str, torch.Tensor]], entry: dict) -> None:
+def add_weight_map(out: Path, name: str, modules: Mapping[str, torch.nn.Module], entry: dict) -> None:
     """Write component `name`'s weight map at export and list it among the entry's files."""
-    path = write_weight_map(out / name / "model.onnx", states)
+    path = write_weight_map(out / name / "model.onnx", modules)
     entry["files"][f"{name}/{WEIGHT_MAP}"] = atomic.sha256_file(path)
 
 
@@ -309,8 +311,8 @@ def set_engine_weights(trt, refitter, weights: RefitWeights, engine_path: Path, 
 # --- artifact ----------------------------------------------------------------------------------------
 
 
-def _source_states(folder: Path, manifest: dict, component: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{lora component: state dict} of the source model, for a weight map made at refit time."""
+def _source_modules(folder: Path, manifest: dict, component: str) -> dict[str, torch.nn.Module]:
+    """{lora component: module} of the source model, for a weight map made at refit time."""
     source = Path(manifest["source"]["path"])
     if manifest.get("kind") != "pixel" or component != "unet":
         raise ArtifactError(f"{folder / component} has no {WEIGHT_MAP}; re-export the artifact with this diffrt to refit it")
@@ -319,7 +321,7 @@ def _source_states(folder: Path, manifest: dict, component: str) -> dict[str, di
                             "since export; re-export the artifact to refit it")
     from diffrt.models import load_pixel_model
 
-    return {"unet": load_pixel_model(source).unet.unet.state_dict()}
+    return {"unet": load_pixel_model(source).unet.unet}
 
 
 def lora_engines(manifest: dict) -> list[str]:
@@ -363,7 +365,7 @@ def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | P
         onnx_path = folder / name / "model.onnx"
         maps[name] = read_weight_map(onnx_path)
         if maps[name] is None:
-            write_weight_map(onnx_path, _source_states(folder, manifest, name))
+            write_weight_map(onnx_path, _source_modules(folder, manifest, name))
             maps[name] = read_weight_map(onnx_path)
     covered = {c for name in engines for c in LORA_COMPONENTS[name]}
     orphans = sorted({x.component for f, _ in files for x in f.layers} - covered)

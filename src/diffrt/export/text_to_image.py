@@ -133,7 +133,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     bake = bool(options.loras) and options.backend != "tensorrt"
     fused = _fuse_loras(model, options.loras) if bake else []
     if options.loras and not bake:
-        _check_loras({"unet": model.unet.state_dict(), "text_encoder": model.text_encoder.state_dict()}, options.loras)
+        _check_loras({"unet": model.unet, "text_encoder": model.text_encoder}, options.loras)
     keys = component_keys(specs, precisions, hashes, fused, options)
     with mf.artifact_lock(out):
         # Until the new manifest is written the folder is not trusted; the old components whose inputs
@@ -246,7 +246,7 @@ def _add_weight_map(out: Path, name: str, model: TextToImageModel, entry: dict) 
     from diffrt.export.refit import add_weight_map
 
     if name == "text_encoder":
-        states = {"text_encoder": model.text_encoder.state_dict()}
+        modules = {"text_encoder": model.text_encoder}
     else:
-        states = {"unet": model.unet.state_dict(), **({"controlnet": model.controlnet.state_dict()} if name == "unet_controlnet" else {})}
-    add_weight_map(out, name, states, entry)
+        modules = {"unet": model.unet, **({"controlnet": model.controlnet} if name == "unet_controlnet" else {})}
+    add_weight_map(out, name, modules, entry)

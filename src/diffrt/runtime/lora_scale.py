@@ -95,12 +95,12 @@ class TorchLora:
 
     def __init__(self, modules: Mapping[str, nn.Module], loras: Loras):
         from diffrt.export.lora import read_lora
-        from diffrt.export.lora_fuse import lora_targets
+        from diffrt.export.lora_fuse import lora_targets, patchable_state
 
         self.modules = dict(modules)
         self.files = [(read_lora(path), s) for path, s in check_lora_pairs(loras)]
         # Checks every file against the model (an unmatched key raises) before any weight changes.
-        states = {c: m.state_dict() for c, m in self.modules.items()}
+        states = {c: patchable_state(m) for c, m in self.modules.items()}
         targets = lora_targets(states, self.files)
         with torch.no_grad():
             self._base = [(states[c][p], states[c][p].detach().clone()) for c, params in targets.items() for p in params]
