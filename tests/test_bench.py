@@ -39,6 +39,15 @@ def tiny_configs(classemb_model_dir, monkeypatch):
     return guided, unguided
 
 
+def test_only_the_default_run_writes_the_machines_own_file_name():
+    from diffrt.bench import report_stem
+
+    default = ("digits", "tiny-t2i-controlnet")
+    assert report_stem("cpu-x-2c", None, None, default) == report_stem("cpu-x-2c", list(default), None, default) == "bench_cpu-x-2c"
+    assert report_stem("cpu-x-2c", ["tiny-t2i-controlnet"], None, default) == "bench_cpu-x-2c_tiny-t2i-controlnet"
+    assert report_stem("cpu-x-2c", None, ["torch"], default) == "bench_cpu-x-2c_torch"
+
+
 def test_summarize_ms_median_p90_min():
     stats = summarize_ms([0.4, 0.1, 0.2, 0.3], per=2)
     assert stats == {"median_ms": 125.0, "p90_ms": 200.0, "min_ms": 50.0, "n": 4}
@@ -65,7 +74,8 @@ def test_run_bench_writes_json_markdown_and_png(tmp_path, tiny_configs):
     assert report["machine"]["threads"] == 1 and report["machine"]["cpu"]
     assert report["versions"]["torch"] == torch.__version__ and "onnxruntime" in report["versions"]
     assert report["settings"]["repeats"] == 1 and report["settings"]["configs"]["test-digits"]["num_images"] == 4
-    assert by_suffix[".json"].name == f"bench_{report['machine_tag']}.json"
+    # A run of chosen configurations is named after them: it never replaces the default run's files.
+    assert by_suffix[".json"].name == f"bench_{report['machine_tag']}_test-digits_test-digits-unguided.json"
     # Where the numbers come from: the commit, and the load at both ends.
     prov = report["provenance"]
     assert prov["diffrt"] and prov["threads"] == 1 and "commit" in prov and "dirty" in prov

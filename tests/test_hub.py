@@ -81,6 +81,17 @@ def test_a_revision_that_climbs_out_of_the_cache_is_refused(hub_cache, uncond_mo
     assert resolve_model("org/model@main").name == COMMIT
 
 
+def test_a_mistyped_path_beside_its_folder_is_named_as_a_path(hub_cache, tmp_path, monkeypatch):
+    """The bug (a review's): `--model runs/digit` beside runs/digits was taken for a Hub id and answered with the
+    Hub's cache and network; its first part is a folder here, so it is a path, and the closest entries are named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "digits").mkdir(parents=True)
+    with pytest.raises(DiffrtError, match=r"^model folder not found: runs/digit .*; did you mean runs/digits\?$"):
+        resolve_model("runs/digit")
+    with pytest.raises(DiffrtError, match="neither a local folder nor in the Hugging Face cache"):
+        resolve_model("nobody/digit")  # no folder nobody/ here: an id the cache lacks
+
+
 def test_cli_resolves_hub_ids_and_says_what_is_missing(hub_cache, uncond_model_dir, tmp_path, capsys):
     from diffrt.cli import main
 

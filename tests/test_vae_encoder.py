@@ -6,6 +6,7 @@ keeps the VAE in fp32 where the model asks (RELIABILITY #5) and leaves no folder
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from diffrt.export.options import ExportOptions
 from diffrt.export.manifest import read_manifest
 from diffrt.export.text_to_image import export_text_to_image
 from diffrt.export.verify import compare
+from diffrt.generate import result_summary
 from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 from diffrt.text_to_image_models import load_text_to_image
 
@@ -90,6 +92,21 @@ def test_an_artifact_without_the_encoder_encodes_in_pytorch_and_says_so(plain_ar
     assert result.metadata["components"]["vae_encoder"] == "torch"  # the fallback is reported, never silent
     assert max_abs(result.images, img2img(open_text_to_image_pipeline(t2i_folder, "torch", CPU), image=image, seed=5).images) <= ORT_TOL
     assert "vae_encoder" not in pipe("a red cube", num_inference_steps=2).metadata["components"]  # only calls that encoded say so
+    assert "the vae_encoder ran in PyTorch" in result_summary(result, Path("x.png"))  # `diffrt generate`'s line too
+
+
+def test_a_fallbacks_first_load_is_not_counted_in_the_calls_time(plain_artifact, image):
+    """The bug (a review's): the first image-to-image call over an artifact without the encoder loaded the source's
+    PyTorch VAE inside its timing, and `diffrt generate`, which makes one call, printed ~600 ms/step for ~13."""
+    import time
+
+    pipe = open_text_to_image_pipeline(plain_artifact, "onnxruntime", CPU)
+    start = time.perf_counter()
+    first = img2img(pipe, image=image, seed=5)
+    wall = time.perf_counter() - start
+    loaded = first.metadata["load_seconds"]
+    assert loaded > 0 and first.seconds <= wall - loaded
+    assert img2img(pipe, image=image, seed=5).metadata["load_seconds"] == 0  # loaded once
 
     strict = open_text_to_image_pipeline(plain_artifact, "onnxruntime", CPU, strict=True)
     assert strict("a red cube", num_inference_steps=1).backend == "onnxruntime"

@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     # bench
     be = sub.add_parser("bench", help="latency per component and end to end, per backend, vs eager PyTorch",
                         formatter_class=DefaultsHelpFormatter)
-    be.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown table and PNG chart")
+    be.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown table and PNG chart, relative to the current folder: bench_<machine>.*, "
+                    "and for a run of chosen --config/--backend names, bench_<machine>_<names>.*")
     be.add_argument("--backend", action="append", default=None, help="backends to measure (default: all present)")
     be.add_argument("--config", action="append", default=None, help="configurations, repeatable (--list names them; default: those for this machine)")
     be.add_argument("--list", action="store_true", help="list the configurations and exit")

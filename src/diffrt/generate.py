@@ -317,8 +317,11 @@ def result_summary(result, path: Path) -> str:
         ran += f" on {', '.join(providers)}"
     if meta.get("cuda_graph"):
         ran += " with CUDA graphs"
-    if meta.get("guidance_pytorch") and not result.backend.startswith("torch"):  # engines have no autograd
-        ran += f"; guidance ran the {' and '.join(meta['guidance_pytorch'])} in PyTorch"
+    if not result.backend.startswith("torch"):
+        if meta.get("guidance_pytorch"):  # engines have no autograd
+            ran += f"; guidance ran the {' and '.join(meta['guidance_pytorch'])} in PyTorch"
+        if str(meta.get("components", {}).get("vae_encoder", "")).startswith("torch"):
+            ran += "; the vae_encoder ran in PyTorch (an artifact exported without --vae-encoder)"
     cut = " (prompt truncated)" if result_warnings(result) else ""
     compiled = ", the first run's compilation included" if result.backend == "torch-compile" else ""
     return f"wrote {path} ({ran}, {result.ms_per_step:.1f} ms/step{compiled}){cut}"

@@ -33,6 +33,23 @@ def is_hub_id(text: str) -> bool:
     return not Path(text).exists() and HUB_ID.match(text) is not None
 
 
+def refuse_mistyped_path(text: str) -> None:
+    """DiffrtError for an id-shaped name ('runs/digit') whose first part is a local folder: a path that is not there,
+    more likely than a Hub repository, with the entries of that folder whose names come closest."""
+    import difflib
+
+    parent, _, name = text.partition("@")[0].partition("/")
+    if not Path(parent).is_dir():
+        return
+    try:
+        entries = sorted(p.name for p in Path(parent).iterdir() if p.is_dir())
+    except OSError:
+        entries = []
+    close = difflib.get_close_matches(name, entries, n=3)
+    hint = f"did you mean {' or '.join(f'{parent}/{c}' for c in close)}?" if close else "check the path"
+    raise DiffrtError(f"model folder not found: {text} (the folder {parent}/ is here, without {name}); {hint}")
+
+
 def resolve_model(model: str | Path | None) -> Path | None:
     """A local folder as it is; a hub id as its snapshot folder in the Hugging Face cache, fetched
     if needed. None stays None (the shipped digits model)."""
@@ -53,7 +70,11 @@ def resolve_model(model: str | Path | None) -> Path | None:
     except ImportError:  # a dependency of diffusers, so present wherever diffrt runs
         raise DiffrtError(f"{text} is not a local folder, and huggingface_hub is not installed to fetch it") from None
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW, ignore_patterns=IGNORE))
+        try:
+            return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW, ignore_patterns=IGNORE))
+        except (hf_errors.RepositoryNotFoundError, hf_errors.LocalEntryNotFoundError, hf_errors.HFValidationError):
+            refuse_mistyped_path(text)  # 'runs/digit' beside a folder runs/: a path, mistyped, more likely than an id
+            raise
     except hf_errors.RevisionNotFoundError:
         raise DiffrtError(f"{repo} has no revision {revision!r}; check the name after '@'") from None
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):

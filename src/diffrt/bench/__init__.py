@@ -139,6 +139,13 @@ def _command(out_dir, backends, repeats, configs) -> str:
     return (f"{env} " if env else "") + " ".join(parts)
 
 
+def report_stem(machine_tag: str, configs: list[str] | None, backends: list[str] | None, default: tuple[str, ...]) -> str:
+    """The results' file name: bench_<machine> for the default run; a run of chosen --config or --backend names adds
+    them (bench_<machine>_digits_onnxruntime), so that it never replaces the default run's files."""
+    chosen = [*(configs if configs and tuple(configs) != tuple(default) else []), *(backends or [])]
+    return "_".join([f"bench_{machine_tag}", *chosen])
+
+
 def _groups(chosen: list[BenchConfig]) -> list[list[BenchConfig]]:
     """Configurations timed in one set of rounds: each alone, except a colour-guided one and its
     unguided twin, which alternate on one pipeline per backend (the guidance-overhead target)."""
@@ -182,7 +189,8 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
               configs: list[str] | None = None, *, threads: int | None = None, budget_s: float | None = None,
               cell_budget_s: float | None = None, compile_cap_s: float | None = None, min_time_s: float | None = None,
               kernels: bool = True) -> list[Path]:
-    """Measure, then write bench_<machine>.json, .md and .png under `out_dir`; returns their paths.
+    """Measure, then write bench_<machine>.json, .md and .png under `out_dir` (report_stem: a run of chosen configs or
+    backends adds their names); returns their paths.
     The files are written after every configuration as well, marked partial, so a run that is
     killed keeps what it measured.
 
@@ -222,7 +230,7 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
         log.warning("%s", machine["contention"])
     provenance = run_metadata(threads)
     run = dict(start=start, out_dir=out_dir, backends=backends, repeats=repeats, configs=configs, chosen=chosen,
-               machine=machine, provenance=provenance, options=options, budget_s=budget_s, compile_cap_s=compile_cap_s)
+               machine=machine, provenance=provenance, options=options, budget_s=budget_s, compile_cap_s=compile_cap_s, gpu=gpu)
     groups, later = _groups(chosen), ["the kernel micro-benchmark"] if kernels else []
     with cpu_threads(threads):
         log.info("benchmarking %s on %s with %d threads", ", ".join(c.name for c in chosen), device, threads)
@@ -331,6 +339,7 @@ def _write(run: dict, results, images, loops, kernel_results, pending: list[str]
         "command": _command(run["out_dir"], run["backends"], run["repeats"], run["configs"]),
         "partial": f"written during the run; still to measure: {', '.join(pending)}" if pending else None,
         "provenance": run["provenance"], "machine_tag": machine_tag(run["machine"]), "machine": run["machine"],
+        "stem": report_stem(machine_tag(run["machine"]), run["configs"], run["backends"], GPU_DEFAULT if run["gpu"] else CPU_DEFAULT),
         "versions": {**library_versions(), "optimum": _installed("optimum"), "triton": _installed("triton")},
         "settings": {"repeats": run["repeats"], "warmup_steps": WARMUP_STEPS, "cell_budget_s": options.budget_s,
                      "min_runs": options.min_runs, "min_time_s": options.min_time_s, "max_runs": options.max_runs,

@@ -270,11 +270,11 @@ def chart(report: dict, path: Path) -> Path:
 def write(report: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_{report['machine_tag']}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    stem = report.get("stem", f"bench_{report['machine_tag']}")
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
     atomic.write_json(paths[0], report)
     atomic.write_text(paths[1], markdown(report))
-    paths.append(chart(report, stem.with_suffix(".png")))
+    paths.append(chart(report, out / f"{stem}.png"))
     return paths
 
 

@@ -44,6 +44,15 @@ from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, assi
 
 OutputType = Literal["pil", "np", "pt", "latent"]  # "latent": text-to-image only
 
+# Seconds each thread has spent loading PyTorch fallbacks on first use (torch_module): a call that loads one (the VAE
+# of an artifact exported without its encoder, for image-to-image) leaves that one-time cost out of its timing.
+_loading = threading.local()
+
+
+def loading_seconds() -> float:
+    """This thread's seconds spent in torch_module's loads so far: a call's share is the difference over the call."""
+    return getattr(_loading, "seconds", 0.0)
+
 
 @dataclass
 class GenerationResult:
@@ -289,7 +298,9 @@ class DenoiserPipeline:
         if module is None:
             raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline was built without")
         if not isinstance(module, torch.nn.Module):
+            start = time.perf_counter()
             module = self._torch[which] = module().to(self.device).eval()
+            _loading.seconds = loading_seconds() + time.perf_counter() - start
         return module
 
     def runtime_metadata(self, backends: dict[str, Backend] | None = None) -> dict:
@@ -369,7 +380,7 @@ class PixelPipeline(DenoiserPipeline):
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
         schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta)
-        t0 = time.perf_counter()
+        t0, loaded = time.perf_counter(), loading_seconds()
 
         # 2. Initial noise x_T, drawn on the CPU generator as diffusers does, unless the caller
         #    brings its own (diffusers' `latents=`): a server batching requests draws each
@@ -412,11 +423,12 @@ class PixelPipeline(DenoiserPipeline):
 
         # 5. Post-process.
         images = to_unit_range(x)
-        seconds = time.perf_counter() - t0
+        loaded = loading_seconds() - loaded  # a PyTorch fallback's first load: not the call's speed
+        seconds = time.perf_counter() - t0 - loaded
         meta = {"class_labels": labels.tolist() if labels is not None else None, "guidance_scale": guidance_scale,
                 "eta": eta, "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
                 "guidance": [g.name for g in guidance], "guidance_pytorch": guidance_in_pytorch(guidance),
-                **self.runtime_metadata()}
+                "load_seconds": loaded, **self.runtime_metadata()}
         return GenerationResult(convert_output(images, output_type), self.backend, seconds, num_inference_steps, meta)
 
     def _labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:
