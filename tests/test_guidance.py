@@ -45,6 +45,37 @@ def test_guided_step_is_x_minus_autograd_of_the_loss(model, mode):
     torch.testing.assert_close(got, (want / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["x0", "through_unet"])
+def test_a_guided_cfg_step_takes_the_loss_on_the_combined_prediction(classemb_model_dir, mode):
+    """Guidance beside classifier-free guidance: the loss is on x0 of eps(null) + s * (eps(c) - eps(null)) (held constant
+    in mode x0, through both UNet calls in mode through_unet), and the DDIM step takes that combined eps, all computed
+    by hand here. A review found every CFG-guided test checked a direction only: dropping the CFG scale on guided
+    steps (either mode) passed them all."""
+    model = load_pixel_model(classemb_model_dir)
+    pipe = torch_pixel_pipeline(model)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    labels, cfg, scale = torch.tensor([1, 3]), 3.0, 50.0
+    guidance = [Guidance(lambda im: color_loss(im, TARGET), scale, mode=mode)]
+    got = pipe(labels, latents=x, num_inference_steps=1, guidance_scale=cfg, guidance=guidance, output_type="pt").images
+
+    schedule = ddim.make_schedule(pipe.scheduler, 1)
+    ab, ab_prev, t = schedule.alpha_bar[0], schedule.alpha_bar_prev[0], schedule.timesteps[0]
+    ts, null = torch.full((2,), float(t)), torch.full((2,), pipe.info.null_class_label)
+
+    def by_hand(cfg_scale: float) -> torch.Tensor:
+        x_leaf = x.clone().requires_grad_(True)
+        uncond, cond = model.unet(x_leaf, ts, null), model.unet(x_leaf, ts, labels)
+        eps = uncond + cfg_scale * (cond - uncond)
+        x0, _ = ddim.predict_x0(x_leaf, eps.detach() if mode == "x0" else eps, ab, schedule.prediction_type)
+        (grad,) = torch.autograd.grad(scale * color_loss(x0 / 2 + 0.5, TARGET), x_leaf)
+        want, _ = ddim.ddim_step(x - grad, eps.detach(), ab, ab_prev, prediction_type=schedule.prediction_type,
+                                 clip_sample_range=schedule.clip_sample_range)
+        return (want / 2 + 0.5).clamp(0, 1)
+
+    torch.testing.assert_close(got, by_hand(cfg), rtol=0, atol=1e-5)
+    assert (got - by_hand(1.0)).abs().max() > 1e-3  # the check tells a guided step with CFG from one without
+
+
 def test_x0_guidance_keeps_eps_constant_on_a_step_with_a_through_unet_guidance(model):
     # Each guidance keeps its own mode: a negligible through_unet guidance beside an x0 one must not
     # turn the x0 one's gradient into a gradient through the UNet.

@@ -240,15 +240,21 @@ def test_dispatch_uses_reference_on_cpu_and_kernel_when_interpreter_is_asked(mon
 
 
 def test_package_imports_and_falls_back_without_triton():
-    # A None entry in sys.modules makes `import triton` raise ImportError, as if it were not installed.
+    # A None entry in sys.modules makes `import triton` raise ImportError, as if it were not installed; the kernels'
+    # entry points then return what their PyTorch references return.
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from diffrt.kernels import cfg_ddim_step, color_guidance_step, triton_available\n"
         "assert not triton_available()\n"
-        "x = torch.randn(1, 3, 4, 4)\n"
-        "cfg_ddim_step(x, x, x, 7.5, 0.5, 0.6)\n"
-        "color_guidance_step(x, x, 0.5, torch.rand(3), 1.0)\n"
+        "from diffrt.kernels.cfg_ddim import cfg_ddim_step_reference\n"
+        "from diffrt.kernels.color_guidance import color_guidance_step_reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, u, c = (torch.randn(1, 3, 4, 4, generator=g) for _ in range(3))\n"
+        "target = torch.rand(3, generator=g)\n"
+        "pairs = [*zip(cfg_ddim_step(x, u, c, 7.5, 0.5, 0.6), cfg_ddim_step_reference(x, u, c, 7.5, 0.5, 0.6)),\n"
+        "         *zip(color_guidance_step(x, u, 0.5, target, 1.0), color_guidance_step_reference(x, u, 0.5, target, 1.0))]\n"
+        "assert len(pairs) == 4 and all(torch.equal(got, want) for got, want in pairs)  # the references' own results\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "DIFFRT_TRITON_INTERPRET": "1"})
 

@@ -236,6 +236,12 @@ def test_through_unet_on_an_artifact_checks_the_fallback_against_the_engine(clas
     guidance = [color_guidance("#ff0000", 10.0, mode="through_unet")]
     result = pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, guidance=guidance, output_type="pt")
     assert result.backend == "onnxruntime" and torch.isfinite(result.images).all()
+    # The guided images are eager PyTorch's for the same call (the engine's eps steps, the fallback's gradient steers),
+    # and the guidance acts: a fallback that did nothing would leave the unguided images.
+    eager = torch_pixel_pipeline(load_pixel_model(classemb_model_dir))
+    same = eager([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, guidance=guidance, output_type="pt").images
+    unguided = pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="pt").images
+    assert (result.images - same).abs().max() <= 1e-3 and (result.images - unguided).abs().max() > 1e-2
     assert result.metadata["guidance_pytorch"] == ["unet"]  # reported, where backend alone said onnxruntime (RELIABILITY #15)
     assert next(pipe.torch_module("unet", "test").parameters()).device == pipe.device
     # A fallback with other weights than the engine must not steer the guidance (RELIABILITY #16).
@@ -337,9 +343,10 @@ def test_an_artifact_with_lora_falls_back_to_pytorch_with_the_same_lora(classemb
     assert (torch_over_artifact - ort).abs().max().item() <= 1e-3
     assert (bare_source - ort).abs().max().item() > 1e-2  # the LoRA matters, so the check above can fail
 
-    guided = artifact_pixel_pipeline(artifact, "onnxruntime", CPU)(
-        [0, 2], **kwargs, guidance=[color_guidance("#ff0000", 10.0, mode="through_unet")])  # passes the agreement check
-    assert torch.isfinite(guided.images).all()
+    guidance = [color_guidance("#ff0000", 10.0, mode="through_unet")]
+    guided = artifact_pixel_pipeline(artifact, "onnxruntime", CPU)([0, 2], **kwargs, guidance=guidance)  # passes the agreement check
+    torch_guided = open_pixel_pipeline(artifact, "torch", CPU)([0, 2], **kwargs, guidance=guidance).images
+    assert (guided.images - torch_guided).abs().max() <= 1e-3 and (guided.images - ort).abs().max() > 1e-2
 
     lora.write_bytes(lora.read_bytes()[:-8] + b"\0" * 8)  # the LoRA file changed since export
     with pytest.raises(ArtifactError, match="missing or changed"):

@@ -487,6 +487,10 @@ def test_bf16_parity_is_measured_on_the_engine(model_dir, tmp_path):
     parity = mf.read_manifest(folder)["components"]["unet"]["parity"]
     assert "onnxruntime" not in parity  # ONNX Runtime has no bf16 Conv on the CPU
     assert parity["tensorrt"]["passed"] and parity["tensorrt"]["precision"] == "bf16"
+    # What the manifest says, checked on the engine itself against fp32 PyTorch, at bf16's tolerance.
+    backend = _backend(folder)
+    feed = backend.spec.example_feed("opt", device="cuda", seed=4)
+    assert _close(backend.run(feed)["noise_pred"], _reference(model_dir, feed), 5e-2)
 
 
 @pytest.mark.gpu
