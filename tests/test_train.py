@@ -125,8 +125,10 @@ def test_class_cond_resume_is_exact(class_cond_runs, conditioning, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
 
 
-@pytest.mark.parametrize("damage", ["state.json missing", "sha256 mismatch"])
+@pytest.mark.parametrize("damage", ["state.json missing", "weights.safetensors", "optimizer.safetensors", "ema.safetensors"])
 def test_resume_skips_a_damaged_checkpoint(class_cond_runs, damage, tmp_path):
+    """A checkpoint whose state.json is missing, or any of whose files a resume reads has a flipped byte (the model's
+    weights, Adam's moments, the EMA weights), is passed over for the one before it."""
     full_out, full = class_cond_runs["class_embedding"]
     out = tmp_path / "run"
     shutil.copytree(full_out, out)
@@ -134,10 +136,11 @@ def test_resume_skips_a_damaged_checkpoint(class_cond_runs, damage, tmp_path):
     if damage == "state.json missing":
         (last / "state.json").unlink()  # as if the run died before writing it
     else:
-        weights = last / "weights.safetensors"
-        data = bytearray(weights.read_bytes())
+        damaged = last / damage
+        data = bytearray(damaged.read_bytes())
         data[-1] ^= 0xFF
-        weights.write_bytes(bytes(data))
+        damaged.write_bytes(bytes(data))
+        assert verify_checkpoint(last) is None
     (out / "checkpoints" / ".step-half-written").mkdir()  # an interrupted save: never a candidate
     resumed = train_class_conditioned(class_cond_config(out, "class_embedding", resume=True))
     # It went back to the good checkpoint at STEPS/2 and retrained the second half identically.
@@ -185,6 +188,25 @@ def test_finetune_writes_outputs_learns_and_exports(cat_folder, tmp_path):
     # ... and so does `diffrt export`, whose parity check runs the exported UNet against it.
     export = export_model(out / "model", tmp_path / "artifact", ExportOptions(batch=(1, 2, 4)))
     assert export.manifest["components"]["unet"]["parity"]["onnxruntime"]["cosine"] > 0.9999
+
+
+def test_finetune_resume_is_exact(cat_folder, tmp_path):
+    """Fine-tuning with random crops and flips, stopped half-way and resumed: the same losses and weights as one run
+    (the crops and flips of each step come from that step's generator, not from a stream the stop would cut)."""
+    base = save_pretrained_pixel_model(tmp_path / "base")
+
+    def config(out: Path, **train) -> FinetuneConfig:
+        return FinetuneConfig(model=str(base), data=str(cat_folder), crop="random", random_flip=True, sample_steps=2,
+                              train=train_config(out, batch_size=4, **train))
+
+    full = finetune(config(tmp_path / "full"))
+    finetune(config(tmp_path / "run", max_steps=STEPS // 2))
+    resumed = finetune(config(tmp_path / "run", resume=True))
+    assert resumed.start_step == STEPS // 2
+    np.testing.assert_allclose(resumed.losses, full.losses[STEPS // 2 :], rtol=1e-6, atol=0)
+    a = load_file(tmp_path / "full" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "run" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
 
 
 def test_finetune_bare_unet_folder_in_grey(cat_folder, tmp_path, caplog):
@@ -432,6 +454,9 @@ def test_dreambooth_resume_is_exact(dreambooth_run, sd_folder, cat_folder, tmp_p
     train_dreambooth_lora(cfg)
     resumed = train_dreambooth_lora(replace(cfg, train=replace(cfg.train, max_steps=DB_STEPS, resume=True)))
     np.testing.assert_allclose(resumed.losses, full.losses[DB_STEPS // 2 :], rtol=1e-6, atol=0)
+    # ... and the LoRA it saves is the uninterrupted run's.
+    a, b = load_file(Path(full_cfg.train.out) / LORA_WEIGHT_NAME), load_file(tmp_path / "out" / LORA_WEIGHT_NAME)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
 
 
 def test_dreambooth_warns_once_per_prompt_past_the_text_encoders_length(dreambooth_run, sd_folder, cat_folder, tmp_path,
@@ -962,7 +987,8 @@ def test_bad_input_fails_before_any_step(case, bad_inputs, cat_folder, sd_folder
     errors = [line for line in err.splitlines() if line.startswith("diffrt: error:")]
     assert rc == 2 and "Traceback" not in err
     assert len(errors) == 1 and expected in errors[0], err
-    assert not (out / "loss.csv").exists() and not (out / "checkpoints").exists()
+    # Before any step: nothing of a run was made (a check inside the first step left the lock file and tensorboard/).
+    assert not os.path.lexists(out), sorted(p.name for p in out.iterdir())
 
 
 def test_an_out_name_not_in_utf8_is_refused_before_the_model_loads(bad_inputs, cat_folder, tmp_path, capsys):

@@ -52,14 +52,22 @@ def test_center_crop_is_deterministic(wide_folder):
 
 
 def test_random_crop_in_class_folders_keeps_labels(wide_folder, tmp_path):
+    """Each crop comes from the image its label belongs to: the two classes' images differ (the first is the noise
+    image, the second its negative), so a crop of the other class's image would be told apart."""
     root = tmp_path / "classes"
-    for name in ("a", "b"):
+    with Image.open(wide_folder / "wide.png") as im:
+        pixels = np.asarray(im.convert("RGB"))
+    for name, image in (("a", pixels), ("b", 255 - pixels)):
         (root / name).mkdir(parents=True)
-        (root / name / "x.png").write_bytes((wide_folder / "wide.png").read_bytes())
+        Image.fromarray(image).save(root / name / "x.png")
     dataset = load_class_folders(root, 8, crop="random")
     assert len(dataset.uncropped) == 2 and dataset.class_names == ["a", "b"]
-    _, y = dataset.batch(torch.tensor([1, 0]), torch.Generator().manual_seed(0))
-    assert y.tolist() == [1, 0]
+    indices = torch.tensor([1, 0, 1, 1, 0])
+    x, y = dataset.batch(indices, torch.Generator().manual_seed(0))
+    assert y.tolist() == [1, 0, 1, 1, 0]
+    for crop, i in zip(x, indices.tolist()):
+        full = dataset.uncropped[i]
+        assert any(torch.equal(crop, full[:, :, left : left + 8]) for left in range(full.shape[-1] - 7))
     grey = dataset.to_grey()
     assert grey.images.shape == (2, 1, 8, 8) and grey.uncropped[0].shape[0] == 1 and draws(grey, 2, 0).shape[1] == 1
 
