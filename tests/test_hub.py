@@ -74,7 +74,9 @@ def test_a_revision_that_climbs_out_of_the_cache_is_refused(hub_cache, uncond_mo
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "ref").write_text(str(uncond_model_dir))
-    for revision in ("../../../../outside/ref", "..", "a/../b", "/abs", ".hidden"):
+    climb = "../../../outside/ref"  # from <cache>/models--org--model/refs/ to the planted file (a review's count)
+    assert (tmp_path / "hf-cache" / "models--org--model" / "refs" / climb).resolve() == (outside / "ref").resolve()
+    for revision in (climb, "..", "a/../b", "/abs", ".hidden"):
         with pytest.raises(DiffrtError, match=r"is not a revision \(a commit hash, branch or tag\)"):
             resolve_model(f"org/model@{revision}")
     assert resolve_model(f"org/model@{COMMIT}").name == COMMIT  # a hash, and refs/main, still resolve

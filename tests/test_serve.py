@@ -179,6 +179,37 @@ def test_batcher_reports_a_worker_that_fails_to_start():
     assert not batcher.alive and isinstance(batcher.error, ZeroDivisionError)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_batches_that_differ_from_requests_alone_are_not_batched_unless_allowed(exact):
+    """The start-up probe (RELIABILITY #18): a backend whose images depend on the batch they are in (cuDNN and TensorRT
+    pick kernels by batch size) measures the difference, and then runs requests one at a time unless told a
+    last-bit difference is acceptable; a batch-invariant one batches. The real server on ONNX Runtime measures 0."""
+    from diffrt.serve.batching import BatchingWorker
+
+    base = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    class Worker(BatchingWorker):
+        def __init__(self, run):
+            self.max_batch_size, self.exact_batching, self.run = 8, exact, run
+
+        def probe_batch(self, n):
+            return self.run
+
+    class Plan:
+        def batch_key(self):
+            return ("same settings",)
+
+    invariant = Worker(lambda rows: base[rows])
+    invariant.settle_batching("a backend", fits=4)
+    assert invariant.max_batch_size == 4 and invariant.batch_max_abs_diff == 0.0
+    assert invariant.batches_requests and invariant.batch_key(Plan()) == ("same settings",)
+
+    varying = Worker(lambda rows: base[rows] + 1e-6 * len(rows))  # the last bits move with the batch's size
+    varying.settle_batching("a backend", fits=8)
+    assert varying.batch_max_abs_diff == pytest.approx(7e-6, rel=1e-2)  # 8 rows batched against 1 alone
+    assert varying.batches_requests is (not exact) and (varying.batch_key(Plan()) is None) is exact
+
+
 # -- the real server --------------------------------------------------------------------------
 
 def test_health_ready_openapi(client):
