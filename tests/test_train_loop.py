@@ -86,21 +86,24 @@ def test_lr_warmup_and_cosine_edges():
     assert lr_at(0, replace(cfg, lr_warmup_steps=0)) == 1.0
 
 
-def test_linear_schedule_decays_to_zero_as_diffusers_linear_does():
-    """diffusers' get_scheduler("linear"), stepped once per optimizer step: the rate of step s after the warm-up is
-    (N - s) / (N - warmup); the warm-up is one step ahead of it here (documented in lr_at's caller)."""
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_the_decay_follows_diffusers_schedule(schedule):
+    """diffusers' get_scheduler, stepped once per optimizer step: after the warm-up, the rate of step s is (N - s) /
+    (N - warmup) for "linear" and half a cosine over the same steps for "cosine"; the warm-up is one step ahead of
+    diffusers' here (documented in lr_at's caller)."""
     from diffusers.optimization import get_scheduler
 
-    cfg = TrainConfig(out="unused", learning_rate=1.0, lr_warmup_steps=4, max_steps=12, lr_schedule="linear")
+    cfg = TrainConfig(out="unused", learning_rate=1.0, lr_warmup_steps=4, max_steps=12, lr_schedule=schedule)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    reference = get_scheduler("linear", optimizer, num_warmup_steps=4, num_training_steps=12)
+    reference = get_scheduler(schedule, optimizer, num_warmup_steps=4, num_training_steps=12)
     rates = []
     for _ in range(12):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         reference.step()
     assert [lr_at(s, cfg) for s in range(4, 12)] == pytest.approx(rates[4:])
-    assert lr_at(11, cfg) == pytest.approx(1 / 8) and lr_at(12, cfg) == 0.0
+    if schedule == "linear":
+        assert lr_at(11, cfg) == pytest.approx(1 / 8) and lr_at(12, cfg) == 0.0
 
 
 def test_scale_lr_multiplies_the_rate_by_the_images_of_a_step(tmp_path):
