@@ -401,6 +401,10 @@ def test_weight_map_for_refit(artifact_copy, model):
     params = text["params"]["text_encoder"]
     assert "encoder.layers.0.self_attn.q_proj.weight" in params
     assert not [p for p in params if "embedding" in p]
+    # A map of the format before (which listed the tables) is not trusted: refit makes a new one or asks to re-export.
+    map_path = artifact_copy / "text_encoder" / "weight_map.json"
+    map_path.write_text(json.dumps({**text, "format": 1}))
+    assert read_weight_map(artifact_copy / "text_encoder" / "model.onnx") is None
     fused = read_weight_map(artifact_copy / "unet_controlnet" / "model.onnx")
     for name, e in fused["weights"].items():
         if name.startswith("controlnet."):

@@ -88,10 +88,31 @@ def test_a_mistyped_path_beside_its_folder_is_named_as_a_path(hub_cache, tmp_pat
     Hub's cache and network; its first part is a folder here, so it is a path, and the closest entries are named."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "digits").mkdir(parents=True)
-    with pytest.raises(DiffrtError, match=r"^model folder not found: runs/digit .*; did you mean runs/digits\?$"):
-        resolve_model("runs/digit")
+    with pytest.raises(DiffrtError, match=r"^model folder not found: runs/digit \(.*; did you mean runs/digits\?\); as a Hub "
+                                          r"id, not in the Hugging Face cache, and the Hub cannot be reached \(offline"):
+        resolve_model("runs/digit")  # the Hub's answer still follows: it may be an id after all (offline here)
     with pytest.raises(DiffrtError, match="neither a local folder nor in the Hugging Face cache"):
         resolve_model("nobody/digit")  # no folder nobody/ here: an id the cache lacks
+
+
+def test_a_gated_repo_beside_a_folder_of_its_orgs_name_still_says_how_to_read_it(tmp_path, monkeypatch):
+    """From a review: a folder stabilityai/ (a download with --local-dir) made a gated stabilityai/sd-turbo's answer
+    'model folder not found', without the HF_TOKEN it needs."""
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co/api/models/stabilityai/sd-turbo"))
+
+    def gated(*args, **kwargs):
+        raise hf_errors.GatedRepoError("Access to model stabilityai/sd-turbo is restricted", response=response)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    (tmp_path / "stabilityai" / "sd-turbo-old").mkdir(parents=True)
+    with pytest.raises(DiffrtError, match=r"did you mean stabilityai/sd-turbo-old\?\); as a Hub id, not a Hub repository you "
+                                          r"can read \(set HF_TOKEN for a gated or private one\)$"):
+        resolve_model("stabilityai/sd-turbo")
 
 
 def test_cli_resolves_hub_ids_and_says_what_is_missing(hub_cache, uncond_model_dir, tmp_path, capsys):

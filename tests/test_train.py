@@ -1109,12 +1109,13 @@ def test_a_second_run_into_an_out_in_use_is_refused_until_the_first_ends(tmp_pat
     assert (out / "model").is_dir()
 
 
-@pytest.mark.parametrize("signalled", ["rank1", "all"])
+@pytest.mark.parametrize("signalled", ["rank1", "all", "rank1-in-update"])
 def test_data_parallel_ranks_stop_together_on_a_signal(signalled, tmp_path):
     """SIGTERM to one process of a data-parallel run, or to all: every process stops after the same step (one
     stopping alone would leave the others waiting), and the main one saves that step's checkpoint, slowly here,
     while the others wait for it (each process then ends as the CLI does, by the signal; a launcher seeing one
-    end signals the rest, and a second SIGTERM must not cost the checkpoint)."""
+    end signals the rest, and a second SIGTERM must not cost the checkpoint). A signal during the optimizer's update
+    stops after that step too (a review found a vote taken before the update stopped a step late)."""
     import subprocess
     import sys
 

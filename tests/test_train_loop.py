@@ -359,7 +359,7 @@ def test_a_torn_last_loss_row_is_dropped_on_resume(tmp_path):
     step failed to parse)."""
     train_linear(linear_config(tmp_path, max_steps=4, checkpoint_every=4, log_every=1))
     whole = (tmp_path / "loss.csv").read_text()
-    for torn in ("2", "3,0.1", ","):
+    for torn in ("2", "3,0.1", ",", "2\x0c0,0.1,0.05\n"):  # the last: a row garbled within, read whole, not as two
         (tmp_path / "loss.csv").write_text(whole + torn)
         train_linear(linear_config(tmp_path, max_steps=4, checkpoint_every=4, log_every=1, resume=True))
         assert (tmp_path / "loss.csv").read_text() == whole, torn

@@ -33,21 +33,22 @@ def is_hub_id(text: str) -> bool:
     return not Path(text).exists() and HUB_ID.match(text) is not None
 
 
-def refuse_mistyped_path(text: str) -> None:
-    """DiffrtError for an id-shaped name ('runs/digit') whose first part is a local folder: a path that is not there,
-    more likely than a Hub repository, with the entries of that folder whose names come closest."""
+def missing_path(text: str) -> str | None:
+    """For an id-shaped name ('runs/digit') whose first part is a local folder, the line naming it as a path not
+    there, with the folder's entries whose names come closest: a mistyped path, more likely than a Hub repository
+    (the Hub's own answer is added after it). None when no such folder is here."""
     import difflib
 
     parent, _, name = text.partition("@")[0].partition("/")
     if not Path(parent).is_dir():
-        return
+        return None
     try:
         entries = sorted(p.name for p in Path(parent).iterdir() if p.is_dir())
     except OSError:
         entries = []
     close = difflib.get_close_matches(name, entries, n=3)
-    hint = f"did you mean {' or '.join(f'{parent}/{c}' for c in close)}?" if close else "check the path"
-    raise DiffrtError(f"model folder not found: {text} (the folder {parent}/ is here, without {name}); {hint}")
+    hint = f"; did you mean {' or '.join(f'{parent}/{c}' for c in close)}?" if close else ""
+    return f"model folder not found: {text} (the folder {parent}/ is here, without {name}{hint})"
 
 
 def resolve_model(model: str | Path | None) -> Path | None:
@@ -69,22 +70,25 @@ def resolve_model(model: str | Path | None) -> Path | None:
         from huggingface_hub import errors as hf_errors
     except ImportError:  # a dependency of diffusers, so present wherever diffrt runs
         raise DiffrtError(f"{text} is not a local folder, and huggingface_hub is not installed to fetch it") from None
+    # 'runs/digit' beside a folder runs/ is more likely a mistyped path than an id: said first, the Hub's answer after.
+    local = missing_path(text)
     try:
-        try:
-            return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW, ignore_patterns=IGNORE))
-        except (hf_errors.RepositoryNotFoundError, hf_errors.LocalEntryNotFoundError, hf_errors.HFValidationError):
-            refuse_mistyped_path(text)  # 'runs/digit' beside a folder runs/: a path, mistyped, more likely than an id
-            raise
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW, ignore_patterns=IGNORE))
     except hf_errors.RevisionNotFoundError:
         raise DiffrtError(f"{repo} has no revision {revision!r}; check the name after '@'") from None
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):
-        raise DiffrtError(f"{text} is neither a local folder nor a Hub repository you can read; check the path or id, "
+        what = "not a Hub repository you can read"
+        raise DiffrtError(f"{local}; as a Hub id, {what} (set HF_TOKEN for a gated or private one)" if local else
+                          f"{text} is neither a local folder nor a Hub repository you can read; check the path or id, "
                           "and set HF_TOKEN for a gated or private one") from None
     except hf_errors.LocalEntryNotFoundError:
-        raise DiffrtError(f"{text} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
+        raise DiffrtError(f"{local}; as a Hub id, not in the Hugging Face cache, and the Hub cannot be reached (offline, or "
+                          "HF_HUB_OFFLINE=1)" if local else
+                          f"{text} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
                           "(offline, or HF_HUB_OFFLINE=1); download it once with network, or pass a local folder") from None
     except hf_errors.HfHubHTTPError as exc:
         raise DiffrtError(f"fetching {text} from the Hub failed ({str(exc).splitlines()[0]}); retry, or pass a local folder") from None
     except hf_errors.HFValidationError as exc:  # a path not there yet ('runs/sd--ft') that HUB_ID took for an id
-        raise DiffrtError(f"{text} is neither a local folder nor a valid Hugging Face id ({str(exc).splitlines()[0]}); "
+        raise DiffrtError(f"{local}; check the path" if local else
+                          f"{text} is neither a local folder nor a valid Hugging Face id ({str(exc).splitlines()[0]}); "
                           "check the path") from None

@@ -6,7 +6,8 @@ With a second argument `buckets`, the ranks first average gradients of several d
 bucket cap (check_buckets), then train as without it. With `diverge`, rank 1's loss turns NaN at step 3: both ranks must stop there with the loop's
 one-line error (printed as DIVERGED=...), neither left waiting for the other. With `stop-rank1` (`stop-all`),
 rank 1 alone (every rank) gets SIGTERM during step 3: both must stop after it (printed as STOPPED=...) and end
-as the CLI does, by the signal, once the main rank has saved the checkpoint (slowed down here by 2 s).
+as the CLI does, by the signal, once the main rank has saved the checkpoint (slowed down here by 2 s). With
+`stop-rank1-in-update`, rank 1 gets it during step 3's optimizer update, after its loss and gradients: the same.
 
 The run goes through checkpoints.holds_out, as the trainers' runs do: one process (the main one) locks --out;
 were each to lock it, the second would be refused as another run into the same --out."""
@@ -67,6 +68,17 @@ def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
     loss = torch.nn.functional.mse_loss(model(x), y)
     return loss * float("nan") if diverge and state.process_index == 1 and len(calls) == 3 else loss
 
+
+if stop == "stop-rank1-in-update":
+    adamw_step, updates = torch.optim.AdamW.step, []
+
+    def signalled_step(self, *args, **kwargs):
+        updates.append(1)
+        if len(updates) == 3 and state.process_index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return adamw_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = signalled_step
 
 if stop:
     import diffrt.train.loop as loop

@@ -52,7 +52,9 @@ from diffrt.runtime.backends import require_backend
 log = logging.getLogger(__name__)
 
 WEIGHT_MAP = "weight_map.json"
-MAP_FORMAT = 1
+# 2: the weights of Linear and Conv2d modules only (lora_fuse.patchable_state); a format-1 map listed every 2-D and 4-D
+# weight, embedding tables too, which refit would have patched for a LoRA that fusing refuses: not trusted.
+MAP_FORMAT = 2
 # Artifact component -> the LoRA components its engine takes. diffusers loads LoRA into the UNet
 # and text encoders only; the fused graph's ControlNet half and the VAE decoder take none.
 LORA_COMPONENTS = {"unet": ("unet",), "text_encoder": ("text_encoder",), "unet_controlnet": ("unet",)}

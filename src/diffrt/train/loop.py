@@ -215,17 +215,12 @@ def train(
             grad_norm = None
             if config.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
-            finite = True
             if scaler is None:  # fp16's loss scaler skips a non-finite step itself (and is counted below)
                 if grad_norm is None:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in named.values() if p.grad is not None])
                 grad_norm = float(grad_norm)
-                finite = math.isfinite(total) and math.isfinite(grad_norm)
-            # A data-parallel run's processes decide together, in one collective: whether to apply the step, and
-            # whether it ends the run (one process stopping alone would leave the others waiting in their next one).
-            finite_everywhere, signum = agree(accelerator, finite, stop.signum)
-            if not finite_everywhere:
-                raise diverged(total, grad_norm, step + 1, config, out)
+                if not finite_everywhere(accelerator, math.isfinite(total) and math.isfinite(grad_norm)):
+                    raise diverged(total, grad_norm, step + 1, config, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # fp16: the loss scaler skips a step whose gradients overflowed (and lowers its scale); every step
@@ -251,9 +246,9 @@ def train(
                     skipped = 0
                 if accelerator.is_main_process:
                     _log_row(out, writer, done, mean, lr)
-            if accelerator.num_processes == 1:  # a signal during this step's update still ends the run after it
-                signum = stop.signum
-            stopping = signum if done < config.max_steps else 0  # the last step: the run finishes
+            # Agreed after the update, apart from the finite check before it: a signal during the update, the EMA or the
+            # logging still ends the run after this step (one vote before the update would stop it a step late).
+            stopping = stop.agreed(accelerator) if done < config.max_steps else 0  # the last step: the run finishes
             if accelerator.is_main_process:
                 if done % config.checkpoint_every == 0 or done == config.max_steps or stopping:
                     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None else {}
@@ -285,15 +280,13 @@ def train(
     return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)
 
 
-def agree(accelerator, finite: bool, signum: int) -> tuple[bool, int]:
-    """Whether every process's step is finite, and the signal that this step ends the run for (any process's; 0:
-    none): one gather of two numbers per step in a data-parallel run, where each process's answer is its own
-    otherwise. The gradients are averaged by then, the losses are each process's own."""
+def finite_everywhere(accelerator, finite: bool) -> bool:
+    """Whether the step is finite on every process: in a data-parallel run the processes decide together (one
+    stopping alone would leave the others waiting in their next collective). Their gradients are averaged by then,
+    their losses are their own."""
     if accelerator.num_processes == 1:
-        return finite, signum
-    votes = accelerator.gather(torch.tensor([[int(not finite), signum]], device=accelerator.device))  # (processes, 2)
-    bad, signum = votes.max(dim=0).values.tolist()
-    return not bad, int(signum)
+        return finite
+    return accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), reduction="sum").item() == 0
 
 
 def diverged(loss: float, grad_norm: float | None, step: int, config: TrainConfig, out: Path) -> DiffrtError:
@@ -441,9 +434,8 @@ def _loss_rows(path: Path) -> list[dict[str, str]]:
     be cut short, "0.0012" read as "0.00"), and any row whose step, loss and learning rate do not all read as numbers."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")  # not splitlines: it splits at \x0c too
+    lines.pop()  # what follows the last newline: "" for a whole file, else the torn row
     return [row for row in csv.DictReader(lines) if _row_complete(row)]
 
 

@@ -26,6 +26,8 @@ import logging
 import signal
 import threading
 
+import torch
+
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -60,3 +62,11 @@ class StopRequests:
             signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
         log.warning("%s: the run stops after the step under way, once its checkpoint (at the last step: the result) "
                     "is saved; Ctrl-C stops it at once", signal.Signals(signum).name)
+
+    def agreed(self, accelerator) -> int:
+        """The signal that this step ends the run for, any process's (0: none). Every process calls this
+        after every step of a data-parallel run."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        signums = accelerator.gather(torch.tensor([self.signum], device=accelerator.device))
+        return int(signums.max().item())
