@@ -793,29 +793,33 @@ def test_dreambooth_on_a_half_base_under_autocast(sd_folder, cat_folder, tmp_pat
 
 
 @pytest.mark.gpu
-def test_dreambooth_on_gpu_keeps_the_base_in_half_and_lora_in_fp32(sd_folder, cat_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mixed_precision, half", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_dreambooth_on_gpu_keeps_the_base_in_half_and_lora_in_fp32(mixed_precision, half, sd_folder, cat_folder, tmp_path,
+                                                                    monkeypatch):
+    """The GPU layout: the frozen base (UNet, VAE, text encoder) in half precision on the GPU, both models' LoRA in
+    fp32 and trained, with prior preservation's class images drawn by the half base, gradient checkpointing and
+    validation grids; the saved LoRA is fp32 and loads in diffusers. (A review found the fp16 test would pass a run
+    whose steps the loss scaler all skipped, and no bf16 run on a GPU.)"""
     import diffrt.train.dreambooth as dreambooth
+    from PIL import Image
 
     loaded, load_components = {}, dreambooth.load_components
-
-    def spy(*args):
-        loaded["c"] = load_components(*args)  # keep the components to inspect their dtypes
-        return loaded["c"]
-
-    monkeypatch.setattr(dreambooth, "load_components", spy)
-    cfg = DreamBoothConfig(model=str(sd_folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
-                           resolution=32, num_validation_images=1, inference_steps=2,
-                           train=train_config(tmp_path, max_steps=2, batch_size=2, mixed_precision="fp16", checkpoint_every=2))
+    monkeypatch.setattr(dreambooth, "load_components", lambda *a: loaded.setdefault("c", load_components(*a)))
+    cfg = dreambooth_config(sd_folder, cat_folder, tmp_path / "out", tmp_path / "class_images", max_steps=2,
+                            mixed_precision=mixed_precision, gradient_checkpointing=True, checkpoint_every=2, sample_every=2)
     result = train_dreambooth_lora(cfg)
     c = loaded["c"]
-    assert c.device.type == "cuda" and c.unet.conv_in.weight.dtype == torch.float16
-    assert c.vae.dtype == torch.float16 and c.text_encoder.dtype == torch.float16
-    lora = [p for name, p in c.unet.named_parameters() if ".lora_" in name]
-    assert lora and all(p.dtype == torch.float32 and p.is_cuda and p.requires_grad for p in lora)
+    assert c.device.type == "cuda" and c.unet.conv_in.weight.dtype == c.vae.dtype == c.text_encoder.dtype == half
     assert all(np.isfinite(result.losses))
-    weights = load_file(tmp_path / "checkpoints" / "step-0000002" / "weights.safetensors")
-    assert all(v.dtype == torch.float32 for v in weights.values())
-    _pipeline(sd_folder).load_lora_weights(tmp_path / LORA_WEIGHT_NAME)
+    for model in (c.unet, c.text_encoder):
+        lora = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+        assert lora and all(p.dtype == torch.float32 and p.is_cuda and p.requires_grad for p in lora.values())
+        assert all(p.abs().max() > 0 for name, p in lora.items() if ".lora_B." in name)  # from zero: steps were taken
+    for path in (tmp_path / "out" / "checkpoints" / "step-0000002" / "weights.safetensors", tmp_path / "out" / LORA_WEIGHT_NAME):
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in load_file(path).values()), path
+    for path in [*sorted((tmp_path / "class_images").glob("*.png")), tmp_path / "out" / "samples" / "step-0000002.png"]:
+        assert np.asarray(Image.open(path).convert("L")).std() > 1, path  # drawn by the half base: not one flat colour
+    _pipeline(sd_folder).load_lora_weights(tmp_path / "out" / LORA_WEIGHT_NAME)
 
 
 def test_cli_text_encoder_target_modules(sd_folder, tmp_path):

@@ -559,9 +559,35 @@ def test_mixed_precision_defaults_to_accelerates_setting(monkeypatch, tmp_path):
         parsed()
 
 
-@pytest.mark.gpu
-def test_fp16_steps_the_loss_scaler_skips_are_reported(tmp_path, caplog):
-    """A loss that overflows fp16 on every step: the GradScaler skips each, and the run said nothing while it
+@pytest.fixture
+def fp16_loss_scaling(request, monkeypatch):
+    """The device of an fp16 run with its loss scaler: "cuda" (a GPU: accelerate's own GradScaler), or "cpu", where
+    the loop is given accelerate's Accelerator with torch's CPU GradScaler, which a CPU Accelerator does not make (its
+    fp16 needs CUDA). The scaler's work (scale, unscale, skip, back off) is torch's either way; on the CPU it is the
+    loop's handling of it that is tested, on every machine."""
+    if request.param == "cpu":
+        import diffrt.train.loop as loop
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        def accelerator(mixed_precision: str):
+            if AcceleratorState._shared_state:
+                AcceleratorState._reset_state()
+            made = Accelerator(mixed_precision="no", cpu=True)
+            AcceleratorState._shared_state["_mixed_precision"] = "fp16"  # so that clipping unscales first, as on a GPU
+            made.native_amp, made.scaler = True, torch.amp.GradScaler("cpu")
+            return made
+
+        monkeypatch.setattr(loop, "_accelerator", accelerator)
+    return request.param
+
+
+FP16_DEVICES = [pytest.param("cpu", id="cpu-scaler"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("fp16_loss_scaling", FP16_DEVICES, indirect=True)
+def test_fp16_steps_the_loss_scaler_skips_are_reported(fp16_loss_scaling, tmp_path, caplog):
+    """A gradient that overflows fp16 on every step: the GradScaler skips each, and the run said nothing while it
     "finished" untrained."""
     import logging
 
@@ -569,35 +595,84 @@ def test_fp16_steps_the_loss_scaler_skips_are_reported(tmp_path, caplog):
     model = torch.nn.Linear(4, 1)
     before = model.weight.detach().clone()
 
-    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
-        return model(torch.full((8, 4), 6e4, device=model.weight.device)).float().pow(2).mean()  # inf gradients in fp16
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:  # finite in fp32; scaled, its gradient overflows fp16
+        return model(torch.full((8, 4), 6e4, device=model.weight.device)).float().pow(2).mean()
 
     with caplog.at_level(logging.WARNING, logger="diffrt.train.loop"):
-        train(linear_config(tmp_path / "run", mixed_precision="fp16", max_grad_norm=0.0), model, loss_fn, save_fn=lambda out: None)
+        train(linear_config(tmp_path / "run", mixed_precision="fp16", max_grad_norm=0.0, max_steps=1), model, loss_fn,
+              save_fn=lambda out: None)
     assert "the fp16 loss scaler skipped 1 of the steps up to 1" in caplog.text
     assert torch.equal(model.weight.detach().cpu(), before)  # no step taken
 
 
-@pytest.mark.gpu
-def test_fp16_on_cuda_scales_the_loss_and_resumes_with_its_scale_and_ema_on_the_gpu(tmp_path):
-    """fp16 on a GPU: fp32 weights on the device, the GradScaler's state in each checkpoint, and a
-    resumed run that continues the uninterrupted run's losses; EMA averages load onto the GPU."""
-    full, model = train_linear(linear_config(tmp_path / "full", mixed_precision="fp16", ema_decay=0.9))
-    assert model.weight.is_cuda and model.weight.dtype == torch.float32
+@pytest.mark.parametrize("fp16_loss_scaling", FP16_DEVICES, indirect=True)
+def test_a_non_finite_loss_under_the_fp16_loss_scaler_stops_the_run(fp16_loss_scaling, tmp_path):
+    """The bug (a review's): under fp16 the finite check was left to the loss scaler, which mends an overflowing
+    gradient but not a NaN loss: it skipped every step, and the run "finished" and saved its untrained weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    before = model.weight.detach().clone()
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        x = torch.randn(8, 4, generator=g).to(model.weight.device)
+        return F.mse_loss(model(x), x.sum(dim=1, keepdim=True)) * float("nan")
+
+    with pytest.raises(DiffrtError, match=r"the loss at step 1 is nan: training diverged.*--mixed-precision bf16"):
+        train(linear_config(tmp_path / "run", mixed_precision="fp16"), model, loss_fn, save_fn=lambda out: None)
+    assert torch.equal(model.weight.detach().cpu(), before)
+
+
+def train_linear_overflowing_once(config: TrainConfig):
+    """train_linear with a loss whose gradient overflows fp16 at the first loss scale on the first step only: the
+    scaler skips it and halves its scale, which the checkpoints then carry, and every later step is taken."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    first = step_generator(config.seed, 0, 0, 0).initial_seed()  # the first step's generator tells it apart
+
+    def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
+        x = torch.randn(config.batch_size, 4, generator=g).to(model.weight.device)
+        loss = F.mse_loss(model(x), x.sum(dim=1, keepdim=True)) * 1e-3
+        return loss * 1e6 if g.initial_seed() == first else loss
+
+    return train(config, model, loss_fn, save_fn=lambda out: None), model
+
+
+@pytest.mark.parametrize("fp16_loss_scaling", FP16_DEVICES, indirect=True)
+def test_fp16_scales_the_loss_and_resumes_with_its_scale_and_ema(fp16_loss_scaling, tmp_path):
+    """fp16: fp32 weights on the device, the GradScaler's state in each checkpoint, and a resumed run that ends where
+    the uninterrupted one does: losses, weights, EMA and the loss scale (the first step's overflow halved it; a resume
+    that started again from the first scale would end with another). A review found the GPU test's steps all
+    overflowed but one, so a resume that dropped the scaler's state passed it."""
+    device = fp16_loss_scaling
+    config = dict(mixed_precision="fp16", ema_decay=0.9)
+    full, model = train_linear_overflowing_once(linear_config(tmp_path / "full", **config))
+    assert model.weight.device.type == device and model.weight.dtype == torch.float32
     assert all(torch.isfinite(torch.tensor(full.losses)))
 
     out = tmp_path / "run"
-    train_linear(linear_config(out, mixed_precision="fp16", ema_decay=0.9, max_steps=2))
-    saved = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())["scaler"]
-    assert saved["scale"] > 0
-    resumed, _ = train_linear(linear_config(out, mixed_precision="fp16", ema_decay=0.9, resume=True))
-    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5)
+    train_linear_overflowing_once(linear_config(out, max_steps=2, **config))
 
-    named = {"weight": torch.nn.Parameter(torch.zeros(1, 4, device="cuda")), "bias": torch.nn.Parameter(torch.zeros(1, device="cuda"))}
-    ema, scaler = EMA(named, 0.9), torch.amp.GradScaler("cuda")
+    def scaler_state(run, step: int) -> dict:
+        return json.loads((run / "checkpoints" / f"step-{step:07d}" / "state.json").read_text())["scaler"]
+
+    assert scaler_state(out, 2)["scale"] == 65536.0 / 2  # the first step was skipped, the scale halved
+    resumed, again = train_linear_overflowing_once(linear_config(out, resume=True, **config))
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5)
+    assert scaler_state(out, 4) == scaler_state(tmp_path / "full", 4)
+    assert torch.allclose(again.weight, model.weight, rtol=1e-6, atol=1e-7)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        initial = torch.nn.Linear(4, 1).weight.detach()
+    assert not torch.allclose(model.weight.detach().cpu(), initial)  # the steps after the first were taken
+    ema_full = load_file(tmp_path / "full" / "checkpoints" / "step-0000004" / "ema.safetensors")
+    ema_run = load_file(out / "checkpoints" / "step-0000004" / "ema.safetensors")
+    assert all(torch.allclose(ema_full[k], ema_run[k], rtol=1e-6, atol=1e-7) for k in ema_full)
+
+    named = {"weight": torch.nn.Parameter(torch.zeros(1, 4, device=device)), "bias": torch.nn.Parameter(torch.zeros(1, device=device))}
+    ema, scaler = EMA(named, 0.9), torch.amp.GradScaler(device)
     load_latest_checkpoint(out / "checkpoints", named, torch.optim.AdamW(named.values()), ema, scaler)
-    assert all(v.is_cuda and v.dtype == torch.float32 for v in ema.shadow.values())
-    assert scaler.get_scale() == json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())["scaler"]["scale"]
+    assert all(v.device.type == device and v.dtype == torch.float32 for v in ema.shadow.values())
+    assert scaler.get_scale() == scaler_state(out, 4)["scale"]
 
 
 def test_any_64_bit_seed_trains_and_small_seeds_keep_their_generators(tmp_path):

@@ -16,15 +16,13 @@ import time
 from dataclasses import dataclass, field
 from typing import get_args
 
-import torch
-
 from diffrt.data import check_out_outside, load_source
 from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, build_pixel_model, small_unet_config
 from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType
 from diffrt.train.checkpoints import holds_out
 from diffrt.train.config import TrainConfig, trainer_state
-from diffrt.train.loop import TrainResult, train
+from diffrt.train.loop import TrainResult, seeded_global_rng, train
 from diffrt.train.pixel import check_sample_size, grid_guidance_scale, pixel_loss_fn, pixel_sample_fn, save_trained
 
 log = logging.getLogger(__name__)
@@ -73,8 +71,7 @@ def train_class_conditioned(config: ClassCondConfig) -> TrainResult:
     dataset = load_source(config.data, config.sample_size, labelled=True, crop=config.crop, random_flip=config.random_flip)
     if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise DiffrtError(f"--num-classes is {config.num_classes} but {config.data} has {dataset.num_classes} class folders; make them match")
-    with torch.random.fork_rng(devices=[]):  # the initial weights follow --seed, so reruns match
-        torch.manual_seed(config.train.seed)
+    with seeded_global_rng(config.train.seed):  # the initial weights (made on the CPU) follow --seed, so reruns match
         model = build_pixel_model(
             small_unet_config(config.sample_size, dataset.images.shape[1], config.widths),
             conditioning=config.conditioning, num_classes=dataset.num_classes,

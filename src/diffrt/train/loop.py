@@ -85,7 +85,16 @@ def _global_rng_from(g: torch.Generator, device: torch.device) -> Iterator[None]
     device's. On other accelerators (MPS) dropout masks keep their global stream, so reruns there
     repeat only up to those masks.
     """
-    seed = (g.initial_seed() + GLOBAL_RNG_OFFSET) % 2**64
+    with seeded_global_rng((g.initial_seed() + GLOBAL_RNG_OFFSET) % 2**64, device):
+        yield
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """torch's global generators seeded with `seed` for the block, the CPU's and, for a CUDA `device`, that device's,
+    and given back as they were after: torch.manual_seed inside fork_rng(devices=[]) would reseed every CUDA device's
+    generator too (and MPS's) and leave them changed."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
     index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
     with torch.random.fork_rng(devices=[] if index is None else [index]):
         torch.random.default_generator.manual_seed(seed)
@@ -199,7 +208,7 @@ def train(
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, schedule)
-            total = 0.0
+            micro_losses = []
             for micro in range(config.gradient_accumulation_steps):
                 g = step_generator(config.seed, step, micro, accelerator.process_index)
                 # Gradients are averaged over the accumulated micro-batches: each loss is divided by their count.
@@ -209,7 +218,9 @@ def train(
                     with accelerator.autocast():
                         loss = loss_fn(micro, g) / config.gradient_accumulation_steps
                     accelerator.backward(loss)  # fp16: scaled by the GradScaler, unscaled before clipping below
-                total += loss.item()
+                micro_losses.append(loss.detach())
+            # One host sync a step, not one a micro-batch: the host queues the next micro-batch while the GPU works.
+            total = torch.stack([x.double().reshape(()) for x in micro_losses]).sum().item()
             if accelerator.num_processes > 1:
                 average_gradients(named.values(), accelerator)  # in ~25 MB buckets, as DDP does
             grad_norm = None
@@ -221,6 +232,8 @@ def train(
                 grad_norm = float(grad_norm)
                 if not finite_everywhere(accelerator, math.isfinite(total) and math.isfinite(grad_norm)):
                     raise diverged(total, grad_norm, step + 1, config, out)
+            elif not finite_everywhere(accelerator, math.isfinite(total)):  # no loss scale mends the loss itself: the
+                raise diverged(total, None, step + 1, config, out)  # scaler would skip every step, the run "finish" untrained
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # fp16: the loss scaler skips a step whose gradients overflowed (and lowers its scale); every step
@@ -302,8 +315,9 @@ def diverged(loss: float, grad_norm: float | None, step: int, config: TrainConfi
         what = f"the gradient at step {step} is not finite (its norm is {grad_norm}; the loss, {loss:.4g}, is)"
     else:
         what = f"the loss at step {step} is not finite on another process"
+    half = " or with --mixed-precision bf16 (fp16's range is 65504)" if config.mixed_precision == "fp16" else ""
     return DiffrtError(f"{what}: training diverged, and the step was not applied; {where}. Start again with a lower "
-                       f"--learning-rate (now {config.learning_rate:g}) into a new --out (--resume keeps the learning "
+                       f"--learning-rate (now {config.learning_rate:g}){half} into a new --out (--resume keeps the learning "
                        "rate it saved)")
 
 

@@ -40,8 +40,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None, targets, seed: in
 
     lora_config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
                              target_modules=list(targets), lora_dropout=dropout)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    from diffrt.train.loop import seeded_global_rng
+
+    # peft draws the adapter's initial weights from the global generators: the CPU's, or the GPU's of a model on one.
+    with seeded_global_rng(seed, next(model.parameters()).device):
         try:
             model.add_adapter(lora_config)
         except ValueError as exc:
