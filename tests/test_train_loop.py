@@ -564,22 +564,26 @@ def fp16_loss_scaling(request, monkeypatch):
     """The device of an fp16 run with its loss scaler: "cuda" (a GPU: accelerate's own GradScaler), or "cpu", where
     the loop is given accelerate's Accelerator with torch's CPU GradScaler, which a CPU Accelerator does not make (its
     fp16 needs CUDA). The scaler's work (scale, unscale, skip, back off) is torch's either way; on the CPU it is the
-    loop's handling of it that is tested, on every machine."""
-    if request.param == "cpu":
-        import diffrt.train.loop as loop
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
+    loop's handling of it that is tested, on every machine. accelerate's process state (its device included) is
+    dropped before and after the CPU variant: on a GPU machine it would otherwise keep the CUDA device an earlier run
+    chose, or give its CPU one to the runs after it."""
+    if request.param != "cpu":
+        yield request.param
+        return
+    import diffrt.train.loop as loop
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-        def accelerator(mixed_precision: str):
-            if AcceleratorState._shared_state:
-                AcceleratorState._reset_state()
-            made = Accelerator(mixed_precision="no", cpu=True)
-            AcceleratorState._shared_state["_mixed_precision"] = "fp16"  # so that clipping unscales first, as on a GPU
-            made.native_amp, made.scaler = True, torch.amp.GradScaler("cpu")
-            return made
+    def accelerator(mixed_precision: str):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        made = Accelerator(mixed_precision="no", cpu=True)
+        AcceleratorState._shared_state["_mixed_precision"] = "fp16"  # so that clipping unscales first, as on a GPU
+        made.native_amp, made.scaler = True, torch.amp.GradScaler("cpu")
+        return made
 
-        monkeypatch.setattr(loop, "_accelerator", accelerator)
-    return request.param
+    monkeypatch.setattr(loop, "_accelerator", accelerator)
+    yield request.param
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 FP16_DEVICES = [pytest.param("cpu", id="cpu-scaler"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]

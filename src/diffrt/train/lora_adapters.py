@@ -42,7 +42,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None, targets, seed: in
                              target_modules=list(targets), lora_dropout=dropout)
     from diffrt.train.loop import seeded_global_rng
 
-    # peft draws the adapter's initial weights from the global generators: the CPU's, or the GPU's of a model on one.
+    # peft draws the adapter's initial weights from the global generators (the CPU's: it makes the layers there and
+    # moves them to the base layer's device after; the device's is seeded too, should a peft initialise in place).
     with seeded_global_rng(seed, next(model.parameters()).device):
         try:
             model.add_adapter(lora_config)
