@@ -70,18 +70,20 @@ def resolve_model(model: str | Path | None) -> Path | None:
         from huggingface_hub import errors as hf_errors
     except ImportError:  # a dependency of diffusers, so present wherever diffrt runs
         raise DiffrtError(f"{text} is not a local folder, and huggingface_hub is not installed to fetch it") from None
-    # 'runs/digit' beside a folder runs/ is more likely a mistyped path than an id: said first, the Hub's answer after.
-    local = missing_path(text)
+    # On a failure, 'runs/digit' beside a folder runs/ is more likely a mistyped path than an id: said first (missing_path),
+    # the Hub's answer after.
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW, ignore_patterns=IGNORE))
     except hf_errors.RevisionNotFoundError:
         raise DiffrtError(f"{repo} has no revision {revision!r}; check the name after '@'") from None
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):
-        what = "not a Hub repository you can read"
-        raise DiffrtError(f"{local}; as a Hub id, {what} (set HF_TOKEN for a gated or private one)" if local else
+        local = missing_path(text)
+        raise DiffrtError(f"{local}; as a Hub id, not a Hub repository you can read (set HF_TOKEN for a gated or private one)"
+                          if local else
                           f"{text} is neither a local folder nor a Hub repository you can read; check the path or id, "
                           "and set HF_TOKEN for a gated or private one") from None
     except hf_errors.LocalEntryNotFoundError:
+        local = missing_path(text)
         raise DiffrtError(f"{local}; as a Hub id, not in the Hugging Face cache, and the Hub cannot be reached (offline, or "
                           "HF_HUB_OFFLINE=1)" if local else
                           f"{text} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
@@ -89,6 +91,7 @@ def resolve_model(model: str | Path | None) -> Path | None:
     except hf_errors.HfHubHTTPError as exc:
         raise DiffrtError(f"fetching {text} from the Hub failed ({str(exc).splitlines()[0]}); retry, or pass a local folder") from None
     except hf_errors.HFValidationError as exc:  # a path not there yet ('runs/sd--ft') that HUB_ID took for an id
+        local = missing_path(text)
         raise DiffrtError(f"{local}; check the path" if local else
                           f"{text} is neither a local folder nor a valid Hugging Face id ({str(exc).splitlines()[0]}); "
                           "check the path") from None

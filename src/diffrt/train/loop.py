@@ -226,14 +226,15 @@ def train(
             grad_norm = None
             if config.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
-            if scaler is None:  # fp16's loss scaler skips a non-finite step itself (and is counted below)
+            if scaler is None:  # fp16's loss scaler skips a step whose gradients overflowed itself (counted below)
                 if grad_norm is None:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in named.values() if p.grad is not None])
                 grad_norm = float(grad_norm)
                 if not finite_everywhere(accelerator, math.isfinite(total) and math.isfinite(grad_norm)):
                     raise diverged(total, grad_norm, step + 1, config, out)
-            elif not finite_everywhere(accelerator, math.isfinite(total)):  # no loss scale mends the loss itself: the
-                raise diverged(total, None, step + 1, config, out)  # scaler would skip every step, the run "finish" untrained
+            elif not finite_everywhere(accelerator, math.isfinite(total)):
+                # No loss scale mends a non-finite loss: the scaler would skip every step, the run "finish" untrained.
+                raise diverged(total, None, step + 1, config, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # fp16: the loss scaler skips a step whose gradients overflowed (and lowers its scale); every step
