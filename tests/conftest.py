@@ -50,6 +50,16 @@ def _save_pixel(tmp_path_factory, name: str, conditioning: str):
     return save_pixel_model(model, tmp_path_factory.mktemp(name) / "model")
 
 
+@pytest.fixture
+def no_tf32():
+    """TF32 off for the test, so that fp32 means fp32 on CUDA; the switches given back after. (pytest's monkeypatch
+    cannot restore cuBLAS's switch: its undo deletes an attribute that cuBLASModule serves only through __getattr__.)"""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def uncond_model_dir(tmp_path_factory):
     """A randomly initialised unconditional UNet2DModel pipeline folder (16x16 RGB)."""

@@ -634,14 +634,12 @@ def test_serve_dpm_requests_batch_apart_from_ddim_each_as_alone(dpm_artifact):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("config", [dict(), dict(solver_order=3, use_karras_sigmas=True)], ids=["2m", "3m-karras"])
-def test_shipped_model_samples_on_cuda_as_on_the_cpu(config, monkeypatch):
+def test_shipped_model_samples_on_cuda_as_on_the_cpu(config, no_tf32):
     """The solver's coefficients are CPU scalars and its history lives on the pipeline's device: on CUDA
     the shipped digits model's DPM-Solver++ images equal the CPU's (TF32 off, so fp32 means fp32)."""
     from diffrt.models import shipped_digits_model
     from diffrt.runtime.loading import torch_pixel_pipeline
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = shipped_digits_model()
     scheduler = dpm.DPMConfig.from_scheduler_config({**model.scheduler.to_scheduler_config(),
                                                       "_class_name": "DPMSolverMultistepScheduler", **config})

@@ -585,14 +585,12 @@ def test_serve_euler_a_requests_batch_apart_from_other_samplers_each_as_alone(eu
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind,config", [("euler", dict(use_karras_sigmas=True)), ("euler_a", {})], ids=["euler-karras", "euler_a"])
-def test_shipped_model_samples_on_cuda_as_on_the_cpu(kind, config, monkeypatch):
+def test_shipped_model_samples_on_cuda_as_on_the_cpu(kind, config, no_tf32):
     """The schedule's scalars are CPU tensors and the noise is drawn on the CPU generator: on CUDA the shipped digits
     model's Euler images equal the CPU's (TF32 off, so fp32 means fp32)."""
     from diffrt.models import shipped_digits_model
     from diffrt.runtime.loading import torch_pixel_pipeline
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = shipped_digits_model()
     scheduler = ddim.DDIMConfig.from_scheduler_config({**model.scheduler.to_scheduler_config(), "_class_name": CLASSES[kind].__name__,
                                                        **config})

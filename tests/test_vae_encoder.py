@@ -184,15 +184,13 @@ def test_an_automatic_export_includes_the_encoder(t2i_folder, tmp_path, monkeypa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_tensorrt_artifact_runs_text_to_image_and_img2img_on_its_engines_as_pytorch(t2i_folder, image, tmp_path, monkeypatch):
+def test_a_tensorrt_artifact_runs_text_to_image_and_img2img_on_its_engines_as_pytorch(t2i_folder, image, tmp_path, no_tf32):
     """End to end on engines (text encoder, UNet, VAE decoder and encoder), fp32: the images equal eager
     PyTorch's on the same GPU (TF32 off), for text-to-image and image-to-image."""
     from diffrt.runtime.backends import backend_available
 
     if not backend_available("tensorrt"):
         pytest.skip("needs TensorRT")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     out = tmp_path / "trt"
     export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", vae_encoder=True, **T2I_RANGES), [])
     engines = open_text_to_image_pipeline(out, "tensorrt", "cuda")

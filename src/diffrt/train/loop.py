@@ -137,9 +137,6 @@ def train(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.mixed_precision)
-    if config.allow_tf32 and accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise DiffrtError("the model has no trainable parameters")
@@ -199,7 +196,8 @@ def train(
     # so that the error line starts a line of its own. TensorBoard's writer is closed on every way out, so that a
     # stopped run's last events reach the disk. A signal is a request to stop until the result is saved.
     with (tqdm(total=config.max_steps, initial=start, desc="train", disable=not accelerator.is_main_process) as progress,
-          contextlib.closing(writer) if writer is not None else contextlib.nullcontext(), StopRequests() as stop):
+          contextlib.closing(writer) if writer is not None else contextlib.nullcontext(), StopRequests() as stop,
+          tf32(config.allow_tf32 and accelerator.device.type == "cuda")):
         if accelerator.is_main_process and start == config.max_steps:
             grid = (lambda: _save_samples(out, writer, start, model, named, ema, sample_fn, sample_nrow)) if sample_fn else None
             # The rate its last step ran at, as the checkpoint saved it: the new --max-steps moved the schedule's end.
@@ -292,6 +290,22 @@ def train(
     steps_run = config.max_steps - start
     rate = steps_run * images_per_step / sum(step_times) if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """--allow-tf32 for the run: CUDA's fp32 matmuls and convolutions in TF32 (Ampere and later), and the switches
+    given back as they were after. They are the process's: left on, a notebook's or a test session's later fp32 work
+    ran in TF32 too."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def finite_everywhere(accelerator, finite: bool) -> bool:
