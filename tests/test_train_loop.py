@@ -679,23 +679,18 @@ def test_fp16_scales_the_loss_and_resumes_with_its_scale_and_ema(fp16_loss_scali
     assert scaler.get_scale() == scaler_state(out, 4)["scale"]
 
 
-def test_allow_tf32_holds_for_the_run_only():
+def test_allow_tf32_holds_for_the_run_only(no_tf32):
     """The bug (a review's): --allow-tf32 turned TF32 on for the rest of the process (a notebook's, a test session's
     later fp32 work ran in TF32). The loop holds it for its steps (on a CUDA device) and gives the switches back, on
-    an error too. (The switches are set on CPU builds as well; pytest's monkeypatch cannot restore cuBLAS's.)"""
+    an error too. (The switches are set on CPU builds as well.)"""
     from diffrt.train.loop import tf32
 
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with pytest.raises(RuntimeError, match="a step failed"), tf32(True):
-            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-            raise RuntimeError("a step failed")
+    with pytest.raises(RuntimeError, match="a step failed"), tf32(True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        raise RuntimeError("a step failed")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    with tf32(False):
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        with tf32(False):
-            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_any_64_bit_seed_trains_and_small_seeds_keep_their_generators(tmp_path):
