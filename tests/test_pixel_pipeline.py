@@ -234,8 +234,13 @@ def test_torch_compile_matches_eager(uncond_model_dir):
 def test_through_unet_on_an_artifact_checks_the_fallback_against_the_engine(classemb_model_dir, classemb_artifact):
     pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
     guidance = [color_guidance("#ff0000", 10.0, mode="through_unet")]
+    start = time.perf_counter()
     result = pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, guidance=guidance, output_type="pt")
+    wall = time.perf_counter() - start
     assert result.backend == "onnxruntime" and torch.isfinite(result.images).all()
+    # The fallback's first load is reported apart from the call's time, which leaves it out.
+    loaded = result.metadata["load_seconds"]
+    assert loaded > 0 and result.seconds <= wall - loaded
     # The guided images are eager PyTorch's for the same call (the engine's eps steps, the fallback's gradient steers),
     # and the guidance acts: a fallback that did nothing would leave the unguided images.
     eager = torch_pixel_pipeline(load_pixel_model(classemb_model_dir))
@@ -243,6 +248,7 @@ def test_through_unet_on_an_artifact_checks_the_fallback_against_the_engine(clas
     unguided = pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="pt").images
     assert (result.images - same).abs().max() <= 1e-3 and (result.images - unguided).abs().max() > 1e-2
     assert result.metadata["guidance_pytorch"] == ["unet"]  # reported, where backend alone said onnxruntime (RELIABILITY #15)
+    assert pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, guidance=guidance).metadata["load_seconds"] == 0
     assert next(pipe.torch_module("unet", "test").parameters()).device == pipe.device
     # A fallback with other weights than the engine must not steer the guidance (RELIABILITY #16).
     other = load_pixel_model(classemb_model_dir).unet

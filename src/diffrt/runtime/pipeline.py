@@ -54,6 +54,18 @@ def loading_seconds() -> float:
     return getattr(_loading, "seconds", 0.0)
 
 
+class CallClock:
+    """Times one call on this thread, leaving out what it spent loading PyTorch fallbacks on first use."""
+
+    def __init__(self):
+        self._start, self._loaded = time.perf_counter(), loading_seconds()
+
+    def stop(self) -> tuple[float, float]:
+        """(seconds the call ran, its loads excluded; seconds it spent loading)."""
+        loaded = loading_seconds() - self._loaded
+        return time.perf_counter() - self._start - loaded, loaded
+
+
 @dataclass
 class GenerationResult:
     """Images plus what produced them: the backend that really ran (RELIABILITY #15) and timings."""
@@ -380,7 +392,7 @@ class PixelPipeline(DenoiserPipeline):
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
         schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta)
-        t0, loaded = time.perf_counter(), loading_seconds()
+        clock = CallClock()
 
         # 2. Initial noise x_T, drawn on the CPU generator as diffusers does, unless the caller
         #    brings its own (diffusers' `latents=`): a server batching requests draws each
@@ -423,8 +435,7 @@ class PixelPipeline(DenoiserPipeline):
 
         # 5. Post-process.
         images = to_unit_range(x)
-        loaded = loading_seconds() - loaded  # a PyTorch fallback's first load: not the call's speed
-        seconds = time.perf_counter() - t0 - loaded
+        seconds, loaded = clock.stop()  # a PyTorch fallback's first load is not the call's speed
         meta = {"class_labels": labels.tolist() if labels is not None else None, "guidance_scale": guidance_scale,
                 "eta": eta, "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
                 "guidance": [g.name for g in guidance], "guidance_pytorch": guidance_in_pytorch(guidance),

@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -62,8 +61,8 @@ from diffrt.runtime.agreement import guard_autograd_denoiser
 from diffrt.runtime.backends import Backend
 from diffrt.runtime.guidance import Guidance, acting
 from diffrt.runtime.lora_scale import RuntimeLora
-from diffrt.runtime.pipeline import (DenoiserPipeline, GenerationResult, gated, TorchModule, OutputType, convert_output, guidance_in_pytorch,
-                                     loading_seconds, refuse_not_taken, to_unit_range_unclamped)
+from diffrt.runtime.pipeline import (CallClock, DenoiserPipeline, GenerationResult, gated, TorchModule, OutputType, convert_output, guidance_in_pytorch,
+                                     refuse_not_taken, to_unit_range_unclamped)
 from diffrt.runtime.sampling import (Generators, SamplerOptions, Scheduler, assigned_scheduler, check_finite, choose_scheduler,
                                      randn, sample)
 from diffrt.runtime.text_to_image_checks import Call, TextToImageChecks
@@ -207,7 +206,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
                                 num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed,
                                 image, strength, control_image, controlnet_conditioning_scale, control_guidance_start,
                                 control_guidance_end, guess_mode, output_type, latents, scheduler, timesteps, clip_skip)
-        t0, loaded = time.perf_counter(), loading_seconds()
+        clock = CallClock()
 
         # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
         embeds, truncated, truncated_neg, encoded_text = self._encode_prompts(call, prompt_embeds, negative_prompt_embeds)
@@ -256,8 +255,8 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
                 "guidance": [g.name for g in guidance], "guidance_pytorch": guidance_in_pytorch(guidance, "vae_decoder"),
                 **self.runtime_metadata(ran)}
         # A PyTorch fallback's first load (the VAE, for an encoder or for guidance) is not the call's speed.
-        meta["load_seconds"] = loading_seconds() - loaded
-        return GenerationResult(images, self.backend, time.perf_counter() - t0 - meta["load_seconds"], len(call.schedule), meta)
+        seconds, meta["load_seconds"] = clock.stop()
+        return GenerationResult(images, self.backend, seconds, len(call.schedule), meta)
 
     # --- the steps --------------------------------------------------------------------------------
 
