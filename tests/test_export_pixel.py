@@ -109,6 +109,33 @@ def test_interrupted_export_is_not_trusted_and_is_rebuilt(classemb_model_dir, ar
     artifact_pixel_pipeline(artifact, "onnxruntime")
 
 
+def test_a_rebuild_that_fails_leaves_the_previous_export_as_it_was(classemb_model_dir, artifact, monkeypatch):
+    """The bug (a review's): a rebuild removed the previous manifest and unet/ before it began, so a rebuild that
+    failed (its parity check here, an engine out of memory on a GPU) left a folder nothing would open, named "stopped"."""
+    from diffrt.export import artifact as exporting
+    from diffrt.export.cache import STAGE
+
+    before = mf.read_manifest(artifact)
+    images = artifact_pixel_pipeline(artifact, "onnxruntime")([3], num_inference_steps=2, seed=0, output_type="pt").images
+
+    def fails(*args, **kwargs):
+        raise DiffrtError("unet: onnxruntime output differs from PyTorch")
+
+    monkeypatch.setattr(exporting, "_onnxruntime_parity", fails)
+    with pytest.raises(DiffrtError, match="differs from PyTorch"):
+        export_pixel_model(classemb_model_dir, artifact, ExportOptions(batch=(1, 2, 4)))
+    assert mf.read_manifest(artifact) == before and (artifact / STAGE / "unet" / "model.onnx").is_file()  # staged beside
+    again = artifact_pixel_pipeline(artifact, "onnxruntime")([3], num_inference_steps=2, seed=0, output_type="pt").images
+    assert torch.equal(images, again)
+    assert export_pixel_model(classemb_model_dir, artifact, OPTIONS).cache_hit
+
+    monkeypatch.undo()
+    result = export_pixel_model(classemb_model_dir, artifact, ExportOptions(batch=(1, 2, 4)))
+    assert result.manifest["components"]["unet"]["spec"]["ranges"]["batch"] == [1, 2, 4]
+    assert not (artifact / STAGE).exists() and not (artifact / ".rebuild.json").exists()
+    artifact_pixel_pipeline(artifact, "onnxruntime")([3], num_inference_steps=2, seed=0)
+
+
 def test_truncated_manifest_is_refused(artifact):
     path = artifact / mf.MANIFEST
     path.write_text(path.read_text()[:50])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -525,23 +526,26 @@ def interrupt_export_at(monkeypatch, n: int) -> list[str]:
     return calls
 
 
-def test_interrupted_export_is_not_trusted_and_a_rerun_rebuilds(plain_artifact, t2i_folder, tmp_path, monkeypatch):
+def test_an_interrupted_rebuild_leaves_the_previous_export_running_and_a_rerun_rebuilds(plain_artifact, t2i_folder, tmp_path,
+                                                                                        monkeypatch):
+    """The bug (a review's): a rebuild removed the previous manifest before it began, so one stopped or failed midway left
+    an artifact nothing would open. The new export is staged beside the old, which runs until it is replaced."""
     from diffrt.export.manifest import read_manifest
 
     folder = shutil.copytree(plain_artifact, tmp_path / "copy")
-    old_key = read_manifest(folder)["key"]
+    old = read_manifest(folder)
+    before = artifact_text_to_image_pipeline(folder, "onnxruntime")("a cat", num_inference_steps=1, seed=0, output_type="pt").images
     options = ExportOptions(**{**T2I_RANGES, "batch": (1, 2, 2)}, verify=False)  # another export: a rebuild
     interrupt_export_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         export_text_to_image(t2i_folder, folder, options, [])
-    assert not (folder / "manifest.json").exists()
-    with pytest.raises(ArtifactError, match="did not finish"):
-        artifact_text_to_image_pipeline(folder, "onnxruntime")
-    assert cached_export(folder, old_key, 0.0) is None
+    assert read_manifest(folder) == old and cached_export(folder, old["key"], 0.0) is not None
+    after = artifact_text_to_image_pipeline(folder, "onnxruntime")("a cat", num_inference_steps=1, seed=0, output_type="pt").images
+    assert torch.equal(before, after)
 
     monkeypatch.undo()  # the real export_onnx again
     result = export_text_to_image(t2i_folder, folder, options, [])
-    assert not result.cache_hit and result.manifest["key"] != old_key
+    assert not result.cache_hit and result.manifest["key"] != old["key"]
     assert result.manifest["components"]["unet"]["spec"]["ranges"]["batch"] == [1, 2, 2]
     artifact_text_to_image_pipeline(folder, "onnxruntime")
     assert export_text_to_image(t2i_folder, folder, options, []).cache_hit
@@ -791,21 +795,21 @@ def test_dropping_the_vae_encoder_removes_its_folder_and_keeps_the_rest(t2i_fold
 
 
 def test_a_killed_rebuild_resumes_from_what_it_finished_and_trusts_nothing_else(unverified_plain, t2i_folder, tmp_path, monkeypatch):
-    """The old manifest is removed when a rebuild starts; the rebuild record (cache.REBUILD) keeps the
+    """A rebuild stages its components beside the previous export; the rebuild record (cache.REBUILD) keeps the
     components kept and those finished, so a rerun after a kill exports only the rest, and a component
     whose files changed since (here: one the killed run was writing, and one edited) is rebuilt."""
     from diffrt.export import cache
 
     out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    old = mf.read_manifest(out)
     options = ExportOptions(**{**T2I_RANGES, "batch": (1, 2, 2)}, verify=False, vae_encoder=True)  # every spec changes
     calls = interrupt_export_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         export_text_to_image(t2i_folder, out, options, [])
-    assert calls == ["text_encoder", "unet", "vae_decoder"] and not (out / "manifest.json").exists()
+    assert calls == ["text_encoder", "unet", "vae_decoder"] and mf.read_manifest(out) == old  # the previous export runs
     assert (out / cache.REBUILD).is_file()
-    with pytest.raises(ArtifactError, match="did not finish"):
-        artifact_text_to_image_pipeline(out, "onnxruntime")
-    onnx = out / "unet" / "model.onnx"
+    artifact_text_to_image_pipeline(out, "onnxruntime")
+    onnx = out / cache.STAGE / "unet" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes() + b"\0")  # changed since the record was written: never trusted
 
     names = exported_names(monkeypatch)
@@ -814,6 +818,38 @@ def test_a_killed_rebuild_resumes_from_what_it_finished_and_trusts_nothing_else(
     assert result.manifest["components"]["text_encoder"]["spec"]["ranges"]["batch"] == [1, 2, 2]
     artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")("a cat", num_inference_steps=1)
     assert export_text_to_image(t2i_folder, out, options, []).cache_hit
+
+
+def test_a_rebuild_stopped_while_it_moves_into_place_is_finished_by_a_rerun(unverified_plain, t2i_folder, tmp_path, monkeypatch):
+    """The moves that replace the previous export are renames: a kill among them leaves no manifest (the folder is
+    named unfinished), and the rerun finds every component, moved or still staged, by the record, and exports none."""
+    from diffrt.export import cache
+
+    out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    options = ExportOptions(**T2I_RANGES, verify=False, vae_encoder=True)  # the encoder added: the rest kept
+    real, moves = cache._move, []
+
+    def stops(src, dst):
+        moves.append(Path(dst).name)
+        if len(moves) == 3:  # text_encoder out of the way and the new one in place; then the kill
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(cache, "_move", stops)
+    with pytest.raises(KeyboardInterrupt):
+        export_text_to_image(t2i_folder, out, options, [])
+    monkeypatch.undo()
+    assert moves == ["text_encoder", "text_encoder", "tokenizer"] and not (out / mf.MANIFEST).exists()
+    with pytest.raises(ArtifactError, match="did not finish"):
+        artifact_text_to_image_pipeline(out, "onnxruntime")
+
+    names = exported_names(monkeypatch)
+    result = export_text_to_image(t2i_folder, out, options, [])
+    assert names == [] and not result.cache_hit and not (out / cache.STAGE).exists()
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "text_encoder", "unet", "vae_decoder", "vae_encoder", "tokenizer"}
+    fresh = export_text_to_image(t2i_folder, tmp_path / "fresh", options, [])
+    assert file_hashes(result.manifest) == file_hashes(fresh.manifest)
+    artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")("a cat", num_inference_steps=1)
 
 
 @pytest.mark.parametrize("held, asked, refits", [([], [], False), ([], ["a"], True), (["a"], [], True), (["a"], ["a"], True)],
@@ -867,7 +903,7 @@ def test_an_old_folder_a_rebuild_cannot_remove_is_named(t2i_folder, tmp_path, mo
     monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # every delete fails
     with caplog.at_level(logging.WARNING, logger="diffrt"):
         export_text_to_image(t2i_folder, out, ExportOptions(**T2I_RANGES, verify=False), [])
-    assert "could not remove the old vae_encoder/" in caplog.text
+    assert "could not remove .staging/" in caplog.text  # the old vae_encoder/ was moved there
 
 
 def test_tokenizer_entries_stay_in_the_tokenizer_folder(t2i_artifact, tmp_path):

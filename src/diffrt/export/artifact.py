@@ -9,8 +9,8 @@ dispatch to the text-to-image export (text_to_image.py).
 
 LoRA. ONNX-only exports bake LoRA into the graph. TensorRT engines keep base weights and take
 LoRA by refit, always from the stored base (refit.py), so refits never accumulate. An export with
-LoRA refits its engines before the manifest is written, so a refit that fails leaves no manifest,
-never a false cache hit.
+LoRA refits its engines before they are moved into place and the manifest is written, so a refit that
+fails leaves the previous export, never a false cache hit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.cache import COMPONENT_FOLDERS, REBUILD, cached_export, export_key, lora_hashes, raise_changed, start_rebuild
+from diffrt.export.cache import COMPONENT_FOLDERS, begin_rebuild, cached_export, export_key, lora_hashes, raise_changed
 from diffrt.export.onnx import export_onnx
 from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision, check_options
 from diffrt.models import PixelModel, SHIPPED_DIGITS, check_smallest_shape, load_pixel_model
@@ -92,14 +92,15 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
     elif options.loras:
         _check_loras({"unet": model.unet.unet}, options.loras)
     with mf.artifact_lock(out):
-        hit = start_rebuild(out, key, t0, lora_parts, options, sources)
+        hit, rebuild = begin_rebuild(out, key, t0, lora_parts, options, sources, writes=("unet",))
         if hit is not None:
             return hit
-        components = {"unet": _export_component(model.unet, spec, out, options)}
+        stage = rebuild.stage  # the previous export runs until the new one has finished
+        components = {"unet": _export_component(model.unet, spec, stage, options)}
         if options.backend == "tensorrt":
             from diffrt.export.refit import add_weight_map
 
-            add_weight_map(out, "unet", {"unet": model.unet.unet}, components["unet"])
+            add_weight_map(stage, "unet", {"unet": model.unet.unet}, components["unet"])
         baked = [{**part, "modules": f.num_modules} for part, f in zip(lora_parts, fused)]  # as text-to-image's and refit's
         manifest = {
             "key": key, "kind": "pixel", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -111,10 +112,8 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
                          "channels": model.unet.out_channels, "sample_size": model.unet.sample_size},
             "components": components,
         }
-        refit_before_manifest(out, manifest, options)
-        mf.write_manifest(out, manifest)
-        (out / REBUILD).unlink(missing_ok=True)  # after the manifest: a kill between the two leaves the manifest, which rules
-        written = mf.read_manifest(out)  # under the lock: another builder may replace it once it is released
+        refit_before_manifest(stage, manifest, options)
+        written = rebuild.finish(manifest)
     return ExportResult(out, False, written, time.perf_counter() - t0)
 
 

@@ -4,10 +4,10 @@ it can.
 Exporting again with unchanged inputs is a cache hit that does no work and says so (an export
 that asks for the parity check is no hit on one made with --no-verify). A rebuild takes the
 folder's lock, looks again (another builder may have finished the same export while it waited),
-then removes the old manifest, so an interrupted rebuild is never mistaken for a finished one,
-the old component folders (one the new export lacks would stay otherwise) and the temporaries a
-killed export left. A text-to-image rebuild keeps each old component whose own inputs are unchanged
-(its `component_key`) and whose files still hash as recorded, folder and manifest entry, and
+then builds the new export beside the old one, in a staging folder, and moves it into place only
+when it has finished: a rebuild that fails or is stopped leaves the previous export as it was,
+running (`Rebuild`). A text-to-image rebuild keeps each old component whose own inputs are unchanged
+(its `component_key`) and whose files still hash as recorded, files and manifest entry, and
 exports only the others: adding --vae-encoder builds one engine, not four (`begin_rebuild`).
 
 The manifest's "key" is the key of the base export, without LoRA, and "loras" is the LoRA state the
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffrt import atomic
@@ -151,93 +153,162 @@ def component_key(spec: ComponentSpec, precision: Precision, sources: dict[str, 
     })
 
 
-# A rebuild's record of the component folders it keeps, has finished or may write, beside the manifest
-# while the manifest is absent. Kill safety: the old manifest is removed when a rebuild starts, so a
-# rebuild killed midway would otherwise leave nothing that names the folders it kept (a killed run
-# after the UNet engine was kept, or built, would rebuild it: minutes) nor those it may have written
-# (which a later rebuild without them must remove). This file, written atomically under the lock before
-# the manifest goes and again after each finished component, keeps the entries; nothing but a rebuild
-# reads it, and a rebuild trusts an entry only as it trusts a manifest's: its component key must be
-# the one asked for and every file it lists must still hash as recorded (a folder a killed export was
-# rewriting fails that check and is rebuilt). It is removed once the new manifest is written.
+# A rebuild writes the new export into STAGE, a folder inside the artifact, and moves it into place only once every
+# component is built, checked against PyTorch and refit (`Rebuild.finish`): until then the previous export stays whole
+# and runs, so a rebuild that fails (a parity check, an engine out of memory) or is stopped loses nothing. The
+# components it keeps are hard-linked into STAGE (copied where links fail), so that STAGE is the whole new artifact
+# and a refit of a kept engine replaces the staged file, never the running one.
+STAGE = ".staging"
+
+# A rebuild's record, beside the manifest: the component entries it has in STAGE (kept, or finished) and the component
+# folders of the artifact it owns (the previous export's, and those it may write). Kill safety: a rebuild stopped midway
+# leaves the previous manifest and this record, so a rerun reuses what the stopped one finished (minutes per engine)
+# instead of building it again; one stopped while it moves STAGE into place (no manifest then, for a moment) leaves the
+# record alone, which names the folders the rerun owns and the entries it may find in STAGE or already moved. Written
+# atomically under the lock, at the start and after each finished component; nothing but a rebuild reads it, and a
+# rebuild trusts an entry only as it trusts a manifest's: its component key must be the one asked for and every file it
+# lists must still hash as recorded (a folder the stopped export was writing fails that check and is rebuilt). It is
+# removed once the new manifest is written.
 REBUILD = ".rebuild.json"
 
 
-def _old_components(out: Path) -> tuple[dict, list[str]]:
-    """The previous export's component entries and the component folders it owns: from its manifest,
-    else from the record a killed rebuild left (REBUILD), else none."""
+def _previous(out: Path) -> tuple[dict, set[str]]:
+    """The previous export's component entries (files in `out`) and the component folders it owns, from its manifest."""
     try:
         components = mf.read_manifest(out)["components"]
-        return components, [name for name in components if name in COMPONENT_FOLDERS]
+        return components, {name for name in components if name in COMPONENT_FOLDERS}
     except ArtifactError:
-        pass
+        return {}, set()
+
+
+def _recorded(out: Path) -> tuple[dict, set[str]]:
+    """The entries and folders a stopped rebuild recorded (REBUILD), else none."""
     try:
         record = json.loads((out / REBUILD).read_text())
         components, folders = record["components"], record["folders"]
         if isinstance(components, dict) and isinstance(folders, list):
-            return components, [name for name in folders if name in COMPONENT_FOLDERS]
+            return components, {name for name in folders if name in COMPONENT_FOLDERS}
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return {}, []
+    return {}, set()
 
 
-def _reusable(out: Path, name: str, entry, key: str, options: ExportOptions) -> bool:
-    """Whether the old entry of component `name` may stand for the new one: same component key (entries
-    from before component keys have none: rebuilt), checked against PyTorch if this export asks for it,
-    every file intact."""
+def _reusable(root: Path, name: str, entry, key: str, options: ExportOptions) -> bool:
+    """Whether the entry of component `name`, its files under `root`, may stand for the new one: same component key
+    (entries from before component keys have none: rebuilt), checked against PyTorch if this export asks for it, every
+    file intact."""
     if not isinstance(entry, dict) or entry.get("component_key") != key:
         return False
     if options.verify and "parity" not in entry:
-        log.info("%s: %s was exported unverified (--no-verify); rebuilding it with the parity check", out, name)
+        log.info("%s: %s was exported unverified (--no-verify); rebuilding it with the parity check", root, name)
         return False
     if not isinstance(entry.get("files"), dict):
         return False
     try:
-        mf.verify_files(out, {"components": {name: entry}, "pipeline": {}}, [name])
+        mf.verify_files(root, {"components": {name: entry}, "pipeline": {}}, [name])
     except ArtifactError as exc:
-        log.info("%s: not reusing %s: %s", out, name, exc)
+        log.info("%s: not reusing %s: %s", root, name, exc)
         return False
     return True
 
 
 def write_rebuild_record(out: Path, components: dict, folders) -> None:
-    """REBUILD: the entries a killed rebuild may reuse and the folders it owns (under the lock)."""
+    """REBUILD: the entries a stopped rebuild may reuse and the folders it owns (under the lock)."""
     atomic.write_json(out / REBUILD, {"components": components, "folders": sorted(folders)})
 
 
-def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict,
-                  component_keys: dict[str, str] | None = None, writes: tuple[str, ...] = ()) -> tuple[ExportResult | None, dict]:
-    """Under the artifact's lock: (the export another builder finished while this one waited for the
-    lock, {}) (a hit, no second build); else (None, the old entries kept), the folder made ready for a
-    rebuild: its manifest removed, so that nothing trusts it until the new one is written, the old
-    component folders not kept removed, and what killed writes left there removed.
+def _link_tree(src: Path, dst: Path) -> None:
+    """`src` at `dst` without copying its bytes where the file system allows it (hard links)."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:  # a file system without hard links, or another device: a copy
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link)
 
-    `component_keys` ({name: component_key} of the new export): the old components whose entry has that
-    key and whose files verify are kept, folder and entry (`_reusable`); None (pixel exports) keeps none. `writes`:
-    the component folders the export writes besides those (the record names them, so that a rerun after a kill
-    knows them for its own). `sources`: the paths of the export's inputs, recorded anew on a hit (cached_export)."""
+
+def _move(src: Path, dst: Path) -> None:
+    os.replace(src, dst)  # a rename: one folder of gigabytes moves in no time
+
+
+def _remove(path: Path, out: Path) -> None:
+    """Remove a folder of the artifact, and say so when it cannot be removed (no manifest or record will name it)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():  # a file held open elsewhere, a permission
+        log.warning("%s: could not remove %s/ (in use, or not ours to delete); remove it by hand", out, path.relative_to(out))
+
+
+@dataclass
+class Rebuild:
+    """A rebuild under way (begin_rebuild): write the new components into `stage`, `record` each one finished, then
+    `finish` with the new manifest."""
+
+    out: Path
+    stage: Path
+    kept: dict  # the previous components reused as they are, entry by name (their files already in `stage`)
+    folders: set[str]  # the component folders of `out` this rebuild owns: the previous export's and those it may write
+
+    def record(self, finished: dict) -> None:
+        """After each finished component: a rerun after a kill reuses it."""
+        write_rebuild_record(self.out, {**self.kept, **finished}, self.folders)
+
+    def finish(self, manifest: dict) -> dict:
+        """Move the staged artifact into place and write its manifest (last: the artifact is trusted from then on);
+        return the manifest as written. The moves are renames, so the artifact is without a manifest for moments."""
+        out, stage = self.out, self.stage
+        self.record(manifest["components"])  # what a kill during the moves finds, in `stage` or already in `out`
+        replaced = stage / ".replaced"
+        replaced.mkdir(exist_ok=True)
+        (out / mf.MANIFEST).unlink(missing_ok=True)
+        staged = {p.name for p in stage.iterdir() if p.is_dir() and p != replaced}
+        for name in sorted(staged | self.folders):
+            if (out / name).exists():
+                _move(out / name, replaced / name)
+            if name in staged:
+                _move(stage / name, out / name)
+        mf.write_manifest(out, manifest)
+        (out / REBUILD).unlink(missing_ok=True)  # after the manifest: a kill between the two leaves the manifest, which rules
+        _remove(stage, out)
+        return mf.read_manifest(out)  # under the lock: another builder may replace it once it is released
+
+
+def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict,
+                  component_keys: dict[str, str] | None = None, writes: tuple[str, ...] = ()) -> tuple[ExportResult | None, Rebuild | None]:
+    """Under the artifact's lock: (the export another builder finished while this one waited for the lock, None) (a
+    hit, no second build); else (None, the rebuild), its STAGE made ready: holding the previous components it keeps
+    and nothing else. The previous export is left as it is until `Rebuild.finish`.
+
+    `component_keys` ({name: component_key} of the new export): a component whose entry has that key and whose files
+    verify is kept, one a stopped rebuild left in STAGE first, else the previous export's (`_reusable`); None (pixel
+    exports) keeps none. `writes`: the component folders the export writes besides those (the record names them, so
+    that a rerun after a kill knows them for its own). `sources`: the paths of the export's inputs, recorded anew on a
+    hit (cached_export)."""
     hit = cached_export(out, key, t0, loras, verified=options.verify, quiet=True, sources=sources, locked=True)
     if hit is not None:
-        return hit, {}
-    old, owned = _old_components(out)
+        return hit, None
+    stage = out / STAGE
+    previous, owned = _previous(out)
+    recorded, recorded_folders = _recorded(out)
+    if not (out / mf.MANIFEST).is_file():
+        owned |= recorded_folders  # stopped while moving its stage into place: what it owned, it still owns
     wanted = component_keys or {}
-    kept = {name: old[name] for name in wanted if name in old and _reusable(out, name, old[name], wanted[name], options)}
-    # Before the manifest goes: from here on the record names what is kept and what may be written.
-    write_rebuild_record(out, kept, {*owned, *wanted, *writes})
-    (out / mf.MANIFEST).unlink(missing_ok=True)
-    # The old export's component folders but those kept: each is rebuilt anyway, and one the new export
-    # lacks (a ControlNet dropped: controlnet/, unet_controlnet/) would otherwise stay, gigabytes no manifest names.
-    for name in owned:
-        if name not in kept:
-            shutil.rmtree(out / name, ignore_errors=True)
-            if (out / name).exists():  # a file held open elsewhere, a permission: say so, as no record will name it
-                log.warning("%s: could not remove the old %s/ (in use, or not ours to delete); remove it by hand", out, name)
-    removed = atomic.remove_leftovers(out)
-    if removed:
-        log.info("%s: removed %d temporary file(s) an interrupted export left: %s", out, len(removed), ", ".join(removed))
-    return None, kept
-
-
-def start_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: ExportOptions, sources: dict) -> ExportResult | None:
-    """`begin_rebuild` keeping no component (pixel exports: one component, unet/, rebuilt whole)."""
-    return begin_rebuild(out, key, t0, loras, options, sources, writes=("unet",))[0]
+    kept = {}
+    for name in wanted:
+        for entry, root in ((recorded.get(name), stage), (recorded.get(name), out), (previous.get(name), out)):
+            if entry is not None and _reusable(root, name, entry, wanted[name], options):
+                if root == out:
+                    shutil.rmtree(stage / name, ignore_errors=True)
+                    _link_tree(out / name, stage / name)
+                kept[name] = entry
+                break
+    stage.mkdir(parents=True, exist_ok=True)
+    for path in stage.iterdir():  # what a stopped rebuild staged that this one does not keep
+        if path.name not in kept:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    rebuild = Rebuild(out, stage, kept, {*owned, *wanted, *writes})
+    rebuild.record({})
+    for folder in (out, stage):
+        removed = atomic.remove_leftovers(folder)
+        if removed:
+            log.info("%s: removed %d temporary file(s) an interrupted export left: %s", folder, len(removed), ", ".join(removed))
+    return None, rebuild

@@ -41,8 +41,7 @@ from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
 from diffrt.export.artifact import _check_loras, _export_component, check_out_apart, refit_before_manifest
-from diffrt.export.cache import (REBUILD, begin_rebuild, cached_export, component_key, export_key, lora_hashes, raise_changed,
-                                 write_rebuild_record)
+from diffrt.export.cache import begin_rebuild, cached_export, component_key, export_key, lora_hashes, raise_changed
 from diffrt.export.options import check_options, ExportOptions, ExportResult, Precision, TORCH_DTYPES
 from diffrt.export.refit import LORA_COMPONENTS
 from diffrt.models import check_smallest_shape
@@ -136,11 +135,12 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
         _check_loras({"unet": model.unet, "text_encoder": model.text_encoder}, options.loras)
     keys = component_keys(specs, precisions, hashes, fused, options)
     with mf.artifact_lock(out):
-        # Until the new manifest is written the folder is not trusted; the old components whose inputs
-        # this export leaves unchanged are kept (their folders and manifest entries), the rest exported.
-        hit, kept = begin_rebuild(out, key, t0, lora_parts, options, sources, keys)
+        # The new export is built in a staging folder while the previous one stays in place and runs; the old
+        # components whose inputs this export leaves unchanged are kept (their files and manifest entries), the rest exported.
+        hit, rebuild = begin_rebuild(out, key, t0, lora_parts, options, sources, keys)
         if hit is not None:
             return hit
+        stage, kept = rebuild.stage, rebuild.kept
         components = {}
         # Minutes per component at SD-1.5 size (ONNX, parity run, TensorRT build): show which one is under way.
         with tqdm(specs.items(), desc="export", unit="component", leave=False, disable=None) as bar:  # None: on a terminal only
@@ -150,12 +150,12 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
                     log.info("reusing %s (unchanged)", name)
                     components[name] = kept[name]  # as it was, weight map and refit LoRAs included
                     continue
-                entry = _export_component(model.module(name), spec, out, options, precisions[name])
+                entry = _export_component(model.module(name), spec, stage, options, precisions[name])
                 if options.backend == "tensorrt" and name in LORA_COMPONENTS:
-                    _add_weight_map(out, name, model, entry)
+                    _add_weight_map(stage, name, model, entry)
                 components[name] = {**entry, "component_key": keys[name]}
-                # A killed rebuild resumes from here: what it kept (reached or not) and what it has finished.
-                write_rebuild_record(out, {**kept, **components}, {*kept, *specs})
+                # A stopped rebuild resumes from here: what it kept (reached or not) and what it has finished.
+                rebuild.record(components)
         baked = [{**part, "modules": f.get("num_modules")} for part, f in zip(lora_parts, fused)]
         manifest = {
             "key": key, "kind": "text-to-image", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -165,7 +165,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
             "versions": mf.library_versions(),
             "pipeline": {
                 "scheduler": model.scheduler.to_scheduler_config(),
-                "tokenizer": _copy_tokenizer(model_dir / "tokenizer", out / "tokenizer"),
+                "tokenizer": _copy_tokenizer(model_dir / "tokenizer", stage / "tokenizer"),
                 "vae_scaling_factor": float(model.vae.config.scaling_factor),
                 "vae_force_upcast": force_upcast,
                 "vae_factor": model.vae_factor,
@@ -176,10 +176,8 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
             },
             "components": components,
         }
-        refit_before_manifest(out, manifest, options)
-        mf.write_manifest(out, manifest)
-        (out / REBUILD).unlink(missing_ok=True)  # after the manifest: a kill between the two leaves the manifest, which rules
-        written = mf.read_manifest(out)  # under the lock: another builder may replace it once it is released
+        refit_before_manifest(stage, manifest, options)
+        written = rebuild.finish(manifest)
     log.info("exported %s to %s in %.1f s", model_dir, out, time.perf_counter() - t0)
     return ExportResult(out, False, written, time.perf_counter() - t0)
 

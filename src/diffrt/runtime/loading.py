@@ -43,7 +43,7 @@ def is_artifact(folder: Path) -> bool:
     with mf.artifact_lock(folder, shared=True):  # held exclusively while an export writes the folder
         if (folder / mf.MANIFEST).is_file():
             return True
-    raise ArtifactError(f"{folder} holds an export that did not finish (it was stopped); run the same `diffrt export` "
+    raise ArtifactError(f"{folder} holds an export that did not finish (it was stopped, or failed); run the same `diffrt export` "
                         "again to finish it")
 
 

@@ -34,7 +34,7 @@ class ClosedError(Exception):
     """The batcher is shutting down (or its worker died) and takes no new jobs."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: removed from the queue by identity, never by comparing payloads (tensors)
 class Job:
     key: Hashable | None  # jobs with equal, non-None keys may share a batch
     size: int  # images this job adds to a batch
