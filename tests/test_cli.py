@@ -205,6 +205,11 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(capsys, monke
     # An unknown option is named by its command's parser, whose --help lists it (`diffrt --help` lists commands).
     (("generate", "--bogus"), "unrecognized arguments: --bogus (`diffrt generate --help` lists the options)"),
     (("train", "finetune", "--model", "m", "--data", "d", "extra"), "unrecognized arguments: extra (`diffrt train finetune --help`"),
+    # From a review: Path("") is the current folder, so an unset `--out "$OUT"` trained (or exported) into it.
+    (("train", "class-cond", "--out", ""), "--out is empty (an unset shell variable?)"),
+    (("train", "finetune", "--model", "m", "--data", " ", "--out", "o"), "--data is empty"),
+    (("export", "--out", "a", "--lora", ""), "--lora is empty"),
+    (("generate", "--model", ""), "--model is empty"),
 ])
 def test_a_malformed_command_line_is_one_line_too(args, words, capsys):
     """argparse's own errors (bad value, missing option, unknown command) are one line naming

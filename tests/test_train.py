@@ -564,6 +564,23 @@ def test_dreambooth_resume_is_refused_before_class_images_are_generated(dreamboo
     assert sorted(p.name for p in class_data.iterdir()) == before
 
 
+def test_dreambooth_resume_refuses_other_class_images(dreambooth_run, sd_folder, cat_folder, tmp_path):
+    """The bug (a review's): the checkpoint recorded the instance images but not the class images, so a --resume whose
+    class folder had an image replaced or added (one sorting first changes the first --num-class-images) trained on
+    other priors without a word."""
+    full_cfg, _ = dreambooth_run
+    class_data = shutil.copytree(full_cfg.class_data, tmp_path / "class_images")  # the fixture's 2: none generated
+    cfg = dreambooth_config(sd_folder, cat_folder, tmp_path / "out", class_data, max_steps=1, checkpoint_every=1)
+    train_dreambooth_lora(cfg)
+    resume = replace(cfg, train=replace(cfg.train, max_steps=2, resume=True))
+    first = sorted(class_data.glob("*.png"))[0]
+    shutil.copy(first, class_data / "a-first.png")  # sorts first: the first two are now another pair
+    with pytest.raises(DiffrtError, match=r"class_content: '[0-9a-f]{16}' saved vs '[0-9a-f]{16}' now"):
+        train_dreambooth_lora(resume)
+    (class_data / "a-first.png").unlink()
+    assert len(train_dreambooth_lora(resume).losses) == 1  # the same images: resumed
+
+
 def test_dreambooth_reads_the_class_images_there_before_generating_more(bad_inputs, sd_folder, cat_folder, tmp_path, capsys):
     """The bug (a review's): a file in --class-data that is no image failed the run only after the missing class
     images were generated with the base model (minutes to hours on a real one)."""
@@ -924,6 +941,8 @@ def bad_inputs(tmp_path_factory, cat_folder) -> dict[str, Path]:
     (root / "classes").mkdir()
     for name in ("a", "b"):
         shutil.copytree(cat_folder, root / "classes" / name)
+    shutil.copytree(root / "classes", root / "classes_link")
+    (root / "classes_link" / "c").symlink_to(root / "unmounted" / "c")  # a class on a share not mounted
     save_pretrained_pixel_model(root / "pixel")
     with torch.random.fork_rng(devices=[]):
         save_pixel_model(build_pixel_model(small_unet_config(6, 3, (16, 32)), scheduler=DDIMConfig()), root / "pixel6")
@@ -976,6 +995,10 @@ def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
         "adam beta1 of 1": (ft + ["--data", str(cat), "--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
         "snr gamma of 0": (db + ["--snr-gamma", "0"], "--snr-gamma must be a number > 0"),
         "lora dropout of 1": (db + ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
+        # From a review: NaN passed `<= 0` and the run stopped at step 1 blaming the learning rate.
+        "lora alpha nan": (db + ["--lora-alpha", "nan"], "--lora-alpha must be > 0, got nan"),
+        "class folder that links to nothing": (["train", "class-cond", "--data", str(r / "classes_link"), "--resolution", "8",
+                                                "--widths", "16", "32"], "classes_link/c is a link to nothing"),
         "class data inside the instance data": (db + ["--with-prior-preservation", "--class-prompt", "a cat",
                                                       "--class-data", str(cat / "class")],
                                                 f"--class-data {cat / 'class'} is inside the --instance-data folder {cat}"),

@@ -197,6 +197,22 @@ def test_a_dangling_link_in_an_image_folder_is_named(wide_folder, tmp_path):
         load_image_folder(folder, 16)
 
 
+def test_an_image_name_not_in_utf8_is_read_and_recorded(wide_folder, tmp_path):
+    """The bug (a review's): the content hash --resume compares encoded each name as UTF-8, so a file or class folder
+    named in Latin-1 (an old zip, a Windows share) ended every trainer in a UnicodeEncodeError traceback."""
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name = os.fsdecode(b"d\xe9j\xe0.png")  # Latin-1 bytes: a surrogate in Python's str
+    (folder / name).write_bytes((wide_folder / "wide.png").read_bytes())
+    (folder / "plain.png").write_bytes((wide_folder / "wide.png").read_bytes())
+    first = load_image_folder(folder, 16)
+    assert len(first) == 2 and first.content == load_image_folder(folder, 16).content
+    (folder / name).rename(folder / os.fsdecode(b"d\xe9j\xe1.png"))
+    assert load_image_folder(folder, 16).content != first.content  # the name is in it
+
+
 def test_a_huge_training_image_is_one_line_not_gigabytes(tmp_path):
     """A 17 KB 1-bit PNG of 12000 x 12000 pixels was decoded to 1.7 GB of float32, then copied (4 GB peak)."""
     from diffrt.errors import DataError

@@ -594,6 +594,19 @@ class _AboveProgressBars(logging.StreamHandler):
             self.handleError(record)
 
 
+PATH_ARGS = ("out", "model", "data", "instance_data", "class_data", "artifact", "controlnet", "image", "control_image", "lora")
+
+
+def _empty_path(args: argparse.Namespace) -> str | None:
+    """The first path argument given as an empty string, as its flag; else None."""
+    for dest in PATH_ARGS:
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            return dest if dest == "artifact" else f"--{dest.replace('_', '-')}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
@@ -606,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    empty = _empty_path(args)
+    if empty:  # Path("") is the current folder: an unset `--out "$OUT"` would write (or read) the run where it stands
+        (getattr(args, "parser", None) or parser).error(f"{empty} is empty (an unset shell variable?); give a path")
     try:
         _resolve_hub_ids(args)
         return int(args.func(args) or 0)

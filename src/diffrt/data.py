@@ -190,7 +190,8 @@ def data_content(folder: Path, files: list[Path]) -> str:
 
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{atomic.sha256_file(path)}\n".encode())
+        # The name's bytes as the file system holds them: a name that is not UTF-8 (a Latin-1 zip) has no str encoding
+        digest.update(os.fsencode(path.relative_to(folder).as_posix()) + f"\0{atomic.sha256_file(path)}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -206,6 +207,8 @@ def check_out_outside(out: str | Path, source: str | None, flag: str = "--data")
 
 
 def _require_folder(folder: str | Path) -> Path:
+    if not str(folder).strip():  # Path("") is the current folder
+        raise DataError(f"the data folder is an empty path; pass a folder of images or one of: {', '.join(BUNDLED)}")
     folder = Path(folder)
     if not folder.is_dir():
         what = f"{folder} is a file, not a data folder" if folder.exists() else f"data folder not found: {folder}"
@@ -313,6 +316,10 @@ def load_class_folders(folder: str | Path, size: int, crop: str = "center", rand
     """One sub-folder per class (label order: class_order), images inside each (and in its sub-folders)."""
     folder = _require_folder(folder)
     entries = _visible(folder)
+    dangling = [p for p in entries if p.is_symlink() and not p.exists()]
+    if dangling:  # a class folder on a share not mounted: left out, every later class's label would shift
+        raise DataError(f"{dangling[0]} is a link to nothing (it points to {dangling[0].readlink()}); mount or restore it, or "
+                        "remove the link")
     loose = [p for p in entries if not p.is_dir()]
     suffixes = image_suffixes()
     images = [p for p in loose if p.suffix.lower() in suffixes]

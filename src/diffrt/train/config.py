@@ -54,6 +54,8 @@ class TrainConfig:
     resume: bool | Literal["auto"] = False  # "auto": resume where --out holds a checkpoint, else start a new run
 
     def validate(self) -> None:
+        if not str(self.out).strip():  # Path("") is the current folder: the run's files would land where it stands
+            raise DiffrtError("--out is empty; give the run's folder")
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise DiffrtError(f"resume must be True, False or 'auto', got {self.resume!r}")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):

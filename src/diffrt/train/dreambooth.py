@@ -84,7 +84,7 @@ class DreamBoothConfig:
     def validate(self) -> None:
         if self.rank < 1:
             raise DiffrtError(f"--rank must be >= 1 (the LoRA's inner dimension), got {self.rank}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
+        if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:  # NaN too
             raise DiffrtError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise DiffrtError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
@@ -193,6 +193,10 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
                                   # the class from_pretrained builds: model_index.json's, else the config's own
                                   scheduler_class=index_scheduler_class(folder) or c.scheduler_config.get("_class_name"))
         class_images = load_image_folder(class_dir, config.resolution, crop=config.crop, limit=config.num_class_images)
+        # The class images a run trained with are its data as much as the instance images: replaced or added
+        # (a name sorting first changes the first N), a --resume would train on other priors without a word.
+        extra_state["dreambooth"]["class_content"] = class_images.content
+        check_resume(config.train, extra_state)
 
     # 4. LoRA adapters, initialised from the seed so that a rerun starts from the same weights.
     unet_lora = add_lora(c.unet, config.rank, config.lora_alpha, config.target_modules, config.train.seed,
