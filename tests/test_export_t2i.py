@@ -445,6 +445,21 @@ def plain_artifact(t2i_folder, tmp_path_factory):
     return out
 
 
+def test_an_export_for_one_image_with_cfg_decodes_it(t2i_folder, tmp_path):
+    """The bug (a review's): --batch 2:2:2 (a static UNet for one image with CFG) was applied to the VAE too, which
+    decodes one row per image: the call ran every step, then the decoder refused batch 1. The text encoder encodes one
+    row per prompt (two with CFG), so two images of one prompt without CFG need its batch 1."""
+    options = ExportOptions(**{**T2I_RANGES, "batch": (2, 2, 2)}, verify=False, vae_encoder=True)
+    result = export_text_to_image(t2i_folder, tmp_path / "artifact", options, [])
+    for name in ("vae_decoder", "vae_encoder"):
+        assert result.manifest["components"][name]["spec"]["ranges"]["batch"] == [1, 2, 2]
+    assert result.manifest["components"]["unet"]["spec"]["ranges"]["batch"] == [2, 2, 2]
+    assert result.manifest["components"]["text_encoder"]["spec"]["ranges"]["batch"] == [1, 2, 2]
+    pipe = artifact_text_to_image_pipeline(tmp_path / "artifact", "onnxruntime", "cpu")
+    assert len(pipe("a cat", num_inference_steps=1, guidance_scale=5.0).images) == 1
+    assert len(pipe("a cat", num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=2).images) == 2  # no CFG
+
+
 def test_plain_unet_matches_pytorch_across_batch_and_resolution(plain_artifact, model):
     from diffrt.export.manifest import read_manifest
 

@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnx: ONNX files for ONNX Runtime; tensorrt: those and TensorRT engines")
     ex.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                     help="weights and activations (the VAE stays fp32 where its config asks; bf16: TensorRT only)")
-    ex.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="UNet batch range (CFG doubles the image count)")
+    ex.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="UNet batch range (CFG doubles the image count; the VAE's range starts at half MIN, the text encoder's at 1)")
     ex.add_argument("--height", default=None, metavar="MIN:OPT:MAX", help="image height range in pixels")
     ex.add_argument("--width", default=None, metavar="MIN:OPT:MAX", help="image width range in pixels")
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")

@@ -389,17 +389,21 @@ def component_specs(model: TextToImageModel, names: list[str], *, batch: Range, 
     control = dict(vae_factor=model.vae_factor, num_controlnets=model.num_controlnets)
     residuals = controlnet_residuals(model.controlnet) if model.controlnet is not None else []
     guided = dict(guidance_embed_dim=getattr(unet, "time_cond_proj_dim", None))  # LCM-distilled: timestep_cond
+    # `batch` is the UNet's: CFG doubles the images there. The VAE takes one row per image, so its range starts at
+    # half the smallest (a UNet built for batch 2 only, one image with CFG, decodes that image); the text encoder one
+    # row per prompt (twice with CFG), copied per image after, so its starts at 1 (one prompt, several images).
+    images, prompts = ((batch[0] + 1) // 2, *batch[1:]), (1, *batch[1:])
     make = {
-        "text_encoder": lambda: text_encoder_spec(model.text_encoder.config.vocab_size, hidden, length, batch,
+        "text_encoder": lambda: text_encoder_spec(model.text_encoder.config.vocab_size, hidden, length, prompts,
                                                   num_layers=model.text_encoder.config.num_hidden_layers),
         "unet": lambda: latent_unet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim, **guided, **common),
         "unet_controlnet": lambda: unet_controlnet_spec(unet.in_channels, unet.out_channels, unet.cross_attention_dim,
                                                         num_residuals=len(residuals), **control, **guided, **common),
         "controlnet": lambda: controlnet_spec(unet.in_channels, unet.cross_attention_dim, residuals,
                                               pooled=all(global_pool_conditions(model.controlnet)), **control, **common),
-        "vae_decoder": lambda: vae_decoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,
+        "vae_decoder": lambda: vae_decoder_spec(model.vae.config.latent_channels, batch=images, height=h, width=w,
                                                 vae_factor=model.vae_factor, out_channels=model.vae.config.out_channels),
-        "vae_encoder": lambda: vae_encoder_spec(model.vae.config.latent_channels, batch=batch, height=h, width=w,
+        "vae_encoder": lambda: vae_encoder_spec(model.vae.config.latent_channels, batch=images, height=h, width=w,
                                                 vae_factor=model.vae_factor, multiple=common["multiple"],
                                                 in_channels=model.vae.config.in_channels),
     }

@@ -130,9 +130,11 @@ def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
         raise DiffrtError(f"--height {':'.join(map(str, sizes))}: every value must be a multiple of {multiple} "
                           f"(the UNet halves the image {multiple.bit_length() - 1} times), got {bad[0]}")
     check_smallest_shape(model.unet.one_value_side, options.batch[0], sizes[0], sizes[0], "the unet")
+    # The spec says the UNet's own multiple, but 4 (the spec's default) where every size is one: artifacts exported
+    # before it was the UNet's keep their keys; a UNet that halves once exports at sides of 2 (18 px).
+    spec_multiple = max(multiple, 4) if all(s % 4 == 0 for s in sizes) else multiple
     return pixel_unet_spec(model.unet.out_channels, size, model.info.conditioning != "none",
-                           num_labels=model.info.num_classes + 1, batch=options.batch, size=sizes,
-                           multiple=max(multiple, 4))  # 4: the spec's default, so existing keys stay
+                           num_labels=model.info.num_classes + 1, batch=options.batch, size=sizes, multiple=spec_multiple)
 
 
 def pixel_export_key(source_sha256: str, spec: ComponentSpec, options: ExportOptions) -> str:

@@ -73,7 +73,7 @@ def torch_pixel_spec(model: PixelModel):
     deepest level (a size it cannot: one line, not a traceback from inside the model)."""
     spec = pixel_unet_spec(model.unet.out_channels, model.unet.sample_size, model.info.conditioning != "none",
                            num_labels=model.info.num_classes + 1, batch=OPEN_BATCH, size=(8, model.unet.sample_size, 4096),
-                           multiple=max(model.unet.size_multiple, 4))
+                           multiple=model.unet.size_multiple)
     return dataclasses.replace(spec, eager=True)
 
 
