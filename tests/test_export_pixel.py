@@ -144,6 +144,15 @@ def test_truncated_manifest_is_refused(artifact):
         artifact_pixel_pipeline(artifact, "onnxruntime")
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5", True])
+def test_a_lora_scale_that_is_no_finite_number_is_refused_through_the_api(classemb_model_dir, tmp_path, scale):
+    """The CLI's FILE:SCALE refused NaN, but ExportOptions took it: fused into every weight, and a NaN never equal to
+    itself made the export a cache miss for ever."""
+    with pytest.raises(DiffrtError, match="LoRA scale of .* must be a finite number"):
+        export_pixel_model(classemb_model_dir, tmp_path / "a", ExportOptions(batch=(1, 2, 8), loras=[("x.safetensors", scale)]))
+    assert not (tmp_path / "a").exists()
+
+
 def test_lora_with_no_matching_keys_is_refused(classemb_model_dir, tmp_path):
     from safetensors.torch import save_file
 

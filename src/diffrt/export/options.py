@@ -4,6 +4,8 @@ folder) keep their artifacts."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -88,7 +90,10 @@ def check_options(options: ExportOptions, out: Path | None = None) -> None:
     """Refuse, in one line, an export that cannot succeed, before any model is loaded or traced."""
     if out is not None and out.exists() and not out.is_dir():
         raise DiffrtError(f"--out {out} is a file; an export writes a folder there: pass a new or existing folder")
-    for path, _ in options.loras:
+    for path, scale in options.loras:
+        # As the CLI's FILE:SCALE refuses it: NaN fused into every weight, and never equal to itself, never a cache hit
+        if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+            raise DiffrtError(f"the LoRA scale of {path} must be a finite number, got {scale!r}")
         locate_lora(Path(path))  # a file, or a folder holding one (train dreambooth-lora's output)
     for name in ("batch", "height", "width"):
         check_range(getattr(options, name), name)
