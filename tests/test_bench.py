@@ -39,6 +39,24 @@ def tiny_configs(classemb_model_dir, monkeypatch):
     return guided, unguided
 
 
+def test_results_record_what_tells_two_cpus_of_one_name_apart(tmp_path, monkeypatch):
+    """From a review: two hosts both read "AMD EPYC", 2 CPUs, in the committed results, a 2x apart in speed; family,
+    model, stepping and the instruction sets the kernels use are recorded (the first processor's)."""
+    from diffrt.bench import provenance, timing
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nstepping\t: 1\n"
+                    "flags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC\ncpu family\t: 23\nmodel\t\t: 49\nstepping\t: 0\nflags\t\t: fpu\n")
+    monkeypatch.setattr(timing, "CPUINFO", info)
+    expected = {"family": "25", "model": "17", "stepping": "1", "isa": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    assert timing.cpu_identity() == expected
+    assert provenance.run_metadata(1)["cpu_identity"] == expected
+    assert timing.machine_info(torch.device("cpu"), 1)["cpu_identity"] == expected
+    monkeypatch.setattr(timing, "CPUINFO", tmp_path / "none")
+    assert timing.cpu_identity() is None
+
+
 def test_only_the_default_run_writes_the_machines_own_file_name():
     from diffrt.bench import report_stem
 
@@ -381,6 +399,31 @@ def test_short_configurations_run_until_a_minimum_measured_time(monkeypatch):
     one = [_fake_cell(config, "torch", log)]
     cells.time_rounds(one, torch.device("cpu"), CellOptions(repeats=3, min_time_s=100.0, max_runs=7))
     assert len(one[0].runs) == 7  # capped
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_repeats_asked_for_are_all_run_where_the_default_is_cut_for_slow_cells(monkeypatch, asked):
+    """From a review: --repeats 20 on a cell of 10 s runs (past the 20 s cell budget) ran 3 rounds and recorded 20.
+    The default (5) is still cut to 3 for such cells, so a default run fits its time; a number asked for is run."""
+    config = BenchConfig("c", "test", num_images=1, num_inference_steps=1, guidance_scale=1.0)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(cells.time, "perf_counter", lambda: clock.__setitem__("now", clock["now"] + 10.0) or clock["now"])
+    one = [_fake_cell(config, "torch", [])]
+    cells.time_rounds(one, torch.device("cpu"), CellOptions(repeats=20 if asked else 5, budget_s=20.0, repeats_asked=asked))
+    assert len(one[0].runs) == (20 if asked else 3)
+    one = [_fake_cell(config, "torch", [])]
+    cells.time_rounds(one, torch.device("cpu"), CellOptions(repeats=40, budget_s=20.0, repeats_asked=True))
+    assert len(one[0].runs) == 40  # past max_runs too: asked for
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "soon"])
+def test_a_bench_budget_that_is_no_positive_time_is_refused(monkeypatch, tmp_path, value):
+    """From a review: DIFFRT_BENCH_BUDGET_S=0 read as unset (270 s), and a negative one was taken."""
+    from diffrt.errors import DiffrtError
+
+    monkeypatch.setenv("DIFFRT_BENCH_BUDGET_S", value)
+    with pytest.raises(DiffrtError, match="DIFFRT_BENCH_BUDGET_S=.* must be a number of seconds > 0"):
+        run_bench(out_dir=tmp_path, configs=["digits"], threads=1, kernels=False)
 
 
 def test_speedup_is_the_median_of_per_round_ratios_with_its_spread():

@@ -484,9 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--backend", action="append", default=None, help="backends to measure (default: all present)")
     be.add_argument("--config", action="append", default=None, help="configurations, repeatable (--list names them; default: those for this machine)")
     be.add_argument("--list", action="store_true", help="list the configurations and exit")
-    be.add_argument("--repeats", type=int, default=5,
-                    help="timed rounds per cell (default 5); a cell whose runs take under 3 s in all runs more rounds, up "
-                         "to 30, so that a short run is not judged on a few samples")
+    be.add_argument("--repeats", type=int, default=None,
+                    help="timed rounds per cell, every one run (default 5, or 3 for a cell past 20 s on a CPU, 60 s on "
+                         "CUDA); a cell whose runs take under 3 s in all runs more rounds, up to 30, so that a short run "
+                         "is not judged on a few samples")
     be.set_defaults(parser=be, func=_cmd_bench)
 
     # serve

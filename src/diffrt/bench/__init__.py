@@ -133,7 +133,7 @@ def _installed(package: str) -> str | None:
 
 
 def _command(out_dir, backends, repeats, configs) -> str:
-    parts = ["diffrt bench", f"--out {out_dir}", f"--repeats {repeats}"]
+    parts = ["diffrt bench", f"--out {out_dir}", *([f"--repeats {repeats}"] if repeats is not None else [])]
     parts += [f"--backend {b}" for b in backends or []] + [f"--config {c}" for c in configs or []]
     env = " ".join(f"{k}={os.environ[k]}" for k in ("DIFFRT_BENCH_THREADS", "DIFFRT_BENCH_BUDGET_S") if os.environ.get(k))
     return (f"{env} " if env else "") + " ".join(parts)
@@ -166,9 +166,12 @@ def _env_budget() -> float | None:
     if not env:
         return None
     try:
-        return float(env)
+        value = float(env)
     except ValueError:
-        raise DiffrtError(f"DIFFRT_BENCH_BUDGET_S={env!r} must be a number of seconds (or unset: 270 on a CPU, 3000 on CUDA)") from None
+        value = float("nan")
+    if not 0 < value < float("inf"):  # 0 read as unset, a negative one as no time at all: both said nothing
+        raise DiffrtError(f"DIFFRT_BENCH_BUDGET_S={env!r} must be a number of seconds > 0 (or unset: 270 on a CPU, 3000 on CUDA)")
+    return value
 
 
 def check_out_dir(out_dir: str | Path) -> None:
@@ -185,7 +188,10 @@ def check_out_dir(out_dir: str | Path) -> None:
         raise DiffrtError(f"--out {out} is not writable; give a folder you can write")
 
 
-def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | None = None, repeats: int = 5,
+DEFAULT_REPEATS = 5
+
+
+def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | None = None, repeats: int | None = None,
               configs: list[str] | None = None, *, threads: int | None = None, budget_s: float | None = None,
               cell_budget_s: float | None = None, compile_cap_s: float | None = None, min_time_s: float | None = None,
               kernels: bool = True) -> list[Path]:
@@ -194,6 +200,7 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
     The files are written after every configuration as well, marked partial, so a run that is
     killed keeps what it measured.
 
+    repeats: timed rounds per cell, every one of them run; None: 5, fewer (3) for cells slower than cell_budget_s.
     budget_s: the whole run's time target (else DIFFRT_BENCH_BUDGET_S, else CPU 270 s, CUDA 3000 s);
     a configuration is not started past it, and the isolated torch.compile cells are cut to fit it.
     cell_budget_s: timed rounds stop after this once three are done (CPU 20 s, CUDA 60 s).
@@ -206,7 +213,7 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
     unknown = [b for b in backends or [] if b not in BACKENDS]
     if unknown:
         raise DiffrtError(f"unknown backend {unknown[0]!r} for the benchmark; known: {', '.join(BACKENDS)}")
-    if repeats < 1:
+    if repeats is not None and repeats < 1:
         raise DiffrtError(f"--repeats must be >= 1, got {repeats}")
     for name in backends or []:  # asked for by name: one line now, not a "skipped" row after minutes of the others
         if name in REGISTRY:
@@ -216,9 +223,10 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
     if threads != asked:
         log.warning("%d threads asked for, %d CPUs available: measuring with %d (ONNX Runtime's pool cannot be larger, "
                     "and eager PyTorch must run with the same count)", asked, available_cpus(), threads)
-    budget_s = budget_s or _env_budget() or (3000.0 if gpu else 270.0)
-    options = CellOptions(repeats=repeats, budget_s=cell_budget_s or (60.0 if gpu else 20.0),
-                          min_time_s=3.0 if min_time_s is None else min_time_s)
+    env_budget = _env_budget()
+    budget_s = budget_s if budget_s is not None else env_budget if env_budget is not None else 3000.0 if gpu else 270.0
+    options = CellOptions(repeats=repeats or DEFAULT_REPEATS, budget_s=cell_budget_s or (60.0 if gpu else 20.0),
+                          min_time_s=3.0 if min_time_s is None else min_time_s, repeats_asked=repeats is not None)
     compile_cap_s = compile_cap_s or (900.0 if gpu else 150.0)
 
     results: dict[tuple[str, str], dict] = {}
@@ -341,7 +349,7 @@ def _write(run: dict, results, images, loops, kernel_results, pending: list[str]
         "provenance": run["provenance"], "machine_tag": machine_tag(run["machine"]), "machine": run["machine"],
         "stem": report_stem(machine_tag(run["machine"]), run["configs"], run["backends"], GPU_DEFAULT if run["gpu"] else CPU_DEFAULT),
         "versions": {**library_versions(), "optimum": _installed("optimum"), "triton": _installed("triton")},
-        "settings": {"repeats": run["repeats"], "warmup_steps": WARMUP_STEPS, "cell_budget_s": options.budget_s,
+        "settings": {"repeats": options.repeats, "repeats_asked": options.repeats_asked, "warmup_steps": WARMUP_STEPS, "cell_budget_s": options.budget_s,
                      "min_runs": options.min_runs, "min_time_s": options.min_time_s, "max_runs": options.max_runs,
                      "budget_s": run["budget_s"], "compile_cap_s": run["compile_cap_s"],
                      "configs": {c.name: c.settings() for c in chosen}},

@@ -44,6 +44,7 @@ class CellOptions:
     # so a 0.2 s run is not judged on five samples.
     min_time_s: float = 3.0
     max_runs: int = 30
+    repeats_asked: bool = False  # `repeats` was asked for (--repeats): every one is run, past budget_s and max_runs
 
 
 @dataclass
@@ -149,9 +150,9 @@ def time_rounds(cells: list[Cell], device: torch.device, options: CellOptions) -
                 cell.error = _failure(cell.config, cell.backend, exc)
         live = [c for c in live if c.error is None]
         rounds += 1
-        if not live or rounds >= options.max_runs:
+        if not live or rounds >= max(options.max_runs, options.repeats if options.repeats_asked else 0):
             break
-        if rounds < min(options.min_runs, options.repeats):
+        if rounds < (options.repeats if options.repeats_asked else min(options.min_runs, options.repeats)):
             continue
         shortest = min(sum(c.runs) for c in live)
         if shortest < options.min_time_s:

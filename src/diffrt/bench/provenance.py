@@ -51,9 +51,9 @@ def run_metadata(threads: int | None = None) -> dict:
     import torch
 
     import diffrt
-    from diffrt.bench.timing import available_cpus, cpu_model
+    from diffrt.bench.timing import available_cpus, cpu_identity, cpu_model
 
-    return {**git_state(), "diffrt": diffrt.__version__, "torch": torch.__version__, "cpu": cpu_model(),
+    return {**git_state(), "diffrt": diffrt.__version__, "torch": torch.__version__, "cpu": cpu_model(), "cpu_identity": cpu_identity(),
             "cpus_available": available_cpus(), "threads": threads if threads is not None else torch.get_num_threads(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_1min_at_start": load_average(),
             "load_average_1min_at_end": None}

@@ -257,7 +257,8 @@ def chart(report: dict, path: Path) -> Path:
         ax.set_xlim(0, max(r["end_to_end_per_image"]["p90_ms"] for r in rows) * (2.6 if wide else 1.6))
     m = report["machine"]
     hw = m["gpu"]["name"] if m["gpu"] else f"{m['cpu']} ({m['threads']} thread{'s' if m['threads'] > 1 else ''})"
-    fig.suptitle(f"diffrt bench on {hw}: end-to-end latency per image, speed-up vs eager torch", fontsize=11)
+    # Two lines: one panel (a run of one --config) is narrower than the title on one line, which was cut at both ends.
+    fig.suptitle(f"diffrt bench on {hw}\nend-to-end latency per image, speed-up vs eager torch", fontsize=11)
     fig.tight_layout()
     try:
         with atomic.atomic_path(path) as tmp:  # as the JSON and the table: a stopped write leaves the old chart

@@ -197,13 +197,35 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets that change how fast PyTorch's and ONNX Runtime's CPU kernels run.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_identity() -> dict | None:
+    """What tells two CPUs of one model name apart (two EPYC generations both read "AMD EPYC" on some clouds): family,
+    model and stepping, and the instruction sets the kernels use. None where /proc/cpuinfo is not there."""
+    fields = {}
+    try:
+        for line in CPUINFO.read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if not key:  # the end of the first processor's block: the others repeat it
+                break
+            fields.setdefault(key, value)
+    except OSError:
+        return None
+    flags = set(fields.get("flags", "").split())
+    return {"family": fields.get("cpu family"), "model": fields.get("model"), "stepping": fields.get("stepping"),
+            "isa": [f for f in ISA_FLAGS if f in flags]}
+
+
 def machine_info(device: torch.device, threads: int) -> dict:
     gpu = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu = {"name": props.name, "memory_gb": round(props.total_memory / (1 << 30), 1),
                "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_available": available_cpus(), "threads": threads,
+    return {"cpu": cpu_model(), "cpu_identity": cpu_identity(), "cpu_count": os.cpu_count(), "cpus_available": available_cpus(), "threads": threads,
             "gpu": gpu, "device": str(device), "platform": platform.platform(),
             "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 

@@ -55,13 +55,22 @@ def loading_seconds() -> float:
 
 
 class CallClock:
-    """Times one call on this thread, leaving out what it spent loading PyTorch fallbacks on first use."""
+    """Times one call on this thread, leaving out what it spent loading PyTorch fallbacks on first use. On a CUDA
+    device the clock waits for the GPU at both ends: kernels queued before the call are not its time, and those it
+    queued (the last step, the decode, with output_type "pt" or "latent") are."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self._cuda = device if device.type == "cuda" else None
+        self._sync()
         self._start, self._loaded = time.perf_counter(), loading_seconds()
+
+    def _sync(self) -> None:
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
 
     def stop(self) -> tuple[float, float]:
         """(seconds the call ran, its loads excluded; seconds it spent loading)."""
+        self._sync()
         loaded = loading_seconds() - self._loaded
         return time.perf_counter() - self._start - loaded, loaded
 
@@ -392,7 +401,7 @@ class PixelPipeline(DenoiserPipeline):
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
         schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta)
-        clock = CallClock()
+        clock = CallClock(self.device)
 
         # 2. Initial noise x_T, drawn on the CPU generator as diffusers does, unless the caller
         #    brings its own (diffusers' `latents=`): a server batching requests draws each

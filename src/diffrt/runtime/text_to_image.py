@@ -206,7 +206,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
                                 num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale, generator, seed,
                                 image, strength, control_image, controlnet_conditioning_scale, control_guidance_start,
                                 control_guidance_end, guess_mode, output_type, latents, scheduler, timesteps, clip_skip)
-        clock = CallClock()
+        clock = CallClock(self.device)
 
         # 2. Encode the prompts given as text: negative and positive in one batch, then one copy per image.
         embeds, truncated, truncated_neg, encoded_text = self._encode_prompts(call, prompt_embeds, negative_prompt_embeds)
