@@ -129,6 +129,10 @@ def test_a_rebuild_that_fails_leaves_the_previous_export_as_it_was(classemb_mode
     again = artifact_pixel_pipeline(artifact, "onnxruntime")([3], num_inference_steps=2, seed=0, output_type="pt").images
     assert torch.equal(images, again)
     assert export_pixel_model(classemb_model_dir, artifact, OPTIONS).cache_hit
+    # From a review: the hit left the failed rebuild's stage (gigabytes at SD size) for ever; the manifest rules.
+    assert not (artifact / STAGE).exists() and not (artifact / ".rebuild.json").exists()
+    with pytest.raises(DiffrtError, match="differs from PyTorch"):
+        export_pixel_model(classemb_model_dir, artifact, ExportOptions(batch=(1, 2, 4)))
 
     monkeypatch.undo()
     result = export_pixel_model(classemb_model_dir, artifact, ExportOptions(batch=(1, 2, 4)))

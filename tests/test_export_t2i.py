@@ -867,6 +867,28 @@ def test_a_rebuild_stopped_while_it_moves_into_place_is_finished_by_a_rerun(unve
     artifact_text_to_image_pipeline(out, "onnxruntime", "cpu")("a cat", num_inference_steps=1)
 
 
+def test_a_pixel_export_over_a_text_to_image_artifact_leaves_none_of_it(unverified_plain, tmp_path):
+    """From a review: the rebuild owned the component folders, not the tokenizer, which stayed, unnamed."""
+    from diffrt.export.artifact import export_pixel_model
+
+    out = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    export_pixel_model(None, out, ExportOptions(batch=(1, 2, 4), verify=False))
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "unet"}
+
+
+def test_a_triton_repository_takes_nothing_an_unfinished_export_left(unverified_plain, tmp_path):
+    from diffrt.export import cache
+    from diffrt.serve.triton_repo import _place
+
+    src = shutil.copytree(unverified_plain, tmp_path / "artifact")
+    (src / cache.STAGE / "unet").mkdir(parents=True)
+    (src / cache.STAGE / "unet" / "model.onnx").write_bytes(b"stale")
+    (src / cache.REBUILD).write_text("{}")
+    _place(src, tmp_path / "repo")
+    placed = {p.relative_to(tmp_path / "repo").parts[0] for p in (tmp_path / "repo").rglob("*")}
+    assert "manifest.json" in placed and "unet" in placed and not placed & {cache.STAGE, cache.REBUILD}
+
+
 @pytest.mark.parametrize("held, asked, refits", [([], [], False), ([], ["a"], True), (["a"], [], True), (["a"], ["a"], True)],
                          ids=["base-kept-base", "base-asked-lora", "lora-kept-asked-base", "lora-kept-lora"])
 def test_a_kept_engine_is_refit_to_the_exports_loras(tmp_path, monkeypatch, held, asked, refits):

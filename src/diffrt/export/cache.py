@@ -16,6 +16,7 @@ artifact runs with (baked in, or refit into the engines); an export is a cache h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,8 +105,25 @@ def cached_export(out: Path, key: str, t0: float, loras: list[dict] = (), verifi
         except OSError as exc:  # a read-only artifact still runs on its exported files
             log.warning("%s: its source or LoRA files moved since export, but the new paths cannot be recorded (%s); "
                         "PyTorch fallbacks will look for the old ones", out, exc)
+    if (out / STAGE).exists() or (out / REBUILD).exists():
+        _drop_unfinished_rebuild(out, locked)
     log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
     return ExportResult(out, True, manifest, time.perf_counter() - t0)
+
+
+def _drop_unfinished_rebuild(out: Path, locked: bool) -> None:
+    """On a hit, the staging folder and record a failed or stopped re-export of other settings left (gigabytes no
+    manifest names; the manifest rules): removed, under the artifact's lock."""
+    try:
+        with contextlib.nullcontext() if locked else mf.artifact_lock(out):
+            if not (out / mf.MANIFEST).is_file():  # another export is moving its stage into place: its own
+                return
+            size = sum(p.stat().st_size for p in (out / STAGE).rglob("*") if p.is_file()) if (out / STAGE).is_dir() else 0
+            _remove(out / STAGE, out)
+            (out / REBUILD).unlink(missing_ok=True)
+            log.info("%s: removed what an unfinished export of other settings left (%.0f MB)", out, size / 1e6)
+    except OSError as exc:  # a read-only artifact still runs on its exported files
+        log.warning("%s: cannot remove what an unfinished export left in %s/ (%s)", out, STAGE, exc)
 
 
 def _moved(manifest: dict, sources: dict, loras: list[dict]) -> bool:
@@ -175,10 +193,13 @@ REBUILD = ".rebuild.json"
 def _previous(out: Path) -> tuple[dict, set[str]]:
     """The previous export's component entries (files in `out`) and the component folders it owns, from its manifest."""
     try:
-        components = mf.read_manifest(out)["components"]
-        return components, {name for name in components if name in COMPONENT_FOLDERS}
+        manifest = mf.read_manifest(out)
     except ArtifactError:
         return {}, set()
+    components = manifest["components"]
+    # Its tokenizer too: an export of a pixel model over it would otherwise leave the copy no manifest names.
+    tokenizer = ["tokenizer"] if isinstance(manifest["pipeline"].get("tokenizer"), dict) else []
+    return components, {name for name in components if name in COMPONENT_FOLDERS} | set(tokenizer)
 
 
 def _recorded(out: Path) -> tuple[dict, set[str]]:
@@ -187,7 +208,7 @@ def _recorded(out: Path) -> tuple[dict, set[str]]:
         record = json.loads((out / REBUILD).read_text())
         components, folders = record["components"], record["folders"]
         if isinstance(components, dict) and isinstance(folders, list):
-            return components, {name for name in folders if name in COMPONENT_FOLDERS}
+            return components, {name for name in folders if name in (*COMPONENT_FOLDERS, "tokenizer")}
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return {}, set()

@@ -125,8 +125,12 @@ def _place(src: Path, dst: Path) -> None:
     gigabytes of weights), copies where it does not. A symbolic link is placed as the file it points
     to, never as a link (a Hugging Face snapshot's ../../blobs/... would dangle in the repository, a
     link to a host path would follow the repository to other machines); see _link_target."""
+    from diffrt.export.cache import REBUILD, STAGE
+
     root = src.resolve()
     for path in sorted(src.rglob("*")):
+        if path.relative_to(src).parts[0] in (STAGE, REBUILD):  # what a stopped re-export left: no part of the model
+            continue
         target = dst / path.relative_to(src)
         if path.is_symlink():
             source = _link_target(path, root)
