@@ -260,7 +260,7 @@ def test_mistakes_found_by_a_cli_review_are_one_line_before_any_work(uncond_mode
 def test_the_other_commands_help_gives_their_defaults(capsys):
     """Only the trainers' --help gave defaults: export's batch range (1:8:64, where README's example passes 1:2:4),
     generate's steps and seed, serve's port were nowhere to be read."""
-    for command, shown in (("export", ("--batch MIN:OPT:MAX UNet batch range (CFG doubles the image count) (default: 1:8:64)",
+    for command, shown in (("export", ("--batch MIN:OPT:MAX UNet batch range (CFG doubles the image count; the VAE's range starts at half MIN, the text encoder's at 1) (default: 1:8:64)",
                                        "(default: fp32)")),
                            ("generate", ("(default: 25)", "(default: out.png)", "7.5 on text-to-image ones as diffusers")),
                            ("serve", ("(default: 8000)", "(default: onnxruntime)"))):
