@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from diffrt.kernels import cfg_ddim, color_guidance, launch
+from diffrt.errors import DiffrtError
 from diffrt.runtime import ddim, guidance
 
 SHAPES = [(1, 4, 8, 8), (2, 3, 16, 16), (2, 4, 64, 64), (3, 3, 17, 13)]
@@ -107,6 +108,58 @@ def test_cfg_rejects_mismatched_shapes_and_missing_noise():
     # From a review: mixed dtypes computed one way in the kernel and another in the reference (5e-3 apart).
     with pytest.raises(ValueError, match=r"eps_cond is torch.float16; expected torch.float32 like sample \(cast it first\)"):
         cfg_ddim.cfg_ddim_step_triton(sample, eps_uncond, eps_cond.half(), 7.5, 0.5, 0.6)
+
+
+def _zero_snr_step_paths():
+    paths = [pytest.param(cfg_ddim.cfg_ddim_step_reference, id="reference")]
+    if launch.triton_available():
+        paths.append(pytest.param(cfg_ddim.cfg_ddim_step_triton, id="triton"))
+    return paths
+
+
+@pytest.mark.parametrize("step", _zero_snr_step_paths())
+def test_ddim_eta_1_on_a_zero_terminal_snr_schedule_is_finite_and_matches_diffusers_after_step_0(step):
+    """From the samplers review: SD-2-style sampling (v-prediction, zero terminal SNR, trailing) at eta 1. The first
+    step's direction variance 1 - ab_prev - sigma^2 is 0 exactly (alpha_bar 0) and rounds to -6e-8: the reference
+    returned NaN (diffusers does too) and the kernel raised. Step 0 is checked against its closed form (x0 = -v at
+    alpha_bar 0, so x_prev = -sqrt(ab_prev) v + sqrt(1 - ab_prev) z); steps 1-49 against diffusers' DDIMScheduler."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False, clip_sample=False,
+                              prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    schedule = ddim.make_schedule(ddim.DDIMConfig(**{k: v for k, v in scheduler.config.items() if not k.startswith("_")
+                                                     and k in ddim.DDIMConfig.__dataclass_fields__}), 50)
+    scheduler.set_timesteps(50)
+    assert schedule.timesteps.tolist() == scheduler.timesteps.tolist() and float(schedule.alpha_bar[0]) == 0.0
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((1, 4, 8, 8), generator=gen)
+
+    def model(x):  # a fixed, smooth stand-in for the UNet's two CFG branches
+        return 0.3 * x.tanh(), 0.3 * x.tanh() + 0.05 * x
+
+    for i, t in enumerate(scheduler.timesteps):
+        uncond, cond = model(x)
+        noise = torch.randn(x.shape, generator=gen)
+        got, _ = step(x, uncond, cond, 4.0, float(schedule.alpha_bar[i]), float(schedule.alpha_bar_prev[i]),
+                      prediction_type="v_prediction", eta=1.0, noise=noise)
+        assert torch.isfinite(got).all(), f"step {i}"
+        v = uncond + 4.0 * (cond - uncond)
+        if i == 0:
+            ab_prev = schedule.alpha_bar_prev[0].double()
+            want = (-ab_prev.sqrt() * v.double() + (1 - ab_prev).sqrt() * noise.double()).float()
+        else:
+            want = scheduler.step(v, t, x, eta=1.0, variance_noise=noise).prev_sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {i}")
+        x = got
+
+
+@pytest.mark.parametrize("step", _zero_snr_step_paths())
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan")])
+def test_both_ddim_step_paths_refuse_eta_outside_0_1_in_one_line(step, eta):
+    """eta above 1 makes sigma^2 exceed 1 - ab_prev: the reference returned NaN and the kernel a bare ValueError."""
+    sample, eps_uncond, eps_cond, noise = make_cfg_inputs((1, 4, 8, 8), torch.float32)
+    with pytest.raises(DiffrtError, match=r"^eta .* is outside \[0, 1\].*use eta between 0"):
+        step(sample, eps_uncond, eps_cond, 7.5, 0.5, 0.6, eta=eta, noise=noise)
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])

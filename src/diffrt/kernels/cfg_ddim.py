@@ -126,6 +126,7 @@ def cfg_ddim_step_triton(
     CPU tensors run in Triton's interpreter (for tests); CUDA tensors run compiled.
     """
     launch.check_same_shape("sample", sample, eps_uncond=eps_uncond, eps_cond=eps_cond, noise=noise)
+    ddim.check_eta_range(eta)
     if eta > 0 and noise is None:
         raise ValueError("cfg_ddim_step needs `noise` when eta > 0")
     alpha_bar, alpha_bar_prev = float(alpha_bar), float(alpha_bar_prev)
@@ -135,10 +136,8 @@ def cfg_ddim_step_triton(
     # Eq. (16) in float64 on the host; the kernel gets the rounded float32 weights.
     f64 = torch.float64
     sigma = float(ddim.ddim_sigma(torch.tensor(alpha_bar, dtype=f64), torch.tensor(alpha_bar_prev, dtype=f64), eta))
-    direction_variance = 1.0 - alpha_bar_prev - sigma**2
-    if direction_variance < 0:  # only for eta well above 1; the reference would return NaN
-        raise ValueError(f"eta={eta} makes sigma^2 exceed 1 - alpha_bar_prev at this step; use eta in [0, 1]")
-    eps_weight = direction_variance**0.5
+    # >= 0 for eta in [0, 1]; exactly 0 at eta 1 on a zero-terminal-SNR step, where it may round below 0.
+    eps_weight = max(1.0 - alpha_bar_prev - sigma**2, 0.0) ** 0.5
     use_noise = eta > 0
 
     inputs = [t.contiguous() for t in (sample, eps_uncond, eps_cond)]

@@ -384,6 +384,14 @@ def ddim_sigma(alpha_bar: torch.Tensor | float, alpha_bar_prev: torch.Tensor | f
     return eta * variance.sqrt()
 
 
+def check_eta_range(eta: float) -> None:
+    """eta outside [0, 1] makes sigma_t^2 exceed 1 - alpha_bar_prev (Eq. 16): the direction's variance is
+    negative. Refused in one line by both step paths (the pipelines refuse it earlier, check_number)."""
+    if not 0.0 <= eta <= 1.0:
+        raise DiffrtError(f"eta {eta!r} is outside [0, 1], where DDIM's sigma^2 exceeds 1 - alpha_bar_prev; "
+                          "use eta between 0 (deterministic) and 1 (DDPM's noise)")
+
+
 def ddim_step(
     sample: torch.Tensor,
     model_output: torch.Tensor,
@@ -401,6 +409,7 @@ def ddim_step(
     `noise` is the standard normal draw for the stochastic part and is required when eta > 0;
     the caller draws it, so that seeding stays in the caller's hands.
     """
+    check_eta_range(eta)
     x0, eps = predict_x0(sample, model_output, alpha_bar, prediction_type)
     alpha_bar = torch.as_tensor(alpha_bar, dtype=sample.dtype, device=sample.device)
     alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=sample.dtype, device=sample.device)
@@ -410,8 +419,11 @@ def ddim_step(
     if use_clipped_model_output:
         # Re-derive eps from the clipped x0 (as in GLIDE) so direction and x0 agree.
         eps = (sample - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
-    # "direction pointing to x_t" and the deterministic part of x_{t-1}.
-    x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).sqrt() * eps
+    # "direction pointing to x_t" and the deterministic part of x_{t-1}. Its variance is >= 0 for eta in
+    # [0, 1], and exactly 0 at eta 1 on a zero-terminal-SNR step (alpha_bar 0), where it rounds to -6e-8:
+    # clamped, or its square root is NaN (as in diffusers).
+    direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt()
+    x_prev = alpha_bar_prev.sqrt() * x0 + direction * eps
     if eta > 0:
         if noise is None:
             raise ValueError("ddim_step needs `noise` when eta > 0")
