@@ -351,6 +351,31 @@ def test_a_step_of_zero_length_is_the_identity_where_diffusers_gives_nan():
         assert torch.isfinite(x).all() and torch.equal(x, seen[-1])
 
 
+@pytest.mark.parametrize("config", [dict(solver_order=2), dict(solver_order=3, lower_order_final=False)], ids=["2M", "3M"])
+def test_a_step_after_a_zero_length_one_does_not_reach_back_across_it(config, monkeypatch):
+    """From the samplers review: 1000 linspace steps of 1000 training steps put two steps on one timestep (h = 0).
+    The flat step was first order already, but the next reached back across it (r0 = lambda gap / h = 0) and gave NaN
+    (diffusers too). Now: equal to diffusers up to the flat step, the flat step the identity, the steps after it at
+    orders that do not span it, and finite to the end."""
+    ref = reference(1000, **config)
+    ours_schedule = dpm.make_dpm_schedule(ours(ref), 1000)
+    flat = int((ours_schedule.timesteps[1:] == ours_schedule.timesteps[:-1]).nonzero()[0])
+    x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_ref = x_T.clone()
+    trajectory = []
+    for t in ref.timesteps:
+        x_ref = ref.step(fake_model(x_ref, t), t, x_ref).prev_sample
+        trajectory.append(x_ref)
+    # diffusers' result, which the test documents: NaN from the flat step or the one after it on.
+    assert torch.isfinite(trajectory[flat - 1]).all() and torch.isnan(trajectory[flat + 1]).all() and torch.isnan(x_ref).all()
+    assert ours_schedule.orders[flat:flat + 4].tolist() == [1, 1, 2, config["solver_order"]]
+    seen = []
+    x = sample(lambda x, t: seen.append(x.clone()) or (None, fake_model(x, t)), x_T.clone(), ours_schedule, SamplerOptions())
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(seen[flat], trajectory[flat - 1], rtol=1e-5, atol=1e-6)  # the same path up to the flat step
+    assert torch.equal(seen[flat + 1], seen[flat])  # which goes nowhere
+
+
 # What DPMSolverMultistepScheduler accepts and diffrt does not run: refused by name, never run as something else.
 REFUSED = [
     (dict(algorithm_type="sde-dpmsolver++"), r"algorithm_type 'sde-dpmsolver\+\+' is not supported.*only 'dpmsolver\+\+'"),

@@ -222,15 +222,22 @@ def solver_orders(config: DPMConfig, num_steps: int) -> torch.Tensor:
     return torch.tensor(orders, dtype=torch.int64)
 
 
-def _first_order_where_flat(orders: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
-    """A step that does not move (h = 0: Karras sigmas ending at sigma_min with final_sigmas_type
-    "sigma_min", or custom timesteps ending at 0) taken at first order, which is exactly the identity
-    there; the higher orders divide by h, and diffusers returns NaN images for such schedules."""
-    flat = lambdas[1:] == lambdas[:-1]
-    if bool(flat.any()):
-        log.info("DPM-Solver++: %d step(s) of zero length taken at first order (diffusers' higher orders give NaN there)",
-                 int(flat.sum()))
-    return torch.where(flat, torch.ones_like(orders), orders)
+def _limit_orders_at_flat_steps(orders: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """A step that does not move (h = 0: Karras sigmas ending at sigma_min with final_sigmas_type "sigma_min",
+    custom timesteps ending at 0, or two linspace steps on one timestep when N is the training steps) taken at
+    first order, which is exactly the identity there; and no later step reaching back across it, since order k
+    at step i divides by the gaps of steps i - k + 1 .. i - 1 (r0, r1), 0 at a flat one. The higher orders divide
+    by zero there, and diffusers returns NaN images for such schedules."""
+    flat = (lambdas[1:] == lambdas[:-1]).tolist()
+    if any(flat):
+        log.info("DPM-Solver++: %d step(s) of zero length taken at first order, and the steps after them at orders "
+                 "that do not reach back across them (diffusers' higher orders give NaN there)", sum(flat))
+    # moving: how many steps in a row before step i moved (from the start: the warm-up is the caller's, `step`).
+    limited, moving = [], len(flat)
+    for order, is_flat in zip(orders.tolist(), flat):
+        limited.append(1 if is_flat else min(order, moving + 1))
+        moving = 0 if is_flat else moving + 1
+    return torch.tensor(limited, dtype=orders.dtype)
 
 
 @dataclass(frozen=True)
@@ -350,7 +357,7 @@ def make_dpm_schedule(config: DPMConfig, num_inference_steps: int | None = None,
         alpha_t=alpha_t,
         sigma_t=sigma_t,
         lambdas=lambdas,
-        orders=_first_order_where_flat(solver_orders(config, len(steps)), lambdas),
+        orders=_limit_orders_at_flat_steps(solver_orders(config, len(steps)), lambdas),
         alphas_cumprod=alphas_cumprod,
         prediction_type=config.prediction_type,
         solver_type=config.solver_type,
