@@ -313,19 +313,20 @@ def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: Ex
     if not (out / mf.MANIFEST).is_file():
         owned |= recorded_folders  # stopped while moving its stage into place: what it owned, it still owns
     wanted = component_keys or {}
-    kept = {}
+    kept, linked = {}, []  # linked: the kept components that are the previous export's, not already staged
     for name in wanted:
         for entry, root in ((recorded.get(name), stage), (recorded.get(name), out), (previous.get(name), out)):
             if entry is not None and _reusable(root, name, entry, wanted[name], options):
-                if root == out:
-                    shutil.rmtree(stage / name, ignore_errors=True)
-                    _link_tree(out / name, stage / name)
                 kept[name] = entry
+                if root == out:
+                    linked.append(name)
                 break
     stage.mkdir(parents=True, exist_ok=True)
-    for path in stage.iterdir():  # what a stopped rebuild staged that this one does not keep
-        if path.name not in kept:
+    for path in stage.iterdir():  # what a stopped rebuild staged that this one does not keep as staged
+        if path.name not in kept or path.name in linked:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for name in linked:
+        _link_tree(out / name, stage / name)
     rebuild = Rebuild(out, stage, kept, {*owned, *wanted, *writes})
     rebuild.record({})
     for folder in (out, stage):
