@@ -317,6 +317,36 @@ def test_strength_without_an_image_is_refused_in_one_line(t2i_folder, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, fragments", [
+    (["--color-scale", "9"], ("--color-scale 9 sets the strength of color guidance, and none is asked", "give --color HEX")),
+    (["--clip-scale", "50"], ("--clip-scale 50 sets the strength of clip guidance", "give --clip-prompt TEXT")),
+    (["--clip-model", "clipdir"], ("--clip-model clipdir is the model CLIP guidance scores with", "give --clip-prompt TEXT")),
+    (["--guidance-mode", "through_unet"], ("--guidance-mode through_unet sets how gradient guidance runs, and none is asked",)),
+    (["--color", ""], ("colour '' is not a hex colour",)),
+    (["--clip-prompt", "", "--clip-model", "clipdir"], ("CLIP guidance needs a non-empty prompt",)),
+], ids=["color-scale", "clip-scale", "clip-model", "guidance-mode", "empty-color", "empty-clip-prompt"])
+def test_a_guidance_flag_that_would_do_nothing_is_refused_in_one_line(classemb_model_dir, tmp_path, capsys, flags, fragments):
+    """From the guidance review: each of these gave unguided images without a word (a scale without its target, a
+    CLIP model without a prompt, a mode with no guidance, an empty target), where --strength without --image is refused."""
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", str(classemb_model_dir), "--class-label", "1", "--steps", "2", "--device", "cpu",
+                 *flags, "--out", str(out)]) == 2
+    one_line_error(capsys, *fragments)
+    assert not out.exists()
+    # The defaults stand when the target is given: the help and GenerateRequest say the same.
+    assert main(["generate", "--model", str(classemb_model_dir), "--class-label", "1", "--steps", "2", "--device", "cpu",
+                 "--color", "#ff0000", "--out", str(out)]) == 0
+    assert f"(default: {GenerateRequest.color_scale})" in " ".join(build_parser_help("generate").split())
+    assert f"(default: {GenerateRequest.clip_scale})" in " ".join(build_parser_help("generate").split())
+
+
+def build_parser_help(command: str) -> str:
+    from diffrt.cli import build_parser
+
+    parser = build_parser()
+    return next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == command)[1].format_help()
+
+
 @pytest.mark.parametrize("sizes", [[], ["--height", "48", "--width", "48"], ["--height", "48"]])
 def test_an_image_file_is_resized_as_the_api_and_diffusers_resize_it_opened_with_pil(t2i_folder, tmp_path, sizes):
     """The bug: generate resized --image/--control-image files with bicubic (with --height and --width) or

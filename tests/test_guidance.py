@@ -114,6 +114,9 @@ def test_guidance_arguments_are_checked_where_they_are_given(model):
                             (dict(scale=1.0, every=1.5), r"'every' must be a whole number of steps >= 1, got 1.5")):
         with pytest.raises(DiffrtError, match=message):
             Guidance(lambda im: im.mean(), **kwargs)
+    # From the guidance review: a loss that is no callable failed at the first guided step, after the models loaded.
+    with pytest.raises(DiffrtError, match=r"^guidance 'custom': loss must be a callable images -> scalar tensor, got NoneType$"):
+        Guidance(None, 1.0)
     # NumPy scalars (a config's, a UI slider's) are numbers, as for the pipelines' own arguments (check_number).
     import numpy as np
 
@@ -148,6 +151,19 @@ def test_color_guidance_refuses_colours_outside_unit_range():
     with pytest.raises(DiffrtError, match=r"outside \[0, 1\]"):
         color_guidance((255, 0, 0), 1.0)
     color_guidance(torch.rand(2, 3), 1.0)  # per-image colours in [0, 1] pass
+
+
+def test_per_image_colours_may_be_hex_strings_and_a_non_colour_is_refused_in_one_line():
+    """From the guidance review: a list of RGB triples gave one colour per image, a list of hex strings (the natural
+    way) a bare torch ValueError; None a TypeError."""
+    images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    as_hex = color_guidance(["#ff0000", "#0000ff"], 1.0).loss(images)
+    assert torch.equal(as_hex, color_guidance([(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)], 1.0).loss(images))
+    assert torch.equal(as_hex, color_guidance(["#ff0000", (0.0, 0.0, 1.0)], 1.0).loss(images))
+    assert not torch.equal(as_hex, color_guidance(["#0000ff", "#ff0000"], 1.0).loss(images))  # per image, in order
+    for bad in (None, "red", ["#ff0000", "blue"], [(1.0, 0.0), (0.0, 0.0, 1.0)]):
+        with pytest.raises(DiffrtError, match=r"^colour .* (is not a colour; give #RRGGBB|is not a hex colour; write it as #RRGGBB)"):
+            color_guidance(bad, 1.0)
 
 
 @pytest.mark.parametrize("size, crop, image_shape, center_crop", [

@@ -190,6 +190,18 @@ def _cmd_refit(args) -> int:
     return 0
 
 
+def _guidance_scale(args, term: str, target: str) -> float:
+    """--color-scale / --clip-scale: refused without its term's target (the images would come out unguided with no
+    word of why), GenerateRequest's default when not given."""
+    from diffrt.generate import GenerateRequest
+
+    scale = getattr(args, f"{term}_scale")
+    if scale is not None and getattr(args, "color" if term == "color" else "clip_prompt") is None:
+        raise DiffrtError(f"--{term}-scale {scale:g} sets the strength of {term} guidance, and none is asked; give {target}, "
+                          f"or leave --{term}-scale out")
+    return getattr(GenerateRequest, f"{term}_scale") if scale is None else scale
+
+
 def _cmd_generate(args) -> int:
     from diffrt.generate import GenerateRequest, generate_to_file, result_summary, result_warnings
 
@@ -201,8 +213,8 @@ def _cmd_generate(args) -> int:
         control_guidance_start=args.control_guidance_start, control_guidance_end=args.control_guidance_end, clip_skip=args.clip_skip,
         guess_mode=args.guess_mode,
         image=args.image, strength=args.strength,
-        loras=_loras(args), lora_scale=args.lora_scale, color=args.color, color_scale=args.color_scale,
-        clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=args.clip_scale,
+        loras=_loras(args), lora_scale=args.lora_scale, color=args.color, color_scale=_guidance_scale(args, "color", "--color HEX"),
+        clip_prompt=args.clip_prompt, clip_model=args.clip_model, clip_scale=_guidance_scale(args, "clip", "--clip-prompt TEXT"),
         guidance_mode=args.guidance_mode, device=args.device, strict=args.strict, cuda_graph=args.cuda_graph, progress=True,
     )
     result, path = generate_to_file(request)
@@ -468,10 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the LoRA (--lora, or the artifact's) at F times its scale: 0 is the base model; "
                          "TensorRT engines are refit in memory, ONNX graphs with LoRA baked in take 1.0 only")
     ge.add_argument("--color", default=None, metavar="HEX", help="colour guidance target, e.g. #ff8800")
-    ge.add_argument("--color-scale", type=float, default=3.0, help="strength of the colour guidance")
+    ge.add_argument("--color-scale", type=float, default=None, metavar="F", help="strength of the colour guidance (default: 3.0)")
     ge.add_argument("--clip-prompt", default=None, help="CLIP guidance toward this text")
     ge.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIPModel folder for CLIP guidance")
-    ge.add_argument("--clip-scale", type=float, default=10.0, help="strength of the CLIP guidance")
+    ge.add_argument("--clip-scale", type=float, default=None, metavar="F", help="strength of the CLIP guidance (default: 10.0)")
     ge.add_argument("--guidance-mode", choices=["x0", "through_unet"], default="x0",
                     help="gradient guidance from the predicted x0 alone (cheap), or back through the UNet in PyTorch")
     ge.set_defaults(parser=ge, func=_cmd_generate)

@@ -82,15 +82,23 @@ def resolve_hub_ids(req: GenerateRequest) -> GenerateRequest:
 
 
 def build_guidance(req: GenerateRequest) -> list[Guidance]:
+    """The request's guidance terms. A flag that would do nothing is refused, not ignored: unguided images with no
+    word of why (an empty --color or --clip-prompt reaches their own refusals)."""
     guidance = []
-    if req.color:
+    if req.color is not None:
         guidance.append(color_guidance(req.color, req.color_scale, mode=req.guidance_mode))
-    if req.clip_prompt:
+    if req.clip_prompt is not None:
         if not req.clip_model:
             raise DiffrtError("--clip-prompt needs --clip-model DIR (a local CLIPModel folder; nothing is downloaded)")
         from diffrt.runtime.clip_guidance import clip_guidance
 
         guidance.append(clip_guidance(req.clip_model, req.clip_prompt, req.clip_scale, mode=req.guidance_mode, device=req.device))
+    elif req.clip_model:
+        raise DiffrtError(f"--clip-model {req.clip_model} is the model CLIP guidance scores with; give --clip-prompt TEXT to "
+                          "guide toward, or leave --clip-model out")
+    if not guidance and req.guidance_mode != "x0":
+        raise DiffrtError(f"--guidance-mode {req.guidance_mode} sets how gradient guidance runs, and none is asked; give "
+                          "--color HEX or --clip-prompt TEXT, or leave --guidance-mode out")
     return guidance
 
 

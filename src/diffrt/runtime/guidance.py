@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -70,6 +70,9 @@ class Guidance:
             raise DiffrtError(f"guidance {self.name!r}: scale must be a finite number, got {self.scale!r}")
         if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
             raise DiffrtError(f"guidance {self.name!r}: 'every' must be a whole number of steps >= 1, got {self.every!r}")
+        if not callable(self.loss):  # else a TypeError at the first guided step, after the models loaded
+            raise DiffrtError(f"guidance {self.name!r}: loss must be a callable images -> scalar tensor, got "
+                              f"{type(self.loss).__name__}")
         if self.mode not in ("x0", "through_unet"):
             raise DiffrtError(f"guidance mode must be 'x0' or 'through_unet', got {self.mode!r}")
 
@@ -87,9 +90,17 @@ def acting(guidance) -> tuple[Guidance, ...]:
     return tuple(g for g in terms if g.scale != 0)
 
 
-def color_guidance(color: str | tuple[float, float, float] | torch.Tensor, scale: float, every: int = 1, mode: GuidanceMode = "x0") -> Guidance:
-    """Pull images toward a colour: one hex string / RGB triple for all, or a [B, 3] tensor, one per image."""
-    target = torch.tensor(parse_hex_color(color)) if isinstance(color, str) else torch.as_tensor(color, dtype=torch.float32)
+def color_guidance(color: str | tuple[float, float, float] | Sequence | torch.Tensor, scale: float, every: int = 1,
+                   mode: GuidanceMode = "x0") -> Guidance:
+    """Pull images toward a colour: one hex string / RGB triple for all, or one per image (a list of hex strings or
+    of triples, or a [B, 3] tensor)."""
+    if isinstance(color, (list, tuple)) and any(isinstance(c, str) for c in color):
+        color = [parse_hex_color(c) if isinstance(c, str) else c for c in color]
+    try:
+        target = torch.tensor(parse_hex_color(color)) if isinstance(color, str) else torch.as_tensor(color, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise DiffrtError(f"colour {color!r} is not a colour; give #RRGGBB, an RGB triple in [0, 1], or one per image "
+                          "(a list of them, or a [B, 3] tensor)") from None
     if not ((target >= 0) & (target <= 1)).all():  # e.g. (255, 0, 0): the loss would pull every pixel to white
         raise DiffrtError(f"colour {target.tolist()} has values outside [0, 1]; give RGB in [0, 1], e.g. (1.0, 0.5, 0.0), "
                           "or a hex string such as #ff8000")
