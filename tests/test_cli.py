@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -109,6 +110,31 @@ def test_demo_ui_flags_reach_the_demo(monkeypatch, tmp_path):
     assert seen == {"host": "127.0.0.1", "port": 7000, "model": str(tmp_path), "backend": "onnxruntime", "controlnet": ["cn"],
                     "loras": [("a.safetensors", 0.5)]}
     _assert_one_line_error(run_cli("demo", "--model", str(tmp_path)), "choose the model of the Gradio demo; add --ui")
+
+
+def test_demo_ui_on_port_0_serves_on_a_free_port():
+    """From the CLI review: `demo --ui --port 0` (the help's "0 picks a free one", as for serve) handed Gradio port 0,
+    which listened there, printed ":0" and died in its own start-up check with a traceback."""
+    import re
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "-m", "diffrt", "demo", "--ui", "--port", "0", "--backend", "torch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        seen = []
+        for line in proc.stdout:  # ends if the process dies
+            seen.append(line)
+            url = re.search(r"Running on local URL:\s+(http://127\.0\.0\.1:(\d+))", line)
+            if url:
+                break
+        assert url and int(url.group(2)) != 0, "".join(seen)
+        with urllib.request.urlopen(url.group(1), timeout=60) as page:
+            assert page.status == 200 and b"gradio" in page.read().lower()
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def test_mistakes_found_by_trying_the_readme_are_one_line(uncond_model_dir, tmp_path):

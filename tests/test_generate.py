@@ -68,6 +68,19 @@ def test_text_to_image_flags_on_a_pixel_model_are_one_line(uncond_model_dir, tmp
     one_line_error(capsys, "--clip-skip needs a text-to-image model folder")
 
 
+def test_class_flags_on_an_unconditional_model_are_refused_not_ignored(uncond_model_dir, tmp_path, capsys):
+    """From the CLI review: --class-label 3 and --guidance-scale 5 on an unconditional model gave the very images of a
+    call without them (random samples, exit 0); --guidance-scale 1 (no guidance) is what runs, so it passes."""
+    out = tmp_path / "x.npy"
+    common = ["generate", "--model", str(uncond_model_dir), "--backend", "torch", "--steps", "2", "--out", str(out)]
+    assert main([*common, "--class-label", "3"]) == 2
+    one_line_error(capsys, "--class-label needs a class-conditioned model", "this one is unconditional: leave --class-label out")
+    assert main([*common, "--class-label", "3", "--guidance-scale", "5"]) == 2
+    one_line_error(capsys, "--class-label/--guidance-scale need a class-conditioned model")
+    assert not out.exists()
+    assert main([*common, "--guidance-scale", "1"]) == 0 and out.exists()
+
+
 def test_clip_skip_reaches_the_pipeline(t2i_folder, tmp_path):
     from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
 

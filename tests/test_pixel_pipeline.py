@@ -372,8 +372,11 @@ def test_a_size_the_unet_cannot_halve_is_one_line_on_eager_torch():
     model = build_pixel_model(config)
     assert model.unet.size_multiple == 8
     pipe = torch_pixel_pipeline(model)
-    with pytest.raises(ShapeOutOfRangeError, match="height 12 is not a multiple of 8"):
+    with pytest.raises(ShapeOutOfRangeError, match="height 12 is not a multiple of 8; try 8"):
         pipe(num_images=1, num_inference_steps=1, height=12, width=12, output_type="pt")
+    # The nearer multiple (from the CLI review: the pixel message gave no fix, the text-to-image one did).
+    with pytest.raises(ShapeOutOfRangeError, match="width 15 is not a multiple of 8; try 16$"):
+        pipe(num_images=1, num_inference_steps=1, height=16, width=15, output_type="pt")
     assert pipe(num_images=1, num_inference_steps=1, height=24, width=24, output_type="pt").images.shape == (1, 3, 24, 24)
 
 

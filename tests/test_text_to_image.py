@@ -551,6 +551,13 @@ def test_list_of_tensor_images_is_a_batch(torch_pipe):
     with pytest.raises(DiffrtError, match=r"images in the list differ in size \(3x32x32, 3x64x64") as info:
         run(torch_pipe, image=[images[0], torch.rand(3, 64, 64)], **kwargs)
     assert "\n" not in str(info.value)
+    # From the t2i review: a PIL-led mixed list was an AttributeError (.convert on a tensor), a tensor-led one "got list".
+    from PIL import Image
+
+    photo = Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).astype("uint8"))
+    for mixed, kinds in (([photo, images[1]], "PIL images and arrays/tensors"), ([images[1], photo], "arrays/tensors and PIL images")):
+        with pytest.raises(DiffrtError, match=rf"^the images in the list mix {kinds}; give one kind"):
+            run(torch_pipe, image=mixed, **kwargs)
 
 
 def test_init_and_control_images_of_other_sizes_are_one_line(torch_cn_pipe, control_image):

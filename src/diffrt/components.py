@@ -120,7 +120,10 @@ class ComponentSpec:
             raise ShapeOutOfRangeError(f"{self.name}: {what or f'{dim} {size}'} is outside {where} [{lo}, {hi}]; {fix}")
         m = self.multiple_of.get(dim)
         if m and size % m:
-            raise ShapeOutOfRangeError(f"{self.name}: {what or f'{dim} {size}'} is not a multiple of {m}")
+            down = size // m * m  # the nearest multiple inside the range, the smaller one on a tie
+            near = [s for s in sorted((down, down + m), key=lambda s: abs(s - size)) if lo <= s <= hi]
+            raise ShapeOutOfRangeError(f"{self.name}: {what or f'{dim} {size}'} is not a multiple of {m}"
+                                       + (f"; try {near[0]}" if near else ""))
 
     def example_feed(self, which: str = "opt", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **sizes: int) -> dict[str, torch.Tensor]:
         """Deterministic sample inputs for export and parity checks: float inputs in `dtype`, pinned ones in their own."""

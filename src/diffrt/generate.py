@@ -211,6 +211,12 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
         labels = torch.arange(pipe.info.num_classes) if label is None else torch.tensor([label])
         if req.class_label is not None and req.num_images:
             labels = labels.expand(req.num_images)
+    else:  # nothing would read them: random samples with no word of why
+        unread = [flag for flag, given in (("--class-label", req.class_label is not None),
+                                           ("--guidance-scale", req.guidance_scale not in (None, 1))) if given]
+        if unread:
+            raise DiffrtError(f"{'/'.join(unread)} {'needs' if len(unread) == 1 else 'need'} a class-conditioned model (classifier-"
+                              f"free guidance steers by the label); this one is unconditional: leave {'/'.join(unread)} out")
     scale = DEFAULT_PIXEL_GUIDANCE_SCALE if req.guidance_scale is None else req.guidance_scale
     if labels is not None and scale != 1 and pipe.info.training.get("label_dropout") == 0:
         log.warning("this model's last training ran with --label-dropout 0, so no step of it trained the null class "

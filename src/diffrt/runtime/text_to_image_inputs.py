@@ -130,7 +130,13 @@ def image_batch(image, height: int | None, width: int | None, multiple: int = 1)
 
     if isinstance(image, Image.Image):
         image = [image]
-    if isinstance(image, list) and image and isinstance(image[0], Image.Image):
+    if isinstance(image, (list, tuple)) and image:
+        kinds = dict.fromkeys("PIL images" if isinstance(im, Image.Image) else "arrays/tensors"
+                              if isinstance(im, (np.ndarray, torch.Tensor)) else type(im).__name__ for im in image)
+        if len(kinds) > 1:  # a PIL-led list called .convert on a tensor; a tensor-led one was "got list"
+            raise DiffrtError(f"the images in the list mix {' and '.join(kinds)}; give one kind: PIL images, or NumPy "
+                              "arrays / torch tensors in [0, 1]")
+    if isinstance(image, (list, tuple)) and image and isinstance(image[0], Image.Image):
         size = (image_side(width, image[0].width, multiple), image_side(height, image[0].height, multiple))
         arrays = [np.asarray(im.convert("RGB").resize(size, Image.LANCZOS) if im.size != size else im.convert("RGB"),
                              dtype=np.float32) / 255.0 for im in image]

@@ -572,10 +572,11 @@ def serve(config: ServeConfig) -> None:
         raise error if isinstance(error, DiffrtError) else DiffrtError(f"the model failed to load: {error}")
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> int:
     """One line if nothing can listen on host:port, naming what to change: --host when the address is not this
     machine's (or no address at all), --port when another service holds it. Bound as uvicorn binds it
-    (SO_REUSEADDR), so a port in TIME_WAIT is free; port 0 is probed too, for the address."""
+    (SO_REUSEADDR), so a port in TIME_WAIT is free; port 0 is probed too, for the address. Returns the port the
+    probe bound: for 0, one that was free a moment ago (for a server that takes no 0, as Gradio's)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -587,6 +588,7 @@ def check_port_free(host: str, port: int) -> None:
                                   "machine (127.0.0.1 for itself only, 0.0.0.0 for every interface)") from None
             raise DiffrtError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port, or stop the "
                               "process that holds it") from None
+        return probe.getsockname()[1]
 
 
 class BackgroundServer:

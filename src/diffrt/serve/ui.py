@@ -226,6 +226,8 @@ def launch_ui(host: str = "127.0.0.1", port: int = 7860, model: str | None = Non
     runtime.start()
     try:
         runtime.wait_ready(timeout=600)
+        if port == 0:  # Gradio takes no 0 (it listened there, reported ":0" and failed its own start-up check)
+            port = check_port_free(host, 0)
         build_ui(runtime).launch(server_name=host, server_port=port, share=False, max_file_size=UPLOAD_MAX_BYTES)
     finally:
         runtime.close(timeout=60)
