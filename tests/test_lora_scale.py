@@ -146,8 +146,16 @@ def test_refused_where_the_weights_cannot_change(t2i_folder, lora, tmp_path):
     baked.set_lora_scale(1.0)
     with pytest.raises(DiffrtError, match=r"lora_scale 2: .*baked into its onnxruntime graphs at export"):
         baked.check_lora_scale(2.0)
-    with pytest.raises(DiffrtError, match="lora_scale must be a finite number >= 0"):
-        open_text_to_image_pipeline(out, "torch", CPU).set_lora_scale(-1.0)
+    # From the t2i review: a negative strength opened (as in diffusers' fuse_lora and set_adapters: slider LoRAs) but
+    # was refused at run time. Now the same weights either way; NaN refused.
+    on_torch = open_text_to_image_pipeline(out, "torch", CPU)
+    on_torch.set_lora_scale(-0.5)
+    kwargs = dict(num_inference_steps=2, seed=4, output_type="pt")
+    backwards = open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(lora, -0.4)])
+    torch.testing.assert_close(on_torch("a cat", **kwargs).images, backwards("a cat", **kwargs).images, rtol=0, atol=2e-6)
+    assert not torch.allclose(on_torch("a cat", **kwargs).images, plain("a cat", **kwargs).images, atol=1e-3)
+    with pytest.raises(DiffrtError, match="lora_scale must be a finite number, got nan"):
+        on_torch.set_lora_scale(float("nan"))
 
 
 def test_pixel_artifact_on_torch_scales_its_lora(classemb_model_dir, tmp_path):

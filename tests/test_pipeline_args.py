@@ -288,7 +288,7 @@ def test_numpy_integers_are_seeds_and_numpy_floats_lora_scales(uncond_model_dir,
     assert torch.equal(pipe(num_inference_steps=1, seed=np.int64(3), output_type="pt").images,
                        pipe(num_inference_steps=1, seed=3, output_type="pt").images)
     for bad in ("0.5", None, True):  # on a pipeline without LoRA: "Unknown format code 'g'", a TypeError, or taken as 1.0
-        with pytest.raises(DiffrtError, match="lora_scale must be a finite number >= 0"):
+        with pytest.raises(DiffrtError, match="lora_scale must be a finite number, got"):
             pipe.set_lora_scale(bad)
     lora = tiny_lora_files(t2i_folder, tmp_path, seed=11)["peft"]
     with_lora = open_text_to_image_pipeline(t2i_folder, "torch", CPU, loras=[(lora, 1.0)])

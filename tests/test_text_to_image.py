@@ -992,6 +992,24 @@ def test_arguments_whose_inputs_are_missing_are_refused_not_ignored(torch_pipe):
     assert torch_pipe("a cat", image=torch.rand(1, 3, 32, 32), seed=1, **{**run, "num_inference_steps": 2}).metadata["strength"] == 0.8
 
 
+def test_clip_skip_with_prompt_embeds_is_refused_and_metadata_says_what_ran(torch_pipe):
+    """From the t2i review: clip_skip beside prompt_embeds changed nothing (only prompts are encoded at clip_skip, the
+    negative ones at 0 as in diffusers) yet the metadata said clip_skip 1; guidance_rescale without classifier-free
+    guidance rescales nothing, and the metadata said 0.7."""
+    embeds = torch.randn(1, torch_pipe.max_length, 32, generator=torch.Generator().manual_seed(0))  # the tiny CLIP's width
+    run = dict(num_inference_steps=2, seed=1, output_type="latent")
+    with pytest.raises(DiffrtError, match=r"^clip_skip 1 sets the text-encoder layer that encodes the prompts, and prompt_embeds "
+                                          r"come encoded; encode them at that layer, or leave clip_skip out$"):
+        torch_pipe(prompt_embeds=embeds, clip_skip=1, **run)
+    assert torch_pipe(prompt_embeds=embeds, **run).metadata["clip_skip"] == 0
+    plain = torch_pipe("a cat", guidance_scale=1.0, **run)
+    rescaled = torch_pipe("a cat", guidance_scale=1.0, guidance_rescale=0.7, **run)
+    assert torch.equal(plain.images, rescaled.images) and rescaled.metadata["guidance_rescale"] == 0.0
+    with_cfg = torch_pipe("a cat", guidance_scale=5.0, guidance_rescale=0.7, **run)
+    assert with_cfg.metadata["guidance_rescale"] == 0.7
+    assert not torch.equal(with_cfg.images, torch_pipe("a cat", guidance_scale=5.0, **run).images)
+
+
 @pytest.mark.parametrize("argument, value", [("controlnet_conditioning_scale", 0.3), ("control_guidance_start", 0.5),
                                              ("control_guidance_end", [0.5]), ("guess_mode", True)])
 def test_controlnet_arguments_without_a_control_image_are_refused_not_ignored(torch_cn_pipe, argument, value):

@@ -60,9 +60,10 @@ def scaled(loras: Sequence[tuple[T, float]], scale: float) -> list[tuple[T, floa
 
 
 def check_scale_value(scale: float) -> None:
-    """A runtime LoRA strength: a finite real number >= 0 (numpy's floats too; not a bool)."""
-    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and 0.0 <= scale < float("inf")):
-        raise DiffrtError(f"lora_scale must be a finite number >= 0, got {scale!r}")
+    """A runtime LoRA strength: a finite real number (numpy's floats too; not a bool). Negative ones as at open
+    (check_lora_pairs) and in diffusers' fuse_lora / set_adapters: a "slider" LoRA runs backwards."""
+    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+        raise DiffrtError(f"lora_scale must be a finite number, got {scale!r}")
 
 
 def check_lora_pairs(loras) -> list[tuple[str | Path, float]]:

@@ -244,7 +244,8 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         do_cfg, control = call.do_cfg, call.control is not None
         meta = {"prompt": call.prompts, "negative_prompt": call.negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None,
-                "height": call.height, "width": call.width, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+                "height": call.height, "width": call.width, "guidance_scale": guidance_scale,
+                "guidance_rescale": guidance_rescale if do_cfg else 0.0,  # what ran: it rescales the CFG combination
                 "clip_skip": call.clip_skip,
                 "eta": eta, "num_images_per_prompt": num_images_per_prompt,
                 "scheduler": call.schedule.name, "timesteps": call.schedule.timesteps.tolist(),

@@ -72,6 +72,9 @@ class TextToImageChecks:
                                   f"prompt(s) encode to {(*want, negative_prompt_embeds.shape[-1])}; give one row of "
                                   f"{self.max_length} tokens per prompt, or pass prompt_embeds of the same shape")
         check_count("num_images_per_prompt", num_images_per_prompt)
+        if clip_skip and prompt_embeds is not None:  # only the prompts are encoded at clip_skip, and these come encoded
+            raise DiffrtError(f"clip_skip {clip_skip} sets the text-encoder layer that encodes the prompts, and prompt_embeds "
+                              "come encoded; encode them at that layer, or leave clip_skip out")
         clip_skip = self.check_clip_skip(clip_skip)
         check_number("guidance_scale", guidance_scale, hint=" (diffusers' default 7.5; <= 1 turns classifier-free guidance off)")
         for name, side in (("height", height), ("width", width)):

@@ -70,7 +70,8 @@ class GenerateBody(BaseModel):
     image: str | None = Field(None, description="text-to-image models only: image-to-image from this base64-encoded PNG")
     strength: float | None = Field(None, ge=0.0, le=1.0, description="image-to-image: how much of the schedule runs "
                                    "(default 0.8; 1.0: the image is all noise)")
-    lora_scale: float | None = Field(None, ge=0.0, le=5.0, description="times the scales of the LoRA the model runs (default 1.0; 0: the base model); "
+    lora_scale: float | None = Field(None, ge=-5.0, le=5.0, description="times the scales of the LoRA the model runs (default 1.0; 0: the base model; "
+                                      "below 0: backwards, for slider LoRAs); "
                                       "torch and refittable TensorRT engines only, ONNX graphs with LoRA baked in take 1.0")
 
 
