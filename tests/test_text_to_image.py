@@ -255,7 +255,7 @@ def test_a_list_of_lists_of_control_images_is_per_prompt_as_diffusers_reads_it(t
 
 
 def test_control_guidance_start_and_end_equal_the_controlnet_pipelines(t2i_folder, t2i_controlnet_b, torch_cn_pipe, torch_multi_pipe,
-                                                                       control_image, control_images, t2i_artifact):
+                                                                       control_image, control_images, t2i_artifact, caplog):
     """control_guidance_start/end run each ControlNet on its fraction of the steps, as diffusers' ControlNet
     pipelines (text-to-image and img2img, one ControlNet and a MultiControlNetModel, the windows given as one
     number or one per ControlNet); over an artifact the fused graph takes the same per-step scales."""
@@ -273,6 +273,12 @@ def test_control_guidance_start_and_end_equal_the_controlnet_pipelines(t2i_folde
         windowed.append(result.images)
     assert min(max_abs(full, w) for w in windowed) > 1e-3  # the windows switch the ControlNet off for some steps
     assert result.metadata["control_guidance"] == [[0.2, 0.8]]
+    # From the CLI review: a window that holds none of the steps (each of 2 steps ends past 0.3) ran without a word.
+    with caplog.at_level("WARNING", logger="diffrt.runtime.text_to_image"):
+        idle = run(torch_cn_pipe, control_image=control_image, seed=1, num_inference_steps=2, control_guidance_end=0.3).images
+    assert "ControlNet 0: its window [0, 0.3] of the steps holds none of these 2, so it never acts" in caplog.text
+    assert torch.equal(idle, run(torch_cn_pipe, control_image=control_image, seed=1, num_inference_steps=2,
+                                 controlnet_conditioning_scale=0.0).images)
 
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     i2i = diffusers_pipe(StableDiffusionControlNetImg2ImgPipeline, t2i_folder, controlnet=net_a)

@@ -328,6 +328,10 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         keep = control_keep(call.control_windows, len(call.schedule)) if call.control is not None else None
         if keep is None:
             return None
+        for k, (start, end) in enumerate(call.control_windows):
+            if not any(row[k] for row in keep):  # as in diffusers, which runs it at scale 0 without a word
+                log.warning("ControlNet %d: its window [%g, %g] of the steps holds none of these %d, so it never acts; widen "
+                            "control_guidance_start/end or take more steps", k, start, end, len(keep))
         return _PerStep([{"conditioning_scale": self._scale_feed([c * k for c, k in zip(call.scales, row)], call.guess)} for row in keep])
 
     def _scale_feed(self, scales: list[float], guess: bool) -> torch.Tensor:
