@@ -573,6 +573,14 @@ def test_init_and_control_images_of_other_sizes_are_one_line(torch_cn_pipe, cont
     images = run(torch_cn_pipe, image=torch.rand(1, 3, 64, 64), control_image=control_image, num_inference_steps=2,
                  height=32, width=32).images  # height and width resize both, as diffusers does
     assert images.shape == (1, 3, 32, 32)
+    # From the CLI review: a 3x3 control image said "height 3 is outside the range", naming neither the image nor the fix.
+    for given, source in ((dict(control_image=torch.rand(1, 3, 3, 3)), "control_image"), (dict(image=torch.rand(1, 3, 3, 40)), "image")):
+        with pytest.raises(ShapeOutOfRangeError, match=rf"^height 3 is outside .* \(the size of {source}, as height and width were "
+                                                      r"not both given: pass them to resize it\)$"):
+            run(torch_cn_pipe, **given, num_inference_steps=2)
+        assert run(torch_cn_pipe, **given, num_inference_steps=2, height=32, width=32).images.shape == (1, 3, 32, 32)
+    with pytest.raises(ShapeOutOfRangeError, match=r"^height 8 is outside [^(]*$"):  # a size given is the caller's own
+        run(torch_cn_pipe, control_image=control_image, num_inference_steps=2, height=8, width=32)
 
 
 def generators(*seeds) -> list[torch.Generator]:

@@ -130,11 +130,19 @@ class TextToImageChecks:
         sized = control[0].shape[-2:] if control is not None else init_size
         if sized is None and isinstance(latents, torch.Tensor) and latents.dim() == 4:  # diffusers samples latents at their size
             sized = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
+        taken = sized is not None and (height is None or width is None)  # a side is the images' own (or the latents')
         if height is None:
             height = sized[-2] if sized is not None else self.default_size
         if width is None:
             width = sized[-1] if sized is not None else self.default_size
-        self.check_size(height, width)
+        try:
+            self.check_size(height, width)
+        except ShapeOutOfRangeError as exc:
+            if not taken:
+                raise
+            source = "control_image" if control is not None else "image" if init is not None else "latents"
+            raise ShapeOutOfRangeError(f"{exc} (the size of {source}, as height and width were not both given: pass them "
+                                       "to resize it)") from None
         batch, do_cfg = len(prompts) * num_images_per_prompt, self.uses_cfg(guidance_scale)
         if do_cfg and prompt_embeds is not None and negative_prompt_embeds is None and prompt_embeds.shape[1] > self.max_length:
             raise DiffrtError(f"prompt_embeds of {prompt_embeds.shape[1]} tokens with classifier-free guidance: the negative "
