@@ -287,7 +287,8 @@ def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, schedule: Schedule, decod
         for g, loss in losses:
             if not torch.isfinite(loss):
                 raise NonFiniteOutputError(f"guidance {g.name!r}: the loss is {loss.item()} at step {step}; "
-                                           "return a finite loss (and, for latent models, try --precision fp32 for the VAE)")
+                                           "return a finite loss (the images it is given are not clamped to [0, 1]: "
+                                           "clamp them before a log or a square root)")
         raise NonFiniteOutputError(f"guidance {', '.join(repr(g.name) for g in active)}: the gradient of the loss is not finite "
                                    f"(NaN/inf) at step {step}; make the loss differentiable where the images are")
     return grad
