@@ -803,11 +803,30 @@ def test_temporaries_a_killed_export_left_are_removed_by_the_next_build(classemb
     for path in leftovers:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"half written")
-    (out / ".keep").write_text("the user's")
-    (out / mf.MANIFEST).unlink()  # the kill came before the manifest
+    # The user's own hidden files, named like temporaries but not of names an export writes (a review found them
+    # removed: `.backup.20240101` and a sub-folder's `.draft.20240101.tmp`, from an --out that was a project folder).
+    users = [out / ".keep", out / ".backup.20240101" / "notes.txt", out / ".draft.20240101.tmp", out / "photos" / ".draft.20240101.tmp"]
+    for path in users:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("the user's")
+    # The kill came before the manifest: what remains is the rebuild record begin_rebuild wrote first.
+    (out / mf.MANIFEST).unlink()
+    (out / ".rebuild.json").write_text(json.dumps({"components": {}, "folders": ["unet"]}))
     assert not export_pixel_model(classemb_model_dir, out, options).cache_hit
     assert not any(p.exists() for p in leftovers) and not (out / ".unet.k3x_9q2a").exists()
-    assert (out / ".keep").read_text() == "the user's"
+    assert all(path.read_text() == "the user's" for path in users)
+
+
+def test_an_export_into_a_folder_of_the_users_removes_none_of_its_files(classemb_model_dir, tmp_path):
+    """An --out that holds no export (no manifest, no rebuild record) is the user's: nothing of it is a leftover (the
+    component folders the export writes aside)."""
+    out = tmp_path / "project"
+    users = [out / ".unet.20240101" / "notes.txt", out / ".manifest.json.20240101.tmp", out / "photos" / ".draft.20240101.tmp"]
+    for path in users:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's")
+    export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), verify=False))
+    assert all(path.read_text() == "the user's" for path in users)
 
 
 def test_verify_fails_on_nan_at_any_shape(classemb_model_dir):

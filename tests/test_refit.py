@@ -335,6 +335,19 @@ def test_every_refittable_weight_is_set_on_every_refit(classemb_model_dir, pixel
     assert all(torch.equal(a[n], a_again[n]) for n in a)
     assert any(not torch.equal(a[n], b[n]) for n in a) and any(not torch.equal(a[n], base[n]) for n in a)
 
+    # From the TensorRT review: a failed refit quoted the last two errors of the process-wide log, however old.
+    failing = FakeRefitter(engine)
+    failing.refit_cuda_engine = lambda: False
+    earlier = ["an earlier, unrelated build failed"]
+    with pytest.raises(ArtifactError, match=r"could not refit the engine \[no error logged\]$"):
+        refit.set_engine_weights(FakeTrt, failing, weights, onnx_path, earlier)
+    from diffrt.export.tensorrt import ErrorLog
+
+    log = ErrorLog(earlier)
+    failing.refit_cuda_engine = lambda: log.add("refit: weights of another shape") or False
+    with pytest.raises(ArtifactError, match=r"could not refit the engine \[refit: weights of another shape\]$"):
+        refit.set_engine_weights(FakeTrt, failing, weights, onnx_path, log)
+
     folded = refit.RefitWeights(weights.weights, ["not_refittable"])
     with pytest.raises(ArtifactError, match="folded"):
         refit.set_engine_weights(FakeTrt, FakeRefitter(engine), folded, onnx_path, [])

@@ -34,7 +34,7 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +82,29 @@ def _make_temp(parent: Path, prefix: str, suffix: str, directory: bool) -> Path:
 
 # Names the temporaries take (8 random characters, here or from tempfile in earlier versions):
 # `.<file>.XXXXXXXX.tmp` from atomic_path, `.<component>.XXXXXXXX` folders from export_onnx.
-_LEFTOVER_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-_LEFTOVER_DIR = re.compile(r"^\.[A-Za-z0-9_-]+\.[a-z0-9_]{8}$")
+_LEFTOVER_FILE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
+_LEFTOVER_DIR = re.compile(r"^\.([A-Za-z0-9_-]+)\.[a-z0-9_]{8}$")
 
 
-def remove_leftovers(folder: str | os.PathLike) -> list[str]:
-    """Remove the temporaries that writes killed midway (SIGKILL, a power cut: no `finally` ran) left
-    in `folder` and its subfolders. No manifest names them, so nothing trusts them, but at SD size
-    each holds gigabytes. Call it only under the folder's lock: a live writer's temporaries look the
+def remove_leftovers(folder: str | os.PathLike, folders: Collection[str], files: Collection[str]) -> list[str]:
+    """Remove the temporaries that writes killed midway (SIGKILL, a power cut: no `finally` ran) left in `folder`:
+    those of its own `files` (`.<file>.XXXXXXXX.tmp`) and `folders` (`.<folder>.XXXXXXXX`), and any temporary file
+    inside those folders. No manifest names them, so nothing trusts them, but at SD size each holds gigabytes. Only
+    these names: the folder may hold the user's own hidden files (a review found `.backup.20240101` removed from an
+    --out that was a project folder). Call it only under the folder's lock: a live writer's temporaries look the
     same. Returns the names removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    inside = [p for name in folders if (folder / name).is_dir() and not (folder / name).is_symlink()
+              for p in (folder / name).iterdir()]
     removed = []
-    for path in [*folder.iterdir(), *(p for d in folder.iterdir() if d.is_dir() and not d.is_symlink() for p in d.iterdir())]:
-        if path.is_file() and _LEFTOVER_FILE.match(path.name):
+    for path in [*folder.iterdir(), *inside]:
+        top = path.parent == folder
+        file, dir_ = _LEFTOVER_FILE.match(path.name), _LEFTOVER_DIR.match(path.name)
+        if path.is_file() and not path.is_symlink() and file and (not top or file.group(1) in files):
             path.unlink(missing_ok=True)
-        elif path.parent == folder and path.is_dir() and not path.is_symlink() and _LEFTOVER_DIR.match(path.name):
+        elif top and path.is_dir() and not path.is_symlink() and dir_ and dir_.group(1) in folders:
             shutil.rmtree(path, ignore_errors=True)
         else:
             continue

@@ -327,10 +327,12 @@ def begin_rebuild(out: Path, key: str, t0: float, loras: list[dict], options: Ex
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     for name in linked:
         _link_tree(out / name, stage / name)
+    ours = (out / mf.MANIFEST).is_file() or (out / REBUILD).is_file()  # an export's folder, not only the user's
     rebuild = Rebuild(out, stage, kept, {*owned, *wanted, *writes})
     rebuild.record({})
-    for folder in (out, stage):
-        removed = atomic.remove_leftovers(folder)
+    folders, files = {*COMPONENT_FOLDERS, "tokenizer", *rebuild.folders}, (mf.MANIFEST, REBUILD)
+    for folder in (out, stage) if ours else (stage,):
+        removed = atomic.remove_leftovers(folder, folders, files)
         if removed:
             log.info("%s: removed %d temporary file(s) an interrupted export left: %s", folder, len(removed), ", ".join(removed))
     return None, rebuild

@@ -280,6 +280,7 @@ def open_refitter(trt, engine, engine_path: Path, logger):
 def set_engine_weights(trt, refitter, weights: RefitWeights, engine_path: Path, errors: list[str]) -> dict:
     """Drive one TensorRT Refitter: set *every* refittable weight the ONNX holds (patched or base), never
     only the patched ones, so no value of an earlier refit survives (RELIABILITY #8), then refit."""
+    from diffrt.export.tensorrt import error_mark, errors_since
     from diffrt.runtime.backends.tensorrt import torch_dtype
 
     refittable = set(refitter.get_all_weights())
@@ -303,8 +304,10 @@ def set_engine_weights(trt, refitter, weights: RefitWeights, engine_path: Path, 
     if missing:
         raise ArtifactError(f"{engine_path}: refit needs weights that are not in the ONNX: {', '.join(missing[:5])}; "
                             "rebuild the engine")
+    start = error_mark(errors)
     if not refitter.refit_cuda_engine():
-        raise ArtifactError(f"{engine_path}: TensorRT could not refit the engine [{' | '.join(errors[-2:])}]")
+        why = " | ".join(errors_since(errors, start)[-2:]) or "no error logged"
+        raise ArtifactError(f"{engine_path}: TensorRT could not refit the engine [{why}]")
     del keep
     return {"refittable": len(refittable), "set": len(refittable & weights.weights.keys()), "patched": len(weights.patched),
             "not_in_onnx": sorted(refittable - weights.weights.keys())}

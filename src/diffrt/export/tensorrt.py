@@ -219,14 +219,23 @@ class ErrorLog(list):
         return self[max(0, mark - self.dropped):]
 
 
+def error_mark(errors: list[str]) -> int:
+    """Where the errors stand before a TensorRT call: its failure reads the errors logged since (errors_since), not
+    earlier ones of the process-wide log (another engine's failed build)."""
+    return errors.mark() if isinstance(errors, ErrorLog) else len(errors)
+
+
+def errors_since(errors: list[str], mark: int) -> list[str]:
+    return errors.since(mark) if isinstance(errors, ErrorLog) else errors[mark:]
+
+
 def serialize_network(builder, network, config, component: str, errors: list[str], workspace_bytes: int,
                       free_bytes: int | None):
     """builder.build_serialized_network, with a typed error naming the cause when it returns None."""
-    start = errors.mark() if isinstance(errors, ErrorLog) else len(errors)
+    start = error_mark(errors)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        new = errors.since(start) if isinstance(errors, ErrorLog) else errors[start:]
-        raise ArtifactError(explain_build_failure(component, new, workspace_bytes, free_bytes))
+        raise ArtifactError(explain_build_failure(component, errors_since(errors, start), workspace_bytes, free_bytes))
     return plan
 
 

@@ -93,18 +93,19 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 
 def load_engine(engine_path: str | Path, device: torch.device):
     """Deserialize an engine file on `device`; a typed error if TensorRT refuses it."""
-    from diffrt.export.tensorrt import import_tensorrt, trt_logger
+    from diffrt.export.tensorrt import error_mark, errors_since, import_tensorrt, trt_logger
 
     trt = import_tensorrt()
     path = Path(engine_path)
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; build it with `diffrt export --backend tensorrt`")
     logger = trt_logger()
+    start = error_mark(logger.errors)
     with torch.cuda.device(device):
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
-        why = " | ".join(logger.errors[-2:]) or "no error logged"
+        why = " | ".join(errors_since(logger.errors, start)[-2:]) or "no error logged"
         raise ArtifactError(f"TensorRT {trt.__version__} could not load {path} (truncated, or built by another TensorRT "
                             f"version or GPU) [{why}]; rebuild it with `diffrt export --backend tensorrt`")
     return trt, runtime, engine

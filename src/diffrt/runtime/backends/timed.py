@@ -32,9 +32,10 @@ class TimedBackend:
             return self.inner.run(feed)
         if self.inner.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            stream = torch.cuda.current_stream(self.inner.device)  # the backend's GPU, not whichever is current
+            start.record(stream)
             out = self.inner.run(feed)
-            end.record()
+            end.record(stream)
             self._events.append((start, end))
             return out
         t0 = time.perf_counter()
