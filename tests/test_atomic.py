@@ -112,3 +112,19 @@ def test_a_folder_the_system_refuses_files_in_is_refused_before_the_work(tmp_pat
     atomic.check_writable(tmp_path / "new" / "x.png")
     atomic.check_writable(tmp_path, folder=True)
     assert list(tmp_path.iterdir()) == []  # nothing made, nothing left
+
+
+@pytest.mark.parametrize("stem", ["a" * 240, "é" * 120], ids=["ascii", "two-byte"])
+def test_a_long_name_the_file_system_takes_is_written_and_a_longer_one_refused_first(tmp_path, stem):
+    """From a review: a 244-byte name passed check_writable, and the write after the sampling failed with "File name
+    too long" on a temporary the user never named (its name adds 14 bytes to the file's)."""
+    from diffrt.errors import DiffrtError
+
+    path = tmp_path / f"{stem}.png"  # 244 bytes: taken (255 at most)
+    atomic.check_writable(path)
+    atomic.write_bytes(path, b"png")
+    assert path.read_bytes() == b"png" and [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left
+    longer = tmp_path / f"{stem}{'x' * 12}.png"
+    with pytest.raises(DiffrtError, match=r"^--out .*: its name is 256 bytes, more than the 255 a file name may have; pass a "
+                                          r"shorter name$"):
+        atomic.check_writable(longer)

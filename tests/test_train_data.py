@@ -444,3 +444,32 @@ def test_an_eps_file_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n"
     with pytest.raises(DataError, match="x.eps is not a readable image"):
         decode_image(eps, None, name="x.eps")
+
+
+def test_a_format_pillow_knows_but_a_service_refuses_is_named_so():
+    """From a review: a BMP sent to `diffrt serve` read "not a format Pillow knows", which Pillow does; the service
+    takes PNG, JPEG and WebP only, which the line now says."""
+    import io
+
+    from diffrt.errors import DataError
+    from diffrt.images import WEB_FORMATS, decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="BMP")
+    assert decode_image(buffer.getvalue(), None, name="x.bmp").shape == (3, 8, 8)  # a file: every format Pillow opens
+    with pytest.raises(DataError, match=r"^x.bmp is not a readable image of the formats taken here \(PNG, JPEG, WEBP\); "
+                                        r"convert it to PNG/JPEG/WEBP$"):
+        decode_image(buffer.getvalue(), None, name="x.bmp", formats=WEB_FORMATS)
+
+
+def test_the_digits_split_is_train_or_holdout_and_nothing_else():
+    """From a review: any split but "holdout" gave the training split, so split="test" would have checked quality on
+    the images the model trained on."""
+    from diffrt.data import load_digits
+    from diffrt.errors import DataError
+
+    train, holdout = load_digits(split="train"), load_digits(split="holdout")
+    assert len(train) + len(holdout) == 1797 and len(holdout) < len(train)
+    for bad in ("test", "Holdout", "val"):
+        with pytest.raises(DataError, match=rf"^split must be 'train' or 'holdout', got '{bad}'$"):
+            load_digits(split=bad)

@@ -44,7 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _make_temp(path.parent, f".{path.name}.", ".tmp", directory=False)
+    tmp_path = _make_temp(path.parent, f".{_fitting(path.name, NAME_MAX - len('..XXXXXXXX.tmp'))}.", ".tmp", directory=False)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -54,6 +54,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+NAME_MAX = 255  # bytes in a file name, on Linux's file systems and macOS's
+
+
+def _fitting(name: str, limit: int) -> str:
+    """`name` cut to at most `limit` bytes (whole characters): a temporary's name adds 14 to the file's, so a
+    long name the file system takes would fail at the write, after the work (`check_writable` passed it)."""
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return name
 
 
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
@@ -130,6 +141,9 @@ def check_writable(path: str | os.PathLike, what: str = "--out", folder: bool = 
     from diffrt.errors import DiffrtError
 
     path = Path(path)
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise DiffrtError(f"{what} {path}: its name is {len(os.fsencode(path.name))} bytes, more than the {NAME_MAX} a file "
+                          "name may have; pass a shorter name")
     if path.exists() and path.is_dir() != folder:
         have, want = ("file", "folder") if folder else ("folder", "file")
         raise DiffrtError(f"{what} {path} is a {have}, not a {want}; pass a {want} path")

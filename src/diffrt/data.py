@@ -117,6 +117,8 @@ def load_digits(size: int = 16, split: str = "train") -> ImageDataset:
     split "train" is 80 % of each class, "holdout" the other 20 %: the quality check trains its
     classifier on the hold-out split, which the diffusion model never sees.
     """
+    if split not in ("train", "holdout"):  # anything else read as "train": a quality check on the training data
+        raise DataError(f"split must be 'train' or 'holdout', got {split!r}")
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError:

@@ -207,6 +207,9 @@ def decode_image(data: bytes, size: Size | None = None, mode: str = "RGB", *, na
                     im = im.resize((size[1], size[0]), Image.LANCZOS)
                 array = np.asarray(im, dtype=np.float32) / 255.0
     except UnidentifiedImageError:
+        if formats is not None:  # Pillow may know it (BMP, GIF, TIFF): this caller takes these only
+            raise DataError(f"{name} is not a readable image of the formats taken here ({', '.join(formats)}); convert "
+                            f"it to {'/'.join(formats)}") from None
         raise DataError(f"{name} is not a readable image (not a format Pillow knows); convert it to PNG/JPEG") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # Pillow reports damaged files as OSError, ValueError ("Truncated IHDR chunk", a text chunk
