@@ -473,3 +473,10 @@ def test_the_digits_split_is_train_or_holdout_and_nothing_else():
     for bad in ("test", "Holdout", "val"):
         with pytest.raises(DataError, match=rf"^split must be 'train' or 'holdout', got '{bad}'$"):
             load_digits(split=bad)
+
+
+def test_pixels_a_rounding_past_the_ends_are_clipped_not_wrapped():
+    from diffrt.images import to_uint8
+
+    pixels = to_uint8(torch.tensor([-0.001, 0.0, 0.5, 1.0, 1.001]).reshape(1, 1, 1, 5))
+    assert pixels.ravel().tolist() == [0, 0, 128, 255, 255]
