@@ -23,8 +23,8 @@ def to_numpy(images: torch.Tensor) -> np.ndarray:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [0, 1] -> uint8 [N, H, W, C], rounded to nearest (what PNGs and PIL images hold); a value a
-    rounding past either end is clipped there (uint8 would wrap -0.001 to white)."""
+    """[N, C, H, W] in [0, 1] -> uint8 [N, H, W, C], rounded to nearest (what PNGs and PIL images hold); a value
+    rounding put past either end is clipped there (uint8 would wrap -0.001 to white)."""
     return (to_numpy(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
