@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import re
 from pathlib import Path, PurePosixPath
@@ -17,6 +18,8 @@ from typing import Any
 
 from diffrt import __version__, atomic
 from diffrt.errors import ArtifactError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -102,7 +105,10 @@ def read_manifest(folder: str | Path) -> dict:
         raise ArtifactError(f"{path} has format {manifest.get('format')!r}, this diffrt reads format {FORMAT}; re-export")
     # Every file has its sha256 here; this covers the manifest's own content (the scheduler, the VAE's factors, the
     # tokenizer's length): edited, it would run other images silently. Manifests written before it have none.
-    if "digest" in manifest and manifest["digest"] != _digest(manifest):
+    if "digest" not in manifest:  # from before the digest, or one an edit removed: its settings go unchecked
+        log.warning("%s has no digest (written by an older diffrt, or edited), so its settings (scheduler, VAE factors, "
+                    "tokenizer length) are not checked; re-run `diffrt export` to have them checked", path)
+    elif manifest["digest"] != _digest(manifest):
         raise ArtifactError(f"{path} was changed after export (its content no longer matches its digest); re-run `diffrt export`")
     check_schema(manifest, path)
     return manifest
