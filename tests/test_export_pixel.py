@@ -187,6 +187,17 @@ def test_export_parity_at_several_shapes(classemb_model_dir, artifact):
 # --- external data (RELIABILITY #6) ----------------------------------------------------------------------
 
 
+def test_a_graph_over_protobufs_limit_takes_external_data_whatever_its_weights_weigh(classemb_model_dir, tmp_path, monkeypatch):
+    """From the ONNX review: the choice counted the weights against the threshold, and protobuf's limit is the whole
+    file's; weights just under 2 GiB and the graph around them would fail to save. Here the limit is made small."""
+    from diffrt.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1024)
+    out = tmp_path / "artifact"
+    export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), verify=False))
+    assert (out / "unet" / "model.onnx.data").is_file()
+
+
 def test_external_data_sits_in_the_component_folder_and_travels_with_it(classemb_model_dir, tmp_path):
     import shutil
 

@@ -50,6 +50,7 @@ def max_opset() -> int:
     except (ImportError, AttributeError):
         return TORCH_2_13_MAX_OPSET
 TWO_GB = 2 * 1024**3
+PROTOBUF_LIMIT = 2**31 - 1  # bytes in one serialized protobuf message: a model.onnx without external data
 HALF_TYPES = {torch.float16: 10, torch.bfloat16: 16}  # onnx.TensorProto.FLOAT16, BFLOAT16
 ONNX_TYPES = {torch.float32: 1, torch.int32: 6, torch.int64: 7, **HALF_TYPES}  # onnx.TensorProto elem types
 
@@ -97,7 +98,9 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, folder: str | Path, *, o
         if dtype in HALF_TYPES:  # normalisation statistics in fp32, as PyTorch computes them (optimize.py)
             upcast_normalizations(model, HALF_TYPES[dtype])
         _describe(model, spec, dtype, exporter)
-        large = _weights_nbytes(model) > external_data_threshold
+        # The threshold counts the weights; protobuf's limit is the whole file's (graph and all), so weights just
+        # under 2 GiB may not fit in one file either.
+        large = _weights_nbytes(model) > external_data_threshold or model.ByteSize() >= PROTOBUF_LIMIT
         out = tmp / "model.onnx"
         onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
