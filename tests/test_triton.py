@@ -76,6 +76,9 @@ def test_config_declares_what_the_model_takes(t2i_folder, t2i_artifact):
             params[key] = {"string_value": value}
     typed = _parameters({"parameters": params})
     assert typed["model"] == "model" and typed["strict"] is False and typed["max_queue"] == 64 and typed["timeout_s"] == 60.0
+    # Triton's queue (where requests wait: test_triton_holds_its_queue_to_max_queue) takes the same bounds.
+    assert ("default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 60000000 max_queue_size: 64 }"
+            in config_pbtxt(RepositoryConfig(), "", text_to_image=False, controlnet=False))
     with pytest.raises(DiffrtError, match="'strict' is 'maybe', not a bool"):
         _parameters({"parameters": {"strict": {"string_value": "maybe"}}})
     assert _parameters({"parameters": {"EXECUTION_ENV_PATH": {"string_value": "/env.tar.gz"}}}) == {}
@@ -319,6 +322,7 @@ def triton(t2i_artifact, tmp_path_factory):
     write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="sd", max_batch_size=2))
     elsewhere = shutil.copytree(SHIPPED_DIGITS, repo.parent / 'digits "copy" \\ 1')
     write_repository(repo, RepositoryConfig(model=str(elsewhere), name="linked", link=True))
+    write_repository(repo, RepositoryConfig(name="tight", max_batch_size=1, max_queue=1, queue_delay_ms=0))
     server = start_triton(repo)
     try:
         yield server.wait_ready()
@@ -361,6 +365,18 @@ def test_requests_sent_at_once_each_get_their_own_images(triton):
         np.testing.assert_array_equal(outputs(response)["images"][0], generated(None, class_label=label, seed=seed))
     stats = httpx.get(f"{triton.url}/v2/models/digits/stats").json()["model_stats"][0]
     assert stats["execution_count"] < stats["inference_count"]  # Triton handed the model several requests per call
+
+
+def test_triton_holds_its_queue_to_max_queue(triton):
+    """From a review: an execute gets at most max_batch_size rows, so requests waited in Triton's own queue, unbounded
+    and untimed: --max-queue and --timeout did nothing (10 requests to a queue of 2 all answered, after up to 5x the
+    timeout). config.pbtxt's queue policy now refuses those past the queue at once."""
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda seed: infer(triton, "tight", {"class_label": 1, "seed": seed, "num_inference_steps": 50}),
+                                range(6)))
+    codes = sorted(r.status_code for r in answers)
+    assert 200 in codes and 503 in codes, [(r.status_code, r.text[:80]) for r in answers]
+    assert all("Exceeds maximum queue size" in r.json()["error"] for r in answers if r.status_code == 503)
 
 
 def test_bad_requests_are_refused_by_name(triton):

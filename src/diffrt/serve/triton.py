@@ -19,8 +19,9 @@ ControlNet) as raw PNG bytes.
 The answer: `images` UINT8 [rows, num_images, H, W, C], `seed` (the one drawn when left out),
 `backend`, and for text-to-image models the prompt text cut off at the encoder's length
 (`truncated`, `truncated_negative`, "" when nothing was: RELIABILITY #13). A refused request gets
-the message `diffrt serve` would give, as a Triton error (INVALID_ARG for bad input, UNAVAILABLE
-when the queue is full), the same over HTTP and gRPC. A request Triton marks cancelled (its gRPC
+the message `diffrt serve` would give, as a Triton error (INVALID_ARG for bad input), the same over HTTP and
+gRPC. Requests wait in Triton's queue (an execute gets at most max_batch_size rows), which config.pbtxt's
+queue policy holds to --max-queue requests and --timeout seconds: Triton refuses one past either (UNAVAILABLE). A request Triton marks cancelled (its gRPC
 deadline passed, its call cancelled) gives up its rows: queued ones leave the queue, a running
 batch of only such rows stops at its next step.
 

@@ -112,7 +112,10 @@ def config_pbtxt(config: RepositoryConfig, model_parameter: str, text_to_image: 
         f"name: {_text(config.name)}",
         'backend: "python"',
         f"max_batch_size: {config.max_batch_size}",
-        f"dynamic_batching {{ max_queue_delay_microseconds: {round(config.queue_delay_ms * 1000)} }}",
+        # Requests wait in Triton's queue, not the runtime's (an execute gets at most max_batch_size rows): its
+        # policy holds them to --max-queue and --timeout, refused when it is full or they waited that long.
+        f"dynamic_batching {{ max_queue_delay_microseconds: {round(config.queue_delay_ms * 1000)} default_queue_policy {{ "
+        f"timeout_action: REJECT default_timeout_microseconds: {round(config.timeout_s * 1e6)} max_queue_size: {config.max_queue} }} }}",
         "input [", ",\n".join(inputs), "]",
         "output [", ",\n".join(outputs), "]",
         f"instance_group [ {{ count: {config.instances} kind: {kind} }} ]",
