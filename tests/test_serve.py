@@ -703,6 +703,8 @@ def test_ui_builds_and_generates(server, served_model):
 
 # -- Ray Serve --------------------------------------------------------------------------------
 
+PROXY_HOST = (b"host", b"127.0.0.1:8000")  # the Host header Ray's proxy passes on, as its client sent it
+
 @pytest.mark.slow
 def test_ray_serve_replica_answers_like_the_service(served_model, pipe):
     ray = pytest.importorskip("ray")
@@ -1003,7 +1005,8 @@ def test_the_ray_route_answers_a_body_as_the_service_does(served_model, client):
         async def receive():
             return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-        return Request({"type": "http", "method": method, "path": "/v1/generate", "query_string": b"", "headers": headers}, receive)
+        return Request({"type": "http", "method": method, "path": "/v1/generate", "query_string": b"",
+                        "headers": [PROXY_HOST, *headers]}, receive)
 
     async def ray_answers():
         answers = [await deployment(request(method, body, headers + key)) for _, method, body, headers in cases]
@@ -1037,14 +1040,14 @@ def test_the_ray_route_refuses_as_the_service_does(served_model):
     deployment = DiffrtDeployment.func_or_class(asdict(ServeConfig(model=served_model, api_key_env=None, device="cpu",
                                                                    warmup_steps=1, max_batch_size=2)))
 
-    def request(body: bytes, kind: str = "application/json", extra: tuple = ()) -> Request:
+    def request(body: bytes, kind: str = "application/json", extra: tuple = (), host: tuple = PROXY_HOST) -> Request:
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive():
             return messages.pop(0) if messages else {"type": "http.disconnect"}
 
         return Request({"type": "http", "method": "POST", "path": "/v1/generate", "query_string": b"",
-                        "headers": [(b"content-type", kind.encode()), *extra]}, receive)
+                        "headers": [(b"content-type", kind.encode()), host, *extra]}, receive)
 
     good = b'{"class_label": 1, "seed": 2, "num_inference_steps": 1, "num_images": 2}'
 
@@ -1052,11 +1055,15 @@ def test_the_ray_route_refuses_as_the_service_does(served_model):
         return [await deployment(request(good)),
                 await deployment(request(b"class_label=1", "application/x-www-form-urlencoded")),
                 await deployment(request(b"")),
-                await deployment(request(good, extra=((b"x-request-id", b"as sent"),)))]  # as Ray's proxy passes it on
+                await deployment(request(good, extra=((b"x-request-id", b"as sent"),))),  # as Ray's proxy passes it on
+                await deployment(request(good, host=(b"host", b"evil.example:8000")))]
 
     try:
-        ok, form, empty, named = asyncio.run(answers())
+        ok, form, empty, named, rebound = asyncio.run(answers())
         assert (ok.status_code, form.status_code, empty.status_code) == (200, 415, 422)
+        # From the serving review: on loopback (the default config, and README's proxy) the route answered any Host, so
+        # a page of evil.example, its name pointed at 127.0.0.1, could generate and read the images; `diffrt serve` 421s.
+        assert rebound.status_code == 421 and b"'evil.example:8000' is not this service's" in rebound.body
         # The request goes by the id Ray's proxy names it by, which the proxy puts on the answer itself: once (a review's).
         assert json.loads(named.body)["id"] == "as sent" and re.fullmatch("[0-9a-f]{32}", json.loads(ok.body)["id"])
         assert all("x-request-id" not in answer.headers for answer in (ok, form, empty, named))
@@ -1088,7 +1095,7 @@ def test_ray_check_health_fails_once_the_engine_fails_every_batch(served_model, 
             return messages.pop(0) if messages else {"type": "http.disconnect"}
 
         return Request({"type": "http", "method": "POST", "path": "/v1/generate", "query_string": b"",
-                        "headers": [(b"content-type", b"application/json")]}, receive)
+                        "headers": [(b"content-type", b"application/json"), PROXY_HOST]}, receive)
 
     def dead(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -1115,7 +1122,13 @@ def test_a_replica_asks_ray_for_a_gpu_where_the_cluster_has_one(monkeypatch):
     def asked(config, **kwargs) -> float:
         return deployment_for(config, **kwargs).ray_actor_options["num_gpus"]
 
-    assert asked(ServeConfig(device="cpu")) == 0 and asked(ServeConfig(device="cuda:1")) == 1
+    assert asked(ServeConfig(device="cpu")) == 0 and asked(ServeConfig(device="cuda")) == 1
+    # From the serving review: a replica sees only the GPU Ray gave it, as cuda:0; "cuda:1" could never load.
+    with pytest.raises(ValueError, match=r"device 'cuda:1' names a GPU by number; .*pass device='cuda'"):
+        asked(ServeConfig(device="cuda:1"))
+    # And requests past a replica's batch and queue wait at Ray's proxy no longer without bound (Ray's default, -1).
+    bounded = deployment_for(ServeConfig(device="cpu", max_batch_size=4, max_queue=7))
+    assert (bounded.max_ongoing_requests, bounded.max_queued_requests) == (11, 7)
     assert asked(ServeConfig(device="cpu"), num_gpus=0.5) == 0.5  # an explicit request wins
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     for gpus in (0, 4):

@@ -17,7 +17,9 @@ cluster has one (`replica_gpus`; bind the deployment through `build_deployment`,
 it: `DiffrtDeployment.bind` alone asks for none, and Ray hides the GPUs from such a replica). `check_health` raises once the replica's worker is dead, so Ray replaces it.
 
 The route speaks the same API as `POST /v1/generate` of `diffrt serve` (schema, API key,
-pages of other origins, Host names where the config lists them, body limit, refusals, headers). A client that hangs up has its request given up as there: Ray's
+pages of other origins, Host names: loopback's for a config on loopback, the default, else those the
+config lists; body limit, refusals, headers). A proxy other machines reach (http_options host
+0.0.0.0) takes ServeConfig(host="0.0.0.0") or allowed_hosts, as `diffrt serve --host` would. A client that hangs up has its request given up as there: Ray's
 proxy cancels the replica's call, the runtime drops its rows, and it counts as 499. Ray ships the
 deployment to its workers with its own serialisation; diffrt passes it a plain dict of settings only.
 """
@@ -34,7 +36,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, ServeConfig, answer_response, api_key_problem, content_type_problem,
+from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, LOOPBACK, LOOPBACK_NAMES, ServeConfig, answer_response, api_key_problem, content_type_problem,
                               error_response, host_problem, origin_problem, parse_body, request_error_response, request_id,
                               too_large_response, validation_error_response)
 from diffrt.serve.runtime import ServeRuntime
@@ -59,8 +61,12 @@ class DiffrtDeployment:
         # set, does not inherit the driver's environment, and answered without asking for it.
         key = api_key or self.config.api_key()
         self.api_key = key.encode() if key else None
-        # Ray's proxy binds where serve.start's http_options say: names are checked only where the config gives them.
+        # Ray's proxy binds where serve.start's http_options say, which the replica cannot read: as `diffrt serve`, a
+        # config on loopback (the default) answers loopback names only (DNS rebinding: a page of evil.example, its
+        # name pointed at 127.0.0.1, is same-origin with the route); a proxy others reach needs host or allowed_hosts.
         hosts = self.config.allowed_hosts
+        if hosts is None and self.config.host in LOOPBACK:
+            hosts = LOOPBACK_NAMES
         self.allowed_hosts = None if hosts is None else tuple(h.lower() for h in hosts)
         self.allowed_origins = tuple(o.rstrip("/") for o in self.config.allowed_origins)
         self.runtime = ServeRuntime(self.config.runtime_config())
@@ -136,7 +142,11 @@ def replica_gpus(config: ServeConfig, num_gpus: float | None = None) -> float:
             raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
         return num_gpus
     if config.device is not None:
-        return 0 if torch.device(config.device).type == "cpu" else 1
+        device = torch.device(config.device)
+        if device.type == "cuda" and device.index is not None:  # Ray shows a replica its own GPUs only, from cuda:0
+            raise ValueError(f"device {config.device!r} names a GPU by number; Ray gives each replica its own GPU, which "
+                             "it sees as cuda:0: pass device='cuda'")
+        return 0 if device.type == "cpu" else 1
     import ray
 
     if ray.is_initialized():
@@ -154,6 +164,9 @@ def deployment_for(config: ServeConfig, *, min_replicas: int = 1, max_replicas: 
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                             "target_ongoing_requests": config.max_batch_size},
         max_ongoing_requests=config.max_batch_size + config.max_queue,
+        # Past those, requests wait at Ray's proxy, unbounded by default and outside the runtime's timeout: held to
+        # max_queue there too (Ray answers 503 past it).
+        max_queued_requests=config.max_queue,
         graceful_shutdown_timeout_s=config.timeout_s + 5,
     )
 
