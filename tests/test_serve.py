@@ -1064,6 +1064,7 @@ def test_the_ray_route_refuses_as_the_service_does(served_model):
         # From the serving review: on loopback (the default config, and README's proxy) the route answered any Host, so
         # a page of evil.example, its name pointed at 127.0.0.1, could generate and read the images; `diffrt serve` 421s.
         assert rebound.status_code == 421 and b"'evil.example:8000' is not this service's" in rebound.body
+        assert b"deploy it with ServeConfig(allowed_hosts=...)" in rebound.body  # not serve's --allowed-host
         # The request goes by the id Ray's proxy names it by, which the proxy puts on the answer itself: once (a review's).
         assert json.loads(named.body)["id"] == "as sent" and re.fullmatch("[0-9a-f]{32}", json.loads(ok.body)["id"])
         assert all("x-request-id" not in answer.headers for answer in (ok, form, empty, named))
@@ -1124,8 +1125,11 @@ def test_a_replica_asks_ray_for_a_gpu_where_the_cluster_has_one(monkeypatch):
 
     assert asked(ServeConfig(device="cpu")) == 0 and asked(ServeConfig(device="cuda")) == 1
     # From the serving review: a replica sees only the GPU Ray gave it, as cuda:0; "cuda:1" could never load.
-    with pytest.raises(ValueError, match=r"device 'cuda:1' names a GPU by number; .*pass device='cuda'"):
+    with pytest.raises(ValueError, match=r"device 'cuda:1' names a GPU by number, .*from cuda:0: pass device='cuda'"):
         asked(ServeConfig(device="cuda:1"))
+    with pytest.raises(ValueError, match=r"device 'cuda:1' names a GPU by number"):
+        asked(ServeConfig(device="cuda:1"), num_gpus=0.5)
+    assert asked(ServeConfig(device="cuda:0")) == 1 and asked(ServeConfig(device="cuda:1"), num_gpus=2) == 2
     # And requests past a replica's batch and queue wait at Ray's proxy no longer without bound (Ray's default, -1).
     bounded = deployment_for(ServeConfig(device="cpu", max_batch_size=4, max_queue=7))
     assert (bounded.max_ongoing_requests, bounded.max_queued_requests) == (11, 7)
@@ -1286,3 +1290,32 @@ def test_a_header_that_never_ends_is_cut_off_at_the_limit(client, server):
             pass
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]  # refused once past the limit (httptools never answered)
     assert client.get("/healthz").status_code == 200
+
+
+def test_an_unconditional_model_refuses_what_it_would_not_read(uncond_model_dir):
+    """A class label was refused on an unconditional model, a guidance scale taken without a word (nothing reads it:
+    images equal to the call without it); `diffrt generate` refuses both (the CLI review's)."""
+    from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
+    from diffrt.serve.schema import GenerateBody, RequestError
+
+    runtime = ServeRuntime(RuntimeConfig(model=str(uncond_model_dir), backend="torch", device="cpu", warmup_steps=1))
+    runtime.start()
+    try:
+        runtime.wait_ready(120)
+        for field, body in (("class_label", GenerateBody(class_label=1)), ("guidance_scale", GenerateBody(guidance_scale=5.0))):
+            with pytest.raises(RequestError) as refused:
+                runtime.generate_sync(body)
+            assert refused.value.status == 422 and refused.value.message.startswith(f"{field}: ")
+            assert "this model is unconditional" in refused.value.message
+        plain = runtime.generate_sync(GenerateBody(seed=3, num_inference_steps=2))
+        assert plain.images == runtime.generate_sync(GenerateBody(seed=3, num_inference_steps=2, guidance_scale=1.0)).images
+        import importlib.util
+
+        if importlib.util.find_spec("gradio") is not None:  # the demo's page leaves out what such a model does not read
+            from diffrt.serve.ui import make_generate
+
+            image, latency = make_generate(runtime)(class_label=None, prompt=None, negative_prompt=None, steps=2, guidance_scale=3.0,
+                                                    use_color=False, color=None, color_scale=0.0, seed=3)
+            assert image is not None and "refused" not in latency, latency
+    finally:
+        runtime.close(10)

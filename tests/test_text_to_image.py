@@ -575,12 +575,16 @@ def test_init_and_control_images_of_other_sizes_are_one_line(torch_cn_pipe, cont
     assert images.shape == (1, 3, 32, 32)
     # From the CLI review: a 3x3 control image said "height 3 is outside the range", naming neither the image nor the fix.
     for given, source in ((dict(control_image=torch.rand(1, 3, 3, 3)), "control_image"), (dict(image=torch.rand(1, 3, 3, 40)), "image")):
-        with pytest.raises(ShapeOutOfRangeError, match=rf"^height 3 is outside .* \(the size of {source}, as height and width were "
-                                                      r"not both given: pass them to resize it\)$"):
+        with pytest.raises(ShapeOutOfRangeError, match=rf"^height 3 is outside .* \(the height of {source}, as height was not "
+                                                      r"given: pass height to resize it\)$"):
             run(torch_cn_pipe, **given, num_inference_steps=2)
         assert run(torch_cn_pipe, **given, num_inference_steps=2, height=32, width=32).images.shape == (1, 3, 32, 32)
-    with pytest.raises(ShapeOutOfRangeError, match=r"^height 8 is outside [^(]*$"):  # a size given is the caller's own
-        run(torch_cn_pipe, control_image=control_image, num_inference_steps=2, height=8, width=32)
+    # A side given is the caller's own, even beside one taken from the image (a review's); latents are not resized.
+    with pytest.raises(ShapeOutOfRangeError, match=r"^height 8 is outside [^(]*$"):
+        run(torch_cn_pipe, control_image=control_image, num_inference_steps=2, height=8)
+    with pytest.raises(ShapeOutOfRangeError, match=r"^width 8 is outside .* \(the width of latents x 8, as width was not given: "
+                                                  r"give latents of a size the UNet runs\)$"):
+        run(torch_cn_pipe, latents=torch.randn(1, 4, 4, 1), num_inference_steps=2)
 
 
 def generators(*seeds) -> list[torch.Generator]:

@@ -20,6 +20,7 @@ from diffrt import __version__, atomic
 from diffrt.errors import ArtifactError
 
 log = logging.getLogger(__name__)
+_UNDIGESTED: set[Path] = set()  # manifests without a digest already warned about
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -106,8 +107,10 @@ def read_manifest(folder: str | Path) -> dict:
     # Every file has its sha256 here; this covers the manifest's own content (the scheduler, the VAE's factors, the
     # tokenizer's length): edited, it would run other images silently. Manifests written before it have none.
     if "digest" not in manifest:  # from before the digest, or one an edit removed: its settings go unchecked
-        log.warning("%s has no digest (written by an older diffrt, or edited), so its settings (scheduler, VAE factors, "
-                    "tokenizer length) are not checked; re-run `diffrt export` to have them checked", path)
+        if path not in _UNDIGESTED:  # once per manifest and process (a call reads it more than once)
+            _UNDIGESTED.add(path)
+            log.warning("%s has no digest (written by an older diffrt, or edited), so its settings (scheduler, VAE factors, "
+                        "tokenizer length) are not checked; re-run `diffrt export` to have them checked", path)
     elif manifest["digest"] != _digest(manifest):
         raise ArtifactError(f"{path} was changed after export (its content no longer matches its digest); re-run `diffrt export`")
     check_schema(manifest, path)

@@ -72,10 +72,10 @@ class TextToImageChecks:
                                   f"prompt(s) encode to {(*want, negative_prompt_embeds.shape[-1])}; give one row of "
                                   f"{self.max_length} tokens per prompt, or pass prompt_embeds of the same shape")
         check_count("num_images_per_prompt", num_images_per_prompt)
+        clip_skip = self.check_clip_skip(clip_skip)
         if clip_skip and prompt_embeds is not None:  # only the prompts are encoded at clip_skip, and these come encoded
             raise DiffrtError(f"clip_skip {clip_skip} sets the text-encoder layer that encodes the prompts, and prompt_embeds "
                               "come encoded; encode them at that layer, or leave clip_skip out")
-        clip_skip = self.check_clip_skip(clip_skip)
         check_number("guidance_scale", guidance_scale, hint=" (diffusers' default 7.5; <= 1 turns classifier-free guidance off)")
         for name, side in (("height", height), ("width", width)):
             if side is not None:  # 0 is refused, not read as the default (diffusers' `height or default`)
@@ -130,19 +130,25 @@ class TextToImageChecks:
         sized = control[0].shape[-2:] if control is not None else init_size
         if sized is None and isinstance(latents, torch.Tensor) and latents.dim() == 4:  # diffusers samples latents at their size
             sized = (latents.shape[-2] * self.vae_factor, latents.shape[-1] * self.vae_factor)
-        taken = sized is not None and (height is None or width is None)  # a side is the images' own (or the latents')
+        taken = {"height": height is None and sized is not None, "width": width is None and sized is not None}
         if height is None:
             height = sized[-2] if sized is not None else self.default_size
         if width is None:
             width = sized[-1] if sized is not None else self.default_size
-        try:
-            self.check_size(height, width)
-        except ShapeOutOfRangeError as exc:
-            if not taken:
-                raise
-            source = "control_image" if control is not None else "image" if init is not None else "latents"
-            raise ShapeOutOfRangeError(f"{exc} (the size of {source}, as height and width were not both given: pass them "
-                                       "to resize it)") from None
+        for name, size in (("height", height), ("width", width)):
+            try:
+                self.check_side(name, size)
+            except ShapeOutOfRangeError as exc:
+                if not taken[name]:  # the caller's own size (or the default): the message says all
+                    raise
+                # The side is an image's own: name it, and the way out (pixels resize; latents do not).
+                if control is not None or (init is not None and not init_is_latents):
+                    source = "control_image" if control is not None else "image"
+                    why = f"the {name} of {source}, as {name} was not given: pass {name} to resize it"
+                else:
+                    source = "image (latents)" if init_is_latents else "latents"
+                    why = f"the {name} of {source} x {self.vae_factor}, as {name} was not given: give {source} of a size the UNet runs"
+                raise ShapeOutOfRangeError(f"{exc} ({why})") from None
         batch, do_cfg = len(prompts) * num_images_per_prompt, self.uses_cfg(guidance_scale)
         if do_cfg and prompt_embeds is not None and negative_prompt_embeds is None and prompt_embeds.shape[1] > self.max_length:
             raise DiffrtError(f"prompt_embeds of {prompt_embeds.shape[1]} tokens with classifier-free guidance: the negative "
@@ -216,21 +222,25 @@ class TextToImageChecks:
     def check_size(self, height: int, width: int) -> None:
         """ShapeOutOfRangeError unless the UNet runs this image size (a multiple, inside its range); public
         with check_batch for callers that refuse a request before queueing it (`diffrt serve`)."""
+        for name, size in (("height", height), ("width", width)):
+            self.check_side(name, size)
+
+    def check_side(self, name: str, size: int) -> None:
+        """check_size for one side ("height" or "width")."""
         spec, f = self.unet.spec, self.vae_factor
         step = f * spec.multiple_of.get("height", 1)
-        for name, size in (("height", height), ("width", width)):
-            lo, _, hi = spec.ranges[name]
-            if not lo * f <= size <= hi * f:  # first: a multiple suggested for a size outside the range may be outside too
-                if spec.eager:
-                    raise ShapeOutOfRangeError(f"{name} {size} is outside the range eager PyTorch runs the {spec.name} at "
-                                               f"[{lo * f}, {hi * f}] pixels; ask for a size inside it")
-                raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "
-                                           f"pixels; re-export with a wider --{name} range or ask for a size inside it")
-            if size % step:
-                why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else "the VAE's downsampling factor"
-                down = size // step * step
-                near = down if down >= max(step, lo * f) else down + step  # the nearest multiple inside the range
-                raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {near}")
+        lo, _, hi = spec.ranges[name]
+        if not lo * f <= size <= hi * f:  # first: a multiple suggested for a size outside the range may be outside too
+            if spec.eager:
+                raise ShapeOutOfRangeError(f"{name} {size} is outside the range eager PyTorch runs the {spec.name} at "
+                                           f"[{lo * f}, {hi * f}] pixels; ask for a size inside it")
+            raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "
+                                       f"pixels; re-export with a wider --{name} range or ask for a size inside it")
+        if size % step:
+            why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else "the VAE's downsampling factor"
+            down = size // step * step
+            near = down if down >= max(step, lo * f) else down + step  # the nearest multiple inside the range
+            raise ShapeOutOfRangeError(f"{name} {size} must be a multiple of {step} ({why}); try {near}")
 
     def check_deepest(self, height: int, width: int, unet_batch: int) -> None:
         """ShapeOutOfRangeError if a UNet call of `unet_batch` images would normalise single values (a tiny test model:

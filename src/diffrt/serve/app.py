@@ -307,14 +307,14 @@ def _is_address(host: str) -> bool:
     return True
 
 
-def host_problem(headers, allowed: tuple[str, ...] | None) -> str | None:
+def host_problem(headers, allowed: tuple[str, ...] | None, fix: str = "start it with --allowed-host") -> str | None:
     """None if the Host header names this service (DNS rebinding: a page of evil.example, its name pointed at
-    127.0.0.1, would otherwise be same-origin with a loopback service)."""
+    127.0.0.1, would otherwise be same-origin with a loopback service). `fix`: how this service takes other names."""
     if allowed is None:
         return None
     host = headers.get("host", "")
     return (None if _host_name(host).lower() in allowed else
-            f"Host {host!r} is not this service's; address it as {allowed[0]} (or start it with --allowed-host)")
+            f"Host {host!r} is not this service's; address it as {allowed[0]} (or {fix})")
 
 
 class GuardMiddleware:

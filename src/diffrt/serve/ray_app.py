@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import asdict
 
@@ -89,7 +90,8 @@ class DiffrtDeployment:
         return response
 
     async def _answer(self, request: Request, rid: str) -> Response:
-        problem = host_problem(request.headers, self.allowed_hosts)  # the service's guard, in its order
+        problem = host_problem(request.headers, self.allowed_hosts,  # the service's guard, in its order
+                               "deploy it with ServeConfig(allowed_hosts=...), or host='0.0.0.0' for a proxy others reach")
         if problem:
             return error_response(421, problem)
         if request.method != "POST":
@@ -136,22 +138,26 @@ def replica_gpus(config: ServeConfig, num_gpus: float | None = None) -> float:
     """The GPUs one replica asks Ray for: `num_gpus` when given; none for `device="cpu"`, one for a CUDA device;
     else (the device left to the replica) one when the cluster has a GPU. The cluster's resources, not the driver's
     CUDA: a driver or head node without a GPU deployed every replica on CPU, and Ray hides the GPUs of a node from an
-    actor that asked for none, so the replica could not have found them itself."""
+    actor that asked for none, so the replica could not have found them itself. A replica sees only the GPUs Ray gives
+    it, numbered from cuda:0: a device of another number is refused."""
+    device = torch.device(config.device) if config.device is not None else None
     if num_gpus is not None:
         if not 0 <= num_gpus:
             raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
-        return num_gpus
-    if config.device is not None:
-        device = torch.device(config.device)
-        if device.type == "cuda" and device.index is not None:  # Ray shows a replica its own GPUs only, from cuda:0
-            raise ValueError(f"device {config.device!r} names a GPU by number; Ray gives each replica its own GPU, which "
-                             "it sees as cuda:0: pass device='cuda'")
-        return 0 if device.type == "cpu" else 1
-    import ray
+        gpus = num_gpus
+    elif device is not None:
+        gpus = 0 if device.type == "cpu" else 1
+    else:
+        import ray
 
-    if ray.is_initialized():
-        return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    return 1 if torch.cuda.is_available() else 0  # serve.run starts a local cluster on this machine
+        if ray.is_initialized():
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        else:
+            gpus = 1 if torch.cuda.is_available() else 0  # serve.run starts a local cluster on this machine
+    if device is not None and device.type == "cuda" and (device.index or 0) >= max(1, math.ceil(gpus)):
+        raise ValueError(f"device {config.device!r} names a GPU by number, and a replica sees only the GPUs Ray gives it, "
+                         "from cuda:0: pass device='cuda'")
+    return gpus
 
 
 def deployment_for(config: ServeConfig, *, min_replicas: int = 1, max_replicas: int = 4, num_gpus: float | None = None):

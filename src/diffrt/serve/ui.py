@@ -120,6 +120,9 @@ def make_generate(runtime: ServeRuntime):
 
     info = runtime.describe()
     text = info["kind"] == "text-to-image"
+    # An unconditional pixel model takes no label (its dropdown is hidden and empty) and runs no classifier-free guidance.
+    labelled = not text and info["conditioning"] != "none"
+    guided = text or labelled
 
     def generate(class_label, prompt, negative_prompt, steps, guidance_scale, use_color, color, color_scale, seed,
                  control_image=None, lora_scale=1.0, scheduler=None, init_image=None, strength=0.6):
@@ -127,14 +130,15 @@ def make_generate(runtime: ServeRuntime):
 
         t0 = time.perf_counter()
         try:
-            if any(value is None for value in (steps, guidance_scale, *([class_label] if not text else []))):
+            if any(value is None for value in (steps, *([guidance_scale] if guided else []), *([class_label] if labelled else []))):
                 return None, "refused: a field is empty; fill it in"  # a cleared Number or Dropdown sends None
-            fields = dict(num_inference_steps=int(steps), guidance_scale=float(guidance_scale),
-                          seed=None if seed is None else int(seed),  # cleared: a random seed, shown with the image
+            fields = dict(num_inference_steps=int(steps), seed=None if seed is None else int(seed),  # cleared: a random seed
                           scheduler=scheduler or None)
+            if guided:
+                fields["guidance_scale"] = float(guidance_scale)
             if text:
                 fields.update(prompt=prompt or "", negative_prompt=negative_prompt or None)
-            elif info["conditioning"] != "none":
+            elif labelled:
                 fields["class_label"] = int(class_label)
             if use_color and color:
                 fields.update(color=to_hex(color), color_scale=float(color_scale))
@@ -185,7 +189,8 @@ def build_ui(runtime: ServeRuntime):
                                                  ("Euler Ancestral ('Euler a')", "euler_a")],
                                         value="", label="sampler")
                 steps = gr.Slider(1, 200, value=25, step=1, label="steps (num_inference_steps)")
-                guidance = gr.Slider(0.0, 15.0, value=DEFAULT_GUIDANCE_SCALE if text else DEFAULT_PIXEL_GUIDANCE_SCALE, step=0.5, label="guidance scale")
+                guidance = gr.Slider(0.0, 15.0, value=DEFAULT_GUIDANCE_SCALE if text else DEFAULT_PIXEL_GUIDANCE_SCALE, step=0.5, label="guidance scale",
+                                     visible=text or info["conditioning"] != "none")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                 use_color = gr.Checkbox(value=False, label="colour guidance")
                 color = gr.ColorPicker(value="#ff8800", label="colour")

@@ -271,6 +271,9 @@ class PixelWorker(BatchingWorker):
             labels = torch.full((body.num_images,), body.class_label, dtype=torch.int64)
         elif body.class_label is not None:
             raise RequestError(422, "class_label: this model is unconditional; leave class_label out", "class_label")
+        elif body.guidance_scale not in (None, 1.0):  # nothing would read it, as `diffrt generate` refuses it
+            raise RequestError(422, f"guidance_scale: {body.guidance_scale:g} is classifier-free guidance's, which steers by "
+                               "a class label; this model is unconditional: leave guidance_scale out", "guidance_scale")
         guidance_scale = DEFAULT_PIXEL_GUIDANCE_SCALE if body.guidance_scale is None else body.guidance_scale
         height, width = body.height or pipe.sample_size, body.width or pipe.sample_size
         spec = pipe.unet.spec

@@ -120,8 +120,8 @@ def remove_old_checkpoints(folder: Path, newest: Path, keep: int) -> None:
 # folder models.replace_dir swaps out. A run killed mid-save (SIGKILL, a power cut: no `finally` ran)
 # leaves them; no reader trusts them, but a saved SD-size model or checkpoint is gigabytes. Only these
 # names, in the folders the run writes: --out is the user's choice (it may hold other hidden files),
-# so atomic.remove_leftovers' wider patterns for artifact folders (any `.<name>.XXXXXXXX` folder) are
-# not used here.
+# so atomic.remove_leftovers (an export's: the temporaries of the files and component folders it writes)
+# is not used here.
 _TOKEN = r"[a-z0-9_]{8}"  # the random part of a temporary file's name (atomic_path; tempfile's in older versions)
 # Staging folders are named by atomic.make_temp_dir (8 hex digits): a looser pattern would take a user's
 # `.model.previous` for one. (Files end in `.tmp` as well, which no user names a model folder.)
