@@ -698,6 +698,10 @@ def test_a_unet_that_halves_once_exports_and_runs_at_sides_of_two(tmp_path):
     assert pipe(num_images=1, num_inference_steps=2, seed=0, height=14, width=14).images[0].size == (14, 14)
     with pytest.raises(DiffrtError, match="not a multiple of 2|multiple of 2"):
         export_pixel_model(folder, tmp_path / "odd", ExportOptions(batch=(1, 1, 2), height=(15, 18, 22)))
+    # A range whose ends are multiples of 4 takes every even side between them too (its spec asked for 4: 18 refused).
+    fours = artifact_pixel_pipeline(export_pixel_model(folder, tmp_path / "fours", ExportOptions(batch=(1, 1, 2), height=(16, 20, 24),
+                                                                                                 verify=False)).folder, "onnxruntime")
+    assert (fours(num_images=1, num_inference_steps=2, seed=0, output_type="pt").images - eager).abs().max() < 1e-4
 
 
 # --- from a bug hunt: hand-edited manifests, unverified hits, a builder that waited, leftovers, NaN ----

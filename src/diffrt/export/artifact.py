@@ -130,11 +130,10 @@ def pixel_spec(model: PixelModel, options: ExportOptions) -> ComponentSpec:
         raise DiffrtError(f"--height {':'.join(map(str, sizes))}: every value must be a multiple of {multiple} "
                           f"(the UNet halves the image {multiple.bit_length() - 1} times), got {bad[0]}")
     check_smallest_shape(model.unet.one_value_side, options.batch[0], sizes[0], sizes[0], "the unet")
-    # The spec says the UNet's own multiple, but 4 (the spec's default) where every size is one: artifacts exported
-    # before it was the UNet's keep their keys; a UNet that halves once exports at sides of 2 (18 px).
-    spec_multiple = max(multiple, 4) if all(s % 4 == 0 for s in sizes) else multiple
+    # The spec says the UNet's own multiple: a UNet that halves once runs any even side of its range (18 px in 16:20:24,
+    # which a spec of 4 refused; such artifacts exported before are rebuilt once, their key being the spec's).
     return pixel_unet_spec(model.unet.out_channels, size, model.info.conditioning != "none",
-                           num_labels=model.info.num_classes + 1, batch=options.batch, size=sizes, multiple=spec_multiple)
+                           num_labels=model.info.num_classes + 1, batch=options.batch, size=sizes, multiple=multiple)
 
 
 def pixel_export_key(source_sha256: str, spec: ComponentSpec, options: ExportOptions) -> str:
