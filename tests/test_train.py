@@ -1393,3 +1393,55 @@ def test_a_checkpoint_naming_other_files_is_not_trusted_nor_hashed_for_ever(tmp_
     (ckpt / "state.json").unlink()
     os.mkfifo(ckpt / "state.json")
     assert verified(None) is None
+
+
+def test_a_class_image_removed_from_the_folder_is_made_again_as_it_was(sd_folder, cat_folder, tmp_path):
+    """From a review: class-k.png had the seed of its place in the count, so refilling a folder with a gap (a bad prior
+    deleted) wrote a copy of the next image under the free name: two equal priors, and a --resume refused after the
+    generation. Now class-k.png always has seed k: the image made again is the one removed."""
+    import io
+
+    from PIL import Image
+
+    from diffrt.train.dreambooth import generate_class_images, load_components
+
+    cfg = DreamBoothConfig(model=str(sd_folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
+                           class_prompt="a photo of a cat", with_prior_preservation=True, num_class_images=3,
+                           class_inference_steps=2, resolution=32, train=train_config(tmp_path / "out"))
+    components = load_components(Path(sd_folder), torch.device("cpu"), torch.float32)
+    folder = tmp_path / "class_images"
+    generate_class_images(components, folder, cfg, batch=2)
+    first = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert list(first) == ["class-00000.png", "class-00001.png", "class-00002.png"] and len(set(first.values())) == 3
+    (folder / "class-00001.png").unlink()
+    generate_class_images(components, folder, cfg, batch=2)
+    again = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert list(again) == list(first) and again["class-00000.png"] == first["class-00000.png"]
+    pixels = {name: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int) for name, data in again.items()}
+    before = np.asarray(Image.open(io.BytesIO(first["class-00001.png"])).convert("RGB")).astype(int)
+    # The same seed alone in its batch, not beside image 0: equal up to the batch's rounding (a level or two).
+    assert np.abs(pixels["class-00001.png"] - before).max() <= 2
+    assert np.abs(pixels["class-00001.png"] - pixels["class-00002.png"]).max() > 20  # not a copy of its neighbour
+
+
+def test_a_resume_missing_class_images_says_so_before_making_them(sd_folder, cat_folder, tmp_path, caplog):
+    """From the same review: the resume's refusal came after the generation (minutes to hours of the base model)."""
+    out = tmp_path / "out"
+
+    def config(max_steps: int, resume: bool) -> DreamBoothConfig:
+        return DreamBoothConfig(model=str(sd_folder), instance_data=str(cat_folder), instance_prompt="a photo of sks cat",
+                                class_prompt="a photo of a cat", with_prior_preservation=True, num_class_images=2,
+                                class_inference_steps=1, resolution=32, rank=2, num_validation_images=1, inference_steps=1,
+                                train=train_config(out, max_steps=max_steps, batch_size=1, checkpoint_every=1, resume=resume))
+
+    train_dreambooth_lora(config(1, False))
+    (out / "class_images" / "class-00001.png").unlink()
+    with caplog.at_level("INFO", logger="diffrt.train.dreambooth"):
+        try:
+            train_dreambooth_lora(config(2, True))
+        except DiffrtError as refused:  # made alone, not beside image 0: its bytes may differ, and the resume is refused
+            assert "class_content" in str(refused)
+    warned = [r for r in caplog.records if "class images missing" in r.getMessage()]
+    assert warned and "resuming with 1 of the 2 class images missing" in warned[0].getMessage()
+    made = [r for r in caplog.records if "generating 1 class images" in r.getMessage()]
+    assert made and caplog.records.index(warned[0]) < caplog.records.index(made[0])

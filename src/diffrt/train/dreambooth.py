@@ -38,7 +38,7 @@ from diffrt.models import require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.runtime.text_to_image import cut_off
 from diffrt.text_to_image_models import index_scheduler_class
-from diffrt.train.checkpoints import check_resume, holds_out
+from diffrt.train.checkpoints import check_resume, holds_out, list_checkpoints
 from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
 from diffrt.train.lora_adapters import (LORA_WEIGHT_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, check_targets,
                                          save_lora)
@@ -154,6 +154,10 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
         # The folder's own images are read now: one that is no image would otherwise fail the run after the
         # missing ones were generated (minutes to hours of the base model).
         load_image_folder(class_dir, config.resolution, crop=config.crop)
+        if config.train.resume and list_checkpoints(out / "checkpoints"):  # said before the generation, not after it
+            log.warning("resuming with %d of the %d class images missing from %s: each is made again from its seed, and "
+                        "the resume is refused if one does not come out as it was (another device, dtype or batch size)",
+                        config.num_class_images - len(list_images(class_dir)), config.num_class_images, class_dir)
 
     # 2. The frozen base: in the autocast dtype of a mixed-precision run on a GPU, else fp32.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -436,15 +440,20 @@ def generate_class_images(c: Components, folder: Path, config: DreamBoothConfig,
         log.info("prior preservation: %d class images in %s, none to generate", have, folder)
         return
     log.info("prior preservation: generating %d class images of %r into %s", missing, config.class_prompt, folder)
+    # The free names, first to last: class-k.png has seed k of the run's range, however many runs it took to make them
+    # and whichever were removed (a gap is filled by the image that was there; seeding by count gave a copy of the
+    # next one), taken modulo 2^64, the range of torch's seeds, as the loop's step_generator does.
+    free, k = [], 0
+    while len(free) < missing:
+        if not (folder / f"class-{k:05d}.png").exists():
+            free.append(k)
+        k += 1
     pipe = text_to_image_pipeline(c, scheduler_class)
-    index = 0
     for start in tqdm(range(0, missing, batch), desc="class images", unit="batch", total=-(-missing // batch)):
-        # Image k of the folder has seed k of the run's range, however many runs it took to make them;
-        # taken modulo 2^64, the range of torch's seeds, as the loop's step_generator does.
-        seeds = [(config.train.seed * 100_003 + have + start + i) % 2**64 for i in range(min(batch, missing - start))]
-        for image in generate(pipe, config.class_prompt, seeds, config, size=size, steps=config.class_inference_steps):
-            while (folder / f"class-{index:05d}.png").exists():
-                index += 1
+        indices = free[start:start + batch]
+        seeds = [(config.train.seed * 100_003 + index) % 2**64 for index in indices]
+        for index, image in zip(indices, generate(pipe, config.class_prompt, seeds, config, size=size,
+                                                  steps=config.class_inference_steps)):
             atomic.write_bytes(folder / f"class-{index:05d}.png", png_bytes(image))
     if len(list_images(folder)) < config.num_class_images:
         raise DataError(f"{folder} still has fewer than {config.num_class_images} images after generating them")
