@@ -410,6 +410,35 @@ def test_onnxruntime_opens_where_the_os_has_no_cpu_affinity(tmp_path, monkeypatc
     assert OnnxRuntimeBackend(tmp_path / "model.onnx", spec).run({"x": torch.ones(2, 3)})["x_out"].shape == (2, 3)
 
 
+def test_onnxruntime_takes_torchs_thread_count_and_does_not_spin_on_the_cpu(tmp_path):
+    """From a review: the pool was every CPU whatever OMP_NUM_THREADS or torch.set_num_threads said (a container's
+    service could not size it), and its workers spun between runs, slowing the sampler's torch work in between."""
+    pytest.importorskip("onnxruntime")
+    import os
+
+    from onnx import TensorProto
+
+    from diffrt.bench.timing import cpu_threads
+    from diffrt.components import ComponentSpec, TensorSpec
+    from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    _identity_model(tmp_path / "model.onnx", {"x": TensorProto.FLOAT})
+    spec = ComponentSpec("identity", (TensorSpec("x", ("batch", 3)),), (TensorSpec("x_out", ("batch", 3)),), ranges={"batch": (1, 2, 4)})
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        options = OnnxRuntimeBackend(tmp_path / "model.onnx", spec).session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        torch.set_num_threads(64)  # more than the CPUs: capped at those
+        assert OnnxRuntimeBackend(tmp_path / "model.onnx", spec).session.get_session_options().intra_op_num_threads \
+            == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(old)
+    with cpu_threads(1):
+        assert OnnxRuntimeBackend(tmp_path / "model.onnx", spec).session.get_session_options().intra_op_num_threads == 1
+
+
 def test_a_tensorrt_that_imports_but_cannot_build_is_unavailable_in_one_line(monkeypatch):
     """`pip install tensorrt` may bring a build for another CUDA than the driver's: the module imports, and its
     Builder raises pybind's bare "factory function returned nullptr", so every TensorRT path (and gpu test) failed
@@ -460,3 +489,19 @@ def test_onnxruntime_asks_for_tensorrt_only_where_its_provider_library_loads_bes
         assert "TensorRT provider does not load beside TensorRT 11.1.0" in caplog.text
     finally:
         ort_backend.tensorrt_installed.cache_clear()
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_device_the_backend_cannot_run_on_is_refused_at_open(device, backend):
+    """From a review: mps, xpu and meta opened, then failed at the first call with torch's or ONNX Runtime's own
+    traceback ("Unsupported device type: meta"); ONNX Runtime binds cpu and cuda only."""
+    from diffrt.errors import BackendUnavailableError
+    from diffrt.runtime.backends import resolve_device
+
+    usable = device == "mps" and torch.backends.mps.is_available() or device == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available()
+    if backend == "torch" and usable:
+        assert resolve_device(device, backend).type == device  # PyTorch on a Mac's GPU: taken
+        return
+    with pytest.raises(BackendUnavailableError, match=rf"^--device {device}: .* runs on cpu or cuda, not {device}; pass cpu or cuda"):
+        resolve_device(device, backend)

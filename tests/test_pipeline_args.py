@@ -332,7 +332,8 @@ def test_num_images_below_one_is_refused(uncond_model_dir, classemb_model_dir):
     ("cat", {}, r"class labels must be integers in \[0, 3\]"),  # was "new(): invalid data type 'str'"
     ([1, 2], dict(num_images=3), r"got 2 class labels but num_images 3"),  # was 2 images
     ([], {}, r"class labels are empty"),
-], ids=["float", "float-in-list", "str", "count-mismatch", "empty"])
+    ([[1, 2], [3, 0]], {}, r"class labels must be one label or a 1-D list of them, got shape \(2, 2\)"),  # was 4 images
+], ids=["float", "float-in-list", "str", "count-mismatch", "empty", "2-d"])
 def test_class_labels_that_would_run_wrongly_are_refused(classemb_model_dir, labels, kwargs, message):
     from diffrt.runtime.loading import open_pixel_pipeline
 
@@ -344,6 +345,11 @@ def test_class_labels_that_would_run_wrongly_are_refused(classemb_model_dir, lab
     images = pipe(torch.tensor([1.0, 3.0]), num_inference_steps=2, seed=4, output_type="pt").images
     assert torch.equal(images, pipe([1, 3], num_inference_steps=2, seed=4, output_type="pt").images)
     assert pipe(2, num_images=3, num_inference_steps=1).metadata["class_labels"] == [2, 2, 2]
+    # Integer latents are no noise: they ran, cast (an ORT review's); floating ones of any precision are taken.
+    with pytest.raises(DiffrtError, match=r"latents must be floating point \(standard normal noise\), got torch.int64") as info:
+        pipe(1, num_inference_steps=1, latents=torch.zeros(1, 3, 16, 16, dtype=torch.int64))
+    one_line(info)
+    assert pipe(1, num_inference_steps=1, latents=torch.zeros(1, 3, 16, 16, dtype=torch.float16)).images
 
 
 def test_generate_num_images_without_a_class_label_is_refused(classemb_model_dir):

@@ -413,6 +413,8 @@ class PixelPipeline(DenoiserPipeline):
                               f"{type(latents).__name__}")
         if latents is not None and tuple(latents.shape) != shape:
             raise DiffrtError(f"latents must have shape {shape} (batch, channels, height, width), got {tuple(latents.shape)}")
+        if latents is not None and not latents.is_floating_point():  # integers are no noise (cast, they ran)
+            raise DiffrtError(f"latents must be floating point (standard normal noise), got {latents.dtype}")
         check_finite_latents(latents)
         x = schedule.initial_noise(latents.to(self.device, torch.float32) if latents is not None
                           else randn(shape, generator, self.device, torch.float32))
@@ -473,6 +475,9 @@ class PixelPipeline(DenoiserPipeline):
         if values.is_floating_point() and not bool((values == values.round()).all()):
             shown = values.reshape(-1)[values.reshape(-1) != values.reshape(-1).round()][0].item()
             raise DiffrtError(f"class label {shown:g} is not a whole number; pass integer labels in [0, {last}]")
+        if values.dim() > 1:  # a [2, 2] made 4 images: the caller meant something else
+            raise DiffrtError(f"class labels must be one label or a 1-D list of them, got shape {tuple(values.shape)}; "
+                              "flatten them, one label per image")
         flat = values.reshape(-1)
         if flat.numel() == 0:
             raise DiffrtError(f"class labels are empty; pass at least one label in [0, {last}]")

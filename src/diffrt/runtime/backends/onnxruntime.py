@@ -166,9 +166,15 @@ class OnnxRuntimeBackend:
         self.device = _indexed(torch.device(device))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The CPUs this process may use (a container's or taskset's share); macOS has no sched_getaffinity.
-        options.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                   else os.cpu_count() or 1)
+        # PyTorch's thread count (OMP_NUM_THREADS, torch.set_num_threads: one setting sizes both pools, as the bench's
+        # cpu_threads does), within the CPUs this process may use (a container's or taskset's share; macOS has no
+        # sched_getaffinity). It was the CPU count whatever was set.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        options.intra_op_num_threads = threads or max(1, min(torch.get_num_threads(), cpus))
+        if self.device.type == "cpu":
+            # Its workers wait without spinning between runs: the sampler's torch work runs between two UNet calls,
+            # and a worker spinning on a core slowed the loop by up to 40 % on two cores (a review's measure).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         requested = providers or default_providers(self.device, spec, onnx_path, weights_id)
         self.requested_providers = [p if isinstance(p, str) else p[0] for p in requested]
         # A provider this build lacks is left out of the session (asked for it, ONNX Runtime prints a
