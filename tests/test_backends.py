@@ -414,11 +414,9 @@ def test_onnxruntime_takes_torchs_thread_count_and_does_not_spin_on_the_cpu(tmp_
     """From a review: the pool was every CPU whatever OMP_NUM_THREADS or torch.set_num_threads said (a container's
     service could not size it), and its workers spun between runs, slowing the sampler's torch work in between."""
     pytest.importorskip("onnxruntime")
-    import os
-
     from onnx import TensorProto
 
-    from diffrt.bench.timing import cpu_threads
+    from diffrt.bench.timing import available_cpus, cpu_threads
     from diffrt.components import ComponentSpec, TensorSpec
     from diffrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -430,9 +428,9 @@ def test_onnxruntime_takes_torchs_thread_count_and_does_not_spin_on_the_cpu(tmp_
         options = OnnxRuntimeBackend(tmp_path / "model.onnx", spec).session.get_session_options()
         assert options.intra_op_num_threads == 1
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-        torch.set_num_threads(64)  # more than the CPUs: capped at those
+        torch.set_num_threads(64)  # more than the CPUs (here): capped at those
         assert OnnxRuntimeBackend(tmp_path / "model.onnx", spec).session.get_session_options().intra_op_num_threads \
-            == len(os.sched_getaffinity(0))
+            == min(64, available_cpus())
     finally:
         torch.set_num_threads(old)
     with cpu_threads(1):
@@ -492,7 +490,7 @@ def test_onnxruntime_asks_for_tensorrt_only_where_its_provider_library_loads_bes
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "tensorrt"])
 def test_a_device_the_backend_cannot_run_on_is_refused_at_open(device, backend):
     """From a review: mps, xpu and meta opened, then failed at the first call with torch's or ONNX Runtime's own
     traceback ("Unsupported device type: meta"); ONNX Runtime binds cpu and cuda only."""
@@ -502,6 +500,10 @@ def test_a_device_the_backend_cannot_run_on_is_refused_at_open(device, backend):
     usable = device == "mps" and torch.backends.mps.is_available() or device == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available()
     if backend == "torch" and usable:
         assert resolve_device(device, backend).type == device  # PyTorch on a Mac's GPU: taken
+        return
+    if backend == "tensorrt":  # CUDA only, as its own check says (not "pass cpu")
+        with pytest.raises(BackendUnavailableError, match=rf"^backend 'tensorrt' runs on a CUDA device, not {device}"):
+            resolve_device(device, backend)
         return
     with pytest.raises(BackendUnavailableError, match=rf"^--device {device}: .* runs on cpu or cuda, not {device}; pass cpu or cuda"):
         resolve_device(device, backend)

@@ -193,8 +193,8 @@ def test_isolated_cell_past_its_time_limit_is_skipped_with_a_reason(tiny_configs
 
 
 def test_bench_threads_never_exceed_the_cpus_onnxruntime_sizes_its_pool_from(monkeypatch):
-    # ONNX Runtime's intra-op pool is the CPUs the process may use; torch takes any count. More
-    # threads than CPUs would time eager oversubscribed against ONNX Runtime at the CPU count.
+    # ONNX Runtime's intra-op pool is torch's count capped at the CPUs the process may use; torch takes any count.
+    # More threads than CPUs would time eager oversubscribed against ONNX Runtime at the CPU count.
     monkeypatch.setattr(timing, "available_cpus", lambda: 2)
     monkeypatch.setenv("DIFFRT_BENCH_THREADS", "4")
     assert bench_threads() == 2 and bench_threads(8) == 2 and bench_threads(1) == 1
@@ -207,7 +207,7 @@ def test_bench_threads_never_exceed_the_cpus_onnxruntime_sizes_its_pool_from(mon
     monkeypatch.undo()
     for asked in (1, 64):
         with cpu_threads(bench_threads(asked)):
-            assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # what OnnxRuntimeBackend gives its pool
+            assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # what OnnxRuntimeBackend gives its pool (both)
 
 
 def test_run_bench_pays_one_time_imports_before_the_first_cell(tmp_path, tiny_configs, monkeypatch):

@@ -34,3 +34,30 @@ def test_an_out_the_demo_cannot_write_is_refused_before_it_samples(tmp_path):
     for out, words in ((tmp_path, "it is a folder"), (tmp_path / "d.jpg", "must be a .png file")):
         with pytest.raises(DiffrtError, match=words):
             run_demo(out)
+
+
+def test_the_demo_times_both_backends_on_the_same_threads(shipped_model_dir, tmp_path, monkeypatch):
+    """From a review: ONNX Runtime sizes its pool from PyTorch's threads when its sessions are made, and the demo
+    made them before it set the run's threads: with OMP_NUM_THREADS=1, one thread timed against eager's two."""
+    import torch
+
+    from diffrt.bench.timing import bench_threads
+    from diffrt.runtime.backends import onnxruntime as ort_backend
+
+    pools = []
+    real_init = ort_backend.OnnxRuntimeBackend.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        pools.append(self.session.get_session_options().intra_op_num_threads)
+
+    monkeypatch.setattr(ort_backend.OnnxRuntimeBackend, "__init__", spy)
+    monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DIFFRT_BENCH_THREADS", raising=False)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 leaves it; the demo's run takes every CPU
+        run_demo(tmp_path / "demo.png", backend="onnxruntime", settings=DemoSettings(num_inference_steps=2, repeats=1))
+    finally:
+        torch.set_num_threads(old)
+    assert pools and set(pools) == {bench_threads()}

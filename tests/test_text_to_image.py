@@ -1007,6 +1007,8 @@ def test_arguments_whose_inputs_are_missing_are_refused_not_ignored(torch_pipe):
     with pytest.raises(DiffrtError) as err:
         torch_pipe("a cat", latents=torch.randn(2, 4, 4, 4), **run)
     assert "(batch: 1 images," in str(err.value) and "leave out height and width" not in str(err.value)
+    with pytest.raises(DiffrtError, match=r"^latents must be floating point \(standard normal noise\), got torch.int64$"):
+        torch_pipe("a cat", latents=torch.zeros(1, 4, 4, 4, dtype=torch.int64), **run)  # as the pixel pipeline's
     assert torch_pipe("a cat", image=torch.rand(1, 3, 32, 32), seed=1, **{**run, "num_inference_steps": 2}).metadata["strength"] == 0.8
 
 

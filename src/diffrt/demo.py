@@ -84,12 +84,16 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
     #    The engine's batch profile is tuned for this request: CFG doubles the image count.
     from diffrt.export.options import ExportOptions
 
+    from diffrt.bench.timing import bench_threads, cpu_threads
+
+    threads = bench_threads()
     t0 = time.perf_counter()
-    eager = open_pixel_pipeline(None, "torch", device)
-    labels, targets = demo_request(settings, eager.info.num_classes)
-    batch = 2 * len(labels)
-    options = ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx", batch=(1, batch, max(256, batch)))
-    fast = open_pixel_pipeline(None, backend, device, export_options=options)
+    with cpu_threads(threads):  # ONNX Runtime sizes its pool from PyTorch's threads when its sessions are made
+        eager = open_pixel_pipeline(None, "torch", device)
+        labels, targets = demo_request(settings, eager.info.num_classes)
+        batch = 2 * len(labels)
+        options = ExportOptions(backend="tensorrt" if backend == "tensorrt" else "onnx", batch=(1, batch, max(256, batch)))
+        fast = open_pixel_pipeline(None, backend, device, export_options=options)
     log.info("model ready on %s in %.1f s", backend, time.perf_counter() - t0)
 
     guidance = [color_guidance(targets, settings.color_scale)]
@@ -99,9 +103,6 @@ def run_demo(out: str | Path = "demo.png", backend: str | None = None, settings:
     # 2. Same request on both backends, with the same threads: one warm-up run each, then timed runs
     #    alternating between them (the order swapped every other pair), so load on a shared machine
     #    lands on both sides; the median of each side's runs is reported.
-    from diffrt.bench.timing import bench_threads, cpu_threads
-
-    threads = bench_threads()
     seconds: dict[str, list[float]] = {fast.backend: [], eager.backend: []}
     images = {}
     total_steps = 2 * (settings.repeats + 1) * settings.num_inference_steps  # two backends, warm-up + timed runs

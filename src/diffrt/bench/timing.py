@@ -161,9 +161,9 @@ def default_threads() -> int:
 def bench_threads(threads: int | None = None) -> int:
     """`threads`, else `default_threads()`, capped at the CPUs this process may run on.
 
-    ONNX Runtime sizes its pool from those CPUs and `cpu_threads` can only pin to fewer, so more
-    threads than CPUs would give eager PyTorch an oversubscribed pool and ONNX Runtime the CPU
-    count: the speed-up would compare two thread counts."""
+    ONNX Runtime's pool is PyTorch's thread count capped at those CPUs (its sessions made under
+    `cpu_threads`), so more threads than CPUs would give eager PyTorch an oversubscribed pool and
+    ONNX Runtime the CPU count: the speed-up would compare two thread counts."""
     return max(1, min(threads or default_threads(), available_cpus()))
 
 
@@ -171,9 +171,9 @@ def bench_threads(threads: int | None = None) -> int:
 def cpu_threads(threads: int):
     """Run the block with `threads` CPU threads for PyTorch and ONNX Runtime alike.
 
-    torch takes `set_num_threads`; ONNX Runtime sizes its pool from the CPUs the process may
-    use, so fewer threads than CPUs also pins the process to the first `threads` CPUs. Both
-    are restored afterwards."""
+    torch takes `set_num_threads`; ONNX Runtime sessions made in the block take that count (capped at
+    the CPUs the process may use), and fewer threads than CPUs also pins the process to the first
+    `threads` CPUs, so a session made before it runs on no more. Both are restored afterwards."""
     old_threads = torch.get_num_threads()
     old_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     torch.set_num_threads(threads)

@@ -90,6 +90,8 @@ class TextToImageChecks:
                               "start from), not both")
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise DiffrtError(f"latents must be a torch tensor [batch, channels, height/8, width/8], got {type(latents).__name__}")
+        if latents is not None and not latents.is_floating_point():  # integers are no noise (cast, they ran), as pixel's
+            raise DiffrtError(f"latents must be floating point (standard normal noise), got {latents.dtype}")
         check_finite_latents(latents)
         if control_image is not None and not self.has_controlnet:
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")

@@ -166,9 +166,9 @@ class OnnxRuntimeBackend:
         self.device = _indexed(torch.device(device))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # PyTorch's thread count (OMP_NUM_THREADS, torch.set_num_threads: one setting sizes both pools, as the bench's
-        # cpu_threads does), within the CPUs this process may use (a container's or taskset's share; macOS has no
-        # sched_getaffinity). It was the CPU count whatever was set.
+        # PyTorch's thread count when the session is made (OMP_NUM_THREADS, torch.set_num_threads before opening: one
+        # setting sizes both pools, as the bench's cpu_threads does; a later change does not resize it), within the CPUs
+        # this process may use (a container's or taskset's share; macOS has no sched_getaffinity).
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         options.intra_op_num_threads = threads or max(1, min(torch.get_num_threads(), cpus))
         if self.device.type == "cpu":
