@@ -116,8 +116,11 @@ def check_count(name: str, value, minimum: int | None = 1) -> None:
         raise DiffrtError(f"{name} must be >= {minimum}, got {value}")
 
 
-def check_finite_latents(latents: torch.Tensor | None) -> None:
-    """Caller-given noise with NaN or inf is refused by name: it would be reported as the UNet's NaN output."""
+def check_latent_values(latents: torch.Tensor | None) -> None:
+    """Caller-given noise that is no noise is refused by name, in both pipelines: integers (cast, they ran), and NaN or
+    inf, which would be reported as the UNet's NaN output."""
+    if latents is not None and not latents.is_floating_point():
+        raise DiffrtError(f"latents must be floating point (standard normal noise), got {latents.dtype}")
     if latents is not None and not torch.isfinite(latents).all():
         raise DiffrtError("latents hold NaN or inf values; pass finite noise (or leave latents out to draw it from the seed)")
 
@@ -413,9 +416,7 @@ class PixelPipeline(DenoiserPipeline):
                               f"{type(latents).__name__}")
         if latents is not None and tuple(latents.shape) != shape:
             raise DiffrtError(f"latents must have shape {shape} (batch, channels, height, width), got {tuple(latents.shape)}")
-        if latents is not None and not latents.is_floating_point():  # integers are no noise (cast, they ran)
-            raise DiffrtError(f"latents must be floating point (standard normal noise), got {latents.dtype}")
-        check_finite_latents(latents)
+        check_latent_values(latents)
         x = schedule.initial_noise(latents.to(self.device, torch.float32) if latents is not None
                           else randn(shape, generator, self.device, torch.float32))
 

@@ -15,7 +15,7 @@ import torch
 from diffrt.components import scaled_residuals
 from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.models import check_one_value_groups
-from diffrt.runtime.pipeline import check_count, check_finite_latents, check_number, check_output_type, make_generator
+from diffrt.runtime.pipeline import check_count, check_latent_values, check_number, check_output_type, make_generator
 from diffrt.runtime.sampling import Generators, check_generators
 from diffrt.runtime.text_to_image_inputs import (DEFAULT_STRENGTH, check_embeds, check_strength, control_batches, control_scales,
                                                  control_windows, image_batch, latent_batch, prompt_lists)
@@ -90,9 +90,7 @@ class TextToImageChecks:
                               "start from), not both")
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise DiffrtError(f"latents must be a torch tensor [batch, channels, height/8, width/8], got {type(latents).__name__}")
-        if latents is not None and not latents.is_floating_point():  # integers are no noise (cast, they ran), as pixel's
-            raise DiffrtError(f"latents must be floating point (standard normal noise), got {latents.dtype}")
-        check_finite_latents(latents)
+        check_latent_values(latents)
         if control_image is not None and not self.has_controlnet:
             raise DiffrtError("control_image needs a ControlNet; open the pipeline with controlnet=DIR (--controlnet)")
         if controlnet_conditioning_scale is not None and not self.has_controlnet:  # unread, as control_guidance_* would be
