@@ -118,6 +118,19 @@ def _zero_snr_step_paths():
 
 
 @pytest.mark.parametrize("step", _zero_snr_step_paths())
+def test_deterministic_ddim_inversion_step_is_finite(step):
+    """From the kernels review: a step toward more noise (alpha_bar > alpha_bar_prev, as DDIM inversion takes) at
+    eta 0 gave NaN on both paths (0 * sqrt of a negative variance); it is x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev)
+    eps, the deterministic update, whichever way alpha_bar moves."""
+    sample, eps_uncond, eps_cond, _ = make_cfg_inputs((1, 4, 8, 8), torch.float32)
+    alpha_bar, alpha_bar_prev = 0.9, 0.5
+    x_prev, x0 = step(sample, eps_uncond, eps_cond, 7.5, alpha_bar, alpha_bar_prev)
+    eps = eps_uncond + 7.5 * (eps_cond - eps_uncond)
+    torch.testing.assert_close(x0, (sample - 0.1**0.5 * eps) / 0.9**0.5)
+    torch.testing.assert_close(x_prev, 0.5**0.5 * x0 + 0.5**0.5 * eps)
+
+
+@pytest.mark.parametrize("step", _zero_snr_step_paths())
 def test_ddim_eta_1_on_a_zero_terminal_snr_schedule_is_finite_and_matches_diffusers_after_step_0(step):
     """From the samplers review: SD-2-style sampling (v-prediction, zero terminal SNR, trailing) at eta 1. The first
     step's direction variance 1 - ab_prev - sigma^2 is 0 exactly (alpha_bar 0) and rounds to -6e-8: the reference
@@ -292,6 +305,45 @@ def test_dispatch_uses_reference_on_cpu_and_kernel_when_interpreter_is_asked(mon
     assert calls == ["cfg", "color"]
 
 
+def test_dispatch_keeps_autograd_on_the_reference(monkeypatch):
+    """The kernels have no backward: a sample that needs its gradient takes the reference, whose result has one."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("DIFFRT_TRITON_INTERPRET", "1")  # the kernel's branch, as on CUDA
+    sample, eps_uncond, eps_cond, _ = make_cfg_inputs((1, 3, 4, 4), torch.float32)
+    sample.requires_grad_(True)
+    x_prev, _ = cfg_ddim.cfg_ddim_step(sample, eps_uncond, eps_cond, 7.5, 0.5, 0.6)
+    x_guided, _ = color_guidance.color_guidance_step(eps_uncond, sample, 0.5, torch.rand(3), 1.0)  # through the output
+    (x_prev.sum() + x_guided.sum()).backward()
+    assert sample.grad is not None and sample.grad.abs().sum() > 0
+    with torch.no_grad():  # no graph wanted: the kernel runs
+        assert launch.should_use_triton(sample, eps_uncond)
+
+
+def test_jit_kernel_leaves_the_environment_alone(monkeypatch):
+    """Building a kernel in either mode reads and writes no environment variable: switching TRITON_INTERPRET around
+    the decoration raced between threads (one could get a compiled kernel for CPU tensors, and the variable stayed)."""
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    writes = []
+
+    class Watched(dict):
+        def __setitem__(self, key, value):
+            writes.append(key)
+            super().__setitem__(key, value)
+
+        def __delitem__(self, key):
+            writes.append(key)
+            super().__delitem__(key)
+
+    monkeypatch.setattr(os, "environ", Watched(os.environ))
+    build = launch.jit_kernel.__wrapped__  # past the cache, so the kernel is built here
+    assert isinstance(build(cfg_ddim._cfg_ddim_kernel, interpret=True), InterpretedFunction)
+    assert isinstance(build(cfg_ddim._cfg_ddim_kernel, interpret=False), JITFunction)
+    assert writes == []
+
+
 def test_package_imports_and_falls_back_without_triton():
     # A None entry in sys.modules makes `import triton` raise ImportError, as if it were not installed; the kernels'
     # entry points then return what their PyTorch references return.
@@ -329,6 +381,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         signature = dict(zip(kernel.arg_names, types + ["constexpr"] * len(constexprs)))
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=launch.LAUNCH_OPTIONS)
         assert compiled.asm["cubin"]
+        # Every address is taken at a 64-bit offset: in int32 the offsets past 2**31 elements (24 GiB of fp16 in a
+        # CFG step, within one GPU) wrap negative and read and write before the buffers.
+        addresses = [line for line in compiled.asm["ttir"].splitlines() if "tt.addptr" in line]
+        assert len(addresses) >= 4 and all(line.split("loc(")[0].rstrip().endswith("xi64>") for line in addresses), addresses
 
 
 # --- compiled kernels on CUDA -----------------------------------------------------------------

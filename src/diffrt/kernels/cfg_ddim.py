@@ -89,7 +89,8 @@ def _cfg_ddim_kernel(
     clip_range, x0_weight, eps_weight, sigma,
     HAS_NOISE: tl.constexpr, CLIP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
-    offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    # 64-bit offsets: in int32, program 2**31 / BLOCK_SIZE wraps negative and reads and writes before the buffers.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     # Everything is upcast once: fp16/bf16 latents lose too much in the 1/sqrt(alpha_bar) of x0.
     x = tl.load(sample_ptr + offsets, mask=mask).to(tl.float32)
@@ -177,7 +178,7 @@ def cfg_ddim_step(
     are. `noise` is the standard normal draw, required when eta > 0. x0 is clipped to
     +-clip_sample_range when that is given.
     """
-    step = cfg_ddim_step_triton if launch.should_use_triton(sample) else cfg_ddim_step_reference
+    step = cfg_ddim_step_triton if launch.should_use_triton(sample, eps_uncond, eps_cond, noise) else cfg_ddim_step_reference
     return step(
         sample,
         eps_uncond,

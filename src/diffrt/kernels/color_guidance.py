@@ -72,7 +72,8 @@ def _color_guidance_kernel(
     x0_from_sample, x0_from_output, step,
     BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
-    offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    # 64-bit offsets: in int32, program 2**31 / BLOCK_SIZE wraps negative and reads and writes before the buffers.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
     output = tl.load(output_ptr + offsets, mask=mask).to(tl.float32)
@@ -132,5 +133,5 @@ def color_guidance_step(
     `prediction_type` and is held constant. target: [C] or [B, C] colours in [0, 1]. The result
     equals `x - scale * grad` with grad the autograd of `guidance.color_loss(x0 / 2 + 0.5, target)`.
     """
-    step = color_guidance_step_triton if launch.should_use_triton(x) else color_guidance_step_reference
+    step = color_guidance_step_triton if launch.should_use_triton(x, model_output) else color_guidance_step_reference
     return step(x, model_output, alpha_bar, target, scale, prediction_type=prediction_type)

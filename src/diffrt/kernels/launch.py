@@ -8,10 +8,9 @@ The rule, shared by every kernel in this package:
   the kernels' arithmetic without a GPU;
 * otherwise -> the PyTorch reference beside each kernel.
 
-Kernel bodies are plain functions at module level, decorated here on first use rather than at
-import. Triton chooses between compiling and interpreting at decoration time, from
-TRITON_INTERPRET as it reads then, so deferring the decoration lets one process hold both
-versions of a kernel and keeps `import diffrt.kernels` working with no Triton installed.
+Kernel bodies are plain functions at module level, made Triton functions here on first use rather
+than at import, compiled or interpreted as each call needs: one process can hold both versions of
+a kernel, and `import diffrt.kernels` works with no Triton installed.
 """
 
 from __future__ import annotations
@@ -45,9 +44,16 @@ def interpreter_requested() -> bool:
     return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in INTERPRET_ENV_VARS)
 
 
-def should_use_triton(*tensors: torch.Tensor) -> bool:
-    """The dispatch rule above, for the tensors one kernel call would read and write."""
+def should_use_triton(*tensors: torch.Tensor | None) -> bool:
+    """The dispatch rule above, for the tensors one kernel call would read (None for an input not given).
+
+    A tensor that needs its gradient takes the reference: the kernels have no backward, and their
+    results would come back detached, to fail only at `backward()`.
+    """
+    tensors = tuple(t for t in tensors if t is not None)
     if not triton_available():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return all(t.is_cuda for t in tensors) or interpreter_requested()
 
@@ -61,20 +67,17 @@ def needs_interpreter(tensor: torch.Tensor) -> bool:
 def jit_kernel(body: Callable[..., Any], *, interpret: bool) -> Any:
     """`triton.jit(body)`, compiled or interpreted as asked, cached per (body, mode).
 
-    Setting TRITON_INTERPRET around the decoration is the switch that every Triton since 3.0
-    reads; it is restored at once so the process's environment is left as it was.
+    The two classes `triton.jit` chooses between are built directly: switching TRITON_INTERPRET
+    around the decoration (process-wide) raced between threads, which could leave a kernel in the
+    wrong mode and the variable set for every later launch.
     """
-    import triton
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
 
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        return triton.jit(body)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+        return InterpretedFunction(body)
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(body)
 
 
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -381,6 +381,8 @@ def ddim_sigma(alpha_bar: torch.Tensor | float, alpha_bar_prev: torch.Tensor | f
     """sigma_t(eta) of Eq. (16): eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)."""
     alpha_bar, alpha_bar_prev = torch.as_tensor(alpha_bar), torch.as_tensor(alpha_bar_prev)
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+    if eta == 0:  # exactly 0, also where the variance is negative (alpha_bar > alpha_bar_prev: an inversion step)
+        return torch.zeros_like(variance)
     return eta * variance.sqrt()
 
 
