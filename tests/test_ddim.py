@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -56,6 +57,35 @@ def test_timesteps_match_diffusers(spacing, steps):
     ref.set_timesteps(steps)
     ours = ddim.make_timesteps(ddim.DDIMConfig.from_scheduler_config(dict(ref.config)), steps)
     assert torch.equal(ours, ref.timesteps)
+
+
+def test_trailing_spacing_runs_the_steps_asked_for_and_never_timestep_minus_1():
+    """From the samplers review: diffusers' trailing arange gives N + 1 timesteps for 62 counts of 1000 (61, 103, 121, ...),
+    the last one -1, which reads alphas_cumprod[-1] (the noisiest alpha_bar) for an all but clean image: DDIM's last x0
+    is the image times 15. diffrt runs the N asked for, diffusers' first N, for DDIM, DPM-Solver++ and Euler alike."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from diffrt.runtime import dpm, euler
+
+    makers = [(DDIMScheduler, lambda config, n: ddim.make_timesteps(config, n).numpy()),
+              (DPMSolverMultistepScheduler, lambda config, n: dpm.make_dpm_timesteps(config, n, dpm.make_dpm_alphas_cumprod(config))),
+              (EulerDiscreteScheduler, lambda config, n: euler.make_euler_timesteps(config, n))]
+    wrapped = set()
+    for cls, make in makers:
+        ref = cls(timestep_spacing="trailing")
+        config = ddim.DDIMConfig.from_scheduler_config({"_class_name": cls.__name__, **dict(ref.config)})
+        for n in range(1, 1001):
+            ref.set_timesteps(n)
+            ours = make(config, n)
+            assert len(ours) == n and ours.min() >= 0, (cls.__name__, n)
+            assert np.array_equal(ours, ref.timesteps.numpy()[:n]), (cls.__name__, n)
+            if len(ref.timesteps) > n:
+                wrapped.add(n)
+    assert {61, 103, 121} <= wrapped and len(wrapped) == 62  # the counts where diffusers steps at -1
+    # The DDIM schedule at one of them ends at timestep 15 and its alpha_bar, not at alphas_cumprod[-1].
+    schedule = ddim.make_schedule(ddim.DDIMConfig(timestep_spacing="trailing"), 61)
+    alphas_cumprod = ddim.make_alphas_cumprod(ddim.DDIMConfig())
+    assert int(schedule.timesteps[-1]) == 15 and float(schedule.alpha_bar[-1]) == float(alphas_cumprod[15])
 
 
 def test_rescaled_zero_snr_matches_diffusers():

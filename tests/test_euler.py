@@ -97,6 +97,16 @@ def test_euler_ancestral_schedule_equals_euler_ancestral_scheduler(spacing, beta
         assert torch.equal(schedule.init_noise_sigma, torch.as_tensor(ref.init_noise_sigma)) and schedule.ancestral
 
 
+@pytest.mark.parametrize("steps", [61, 103])
+def test_karras_trailing_at_a_count_where_diffusers_arange_runs_over_equals_euler_scheduler(steps):
+    """From the samplers review: at these counts diffusers' trailing arange gives N + 1 timesteps; its Karras sigmas are
+    N all the same (num_inference_steps), and diffrt's were N + 1 (the length of the arange): another image."""
+    ref = reference("euler", steps, timestep_spacing="trailing", use_karras_sigmas=True, **SD)
+    schedule = euler.make_euler_schedule(ours(ref), steps)
+    assert len(schedule) == steps
+    assert torch.equal(schedule.timesteps, ref.timesteps) and torch.equal(schedule.sigmas, ref.sigmas)
+
+
 def test_linspace_timesteps_are_fractional_and_fed_as_they_are():
     """Euler's default spacing lands between training steps (999, 749.25, ...): kept as floats, as diffusers feeds the UNet."""
     schedule = euler.make_euler_schedule(euler.EulerConfig(), 5)

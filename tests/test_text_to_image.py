@@ -17,6 +17,7 @@ import torch
 
 from conftest import T2I_RANGES
 from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeError
+from diffrt.runtime import ddim
 from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.text_to_image_loading import artifact_text_to_image_pipeline, open_text_to_image_pipeline
 
@@ -545,6 +546,23 @@ def test_image_size_rounds_down_to_a_multiple_of_8_as_diffusers(t2i_folder, torc
         result = run(torch_pipe, seed=2, image=image, strength=0.6, num_inference_steps=4).images
         assert result.shape == expected.shape == (1, 3, 32, 40)
         assert max_abs(result, expected) <= DIFFUSERS_TOL
+
+
+def test_img2img_on_a_zero_snr_schedule_checks_only_the_steps_it_runs(t2i_folder, torch_pipe, control_image):
+    """From the samplers review: an epsilon model on a zero-terminal-SNR schedule cannot run timestep 999 (alpha_bar 0),
+    but image-to-image at strength < 1 starts below it, as diffusers runs it; the whole schedule was refused."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    overrides = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="epsilon")
+    config = ddim.DDIMConfig.from_scheduler_config({**DDIMScheduler.load_config(t2i_folder / "scheduler"), **overrides})
+    kwargs = dict(image=control_image, strength=0.6, num_inference_steps=4)
+    result = run(torch_pipe, seed=2, scheduler=config, **kwargs).images
+    ref = diffusers_pipe(StableDiffusionImg2ImgPipeline, t2i_folder)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config, **overrides)
+    expected = run_diffusers(ref, seed=2, **kwargs)
+    assert torch.isfinite(result).all() and max_abs(result, expected) <= DIFFUSERS_TOL
+    with pytest.raises(DiffrtError, match="alpha_bar is 0 at timestep 999"):  # strength 1 starts there
+        run(torch_pipe, seed=2, scheduler=config, **{**kwargs, "strength": 1.0})
 
 
 def test_list_of_tensor_images_is_a_batch(torch_pipe):

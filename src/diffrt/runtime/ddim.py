@@ -251,8 +251,21 @@ def make_timesteps(config: DDIMConfig, num_inference_steps: int) -> torch.Tensor
     if config.timestep_spacing == "linspace":
         steps = np.linspace(0, T - 1, n).round()[::-1]
     else:  # trailing
-        steps = np.arange(T, 0, -T / n).round() - 1
+        steps = trailing(T, T, n)
     return torch.from_numpy(steps.astype(np.int64))
+
+
+def trailing(last: int, T: int, n: int) -> np.ndarray:
+    """Lin et al.'s trailing steps from `last` down, by T / n, as diffusers' numpy arange makes them, whole and less
+    one; but n of them. The arange's float step leaves a sliver above 0 for 62 counts of 1000 steps (61, 103, 121, ...),
+    where diffusers runs an extra step at timestep -1: the UNet is fed -1, and alphas_cumprod[-1] (the noisiest
+    alpha_bar) is read for an all but clean image (DDIM's last x0 divides by sqrt(0.0047): the image times 15)."""
+    return (np.arange(last, 0, -T / n).round() - 1)[:n]
+
+
+def trailing_overruns(T: int, n: int) -> bool:
+    """Whether diffusers' trailing arange gives n + 1 timesteps, the last -1 (`trailing`)."""
+    return len(np.arange(T, 0, -T / n)) > n
 
 
 class AlphaBarSchedule:

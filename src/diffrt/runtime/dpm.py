@@ -35,7 +35,7 @@ import torch
 
 from diffrt.errors import DiffrtError
 from diffrt.runtime.ddim import (DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps, make_alphas_cumprod,
-                                 refuse_eta)
+                                 refuse_eta, trailing)
 from diffrt.runtime.lcm import dynamic_threshold
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ def make_dpm_timesteps(config: DPMConfig, num_inference_steps: int, alphas_cumpr
                               f"use at most {last - 1} steps, or timestep_spacing 'linspace'")
         return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + config.steps_offset
     if config.timestep_spacing == "trailing":
-        return np.arange(last, 0, -T / n).round().astype(np.int64) - 1
+        return trailing(last, T, n).astype(np.int64)
     raise DiffrtError(f"unknown timestep_spacing {config.timestep_spacing!r}; expected linspace, leading or trailing")
 
 

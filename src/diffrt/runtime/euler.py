@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.ddim import DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps, refuse_eta
+from diffrt.runtime.ddim import (DDIMConfig, PredictionType, TimestepSpacing, check_custom_timesteps, refuse_eta, trailing,
+                                 trailing_overruns)
 from diffrt.runtime.dpm import karras_sigmas, make_dpm_alphas_cumprod, sigma_to_timestep
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ def make_euler_timesteps(config: EulerConfig | EulerAncestralConfig, num_inferen
                               f"step {T - 1}; use fewer steps or steps_offset 0")
         return steps
     if config.timestep_spacing == "trailing":
-        return np.arange(T, 0, -T / n).round().astype(np.float32) - np.float32(1)
+        return trailing(T, T, n).astype(np.float32)
     raise DiffrtError(f"unknown timestep_spacing {config.timestep_spacing!r}; expected linspace, leading or trailing")
 
 
@@ -249,7 +250,10 @@ def make_euler_schedule(config: EulerConfig | EulerAncestralConfig, num_inferenc
     sigmas = np.interp(steps, np.arange(0, len(train_sigmas)), train_sigmas)
     karras = not ancestral and bool(config.use_karras_sigmas)
     if karras:
-        sigma_min = config.sigma_min if config.sigma_min is not None else float(sigmas[-1])
+        # Karras' ends from diffusers' own timesteps: where its trailing arange runs on to -1 (ddim.trailing), the last
+        # is the model's smallest sigma (interpolated at -1), though no step runs there.
+        overrun = timesteps is None and config.timestep_spacing == "trailing" and trailing_overruns(len(train_sigmas), num_inference_steps)
+        sigma_min = config.sigma_min if config.sigma_min is not None else float(train_sigmas[0] if overrun else sigmas[-1])
         sigma_max = config.sigma_max if config.sigma_max is not None else float(sigmas[0])
         sigmas = karras_sigmas(np.array([sigma_min, sigma_max]), len(steps))
         steps = sigma_to_timestep(sigmas, np.log(train_sigmas)).astype(np.float32)

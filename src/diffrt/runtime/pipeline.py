@@ -135,6 +135,16 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
         raise DiffrtError(f"{name} must be in [{low:g}, {high:g}]{hint}, got {value}")
 
 
+def check_strength(strength: float, num_inference_steps: int) -> int:
+    """img2img's first step: the last int(N * strength) steps run, as diffusers' `get_timesteps`
+    keeps them; a strength outside [0, 1] or one that leaves no step is one line."""
+    check_number("strength", strength, 0.0, 1.0)
+    t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    if t_start >= num_inference_steps:
+        raise DiffrtError(f"strength {strength} x {num_inference_steps} steps leaves no denoising step; raise either")
+    return t_start
+
+
 # diffusers' pipeline arguments diffrt does not take, and what to do instead: each a DiffrtError line, where an
 # unknown keyword would be a TypeError naming only the argument.
 NOT_TAKEN = {
@@ -304,13 +314,18 @@ class DenoiserPipeline:
         return choose_scheduler(self.scheduler, scheduler)
 
     def sampling_schedule(self, num_inference_steps: int, *, scheduler: Scheduler = None, eta: float = 0.0,
-                          timesteps: list[int] | None = None, **call):
+                          timesteps: list[int] | None = None, strength: float | None = None, **call):
         """The DDIM, LCM, DPM-Solver++ or Euler schedule such a call runs; DiffrtError (one line) for steps its sampler cannot
         take. Cheap and public, for callers that refuse a request before queueing it (`diffrt serve`).
-        `call`: what else the pipeline's sampler_config decides by (text-to-image: `control`)."""
+        `strength`: image-to-image's, which runs the last int(N * strength) steps of the N asked for (check_strength), as
+        diffusers' img2img pipelines; only those are checked (an epsilon model on a zero-terminal-SNR schedule can
+        start below the timestep it cannot run). `call`: what else the pipeline's sampler_config decides by (text-to-image:
+        `control`)."""
         if timesteps is None:
             check_count("num_inference_steps", num_inference_steps, None)  # its range is the sampler's to name
-        return make_sampling_schedule(self.sampler_config(scheduler, **call), num_inference_steps, eta=eta, timesteps=timesteps)
+        start = 0 if strength is None else check_strength(strength, len(timesteps) if timesteps is not None else num_inference_steps)
+        return make_sampling_schedule(self.sampler_config(scheduler, **call), num_inference_steps, eta=eta, timesteps=timesteps,
+                                      start=start)
 
     def backends(self) -> dict[str, Backend]:
         """Each component's backend, by component name."""

@@ -218,13 +218,16 @@ def assigned_scheduler(own: ddim.DDIMConfig, choice: Scheduler) -> ddim.DDIMConf
 
 
 def make_sampling_schedule(config: ddim.DDIMConfig, num_inference_steps: int, *, eta: float = 0.0,
-                           timesteps: list[int] | None = None) -> Schedule:
-    """The schedule for `config`'s sampler (config.make_schedule), with what only one sampler takes refused in one
-    line: DDIM's `eta` for LCM, DPM-Solver++ and the Eulers (their step() has none; diffusers' pipelines drop it
-    silently), custom `timesteps` for DDIM and Euler Ancestral (diffusers' DDIMScheduler and
-    EulerAncestralDiscreteScheduler take none either), and a schedule the model cannot run (Schedule.check)."""
+                           timesteps: list[int] | None = None, start: int = 0) -> Schedule:
+    """The schedule for `config`'s sampler (config.make_schedule), from step `start` on (image-to-image's tail), with
+    what only one sampler takes refused in one line: DDIM's `eta` for LCM, DPM-Solver++ and the Eulers (their step()
+    has none; diffusers' pipelines drop it silently), custom `timesteps` for DDIM and Euler Ancestral (diffusers'
+    DDIMScheduler and EulerAncestralDiscreteScheduler take none either), and steps the model cannot run
+    (Schedule.check, of the steps that run)."""
     config.check_eta(eta)
     schedule = config.make_schedule(num_inference_steps, timesteps=timesteps)
+    if start:
+        schedule = schedule.tail(start)
     schedule.check()
     return schedule
 

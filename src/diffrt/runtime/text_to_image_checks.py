@@ -17,7 +17,7 @@ from diffrt.errors import DiffrtError, ShapeOutOfRangeError
 from diffrt.models import check_one_value_groups
 from diffrt.runtime.pipeline import check_count, check_latent_values, check_number, check_output_type, make_generator
 from diffrt.runtime.sampling import Generators, check_generators
-from diffrt.runtime.text_to_image_inputs import (DEFAULT_STRENGTH, check_embeds, check_strength, control_batches, control_scales,
+from diffrt.runtime.text_to_image_inputs import (DEFAULT_STRENGTH, check_embeds, control_batches, control_scales,
                                                  control_windows, image_batch, latent_batch, prompt_lists)
 
 log = logging.getLogger("diffrt.runtime.text_to_image")  # the pipeline's logger: its warnings read as the pipeline's
@@ -167,11 +167,10 @@ class TextToImageChecks:
                         "and runs no classifier-free guidance, so the negative prompt is unused, as in diffusers")
         generator = make_generator(generator, seed)
         check_generators(generator, batch)
-        schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps,
-                                          control=control is not None)
-        if init is not None:  # the last int(N * strength) steps, as diffusers' img2img `get_timesteps` keeps them
+        if init is not None:  # the last int(N * strength) steps run, as diffusers' img2img `get_timesteps` keeps them
             strength = DEFAULT_STRENGTH if strength is None else strength
-            schedule = schedule.tail(check_strength(strength, len(schedule)))
+        schedule = self.sampling_schedule(num_inference_steps, scheduler=scheduler, eta=eta, timesteps=timesteps,
+                                          strength=strength if init is not None else None, control=control is not None)
         return Call(prompts, negatives, num_images_per_prompt, batch, do_cfg, height, width, init, init_is_latents,
                      control, scales, windows, guess, generator, schedule, clip_skip,
                      encodes_image=init is not None and not init_is_latents and latents is None,

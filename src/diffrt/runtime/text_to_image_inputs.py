@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.pipeline import check_number
+from diffrt.runtime.pipeline import check_number, check_strength  # noqa: F401  (check_strength: imported from here too)
 from diffrt.runtime.sampling import Generators, randn
 
 
@@ -214,13 +214,3 @@ def latent_batch(image, height: int | None, width: int | None, factor: int) -> t
 
 
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
-
-
-def check_strength(strength: float, num_inference_steps: int) -> int:
-    """img2img's first step: the last int(N * strength) steps run, as diffusers' `get_timesteps`
-    keeps them; a strength outside [0, 1] or one that leaves no step is one line."""
-    check_number("strength", strength, 0.0, 1.0)
-    t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-    if t_start >= num_inference_steps:
-        raise DiffrtError(f"strength {strength} x {num_inference_steps} steps leaves no denoising step; raise either")
-    return t_start

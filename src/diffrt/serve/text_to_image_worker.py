@@ -289,7 +289,14 @@ class TextToImageWorker(BatchingWorker):
         if control is not None and len({tuple(c.shape[-2:]) for c in control}) > 1:
             raise RequestError(422, "control_image: the images differ in size; send images of one size, or give height and "
                                "width to resize them all", "control_image")
-        schedule = request_schedule(pipe, body, control=control is not None)  # the chosen sampler's rules, before it queues
+        strength = DEFAULT_STRENGTH if body.strength is None else body.strength
+        if init is not None:
+            try:
+                check_strength(strength, body.num_inference_steps)  # the pipeline's own rule, before the request queues
+            except DiffrtError as exc:
+                raise RequestError(422, f"strength: {exc}", "strength") from None
+        # the chosen sampler's rules, before it queues (of the steps image-to-image runs)
+        schedule = request_schedule(pipe, body, strength if init is not None else None, control=control is not None)
         guidance_scale = default_guidance_scale(pipe, schedule) if body.guidance_scale is None else body.guidance_scale
         try:
             pipe.check_size(height, width)
@@ -308,12 +315,6 @@ class TextToImageWorker(BatchingWorker):
             pipe.check_deepest(height, width, body.num_images * (1 if apart else 2))
         except DiffrtError as exc:
             raise RequestError(422, f"height: {exc}", "height") from None
-        strength = DEFAULT_STRENGTH if body.strength is None else body.strength
-        if init is not None:
-            try:
-                check_strength(strength, body.num_inference_steps)  # the pipeline's own rule, before the request queues
-            except DiffrtError as exc:
-                raise RequestError(422, f"strength: {exc}", "strength") from None
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         f = pipe.vae_factor
         latents, generator = None, None

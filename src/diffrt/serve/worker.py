@@ -86,7 +86,7 @@ def lora_scale(pipe, body: GenerateBody) -> float:
     return scale
 
 
-def request_schedule(pipe, body: GenerateBody, **call):
+def request_schedule(pipe, body: GenerateBody, strength: float | None = None, **call):
     """The schedule the request's sampler (`scheduler`, else the model's own) runs, refused before it queues
     with a 422 naming the field at fault: `scheduler` when the model's config has no such sampler (DDIM
     cannot take an LCM config's dynamic thresholding), `eta` (only DDIM takes one) or `num_inference_steps`
@@ -96,7 +96,7 @@ def request_schedule(pipe, body: GenerateBody, **call):
     with refused_as("eta"):
         config.check_eta(body.eta)
     with refused_as("num_inference_steps"):
-        return pipe.sampling_schedule(body.num_inference_steps, scheduler=body.scheduler, eta=body.eta, **call)
+        return pipe.sampling_schedule(body.num_inference_steps, scheduler=body.scheduler, eta=body.eta, strength=strength, **call)
 
 
 @contextlib.contextmanager
