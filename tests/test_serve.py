@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -414,11 +415,43 @@ def test_every_answer_carries_the_request_id_its_client_sent(client, server, pip
         assert np.array_equal(pixels(answer.content), solo(pipe, 2, body["seed"]))
 
 
+def test_duplicate_keys_a_scale_without_its_colour_and_accept_q0_are_taken_as_meant(client, server):
+    """From the second serve review: a key named twice was last-wins, and let a 14 MB body of one repeated key past the
+    field counts onto the event loop; color_scale without color gave unguided images (`diffrt generate` refuses it);
+    `Accept: application/json;q=0` (JSON refused) got JSON."""
+    r = client.post("/v1/generate", content=b'{"class_label": 3, "seed": 1, "class_label": 4}',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "names 'class_label' more than once" in r.json()["detail"], r.text
+    r = client.post("/v1/generate", json={"class_label": 1, "color_scale": 5.0, "num_inference_steps": 1})
+    assert r.status_code == 422 and r.json()["field"] == "color_scale" and "no color was given" in r.json()["detail"]
+    body = {"class_label": 1, "seed": 3, "num_inference_steps": 1}
+    r = client.post("/v1/generate", json=body, headers={"Accept": "image/png, application/json;q=0"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    r = client.post("/v1/generate", json=body, headers={"Accept": "image/png;q=0.5, application/json;q=0.9"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    # Uptime checkers: HEAD, and an HTTP/1.0 request with no Host (a browser always sends one).
+    assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 200
+
+
+def test_an_api_key_beyond_ascii_matches_as_its_client_sends_it():
+    """HTTP servers hand headers over decoded as Latin-1: a UTF-8 key sent as UTF-8 (as curl and httpx send it) was
+    'wrong', the same key sent in Latin-1 right."""
+    from diffrt.serve.app import api_key_problem
+
+    key = "clé-secrète"
+    as_sent = key.encode("utf-8").decode("latin-1")  # what the server reads from the UTF-8 bytes on the wire
+    assert api_key_problem({"x-api-key": as_sent}, key.encode()) is None
+    assert api_key_problem({"authorization": "Bearer " + as_sent}, key.encode()) is None
+    assert api_key_problem({"x-api-key": key}, key.encode()) == "wrong API key"  # Latin-1 bytes on the wire
+
+
 def test_profile_rejections_and_provider_fallbacks_are_metrics(client):
     # RELIABILITY #3 and #15 as an operator sees them: sizes outside the engine's ranges are counted
     # by field (other 422s are not), and no component of this CPU service fell back.
     before = client.get("/metrics").text
-    for body in ({"class_label": 1, "height": 24}, {"class_label": 1, "num_images": 64}, {"class_label": 100}):
+    # num_images 9: past the operator's --max-batch-size 8, within the engine's batches: not a profile rejection.
+    for body in ({"class_label": 1, "height": 24}, {"class_label": 1, "num_images": 64}, {"class_label": 100},
+                 {"class_label": 1, "num_images": 9}):
         assert client.post("/v1/generate", json=body).status_code == 422
     after = client.get("/metrics").text
     for field, count in (("height", 1), ("num_images", 1), ("class_label", 0)):
@@ -434,8 +467,10 @@ def test_oversized_bodies_images_and_wrong_keys(client, server):
     big = base64.b64encode(os.urandom(15 << 20)).decode()  # 20 MB of base64: over the 16 MiB body limit
     r = client.post("/v1/generate", json={**ok, "control_image": big})
     assert r.status_code == 413 and "request body" in r.json()["detail"]
-    r = client.post("/v1/generate", json={**ok, "control_image": big[: 12 << 20]})  # under the body limit, over the image limit
-    assert r.status_code == 413 and r.json()["field"] == "control_image"
+    # Under the body limit, over the image limit, in a field this pixel model does not take: that is what it is told
+    # (the image limit: test_serve_t2i.py).
+    r = client.post("/v1/generate", json={**ok, "control_image": big[: 12 << 20]})
+    assert r.status_code == 422 and r.json()["field"] == "control_image" and "needs a ControlNet model" in r.json()["detail"]
     r = client.post("/v1/generate", content=b"class_label=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415 and "application/json" in r.json()["detail"]
     for headers, message in (({}, "missing API key"), ({"Authorization": "Bearer nope"}, "wrong API key"),
@@ -628,6 +663,25 @@ def test_cancelling_a_waiting_request_gives_its_rows_up(server, caplog):
     assert ran == [([1], "abandoned")]  # stopped at its first step; the queued and the late one never ran
     assert planned[0].future.cancelled() and planned[0].expired
     assert batcher.depth == 0
+
+
+def test_a_forced_stop_answers_503_and_waits_for_the_worker(served_model):
+    """From the second serve review: a second Ctrl-C (uvicorn's force exit) cancelled the requests into uvicorn's
+    plain-text 500s, and the process ended under the worker thread inside ONNX Runtime (aborted, exit status 134)."""
+    config = ServeConfig(model=served_model, port=0, api_key_env=None, max_batch_size=4, batch_wait_ms=5,
+                         timeout_s=60, device="cpu", log_level="warning")
+    srv = BackgroundServer(config).start()
+    original, gate = srv.runtime.batcher.run_batch, threading.Event()
+    srv.runtime.batcher.run_batch = lambda jobs: gate.wait(30) and original(jobs)  # hold it running
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(httpx.post, srv.url + "/v1/generate", json={"class_label": 1, "num_inference_steps": STEPS}, timeout=60)
+        serving.wait_until(lambda: srv.runtime.batcher.in_flight == 1, "the request to be running")
+        srv.server.should_exit = srv.server.force_exit = True  # what uvicorn sets on a second SIGINT
+        threading.Timer(1.0, gate.set).start()  # the worker goes on a second later, to find its request given up
+        answer = future.result(60)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1" and "retry" in answer.json()["detail"]
+    srv.thread.join(60)
+    assert not srv.thread.is_alive() and not srv.runtime.batcher.alive  # the worker stopped before the server's thread ended
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(served_model):
@@ -1223,6 +1277,10 @@ def test_pages_of_another_origin_and_foreign_host_names_are_refused(guarded):
     # Probes and scrapers address a pod by its IP (a review's: with --allowed-host, Kubernetes restarted the pod); a
     # page rebinding its own name sends that name, which the probe routes still refuse (/readyz describes the model).
     for path in ("/healthz", "/readyz", "/metrics"):
+        host, port = guarded.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:  # an HTTP/1.0 checker: no Host header
+            sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            assert sock.recv(64).startswith(b"HTTP/1.1 200"), path
         for host in ("10.1.2.3:8000", "[fd00::7]:8000"):
             assert httpx.get(guarded.url + path, headers={"Host": host}, timeout=30).status_code == 200, (path, host)
         assert httpx.get(guarded.url + path, headers={"Host": "evil.example:8000"}, timeout=30).status_code == 421, path

@@ -250,6 +250,7 @@ PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40), "ICON": _ico
     ({"prompt": PROMPT, "scheduler": "lcm", "num_inference_steps": 60}, "num_inference_steps", "LCM takes its steps from the 50"),
     ({"prompt": PROMPT, "scheduler": "lcm", "eta": 0.5}, "eta", "eta 0.5 is DDIM's; LCM draws fresh noise"),
     ({"prompt": PROMPT, "scheduler": "lcm", "image": "SMALL_PNG", "strength": 0.2}, "strength", "leaves no denoising step"),
+    ({"prompt": PROMPT, "color_scale": 5.0}, "color_scale", "no color was given"),  # unguided images, no word of why
 ])
 def test_wrong_fields_are_422s_naming_the_field_and_serving_goes_on(client, fields, field, words):
     fields = {key: PNGS.get(value, value) if isinstance(value, str) else value for key, value in fields.items()}
@@ -257,6 +258,12 @@ def test_wrong_fields_are_422s_naming_the_field_and_serving_goes_on(client, fiel
     assert r.status_code == 422, r.text
     assert r.json()["field"] == field and words in r.json()["detail"]
     served(client, prompt=PROMPT, seed=1)
+
+
+def test_an_image_over_the_image_limit_is_a_413_naming_it(client):
+    for field in ("image", "control_image"):  # 9 MiB decoded: under the body limit, over the image limit (8 MiB)
+        r = client.post("/v1/generate", json={"prompt": PROMPT, field: "A" * (12 << 20)})
+        assert r.status_code == 413 and r.json()["field"] == field and "the limit is 8.0 MiB" in r.json()["detail"], r.text
 
 
 def test_control_fields_need_a_controlnet(t2i_folder):

@@ -137,10 +137,23 @@ def body_fields_problem(raw: bytes) -> str | None:
     """The 422 line for a JSON object of more fields than a generate request has (GenerateBody's), or of more values
     than MAX_BODY_VALUES anywhere inside, else None (a body that is not JSON is left to the parser, whose answer names
     why). FastAPI parses the body again on the event loop: only a body that is cheap to parse gets there."""
+    repeated: list[str] = []
+
+    def unique_keys(pairs: list[tuple]) -> dict:  # json.loads keeps the last of a key named twice, silently
+        names = set()
+        for key, _ in pairs:
+            if key in names:
+                repeated.append(key)
+                break
+            names.add(key)
+        return dict(pairs)
+
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError):
         return None
+    if repeated:  # also what made a 14 MB body of one key repeated pass the counts below (they see one field)
+        return f"the body names {repeated[0][:100]!r} more than once; send each field once"
     fields = GenerateBody.model_fields
     if isinstance(data, dict) and len(data) > len(fields):
         unknown = [key for key in list(data)[:1000] if key not in fields][:3]
@@ -209,6 +222,19 @@ def request_id(headers) -> str:
     return given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
+def accepts_json(accept: str) -> bool:
+    """Whether an Accept header lists application/json, and not at q=0 (which refuses it)."""
+    for entry in accept.lower().split(","):
+        kind, *params = (part.strip() for part in entry.split(";"))
+        if kind == "application/json":
+            q = next((p.partition("=")[2].strip() for p in params if p.partition("=")[0].strip() == "q"), "1")
+            try:
+                return float(q) > 0
+            except ValueError:
+                return True
+    return False
+
+
 def answer_response(answer: Answer, accept: str) -> Response:
     timings = ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in answer.timings_ms.items())
     # X-Request-Id: set on every /v1 answer by GuardMiddleware (on Ray Serve, by Ray's proxy).
@@ -217,7 +243,7 @@ def answer_response(answer: Answer, accept: str) -> Response:
     truncated = answer.truncated or {}
     if any(text is not None for cut in truncated.values() for text in cut or []):
         headers["X-Diffrt-Prompt-Truncated"] = "true"  # the text itself may not be latin-1: it is in the JSON answer
-    if len(answer.images) == 1 and "application/json" not in accept.lower():
+    if len(answer.images) == 1 and not accepts_json(accept):
         return Response(answer.images[0], media_type="image/png", headers=headers)
     images = [{"index": i, "seed": answer.seed, "png_base64": base64.b64encode(png).decode("ascii")} for i, png in enumerate(answer.images)]
     return JSONResponse({"id": answer.request_id, "backend": answer.backend, "seed": answer.seed, "images": images,
@@ -275,7 +301,9 @@ def api_key_problem(headers, key: bytes) -> str | None:
         given = auth[7:].strip()
     if not given:
         return "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
-    if not hmac.compare_digest(given.encode(), key):  # constant time: no timing oracle on the key
+    # The header's own bytes (HTTP servers hand headers over decoded as Latin-1) against the key's UTF-8: a key
+    # beyond ASCII matched only when a client sent it in Latin-1. Constant time: no timing oracle on the key.
+    if not hmac.compare_digest(given.encode("latin-1", "replace"), key):
         return "wrong API key"
     return None
 
@@ -345,8 +373,8 @@ class GuardMiddleware:
             scope.setdefault("state", {})["request_id"] = rid  # the route's request.state.request_id
             send = _with_request_id(send, rid)
         problem = host_problem(headers, self.allowed_hosts)
-        if problem and scope["path"] in PROBE_PATHS and _is_address(headers.get("host", "")):
-            problem = None
+        if problem and scope["path"] in PROBE_PATHS and (_is_address(headers.get("host", "")) or "host" not in headers):
+            problem = None  # a probe by address, or an HTTP/1.0 checker sending no Host (a browser always sends one)
         if problem:
             return await error_response(421, problem)(scope, receive, send)
         if not api:
@@ -495,16 +523,19 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
            (503, "not ready"), (504, "timed out"))}})
     async def generate(body: GenerateBody, request: Request) -> Response:
         """Generate images. Fields follow diffusers' names; leave one out for `diffrt generate`'s default."""
-        answer = await answer_unless_gone(runtime.generate(body, request.state.request_id), request.receive)
+        try:
+            answer = await answer_unless_gone(runtime.generate(body, request.state.request_id), request.receive)
+        except asyncio.CancelledError:  # not its client (that is a 499): the server stopping without waiting (a second Ctrl-C)
+            return error_response(503, "the service stopped before this request's images were made; retry", headers={"Retry-After": "1"})
         return answer_response(answer, request.headers.get("accept", ""))
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: uptime checkers that read the status only
     async def healthz():
         if runtime.alive:
             return {"status": "ok"}
         return error_response(503, runtime.dead_reason)
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz():
         if runtime.ready:
             return {"ready": True, **runtime.describe()}
@@ -566,10 +597,19 @@ def serve(config: ServeConfig) -> None:
             server.should_exit = True
 
     threading.Thread(target=exit_if_the_model_fails_to_load, name="diffrt-serve-load-watch", daemon=True).start()
-    server.run()
+    run_server(server, app.state.runtime)
     if failed:
         error = failed[0]
         raise error if isinstance(error, DiffrtError) else DiffrtError(f"the model failed to load: {error}")
+
+
+def run_server(server, runtime: ServeRuntime) -> None:
+    """`server.run()`, then, after a forced stop (a second Ctrl-C: uvicorn skips the lifespan's shutdown and cancels
+    the requests, whose rows are given up), wait for the worker to stop at its batch's next step: a process that ended
+    under it, inside ONNX Runtime's or TensorRT's run, was aborted by the C++ runtime (exit status 134)."""
+    server.run()
+    if server.force_exit and not runtime.close(timeout=60):
+        log.warning("the worker did not stop within 60 s of a forced stop; exiting under it")
 
 
 def check_port_free(host: str, port: int) -> int:
@@ -605,7 +645,7 @@ class BackgroundServer:
         self.app = create_app(config)
         self.runtime: ServeRuntime = self.app.state.runtime
         self.server = uvicorn.Server(uvicorn_config(self.app, config))
-        self.thread = threading.Thread(target=self.server.run, name="diffrt-serve-http", daemon=True)
+        self.thread = threading.Thread(target=run_server, args=(self.server, self.runtime), name="diffrt-serve-http", daemon=True)
         self.ready_timeout = ready_timeout
 
     @property

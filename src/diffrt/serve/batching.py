@@ -131,6 +131,7 @@ class BatchingWorker:
     max_batch_size: int
     exact_batching: bool
     batch_max_abs_diff: float | None = None  # |batched - alone| measured at start-up; 0.0: bitwise equal
+    engine_max_batch: int | None = None  # the images one batch of the engines takes, CFG included (settle_batching)
     max_image_side: int = 0  # the largest height or width a request may ask for (0: unchecked); set by the runtime
     default_side: int  # the model's own height and width, in pixels
 
@@ -148,6 +149,7 @@ class BatchingWorker:
     def settle_batching(self, backend: str, fits: int) -> None:
         """Cap the batch to `fits` images (the engine profiles, CFG included), then measure how far a
         batched request is from the same request alone. Runs in the worker thread, after the self-test."""
+        self.engine_max_batch = fits
         if self.max_batch_size > fits:
             log.warning("max batch size %d is more than the engines take with guidance; using %d", self.max_batch_size, fits)
             self.max_batch_size = max(1, fits)

@@ -253,12 +253,18 @@ class ServeRuntime:
         with _queue_refusals():
             self.batcher.check_room()
         if body.num_images is not None and body.num_images > self.batcher.max_batch_size:
-            # The largest batch is the engine's profile (start-up caps it there) or the operator's limit.
-            self.metrics.profile_rejections.labels(field="num_images").inc()
+            # The largest batch is the engine's profile (start-up caps it there) or the operator's limit: counted as
+            # outside the engine's built ranges only past the engine's.
+            engine = self.worker.engine_max_batch
+            if engine is not None and body.num_images > engine:
+                self.metrics.profile_rejections.labels(field="num_images").inc()
             raise RequestError(422, f"num_images: {body.num_images} is more than this service's largest batch "
                                     f"({self.batcher.max_batch_size}); ask for fewer per request", "num_images")
         for name in ("height", "width"):
             self._check_side(name, getattr(body, name, None))
+        if "color_scale" in body.model_fields_set and body.color is None:  # `diffrt generate` refuses it too
+            raise RequestError(422, "color_scale: it sets how strongly `color` steers the images, and no color was given; "
+                                    "send color too, or leave color_scale out", "color_scale")
         try:
             plan = self.worker.plan(body)
         except RequestError as exc:
@@ -347,7 +353,8 @@ class ServeRuntime:
         else:
             return  # answered already: nothing left to give up
         give_up([job])
-        log.info("request %s given up while %s (%d image(s)): its client has gone", job.request_id, state, job.size)
+        log.info("request %s given up while %s (%d image(s)): its client has gone, or the service is stopping", job.request_id,
+                 state, job.size)
 
     def _observed(self, answer: Answer) -> Answer:
         self.metrics.observe_timings(answer.timings_ms, len(answer.images))
