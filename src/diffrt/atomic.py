@@ -45,8 +45,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = _make_temp(path.parent, f".{_fitting(path.name, NAME_MAX - len('..XXXXXXXX.tmp'))}.", ".tmp", directory=False)
+    mode = os.stat(tmp_path).st_mode & 0o777  # open()'s: 0666 less the umask
     try:
         yield tmp_path
+        if os.stat(tmp_path).st_mode & 0o777 != mode:  # a writer that replaced the file with its own, 0600 (safetensors >= 0.7)
+            os.chmod(tmp_path, mode)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -71,6 +74,16 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """A new, empty folder `<prefix>XXXXXXXX` in `parent`, with the mode the umask gives (0755 under
     the usual 022), to be filled and then renamed into place."""
     return _make_temp(Path(parent), prefix, "", directory=True)
+
+
+def open_file_modes(folder: str | os.PathLike) -> None:
+    """Give the files under a folder made by make_temp_dir the mode open() gives, 0666 less the umask (the folder's
+    own, less execute), before it is published: safetensors >= 0.7 writes through a 0600 temporary of its own, and
+    diffusers' save_pretrained left the weights of a trained model private to the user who trained it."""
+    mode = os.stat(folder).st_mode & 0o666
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)
 
 
 def _make_temp(parent: Path, prefix: str, suffix: str, directory: bool) -> Path:

@@ -332,6 +332,7 @@ def save_pixel_model(model: PixelModel, out: str | Path, scheduler_config: dict 
         if model.info.conditioning == "class_channels":
             emb = model.unet.net.class_embedding.state_dict()
             atomic.save_safetensors(tmp / "class_embedding" / "model.safetensors", emb)
+        atomic.open_file_modes(tmp)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -56,7 +56,7 @@ if sys.argv[2:] == ["buckets"]:
     check_buckets()
 diverge = sys.argv[2:] == ["diverge"]
 stop = sys.argv[2] if sys.argv[2:] and sys.argv[2].startswith("stop-") else None
-calls = []
+calls, own = [], []  # own: this rank's losses, one a step (no accumulation here)
 
 
 def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
@@ -66,6 +66,7 @@ def loss_fn(micro: int, g: torch.Generator) -> torch.Tensor:
     x = torch.randn(16, 8, generator=g)
     y = x.sum(dim=1, keepdim=True) * (1 + state.process_index)  # the ranks disagree on purpose
     loss = torch.nn.functional.mse_loss(model(x), y)
+    own.append(loss.item())
     return loss * float("nan") if diverge and state.process_index == 1 and len(calls) == 3 else loss
 
 
@@ -107,6 +108,12 @@ try:
                         checkpoint_every=100)))
     # The run's throughput counts both processes' images: 2 x 16 per step.
     print(f"IMAGES_PER_STEP={result.samples_per_second * sum(result.step_seconds) / len(result.step_seconds):.3f}")
+    # The loss logged (loss.csv, TensorBoard, the result) is the run's: the mean of the ranks' own, on every rank.
+    mine = torch.tensor(own, dtype=torch.float64)
+    ranks = [torch.zeros_like(mine) for _ in range(state.num_processes)]
+    torch.distributed.all_gather(ranks, mine)
+    error = (torch.tensor(result.losses, dtype=torch.float64) - torch.stack(ranks).mean(dim=0)).abs().max().item()
+    print(f"LOGGED_IS_THE_RANKS_MEAN={error < 1e-12} ranks_differ={bool((ranks[0] - ranks[1]).abs().max() > 1e-3)}")
 except DiffrtError as exc:
     print(f"DIVERGED={exc}")
 except TrainingInterrupted as exc:

@@ -218,7 +218,10 @@ def train(
                     accelerator.backward(loss)  # fp16: scaled by the GradScaler, unscaled before clipping below
                 micro_losses.append(loss.detach())
             # One host sync a step, not one a micro-batch: the host queues the next micro-batch while the GPU works.
-            total = torch.stack([x.double().reshape(()) for x in micro_losses]).sum().item()
+            total = torch.stack([x.double().reshape(()) for x in micro_losses]).sum()
+            if accelerator.num_processes > 1:  # the run's loss, over every process's images, as diffusers logs it
+                total = accelerator.reduce(total.to(accelerator.device).reshape(1), reduction="mean")
+            total = total.item()
             if accelerator.num_processes > 1:
                 average_gradients(named.values(), accelerator)  # in ~25 MB buckets, as DDP does
             grad_norm = None
@@ -310,8 +313,8 @@ def tf32(enabled: bool) -> Iterator[None]:
 
 def finite_everywhere(accelerator, finite: bool) -> bool:
     """Whether the step is finite on every process: in a data-parallel run the processes decide together (one
-    stopping alone would leave the others waiting in their next collective). Their gradients are averaged by then,
-    their losses are their own."""
+    stopping alone would leave the others waiting in their next collective). Their gradients and losses are averaged
+    by then, their gradient norms are their own."""
     if accelerator.num_processes == 1:
         return finite
     return accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), reduction="sum").item() == 0
