@@ -591,6 +591,19 @@ def test_a_tokenizer_file_the_new_source_lacks_does_not_stay_in_the_artifact(t2i
     assert load_tokenizer(out / "tokenizer")("a photo").input_ids == ids != load_tokenizer(t2i_folder / "tokenizer")("a photo").input_ids
 
 
+def add_token(source, token: str) -> int:
+    """A textual-inversion token, as a transformers-4 save writes one: added_tokens.json, and a text encoder whose
+    embedding has its row (a tokenizer of more tokens than the encoder embeds is refused at open)."""
+    from transformers import CLIPTextModel
+
+    token_id = len(json.loads((source / "tokenizer" / "vocab.json").read_text()))
+    (source / "tokenizer" / "added_tokens.json").write_text(json.dumps({token: token_id}))
+    encoder = CLIPTextModel.from_pretrained(source / "text_encoder")
+    encoder.resize_token_embeddings(token_id + 1)
+    encoder.save_pretrained(source / "text_encoder")
+    return token_id
+
+
 def test_the_artifact_tokenizes_with_the_sources_added_tokens(unverified_plain, t2i_folder, tmp_path):
     """The bug: the export copied a fixed list of tokenizer files, so a transformers-4 folder's
     added_tokens.json (a textual-inversion token) was left behind and the exported pipeline split the
@@ -599,11 +612,10 @@ def test_the_artifact_tokenizes_with_the_sources_added_tokens(unverified_plain, 
 
     source, out = shutil.copytree(t2i_folder, tmp_path / "sd"), shutil.copytree(unverified_plain, tmp_path / "artifact")
     (source / "tokenizer" / "tokenizer.json").unlink()  # the slow tokenizer's files, as such folders have them
-    vocab = json.loads((source / "tokenizer" / "vocab.json").read_text())
-    (source / "tokenizer" / "added_tokens.json").write_text(json.dumps({"<sks-style>": len(vocab)}))
+    token_id = add_token(source, "<sks-style>")
     prompt = "a photo in <sks-style>"
     ids = load_tokenizer(source / "tokenizer")(prompt).input_ids
-    assert len(vocab) in ids  # the control: the source reads the added token as one
+    assert token_id in ids  # the control: the source reads the added token as one
     assert not export_text_to_image(source, out, ExportOptions(**T2I_RANGES, verify=False), []).cache_hit
     pipe = open_text_to_image_pipeline(out, "onnxruntime")
     assert pipe.tokenizer(prompt).input_ids == ids
@@ -617,7 +629,7 @@ def test_an_artifact_made_when_added_tokens_were_left_behind_gets_them_without_a
     from diffrt.export.manifest import read_manifest, write_manifest
 
     source, out = shutil.copytree(t2i_folder, tmp_path / "sd"), tmp_path / "artifact"
-    (source / "tokenizer" / "added_tokens.json").write_text(json.dumps({"<sks-style>": 10_000}))
+    add_token(source, "<sks-style>")
     options = ExportOptions(**T2I_RANGES, verify=False)
     export_text_to_image(source, out, options, [])
     manifest = read_manifest(out)  # made into what the earlier export wrote: the file missing, another key

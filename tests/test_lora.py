@@ -354,6 +354,22 @@ def test_lora_that_changes_nothing_is_an_error(tmp_path, state, message):
         read_lora(tmp_path / "noop.safetensors")
 
 
+@pytest.mark.parametrize("state, message", [
+    (_kohya_layer("lora_unet_conv_in") | {"lora_unet_conv_in.alpha": torch.tensor(float("nan"))},
+     r"lora_unet_conv_in\.alpha holds NaN or infinite values; the file is damaged"),
+    (_kohya_layer("lora_unet_conv_in") | {"lora_unet_conv_in.lora_up.weight": torch.full((32, 2), 70000.0).half()},
+     r"lora_unet_conv_in\.lora_up\.weight holds NaN or infinite values"),  # an fp16 save that overflowed
+    (_kohya_layer("lora_unet_conv_in") | {"lora_unet_conv_in.alpha": torch.tensor([1.0, 2.0])},
+     r"lora_unet_conv_in\.alpha has shape \(2,\); an alpha is one number"),
+], ids=["alpha-nan", "up-fp16-inf", "alpha-a-vector"])
+def test_a_damaged_lora_file_is_refused_naming_its_key(tmp_path, state, message):
+    """From the second LoRA review: NaN/inf values were fused, and every image came out NaN with the error blaming
+    the precision; an alpha that is not one number was a traceback."""
+    save_safetensors(tmp_path / "damaged.safetensors", state)
+    with pytest.raises(LoraError, match=message):
+        read_lora(tmp_path / "damaged.safetensors")
+
+
 def test_shape_mismatch_is_an_error(sd_folder, tmp_path):
     save_safetensors(tmp_path / "wide.safetensors", _kohya_layer("lora_unet_conv_in", width=48))
     with pytest.raises(LoraError, match="made for another model"):

@@ -259,6 +259,34 @@ def test_through_unet_on_an_artifact_checks_the_fallback_against_the_engine(clas
         pipe([0, 2], num_inference_steps=2, guidance_scale=2.0, seed=0, guidance=guidance)
 
 
+def test_calls_that_first_need_the_fallback_at_once_load_it_once(classemb_artifact):
+    """From the Python API review: four threads making their first guided call together each loaded a PyTorch UNet
+    (an SD UNet is 3.4 GB: four in memory at once); the images were right, and are."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = artifact_pixel_pipeline(classemb_artifact, "onnxruntime", CPU)
+    load, loads, arrived = pipe._torch["unet"], [], threading.Barrier(4)
+
+    def slow_load():
+        loads.append(1)
+        time.sleep(0.5)  # long enough for every thread to arrive while the first loads
+        return load()
+
+    pipe._torch["unet"] = slow_load
+    guidance = [color_guidance("#ff0000", 10.0, mode="through_unet")]
+
+    def call(seed):
+        arrived.wait()
+        return pipe([1], num_inference_steps=2, seed=seed, guidance=guidance, output_type="pt").images
+
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(call, range(4)))
+    assert len(loads) == 1
+    for seed, image in enumerate(images):  # each as the same call alone
+        assert torch.equal(image, pipe([1], num_inference_steps=2, seed=seed, guidance=guidance, output_type="pt").images)
+
+
 def test_lazy_fallback_unet_is_moved_to_the_pipeline_device(classemb_artifact):
     # The fallback is loaded on the CPU; on a CUDA pipeline it must follow the pipeline to the GPU.
     # A CPU machine stands in with the meta device, which any .to(pipe.device) reaches too.
@@ -400,3 +428,46 @@ def test_a_unet_the_ddim_loop_would_run_wrongly_is_refused_by_name(setting, word
         load_pixel_model(folder)
     with pytest.raises(DiffrtError, match=words):
         open_pixel_pipeline(folder, "torch", "cpu")
+
+
+def _rewrite_json(path, **changes):
+    import json
+
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+PIXEL_DAMAGE = {  # from the loading review: each was a traceback (or, for a conditioning typo, a misleading label error)
+    "diffrt-json-not-json": (lambda f: (f / "diffrt.json").write_text("{"), r"diffrt.json is not valid JSON"),
+    "diffrt-json-unknown-key": (lambda f: _rewrite_json(f / "diffrt.json", foo=1), r"diffrt.json has keys diffrt does not write \(foo\)"),
+    "conditioning-typo": (lambda f: _rewrite_json(f / "diffrt.json", conditioning="class_embeddings"),
+                          r"conditioning 'class_embeddings' is none of none, class_embedding, class_channels"),
+    "class-channels-on-a-plain-unet": (lambda f: _rewrite_json(f / "diffrt.json", conditioning="class_channels", num_classes=3,
+                                                               class_embedding_dim=2),
+                                       r"so the UNet should take 3 \+ 2 = 5 input channels; it takes 3"),
+    "scheduler-not-json": (lambda f: (f / "scheduler" / "scheduler_config.json").write_text("{"), r"scheduler_config.json is not valid JSON"),
+    "unet-lacks-a-tensor": (lambda f: _drop_pixel_tensor(f / "unet" / "diffusion_pytorch_model.safetensors", "conv_in.weight"),
+                            r"unet: its weights lack 1 of the tensors its config.json makes \(e.g. conv_in.weight\)"),
+}
+
+
+def _drop_pixel_tensor(path, name):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    del tensors[name]
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("damage", PIXEL_DAMAGE)
+def test_a_damaged_pixel_model_is_one_line_naming_its_file(uncond_model_dir, tmp_path, damage):
+    folder = shutil.copytree(uncond_model_dir, tmp_path / "model")
+    edit, message = PIXEL_DAMAGE[damage]
+    edit(folder)
+    with pytest.raises(DiffrtError, match=message) as info:
+        load_pixel_model(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_a_transformers_folder_is_not_taken_for_a_pixel_unet(t2i_folder):
+    with pytest.raises(DiffrtError, match=r"text_encoder/config.json is a transformers CLIPTextModel folder, not a UNet2DModel"):
+        load_pixel_model(t2i_folder / "text_encoder")

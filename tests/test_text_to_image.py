@@ -8,6 +8,7 @@ StableDiffusionImg2ImgPipeline and StableDiffusionControlNetImg2ImgPipeline.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from diffrt.errors import DiffrtError, NonFiniteOutputError, ShapeOutOfRangeErro
 from diffrt.runtime import ddim
 from diffrt.runtime.guidance import Guidance, color_guidance
 from diffrt.runtime.text_to_image_loading import artifact_text_to_image_pipeline, open_text_to_image_pipeline
+from diffrt.text_to_image_models import load_text_to_image
 
 CPU = "cpu"  # diffusers runs on the CPU here; pin the pipelines there too, GPU or not
 STEPS = 3
@@ -966,6 +968,81 @@ def test_damaged_configs_are_one_line_not_a_traceback(t2i_folder, tmp_path):
     (folder / "unet" / "config.json").write_text('{"in_channels": 4,')
     with pytest.raises(DiffrtError, match=r"unet/config.json is not valid JSON .*restore the model's config"):
         open_text_to_image_pipeline(folder, "torch", CPU)
+
+
+def _edit_json(path, **changes):
+    import json
+
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _drop_tensor(path, name):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    del tensors[next(key for key in tensors if key.endswith(name))]  # transformers' prefixes differ between versions
+    save_file(tensors, path)
+
+
+DAMAGED_FOLDERS = {  # from the loading review: each was a traceback deep in diffusers/torch, or loaded wrongly and ran
+    "scheduler-not-json": (lambda f: (f / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler",'),
+                           r"scheduler_config.json is not valid JSON"),
+    "scheduler-a-list": (lambda f: (f / "scheduler" / "scheduler_config.json").write_text("[1, 2]"), r"scheduler_config.json holds no JSON object"),
+    "scheduler-string-count": (lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", num_train_timesteps="1000"),
+                               r"num_train_timesteps is '1000'; expected an integer"),
+    "tokenizer-config-only": (lambda f: [p.unlink() for p in (f / "tokenizer").iterdir() if p.name != "tokenizer_config.json"],
+                              r"tokenizer is no CLIP tokenizer \(it holds tokenizer_config.json\): it needs vocab.json with merges.txt"),
+    "tokenizer-no-max-length": (lambda f: _edit_json(f / "tokenizer" / "tokenizer_config.json", model_max_length=100),
+                                r"gives model_max_length 100, but the text encoder takes 77 tokens"),
+    "text-encoder-embeds-fewer-tokens": (lambda f: _edit_json(f / "text_encoder" / "config.json", vocab_size=100),
+                                         r"tokenizer has 521 tokens but .*text_encoder/config.json embeds 100 \(vocab_size\)"),
+    "unet-is-a-unet2d": (lambda f: _edit_json(f / "unet" / "config.json", _class_name="UNet2DModel"),
+                         r"unet holds a UNet2DModel, where a Stable Diffusion pipeline folder has its UNet2DConditionModel"),
+    "text-encoder-wider": (lambda f: _edit_json(f / "text_encoder" / "config.json", hidden_size=64),
+                           r"unet/config.json has cross_attention_dim 32 but .*text_encoder/config.json has hidden_size 64"),
+    "vae-other-latents": (lambda f: _edit_json(f / "vae" / "config.json", latent_channels=8),
+                          r"unet/config.json has in_channels 4 but .*vae/config.json has latent_channels 8"),
+    "unet-lacks-a-tensor": (lambda f: _drop_tensor(f / "unet" / "diffusion_pytorch_model.safetensors", "conv_out.weight"),
+                            r"unet: its weights lack 1 of the tensors its config.json makes \(e.g. conv_out.weight\)"),
+    "text-encoder-lacks-a-tensor": (lambda f: _drop_tensor(f / "text_encoder" / "model.safetensors", "layers.1.mlp.fc1.weight"),
+                                    r"text_encoder: its weights lack 1 of the tensors"),  # it ran with a random layer, rc 0
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_FOLDERS)
+def test_a_damaged_or_mismatched_folder_is_one_line_naming_its_file(t2i_folder, tmp_path, damage):
+    import shutil
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "sd", ignore=shutil.ignore_patterns("controlnet*"))
+    edit, message = DAMAGED_FOLDERS[damage]
+    edit(folder)
+    with pytest.raises(DiffrtError, match=message) as info:
+        open_text_to_image_pipeline(folder, "torch", CPU)
+    assert "\n" not in str(info.value)
+
+
+def test_a_controlnet_of_another_unet_is_refused_by_its_config(t2i_folder, tmp_path):
+    import shutil
+
+    controlnet = shutil.copytree(t2i_folder / "controlnet", tmp_path / "cn")
+    _edit_json(controlnet / "config.json", cross_attention_dim=64)
+    with pytest.raises(DiffrtError, match=r"cn/config.json has cross_attention_dim 64 but .*unet/config.json has cross_attention_dim 32"):
+        open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=controlnet)
+    with pytest.raises(DiffrtError, match=r"is not a ControlNet folder: it has no config.json; its .*controlnet is one"):
+        open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=t2i_folder)  # the pipeline folder, not its ControlNet
+    with pytest.raises(DiffrtError, match=r"ControlNet folder not found: .*nope"):
+        open_text_to_image_pipeline(t2i_folder, "torch", CPU, controlnet=tmp_path / "nope")
+
+
+def test_a_sample_size_pair_gives_the_default_size_as_diffusers(t2i_folder, tmp_path):
+    """diffusers' UNet2DConditionModel takes sample_size as [height, width]; its pipelines take the first."""
+    import shutil
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "sd", ignore=shutil.ignore_patterns("controlnet*"))
+    size = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
+    _edit_json(folder / "unet" / "config.json", sample_size=[size, size])
+    model = load_text_to_image(folder, weights=False)
+    assert model.default_size == size * model.vae_factor
 
 
 def test_calls_from_several_threads_take_the_tokenizer_in_turn(torch_pipe, monkeypatch):

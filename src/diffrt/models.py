@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -221,7 +221,7 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     unet = load_frozen(UNet2DModel, unet_dir, weights)
     info = PixelModelInfo()
     if (folder / DIFFRT_CONFIG).is_file():
-        info = PixelModelInfo(**json.loads((folder / DIFFRT_CONFIG).read_text()))
+        info = read_pixel_info(folder / DIFFRT_CONFIG, unet.config)
     elif unet.config.num_class_embeds:
         # diffusers' config cannot say whether one embedding is a null class; diffrt's trainers keep
         # the last for classifier-free guidance (and write diffrt.json). Say what is assumed.
@@ -249,7 +249,7 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
         class_embedding = nn.Embedding(*state["weight"].shape)
         class_embedding.load_state_dict(state)
     scheduler_file = scheduler_config_file(folder)
-    scheduler = DDIMConfig.from_scheduler_config(json.loads(scheduler_file.read_text())) if scheduler_file else DDIMConfig()
+    scheduler = DDIMConfig.from_scheduler_config(read_config(scheduler_file)) if scheduler_file else DDIMConfig()
     model = PixelModel(PixelUNet(unet, info, class_embedding), scheduler, folder)
     model.unet.eval().requires_grad_(False)
     return model
@@ -270,6 +270,8 @@ def read_config(path: Path) -> dict:
     """A model's config.json as a dict, read before any weight; one line if it is not a JSON object."""
     try:
         config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DiffrtError(f"{path} is missing; restore the model's config") from None
     except ValueError as exc:
         raise DiffrtError(f"{path} is not valid JSON ({exc}); restore the model's config") from None
     if not isinstance(config, dict):
@@ -277,9 +279,37 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def read_pixel_info(path: Path, unet_config) -> PixelModelInfo:
+    """diffrt.json, checked in one line naming the file: its keys and values, and the UNet's inputs against them."""
+    data = read_config(path)
+    names = {f.name for f in fields(PixelModelInfo)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise DiffrtError(f"{path} has keys diffrt does not write ({', '.join(unknown)}); restore the file the trainer wrote")
+    info = PixelModelInfo(**data)
+    if info.conditioning not in get_args(Conditioning):
+        raise DiffrtError(f"{path}: conditioning {info.conditioning!r} is none of {', '.join(get_args(Conditioning))}; "
+                          "restore the file the trainer wrote")
+    for key in ("num_classes", "class_embedding_dim"):
+        value = getattr(info, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DiffrtError(f"{path}: {key} {value!r} is not a count; restore the file the trainer wrote")
+    if info.conditioning == "class_channels":  # the label embedding rides in extra input channels
+        expected = unet_config.out_channels + info.class_embedding_dim
+        if unet_config.in_channels != expected:
+            raise DiffrtError(f"{path} gives class_embedding_dim {info.class_embedding_dim}, so the UNet should take "
+                              f"{unet_config.out_channels} + {info.class_embedding_dim} = {expected} input channels; it takes "
+                              f"{unet_config.in_channels}: restore the file the trainer wrote")
+    return info
+
+
 def check_pixel_unet_config(config: dict, where: Path) -> None:
     """Refuse, in one line naming the setting, a UNet2DModel that the DDIM loop would run wrongly or
     that fails deep inside on its first call (diffusers' DDIMPipeline fails on each of these too)."""
+    if "_class_name" not in config and ("architectures" in config or "model_type" in config):  # a transformers config
+        kind = (config.get("architectures") or [config.get("model_type")])[0]
+        raise DiffrtError(f"{where} is a transformers {kind} folder, not a UNet2DModel; pass a pixel-space model folder (a "
+                          "UNet2DModel), or a text-to-image pipeline's own folder")
     kind = config.get("_class_name", "UNet2DModel")
     if kind != "UNet2DModel":  # e.g. a text-to-image pipeline's unet/ (UNet2DConditionModel) passed on its own
         raise DiffrtError(f"{where} is a {kind}, not a UNet2DModel: pixel-space models take UNet2DModel folders; for a "
@@ -367,13 +397,24 @@ def load_frozen(cls, folder: Path, weights: bool = True) -> nn.Module:
     Pickled weights are refused either way, before an export hashes them."""
     require_safetensors(folder)
     if weights:
-        return cls.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
+        return loaded(folder, *cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True)).eval().requires_grad_(False)
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         # diffusers models read their config with load_config; transformers ones with their config_class.
         module = cls.from_config(cls.load_config(folder)) if hasattr(cls, "load_config") else cls(cls.config_class.from_pretrained(folder))
     return module.eval().requires_grad_(False)
+
+
+def loaded(folder: Path, module: nn.Module, info: dict) -> nn.Module:
+    """`from_pretrained(..., output_loading_info=True)`'s module, refused where its weights lacked a tensor: left
+    uninitialised with a warning, a diffusers model failed at its first use (a meta tensor), a text encoder ran with
+    a random layer, silently."""
+    missing = [*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))]
+    if missing:
+        raise DiffrtError(f"{folder}: its weights lack {len(missing)} of the tensors its config.json makes (e.g. "
+                          f"{sorted(missing)[0]}); the weights file is damaged or of another model: restore the model")
+    return module
 
 
 def require_safetensors(folder: Path) -> None:

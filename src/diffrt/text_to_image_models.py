@@ -189,8 +189,10 @@ class TextToImageModel:
 
     @property
     def default_size(self) -> int:
-        """Image side the UNet was made for, in pixels (diffusers' default height and width)."""
-        return self.unet.config.sample_size * self.vae_factor
+        """Image side the UNet was made for, in pixels (diffusers' default height and width; a [height, width]
+        sample_size gives its first, as diffusers' pipelines take it)."""
+        size = self.unet.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.vae_factor
 
     @property
     def max_length(self) -> int:
@@ -225,9 +227,39 @@ def require_text_to_image_folder(folder: str | Path) -> Path:
 
 
 def load_tokenizer(folder: str | Path):
+    """The CLIP tokenizer of a pipeline's tokenizer/ folder, its files checked first: without them transformers
+    made a tokenizer of its two special tokens alone, and every prompt came out as end-of-text tokens, silently."""
     from transformers import CLIPTokenizer
 
+    folder = Path(folder)
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        have = f"it holds {', '.join(sorted(names))}" if names else "it is empty" if folder.is_dir() else "it is missing"
+        raise DiffrtError(f"{folder} is no CLIP tokenizer ({have}): it needs vocab.json with merges.txt, or tokenizer.json; "
+                          "restore them from the model")
+    if "tokenizer_config.json" in names:
+        read_config(folder / "tokenizer_config.json")  # a JSON object, or one line naming the file
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def check_tokenizer(tokenizer, folder: Path) -> None:
+    """A pipeline's tokenizer against the text encoder it feeds, by the encoder's config (before its weights load):
+    every id an embedding row, every position one the encoder has (an unset model_max_length is transformers' 1e30:
+    the first prompt failed)."""
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise DiffrtError(f"{folder / 'tokenizer'} holds no vocabulary beyond its special tokens; restore vocab.json and merges.txt")
+    config_file = folder / "text_encoder" / "config.json"
+    if not config_file.is_file():
+        return  # the text encoder's own load names what is missing
+    config = read_config(config_file)
+    vocab_size, positions = config.get("vocab_size", 49408), config.get("max_position_embeddings", 77)  # CLIPTextConfig's defaults
+    if len(tokenizer) > vocab_size:
+        raise DiffrtError(f"{folder / 'tokenizer'} has {len(tokenizer)} tokens but {config_file} embeds {vocab_size} "
+                          "(vocab_size): the two are of different models")
+    if tokenizer.model_max_length > positions:
+        length = "no model_max_length" if tokenizer.model_max_length > 1e12 else f"model_max_length {tokenizer.model_max_length}"
+        raise DiffrtError(f"{folder / 'tokenizer' / 'tokenizer_config.json'} gives {length}, but the text encoder takes "
+                          f"{positions} tokens (max_position_embeddings); set model_max_length to {positions}")
 
 
 def load_controlnet(folder: str | Path, weights: bool = True):
@@ -239,12 +271,60 @@ def load_controlnet(folder: str | Path, weights: bool = True):
 def require_controlnet_dir(folder: str | Path) -> Path:
     """A ControlNetModel folder, checked by its config before any weight is read."""
     folder = Path(folder)
+    if not folder.exists():
+        raise DiffrtError(f"ControlNet folder not found: {folder}; pass --controlnet DIR, a ControlNetModel folder")
+    if not folder.is_dir():
+        raise DiffrtError(f"--controlnet {folder} is a file; pass the ControlNetModel's folder (config.json and its weights)")
     if not (folder / "config.json").is_file():
-        raise DiffrtError(f"{folder} is not a ControlNet folder: it has no config.json")
+        inside = sorted(str(c.parent) for c in folder.glob("*/config.json") if _class_name(c) == "ControlNetModel")
+        hint = f"; its {' and '.join(inside)} is one" if inside else ""
+        raise DiffrtError(f"{folder} is not a ControlNet folder: it has no config.json{hint}")
     kind = read_config(folder / "config.json").get("_class_name", "ControlNetModel")
     if kind != "ControlNetModel":
         raise DiffrtError(f"--controlnet {folder} is a {kind}, not a ControlNetModel; pass a ControlNet folder")
     return folder
+
+
+def _class_name(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_parts(folder: Path, controlnets: Sequence[Path] = ()) -> None:
+    """A pipeline folder's parts (and the ControlNets given) checked against each other by their configs, before any
+    weight is read: a UNet2DModel in unet/, a text encoder of another width than the UNet's cross-attention, a VAE of
+    other latents, or a ControlNet made for another UNet failed deep inside torch at the first call, and an export of
+    such a folder made an artifact that could never run."""
+    unet = read_config(folder / "unet" / "config.json")
+    vae = read_config(folder / "vae" / "config.json")
+    for part, config, cls in (("unet", unet, "UNet2DConditionModel"), ("vae", vae, "AutoencoderKL")):
+        kind = config.get("_class_name", cls)
+        if kind != cls:
+            raise DiffrtError(f"{folder / part} holds a {kind}, where a Stable Diffusion pipeline folder has its {cls}; pass "
+                              "a pipeline folder whose parts were saved together (pipe.save_pretrained)")
+
+    def refuse(where: Path, key: str, value, other: Path, other_key: str, other_value) -> None:
+        raise DiffrtError(f"{where} has {key} {value} but {other} has {other_key} {other_value}: they are parts of "
+                          "different models; use parts made together")
+
+    unet_file, vae_file = folder / "unet" / "config.json", folder / "vae" / "config.json"
+    cross = unet.get("cross_attention_dim", 1280)  # UNet2DConditionModel's defaults, where a config leaves a key out
+    text_file = folder / "text_encoder" / "config.json"
+    if text_file.is_file():
+        hidden = read_config(text_file).get("hidden_size", 512)
+        if isinstance(cross, int) and cross != hidden:
+            refuse(unet_file, "cross_attention_dim", cross, text_file, "hidden_size", hidden)
+    latents = vae.get("latent_channels", 4)
+    if unet.get("in_channels", 4) != latents:
+        refuse(unet_file, "in_channels", unet.get("in_channels", 4), vae_file, "latent_channels", latents)
+    for controlnet in controlnets:
+        config = read_config(controlnet / "config.json")
+        for key, default in (("cross_attention_dim", 1280), ("in_channels", 4), ("block_out_channels", [320, 640, 1280, 1280])):
+            mine, theirs = config.get(key, default), unet.get(key, default)
+            if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+                refuse(controlnet / "config.json", key, mine, unet_file, key, theirs)
 
 
 def multi_controlnet_class():
@@ -316,7 +396,7 @@ def index_scheduler_class(folder: Path) -> str | None:
 
 
 def load_scheduler(folder: Path) -> DDIMConfig:
-    return DDIMConfig.from_scheduler_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    return DDIMConfig.from_scheduler_config(read_config(folder / "scheduler" / "scheduler_config.json"))
 
 
 def load_text_to_image(folder: str | Path, controlnet: str | Path | Sequence[str | Path] | None = None, *,
@@ -327,10 +407,12 @@ def load_text_to_image(folder: str | Path, controlnet: str | Path | Sequence[str
     no cost, for an export to find its cache key before it reads gigabytes of weights."""
     folder = require_text_to_image_folder(folder)
     controlnets = [require_controlnet_dir(c) for c in controlnet_paths(controlnet)]  # before gigabytes load
+    check_parts(folder, controlnets)
+    tokenizer, scheduler = load_tokenizer(folder / "tokenizer"), load_scheduler(folder)
+    check_tokenizer(tokenizer, folder)
     model = TextToImageModel(
-        folder=folder, tokenizer=load_tokenizer(folder / "tokenizer"), text_encoder=load_text_encoder(folder, weights),
-        unet=load_unet(folder, weights), vae=load_vae(folder, weights), scheduler=load_scheduler(folder),
-        controlnet=load_controlnets(controlnets, weights),
+        folder=folder, tokenizer=tokenizer, text_encoder=load_text_encoder(folder, weights), unet=load_unet(folder, weights),
+        vae=load_vae(folder, weights), scheduler=scheduler, controlnet=load_controlnets(controlnets, weights),
     )
     if len(controlnets) > 1:
         controlnet_residuals(model.controlnet)  # residuals that could not be summed are refused here, not mid-trace

@@ -365,10 +365,22 @@ def _raise_unrecognised(path: Path, keys: list[str]) -> None:
     raise LoraError(f"{path}: {len(keys)} keys are not LoRA weights diffrt can read{what}: {shown}")
 
 
+def _alpha(path: Path, entry: dict) -> float:
+    """A module's alpha, one number (kohya and LyCORIS store it as a 0-d tensor)."""
+    alpha = entry["alpha"]
+    if alpha.numel() != 1:
+        raise LoraError(f"{path}: {entry['keys']['alpha']} has shape {tuple(alpha.shape)}; an alpha is one number: the file is damaged")
+    return float(alpha)
+
+
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA safetensors file (or a folder holding `pytorch_lora_weights.safetensors`)."""
     path = locate_lora(Path(path))
     tensors, metadata = _load_safetensors(path)
+    for key, tensor in tensors.items():  # fused, a NaN or an fp16 save's inf made every image NaN, blamed on the precision
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LoraError(f"{path}: {key} holds NaN or infinite values; the file is damaged (an fp16 save that overflowed?): "
+                            "re-save the LoRA from its source")
     configs = _component_configs(metadata, path)
 
     # 1. Group keys into (component, module) entries holding down, up and alpha.
@@ -418,7 +430,7 @@ def read_lora(path: str | Path) -> LoraFile:
                 "expected down [rank, in, ...] and up [out, rank, ...]"
             )
         magnitude, bias = _extras(path, component, module, entry, up.shape[0])
-        alpha = float(entry["alpha"]) if "alpha" in entry else None
+        alpha = _alpha(path, entry) if "alpha" in entry else None
         use_rslora = False
         config = configs.get(component)
         if config is not None and entry["style"] != "kohya" and bool(config.get("use_dora")) != (magnitude is not None):
@@ -528,7 +540,7 @@ def _lycoris_layer(path: Path, component: str, module: str, entry: dict, kind: L
         # LyCORIS divides alpha by lokr_w1_a's rank, A1111 and ComfyUI by lokr_w2_b's: they agree only when equal.
         raise LoraError(f"{path}: {component}.{module} factorises lokr_w1 at rank {ranks[0]} and lokr_w2 at rank {ranks[1]}, "
                         "which LyCORIS and A1111/ComfyUI scale differently; re-save it with one rank")
-    alpha = float(entry["alpha"]) if "alpha" in entry else None
+    alpha = _alpha(path, entry) if "alpha" in entry else None
     if alpha == 0:
         _refuse_alpha_0(path, keys["alpha"])
     return LoraLayer(component=component, module=module, down=None, up=None, alpha=alpha, key=keys[needed[0]],

@@ -130,8 +130,12 @@ class DDIMConfig:
             unused = sorted(k for k in config if k not in names | THRESHOLDING_KEYS and not k.startswith("_"))
             log.info("the scheduler config names %s: diffrt samples with %s on its training schedule, as %s.from_config "
                      "does; not used: %s", other, cls.SAMPLER, cls.SCHEDULER_CLASS, ", ".join(unused) or "nothing")
+        check_value_types(cls, kwargs)
         if kwargs.get("trained_betas") is not None:
-            kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
+            betas = kwargs["trained_betas"]
+            if not isinstance(betas, (list, tuple)) or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+                raise DiffrtError(f"the scheduler config's trained_betas is {str(betas)[:60]}; expected a list of numbers: restore the file")
+            kwargs["trained_betas"] = tuple(float(b) for b in betas)
         if "thresholding" not in names and config.get("thresholding"):
             raise DiffrtError(f"dynamic thresholding is not supported by diffrt's {cls.SAMPLER}; set thresholding=false")
         cfg = cls(**kwargs, unset=frozenset(names - set(kwargs)), hidden=hidden)
@@ -164,6 +168,27 @@ class DDIMConfig:
 
     def check_eta(self, eta: float) -> None:
         """Refuse an `eta` this config's sampler does not take, in one line: none here, eta is DDIM's (Eq. 16)."""
+
+
+def check_value_types(cls, values: dict) -> None:
+    """A scheduler config's values of the types diffusers writes, each checked against its field's default: a
+    hand-edited "num_train_timesteps": "1000" failed deep inside torch (linspace), [1, 2] as the whole file too."""
+    for f in dataclasses.fields(cls):
+        value, default = values.get(f.name), f.default
+        if value is None or default is None or default is dataclasses.MISSING:
+            continue  # None: left to the checks of each value (an unknown prediction_type is named there)
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise DiffrtError(f"the scheduler config's {f.name} is {value!r}; expected {kind} (as {default!r}): restore the file")
 
 
 def refuse_eta(eta: float, why: str) -> None:

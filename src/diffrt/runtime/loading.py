@@ -105,7 +105,7 @@ def refuse_source_fallback(folder: Path, backend: str, strict: bool) -> None:
     a fallback that strict mode refuses (RELIABILITY #15), and that is logged otherwise."""
     if strict:
         raise BackendUnavailableError(f"{folder} is an exported artifact; backend {backend!r} would run its source model's "
-                                      "PyTorch weights instead, a fallback strict mode refuses; use --backend onnxruntime or tensorrt")
+                                      "PyTorch weights instead, a fallback strict mode refuses; use backend onnxruntime or tensorrt (--backend)")
     log.warning("%s is an exported artifact; backend %r runs its source model's PyTorch weights", folder, backend)
 
 
@@ -259,7 +259,8 @@ def open_pixel_pipeline(model: str | Path | None, backend: str = "torch", device
     """The pipeline for `diffrt generate/demo/serve` and library users. `device` None: CUDA when
     available (resolve_device); `loras` [(file, scale)]: fused at open (PyTorch) or baked in by the
     export (an artifact must have been exported with them); `strict`: any fallback is an error;
-    `cuda_graph`: TensorRT only."""
+    `cuda_graph`: TensorRT only. `backend` is run as given: "torch" over an artifact runs its source's
+    PyTorch weights (logged); `diffrt.open_pipeline` runs an artifact on the backend it was exported for."""
     require_backend(backend)
     device = resolve_device(device, backend)
     folder = resolve_model(model) or SHIPPED_DIGITS  # a Hub id: its snapshot in the Hugging Face cache

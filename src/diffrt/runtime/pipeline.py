@@ -263,6 +263,7 @@ class DenoiserPipeline:
     scheduler: ddim.DDIMConfig  # the model's own; an lcm.LCMConfig samples with LCM, a dpm.DPMConfig with DPM-Solver++, ...
     unet_precision: str = "fp32"  # the precision the UNet's engine was built at: sets the eps agreement limit
     _torch: dict[str, TorchModule]
+    _torch_loading: threading.RLock  # one load of each, however many calls reach it at once
     lora: RuntimeLora | None = None  # the LoRA it runs, whose strength set_lora_scale changes (lora_scale.py)
 
     def _set_lora(self, lora: RuntimeLora | None, torch_unet: TorchModule) -> None:
@@ -332,15 +333,17 @@ class DenoiserPipeline:
         return {self.unet.spec.name: self.unet}
 
     def torch_module(self, which: str, why: str) -> torch.nn.Module:
-        """The PyTorch module `which`, loaded on first use onto the pipeline's device; a clear error when there is none."""
-        module = self._torch[which]
-        if module is None:
-            raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline was built without")
-        if not isinstance(module, torch.nn.Module):
-            start = time.perf_counter()
-            module = self._torch[which] = module().to(self.device).eval()
-            _loading.seconds = loading_seconds() + time.perf_counter() - start
-        return module
+        """The PyTorch module `which`, loaded on first use onto the pipeline's device, once, whichever of the calls
+        running at once gets there first (each loaded its own copy: N UNets in memory); a clear error when there is none."""
+        with self._torch_loading:
+            module = self._torch[which]
+            if module is None:
+                raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline was built without")
+            if not isinstance(module, torch.nn.Module):
+                start = time.perf_counter()
+                module = self._torch[which] = module().to(self.device).eval()
+                _loading.seconds = loading_seconds() + time.perf_counter() - start
+            return module
 
     def runtime_metadata(self, backends: dict[str, Backend] | None = None) -> dict:
         """What really runs each component (RELIABILITY #15): its backend, the ONNX Runtime providers
@@ -376,6 +379,7 @@ class PixelPipeline(DenoiserPipeline):
         self.channels = channels
         self.sample_size = sample_size
         self._torch = {"unet": torch_unet}  # for guidance mode "through_unet"
+        self._torch_loading = threading.RLock()
         self._set_lora(lora, torch_unet)
         self.check_outputs = check_outputs
 

@@ -130,6 +130,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         self.default_size = default_size
         self.max_length = max_length or tokenizer.model_max_length
         self._torch = {"vae": torch_vae, "unet": torch_unet}
+        self._torch_loading = threading.RLock()
         self._set_lora(lora, torch_unet)
         self.check_outputs = check_outputs
         self.unet_precision = unet_precision
@@ -426,22 +427,25 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
     def image_encoder(self) -> Backend:
         """The VAE encoder backend; for an artifact exported without one, eager PyTorch over the source's VAE,
         made once (and then listed among the pipeline's backends)."""
-        if self.vae_encoder is None:
-            from diffrt.runtime.backends.torch_eager import TorchBackend
-            from diffrt.text_to_image_models import VaeEncoder
+        with self._torch_loading:  # once, however many image-to-image calls reach it at once
+            if self.vae_encoder is None:
+                self.vae_encoder = self._torch_image_encoder()
+            return self.vae_encoder
 
-            if self.strict:
-                raise BackendUnavailableError(f"image-to-image needs the VAE encoder, which this {self.backend} artifact was exported "
-                                              "without; it would encode with the source's PyTorch VAE, a fallback strict mode "
-                                              "refuses: re-export with --vae-encoder")
+    def _torch_image_encoder(self) -> Backend:
+        from diffrt.runtime.backends.torch_eager import TorchBackend
+        from diffrt.text_to_image_models import VaeEncoder
 
-            vae = self.torch_module("vae", "image-to-image (an artifact exported without --vae-encoder)")
-            in_channels = int(vae.config.in_channels)
-            open_side = (1, 64, 1 << 11)  # latent pixels: eager PyTorch takes any size
-            spec = dataclasses.replace(vae_encoder_spec(self.latent_channels, batch=(1, 1, 1 << 16), height=open_side,
-                                                        width=open_side, vae_factor=self.vae_factor, in_channels=in_channels), eager=True)
-            self.vae_encoder = TorchBackend(VaeEncoder(vae), spec, device=next(vae.parameters()).device)
-        return self.vae_encoder
+        if self.strict:
+            raise BackendUnavailableError(f"image-to-image needs the VAE encoder, which this {self.backend} artifact was exported "
+                                          "without; it would encode with the source's PyTorch VAE, a fallback strict mode "
+                                          "refuses: re-export with --vae-encoder")
+        vae = self.torch_module("vae", "image-to-image (an artifact exported without --vae-encoder)")
+        in_channels = int(vae.config.in_channels)
+        open_side = (1, 64, 1 << 11)  # latent pixels: eager PyTorch takes any size
+        spec = dataclasses.replace(vae_encoder_spec(self.latent_channels, batch=(1, 1, 1 << 16), height=open_side,
+                                                    width=open_side, vae_factor=self.vae_factor, in_channels=in_channels), eager=True)
+        return TorchBackend(VaeEncoder(vae), spec, device=next(vae.parameters()).device)
 
     def _control_feed(self, control: list[torch.Tensor] | None, batch: int, per_prompt: int, height: int, width: int,
                       do_cfg: bool) -> dict:

@@ -200,7 +200,9 @@ def open_text_to_image_pipeline(model: str | Path, backend: str = "torch", devic
 
     An exported backend over a diffusers folder exports it (with the LoRA baked in, and the VAE encoder)
     into the user cache first, and reuses that export on the next run. `device` None: CUDA when available
-    (resolve_device); `strict`: any fallback is an error; `cuda_graph`: TensorRT only."""
+    (resolve_device); `strict`: any fallback is an error; `cuda_graph`: TensorRT only. `backend` is run as given:
+    "torch" over an artifact runs its source's PyTorch weights (logged); `diffrt.open_pipeline` runs an artifact
+    on the backend it was exported for."""
     require_backend(backend)
     device = resolve_device(device, backend)
     folder = resolve_model(model)  # a Hub id: its snapshot in the Hugging Face cache

@@ -19,7 +19,6 @@ The output is `out/pytorch_lora_weights.safetensors` as diffusers' `save_lora_we
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,10 +33,10 @@ from tqdm.auto import tqdm
 from diffrt import atomic
 from diffrt.data import ImageDataset, check_out_outside, list_images, load_image_folder, load_source
 from diffrt.errors import DataError, DiffrtError
-from diffrt.models import require_model_dir, require_safetensors
+from diffrt.models import loaded, read_config, require_model_dir, require_safetensors
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.runtime.text_to_image import cut_off
-from diffrt.text_to_image_models import index_scheduler_class
+from diffrt.text_to_image_models import check_parts, check_tokenizer, index_scheduler_class, load_tokenizer
 from diffrt.train.checkpoints import check_resume, holds_out, list_checkpoints
 from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
 from diffrt.train.lora_adapters import (LORA_WEIGHT_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, check_targets,
@@ -297,6 +296,9 @@ def require_pipeline_dir(model: str | Path) -> Path:
                               f"{', '.join(COMPONENTS)} (a pixel-space UNet2DModel is trained with `diffrt train finetune`)")
     for name in ("unet", "vae", "text_encoder"):
         require_safetensors(folder / name)
+    check_parts(folder)  # by their configs, before the weights load (as the pipelines check them)
+    check_tokenizer(load_tokenizer(folder / "tokenizer"), folder)
+    DDIMConfig.from_scheduler_config(read_config(folder / "scheduler" / "scheduler_config.json"))
     return folder
 
 
@@ -317,15 +319,18 @@ def load_components(folder: Path, device: torch.device, dtype: torch.dtype) -> C
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=dtype)
+    unet = loaded(folder / "unet", *UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=dtype,
+                                                                         output_loading_info=True))
+    vae = loaded(folder / "vae", *AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=dtype,
+                                                                output_loading_info=True))
     # Cast after loading: transformers < 4.56 (which pyproject admits) has no `dtype=` argument and
     # hands it on to CLIPTextModel.__init__ (a TypeError), while >= 4.56 deprecates `torch_dtype=`.
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).to(dtype)
+    text_encoder = loaded(folder / "text_encoder", *CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True,
+                                                                                  output_loading_info=True)).to(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(device)
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config = read_config(folder / "scheduler" / "scheduler_config.json")
     return Components(tokenizer, text_encoder, unet, vae, scheduler_config, device, dtype)
 
 
@@ -393,9 +398,10 @@ def encode_prompt(c: Components, input_ids: torch.Tensor) -> torch.Tensor:
 def model_resolution(folder: Path) -> int:
     """The pipeline's own image size, read from its configs: the UNet's sample size times the VAE's
     downsampling factor (64 x 8 = 512 for Stable Diffusion 1.5)."""
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    unet = read_config(folder / "unet" / "config.json")
+    vae = read_config(folder / "vae" / "config.json")
+    size = unet["sample_size"]  # [height, width] is diffusers' too: its pipelines take the first
+    return int(size if isinstance(size, int) else size[0]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def text_to_image_pipeline(c: Components, scheduler_class: str | None = None):

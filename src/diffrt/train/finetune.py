@@ -21,7 +21,7 @@ from typing import Literal
 
 from diffrt.data import ImageDataset, check_out_outside, load_source
 from diffrt.errors import DataError, DiffrtError
-from diffrt.models import UNCONDITIONAL_PIPELINES, PixelModel, load_pixel_model, scheduler_config_file
+from diffrt.models import UNCONDITIONAL_PIPELINES, PixelModel, load_pixel_model, read_config, scheduler_config_file
 from diffrt.train.checkpoints import holds_out
 from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
 from diffrt.train.loop import TrainResult, train
@@ -64,7 +64,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     # that DDIM sampling and the objective read; the rest, such as a DDPMScheduler's variance_type,
     # and the scheduler class are the base's too).
     scheduler_file = scheduler_config_file(Path(config.model))
-    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file else None
+    scheduler_config = read_config(scheduler_file) if scheduler_file else None
     if scheduler_file is None:  # the objective is the scheduler's: a v-prediction UNet would learn the wrong target
         log.warning("%s has no scheduler config (scheduler/scheduler_config.json, or scheduler_config.json beside the UNet): "
                     "fine-tuning with diffusers' defaults, %d steps of %s betas predicting %s; a model trained otherwise "

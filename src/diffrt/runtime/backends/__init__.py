@@ -112,9 +112,9 @@ def resolve_device(device: str | torch.device | None, backend: str) -> torch.dev
     try:
         resolved = torch.device(device) if device is not None else default_device(backend)
     except RuntimeError:
-        raise BackendUnavailableError(f"--device {device!r} is not a device torch knows; pass cpu or cuda (or cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"--device {device}: torch sees no CUDA GPU here; pass --device cpu, or leave --device out")
+        raise BackendUnavailableError(f"device {device!r} (--device) is not a device torch knows; pass cpu or cuda (or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():  # the API's device= and the CLI's --device alike
+        raise BackendUnavailableError(f"device {device} (--device): torch sees no CUDA GPU here; pass cpu, or leave the device out")
     if resolved.type not in ("cpu", "cuda") and backend != "tensorrt":  # mps, xpu, meta: a traceback at the first call
         usable = {"mps": lambda: torch.backends.mps.is_available(), "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
         if backend not in TORCH_BACKENDS or not usable.get(resolved.type, lambda: False)():

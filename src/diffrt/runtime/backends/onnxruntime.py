@@ -56,7 +56,7 @@ def default_providers(device: torch.device, spec: ComponentSpec | None = None, o
     if "CUDAExecutionProvider" not in have:
         raise BackendUnavailableError(f"onnxruntime has no CUDA provider here (providers: {', '.join(have)}); pip install onnxruntime-gpu (not both onnxruntime and onnxruntime-gpu)")
     if not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {device}: torch sees no CUDA GPU here, and onnxruntime's inputs and outputs are torch tensors; pass --device cpu")
+        raise BackendUnavailableError(f"device {device}: torch sees no CUDA GPU here, and onnxruntime's inputs and outputs are torch tensors; pass device cpu (--device cpu)")
     cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0})
     if "TensorrtExecutionProvider" in have and spec is not None and tensorrt_installed():
         return [tensorrt_provider(device, spec, onnx_path, weights_id), cuda, "CPUExecutionProvider"]
