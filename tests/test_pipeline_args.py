@@ -345,6 +345,11 @@ def test_class_labels_that_would_run_wrongly_are_refused(classemb_model_dir, lab
     images = pipe(torch.tensor([1.0, 3.0]), num_inference_steps=2, seed=4, output_type="pt").images
     assert torch.equal(images, pipe([1, 3], num_inference_steps=2, seed=4, output_type="pt").images)
     assert pipe(2, num_images=3, num_inference_steps=1).metadata["class_labels"] == [2, 2, 2]
+    # The seed is in the metadata, a plain int (a numpy one would not go into JSON); None without one.
+    import numpy as np
+
+    assert pipe(2, num_inference_steps=1, seed=np.int64(5)).metadata["seed"] == 5
+    assert pipe(2, num_inference_steps=1).metadata["seed"] is None
     # Integer latents are no noise: they ran, cast (an ORT review's); floating ones of any precision are taken.
     with pytest.raises(DiffrtError, match=r"latents must be floating point \(standard normal noise\), got torch.int64") as info:
         pipe(1, num_inference_steps=1, latents=torch.zeros(1, 3, 16, 16, dtype=torch.int64))

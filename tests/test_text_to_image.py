@@ -91,6 +91,7 @@ def test_torch_equals_stable_diffusion_pipeline(t2i_folder, torch_pipe, kwargs):
     assert result.images.shape == expected.shape == (n * kwargs.get("num_images_per_prompt", 1), 3, 32, 32)
     assert max_abs(result.images, expected) <= DIFFUSERS_TOL
     assert result.backend == "torch" and result.metadata["components"]["unet"] == "torch"
+    assert result.metadata["seed"] == 3  # what reproduces the images
 
 
 def test_an_outdated_scheduler_config_samples_as_stable_diffusion_pipeline(t2i_folder, tmp_path, caplog):

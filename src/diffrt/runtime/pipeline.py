@@ -467,8 +467,9 @@ class PixelPipeline(DenoiserPipeline):
         # 5. Post-process.
         images = to_unit_range(x)
         seconds, loaded = clock.stop()  # a PyTorch fallback's first load is not the call's speed
-        meta = {"class_labels": labels.tolist() if labels is not None else None, "guidance_scale": guidance_scale,
-                "eta": eta, "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
+        meta = {"class_labels": labels.tolist() if labels is not None else None,
+                "seed": None if seed is None else int(seed),  # None: the generator(s) given, or torch's global one
+                "guidance_scale": guidance_scale, "eta": eta, "scheduler": schedule.name, "timesteps": schedule.timesteps.tolist(),
                 "guidance": [g.name for g in guidance], "guidance_pytorch": guidance_in_pytorch(guidance),
                 "load_seconds": loaded, **self.runtime_metadata()}
         return GenerationResult(convert_output(images, output_type), self.backend, seconds, num_inference_steps, meta)

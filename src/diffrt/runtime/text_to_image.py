@@ -243,7 +243,8 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         if not encoded_text:
             ran.pop("text_encoder")
         do_cfg, control = call.do_cfg, call.control is not None
-        meta = {"prompt": call.prompts, "negative_prompt": call.negatives if do_cfg else None, "truncated": truncated,
+        meta = {"prompt": call.prompts, "seed": None if seed is None else int(seed),  # None: the generator(s) given
+                "negative_prompt": call.negatives if do_cfg else None, "truncated": truncated,
                 "max_length": self.max_length, "truncated_negative": truncated_neg if do_cfg else None,
                 "height": call.height, "width": call.width, "guidance_scale": guidance_scale,
                 "guidance_rescale": guidance_rescale if do_cfg else 0.0,  # what ran: it rescales the CFG combination
