@@ -264,7 +264,8 @@ async def disconnected(receive) -> None:
 async def answer_unless_gone(generating: Awaitable[Answer], receive) -> Answer:
     """`generating`'s answer, unless the client hangs up first: then it is cancelled (the runtime gives
     the request's rows up: a queued one never runs, a running batch of only such rows stops at its
-    next step) and the request ends as 499, which counts in the metrics and reaches nobody."""
+    next step) and the request ends as 499, which counts in the metrics and reaches nobody. A client that half-closes
+    its socket once its request is sent (`shutdown(SHUT_WR)`, `nc -N`) reads as gone too, as nginx takes it."""
     work = asyncio.ensure_future(generating)
     watch = asyncio.ensure_future(disconnected(receive))
     try:
