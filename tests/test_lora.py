@@ -370,6 +370,13 @@ def test_a_damaged_lora_file_is_refused_naming_its_key(tmp_path, state, message)
         read_lora(tmp_path / "damaged.safetensors")
 
 
+def test_an_fp8_lora_file_is_read(tmp_path):
+    """The finiteness check takes fp8 files (torch has no isfinite for them) as it takes fp16 ones."""
+    state = {key: value.to(torch.float8_e4m3fn) for key, value in _kohya_layer("lora_unet_conv_in").items()}
+    save_safetensors(tmp_path / "fp8.safetensors", state)
+    assert [layer.module for layer in read_lora(tmp_path / "fp8.safetensors").layers] == ["conv_in"]
+
+
 def test_shape_mismatch_is_an_error(sd_folder, tmp_path):
     save_safetensors(tmp_path / "wide.safetensors", _kohya_layer("lora_unet_conv_in", width=48))
     with pytest.raises(LoraError, match="made for another model"):

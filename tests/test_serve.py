@@ -424,6 +424,9 @@ def test_duplicate_keys_a_scale_without_its_colour_and_accept_q0_are_taken_as_me
     assert r.status_code == 422 and "names 'class_label' more than once" in r.json()["detail"], r.text
     r = client.post("/v1/generate", json={"class_label": 1, "color_scale": 5.0, "num_inference_steps": 1})
     assert r.status_code == 422 and r.json()["field"] == "color_scale" and "no color was given" in r.json()["detail"]
+    from diffrt.serve.schema import DEFAULT_COLOR_SCALE  # the default itself: clients that send every field send it
+
+    assert client.post("/v1/generate", json={"class_label": 1, "color_scale": DEFAULT_COLOR_SCALE, "num_inference_steps": 1}).status_code == 200
     body = {"class_label": 1, "seed": 3, "num_inference_steps": 1}
     r = client.post("/v1/generate", json=body, headers={"Accept": "image/png, application/json;q=0"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -682,6 +685,53 @@ def test_a_forced_stop_answers_503_and_waits_for_the_worker(served_model):
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1" and "retry" in answer.json()["detail"]
     srv.thread.join(60)
     assert not srv.thread.is_alive() and not srv.runtime.batcher.alive  # the worker stopped before the server's thread ended
+
+
+def test_a_second_ctrl_c_on_diffrt_serve_answers_503_and_exits_after_the_worker(served_model, tmp_path):
+    """The command itself, as a user stops it: uvicorn re-raises the signals it caught once it stops, so the second
+    Ctrl-C came out of server.run() as a KeyboardInterrupt, past the wait for the worker (a review's; the test above
+    sets uvicorn's flag in a thread, where no signal is caught). The process ended under the worker thread inside
+    ONNX Runtime's run: aborted, exit status 134."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "diffrt", "serve", "--port", str(port), "--backend", "onnxruntime", "--device", "cpu",
+               "--timeout", "120"] + (["--model", served_model] if served_model else [])
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIFFRT_API_KEY": ""})
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:  # or ended: its stderr says why
+            try:
+                return server.poll() is not None or httpx.get(url + "/readyz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        serving.wait_until(ready, "the service to be ready", timeout=120)
+        assert server.poll() is None, server.stderr.read()
+        with ThreadPoolExecutor(max_workers=4) as pool:  # seconds of work each (one eta each: one batch each), queued
+            answers = [pool.submit(httpx.post, url + "/v1/generate", timeout=120,
+                                   json={"class_label": 1, "num_images": 8, "num_inference_steps": 200, "eta": i / 10})
+                       for i in range(4)]
+            time.sleep(1.5)  # the first is running: the worker is inside a run
+            server.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            server.send_signal(signal.SIGINT)
+            replies = [answer.result(120) for answer in answers]
+        code = server.wait(120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    stderr = server.stderr.read()
+    for reply in replies:  # the running one and the queued ones alike
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1", reply.text
+    # Ended by the signal (diffrt.cli.entry), not aborted (-6) in the C++ runtime under the worker.
+    assert code == -signal.SIGINT and "terminate called" not in stderr, (code, stderr[-2000:])
+    assert "the worker stops at its next step" in stderr  # the wait for it ran
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(served_model):

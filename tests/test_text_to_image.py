@@ -1022,6 +1022,34 @@ def test_a_damaged_or_mismatched_folder_is_one_line_naming_its_file(t2i_folder, 
     assert "\n" not in str(info.value)
 
 
+def test_an_inpainting_unet_is_named_as_one_by_export_too(t2i_folder, tmp_path):
+    """The parts check (an export's first look, configs only) named an inpainting UNet's 9 input channels a VAE of
+    another model's; what it is, and what to use, is the line."""
+    import shutil
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "sd", ignore=shutil.ignore_patterns("controlnet*"))
+    _edit_json(folder / "unet" / "config.json", in_channels=9)
+    for opening in (lambda: load_text_to_image(folder, weights=False), lambda: open_text_to_image_pipeline(folder, "torch", CPU)):
+        with pytest.raises(DiffrtError, match=r"takes 9 input channels but predicts 4 \(an inpainting or depth-to-image UNet"):
+            opening()
+
+
+def test_a_text_encoder_saved_with_a_whole_clip_config_opens(t2i_folder, tmp_path):
+    """Some conversions save the text encoder's config as a whole CLIPConfig (model_type "clip", its settings in
+    text_config), which CLIPTextModel reads: the parts check read its top level and refused the folder."""
+    import shutil
+
+    from transformers import CLIPConfig
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "sd", ignore=shutil.ignore_patterns("controlnet*"))
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    whole = CLIPConfig(text_config={k: v for k, v in text.items() if not k.startswith("_") and k != "architectures"}).to_dict()
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(whole))
+    pipe = open_text_to_image_pipeline(folder, "torch", CPU)
+    assert torch.equal(run(pipe, seed=1, num_inference_steps=2).images,
+                       run(open_text_to_image_pipeline(t2i_folder, "torch", CPU), seed=1, num_inference_steps=2).images)
+
+
 def test_a_controlnet_of_another_unet_is_refused_by_its_config(t2i_folder, tmp_path):
     import shutil
 

@@ -251,7 +251,7 @@ def check_tokenizer(tokenizer, folder: Path) -> None:
     config_file = folder / "text_encoder" / "config.json"
     if not config_file.is_file():
         return  # the text encoder's own load names what is missing
-    config = read_config(config_file)
+    config = text_encoder_config(read_config(config_file))
     vocab_size, positions = config.get("vocab_size", 49408), config.get("max_position_embeddings", 77)  # CLIPTextConfig's defaults
     if len(tokenizer) > vocab_size:
         raise DiffrtError(f"{folder / 'tokenizer'} has {len(tokenizer)} tokens but {config_file} embeds {vocab_size} "
@@ -292,6 +292,12 @@ def _class_name(config: Path) -> str | None:
         return None
 
 
+def text_encoder_config(config: dict) -> dict:
+    """A text encoder's own settings: a whole CLIPConfig (model_type "clip", as some conversions save it) holds
+    them in text_config, which CLIPTextModel.from_pretrained reads."""
+    return config.get("text_config") or {} if config.get("model_type") == "clip" else config
+
+
 def check_parts(folder: Path, controlnets: Sequence[Path] = ()) -> None:
     """A pipeline folder's parts (and the ControlNets given) checked against each other by their configs, before any
     weight is read: a UNet2DModel in unet/, a text encoder of another width than the UNet's cross-attention, a VAE of
@@ -299,6 +305,7 @@ def check_parts(folder: Path, controlnets: Sequence[Path] = ()) -> None:
     such a folder made an artifact that could never run."""
     unet = read_config(folder / "unet" / "config.json")
     vae = read_config(folder / "vae" / "config.json")
+    check_unet_config(unet, str(folder / "unet"))  # first: an inpainting UNet's 9 channels are its own, not the VAE's
     for part, config, cls in (("unet", unet, "UNet2DConditionModel"), ("vae", vae, "AutoencoderKL")):
         kind = config.get("_class_name", cls)
         if kind != cls:
@@ -313,7 +320,7 @@ def check_parts(folder: Path, controlnets: Sequence[Path] = ()) -> None:
     cross = unet.get("cross_attention_dim", 1280)  # UNet2DConditionModel's defaults, where a config leaves a key out
     text_file = folder / "text_encoder" / "config.json"
     if text_file.is_file():
-        hidden = read_config(text_file).get("hidden_size", 512)
+        hidden = text_encoder_config(read_config(text_file)).get("hidden_size", 512)
         if isinstance(cross, int) and cross != hidden:
             refuse(unet_file, "cross_attention_dim", cross, text_file, "hidden_size", hidden)
     latents = vae.get("latent_channels", 4)

@@ -378,7 +378,8 @@ def read_lora(path: str | Path) -> LoraFile:
     path = locate_lora(Path(path))
     tensors, metadata = _load_safetensors(path)
     for key, tensor in tensors.items():  # fused, a NaN or an fp16 save's inf made every image NaN, blamed on the precision
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # fp8 (one byte) has no isfinite of its own: checked in float32.
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float() if tensor.element_size() == 1 else tensor).all()):
             raise LoraError(f"{path}: {key} holds NaN or infinite values; the file is damaged (an fp16 save that overflowed?): "
                             "re-save the LoRA from its source")
     configs = _component_configs(metadata, path)

@@ -608,9 +608,13 @@ def run_server(server, runtime: ServeRuntime) -> None:
     """`server.run()`, then, after a forced stop (a second Ctrl-C: uvicorn skips the lifespan's shutdown and cancels
     the requests, whose rows are given up), wait for the worker to stop at its batch's next step: a process that ended
     under it, inside ONNX Runtime's or TensorRT's run, was aborted by the C++ runtime (exit status 134)."""
-    server.run()
-    if server.force_exit and not runtime.close(timeout=60):
-        log.warning("the worker did not stop within 60 s of a forced stop; exiting under it")
+    try:
+        server.run()  # in the main thread uvicorn raises the signals it caught once it stops: a KeyboardInterrupt here
+    finally:
+        if server.force_exit:
+            log.warning("stopping without waiting for requests: their images are given up; the worker stops at its next step")
+            if not runtime.close(timeout=60):
+                log.warning("the worker did not stop within 60 s of a forced stop; exiting under it")
 
 
 def check_port_free(host: str, port: int) -> int:

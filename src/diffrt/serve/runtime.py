@@ -26,7 +26,7 @@ from diffrt.runtime.backends import TORCH_BACKENDS
 from diffrt.serve.batcher import Batcher, ClosedError, Job, QueueFullError
 from diffrt.serve.batching import Answer, BatchAbandoned
 from diffrt.serve.metrics import ServeMetrics
-from diffrt.serve.schema import GenerateBody, RequestError
+from diffrt.serve.schema import DEFAULT_COLOR_SCALE, GenerateBody, RequestError
 from diffrt.serve.text_to_image_worker import TextToImageWorker
 from diffrt.serve.worker import PixelWorker
 
@@ -262,7 +262,8 @@ class ServeRuntime:
                                     f"({self.batcher.max_batch_size}); ask for fewer per request", "num_images")
         for name in ("height", "width"):
             self._check_side(name, getattr(body, name, None))
-        if "color_scale" in body.model_fields_set and body.color is None:  # `diffrt generate` refuses it too
+        # `diffrt generate` refuses it too; the default is let through, which clients that send every field send.
+        if "color_scale" in body.model_fields_set and body.color is None and body.color_scale != DEFAULT_COLOR_SCALE:
             raise RequestError(422, "color_scale: it sets how strongly `color` steers the images, and no color was given; "
                                     "send color too, or leave color_scale out", "color_scale")
         try:
