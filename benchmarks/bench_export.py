@@ -15,6 +15,7 @@ something (diffusers' initialisation outputs zeros, whose parity of exactly 0 sa
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -73,9 +74,16 @@ def measure(workdir: Path, jobs: list[tuple]) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    sd15, dynamo = "--sd15" in argv, "--dynamo" in argv
+    # A parser, so that --help (or a mistyped flag) is answered, not taken for a run that overwrites the results.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[3:]))
+    parser.add_argument("--sd15", action="store_true", help="SD-1.5-sized components (random weights): ~4 min, ~12 GB of disk")
+    parser.add_argument("--dynamo", action="store_true", help="the torch.export-based exporter instead of TorchScript")
+    parser.add_argument("out", nargs="?", help="the JSON to write (default: benchmarks/results/export_cpu[_sd15][_dynamo].json)")
+    args = parser.parse_args(argv)
+    sd15, dynamo = args.sd15, args.dynamo
     name = ("export_cpu_sd15" if sd15 else "export_cpu") + ("_dynamo" if dynamo else "")
-    out = next((a for a in argv if not a.startswith("--")), f"benchmarks/results/{name}.json")
+    out = args.out or f"benchmarks/results/{name}.json"
     exporter = "dynamo" if dynamo else "torchscript"
     meta = run_metadata()
     with tempfile.TemporaryDirectory() as tmp:

@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20, help="back-to-back calls per round")
     parser.add_argument("--warmup", type=int, default=20)
     args = parser.parse_args()
+    if args.calls < 1 or args.iters < args.calls or args.warmup < 0:
+        parser.error(f"--calls must be at least 1 and at most --iters ({args.iters}), and --warmup at least 0: --iters "
+                     "timed calls go in rounds of --calls")
     print(format_table(run(args.device, warmup=args.warmup, iters=args.iters, calls=args.calls)))
 
 

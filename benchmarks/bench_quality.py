@@ -7,7 +7,7 @@ demo's eight colours), per class, over several seeds.
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 
@@ -44,4 +44,6 @@ def main(out: str = "benchmarks/results/quality_cpu.json") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default="benchmarks/results/quality_cpu.json", help="the JSON to write")
+    main(parser.parse_args().out)

@@ -20,9 +20,9 @@ the pipeline around them, on the digits batch (60 rows with CFG), median of repe
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -151,4 +151,6 @@ def chart(results: dict[str, list[dict]], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", nargs="?", default="benchmarks/results", help="where samplers_cpu.{json,png} go")
+    main(parser.parse_args().out_dir)

@@ -470,6 +470,10 @@ def test_contention_warns_at_one_thread_when_the_load_exceeds_the_cpus():
     assert "more runnable processes than CPUs" in timing.contention({**info, "load_average_1min": 3.2})
     assert "more runnable" in timing.contention(info, load=2.5)  # the load at the end, judged alike
     assert "compete" in timing.contention({**info, "threads": 2})
+    # At the end the load holds the run's own threads: two busy ones on two idle CPUs are no competition (a review's:
+    # a run as wide as the machine always warned), two more are.
+    assert timing.contention({**info, "threads": 2}, load=2.0, at_end=True) is None
+    assert "(less the run's own 2) on 2 CPUs" in timing.contention({**info, "threads": 2}, load=3.6, at_end=True)
 
 
 def test_provenance_names_the_commit_and_whether_the_tree_was_dirty(monkeypatch):

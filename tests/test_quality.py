@@ -18,6 +18,12 @@ def test_classifier_reads_real_digits():
     train = load_digits(split="train")  # digits the classifier never saw, tinted as the model draws them
     images, labels = train.batch(torch.arange(len(train)), torch.Generator().manual_seed(0))
     assert score_digits(digit_classifier(), (images + 1) / 2, labels).accuracy >= 0.95
+    # Images and labels that do not pair up are one line, not a mask's IndexError (or sklearn's, for none).
+    import pytest
+
+    for pair in (((images + 1)[:3] / 2, labels[:2]), ((images + 1)[:0] / 2, labels[:0])):
+        with pytest.raises(ValueError, match="one label per image, and at least one"):
+            score_digits(digit_classifier(), *pair)
 
 
 def test_shipped_model_draws_the_requested_digit(shipped_model_dir, capsys):

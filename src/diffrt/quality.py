@@ -49,6 +49,9 @@ def digit_classifier():
 
 
 def score_digits(classifier, images01: torch.Tensor, labels: torch.Tensor) -> DigitsQuality:
+    if len(images01) == 0 or len(images01) != len(labels):
+        raise ValueError(f"score_digits takes one label per image, and at least one: got {len(images01)} images and "
+                         f"{len(labels)} labels")
     predicted = torch.as_tensor(classifier.predict(to_classifier_features(images01).numpy()))
     correct = predicted == labels.cpu()
     per_class = {int(c): correct[labels.cpu() == c].float().mean().item() for c in labels.unique()}

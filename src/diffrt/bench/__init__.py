@@ -266,7 +266,7 @@ def run_bench(out_dir: str | Path = "benchmarks/results", backends: list[str] | 
 
     # 4. Against eager, targets, files; the load now says whether the machine stayed quiet.
     machine["load_average_1min_at_end"] = load_average()
-    machine["contention_at_end"] = contention(machine, machine["load_average_1min_at_end"])
+    machine["contention_at_end"] = contention(machine, machine["load_average_1min_at_end"], at_end=True)
     if machine["contention_at_end"]:
         log.warning("at the end: %s", machine["contention_at_end"])
     run["provenance"] = finish(provenance)

@@ -167,10 +167,12 @@ def markdown(report: dict) -> str:
         *([f"- **warning at the end**: {m['contention_at_end']}"] if m.get("contention_at_end") else []),
         *([f"- code: {_code(report['provenance'])}"] if report.get("provenance") else []),
         f"- versions: {versions}",
-        f"- settings: a {s['warmup_steps']}-step warm-up per cell, then rounds of one timed run of each of a configuration's "
-        f"cells in turn (the order reversed every other round): {s['repeats']} rounds"
+        f"- settings: two {s['warmup_steps']}-step warm-ups per cell (the second measures its memory peak), then rounds of one "
+        f"timed run of each of a configuration's cells in turn (the order reversed every other round): {s['repeats']} "
+        f"round{'' if s['repeats'] == 1 else 's'}"
         + (f" (more, up to {s['max_runs']}, while a cell has run under {s['min_time_s']:g} s in all)" if s.get("min_time_s") else "")
-        + f", or fewer once every cell has run {s['cell_budget_s']:.0f} s and {min(s['min_runs'], s['repeats'])} are done"
+        + ("" if s.get("repeats_asked") else  # --repeats: every one of them runs
+           f", or fewer once every cell has run {s['cell_budget_s']:.0f} s and {min(s['min_runs'], s['repeats'])} are done")
         + f"; wall time {report['wall_s']:.0f} s",
         f"- command: `{report['command']}`",
         "",

@@ -172,8 +172,9 @@ def cpu_threads(threads: int):
     """Run the block with `threads` CPU threads for PyTorch and ONNX Runtime alike.
 
     torch takes `set_num_threads`; ONNX Runtime sessions made in the block take that count (capped at
-    the CPUs the process may use), and fewer threads than CPUs also pins the process to the first
-    `threads` CPUs, so a session made before it runs on no more. Both are restored afterwards."""
+    the CPUs the process may use), and fewer threads than CPUs also pins the calling thread to the first
+    `threads` CPUs, which the threads it starts inherit (Linux's affinity is per thread: a pool made before
+    the block keeps its CPUs, so the sessions timed are made inside it). Both are restored afterwards."""
     old_threads = torch.get_num_threads()
     old_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     torch.set_num_threads(threads)
@@ -230,9 +231,11 @@ def machine_info(device: torch.device, threads: int) -> dict:
             "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
-def contention(info: dict, load: float | None = None) -> str | None:
+def contention(info: dict, load: float | None = None, *, at_end: bool = False) -> str | None:
     """A warning when other processes keep the CPUs the benchmark's threads need busy; `load`: the
-    1-min load average to judge (default: the one recorded at the start).
+    1-min load average to judge (default: the one recorded at the start). `at_end`: a load taken at the
+    run's end, which holds the benchmark's own busy threads too: those are not competition (a run as
+    wide as the machine, on an idle one, always warned).
 
     OpenMP threads wait for each other at every parallel region's barrier; when another process
     holds one of their cores, eager PyTorch's many small ops slow down several-fold (measured
@@ -248,9 +251,11 @@ def contention(info: dict, load: float | None = None) -> str | None:
             return None
         return (f"1-min load average {load} on {cpus} CPUs: more runnable processes than CPUs, so the benchmark's one "
                 f"thread waits for a core and its times stretch with the load; compare only figures measured in the same run")
-    if load <= cpus - threads + 0.5:
+    others = load - threads if at_end else load
+    if others <= cpus - threads + 0.5:
         return None
-    return (f"1-min load average {load} on {cpus} CPUs with {threads} threads: other processes compete for "
+    own = f" (less the run's own {threads})" if at_end else ""
+    return (f"1-min load average {load}{own} on {cpus} CPUs with {threads} threads: other processes compete for "
             f"these cores, which slows multi-threaded eager PyTorch far more than the other backends; "
             f"DIFFRT_BENCH_THREADS=1 gives comparable numbers on a shared machine")
 
