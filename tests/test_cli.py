@@ -147,7 +147,7 @@ def test_mistakes_found_by_trying_the_readme_are_one_line(uncond_model_dir, tmp_
         (("export", "--model", str(uncond_model_dir), "--out", str(tmp_path / "a"), "--lora", str(tmp_path / "missing.safetensors")),
          "LoRA file not found"),
         (("export", "--model", str(uncond_model_dir), "--out", str(afile)), "is a file; an export writes a folder"),
-        (("generate", "--model", str(uncond_model_dir), "--device", "tpu"), "'tpu' is not a device torch knows"),
+        (("generate", "--model", str(uncond_model_dir), "--device", "tpu"), "device 'tpu' (--device) is not a device torch knows"),
         (("generate", "--model", str(uncond_model_dir), "--negative-prompt", "a cat", "--control-scale", "0.5"),
          "--negative-prompt/--control-scale need a text-to-image model"),
         (("serve", "--model", str(tmp_path / "missing")), "model folder not found"),
