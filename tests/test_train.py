@@ -843,14 +843,31 @@ def test_dreambooth_on_gpu_keeps_the_base_in_half_and_lora_in_fp32(mixed_precisi
     _pipeline(sd_folder).load_lora_weights(tmp_path / "out" / LORA_WEIGHT_NAME)
 
 
-def test_cli_text_encoder_target_modules(sd_folder, tmp_path):
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("fc1", "fc2")], ids=["attention", "mlp-only"])
+def test_cli_text_encoder_target_modules(sd_folder, tmp_path, targets):
+    """The file loads in diffusers whatever the text encoder's targets, to the weights diffrt fuses from it (a review's:
+    an MLP-only adapter kept peft's names, and diffusers could not tell the file's format)."""
+    from diffrt.export.lora import read_lora
+    from diffrt.export.lora_fuse import fuse_loras
+
     out = tmp_path / "db"  # on the bundled subject, as README's example
     assert main(["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", "chelsea",
                  "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--rank", "2", "--train-text-encoder",
-                 "--text-encoder-target-modules", "q_proj", "v_proj", "--num-validation-images", "1", "--inference-steps", "1",
+                 "--text-encoder-target-modules", *targets, "--num-validation-images", "1", "--inference-steps", "1",
                  "--max-steps", "1", "--batch-size", "1", "--out", str(out)]) == 0
     adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in load_file(out / LORA_WEIGHT_NAME) if k.startswith("text_encoder.")}
-    assert adapted == {"q_proj", "v_proj"}
+    assert adapted == set(targets)
+    pipe = _pipeline(sd_folder)
+    pipe.load_lora_weights(out / LORA_WEIGHT_NAME)
+    pipe.fuse_lora(components=["text_encoder"], lora_scale=1.0)
+    pipe.unload_lora_weights()
+    ours = _pipeline(sd_folder)
+    fuse_loras({"unet": ours.unet, "text_encoder": ours.text_encoder}, [(read_lora(out / LORA_WEIGHT_NAME), 1.0)])
+    theirs, base = dict(pipe.text_encoder.state_dict()), dict(_pipeline(sd_folder).text_encoder.state_dict())
+    changed = [key for key, value in ours.text_encoder.state_dict().items() if not torch.equal(value, base[key])]
+    assert changed and all(key.rsplit(".", 2)[-2] in targets for key in changed)
+    for key, value in ours.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-5, atol=1e-6)
 
 
 def test_cli_lora_dropout_and_class_image_batches(sd_folder, tmp_path, capsys):

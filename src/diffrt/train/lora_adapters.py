@@ -75,8 +75,15 @@ def save_lora(out: Path, unet: nn.Module, unet_config, text_encoder: nn.Module |
         # would silently lose half its layers. Keep peft's names when some module has no other.
         return peft_layers if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
 
+    def text_encoder_names(model: nn.Module) -> dict[str, torch.Tensor]:
+        # diffusers' text-encoder loader tells the format by a `lora_linear_layer` key, and its own renaming covers the
+        # attention projections only: an adapter on the MLP alone (fc1, fc2) kept peft's names and could not be
+        # loaded. Every layer named so, which diffusers maps back for any module (and diffrt reads).
+        return {k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+                for k, v in get_peft_model_state_dict(model).items()}
+
     unet_layers = diffusers_names(unet)
-    te_layers = diffusers_names(text_encoder) if text_encoder is not None else None
+    te_layers = text_encoder_names(text_encoder) if text_encoder is not None else None
     out.mkdir(parents=True, exist_ok=True)
     tmp = atomic.make_temp_dir(out, ".lora-")
     try:
