@@ -667,6 +667,45 @@ def test_reversed_or_zero_ranges_from_the_api_are_one_line(classemb_model_dir, t
     assert not (tmp_path / "a").exists()
 
 
+def test_range_strings_are_digits_and_sizes_an_export_can_trace(classemb_model_dir, tmp_path):
+    """From the export options review: int() took '1_000', '+4' and ' 1'; a mistyped 100000 traced a 100000 x 100000
+    image for minutes, then failed out of memory in a traceback."""
+    from diffrt.errors import DiffrtError
+    from diffrt.export.options import parse_range
+
+    assert parse_range("1:2:4", "batch") == (1, 2, 4) and parse_range("32", "height") == (32, 32, 32)
+    for text in ("1_000", "+1:+2:+4", " 1:2:4", "1:2", "1.5"):
+        with pytest.raises(DiffrtError, match=r"is not MIN:OPT:MAX with whole numbers"):
+            parse_range(text, "batch")
+    with pytest.raises(DiffrtError, match=r"--height reaches 100000 pixels, past 16384 pixels"):
+        parse_range("100000", "height")
+    with pytest.raises(DiffrtError, match=r"--batch reaches 100000, past 4096"):  # the Python API alike
+        export_pixel_model(classemb_model_dir, tmp_path / "a", ExportOptions(batch=(1, 2, 100000)))
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_export_refuses_an_out_whose_component_folders_hold_the_users_files(classemb_model_dir, tmp_path):
+    """From the export options review: a file of the user's in a folder named like a component (unet/readme.txt) was
+    deleted with the folder; the export's own files there (a stopped export's) are its to replace."""
+    from diffrt.errors import DiffrtError
+
+    out = tmp_path / "project"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "readme.txt").write_text("the user's")
+    with pytest.raises(DiffrtError, match=r"holds unet/readme.txt, in a folder the export replaces \(unet/\)"):
+        export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), verify=False))
+    assert (out / "unet" / "readme.txt").read_text() == "the user's"
+    (out / "unet" / "readme.txt").unlink()
+    (out / "unet" / "model.onnx").write_bytes(b"a graph an earlier export left")
+    export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), verify=False))
+    assert (out / "manifest.json").is_file()
+    other = tmp_path / "other"  # a tokenizer/ without the vocabulary an export copies is no export's
+    (other / "tokenizer").mkdir(parents=True)
+    (other / "tokenizer" / "mine.txt").write_text("the user's")
+    with pytest.raises(DiffrtError, match=r"holds tokenizer/mine.txt"):
+        export_pixel_model(classemb_model_dir, other, ExportOptions(batch=(1, 2, 8), verify=False))
+
+
 def test_size_not_a_multiple_of_the_unets_factor_is_one_line(tmp_path):
     """The shipped UNet halves its input twice: 30 px does not halve exactly, and was a torch
     RuntimeError (mismatched skip connections) from inside the trace; now one line before any work."""

@@ -405,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                     help="weights and activations (the VAE stays fp32 where its config asks; bf16: TensorRT only)")
     ex.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="UNet batch range (CFG doubles the image count; the VAE's range starts at half MIN, the text encoder's at 1)")
-    ex.add_argument("--height", default=None, metavar="MIN:OPT:MAX", help="image height range in pixels")
-    ex.add_argument("--width", default=None, metavar="MIN:OPT:MAX", help="image width range in pixels")
+    ex.add_argument("--height", default=None, metavar="MIN:OPT:MAX",
+                    help="image height range in pixels, or one number for a fixed height (default: around the model's own size)")
+    ex.add_argument("--width", default=None, metavar="MIN:OPT:MAX", help="image width range in pixels (default: --height's)")
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")
     ex.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                     help="torch.onnx's TorchScript tracer (quick; deprecated by PyTorch) or its torch.export-based exporter")

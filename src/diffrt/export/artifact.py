@@ -26,7 +26,7 @@ from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.cache import COMPONENT_FOLDERS, begin_rebuild, cached_export, export_key, lora_hashes, raise_changed
+from diffrt.export.cache import COMPONENT_FOLDERS, REBUILD, begin_rebuild, cached_export, export_key, lora_hashes, raise_changed
 from diffrt.export.onnx import export_onnx
 from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision, check_options
 from diffrt.models import PixelModel, SHIPPED_DIGITS, check_smallest_shape, load_pixel_model
@@ -58,6 +58,34 @@ def check_out_apart(out: Path, hashed: list[Path]) -> None:
         if theirs:
             raise DiffrtError(f"--out {out} holds {theirs[0]}/, a model's part that no diffrt export made, and the export would "
                               "replace it; pass a new or empty folder")
+        if not (out / REBUILD).is_file():  # not an export's folder (a stopped one leaves its record): files it replaces
+            foreign = foreign_files(out)
+            if foreign:
+                raise DiffrtError(f"--out {out} holds {foreign[0].relative_to(out)}, in a folder the export replaces "
+                                  f"({foreign[0].relative_to(out).parts[0]}/); pass a new or empty folder")
+
+
+# The tokenizer folder's files that a text-to-image export copies: every one the source hash covers (source_hashes), which
+# is every file a CLIP tokenizer reads: vocab.json + merges.txt (slow), tokenizer.json (fast), tokenizer_config.json,
+# special_tokens_map.json, and added_tokens.json (tokens added by textual inversion, in transformers 4 folders).
+TOKENIZER_PATTERNS = ("*.json", "*.txt")
+COMPONENT_FILES = ("model.onnx", "model.onnx.data", "engine.plan", "weight_map.json")  # what an export writes in a component's folder
+
+
+def foreign_files(out: Path) -> list[Path]:
+    """Files in `out`'s component and tokenizer folders that no export writes there, which an export into `out` would
+    delete with the folder (a user's notes in a folder named unet/). A tokenizer folder is an export's only with
+    the vocabulary it copies, and only JSON and text files beside it."""
+    found = []
+    for name in COMPONENT_FOLDERS:
+        if (out / name).is_dir():
+            found += [p for p in (out / name).rglob("*") if p.is_file() and p.name not in COMPONENT_FILES]
+    tokenizer = out / "tokenizer"
+    if tokenizer.is_dir():
+        files = [p for p in tokenizer.rglob("*") if p.is_file()]
+        copied = {"vocab.json", "tokenizer.json"} & {p.name for p in files} and all(p.parent == tokenizer for p in files)
+        found += [p for p in files if not (copied and any(p.match(pattern) for pattern in TOKENIZER_PATTERNS))]
+    return sorted(found)
 
 
 def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: ExportOptions) -> ExportResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -61,16 +62,21 @@ class ExportResult:
     seconds: float
 
 
+# The largest range ends an export takes: it traces at OPT and checks parity at MIN and MAX, in PyTorch too, so a
+# mistyped 100000 was a 100000 x 100000 image traced (minutes, then out of memory in a traceback).
+RANGE_LIMITS = {"batch": 4096, "height": 16384, "width": 16384}
+
+
 def parse_range(text: str, name: str) -> tuple[int, int, int]:
     """'MIN:OPT:MAX' (or one number for a fixed size) -> (min, opt, max)."""
-    try:
-        parts = [int(p) for p in text.split(":")]
-    except ValueError:
-        raise DiffrtError(f"--{name} {text!r} is not MIN:OPT:MAX with integers, e.g. 1:2:4") from None
+    if not re.fullmatch(r"\d+(:\d+:\d+)?", text):  # digits only: int() took '1_000', '+4' and ' 1'
+        raise DiffrtError(f"--{name} {text!r} is not MIN:OPT:MAX with whole numbers (or one number), e.g. 1:2:4")
+    parts = [int(p) for p in text.split(":")]
     if len(parts) == 1:
         parts *= 3
-    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+    if not 1 <= parts[0] <= parts[1] <= parts[2]:
         raise DiffrtError(f"--{name} {text!r} must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
+    check_range(tuple(parts), name)
     return tuple(parts)
 
 
@@ -84,6 +90,11 @@ def check_range(value: tuple[int, int, int] | None, name: str) -> None:
     if not ok or not 1 <= value[0] <= value[1] <= value[2]:
         raise DiffrtError(f"{name} range {tuple(value) if isinstance(value, (tuple, list)) else value!r} must be "
                           f"(MIN, OPT, MAX) integers with 1 <= MIN <= OPT <= MAX, e.g. (1, 2, 4)")
+    limit = RANGE_LIMITS.get(name)
+    if limit is not None and value[2] > limit:
+        unit = " pixels" if name != "batch" else ""
+        raise DiffrtError(f"--{name} reaches {value[2]}{unit}, past {limit}{unit}: an export traces and checks parity at "
+                          "these sizes; give the range the service will run")
 
 
 def check_options(options: ExportOptions, out: Path | None = None) -> None:

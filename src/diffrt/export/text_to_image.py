@@ -40,7 +40,7 @@ from diffrt import atomic
 from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.artifact import _check_loras, _export_component, check_out_apart, refit_before_manifest
+from diffrt.export.artifact import TOKENIZER_PATTERNS, _check_loras, _export_component, check_out_apart, refit_before_manifest
 from diffrt.export.cache import begin_rebuild, cached_export, component_key, export_key, lora_hashes, raise_changed
 from diffrt.export.options import check_options, ExportOptions, ExportResult, Precision, TORCH_DTYPES
 from diffrt.export.refit import LORA_COMPONENTS
@@ -49,11 +49,6 @@ from diffrt.text_to_image_models import (SOURCE_PARTS, TextToImageModel, check_u
                                          global_pool_conditions, load_text_to_image, require_text_to_image_folder)
 
 log = logging.getLogger(__name__)
-
-# The tokenizer folder's files that are copied: every one the source hash covers (source_hashes), which is every
-# file a CLIP tokenizer reads: vocab.json + merges.txt (slow), tokenizer.json (fast), tokenizer_config.json,
-# special_tokens_map.json, and added_tokens.json (tokens added by textual inversion, in transformers 4 folders).
-TOKENIZER_PATTERNS = ("*.json", "*.txt")
 
 
 def component_names(controlnet: bool, vae_encoder: bool = False) -> list[str]:

@@ -233,7 +233,7 @@ class TextToImageChecks:
             if spec.eager:
                 raise ShapeOutOfRangeError(f"{name} {size} is outside the range eager PyTorch runs the {spec.name} at "
                                            f"[{lo * f}, {hi * f}] pixels; ask for a size inside it")
-            raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name} engine's built range [{lo * f}, {hi * f}] "
+            raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name}'s exported range [{lo * f}, {hi * f}] "
                                        f"pixels; re-export with a wider --{name} range or ask for a size inside it")
         if size % step:
             why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else "the VAE's downsampling factor"
@@ -250,8 +250,9 @@ class TextToImageChecks:
         k = 2 if do_cfg else 1
         why = " x 2 for classifier-free guidance" if do_cfg else ""
         self.text_encoder.spec.check_size("batch", num_prompts * k, what=f"batch {num_prompts * k} ({num_prompts} prompts{why})")
-        self.unet.spec.check_size("batch", batch * k, what=f"batch {batch * k} ({batch} images{why})")
-        self.vae_decoder.spec.check_size("batch", batch, what=f"batch {batch} ({batch} images)")
+        images = f"{batch} image{'s' if batch != 1 else ''}"
+        self.unet.spec.check_size("batch", batch * k, what=f"batch {batch * k} ({images}{why})")
+        self.vae_decoder.spec.check_size("batch", batch, what=f"batch {batch} ({images})")
 
     def _is_latent_image(self, image) -> bool:
         """Whether img2img's `image` is latents, as diffusers' VaeImageProcessor.preprocess tells them: a tensor
