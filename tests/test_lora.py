@@ -377,6 +377,20 @@ def test_an_fp8_lora_file_is_read(tmp_path):
     assert [layer.module for layer in read_lora(tmp_path / "fp8.safetensors").layers] == ["conv_in"]
 
 
+def test_the_same_lora_given_twice_is_warned_about(sd_folder, lora_a, caplog):
+    """From the export options review: --lora L --lora L fused it twice, silently (diffusers refuses the adapter name
+    twice); it still fuses both, as one at the sum of the scales, with a warning naming the file."""
+    once, twice = load_components(sd_folder), load_components(sd_folder)
+    lora = read_lora(lora_a["peft"])
+    fuse_loras(once, [(lora, 2.0)])
+    with caplog.at_level("WARNING", logger="diffrt.export.lora_fuse"):
+        fuse_loras(twice, [(lora, 1.0), (read_lora(lora_a["peft"]), 1.0)])
+    assert "is given twice" in caplog.text and str(lora_a["peft"]) in caplog.text
+    for name in once:
+        for (key, a), b in zip(once[name].state_dict().items(), twice[name].state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_shape_mismatch_is_an_error(sd_folder, tmp_path):
     save_safetensors(tmp_path / "wide.safetensors", _kohya_layer("lora_unet_conv_in", width=48))
     with pytest.raises(LoraError, match="made for another model"):

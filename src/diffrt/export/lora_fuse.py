@@ -377,6 +377,12 @@ def fuse_loras(model_components: Mapping[str, nn.Module], loras: Sequence[tuple[
     lora_B.bias included (but for a text encoder's DoRA magnitudes, which diffusers leaves unloaded:
     see the module docstring). The modules must hold their base weights. All files are checked
     against the model before any weight changes, so an error leaves it as it was."""
+    seen: dict[str, LoraFile] = {}
+    for lora, _ in loras:  # fused twice, its updates add: as one at the sum of the scales, likely not what was meant
+        if lora.sha256 in seen:
+            logger.warning("LoRA %s is given twice (the same file as %s): both are fused, as one at the sum of their "
+                           "scales; give it once, at the scale meant", lora.path, seen[lora.sha256].path)
+        seen.setdefault(lora.sha256, lora)
     split = {component: _module_weights(model) for component, model in model_components.items()}
     weights = {component: w for component, (w, _) in split.items()}
     biases = {component: b for component, (_, b) in split.items()}
