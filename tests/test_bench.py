@@ -473,7 +473,8 @@ def test_contention_warns_at_one_thread_when_the_load_exceeds_the_cpus():
     # At the end the load holds the run's own threads: two busy ones on two idle CPUs are no competition (a review's:
     # a run as wide as the machine always warned), two more are.
     assert timing.contention({**info, "threads": 2}, load=2.0, at_end=True) is None
-    assert "(less the run's own 2) on 2 CPUs" in timing.contention({**info, "threads": 2}, load=3.6, at_end=True)
+    assert "3.6 at the end, 1.6 of it beyond the run's own 2 threads, on 2 CPUs" in timing.contention({**info, "threads": 2}, load=3.6, at_end=True)
+    assert timing.contention(info, load=2.8, at_end=True) is None  # one thread: its own is in the load too
 
 
 def test_provenance_names_the_commit_and_whether_the_tree_was_dirty(monkeypatch):

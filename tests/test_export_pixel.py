@@ -674,12 +674,12 @@ def test_range_strings_are_digits_and_sizes_an_export_can_trace(classemb_model_d
     from diffrt.export.options import parse_range
 
     assert parse_range("1:2:4", "batch") == (1, 2, 4) and parse_range("32", "height") == (32, 32, 32)
-    for text in ("1_000", "+1:+2:+4", " 1:2:4", "1:2", "1.5"):
+    for text in ("1_000", "+1:+2:+4", " 1:2:4", "1:2", "1.5", "9" * 5000):
         with pytest.raises(DiffrtError, match=r"is not MIN:OPT:MAX with whole numbers"):
             parse_range(text, "batch")
-    with pytest.raises(DiffrtError, match=r"--height reaches 100000 pixels, past 16384 pixels"):
+    with pytest.raises(DiffrtError, match=r"the height range \(--height\) reaches 100000 pixels, past 16384 pixels"):
         parse_range("100000", "height")
-    with pytest.raises(DiffrtError, match=r"--batch reaches 100000, past 4096"):  # the Python API alike
+    with pytest.raises(DiffrtError, match=r"the batch range \(--batch\) reaches 100000, past 4096"):  # the Python API alike
         export_pixel_model(classemb_model_dir, tmp_path / "a", ExportOptions(batch=(1, 2, 100000)))
     assert not (tmp_path / "a").exists()
 
@@ -697,6 +697,7 @@ def test_an_export_refuses_an_out_whose_component_folders_hold_the_users_files(c
     assert (out / "unet" / "readme.txt").read_text() == "the user's"
     (out / "unet" / "readme.txt").unlink()
     (out / "unet" / "model.onnx").write_bytes(b"a graph an earlier export left")
+    (out / "unet" / ".engine.plan.abcd1234.tmp").write_bytes(b"a killed write's temporary")
     export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), verify=False))
     assert (out / "manifest.json").is_file()
     other = tmp_path / "other"  # a tokenizer/ without the vocabulary an export copies is no export's

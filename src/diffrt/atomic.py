@@ -110,6 +110,11 @@ _LEFTOVER_FILE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
 _LEFTOVER_DIR = re.compile(r"^\.([A-Za-z0-9_-]+)\.[a-z0-9_]{8}$")
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of atomic_path's temporaries (`.<file>.XXXXXXXX.tmp`)."""
+    return _LEFTOVER_FILE.match(name) is not None
+
+
 def remove_leftovers(folder: str | os.PathLike, folders: Collection[str], files: Collection[str]) -> list[str]:
     """Remove the temporaries that writes killed midway (SIGKILL, a power cut: no `finally` ran) left in `folder`:
     those of its own `files` (`.<file>.XXXXXXXX.tmp`) and `folders` (`.<folder>.XXXXXXXX`), and any temporary file

@@ -247,14 +247,14 @@ def contention(info: dict, load: float | None = None, *, at_end: bool = False) -
     if info["gpu"] or load is None:
         return None
     if threads == 1:
-        if load <= cpus:
+        if (load - 1 if at_end else load) <= cpus:
             return None
         return (f"1-min load average {load} on {cpus} CPUs: more runnable processes than CPUs, so the benchmark's one "
                 f"thread waits for a core and its times stretch with the load; compare only figures measured in the same run")
     others = load - threads if at_end else load
     if others <= cpus - threads + 0.5:
         return None
-    own = f" (less the run's own {threads})" if at_end else ""
+    own = f" at the end, {others:g} of it beyond the run's own {threads} threads," if at_end else ""
     return (f"1-min load average {load}{own} on {cpus} CPUs with {threads} threads: other processes compete for "
             f"these cores, which slows multi-threaded eager PyTorch far more than the other backends; "
             f"DIFFRT_BENCH_THREADS=1 gives comparable numbers on a shared machine")

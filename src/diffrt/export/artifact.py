@@ -78,8 +78,9 @@ def foreign_files(out: Path) -> list[Path]:
     the vocabulary it copies, and only JSON and text files beside it."""
     found = []
     for name in COMPONENT_FOLDERS:
-        if (out / name).is_dir():
-            found += [p for p in (out / name).rglob("*") if p.is_file() and p.name not in COMPONENT_FILES]
+        if (out / name).is_dir():  # an older diffrt's killed write left a temporary (.engine.plan.XXXXXXXX.tmp) here
+            found += [p for p in (out / name).rglob("*") if p.is_file() and p.name not in COMPONENT_FILES
+                      and not atomic.is_temporary(p.name)]
     tokenizer = out / "tokenizer"
     if tokenizer.is_dir():
         files = [p for p in tokenizer.rglob("*") if p.is_file()]

@@ -69,7 +69,7 @@ RANGE_LIMITS = {"batch": 4096, "height": 16384, "width": 16384}
 
 def parse_range(text: str, name: str) -> tuple[int, int, int]:
     """'MIN:OPT:MAX' (or one number for a fixed size) -> (min, opt, max)."""
-    if not re.fullmatch(r"\d+(:\d+:\d+)?", text):  # digits only: int() took '1_000', '+4' and ' 1'
+    if not re.fullmatch(r"[0-9]{1,9}(:[0-9]{1,9}:[0-9]{1,9})?", text):  # int() took '1_000', '+4', ' 1' and any length
         raise DiffrtError(f"--{name} {text!r} is not MIN:OPT:MAX with whole numbers (or one number), e.g. 1:2:4")
     parts = [int(p) for p in text.split(":")]
     if len(parts) == 1:
@@ -93,8 +93,8 @@ def check_range(value: tuple[int, int, int] | None, name: str) -> None:
     limit = RANGE_LIMITS.get(name)
     if limit is not None and value[2] > limit:
         unit = " pixels" if name != "batch" else ""
-        raise DiffrtError(f"--{name} reaches {value[2]}{unit}, past {limit}{unit}: an export traces and checks parity at "
-                          "these sizes; give the range the service will run")
+        raise DiffrtError(f"the {name} range (--{name}) reaches {value[2]}{unit}, past {limit}{unit}: an export traces and "
+                          "checks parity at these sizes; give the range the service will run")
 
 
 def check_options(options: ExportOptions, out: Path | None = None) -> None:
