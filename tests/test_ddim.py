@@ -62,7 +62,7 @@ def test_timesteps_match_diffusers(spacing, steps):
 def test_trailing_spacing_runs_the_steps_asked_for_and_never_timestep_minus_1():
     """From the samplers review: diffusers' trailing arange gives N + 1 timesteps for 62 counts of 1000 (61, 103, 121, ...),
     the last one -1, which reads alphas_cumprod[-1] (the noisiest alpha_bar) for an all but clean image: DDIM's last x0
-    is the image times 15. diffrt runs the N asked for, diffusers' first N, for DDIM, DPM-Solver++ and Euler alike."""
+    is the image times ~15 (SD-1.5's schedule) to ~157 (the linear one). diffrt runs the N asked for, diffusers' first N, for DDIM, DPM-Solver++ and Euler alike."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     from diffrt.runtime import dpm, euler

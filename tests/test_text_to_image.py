@@ -833,12 +833,12 @@ def test_eager_takes_any_multiple_of_8_as_diffusers_does(t2i_folder, torch_pipe,
     with pytest.raises(ShapeOutOfRangeError, match=r"height 40 must be a multiple of 16 \(the VAE's 8 x the unet_controlnet graph's 2\); try 32"):
         run(ort_pipe, height=40, width=48)
     # Outside the range, the range is named (it suggested 16, outside the range too, for 24).
-    with pytest.raises(ShapeOutOfRangeError, match=r"height 24 is outside the unet_controlnet's exported range \[32, 64\]"):
+    with pytest.raises(ShapeOutOfRangeError, match=r"height 24 is outside the unet_controlnet's built range \[32, 64\]"):
         run(ort_pipe, height=24, width=48)
 
 
 def test_engine_ranges_are_named(ort_pipe):
-    with pytest.raises(ShapeOutOfRangeError, match=r"height 80 is outside the unet_controlnet's exported range \[32, 64\]"):
+    with pytest.raises(ShapeOutOfRangeError, match=r"height 80 is outside the unet_controlnet's built range \[32, 64\]"):
         run(ort_pipe, height=80)
     with pytest.raises(ShapeOutOfRangeError, match=r"width 96 .*\[32, 64\]"):
         run(ort_pipe, width=96)

@@ -233,7 +233,7 @@ class TextToImageChecks:
             if spec.eager:
                 raise ShapeOutOfRangeError(f"{name} {size} is outside the range eager PyTorch runs the {spec.name} at "
                                            f"[{lo * f}, {hi * f}] pixels; ask for a size inside it")
-            raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name}'s exported range [{lo * f}, {hi * f}] "
+            raise ShapeOutOfRangeError(f"{name} {size} is outside the {spec.name}'s built range [{lo * f}, {hi * f}] "
                                        f"pixels; re-export with a wider --{name} range or ask for a size inside it")
         if size % step:
             why = f"the VAE's {f} x the {spec.name} graph's {step // f}" if step > f else "the VAE's downsampling factor"
