@@ -328,10 +328,14 @@ def check_parts(folder: Path, controlnets: Sequence[Path] = ()) -> None:
         refuse(unet_file, "in_channels", unet.get("in_channels", 4), vae_file, "latent_channels", latents)
     for controlnet in controlnets:
         config = read_config(controlnet / "config.json")
-        for key, default in (("cross_attention_dim", 1280), ("in_channels", 4), ("block_out_channels", [320, 640, 1280, 1280])):
+        for key, default in (("cross_attention_dim", 1280), ("in_channels", 4), ("block_out_channels", (320, 640, 1280, 1280))):
             mine, theirs = config.get(key, default), unet.get(key, default)
-            if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+            if _as_tuple(mine) != _as_tuple(theirs):  # JSON's lists and the defaults' tuples alike
                 refuse(controlnet / "config.json", key, mine, unet_file, key, theirs)
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def multi_controlnet_class():
