@@ -21,9 +21,10 @@ def test_classifier_reads_real_digits():
     # Images and labels that do not pair up are one line, not a mask's IndexError (or sklearn's, for none).
     import pytest
 
-    for pair in (((images + 1)[:3] / 2, labels[:2]), ((images + 1)[:0] / 2, labels[:0])):
-        with pytest.raises(ValueError, match="one label per image, and at least one"):
-            score_digits(digit_classifier(), *pair)
+    with pytest.raises(ValueError, match="one label per image, and at least one: got 3 images and 2 labels"):
+        score_digits(digit_classifier(), (images[:3] + 1) / 2, labels[:2])
+    with pytest.raises(ValueError, match="one label per image, and at least one: got 0 images and 0 labels"):
+        score_digits(digit_classifier(), (images[:0] + 1) / 2, labels[:0])
 
 
 def test_shipped_model_draws_the_requested_digit(shipped_model_dir, capsys):

@@ -717,7 +717,9 @@ def test_a_second_ctrl_c_on_diffrt_serve_answers_503_and_exits_after_the_worker(
             answers = [pool.submit(httpx.post, url + "/v1/generate", timeout=120,
                                    json={"class_label": 1, "num_images": 8, "num_inference_steps": 200, "eta": i / 10})
                        for i in range(4)]
-            time.sleep(1.5)  # the first is running: the worker is inside a run
+            # The first taken (running: the worker inside a run), the other three waiting behind it.
+            serving.wait_until(lambda: re.search(r"^diffrt_serve_queue_depth 3\.0$", httpx.get(url + "/metrics", timeout=5).text, re.M),
+                               "one request running and three queued", timeout=60)
             server.send_signal(signal.SIGINT)
             time.sleep(0.5)
             server.send_signal(signal.SIGINT)

@@ -1034,6 +1034,25 @@ def test_an_inpainting_unet_is_named_as_one_by_export_too(t2i_folder, tmp_path):
             opening()
 
 
+def test_a_setting_left_to_its_default_matches_the_same_value_written_out(t2i_folder, tmp_path):
+    """The parts check compares a config's JSON list with a default tuple (a key one config leaves out) as values: an
+    SD-sized UNet config without block_out_channels and a ControlNet that writes diffusers' default out agree."""
+    import shutil
+
+    from diffrt.text_to_image_models import check_parts
+
+    folder = shutil.copytree(t2i_folder, tmp_path / "sd", ignore=shutil.ignore_patterns("controlnet*"))
+    controlnet = shutil.copytree(t2i_folder / "controlnet", tmp_path / "cn")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    unet.pop("block_out_channels")
+    (folder / "unet" / "config.json").write_text(json.dumps(unet))
+    _edit_json(controlnet / "config.json", block_out_channels=[320, 640, 1280, 1280])
+    check_parts(folder, [controlnet])  # no refusal
+    _edit_json(controlnet / "config.json", block_out_channels=[320, 640, 1280])
+    with pytest.raises(DiffrtError, match=r"has block_out_channels \[320, 640, 1280\] but .* has block_out_channels \(320, 640, 1280, 1280\)"):
+        check_parts(folder, [controlnet])
+
+
 def test_a_text_encoder_saved_with_a_whole_clip_config_opens(t2i_folder, tmp_path):
     """Some conversions save the text encoder's config as a whole CLIPConfig (model_type "clip", its settings in
     text_config), which CLIPTextModel reads: the parts check read its top level and refused the folder."""
@@ -1180,3 +1199,37 @@ def test_prompt_embeds_of_another_length_take_negative_prompts_of_that_length(t2
     with pytest.raises(DiffrtError, match=r"^prompt_embeds of 154 tokens with classifier-free guidance: .* pass negative_prompt_embeds"):
         torch_pipe(prompt_embeds=long, num_inference_steps=1, output_type="latent")
     torch_pipe(prompt_embeds=long, guidance_scale=1.0, num_inference_steps=1, output_type="latent")  # no CFG: compel's way
+
+
+def test_models_loaded_from_several_threads_at_once_are_whole(t2i_folder, classchan_model_dir):
+    """From a test audit: diffusers builds a model under accelerate's init_empty_weights, which patches nn.Module for the
+    whole process, and loads in several threads at once made each other's modules on the meta device (a class
+    embedding, a UNet). diffrt's loads take turns (models.LOADING); each comes out with every weight."""
+    import threading
+
+    from diffrt.models import load_pixel_model
+
+    meta, errors, arrived = [], [], threading.Barrier(6)
+
+    def load(i: int) -> None:
+        try:
+            arrived.wait()
+            for _ in range(2):
+                if i % 3 == 0:
+                    modules = [load_pixel_model(classchan_model_dir).unet]
+                elif i % 3 == 1:
+                    model = load_text_to_image(t2i_folder)
+                    modules = [model.unet, model.text_encoder, model.vae]
+                else:  # an export's key: configs only, on the meta device of its own thread
+                    load_text_to_image(t2i_folder, weights=False)
+                    modules = []
+                meta.extend(name for module in modules for name, p in module.named_parameters() if p.is_meta)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and meta == [], (errors[:2], meta[:5])

@@ -18,9 +18,11 @@ branch of classifier-free guidance.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
+import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
@@ -210,6 +212,25 @@ def build_pixel_model(
     return PixelModel(PixelUNet(unet, info), scheduler or DDIMConfig(clip_sample=True))
 
 
+# diffusers' from_pretrained builds the empty model under accelerate's init_empty_weights, which patches nn.Module
+# process-wide: two loads at once (pipelines opened from threads) made each other's modules on the meta device (a
+# class embedding, a whole model). diffrt's loads take turns, each loader whole (`serialized`); a module that code of
+# the caller's own builds in another thread meanwhile is still exposed to that patch.
+LOADING = threading.RLock()
+
+
+def serialized(load):
+    """`load` run under LOADING, one diffrt load at a time in the process."""
+
+    @functools.wraps(load)
+    def run(*args, **kwargs):
+        with LOADING:
+            return load(*args, **kwargs)
+
+    return run
+
+
+@serialized
 def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
     """Load a pixel-space model from a pipeline folder (unet/ + scheduler/) or a bare UNet folder.
 
@@ -397,10 +418,11 @@ def load_frozen(cls, folder: Path, weights: bool = True) -> nn.Module:
     Pickled weights are refused either way, before an export hashes them."""
     require_safetensors(folder)
     if weights:
-        return loaded(folder, *cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True)).eval().requires_grad_(False)
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
+        with LOADING:
+            return loaded(folder, *cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True)).eval().requires_grad_(False)
+    # torch's device context, which is this thread's: accelerate's init_empty_weights patches nn.Module for the whole
+    # process while it builds, and a module another thread made meanwhile came out on the meta device.
+    with torch.device("meta"):
         # diffusers models read their config with load_config; transformers ones with their config_class.
         module = cls.from_config(cls.load_config(folder)) if hasattr(cls, "load_config") else cls(cls.config_class.from_pretrained(folder))
     return module.eval().requires_grad_(False)

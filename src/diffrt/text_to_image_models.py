@@ -34,7 +34,7 @@ from diffrt.components import (CONTROL_CHANNELS, ComponentSpec, Range, controlne
                                unet_controlnet_spec, vae_decoder_spec,
                                vae_encoder_spec)
 from diffrt.errors import DiffrtError
-from diffrt.models import load_frozen, one_value_side, read_config, require_model_dir
+from diffrt.models import load_frozen, one_value_side, read_config, require_model_dir, serialized
 from diffrt.runtime.ddim import DDIMConfig
 
 SOURCE_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")  # what a text-to-image folder must hold
@@ -410,6 +410,7 @@ def load_scheduler(folder: Path) -> DDIMConfig:
     return DDIMConfig.from_scheduler_config(read_config(folder / "scheduler" / "scheduler_config.json"))
 
 
+@serialized
 def load_text_to_image(folder: str | Path, controlnet: str | Path | Sequence[str | Path] | None = None, *,
                        weights: bool = True) -> TextToImageModel:
     """Load a diffusers Stable Diffusion folder (safetensors only) and the ControlNet folders given (one or a list).

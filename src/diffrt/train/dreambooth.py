@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from diffrt import atomic
 from diffrt.data import ImageDataset, check_out_outside, list_images, load_image_folder, load_source
 from diffrt.errors import DataError, DiffrtError
-from diffrt.models import loaded, read_config, require_model_dir, require_safetensors
+from diffrt.models import loaded, read_config, require_model_dir, require_safetensors, serialized
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.runtime.text_to_image import cut_off
 from diffrt.text_to_image_models import check_parts, check_tokenizer, index_scheduler_class, load_tokenizer
@@ -315,6 +315,7 @@ def base_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+@serialized
 def load_components(folder: Path, device: torch.device, dtype: torch.dtype) -> Components:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
