@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from diffrt.errors import DiffrtError
+from diffrt.models import serialized
 from diffrt.runtime.guidance import Guidance, GuidanceMode
 
 
+@serialized  # as diffrt's other loads (models.LOADING): one at a time in the process
 def load_clip(folder: str | Path, device: str | torch.device = "cpu"):
     """(CLIPModel, CLIPProcessor) from a local folder, fp32, eval, frozen."""
     from transformers import CLIPModel, CLIPProcessor
