@@ -122,12 +122,11 @@ def make_worker(config: RuntimeConfig) -> PixelWorker | TextToImageWorker:
     model = served_model(config.model, config.backend)
     controlnet = [str(resolve_model(c)) for c in controlnet_paths(config.controlnet)] or None
 
-    common = dict(warmup_steps=config.warmup_steps, max_image_bytes=config.max_image_bytes,
-                  max_batch_size=config.max_batch_size, exact_batching=config.exact_batching,
+    common = dict(warmup_steps=config.warmup_steps, max_batch_size=config.max_batch_size, exact_batching=config.exact_batching,
                   strict=config.strict, cuda_graph=config.cuda_graph, loras=config.loras)
     device = str(resolve_device(config.device, config.backend))  # tensorrt without CUDA: refused before any load
     if is_text_to_image(model):
-        return TextToImageWorker(model, config.backend, device, controlnet=controlnet, **common)
+        return TextToImageWorker(model, config.backend, device, controlnet=controlnet, max_image_bytes=config.max_image_bytes, **common)
     if controlnet is not None:
         raise DiffrtError(f"--controlnet needs a text-to-image model; {model or 'the shipped digits model'} is pixel-space")
     return PixelWorker(model, config.backend, device, **common)

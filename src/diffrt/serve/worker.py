@@ -151,9 +151,8 @@ def encode_finite(result, jobs: list[Job]) -> tuple[list, float]:
 class PixelWorker(BatchingWorker):
     """Serves a pixel-space pipeline (unconditional or class-conditioned)."""
 
-    def __init__(self, model: str | None, backend: str, device: str, *, warmup_steps: int = 2, max_image_bytes: int = 8 << 20,
-                 max_batch_size: int = 8, exact_batching: bool = True, strict: bool = False, cuda_graph: bool = True,
-                 loras: list[tuple[str, float]] = ()):
+    def __init__(self, model: str | None, backend: str, device: str, *, warmup_steps: int = 2, max_batch_size: int = 8,
+                 exact_batching: bool = True, strict: bool = False, cuda_graph: bool = True, loras: list[tuple[str, float]] = ()):
         self.model = model
         self.loras = list(loras)
         self.backend_asked = backend
@@ -161,7 +160,6 @@ class PixelWorker(BatchingWorker):
         self.strict = strict
         self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
-        self.max_image_bytes = max_image_bytes
         self.max_batch_size = max_batch_size
         self.exact_batching = exact_batching
         self.pipe = None
