@@ -41,7 +41,7 @@ from diffrt.generate import GenerateRequest, generate  # noqa: E402
 from diffrt.images import to_uint8  # noqa: E402
 from diffrt.serve.batching import Answer  # noqa: E402
 from diffrt.serve.schema import GenerateBody, RequestError  # noqa: E402
-from diffrt.serve.triton import INPUTS, _parameters, bodies_from_inputs, check_row_shapes, outputs_from_answers  # noqa: E402
+from diffrt.serve.triton import INPUTS, _parameters, bodies_from_inputs, check_row_shapes, outputs_from_answers, runtime_config  # noqa: E402
 from diffrt.serve.triton_repo import RepositoryConfig, config_pbtxt, write_repository  # noqa: E402
 from diffrt.serve.triton_server import LocalTritonServer, find_tritonserver  # noqa: E402
 
@@ -75,7 +75,11 @@ def test_config_declares_what_the_model_takes(t2i_folder, t2i_artifact):
             key, value = line.split('"')[1], json.loads(line.split("string_value: ")[1].rsplit(" } }", 1)[0])
             params[key] = {"string_value": value}
     typed = _parameters({"parameters": params})
-    assert typed["model"] == "model" and typed["strict"] is False and typed["max_queue"] == 64 and typed["timeout_s"] == 60.0
+    assert typed["model"] == "model" and typed["strict"] is False and typed["timeout_s"] == 60.0
+    # --max-queue is Triton's queue alone; the runtime's holds one execute's rows (a parameter of an older repository: ignored).
+    args = {"model_config": json.dumps({"max_batch_size": 4, "parameters": {**params, "max_queue": {"string_value": "2"}}}),
+            "model_repository": "/r", "model_version": "1"}
+    assert "max_queue" not in typed and runtime_config(args).max_queue == 4
     # Triton's queue (where requests wait: test_triton_holds_its_queue_to_max_queue) takes the same bounds.
     assert ("default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 60000000 max_queue_size: 64 }"
             in config_pbtxt(RepositoryConfig(), "", text_to_image=False, controlnet=False))
@@ -97,6 +101,8 @@ def test_rows_become_requests_checked_like_the_http_api():
     assert [base64.b64decode(s) for s in bodies[0].control_image] == [b"\x89PNG-a", b"\x89PNG-b"]
     assert bodies[0].controlnet_conditioning_scale == 0.5
     assert bodies_from_inputs({}) == [GenerateBody()]  # every input optional: one request with the defaults
+    with pytest.raises(RequestError, match="the inputs have 0 rows"):  # no answer of no rows (Triton refuses it first)
+        bodies_from_inputs({"seed": np.zeros((0, 1), np.int64)})
     assert [b.scheduler for b in bodies_from_inputs({"scheduler": np.array([[b"lcm"], [b"ddim"]], dtype=object)})] == ["lcm", "ddim"]
 
     refusals = [
@@ -173,6 +179,123 @@ def test_the_rows_of_a_request_whose_client_has_gone_are_given_up(monkeypatch):
     assert refused.error.code == "CANCELLED" and "client cancelled the request" in refused.error.message
     assert triton._cancelled(object()) is False  # a stub without is_cancelled (Triton before 23.10): nothing given up
 
+class FakeTritonStub:
+    """The slice of Triton's stub API (triton_python_backend_utils) the model uses, for driving a real diffrt runtime
+    in-process where no tritonserver runs; the requests and their answers as the stub hands them over."""
+
+    class TritonError:
+        INTERNAL, INVALID_ARG, UNAVAILABLE, CANCELLED = "INTERNAL", "INVALID_ARG", "UNAVAILABLE", "CANCELLED"
+
+        def __init__(self, message: str, code: str = "INTERNAL"):
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name: str, array):
+            self.name, self.array = name, np.asarray(array)
+
+        def as_numpy(self):
+            return self.array
+
+        @classmethod
+        def from_dlpack(cls, name: str, tensor):
+            return cls(name, tensor.numpy())
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list, error=None):
+            self.outputs, self.error = {t.name: t.array for t in output_tensors}, error
+
+    @staticmethod
+    def request(**inputs):
+        return SimpleNamespace(inputs={k: FakeTritonStub.Tensor(k, np.array([[v] for v in values], dtype=np.int64))
+                                       for k, values in inputs.items()}, is_cancelled=lambda: False)
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name: str):
+        return request.inputs.get(name)
+
+
+@pytest.fixture
+def in_process_model(tmp_path, monkeypatch):
+    """A TritonPythonModel over the shipped digits model (eager PyTorch), initialised from the config.pbtxt
+    write_repository wrote, as Triton's stub would; the runtime batches it ran are recorded (their sizes)."""
+    import re
+
+    import diffrt.serve.triton as triton
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakeTritonStub)
+    path = write_repository(tmp_path / "repo", RepositoryConfig(name="digits", backend="torch", device="cpu", max_batch_size=8,
+                                                                    exact_batching=False))  # batches whatever the backend
+    text = (path / "config.pbtxt").read_text()
+    inputs = [{"name": name} for name in re.findall(r'\{ name: "(\w+)" data_type: \w+ dims: \[[^\]]*\] optional', text)]
+    params = {k: {"string_value": json.loads(v)} for k, v in re.findall(r'parameters \{ key: "(\w+)" value: \{ string_value: ("[^"]*") \} \}', text)}
+    model = triton.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"input": inputs, "max_batch_size": 8, "parameters": params}),
+                      "model_repository": str(path), "model_version": "1", "model_instance_kind": "CPU", "model_name": "digits"})
+    model.batches = []
+    seen = model.runtime.batcher.on_batch
+    model.runtime.batcher.on_batch = lambda jobs: (model.batches.append(len(jobs)), seen(jobs))
+    yield model
+    model.finalize()
+
+
+def slow_planning(model, seconds: float = 0.02) -> None:
+    """Each row's planning takes `seconds` (as decoding a control image does): longer than the runtime's batch window."""
+    import time
+
+    plan = model.runtime.worker.plan
+    model.runtime.worker.plan = lambda body: (time.sleep(seconds), plan(body))[1]
+
+
+def test_the_rows_triton_hands_over_run_as_one_batch(in_process_model):
+    """From a review: rows were queued as each was planned, and the runtime's 1 ms window closed before the later
+    ones came (a batch of 8 ran as 1 + 7, the first request alone); all are planned first now, then queued together."""
+    model = in_process_model
+    slow_planning(model)
+    answers = model.execute([FakeTritonStub.request(class_label=[i], seed=[i], num_inference_steps=[2]) for i in range(8)])
+    assert [a.error for a in answers] == [None] * 8 and model.batches == [8]
+    assert [int(a.outputs["seed"][0, 0]) for a in answers] == list(range(8))
+
+
+def test_a_refused_request_runs_none_of_its_rows(in_process_model):
+    """From a review: the rows of a request refused for their shapes were queued before the check, and ran for
+    nobody ahead of live requests (a future's cancel cannot stop a running row)."""
+    model = in_process_model
+    slow_planning(model)
+    refused, live = model.execute([FakeTritonStub.request(class_label=[1, 2, 3], num_inference_steps=[50] * 3, num_images=[1, 1, 2]),
+                                   FakeTritonStub.request(class_label=[4], num_inference_steps=[2])])
+    assert refused.error.code == "INVALID_ARG" and "same num_images, height and width" in refused.error.message
+    assert live.error is None and model.batches == [1]  # the live request's row alone ran
+    assert model.runtime.batcher.in_flight == 0
+
+
+def test_a_dead_runtime_refuses_requests_and_ends_its_stub(in_process_model, monkeypatch):
+    """From a review: an engine failing every batch (a CUDA error sticks to the process) left the Triton model READY,
+    failing each request with INTERNAL. Once the runtime counts as dead, requests are refused with why (UNAVAILABLE),
+    and the stub process ends once they are answered, so Triton marks the instance not ready, or restarts it."""
+    import threading
+
+    import diffrt.serve.triton as triton
+    from diffrt.serve.batcher import FAILING_BATCHES
+
+    model = in_process_model
+    ended = threading.Event()
+    monkeypatch.setattr(triton, "END_GRACE_S", 0.01)
+    monkeypatch.setattr(model, "_end_process", ended.set)
+
+    def broken(jobs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model.runtime.worker, "run_batch", broken)
+    for _ in range(FAILING_BATCHES):
+        (answer,) = model.execute([FakeTritonStub.request(class_label=[1], num_inference_steps=[2])])
+        assert answer.error.code == "INTERNAL" and not ended.is_set()
+    assert not model.runtime.alive
+    answers = model.execute([FakeTritonStub.request(class_label=[1]), FakeTritonStub.request(class_label=[2])])
+    assert [a.error.code for a in answers] == ["UNAVAILABLE"] * 2 and model.batches == [1] * FAILING_BATCHES
+    assert "illegal memory access" in answers[0].error.message and "restarting" in answers[0].error.message
+    assert ended.wait(5)
+
+
 def test_write_repository_places_the_model_atomically(t2i_artifact, tmp_path, monkeypatch):
     import diffrt.serve.triton_repo as triton_repo
 
@@ -201,6 +324,54 @@ def test_write_repository_places_the_model_atomically(t2i_artifact, tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         write_repository(repo, RepositoryConfig(model=str(t2i_artifact), name="broken"))
     assert sorted(p.name for p in repo.iterdir()) == ["linked", "sd"]  # nothing half-written, no temp folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_a_killed_write_leaves_nothing_triton_would_load(tmp_path, monkeypatch):
+    """From a review: the model folder was staged inside the repository, and a run killed mid-copy (SIGKILL: no cleanup
+    runs) left a folder there that Triton tried to load as a model, failing the server's start. It is staged beside the
+    repository now; one left in a repository (staged there when its parent is another filesystem) is refused by name."""
+    import subprocess
+    import textwrap
+
+    import diffrt.serve.triton_repo as triton_repo
+    from diffrt.models import SHIPPED_DIGITS
+
+    repo = tmp_path / "models"
+    write_repository(repo, RepositoryConfig(name="digits", backend="torch", device="cpu"))
+    killed = textwrap.dedent(f"""
+        import os, signal
+        import diffrt.serve.triton_repo as triton_repo
+        def place(src, dst):
+            (dst / "unet").mkdir(parents=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, mid-copy
+        triton_repo._place = place
+        triton_repo.write_repository({str(repo)!r}, triton_repo.RepositoryConfig(model={str(SHIPPED_DIGITS)!r}, name="sd", backend="torch", device="cpu"))
+    """)
+    assert subprocess.run([sys.executable, "-c", killed]).returncode == -9
+    assert sorted(p.name for p in repo.iterdir()) == ["digits"]
+    (left,) = [p for p in tmp_path.iterdir() if p.name != "models"]  # beside it, where Triton does not look
+    assert left.name.startswith(".models.sd.tmp-")
+
+    # A repository whose parent is another filesystem (a mounted volume) stages inside it: a leftover there is named.
+    with monkeypatch.context() as patch:  # the parent not writable: the same fallback
+        patch.setattr(triton_repo.os, "access", lambda path, mode: False)
+        assert triton_repo._staging_place(repo, "sd") == (repo, ".sd.tmp-")
+    (repo / ".sd.tmp-0a1b2c3d").mkdir()
+    with pytest.raises(DiffrtError, match=r"\.sd\.tmp-0a1b2c3d is a folder an interrupted `diffrt triton-repo` left"):
+        write_repository(repo, RepositoryConfig(name="other", backend="torch", device="cpu"))
+    assert not (repo / "other").exists()
+
+
+def test_settings_triton_would_misread_are_refused(tmp_path):
+    """From a review: each of these wrote a repository that could never serve: TensorRT on CPU instances failed every
+    load, a timeout under a microsecond became 0 (Triton's 'no timeout'), a queue past 32 bits did not parse."""
+    for config, message in [(RepositoryConfig(backend="tensorrt", device="cpu"), "--backend tensorrt runs on a CUDA device"),
+                            (RepositoryConfig(timeout_s=4e-7, device="cpu"), "at least 1 microsecond"),
+                            (RepositoryConfig(max_queue=2**32, device="cpu"), "holds at most 4294967295 requests")]:
+        with pytest.raises(DiffrtError, match=message):
+            write_repository(tmp_path / "repo", config)
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
 
 
 def test_a_repository_is_readable_as_the_umask_allows(tmp_path):

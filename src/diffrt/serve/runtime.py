@@ -245,6 +245,18 @@ class ServeRuntime:
         """Check, plan and queue a request; RequestError (422/413/429/503) when it cannot be.
         `encoding`: the answer's images as "png" bytes or "uint8" [H, W, C] arrays (Job.encoding); `request_id`:
         what the answer and the log lines call it (empty: a new id)."""
+        job = self.prepare(body, encoding, request_id)
+        self.enqueue(job)
+        return job
+
+    def enqueue(self, job: Job) -> None:
+        """Queue a prepared job; RequestError 429 (the queue is full) or 503 (closing)."""
+        with _queue_refusals():
+            self.batcher.submit(job)
+
+    def prepare(self, body: GenerateBody, encoding: str = "png", request_id: str = "") -> Job:
+        """submit's first half: check and plan a request into a job, not yet queued (Triton plans every row of the
+        requests it hands over before any of them is queued). The queue's room is checked first all the same."""
         if not self.ready:
             reason = f"the model failed to load: {self.error}" if self.error else "the model is still loading; see /readyz"
             raise RequestError(503, reason, headers={"Retry-After": "5"})
@@ -274,11 +286,8 @@ class ServeRuntime:
         for name in ("height", "width"):  # a size taken from a control image
             given = next((f for f in ("control_image", "image") if getattr(body, f, None)), name)
             self._check_side(given, plan.settings.get(name))
-        job = Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s,
-                  encoding=encoding, request_id=request_id)
-        with _queue_refusals():
-            self.batcher.submit(job)
-        return job
+        return Job(self.worker.batch_key(plan), plan.num_images, plan, deadline=time.monotonic() + self.config.timeout_s,
+                   encoding=encoding, request_id=request_id)
 
     def _check_side(self, field: str, size: int | None) -> None:
         largest = self.worker.max_image_side

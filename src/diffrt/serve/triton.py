@@ -12,10 +12,11 @@ with guidance) and forbid replaying a step as one CUDA graph; what Triton adds h
 protocol, its queue and dynamic batcher, instance groups (one instance per GPU, each with its own
 pipeline) and its metrics endpoint, to which the model adds its per-stage times.
 
-A request is KServe v2 with diffusers' argument names, every input optional, one generation per
-row of the batch dimension (`[1, 1]` for one): strings as BYTES, integers INT64, floats FP64 (so
-eta 0.3 is the 0.3 of the HTTP API), images (`image` for image-to-image, `control_image`, one per
-ControlNet) as raw PNG bytes.
+A request is KServe v2 with diffusers' argument names, one generation per row of the batch dimension
+(`[1, 1]` for one): strings as BYTES, integers INT64, floats FP64 (so eta 0.3 is the 0.3 of the HTTP
+API), images (`image` for image-to-image, `control_image`, one per ControlNet) as raw PNG bytes. Every
+input is optional, its default the HTTP API's, but Triton refuses a request of no inputs at all: send
+one at least (`seed`, or `prompt`).
 The answer: `images` UINT8 [rows, num_images, H, W, C], `seed` (the one drawn when left out),
 `backend`, and for text-to-image models the prompt text cut off at the encoder's length
 (`truncated`, `truncated_negative`, "" when nothing was: RELIABILITY #13). A refused request gets
@@ -33,7 +34,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,9 +84,10 @@ TRUNCATED = ("truncated", "truncated_negative")  # text-to-image outputs: the pr
 ERROR_CODES = {400: "INVALID_ARG", 413: "INVALID_ARG", 422: "INVALID_ARG", 429: "UNAVAILABLE", 503: "UNAVAILABLE",
                504: "UNAVAILABLE", 499: "CANCELLED"}
 CANCEL_POLL_S = 0.2  # how often a waiting execute asks Triton whether its requests' clients are still there
+END_GRACE_S = 2.0  # seconds between answering the requests of a dead runtime and ending the stub (TritonPythonModel._dead)
 
 # The RuntimeConfig fields a repository sets, as config.pbtxt parameters (operators may edit them there).
-PASSED_ON = ("backend", "max_queue", "timeout_s", "max_image_side", "exact_batching", "strict", "cuda_graph")
+PASSED_ON = ("backend", "timeout_s", "max_image_side", "exact_batching", "strict", "cuda_graph")
 
 
 # -- requests and answers (no Triton needed: tested on their own) ------------------------------
@@ -123,6 +127,8 @@ def bodies_from_inputs(inputs: dict[str, np.ndarray]) -> list[GenerateBody]:
     rows = {name: len(array) for name, array in inputs.items()}
     if len(set(rows.values())) > 1:
         raise RequestError(422, f"inputs disagree on the batch dimension: {rows}")
+    if 0 in rows.values():  # Triton refuses such a request itself; an answer of no rows has no shape to give
+        raise RequestError(422, "the inputs have 0 rows; send one row per generation (shape [1, 1] for one)")
     bodies = []
     for row in range(next(iter(rows.values()), 1)):
         fields = {name: _field(name, array[row]) for name, array in inputs.items()}
@@ -138,7 +144,7 @@ def bodies_from_inputs(inputs: dict[str, np.ndarray]) -> list[GenerateBody]:
 
 def check_row_shapes(plans: list) -> None:
     """The rows of one request answer in one tensor, so they must make images of one shape: checked
-    on their plans (sizes resolved, from a control image too) before any of them runs."""
+    on their plans (sizes resolved, from a control image too) before any of them is queued."""
     if len({(plan.num_images, plan.settings["height"], plan.settings["width"]) for plan in plans}) > 1:
         raise RequestError(422, "the rows of one request must ask for the same num_images, height and width; "
                                 "send differing ones as separate requests")
@@ -215,8 +221,12 @@ def runtime_config(args: dict):
                               "an ascii filesystem encoding), which cannot spell this path; move the model repository "
                               "to an ASCII path") from None
     device = f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
-    # Triton's batcher has gathered the requests: the runtime's own window need only cover their planning.
-    return RuntimeConfig(model=model, device=device, max_batch_size=int(model_config.get("max_batch_size") or 1), batch_wait_ms=1.0,
+    # Triton's batcher has gathered the requests, and the model queues their rows together once all are planned: the
+    # runtime's own window need only cover that. Requests wait in Triton's queue (--max-queue is its max_queue_size);
+    # the runtime's holds the rows of one execute, at most max_batch_size (Triton counts rows against it): a queue of
+    # --max-queue rows refused a request of more rows than that, or not, by how fast the worker took the first ones.
+    max_batch_size = int(model_config.get("max_batch_size") or 1)
+    return RuntimeConfig(model=model, device=device, max_batch_size=max_batch_size, batch_wait_ms=1.0, max_queue=max_batch_size,
                          **{name: p[name] for name in PASSED_ON if name in p})
 
 
@@ -261,6 +271,7 @@ class TritonPythonModel:
         self.images_made = self._metric("diffrt_images_total", "images generated, by the backend that ran them")
         self.metrics: dict[tuple[int, str], object] = {}  # (family, label value) -> Triton metric, made once
         self.model_name = args.get("model_name", "")  # several diffrt models in one server: their own series
+        self._ending = False  # the runtime died and the stub's end is set (_dead)
         log.info("diffrt model ready: %s", self.runtime.describe())
 
     def _metric(self, name: str, description: str):
@@ -268,29 +279,64 @@ class TritonPythonModel:
         return None if family is None else family(name=name, description=description, kind=family.COUNTER)
 
     def execute(self, requests: list) -> list:
-        pending = [self._submit(request) for request in requests]  # all queued first: the runtime batches them
-        together = list(zip(requests, pending))
+        if not self.runtime.alive:
+            return self._dead(requests)
+        # Every row of every request planned before any is queued: a request refused for one row never had the others
+        # run, and the rows reach the runtime's batcher together (planning decodes images: done row by row while
+        # queued, it split Triton's batch across the runtime's batch window).
+        planned = [self._plan(request) for request in requests]
+        together = list(zip(requests, [self._queue(item) for item in planned]))
         return [self._respond(item, request, together) for request, item in together]
 
-    def _submit(self, request):
-        jobs = []
+    def _plan(self, request) -> list | RequestError:
+        """A request's rows as prepared jobs, not queued; its refusal, answered on its own, otherwise."""
         try:
             arrays = {}
             for name in self.inputs:
                 tensor = self.pb.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     arrays[name] = tensor.as_numpy()
-            for body in bodies_from_inputs(arrays):
-                jobs.append(self.runtime.submit(body, encoding="uint8"))
+            jobs = [self.runtime.prepare(body, encoding="uint8") for body in bodies_from_inputs(arrays)]
             check_row_shapes([job.payload for job in jobs])
+        except RequestError as exc:
+            return exc
         except Exception as exc:  # noqa: BLE001 - one request's failure, answered on its own
-            for job in jobs:  # a later row was refused: the earlier ones give up their queue slots
-                job.future.cancel()
-            if isinstance(exc, RequestError):
-                return exc
             log.error("planning a request failed", exc_info=exc)
             return RequestError(500, f"planning the request failed: {type(exc).__name__}: {exc}")
         return jobs
+
+    def _queue(self, item: list | RequestError) -> list | RequestError:
+        """Queue a request's prepared rows; if one is refused (a closing runtime), those queued give up."""
+        from diffrt.serve.runtime import give_up
+
+        if isinstance(item, RequestError):
+            return item
+        for count, job in enumerate(item):
+            try:
+                self.runtime.enqueue(job)
+            except RequestError as exc:
+                give_up(item[:count])
+                return exc
+        return item
+
+    def _dead(self, requests: list) -> list:
+        """The runtime is dead (its worker died, its engine failed batch after batch, a CUDA error that sticks to
+        the process): every request is refused with why, and this instance's stub process ends once they are
+        answered. Triton sees the stub gone: its Python backend marks the instance not ready (readiness, so an
+        orchestrator replaces the server) or restarts the stub, whose fresh process loads the model anew, where
+        older versions do; left running, the model stayed READY and failed every request."""
+        reason = self.runtime.dead_reason
+        if not self._ending:
+            self._ending = True
+            log.error("diffrt model %s is dead (%s); ending this instance's stub process in %.0f s", self.model_name,
+                      reason, END_GRACE_S)
+            threading.Timer(END_GRACE_S, self._end_process).start()
+        error = self.pb.TritonError(f"{reason}; this model instance is restarting", self.pb.TritonError.UNAVAILABLE)
+        return [self.pb.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+
+    @staticmethod
+    def _end_process() -> None:
+        os._exit(1)  # no cleanup: the worker is wedged or dead, and Triton ends or restarts what is left
 
     def _respond(self, item, request=None, together: list = ()):
         try:
@@ -306,8 +352,9 @@ class TritonPythonModel:
                 answers.append(self.runtime.wait(job))
             outputs = outputs_from_answers(answers, self.text_to_image)
         except RequestError as exc:
-            for job in item if isinstance(item, list) else ():  # one row failed: the rest are not waited for
-                job.future.cancel()
+            from diffrt.serve.runtime import give_up
+
+            give_up(item if isinstance(item, list) else ())  # one row failed: the rest are not waited for, nor run
             code = getattr(self.pb.TritonError, ERROR_CODES.get(exc.status, "INTERNAL"), None)
             error = self.pb.TritonError(exc.message) if code is None else self.pb.TritonError(exc.message, code)
             return self.pb.InferenceResponse(output_tensors=[], error=error)

@@ -179,10 +179,38 @@ def check_engines(model: str | None, backend: str) -> None:
                           "serve it with --backend onnxruntime, or export it with `diffrt export --backend tensorrt`")
 
 
+# A folder staged in the repository itself (its parent another filesystem): `.<name>.tmp-<8 hex digits>`.
+LEFTOVER = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9_.-]*\.tmp-[0-9a-f]{8}")
+MAX_QUEUE_SIZE = 2**32 - 1  # config.pbtxt's max_queue_size is a uint32
+
+
+def _staging_place(out: Path, name: str) -> tuple[Path, str]:
+    """(folder, prefix) of the temporary folder the model is written in before its rename into `out`: beside the
+    repository, not in it. Triton loads every folder of its repository as a model, hidden ones too: one left there by
+    a run killed mid-copy (SIGKILL, the OOM killer, a power cut: no cleanup runs) failed its load, and with it the
+    server's start. In the repository only where the rename could not come from beside it: a repository that is a
+    mount point (another filesystem than its parent's), or a parent this user cannot write."""
+    parent = out.resolve().parent
+    if parent != out.resolve() and os.stat(parent).st_dev == os.stat(out).st_dev and os.access(parent, os.W_OK | os.X_OK):
+        return parent, f".{out.resolve().name}.{name}.tmp-"
+    return out, f".{name}.tmp-"
+
+
+def check_no_leftovers(out: Path) -> None:
+    """Refuse a repository holding a folder an interrupted `diffrt triton-repo` staged in it (_staging_place): Triton
+    would fail to load it as a model and not start. Named for the user to remove, not removed here: another run may be
+    writing it now."""
+    left = sorted(p.name for p in out.iterdir() if p.is_dir() and LEFTOVER.fullmatch(p.name))
+    if left:
+        raise DiffrtError(f"{out / left[0]} is a folder an interrupted `diffrt triton-repo` left in the repository; Triton "
+                          "would fail to load it as a model and not start: remove it (once no other triton-repo is "
+                          "writing there)")
+
+
 def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
     """Write `<out>/<config.name>` (config.pbtxt, 1/model.py, 1/model/) and return its path. The
-    model folder is written to a temporary name and renamed: an interrupted run leaves nothing
-    Triton would load."""
+    model folder is written under a temporary name beside the repository and renamed into it: an
+    interrupted run leaves nothing Triton would load (_staging_place)."""
     from diffrt.serve.runtime import check_max_image_side, check_service_settings, served_model
 
     atomic.check_writable(out, folder=True)
@@ -197,6 +225,14 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
         config = replace(config, device="cuda" if config.backend == "tensorrt" or torch.cuda.is_available() else "cpu")
     if config.device not in ("cpu", "cuda"):
         raise DiffrtError(f"--device {config.device!r}: cpu or cuda (Triton places the instances on its GPUs)")
+    if config.backend == "tensorrt" and config.device == "cpu":  # every instance would fail its load on the server
+        raise DiffrtError("--backend tensorrt runs on a CUDA device, not --device cpu; pass --device cuda (or leave it out)")
+    # config.pbtxt's queue policy: whole microseconds (0 there means no timeout at all) and a 32-bit queue size.
+    if round(config.timeout_s * 1e6) < 1:
+        raise DiffrtError(f"--timeout {config.timeout_s!r}: at least 1 microsecond (Triton counts whole microseconds, "
+                          "and reads 0 as no timeout)")
+    if config.max_queue > MAX_QUEUE_SIZE:
+        raise DiffrtError(f"--max-queue {config.max_queue}: Triton's queue holds at most {MAX_QUEUE_SIZE} requests")
     if config.max_batch_size < 1 or config.instances < 1:
         raise DiffrtError("--max-batch-size and --instances must be at least 1")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", config.name):
@@ -208,7 +244,8 @@ def write_repository(out: str | Path, config: RepositoryConfig) -> Path:
     if final.exists():
         raise DiffrtError(f"{final} already exists; remove it or pick another --name")
     out.mkdir(parents=True, exist_ok=True)
-    staging = atomic.make_temp_dir(out, f".{config.name}.tmp-")
+    check_no_leftovers(out)
+    staging = atomic.make_temp_dir(*_staging_place(out, config.name))
     try:
         version = staging / VERSION
         version.mkdir()
