@@ -797,6 +797,25 @@ def test_ui_builds_and_generates(server, served_model):
     np.testing.assert_array_equal(np.asarray(image.convert("RGB")), lcm)
     assert not np.array_equal(lcm, shown(class_label=3))
     assert to_hex("rgba(255, 136, 0, 1)") == "#ff8800" == to_hex("FF8800".lower())
+    # Refusals are one line naming the field, in the status text, and the controls start at the API's defaults.
+    ui = make_generate(server.runtime)
+    ask = dict(class_label=3, prompt=None, negative_prompt=None, steps=STEPS, guidance_scale=3.0, use_color=False, color=None,
+               color_scale=4.0, seed=7)
+    for change, message in [(dict(class_label=None), "refused: class label is empty"),
+                            (dict(guidance_scale=None), "refused: guidance scale is empty"),
+                            (dict(use_color=True, color=""), "colour guidance is ticked with no colour"),
+                            (dict(use_color=True, color="rgb(300, 0, 0)"), "each of red, green and blue is 0 to 255"),
+                            (dict(steps=0), "refused: num_inference_steps: Input should be greater than or equal to 1"),
+                            (dict(class_label=12), "class_label")]:
+        image, line = ui(**{**ask, **change})
+        assert image is None and message in line and "\n" not in line, (change, line)
+    from diffrt.serve.schema import GenerateBody
+    from diffrt.serve.ui import default_guidance
+
+    slider = next(c for c in demo.blocks.values() if isinstance(c, gr.Slider) and c.label == "guidance scale")
+    info = server.runtime.describe()
+    assert slider.value == default_guidance(info, "") == default_guidance(info, "lcm") == server.runtime.worker.plan(
+        GenerateBody(class_label=3)).settings["guidance_scale"]
     square = np.zeros((32, 32, 3), np.uint8)
     square[8:24, 8:24] = 255
     edges = canny_edges(square)

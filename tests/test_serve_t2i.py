@@ -532,6 +532,32 @@ def test_gradio_demo_takes_a_prompt_and_a_control_image(server, control_png, tmp
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
     image, latency = generate(None, PROMPT, None, STEPS, 5.0, False, "#000000", 0.0, 3, str(eps))
     assert image is None and "not a readable image" in latency
+    assert "the upload upload.eps" in latency and str(tmp_path) not in latency  # not the server's temporary path
+    # The prompt text the encoder cut off is shown with the image (it was in the server's log alone).
+    long = " ".join(f"word{i}" for i in range(120))
+    image, latency = generate(None, long, None, STEPS, 5.0, False, "#000000", 0.0, 3)
+    cut = server.runtime.generate_sync(GenerateBody(prompt=long, num_inference_steps=STEPS)).truncated["truncated"][0]
+    assert image is not None and f"**The prompt was cut off** at the text encoder's length; this part was left out: `{cut}`" in latency
+    image, latency = generate(None, PROMPT, None, STEPS, 5.0, False, "#000000", 0.0, 3)
+    assert "cut off" not in latency
+    # The controls start at the API's defaults: guidance for the sampler picked (LCM's 1.0; 7.5 burned its images),
+    # image-to-image strength 0.8.
+    import gradio as gr
+
+    from diffrt.runtime.text_to_image_inputs import DEFAULT_STRENGTH
+    from diffrt.serve.ui import default_guidance
+
+    demo, info = build_ui(server.runtime), server.runtime.describe()
+    sliders = {c.label: c.value for c in demo.blocks.values() if isinstance(c, gr.Slider)}
+    assert sliders["strength (how far from the image)"] == DEFAULT_STRENGTH
+    for picked in ("", "ddim", "lcm", "euler"):
+        plan = server.runtime.worker.plan(GenerateBody(prompt=PROMPT, scheduler=picked or None))
+        assert default_guidance(info, picked) == plan.settings["guidance_scale"], picked
+    assert sliders["guidance scale"] == default_guidance(info, "") and default_guidance(info, "lcm") == 1.0
+    # Picking a sampler moves the slider to its default (the event Gradio runs on the sampler's change).
+    (on_pick,) = [f for f in demo.fns.values() if [c.label for c in f.inputs] == ["sampler"]]
+    assert [c.label for c in on_pick.outputs] == ["guidance scale"]
+    assert on_pick.fn("lcm")["value"] == 1.0 and on_pick.fn("ddim")["value"] == 7.5
     from diffrt.serve.ui import edges_preview
 
     assert edges_preview(str(eps)) is None and edges_preview(str(control_png[0])).shape[-1] == 3  # the preview beside it

@@ -78,18 +78,21 @@ MAX_IMAGE_FILE_BYTES = 2 << 30  # bytes: read whole before decoding; larger is n
 
 
 def load_image(path: str | os.PathLike, size: Size | None = None, mode: str = "RGB", multiple: int = 1,
-               max_pixels: int | None = None, min_side: int | None = None, formats: tuple[str, ...] | None = None) -> torch.Tensor:
-    """Read an image file into [C, H, W] float in [0, 1], optionally resized (decode_image)."""
+               max_pixels: int | None = None, min_side: int | None = None, formats: tuple[str, ...] | None = None,
+               name: str | None = None) -> torch.Tensor:
+    """Read an image file into [C, H, W] float in [0, 1], optionally resized (decode_image). `name`: what a refusal
+    calls the file (default: its path; the demo's uploads go by their own name, not the server's temporary path)."""
     from diffrt.errors import DataError
 
     path = Path(path)
+    name = str(path) if name is None else name
     if not path.is_file():
-        raise DataError(f"{path} is a folder; pass an image file" if path.is_dir() else f"image file not found: {path}")
+        raise DataError(f"{name} is a folder; pass an image file" if path.is_dir() else f"image file not found: {name}")
     size_bytes = path.stat().st_size
     if size_bytes > MAX_IMAGE_FILE_BYTES:  # read whole below: a sparse 100 GB file would have been read into memory
-        raise DataError(f"{path} is {size_bytes / 2**20:.0f} MiB; image files over {MAX_IMAGE_FILE_BYTES / 2**20:.0f} MiB "
+        raise DataError(f"{name} is {size_bytes / 2**20:.0f} MiB; image files over {MAX_IMAGE_FILE_BYTES / 2**20:.0f} MiB "
                         "are refused (a 160-MP 16-bit TIFF is about 1 GB): reduce it first")
-    return decode_image(path.read_bytes(), size, mode, name=str(path), multiple=multiple, max_pixels=max_pixels, min_side=min_side,
+    return decode_image(path.read_bytes(), size, mode, name=name, multiple=multiple, max_pixels=max_pixels, min_side=min_side,
                         formats=formats)
 
 

@@ -221,6 +221,7 @@ class TextToImageWorker(BatchingWorker):
                 "scheduler": self.pipe.scheduler.name, "batches_requests": self.batches_requests,
                 "batch_max_abs_diff": self.batch_max_abs_diff, "color_guidance": self.color_unavailable is None,
                 "image_to_image": self.img2img_unavailable is None,
+                "guidance_embedded": self.pipe.guidance_embed_dim is not None,  # LCM's default guidance is not 1.0 then
                 **self.pipe.runtime_metadata()}
 
     def plan(self, body: GenerateBody) -> TextToImagePlan:

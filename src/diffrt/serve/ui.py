@@ -18,13 +18,15 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffrt.errors import DiffrtError
 from diffrt.generate import DEFAULT_PIXEL_GUIDANCE_SCALE
-from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE
+from diffrt.runtime.text_to_image import DEFAULT_GUIDANCE_SCALE, LCM_GUIDANCE_SCALE
+from diffrt.runtime.text_to_image_inputs import DEFAULT_STRENGTH
 from diffrt.serve.runtime import RuntimeConfig, ServeRuntime
 from diffrt.serve.schema import DEFAULT_COLOR_SCALE, GenerateBody, RequestError
 
@@ -41,7 +43,10 @@ def to_hex(color: str) -> str:
     m = re.fullmatch(r"rgba?\(\s*([\d.]+)\s*,\s*([\d.]+)\s*,\s*([\d.]+)\s*(?:,\s*[\d.]+\s*)?\)", color)
     if not m:
         raise ValueError(f"colour {color!r} is neither #RRGGBB nor rgb(a)(...)")
-    return "#" + "".join(f"{round(float(v)):02x}" for v in m.groups())
+    values = [round(float(v)) for v in m.groups()]
+    if max(values) > 255:
+        raise ValueError(f"colour {color!r}: each of red, green and blue is 0 to 255")
+    return "#" + "".join(f"{v:02x}" for v in values)
 
 
 UPLOAD_MAX_SIDE = 1024  # pixels: uploads are shrunk to this first; the pipeline takes them at the model's size
@@ -56,8 +61,8 @@ def uploaded(value) -> np.ndarray:
     array (the Python API, tests) is taken as it is. Gradio's own preview of an upload is Gradio's."""
     from diffrt.images import WEB_FORMATS, load_image
 
-    if isinstance(value, (str, os.PathLike)):
-        image = load_image(value, formats=WEB_FORMATS, max_pixels=UPLOAD_MAX_PIXELS)
+    if isinstance(value, (str, os.PathLike)):  # named by its file name: the path is the server's temporary one
+        image = load_image(value, formats=WEB_FORMATS, max_pixels=UPLOAD_MAX_PIXELS, name=f"the upload {Path(value).name}")
         return (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     image = np.asarray(value)
     return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
@@ -113,6 +118,28 @@ def display(image):
     return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
+def default_guidance(info: dict, scheduler: str | None) -> float:
+    """The guidance scale the HTTP API and `diffrt generate` run a request at that gives none, for the sampler picked
+    ("" or None: the model's own): 1.0 for LCM on a text-to-image UNet without guidance embedding, 7.5 for the other
+    text-to-image samplers, 2.0 for pixel models (the guidance slider is set to it when the sampler changes)."""
+    if info["kind"] != "text-to-image":
+        return DEFAULT_PIXEL_GUIDANCE_SCALE
+    lcm = (scheduler or info.get("scheduler")) == "lcm" and not info.get("guidance_embedded")
+    return LCM_GUIDANCE_SCALE if lcm else DEFAULT_GUIDANCE_SCALE
+
+
+def status_line(answer, ms: float) -> str:
+    """The line under an image: latency, backend, seed, and the prompt text the encoder cut off (RELIABILITY #13:
+    a service says so with its answer, not in its log alone)."""
+    t = answer.timings_ms
+    line = f"**{ms:.0f} ms** (queue {t['queue']:.0f} ms, sampling {t['sample']:.0f} ms) on `{answer.backend}`, seed {answer.seed}"
+    for key, what in (("truncated", "prompt"), ("truncated_negative", "negative prompt")):
+        cut = ((answer.truncated or {}).get(key) or [None])[0]
+        if cut:
+            line += f"  \n**The {what} was cut off** at the text encoder's length; this part was left out: `{cut}`"
+    return line
+
+
 def make_generate(runtime: ServeRuntime):
     """The demo's callback: the controls, in build_ui's order -> (image, latency line). Errors
     become a line, not a trace. Fields the served model does not take are left out."""
@@ -125,13 +152,17 @@ def make_generate(runtime: ServeRuntime):
     guided = text or labelled
 
     def generate(class_label, prompt, negative_prompt, steps, guidance_scale, use_color, color, color_scale, seed,
-                 control_image=None, lora_scale=1.0, scheduler=None, init_image=None, strength=0.6):
+                 control_image=None, lora_scale=1.0, scheduler=None, init_image=None, strength=DEFAULT_STRENGTH):
         from pydantic import ValidationError
 
         t0 = time.perf_counter()
         try:
-            if any(value is None for value in (steps, *([guidance_scale] if guided else []), *([class_label] if labelled else []))):
-                return None, "refused: a field is empty; fill it in"  # a cleared Number or Dropdown sends None
+            empty = [name for name, value, shown in (("steps", steps, True), ("guidance scale", guidance_scale, guided),
+                                                      ("class label", class_label, labelled)) if shown and value is None]
+            if empty:  # a cleared Dropdown (or a client of the app's API) sends None
+                return None, f"refused: {empty[0]} is empty; fill it in"
+            if use_color and not color:
+                return None, "refused: colour guidance is ticked with no colour; pick one, or untick it"
             fields = dict(num_inference_steps=int(steps), seed=None if seed is None else int(seed),  # cleared: a random seed
                           scheduler=scheduler or None)
             if guided:
@@ -160,9 +191,7 @@ def make_generate(runtime: ServeRuntime):
         except (ValueError, DiffrtError) as exc:  # a colour the picker sent that is no colour, an unreadable upload
             return None, f"refused: {exc}"
         ms = 1000 * (time.perf_counter() - t0)
-        t = answer.timings_ms
-        return display(Image.open(io.BytesIO(answer.images[0]))), (
-            f"**{ms:.0f} ms** (queue {t['queue']:.0f} ms, sampling {t['sample']:.0f} ms) on `{answer.backend}`, seed {answer.seed}")
+        return display(Image.open(io.BytesIO(answer.images[0]))), status_line(answer, ms)
 
     return generate
 
@@ -189,7 +218,7 @@ def build_ui(runtime: ServeRuntime):
                                                  ("Euler Ancestral ('Euler a')", "euler_a")],
                                         value="", label="sampler")
                 steps = gr.Slider(1, 200, value=25, step=1, label="steps (num_inference_steps)")
-                guidance = gr.Slider(0.0, 15.0, value=DEFAULT_GUIDANCE_SCALE if text else DEFAULT_PIXEL_GUIDANCE_SCALE, step=0.5, label="guidance scale",
+                guidance = gr.Slider(0.0, 15.0, value=default_guidance(info, ""), step=0.5, label="guidance scale",
                                      visible=text or info["conditioning"] != "none")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                 use_color = gr.Checkbox(value=False, label="colour guidance")
@@ -203,7 +232,8 @@ def build_ui(runtime: ServeRuntime):
                 img2img = text and bool(info.get("image_to_image"))
                 init_image = gr.Image(type="filepath", image_mode=None, label="start from this image (image-to-image)",
                                       visible=img2img)
-                strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="strength (how far from the image)", visible=img2img)
+                strength = gr.Slider(0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="strength (how far from the image)",
+                                     visible=img2img)
                 lora_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale",
                                        visible=bool(info.get("lora_scalable")))
                 button = gr.Button("Generate", variant="primary")
@@ -212,6 +242,8 @@ def build_ui(runtime: ServeRuntime):
                 output = gr.Image(type="pil", label="image", height=max(DISPLAY_SIZE, info.get("sample_size") or 0), format="png")
                 latency = gr.Markdown()
         control.change(edges_preview, inputs=control, outputs=edges)
+        # The API's default for the sampler picked (LCM-LoRA's 1.0: 7.5 burns its images); the user may move it after.
+        scheduler.change(lambda picked: gr.update(value=default_guidance(info, picked)), inputs=scheduler, outputs=guidance)
         button.click(generate, inputs=[label, prompt, negative, steps, guidance, use_color, color, color_scale, seed, control, lora_scale,
                                        scheduler, init_image, strength],
                      outputs=[output, latency])
@@ -227,12 +259,30 @@ def launch_ui(host: str = "127.0.0.1", port: int = 7860, model: str | None = Non
     if host not in LOOPBACK:  # the demo has no API key: anyone who reaches the port can run the model
         log.warning("the demo UI on %s has no authentication: anyone who reaches port %d can generate; keep it on "
                     "127.0.0.1 (the default) or behind an authenticating proxy", host, port)
+    if controlnet is not None and len(controlnet) > 1:
+        raise DiffrtError(f"--controlnet given {len(controlnet)} times: the demo UI takes one control image, for one "
+                          "ControlNet; serve several with `diffrt serve` (one control_image per ControlNet)")
     runtime = ServeRuntime(RuntimeConfig(model=model, backend=backend, controlnet=controlnet, loras=list(loras)))
     runtime.start()
     try:
         runtime.wait_ready(timeout=600)
+        check_one_controlnet(runtime.describe())
         if port == 0:  # Gradio takes no 0 (it listened there, reported ":0" and failed its own start-up check)
             port = check_port_free(host, 0)
-        build_ui(runtime).launch(server_name=host, server_port=port, share=False, max_file_size=UPLOAD_MAX_BYTES)
+        demo = build_ui(runtime)
+        demo.launch(server_name=host, server_port=port, share=False, max_file_size=UPLOAD_MAX_BYTES, prevent_thread_lock=True)
+        try:  # Gradio's own wait took Ctrl-C as a normal end (exit 0): a script calling the demo would not stop
+            while True:
+                time.sleep(0.5)
+        finally:  # KeyboardInterrupt goes on to the CLI, which ends the run as interrupted
+            demo.close()
     finally:
         runtime.close(timeout=60)
+
+
+def check_one_controlnet(info: dict) -> None:
+    """The demo has one upload for the control image: an artifact exported with several ControlNets is refused at
+    start, rather than every Generate being refused for the control images it cannot send."""
+    if info.get("controlnets", 0) > 1:
+        raise DiffrtError(f"this model runs {info['controlnets']} ControlNets and the demo UI takes one control image; "
+                          "serve it with `diffrt serve` (one control_image per ControlNet)")
