@@ -114,6 +114,42 @@ def test_scale_changes_never_accumulate(lora_pipe):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_change_that_failed_partway_is_refused_until_one_succeeds(lora_pipe, monkeypatch):
+    """From a review: a scale change that raised halfway (a refit that failed on the UNet after the text encoder, a
+    re-fuse that raised) left weights at mixed strengths, and the next call generated on them, reporting lora_scale
+    nan. Calls are refused, by name, until set_lora_scale succeeds; that one starts from the base weights."""
+    import diffrt.export.lora_fuse as lora_fuse
+    from diffrt.errors import DiffrtError
+
+    opened = run(lora_pipe)
+    with monkeypatch.context() as patch:
+        fuse = lora_fuse.fuse_loras
+
+        def halfway(modules, files):  # the weights changed, then a failure
+            fuse(modules, files)
+            raise RuntimeError("out of memory")
+
+        patch.setattr(lora_fuse, "fuse_loras", halfway)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            lora_pipe.set_lora_scale(0.5)
+    with pytest.raises(DiffrtError, match="failed partway, leaving weights at mixed strengths; call set_lora_scale again"):
+        run(lora_pipe)
+    lora_pipe.set_lora_scale(1.0)
+    assert torch.equal(run(lora_pipe), opened)
+
+
+def test_a_lora_strength_that_overflows_is_named(lora_pipe):
+    """From a review: a huge scale overflowed the fp32 text encoder, and the error advised --precision fp32 alone."""
+    from diffrt.errors import NonFiniteOutputError
+
+    lora_pipe.set_lora_scale(1e30)
+    try:
+        with pytest.raises(NonFiniteOutputError, match=r"or a smaller LoRA strength \(it runs its LoRA at lora_scale 1e\+30\)"):
+            run(lora_pipe)
+    finally:
+        lora_pipe.set_lora_scale(1.0)
+
+
 def test_scale_equals_diffusers_lora_scale(t2i_folder, lora, lora_pipe):
     from diffusers import StableDiffusionPipeline
 

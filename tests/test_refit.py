@@ -48,6 +48,7 @@ class EngineRecorder:
         self.calls: list[tuple[str, list[str]]] = []  # (component, initializer names patched)
         self.refittable: dict[str, bool] = {}  # component -> built with BuilderFlag.REFIT
         self.fail = False
+        self.fail_on: str | None = None  # a component whose refit fails (the others succeed)
 
     def build_engine(self, onnx_path, spec, engine_path, precision="fp32", **options):
         self.refittable[spec.name] = options.get("refit", True)
@@ -56,15 +57,16 @@ class EngineRecorder:
         return {"tensorrt": "stand-in", "gpu": None, "precision": precision, "refittable": True, "loras": [],
                 "sha256": sha256_file(engine_path)}
 
-    def refit_engine(self, engine_path, weights, device="cuda"):
+    def refit_engine(self, engine_path, weights, device="cuda", out=None):
         engine_path = Path(engine_path)
+        out = engine_path if out is None else Path(out)
         self.calls.append((engine_path.parent.name, sorted(weights.patched)))
-        if self.fail:
+        if self.fail or self.fail_on == engine_path.parent.name:
             raise ArtifactError(f"{engine_path}: refit failed (stand-in)")
-        engine_path.write_bytes(weights_digest(weights.weights))
+        out.write_bytes(weights_digest(weights.weights))
         n = len(weights.weights)
         return {"refittable": n, "set": n, "patched": len(weights.patched), "not_in_onnx": [],
-                "sha256": sha256_file(engine_path)}
+                "sha256": sha256_file(out)}
 
     def components(self) -> list[str]:
         return sorted(name for name, _ in self.calls)
@@ -127,6 +129,35 @@ def test_t2i_tensorrt_export_with_lora_refits_base_engines(t2i_folder, t2i_loras
     manifest = mf.read_manifest(out)
     assert manifest["loras"] == [] and manifest["key"] == result.manifest["key"]
     mf.verify_files(out, manifest)
+
+
+def test_a_refit_failing_on_its_second_engine_changes_no_engine(t2i_folder, t2i_loras, engines, tmp_path):
+    """From a review: `diffrt refit` rewrote each engine in turn and the manifest last, so a failure on the UNet (a
+    weight TensorRT refused, Ctrl-C, out of memory) left the text encoder's plan rewritten, its hash stale, and the
+    artifact refused by everything, the next refit included. Every engine is refit aside and put in place together;
+    NaN and inf scales, which were refit and recorded, are refused first."""
+    import math
+
+    from diffrt.errors import LoraError
+
+    lora = str(t2i_loras["peft"])
+    out = tmp_path / "trt"
+    export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", **T2I), [])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    engines.fail_on = "unet"  # refit after the text encoder
+    with pytest.raises(ArtifactError, match="unet/engine.plan: refit failed"):
+        refit.refit_artifact(out, [(lora, 0.8)])
+    assert engines.components() == ["text_encoder", "unet"]
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != refit.WEIGHT_MAP}
+    assert after == {k: v for k, v in before.items() if k.name != refit.WEIGHT_MAP}  # no temporary left, no engine changed
+    mf.verify_files(out, mf.read_manifest(out))
+    engines.fail_on = None
+    refit.refit_artifact(out, [(lora, 0.8)])  # and the next refit runs
+    assert mf.read_manifest(out)["loras"][0]["scale"] == 0.8
+    for bad in (math.nan, math.inf):
+        with pytest.raises(LoraError, match="must be a finite number"):
+            refit.refit_artifact(out, [(lora, bad)])
+    assert mf.read_manifest(out)["loras"][0]["scale"] == 0.8
 
 
 def test_refit_skips_the_standalone_controlnet_and_vae(t2i_folder, engines, tmp_path):

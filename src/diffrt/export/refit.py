@@ -33,6 +33,7 @@ patches an unmapped weight is refused, never silently skipped (RELIABILITY #7).
 
 from __future__ import annotations
 
+import contextlib
 
 import hashlib
 import json
@@ -252,20 +253,23 @@ def refit_weights(onnx_path: str | Path, weight_map: dict, loras: Sequence[tuple
 # --- engines (GPU) -----------------------------------------------------------------------------------
 
 
-def refit_engine(engine_path: str | Path, weights: RefitWeights, device: str | torch.device = "cuda") -> dict:
-    """Set every refittable weight of the engine from `weights`, then rewrite the engine atomically."""
+def refit_engine(engine_path: str | Path, weights: RefitWeights, device: str | torch.device = "cuda",
+                 out: str | Path | None = None) -> dict:
+    """Set every refittable weight of the engine from `weights`, then write the refit engine to `out` (default:
+    rewrite `engine_path`), atomically."""
     from diffrt.export.tensorrt import trt_logger
     from diffrt.runtime.backends.tensorrt import load_engine
 
     engine_path = Path(engine_path)
+    out = engine_path if out is None else Path(out)
     device = torch.device(device)
     trt, _runtime, engine = load_engine(engine_path, device)
     logger = trt_logger()
     with torch.cuda.device(device):
         counts = set_engine_weights(trt, open_refitter(trt, engine, engine_path, logger), weights, engine_path, logger.errors)
         plan = engine.serialize()
-    atomic.write_bytes(engine_path, memoryview(plan))
-    return {**counts, "sha256": atomic.sha256_file(engine_path)}
+    atomic.write_bytes(out, memoryview(plan))
+    return {**counts, "sha256": atomic.sha256_file(out)}
 
 
 def open_refitter(trt, engine, engine_path: Path, logger):
@@ -356,11 +360,13 @@ def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | P
     and record the result in `manifest`, which the caller writes (last). No LoRA restores the base."""
     from diffrt.export import manifest as mf
     from diffrt.export.lora import read_lora
+    from diffrt.runtime.lora_scale import check_lora_pairs
 
+    loras = check_lora_pairs(loras)  # a NaN or inf scale was refit into every engine, and recorded
     engines = refittable_engines(folder, manifest)
     for name in engines:
         mf.check_engine_compatible(manifest["components"][name]["engine"], device)  # the GPU the refit loads them on
-    files = [(read_lora(path), float(scale)) for path, scale in loras]
+    files = [(read_lora(path), scale) for path, scale in loras]
     refuse_lora_biases(files)  # before any weight map is written
     parts = [{"path": str(Path(f.path).resolve()), "sha256": f.sha256, "scale": s, "modules": len(f.layers)} for f, s in files]
 
@@ -379,16 +385,22 @@ def refit_components(folder: Path, manifest: dict, loras: Sequence[tuple[str | P
                             f"{', '.join(engines)}); refit patches {', '.join(sorted(covered))} weights only")
     plans = {name: refit_weights(folder / name / "model.onnx", maps[name], files) for name in engines}
     report = {}
+    # Each engine refit into a temporary beside its plan, all put in place only once every one has succeeded: a
+    # failure on the second (TensorRT refused a weight, Ctrl-C, out of memory) left the first rewritten, its hash no
+    # longer the manifest's, and the artifact refused by everything, `diffrt refit` itself included.
+    with contextlib.ExitStack() as publish:
+        for name in engines:
+            plan = folder / name / "engine.plan"
+            result = refit_engine(plan, plans[name], device, out=publish.enter_context(atomic.atomic_path(plan)))
+            report[name] = result
+            log.info("refit %s: %d of %d weights patched", plan, result["patched"], result["set"])
     for name in engines:
         comp = manifest["components"][name]
-        result = refit_engine(folder / name / "engine.plan", plans[name], device)
-        comp["engine"].update(sha256=result["sha256"], loras=parts)
+        comp["engine"].update(sha256=report[name]["sha256"], loras=parts)
         # The engine was hashed as refit_engine wrote it; the weight map may have been written just now.
-        comp["files"].update({f"{name}/engine.plan": result["sha256"],
+        comp["files"].update({f"{name}/engine.plan": report[name]["sha256"],
                               f"{name}/{WEIGHT_MAP}": atomic.sha256_file(folder / name / WEIGHT_MAP)})
         comp["bytes"] = sum((folder / rel).stat().st_size for rel in comp["files"])
-        report[name] = result
-        log.info("refit %s: %d of %d weights patched", folder / name / "engine.plan", result["patched"], result["set"])
     manifest.update(loras=parts, onnx_loras=[])
     return report
 

@@ -247,10 +247,15 @@ _GATES = threading.Lock()
 
 
 def gated(call):
-    """A pipeline's __call__, run inside its CallGate."""
+    """A pipeline's __call__, run inside its CallGate, and refused while a failed change of the LoRA's strength left
+    its weights at mixed strengths (a refit that failed on its second engine, a re-fuse that raised): it generated on
+    them, reporting lora_scale nan."""
     @functools.wraps(call)
     def run(self, *args, **kwargs):
         with self.gate.call():
+            if self.lora is not None and math.isnan(self.lora.scale):
+                raise DiffrtError("the last change of the LoRA's strength failed partway, leaving weights at mixed "
+                                  "strengths; call set_lora_scale again (it starts from the base weights) before generating")
             return call(self, *args, **kwargs)
     return run
 
@@ -453,7 +458,7 @@ class PixelPipeline(DenoiserPipeline):
                 feed["class_labels"] = model_labels
             eps = self.unet.run(feed)["noise_pred"].float()
             if self.check_outputs:
-                check_finite(eps, "unet")
+                check_finite(eps, "unet", None if self.lora is None else self.lora.scale)
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
         # 4. The guided DDIM, LCM, DPM-Solver++ or Euler loop.
