@@ -160,6 +160,33 @@ def test_a_refit_failing_on_its_second_engine_changes_no_engine(t2i_folder, t2i_
     assert mf.read_manifest(out)["loras"][0]["scale"] == 0.8
 
 
+def test_a_strength_change_reads_only_the_weights_of_the_export_it_opened(t2i_folder, t2i_loras, engines, tmp_path):
+    """From a review: running engines read their base weights from the artifact's ONNX on the first change of the LoRA's
+    strength, unlocked and unchecked; an export that had rebuilt the folder in place since (as diffrt allows beside a
+    running pipeline) handed the old engines every weight of the new export. They are checked against the manifest
+    the engines were opened with, under the artifact's lock."""
+    from types import SimpleNamespace
+
+    from diffrt.errors import DiffrtError
+    from diffrt.runtime.loading import artifact_lora
+
+    out = tmp_path / "trt"
+    export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", loras=[(str(t2i_loras["peft"]), 0.8)], **T2I), [])
+    refits = []
+    running = {name: SimpleNamespace(refit=lambda plan, name=name: refits.append(name)) for name in ("text_encoder", "unet", "vae_decoder")}
+
+    lora = artifact_lora(out, mf.read_manifest(out), "tensorrt", running)
+    lora.set_scale(0.5)  # the folder as opened: refit from its base weights
+    assert sorted(refits) == ["text_encoder", "unet"] and lora.scale == 0.5
+
+    lora = artifact_lora(out, mf.read_manifest(out), "tensorrt", running)
+    onnx = out / "unet" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # rebuilt since it was opened
+    with pytest.raises(DiffrtError, match=r"changed since it was opened .*unet/model.onnx.*; reopen it to change its LoRA's strength"):
+        lora.set_scale(0.5)
+    assert lora.scalable is False and sorted(refits) == ["text_encoder", "unet"]
+
+
 def test_refit_skips_the_standalone_controlnet_and_vae(t2i_folder, engines, tmp_path):
     out = tmp_path / "trt"
     export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", **T2I),

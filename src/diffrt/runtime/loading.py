@@ -184,7 +184,7 @@ def artifact_lora(folder: Path, manifest: dict, backend: str, components: dict) 
         from diffrt.export.refit import LORA_COMPONENTS
 
         engines = {name: c for name, c in components.items() if name in LORA_COMPONENTS}
-        return EngineLora(folder, engines, lambda: manifest_loras(manifest))
+        return EngineLora(folder, engines, lambda: manifest_loras(manifest), manifest=manifest)
     fix = ("export with --backend tensorrt and no --lora, then `diffrt refit --lora`, for engines that change it, "
            "or run the source with --backend torch")
     return BakedLora(f"this artifact's LoRA ({describe_loras(manifest['loras'])}) is baked into its {backend} graphs at "

@@ -157,14 +157,18 @@ class EngineLora:
     `prepare` reads (once) the LoRA files, each engine's weight map and its ONNX base weights, which
     are then kept in host memory so that a change of scale reads nothing from disk; a server calls
     it while loading, anyone else gets it on the first scale other than 1.0. If the LoRA files are
-    gone or changed, the engines still run as refit, and other scales are refused saying why."""
+    gone or changed, the engines still run as refit, and other scales are refused saying why.
+    `manifest`: the one the engines were opened with; the files `prepare` reads are checked against it, under the
+    artifact's lock, so that an export rebuilding the folder since (which diffrt allows beside a running pipeline)
+    cannot hand the old engines the new export's weights."""
 
     scalable = True
 
-    def __init__(self, folder: Path, engines: Mapping[str, object], loras: Callable[[], Loras]):
+    def __init__(self, folder: Path, engines: Mapping[str, object], loras: Callable[[], Loras], manifest: dict | None = None):
         self.folder = folder
         self.engines = dict(engines)
         self._loras = loras
+        self._manifest = manifest
         self._prepared: tuple[list, dict, dict] | None = None
         self._unavailable: str | None = None
         self.scale = 1.0  # the engines hold the manifest's LoRA
@@ -172,22 +176,32 @@ class EngineLora:
     def prepare(self) -> None:
         if self._prepared is not None or self._unavailable is not None:
             return
+        from diffrt.errors import ArtifactError
+        from diffrt.export import manifest as mf
         from diffrt.export.lora import read_lora
         from diffrt.export.refit import onnx_initializers, read_weight_map
 
         try:
             files = [(read_lora(path), float(s)) for path, s in self._loras()]
             onnx = {name: self.folder / name / "model.onnx" for name in self.engines}
-            maps = {name: read_weight_map(path) for name, path in onnx.items()}
-            missing = [name for name, m in maps.items() if m is None]
-            if missing:  # `diffrt refit` writes them when it sets an artifact's LoRA
-                raise DiffrtError(f"{self.folder} has no weight map for {', '.join(missing)}; run `diffrt refit {self.folder} "
-                                  "--lora FILE:SCALE` once to change its LoRA's strength")
+            with mf.artifact_lock(self.folder, shared=True):  # not rewritten while read
+                if self._manifest is not None:
+                    try:
+                        mf.verify_files(self.folder, self._manifest, components=list(self.engines))
+                    except ArtifactError as exc:
+                        raise DiffrtError(f"{self.folder} changed since it was opened ({exc}); reopen it to change its "
+                                          "LoRA's strength") from None
+                maps = {name: read_weight_map(path) for name, path in onnx.items()}
+                missing = [name for name, m in maps.items() if m is None]
+                if missing:  # `diffrt refit` writes them when it sets an artifact's LoRA
+                    raise DiffrtError(f"{self.folder} has no weight map for {', '.join(missing)}; run `diffrt refit {self.folder} "
+                                      "--lora FILE:SCALE` once to change its LoRA's strength")
+                base = {name: onnx_initializers(path) for name, path in onnx.items()}
         except DiffrtError as exc:
             self._unavailable, self.scalable = str(exc), False
             log.warning("the LoRA's strength cannot change: %s", exc)
             return
-        self._prepared = files, maps, {name: onnx_initializers(path) for name, path in onnx.items()}
+        self._prepared = files, maps, base
 
     def check(self, scale: float) -> None:
         check_scale_value(scale)
