@@ -254,6 +254,32 @@ def test_refit_refuses_a_lora_for_a_component_without_a_lora_engine(t2i_folder, 
     assert not engines.calls
 
 
+def test_an_initializer_the_unet_shares_with_an_equal_controlnet_weight_is_not_refit(t2i_folder, t2i_loras, engines, tmp_path):
+    """From a review: the TorchScript exporter merges identical constants, so in the fused graph a ControlNet made from
+    the UNet shares the UNet's initializers for every weight it kept, and its own copies have none. The by-name step
+    gave such an initializer to the UNet, and a UNet LoRA refit into it patched the ControlNet too (off by a third of
+    the LoRA's effect against a fresh export). It stands for both now: a LoRA on it is refused, naming what to do."""
+    out = tmp_path / "trt"
+    export_text_to_image(t2i_folder, out, ExportOptions(backend="tensorrt", **T2I), [str(t2i_folder / "controlnet")])
+    wmap = refit.read_weight_map(out / "unet_controlnet" / "model.onnx")
+    shared = {name: owners for name, owners in wmap["ambiguous"].items()
+              if any(o.startswith("unet.") for o in owners) and any(o.startswith("controlnet.") for o in owners)}
+    assert shared  # the tiny ControlNet keeps the UNet's weights outside its embedding and output convs
+    mapped = {(e["component"], e["param"]) for e in wmap["weights"].values()}
+    for owners in shared.values():  # none of them patched through it
+        assert not {tuple(o.split(".", 1)) for o in owners} & mapped
+    # A LoRA on the UNet's resnet convs alone: their initializers keep their names, which the by-name step matched.
+    from safetensors.torch import load_file, save_file
+
+    kohya = load_file(t2i_loras["kohya"])
+    conv_only = tmp_path / "conv_only.safetensors"
+    save_file({k: v for k, v in kohya.items() if k.startswith("lora_unet_") and "_resnets_" in k}, conv_only)
+    engines.calls.clear()
+    with pytest.raises(ArtifactError, match="holds under no initializer diffrt could identify.*export with --lora instead"):
+        refit.refit_artifact(out, [(str(conv_only), 1.0)])
+    assert engines.calls == []
+
+
 def _trained_controlnet(src: Path, dst: Path, seed: int) -> Path:
     """A copy of the ControlNet at `src` with every weight moved off the UNet's. The tiny ControlNets
     are made from the UNet, so equal copies of its weights leave the fused graph's constant-folded

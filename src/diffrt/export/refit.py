@@ -148,6 +148,21 @@ def build_weight_map(onnx_path: str | Path, modules: Mapping[str, torch.nn.Modul
         elif hits:
             ambiguous[name] = [f"{c}.{p}" for c, p, _ in hits]
 
+    # 3. One initializer for several equal weights: the TorchScript exporter merges identical constants, so a ControlNet
+    # made from the UNet shares the UNet's initializers for the weights it has not changed, and its own copies are left
+    # without one. Patching it for the UNet's LoRA patched the ControlNet too: it stands for both, ambiguous.
+    located = {(e["component"], e["param"]) for e in found.values()}
+    left = defaultdict(list)  # shape -> parameters with no initializer of their own
+    for (c, p), t in params.items():
+        if (c, p) not in located:
+            left[tuple(t.shape)].append((c, p))
+    for name, e in list(found.items()):
+        value = inits[name].T if e["transpose"] else inits[name]
+        shared = [f"{c}.{p}" for c, p in left.get(tuple(value.shape), ()) if torch.equal(params[c, p].to(value.dtype), value)]
+        if shared:
+            ambiguous[name] = [f"{e['component']}.{e['param']}", *shared]
+            del found[name]
+
     located = {(e["component"], e["param"]) for e in found.values()}
     unlocated = sorted(f"{c}.{p}" for c, p in params if (c, p) not in located)
     if unlocated:
