@@ -110,12 +110,20 @@ def test_demo_ui_flags_reach_the_demo(monkeypatch, tmp_path):
     assert seen == {"host": "127.0.0.1", "port": 7000, "model": str(tmp_path), "backend": "onnxruntime", "controlnet": ["cn"],
                     "loras": [("a.safetensors", 0.5)]}
     _assert_one_line_error(run_cli("demo", "--model", str(tmp_path)), "choose the model of the Gradio demo; add --ui")
+    # The options of one mode given to the other were ignored without a word.
+    _assert_one_line_error(run_cli("demo", "--port", "1234"), "--port sets where the Gradio demo listens; add --ui")
+    _assert_one_line_error(run_cli("demo", "--host", "0.0.0.0"), "--host sets where the Gradio demo listens; add --ui")
+    _assert_one_line_error(run_cli("demo", "--ui", "--out", "x.png"), "the Gradio demo (--ui) writes no file")
+    _assert_one_line_error(run_cli("demo", "--ui", "--controlnet", "a", "--controlnet", "b", "--backend", "torch"),
+                           "the demo UI takes one control image")  # one upload: Generate refused every click
 
 
 def test_demo_ui_on_port_0_serves_on_a_free_port():
     """From the CLI review: `demo --ui --port 0` (the help's "0 picks a free one", as for serve) handed Gradio port 0,
     which listened there, printed ":0" and died in its own start-up check with a traceback."""
     import re
+    import signal
+    import time
     import urllib.request
 
     pytest.importorskip("gradio")
@@ -132,8 +140,13 @@ def test_demo_ui_on_port_0_serves_on_a_free_port():
         assert url and int(url.group(2)) != 0, "".join(seen)
         with urllib.request.urlopen(url.group(1), timeout=60) as page:
             assert page.status == 200 and b"gradio" in page.read().lower()
+        # Ctrl-C ends the demo as interrupted, as every other command (Gradio's own wait, which its launch enters
+        # after the lines above, took it as a normal end: exit 0, and a script running the demo went on).
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == -signal.SIGINT
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(60)
 
 
@@ -360,3 +373,32 @@ def test_a_stopped_run_says_so_once_from_a_data_parallel_run(quiet, monkeypatch,
     monkeypatch.setattr(cli, "_cmd_train_class_cond", stopped)
     assert main(["train", "class-cond", "--out", str(tmp_path / "run")]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip() == ("" if quiet else "diffrt: stopped by SIGTERM after step 3 of 6: saved it")
+
+
+def test_verbose_is_taken_after_the_command_too(tmp_path, capsys):
+    """The bug (a review's): `-v` worked only before the command (`diffrt train class-cond --max-steps 1 -v` gave
+    "unrecognized arguments: -v"), while error lines end "(-v shows where)". Every command and trainer takes it, and
+    one given before the command is not undone by the command's parser."""
+    import argparse
+
+    from diffrt.cli import build_parser
+
+    parser = build_parser()
+    train = ["train", "class-cond", "--max-steps", "1"]
+    assert parser.parse_args([*train, "-v", "--out", "x"]).verbose is True
+    assert parser.parse_args(["-v", *train]).verbose is True and parser.parse_args(train).verbose is False
+
+    def commands(p):  # every parser under the top one, trainers included
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield name, sub
+                    yield from commands(sub)
+
+    missing = [name for name, sub in commands(parser) if "-v" not in sub._option_string_actions]
+    assert missing == [], missing
+    # Through main, to the command's own check (--out is a file): not refused as an unrecognized argument.
+    (tmp_path / "out").write_text("a file where --out should be")
+    rc = main([*train, "--resolution", "8", "--widths", "16", "32", "--out", str(tmp_path / "out"), "-v"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unrecognized arguments" not in err and "diffrt: error: " in err

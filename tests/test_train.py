@@ -1023,6 +1023,15 @@ def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
         "class data inside the instance data": (db + ["--with-prior-preservation", "--class-prompt", "a cat",
                                                       "--class-data", str(cat / "class")],
                                                 f"--class-data {cat / 'class'} is inside the --instance-data folder {cat}"),
+        # From a review: each passed the checks, then failed in step 1 (a GroupNorm traceback, tensorboard/ and the lock
+        # file left behind), or in peft naming no flag.
+        "dreambooth size the UNet cannot halve": (db + ["--resolution", "8"],
+                                                  "--resolution 8: this model trains at sides that are multiples of 16"),
+        "dreambooth size of one-value groups": (db + ["--resolution", "16"],
+                                                "--resolution 16 with --batch-size 1 leaves the UNet's deepest level one pixel"),
+        "empty target module name": (db + ["--target-modules", "to_q", ""], "--target-modules has an empty module name"),
+        "class data at the model folder": (db + ["--with-prior-preservation", "--class-prompt", "a cat", "--class-data", str(sd)],
+                                           f"--class-data {sd} is the --model folder {sd}"),
     }
 
 
@@ -1468,3 +1477,140 @@ def test_a_resume_missing_class_images_says_so_before_making_them(sd_folder, cat
     assert warned and "resuming with 1 of the 2 class images missing" in warned[0].getMessage()
     made = [r for r in caplog.records if "generating 1 class images" in r.getMessage()]
     assert made and caplog.records.index(warned[0]) < caplog.records.index(made[0])
+
+
+@pytest.mark.parametrize("class_data, out", [("h/1", "h/1"), ("h2", "h2/run"), ("h3/run/checkpoints", "h3/run")],
+                         ids=["is out", "holds out", "inside out's checkpoints"])
+def test_class_data_overlapping_out_is_refused_before_anything_is_made(class_data, out, sd_folder, cat_folder, tmp_path,
+                                                                       monkeypatch, capsys):
+    """The bug (a review's): class images were generated among the run's LoRA and checkpoints (or its files read as
+    class images), and a later --resume failed with advice to delete the trained LoRA. Refused in one line naming
+    --class-data; OUT/class_images, the default, and another folder of --out stay fine."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", str(cat_folder), "--instance-prompt",
+            "a photo of sks cat", "--resolution", "32", "--max-steps", "1", "--with-prior-preservation", "--class-prompt",
+            "a cat", "--class-data", class_data, "--out", out]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffrt: error:")]
+    assert len(errors) == 1 and f"--class-data {class_data} " in errors[0] and f"the --out folder {out}: " in errors[0], errors
+    assert list(tmp_path.iterdir()) == []  # nothing made
+    for fine in ("run/class_images", "run/priors"):
+        replace(dreambooth_config(sd_folder, cat_folder, Path("run"), Path(fine)), class_data=fine).validate()
+
+
+@pytest.mark.parametrize("trainer, name, kind", [("class-cond", "model", "file"), ("dreambooth-lora", "class_images", "file"),
+                                                  ("dreambooth-lora", LORA_WEIGHT_NAME, "folder")])
+def test_what_the_run_writes_in_out_is_checked_before_it_starts(trainer, name, kind, sd_folder, tmp_path, capsys):
+    """The bug (a review's): a file at OUT/class_images failed with Errno 17 when class images were made, a folder at
+    OUT/pytorch_lora_weights.safetensors only after the last step, and a file named OUT/model was replaced without a
+    word. Each is refused in one line, the file or folder left as it was."""
+    argv = {"class-cond": ["train", "class-cond", "--resolution", "8", "--widths", "16", "32", "--max-steps", "1"],
+            "dreambooth-lora": ["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", "chelsea",
+                                "--instance-prompt", "a photo of sks cat", "--resolution", "32", "--max-steps", "1",
+                                "--with-prior-preservation", "--class-prompt", "a cat", "--num-class-images", "1"]}[trainer]
+    out = tmp_path / "out"
+    out.mkdir()
+    if kind == "folder":
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("notes")
+    assert main(argv + ["--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffrt: error:")]
+    expected = (f"{name} is a file where the run keeps its {name}; move it" if kind == "file" else
+                f"{name} is a folder where the run writes its {name}; move it")
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert [p.name for p in out.iterdir()] == [name] and ((out / name).is_dir() or (out / name).read_text() == "notes")
+
+
+def test_diffrt_json_records_the_rate_and_images_of_a_step_and_the_command_as_run(tmp_path, monkeypatch):
+    """The bug (a review's): with --scale-lr, --gradient-accumulation-steps 2 and --batch-size 4, diffrt.json recorded
+    learning_rate 0.001 and batch_size 4, while the run trained at 0.008 on 8 images a step; and under `python -m
+    diffrt` its command was the path of diffrt/__main__.py, with its arguments unquoted."""
+    import shlex
+
+    import diffrt
+
+    out = tmp_path / "a run"  # a space: quoted in the command
+    argv = ["train", "class-cond", "--resolution", "8", "--widths", "16", "32", "--max-steps", "1", "--batch-size", "4",
+            "--gradient-accumulation-steps", "2", "--scale-lr", "--lr-warmup-steps", "0", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", [str(Path(diffrt.__file__).parent / "__main__.py"), *argv])  # python -m diffrt
+    assert main(argv) == 0
+    training = json.loads((out / "model" / "diffrt.json").read_text())["training"]
+    assert training["learning_rate"] == pytest.approx(1e-3 * 8) and training["scale_lr"] is True
+    assert training["batch_size"] == 4 and training["gradient_accumulation_steps"] == 2 and training["images_per_step"] == 8
+    assert training["command"] == "diffrt " + shlex.join(argv) and shlex.split(training["command"])[1:] == argv
+
+
+def _dreambooth_argv(sd_folder: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "dreambooth-lora", "--model", str(sd_folder), "--instance-data", "chelsea", "--instance-prompt",
+            "a photo of sks cat", "--resolution", "32", "--rank", "2", "--num-validation-images", "1", "--inference-steps", "1",
+            "--max-steps", "1", "--out", str(out), *extra]
+
+
+def test_dreambooth_fp16_on_the_cpu_warns_once_records_fp32_and_resumes(sd_folder, tmp_path, caplog):
+    """The bug (a review's): --mixed-precision fp16 on the CPU trained in fp32 but dreambooth.json and the checkpoint
+    recorded fp16, and the warning that it would not came twice (the trainer's, then the loop's). The same command
+    resumes the run."""
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on the GPU")
+    out = tmp_path / "db"
+    with caplog.at_level("WARNING"):
+        assert main(_dreambooth_argv(sd_folder, out, "--mixed-precision", "fp16")) == 0
+    assert caplog.text.count("--mixed-precision fp16 needs a GPU") == 1
+    assert json.loads((out / "dreambooth.json").read_text())["train"]["mixed_precision"] == "no"
+    assert json.loads((out / "checkpoints" / "step-0000001" / "state.json").read_text())["config"]["mixed_precision"] == "no"
+    assert main(_dreambooth_argv(sd_folder, out, "--mixed-precision", "fp16", "--max-steps", "2", "--resume")) == 0
+
+
+def test_dreambooth_text_encoder_targets_without_training_it_are_said_to_be_ignored(sd_folder, tmp_path, caplog):
+    """The bug (a review's): --text-encoder-target-modules without --train-text-encoder was ignored without a word,
+    where --class-prompt without --with-prior-preservation is named in a warning."""
+    with caplog.at_level("WARNING", logger="diffrt.train.dreambooth"):
+        assert main(_dreambooth_argv(sd_folder, tmp_path / "db", "--text-encoder-target-modules", "q_proj")) == 0
+    assert "--text-encoder-target-modules is ignored without --train-text-encoder" in caplog.text
+
+
+def test_dreambooth_resume_takes_the_default_class_folder_named(sd_folder, tmp_path, monkeypatch, capsys):
+    """The bug (a review's): a run made with the default class folder, OUT/class_images, refused `--resume --class-data
+    OUT/class_images` as a changed option (class_data: None saved vs 'r/db/class_images' now)."""
+    monkeypatch.chdir(tmp_path)
+    prior = ["--with-prior-preservation", "--class-prompt", "a cat", "--num-class-images", "1", "--class-inference-steps", "1"]
+    assert main(_dreambooth_argv(sd_folder, Path("r/db"), *prior)) == 0
+    assert main(_dreambooth_argv(sd_folder, Path("r/db"), *prior, "--max-steps", "2", "--resume",
+                                 "--class-data", "r/db/class_images")) == 0
+    assert "trained 1 step (steps 2-2, resumed)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("trainer", ["class-cond", "finetune", "dreambooth-lora"])
+def test_each_trainers_python_defaults_are_its_commands(trainer, tmp_path, monkeypatch):
+    """The bug (a review's): README says Python takes the CLI's settings, but ClassCondConfig() trained 1000 steps at
+    batch 32 where `diffrt train class-cond` trains 2000 at 64, and FinetuneConfig() at batch 32 where the command takes
+    16. The config each command builds from its defaults is the trainer's Python default, field for field."""
+    import diffrt.train.classcond
+    import diffrt.train.dreambooth
+    import diffrt.train.finetune
+
+    class Built(Exception):
+        pass
+
+    def capture(config):
+        raise Built(config)
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    python, argv = {
+        "class-cond": (ClassCondConfig(), ["train", "class-cond"]),
+        "finetune": (FinetuneConfig(model=str(model), data="digits"),
+                     ["train", "finetune", "--model", str(model), "--data", "digits"]),
+        "dreambooth-lora": (DreamBoothConfig(model=str(model), instance_data="chelsea", instance_prompt="a photo of sks cat"),
+                            ["train", "dreambooth-lora", "--model", str(model), "--instance-data", "chelsea",
+                             "--instance-prompt", "a photo of sks cat"]),
+    }[trainer]
+    module, function = {"class-cond": (diffrt.train.classcond, "train_class_conditioned"),
+                        "finetune": (diffrt.train.finetune, "finetune"),
+                        "dreambooth-lora": (diffrt.train.dreambooth, "train_dreambooth_lora")}[trainer]
+    monkeypatch.setattr(module, function, capture)
+    with pytest.raises(Built) as built:
+        main(argv)
+    assert built.value.args[0] == python

@@ -847,12 +847,14 @@ def test_a_run_removes_what_killed_saves_left_and_nothing_else(tmp_path, caplog,
     out = tmp_path / "run"
     if resume:
         train_linear(linear_config(out, max_steps=2))
-    _plant(out, LEFTOVERS + NOT_LEFTOVERS)
+    # A model/ folder is a finished run's result, which a fresh run refuses (check_no_earlier_run): resumed runs only.
+    kept = NOT_LEFTOVERS if resume else [name for name in NOT_LEFTOVERS if not name.startswith("model/")]
+    _plant(out, LEFTOVERS + kept)
     with caplog.at_level("INFO", logger="diffrt.train.checkpoints"):  # remove_killed_saves logs there
         result, _ = train_linear(linear_config(out, max_steps=4, resume=resume))
     assert result.start_step == (2 if resume else 0)
     assert [name for name in LEFTOVERS if (out / name).exists()] == []
-    assert [name for name in NOT_LEFTOVERS if not (out / name).exists()] == []
+    assert [name for name in kept if not (out / name).exists()] == []
     removed = [r.getMessage() for r in caplog.records if "left by an interrupted save" in r.getMessage()]
     assert sorted(m.split("removed ", 1)[1].split(",")[0] for m in removed) == sorted(str(out / n) for n in LEFTOVERS)
 
@@ -1118,3 +1120,55 @@ def test_extending_a_run_warns_only_where_the_rate_moves(tmp_path, caplog):
     assert re.search(r"--max-steps 8 \(the checkpoint's run: 4\) moves the end of the cosine learning-rate decay: step 5 "
                      r"runs at 0\.025 where the saved run's schedule gives 0; the run is not the one an uninterrupted run "
                      r"to 8 would be", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("result", ["model/", "pytorch_lora_weights.safetensors"])
+def test_fresh_run_into_a_finished_run_without_checkpoints_refuses(tmp_path, result):
+    """The bug (a review's): a finished run's --out, its checkpoints removed to save space, took a new run without a
+    word: its loss.csv truncated, its sample grids deleted as "a killed run's grid", its result replaced. Refused in one
+    line naming what is there, before anything is touched, `--resume auto` (a fresh run there) too."""
+    train_linear(linear_config(tmp_path, max_steps=2))
+    shutil.rmtree(tmp_path / "checkpoints")
+    _plant(tmp_path, [result, "samples/step-0000002.png"])  # what a trainer's save and grid leave
+    before = (tmp_path / "loss.csv").read_text()
+    for resume in (False, "auto"):
+        with pytest.raises(DiffrtError, match=rf"already holds a finished run \(.*{re.escape(result.rstrip('/'))}\) and no "
+                                              r"checkpoint .*choose another --out, or remove") as err:
+            train_linear(linear_config(tmp_path, max_steps=2, resume=resume))
+        assert "\n" not in str(err.value)
+    assert (tmp_path / "loss.csv").read_text() == before and (tmp_path / "samples" / "step-0000002.png").exists()
+
+
+def test_a_folder_where_the_run_writes_its_loss_log_is_refused_before_any_step(tmp_path):
+    """The bug (a review's): a folder at OUT/loss.csv failed the run at its first log row (Errno 21)."""
+    (tmp_path / "loss.csv").mkdir()
+    with pytest.raises(DiffrtError, match=r"loss.csv is a folder where the run writes its loss.csv; move it, or choose another --out"):
+        train_linear(linear_config(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
+
+
+def test_checkpoints_from_step_ten_million_on_are_found_in_step_order(tmp_path):
+    """The bug (a review's): checkpoint folders were matched by exactly seven digits, so step-10000000 (save_checkpoint's
+    {step:07d}) was invisible to --resume, and by name a later one would sort before step-9999999."""
+    model = torch.nn.Linear(4, 1)
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(named.values())
+    config = linear_config(tmp_path, max_steps=10_000_001, resume=True)
+    for step in (9_999_999, 10_000_000):
+        save_checkpoint(tmp_path / "checkpoints", step, named, optimizer, None, {"config": vars(config)})
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-9999999", "step-10000000"]
+    state = load_latest_checkpoint(tmp_path / "checkpoints", named, optimizer, None)
+    assert state["step"] == 10_000_000
+
+
+def test_fp16_on_the_cpu_records_the_fp32_it_ran_and_the_same_command_resumes(tmp_path, caplog):
+    """The bug (a review's): --mixed-precision fp16 on the CPU trained in fp32 but its checkpoints recorded fp16."""
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on the GPU")
+    with caplog.at_level("WARNING", logger="diffrt.train.loop"):
+        train_linear(linear_config(tmp_path, max_steps=2, mixed_precision="fp16"))
+    assert caplog.text.count("--mixed-precision fp16 needs a GPU") == 1
+    state = json.loads((tmp_path / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["config"]["mixed_precision"] == "no"
+    result, _ = train_linear(linear_config(tmp_path, max_steps=4, mixed_precision="fp16", resume=True))
+    assert result.start_step == 2

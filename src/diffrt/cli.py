@@ -19,27 +19,31 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1  # the system refused a read or write
 
 
-def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int, batch: int, lr: float,
-                       schedule: str = "cosine", warmup: int = 100) -> None:
-    p.add_argument("--out", default=out_default, help="output folder (model, checkpoints, samples, logs)")
-    p.add_argument("--max-steps", type=int, default=steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=batch, help="images per optimizer step and process")
-    p.add_argument("--learning-rate", type=float, default=lr, help="AdamW's peak learning rate")
-    p.add_argument("--lr-warmup-steps", type=int, default=warmup, help="steps of linear warm-up to --learning-rate")
-    p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default=schedule,
+def _add_train_options(p: argparse.ArgumentParser, trainer: str) -> None:
+    """The options every trainer shares, their defaults read from the trainer's Python defaults (train.config's
+    trainer_defaults), so that the command and a config made in Python train alike."""
+    from diffrt.train.config import trainer_defaults  # imports no torch: --help stays quick
+
+    d = trainer_defaults(trainer)
+    p.add_argument("--out", default=d.out, help="output folder (model, checkpoints, samples, logs)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimizer step and process")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="AdamW's peak learning rate")
+    p.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps, help="steps of linear warm-up to --learning-rate")
+    p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default=d.lr_schedule,
                    help="after the warm-up: constant, or a linear or cosine decay to 0 at --max-steps")
     p.add_argument("--scale-lr", action="store_true",
                    help="take --learning-rate per image: the schedule peaks at it times batch size x accumulation x processes")
-    p.add_argument("--adam-weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
-    p.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW's first-moment decay")
-    p.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay")
-    p.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW's denominator epsilon")
-    p.add_argument("--snr-gamma", type=float, default=None, metavar="GAMMA",
+    p.add_argument("--adam-weight-decay", type=float, default=d.weight_decay, help="AdamW's decoupled weight decay")
+    p.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="AdamW's first-moment decay")
+    p.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="AdamW's second-moment decay")
+    p.add_argument("--adam-epsilon", type=float, default=d.adam_epsilon, help="AdamW's denominator epsilon")
+    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma, metavar="GAMMA",
                    help="Min-SNR loss weighting, capping each timestep's weight at GAMMA (the paper's 5.0; default off)")
-    p.add_argument("--noise-offset", type=float, default=0.0,
+    p.add_argument("--noise-offset", type=float, default=d.noise_offset,
                    help="offset noise: add this times a per-channel normal draw to the noise, so that very dark or bright "
                         "images can be learnt (0.05-0.1 are usual; default 0: off)")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1,
+    p.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps,
                    help="micro-batches of --batch-size whose gradients make one step (the loss divided by their count)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: accelerate's (ACCELERATE_MIXED_PRECISION, which `accelerate launch` exports from its "
@@ -47,19 +51,19 @@ def _add_train_options(p: argparse.ArgumentParser, out_default: str, steps: int,
     p.add_argument("--allow-tf32", action="store_true",
                    help="GPU: fp32 matmuls in TF32 (Ampere and later; faster, ~fp16 mantissa); process-wide, as diffusers' flag")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's norm to this (0: no clipping)")
-    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 disables)")
-    p.add_argument("--ema-power", type=float, default=0.0,
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradient's norm to this (0: no clipping)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA of the weights (0 disables)")
+    p.add_argument("--ema-power", type=float, default=d.ema_power,
                    help="EMA warm-up as diffusers' EMAModel(use_ema_warmup=True): 1 - (1 + (n - 1) / inv_gamma) ^ -power at update n "
                         "(train_unconditional.py: 0.75); default 0: min(decay, (1 + n) / (10 + n))")
-    p.add_argument("--ema-inv-gamma", type=float, default=1.0, help="the EMA power warm-up's inverse gamma")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (and after the last)")
-    p.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
+    p.add_argument("--ema-inv-gamma", type=float, default=d.ema_inv_gamma, help="the EMA power warm-up's inverse gamma")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="save a checkpoint every N steps (and after the last)")
+    p.add_argument("--checkpoints-total-limit", type=int, default=d.checkpoints_total_limit, metavar="N",
                    help="keep only the newest N complete checkpoints, removing older ones after each save (default: keep all)")
-    p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="log the mean loss of every N steps to loss.csv and TensorBoard")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every step's draws")
-    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_value, metavar="auto",
+    p.add_argument("--sample-every", type=int, default=d.sample_every, help="write a sample grid every N steps (0: at the end)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="log the mean loss of every N steps to loss.csv and TensorBoard")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the initial weights and every step's draws")
+    p.add_argument("--resume", nargs="?", const=True, default=d.resume, type=_resume_value, metavar="auto",
                    help="continue from the newest complete checkpoint in --out; `--resume auto`: where --out holds none "
                         "yet, start a new run (one command line for every attempt of a job that may be requeued)")
 
@@ -225,6 +229,11 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    ui_only = [flag for flag, value, default in (("--host", args.host, "127.0.0.1"), ("--port", args.port, 7860)) if value != default]
+    if args.ui and args.out != "demo.png":
+        raise DiffrtError("--out is where `diffrt demo` writes its grid; the Gradio demo (--ui) writes no file: leave --out out")
+    if not args.ui and ui_only:
+        raise DiffrtError(f"{ui_only[0]} sets where the Gradio demo listens; add --ui (`diffrt demo` without it writes a grid to --out)")
     if args.ui:
         from diffrt.runtime.loading import default_backend
         from diffrt.serve.ui import launch_ui
@@ -292,6 +301,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
+class _CommandParser(_Parser):
+    """A command's parser (and its subcommands', which argparse makes of the same class): it takes -v too, so that
+    `diffrt train class-cond ... -v` works as `diffrt -v train ...` does, and as error lines that end "(-v shows where)"
+    suggest. Unset, it leaves the value given before the command as it was (SUPPRESS adds no default)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at debug level")
+
+
 def _port(text: str) -> int:
     """A TCP port: 0 (any free one) to 65535."""
     try:
@@ -321,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffrt", description="Train diffusion models in PyTorch, export them to ONNX/TensorRT, and run a guided DDIM loop.")
     parser.add_argument("--version", action="version", version=f"diffrt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
     # train
     train = sub.add_parser("train", help="train or fine-tune a model in PyTorch")
@@ -341,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what the UNet learns to predict: the noise, v (Salimans & Ho) or the clean image")
     cc.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"], default="linear",
                     help="the noise schedule's betas over 1000 steps (squaredcos_cap_v2: Nichol & Dhariwal's cosine)")
-    _add_train_options(cc, "runs/class-cond", steps=2000, batch=64, lr=1e-3)
+    _add_train_options(cc, "class-cond")
     cc.set_defaults(parser=cc, func=_cmd_train_class_cond)
     ft = tsub.add_parser("finetune", help="fine-tune a pretrained UNet2DModel (diffusers folder) on new images",
                           formatter_class=DefaultsHelpFormatter)
@@ -351,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--crop", choices=["center", "random"], default="center", help="crop after resizing the short side")
     ft.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
     ft.add_argument("--label-dropout", type=float, default=0.1, help="class-conditioned models: probability of the null label")
-    _add_train_options(ft, "runs/finetune", steps=1000, batch=16, lr=1e-4)
+    _add_train_options(ft, "finetune")
     ft.set_defaults(parser=ft, func=_cmd_train_finetune)
     db = tsub.add_parser("dreambooth-lora", help="DreamBooth with LoRA (peft) on a text-to-image pipeline folder",
                           formatter_class=DefaultsHelpFormatter)
@@ -387,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for validation and class images")
     db.add_argument("--sample-batch-size", type=int, default=4, help="class images generated per batch")
     # diffusers' DreamBooth-LoRA recipe (its README): learning rate 1e-4, constant, no warm-up.
-    _add_train_options(db, "runs/dreambooth-lora", steps=500, batch=1, lr=1e-4, schedule="constant", warmup=0)
-    db.set_defaults(parser=db, func=_cmd_train_dreambooth_lora, lr_warmup_steps=0)
+    _add_train_options(db, "dreambooth-lora")
+    db.set_defaults(parser=db, func=_cmd_train_dreambooth_lora)
     train.set_defaults(parser=train, func=lambda a: _missing_sub(train))
 
     # export

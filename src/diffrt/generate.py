@@ -155,6 +155,19 @@ def image_strength(req: GenerateRequest) -> float:
     return DEFAULT_STRENGTH if req.strength is None else req.strength
 
 
+def opened_loras(req: GenerateRequest) -> tuple[list, float]:
+    """(LoRAs to open, strength to set after): --lora files at --lora-scale times their scales, and 1.0. A one-shot run
+    opens its LoRA at the strength it runs (bit for bit what a change of strength gives, lora_scale.TorchLora), so an
+    export bakes it in at that strength: opened at 1.0 and set after, an ONNX export ran first and its graph's fixed
+    LoRA then refused the strength. Without --lora the strength is that of the artifact's LoRA, set after opening."""
+    from diffrt.runtime.lora_scale import check_scale_value, scaled
+
+    if not req.loras or req.lora_scale == 1.0:
+        return req.loras, req.lora_scale
+    check_scale_value(req.lora_scale)
+    return scaled(req.loras, req.lora_scale), 1.0
+
+
 @contextlib.contextmanager
 def step_bar(req: GenerateRequest):
     """A per-step progress hook drawing a tqdm bar when the request asks for one, else None. The
@@ -200,8 +213,9 @@ def _generate(req: GenerateRequest, guidance: list[Guidance], progress):
         raise DiffrtError(f"{'/'.join(given)} {verb} a text-to-image model folder; this is a pixel-space model (use --class-label)")
     from diffrt.runtime.loading import open_pixel_pipeline
 
-    pipe = open_pixel_pipeline(req.model, req.backend, req.device, loras=req.loras, strict=req.strict, cuda_graph=req.cuda_graph)
-    pipe.set_lora_scale(req.lora_scale)
+    loras, lora_scale = opened_loras(req)
+    pipe = open_pixel_pipeline(req.model, req.backend, req.device, loras=loras, strict=req.strict, cuda_graph=req.cuda_graph)
+    pipe.set_lora_scale(lora_scale)
     labels = None
     if pipe.info.conditioning != "none":
         if req.class_label is None and req.num_images:  # else one image per class, and --num-images would go unused
@@ -263,9 +277,10 @@ def _generate_text_to_image(req: GenerateRequest, guidance: list[Guidance], prog
     if images and len(scales) not in (1, len(images)):
         raise DiffrtError(f"got {len(scales)} --control-scale for {len(images)} --control-image; "
                           "give one for every ControlNet, or one per --control-image")
-    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=req.loras, controlnet=controlnets or None,
+    loras, lora_scale = opened_loras(req)
+    pipe = open_text_to_image_pipeline(req.model, req.backend, req.device, loras=loras, controlnet=controlnets or None,
                                        strict=req.strict, cuda_graph=req.cuda_graph)
-    pipe.set_lora_scale(req.lora_scale)
+    pipe.set_lora_scale(lora_scale)
     control = None
     if images:
         k = pipe.num_controlnets

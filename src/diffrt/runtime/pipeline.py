@@ -299,8 +299,8 @@ class DenoiserPipeline:
         if self.lora is not None:
             self.lora.check(scale)
         elif scale != 1.0:
-            raise DiffrtError(f"lora_scale {scale:g}: this model runs no LoRA; open it with --lora FILE[:SCALE] "
-                              "(or export one with it) to scale one")
+            raise DiffrtError(f"lora_scale {scale:g}: this model runs no LoRA; open a diffusers folder with --lora FILE[:SCALE] "
+                              "(loras=[...]), or an artifact exported with --lora, to scale one")
 
     def set_lora_scale(self, scale: float) -> None:
         """Run the LoRA at `scale` times the scales it was opened with, as diffusers' `lora_scale`:

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
+# Seven digits or more: step-NNNNNNN from 10,000,000 on has eight (save_checkpoint's {step:07d}), and was not found.
+CHECKPOINT_DIR = re.compile(r"^step-(\d{7,})$")
 
 # Fields (of TrainConfig or of a trainer's config) that `--resume` may change: they say how long
 # a run goes, what it reports, or how a step is computed (memory, precision), not what it computes.
@@ -128,7 +129,7 @@ _TOKEN = r"[a-z0-9_]{8}"  # the random part of a temporary file's name (atomic_p
 _HEX = r"[0-9a-f]{8}"
 LEFTOVERS = {
     ".": re.compile(rf"^\.(model\.{_HEX}|model\.old|lora-{_HEX}|(loss\.csv|dreambooth\.json)\.{_TOKEN}\.tmp)$"),
-    "samples": re.compile(rf"^\.step-\d{{7}}\.png\.{_TOKEN}\.tmp$"),  # save_grid (atomic_path)
+    "samples": re.compile(rf"^\.step-\d{{7,}}\.png\.{_TOKEN}\.tmp$"),  # save_grid (atomic_path)
     "checkpoints": re.compile(r"^\.step-"),  # save_checkpoint's staging and remove_old_checkpoints' renames
     "class_images": re.compile(rf"^\.class-\d{{5}}\.png\.{_TOKEN}\.tmp$"),  # DreamBooth's class images, by default here
 }
@@ -213,9 +214,10 @@ def _remove_if_unused(out: Path, made: list[Path]) -> None:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints in `folder`, oldest first: by step, not by name (step-10000000 sorts before step-9999999)."""
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if CHECKPOINT_DIR.match(p.name)), key=lambda p: p.name)
+    return sorted((p for p in folder.iterdir() if CHECKPOINT_DIR.match(p.name)), key=lambda p: int(CHECKPOINT_DIR.match(p.name)[1]))
 
 
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.safetensors", "ema.safetensors")  # what save_checkpoint writes

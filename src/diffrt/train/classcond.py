@@ -21,7 +21,7 @@ from diffrt.errors import DiffrtError
 from diffrt.models import Conditioning, build_pixel_model, small_unet_config
 from diffrt.runtime.ddim import BetaSchedule, DDIMConfig, PredictionType
 from diffrt.train.checkpoints import holds_out
-from diffrt.train.config import TrainConfig, trainer_state
+from diffrt.train.config import TrainConfig, check_out_paths, trainer_defaults, trainer_state
 from diffrt.train.loop import TrainResult, seeded_global_rng, train
 from diffrt.train.pixel import check_sample_size, grid_guidance_scale, pixel_loss_fn, pixel_sample_fn, save_trained
 
@@ -43,7 +43,7 @@ class ClassCondConfig:
     beta_schedule: BetaSchedule = "linear"
     sample_steps: int = 25
     sample_guidance_scale: float = 3.0  # the shipped digits model's training_samples.png (weights/digits/README.md)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/class-cond"))
+    train: TrainConfig = field(default_factory=lambda: trainer_defaults("class-cond"))  # the CLI's
 
     def validate(self) -> None:
         if not 0 <= self.label_dropout < 1:
@@ -62,6 +62,7 @@ class ClassCondConfig:
             raise DiffrtError(f"--widths takes 1 to 3 block widths, each a multiple of 8 (the UNet's group norm), "
                               f"got {' '.join(map(str, self.widths))}")
         self.train.validate()
+        check_out_paths(self.train.out, folders=("model",))
         check_out_outside(self.train.out, self.data)
 
 

@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from diffrt import atomic
 from diffrt.errors import DiffrtError
-from diffrt.train.checkpoints import folders, list_checkpoints
 
 log = logging.getLogger(__name__)
 
 MAX_ACCUMULATION = 64  # loop.step_generator's micro-batch field; TrainConfig.validate holds runs to it
 MAX_PROCESSES = 1024  # and its process field
+
+# What a run writes in --out, checked before any model or data loads (TrainConfig.validate, and each trainer's
+# validate for its own result): a file where a folder goes failed at its first write (Errno 17), a folder where a
+# file goes at its first write (Errno 21: loss.csv's first row, the LoRA after the last step), and a file named
+# like the model folder was replaced without a word.
+RUN_FOLDERS = ("checkpoints", "samples", "tensorboard")
+RUN_FILES = ("loss.csv",)
+# A run's results, which only a finished run leaves: a fresh run into an --out holding one (its checkpoints
+# removed) would have truncated its loss.csv and deleted its sample grids (TrainConfig.check_no_earlier_run).
+RESULTS = ("model", "pytorch_lora_weights.safetensors")  # the pixel trainers' folder, lora_adapters.LORA_WEIGHT_NAME
 
 
 @dataclass
@@ -111,15 +121,15 @@ class TrainConfig:
         # Before the model and data load (and, for DreamBooth, class images are generated): a file in the way of
         # --out, or a folder this user cannot write, failed at the first mkdir with an OSError.
         atomic.check_writable(self.out, folder=True)
-        for name in ("checkpoints", "samples", "tensorboard"):  # the run's own folders: found only when first written
-            if (Path(self.out) / name).is_file():
-                raise DiffrtError(f"{Path(self.out) / name} is a file where the run keeps its {name}; move it, or choose another --out")
+        check_out_paths(self.out, folders=RUN_FOLDERS, files=RUN_FILES)
 
     def resolved(self) -> TrainConfig:
         """The config with `--resume auto` decided: resume where --out holds checkpoints (damaged ones too: --resume
         then says what to do with them), else start a new run. One command line then serves every attempt of a
         job (a scheduler requeuing it after a preemption), as diffusers' `--resume_from_checkpoint latest` does.
         Decided under --out's lock (checkpoints.holds_out), where no other run adds or removes checkpoints."""
+        from diffrt.train.checkpoints import list_checkpoints
+
         if self.resume != "auto":
             return self
         found = bool(list_checkpoints(Path(self.out) / "checkpoints"))
@@ -128,19 +138,74 @@ class TrainConfig:
         return replace(self, resume=found)
 
     def check_no_earlier_run(self) -> None:
-        """A fresh run refuses an --out holding another run's checkpoints (a later --resume would take them up).
+        """A fresh run refuses an --out holding another run's checkpoints (a later --resume would take them up), or
+        the result of a finished one (RESULTS) whose checkpoints are gone: it would have truncated that run's loss.csv,
+        deleted its sample grids as a killed run's and replaced its result. A loss.csv alone is what a run killed
+        before its first checkpoint leaves, which a new run (`--resume auto`: a requeued job) starts over.
         Checked under --out's lock (checkpoints.holds_out): a run still going there is named as such instead."""
+        from diffrt.train.checkpoints import list_checkpoints
+
+        if self.resume:
+            return
         existing = list_checkpoints(Path(self.out) / "checkpoints")
-        if existing and not self.resume:
+        if existing:
             raise DiffrtError(f"{self.out} already holds checkpoints of an earlier run (newest {existing[-1].name}); "
                               "pass --resume to continue that run, or choose an empty --out for a new one")
+        result = next((Path(self.out) / name for name in RESULTS if os.path.lexists(Path(self.out) / name)), None)
+        if result is not None:
+            raise DiffrtError(f"{self.out} already holds a finished run ({result}) and no checkpoint to resume it from: a new "
+                              f"run there would replace it and its loss.csv and samples; choose another --out, or remove {result} first")
+
+
+# Each trainer's defaults where they differ from TrainConfig's, after the recipes they follow (README): the trainers'
+# configs take their `train` default from here, and `diffrt train`'s options theirs (cli._add_train_options), so that a
+# run from Python trains as the command does. This module imports no torch, for the CLI to read them before a command runs.
+TRAINER_DEFAULTS = {
+    "class-cond": dict(out="runs/class-cond", max_steps=2000, batch_size=64),  # the shipped digits model's run
+    "finetune": dict(out="runs/finetune", max_steps=1000, batch_size=16, learning_rate=1e-4),
+    # diffusers' DreamBooth-LoRA recipe: 1e-4, constant, no warm-up (TrainConfig's own default is cosine)
+    "dreambooth-lora": dict(out="runs/dreambooth-lora", max_steps=500, batch_size=1, learning_rate=1e-4, lr_warmup_steps=0,
+                            lr_schedule="constant"),
+}
+
+
+def trainer_defaults(trainer: str, **settings) -> TrainConfig:
+    """`diffrt train <trainer>`'s TrainConfig, with `settings` over its defaults: e.g.
+    `ClassCondConfig(train=trainer_defaults("class-cond", out="runs/digits"))` trains as the command does."""
+    return TrainConfig(**{**TRAINER_DEFAULTS[trainer], **settings})
+
+
+def check_out_paths(out: str | Path, folders=(), files=()) -> None:
+    """Refuse, before the run starts, a file where it keeps one of `folders` in --out, or a folder where it writes one of
+    `files`: found only when first written, mid-run or after its last step."""
+    for name in folders:
+        path = Path(out) / name
+        if path.exists() and not path.is_dir():
+            raise DiffrtError(f"{path} is a file where the run keeps its {name}; move it, or choose another --out")
+    for name in files:
+        path = Path(out) / name
+        if path.is_dir():
+            raise DiffrtError(f"{path} is a folder where the run writes its {name}; move it, or choose another --out")
 
 
 def trainer_state(config) -> dict:
     """A trainer's config as checkpoint state: its fields without its TrainConfig (stored as "config"), and where
     the folders it names are ("folders": a --resume may name them from another directory, or another way)."""
+    from diffrt.train.checkpoints import folders
+
     fields = {k: v for k, v in asdict(config).items() if k != "train"}
     return {**fields, "folders": folders(fields)}
+
+
+def images_per_step(config: TrainConfig, num_processes: int) -> int:
+    """The images one optimizer step trains on: --batch-size is each micro-batch's, on each process."""
+    return config.batch_size * config.gradient_accumulation_steps * num_processes
+
+
+def peak_learning_rate(config: TrainConfig, num_processes: int) -> float:
+    """The rate the schedule peaks at: --learning-rate, or with --scale-lr, per image, times the images of a step
+    (diffusers' --scale_lr)."""
+    return config.learning_rate * images_per_step(config, num_processes) if config.scale_lr else config.learning_rate
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

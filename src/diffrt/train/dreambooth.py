@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 from diffrt import atomic
 from diffrt.data import ImageDataset, check_out_outside, list_images, load_image_folder, load_source
 from diffrt.errors import DataError, DiffrtError
-from diffrt.models import loaded, read_config, require_model_dir, require_safetensors, serialized
+from diffrt.models import loaded, one_value_side, read_config, require_model_dir, require_safetensors, serialized
 from diffrt.runtime.ddim import DDIMConfig, make_alphas_cumprod
 from diffrt.runtime.text_to_image import cut_off
 from diffrt.text_to_image_models import check_parts, check_tokenizer, index_scheduler_class, load_tokenizer
 from diffrt.train.checkpoints import check_resume, holds_out, list_checkpoints
-from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
+from diffrt.train.config import (RESULTS, RUN_FILES, RUN_FOLDERS, TrainConfig, check_out_apart, check_out_paths,
+                                 images_per_step, peak_learning_rate, trainer_defaults, trainer_state)
 from diffrt.train.lora_adapters import (LORA_WEIGHT_NAME, TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, check_targets,
                                          save_lora)
 from diffrt.train.loop import TrainResult, train
@@ -76,9 +77,7 @@ class DreamBoothConfig:
     class_inference_steps: int = 50
     sample_batch_size: int = 4  # class images generated per pipeline call (diffusers' --sample_batch_size)
     guidance_scale: float = 7.5
-    # diffusers' recipe, as the CLI's defaults: 1e-4, constant, no warm-up (TrainConfig's own default is cosine)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/dreambooth-lora", max_steps=500, batch_size=1,
-                                                                   learning_rate=1e-4, lr_warmup_steps=0, lr_schedule="constant"))
+    train: TrainConfig = field(default_factory=lambda: trainer_defaults("dreambooth-lora"))  # the CLI's: diffusers' recipe
 
     def validate(self) -> None:
         if self.rank < 1:
@@ -91,6 +90,14 @@ class DreamBoothConfig:
             raise DiffrtError("--instance-prompt is empty; describe the subject with a rare token, e.g. 'a photo of sks cat'")
         if not self.target_modules:
             raise DiffrtError("--target-modules is empty; name at least one UNet module, e.g. to_q to_k to_v to_out.0")
+        if self.train_text_encoder and not self.text_encoder_target_modules:
+            raise DiffrtError("--text-encoder-target-modules is empty; name at least one module, e.g. q_proj k_proj v_proj out_proj")
+        # An empty name is the model itself to peft's suffix match (named_modules' first name is ""): check_targets
+        # took it for a match, and peft then failed naming no flag.
+        for flag, names, example in (("--target-modules", self.target_modules, UNET_TARGETS),
+                                     ("--text-encoder-target-modules", self.text_encoder_target_modules, TEXT_ENCODER_TARGETS)):
+            if any(not str(name).strip() for name in names):
+                raise DiffrtError(f"{flag} has an empty module name; name the modules to adapt, e.g. {' '.join(example)}")
         if self.with_prior_preservation:
             if not (self.class_prompt or "").strip():
                 raise DiffrtError("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a cat'")
@@ -111,10 +118,16 @@ class DreamBoothConfig:
         if self.crop not in ("center", "random"):
             raise DiffrtError(f"--crop must be 'center' or 'random', got {self.crop!r}")
         self.train.validate()
-        check_out_apart(self.train.out, require_pipeline_dir(self.model), LORA_WEIGHT_NAME)
+        folder = require_pipeline_dir(self.model)
+        check_out_apart(self.train.out, folder, LORA_WEIGHT_NAME)
         check_out_outside(self.train.out, self.instance_data, "--instance-data")
+        default_class_dir = self.with_prior_preservation and not self.class_data
+        check_out_paths(self.train.out, folders=("class_images",) if default_class_dir else (),
+                        files=(LORA_WEIGHT_NAME, "dreambooth.json"))
         if self.with_prior_preservation and self.class_data:
             check_class_data_apart(self.class_data, self.instance_data)
+            check_class_data_apart(self.class_data, folder, "--model", "the model's files")
+            check_class_data_outside_run(self.class_data, self.train.out)
 
 
 @dataclass
@@ -136,6 +149,9 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
 
     # 1. Everything cheap to check, before any model is loaded (the config and its folders are, by holds_out).
     folder = require_pipeline_dir(config.model)
+    out = Path(config.train.out)
+    if config.class_data is not None and Path(config.class_data).resolve() == (out / "class_images").resolve():
+        config = replace(config, class_data=None)  # the default folder named: one run's either way (a --resume compares)
     if config.resolution is None:
         config = replace(config, resolution=model_resolution(folder))
         log.info("training at %d px, the model's own size (--resolution to change it)", config.resolution)
@@ -147,7 +163,6 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     extra_state = {"dreambooth": {**trainer_state(config), "num_instance_images": len(instance),
                                   "instance_content": instance.content}}
     check_resume(config.train, extra_state)
-    out = Path(config.train.out)
     class_dir = Path(config.class_data) if config.class_data else out / "class_images"
     if config.with_prior_preservation and class_dir.is_dir() and 0 < len(list_images(class_dir)) < config.num_class_images:
         # The folder's own images are read now: one that is no image would otherwise fail the run after the
@@ -163,6 +178,9 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
     if config.train.mixed_precision == "fp16" and state.device.type == "cpu":  # said before class images take minutes
         log.warning("--mixed-precision fp16 needs a GPU; on the CPU the base model stays fp32, class images are made "
                     "and the run trains in fp32 (bf16 works on the CPU)")
+        # What runs, for the loop (which would say so again), dreambooth.json and the checkpoints: mixed_precision
+        # is a setting --resume may change, so the same command resumes the run.
+        config = replace(config, train=replace(config.train, mixed_precision="no"))
     c = load_components(folder, state.device, base_dtype(state.device, config.train.mixed_precision))
     vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
     steps = DDIMConfig.from_scheduler_config(c.scheduler_config).num_train_timesteps
@@ -172,9 +190,12 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
                               f"num_train_timesteps); use at most {steps}")
     if config.resolution % vae_scale:
         raise DiffrtError(f"--resolution {config.resolution} is not a multiple of the VAE's downsampling factor {vae_scale}")
+    check_unet_size(c, config, vae_scale)
     check_targets(c.unet, config.target_modules, "UNet", "--target-modules")
     if config.train_text_encoder:
-        check_targets(c.text_encoder, config.text_encoder_target_modules, "text encoder", "text-encoder targets")
+        check_targets(c.text_encoder, config.text_encoder_target_modules, "text encoder", "--text-encoder-target-modules")
+    elif tuple(config.text_encoder_target_modules) != TEXT_ENCODER_TARGETS:
+        log.warning("--text-encoder-target-modules is ignored without --train-text-encoder")
     # Prompts past the text encoder's length train cut short (tokenize truncates, as diffusers'
     # train_dreambooth_lora.py does): said once per prompt here, before class images are generated.
     trained = {"--instance-prompt": config.instance_prompt,
@@ -257,7 +278,10 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
 
     def save_fn(out: Path) -> None:
         save_lora(out, c.unet, unet_lora, c.text_encoder if te_lora else None, te_lora)
-        atomic.write_json(out / "dreambooth.json", {**asdict(config), "wall_time_s": round(time.time() - started, 1),
+        # The rate the schedule peaked at (--scale-lr's product) and the images of a step, beside the settings given.
+        ran = {"peak_learning_rate": peak_learning_rate(config.train, state.num_processes),
+               "images_per_step": images_per_step(config.train, state.num_processes)}
+        atomic.write_json(out / "dreambooth.json", {**asdict(config), **ran, "wall_time_s": round(time.time() - started, 1),
                                                      "torch": torch.__version__})
         log.info("saved the LoRA to %s", out / LORA_WEIGHT_NAME)
 
@@ -268,16 +292,56 @@ def train_dreambooth_lora(config: DreamBoothConfig) -> TrainResult:
 # -- the base model ---------------------------------------------------------------------------
 
 
-def check_class_data_apart(class_data: str | Path, instance_data: str | Path) -> None:
-    """Refuse a --class-data folder at, inside or around --instance-data (sub-folders are read): the class images
-    made for it would be written among the subject's photos, or the photos read as class images."""
-    if not Path(instance_data).is_dir():
+def check_class_data_apart(class_data: str | Path, other: str | Path, flag: str = "--instance-data",
+                           what: str = "the subject's photos") -> None:
+    """Refuse a --class-data folder at, inside or around --instance-data (sub-folders are read), or the --model folder:
+    the class images made for it would be written among `what`, or those read as class images."""
+    if not Path(other).is_dir():
         return  # a bundled name: no folder to overlap
-    classes, instances = Path(class_data).resolve(), Path(instance_data).resolve()
-    if classes == instances or instances in classes.parents or classes in instances.parents:
-        where = "is" if classes == instances else "is inside" if instances in classes.parents else "holds"
-        raise DiffrtError(f"--class-data {class_data} {where} the --instance-data folder {instance_data}: class images would "
-                          "be written among the subject's photos, or the photos read as class images; pass folders apart")
+    classes, folder = Path(class_data).resolve(), Path(other).resolve()
+    if classes == folder or folder in classes.parents or classes in folder.parents:
+        where = "is" if classes == folder else "is inside" if folder in classes.parents else "holds"
+        raise DiffrtError(f"--class-data {class_data} {where} the {flag} folder {other}: class images would be written "
+                          f"among {what}, or those read as class images; pass folders apart")
+
+
+# What a run writes in --out (config.py): a --class-data folder at or inside one of them mixes class images into it.
+RUN_ENTRIES = (*RUN_FOLDERS, *RUN_FILES, *RESULTS, "dreambooth.json")
+
+
+def check_class_data_outside_run(class_data: str | Path, out: str | Path) -> None:
+    """Refuse a --class-data folder that is --out, holds it, or lies inside what the run writes there (its
+    checkpoints, samples, ...): class images were generated among the LoRA and checkpoints, the run's files were read
+    as class images, and a later --resume failed on them. OUT/class_images, the default, and other folders of --out
+    are the class images' own."""
+    classes, where = Path(class_data).resolve(), Path(out).resolve()
+    inside = classes.relative_to(where).parts[0] if where in classes.parents else None
+    if classes == where or classes in where.parents or inside in RUN_ENTRIES:
+        how = ("is" if classes == where else "holds" if classes in where.parents else f"is inside the {inside} of")
+        raise DiffrtError(f"--class-data {class_data} {how} the --out folder {out}: class images would be mixed with the "
+                          "run's checkpoints, logs and LoRA; leave --class-data out (they go to OUT/class_images), or pass "
+                          "a folder outside --out")
+
+
+def check_unet_size(c: Components, config: DreamBoothConfig, vae_scale: int) -> None:
+    """Refuse, before any step, a --resolution whose latents the UNet cannot train on: a side that its down blocks do
+    not halve exactly (diffrt samples such a UNet only at multiples, as `generate` and `export` do), or, on a tiny
+    test UNet, one that leaves its deepest level one pixel of single-channel groups for one image at a time (torch's
+    GroupNorm refuses a single value). Both failed inside step 1 with a traceback."""
+    unet_multiple = 2 ** (len(c.unet.config.block_out_channels) - 1)
+    multiple = vae_scale * unet_multiple
+    if config.resolution % multiple:
+        raise DiffrtError(f"--resolution {config.resolution}: this model trains at sides that are multiples of {multiple} (the "
+                          f"VAE's {vae_scale} x the UNet's {unet_multiple}, whose down blocks halve the latents); pick such a size")
+    side = one_value_side([c.unet.config], multiple)
+    prior = 2 if config.with_prior_preservation else 1
+    batches = {"--batch-size": config.train.batch_size * prior,  # the instance and class halves run as one batch
+               "--num-validation-images": config.num_validation_images * (2 if config.guidance_scale > 1 else 1)}  # CFG
+    single = [flag for flag, batch in batches.items() if batch == 1]
+    if side and config.resolution <= side and single:
+        raise DiffrtError(f"--resolution {config.resolution} with {single[0]} 1 leaves the UNet's deepest level one pixel, "
+                          f"where a GroupNorm with one channel per group has a single value to normalise; train above {side} "
+                          f"px, or pass {single[0]} 2")
 
 
 def require_pipeline_dir(model: str | Path) -> Path:

@@ -23,7 +23,7 @@ from diffrt.data import ImageDataset, check_out_outside, load_source
 from diffrt.errors import DataError, DiffrtError
 from diffrt.models import UNCONDITIONAL_PIPELINES, PixelModel, load_pixel_model, read_config, scheduler_config_file
 from diffrt.train.checkpoints import holds_out
-from diffrt.train.config import TrainConfig, check_out_apart, trainer_state
+from diffrt.train.config import TrainConfig, check_out_apart, check_out_paths, trainer_defaults, trainer_state
 from diffrt.train.loop import TrainResult, train
 from diffrt.train.pixel import check_sample_size, grid_guidance_scale, pixel_loss_fn, pixel_sample_fn, save_trained
 
@@ -40,7 +40,7 @@ class FinetuneConfig:
     num_samples: int = 16  # images in each sample grid (per class for a class-conditioned model: 8)
     sample_steps: int = 25
     sample_guidance_scale: float = 3.0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/finetune", learning_rate=1e-4))
+    train: TrainConfig = field(default_factory=lambda: trainer_defaults("finetune"))  # the CLI's
 
     def validate(self) -> None:
         if self.crop not in ("center", "random"):
@@ -50,6 +50,7 @@ class FinetuneConfig:
         if self.num_samples < 1 or self.sample_steps < 1:
             raise DiffrtError(f"need num_samples >= 1 and sample_steps >= 1, got {self.num_samples} and {self.sample_steps}")
         self.train.validate()
+        check_out_paths(self.train.out, folders=("model",))
         check_out_apart(self.train.out, self.model, "model")
         check_out_outside(self.train.out, self.data)
 

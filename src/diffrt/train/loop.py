@@ -41,7 +41,7 @@ from diffrt import atomic
 from diffrt.errors import DiffrtError, TrainingInterrupted
 from diffrt.train.checkpoints import (check_max_steps, list_checkpoints, load_latest_checkpoint, remove_killed_saves,
                                      remove_old_checkpoints, save_checkpoint)
-from diffrt.train.config import MAX_ACCUMULATION, MAX_PROCESSES, TrainConfig, lr_at
+from diffrt.train.config import MAX_ACCUMULATION, MAX_PROCESSES, TrainConfig, images_per_step, lr_at, peak_learning_rate
 from diffrt.train.data_parallel import average_gradients
 from diffrt.train.ema import EMA
 from diffrt.train.stop import StopRequests
@@ -137,15 +137,15 @@ def train(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.mixed_precision)
+    if config.mixed_precision == "fp16" and accelerator.scaler is None:  # fp32 ran (_accelerator said so): recorded so
+        config = replace(config, mixed_precision="no")
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise DiffrtError("the model has no trainable parameters")
     # --scale-lr: the rate given is per image; the schedule peaks at it times the images of one step, as diffusers'.
     # --batch-size is each process's: a step of the run trains num_processes times as many images.
-    images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    schedule = config
-    if config.scale_lr:
-        schedule = replace(config, learning_rate=config.learning_rate * images_per_step)
+    per_step = images_per_step(config, accelerator.num_processes)
+    schedule = replace(config, learning_rate=peak_learning_rate(config, accelerator.num_processes))
     optimizer = torch.optim.AdamW(named.values(), lr=schedule.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
     # The model is placed, not wrapped: trainers call their own modules (a UNet, a peft adapter
@@ -172,7 +172,7 @@ def train(
         log.info("resumed from step %d", start)
         warn_decay_moved(start, schedule, saved["config"]["max_steps"])
     if config.scale_lr:
-        log.info("--scale-lr: learning rate %g x %d images per step = %g", config.learning_rate, images_per_step,
+        log.info("--scale-lr: learning rate %g x %d images per step = %g", config.learning_rate, per_step,
                  schedule.learning_rate)
     # A finished run's last row, off the --log-every grid, is one an uninterrupted longer run never writes:
     # extended with a higher --max-steps, the run drops it, and its checkpoint kept those steps' window. That
@@ -291,7 +291,7 @@ def train(
                                   f"{config.max_steps} steps are done and the result is saved in {out}",
                                   stop.signum, config.max_steps, quiet=not accelerator.is_main_process)
     steps_run = config.max_steps - start
-    rate = steps_run * images_per_step / sum(step_times) if steps_run else 0.0
+    rate = steps_run * per_step / sum(step_times) if steps_run else 0.0
     return TrainResult(out, config.max_steps, start, losses, seconds, rate, step_times)
 
 

@@ -15,7 +15,7 @@ from diffrt.data import ImageDataset
 from diffrt.errors import DiffrtError
 from diffrt.models import PixelModel, save_pixel_model
 from diffrt.runtime.ddim import make_alphas_cumprod
-from diffrt.train.config import TrainConfig
+from diffrt.train.config import TrainConfig, images_per_step, peak_learning_rate
 from diffrt.train.loop import LossFn, SampleFn
 from diffrt.train.objective import diffusion_loss
 
@@ -86,15 +86,35 @@ def check_sample_size(model: PixelModel, name: str, fix: str) -> None:
                           f"multiples of {multiple} from {low} up; {fix}")
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that ran, as a shell would take it back: `diffrt train ...` with each argument quoted where it
+    needs to be, whether run as `diffrt` or as `python -m diffrt` (whose argv[0] is diffrt/__main__.py); the
+    process's own argv, quoted, when the trainer was called from Python."""
+    argv = sys.argv if argv is None else argv
+    if not argv:
+        return ""
+    main = Path(__file__).resolve().parents[1] / "__main__.py"
+    script = Path(argv[0])
+    if script.name in ("diffrt", "diffrt.exe") or (script.name == "__main__.py" and script.resolve() == main):
+        return "diffrt " + shlex.join(argv[1:])
+    return shlex.join(argv)
+
+
 def save_trained(model: PixelModel, out: Path, train: TrainConfig, started: float, scheduler_config: dict | None = None,
                  pipeline_class: str = "DDIMPipeline", **made_by) -> None:
     """Save the trained model to out/model, its diffrt.json recording what made it: the command, seed, steps,
-    batch size, learning rate, wall time and torch version, and the trainer's own `made_by` fields. A --resume run
-    records `"resumed": true`: its command and wall time are those of the run from the checkpoint on."""
-    argv = sys.argv
+    batch size (and the images of a step: micro-batches and processes), the learning rate the schedule peaked at
+    (--scale-lr's product, not the per-image rate given), wall time and torch version, and the trainer's own `made_by`
+    fields. A --resume run records `"resumed": true`: its command and wall time are those of the run from the
+    checkpoint on."""
+    from accelerate import PartialState
+
+    processes = PartialState(cpu=not torch.cuda.is_available()).num_processes  # the loop's: accelerate's one state
     model.info.training = {
-        **made_by, "command": "diffrt " + shlex.join(argv[1:]) if Path(argv[0]).name == "diffrt" else " ".join(argv),
-        "seed": train.seed, "steps": train.max_steps, "batch_size": train.batch_size, "learning_rate": train.learning_rate,
+        **made_by, "command": command_line(),
+        "seed": train.seed, "steps": train.max_steps, "batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps, "images_per_step": images_per_step(train, processes),
+        "learning_rate": peak_learning_rate(train, processes), **({"scale_lr": True} if train.scale_lr else {}),
         "wall_time_s": round(time.time() - started, 1), "torch": torch.__version__, **({"resumed": True} if train.resume else {}),
     }
     model.unet.eval()
