@@ -1255,9 +1255,12 @@ def test_a_replica_asks_ray_for_a_gpu_where_the_cluster_has_one(monkeypatch):
     with pytest.raises(ValueError, match=r"device 'cuda:1' names a GPU by number"):
         asked(ServeConfig(device="cuda:1"), num_gpus=0.5)
     assert asked(ServeConfig(device="cuda:0")) == 1 and asked(ServeConfig(device="cuda:1"), num_gpus=2) == 2
-    # And requests past a replica's batch and queue wait at Ray's proxy no longer without bound (Ray's default, -1).
+    # And requests past a replica's batch and queue wait at Ray's proxy no longer without bound (Ray's default, -1),
+    # refused past it as the service refuses a full queue (429 with Retry-After; Ray's default was a bare 503).
     bounded = deployment_for(ServeConfig(device="cpu", max_batch_size=4, max_queue=7))
     assert (bounded.max_ongoing_requests, bounded.max_queued_requests) == (11, 7)
+    backpressure = getattr(bounded, "backpressure_config", None)
+    assert backpressure is None or (backpressure.status_code, backpressure.retry_after_s) == (429, 1)
     assert asked(ServeConfig(device="cpu"), num_gpus=0.5) == 0.5  # an explicit request wins
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     for gpus in (0, 4):
@@ -1265,6 +1268,80 @@ def test_a_replica_asks_ray_for_a_gpu_where_the_cluster_has_one(monkeypatch):
         assert asked(ServeConfig()) == (1 if gpus else 0)  # the device left to the replica: the cluster decides
     with pytest.raises(ValueError, match="num_gpus must be >= 0"):
         replica_gpus(ServeConfig(), -1)
+
+
+def test_ray_serves_its_own_deploy_paths(served_model):
+    """From a review: no import path served `serve run` or a Serve config file (build_deployment takes a ServeConfig,
+    Ray's builders a dict of text), so only a Python driver could deploy it. `app` takes the settings as `serve run`
+    passes them."""
+    pytest.importorskip("ray")
+    from diffrt.serve.ray_app import app
+
+    built = app({"model": served_model, "device": "cpu", "max_batch_size": "4", "max_queue": "7", "exact_batching": "false",
+                 "allowed_hosts": "a.example, b.example", "max_replicas": "2"})
+    deployment = built._bound_deployment
+    settings = deployment.init_args[0]
+    assert (settings["model"], settings["max_batch_size"], settings["exact_batching"]) == (served_model, 4, False)
+    assert settings["allowed_hosts"] == ("a.example", "b.example") and deployment.max_ongoing_requests == 11
+    for bad, message in [({"max_batch_size": "four"}, "max_batch_size='four': not an int"),
+                         ({"strict": "maybe"}, "strict='maybe': true or false"), ({"modle": "x"}, "unknown argument 'modle'")]:
+        with pytest.raises(ValueError, match=message):
+            app({"device": "cpu", **bad})
+
+
+def test_the_ray_route_times_out_a_slow_body_and_counts_a_hang_up(served_model):
+    """From a review: the route read the body with no deadline (a sender that stopped midway held a replica's slot for
+    as long as its socket stayed open; `diffrt serve` answers 408), a client that hung up mid-body left a traceback and
+    no 499, a GET without the key got 405 where the service says 401, and a replica refused (429) requests Ray had let
+    in when they could not share a batch: its queue now holds all Ray admits."""
+    import asyncio
+    from dataclasses import asdict
+
+    from starlette.requests import Request
+
+    from diffrt.serve.app import CLIENT_CLOSED_REQUEST
+    from diffrt.serve.ray_app import DiffrtDeployment, ongoing_requests
+
+    config = ServeConfig(model=served_model, api_key_env=None, device="cpu", warmup_steps=1, max_batch_size=2, max_queue=2,
+                         body_timeout_s=0.3)
+    deployment = DiffrtDeployment.func_or_class(asdict(config), api_key=API_KEY)
+    key = (b"authorization", f"Bearer {API_KEY}".encode())
+
+    def request(receive, method: str = "POST", headers=(key,)) -> Request:
+        return Request({"type": "http", "method": method, "path": "/v1/generate", "query_string": b"",
+                        "headers": [PROXY_HOST, (b"content-type", b"application/json"), *headers]}, receive)
+
+    async def stalled():  # part of the body, then nothing
+        if not stalled.sent:
+            stalled.sent = True
+            return {"type": "http.request", "body": b'{"class_label"', "more_body": True}
+        await asyncio.sleep(3600)
+    stalled.sent = False
+
+    async def gone():  # part of the body, then the client hangs up
+        if not gone.sent:
+            gone.sent = True
+            return {"type": "http.request", "body": b'{"class_label"', "more_body": True}
+        return {"type": "http.disconnect"}
+    gone.sent = False
+
+    async def nothing():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def answers():
+        return [await deployment(request(stalled)), await deployment(request(gone)),
+                await deployment(request(nothing, method="GET", headers=()))]
+
+    try:
+        slow, hung_up, keyless_get = asyncio.run(answers())
+        assert slow.status_code == 408 and b"took more than 0.3 s to arrive" in slow.body
+        assert hung_up.status_code == CLIENT_CLOSED_REQUEST
+        assert metric(deployment.runtime.metrics.exposition().decode(), "diffrt_serve_requests_total",
+                      status=str(CLIENT_CLOSED_REQUEST)) == 1
+        assert keyless_get.status_code == 401
+        assert deployment.runtime.batcher.max_queue == ongoing_requests(config) == 4
+    finally:
+        deployment.runtime.close(10)
 
 
 # --- hostile clients (from a security review) ---------------------------------------------------------

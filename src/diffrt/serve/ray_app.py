@@ -30,11 +30,11 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 
 import torch
 from ray import serve
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, LOOPBACK, LOOPBACK_NAMES, ServeConfig, answer_response, api_key_problem, content_type_problem,
@@ -70,7 +70,10 @@ class DiffrtDeployment:
             hosts = LOOPBACK_NAMES
         self.allowed_hosts = None if hosts is None else tuple(h.lower() for h in hosts)
         self.allowed_origins = tuple(o.rstrip("/") for o in self.config.allowed_origins)
-        self.runtime = ServeRuntime(self.config.runtime_config())
+        # The runtime's queue holds every request Ray lets in (max_ongoing_requests, deployment_for): overload is Ray's
+        # proxy's answer alone (429 where Ray can say so), never a 429 from a replica that Ray thought had room (a
+        # batch that does not fill, requests that cannot share one).
+        self.runtime = ServeRuntime(replace(self.config.runtime_config(), max_queue=ongoing_requests(self.config)))
         self.runtime.start()
         # Raising here fails the replica; Ray reports and retries it. An hour, as Triton's model waits: a first
         # TensorRT build of a large model takes many minutes.
@@ -86,6 +89,9 @@ class DiffrtDeployment:
         except asyncio.CancelledError:  # Ray's proxy cancels a request whose client hung up; the runtime gave its rows up
             metrics.observe_answer(CLIENT_CLOSED_REQUEST)
             raise
+        except ClientDisconnect:  # hung up while sending its body: counted as `diffrt serve` counts it, no traceback
+            metrics.observe_answer(CLIENT_CLOSED_REQUEST)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # to nobody
         metrics.observe_answer(response.status_code, time.perf_counter() - t0)
         return response
 
@@ -94,12 +100,12 @@ class DiffrtDeployment:
                                "deploy it with ServeConfig(allowed_hosts=...), or host='0.0.0.0' for a proxy others reach")
         if problem:
             return error_response(421, problem)
-        if request.method != "POST":
-            return error_response(405, "Method Not Allowed", headers={"Allow": "POST"})  # as the service's route answers
-        if self.api_key is not None:
+        if self.api_key is not None:  # before the method, as the service's guard runs before its routes
             problem = api_key_problem(request.headers, self.api_key)
             if problem:
                 return error_response(401, problem, headers={"WWW-Authenticate": "Bearer"})
+        if request.method != "POST":
+            return error_response(405, "Method Not Allowed", headers={"Allow": "POST"})  # as the service's route answers
         # A page of another site may POST a body with no Content-Type (no CORS preflight), which reads as JSON.
         problem = origin_problem(request.headers, self.allowed_origins)
         if problem:
@@ -107,12 +113,13 @@ class DiffrtDeployment:
         problem = content_type_problem(request.headers)  # as `diffrt serve`'s guard refuses it
         if problem:
             return error_response(415, problem)
-        chunks, size = [], 0
-        async for chunk in request.stream():  # bounded read: stop at the limit
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > self.config.max_body_bytes:
-                return too_large_response(size, self.config.max_body_bytes)
+        try:  # a sender that stops midway held a replica slot for as long as its socket stayed open
+            chunks = await asyncio.wait_for(self._read_body(request), self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            return error_response(408, f"the request body took more than {self.config.body_timeout_s:g} s to arrive; send it "
+                                       "at once", headers={"Connection": "close"})  # the service's answer
+        if isinstance(chunks, int):
+            return too_large_response(chunks, self.config.max_body_bytes)
         if not any(chunks):
             return validation_error_response([{"type": "missing", "loc": (), "msg": "Field required"}])  # FastAPI's 422
         body = await asyncio.to_thread(parse_body, b"".join(chunks))  # off the replica's event loop, as the service
@@ -123,6 +130,16 @@ class DiffrtDeployment:
         except RequestError as exc:
             return request_error_response(exc)
         return answer_response(answer, request.headers.get("accept", ""))
+
+    async def _read_body(self, request: Request) -> list[bytes] | int:
+        """The body's chunks, or the size read when it passed max_body_bytes (the read stops there)."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.config.max_body_bytes:
+                return size
+        return chunks
 
     def check_health(self) -> None:
         if not self.runtime.alive:
@@ -169,12 +186,29 @@ def deployment_for(config: ServeConfig, *, min_replicas: int = 1, max_replicas: 
         ray_actor_options={"num_cpus": 1, "num_gpus": replica_gpus(config, num_gpus)},
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                             "target_ongoing_requests": config.max_batch_size},
-        max_ongoing_requests=config.max_batch_size + config.max_queue,
+        max_ongoing_requests=ongoing_requests(config),
         # Past those, requests wait at Ray's proxy, unbounded by default and outside the runtime's timeout: held to
-        # max_queue there too (Ray answers 503 past it).
+        # max_queue there too, and refused past it as `diffrt serve` refuses a full queue (429, Retry-After).
         max_queued_requests=config.max_queue,
+        **backpressure_options(),
         graceful_shutdown_timeout_s=config.timeout_s + 5,
     )
+
+
+def ongoing_requests(config: ServeConfig) -> int:
+    """The requests a replica takes at once (Ray's max_ongoing_requests): a full batch running and max_queue waiting.
+    Its runtime's queue holds them all (DiffrtDeployment), whether or not they can share batches."""
+    return config.max_batch_size + config.max_queue
+
+
+def backpressure_options() -> dict:
+    """Ray's answer to a request past its proxy's queue: 429 with Retry-After, as `diffrt serve` answers a full queue,
+    where Ray can be told (BackpressureConfig, in newer Ray Serve); else Ray's own 503."""
+    try:
+        from ray.serve.config import BackpressureConfig
+    except ImportError:
+        return {}
+    return {"backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1)}
 
 
 def build_deployment(config: ServeConfig, *, min_replicas: int = 1, max_replicas: int = 4, num_gpus: float | None = None):
@@ -182,3 +216,38 @@ def build_deployment(config: ServeConfig, *, min_replicas: int = 1, max_replicas
     is not this machine, so that the GPU request reads the cluster's resources."""
     deployment = deployment_for(config, min_replicas=min_replicas, max_replicas=max_replicas, num_gpus=num_gpus)
     return deployment.bind(asdict(config), api_key=config.api_key())
+
+
+def app(args: dict):
+    """An application builder for Ray's own deploy paths: `serve run diffrt.serve.ray_app:app model=runs/sd-trt
+    backend=tensorrt max_replicas=4`, or a Serve config file (`import_path: diffrt.serve.ray_app:app`, with `args`).
+    `args` are ServeConfig's fields, and build_deployment's min_replicas, max_replicas and num_gpus; given on `serve
+    run`'s command line they arrive as text, and are read as the field's type."""
+    args = dict(args)
+    builder = {name: args.pop(name) for name in ("min_replicas", "max_replicas", "num_gpus") if name in args}
+    types = {f.name: type(f.default) for f in fields(ServeConfig)} | {"max_connections": int, "loras": list, "allowed_hosts": tuple}
+    unknown = sorted(set(args) - set(types))
+    if unknown:
+        raise ValueError(f"unknown argument {unknown[0]!r} for diffrt's Ray application; its arguments are ServeConfig's "
+                         f"fields ({', '.join(types)}) and min_replicas, max_replicas, num_gpus")
+    settings = {name: _typed(name, value, types[name]) for name, value in args.items()}
+    kinds = {"min_replicas": int, "max_replicas": int, "num_gpus": float}
+    return build_deployment(ServeConfig(**settings), **{name: _typed(name, value, kinds[name]) for name, value in builder.items()})
+
+
+def _typed(name: str, value, kind: type):
+    """A builder argument as its field's type: `serve run` passes key=value pairs as text."""
+    if not isinstance(value, str) or kind in (str, type(None)):
+        return value
+    if name == "loras":
+        raise ValueError("loras: give them in a Serve config file's args, as a list of [file, scale] pairs")
+    if kind in (tuple, list):  # allowed_hosts, allowed_origins, controlnet: comma-separated
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name}={value!r}: true or false")
+        return value.lower() in ("true", "1")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: not a{'n' if kind is int else ''} {kind.__name__}") from None
