@@ -241,6 +241,11 @@ def test_generate_takes_lora_for_pixel_models(classemb_model_dir, tmp_path):
     # refused after the export: "baked in", when one at 0.7 was all the run needed).
     on_ort = generate(replace(request, backend="onnxruntime", loras=[(str(lora), 1.4)], lora_scale=0.5))
     assert on_ort.backend == "onnxruntime" and (on_ort.images - fused).abs().max() < 1e-3
+    assert on_ort.metadata["lora_scale"] == 0.5  # the strength asked for, folded in or not
+    # An artifact's --lora names the LoRA it was exported with, at its own scale: --lora-scale scales that one.
+    at_half = generate(replace(request, model=str(artifact), backend="torch", loras=[(str(lora), 0.7)], lora_scale=0.5))
+    assert torch.equal(at_half.images, generate(replace(request, loras=[(str(lora), 0.35)])).images)
+    assert at_half.metadata["lora_scale"] == 0.5
     expected = open_pixel_pipeline(artifact, "torch", CPU)([2, 2], num_inference_steps=STEPS, guidance_scale=DEFAULT_PIXEL_GUIDANCE_SCALE,
                                                            seed=5, output_type="pt").images
     assert torch.equal(fused, expected)

@@ -1025,8 +1025,8 @@ def _cases(r: Path, cat: Path, sd: Path) -> dict[str, tuple[list[str], str]]:
                                                 f"--class-data {cat / 'class'} is inside the --instance-data folder {cat}"),
         # From a review: each passed the checks, then failed in step 1 (a GroupNorm traceback, tensorboard/ and the lock
         # file left behind), or in peft naming no flag.
-        "dreambooth size the UNet cannot halve": (db + ["--resolution", "8"],
-                                                  "--resolution 8: this model trains at sides that are multiples of 16"),
+        "dreambooth latents of one pixel": (db + ["--resolution", "8"],
+                                            "--resolution 8 with --batch-size 1 leaves the UNet's deepest level one pixel"),
         "dreambooth size of one-value groups": (db + ["--resolution", "16"],
                                                 "--resolution 16 with --batch-size 1 leaves the UNet's deepest level one pixel"),
         "empty target module name": (db + ["--target-modules", "to_q", ""], "--target-modules has an empty module name"),
@@ -1536,7 +1536,8 @@ def test_diffrt_json_records_the_rate_and_images_of_a_step_and_the_command_as_ru
     monkeypatch.setattr("sys.argv", [str(Path(diffrt.__file__).parent / "__main__.py"), *argv])  # python -m diffrt
     assert main(argv) == 0
     training = json.loads((out / "model" / "diffrt.json").read_text())["training"]
-    assert training["learning_rate"] == pytest.approx(1e-3 * 8) and training["scale_lr"] is True
+    assert training["learning_rate"] == 1e-3 and training["peak_learning_rate"] == pytest.approx(1e-3 * 8)
+    assert training["scale_lr"] is True  # the rate as given, which --scale-lr multiplies: a rerun from it scales it once
     assert training["batch_size"] == 4 and training["gradient_accumulation_steps"] == 2 and training["images_per_step"] == 8
     assert training["command"] == "diffrt " + shlex.join(argv) and shlex.split(training["command"])[1:] == argv
 
@@ -1560,6 +1561,15 @@ def test_dreambooth_fp16_on_the_cpu_warns_once_records_fp32_and_resumes(sd_folde
     assert json.loads((out / "dreambooth.json").read_text())["train"]["mixed_precision"] == "no"
     assert json.loads((out / "checkpoints" / "step-0000001" / "state.json").read_text())["config"]["mixed_precision"] == "no"
     assert main(_dreambooth_argv(sd_folder, out, "--mixed-precision", "fp16", "--max-steps", "2", "--resume")) == 0
+
+
+def test_dreambooth_trains_at_a_size_the_unet_does_not_halve_exactly(sd_folder, tmp_path):
+    """From a review of the size check: sides whose latents the UNet's down blocks do not halve exactly (24 px: 3 x 3
+    latents here; 600 px for SD-1.5) train, as in diffusers' script (its UNet passes the skip sizes up); refusing all
+    but multiples of 16 (64 for SD-1.5) refused runs that worked."""
+    out = tmp_path / "db"
+    assert main(_dreambooth_argv(sd_folder, out, "--resolution", "24")) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_dreambooth_text_encoder_targets_without_training_it_are_said_to_be_ignored(sd_folder, tmp_path, caplog):

@@ -357,6 +357,15 @@ def test_a_killed_write_leaves_nothing_triton_would_load(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:  # the parent not writable: the same fallback
         patch.setattr(triton_repo.os, "access", lambda path, mode: False)
         assert triton_repo._staging_place(repo, "sd") == (repo, ".sd.tmp-")
+    import errno
+
+    def cross_device(src, dst):  # a bind mount (a Kubernetes subPath): one device, and still no rename across it
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(triton_repo.os, "rename", cross_device)
+        assert triton_repo._staging_place(repo, "sd") == (repo, ".sd.tmp-")
+    assert sorted(p.name for p in repo.iterdir()) == ["digits"] and len(list(tmp_path.iterdir())) == 2  # no probe left
     (repo / ".sd.tmp-0a1b2c3d").mkdir()
     with pytest.raises(DiffrtError, match=r"\.sd\.tmp-0a1b2c3d is a folder an interrupted `diffrt triton-repo` left"):
         write_repository(repo, RepositoryConfig(name="other", backend="torch", device="cpu"))

@@ -76,6 +76,11 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     return _make_temp(Path(parent), prefix, "", directory=True)
 
 
+def make_temp_file(parent: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> Path:
+    """A new, empty file `<prefix>XXXXXXXX<suffix>` in `parent`, with the mode open() gives."""
+    return _make_temp(Path(parent), prefix, suffix, directory=False)
+
+
 def open_file_modes(folder: str | os.PathLike) -> None:
     """Give the files under a folder made by make_temp_dir the mode open() gives, 0666 less the umask (the folder's
     own, less execute), before it is published: safetensors >= 0.7 writes through a 0600 temporary of its own, and

@@ -128,9 +128,12 @@ def generate(req: GenerateRequest):
     guidance = build_guidance(req)
     with step_bar(req) as progress:
         try:
-            return _generate(req, guidance, progress)
+            result = _generate(req, guidance, progress)
         except ShapeOutOfRangeError as exc:
             raise _exported_for_you(req, exc) from None
+    if "lora_scale" in result.metadata:  # --lora-scale, whether set after opening or folded into --lora (opened_loras)
+        result.metadata["lora_scale"] = req.lora_scale
+    return result
 
 
 def _exported_for_you(req: GenerateRequest, exc: ShapeOutOfRangeError) -> ShapeOutOfRangeError:
@@ -156,13 +159,16 @@ def image_strength(req: GenerateRequest) -> float:
 
 
 def opened_loras(req: GenerateRequest) -> tuple[list, float]:
-    """(LoRAs to open, strength to set after): --lora files at --lora-scale times their scales, and 1.0. A one-shot run
-    opens its LoRA at the strength it runs (bit for bit what a change of strength gives, lora_scale.TorchLora), so an
-    export bakes it in at that strength: opened at 1.0 and set after, an ONNX export ran first and its graph's fixed
-    LoRA then refused the strength. Without --lora the strength is that of the artifact's LoRA, set after opening."""
+    """(LoRAs to open, strength to set after). A source folder's --lora files open at --lora-scale times their scales,
+    and 1.0 after: a one-shot run opens its LoRA at the strength it runs (bit for bit what a change of strength gives,
+    lora_scale.TorchLora), so an export bakes it in at that strength (opened at 1.0 and set after, an ONNX export ran
+    first and its graph's fixed LoRA then refused the strength). An artifact's --lora names the LoRA it was exported
+    with, as exported: its strength is set after opening, as it is without --lora. The result's metadata reports
+    --lora-scale either way."""
+    from diffrt.runtime.loading import is_artifact
     from diffrt.runtime.lora_scale import check_scale_value, scaled
 
-    if not req.loras or req.lora_scale == 1.0:
+    if not req.loras or req.lora_scale == 1.0 or (req.model is not None and is_artifact(Path(req.model))):
         return req.loras, req.lora_scale
     check_scale_value(req.lora_scale)
     return scaled(req.loras, req.lora_scale), 1.0

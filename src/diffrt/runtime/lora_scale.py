@@ -187,7 +187,7 @@ class EngineLora:
             with mf.artifact_lock(self.folder, shared=True):  # not rewritten while read
                 if self._manifest is not None:
                     try:
-                        mf.verify_files(self.folder, self._manifest, components=list(self.engines))
+                        mf.verify_files(self.folder, self._base_files(), components=list(self.engines))
                     except ArtifactError as exc:
                         raise DiffrtError(f"{self.folder} changed since it was opened ({exc}); reopen it to change its "
                                           "LoRA's strength") from None
@@ -202,6 +202,16 @@ class EngineLora:
             log.warning("the LoRA's strength cannot change: %s", exc)
             return
         self._prepared = files, maps, base
+
+    def _base_files(self) -> dict:
+        """The opened manifest cut to what `prepare` reads of each engine's component: its ONNX (and external data) and
+        weight map, not its engine plan, which a `diffrt refit` on disk rewrites over the same base weights."""
+        components = {}
+        for name in self.engines:
+            comp = {k: v for k, v in self._manifest["components"][name].items() if k != "engine"}
+            comp["files"] = {rel: digest for rel, digest in comp["files"].items() if not rel.endswith("/engine.plan")}
+            components[name] = comp
+        return {**self._manifest, "components": components}
 
     def check(self, scale: float) -> None:
         check_scale_value(scale)

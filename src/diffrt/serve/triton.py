@@ -331,8 +331,13 @@ class TritonPythonModel:
             log.error("diffrt model %s is dead (%s); ending this instance's stub process in %.0f s", self.model_name,
                       reason, END_GRACE_S)
             threading.Timer(END_GRACE_S, self._end_process).start()
-        error = self.pb.TritonError(f"{reason}; this model instance is restarting", self.pb.TritonError.UNAVAILABLE)
-        return [self.pb.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        return [self._error(f"{reason}; this model instance is restarting", "UNAVAILABLE") for _ in requests]
+
+    def _error(self, message: str, code: str):
+        """An answer of one error; `code` a TritonError attribute, left out on a stub whose TritonError has no codes."""
+        code = getattr(self.pb.TritonError, code, None)
+        error = self.pb.TritonError(message) if code is None else self.pb.TritonError(message, code)
+        return self.pb.InferenceResponse(output_tensors=[], error=error)
 
     @staticmethod
     def _end_process() -> None:
@@ -355,9 +360,7 @@ class TritonPythonModel:
             from diffrt.serve.runtime import give_up
 
             give_up(item if isinstance(item, list) else ())  # one row failed: the rest are not waited for, nor run
-            code = getattr(self.pb.TritonError, ERROR_CODES.get(exc.status, "INTERNAL"), None)
-            error = self.pb.TritonError(exc.message) if code is None else self.pb.TritonError(exc.message, code)
-            return self.pb.InferenceResponse(output_tensors=[], error=error)
+            return self._error(exc.message, ERROR_CODES.get(exc.status, "INTERNAL"))
         self._count(answers)
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(name, array) for name, array in outputs.items()])
 

@@ -191,9 +191,26 @@ def _staging_place(out: Path, name: str) -> tuple[Path, str]:
     server's start. In the repository only where the rename could not come from beside it: a repository that is a
     mount point (another filesystem than its parent's), or a parent this user cannot write."""
     parent = out.resolve().parent
-    if parent != out.resolve() and os.stat(parent).st_dev == os.stat(out).st_dev and os.access(parent, os.W_OK | os.X_OK):
+    if parent != out.resolve() and os.stat(parent).st_dev == os.stat(out).st_dev and os.access(parent, os.W_OK | os.X_OK) \
+            and _renames_into(parent, out):
         return parent, f".{out.resolve().name}.{name}.tmp-"
     return out, f".{name}.tmp-"
+
+
+def _renames_into(parent: Path, out: Path) -> bool:
+    """Whether what is made in `parent` can be renamed into `out`: one filesystem is not enough, a bind mount (a
+    Kubernetes subPath, `mount --bind`) shares its parent's device and still refuses the rename (EXDEV), which came
+    after the whole model was placed. Tried on an empty file, which Triton does not take for a model if left."""
+    probe = atomic.make_temp_file(parent, f".{out.name}.probe-")
+    moved = out / probe.name
+    try:
+        os.rename(probe, moved)
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+        moved.unlink(missing_ok=True)
+    return True
 
 
 def check_no_leftovers(out: Path) -> None:
@@ -202,9 +219,9 @@ def check_no_leftovers(out: Path) -> None:
     writing it now."""
     left = sorted(p.name for p in out.iterdir() if p.is_dir() and LEFTOVER.fullmatch(p.name))
     if left:
-        raise DiffrtError(f"{out / left[0]} is a folder an interrupted `diffrt triton-repo` left in the repository; Triton "
-                          "would fail to load it as a model and not start: remove it (once no other triton-repo is "
-                          "writing there)")
+        raise DiffrtError(f"{out / left[0]} is a folder an interrupted `diffrt triton-repo` left in the repository, or one "
+                          "another triton-repo is writing now; Triton would fail to load it as a model and not start: once "
+                          "no other triton-repo runs, remove it")
 
 
 def write_repository(out: str | Path, config: RepositoryConfig) -> Path:

@@ -324,15 +324,11 @@ def check_class_data_outside_run(class_data: str | Path, out: str | Path) -> Non
 
 
 def check_unet_size(c: Components, config: DreamBoothConfig, vae_scale: int) -> None:
-    """Refuse, before any step, a --resolution whose latents the UNet cannot train on: a side that its down blocks do
-    not halve exactly (diffrt samples such a UNet only at multiples, as `generate` and `export` do), or, on a tiny
-    test UNet, one that leaves its deepest level one pixel of single-channel groups for one image at a time (torch's
-    GroupNorm refuses a single value). Both failed inside step 1 with a traceback."""
-    unet_multiple = 2 ** (len(c.unet.config.block_out_channels) - 1)
-    multiple = vae_scale * unet_multiple
-    if config.resolution % multiple:
-        raise DiffrtError(f"--resolution {config.resolution}: this model trains at sides that are multiples of {multiple} (the "
-                          f"VAE's {vae_scale} x the UNet's {unet_multiple}, whose down blocks halve the latents); pick such a size")
+    """Refuse, before any step, a --resolution that leaves the UNet's deepest level one pixel of single-channel groups
+    for one image at a time (a tiny test UNet: torch's GroupNorm refuses a single value), which failed inside step 1
+    with a traceback. Sides its down blocks do not halve exactly train (diffusers' UNet passes the skip connections'
+    sizes up), as in diffusers' script."""
+    multiple = vae_scale * 2 ** (len(c.unet.config.block_out_channels) - 1)
     side = one_value_side([c.unet.config], multiple)
     prior = 2 if config.with_prior_preservation else 1
     batches = {"--batch-size": config.train.batch_size * prior,  # the instance and class halves run as one batch

@@ -103,8 +103,8 @@ def command_line(argv: list[str] | None = None) -> str:
 def save_trained(model: PixelModel, out: Path, train: TrainConfig, started: float, scheduler_config: dict | None = None,
                  pipeline_class: str = "DDIMPipeline", **made_by) -> None:
     """Save the trained model to out/model, its diffrt.json recording what made it: the command, seed, steps,
-    batch size (and the images of a step: micro-batches and processes), the learning rate the schedule peaked at
-    (--scale-lr's product, not the per-image rate given), wall time and torch version, and the trainer's own `made_by`
+    batch size (and the images of a step: micro-batches and processes), the learning rate given and the one the
+    schedule peaked at (--scale-lr's product), wall time and torch version, and the trainer's own `made_by`
     fields. A --resume run records `"resumed": true`: its command and wall time are those of the run from the
     checkpoint on."""
     from accelerate import PartialState
@@ -114,7 +114,8 @@ def save_trained(model: PixelModel, out: Path, train: TrainConfig, started: floa
         **made_by, "command": command_line(),
         "seed": train.seed, "steps": train.max_steps, "batch_size": train.batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps, "images_per_step": images_per_step(train, processes),
-        "learning_rate": peak_learning_rate(train, processes), **({"scale_lr": True} if train.scale_lr else {}),
+        "learning_rate": train.learning_rate, "peak_learning_rate": peak_learning_rate(train, processes),
+        **({"scale_lr": True} if train.scale_lr else {}),
         "wall_time_s": round(time.time() - started, 1), "torch": torch.__version__, **({"resumed": True} if train.resume else {}),
     }
     model.unet.eval()
