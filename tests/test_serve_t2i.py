@@ -226,7 +226,7 @@ PNGS = {"SMALL_PNG": _png_base64(32), "OTHER_PNG": _png_base64(40), "ICON": _ico
 @pytest.mark.parametrize("fields, field, words", [
     ({"prompt": PROMPT, "class_label": 1}, "class_label", "text-to-image"),
     ({"negative_prompt": "blurry"}, "prompt", "required"),
-    ({"prompt": PROMPT, "lora_scale": 0.5}, "lora_scale", "runs no LoRA; open it with --lora"),
+    ({"prompt": PROMPT, "lora_scale": 0.5}, "lora_scale", "runs no LoRA; open a diffusers folder with --lora"),
     ({"prompt": PROMPT, "control_image": "not base64!"}, "control_image", "base64"),
     ({"prompt": PROMPT, "control_image": base64.b64encode(b"not a png").decode()}, "control_image", "not a readable image"),
     ({"prompt": PROMPT, "controlnet_conditioning_scale": 0.5}, "controlnet_conditioning_scale", "control_image"),
