@@ -1275,18 +1275,33 @@ def test_ray_serves_its_own_deploy_paths(served_model):
     Ray's builders a dict of text), so only a Python driver could deploy it. `app` takes the settings as `serve run`
     passes them."""
     pytest.importorskip("ray")
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as build  # what `serve run` calls
+
     from diffrt.serve.ray_app import app
 
-    built = app({"model": served_model, "device": "cpu", "max_batch_size": "4", "max_queue": "7", "exact_batching": "false",
-                 "allowed_hosts": "a.example, b.example", "max_replicas": "2"})
+    built = build(app, {"model": served_model, "device": "cpu", "max_batch_size": "4", "max_queue": "7", "exact_batching": "false",
+                        "allowed_hosts": "a.example, b.example", "controlnet": "cn/a,cn/b", "max_replicas": "2"})
     deployment = built._bound_deployment
     settings = deployment.init_args[0]
     assert (settings["model"], settings["max_batch_size"], settings["exact_batching"]) == (served_model, 4, False)
-    assert settings["allowed_hosts"] == ("a.example", "b.example") and deployment.max_ongoing_requests == 11
+    assert settings["allowed_hosts"] == ("a.example", "b.example") and settings["controlnet"] == ["cn/a", "cn/b"]
+    assert deployment.max_ongoing_requests == 11
     for bad, message in [({"max_batch_size": "four"}, "max_batch_size='four': not an int"),
                          ({"strict": "maybe"}, "strict='maybe': true or false"), ({"modle": "x"}, "unknown argument 'modle'")]:
         with pytest.raises(ValueError, match=message):
             app({"device": "cpu", **bad})
+    # `serve run` builds before it connects to the cluster: the GPU request read from this machine is said, with the fix.
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffrt.serve.ray_app").addHandler(handler)
+    try:
+        app({"model": served_model})
+    finally:
+        logging.getLogger("diffrt.serve.ray_app").removeHandler(handler)
+    assert any("pass num_gpus=1 (or device=cuda) for GPU replicas" in r.getMessage() for r in records)
 
 
 def test_the_ray_route_times_out_a_slow_body_and_counts_a_hang_up(served_model):

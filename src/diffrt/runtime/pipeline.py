@@ -458,7 +458,7 @@ class PixelPipeline(DenoiserPipeline):
                 feed["class_labels"] = model_labels
             eps = self.unet.run(feed)["noise_pred"].float()
             if self.check_outputs:
-                check_finite(eps, "unet", self.lora.scale if self.lora is not None and self.lora.scalable else None)
+                check_finite(eps, "unet", self.lora)
             return tuple(eps.chunk(2)) if do_cfg else (None, eps)
 
         # 4. The guided DDIM, LCM, DPM-Solver++ or Euler loop.

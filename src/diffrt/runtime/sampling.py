@@ -135,14 +135,17 @@ def randn(shape, generator: Generators, device: torch.device, dtype: torch.dtype
     return torch.cat([torch.randn((n, *rest), generator=g, device=g.device, dtype=dtype).to(device) for g, n in generator.blocks])
 
 
-def check_finite(tensor: torch.Tensor, component: str, lora_scale: float | None = None) -> torch.Tensor:
-    """RELIABILITY #4: NaN/inf (e.g. fp16 overflow) is reported with the component's name. `lora_scale`: the strength
-    a pipeline runs its LoRA at, None without one: a LoRA fused at a large strength overflows an fp32 model too."""
+def check_finite(tensor: torch.Tensor, component: str, lora=None) -> torch.Tensor:
+    """RELIABILITY #4: NaN/inf (e.g. fp16 overflow) is reported with the component's name. `lora`: the LoRA the
+    pipeline runs (lora_scale.RuntimeLora), None without one: one at a large strength overflows an fp32 model too."""
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
-        lora = "" if lora_scale is None else f", or a smaller LoRA strength (it runs its LoRA at lora_scale {lora_scale:g})"
+        hint = ""
+        if lora is not None:
+            hint = (f", or a smaller LoRA strength (lora_scale {lora.scale:g} times the LoRA scales opened)" if lora.scalable else
+                    ", or its LoRA at a smaller scale (--lora FILE:SCALE or --lora-scale; fixed in these weights)")
         raise NonFiniteOutputError(f"{component} produced {bad} non-finite values (NaN/inf); try --precision fp32 for this "
-                                   f"component{lora}")
+                                   f"component{hint}")
     return tensor
 
 

@@ -382,7 +382,7 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
     # --- checks (the others: text_to_image_checks.TextToImageChecks) ------------------------------
 
     def _check(self, component: str, tensor: torch.Tensor) -> torch.Tensor:
-        return check_finite(tensor, component, self.lora.scale if self.lora is not None and self.lora.scalable else None) if self.check_outputs else tensor
+        return check_finite(tensor, component, self.lora) if self.check_outputs else tensor
 
     # --- helpers of the steps ------------------------------------------------------------------------
 

@@ -225,13 +225,23 @@ def app(args: dict):
     run`'s command line they arrive as text, and are read as the field's type."""
     args = dict(args)
     builder = {name: args.pop(name) for name in ("min_replicas", "max_replicas", "num_gpus") if name in args}
-    types = {f.name: type(f.default) for f in fields(ServeConfig)} | {"max_connections": int, "loras": list, "allowed_hosts": tuple}
+    types = {f.name: type(f.default) for f in fields(ServeConfig)} | {"max_connections": int, "loras": list, "allowed_hosts": tuple,
+                                                                     "controlnet": list}
     unknown = sorted(set(args) - set(types))
     if unknown:
         raise ValueError(f"unknown argument {unknown[0]!r} for diffrt's Ray application; its arguments are ServeConfig's "
                          f"fields ({', '.join(types)}) and min_replicas, max_replicas, num_gpus")
     settings = {name: _typed(name, value, types[name]) for name, value in args.items()}
+    if isinstance(settings.get("controlnet"), tuple):
+        settings["controlnet"] = list(settings["controlnet"])
     kinds = {"min_replicas": int, "max_replicas": int, "num_gpus": float}
+    if "device" not in settings and "num_gpus" not in builder:
+        import ray
+
+        if not ray.is_initialized():  # `serve run` builds the application before it connects to the cluster
+            log.warning("the replicas' GPU request is decided by this machine's CUDA (%s GPU), not the cluster's, "
+                        "which `serve run` has not connected to yet: pass num_gpus=1 (or device=cuda) for GPU replicas, "
+                        "device=cpu for none", "a" if torch.cuda.is_available() else "no")
     return build_deployment(ServeConfig(**settings), **{name: _typed(name, value, kinds[name]) for name, value in builder.items()})
 
 

@@ -201,7 +201,10 @@ def _renames_into(parent: Path, out: Path) -> bool:
     """Whether what is made in `parent` can be renamed into `out`: one filesystem is not enough, a bind mount (a
     Kubernetes subPath, `mount --bind`) shares its parent's device and still refuses the rename (EXDEV), which came
     after the whole model was placed. Tried on an empty file, which Triton does not take for a model if left."""
-    probe = atomic.make_temp_file(parent, f".{out.name}.probe-")
+    try:  # a parent os.access passes may still refuse the file (root-squashed NFS, ACLs): stage inside then
+        probe = atomic.make_temp_file(parent, f".{out.name}.probe-")
+    except OSError:
+        return False
     moved = out / probe.name
     try:
         os.rename(probe, moved)
