@@ -143,7 +143,9 @@ def test_x0_guidance_refuses_sample_prediction(model):
                          ids=["rgb-on-gray", "rgb-on-gray-batch-3", "more-targets", "fewer-targets"])
 def test_color_loss_refuses_a_target_that_does_not_fit_the_images(shape, target):
     # Broadcasting summed three losses for an RGB target over 1-channel images, or paired colours with the wrong images.
-    with pytest.raises(DiffrtError, match=r"^colour target has shape .* give \[\d\] \(one colour for all\)"):
+    message = (r"^colour guidance needs RGB images; this model makes 1-channel ones" if shape[1] == 1 else
+               r"^colour target has shape .* give \[\d\] \(one colour for all\)")
+    with pytest.raises(DiffrtError, match=message):
         color_loss(torch.rand(shape), torch.rand(target))
 
 
@@ -220,3 +222,50 @@ def test_guidance_at_scale_zero_loads_nothing_and_changes_nothing(t2i_artifact, 
     for mode in ("x0", "through_unet"):
         guided = pipe("a cat", guidance=[color_guidance("#ff0000", 0.0, mode=mode)], **kwargs).images
         assert torch.equal(guided, plain)
+
+
+@pytest.mark.parametrize("mode", ["x0", "through_unet"])
+def test_guidance_errors_name_their_cause_not_the_loss(model, mode):
+    """From a review, each blamed the loss (or named tensor shapes nobody gave): a call under torch.inference_mode(),
+    which turns autograd off; a scale whose first update overflowed the latents, the next step's loss then NaN; colour
+    guidance on a greyscale model."""
+    pipe = torch_pixel_pipeline(model)
+    with torch.inference_mode(), pytest.raises(DiffrtError, match=r"^guidance 'color' needs autograd, which "
+                                                                  r"torch\.inference_mode\(\) turns off"):
+        run(pipe, [color_guidance(TARGET, 30.0, mode=mode)], steps=1)
+    with torch.no_grad():  # fine: the guided step turns gradients on itself
+        run(pipe, [color_guidance(TARGET, 30.0, mode=mode)], steps=1)
+    grey = torch.rand(2, 1, 8, 8, requires_grad=True)
+    with pytest.raises(DiffrtError, match=r"^colour guidance needs RGB images; this model makes 1-channel ones"):
+        color_guidance(TARGET, 1.0).loss(grey)
+
+
+def test_a_guidance_fallback_that_cannot_load_names_the_guidance(t2i_artifact, tmp_path):
+    """From a review: an artifact whose source folder is gone answered `--color` with "the artifact's source model ...
+    is missing", nothing saying that colour guidance needed it (the same call without it runs)."""
+    import json
+    import shutil
+
+    from diffrt.export.manifest import MANIFEST, write_manifest
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    artifact = shutil.copytree(t2i_artifact, tmp_path / "deployed")
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["source"]["path"] = str(tmp_path / "not-shipped")
+    write_manifest(artifact, manifest)
+    pipe = open_text_to_image_pipeline(artifact, "onnxruntime", "cpu")
+    kwargs = dict(num_inference_steps=2, seed=3, output_type="pt")
+    with pytest.raises(DiffrtError, match=r"guidance needs the PyTorch vae, which could not load: .*not-shipped"):
+        pipe("a cat", guidance=[color_guidance("#ff0000", 1.0)], **kwargs)
+    assert pipe("a cat", **kwargs).images.shape[0] == 1
+
+
+def test_a_scale_that_overflows_is_named_not_the_loss(t2i_artifact):
+    """From a review: at --color-scale 1e30 the first guided update pushed the latents past what the VAE decodes, and
+    the next step said "the loss is nan ... clamp them before a log", blaming a built-in loss."""
+    from diffrt.runtime.text_to_image_loading import open_text_to_image_pipeline
+
+    pipe = open_text_to_image_pipeline(t2i_artifact, "onnxruntime", "cpu")
+    with pytest.raises(NonFiniteOutputError, match=r"^guidance 'color' at scale 1e\+30: the (latents are no longer finite|"
+                                                   r"images the loss is given are not finite) at step 1\b.*lower the scale"):
+        pipe("a cat", guidance=[color_guidance("#ff0000", 1e30)], num_inference_steps=3, seed=3, output_type="pt")

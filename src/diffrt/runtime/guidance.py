@@ -48,6 +48,8 @@ def color_loss(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise DiffrtError(f"colour loss needs images [B, C, H, W]; got shape {tuple(images.shape)}")
     batch, channels = images.shape[0], images.shape[1]
     if tuple(target.shape) not in ((channels,), (1, channels), (batch, channels)):
+        if channels != 3 and target.shape[-1] == 3:  # `--color` on a greyscale model
+            raise DiffrtError(f"colour guidance needs RGB images; this model makes {channels}-channel ones")
         raise DiffrtError(f"colour target has shape {tuple(target.shape)} for images of shape {tuple(images.shape)}; "
                           f"give [{channels}] (one colour for all) or [{batch}, {channels}] (one per image), in [0, 1]")
     target = target.to(images.dtype).reshape(-1, channels, 1, 1)

@@ -346,7 +346,12 @@ class DenoiserPipeline:
                 raise DiffrtError(f"{why} needs the PyTorch {which}, which this pipeline was built without")
             if not isinstance(module, torch.nn.Module):
                 start = time.perf_counter()
-                module = self._torch[which] = module().to(self.device).eval()
+                try:
+                    loaded = module()
+                except DiffrtError as exc:  # e.g. an artifact's source folder gone: say what needed it (the call
+                    # runs without it: `--color` left out)
+                    raise DiffrtError(f"{why} needs the PyTorch {which}, which could not load: {exc}") from None
+                module = self._torch[which] = loaded.to(self.device).eval()
                 _loading.seconds = loading_seconds() + time.perf_counter() - start
             return module
 

@@ -279,11 +279,12 @@ def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, schedule: Schedule, decod
     """d/d x_t of the sum of scale * loss over the active guidances. Each keeps its own mode: on a
     step where one runs "through_unet" (eps carries its graph), one in mode "x0" still sees eps held
     constant, so adding a guidance never changes the gradient of another."""
-    losses = []
+    losses, decoded = [], []
     for held, group in ((eps, [g for g in active if g.mode == "through_unet"]),
                         (eps.detach(), [g for g in active if g.mode == "x0"])):
         if group:
             images = decode(schedule.predict_clean(x, held, step))
+            decoded.append(images)
             losses += [(g, _checked_loss(g, images)) for g in group]
     total = sum(g.scale * loss for g, loss in losses)
     (grad,) = torch.autograd.grad(total, x, allow_unused=True)
@@ -293,6 +294,16 @@ def _guidance_grad(x: torch.Tensor, eps: torch.Tensor, schedule: Schedule, decod
     # The one host sync of a guided step. A NaN/inf loss can have a finite gradient (log of a negative pixel:
     # the images are not clamped), which would otherwise steer the sampling unnoticed.
     if not bool(torch.isfinite(total) & torch.isfinite(grad).all()):
+        # Not the loss's fault when what it was given is not finite: an earlier guided update overflowed the latents
+        # (a scale too large), or the decoder overflows them.
+        named = ", ".join(f"{g.name!r} at scale {g.scale:g}" for g in active)
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteOutputError(f"guidance {named}: the latents are no longer finite at step {step} (an earlier "
+                                       "step's update overflowed); lower the scale")
+        if not all(bool(torch.isfinite(images).all()) for images in decoded):
+            raise NonFiniteOutputError(f"guidance {named}: the images the loss is given are not finite at step {step}: an "
+                                       "earlier guided update pushed the latents out of the decoder's range (lower the "
+                                       "scale), or the decoder overflows (try --precision fp32 for it)")
         for g, loss in losses:
             if not torch.isfinite(loss):
                 raise NonFiniteOutputError(f"guidance {g.name!r}: the loss is {loss.item()} at step {step}; "
@@ -316,6 +327,9 @@ def _checked_loss(g: Guidance, images: torch.Tensor) -> torch.Tensor:
         raise DiffrtError(f"guidance {g.name!r}: the loss returned a tensor of shape {tuple(value.shape)}; "
                           "return one scalar, e.g. the per-image losses summed over the batch")
     if not value.requires_grad:
+        if torch.is_inference_mode_enabled():  # no autograd at all: the loss is not at fault
+            raise DiffrtError(f"guidance {g.name!r} needs autograd, which torch.inference_mode() turns off; call the "
+                              "pipeline outside it (torch.no_grad() is fine)")
         raise DiffrtError(f"guidance {g.name!r}: the loss does not depend on the images (no gradient reaches them); "
                           "compute it from the images it is given with differentiable torch operations, without detach()")
     return value.reshape(())
