@@ -114,6 +114,33 @@ def test_a_folder_the_system_refuses_files_in_is_refused_before_the_work(tmp_pat
     assert list(tmp_path.iterdir()) == []  # nothing made, nothing left
 
 
+def test_an_unwritable_export_cache_is_named_as_such(tmp_path, monkeypatch):
+    """From a review: `diffrt generate` on a diffusers folder with a read-only cache said "--out .../artifacts/sd-...:
+    ... is not writable by this user", though no --out was given (and root on a read-only mount is no permission
+    matter)."""
+    from diffrt.errors import DiffrtError
+
+    monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(DiffrtError, match=r"^the export cache \(DIFFRT_CACHE_DIR moves it; or `diffrt export --out DIR` "
+                                          r"first\) .*artifacts/sd-1: .* is not writable here \(its permissions, or a read-only mount\)"):
+        atomic.check_writable(tmp_path / "cache" / "artifacts" / "sd-1", folder=True)
+    with pytest.raises(DiffrtError, match=r"^--out .*mine: .* is not writable here"):
+        atomic.check_writable(tmp_path / "mine", folder=True)
+
+
+def test_a_dangling_link_on_the_way_is_named_before_the_work(tmp_path):
+    """From a review: `diffrt export --out LINK` with LINK pointing nowhere passed the check (exists() is False through
+    it), loaded the model, then failed with "[Errno 17] File exists: 'LINK'" after making the link's parent folders."""
+    from diffrt.errors import DiffrtError
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "deep")
+    for path, folder in ((tmp_path / "dangling", True), (tmp_path / "dangling" / "x.png", False)):
+        with pytest.raises(DiffrtError, match=r"dangling is a link to .*nowhere/deep, which does not exist; make its target"):
+            atomic.check_writable(path, folder=folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]  # nothing made
+
+
 @pytest.mark.parametrize("stem", ["a" * 240, "é" * 120], ids=["ascii", "two-byte"])
 def test_a_long_name_the_file_system_takes_is_written_and_a_longer_one_refused_first(tmp_path, stem):
     """From a review: a 244-byte name passed check_writable, and the write after the sampling failed with "File name

@@ -1071,3 +1071,54 @@ def test_a_class_model_whose_files_disagree_is_one_line(classemb_model_dir, clas
         words = r"gives \d+ classes but the UNet has \d+ class embeddings; expected \d+ \(one more, the null class\)"
     with pytest.raises(DiffrtError, match=words):
         load_pixel_model(model)
+
+
+def test_a_hit_looked_at_while_a_rebuild_ran_is_looked_at_again_once_it_ends(classemb_model_dir, artifact, monkeypatch):
+    """From a review: the hit was decided unlocked; a re-export of other settings running meanwhile (its stage present)
+    made the hit wait on the lock for the rebuild, then report the old export ("cache hit") while the folder held the
+    new one (other ranges, precision or LoRA: a script's `export && serve` served those). Under the lock it is looked at
+    again, and it is a miss when the manifest changed."""
+    import contextlib
+
+    from diffrt.export import cache
+    from diffrt.export.cache import STAGE
+
+    (artifact / STAGE / "unet").mkdir(parents=True)  # another export of other settings, under way
+    other = export_pixel_model(classemb_model_dir, artifact.parent / "other", ExportOptions(batch=(1, 2, 4), verify=False))
+    lock = mf.artifact_lock
+
+    @contextlib.contextmanager
+    def rebuild_ends_while_waiting(folder, **kwargs):  # what the wait on the lock saw happen
+        if (artifact / STAGE).exists():
+            mf.write_manifest(artifact, other.manifest)
+            cache._remove(artifact / STAGE, artifact)
+        with lock(folder, **kwargs):
+            yield
+
+    monkeypatch.setattr(mf, "artifact_lock", rebuild_ends_while_waiting)
+    result = export_pixel_model(classemb_model_dir, artifact, OPTIONS)
+    assert not result.cache_hit  # rebuilt with these settings, not reported as held
+    assert mf.read_manifest(artifact)["key"] == result.manifest["key"] != other.manifest["key"]
+
+
+def test_a_lora_file_rewritten_during_the_export_is_refused(classemb_model_dir, tmp_path, monkeypatch):
+    """From a review: the LoRA files were hashed for the key before the weights loaded and never again; one rewritten
+    in between (a training run saving its checkpoint to the same path) was fused and recorded under the old file's
+    hash, and the artifact stayed a cache hit on that file while holding other weights."""
+    from test_tensorrt import make_lora
+
+    from diffrt.export import lora_fuse
+
+    lora = make_lora(classemb_model_dir, tmp_path / "lora.safetensors", seed=1)
+    newer = make_lora(classemb_model_dir, tmp_path / "newer.safetensors", seed=2).read_bytes()
+    fuse = lora_fuse.fuse_lora_files
+
+    def saved_meanwhile(modules, loras):
+        lora.write_bytes(newer)  # after the key's hash, before the fuse reads it
+        return fuse(modules, loras)
+
+    monkeypatch.setattr(lora_fuse, "fuse_lora_files", saved_meanwhile)
+    out = tmp_path / "artifact"
+    with pytest.raises(DiffrtError, match=r"lora\.safetensors changed while it was being exported"):
+        export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), loras=[(str(lora), 1.0)], verify=False))
+    assert not (out / mf.MANIFEST).exists()

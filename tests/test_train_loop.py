@@ -871,10 +871,10 @@ def test_out_is_checked_where_the_run_writes(tmp_path, monkeypatch):
     writable = {str(mine)}
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) in writable)
     atomic.check_writable(mine, folder=True)  # the parent is not writable, --out is: fine
-    with pytest.raises(DiffrtError, match=r"new/run: .* is not writable by this user"):
+    with pytest.raises(DiffrtError, match=r"new/run: .* is not writable here"):
         atomic.check_writable(theirs / "new" / "run", folder=True)  # made in the parent: refused
     writable.clear()
-    with pytest.raises(DiffrtError, match=r"mine: .*mine is not writable by this user"):
+    with pytest.raises(DiffrtError, match=r"mine: .*mine is not writable here"):
         linear_config(mine).validate()  # a read-only --out is refused before any setup
 
 

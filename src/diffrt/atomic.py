@@ -171,11 +171,18 @@ def check_writable(path: str | os.PathLike, what: str = "--out", folder: bool = 
         have, want = ("file", "folder") if folder else ("folder", "file")
         raise DiffrtError(f"{what} {path} is a {have}, not a {want}; pass a {want} path")
     start = path if folder else path.parent  # a folder is written into; a file is made in its parent
+    dangling = next((p for p in (start, *start.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # exists() is False through it: mkdir failed after the work, "File exists"
+        raise DiffrtError(f"{what} {path}: {dangling} is a link to {os.readlink(dangling)}, which does not exist; make its "
+                          "target, or pass another path")
     existing = next(p for p in (start, *start.parents) if p.exists())
     if not existing.is_dir():
         raise DiffrtError(f"{what} {path}: {existing} is a file, not a folder, so nothing can be made in it; pass another path")
+    if what == "--out" and Path(path).resolve().is_relative_to(cache_dir().resolve()):  # an implicit export, no --out
+        what = "the export cache (DIFFRT_CACHE_DIR moves it; or `diffrt export --out DIR` first)"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DiffrtError(f"{what} {path}: {existing} is not writable by this user; pass another path")
+        raise DiffrtError(f"{what} {path}: {existing} is not writable here (its permissions, or a read-only mount); "
+                          "pass another path")
     try:
         fd, probe = tempfile.mkstemp(prefix=".diffrt-probe-", dir=existing)
     except OSError as exc:  # found only at the write, after the work, naming the write's temporary file

@@ -26,7 +26,7 @@ from diffrt import atomic
 from diffrt.components import ComponentSpec, pixel_unet_spec, spec_to_dict
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.export import manifest as mf
-from diffrt.export.cache import COMPONENT_FOLDERS, REBUILD, begin_rebuild, cached_export, export_key, lora_hashes, raise_changed
+from diffrt.export.cache import COMPONENT_FOLDERS, REBUILD, begin_rebuild, cached_export, check_loras_unchanged, export_key, lora_hashes, raise_changed
 from diffrt.export.onnx import export_onnx
 from diffrt.export.options import TORCH_DTYPES, ExportOptions, ExportResult, Precision, check_options
 from diffrt.models import PixelModel, SHIPPED_DIGITS, check_smallest_shape, load_pixel_model
@@ -118,6 +118,7 @@ def export_pixel_model(model_dir: str | Path | None, out: str | Path, options: E
         from diffrt.export.lora_fuse import fuse_lora_files
 
         fused = fuse_lora_files({"unet": model.unet.unet}, options.loras).loras
+        check_loras_unchanged(fused, lora_parts)
     elif options.loras:
         _check_loras({"unet": model.unet.unet}, options.loras)
     with mf.artifact_lock(out):

@@ -64,6 +64,17 @@ def raise_changed(source: Path) -> None:
                       "it is written")
 
 
+def check_loras_unchanged(fused, parts: list[dict]) -> None:
+    """The LoRA files fused (FusedLora or its dict) are those hashed for the key (lora_hashes): a file rewritten in
+    between (a training run saving its checkpoint to the same path) was fused and recorded under the old file's hash,
+    and the artifact a cache hit on that file for ever after, holding other weights."""
+    for lora, part in zip(fused, parts):
+        sha = lora["sha256"] if isinstance(lora, dict) else lora.sha256
+        if sha != part["sha256"]:
+            raise DiffrtError(f"{part['path']} changed while it was being exported (a training run saving into it?); "
+                              "export again once it is written")
+
+
 def lora_state(entries) -> list[tuple[str, float]]:
     """What identifies a LoRA setting: each file's sha256 and scale, in order."""
     return [(e["sha256"], float(e["scale"])) for e in entries]
@@ -106,7 +117,17 @@ def cached_export(out: Path, key: str, t0: float, loras: list[dict] = (), verifi
             log.warning("%s: its source or LoRA files moved since export, but the new paths cannot be recorded (%s); "
                         "PyTorch fallbacks will look for the old ones", out, exc)
     if (out / STAGE).exists() or (out / REBUILD).exists():
-        _drop_unfinished_rebuild(out, locked)
+        if not locked:
+            # A re-export of other settings may be running: its end, which the lock waits for, may replace the manifest
+            # read above (a hit on the old export was reported while the folder held the new one). Looked at again
+            # under the lock, where the stage is the leftover of a failed or stopped one.
+            try:
+                with mf.artifact_lock(out):
+                    return cached_export(out, key, t0, loras, verified, True, sources, locked=True)
+            except OSError as exc:  # a read-only artifact: no export runs there
+                log.warning("%s: cannot lock it to look at what an unfinished export left in %s/ (%s)", out, STAGE, exc)
+        else:
+            _drop_unfinished_rebuild(out, locked)
     log.info("cache hit: %s already holds this export (key %s); nothing to do", out, key[:12])
     return ExportResult(out, True, manifest, time.perf_counter() - t0)
 

@@ -41,7 +41,7 @@ from diffrt.components import spec_to_dict
 from diffrt.errors import DiffrtError
 from diffrt.export import manifest as mf
 from diffrt.export.artifact import TOKENIZER_PATTERNS, _check_loras, _export_component, check_out_apart, refit_before_manifest
-from diffrt.export.cache import begin_rebuild, cached_export, component_key, export_key, lora_hashes, raise_changed
+from diffrt.export.cache import begin_rebuild, cached_export, check_loras_unchanged, component_key, export_key, lora_hashes, raise_changed
 from diffrt.export.options import check_options, ExportOptions, ExportResult, Precision, TORCH_DTYPES
 from diffrt.export.refit import LORA_COMPONENTS
 from diffrt.models import check_smallest_shape
@@ -126,6 +126,7 @@ def export_text_to_image(model_dir: Path, out: Path, options: ExportOptions, con
     # LoRA files are checked against the model before the old export is touched (RELIABILITY #7).
     bake = bool(options.loras) and options.backend != "tensorrt"
     fused = _fuse_loras(model, options.loras) if bake else []
+    check_loras_unchanged(fused, lora_parts)
     if options.loras and not bake:
         _check_loras({"unet": model.unet, "text_encoder": model.text_encoder}, options.loras)
     keys = component_keys(specs, precisions, hashes, fused, options)
