@@ -58,6 +58,11 @@ class Answer:
     timings_ms: dict[str, float]
     truncated: dict | None = None  # text-to-image: prompt text the text encoder cut off (RELIABILITY #13)
 
+    def cut_off(self, key: str) -> str | None:
+        """The text the encoder cut off the prompt (`key` "truncated") or the negative prompt ("truncated_negative"),
+        None where it fit (one prompt per request: its first entry)."""
+        return ((self.truncated or {}).get(key) or [None])[0]
+
 
 def draw_noise(seed: int, shape: tuple[int, ...], *, keep_generator: bool) -> tuple[torch.Tensor, torch.Generator | None]:
     """A request's x_T, as the pipeline draws it alone from `seed` (on the CPU generator, float32),

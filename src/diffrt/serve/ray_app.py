@@ -40,7 +40,7 @@ from starlette.responses import Response
 from diffrt.serve.app import (CLIENT_CLOSED_REQUEST, LOOPBACK, LOOPBACK_NAMES, ServeConfig, answer_response, api_key_problem, content_type_problem,
                               error_response, host_problem, origin_problem, parse_body, request_error_response, request_id,
                               too_large_response, validation_error_response)
-from diffrt.serve.runtime import ServeRuntime
+from diffrt.serve.runtime import ServeRuntime, setting_from_text
 from diffrt.serve.schema import GenerateBody, RequestError
 
 log = logging.getLogger(__name__)
@@ -253,11 +253,8 @@ def _typed(name: str, value, kind: type):
         raise ValueError("loras: give them in a Serve config file's args, as a list of [file, scale] pairs")
     if kind in (tuple, list):  # allowed_hosts, allowed_origins, controlnet: comma-separated
         return tuple(part.strip() for part in value.split(",") if part.strip())
-    if kind is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{name}={value!r}: true or false")
-        return value.lower() in ("true", "1")
     try:
-        return kind(value)
+        return setting_from_text(value, kind)
     except ValueError:
-        raise ValueError(f"{name}={value!r}: not a{'n' if kind is int else ''} {kind.__name__}") from None
+        raise ValueError(f"{name}={value!r}: " + ("true or false" if kind is bool else
+                                                  f"not a{'n' if kind is int else ''} {kind.__name__}")) from None

@@ -57,6 +57,16 @@ class RuntimeConfig:
         check_max_image_side(self.max_image_side)
 
 
+def setting_from_text(text: str, kind: type):
+    """A setting written as text (config.pbtxt's parameters, `serve run`'s key=value arguments) as its type `kind`: a
+    bool is true or false (any case), a number as int() or float() reads it; ValueError otherwise."""
+    if kind is bool:
+        if text.strip().lower() not in ("true", "false"):
+            raise ValueError(text)
+        return text.strip().lower() == "true"
+    return kind(text)
+
+
 def check_max_image_side(value) -> None:
     """--max-image-side (`diffrt serve`, Ray, `diffrt triton-repo`): pixels, 0 for the default."""
     if not isinstance(value, int) or value < 0:

@@ -160,7 +160,7 @@ def outputs_from_answers(answers: list, text_to_image: bool) -> dict[str, np.nda
     }
     if text_to_image:
         for key in TRUNCATED:
-            cut = [((answer.truncated or {}).get(key) or [None])[0] for answer in answers]
+            cut = [answer.cut_off(key) for answer in answers]
             outputs[key] = np.array([[(text or "").encode()] for text in cut], dtype=object)
     return outputs
 
@@ -187,18 +187,15 @@ def _parameter_types() -> dict[str, type]:
 
 def _parameters(model_config: dict) -> dict:
     """config.pbtxt's parameters (strings, as an operator edits them), typed."""
+    from diffrt.serve.runtime import setting_from_text
+
     typed, types = {}, _parameter_types()
     for key, value in model_config.get("parameters", {}).items():
         text, kind = value["string_value"].strip(), types.get(key)
         if kind is None:  # the Python backend's own (EXECUTION_ENV_PATH, ...)
             continue
         try:
-            if kind is bool:
-                if text.lower() not in ("true", "false"):
-                    raise ValueError(text)
-                typed[key] = text.lower() == "true"
-            else:
-                typed[key] = kind(text)
+            typed[key] = setting_from_text(text, kind)
         except ValueError:
             raise DiffrtError(f"config.pbtxt: parameter {key!r} is {text!r}, not a {kind.__name__}") from None
     return typed

@@ -134,7 +134,7 @@ def status_line(answer, ms: float) -> str:
     t = answer.timings_ms
     line = f"**{ms:.0f} ms** (queue {t['queue']:.0f} ms, sampling {t['sample']:.0f} ms) on `{answer.backend}`, seed {answer.seed}"
     for key, what in (("truncated", "prompt"), ("truncated_negative", "negative prompt")):
-        cut = ((answer.truncated or {}).get(key) or [None])[0]
+        cut = answer.cut_off(key)
         if cut:
             line += f"  \n**The {what} was cut off** at the text encoder's length; this part was left out: `{cut}`"
     return line
