@@ -349,8 +349,8 @@ class DenoiserPipeline:
                 try:
                     loaded = module()
                 except DiffrtError as exc:  # e.g. an artifact's source folder gone: say what needed it (the call
-                    # runs without it: `--color` left out)
-                    raise DiffrtError(f"{why} needs the PyTorch {which}, which could not load: {exc}") from None
+                    # runs without it: `--color` left out), keeping the error's kind (ArtifactError, DataError)
+                    raise type(exc)(f"{why} needs the PyTorch {which}, which could not load: {exc}") from None
                 module = self._torch[which] = loaded.to(self.device).eval()
                 _loading.seconds = loading_seconds() + time.perf_counter() - start
             return module
