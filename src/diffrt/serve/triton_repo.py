@@ -190,10 +190,11 @@ def _staging_place(out: Path, name: str) -> tuple[Path, str]:
     a run killed mid-copy (SIGKILL, the OOM killer, a power cut: no cleanup runs) failed its load, and with it the
     server's start. In the repository only where the rename could not come from beside it: a repository that is a
     mount point (another filesystem than its parent's), or a parent this user cannot write."""
-    parent = out.resolve().parent
-    if parent != out.resolve() and os.stat(parent).st_dev == os.stat(out).st_dev and os.access(parent, os.W_OK | os.X_OK) \
-            and _renames_into(parent, out):
-        return parent, f".{out.resolve().name}.{name}.tmp-"
+    resolved = out.resolve()
+    parent = resolved.parent
+    # no device comparison: the probe's rename fails with EXDEV across filesystems as across bind mounts
+    if parent != resolved and os.access(parent, os.W_OK | os.X_OK) and _renames_into(parent, out):
+        return parent, f".{resolved.name}.{name}.tmp-"
     return out, f".{name}.tmp-"
 
 
