@@ -613,3 +613,30 @@ def test_a_cell_whose_open_exports_says_so_beside_its_setup_and_peak(tiny_config
         time_rounds([cell], torch.device("cpu"), CellOptions(repeats=1, min_runs=1, min_time_s=0))
         rows.append(summarize_cell(cell, torch.device("cpu"))[0])
     assert rows[0].get("export_made") is True and "export_made" not in rows[1]
+
+
+def test_an_optimum_export_killed_midway_is_not_taken_for_one(tmp_path):
+    """From a review: optimum's export went straight into its cache folder, and the next run trusted whatever a killed
+    one had left there once model_index.json existed. It is staged beside the folder and renamed in once whole."""
+    from diffrt.bench.optimum_ort import export_once
+
+    out = tmp_path / "optimum-tiny-fp32"
+
+    def killed(staging):
+        staging.mkdir()
+        (staging / "model_index.json").write_text("{}")  # written before the components
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_once(out, killed)
+    assert not out.exists()
+    made = []
+
+    def whole(staging):
+        made.append(staging)
+        (staging / "unet").mkdir(parents=True)
+        (staging / "model_index.json").write_text("{}")
+
+    export_once(out, whole)
+    export_once(out, whole)  # a finished export is reused
+    assert len(made) == 1 and (out / "unet").is_dir() and [p.name for p in tmp_path.iterdir()] == [out.name]

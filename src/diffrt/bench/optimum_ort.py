@@ -10,6 +10,9 @@ compared with eager PyTorch's.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 from diffrt.bench.configs import NotApplicable, Workload, cache_root
@@ -53,6 +56,19 @@ def session_options():
     return options
 
 
+def export_once(out: Path, export) -> None:
+    """Run `export(folder)` unless `out` holds a finished export: it writes a staging folder beside `out`, renamed
+    into place once whole, so a benchmark killed mid-export leaves nothing the next run would take for an export,
+    whatever order optimum writes its files in."""
+    if (out / "model_index.json").is_file():
+        return
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    export(staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+
+
 def open_optimum(config, device: torch.device) -> Workload:
     """Raises NotApplicable, naming every reason, where optimum cannot run this configuration."""
     reasons = []
@@ -69,11 +85,14 @@ def open_optimum(config, device: torch.device) -> Workload:
         raise NotApplicable("; ".join(reasons))
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
     out = cache_root() / f"optimum-{config.folder.name}-{config.precision}"
-    if not (out / "model_index.json").is_file():
+
+    def export(staging: Path) -> None:
         from optimum.exporters.onnx import main_export
 
-        main_export(str(config.folder), output=str(out), task="text-to-image", device=device.type,
+        main_export(str(config.folder), output=str(staging), task="text-to-image", device=device.type,
                     dtype="fp16" if config.precision == "fp16" else "fp32")
+
+    export_once(out, export)
     pipe = ORTStableDiffusionPipeline.from_pretrained(str(out), provider=provider, session_options=session_options())
     pipe.scheduler = diffusers_scheduler(config.scheduler, pipe.scheduler.config)
 
