@@ -1122,3 +1122,57 @@ def test_a_lora_file_rewritten_during_the_export_is_refused(classemb_model_dir, 
     with pytest.raises(DiffrtError, match=r"lora\.safetensors changed while it was being exported"):
         export_pixel_model(classemb_model_dir, out, ExportOptions(batch=(1, 2, 8), loras=[(str(lora), 1.0)], verify=False))
     assert not (out / mf.MANIFEST).exists()
+
+
+def test_a_shard_index_is_read_and_may_name_only_safetensors_beside_it(classemb_model_dir, t2i_folder, tmp_path):
+    """From a security review: a folder holding a *.safetensors.index.json passed the safetensors check unread, and
+    diffusers / transformers then opened whatever its weight_map named: `weights.bin` went to torch.load (unpickling,
+    guarded only by weights_only, which torch <= 2.5 let through) and stayed out of the export's hash; a `../` name
+    read another model's file. Sharded safetensors, as save_pretrained writes them, still load."""
+    import json
+    import pickle
+    import shutil
+
+    from diffrt.errors import DiffrtError
+    from diffusers import UNet2DModel
+
+    from diffrt.models import load_pixel_model
+    from diffrt.text_to_image_models import load_text_encoder
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(classemb_model_dir, sharded)
+    unet = UNet2DModel.from_pretrained(sharded / "unet")
+    shutil.rmtree(sharded / "unet")
+    unet.save_pretrained(sharded / "unet", max_shard_size="200KB", safe_serialization=True)
+    (index,) = (sharded / "unet").glob("*.index.json")
+    assert len(list((sharded / "unet").glob("*.safetensors"))) > 1
+    model = load_pixel_model(sharded)
+    assert all(torch.equal(a, b) for a, b in zip(model.unet.unet.state_dict().values(), unet.state_dict().values()))
+
+    marker = tmp_path / "pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (marker,)
+
+    weight_map = json.loads(index.read_text())
+    (sharded / "unet" / "evil.bin").write_bytes(pickle.dumps(Payload()))
+    for shard, words in [("evil.bin", "names 'evil.bin' as a shard"),
+                         ("../../model/unet/diffusion_pytorch_model.safetensors", "names '../../model/unet/"),
+                         ("gone.safetensors", "names the shard gone.safetensors, which is not in")]:
+        index.write_text(json.dumps({**weight_map, "weight_map": {k: shard for k in weight_map["weight_map"]}}))
+        with pytest.raises(DiffrtError, match=words):
+            load_pixel_model(sharded)
+        with pytest.raises(DiffrtError, match=words):
+            export_pixel_model(sharded, tmp_path / "a", OPTIONS)
+    index.write_text("{not json")
+    with pytest.raises(DiffrtError, match="is not a shard index"):
+        load_pixel_model(sharded)
+    assert not marker.exists() and not (tmp_path / "a").exists()
+
+    # transformers' route: a text encoder whose index names a pickle, beside its main weights
+    t2i = shutil.copytree(t2i_folder, tmp_path / "t2i")
+    (t2i / "text_encoder" / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"text_model.final_layer_norm.weight": "pytorch_model-00001-of-00001.bin"}}))
+    with pytest.raises(DiffrtError, match="names 'pytorch_model-00001-of-00001.bin' as a shard"):
+        load_text_encoder(t2i)

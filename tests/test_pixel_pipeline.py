@@ -471,3 +471,26 @@ def test_a_damaged_pixel_model_is_one_line_naming_its_file(uncond_model_dir, tmp
 def test_a_transformers_folder_is_not_taken_for_a_pixel_unet(t2i_folder):
     with pytest.raises(DiffrtError, match=r"text_encoder/config.json is a transformers CLIPTextModel folder, not a UNet2DModel"):
         load_pixel_model(t2i_folder / "text_encoder")
+
+
+@pytest.mark.parametrize("state, words", [
+    ({"w": torch.zeros(5, 3)}, r"holds w \(5, 3\) float32; a label embedding is one floating-point tensor named weight"),
+    ({"weight": torch.zeros(5, 3, dtype=torch.int64)}, r"holds weight \(5, 3\) int64; a label embedding"),
+    ({"weight": torch.zeros(5, 3), "extra": torch.zeros(1)}, r"holds extra \(1,\) float32, weight \(5, 3\) float32"),
+    ({"weight": torch.zeros(5, 2)}, "holds label embeddings of 2 values but diffrt.json gives class_embedding_dim 3"),
+])
+def test_a_damaged_label_embedding_file_is_one_line(classchan_model_dir, tmp_path, state, words):
+    """From a security review: a class-channels model's class_embedding/model.safetensors was indexed by `weight`
+    and its shape unpacked unchecked: another key was a KeyError traceback, another width a size-mismatch one."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from diffrt.errors import DiffrtError
+    from diffrt.models import load_pixel_model
+
+    model = shutil.copytree(classchan_model_dir, tmp_path / "model")
+    assert load_pixel_model(model).unet.net.class_embedding.weight.shape == (5, 3)  # what the fixture holds
+    save_file(state, model / "class_embedding" / "model.safetensors")
+    with pytest.raises(DiffrtError, match=words):
+        load_pixel_model(model)

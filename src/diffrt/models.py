@@ -264,9 +264,17 @@ def load_pixel_model(folder: str | Path, weights: bool = True) -> PixelModel:
         if not path.is_file():
             raise DiffrtError(f"{path} is missing: a class-channels model keeps its label embedding there; restore it")
         state = load_file(path)
+        weight = state.get("weight")
+        if set(state) != {"weight"} or weight.ndim != 2 or not weight.is_floating_point() or not weight.numel():
+            found = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in state.items()) or "nothing"
+            raise DiffrtError(f"{path} holds {found}; a label embedding is one floating-point tensor named weight, "
+                              "[classes + 1, dim] (what the trainer writes): restore the file")
         if state["weight"].shape[0] != info.num_classes + 1:
             raise DiffrtError(f"{path} holds {state['weight'].shape[0]} label embeddings but {DIFFRT_CONFIG} gives "
                               f"{info.num_classes} classes; expected {info.num_classes + 1} (one more, the null class)")
+        if weight.shape[1] != info.class_embedding_dim:
+            raise DiffrtError(f"{path} holds label embeddings of {weight.shape[1]} values but {DIFFRT_CONFIG} gives "
+                              f"class_embedding_dim {info.class_embedding_dim}: restore the files the trainer wrote together")
         class_embedding = nn.Embedding(*state["weight"].shape)
         class_embedding.load_state_dict(state)
     scheduler_file = scheduler_config_file(folder)
@@ -443,9 +451,12 @@ def require_safetensors(folder: Path) -> None:
     """Refuse pickled weights: loading them can run arbitrary code (RELIABILITY #12); and a folder holding
     only a variant's weights (`diffusion_pytorch_model.fp16.safetensors`), which from_pretrained without
     `variant=` does not read."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    for index in indexes:  # whether or not main weights sit beside it: diffusers and transformers may take either
+        check_shard_index(index)
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     # The main weights: name.safetensors, or shards (name-00001-of-00002.safetensors with their index).
-    if any(name.count(".") == 1 for name in found) or any(folder.glob("*.safetensors.index.json")):
+    if any(name.count(".") == 1 for name in found) or indexes:
         return
     if found:
         raise DiffrtError(f"{folder} holds only variant weights ({', '.join(found)}); diffrt loads a model's main weights, as "
@@ -458,6 +469,27 @@ def require_safetensors(folder: Path) -> None:
             "(diffusers: model.save_pretrained(dir, safe_serialization=True)) from a source you trust"
         )
     raise DiffrtError(f"{folder} has no *.safetensors weights")
+
+
+def check_shard_index(index: Path) -> None:
+    """A shard index's weight_map names only safetensors files beside it. The loaders open whatever file the index
+    names, and one naming `weights.bin` reached torch.load (unpickling) through a folder that passed as safetensors,
+    with its weights left out of the export's hash; a `../` name read another model's file."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise DiffrtError(f"{index} is not a shard index ({exc}); save the model again (model.save_pretrained(dir))") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DiffrtError(f"{index} has no weight_map of tensor names to shard files; save the model again "
+                          "(model.save_pretrained(dir))")
+    for shard in sorted({str(v) for v in weight_map.values()}):
+        if Path(shard).name != shard or shard in ("", ".", "..") or not shard.endswith(".safetensors"):
+            raise DiffrtError(f"{index} names {shard!r} as a shard; diffrt loads shards that are .safetensors files in the "
+                              "index's own folder: convert the weights to safetensors (model.save_pretrained(dir, "
+                              "safe_serialization=True)) from a source you trust")
+        if not (index.parent / shard).is_file():
+            raise DiffrtError(f"{index} names the shard {shard}, which is not in {index.parent}; restore it or save the "
+                              "model again")
 
 
 def shipped_digits_model() -> PixelModel:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffrt.errors import DiffrtError
-from diffrt.models import serialized
+from diffrt.models import require_safetensors, serialized
 from diffrt.runtime.guidance import Guidance, GuidanceMode
 
 
@@ -33,6 +33,7 @@ def load_clip(folder: str | Path, device: str | torch.device = "cpu"):
                           "saved with save_pretrained (model + processor); nothing is downloaded")
     if not any(folder.glob("*.safetensors")):
         raise DiffrtError(f"{folder} has no *.safetensors weights; diffrt loads CLIP from safetensors only")
+    require_safetensors(folder)  # a shard index naming pickles, a variant only
     model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device).eval().requires_grad_(False)
     processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     return model, processor
