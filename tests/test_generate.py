@@ -257,6 +257,39 @@ def test_an_artifact_runs_on_what_it_was_exported_for_by_default(uncond_model_di
 
 
 
+def test_engines_that_cannot_run_here_are_a_fallback_said_and_refused_when_strict(uncond_model_dir, tmp_path, caplog):
+    """From a review: an artifact with TensorRT engines, opened with no backend named where TensorRT does not run (a
+    GPU server whose TensorRT broke, a CPU machine), ran its ONNX files on ONNX Runtime without a word, under --strict
+    too, which promises that any fallback is an error."""
+    import logging
+
+    from diffrt.errors import BackendUnavailableError
+    from diffrt.export import manifest as mf
+    from diffrt.export.artifact import export_pixel_model
+    from diffrt.export.options import ExportOptions
+    from diffrt.runtime.backends import backend_available
+    from diffrt.runtime.opening import open_pipeline
+
+    if backend_available("tensorrt"):
+        pytest.skip("TensorRT runs here: the engines would run")
+    artifact = export_pixel_model(uncond_model_dir, tmp_path / "art", ExportOptions(batch=(1, 2, 8), verify=False)).folder
+    with caplog.at_level(logging.WARNING, logger="diffrt"):
+        assert open_pipeline(artifact, strict=True).backend == "onnxruntime"  # no engines: nothing falls back
+    assert "TensorRT" not in caplog.text
+    manifest = mf.read_manifest(artifact)  # as a TensorRT export made on a GPU machine records its engine
+    (artifact / "unet" / "engine.plan").write_bytes(b"an engine built on another machine")
+    manifest["components"]["unet"]["engine"] = {"tensorrt": "10.3.0"}
+    manifest["components"]["unet"]["files"].update(mf.hash_files(artifact, ["unet/engine.plan"]))
+    mf.write_manifest(artifact, manifest)
+    with pytest.raises(BackendUnavailableError, match=r"holds TensorRT engines, which cannot run here \(.+\); strict mode refuses"):
+        open_pipeline(artifact, strict=True)
+    assert main(["generate", "--model", str(artifact), "--steps", "1", "--strict", "--out", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
+    with caplog.at_level(logging.WARNING, logger="diffrt"):
+        assert open_pipeline(artifact).backend == "onnxruntime"
+    assert "holds TensorRT engines, which cannot run here" in caplog.text and "running its ONNX files on ONNX Runtime" in caplog.text
+
+
 def test_one_default_backend_rule_for_every_entry_point(uncond_model_dir, tmp_path):
     """A review found `diffrt demo --ui --model FOLDER` exporting a diffusers folder where `diffrt generate` and
     open_pipeline ran it in PyTorch, each entry point with its own rule. One rule now: an artifact runs its own

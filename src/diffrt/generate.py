@@ -122,7 +122,7 @@ def generate(req: GenerateRequest):
     if req.backend is None:  # an artifact runs its exported files; a diffusers folder runs in PyTorch
         from diffrt.runtime.loading import default_backend
 
-        req = replace(req, backend=default_backend(req.model))
+        req = replace(req, backend=default_backend(req.model, strict=req.strict))
     require_backend(req.backend)
     req = replace(req, device=str(resolve_device(req.device, req.backend)))  # before any export or model load
     guidance = build_guidance(req)

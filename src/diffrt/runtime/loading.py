@@ -47,25 +47,34 @@ def is_artifact(folder: Path) -> bool:
                         "again to finish it")
 
 
-def artifact_backend(model: str | Path | None) -> str | None:
+def artifact_backend(model: str | Path | None, *, strict: bool = False) -> str | None:
     """The backend an artifact runs on when none is named: its TensorRT engines where it has them
-    and TensorRT runs here, else its ONNX files on ONNX Runtime. None when `model` is no artifact."""
-    from diffrt.runtime.backends import backend_available
+    and TensorRT runs here, else its ONNX files on ONNX Runtime. None when `model` is no artifact.
+    Engines that cannot run here are a fallback, said in a warning with TensorRT's problem, and refused
+    with `strict`: a GPU server whose TensorRT broke served ONNX Runtime without a word."""
+    from diffrt.runtime.backends import backend_available, tensorrt_problem
 
     if model is None or not is_artifact(Path(model)):
         return None
     folder = Path(model)
     engines = any("engine" in comp for comp in mf.read_manifest(folder)["components"].values())
-    return "tensorrt" if engines and backend_available("tensorrt") else "onnxruntime"
+    if not engines or backend_available("tensorrt"):
+        return "tensorrt" if engines else "onnxruntime"
+    why = f"{folder} holds TensorRT engines, which cannot run here ({tensorrt_problem()})"
+    if strict:
+        raise BackendUnavailableError(f"{why}; strict mode refuses running its ONNX files on ONNX Runtime instead: make "
+                                      "TensorRT run here, or name the backend (--backend onnxruntime)")
+    log.warning("%s: running its ONNX files on ONNX Runtime instead", why)
+    return "onnxruntime"
 
 
-def default_backend(model: str | Path | None, *, exported: bool = False) -> str:
+def default_backend(model: str | Path | None, *, exported: bool = False, strict: bool = False) -> str:
     """The backend for a call that names none, one rule for every entry point: an artifact runs its own files
     (artifact_backend); anything else runs in eager PyTorch, or with `exported` (the demos, which exist to show
     the exported runtime) on the fastest exported backend installed here, which exports it first (cached)."""
     from diffrt.runtime.backends import best_exported_backend
 
-    return artifact_backend(model) or (best_exported_backend() if exported else "torch")
+    return artifact_backend(model, strict=strict) or (best_exported_backend() if exported else "torch")
 
 
 def torch_pixel_spec(model: PixelModel):

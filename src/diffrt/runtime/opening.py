@@ -54,7 +54,7 @@ def open_pipeline(model: str | Path | None = None, backend: str | None = None, d
 
     loras = check_lora_pairs(loras)
     folder = resolve_model(model)  # a Hub id: its snapshot in the Hugging Face cache
-    backend = backend or default_backend(folder)
+    backend = backend or default_backend(folder, strict=strict)
     if is_text_to_image(folder):
         return open_text_to_image_pipeline(folder, backend, device, loras=loras, controlnet=controlnet, strict=strict,
                                            cuda_graph=cuda_graph)
