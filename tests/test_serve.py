@@ -950,6 +950,44 @@ def test_a_warm_up_that_draws_nan_never_turns_ready_and_a_nan_fails_only_its_own
 
 # -- from a review of the serving code -------------------------------------------------------
 
+def test_a_replica_is_not_ready_until_its_warm_up_and_self_test_have_run(served_model, monkeypatch):
+    """From a review of RELIABILITY.md's serving conventions: nothing showed that readiness waits for the warm-up and
+    the NaN self-test (a `ready` that looked at the batcher alone passed every test). Held in its self-test, the
+    replica answers /readyz and /v1/generate 503 "loading" and reports diffrt_serve_ready 0; then it turns ready."""
+    from diffrt.serve import worker
+
+    held, self_test = threading.Event(), worker.PixelWorker.self_test
+
+    def slow_self_test(self):
+        assert held.wait(120)
+        return self_test(self)
+
+    monkeypatch.setattr(worker.PixelWorker, "self_test", slow_self_test)
+    from fastapi.testclient import TestClient
+
+    from diffrt.serve.app import create_app
+
+    app = create_app(ServeConfig(model=served_model, backend="onnxruntime", api_key_env=None, device="cpu", warmup_steps=1,
+                                 max_batch_size=1, log_level="warning"))
+    with TestClient(app) as c:  # its lifespan starts the runtime, and returns without waiting for it to be ready
+        try:
+            runtime = app.state.runtime
+            deadline = time.monotonic() + 120
+            while runtime.worker is None or runtime.worker.pipe is None:  # the model loaded: the self-test is next
+                assert time.monotonic() < deadline, "the model never loaded"
+                time.sleep(0.05)
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["detail"] == "loading", ready.text
+            answer = c.post("/v1/generate", json={"class_label": 1, "seed": 1, "num_inference_steps": 1})
+            assert answer.status_code == 503 and "loading" in answer.text, answer.text
+            assert metric(c.get("/metrics").text, "diffrt_serve_ready") == 0
+        finally:
+            held.set()
+        runtime.wait_ready(120)
+        assert c.get("/readyz").status_code == 200 and metric(c.get("/metrics").text, "diffrt_serve_ready") == 1
+        assert c.post("/v1/generate", json={"class_label": 1, "seed": 1, "num_inference_steps": 1}).status_code == 200
+
+
 def test_a_worker_whose_batches_all_fail_turns_unhealthy_and_recovers():
     """A sticky engine error (a CUDA illegal address) failed every batch with the thread alive, and /healthz,
     /readyz and Ray's check_health stayed green, so no orchestrator replaced the replica."""
