@@ -120,6 +120,10 @@ def test_a_truncated_prompt_is_reported_in_the_answer(client):
     assert png.headers["content-type"] == "image/png" and png.headers["x-diffrt-prompt-truncated"] == "true"
     short = client.post("/v1/generate", json={**body, "prompt": PROMPT}, headers={"Accept": "application/json"})
     assert short.json()["truncated"] == [None] and "x-diffrt-prompt-truncated" not in short.headers
+    negative = client.post("/v1/generate", json={**body, "prompt": PROMPT, "negative_prompt": long_prompt},
+                           headers={"Accept": "application/json"})
+    assert negative.json()["truncated"] == [None] and negative.json()["truncated_negative"][0].replace(" ", "").endswith("word59")
+    assert negative.headers["x-diffrt-prompt-truncated"] == "true"
 
 
 def test_http_pixels_equal_diffrt_generate(client, t2i_artifact):

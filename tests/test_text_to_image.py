@@ -815,6 +815,24 @@ def test_long_prompt_is_truncated_with_warning_and_metadata(t2i_folder, torch_pi
     assert max_abs(result.images, expected) <= DIFFUSERS_TOL
 
 
+def test_a_truncated_negative_prompt_is_reported_under_its_own_key(torch_pipe, caplog):
+    """From a review: a negative prompt cut at the text encoder's length was reported in metadata['truncated_negative']
+    while the warning pointed at metadata['truncated'], and no test looked at truncated_negative (emptying it passed)."""
+    long_negative = " ".join(f"blur{i}" for i in range(60))
+    with caplog.at_level(logging.WARNING, logger="diffrt"):
+        result = run(torch_pipe, ["a cat", "a dog"], negative_prompt=["", long_negative], seed=3)
+    cut = result.metadata["truncated_negative"]
+    assert cut[0] is None and cut[1].replace(" ", "").endswith("blur59") and result.metadata["truncated"] == [None, None]
+    (warning,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert warning.startswith("a negative prompt longer") and "metadata['truncated_negative']" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffrt"):
+        swapped = run(torch_pipe, ["a cat", long_negative], negative_prompt=["", "a dog"], seed=3)
+    assert swapped.metadata["truncated"][1] == cut[1] and swapped.metadata["truncated_negative"] == [None, None]
+    (warning,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert warning.startswith("a prompt longer") and "metadata['truncated']" in warning
+
+
 @pytest.mark.parametrize("height, match", [(36, r"multiple of 8 \(the VAE's downsampling factor\)"), (8, "outside")])
 def test_bad_height(torch_pipe, height, match):
     with pytest.raises(ShapeOutOfRangeError, match=match):

@@ -271,11 +271,11 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
         truncated, truncated_neg, encoded = [None] * n, [None] * n, None
         if texts:
             # Beside prompt_embeds, the negative prompts take their length, as diffusers' encode_prompt tokenizes them.
-            ids, cut = self._tokenize(texts, prompt_embeds.shape[1] if prompt_embeds is not None else None)
+            negative_rows = len(texts) - (0 if prompt_embeds is not None else n)  # texts: the negative prompts first
+            ids, cut = self._tokenize(texts, prompt_embeds.shape[1] if prompt_embeds is not None else None, negative_rows)
             feed = {"input_ids": ids.to(self.text_encoder.device)}
             if "clip_skip" in self.text_encoder.spec.input_names:  # else a text encoder exported before it: 0 only (check_clip_skip)
                 # The prompts' rows at clip_skip, the negative prompts' at 0: diffusers' encode_prompt skips for the prompt only.
-                negative_rows = len(texts) - (0 if prompt_embeds is not None else n)
                 skips = [0] * negative_rows + [call.clip_skip] * (len(texts) - negative_rows)
                 feed["clip_skip"] = torch.tensor(skips, dtype=torch.int64, device=self.text_encoder.device)
             encoded = self.text_encoder.run(feed)["last_hidden_state"].float()
@@ -386,18 +386,20 @@ class TextToImagePipeline(TextToImageChecks, DenoiserPipeline):
 
     # --- helpers of the steps ------------------------------------------------------------------------
 
-    def _tokenize(self, prompts: list[str], length: int | None = None) -> tuple[torch.Tensor, list[str | None]]:
+    def _tokenize(self, prompts: list[str], length: int | None = None, negatives: int = 0) -> tuple[torch.Tensor, list[str | None]]:
         """Token ids padded to the text encoder's length (or `length`). Longer prompts are cut as diffusers cuts
-        them, with a warning and the cut text returned (RELIABILITY #13, diffusers #5890)."""
+        them, with a warning and the cut text returned (RELIABILITY #13, diffusers #5890). The first `negatives`
+        prompts are negative prompts, whose cut text the result keeps under another key."""
         n = length or self.max_length
         with self._tokenizer_lock:
             ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
             cuts = [cut_off(self.tokenizer, prompt, n) for prompt in prompts]
         truncated: list[str | None] = []
-        for cut in cuts:
+        for i, cut in enumerate(cuts):
             if cut is not None:  # the count only: a service's log is no place for its users' prompts (metadata has the text)
-                log.warning("a prompt longer than the text encoder's %d tokens was truncated: %d tokens dropped "
-                            "(the result's metadata['truncated'] holds them)", n, cut[0])
+                what, key = ("a negative prompt", "truncated_negative") if i < negatives else ("a prompt", "truncated")
+                log.warning("%s longer than the text encoder's %d tokens was truncated: %d tokens dropped "
+                            "(the result's metadata[%r] holds them)", what, n, cut[0], key)
             truncated.append(cut[1] if cut is not None else None)
         return ids, truncated
 
