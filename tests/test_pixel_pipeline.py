@@ -156,8 +156,11 @@ def test_nan_in_a_component_is_reported_with_its_name(classemb_model_dir):
     # Poison one weight: every prediction becomes NaN, as an fp16 overflow would.
     with torch.no_grad():
         model.unet.unet.conv_out.bias[0] = float("nan")
-    with pytest.raises(NonFiniteOutputError, match="unet produced"):
+    with pytest.raises(NonFiniteOutputError, match="unet produced") as caught:
         pipe([0], num_inference_steps=2)
+    # From a review: the hint was "try --precision fp32 for this component", a flag only `diffrt export` has, and one
+    # for every component, to a model already in fp32; it names both causes now.
+    assert "`diffrt export --precision fp32`" in str(caught.value) and "in fp32 its weights or inputs hold NaN/inf" in str(caught.value)
 
 
 @pytest.mark.parametrize("fixture", ["classchan_model_dir", "uncond_model_dir"])

@@ -144,8 +144,11 @@ def check_finite(tensor: torch.Tensor, component: str, lora=None) -> torch.Tenso
         if lora is not None:
             hint = (f", or a smaller LoRA strength (lora_scale {lora.scale:g} times the LoRA scales opened)" if lora.scalable else
                     ", or its LoRA at a smaller scale (--lora FILE:SCALE or --lora-scale; fixed in these weights)")
-        raise NonFiniteOutputError(f"{component} produced {bad} non-finite values (NaN/inf); try --precision fp32 for this "
-                                   f"component{hint}")
+        # The precision is the export's (`diffrt export --precision`, one for all components): `generate` and `serve`
+        # have no such flag, and a model already in fp32 gains nothing from it.
+        raise NonFiniteOutputError(f"{component} produced {bad} non-finite values (NaN/inf): in half precision it overflows "
+                                   "(export the model again with `diffrt export --precision fp32`); in fp32 its weights or "
+                                   f"inputs hold NaN/inf{hint}")
     return tensor
 
 
