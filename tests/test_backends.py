@@ -268,12 +268,12 @@ def test_onnxruntime_on_cuda_asks_for_tensorrt_only_where_it_is_installed(monkey
 
     monkeypatch.setattr(ort_backend, "tensorrt_installed", lambda: True)  # TensorRT 10.3 on an H100
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
-    monkeypatch.setattr(manifest, "gpu_identity", lambda: {"name": "H100", "compute_capability": "9.0"})
+    monkeypatch.setattr(manifest, "gpu_identity", lambda device=None: {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
     monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path))
     (name, options), *rest = ort_backend.default_providers(torch.device("cuda", 1), spec)
     assert name == "TensorrtExecutionProvider" and rest == cuda
     assert options["device_id"] == 1 and options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
-    assert Path(options["trt_engine_cache_path"]).name == f"ort-tensorrt-{ort.__version__}-trt10.3.0-sm90-fp32"
+    assert Path(options["trt_engine_cache_path"]).name == f"ort-tensorrt-{ort.__version__}-trt10.3.0-nvidia-h100-80gb-hbm3-sm90-fp32"
     assert options["trt_profile_min_shapes"] == "sample:1x3x8x8,timestep:1,class_labels:1"
     assert options["trt_profile_max_shapes"] == "sample:8x3x32x32,timestep:8,class_labels:8"
     assert not any(k in options for k in ("trt_fp16_enable", "trt_bf16_enable"))
@@ -321,7 +321,7 @@ def test_onnxruntime_tensorrt_engines_are_cached_per_weights(monkeypatch, tmp_pa
         return path
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
-    monkeypatch.setattr(manifest, "gpu_identity", lambda: {"name": "H100", "compute_capability": "9.0"})
+    monkeypatch.setattr(manifest, "gpu_identity", lambda device=None: {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
     monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "cache"))
     spec = pixel_unet_spec(3, 16, conditioned=False, batch=(1, 2, 8), size=(8, 16, 32))
 
@@ -337,6 +337,18 @@ def test_onnxruntime_tensorrt_engines_are_cached_per_weights(monkeypatch, tmp_pa
     comp = manifest.read_manifest(t2i_artifact)["components"]["unet_controlnet"]
     listed = {Path(rel).name: digest for rel, digest in comp["files"].items()}
     assert ort_backend.files_id(listed) == ort_backend.graph_files_id(t2i_artifact / "unet_controlnet" / "model.onnx")
+    # From a review: the folder named the compute capability alone, and GPU models that share one (an A10 and an
+    # RTX 3090, 8.6) ran each other's engines from a shared cache; the GPU asked about is the one the session runs on.
+    asked = []
+
+    def gpu(device=None):
+        asked.append(device)
+        return {"name": "NVIDIA A10" if len(asked) == 1 else "NVIDIA GeForce RTX 3090", "compute_capability": "8.6"}
+
+    monkeypatch.setattr(manifest, "gpu_identity", gpu)
+    a10, rtx = (ort_backend.tensorrt_provider(torch.device("cuda", 1), spec, tmp_path / "base" / "model.onnx")[1] for _ in "ab")
+    assert Path(a10["trt_timing_cache_path"]).name.endswith("-nvidia-a10-sm86-fp32") and asked == [torch.device("cuda", 1)] * 2
+    assert a10["trt_timing_cache_path"] != rtx["trt_timing_cache_path"] and a10["trt_engine_cache_path"] != rtx["trt_engine_cache_path"]
 
 
 def test_onnxruntime_refuses_a_feed_outside_the_exported_ranges(tmp_path):

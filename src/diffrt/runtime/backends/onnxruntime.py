@@ -22,6 +22,8 @@ to start re-creates the session without the options it was given, `device_id` in
 
 from __future__ import annotations
 
+import re
+
 import ctypes
 import functools
 import hashlib
@@ -113,9 +115,13 @@ def tensorrt_provider(device: torch.device, spec: ComponentSpec, onnx_path: str 
     from diffrt.export.manifest import gpu_identity
     from diffrt.export.tensorrt import PROFILE_POINTS, engine_profile, onnx_float_type
 
-    cc = (gpu_identity() or {}).get("compute_capability", "none").replace(".", "")
+    # The GPU's model by name too: an A10 and an RTX 3090 share compute capability 8.6, and engines are only valid on
+    # the model they were built on (a shared DIFFRT_CACHE_DIR served one's engines to the other).
+    gpu = gpu_identity(device) or {}
+    name = re.sub(r"[^a-z0-9]+", "-", gpu.get("name", "none").lower()).strip("-") or "unnamed"
+    cc = gpu.get("compute_capability", "none").replace(".", "")
     precision = (onnx_float_type(onnx_path) if onnx_path is not None else None) or "fp32"
-    cache = cache_dir() / f"ort-tensorrt-{ort.__version__}-trt{tensorrt.__version__}-sm{cc}-{precision}"
+    cache = cache_dir() / f"ort-tensorrt-{ort.__version__}-trt{tensorrt.__version__}-{name}-sm{cc}-{precision}"
     if weights_id is None and onnx_path is not None:
         weights_id = graph_files_id(Path(onnx_path))
     engines = cache / weights_id if weights_id else cache
